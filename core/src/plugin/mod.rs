@@ -1,0 +1,16 @@
+//! The plugin traits. One trait per plugin kind; the server and the agent each hold one
+//! catalog (name → constructor) per kind and pick implementations by configuration.
+//!
+//! All traits are dyn-compatible (`Arc<dyn KeyManager>`, ...) through `async-trait`, and
+//! none has a default method for anything security-relevant: a forgotten implementation
+//! is a compile error, not a runtime surprise.
+
+mod key_manager;
+mod node_attestor;
+mod workload_attestor;
+
+pub use key_manager::{KeyInfo, KeyManager, KeySigner, validate_key_id};
+pub use node_attestor::{
+    AttestationResult, AttestationSession, AttestationStep, NodeAttestor, NodeAttestorClient,
+};
+pub use workload_attestor::{Caller, WorkloadAttestor};

@@ -1,0 +1,73 @@
+use std::fmt;
+
+use crate::error::Error;
+use crate::selector::SelectorSet;
+
+/// What a successful node attestation proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestationResult {
+    /// The node's id under the attestor: the agent's SPIFFE ID becomes
+    /// `spiffe://<td>/spire/agent/<attestor name>/<agent_path>`. One or more valid path
+    /// segments, derived only from verified evidence.
+    pub agent_path: String,
+    /// Node selectors, derived only from verified evidence.
+    pub selectors: SelectorSet,
+    /// Whether the agent may attest again with fresh evidence to renew (TPM, cloud), as
+    /// opposed to evidence that is consumed (join tokens).
+    pub can_reattest: bool,
+}
+
+/// The next step of a node attestation.
+#[derive(Debug)]
+pub enum AttestationStep {
+    /// Send `challenge` to the agent and pass its answer to `session.respond`.
+    Challenge {
+        /// Opaque bytes for the agent's attestor.
+        challenge: Vec<u8>,
+        /// The state to continue from.
+        session: Box<dyn AttestationSession>,
+    },
+    /// Attestation succeeded.
+    Done(AttestationResult),
+}
+
+/// An attestation in progress, waiting for the agent's answer to a challenge.
+#[async_trait::async_trait]
+pub trait AttestationSession: Send + fmt::Debug {
+    /// Verifies the agent's answer; returns another challenge or the result.
+    async fn respond(self: Box<Self>, response: &[u8]) -> Result<AttestationStep, Error>;
+}
+
+/// The server half of node attestation, a challenge/response state machine.
+///
+/// Contract:
+/// 1. `begin` receives the agent's first payload and returns a challenge or the result;
+/// 2. every step verifies what it receives before answering; a failed check is
+///    [`Error::AttestationRejected`], never a partial result;
+/// 3. evidence that was used before (a join token, a Kerberos authenticator, a quote
+///    over a stale nonce, an instance that already attested) is
+///    [`Error::AttestationReplay`] unless the plugin is configured otherwise;
+/// 4. selectors and the agent path come only from verified evidence;
+/// 5. the evidence (tokens, tickets) is never logged.
+#[async_trait::async_trait]
+pub trait NodeAttestor: Send + Sync + fmt::Debug {
+    /// The plugin name (`join_token`, `tpm`, ...); it is the `<attestor>` segment of the
+    /// agent's SPIFFE ID.
+    fn name(&self) -> &str;
+    /// Starts an attestation with the agent's first payload.
+    async fn begin(&self, payload: &[u8]) -> Result<AttestationStep, Error>;
+}
+
+/// The agent half of node attestation.
+///
+/// Contract: `payload` produces the first message (fresh evidence each call);
+/// `answer` answers one challenge of the server half. Secrets in either are never logged.
+#[async_trait::async_trait]
+pub trait NodeAttestorClient: Send + Sync + fmt::Debug {
+    /// The plugin name; must equal the server half's.
+    fn name(&self) -> &str;
+    /// The first message of an attestation.
+    async fn payload(&self) -> Result<Vec<u8>, Error>;
+    /// The answer to one challenge.
+    async fn answer(&self, challenge: &[u8]) -> Result<Vec<u8>, Error>;
+}

@@ -1,0 +1,48 @@
+//! Carapace's wire formats, generated at build time from the `.proto` files in
+//! `proto/proto/` (protox + tonic-prost-build; no system `protoc` needed).
+//!
+//! - [`workload`]: the SPIFFE Workload API (`SpiffeWorkloadAPI`, no proto package), written
+//!   from the SPIFFE Workload API standard so that every SPIFFE client (go-spiffe, the Rust
+//!   `spiffe` crate, py-spiffe, Envoy) speaks to the agent unchanged;
+//! - [`carapace::node::v1`]: agent ↔ server (attestation, sync, SVID signing);
+//! - [`carapace::admin::v1`]: CLI ↔ server, over the admin Unix socket;
+//! - [`carapace::types::v1`]: messages both share.
+//!
+//! Generated types stop at the API layer: the server and agent convert them to the core
+//! types at the edge.
+#![forbid(unsafe_code)]
+#![allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all, reason = "generated code")]
+
+/// The SPIFFE Workload API.
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
+/// Carapace's own APIs.
+pub mod carapace {
+    /// Shared messages.
+    pub mod types {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/carapace.types.v1.rs"));
+        }
+    }
+    /// The node API (agent ↔ server).
+    pub mod node {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/carapace.node.v1.rs"));
+        }
+    }
+    /// The admin API (CLI ↔ server).
+    pub mod admin {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/carapace.admin.v1.rs"));
+        }
+    }
+}
+
+pub use carapace::admin::v1 as admin;
+pub use carapace::node::v1 as node;
+pub use carapace::types::v1 as types;
