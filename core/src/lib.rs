@@ -32,6 +32,6 @@ pub mod x509svid;
 pub use bundle::{JwtKey, TrustBundle};
 pub use crypto::{KeyType, SignatureAlgorithm};
 pub use entry::{EntryId, RegistrationEntry};
-pub use error::{Error, Result};
+pub use error::{Blame, Error, Result};
 pub use selector::{Selector, SelectorSet};
 pub use spiffe_id::{SpiffeId, SpiffeIdRule, TrustDomain};

@@ -1,0 +1,313 @@
+//! TLS 1.3 for Carapace's node API, on rustls with the ring provider.
+//!
+//! - [`KeyManagerSigningKey`] makes a [`KeySigner`] usable as a rustls signing key, so the
+//!   server's and the agent's TLS handshakes sign inside their key manager (HSM, TPM):
+//!   the private key is never in rustls's hands.
+//! - [`SpiffeServerVerifier`] (used by agents) accepts a server only if its certificate is
+//!   a valid X509-SVID under the current trust bundle with exactly the expected SPIFFE ID.
+//! - [`SpiffeClientVerifier`] (used by the server) accepts a client certificate only if it
+//!   is a valid X509-SVID of the trust domain under the current bundle. It does not
+//!   demand one: node attestation runs before the agent has an SVID, and every RPC that
+//!   needs one checks for it.
+//!
+//! Both verifiers read the bundle from a [`tokio::sync::watch`] channel on every
+//! handshake, so a CA rotation takes effect without rebuilding the TLS configuration.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::sync::watch;
+
+use carapace_core::plugin::KeySigner;
+use carapace_core::x509svid::{VerifiedSvid, verify_chain};
+use carapace_core::{KeyType, SignatureAlgorithm, SpiffeId, TrustBundle};
+
+/// The current trust bundle, as published by whoever owns it.
+pub type BundleWatch = watch::Receiver<Arc<TrustBundle>>;
+
+/// The crypto provider every Carapace TLS endpoint uses (ring).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn supported_algs() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// A rustls signing key backed by a key manager's key.
+#[derive(Debug, Clone)]
+pub struct KeyManagerSigningKey {
+    key: Arc<dyn KeySigner>,
+}
+
+impl KeyManagerSigningKey {
+    /// Wraps `key`.
+    pub fn new(key: Arc<dyn KeySigner>) -> Self {
+        KeyManagerSigningKey { key }
+    }
+
+    fn scheme(&self) -> (SignatureScheme, SignatureAlgorithm) {
+        match self.key.key_type() {
+            KeyType::EcP256 => (SignatureScheme::ECDSA_NISTP256_SHA256, SignatureAlgorithm::EcdsaP256Sha256),
+            KeyType::EcP384 => (SignatureScheme::ECDSA_NISTP384_SHA384, SignatureAlgorithm::EcdsaP384Sha384),
+            // TLS 1.3 allows only PSS for RSA handshake signatures.
+            KeyType::Rsa2048 => (SignatureScheme::RSA_PSS_SHA256, SignatureAlgorithm::RsaPssSha256),
+        }
+    }
+}
+
+impl SigningKey for KeyManagerSigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let (scheme, alg) = self.scheme();
+        offered.contains(&scheme).then(|| {
+            Box::new(KeyManagerSigner { key: self.key.clone(), scheme, alg }) as Box<dyn Signer>
+        })
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        match self.key.key_type() {
+            KeyType::EcP256 | KeyType::EcP384 => rustls::SignatureAlgorithm::ECDSA,
+            KeyType::Rsa2048 => rustls::SignatureAlgorithm::RSA,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct KeyManagerSigner {
+    key: Arc<dyn KeySigner>,
+    scheme: SignatureScheme,
+    alg: SignatureAlgorithm,
+}
+
+impl Signer for KeyManagerSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.key.sign(self.alg, message).map_err(|e| {
+            tracing::warn!(key = self.key.id(), error = %e, "TLS handshake signature failed");
+            rustls::Error::General(format!("signing failed: {e}"))
+        })
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.scheme
+    }
+}
+
+/// A certificate chain with a key manager key, for rustls.
+pub fn certified_key(chain: &[Vec<u8>], key: Arc<dyn KeySigner>) -> Arc<CertifiedKey> {
+    let certs = chain.iter().map(|d| CertificateDer::from(d.clone())).collect();
+    Arc::new(CertifiedKey::new(certs, Arc::new(KeyManagerSigningKey::new(key))))
+}
+
+fn now_secs(now: UnixTime) -> u64 {
+    now.as_secs()
+}
+
+/// The current unix time in seconds.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn verify_svid(
+    bundle: &BundleWatch,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+) -> Result<VerifiedSvid, rustls::Error> {
+    let chain: Vec<Vec<u8>> = std::iter::once(end_entity.to_vec())
+        .chain(intermediates.iter().map(|c| c.to_vec()))
+        .collect();
+    let bundle = bundle.borrow().clone();
+    verify_chain(&chain, &bundle, now_secs(now)).map_err(|e| {
+        tracing::debug!(error = %e, "peer certificate rejected");
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(e),
+        )))
+    })
+}
+
+/// Verifies a server's certificate as an X509-SVID with an expected SPIFFE ID.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundle: BundleWatch,
+    expected: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// Accepts only servers presenting an SVID for `expected` under `bundle`.
+    pub fn new(bundle: BundleWatch, expected: SpiffeId) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier { bundle, expected, algs: supported_algs() })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let svid = verify_svid(&self.bundle, end_entity, intermediates, now)?;
+        if svid.spiffe_id != self.expected {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(carapace_core::Error::InvalidSvid(format!(
+                    "server presented {} but {} was expected",
+                    svid.spiffe_id, self.expected
+                )))),
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Verifies client certificates as X509-SVIDs of the trust domain; optional.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundle: BundleWatch,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeClientVerifier {
+    /// Accepts client SVIDs valid under `bundle`, and clients without a certificate.
+    pub fn new(bundle: BundleWatch) -> Arc<Self> {
+        Arc::new(SpiffeClientVerifier { bundle, algs: supported_algs() })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_svid(&self.bundle, end_entity, intermediates, now)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A TLS 1.3-only server configuration presenting `cert` and verifying optional client
+/// SVIDs against `bundle`, with ALPN `h2` for gRPC.
+pub fn server_config(
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
+    bundle: BundleWatch,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(SpiffeClientVerifier::new(bundle))
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A TLS 1.3-only client configuration that accepts only `server_id` under `bundle`, and
+/// presents `client` (chain and key) when given, with ALPN `h2` for gRPC.
+pub fn client_config(
+    bundle: BundleWatch,
+    server_id: SpiffeId,
+    client: Option<Arc<CertifiedKey>>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::new(bundle, server_id));
+    let mut cfg = match client {
+        Some(ck) => builder.with_client_cert_resolver(Arc::new(FixedClientCert(ck))),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// Always presents one certificate (swappable), as a server certificate resolver.
+#[derive(Debug)]
+pub struct FixedCert(pub std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+#[derive(Debug)]
+struct FixedClientCert(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
