@@ -1,7 +1,112 @@
 //! The Carapace agent: attests its node to the server, keeps the SVIDs of the workloads
 //! registered on it, and serves them over the SPIFFE Workload API.
+//!
+//! [`run`] binds the Workload API socket, restores or attests the agent's identity
+//! ([`manager::Manager::start`]), then runs the manager (sync, signing, rotation) and the
+//! Workload API ([`workload_api`]) side by side. The Workload API reads only the
+//! [`cache::SvidCache`]: it keeps serving while the server is unreachable.
 #![deny(unsafe_code)]
 
+pub mod api_cli;
+pub mod cache;
+pub mod config;
 mod error;
+pub mod join_token;
+pub mod manager;
+pub mod node_client;
+pub mod state;
+pub mod workload_api;
+
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use carapace_core::TrustBundle;
+use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 
 pub use error::{Error, Result};
+
+use crate::cache::SvidCache;
+use crate::config::Config;
+use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor, WorkloadApi};
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    if !cfg.data_dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.data_dir)
+            .map_err(Error::io(format!("cannot create data directory {}", cfg.data_dir.display())))?;
+    }
+    let mode = std::fs::metadata(&cfg.data_dir)
+        .map_err(Error::io(format!("data directory {}", cfg.data_dir.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "data directory {} has mode {:o}: it must not be accessible to group or others (chmod 700 {})",
+            cfg.data_dir.display(),
+            mode & 0o777,
+            cfg.data_dir.display()
+        )));
+    }
+    let km: Arc<dyn KeyManager> =
+        Arc::new(carapace_keymanager_soft::DiskKeyManager::open(&cfg.data_dir.join("keys"))?);
+    let listener = workload_api::bind(&cfg.socket_path)?;
+    let cache = SvidCache::new(Arc::new(TrustBundle::new(cfg.trust_domain.clone())));
+    let attestors: Vec<Arc<dyn WorkloadAttestor>> = vec![Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig {
+        workload_sha256: cfg.workload_sha256,
+    }))];
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let api = WorkloadApi::new(cache.clone(), attestors);
+    let socket_path = cfg.socket_path.clone();
+    let api_task = {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            workload_api::serve_listener(listener, &socket_path, api, async move {
+                let _ = stop.changed().await;
+            })
+            .await
+        })
+    };
+    let attestor: Option<Arc<dyn NodeAttestorClient>> = cfg
+        .join_token
+        .clone()
+        .map(|t| Arc::new(join_token::JoinTokenClient::new(t)) as Arc<dyn NodeAttestorClient>);
+
+    tokio::pin!(shutdown);
+    let manager = tokio::select! {
+        m = manager::Manager::start(cfg.clone(), km, cache, attestor) => m,
+        _ = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            let _ = api_task.await;
+            return Ok(());
+        }
+    };
+    let manager = match manager {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = api_task.await;
+            return Err(e);
+        }
+    };
+    tracing::info!(
+        agent = %manager.agent_id().map(|i| i.to_string()).unwrap_or_default(),
+        socket = %cfg.socket_path.display(),
+        server = %cfg.server_address,
+        "carapace-agent is ready"
+    );
+    let manager_task = tokio::spawn(manager.run(stop_rx.clone()));
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = manager_task.await;
+    match api_task.await {
+        Ok(r) => r,
+        Err(e) => Err(Error::Workload(format!("Workload API task failed: {e}"))),
+    }
+}

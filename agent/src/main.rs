@@ -1,1 +1,195 @@
-fn main() {}
+//! `carapace-agent`: parse the command line, set up logging, load the config, run.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use zeroize::Zeroizing;
+
+use carapace_agent::api_cli;
+use carapace_agent::config::{self, DEFAULT_SOCKET_PATH, Overrides};
+
+/// Exit code for a bad command line or configuration (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "carapace-agent",
+    version,
+    about = "The Carapace agent: attests this node and serves the SPIFFE Workload API",
+    long_about = "The Carapace agent: attests this node to a carapace-server and serves the SPIFFE \
+        Workload API on a Unix socket.\n\nFirst start: `carapace-agent run --join-token TOKEN \
+        --trust-bundle bundle.pem` (token from `carapace-server token generate`, bundle from \
+        `carapace-server bundle show`). Later starts reuse the identity kept in the data dir."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(RunArgs),
+    /// Talk to the Workload API like a workload would.
+    Api {
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
+    /// Check that the agent answers on its Workload API socket.
+    Healthcheck {
+        /// Workload API socket.
+        #[arg(long, env = "CARAPACE_AGENT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// TOML config file (see conf/agent.full.toml); optional.
+    #[arg(long, short = 'c', env = "CARAPACE_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Trust domain (default: example.org).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Server node API address HOST:PORT (default: 127.0.0.1:8081).
+    #[arg(long)]
+    server_address: Option<String>,
+    /// Data directory (default: /var/lib/carapace/agent).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Workload API socket (default: /tmp/carapace-agent/public/api.sock).
+    #[arg(long)]
+    socket_path: Option<PathBuf>,
+    /// Join token for the first attestation (or env CARAPACE_JOIN_TOKEN, which keeps it
+    /// out of the process list).
+    #[arg(long, env = "CARAPACE_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// PEM file with the server's CA certificates, trusted on first contact.
+    #[arg(long, conflicts_with = "insecure_bootstrap")]
+    trust_bundle: Option<PathBuf>,
+    /// Trust the first server reached without verifying it (labs only).
+    #[arg(long)]
+    insecure_bootstrap: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiCommand {
+    /// Fetch something once.
+    Fetch {
+        #[command(subcommand)]
+        what: FetchWhat,
+    },
+    /// Print a line for every X509-SVID update the Workload API streams.
+    Watch {
+        /// Workload API socket.
+        #[arg(long, env = "CARAPACE_AGENT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FetchWhat {
+    /// Fetch this process's X509-SVIDs and bundle.
+    X509 {
+        /// Workload API socket.
+        #[arg(long, env = "CARAPACE_AGENT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: PathBuf,
+        /// Write svid.pem, svid.key (0600) and bundle.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// `human` (default) or `json`.
+        #[arg(long, default_value = "human", value_parser = ["human", "json"])]
+        output: String,
+    },
+}
+
+fn init_tracing(filter: &str, json: bool) {
+    let filter = std::env::var("CARAPACE_LOG").unwrap_or_else(|_| filter.to_owned());
+    let json = match std::env::var("CARAPACE_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => json,
+    };
+    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,carapace=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn report<T>(r: carapace_agent::Result<T>, ok: impl FnOnce(T)) -> ExitCode {
+    match r {
+        Ok(v) => {
+            ok(v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("carapace-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => {
+            let overrides = Overrides {
+                trust_domain: a.trust_domain,
+                server_address: a.server_address,
+                data_dir: a.data_dir,
+                socket_path: a.socket_path,
+                join_token: a.join_token.map(Zeroizing::new),
+                trust_bundle_path: a.trust_bundle,
+                insecure_bootstrap: a.insecure_bootstrap,
+            };
+            let cfg = match config::read_file(a.config.as_deref()).and_then(|f| config::validate(f, overrides)) {
+                Ok(c) => c,
+                Err(problems) => {
+                    for p in problems {
+                        eprintln!("carapace-agent: {p}");
+                    }
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            init_tracing(&cfg.log_level, cfg.log_json);
+            let r = carapace_agent::run(cfg, shutdown_signal()).await;
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "carapace-agent failed");
+            }
+            report(r, |_| {})
+        }
+        Command::Api { command: ApiCommand::Fetch { what: FetchWhat::X509 { socket_path, write, output } } } => {
+            init_tracing("warn", false);
+            report(api_cli::fetch_x509(&socket_path, write.as_deref(), output == "json").await, |s| print!("{s}"))
+        }
+        Command::Api { command: ApiCommand::Watch { socket_path } } => {
+            init_tracing("warn", false);
+            report(api_cli::watch_x509(&socket_path, |line| println!("{line}")).await, |_| {})
+        }
+        Command::Healthcheck { socket_path } => {
+            init_tracing("warn", false);
+            report(api_cli::healthcheck(&socket_path).await, |_| println!("Agent is healthy."))
+        }
+    }
+}

@@ -11,7 +11,14 @@
 //! Generated types stop at the API layer: the server and agent convert them to the core
 //! types at the edge.
 #![forbid(unsafe_code)]
-#![allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all, reason = "generated code")]
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::all,
+    clippy::allow_attributes_without_reason,
+    reason = "generated code"
+)]
 
 /// The SPIFFE Workload API.
 pub mod workload {
@@ -42,6 +49,8 @@ pub mod carapace {
         }
     }
 }
+
+pub mod convert;
 
 pub use carapace::admin::v1 as admin;
 pub use carapace::node::v1 as node;

@@ -1,7 +1,184 @@
 //! The Carapace server: the identity authority of a SPIFFE trust domain.
+//!
+//! [`run`] wires everything: the datastore (SQLite), the key manager and node attestors
+//! from the catalogs, the CA ([`ca::CaManager`]) with its rotator, the in-memory entry
+//! index ([`entry_cache::EntryCache`]), the node API on TLS 1.3 ([`node_api`]) and the
+//! admin API on a Unix socket ([`admin_api`]). `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
 
+pub mod admin_api;
+pub mod admin_cli;
+pub mod ca;
+pub mod catalog;
+pub mod config;
 pub mod datastore;
+pub mod entry_cache;
 mod error;
+pub mod node_api;
+pub mod node_attestor;
+pub mod server_svid;
+
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 pub use error::{Error, Result};
+
+use crate::ca::{CaManager, CaSettings};
+use crate::catalog::PluginContext;
+use crate::config::Config;
+use crate::datastore::Datastore;
+use crate::entry_cache::EntryCache;
+
+/// The current unix time in seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// How often expired entries and join tokens are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Creates `dir` (and parents) with mode 0700 if missing, and refuses one that others
+/// can read or write.
+pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(Error::io(format!("cannot create {what} {}", dir.display())))?;
+    }
+    let mode = std::fs::metadata(dir)
+        .map_err(Error::io(format!("{what} {}", dir.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "{what} {} has mode {:o}: it must not be accessible to group or others (chmod 700 {})",
+            dir.display(),
+            mode & 0o777,
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the server until `shutdown` resolves. Everything that can fail at start-up
+/// (data dir, datastore, key manager, CA, listening sockets) fails before anything is
+/// served: the server never half-starts.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    private_dir(&config.data_dir, "data directory")?;
+    let ds = Datastore::open(&config.data_dir.join("datastore.sqlite3")).await?;
+    let ctx = PluginContext { trust_domain: config.trust_domain.clone(), data_dir: config.data_dir.clone() };
+    let km = catalog::build_key_manager(&config.key_manager.0, &config.key_manager.1, &ctx)?;
+    let mut attestors = Vec::new();
+    for (name, table) in &config.node_attestors {
+        attestors.push(catalog::build_node_attestor(name, table, &ctx, &ds)?);
+    }
+    let ca = CaManager::load(
+        config.trust_domain.clone(),
+        km.clone(),
+        ds.clone(),
+        CaSettings {
+            ca_ttl: config.ca_ttl,
+            key_type: config.ca_key_type,
+            organization: config.ca_organization.clone(),
+            country: config.ca_country.clone(),
+        },
+        unix_now(),
+    )
+    .await?;
+    let cache = EntryCache::load(config.trust_domain.clone(), ds.clone()).await?;
+
+    let listener = tokio::net::TcpListener::bind(config.bind_address)
+        .await
+        .map_err(Error::io(format!("cannot listen on {} for the node API", config.bind_address)))?;
+    let admin_listener = admin_api::bind(&config.admin_socket)?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (server_cert, svid_task) =
+        server_svid::start(ca.clone(), km.clone(), config.default_x509_svid_ttl, stop_rx.clone()).await?;
+    let tls = carapace_tls::server_config(server_cert, ca.bundle())
+        .map_err(|e| Error::Config(format!("TLS configuration: {e}")))?;
+
+    let node = node_api::NodeApi::new(
+        cache.clone(),
+        ca.clone(),
+        attestors,
+        node_api::NodeApiSettings {
+            default_x509_svid_ttl: config.default_x509_svid_ttl,
+            agent_svid_ttl: config.agent_svid_ttl,
+        },
+    );
+    let incoming = node_api::incoming(listener, Arc::new(tls), stop_rx.clone());
+    let node_task = {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .add_service(node.into_service())
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.changed().await;
+                }),
+        )
+    };
+    let admin = admin_api::AdminApi::new(cache.clone(), ca.clone(), admin_api::AdminSettings {
+        default_x509_svid_ttl: config.default_x509_svid_ttl,
+        default_join_token_ttl: config::DEFAULT_JOIN_TOKEN_TTL,
+    });
+    let admin_task = {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(admin_api::serve(admin_listener, admin, async move {
+            let _ = stop.changed().await;
+        }))
+    };
+    let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
+    let pruner = {
+        let cache = cache.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let now = unix_now();
+                match cache.prune_expired_entries(now).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(count = n, "pruned expired entries"),
+                    Err(e) => tracing::warn!(error = %e, "pruning expired entries failed"),
+                }
+                if let Err(e) = cache.datastore().prune_expired_join_tokens(now).await {
+                    tracing::warn!(error = %e, "pruning expired join tokens failed");
+                }
+            }
+        })
+    };
+
+    tracing::info!(
+        trust_domain = %config.trust_domain,
+        node_api = %config.bind_address,
+        admin_socket = %config.admin_socket.display(),
+        data_dir = %config.data_dir.display(),
+        key_manager = km.name(),
+        "carapace-server is ready"
+    );
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = node_task.await;
+    let _ = admin_task.await;
+    let _ = rotator.await;
+    let _ = pruner.await;
+    let _ = svid_task.await;
+    let _ = std::fs::remove_file(&config.admin_socket);
+    Ok(())
+}

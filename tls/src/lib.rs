@@ -311,3 +311,132 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
         true
     }
 }
+
+/// Accepts any server certificate whose leaf claims `expected` — without checking who
+/// signed it. Only for the agent's `insecure_bootstrap` first contact, when it has no
+/// bundle yet; the handshake signature is still verified.
+#[derive(Debug)]
+struct InsecureBootstrapVerifier {
+    expected: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for InsecureBootstrapVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = carapace_core::x509svid::check_leaf(end_entity).map_err(|e| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+        })?;
+        if id != self.expected {
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+        }
+        tracing::warn!(server = %id, "insecure bootstrap: trusting the server without verifying its certificate chain");
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// A client configuration for the agent's `insecure_bootstrap` first contact: the server
+/// must present an SVID claiming `server_id`, but its chain is not verified. The bundle
+/// the server then returns becomes the agent's trust root.
+pub fn danger_insecure_bootstrap_config(server_id: SpiffeId) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(InsecureBootstrapVerifier {
+            expected: server_id,
+            algs: supported_algs(),
+        }))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A KeyManager key as an rcgen signer, so certificates and CSRs are signed inside the
+/// key manager.
+pub struct RcgenKey {
+    key: Arc<dyn KeySigner>,
+    raw_public_key: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl std::fmt::Debug for RcgenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RcgenKey").field("key", &self.key.id()).finish()
+    }
+}
+
+impl RcgenKey {
+    /// Wraps `key`.
+    pub fn new(key: Arc<dyn KeySigner>) -> Result<Self, carapace_core::Error> {
+        use x509_parser::prelude::FromDer;
+        let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(key.public_key_der())
+            .map_err(|e| carapace_core::Error::KeyBackend(format!("key {} has an unreadable public key: {e}", key.id())))?;
+        let alg: &'static rcgen::SignatureAlgorithm = match key.key_type() {
+            KeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
+        };
+        Ok(RcgenKey { raw_public_key: spki.subject_public_key.data.to_vec(), key, alg })
+    }
+
+    /// The wrapped key.
+    pub fn key(&self) -> &Arc<dyn KeySigner> {
+        &self.key
+    }
+}
+
+impl rcgen::PublicKeyData for RcgenKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw_public_key
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+impl rcgen::SigningKey for RcgenKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.key.sign(self.key.key_type().x509_algorithm(), msg).map_err(|e| {
+            tracing::error!(key = self.key.id(), error = %e, "signature by key manager failed");
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
+/// A PKCS#10 CSR (DER) for `key`, signed by it, with an empty subject: the server
+/// decides every name in the certificate.
+pub fn csr_for_key(key: Arc<dyn KeySigner>) -> Result<Vec<u8>, carapace_core::Error> {
+    let signer = RcgenKey::new(key)?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&signer)
+        .map_err(|e| carapace_core::Error::KeyBackend(format!("CSR signing failed: {e}")))?;
+    Ok(csr.der().to_vec())
+}

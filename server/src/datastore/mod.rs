@@ -1,1 +1,246 @@
-//! Datastore (being written).
+//! The server's persistent storage: registration entries, attested agents, trust
+//! bundles, join tokens and the CA journal, in SQLite through sqlx.
+//!
+//! # Invariants
+//!
+//! - **One transaction per multi-table write.** Creating an entry writes `entries`,
+//!   `entry_selectors`, `entry_dns_names` and `entry_events` in one transaction;
+//!   upserting an agent writes the agent and its node selectors in one; creating a join
+//!   token with an alias entry writes both in one. A write that fails leaves nothing
+//!   behind. Write transactions start with `BEGIN IMMEDIATE`, so the checks they make
+//!   (duplicate id, similar entry, banned agent) and the writes that follow see the same
+//!   state: no other writer can slip in between.
+//! - **Every entry write is logged.** Each create, update and delete of an entry (pruning
+//!   included) inserts exactly one row into `entry_events` in the same transaction. Event
+//!   ids only grow; [`Datastore::latest_entry_event_id`] is the newest one. This is the
+//!   change log that caches and, later, other servers follow.
+//! - **Join tokens are stored only as hashes.** A token is `<id>.<secret>`; the caller
+//!   passes the public id and the SHA-256 of the secret, so neither the token nor the
+//!   secret reaches the database. Consuming a token is a single conditional
+//!   `DELETE ... RETURNING` statement, so of two concurrent consumers exactly one wins.
+//! - **What is read is re-validated.** Rows are turned back into core types with the
+//!   core parsers ([`SpiffeId`], [`Selector`], [`EntryId`]); a row that does not parse is
+//!   reported as [`Error::Datastore`] naming the row, never a panic.
+//! - **Reads of several tables are consistent.** Loading entries or agents with their
+//!   selectors runs its few bulk queries inside one read transaction (one snapshot), and
+//!   never one query per entry.
+//!
+//! # Portability
+//!
+//! Static SQL uses `$N` placeholders (native to PostgreSQL, accepted by sqlx's SQLite
+//! driver) and dynamic SQL is built with [`sqlx::QueryBuilder`], which emits the right
+//! placeholders per database. Upserts use `INSERT ... ON CONFLICT ... DO UPDATE` and
+//! deletions `RETURNING`, both supported by SQLite and PostgreSQL. The SQLite-only parts
+//! are the connection setup in this file, `BEGIN IMMEDIATE` in `Datastore::begin_write`
+//! and the DDL in `server/migrations/`.
+//!
+//! # Files
+//!
+//! The database file is created with mode 0600 (and its directory, if missing, 0700)
+//! before SQLite opens it: it holds node data. SQLite gives the `-wal` and `-shm` files
+//! the same mode as the database file.
+
+mod agents;
+mod bundles;
+mod entries;
+mod tokens;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Sqlite, Transaction};
+
+use carapace_core::{EntryId, Selector, SpiffeId};
+
+use crate::{Error, Result};
+
+pub use agents::AttestedAgent;
+pub use tokens::JoinToken;
+
+/// How long a connection waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections of a file-backed pool. SQLite has one writer at a time anyway; readers
+/// run concurrently in WAL mode.
+const MAX_CONNECTIONS: u32 = 8;
+
+/// Rows per multi-row `INSERT`, kept well below SQLite's bind-parameter limit.
+const INSERT_CHUNK: usize = 500;
+
+/// The embedded migrations of `server/migrations/`.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The server datastore: a connection pool. Cheap to clone; clones share the pool.
+#[derive(Clone, Debug)]
+pub struct Datastore {
+    pool: SqlitePool,
+}
+
+/// Which entries to list or count. Every filter that is set must hold (AND); the default
+/// filter matches every entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntryFilter {
+    /// Only the entry with this id.
+    pub id: Option<EntryId>,
+    /// Only entries issuing this SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Only entries with this parent.
+    pub parent_id: Option<SpiffeId>,
+    /// Only entries that have all of these selectors (and possibly more).
+    pub selectors: Vec<Selector>,
+}
+
+impl EntryFilter {
+    /// Whether no filter is set.
+    fn is_empty(&self) -> bool {
+        self.id.is_none()
+            && self.spiffe_id.is_none()
+            && self.parent_id.is_none()
+            && self.selectors.is_empty()
+    }
+}
+
+impl Datastore {
+    /// Opens (creating if missing) the SQLite database at `path` and brings its schema up
+    /// to date.
+    ///
+    /// The parent directory is created (mode 0700) if missing, and the database file is
+    /// created with mode 0600 before SQLite opens it. The connections use WAL journaling,
+    /// `synchronous=NORMAL`, foreign keys and a 5 s busy timeout.
+    pub async fn open(path: &Path) -> Result<Datastore> {
+        create_db_file(path)?;
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .connect_with(options)
+            .await
+            .map_err(|e| Error::Datastore(format!("opening {}: {e}", path.display())))?;
+        let ds = Datastore { pool };
+        ds.migrate().await?;
+        Ok(ds)
+    }
+
+    /// Opens a fresh, private in-memory database, for tests.
+    ///
+    /// An in-memory SQLite database lives as long as its connection and is private to
+    /// it, so the pool holds exactly one connection that never expires: every caller
+    /// (and every clone) sees the same database, and concurrent callers queue for the
+    /// connection. Each call opens a new, empty database.
+    pub async fn open_in_memory() -> Result<Datastore> {
+        let options = SqliteConnectOptions::new()
+            .filename(":memory:")
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .min_connections(1)
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            // A failed ping would replace the connection, and with it the database, by
+            // an empty one: better to let the next query fail.
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .map_err(|e| Error::Datastore(format!("opening in-memory database: {e}")))?;
+        let ds = Datastore { pool };
+        ds.migrate().await?;
+        Ok(ds)
+    }
+
+    /// Closes every connection, waiting for those in use to be returned. Later calls
+    /// fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Applies the migrations not yet applied. Idempotent.
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Starts a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock at once
+    /// (waiting up to the busy timeout for it), so that the reads a write makes before
+    /// writing cannot be invalidated by another writer; a deferred transaction would
+    /// instead fail with `SQLITE_BUSY` when upgrading to a write lock.
+    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Starts a read transaction: the queries in it see one snapshot.
+    async fn begin_read(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin().await?)
+    }
+}
+
+/// Creates the parent directory (0700) and the database file (0600) if missing.
+fn create_db_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+
+    if let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(Error::io(format!(
+                "creating datastore directory {}",
+                dir.display()
+            )))?;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io(format!(
+            "creating datastore file {}",
+            path.display()
+        )))?;
+    Ok(())
+}
+
+/// The current time in unix seconds, for event and journal timestamps.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The error for a stored row that does not convert back into a core type.
+fn corrupt(row: impl std::fmt::Display, problem: impl std::fmt::Display) -> Error {
+    Error::Datastore(format!("corrupt row {row}: {problem}"))
+}
+
+/// Whether `e` is a uniqueness (primary key or unique index) violation.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+/// Parses a stored SPIFFE ID.
+fn parse_spiffe_id(row: impl std::fmt::Display, s: &str) -> Result<SpiffeId> {
+    s.parse().map_err(|e| corrupt(row, e))
+}
+
+/// Parses a stored selector.
+fn parse_selector(row: impl std::fmt::Display, kind: &str, value: &str) -> Result<Selector> {
+    Selector::new(kind, value).map_err(|e| corrupt(row, e))
+}

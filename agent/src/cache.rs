@@ -1,0 +1,236 @@
+//! The agent's SVID cache: the X509-SVIDs of every workload entry this agent serves, plus
+//! its own trust domain's bundle, published as one immutable snapshot.
+//!
+//! The manager (which talks to the server) builds a new snapshot and calls
+//! [`SvidCache::replace`]; Workload API streams hold a [`tokio::sync::watch::Receiver`] and
+//! recompute what they send on every change. Snapshots and SVIDs are shared through
+//! `Arc`s: no DER or key bytes are copied per workload or per subscriber.
+
+use std::fmt;
+use std::sync::Arc;
+
+use carapace_core::{EntryId, SelectorSet, SpiffeId, TrustBundle};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+/// One X509-SVID issued for one registration entry.
+#[derive(Clone)]
+pub struct CachedSvid {
+    /// The entry the SVID was issued for.
+    pub entry_id: EntryId,
+    /// The SVID's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// The entry's selectors: a workload gets this SVID when all of them are among its own.
+    pub selectors: SelectorSet,
+    /// The entry's hint (may be empty).
+    pub hint: String,
+    /// The certificate chain in DER, leaf first.
+    pub cert_chain: Vec<Vec<u8>>,
+    /// The private key, PKCS#8 DER; wiped on drop and never printed.
+    pub private_key_pkcs8: Zeroizing<Vec<u8>>,
+    /// The leaf's notAfter, unix seconds.
+    pub expires_at: i64,
+}
+
+impl CachedSvid {
+    /// The leaf certificate (DER), if the chain is not empty.
+    pub fn leaf(&self) -> Option<&[u8]> {
+        self.cert_chain.first().map(Vec::as_slice)
+    }
+
+    /// Whether `self` and `other` would be served identically.
+    fn same_as(&self, other: &CachedSvid) -> bool {
+        self.entry_id == other.entry_id
+            && self.spiffe_id == other.spiffe_id
+            && self.selectors == other.selectors
+            && self.hint == other.hint
+            && self.expires_at == other.expires_at
+            && self.cert_chain == other.cert_chain
+            && *self.private_key_pkcs8 == *other.private_key_pkcs8
+    }
+}
+
+impl fmt::Debug for CachedSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedSvid")
+            .field("entry_id", &self.entry_id)
+            .field("spiffe_id", &self.spiffe_id)
+            .field("selectors", &self.selectors)
+            .field("hint", &self.hint)
+            .field("chain_len", &self.cert_chain.len())
+            .field("private_key_pkcs8", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// Whether two SVID lists are the same, element by element (same `Arc` or same content).
+pub(crate) fn same_svids(a: &[Arc<CachedSvid>], b: &[Arc<CachedSvid>]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| Arc::ptr_eq(x, y) || x.same_as(y))
+}
+
+/// Whether two bundles are the same (same `Arc` or same content).
+pub(crate) fn same_bundle(a: &Arc<TrustBundle>, b: &Arc<TrustBundle>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+/// One immutable snapshot of the cache.
+#[derive(Debug, Clone)]
+pub struct CacheState {
+    /// The agent's own trust domain's bundle.
+    pub bundle: Arc<TrustBundle>,
+    /// Every SVID, sorted by entry id.
+    pub svids: Vec<Arc<CachedSvid>>,
+}
+
+impl CacheState {
+    /// The SVIDs whose entry selectors are all among `workload`'s selectors, in entry-id
+    /// order (the first is the workload's default identity).
+    pub fn matching(&self, workload: &SelectorSet) -> Vec<Arc<CachedSvid>> {
+        self.svids
+            .iter()
+            .filter(|s| s.selectors.is_subset_of(workload))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The cache: a watch channel of [`CacheState`] snapshots. Cloning shares the same cache.
+#[derive(Debug, Clone)]
+pub struct SvidCache {
+    tx: Arc<watch::Sender<Arc<CacheState>>>,
+}
+
+impl SvidCache {
+    /// An empty cache holding `bundle`.
+    pub fn new(bundle: Arc<TrustBundle>) -> Self {
+        let (tx, _rx) = watch::channel(Arc::new(CacheState {
+            bundle,
+            svids: Vec::new(),
+        }));
+        SvidCache { tx: Arc::new(tx) }
+    }
+
+    /// A receiver that sees the current snapshot and every later one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<CacheState>> {
+        self.tx.subscribe()
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<CacheState> {
+        self.tx.borrow().clone()
+    }
+
+    /// Replaces the whole state. `svids` are sorted by entry id here. Subscribers are
+    /// notified only if the bundle or an SVID actually changed.
+    pub fn replace(&self, bundle: Arc<TrustBundle>, mut svids: Vec<Arc<CachedSvid>>) {
+        svids.sort_by(|a, b| a.entry_id.cmp(&b.entry_id));
+        self.tx.send_if_modified(|state| {
+            if same_bundle(&state.bundle, &bundle) && same_svids(&state.svids, &svids) {
+                return false;
+            }
+            *state = Arc::new(CacheState { bundle, svids });
+            true
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carapace_core::{Selector, TrustDomain};
+
+    fn bundle(seq: u64) -> Arc<TrustBundle> {
+        let mut b = TrustBundle::new(TrustDomain::new("example.org").unwrap());
+        b.x509_authorities = vec![vec![1, 2, 3]];
+        b.sequence = seq;
+        Arc::new(b)
+    }
+
+    fn svid(id: &str, selectors: &[&str], leaf: u8) -> Arc<CachedSvid> {
+        Arc::new(CachedSvid {
+            entry_id: EntryId::new(id).unwrap(),
+            spiffe_id: format!("spiffe://example.org/{id}").parse().unwrap(),
+            selectors: selectors
+                .iter()
+                .map(|s| s.parse::<Selector>().unwrap())
+                .collect(),
+            hint: String::new(),
+            cert_chain: vec![vec![leaf]],
+            private_key_pkcs8: Zeroizing::new(vec![0xAA, 0xBB, 0xCC]),
+            expires_at: 0,
+        })
+    }
+
+    fn set(items: &[&str]) -> SelectorSet {
+        items
+            .iter()
+            .map(|s| s.parse::<Selector>().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn debug_never_prints_the_key() {
+        let s = svid("e1", &["unix:uid:0"], 1);
+        let dbg = format!("{s:?}");
+        assert!(dbg.contains("redacted"), "{dbg}");
+        assert!(
+            !dbg.contains("170") && !dbg.contains("AA") && !dbg.contains("aa"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn replace_sorts_and_matching_is_subset_in_entry_order() {
+        let cache = SvidCache::new(bundle(1));
+        cache.replace(
+            bundle(1),
+            vec![
+                svid("c", &["unix:uid:0"], 3),
+                svid("a", &["unix:uid:0", "unix:gid:0"], 1),
+                svid("b", &["unix:uid:1"], 2),
+            ],
+        );
+        let st = cache.current();
+        let ids: Vec<_> = st.svids.iter().map(|s| s.entry_id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        let m = st.matching(&set(&["unix:uid:0", "unix:gid:0", "unix:user:root"]));
+        let ids: Vec<_> = m.iter().map(|s| s.entry_id.as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        let m = st.matching(&set(&["unix:uid:0"]));
+        let ids: Vec<_> = m.iter().map(|s| s.entry_id.as_str()).collect();
+        assert_eq!(ids, ["c"], "an entry with two selectors needs both");
+        assert!(st.matching(&set(&[])).is_empty());
+        // Shared, not copied.
+        assert!(Arc::ptr_eq(&m[0], &st.svids[2]));
+    }
+
+    #[tokio::test]
+    async fn notifies_only_on_change() {
+        let cache = SvidCache::new(bundle(1));
+        let mut rx = cache.subscribe();
+        rx.borrow_and_update();
+        let a = svid("a", &["unix:uid:0"], 1);
+        cache.replace(bundle(1), vec![a.clone()]);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // Same content in new Arcs: no notification.
+        cache.replace(bundle(1), vec![svid("a", &["unix:uid:0"], 1)]);
+        assert!(!rx.has_changed().unwrap());
+        // New leaf: notification.
+        cache.replace(bundle(1), vec![svid("a", &["unix:uid:0"], 2)]);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // New bundle: notification.
+        cache.replace(bundle(2), vec![svid("a", &["unix:uid:0"], 2)]);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // Emptied: notification.
+        cache.replace(bundle(2), vec![]);
+        assert!(rx.has_changed().unwrap());
+        assert!(rx.borrow_and_update().svids.is_empty());
+    }
+}

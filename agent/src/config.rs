@@ -1,0 +1,284 @@
+//! Agent configuration: an optional TOML file overridden by flags, validated in one place.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use carapace_core::{KeyType, TrustDomain};
+
+/// Default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
+/// Default server address.
+pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/carapace/agent";
+/// Default Workload API socket.
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/carapace-agent/public/api.sock";
+
+/// The file format: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain.
+    pub trust_domain: Option<String>,
+    /// Server node API address, HOST:PORT.
+    pub server_address: Option<String>,
+    /// Data directory (agent key, SVID, bundle).
+    pub data_dir: Option<PathBuf>,
+    /// Workload API socket path.
+    pub socket_path: Option<PathBuf>,
+    /// PEM bundle to trust the server with on first contact.
+    pub trust_bundle_path: Option<PathBuf>,
+    /// Trust the server on first contact without a bundle (labs only).
+    pub insecure_bootstrap: Option<bool>,
+    /// Log filter.
+    pub log_level: Option<String>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// Key type of workload keys.
+    pub workload_key_type: Option<String>,
+    /// `unix` workload attestor settings.
+    pub unix_attestor: Option<UnixAttestorFile>,
+}
+
+/// `[unix_attestor]`.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct UnixAttestorFile {
+    /// Hash the workload's executable into a `unix:sha256` selector.
+    #[serde(default)]
+    pub workload_sha256: bool,
+}
+
+/// Flag overrides.
+#[derive(Default)]
+pub struct Overrides {
+    /// `--trust-domain`.
+    pub trust_domain: Option<String>,
+    /// `--server-address`.
+    pub server_address: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--socket-path`.
+    pub socket_path: Option<PathBuf>,
+    /// `--join-token`.
+    pub join_token: Option<Zeroizing<String>>,
+    /// `--trust-bundle`.
+    pub trust_bundle_path: Option<PathBuf>,
+    /// `--insecure-bootstrap`.
+    pub insecure_bootstrap: bool,
+}
+
+impl std::fmt::Debug for Overrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overrides")
+            .field("trust_domain", &self.trust_domain)
+            .field("server_address", &self.server_address)
+            .field("join_token", &self.join_token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the agent trusts the server before it has a bundle of its own.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// A PEM bundle file.
+    BundleFile(PathBuf),
+    /// No verification of the server on first contact.
+    Insecure,
+}
+
+/// A validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Server address, HOST:PORT.
+    pub server_address: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Workload API socket.
+    pub socket_path: PathBuf,
+    /// Join token for the first attestation.
+    pub join_token: Option<Zeroizing<String>>,
+    /// Bootstrap trust.
+    pub bootstrap: Bootstrap,
+    /// Log filter.
+    pub log_level: String,
+    /// JSON logs.
+    pub log_json: bool,
+    /// Workload key type.
+    pub workload_key_type: KeyType,
+    /// Hash workload executables.
+    pub workload_sha256: bool,
+    /// How often the rotator looks at SVIDs.
+    pub rotation_interval: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("trust_domain", &self.trust_domain)
+            .field("server_address", &self.server_address)
+            .field("data_dir", &self.data_dir)
+            .field("socket_path", &self.socket_path)
+            .field("join_token", &self.join_token.as_ref().map(|_| "<redacted>"))
+            .field("bootstrap", &self.bootstrap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a config file; `None` means defaults.
+pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
+    let Some(path) = path else { return Ok(FileConfig::default()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+    let table: toml::Table =
+        text.parse().map_err(|e: toml::de::Error| vec![format!("{}: {e}", path.display())])?;
+    let mut problems = Vec::new();
+    for (key, value) in &table {
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), value.clone());
+        if let Err(e) = FileConfig::deserialize(toml::Value::Table(one)) {
+            problems.push(format!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    FileConfig::deserialize(toml::Value::Table(table)).map_err(|e| vec![format!("{}: {e}", path.display())])
+}
+
+/// Validates a file config with flag overrides, listing every problem.
+pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> {
+    let mut problems = Vec::new();
+    let td = ov.trust_domain.or(file.trust_domain).unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
+    let trust_domain = TrustDomain::new(&td).map_err(|e| problems.push(format!("trust_domain: {e}"))).ok();
+    let server_address = ov
+        .server_address
+        .or(file.server_address)
+        .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into());
+    match server_address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+        _ => problems.push(format!("server_address: {server_address:?} is not HOST:PORT")),
+    }
+    let socket_path = ov.socket_path.or(file.socket_path).unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
+    if socket_path.as_os_str().len() > 100 {
+        problems.push(format!("socket_path: {} is too long for a Unix socket", socket_path.display()));
+    }
+    let trust_bundle = ov.trust_bundle_path.or(file.trust_bundle_path);
+    let insecure = ov.insecure_bootstrap || file.insecure_bootstrap.unwrap_or(false);
+    let bootstrap = match (trust_bundle, insecure) {
+        (Some(p), false) => Some(Bootstrap::BundleFile(p)),
+        (None, true) => Some(Bootstrap::Insecure),
+        (Some(_), true) => {
+            problems.push("trust_bundle_path and insecure_bootstrap: set exactly one, not both".into());
+            None
+        }
+        (None, false) => {
+            problems.push(
+                "trust bundle: set exactly one of --trust-bundle PATH (the server's `bundle show` output) \
+                 or --insecure-bootstrap (labs only: trusts the first server it reaches)"
+                    .into(),
+            );
+            None
+        }
+    };
+    let log_level = file.log_level.unwrap_or_else(|| "warn,carapace=info".into());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        problems.push(format!("log_level: {e}"));
+    }
+    let log_json = match file.log_format.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            problems.push(format!("log_format: {other:?} is not \"text\" or \"json\""));
+            false
+        }
+    };
+    let workload_key_type = match file.workload_key_type.as_deref().map(str::parse::<KeyType>) {
+        None => KeyType::EcP256,
+        Some(Ok(k)) => k,
+        Some(Err(e)) => {
+            problems.push(format!("workload_key_type: {e}"));
+            KeyType::EcP256
+        }
+    };
+    if let Some(t) = &ov.join_token {
+        if t.trim().is_empty() {
+            problems.push("join_token: is empty".into());
+        }
+    }
+    match (trust_domain, bootstrap) {
+        (Some(trust_domain), Some(bootstrap)) if problems.is_empty() => Ok(Config {
+            trust_domain,
+            server_address,
+            data_dir: ov.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            socket_path,
+            join_token: ov.join_token,
+            bootstrap,
+            log_level,
+            log_json,
+            workload_key_type,
+            workload_sha256: file.unix_attestor.map(|u| u.workload_sha256).unwrap_or(false),
+            rotation_interval: Duration::from_secs(1),
+        }),
+        _ => Err(problems),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_with_insecure_bootstrap() {
+        let c = validate(FileConfig::default(), Overrides { insecure_bootstrap: true, ..Default::default() }).unwrap();
+        assert_eq!(c.trust_domain.name(), "example.org");
+        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
+        assert!(matches!(c.bootstrap, Bootstrap::Insecure));
+    }
+
+    #[test]
+    fn exactly_one_bootstrap_is_required() {
+        let none = validate(FileConfig::default(), Overrides::default()).unwrap_err();
+        assert!(none.iter().any(|e| e.contains("exactly one")), "{none:?}");
+        let both = validate(
+            FileConfig::default(),
+            Overrides { insecure_bootstrap: true, trust_bundle_path: Some("b.pem".into()), ..Default::default() },
+        )
+        .unwrap_err();
+        assert!(both.iter().any(|e| e.contains("not both")), "{both:?}");
+    }
+
+    #[test]
+    fn all_problems_are_listed_and_the_token_is_never_printed() {
+        let errs = validate(
+            FileConfig { log_format: Some("xml".into()), ..Default::default() },
+            Overrides {
+                trust_domain: Some("Bad".into()),
+                server_address: Some("nohostport".into()),
+                join_token: Some(Zeroizing::new("secret-token-value".into())),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        for needle in ["trust_domain", "server_address", "log_format", "trust bundle"] {
+            assert!(errs.iter().any(|e| e.contains(needle)), "{needle}: {errs:?}");
+        }
+        let ov = Overrides { join_token: Some(Zeroizing::new("secret-token-value".into())), ..Default::default() };
+        assert!(!format!("{ov:?}").contains("secret-token-value"));
+    }
+
+    #[test]
+    fn shipped_samples_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+        for name in ["agent.toml", "agent.full.toml"] {
+            let file = read_file(Some(&root.join(name))).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            validate(file, Overrides::default()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! The agent's control loop: node attestation (or the identity kept from last time),
+//! the sync stream from the server, workload SVID signing and rotation, and the agent's
+//! own SVID renewal. The Workload API reads only the [`SvidCache`] this fills, so it
+//! keeps serving whatever the agent holds while the server is unreachable.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use carapace_core::plugin::{KeyManager, KeySigner, NodeAttestorClient};
+use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId, TrustBundle};
+use carapace_proto::convert::{bundle_from_wire, entry_from_wire};
+use carapace_proto::node::{
+    BatchNewX509svidRequest, NewX509svidParams, RenewAgentRequest, SyncAuthorizedRequest,
+    SyncAuthorizedResponse, node_client::NodeClient,
+};
+
+use crate::cache::{CachedSvid, SvidCache};
+use crate::config::{Bootstrap, Config};
+use crate::node_client::{self, call_error};
+use crate::state::{self, AgentState};
+use crate::{Error, Result};
+
+/// Most CSRs sent in one BatchNewX509SVID call.
+pub const MAX_BATCH: usize = 2000;
+/// Retry delays when the server is unreachable or refuses.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// See [`BACKOFF_MIN`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// When to rotate a certificate valid from `not_before` to `not_after`: at half its
+/// life, give or take 10% of that half (so a fleet does not rotate in lockstep).
+pub fn rotate_at(not_before: i64, not_after: i64) -> i64 {
+    let half = ((not_after - not_before) / 2).max(1);
+    let jitter = half / 10;
+    let j = if jitter > 0 { rand::rng().random_range(-jitter..=jitter) } else { 0 };
+    not_before + half + j
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+struct Slot {
+    svid: Arc<CachedSvid>,
+    revision: u64,
+    rotate_at: i64,
+}
+
+/// The agent's identity and everything it holds for workloads.
+pub struct Manager {
+    cfg: Config,
+    km: Arc<dyn KeyManager>,
+    cache: SvidCache,
+    bundle_tx: watch::Sender<Arc<TrustBundle>>,
+    state: AgentState,
+    agent_key: Arc<dyn KeySigner>,
+    agent_rotate_at: i64,
+    entries: BTreeMap<EntryId, RegistrationEntry>,
+    slots: BTreeMap<EntryId, Slot>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("agent", &self.agent_id().ok())
+            .field("entries", &self.entries.len())
+            .field("svids", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn new_key_id() -> String {
+    format!("agent-{}-{:08x}", now(), rand::rng().random::<u32>())
+}
+
+impl Manager {
+    /// Restores the agent's identity from the data directory or attests with the join
+    /// token. Retries while the server is unreachable; fails at once when the server
+    /// refuses (bad token, banned) or nothing can be attested with.
+    pub async fn start(
+        cfg: Config,
+        km: Arc<dyn KeyManager>,
+        cache: SvidCache,
+        attestor: Option<Arc<dyn NodeAttestorClient>>,
+    ) -> Result<Self> {
+        let stored_bundle = state::load_bundle(&cfg.data_dir, &cfg.trust_domain)?;
+        if let (Some(st), Some(bundle)) = (AgentState::load(&cfg.data_dir)?, stored_bundle.clone()) {
+            match Self::restore(&cfg, &km, &st, &bundle).await {
+                Ok(key) => {
+                    tracing::info!(agent = %Self::id_of(&st)?, "restored the agent identity from the data directory");
+                    return Self::assemble(cfg, km, cache, st, bundle, key);
+                }
+                Err(e) => tracing::warn!(error = %e, "the stored agent identity is unusable; attesting again"),
+            }
+        }
+        let attestor = attestor.ok_or_else(|| {
+            Error::Config(
+                "the agent has no valid SVID and no join token: start it with --join-token TOKEN \
+                 (from `carapace-server token generate`)"
+                    .into(),
+            )
+        })?;
+        let tls = match (&stored_bundle, &cfg.bootstrap) {
+            (Some(b), _) => Self::bundle_tls(&cfg, b.clone())?,
+            (None, Bootstrap::BundleFile(path)) => {
+                let pem = std::fs::read_to_string(path)
+                    .map_err(Error::io(format!("cannot read the trust bundle {}", path.display())))?;
+                let b = TrustBundle::from_pem(cfg.trust_domain.clone(), &pem)
+                    .map_err(|e| Error::Config(format!("trust bundle {}: {e}", path.display())))?;
+                Self::bundle_tls(&cfg, b)?
+            }
+            (None, Bootstrap::Insecure) => {
+                tracing::warn!("insecure bootstrap: the first server reached is trusted without verification");
+                Arc::new(
+                    carapace_tls::danger_insecure_bootstrap_config(cfg.trust_domain.server_id())
+                        .map_err(|e| Error::Config(format!("TLS: {e}")))?,
+                )
+            }
+        };
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match Self::attest(&cfg, &km, tls.clone(), attestor.as_ref()).await {
+                Ok((st, bundle, key)) => return Self::assemble(cfg, km, cache, st, bundle, key),
+                Err(e @ (Error::Refused(_) | Error::Config(_) | Error::Core(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "node attestation failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    fn assemble(
+        cfg: Config,
+        km: Arc<dyn KeyManager>,
+        cache: SvidCache,
+        state: AgentState,
+        bundle: TrustBundle,
+        agent_key: Arc<dyn KeySigner>,
+    ) -> Result<Self> {
+        let (nb, na) = carapace_core::x509svid::validity_of(&state.svid_chain[0])?;
+        let bundle = Arc::new(bundle);
+        let (bundle_tx, _) = watch::channel(bundle.clone());
+        cache.replace(bundle, Vec::new());
+        Ok(Manager {
+            cfg,
+            km,
+            cache,
+            bundle_tx,
+            agent_key,
+            agent_rotate_at: rotate_at(nb, na),
+            state,
+            entries: BTreeMap::new(),
+            slots: BTreeMap::new(),
+        })
+    }
+
+    fn id_of(st: &AgentState) -> Result<SpiffeId> {
+        Ok(carapace_core::x509svid::check_leaf(&st.svid_chain[0])?)
+    }
+
+    /// The agent's SPIFFE ID.
+    pub fn agent_id(&self) -> Result<SpiffeId> {
+        Self::id_of(&self.state)
+    }
+
+    /// A receiver of the agent's current trust bundle.
+    pub fn bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.bundle_tx.subscribe()
+    }
+
+    async fn restore(
+        cfg: &Config,
+        km: &Arc<dyn KeyManager>,
+        st: &AgentState,
+        bundle: &TrustBundle,
+    ) -> Result<Arc<dyn KeySigner>> {
+        let key = km.get_key(&st.key_id).await?;
+        let v = carapace_core::x509svid::verify_chain(&st.svid_chain, bundle, now().max(0) as u64)?;
+        if !v.spiffe_id.is_agent() || !v.spiffe_id.is_member_of(&cfg.trust_domain) {
+            return Err(Error::Config(format!("stored SVID {} is not an agent of {}", v.spiffe_id, cfg.trust_domain)));
+        }
+        if carapace_core::x509svid::public_key_of(&st.svid_chain[0])? != key.public_key_der() {
+            return Err(Error::Config("stored SVID does not match the agent key".into()));
+        }
+        Ok(key)
+    }
+
+    /// TLS for first contact: verify the server against `bundle`, no client certificate.
+    fn bundle_tls(cfg: &Config, bundle: TrustBundle) -> Result<Arc<rustls::ClientConfig>> {
+        let (_tx, rx) = watch::channel(Arc::new(bundle));
+        Ok(Arc::new(
+            carapace_tls::client_config(rx, cfg.trust_domain.server_id(), None)
+                .map_err(|e| Error::Config(format!("TLS: {e}")))?,
+        ))
+    }
+
+    async fn attest(
+        cfg: &Config,
+        km: &Arc<dyn KeyManager>,
+        tls: Arc<rustls::ClientConfig>,
+        attestor: &dyn NodeAttestorClient,
+    ) -> Result<(AgentState, TrustBundle, Arc<dyn KeySigner>)> {
+        let key = km.generate_key(&new_key_id(), KeyType::EcP256).await?;
+        let outcome = async {
+            let csr = carapace_tls::csr_for_key(key.clone())?;
+            let mut client = node_client::channel(&cfg.server_address, tls)?;
+            let result = node_client::attest(&mut client, attestor, csr).await?;
+            let chain = result.svid.map(|s| s.cert_chain).unwrap_or_default();
+            let bundle = bundle_from_wire(
+                result.bundle.as_ref().ok_or_else(|| Error::Server("attestation result without a bundle".into()))?,
+            )?;
+            if bundle.trust_domain() != &cfg.trust_domain {
+                return Err(Error::Refused(format!(
+                    "the server is in trust domain {}, not {}",
+                    bundle.trust_domain(),
+                    cfg.trust_domain
+                )));
+            }
+            let v = carapace_core::x509svid::verify_chain(&chain, &bundle, now().max(0) as u64)?;
+            if carapace_core::x509svid::public_key_of(&chain[0])? != key.public_key_der() {
+                return Err(Error::Server("the server certified another key".into()));
+            }
+            tracing::info!(agent = %v.spiffe_id, expires_at = v.not_after, "node attestation succeeded");
+            let st = AgentState { key_id: key.id().to_owned(), svid_chain: chain, reattestable: result.reattestable };
+            state::save_bundle(&cfg.data_dir, &bundle)?;
+            st.save(&cfg.data_dir)?;
+            Ok((st, bundle))
+        }
+        .await;
+        match outcome {
+            Ok((st, bundle)) => {
+                Self::delete_other_agent_keys(km, key.id()).await;
+                Ok((st, bundle, key))
+            }
+            Err(e) => {
+                let _ = km.delete_key(key.id()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete_other_agent_keys(km: &Arc<dyn KeyManager>, keep: &str) {
+        if let Ok(keys) = km.list_keys().await {
+            for k in keys.into_iter().filter(|k| k.id.starts_with("agent-") && k.id != keep) {
+                let _ = km.delete_key(&k.id).await;
+            }
+        }
+    }
+
+    fn client(&self) -> Result<NodeClient<Channel>> {
+        let ck = carapace_tls::certified_key(&self.state.svid_chain, self.agent_key.clone());
+        let tls = carapace_tls::client_config(self.bundle_tx.subscribe(), self.cfg.trust_domain.server_id(), Some(ck))
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        node_client::channel(&self.cfg.server_address, Arc::new(tls))
+    }
+
+    /// Runs until `shutdown` changes: keeps the sync stream open (reconnecting with
+    /// backoff), signs and rotates workload SVIDs, renews the agent SVID.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let mut backoff = BACKOFF_MIN;
+        let mut ticker = tokio::time::interval(self.cfg.rotation_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let mut client = self.client()?;
+            let mut stream = match client.sync_authorized(SyncAuthorizedRequest {}).await {
+                Ok(s) => s.into_inner(),
+                Err(s) => {
+                    self.log_sync_failure(&s, backoff);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            tracing::info!(server = %self.cfg.server_address, "connected to the server");
+            loop {
+                tokio::select! {
+                    msg = stream.message() => match msg {
+                        Ok(Some(m)) => {
+                            backoff = BACKOFF_MIN;
+                            self.apply_sync(m)?;
+                            self.reconcile(&mut client).await;
+                        }
+                        Ok(None) => {
+                            tracing::warn!("the server closed the sync stream; reconnecting");
+                            break;
+                        }
+                        Err(s) => {
+                            self.log_sync_failure(&s, backoff);
+                            break;
+                        }
+                    },
+                    _ = ticker.tick() => {
+                        if now() >= self.agent_rotate_at {
+                            match self.renew_agent(&mut client).await {
+                                Ok(()) => break, // reconnect with the new SVID
+                                Err(e) => tracing::warn!(error = %e, "agent SVID renewal failed; retrying"),
+                            }
+                        }
+                        self.reconcile(&mut client).await;
+                    }
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn log_sync_failure(&self, s: &tonic::Status, backoff: Duration) {
+        if node_client::is_refusal(s) {
+            tracing::error!(
+                error = s.message(),
+                retry_in = ?backoff,
+                "the server refused this agent (banned, evicted or not attested); still serving the SVIDs held until they expire"
+            );
+        } else {
+            tracing::warn!(error = s.message(), retry_in = ?backoff, "server unreachable; still serving the SVIDs held");
+        }
+    }
+
+    fn apply_sync(&mut self, m: SyncAuthorizedResponse) -> Result<()> {
+        if let Some(b) = m.bundle.as_ref() {
+            match bundle_from_wire(b) {
+                Ok(bundle) if bundle.trust_domain() == &self.cfg.trust_domain => {
+                    if self.bundle_tx.borrow().as_ref() != &bundle {
+                        state::save_bundle(&self.cfg.data_dir, &bundle)?;
+                        tracing::info!(sequence = bundle.sequence, authorities = bundle.x509_authorities.len(), "trust bundle updated");
+                        self.bundle_tx.send_replace(Arc::new(bundle));
+                    }
+                }
+                Ok(other) => tracing::error!(trust_domain = %other.trust_domain(), "ignoring a bundle of another trust domain"),
+                Err(e) => tracing::error!(error = %e, "ignoring a malformed bundle from the server"),
+            }
+        }
+        let mut entries = BTreeMap::new();
+        for e in &m.entries {
+            match entry_from_wire(e, None) {
+                Ok(entry) => {
+                    entries.insert(entry.id.clone(), entry);
+                }
+                Err(err) => tracing::warn!(entry = e.id, error = %err, "ignoring a malformed entry from the server"),
+            }
+        }
+        tracing::debug!(revision = m.revision, entries = entries.len(), "synced authorized entries");
+        self.entries = entries;
+        Ok(())
+    }
+
+    /// Signs what is missing or due, drops what is no longer authorized, publishes.
+    async fn reconcile(&mut self, client: &mut NodeClient<Channel>) {
+        let t = now();
+        let before = self.slots.len();
+        self.slots.retain(|id, _| self.entries.contains_key(id));
+        let removed = before - self.slots.len();
+        let due: Vec<RegistrationEntry> = self
+            .entries
+            .values()
+            .filter(|e| match self.slots.get(&e.id) {
+                None => true,
+                Some(s) => s.revision != e.revision || t >= s.rotate_at || t >= s.svid.expires_at,
+            })
+            .cloned()
+            .collect();
+        let mut signed = 0;
+        for chunk in due.chunks(MAX_BATCH) {
+            match self.sign_batch(client, chunk).await {
+                Ok(n) => signed += n,
+                Err(e) => {
+                    tracing::warn!(error = %e, pending = due.len(), "signing workload SVIDs failed; retrying shortly");
+                    break;
+                }
+            }
+        }
+        if removed > 0 || signed > 0 || self.cache.current().bundle.as_ref() != self.bundle_tx.borrow().as_ref() {
+            if removed > 0 || signed > 0 {
+                tracing::info!(signed, removed, held = self.slots.len(), "workload SVIDs updated");
+            }
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        let svids = self.slots.values().map(|s| s.svid.clone()).collect();
+        self.cache.replace(self.bundle_tx.borrow().clone(), svids);
+    }
+
+    async fn sign_batch(&mut self, client: &mut NodeClient<Channel>, entries: &[RegistrationEntry]) -> Result<usize> {
+        let key_type = self.cfg.workload_key_type;
+        let ids: Vec<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
+        let keys = tokio::task::spawn_blocking(move || {
+            ids.into_iter()
+                .map(|id| workload_key_and_csr(key_type).map(|(k, c)| (id, k, c)))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| Error::Crypto(format!("key generation task failed: {e}")))??;
+        let params = keys
+            .iter()
+            .map(|(id, _, csr)| NewX509svidParams { entry_id: id.to_string(), csr: csr.clone() })
+            .collect();
+        let resp = client
+            .batch_new_x509svid(BatchNewX509svidRequest { params })
+            .await
+            .map_err(|s| call_error("signing workload SVIDs", s))?
+            .into_inner();
+        let mut signed = 0;
+        let by_id: BTreeMap<String, (Zeroizing<Vec<u8>>,)> =
+            keys.into_iter().map(|(id, key, _)| (id.to_string(), (key,))).collect();
+        for r in resp.results {
+            let Some(entry) = EntryId::new(&r.entry_id).ok().and_then(|id| self.entries.get(&id).cloned()) else {
+                continue;
+            };
+            let Some(svid) = r.svid else {
+                tracing::warn!(entry = r.entry_id, code = r.error_code, error = r.error_message, "the server did not sign an SVID");
+                continue;
+            };
+            let Some((key,)) = by_id.get(&r.entry_id) else { continue };
+            match self.check_issued(&entry, &svid.cert_chain) {
+                Ok((nb, na)) => {
+                    self.slots.insert(
+                        entry.id.clone(),
+                        Slot {
+                            svid: Arc::new(CachedSvid {
+                                entry_id: entry.id.clone(),
+                                spiffe_id: entry.spiffe_id.clone(),
+                                selectors: entry.selectors.clone(),
+                                hint: entry.hint.clone(),
+                                cert_chain: svid.cert_chain,
+                                private_key_pkcs8: key.clone(),
+                                expires_at: na,
+                            }),
+                            revision: entry.revision,
+                            rotate_at: rotate_at(nb, na),
+                        },
+                    );
+                    signed += 1;
+                }
+                Err(e) => tracing::error!(entry = r.entry_id, error = %e, "the server returned an unusable SVID"),
+            }
+        }
+        Ok(signed)
+    }
+
+    /// The issued chain must verify against the bundle and carry the entry's SPIFFE ID.
+    fn check_issued(&self, entry: &RegistrationEntry, chain: &[Vec<u8>]) -> Result<(i64, i64)> {
+        let bundle = self.bundle_tx.borrow().clone();
+        let v = carapace_core::x509svid::verify_chain(chain, &bundle, now().max(0) as u64)?;
+        if v.spiffe_id != entry.spiffe_id {
+            return Err(Error::Server(format!("SVID for {} carries {}", entry.spiffe_id, v.spiffe_id)));
+        }
+        Ok(carapace_core::x509svid::validity_of(&chain[0])?)
+    }
+
+    async fn renew_agent(&mut self, client: &mut NodeClient<Channel>) -> Result<()> {
+        let key = self.km.generate_key(&new_key_id(), KeyType::EcP256).await?;
+        let result = async {
+            let csr = carapace_tls::csr_for_key(key.clone())?;
+            let resp = client
+                .renew_agent(RenewAgentRequest { csr })
+                .await
+                .map_err(|s| call_error("renewing the agent SVID", s))?
+                .into_inner();
+            let chain = resp.svid.map(|s| s.cert_chain).unwrap_or_default();
+            let bundle = self.bundle_tx.borrow().clone();
+            let v = carapace_core::x509svid::verify_chain(&chain, &bundle, now().max(0) as u64)?;
+            if v.spiffe_id != self.agent_id()? {
+                return Err(Error::Server(format!("renewal returned an SVID for {}", v.spiffe_id)));
+            }
+            Ok(chain)
+        }
+        .await;
+        let chain = match result {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.km.delete_key(key.id()).await;
+                return Err(e);
+            }
+        };
+        let old_key = self.state.key_id.clone();
+        self.state = AgentState { key_id: key.id().to_owned(), svid_chain: chain, reattestable: self.state.reattestable };
+        self.state.save(&self.cfg.data_dir)?;
+        self.agent_key = key;
+        let (nb, na) = carapace_core::x509svid::validity_of(&self.state.svid_chain[0])?;
+        self.agent_rotate_at = rotate_at(nb, na);
+        if let Err(e) = self.km.delete_key(&old_key).await {
+            tracing::warn!(key = old_key, error = %e, "could not delete the previous agent key");
+        }
+        tracing::info!(expires_at = na, "renewed the agent SVID");
+        Ok(())
+    }
+}
+
+/// A new workload private key (PKCS#8 DER) and a CSR signed by it.
+fn workload_key_and_csr(key_type: KeyType) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+    let pkcs8 = carapace_keymanager_soft::generate_pkcs8(key_type)?;
+    let alg: &'static rcgen::SignatureAlgorithm = match key_type {
+        KeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
+    };
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_slice());
+    let kp = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, alg)
+        .map_err(|e| Error::Crypto(format!("workload key: {e}")))?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&kp)
+        .map_err(|e| Error::Crypto(format!("workload CSR: {e}")))?;
+    Ok((Zeroizing::new(pkcs8.to_vec()), csr.der().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_is_at_half_life_with_ten_percent_jitter() {
+        for _ in 0..1000 {
+            let r = rotate_at(1000, 4600); // 1h life, half = 1800, jitter 180
+            assert!((1000 + 1800 - 180..=1000 + 1800 + 180).contains(&r), "{r}");
+        }
+        // A 30 s SVID rotates between 13.5 and 16.5 s.
+        let r = rotate_at(0, 30);
+        assert!((14..=16).contains(&r), "{r}");
+    }
+
+    #[test]
+    fn workload_keys_and_csrs_for_every_key_type() {
+        for kt in [KeyType::EcP256, KeyType::EcP384] {
+            let (key, csr) = workload_key_and_csr(kt).unwrap();
+            assert!(!key.is_empty());
+            use x509_parser::prelude::FromDer;
+            let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&csr).unwrap();
+            req.verify_signature().unwrap();
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The SPIFFE Workload API, served on a Unix socket.
+//!
+//! Rules (SPIFFE Workload Endpoint and Workload API standards; SPIFFE.md §1.7, §1.8, §2.1):
+//! - every RPC requires the metadata `workload.spiffe.io: true`, exactly once; otherwise
+//!   `InvalidArgument`;
+//! - the caller is identified by the kernel only ([`peer`]): each RPC runs every workload
+//!   attestor on the connection's caller, unions the selectors, then checks through the
+//!   caller's pidfd that the same process is still alive (`Unauthenticated` if not), so a
+//!   recycled PID cannot be attested as another process;
+//! - `FetchX509SVID` streams the full set of matching SVIDs, again on every change;
+//!   `PermissionDenied` ("no identity issued") when nothing matches;
+//! - `FetchX509Bundles` streams the own trust domain's bundle to callers that have an
+//!   identity;
+//! - the JWT RPCs answer `Unimplemented` for now.
+
+pub mod peer;
+pub mod unix;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use carapace_core::SelectorSet;
+use carapace_core::plugin::WorkloadAttestor;
+use carapace_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use carapace_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub use peer::{Peer, PeerStream, incoming};
+pub use unix::{UnixAttestorConfig, UnixWorkloadAttestor};
+
+use crate::cache::{CacheState, CachedSvid, SvidCache, same_bundle, same_svids};
+use crate::{Error, Result};
+
+/// The security header every Workload API request must carry.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// How long [`serve`] waits for open connections after shutdown before returning anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Messages buffered per stream before the sender waits for the client.
+const STREAM_BUFFER: usize = 4;
+
+const NO_IDENTITY: &str = "no identity issued";
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    cache: SvidCache,
+    attestors: Arc<[Arc<dyn WorkloadAttestor>]>,
+    /// Turns true when the server shuts down, so that streams end and connections close.
+    closing: watch::Receiver<bool>,
+}
+
+impl WorkloadApi {
+    /// A service answering from `cache`, identifying callers with every one of
+    /// `attestors`.
+    pub fn new(cache: SvidCache, attestors: Vec<Arc<dyn WorkloadAttestor>>) -> Self {
+        // A receiver whose sender is gone never reports a change; `serve` replaces it.
+        let (_tx, closing) = watch::channel(false);
+        WorkloadApi {
+            cache,
+            attestors: attestors.into(),
+            closing,
+        }
+    }
+
+    /// Checks the security header, identifies the caller and returns its selectors.
+    async fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        method: &str,
+    ) -> Result<SelectorSet, Status> {
+        check_security_header(request)?;
+        let peer = request.extensions().get::<Peer>().ok_or_else(|| {
+            tracing::error!(
+                method,
+                "Workload API request without kernel peer credentials"
+            );
+            Status::internal("caller credentials unavailable")
+        })?;
+        let caller = peer.caller();
+        let mut selectors = SelectorSet::new();
+        for attestor in self.attestors.iter() {
+            match attestor.attest(&caller).await {
+                Ok(s) => selectors.extend(s),
+                Err(e) => {
+                    tracing::warn!(
+                        method,
+                        pid = caller.pid,
+                        uid = caller.uid,
+                        gid = caller.gid,
+                        attestor = attestor.name(),
+                        error = %e,
+                        "workload attestation failed"
+                    );
+                    return Err(Status::unavailable("workload attestation failed"));
+                }
+            }
+        }
+        if !peer.is_alive() {
+            tracing::warn!(
+                method,
+                pid = caller.pid,
+                uid = caller.uid,
+                gid = caller.gid,
+                "the caller exited during attestation"
+            );
+            return Err(Status::unauthenticated(
+                "could not verify existence of the original caller",
+            ));
+        }
+        tracing::debug!(
+            method,
+            pid = caller.pid,
+            uid = caller.uid,
+            gid = caller.gid,
+            selectors = selectors.len(),
+            "attested Workload API caller"
+        );
+        Ok(selectors)
+    }
+}
+
+/// `workload.spiffe.io: true`, exactly once, exact value.
+fn check_security_header<T>(request: &Request<T>) -> Result<(), Status> {
+    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+/// The `X509SVIDResponse` for `svids` (non-empty). SVIDs whose non-empty hint repeats an
+/// earlier one are left out, as the standard requires unique hints (SPIRE does the same).
+fn x509_svid_response(svids: &[Arc<CachedSvid>], bundle: &[u8]) -> X509svidResponse {
+    let mut hints = HashSet::new();
+    let svids = svids
+        .iter()
+        .filter(|s| {
+            let unique = s.hint.is_empty() || hints.insert(s.hint.as_str());
+            if !unique {
+                tracing::warn!(
+                    entry_id = %s.entry_id,
+                    hint = %s.hint,
+                    "SVID left out of a Workload API response: its hint is not unique"
+                );
+            }
+            unique
+        })
+        .map(|s| X509svid {
+            spiffe_id: s.spiffe_id.to_string(),
+            x509_svid: s.cert_chain.concat(),
+            x509_svid_key: s.private_key_pkcs8.to_vec(),
+            bundle: bundle.to_vec(),
+            hint: s.hint.clone(),
+        })
+        .collect();
+    X509svidResponse {
+        svids,
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+fn x509_bundles_response(state: &CacheState) -> X509BundlesResponse {
+    let mut bundles = HashMap::new();
+    bundles.insert(
+        state.bundle.trust_domain().id_string(),
+        state.bundle.to_concatenated_der(),
+    );
+    X509BundlesResponse {
+        crl: Vec::new(),
+        bundles,
+    }
+}
+
+/// What a stream last sent, to tell whether a cache change concerns it.
+struct Sent {
+    svids: Vec<Arc<CachedSvid>>,
+    bundle: Arc<carapace_core::TrustBundle>,
+}
+
+/// Feeds one X.509 stream from the cache: the first message now, then one per relevant
+/// change, until the client goes away, the identity is gone or the server shuts down.
+/// `build` makes a message from the matching SVIDs and the snapshot.
+async fn feed<T, F>(
+    mut updates: watch::Receiver<Arc<CacheState>>,
+    mut closing: watch::Receiver<bool>,
+    selectors: SelectorSet,
+    tx: mpsc::Sender<Result<T, Status>>,
+    bundle_only: bool,
+    build: F,
+) where
+    T: Send + 'static,
+    F: Fn(&[Arc<CachedSvid>], &CacheState) -> T,
+{
+    let mut last: Option<Sent> = None;
+    loop {
+        let state = updates.borrow_and_update().clone();
+        let svids = state.matching(&selectors);
+        if svids.is_empty() {
+            tracing::debug!(
+                selectors = selectors.len(),
+                "no identity issued to the caller"
+            );
+            let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
+            return;
+        }
+        let changed = match &last {
+            None => true,
+            Some(prev) => {
+                !same_bundle(&prev.bundle, &state.bundle)
+                    || (!bundle_only && !same_svids(&prev.svids, &svids))
+            }
+        };
+        if changed {
+            if tx.send(Ok(build(&svids, &state))).await.is_err() {
+                return;
+            }
+            last = Some(Sent {
+                svids,
+                bundle: state.bundle.clone(),
+            });
+        }
+        tokio::select! {
+            () = tx.closed() => return,
+            () = shutting_down(&mut closing) => {
+                let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
+                return;
+            }
+            r = updates.changed() => {
+                if r.is_err() {
+                    let _ = tx.send(Err(Status::unavailable("the SVID cache is gone"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Completes when the server starts shutting down; never if no shutdown can come.
+async fn shutting_down(closing: &mut watch::Receiver<bool>) {
+    if closing.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl WorkloadApi {
+    fn spawn_feed<T, F>(
+        &self,
+        selectors: SelectorSet,
+        bundle_only: bool,
+        build: F,
+    ) -> ReceiverStream<Result<T, Status>>
+    where
+        T: Send + 'static,
+        F: Fn(&[Arc<CachedSvid>], &CacheState) -> T + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(feed(
+            self.cache.subscribe(),
+            self.closing.clone(),
+            selectors,
+            tx,
+            bundle_only,
+            build,
+        ));
+        ReceiverStream::new(rx)
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
+    type FetchX509BundlesStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
+    type FetchJWTBundlesStream = ReceiverStream<Result<JwtBundlesResponse, Status>>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let selectors = self.authorize(&request, "FetchX509SVID").await?;
+        Ok(Response::new(self.spawn_feed(
+            selectors,
+            false,
+            |svids, state| x509_svid_response(svids, &state.bundle.to_concatenated_der()),
+        )))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let selectors = self.authorize(&request, "FetchX509Bundles").await?;
+        Ok(Response::new(self.spawn_feed(
+            selectors,
+            true,
+            |_, state| x509_bundles_response(state),
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_security_header(&request)?;
+        Err(jwt_unimplemented())
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_security_header(&request)?;
+        Err(jwt_unimplemented())
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_security_header(&request)?;
+        Err(jwt_unimplemented())
+    }
+}
+
+fn jwt_unimplemented() -> Status {
+    Status::unimplemented("JWT-SVIDs are not supported yet")
+}
+
+/// Serves `api` on the Unix socket `socket_path` until `shutdown` completes.
+///
+/// Creates the socket's parent directory (mode 0755) if missing, removes a stale socket
+/// (but refuses to remove anything that is not a socket), binds, and makes the socket
+/// mode 0777: any local process may connect, its identity comes from the kernel. On
+/// shutdown, open streams end with `Unavailable` and the server waits up to 5 seconds for
+/// connections to close.
+pub async fn serve(
+    socket_path: &Path,
+    api: WorkloadApi,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let listener = bind(socket_path)?;
+    serve_listener(listener, socket_path, api, shutdown).await
+}
+
+/// Serves `api` on a listener made by [`bind`] until `shutdown` completes (see [`serve`]).
+pub async fn serve_listener(
+    listener: tokio::net::UnixListener,
+    socket_path: &Path,
+    mut api: WorkloadApi,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    tracing::info!(socket = %socket_path.display(), "Workload API listening");
+
+    let (closing_tx, closing_rx) = watch::channel(false);
+    api.closing = closing_rx.clone();
+    let mut server_closing = closing_rx;
+    let server = tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(api))
+        .serve_with_incoming_shutdown(incoming(listener), async move {
+            let _ = server_closing.wait_for(|c| *c).await;
+        });
+    tokio::pin!(server);
+    let map_err = |e: tonic::transport::Error| {
+        Error::Workload(format!("serving {}: {e}", socket_path.display()))
+    };
+    tokio::select! {
+        r = &mut server => return r.map_err(map_err),
+        () = shutdown => {}
+    }
+    tracing::info!("Workload API shutting down");
+    closing_tx.send_replace(true);
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(r) => r.map_err(map_err),
+        Err(_) => {
+            tracing::warn!("Workload API connections still open after the drain timeout; closing");
+            Ok(())
+        }
+    }
+}
+
+/// Creates the socket (see [`serve`]) so that start-up fails before anything else runs.
+pub fn bind(socket_path: &Path) -> Result<tokio::net::UnixListener> {
+    let shown = socket_path.display();
+    if let Some(parent) = socket_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(Error::io(format!("creating {}", parent.display())))?;
+            // The umask may have narrowed the mode; workloads must reach the socket.
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).map_err(
+                Error::io(format!("setting the mode of {}", parent.display())),
+            )?;
+        }
+    }
+    match std::fs::symlink_metadata(socket_path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            tracing::debug!(socket = %shown, "removing stale socket");
+            std::fs::remove_file(socket_path)
+                .map_err(Error::io(format!("removing stale socket {shown}")))?;
+        }
+        Ok(_) => {
+            return Err(Error::Config(format!(
+                "workload API socket path {shown} exists and is not a socket; refusing to remove it"
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("inspecting {shown}"))(e)),
+    }
+    let listener = tokio::net::UnixListener::bind(socket_path)
+        .map_err(Error::io(format!("binding {shown}")))?;
+    std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o777))
+        .map_err(Error::io(format!("setting the mode of {shown}")))?;
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,337 @@
+//! Kernel-only identification of Workload API callers.
+//!
+//! At accept time the agent reads the peer's credentials (`SO_PEERCRED`: pid, uid, gid as
+//! of `connect()`) and takes a pidfd for the peer process. The pidfd pins the identity of
+//! that one process: after the attestors have read `/proc/<pid>`, [`Peer::is_alive`]
+//! checks that the pidfd's process is still running, so the PID cannot have been recycled
+//! for another process in between (SPIFFE.md §3.7; SPIRE's peertracker does the same with
+//! a `/proc/<pid>` handle and the process start time).
+//!
+//! The pidfd comes from `getsockopt(SO_PEERPIDFD)` (Linux ≥ 6.5), which the kernel
+//! derives from the very process that called `connect()`: there is no window for PID
+//! reuse. On older kernels it falls back to `pidfd_open(pid)`, which has a small race: if
+//! the peer exits and its PID is recycled between `connect()` and `pidfd_open`, the pidfd
+//! refers to the new process. The fallback is logged once per connection at debug level.
+//!
+//! This is the one module of the crate that uses `unsafe` (the `SO_PEERPIDFD` getsockopt,
+//! which rustix does not wrap).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use carapace_core::plugin::Caller;
+use futures::Stream;
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+
+/// How a [`Peer`]'s pidfd was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidfdSource {
+    /// `getsockopt(SO_PEERPIDFD)`: the kernel's own reference to the connecting process.
+    SoPeerPidfd,
+    /// `pidfd_open(pid)`: racy if the peer exited and its PID was reused before the call.
+    PidfdOpen,
+}
+
+/// A Workload API caller as the kernel identified it at connect time.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Process id (in the agent's PID namespace) at connect time.
+    pub pid: i32,
+    /// Effective user id at connect time.
+    pub uid: u32,
+    /// Effective group id at connect time.
+    pub gid: u32,
+    /// A pidfd for the process, held for the connection's lifetime.
+    pub pidfd: Arc<OwnedFd>,
+}
+
+impl Peer {
+    /// Identifies the peer of a connected Unix stream socket: `SO_PEERCRED`, then a pidfd
+    /// from `SO_PEERPIDFD`, or from `pidfd_open` on kernels older than 6.5.
+    pub fn from_stream(stream: &UnixStream) -> io::Result<Peer> {
+        Self::from_stream_with_source(stream).map(|(peer, _)| peer)
+    }
+
+    /// As [`Peer::from_stream`], also saying how the pidfd was obtained.
+    pub fn from_stream_with_source(stream: &UnixStream) -> io::Result<(Peer, PidfdSource)> {
+        let cred = stream.peer_cred()?;
+        let pid = cred.pid().unwrap_or(0);
+        if pid <= 0 {
+            return Err(io::Error::other(
+                "the peer's PID is not visible in the agent's PID namespace",
+            ));
+        }
+        let (pidfd, source) = match so_peerpidfd(stream.as_fd()) {
+            Ok(fd) => (fd, PidfdSource::SoPeerPidfd),
+            // ENOPROTOOPT: kernel older than 6.5. EINVAL: some older kernels for unknown
+            // options on this socket family.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOPROTOOPT)
+                    || e.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                tracing::debug!(
+                    pid,
+                    "SO_PEERPIDFD unsupported by this kernel; falling back to pidfd_open"
+                );
+                (open_pidfd(pid)?, PidfdSource::PidfdOpen)
+            }
+            Err(e) => return Err(e),
+        };
+        let peer = Peer {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pidfd: Arc::new(pidfd),
+        };
+        Ok((peer, source))
+    }
+
+    /// A peer for a known process, its pidfd from `pidfd_open(pid)`. Subject to the PID
+    /// reuse race described in the module documentation: use [`Peer::from_stream`] for
+    /// callers of a socket.
+    pub fn from_pid(pid: i32, uid: u32, gid: u32) -> io::Result<Peer> {
+        Ok(Peer {
+            pid,
+            uid,
+            gid,
+            pidfd: Arc::new(open_pidfd(pid)?),
+        })
+    }
+
+    /// The caller as the workload attestors see it.
+    pub fn caller(&self) -> Caller {
+        Caller {
+            pid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+
+    /// Whether the pidfd's process is still running. A pidfd becomes readable (`POLLIN`)
+    /// when its process exits; any error counts as "not alive" (fail closed).
+    pub fn is_alive(&self) -> bool {
+        let mut fds = [PollFd::new(&*self.pidfd, PollFlags::IN)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&zero)) {
+            Ok(0) => true,
+            Ok(_) => fds[0].revents().is_empty(),
+            Err(e) => {
+                tracing::debug!(pid = self.pid, error = %e, "polling the caller's pidfd failed");
+                false
+            }
+        }
+    }
+}
+
+fn open_pidfd(pid: i32) -> io::Result<OwnedFd> {
+    let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::other("PID 0 has no pidfd"))?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
+}
+
+/// `getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD)`: a pidfd for the process that connected the
+/// peer end of `sock` (Linux ≥ 6.5). The returned pidfd is close-on-exec.
+#[allow(
+    unsafe_code,
+    reason = "rustix does not wrap SO_PEERPIDFD; two reviewed calls"
+)]
+pub(crate) fn so_peerpidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `sock` is a valid open descriptor for the duration of the borrow; `fd` and
+    // `len` are live, properly aligned locals; `len` holds the size of the buffer `fd`
+    // points to, so the kernel writes at most `size_of::<c_int>()` bytes into it.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&raw mut fd).cast::<libc::c_void>(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::c_int>() || fd < 0 {
+        return Err(io::Error::other("SO_PEERPIDFD returned no descriptor"));
+    }
+    // SAFETY: on success the kernel installed `fd` in this process's descriptor table
+    // for us alone; nothing else owns or will close it, so `OwnedFd` may take ownership.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An accepted Workload API connection with its caller's kernel identity; tonic puts the
+/// [`Peer`] into every request's extensions.
+#[derive(Debug)]
+pub struct PeerStream {
+    inner: UnixStream,
+    peer: Peer,
+}
+
+impl PeerStream {
+    /// Identifies the peer of `inner`.
+    pub fn new(inner: UnixStream) -> io::Result<Self> {
+        let peer = Peer::from_stream(&inner)?;
+        Ok(PeerStream { inner, peer })
+    }
+
+    /// The caller.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The accepted connections of `listener`, each with its caller identified. Connections
+/// whose peer cannot be identified are logged and dropped; accept errors are logged and
+/// retried after a short pause (so that `EMFILE` does not spin). Never ends.
+pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStream>> + Send {
+    futures::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => match PeerStream::new(stream) {
+                    Ok(s) => return Some((Ok(s), listener)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot identify a Workload API caller; dropping the connection");
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a Workload API connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fdinfo_pid(fd: &OwnedFd) -> i32 {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .unwrap_or_else(|| panic!("no Pid: line in fdinfo: {info}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn pidfd_liveness_follows_the_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let peer = Peer::from_pid(pid, 0, 0).unwrap();
+        assert_eq!(fdinfo_pid(&peer.pidfd), pid);
+        assert!(peer.is_alive());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!peer.is_alive(), "a reaped process must not be alive");
+    }
+
+    #[test]
+    fn exited_but_unreaped_process_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let peer = Peer::from_pid(pid, 0, 0).unwrap();
+        // Wait for the exit without reaping: the pidfd turns readable.
+        let mut fds = [PollFd::new(&*peer.pidfd, PollFlags::IN)];
+        rustix::event::poll(&mut fds, None).unwrap();
+        assert!(!peer.is_alive());
+        child.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn so_peerpidfd_names_the_connecting_process() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (peer, source) = Peer::from_stream_with_source(&a).unwrap();
+        assert_eq!(
+            source,
+            PidfdSource::SoPeerPidfd,
+            "this kernel supports SO_PEERPIDFD"
+        );
+        let me = i32::try_from(std::process::id()).unwrap();
+        assert_eq!(peer.pid, me);
+        assert_eq!(peer.uid, rustix::process::geteuid().as_raw());
+        assert_eq!(peer.gid, rustix::process::getegid().as_raw());
+        assert_eq!(fdinfo_pid(&peer.pidfd), me);
+        assert!(peer.is_alive());
+        drop(b);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_carry_the_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let client = UnixStream::connect(&path).await.unwrap();
+        let mut inc = Box::pin(incoming(listener));
+        let conn = futures::StreamExt::next(&mut inc).await.unwrap().unwrap();
+        let info = tonic::transport::server::Connected::connect_info(&conn);
+        assert_eq!(info.pid, i32::try_from(std::process::id()).unwrap());
+        assert_eq!(fdinfo_pid(&info.pidfd), info.pid);
+        drop(client);
+    }
+}

@@ -1,0 +1,684 @@
+//! Workload API tests over a real Unix socket, with the real generated tonic client and
+//! the real `unix` attestor identifying this test process through the kernel.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use carapace_core::plugin::Caller;
+use carapace_core::{EntryId, Selector, TrustBundle, TrustDomain};
+use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use carapace_proto::workload::{
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svidRequest,
+    X509svidResponse,
+};
+use tonic::Code;
+use zeroize::Zeroizing;
+
+use super::*;
+use crate::api_cli;
+use crate::cache::{CachedSvid, SvidCache};
+
+// ---------------------------------------------------------------- PKI for the tests
+
+struct Pki {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_der: Vec<u8>,
+}
+
+impl Pki {
+    fn new(cn: &str) -> Pki {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = p.self_signed(&kp).unwrap();
+        Pki {
+            ca_der: cert.der().to_vec(),
+            issuer: rcgen::Issuer::new(p, kp),
+        }
+    }
+
+    fn bundle(&self) -> Arc<TrustBundle> {
+        let mut b = TrustBundle::new(td());
+        b.x509_authorities = vec![self.ca_der.clone()];
+        Arc::new(b)
+    }
+
+    /// A leaf X509-SVID for `spiffe://example.org/<path>`: (chain, PKCS#8 key, notAfter).
+    fn leaf(&self, path: &str) -> (Vec<Vec<u8>>, Vec<u8>, i64) {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        let id = format!("spiffe://example.org/{path}");
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(id).unwrap(),
+        )];
+        let not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let not_after = not_after.replace_nanosecond(0).unwrap();
+        p.not_after = not_after;
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let cert = p.signed_by(&kp, &self.issuer).unwrap();
+        (
+            vec![cert.der().to_vec()],
+            kp.serialize_der(),
+            not_after.unix_timestamp(),
+        )
+    }
+
+    fn svid(&self, entry: &str, path: &str, selectors: &[String], hint: &str) -> Arc<CachedSvid> {
+        let (cert_chain, key, expires_at) = self.leaf(path);
+        Arc::new(CachedSvid {
+            entry_id: EntryId::new(entry).unwrap(),
+            spiffe_id: format!("spiffe://example.org/{path}").parse().unwrap(),
+            selectors: selectors
+                .iter()
+                .map(|s| s.parse::<Selector>().unwrap())
+                .collect(),
+            hint: hint.to_owned(),
+            cert_chain,
+            private_key_pkcs8: Zeroizing::new(key),
+            expires_at,
+        })
+    }
+}
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn my_uid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+fn my_gid() -> u32 {
+    rustix::process::getegid().as_raw()
+}
+
+fn uid_sel(uid: u32) -> String {
+    format!("unix:uid:{uid}")
+}
+
+fn gid_sel(gid: u32) -> String {
+    format!("unix:gid:{gid}")
+}
+
+// ---------------------------------------------------------------- the server under test
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    cache: SvidCache,
+    pki: Pki,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let pki = Pki::new("test CA");
+        let cache = SvidCache::new(pki.bundle());
+        let attestor: Arc<dyn WorkloadAttestor> =
+            Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig::default()));
+        Self::start_with(pki, cache, vec![attestor]).await
+    }
+
+    async fn start_with(
+        pki: Pki,
+        cache: SvidCache,
+        attestors: Vec<Arc<dyn WorkloadAttestor>>,
+    ) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("public/api.sock");
+        let api = WorkloadApi::new(cache.clone(), attestors);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let path = socket.clone();
+        let task = tokio::spawn(async move {
+            serve(&path, api, async move {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        for _ in 0..200 {
+            if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Harness {
+            _dir: dir,
+            socket,
+            cache,
+            pki,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn client(&self) -> api_cli::WorkloadClient {
+        api_cli::connect(&self.socket).await.unwrap()
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("serve did not return after shutdown")
+            .unwrap()
+    }
+}
+
+async fn next_message<T>(stream: &mut tonic::Streaming<T>) -> Result<Option<T>, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("no message within 10s")
+}
+
+async fn open_x509(client: &mut api_cli::WorkloadClient) -> tonic::Streaming<X509svidResponse> {
+    client
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn assert_quiet<T: std::fmt::Debug>(stream: &mut tonic::Streaming<T>) {
+    let r = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+    assert!(r.is_err(), "expected no message, got {r:?}");
+}
+
+fn ids(resp: &X509svidResponse) -> Vec<&str> {
+    resp.svids.iter().map(|s| s.spiffe_id.as_str()).collect()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn missing_or_wrong_security_header_is_invalid_argument() {
+    let h = Harness::start().await;
+    let mut raw = SpiffeWorkloadApiClient::new(api_cli::channel(&h.socket).await.unwrap());
+    let e = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.message(), "security header missing from request");
+    let e = raw
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = raw
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    for bad in ["false", "True", "true "] {
+        let mut req = tonic::Request::new(X509svidRequest {});
+        req.metadata_mut()
+            .insert(SECURITY_HEADER, bad.parse().unwrap());
+        let e = raw.fetch_x509svid(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "value {bad:?}");
+    }
+    // Twice is not "exactly once".
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .append(SECURITY_HEADER, "true".parse().unwrap());
+    req.metadata_mut()
+        .append(SECURITY_HEADER, "true".parse().unwrap());
+    let e = raw.fetch_x509svid(req).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn nothing_registered_is_permission_denied() {
+    let h = Harness::start().await;
+    // An entry for another uid does not count.
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![
+            h.pki
+                .svid("other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
+        ],
+    );
+    let mut client = h.client().await;
+    let mut stream = open_x509(&mut client).await;
+    let e = next_message(&mut stream).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("no identity issued"), "{e:?}");
+    assert!(
+        next_message(&mut stream).await.unwrap().is_none(),
+        "the stream ends"
+    );
+
+    let mut bundles = client
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let e = next_message(&mut bundles).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+
+    let e = api_cli::fetch_x509(&h.socket, None, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "no identity issued for this process (uid={}, gid={})",
+            my_uid(),
+            my_gid()
+        )),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn serves_the_matching_svid_and_follows_the_cache() {
+    let h = Harness::start().await;
+    let web = h.pki.svid("e-web", "web", &[uid_sel(my_uid())], "web");
+    h.cache.replace(h.pki.bundle(), vec![web.clone()]);
+
+    let mut client = h.client().await;
+    let mut stream = open_x509(&mut client).await;
+    let first = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1);
+    let got = &first.svids[0];
+    assert_eq!(got.spiffe_id, "spiffe://example.org/web");
+    assert_eq!(got.x509_svid, web.cert_chain.concat());
+    assert_eq!(got.x509_svid_key, *web.private_key_pkcs8);
+    assert_eq!(got.bundle, h.pki.ca_der);
+    assert_eq!(got.hint, "web");
+    assert!(first.federated_bundles.is_empty());
+    assert!(first.crl.is_empty());
+    // The key is a usable PKCS#8 key for the leaf.
+    let kp = rcgen::KeyPair::try_from(got.x509_svid_key.as_slice()).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&got.x509_svid).unwrap();
+    assert_eq!(
+        leaf.public_key().raw,
+        rcgen::PublicKeyData::subject_public_key_info(&kp)
+    );
+
+    // A change that does not concern this workload sends nothing.
+    let other = h
+        .pki
+        .svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], "");
+    h.cache
+        .replace(h.pki.bundle(), vec![web.clone(), other.clone()]);
+    assert_quiet(&mut stream).await;
+
+    // Rotation: a new leaf for the same entry is pushed on the open stream.
+    let rotated = h.pki.svid("e-web", "web", &[uid_sel(my_uid())], "web");
+    h.cache
+        .replace(h.pki.bundle(), vec![rotated.clone(), other.clone()]);
+    let second = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(second.svids.len(), 1);
+    assert_eq!(second.svids[0].x509_svid, rotated.cert_chain.concat());
+    assert_ne!(second.svids[0].x509_svid, first.svids[0].x509_svid);
+    assert_eq!(second.svids[0].x509_svid_key, *rotated.private_key_pkcs8);
+
+    // A bundle change (CA rotation) is pushed too, with the full state.
+    let mut b = (*h.pki.bundle()).clone();
+    let new_ca = Pki::new("next CA");
+    b.x509_authorities.push(new_ca.ca_der.clone());
+    h.cache
+        .replace(Arc::new(b), vec![rotated.clone(), other.clone()]);
+    let third = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(
+        third.svids[0].bundle,
+        [h.pki.ca_der.clone(), new_ca.ca_der].concat()
+    );
+    assert_eq!(third.svids[0].x509_svid, rotated.cert_chain.concat());
+
+    // The identity goes away: PermissionDenied, and the stream ends.
+    h.cache.replace(h.pki.bundle(), vec![other]);
+    let e = next_message(&mut stream).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(e.message(), "no identity issued");
+}
+
+#[tokio::test]
+async fn only_entries_whose_selectors_all_match_are_served_in_entry_order() {
+    let h = Harness::start().await;
+    let me = uid_sel(my_uid());
+    let other_uid = uid_sel(my_uid().wrapping_add(1));
+    let other_gid = gid_sel(my_gid().wrapping_add(1));
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![
+            h.pki
+                .svid("d", "d-uid-and-gid", &[me.clone(), gid_sel(my_gid())], "d"),
+            h.pki.svid("a", "a-other-uid", &[other_uid], ""),
+            h.pki
+                .svid("c", "c-uid-wrong-gid", &[me.clone(), other_gid], ""),
+            h.pki.svid("b", "b-uid", std::slice::from_ref(&me), "b"),
+            h.pki.svid("e", "e-same-hint", &[me], "b"),
+        ],
+    );
+    let mut client = h.client().await;
+    let mut stream = open_x509(&mut client).await;
+    let resp = next_message(&mut stream).await.unwrap().unwrap();
+    // Entry-id order; "e" repeats hint "b" and is left out (hints must be unique).
+    assert_eq!(
+        ids(&resp),
+        [
+            "spiffe://example.org/b-uid",
+            "spiffe://example.org/d-uid-and-gid"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn x509_bundles_are_keyed_by_trust_domain_id_and_follow_changes() {
+    let h = Harness::start().await;
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![h.pki.svid("e", "web", &[uid_sel(my_uid())], "")],
+    );
+    let mut client = h.client().await;
+    let mut stream = client
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(first.bundles.len(), 1);
+    assert_eq!(first.bundles["spiffe://example.org"], h.pki.ca_der);
+
+    // An SVID rotation does not change the bundle: nothing is sent.
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![h.pki.svid("e", "web", &[uid_sel(my_uid())], "")],
+    );
+    assert_quiet(&mut stream).await;
+
+    let extra = Pki::new("next CA");
+    let mut b = (*h.pki.bundle()).clone();
+    b.x509_authorities.push(extra.ca_der.clone());
+    h.cache
+        .replace(Arc::new(b), h.cache.current().svids.clone());
+    let second = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(
+        second.bundles["spiffe://example.org"],
+        [h.pki.ca_der.clone(), extra.ca_der].concat()
+    );
+}
+
+#[tokio::test]
+async fn jwt_rpcs_are_unimplemented() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let e = client
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: vec!["a".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    assert_eq!(e.message(), "JWT-SVIDs are not supported yet");
+    let e = client
+        .fetch_jwt_bundles(JwtBundlesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    let e = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "a".into(),
+            svid: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+}
+
+#[tokio::test]
+async fn socket_and_directory_modes_stale_socket_and_shutdown() {
+    let mut h = Harness::start().await;
+    let parent = h.socket.parent().unwrap().to_path_buf();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&parent), 0o755);
+    assert_eq!(mode(&h.socket), 0o777);
+
+    // Shutdown ends open streams (Unavailable) and serve returns.
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![h.pki.svid("e", "web", &[uid_sel(my_uid())], "")],
+    );
+    let mut client = h.client().await;
+    let mut stream = open_x509(&mut client).await;
+    next_message(&mut stream).await.unwrap().unwrap();
+    h.stop().await.unwrap();
+    let e = next_message(&mut stream).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    // The socket file is left behind; a new server replaces it.
+    assert!(h.socket.exists());
+    let api = WorkloadApi::new(h.cache.clone(), vec![]);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let path = h.socket.clone();
+    let task = tokio::spawn(async move {
+        serve(&path, api, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let mut connected = false;
+    for _ in 0..200 {
+        if tokio::net::UnixStream::connect(&h.socket).await.is_ok() {
+            connected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(connected);
+    tx.send(()).unwrap();
+    task.await.unwrap().unwrap();
+
+    // Something that is not a socket is never removed.
+    let file = parent.join("not-a-socket");
+    std::fs::write(&file, "keep me").unwrap();
+    let api = WorkloadApi::new(h.cache.clone(), vec![]);
+    let e = serve(&file, api, async {}).await.unwrap_err();
+    assert!(e.to_string().contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+/// An attestor with fixed selectors, to reach the checks after attestation with callers
+/// the `unix` attestor could not inspect.
+#[derive(Debug)]
+struct FixedAttestor(Result<Vec<Selector>, carapace_core::Error>);
+
+#[async_trait::async_trait]
+impl WorkloadAttestor for FixedAttestor {
+    fn name(&self) -> &str {
+        "fixed"
+    }
+    async fn attest(&self, _caller: &Caller) -> Result<Vec<Selector>, carapace_core::Error> {
+        self.0.clone()
+    }
+}
+
+fn request_from(peer: Peer) -> tonic::Request<X509svidRequest> {
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .insert(SECURITY_HEADER, "true".parse().unwrap());
+    req.extensions_mut().insert(peer);
+    req
+}
+
+#[tokio::test]
+async fn a_caller_that_exited_is_unauthenticated_and_attestor_errors_are_unavailable() {
+    let pki = Pki::new("test CA");
+    let cache = SvidCache::new(pki.bundle());
+    let sel: Selector = "unix:uid:0".parse().unwrap();
+    cache.replace(
+        pki.bundle(),
+        vec![pki.svid("e", "web", &[sel.to_string()], "")],
+    );
+    let ok: Arc<dyn WorkloadAttestor> = Arc::new(FixedAttestor(Ok(vec![sel])));
+    let api = WorkloadApi::new(cache.clone(), vec![ok]);
+
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    let peer = Peer::from_pid(pid, 0, 0).unwrap();
+
+    // Alive: served.
+    let resp = api
+        .fetch_x509svid(request_from(peer.clone()))
+        .await
+        .unwrap();
+    let mut stream = resp.into_inner();
+    let first = futures::StreamExt::next(&mut stream)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&first), ["spiffe://example.org/web"]);
+
+    // Exited (its PID may be reused from now on): refused.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let e = api
+        .fetch_x509svid(request_from(peer.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert_eq!(
+        e.message(),
+        "could not verify existence of the original caller"
+    );
+
+    let failing: Arc<dyn WorkloadAttestor> = Arc::new(FixedAttestor(Err(
+        carapace_core::Error::WorkloadAttestation("boom".into()),
+    )));
+    let api = WorkloadApi::new(cache, vec![failing]);
+    let me = Peer::from_pid(i32::try_from(std::process::id()).unwrap(), 0, 0).unwrap();
+    let e = api.fetch_x509svid(request_from(me)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn fetch_x509_writes_files_and_never_prints_the_key() {
+    let h = Harness::start().await;
+    let web = h.pki.svid("a-web", "web", &[uid_sel(my_uid())], "web");
+    let db = h.pki.svid("b-db", "db", &[uid_sel(my_uid())], "db");
+    h.cache
+        .replace(h.pki.bundle(), vec![db.clone(), web.clone()]);
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("svids");
+
+    // A pre-existing, world-readable svid.key is narrowed to 0600.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("svid.key"), "old").unwrap();
+    std::fs::set_permissions(dir.join("svid.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let text = api_cli::fetch_x509(&h.socket, Some(&dir), false)
+        .await
+        .unwrap();
+    assert!(text.contains("spiffe://example.org/web"), "{text}");
+    assert!(text.contains("spiffe://example.org/db"), "{text}");
+    assert!(text.contains("Hint:       web"), "{text}");
+    assert!(text.contains("Bundle:       1 X.509 authority"), "{text}");
+    assert!(text.contains("CN=test CA"), "{text}");
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.join("svid.key")), 0o600);
+    assert_eq!(mode(&dir.join("svid.1.key")), 0o600);
+    // The default identity (first entry id: "a-web") goes to svid.pem.
+    let chain = std::fs::read_to_string(dir.join("svid.pem")).unwrap();
+    let certs = carapace_core::bundle::certs_from_pem(&chain).unwrap();
+    assert_eq!(certs, web.cert_chain);
+    let other = carapace_core::bundle::certs_from_pem(
+        &std::fs::read_to_string(dir.join("svid.1.pem")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(other, db.cert_chain);
+    let key = std::fs::read_to_string(dir.join("svid.key")).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{key}");
+    use rustls_pki_types::pem::PemObject as _;
+    let key_der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    assert_eq!(key_der.secret_pkcs8_der(), web.private_key_pkcs8.as_slice());
+    let bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap();
+    assert_eq!(
+        carapace_core::bundle::certs_from_pem(&bundle).unwrap(),
+        vec![h.pki.ca_der.clone()]
+    );
+
+    // JSON: the documented fields, no key.
+    let json = api_cli::fetch_x509(&h.socket, None, true).await.unwrap();
+    assert!(!json.contains("PRIVATE KEY"));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let first = &v["svids"][0];
+    assert_eq!(first["spiffe_id"], "spiffe://example.org/web");
+    assert_eq!(first["hint"], "web");
+    assert_eq!(first["expires_at_unix"], web.expires_at);
+    assert!(first["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(
+        carapace_core::bundle::certs_from_pem(first["chain_pem"].as_str().unwrap()).unwrap(),
+        web.cert_chain
+    );
+    assert_eq!(
+        carapace_core::bundle::certs_from_pem(first["bundle_pem"].as_str().unwrap()).unwrap(),
+        vec![h.pki.ca_der.clone()]
+    );
+    assert_eq!(v["svids"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn watch_prints_a_line_per_message_and_healthcheck() {
+    let h = Harness::start().await;
+    // Alive but nothing registered: healthy.
+    api_cli::healthcheck(&h.socket).await.unwrap();
+
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![h.pki.svid("e", "web", &[uid_sel(my_uid())], "")],
+    );
+    api_cli::healthcheck(&h.socket).await.unwrap();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let socket = h.socket.clone();
+    let watcher = tokio::spawn(async move {
+        api_cli::watch_x509(&socket, move |line| {
+            let _ = tx.send(line);
+        })
+        .await
+    });
+    let line = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        line.contains("1 SVID: spiffe://example.org/web (serial "),
+        "{line}"
+    );
+    let rotated = h.pki.svid("e", "web", &[uid_sel(my_uid())], "");
+    h.cache.replace(h.pki.bundle(), vec![rotated]);
+    let line2 = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(line, line2, "a new serial");
+    h.cache.replace(h.pki.bundle(), vec![]);
+    let e = watcher.await.unwrap().unwrap_err().to_string();
+    assert!(e.contains("no identity issued for this process"), "{e}");
+
+    // No agent: unhealthy.
+    let e = api_cli::healthcheck(&h.socket.with_file_name("missing.sock"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+}

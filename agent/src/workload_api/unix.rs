@@ -1,0 +1,354 @@
+//! The `unix` workload attestor: selectors from the caller's kernel credentials and
+//! `/proc/<pid>`.
+//!
+//! | selector | source |
+//! |---|---|
+//! | `unix:uid:<n>` | the caller's effective uid (`SO_PEERCRED`) |
+//! | `unix:user:<name>` | `/etc/passwd` entry of that uid, if any |
+//! | `unix:gid:<n>` | the caller's effective gid (`SO_PEERCRED`) |
+//! | `unix:group:<name>` | `/etc/group` entry of that gid, if any |
+//! | `unix:supplementary_gid:<n>` | each gid of the `Groups:` line of `/proc/<pid>/status` |
+//! | `unix:path:<path>` | the target of `/proc/<pid>/exe` |
+//! | `unix:sha256:<hex>` | SHA-256 of the running executable (opt-in) |
+//!
+//! Names come from plain `/etc/passwd` and `/etc/group` parsing (no NSS: no LDAP or
+//! systemd-homed users). The executable is hashed through `/proc/<pid>/exe`, which opens
+//! the inode the process actually runs even if the path was replaced or deleted since.
+//! A deleted executable's path reads as `<path> (deleted)`, which will not match an
+//! entry's `unix:path` (fail closed).
+//!
+//! Reading `/proc/<pid>` by PID is only sound together with the pidfd liveness check the
+//! Workload API does after attestation (see [`super::peer`]).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use carapace_core::Error as CoreError;
+use carapace_core::Selector;
+use carapace_core::plugin::{Caller, WorkloadAttestor};
+use sha2::{Digest, Sha256};
+
+/// The selector type and plugin name.
+pub const NAME: &str = "unix";
+
+/// Executables larger than this are not hashed (the `sha256` selector is then omitted,
+/// so entries requiring it do not match).
+pub const MAX_HASH_BYTES: u64 = 1 << 30;
+
+/// Configuration of the `unix` workload attestor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixAttestorConfig {
+    /// Produce `unix:sha256:<hex>` of the caller's executable (costs a full read of the
+    /// binary on every Workload API call).
+    #[serde(default)]
+    pub workload_sha256: bool,
+}
+
+/// The `unix` workload attestor.
+#[derive(Debug, Clone)]
+pub struct UnixWorkloadAttestor {
+    config: UnixAttestorConfig,
+    passwd: PathBuf,
+    group: PathBuf,
+    proc_root: PathBuf,
+}
+
+impl UnixWorkloadAttestor {
+    /// An attestor reading `/etc/passwd`, `/etc/group` and `/proc`.
+    pub fn new(config: UnixAttestorConfig) -> Self {
+        UnixWorkloadAttestor {
+            config,
+            passwd: PathBuf::from("/etc/passwd"),
+            group: PathBuf::from("/etc/group"),
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+
+    /// As [`UnixWorkloadAttestor::new`] with other user and group databases (tests).
+    #[cfg(test)]
+    fn with_databases(config: UnixAttestorConfig, passwd: &Path, group: &Path) -> Self {
+        UnixWorkloadAttestor {
+            passwd: passwd.to_path_buf(),
+            group: group.to_path_buf(),
+            ..Self::new(config)
+        }
+    }
+
+    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+        let pid = caller.pid;
+        if pid <= 0 {
+            return Err(CoreError::WorkloadAttestation(format!(
+                "caller PID {pid} cannot be inspected"
+            )));
+        }
+        let proc_dir = self.proc_root.join(pid.to_string());
+        let cannot = |what: &str, e: std::io::Error| {
+            CoreError::WorkloadAttestation(format!("cannot read /proc/{pid}/{what}: {e}"))
+        };
+        let exe_path = std::fs::read_link(proc_dir.join("exe")).map_err(|e| cannot("exe", e))?;
+        let status =
+            std::fs::read_to_string(proc_dir.join("status")).map_err(|e| cannot("status", e))?;
+        let groups = supplementary_groups(&status).ok_or_else(|| {
+            CoreError::WorkloadAttestation(format!("/proc/{pid}/status has no Groups: line"))
+        })?;
+
+        let mut out = Vec::new();
+        out.push(selector("uid", &caller.uid.to_string())?);
+        if let Some(name) = lookup_name(&self.passwd, caller.uid) {
+            push_optional(&mut out, "user", &name);
+        }
+        out.push(selector("gid", &caller.gid.to_string())?);
+        if let Some(name) = lookup_name(&self.group, caller.gid) {
+            push_optional(&mut out, "group", &name);
+        }
+        for gid in groups {
+            out.push(selector("supplementary_gid", &gid.to_string())?);
+        }
+        match exe_path.to_str() {
+            Some(p) => push_optional(&mut out, "path", p),
+            None => tracing::debug!(pid, "executable path is not UTF-8; no unix:path selector"),
+        }
+        if self.config.workload_sha256 {
+            let file = File::open(proc_dir.join("exe")).map_err(|e| cannot("exe", e))?;
+            match sha256_bounded(file, MAX_HASH_BYTES).map_err(|e| cannot("exe", e))? {
+                Some(hex) => out.push(selector("sha256", &hex)?),
+                None => tracing::warn!(
+                    pid,
+                    limit = MAX_HASH_BYTES,
+                    "executable is too large to hash; no unix:sha256 selector"
+                ),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkloadAttestor for UnixWorkloadAttestor {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
+        let this = self.clone();
+        let caller = *caller;
+        tokio::task::spawn_blocking(move || this.attest_blocking(caller))
+            .await
+            .map_err(|e| CoreError::WorkloadAttestation(format!("attestor task failed: {e}")))?
+    }
+}
+
+fn selector(name: &str, arg: &str) -> Result<Selector, CoreError> {
+    Selector::new(NAME, &format!("{name}:{arg}"))
+}
+
+/// Adds a selector built from data that may not form a valid one (names, paths): an
+/// invalid one is skipped, which can only make fewer entries match.
+fn push_optional(out: &mut Vec<Selector>, name: &str, arg: &str) {
+    match selector(name, arg) {
+        Ok(s) => out.push(s),
+        Err(e) => tracing::debug!(error = %e, "skipping a unix selector"),
+    }
+}
+
+/// The gids of the `Groups:` line of a `/proc/<pid>/status` file; `None` if the line is
+/// missing or malformed.
+fn supplementary_groups(status: &str) -> Option<Vec<u32>> {
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    line.split_whitespace()
+        .map(|g| g.parse::<u32>().ok())
+        .collect()
+}
+
+/// The name of the first entry with id `id` in a passwd- or group-format file
+/// (`name:password:id:...`). Unreadable files and NIS `+`/`-` lines yield nothing.
+fn lookup_name(db: &Path, id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(db).ok()?;
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(['+', '-']))
+        .find_map(|l| {
+            let mut fields = l.split(':');
+            let name = fields.next()?;
+            let _password = fields.next()?;
+            let this_id = fields.next()?.parse::<u32>().ok()?;
+            (this_id == id && !name.is_empty()).then(|| name.to_owned())
+        })
+}
+
+/// Hex SHA-256 of `reader`, read in 64 KiB blocks; `None` if longer than `limit` bytes.
+fn sha256_bounded(reader: impl Read, limit: u64) -> std::io::Result<Option<String>> {
+    let mut reader = reader.take(limit.saturating_add(1));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        if total > limit {
+            return Ok(None);
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(Some(hex::encode(hasher.finalize())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Caller {
+        Caller {
+            pid: i32::try_from(std::process::id()).unwrap(),
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+        }
+    }
+
+    fn values(sels: &[Selector], name: &str) -> Vec<String> {
+        let prefix = format!("{name}:");
+        sels.iter()
+            .filter_map(|s| s.value().strip_prefix(&prefix).map(str::to_owned))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn attests_this_test_process() {
+        let caller = me();
+        let att = UnixWorkloadAttestor::new(UnixAttestorConfig::default());
+        assert_eq!(att.name(), "unix");
+        let sels = att.attest(&caller).await.unwrap();
+        assert!(sels.iter().all(|s| s.kind() == "unix"));
+        assert_eq!(values(&sels, "uid"), [caller.uid.to_string()]);
+        assert_eq!(values(&sels, "gid"), [caller.gid.to_string()]);
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(values(&sels, "path"), [exe.to_str().unwrap().to_owned()]);
+        assert!(values(&sels, "sha256").is_empty(), "sha256 is opt-in");
+        // Supplementary groups are what the kernel reports for us.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let want: Vec<String> = supplementary_groups(&status)
+            .unwrap()
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        assert_eq!(values(&sels, "supplementary_gid"), want);
+        // Names: whatever /etc/passwd says for our uid (root here).
+        if let Some(name) = lookup_name(Path::new("/etc/passwd"), caller.uid) {
+            assert_eq!(values(&sels, "user"), [name]);
+        }
+    }
+
+    /// Hashes the executable of a child process (`sleep`): the test binary itself is
+    /// ~90 MB, which unoptimised sha2 takes seconds to hash.
+    #[tokio::test]
+    async fn sha256_of_the_executable_when_enabled() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let caller = Caller {
+            pid: i32::try_from(child.id()).unwrap(),
+            ..me()
+        };
+        let exe = std::fs::read_link(format!("/proc/{}/exe", caller.pid)).unwrap();
+        let att = UnixWorkloadAttestor::new(UnixAttestorConfig {
+            workload_sha256: true,
+        });
+        let sels = att.attest(&caller).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let sels = sels.unwrap();
+        let want = hex::encode(Sha256::digest(std::fs::read(&exe).unwrap()));
+        assert_eq!(values(&sels, "sha256"), [want]);
+        assert_eq!(values(&sels, "path"), [exe.to_str().unwrap().to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn names_come_from_the_databases_and_unknown_ids_have_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let passwd = dir.path().join("passwd");
+        let group = dir.path().join("group");
+        let caller = me();
+        std::fs::write(
+            &passwd,
+            format!(
+                "# comment\n+nis\nother:x:{}:0::/:/bin/sh\nalice:x:{}:{}::/home/alice:/bin/sh\n",
+                caller.uid.wrapping_add(1),
+                caller.uid,
+                caller.gid
+            ),
+        )
+        .unwrap();
+        std::fs::write(&group, format!("staff:x:{}:alice\n", caller.gid)).unwrap();
+        let att =
+            UnixWorkloadAttestor::with_databases(UnixAttestorConfig::default(), &passwd, &group);
+        let sels = att.attest(&caller).await.unwrap();
+        assert_eq!(values(&sels, "user"), ["alice"]);
+        assert_eq!(values(&sels, "group"), ["staff"]);
+
+        std::fs::write(&passwd, "").unwrap();
+        std::fs::write(&group, "").unwrap();
+        let sels = att.attest(&caller).await.unwrap();
+        assert!(values(&sels, "user").is_empty());
+        assert!(values(&sels, "group").is_empty());
+        assert_eq!(values(&sels, "uid"), [caller.uid.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_process_that_cannot_be_inspected_is_an_error() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        child.wait().unwrap();
+        let att = UnixWorkloadAttestor::new(UnixAttestorConfig::default());
+        let caller = Caller {
+            pid,
+            uid: 0,
+            gid: 0,
+        };
+        let err = att.attest(&caller).await.unwrap_err();
+        assert!(matches!(err, CoreError::WorkloadAttestation(_)), "{err}");
+        let err = att
+            .attest(&Caller {
+                pid: 0,
+                uid: 0,
+                gid: 0,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CoreError::WorkloadAttestation(_)), "{err}");
+    }
+
+    #[test]
+    fn hashing_is_bounded() {
+        let data = vec![7u8; 200_000];
+        let full = sha256_bounded(&data[..], 200_000).unwrap().unwrap();
+        assert_eq!(full, hex::encode(Sha256::digest(&data)));
+        assert_eq!(sha256_bounded(&data[..], 199_999).unwrap(), None);
+    }
+
+    #[test]
+    fn parses_groups_line() {
+        assert_eq!(
+            supplementary_groups("Name:\tx\nGroups:\t4 27 1000 \n"),
+            Some(vec![4, 27, 1000])
+        );
+        assert_eq!(supplementary_groups("Groups:\t\n"), Some(vec![]));
+        assert_eq!(supplementary_groups("Name:\tx\n"), None);
+        assert_eq!(supplementary_groups("Groups:\tx\n"), None);
+    }
+
+    #[test]
+    fn config_defaults_to_no_hash() {
+        let c: UnixAttestorConfig = toml::from_str("").unwrap();
+        assert!(!c.workload_sha256);
+        let c: UnixAttestorConfig = toml::from_str("workload_sha256 = true").unwrap();
+        assert!(c.workload_sha256);
+        assert!(toml::from_str::<UnixAttestorConfig>("bogus = 1").is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! Conversions between the wire types and the core types, in one place for the server,
+//! the agent and the CLI. Wire → core conversions re-check every rule (a peer's bytes are
+//! untrusted); core → wire conversions cannot fail.
+
+use std::time::Duration;
+
+use carapace_core::{
+    EntryId, Error, JwtKey, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustBundle,
+    TrustDomain,
+};
+
+use crate::types;
+
+impl From<&Selector> for types::Selector {
+    fn from(s: &Selector) -> Self {
+        types::Selector { r#type: s.kind().to_owned(), value: s.value().to_owned() }
+    }
+}
+
+impl TryFrom<&types::Selector> for Selector {
+    type Error = Error;
+    fn try_from(s: &types::Selector) -> Result<Self, Error> {
+        Selector::new(&s.r#type, &s.value)
+    }
+}
+
+/// Selectors from the wire, each checked.
+pub fn selectors_from_wire(v: &[types::Selector]) -> Result<SelectorSet, Error> {
+    v.iter().map(Selector::try_from).collect()
+}
+
+/// Selectors to the wire.
+pub fn selectors_to_wire(s: &SelectorSet) -> Vec<types::Selector> {
+    s.iter().map(types::Selector::from).collect()
+}
+
+impl From<&RegistrationEntry> for types::Entry {
+    fn from(e: &RegistrationEntry) -> Self {
+        types::Entry {
+            id: e.id.to_string(),
+            spiffe_id: e.spiffe_id.to_string(),
+            parent_id: e.parent_id.to_string(),
+            selectors: selectors_to_wire(&e.selectors),
+            x509_svid_ttl: e.x509_svid_ttl.map(|d| d.as_secs() as i64).unwrap_or(0),
+            dns_names: e.dns_names.clone(),
+            hint: e.hint.clone(),
+            admin: e.admin,
+            downstream: e.downstream,
+            expires_at: e.expires_at.unwrap_or(0),
+            revision: e.revision,
+            created_at: e.created_at,
+        }
+    }
+}
+
+/// An entry from the wire. `id` may be empty only when `allow_empty_id` (create).
+pub fn entry_from_wire(e: &types::Entry, fallback_id: Option<EntryId>) -> Result<RegistrationEntry, Error> {
+    let id = if e.id.is_empty() {
+        fallback_id.ok_or_else(|| Error::InvalidEntry { field: "id", reason: "is required".into() })?
+    } else {
+        EntryId::new(&e.id)?
+    };
+    let field = |name: &'static str, v: &str| -> Result<SpiffeId, Error> {
+        if v.is_empty() {
+            return Err(Error::InvalidEntry { field: name, reason: "is required".into() });
+        }
+        v.parse()
+    };
+    if e.x509_svid_ttl < 0 {
+        return Err(Error::InvalidEntry { field: "x509_svid_ttl", reason: "cannot be negative".into() });
+    }
+    if e.expires_at < 0 {
+        return Err(Error::InvalidEntry { field: "expires_at", reason: "cannot be negative".into() });
+    }
+    Ok(RegistrationEntry {
+        id,
+        spiffe_id: field("spiffe_id", &e.spiffe_id)?,
+        parent_id: field("parent_id", &e.parent_id)?,
+        selectors: selectors_from_wire(&e.selectors)?,
+        x509_svid_ttl: (e.x509_svid_ttl > 0).then(|| Duration::from_secs(e.x509_svid_ttl as u64)),
+        dns_names: e.dns_names.clone(),
+        hint: e.hint.clone(),
+        admin: e.admin,
+        downstream: e.downstream,
+        expires_at: (e.expires_at > 0).then_some(e.expires_at),
+        revision: e.revision,
+        created_at: e.created_at,
+    })
+}
+
+impl From<&TrustBundle> for types::Bundle {
+    fn from(b: &TrustBundle) -> Self {
+        types::Bundle {
+            trust_domain: b.trust_domain().name().to_owned(),
+            x509_authorities: b.x509_authorities.clone(),
+            jwt_authorities: b
+                .jwt_authorities
+                .iter()
+                .map(|k| types::JwtKey {
+                    kid: k.kid.clone(),
+                    public_key: k.public_key_der.clone(),
+                    expires_at: k.expires_at.unwrap_or(0),
+                })
+                .collect(),
+            sequence: b.sequence,
+            refresh_hint: b.refresh_hint.unwrap_or(0),
+        }
+    }
+}
+
+/// A bundle from the wire; every authority must parse as a certificate.
+pub fn bundle_from_wire(b: &types::Bundle) -> Result<TrustBundle, Error> {
+    let td = TrustDomain::new(&b.trust_domain)?;
+    let mut out = TrustBundle::new(td);
+    for der in &b.x509_authorities {
+        carapace_core::x509svid::validity_of(der)
+            .map_err(|e| Error::InvalidBundle(format!("authority does not parse: {e}")))?;
+        out.x509_authorities.push(der.clone());
+    }
+    for k in &b.jwt_authorities {
+        if k.kid.is_empty() {
+            return Err(Error::InvalidBundle("JWT key without kid".into()));
+        }
+        out.jwt_authorities.push(JwtKey {
+            kid: k.kid.clone(),
+            public_key_der: k.public_key.clone(),
+            expires_at: (k.expires_at > 0).then_some(k.expires_at),
+        });
+    }
+    out.sequence = b.sequence;
+    out.refresh_hint = (b.refresh_hint > 0).then_some(b.refresh_hint);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_round_trip() {
+        let e = RegistrationEntry {
+            id: EntryId::new("e1").unwrap(),
+            spiffe_id: "spiffe://example.org/w".parse().unwrap(),
+            parent_id: "spiffe://example.org/spire/agent/x/y".parse().unwrap(),
+            selectors: ["unix:uid:0".parse::<Selector>().unwrap()].into_iter().collect(),
+            x509_svid_ttl: Some(Duration::from_secs(30)),
+            dns_names: vec!["a.example".into()],
+            hint: "h".into(),
+            admin: true,
+            downstream: false,
+            expires_at: Some(5),
+            revision: 3,
+            created_at: 7,
+        };
+        let wire = types::Entry::from(&e);
+        assert_eq!(entry_from_wire(&wire, None).unwrap(), e);
+    }
+
+    #[test]
+    fn bad_wire_entries_are_rejected_with_the_field() {
+        let mut wire = types::Entry { id: "e1".into(), spiffe_id: "spiffe://example.org/w".into(), ..Default::default() };
+        let err = entry_from_wire(&wire, None).unwrap_err().to_string();
+        assert!(err.contains("parent_id"), "{err}");
+        wire.parent_id = "spiffe://example.org/a".into();
+        wire.selectors.push(types::Selector { r#type: "unix".into(), value: "uuid:0".into() });
+        assert!(entry_from_wire(&wire, None).unwrap_err().to_string().contains("selector"));
+        wire.selectors.clear();
+        wire.x509_svid_ttl = -1;
+        assert!(entry_from_wire(&wire, None).unwrap_err().to_string().contains("x509_svid_ttl"));
+        let empty_id = types::Entry::default();
+        assert!(entry_from_wire(&empty_id, None).unwrap_err().to_string().contains("id"));
+    }
+}

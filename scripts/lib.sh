@@ -1,0 +1,30 @@
+# Shared by the scripts: install what building Carapace needs on Debian.
+# shellcheck shell=bash
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# System packages for building and running Carapace and its tests.
+install_system_packages() {
+    echo "==> installing system packages (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update -q
+    as_root apt-get install -y -q --no-install-recommends \
+        ca-certificates curl gcc libc6-dev pkg-config make openssl procps \
+        python3 python3-venv python3-pip "$@"
+}
+
+# A Rust toolchain: the one on PATH if recent enough, else rustup's stable.
+ensure_rust() {
+    if [ -f "$HOME/.cargo/env" ]; then . "$HOME/.cargo/env"; fi
+    if command -v cargo >/dev/null 2>&1; then
+        local minor
+        minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
+        if [ "${minor:-0}" -ge 85 ]; then return 0; fi
+        echo "==> rustc $(rustc --version) is older than 1.85 (edition 2024)"
+    fi
+    echo "==> installing Rust with rustup (https://rustup.rs)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component clippy,rustfmt
+    . "$HOME/.cargo/env"
+}

@@ -1,0 +1,1495 @@
+//! The admin API: the `carapace.admin.v1.Admin` gRPC service, on a Unix socket that only
+//! the server's owner may open (socket mode 0600 in a directory of mode 0700).
+//!
+//! The socket's file permissions are the whole access control: whoever can open it is an
+//! administrator. Every write of entries, agents and join tokens goes through the
+//! [`EntryCache`] (which validates against the trust domain and writes the datastore
+//! first), and every signature through the [`CaManager`]. Writes are logged at info with
+//! the entry id or SPIFFE ID; join tokens and keys are never logged (only a token's id).
+
+use std::future::Future;
+use std::io::ErrorKind;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+use carapace_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId};
+use carapace_proto::admin::admin_server::{Admin, AdminServer};
+use carapace_proto::admin::{
+    Agent, AgentRequest, CountEntriesResponse, CreateEntryRequest, CreateJoinTokenRequest,
+    DeleteEntryRequest, DeleteEntryResponse, EvictAgentResponse, GetBundleRequest, HealthRequest,
+    HealthResponse, JoinToken, ListAgentsRequest, ListAgentsResponse, ListEntriesRequest,
+    ListEntriesResponse, MintX509svidRequest, MintX509svidResponse, UpdateEntryRequest,
+};
+use carapace_proto::convert::{entry_from_wire, selectors_to_wire};
+use carapace_proto::types;
+
+use crate::ca::{CaManager, csr_public_key};
+use crate::datastore::{AttestedAgent, EntryFilter};
+use crate::entry_cache::EntryCache;
+use crate::node_attestor::generate_join_token;
+use crate::{Error, Result, unix_now};
+
+/// Mode of the admin socket: owner only.
+const SOCKET_MODE: u32 = 0o600;
+/// Mode of the directory holding the admin socket.
+const DIR_MODE: u32 = 0o700;
+
+/// Settings of the admin API.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// X509-SVID lifetime for `MintX509SVID` when the request asks for none.
+    pub default_x509_svid_ttl: Duration,
+    /// Join token lifetime when the request asks for none.
+    pub default_join_token_ttl: Duration,
+}
+
+/// Binds the admin socket at `path`: makes its directory private (created 0700; an
+/// existing one with a looser mode is tightened only if this process owns it), removes
+/// a stale socket left by a previous run (never a regular file, never a socket someone
+/// still listens on), binds, and makes the socket owner-only (0600).
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    let shown = path.display();
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => {
+            return Err(Error::Config(format!(
+                "admin socket {shown}: the path needs a directory part (e.g. /tmp/carapace-server/private/admin.sock)"
+            )));
+        }
+    };
+    private_socket_dir(dir, path)?;
+    remove_stale_socket(path)?;
+    let listener = UnixListener::bind(path).map_err(|e| {
+        if e.kind() == ErrorKind::AddrInUse {
+            address_in_use(path)
+        } else {
+            Error::Io {
+                context: format!("admin socket {shown}: cannot bind"),
+                source: e,
+            }
+        }
+    })?;
+    let meta = std::fs::symlink_metadata(path).map_err(Error::io(format!(
+        "admin socket {shown}: cannot stat after binding"
+    )))?;
+    let dir_uid = std::fs::metadata(dir)
+        .map_err(Error::io(format!(
+            "admin socket directory {}",
+            dir.display()
+        )))?
+        .uid();
+    if meta.uid() != dir_uid {
+        // The socket is ours by construction; a directory owned by someone else could be
+        // changed under us (only possible when running as root).
+        let _ = std::fs::remove_file(path);
+        return Err(Error::Config(format!(
+            "admin socket directory {} is owned by uid {dir_uid}, not by this process (uid {}): choose another --admin-socket",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(
+        Error::io(format!("admin socket {shown}: cannot set mode 600")),
+    )?;
+    Ok(listener)
+}
+
+/// Creates `dir` with mode 0700 if missing; tightens an existing one to 0700 if this
+/// process owns it; refuses anything else.
+fn private_socket_dir(dir: &Path, socket: &Path) -> Result<()> {
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Ok(_) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .map_err(Error::io(format!(
+                    "admin socket {}: cannot create directory {shown}",
+                    socket.display()
+                )))?;
+        }
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("admin socket directory {shown}"),
+                source: e,
+            });
+        }
+    }
+    let meta =
+        std::fs::metadata(dir).map_err(Error::io(format!("admin socket directory {shown}")))?;
+    if !meta.is_dir() {
+        return Err(Error::Config(format!(
+            "admin socket {}: {shown} is not a directory",
+            socket.display()
+        )));
+    }
+    if let Some(uid) = effective_uid() {
+        if meta.uid() != uid {
+            return Err(Error::Config(format!(
+                "admin socket directory {shown} is owned by uid {}, not by this process (uid {uid}): choose another --admin-socket",
+                meta.uid()
+            )));
+        }
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(|e| {
+            Error::Config(format!(
+                "admin socket directory {shown} has mode {mode:o} (group or others may enter it) and cannot be made private: {e} (chmod 700 {shown}, or choose another --admin-socket)"
+            ))
+        })?;
+        tracing::warn!(dir = %shown, old_mode = format!("{mode:o}"), "tightened the admin socket directory to mode 700");
+    }
+    Ok(())
+}
+
+/// The effective uid of this process, from `/proc/self/status` (Linux). `None` where
+/// that is unavailable; [`bind`] then still compares the directory's owner with the
+/// owner of the socket it creates.
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Removes a socket file left by a previous run. A regular file (or anything else that
+/// is not a socket) is refused, and so is a socket that still accepts connections.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    let shown = path.display();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::Io {
+                context: format!("admin socket {shown}"),
+                source: e,
+            });
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::Config(format!(
+            "admin socket {shown}: a file that is not a socket is in the way; refusing to delete it (remove it or choose another --admin-socket)"
+        )));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(address_in_use(path)),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused || e.kind() == ErrorKind::NotFound => {
+            std::fs::remove_file(path)
+                .or_else(|e| {
+                    if e.kind() == ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(Error::io(format!(
+                    "admin socket {shown}: cannot remove the stale socket"
+                )))?;
+            tracing::info!(socket = %shown, "removed a stale admin socket");
+            Ok(())
+        }
+        Err(e) => Err(Error::Io {
+            context: format!(
+                "admin socket {shown}: cannot tell whether the existing socket is stale"
+            ),
+            source: e,
+        }),
+    }
+}
+
+fn address_in_use(path: &Path) -> Error {
+    Error::Io {
+        context: format!("admin socket {}", path.display()),
+        source: std::io::Error::new(
+            ErrorKind::AddrInUse,
+            "address in use — is another carapace-server running?",
+        ),
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown` resolves.
+pub async fn serve<F>(listener: UnixListener, api: AdminApi, shutdown: F) -> Result<()>
+where
+    F: Future<Output = ()> + Send,
+{
+    tonic::transport::Server::builder()
+        .add_service(AdminServer::new(api))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| Error::Io {
+            context: "admin API".into(),
+            source: std::io::Error::other(e),
+        })
+}
+
+/// The admin service.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    cache: Arc<EntryCache>,
+    ca: Arc<CaManager>,
+    settings: AdminSettings,
+}
+
+fn reply<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+fn new_entry_id() -> Result<EntryId> {
+    Ok(EntryId::new(&uuid::Uuid::new_v4().to_string())?)
+}
+
+/// A SPIFFE ID field of a request, required.
+fn required_id(field: &str, value: &str) -> Result<SpiffeId> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{field} is required")));
+    }
+    value
+        .parse()
+        .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
+}
+
+/// A SPIFFE ID filter, optional.
+fn optional_id(field: &str, value: &str) -> Result<Option<SpiffeId>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    required_id(field, value).map(Some)
+}
+
+fn filter_from(req: &ListEntriesRequest) -> Result<EntryFilter> {
+    let id = if req.id.is_empty() {
+        None
+    } else {
+        Some(EntryId::new(&req.id).map_err(|e| Error::InvalidArgument(format!("filter id: {e}")))?)
+    };
+    let selectors = req
+        .selectors
+        .iter()
+        .map(|s| {
+            Selector::try_from(s)
+                .map_err(|e| Error::InvalidArgument(format!("filter selectors: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(EntryFilter {
+        id,
+        spiffe_id: optional_id("filter spiffe_id", &req.spiffe_id)?,
+        parent_id: optional_id("filter parent_id", &req.parent_id)?,
+        selectors,
+    })
+}
+
+fn agent_to_wire(a: &AttestedAgent) -> Agent {
+    Agent {
+        spiffe_id: a.spiffe_id.to_string(),
+        attestor: a.attestor.clone(),
+        serial: a.serial.clone(),
+        expires_at: a.expires_at,
+        banned: a.banned,
+        selectors: selectors_to_wire(&a.selectors),
+        attested_at: a.attested_at,
+        reattestable: a.reattestable,
+    }
+}
+
+/// A TTL in seconds from a request: 0 means `default`, negative is refused.
+fn ttl_or_default(field: &str, secs: i64, default: Duration) -> Result<Duration> {
+    match secs {
+        0 => Ok(default),
+        s if s < 0 => Err(Error::InvalidArgument(format!(
+            "{field} cannot be negative"
+        ))),
+        s => Ok(Duration::from_secs(s.unsigned_abs())),
+    }
+}
+
+/// `now + ttl` in unix seconds, refusing overflow.
+fn deadline(field: &str, now: i64, ttl: Duration) -> Result<i64> {
+    i64::try_from(ttl.as_secs())
+        .ok()
+        .and_then(|t| now.checked_add(t))
+        .ok_or_else(|| Error::InvalidArgument(format!("{field} is too large")))
+}
+
+impl AdminApi {
+    /// The service over the server's entry cache and CA.
+    pub fn new(cache: Arc<EntryCache>, ca: Arc<CaManager>, settings: AdminSettings) -> Self {
+        AdminApi {
+            cache,
+            ca,
+            settings,
+        }
+    }
+
+    async fn create_entry_inner(&self, req: CreateEntryRequest) -> Result<types::Entry> {
+        let wire = req
+            .entry
+            .ok_or_else(|| Error::InvalidArgument("entry is required".into()))?;
+        // The id, revision and creation time are the server's, whatever the client sent.
+        let wire = types::Entry {
+            id: String::new(),
+            revision: 0,
+            created_at: unix_now(),
+            ..wire
+        };
+        let entry = entry_from_wire(&wire, Some(new_entry_id()?))?;
+        let stored = self.cache.create_entry(entry).await?;
+        tracing::info!(
+            entry_id = %stored.id,
+            spiffe_id = %stored.spiffe_id,
+            parent_id = %stored.parent_id,
+            "created registration entry"
+        );
+        Ok(types::Entry::from(stored.as_ref()))
+    }
+
+    async fn update_entry_inner(&self, req: UpdateEntryRequest) -> Result<types::Entry> {
+        let wire = req
+            .entry
+            .ok_or_else(|| Error::InvalidArgument("entry is required".into()))?;
+        if wire.id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "entry id is required to update an entry".into(),
+            ));
+        }
+        let id = EntryId::new(&wire.id)?;
+        let old = self
+            .cache
+            .get_entry(&id)
+            .ok_or_else(|| Error::NotFound(format!("entry {id} not found")))?;
+        let wire = types::Entry {
+            created_at: old.created_at,
+            revision: old.revision,
+            ..wire
+        };
+        let entry = entry_from_wire(&wire, None)?;
+        let stored = self.cache.update_entry(entry).await?;
+        tracing::info!(
+            entry_id = %stored.id,
+            spiffe_id = %stored.spiffe_id,
+            parent_id = %stored.parent_id,
+            revision = stored.revision,
+            "updated registration entry"
+        );
+        Ok(types::Entry::from(stored.as_ref()))
+    }
+
+    async fn delete_entry_inner(&self, req: DeleteEntryRequest) -> Result<DeleteEntryResponse> {
+        if req.id.is_empty() {
+            return Err(Error::InvalidArgument("id is required".into()));
+        }
+        let id = EntryId::new(&req.id)?;
+        let old = self.cache.delete_entry(&id).await?;
+        tracing::info!(entry_id = %old.id, spiffe_id = %old.spiffe_id, "deleted registration entry");
+        Ok(DeleteEntryResponse {})
+    }
+
+    async fn list_entries_inner(&self, req: ListEntriesRequest) -> Result<ListEntriesResponse> {
+        let filter = filter_from(&req)?;
+        let entries = self.cache.datastore().list_entries(&filter).await?;
+        Ok(ListEntriesResponse {
+            entries: entries.iter().map(types::Entry::from).collect(),
+        })
+    }
+
+    async fn count_entries_inner(&self, req: ListEntriesRequest) -> Result<CountEntriesResponse> {
+        let filter = filter_from(&req)?;
+        Ok(CountEntriesResponse {
+            count: self.cache.datastore().count_entries(&filter).await?,
+        })
+    }
+
+    fn get_agent_inner(&self, req: &AgentRequest) -> Result<Agent> {
+        let id = required_id("spiffe_id", &req.spiffe_id)?;
+        let agent = self
+            .cache
+            .get_agent(&id)
+            .ok_or_else(|| Error::NotFound(format!("agent {id} not found")))?;
+        Ok(agent_to_wire(&agent))
+    }
+
+    async fn ban_agent_inner(&self, req: AgentRequest) -> Result<Agent> {
+        let id = required_id("spiffe_id", &req.spiffe_id)?;
+        let agent = self.cache.set_agent_banned(&id, true).await?;
+        tracing::info!(spiffe_id = %id, "banned agent");
+        Ok(agent_to_wire(&agent))
+    }
+
+    async fn evict_agent_inner(&self, req: AgentRequest) -> Result<EvictAgentResponse> {
+        let id = required_id("spiffe_id", &req.spiffe_id)?;
+        self.cache.evict_agent(&id).await?;
+        tracing::info!(spiffe_id = %id, "evicted agent; it must attest again");
+        Ok(EvictAgentResponse {})
+    }
+
+    async fn create_join_token_inner(&self, req: CreateJoinTokenRequest) -> Result<JoinToken> {
+        let ttl = ttl_or_default("ttl", req.ttl, self.settings.default_join_token_ttl)?;
+        let alias_id = optional_id("spiffe_id", &req.spiffe_id)?;
+        let now = unix_now();
+        let expires_at = deadline("ttl", now, ttl)?;
+        let generated = generate_join_token();
+        let agent_id = self
+            .ca
+            .trust_domain()
+            .agent_id("join_token", &generated.id)?;
+        let alias = match alias_id {
+            Some(spiffe_id) => Some(RegistrationEntry {
+                id: new_entry_id()?,
+                spiffe_id,
+                parent_id: agent_id.clone(),
+                selectors: [Selector::new("join_token", &generated.id)?]
+                    .into_iter()
+                    .collect::<SelectorSet>(),
+                x509_svid_ttl: None,
+                dns_names: Vec::new(),
+                hint: String::new(),
+                admin: false,
+                downstream: false,
+                expires_at: None,
+                revision: 0,
+                created_at: now,
+            }),
+            None => None,
+        };
+        let alias_log = alias
+            .as_ref()
+            .map(|a| (a.id.to_string(), a.spiffe_id.to_string()));
+        self.cache
+            .create_join_token(
+                &generated.id,
+                &generated.secret_hash,
+                expires_at,
+                now,
+                alias,
+            )
+            .await?;
+        match alias_log {
+            Some((entry_id, spiffe_id)) => tracing::info!(
+                token_id = generated.id,
+                agent_id = %agent_id,
+                expires_at,
+                entry_id,
+                spiffe_id,
+                "created join token with an alias entry"
+            ),
+            None => {
+                tracing::info!(token_id = generated.id, agent_id = %agent_id, expires_at, "created join token")
+            }
+        }
+        Ok(JoinToken {
+            token: generated.token.as_str().to_owned(),
+            expires_at,
+            agent_id: agent_id.to_string(),
+        })
+    }
+
+    async fn mint_x509svid_inner(&self, req: MintX509svidRequest) -> Result<MintX509svidResponse> {
+        let id = required_id("spiffe_id", &req.spiffe_id)?;
+        let td = self.ca.trust_domain();
+        if !id.is_member_of(td) {
+            return Err(Error::InvalidArgument(format!(
+                "spiffe_id: {id} is not in trust domain {td}"
+            )));
+        }
+        if id.path().is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "spiffe_id: {id} has no path; an SVID needs one"
+            )));
+        }
+        if id.is_reserved() {
+            return Err(Error::InvalidArgument(format!(
+                "spiffe_id: {id} is under the reserved path /spire (agents and the server)"
+            )));
+        }
+        if req.csr.is_empty() {
+            return Err(Error::InvalidArgument("csr is required".into()));
+        }
+        for name in &req.dns_names {
+            carapace_core::entry::validate_dns_name(name).map_err(|reason| {
+                Error::InvalidArgument(format!("dns_names: {name:?}: {reason}"))
+            })?;
+        }
+        let ttl = ttl_or_default("ttl", req.ttl, self.settings.default_x509_svid_ttl)?;
+        let key = csr_public_key(&req.csr)?;
+        let now = unix_now();
+        let ca = self.ca.clone();
+        let (sign_id, dns) = (id.clone(), req.dns_names.clone());
+        // Signing may wait on a hardware key manager: keep it off the async workers.
+        let issued =
+            tokio::task::spawn_blocking(move || ca.sign_x509_svid(&sign_id, &key, ttl, &dns, now))
+                .await
+                .map_err(|e| Error::Ca(format!("signing task failed: {e}")))??;
+        tracing::info!(
+            spiffe_id = %id,
+            serial = issued.serial_hex,
+            expires_at = issued.expires_at,
+            "minted an X509-SVID"
+        );
+        let bundle = self.ca.bundle().borrow().clone();
+        Ok(MintX509svidResponse {
+            svid: Some(types::X509Svid {
+                cert_chain: issued.chain,
+                expires_at: issued.expires_at,
+            }),
+            bundle: Some(types::Bundle::from(bundle.as_ref())),
+        })
+    }
+
+    fn health_inner(&self) -> Result<HealthResponse> {
+        let ca = self.ca.active()?;
+        Ok(HealthResponse {
+            trust_domain: self.ca.trust_domain().name().to_owned(),
+            ca_expires_at: ca.not_after,
+            agents: self.cache.list_agents().len() as u64,
+            entries: self.cache.entry_count() as u64,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_entry(
+        &self,
+        request: Request<CreateEntryRequest>,
+    ) -> std::result::Result<Response<types::Entry>, Status> {
+        reply(self.create_entry_inner(request.into_inner()).await)
+    }
+
+    async fn update_entry(
+        &self,
+        request: Request<UpdateEntryRequest>,
+    ) -> std::result::Result<Response<types::Entry>, Status> {
+        reply(self.update_entry_inner(request.into_inner()).await)
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<DeleteEntryRequest>,
+    ) -> std::result::Result<Response<DeleteEntryResponse>, Status> {
+        reply(self.delete_entry_inner(request.into_inner()).await)
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<ListEntriesRequest>,
+    ) -> std::result::Result<Response<ListEntriesResponse>, Status> {
+        reply(self.list_entries_inner(request.into_inner()).await)
+    }
+
+    async fn count_entries(
+        &self,
+        request: Request<ListEntriesRequest>,
+    ) -> std::result::Result<Response<CountEntriesResponse>, Status> {
+        reply(self.count_entries_inner(request.into_inner()).await)
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<ListAgentsRequest>,
+    ) -> std::result::Result<Response<ListAgentsResponse>, Status> {
+        let agents = self
+            .cache
+            .list_agents()
+            .iter()
+            .map(|a| agent_to_wire(a))
+            .collect();
+        Ok(Response::new(ListAgentsResponse { agents }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<AgentRequest>,
+    ) -> std::result::Result<Response<Agent>, Status> {
+        reply(self.get_agent_inner(request.get_ref()))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<AgentRequest>,
+    ) -> std::result::Result<Response<Agent>, Status> {
+        reply(self.ban_agent_inner(request.into_inner()).await)
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<AgentRequest>,
+    ) -> std::result::Result<Response<EvictAgentResponse>, Status> {
+        reply(self.evict_agent_inner(request.into_inner()).await)
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<GetBundleRequest>,
+    ) -> std::result::Result<Response<types::Bundle>, Status> {
+        let bundle = self.ca.bundle().borrow().clone();
+        Ok(Response::new(types::Bundle::from(bundle.as_ref())))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> std::result::Result<Response<JoinToken>, Status> {
+        reply(self.create_join_token_inner(request.into_inner()).await)
+    }
+
+    async fn mint_x509svid(
+        &self,
+        request: Request<MintX509svidRequest>,
+    ) -> std::result::Result<Response<MintX509svidResponse>, Status> {
+        reply(self.mint_x509svid_inner(request.into_inner()).await)
+    }
+
+    async fn health(
+        &self,
+        _request: Request<HealthRequest>,
+    ) -> std::result::Result<Response<HealthResponse>, Status> {
+        reply(self.health_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use clap::Parser;
+    use tokio::sync::oneshot;
+
+    use carapace_core::{KeyType, TrustBundle, TrustDomain};
+    use carapace_keymanager_soft::MemoryKeyManager;
+
+    use super::*;
+    use crate::admin_cli::{self, AdminCommand, EntryList, EntryView, TokenView};
+    use crate::ca::CaSettings;
+    use crate::datastore::Datastore;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: AdminCommand,
+    }
+
+    struct Server {
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        cache: Arc<EntryCache>,
+        ca: Arc<CaManager>,
+        stop: Option<oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    const AGENT: &str = "spiffe://example.org/spire/agent/join_token/0011223344556677";
+
+    async fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("private").join("admin.sock");
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let cache = EntryCache::load(td.clone(), ds.clone()).await.unwrap();
+        let settings = CaSettings {
+            ca_ttl: Duration::from_secs(24 * 3600),
+            key_type: KeyType::EcP256,
+            organization: "Carapace".into(),
+            country: "US".into(),
+        };
+        let ca = CaManager::load(
+            td,
+            Arc::new(MemoryKeyManager::new()),
+            ds,
+            settings,
+            unix_now(),
+        )
+        .await
+        .unwrap();
+        let listener = bind(&socket).unwrap();
+        let api = AdminApi::new(
+            cache.clone(),
+            ca.clone(),
+            AdminSettings {
+                default_x509_svid_ttl: Duration::from_secs(3600),
+                default_join_token_ttl: Duration::from_secs(600),
+            },
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, api, async move {
+            let _ = rx.await;
+        }));
+        Server {
+            dir,
+            socket,
+            cache,
+            ca,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    impl Server {
+        /// Runs `carapace-server <args> --admin-socket <socket>` through the CLI.
+        async fn run(&self, args: &[&str]) -> Result<String> {
+            let socket = self.socket.to_str().unwrap();
+            let argv = std::iter::once("carapace-server")
+                .chain(args.iter().copied())
+                .chain(["--admin-socket", socket]);
+            let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            admin_cli::execute(cli.cmd).await
+        }
+
+        async fn ok(&self, args: &[&str]) -> String {
+            self.run(args)
+                .await
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        }
+
+        async fn err(&self, args: &[&str]) -> String {
+            match self.run(args).await {
+                Ok(out) => panic!("{args:?} succeeded:\n{out}"),
+                Err(e) => e.to_string(),
+            }
+        }
+
+        async fn stop(mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    fn line_value<'a>(out: &'a str, label: &str) -> &'a str {
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix(label)
+                    .and_then(|r| r.trim_start().strip_prefix(':'))
+                    .map(str::trim)
+            })
+            .unwrap_or_else(|| panic!("no {label:?} in\n{out}"))
+    }
+
+    #[tokio::test]
+    async fn entry_lifecycle_through_the_cli() {
+        let s = start().await;
+        let out = s
+            .ok(&[
+                "entry",
+                "create",
+                "--parent-id",
+                AGENT,
+                "--spiffe-id",
+                "spiffe://example.org/web",
+                "--selector",
+                "unix:uid:1000",
+                "--selector",
+                "unix:user:www",
+                "--x509-svid-ttl",
+                "1h",
+                "--dns-name",
+                "web.example.org",
+                "--hint",
+                "web",
+                "--admin",
+                "--expires-at",
+                "2100-01-01T00:00:00Z",
+            ])
+            .await;
+        let id = line_value(&out, "Entry ID").to_owned();
+        uuid::Uuid::parse_str(&id).unwrap_or_else(|e| panic!("entry id {id:?} is not a uuid: {e}"));
+        for line in [
+            "SPIFFE ID        : spiffe://example.org/web\n",
+            &format!("Parent ID        : {AGENT}\n"),
+            "Revision         : 0\n",
+            "X509-SVID TTL    : 1h\n",
+            "Selector         : unix:uid:1000\n",
+            "Selector         : unix:user:www\n",
+            "DNS name         : web.example.org\n",
+            "Hint             : web\n",
+            "Admin            : true\n",
+            "Expires at       : 2100-01-01T00:00:00Z\n",
+        ] {
+            assert!(out.contains(line), "{line:?} missing from\n{out}");
+        }
+        assert!(!out.contains("Downstream"), "{out}");
+
+        // A second entry, in JSON.
+        let out = s
+            .ok(&[
+                "entry",
+                "create",
+                "--parent-id",
+                AGENT,
+                "--spiffe-id",
+                "spiffe://example.org/db",
+                "--selector",
+                "unix:uid:1001",
+                "--downstream",
+                "--output",
+                "json",
+            ])
+            .await;
+        let db: EntryView = serde_json::from_str(&out).unwrap();
+        assert_ne!(db.id, id);
+        assert_eq!(db.spiffe_id, "spiffe://example.org/db");
+        assert_eq!(db.parent_id, AGENT);
+        assert_eq!(db.selectors, ["unix:uid:1001"]);
+        assert_eq!(
+            (db.x509_svid_ttl, db.expires_at, db.revision),
+            (None, None, 0)
+        );
+        assert!(db.downstream && !db.admin);
+        assert!(
+            (db.created_at - unix_now()).abs() < 60,
+            "created_at is now: {}",
+            db.created_at
+        );
+
+        // Show, by each filter.
+        let all = s.ok(&["entry", "show"]).await;
+        assert!(all.starts_with("Found 2 entries\n"), "{all}");
+        let by_id = s.ok(&["entry", "show", "--id", &id]).await;
+        assert!(
+            by_id.starts_with("Found 1 entry\n") && by_id.contains(&id),
+            "{by_id}"
+        );
+        let by_spiffe = s
+            .ok(&["entry", "show", "--spiffe-id", "spiffe://example.org/db"])
+            .await;
+        assert!(
+            by_spiffe.starts_with("Found 1 entry\n") && by_spiffe.contains(&db.id),
+            "{by_spiffe}"
+        );
+        let by_parent = s.ok(&["entry", "show", "--parent-id", AGENT]).await;
+        assert!(by_parent.starts_with("Found 2 entries\n"), "{by_parent}");
+        let by_sel = s
+            .ok(&["entry", "show", "--selector", "unix:user:www"])
+            .await;
+        assert!(
+            by_sel.starts_with("Found 1 entry\n") && by_sel.contains(&id),
+            "{by_sel}"
+        );
+        let none = s
+            .ok(&[
+                "entry",
+                "show",
+                "--selector",
+                "unix:user:www",
+                "--parent-id",
+                "spiffe://example.org/x",
+            ])
+            .await;
+        assert_eq!(none, "Found 0 entries\n");
+        let list: EntryList = serde_json::from_str(
+            &s.ok(&["entry", "show", "--id", &db.id, "--output", "json"])
+                .await,
+        )
+        .unwrap();
+        assert_eq!(list.entries, std::slice::from_ref(&db));
+
+        // Update: full replace; the revision goes up and the creation time stays.
+        let out = s
+            .ok(&[
+                "entry",
+                "update",
+                "--id",
+                &id,
+                "--parent-id",
+                AGENT,
+                "--spiffe-id",
+                "spiffe://example.org/web2",
+                "--selector",
+                "unix:uid:1002",
+                "--output",
+                "json",
+            ])
+            .await;
+        let updated: EntryView = serde_json::from_str(&out).unwrap();
+        assert_eq!(updated.id, id);
+        assert_eq!(updated.spiffe_id, "spiffe://example.org/web2");
+        assert_eq!(updated.selectors, ["unix:uid:1002"]);
+        assert_eq!(updated.revision, 1);
+        assert_eq!(
+            (updated.x509_svid_ttl, updated.expires_at, updated.admin),
+            (None, None, false)
+        );
+        assert!(updated.dns_names.is_empty() && updated.hint.is_empty());
+        assert_eq!(
+            s.ok(&["entry", "show", "--spiffe-id", "spiffe://example.org/web"])
+                .await,
+            "Found 0 entries\n"
+        );
+        let err = s
+            .err(&[
+                "entry",
+                "update",
+                "--id",
+                "no-such-entry",
+                "--parent-id",
+                AGENT,
+                "--spiffe-id",
+                "spiffe://example.org/x",
+                "--selector",
+                "unix:uid:1",
+            ])
+            .await;
+        assert_eq!(err, "entry update: entry no-such-entry not found");
+
+        // Count.
+        assert_eq!(s.ok(&["entry", "count"]).await, "2 registration entries\n");
+        assert_eq!(
+            s.ok(&["entry", "count", "--selector", "unix:uid:1002"])
+                .await,
+            "1 registration entry\n"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok(&["entry", "count", "--output", "json"]).await).unwrap();
+        assert_eq!(v["count"], 2);
+
+        // Delete.
+        assert_eq!(
+            s.ok(&["entry", "delete", "--id", &id]).await,
+            format!("Deleted entry {id}\n")
+        );
+        assert_eq!(s.ok(&["entry", "count"]).await, "1 registration entry\n");
+        assert_eq!(s.cache.entry_count(), 1);
+        let err = s.err(&["entry", "delete", "--id", &id]).await;
+        assert_eq!(err, format!("entry delete: entry {id} not found"));
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bad_entries_write_nothing() {
+        let s = start().await;
+        let create = |spiffe: &'static str, parent: &'static str, sel: &'static str| {
+            [
+                "entry",
+                "create",
+                "--parent-id",
+                parent,
+                "--spiffe-id",
+                spiffe,
+                "--selector",
+                sel,
+            ]
+        };
+        let err = s
+            .err(&create("spiffe://example.org/a b", AGENT, "unix:uid:1"))
+            .await;
+        assert!(
+            err.starts_with("entry create: --spiffe-id: invalid SPIFFE ID"),
+            "{err}"
+        );
+        let err = s
+            .err(&create("spiffe://example.org/w", AGENT, "unix:uuid:0"))
+            .await;
+        assert!(
+            err.starts_with("entry create: --selector: invalid selector \"unix:uuid:0\""),
+            "{err}"
+        );
+        let err = s
+            .err(&create("spiffe://example.org/spire/w", AGENT, "unix:uid:1"))
+            .await;
+        assert!(
+            err.starts_with("entry create: invalid entry: spiffe_id:")
+                && err.contains("reserved path /spire"),
+            "{err}"
+        );
+        let err = s
+            .err(&create(
+                "spiffe://example.org/w",
+                "spiffe://other.org/agent",
+                "unix:uid:1",
+            ))
+            .await;
+        assert!(
+            err.contains("parent_id") && err.contains("not in trust domain example.org"),
+            "{err}"
+        );
+
+        // No selectors: clap refuses; the server refuses too when asked directly.
+        let argv = [
+            "carapace-server",
+            "entry",
+            "create",
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "spiffe://example.org/w",
+        ];
+        assert!(
+            Cli::try_parse_from(argv)
+                .unwrap_err()
+                .to_string()
+                .contains("--selector")
+        );
+        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let wire = types::Entry {
+            id: "client-chosen".into(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            parent_id: AGENT.into(),
+            ..Default::default()
+        };
+        let status = client
+            .create_entry(CreateEntryRequest {
+                entry: Some(wire.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("selectors"),
+            "{}",
+            status.message()
+        );
+        let status = client
+            .create_entry(CreateEntryRequest { entry: None })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        // Malformed filters are refused, naming the filter.
+        let status = client
+            .list_entries(ListEntriesRequest {
+                spiffe_id: "nope".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("filter spiffe_id"),
+            "{}",
+            status.message()
+        );
+
+        assert_eq!(s.ok(&["entry", "count"]).await, "0 registration entries\n");
+        assert_eq!(s.cache.entry_count(), 0);
+
+        // A client-chosen id is ignored.
+        let wire = types::Entry {
+            selectors: vec![types::Selector {
+                r#type: "unix".into(),
+                value: "uid:1".into(),
+            }],
+            ..wire
+        };
+        let e = client
+            .create_entry(CreateEntryRequest { entry: Some(wire) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_ne!(e.id, "client-chosen");
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_when_client_side_checks_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nothing.sock");
+        let cli = Cli::try_parse_from([
+            "carapace-server",
+            "entry",
+            "create",
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "bad",
+            "--selector",
+            "unix:uid:1",
+            "--admin-socket",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap();
+        let err = admin_cli::execute(cli.cmd).await.unwrap_err().to_string();
+        assert!(
+            err.contains("--spiffe-id") && !err.contains("cannot reach"),
+            "{err}"
+        );
+        let cli = Cli::try_parse_from([
+            "carapace-server",
+            "healthcheck",
+            "--admin-socket",
+            missing.to_str().unwrap(),
+        ])
+        .unwrap();
+        let err = admin_cli::execute(cli.cmd).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot reach the server's admin socket {}: ",
+                missing.display()
+            )) && err.ends_with("(is carapace-server running? is --admin-socket right?)"),
+            "{err}"
+        );
+    }
+
+    /// Captures every log line of this thread.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn join_tokens_and_their_alias_entries() {
+        let logs = Capture::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let s = start().await;
+
+        let out = s.ok(&["token", "generate"]).await;
+        let token = line_value(&out, "Token");
+        let (id, secret) = token.split_once('.').unwrap();
+        let hex = |v: &str, n: usize| v.len() == n && v.bytes().all(|b| b.is_ascii_hexdigit());
+        assert!(hex(id, 16) && hex(secret, 48), "token {token:?}");
+        assert_eq!(
+            line_value(&out, "Agent ID"),
+            format!("spiffe://example.org/spire/agent/join_token/{id}")
+        );
+        let expires = humantime::parse_rfc3339(line_value(&out, "Expires")).unwrap();
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap()
+            .as_secs();
+        assert!((500..=600).contains(&left), "default ttl: {left}");
+        assert_eq!(s.cache.entry_count(), 0, "no alias without --spiffe-id");
+
+        let out = s
+            .ok(&[
+                "token",
+                "generate",
+                "--spiffe-id",
+                "spiffe://example.org/node-group",
+                "--ttl",
+                "120",
+                "--output",
+                "json",
+            ])
+            .await;
+        let t: TokenView = serde_json::from_str(&out).unwrap();
+        assert!(
+            t.agent_id
+                .starts_with("spiffe://example.org/spire/agent/join_token/")
+        );
+        assert!(
+            (t.expires_at - unix_now() - 120).abs() <= 2,
+            "ttl 120: {}",
+            t.expires_at
+        );
+        let alias_id = t.agent_id.rsplit('/').next().unwrap().to_owned();
+        let list: EntryList = serde_json::from_str(
+            &s.ok(&[
+                "entry",
+                "show",
+                "--parent-id",
+                &t.agent_id,
+                "--output",
+                "json",
+            ])
+            .await,
+        )
+        .unwrap();
+        assert_eq!(list.entries.len(), 1);
+        assert_eq!(list.entries[0].spiffe_id, "spiffe://example.org/node-group");
+        assert_eq!(
+            list.entries[0].selectors,
+            [format!("join_token:{alias_id}")]
+        );
+
+        // A bad alias ID writes neither the token nor the entry; negative ttls are refused.
+        let err = s
+            .err(&[
+                "token",
+                "generate",
+                "--spiffe-id",
+                "spiffe://example.org/spire/x",
+            ])
+            .await;
+        assert!(err.contains("reserved"), "{err}");
+        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let status = client
+            .create_join_token(CreateJoinTokenRequest {
+                ttl: -1,
+                spiffe_id: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(s.cache.entry_count(), 1);
+
+        let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logs.contains("created join token") && logs.contains(id),
+            "the capture works:\n{logs}"
+        );
+        assert!(
+            !logs.contains(secret),
+            "a token secret reached the logs:\n{logs}"
+        );
+        assert!(!logs.contains(&t.token), "a token reached the logs");
+        let (_, secret2) = t.token.split_once('.').unwrap();
+        assert!(!logs.contains(secret2), "a token secret reached the logs");
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bundle_show_in_both_formats() {
+        let s = start().await;
+        let td = TrustDomain::new("example.org").unwrap();
+        let expected = s.ca.bundle().borrow().clone();
+        let pem = s.ok(&["bundle", "show"]).await;
+        assert!(
+            pem.starts_with("-----BEGIN CERTIFICATE-----\n")
+                && pem.ends_with("-----END CERTIFICATE-----\n")
+        );
+        let b = TrustBundle::from_pem(td.clone(), &pem).unwrap();
+        assert_eq!(b.x509_authorities, expected.x509_authorities);
+        let json = s.ok(&["bundle", "show", "--format", "spiffe"]).await;
+        let b = TrustBundle::from_spiffe_json(td.clone(), &json).unwrap();
+        assert_eq!(b.x509_authorities, expected.x509_authorities);
+        assert_eq!(b.sequence, expected.sequence);
+        let json = s.ok(&["bundle", "show", "--output", "json"]).await;
+        TrustBundle::from_spiffe_json(td, &json).unwrap();
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn x509_mint_writes_a_verifiable_svid() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let s = start().await;
+        let out_dir = s.dir.path().join("out");
+        let out = s
+            .ok(&[
+                "x509",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/batch",
+                "--ttl",
+                "10m",
+                "--dns-name",
+                "batch.example.org",
+                "--write",
+                out_dir.to_str().unwrap(),
+            ])
+            .await;
+        assert!(
+            out.contains(&format!(
+                "Private key written to {}",
+                out_dir.join("svid.key").display()
+            )),
+            "{out}"
+        );
+        let key_mode = std::fs::metadata(out_dir.join("svid.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(key_mode, 0o600);
+        let chain = carapace_core::bundle::certs_from_pem(
+            &std::fs::read_to_string(out_dir.join("svid.pem")).unwrap(),
+        )
+        .unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let bundle = TrustBundle::from_pem(
+            td,
+            &std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap(),
+        )
+        .unwrap();
+        let now = unix_now();
+        let v = carapace_core::x509svid::verify_chain(&chain, &bundle, now as u64).unwrap();
+        assert_eq!(v.spiffe_id.as_str(), "spiffe://example.org/batch");
+        assert!(
+            (v.not_after - now - 600).abs() <= 2,
+            "ttl 10m: {}",
+            v.not_after - now
+        );
+        let key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(out_dir.join("svid.key")).unwrap())
+                .unwrap();
+        assert_eq!(
+            carapace_core::x509svid::public_key_of(&chain[0]).unwrap(),
+            rcgen::PublicKeyData::subject_public_key_info(&key)
+        );
+
+        // Printed, like spire-server x509 mint.
+        let out = s
+            .ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/batch"])
+            .await;
+        assert!(
+            out.starts_with("X509-SVID:\n-----BEGIN CERTIFICATE-----"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Private key:\n-----BEGIN PRIVATE KEY-----"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Root CAs:\n-----BEGIN CERTIFICATE-----"),
+            "{out}"
+        );
+
+        let err = s
+            .err(&[
+                "x509",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/spire/agent/x/y",
+            ])
+            .await;
+        assert!(
+            err.starts_with("x509 mint: spiffe_id:") && err.contains("reserved path /spire"),
+            "{err}"
+        );
+        let err = s
+            .err(&["x509", "mint", "--spiffe-id", "spiffe://other.org/w"])
+            .await;
+        assert!(err.contains("not in trust domain example.org"), "{err}");
+        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let status = client
+            .mint_x509svid(MintX509svidRequest {
+                spiffe_id: "spiffe://example.org/w".into(),
+                csr: b"not a csr".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("csr"), "{}", status.message());
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn agents_list_show_ban_evict() {
+        let s = start().await;
+        let id: SpiffeId = AGENT.parse().unwrap();
+        s.cache
+            .upsert_agent(AttestedAgent {
+                spiffe_id: id.clone(),
+                attestor: "join_token".into(),
+                serial: "0a1b2c".into(),
+                new_serial: None,
+                expires_at: 1_893_456_000,
+                banned: false,
+                reattestable: false,
+                attested_at: 1_893_450_000,
+                selectors: ["region:eu".parse::<Selector>().unwrap()]
+                    .into_iter()
+                    .collect(),
+            })
+            .await
+            .unwrap();
+        let list = s.ok(&["agent", "list"]).await;
+        assert!(
+            list.starts_with("Found 1 attested agent\n") && list.contains(AGENT),
+            "{list}"
+        );
+        let show = s.ok(&["agent", "show", "--spiffe-id", AGENT]).await;
+        for line in [
+            "Attestation type : join_token\n",
+            "Serial number    : 0a1b2c\n",
+            "Expires at       : 2030-01-01T00:00:00Z\n",
+            "Banned           : false\n",
+            "Selector         : region:eu\n",
+        ] {
+            assert!(show.contains(line), "{line:?} missing from\n{show}");
+        }
+        assert_eq!(
+            s.ok(&["agent", "ban", "--spiffe-id", AGENT]).await,
+            format!("Agent banned: {AGENT}\n")
+        );
+        assert!(s.cache.get_agent(&id).unwrap().banned);
+        let v: serde_json::Value = serde_json::from_str(
+            &s.ok(&["agent", "show", "--spiffe-id", AGENT, "--output", "json"])
+                .await,
+        )
+        .unwrap();
+        assert_eq!(v["banned"], true);
+        assert_eq!(
+            s.ok(&["agent", "evict", "--spiffe-id", AGENT]).await,
+            format!("Agent evicted: {AGENT}\n")
+        );
+        assert!(s.cache.get_agent(&id).is_none());
+        let err = s.err(&["agent", "show", "--spiffe-id", AGENT]).await;
+        assert_eq!(err, format!("agent show: agent {AGENT} not found"));
+        let err = s.err(&["agent", "ban", "--spiffe-id", AGENT]).await;
+        assert!(err.contains("not found"), "{err}");
+        let err = s.err(&["agent", "evict", "--spiffe-id", AGENT]).await;
+        assert!(err.contains("not found"), "{err}");
+        assert_eq!(s.ok(&["agent", "list"]).await, "Found 0 attested agents\n");
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn healthcheck_and_socket_permissions() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let s = start().await;
+        assert_eq!(s.ok(&["healthcheck"]).await, "Server is healthy.\n");
+        let v: serde_json::Value =
+            serde_json::from_str(&s.ok(&["healthcheck", "--output", "json"]).await).unwrap();
+        assert_eq!(v["healthy"], true);
+        assert_eq!(v["trust_domain"], "example.org");
+        assert_eq!(v["ca_expires_at"], s.ca.active().unwrap().not_after);
+        assert_eq!(
+            (v["agents"].as_u64(), v["entries"].as_u64()),
+            (Some(0), Some(0))
+        );
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&s.socket), 0o600);
+        assert_eq!(mode(s.socket.parent().unwrap()), 0o700);
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bind_handles_directories_and_leftovers() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // An existing directory of ours with a loose mode is tightened.
+        let loose = dir.path().join("loose");
+        std::fs::create_dir(&loose).unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = loose.join("admin.sock");
+        let first = bind(&socket).unwrap();
+        assert_eq!(
+            std::fs::metadata(&loose).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        // A live socket is not taken over.
+        let err = bind(&socket).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "admin socket {}: address in use",
+                socket.display()
+            )),
+            "{err}"
+        );
+        // A stale one (its listener gone, its file left) is replaced.
+        drop(first);
+        assert!(socket.exists());
+        let _second = bind(&socket).unwrap();
+        // A regular file is never deleted.
+        let file = loose.join("file.sock");
+        std::fs::write(&file, b"keep me").unwrap();
+        let err = bind(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("not a socket") && err.contains(&file.display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        // The parent must be a directory.
+        let err = bind(&file.join("admin.sock")).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+    }
+}

@@ -1,0 +1,670 @@
+//! The X.509 certificate authority of the trust domain.
+//!
+//! Two slots, as SPIRE has them: the *active* CA signs, a *prepared* CA waits in the
+//! bundle so that relying parties trust it before it signs anything. The rotator
+//! ([`CaManager::tick`]) prepares the next CA at the current one's half-life (capped at
+//! 30 days before expiry) and activates it at five sixths of its life (capped at 7 days
+//! before expiry). Retired CAs stay in the bundle until they expire, then their keys are
+//! deleted. The state is a journal in the datastore; the keys live in the KeyManager and
+//! are found again by id after a restart.
+//!
+//! Every signature goes through the KeyManager: the CA private key is never in this
+//! process's hands when the key manager is an HSM.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use carapace_core::plugin::KeyManager;
+use carapace_tls::RcgenKey;
+use carapace_core::{KeyType, SpiffeId, TrustBundle, TrustDomain};
+
+use crate::datastore::Datastore;
+use crate::{Error, Result};
+
+/// NotBefore is backdated by this much to tolerate clock skew between machines.
+pub const BACKDATE: i64 = 10;
+/// How often the rotator looks at the CA slots.
+pub const ROTATE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A public key taken from a CSR or a key manager, ready to be certified.
+pub struct SubjectKey(rcgen::SubjectPublicKeyInfo);
+
+impl std::fmt::Debug for SubjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SubjectKey")
+    }
+}
+
+impl SubjectKey {
+    /// From a SubjectPublicKeyInfo (DER), refusing key types Carapace does not issue for.
+    pub fn from_spki(spki_der: &[u8]) -> Result<Self> {
+        carapace_core::crypto::key_type_of_spki(spki_der)?;
+        rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+            .map(SubjectKey)
+            .map_err(|e| Error::InvalidArgument(format!("unsupported public key: {e}")))
+    }
+}
+
+/// Parses a PKCS#10 CSR (DER), verifies its self-signature, and returns its public key.
+/// Everything else in the CSR (subject, requested SANs) is ignored: the server decides
+/// what goes into the certificate.
+pub fn csr_public_key(csr_der: &[u8]) -> Result<SubjectKey> {
+    use x509_parser::prelude::FromDer;
+    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| Error::InvalidArgument(format!("csr: not a PKCS#10 request: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::InvalidArgument("csr: trailing bytes".into()));
+    }
+    csr.verify_signature()
+        .map_err(|_| Error::InvalidArgument("csr: signature does not verify".into()))?;
+    SubjectKey::from_spki(csr.certification_request_info.subject_pki.raw)
+}
+
+/// One CA: key, certificate and the issuer state rcgen signs with.
+pub struct CaSlot {
+    /// KeyManager id of the CA key.
+    pub key_id: String,
+    /// The CA certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// NotBefore, unix seconds.
+    pub not_before: i64,
+    /// NotAfter, unix seconds.
+    pub not_after: i64,
+    issuer: Issuer<'static, RcgenKey>,
+}
+
+impl std::fmt::Debug for CaSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaSlot")
+            .field("key_id", &self.key_id)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaSlot {
+    fn prepare_at(&self) -> i64 {
+        let life = self.not_after - self.not_before;
+        self.not_after - (life / 2).min(30 * 86_400)
+    }
+    fn activate_at(&self) -> i64 {
+        let life = self.not_after - self.not_before;
+        self.not_after - (life / 6).min(7 * 86_400)
+    }
+}
+
+/// What the journal keeps of each slot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct JournalSlot {
+    key_id: String,
+    cert_der_hex: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+struct Journal {
+    /// Monotonic counter for key ids.
+    next_seq: u64,
+    active: Option<JournalSlot>,
+    prepared: Option<JournalSlot>,
+    /// Retired CAs still in the bundle until they expire.
+    retired: Vec<JournalSlot>,
+    /// Bundle sequence number.
+    bundle_sequence: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    journal: Journal,
+    active: Option<Arc<CaSlot>>,
+    prepared: Option<Arc<CaSlot>>,
+    /// Certificates of retired CAs, DER, with notAfter.
+    retired: Vec<(String, Vec<u8>, i64)>,
+}
+
+/// CA settings.
+#[derive(Debug, Clone)]
+pub struct CaSettings {
+    /// Lifetime of each X.509 CA.
+    pub ca_ttl: Duration,
+    /// Key type of CA keys.
+    pub key_type: KeyType,
+    /// Subject organization of CA certificates.
+    pub organization: String,
+    /// Subject country of CA certificates.
+    pub country: String,
+}
+
+/// An issued certificate chain with its expiry.
+#[derive(Debug, Clone)]
+pub struct IssuedSvid {
+    /// Leaf first, DER each.
+    pub chain: Vec<Vec<u8>>,
+    /// NotAfter of the leaf, unix seconds.
+    pub expires_at: i64,
+    /// Serial of the leaf, lowercase hex.
+    pub serial_hex: String,
+}
+
+/// The CA manager: slots, rotation, bundle, signing.
+#[derive(Debug)]
+pub struct CaManager {
+    td: TrustDomain,
+    km: Arc<dyn KeyManager>,
+    ds: Datastore,
+    settings: CaSettings,
+    state: RwLock<State>,
+    bundle_tx: watch::Sender<Arc<TrustBundle>>,
+    /// Serialises rotations (tick) so two never interleave.
+    rotate_lock: tokio::sync::Mutex<()>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // State is replaced whole under the write lock; a poisoned lock holds a consistent value.
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn offset(unix: i64) -> Result<time::OffsetDateTime> {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map_err(|e| Error::Ca(format!("time {unix} out of range: {e}")))
+}
+
+fn random_serial() -> SerialNumber {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    // Positive and exactly 16 bytes long.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+impl CaManager {
+    /// Loads the CA state from the journal (finding each key again in the KeyManager),
+    /// creating a first CA if there is none or the active one has expired, and publishes
+    /// the bundle.
+    pub async fn load(
+        td: TrustDomain,
+        km: Arc<dyn KeyManager>,
+        ds: Datastore,
+        settings: CaSettings,
+        now: i64,
+    ) -> Result<Arc<Self>> {
+        let (bundle_tx, _) = watch::channel(Arc::new(TrustBundle::new(td.clone())));
+        let ca = Arc::new(CaManager {
+            td,
+            km,
+            ds,
+            settings,
+            state: RwLock::new(State::default()),
+            bundle_tx,
+            rotate_lock: tokio::sync::Mutex::new(()),
+        });
+        let journal: Journal = match ca.ds.load_ca_journal().await? {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))?,
+            None => Journal::default(),
+        };
+        let mut state = State { journal: journal.clone(), ..State::default() };
+        if let Some(js) = &journal.active {
+            state.active = Some(Arc::new(ca.restore_slot(js).await?));
+        }
+        if let Some(js) = &journal.prepared {
+            match ca.restore_slot(js).await {
+                Ok(slot) => state.prepared = Some(Arc::new(slot)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "prepared CA could not be restored; a new one will be prepared");
+                    state.journal.prepared = None;
+                }
+            }
+        }
+        for js in &journal.retired {
+            let der = hex::decode(&js.cert_der_hex)
+                .map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))?;
+            let (_, not_after) = carapace_core::x509svid::validity_of(&der)?;
+            state.retired.push((js.key_id.clone(), der, not_after));
+        }
+        let bundle = ca.bundle_of(
+            state.journal.bundle_sequence,
+            &state.retired,
+            state.active.iter().chain(state.prepared.iter()),
+        );
+        *write(&ca.state) = state;
+        ca.bundle_tx.send_replace(Arc::new(bundle));
+        ca.tick(now).await?;
+        Ok(ca)
+    }
+
+    /// The bundle: retired CAs still valid, then the active and the prepared one.
+    fn bundle_of<'a>(
+        &self,
+        sequence: u64,
+        retired: &[(String, Vec<u8>, i64)],
+        slots: impl Iterator<Item = &'a Arc<CaSlot>>,
+    ) -> TrustBundle {
+        let mut bundle = TrustBundle::new(self.td.clone());
+        bundle.sequence = sequence;
+        bundle.refresh_hint = Some(300);
+        bundle.x509_authorities = retired.iter().map(|(_, der, _)| der.clone()).collect();
+        bundle.x509_authorities.extend(slots.map(|s| s.cert_der.clone()));
+        bundle
+    }
+
+    async fn restore_slot(&self, js: &JournalSlot) -> Result<CaSlot> {
+        let der = hex::decode(&js.cert_der_hex)
+            .map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))?;
+        let key = self.km.get_key(&js.key_id).await.map_err(|e| {
+            Error::Ca(format!(
+                "CA key {} named in the journal is not in the {} key manager: {e}",
+                js.key_id,
+                self.km.name()
+            ))
+        })?;
+        let cert_spki = carapace_core::x509svid::public_key_of(&der)?;
+        if cert_spki != key.public_key_der() {
+            return Err(Error::Ca(format!(
+                "CA key {} does not match its certificate in the journal",
+                js.key_id
+            )));
+        }
+        let (not_before, not_after) = carapace_core::x509svid::validity_of(&der)?;
+        let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), RcgenKey::new(key)?)
+            .map_err(|e| Error::Ca(format!("CA certificate unusable: {e}")))?;
+        Ok(CaSlot { key_id: js.key_id.clone(), cert_der: der, not_before, not_after, issuer })
+    }
+
+    /// Creates a new self-signed CA in a fresh key.
+    async fn mint_ca(&self, seq: u64, now: i64) -> Result<CaSlot> {
+        let key_id = format!("x509-ca-{seq}");
+        // A key left over from a crash between key creation and journal write is reused
+        // only by id collision; remove it so generate succeeds.
+        if self.km.get_key(&key_id).await.is_ok() {
+            self.km.delete_key(&key_id).await?;
+        }
+        let key = self.km.generate_key(&key_id, self.settings.key_type).await?;
+        let not_before = now - BACKDATE;
+        let not_after = now + self.settings.ca_ttl.as_secs() as i64;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CountryName, self.settings.country.clone());
+        dn.push(DnType::OrganizationName, self.settings.organization.clone());
+        dn.push(DnType::CommonName, format!("{} X.509 CA {seq}", self.td));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![SanType::URI(
+            self.td
+                .id_string()
+                .try_into()
+                .map_err(|e| Error::Ca(format!("trust domain URI: {e}")))?,
+        )];
+        params.not_before = offset(not_before)?;
+        params.not_after = offset(not_after)?;
+        params.serial_number = Some(random_serial());
+        let signing = RcgenKey::new(key.clone())?;
+        // One signature, once per CA lifetime: cheap enough to run inline even on an HSM.
+        let cert_der = params
+            .self_signed(&signing)
+        .map_err(|e| Error::Ca(format!("self-signing the CA failed: {e}")))?
+        .der()
+        .to_vec();
+        let issuer = Issuer::new(params, signing);
+        tracing::info!(key_id, not_after, "minted a new X.509 CA");
+        Ok(CaSlot { key_id, cert_der, not_before, not_after, issuer })
+    }
+
+    /// One rotator step at time `now`: create, prepare, activate and prune CAs as their
+    /// lifetimes require, then persist and publish.
+    pub async fn tick(&self, now: i64) -> Result<()> {
+        let _guard = self.rotate_lock.lock().await;
+        let (active, prepared, mut journal) = {
+            let s = read(&self.state);
+            (s.active.clone(), s.prepared.clone(), s.journal.clone())
+        };
+        let mut changed = false;
+        let mut new_active = active.clone();
+        let mut new_prepared = prepared.clone();
+        let mut retire: Vec<Arc<CaSlot>> = Vec::new();
+
+        let active_usable = active.as_ref().is_some_and(|a| a.not_after > now + BACKDATE);
+        if !active_usable {
+            if let Some(old) = active.clone() {
+                retire.push(old);
+            }
+            let slot = match prepared.clone().filter(|p| p.not_after > now + BACKDATE) {
+                Some(p) => {
+                    new_prepared = None;
+                    p
+                }
+                None => {
+                    let seq = journal.next_seq;
+                    journal.next_seq += 1;
+                    Arc::new(self.mint_ca(seq, now).await?)
+                }
+            };
+            new_active = Some(slot);
+            changed = true;
+        } else if let Some(a) = &active {
+            if new_prepared.is_none() && now >= a.prepare_at() {
+                let seq = journal.next_seq;
+                journal.next_seq += 1;
+                new_prepared = Some(Arc::new(self.mint_ca(seq, now).await?));
+                tracing::info!("prepared the next X.509 CA; it is in the bundle from now on");
+                changed = true;
+            }
+            if now >= a.activate_at() {
+                if let Some(p) = new_prepared.take() {
+                    retire.push(a.clone());
+                    tracing::info!(key_id = p.key_id, "activated the prepared X.509 CA");
+                    new_active = Some(p);
+                    changed = true;
+                }
+            }
+        }
+
+        let mut retired = read(&self.state).retired.clone();
+        for r in retire {
+            retired.push((r.key_id.clone(), r.cert_der.clone(), r.not_after));
+        }
+        let before = retired.len();
+        let mut expired_keys = Vec::new();
+        retired.retain(|(key_id, _, not_after)| {
+            let keep = *not_after > now;
+            if !keep {
+                expired_keys.push(key_id.clone());
+            }
+            keep
+        });
+        if retired.len() != before {
+            changed = true;
+        }
+
+        if !changed {
+            return Ok(());
+        }
+        let slot_js = |s: &Arc<CaSlot>| JournalSlot { key_id: s.key_id.clone(), cert_der_hex: hex::encode(&s.cert_der) };
+        journal.active = new_active.as_ref().map(slot_js);
+        journal.prepared = new_prepared.as_ref().map(slot_js);
+        journal.retired = retired
+            .iter()
+            .map(|(k, der, _)| JournalSlot { key_id: k.clone(), cert_der_hex: hex::encode(der) })
+            .collect();
+        journal.bundle_sequence += 1;
+
+        let bundle = self.bundle_of(
+            journal.bundle_sequence,
+            &retired,
+            new_active.iter().chain(new_prepared.iter()),
+        );
+
+        let bytes = serde_json::to_vec(&journal).map_err(|e| Error::Ca(e.to_string()))?;
+        self.ds.save_ca_journal(&bytes).await?;
+        self.ds.set_bundle(&bundle).await?;
+        *write(&self.state) = State {
+            journal,
+            active: new_active,
+            prepared: new_prepared,
+            retired,
+        };
+        self.bundle_tx.send_replace(Arc::new(bundle));
+        for key_id in expired_keys {
+            if let Err(e) = self.km.delete_key(&key_id).await {
+                tracing::warn!(key_id, error = %e, "could not delete the key of an expired CA");
+            } else {
+                tracing::info!(key_id, "deleted the key of an expired CA");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs [`Self::tick`] every [`ROTATE_INTERVAL`] until `shutdown` resolves.
+    pub async fn run_rotator(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut interval = tokio::time::interval(ROTATE_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    if let Err(e) = self.tick(crate::unix_now()).await {
+                        tracing::error!(error = %e, "CA rotation failed; retrying");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// The current bundle, and a receiver of every new one.
+    pub fn bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.bundle_tx.subscribe()
+    }
+
+    /// The active CA.
+    pub fn active(&self) -> Result<Arc<CaSlot>> {
+        read(&self.state).active.clone().ok_or_else(|| Error::Ca("no active CA".into()))
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.td
+    }
+
+    /// Signs an X509-SVID for `id` and `key`, valid for `ttl` from `now` (capped at the
+    /// CA's notAfter), with extra DNS SANs. Runs on the calling thread (CPU or key
+    /// manager bound): async callers use a blocking thread for batches.
+    pub fn sign_x509_svid(
+        &self,
+        id: &SpiffeId,
+        key: &SubjectKey,
+        ttl: Duration,
+        dns_names: &[String],
+        now: i64,
+    ) -> Result<IssuedSvid> {
+        let ca = self.active()?;
+        sign_leaf(&ca, id, key, ttl, dns_names, now)
+    }
+}
+
+/// Builds and signs a leaf X509-SVID under `ca`.
+pub fn sign_leaf(
+    ca: &CaSlot,
+    id: &SpiffeId,
+    key: &SubjectKey,
+    ttl: Duration,
+    dns_names: &[String],
+    now: i64,
+) -> Result<IssuedSvid> {
+    let not_after = (now + ttl.as_secs() as i64).min(ca.not_after);
+    if not_after <= now {
+        return Err(Error::Ca("the active CA has expired".into()));
+    }
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CountryName, "US");
+    dn.push(DnType::OrganizationName, "Carapace");
+    if let Some(first) = dns_names.first() {
+        dn.push(DnType::CommonName, first.clone());
+    }
+    params.distinguished_name = dn;
+    let mut sans = vec![SanType::URI(
+        id.as_str()
+            .try_into()
+            .map_err(|e| Error::Ca(format!("SPIFFE ID as URI: {e}")))?,
+    )];
+    for name in dns_names {
+        sans.push(SanType::DnsName(
+            name.as_str()
+                .try_into()
+                .map_err(|e| Error::InvalidArgument(format!("dns name {name:?}: {e}")))?,
+        ));
+    }
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = offset(now - BACKDATE)?;
+    params.not_after = offset(not_after)?;
+    let serial = random_serial();
+    let serial_hex = hex::encode(serial.as_ref());
+    params.serial_number = Some(serial);
+    let cert = params
+        .signed_by(&key.0, &ca.issuer)
+        .map_err(|e| Error::Ca(format!("signing the SVID failed: {e}")))?;
+    Ok(IssuedSvid { chain: vec![cert.der().to_vec()], expires_at: not_after, serial_hex })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carapace_keymanager_soft::MemoryKeyManager;
+
+    fn settings(ttl: u64) -> CaSettings {
+        CaSettings {
+            ca_ttl: Duration::from_secs(ttl),
+            key_type: KeyType::EcP256,
+            organization: "Carapace".into(),
+            country: "US".into(),
+        }
+    }
+
+    async fn setup(ttl: u64, now: i64) -> (Arc<CaManager>, Datastore, Arc<MemoryKeyManager>) {
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let km = Arc::new(MemoryKeyManager::new());
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = CaManager::load(td, km.clone(), ds.clone(), settings(ttl), now).await.unwrap();
+        (ca, ds, km)
+    }
+
+    fn workload_key() -> (SubjectKey, Vec<u8>) {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
+        (SubjectKey::from_spki(&spki).unwrap(), spki)
+    }
+
+    #[tokio::test]
+    async fn issues_conformant_svids_that_verify_against_the_bundle() {
+        let now = 1_900_000_000;
+        let (ca, _, _) = setup(86_400, now).await;
+        let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        let (key, spki) = workload_key();
+        let svid = ca
+            .sign_x509_svid(&id, &key, Duration::from_secs(3600), &["web.example.org".into()], now)
+            .unwrap();
+        assert_eq!(svid.expires_at, now + 3600);
+        let bundle = ca.bundle().borrow().clone();
+        let v = carapace_core::x509svid::verify_chain(&svid.chain, &bundle, now as u64).unwrap();
+        assert_eq!(v.spiffe_id, id);
+        assert_eq!(carapace_core::x509svid::public_key_of(&svid.chain[0]).unwrap(), spki);
+        assert_eq!(hex::encode(&v.serial), svid.serial_hex.trim_start_matches("00"));
+        carapace_core::x509svid::check_signing_cert(&bundle.x509_authorities[0]).unwrap();
+        let (nb, _) = carapace_core::x509svid::validity_of(&svid.chain[0]).unwrap();
+        assert_eq!(nb, now - BACKDATE);
+    }
+
+    #[tokio::test]
+    async fn svid_ttl_is_capped_by_the_ca() {
+        let now = 1_900_000_000;
+        let (ca, _, _) = setup(600, now).await;
+        let (key, _) = workload_key();
+        let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        let svid = ca.sign_x509_svid(&id, &key, Duration::from_secs(3600), &[], now).unwrap();
+        assert_eq!(svid.expires_at, ca.active().unwrap().not_after);
+    }
+
+    #[tokio::test]
+    async fn prepares_then_activates_with_both_in_the_bundle() {
+        let t0 = 1_900_000_000;
+        let ttl = 6_000; // prepare at +3000, activate at +5000
+        let (ca, _, km) = setup(ttl, t0).await;
+        let first = ca.active().unwrap();
+        assert_eq!(ca.bundle().borrow().x509_authorities.len(), 1);
+
+        // NotBefore is backdated 10 s, so half-life falls at t0 + 2995.
+        ca.tick(t0 + 2_990).await.unwrap();
+        assert_eq!(ca.bundle().borrow().x509_authorities.len(), 1, "not yet prepared");
+        let seq_before = ca.bundle().borrow().sequence;
+
+        ca.tick(t0 + 3_000).await.unwrap();
+        let b = ca.bundle().borrow().clone();
+        assert_eq!(b.x509_authorities.len(), 2, "prepared CA published before use");
+        assert!(b.sequence > seq_before, "sequence increases on change");
+        assert_eq!(ca.active().unwrap().key_id, first.key_id, "still signing with the first");
+
+        ca.tick(t0 + 5_000).await.unwrap();
+        let second = ca.active().unwrap();
+        assert_ne!(second.key_id, first.key_id, "activated the prepared CA");
+        assert_eq!(ca.bundle().borrow().x509_authorities.len(), 2, "old CA stays until it expires");
+
+        // An SVID from the new CA verifies against the bundle; so does one from the old.
+        let (key, _) = workload_key();
+        let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let now = t0 + 5_001;
+        let new_svid = ca.sign_x509_svid(&id, &key, Duration::from_secs(60), &[], now).unwrap();
+        let old_svid = sign_leaf(&first, &id, &key, Duration::from_secs(60), &[], now).unwrap();
+        let bundle = ca.bundle().borrow().clone();
+        carapace_core::x509svid::verify_chain(&new_svid.chain, &bundle, now as u64).unwrap();
+        carapace_core::x509svid::verify_chain(&old_svid.chain, &bundle, now as u64).unwrap();
+
+        // After the first CA expires it leaves the bundle and its key is deleted.
+        ca.tick(first.not_after + 1).await.unwrap();
+        let b = ca.bundle().borrow().clone();
+        assert!(!b.x509_authorities.contains(&first.cert_der));
+        assert!(km.get_key(&first.key_id).await.is_err(), "expired CA key deleted");
+    }
+
+    #[tokio::test]
+    async fn restart_keeps_the_ca() {
+        let t0 = 1_900_000_000;
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let km = Arc::new(MemoryKeyManager::new());
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca1 = CaManager::load(td.clone(), km.clone(), ds.clone(), settings(86_400), t0).await.unwrap();
+        let cert1 = ca1.active().unwrap().cert_der.clone();
+        let seq1 = ca1.bundle().borrow().sequence;
+        drop(ca1);
+        let ca2 = CaManager::load(td, km, ds.clone(), settings(86_400), t0 + 60).await.unwrap();
+        assert_eq!(ca2.active().unwrap().cert_der, cert1, "same CA after restart");
+        assert_eq!(ca2.bundle().borrow().sequence, seq1, "no spurious bundle change");
+        let stored = ds.get_bundle(&TrustDomain::new("example.org").unwrap()).await.unwrap().unwrap();
+        assert_eq!(stored.x509_authorities, vec![cert1]);
+    }
+
+    #[tokio::test]
+    async fn restart_with_a_lost_key_fails_clearly() {
+        let t0 = 1_900_000_000;
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let km1 = Arc::new(MemoryKeyManager::new());
+        CaManager::load(td.clone(), km1, ds.clone(), settings(86_400), t0).await.unwrap();
+        let km2 = Arc::new(MemoryKeyManager::new());
+        let err = CaManager::load(td, km2, ds, settings(86_400), t0).await.unwrap_err().to_string();
+        assert!(err.contains("not in the memory key manager"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_csrs() {
+        assert!(csr_public_key(b"garbage").is_err());
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&kp).unwrap();
+        let mut der = csr.der().to_vec();
+        csr_public_key(&der).unwrap();
+        let n = der.len();
+        der[n - 5] ^= 0xff; // corrupt the signature
+        let err = csr_public_key(&der).err().unwrap().to_string();
+        assert!(err.contains("csr"), "{err}");
+    }
+}

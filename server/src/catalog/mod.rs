@@ -1,0 +1,50 @@
+//! The plugin catalogs: one per kind, name → constructor, chosen by configuration.
+//! This is the only code that names concrete plugin types.
+//!
+//! Each plugin owns its configuration struct (`deny_unknown_fields`); [`check_plugins`]
+//! parses every configured plugin's table without starting anything, for `validate`,
+//! and the `build_*` functions construct them for `run`.
+
+mod key_manager;
+mod node_attestor;
+
+use std::path::PathBuf;
+
+pub use key_manager::build_key_manager;
+pub use node_attestor::build_node_attestor;
+
+/// What every plugin constructor may use.
+#[derive(Debug, Clone)]
+pub struct PluginContext {
+    /// The trust domain.
+    pub trust_domain: carapace_core::TrustDomain,
+    /// The server's data directory; relative plugin paths resolve against it.
+    pub data_dir: PathBuf,
+}
+
+/// Checks every plugin name and configuration, adding one problem per fault.
+pub fn check_plugins(
+    key_managers: &[(String, toml::Table)],
+    node_attestors: &[(String, toml::Table)],
+    problems: &mut Vec<String>,
+) {
+    for (name, table) in key_managers {
+        if let Err(e) = key_manager::check(name, table) {
+            problems.push(format!("key_manager.{name}: {e}"));
+        }
+    }
+    for (name, table) in node_attestors {
+        if let Err(e) = node_attestor::check(name, table) {
+            problems.push(format!("node_attestor.{name}: {e}"));
+        }
+    }
+}
+
+/// Parses a plugin's table into its config struct.
+fn parse<T: serde::de::DeserializeOwned>(table: &toml::Table) -> Result<T, String> {
+    T::deserialize(toml::Value::Table(table.clone())).map_err(|e| e.to_string().trim().replace('\n', " "))
+}
+
+fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
+    format!("unknown {kind} plugin {name:?} (known: {})", known.join(", "))
+}

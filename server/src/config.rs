@@ -1,0 +1,334 @@
+//! Server configuration: a TOML file (optional) overridden by command-line flags,
+//! validated into a [`Config`] in one place for both `run` and `validate`.
+//!
+//! Every problem is collected with the key it concerns, so `validate` can list them all.
+//! Plugin sections are envelopes keyed by plugin name (`[key_manager.disk]`); the
+//! catalog checks that the name exists and the plugin checks its own keys.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use carapace_core::{KeyType, TrustDomain};
+
+/// Default trust domain when none is configured.
+pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/carapace/server";
+/// Default node API address.
+pub const DEFAULT_BIND_ADDRESS: &str = "127.0.0.1:8081";
+/// Default admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/carapace-server/private/admin.sock";
+/// Default X509-SVID lifetime.
+pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Default X.509 CA lifetime.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default join token lifetime for `token generate`.
+pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+/// The file format: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Trust domain name.
+    pub trust_domain: Option<String>,
+    /// Directory for the datastore and keys.
+    pub data_dir: Option<PathBuf>,
+    /// Node API listen address, HOST:PORT.
+    pub bind_address: Option<String>,
+    /// Admin API Unix socket path.
+    pub admin_socket: Option<PathBuf>,
+    /// Log filter (tracing EnvFilter syntax).
+    pub log_level: Option<String>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// X509-SVID lifetime of workload SVIDs without their own.
+    #[serde(default, with = "humantime_serde::option")]
+    pub default_x509_svid_ttl: Option<Duration>,
+    /// Agent SVID lifetime.
+    #[serde(default, with = "humantime_serde::option")]
+    pub agent_svid_ttl: Option<Duration>,
+    /// X.509 CA lifetime.
+    #[serde(default, with = "humantime_serde::option")]
+    pub ca_ttl: Option<Duration>,
+    /// CA key type.
+    pub ca_key_type: Option<String>,
+    /// CA subject organization.
+    pub ca_organization: Option<String>,
+    /// CA subject country.
+    pub ca_country: Option<String>,
+    /// Key manager plugins: exactly one.
+    #[serde(default)]
+    pub key_manager: toml::Table,
+    /// Node attestor plugins: at least one.
+    #[serde(default)]
+    pub node_attestor: toml::Table,
+}
+
+/// Command-line overrides of the essentials.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--trust-domain`.
+    pub trust_domain: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--bind-address`.
+    pub bind_address: Option<String>,
+    /// `--admin-socket`.
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Node API address.
+    pub bind_address: SocketAddr,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Log filter.
+    pub log_level: String,
+    /// Log as JSON.
+    pub log_json: bool,
+    /// Workload SVID lifetime default.
+    pub default_x509_svid_ttl: Duration,
+    /// Agent SVID lifetime.
+    pub agent_svid_ttl: Duration,
+    /// CA lifetime.
+    pub ca_ttl: Duration,
+    /// CA key type.
+    pub ca_key_type: KeyType,
+    /// CA subject organization.
+    pub ca_organization: String,
+    /// CA subject country.
+    pub ca_country: String,
+    /// Key manager: name and raw plugin table.
+    pub key_manager: (String, toml::Table),
+    /// Node attestors: names and raw plugin tables.
+    pub node_attestors: Vec<(String, toml::Table)>,
+}
+
+/// Reads a config file; a missing `path` means defaults.
+pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
+    let Some(path) = path else { return Ok(FileConfig::default()) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
+    parse_file(&text).map_err(|errs| {
+        errs.into_iter().map(|e| format!("{}: {e}", path.display())).collect()
+    })
+}
+
+/// Parses config text, reporting every unknown key and every badly typed value.
+pub fn parse_file(text: &str) -> Result<FileConfig, Vec<String>> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| vec![e.to_string()])?;
+    // serde stops at the first problem; check each top-level key alone to list them all.
+    let mut problems = Vec::new();
+    for (key, value) in &table {
+        let mut one = toml::Table::new();
+        one.insert(key.clone(), value.clone());
+        if let Err(e) = FileConfig::deserialize(toml::Value::Table(one)) {
+            problems.push(e.to_string().trim().replace('\n', " "));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    FileConfig::deserialize(toml::Value::Table(table)).map_err(|e| vec![e.to_string()])
+}
+
+fn plugin_tables(kind: &str, t: &toml::Table, problems: &mut Vec<String>) -> Vec<(String, toml::Table)> {
+    let mut out = Vec::new();
+    for (name, v) in t {
+        match v {
+            toml::Value::Table(body) => out.push((name.clone(), body.clone())),
+            _ => problems.push(format!("{kind}.{name}: must be a table ([{kind}.{name}])")),
+        }
+    }
+    out
+}
+
+/// Validates a file config with overrides into a [`Config`], listing every problem.
+pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> {
+    let mut problems = Vec::new();
+    let td_text = ov
+        .trust_domain
+        .or(file.trust_domain)
+        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned());
+    let trust_domain = TrustDomain::new(&td_text)
+        .map_err(|e| problems.push(format!("trust_domain: {e}")))
+        .ok();
+    let bind_text = ov
+        .bind_address
+        .or(file.bind_address)
+        .unwrap_or_else(|| DEFAULT_BIND_ADDRESS.to_owned());
+    let bind_address = bind_text
+        .parse::<SocketAddr>()
+        .map_err(|e| problems.push(format!("bind_address: {bind_text:?} is not HOST:PORT ({e})")))
+        .ok();
+    let data_dir = ov.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let admin_socket = ov
+        .admin_socket
+        .or(file.admin_socket)
+        .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
+    if admin_socket.as_os_str().len() > 100 {
+        problems.push(format!(
+            "admin_socket: {} is longer than a Unix socket path may be (100 bytes)",
+            admin_socket.display()
+        ));
+    }
+    let log_level = file.log_level.unwrap_or_else(|| "warn,carapace=info".into());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        problems.push(format!("log_level: {e}"));
+    }
+    let log_json = match file.log_format.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            problems.push(format!("log_format: {other:?} is not \"text\" or \"json\""));
+            false
+        }
+    };
+    let default_x509_svid_ttl = file.default_x509_svid_ttl.unwrap_or(DEFAULT_X509_SVID_TTL);
+    let agent_svid_ttl = file.agent_svid_ttl.unwrap_or(default_x509_svid_ttl);
+    let ca_ttl = file.ca_ttl.unwrap_or(DEFAULT_CA_TTL);
+    for (key, d) in [
+        ("default_x509_svid_ttl", default_x509_svid_ttl),
+        ("agent_svid_ttl", agent_svid_ttl),
+        ("ca_ttl", ca_ttl),
+    ] {
+        if d < Duration::from_secs(10) {
+            problems.push(format!("{key}: must be at least 10s"));
+        }
+    }
+    // SVIDs are guaranteed their full TTL only while the CA has ttl/6 left (activation).
+    let max_svid = ca_ttl / 6;
+    for (key, d) in [("default_x509_svid_ttl", default_x509_svid_ttl), ("agent_svid_ttl", agent_svid_ttl)] {
+        if d > max_svid {
+            problems.push(format!(
+                "{key}: {} exceeds ca_ttl/6 ({}); SVIDs would be cut short by CA rotation (raise ca_ttl to at least {})",
+                humantime::format_duration(d),
+                humantime::format_duration(max_svid),
+                humantime::format_duration(d * 6)
+            ));
+        }
+    }
+    let ca_key_type = match file.ca_key_type.as_deref().map(str::parse::<KeyType>) {
+        None => KeyType::EcP256,
+        Some(Ok(k)) => k,
+        Some(Err(e)) => {
+            problems.push(format!("ca_key_type: {e}"));
+            KeyType::EcP256
+        }
+    };
+
+    let mut key_managers = plugin_tables("key_manager", &file.key_manager, &mut problems);
+    if key_managers.is_empty() {
+        key_managers.push(("disk".into(), toml::Table::new()));
+    }
+    if key_managers.len() > 1 {
+        problems.push(format!(
+            "key_manager: exactly one is allowed, found {} ({})",
+            key_managers.len(),
+            key_managers.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let mut node_attestors = plugin_tables("node_attestor", &file.node_attestor, &mut problems);
+    if node_attestors.is_empty() {
+        node_attestors.push(("join_token".into(), toml::Table::new()));
+    }
+    crate::catalog::check_plugins(&key_managers, &node_attestors, &mut problems);
+
+    match (trust_domain, bind_address) {
+        (Some(trust_domain), Some(bind_address)) if problems.is_empty() => Ok(Config {
+            trust_domain,
+            data_dir,
+            bind_address,
+            admin_socket,
+            log_level,
+            log_json,
+            default_x509_svid_ttl,
+            agent_svid_ttl,
+            ca_ttl,
+            ca_key_type,
+            ca_organization: file.ca_organization.unwrap_or_else(|| "Carapace".into()),
+            ca_country: file.ca_country.unwrap_or_else(|| "US".into()),
+            key_manager: key_managers.remove(0),
+            node_attestors,
+        }),
+        _ => Err(problems),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_gives_the_embedded_defaults() {
+        let c = validate(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.trust_domain.name(), "example.org");
+        assert_eq!(c.bind_address.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.default_x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(c.ca_ttl, Duration::from_secs(86_400));
+        assert_eq!(c.key_manager.0, "disk");
+        assert_eq!(c.node_attestors[0].0, "join_token");
+        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse_file("trust_domain = \"a.org\"\nbind_address = \"0.0.0.0:1\"").unwrap();
+        let c = validate(
+            file,
+            Overrides { trust_domain: Some("b.org".into()), ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(c.trust_domain.name(), "b.org");
+        assert_eq!(c.bind_address.port(), 1);
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_all_listed() {
+        let errs = parse_file("trust_domian = \"x\"\nca_ttl = 5\nbind_adress = \"y\"").unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("trust_domian")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("bind_adress")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("ca_ttl") || e.contains("invalid type")), "{errs:?}");
+    }
+
+    #[test]
+    fn semantic_problems_are_all_listed() {
+        let file = parse_file(
+            r#"
+trust_domain = "Bad.Domain"
+bind_address = "nowhere"
+ca_ttl = "1h"
+default_x509_svid_ttl = "1h"
+ca_key_type = "ec-p521"
+log_format = "xml"
+[key_manager.nope]
+[node_attestor.join_token]
+"#,
+        )
+        .unwrap();
+        let errs = validate(file, Overrides::default()).unwrap_err();
+        for needle in ["trust_domain", "bind_address", "ca_ttl/6", "ca_key_type", "log_format", "nope"] {
+            assert!(errs.iter().any(|e| e.contains(needle)), "{needle} missing from {errs:?}");
+        }
+    }
+
+    #[test]
+    fn shipped_samples_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+        for name in ["server.toml", "server.full.toml"] {
+            let path = root.join(name);
+            let file = read_file(Some(&path)).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            validate(file, Overrides::default()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Attested agents and their node selectors.
+//!
+//! An agent row and its node selectors are always written together in one transaction.
+//! A banned agent's row is frozen: it cannot be re-upserted (re-attestation) nor get a
+//! new serial until it is unbanned or evicted.
+
+use std::collections::HashMap;
+
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+
+use carapace_core::{Selector, SelectorSet, SpiffeId};
+
+use super::{Datastore, INSERT_CHUNK, parse_selector, parse_spiffe_id};
+use crate::{Error, Result};
+
+/// An agent that completed node attestation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttestedAgent {
+    /// The agent's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// The node attestor that attested it (`join_token`, `tpm`, ...).
+    pub attestor: String,
+    /// Hex serial number of the agent's current X509-SVID.
+    pub serial: String,
+    /// Hex serial of an SVID issued by a renewal that the agent has not used yet.
+    pub new_serial: Option<String>,
+    /// Unix seconds at which the agent's (newest) SVID expires.
+    pub expires_at: i64,
+    /// The agent is banned: it may not renew nor re-attest.
+    pub banned: bool,
+    /// The agent may re-attest (its attestor supports it).
+    pub reattestable: bool,
+    /// Unix seconds of the (last) attestation.
+    pub attested_at: i64,
+    /// The node selectors its attestation produced.
+    pub selectors: SelectorSet,
+}
+
+/// One row of `attested_agents`, as stored.
+#[derive(sqlx::FromRow)]
+struct AgentRow {
+    spiffe_id: String,
+    attestor: String,
+    serial: String,
+    new_serial: Option<String>,
+    expires_at: i64,
+    banned: bool,
+    reattestable: bool,
+    attested_at: i64,
+}
+
+const AGENT_COLUMNS: &str =
+    "spiffe_id, attestor, serial, new_serial, expires_at, banned, reattestable, attested_at";
+
+impl Datastore {
+    /// Inserts the agent, or replaces every field of the existing one, and replaces its
+    /// node selectors, in one transaction.
+    ///
+    /// If the stored agent is banned, fails with [`Error::PermissionDenied`] and changes
+    /// nothing.
+    pub async fn upsert_attested_agent(&self, agent: &AttestedAgent) -> Result<()> {
+        let id = agent.spiffe_id.as_str();
+        let mut tx = self.begin_write().await?;
+        if banned(&mut tx, &agent.spiffe_id).await? == Some(true) {
+            return Err(banned_error(&agent.spiffe_id));
+        }
+        sqlx::query(
+            "INSERT INTO attested_agents (spiffe_id, attestor, serial, new_serial, expires_at, \
+             banned, reattestable, attested_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, \
+             serial = excluded.serial, new_serial = excluded.new_serial, \
+             expires_at = excluded.expires_at, banned = excluded.banned, \
+             reattestable = excluded.reattestable, attested_at = excluded.attested_at",
+        )
+        .bind(id)
+        .bind(agent.attestor.as_str())
+        .bind(agent.serial.as_str())
+        .bind(agent.new_serial.as_deref())
+        .bind(agent.expires_at)
+        .bind(agent.banned)
+        .bind(agent.reattestable)
+        .bind(agent.attested_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM node_selectors WHERE spiffe_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let selectors: Vec<&Selector> = agent.selectors.iter().collect();
+        for chunk in selectors.chunks(INSERT_CHUNK) {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new("INSERT INTO node_selectors (spiffe_id, type, value) ");
+            qb.push_values(chunk, |mut row, s| {
+                row.push_bind(id).push_bind(s.kind()).push_bind(s.value());
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The agent with this SPIFFE ID, with its node selectors, if any.
+    pub async fn get_attested_agent(&self, id: &SpiffeId) -> Result<Option<AttestedAgent>> {
+        let mut tx = self.begin_read().await?;
+        let agent = load_agents(&mut tx, Some(id)).await?.into_iter().next();
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    /// Every agent, sorted by SPIFFE ID, with its node selectors (two queries).
+    pub async fn list_attested_agents(&self) -> Result<Vec<AttestedAgent>> {
+        let mut tx = self.begin_read().await?;
+        let agents = load_agents(&mut tx, None).await?;
+        tx.commit().await?;
+        Ok(agents)
+    }
+
+    /// Records a renewal: the agent was issued an SVID with serial `new_serial`, expiring
+    /// at `expires_at`. Its current serial stays valid until
+    /// [`promote_agent_serial`](Self::promote_agent_serial).
+    ///
+    /// [`Error::NotFound`] if the agent is missing, [`Error::PermissionDenied`] if it is
+    /// banned.
+    pub async fn set_agent_new_serial(
+        &self,
+        id: &SpiffeId,
+        new_serial: &str,
+        expires_at: i64,
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        match banned(&mut tx, id).await? {
+            None => return Err(not_found(id)),
+            Some(true) => return Err(banned_error(id)),
+            Some(false) => {}
+        }
+        sqlx::query(
+            "UPDATE attested_agents SET new_serial = $2, expires_at = $3 WHERE spiffe_id = $1",
+        )
+        .bind(id.as_str())
+        .bind(new_serial)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The agent used its renewed SVID: makes `serial` its current serial and clears
+    /// `new_serial`, provided `new_serial` equals `serial`. Calling it again once done
+    /// (the current serial is `serial` and none is pending) succeeds and changes nothing.
+    ///
+    /// [`Error::NotFound`] if the agent is missing, [`Error::PermissionDenied`] if it is
+    /// banned or `serial` is neither the pending serial nor (with none pending) the
+    /// current one, e.g. because another renewal replaced the pending serial.
+    pub async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
+            "SELECT serial, new_serial, banned FROM attested_agents WHERE spiffe_id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((current, pending, is_banned)) = row else {
+            return Err(not_found(id));
+        };
+        if is_banned {
+            return Err(banned_error(id));
+        }
+        match pending.as_deref() {
+            Some(p) if p == serial => {
+                sqlx::query(
+                    "UPDATE attested_agents SET serial = $2, new_serial = NULL \
+                     WHERE spiffe_id = $1",
+                )
+                .bind(id.as_str())
+                .bind(serial)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(())
+            }
+            None if current == serial => Ok(()),
+            _ => Err(Error::PermissionDenied(format!(
+                "agent {id}: serial {serial} is not the agent's pending renewal serial"
+            ))),
+        }
+    }
+
+    /// Bans or unbans the agent; returns it as now stored. [`Error::NotFound`] if missing.
+    pub async fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<AttestedAgent> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query("UPDATE attested_agents SET banned = $2 WHERE spiffe_id = $1")
+            .bind(id.as_str())
+            .bind(banned)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_found(id));
+        }
+        let agent = load_agents(&mut tx, Some(id))
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found(id))?;
+        tx.commit().await?;
+        Ok(agent)
+    }
+
+    /// Evicts the agent: deletes it and its node selectors. It may attest again (as a new
+    /// agent) afterwards. [`Error::NotFound`] if missing.
+    pub async fn delete_attested_agent(&self, id: &SpiffeId) -> Result<()> {
+        let done = sqlx::query("DELETE FROM attested_agents WHERE spiffe_id = $1")
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_found(id));
+        }
+        Ok(())
+    }
+}
+
+fn not_found(id: &SpiffeId) -> Error {
+    Error::NotFound(format!("agent {id} not found"))
+}
+
+fn banned_error(id: &SpiffeId) -> Error {
+    Error::PermissionDenied(format!("agent {id} is banned"))
+}
+
+/// Whether the agent is banned; `None` if it does not exist.
+async fn banned(conn: &mut SqliteConnection, id: &SpiffeId) -> Result<Option<bool>> {
+    Ok(
+        sqlx::query_scalar("SELECT banned FROM attested_agents WHERE spiffe_id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
+}
+
+/// Loads one agent (`only`) or all, sorted by SPIFFE ID, with their node selectors:
+/// one query for the agents, one for the selectors.
+async fn load_agents(
+    conn: &mut SqliteConnection,
+    only: Option<&SpiffeId>,
+) -> Result<Vec<AttestedAgent>> {
+    let mut qb =
+        QueryBuilder::<Sqlite>::new(format!("SELECT {AGENT_COLUMNS} FROM attested_agents"));
+    if let Some(id) = only {
+        qb.push(" WHERE spiffe_id = ")
+            .push_bind(id.as_str().to_owned());
+    }
+    qb.push(" ORDER BY spiffe_id");
+    let rows: Vec<AgentRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    let mut qb = QueryBuilder::<Sqlite>::new("SELECT spiffe_id, type, value FROM node_selectors");
+    if let Some(id) = only {
+        qb.push(" WHERE spiffe_id = ")
+            .push_bind(id.as_str().to_owned());
+    }
+    qb.push(" ORDER BY spiffe_id, type, value");
+    let selector_rows: Vec<(String, String, String)> =
+        qb.build_query_as().fetch_all(&mut *conn).await?;
+    let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
+    for (agent, kind, value) in selector_rows {
+        let s = parse_selector(
+            format_args!("node_selectors spiffe_id={agent:?}"),
+            &kind,
+            &value,
+        )?;
+        selectors.entry(agent).or_default().push(s);
+    }
+
+    rows.into_iter()
+        .map(|row| {
+            let s = selectors.remove(&row.spiffe_id).unwrap_or_default();
+            agent_from_row(row, s)
+        })
+        .collect()
+}
+
+fn agent_from_row(row: AgentRow, selectors: Vec<Selector>) -> Result<AttestedAgent> {
+    let at = format!("attested_agents spiffe_id={:?}", row.spiffe_id);
+    Ok(AttestedAgent {
+        spiffe_id: parse_spiffe_id(&at, &row.spiffe_id)?,
+        attestor: row.attestor,
+        serial: row.serial,
+        new_serial: row.new_serial,
+        expires_at: row.expires_at,
+        banned: row.banned,
+        reattestable: row.reattestable,
+        attested_at: row.attested_at,
+        selectors: selectors.into_iter().collect(),
+    })
+}

@@ -1,0 +1,495 @@
+//! Registration entries: CRUD, filtered listing with bulk loading of selectors and DNS
+//! names, the similar-entry rule, expiry pruning and the entry change log.
+//!
+//! Every write runs in one `BEGIN IMMEDIATE` transaction that covers the entry row, its
+//! selectors, its DNS names and its event row. Reads load the matching entry rows, then
+//! the selectors and the DNS names of all of them with one query each (the same filter
+//! as a subquery), and group them in memory: three queries whatever the number of
+//! entries.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+
+use carapace_core::{EntryId, RegistrationEntry, Selector};
+
+use super::{
+    Datastore, EntryFilter, INSERT_CHUNK, corrupt, is_unique_violation, parse_selector,
+    parse_spiffe_id, unix_now,
+};
+use crate::{Error, Result};
+
+/// The columns of an entry row, in [`EntryRow`] order, for a query on `entries e`.
+const ENTRY_COLUMNS: &str = "e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, \
+     e.admin, e.downstream, e.expires_at, e.revision, e.created_at";
+
+/// One row of `entries`, as stored.
+#[derive(sqlx::FromRow)]
+struct EntryRow {
+    id: String,
+    spiffe_id: String,
+    parent_id: String,
+    x509_svid_ttl: Option<i64>,
+    hint: String,
+    admin: bool,
+    downstream: bool,
+    expires_at: Option<i64>,
+    revision: i64,
+    created_at: i64,
+}
+
+/// The kind of an `entry_events` row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum EventKind {
+    Create,
+    Update,
+    Delete,
+}
+
+impl EventKind {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Create => "create",
+            EventKind::Update => "update",
+            EventKind::Delete => "delete",
+        }
+    }
+}
+
+impl Datastore {
+    /// Stores a new entry with its selectors and DNS names, and logs a `create` event.
+    ///
+    /// Fails with [`Error::AlreadyExists`] if an entry with the same id exists, or if
+    /// another entry has the same SPIFFE ID, parent ID and selector set (the message
+    /// names that entry). The entry is stored as given (revision and `created_at`
+    /// included); it is not validated here, see [`RegistrationEntry::validate`].
+    pub async fn create_entry(&self, entry: &RegistrationEntry) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        insert_entry(&mut tx, entry, unix_now()).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces every field of the entry with `entry.id`, selectors and DNS names
+    /// included, and logs an `update` event. The stored revision is bumped by one (the
+    /// caller's `revision` is ignored) and `created_at` is kept (the caller's is ignored).
+    /// Returns the entry as now stored.
+    ///
+    /// Fails with [`Error::NotFound`] if there is no such entry, and with
+    /// [`Error::AlreadyExists`] if another entry has the new SPIFFE ID, parent ID and
+    /// selector set.
+    pub async fn update_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry> {
+        let id = entry.id.as_str();
+        let mut tx = self.begin_write().await?;
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM entries WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if exists.is_none() {
+            return Err(not_found(&entry.id));
+        }
+        check_similar(&mut tx, entry).await?;
+        sqlx::query(
+            "UPDATE entries SET spiffe_id = $2, parent_id = $3, x509_svid_ttl = $4, hint = $5, \
+             admin = $6, downstream = $7, expires_at = $8, revision = revision + 1 \
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(entry.spiffe_id.as_str())
+        .bind(entry.parent_id.as_str())
+        .bind(ttl_to_db(entry.x509_svid_ttl)?)
+        .bind(entry.hint.as_str())
+        .bind(entry.admin)
+        .bind(entry.downstream)
+        .bind(entry.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM entry_selectors WHERE entry_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM entry_dns_names WHERE entry_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        insert_children(&mut tx, entry).await?;
+        insert_events(&mut tx, &[id], EventKind::Update, unix_now()).await?;
+        let stored = load_one(&mut tx, &entry.id).await?.ok_or_else(|| {
+            Error::Datastore(format!("entry {} vanished while updated", entry.id))
+        })?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Deletes an entry (its selectors and DNS names cascade) and logs a `delete` event.
+    /// Returns the entry as it was; [`Error::NotFound`] if there is no such entry.
+    pub async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+        let mut tx = self.begin_write().await?;
+        let entry = load_one(&mut tx, id).await?.ok_or_else(|| not_found(id))?;
+        sqlx::query("DELETE FROM entries WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *tx)
+            .await?;
+        insert_events(&mut tx, &[id.as_str()], EventKind::Delete, unix_now()).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    /// The entry with this id, if any.
+    pub async fn get_entry(&self, id: &EntryId) -> Result<Option<RegistrationEntry>> {
+        let mut tx = self.begin_read().await?;
+        let entry = load_one(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(entry)
+    }
+
+    /// The entries matching `filter`, sorted by id, with their selectors and DNS names.
+    pub async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>> {
+        let mut tx = self.begin_read().await?;
+        let entries = load_entries(&mut tx, filter).await?;
+        tx.commit().await?;
+        Ok(entries)
+    }
+
+    /// How many entries match `filter`.
+    pub async fn count_entries(&self, filter: &EntryFilter) -> Result<u64> {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM entries e");
+        push_filter(&mut qb, filter);
+        let n: i64 = qb.build_query_scalar().fetch_one(&self.pool).await?;
+        u64::try_from(n).map_err(|_| Error::Datastore(format!("negative entry count {n}")))
+    }
+
+    /// Every entry, sorted by id: three bulk queries in one snapshot, for loading the
+    /// in-memory entry cache.
+    pub async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
+        self.list_entries(&EntryFilter::default()).await
+    }
+
+    /// The id of the newest entry event, 0 if there is none.
+    pub async fn latest_entry_event_id(&self) -> Result<i64> {
+        let id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entry_events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(id)
+    }
+
+    /// Deletes every entry whose `expires_at` is at or before `now`, logging a `delete`
+    /// event for each, in one transaction. Returns the ids deleted, sorted.
+    pub async fn prune_expired_entries(&self, now: i64) -> Result<Vec<EntryId>> {
+        let mut tx = self.begin_write().await?;
+        let mut raw: Vec<String> =
+            sqlx::query_scalar("DELETE FROM entries WHERE expires_at <= $1 RETURNING id")
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+        raw.sort();
+        let ids = raw
+            .iter()
+            .map(|id| EntryId::new(id).map_err(|e| corrupt(format_args!("entries id={id:?}"), e)))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&str> = raw.iter().map(String::as_str).collect();
+        insert_events(&mut tx, &refs, EventKind::Delete, now).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+}
+
+fn not_found(id: &EntryId) -> Error {
+    Error::NotFound(format!("entry {id} not found"))
+}
+
+/// Inserts a new entry with its children and its `create` event, inside the caller's
+/// transaction. Shared by [`Datastore::create_entry`] and join-token creation.
+pub(super) async fn insert_entry(
+    conn: &mut SqliteConnection,
+    entry: &RegistrationEntry,
+    now: i64,
+) -> Result<()> {
+    let id = entry.id.as_str();
+    let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM entries WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    if exists.is_some() {
+        return Err(already_exists(&entry.id));
+    }
+    check_similar(conn, entry).await?;
+    sqlx::query(
+        "INSERT INTO entries (id, spiffe_id, parent_id, x509_svid_ttl, hint, admin, \
+         downstream, expires_at, revision, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(id)
+    .bind(entry.spiffe_id.as_str())
+    .bind(entry.parent_id.as_str())
+    .bind(ttl_to_db(entry.x509_svid_ttl)?)
+    .bind(entry.hint.as_str())
+    .bind(entry.admin)
+    .bind(entry.downstream)
+    .bind(entry.expires_at)
+    .bind(i64::try_from(entry.revision).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "entry {id}: revision {} is too large",
+            entry.revision
+        ))
+    })?)
+    .bind(entry.created_at)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            already_exists(&entry.id)
+        } else {
+            e.into()
+        }
+    })?;
+    insert_children(conn, entry).await?;
+    insert_events(conn, &[id], EventKind::Create, now).await?;
+    Ok(())
+}
+
+fn already_exists(id: &EntryId) -> Error {
+    Error::AlreadyExists(format!("entry {id} already exists"))
+}
+
+/// The similar-entry rule (as SPIRE's): no two entries may have the same SPIFFE ID,
+/// parent ID and selector set. Fails with [`Error::AlreadyExists`] naming the first
+/// other entry (by id) that is similar to `entry`; `entry`'s own row is not compared.
+async fn check_similar(conn: &mut SqliteConnection, entry: &RegistrationEntry) -> Result<()> {
+    let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT e.id, s.type, s.value FROM entries e \
+         LEFT JOIN entry_selectors s ON s.entry_id = e.id \
+         WHERE e.spiffe_id = $1 AND e.parent_id = $2 AND e.id <> $3 \
+         ORDER BY e.id",
+    )
+    .bind(entry.spiffe_id.as_str())
+    .bind(entry.parent_id.as_str())
+    .bind(entry.id.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+
+    // Group the candidates' selectors by entry id, in id order.
+    let mut candidates: Vec<(String, BTreeSet<(String, String)>)> = Vec::new();
+    for (id, kind, value) in rows {
+        if candidates.last().is_none_or(|(last, _)| *last != id) {
+            candidates.push((id, BTreeSet::new()));
+        }
+        if let (Some((_, set)), Some(kind), Some(value)) = (candidates.last_mut(), kind, value) {
+            set.insert((kind, value));
+        }
+    }
+    let wanted: BTreeSet<(&str, &str)> = entry
+        .selectors
+        .iter()
+        .map(|s| (s.kind(), s.value()))
+        .collect();
+    for (other, set) in &candidates {
+        if set.len() == wanted.len()
+            && set
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .eq(wanted.iter().copied())
+        {
+            return Err(Error::AlreadyExists(format!(
+                "similar entry {other} already exists (same SPIFFE ID {}, parent ID {} and \
+                 selectors)",
+                entry.spiffe_id, entry.parent_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Inserts the selectors and DNS names of `entry` (whose row exists, whose children do
+/// not).
+async fn insert_children(conn: &mut SqliteConnection, entry: &RegistrationEntry) -> Result<()> {
+    let id = entry.id.as_str();
+    let selectors: Vec<&Selector> = entry.selectors.iter().collect();
+    for chunk in selectors.chunks(INSERT_CHUNK) {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("INSERT INTO entry_selectors (entry_id, type, value) ");
+        qb.push_values(chunk, |mut row, s| {
+            row.push_bind(id).push_bind(s.kind()).push_bind(s.value());
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    let names: Vec<(i64, &str)> = entry
+        .dns_names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i64::try_from(i).unwrap_or(i64::MAX), n.as_str()))
+        .collect();
+    for chunk in names.chunks(INSERT_CHUNK) {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("INSERT INTO entry_dns_names (entry_id, position, name) ");
+        qb.push_values(chunk, |mut row, (pos, name)| {
+            row.push_bind(id).push_bind(*pos).push_bind(*name);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Logs one event of `kind` for each of `ids`.
+async fn insert_events(
+    conn: &mut SqliteConnection,
+    ids: &[&str],
+    kind: EventKind,
+    at: i64,
+) -> Result<()> {
+    for chunk in ids.chunks(INSERT_CHUNK) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO entry_events (entry_id, kind, at) ");
+        qb.push_values(chunk, |mut row, id| {
+            row.push_bind(*id).push_bind(kind.as_str()).push_bind(at);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Appends the `WHERE` clause of `filter` to a query on `entries e`.
+fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &EntryFilter) {
+    let mut sep = " WHERE ";
+    if let Some(id) = &filter.id {
+        qb.push(sep)
+            .push("e.id = ")
+            .push_bind(id.as_str().to_owned());
+        sep = " AND ";
+    }
+    if let Some(spiffe_id) = &filter.spiffe_id {
+        qb.push(sep)
+            .push("e.spiffe_id = ")
+            .push_bind(spiffe_id.as_str().to_owned());
+        sep = " AND ";
+    }
+    if let Some(parent_id) = &filter.parent_id {
+        qb.push(sep)
+            .push("e.parent_id = ")
+            .push_bind(parent_id.as_str().to_owned());
+        sep = " AND ";
+    }
+    // One indexed membership test per distinct selector: the entry has all of them.
+    let selectors: BTreeSet<&Selector> = filter.selectors.iter().collect();
+    for s in selectors {
+        qb.push(sep)
+            .push("e.id IN (SELECT entry_id FROM entry_selectors WHERE type = ")
+            .push_bind(s.kind().to_owned())
+            .push(" AND value = ")
+            .push_bind(s.value().to_owned())
+            .push(")");
+        sep = " AND ";
+    }
+}
+
+/// Loads one entry with its children.
+async fn load_one(conn: &mut SqliteConnection, id: &EntryId) -> Result<Option<RegistrationEntry>> {
+    let filter = EntryFilter {
+        id: Some(id.clone()),
+        ..EntryFilter::default()
+    };
+    Ok(load_entries(conn, &filter).await?.into_iter().next())
+}
+
+/// Loads the entries matching `filter`, sorted by id, with their children: one query for
+/// the entries, one for all their selectors, one for all their DNS names.
+async fn load_entries(
+    conn: &mut SqliteConnection,
+    filter: &EntryFilter,
+) -> Result<Vec<RegistrationEntry>> {
+    let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {ENTRY_COLUMNS} FROM entries e"));
+    push_filter(&mut qb, filter);
+    qb.push(" ORDER BY e.id");
+    let rows: Vec<EntryRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    let mut qb =
+        QueryBuilder::<Sqlite>::new("SELECT s.entry_id, s.type, s.value FROM entry_selectors s");
+    push_subquery(&mut qb, "s.entry_id", filter);
+    qb.push(" ORDER BY s.entry_id, s.type, s.value");
+    let selector_rows: Vec<(String, String, String)> =
+        qb.build_query_as().fetch_all(&mut *conn).await?;
+    let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
+    for (entry_id, kind, value) in selector_rows {
+        let s = parse_selector(
+            format_args!("entry_selectors entry_id={entry_id:?}"),
+            &kind,
+            &value,
+        )?;
+        selectors.entry(entry_id).or_default().push(s);
+    }
+
+    let mut qb = QueryBuilder::<Sqlite>::new("SELECT d.entry_id, d.name FROM entry_dns_names d");
+    push_subquery(&mut qb, "d.entry_id", filter);
+    qb.push(" ORDER BY d.entry_id, d.position");
+    let dns_rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+    let mut dns_names: HashMap<String, Vec<String>> = HashMap::new();
+    for (entry_id, name) in dns_rows {
+        dns_names.entry(entry_id).or_default().push(name);
+    }
+
+    rows.into_iter()
+        .map(|row| {
+            let s = selectors.remove(&row.id).unwrap_or_default();
+            let d = dns_names.remove(&row.id).unwrap_or_default();
+            entry_from_row(row, s, d)
+        })
+        .collect()
+}
+
+/// Restricts a query on a child table to the entries matching `filter` (nothing to add
+/// when the filter is empty).
+fn push_subquery(qb: &mut QueryBuilder<Sqlite>, column: &str, filter: &EntryFilter) {
+    if !filter.is_empty() {
+        qb.push(" WHERE ")
+            .push(column)
+            .push(" IN (SELECT e.id FROM entries e");
+        push_filter(qb, filter);
+        qb.push(")");
+    }
+}
+
+/// Converts a stored row back into an entry, re-parsing every field.
+fn entry_from_row(
+    row: EntryRow,
+    selectors: Vec<Selector>,
+    dns_names: Vec<String>,
+) -> Result<RegistrationEntry> {
+    let at = format!("entries id={:?}", row.id);
+    let id = EntryId::new(&row.id).map_err(|e| corrupt(&at, e))?;
+    let x509_svid_ttl = match row.x509_svid_ttl {
+        None => None,
+        Some(secs) => {
+            Some(Duration::from_secs(u64::try_from(secs).map_err(|_| {
+                corrupt(&at, format!("x509_svid_ttl {secs} < 0"))
+            })?))
+        }
+    };
+    Ok(RegistrationEntry {
+        spiffe_id: parse_spiffe_id(&at, &row.spiffe_id)?,
+        parent_id: parse_spiffe_id(&at, &row.parent_id)?,
+        selectors: selectors.into_iter().collect(),
+        x509_svid_ttl,
+        dns_names,
+        hint: row.hint,
+        admin: row.admin,
+        downstream: row.downstream,
+        expires_at: row.expires_at,
+        revision: u64::try_from(row.revision)
+            .map_err(|_| corrupt(&at, format!("revision {} < 0", row.revision)))?,
+        created_at: row.created_at,
+        id,
+    })
+}
+
+/// A TTL in whole seconds (sub-second parts are dropped).
+fn ttl_to_db(ttl: Option<Duration>) -> Result<Option<i64>> {
+    ttl.map(|d| {
+        i64::try_from(d.as_secs()).map_err(|_| {
+            Error::InvalidArgument(format!("x509_svid_ttl {} s is too large", d.as_secs()))
+        })
+    })
+    .transpose()
+}

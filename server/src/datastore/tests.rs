@@ -1,0 +1,997 @@
+//! Tests of the datastore against in-memory and file-backed SQLite.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use carapace_core::{
+    EntryId, JwtKey, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustBundle, TrustDomain,
+};
+
+use super::*;
+
+fn sel(s: &str) -> Selector {
+    s.parse().unwrap()
+}
+
+fn sels(items: &[&str]) -> SelectorSet {
+    items.iter().map(|s| sel(s)).collect()
+}
+
+fn sid(s: &str) -> SpiffeId {
+    s.parse().unwrap()
+}
+
+fn eid(s: &str) -> EntryId {
+    EntryId::new(s).unwrap()
+}
+
+const AGENT: &str = "spiffe://example.org/spire/agent/join_token/abc";
+
+fn entry(id: &str, path: &str, selectors: &[&str]) -> RegistrationEntry {
+    RegistrationEntry {
+        id: eid(id),
+        spiffe_id: sid(&format!("spiffe://example.org{path}")),
+        parent_id: sid(AGENT),
+        selectors: sels(selectors),
+        x509_svid_ttl: None,
+        dns_names: Vec::new(),
+        hint: String::new(),
+        admin: false,
+        downstream: false,
+        expires_at: None,
+        revision: 0,
+        created_at: 1_000,
+    }
+}
+
+fn full_entry() -> RegistrationEntry {
+    RegistrationEntry {
+        id: eid("full-1"),
+        spiffe_id: sid("spiffe://example.org/web"),
+        parent_id: sid(AGENT),
+        selectors: sels(&["unix:uid:1000", "unix:gid:1000", "k8s:ns:default"]),
+        x509_svid_ttl: Some(Duration::from_secs(3600)),
+        // Not in sorted order: the order must be kept.
+        dns_names: vec![
+            "web.example.org".into(),
+            "a.example.org".into(),
+            "*.z.example.org".into(),
+        ],
+        hint: "the web tier".into(),
+        admin: true,
+        downstream: true,
+        expires_at: Some(2_000_000_000),
+        revision: 0,
+        created_at: 1_700_000_000,
+    }
+}
+
+async fn mem() -> Datastore {
+    Datastore::open_in_memory().await.unwrap()
+}
+
+async fn count(ds: &Datastore, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(&ds.pool)
+        .await
+        .unwrap()
+}
+
+async fn events(ds: &Datastore) -> Vec<(i64, String, String)> {
+    sqlx::query_as("SELECT id, entry_id, kind FROM entry_events ORDER BY id")
+        .fetch_all(&ds.pool)
+        .await
+        .unwrap()
+}
+
+fn agent(path: &str, selectors: &[&str]) -> AttestedAgent {
+    AttestedAgent {
+        spiffe_id: sid(&format!("spiffe://example.org/spire/agent{path}")),
+        attestor: "join_token".into(),
+        serial: "0a1b".into(),
+        new_serial: None,
+        expires_at: 5_000,
+        banned: false,
+        reattestable: false,
+        attested_at: 1_000,
+        selectors: sels(selectors),
+    }
+}
+
+// ---------------------------------------------------------------- entries
+
+#[tokio::test]
+async fn entry_crud_round_trip() {
+    let ds = mem().await;
+    let e = full_entry();
+    ds.create_entry(&e).await.unwrap();
+
+    let got = ds.get_entry(&e.id).await.unwrap().unwrap();
+    assert_eq!(got, e, "every field round-trips");
+    assert_eq!(got.dns_names[0], "web.example.org", "dns order kept");
+    assert_eq!(count(&ds, "entry_selectors").await, 3);
+    assert_eq!(count(&ds, "entry_dns_names").await, 3);
+
+    // Update: every field replaced, revision bumped, created_at kept.
+    let mut u = e.clone();
+    u.spiffe_id = sid("spiffe://example.org/web2");
+    u.selectors = sels(&["unix:uid:2000"]);
+    u.dns_names = vec!["b.example.org".into()];
+    u.x509_svid_ttl = None;
+    u.hint = String::new();
+    u.admin = false;
+    u.downstream = false;
+    u.expires_at = None;
+    u.revision = 42; // ignored
+    u.created_at = 5; // ignored
+    let stored = ds.update_entry(&u).await.unwrap();
+    let mut expected = u.clone();
+    expected.revision = 1;
+    expected.created_at = e.created_at;
+    assert_eq!(stored, expected);
+    assert_eq!(ds.get_entry(&e.id).await.unwrap().unwrap(), expected);
+    assert_eq!(
+        count(&ds, "entry_selectors").await,
+        1,
+        "old selectors replaced"
+    );
+    assert_eq!(
+        count(&ds, "entry_dns_names").await,
+        1,
+        "old dns names replaced"
+    );
+    let again = ds.update_entry(&u).await.unwrap();
+    assert_eq!(again.revision, 2);
+
+    // Delete returns what was deleted and cascades.
+    let deleted = ds.delete_entry(&e.id).await.unwrap();
+    assert_eq!(deleted, again);
+    assert_eq!(ds.get_entry(&e.id).await.unwrap(), None);
+    assert_eq!(count(&ds, "entries").await, 0);
+    assert_eq!(count(&ds, "entry_selectors").await, 0);
+    assert_eq!(count(&ds, "entry_dns_names").await, 0);
+}
+
+#[tokio::test]
+async fn unknown_entries() {
+    let ds = mem().await;
+    assert_eq!(ds.get_entry(&eid("nope")).await.unwrap(), None);
+    let e = entry("nope", "/x", &["t:a"]);
+    let err = ds.update_entry(&e).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound(m) if m == "entry nope not found"),
+        "{err:?}"
+    );
+    let err = ds.delete_entry(&e.id).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound(m) if m.contains("nope")),
+        "{err:?}"
+    );
+    assert_eq!(count(&ds, "entries").await, 0);
+    assert_eq!(
+        ds.latest_entry_event_id().await.unwrap(),
+        0,
+        "failures log nothing"
+    );
+}
+
+#[tokio::test]
+async fn duplicate_id_and_similar_entries_are_rejected() {
+    let ds = mem().await;
+    ds.create_entry(&entry("e1", "/web", &["t:a", "t:b"]))
+        .await
+        .unwrap();
+
+    // Same id, otherwise different.
+    let err = ds
+        .create_entry(&entry("e1", "/other", &["t:z"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::AlreadyExists(m) if m.contains("e1")),
+        "{err:?}"
+    );
+
+    // Same SPIFFE ID, parent and selector set: similar.
+    let err = ds
+        .create_entry(&entry("e2", "/web", &["t:b", "t:a"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::AlreadyExists(m) if m.contains("e1")),
+        "names e1: {err:?}"
+    );
+
+    // Any difference makes it not similar.
+    ds.create_entry(&entry("e3", "/web", &["t:a"]))
+        .await
+        .unwrap();
+    ds.create_entry(&entry("e4", "/web", &["t:a", "t:b", "t:c"]))
+        .await
+        .unwrap();
+    ds.create_entry(&entry("e5", "/web2", &["t:a", "t:b"]))
+        .await
+        .unwrap();
+    let mut other_parent = entry("e6", "/web", &["t:a", "t:b"]);
+    other_parent.parent_id = sid("spiffe://example.org/spire/agent/join_token/other");
+    ds.create_entry(&other_parent).await.unwrap();
+    assert_eq!(count(&ds, "entries").await, 5);
+
+    // Update: may keep its own selectors (not similar to itself)...
+    let mut e3 = entry("e3", "/web", &["t:a"]);
+    e3.hint = "changed".into();
+    ds.update_entry(&e3).await.unwrap();
+    // ...but may not become similar to another entry; nothing changes then.
+    let e3_to_e1 = entry("e3", "/web", &["t:a", "t:b"]);
+    let err = ds.update_entry(&e3_to_e1).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::AlreadyExists(m) if m.contains("e1")),
+        "{err:?}"
+    );
+    let stored = ds.get_entry(&eid("e3")).await.unwrap().unwrap();
+    assert_eq!(stored.selectors, sels(&["t:a"]));
+    assert_eq!(stored.revision, 1);
+    assert_eq!(stored.hint, "changed");
+}
+
+#[tokio::test]
+async fn list_filters_and_count() {
+    let ds = mem().await;
+    // Created out of id order.
+    ds.create_entry(&entry("c", "/web", &["t:a", "t:b"]))
+        .await
+        .unwrap();
+    ds.create_entry(&entry("a", "/web", &["t:a"]))
+        .await
+        .unwrap();
+    let mut b = entry("b", "/db", &["t:a", "t:c"]);
+    b.parent_id = sid("spiffe://example.org/spire/agent/join_token/other");
+    ds.create_entry(&b).await.unwrap();
+
+    let ids =
+        |v: Vec<RegistrationEntry>| v.into_iter().map(|e| e.id.to_string()).collect::<Vec<_>>();
+    let check = async |f: EntryFilter, want: &[&str]| {
+        let got = ds.list_entries(&f).await.unwrap();
+        assert_eq!(
+            ds.count_entries(&f).await.unwrap(),
+            got.len() as u64,
+            "{f:?}"
+        );
+        assert_eq!(ids(got), want, "{f:?}");
+    };
+
+    check(EntryFilter::default(), &["a", "b", "c"]).await;
+    check(
+        EntryFilter {
+            id: Some(eid("b")),
+            ..Default::default()
+        },
+        &["b"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            id: Some(eid("zz")),
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+    check(
+        EntryFilter {
+            spiffe_id: Some(sid("spiffe://example.org/web")),
+            ..Default::default()
+        },
+        &["a", "c"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            parent_id: Some(sid(AGENT)),
+            ..Default::default()
+        },
+        &["a", "c"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            selectors: vec![sel("t:a")],
+            ..Default::default()
+        },
+        &["a", "b", "c"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            selectors: vec![sel("t:a"), sel("t:b")],
+            ..Default::default()
+        },
+        &["c"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            selectors: vec![sel("t:b"), sel("t:a"), sel("t:b")],
+            ..Default::default()
+        },
+        &["c"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            selectors: vec![sel("t:a"), sel("t:c")],
+            ..Default::default()
+        },
+        &["b"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            selectors: vec![sel("t:z")],
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+    // Filters combine with AND.
+    check(
+        EntryFilter {
+            spiffe_id: Some(sid("spiffe://example.org/web")),
+            selectors: vec![sel("t:b")],
+            ..Default::default()
+        },
+        &["c"],
+    )
+    .await;
+    check(
+        EntryFilter {
+            id: Some(eid("a")),
+            parent_id: Some(sid("spiffe://example.org/spire/agent/join_token/other")),
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+
+    // Listed entries carry all their selectors, not only the filtered ones.
+    let got = ds
+        .list_entries(&EntryFilter {
+            selectors: vec![sel("t:b")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(got[0].selectors, sels(&["t:a", "t:b"]));
+}
+
+#[tokio::test]
+async fn every_entry_write_logs_one_event() {
+    let ds = mem().await;
+    assert_eq!(ds.latest_entry_event_id().await.unwrap(), 0);
+    let e = entry("e1", "/web", &["t:a"]);
+    ds.create_entry(&e).await.unwrap();
+    let after_create = ds.latest_entry_event_id().await.unwrap();
+    ds.update_entry(&e).await.unwrap();
+    let after_update = ds.latest_entry_event_id().await.unwrap();
+    ds.delete_entry(&e.id).await.unwrap();
+    let after_delete = ds.latest_entry_event_id().await.unwrap();
+    assert!(0 < after_create && after_create < after_update && after_update < after_delete);
+
+    // Failed writes log nothing.
+    ds.create_entry(&entry("e2", "/web", &["t:a"]))
+        .await
+        .unwrap();
+    assert!(ds.create_entry(&entry("e2", "/x", &["t:b"])).await.is_err());
+    assert!(
+        ds.create_entry(&entry("e3", "/web", &["t:a"]))
+            .await
+            .is_err()
+    );
+
+    let log: Vec<(String, String)> = events(&ds)
+        .await
+        .into_iter()
+        .map(|(_, id, kind)| (id, kind))
+        .collect();
+    let want = [
+        ("e1", "create"),
+        ("e1", "update"),
+        ("e1", "delete"),
+        ("e2", "create"),
+    ];
+    assert_eq!(
+        log,
+        want.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ds.latest_entry_event_id().await.unwrap(),
+        events(&ds).await[3].0
+    );
+}
+
+#[tokio::test]
+async fn prune_expired_entries() {
+    let ds = mem().await;
+    for (id, exp) in [
+        ("a", Some(100)),
+        ("b", Some(200)),
+        ("c", None),
+        ("d", Some(50)),
+    ] {
+        let mut e = entry(id, &format!("/{id}"), &["t:a"]);
+        e.expires_at = exp;
+        ds.create_entry(&e).await.unwrap();
+    }
+    let before = ds.latest_entry_event_id().await.unwrap();
+    let pruned = ds.prune_expired_entries(100).await.unwrap();
+    assert_eq!(
+        pruned,
+        vec![eid("a"), eid("d")],
+        "expires_at <= now, sorted"
+    );
+    let left: Vec<String> = ds
+        .list_all_entries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(left, ["b", "c"]);
+    assert_eq!(count(&ds, "entry_selectors").await, 2, "selectors cascade");
+    let new_events: Vec<_> = events(&ds)
+        .await
+        .into_iter()
+        .filter(|(id, _, _)| *id > before)
+        .collect();
+    assert_eq!(new_events.len(), 2);
+    assert!(new_events.iter().all(|(_, _, kind)| kind == "delete"));
+    assert_eq!(
+        ds.prune_expired_entries(100).await.unwrap(),
+        Vec::<EntryId>::new()
+    );
+}
+
+#[tokio::test]
+async fn list_all_entries_bulk() {
+    let ds = mem().await;
+    let mut tx = ds.begin_write().await.unwrap();
+    for i in 0..2_000 {
+        let mut e = entry(
+            &format!("e{i:05}"),
+            &format!("/w/{i}"),
+            &["t:a", &format!("n:{i}")],
+        );
+        e.dns_names = vec![format!("w{i}.example.org"), "x.example.org".into()];
+        entries::insert_entry(&mut tx, &e, 0).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let all = ds.list_all_entries().await.unwrap();
+    assert_eq!(all.len(), 2_000);
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.id.as_str(), format!("e{i:05}"), "sorted by id");
+        assert_eq!(e.selectors, sels(&["t:a", &format!("n:{i}")]), "{}", e.id);
+        assert_eq!(
+            e.dns_names,
+            [format!("w{i}.example.org"), "x.example.org".into()]
+        );
+    }
+    assert_eq!(
+        ds.count_entries(&EntryFilter::default()).await.unwrap(),
+        2_000
+    );
+    let one = EntryFilter {
+        selectors: vec![sel("n:1234")],
+        ..Default::default()
+    };
+    assert_eq!(
+        ds.list_entries(&one).await.unwrap()[0].id.as_str(),
+        "e01234"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_rows_are_datastore_errors() {
+    let ds = mem().await;
+    ds.create_entry(&entry("e1", "/web", &["t:a"]))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE entries SET spiffe_id = 'not a spiffe id'")
+        .execute(&ds.pool)
+        .await
+        .unwrap();
+    let err = ds.get_entry(&eid("e1")).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Datastore(m) if m.contains("e1")),
+        "{err:?}"
+    );
+    assert!(ds.list_all_entries().await.is_err());
+
+    let ds = mem().await;
+    ds.create_entry(&entry("e1", "/web", &["t:a"]))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE entry_selectors SET type = 'bad type'")
+        .execute(&ds.pool)
+        .await
+        .unwrap();
+    let err = ds.list_all_entries().await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Datastore(m) if m.contains("entry_selectors")),
+        "{err:?}"
+    );
+}
+
+// ---------------------------------------------------------------- join tokens
+
+/// A token id and secret hash, distinct per `n`.
+fn tok(n: u8) -> (String, [u8; 32]) {
+    (format!("{n:016x}"), [n; 32])
+}
+
+#[tokio::test]
+async fn join_token_is_single_use() {
+    let ds = mem().await;
+    let (id, h) = tok(7);
+    ds.create_join_token(&id, &h, 200, 100, None).await.unwrap();
+    let err = ds
+        .create_join_token(&id, &[9; 32], 300, 100, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists(_)), "{err:?}");
+
+    let stored = ds.get_join_token(&id).await.unwrap().unwrap();
+    assert_eq!(
+        stored,
+        JoinToken {
+            id: id.clone(),
+            secret_hash: h,
+            expires_at: 200,
+            created_at: 100
+        }
+    );
+    assert!(
+        !format!("{stored:?}").contains("7, 7"),
+        "Debug hides the hash"
+    );
+    assert_eq!(ds.get_join_token("0000000000000000").await.unwrap(), None);
+
+    // A wrong secret hash neither succeeds nor burns the token.
+    assert!(!ds.consume_join_token(&id, &[8; 32], 150).await.unwrap());
+    assert!(ds.consume_join_token(&id, &h, 150).await.unwrap());
+    assert!(
+        !ds.consume_join_token(&id, &h, 150).await.unwrap(),
+        "second use"
+    );
+    assert_eq!(ds.get_join_token(&id).await.unwrap(), None);
+    assert!(
+        !ds.consume_join_token("unknown", &h, 150).await.unwrap(),
+        "unknown token"
+    );
+
+    // Expired (expires_at <= now): refused, and deleted too.
+    ds.create_join_token(&id, &h, 200, 100, None).await.unwrap();
+    assert!(!ds.consume_join_token(&id, &h, 200).await.unwrap());
+    assert_eq!(count(&ds, "join_tokens").await, 0);
+
+    // Pruning.
+    for (n, exp) in [(1, 100), (2, 200), (3, 300)] {
+        let (id, h) = tok(n);
+        ds.create_join_token(&id, &h, exp, 0, None).await.unwrap();
+    }
+    assert_eq!(ds.prune_expired_join_tokens(200).await.unwrap(), 2);
+    let (id3, h3) = tok(3);
+    assert!(ds.consume_join_token(&id3, &h3, 200).await.unwrap());
+}
+
+#[tokio::test]
+async fn the_secret_is_not_stored() {
+    let ds = mem().await;
+    let (id, h) = tok(1);
+    ds.create_join_token(&id, &h, 200, 100, None).await.unwrap();
+    let columns: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM pragma_table_info('join_tokens') ORDER BY cid")
+            .fetch_all(&ds.pool)
+            .await
+            .unwrap();
+    assert_eq!(columns, ["id", "secret_hash", "expires_at", "created_at"]);
+}
+
+#[tokio::test]
+async fn join_token_with_alias_is_one_transaction() {
+    let ds = mem().await;
+    let alias = |id: &str| {
+        let mut e = entry(id, "/node", &["join_token:abc"]);
+        e.parent_id = sid("spiffe://example.org/spire/server");
+        e
+    };
+    let (t1, h1) = tok(1);
+    ds.create_join_token(&t1, &h1, 200, 100, Some(&alias("a1")))
+        .await
+        .unwrap();
+    assert!(ds.get_entry(&eid("a1")).await.unwrap().is_some());
+    assert_eq!(events(&ds).await.len(), 1, "alias creation is logged");
+
+    // A similar alias: neither the entry nor the token is stored.
+    let (t2, h2) = tok(2);
+    let err = ds
+        .create_join_token(&t2, &h2, 200, 100, Some(&alias("a2")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::AlreadyExists(m) if m.contains("a1")),
+        "{err:?}"
+    );
+    assert_eq!(count(&ds, "join_tokens").await, 1);
+    assert_eq!(ds.get_join_token(&t2).await.unwrap(), None);
+    assert!(!ds.consume_join_token(&t2, &h2, 150).await.unwrap());
+    assert!(ds.get_entry(&eid("a2")).await.unwrap().is_none());
+
+    // A duplicate alias id: same.
+    let mut dup = alias("a1");
+    dup.spiffe_id = sid("spiffe://example.org/node2");
+    let (t3, h3) = tok(3);
+    assert!(
+        ds.create_join_token(&t3, &h3, 200, 100, Some(&dup))
+            .await
+            .is_err()
+    );
+    assert_eq!(count(&ds, "join_tokens").await, 1);
+    assert_eq!(count(&ds, "entries").await, 1);
+    assert_eq!(count(&ds, "entry_selectors").await, 1);
+    assert_eq!(events(&ds).await.len(), 1);
+
+    // A duplicate token with a fresh alias: the alias is not stored.
+    assert!(
+        ds.create_join_token(&t1, &h1, 200, 100, Some(&alias("a3")))
+            .await
+            .is_err()
+    );
+    assert!(ds.get_entry(&eid("a3")).await.unwrap().is_none());
+    assert_eq!(events(&ds).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_consumers_of_one_token_exactly_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Datastore::open(&dir.path().join("ds.sqlite"))
+        .await
+        .unwrap();
+    for round in 0..5u8 {
+        let (id, h) = tok(round);
+        ds.create_join_token(&id, &h, 1_000, 0, None).await.unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(20));
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let ds = ds.clone();
+                let barrier = barrier.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    ds.consume_join_token(&id, &h, 10).await.unwrap()
+                })
+            })
+            .collect();
+        let mut wins = 0;
+        for t in tasks {
+            if t.await.unwrap() {
+                wins += 1;
+            }
+        }
+        assert_eq!(wins, 1, "round {round}");
+    }
+}
+
+// ---------------------------------------------------------------- agents
+
+#[tokio::test]
+async fn agents_upsert_get_list() {
+    let ds = mem().await;
+    let b = agent("/join_token/b", &["join_token:b", "host:b"]);
+    let mut a = agent("/join_token/a", &["join_token:a"]);
+    a.new_serial = Some("ff".into());
+    a.reattestable = true;
+    ds.upsert_attested_agent(&b).await.unwrap();
+    ds.upsert_attested_agent(&a).await.unwrap();
+
+    assert_eq!(
+        ds.get_attested_agent(&a.spiffe_id).await.unwrap().unwrap(),
+        a
+    );
+    assert_eq!(
+        ds.get_attested_agent(&b.spiffe_id).await.unwrap().unwrap(),
+        b
+    );
+    assert_eq!(
+        ds.list_attested_agents().await.unwrap(),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(
+        ds.get_attested_agent(&sid("spiffe://example.org/spire/agent/x"))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Re-attestation replaces every field and the node selectors.
+    let mut b2 = b.clone();
+    b2.serial = "0c".into();
+    b2.selectors = sels(&["join_token:b", "host:b2"]);
+    b2.attested_at = 2_000;
+    ds.upsert_attested_agent(&b2).await.unwrap();
+    assert_eq!(
+        ds.get_attested_agent(&b.spiffe_id).await.unwrap().unwrap(),
+        b2
+    );
+    assert_eq!(count(&ds, "node_selectors").await, 3);
+}
+
+#[tokio::test]
+async fn banned_agents() {
+    let ds = mem().await;
+    let a = agent("/join_token/a", &["join_token:a"]);
+    ds.upsert_attested_agent(&a).await.unwrap();
+    let banned = ds.set_agent_banned(&a.spiffe_id, true).await.unwrap();
+    assert!(banned.banned);
+    assert_eq!(banned.selectors, a.selectors);
+
+    let mut again = a.clone();
+    again.serial = "99".into();
+    again.selectors = sels(&["join_token:other"]);
+    let err = ds.upsert_attested_agent(&again).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::PermissionDenied(m) if m.contains("is banned")),
+        "{err:?}"
+    );
+    assert_eq!(
+        ds.get_attested_agent(&a.spiffe_id).await.unwrap().unwrap(),
+        banned,
+        "unchanged"
+    );
+    let err = ds
+        .set_agent_new_serial(&a.spiffe_id, "77", 9_000)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+
+    let unbanned = ds.set_agent_banned(&a.spiffe_id, false).await.unwrap();
+    assert_eq!(unbanned, a);
+    ds.upsert_attested_agent(&again).await.unwrap();
+    assert_eq!(
+        ds.get_attested_agent(&a.spiffe_id).await.unwrap().unwrap(),
+        again
+    );
+
+    let missing = sid("spiffe://example.org/spire/agent/missing");
+    assert!(matches!(
+        ds.set_agent_banned(&missing, true).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn evicting_an_agent() {
+    let ds = mem().await;
+    let a = agent("/join_token/a", &["join_token:a", "host:a"]);
+    let b = agent("/join_token/b", &["join_token:b"]);
+    ds.upsert_attested_agent(&a).await.unwrap();
+    ds.upsert_attested_agent(&b).await.unwrap();
+    ds.delete_attested_agent(&a.spiffe_id).await.unwrap();
+    assert_eq!(ds.get_attested_agent(&a.spiffe_id).await.unwrap(), None);
+    assert_eq!(
+        count(&ds, "node_selectors").await,
+        1,
+        "only b's selectors left"
+    );
+    assert_eq!(ds.list_attested_agents().await.unwrap(), vec![b]);
+    let err = ds.delete_attested_agent(&a.spiffe_id).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound(m) if m.contains("join_token/a")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn agent_serial_renewal_and_promotion() {
+    let ds = mem().await;
+    let a = agent("/join_token/a", &["join_token:a"]);
+    ds.upsert_attested_agent(&a).await.unwrap();
+
+    ds.set_agent_new_serial(&a.spiffe_id, "0b", 9_000)
+        .await
+        .unwrap();
+    let got = ds.get_attested_agent(&a.spiffe_id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            got.serial.as_str(),
+            got.new_serial.as_deref(),
+            got.expires_at
+        ),
+        ("0a1b", Some("0b"), 9_000)
+    );
+
+    // Only the pending serial can be promoted.
+    let err = ds
+        .promote_agent_serial(&a.spiffe_id, "0c")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
+    let unchanged = ds.get_attested_agent(&a.spiffe_id).await.unwrap().unwrap();
+    assert_eq!(unchanged, got);
+
+    ds.promote_agent_serial(&a.spiffe_id, "0b").await.unwrap();
+    let got = ds.get_attested_agent(&a.spiffe_id).await.unwrap().unwrap();
+    assert_eq!(
+        (got.serial.as_str(), got.new_serial.as_deref()),
+        ("0b", None)
+    );
+    // Idempotent once done; the old serial is no longer promotable.
+    ds.promote_agent_serial(&a.spiffe_id, "0b").await.unwrap();
+    assert!(ds.promote_agent_serial(&a.spiffe_id, "0a1b").await.is_err());
+
+    let missing = sid("spiffe://example.org/spire/agent/missing");
+    assert!(matches!(
+        ds.set_agent_new_serial(&missing, "1", 1).await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        ds.promote_agent_serial(&missing, "1").await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+// ---------------------------------------------------------------- bundles, CA journal
+
+fn ca_cert() -> (Vec<u8>, Vec<u8>) {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = p.self_signed(&kp).unwrap();
+    (
+        cert.der().to_vec(),
+        rcgen::PublicKeyData::subject_public_key_info(&kp),
+    )
+}
+
+#[tokio::test]
+async fn bundle_round_trip() {
+    let ds = mem().await;
+    let td = TrustDomain::new("example.org").unwrap();
+    assert_eq!(ds.get_bundle(&td).await.unwrap(), None);
+
+    let (ca1, jwt1) = ca_cert();
+    let (ca2, jwt2) = ca_cert();
+    let mut b = TrustBundle::new(td.clone());
+    b.x509_authorities = vec![ca1.clone()];
+    b.jwt_authorities = vec![
+        JwtKey {
+            kid: "k1".into(),
+            public_key_der: jwt1,
+            expires_at: Some(1_800_000_000),
+        },
+        JwtKey {
+            kid: "k2".into(),
+            public_key_der: jwt2,
+            expires_at: None,
+        },
+    ];
+    b.sequence = 3;
+    b.refresh_hint = Some(300);
+    ds.set_bundle(&b).await.unwrap();
+    assert_eq!(ds.get_bundle(&td).await.unwrap().unwrap(), b);
+
+    // Upsert replaces.
+    b.x509_authorities.push(ca2);
+    b.jwt_authorities.truncate(1);
+    b.sequence = 4;
+    ds.set_bundle(&b).await.unwrap();
+    assert_eq!(ds.get_bundle(&td).await.unwrap().unwrap(), b);
+    assert_eq!(count(&ds, "bundles").await, 1);
+
+    let other = TrustDomain::new("other.org").unwrap();
+    assert_eq!(ds.get_bundle(&other).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn ca_journal_save_load() {
+    let ds = mem().await;
+    assert_eq!(ds.load_ca_journal().await.unwrap(), None);
+    ds.save_ca_journal(b"\x00first\xff").await.unwrap();
+    assert_eq!(
+        ds.load_ca_journal().await.unwrap().unwrap(),
+        b"\x00first\xff"
+    );
+    ds.save_ca_journal(b"second").await.unwrap();
+    assert_eq!(ds.load_ca_journal().await.unwrap().unwrap(), b"second");
+    assert_eq!(count(&ds, "ca_journal").await, 1);
+}
+
+// ---------------------------------------------------------------- files
+
+#[tokio::test]
+async fn db_file_is_private_and_reopening_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("state/db");
+    let path = sub.join("carapace.sqlite");
+    let ds = Datastore::open(&path).await.unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600, "db file");
+    assert_eq!(mode(&sub), 0o700, "created directory");
+
+    let e = full_entry();
+    ds.create_entry(&e).await.unwrap();
+    ds.upsert_attested_agent(&agent("/join_token/a", &["join_token:a"]))
+        .await
+        .unwrap();
+    ds.save_ca_journal(b"j").await.unwrap();
+    assert_eq!(mode(&sub.join("carapace.sqlite-wal")), 0o600, "wal file");
+    let journal_mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&ds.pool)
+        .await
+        .unwrap();
+    assert_eq!(journal_mode, "wal");
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(&ds.pool)
+        .await
+        .unwrap();
+    assert_eq!(fk, 1);
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&ds.pool)
+        .await
+        .unwrap();
+    assert_eq!(sync, 1, "NORMAL");
+    ds.close().await;
+
+    for _ in 0..2 {
+        let ds = Datastore::open(&path).await.unwrap();
+        assert_eq!(ds.get_entry(&e.id).await.unwrap().unwrap(), e);
+        assert_eq!(ds.list_attested_agents().await.unwrap().len(), 1);
+        assert_eq!(ds.load_ca_journal().await.unwrap().unwrap(), b"j");
+        assert_eq!(ds.latest_entry_event_id().await.unwrap(), 1);
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(&ds.pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            applied,
+            MIGRATOR.iter().count() as i64,
+            "each migration applied once"
+        );
+        ds.close().await;
+    }
+    assert_eq!(mode(&path), 0o600, "still private");
+}
+
+#[tokio::test]
+async fn in_memory_clones_share_one_database() {
+    let ds = mem().await;
+    let other = ds.clone();
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let ds = ds.clone();
+            tokio::spawn(async move {
+                ds.create_entry(&entry(&format!("e{i}"), &format!("/w{i}"), &["t:a"]))
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        other.count_entries(&EntryFilter::default()).await.unwrap(),
+        10
+    );
+    // Each in-memory datastore is its own database.
+    assert_eq!(
+        mem()
+            .await
+            .count_entries(&EntryFilter::default())
+            .await
+            .unwrap(),
+        0
+    );
+}

@@ -1,0 +1,491 @@
+//! The server's in-memory view of entries and agents, and the answer to "which entries
+//! may this agent have" (SPIFFE.md §3.5), without touching the datastore.
+//!
+//! Invariant: every write of entries or agents goes through this type. It writes the
+//! datastore first (one transaction) and only then updates the index and bumps the
+//! revision, so the index never holds what the datastore refused. Writers are
+//! serialised by one lock; readers never wait on the datastore.
+//!
+//! Authorization, for an agent with ID A and node selectors N:
+//! 1. alias IDs: SPIFFE IDs of node-alias entries (parent = the server ID) whose
+//!    selectors are a subset of N;
+//! 2. authorized entries: entries whose parent is A or an alias ID, then, transitively,
+//!    entries whose parent is the SPIFFE ID of an entry already authorized.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{Mutex, watch};
+
+use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
+
+use crate::datastore::{AttestedAgent, Datastore};
+use crate::{Error, Result};
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
+    by_parent: HashMap<SpiffeId, Vec<EntryId>>,
+    /// Node-alias entries, indexed by each of their selectors.
+    aliases_by_selector: HashMap<Selector, Vec<EntryId>>,
+    agents: HashMap<SpiffeId, Arc<AttestedAgent>>,
+}
+
+impl Index {
+    fn insert(&mut self, e: RegistrationEntry, server_id: &SpiffeId) {
+        let id = e.id.clone();
+        self.remove(&id, server_id);
+        self.by_parent.entry(e.parent_id.clone()).or_default().push(id.clone());
+        if &e.parent_id == server_id {
+            for s in e.selectors.iter() {
+                self.aliases_by_selector.entry(s.clone()).or_default().push(id.clone());
+            }
+        }
+        self.entries.insert(id, Arc::new(e));
+    }
+
+    fn remove(&mut self, id: &EntryId, server_id: &SpiffeId) {
+        let Some(old) = self.entries.remove(id) else { return };
+        if let Some(v) = self.by_parent.get_mut(&old.parent_id) {
+            v.retain(|x| x != id);
+            if v.is_empty() {
+                self.by_parent.remove(&old.parent_id);
+            }
+        }
+        if &old.parent_id == server_id {
+            for s in old.selectors.iter() {
+                if let Some(v) = self.aliases_by_selector.get_mut(s) {
+                    v.retain(|x| x != id);
+                    if v.is_empty() {
+                        self.aliases_by_selector.remove(s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Entries and agents in memory, with change notification.
+#[derive(Debug)]
+pub struct EntryCache {
+    td: TrustDomain,
+    server_id: SpiffeId,
+    ds: Datastore,
+    index: RwLock<Index>,
+    write_lock: Mutex<()>,
+    revision: watch::Sender<u64>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Updates are single map operations under the write lock; a poisoned lock is consistent.
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl EntryCache {
+    /// Loads every entry and agent from the datastore.
+    pub async fn load(td: TrustDomain, ds: Datastore) -> Result<Arc<Self>> {
+        let server_id = td.server_id();
+        let mut index = Index::default();
+        for e in ds.list_all_entries().await? {
+            index.insert(e, &server_id);
+        }
+        for a in ds.list_attested_agents().await? {
+            index.agents.insert(a.spiffe_id.clone(), Arc::new(a));
+        }
+        let rev = ds.latest_entry_event_id().await?.max(0) as u64;
+        let (revision, _) = watch::channel(rev);
+        tracing::info!(
+            entries = index.entries.len(),
+            agents = index.agents.len(),
+            "loaded the entry cache"
+        );
+        Ok(Arc::new(EntryCache {
+            td,
+            server_id,
+            ds,
+            index: RwLock::new(index),
+            write_lock: Mutex::new(()),
+            revision,
+        }))
+    }
+
+    /// The datastore behind the cache.
+    pub fn datastore(&self) -> &Datastore {
+        &self.ds
+    }
+
+    /// A receiver that changes whenever an entry or an agent changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    fn bump(&self) {
+        self.revision.send_modify(|r| *r += 1);
+    }
+
+    /// Validates and stores a new entry.
+    pub async fn create_entry(&self, e: RegistrationEntry) -> Result<Arc<RegistrationEntry>> {
+        e.validate(&self.td)?;
+        let _w = self.write_lock.lock().await;
+        self.ds.create_entry(&e).await?;
+        let stored = Arc::new(e.clone());
+        write(&self.index).insert(e, &self.server_id);
+        self.bump();
+        Ok(stored)
+    }
+
+    /// Validates and replaces an entry (same id); returns the stored entry.
+    pub async fn update_entry(&self, e: RegistrationEntry) -> Result<Arc<RegistrationEntry>> {
+        e.validate(&self.td)?;
+        let _w = self.write_lock.lock().await;
+        let stored = self.ds.update_entry(&e).await?;
+        write(&self.index).insert(stored.clone(), &self.server_id);
+        self.bump();
+        Ok(Arc::new(stored))
+    }
+
+    /// Deletes an entry; returns it.
+    pub async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
+        let _w = self.write_lock.lock().await;
+        let old = self.ds.delete_entry(id).await?;
+        write(&self.index).remove(id, &self.server_id);
+        self.bump();
+        Ok(old)
+    }
+
+    /// Creates a join token, and its alias entry if any, in one transaction.
+    pub async fn create_join_token(
+        &self,
+        token_id: &str,
+        secret_hash: &[u8; 32],
+        expires_at: i64,
+        now: i64,
+        alias: Option<RegistrationEntry>,
+    ) -> Result<()> {
+        if let Some(a) = &alias {
+            a.validate(&self.td)?;
+        }
+        let _w = self.write_lock.lock().await;
+        self.ds.create_join_token(token_id, secret_hash, expires_at, now, alias.as_ref()).await?;
+        if let Some(a) = alias {
+            write(&self.index).insert(a, &self.server_id);
+            self.bump();
+        }
+        Ok(())
+    }
+
+    /// Removes entries whose `expires_at` has passed.
+    pub async fn prune_expired_entries(&self, now: i64) -> Result<usize> {
+        let _w = self.write_lock.lock().await;
+        let ids = self.ds.prune_expired_entries(now).await?;
+        if !ids.is_empty() {
+            let mut idx = write(&self.index);
+            for id in &ids {
+                idx.remove(id, &self.server_id);
+            }
+            drop(idx);
+            self.bump();
+        }
+        Ok(ids.len())
+    }
+
+    /// An entry by id.
+    pub fn get_entry(&self, id: &EntryId) -> Option<Arc<RegistrationEntry>> {
+        read(&self.index).entries.get(id).cloned()
+    }
+
+    /// Number of entries.
+    pub fn entry_count(&self) -> usize {
+        read(&self.index).entries.len()
+    }
+
+    /// Stores (creates or replaces) an attested agent with its node selectors.
+    pub async fn upsert_agent(&self, agent: AttestedAgent) -> Result<()> {
+        let _w = self.write_lock.lock().await;
+        self.ds.upsert_attested_agent(&agent).await?;
+        write(&self.index).agents.insert(agent.spiffe_id.clone(), Arc::new(agent));
+        self.bump();
+        Ok(())
+    }
+
+    /// Records a renewed agent SVID, not yet used by the agent.
+    pub async fn set_agent_new_serial(&self, id: &SpiffeId, serial: &str, expires_at: i64) -> Result<()> {
+        let _w = self.write_lock.lock().await;
+        self.ds.set_agent_new_serial(id, serial, expires_at).await?;
+        self.refresh_agent(id).await
+    }
+
+    /// Bans or unbans an agent. A banned agent is refused on every call and cannot
+    /// attest again until unbanned.
+    pub async fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<Arc<AttestedAgent>> {
+        let _w = self.write_lock.lock().await;
+        let a = Arc::new(self.ds.set_agent_banned(id, banned).await?);
+        write(&self.index).agents.insert(id.clone(), a.clone());
+        self.bump();
+        Ok(a)
+    }
+
+    /// Evicts an agent: it must attest again.
+    pub async fn evict_agent(&self, id: &SpiffeId) -> Result<()> {
+        let _w = self.write_lock.lock().await;
+        self.ds.delete_attested_agent(id).await?;
+        write(&self.index).agents.remove(id);
+        self.bump();
+        Ok(())
+    }
+
+    async fn refresh_agent(&self, id: &SpiffeId) -> Result<()> {
+        let a = self
+            .ds
+            .get_attested_agent(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("agent {id} not found")))?;
+        write(&self.index).agents.insert(id.clone(), Arc::new(a));
+        self.bump();
+        Ok(())
+    }
+
+    /// An agent by SPIFFE ID.
+    pub fn get_agent(&self, id: &SpiffeId) -> Option<Arc<AttestedAgent>> {
+        read(&self.index).agents.get(id).cloned()
+    }
+
+    /// Every agent, sorted by SPIFFE ID.
+    pub fn list_agents(&self) -> Vec<Arc<AttestedAgent>> {
+        let mut v: Vec<_> = read(&self.index).agents.values().cloned().collect();
+        v.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id));
+        v
+    }
+
+    /// Checks that `id` may call the node API with an SVID of serial `serial_hex`: it is
+    /// attested, not banned, and the serial is its latest (or the renewal it was just
+    /// given, which then becomes the latest).
+    pub async fn authenticate_agent(&self, id: &SpiffeId, serial_hex: &str) -> Result<Arc<AttestedAgent>> {
+        let agent = self
+            .get_agent(id)
+            .ok_or_else(|| Error::PermissionDenied(format!("agent {id} is not attested (evicted?)")))?;
+        if agent.banned {
+            return Err(Error::PermissionDenied(format!("agent {id} is banned")));
+        }
+        if agent.serial == serial_hex {
+            return Ok(agent);
+        }
+        if agent.new_serial.as_deref() == Some(serial_hex) {
+            let _w = self.write_lock.lock().await;
+            self.ds.promote_agent_serial(id, serial_hex).await?;
+            self.refresh_agent(id).await?;
+            return self
+                .get_agent(id)
+                .ok_or_else(|| Error::PermissionDenied(format!("agent {id} is not attested")));
+        }
+        Err(Error::PermissionDenied(format!(
+            "agent {id} presented an SVID that is not its latest"
+        )))
+    }
+
+    /// The entries `agent` is authorized for, sorted by entry id.
+    pub fn authorized_entries(&self, agent: &SpiffeId) -> Vec<Arc<RegistrationEntry>> {
+        let idx = read(&self.index);
+        let mut roots: Vec<SpiffeId> = vec![agent.clone()];
+        if let Some(a) = idx.agents.get(agent) {
+            let mut seen_alias: HashSet<&EntryId> = HashSet::new();
+            for s in a.selectors.iter() {
+                for alias_id in idx.aliases_by_selector.get(s).into_iter().flatten() {
+                    if !seen_alias.insert(alias_id) {
+                        continue;
+                    }
+                    if let Some(alias) = idx.entries.get(alias_id) {
+                        if alias.selectors.is_subset_of(&a.selectors) {
+                            roots.push(alias.spiffe_id.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let mut visited: HashSet<SpiffeId> = roots.iter().cloned().collect();
+        let mut queue: VecDeque<SpiffeId> = roots.into();
+        let mut out: BTreeMap<EntryId, Arc<RegistrationEntry>> = BTreeMap::new();
+        while let Some(parent) = queue.pop_front() {
+            for eid in idx.by_parent.get(&parent).into_iter().flatten() {
+                let Some(e) = idx.entries.get(eid) else { continue };
+                if out.insert(eid.clone(), e.clone()).is_none() && visited.insert(e.spiffe_id.clone()) {
+                    queue.push_back(e.spiffe_id.clone());
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use carapace_core::SelectorSet;
+
+    fn sel(s: &[&str]) -> SelectorSet {
+        s.iter().map(|x| x.parse::<Selector>().unwrap()).collect()
+    }
+
+    fn entry(id: &str, spiffe: &str, parent: &str, s: &[&str]) -> RegistrationEntry {
+        RegistrationEntry {
+            id: EntryId::new(id).unwrap(),
+            spiffe_id: spiffe.parse().unwrap(),
+            parent_id: parent.parse().unwrap(),
+            selectors: sel(s),
+            x509_svid_ttl: None,
+            dns_names: vec![],
+            hint: String::new(),
+            admin: false,
+            downstream: false,
+            expires_at: None,
+            revision: 0,
+            created_at: 0,
+        }
+    }
+
+    fn agent(id: &str, s: &[&str]) -> AttestedAgent {
+        AttestedAgent {
+            spiffe_id: id.parse().unwrap(),
+            attestor: "join_token".into(),
+            serial: "01".into(),
+            new_serial: None,
+            expires_at: 0,
+            banned: false,
+            reattestable: false,
+            attested_at: 0,
+            selectors: sel(s),
+        }
+    }
+
+    const A1: &str = "spiffe://example.org/spire/agent/join_token/a1";
+    const A2: &str = "spiffe://example.org/spire/agent/join_token/a2";
+    const SERVER: &str = "spiffe://example.org/spire/server";
+
+    async fn cache() -> Arc<EntryCache> {
+        let ds = Datastore::open_in_memory().await.unwrap();
+        EntryCache::load(TrustDomain::new("example.org").unwrap(), ds).await.unwrap()
+    }
+
+    fn ids(v: &[Arc<RegistrationEntry>]) -> Vec<&str> {
+        v.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn direct_alias_and_descendant_entries_are_authorized() {
+        let c = cache().await;
+        c.upsert_agent(agent(A1, &["tpm:pcr:x", "region:eu"])).await.unwrap();
+        c.upsert_agent(agent(A2, &["region:us"])).await.unwrap();
+        // Direct child of A1.
+        c.create_entry(entry("e1", "spiffe://example.org/web", A1, &["unix:uid:1"])).await.unwrap();
+        // Node alias matching A1 (subset of its node selectors), and one needing more.
+        c.create_entry(entry("n1", "spiffe://example.org/eu-nodes", SERVER, &["region:eu"])).await.unwrap();
+        c.create_entry(entry("n2", "spiffe://example.org/eu-tpm-x-y", SERVER, &["region:eu", "tpm:pcr:y"]))
+            .await
+            .unwrap();
+        c.create_entry(entry("e2", "spiffe://example.org/db", "spiffe://example.org/eu-nodes", &["unix:uid:2"]))
+            .await
+            .unwrap();
+        c.create_entry(entry("e3", "spiffe://example.org/never", "spiffe://example.org/eu-tpm-x-y", &["unix:uid:3"]))
+            .await
+            .unwrap();
+        // Descendant of e2 (nested), and of A2 only.
+        c.create_entry(entry("e4", "spiffe://example.org/db/sidecar", "spiffe://example.org/db", &["unix:uid:4"]))
+            .await
+            .unwrap();
+        c.create_entry(entry("e5", "spiffe://example.org/us", A2, &["unix:uid:5"])).await.unwrap();
+
+        assert_eq!(ids(&c.authorized_entries(&A1.parse().unwrap())), ["e1", "e2", "e4"]);
+        assert_eq!(ids(&c.authorized_entries(&A2.parse().unwrap())), ["e5"]);
+        // An agent that is not attested gets only what is parented to its ID directly.
+        assert!(c.authorized_entries(&"spiffe://example.org/spire/agent/x/y".parse().unwrap()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn cycles_terminate() {
+        let c = cache().await;
+        c.upsert_agent(agent(A1, &[])).await.unwrap();
+        c.create_entry(entry("a", "spiffe://example.org/a", A1, &["x:1"])).await.unwrap();
+        c.create_entry(entry("b", "spiffe://example.org/b", "spiffe://example.org/a", &["x:1"])).await.unwrap();
+        c.create_entry(entry("c", "spiffe://example.org/a", "spiffe://example.org/b", &["x:2"])).await.unwrap();
+        assert_eq!(ids(&c.authorized_entries(&A1.parse().unwrap())), ["a", "b", "c"]);
+    }
+
+    #[tokio::test]
+    async fn updates_and_deletes_reindex_and_bump_the_revision() {
+        let c = cache().await;
+        c.upsert_agent(agent(A1, &[])).await.unwrap();
+        let mut rx = c.subscribe();
+        let r0 = *rx.borrow_and_update();
+        c.create_entry(entry("e1", "spiffe://example.org/web", A1, &["unix:uid:1"])).await.unwrap();
+        assert!(rx.has_changed().unwrap());
+        assert!(c.revision() > r0);
+        let mut moved = entry("e1", "spiffe://example.org/web", A2, &["unix:uid:1"]);
+        moved.revision = 99;
+        let stored = c.update_entry(moved).await.unwrap();
+        assert_eq!(stored.revision, 1, "revision bumped by the datastore, not the caller");
+        assert!(c.authorized_entries(&A1.parse().unwrap()).is_empty());
+        assert_eq!(ids(&c.authorized_entries(&A2.parse().unwrap())), ["e1"]);
+        c.delete_entry(&EntryId::new("e1").unwrap()).await.unwrap();
+        assert!(c.authorized_entries(&A2.parse().unwrap()).is_empty());
+        assert_eq!(c.entry_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn invalid_entries_write_nothing() {
+        let c = cache().await;
+        let before = c.revision();
+        let bad = entry("e1", "spiffe://example.org/spire/x", A1, &["unix:uid:1"]);
+        assert!(c.create_entry(bad).await.is_err());
+        let foreign_parent = entry("e2", "spiffe://example.org/x", "spiffe://other.org/agent", &["unix:uid:1"]);
+        assert!(c.create_entry(foreign_parent).await.is_err());
+        assert_eq!(c.entry_count(), 0);
+        assert_eq!(c.revision(), before);
+        assert_eq!(c.datastore().count_entries(&Default::default()).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn agent_authentication_rules() {
+        let c = cache().await;
+        let id: SpiffeId = A1.parse().unwrap();
+        c.upsert_agent(agent(A1, &[])).await.unwrap();
+        c.authenticate_agent(&id, "01").await.unwrap();
+        let err = c.authenticate_agent(&id, "02").await.unwrap_err().to_string();
+        assert!(err.contains("not its latest"), "{err}");
+        // Renewal: the new serial is accepted and promoted; the old one is then refused.
+        c.set_agent_new_serial(&id, "02", 123).await.unwrap();
+        c.authenticate_agent(&id, "01").await.unwrap();
+        c.authenticate_agent(&id, "02").await.unwrap();
+        assert!(c.authenticate_agent(&id, "01").await.is_err());
+        c.set_agent_banned(&id, true).await.unwrap();
+        let err = c.authenticate_agent(&id, "02").await.unwrap_err().to_string();
+        assert!(err.contains("banned"), "{err}");
+        c.set_agent_banned(&id, false).await.unwrap();
+        c.evict_agent(&id).await.unwrap();
+        let err = c.authenticate_agent(&id, "02").await.unwrap_err().to_string();
+        assert!(err.contains("not attested"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn reload_from_the_datastore_gives_the_same_answers() {
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let c = EntryCache::load(td.clone(), ds.clone()).await.unwrap();
+        c.upsert_agent(agent(A1, &["region:eu"])).await.unwrap();
+        c.create_entry(entry("n1", "spiffe://example.org/eu", SERVER, &["region:eu"])).await.unwrap();
+        c.create_entry(entry("e1", "spiffe://example.org/w", "spiffe://example.org/eu", &["unix:uid:1"]))
+            .await
+            .unwrap();
+        let c2 = EntryCache::load(td, ds).await.unwrap();
+        assert_eq!(ids(&c2.authorized_entries(&A1.parse().unwrap())), ["e1"]);
+        assert!(c2.revision() >= 2);
+    }
+}

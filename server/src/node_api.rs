@@ -1,0 +1,447 @@
+//! The node API (agent ↔ server) on TLS 1.3.
+//!
+//! `Attest` runs on server-authenticated TLS (the agent has no SVID yet); every other RPC
+//! requires the agent's X509-SVID as client certificate and re-checks on every call that
+//! the agent is attested, not banned, and presenting its latest SVID
+//! ([`EntryCache::authenticate_agent`]). An agent only ever receives entries it is
+//! authorized for, and the server signs a CSR only for such an entry, with that entry's
+//! SPIFFE ID.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+
+use carapace_core::plugin::{AttestationStep, NodeAttestor};
+use carapace_core::{RegistrationEntry, SpiffeId, TrustBundle};
+use carapace_proto::node::{
+    self, AttestRequest, AttestResponse, BatchNewX509svidRequest, BatchNewX509svidResponse,
+    RenewAgentRequest, RenewAgentResponse, SyncAuthorizedRequest, SyncAuthorizedResponse,
+    X509SvidResult, attest_request, attest_response,
+};
+use carapace_proto::types;
+
+use crate::ca::{CaManager, IssuedSvid, csr_public_key, sign_leaf};
+use crate::datastore::AttestedAgent;
+use crate::entry_cache::EntryCache;
+use crate::{Error, Result};
+
+/// The longest a whole attestation (all challenge rounds) may take.
+pub const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest node API message (a batch of CSRs).
+pub const MAX_MESSAGE_SIZE: usize = 32 * 1024 * 1024;
+
+/// Who is on the other end of a node API connection.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// The TCP peer address.
+    pub remote: SocketAddr,
+    /// The client SVID, if one was presented (rustls has already verified it).
+    pub svid: Option<PeerSvid>,
+}
+
+/// A verified client SVID.
+#[derive(Debug, Clone)]
+pub struct PeerSvid {
+    /// Its SPIFFE ID.
+    pub id: SpiffeId,
+    /// Its serial, lowercase hex without leading zeros.
+    pub serial_hex: String,
+}
+
+/// A TLS connection carrying its [`PeerInfo`] to the handlers.
+#[derive(Debug)]
+pub struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+fn peer_svid(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<PeerSvid> {
+    let leaf = conn.get_ref().1.peer_certificates()?.first()?;
+    let id = carapace_core::x509svid::check_leaf(leaf).ok()?;
+    let serial = carapace_core::x509svid::serial_of(leaf).ok()?;
+    Some(PeerSvid { id, serial_hex: hex::encode(serial) })
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client
+/// cannot hold up others), yielding ready connections.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) -> ReceiverStream<std::io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(128);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(conn)) => {
+                        let info = PeerInfo { remote, svid: peer_svid(&conn) };
+                        let _ = tx.send(Ok(TlsConn { inner: conn, info })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Settings the node API needs.
+#[derive(Debug, Clone)]
+pub struct NodeApiSettings {
+    /// Lifetime of workload SVIDs without their own TTL.
+    pub default_x509_svid_ttl: Duration,
+    /// Lifetime of agent SVIDs.
+    pub agent_svid_ttl: Duration,
+}
+
+/// The node API service.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    cache: Arc<EntryCache>,
+    ca: Arc<CaManager>,
+    attestors: Arc<HashMap<String, Arc<dyn NodeAttestor>>>,
+    settings: NodeApiSettings,
+}
+
+fn svid_to_wire(s: &IssuedSvid) -> types::X509Svid {
+    types::X509Svid { cert_chain: s.chain.clone(), expires_at: s.expires_at }
+}
+
+impl NodeApi {
+    /// A node API over the cache, the CA and the enabled attestors.
+    pub fn new(
+        cache: Arc<EntryCache>,
+        ca: Arc<CaManager>,
+        attestors: Vec<Arc<dyn NodeAttestor>>,
+        settings: NodeApiSettings,
+    ) -> Self {
+        let attestors = attestors.into_iter().map(|a| (a.name().to_owned(), a)).collect();
+        NodeApi { cache, ca, attestors: Arc::new(attestors), settings }
+    }
+
+    /// The gRPC service, with the node API's message size limits.
+    pub fn into_service(self) -> node::node_server::NodeServer<Self> {
+        node::node_server::NodeServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    /// Checks the caller's client SVID and returns the agent.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Arc<AttestedAgent>> {
+        let peer = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.svid.clone())
+            .ok_or_else(|| Error::Unauthenticated("this call requires the agent's X509-SVID as client certificate".into()))?;
+        if !peer.id.is_agent() || !peer.id.is_member_of(self.ca.trust_domain()) {
+            return Err(Error::PermissionDenied(format!("{} is not an agent of this trust domain", peer.id)));
+        }
+        self.cache.authenticate_agent(&peer.id, &peer.serial_hex).await
+    }
+
+    async fn run_attestation(
+        &self,
+        inbound: &mut Streaming<AttestRequest>,
+        tx: &mpsc::Sender<std::result::Result<AttestResponse, Status>>,
+        remote: Option<SocketAddr>,
+    ) -> Result<AttestResponse> {
+        let first = inbound
+            .message()
+            .await
+            .map_err(|s| Error::InvalidArgument(format!("attestation stream: {}", s.message())))?;
+        let Some(AttestRequest { step: Some(attest_request::Step::Params(params)) }) = first else {
+            return Err(Error::InvalidArgument("attestation must open with AttestParams".into()));
+        };
+        let attestor = self.attestors.get(&params.attestor).ok_or_else(|| {
+            let mut enabled: Vec<&str> = self.attestors.keys().map(String::as_str).collect();
+            enabled.sort();
+            Error::InvalidArgument(format!(
+                "node attestor {:?} is not enabled on this server (enabled: {})",
+                params.attestor,
+                enabled.join(", ")
+            ))
+        })?;
+        // Check the CSR before the attestor consumes any single-use evidence.
+        let key = csr_public_key(&params.csr)?;
+        let mut step = attestor.begin(&params.payload).await?;
+        let result = loop {
+            match step {
+                AttestationStep::Done(r) => break r,
+                AttestationStep::Challenge { challenge, session } => {
+                    tx.send(Ok(AttestResponse { step: Some(attest_response::Step::Challenge(challenge)) }))
+                        .await
+                        .map_err(|_| Error::InvalidArgument("agent went away during attestation".into()))?;
+                    let answer = inbound
+                        .message()
+                        .await
+                        .map_err(|s| Error::InvalidArgument(format!("attestation stream: {}", s.message())))?;
+                    let Some(AttestRequest { step: Some(attest_request::Step::ChallengeResponse(answer)) }) = answer
+                    else {
+                        return Err(Error::InvalidArgument("expected a challenge response".into()));
+                    };
+                    step = session.respond(&answer).await?;
+                }
+            }
+        };
+        let agent_id = self.ca.trust_domain().agent_id(attestor.name(), &result.agent_path)?;
+        if self.cache.get_agent(&agent_id).is_some_and(|a| a.banned) {
+            return Err(Error::PermissionDenied(format!("agent {agent_id} is banned")));
+        }
+        let now = crate::unix_now();
+        let svid = self.ca.sign_x509_svid(&agent_id, &key, self.settings.agent_svid_ttl, &[], now)?;
+        let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0])?);
+        self.cache
+            .upsert_agent(AttestedAgent {
+                spiffe_id: agent_id.clone(),
+                attestor: attestor.name().to_owned(),
+                serial,
+                new_serial: None,
+                expires_at: svid.expires_at,
+                banned: false,
+                reattestable: result.can_reattest,
+                attested_at: now,
+                selectors: result.selectors,
+            })
+            .await?;
+        tracing::info!(agent = %agent_id, attestor = attestor.name(), remote = ?remote, "agent attested");
+        let bundle = self.ca.bundle().borrow().clone();
+        Ok(AttestResponse {
+            step: Some(attest_response::Step::Result(node::AttestResult {
+                svid: Some(svid_to_wire(&svid)),
+                bundle: Some(types::Bundle::from(bundle.as_ref())),
+                reattestable: result.can_reattest,
+            })),
+        })
+    }
+
+    fn sync_message(&self, agent: &SpiffeId, bundle: &TrustBundle) -> SyncAuthorizedResponse {
+        let entries = self.cache.authorized_entries(agent);
+        SyncAuthorizedResponse {
+            revision: self.cache.revision(),
+            entries: entries.iter().map(|e| types::Entry::from(e.as_ref())).collect(),
+            bundle: Some(types::Bundle::from(bundle)),
+        }
+    }
+}
+
+type RespStream<T> = ReceiverStream<std::result::Result<T, Status>>;
+
+#[tonic::async_trait]
+impl node::node_server::Node for NodeApi {
+    type AttestStream = RespStream<AttestResponse>;
+    type SyncAuthorizedStream = RespStream<SyncAuthorizedResponse>;
+
+    async fn attest(
+        &self,
+        req: Request<Streaming<AttestRequest>>,
+    ) -> std::result::Result<Response<Self::AttestStream>, Status> {
+        let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(ATTESTATION_TIMEOUT, this.run_attestation(&mut inbound, &tx, remote)).await;
+            let msg = match outcome {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(e)) => {
+                    tracing::warn!(remote = ?remote, error = %e, "node attestation failed");
+                    Err(Status::from(e))
+                }
+                Err(_) => Err(Status::deadline_exceeded("attestation took too long")),
+            };
+            let _ = tx.send(msg).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<RenewAgentRequest>,
+    ) -> std::result::Result<Response<RenewAgentResponse>, Status> {
+        let agent = self.authenticate(&req).await?;
+        let key = csr_public_key(&req.get_ref().csr)?;
+        let svid = self
+            .ca
+            .sign_x509_svid(&agent.spiffe_id, &key, self.settings.agent_svid_ttl, &[], crate::unix_now())?;
+        let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0]).map_err(Error::from)?);
+        self.cache.set_agent_new_serial(&agent.spiffe_id, &serial, svid.expires_at).await?;
+        tracing::info!(agent = %agent.spiffe_id, expires_at = svid.expires_at, "renewed agent SVID");
+        Ok(Response::new(RenewAgentResponse { svid: Some(svid_to_wire(&svid)) }))
+    }
+
+    async fn sync_authorized(
+        &self,
+        req: Request<SyncAuthorizedRequest>,
+    ) -> std::result::Result<Response<Self::SyncAuthorizedStream>, Status> {
+        let agent = self.authenticate(&req).await?;
+        let serial = req.extensions().get::<PeerInfo>().and_then(|p| p.svid.clone()).map(|s| s.serial_hex);
+        let (tx, rx) = mpsc::channel(2);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let id = agent.spiffe_id.clone();
+            let mut revisions = this.cache.subscribe();
+            let mut bundles = this.ca.bundle();
+            let mut last: Option<SyncAuthorizedResponse> = None;
+            loop {
+                // The agent may have been banned, evicted or renewed since the call began.
+                let still_ok = match (&serial, this.cache.get_agent(&id)) {
+                    (Some(s), Some(a)) => !a.banned && (&a.serial == s || a.new_serial.as_ref() == Some(s)),
+                    _ => false,
+                };
+                if !still_ok {
+                    let _ = tx.send(Err(Status::permission_denied(format!(
+                        "agent {id} is no longer authorized (banned, evicted or renewed)"
+                    )))).await;
+                    return;
+                }
+                revisions.borrow_and_update();
+                let bundle = bundles.borrow_and_update().clone();
+                let mut msg = this.sync_message(&id, &bundle);
+                let same = last.as_ref().is_some_and(|l| l.entries == msg.entries && l.bundle == msg.bundle);
+                if !same {
+                    last = Some(msg.clone());
+                    msg.revision = this.cache.revision();
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = revisions.changed() => if r.is_err() { return },
+                    r = bundles.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn batch_new_x509svid(
+        &self,
+        req: Request<BatchNewX509svidRequest>,
+    ) -> std::result::Result<Response<BatchNewX509svidResponse>, Status> {
+        let agent = self.authenticate(&req).await?;
+        let params = req.into_inner().params;
+        let authorized: HashMap<String, Arc<RegistrationEntry>> = self
+            .cache
+            .authorized_entries(&agent.spiffe_id)
+            .into_iter()
+            .map(|e| (e.id.to_string(), e))
+            .collect();
+        let ca = self.ca.active()?;
+        let default_ttl = self.settings.default_x509_svid_ttl;
+        let now = crate::unix_now();
+        let jobs: Vec<(String, Option<Arc<RegistrationEntry>>, Vec<u8>)> = params
+            .into_iter()
+            .map(|p| {
+                let e = authorized.get(&p.entry_id).cloned();
+                (p.entry_id, e, p.csr)
+            })
+            .collect();
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let chunk = jobs.len().div_ceil(workers).max(1);
+        let mut handles = Vec::new();
+        let mut rest = jobs;
+        while !rest.is_empty() {
+            let tail = rest.split_off(chunk.min(rest.len()));
+            let part = std::mem::replace(&mut rest, tail);
+            let ca = ca.clone();
+            handles.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|(entry_id, entry, csr)| {
+                        let outcome = match entry {
+                            None => Err(Error::PermissionDenied(format!(
+                                "entry {entry_id} is not authorized for this agent"
+                            ))),
+                            Some(e) => csr_public_key(&csr).and_then(|key| {
+                                sign_leaf(&ca, &e.spiffe_id, &key, e.x509_svid_ttl.unwrap_or(default_ttl), &e.dns_names, now)
+                            }),
+                        };
+                        match outcome {
+                            Ok(svid) => X509SvidResult { entry_id, svid: Some(svid_to_wire(&svid)), error_code: 0, error_message: String::new() },
+                            Err(e) => {
+                                let status = Status::from(e);
+                                X509SvidResult {
+                                    entry_id,
+                                    svid: None,
+                                    error_code: status.code() as i32,
+                                    error_message: status.message().to_owned(),
+                                }
+                            }
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut results = Vec::new();
+        for h in handles {
+            results.extend(h.await.map_err(|e| Status::internal(format!("signing task failed: {e}")))?);
+        }
+        let signed = results.iter().filter(|r| r.svid.is_some()).count();
+        tracing::debug!(agent = %agent.spiffe_id, requested = results.len(), signed, "signed workload SVIDs");
+        Ok(Response::new(BatchNewX509svidResponse { results }))
+    }
+}
