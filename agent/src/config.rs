@@ -76,7 +76,10 @@ impl std::fmt::Debug for Overrides {
         f.debug_struct("Overrides")
             .field("trust_domain", &self.trust_domain)
             .field("server_address", &self.server_address)
-            .field("join_token", &self.join_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "join_token",
+                &self.join_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +127,10 @@ impl std::fmt::Debug for Config {
             .field("server_address", &self.server_address)
             .field("data_dir", &self.data_dir)
             .field("socket_path", &self.socket_path)
-            .field("join_token", &self.join_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "join_token",
+                &self.join_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("bootstrap", &self.bootstrap)
             .finish_non_exhaustive()
     }
@@ -132,41 +138,62 @@ impl std::fmt::Debug for Config {
 
 /// Reads a config file; `None` means defaults.
 pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
-    let Some(path) = path else { return Ok(FileConfig::default()) };
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
-    let table: toml::Table =
-        text.parse().map_err(|e: toml::de::Error| vec![format!("{}: {e}", path.display())])?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| vec![format!("{}: {e}", path.display())])?;
     let mut problems = Vec::new();
     for (key, value) in &table {
         let mut one = toml::Table::new();
         one.insert(key.clone(), value.clone());
         if let Err(e) = FileConfig::deserialize(toml::Value::Table(one)) {
-            problems.push(format!("{}: {}", path.display(), e.to_string().trim().replace('\n', " ")));
+            problems.push(format!(
+                "{}: {}",
+                path.display(),
+                e.to_string().trim().replace('\n', " ")
+            ));
         }
     }
     if !problems.is_empty() {
         return Err(problems);
     }
-    FileConfig::deserialize(toml::Value::Table(table)).map_err(|e| vec![format!("{}: {e}", path.display())])
+    FileConfig::deserialize(toml::Value::Table(table))
+        .map_err(|e| vec![format!("{}: {e}", path.display())])
 }
 
 /// Validates a file config with flag overrides, listing every problem.
 pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> {
     let mut problems = Vec::new();
-    let td = ov.trust_domain.or(file.trust_domain).unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
-    let trust_domain = TrustDomain::new(&td).map_err(|e| problems.push(format!("trust_domain: {e}"))).ok();
+    let td = ov
+        .trust_domain
+        .or(file.trust_domain)
+        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.into());
+    let trust_domain = TrustDomain::new(&td)
+        .map_err(|e| problems.push(format!("trust_domain: {e}")))
+        .ok();
     let server_address = ov
         .server_address
         .or(file.server_address)
         .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into());
     match server_address.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-        _ => problems.push(format!("server_address: {server_address:?} is not HOST:PORT")),
+        _ => problems.push(format!(
+            "server_address: {server_address:?} is not HOST:PORT"
+        )),
     }
-    let socket_path = ov.socket_path.or(file.socket_path).unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
+    let socket_path = ov
+        .socket_path
+        .or(file.socket_path)
+        .unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
     if socket_path.as_os_str().len() > 100 {
-        problems.push(format!("socket_path: {} is too long for a Unix socket", socket_path.display()));
+        problems.push(format!(
+            "socket_path: {} is too long for a Unix socket",
+            socket_path.display()
+        ));
     }
     let trust_bundle = ov.trust_bundle_path.or(file.trust_bundle_path);
     let insecure = ov.insecure_bootstrap || file.insecure_bootstrap.unwrap_or(false);
@@ -174,7 +201,8 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         (Some(p), false) => Some(Bootstrap::BundleFile(p)),
         (None, true) => Some(Bootstrap::Insecure),
         (Some(_), true) => {
-            problems.push("trust_bundle_path and insecure_bootstrap: set exactly one, not both".into());
+            problems
+                .push("trust_bundle_path and insecure_bootstrap: set exactly one, not both".into());
             None
         }
         (None, false) => {
@@ -186,7 +214,9 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             None
         }
     };
-    let log_level = file.log_level.unwrap_or_else(|| "warn,carapace=info".into());
+    let log_level = file
+        .log_level
+        .unwrap_or_else(|| "warn,carapace=info".into());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
         problems.push(format!("log_level: {e}"));
     }
@@ -215,14 +245,20 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         (Some(trust_domain), Some(bootstrap)) if problems.is_empty() => Ok(Config {
             trust_domain,
             server_address,
-            data_dir: ov.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
+            data_dir: ov
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
             socket_path,
             join_token: ov.join_token,
             bootstrap,
             log_level,
             log_json,
             workload_key_type,
-            workload_sha256: file.unix_attestor.map(|u| u.workload_sha256).unwrap_or(false),
+            workload_sha256: file
+                .unix_attestor
+                .map(|u| u.workload_sha256)
+                .unwrap_or(false),
             rotation_interval: Duration::from_secs(1),
         }),
         _ => Err(problems),
@@ -235,7 +271,14 @@ mod tests {
 
     #[test]
     fn defaults_with_insecure_bootstrap() {
-        let c = validate(FileConfig::default(), Overrides { insecure_bootstrap: true, ..Default::default() }).unwrap();
+        let c = validate(
+            FileConfig::default(),
+            Overrides {
+                insecure_bootstrap: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(c.trust_domain.name(), "example.org");
         assert_eq!(c.server_address, "127.0.0.1:8081");
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
@@ -248,7 +291,11 @@ mod tests {
         assert!(none.iter().any(|e| e.contains("exactly one")), "{none:?}");
         let both = validate(
             FileConfig::default(),
-            Overrides { insecure_bootstrap: true, trust_bundle_path: Some("b.pem".into()), ..Default::default() },
+            Overrides {
+                insecure_bootstrap: true,
+                trust_bundle_path: Some("b.pem".into()),
+                ..Default::default()
+            },
         )
         .unwrap_err();
         assert!(both.iter().any(|e| e.contains("not both")), "{both:?}");
@@ -257,7 +304,10 @@ mod tests {
     #[test]
     fn all_problems_are_listed_and_the_token_is_never_printed() {
         let errs = validate(
-            FileConfig { log_format: Some("xml".into()), ..Default::default() },
+            FileConfig {
+                log_format: Some("xml".into()),
+                ..Default::default()
+            },
             Overrides {
                 trust_domain: Some("Bad".into()),
                 server_address: Some("nohostport".into()),
@@ -266,10 +316,21 @@ mod tests {
             },
         )
         .unwrap_err();
-        for needle in ["trust_domain", "server_address", "log_format", "trust bundle"] {
-            assert!(errs.iter().any(|e| e.contains(needle)), "{needle}: {errs:?}");
+        for needle in [
+            "trust_domain",
+            "server_address",
+            "log_format",
+            "trust bundle",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
         }
-        let ov = Overrides { join_token: Some(Zeroizing::new("secret-token-value".into())), ..Default::default() };
+        let ov = Overrides {
+            join_token: Some(Zeroizing::new("secret-token-value".into())),
+            ..Default::default()
+        };
         assert!(!format!("{ov:?}").contains("secret-token-value"));
     }
 
@@ -277,7 +338,8 @@ mod tests {
     fn shipped_samples_validate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
         for name in ["agent.toml", "agent.full.toml"] {
-            let file = read_file(Some(&root.join(name))).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let file =
+                read_file(Some(&root.join(name))).unwrap_or_else(|e| panic!("{name}: {e:?}"));
             validate(file, Overrides::default()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
         }
     }

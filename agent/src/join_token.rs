@@ -19,7 +19,9 @@ impl JoinTokenClient {
 
 impl std::fmt::Debug for JoinTokenClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinTokenClient").field("token", &"<redacted>").finish()
+        f.debug_struct("JoinTokenClient")
+            .field("token", &"<redacted>")
+            .finish()
     }
 }
 
@@ -34,7 +36,9 @@ impl NodeAttestorClient for JoinTokenClient {
     }
 
     async fn answer(&self, _challenge: &[u8]) -> Result<Vec<u8>, Error> {
-        Err(Error::AttestationRejected("join_token attestation has no challenges".into()))
+        Err(Error::AttestationRejected(
+            "join_token attestation has no challenges".into(),
+        ))
     }
 }
 

@@ -39,10 +39,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             .recursive(true)
             .mode(0o700)
             .create(&cfg.data_dir)
-            .map_err(Error::io(format!("cannot create data directory {}", cfg.data_dir.display())))?;
+            .map_err(Error::io(format!(
+                "cannot create data directory {}",
+                cfg.data_dir.display()
+            )))?;
     }
     let mode = std::fs::metadata(&cfg.data_dir)
-        .map_err(Error::io(format!("data directory {}", cfg.data_dir.display())))?
+        .map_err(Error::io(format!(
+            "data directory {}",
+            cfg.data_dir.display()
+        )))?
         .permissions()
         .mode();
     if mode & 0o077 != 0 {
@@ -53,13 +59,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             cfg.data_dir.display()
         )));
     }
-    let km: Arc<dyn KeyManager> =
-        Arc::new(carapace_keymanager_soft::DiskKeyManager::open(&cfg.data_dir.join("keys"))?);
+    let km: Arc<dyn KeyManager> = Arc::new(carapace_keymanager_soft::DiskKeyManager::open(
+        &cfg.data_dir.join("keys"),
+    )?);
     let listener = workload_api::bind(&cfg.socket_path)?;
     let cache = SvidCache::new(Arc::new(TrustBundle::new(cfg.trust_domain.clone())));
-    let attestors: Vec<Arc<dyn WorkloadAttestor>> = vec![Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig {
-        workload_sha256: cfg.workload_sha256,
-    }))];
+    let attestors: Vec<Arc<dyn WorkloadAttestor>> =
+        vec![Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig {
+            workload_sha256: cfg.workload_sha256,
+        }))];
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = WorkloadApi::new(cache.clone(), attestors);
     let socket_path = cfg.socket_path.clone();

@@ -114,7 +114,9 @@ fn init_tracing(filter: &str, json: bool) {
     };
     let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,carapace=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -163,7 +165,9 @@ async fn main() -> ExitCode {
                 trust_bundle_path: a.trust_bundle,
                 insecure_bootstrap: a.insecure_bootstrap,
             };
-            let cfg = match config::read_file(a.config.as_deref()).and_then(|f| config::validate(f, overrides)) {
+            let cfg = match config::read_file(a.config.as_deref())
+                .and_then(|f| config::validate(f, overrides))
+            {
                 Ok(c) => c,
                 Err(problems) => {
                     for p in problems {
@@ -179,17 +183,37 @@ async fn main() -> ExitCode {
             }
             report(r, |_| {})
         }
-        Command::Api { command: ApiCommand::Fetch { what: FetchWhat::X509 { socket_path, write, output } } } => {
+        Command::Api {
+            command:
+                ApiCommand::Fetch {
+                    what:
+                        FetchWhat::X509 {
+                            socket_path,
+                            write,
+                            output,
+                        },
+                },
+        } => {
             init_tracing("warn", false);
-            report(api_cli::fetch_x509(&socket_path, write.as_deref(), output == "json").await, |s| print!("{s}"))
+            report(
+                api_cli::fetch_x509(&socket_path, write.as_deref(), output == "json").await,
+                |s| print!("{s}"),
+            )
         }
-        Command::Api { command: ApiCommand::Watch { socket_path } } => {
+        Command::Api {
+            command: ApiCommand::Watch { socket_path },
+        } => {
             init_tracing("warn", false);
-            report(api_cli::watch_x509(&socket_path, |line| println!("{line}")).await, |_| {})
+            report(
+                api_cli::watch_x509(&socket_path, |line| println!("{line}")).await,
+                |_| {},
+            )
         }
         Command::Healthcheck { socket_path } => {
             init_tracing("warn", false);
-            report(api_cli::healthcheck(&socket_path).await, |_| println!("Agent is healthy."))
+            report(api_cli::healthcheck(&socket_path).await, |_| {
+                println!("Agent is healthy.")
+            })
         }
     }
 }

@@ -38,7 +38,11 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub fn rotate_at(not_before: i64, not_after: i64) -> i64 {
     let half = ((not_after - not_before) / 2).max(1);
     let jitter = half / 10;
-    let j = if jitter > 0 { rand::rng().random_range(-jitter..=jitter) } else { 0 };
+    let j = if jitter > 0 {
+        rand::rng().random_range(-jitter..=jitter)
+    } else {
+        0
+    };
     not_before + half + j
 }
 
@@ -93,13 +97,16 @@ impl Manager {
         attestor: Option<Arc<dyn NodeAttestorClient>>,
     ) -> Result<Self> {
         let stored_bundle = state::load_bundle(&cfg.data_dir, &cfg.trust_domain)?;
-        if let (Some(st), Some(bundle)) = (AgentState::load(&cfg.data_dir)?, stored_bundle.clone()) {
+        if let (Some(st), Some(bundle)) = (AgentState::load(&cfg.data_dir)?, stored_bundle.clone())
+        {
             match Self::restore(&cfg, &km, &st, &bundle).await {
                 Ok(key) => {
                     tracing::info!(agent = %Self::id_of(&st)?, "restored the agent identity from the data directory");
                     return Self::assemble(cfg, km, cache, st, bundle, key);
                 }
-                Err(e) => tracing::warn!(error = %e, "the stored agent identity is unusable; attesting again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the stored agent identity is unusable; attesting again")
+                }
             }
         }
         let attestor = attestor.ok_or_else(|| {
@@ -112,14 +119,18 @@ impl Manager {
         let tls = match (&stored_bundle, &cfg.bootstrap) {
             (Some(b), _) => Self::bundle_tls(&cfg, b.clone())?,
             (None, Bootstrap::BundleFile(path)) => {
-                let pem = std::fs::read_to_string(path)
-                    .map_err(Error::io(format!("cannot read the trust bundle {}", path.display())))?;
+                let pem = std::fs::read_to_string(path).map_err(Error::io(format!(
+                    "cannot read the trust bundle {}",
+                    path.display()
+                )))?;
                 let b = TrustBundle::from_pem(cfg.trust_domain.clone(), &pem)
                     .map_err(|e| Error::Config(format!("trust bundle {}: {e}", path.display())))?;
                 Self::bundle_tls(&cfg, b)?
             }
             (None, Bootstrap::Insecure) => {
-                tracing::warn!("insecure bootstrap: the first server reached is trusted without verification");
+                tracing::warn!(
+                    "insecure bootstrap: the first server reached is trusted without verification"
+                );
                 Arc::new(
                     carapace_tls::danger_insecure_bootstrap_config(cfg.trust_domain.server_id())
                         .map_err(|e| Error::Config(format!("TLS: {e}")))?,
@@ -188,10 +199,15 @@ impl Manager {
         let key = km.get_key(&st.key_id).await?;
         let v = carapace_core::x509svid::verify_chain(&st.svid_chain, bundle, now().max(0) as u64)?;
         if !v.spiffe_id.is_agent() || !v.spiffe_id.is_member_of(&cfg.trust_domain) {
-            return Err(Error::Config(format!("stored SVID {} is not an agent of {}", v.spiffe_id, cfg.trust_domain)));
+            return Err(Error::Config(format!(
+                "stored SVID {} is not an agent of {}",
+                v.spiffe_id, cfg.trust_domain
+            )));
         }
         if carapace_core::x509svid::public_key_of(&st.svid_chain[0])? != key.public_key_der() {
-            return Err(Error::Config("stored SVID does not match the agent key".into()));
+            return Err(Error::Config(
+                "stored SVID does not match the agent key".into(),
+            ));
         }
         Ok(key)
     }
@@ -252,7 +268,10 @@ impl Manager {
 
     async fn delete_other_agent_keys(km: &Arc<dyn KeyManager>, keep: &str) {
         if let Ok(keys) = km.list_keys().await {
-            for k in keys.into_iter().filter(|k| k.id.starts_with("agent-") && k.id != keep) {
+            for k in keys
+                .into_iter()
+                .filter(|k| k.id.starts_with("agent-") && k.id != keep)
+            {
                 let _ = km.delete_key(&k.id).await;
             }
         }
@@ -260,8 +279,12 @@ impl Manager {
 
     fn client(&self) -> Result<NodeClient<Channel>> {
         let ck = carapace_tls::certified_key(&self.state.svid_chain, self.agent_key.clone());
-        let tls = carapace_tls::client_config(self.bundle_tx.subscribe(), self.cfg.trust_domain.server_id(), Some(ck))
-            .map_err(|e| Error::Config(format!("TLS: {e}")))?;
+        let tls = carapace_tls::client_config(
+            self.bundle_tx.subscribe(),
+            self.cfg.trust_domain.server_id(),
+            Some(ck),
+        )
+        .map_err(|e| Error::Config(format!("TLS: {e}")))?;
         node_client::channel(&self.cfg.server_address, Arc::new(tls))
     }
 
@@ -344,12 +367,20 @@ impl Manager {
                 Ok(bundle) if bundle.trust_domain() == &self.cfg.trust_domain => {
                     if self.bundle_tx.borrow().as_ref() != &bundle {
                         state::save_bundle(&self.cfg.data_dir, &bundle)?;
-                        tracing::info!(sequence = bundle.sequence, authorities = bundle.x509_authorities.len(), "trust bundle updated");
+                        tracing::info!(
+                            sequence = bundle.sequence,
+                            authorities = bundle.x509_authorities.len(),
+                            "trust bundle updated"
+                        );
                         self.bundle_tx.send_replace(Arc::new(bundle));
                     }
                 }
-                Ok(other) => tracing::error!(trust_domain = %other.trust_domain(), "ignoring a bundle of another trust domain"),
-                Err(e) => tracing::error!(error = %e, "ignoring a malformed bundle from the server"),
+                Ok(other) => {
+                    tracing::error!(trust_domain = %other.trust_domain(), "ignoring a bundle of another trust domain")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "ignoring a malformed bundle from the server")
+                }
             }
         }
         let mut entries = BTreeMap::new();
@@ -358,10 +389,16 @@ impl Manager {
                 Ok(entry) => {
                     entries.insert(entry.id.clone(), entry);
                 }
-                Err(err) => tracing::warn!(entry = e.id, error = %err, "ignoring a malformed entry from the server"),
+                Err(err) => {
+                    tracing::warn!(entry = e.id, error = %err, "ignoring a malformed entry from the server")
+                }
             }
         }
-        tracing::debug!(revision = m.revision, entries = entries.len(), "synced authorized entries");
+        tracing::debug!(
+            revision = m.revision,
+            entries = entries.len(),
+            "synced authorized entries"
+        );
         self.entries = entries;
         Ok(())
     }
@@ -391,9 +428,17 @@ impl Manager {
                 }
             }
         }
-        if removed > 0 || signed > 0 || self.cache.current().bundle.as_ref() != self.bundle_tx.borrow().as_ref() {
+        if removed > 0
+            || signed > 0
+            || self.cache.current().bundle.as_ref() != self.bundle_tx.borrow().as_ref()
+        {
             if removed > 0 || signed > 0 {
-                tracing::info!(signed, removed, held = self.slots.len(), "workload SVIDs updated");
+                tracing::info!(
+                    signed,
+                    removed,
+                    held = self.slots.len(),
+                    "workload SVIDs updated"
+                );
             }
             self.publish();
         }
@@ -404,7 +449,11 @@ impl Manager {
         self.cache.replace(self.bundle_tx.borrow().clone(), svids);
     }
 
-    async fn sign_batch(&mut self, client: &mut NodeClient<Channel>, entries: &[RegistrationEntry]) -> Result<usize> {
+    async fn sign_batch(
+        &mut self,
+        client: &mut NodeClient<Channel>,
+        entries: &[RegistrationEntry],
+    ) -> Result<usize> {
         let key_type = self.cfg.workload_key_type;
         let ids: Vec<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
         let keys = tokio::task::spawn_blocking(move || {
@@ -416,7 +465,10 @@ impl Manager {
         .map_err(|e| Error::Crypto(format!("key generation task failed: {e}")))??;
         let params = keys
             .iter()
-            .map(|(id, _, csr)| NewX509svidParams { entry_id: id.to_string(), csr: csr.clone() })
+            .map(|(id, _, csr)| NewX509svidParams {
+                entry_id: id.to_string(),
+                csr: csr.clone(),
+            })
             .collect();
         let resp = client
             .batch_new_x509svid(BatchNewX509svidRequest { params })
@@ -424,17 +476,29 @@ impl Manager {
             .map_err(|s| call_error("signing workload SVIDs", s))?
             .into_inner();
         let mut signed = 0;
-        let by_id: BTreeMap<String, (Zeroizing<Vec<u8>>,)> =
-            keys.into_iter().map(|(id, key, _)| (id.to_string(), (key,))).collect();
+        let by_id: BTreeMap<String, (Zeroizing<Vec<u8>>,)> = keys
+            .into_iter()
+            .map(|(id, key, _)| (id.to_string(), (key,)))
+            .collect();
         for r in resp.results {
-            let Some(entry) = EntryId::new(&r.entry_id).ok().and_then(|id| self.entries.get(&id).cloned()) else {
+            let Some(entry) = EntryId::new(&r.entry_id)
+                .ok()
+                .and_then(|id| self.entries.get(&id).cloned())
+            else {
                 continue;
             };
             let Some(svid) = r.svid else {
-                tracing::warn!(entry = r.entry_id, code = r.error_code, error = r.error_message, "the server did not sign an SVID");
+                tracing::warn!(
+                    entry = r.entry_id,
+                    code = r.error_code,
+                    error = r.error_message,
+                    "the server did not sign an SVID"
+                );
                 continue;
             };
-            let Some((key,)) = by_id.get(&r.entry_id) else { continue };
+            let Some((key,)) = by_id.get(&r.entry_id) else {
+                continue;
+            };
             match self.check_issued(&entry, &svid.cert_chain) {
                 Ok((nb, na)) => {
                     self.slots.insert(
@@ -455,7 +519,9 @@ impl Manager {
                     );
                     signed += 1;
                 }
-                Err(e) => tracing::error!(entry = r.entry_id, error = %e, "the server returned an unusable SVID"),
+                Err(e) => {
+                    tracing::error!(entry = r.entry_id, error = %e, "the server returned an unusable SVID")
+                }
             }
         }
         Ok(signed)
@@ -466,7 +532,10 @@ impl Manager {
         let bundle = self.bundle_tx.borrow().clone();
         let v = carapace_core::x509svid::verify_chain(chain, &bundle, now().max(0) as u64)?;
         if v.spiffe_id != entry.spiffe_id {
-            return Err(Error::Server(format!("SVID for {} carries {}", entry.spiffe_id, v.spiffe_id)));
+            return Err(Error::Server(format!(
+                "SVID for {} carries {}",
+                entry.spiffe_id, v.spiffe_id
+            )));
         }
         Ok(carapace_core::x509svid::validity_of(&chain[0])?)
     }
@@ -484,7 +553,10 @@ impl Manager {
             let bundle = self.bundle_tx.borrow().clone();
             let v = carapace_core::x509svid::verify_chain(&chain, &bundle, now().max(0) as u64)?;
             if v.spiffe_id != self.agent_id()? {
-                return Err(Error::Server(format!("renewal returned an SVID for {}", v.spiffe_id)));
+                return Err(Error::Server(format!(
+                    "renewal returned an SVID for {}",
+                    v.spiffe_id
+                )));
             }
             Ok(chain)
         }
@@ -497,7 +569,11 @@ impl Manager {
             }
         };
         let old_key = self.state.key_id.clone();
-        self.state = AgentState { key_id: key.id().to_owned(), svid_chain: chain, reattestable: self.state.reattestable };
+        self.state = AgentState {
+            key_id: key.id().to_owned(),
+            svid_chain: chain,
+            reattestable: self.state.reattestable,
+        };
         self.state.save(&self.cfg.data_dir)?;
         self.agent_key = key;
         let (nb, na) = carapace_core::x509svid::validity_of(&self.state.svid_chain[0])?;
@@ -548,7 +624,9 @@ mod tests {
             let (key, csr) = workload_key_and_csr(kt).unwrap();
             assert!(!key.is_empty());
             use x509_parser::prelude::FromDer;
-            let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&csr).unwrap();
+            let (_, req) =
+                x509_parser::certification_request::X509CertificationRequest::from_der(&csr)
+                    .unwrap();
             req.verify_signature().unwrap();
         }
     }

@@ -12,7 +12,8 @@ use tonic::transport::{Channel, Endpoint};
 
 use carapace_core::plugin::NodeAttestorClient;
 use carapace_proto::node::{
-    AttestParams, AttestRequest, AttestResult, attest_request, attest_response, node_client::NodeClient,
+    AttestParams, AttestRequest, AttestResult, attest_request, attest_response,
+    node_client::NodeClient,
 };
 
 use crate::{Error, Result};
@@ -21,7 +22,10 @@ use crate::{Error, Result};
 pub const MAX_MESSAGE_SIZE: usize = 32 * 1024 * 1024;
 
 /// A lazily connecting channel to the server over TLS with `tls`.
-pub fn channel(server_address: &str, tls: Arc<rustls::ClientConfig>) -> Result<NodeClient<Channel>> {
+pub fn channel(
+    server_address: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<NodeClient<Channel>> {
     let endpoint = Endpoint::from_shared(format!("http://{server_address}"))
         .map_err(|e| Error::Config(format!("server_address {server_address:?}: {e}")))?
         .connect_timeout(Duration::from_secs(10))
@@ -90,14 +94,18 @@ pub async fn attest(
             .message()
             .await
             .map_err(|s| status_error("attestation", s))?
-            .ok_or_else(|| Error::Server("attestation: the server closed the stream without a result".into()))?;
+            .ok_or_else(|| {
+                Error::Server("attestation: the server closed the stream without a result".into())
+            })?;
         match msg.step {
             Some(attest_response::Step::Result(r)) => return Ok(r),
             Some(attest_response::Step::Challenge(c)) => {
                 let answer = attestor.answer(&c).await?;
-                tx.send(AttestRequest { step: Some(attest_request::Step::ChallengeResponse(answer)) })
-                    .await
-                    .map_err(|_| Error::Server("attestation stream closed".into()))?;
+                tx.send(AttestRequest {
+                    step: Some(attest_request::Step::ChallengeResponse(answer)),
+                })
+                .await
+                .map_err(|_| Error::Server("attestation stream closed".into()))?;
             }
             None => return Err(Error::Server("attestation: empty response".into())),
         }

@@ -36,14 +36,21 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        Error::Io { context: format!("cannot write {}", path.display()), source: e }
+        Error::Io {
+            context: format!("cannot write {}", path.display()),
+            source: e,
+        }
     })
 }
 
@@ -54,7 +61,12 @@ impl AgentState {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::Io { context: format!("cannot read {}", path.display()), source: e }),
+            Err(e) => {
+                return Err(Error::Io {
+                    context: format!("cannot read {}", path.display()),
+                    source: e,
+                });
+            }
         };
         let d: OnDisk = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{} is corrupt: {e}", path.display())))?;
@@ -62,14 +74,22 @@ impl AgentState {
         if svid_chain.is_empty() {
             return Err(Error::Config(format!("{} holds no SVID", path.display())));
         }
-        Ok(Some(AgentState { key_id: d.key_id, svid_chain, reattestable: d.reattestable }))
+        Ok(Some(AgentState {
+            key_id: d.key_id,
+            svid_chain,
+            reattestable: d.reattestable,
+        }))
     }
 
     /// Saves the state.
     pub fn save(&self, data_dir: &Path) -> Result<()> {
         let d = OnDisk {
             key_id: self.key_id.clone(),
-            svid_chain_pem: self.svid_chain.iter().map(|c| carapace_core::bundle::der_to_pem(c)).collect(),
+            svid_chain_pem: self
+                .svid_chain
+                .iter()
+                .map(|c| carapace_core::bundle::der_to_pem(c))
+                .collect(),
             reattestable: self.reattestable,
         };
         let json = serde_json::to_vec_pretty(&d).map_err(|e| Error::Config(e.to_string()))?;
@@ -83,7 +103,10 @@ pub fn load_bundle(data_dir: &Path, td: &TrustDomain) -> Result<Option<TrustBund
     match std::fs::read_to_string(&path) {
         Ok(pem) => Ok(Some(TrustBundle::from_pem(td.clone(), &pem)?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io { context: format!("cannot read {}", path.display()), source: e }),
+        Err(e) => Err(Error::Io {
+            context: format!("cannot read {}", path.display()),
+            source: e,
+        }),
     }
 }
 
@@ -102,17 +125,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert!(AgentState::load(dir.path()).unwrap().is_none());
         let kp = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["x".into()]).unwrap().self_signed(&kp).unwrap();
-        let s = AgentState { key_id: "agent-1".into(), svid_chain: vec![cert.der().to_vec()], reattestable: false };
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        let s = AgentState {
+            key_id: "agent-1".into(),
+            svid_chain: vec![cert.der().to_vec()],
+            reattestable: false,
+        };
         s.save(dir.path()).unwrap();
         assert_eq!(AgentState::load(dir.path()).unwrap().unwrap(), s);
-        let mode = std::fs::metadata(dir.path().join("agent.json")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("agent.json"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let td = TrustDomain::new("example.org").unwrap();
         let mut b = TrustBundle::new(td.clone());
         b.x509_authorities.push(cert.der().to_vec());
         save_bundle(dir.path(), &b).unwrap();
-        assert_eq!(load_bundle(dir.path(), &td).unwrap().unwrap().x509_authorities, b.x509_authorities);
+        assert_eq!(
+            load_bundle(dir.path(), &td)
+                .unwrap()
+                .unwrap()
+                .x509_authorities,
+            b.x509_authorities
+        );
     }
 
     #[test]

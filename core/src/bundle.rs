@@ -54,7 +54,10 @@ impl TrustBundle {
 
     /// The X.509 authorities as concatenated PEM `CERTIFICATE` blocks.
     pub fn to_pem(&self) -> String {
-        self.x509_authorities.iter().map(|der| der_to_pem(der)).collect()
+        self.x509_authorities
+            .iter()
+            .map(|der| der_to_pem(der))
+            .collect()
     }
 
     /// The X.509 authorities as concatenated DER, the Workload API's bundle form.
@@ -106,8 +109,7 @@ impl TrustBundle {
     /// without exactly-parseable `x5c` are errors.
     pub fn from_spiffe_json(td: TrustDomain, json: &str) -> Result<Self, Error> {
         let bad = |m: String| Error::InvalidBundle(m);
-        let doc: Value =
-            serde_json::from_str(json).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let doc: Value = serde_json::from_str(json).map_err(|e| bad(format!("not JSON: {e}")))?;
         let keys = doc
             .get("keys")
             .ok_or_else(|| bad("\"keys\" is missing".into()))?
@@ -120,9 +122,10 @@ impl TrustBundle {
                 .ok_or_else(|| bad("\"spiffe_sequence\" is not an unsigned integer".into()))?;
         }
         if let Some(hint) = doc.get("spiffe_refresh_hint") {
-            b.refresh_hint = Some(hint.as_u64().ok_or_else(|| {
-                bad("\"spiffe_refresh_hint\" is not an unsigned integer".into())
-            })?);
+            b.refresh_hint =
+                Some(hint.as_u64().ok_or_else(|| {
+                    bad("\"spiffe_refresh_hint\" is not an unsigned integer".into())
+                })?);
         }
         for (i, key) in keys.iter().enumerate() {
             let Some(obj) = key.as_object() else {
@@ -143,9 +146,8 @@ impl TrustBundle {
                     let der = STANDARD
                         .decode(x5c)
                         .map_err(|e| bad(format!("keys[{i}]: x5c is not base64: {e}")))?;
-                    x509_parser::certificate::X509Certificate::from_der(&der).map_err(|e| {
-                        bad(format!("keys[{i}]: x5c is not a certificate: {e}"))
-                    })?;
+                    x509_parser::certificate::X509Certificate::from_der(&der)
+                        .map_err(|e| bad(format!("keys[{i}]: x5c is not a certificate: {e}")))?;
                     b.x509_authorities.push(der);
                 }
                 Some("jwt-svid") => {
@@ -154,8 +156,8 @@ impl TrustBundle {
                         .and_then(Value::as_str)
                         .filter(|k| !k.is_empty())
                         .ok_or_else(|| bad(format!("keys[{i}]: jwt-svid key has no kid")))?;
-                    let public_key_der = jwk_to_spki(obj)
-                        .map_err(|m| bad(format!("keys[{i}]: {m}")))?;
+                    let public_key_der =
+                        jwk_to_spki(obj).map_err(|m| bad(format!("keys[{i}]: {m}")))?;
                     b.jwt_authorities.push(JwtKey {
                         kid: kid.to_owned(),
                         public_key_der,
@@ -205,13 +207,13 @@ const OID_P256: &str = "1.2.840.10045.3.1.7";
 const OID_P384: &str = "1.3.132.0.34";
 /// DER prefix of a P-256 SubjectPublicKeyInfo up to the uncompressed point.
 const P256_SPKI_PREFIX: &[u8] = &[
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 /// DER prefix of a P-384 SubjectPublicKeyInfo up to the uncompressed point.
 const P384_SPKI_PREFIX: &[u8] = &[
-    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05,
-    0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
 ];
 
 fn spki_to_jwk(spki_der: &[u8]) -> Result<Map<String, Value>, Error> {
@@ -245,10 +247,20 @@ fn spki_to_jwk(spki_der: &[u8]) -> Result<Map<String, Value>, Error> {
         }
         Ok(PublicKey::RSA(rsa)) => {
             jwk.insert("kty".into(), json!("RSA"));
-            jwk.insert("n".into(), json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus))));
-            jwk.insert("e".into(), json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent))));
+            jwk.insert(
+                "n".into(),
+                json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus))),
+            );
+            jwk.insert(
+                "e".into(),
+                json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent))),
+            );
         }
-        _ => return Err(Error::InvalidBundle("unsupported public key algorithm".into())),
+        _ => {
+            return Err(Error::InvalidBundle(
+                "unsupported public key algorithm".into(),
+            ));
+        }
     }
     Ok(jwk)
 }
@@ -285,8 +297,8 @@ fn jwk_to_spki(obj: &Map<String, Value>) -> Result<Vec<u8>, String> {
             let (n, e) = (field("n")?, field("e")?);
             let rsa_key = der_seq(&[der_uint(&n), der_uint(&e)].concat());
             let alg = [
-                0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
-                0x05, 0x00,
+                0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05,
+                0x00,
             ];
             let bits = der_tlv(0x03, &[&[0u8][..], &rsa_key].concat());
             Ok(der_seq(&[&alg[..], &bits].concat()))
@@ -373,8 +385,16 @@ mod tests {
         let mut bundle = TrustBundle::new(td());
         bundle.x509_authorities = vec![a];
         bundle.jwt_authorities = vec![
-            JwtKey { kid: "k1".into(), public_key_der: p256, expires_at: None },
-            JwtKey { kid: "k2".into(), public_key_der: p384, expires_at: None },
+            JwtKey {
+                kid: "k1".into(),
+                public_key_der: p256,
+                expires_at: None,
+            },
+            JwtKey {
+                kid: "k2".into(),
+                public_key_der: p384,
+                expires_at: None,
+            },
         ];
         bundle.sequence = 7;
         bundle.refresh_hint = Some(300);
@@ -383,7 +403,10 @@ mod tests {
         assert_eq!(v["spiffe_sequence"], 7);
         assert_eq!(v["spiffe_refresh_hint"], 300);
         assert_eq!(v["keys"][0]["use"], "x509-svid");
-        assert!(v["keys"][0].get("kid").is_none(), "x509-svid keys must not set kid");
+        assert!(
+            v["keys"][0].get("kid").is_none(),
+            "x509-svid keys must not set kid"
+        );
         assert_eq!(v["keys"][0]["x5c"].as_array().unwrap().len(), 1);
         assert_eq!(v["keys"][1]["use"], "jwt-svid");
         assert_eq!(v["keys"][1]["kid"], "k1");
@@ -401,13 +424,17 @@ mod tests {
         jwk.insert("n".into(), json!(URL_SAFE_NO_PAD.encode(&n)));
         jwk.insert("e".into(), json!(URL_SAFE_NO_PAD.encode([1u8, 0, 1])));
         let spki = jwk_to_spki(&jwk).unwrap();
-        assert_eq!(crate::crypto::key_type_of_spki(&spki).unwrap(), crate::KeyType::Rsa2048);
+        assert_eq!(
+            crate::crypto::key_type_of_spki(&spki).unwrap(),
+            crate::KeyType::Rsa2048
+        );
         assert_eq!(spki_to_jwk(&spki).unwrap(), jwk);
     }
 
     #[test]
     fn ignores_unknown_use_and_kty_and_rejects_bad_keys() {
-        let doc = r#"{"keys":[{"kty":"EC","use":"wat"},{"kty":"OKP","use":"x509-svid"},{"kty":"EC"}]}"#;
+        let doc =
+            r#"{"keys":[{"kty":"EC","use":"wat"},{"kty":"OKP","use":"x509-svid"},{"kty":"EC"}]}"#;
         let b = TrustBundle::from_spiffe_json(td(), doc).unwrap();
         assert!(b.x509_authorities.is_empty() && b.jwt_authorities.is_empty());
         let no_kid = r#"{"keys":[{"kty":"EC","use":"jwt-svid","crv":"P-256","x":"","y":""}]}"#;

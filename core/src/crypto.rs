@@ -143,7 +143,9 @@ pub fn key_type_of_spki(spki_der: &[u8]) -> Result<KeyType, Error> {
             "unsupported RSA key size {}",
             rsa.key_size()
         ))),
-        _ => Err(Error::InvalidSvid("unsupported public key algorithm".into())),
+        _ => Err(Error::InvalidSvid(
+            "unsupported public key algorithm".into(),
+        )),
     }
 }
 

@@ -167,7 +167,10 @@ pub fn validate_dns_name(name: &str) -> Result<(), &'static str> {
         if label.starts_with('-') || label.ends_with('-') {
             return Err("labels cannot start or end with '-'");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err("labels may only contain letters, digits and '-'");
         }
     }
@@ -183,8 +186,12 @@ mod tests {
         RegistrationEntry {
             id: EntryId::new("e1").unwrap(),
             spiffe_id: "spiffe://example.org/web".parse().unwrap(),
-            parent_id: "spiffe://example.org/spire/agent/join_token/abc".parse().unwrap(),
-            selectors: ["unix:uid:1000".parse::<Selector>().unwrap()].into_iter().collect(),
+            parent_id: "spiffe://example.org/spire/agent/join_token/abc"
+                .parse()
+                .unwrap(),
+            selectors: ["unix:uid:1000".parse::<Selector>().unwrap()]
+                .into_iter()
+                .collect(),
             x509_svid_ttl: None,
             dns_names: vec!["web.example.org".into()],
             hint: "web".into(),
@@ -206,7 +213,9 @@ mod tests {
 
     #[test]
     fn a_good_entry_validates() {
-        entry().validate(&TrustDomain::new("example.org").unwrap()).unwrap();
+        entry()
+            .validate(&TrustDomain::new("example.org").unwrap())
+            .unwrap();
     }
 
     #[test]

@@ -70,7 +70,9 @@ impl Selector {
 /// (`unix:uuid:0`) is rejected at registration instead of silently never matching.
 fn validate_unix(value: &str) -> Result<(), &'static str> {
     let Some((name, arg)) = value.split_once(':') else {
-        return Err("unix selectors are unix:<uid|user|gid|group|supplementary_gid|path|sha256>:<value>");
+        return Err(
+            "unix selectors are unix:<uid|user|gid|group|supplementary_gid|path|sha256>:<value>",
+        );
     };
     if arg.is_empty() {
         return Err("unix selector value is empty");
@@ -95,7 +97,9 @@ fn validate_unix(value: &str) -> Result<(), &'static str> {
                 Err("unix:sha256 takes 64 lowercase hex digits")
             }
         }
-        _ => Err("unknown unix selector (known: uid, user, gid, group, supplementary_gid, path, sha256)"),
+        _ => Err(
+            "unknown unix selector (known: uid, user, gid, group, supplementary_gid, path, sha256)",
+        ),
     }
 }
 
@@ -205,7 +209,9 @@ impl<'a> IntoIterator for &'a SelectorSet {
 
 impl fmt::Debug for SelectorSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_set().entries(self.0.iter().map(|s| s.to_string())).finish()
+        f.debug_set()
+            .entries(self.0.iter().map(|s| s.to_string()))
+            .finish()
     }
 }
 
@@ -214,7 +220,10 @@ mod tests {
     use super::*;
 
     fn set(items: &[&str]) -> SelectorSet {
-        items.iter().map(|s| s.parse::<Selector>().unwrap()).collect()
+        items
+            .iter()
+            .map(|s| s.parse::<Selector>().unwrap())
+            .collect()
     }
 
     #[test]
@@ -230,8 +239,17 @@ mod tests {
     #[test]
     fn rejects_malformed_selectors() {
         for bad in [
-            "", "nocolon", ":value", "type:", "ty pe:v", "unix:uid", "unix:uid:",
-            "unix:uid:abc", "unix:uuid:0", "unix:path:relative", "unix:sha256:ABC",
+            "",
+            "nocolon",
+            ":value",
+            "type:",
+            "ty pe:v",
+            "unix:uid",
+            "unix:uid:",
+            "unix:uid:abc",
+            "unix:uuid:0",
+            "unix:path:relative",
+            "unix:sha256:ABC",
             "t:a\u{0}b",
         ] {
             let e = bad.parse::<Selector>().unwrap_err();
@@ -244,8 +262,12 @@ mod tests {
     #[test]
     fn accepts_every_unix_selector() {
         for ok in [
-            "unix:uid:0", "unix:gid:10", "unix:user:root", "unix:group:wheel",
-            "unix:supplementary_gid:27", "unix:path:/usr/bin/python3",
+            "unix:uid:0",
+            "unix:gid:10",
+            "unix:user:root",
+            "unix:group:wheel",
+            "unix:supplementary_gid:27",
+            "unix:path:/usr/bin/python3",
             &format!("unix:sha256:{}", "a".repeat(64)),
         ] {
             ok.parse::<Selector>().unwrap();

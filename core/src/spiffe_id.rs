@@ -452,7 +452,10 @@ mod tests {
 
     #[test]
     fn rejects_uppercase_trust_domain() {
-        assert_eq!(rule_of("spiffe://Example.org/a"), SpiffeIdRule::TrustDomainUppercase);
+        assert_eq!(
+            rule_of("spiffe://Example.org/a"),
+            SpiffeIdRule::TrustDomainUppercase
+        );
     }
 
     #[test]
@@ -469,46 +472,81 @@ mod tests {
 
     #[test]
     fn rejects_userinfo_and_port() {
-        assert_eq!(rule_of("spiffe://user@example.org/a"), SpiffeIdRule::UserInfo);
-        assert_eq!(rule_of("spiffe://user:pw@example.org/a"), SpiffeIdRule::UserInfo);
+        assert_eq!(
+            rule_of("spiffe://user@example.org/a"),
+            SpiffeIdRule::UserInfo
+        );
+        assert_eq!(
+            rule_of("spiffe://user:pw@example.org/a"),
+            SpiffeIdRule::UserInfo
+        );
         assert_eq!(rule_of("spiffe://example.org:8080/a"), SpiffeIdRule::Port);
         assert_eq!(rule_of("spiffe://example.org:/a"), SpiffeIdRule::Port);
     }
 
     #[test]
     fn rejects_percent_encoding() {
-        assert_eq!(rule_of("spiffe://exa%41mple.org/a"), SpiffeIdRule::PercentEncoded);
-        assert_eq!(rule_of("spiffe://example.org/p%41th"), SpiffeIdRule::PercentEncoded);
+        assert_eq!(
+            rule_of("spiffe://exa%41mple.org/a"),
+            SpiffeIdRule::PercentEncoded
+        );
+        assert_eq!(
+            rule_of("spiffe://example.org/p%41th"),
+            SpiffeIdRule::PercentEncoded
+        );
     }
 
     #[test]
     fn rejects_query_and_fragment() {
         assert_eq!(rule_of("spiffe://example.org/a?x=1"), SpiffeIdRule::Query);
         assert_eq!(rule_of("spiffe://example.org?x=1"), SpiffeIdRule::Query);
-        assert_eq!(rule_of("spiffe://example.org/a#frag"), SpiffeIdRule::Fragment);
+        assert_eq!(
+            rule_of("spiffe://example.org/a#frag"),
+            SpiffeIdRule::Fragment
+        );
         assert_eq!(rule_of("spiffe://example.org#frag"), SpiffeIdRule::Fragment);
     }
 
     #[test]
     fn rejects_empty_segments() {
-        assert_eq!(rule_of("spiffe://example.org//a"), SpiffeIdRule::EmptySegment);
-        assert_eq!(rule_of("spiffe://example.org/a//b"), SpiffeIdRule::EmptySegment);
+        assert_eq!(
+            rule_of("spiffe://example.org//a"),
+            SpiffeIdRule::EmptySegment
+        );
+        assert_eq!(
+            rule_of("spiffe://example.org/a//b"),
+            SpiffeIdRule::EmptySegment
+        );
     }
 
     #[test]
     fn rejects_dot_segments() {
         assert_eq!(rule_of("spiffe://example.org/."), SpiffeIdRule::DotSegment);
         assert_eq!(rule_of("spiffe://example.org/.."), SpiffeIdRule::DotSegment);
-        assert_eq!(rule_of("spiffe://example.org/a/../b"), SpiffeIdRule::DotSegment);
-        assert_eq!(rule_of("spiffe://example.org/a/./b"), SpiffeIdRule::DotSegment);
+        assert_eq!(
+            rule_of("spiffe://example.org/a/../b"),
+            SpiffeIdRule::DotSegment
+        );
+        assert_eq!(
+            rule_of("spiffe://example.org/a/./b"),
+            SpiffeIdRule::DotSegment
+        );
         // Dots inside a segment are fine.
-        "spiffe://example.org/a.b/..c/d..".parse::<SpiffeId>().unwrap();
+        "spiffe://example.org/a.b/..c/d.."
+            .parse::<SpiffeId>()
+            .unwrap();
     }
 
     #[test]
     fn rejects_trailing_slash() {
-        assert_eq!(rule_of("spiffe://example.org/"), SpiffeIdRule::TrailingSlash);
-        assert_eq!(rule_of("spiffe://example.org/a/"), SpiffeIdRule::TrailingSlash);
+        assert_eq!(
+            rule_of("spiffe://example.org/"),
+            SpiffeIdRule::TrailingSlash
+        );
+        assert_eq!(
+            rule_of("spiffe://example.org/a/"),
+            SpiffeIdRule::TrailingSlash
+        );
     }
 
     #[test]
@@ -553,7 +591,10 @@ mod tests {
 
     #[test]
     fn trust_domain_accepts_name_or_id_form() {
-        assert_eq!(TrustDomain::new("example.org").unwrap().name(), "example.org");
+        assert_eq!(
+            TrustDomain::new("example.org").unwrap().name(),
+            "example.org"
+        );
         assert_eq!(
             TrustDomain::new("spiffe://example.org").unwrap().name(),
             "example.org"
@@ -595,7 +636,10 @@ mod tests {
         assert_eq!(server.as_str(), "spiffe://example.org/spire/server");
         assert!(server.is_server() && server.is_reserved() && !server.is_agent());
         let agent = td.agent_id("join_token", "abc123").unwrap();
-        assert_eq!(agent.as_str(), "spiffe://example.org/spire/agent/join_token/abc123");
+        assert_eq!(
+            agent.as_str(),
+            "spiffe://example.org/spire/agent/join_token/abc123"
+        );
         assert!(agent.is_agent() && agent.is_reserved());
         assert!(td.agent_id("join_token", "a/../b").is_err());
         let wl: SpiffeId = "spiffe://example.org/spirex".parse().unwrap();
@@ -605,8 +649,14 @@ mod tests {
     #[test]
     fn new_checks_the_path() {
         let td = TrustDomain::new("example.org").unwrap();
-        assert_eq!(SpiffeId::new(&td, "/a/b").unwrap().as_str(), "spiffe://example.org/a/b");
-        assert_eq!(SpiffeId::new(&td, "").unwrap().as_str(), "spiffe://example.org");
+        assert_eq!(
+            SpiffeId::new(&td, "/a/b").unwrap().as_str(),
+            "spiffe://example.org/a/b"
+        );
+        assert_eq!(
+            SpiffeId::new(&td, "").unwrap().as_str(),
+            "spiffe://example.org"
+        );
         assert!(SpiffeId::new(&td, "a").is_err());
         assert!(SpiffeId::new(&td, "/a/").is_err());
     }

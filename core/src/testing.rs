@@ -1,7 +1,12 @@
 //! The KeyManager conformance suite: the same checks against every backend (memory,
 //! disk, PKCS#11, TPM). Each backend crate calls these from its own tests; a failure
 //! panics with the property that broke.
-#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, reason = "test suite")]
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test suite"
+)]
 
 use std::sync::Arc;
 
@@ -16,10 +21,17 @@ pub async fn key_manager_conformance(km: &dyn KeyManager, key_types: &[KeyType])
     let mut created = Vec::new();
     for &kt in key_types {
         let id = format!("conf-{kt}");
-        let key = km.generate_key(&id, kt).await.unwrap_or_else(|e| panic!("generate {kt}: {e}"));
+        let key = km
+            .generate_key(&id, kt)
+            .await
+            .unwrap_or_else(|e| panic!("generate {kt}: {e}"));
         assert_eq!(key.id(), id);
         assert_eq!(key.key_type(), kt);
-        assert_eq!(key_type_of_spki(key.public_key_der()).unwrap(), kt, "public key type");
+        assert_eq!(
+            key_type_of_spki(key.public_key_der()).unwrap(),
+            kt,
+            "public key type"
+        );
         sign_and_verify(key.as_ref(), kt.x509_algorithm());
         if kt == KeyType::Rsa2048 {
             sign_and_verify(key.as_ref(), SignatureAlgorithm::RsaPssSha256);
@@ -30,11 +42,18 @@ pub async fn key_manager_conformance(km: &dyn KeyManager, key_types: &[KeyType])
             SignatureAlgorithm::EcdsaP256Sha256
         };
         assert!(
-            matches!(key.sign(wrong, b"m"), Err(Error::UnsupportedAlgorithm { .. })),
+            matches!(
+                key.sign(wrong, b"m"),
+                Err(Error::UnsupportedAlgorithm { .. })
+            ),
             "{kt} must refuse {wrong}"
         );
         let again = km.get_key(&id).await.unwrap();
-        assert_eq!(again.public_key_der(), key.public_key_der(), "get_key returns the same key");
+        assert_eq!(
+            again.public_key_der(),
+            key.public_key_der(),
+            "get_key returns the same key"
+        );
         sign_and_verify(again.as_ref(), kt.x509_algorithm());
         assert!(
             matches!(km.generate_key(&id, kt).await, Err(Error::KeyExists(_))),
@@ -49,15 +68,27 @@ pub async fn key_manager_conformance(km: &dyn KeyManager, key_types: &[KeyType])
     sorted.sort();
     assert_eq!(ids, sorted, "list_keys is sorted by id");
     for key in &created {
-        let info = listed.iter().find(|k| k.id == key.id()).expect("created key is listed");
+        let info = listed
+            .iter()
+            .find(|k| k.id == key.id())
+            .expect("created key is listed");
         assert_eq!(info.public_key_der, key.public_key_der());
         assert_eq!(info.key_type, key.key_type());
     }
 
-    assert!(matches!(km.get_key("conf-missing").await, Err(Error::KeyNotFound(_))));
-    assert!(matches!(km.delete_key("conf-missing").await, Err(Error::KeyNotFound(_))));
+    assert!(matches!(
+        km.get_key("conf-missing").await,
+        Err(Error::KeyNotFound(_))
+    ));
+    assert!(matches!(
+        km.delete_key("conf-missing").await,
+        Err(Error::KeyNotFound(_))
+    ));
     for bad in ["", "../etc/passwd", "a/b", ".hidden"] {
-        assert!(km.generate_key(bad, KeyType::EcP256).await.is_err(), "id {bad:?} must be refused");
+        assert!(
+            km.generate_key(bad, KeyType::EcP256).await.is_err(),
+            "id {bad:?} must be refused"
+        );
     }
 
     if let Some(key) = created.first() {
@@ -66,13 +97,18 @@ pub async fn key_manager_conformance(km: &dyn KeyManager, key_types: &[KeyType])
 
     for key in created {
         km.delete_key(key.id()).await.unwrap();
-        assert!(matches!(km.get_key(key.id()).await, Err(Error::KeyNotFound(_))));
+        assert!(matches!(
+            km.get_key(key.id()).await,
+            Err(Error::KeyNotFound(_))
+        ));
     }
 }
 
 fn sign_and_verify(key: &dyn KeySigner, alg: SignatureAlgorithm) {
     let msg = b"carapace conformance message";
-    let sig = key.sign(alg, msg).unwrap_or_else(|e| panic!("sign {alg}: {e}"));
+    let sig = key
+        .sign(alg, msg)
+        .unwrap_or_else(|e| panic!("sign {alg}: {e}"));
     verify_signature(key.public_key_der(), alg, msg, &sig)
         .unwrap_or_else(|e| panic!("signature by {} does not verify: {e}", key.id()));
     assert!(
@@ -121,7 +157,11 @@ pub async fn check_after_restart(km: &dyn KeyManager, before: &[KeyInfo]) {
             .get_key(&info.id)
             .await
             .unwrap_or_else(|e| panic!("key {} lost across restart: {e}", info.id));
-        assert_eq!(key.public_key_der(), info.public_key_der, "same key after restart");
+        assert_eq!(
+            key.public_key_der(),
+            info.public_key_der,
+            "same key after restart"
+        );
         sign_and_verify(key.as_ref(), info.key_type.x509_algorithm());
     }
 }

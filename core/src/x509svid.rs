@@ -29,8 +29,8 @@ fn bad(msg: impl Into<String>) -> Error {
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, Error> {
-    let (rest, cert) =
-        X509Certificate::from_der(der).map_err(|e| bad(format!("certificate does not parse: {e}")))?;
+    let (rest, cert) = X509Certificate::from_der(der)
+        .map_err(|e| bad(format!("certificate does not parse: {e}")))?;
     if !rest.is_empty() {
         return Err(bad("trailing bytes after the certificate"));
     }
@@ -75,7 +75,9 @@ pub fn check_leaf(der: &[u8]) -> Result<SpiffeId, Error> {
         return Err(bad(format!("leaf SPIFFE ID {id} has no path")));
     }
     if cert.subject().iter_attributes().next().is_none() && !san_critical {
-        return Err(bad("leaf subject is empty but the URI SAN extension is not critical"));
+        return Err(bad(
+            "leaf subject is empty but the URI SAN extension is not critical",
+        ));
     }
     let bc = cert
         .basic_constraints()
@@ -101,7 +103,9 @@ pub fn check_leaf(der: &[u8]) -> Result<SpiffeId, Error> {
         .map_err(|e| bad(format!("bad extendedKeyUsage: {e}")))?;
     if let Some(eku) = eku {
         if !(eku.value.server_auth && eku.value.client_auth) {
-            return Err(bad("leaf extendedKeyUsage must include serverAuth and clientAuth"));
+            return Err(bad(
+                "leaf extendedKeyUsage must include serverAuth and clientAuth",
+            ));
         }
     }
     Ok(id)
@@ -128,7 +132,9 @@ pub fn check_signing_cert(der: &[u8]) -> Result<(), Error> {
     for uri in uris {
         if let Ok(id) = uri.parse::<SpiffeId>() {
             if !id.path().is_empty() {
-                return Err(bad(format!("signing certificate SPIFFE ID {id} has a path")));
+                return Err(bad(format!(
+                    "signing certificate SPIFFE ID {id} has a path"
+                )));
             }
         }
     }
@@ -139,8 +145,14 @@ pub fn check_signing_cert(der: &[u8]) -> Result<(), Error> {
 /// `now` (unix seconds): path validation to one of the bundle's authorities, the leaf
 /// rules, the signing-certificate rules on every intermediate, and that the SVID is in
 /// the bundle's trust domain.
-pub fn verify_chain(chain: &[Vec<u8>], bundle: &TrustBundle, now: u64) -> Result<VerifiedSvid, Error> {
-    let leaf_der = chain.first().ok_or_else(|| bad("empty certificate chain"))?;
+pub fn verify_chain(
+    chain: &[Vec<u8>],
+    bundle: &TrustBundle,
+    now: u64,
+) -> Result<VerifiedSvid, Error> {
+    let leaf_der = chain
+        .first()
+        .ok_or_else(|| bad("empty certificate chain"))?;
     let id = check_leaf(leaf_der)?;
     if !id.is_member_of(bundle.trust_domain()) {
         return Err(bad(format!(
@@ -166,8 +178,8 @@ pub fn verify_chain(chain: &[Vec<u8>], bundle: &TrustBundle, now: u64) -> Result
         .map(|d| CertificateDer::from(d.as_slice()))
         .collect();
     let leaf = CertificateDer::from(leaf_der.as_slice());
-    let ee = webpki::EndEntityCert::try_from(&leaf)
-        .map_err(|e| bad(format!("leaf unusable: {e}")))?;
+    let ee =
+        webpki::EndEntityCert::try_from(&leaf).map_err(|e| bad(format!("leaf unusable: {e}")))?;
     ee.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
         &anchors,
@@ -181,7 +193,12 @@ pub fn verify_chain(chain: &[Vec<u8>], bundle: &TrustBundle, now: u64) -> Result
     let cert = parse(leaf_der)?;
     Ok(VerifiedSvid {
         spiffe_id: id,
-        serial: cert.raw_serial().iter().copied().skip_while(|&b| b == 0).collect(),
+        serial: cert
+            .raw_serial()
+            .iter()
+            .copied()
+            .skip_while(|&b| b == 0)
+            .collect(),
         not_after: cert.validity().not_after.timestamp(),
     })
 }
@@ -189,7 +206,12 @@ pub fn verify_chain(chain: &[Vec<u8>], bundle: &TrustBundle, now: u64) -> Result
 /// The serial number of a certificate as big-endian bytes without leading zeros.
 pub fn serial_of(der: &[u8]) -> Result<Vec<u8>, Error> {
     let cert = parse(der)?;
-    Ok(cert.raw_serial().iter().copied().skip_while(|&b| b == 0).collect())
+    Ok(cert
+        .raw_serial()
+        .iter()
+        .copied()
+        .skip_while(|&b| b == 0)
+        .collect())
 }
 
 /// The notBefore and notAfter of a certificate, unix seconds.
@@ -232,7 +254,10 @@ mod tests {
         p.not_before = time(NOW - 3600);
         p.not_after = time(NOW + 3600);
         let der = p.self_signed(&kp).unwrap().der().to_vec();
-        Ca { der, issuer: Issuer::new(p, kp) }
+        Ca {
+            der,
+            issuer: Issuer::new(p, kp),
+        }
     }
 
     fn time(unix: u64) -> ::time::OffsetDateTime {
@@ -241,7 +266,8 @@ mod tests {
 
     fn leaf_params(uris: &[&str]) -> CertificateParams {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::OrganizationName, "Carapace");
+        p.distinguished_name
+            .push(DnType::OrganizationName, "Carapace");
         p.subject_alt_names = uris
             .iter()
             .map(|u| SanType::URI((*u).try_into().unwrap()))
@@ -281,18 +307,39 @@ mod tests {
     fn rejects_zero_or_two_uri_sans() {
         let ca = ca();
         let none = sign(leaf_params(&[]), &ca);
-        assert!(check_leaf(&none).unwrap_err().to_string().contains("no URI SAN"));
-        let two = sign(leaf_params(&["spiffe://example.org/a", "spiffe://example.org/b"]), &ca);
-        assert!(check_leaf(&two).unwrap_err().to_string().contains("more than one"));
+        assert!(
+            check_leaf(&none)
+                .unwrap_err()
+                .to_string()
+                .contains("no URI SAN")
+        );
+        let two = sign(
+            leaf_params(&["spiffe://example.org/a", "spiffe://example.org/b"]),
+            &ca,
+        );
+        assert!(
+            check_leaf(&two)
+                .unwrap_err()
+                .to_string()
+                .contains("more than one")
+        );
     }
 
     #[test]
     fn rejects_root_path_and_non_spiffe_uri() {
         let ca = ca();
         let root = sign(leaf_params(&["spiffe://example.org"]), &ca);
-        assert!(check_leaf(&root).unwrap_err().to_string().contains("no path"));
+        assert!(
+            check_leaf(&root)
+                .unwrap_err()
+                .to_string()
+                .contains("no path")
+        );
         let http = sign(leaf_params(&["https://example.org/a"]), &ca);
-        assert!(matches!(check_leaf(&http), Err(Error::InvalidSpiffeId { .. })));
+        assert!(matches!(
+            check_leaf(&http),
+            Err(Error::InvalidSpiffeId { .. })
+        ));
     }
 
     #[test]
@@ -300,10 +347,20 @@ mod tests {
         let ca = ca();
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        assert!(check_leaf(&sign(p, &ca)).unwrap_err().to_string().contains("cA=true"));
+        assert!(
+            check_leaf(&sign(p, &ca))
+                .unwrap_err()
+                .to_string()
+                .contains("cA=true")
+        );
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.key_usages.push(KeyUsagePurpose::KeyCertSign);
-        assert!(check_leaf(&sign(p, &ca)).unwrap_err().to_string().contains("keyCertSign"));
+        assert!(
+            check_leaf(&sign(p, &ca))
+                .unwrap_err()
+                .to_string()
+                .contains("keyCertSign")
+        );
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.key_usages.push(KeyUsagePurpose::CrlSign);
         assert!(check_leaf(&sign(p, &ca)).is_err());
@@ -314,10 +371,20 @@ mod tests {
         let ca = ca();
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.key_usages.clear();
-        assert!(check_leaf(&sign(p, &ca)).unwrap_err().to_string().contains("no keyUsage"));
+        assert!(
+            check_leaf(&sign(p, &ca))
+                .unwrap_err()
+                .to_string()
+                .contains("no keyUsage")
+        );
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
-        assert!(check_leaf(&sign(p, &ca)).unwrap_err().to_string().contains("digitalSignature"));
+        assert!(
+            check_leaf(&sign(p, &ca))
+                .unwrap_err()
+                .to_string()
+                .contains("digitalSignature")
+        );
     }
 
     #[test]
@@ -325,7 +392,12 @@ mod tests {
         let ca = ca();
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        assert!(check_leaf(&sign(p, &ca)).unwrap_err().to_string().contains("serverAuth"));
+        assert!(
+            check_leaf(&sign(p, &ca))
+                .unwrap_err()
+                .to_string()
+                .contains("serverAuth")
+        );
         // No EKU at all is allowed (SHOULD, not MUST).
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.extended_key_usages.clear();
@@ -345,7 +417,12 @@ mod tests {
         let mut p = leaf_params(&[]);
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.custom_extensions.push(ext);
-        assert!(check_leaf(&sign(p, &ca)).unwrap_err().to_string().contains("not critical"));
+        assert!(
+            check_leaf(&sign(p, &ca))
+                .unwrap_err()
+                .to_string()
+                .contains("not critical")
+        );
         // The same with a critical SAN is fine.
         let mut p = leaf_params(&["spiffe://example.org/a"]);
         p.distinguished_name = rcgen::DistinguishedName::new();
@@ -356,7 +433,12 @@ mod tests {
     fn rejects_foreign_trust_domain_and_unknown_authority() {
         let ca = ca();
         let other = sign(leaf_params(&["spiffe://other.org/a"]), &ca);
-        assert!(verify_chain(&[other], &bundle(&ca), NOW).unwrap_err().to_string().contains("trust domain"));
+        assert!(
+            verify_chain(&[other], &bundle(&ca), NOW)
+                .unwrap_err()
+                .to_string()
+                .contains("trust domain")
+        );
         let stranger = self::ca();
         let leaf = sign(leaf_params(&["spiffe://example.org/a"]), &stranger);
         assert!(verify_chain(&[leaf], &bundle(&ca), NOW).is_err());
@@ -377,11 +459,21 @@ mod tests {
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         p.subject_alt_names = vec![SanType::URI("spiffe://example.org/ca".try_into().unwrap())];
         let der = p.self_signed(&kp).unwrap().der().to_vec();
-        assert!(check_signing_cert(&der).unwrap_err().to_string().contains("has a path"));
+        assert!(
+            check_signing_cert(&der)
+                .unwrap_err()
+                .to_string()
+                .contains("has a path")
+        );
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
         let der = p.self_signed(&kp).unwrap().der().to_vec();
-        assert!(check_signing_cert(&der).unwrap_err().to_string().contains("cA=true"));
+        assert!(
+            check_signing_cert(&der)
+                .unwrap_err()
+                .to_string()
+                .contains("cA=true")
+        );
     }
 
     #[test]
@@ -394,7 +486,10 @@ mod tests {
         ip.not_before = time(NOW - 3600);
         ip.not_after = time(NOW + 3600);
         let ider = ip.signed_by(&ikp, &root.issuer).unwrap().der().to_vec();
-        let inter = Ca { der: ider.clone(), issuer: Issuer::new(ip, ikp) };
+        let inter = Ca {
+            der: ider.clone(),
+            issuer: Issuer::new(ip, ikp),
+        };
         let leaf = sign(leaf_params(&["spiffe://example.org/a"]), &inter);
         verify_chain(&[leaf.clone(), ider], &bundle(&root), NOW).unwrap();
         assert!(verify_chain(&[leaf], &bundle(&root), NOW).is_err());

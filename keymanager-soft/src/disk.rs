@@ -49,7 +49,12 @@ impl DiskKeyManager {
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)
-                .map_err(|e| backend(format!("cannot create key directory {}: {e}", dir.display())))?;
+                .map_err(|e| {
+                    backend(format!(
+                        "cannot create key directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
         }
         check_private(dir, "key directory")?;
         let mut keys = BTreeMap::new();
@@ -76,7 +81,10 @@ impl DiskKeyManager {
             let key = SoftKey::from_pkcs8(id, der.secret_pkcs8_der())?;
             keys.insert(id.to_owned(), Arc::new(key));
         }
-        Ok(DiskKeyManager { dir: dir.to_owned(), keys: Mutex::new(keys) })
+        Ok(DiskKeyManager {
+            dir: dir.to_owned(),
+            keys: Mutex::new(keys),
+        })
     }
 
     fn path_of(&self, id: &str) -> PathBuf {
@@ -90,7 +98,11 @@ impl DiskKeyManager {
         let _ = fs::remove_file(&tmp);
         let pem = Zeroizing::new(carapace_core::bundle::pem_block("PRIVATE KEY", pkcs8));
         let write = || -> std::io::Result<()> {
-            let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(pem.as_bytes())?;
             f.sync_all()?;
             fs::rename(&tmp, &final_path)?;
@@ -173,9 +185,15 @@ mod tests {
             let km = DiskKeyManager::open(&kdir).unwrap();
             testing::create_for_restart(&km, &[KeyType::EcP256, KeyType::EcP384]).await
         };
-        assert_eq!(fs::metadata(&kdir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&kdir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         for info in &before {
-            let mode = fs::metadata(kdir.join(format!("{}.key", info.id))).unwrap().permissions().mode();
+            let mode = fs::metadata(kdir.join(format!("{}.key", info.id)))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "key file mode");
         }
         let km = DiskKeyManager::open(&kdir).unwrap();
@@ -193,7 +211,10 @@ mod tests {
         let path = kdir.join("ca.key");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
         let err = DiskKeyManager::open(&kdir).unwrap_err().to_string();
-        assert!(err.contains("must not be accessible to group or others"), "{err}");
+        assert!(
+            err.contains("must not be accessible to group or others"),
+            "{err}"
+        );
         assert!(err.contains("chmod 600"), "{err}");
     }
 
@@ -203,8 +224,15 @@ mod tests {
         let kdir = dir.path().join("keys");
         DiskKeyManager::open(&kdir).unwrap();
         let path = kdir.join("bad.key");
-        fs::OpenOptions::new().write(true).create(true).mode(0o600).open(&path).unwrap()
-            .write_all(b"not a key").unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(b"not a key")
+            .unwrap();
         let err = DiskKeyManager::open(&kdir).unwrap_err().to_string();
         assert!(err.contains("bad.key"), "{err}");
     }

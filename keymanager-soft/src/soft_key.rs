@@ -30,12 +30,12 @@ impl std::fmt::Debug for SoftKey {
 }
 
 const P256_SPKI_PREFIX: &[u8] = &[
-    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
-    0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
 const P384_SPKI_PREFIX: &[u8] = &[
-    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05,
-    0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+    0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
+    0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
 ];
 
 fn backend(msg: impl std::fmt::Display) -> Error {
@@ -78,13 +78,26 @@ impl SoftKey {
         let rng = SystemRandom::new();
         for kt in [KeyType::EcP256, KeyType::EcP384] {
             if let Ok(kp) = EcdsaKeyPair::from_pkcs8(ecdsa_alg(kt), pkcs8, &rng) {
-                let prefix = if kt == KeyType::EcP256 { P256_SPKI_PREFIX } else { P384_SPKI_PREFIX };
+                let prefix = if kt == KeyType::EcP256 {
+                    P256_SPKI_PREFIX
+                } else {
+                    P384_SPKI_PREFIX
+                };
                 let spki = [prefix, kp.public_key().as_ref()].concat();
-                return Ok(SoftKey { id: id.to_owned(), key_type: kt, spki, inner: Inner::Ecdsa(kp), rng });
+                return Ok(SoftKey {
+                    id: id.to_owned(),
+                    key_type: kt,
+                    spki,
+                    inner: Inner::Ecdsa(kp),
+                    rng,
+                });
             }
         }
-        let kp = RsaKeyPair::from_pkcs8(pkcs8)
-            .map_err(|e| backend(format!("key {id:?} is not a P-256, P-384 or RSA PKCS#8 key: {e}")))?;
+        let kp = RsaKeyPair::from_pkcs8(pkcs8).map_err(|e| {
+            backend(format!(
+                "key {id:?} is not a P-256, P-384 or RSA PKCS#8 key: {e}"
+            ))
+        })?;
         if kp.public().modulus_len() != 256 {
             return Err(backend(format!("key {id:?}: only RSA-2048 is supported")));
         }
@@ -98,12 +111,22 @@ impl SoftKey {
                 .as_bytes()
                 .to_vec()
         };
-        Ok(SoftKey { id: id.to_owned(), key_type: KeyType::Rsa2048, spki, inner: Inner::Rsa(kp), rng })
+        Ok(SoftKey {
+            id: id.to_owned(),
+            key_type: KeyType::Rsa2048,
+            spki,
+            inner: Inner::Rsa(kp),
+            rng,
+        })
     }
 
     /// The key's public description.
     pub fn info(&self) -> KeyInfo {
-        KeyInfo { id: self.id.clone(), key_type: self.key_type, public_key_der: self.spki.clone() }
+        KeyInfo {
+            id: self.id.clone(),
+            key_type: self.key_type,
+            public_key_der: self.spki.clone(),
+        }
     }
 }
 
@@ -122,7 +145,10 @@ impl KeySigner for SoftKey {
 
     fn sign(&self, alg: SignatureAlgorithm, message: &[u8]) -> Result<Vec<u8>, Error> {
         if !self.key_type.supports(alg) {
-            return Err(Error::UnsupportedAlgorithm { key_type: self.key_type, algorithm: alg });
+            return Err(Error::UnsupportedAlgorithm {
+                key_type: self.key_type,
+                algorithm: alg,
+            });
         }
         match &self.inner {
             Inner::Ecdsa(kp) => kp

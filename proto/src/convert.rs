@@ -13,7 +13,10 @@ use crate::types;
 
 impl From<&Selector> for types::Selector {
     fn from(s: &Selector) -> Self {
-        types::Selector { r#type: s.kind().to_owned(), value: s.value().to_owned() }
+        types::Selector {
+            r#type: s.kind().to_owned(),
+            value: s.value().to_owned(),
+        }
     }
 }
 
@@ -54,23 +57,38 @@ impl From<&RegistrationEntry> for types::Entry {
 }
 
 /// An entry from the wire. `id` may be empty only when `allow_empty_id` (create).
-pub fn entry_from_wire(e: &types::Entry, fallback_id: Option<EntryId>) -> Result<RegistrationEntry, Error> {
+pub fn entry_from_wire(
+    e: &types::Entry,
+    fallback_id: Option<EntryId>,
+) -> Result<RegistrationEntry, Error> {
     let id = if e.id.is_empty() {
-        fallback_id.ok_or_else(|| Error::InvalidEntry { field: "id", reason: "is required".into() })?
+        fallback_id.ok_or_else(|| Error::InvalidEntry {
+            field: "id",
+            reason: "is required".into(),
+        })?
     } else {
         EntryId::new(&e.id)?
     };
     let field = |name: &'static str, v: &str| -> Result<SpiffeId, Error> {
         if v.is_empty() {
-            return Err(Error::InvalidEntry { field: name, reason: "is required".into() });
+            return Err(Error::InvalidEntry {
+                field: name,
+                reason: "is required".into(),
+            });
         }
         v.parse()
     };
     if e.x509_svid_ttl < 0 {
-        return Err(Error::InvalidEntry { field: "x509_svid_ttl", reason: "cannot be negative".into() });
+        return Err(Error::InvalidEntry {
+            field: "x509_svid_ttl",
+            reason: "cannot be negative".into(),
+        });
     }
     if e.expires_at < 0 {
-        return Err(Error::InvalidEntry { field: "expires_at", reason: "cannot be negative".into() });
+        return Err(Error::InvalidEntry {
+            field: "expires_at",
+            reason: "cannot be negative".into(),
+        });
     }
     Ok(RegistrationEntry {
         id,
@@ -142,7 +160,9 @@ mod tests {
             id: EntryId::new("e1").unwrap(),
             spiffe_id: "spiffe://example.org/w".parse().unwrap(),
             parent_id: "spiffe://example.org/spire/agent/x/y".parse().unwrap(),
-            selectors: ["unix:uid:0".parse::<Selector>().unwrap()].into_iter().collect(),
+            selectors: ["unix:uid:0".parse::<Selector>().unwrap()]
+                .into_iter()
+                .collect(),
             x509_svid_ttl: Some(Duration::from_secs(30)),
             dns_names: vec!["a.example".into()],
             hint: "h".into(),
@@ -158,16 +178,38 @@ mod tests {
 
     #[test]
     fn bad_wire_entries_are_rejected_with_the_field() {
-        let mut wire = types::Entry { id: "e1".into(), spiffe_id: "spiffe://example.org/w".into(), ..Default::default() };
+        let mut wire = types::Entry {
+            id: "e1".into(),
+            spiffe_id: "spiffe://example.org/w".into(),
+            ..Default::default()
+        };
         let err = entry_from_wire(&wire, None).unwrap_err().to_string();
         assert!(err.contains("parent_id"), "{err}");
         wire.parent_id = "spiffe://example.org/a".into();
-        wire.selectors.push(types::Selector { r#type: "unix".into(), value: "uuid:0".into() });
-        assert!(entry_from_wire(&wire, None).unwrap_err().to_string().contains("selector"));
+        wire.selectors.push(types::Selector {
+            r#type: "unix".into(),
+            value: "uuid:0".into(),
+        });
+        assert!(
+            entry_from_wire(&wire, None)
+                .unwrap_err()
+                .to_string()
+                .contains("selector")
+        );
         wire.selectors.clear();
         wire.x509_svid_ttl = -1;
-        assert!(entry_from_wire(&wire, None).unwrap_err().to_string().contains("x509_svid_ttl"));
+        assert!(
+            entry_from_wire(&wire, None)
+                .unwrap_err()
+                .to_string()
+                .contains("x509_svid_ttl")
+        );
         let empty_id = types::Entry::default();
-        assert!(entry_from_wire(&empty_id, None).unwrap_err().to_string().contains("id"));
+        assert!(
+            entry_from_wire(&empty_id, None)
+                .unwrap_err()
+                .to_string()
+                .contains("id")
+        );
     }
 }

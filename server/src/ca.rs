@@ -15,15 +15,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyUsagePurpose, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use carapace_core::plugin::KeyManager;
-use carapace_tls::RcgenKey;
 use carapace_core::{KeyType, SpiffeId, TrustBundle, TrustDomain};
+use carapace_tls::RcgenKey;
 
 use crate::datastore::Datastore;
 use crate::{Error, Result};
@@ -57,8 +57,9 @@ impl SubjectKey {
 /// what goes into the certificate.
 pub fn csr_public_key(csr_der: &[u8]) -> Result<SubjectKey> {
     use x509_parser::prelude::FromDer;
-    let (rest, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
-        .map_err(|e| Error::InvalidArgument(format!("csr: not a PKCS#10 request: {e}")))?;
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+            .map_err(|e| Error::InvalidArgument(format!("csr: not a PKCS#10 request: {e}")))?;
     if !rest.is_empty() {
         return Err(Error::InvalidArgument("csr: trailing bytes".into()));
     }
@@ -215,7 +216,10 @@ impl CaManager {
                 .map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))?,
             None => Journal::default(),
         };
-        let mut state = State { journal: journal.clone(), ..State::default() };
+        let mut state = State {
+            journal: journal.clone(),
+            ..State::default()
+        };
         if let Some(js) = &journal.active {
             state.active = Some(Arc::new(ca.restore_slot(js).await?));
         }
@@ -256,7 +260,9 @@ impl CaManager {
         bundle.sequence = sequence;
         bundle.refresh_hint = Some(300);
         bundle.x509_authorities = retired.iter().map(|(_, der, _)| der.clone()).collect();
-        bundle.x509_authorities.extend(slots.map(|s| s.cert_der.clone()));
+        bundle
+            .x509_authorities
+            .extend(slots.map(|s| s.cert_der.clone()));
         bundle
     }
 
@@ -280,7 +286,13 @@ impl CaManager {
         let (not_before, not_after) = carapace_core::x509svid::validity_of(&der)?;
         let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), RcgenKey::new(key)?)
             .map_err(|e| Error::Ca(format!("CA certificate unusable: {e}")))?;
-        Ok(CaSlot { key_id: js.key_id.clone(), cert_der: der, not_before, not_after, issuer })
+        Ok(CaSlot {
+            key_id: js.key_id.clone(),
+            cert_der: der,
+            not_before,
+            not_after,
+            issuer,
+        })
     }
 
     /// Creates a new self-signed CA in a fresh key.
@@ -291,7 +303,10 @@ impl CaManager {
         if self.km.get_key(&key_id).await.is_ok() {
             self.km.delete_key(&key_id).await?;
         }
-        let key = self.km.generate_key(&key_id, self.settings.key_type).await?;
+        let key = self
+            .km
+            .generate_key(&key_id, self.settings.key_type)
+            .await?;
         let not_before = now - BACKDATE;
         let not_after = now + self.settings.ca_ttl.as_secs() as i64;
         let mut params = CertificateParams::default();
@@ -315,12 +330,18 @@ impl CaManager {
         // One signature, once per CA lifetime: cheap enough to run inline even on an HSM.
         let cert_der = params
             .self_signed(&signing)
-        .map_err(|e| Error::Ca(format!("self-signing the CA failed: {e}")))?
-        .der()
-        .to_vec();
+            .map_err(|e| Error::Ca(format!("self-signing the CA failed: {e}")))?
+            .der()
+            .to_vec();
         let issuer = Issuer::new(params, signing);
         tracing::info!(key_id, not_after, "minted a new X.509 CA");
-        Ok(CaSlot { key_id, cert_der, not_before, not_after, issuer })
+        Ok(CaSlot {
+            key_id,
+            cert_der,
+            not_before,
+            not_after,
+            issuer,
+        })
     }
 
     /// One rotator step at time `now`: create, prepare, activate and prune CAs as their
@@ -336,7 +357,9 @@ impl CaManager {
         let mut new_prepared = prepared.clone();
         let mut retire: Vec<Arc<CaSlot>> = Vec::new();
 
-        let active_usable = active.as_ref().is_some_and(|a| a.not_after > now + BACKDATE);
+        let active_usable = active
+            .as_ref()
+            .is_some_and(|a| a.not_after > now + BACKDATE);
         if !active_usable {
             if let Some(old) = active.clone() {
                 retire.push(old);
@@ -392,12 +415,18 @@ impl CaManager {
         if !changed {
             return Ok(());
         }
-        let slot_js = |s: &Arc<CaSlot>| JournalSlot { key_id: s.key_id.clone(), cert_der_hex: hex::encode(&s.cert_der) };
+        let slot_js = |s: &Arc<CaSlot>| JournalSlot {
+            key_id: s.key_id.clone(),
+            cert_der_hex: hex::encode(&s.cert_der),
+        };
         journal.active = new_active.as_ref().map(slot_js);
         journal.prepared = new_prepared.as_ref().map(slot_js);
         journal.retired = retired
             .iter()
-            .map(|(k, der, _)| JournalSlot { key_id: k.clone(), cert_der_hex: hex::encode(der) })
+            .map(|(k, der, _)| JournalSlot {
+                key_id: k.clone(),
+                cert_der_hex: hex::encode(der),
+            })
             .collect();
         journal.bundle_sequence += 1;
 
@@ -450,7 +479,10 @@ impl CaManager {
 
     /// The active CA.
     pub fn active(&self) -> Result<Arc<CaSlot>> {
-        read(&self.state).active.clone().ok_or_else(|| Error::Ca("no active CA".into()))
+        read(&self.state)
+            .active
+            .clone()
+            .ok_or_else(|| Error::Ca("no active CA".into()))
     }
 
     /// The trust domain.
@@ -501,11 +533,9 @@ pub fn sign_leaf(
             .map_err(|e| Error::Ca(format!("SPIFFE ID as URI: {e}")))?,
     )];
     for name in dns_names {
-        sans.push(SanType::DnsName(
-            name.as_str()
-                .try_into()
-                .map_err(|e| Error::InvalidArgument(format!("dns name {name:?}: {e}")))?,
-        ));
+        sans.push(SanType::DnsName(name.as_str().try_into().map_err(|e| {
+            Error::InvalidArgument(format!("dns name {name:?}: {e}"))
+        })?));
     }
     params.subject_alt_names = sans;
     params.is_ca = IsCa::ExplicitNoCa;
@@ -514,7 +544,10 @@ pub fn sign_leaf(
         KeyUsagePurpose::KeyEncipherment,
         KeyUsagePurpose::KeyAgreement,
     ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.use_authority_key_identifier_extension = true;
     params.not_before = offset(now - BACKDATE)?;
     params.not_after = offset(not_after)?;
@@ -524,7 +557,11 @@ pub fn sign_leaf(
     let cert = params
         .signed_by(&key.0, &ca.issuer)
         .map_err(|e| Error::Ca(format!("signing the SVID failed: {e}")))?;
-    Ok(IssuedSvid { chain: vec![cert.der().to_vec()], expires_at: not_after, serial_hex })
+    Ok(IssuedSvid {
+        chain: vec![cert.der().to_vec()],
+        expires_at: not_after,
+        serial_hex,
+    })
 }
 
 #[cfg(test)]
@@ -545,7 +582,9 @@ mod tests {
         let ds = Datastore::open_in_memory().await.unwrap();
         let km = Arc::new(MemoryKeyManager::new());
         let td = TrustDomain::new("example.org").unwrap();
-        let ca = CaManager::load(td, km.clone(), ds.clone(), settings(ttl), now).await.unwrap();
+        let ca = CaManager::load(td, km.clone(), ds.clone(), settings(ttl), now)
+            .await
+            .unwrap();
         (ca, ds, km)
     }
 
@@ -562,14 +601,26 @@ mod tests {
         let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
         let (key, spki) = workload_key();
         let svid = ca
-            .sign_x509_svid(&id, &key, Duration::from_secs(3600), &["web.example.org".into()], now)
+            .sign_x509_svid(
+                &id,
+                &key,
+                Duration::from_secs(3600),
+                &["web.example.org".into()],
+                now,
+            )
             .unwrap();
         assert_eq!(svid.expires_at, now + 3600);
         let bundle = ca.bundle().borrow().clone();
         let v = carapace_core::x509svid::verify_chain(&svid.chain, &bundle, now as u64).unwrap();
         assert_eq!(v.spiffe_id, id);
-        assert_eq!(carapace_core::x509svid::public_key_of(&svid.chain[0]).unwrap(), spki);
-        assert_eq!(hex::encode(&v.serial), svid.serial_hex.trim_start_matches("00"));
+        assert_eq!(
+            carapace_core::x509svid::public_key_of(&svid.chain[0]).unwrap(),
+            spki
+        );
+        assert_eq!(
+            hex::encode(&v.serial),
+            svid.serial_hex.trim_start_matches("00")
+        );
         carapace_core::x509svid::check_signing_cert(&bundle.x509_authorities[0]).unwrap();
         let (nb, _) = carapace_core::x509svid::validity_of(&svid.chain[0]).unwrap();
         assert_eq!(nb, now - BACKDATE);
@@ -581,7 +632,9 @@ mod tests {
         let (ca, _, _) = setup(600, now).await;
         let (key, _) = workload_key();
         let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
-        let svid = ca.sign_x509_svid(&id, &key, Duration::from_secs(3600), &[], now).unwrap();
+        let svid = ca
+            .sign_x509_svid(&id, &key, Duration::from_secs(3600), &[], now)
+            .unwrap();
         assert_eq!(svid.expires_at, ca.active().unwrap().not_after);
     }
 
@@ -595,25 +648,43 @@ mod tests {
 
         // NotBefore is backdated 10 s, so half-life falls at t0 + 2995.
         ca.tick(t0 + 2_990).await.unwrap();
-        assert_eq!(ca.bundle().borrow().x509_authorities.len(), 1, "not yet prepared");
+        assert_eq!(
+            ca.bundle().borrow().x509_authorities.len(),
+            1,
+            "not yet prepared"
+        );
         let seq_before = ca.bundle().borrow().sequence;
 
         ca.tick(t0 + 3_000).await.unwrap();
         let b = ca.bundle().borrow().clone();
-        assert_eq!(b.x509_authorities.len(), 2, "prepared CA published before use");
+        assert_eq!(
+            b.x509_authorities.len(),
+            2,
+            "prepared CA published before use"
+        );
         assert!(b.sequence > seq_before, "sequence increases on change");
-        assert_eq!(ca.active().unwrap().key_id, first.key_id, "still signing with the first");
+        assert_eq!(
+            ca.active().unwrap().key_id,
+            first.key_id,
+            "still signing with the first"
+        );
 
         ca.tick(t0 + 5_000).await.unwrap();
         let second = ca.active().unwrap();
         assert_ne!(second.key_id, first.key_id, "activated the prepared CA");
-        assert_eq!(ca.bundle().borrow().x509_authorities.len(), 2, "old CA stays until it expires");
+        assert_eq!(
+            ca.bundle().borrow().x509_authorities.len(),
+            2,
+            "old CA stays until it expires"
+        );
 
         // An SVID from the new CA verifies against the bundle; so does one from the old.
         let (key, _) = workload_key();
         let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
         let now = t0 + 5_001;
-        let new_svid = ca.sign_x509_svid(&id, &key, Duration::from_secs(60), &[], now).unwrap();
+        let new_svid = ca
+            .sign_x509_svid(&id, &key, Duration::from_secs(60), &[], now)
+            .unwrap();
         let old_svid = sign_leaf(&first, &id, &key, Duration::from_secs(60), &[], now).unwrap();
         let bundle = ca.bundle().borrow().clone();
         carapace_core::x509svid::verify_chain(&new_svid.chain, &bundle, now as u64).unwrap();
@@ -623,7 +694,10 @@ mod tests {
         ca.tick(first.not_after + 1).await.unwrap();
         let b = ca.bundle().borrow().clone();
         assert!(!b.x509_authorities.contains(&first.cert_der));
-        assert!(km.get_key(&first.key_id).await.is_err(), "expired CA key deleted");
+        assert!(
+            km.get_key(&first.key_id).await.is_err(),
+            "expired CA key deleted"
+        );
     }
 
     #[tokio::test]
@@ -632,14 +706,30 @@ mod tests {
         let ds = Datastore::open_in_memory().await.unwrap();
         let km = Arc::new(MemoryKeyManager::new());
         let td = TrustDomain::new("example.org").unwrap();
-        let ca1 = CaManager::load(td.clone(), km.clone(), ds.clone(), settings(86_400), t0).await.unwrap();
+        let ca1 = CaManager::load(td.clone(), km.clone(), ds.clone(), settings(86_400), t0)
+            .await
+            .unwrap();
         let cert1 = ca1.active().unwrap().cert_der.clone();
         let seq1 = ca1.bundle().borrow().sequence;
         drop(ca1);
-        let ca2 = CaManager::load(td, km, ds.clone(), settings(86_400), t0 + 60).await.unwrap();
-        assert_eq!(ca2.active().unwrap().cert_der, cert1, "same CA after restart");
-        assert_eq!(ca2.bundle().borrow().sequence, seq1, "no spurious bundle change");
-        let stored = ds.get_bundle(&TrustDomain::new("example.org").unwrap()).await.unwrap().unwrap();
+        let ca2 = CaManager::load(td, km, ds.clone(), settings(86_400), t0 + 60)
+            .await
+            .unwrap();
+        assert_eq!(
+            ca2.active().unwrap().cert_der,
+            cert1,
+            "same CA after restart"
+        );
+        assert_eq!(
+            ca2.bundle().borrow().sequence,
+            seq1,
+            "no spurious bundle change"
+        );
+        let stored = ds
+            .get_bundle(&TrustDomain::new("example.org").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(stored.x509_authorities, vec![cert1]);
     }
 
@@ -649,9 +739,14 @@ mod tests {
         let ds = Datastore::open_in_memory().await.unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let km1 = Arc::new(MemoryKeyManager::new());
-        CaManager::load(td.clone(), km1, ds.clone(), settings(86_400), t0).await.unwrap();
+        CaManager::load(td.clone(), km1, ds.clone(), settings(86_400), t0)
+            .await
+            .unwrap();
         let km2 = Arc::new(MemoryKeyManager::new());
-        let err = CaManager::load(td, km2, ds, settings(86_400), t0).await.unwrap_err().to_string();
+        let err = CaManager::load(td, km2, ds, settings(86_400), t0)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not in the memory key manager"), "{err}");
     }
 
@@ -659,7 +754,10 @@ mod tests {
     fn rejects_bad_csrs() {
         assert!(csr_public_key(b"garbage").is_err());
         let kp = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(vec![]).unwrap().serialize_request(&kp).unwrap();
+        let csr = rcgen::CertificateParams::new(vec![])
+            .unwrap()
+            .serialize_request(&kp)
+            .unwrap();
         let mut der = csr.der().to_vec();
         csr_public_key(&der).unwrap();
         let n = der.len();

@@ -115,17 +115,23 @@ pub struct Config {
 
 /// Reads a config file; a missing `path` means defaults.
 pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
-    let Some(path) = path else { return Ok(FileConfig::default()) };
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
     let text = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
     parse_file(&text).map_err(|errs| {
-        errs.into_iter().map(|e| format!("{}: {e}", path.display())).collect()
+        errs.into_iter()
+            .map(|e| format!("{}: {e}", path.display()))
+            .collect()
     })
 }
 
 /// Parses config text, reporting every unknown key and every badly typed value.
 pub fn parse_file(text: &str) -> Result<FileConfig, Vec<String>> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| vec![e.to_string()])?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| vec![e.to_string()])?;
     // serde stops at the first problem; check each top-level key alone to list them all.
     let mut problems = Vec::new();
     for (key, value) in &table {
@@ -141,7 +147,11 @@ pub fn parse_file(text: &str) -> Result<FileConfig, Vec<String>> {
     FileConfig::deserialize(toml::Value::Table(table)).map_err(|e| vec![e.to_string()])
 }
 
-fn plugin_tables(kind: &str, t: &toml::Table, problems: &mut Vec<String>) -> Vec<(String, toml::Table)> {
+fn plugin_tables(
+    kind: &str,
+    t: &toml::Table,
+    problems: &mut Vec<String>,
+) -> Vec<(String, toml::Table)> {
     let mut out = Vec::new();
     for (name, v) in t {
         match v {
@@ -168,9 +178,16 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         .unwrap_or_else(|| DEFAULT_BIND_ADDRESS.to_owned());
     let bind_address = bind_text
         .parse::<SocketAddr>()
-        .map_err(|e| problems.push(format!("bind_address: {bind_text:?} is not HOST:PORT ({e})")))
+        .map_err(|e| {
+            problems.push(format!(
+                "bind_address: {bind_text:?} is not HOST:PORT ({e})"
+            ))
+        })
         .ok();
-    let data_dir = ov.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let data_dir = ov
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| DEFAULT_DATA_DIR.into());
     let admin_socket = ov
         .admin_socket
         .or(file.admin_socket)
@@ -181,7 +198,9 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             admin_socket.display()
         ));
     }
-    let log_level = file.log_level.unwrap_or_else(|| "warn,carapace=info".into());
+    let log_level = file
+        .log_level
+        .unwrap_or_else(|| "warn,carapace=info".into());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
         problems.push(format!("log_level: {e}"));
     }
@@ -207,7 +226,10 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     }
     // SVIDs are guaranteed their full TTL only while the CA has ttl/6 left (activation).
     let max_svid = ca_ttl / 6;
-    for (key, d) in [("default_x509_svid_ttl", default_x509_svid_ttl), ("agent_svid_ttl", agent_svid_ttl)] {
+    for (key, d) in [
+        ("default_x509_svid_ttl", default_x509_svid_ttl),
+        ("agent_svid_ttl", agent_svid_ttl),
+    ] {
         if d > max_svid {
             problems.push(format!(
                 "{key}: {} exceeds ca_ttl/6 ({}); SVIDs would be cut short by CA rotation (raise ca_ttl to at least {})",
@@ -234,7 +256,11 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         problems.push(format!(
             "key_manager: exactly one is allowed, found {} ({})",
             key_managers.len(),
-            key_managers.iter().map(|k| k.0.as_str()).collect::<Vec<_>>().join(", ")
+            key_managers
+                .iter()
+                .map(|k| k.0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     let mut node_attestors = plugin_tables("node_attestor", &file.node_attestor, &mut problems);
@@ -285,7 +311,10 @@ mod tests {
         let file = parse_file("trust_domain = \"a.org\"\nbind_address = \"0.0.0.0:1\"").unwrap();
         let c = validate(
             file,
-            Overrides { trust_domain: Some("b.org".into()), ..Default::default() },
+            Overrides {
+                trust_domain: Some("b.org".into()),
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(c.trust_domain.name(), "b.org");
@@ -298,7 +327,11 @@ mod tests {
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("trust_domian")), "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("bind_adress")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.contains("ca_ttl") || e.contains("invalid type")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("ca_ttl") || e.contains("invalid type")),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -317,8 +350,18 @@ log_format = "xml"
         )
         .unwrap();
         let errs = validate(file, Overrides::default()).unwrap_err();
-        for needle in ["trust_domain", "bind_address", "ca_ttl/6", "ca_key_type", "log_format", "nope"] {
-            assert!(errs.iter().any(|e| e.contains(needle)), "{needle} missing from {errs:?}");
+        for needle in [
+            "trust_domain",
+            "bind_address",
+            "ca_ttl/6",
+            "ca_key_type",
+            "log_format",
+            "nope",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle} missing from {errs:?}"
+            );
         }
     }
 

@@ -35,17 +35,25 @@ impl Index {
     fn insert(&mut self, e: RegistrationEntry, server_id: &SpiffeId) {
         let id = e.id.clone();
         self.remove(&id, server_id);
-        self.by_parent.entry(e.parent_id.clone()).or_default().push(id.clone());
+        self.by_parent
+            .entry(e.parent_id.clone())
+            .or_default()
+            .push(id.clone());
         if &e.parent_id == server_id {
             for s in e.selectors.iter() {
-                self.aliases_by_selector.entry(s.clone()).or_default().push(id.clone());
+                self.aliases_by_selector
+                    .entry(s.clone())
+                    .or_default()
+                    .push(id.clone());
             }
         }
         self.entries.insert(id, Arc::new(e));
     }
 
     fn remove(&mut self, id: &EntryId, server_id: &SpiffeId) {
-        let Some(old) = self.entries.remove(id) else { return };
+        let Some(old) = self.entries.remove(id) else {
+            return;
+        };
         if let Some(v) = self.by_parent.get_mut(&old.parent_id) {
             v.retain(|x| x != id);
             if v.is_empty() {
@@ -175,7 +183,9 @@ impl EntryCache {
             a.validate(&self.td)?;
         }
         let _w = self.write_lock.lock().await;
-        self.ds.create_join_token(token_id, secret_hash, expires_at, now, alias.as_ref()).await?;
+        self.ds
+            .create_join_token(token_id, secret_hash, expires_at, now, alias.as_ref())
+            .await?;
         if let Some(a) = alias {
             write(&self.index).insert(a, &self.server_id);
             self.bump();
@@ -212,13 +222,20 @@ impl EntryCache {
     pub async fn upsert_agent(&self, agent: AttestedAgent) -> Result<()> {
         let _w = self.write_lock.lock().await;
         self.ds.upsert_attested_agent(&agent).await?;
-        write(&self.index).agents.insert(agent.spiffe_id.clone(), Arc::new(agent));
+        write(&self.index)
+            .agents
+            .insert(agent.spiffe_id.clone(), Arc::new(agent));
         self.bump();
         Ok(())
     }
 
     /// Records a renewed agent SVID, not yet used by the agent.
-    pub async fn set_agent_new_serial(&self, id: &SpiffeId, serial: &str, expires_at: i64) -> Result<()> {
+    pub async fn set_agent_new_serial(
+        &self,
+        id: &SpiffeId,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<()> {
         let _w = self.write_lock.lock().await;
         self.ds.set_agent_new_serial(id, serial, expires_at).await?;
         self.refresh_agent(id).await
@@ -226,7 +243,11 @@ impl EntryCache {
 
     /// Bans or unbans an agent. A banned agent is refused on every call and cannot
     /// attest again until unbanned.
-    pub async fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<Arc<AttestedAgent>> {
+    pub async fn set_agent_banned(
+        &self,
+        id: &SpiffeId,
+        banned: bool,
+    ) -> Result<Arc<AttestedAgent>> {
         let _w = self.write_lock.lock().await;
         let a = Arc::new(self.ds.set_agent_banned(id, banned).await?);
         write(&self.index).agents.insert(id.clone(), a.clone());
@@ -269,10 +290,14 @@ impl EntryCache {
     /// Checks that `id` may call the node API with an SVID of serial `serial_hex`: it is
     /// attested, not banned, and the serial is its latest (or the renewal it was just
     /// given, which then becomes the latest).
-    pub async fn authenticate_agent(&self, id: &SpiffeId, serial_hex: &str) -> Result<Arc<AttestedAgent>> {
-        let agent = self
-            .get_agent(id)
-            .ok_or_else(|| Error::PermissionDenied(format!("agent {id} is not attested (evicted?)")))?;
+    pub async fn authenticate_agent(
+        &self,
+        id: &SpiffeId,
+        serial_hex: &str,
+    ) -> Result<Arc<AttestedAgent>> {
+        let agent = self.get_agent(id).ok_or_else(|| {
+            Error::PermissionDenied(format!("agent {id} is not attested (evicted?)"))
+        })?;
         if agent.banned {
             return Err(Error::PermissionDenied(format!("agent {id} is banned")));
         }
@@ -316,8 +341,12 @@ impl EntryCache {
         let mut out: BTreeMap<EntryId, Arc<RegistrationEntry>> = BTreeMap::new();
         while let Some(parent) = queue.pop_front() {
             for eid in idx.by_parent.get(&parent).into_iter().flatten() {
-                let Some(e) = idx.entries.get(eid) else { continue };
-                if out.insert(eid.clone(), e.clone()).is_none() && visited.insert(e.spiffe_id.clone()) {
+                let Some(e) = idx.entries.get(eid) else {
+                    continue;
+                };
+                if out.insert(eid.clone(), e.clone()).is_none()
+                    && visited.insert(e.spiffe_id.clone())
+                {
                     queue.push_back(e.spiffe_id.clone());
                 }
             }
@@ -372,7 +401,9 @@ mod tests {
 
     async fn cache() -> Arc<EntryCache> {
         let ds = Datastore::open_in_memory().await.unwrap();
-        EntryCache::load(TrustDomain::new("example.org").unwrap(), ds).await.unwrap()
+        EntryCache::load(TrustDomain::new("example.org").unwrap(), ds)
+            .await
+            .unwrap()
     }
 
     fn ids(v: &[Arc<RegistrationEntry>]) -> Vec<&str> {
@@ -382,41 +413,99 @@ mod tests {
     #[tokio::test]
     async fn direct_alias_and_descendant_entries_are_authorized() {
         let c = cache().await;
-        c.upsert_agent(agent(A1, &["tpm:pcr:x", "region:eu"])).await.unwrap();
+        c.upsert_agent(agent(A1, &["tpm:pcr:x", "region:eu"]))
+            .await
+            .unwrap();
         c.upsert_agent(agent(A2, &["region:us"])).await.unwrap();
         // Direct child of A1.
-        c.create_entry(entry("e1", "spiffe://example.org/web", A1, &["unix:uid:1"])).await.unwrap();
+        c.create_entry(entry("e1", "spiffe://example.org/web", A1, &["unix:uid:1"]))
+            .await
+            .unwrap();
         // Node alias matching A1 (subset of its node selectors), and one needing more.
-        c.create_entry(entry("n1", "spiffe://example.org/eu-nodes", SERVER, &["region:eu"])).await.unwrap();
-        c.create_entry(entry("n2", "spiffe://example.org/eu-tpm-x-y", SERVER, &["region:eu", "tpm:pcr:y"]))
-            .await
-            .unwrap();
-        c.create_entry(entry("e2", "spiffe://example.org/db", "spiffe://example.org/eu-nodes", &["unix:uid:2"]))
-            .await
-            .unwrap();
-        c.create_entry(entry("e3", "spiffe://example.org/never", "spiffe://example.org/eu-tpm-x-y", &["unix:uid:3"]))
-            .await
-            .unwrap();
+        c.create_entry(entry(
+            "n1",
+            "spiffe://example.org/eu-nodes",
+            SERVER,
+            &["region:eu"],
+        ))
+        .await
+        .unwrap();
+        c.create_entry(entry(
+            "n2",
+            "spiffe://example.org/eu-tpm-x-y",
+            SERVER,
+            &["region:eu", "tpm:pcr:y"],
+        ))
+        .await
+        .unwrap();
+        c.create_entry(entry(
+            "e2",
+            "spiffe://example.org/db",
+            "spiffe://example.org/eu-nodes",
+            &["unix:uid:2"],
+        ))
+        .await
+        .unwrap();
+        c.create_entry(entry(
+            "e3",
+            "spiffe://example.org/never",
+            "spiffe://example.org/eu-tpm-x-y",
+            &["unix:uid:3"],
+        ))
+        .await
+        .unwrap();
         // Descendant of e2 (nested), and of A2 only.
-        c.create_entry(entry("e4", "spiffe://example.org/db/sidecar", "spiffe://example.org/db", &["unix:uid:4"]))
+        c.create_entry(entry(
+            "e4",
+            "spiffe://example.org/db/sidecar",
+            "spiffe://example.org/db",
+            &["unix:uid:4"],
+        ))
+        .await
+        .unwrap();
+        c.create_entry(entry("e5", "spiffe://example.org/us", A2, &["unix:uid:5"]))
             .await
             .unwrap();
-        c.create_entry(entry("e5", "spiffe://example.org/us", A2, &["unix:uid:5"])).await.unwrap();
 
-        assert_eq!(ids(&c.authorized_entries(&A1.parse().unwrap())), ["e1", "e2", "e4"]);
+        assert_eq!(
+            ids(&c.authorized_entries(&A1.parse().unwrap())),
+            ["e1", "e2", "e4"]
+        );
         assert_eq!(ids(&c.authorized_entries(&A2.parse().unwrap())), ["e5"]);
         // An agent that is not attested gets only what is parented to its ID directly.
-        assert!(c.authorized_entries(&"spiffe://example.org/spire/agent/x/y".parse().unwrap()).is_empty());
+        assert!(
+            c.authorized_entries(&"spiffe://example.org/spire/agent/x/y".parse().unwrap())
+                .is_empty()
+        );
     }
 
     #[tokio::test]
     async fn cycles_terminate() {
         let c = cache().await;
         c.upsert_agent(agent(A1, &[])).await.unwrap();
-        c.create_entry(entry("a", "spiffe://example.org/a", A1, &["x:1"])).await.unwrap();
-        c.create_entry(entry("b", "spiffe://example.org/b", "spiffe://example.org/a", &["x:1"])).await.unwrap();
-        c.create_entry(entry("c", "spiffe://example.org/a", "spiffe://example.org/b", &["x:2"])).await.unwrap();
-        assert_eq!(ids(&c.authorized_entries(&A1.parse().unwrap())), ["a", "b", "c"]);
+        c.create_entry(entry("a", "spiffe://example.org/a", A1, &["x:1"]))
+            .await
+            .unwrap();
+        c.create_entry(entry(
+            "b",
+            "spiffe://example.org/b",
+            "spiffe://example.org/a",
+            &["x:1"],
+        ))
+        .await
+        .unwrap();
+        c.create_entry(entry(
+            "c",
+            "spiffe://example.org/a",
+            "spiffe://example.org/b",
+            &["x:2"],
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            ids(&c.authorized_entries(&A1.parse().unwrap())),
+            ["a", "b", "c"]
+        );
     }
 
     #[tokio::test]
@@ -425,13 +514,18 @@ mod tests {
         c.upsert_agent(agent(A1, &[])).await.unwrap();
         let mut rx = c.subscribe();
         let r0 = *rx.borrow_and_update();
-        c.create_entry(entry("e1", "spiffe://example.org/web", A1, &["unix:uid:1"])).await.unwrap();
+        c.create_entry(entry("e1", "spiffe://example.org/web", A1, &["unix:uid:1"]))
+            .await
+            .unwrap();
         assert!(rx.has_changed().unwrap());
         assert!(c.revision() > r0);
         let mut moved = entry("e1", "spiffe://example.org/web", A2, &["unix:uid:1"]);
         moved.revision = 99;
         let stored = c.update_entry(moved).await.unwrap();
-        assert_eq!(stored.revision, 1, "revision bumped by the datastore, not the caller");
+        assert_eq!(
+            stored.revision, 1,
+            "revision bumped by the datastore, not the caller"
+        );
         assert!(c.authorized_entries(&A1.parse().unwrap()).is_empty());
         assert_eq!(ids(&c.authorized_entries(&A2.parse().unwrap())), ["e1"]);
         c.delete_entry(&EntryId::new("e1").unwrap()).await.unwrap();
@@ -445,11 +539,22 @@ mod tests {
         let before = c.revision();
         let bad = entry("e1", "spiffe://example.org/spire/x", A1, &["unix:uid:1"]);
         assert!(c.create_entry(bad).await.is_err());
-        let foreign_parent = entry("e2", "spiffe://example.org/x", "spiffe://other.org/agent", &["unix:uid:1"]);
+        let foreign_parent = entry(
+            "e2",
+            "spiffe://example.org/x",
+            "spiffe://other.org/agent",
+            &["unix:uid:1"],
+        );
         assert!(c.create_entry(foreign_parent).await.is_err());
         assert_eq!(c.entry_count(), 0);
         assert_eq!(c.revision(), before);
-        assert_eq!(c.datastore().count_entries(&Default::default()).await.unwrap(), 0);
+        assert_eq!(
+            c.datastore()
+                .count_entries(&Default::default())
+                .await
+                .unwrap(),
+            0
+        );
     }
 
     #[tokio::test]
@@ -458,7 +563,11 @@ mod tests {
         let id: SpiffeId = A1.parse().unwrap();
         c.upsert_agent(agent(A1, &[])).await.unwrap();
         c.authenticate_agent(&id, "01").await.unwrap();
-        let err = c.authenticate_agent(&id, "02").await.unwrap_err().to_string();
+        let err = c
+            .authenticate_agent(&id, "02")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not its latest"), "{err}");
         // Renewal: the new serial is accepted and promoted; the old one is then refused.
         c.set_agent_new_serial(&id, "02", 123).await.unwrap();
@@ -466,11 +575,19 @@ mod tests {
         c.authenticate_agent(&id, "02").await.unwrap();
         assert!(c.authenticate_agent(&id, "01").await.is_err());
         c.set_agent_banned(&id, true).await.unwrap();
-        let err = c.authenticate_agent(&id, "02").await.unwrap_err().to_string();
+        let err = c
+            .authenticate_agent(&id, "02")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("banned"), "{err}");
         c.set_agent_banned(&id, false).await.unwrap();
         c.evict_agent(&id).await.unwrap();
-        let err = c.authenticate_agent(&id, "02").await.unwrap_err().to_string();
+        let err = c
+            .authenticate_agent(&id, "02")
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not attested"), "{err}");
     }
 
@@ -480,10 +597,22 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let c = EntryCache::load(td.clone(), ds.clone()).await.unwrap();
         c.upsert_agent(agent(A1, &["region:eu"])).await.unwrap();
-        c.create_entry(entry("n1", "spiffe://example.org/eu", SERVER, &["region:eu"])).await.unwrap();
-        c.create_entry(entry("e1", "spiffe://example.org/w", "spiffe://example.org/eu", &["unix:uid:1"]))
-            .await
-            .unwrap();
+        c.create_entry(entry(
+            "n1",
+            "spiffe://example.org/eu",
+            SERVER,
+            &["region:eu"],
+        ))
+        .await
+        .unwrap();
+        c.create_entry(entry(
+            "e1",
+            "spiffe://example.org/w",
+            "spiffe://example.org/eu",
+            &["unix:uid:1"],
+        ))
+        .await
+        .unwrap();
         let c2 = EntryCache::load(td, ds).await.unwrap();
         assert_eq!(ids(&c2.authorized_entries(&A1.parse().unwrap())), ["e1"]);
         assert!(c2.revision() >= 2);

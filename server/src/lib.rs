@@ -76,7 +76,10 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     private_dir(&config.data_dir, "data directory")?;
     let ds = Datastore::open(&config.data_dir.join("datastore.sqlite3")).await?;
-    let ctx = PluginContext { trust_domain: config.trust_domain.clone(), data_dir: config.data_dir.clone() };
+    let ctx = PluginContext {
+        trust_domain: config.trust_domain.clone(),
+        data_dir: config.data_dir.clone(),
+    };
     let km = catalog::build_key_manager(&config.key_manager.0, &config.key_manager.1, &ctx)?;
     let mut attestors = Vec::new();
     for (name, table) in &config.node_attestors {
@@ -99,12 +102,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let listener = tokio::net::TcpListener::bind(config.bind_address)
         .await
-        .map_err(Error::io(format!("cannot listen on {} for the node API", config.bind_address)))?;
+        .map_err(Error::io(format!(
+            "cannot listen on {} for the node API",
+            config.bind_address
+        )))?;
     let admin_listener = admin_api::bind(&config.admin_socket)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (server_cert, svid_task) =
-        server_svid::start(ca.clone(), km.clone(), config.default_x509_svid_ttl, stop_rx.clone()).await?;
+    let (server_cert, svid_task) = server_svid::start(
+        ca.clone(),
+        km.clone(),
+        config.default_x509_svid_ttl,
+        stop_rx.clone(),
+    )
+    .await?;
     let tls = carapace_tls::server_config(server_cert, ca.bundle())
         .map_err(|e| Error::Config(format!("TLS configuration: {e}")))?;
 
@@ -129,10 +140,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }),
         )
     };
-    let admin = admin_api::AdminApi::new(cache.clone(), ca.clone(), admin_api::AdminSettings {
-        default_x509_svid_ttl: config.default_x509_svid_ttl,
-        default_join_token_ttl: config::DEFAULT_JOIN_TOKEN_TTL,
-    });
+    let admin = admin_api::AdminApi::new(
+        cache.clone(),
+        ca.clone(),
+        admin_api::AdminSettings {
+            default_x509_svid_ttl: config.default_x509_svid_ttl,
+            default_join_token_ttl: config::DEFAULT_JOIN_TOKEN_TTL,
+        },
+    );
     let admin_task = {
         let mut stop = stop_rx.clone();
         tokio::spawn(admin_api::serve(admin_listener, admin, async move {

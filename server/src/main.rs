@@ -66,7 +66,9 @@ fn init_tracing(filter: &str, json: bool) {
     };
     let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,carapace=info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -93,8 +95,19 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config, trust_domain, data_dir, bind_address, admin_socket } => {
-            let overrides = Overrides { trust_domain, data_dir, bind_address, admin_socket };
+        Command::Run {
+            config,
+            trust_domain,
+            data_dir,
+            bind_address,
+            admin_socket,
+        } => {
+            let overrides = Overrides {
+                trust_domain,
+                data_dir,
+                bind_address,
+                admin_socket,
+            };
             let cfg = match config::read_file(config.as_deref())
                 .and_then(|file| config::validate(file, overrides))
             {
@@ -117,7 +130,9 @@ async fn main() -> ExitCode {
             }
         }
         Command::Validate { config } => {
-            match config::read_file(Some(&config)).and_then(|f| config::validate(f, Overrides::default())) {
+            match config::read_file(Some(&config))
+                .and_then(|f| config::validate(f, Overrides::default()))
+            {
                 Ok(_) => {
                     println!("{}: ok", config.display());
                     ExitCode::SUCCESS

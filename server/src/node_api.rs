@@ -75,13 +75,21 @@ impl Connected for TlsConn {
 }
 
 impl AsyncRead for TlsConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -106,7 +114,10 @@ fn peer_svid(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<PeerSv
     let leaf = conn.get_ref().1.peer_certificates()?.first()?;
     let id = carapace_core::x509svid::check_leaf(leaf).ok()?;
     let serial = carapace_core::x509svid::serial_of(leaf).ok()?;
-    Some(PeerSvid { id, serial_hex: hex::encode(serial) })
+    Some(PeerSvid {
+        id,
+        serial_hex: hex::encode(serial),
+    })
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow client
@@ -137,7 +148,10 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(conn)) => {
-                        let info = PeerInfo { remote, svid: peer_svid(&conn) };
+                        let info = PeerInfo {
+                            remote,
+                            svid: peer_svid(&conn),
+                        };
                         let _ = tx.send(Ok(TlsConn { inner: conn, info })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
@@ -168,7 +182,10 @@ pub struct NodeApi {
 }
 
 fn svid_to_wire(s: &IssuedSvid) -> types::X509Svid {
-    types::X509Svid { cert_chain: s.chain.clone(), expires_at: s.expires_at }
+    types::X509Svid {
+        cert_chain: s.chain.clone(),
+        expires_at: s.expires_at,
+    }
 }
 
 impl NodeApi {
@@ -179,8 +196,16 @@ impl NodeApi {
         attestors: Vec<Arc<dyn NodeAttestor>>,
         settings: NodeApiSettings,
     ) -> Self {
-        let attestors = attestors.into_iter().map(|a| (a.name().to_owned(), a)).collect();
-        NodeApi { cache, ca, attestors: Arc::new(attestors), settings }
+        let attestors = attestors
+            .into_iter()
+            .map(|a| (a.name().to_owned(), a))
+            .collect();
+        NodeApi {
+            cache,
+            ca,
+            attestors: Arc::new(attestors),
+            settings,
+        }
     }
 
     /// The gRPC service, with the node API's message size limits.
@@ -196,11 +221,21 @@ impl NodeApi {
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.svid.clone())
-            .ok_or_else(|| Error::Unauthenticated("this call requires the agent's X509-SVID as client certificate".into()))?;
+            .ok_or_else(|| {
+                Error::Unauthenticated(
+                    "this call requires the agent's X509-SVID as client certificate".into(),
+                )
+            })?;
         if !peer.id.is_agent() || !peer.id.is_member_of(self.ca.trust_domain()) {
-            return Err(Error::PermissionDenied(format!("{} is not an agent of this trust domain", peer.id)));
+            return Err(Error::PermissionDenied(format!(
+                "{} is not an agent of this trust domain",
+                peer.id
+            )));
         }
-        self.cache.authenticate_agent(&peer.id, &peer.serial_hex).await
+        self.cache.authenticate_agent(&peer.id, &peer.serial_hex).await.inspect_err(|e| {
+            let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
+            tracing::warn!(agent = %peer.id, remote = ?remote, error = %e, "refused an agent call");
+        })
     }
 
     async fn run_attestation(
@@ -213,8 +248,13 @@ impl NodeApi {
             .message()
             .await
             .map_err(|s| Error::InvalidArgument(format!("attestation stream: {}", s.message())))?;
-        let Some(AttestRequest { step: Some(attest_request::Step::Params(params)) }) = first else {
-            return Err(Error::InvalidArgument("attestation must open with AttestParams".into()));
+        let Some(AttestRequest {
+            step: Some(attest_request::Step::Params(params)),
+        }) = first
+        else {
+            return Err(Error::InvalidArgument(
+                "attestation must open with AttestParams".into(),
+            ));
         };
         let attestor = self.attestors.get(&params.attestor).ok_or_else(|| {
             let mut enabled: Vec<&str> = self.attestors.keys().map(String::as_str).collect();
@@ -232,27 +272,41 @@ impl NodeApi {
             match step {
                 AttestationStep::Done(r) => break r,
                 AttestationStep::Challenge { challenge, session } => {
-                    tx.send(Ok(AttestResponse { step: Some(attest_response::Step::Challenge(challenge)) }))
-                        .await
-                        .map_err(|_| Error::InvalidArgument("agent went away during attestation".into()))?;
-                    let answer = inbound
-                        .message()
-                        .await
-                        .map_err(|s| Error::InvalidArgument(format!("attestation stream: {}", s.message())))?;
-                    let Some(AttestRequest { step: Some(attest_request::Step::ChallengeResponse(answer)) }) = answer
+                    tx.send(Ok(AttestResponse {
+                        step: Some(attest_response::Step::Challenge(challenge)),
+                    }))
+                    .await
+                    .map_err(|_| {
+                        Error::InvalidArgument("agent went away during attestation".into())
+                    })?;
+                    let answer = inbound.message().await.map_err(|s| {
+                        Error::InvalidArgument(format!("attestation stream: {}", s.message()))
+                    })?;
+                    let Some(AttestRequest {
+                        step: Some(attest_request::Step::ChallengeResponse(answer)),
+                    }) = answer
                     else {
-                        return Err(Error::InvalidArgument("expected a challenge response".into()));
+                        return Err(Error::InvalidArgument(
+                            "expected a challenge response".into(),
+                        ));
                     };
                     step = session.respond(&answer).await?;
                 }
             }
         };
-        let agent_id = self.ca.trust_domain().agent_id(attestor.name(), &result.agent_path)?;
+        let agent_id = self
+            .ca
+            .trust_domain()
+            .agent_id(attestor.name(), &result.agent_path)?;
         if self.cache.get_agent(&agent_id).is_some_and(|a| a.banned) {
-            return Err(Error::PermissionDenied(format!("agent {agent_id} is banned")));
+            return Err(Error::PermissionDenied(format!(
+                "agent {agent_id} is banned"
+            )));
         }
         let now = crate::unix_now();
-        let svid = self.ca.sign_x509_svid(&agent_id, &key, self.settings.agent_svid_ttl, &[], now)?;
+        let svid =
+            self.ca
+                .sign_x509_svid(&agent_id, &key, self.settings.agent_svid_ttl, &[], now)?;
         let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0])?);
         self.cache
             .upsert_agent(AttestedAgent {
@@ -282,7 +336,10 @@ impl NodeApi {
         let entries = self.cache.authorized_entries(agent);
         SyncAuthorizedResponse {
             revision: self.cache.revision(),
-            entries: entries.iter().map(|e| types::Entry::from(e.as_ref())).collect(),
+            entries: entries
+                .iter()
+                .map(|e| types::Entry::from(e.as_ref()))
+                .collect(),
             bundle: Some(types::Bundle::from(bundle)),
         }
     }
@@ -304,7 +361,11 @@ impl node::node_server::Node for NodeApi {
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
-            let outcome = tokio::time::timeout(ATTESTATION_TIMEOUT, this.run_attestation(&mut inbound, &tx, remote)).await;
+            let outcome = tokio::time::timeout(
+                ATTESTATION_TIMEOUT,
+                this.run_attestation(&mut inbound, &tx, remote),
+            )
+            .await;
             let msg = match outcome {
                 Ok(Ok(resp)) => Ok(resp),
                 Ok(Err(e)) => {
@@ -324,13 +385,22 @@ impl node::node_server::Node for NodeApi {
     ) -> std::result::Result<Response<RenewAgentResponse>, Status> {
         let agent = self.authenticate(&req).await?;
         let key = csr_public_key(&req.get_ref().csr)?;
-        let svid = self
-            .ca
-            .sign_x509_svid(&agent.spiffe_id, &key, self.settings.agent_svid_ttl, &[], crate::unix_now())?;
-        let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0]).map_err(Error::from)?);
-        self.cache.set_agent_new_serial(&agent.spiffe_id, &serial, svid.expires_at).await?;
+        let svid = self.ca.sign_x509_svid(
+            &agent.spiffe_id,
+            &key,
+            self.settings.agent_svid_ttl,
+            &[],
+            crate::unix_now(),
+        )?;
+        let serial =
+            hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0]).map_err(Error::from)?);
+        self.cache
+            .set_agent_new_serial(&agent.spiffe_id, &serial, svid.expires_at)
+            .await?;
         tracing::info!(agent = %agent.spiffe_id, expires_at = svid.expires_at, "renewed agent SVID");
-        Ok(Response::new(RenewAgentResponse { svid: Some(svid_to_wire(&svid)) }))
+        Ok(Response::new(RenewAgentResponse {
+            svid: Some(svid_to_wire(&svid)),
+        }))
     }
 
     async fn sync_authorized(
@@ -338,7 +408,11 @@ impl node::node_server::Node for NodeApi {
         req: Request<SyncAuthorizedRequest>,
     ) -> std::result::Result<Response<Self::SyncAuthorizedStream>, Status> {
         let agent = self.authenticate(&req).await?;
-        let serial = req.extensions().get::<PeerInfo>().and_then(|p| p.svid.clone()).map(|s| s.serial_hex);
+        let serial = req
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.svid.clone())
+            .map(|s| s.serial_hex);
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
         tokio::spawn(async move {
@@ -349,19 +423,25 @@ impl node::node_server::Node for NodeApi {
             loop {
                 // The agent may have been banned, evicted or renewed since the call began.
                 let still_ok = match (&serial, this.cache.get_agent(&id)) {
-                    (Some(s), Some(a)) => !a.banned && (&a.serial == s || a.new_serial.as_ref() == Some(s)),
+                    (Some(s), Some(a)) => {
+                        !a.banned && (&a.serial == s || a.new_serial.as_ref() == Some(s))
+                    }
                     _ => false,
                 };
                 if !still_ok {
-                    let _ = tx.send(Err(Status::permission_denied(format!(
-                        "agent {id} is no longer authorized (banned, evicted or renewed)"
-                    )))).await;
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "agent {id} is no longer authorized (banned, evicted or renewed)"
+                        ))))
+                        .await;
                     return;
                 }
                 revisions.borrow_and_update();
                 let bundle = bundles.borrow_and_update().clone();
                 let mut msg = this.sync_message(&id, &bundle);
-                let same = last.as_ref().is_some_and(|l| l.entries == msg.entries && l.bundle == msg.bundle);
+                let same = last
+                    .as_ref()
+                    .is_some_and(|l| l.entries == msg.entries && l.bundle == msg.bundle);
                 if !same {
                     last = Some(msg.clone());
                     msg.revision = this.cache.revision();
@@ -401,7 +481,9 @@ impl node::node_server::Node for NodeApi {
                 (p.entry_id, e, p.csr)
             })
             .collect();
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let chunk = jobs.len().div_ceil(workers).max(1);
         let mut handles = Vec::new();
         let mut rest = jobs;
@@ -417,11 +499,23 @@ impl node::node_server::Node for NodeApi {
                                 "entry {entry_id} is not authorized for this agent"
                             ))),
                             Some(e) => csr_public_key(&csr).and_then(|key| {
-                                sign_leaf(&ca, &e.spiffe_id, &key, e.x509_svid_ttl.unwrap_or(default_ttl), &e.dns_names, now)
+                                sign_leaf(
+                                    &ca,
+                                    &e.spiffe_id,
+                                    &key,
+                                    e.x509_svid_ttl.unwrap_or(default_ttl),
+                                    &e.dns_names,
+                                    now,
+                                )
                             }),
                         };
                         match outcome {
-                            Ok(svid) => X509SvidResult { entry_id, svid: Some(svid_to_wire(&svid)), error_code: 0, error_message: String::new() },
+                            Ok(svid) => X509SvidResult {
+                                entry_id,
+                                svid: Some(svid_to_wire(&svid)),
+                                error_code: 0,
+                                error_message: String::new(),
+                            },
                             Err(e) => {
                                 let status = Status::from(e);
                                 X509SvidResult {
@@ -438,7 +532,10 @@ impl node::node_server::Node for NodeApi {
         }
         let mut results = Vec::new();
         for h in handles {
-            results.extend(h.await.map_err(|e| Status::internal(format!("signing task failed: {e}")))?);
+            results.extend(
+                h.await
+                    .map_err(|e| Status::internal(format!("signing task failed: {e}")))?,
+            );
         }
         let signed = results.iter().filter(|r| r.svid.is_some()).count();
         tracing::debug!(agent = %agent.spiffe_id, requested = results.len(), signed, "signed workload SVIDs");

@@ -13,8 +13,8 @@ use carapace_core::plugin::{KeyManager, KeySigner};
 use carapace_core::{Error as CoreError, KeyType};
 use carapace_tls::{FixedCert, certified_key};
 
-use crate::ca::{CaManager, IssuedSvid, SubjectKey};
 use crate::Result;
+use crate::ca::{CaManager, IssuedSvid, SubjectKey};
 
 /// KeyManager id of the server's TLS key.
 pub const SERVER_TLS_KEY_ID: &str = "server-tls";
@@ -22,14 +22,22 @@ pub const SERVER_TLS_KEY_ID: &str = "server-tls";
 async fn tls_key(km: &dyn KeyManager) -> Result<Arc<dyn KeySigner>> {
     match km.get_key(SERVER_TLS_KEY_ID).await {
         Ok(k) => Ok(k),
-        Err(CoreError::KeyNotFound(_)) => Ok(km.generate_key(SERVER_TLS_KEY_ID, KeyType::EcP256).await?),
+        Err(CoreError::KeyNotFound(_)) => {
+            Ok(km.generate_key(SERVER_TLS_KEY_ID, KeyType::EcP256).await?)
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 fn issue(ca: &CaManager, key: &Arc<dyn KeySigner>, ttl: Duration) -> Result<IssuedSvid> {
     let id = ca.trust_domain().server_id();
-    ca.sign_x509_svid(&id, &SubjectKey::from_spki(key.public_key_der())?, ttl, &[], crate::unix_now())
+    ca.sign_x509_svid(
+        &id,
+        &SubjectKey::from_spki(key.public_key_der())?,
+        ttl,
+        &[],
+        crate::unix_now(),
+    )
 }
 
 /// Issues the first server SVID and returns the resolver rustls uses, plus the task
@@ -42,7 +50,10 @@ pub async fn start(
 ) -> Result<(Arc<FixedCert>, tokio::task::JoinHandle<()>)> {
     let key = tls_key(km.as_ref()).await?;
     let svid = issue(&ca, &key, ttl)?;
-    let resolver = Arc::new(FixedCert(RwLock::new(certified_key(&svid.chain, key.clone()))));
+    let resolver = Arc::new(FixedCert(RwLock::new(certified_key(
+        &svid.chain,
+        key.clone(),
+    ))));
     let r = resolver.clone();
     let task = tokio::spawn(async move {
         let mut bundle = ca.bundle();
@@ -67,7 +78,8 @@ pub async fn start(
             match issue(&ca, &key, ttl) {
                 Ok(s) => {
                     renew_at = half_life(s.expires_at);
-                    *r.0.write().unwrap_or_else(|p| p.into_inner()) = certified_key(&s.chain, key.clone());
+                    *r.0.write().unwrap_or_else(|p| p.into_inner()) =
+                        certified_key(&s.chain, key.clone());
                     tracing::info!(expires_at = s.expires_at, "renewed the server SVID");
                 }
                 Err(e) => {

@@ -1,1 +1,479 @@
+//! The end-to-end lab: starts the real `carapace-server` and `carapace-agent` binaries in
+//! a temporary directory on free loopback ports, drives them through their CLIs, and
+//! stops them by pid on drop (printing their logs when a test fails).
+//!
+//! The binaries come from the same target directory as the test (`cargo test` builds them
+//! because the server and agent crates have integration tests of their own).
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness: failing loudly is the point"
+)]
 
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long to wait for something that should happen promptly. Override with
+/// `CARAPACE_TEST_PATIENCE_SECS` on a slow machine.
+pub fn patience() -> Duration {
+    let secs = std::env::var("CARAPACE_TEST_PATIENCE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
+}
+
+/// The directory holding the workspace binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary; fails with the command that builds it.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build it with `cargo build --bins` (scripts/test.sh and `cargo test --workspace` do)",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after [`patience`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A child process stopped by pid on drop; its log is printed if the test is failing.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        cmd.stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null());
+        cmd.env("CARAPACE_LOG", "warn,carapace=debug");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it has exited, with its status.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Stops it (SIGKILL) and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} log ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// A lab directory: world-traversable (so another uid can reach the agent socket), with
+/// private data directories inside.
+#[derive(Debug)]
+pub struct Lab {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lab {
+    /// A new lab directory.
+    pub fn new() -> Lab {
+        let dir = tempfile::Builder::new()
+            .prefix("carapace-e2e-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Lab { dir }
+    }
+
+    /// The lab's path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A running `carapace-server`.
+#[derive(Debug)]
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// Admin socket path.
+    pub admin_socket: PathBuf,
+    /// Node API address.
+    pub address: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server in `lab` and waits until it is healthy.
+    pub fn start(lab: &Lab) -> Server {
+        Self::start_with(lab, &[])
+    }
+
+    /// Starts a server with extra `run` arguments.
+    pub fn start_with(lab: &Lab, extra: &[&str]) -> Server {
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut s = Server {
+            proc: Self::spawn(lab.path(), &address, extra, &lab.path().join("server.log")),
+            admin_socket: lab.path().join("admin").join("admin.sock"),
+            address,
+            data_dir: lab.path().join("server"),
+            log: lab.path().join("server.log"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.wait_healthy();
+        s
+    }
+
+    fn spawn(root: &Path, address: &str, extra: &[&str], log: &Path) -> Proc {
+        let mut cmd = Command::new(bin("carapace-server"));
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(root.join("server"))
+            .arg("--admin-socket")
+            .arg(root.join("admin").join("admin.sock"))
+            .arg("--bind-address")
+            .arg(address)
+            .args(extra);
+        Proc::spawn("carapace-server", cmd, log.to_path_buf())
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + patience();
+        loop {
+            if self.cli(&["healthcheck"]).status.success() {
+                return;
+            }
+            if let Some(status) = self.proc.try_wait() {
+                panic!("carapace-server exited with {status}:\n{}", self.proc.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "carapace-server did not become healthy:\n{}",
+                self.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server (SIGKILL): the agent must cope.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the server again on the same data dir and port.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        let root = self.data_dir.parent().unwrap().to_path_buf();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        // Keep the first log; the restarted server appends to a new one.
+        let log = self.log.with_extension("restarted.log");
+        self.proc = Self::spawn(&root, &self.address, &extra, &log);
+        self.wait_healthy();
+    }
+
+    /// Runs an admin subcommand against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("carapace-server"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs an admin subcommand that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "carapace-server {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs an admin subcommand with `--output json` and parses it.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        serde_json::from_str(&self.cli_ok(&a)).unwrap()
+    }
+
+    /// A fresh join token: (token, agent id).
+    pub fn token(&self) -> (String, String) {
+        let v = self.cli_json(&["token", "generate"]);
+        (
+            v["token"].as_str().unwrap().to_owned(),
+            v["agent_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// The bundle as PEM.
+    pub fn bundle_pem(&self) -> String {
+        self.cli_ok(&["bundle", "show"])
+    }
+
+    /// Creates an entry; returns its id.
+    pub fn create_entry(
+        &self,
+        parent: &str,
+        spiffe_id: &str,
+        selectors: &[&str],
+        extra: &[&str],
+    ) -> String {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--parent-id",
+            parent,
+            "--spiffe-id",
+            spiffe_id,
+        ];
+        for s in selectors {
+            args.extend(["--selector", s]);
+        }
+        args.extend(extra);
+        self.cli_json(&args)["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Everything the server logged so far (all runs).
+    pub fn log(&self) -> String {
+        let restarted =
+            std::fs::read_to_string(self.log.with_extension("restarted.log")).unwrap_or_default();
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default(),
+            restarted
+        )
+    }
+}
+
+/// A running `carapace-agent`.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// Workload API socket.
+    pub socket: PathBuf,
+    /// Its SPIFFE ID.
+    pub id: String,
+    /// Data dir.
+    pub data_dir: PathBuf,
+}
+
+impl Agent {
+    /// Attests a new agent named `name` with a fresh token and waits until it is healthy.
+    pub fn start(lab: &Lab, server: &Server, name: &str) -> Agent {
+        let (token, id) = server.token();
+        let bundle = lab.path().join(format!("{name}-bundle.pem"));
+        std::fs::write(&bundle, server.bundle_pem()).unwrap();
+        let mut a = Agent::spawn(
+            lab,
+            server,
+            name,
+            &[
+                "--join-token".as_ref(),
+                token.as_ref(),
+                "--trust-bundle".as_ref(),
+                bundle.as_os_str(),
+            ],
+        );
+        a.id = id;
+        a.wait_healthy();
+        a
+    }
+
+    /// Spawns an agent with the given extra arguments, without waiting.
+    pub fn spawn(lab: &Lab, server: &Server, name: &str, extra: &[&std::ffi::OsStr]) -> Agent {
+        let sockets = lab.path().join("sockets");
+        std::fs::create_dir_all(&sockets).unwrap();
+        std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = sockets.join(format!("{name}.sock"));
+        let data_dir = lab.path().join(name);
+        let mut cmd = Command::new(bin("carapace-agent"));
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--server-address")
+            .arg(&server.address)
+            .args(extra);
+        let proc = Proc::spawn(
+            "carapace-agent",
+            cmd,
+            lab.path().join(format!("{name}.log")),
+        );
+        Agent {
+            proc,
+            socket,
+            id: String::new(),
+            data_dir,
+        }
+    }
+
+    /// Waits until the agent answers on its socket (or fails if it exits).
+    pub fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + patience();
+        loop {
+            let ok = Command::new(bin("carapace-agent"))
+                .args(["healthcheck", "--socket-path"])
+                .arg(&self.socket)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            if ok && self.proc.log().contains("carapace-agent is ready") {
+                return;
+            }
+            if let Some(status) = self.proc.try_wait() {
+                panic!("carapace-agent exited with {status}:\n{}", self.proc.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "carapace-agent did not become ready:\n{}",
+                self.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `carapace-agent api fetch x509` against this agent, as this process.
+    pub fn fetch(&self, extra: &[&str]) -> Output {
+        Command::new(bin("carapace-agent"))
+            .args(["api", "fetch", "x509", "--socket-path"])
+            .arg(&self.socket)
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    /// The endpoint string SPIFFE clients take.
+    pub fn endpoint(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+}
+
+/// A raw gRPC channel to a Unix socket (no security header added).
+pub async fn uds_channel(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// The current process's effective uid.
+pub fn my_uid() -> u32 {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap()
+}
+
+/// Verifies a PEM chain against a PEM bundle with `openssl verify`; returns its output.
+pub fn openssl_verify(lab: &Lab, chain_pem: &str, bundle_pem: &str) -> String {
+    let chain = lab.path().join("verify-chain.pem");
+    let bundle = lab.path().join("verify-bundle.pem");
+    std::fs::write(&chain, chain_pem).unwrap();
+    std::fs::write(&bundle, bundle_pem).unwrap();
+    let out = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&bundle)
+        .arg(&chain)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("openssl not found ({e}): install it with 'apt-get install openssl'")
+        });
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -56,10 +56,19 @@ impl KeyManagerSigningKey {
 
     fn scheme(&self) -> (SignatureScheme, SignatureAlgorithm) {
         match self.key.key_type() {
-            KeyType::EcP256 => (SignatureScheme::ECDSA_NISTP256_SHA256, SignatureAlgorithm::EcdsaP256Sha256),
-            KeyType::EcP384 => (SignatureScheme::ECDSA_NISTP384_SHA384, SignatureAlgorithm::EcdsaP384Sha384),
+            KeyType::EcP256 => (
+                SignatureScheme::ECDSA_NISTP256_SHA256,
+                SignatureAlgorithm::EcdsaP256Sha256,
+            ),
+            KeyType::EcP384 => (
+                SignatureScheme::ECDSA_NISTP384_SHA384,
+                SignatureAlgorithm::EcdsaP384Sha384,
+            ),
             // TLS 1.3 allows only PSS for RSA handshake signatures.
-            KeyType::Rsa2048 => (SignatureScheme::RSA_PSS_SHA256, SignatureAlgorithm::RsaPssSha256),
+            KeyType::Rsa2048 => (
+                SignatureScheme::RSA_PSS_SHA256,
+                SignatureAlgorithm::RsaPssSha256,
+            ),
         }
     }
 }
@@ -68,7 +77,11 @@ impl SigningKey for KeyManagerSigningKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
         let (scheme, alg) = self.scheme();
         offered.contains(&scheme).then(|| {
-            Box::new(KeyManagerSigner { key: self.key.clone(), scheme, alg }) as Box<dyn Signer>
+            Box::new(KeyManagerSigner {
+                key: self.key.clone(),
+                scheme,
+                alg,
+            }) as Box<dyn Signer>
         })
     }
 
@@ -102,8 +115,14 @@ impl Signer for KeyManagerSigner {
 
 /// A certificate chain with a key manager key, for rustls.
 pub fn certified_key(chain: &[Vec<u8>], key: Arc<dyn KeySigner>) -> Arc<CertifiedKey> {
-    let certs = chain.iter().map(|d| CertificateDer::from(d.clone())).collect();
-    Arc::new(CertifiedKey::new(certs, Arc::new(KeyManagerSigningKey::new(key))))
+    let certs = chain
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
+    Arc::new(CertifiedKey::new(
+        certs,
+        Arc::new(KeyManagerSigningKey::new(key)),
+    ))
 }
 
 fn now_secs(now: UnixTime) -> u64 {
@@ -112,7 +131,10 @@ fn now_secs(now: UnixTime) -> u64 {
 
 /// The current unix time in seconds.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn verify_svid(
@@ -144,7 +166,11 @@ pub struct SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     /// Accepts only servers presenting an SVID for `expected` under `bundle`.
     pub fn new(bundle: BundleWatch, expected: SpiffeId) -> Arc<Self> {
-        Arc::new(SpiffeServerVerifier { bundle, expected, algs: supported_algs() })
+        Arc::new(SpiffeServerVerifier {
+            bundle,
+            expected,
+            algs: supported_algs(),
+        })
     }
 }
 
@@ -159,12 +185,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let svid = verify_svid(&self.bundle, end_entity, intermediates, now)?;
         if svid.spiffe_id != self.expected {
-            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(carapace_core::Error::InvalidSvid(format!(
-                    "server presented {} but {} was expected",
-                    svid.spiffe_id, self.expected
-                )))),
-            )));
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                    carapace_core::Error::InvalidSvid(format!(
+                        "server presented {} but {} was expected",
+                        svid.spiffe_id, self.expected
+                    )),
+                ))),
+            ));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -175,7 +203,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -202,7 +232,10 @@ pub struct SpiffeClientVerifier {
 impl SpiffeClientVerifier {
     /// Accepts client SVIDs valid under `bundle`, and clients without a certificate.
     pub fn new(bundle: BundleWatch) -> Arc<Self> {
-        Arc::new(SpiffeClientVerifier { bundle, algs: supported_algs() })
+        Arc::new(SpiffeClientVerifier {
+            bundle,
+            algs: supported_algs(),
+        })
     }
 }
 
@@ -235,7 +268,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -331,10 +366,14 @@ impl ServerCertVerifier for InsecureBootstrapVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let id = carapace_core::x509svid::check_leaf(end_entity).map_err(|e| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         })?;
         if id != self.expected {
-            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName));
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ));
         }
         tracing::warn!(server = %id, "insecure bootstrap: trusting the server without verifying its certificate chain");
         Ok(ServerCertVerified::assertion())
@@ -346,7 +385,9 @@ impl ServerCertVerifier for InsecureBootstrapVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -366,7 +407,9 @@ impl ServerCertVerifier for InsecureBootstrapVerifier {
 /// A client configuration for the agent's `insecure_bootstrap` first contact: the server
 /// must present an SVID claiming `server_id`, but its chain is not verified. The bundle
 /// the server then returns becomes the agent's trust root.
-pub fn danger_insecure_bootstrap_config(server_id: SpiffeId) -> Result<rustls::ClientConfig, rustls::Error> {
+pub fn danger_insecure_bootstrap_config(
+    server_id: SpiffeId,
+) -> Result<rustls::ClientConfig, rustls::Error> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -389,7 +432,9 @@ pub struct RcgenKey {
 
 impl std::fmt::Debug for RcgenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RcgenKey").field("key", &self.key.id()).finish()
+        f.debug_struct("RcgenKey")
+            .field("key", &self.key.id())
+            .finish()
     }
 }
 
@@ -398,13 +443,22 @@ impl RcgenKey {
     pub fn new(key: Arc<dyn KeySigner>) -> Result<Self, carapace_core::Error> {
         use x509_parser::prelude::FromDer;
         let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(key.public_key_der())
-            .map_err(|e| carapace_core::Error::KeyBackend(format!("key {} has an unreadable public key: {e}", key.id())))?;
+            .map_err(|e| {
+                carapace_core::Error::KeyBackend(format!(
+                    "key {} has an unreadable public key: {e}",
+                    key.id()
+                ))
+            })?;
         let alg: &'static rcgen::SignatureAlgorithm = match key.key_type() {
             KeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
             KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
             KeyType::Rsa2048 => &rcgen::PKCS_RSA_SHA256,
         };
-        Ok(RcgenKey { raw_public_key: spki.subject_public_key.data.to_vec(), key, alg })
+        Ok(RcgenKey {
+            raw_public_key: spki.subject_public_key.data.to_vec(),
+            key,
+            alg,
+        })
     }
 
     /// The wrapped key.
@@ -424,10 +478,12 @@ impl rcgen::PublicKeyData for RcgenKey {
 
 impl rcgen::SigningKey for RcgenKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.key.sign(self.key.key_type().x509_algorithm(), msg).map_err(|e| {
-            tracing::error!(key = self.key.id(), error = %e, "signature by key manager failed");
-            rcgen::Error::RemoteKeyError
-        })
+        self.key
+            .sign(self.key.key_type().x509_algorithm(), msg)
+            .map_err(|e| {
+                tracing::error!(key = self.key.id(), error = %e, "signature by key manager failed");
+                rcgen::Error::RemoteKeyError
+            })
     }
 }
 

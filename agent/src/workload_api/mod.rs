@@ -13,6 +13,7 @@
 //!   identity;
 //! - the JWT RPCs answer `Unimplemented` for now.
 
+pub mod h2_authority;
 pub mod peer;
 pub mod unix;
 

@@ -174,7 +174,7 @@ pub(crate) fn so_peerpidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 /// [`Peer`] into every request's extensions.
 #[derive(Debug)]
 pub struct PeerStream {
-    inner: UnixStream,
+    inner: super::h2_authority::AuthorityFix<UnixStream>,
     peer: Peer,
 }
 
@@ -182,7 +182,10 @@ impl PeerStream {
     /// Identifies the peer of `inner`.
     pub fn new(inner: UnixStream) -> io::Result<Self> {
         let peer = Peer::from_stream(&inner)?;
-        Ok(PeerStream { inner, peer })
+        Ok(PeerStream {
+            inner: super::h2_authority::AuthorityFix::new(inner),
+            peer,
+        })
     }
 
     /// The caller.
@@ -235,7 +238,7 @@ impl AsyncWrite for PeerStream {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.get_ref().is_write_vectored()
     }
 }
 

@@ -33,7 +33,11 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
 }
 
 /// Builds the configured key manager.
-pub fn build_key_manager(name: &str, table: &toml::Table, ctx: &PluginContext) -> Result<Arc<dyn KeyManager>> {
+pub fn build_key_manager(
+    name: &str,
+    table: &toml::Table,
+    ctx: &PluginContext,
+) -> Result<Arc<dyn KeyManager>> {
     let cfg_err = |e: String| Error::Config(format!("key_manager.{name}: {e}"));
     match name {
         "disk" => {

@@ -42,9 +42,13 @@ pub fn check_plugins(
 
 /// Parses a plugin's table into its config struct.
 fn parse<T: serde::de::DeserializeOwned>(table: &toml::Table) -> Result<T, String> {
-    T::deserialize(toml::Value::Table(table.clone())).map_err(|e| e.to_string().trim().replace('\n', " "))
+    T::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e| e.to_string().trim().replace('\n', " "))
 }
 
 fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
-    format!("unknown {kind} plugin {name:?} (known: {})", known.join(", "))
+    format!(
+        "unknown {kind} plugin {name:?} (known: {})",
+        known.join(", ")
+    )
 }

@@ -85,6 +85,10 @@ impl NodeAttestor for JoinTokenAttestor {
             tracing::warn!(token_id = id, "join token presented with a wrong secret");
             return Err(rejected());
         }
+        if stored.expires_at <= now {
+            tracing::warn!(token_id = id, "expired join token presented");
+            return Err(rejected());
+        }
         let consumed = self
             .ds
             .consume_join_token(id, &stored.secret_hash, now)
@@ -111,7 +115,9 @@ mod tests {
         let ds = Datastore::open_in_memory().await.unwrap();
         let t = generate_join_token();
         let now = crate::unix_now();
-        ds.create_join_token(&t.id, &t.secret_hash, now + ttl, now, None).await.unwrap();
+        ds.create_join_token(&t.id, &t.secret_hash, now + ttl, now, None)
+            .await
+            .unwrap();
         (Arc::new(JoinTokenAttestor::new(ds.clone())), t, ds)
     }
 
@@ -129,14 +135,23 @@ mod tests {
         assert_eq!(r.agent_path, t.id);
         assert!(!r.can_reattest);
         let again = a.begin(t.token.as_bytes()).await.unwrap_err();
-        assert!(matches!(again, Error::AttestationRejected(_) | Error::AttestationReplay(_)), "{again}");
+        assert!(
+            matches!(
+                again,
+                Error::AttestationRejected(_) | Error::AttestationReplay(_)
+            ),
+            "{again}"
+        );
     }
 
     #[tokio::test]
     async fn a_wrong_secret_is_rejected_and_does_not_burn_the_token() {
         let (a, t, _) = attestor_with_token(60).await;
         let wrong = format!("{}.{}", t.id, "00".repeat(24));
-        assert!(matches!(a.begin(wrong.as_bytes()).await, Err(Error::AttestationRejected(_))));
+        assert!(matches!(
+            a.begin(wrong.as_bytes()).await,
+            Err(Error::AttestationRejected(_))
+        ));
         done(a.begin(t.token.as_bytes()).await.unwrap());
     }
 
@@ -161,16 +176,22 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn two_agents_racing_with_one_token_exactly_one_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let ds = Datastore::open(&dir.path().join("ds.sqlite")).await.unwrap();
+        let ds = Datastore::open(&dir.path().join("ds.sqlite"))
+            .await
+            .unwrap();
         let t = generate_join_token();
         let now = crate::unix_now();
-        ds.create_join_token(&t.id, &t.secret_hash, now + 60, now, None).await.unwrap();
+        ds.create_join_token(&t.id, &t.secret_hash, now + 60, now, None)
+            .await
+            .unwrap();
         let a = Arc::new(JoinTokenAttestor::new(ds));
         let mut tasks = Vec::new();
         for _ in 0..16 {
             let a = a.clone();
             let token = t.token.to_string();
-            tasks.push(tokio::spawn(async move { a.begin(token.as_bytes()).await.is_ok() }));
+            tasks.push(tokio::spawn(async move {
+                a.begin(token.as_bytes()).await.is_ok()
+            }));
         }
         let mut wins = 0;
         for task in tasks {

@@ -1,0 +1,518 @@
+//! Accepting gRPC clients that send their socket path as the HTTP/2 `:authority`.
+//!
+//! gRPC C-core (grpcio ≥ 1.57, so py-spiffe; also grpc-java) connects to `unix:/path`
+//! with `:authority` set to the percent-encoded path (`tmp%2Fagent%2Fapi.sock`). That is
+//! not a valid URI authority, and the HTTP/2 server under tonic (h2, through the `http`
+//! crate) resets every such stream with PROTOCOL_ERROR (hyperium/h2#487, open). The
+//! Workload API must work with every SPIFFE client, so this layer sits between the
+//! socket and h2 on the inbound side only:
+//!
+//! - the connection preface and every frame other than HEADERS/CONTINUATION pass through
+//!   byte for byte;
+//! - each header block (HEADERS plus its CONTINUATIONs) is decoded with the client's
+//!   HPACK state, an `:authority` that is not a plain host name is replaced by
+//!   `localhost` (the authority grpc-go and tonic use for Unix sockets), and the block is
+//!   re-encoded as literals without indexing, so h2's HPACK table never depends on ours.
+//!
+//! Nothing here identifies the caller; the authority is not used for anything. Outbound
+//! bytes are untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE_LEN: usize = 24;
+const FRAME_HEADER_LEN: usize = 9;
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+/// Frames emitted are at most the HTTP/2 default SETTINGS_MAX_FRAME_SIZE, which is what
+/// the server advertises.
+const MAX_EMIT_FRAME: usize = 16_384;
+/// Largest frame accepted from a client (the protocol maximum is 2^24 - 1; h2 enforces
+/// its own smaller limit on what passes through).
+const MAX_FRAME: usize = 1 << 20;
+/// Largest header block (all CONTINUATIONs together) accepted from a client.
+const MAX_HEADER_BLOCK: usize = 64 * 1024;
+
+struct Pending {
+    stream_id: [u8; 4],
+    flags: u8,
+    priority: Option<[u8; 5]>,
+    block: Vec<u8>,
+}
+
+/// Wraps a server-side HTTP/2 byte stream; see the module docs.
+pub struct AuthorityFix<S> {
+    inner: S,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    out_pos: usize,
+    preface_left: usize,
+    decoder: loona_hpack::Decoder<'static>,
+    pending: Option<Pending>,
+    eof: bool,
+}
+
+impl<S> std::fmt::Debug for AuthorityFix<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthorityFix").finish_non_exhaustive()
+    }
+}
+
+fn protocol(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("HTTP/2: {msg}"))
+}
+
+/// Whether `v` can stand as a URI authority as the `http` crate parses it: a host name,
+/// IPv4 or bracketed IPv6 address, optionally with a port.
+fn plain_authority(v: &[u8]) -> bool {
+    !v.is_empty()
+        && v.iter().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
+}
+
+fn encode_int(out: &mut Vec<u8>, first: u8, prefix_bits: u8, mut value: usize) {
+    let max = (1usize << prefix_bits) - 1;
+    if value < max {
+        out.push(first | value as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+}
+
+/// A header block of literals without indexing (no Huffman), which needs no decoder state.
+fn encode_literal_block(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        out.push(0x00);
+        encode_int(&mut out, 0, 7, name.len());
+        out.extend_from_slice(name);
+        encode_int(&mut out, 0, 7, value.len());
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+impl<S> AuthorityFix<S> {
+    /// Wraps the server side of a connection.
+    pub fn new(inner: S) -> Self {
+        AuthorityFix {
+            inner,
+            input: Vec::new(),
+            output: Vec::new(),
+            out_pos: 0,
+            preface_left: PREFACE_LEN,
+            decoder: loona_hpack::Decoder::new(),
+            pending: None,
+            eof: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Moves every complete frame from `input` to `output`, rewriting header blocks.
+    fn process(&mut self) -> io::Result<()> {
+        if self.preface_left > 0 {
+            let n = self.preface_left.min(self.input.len());
+            self.output.extend(self.input.drain(..n));
+            self.preface_left -= n;
+            if self.preface_left > 0 {
+                return Ok(());
+            }
+        }
+        let mut pos = 0;
+        while self.input.len() - pos >= FRAME_HEADER_LEN {
+            let h = &self.input[pos..pos + FRAME_HEADER_LEN];
+            let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+            if len > MAX_FRAME {
+                return Err(protocol("frame too large"));
+            }
+            if self.input.len() - pos < FRAME_HEADER_LEN + len {
+                break;
+            }
+            let (kind, flags) = (h[3], h[4]);
+            let stream_id = [h[5], h[6], h[7], h[8]];
+            let frame = pos..pos + FRAME_HEADER_LEN + len;
+            let payload = pos + FRAME_HEADER_LEN..pos + FRAME_HEADER_LEN + len;
+            pos += FRAME_HEADER_LEN + len;
+            match kind {
+                TYPE_HEADERS => {
+                    if self.pending.is_some() {
+                        return Err(protocol("HEADERS while a header block is open"));
+                    }
+                    let mut p = &self.input[payload];
+                    let mut pad = 0;
+                    if flags & FLAG_PADDED != 0 {
+                        let (&n, rest) = p.split_first().ok_or_else(|| protocol("bad padding"))?;
+                        pad = usize::from(n);
+                        p = rest;
+                    }
+                    let mut priority = None;
+                    if flags & FLAG_PRIORITY != 0 {
+                        if p.len() < 5 {
+                            return Err(protocol("bad priority"));
+                        }
+                        let mut pr = [0u8; 5];
+                        pr.copy_from_slice(&p[..5]);
+                        priority = Some(pr);
+                        p = &p[5..];
+                    }
+                    if pad > p.len() {
+                        return Err(protocol("padding longer than the frame"));
+                    }
+                    let block = p[..p.len() - pad].to_vec();
+                    self.pending = Some(Pending {
+                        stream_id,
+                        flags,
+                        priority,
+                        block,
+                    });
+                    if flags & FLAG_END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                TYPE_CONTINUATION => {
+                    let Some(pending) = self.pending.as_mut() else {
+                        return Err(protocol("CONTINUATION without HEADERS"));
+                    };
+                    if pending.stream_id != stream_id {
+                        return Err(protocol("CONTINUATION on another stream"));
+                    }
+                    pending.block.extend_from_slice(&self.input[payload]);
+                    if pending.block.len() > MAX_HEADER_BLOCK {
+                        return Err(protocol("header block too large"));
+                    }
+                    if flags & FLAG_END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                _ => {
+                    if self.pending.is_some() {
+                        return Err(protocol("frame inside a header block"));
+                    }
+                    self.output.extend_from_slice(&self.input[frame]);
+                }
+            }
+        }
+        self.input.drain(..pos);
+        Ok(())
+    }
+
+    fn finish_block(&mut self) -> io::Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut headers = self
+            .decoder
+            .decode(&p.block)
+            .map_err(|e| protocol(&format!("bad header block: {e}")))?;
+        for (name, value) in headers.iter_mut() {
+            if name.as_slice() == b":authority" && !plain_authority(value) {
+                tracing::trace!("replacing a non-host :authority with localhost");
+                *value = b"localhost".to_vec();
+            }
+        }
+        let block = encode_literal_block(&headers);
+        let mut chunks = block.chunks(MAX_EMIT_FRAME - 5).peekable();
+        let mut first = true;
+        loop {
+            let chunk = chunks.next().unwrap_or(&[]);
+            let last = chunks.peek().is_none();
+            let (kind, mut flags, prio) = if first {
+                (TYPE_HEADERS, p.flags & FLAG_END_STREAM, p.priority)
+            } else {
+                (TYPE_CONTINUATION, 0, None)
+            };
+            if prio.is_some() {
+                flags |= FLAG_PRIORITY;
+            }
+            if last {
+                flags |= FLAG_END_HEADERS;
+            }
+            let len = chunk.len() + prio.map_or(0, |_| 5);
+            self.output.extend_from_slice(&[
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                kind,
+                flags,
+            ]);
+            self.output.extend_from_slice(&p.stream_id);
+            if let Some(pr) = prio {
+                self.output.extend_from_slice(&pr);
+            }
+            self.output.extend_from_slice(chunk);
+            first = false;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.out_pos < this.output.len() {
+                let n = buf.remaining().min(this.output.len() - this.out_pos);
+                buf.put_slice(&this.output[this.out_pos..this.out_pos + n]);
+                this.out_pos += n;
+                if this.out_pos == this.output.len() {
+                    this.output.clear();
+                    this.out_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut tmp = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    if rb.filled().is_empty() {
+                        this.eof = true;
+                        // Hand h2 whatever is left, so it sees the truncation itself.
+                        this.output.append(&mut this.input);
+                        continue;
+                    }
+                    this.input.extend_from_slice(rb.filled());
+                    this.process()?;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn request_headers(authority: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+            (":authority", authority),
+            ("content-type", "application/grpc"),
+            ("workload.spiffe.io", "true"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect()
+    }
+
+    /// Feeds `input` through the layer (in small pieces) and returns what h2 would read.
+    async fn run(input: Vec<u8>) -> io::Result<Vec<u8>> {
+        let (mut client, server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            for chunk in input.chunks(7) {
+                client.write_all(chunk).await?;
+            }
+            client.shutdown().await
+        });
+        let mut fix = AuthorityFix::new(server);
+        let mut out = Vec::new();
+        let r = fix.read_to_end(&mut out).await;
+        let _ = writer.await;
+        r.map(|_| out)
+    }
+
+    /// Splits HTTP/2 bytes (after the preface) into (type, flags, stream, payload).
+    fn frames(mut b: &[u8]) -> Vec<(u8, u8, u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        while b.len() >= 9 {
+            let len = usize::from(b[0]) << 16 | usize::from(b[1]) << 8 | usize::from(b[2]);
+            let stream = u32::from_be_bytes([b[5], b[6], b[7], b[8]]);
+            v.push((b[3], b[4], stream, b[9..9 + len].to_vec()));
+            b = &b[9 + len..];
+        }
+        assert!(b.is_empty());
+        v
+    }
+
+    #[tokio::test]
+    async fn a_percent_encoded_authority_becomes_localhost_and_the_rest_passes_through() {
+        let mut enc = loona_hpack::Encoder::new();
+        let headers = request_headers("tmp%2Fagent%2Fapi.sock");
+        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let settings = frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]);
+        let mut input = PREFACE.to_vec();
+        input.extend(&settings);
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        input.extend(frame(0x0, FLAG_END_STREAM, 1, &[0, 0, 0, 0, 0]));
+        // A second request on the same connection exercises the HPACK dynamic table.
+        let block2 = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            3,
+            &block2,
+        ));
+
+        let out = run(input).await.unwrap();
+        assert_eq!(&out[..24], PREFACE);
+        let fs = frames(&out[24..]);
+        assert_eq!(fs.len(), 4);
+        assert_eq!(
+            frame(fs[0].0, fs[0].1, fs[0].2, &fs[0].3),
+            settings,
+            "SETTINGS untouched"
+        );
+        let mut dec = loona_hpack::Decoder::new();
+        let mut expected = request_headers("localhost");
+        for (i, stream, end_stream) in [(1, 1, false), (3, 3, true)] {
+            let (kind, flags, s, payload) = &fs[i];
+            assert_eq!((*kind, *s), (TYPE_HEADERS, stream));
+            assert_eq!(flags & FLAG_END_HEADERS, FLAG_END_HEADERS);
+            assert_eq!(flags & FLAG_END_STREAM != 0, end_stream);
+            assert_eq!(dec.decode(payload).unwrap(), expected);
+        }
+        assert_eq!(fs[2].3, [0, 0, 0, 0, 0], "DATA untouched");
+        expected.clear();
+    }
+
+    #[tokio::test]
+    async fn valid_authorities_are_kept_and_padding_priority_and_continuation_are_handled() {
+        let mut enc = loona_hpack::Encoder::new();
+        let headers = request_headers("localhost:1234");
+        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let (a, b) = block.split_at(block.len() / 2);
+        let mut payload = vec![3u8]; // pad length
+        payload.extend([0x80, 0, 0, 1, 16]); // exclusive dependency on stream 1, weight 16
+        payload.extend(a);
+        payload.extend([0, 0, 0]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_PADDED | FLAG_PRIORITY,
+            3,
+            &payload,
+        ));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, b));
+        let out = run(input).await.unwrap();
+        let fs = frames(&out[24..]);
+        assert_eq!(fs.len(), 1);
+        let (kind, flags, _, payload) = &fs[0];
+        assert_eq!(*kind, TYPE_HEADERS);
+        assert_eq!(flags & FLAG_PADDED, 0);
+        assert_eq!(flags & FLAG_PRIORITY, FLAG_PRIORITY);
+        assert_eq!(&payload[..5], &[0x80, 0, 0, 1, 16]);
+        let mut dec = loona_hpack::Decoder::new();
+        assert_eq!(dec.decode(&payload[5..]).unwrap(), headers);
+    }
+
+    #[tokio::test]
+    async fn a_large_block_is_split_into_continuations() {
+        let mut headers = request_headers("x%2Fy");
+        headers.push((b"x-big".to_vec(), vec![b'a'; 40_000]));
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut input = PREFACE.to_vec();
+        let (a, b) = block.split_at(16_000);
+        let (b, c) = b.split_at(16_000);
+        input.extend(frame(TYPE_HEADERS, 0, 1, a));
+        input.extend(frame(TYPE_CONTINUATION, 0, 1, b));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, c));
+        let out = run(input).await.unwrap();
+        let fs = frames(&out[24..]);
+        assert!(fs.len() >= 3);
+        assert!(fs.iter().all(|f| f.3.len() <= MAX_EMIT_FRAME));
+        assert_eq!(fs[0].0, TYPE_HEADERS);
+        assert!(fs[1..].iter().all(|f| f.0 == TYPE_CONTINUATION));
+        assert_eq!(fs.last().unwrap().1 & FLAG_END_HEADERS, FLAG_END_HEADERS);
+        let block: Vec<u8> = fs.iter().flat_map(|f| f.3.clone()).collect();
+        let got = loona_hpack::Decoder::new().decode(&block).unwrap();
+        assert_eq!(got[3], (b":authority".to_vec(), b"localhost".to_vec()));
+        assert_eq!(got[6].1.len(), 40_000);
+    }
+
+    #[tokio::test]
+    async fn malformed_input_closes_the_connection() {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b"x"));
+        assert!(run(input).await.is_err());
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &[0xff, 0xff, 0xff, 0xff],
+        ));
+        assert!(run(input).await.is_err());
+    }
+
+    #[test]
+    fn integers_encode_per_rfc_7541() {
+        // RFC 7541 C.1.1-C.1.3.
+        let mut v = Vec::new();
+        encode_int(&mut v, 0, 5, 10);
+        assert_eq!(v, [10]);
+        v.clear();
+        encode_int(&mut v, 0, 5, 1337);
+        assert_eq!(v, [31, 154, 10]);
+        v.clear();
+        encode_int(&mut v, 0, 8, 42);
+        assert_eq!(v, [42]);
+    }
+}

@@ -1,0 +1,105 @@
+//! The `carapace-server` binary's own command line: help, validate, and refusing a bad
+//! configuration before starting anything.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+use std::process::Command;
+
+fn server() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_carapace-server"))
+}
+
+#[test]
+fn help_lists_every_command() {
+    let out = server().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for cmd in [
+        "run",
+        "validate",
+        "entry",
+        "agent",
+        "bundle",
+        "token",
+        "x509",
+        "healthcheck",
+    ] {
+        assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
+    }
+}
+
+#[test]
+fn validate_accepts_the_shipped_samples() {
+    for name in ["server.toml", "server.full.toml"] {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf/").to_owned() + name;
+        let out = server()
+            .args(["validate", "--config", &path])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn validate_lists_every_problem_and_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "trust_domain = \"UPPER.case\"\nbind_address = \"nowhere\"\nca_key_type = \"dsa\"\n[key_manager.hsm]\n",
+    )
+    .unwrap();
+    let out = server()
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "trust_domain",
+        "bind_address",
+        "ca_key_type",
+        "key_manager.hsm",
+    ] {
+        assert!(text.contains(needle), "{needle} missing: {text}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 problem(s)"));
+}
+
+#[test]
+fn run_refuses_a_bad_config_before_starting_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = server()
+        .args(["run", "--trust-domain", "spiffe://bad/path", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trust_domain"));
+    assert!(!data.exists(), "nothing may be written for a bad config");
+}
+
+#[test]
+fn run_refuses_a_data_dir_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = server()
+        .args(["run", "--bind-address", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--admin-socket")
+        .arg(dir.path().join("a.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 700"), "{err}");
+    assert!(!data.join("datastore.sqlite3").exists());
+}
