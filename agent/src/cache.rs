@@ -6,10 +6,11 @@
 //! recompute what they send on every change. Snapshots and SVIDs are shared through
 //! `Arc`s: no DER or key bytes are copied per workload or per subscriber.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use carapace_core::{EntryId, SelectorSet, SpiffeId, TrustBundle};
+use carapace_core::{EntryId, Selector, SelectorSet, SpiffeId, TrustBundle};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
@@ -84,14 +85,47 @@ pub struct CacheState {
     pub bundle: Arc<TrustBundle>,
     /// Every SVID, sorted by entry id.
     pub svids: Vec<Arc<CachedSvid>>,
+    /// Positions in `svids`, keyed by each SVID's smallest selector: an entry can only
+    /// match a workload that has that selector, so a lookup touches only candidates.
+    by_first_selector: HashMap<Selector, Vec<usize>>,
+    /// SVIDs whose entry has no selectors (the server refuses such entries; kept exact).
+    unconditional: Vec<usize>,
 }
 
 impl CacheState {
+    /// A snapshot of `svids` (sorted by entry id) with its selector index.
+    fn new(bundle: Arc<TrustBundle>, svids: Vec<Arc<CachedSvid>>) -> Self {
+        let mut by_first_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
+        let mut unconditional = Vec::new();
+        for (i, s) in svids.iter().enumerate() {
+            match s.selectors.iter().next() {
+                Some(first) => by_first_selector.entry(first.clone()).or_default().push(i),
+                None => unconditional.push(i),
+            }
+        }
+        CacheState {
+            bundle,
+            svids,
+            by_first_selector,
+            unconditional,
+        }
+    }
+
     /// The SVIDs whose entry selectors are all among `workload`'s selectors, in entry-id
-    /// order (the first is the workload's default identity).
+    /// order (the first is the workload's default identity). Costs O(|workload| +
+    /// candidates), not O(cached SVIDs).
     pub fn matching(&self, workload: &SelectorSet) -> Vec<Arc<CachedSvid>> {
-        self.svids
-            .iter()
+        let mut hits = self.unconditional.clone();
+        for sel in workload.iter() {
+            if let Some(v) = self.by_first_selector.get(sel) {
+                hits.extend_from_slice(v);
+            }
+        }
+        // Each SVID is indexed once, so there are no duplicates; sorting the positions
+        // restores entry-id order.
+        hits.sort_unstable();
+        hits.into_iter()
+            .map(|i| &self.svids[i])
             .filter(|s| s.selectors.is_subset_of(workload))
             .cloned()
             .collect()
@@ -107,10 +141,7 @@ pub struct SvidCache {
 impl SvidCache {
     /// An empty cache holding `bundle`.
     pub fn new(bundle: Arc<TrustBundle>) -> Self {
-        let (tx, _rx) = watch::channel(Arc::new(CacheState {
-            bundle,
-            svids: Vec::new(),
-        }));
+        let (tx, _rx) = watch::channel(Arc::new(CacheState::new(bundle, Vec::new())));
         SvidCache { tx: Arc::new(tx) }
     }
 
@@ -132,7 +163,7 @@ impl SvidCache {
             if same_bundle(&state.bundle, &bundle) && same_svids(&state.svids, &svids) {
                 return false;
             }
-            *state = Arc::new(CacheState { bundle, svids });
+            *state = Arc::new(CacheState::new(bundle, svids));
             true
         });
     }
@@ -232,5 +263,47 @@ mod tests {
         cache.replace(bundle(2), vec![]);
         assert!(rx.has_changed().unwrap());
         assert!(rx.borrow_and_update().svids.is_empty());
+    }
+
+    #[test]
+    fn indexed_matching_agrees_with_a_linear_scan() {
+        use rand::Rng;
+        let pool: Vec<String> = (0..12).map(|i| format!("unix:uid:{i}")).collect();
+        let mut rng = rand::rng();
+        let pick = |rng: &mut rand::rngs::ThreadRng, n: usize| -> Vec<String> {
+            (0..n)
+                .map(|_| pool[rng.random_range(0..pool.len())].clone())
+                .collect()
+        };
+        let svids: Vec<Arc<CachedSvid>> = (0..300)
+            .map(|i| {
+                let n = rng.random_range(1..4);
+                let sels = pick(&mut rng, n);
+                let refs: Vec<&str> = sels.iter().map(String::as_str).collect();
+                svid(&format!("e{i:04}"), &refs, i as u8)
+            })
+            .collect();
+        let cache = SvidCache::new(bundle(1));
+        cache.replace(bundle(1), svids.clone());
+        let state = cache.current();
+        for _ in 0..200 {
+            let n = rng.random_range(0..8);
+            let w: SelectorSet = pick(&mut rng, n)
+                .iter()
+                .map(|s| s.parse::<Selector>().unwrap())
+                .collect();
+            let fast: Vec<_> = state
+                .matching(&w)
+                .iter()
+                .map(|s| s.entry_id.clone())
+                .collect();
+            let slow: Vec<_> = state
+                .svids
+                .iter()
+                .filter(|s| s.selectors.is_subset_of(&w))
+                .map(|s| s.entry_id.clone())
+                .collect();
+            assert_eq!(fast, slow, "workload {w:?}");
+        }
     }
 }

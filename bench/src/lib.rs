@@ -1,1 +1,21 @@
+//! The Carapace benchmark harness, run by `scripts/bench.sh` (see PERFORMANCE.md §5,
+//! scenarios S1 and S2).
+//!
+//! - [`crypto`]: the crypto ceiling of X509-SVID issuance, with the server's own functions,
+//!   in this process, on 1 thread and on every core;
+//! - [`node`]: issuance throughput over the node API of the real `carapace-server`, this
+//!   process attesting as an agent with the agent library;
+//! - [`workload`]: Workload API first-response latency, agent memory per cached SVID and
+//!   entry propagation, against the real `carapace-agent`;
+//! - [`harness`]: starting and stopping the real binaries (stopped by pid on drop);
+//! - [`procfs`], [`stats`], [`report`]: process counters, percentiles and the Markdown
+//!   report (pure helpers, unit-tested).
+#![forbid(unsafe_code)]
 
+pub mod crypto;
+pub mod harness;
+pub mod node;
+pub mod procfs;
+pub mod report;
+pub mod stats;
+pub mod workload;

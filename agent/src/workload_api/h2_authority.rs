@@ -9,8 +9,11 @@
 //!
 //! - the connection preface and every frame other than HEADERS/CONTINUATION pass through
 //!   byte for byte;
-//! - each header block (HEADERS plus its CONTINUATIONs) is decoded with the client's
-//!   HPACK state, an `:authority` that is not a plain host name is replaced by
+//! - the connection's first header block is decoded; if its `:authority` is a plain host
+//!   name (tonic, grpc-go, Envoy), the original bytes go through and the connection
+//!   becomes a plain pass-through, at no further cost;
+//! - otherwise every header block (HEADERS plus its CONTINUATIONs) is decoded with the
+//!   client's HPACK state, an `:authority` that is not a plain host name is replaced by
 //!   `localhost` (the authority grpc-go and tonic use for Unix sockets), and the block is
 //!   re-encoded as literals without indexing, so h2's HPACK table never depends on ours.
 //!
@@ -40,7 +43,20 @@ const MAX_FRAME: usize = 1 << 20;
 /// Largest header block (all CONTINUATIONs together) accepted from a client.
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
 
+/// What the layer does with the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Looking at the first header block.
+    Inspect,
+    /// The client sends invalid authorities: re-encode every header block.
+    Rewrite,
+    /// The client's authority is fine: forward bytes untouched.
+    Passthrough,
+}
+
 struct Pending {
+    /// The original frames, forwarded as they are if no rewrite is needed.
+    raw: Vec<u8>,
     stream_id: [u8; 4],
     flags: u8,
     priority: Option<[u8; 5]>,
@@ -56,6 +72,7 @@ pub struct AuthorityFix<S> {
     preface_left: usize,
     decoder: loona_hpack::Decoder<'static>,
     pending: Option<Pending>,
+    mode: Mode,
     eof: bool,
 }
 
@@ -117,6 +134,7 @@ impl<S> AuthorityFix<S> {
             preface_left: PREFACE_LEN,
             decoder: loona_hpack::Decoder::new(),
             pending: None,
+            mode: Mode::Inspect,
             eof: false,
         }
     }
@@ -137,7 +155,7 @@ impl<S> AuthorityFix<S> {
             }
         }
         let mut pos = 0;
-        while self.input.len() - pos >= FRAME_HEADER_LEN {
+        while self.mode != Mode::Passthrough && self.input.len() - pos >= FRAME_HEADER_LEN {
             let h = &self.input[pos..pos + FRAME_HEADER_LEN];
             let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
             if len > MAX_FRAME {
@@ -177,7 +195,13 @@ impl<S> AuthorityFix<S> {
                         return Err(protocol("padding longer than the frame"));
                     }
                     let block = p[..p.len() - pad].to_vec();
+                    let raw = if self.mode == Mode::Inspect {
+                        self.input[frame].to_vec()
+                    } else {
+                        Vec::new()
+                    };
                     self.pending = Some(Pending {
+                        raw,
                         stream_id,
                         flags,
                         priority,
@@ -195,6 +219,9 @@ impl<S> AuthorityFix<S> {
                         return Err(protocol("CONTINUATION on another stream"));
                     }
                     pending.block.extend_from_slice(&self.input[payload]);
+                    if self.mode == Mode::Inspect {
+                        pending.raw.extend_from_slice(&self.input[frame]);
+                    }
                     if pending.block.len() > MAX_HEADER_BLOCK {
                         return Err(protocol("header block too large"));
                     }
@@ -211,6 +238,9 @@ impl<S> AuthorityFix<S> {
             }
         }
         self.input.drain(..pos);
+        if self.mode == Mode::Passthrough {
+            self.output.append(&mut self.input);
+        }
         Ok(())
     }
 
@@ -222,11 +252,21 @@ impl<S> AuthorityFix<S> {
             .decoder
             .decode(&p.block)
             .map_err(|e| protocol(&format!("bad header block: {e}")))?;
+        let mut rewritten = false;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" && !plain_authority(value) {
-                tracing::trace!("replacing a non-host :authority with localhost");
                 *value = b"localhost".to_vec();
+                rewritten = true;
             }
+        }
+        if self.mode == Mode::Inspect {
+            if !rewritten {
+                self.output.extend_from_slice(&p.raw);
+                self.mode = Mode::Passthrough;
+                return Ok(());
+            }
+            tracing::debug!("client sends a non-host :authority; re-encoding its header blocks");
+            self.mode = Mode::Rewrite;
         }
         let block = encode_literal_block(&headers);
         let mut chunks = block.chunks(MAX_EMIT_FRAME - 5).peekable();
@@ -432,10 +472,9 @@ mod tests {
         expected.clear();
     }
 
-    #[tokio::test]
-    async fn valid_authorities_are_kept_and_padding_priority_and_continuation_are_handled() {
+    fn padded_priority_headers(authority: &str) -> Vec<u8> {
         let mut enc = loona_hpack::Encoder::new();
-        let headers = request_headers("localhost:1234");
+        let headers = request_headers(authority);
         let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         let (a, b) = block.split_at(block.len() / 2);
         let mut payload = vec![3u8]; // pad length
@@ -450,7 +489,18 @@ mod tests {
             &payload,
         ));
         input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, b));
-        let out = run(input).await.unwrap();
+        input
+    }
+
+    #[tokio::test]
+    async fn a_valid_authority_passes_through_byte_for_byte() {
+        let input = padded_priority_headers("localhost:1234");
+        assert_eq!(run(input.clone()).await.unwrap(), input);
+    }
+
+    #[tokio::test]
+    async fn padding_priority_and_continuation_are_handled_when_rewriting() {
+        let out = run(padded_priority_headers("tmp%2Fs")).await.unwrap();
         let fs = frames(&out[24..]);
         assert_eq!(fs.len(), 1);
         let (kind, flags, _, payload) = &fs[0];
@@ -459,7 +509,29 @@ mod tests {
         assert_eq!(flags & FLAG_PRIORITY, FLAG_PRIORITY);
         assert_eq!(&payload[..5], &[0x80, 0, 0, 1, 16]);
         let mut dec = loona_hpack::Decoder::new();
-        assert_eq!(dec.decode(&payload[5..]).unwrap(), headers);
+        assert_eq!(
+            dec.decode(&payload[5..]).unwrap(),
+            request_headers("localhost")
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_valid_first_block_everything_passes_through() {
+        let mut enc = loona_hpack::Encoder::new();
+        let headers = request_headers("localhost");
+        let mut input = PREFACE.to_vec();
+        for stream in [1u32, 3, 5] {
+            let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+            input.extend(frame(
+                TYPE_HEADERS,
+                FLAG_END_HEADERS | FLAG_END_STREAM,
+                stream,
+                &block,
+            ));
+        }
+        // Once passing through, what follows is h2's business, even garbage.
+        input.extend([0xde, 0xad]);
+        assert_eq!(run(input.clone()).await.unwrap(), input);
     }
 
     #[tokio::test]

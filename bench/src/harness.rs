@@ -1,0 +1,576 @@
+//! The real binaries, started on temporary directories, free loopback ports and their
+//! own sockets, and stopped by pid when their guard drops (also on every error path).
+
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use carapace_core::{Selector, TrustDomain};
+use carapace_proto::admin::admin_client::AdminClient;
+use carapace_proto::admin::{CreateEntryRequest, DeleteEntryRequest, HealthRequest};
+use carapace_proto::types;
+
+/// The trust domain every benchmark uses.
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// How long to wait for a process to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A child process, stopped (SIGTERM, then SIGKILL after 3 s) by pid when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err));
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log: log.to_path_buf(),
+            stopped: false,
+        })
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Fails (with the end of its log) if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            self.stopped = true;
+            bail!(
+                "{} exited ({status}); end of its log:\n{}",
+                self.name,
+                self.log_tail(30)
+            );
+        }
+        Ok(())
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Stops it: SIGTERM to its pid, then SIGKILL if it is still there after 3 s.
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Some(pid) = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Raises the soft RLIMIT_NOFILE of this process to its hard limit (children started
+/// afterwards inherit it). Returns (soft before, soft after).
+pub fn raise_nofile_limit() -> Result<(Option<u64>, Option<u64>)> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        let mut raised = before;
+        raised.current = before.maximum;
+        setrlimit(Resource::Nofile, raised).context("raising RLIMIT_NOFILE to the hard limit")?;
+    }
+    Ok((before.current, getrlimit(Resource::Nofile).current))
+}
+
+/// A wire entry for `spiffe_id`, parented to `parent`, with one selector (`type:value`).
+pub fn entry(spiffe_id: &str, parent: &str, selector: &str) -> Result<types::Entry> {
+    let s = Selector::from_str(selector).map_err(|e| anyhow!("selector {selector:?}: {e}"))?;
+    Ok(types::Entry {
+        spiffe_id: spiffe_id.to_owned(),
+        parent_id: parent.to_owned(),
+        selectors: vec![types::Selector::from(&s)],
+        ..Default::default()
+    })
+}
+
+/// A running `carapace-server` on a free port with its own admin socket and data dir.
+#[derive(Debug)]
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// The node API address, HOST:PORT.
+    pub addr: String,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    /// The trust domain.
+    pub td: TrustDomain,
+    bin: PathBuf,
+}
+
+/// A join token from `carapace-server token generate --output json`.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// The secret.
+    pub token: String,
+    /// The SPIFFE ID the agent gets when it attests with it.
+    pub agent_id: String,
+}
+
+impl Server {
+    /// Starts `<bin_dir>/carapace-server run` under `dir` and waits until its admin API
+    /// answers.
+    pub async fn start(bin_dir: &Path, dir: &Path) -> Result<Server> {
+        let bin = bin_dir.join("carapace-server");
+        if !bin.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p carapace-server`",
+                bin.display()
+            );
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let port = free_port()?;
+        let addr = format!("127.0.0.1:{port}");
+        let admin_socket = dir.join("server-admin").join("admin.sock");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .args(["--trust-domain", TRUST_DOMAIN])
+            .arg("--data-dir")
+            .arg(dir.join("server-data"))
+            .args(["--bind-address", &addr])
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .env("CARAPACE_LOG", "warn,carapace=info")
+            .env("CARAPACE_LOG_FORMAT", "json");
+        let proc = Proc::spawn("carapace-server", cmd, &dir.join("server.log"))?;
+        let mut server = Server {
+            proc,
+            addr,
+            admin_socket,
+            td: TrustDomain::new(TRUST_DOMAIN)?,
+            bin,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            server.proc.check_alive()?;
+            if let Ok(mut admin) = server.admin().await {
+                if admin.health(HealthRequest {}).await.is_ok() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "carapace-server did not answer on {} within {START_TIMEOUT:?}:\n{}",
+                    server.admin_socket.display(),
+                    server.proc.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The node API listener is bound before the admin socket is served.
+        Ok(server)
+    }
+
+    /// Runs `carapace-server <args> --admin-socket <socket>` and returns its stdout.
+    pub async fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = tokio::process::Command::new(&self.bin)
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("running carapace-server {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!(
+                "carapace-server {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// A new join token, from the real CLI.
+    pub async fn token(&self) -> Result<Token> {
+        let json = self.cli(&["token", "generate", "--output", "json"]).await?;
+        let v: serde_json::Value =
+            serde_json::from_str(&json).context("token generate: output is not JSON")?;
+        let field = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("token generate: no {k:?} in {json}"))
+        };
+        Ok(Token {
+            token: field("token")?,
+            agent_id: field("agent_id")?,
+        })
+    }
+
+    /// The bundle in PEM, from the real CLI (`bundle show`).
+    pub async fn bundle_pem(&self) -> Result<String> {
+        self.cli(&["bundle", "show"]).await
+    }
+
+    /// A client of the admin API over the admin socket (one HTTP/2 connection).
+    pub async fn admin(&self) -> Result<AdminClient<Channel>> {
+        let path = self.admin_socket.clone();
+        let channel = Endpoint::try_from("http://[::]:50051")?
+            .timeout(Duration::from_secs(60))
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .with_context(|| format!("connecting to {}", self.admin_socket.display()))?;
+        Ok(AdminClient::new(channel))
+    }
+}
+
+/// Creates `entries` through the admin API with up to `concurrency` calls in flight on
+/// one connection; returns the stored entries (with their ids) in the order given.
+pub async fn create_entries(
+    admin: &AdminClient<Channel>,
+    entries: Vec<types::Entry>,
+    concurrency: usize,
+) -> Result<Vec<types::Entry>> {
+    let n = entries.len();
+    let workers = concurrency.clamp(1, n.max(1));
+    let mut lanes: Vec<Vec<(usize, types::Entry)>> = vec![Vec::new(); workers];
+    for (i, e) in entries.into_iter().enumerate() {
+        lanes[i % workers].push((i, e));
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for lane in lanes {
+        let mut admin = admin.clone();
+        set.spawn(async move {
+            let mut out = Vec::with_capacity(lane.len());
+            for (i, e) in lane {
+                let stored = admin
+                    .create_entry(CreateEntryRequest { entry: Some(e) })
+                    .await
+                    .map_err(|s| anyhow!("CreateEntry: {:?}: {}", s.code(), s.message()))?
+                    .into_inner();
+                out.push((i, stored));
+            }
+            Ok::<_, anyhow::Error>(out)
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        all.extend(r??);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, e)| e).collect())
+}
+
+/// Deletes entries by id through the admin API, up to `concurrency` calls in flight.
+pub async fn delete_entries(
+    admin: &AdminClient<Channel>,
+    ids: Vec<String>,
+    concurrency: usize,
+) -> Result<()> {
+    let workers = concurrency.clamp(1, ids.len().max(1));
+    let mut lanes: Vec<Vec<String>> = vec![Vec::new(); workers];
+    for (i, id) in ids.into_iter().enumerate() {
+        lanes[i % workers].push(id);
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for lane in lanes {
+        let mut admin = admin.clone();
+        set.spawn(async move {
+            for id in lane {
+                admin
+                    .delete_entry(DeleteEntryRequest { id })
+                    .await
+                    .map_err(|s| anyhow!("DeleteEntry: {:?}: {}", s.code(), s.message()))?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// `held` of an agent log line (JSON) saying `workload SVIDs updated ... held=N`.
+pub fn held_of(line: &serde_json::Value) -> Option<u64> {
+    let fields = line.get("fields")?;
+    if fields.get("message")?.as_str()? != "workload SVIDs updated" {
+        return None;
+    }
+    fields.get("held")?.as_u64()
+}
+
+/// The `message` of a JSON log line.
+pub fn message_of(line: &serde_json::Value) -> Option<&str> {
+    line.get("fields")?.get("message")?.as_str()
+}
+
+/// Follows a JSON-lines log file as it grows.
+#[derive(Debug)]
+pub struct LogFollower {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+}
+
+impl LogFollower {
+    /// Follows `path` from its current end.
+    pub fn from_end(path: &Path) -> Result<LogFollower> {
+        let offset = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        Ok(LogFollower {
+            path: path.to_path_buf(),
+            offset,
+            partial: String::new(),
+        })
+    }
+
+    /// Follows `path` from its beginning.
+    pub fn from_start(path: &Path) -> LogFollower {
+        LogFollower {
+            path: path.to_path_buf(),
+            offset: 0,
+            partial: String::new(),
+        }
+    }
+
+    /// The complete JSON lines written since the last call (other lines are skipped).
+    pub fn poll(&mut self) -> Result<Vec<serde_json::Value>> {
+        let mut f = std::fs::File::open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&buf));
+        let mut out = Vec::new();
+        while let Some(nl) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=nl).collect();
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line.trim()) {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A running `carapace-agent` attested with a join token, with its own socket and
+/// data dir, logging JSON.
+#[derive(Debug)]
+pub struct Agent {
+    /// The process.
+    pub proc: Proc,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    /// Its SPIFFE ID.
+    pub agent_id: String,
+    bin: PathBuf,
+}
+
+impl Agent {
+    /// Starts `<bin_dir>/carapace-agent run` against `server` and waits until it has
+    /// attested and serves the Workload API ("carapace-agent is ready" in its log).
+    pub async fn start(bin_dir: &Path, dir: &Path, server: &Server) -> Result<Agent> {
+        let bin = bin_dir.join("carapace-agent");
+        if !bin.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release -p carapace-agent`",
+                bin.display()
+            );
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let token = server.token().await?;
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(&bundle, server.bundle_pem().await?)?;
+        let socket = dir.join("agent-public").join("api.sock");
+        let log = dir.join("agent.log");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .args(["--trust-domain", TRUST_DOMAIN])
+            .args(["--server-address", &server.addr])
+            .arg("--data-dir")
+            .arg(dir.join("agent-data"))
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--trust-bundle")
+            .arg(&bundle)
+            // In the environment rather than argv, so it is not in the process list.
+            .env("CARAPACE_JOIN_TOKEN", &token.token)
+            .env("CARAPACE_LOG", "warn,carapace=info")
+            .env("CARAPACE_LOG_FORMAT", "json");
+        let proc = Proc::spawn("carapace-agent", cmd, &log)?;
+        let mut agent = Agent {
+            proc,
+            socket,
+            agent_id: token.agent_id,
+            bin,
+        };
+        let mut follower = LogFollower::from_start(&log);
+        let deadline = Instant::now() + START_TIMEOUT;
+        'wait: loop {
+            agent.proc.check_alive()?;
+            for line in follower.poll()? {
+                if message_of(&line) == Some("carapace-agent is ready") {
+                    break 'wait;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "carapace-agent was not ready within {START_TIMEOUT:?}:\n{}",
+                    agent.proc.log_tail(30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(agent)
+    }
+
+    /// Runs `carapace-agent api fetch x509 --socket-path <socket>`; whether it succeeded.
+    pub async fn cli_fetch_ok(&self) -> Result<bool> {
+        let out = tokio::process::Command::new(&self.bin)
+            .args(["api", "fetch", "x509", "--socket-path"])
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running carapace-agent api fetch x509")?;
+        Ok(out.status.success())
+    }
+
+    /// Waits until the agent logs `held=<target>`; returns when it saw it.
+    pub async fn wait_held(
+        &mut self,
+        follower: &mut LogFollower,
+        target: u64,
+        timeout: Duration,
+    ) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            for line in follower.poll()? {
+                if let Some(h) = held_of(&line) {
+                    last = Some(h);
+                    if h == target {
+                        return Ok(Instant::now());
+                    }
+                }
+            }
+            self.proc.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not log held={target} within {timeout:?} (last held={last:?}):\n{}",
+                    self.proc.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_is_read_from_the_agent_json_log() {
+        let line: serde_json::Value = serde_json::from_str(
+            r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"workload SVIDs updated","signed":1000,"removed":0,"held":1001},"target":"carapace_agent::manager"}"#,
+        )
+        .unwrap();
+        assert_eq!(held_of(&line), Some(1001));
+        assert_eq!(message_of(&line), Some("workload SVIDs updated"));
+        let other: serde_json::Value =
+            serde_json::from_str(r#"{"fields":{"message":"connected to the server","held":3}}"#)
+                .unwrap();
+        assert_eq!(held_of(&other), None);
+    }
+
+    #[test]
+    fn follower_returns_only_complete_new_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "{\"a\":1}\n").unwrap();
+        let mut f = LogFollower::from_end(&p).unwrap();
+        assert!(f.poll().unwrap().is_empty());
+        use std::io::Write as _;
+        let mut w = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        write!(w, "not json\n{{\"b\":2}}\n{{\"c\":").unwrap();
+        let got = f.poll().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["b"], 2);
+        writeln!(w, "3}}").unwrap();
+        assert_eq!(f.poll().unwrap()[0]["c"], 3);
+    }
+
+    #[test]
+    fn entries_split_selectors_at_the_first_colon() {
+        let e = entry(
+            "spiffe://example.org/w",
+            "spiffe://example.org/spire/agent/join_token/x",
+            "unix:uid:1000",
+        )
+        .unwrap();
+        assert_eq!(e.selectors[0].r#type, "unix");
+        assert_eq!(e.selectors[0].value, "uid:1000");
+        assert!(e.id.is_empty());
+    }
+}

@@ -1,0 +1,275 @@
+//! The agent → server trust boundary, probed directly: a client speaking the node API to
+//! the real server binary, with the agent library's own TLS and attestation code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::sync::Arc;
+
+use carapace_agent::join_token::JoinTokenClient;
+use carapace_agent::node_client;
+use carapace_core::plugin::{KeyManager, KeySigner};
+use carapace_core::{KeyType, TrustBundle, TrustDomain};
+use carapace_e2e::{Lab, Server};
+use carapace_keymanager_soft::MemoryKeyManager;
+use carapace_proto::node::node_client::NodeClient;
+use carapace_proto::node::{
+    BatchNewX509svidRequest, NewX509svidParams, RenewAgentRequest, SyncAuthorizedRequest,
+};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+fn td() -> TrustDomain {
+    TrustDomain::new("example.org").unwrap()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct TestAgent {
+    id: String,
+    chain: Vec<Vec<u8>>,
+    key: Arc<dyn KeySigner>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    address: String,
+}
+
+impl TestAgent {
+    fn client(&self) -> NodeClient<Channel> {
+        let ck = carapace_tls::certified_key(&self.chain, self.key.clone());
+        let tls =
+            carapace_tls::client_config(self.bundle.clone(), td().server_id(), Some(ck)).unwrap();
+        node_client::channel(&self.address, Arc::new(tls)).unwrap()
+    }
+}
+
+async fn attest(server: &Server, km: &MemoryKeyManager, name: &str) -> TestAgent {
+    let (token, id) = server.token();
+    let bundle = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
+    let (_tx, rx) = watch::channel(Arc::new(bundle));
+    let tls = carapace_tls::client_config(rx.clone(), td().server_id(), None).unwrap();
+    let mut client = node_client::channel(&server.address, Arc::new(tls)).unwrap();
+    let key = km.generate_key(name, KeyType::EcP256).await.unwrap();
+    let csr = carapace_tls::csr_for_key(key.clone()).unwrap();
+    let result = node_client::attest(
+        &mut client,
+        &JoinTokenClient::new(Zeroizing::new(token)),
+        csr,
+    )
+    .await
+    .unwrap();
+    TestAgent {
+        id,
+        chain: result.svid.unwrap().cert_chain,
+        key,
+        bundle: rx,
+        address: server.address.clone(),
+    }
+}
+
+/// A CSR that asks for `san` (which the server must ignore).
+fn csr_asking_for(san: &str) -> Vec<u8> {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
+    p.serialize_request(&kp).unwrap().der().to_vec()
+}
+
+fn entry_id_of(server: &Server, spiffe_id: &str) -> String {
+    server.cli_json(&["entry", "show", "--spiffe-id", spiffe_id])["entries"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_gets_only_its_own_entries_and_only_their_ids() {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let km = MemoryKeyManager::new();
+    let a = attest(&server, &km, "a").await;
+    let b = attest(&server, &km, "b").await;
+    server.create_entry(&a.id, "spiffe://example.org/a-web", &["unix:uid:1"], &[]);
+    server.create_entry(&b.id, "spiffe://example.org/b-db", &["unix:uid:2"], &[]);
+    let a_entry = entry_id_of(&server, "spiffe://example.org/a-web");
+    let b_entry = entry_id_of(&server, "spiffe://example.org/b-db");
+
+    // Sync: A sees only its entry.
+    let mut stream = a
+        .client()
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let ids: Vec<&str> = first.entries.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(ids, ["spiffe://example.org/a-web"]);
+
+    // Signing: A's entry is signed with the entry's ID even though the CSR asks for B's;
+    // B's entry is refused to A.
+    let resp = a
+        .client()
+        .batch_new_x509svid(BatchNewX509svidRequest {
+            params: vec![
+                NewX509svidParams {
+                    entry_id: a_entry.clone(),
+                    csr: csr_asking_for("spiffe://example.org/b-db"),
+                },
+                NewX509svidParams {
+                    entry_id: b_entry.clone(),
+                    csr: csr_asking_for("spiffe://example.org/b-db"),
+                },
+                NewX509svidParams {
+                    entry_id: "no-such-entry".into(),
+                    csr: csr_asking_for("spiffe://example.org/x"),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.results.len(), 3);
+    let signed = resp.results[0]
+        .svid
+        .as_ref()
+        .expect("A's own entry is signed");
+    let bundle = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
+    let v = carapace_core::x509svid::verify_chain(&signed.cert_chain, &bundle, now()).unwrap();
+    assert_eq!(
+        v.spiffe_id.as_str(),
+        "spiffe://example.org/a-web",
+        "the SPIFFE ID comes from the entry, not the CSR"
+    );
+    for r in &resp.results[1..] {
+        assert!(r.svid.is_none());
+        assert_eq!(r.error_code, tonic::Code::PermissionDenied as i32, "{r:?}");
+        assert!(r.error_message.contains("not authorized for this agent"));
+    }
+
+    // A CSR whose signature does not verify is refused.
+    let mut bad = csr_asking_for("spiffe://example.org/a-web");
+    let n = bad.len();
+    bad[n - 3] ^= 0x55;
+    let resp = a
+        .client()
+        .batch_new_x509svid(BatchNewX509svidRequest {
+            params: vec![NewX509svidParams {
+                entry_id: a_entry,
+                csr: bad,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.results[0].error_code,
+        tonic::Code::InvalidArgument as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_a_client_svid_are_unauthenticated() {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let bundle = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
+    let (_tx, rx) = watch::channel(Arc::new(bundle));
+    let tls = carapace_tls::client_config(rx, td().server_id(), None).unwrap();
+    let mut client = node_client::channel(&server.address, Arc::new(tls)).unwrap();
+    let err = client
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_svid_from_another_ca_is_rejected_in_the_handshake() {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let other_lab = Lab::new();
+    let other = Server::start(&other_lab);
+    let km = MemoryKeyManager::new();
+    let mut foreign = attest(&other, &km, "foreign").await;
+    // Trust the right server, but present an SVID from another CA of the same trust domain.
+    let bundle = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
+    let (_tx, rx) = watch::channel(Arc::new(bundle));
+    foreign.bundle = rx;
+    foreign.address = server.address.clone();
+    let err = foreign
+        .client()
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap_err();
+    // TLS 1.3 clients learn of a rejected certificate only when the connection drops.
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ),
+        "a transport failure, not an answer: {err:?}"
+    );
+    carapace_e2e::eventually("the server to log the rejected handshake", || async {
+        server.log().contains("TLS handshake failed").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_renewal_only_the_latest_svid_is_accepted_and_eviction_locks_out() {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let km = MemoryKeyManager::new();
+    let mut a = attest(&server, &km, "a").await;
+    let new_key = km.generate_key("a2", KeyType::EcP256).await.unwrap();
+    let resp = a
+        .client()
+        .renew_agent(RenewAgentRequest {
+            csr: carapace_tls::csr_for_key(new_key.clone()).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let old = TestAgent {
+        id: a.id.clone(),
+        chain: a.chain.clone(),
+        key: a.key.clone(),
+        bundle: a.bundle.clone(),
+        address: a.address.clone(),
+    };
+    a.chain = resp.svid.unwrap().cert_chain;
+    a.key = new_key;
+    // Until the new SVID is used, the old one still works (a lost renewal reply must not lock the agent out).
+    old.client()
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap();
+    // Using the new SVID makes it the only one accepted.
+    a.client()
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap();
+    let err = old
+        .client()
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("not its latest"), "{err:?}");
+    // Evicted: refused, and told why.
+    server.cli_ok(&["agent", "evict", "--spiffe-id", &a.id]);
+    let err = a
+        .client()
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("not attested"), "{err:?}");
+}
