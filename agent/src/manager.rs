@@ -26,6 +26,8 @@ use crate::node_client::{self, call_error};
 use crate::state::{self, AgentState};
 use crate::{Error, Result};
 
+/// How far the server backdates notBefore (see `carapace_server::ca::BACKDATE`).
+const BACKDATE: i64 = 10;
 /// Most CSRs sent in one BatchNewX509SVID call.
 pub const MAX_BATCH: usize = 2000;
 /// Retry delays when the server is unreachable or refuses.
@@ -33,9 +35,13 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// See [`BACKOFF_MIN`].
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// When to rotate a certificate valid from `not_before` to `not_after`: at half its
-/// life, give or take 10% of that half (so a fleet does not rotate in lockstep).
-pub fn rotate_at(not_before: i64, not_after: i64) -> i64 {
+/// When to rotate a certificate valid until `not_after` that the agent holds since
+/// `since`: at half of that life, give or take 10% of the half (so a fleet does not rotate
+/// in lockstep). `since` is when the agent received it, not the notBefore, which the
+/// server backdates by 10 s for clock skew (counting that would rotate short-lived SVIDs
+/// almost at once).
+pub fn rotate_at(since: i64, not_after: i64) -> i64 {
+    let not_before = since;
     let half = ((not_after - not_before) / 2).max(1);
     let jitter = half / 10;
     let j = if jitter > 0 {
@@ -160,6 +166,8 @@ impl Manager {
         agent_key: Arc<dyn KeySigner>,
     ) -> Result<Self> {
         let (nb, na) = carapace_core::x509svid::validity_of(&state.svid_chain[0])?;
+        // Received now (attestation) or earlier (restored): undo the server's backdate.
+        let since = (nb + BACKDATE).min(now());
         let bundle = Arc::new(bundle);
         let (bundle_tx, _) = watch::channel(bundle.clone());
         cache.replace(bundle, Vec::new());
@@ -169,7 +177,7 @@ impl Manager {
             cache,
             bundle_tx,
             agent_key,
-            agent_rotate_at: rotate_at(nb, na),
+            agent_rotate_at: rotate_at(since, na),
             state,
             entries: BTreeMap::new(),
             slots: BTreeMap::new(),
@@ -500,7 +508,7 @@ impl Manager {
                 continue;
             };
             match self.check_issued(&entry, &svid.cert_chain) {
-                Ok((nb, na)) => {
+                Ok((_, na)) => {
                     self.slots.insert(
                         entry.id.clone(),
                         Slot {
@@ -514,7 +522,7 @@ impl Manager {
                                 expires_at: na,
                             }),
                             revision: entry.revision,
-                            rotate_at: rotate_at(nb, na),
+                            rotate_at: rotate_at(now(), na),
                         },
                     );
                     signed += 1;
@@ -576,8 +584,8 @@ impl Manager {
         };
         self.state.save(&self.cfg.data_dir)?;
         self.agent_key = key;
-        let (nb, na) = carapace_core::x509svid::validity_of(&self.state.svid_chain[0])?;
-        self.agent_rotate_at = rotate_at(nb, na);
+        let (_, na) = carapace_core::x509svid::validity_of(&self.state.svid_chain[0])?;
+        self.agent_rotate_at = rotate_at(now(), na);
         if let Err(e) = self.km.delete_key(&old_key).await {
             tracing::warn!(key = old_key, error = %e, "could not delete the previous agent key");
         }
