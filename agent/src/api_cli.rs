@@ -4,6 +4,7 @@
 //! Private keys are written only to `svid.key` files (mode 0600) and never printed, in
 //! human or JSON output.
 
+use carapace_common::error_chain;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -13,10 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use carapace_core::bundle::{der_to_pem, pem_block};
 use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use carapace_proto::workload::{X509BundlesRequest, X509svid, X509svidRequest, X509svidResponse};
-use hyper_util::rt::TokioIo;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
@@ -46,16 +46,7 @@ pub type WorkloadClient = SpiffeWorkloadApiClient<InterceptedService<Channel, Se
 
 /// A gRPC channel over the Unix socket `socket_path` (no security header).
 pub(crate) async fn channel(socket_path: &Path) -> Result<Channel> {
-    let path = socket_path.to_path_buf();
-    // The URI is required by the API but unused: every connection goes to the socket.
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
+    carapace_common::uds_channel(socket_path, None)
         .await
         .map_err(|e| {
             Error::Workload(format!(
@@ -72,16 +63,6 @@ pub async fn connect(socket_path: &Path) -> Result<WorkloadClient> {
         channel(socket_path).await?,
         SecurityHeader,
     ))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let _ = write!(s, ": {inner}");
-        src = inner.source();
-    }
-    s
 }
 
 /// Turns a Workload API status into the agent's error; `PermissionDenied` names the

@@ -136,33 +136,9 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// Reads a config file; `None` means defaults.
+/// Reads a config file; `None` means defaults. Every problem is listed.
 pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
-    let Some(path) = path else {
-        return Ok(FileConfig::default());
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| vec![format!("{}: {e}", path.display())])?;
-    let mut problems = Vec::new();
-    for (key, value) in &table {
-        let mut one = toml::Table::new();
-        one.insert(key.clone(), value.clone());
-        if let Err(e) = FileConfig::deserialize(toml::Value::Table(one)) {
-            problems.push(format!(
-                "{}: {}",
-                path.display(),
-                e.to_string().trim().replace('\n', " ")
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    FileConfig::deserialize(toml::Value::Table(table))
-        .map_err(|e| vec![format!("{}: {e}", path.display())])
+    carapace_common::read_toml(path)
 }
 
 /// Validates a file config with flag overrides, listing every problem.
@@ -216,18 +192,9 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     };
     let log_level = file
         .log_level
-        .unwrap_or_else(|| "warn,carapace=info".into());
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
-        problems.push(format!("log_level: {e}"));
-    }
-    let log_json = match file.log_format.as_deref() {
-        None | Some("text") => false,
-        Some("json") => true,
-        Some(other) => {
-            problems.push(format!("log_format: {other:?} is not \"text\" or \"json\""));
-            false
-        }
-    };
+        .unwrap_or_else(|| carapace_common::DEFAULT_LOG_FILTER.into());
+    let log_json =
+        carapace_common::check_logging(&log_level, file.log_format.as_deref(), &mut problems);
     let workload_key_type = match file.workload_key_type.as_deref().map(str::parse::<KeyType>) {
         None => KeyType::EcP256,
         Some(Ok(k)) => k,

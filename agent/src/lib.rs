@@ -18,7 +18,6 @@ pub mod state;
 pub mod workload_api;
 
 use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -34,31 +33,7 @@ use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor, WorkloadApi}
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
-    if !cfg.data_dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&cfg.data_dir)
-            .map_err(Error::io(format!(
-                "cannot create data directory {}",
-                cfg.data_dir.display()
-            )))?;
-    }
-    let mode = std::fs::metadata(&cfg.data_dir)
-        .map_err(Error::io(format!(
-            "data directory {}",
-            cfg.data_dir.display()
-        )))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(Error::Config(format!(
-            "data directory {} has mode {:o}: it must not be accessible to group or others (chmod 700 {})",
-            cfg.data_dir.display(),
-            mode & 0o777,
-            cfg.data_dir.display()
-        )));
-    }
+    carapace_common::ensure_private_dir(&cfg.data_dir, "data directory").map_err(Error::Config)?;
     let km: Arc<dyn KeyManager> = Arc::new(carapace_keymanager_soft::DiskKeyManager::open(
         &cfg.data_dir.join("keys"),
     )?);

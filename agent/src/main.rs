@@ -105,39 +105,6 @@ enum FetchWhat {
     },
 }
 
-fn init_tracing(filter: &str, json: bool) {
-    let filter = std::env::var("CARAPACE_LOG").unwrap_or_else(|_| filter.to_owned());
-    let json = match std::env::var("CARAPACE_LOG_FORMAT").as_deref() {
-        Ok("json") => true,
-        Ok("text") => false,
-        _ => json,
-    };
-    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,carapace=info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 fn report<T>(r: carapace_agent::Result<T>, ok: impl FnOnce(T)) -> ExitCode {
     match r {
         Ok(v) => {
@@ -176,8 +143,8 @@ async fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            init_tracing(&cfg.log_level, cfg.log_json);
-            let r = carapace_agent::run(cfg, shutdown_signal()).await;
+            carapace_common::init_tracing(&cfg.log_level, cfg.log_json);
+            let r = carapace_agent::run(cfg, carapace_common::shutdown_signal()).await;
             if let Err(e) = &r {
                 tracing::error!(error = %e, "carapace-agent failed");
             }
@@ -194,7 +161,7 @@ async fn main() -> ExitCode {
                         },
                 },
         } => {
-            init_tracing("warn", false);
+            carapace_common::init_tracing("warn", false);
             report(
                 api_cli::fetch_x509(&socket_path, write.as_deref(), output == "json").await,
                 |s| print!("{s}"),
@@ -203,14 +170,14 @@ async fn main() -> ExitCode {
         Command::Api {
             command: ApiCommand::Watch { socket_path },
         } => {
-            init_tracing("warn", false);
+            carapace_common::init_tracing("warn", false);
             report(
                 api_cli::watch_x509(&socket_path, |line| println!("{line}")).await,
                 |_| {},
             )
         }
         Command::Healthcheck { socket_path } => {
-            init_tracing("warn", false);
+            carapace_common::init_tracing("warn", false);
             report(api_cli::healthcheck(&socket_path).await, |_| {
                 println!("Agent is healthy.")
             })

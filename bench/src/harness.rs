@@ -8,8 +8,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use carapace_core::{Selector, TrustDomain};
 use carapace_proto::admin::admin_client::AdminClient;
@@ -267,19 +266,10 @@ impl Server {
 
     /// A client of the admin API over the admin socket (one HTTP/2 connection).
     pub async fn admin(&self) -> Result<AdminClient<Channel>> {
-        let path = self.admin_socket.clone();
-        let channel = Endpoint::try_from("http://[::]:50051")?
-            .timeout(Duration::from_secs(60))
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .with_context(|| format!("connecting to {}", self.admin_socket.display()))?;
+        let channel =
+            carapace_common::uds_channel(&self.admin_socket, Some(Duration::from_secs(60)))
+                .await
+                .with_context(|| format!("connecting to {}", self.admin_socket.display()))?;
         Ok(AdminClient::new(channel))
     }
 }

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use hyper_util::rt::TokioIo;
 use tokio::sync::Barrier;
 use tonic::Streaming;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use carapace_proto::admin::CreateEntryRequest;
 use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -99,13 +98,7 @@ type Open = (
 
 /// A new connection (its own tonic channel over a new Unix stream) to the Workload API.
 async fn connect(socket: PathBuf) -> Result<SpiffeWorkloadApiClient<Channel>> {
-    let channel = Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    let channel = carapace_common::uds_channel(&socket, None)
         .await
         .context("connecting to the Workload API")?;
     Ok(SpiffeWorkloadApiClient::new(channel))

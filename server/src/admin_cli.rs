@@ -9,6 +9,7 @@
 //! Output formatting is done by pure functions over the view structs, so it is tested
 //! without a server.
 
+use carapace_common::error_chain;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -17,9 +18,8 @@ use std::str::FromStr;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Subcommand, ValueEnum};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use zeroize::Zeroizing;
 
@@ -757,19 +757,6 @@ impl EntryFilterArgs {
 // ---------------------------------------------------------------------------------------
 // The connection.
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let msg = inner.to_string();
-        if !s.ends_with(&msg) {
-            let _ = write!(s, ": {msg}");
-        }
-        src = inner.source();
-    }
-    s
-}
-
 /// Connects to the admin API on the Unix socket `socket`.
 pub(crate) async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
     let unreachable = |detail: String| Error::Io {
@@ -781,18 +768,7 @@ pub(crate) async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
             "{detail} (is carapace-server running? is --admin-socket right?)"
         )),
     };
-    let path = socket.to_path_buf();
-    // The URI is required by the API but unused: every connection goes to the socket.
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .map_err(|e| unreachable(error_chain(&e)))?
-        .timeout(CALL_TIMEOUT)
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
+    let channel = carapace_common::uds_channel(socket, Some(CALL_TIMEOUT))
         .await
         .map_err(|e| unreachable(error_chain(&e)))?;
     Ok(AdminClient::new(channel))

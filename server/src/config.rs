@@ -113,38 +113,14 @@ pub struct Config {
     pub node_attestors: Vec<(String, toml::Table)>,
 }
 
-/// Reads a config file; a missing `path` means defaults.
+/// Reads a config file; a missing `path` means defaults. Every problem is listed.
 pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
-    let Some(path) = path else {
-        return Ok(FileConfig::default());
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
-    parse_file(&text).map_err(|errs| {
-        errs.into_iter()
-            .map(|e| format!("{}: {e}", path.display()))
-            .collect()
-    })
+    carapace_common::read_toml(path)
 }
 
 /// Parses config text, reporting every unknown key and every badly typed value.
 pub fn parse_file(text: &str) -> Result<FileConfig, Vec<String>> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| vec![e.to_string()])?;
-    // serde stops at the first problem; check each top-level key alone to list them all.
-    let mut problems = Vec::new();
-    for (key, value) in &table {
-        let mut one = toml::Table::new();
-        one.insert(key.clone(), value.clone());
-        if let Err(e) = FileConfig::deserialize(toml::Value::Table(one)) {
-            problems.push(e.to_string().trim().replace('\n', " "));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    FileConfig::deserialize(toml::Value::Table(table)).map_err(|e| vec![e.to_string()])
+    carapace_common::parse_toml(text)
 }
 
 fn plugin_tables(
@@ -200,18 +176,9 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     }
     let log_level = file
         .log_level
-        .unwrap_or_else(|| "warn,carapace=info".into());
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
-        problems.push(format!("log_level: {e}"));
-    }
-    let log_json = match file.log_format.as_deref() {
-        None | Some("text") => false,
-        Some("json") => true,
-        Some(other) => {
-            problems.push(format!("log_format: {other:?} is not \"text\" or \"json\""));
-            false
-        }
-    };
+        .unwrap_or_else(|| carapace_common::DEFAULT_LOG_FILTER.into());
+    let log_json =
+        carapace_common::check_logging(&log_level, file.log_format.as_deref(), &mut problems);
     let default_x509_svid_ttl = file.default_x509_svid_ttl.unwrap_or(DEFAULT_X509_SVID_TTL);
     let agent_svid_ttl = file.agent_svid_ttl.unwrap_or(default_x509_svid_ttl);
     let ca_ttl = file.ca_ttl.unwrap_or(DEFAULT_CA_TTL);

@@ -19,7 +19,6 @@ pub mod node_attestor;
 pub mod server_svid;
 
 use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,26 +47,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Creates `dir` (and parents) with mode 0700 if missing, and refuses one that others
 /// can read or write.
 pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(Error::io(format!("cannot create {what} {}", dir.display())))?;
-    }
-    let mode = std::fs::metadata(dir)
-        .map_err(Error::io(format!("{what} {}", dir.display())))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(Error::Config(format!(
-            "{what} {} has mode {:o}: it must not be accessible to group or others (chmod 700 {})",
-            dir.display(),
-            mode & 0o777,
-            dir.display()
-        )));
-    }
-    Ok(())
+    carapace_common::ensure_private_dir(dir, what).map_err(Error::Config)
 }
 
 /// Runs the server until `shutdown` resolves. Everything that can fail at start-up

@@ -57,40 +57,6 @@ enum Command {
     Admin(AdminCommand),
 }
 
-fn init_tracing(filter: &str, json: bool) {
-    let filter = std::env::var("CARAPACE_LOG").unwrap_or_else(|_| filter.to_owned());
-    let json = match std::env::var("CARAPACE_LOG_FORMAT").as_deref() {
-        Ok("json") => true,
-        Ok("text") => false,
-        _ => json,
-    };
-    let env_filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,carapace=info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(env_filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -119,8 +85,8 @@ async fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            init_tracing(&cfg.log_level, cfg.log_json);
-            match carapace_server::run(cfg, shutdown_signal()).await {
+            carapace_common::init_tracing(&cfg.log_level, cfg.log_json);
+            match carapace_server::run(cfg, carapace_common::shutdown_signal()).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "carapace-server failed");
@@ -147,7 +113,7 @@ async fn main() -> ExitCode {
             }
         }
         Command::Admin(cmd) => {
-            init_tracing("warn", false);
+            carapace_common::init_tracing("warn", false);
             match admin_cli::execute(cmd).await {
                 Ok(out) => {
                     print!("{out}");

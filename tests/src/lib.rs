@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// How long to wait for something that should happen promptly. Override with
 /// `CARAPACE_TEST_PATIENCE_SECS` on a slow machine.
@@ -436,17 +435,7 @@ impl Agent {
 
 /// A raw gRPC channel to a Unix socket (no security header added).
 pub async fn uds_channel(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .unwrap()
+    carapace_common::uds_channel(path, None).await.unwrap()
 }
 
 /// The current process's effective uid.
