@@ -58,8 +58,9 @@ agent_id=$(printf '%s' "$token_json" | python3 -c 'import json,sys; print(json.l
 
 echo "==> starting carapace-agent ($agent_id)"
 rm -rf "$STATE/agent"
-"$BIN/carapace-agent" run --trust-domain "$TD" --data-dir "$STATE/agent" --socket-path "$AGENT_SOCKET" \
-    --trust-bundle "$STATE/bundle.pem" --join-token "$token" >"$STATE/agent.log" 2>&1 &
+# The token goes through the environment, not argv, so it never shows in `ps`.
+CARAPACE_JOIN_TOKEN="$token" "$BIN/carapace-agent" run --trust-domain "$TD" --data-dir "$STATE/agent" \
+    --socket-path "$AGENT_SOCKET" --trust-bundle "$STATE/bundle.pem" >"$STATE/agent.log" 2>&1 &
 echo $! >"$STATE/agent.pid"
 unset token token_json
 wait_for "the agent" "$BIN/carapace-agent" healthcheck --socket-path "$AGENT_SOCKET"

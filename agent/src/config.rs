@@ -39,17 +39,15 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Key type of workload keys.
     pub workload_key_type: Option<String>,
-    /// `unix` workload attestor settings.
-    pub unix_attestor: Option<UnixAttestorFile>,
-}
-
-/// `[unix_attestor]`.
-#[derive(Debug, Default, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct UnixAttestorFile {
-    /// Hash the workload's executable into a `unix:sha256` selector.
+    /// Key manager for the agent's own key (exactly one; default `disk`).
     #[serde(default)]
-    pub workload_sha256: bool,
+    pub key_manager: toml::Table,
+    /// Node attestor (exactly one; default `join_token`).
+    #[serde(default)]
+    pub node_attestor: toml::Table,
+    /// Workload attestors (default `unix`).
+    #[serde(default)]
+    pub workload_attestor: toml::Table,
 }
 
 /// Flag overrides.
@@ -114,8 +112,12 @@ pub struct Config {
     pub log_json: bool,
     /// Workload key type.
     pub workload_key_type: KeyType,
-    /// Hash workload executables.
-    pub workload_sha256: bool,
+    /// Key manager: name and plugin table.
+    pub key_manager: (String, toml::Table),
+    /// Node attestor: name and plugin table.
+    pub node_attestor: (String, toml::Table),
+    /// Workload attestors: names and plugin tables.
+    pub workload_attestors: Vec<(String, toml::Table)>,
     /// How often the rotator looks at SVIDs.
     pub rotation_interval: Duration,
 }
@@ -208,6 +210,30 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             problems.push("join_token: is empty".into());
         }
     }
+    let mut key_managers = plugin_tables(
+        "key_manager",
+        &file.key_manager,
+        ("disk", None),
+        &mut problems,
+    );
+    let mut node_attestors = plugin_tables(
+        "node_attestor",
+        &file.node_attestor,
+        ("join_token", None),
+        &mut problems,
+    );
+    let workload_attestors = plugin_tables(
+        "workload_attestor",
+        &file.workload_attestor,
+        ("unix", None),
+        &mut problems,
+    );
+    crate::catalog::check_plugins(
+        &key_managers,
+        &node_attestors,
+        &workload_attestors,
+        &mut problems,
+    );
     match (trust_domain, bootstrap) {
         (Some(trust_domain), Some(bootstrap)) if problems.is_empty() => Ok(Config {
             trust_domain,
@@ -222,14 +248,33 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             log_level,
             log_json,
             workload_key_type,
-            workload_sha256: file
-                .unix_attestor
-                .map(|u| u.workload_sha256)
-                .unwrap_or(false),
+            key_manager: key_managers.remove(0),
+            node_attestor: node_attestors.remove(0),
+            workload_attestors,
             rotation_interval: Duration::from_secs(1),
         }),
         _ => Err(problems),
     }
+}
+
+/// The `[kind.<name>]` tables of a plugin kind, or the default plugin when none is set.
+fn plugin_tables(
+    kind: &str,
+    t: &toml::Table,
+    default: (&str, Option<toml::Table>),
+    problems: &mut Vec<String>,
+) -> Vec<(String, toml::Table)> {
+    let mut out = Vec::new();
+    for (name, v) in t {
+        match v {
+            toml::Value::Table(body) => out.push((name.clone(), body.clone())),
+            _ => problems.push(format!("{kind}.{name}: must be a table ([{kind}.{name}])")),
+        }
+    }
+    if out.is_empty() && t.is_empty() {
+        out.push((default.0.to_owned(), default.1.unwrap_or_default()));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 pub mod api_cli;
 pub mod cache;
+pub mod catalog;
 pub mod config;
 mod error;
 pub mod join_token;
@@ -23,26 +24,25 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use carapace_core::TrustBundle;
-use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 
 pub use error::{Error, Result};
 
 use crate::cache::SvidCache;
 use crate::config::Config;
-use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor, WorkloadApi};
+use crate::workload_api::WorkloadApi;
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     carapace_common::ensure_private_dir(&cfg.data_dir, "data directory").map_err(Error::Config)?;
-    let km: Arc<dyn KeyManager> = Arc::new(carapace_keymanager_soft::DiskKeyManager::open(
-        &cfg.data_dir.join("keys"),
-    )?);
+    let km = catalog::build_key_manager(&cfg.key_manager.0, &cfg.key_manager.1, &cfg.data_dir)?;
+    let attestors = catalog::build_workload_attestors(&cfg.workload_attestors)?;
+    let attestor = catalog::build_node_attestor(
+        &cfg.node_attestor.0,
+        &cfg.node_attestor.1,
+        cfg.join_token.clone(),
+    )?;
     let listener = workload_api::bind(&cfg.socket_path)?;
     let cache = SvidCache::new(Arc::new(TrustBundle::new(cfg.trust_domain.clone())));
-    let attestors: Vec<Arc<dyn WorkloadAttestor>> =
-        vec![Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig {
-            workload_sha256: cfg.workload_sha256,
-        }))];
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = WorkloadApi::new(cache.clone(), attestors);
     let socket_path = cfg.socket_path.clone();
@@ -55,10 +55,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             .await
         })
     };
-    let attestor: Option<Arc<dyn NodeAttestorClient>> = cfg
-        .join_token
-        .clone()
-        .map(|t| Arc::new(join_token::JoinTokenClient::new(t)) as Arc<dyn NodeAttestorClient>);
 
     tokio::pin!(shutdown);
     let manager = tokio::select! {

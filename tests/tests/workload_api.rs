@@ -583,3 +583,49 @@ async fn bad_admin_input_is_refused_and_writes_nothing() {
     }
     assert_eq!(server.cli_json(&["entry", "count"])["count"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_renews_its_own_svid_and_keeps_working() {
+    let lab = Lab::new();
+    let config = lab.path().join("server.toml");
+    std::fs::write(&config, "agent_svid_ttl = \"20s\"\n").unwrap();
+    let server = Server::start_with(&lab, &["--config", config.to_str().unwrap()]);
+    let agent = Agent::start(&lab, &server, "agent");
+    let before = server.cli_json(&["agent", "show", "--spiffe-id", &agent.id]);
+    eventually(
+        "the agent to renew its SVID at about half of 20 s",
+        || async {
+            agent
+                .proc
+                .log()
+                .contains("renewed the agent SVID")
+                .then_some(())
+        },
+    )
+    .await;
+    // The renewed SVID is in use: new entries still arrive, and the server now knows the
+    // new serial as the agent's only one.
+    server.create_entry(
+        &agent.id,
+        "spiffe://example.org/after-renewal",
+        &[&uid_selector()],
+        &[],
+    );
+    eventually("an entry created after the renewal", || async {
+        let out = agent.fetch(&[]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("after-renewal")
+            .then_some(())
+    })
+    .await;
+    let after = server.cli_json(&["agent", "show", "--spiffe-id", &agent.id]);
+    assert_ne!(
+        before["serial"], after["serial"],
+        "the server records the renewed serial"
+    );
+    assert!(after["expires_at"].as_i64() > before["expires_at"].as_i64());
+    assert!(
+        !server.log().contains("not its latest"),
+        "the agent never used a stale SVID"
+    );
+}

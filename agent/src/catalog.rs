@@ -1,0 +1,227 @@
+//! The agent's plugin catalogs: one per kind, name → constructor, chosen by the config
+//! envelopes `[key_manager.<name>]`, `[node_attestor.<name>]` and
+//! `[workload_attestor.<name>]`. This is the only agent code that names concrete plugin
+//! types. Each plugin owns its config struct (`deny_unknown_fields`); [`check_plugins`]
+//! parses them all without building anything, for config validation.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
+
+use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
+use carapace_keymanager_soft::{DiskKeyManager, MemoryKeyManager};
+
+use crate::join_token::JoinTokenClient;
+use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
+use crate::{Error, Result};
+
+const KEY_MANAGERS: &[&str] = &["disk", "memory"];
+const NODE_ATTESTORS: &[&str] = &["join_token"];
+const WORKLOAD_ATTESTORS: &[&str] = &["unix"];
+
+/// `[key_manager.disk]`: the agent key as a 0600 PKCS#8 file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskConfig {
+    /// Key directory; relative paths are under the data dir. Default `<data_dir>/keys`.
+    directory: Option<PathBuf>,
+}
+
+/// `[key_manager.memory]` and `[node_attestor.join_token]`: no settings.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoConfig {}
+
+fn parse<T: DeserializeOwned>(table: &toml::Table) -> std::result::Result<T, String> {
+    T::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e| e.to_string().trim().replace('\n', " "))
+}
+
+fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
+    format!(
+        "unknown {kind} plugin {name:?} (known: {})",
+        known.join(", ")
+    )
+}
+
+fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result<(), String> {
+    match (kind, name) {
+        ("key_manager", "disk") => parse::<DiskConfig>(table).map(|_| ()),
+        ("key_manager", "memory") | ("node_attestor", "join_token") => {
+            parse::<NoConfig>(table).map(|_| ())
+        }
+        ("workload_attestor", "unix") => parse::<UnixAttestorConfig>(table).map(|_| ()),
+        ("key_manager", n) => Err(unknown(kind, n, KEY_MANAGERS)),
+        ("node_attestor", n) => Err(unknown(kind, n, NODE_ATTESTORS)),
+        (_, n) => Err(unknown(kind, n, WORKLOAD_ATTESTORS)),
+    }
+}
+
+/// Checks every configured plugin's name and settings, one problem per fault, plus the
+/// kind constraints: exactly one key manager, exactly one node attestor, at least one
+/// workload attestor.
+pub fn check_plugins(
+    key_managers: &[(String, toml::Table)],
+    node_attestors: &[(String, toml::Table)],
+    workload_attestors: &[(String, toml::Table)],
+    problems: &mut Vec<String>,
+) {
+    for (kind, list, exactly_one) in [
+        ("key_manager", key_managers, true),
+        ("node_attestor", node_attestors, true),
+        ("workload_attestor", workload_attestors, false),
+    ] {
+        if exactly_one && list.len() != 1 {
+            problems.push(format!(
+                "{kind}: exactly one is required, found {} ({})",
+                list.len(),
+                list.iter()
+                    .map(|p| p.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if list.is_empty() {
+            problems.push(format!("{kind}: at least one is required"));
+        }
+        for (name, table) in list {
+            if let Err(e) = check_one(kind, name, table) {
+                problems.push(format!("{kind}.{name}: {e}"));
+            }
+        }
+    }
+}
+
+/// Builds the configured key manager for the agent's own key.
+pub fn build_key_manager(
+    name: &str,
+    table: &toml::Table,
+    data_dir: &Path,
+) -> Result<Arc<dyn KeyManager>> {
+    let cfg_err = |e: String| Error::Config(format!("key_manager.{name}: {e}"));
+    match name {
+        "disk" => {
+            let cfg: DiskConfig = parse(table).map_err(cfg_err)?;
+            let dir = match cfg.directory {
+                Some(d) if d.is_absolute() => d,
+                Some(d) => data_dir.join(d),
+                None => data_dir.join("keys"),
+            };
+            Ok(Arc::new(DiskKeyManager::open(&dir)?))
+        }
+        "memory" => {
+            parse::<NoConfig>(table).map_err(cfg_err)?;
+            Ok(Arc::new(MemoryKeyManager::new()))
+        }
+        other => Err(Error::Config(unknown("key_manager", other, KEY_MANAGERS))),
+    }
+}
+
+/// Builds the node attestor client; `None` when it has nothing to attest with (no join
+/// token), in which case the agent can only restore a kept identity.
+pub fn build_node_attestor(
+    name: &str,
+    table: &toml::Table,
+    join_token: Option<Zeroizing<String>>,
+) -> Result<Option<Arc<dyn NodeAttestorClient>>> {
+    match name {
+        "join_token" => {
+            parse::<NoConfig>(table)
+                .map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(
+                join_token
+                    .map(|t| Arc::new(JoinTokenClient::new(t)) as Arc<dyn NodeAttestorClient>),
+            )
+        }
+        other => Err(Error::Config(unknown(
+            "node_attestor",
+            other,
+            NODE_ATTESTORS,
+        ))),
+    }
+}
+
+/// Builds every configured workload attestor.
+pub fn build_workload_attestors(
+    list: &[(String, toml::Table)],
+) -> Result<Vec<Arc<dyn WorkloadAttestor>>> {
+    list.iter()
+        .map(|(name, table)| match name.as_str() {
+            "unix" => {
+                let cfg: UnixAttestorConfig = parse(table)
+                    .map_err(|e| Error::Config(format!("workload_attestor.unix: {e}")))?;
+                Ok(Arc::new(UnixWorkloadAttestor::new(cfg)) as Arc<dyn WorkloadAttestor>)
+            }
+            other => Err(Error::Config(unknown(
+                "workload_attestor",
+                other,
+                WORKLOAD_ATTESTORS,
+            ))),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> toml::Table {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn defaults_check_clean_and_build() {
+        let mut p = Vec::new();
+        let km = vec![("disk".to_owned(), toml::Table::new())];
+        let na = vec![("join_token".to_owned(), toml::Table::new())];
+        let wa = vec![("unix".to_owned(), t("workload_sha256 = true"))];
+        check_plugins(&km, &na, &wa, &mut p);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(build_workload_attestors(&wa).unwrap()[0].name(), "unix");
+        assert!(
+            build_node_attestor("join_token", &toml::Table::new(), None)
+                .unwrap()
+                .is_none()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            build_key_manager("disk", &toml::Table::new(), dir.path())
+                .unwrap()
+                .name(),
+            "disk"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let mut p = Vec::new();
+        check_plugins(
+            &[
+                ("hsm".into(), toml::Table::new()),
+                ("disk".into(), t("dir = \"x\"")),
+            ],
+            &[],
+            &[
+                ("unix".into(), t("workload_sha265 = true")),
+                ("k8s".into(), toml::Table::new()),
+            ],
+            &mut p,
+        );
+        for needle in [
+            "key_manager: exactly one",
+            "key_manager.hsm: unknown key_manager plugin \"hsm\" (known: disk, memory)",
+            "key_manager.disk",
+            "node_attestor: exactly one",
+            "workload_attestor.unix",
+            "workload_attestor.k8s: unknown",
+        ] {
+            assert!(
+                p.iter().any(|e| e.contains(needle)),
+                "{needle} missing from {p:?}"
+            );
+        }
+    }
+}
