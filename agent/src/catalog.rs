@@ -4,7 +4,7 @@
 //! types. Each plugin owns its config struct (`deny_unknown_fields`); [`check_plugins`]
 //! parses them all without building anything, for config validation.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
-use carapace_keymanager_soft::{DiskKeyManager, MemoryKeyManager};
+use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
 use crate::join_token::JoinTokenClient;
 use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
@@ -22,22 +22,13 @@ const KEY_MANAGERS: &[&str] = &["disk", "memory"];
 const NODE_ATTESTORS: &[&str] = &["join_token"];
 const WORKLOAD_ATTESTORS: &[&str] = &["unix"];
 
-/// `[key_manager.disk]`: the agent key as a 0600 PKCS#8 file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DiskConfig {
-    /// Key directory; relative paths are under the data dir. Default `<data_dir>/keys`.
-    directory: Option<PathBuf>,
-}
-
 /// `[key_manager.memory]` and `[node_attestor.join_token]`: no settings.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoConfig {}
 
 fn parse<T: DeserializeOwned>(table: &toml::Table) -> std::result::Result<T, String> {
-    T::deserialize(toml::Value::Table(table.clone()))
-        .map_err(|e| e.to_string().trim().replace('\n', " "))
+    carapace_common::plugin_settings(table)
 }
 
 fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
@@ -105,12 +96,7 @@ pub fn build_key_manager(
     match name {
         "disk" => {
             let cfg: DiskConfig = parse(table).map_err(cfg_err)?;
-            let dir = match cfg.directory {
-                Some(d) if d.is_absolute() => d,
-                Some(d) => data_dir.join(d),
-                None => data_dir.join("keys"),
-            };
-            Ok(Arc::new(DiskKeyManager::open(&dir)?))
+            Ok(Arc::new(DiskKeyManager::open(&cfg.directory_in(data_dir))?))
         }
         "memory" => {
             parse::<NoConfig>(table).map_err(cfg_err)?;

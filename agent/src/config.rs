@@ -210,22 +210,18 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             problems.push("join_token: is empty".into());
         }
     }
-    let mut key_managers = plugin_tables(
-        "key_manager",
-        &file.key_manager,
-        ("disk", None),
-        &mut problems,
-    );
-    let mut node_attestors = plugin_tables(
+    let mut key_managers =
+        carapace_common::plugin_envelopes("key_manager", &file.key_manager, "disk", &mut problems);
+    let mut node_attestors = carapace_common::plugin_envelopes(
         "node_attestor",
         &file.node_attestor,
-        ("join_token", None),
+        "join_token",
         &mut problems,
     );
-    let workload_attestors = plugin_tables(
+    let workload_attestors = carapace_common::plugin_envelopes(
         "workload_attestor",
         &file.workload_attestor,
-        ("unix", None),
+        "unix",
         &mut problems,
     );
     crate::catalog::check_plugins(
@@ -255,26 +251,6 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         }),
         _ => Err(problems),
     }
-}
-
-/// The `[kind.<name>]` tables of a plugin kind, or the default plugin when none is set.
-fn plugin_tables(
-    kind: &str,
-    t: &toml::Table,
-    default: (&str, Option<toml::Table>),
-    problems: &mut Vec<String>,
-) -> Vec<(String, toml::Table)> {
-    let mut out = Vec::new();
-    for (name, v) in t {
-        match v {
-            toml::Value::Table(body) => out.push((name.clone(), body.clone())),
-            _ => problems.push(format!("{kind}.{name}: must be a table ([{kind}.{name}])")),
-        }
-    }
-    if out.is_empty() && t.is_empty() {
-        out.push((default.0.to_owned(), default.1.unwrap_or_default()));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -136,6 +136,33 @@ pub fn read_toml<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T
     })
 }
 
+/// The `[<kind>.<name>]` plugin envelopes of a config section, as (name, settings) pairs,
+/// or `default` alone when the section is empty. A non-table entry is a problem.
+pub fn plugin_envelopes(
+    kind: &str,
+    section: &toml::Table,
+    default: &str,
+    problems: &mut Vec<String>,
+) -> Vec<(String, toml::Table)> {
+    if section.is_empty() {
+        return vec![(default.to_owned(), toml::Table::new())];
+    }
+    let mut out = Vec::new();
+    for (name, v) in section {
+        match v {
+            toml::Value::Table(body) => out.push((name.clone(), body.clone())),
+            _ => problems.push(format!("{kind}.{name}: must be a table ([{kind}.{name}])")),
+        }
+    }
+    out
+}
+
+/// Parses one plugin's settings table into its config struct.
+pub fn plugin_settings<T: DeserializeOwned>(table: &toml::Table) -> Result<T, String> {
+    T::deserialize(toml::Value::Table(table.clone()))
+        .map_err(|e| e.to_string().trim().replace('\n', " "))
+}
+
 /// An error and every source under it, `a: b: c` (a source whose text the message
 /// already ends with is not repeated).
 pub fn error_chain(e: &dyn std::error::Error) -> String {

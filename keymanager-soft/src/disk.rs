@@ -14,6 +14,25 @@ use carapace_core::{Error, KeyType};
 
 use crate::soft_key::{SoftKey, generate_pkcs8};
 
+/// `[key_manager.disk]` settings.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Key directory; a relative path is under the data dir. Default `<data_dir>/keys`.
+    pub directory: Option<PathBuf>,
+}
+
+impl DiskConfig {
+    /// The key directory these settings name, for a process whose data dir is `data_dir`.
+    pub fn directory_in(&self, data_dir: &Path) -> PathBuf {
+        match &self.directory {
+            Some(d) if d.is_absolute() => d.clone(),
+            Some(d) => data_dir.join(d),
+            None => data_dir.join("keys"),
+        }
+    }
+}
+
 /// Keys as PKCS#8 PEM files (`<id>.key`, mode 0600) in a directory (mode 0700).
 #[derive(Debug)]
 pub struct DiskKeyManager {

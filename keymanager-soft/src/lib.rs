@@ -20,7 +20,12 @@ use std::sync::{Arc, Mutex};
 use carapace_core::plugin::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 use carapace_core::{Error, KeyType};
 
-pub use disk::DiskKeyManager;
+pub use disk::{DiskConfig, DiskKeyManager};
+
+/// `[key_manager.memory]`: no settings.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryConfig {}
 pub use soft_key::{SoftKey, generate_pkcs8};
 
 /// Keys in process memory only.

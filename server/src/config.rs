@@ -123,21 +123,6 @@ pub fn parse_file(text: &str) -> Result<FileConfig, Vec<String>> {
     carapace_common::parse_toml(text)
 }
 
-fn plugin_tables(
-    kind: &str,
-    t: &toml::Table,
-    problems: &mut Vec<String>,
-) -> Vec<(String, toml::Table)> {
-    let mut out = Vec::new();
-    for (name, v) in t {
-        match v {
-            toml::Value::Table(body) => out.push((name.clone(), body.clone())),
-            _ => problems.push(format!("{kind}.{name}: must be a table ([{kind}.{name}])")),
-        }
-    }
-    out
-}
-
 /// Validates a file config with overrides into a [`Config`], listing every problem.
 pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> {
     let mut problems = Vec::new();
@@ -215,10 +200,8 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         }
     };
 
-    let mut key_managers = plugin_tables("key_manager", &file.key_manager, &mut problems);
-    if key_managers.is_empty() {
-        key_managers.push(("disk".into(), toml::Table::new()));
-    }
+    let mut key_managers =
+        carapace_common::plugin_envelopes("key_manager", &file.key_manager, "disk", &mut problems);
     if key_managers.len() > 1 {
         problems.push(format!(
             "key_manager: exactly one is allowed, found {} ({})",
@@ -230,10 +213,12 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
                 .join(", ")
         ));
     }
-    let mut node_attestors = plugin_tables("node_attestor", &file.node_attestor, &mut problems);
-    if node_attestors.is_empty() {
-        node_attestors.push(("join_token".into(), toml::Table::new()));
-    }
+    let node_attestors = carapace_common::plugin_envelopes(
+        "node_attestor",
+        &file.node_attestor,
+        "join_token",
+        &mut problems,
+    );
     crate::catalog::check_plugins(&key_managers, &node_attestors, &mut problems);
 
     match (trust_domain, bind_address) {

@@ -42,8 +42,7 @@ pub fn check_plugins(
 
 /// Parses a plugin's table into its config struct.
 fn parse<T: serde::de::DeserializeOwned>(table: &toml::Table) -> Result<T, String> {
-    T::deserialize(toml::Value::Table(table.clone()))
-        .map_err(|e| e.to_string().trim().replace('\n', " "))
+    carapace_common::plugin_settings(table)
 }
 
 fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
