@@ -438,13 +438,13 @@ impl node::node_server::Node for NodeApi {
                 }
                 revisions.borrow_and_update();
                 let bundle = bundles.borrow_and_update().clone();
-                let mut msg = this.sync_message(&id, &bundle);
+                // Send only when this agent's view changed, not on every revision.
+                let msg = this.sync_message(&id, &bundle);
                 let same = last
                     .as_ref()
                     .is_some_and(|l| l.entries == msg.entries && l.bundle == msg.bundle);
                 if !same {
                     last = Some(msg.clone());
-                    msg.revision = this.cache.revision();
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
