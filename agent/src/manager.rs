@@ -484,9 +484,10 @@ impl Manager {
             .map_err(|s| call_error("signing workload SVIDs", s))?
             .into_inner();
         let mut signed = 0;
-        let by_id: BTreeMap<String, (Zeroizing<Vec<u8>>,)> = keys
+        // Each key is moved into the cache, never copied.
+        let mut by_id: BTreeMap<String, Zeroizing<Vec<u8>>> = keys
             .into_iter()
-            .map(|(id, key, _)| (id.to_string(), (key,)))
+            .map(|(id, key, _)| (id.to_string(), key))
             .collect();
         for r in resp.results {
             let Some(entry) = EntryId::new(&r.entry_id)
@@ -504,7 +505,7 @@ impl Manager {
                 );
                 continue;
             };
-            let Some((key,)) = by_id.get(&r.entry_id) else {
+            let Some(key) = by_id.remove(&r.entry_id) else {
                 continue;
             };
             match self.check_issued(&entry, &svid.cert_chain) {
@@ -518,7 +519,7 @@ impl Manager {
                                 selectors: entry.selectors.clone(),
                                 hint: entry.hint.clone(),
                                 cert_chain: svid.cert_chain,
-                                private_key_pkcs8: key.clone(),
+                                private_key_pkcs8: key,
                                 expires_at: na,
                             }),
                             revision: entry.revision,
@@ -608,7 +609,7 @@ fn workload_key_and_csr(key_type: KeyType) -> Result<(Zeroizing<Vec<u8>>, Vec<u8
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&kp)
         .map_err(|e| Error::Crypto(format!("workload CSR: {e}")))?;
-    Ok((Zeroizing::new(pkcs8.to_vec()), csr.der().to_vec()))
+    Ok((pkcs8, csr.der().to_vec()))
 }
 
 #[cfg(test)]

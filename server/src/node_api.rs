@@ -486,10 +486,12 @@ impl node::node_server::Node for NodeApi {
             .unwrap_or(1);
         let chunk = jobs.len().div_ceil(workers).max(1);
         let mut handles = Vec::new();
-        let mut rest = jobs;
-        while !rest.is_empty() {
-            let tail = rest.split_off(chunk.min(rest.len()));
-            let part = std::mem::replace(&mut rest, tail);
+        let mut jobs = jobs.into_iter();
+        loop {
+            let part: Vec<_> = jobs.by_ref().take(chunk).collect();
+            if part.is_empty() {
+                break;
+            }
             let ca = ca.clone();
             handles.push(tokio::task::spawn_blocking(move || {
                 part.into_iter()
