@@ -1,0 +1,2 @@
+//! `carapace-lab up|down`.
+fn main() {}

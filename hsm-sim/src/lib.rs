@@ -1,0 +1,1 @@
+//! The Carapace lab: SoftHSM2, swtpm and an MIT KDC in a temporary directory.
