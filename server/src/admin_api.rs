@@ -702,6 +702,7 @@ mod tests {
         let ca = CaManager::load(
             td,
             Arc::new(MemoryKeyManager::new()),
+            None,
             ds,
             settings,
             unix_now(),

@@ -10,6 +10,13 @@
 //!
 //! Every signature goes through the KeyManager: the CA private key is never in this
 //! process's hands when the key manager is an HSM.
+//!
+//! With an [`UpstreamAuthority`] each CA is an intermediate certified by the upstream
+//! root: X509-SVID chains carry it after the leaf, and the bundle carries the root
+//! instead. Every slot remembers which certificates it contributes to the bundle and
+//! under which upstream root (fingerprint) it was minted, so switching to or from an
+//! upstream, or to a new root, retires the old CAs cleanly: their bundle certificates
+//! stay until they expire.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -21,7 +28,7 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use carapace_core::plugin::KeyManager;
+use carapace_core::plugin::{KeyManager, MintRequest, UpstreamAuthority};
 use carapace_core::{KeyType, SpiffeId, TrustBundle, TrustDomain};
 use carapace_tls::RcgenKey;
 
@@ -78,6 +85,14 @@ pub struct CaSlot {
     pub not_before: i64,
     /// NotAfter, unix seconds.
     pub not_after: i64,
+    /// Certificates that follow the leaf in every X509-SVID chain this CA signs: empty for
+    /// a self-signed CA, the CA certificate and any upstream intermediates otherwise.
+    pub chain: Vec<Vec<u8>>,
+    /// What this CA contributes to the bundle: itself when self-signed, the upstream
+    /// roots otherwise.
+    pub bundle_certs: Vec<Vec<u8>>,
+    /// Fingerprint of the upstream root that certified it; None when self-signed.
+    pub upstream: Option<String>,
     issuer: Issuer<'static, RcgenKey>,
 }
 
@@ -87,11 +102,22 @@ impl std::fmt::Debug for CaSlot {
             .field("key_id", &self.key_id)
             .field("not_before", &self.not_before)
             .field("not_after", &self.not_after)
+            .field("upstream", &self.upstream)
             .finish_non_exhaustive()
     }
 }
 
 impl CaSlot {
+    fn journal(&self) -> JournalSlot {
+        JournalSlot {
+            key_id: self.key_id.clone(),
+            cert_der_hex: hex::encode(&self.cert_der),
+            chain_hex: self.chain.iter().skip(1).map(hex::encode).collect(),
+            bundle_hex: Some(self.bundle_certs.iter().map(hex::encode).collect()),
+            upstream: self.upstream.clone(),
+        }
+    }
+
     fn prepare_at(&self) -> i64 {
         let life = self.not_after - self.not_before;
         self.not_after - (life / 2).min(30 * 86_400)
@@ -107,6 +133,50 @@ impl CaSlot {
 struct JournalSlot {
     key_id: String,
     cert_der_hex: String,
+    /// Upstream intermediates above the CA certificate (not the root), DER hex.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chain_hex: Vec<String>,
+    /// The certificates the slot puts in the bundle; absent in journals written before
+    /// upstream authorities existed, meaning the (self-signed) CA certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bundle_hex: Option<Vec<String>>,
+    /// Fingerprint of the upstream root; None for a self-signed CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream: Option<String>,
+}
+
+fn unhex(h: &str) -> Result<Vec<u8>> {
+    hex::decode(h).map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))
+}
+
+impl JournalSlot {
+    fn cert(&self) -> Result<Vec<u8>> {
+        unhex(&self.cert_der_hex)
+    }
+    fn bundle_certs(&self) -> Result<Vec<Vec<u8>>> {
+        match &self.bundle_hex {
+            Some(list) => list.iter().map(|h| unhex(h)).collect(),
+            None => Ok(vec![self.cert()?]),
+        }
+    }
+}
+
+/// A CA that no longer signs; its bundle certificates stay until it expires.
+#[derive(Debug, Clone)]
+struct Retired {
+    journal: JournalSlot,
+    not_after: i64,
+    bundle_certs: Vec<Vec<u8>>,
+}
+
+impl Retired {
+    fn of(slot: &CaSlot) -> Self {
+        Retired {
+            journal: slot.journal(),
+            not_after: slot.not_after,
+            bundle_certs: slot.bundle_certs.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
@@ -126,8 +196,8 @@ struct State {
     journal: Journal,
     active: Option<Arc<CaSlot>>,
     prepared: Option<Arc<CaSlot>>,
-    /// Certificates of retired CAs, DER, with notAfter.
-    retired: Vec<(String, Vec<u8>, i64)>,
+    /// Retired CAs still in the bundle.
+    retired: Vec<Retired>,
 }
 
 /// CA settings.
@@ -159,6 +229,7 @@ pub struct IssuedSvid {
 pub struct CaManager {
     td: TrustDomain,
     km: Arc<dyn KeyManager>,
+    upstream: Option<Arc<dyn UpstreamAuthority>>,
     ds: Datastore,
     settings: CaSettings,
     state: RwLock<State>,
@@ -193,10 +264,11 @@ fn random_serial() -> SerialNumber {
 impl CaManager {
     /// Loads the CA state from the journal (finding each key again in the KeyManager),
     /// creating a first CA if there is none or the active one has expired, and publishes
-    /// the bundle.
+    /// the bundle. With `upstream`, every new CA is certified by it.
     pub async fn load(
         td: TrustDomain,
         km: Arc<dyn KeyManager>,
+        upstream: Option<Arc<dyn UpstreamAuthority>>,
         ds: Datastore,
         settings: CaSettings,
         now: i64,
@@ -205,6 +277,7 @@ impl CaManager {
         let ca = Arc::new(CaManager {
             td,
             km,
+            upstream,
             ds,
             settings,
             state: RwLock::new(State::default()),
@@ -233,10 +306,12 @@ impl CaManager {
             }
         }
         for js in &journal.retired {
-            let der = hex::decode(&js.cert_der_hex)
-                .map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))?;
-            let (_, not_after) = carapace_core::x509svid::validity_of(&der)?;
-            state.retired.push((js.key_id.clone(), der, not_after));
+            let (_, not_after) = carapace_core::x509svid::validity_of(&js.cert()?)?;
+            state.retired.push(Retired {
+                journal: js.clone(),
+                not_after,
+                bundle_certs: js.bundle_certs()?,
+            });
         }
         let bundle = ca.bundle_of(
             state.journal.bundle_sequence,
@@ -249,26 +324,36 @@ impl CaManager {
         Ok(ca)
     }
 
-    /// The bundle: retired CAs still valid, then the active and the prepared one.
+    /// The bundle: what retired CAs still valid, then the active and the prepared one,
+    /// contribute (each certificate once, in that order).
     fn bundle_of<'a>(
         &self,
         sequence: u64,
-        retired: &[(String, Vec<u8>, i64)],
+        retired: &[Retired],
         slots: impl Iterator<Item = &'a Arc<CaSlot>>,
     ) -> TrustBundle {
         let mut bundle = TrustBundle::new(self.td.clone());
         bundle.sequence = sequence;
         bundle.refresh_hint = Some(300);
-        bundle.x509_authorities = retired.iter().map(|(_, der, _)| der.clone()).collect();
-        bundle
-            .x509_authorities
-            .extend(slots.map(|s| s.cert_der.clone()));
+        let all = retired
+            .iter()
+            .flat_map(|r| r.bundle_certs.iter())
+            .chain(slots.flat_map(|s| s.bundle_certs.iter()));
+        for der in all {
+            if !bundle.x509_authorities.contains(der) {
+                bundle.x509_authorities.push(der.clone());
+            }
+        }
         bundle
     }
 
+    /// The fingerprint new CAs are minted under (None: self-signed).
+    fn current_upstream(&self) -> Option<String> {
+        self.upstream.as_ref().map(|u| u.fingerprint())
+    }
+
     async fn restore_slot(&self, js: &JournalSlot) -> Result<CaSlot> {
-        let der = hex::decode(&js.cert_der_hex)
-            .map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))?;
+        let der = js.cert()?;
         let key = self.km.get_key(&js.key_id).await.map_err(|e| {
             Error::Ca(format!(
                 "CA key {} named in the journal is not in the {} key manager: {e}",
@@ -286,9 +371,19 @@ impl CaManager {
         let (not_before, not_after) = carapace_core::x509svid::validity_of(&der)?;
         let issuer = Issuer::from_ca_cert_der(&der.as_slice().into(), RcgenKey::new(key)?)
             .map_err(|e| Error::Ca(format!("CA certificate unusable: {e}")))?;
+        let mut chain = Vec::new();
+        if js.upstream.is_some() {
+            chain.push(der.clone());
+            for h in &js.chain_hex {
+                chain.push(unhex(h)?);
+            }
+        }
         Ok(CaSlot {
             key_id: js.key_id.clone(),
+            bundle_certs: js.bundle_certs()?,
+            upstream: js.upstream.clone(),
             cert_der: der,
+            chain,
             not_before,
             not_after,
             issuer,
@@ -308,6 +403,50 @@ impl CaManager {
             .generate_key(&key_id, self.settings.key_type)
             .await?;
         let not_before = now - BACKDATE;
+        if let Some(upstream) = &self.upstream {
+            let minted = upstream
+                .mint_x509_ca(&MintRequest {
+                    trust_domain: self.td.clone(),
+                    public_key_der: key.public_key_der().to_vec(),
+                    ttl: self.settings.ca_ttl,
+                    common_name: format!("{} X.509 CA {seq}", self.td),
+                    organization: self.settings.organization.clone(),
+                    country: self.settings.country.clone(),
+                    not_before,
+                })
+                .await
+                .map_err(|e| Error::Ca(format!("upstream {}: {e}", upstream.name())))?;
+            let cert_der =
+                minted.chain.first().cloned().ok_or_else(|| {
+                    Error::Ca(format!("upstream {} minted nothing", upstream.name()))
+                })?;
+            if carapace_core::x509svid::public_key_of(&cert_der)? != key.public_key_der() {
+                return Err(Error::Ca(format!(
+                    "upstream {} certified another key than the CA's",
+                    upstream.name()
+                )));
+            }
+            carapace_core::x509svid::check_signing_cert(&cert_der)?;
+            let (not_before, not_after) = carapace_core::x509svid::validity_of(&cert_der)?;
+            let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), RcgenKey::new(key)?)
+                .map_err(|e| Error::Ca(format!("minted CA certificate unusable: {e}")))?;
+            tracing::info!(
+                key_id,
+                not_after,
+                upstream = upstream.name(),
+                "minted a new X.509 CA under the upstream root"
+            );
+            return Ok(CaSlot {
+                key_id,
+                cert_der,
+                chain: minted.chain,
+                bundle_certs: minted.roots,
+                upstream: Some(upstream.fingerprint()),
+                not_before,
+                not_after,
+                issuer,
+            });
+        }
         let not_after = now + self.settings.ca_ttl.as_secs() as i64;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -337,6 +476,9 @@ impl CaManager {
         tracing::info!(key_id, not_after, "minted a new X.509 CA");
         Ok(CaSlot {
             key_id,
+            bundle_certs: vec![cert_der.clone()],
+            chain: Vec::new(),
+            upstream: None,
             cert_der,
             not_before,
             not_after,
@@ -357,14 +499,29 @@ impl CaManager {
         let mut new_prepared = prepared.clone();
         let mut retire: Vec<Arc<CaSlot>> = Vec::new();
 
+        let upstream = self.current_upstream();
+        if let Some(p) = new_prepared.clone() {
+            if p.upstream != upstream {
+                tracing::info!(
+                    key_id = p.key_id,
+                    "the prepared CA was minted under another upstream root; retiring it"
+                );
+                retire.push(p);
+                new_prepared = None;
+                changed = true;
+            }
+        }
         let active_usable = active
             .as_ref()
-            .is_some_and(|a| a.not_after > now + BACKDATE);
+            .is_some_and(|a| a.not_after > now + BACKDATE && a.upstream == upstream);
         if !active_usable {
             if let Some(old) = active.clone() {
                 retire.push(old);
             }
-            let slot = match prepared.clone().filter(|p| p.not_after > now + BACKDATE) {
+            let slot = match new_prepared
+                .clone()
+                .filter(|p| p.not_after > now + BACKDATE)
+            {
                 Some(p) => {
                     new_prepared = None;
                     p
@@ -397,14 +554,14 @@ impl CaManager {
 
         let mut retired = read(&self.state).retired.clone();
         for r in retire {
-            retired.push((r.key_id.clone(), r.cert_der.clone(), r.not_after));
+            retired.push(Retired::of(&r));
         }
         let before = retired.len();
         let mut expired_keys = Vec::new();
-        retired.retain(|(key_id, _, not_after)| {
-            let keep = *not_after > now;
+        retired.retain(|r| {
+            let keep = r.not_after > now;
             if !keep {
-                expired_keys.push(key_id.clone());
+                expired_keys.push(r.journal.key_id.clone());
             }
             keep
         });
@@ -415,19 +572,9 @@ impl CaManager {
         if !changed {
             return Ok(());
         }
-        let slot_js = |s: &Arc<CaSlot>| JournalSlot {
-            key_id: s.key_id.clone(),
-            cert_der_hex: hex::encode(&s.cert_der),
-        };
-        journal.active = new_active.as_ref().map(slot_js);
-        journal.prepared = new_prepared.as_ref().map(slot_js);
-        journal.retired = retired
-            .iter()
-            .map(|(k, der, _)| JournalSlot {
-                key_id: k.clone(),
-                cert_der_hex: hex::encode(der),
-            })
-            .collect();
+        journal.active = new_active.as_ref().map(|s| s.journal());
+        journal.prepared = new_prepared.as_ref().map(|s| s.journal());
+        journal.retired = retired.iter().map(|r| r.journal.clone()).collect();
         journal.bundle_sequence += 1;
 
         let bundle = self.bundle_of(
@@ -554,11 +701,20 @@ pub fn sign_leaf(
     let serial = random_serial();
     let serial_hex = hex::encode(serial.as_ref());
     params.serial_number = Some(serial);
-    let cert = params
-        .signed_by(&key.0, &ca.issuer)
-        .map_err(|e| Error::Ca(format!("signing the SVID failed: {e}")))?;
+    let cert = params.signed_by(&key.0, &ca.issuer).map_err(|e| match e {
+        // The key manager refused or failed (an HSM outage, say); its log says why. The
+        // caller sees Unavailable and retries; nothing was issued.
+        rcgen::Error::RemoteKeyError => Error::Core(carapace_core::Error::KeyUnavailable(format!(
+            "the CA key {} could not sign; see the key manager's log",
+            ca.key_id
+        ))),
+        e => Error::Ca(format!("signing the SVID failed: {e}")),
+    })?;
+    let mut chain = Vec::with_capacity(1 + ca.chain.len());
+    chain.push(cert.der().to_vec());
+    chain.extend(ca.chain.iter().cloned());
     Ok(IssuedSvid {
-        chain: vec![cert.der().to_vec()],
+        chain,
         expires_at: not_after,
         serial_hex,
     })
@@ -582,7 +738,7 @@ mod tests {
         let ds = Datastore::open_in_memory().await.unwrap();
         let km = Arc::new(MemoryKeyManager::new());
         let td = TrustDomain::new("example.org").unwrap();
-        let ca = CaManager::load(td, km.clone(), ds.clone(), settings(ttl), now)
+        let ca = CaManager::load(td, km.clone(), None, ds.clone(), settings(ttl), now)
             .await
             .unwrap();
         (ca, ds, km)
@@ -706,13 +862,20 @@ mod tests {
         let ds = Datastore::open_in_memory().await.unwrap();
         let km = Arc::new(MemoryKeyManager::new());
         let td = TrustDomain::new("example.org").unwrap();
-        let ca1 = CaManager::load(td.clone(), km.clone(), ds.clone(), settings(86_400), t0)
-            .await
-            .unwrap();
+        let ca1 = CaManager::load(
+            td.clone(),
+            km.clone(),
+            None,
+            ds.clone(),
+            settings(86_400),
+            t0,
+        )
+        .await
+        .unwrap();
         let cert1 = ca1.active().unwrap().cert_der.clone();
         let seq1 = ca1.bundle().borrow().sequence;
         drop(ca1);
-        let ca2 = CaManager::load(td, km, ds.clone(), settings(86_400), t0 + 60)
+        let ca2 = CaManager::load(td, km, None, ds.clone(), settings(86_400), t0 + 60)
             .await
             .unwrap();
         assert_eq!(
@@ -739,11 +902,11 @@ mod tests {
         let ds = Datastore::open_in_memory().await.unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let km1 = Arc::new(MemoryKeyManager::new());
-        CaManager::load(td.clone(), km1, ds.clone(), settings(86_400), t0)
+        CaManager::load(td.clone(), km1, None, ds.clone(), settings(86_400), t0)
             .await
             .unwrap();
         let km2 = Arc::new(MemoryKeyManager::new());
-        let err = CaManager::load(td, km2, ds, settings(86_400), t0)
+        let err = CaManager::load(td, km2, None, ds, settings(86_400), t0)
             .await
             .unwrap_err()
             .to_string();
@@ -764,5 +927,158 @@ mod tests {
         der[n - 5] ^= 0xff; // corrupt the signature
         let err = csr_public_key(&der).err().unwrap().to_string();
         assert!(err.contains("csr"), "{err}");
+    }
+
+    /// A root held by a key manager key, as the disk and pkcs11 upstreams hold theirs.
+    async fn local_root(name: &str, now: i64) -> Arc<dyn UpstreamAuthority> {
+        let km = MemoryKeyManager::new();
+        let key = km.generate_key(name, KeyType::EcP256).await.unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let der = crate::upstream::make_root_certificate(
+            &td,
+            key.clone(),
+            name,
+            "Carapace",
+            Duration::from_secs(10 * 86_400),
+            now,
+        )
+        .unwrap();
+        Arc::new(crate::upstream::LocalRoot::new("disk", der, key, now).unwrap())
+    }
+
+    async fn load_with(
+        upstream: Option<Arc<dyn UpstreamAuthority>>,
+        km: Arc<MemoryKeyManager>,
+        ds: Datastore,
+        now: i64,
+    ) -> Arc<CaManager> {
+        let td = TrustDomain::new("example.org").unwrap();
+        CaManager::load(td, km, upstream, ds, settings(86_400), now)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn two_servers_under_one_upstream_root_share_one_bundle() {
+        let now = 1_900_000_000;
+        let root = local_root("root", now).await;
+        let root_der = root.x509_roots().await.unwrap().remove(0);
+        let mut servers = Vec::new();
+        for _ in 0..2 {
+            let ds = Datastore::open_in_memory().await.unwrap();
+            let km = Arc::new(MemoryKeyManager::new());
+            servers.push(load_with(Some(root.clone()), km, ds, now).await);
+        }
+        let bundle_a = servers[0].bundle().borrow().clone();
+        let bundle_b = servers[1].bundle().borrow().clone();
+        assert_eq!(
+            bundle_a.x509_authorities,
+            vec![root_der.clone()],
+            "the bundle is the root alone"
+        );
+        assert_eq!(bundle_a.x509_authorities, bundle_b.x509_authorities);
+        assert_ne!(
+            servers[0].active().unwrap().cert_der,
+            servers[1].active().unwrap().cert_der,
+            "each server has its own intermediate"
+        );
+        let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        for (i, ca) in servers.iter().enumerate() {
+            let (key, _) = workload_key();
+            let svid = ca
+                .sign_x509_svid(&id, &key, Duration::from_secs(3600), &[], now)
+                .unwrap();
+            assert_eq!(svid.chain.len(), 2, "leaf and intermediate");
+            assert_eq!(svid.chain[1], ca.active().unwrap().cert_der);
+            // Verifies against the other server's bundle too.
+            let other = &servers[1 - i];
+            carapace_core::x509svid::verify_chain(
+                &svid.chain,
+                &other.bundle().borrow(),
+                now as u64,
+            )
+            .unwrap();
+            // A chain without the intermediate does not.
+            assert!(
+                carapace_core::x509svid::verify_chain(&svid.chain[..1], &bundle_a, now as u64)
+                    .is_err()
+            );
+        }
+        let ic = servers[0].active().unwrap().cert_der.clone();
+        let parsed = x509_parser::parse_x509_certificate(&ic).unwrap().1;
+        let bc = parsed.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca);
+        assert_eq!(
+            bc.path_len_constraint,
+            Some(0),
+            "the intermediate cannot sign CAs"
+        );
+    }
+
+    #[tokio::test]
+    async fn upstream_survives_restart_and_rotation_keeps_the_root_bundle() {
+        let t0 = 1_900_000_000;
+        let root = local_root("root", t0).await;
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let km = Arc::new(MemoryKeyManager::new());
+        let ca = load_with(Some(root.clone()), km.clone(), ds.clone(), t0).await;
+        let first = ca.active().unwrap().cert_der.clone();
+        let seq = ca.bundle().borrow().sequence;
+        drop(ca);
+        let ca = load_with(Some(root.clone()), km.clone(), ds.clone(), t0 + 60).await;
+        assert_eq!(
+            ca.active().unwrap().cert_der,
+            first,
+            "same CA after restart"
+        );
+        assert_eq!(ca.active().unwrap().chain, vec![first.clone()]);
+        // Through preparation and activation the bundle stays the root.
+        ca.tick(t0 + 86_400 / 2 + 1).await.unwrap();
+        ca.tick(t0 + 86_400 * 5 / 6 + 1).await.unwrap();
+        assert_ne!(ca.active().unwrap().cert_der, first, "rotated");
+        let bundle = ca.bundle().borrow().clone();
+        assert_eq!(bundle.x509_authorities, root.x509_roots().await.unwrap());
+        assert_eq!(bundle.sequence, seq + 2, "each change bumps the sequence");
+    }
+
+    #[tokio::test]
+    async fn switching_to_an_upstream_retires_the_self_signed_ca_into_the_bundle() {
+        let t0 = 1_900_000_000;
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let km = Arc::new(MemoryKeyManager::new());
+        let ca = load_with(None, km.clone(), ds.clone(), t0).await;
+        let self_signed = ca.active().unwrap().cert_der.clone();
+        let old_key = ca.active().unwrap().key_id.clone();
+        drop(ca);
+        let root = local_root("root", t0).await;
+        let root_der = root.x509_roots().await.unwrap().remove(0);
+        let ca = load_with(Some(root.clone()), km.clone(), ds.clone(), t0 + 60).await;
+        assert!(ca.active().unwrap().upstream.is_some());
+        assert_eq!(
+            ca.bundle().borrow().x509_authorities,
+            vec![self_signed.clone(), root_der.clone()],
+            "the old CA stays trusted until it expires"
+        );
+        // After the old CA expires its key is deleted and only the root remains.
+        ca.tick(t0 + 86_400 + 1).await.unwrap();
+        let bundle = ca.bundle().borrow().clone();
+        assert!(!bundle.x509_authorities.contains(&self_signed));
+        assert!(bundle.x509_authorities.contains(&root_der));
+        assert!(matches!(
+            km.get_key(&old_key).await,
+            Err(carapace_core::Error::KeyNotFound(_))
+        ));
+        // A new root (another upstream) retires the intermediate minted under the old one.
+        let other_root = local_root("other", t0).await;
+        let before = ca.active().unwrap().cert_der.clone();
+        drop(ca);
+        let ca = load_with(Some(other_root.clone()), km, ds, t0 + 86_400 + 2).await;
+        assert_ne!(ca.active().unwrap().cert_der, before);
+        let auths = ca.bundle().borrow().x509_authorities.clone();
+        assert!(
+            auths.contains(&root_der),
+            "old root stays while its CA is valid"
+        );
+        assert!(auths.contains(&other_root.x509_roots().await.unwrap()[0]));
     }
 }

@@ -65,6 +65,9 @@ pub struct FileConfig {
     /// Node attestor plugins: at least one.
     #[serde(default)]
     pub node_attestor: toml::Table,
+    /// Upstream authority plugin: at most one.
+    #[serde(default)]
+    pub upstream_authority: toml::Table,
 }
 
 /// Command-line overrides of the essentials.
@@ -111,6 +114,8 @@ pub struct Config {
     pub key_manager: (String, toml::Table),
     /// Node attestors: names and raw plugin tables.
     pub node_attestors: Vec<(String, toml::Table)>,
+    /// Upstream authority, if any: name and raw plugin table.
+    pub upstream_authority: Option<(String, toml::Table)>,
 }
 
 /// Reads a config file; a missing `path` means defaults. Every problem is listed.
@@ -219,7 +224,24 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         "join_token",
         &mut problems,
     );
+    let mut upstreams: Vec<(String, toml::Table)> = if file.upstream_authority.is_empty() {
+        Vec::new()
+    } else {
+        carapace_common::plugin_envelopes(
+            "upstream_authority",
+            &file.upstream_authority,
+            "",
+            &mut problems,
+        )
+    };
+    if upstreams.len() > 1 {
+        problems.push(format!(
+            "upstream_authority: at most one is allowed, found {}",
+            upstreams.len()
+        ));
+    }
     crate::catalog::check_plugins(&key_managers, &node_attestors, &mut problems);
+    crate::catalog::check_upstream(&upstreams, &mut problems);
 
     match (trust_domain, bind_address) {
         (Some(trust_domain), Some(bind_address)) if problems.is_empty() => Ok(Config {
@@ -237,6 +259,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             ca_country: file.ca_country.unwrap_or_else(|| "US".into()),
             key_manager: key_managers.remove(0),
             node_attestors,
+            upstream_authority: upstreams.pop(),
         }),
         _ => Err(problems),
     }

@@ -17,6 +17,7 @@ mod error;
 pub mod node_api;
 pub mod node_attestor;
 pub mod server_svid;
+pub mod upstream;
 
 use std::future::Future;
 use std::path::Path;
@@ -61,6 +62,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         data_dir: config.data_dir.clone(),
     };
     let km = catalog::build_key_manager(&config.key_manager.0, &config.key_manager.1, &ctx)?;
+    let upstream = match &config.upstream_authority {
+        Some((name, table)) => {
+            Some(catalog::build_upstream_authority(name, table, &ctx, unix_now()).await?)
+        }
+        None => None,
+    };
     let mut attestors = Vec::new();
     for (name, table) in &config.node_attestors {
         attestors.push(catalog::build_node_attestor(name, table, &ctx, &ds)?);
@@ -68,6 +75,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let ca = CaManager::load(
         config.trust_domain.clone(),
         km.clone(),
+        upstream,
         ds.clone(),
         CaSettings {
             ca_ttl: config.ca_ttl,

@@ -53,8 +53,103 @@ enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
+    /// Create or show the trust domain's root held by the configured upstream authority
+    /// ([upstream_authority.disk] or [upstream_authority.pkcs11]).
+    #[command(subcommand)]
+    Upstream(UpstreamCommand),
     #[command(flatten)]
     Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UpstreamCommand {
+    /// Create the root: its key where the plugin keeps it (generated inside the PKCS#11
+    /// token, or a new 0600 PKCS#8 file for `disk`) and a self-signed certificate beside it.
+    /// Refuses to replace an existing root. Every server of the trust domain then uses the
+    /// same [upstream_authority.*] section.
+    Init {
+        /// TOML config file with an [upstream_authority.*] section.
+        #[arg(long, short = 'c', env = "CARAPACE_SERVER_CONFIG")]
+        config: PathBuf,
+        /// Root key type: ec-p256, ec-p384 or rsa-2048.
+        #[arg(long, default_value = "ec-p256")]
+        key_type: String,
+        /// Root lifetime, e.g. 10y, 5y, 8760h.
+        #[arg(long, default_value = "10y")]
+        ttl: humantime::Duration,
+        /// Subject common name (default: "<trust domain> root CA").
+        #[arg(long)]
+        common_name: Option<String>,
+        /// Subject organization.
+        #[arg(long, default_value = "Carapace")]
+        organization: String,
+    },
+    /// Print the root certificate (PEM) of the configured upstream authority, after
+    /// checking that its key is present and matches.
+    Show {
+        /// TOML config file with an [upstream_authority.*] section.
+        #[arg(long, short = 'c', env = "CARAPACE_SERVER_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// Runs an `upstream` subcommand; returns what to print.
+async fn upstream(cmd: UpstreamCommand) -> Result<String, String> {
+    use carapace_server::catalog::{self, PluginContext, RootOptions};
+    let path = match &cmd {
+        UpstreamCommand::Init { config, .. } | UpstreamCommand::Show { config } => config.clone(),
+    };
+    let cfg = config::read_file(Some(&path))
+        .and_then(|f| config::validate(f, Overrides::default()))
+        .map_err(|problems| problems.join("\n"))?;
+    let Some((name, table)) = cfg.upstream_authority.clone() else {
+        return Err(format!(
+            "{} has no [upstream_authority.disk] or [upstream_authority.pkcs11] section",
+            path.display()
+        ));
+    };
+    let ctx = PluginContext {
+        trust_domain: cfg.trust_domain.clone(),
+        data_dir: cfg.data_dir.clone(),
+    };
+    let now = carapace_server::unix_now();
+    match cmd {
+        UpstreamCommand::Init {
+            key_type,
+            ttl,
+            common_name,
+            organization,
+            ..
+        } => {
+            let opts = RootOptions {
+                key_type: key_type.parse().map_err(|e| format!("--key-type: {e}"))?,
+                ttl: ttl.into(),
+                common_name: common_name.unwrap_or_else(|| format!("{} root CA", cfg.trust_domain)),
+                organization,
+            };
+            let der = catalog::init_upstream_root(&name, &table, &ctx, &opts, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (_, not_after) =
+                carapace_core::x509svid::validity_of(&der).map_err(|e| e.to_string())?;
+            eprintln!(
+                "created the root of {} in upstream_authority.{name} (valid until unix {not_after}); \
+                 its certificate follows",
+                cfg.trust_domain
+            );
+            Ok(carapace_core::bundle::der_to_pem(&der))
+        }
+        UpstreamCommand::Show { .. } => {
+            let up = catalog::build_upstream_authority(&name, &table, &ctx, now)
+                .await
+                .map_err(|e| e.to_string())?;
+            let roots = up.x509_roots().await.map_err(|e| e.to_string())?;
+            Ok(roots
+                .iter()
+                .map(|d| carapace_core::bundle::der_to_pem(d))
+                .collect())
+        }
+    }
 }
 
 #[tokio::main]
@@ -109,6 +204,19 @@ async fn main() -> ExitCode {
                     }
                     eprintln!("{}: {} problem(s)", config.display(), problems.len());
                     ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
+        Command::Upstream(cmd) => {
+            carapace_common::init_tracing("warn", false);
+            match upstream(cmd).await {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("carapace-server: {e}");
+                    ExitCode::FAILURE
                 }
             }
         }

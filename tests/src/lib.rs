@@ -176,9 +176,22 @@ pub struct Server {
     pub admin_socket: PathBuf,
     /// Node API address.
     pub address: String,
-    data_dir: PathBuf,
+    /// The data directory.
+    pub data_dir: PathBuf,
     log: PathBuf,
-    extra: Vec<String>,
+    opts: ServerOptions,
+}
+
+/// How to start a server beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Name inside the lab (data dir, admin dir and log are named after it); default
+    /// `server`.
+    pub name: Option<String>,
+    /// Extra `run` arguments.
+    pub extra: Vec<String>,
+    /// Extra environment variables (e.g. SOFTHSM2_CONF).
+    pub envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -189,33 +202,81 @@ impl Server {
 
     /// Starts a server with extra `run` arguments.
     pub fn start_with(lab: &Lab, extra: &[&str]) -> Server {
-        let address = format!("127.0.0.1:{}", free_port());
-        let mut s = Server {
-            proc: Self::spawn(lab.path(), &address, extra, &lab.path().join("server.log")),
-            admin_socket: lab.path().join("admin").join("admin.sock"),
-            address,
-            data_dir: lab.path().join("server"),
-            log: lab.path().join("server.log"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        Self::start_opts(
+            lab,
+            ServerOptions {
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                ..ServerOptions::default()
+            },
+        )
+    }
+
+    /// Starts a server with `opts` and waits until it is healthy.
+    pub fn start_opts(lab: &Lab, opts: ServerOptions) -> Server {
+        let mut s = Self::spawn_opts(lab, opts);
         s.wait_healthy();
         s
     }
 
-    fn spawn(root: &Path, address: &str, extra: &[&str], log: &Path) -> Proc {
+    /// Starts a server with `opts` without waiting (for tests of start-up failures).
+    pub fn spawn_opts(lab: &Lab, opts: ServerOptions) -> Server {
+        let name = opts.name.clone().unwrap_or_else(|| "server".into());
+        let address = format!("127.0.0.1:{}", free_port());
+        let admin_socket = if name == "server" {
+            lab.path().join("admin").join("admin.sock")
+        } else {
+            lab.path().join(format!("{name}-admin")).join("admin.sock")
+        };
+        let data_dir = lab.path().join(&name);
+        let log = lab.path().join(format!("{name}.log"));
+        Server {
+            proc: Self::spawn(&data_dir, &admin_socket, &address, &opts, &log),
+            admin_socket,
+            address,
+            data_dir,
+            log,
+            opts,
+        }
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        admin_socket: &Path,
+        address: &str,
+        opts: &ServerOptions,
+        log: &Path,
+    ) -> Proc {
         let mut cmd = Command::new(bin("carapace-server"));
         cmd.arg("run")
             .arg("--data-dir")
-            .arg(root.join("server"))
+            .arg(data_dir)
             .arg("--admin-socket")
-            .arg(root.join("admin").join("admin.sock"))
+            .arg(admin_socket)
             .arg("--bind-address")
             .arg(address)
-            .args(extra);
+            .args(&opts.extra)
+            .envs(opts.envs.iter().map(|(k, v)| (k, v)));
         Proc::spawn("carapace-server", cmd, log.to_path_buf())
     }
 
-    fn wait_healthy(&mut self) {
+    /// Waits for the process to exit (a start-up failure); returns its status and log.
+    pub fn wait_exit(&mut self) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + patience();
+        loop {
+            if let Some(status) = self.proc.try_wait() {
+                return (status, self.proc.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "carapace-server did not exit:\n{}",
+                self.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the admin API answers a healthcheck.
+    pub fn wait_healthy(&mut self) {
         let deadline = Instant::now() + patience();
         loop {
             if self.cli(&["healthcheck"]).status.success() {
@@ -241,11 +302,15 @@ impl Server {
     /// Starts the server again on the same data dir and port.
     pub fn restart(&mut self) {
         self.proc.kill();
-        let root = self.data_dir.parent().unwrap().to_path_buf();
-        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         // Keep the first log; the restarted server appends to a new one.
         let log = self.log.with_extension("restarted.log");
-        self.proc = Self::spawn(&root, &self.address, &extra, &log);
+        self.proc = Self::spawn(
+            &self.data_dir,
+            &self.admin_socket,
+            &self.address,
+            &self.opts,
+            &log,
+        );
         self.wait_healthy();
     }
 
@@ -445,24 +510,63 @@ pub fn my_uid() -> u32 {
         .unwrap()
 }
 
-/// Verifies a PEM chain against a PEM bundle with `openssl verify`; returns its output.
+/// Verifies a PEM chain (leaf first, then intermediates) against a PEM bundle with
+/// `openssl verify`; returns its output.
 pub fn openssl_verify(lab: &Lab, chain_pem: &str, bundle_pem: &str) -> String {
     let chain = lab.path().join("verify-chain.pem");
+    let untrusted = lab.path().join("verify-untrusted.pem");
     let bundle = lab.path().join("verify-bundle.pem");
-    std::fs::write(&chain, chain_pem).unwrap();
+    let end = "-----END CERTIFICATE-----";
+    let split = chain_pem
+        .find(end)
+        .map(|i| i + end.len())
+        .unwrap_or(chain_pem.len());
+    let (leaf, rest) = chain_pem.split_at(split);
+    std::fs::write(&chain, leaf).unwrap();
     std::fs::write(&bundle, bundle_pem).unwrap();
-    let out = Command::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg(&chain)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("openssl not found ({e}): install it with 'apt-get install openssl'")
-        });
+    let mut cmd = Command::new("openssl");
+    cmd.arg("verify").arg("-CAfile").arg(&bundle);
+    if rest.contains("BEGIN CERTIFICATE") {
+        std::fs::write(&untrusted, rest.trim_start()).unwrap();
+        cmd.arg("-untrusted").arg(&untrusted);
+    }
+    let out = cmd.arg(&chain).output().unwrap_or_else(|e| {
+        panic!("openssl not found ({e}): install it with 'apt-get install openssl'")
+    });
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The Python with py-spiffe: $CARAPACE_PYTHON, or target/py (scripts/test.sh makes it).
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("CARAPACE_PYTHON") {
+        return p.into();
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python3");
+    assert!(
+        p.exists(),
+        "the Python spiffe client is not installed: run scripts/test.sh, or \
+         `python3 -m venv target/py && target/py/bin/pip install spiffe==0.3.2`"
+    );
+    p
+}
+
+/// Fetches the X.509 context from the agent at `socket` with py-spiffe
+/// (tests/python/fetch_svid.py): `{svids: [{spiffe_id, chain_pem}], default, bundle_pem}`.
+pub fn py_fetch(socket: &Path) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/fetch_svid.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "py-spiffe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }

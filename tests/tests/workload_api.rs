@@ -8,13 +8,14 @@
 )]
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use carapace_core::TrustBundle;
 use carapace_core::x509svid::verify_chain;
-use carapace_e2e::{Agent, Lab, Server, bin, eventually, my_uid, openssl_verify, uds_channel};
+use carapace_e2e::{
+    Agent, Lab, Server, bin, eventually, my_uid, openssl_verify, py_fetch, uds_channel,
+};
 use futures::StreamExt;
 use spiffe::WorkloadApiClient;
 
@@ -120,19 +121,6 @@ fn rcgen_like_public_key(pkcs8: &[u8]) -> Vec<u8> {
     out.stdout
 }
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("CARAPACE_PYTHON") {
-        return p.into();
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/py/bin/python3");
-    assert!(
-        p.exists(),
-        "the Python spiffe client is not installed: run scripts/test.sh, or \
-         `python3 -m venv target/py && target/py/bin/pip install spiffe==0.3.2`"
-    );
-    p
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn python_spiffe_client_receives_the_svid() {
     let lab = Lab::new();
@@ -147,18 +135,7 @@ async fn python_spiffe_client_receives_the_svid() {
         agent.fetch(&[]).status.success().then_some(())
     })
     .await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/fetch_svid.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(&agent.socket)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "py-spiffe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = py_fetch(&agent.socket);
     assert_eq!(v["default"], "spiffe://example.org/py");
     let chain_pem = v["svids"][0]["chain_pem"].as_str().unwrap();
     let verify = openssl_verify(&lab, chain_pem, v["bundle_pem"].as_str().unwrap());

@@ -481,7 +481,8 @@ impl rcgen::SigningKey for RcgenKey {
         self.key
             .sign(self.key.key_type().x509_algorithm(), msg)
             .map_err(|e| {
-                tracing::error!(key = self.key.id(), error = %e, "signature by key manager failed");
+                // The key manager logs outages itself (once); this is per signature.
+                tracing::debug!(key = self.key.id(), error = %e, "signature by key manager failed");
                 rcgen::Error::RemoteKeyError
             })
     }

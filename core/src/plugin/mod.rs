@@ -7,10 +7,12 @@
 
 mod key_manager;
 mod node_attestor;
+mod upstream_authority;
 mod workload_attestor;
 
 pub use key_manager::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 pub use node_attestor::{
     AttestationResult, AttestationSession, AttestationStep, NodeAttestor, NodeAttestorClient,
 };
+pub use upstream_authority::{MintRequest, MintedCa, UpstreamAuthority};
 pub use workload_attestor::{Caller, WorkloadAttestor};

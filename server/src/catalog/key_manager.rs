@@ -6,12 +6,13 @@ use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryConfig, MemoryK
 use super::{PluginContext, parse, unknown};
 use crate::{Error, Result};
 
-const KNOWN: &[&str] = &["disk", "memory"];
+const KNOWN: &[&str] = &["disk", "memory", "pkcs11"];
 
 pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), String> {
     match name {
         "disk" => parse::<DiskConfig>(table).map(|_| ()),
         "memory" => parse::<MemoryConfig>(table).map(|_| ()),
+        "pkcs11" => super::pkcs11::parse_key_manager(table).map(|_| ()),
         other => Err(unknown("key_manager", other, KNOWN)),
     }
 }
@@ -33,6 +34,10 @@ pub fn build_key_manager(
         "memory" => {
             parse::<MemoryConfig>(table).map_err(cfg_err)?;
             Ok(Arc::new(MemoryKeyManager::new()))
+        }
+        "pkcs11" => {
+            let cfg = super::pkcs11::parse_key_manager(table).map_err(cfg_err)?;
+            super::pkcs11::open_key_manager(cfg, ctx)
         }
         other => Err(Error::Config(unknown("key_manager", other, KNOWN))),
     }

@@ -7,11 +7,15 @@
 
 mod key_manager;
 mod node_attestor;
+pub(crate) mod pkcs11;
+mod upstream_authority;
 
 use std::path::PathBuf;
 
 pub use key_manager::build_key_manager;
 pub use node_attestor::build_node_attestor;
+pub use pkcs11::Pkcs11UpstreamConfig;
+pub use upstream_authority::{RootOptions, build_upstream_authority, init_upstream_root};
 
 /// What every plugin constructor may use.
 #[derive(Debug, Clone)]
@@ -36,6 +40,15 @@ pub fn check_plugins(
     for (name, table) in node_attestors {
         if let Err(e) = node_attestor::check(name, table) {
             problems.push(format!("node_attestor.{name}: {e}"));
+        }
+    }
+}
+
+/// Checks the upstream authority's name and configuration.
+pub fn check_upstream(upstreams: &[(String, toml::Table)], problems: &mut Vec<String>) {
+    for (name, table) in upstreams {
+        if let Err(e) = upstream_authority::check(name, table) {
+            problems.push(format!("upstream_authority.{name}: {e}"));
         }
     }
 }

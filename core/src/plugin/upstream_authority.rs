@@ -1,0 +1,60 @@
+use std::fmt;
+use std::time::Duration;
+
+use crate::TrustDomain;
+use crate::error::Error;
+
+/// What a server asks its upstream authority to certify: its own new X.509 CA key.
+#[derive(Debug, Clone)]
+pub struct MintRequest {
+    /// The trust domain the CA will issue for; the upstream certificate names it in a URI
+    /// SAN (`spiffe://<trust domain>`).
+    pub trust_domain: TrustDomain,
+    /// The CA's public key, an X.509 SubjectPublicKeyInfo in DER. The private key stays in
+    /// the server's KeyManager.
+    pub public_key_der: Vec<u8>,
+    /// Wanted lifetime; the upstream caps it at its own certificate's notAfter.
+    pub ttl: Duration,
+    /// Subject common name for the CA certificate.
+    pub common_name: String,
+    /// Subject organization.
+    pub organization: String,
+    /// Subject country.
+    pub country: String,
+    /// NotBefore, unix seconds (already backdated by the caller).
+    pub not_before: i64,
+}
+
+/// A CA certificate minted by an upstream authority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MintedCa {
+    /// The new CA certificate first, then any upstream intermediates (never the root),
+    /// DER each. X509-SVID chains carry all of them after the leaf.
+    pub chain: Vec<Vec<u8>>,
+    /// The upstream root certificates, DER each: they, not the minted CA, go into the
+    /// trust bundle.
+    pub roots: Vec<Vec<u8>>,
+}
+
+/// An authority above the server's CA: the trust domain's root, kept outside the server
+/// (an HSM token, PEM files an operator controls). Several servers of one trust domain
+/// share it: each has its own intermediate CA, and the bundle holds only the root, so
+/// SVIDs from every server verify against one bundle.
+///
+/// Contract:
+/// 1. `mint_x509_ca` certifies exactly `request.public_key_der` as a CA for
+///    `request.trust_domain`, valid no longer than the root;
+/// 2. the root's private key never leaves the authority's backend;
+/// 3. `x509_roots` returns what `mint_x509_ca` would put in `roots`, without signing.
+#[async_trait::async_trait]
+pub trait UpstreamAuthority: Send + Sync + fmt::Debug {
+    /// The plugin name, as in the configuration (`disk`, `pkcs11`).
+    fn name(&self) -> &str;
+    /// A fingerprint of the root(s): changes exactly when the roots change, so a server
+    /// can tell that its CAs were minted under another root.
+    fn fingerprint(&self) -> String;
+    /// Mints a CA certificate for the server's new CA key.
+    async fn mint_x509_ca(&self, request: &MintRequest) -> Result<MintedCa, Error>;
+    /// The root certificates, DER each.
+    async fn x509_roots(&self) -> Result<Vec<Vec<u8>>, Error>;
+}
