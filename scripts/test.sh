@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-install_system_packages
+install_system_packages "${LAB_PACKAGES[@]}"
 ensure_rust
 
 echo "==> Python spiffe client (virtualenv in target/py)"

@@ -403,3 +403,78 @@ async fn a_disk_root_certifies_the_server_ca() {
     assert!(!status.success());
     assert!(log.contains("chmod 600"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_rides_out_a_token_outage_without_a_restart() {
+    let lab = Lab::new();
+    let (hsm, token) = token("outage");
+    let config = write_config(
+        &lab,
+        "server",
+        &format!(
+            "[key_manager.pkcs11]\n{}",
+            token_settings(&hsm, &token, &token.pin_file)
+        ),
+    );
+    let server = Server::start_opts(&lab, options("server", &config, &hsm));
+    let agent = Agent::start(&lab, &server, "agent");
+    server.create_entry(&agent.id, "spiffe://example.org/before", &[&uid_selector()], &[]);
+    eventually("the first SVID", || async {
+        agent.fetch(&[]).status.success().then_some(())
+    })
+    .await;
+
+    // The token disappears (SoftHSM2: its token directory is moved away).
+    let tokens = hsm.token_dir();
+    let away = tokens.with_extension("away");
+    std::fs::rename(&tokens, &away).unwrap();
+    server.create_entry(&agent.id, "spiffe://example.org/during", &[&uid_selector()], &[]);
+    eventually("the agent to be told the CA key is unavailable", || async {
+        agent.proc.log().contains("could not sign").then_some(())
+    })
+    .await;
+    assert!(
+        server.log().contains("PKCS#11 token failed; reconnecting"),
+        "the server says what failed:\n{}",
+        server.log()
+    );
+    let agent_log = strip_ansi(&agent.proc.log());
+    let refusal = agent_log
+        .lines()
+        .find(|l| l.contains("could not sign"))
+        .unwrap();
+    assert!(refusal.contains("code=14"), "Unavailable (14), so the agent retries: {refusal}");
+    // Nothing half-issued: the workload still holds exactly the first SVID, the server
+    // is up, and the agent's request failed as Unavailable rather than crashing anything.
+    let held = String::from_utf8(agent.fetch(&[]).stdout).unwrap();
+    assert!(held.contains("spiffe://example.org/before"), "{held}");
+    assert!(!held.contains("spiffe://example.org/during"), "{held}");
+    assert!(server.cli(&["healthcheck"]).status.success());
+
+    // The token comes back: the server reconnects by itself and the pending SVID arrives.
+    std::fs::rename(&away, &tokens).unwrap();
+    eventually("the SVID signed after the token came back", || async {
+        let out = String::from_utf8(agent.fetch(&[]).stdout).unwrap();
+        out.contains("spiffe://example.org/during").then_some(())
+    })
+    .await;
+    assert!(server.log().contains("token back"), "{}", server.log());
+}
+
+/// The log without terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
