@@ -28,8 +28,10 @@
 //!
 //! - private key: `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, `CKA_SIGN` true,
 //!   `CKA_EXTRACTABLE` false (so the token also sets `CKA_ALWAYS_SENSITIVE` and
-//!   `CKA_NEVER_EXTRACTABLE`);
-//! - public key: `CKA_TOKEN`, `CKA_VERIFY` true, `CKA_PRIVATE` false.
+//!   `CKA_NEVER_EXTRACTABLE`), and `CKA_DECRYPT`, `CKA_UNWRAP`, `CKA_DERIVE` false: a CA
+//!   key signs and does nothing else;
+//! - public key: `CKA_TOKEN`, `CKA_VERIFY` true, `CKA_PRIVATE`, `CKA_ENCRYPT`, `CKA_WRAP`
+//!   false.
 //!
 //! `ec-p256` / `ec-p384` use `CKM_EC_KEY_PAIR_GEN` (named curve OID in `CKA_EC_PARAMS`),
 //! `rsa-2048` uses `CKM_RSA_PKCS_KEY_PAIR_GEN` with exponent 65537. The public key is read
