@@ -167,6 +167,10 @@ impl KeySigner for Pkcs11Key {
     fn may_block(&self) -> bool {
         true
     }
+
+    fn concurrency(&self) -> Option<usize> {
+        Some(self.token.size)
+    }
 }
 
 /// Runs blocking token work on tokio's blocking pool when there is a runtime.

@@ -171,4 +171,8 @@ impl KeySigner for SoftKey {
     fn may_block(&self) -> bool {
         false
     }
+
+    fn concurrency(&self) -> Option<usize> {
+        None
+    }
 }

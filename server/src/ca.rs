@@ -108,6 +108,11 @@ impl std::fmt::Debug for CaSlot {
 }
 
 impl CaSlot {
+    /// How many signatures the CA key's backend makes at once (`None`: CPU-bound).
+    pub fn signing_concurrency(&self) -> Option<usize> {
+        self.issuer.key().key().concurrency()
+    }
+
     fn journal(&self) -> JournalSlot {
         JournalSlot {
             key_id: self.key_id.clone(),

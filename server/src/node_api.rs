@@ -481,9 +481,12 @@ impl node::node_server::Node for NodeApi {
                 (p.entry_id, e, p.csr)
             })
             .collect();
-        let workers = std::thread::available_parallelism()
+        // Every core, or every HSM session when the CA key's token serves more at once
+        // (a network HSM's latency is not CPU: it needs signatures in flight).
+        let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        let workers = cores.max(ca.signing_concurrency().unwrap_or(1));
         let chunk = jobs.len().div_ceil(workers).max(1);
         let mut handles = Vec::new();
         let mut jobs = jobs.into_iter();

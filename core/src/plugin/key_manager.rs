@@ -37,6 +37,10 @@ pub trait KeySigner: Send + Sync + fmt::Debug {
     fn sign(&self, alg: SignatureAlgorithm, message: &[u8]) -> Result<Vec<u8>, Error>;
     /// Whether `sign` may block long enough that async code must move it off the runtime.
     fn may_block(&self) -> bool;
+    /// How many signatures the backend makes at once (an HSM's session pool), or `None`
+    /// when only the CPU limits it. Batch signers use at least this many workers, so a
+    /// slow network HSM is kept busy on every session.
+    fn concurrency(&self) -> Option<usize>;
 }
 
 /// Creates, finds, lists and deletes keys by id. Keys are generated where they live
