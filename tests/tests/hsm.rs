@@ -418,7 +418,12 @@ async fn the_server_rides_out_a_token_outage_without_a_restart() {
     );
     let server = Server::start_opts(&lab, options("server", &config, &hsm));
     let agent = Agent::start(&lab, &server, "agent");
-    server.create_entry(&agent.id, "spiffe://example.org/before", &[&uid_selector()], &[]);
+    server.create_entry(
+        &agent.id,
+        "spiffe://example.org/before",
+        &[&uid_selector()],
+        &[],
+    );
     eventually("the first SVID", || async {
         agent.fetch(&[]).status.success().then_some(())
     })
@@ -428,7 +433,12 @@ async fn the_server_rides_out_a_token_outage_without_a_restart() {
     let tokens = hsm.token_dir();
     let away = tokens.with_extension("away");
     std::fs::rename(&tokens, &away).unwrap();
-    server.create_entry(&agent.id, "spiffe://example.org/during", &[&uid_selector()], &[]);
+    server.create_entry(
+        &agent.id,
+        "spiffe://example.org/during",
+        &[&uid_selector()],
+        &[],
+    );
     eventually("the agent to be told the CA key is unavailable", || async {
         agent.proc.log().contains("could not sign").then_some(())
     })
@@ -443,7 +453,10 @@ async fn the_server_rides_out_a_token_outage_without_a_restart() {
         .lines()
         .find(|l| l.contains("could not sign"))
         .unwrap();
-    assert!(refusal.contains("code=14"), "Unavailable (14), so the agent retries: {refusal}");
+    assert!(
+        refusal.contains("code=14"),
+        "Unavailable (14), so the agent retries: {refusal}"
+    );
     // Nothing half-issued: the workload still holds exactly the first SVID, the server
     // is up, and the agent's request failed as Unavailable rather than crashing anything.
     let held = String::from_utf8(agent.fetch(&[]).stdout).unwrap();
