@@ -71,6 +71,54 @@ fn validate_lists_every_problem_and_exits_64() {
 }
 
 #[test]
+fn validate_lists_every_hsm_and_upstream_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[key_manager.pkcs11]\nmodule = \"/nope.so\"\ntoken_label = \"a\"\ntoken_serial = \"b\"\n\
+         sessions = 0\n[upstream_authority.pkcs11]\nmodule = \"/x.so\"\ntoken_label = \"r\"\n\
+         pin_env = \"P\"\nkey_label = \"bad label!\"\n[upstream_authority.disk]\ncert_file = \"x\"\n",
+    )
+    .unwrap();
+    let out = server()
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "upstream_authority: at most one",
+        "token_label and token_serial",
+        "pin_file or pin_env",
+        "sessions: 0",
+        "upstream_authority.disk: missing field `key_file`",
+        "key_label",
+    ] {
+        assert!(text.contains(needle), "{needle} missing: {text}");
+    }
+}
+
+#[test]
+fn upstream_commands_need_an_upstream_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plain.toml");
+    std::fs::write(&path, "trust_domain = \"example.org\"\n").unwrap();
+    let out = server()
+        .args(["upstream", "init", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no [upstream_authority.disk]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn run_refuses_a_bad_config_before_starting_anything() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
