@@ -17,7 +17,8 @@
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs): a smoke
-#            run of about a minute after the build. The full run is the default.
+#            run of well under a minute after the build. The full run (about a minute
+#            after the build) is the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,7 +28,7 @@ BENCH_ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --quick) BENCH_ARGS+=(--quick) ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/bench.sh: unknown argument $arg (usage: scripts/bench.sh [--quick])" >&2; exit 64 ;;
     esac
 done

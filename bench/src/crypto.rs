@@ -67,7 +67,7 @@ pub async fn bench_ca() -> Result<(Arc<CaManager>, Arc<CaSlot>)> {
         organization: "Carapace".into(),
         country: "US".into(),
     };
-    let ca = CaManager::load(td, km, ds, settings, carapace_server::unix_now()).await?;
+    let ca = CaManager::load(td, km, None, ds, settings, carapace_server::unix_now()).await?;
     let slot = ca.active()?;
     Ok((ca, slot))
 }

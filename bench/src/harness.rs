@@ -167,10 +167,20 @@ pub struct Token {
     pub agent_id: String,
 }
 
+/// How to start a server beyond the defaults: a config file and extra environment.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Passed as `--config FILE`; the flags the harness passes (trust domain, data dir,
+    /// addresses) override the file.
+    pub config: Option<PathBuf>,
+    /// Added to the server's environment (e.g. `SOFTHSM2_CONF`).
+    pub envs: Vec<(String, String)>,
+}
+
 impl Server {
-    /// Starts `<bin_dir>/carapace-server run` under `dir` and waits until its admin API
-    /// answers.
-    pub async fn start(bin_dir: &Path, dir: &Path) -> Result<Server> {
+    /// Starts `<bin_dir>/carapace-server run` under `dir` (with `opts`' config file and
+    /// environment) and waits until its admin API answers.
+    pub async fn start(bin_dir: &Path, dir: &Path, opts: &ServerOptions) -> Result<Server> {
         let bin = bin_dir.join("carapace-server");
         if !bin.exists() {
             bail!(
@@ -191,7 +201,11 @@ impl Server {
             .arg("--admin-socket")
             .arg(&admin_socket)
             .env("CARAPACE_LOG", "warn,carapace=info")
-            .env("CARAPACE_LOG_FORMAT", "json");
+            .env("CARAPACE_LOG_FORMAT", "json")
+            .envs(opts.envs.iter().map(|(k, v)| (k, v)));
+        if let Some(config) = &opts.config {
+            cmd.arg("--config").arg(config);
+        }
         let proc = Proc::spawn("carapace-server", cmd, &dir.join("server.log"))?;
         let mut server = Server {
             proc,

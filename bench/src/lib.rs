@@ -1,5 +1,5 @@
 //! The Carapace benchmark harness, run by `scripts/bench.sh` (see PERFORMANCE.md §5,
-//! scenarios S1 and S2).
+//! scenarios S1 and S2, and issue 3's B3).
 //!
 //! - [`crypto`]: the crypto ceiling of X509-SVID issuance, with the server's own functions,
 //!   in this process, on 1 thread and on every core;
@@ -7,6 +7,8 @@
 //!   process attesting as an agent with the agent library;
 //! - [`workload`]: Workload API first-response latency, agent memory per cached SVID and
 //!   entry propagation, against the real `carapace-agent`;
+//! - [`hsm`]: B3, issuance with the CA key in a SoftHSM2 token beside the token's raw
+//!   signing rate (measured in a child process that has `SOFTHSM2_CONF`);
 //! - [`harness`]: starting and stopping the real binaries (stopped by pid on drop);
 //! - [`procfs`], [`stats`], [`report`]: process counters, percentiles and the Markdown
 //!   report (pure helpers, unit-tested).
@@ -14,6 +16,7 @@
 
 pub mod crypto;
 pub mod harness;
+pub mod hsm;
 pub mod node;
 pub mod procfs;
 pub mod report;

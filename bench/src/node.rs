@@ -20,7 +20,7 @@ use carapace_proto::convert::bundle_from_wire;
 use carapace_proto::node::node_client::NodeClient;
 use carapace_proto::node::{BatchNewX509svidRequest, NewX509svidParams};
 
-use crate::harness::{self, Server};
+use crate::harness::{self, Server, ServerOptions};
 use crate::procfs;
 
 /// Sizes of the node API benchmark.
@@ -53,6 +53,10 @@ pub struct NodeRun {
     pub batch_latencies: Vec<Duration>,
     /// Server CPU time (user + system) during the run.
     pub server_cpu: Duration,
+    /// CPU time of this process (the load generator: TLS client, protobuf) during the run.
+    pub client_cpu: Duration,
+    /// Idle time of all the machine's CPUs together during the run (`/proc/stat`).
+    pub machine_idle: Duration,
     /// Server VmRSS after the run.
     pub server_rss: u64,
 }
@@ -66,6 +70,16 @@ impl NodeRun {
     /// Server CPU-µs per SVID.
     pub fn cpu_us_per_svid(&self) -> f64 {
         self.server_cpu.as_secs_f64() * 1e6 / self.signed.max(1) as f64
+    }
+
+    /// Average number of idle cores on the machine during the run.
+    pub fn idle_cores(&self) -> f64 {
+        self.machine_idle.as_secs_f64() / self.wall.as_secs_f64().max(f64::EPSILON)
+    }
+
+    /// Load generator (this process) CPU-µs per SVID.
+    pub fn client_cpu_us_per_svid(&self) -> f64 {
+        self.client_cpu.as_secs_f64() * 1e6 / self.signed.max(1) as f64
     }
 }
 
@@ -200,6 +214,9 @@ async fn one_run(
     }
     let pid = server.proc.pid();
     let cpu0 = procfs::cpu_time(pid)?;
+    let me = std::process::id();
+    let client0 = procfs::cpu_time(me)?;
+    let idle0 = procfs::machine_idle()?;
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for (lane, client) in lanes.into_iter().zip(clients.iter().cloned()) {
@@ -212,6 +229,8 @@ async fn one_run(
         wall: Duration::ZERO,
         batch_latencies: Vec::new(),
         server_cpu: Duration::ZERO,
+        client_cpu: Duration::ZERO,
+        machine_idle: Duration::ZERO,
         server_rss: 0,
     };
     while let Some(r) = set.join_next().await {
@@ -225,18 +244,22 @@ async fn one_run(
     }
     run.wall = start.elapsed();
     run.server_cpu = procfs::cpu_time(pid)?.saturating_sub(cpu0);
+    run.client_cpu = procfs::cpu_time(me)?.saturating_sub(client0);
+    run.machine_idle = procfs::machine_idle()?.saturating_sub(idle0);
     run.server_rss = procfs::rss_bytes(pid)?;
     Ok(run)
 }
 
-/// Runs the node API benchmark against a fresh server under `dir`.
+/// Runs the node API benchmark against a fresh server under `dir`, started with `opts`
+/// (a config file and environment; the default is the disk key manager).
 pub async fn run(
     bin_dir: &Path,
     dir: &Path,
     csrs: &[Vec<u8>],
     cfg: &NodeConfig,
+    opts: &ServerOptions,
 ) -> Result<NodeResult> {
-    let mut server = Server::start(bin_dir, dir).await?;
+    let mut server = Server::start(bin_dir, dir, opts).await?;
     let max_conns = cfg.connections.iter().copied().max().unwrap_or(1).max(1);
     let (agent_id, clients) = attested_clients(&server, max_conns).await?;
     let admin = server.admin().await?;

@@ -30,6 +30,21 @@ pub fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// Idle time of all CPUs together (idle + iowait), in clock ticks, from the text of
+/// `/proc/stat` (its first line: `cpu user nice system idle iowait ...`).
+pub fn parse_proc_stat_idle_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().next()?;
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields
+        .take(5)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(v.get(3)? + v.get(4)?)
+}
+
 /// The model name line of `lscpu` output.
 pub fn parse_lscpu_model(lscpu: &str) -> Option<String> {
     lscpu.lines().find_map(|l| {
@@ -43,6 +58,17 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let ticks = parse_stat_cpu_ticks(&text).ok_or_else(|| anyhow!("{path}: unexpected format"))?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Idle time of the whole machine so far (idle + iowait of every CPU, summed), from
+/// `/proc/stat`. Over an interval, the difference divided by the wall time is the
+/// average number of idle cores.
+pub fn machine_idle() -> Result<Duration> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks = parse_proc_stat_idle_ticks(&text)
+        .ok_or_else(|| anyhow!("/proc/stat: unexpected format"))?;
     let hz = rustix::param::clock_ticks_per_second().max(1);
     Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
@@ -120,6 +146,15 @@ mod tests {
         assert_eq!(parse_status_kib(status, "VmRSS"), Some(28_672 * 1024));
         assert_eq!(parse_status_kib(status, "VmHWM"), Some(30_000 * 1024));
         assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn machine_idle_is_idle_plus_iowait() {
+        let stat = "cpu  704488 0 144146 718099 23393 0 1333 1331 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        assert_eq!(parse_proc_stat_idle_ticks(stat), Some(718_099 + 23_393));
+        assert_eq!(parse_proc_stat_idle_ticks("cpu0 1 2 3 4 5\n"), None);
+        assert_eq!(parse_proc_stat_idle_ticks("cpu 1 2 3\n"), None);
+        machine_idle().unwrap();
     }
 
     #[test]

@@ -16,7 +16,7 @@ use carapace_proto::admin::CreateEntryRequest;
 use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use carapace_proto::workload::{X509svidRequest, X509svidResponse};
 
-use crate::harness::{self, Agent, LogFollower, Server};
+use crate::harness::{self, Agent, LogFollower, Server, ServerOptions};
 use crate::procfs;
 
 /// How long to wait for the agent to catch up with entry changes.
@@ -192,7 +192,7 @@ async fn level(agent: &Agent, concurrency: usize, rounds: usize) -> Result<Level
 
 /// Runs the Workload API benchmark against a fresh server and agent under `dir`.
 pub async fn run(bin_dir: &Path, dir: &Path, cfg: &WorkloadConfig) -> Result<WorkloadResult> {
-    let server = Server::start(bin_dir, dir).await?;
+    let server = Server::start(bin_dir, dir, &ServerOptions::default()).await?;
     let mut agent = Agent::start(bin_dir, dir, &server).await?;
     let admin = server.admin().await?;
     let uid = rustix::process::geteuid().as_raw();
