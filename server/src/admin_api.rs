@@ -519,13 +519,11 @@ impl AdminApi {
         let ttl = ttl_or_default("ttl", req.ttl, self.settings.default_x509_svid_ttl)?;
         let key = csr_public_key(&req.csr)?;
         let now = unix_now();
-        let ca = self.ca.clone();
-        let (sign_id, dns) = (id.clone(), req.dns_names.clone());
-        // Signing may wait on a hardware key manager: keep it off the async workers.
-        let issued =
-            tokio::task::spawn_blocking(move || ca.sign_x509_svid(&sign_id, &key, ttl, &dns, now))
-                .await
-                .map_err(|e| Error::Ca(format!("signing task failed: {e}")))??;
+        // Signing may wait on a hardware key manager: off the async workers then.
+        let issued = self
+            .ca
+            .issue_x509_svid(id.clone(), key, ttl, req.dns_names.clone(), now)
+            .await?;
         tracing::info!(
             spiffe_id = %id,
             serial = issued.serial_hex,

@@ -656,6 +656,25 @@ impl CaManager {
         let ca = self.active()?;
         sign_leaf(&ca, id, key, ttl, dns_names, now)
     }
+
+    /// [`Self::sign_x509_svid`] for async callers: on a blocking thread when the CA key
+    /// may block (an HSM), so a slow token never stalls the async workers.
+    pub async fn issue_x509_svid(
+        self: &Arc<Self>,
+        id: SpiffeId,
+        key: SubjectKey,
+        ttl: Duration,
+        dns_names: Vec<String>,
+        now: i64,
+    ) -> Result<IssuedSvid> {
+        let ca = self.active()?;
+        if !ca.issuer.key().key().may_block() {
+            return sign_leaf(&ca, &id, &key, ttl, &dns_names, now);
+        }
+        tokio::task::spawn_blocking(move || sign_leaf(&ca, &id, &key, ttl, &dns_names, now))
+            .await
+            .map_err(|e| Error::Ca(format!("signing task failed: {e}")))?
+    }
 }
 
 /// Builds and signs a leaf X509-SVID under `ca`.

@@ -304,9 +304,16 @@ impl NodeApi {
             )));
         }
         let now = crate::unix_now();
-        let svid =
-            self.ca
-                .sign_x509_svid(&agent_id, &key, self.settings.agent_svid_ttl, &[], now)?;
+        let svid = self
+            .ca
+            .issue_x509_svid(
+                agent_id.clone(),
+                key,
+                self.settings.agent_svid_ttl,
+                Vec::new(),
+                now,
+            )
+            .await?;
         let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0])?);
         self.cache
             .upsert_agent(AttestedAgent {
@@ -385,13 +392,16 @@ impl node::node_server::Node for NodeApi {
     ) -> std::result::Result<Response<RenewAgentResponse>, Status> {
         let agent = self.authenticate(&req).await?;
         let key = csr_public_key(&req.get_ref().csr)?;
-        let svid = self.ca.sign_x509_svid(
-            &agent.spiffe_id,
-            &key,
-            self.settings.agent_svid_ttl,
-            &[],
-            crate::unix_now(),
-        )?;
+        let svid = self
+            .ca
+            .issue_x509_svid(
+                agent.spiffe_id.clone(),
+                key,
+                self.settings.agent_svid_ttl,
+                Vec::new(),
+                crate::unix_now(),
+            )
+            .await?;
         let serial =
             hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0]).map_err(Error::from)?);
         self.cache

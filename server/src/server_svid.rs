@@ -29,15 +29,16 @@ async fn tls_key(km: &dyn KeyManager) -> Result<Arc<dyn KeySigner>> {
     }
 }
 
-fn issue(ca: &CaManager, key: &Arc<dyn KeySigner>, ttl: Duration) -> Result<IssuedSvid> {
+async fn issue(ca: &Arc<CaManager>, key: &Arc<dyn KeySigner>, ttl: Duration) -> Result<IssuedSvid> {
     let id = ca.trust_domain().server_id();
-    ca.sign_x509_svid(
-        &id,
-        &SubjectKey::from_spki(key.public_key_der())?,
+    ca.issue_x509_svid(
+        id,
+        SubjectKey::from_spki(key.public_key_der())?,
         ttl,
-        &[],
+        Vec::new(),
         crate::unix_now(),
     )
+    .await
 }
 
 /// Issues the first server SVID and returns the resolver rustls uses, plus the task
@@ -49,7 +50,7 @@ pub async fn start(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(Arc<FixedCert>, tokio::task::JoinHandle<()>)> {
     let key = tls_key(km.as_ref()).await?;
-    let svid = issue(&ca, &key, ttl)?;
+    let svid = issue(&ca, &key, ttl).await?;
     let resolver = Arc::new(FixedCert(RwLock::new(certified_key(
         &svid.chain,
         key.clone(),
@@ -75,7 +76,7 @@ pub async fn start(
                 }
                 _ = shutdown.changed() => return,
             }
-            match issue(&ca, &key, ttl) {
+            match issue(&ca, &key, ttl).await {
                 Ok(s) => {
                     renew_at = half_life(s.expires_at);
                     *r.0.write().unwrap_or_else(|p| p.into_inner()) =
