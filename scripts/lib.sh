@@ -5,13 +5,14 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# System packages for building and running Carapace and its tests.
+# System packages for building and running Carapace and its tests (libtss2-dev: the TPM
+# attestor links tpm2-tss through tss-esapi).
 install_system_packages() {
     echo "==> installing system packages (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -q
     as_root apt-get install -y -q --no-install-recommends \
-        ca-certificates curl gcc libc6-dev pkg-config make openssl procps \
+        ca-certificates curl gcc libc6-dev pkg-config make openssl procps libtss2-dev \
         python3 python3-venv python3-pip "$@"
 }
 
