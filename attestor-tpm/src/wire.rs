@@ -1,0 +1,145 @@
+//! The `tpm` attestation messages: JSON, byte fields in standard base64. TPM structures
+//! travel in their TPM wire encoding (the `Marshall` form of tss-esapi), so any TPM
+//! software stack can produce them.
+//!
+//! One round trip:
+//! 1. agent → server [`Payload`]: EK certificate (and intermediates found in NV), EK
+//!    public area, AK public area;
+//! 2. server → agent [`Challenge`]: a credential for the AK's name encrypted to the EK
+//!    (software MakeCredential), a fresh nonce, the PCR selection to quote;
+//! 3. agent → server [`Response`]: the decrypted credential (ActivateCredential: the AK
+//!    is in the same TPM as the EK), a quote over the PCRs with the nonce, and the PCR
+//!    values.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use carapace_core::Error;
+
+/// The version every message carries; a server refuses others.
+pub const VERSION: u32 = 1;
+
+/// Serde adapter: bytes as standard base64.
+pub mod b64 {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialises bytes as base64.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    /// Parses base64 into bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde adapter: a list of byte strings as base64.
+pub mod b64_list {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialises each item as base64.
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for item in v {
+            seq.serialize_element(&STANDARD.encode(item))?;
+        }
+        seq.end()
+    }
+
+    /// Parses a list of base64 strings.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        let list = Vec::<String>::deserialize(d)?;
+        list.into_iter()
+            .map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// Agent → server: who the TPM is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The EK certificate (DER) from the TPM's NV, if it has one.
+    #[serde(with = "b64")]
+    pub ek_cert: Vec<u8>,
+    /// Intermediate certificates found in NV (DER), possibly none.
+    #[serde(with = "b64_list")]
+    pub ek_intermediates: Vec<Vec<u8>>,
+    /// The EK's public area, a marshalled TPMT_PUBLIC.
+    #[serde(with = "b64")]
+    pub ek_public: Vec<u8>,
+    /// The AK's public area, a marshalled TPMT_PUBLIC.
+    #[serde(with = "b64")]
+    pub ak_public: Vec<u8>,
+}
+
+/// The PCRs to quote: one bank and a list of indices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PcrSelection {
+    /// The bank: `sha256` (the only one accepted for now).
+    pub hash: String,
+    /// PCR indices, 0..=23, ascending, no duplicates.
+    pub pcrs: Vec<u8>,
+}
+
+/// Server → agent: prove the AK is in this TPM, and quote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Challenge {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The credential blob, a marshalled TPM2B_ID_OBJECT's contents (TPMS_ID_OBJECT:
+    /// integrity HMAC and encrypted identity).
+    #[serde(with = "b64")]
+    pub credential_blob: Vec<u8>,
+    /// The seed encrypted to the EK, a TPM2B_ENCRYPTED_SECRET's contents.
+    #[serde(with = "b64")]
+    pub encrypted_secret: Vec<u8>,
+    /// 32 fresh random bytes, the quote's qualifying data.
+    #[serde(with = "b64")]
+    pub nonce: Vec<u8>,
+    /// What to quote.
+    pub pcr_selection: PcrSelection,
+}
+
+/// Agent → server: the activated credential and the quote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    /// [`VERSION`].
+    pub version: u32,
+    /// The secret ActivateCredential recovered.
+    #[serde(with = "b64")]
+    pub activated_secret: Vec<u8>,
+    /// The quote, a marshalled TPMS_ATTEST.
+    #[serde(with = "b64")]
+    pub quote: Vec<u8>,
+    /// The AK's signature over `quote`, a marshalled TPMT_SIGNATURE.
+    #[serde(with = "b64")]
+    pub quote_signature: Vec<u8>,
+    /// The selected PCRs' values, by index (lowercase hex of the digest).
+    pub pcr_values: BTreeMap<u8, String>,
+}
+
+/// Parses a message, naming what is wrong.
+pub fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::AttestationRejected(format!("tpm: malformed {what}: {e}")))
+}
+
+/// Encodes a message.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail.
+    serde_json::to_vec(msg).unwrap_or_default()
+}
