@@ -41,6 +41,7 @@
 //! the same mode as the database file.
 
 mod agents;
+mod attestation_state;
 mod bundles;
 mod entries;
 mod tokens;

@@ -995,3 +995,32 @@ async fn in_memory_clones_share_one_database() {
         0
     );
 }
+
+#[tokio::test]
+async fn attestation_state_is_kept_per_attestor_and_node() {
+    let ds = Datastore::open_in_memory().await.unwrap();
+    assert_eq!(ds.load_attestation_state("tpm", "ek1").await.unwrap(), None);
+    ds.save_attestation_state("tpm", "ek1", b"one")
+        .await
+        .unwrap();
+    ds.save_attestation_state("other", "ek1", b"other")
+        .await
+        .unwrap();
+    ds.save_attestation_state("tpm", "ek1", b"two")
+        .await
+        .unwrap();
+    assert_eq!(
+        ds.load_attestation_state("tpm", "ek1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"two"[..])
+    );
+    assert_eq!(
+        ds.load_attestation_state("other", "ek1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"other"[..])
+    );
+}

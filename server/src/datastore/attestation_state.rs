@@ -1,0 +1,42 @@
+//! Per-node state of node attestors (`attestation_state`).
+
+use super::{Datastore, unix_now};
+use crate::Result;
+
+impl Datastore {
+    /// The state `attestor` saved for `node_key`, if any.
+    pub async fn load_attestation_state(
+        &self,
+        attestor: &str,
+        node_key: &str,
+    ) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT data FROM attestation_state WHERE attestor = $1 AND node_key = $2",
+        )
+        .bind(attestor)
+        .bind(node_key)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Saves the state of `attestor` for `node_key`, replacing the previous one.
+    pub async fn save_attestation_state(
+        &self,
+        attestor: &str,
+        node_key: &str,
+        data: &[u8],
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO attestation_state (attestor, node_key, data, updated_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (attestor, node_key) DO UPDATE SET \
+             data = excluded.data, updated_at = excluded.updated_at",
+        )
+        .bind(attestor)
+        .bind(node_key)
+        .bind(data)
+        .bind(unix_now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
