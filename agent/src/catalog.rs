@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
@@ -19,7 +20,7 @@ use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
 
 const KEY_MANAGERS: &[&str] = &["disk", "memory"];
-const NODE_ATTESTORS: &[&str] = &["join_token"];
+const NODE_ATTESTORS: &[&str] = &["join_token", "tpm"];
 const WORKLOAD_ATTESTORS: &[&str] = &["unix"];
 
 /// `[key_manager.memory]` and `[node_attestor.join_token]`: no settings.
@@ -45,6 +46,7 @@ fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result
             parse::<NoConfig>(table).map(|_| ())
         }
         ("workload_attestor", "unix") => parse::<UnixAttestorConfig>(table).map(|_| ()),
+        ("node_attestor", "tpm") => parse::<TpmAgentConfig>(table).map(|_| ()),
         ("key_manager", n) => Err(unknown(kind, n, KEY_MANAGERS)),
         ("node_attestor", n) => Err(unknown(kind, n, NODE_ATTESTORS)),
         (_, n) => Err(unknown(kind, n, WORKLOAD_ATTESTORS)),
@@ -121,6 +123,11 @@ pub fn build_node_attestor(
                 join_token
                     .map(|t| Arc::new(JoinTokenClient::new(t)) as Arc<dyn NodeAttestorClient>),
             )
+        }
+        "tpm" => {
+            let cfg: TpmAgentConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Some(Arc::new(TpmAttestorClient::new(&cfg))))
         }
         other => Err(Error::Config(unknown(
             "node_attestor",

@@ -76,6 +76,9 @@ pub struct Manager {
     agent_rotate_at: i64,
     entries: BTreeMap<EntryId, RegistrationEntry>,
     slots: BTreeMap<EntryId, Slot>,
+    /// The node attestor, kept to renew by attesting again when the server allows it
+    /// (TPM: a fresh quote at every renewal).
+    attestor: Option<Arc<dyn NodeAttestorClient>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -108,14 +111,14 @@ impl Manager {
             match Self::restore(&cfg, &km, &st, &bundle).await {
                 Ok(key) => {
                     tracing::info!(agent = %Self::id_of(&st)?, "restored the agent identity from the data directory");
-                    return Self::assemble(cfg, km, cache, st, bundle, key);
+                    return Self::assemble(cfg, km, cache, st, bundle, key, attestor);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "the stored agent identity is unusable; attesting again")
                 }
             }
         }
-        let attestor = attestor.ok_or_else(|| {
+        let attestor = attestor.clone().ok_or_else(|| {
             Error::Config(
                 "the agent has no valid SVID and no join token: start it with --join-token TOKEN \
                  (from `carapace-server token generate`)"
@@ -146,7 +149,9 @@ impl Manager {
         let mut backoff = BACKOFF_MIN;
         loop {
             match Self::attest(&cfg, &km, tls.clone(), attestor.as_ref()).await {
-                Ok((st, bundle, key)) => return Self::assemble(cfg, km, cache, st, bundle, key),
+                Ok((st, bundle, key)) => {
+                    return Self::assemble(cfg, km, cache, st, bundle, key, Some(attestor));
+                }
                 Err(e @ (Error::Refused(_) | Error::Config(_) | Error::Core(_))) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "node attestation failed; retrying");
@@ -164,6 +169,7 @@ impl Manager {
         state: AgentState,
         bundle: TrustBundle,
         agent_key: Arc<dyn KeySigner>,
+        attestor: Option<Arc<dyn NodeAttestorClient>>,
     ) -> Result<Self> {
         let (nb, na) = carapace_core::x509svid::validity_of(&state.svid_chain[0])?;
         // Received now (attestation) or earlier (restored): undo the server's backdate.
@@ -181,6 +187,7 @@ impl Manager {
             state,
             entries: BTreeMap::new(),
             slots: BTreeMap::new(),
+            attestor,
         })
     }
 
@@ -553,12 +560,22 @@ impl Manager {
         let key = self.km.generate_key(&new_key_id(), KeyType::EcP256).await?;
         let result = async {
             let csr = carapace_tls::csr_for_key(key.clone())?;
-            let resp = client
-                .renew_agent(RenewAgentRequest { csr })
-                .await
-                .map_err(|s| call_error("renewing the agent SVID", s))?
-                .into_inner();
-            let chain = resp.svid.map(|s| s.cert_chain).unwrap_or_default();
+            let chain = match (&self.attestor, self.state.reattestable) {
+                // Evidence that can be presented again (a TPM quote) renews by attesting
+                // again: a node whose evidence changed (PCRs) loses its identity here.
+                (Some(attestor), true) => {
+                    let result = node_client::attest(client, attestor.as_ref(), csr).await?;
+                    result.svid.map(|s| s.cert_chain).unwrap_or_default()
+                }
+                _ => {
+                    let resp = client
+                        .renew_agent(RenewAgentRequest { csr })
+                        .await
+                        .map_err(|s| call_error("renewing the agent SVID", s))?
+                        .into_inner();
+                    resp.svid.map(|s| s.cert_chain).unwrap_or_default()
+                }
+            };
             let bundle = self.bundle_tx.borrow().clone();
             let v = carapace_core::x509svid::verify_chain(&chain, &bundle, now().max(0) as u64)?;
             if v.spiffe_id != self.agent_id()? {

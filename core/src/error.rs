@@ -94,6 +94,10 @@ pub enum Error {
     /// Workload attestation could not identify the caller.
     #[error("workload attestation failed: {0}")]
     WorkloadAttestation(String),
+    /// A backend a plugin depends on (a datastore, a device) failed for now; retrying
+    /// later may succeed.
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
     /// A plugin's configuration is not acceptable.
     #[error("plugin {plugin}: {reason}")]
     PluginConfig {
@@ -117,7 +121,7 @@ impl Error {
             | Error::UnsupportedAlgorithm { .. }
             | Error::PluginConfig { .. } => Blame::InvalidInput,
             Error::AttestationRejected(_) | Error::AttestationReplay(_) => Blame::PermissionDenied,
-            Error::WorkloadAttestation(_) => Blame::Unavailable,
+            Error::WorkloadAttestation(_) | Error::Unavailable(_) => Blame::Unavailable,
             Error::KeyNotFound(_) => Blame::NotFound,
             Error::KeyExists(_) => Blame::AlreadyExists,
             Error::KeyUnavailable(_) => Blame::Unavailable,

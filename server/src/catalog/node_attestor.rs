@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use carapace_attestor_tpm::server::{NodeStateStore, TpmAttestor, TpmServerConfig};
 use carapace_core::plugin::NodeAttestor;
 
 use super::{PluginContext, parse, unknown};
@@ -9,7 +10,7 @@ use crate::datastore::Datastore;
 use crate::node_attestor::JoinTokenAttestor;
 use crate::{Error, Result};
 
-const KNOWN: &[&str] = &["join_token"];
+const KNOWN: &[&str] = &["join_token", "tpm"];
 
 /// `[node_attestor.join_token]`: no settings.
 #[derive(Debug, Default, Deserialize)]
@@ -19,6 +20,9 @@ struct JoinTokenConfig {}
 pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), String> {
     match name {
         "join_token" => parse::<JoinTokenConfig>(table).map(|_| ()),
+        "tpm" => {
+            parse::<TpmServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
         other => Err(unknown("node_attestor", other, KNOWN)),
     }
 }
@@ -27,7 +31,7 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
 pub fn build_node_attestor(
     name: &str,
     table: &toml::Table,
-    _ctx: &PluginContext,
+    ctx: &PluginContext,
     ds: &Datastore,
 ) -> Result<Arc<dyn NodeAttestor>> {
     match name {
@@ -36,6 +40,46 @@ pub fn build_node_attestor(
                 .map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(JoinTokenAttestor::new(ds.clone())))
         }
+        "tpm" => {
+            let cfg: TpmServerConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            let store = Arc::new(DatastoreState {
+                ds: ds.clone(),
+                attestor: "tpm",
+            });
+            Ok(Arc::new(
+                TpmAttestor::new(&cfg, &ctx.data_dir, store)
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            ))
+        }
         other => Err(Error::Config(unknown("node_attestor", other, KNOWN))),
+    }
+}
+
+/// A node attestor's per-node state in the datastore (`attestation_state`).
+#[derive(Debug)]
+struct DatastoreState {
+    ds: Datastore,
+    attestor: &'static str,
+}
+
+fn store_err(e: Error) -> carapace_core::Error {
+    carapace_core::Error::Unavailable(format!("attestation state: {e}"))
+}
+
+#[async_trait::async_trait]
+impl NodeStateStore for DatastoreState {
+    async fn load(&self, key: &str) -> std::result::Result<Option<Vec<u8>>, carapace_core::Error> {
+        self.ds
+            .load_attestation_state(self.attestor, key)
+            .await
+            .map_err(store_err)
+    }
+
+    async fn save(&self, key: &str, data: &[u8]) -> std::result::Result<(), carapace_core::Error> {
+        self.ds
+            .save_attestation_state(self.attestor, key, data)
+            .await
+            .map_err(store_err)
     }
 }

@@ -1,0 +1,356 @@
+//! The server half (`[node_attestor.tpm]`): EK trust, AK checks, a software
+//! MakeCredential, then one challenge (credential + nonce) whose answer must carry the
+//! activated credential and a fresh quote over the configured PCRs.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use carapace_core::plugin::{AttestationResult, AttestationSession, AttestationStep, NodeAttestor};
+use carapace_core::{Error, SelectorSet};
+
+use crate::verify::{self, EkIdentity, EkPolicy, PcrPolicy, QuoteInfo};
+use crate::wire::{self, Challenge, Payload, PcrSelection, Response};
+
+/// The plugin name on both sides.
+pub const PLUGIN_NAME: &str = "tpm";
+
+/// PCRs quoted when the configuration names none: the SRTM measurements of firmware,
+/// option ROMs, boot loader and Secure Boot policy.
+pub const DEFAULT_PCRS: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+
+fn default_pcrs() -> Vec<u8> {
+    DEFAULT_PCRS.to_vec()
+}
+
+/// Settings of `[node_attestor.tpm]` on the server.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmServerConfig {
+    /// PEM files with the TPM manufacturers' EK CA certificates: self-signed ones are
+    /// roots, the others intermediates. Relative paths resolve against the data dir.
+    #[serde(default)]
+    pub ek_ca_files: Vec<PathBuf>,
+    /// SHA-256 (lowercase hex) of EK public keys (SubjectPublicKeyInfo DER) accepted
+    /// without a certificate chain.
+    #[serde(default)]
+    pub ek_hash_allowlist: Vec<String>,
+    /// The sha256 PCRs every quote must cover (default 0-7); each becomes a selector.
+    #[serde(default = "default_pcrs")]
+    pub pcrs: Vec<u8>,
+    /// Golden values: PCR index → allowed sha256 values (hex); any other value refuses
+    /// attestation.
+    #[serde(default)]
+    pub pcr_policy: BTreeMap<String, Vec<String>>,
+}
+
+impl TpmServerConfig {
+    /// Every problem of these settings (without reading files).
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if self.ek_ca_files.is_empty() && self.ek_hash_allowlist.is_empty() {
+            problems.push(
+                "set ek_ca_files (manufacturer roots) or ek_hash_allowlist: otherwise no TPM \
+                 would be trusted"
+                    .to_owned(),
+            );
+        }
+        for h in &self.ek_hash_allowlist {
+            if h.len() != 64
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            {
+                problems.push(format!(
+                    "ek_hash_allowlist: {h:?} is not a lowercase hex SHA-256"
+                ));
+            }
+        }
+        if self.pcrs.is_empty() {
+            problems.push("pcrs: quote at least one PCR".to_owned());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for &p in &self.pcrs {
+            if p > 23 {
+                problems.push(format!("pcrs: {p} is not a PCR index (0-23)"));
+            }
+            if !seen.insert(p) {
+                problems.push(format!("pcrs: {p} is listed twice"));
+            }
+        }
+        match PcrPolicy::from_config(&self.pcr_policy) {
+            Err(e) => problems.push(e.to_string()),
+            Ok(policy) => {
+                for p in policy.pcrs() {
+                    if !self.pcrs.contains(&p) {
+                        problems.push(format!(
+                            "pcr_policy: PCR {p} has golden values but is not in pcrs, so it is never quoted"
+                        ));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// Where the attestor keeps each TPM's last quote clock between attestations (the
+/// server's datastore).
+#[async_trait::async_trait]
+pub trait NodeStateStore: Send + Sync + fmt::Debug {
+    /// The saved state of node `key`.
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
+    /// Saves the state of node `key`.
+    async fn save(&self, key: &str, data: &[u8]) -> Result<(), Error>;
+}
+
+/// What is kept of a TPM's last quote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct ClockRecord {
+    clock: u64,
+    reset_count: u32,
+    restart_count: u32,
+}
+
+impl ClockRecord {
+    fn of(q: &QuoteInfo) -> Self {
+        ClockRecord {
+            clock: q.clock,
+            reset_count: q.reset_count,
+            restart_count: q.restart_count,
+        }
+    }
+}
+
+/// The server half of `tpm` node attestation.
+pub struct TpmAttestor {
+    ek_policy: EkPolicy,
+    pcr_policy: PcrPolicy,
+    pcrs: Vec<u8>,
+    store: Arc<dyn NodeStateStore>,
+}
+
+impl fmt::Debug for TpmAttestor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TpmAttestor")
+            .field("ek_roots", &self.ek_policy.roots.len())
+            .field("ek_intermediates", &self.ek_policy.intermediates.len())
+            .field("ek_allowlist", &self.ek_policy.allowlist.len())
+            .field("pcrs", &self.pcrs)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_err(msg: impl fmt::Display) -> Error {
+    Error::PluginConfig {
+        plugin: "node_attestor.tpm".into(),
+        reason: msg.to_string(),
+    }
+}
+
+impl TpmAttestor {
+    /// Builds the attestor: validates `cfg`, reads the EK CA files (resolved against
+    /// `base_dir`).
+    pub fn new(
+        cfg: &TpmServerConfig,
+        base_dir: &std::path::Path,
+        store: Arc<dyn NodeStateStore>,
+    ) -> Result<Self, Error> {
+        cfg.validate().map_err(|p| config_err(p.join("; ")))?;
+        let mut roots = Vec::new();
+        let mut intermediates = Vec::new();
+        for file in &cfg.ek_ca_files {
+            let path = base_dir.join(file);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                config_err(format!("ek_ca_files: cannot read {}: {e}", path.display()))
+            })?;
+            let certs = carapace_core::bundle::certs_from_pem(&text)
+                .map_err(|e| config_err(format!("ek_ca_files: {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(config_err(format!(
+                    "ek_ca_files: {} holds no certificate",
+                    path.display()
+                )));
+            }
+            for der in certs {
+                if verify::is_self_signed(&der) {
+                    roots.push(der);
+                } else {
+                    intermediates.push(der);
+                }
+            }
+        }
+        if !cfg.ek_ca_files.is_empty() && roots.is_empty() {
+            return Err(config_err(
+                "ek_ca_files hold intermediates but no self-signed root",
+            ));
+        }
+        Ok(TpmAttestor {
+            ek_policy: EkPolicy::new(roots, intermediates, cfg.ek_hash_allowlist.clone())?,
+            pcr_policy: PcrPolicy::from_config(&cfg.pcr_policy)?,
+            pcrs: cfg.pcrs.clone(),
+            store,
+        })
+    }
+}
+
+fn rejected(msg: impl fmt::Display) -> Error {
+    Error::AttestationRejected(format!("tpm: {msg}"))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[async_trait::async_trait]
+impl NodeAttestor for TpmAttestor {
+    fn name(&self) -> &str {
+        PLUGIN_NAME
+    }
+
+    async fn begin(&self, payload: &[u8]) -> Result<AttestationStep, Error> {
+        let p: Payload = wire::decode("payload", payload)?;
+        if p.version != wire::VERSION {
+            return Err(rejected(format!(
+                "payload version {} (this server speaks {})",
+                p.version,
+                wire::VERSION
+            )));
+        }
+        let ek_public = verify::parse_public(&p.ek_public)
+            .map_err(|e| rejected(format!("EK public area: {e}")))?;
+        let ek = verify::verify_ek(
+            &self.ek_policy,
+            &ek_public,
+            (!p.ek_cert.is_empty()).then_some(p.ek_cert.as_slice()),
+            &p.ek_intermediates,
+            unix_now(),
+        )?;
+        let ak_public = verify::parse_public(&p.ak_public)
+            .map_err(|e| rejected(format!("AK public area: {e}")))?;
+        verify::check_ak(&ak_public)?;
+        let ak_name = verify::name_of(&ak_public)?;
+
+        let mut secret = vec![0u8; 32];
+        rand::rng().fill_bytes(&mut secret);
+        let mut nonce = vec![0u8; 32];
+        rand::rng().fill_bytes(&mut nonce);
+        let made = crate::credential::make_credential(&p.ek_public, &ak_name, &secret)?;
+        let challenge = Challenge {
+            version: wire::VERSION,
+            credential_blob: made.credential_blob,
+            encrypted_secret: made.encrypted_secret,
+            nonce: nonce.clone(),
+            pcr_selection: PcrSelection {
+                hash: "sha256".into(),
+                pcrs: self.pcrs.clone(),
+            },
+        };
+        tracing::debug!(
+            ek = ek.pubhash,
+            "tpm: EK trusted, AK acceptable; sent the credential and nonce"
+        );
+        Ok(AttestationStep::Challenge {
+            challenge: wire::encode(&challenge),
+            session: Box::new(TpmSession {
+                ek,
+                ak_public,
+                secret,
+                nonce,
+                pcrs: self.pcrs.clone(),
+                pcr_policy: self.pcr_policy.clone(),
+                store: self.store.clone(),
+            }),
+        })
+    }
+}
+
+/// One attestation between the challenge and the agent's answer. Consumed by
+/// `respond`, so its nonce and credential are single use.
+struct TpmSession {
+    ek: EkIdentity,
+    ak_public: tss_esapi::structures::Public,
+    secret: Vec<u8>,
+    nonce: Vec<u8>,
+    pcrs: Vec<u8>,
+    pcr_policy: PcrPolicy,
+    store: Arc<dyn NodeStateStore>,
+}
+
+impl fmt::Debug for TpmSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TpmSession")
+            .field("ek", &self.ek.pubhash)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compares in constant time.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[async_trait::async_trait]
+impl AttestationSession for TpmSession {
+    async fn respond(self: Box<Self>, response: &[u8]) -> Result<AttestationStep, Error> {
+        let r: Response = wire::decode("response", response)?;
+        if r.version != wire::VERSION {
+            return Err(rejected(format!("response version {}", r.version)));
+        }
+        if !same(&r.activated_secret, &self.secret) {
+            return Err(rejected(
+                "credential activation failed: the AK is not in the TPM that holds this EK",
+            ));
+        }
+        let values = verify::parse_pcr_values(&r.pcr_values)?;
+        let quote = verify::verify_quote(
+            &self.ak_public,
+            &r.quote,
+            &r.quote_signature,
+            &self.nonce,
+            &self.pcrs,
+            &values,
+        )?;
+        let previous: Option<ClockRecord> = match self.store.load(&self.ek.pubhash).await? {
+            Some(bytes) => serde_json::from_slice(&bytes).ok(),
+            None => None,
+        };
+        if let Some(prev) = previous {
+            let prev_info = QuoteInfo {
+                clock: prev.clock,
+                reset_count: prev.reset_count,
+                restart_count: prev.restart_count,
+                ..quote
+            };
+            verify::check_clock(Some(&prev_info), &quote)?;
+        }
+        verify::check_pcr_policy(&self.pcr_policy, &values)?;
+        let record = serde_json::to_vec(&ClockRecord::of(&quote))
+            .map_err(|e| Error::Unavailable(format!("tpm: {e}")))?;
+        self.store.save(&self.ek.pubhash, &record).await?;
+
+        let mut selectors = SelectorSet::new();
+        selectors.extend(verify::selectors(&self.ek, &values)?);
+        tracing::info!(
+            ek = self.ek.pubhash,
+            reset_count = quote.reset_count,
+            "tpm: node attested"
+        );
+        Ok(AttestationStep::Done(AttestationResult {
+            agent_path: self.ek.pubhash.clone(),
+            selectors,
+            can_reattest: true,
+        }))
+    }
+}

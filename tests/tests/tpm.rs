@@ -1,0 +1,194 @@
+//! End to end with a TPM (swtpm, manufactured by hsm-sim with EK certificates from a lab
+//! CA): the agent attests with `tpm`, the server trusts the EK through the lab root,
+//! activates a credential and checks a fresh quote; a workload gets its SVID through a
+//! node-alias entry that selects on PCR 7; a node whose PCR 7 no longer matches the
+//! server's policy is refused.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, eventually, my_uid};
+use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
+
+fn uid_selector() -> String {
+    format!("unix:uid:{}", my_uid())
+}
+
+/// A fresh swtpm from the shared manufactured template.
+fn tpm() -> Swtpm {
+    let m = TpmManufacturer::shared().unwrap_or_else(|e| panic!("{e}"));
+    Swtpm::start(m).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn tpm2(tpm: &Swtpm, args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .envs(tpm.envs())
+        .output()
+        .unwrap_or_else(|e| panic!("{} ({e}): apt-get install -y tpm2-tools", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// PCR 7 (sha256) as lowercase hex.
+fn pcr7(tpm: &Swtpm) -> String {
+    let out = tpm2(tpm, &["tpm2_pcrread", "sha256:7"]);
+    let hex = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("7 : 0x"))
+        .unwrap_or_else(|| panic!("no PCR 7 in {out}"));
+    hex.trim().to_lowercase()
+}
+
+fn server_config(lab: &Lab, extra: &str) -> PathBuf {
+    let m = TpmManufacturer::shared().unwrap();
+    let path = lab.path().join("server.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "trust_domain = \"example.org\"\n[node_attestor.join_token]\n[node_attestor.tpm]\n\
+             ek_ca_files = [{:?}, {:?}]\n{extra}",
+            m.ek_ca_root().display().to_string(),
+            m.ek_ca_intermediate().display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn start_server(lab: &Lab, config: &Path) -> Server {
+    Server::start_opts(
+        lab,
+        ServerOptions {
+            extra: vec!["--config".into(), config.display().to_string()],
+            ..ServerOptions::default()
+        },
+    )
+}
+
+/// Spawns a `tpm` agent against `server` (not waiting).
+fn spawn_agent(lab: &Lab, server: &Server, tpm: &Swtpm, name: &str) -> Agent {
+    let config = lab.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\n[node_attestor.tpm]\ntcti = {:?}\n",
+            tpm.tcti()
+        ),
+    )
+    .unwrap();
+    let bundle = lab.path().join(format!("{name}-bundle.pem"));
+    std::fs::write(&bundle, server.bundle_pem()).unwrap();
+    Agent::spawn(
+        lab,
+        server,
+        name,
+        &[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--trust-bundle".as_ref(),
+            bundle.as_os_str(),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tpm_node_attests_and_a_workload_gets_its_svid_through_a_pcr_alias() {
+    let lab = Lab::new();
+    let tpm = tpm();
+    let server = start_server(&lab, &server_config(&lab, ""));
+    let mut agent = spawn_agent(&lab, &server, &tpm, "agent");
+    agent.wait_healthy();
+
+    // The agent's ID is derived from the EK.
+    let agents = server.cli_json(&["agent", "list"]);
+    let agent_id = agents["agents"][0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        agent_id.starts_with("spiffe://example.org/spire/agent/tpm/"),
+        "{agent_id}"
+    );
+    let shown = server.cli_ok(&["agent", "show", "--spiffe-id", &agent_id]);
+    let pcr = pcr7(&tpm);
+    assert!(
+        shown.contains(&format!("tpm:pcr:sha256:7:{pcr}")),
+        "{shown}"
+    );
+    assert!(shown.contains("tpm:ek_pubhash:"), "{shown}");
+    assert!(shown.contains("tpm:ek_cert_issuer_cn:"), "{shown}");
+
+    // Every node that booted with this PCR 7 is "good-boot"; workloads of this uid on
+    // such nodes get spiffe://example.org/tpm-workload.
+    server.create_entry(
+        "spiffe://example.org/spire/server",
+        "spiffe://example.org/node/good-boot",
+        &[&format!("tpm:pcr:sha256:7:{pcr}")],
+        &[],
+    );
+    server.create_entry(
+        "spiffe://example.org/node/good-boot",
+        "spiffe://example.org/tpm-workload",
+        &[&uid_selector()],
+        &[],
+    );
+    eventually("the workload SVID", || async {
+        let out = agent.fetch(&[]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("spiffe://example.org/tpm-workload")
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_pcr_7_is_not_golden_is_refused() {
+    let lab = Lab::new();
+    let tpm = tpm();
+    let good = pcr7(&tpm);
+    // Extend PCR 7 (as a changed Secure Boot policy would): the value leaves the policy.
+    tpm2(
+        &tpm,
+        &[
+            "tpm2_pcrextend",
+            "7:sha256=0000000000000000000000000000000000000000000000000000000000000001",
+        ],
+    );
+    let server = start_server(
+        &lab,
+        &server_config(
+            &lab,
+            &format!("[node_attestor.tpm.pcr_policy]\n\"7\" = [{good:?}]\n"),
+        ),
+    );
+    let mut agent = spawn_agent(&lab, &server, &tpm, "agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Some(status) = agent.proc.try_wait() {
+            assert!(!status.success());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent should have been refused:\n{}",
+            agent.proc.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = agent.proc.log();
+    assert!(log.contains("PCR 7"), "the refusal names the PCR:\n{log}");
+    let server_log = server.log();
+    assert!(server_log.contains("PCR 7"), "{server_log}");
+    let _ = bin("carapace-agent");
+}
