@@ -18,6 +18,7 @@
 //! 3. HMACkey = KDFa(H, seed, "INTEGRITY", ∅, ∅, `|H|` bits); outerHMAC = HMAC(H,
 //!    HMACkey, encIdentity || AK name); blob = TPM2B(outerHMAC) || encIdentity.
 
+use crate::verify::parse_public_as as parse_public;
 use aes::cipher::{AsyncStreamCipher, KeyIvInit};
 use hmac::{Hmac, Mac};
 use rand::RngCore as _;
@@ -27,7 +28,6 @@ use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SymmetricMode};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::AesKeyBits;
 use tss_esapi::structures::{Public, SymmetricDefinitionObject};
-use tss_esapi::traits::{Marshall, UnMarshall};
 
 use carapace_core::Error;
 
@@ -67,15 +67,6 @@ impl NameAlg {
             HashingAlgorithm::Sha384 => Some(NameAlg::Sha384),
             HashingAlgorithm::Sha512 => Some(NameAlg::Sha512),
             _ => None,
-        }
-    }
-
-    /// TPM_ALG_ID of the hash (the first two bytes of a Name).
-    fn id(self) -> u16 {
-        match self {
-            NameAlg::Sha256 => 0x000b,
-            NameAlg::Sha384 => 0x000c,
-            NameAlg::Sha512 => 0x000d,
         }
     }
 
@@ -191,42 +182,13 @@ fn kdfe(
     out
 }
 
-/// Parses a marshalled TPMT_PUBLIC and insists the bytes are exactly its canonical
-/// encoding (no trailing bytes), so a Name computed over them is the TPM's.
-pub(crate) fn parse_public(what: &str, marshalled: &[u8]) -> Result<Public> {
-    let public = Public::unmarshall(marshalled).map_err(|e| {
-        Error::AttestationRejected(format!("tpm: {what} is not a TPMT_PUBLIC: {e}"))
-    })?;
-    let again = public.marshall().map_err(|e| {
-        Error::AttestationRejected(format!("tpm: {what}: cannot re-encode TPMT_PUBLIC: {e}"))
-    })?;
-    if again != marshalled {
-        return Err(Error::AttestationRejected(format!(
-            "tpm: {what} is not a canonical TPMT_PUBLIC ({} bytes, {} expected: trailing or \
-             non-canonical bytes)",
-            marshalled.len(),
-            again.len()
-        )));
-    }
-    Ok(public)
-}
-
 /// The TPM Name of an object from its marshalled TPMT_PUBLIC, computed in software:
 /// `nameAlg (u16 big-endian) || H_nameAlg(TPMT_PUBLIC)`.
 ///
 /// Fails with [`Error::AttestationRejected`] if the bytes are not exactly one canonical
 /// TPMT_PUBLIC, or its nameAlg is not SHA-256, SHA-384 or SHA-512.
 pub fn name_of_public(public_marshalled: &[u8]) -> Result<Vec<u8>> {
-    let public = parse_public("public area", public_marshalled)?;
-    let alg = NameAlg::from_tpm(public.name_hashing_algorithm()).ok_or_else(|| {
-        Error::AttestationRejected(format!(
-            "tpm: public area has nameAlg {:?}; only sha256, sha384 and sha512 are accepted",
-            public.name_hashing_algorithm()
-        ))
-    })?;
-    let mut name = alg.id().to_be_bytes().to_vec();
-    name.extend(alg.hash(&[public_marshalled]));
-    Ok(name)
+    crate::verify::name_of(&parse_public("public area", public_marshalled)?)
 }
 
 /// Makes a credential for the key named `ak_name` (a TPM Name: `u16 alg || digest`),
