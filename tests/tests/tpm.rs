@@ -192,3 +192,62 @@ async fn a_node_whose_pcr_7_is_not_golden_is_refused() {
     assert!(server_log.contains("PCR 7"), "{server_log}");
     let _ = bin("carapace-agent");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_attests_again_and_a_changed_pcr_loses_the_identity() {
+    let lab = Lab::new();
+    let tpm = tpm();
+    let golden = pcr7(&tpm);
+    let server = start_server(
+        &lab,
+        &server_config(
+            &lab,
+            &format!("[node_attestor.tpm.pcr_policy]\n\"7\" = [{golden:?}]\n",),
+        )
+        .with_prefix("agent_svid_ttl = \"20s\"\n"),
+    );
+    let mut agent = spawn_agent(&lab, &server, &tpm, "agent");
+    agent.wait_healthy();
+
+    // At about half of 20 s the agent renews by attesting again with a fresh quote.
+    eventually("the agent to renew by attesting again", || async {
+        agent
+            .proc
+            .log()
+            .contains("renewed the agent SVID")
+            .then_some(())
+    })
+    .await;
+    let attested = server.log().matches("tpm: node attested").count();
+    assert!(
+        attested >= 2,
+        "renewal went through attestation:\n{}",
+        server.log()
+    );
+
+    // The node's boot state changes: the next renewal is refused, naming the PCR.
+    tpm2(
+        &tpm,
+        &[
+            "tpm2_pcrextend",
+            "7:sha256=0000000000000000000000000000000000000000000000000000000000000002",
+        ],
+    );
+    eventually("the renewal to be refused", || async {
+        agent.proc.log().contains("PCR 7 has value").then_some(())
+    })
+    .await;
+}
+
+/// Prepends top-level settings to a config file.
+trait WithPrefix {
+    fn with_prefix(self, prefix: &str) -> Self;
+}
+
+impl WithPrefix for PathBuf {
+    fn with_prefix(self, prefix: &str) -> Self {
+        let text = std::fs::read_to_string(&self).unwrap();
+        std::fs::write(&self, format!("{prefix}{text}")).unwrap();
+        self
+    }
+}
