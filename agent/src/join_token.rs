@@ -3,7 +3,7 @@
 use zeroize::Zeroizing;
 
 use carapace_core::Error;
-use carapace_core::plugin::NodeAttestorClient;
+use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 
 /// Presents an operator-issued join token. The token is never logged (Debug redacts it).
 pub struct JoinTokenClient {
@@ -31,7 +31,7 @@ impl NodeAttestorClient for JoinTokenClient {
         "join_token"
     }
 
-    async fn payload(&self) -> Result<Vec<u8>, Error> {
+    async fn payload(&self, _ctx: &AttestationContext) -> Result<Vec<u8>, Error> {
         Ok(self.token.trim().as_bytes().to_vec())
     }
 

@@ -246,7 +246,8 @@ impl Manager {
         let outcome = async {
             let csr = carapace_tls::csr_for_key(key.clone())?;
             let mut client = node_client::channel(&cfg.server_address, tls)?;
-            let result = node_client::attest(&mut client, attestor, csr).await?;
+            let result =
+                node_client::attest(&mut client, attestor, csr, key.public_key_der()).await?;
             let chain = result.svid.map(|s| s.cert_chain).unwrap_or_default();
             let bundle = bundle_from_wire(
                 result.bundle.as_ref().ok_or_else(|| Error::Server("attestation result without a bundle".into()))?,
@@ -564,7 +565,9 @@ impl Manager {
                 // Evidence that can be presented again (a TPM quote) renews by attesting
                 // again: a node whose evidence changed (PCRs) loses its identity here.
                 (Some(attestor), true) => {
-                    let result = node_client::attest(client, attestor.as_ref(), csr).await?;
+                    let result =
+                        node_client::attest(client, attestor.as_ref(), csr, key.public_key_der())
+                            .await?;
                     result.svid.map(|s| s.cert_chain).unwrap_or_default()
                 }
                 _ => {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use carapace_core::plugin::NodeAttestorClient;
+use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 use carapace_proto::node::{
     AttestParams, AttestRequest, AttestResult, attest_request, attest_response,
     node_client::NodeClient,
@@ -72,9 +72,14 @@ pub async fn attest(
     client: &mut NodeClient<Channel>,
     attestor: &dyn NodeAttestorClient,
     csr: Vec<u8>,
+    agent_public_key: &[u8],
 ) -> Result<AttestResult> {
     let (tx, rx) = mpsc::channel(4);
-    let payload = attestor.payload().await?;
+    let payload = attestor
+        .payload(&AttestationContext {
+            agent_public_key: agent_public_key.to_vec(),
+        })
+        .await?;
     tx.send(AttestRequest {
         step: Some(attest_request::Step::Params(AttestParams {
             attestor: attestor.name().to_owned(),

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use carapace_core::Error;
-use carapace_core::plugin::NodeAttestorClient;
+use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 
 use crate::device::{Ak, Ek, TpmDevice};
 use crate::server::PLUGIN_NAME;
@@ -82,7 +82,7 @@ impl NodeAttestorClient for TpmAttestorClient {
         PLUGIN_NAME
     }
 
-    async fn payload(&self) -> Result<Vec<u8>, Error> {
+    async fn payload(&self, _ctx: &AttestationContext) -> Result<Vec<u8>, Error> {
         // A previous attestation that never got its challenge: drop it (flushes).
         lock(&self.pending).take();
         let tcti = self.tcti.clone();

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use carapace_core::plugin::{AttestationResult, AttestationSession, AttestationStep, NodeAttestor};
+use carapace_core::plugin::{
+    AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
+};
 use carapace_core::{Error, SelectorSet};
 
 use crate::verify::{self, EkIdentity, EkPolicy, PcrPolicy, QuoteInfo};
@@ -219,7 +221,11 @@ impl NodeAttestor for TpmAttestor {
         PLUGIN_NAME
     }
 
-    async fn begin(&self, payload: &[u8]) -> Result<AttestationStep, Error> {
+    async fn begin(
+        &self,
+        payload: &[u8],
+        _ctx: &AttestationContext,
+    ) -> Result<AttestationStep, Error> {
         let p: Payload = wire::decode("payload", payload)?;
         if p.version != wire::VERSION {
             return Err(rejected(format!(

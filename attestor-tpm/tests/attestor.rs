@@ -16,7 +16,8 @@ use carapace_attestor_tpm::server::{NodeStateStore, TpmAttestor, TpmServerConfig
 use carapace_attestor_tpm::wire::{self, Challenge, Response};
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, AttestationSession, AttestationStep, NodeAttestor, NodeAttestorClient,
+    AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
+    NodeAttestorClient,
 };
 use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
 
@@ -32,6 +33,12 @@ impl NodeStateStore for MemoryStore {
     async fn save(&self, key: &str, data: &[u8]) -> Result<(), Error> {
         self.0.lock().unwrap().insert(key.into(), data.to_vec());
         Ok(())
+    }
+}
+
+fn ctx() -> AttestationContext {
+    AttestationContext {
+        agent_public_key: Vec::new(),
     }
 }
 
@@ -63,7 +70,7 @@ async fn begin(
     server: &TpmAttestor,
     payload: &[u8],
 ) -> Result<(Vec<u8>, Box<dyn AttestationSession>), Error> {
-    match server.begin(payload).await? {
+    match server.begin(payload, &ctx()).await? {
         AttestationStep::Challenge { challenge, session } => Ok((challenge, session)),
         AttestationStep::Done(_) => panic!("tpm attestation must challenge"),
     }
@@ -81,7 +88,7 @@ async fn attest(
     server: &TpmAttestor,
     client: &TpmAttestorClient,
 ) -> Result<AttestationResult, Error> {
-    let (challenge, session) = begin(server, &client.payload().await?).await?;
+    let (challenge, session) = begin(server, &client.payload(&ctx()).await?).await?;
     let answer = client.answer(&challenge).await?;
     session.respond(&answer).await.map(done)
 }
@@ -175,7 +182,9 @@ async fn a_wrong_credential_answer_is_refused() {
     let tpm = tpm();
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
-    let (challenge, session) = begin(&server, &c.payload().await.unwrap()).await.unwrap();
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+        .await
+        .unwrap();
     let mut answer: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
     answer.activated_secret[0] ^= 1;
     let err = rejected(session.respond(&wire::encode(&answer)).await);
@@ -188,15 +197,21 @@ async fn a_replayed_quote_is_refused_as_stale() {
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
     // An answer recorded from one attestation...
-    let (challenge, session) = begin(&server, &c.payload().await.unwrap()).await.unwrap();
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+        .await
+        .unwrap();
     let recorded = c.answer(&challenge).await.unwrap();
     done(session.respond(&recorded).await.unwrap());
     // ...replayed into a new one: its credential and nonce belong to the old challenge.
-    let (_, session) = begin(&server, &c.payload().await.unwrap()).await.unwrap();
+    let (_, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+        .await
+        .unwrap();
     let err = rejected(session.respond(&recorded).await);
     assert!(err.contains("credential activation failed"), "{err}");
     // Even with the new credential answered correctly, the old quote's nonce is stale.
-    let (challenge, session) = begin(&server, &c.payload().await.unwrap()).await.unwrap();
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+        .await
+        .unwrap();
     let fresh: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
     let old: Response = wire::decode("r", &recorded).unwrap();
     let spliced = Response {
@@ -216,7 +231,9 @@ async fn a_stale_nonce_is_refused() {
     let tpm = tpm();
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
-    let (challenge, session) = begin(&server, &c.payload().await.unwrap()).await.unwrap();
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+        .await
+        .unwrap();
     // The agent quotes over another nonce than the one it was given.
     let mut altered: Challenge = wire::decode("c", &challenge).unwrap();
     altered.nonce = vec![7u8; 32];
@@ -230,7 +247,9 @@ async fn tampered_pcr_values_are_refused() {
     let tpm = tpm();
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
-    let (challenge, session) = begin(&server, &c.payload().await.unwrap()).await.unwrap();
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+        .await
+        .unwrap();
     let mut answer: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
     answer.pcr_values.insert(7, "ab".repeat(32));
     let err = rejected(session.respond(&wire::encode(&answer)).await);
@@ -247,7 +266,9 @@ async fn a_quote_from_another_tpm_is_refused() {
     let b = Swtpm::start(&other).unwrap();
     let server = server(&lab_roots(), Arc::default());
     let ca = client(&a);
-    let (challenge_a, session_a) = begin(&server, &ca.payload().await.unwrap()).await.unwrap();
+    let (challenge_a, session_a) = begin(&server, &ca.payload(&ctx()).await.unwrap())
+        .await
+        .unwrap();
     let answer_a: Response = wire::decode("r", &ca.answer(&challenge_a).await.unwrap()).unwrap();
     let nonce: Challenge = wire::decode("c", &challenge_a).unwrap();
     // A relay: TPM B quotes A's challenge nonce with its own AK.

@@ -63,6 +63,11 @@ impl SubjectKey {
 /// Everything else in the CSR (subject, requested SANs) is ignored: the server decides
 /// what goes into the certificate.
 pub fn csr_public_key(csr_der: &[u8]) -> Result<SubjectKey> {
+    SubjectKey::from_spki(&csr_public_key_der(csr_der)?)
+}
+
+/// Like [`csr_public_key`], returning the SubjectPublicKeyInfo as DER.
+pub fn csr_public_key_der(csr_der: &[u8]) -> Result<Vec<u8>> {
     use x509_parser::prelude::FromDer;
     let (rest, csr) =
         x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
@@ -72,7 +77,9 @@ pub fn csr_public_key(csr_der: &[u8]) -> Result<SubjectKey> {
     }
     csr.verify_signature()
         .map_err(|_| Error::InvalidArgument("csr: signature does not verify".into()))?;
-    SubjectKey::from_spki(csr.certification_request_info.subject_pki.raw)
+    let spki = csr.certification_request_info.subject_pki.raw;
+    carapace_core::crypto::key_type_of_spki(spki)?;
+    Ok(spki.to_vec())
 }
 
 /// One CA: key, certificate and the issuer state rcgen signs with.

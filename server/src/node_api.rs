@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
-use carapace_core::plugin::{AttestationStep, NodeAttestor};
+use carapace_core::plugin::{AttestationContext, AttestationStep, NodeAttestor};
 use carapace_core::{RegistrationEntry, SpiffeId, TrustBundle};
 use carapace_proto::node::{
     self, AttestRequest, AttestResponse, BatchNewX509svidRequest, BatchNewX509svidResponse,
@@ -30,7 +30,7 @@ use carapace_proto::node::{
 };
 use carapace_proto::types;
 
-use crate::ca::{CaManager, IssuedSvid, csr_public_key, sign_leaf};
+use crate::ca::{CaManager, IssuedSvid, SubjectKey, csr_public_key, csr_public_key_der, sign_leaf};
 use crate::datastore::AttestedAgent;
 use crate::entry_cache::EntryCache;
 use crate::{Error, Result};
@@ -266,8 +266,10 @@ impl NodeApi {
             ))
         })?;
         // Check the CSR before the attestor consumes any single-use evidence.
-        let key = csr_public_key(&params.csr)?;
-        let mut step = attestor.begin(&params.payload).await?;
+        let agent_public_key = csr_public_key_der(&params.csr)?;
+        let key = SubjectKey::from_spki(&agent_public_key)?;
+        let ctx = AttestationContext { agent_public_key };
+        let mut step = attestor.begin(&params.payload, &ctx).await?;
         let result = loop {
             match step {
                 AttestationStep::Done(r) => break r,

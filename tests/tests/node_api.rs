@@ -63,6 +63,7 @@ async fn attest(server: &Server, km: &MemoryKeyManager, name: &str) -> TestAgent
         &mut client,
         &JoinTokenClient::new(Zeroizing::new(token)),
         csr,
+        key.public_key_der(),
     )
     .await
     .unwrap();

@@ -12,7 +12,8 @@ mod workload_attestor;
 
 pub use key_manager::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 pub use node_attestor::{
-    AttestationResult, AttestationSession, AttestationStep, NodeAttestor, NodeAttestorClient,
+    AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
+    NodeAttestorClient,
 };
 pub use upstream_authority::{MintRequest, MintedCa, UpstreamAuthority};
 pub use workload_attestor::{Caller, WorkloadAttestor};

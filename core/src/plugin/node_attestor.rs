@@ -17,6 +17,16 @@ pub struct AttestationResult {
     pub can_reattest: bool,
 }
 
+/// What both halves know about the attestation besides the evidence: the agent's own
+/// public key, which the server will certify in the agent SVID. An attestor that can
+/// prove where that key lives (a TPM's TPM2_Certify) binds it to the evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttestationContext {
+    /// The agent key's SubjectPublicKeyInfo (DER): on the server, taken from the CSR
+    /// (whose self-signature was verified); on the agent, the key it generated.
+    pub agent_public_key: Vec<u8>,
+}
+
 /// The next step of a node attestation.
 #[derive(Debug)]
 pub enum AttestationStep {
@@ -55,7 +65,11 @@ pub trait NodeAttestor: Send + Sync + fmt::Debug {
     /// agent's SPIFFE ID.
     fn name(&self) -> &str;
     /// Starts an attestation with the agent's first payload.
-    async fn begin(&self, payload: &[u8]) -> Result<AttestationStep, Error>;
+    async fn begin(
+        &self,
+        payload: &[u8],
+        ctx: &AttestationContext,
+    ) -> Result<AttestationStep, Error>;
 }
 
 /// The agent half of node attestation.
@@ -66,8 +80,8 @@ pub trait NodeAttestor: Send + Sync + fmt::Debug {
 pub trait NodeAttestorClient: Send + Sync + fmt::Debug {
     /// The plugin name; must equal the server half's.
     fn name(&self) -> &str;
-    /// The first message of an attestation.
-    async fn payload(&self) -> Result<Vec<u8>, Error>;
+    /// The first message of an attestation, for the agent key in `ctx`.
+    async fn payload(&self, ctx: &AttestationContext) -> Result<Vec<u8>, Error>;
     /// The answer to one challenge.
     async fn answer(&self, challenge: &[u8]) -> Result<Vec<u8>, Error>;
 }

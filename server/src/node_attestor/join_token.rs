@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use carapace_core::plugin::{AttestationResult, AttestationStep, NodeAttestor};
+use carapace_core::plugin::{AttestationContext, AttestationResult, AttestationStep, NodeAttestor};
 use carapace_core::{Error, SelectorSet};
 
 use crate::datastore::Datastore;
@@ -67,7 +67,11 @@ impl NodeAttestor for JoinTokenAttestor {
         "join_token"
     }
 
-    async fn begin(&self, payload: &[u8]) -> Result<AttestationStep, Error> {
+    async fn begin(
+        &self,
+        payload: &[u8],
+        _ctx: &AttestationContext,
+    ) -> Result<AttestationStep, Error> {
         let token = std::str::from_utf8(payload).map_err(|_| rejected())?;
         let (id, secret) = token.split_once('.').ok_or_else(rejected)?;
         if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.is_empty() {
@@ -111,6 +115,12 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    fn ctx() -> AttestationContext {
+        AttestationContext {
+            agent_public_key: Vec::new(),
+        }
+    }
+
     async fn attestor_with_token(ttl: i64) -> (Arc<JoinTokenAttestor>, GeneratedToken, Datastore) {
         let ds = Datastore::open_in_memory().await.unwrap();
         let t = generate_join_token();
@@ -131,10 +141,10 @@ mod tests {
     #[tokio::test]
     async fn a_token_works_once() {
         let (a, t, _) = attestor_with_token(60).await;
-        let r = done(a.begin(t.token.as_bytes()).await.unwrap());
+        let r = done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
         assert_eq!(r.agent_path, t.id);
         assert!(!r.can_reattest);
-        let again = a.begin(t.token.as_bytes()).await.unwrap_err();
+        let again = a.begin(t.token.as_bytes(), &ctx()).await.unwrap_err();
         assert!(
             matches!(
                 again,
@@ -149,18 +159,18 @@ mod tests {
         let (a, t, _) = attestor_with_token(60).await;
         let wrong = format!("{}.{}", t.id, "00".repeat(24));
         assert!(matches!(
-            a.begin(wrong.as_bytes()).await,
+            a.begin(wrong.as_bytes(), &ctx()).await,
             Err(Error::AttestationRejected(_))
         ));
-        done(a.begin(t.token.as_bytes()).await.unwrap());
+        done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
     }
 
     #[tokio::test]
     async fn expired_and_malformed_tokens_are_rejected() {
         let (a, t, _) = attestor_with_token(-1).await;
-        assert!(a.begin(t.token.as_bytes()).await.is_err());
+        assert!(a.begin(t.token.as_bytes(), &ctx()).await.is_err());
         for bad in [&b""[..], b"nodot", b"zz.zz", &[0xff, 0xfe]] {
-            assert!(a.begin(bad).await.is_err());
+            assert!(a.begin(bad, &ctx()).await.is_err());
         }
     }
 
@@ -168,7 +178,11 @@ mod tests {
     async fn rejection_messages_never_contain_the_token() {
         let (a, t, _) = attestor_with_token(60).await;
         let wrong = format!("{}.{}", t.id, "ab".repeat(24));
-        let msg = a.begin(wrong.as_bytes()).await.unwrap_err().to_string();
+        let msg = a
+            .begin(wrong.as_bytes(), &ctx())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(!msg.contains(&"ab".repeat(24)));
         assert!(!msg.contains(t.token.as_str()));
     }
@@ -190,7 +204,7 @@ mod tests {
             let a = a.clone();
             let token = t.token.to_string();
             tasks.push(tokio::spawn(async move {
-                a.begin(token.as_bytes()).await.is_ok()
+                a.begin(token.as_bytes(), &ctx()).await.is_ok()
             }));
         }
         let mut wins = 0;
