@@ -116,6 +116,7 @@ async fn attested_clients(server: &Server, n: usize) -> Result<(String, Vec<Node
         &mut first,
         &JoinTokenClient::new(Zeroizing::new(token.token)),
         csr,
+        key.public_key_der(),
     )
     .await
     .context("node attestation")?;
