@@ -4,9 +4,9 @@
 //! tss-esapi), `credential` (the server's software MakeCredential), `verify` (the
 //! server's checks of EK, AK, quote and PCR policy).
 
+pub mod agent;
 pub mod credential;
 pub mod device;
+pub mod server;
 pub mod verify;
 pub mod wire;
-pub mod agent;
-pub mod server;
