@@ -618,9 +618,10 @@ impl Configs<'_> {
              \n\
              [node_attestor.join_token]\n\
              \n\
-             # For TPM node attestation (not configurable yet), the lab's EK CA:\n\
-             #   root {root}\n\
-             #   intermediate {intermediate}\n\
+             # TPM node attestation: EK certificates chain to the lab's EK CA.\n\
+             [node_attestor.tpm]\n\
+             ek_ca_files = [{root_toml}, {intermediate_toml}]\n\
+             \n\
              # For Kerberos node attestation (not configurable yet), the service keytab:\n\
              #   {service} in {keytab}\n",
             env = self.layout.env_file().display(),
@@ -633,8 +634,8 @@ impl Configs<'_> {
             module = toml_path(self.hsm.module()),
             label = toml_str(&self.token.label),
             pin = toml_path(&self.token.pin_file),
-            root = self.manufacturer.ek_ca_root().display(),
-            intermediate = self.manufacturer.ek_ca_intermediate().display(),
+            root_toml = toml_path(&self.manufacturer.ek_ca_root()),
+            intermediate_toml = toml_path(&self.manufacturer.ek_ca_intermediate()),
             service = self.principals.service,
             keytab = self.principals.service_keytab.display(),
         )
@@ -660,7 +661,10 @@ impl Configs<'_> {
              [workload_attestor.unix]\n\
              workload_sha256 = false\n\
              \n\
-             # For TPM node attestation (not configurable yet): TCTI {tcti}\n\
+             # To attest with the lab's TPM instead of a join token, replace\n\
+             # [node_attestor.join_token] with:\n\
+             #   [node_attestor.tpm]\n\
+             #   tcti = {tcti_toml}\n\
              # For Kerberos node attestation (not configurable yet): {host} in {keytab}\n",
             me = l.agent_toml().display(),
             td = toml_str(self.trust_domain),
@@ -668,7 +672,7 @@ impl Configs<'_> {
             data = toml_path(&l.agent_data()),
             socket = toml_path(&l.workload_socket()),
             bundle = toml_path(&l.bundle()),
-            tcti = self.tcti,
+            tcti_toml = toml_str(self.tcti),
             host = self.principals.host,
             keytab = self.principals.host_keytab.display(),
         )
