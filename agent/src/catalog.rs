@@ -3,6 +3,10 @@
 //! `[workload_attestor.<name>]`. This is the only agent code that names concrete plugin
 //! types. Each plugin owns its config struct (`deny_unknown_fields`); [`check_plugins`]
 //! parses them all without building anything, for config validation.
+//!
+//! `[key_manager.tpm]` and `[node_attestor.tpm]` with the same `tcti` share one TPM
+//! context (`SharedTpm::for_tcti`): the TPM has no resource manager to arbitrate two,
+//! and the attestor finds the agent key there to certify it with TPM2_Certify.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
+use carapace_attestor_tpm::keys::{TpmKeyManager, TpmKeyManagerConfig};
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
@@ -19,7 +24,7 @@ use crate::join_token::JoinTokenClient;
 use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
 
-const KEY_MANAGERS: &[&str] = &["disk", "memory"];
+const KEY_MANAGERS: &[&str] = &["disk", "memory", "tpm"];
 const NODE_ATTESTORS: &[&str] = &["join_token", "tpm"];
 const WORKLOAD_ATTESTORS: &[&str] = &["unix"];
 
@@ -42,6 +47,7 @@ fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
 fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result<(), String> {
     match (kind, name) {
         ("key_manager", "disk") => parse::<DiskConfig>(table).map(|_| ()),
+        ("key_manager", "tpm") => parse::<TpmKeyManagerConfig>(table).map(|_| ()),
         ("key_manager", "memory") | ("node_attestor", "join_token") => {
             parse::<NoConfig>(table).map(|_| ())
         }
@@ -86,6 +92,25 @@ pub fn check_plugins(
             }
         }
     }
+    let km_tcti = key_managers
+        .iter()
+        .filter(|(n, _)| n == "tpm")
+        .filter_map(|(_, t)| parse::<TpmKeyManagerConfig>(t).ok())
+        .map(|c| c.tcti().trim().to_owned());
+    let na_tcti: Vec<String> = node_attestors
+        .iter()
+        .filter(|(n, _)| n == "tpm")
+        .filter_map(|(_, t)| parse::<TpmAgentConfig>(t).ok())
+        .map(|c| c.tcti().trim().to_owned())
+        .collect();
+    for km in km_tcti {
+        if let Some(na) = na_tcti.iter().find(|na| **na != km) {
+            problems.push(format!(
+                "key_manager.tpm uses tcti {km:?} but node_attestor.tpm uses {na:?}: use the \
+                 same TPM for both, so the attestation can certify the agent key"
+            ));
+        }
+    }
 }
 
 /// Builds the configured key manager for the agent's own key.
@@ -103,6 +128,12 @@ pub fn build_key_manager(
         "memory" => {
             parse::<NoConfig>(table).map_err(cfg_err)?;
             Ok(Arc::new(MemoryKeyManager::new()))
+        }
+        // The agent key in the TPM; the TPM context is shared with a `tpm` node attestor
+        // of the same TCTI (process-wide, by TCTI).
+        "tpm" => {
+            let cfg: TpmKeyManagerConfig = parse(table).map_err(cfg_err)?;
+            Ok(Arc::new(TpmKeyManager::open(&cfg, data_dir)?))
         }
         other => Err(Error::Config(unknown("key_manager", other, KEY_MANAGERS))),
     }
@@ -124,6 +155,7 @@ pub fn build_node_attestor(
                     .map(|t| Arc::new(JoinTokenClient::new(t)) as Arc<dyn NodeAttestorClient>),
             )
         }
+        // Shares the process-wide TPM context of its TCTI with a `tpm` key manager.
         "tpm" => {
             let cfg: TpmAgentConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
@@ -189,6 +221,41 @@ mod tests {
     }
 
     #[test]
+    fn the_tpm_key_manager_checks_builds_and_shares_the_attestors_tpm() {
+        let mut p = Vec::new();
+        let km = vec![(
+            "tpm".to_owned(),
+            t("tcti = \"swtpm:host=127.0.0.1,port=1\"\ndirectory = \"k\""),
+        )];
+        let na = vec![(
+            "tpm".to_owned(),
+            t("tcti = \"swtpm:host=127.0.0.1,port=1\""),
+        )];
+        let wa = vec![("unix".to_owned(), toml::Table::new())];
+        check_plugins(&km, &na, &wa, &mut p);
+        assert!(p.is_empty(), "{p:?}");
+        // Building opens nothing: the TPM is contacted at the first key or attestation.
+        let dir = tempfile::tempdir().unwrap();
+        let built = build_key_manager("tpm", &km[0].1, dir.path()).unwrap();
+        assert_eq!(built.name(), "tpm");
+        assert!(dir.path().join("k").is_dir());
+
+        let mut p = Vec::new();
+        let other = vec![(
+            "tpm".to_owned(),
+            t("tcti = \"swtpm:host=127.0.0.1,port=2\""),
+        )];
+        check_plugins(&km, &other, &wa, &mut p);
+        assert!(
+            p.iter().any(|e| e.contains("use the same TPM for both")),
+            "{p:?}"
+        );
+        let mut p = Vec::new();
+        check_plugins(&[("tpm".to_owned(), t("dir = \"x\""))], &na, &wa, &mut p);
+        assert!(p.iter().any(|e| e.starts_with("key_manager.tpm:")), "{p:?}");
+    }
+
+    #[test]
     fn every_problem_is_named() {
         let mut p = Vec::new();
         check_plugins(
@@ -205,7 +272,7 @@ mod tests {
         );
         for needle in [
             "key_manager: exactly one",
-            "key_manager.hsm: unknown key_manager plugin \"hsm\" (known: disk, memory)",
+            "key_manager.hsm: unknown key_manager plugin \"hsm\" (known: disk, memory, tpm)",
             "key_manager.disk",
             "node_attestor: exactly one",
             "workload_attestor.unix",

@@ -1,51 +1,69 @@
 //! The agent's TPM operations over tss-esapi: the endorsement key and its certificate,
-//! a one-attestation AK, ActivateCredential, PCR reads and quotes.
+//! a one-attestation AK, ActivateCredential, PCR reads and quotes; and the agent key:
+//! TPM2_Create under the storage root key, Load, Sign, and TPM2_Certify by the AK.
 //!
 //! A [`TpmDevice`] owns one ESAPI context. It is `Send` but not `Sync`: callers keep it
-//! in a mutex and call it from blocking threads (a real TPM takes 100-700 ms per
-//! signature or key creation).
+//! in a mutex ([`crate::shared::SharedTpm`]) and call it from blocking threads (a real
+//! TPM takes 100-700 ms per signature or key creation).
 //!
 //! **Transient objects.** A TPM without a resource manager (swtpm, `/dev/tpm0`) has
 //! only three transient object slots. Every method flushes what it loads on every path,
-//! except the two results meant to stay loaded across a round trip, [`Ek`] and [`Ak`]:
-//! give them back with [`TpmDevice::flush_ek`] / [`TpmDevice::flush_ak`] when the
-//! attestation ends, successfully or not (dropping the `TpmDevice` also flushes them).
+//! except the results meant to stay loaded for the caller, [`Ek`], [`Ak`] and
+//! [`LoadedKey`]: give them back with [`TpmDevice::flush_ek`] / [`TpmDevice::flush_ak`]
+//! / [`TpmDevice::flush_key`], successfully or not (dropping the `TpmDevice` also
+//! flushes them), or swap the EK and AK out with [`TpmDevice::save_ek`] /
+//! [`TpmDevice::save_ak`] (TPM2_ContextSave, then flush) while waiting for the server.
 //! [`TpmDevice::open`] flushes objects and sessions leaked by earlier processes.
 //!
-//! One attestation, agent side:
+//! One attestation, agent side (slots in use on the right):
 //! ```text
-//! let ek = tpm.ek()?;                        // EK public + certificate for the Payload
-//! let ak = tpm.create_ak(&ek)?;              // AK public for the Payload
+//! let ek = tpm.ek()?;                        // EK public + certificate      1
+//! let ak = tpm.create_ak(&ek)?;              // AK public                    2
+//! let ak = tpm.save_ak(ak)?; let ek = tpm.save_ek(ek)?;                   // 0
 //! ...send Payload, receive Challenge...
+//! let ek = tpm.restore_ek(ek)?; let ak = tpm.restore_ak(ak)?;             // 2
 //! let secret = tpm.activate_credential(&ak, &ek, &blob, &encrypted_secret)?;
+//! tpm.flush_ek(ek)?;                                                      // 1
+//! let key = tpm.load_key(&agent_key_blob)?;  // SRK + key, SRK flushed      2
+//! let certification = tpm.certify(&key, &ak, &nonce)?;
+//! tpm.flush_key(key)?;                                                    // 1
 //! let pcrs = tpm.pcr_read_sha256(&selection)?;
 //! let quote = tpm.quote(&ak, &nonce, &selection)?;
-//! tpm.flush_ak(ak)?; tpm.flush_ek(ek)?;
+//! tpm.flush_ak(ak)?;                                                      // 0
 //! ```
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
 use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, ak, ek as tss_ek, nv};
+use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::response_code::{Tss2ResponseCode, Tss2ResponseCodeKind};
 use tss_esapi::constants::tss::{
-    TPM2_LOADED_SESSION_FIRST, TPM2_NV_INDEX_FIRST, TPM2_TRANSIENT_FIRST,
+    TPM2_LOADED_SESSION_FIRST, TPM2_NV_INDEX_FIRST, TPM2_RH_NULL, TPM2_ST_HASHCHECK,
+    TPM2_TRANSIENT_FIRST,
 };
 use tss_esapi::constants::{CapabilityType, SessionType};
 use tss_esapi::handles::{
     AuthHandle, KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, SessionHandle, TpmHandle,
 };
-use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
+use tss_esapi::interface_types::algorithm::{
+    HashingAlgorithm, PublicAlgorithm, SignatureSchemeAlgorithm,
+};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    CapabilityData, Data, EncryptedSecret, IdObject, MaxNvBuffer, PcrSelectionList,
-    PcrSelectionListBuilder, PcrSlot, Public, SignatureScheme, SymmetricDefinition,
+    CapabilityData, Data, Digest, EccParameter, EccPoint, EccScheme, EncryptedSecret, HashScheme,
+    HashcheckTicket, IdObject, MaxNvBuffer, PcrSelectionList, PcrSelectionListBuilder, PcrSlot,
+    Private, Public, PublicBuilder, PublicEccParametersBuilder, Signature, SignatureScheme,
+    SymmetricDefinition, SymmetricDefinitionObject,
 };
-use tss_esapi::traits::Marshall;
+use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+use tss_esapi::utils::TpmsContext;
 use tss_esapi::{Context, TctiNameConf};
 
 use carapace_core::Error;
@@ -171,6 +189,164 @@ pub struct Quote {
     pub signature: Vec<u8>,
 }
 
+/// A TPM2_Certify result: the AK's statement that an object (the agent key) is loaded
+/// in the same TPM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certification {
+    /// The signed structure, a marshalled TPMS_ATTEST of type TPM_ST_ATTEST_CERTIFY.
+    pub attest: Vec<u8>,
+    /// The AK's signature over `attest`, a marshalled TPMT_SIGNATURE.
+    pub signature: Vec<u8>,
+}
+
+/// A key created in the TPM, in the form kept on disk: the TPM holds nothing between
+/// uses. The private area is encrypted and integrity-protected by the TPM under the
+/// storage root key (SRK), which the TPM re-derives from its owner seed: only the TPM
+/// that created the key can load it again.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyBlob {
+    /// The public area, a marshalled TPMT_PUBLIC.
+    pub public: Vec<u8>,
+    /// The contents of the TPM2B_PRIVATE `TPM2_Create` returned (the sensitive area
+    /// wrapped by the SRK, never in the clear outside the TPM).
+    pub private: Vec<u8>,
+}
+
+impl fmt::Debug for KeyBlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyBlob")
+            .field("public", &hex::encode(&self.public))
+            .field("private_len", &self.private.len())
+            .finish()
+    }
+}
+
+/// A [`KeyBlob`] loaded in the TPM until [`TpmDevice::flush_key`].
+#[derive(Debug)]
+#[must_use = "the key stays loaded in the TPM: give it back with TpmDevice::flush_key"]
+pub struct LoadedKey {
+    /// Its Name as the TPM reports it (`u16 nameAlg || digest`).
+    pub name: Vec<u8>,
+    handle: KeyHandle,
+}
+
+impl LoadedKey {
+    /// The ESAPI handle of the loaded key.
+    pub fn handle(&self) -> KeyHandle {
+        self.handle
+    }
+}
+
+/// An ECDSA signature as the TPM returns it: big-endian `r` and `s`, each at most 32
+/// bytes for P-256 and possibly shorter (leading zeros stripped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcdsaSignature {
+    /// `r`, big-endian.
+    pub r: Vec<u8>,
+    /// `s`, big-endian.
+    pub s: Vec<u8>,
+}
+
+/// An [`Ek`] or [`Ak`] swapped out of the TPM (TPM2_ContextSave, then flushed): it
+/// holds no object slot until [`TpmDevice::restore_ek`] / [`TpmDevice::restore_ak`]
+/// loads it again. An attestation keeps its EK and AK like this between the payload
+/// and the server's challenge, so other users of the TPM (the agent key's signatures)
+/// have all three slots of a TPM without resource manager meanwhile. A saved context
+/// is only valid until the TPM restarts; dropping it needs no TPM call.
+#[derive(Debug)]
+pub struct Saved<T> {
+    object: T,
+    context: TpmsContext,
+}
+
+impl<T> Saved<T> {
+    /// The object's description (its handle is not valid while it is saved).
+    pub fn object(&self) -> &T {
+        &self.object
+    }
+}
+
+/// Objects that can be swapped out with TPM2_ContextSave.
+trait Swappable {
+    const WHAT: &'static str;
+    fn handle_mut(&mut self) -> &mut KeyHandle;
+}
+
+impl Swappable for Ek {
+    const WHAT: &'static str = "EK";
+    fn handle_mut(&mut self) -> &mut KeyHandle {
+        &mut self.handle
+    }
+}
+
+impl Swappable for Ak {
+    const WHAT: &'static str = "AK";
+    fn handle_mut(&mut self) -> &mut KeyHandle {
+        &mut self.handle
+    }
+}
+
+/// The storage root key template: the TCG Provisioning Guidance SRK (ECC NIST P-256
+/// storage key, nameAlg SHA-256, AES-128-CFB, fixedTPM, fixedParent,
+/// sensitiveDataOrigin, userWithAuth, noDA, restricted, decrypt; unique x and y 32
+/// zero bytes each). CreatePrimary with the same template in the owner hierarchy
+/// always yields the same key (until TPM2_Clear), so blobs made under it load again
+/// after a restart without anything persistent in the TPM.
+pub fn srk_template() -> std::result::Result<Public, TssError> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_no_da(true)
+        .with_restricted(true)
+        .with_decrypt(true)
+        .with_sign_encrypt(false)
+        .build()?;
+    let zero = EccParameter::try_from(vec![0u8; 32])?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_restricted_decryption_key(
+                SymmetricDefinitionObject::AES_128_CFB,
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::new(zero.clone(), zero))
+        .build()
+}
+
+/// The agent key template: an unrestricted ECC NIST P-256 signing key, ECDSA with
+/// SHA-256, nameAlg SHA-256, fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth
+/// (empty auth), sign, not decrypt: generated in the TPM and never leaving it.
+pub fn signing_key_template() -> std::result::Result<Public, TssError> {
+    let attributes = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_sign_encrypt(true)
+        .with_decrypt(false)
+        .with_restricted(false)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Ecc)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attributes)
+        .with_ecc_parameters(
+            PublicEccParametersBuilder::new_unrestricted_signing_key(
+                EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)),
+                EccCurve::NistP256,
+            )
+            .build()?,
+        )
+        .with_ecc_unique_identifier(EccPoint::default())
+        .build()
+}
+
 /// A TPM opened through one TCTI.
 ///
 /// After an [`Error::KeyUnavailable`] caused by the transport (TPM gone, I/O error) the
@@ -179,6 +355,8 @@ pub struct Quote {
 pub struct TpmDevice {
     ctx: Context,
     tcti: String,
+    /// Set when a command failed in the transport: the context is unusable.
+    broken: Cell<bool>,
 }
 
 impl TpmDevice {
@@ -204,6 +382,7 @@ impl TpmDevice {
         let mut dev = TpmDevice {
             ctx,
             tcti: tcti.to_owned(),
+            broken: Cell::new(false),
         };
         dev.flush_leaked()?;
         Ok(dev)
@@ -212,6 +391,12 @@ impl TpmDevice {
     /// The TCTI string this device was opened with.
     pub fn tcti(&self) -> &str {
         &self.tcti
+    }
+
+    /// Whether a command failed in the transport (TPM gone, I/O error): ESAPI refuses
+    /// every further command on this context, so drop it and open the TPM again.
+    pub fn is_broken(&self) -> bool {
+        self.broken.get()
     }
 
     /// The EK to attest with: the first of [`EkAlgorithm::PREFERENCE`] whose certificate
@@ -533,6 +718,216 @@ impl TpmDevice {
         Ok(Quote { attest, signature })
     }
 
+    /// Swaps the EK out of the TPM: its context is saved and the object flushed, so it
+    /// holds no slot until [`TpmDevice::restore_ek`]. On failure the EK is flushed.
+    pub fn save_ek(&mut self, ek: Ek) -> Result<Saved<Ek>> {
+        self.save(ek)
+    }
+
+    /// Loads a saved EK again.
+    pub fn restore_ek(&mut self, saved: Saved<Ek>) -> Result<Ek> {
+        self.restore(saved)
+    }
+
+    /// Swaps the AK out of the TPM (see [`TpmDevice::save_ek`]).
+    pub fn save_ak(&mut self, ak: Ak) -> Result<Saved<Ak>> {
+        self.save(ak)
+    }
+
+    /// Loads a saved AK again.
+    pub fn restore_ak(&mut self, saved: Saved<Ak>) -> Result<Ak> {
+        self.restore(saved)
+    }
+
+    fn save<T: Swappable>(&mut self, mut object: T) -> Result<Saved<T>> {
+        let handle = *object.handle_mut();
+        let saved = self.ctx.context_save(handle.into());
+        // Flushed on every path: the saved context (if any) is independent of the slot.
+        let flushed = self.ctx.flush_context(handle.into());
+        let context =
+            saved.map_err(|e| self.error(&format!("saving the {} context", T::WHAT), e))?;
+        flushed.map_err(|e| self.error(&format!("flushing the saved {}", T::WHAT), e))?;
+        Ok(Saved { object, context })
+    }
+
+    fn restore<T: Swappable>(&mut self, saved: Saved<T>) -> Result<T> {
+        let Saved {
+            mut object,
+            context,
+        } = saved;
+        let handle = self.ctx.context_load(context).map_err(|e| {
+            self.error(
+                &format!(
+                    "loading the saved {} context (did the TPM restart meanwhile?)",
+                    T::WHAT
+                ),
+                e,
+            )
+        })?;
+        *object.handle_mut() = handle.into();
+        Ok(object)
+    }
+
+    /// CreatePrimary of the storage root key ([`srk_template`]) in the owner hierarchy
+    /// (empty owner auth). The caller flushes it.
+    fn create_srk(&mut self) -> Result<KeyHandle> {
+        let template = srk_template().map_err(|e| self.error("building the SRK template", e))?;
+        Ok(self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .map_err(|e| self.error("creating the storage root key (owner hierarchy)", e))?
+            .key_handle)
+    }
+
+    /// TPM2_Create of an ECDSA P-256 signing key ([`signing_key_template`]) under the
+    /// storage root key; nothing stays loaded. The private key is generated in the TPM
+    /// and leaves it only encrypted by the SRK, in [`KeyBlob::private`].
+    pub fn create_signing_key(&mut self) -> Result<KeyBlob> {
+        let template =
+            signing_key_template().map_err(|e| self.error("building the key template", e))?;
+        let srk = self.create_srk()?;
+        let created = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.create(srk, template, None, None, None, None)
+            });
+        let flushed = self.ctx.flush_context(srk.into());
+        let created = created.map_err(|e| self.error("creating the key (TPM2_Create)", e))?;
+        flushed.map_err(|e| self.error("flushing the storage root key", e))?;
+        let public = created
+            .out_public
+            .marshall()
+            .map_err(|e| self.error("encoding the key's public area", e))?;
+        Ok(KeyBlob {
+            public,
+            private: created.out_private.value().to_vec(),
+        })
+    }
+
+    /// Loads `blob` under a fresh storage root key (flushed right after the load: a
+    /// loaded object does not need its parent). Uses two slots during the load, one
+    /// after. Fails with [`Error::KeyBackend`] naming the integrity check when the blob
+    /// was made by another TPM (or the owner hierarchy was cleared since).
+    pub fn load_key(&mut self, blob: &KeyBlob) -> Result<LoadedKey> {
+        let public = Public::unmarshall(&blob.public).map_err(|e| {
+            Error::KeyBackend(format!("tpm: the key's public area does not parse: {e}"))
+        })?;
+        let private = Private::try_from(blob.private.clone()).map_err(|e| {
+            Error::KeyBackend(format!(
+                "tpm: the key's private blob ({} bytes) is not a TPM2B_PRIVATE: {e}",
+                blob.private.len()
+            ))
+        })?;
+        let srk = self.create_srk()?;
+        let loaded = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.load(srk, private, public)
+            });
+        let flushed = self.ctx.flush_context(srk.into());
+        let handle = match loaded {
+            Ok(handle) => handle,
+            Err(e) => {
+                let what = if is_tpm_refusal(&e) {
+                    "loading the key (TPM2_Load refused the blob: it was made by another TPM,                      or the owner hierarchy was cleared since)"
+                } else {
+                    "loading the key (TPM2_Load)"
+                };
+                return Err(self.error(what, e));
+            }
+        };
+        if let Err(e) = flushed {
+            self.flush_quietly(handle.into());
+            return Err(self.error("flushing the storage root key", e));
+        }
+        match self.ctx.execute_without_session(|c| c.read_public(handle)) {
+            Ok((_, name, _)) => Ok(LoadedKey {
+                name: name.value().to_vec(),
+                handle,
+            }),
+            Err(e) => {
+                self.flush_quietly(handle.into());
+                Err(self.error("ReadPublic of the loaded key", e))
+            }
+        }
+    }
+
+    /// Flushes a loaded key.
+    pub fn flush_key(&mut self, key: LoadedKey) -> Result<()> {
+        self.ctx
+            .flush_context(key.handle.into())
+            .map_err(|e| self.error("flushing the key", e))
+    }
+
+    /// Signs a SHA-256 `digest` with the key in `blob`: load it (under a fresh SRK),
+    /// TPM2_Sign with its ECDSA-SHA256 scheme, a password session and a null hashcheck
+    /// ticket, flush it. Nothing stays loaded on any path; at most two slots are used.
+    pub fn sign_digest(&mut self, blob: &KeyBlob, digest: &[u8; 32]) -> Result<EcdsaSignature> {
+        let key = self.load_key(blob)?;
+        let signed = self.sign_loaded(&key, digest);
+        let flushed = self.flush_key(key);
+        let signature = signed?;
+        flushed?;
+        Ok(signature)
+    }
+
+    fn sign_loaded(&mut self, key: &LoadedKey, digest: &[u8; 32]) -> Result<EcdsaSignature> {
+        let digest =
+            Digest::try_from(digest.to_vec()).map_err(|e| self.error("building the digest", e))?;
+        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(|e| self.error("building the null hashcheck ticket", e))?;
+        let signature = self
+            .ctx
+            .execute_with_session(Some(AuthSession::Password), |c| {
+                c.sign(key.handle, digest, SignatureScheme::Null, ticket)
+            })
+            .map_err(|e| self.error("signing (TPM2_Sign)", e))?;
+        match signature {
+            Signature::EcDsa(s) => Ok(EcdsaSignature {
+                r: s.signature_r().value().to_vec(),
+                s: s.signature_s().value().to_vec(),
+            }),
+            other => Err(Error::KeyBackend(format!(
+                "tpm ({}): TPM2_Sign returned a {:?} signature, expected ECDSA",
+                self.tcti,
+                other.algorithm()
+            ))),
+        }
+    }
+
+    /// TPM2_Certify: `ak` signs that `key` is loaded in this TPM (its Name), with
+    /// `nonce` (at most 64 bytes) as qualifying data. Both objects authorise with their
+    /// empty password.
+    pub fn certify(&mut self, key: &LoadedKey, ak: &Ak, nonce: &[u8]) -> Result<Certification> {
+        let data = Data::try_from(nonce.to_vec()).map_err(|e| {
+            Error::AttestationRejected(format!("tpm: certify nonce of {} bytes: {e}", nonce.len()))
+        })?;
+        let (attest, signature) = self
+            .ctx
+            .execute_with_sessions(
+                (
+                    Some(AuthSession::Password),
+                    Some(AuthSession::Password),
+                    None,
+                ),
+                |c| c.certify(key.handle.into(), ak.handle, data, SignatureScheme::Null),
+            )
+            .map_err(|e| self.error("Certify", e))?;
+        let attest = attest
+            .marshall()
+            .map_err(|e| self.error("encoding the certification", e))?;
+        let signature = signature
+            .marshall()
+            .map_err(|e| self.error("encoding the certification signature", e))?;
+        Ok(Certification { attest, signature })
+    }
+
     /// Flushes the EK from the TPM.
     pub fn flush_ek(&mut self, ek: Ek) -> Result<()> {
         self.ctx
@@ -681,10 +1076,13 @@ impl TpmDevice {
     fn error(&self, what: &str, e: TssError) -> Error {
         let text = format!("tpm ({}): {what}: {}", self.tcti, describe(&e));
         match classify(&e) {
-            Class::Transport => Error::KeyUnavailable(format!(
-                "{text}; {} (then open the device again: this connection is unusable)",
-                reach_hint(&self.tcti)
-            )),
+            Class::Transport => {
+                self.broken.set(true);
+                Error::KeyUnavailable(format!(
+                    "{text}; {} (then open the device again: this connection is unusable)",
+                    reach_hint(&self.tcti)
+                ))
+            }
             Class::OutOfSlots => Error::KeyUnavailable(format!(
                 "{text}; the TPM is out of object or session slots: on a TPM without a \
                  resource manager another program leaked them (use device:/dev/tpmrm0, or \

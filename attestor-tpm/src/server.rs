@@ -1,6 +1,8 @@
 //! The server half (`[node_attestor.tpm]`): EK trust, AK checks, a software
 //! MakeCredential, then one challenge (credential + nonce) whose answer must carry the
-//! activated credential and a fresh quote over the configured PCRs.
+//! activated credential and a fresh quote over the configured PCRs, and, when the
+//! payload names a TPM agent key, the AK's TPM2_Certify of that key (which must be the
+//! CSR's key).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -48,6 +50,11 @@ pub struct TpmServerConfig {
     /// attestation.
     #[serde(default)]
     pub pcr_policy: BTreeMap<String, Vec<String>>,
+    /// Refuse agents whose own key (the CSR's) is not certified to be in the attested
+    /// TPM (agents without `[key_manager.tpm]` on the same TPM). Default false: such
+    /// agents attest, without the `tpm:agent_key:tpm` selector.
+    #[serde(default)]
+    pub require_agent_key_in_tpm: bool,
 }
 
 impl TpmServerConfig {
@@ -137,6 +144,7 @@ pub struct TpmAttestor {
     ek_policy: EkPolicy,
     pcr_policy: PcrPolicy,
     pcrs: Vec<u8>,
+    require_agent_key_in_tpm: bool,
     store: Arc<dyn NodeStateStore>,
 }
 
@@ -147,6 +155,7 @@ impl fmt::Debug for TpmAttestor {
             .field("ek_intermediates", &self.ek_policy.intermediates.len())
             .field("ek_allowlist", &self.ek_policy.allowlist.len())
             .field("pcrs", &self.pcrs)
+            .field("require_agent_key_in_tpm", &self.require_agent_key_in_tpm)
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +208,7 @@ impl TpmAttestor {
             ek_policy: EkPolicy::new(roots, intermediates, cfg.ek_hash_allowlist.clone())?,
             pcr_policy: PcrPolicy::from_config(&cfg.pcr_policy)?,
             pcrs: cfg.pcrs.clone(),
+            require_agent_key_in_tpm: cfg.require_agent_key_in_tpm,
             store,
         })
     }
@@ -224,7 +234,7 @@ impl NodeAttestor for TpmAttestor {
     async fn begin(
         &self,
         payload: &[u8],
-        _ctx: &AttestationContext,
+        ctx: &AttestationContext,
     ) -> Result<AttestationStep, Error> {
         let p: Payload = wire::decode("payload", payload)?;
         if p.version != wire::VERSION {
@@ -247,6 +257,7 @@ impl NodeAttestor for TpmAttestor {
             .map_err(|e| rejected(format!("AK public area: {e}")))?;
         verify::check_ak(&ak_public)?;
         let ak_name = verify::name_of(&ak_public)?;
+        let agent_key = self.agent_key(&p, ctx)?;
 
         let mut secret = vec![0u8; 32];
         rand::rng().fill_bytes(&mut secret);
@@ -272,6 +283,7 @@ impl NodeAttestor for TpmAttestor {
             session: Box::new(TpmSession {
                 ek,
                 ak_public,
+                agent_key,
                 secret,
                 nonce,
                 pcrs: self.pcrs.clone(),
@@ -282,11 +294,45 @@ impl NodeAttestor for TpmAttestor {
     }
 }
 
+impl TpmAttestor {
+    /// The agent key the payload names, checked: a P-256 signing key bound to its TPM,
+    /// and the very key of the CSR (`ctx`). `None` when the payload names none (refused
+    /// if `require_agent_key_in_tpm`).
+    fn agent_key(
+        &self,
+        p: &Payload,
+        ctx: &AttestationContext,
+    ) -> Result<Option<tss_esapi::structures::Public>, Error> {
+        let Some(bytes) = &p.agent_key_public else {
+            if self.require_agent_key_in_tpm {
+                return Err(rejected(
+                    "the agent key is not in the TPM: require_agent_key_in_tpm is set and the \
+                     agent named no TPM key to certify (configure [key_manager.tpm] on the agent, \
+                     with the same tcti as its [node_attestor.tpm])",
+                ));
+            }
+            return Ok(None);
+        };
+        let public = verify::parse_public_as("agent key public area", bytes)?;
+        verify::check_agent_key(&public)?;
+        let spki = verify::public_key_spki_der(&public)?;
+        if !same(&spki, &ctx.agent_public_key) {
+            return Err(rejected(
+                "the agent key in the payload is not the key of the CSR: the TPM key to \
+                 certify must be the key the agent SVID is issued for",
+            ));
+        }
+        Ok(Some(public))
+    }
+}
+
 /// One attestation between the challenge and the agent's answer. Consumed by
 /// `respond`, so its nonce and credential are single use.
 struct TpmSession {
     ek: EkIdentity,
     ak_public: tss_esapi::structures::Public,
+    /// The agent key to see certified, when the payload named one.
+    agent_key: Option<tss_esapi::structures::Public>,
     secret: Vec<u8>,
     nonce: Vec<u8>,
     pcrs: Vec<u8>,
@@ -328,6 +374,28 @@ impl AttestationSession for TpmSession {
             &self.pcrs,
             &values,
         )?;
+        match (
+            &self.agent_key,
+            &r.agent_key_certify,
+            &r.agent_key_certify_signature,
+        ) {
+            (Some(key), Some(attest), Some(signature)) => {
+                verify::verify_certify(&self.ak_public, key, attest, signature, &self.nonce)?;
+            }
+            (Some(_), _, _) => {
+                return Err(rejected(
+                    "the payload named a TPM agent key but the response carries no \
+                     TPM2_Certify of it (agent_key_certify and agent_key_certify_signature)",
+                ));
+            }
+            (None, None, None) => {}
+            (None, _, _) => {
+                return Err(rejected(
+                    "the response carries an agent key certification but the payload named \
+                     no agent key",
+                ));
+            }
+        }
         let previous: Option<ClockRecord> = match self.store.load(&self.ek.pubhash).await? {
             Some(bytes) => serde_json::from_slice(&bytes).ok(),
             None => None,
@@ -348,9 +416,16 @@ impl AttestationSession for TpmSession {
 
         let mut selectors = SelectorSet::new();
         selectors.extend(verify::selectors(&self.ek, &values)?);
+        if self.agent_key.is_some() {
+            selectors.insert(carapace_core::Selector::new(
+                verify::SELECTOR_TYPE,
+                verify::AGENT_KEY_IN_TPM_SELECTOR,
+            )?);
+        }
         tracing::info!(
             ek = self.ek.pubhash,
             reset_count = quote.reset_count,
+            agent_key_in_tpm = self.agent_key.is_some(),
             "tpm: node attested"
         );
         Ok(AttestationStep::Done(AttestationResult {

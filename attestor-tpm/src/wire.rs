@@ -10,6 +10,14 @@
 //! 3. agent → server [`Response`]: the decrypted credential (ActivateCredential: the AK
 //!    is in the same TPM as the EK), a quote over the PCRs with the nonce, and the PCR
 //!    values.
+//!
+//! When the agent's own key (the one its CSR certifies) is a TPM key of the agent's
+//! `tpm` key manager, the [`Payload`] also carries its public area
+//! (`agent_key_public`) and the [`Response`] a TPM2_Certify of it by the AK over the
+//! same nonce (`agent_key_certify`, `agent_key_certify_signature`): proof that the
+//! CSR's key lives in the same TPM as the AK and EK. These optional fields are left out
+//! of the JSON when absent, so an agent without a TPM key sends exactly the version 1
+//! messages of earlier releases; [`VERSION`] stays 1.
 
 use std::collections::BTreeMap;
 
@@ -35,6 +43,29 @@ pub mod b64 {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
         STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde adapter: optional bytes as base64 (absent or `null` is `None`); use with
+/// `#[serde(default, skip_serializing_if = "Option::is_none")]`.
+pub mod b64_opt {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialises `Some` bytes as base64 (and `None` as `null`).
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(bytes) => s.serialize_some(&STANDARD.encode(bytes)),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Parses an optional base64 string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 
@@ -81,6 +112,11 @@ pub struct Payload {
     /// The AK's public area, a marshalled TPMT_PUBLIC.
     #[serde(with = "b64")]
     pub ak_public: Vec<u8>,
+    /// The agent key's public area (a marshalled TPMT_PUBLIC) when the key the CSR
+    /// certifies is a TPM key: the server then requires a TPM2_Certify of it in the
+    /// [`Response`]. Absent for an agent key outside the TPM.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub agent_key_public: Option<Vec<u8>>,
 }
 
 /// The PCRs to quote: one bank and a list of indices.
@@ -130,6 +166,14 @@ pub struct Response {
     pub quote_signature: Vec<u8>,
     /// The selected PCRs' values, by index (lowercase hex of the digest).
     pub pcr_values: BTreeMap<u8, String>,
+    /// TPM2_Certify of the agent key named in the payload, signed by the AK with the
+    /// challenge nonce as qualifying data: a marshalled TPMS_ATTEST
+    /// (TPM_ST_ATTEST_CERTIFY). Present exactly when the payload named an agent key.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub agent_key_certify: Option<Vec<u8>>,
+    /// The AK's signature over `agent_key_certify`, a marshalled TPMT_SIGNATURE.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub agent_key_certify_signature: Option<Vec<u8>>,
 }
 
 /// Parses a message, naming what is wrong.

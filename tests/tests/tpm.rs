@@ -239,6 +239,229 @@ async fn renewal_attests_again_and_a_changed_pcr_loses_the_identity() {
     .await;
 }
 
+/// Spawns an agent whose own key is in the TPM (`[key_manager.tpm]`, same TCTI as its
+/// `[node_attestor.tpm]`), not waiting. Respawning with the same `name` reuses the data
+/// directory (a restart).
+fn spawn_tpm_key_agent(lab: &Lab, server: &Server, tpm: &Swtpm, name: &str) -> Agent {
+    let config = lab.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\n[key_manager.tpm]\ntcti = {tcti:?}\n\
+             [node_attestor.tpm]\ntcti = {tcti:?}\n",
+            tcti = tpm.tcti()
+        ),
+    )
+    .unwrap();
+    let bundle = lab.path().join(format!("{name}-bundle.pem"));
+    std::fs::write(&bundle, server.bundle_pem()).unwrap();
+    Agent::spawn(
+        lab,
+        server,
+        name,
+        &[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--trust-bundle".as_ref(),
+            bundle.as_os_str(),
+        ],
+    )
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// No private key in the clear anywhere in the agent's data dir: no PEM private key, no
+/// PKCS#8 DER; the only key material is one TPM blob in `keys-tpm/`.
+fn assert_no_private_key_on_disk(data_dir: &Path) {
+    let files = files_under(data_dir);
+    for f in &files {
+        let bytes = std::fs::read(f).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{} holds a PEM private key",
+            f.display()
+        );
+        // PKCS#8 v1 DER starts with SEQUENCE { INTEGER 0, SEQUENCE { OID ... } }.
+        assert!(
+            !bytes
+                .windows(5)
+                .any(|w| w == [0x02, 0x01, 0x00, 0x30, 0x13]),
+            "{} looks like PKCS#8 DER",
+            f.display()
+        );
+    }
+    let blobs: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "tpmkey"))
+        .collect();
+    assert_eq!(blobs.len(), 1, "one agent key blob: {files:?}");
+    assert_eq!(
+        blobs[0].parent().unwrap(),
+        data_dir.join("keys-tpm"),
+        "{files:?}"
+    );
+    let blob: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blobs[0]).unwrap()).unwrap();
+    assert_eq!(blob["format"], "carapace-tpm-key", "{blob}");
+}
+
+/// The agent's own key is generated in the TPM and certified by the AK inside the
+/// attestation (the server requires it and adds `tpm:agent_key:tpm`); a workload gets
+/// its SVID through an alias on that selector; the agent restarts, restores its identity
+/// without attesting again, and syncs over TLS signed by the TPM key (a new entry
+/// arrives); no private key is ever on disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_key_lives_in_the_tpm_is_certified_and_signs_tls_after_a_restart() {
+    let lab = Lab::new();
+    let tpm = tpm();
+    let server = start_server(
+        &lab,
+        &server_config(&lab, "require_agent_key_in_tpm = true\n"),
+    );
+    let mut agent = spawn_tpm_key_agent(&lab, &server, &tpm, "agent");
+    agent.wait_healthy();
+
+    let agents = server.cli_json(&["agent", "list"]);
+    let agent_id = agents["agents"][0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shown = server.cli_ok(&["agent", "show", "--spiffe-id", &agent_id]);
+    assert!(shown.contains("tpm:agent_key:tpm"), "{shown}");
+    server.create_entry(
+        "spiffe://example.org/spire/server",
+        "spiffe://example.org/node/tpm-keyed",
+        &["tpm:agent_key:tpm"],
+        &[],
+    );
+    server.create_entry(
+        "spiffe://example.org/node/tpm-keyed",
+        "spiffe://example.org/before-restart",
+        &[&uid_selector()],
+        &[],
+    );
+    eventually("the workload SVID", || async {
+        let out = agent.fetch(&[]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("spiffe://example.org/before-restart")
+            .then_some(())
+    })
+    .await;
+    assert_no_private_key_on_disk(&agent.data_dir);
+
+    // Restart: same data dir, same TPM.
+    agent.proc.kill();
+    let mut again = spawn_tpm_key_agent(&lab, &server, &tpm, "agent");
+    again.wait_healthy();
+    let log = again.proc.log();
+    assert!(
+        log.contains("restored the agent identity from the data directory"),
+        "{log}"
+    );
+    assert!(log.contains(&agent_id), "{log}");
+    // Only the sync stream (mutual TLS, the client half signed in the TPM) brings a new
+    // entry to the restarted agent.
+    server.create_entry(
+        "spiffe://example.org/node/tpm-keyed",
+        "spiffe://example.org/after-restart",
+        &[&uid_selector()],
+        &[],
+    );
+    eventually("the new workload SVID after the restart", || async {
+        let out = again.fetch(&[]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("spiffe://example.org/after-restart")
+            .then_some(())
+    })
+    .await;
+    // The restarted agent signed nothing but its TLS handshakes, in the TPM.
+    let log = again.proc.log();
+    assert!(log.contains("tpm: signed in the TPM"), "{log}");
+    assert_eq!(
+        server.log().matches("tpm: node attested").count(),
+        1,
+        "the restart did not attest again:\n{}",
+        server.log()
+    );
+    assert_no_private_key_on_disk(&again.data_dir);
+}
+
+/// Renewal with the agent key in the TPM: the agent attests again over its TLS
+/// connection (signed by the current TPM key), certifying a new TPM key; the old key's
+/// blob is deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_certifies_a_new_tpm_key_and_drops_the_old_one() {
+    let lab = Lab::new();
+    let tpm = tpm();
+    let server = start_server(
+        &lab,
+        &server_config(&lab, "require_agent_key_in_tpm = true\n")
+            .with_prefix("agent_svid_ttl = \"20s\"\n"),
+    );
+    let mut agent = spawn_tpm_key_agent(&lab, &server, &tpm, "agent");
+    agent.wait_healthy();
+    let first = files_under(&agent.data_dir.join("keys-tpm"));
+    assert_eq!(first.len(), 1, "{first:?}");
+    eventually("the agent to renew by attesting again", || async {
+        agent
+            .proc
+            .log()
+            .contains("renewed the agent SVID")
+            .then_some(())
+    })
+    .await;
+    let log = server.log();
+    assert!(
+        log.matches("tpm: node attested").count() >= 2,
+        "renewal went through attestation:\n{log}"
+    );
+    // require_agent_key_in_tpm: each of them certified the (new) agent key.
+    let now = files_under(&agent.data_dir.join("keys-tpm"));
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, first, "a new key replaced the old one");
+    assert_no_private_key_on_disk(&agent.data_dir);
+}
+
+/// An agent whose key is not in the TPM (the default `disk` key manager) is refused by
+/// a server that requires it, naming why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_requiring_the_agent_key_in_the_tpm_refuses_a_disk_key() {
+    let lab = Lab::new();
+    let tpm = tpm();
+    let server = start_server(
+        &lab,
+        &server_config(&lab, "require_agent_key_in_tpm = true\n"),
+    );
+    let mut agent = spawn_agent(&lab, &server, &tpm, "agent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while agent.proc.try_wait().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent should have been refused:\n{}",
+            agent.proc.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let log = agent.proc.log();
+    assert!(log.contains("the agent key is not in the TPM"), "{log}");
+}
+
 /// Prepends top-level settings to a config file.
 trait WithPrefix {
     fn with_prefix(self, prefix: &str) -> Self;

@@ -12,6 +12,9 @@
 //! - [`check_clock`]: a TPM seen before did not go back in time (replayed or rolled-back
 //!   state);
 //! - [`check_pcr_policy`]: measured boot reached a known-good state;
+//! - [`check_agent_key`], [`verify_certify`]: the agent key (the CSR's) is a P-256
+//!   signing key generated in and bound to a TPM, and the AK certified (TPM2_Certify,
+//!   fresh nonce) that it is loaded in the AK's TPM;
 //! - [`selectors`]: what the node is, for registration entries.
 //!
 //! Every rejection is [`Error::AttestationRejected`] with a message naming exactly what
@@ -19,6 +22,7 @@
 //! each parser refuses trailing or non-canonical bytes, so the bytes that were signed or
 //! hashed are the bytes that were checked.
 
+mod certify;
 mod ek;
 mod pcr;
 mod public;
@@ -28,6 +32,7 @@ use std::collections::BTreeMap;
 
 use carapace_core::{Error, Selector};
 
+pub use certify::{check_agent_key, verify_certify};
 pub use ek::{
     EkIdentity, EkPolicy, EkTrust, certificates_from_pem_or_der, is_self_signed, verify_ek,
 };
@@ -39,6 +44,11 @@ pub use quote::{QuoteInfo, check_clock, verify_quote};
 
 /// The selector type every `tpm` selector has.
 pub const SELECTOR_TYPE: &str = "tpm";
+
+/// The selector value (type [`SELECTOR_TYPE`]) of a node whose agent key (the key of
+/// its agent SVID, from the CSR) the AK certified to be in the same TPM:
+/// `tpm:agent_key:tpm`.
+pub const AGENT_KEY_IN_TPM_SELECTOR: &str = "agent_key:tpm";
 
 /// Shorthand for this module's results.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -54,6 +64,8 @@ fn reject(message: impl Into<String>) -> Error {
 ///   through its certificate chain ([`EkTrust::Certificate`]); never from an unverified
 ///   certificate;
 /// - `tpm:pcr:sha256:<index>:<hex>`: one per quoted PCR (decimal index, lowercase hex).
+///
+/// The server adds [`AGENT_KEY_IN_TPM_SELECTOR`] when the agent key was certified.
 ///
 /// `pcr_values` must be the values [`verify_quote`] accepted: values outside the quote are
 /// unauthenticated.

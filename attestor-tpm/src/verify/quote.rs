@@ -12,7 +12,7 @@ use super::public::{hash_name, rsa_public_key, uncompressed_point};
 use super::{Result, reject};
 
 /// TPM_GENERATED_VALUE: the magic at the start of every structure the TPM signs itself.
-const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
+pub(super) const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
 /// TPM_ST_ATTEST_QUOTE.
 const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
 /// The highest PCR index a selection may name (a PC client TPM has 24 PCRs).
@@ -79,7 +79,7 @@ pub fn verify_quote(
             "quote signature has trailing or non-canonical bytes after the TPMT_SIGNATURE",
         ));
     }
-    verify_signature(ak, attest, &sig)?;
+    verify_signature("quote", ak, attest, &sig)?;
 
     // The signature covers these bytes: now read them.
     if attest.len() < 6 {
@@ -199,8 +199,14 @@ pub fn check_clock(prev: Option<&QuoteInfo>, now: &QuoteInfo) -> Result<()> {
     Ok(())
 }
 
-/// Checks the AK's signature over `attest`.
-fn verify_signature(ak: &Public, attest: &[u8], sig: &Signature) -> Result<()> {
+/// Checks the AK's signature over `attest`; `what` (`quote`, `certify`) names the
+/// signed structure in errors.
+pub(super) fn verify_signature(
+    what: &str,
+    ak: &Public,
+    attest: &[u8],
+    sig: &Signature,
+) -> Result<()> {
     match (ak, sig) {
         (
             Public::Ecc {
@@ -208,7 +214,7 @@ fn verify_signature(ak: &Public, attest: &[u8], sig: &Signature) -> Result<()> {
             },
             Signature::EcDsa(s),
         ) => {
-            expect_sha256(s.hashing_algorithm())?;
+            expect_sha256(what, s.hashing_algorithm())?;
             if parameters.ecc_curve() != EccCurve::NistP256 {
                 return Err(reject("AK curve is not NIST P-256"));
             }
@@ -216,13 +222,13 @@ fn verify_signature(ak: &Public, attest: &[u8], sig: &Signature) -> Result<()> {
                 uncompressed_point(EccCurve::NistP256, unique.x().value(), unique.y().value())?;
             let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)
                 .map_err(|_| reject("AK public key is not a point on NIST P-256"))?;
-            let r = scalar32(s.signature_r().value())?;
-            let s = scalar32(s.signature_s().value())?;
+            let r = scalar32(what, s.signature_r().value())?;
+            let s = scalar32(what, s.signature_s().value())?;
             let signature = p256::ecdsa::Signature::from_scalars(r, s)
-                .map_err(|_| reject("quote signature is not a valid ECDSA signature"))?;
+                .map_err(|_| reject(format!("{what} signature is not a valid ECDSA signature")))?;
             use p256::ecdsa::signature::Verifier as _;
             key.verify(attest, &signature)
-                .map_err(|_| reject("quote signature does not verify with the AK"))
+                .map_err(|_| reject(format!("{what} signature does not verify with the AK")))
         }
         (
             Public::Rsa {
@@ -230,43 +236,43 @@ fn verify_signature(ak: &Public, attest: &[u8], sig: &Signature) -> Result<()> {
             },
             Signature::RsaSsa(s),
         ) => {
-            expect_sha256(s.hashing_algorithm())?;
+            expect_sha256(what, s.hashing_algorithm())?;
             let key = rsa_public_key(parameters.exponent().value(), unique.value())?;
             let scheme = rsa::Pkcs1v15Sign {
                 hash_len: Some(32),
                 prefix: SHA256_DIGEST_INFO.to_vec().into_boxed_slice(),
             };
             key.verify(scheme, &Sha256::digest(attest), s.signature().value())
-                .map_err(|_| reject("quote signature does not verify with the AK"))
+                .map_err(|_| reject(format!("{what} signature does not verify with the AK")))
         }
         (Public::Ecc { .. }, other) => Err(reject(format!(
-            "quote signature scheme is {:?}, expected ECDSA for an ECC AK",
+            "{what} signature scheme is {:?}, expected ECDSA for an ECC AK",
             other.algorithm()
         ))),
         (Public::Rsa { .. }, other) => Err(reject(format!(
-            "quote signature scheme is {:?}, expected RSASSA for an RSA AK",
+            "{what} signature scheme is {:?}, expected RSASSA for an RSA AK",
             other.algorithm()
         ))),
         _ => Err(reject("AK is not an RSA or ECC key")),
     }
 }
 
-fn expect_sha256(alg: HashingAlgorithm) -> Result<()> {
+fn expect_sha256(what: &str, alg: HashingAlgorithm) -> Result<()> {
     if alg == HashingAlgorithm::Sha256 {
         Ok(())
     } else {
         Err(reject(format!(
-            "quote signed with {}, expected sha256",
+            "{what} signed with {}, expected sha256",
             hash_name(alg)
         )))
     }
 }
 
 /// A P-256 scalar from a TPM ECC parameter (big-endian, possibly shorter than 32 bytes).
-fn scalar32(bytes: &[u8]) -> Result<p256::FieldBytes> {
+fn scalar32(what: &str, bytes: &[u8]) -> Result<p256::FieldBytes> {
     if bytes.len() > 32 {
         return Err(reject(format!(
-            "quote signature component is {} bytes, longer than P-256's 32",
+            "{what} signature component is {} bytes, longer than P-256's 32",
             bytes.len()
         )));
     }
