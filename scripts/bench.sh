@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# The benchmarks of PERFORMANCE.md §5, scenarios S1 and S2, and issue 3's B3, in one
-# command:
+# PERFORMANCE.md §5's S1 and S2, and issues 3 (B3) and 4 (B4), in one command:
 #   B1  X509-SVID issuance: the crypto ceiling (the server's own functions, in process,
 #       1 thread and every core) beside BatchNewX509SVID throughput over the node API of
 #       the real carapace-server (1 and 2 mTLS connections);
-#   B2  Workload API: FetchX509SVID first-response latency on new connections with 1, 100
-#       and 1,000 concurrent clients against the real carapace-agent, agent memory per
-#       cached SVID, and entry-to-workload propagation;
-#   B3  X509-SVID issuance with the CA key in SoftHSM2 ([key_manager.pkcs11], sessions = 1
-#       and = nproc) over the node API, beside SoftHSM2's raw P-256 CKM_ECDSA rate (1 and
-#       nproc threads) and the software-key rate of B1; goal: >= 80 % of the raw rate.
-#       Needs softhsm2 (apt-get install -y softhsm2); without it B3 fails in the report.
-# Builds in release mode, then prints a Markdown report (also written to
-# target/bench-report.md) with the machine and this command. Run one benchmark alone
-# with target/release/carapace-bench --only b1|b2|b3 --bin-dir target/release.
+#   B2  Workload API: FetchX509SVID first response on new connections (1, 100 and 1,000
+#       clients) against the real carapace-agent, agent memory per SVID, propagation;
+#   B3  issuance with the CA key in SoftHSM2 ([key_manager.pkcs11], sessions = 1 and
+#       nproc) beside SoftHSM2's raw P-256 rate and B1's; goal: >= 80 % of the raw rate;
+#   B4  tpm node attestation against swtpm, both plugin halves in process: latency by
+#       phase, attestations/s on 1 and 2 swtpms, the server's checks alone, TPM2_Sign.
+#   B3 needs softhsm2, B4 swtpm swtpm-tools tpm2-tools (apt-get install -y ...); without
+#   them, that benchmark fails in the report.
+# Builds in release mode, then prints a Markdown report (also target/bench-report.md)
+# with the machine and this command. One benchmark alone:
+#   target/release/carapace-bench --only b1|b2|b3|b4 --bin-dir target/release
 #
 # Usage: scripts/bench.sh [--quick]
-#   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs): a smoke
-#            run of well under a minute after the build. The full run (about a minute
-#            after the build) is the default.
+#   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs, 10
+#            attestations): a smoke run of well under a minute after the build. The full
+#            run (about two minutes after the build) is the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

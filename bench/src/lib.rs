@@ -1,5 +1,5 @@
 //! The Carapace benchmark harness, run by `scripts/bench.sh` (see PERFORMANCE.md §5,
-//! scenarios S1 and S2, and issue 3's B3).
+//! scenarios S1 and S2, issue 3's B3 and issue 4's B4).
 //!
 //! - [`crypto`]: the crypto ceiling of X509-SVID issuance, with the server's own functions,
 //!   in this process, on 1 thread and on every core;
@@ -9,6 +9,8 @@
 //!   entry propagation, against the real `carapace-agent`;
 //! - [`hsm`]: B3, issuance with the CA key in a SoftHSM2 token beside the token's raw
 //!   signing rate (measured in a child process that has `SOFTHSM2_CONF`);
+//! - [`tpm`]: B4, `tpm` node attestation against swtpm in this process (both halves of
+//!   the plugin), the server's pieces alone, and the TPM's command and sign latencies;
 //! - [`harness`]: starting and stopping the real binaries (stopped by pid on drop);
 //! - [`procfs`], [`stats`], [`report`]: process counters, percentiles and the Markdown
 //!   report (pure helpers, unit-tested).
@@ -21,4 +23,5 @@ pub mod node;
 pub mod procfs;
 pub mod report;
 pub mod stats;
+pub mod tpm;
 pub mod workload;

@@ -62,6 +62,16 @@ pub fn cpu_time(pid: u32) -> Result<Duration> {
     Ok(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
+/// CPU time the calling thread has used so far (`CLOCK_THREAD_CPUTIME_ID`: nanosecond
+/// resolution, unlike the 10 ms ticks of `/proc`).
+pub fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
 /// Idle time of the whole machine so far (idle + iowait of every CPU, summed), from
 /// `/proc/stat`. Over an interval, the difference divided by the wall time is the
 /// average number of idle cores.
