@@ -259,12 +259,37 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
-fn offset(unix: i64) -> Result<time::OffsetDateTime> {
+pub(crate) fn offset(unix: i64) -> Result<time::OffsetDateTime> {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .map_err(|e| Error::Ca(format!("time {unix} out of range: {e}")))
 }
 
-fn random_serial() -> SerialNumber {
+/// The parameters every CA certificate of `td` shares (self-signed CA, upstream root,
+/// intermediate): `dn`, cA with `constraint`, keyCertSign|cRLSign, the trust domain's
+/// URI SAN, the validity, a random serial.
+pub(crate) fn ca_params(
+    td: &TrustDomain,
+    dn: DistinguishedName,
+    constraint: BasicConstraints,
+    not_before: i64,
+    not_after: i64,
+) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(constraint);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.subject_alt_names = vec![SanType::URI(
+        td.id_string()
+            .try_into()
+            .map_err(|e| Error::Ca(format!("trust domain URI: {e}")))?,
+    )];
+    params.not_before = offset(not_before)?;
+    params.not_after = offset(not_after)?;
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+pub(crate) fn random_serial() -> SerialNumber {
     use rand::RngCore;
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
@@ -460,23 +485,17 @@ impl CaManager {
             });
         }
         let not_after = now + self.settings.ca_ttl.as_secs() as i64;
-        let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CountryName, self.settings.country.clone());
         dn.push(DnType::OrganizationName, self.settings.organization.clone());
         dn.push(DnType::CommonName, format!("{} X.509 CA {seq}", self.td));
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![SanType::URI(
-            self.td
-                .id_string()
-                .try_into()
-                .map_err(|e| Error::Ca(format!("trust domain URI: {e}")))?,
-        )];
-        params.not_before = offset(not_before)?;
-        params.not_after = offset(not_after)?;
-        params.serial_number = Some(random_serial());
+        let params = ca_params(
+            &self.td,
+            dn,
+            BasicConstraints::Unconstrained,
+            not_before,
+            not_after,
+        )?;
         let signing = RcgenKey::new(key.clone())?;
         // One signature, once per CA lifetime: cheap enough to run inline even on an HSM.
         let cert_der = params

@@ -11,10 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyUsagePurpose,
-    SanType, SerialNumber,
-};
+use rcgen::{BasicConstraints, DistinguishedName, DnType, Issuer};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -22,6 +19,7 @@ use carapace_core::plugin::{KeySigner, MintRequest, MintedCa, UpstreamAuthority}
 use carapace_core::{TrustDomain, x509svid};
 use carapace_tls::RcgenKey;
 
+use crate::ca::ca_params;
 use crate::{Error, Result};
 
 /// Settings of the `disk` upstream authority: the root CA's certificate and PKCS#8 key as
@@ -119,44 +117,6 @@ impl LocalRoot {
     }
 }
 
-fn offset(unix: i64) -> Result<time::OffsetDateTime> {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .map_err(|e| Error::Ca(format!("time {unix} out of range: {e}")))
-}
-
-fn random_serial() -> SerialNumber {
-    use rand::RngCore;
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    SerialNumber::from_slice(&bytes)
-}
-
-fn td_uri(td: &TrustDomain) -> Result<SanType> {
-    Ok(SanType::URI(td.id_string().try_into().map_err(|e| {
-        Error::Ca(format!("trust domain URI: {e}"))
-    })?))
-}
-
-fn ca_params(
-    td: &TrustDomain,
-    dn: DistinguishedName,
-    constraint: BasicConstraints,
-    not_before: i64,
-    not_after: i64,
-) -> Result<CertificateParams> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(constraint);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.subject_alt_names = vec![td_uri(td)?];
-    params.use_authority_key_identifier_extension = true;
-    params.not_before = offset(not_before)?;
-    params.not_after = offset(not_after)?;
-    params.serial_number = Some(random_serial());
-    Ok(params)
-}
-
 #[async_trait::async_trait]
 impl UpstreamAuthority for LocalRoot {
     fn name(&self) -> &str {
@@ -183,7 +143,7 @@ impl UpstreamAuthority for LocalRoot {
         dn.push(DnType::OrganizationName, req.organization.clone());
         dn.push(DnType::CommonName, req.common_name.clone());
         // Path length 0: the intermediate signs SVIDs only, never another CA.
-        let params = ca_params(
+        let mut params = ca_params(
             &req.trust_domain,
             dn,
             BasicConstraints::Constrained(0),
@@ -191,6 +151,7 @@ impl UpstreamAuthority for LocalRoot {
             not_after,
         )
         .map_err(|e| carapace_core::Error::KeyBackend(e.to_string()))?;
+        params.use_authority_key_identifier_extension = true;
         let key = rcgen::SubjectPublicKeyInfo::from_der(&req.public_key_der).map_err(|e| {
             carapace_core::Error::KeyBackend(format!("CA public key unreadable: {e}"))
         })?;
@@ -239,14 +200,13 @@ pub fn make_root_certificate(
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, organization);
     dn.push(DnType::CommonName, common_name);
-    let mut params = ca_params(
+    let params = ca_params(
         td,
         dn,
         BasicConstraints::Unconstrained,
         now - crate::ca::BACKDATE,
         now + ttl.as_secs() as i64,
     )?;
-    params.use_authority_key_identifier_extension = false;
     let key = RcgenKey::new(signer)?;
     Ok(params
         .self_signed(&key)
