@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
@@ -348,9 +349,9 @@ impl fmt::Debug for TpmSession {
     }
 }
 
-/// Compares in constant time.
+/// Compares in constant time (subtle, as the join-token attestor does).
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(a.ct_eq(b))
 }
 
 #[async_trait::async_trait]
