@@ -570,3 +570,41 @@ pub fn py_fetch(socket: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The trust domain every end-to-end test uses.
+pub fn td() -> carapace_core::TrustDomain {
+    carapace_core::TrustDomain::new("example.org").unwrap()
+}
+
+/// `unix:uid:<this process's uid>`: the selector of the test process as a workload.
+pub fn uid_selector() -> String {
+    format!("unix:uid:{}", my_uid())
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl Agent {
+    /// Waits until this process, as a workload, gets an SVID from the agent.
+    pub async fn wait_for_an_svid(&self) {
+        eventually("the SVID", || async {
+            self.fetch(&[]).status.success().then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the SVIDs this process gets from the agent include `spiffe_id`.
+    pub async fn wait_for_svid(&self, spiffe_id: &str) {
+        eventually(&format!("an SVID for {spiffe_id}"), || async {
+            String::from_utf8_lossy(&self.fetch(&[]).stdout)
+                .contains(spiffe_id)
+                .then_some(())
+        })
+        .await;
+    }
+}

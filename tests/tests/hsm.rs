@@ -16,17 +16,10 @@ use std::process::Command;
 
 use carapace_core::TrustBundle;
 use carapace_e2e::{
-    Agent, Lab, Server, ServerOptions, bin, eventually, my_uid, openssl_verify, py_fetch,
+    Agent, Lab, Server, ServerOptions, bin, eventually, now, openssl_verify, py_fetch, td,
+    uid_selector,
 };
 use hsm_sim::softhsm::{SoftHsm, Token};
-
-fn td() -> carapace_core::TrustDomain {
-    carapace_core::TrustDomain::new("example.org").unwrap()
-}
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", my_uid())
-}
 
 /// A SoftHSM2 token for one test.
 fn token(label: &str) -> (SoftHsm, Token) {
@@ -107,10 +100,7 @@ async fn ca_key_in_softhsm_issues_svids_that_real_clients_accept() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
 
     // The Python client gets an SVID that openssl verifies against the bundle.
     let v = py_fetch(&agent.socket);
@@ -297,10 +287,7 @@ async fn two_servers_share_one_root_in_the_hsm() {
     }
     let mut intermediates = Vec::new();
     for agent in &agents {
-        eventually("the SVID", || async {
-            agent.fetch(&[]).status.success().then_some(())
-        })
-        .await;
+        agent.wait_for_an_svid().await;
         let v = py_fetch(&agent.socket);
         let chain_pem = v["svids"][0]["chain_pem"].as_str().unwrap().to_owned();
         let chain = carapace_core::bundle::certs_from_pem(&chain_pem).unwrap();
@@ -325,13 +312,6 @@ async fn two_servers_share_one_root_in_the_hsm() {
         .unwrap();
     assert!(show.status.success());
     assert_eq!(String::from_utf8(show.stdout).unwrap(), root_pem);
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -373,10 +353,7 @@ async fn a_disk_root_certifies_the_server_ca() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
     let v = py_fetch(&agent.socket);
     let verify = openssl_verify(
         &lab,
@@ -424,10 +401,7 @@ async fn the_server_rides_out_a_token_outage_without_a_restart() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the first SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
 
     // The token disappears (SoftHSM2: its token directory is moved away).
     let tokens = hsm.token_dir();
@@ -466,11 +440,7 @@ async fn the_server_rides_out_a_token_outage_without_a_restart() {
 
     // The token comes back: the server reconnects by itself and the pending SVID arrives.
     std::fs::rename(&away, &tokens).unwrap();
-    eventually("the SVID signed after the token came back", || async {
-        let out = String::from_utf8(agent.fetch(&[]).stdout).unwrap();
-        out.contains("spiffe://example.org/during").then_some(())
-    })
-    .await;
+    agent.wait_for_svid("spiffe://example.org/during").await;
     assert!(server.log().contains("token back"), "{}", server.log());
 }
 

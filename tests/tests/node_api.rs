@@ -12,8 +12,8 @@ use std::sync::Arc;
 use carapace_agent::join_token::JoinTokenClient;
 use carapace_agent::node_client;
 use carapace_core::plugin::{KeyManager, KeySigner};
-use carapace_core::{KeyType, TrustBundle, TrustDomain};
-use carapace_e2e::{Lab, Server};
+use carapace_core::{KeyType, TrustBundle};
+use carapace_e2e::{Lab, Server, now, td};
 use carapace_keymanager_soft::MemoryKeyManager;
 use carapace_proto::node::node_client::NodeClient;
 use carapace_proto::node::{
@@ -22,17 +22,6 @@ use carapace_proto::node::{
 use tokio::sync::watch;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
-
-fn td() -> TrustDomain {
-    TrustDomain::new("example.org").unwrap()
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 struct TestAgent {
     id: String,

@@ -13,12 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, eventually, my_uid};
+use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, eventually, uid_selector};
 use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", my_uid())
-}
 
 /// A fresh swtpm from the shared manufactured template.
 fn tpm() -> Swtpm {
@@ -143,13 +139,9 @@ async fn a_tpm_node_attests_and_a_workload_gets_its_svid_through_a_pcr_alias() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the workload SVID", || async {
-        let out = agent.fetch(&[]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("spiffe://example.org/tpm-workload")
-            .then_some(())
-    })
-    .await;
+    agent
+        .wait_for_svid("spiffe://example.org/tpm-workload")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -356,13 +348,9 @@ async fn the_agent_key_lives_in_the_tpm_is_certified_and_signs_tls_after_a_resta
         &[&uid_selector()],
         &[],
     );
-    eventually("the workload SVID", || async {
-        let out = agent.fetch(&[]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("spiffe://example.org/before-restart")
-            .then_some(())
-    })
-    .await;
+    agent
+        .wait_for_svid("spiffe://example.org/before-restart")
+        .await;
     assert_no_private_key_on_disk(&agent.data_dir);
 
     // Restart: same data dir, same TPM.
@@ -383,13 +371,9 @@ async fn the_agent_key_lives_in_the_tpm_is_certified_and_signs_tls_after_a_resta
         &[&uid_selector()],
         &[],
     );
-    eventually("the new workload SVID after the restart", || async {
-        let out = again.fetch(&[]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("spiffe://example.org/after-restart")
-            .then_some(())
-    })
-    .await;
+    again
+        .wait_for_svid("spiffe://example.org/after-restart")
+        .await;
     // The restarted agent signed nothing but its TLS handshakes, in the TPM.
     let log = again.proc.log();
     assert!(log.contains("tpm: signed in the TPM"), "{log}");

@@ -14,25 +14,11 @@ use std::time::{Duration, Instant};
 use carapace_core::TrustBundle;
 use carapace_core::x509svid::verify_chain;
 use carapace_e2e::{
-    Agent, Lab, Server, bin, eventually, my_uid, openssl_verify, py_fetch, uds_channel,
+    Agent, Lab, Server, bin, eventually, my_uid, now, openssl_verify, py_fetch, td, uds_channel,
+    uid_selector,
 };
 use futures::StreamExt;
 use spiffe::WorkloadApiClient;
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn td() -> carapace_core::TrustDomain {
-    carapace_core::TrustDomain::new("example.org").unwrap()
-}
-
-fn uid_selector() -> String {
-    format!("unix:uid:{}", my_uid())
-}
 
 /// Server + one agent + one entry for this process's uid.
 fn setup(lab: &Lab) -> (Server, Agent) {
@@ -131,10 +117,7 @@ async fn python_spiffe_client_receives_the_svid() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
     let v = py_fetch(&agent.socket);
     assert_eq!(v["default"], "spiffe://example.org/py");
     let chain_pem = v["svids"][0]["chain_pem"].as_str().unwrap();
@@ -165,10 +148,7 @@ async fn a_process_of_another_uid_is_denied() {
         &["unix:uid:0"],
         &[],
     );
-    eventually("root's SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
     let out = Command::new(bin("carapace-agent"))
         .args(["api", "fetch", "x509", "--socket-path"])
         .arg(&agent.socket)
@@ -310,10 +290,7 @@ async fn the_agent_serves_while_the_server_is_down_and_reconnects() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
     server.kill();
     for _ in 0..3 {
         let out = agent.fetch(&[]);
@@ -332,13 +309,7 @@ async fn the_agent_serves_while_the_server_is_down_and_reconnects() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the entry created after the server came back", || async {
-        let out = agent.fetch(&[]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("after-restart")
-            .then_some(())
-    })
-    .await;
+    agent.wait_for_svid("after-restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -351,10 +322,7 @@ async fn a_banned_agent_is_refused() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
     server.cli_ok(&["agent", "ban", "--spiffe-id", &agent.id]);
     let shown = server.cli_json(&["agent", "show", "--spiffe-id", &agent.id]);
     assert_eq!(shown["banned"], true);
@@ -438,10 +406,7 @@ async fn a_restarted_agent_keeps_its_identity_without_attesting_again() {
         &[&uid_selector()],
         &[],
     );
-    eventually("the SVID", || async {
-        agent.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    agent.wait_for_an_svid().await;
     agent.proc.kill();
     // No join token this time: the agent must use what it kept in its data dir.
     let mut again = Agent::spawn(&lab, &server, "agent", &["--insecure-bootstrap".as_ref()]);
@@ -452,10 +417,7 @@ async fn a_restarted_agent_keeps_its_identity_without_attesting_again() {
         again.proc.log()
     );
     assert!(again.proc.log().contains(&agent.id));
-    eventually("the SVID after restart", || async {
-        again.fetch(&[]).status.success().then_some(())
-    })
-    .await;
+    again.wait_for_an_svid().await;
     let key_mode = std::fs::metadata(agent.data_dir.join("agent.json")).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777,
@@ -588,13 +550,7 @@ async fn the_agent_renews_its_own_svid_and_keeps_working() {
         &[&uid_selector()],
         &[],
     );
-    eventually("an entry created after the renewal", || async {
-        let out = agent.fetch(&[]);
-        String::from_utf8_lossy(&out.stdout)
-            .contains("after-renewal")
-            .then_some(())
-    })
-    .await;
+    agent.wait_for_svid("after-renewal").await;
     let after = server.cli_json(&["agent", "show", "--spiffe-id", &agent.id]);
     assert_ne!(
         before["serial"], after["serial"],
