@@ -7,34 +7,18 @@
     reason = "tests"
 )]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+mod common;
+use common::{MemoryStore, begin, done};
+
+use std::sync::Arc;
 
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
 use carapace_attestor_tpm::device::TpmDevice;
-use carapace_attestor_tpm::server::{NodeStateStore, TpmAttestor, TpmServerConfig};
+use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
 use carapace_attestor_tpm::wire::{self, Challenge, Response};
 use carapace_core::Error;
-use carapace_core::plugin::{
-    AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
-    NodeAttestorClient,
-};
+use carapace_core::plugin::{AttestationContext, AttestationResult, NodeAttestorClient};
 use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
-
-/// The datastore stand-in: a map (the server's real one is tested in its crate).
-#[derive(Debug, Default)]
-struct MemoryStore(Mutex<HashMap<String, Vec<u8>>>);
-
-#[async_trait::async_trait]
-impl NodeStateStore for MemoryStore {
-    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.0.lock().unwrap().get(key).cloned())
-    }
-    async fn save(&self, key: &str, data: &[u8]) -> Result<(), Error> {
-        self.0.lock().unwrap().insert(key.into(), data.to_vec());
-        Ok(())
-    }
-}
 
 fn ctx() -> AttestationContext {
     AttestationContext {
@@ -65,30 +49,12 @@ fn client(tpm: &Swtpm) -> TpmAttestorClient {
     })
 }
 
-/// Runs `begin`, returning the challenge and the session.
-async fn begin(
-    server: &TpmAttestor,
-    payload: &[u8],
-) -> Result<(Vec<u8>, Box<dyn AttestationSession>), Error> {
-    match server.begin(payload, &ctx()).await? {
-        AttestationStep::Challenge { challenge, session } => Ok((challenge, session)),
-        AttestationStep::Done(_) => panic!("tpm attestation must challenge"),
-    }
-}
-
-fn done(step: AttestationStep) -> AttestationResult {
-    match step {
-        AttestationStep::Done(r) => r,
-        AttestationStep::Challenge { .. } => panic!("one challenge only"),
-    }
-}
-
 /// A whole attestation.
 async fn attest(
     server: &TpmAttestor,
     client: &TpmAttestorClient,
 ) -> Result<AttestationResult, Error> {
-    let (challenge, session) = begin(server, &client.payload(&ctx()).await?).await?;
+    let (challenge, session) = begin(server, &client.payload(&ctx()).await?, &ctx()).await?;
     let answer = client.answer(&challenge).await?;
     session.respond(&answer).await.map(done)
 }
@@ -182,7 +148,7 @@ async fn a_wrong_credential_answer_is_refused() {
     let tpm = tpm();
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
-    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
     let mut answer: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
@@ -197,19 +163,19 @@ async fn a_replayed_quote_is_refused_as_stale() {
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
     // An answer recorded from one attestation...
-    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
     let recorded = c.answer(&challenge).await.unwrap();
     done(session.respond(&recorded).await.unwrap());
     // ...replayed into a new one: its credential and nonce belong to the old challenge.
-    let (_, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+    let (_, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
     let err = rejected(session.respond(&recorded).await);
     assert!(err.contains("credential activation failed"), "{err}");
     // Even with the new credential answered correctly, the old quote's nonce is stale.
-    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
     let fresh: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
@@ -231,7 +197,7 @@ async fn a_stale_nonce_is_refused() {
     let tpm = tpm();
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
-    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
     // The agent quotes over another nonce than the one it was given.
@@ -247,7 +213,7 @@ async fn tampered_pcr_values_are_refused() {
     let tpm = tpm();
     let server = server(&lab_roots(), Arc::default());
     let c = client(&tpm);
-    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap())
+    let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
     let mut answer: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
@@ -266,7 +232,7 @@ async fn a_quote_from_another_tpm_is_refused() {
     let b = Swtpm::start(&other).unwrap();
     let server = server(&lab_roots(), Arc::default());
     let ca = client(&a);
-    let (challenge_a, session_a) = begin(&server, &ca.payload(&ctx()).await.unwrap())
+    let (challenge_a, session_a) = begin(&server, &ca.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
     let answer_a: Response = wire::decode("r", &ca.answer(&challenge_a).await.unwrap()).unwrap();

@@ -10,36 +10,23 @@
     reason = "tests"
 )]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+mod common;
+use common::{MemoryStore, begin, done};
+
+use std::sync::Arc;
 
 use carapace_attestor_tpm::agent::TpmAttestorClient;
 use carapace_attestor_tpm::keys::TpmKeyManager;
-use carapace_attestor_tpm::server::{NodeStateStore, TpmAttestor, TpmServerConfig};
+use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
 use carapace_attestor_tpm::shared::SharedTpm;
 use carapace_attestor_tpm::wire::{self, Payload, Response};
 use carapace_core::plugin::{
-    AttestationContext, AttestationResult, AttestationSession, AttestationStep, KeyManager,
-    KeySigner, NodeAttestor, NodeAttestorClient,
+    AttestationContext, AttestationResult, KeyManager, KeySigner, NodeAttestorClient,
 };
 use carapace_core::{Error, KeyType, SignatureAlgorithm};
 use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
 use tss_esapi::structures::Public;
 use tss_esapi::traits::{Marshall, UnMarshall};
-
-#[derive(Debug, Default)]
-struct MemoryStore(Mutex<HashMap<String, Vec<u8>>>);
-
-#[async_trait::async_trait]
-impl NodeStateStore for MemoryStore {
-    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.0.lock().unwrap().get(key).cloned())
-    }
-    async fn save(&self, key: &str, data: &[u8]) -> Result<(), Error> {
-        self.0.lock().unwrap().insert(key.into(), data.to_vec());
-        Ok(())
-    }
-}
 
 fn lab_roots() -> TpmServerConfig {
     let m = TpmManufacturer::shared().unwrap();
@@ -103,24 +90,6 @@ fn software_spki() -> Vec<u8> {
         .unwrap()
         .as_bytes()
         .to_vec()
-}
-
-async fn begin(
-    server: &TpmAttestor,
-    payload: &[u8],
-    server_ctx: &AttestationContext,
-) -> Result<(Vec<u8>, Box<dyn AttestationSession>), Error> {
-    match server.begin(payload, server_ctx).await? {
-        AttestationStep::Challenge { challenge, session } => Ok((challenge, session)),
-        AttestationStep::Done(_) => panic!("tpm attestation must challenge"),
-    }
-}
-
-fn done(step: AttestationStep) -> AttestationResult {
-    match step {
-        AttestationStep::Done(r) => r,
-        AttestationStep::Challenge { .. } => panic!("one challenge only"),
-    }
 }
 
 /// A whole attestation: the agent for `agent_ctx`, the server sees `server_ctx` (the
