@@ -59,6 +59,21 @@ fn check_private(path: &Path, what: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Loads the PKCS#8 PEM key file `path` as key `id`, refusing a file that group or
+/// others may read or write.
+pub fn load_key_file(path: &Path, id: &str) -> Result<SoftKey, Error> {
+    check_private(path, "key file")?;
+    let pem =
+        Zeroizing::new(fs::read(path).map_err(|e| backend(format!("{}: {e}", path.display())))?);
+    let der = PrivatePkcs8KeyDer::from_pem_slice(&pem).map_err(|e| {
+        backend(format!(
+            "{}: not a PKCS#8 PEM key: {e} (convert one with `openssl pkcs8 -topk8 -nocrypt`)",
+            path.display()
+        ))
+    })?;
+    SoftKey::from_pkcs8(id, der.secret_pkcs8_der())
+}
+
 impl DiskKeyManager {
     /// Opens (creating it with mode 0700 if missing) the key directory and loads every
     /// `*.key` file in it.
@@ -91,14 +106,7 @@ impl DiskKeyManager {
             if validate_key_id(id).is_err() {
                 continue;
             }
-            check_private(&path, "key file")?;
-            let pem = Zeroizing::new(
-                fs::read(&path).map_err(|e| backend(format!("{}: {e}", path.display())))?,
-            );
-            let der = PrivatePkcs8KeyDer::from_pem_slice(&pem)
-                .map_err(|e| backend(format!("{}: not a PKCS#8 PEM key: {e}", path.display())))?;
-            let key = SoftKey::from_pkcs8(id, der.secret_pkcs8_der())?;
-            keys.insert(id.to_owned(), Arc::new(key));
+            keys.insert(id.to_owned(), Arc::new(load_key_file(&path, id)?));
         }
         Ok(DiskKeyManager {
             dir: dir.to_owned(),

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use carapace_core::plugin::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 use carapace_core::{Error, KeyType};
 
-pub use disk::{DiskConfig, DiskKeyManager};
+pub use disk::{DiskConfig, DiskKeyManager, load_key_file};
 
 /// `[key_manager.memory]`: no settings.
 #[derive(Debug, Default, Clone, serde::Deserialize)]

@@ -35,30 +35,11 @@ pub(crate) fn read_cert_pem(name: &str, path: &std::path::Path) -> Result<Vec<u8
         .ok_or_else(|| cfg_err(name)(format!("cert_file {} holds no certificate", path.display())))
 }
 
-/// Reads a PKCS#8 PEM private key file, refusing one that others can read.
+/// Reads the root's PKCS#8 PEM key file, refusing one that others can read.
 pub(crate) fn read_key_pem(name: &str, path: &std::path::Path) -> Result<Arc<dyn KeySigner>> {
-    use rustls_pki_types::pem::PemObject;
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| cfg_err(name)(format!("cannot read key_file {}: {e}", path.display())))?;
-    if meta.mode() & 0o077 != 0 {
-        return Err(cfg_err(name)(format!(
-            "key_file {} is readable by others (mode {:o}); run chmod 600 {}",
-            path.display(),
-            meta.mode() & 0o777,
-            path.display()
-        )));
-    }
-    let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(path).map_err(|e| {
-        cfg_err(name)(format!(
-            "key_file {}: not a PKCS#8 PEM private key ({e}); convert one with \
-             `openssl pkcs8 -topk8 -nocrypt`",
-            path.display()
-        ))
-    })?;
-    let soft = SoftKey::from_pkcs8("upstream-root", key.secret_pkcs8_der())
-        .map_err(|e| cfg_err(name)(format!("key_file {}: {e}", path.display())))?;
-    Ok(Arc::new(soft))
+    let key = carapace_keymanager_soft::load_key_file(path, "upstream-root")
+        .map_err(|e| cfg_err(name)(format!("key_file: {e}")))?;
+    Ok(Arc::new(key))
 }
 
 /// Builds the configured upstream authority, checking that its root certificate and key
