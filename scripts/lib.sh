@@ -6,13 +6,14 @@ as_root() {
 }
 
 # System packages for building and running Carapace and its tests (libtss2-dev: the TPM
-# attestor links tpm2-tss through tss-esapi).
+# attestor links tpm2-tss through tss-esapi; libkrb5-dev: the Kerberos attestor links MIT
+# krb5's libgssapi_krb5 and libkrb5).
 install_system_packages() {
     echo "==> installing system packages (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -q
     as_root apt-get install -y -q --no-install-recommends \
-        ca-certificates curl gcc libc6-dev pkg-config make openssl procps libtss2-dev \
+        ca-certificates curl gcc libc6-dev pkg-config make openssl procps libtss2-dev libkrb5-dev \
         python3 python3-venv python3-pip "$@"
 }
 

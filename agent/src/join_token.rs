@@ -35,7 +35,7 @@ impl NodeAttestorClient for JoinTokenClient {
         Ok(self.token.trim().as_bytes().to_vec())
     }
 
-    async fn answer(&self, _challenge: &[u8]) -> Result<Vec<u8>, Error> {
+    async fn answer(&self, _challenge: &[u8], _ctx: &AttestationContext) -> Result<Vec<u8>, Error> {
         Err(Error::AttestationRejected(
             "join_token attestation has no challenges".into(),
         ))

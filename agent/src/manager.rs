@@ -245,9 +245,14 @@ impl Manager {
         let key = km.generate_key(&new_key_id(), KeyType::EcP256).await?;
         let outcome = async {
             let csr = carapace_tls::csr_for_key(key.clone())?;
-            let mut client = node_client::channel(&cfg.server_address, tls)?;
-            let result =
-                node_client::attest(&mut client, attestor, csr, key.public_key_der()).await?;
+            let result = node_client::attest(
+                &cfg.server_address,
+                tls,
+                attestor,
+                csr,
+                key.public_key_der(),
+            )
+            .await?;
             let chain = result.svid.map(|s| s.cert_chain).unwrap_or_default();
             let bundle = bundle_from_wire(
                 result.bundle.as_ref().ok_or_else(|| Error::Server("attestation result without a bundle".into()))?,
@@ -293,7 +298,8 @@ impl Manager {
         }
     }
 
-    fn client(&self) -> Result<NodeClient<Channel>> {
+    /// mTLS with the agent SVID, verifying the server against the current bundle.
+    fn client_tls(&self) -> Result<Arc<rustls::ClientConfig>> {
         let ck = carapace_tls::certified_key(&self.state.svid_chain, self.agent_key.clone());
         let tls = carapace_tls::client_config(
             self.bundle_tx.subscribe(),
@@ -301,7 +307,11 @@ impl Manager {
             Some(ck),
         )
         .map_err(|e| Error::Config(format!("TLS: {e}")))?;
-        node_client::channel(&self.cfg.server_address, Arc::new(tls))
+        Ok(Arc::new(tls))
+    }
+
+    fn client(&self) -> Result<NodeClient<Channel>> {
+        node_client::channel(&self.cfg.server_address, self.client_tls()?)
     }
 
     /// Runs until `shutdown` changes: keeps the sync stream open (reconnecting with
@@ -564,10 +574,16 @@ impl Manager {
             let chain = match (&self.attestor, self.state.reattestable) {
                 // Evidence that can be presented again (a TPM quote) renews by attesting
                 // again: a node whose evidence changed (PCRs) loses its identity here.
+                // It runs on a connection of its own: the evidence is bound to it.
                 (Some(attestor), true) => {
-                    let result =
-                        node_client::attest(client, attestor.as_ref(), csr, key.public_key_der())
-                            .await?;
+                    let result = node_client::attest(
+                        &self.cfg.server_address,
+                        self.client_tls()?,
+                        attestor.as_ref(),
+                        csr,
+                        key.public_key_der(),
+                    )
+                    .await?;
                     result.svid.map(|s| s.cert_chain).unwrap_or_default()
                 }
                 _ => {

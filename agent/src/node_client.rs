@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::sync::mpsc;
+use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
+use carapace_core::plugin::{
+    AttestationContext, NodeAttestorClient, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
+};
 use carapace_proto::node::{
     AttestParams, AttestRequest, AttestResult, attest_request, attest_response,
     node_client::NodeClient,
@@ -21,34 +23,89 @@ use crate::{Error, Result};
 /// Largest node API message.
 pub const MAX_MESSAGE_SIZE: usize = 32 * 1024 * 1024;
 
+fn endpoint(server_address: &str) -> Result<Endpoint> {
+    Ok(Endpoint::from_shared(format!("http://{server_address}"))
+        .map_err(|e| Error::Config(format!("server_address {server_address:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true))
+}
+
+/// Opens TCP and TLS to the server (the name is not checked: the verifier checks the
+/// server's SPIFFE ID).
+async fn connect_tls(
+    connector: &tokio_rustls::TlsConnector,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("carapace-server")
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    connector.connect(name, tcp).await
+}
+
+fn client(channel: Channel) -> NodeClient<Channel> {
+    NodeClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE)
+}
+
 /// A lazily connecting channel to the server over TLS with `tls`.
 pub fn channel(
     server_address: &str,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<NodeClient<Channel>> {
-    let endpoint = Endpoint::from_shared(format!("http://{server_address}"))
-        .map_err(|e| Error::Config(format!("server_address {server_address:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
     let connector = tokio_rustls::TlsConnector::from(tls);
     let addr = server_address.to_owned();
-    let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let connector = connector.clone();
-        let addr = addr.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(&addr).await?;
-            tcp.set_nodelay(true)?;
-            // The name is not checked: the verifier checks the server's SPIFFE ID.
-            let name = ServerName::try_from("carapace-server")
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
-        }
-    }));
-    Ok(NodeClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE))
+    let channel =
+        endpoint(server_address)?.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let connector = connector.clone();
+            let addr = addr.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(connect_tls(&connector, &addr).await?)) }
+        }));
+    Ok(client(channel))
+}
+
+/// A channel over exactly one new TLS connection, with that connection's exporter
+/// ([`AttestationContext::tls_exporter`]): attestation evidence is bound to it, so the
+/// whole attestation must run on it. Should the connection drop, the channel does not
+/// reconnect (the evidence would not verify on another connection anyway).
+async fn attestation_channel(
+    server_address: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<(NodeClient<Channel>, Vec<u8>)> {
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let addr = server_address.to_owned();
+    let slot: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    let exporter = slot.clone();
+    let channel = endpoint(server_address)?
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let connector = connector.clone();
+            let addr = addr.clone();
+            let slot = slot.clone();
+            async move {
+                let mut guard = slot.lock().await;
+                if guard.is_some() {
+                    return Err(std::io::Error::other(
+                        "the attestation connection was lost; attestation starts over",
+                    ));
+                }
+                let tls = connect_tls(&connector, &addr).await?;
+                let mut out = [0u8; TLS_EXPORTER_LEN];
+                tls.get_ref()
+                    .1
+                    .export_keying_material(&mut out, TLS_EXPORTER_LABEL, None)
+                    .map_err(std::io::Error::other)?;
+                *guard = Some(out.to_vec());
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| Error::Server(format!("connecting to the server at {server_address}: {e}")))?;
+    let exporter = exporter.lock().await.clone().ok_or_else(|| {
+        Error::Server("the attestation connection has no TLS exporter".into())
+    })?;
+    Ok((client(channel), exporter))
 }
 
 /// Whether a gRPC status means the server refused the agent (as opposed to being away).
@@ -67,19 +124,22 @@ fn status_error(what: &str, s: tonic::Status) -> Error {
     }
 }
 
-/// Runs node attestation with `attestor`, sending `csr` for the agent's key.
+/// Runs node attestation with `attestor` on a new connection to the server made with
+/// `tls`, sending `csr` for the agent's key.
 pub async fn attest(
-    client: &mut NodeClient<Channel>,
+    server_address: &str,
+    tls: Arc<rustls::ClientConfig>,
     attestor: &dyn NodeAttestorClient,
     csr: Vec<u8>,
     agent_public_key: &[u8],
 ) -> Result<AttestResult> {
+    let (mut client, tls_exporter) = attestation_channel(server_address, tls).await?;
+    let ctx = AttestationContext {
+        agent_public_key: agent_public_key.to_vec(),
+        tls_exporter,
+    };
     let (tx, rx) = mpsc::channel(4);
-    let payload = attestor
-        .payload(&AttestationContext {
-            agent_public_key: agent_public_key.to_vec(),
-        })
-        .await?;
+    let payload = attestor.payload(&ctx).await?;
     tx.send(AttestRequest {
         step: Some(attest_request::Step::Params(AttestParams {
             attestor: attestor.name().to_owned(),
@@ -105,7 +165,7 @@ pub async fn attest(
         match msg.step {
             Some(attest_response::Step::Result(r)) => return Ok(r),
             Some(attest_response::Step::Challenge(c)) => {
-                let answer = attestor.answer(&c).await?;
+                let answer = attestor.answer(&c, &ctx).await?;
                 tx.send(AttestRequest {
                     step: Some(attest_request::Step::ChallengeResponse(answer)),
                 })

@@ -122,7 +122,7 @@ impl NodeAttestorClient for TpmAttestorClient {
         .await
     }
 
-    async fn answer(&self, challenge: &[u8]) -> Result<Vec<u8>, Error> {
+    async fn answer(&self, challenge: &[u8], _ctx: &AttestationContext) -> Result<Vec<u8>, Error> {
         let c: Challenge = wire::decode("challenge", challenge)?;
         if c.version != wire::VERSION || c.pcr_selection.hash != "sha256" {
             return Err(Error::AttestationRejected(format!(

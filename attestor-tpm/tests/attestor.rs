@@ -23,6 +23,7 @@ use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
 fn ctx() -> AttestationContext {
     AttestationContext {
         agent_public_key: Vec::new(),
+        tls_exporter: vec![0; 32],
     }
 }
 
@@ -55,7 +56,7 @@ async fn attest(
     client: &TpmAttestorClient,
 ) -> Result<AttestationResult, Error> {
     let (challenge, session) = begin(server, &client.payload(&ctx()).await?, &ctx()).await?;
-    let answer = client.answer(&challenge).await?;
+    let answer = client.answer(&challenge, &ctx()).await?;
     session.respond(&answer).await.map(done)
 }
 
@@ -151,7 +152,7 @@ async fn a_wrong_credential_answer_is_refused() {
     let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let mut answer: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
+    let mut answer: Response = wire::decode("r", &c.answer(&challenge, &ctx()).await.unwrap()).unwrap();
     answer.activated_secret[0] ^= 1;
     let err = rejected(session.respond(&wire::encode(&answer)).await);
     assert!(err.contains("credential activation failed"), "{err}");
@@ -166,7 +167,7 @@ async fn a_replayed_quote_is_refused_as_stale() {
     let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let recorded = c.answer(&challenge).await.unwrap();
+    let recorded = c.answer(&challenge, &ctx()).await.unwrap();
     done(session.respond(&recorded).await.unwrap());
     // ...replayed into a new one: its credential and nonce belong to the old challenge.
     let (_, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
@@ -178,7 +179,7 @@ async fn a_replayed_quote_is_refused_as_stale() {
     let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let fresh: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
+    let fresh: Response = wire::decode("r", &c.answer(&challenge, &ctx()).await.unwrap()).unwrap();
     let old: Response = wire::decode("r", &recorded).unwrap();
     let spliced = Response {
         quote: old.quote,
@@ -203,7 +204,7 @@ async fn a_stale_nonce_is_refused() {
     // The agent quotes over another nonce than the one it was given.
     let mut altered: Challenge = wire::decode("c", &challenge).unwrap();
     altered.nonce = vec![7u8; 32];
-    let answer = c.answer(&wire::encode(&altered)).await.unwrap();
+    let answer = c.answer(&wire::encode(&altered), &ctx()).await.unwrap();
     let err = rejected(session.respond(&answer).await);
     assert!(err.contains("nonce does not match"), "{err}");
 }
@@ -216,7 +217,7 @@ async fn tampered_pcr_values_are_refused() {
     let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let mut answer: Response = wire::decode("r", &c.answer(&challenge).await.unwrap()).unwrap();
+    let mut answer: Response = wire::decode("r", &c.answer(&challenge, &ctx()).await.unwrap()).unwrap();
     answer.pcr_values.insert(7, "ab".repeat(32));
     let err = rejected(session.respond(&wire::encode(&answer)).await);
     assert!(
@@ -235,7 +236,7 @@ async fn a_quote_from_another_tpm_is_refused() {
     let (challenge_a, session_a) = begin(&server, &ca.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let answer_a: Response = wire::decode("r", &ca.answer(&challenge_a).await.unwrap()).unwrap();
+    let answer_a: Response = wire::decode("r", &ca.answer(&challenge_a, &ctx()).await.unwrap()).unwrap();
     let nonce: Challenge = wire::decode("c", &challenge_a).unwrap();
     // A relay: TPM B quotes A's challenge nonce with its own AK.
     let quote_b = tokio::task::spawn_blocking(move || {

@@ -77,6 +77,7 @@ async fn agent() -> Agent {
 fn ctx(spki: &[u8]) -> AttestationContext {
     AttestationContext {
         agent_public_key: spki.to_vec(),
+        tls_exporter: vec![0; 32],
     }
 }
 
@@ -102,7 +103,7 @@ async fn attest(
 ) -> Result<AttestationResult, Error> {
     let payload = client.payload(agent_ctx).await?;
     let (challenge, session) = begin(server, &payload, server_ctx).await?;
-    let answer = client.answer(&challenge).await?;
+    let answer = client.answer(&challenge, &ctx(&[])).await?;
     session.respond(&answer).await.map(done)
 }
 
@@ -196,7 +197,7 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let good: Response = wire::decode("r", &a.client.answer(&challenge).await.unwrap()).unwrap();
+    let good: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let mut bad = good.clone();
     let sig = bad.agent_key_certify_signature.as_mut().unwrap();
     let last = sig.len() - 1;
@@ -211,7 +212,7 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let fresh: Response = wire::decode("r", &a.client.answer(&challenge).await.unwrap()).unwrap();
+    let fresh: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let mut bad = fresh.clone();
     let attest = bad.agent_key_certify.as_mut().unwrap();
     let last = attest.len() - 1;
@@ -226,7 +227,7 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let fresh: Response = wire::decode("r", &a.client.answer(&challenge).await.unwrap()).unwrap();
+    let fresh: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let bad = Response {
         agent_key_certify: None,
         agent_key_certify_signature: None,
@@ -239,7 +240,7 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let fresh: Response = wire::decode("r", &a.client.answer(&challenge).await.unwrap()).unwrap();
+    let fresh: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let spliced = Response {
         agent_key_certify: good.agent_key_certify.clone(),
         agent_key_certify_signature: good.agent_key_certify_signature.clone(),
@@ -255,7 +256,7 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let mut payload: Payload = wire::decode("p", &a.client.payload(&c).await.unwrap()).unwrap();
     payload.agent_key_public = None;
     let (challenge, session) = begin(&server, &wire::encode(&payload), &c).await.unwrap();
-    let answer = a.client.answer(&challenge).await.unwrap();
+    let answer = a.client.answer(&challenge, &ctx(&[])).await.unwrap();
     let err = rejected(session.respond(&answer).await);
     assert!(err.contains("payload named no agent key"), "{err}");
     assert_eq!(loaded(&a.shared), Vec::<u32>::new());
@@ -340,7 +341,7 @@ async fn the_agent_key_signs_between_payload_and_answer() {
     })
     .await
     .unwrap();
-    let answer = a.client.answer(&challenge).await.unwrap();
+    let answer = a.client.answer(&challenge, &ctx(&[])).await.unwrap();
     let r = done(session.respond(&answer).await.unwrap());
     assert!(selectors(&r).contains(&"tpm:agent_key:tpm".to_owned()));
 }

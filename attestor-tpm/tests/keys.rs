@@ -184,6 +184,7 @@ async fn signing_from_many_threads_shares_the_tpm_with_attestation() {
     let signing = tokio::task::spawn_blocking(move || testing::concurrent_signing(signer));
     let ctx = carapace_core::plugin::AttestationContext {
         agent_public_key: key.public_key_der().to_vec(),
+        tls_exporter: vec![0; 32],
     };
     use carapace_core::plugin::NodeAttestorClient as _;
     for _ in 0..3 {

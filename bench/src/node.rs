@@ -111,9 +111,9 @@ async fn attested_clients(server: &Server, n: usize) -> Result<(String, Vec<Node
     let key = km.generate_key("bench-agent", KeyType::EcP256).await?;
     let csr = carapace_tls::csr_for_key(key.clone())?;
     let tls = carapace_tls::client_config(bundle_rx.clone(), server.td.server_id(), None)?;
-    let mut first = node_client::channel(&server.addr, Arc::new(tls))?;
     let result = node_client::attest(
-        &mut first,
+        &server.addr,
+        Arc::new(tls),
         &JoinTokenClient::new(Zeroizing::new(token.token)),
         csr,
         key.public_key_der(),

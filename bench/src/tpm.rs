@@ -300,6 +300,7 @@ pub fn agent_context() -> Result<AttestationContext> {
     let key = rcgen::KeyPair::generate().context("generating a P-256 agent key")?;
     Ok(AttestationContext {
         agent_public_key: rcgen::PublicKeyData::subject_public_key_info(&key),
+        tls_exporter: vec![0x5a; 32],
     })
 }
 
@@ -317,7 +318,7 @@ pub async fn attest_timed(
     let AttestationStep::Challenge { challenge, session } = step.context("server begin()")? else {
         bail!("server begin() finished without a challenge");
     };
-    let answer = client.answer(&challenge).await.context("agent answer()")?;
+    let answer = client.answer(&challenge, ctx).await.context("agent answer()")?;
     let t3 = Instant::now();
     let (done, respond_cpu) = CpuTimed::new(session.respond(&answer)).await;
     let end = Instant::now();
@@ -489,7 +490,7 @@ pub async fn capture(server: &TpmAttestor, tpm: &Swtpm) -> Result<Captured> {
     else {
         bail!("server begin() finished without a challenge");
     };
-    let answer_bytes = c.answer(&challenge).await.context("agent answer()")?;
+    let answer_bytes = c.answer(&challenge, &ctx).await.context("agent answer()")?;
     let AttestationStep::Done(_) = session
         .respond(&answer_bytes)
         .await

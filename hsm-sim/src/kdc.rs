@@ -33,11 +33,20 @@ const START_ATTEMPTS: usize = 3;
 pub struct Kdc {
     // Field order matters: the daemon is stopped before its directory is removed.
     child: Child,
-    realm: String,
+    admin: RealmAdmin,
     port: u16,
+    _tmp: Option<TempDir>,
+}
+
+/// The administration of a lab realm (principals and keytabs through `kadmin.local`,
+/// its paths and environment), usable by any process that knows the realm's directory:
+/// a [`Kdc`] owns one, and a test child started by [`kdc_test`] opens one with
+/// [`RealmAdmin::open`].
+#[derive(Debug, Clone)]
+pub struct RealmAdmin {
+    realm: String,
     dir: PathBuf,
     tools: Tools,
-    _tmp: Option<TempDir>,
 }
 
 #[derive(Debug, Clone)]
@@ -114,10 +123,12 @@ impl Kdc {
                 Ok(()) => {
                     return Ok(Kdc {
                         child,
-                        realm: realm.to_owned(),
+                        admin: RealmAdmin {
+                            realm: realm.to_owned(),
+                            dir: dir.to_owned(),
+                            tools,
+                        },
                         port,
-                        dir: dir.to_owned(),
-                        tools,
                         _tmp: None,
                     });
                 }
@@ -129,14 +140,99 @@ impl Kdc {
         Err(last.unwrap_or_else(|| Error::Other("krb5kdc did not start".into())))
     }
 
-    /// The realm.
-    pub fn realm(&self) -> &str {
-        &self.realm
-    }
-
     /// The KDC's port on 127.0.0.1, UDP and TCP.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The KDC's log.
+    pub fn log(&self) -> PathBuf {
+        self.admin.dir.join("kdc.log")
+    }
+
+    /// The krb5kdc process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// The krb5kdc process.
+    pub fn child(&self) -> &Child {
+        &self.child
+    }
+
+    /// Leaves krb5kdc running after this process exits (`carapace-lab up`); its
+    /// directory is kept even if it was a temporary one.
+    pub fn detach(self) -> Detached {
+        if let Some(tmp) = self._tmp {
+            let _ = tmp.keep();
+        }
+        self.child.detach()
+    }
+
+    /// The realm's administration (principals, keytabs, paths, environment).
+    pub fn admin(&self) -> &RealmAdmin {
+        &self.admin
+    }
+
+    /// The realm.
+    pub fn realm(&self) -> &str {
+        self.admin.realm()
+    }
+
+    /// The realm's directory.
+    pub fn dir(&self) -> &Path {
+        self.admin.dir()
+    }
+
+    /// The client profile (`KRB5_CONFIG`).
+    pub fn krb5_conf(&self) -> PathBuf {
+        self.admin.krb5_conf()
+    }
+
+    /// Environment for child processes that use this realm (see [`RealmAdmin::envs`]).
+    pub fn envs(&self) -> Vec<(String, String)> {
+        self.admin.envs()
+    }
+
+    /// See [`RealmAdmin::principal`].
+    pub fn principal(&self, name: &str) -> String {
+        self.admin.principal(name)
+    }
+
+    /// See [`RealmAdmin::add_principal`].
+    pub fn add_principal(&self, name: &str) -> Result<()> {
+        self.admin.add_principal(name)
+    }
+
+    /// See [`RealmAdmin::keytab`].
+    pub fn keytab(&self, principals: &[&str], path: &Path) -> Result<PathBuf> {
+        self.admin.keytab(principals, path)
+    }
+
+    /// See [`RealmAdmin::provision_host_and_service`].
+    pub fn provision_host_and_service(&self) -> Result<LabPrincipals> {
+        self.admin.provision_host_and_service()
+    }
+}
+
+impl RealmAdmin {
+    /// The administration of realm `realm`, whose database and profiles are in `dir`
+    /// (a [`Kdc`]'s directory, possibly of another process).
+    pub fn open(dir: &Path, realm: &str) -> Result<RealmAdmin> {
+        check_realm(realm)?;
+        Ok(RealmAdmin {
+            realm: realm.to_owned(),
+            dir: dir.to_owned(),
+            tools: Tools {
+                kadmin_local: require("kadmin.local", KRB5_PACKAGES)?,
+                klist: require("klist", KRB5_PACKAGES)?,
+            },
+        })
+    }
+
+    /// The realm.
+    pub fn realm(&self) -> &str {
+        &self.realm
     }
 
     /// The realm's directory.
@@ -158,21 +254,6 @@ impl Kdc {
     /// `/var/tmp/krb5_<uid>.rcache2`, outside the lab.
     pub fn rcache_dir(&self) -> PathBuf {
         self.dir.join("rcache")
-    }
-
-    /// The KDC's log.
-    pub fn log(&self) -> PathBuf {
-        self.dir.join("kdc.log")
-    }
-
-    /// The krb5kdc process's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.pid()
-    }
-
-    /// The krb5kdc process.
-    pub fn child(&self) -> &Child {
-        &self.child
     }
 
     /// Environment for child processes that use this realm: `KRB5_CONFIG`,
@@ -250,28 +331,49 @@ impl Kdc {
     /// writes their keytabs, `host.keytab` and `service.keytab`, into the realm's
     /// directory: a node and the server of a lab.
     pub fn provision_host_and_service(&self) -> Result<LabPrincipals> {
-        let domain = self.realm.to_ascii_lowercase();
-        let host = self.principal(&format!("host/node1.{domain}"));
-        let service = self.principal(&format!("carapace/server.{domain}"));
-        self.add_principal(&host)?;
-        self.add_principal(&service)?;
-        let host_keytab = self.keytab(&[&host], &self.dir.join("host.keytab"))?;
-        let service_keytab = self.keytab(&[&service], &self.dir.join("service.keytab"))?;
-        Ok(LabPrincipals {
-            host,
-            host_keytab,
-            service,
-            service_keytab,
-        })
+        let names = self.lab_principals();
+        self.add_principal(&names.host)?;
+        self.add_principal(&names.service)?;
+        self.keytab(&[&names.host], &names.host_keytab)?;
+        self.keytab(&[&names.service], &names.service_keytab)?;
+        Ok(names)
     }
 
-    /// Leaves krb5kdc running after this process exits (`carapace-lab up`); its
-    /// directory is kept even if it was a temporary one.
-    pub fn detach(self) -> Detached {
-        if let Some(tmp) = self._tmp {
-            let _ = tmp.keep();
+    /// The names and keytab paths [`RealmAdmin::provision_host_and_service`] uses.
+    pub fn lab_principals(&self) -> LabPrincipals {
+        let domain = self.realm.to_ascii_lowercase();
+        LabPrincipals {
+            host: self.principal(&format!("host/node1.{domain}")),
+            host_keytab: self.dir.join("host.keytab"),
+            service: self.principal(&format!("carapace/server.{domain}")),
+            service_keytab: self.dir.join("service.keytab"),
         }
-        self.child.detach()
+    }
+
+    /// Sets the longest ticket lifetime of `name` (`modprinc -maxlife`), e.g. to make
+    /// tickets that expire within a test.
+    pub fn set_max_life(&self, name: &str, seconds: u32) -> Result<()> {
+        check_principal(name)?;
+        let full = self.principal(name);
+        let out = self.kadmin(&format!("modprinc -maxlife \"{seconds} seconds\" {full}"))?;
+        if out.contains(&format!("Principal \"{full}\" modified.")) {
+            Ok(())
+        } else {
+            Err(Error::Other(format!("modprinc {full}: {out}")))
+        }
+    }
+
+    /// Deletes `name` from the realm: its keytabs stop working at the next ticket
+    /// request (a host leaving the realm).
+    pub fn delete_principal(&self, name: &str) -> Result<()> {
+        check_principal(name)?;
+        let full = self.principal(name);
+        let out = self.kadmin(&format!("delprinc -force {full}"))?;
+        if out.contains(&format!("Principal \"{full}\" deleted.")) {
+            Ok(())
+        } else {
+            Err(Error::Other(format!("delprinc {full}: {out}")))
+        }
     }
 
     fn kadmin(&self, query: &str) -> Result<String> {
@@ -279,6 +381,54 @@ impl Kdc {
         cmd.arg("-q").arg(query).envs(self.envs());
         Ok(process::combined(&process::run(&mut cmd, None)?))
     }
+}
+
+/// Environment variable holding the lab realm's directory in a [`kdc_test`] child.
+pub const ENV_KDC_DIR: &str = "HSM_SIM_KDC_DIR";
+/// Environment variable holding the lab realm's name in a [`kdc_test`] child.
+pub const ENV_KDC_REALM: &str = "HSM_SIM_KDC_REALM";
+
+/// What a test sees in its [`kdc_test`] child: the realm's administration and the
+/// host and service principals with their keytabs.
+#[derive(Debug, Clone)]
+pub struct ChildRealm {
+    /// Principals and keytabs of the running realm.
+    pub admin: RealmAdmin,
+    /// `host/node1.<domain>` and `carapace/server.<domain>` with their keytabs.
+    pub principals: LabPrincipals,
+}
+
+/// Runs a test against its own MIT realm, in a child process whose environment points
+/// krb5 at the realm from the start (`KRB5_CONFIG`, `KRB5_KDC_PROFILE`, `KRB5RCACHEDIR`):
+/// libkrb5 reads them in every call, and changing a running test's environment is
+/// unsound.
+///
+/// The parent starts a [`Kdc`] for `realm`, provisions the host and service principals
+/// ([`RealmAdmin::provision_host_and_service`]), runs the test again in a child (see
+/// [`crate::process::run_test_in_child`]), stops the KDC and returns `None`. The child
+/// gets `Some` with the realm's administration.
+#[allow(
+    clippy::panic,
+    reason = "a test helper: a missing package or a failed child must fail the calling test"
+)]
+pub fn kdc_test(test_name: &str, realm: &str) -> Option<ChildRealm> {
+    if crate::process::is_test_child(test_name) {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|e| panic!("kdc_test child: {name}: {e}"))
+        };
+        let admin = RealmAdmin::open(Path::new(&var(ENV_KDC_DIR)), &var(ENV_KDC_REALM))
+            .unwrap_or_else(|e| panic!("kdc_test child: {e}"));
+        let principals = admin.lab_principals();
+        return Some(ChildRealm { admin, principals });
+    }
+    let kdc = Kdc::start(realm).unwrap_or_else(|e| panic!("kdc_test: {e}"));
+    kdc.provision_host_and_service()
+        .unwrap_or_else(|e| panic!("kdc_test: {e}"));
+    let mut envs = kdc.envs();
+    envs.push((ENV_KDC_DIR.to_owned(), kdc.dir().display().to_string()));
+    envs.push((ENV_KDC_REALM.to_owned(), realm.to_owned()));
+    crate::process::run_test_in_child("kdc_test", test_name, &envs);
+    None
 }
 
 fn write_profiles(dir: &Path, realm: &str, port: u16) -> Result<()> {

@@ -616,6 +616,61 @@ pub fn wait_ready(
     }
 }
 
+/// Environment variable naming the test a child process runs (see [`run_test_in_child`]).
+pub const ENV_CHILD: &str = "HSM_SIM_CHILD";
+
+/// Whether this process is the child [`run_test_in_child`] started for `test_name`.
+pub fn is_test_child(test_name: &str) -> bool {
+    std::env::var(ENV_CHILD).ok().as_deref() == Some(test_name)
+}
+
+/// Runs test `test_name` of the current test executable again in a child process with
+/// `envs` (plus `HSM_SIM_CHILD=<test_name>`) in its environment from the start, for
+/// libraries that read their configuration from the environment (SoftHSM2's
+/// `SOFTHSM2_CONF`, krb5's `KRB5_CONFIG`): changing the environment of a running test
+/// process is unsound. Prints the child's output and panics unless the child ran exactly
+/// that test and it passed. `helper` names the caller in messages.
+#[allow(
+    clippy::panic,
+    reason = "a test helper: a failed child must fail the calling test"
+)]
+pub fn run_test_in_child(helper: &str, test_name: &str, envs: &[(String, String)]) {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|e| panic!("{helper}: cannot find the test executable: {e}"));
+    let out = Command::new(&exe)
+        .args([
+            "--exact",
+            test_name,
+            "--nocapture",
+            "--test-threads=1",
+            "--include-ignored",
+        ])
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .env(ENV_CHILD, test_name)
+        .output()
+        .unwrap_or_else(|e| panic!("{helper}: cannot run {}: {e}", exe.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("--- child {test_name} stdout ---\n{stdout}");
+    eprintln!("--- child {test_name} stderr ---\n{stderr}");
+    if !out.status.success() {
+        panic!(
+            "{helper}: child running {test_name} failed ({})",
+            out.status
+        );
+    }
+    // libtest prints "test <name> ... " when it starts the test (with --nocapture the
+    // test's own output follows on the same line) and "1 passed" at the end: a wrong
+    // name runs no test and exits successfully, which must not pass silently.
+    let started = format!("test {test_name} ... ");
+    if !stdout.contains(&started) || !stdout.contains("test result: ok. 1 passed;") {
+        panic!(
+            "{helper}: the child did not run test {test_name:?} (is the name the one \
+             libtest prints, e.g. `tests::{test_name}` inside a `mod tests`?)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -329,8 +329,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     f.write_all(data).map_err(|e| Error::io(path, e))
 }
 
-/// Environment variable naming the test a child process runs.
-pub const ENV_CHILD: &str = "HSM_SIM_CHILD";
+pub use crate::process::ENV_CHILD;
 /// Environment variable holding the module path in the child.
 pub const ENV_MODULE: &str = "HSM_SIM_MODULE";
 /// Environment variable holding the token label in the child.
@@ -417,52 +416,25 @@ impl ChildToken {
     reason = "a test helper: a failed child or a missing fixture must fail the calling test"
 )]
 pub fn softhsm_test(test_name: &str, label: &str) -> Option<ChildToken> {
-    if std::env::var(ENV_CHILD).ok().as_deref() == Some(test_name) {
+    if crate::process::is_test_child(test_name) {
         return Some(child_token().unwrap_or_else(|e| panic!("softhsm_test child: {e}")));
     }
     let hsm = SoftHsm::new().unwrap_or_else(|e| panic!("softhsm_test: {e}"));
     let token = hsm
         .init_token(label)
         .unwrap_or_else(|e| panic!("softhsm_test: {e}"));
-    let exe = std::env::current_exe()
-        .unwrap_or_else(|e| panic!("softhsm_test: cannot find the test executable: {e}"));
-    let out = Command::new(&exe)
-        .args([
-            "--exact",
-            test_name,
-            "--nocapture",
-            "--test-threads=1",
-            "--include-ignored",
-        ])
-        .envs(hsm.envs())
-        .env(ENV_CHILD, test_name)
-        .env(ENV_MODULE, hsm.module())
-        .env(ENV_TOKEN_LABEL, &token.label)
-        .env(ENV_TOKEN_SERIAL, &token.serial)
-        .env(ENV_PIN_FILE, &token.pin_file)
-        .env(ENV_USER_PIN, &token.user_pin)
-        .output()
-        .unwrap_or_else(|e| panic!("softhsm_test: cannot run {}: {e}", exe.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("--- child {test_name} stdout ---\n{stdout}");
-    eprintln!("--- child {test_name} stderr ---\n{stderr}");
-    if !out.status.success() {
-        panic!(
-            "softhsm_test: child running {test_name} failed ({})",
-            out.status
-        );
-    }
-    // libtest prints "test <name> ... " when it starts the test (with --nocapture the
-    // test's own output follows on the same line) and "1 passed" at the end: a wrong
-    // name runs no test and exits successfully, which must not pass silently.
-    let started = format!("test {test_name} ... ");
-    if !stdout.contains(&started) || !stdout.contains("test result: ok. 1 passed;") {
-        panic!(
-            "softhsm_test: the child did not run test {test_name:?} (is the name the one \
-             libtest prints, e.g. `tests::{test_name}` inside a `mod tests`?)"
-        );
-    }
+    let mut envs = hsm.envs();
+    envs.extend(
+        [
+            (ENV_MODULE, hsm.module().display().to_string()),
+            (ENV_TOKEN_LABEL, token.label.clone()),
+            (ENV_TOKEN_SERIAL, token.serial.clone()),
+            (ENV_PIN_FILE, token.pin_file.display().to_string()),
+            (ENV_USER_PIN, token.user_pin.clone()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    crate::process::run_test_in_child("softhsm_test", test_name, &envs);
     None
 }
 

@@ -21,7 +21,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
-use carapace_core::plugin::{AttestationContext, AttestationStep, NodeAttestor};
+use carapace_core::plugin::{
+    AttestationContext, AttestationStep, NodeAttestor, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
+};
 use carapace_core::{RegistrationEntry, SpiffeId, TrustBundle};
 use carapace_proto::node::{
     self, AttestRequest, AttestResponse, BatchNewX509svidRequest, BatchNewX509svidResponse,
@@ -49,6 +51,29 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// The client SVID, if one was presented (rustls has already verified it).
     pub svid: Option<PeerSvid>,
+    /// The connection's TLS exporter for channel binding
+    /// ([`AttestationContext::tls_exporter`]). Keying material: never logged.
+    pub tls_exporter: TlsExporter,
+}
+
+/// [`TLS_EXPORTER_LEN`] bytes of a connection's TLS exporter, redacted in `Debug`.
+#[derive(Clone)]
+pub struct TlsExporter(pub [u8; TLS_EXPORTER_LEN]);
+
+impl std::fmt::Debug for TlsExporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsExporter(<redacted>)")
+    }
+}
+
+/// The RFC 9266 `tls-exporter` value of a server connection.
+fn tls_exporter(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<TlsExporter> {
+    let mut out = [0u8; TLS_EXPORTER_LEN];
+    conn.get_ref()
+        .1
+        .export_keying_material(&mut out, TLS_EXPORTER_LABEL, None)
+        .ok()?;
+    Some(TlsExporter(out))
 }
 
 /// A verified client SVID.
@@ -148,9 +173,16 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(conn)) => {
+                        // TLS 1.3 only (the config allows nothing else), so the
+                        // exporter always exists; a connection without one is dropped.
+                        let Some(tls_exporter) = tls_exporter(&conn) else {
+                            tracing::warn!(%remote, "no TLS exporter on a connection; dropped");
+                            return;
+                        };
                         let info = PeerInfo {
                             remote,
                             svid: peer_svid(&conn),
+                            tls_exporter,
                         };
                         let _ = tx.send(Ok(TlsConn { inner: conn, info })).await;
                     }
@@ -243,6 +275,7 @@ impl NodeApi {
         inbound: &mut Streaming<AttestRequest>,
         tx: &mpsc::Sender<std::result::Result<AttestResponse, Status>>,
         remote: Option<SocketAddr>,
+        exporter: Option<TlsExporter>,
     ) -> Result<AttestResponse> {
         let first = inbound
             .message()
@@ -268,7 +301,13 @@ impl NodeApi {
         // Check the CSR before the attestor consumes any single-use evidence.
         let agent_public_key = csr_public_key_der(&params.csr)?;
         let key = SubjectKey::from_spki(&agent_public_key)?;
-        let ctx = AttestationContext { agent_public_key };
+        let exporter = exporter.ok_or_else(|| {
+            Error::Unauthenticated("attestation needs a TLS 1.3 connection with an exporter".into())
+        })?;
+        let ctx = AttestationContext {
+            agent_public_key,
+            tls_exporter: exporter.0.to_vec(),
+        };
         let mut step = attestor.begin(&params.payload, &ctx).await?;
         let result = loop {
             match step {
@@ -366,13 +405,17 @@ impl node::node_server::Node for NodeApi {
         req: Request<Streaming<AttestRequest>>,
     ) -> std::result::Result<Response<Self::AttestStream>, Status> {
         let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
+        let exporter = req
+            .extensions()
+            .get::<PeerInfo>()
+            .map(|p| p.tls_exporter.clone());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
             let outcome = tokio::time::timeout(
                 ATTESTATION_TIMEOUT,
-                this.run_attestation(&mut inbound, &tx, remote),
+                this.run_attestation(&mut inbound, &tx, remote, exporter),
             )
             .await;
             let msg = match outcome {

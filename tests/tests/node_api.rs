@@ -45,11 +45,11 @@ async fn attest(server: &Server, km: &MemoryKeyManager, name: &str) -> TestAgent
     let bundle = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
     let (_tx, rx) = watch::channel(Arc::new(bundle));
     let tls = carapace_tls::client_config(rx.clone(), td().server_id(), None).unwrap();
-    let mut client = node_client::channel(&server.address, Arc::new(tls)).unwrap();
     let key = km.generate_key(name, KeyType::EcP256).await.unwrap();
     let csr = carapace_tls::csr_for_key(key.clone()).unwrap();
     let result = node_client::attest(
-        &mut client,
+        &server.address,
+        Arc::new(tls),
         &JoinTokenClient::new(Zeroizing::new(token)),
         csr,
         key.public_key_der(),

@@ -12,7 +12,7 @@ mod workload_attestor;
 
 pub use key_manager::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 pub use node_attestor::{
-    AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
+    AttestationContext, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
     NodeAttestorClient,
 };
 pub use upstream_authority::{MintRequest, MintedCa, UpstreamAuthority};

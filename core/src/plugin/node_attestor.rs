@@ -18,14 +18,36 @@ pub struct AttestationResult {
 }
 
 /// What both halves know about the attestation besides the evidence: the agent's own
-/// public key, which the server will certify in the agent SVID. An attestor that can
-/// prove where that key lives (a TPM's TPM2_Certify) binds it to the evidence.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// public key, which the server will certify in the agent SVID, and a value only the two
+/// ends of this TLS connection share. An attestor that can prove where that key lives (a
+/// TPM's TPM2_Certify) binds it to the evidence; one whose evidence could be relayed (a
+/// Kerberos token) binds it to [`AttestationContext::tls_exporter`].
+#[derive(Clone, PartialEq, Eq)]
 pub struct AttestationContext {
     /// The agent key's SubjectPublicKeyInfo (DER): on the server, taken from the CSR
     /// (whose self-signature was verified); on the agent, the key it generated.
     pub agent_public_key: Vec<u8>,
+    /// [`TLS_EXPORTER_LEN`] bytes of the TLS 1.3 exporter (RFC 8446 §7.5) of the
+    /// connection that carries this attestation, with label [`TLS_EXPORTER_LABEL`] and no
+    /// context: RFC 9266's `tls-exporter` channel binding. Both ends compute the same
+    /// value; nobody else can, and it differs on every connection, so evidence bound to
+    /// it is worthless on any other connection. It is keying material: never log it.
+    pub tls_exporter: Vec<u8>,
 }
+
+impl fmt::Debug for AttestationContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttestationContext")
+            .field("agent_public_key", &self.agent_public_key.len())
+            .field("tls_exporter", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The exporter label of [`AttestationContext::tls_exporter`] (RFC 9266 `tls-exporter`).
+pub const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-Channel-Binding";
+/// Length of [`AttestationContext::tls_exporter`] (RFC 9266: 32 bytes).
+pub const TLS_EXPORTER_LEN: usize = 32;
 
 /// The next step of a node attestation.
 #[derive(Debug)]
@@ -75,13 +97,14 @@ pub trait NodeAttestor: Send + Sync + fmt::Debug {
 /// The agent half of node attestation.
 ///
 /// Contract: `payload` produces the first message (fresh evidence each call);
-/// `answer` answers one challenge of the server half. Secrets in either are never logged.
+/// `answer` answers one challenge of the server half, on the same connection and so with
+/// the same context. Secrets in either are never logged.
 #[async_trait::async_trait]
 pub trait NodeAttestorClient: Send + Sync + fmt::Debug {
     /// The plugin name; must equal the server half's.
     fn name(&self) -> &str;
     /// The first message of an attestation, for the agent key in `ctx`.
     async fn payload(&self, ctx: &AttestationContext) -> Result<Vec<u8>, Error>;
-    /// The answer to one challenge.
-    async fn answer(&self, challenge: &[u8]) -> Result<Vec<u8>, Error>;
+    /// The answer to one challenge of the attestation `payload` began.
+    async fn answer(&self, challenge: &[u8], ctx: &AttestationContext) -> Result<Vec<u8>, Error>;
 }

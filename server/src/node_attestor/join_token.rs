@@ -118,6 +118,7 @@ mod tests {
     fn ctx() -> AttestationContext {
         AttestationContext {
             agent_public_key: Vec::new(),
+            tls_exporter: vec![0; 32],
         }
     }
 
