@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorClient};
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
 use carapace_attestor_tpm::keys::{TpmKeyManager, TpmKeyManagerConfig};
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
@@ -25,7 +26,7 @@ use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
 
 const KEY_MANAGERS: &[&str] = &["disk", "memory", "tpm"];
-const NODE_ATTESTORS: &[&str] = &["join_token", "tpm"];
+const NODE_ATTESTORS: &[&str] = &["join_token", "kerberos", "tpm"];
 const WORKLOAD_ATTESTORS: &[&str] = &["unix"];
 
 /// `[key_manager.memory]` and `[node_attestor.join_token]`: no settings.
@@ -53,6 +54,9 @@ fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result
         }
         ("workload_attestor", "unix") => parse::<UnixAttestorConfig>(table).map(|_| ()),
         ("node_attestor", "tpm") => parse::<TpmAgentConfig>(table).map(|_| ()),
+        ("node_attestor", "kerberos") => {
+            parse::<KerberosAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
         ("key_manager", n) => Err(unknown(kind, n, KEY_MANAGERS)),
         ("node_attestor", n) => Err(unknown(kind, n, NODE_ATTESTORS)),
         (_, n) => Err(unknown(kind, n, WORKLOAD_ATTESTORS)),
@@ -160,6 +164,11 @@ pub fn build_node_attestor(
             let cfg: TpmAgentConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Some(Arc::new(TpmAttestorClient::new(&cfg))))
+        }
+        "kerberos" => {
+            let cfg: KerberosAgentConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Some(Arc::new(KerberosAttestorClient::new(&cfg)?)))
         }
         other => Err(Error::Config(unknown(
             "node_attestor",

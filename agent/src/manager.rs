@@ -152,6 +152,12 @@ impl Manager {
                 Ok((st, bundle, key)) => {
                     return Self::assemble(cfg, km, cache, st, bundle, key, Some(attestor));
                 }
+                // A backend the attestor needs is away for now (a KDC, a device): retry.
+                Err(Error::Core(carapace_core::Error::Unavailable(reason))) => {
+                    tracing::warn!(%reason, retry_in = ?backoff, "node attestation could not run; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
                 Err(e @ (Error::Refused(_) | Error::Config(_) | Error::Core(_))) => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "node attestation failed; retrying");

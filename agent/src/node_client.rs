@@ -102,9 +102,10 @@ async fn attestation_channel(
         }))
         .await
         .map_err(|e| Error::Server(format!("connecting to the server at {server_address}: {e}")))?;
-    let exporter = exporter.lock().await.clone().ok_or_else(|| {
-        Error::Server("the attestation connection has no TLS exporter".into())
-    })?;
+    let exporter =
+        exporter.lock().await.clone().ok_or_else(|| {
+            Error::Server("the attestation connection has no TLS exporter".into())
+        })?;
     Ok((client(channel), exporter))
 }
 

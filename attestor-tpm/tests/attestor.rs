@@ -152,7 +152,8 @@ async fn a_wrong_credential_answer_is_refused() {
     let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let mut answer: Response = wire::decode("r", &c.answer(&challenge, &ctx()).await.unwrap()).unwrap();
+    let mut answer: Response =
+        wire::decode("r", &c.answer(&challenge, &ctx()).await.unwrap()).unwrap();
     answer.activated_secret[0] ^= 1;
     let err = rejected(session.respond(&wire::encode(&answer)).await);
     assert!(err.contains("credential activation failed"), "{err}");
@@ -217,7 +218,8 @@ async fn tampered_pcr_values_are_refused() {
     let (challenge, session) = begin(&server, &c.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let mut answer: Response = wire::decode("r", &c.answer(&challenge, &ctx()).await.unwrap()).unwrap();
+    let mut answer: Response =
+        wire::decode("r", &c.answer(&challenge, &ctx()).await.unwrap()).unwrap();
     answer.pcr_values.insert(7, "ab".repeat(32));
     let err = rejected(session.respond(&wire::encode(&answer)).await);
     assert!(
@@ -236,7 +238,8 @@ async fn a_quote_from_another_tpm_is_refused() {
     let (challenge_a, session_a) = begin(&server, &ca.payload(&ctx()).await.unwrap(), &ctx())
         .await
         .unwrap();
-    let answer_a: Response = wire::decode("r", &ca.answer(&challenge_a, &ctx()).await.unwrap()).unwrap();
+    let answer_a: Response =
+        wire::decode("r", &ca.answer(&challenge_a, &ctx()).await.unwrap()).unwrap();
     let nonce: Challenge = wire::decode("c", &challenge_a).unwrap();
     // A relay: TPM B quotes A's challenge nonce with its own AK.
     let quote_b = tokio::task::spawn_blocking(move || {

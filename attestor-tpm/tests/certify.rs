@@ -197,7 +197,8 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let good: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
+    let good: Response =
+        wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let mut bad = good.clone();
     let sig = bad.agent_key_certify_signature.as_mut().unwrap();
     let last = sig.len() - 1;
@@ -212,7 +213,8 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let fresh: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
+    let fresh: Response =
+        wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let mut bad = fresh.clone();
     let attest = bad.agent_key_certify.as_mut().unwrap();
     let last = attest.len() - 1;
@@ -227,7 +229,8 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let fresh: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
+    let fresh: Response =
+        wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let bad = Response {
         agent_key_certify: None,
         agent_key_certify_signature: None,
@@ -240,7 +243,8 @@ async fn a_tampered_missing_or_replayed_certification_is_refused() {
     let (challenge, session) = begin(&server, &a.client.payload(&c).await.unwrap(), &c)
         .await
         .unwrap();
-    let fresh: Response = wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
+    let fresh: Response =
+        wire::decode("r", &a.client.answer(&challenge, &ctx(&[])).await.unwrap()).unwrap();
     let spliced = Response {
         agent_key_certify: good.agent_key_certify.clone(),
         agent_key_certify_signature: good.agent_key_certify_signature.clone(),

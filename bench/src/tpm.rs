@@ -318,7 +318,10 @@ pub async fn attest_timed(
     let AttestationStep::Challenge { challenge, session } = step.context("server begin()")? else {
         bail!("server begin() finished without a challenge");
     };
-    let answer = client.answer(&challenge, ctx).await.context("agent answer()")?;
+    let answer = client
+        .answer(&challenge, ctx)
+        .await
+        .context("agent answer()")?;
     let t3 = Instant::now();
     let (done, respond_cpu) = CpuTimed::new(session.respond(&answer)).await;
     let end = Instant::now();

@@ -429,6 +429,17 @@ impl Agent {
 
     /// Spawns an agent with the given extra arguments, without waiting.
     pub fn spawn(lab: &Lab, server: &Server, name: &str, extra: &[&std::ffi::OsStr]) -> Agent {
+        Agent::spawn_with_envs(lab, server, name, extra, &[])
+    }
+
+    /// [`Agent::spawn`] with extra environment variables (a realm's `KRB5_CONFIG`).
+    pub fn spawn_with_envs(
+        lab: &Lab,
+        server: &Server,
+        name: &str,
+        extra: &[&std::ffi::OsStr],
+        envs: &[(String, String)],
+    ) -> Agent {
         let sockets = lab.path().join("sockets");
         std::fs::create_dir_all(&sockets).unwrap();
         std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -442,7 +453,8 @@ impl Agent {
             .arg(&socket)
             .arg("--server-address")
             .arg(&server.address)
-            .args(extra);
+            .args(extra)
+            .envs(envs.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn(
             "carapace-agent",
             cmd,

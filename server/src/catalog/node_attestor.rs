@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
 use carapace_attestor_tpm::server::{NodeStateStore, TpmAttestor, TpmServerConfig};
 use carapace_core::plugin::NodeAttestor;
 
@@ -10,7 +11,7 @@ use crate::datastore::Datastore;
 use crate::node_attestor::JoinTokenAttestor;
 use crate::{Error, Result};
 
-const KNOWN: &[&str] = &["join_token", "tpm"];
+const KNOWN: &[&str] = &["join_token", "kerberos", "tpm"];
 
 /// `[node_attestor.join_token]`: no settings.
 #[derive(Debug, Default, Deserialize)]
@@ -23,6 +24,8 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
         "tpm" => {
             parse::<TpmServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
         }
+        "kerberos" => parse::<KerberosServerConfig>(table)
+            .and_then(|c| c.validate().map_err(|p| p.join("; "))),
         other => Err(unknown("node_attestor", other, KNOWN)),
     }
 }
@@ -49,6 +52,14 @@ pub fn build_node_attestor(
             });
             Ok(Arc::new(
                 TpmAttestor::new(&cfg, &ctx.data_dir, store)
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            ))
+        }
+        "kerberos" => {
+            let cfg: KerberosServerConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Arc::new(
+                KerberosAttestor::new(&cfg, &ctx.data_dir)
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
