@@ -50,7 +50,7 @@ impl KerberosAgentConfig {
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        match Principal::parse(&self.service_principal) {
+        match Principal::parse_setting(&self.service_principal) {
             Ok(p) if p.components.len() == 2 => {}
             Ok(_) => problems.push(format!(
                 "service_principal {:?}: expected service/host@REALM",
@@ -59,7 +59,7 @@ impl KerberosAgentConfig {
             Err(e) => problems.push(format!("service_principal: {e}")),
         }
         if let Some(p) = &self.principal
-            && let Err(e) = Principal::parse(p)
+            && let Err(e) = Principal::parse_setting(p)
         {
             problems.push(format!("principal: {e}"));
         }

@@ -23,23 +23,26 @@ impl Principal {
     /// without a realm are refused: no host principal has them, and refusing them keeps
     /// one principal from reading as another.
     pub fn parse(text: &str) -> Result<Principal, Error> {
+        Principal::parse_setting(text).map_err(rejected)
+    }
+
+    /// [`Principal::parse`] for a setting: the problem, without the attestation prefix.
+    pub fn parse_setting(text: &str) -> Result<Principal, String> {
         if text.contains('\\') {
-            return Err(rejected(format!(
+            return Err(format!(
                 "principal {text:?} has escaped characters, which no host principal has"
-            )));
+            ));
         }
         let (name, realm) = text
             .rsplit_once('@')
-            .ok_or_else(|| rejected(format!("principal {text:?} has no realm")))?;
+            .ok_or_else(|| format!("principal {text:?} has no realm"))?;
         if name.contains('@') {
-            return Err(rejected(format!("principal {text:?} has two '@'")));
+            return Err(format!("principal {text:?} has two '@'"));
         }
-        check_realm(realm).map_err(rejected)?;
+        check_realm(realm)?;
         let components: Vec<String> = name.split('/').map(str::to_owned).collect();
         if components.iter().any(String::is_empty) {
-            return Err(rejected(format!(
-                "principal {text:?} has an empty component"
-            )));
+            return Err(format!("principal {text:?} has an empty component"));
         }
         Ok(Principal {
             components,

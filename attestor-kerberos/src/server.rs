@@ -45,7 +45,7 @@ impl KerberosServerConfig {
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        match Principal::parse(&self.service_principal) {
+        match Principal::parse_setting(&self.service_principal) {
             Ok(p) if p.components.len() == 2 => {}
             Ok(_) => problems.push(format!(
                 "service_principal {:?}: expected service/host@REALM",

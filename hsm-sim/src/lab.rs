@@ -622,8 +622,12 @@ impl Configs<'_> {
              [node_attestor.tpm]\n\
              ek_ca_files = [{root_toml}, {intermediate_toml}]\n\
              \n\
-             # For Kerberos node attestation (not configurable yet), the service keytab:\n\
-             #   {service} in {keytab}\n",
+             # Kerberos node attestation: hosts of the lab realm present a ticket for the\n\
+             # service principal, whose keys are in the lab's service keytab.\n\
+             [node_attestor.kerberos]\n\
+             keytab = {keytab_toml}\n\
+             service_principal = {service_toml}\n\
+             allowed_realms = [{realm_toml}]\n",
             env = self.layout.env_file().display(),
             me = l.server_toml().display(),
             td = toml_str(self.trust_domain),
@@ -636,8 +640,9 @@ impl Configs<'_> {
             pin = toml_path(&self.token.pin_file),
             root_toml = toml_path(&self.manufacturer.ek_ca_root()),
             intermediate_toml = toml_path(&self.manufacturer.ek_ca_intermediate()),
-            service = self.principals.service,
-            keytab = self.principals.service_keytab.display(),
+            keytab_toml = toml_path(&self.principals.service_keytab),
+            service_toml = toml_str(&self.principals.service),
+            realm_toml = toml_str(self.kdc.realm()),
         )
     }
 
@@ -665,7 +670,12 @@ impl Configs<'_> {
              # [node_attestor.join_token] with:\n\
              #   [node_attestor.tpm]\n\
              #   tcti = {tcti_toml}\n\
-             # For Kerberos node attestation (not configurable yet): {host} in {keytab}\n",
+             # or, to attest as the lab realm's host {host} (run the agent with the env file\n\
+             # sourced, so krb5 finds the lab KDC):\n\
+             #   [node_attestor.kerberos]\n\
+             #   keytab = {keytab_toml}\n\
+             #   principal = {host_toml}\n\
+             #   service_principal = {service_toml}\n",
             me = l.agent_toml().display(),
             td = toml_str(self.trust_domain),
             server = toml_str(self.server_address),
@@ -674,7 +684,9 @@ impl Configs<'_> {
             bundle = toml_path(&l.bundle()),
             tcti_toml = toml_str(self.tcti),
             host = self.principals.host,
-            keytab = self.principals.host_keytab.display(),
+            keytab_toml = toml_path(&self.principals.host_keytab),
+            host_toml = toml_str(&self.principals.host),
+            service_toml = toml_str(&self.principals.service),
         )
     }
 
