@@ -146,7 +146,7 @@ impl KerberosAttestorClient {
                 &[("client_keytab", &keytab_name), ("ccache", &ccache)],
             )?;
             let target = Name::import(&cfg.service_principal, NameType::Principal)?;
-            Context::initiate(cred, target, bindings, cfg.mutual_auth)
+            Context::initiate(cred, target, Some(bindings), cfg.mutual_auth)
         })();
         if let Err(e) = gss::destroy_ccache(&ccache) {
             tracing::warn!(error = %e, "kerberos: could not destroy the attestation's credential cache");
@@ -217,7 +217,7 @@ impl NodeAttestorClient for KerberosAttestorClient {
                     })?;
                 pending
                     .context
-                    .finish_initiator(&pending.bindings, &reply)
+                    .finish_initiator(Some(&pending.bindings), &reply)
                     .map_err(|e| {
                         rejected(format!(
                             "the server's AP-REP does not verify: it does not hold the keys of {} ({e})",

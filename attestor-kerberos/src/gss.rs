@@ -684,7 +684,7 @@ impl Context {
     pub(crate) fn initiate(
         cred: Cred,
         target: Name,
-        bindings: &[u8],
+        bindings: Option<&[u8]>,
         mutual: bool,
     ) -> std::result::Result<(Context, Vec<u8>), GssError> {
         let mut ctx = Context {
@@ -699,7 +699,7 @@ impl Context {
     /// The initiator's second step: verifies the acceptor's AP-REP.
     pub(crate) fn finish_initiator(
         &mut self,
-        bindings: &[u8],
+        bindings: Option<&[u8]>,
         reply: &[u8],
     ) -> std::result::Result<(), GssError> {
         self.init_step(bindings, true, Some(reply)).map(|_| ())
@@ -707,12 +707,12 @@ impl Context {
 
     fn init_step(
         &mut self,
-        bindings: &[u8],
+        bindings: Option<&[u8]>,
         mutual: bool,
         input: Option<&[u8]>,
     ) -> std::result::Result<Vec<u8>, GssError> {
         let target = self.target.as_ref().map_or(ptr::null_mut(), |t| t.0);
-        let cb = Bindings::new(bindings);
+        let cb = bindings.map(Bindings::new);
         let mech = oid(&KRB5_MECH_BYTES);
         let input_buf = input.map(in_buffer);
         let mut minor = 0;
@@ -720,8 +720,9 @@ impl Context {
         let mut ret_flags = 0;
         let flags = if mutual { MUTUAL_FLAG } else { 0 };
         // SAFETY: `self.handle` is null (first call) or the context the library made
-        // on the first call; `_cred` and `target` are live; `cb`, `mech` and
-        // `input_buf` outlive the call; `out` receives a token released by its Drop.
+        // on the first call; `_cred` and `target` are live; `cb` (or null: no
+        // bindings), `mech` and `input_buf` outlive the call; `out` receives a token
+        // released by its Drop.
         let major = unsafe {
             ffi::gss_init_sec_context(
                 &mut minor,
@@ -731,7 +732,7 @@ impl Context {
                 &mech,
                 flags,
                 GSS_C_INDEFINITE,
-                &cb.cb,
+                cb.as_ref().map_or(ptr::null(), |b| &b.cb as *const _),
                 input_buf.as_ref().map_or(ptr::null(), |b| b as *const _),
                 ptr::null_mut(),
                 &mut out.0,

@@ -416,3 +416,89 @@ fn group_sids(source: &Name, principal: &str) -> Vec<String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gss::Context;
+
+    fn ctx() -> AttestationContext {
+        AttestationContext {
+            agent_public_key: Vec::new(),
+            tls_exporter: vec![7; 32],
+        }
+    }
+
+    /// MIT accepts a token that carries no channel bindings even when the acceptor
+    /// passes some; only `GSS_C_CHANNEL_BOUND_FLAG` tells. Such a token must not pass.
+    #[test]
+    fn a_token_without_channel_bindings_is_refused() {
+        let Some(r) = hsm_sim::kdc::kdc_test(
+            "server::tests::a_token_without_channel_bindings_is_refused",
+            "LAB.TEST",
+        ) else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let server = KerberosAttestor::new(
+            &KerberosServerConfig {
+                keytab: r.principals.service_keytab.clone(),
+                service_principal: r.principals.service.clone(),
+                allowed_realms: vec!["LAB.TEST".into()],
+                machine_account_domains: BTreeMap::new(),
+                replay_cache: None,
+            },
+            dir.path(),
+        )
+        .unwrap();
+        let keytab = format!("FILE:{}", r.principals.host_keytab.display());
+        let unbound = |bindings: Option<&[u8]>| {
+            let me = Name::import(&r.principals.host, NameType::Principal).unwrap();
+            let cred = Cred::acquire_from(
+                Some(&me),
+                Usage::Initiate,
+                &[
+                    ("client_keytab", &keytab),
+                    ("ccache", "MEMORY:unbound-test"),
+                ],
+            )
+            .unwrap();
+            let target = Name::import(&r.principals.service, NameType::Principal).unwrap();
+            let (_ctx, token) = Context::initiate(cred, target, bindings, false).unwrap();
+            wire::encode(&Answer::Token {
+                token: wire::b64(&token),
+            })
+            .unwrap()
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let payload = wire::encode(&Payload { version: 1 }).unwrap();
+            let AttestationStep::Challenge { session, .. } =
+                server.begin(&payload, &ctx()).await.unwrap()
+            else {
+                panic!("expected a challenge");
+            };
+            let err = session
+                .respond(&unbound(None))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("carries no channel bindings"), "{err}");
+            // The same flow with the right bindings passes: the refusal above is the
+            // missing bindings, nothing else.
+            let AttestationStep::Challenge { challenge, session } =
+                server.begin(&payload, &ctx()).await.unwrap()
+            else {
+                panic!("expected a challenge");
+            };
+            let Challenge::Nonce { nonce } = wire::decode("c", &challenge).unwrap() else {
+                panic!("expected a nonce");
+            };
+            let bindings =
+                channel_bindings(&ctx().tls_exporter, &wire::unb64("n", &nonce).unwrap()).unwrap();
+            let step = session.respond(&unbound(Some(&bindings))).await.unwrap();
+            assert!(matches!(step, AttestationStep::Done(_)));
+        });
+        gss::destroy_ccache("MEMORY:unbound-test").unwrap();
+    }
+}
