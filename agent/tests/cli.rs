@@ -84,3 +84,32 @@ fn fetch_without_an_agent_fails_clearly() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
 }
+
+#[test]
+fn a_bad_kerberos_section_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"example.org\"\ninsecure_bootstrap = true\n\
+         [node_attestor.kerberos]\nservice_principal = \"carapace/server\"\n\
+         principal = \"host/a\\\\/b@LAB.TEST\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let out = agent()
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("service_principal: principal \"carapace/server\" has no realm"),
+        "{err}"
+    );
+    assert!(err.contains("principal: principal"), "{err}");
+    assert!(!data.exists());
+}

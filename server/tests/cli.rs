@@ -101,6 +101,33 @@ fn validate_lists_every_hsm_and_upstream_problem() {
 }
 
 #[test]
+fn validate_lists_every_kerberos_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[node_attestor.kerberos]\nkeytab = \"/k\"\nservice_principal = \"carapace\"\n\
+         allowed_realms = [\"LAB/TEST\"]\n\
+         [node_attestor.kerberos.machine_account_domains]\n\"AD.TEST\" = \"corp\"\n",
+    )
+    .unwrap();
+    let out = server()
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "service_principal: principal \"carapace\" has no realm",
+        "allowed_realms: realm \"LAB/TEST\"",
+        "machine_account_domains names realm \"AD.TEST\", which is not in allowed_realms",
+    ] {
+        assert!(text.contains(needle), "{needle} missing: {text}");
+    }
+}
+
+#[test]
 fn upstream_commands_need_an_upstream_section() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plain.toml");
