@@ -1,5 +1,5 @@
 //! The Carapace benchmark harness, run by `scripts/bench.sh` (see PERFORMANCE.md §5,
-//! scenarios S1 and S2, issue 3's B3 and issue 4's B4).
+//! scenarios S1 and S2, issue 3's B3, issue 4's B4 and B5).
 //!
 //! - [`crypto`]: the crypto ceiling of X509-SVID issuance, with the server's own functions,
 //!   in this process, on 1 thread and on every core;
@@ -11,6 +11,8 @@
 //!   signing rate (measured in a child process that has `SOFTHSM2_CONF`);
 //! - [`tpm`]: B4, `tpm` node attestation against swtpm in this process (both halves of
 //!   the plugin), the server's pieces alone, and the TPM's command and sign latencies;
+//! - [`kerberos`]: B5, `kerberos` node attestation against the lab's MIT KDC (both halves
+//!   of the plugin, in a child process that has the realm's `KRB5_CONFIG`);
 //! - [`harness`]: starting and stopping the real binaries (stopped by pid on drop);
 //! - [`procfs`], [`stats`], [`report`]: process counters, percentiles and the Markdown
 //!   report (pure helpers, unit-tested).
@@ -19,6 +21,7 @@
 pub mod crypto;
 pub mod harness;
 pub mod hsm;
+pub mod kerberos;
 pub mod node;
 pub mod procfs;
 pub mod report;

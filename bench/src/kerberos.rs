@@ -1,0 +1,1080 @@
+//! B5: `kerberos` node attestation against the lab's MIT KDC, both halves of the plugin
+//! in one process ([`KerberosAttestorClient`]: `payload()`, `answer()`;
+//! [`KerberosAttestor`]: `begin()`, `session.respond()`), driven as
+//! `attestor-kerberos/tests/realm.rs` drives them.
+//!
+//! libkrb5 reads `KRB5_CONFIG` from the process environment, and this crate never changes
+//! its own environment (`set_var` is unsound once threads run). So the measurement runs
+//! in a child: [`run`] starts a KDC for [`REALM`] (carapace-hsm-sim's [`Kdc`]),
+//! provisions the host and service principals with their keytabs, and runs this
+//! executable again as `carapace-bench --kerberos-child <JSON>` ([`ChildArgs`], [`child`])
+//! with the realm's environment ([`Kdc::envs`]); the child prints one JSON line
+//! ([`ChildOutput`]). The KDC lives until the child has ended.
+//!
+//! In the child, for `mutual_auth` on (the default) and off:
+//! - sequential attestations, each phase timed: wall time and the process's CPU time
+//!   (`CLOCK_PROCESS_CPUTIME_ID` across the call, with nothing else in flight, so it
+//!   includes libkrb5's work on tokio's blocking threads, which a per-thread clock would
+//!   miss);
+//! - throughput with 1 and [`KrbPlan::loops`] concurrent attestation loops, each with its
+//!   own agent client, against one server, with this process's and krb5kdc's CPU
+//!   (`/proc`) and the KDC's requests counted in its log;
+//! - the server alone: context tokens captured from real attestations (each bound to its
+//!   own session's nonce and connection), then accepted by `respond()` on 1 and `loops`
+//!   tasks with nothing else running: the server's attestations/s and CPU per attestation.
+//!
+//! Every attestation acquires fresh credentials from the host keytab (a private
+//! `MEMORY:` ccache per attestation): an AS-REQ and a TGS-REQ to the KDC each time, by
+//! the plugin's design (a host removed from the realm fails at its next attestation).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt as _;
+
+use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorClient};
+use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
+use carapace_attestor_kerberos::wire::{self, Answer};
+use carapace_core::plugin::{
+    AttestationContext, AttestationSession, AttestationStep, NodeAttestor as _,
+    NodeAttestorClient as _, TLS_EXPORTER_LEN,
+};
+use hsm_sim::kdc::{KRB5_PACKAGES, Kdc};
+
+use crate::procfs;
+
+/// The first argument that selects the hidden measuring mode of `carapace-bench`.
+pub const CHILD_FLAG: &str = "--kerberos-child";
+
+/// The lab realm B5 creates.
+pub const REALM: &str = "LAB.TEST";
+
+/// Sizes of B5.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KrbPlan {
+    /// Sequential attestations per `mutual_auth` setting, for the latency figures.
+    pub attestations: usize,
+    /// Attestations per loop in one throughput run.
+    pub per_loop: usize,
+    /// Concurrent attestation loops in the parallel throughput runs.
+    pub loops: usize,
+    /// Throughput runs per loop count and `mutual_auth` setting.
+    pub runs: usize,
+    /// Captured tokens the server accepts in one server-alone run.
+    pub server_tokens: usize,
+    /// Server-alone runs per task count and `mutual_auth` setting.
+    pub server_runs: usize,
+}
+
+impl KrbPlan {
+    /// The full run, or the reduced `--quick` one.
+    pub fn new(quick: bool) -> KrbPlan {
+        if quick {
+            KrbPlan {
+                attestations: 20,
+                per_loop: 10,
+                loops: 2,
+                runs: 1,
+                server_tokens: 20,
+                server_runs: 1,
+            }
+        } else {
+            KrbPlan {
+                attestations: 500,
+                per_loop: 250,
+                loops: 2,
+                runs: 3,
+                server_tokens: 300,
+                server_runs: 3,
+            }
+        }
+    }
+
+    /// The loop (and server task) counts measured: 1 and [`KrbPlan::loops`].
+    pub fn counts(&self) -> Vec<usize> {
+        if self.loops > 1 {
+            vec![1, self.loops]
+        } else {
+            vec![1]
+        }
+    }
+}
+
+/// What B5 needs installed, with the apt-get line: the context of a failed setup.
+pub fn install_hint() -> String {
+    format!("B5 needs the MIT KDC and its tools (apt-get install -y {KRB5_PACKAGES})")
+}
+
+/// The child's command line argument (after [`CHILD_FLAG`]), as JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChildArgs {
+    /// The realm's directory (its `krb5.conf` must be the child's `KRB5_CONFIG`).
+    pub dir: PathBuf,
+    /// The realm.
+    pub realm: String,
+    /// krb5kdc's pid, for its CPU time.
+    pub kdc_pid: Option<u32>,
+    /// The KDC's log, for its request counts.
+    pub kdc_log: Option<PathBuf>,
+    /// The host principal and its keytab (the agent's).
+    pub host: String,
+    /// See [`ChildArgs::host`].
+    pub host_keytab: PathBuf,
+    /// The service principal and its keytab (the server's).
+    pub service: String,
+    /// See [`ChildArgs::service`].
+    pub service_keytab: PathBuf,
+    /// The sizes.
+    pub plan: KrbPlan,
+}
+
+/// CPU time (user + system) this process has used so far, all threads
+/// (`CLOCK_PROCESS_CPUTIME_ID`: nanosecond resolution, unlike the 10 ms ticks of `/proc`).
+pub fn process_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(
+        u64::try_from(t.tv_sec).unwrap_or(0),
+        u32::try_from(t.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// One whole attestation, phase by phase: wall time, and this process's CPU time across
+/// each call (meaningful only when one attestation is in flight: the sequential run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    /// Agent `payload()` (`{"version":1}`).
+    pub payload: Duration,
+    /// Its CPU time.
+    pub payload_cpu: Duration,
+    /// Server `begin()`: a fresh nonce, the challenge.
+    pub begin: Duration,
+    /// Its CPU time.
+    pub begin_cpu: Duration,
+    /// Agent `answer()` to the nonce: credentials from the keytab (AS-REQ), the service
+    /// ticket (TGS-REQ), the context token with the channel bindings.
+    pub token: Duration,
+    /// Its CPU time (this process only: the KDC's work is not in it).
+    pub token_cpu: Duration,
+    /// Server `respond()` to the token: acceptor credentials from the keytab, accept
+    /// (ticket and authenticator decryption, bindings, replay cache), checks, selectors;
+    /// with mutual authentication also the AP-REP.
+    pub accept: Duration,
+    /// Its CPU time.
+    pub accept_cpu: Duration,
+    /// Agent `answer()` to the AP-REP (zero without mutual authentication).
+    pub reply: Duration,
+    /// Its CPU time.
+    pub reply_cpu: Duration,
+    /// Server `respond()` to the agent's confirmation (zero without mutual
+    /// authentication).
+    pub confirm: Duration,
+    /// Its CPU time.
+    pub confirm_cpu: Duration,
+    /// The whole attestation, wall time.
+    pub total: Duration,
+}
+
+impl Phases {
+    /// The agent's calls, wall time.
+    pub fn agent(&self) -> Duration {
+        self.payload + self.token + self.reply
+    }
+
+    /// The agent's calls, CPU time.
+    pub fn agent_cpu(&self) -> Duration {
+        self.payload_cpu + self.token_cpu + self.reply_cpu
+    }
+
+    /// The server's calls, wall time.
+    pub fn server(&self) -> Duration {
+        self.begin + self.accept + self.confirm
+    }
+
+    /// The server's calls, CPU time.
+    pub fn server_cpu(&self) -> Duration {
+        self.begin_cpu + self.accept_cpu + self.confirm_cpu
+    }
+}
+
+/// Requests in the KDC's log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KdcCounts {
+    /// `AS_REQ` lines (initial tickets: the TGT from the keytab).
+    pub as_req: u64,
+    /// `TGS_REQ` lines (service tickets).
+    pub tgs_req: u64,
+    /// Of those, lines without `ISSUE` (refused, or pre-authentication asked for).
+    pub not_issued: u64,
+}
+
+impl KdcCounts {
+    /// Counts the requests in the text of a krb5kdc log.
+    pub fn parse(log: &str) -> KdcCounts {
+        let mut c = KdcCounts::default();
+        for line in log.lines() {
+            let kind = if line.contains(": AS_REQ ") {
+                &mut c.as_req
+            } else if line.contains(": TGS_REQ ") {
+                &mut c.tgs_req
+            } else {
+                continue;
+            };
+            *kind += 1;
+            if !line.contains(": ISSUE: ") {
+                c.not_issued += 1;
+            }
+        }
+        c
+    }
+
+    /// `self - before`.
+    pub fn since(&self, before: &KdcCounts) -> KdcCounts {
+        KdcCounts {
+            as_req: self.as_req.saturating_sub(before.as_req),
+            tgs_req: self.tgs_req.saturating_sub(before.tgs_req),
+            not_issued: self.not_issued.saturating_sub(before.not_issued),
+        }
+    }
+}
+
+/// Attestations by some concurrent loops against one server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoopRun {
+    /// Concurrent loops (one agent client each).
+    pub loops: usize,
+    /// Every attestation's phases.
+    pub samples: Vec<Phases>,
+    /// From the first attestation's start to the last one's end.
+    pub wall: Duration,
+    /// This process's CPU time over the run: both halves of the plugin (libkrb5 client
+    /// and acceptor, the replay cache) and the runtime.
+    pub process_cpu: Duration,
+    /// krb5kdc's CPU time over the run (`/proc/<pid>/task/*/schedstat`, nanoseconds;
+    /// else `/proc/<pid>/stat`, 10 ms ticks), if its pid is known.
+    pub kdc_cpu: Option<Duration>,
+    /// Idle time of all cores together over the run (`/proc/stat`).
+    pub idle: Duration,
+    /// The KDC's requests over the run, if its log was readable.
+    pub kdc: Option<KdcCounts>,
+}
+
+impl LoopRun {
+    /// Attestations per second.
+    pub fn rate(&self) -> f64 {
+        self.samples.len() as f64 / self.wall.as_secs_f64().max(f64::EPSILON)
+    }
+
+    /// `d` per attestation.
+    pub fn per_attestation(&self, d: Duration) -> Duration {
+        d / u32::try_from(self.samples.len().max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Average cores used: (this process + krb5kdc, idle, others and steal), out of
+    /// `nproc`.
+    pub fn cores(&self, nproc: usize) -> (f64, f64, f64) {
+        let wall = self.wall.as_secs_f64().max(f64::EPSILON);
+        let ours = (self.process_cpu + self.kdc_cpu.unwrap_or_default()).as_secs_f64() / wall;
+        let idle = self.idle.as_secs_f64() / wall;
+        (ours, idle, (nproc as f64 - ours - idle).max(0.0))
+    }
+
+    /// KDC requests (AS + TGS) per attestation.
+    pub fn kdc_requests_per_attestation(&self) -> Option<(f64, f64)> {
+        let k = self.kdc?;
+        let n = self.samples.len().max(1) as f64;
+        Some((k.as_req as f64 / n, k.tgs_req as f64 / n))
+    }
+}
+
+/// The server accepting captured tokens, nothing else running.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ServerRun {
+    /// Concurrent tasks calling `respond()`.
+    pub threads: usize,
+    /// Tokens accepted.
+    pub tokens: usize,
+    /// From the first `respond()` to the last one's end.
+    pub wall: Duration,
+    /// This process's CPU time over the run (`CLOCK_PROCESS_CPUTIME_ID`).
+    pub process_cpu: Duration,
+    /// Idle time of all cores together over the run.
+    pub idle: Duration,
+}
+
+impl ServerRun {
+    /// Attestations (tokens accepted) per second.
+    pub fn rate(&self) -> f64 {
+        self.tokens as f64 / self.wall.as_secs_f64().max(f64::EPSILON)
+    }
+
+    /// CPU per attestation, µs.
+    pub fn cpu_us(&self) -> f64 {
+        self.process_cpu.as_secs_f64() * 1e6 / self.tokens.max(1) as f64
+    }
+
+    /// Average cores used: (this process, idle, others and steal), out of `nproc`.
+    pub fn cores(&self, nproc: usize) -> (f64, f64, f64) {
+        let wall = self.wall.as_secs_f64().max(f64::EPSILON);
+        let ours = self.process_cpu.as_secs_f64() / wall;
+        let idle = self.idle.as_secs_f64() / wall;
+        (ours, idle, (nproc as f64 - ours - idle).max(0.0))
+    }
+}
+
+/// Everything measured with one `mutual_auth` setting; each part may have failed on its
+/// own (the error text).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModeResult {
+    /// The agent's `mutual_auth`.
+    pub mutual: bool,
+    /// The agent path of the warm-up attestation.
+    pub agent_path: Option<String>,
+    /// Its selectors.
+    pub selectors: Vec<String>,
+    /// The size of the agent's token answer (JSON with the base64 GSS token).
+    pub answer_bytes: Option<usize>,
+    /// Sequential attestations, one loop.
+    pub sequential: Result<LoopRun, String>,
+    /// Throughput runs with 1 and `loops` loops.
+    pub throughput: Result<Vec<LoopRun>, String>,
+    /// Server-alone runs.
+    pub server: Result<Vec<ServerRun>, String>,
+}
+
+impl ModeResult {
+    /// The failures, as errors.
+    pub fn errors(&self) -> Vec<anyhow::Error> {
+        let what = if self.mutual {
+            "mutual_auth = true"
+        } else {
+            "mutual_auth = false"
+        };
+        [
+            self.sequential.as_ref().err().map(|e| ("sequential", e)),
+            self.throughput.as_ref().err().map(|e| ("throughput", e)),
+            self.server.as_ref().err().map(|e| ("server alone", e)),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|(part, e)| anyhow!("B5 {part} ({what}): {e}"))
+        .collect()
+    }
+}
+
+/// What the child prints (one JSON line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChildOutput {
+    /// By `mutual_auth`: on, then off.
+    pub modes: Vec<ModeResult>,
+    /// The replay cache file's size at the end.
+    pub rcache_bytes: Option<u64>,
+    /// Worker threads of the child's tokio runtime.
+    pub workers: usize,
+}
+
+/// What [`run`] gives back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct B5Run {
+    /// Starting the KDC and provisioning the principals and keytabs.
+    pub setup: Duration,
+    /// The child's measurements.
+    pub output: ChildOutput,
+}
+
+/// One simulated TLS connection: both halves see the same 32 random bytes as exporter.
+fn connection() -> AttestationContext {
+    AttestationContext {
+        agent_public_key: Vec::new(),
+        tls_exporter: rand::random::<[u8; TLS_EXPORTER_LEN]>().to_vec(),
+    }
+}
+
+/// `fut`'s output, wall time and this process's CPU time.
+async fn timed<T>(fut: impl Future<Output = T>) -> (T, Duration, Duration) {
+    let (t, c) = (Instant::now(), process_cpu_time());
+    let out = fut.await;
+    (out, t.elapsed(), process_cpu_time().saturating_sub(c))
+}
+
+/// One whole attestation, timed; returns the agent path and selectors too.
+pub async fn attest_timed(
+    server: &KerberosAttestor,
+    client: &KerberosAttestorClient,
+    mutual: bool,
+) -> Result<(Phases, String, Vec<String>, usize)> {
+    let ctx = connection();
+    let start = Instant::now();
+    let mut p = Phases::default();
+    let (payload, wall, cpu) = timed(client.payload(&ctx)).await;
+    (p.payload, p.payload_cpu) = (wall, cpu);
+    let payload = payload.context("agent payload()")?;
+    let (step, wall, cpu) = timed(server.begin(&payload, &ctx)).await;
+    (p.begin, p.begin_cpu) = (wall, cpu);
+    let AttestationStep::Challenge { challenge, session } = step.context("server begin()")? else {
+        bail!("server begin() finished without a challenge");
+    };
+    let (answer, wall, cpu) = timed(client.answer(&challenge, &ctx)).await;
+    (p.token, p.token_cpu) = (wall, cpu);
+    let answer = answer.context("agent answer() to the nonce")?;
+    let answer_bytes = answer.len();
+    let (step, wall, cpu) = timed(session.respond(&answer)).await;
+    (p.accept, p.accept_cpu) = (wall, cpu);
+    let result = match step.context("server respond() to the token")? {
+        AttestationStep::Done(r) if !mutual => r,
+        AttestationStep::Done(_) => bail!("mutual_auth is on, but the server sent no AP-REP"),
+        AttestationStep::Challenge { .. } if !mutual => {
+            bail!("mutual_auth is off, but the server sent a second challenge")
+        }
+        AttestationStep::Challenge { challenge, session } => {
+            let (answer, wall, cpu) = timed(client.answer(&challenge, &ctx)).await;
+            (p.reply, p.reply_cpu) = (wall, cpu);
+            let answer = answer.context("agent answer() to the AP-REP")?;
+            let (step, wall, cpu) = timed(session.respond(&answer)).await;
+            (p.confirm, p.confirm_cpu) = (wall, cpu);
+            match step.context("server respond() to the confirmation")? {
+                AttestationStep::Done(r) => r,
+                AttestationStep::Challenge { .. } => bail!("server sent a third challenge"),
+            }
+        }
+    };
+    p.total = start.elapsed();
+    let selectors = result.selectors.iter().map(|s| s.to_string()).collect();
+    Ok((p, result.agent_path, selectors, answer_bytes))
+}
+
+/// The KDC's CPU time and log.
+#[derive(Debug, Clone)]
+struct KdcWatch {
+    pid: Option<u32>,
+    log: Option<PathBuf>,
+}
+
+impl KdcWatch {
+    fn cpu(&self) -> Option<Duration> {
+        let pid = self.pid?;
+        schedstat_cpu(pid).or_else(|| procfs::cpu_time(pid).ok())
+    }
+
+    fn counts(&self) -> Option<KdcCounts> {
+        let text = std::fs::read_to_string(self.log.as_ref()?).ok()?;
+        Some(KdcCounts::parse(&text))
+    }
+}
+
+/// The first field of `/proc/<pid>/schedstat` (time on a CPU, in nanoseconds).
+pub fn parse_schedstat_ns(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU time of every thread of `pid` from `/proc/<pid>/task/*/schedstat`: nanoseconds,
+/// where `/proc/<pid>/stat` counts 10 ms ticks (too coarse for krb5kdc's share of a
+/// sub-second run). `None` without schedstats (kernel without `CONFIG_SCHED_INFO`).
+pub fn schedstat_cpu(pid: u32) -> Option<Duration> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let text = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns = ns.saturating_add(parse_schedstat_ns(&text)?);
+    }
+    Some(Duration::from_nanos(ns))
+}
+
+/// An agent client with `mutual`.
+fn client(args: &ChildArgs, mutual: bool) -> Result<KerberosAttestorClient> {
+    KerberosAttestorClient::new(&KerberosAgentConfig {
+        service_principal: args.service.clone(),
+        keytab: Some(args.host_keytab.clone()),
+        principal: Some(args.host.clone()),
+        mutual_auth: mutual,
+    })
+    .context("building the agent's KerberosAttestorClient")
+}
+
+/// `per_loop` attestations on each of `loops` loops (one task and agent client each,
+/// attesting one after the other), all against `server`, after one untimed warm-up
+/// attestation per loop.
+async fn loop_run(
+    server: &Arc<KerberosAttestor>,
+    args: &ChildArgs,
+    kdc: &KdcWatch,
+    loops: usize,
+    per_loop: usize,
+    mutual: bool,
+) -> Result<LoopRun> {
+    let clients = (0..loops.max(1))
+        .map(|_| client(args, mutual).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    for c in &clients {
+        attest_timed(server, c, mutual)
+            .await
+            .context("warm-up attestation")?;
+    }
+    let (kdc0, counts0) = (kdc.cpu(), kdc.counts());
+    let (cpu0, idle0) = (process_cpu_time(), procfs::machine_idle()?);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in clients {
+        let server = server.clone();
+        tasks.spawn(async move {
+            let mut out = Vec::with_capacity(per_loop);
+            for _ in 0..per_loop {
+                out.push(attest_timed(&server, &c, mutual).await?.0);
+            }
+            Ok::<_, anyhow::Error>(out)
+        });
+    }
+    let mut samples = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        samples.extend(joined.context("attestation task")??);
+    }
+    let wall = start.elapsed();
+    let process_cpu = process_cpu_time().saturating_sub(cpu0);
+    let idle = procfs::machine_idle()?.saturating_sub(idle0);
+    Ok(LoopRun {
+        loops: loops.max(1),
+        samples,
+        wall,
+        process_cpu,
+        kdc_cpu: kdc0.zip(kdc.cpu()).map(|(a, b)| b.saturating_sub(a)),
+        idle,
+        kdc: counts0.zip(kdc.counts()).map(|(a, b)| b.since(&a)),
+    })
+}
+
+/// A server session waiting for its token, and the agent's token answer.
+type Captured = (Box<dyn AttestationSession>, Vec<u8>);
+
+/// `n` real attestations up to the agent's token answer: the server's session (its
+/// nonce) and the answer bound to it, not yet presented.
+async fn capture(
+    server: &KerberosAttestor,
+    client: &KerberosAttestorClient,
+    n: usize,
+) -> Result<Vec<Captured>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ctx = connection();
+        let payload = client.payload(&ctx).await.context("agent payload()")?;
+        let AttestationStep::Challenge { challenge, session } = server
+            .begin(&payload, &ctx)
+            .await
+            .context("server begin()")?
+        else {
+            bail!("server begin() finished without a challenge");
+        };
+        let answer = client
+            .answer(&challenge, &ctx)
+            .await
+            .context("agent answer() to the nonce")?;
+        out.push((session, answer));
+    }
+    Ok(out)
+}
+
+/// The server accepts `captured` on `threads` tasks (round robin), each answering the
+/// AP-REP challenge with the agent's confirmation itself when `mutual`.
+async fn server_run(captured: Vec<Captured>, threads: usize, mutual: bool) -> Result<ServerRun> {
+    let threads = threads.max(1);
+    let tokens = captured.len();
+    let confirm = Arc::new(wire::encode(&Answer::ReplyVerified)?);
+    let mut chunks: Vec<Vec<Captured>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, c) in captured.into_iter().enumerate() {
+        if let Some(chunk) = chunks.get_mut(i % threads) {
+            chunk.push(c);
+        }
+    }
+    let (cpu0, idle0) = (process_cpu_time(), procfs::machine_idle()?);
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in chunks {
+        let confirm = confirm.clone();
+        tasks.spawn(async move {
+            for (session, answer) in chunk {
+                match session
+                    .respond(&answer)
+                    .await
+                    .context("server respond() to a captured token")?
+                {
+                    AttestationStep::Done(_) if !mutual => {}
+                    AttestationStep::Challenge { session, .. } if mutual => {
+                        match session.respond(&confirm).await? {
+                            AttestationStep::Done(_) => {}
+                            AttestationStep::Challenge { .. } => {
+                                bail!("server sent a third challenge")
+                            }
+                        }
+                    }
+                    _ => bail!("the server's steps do not match mutual_auth = {mutual}"),
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("server task")??;
+    }
+    let wall = start.elapsed();
+    Ok(ServerRun {
+        threads,
+        tokens,
+        wall,
+        process_cpu: process_cpu_time().saturating_sub(cpu0),
+        idle: procfs::machine_idle()?.saturating_sub(idle0),
+    })
+}
+
+/// `modes` in order in even runs, reversed in odd ones: neither setting always runs
+/// first (the replay cache grows along the run).
+fn alternating(modes: &mut [ModeResult], run: usize) -> Vec<&mut ModeResult> {
+    let mut v: Vec<&mut ModeResult> = modes.iter_mut().collect();
+    if run % 2 == 1 {
+        v.reverse();
+    }
+    v
+}
+
+fn err_text(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+}
+
+/// The child: checks that its `KRB5_CONFIG` is the realm's, then measures both
+/// `mutual_auth` settings (on first), interleaving them in the repeated runs (in alternating order).
+pub fn child(args: &ChildArgs) -> Result<ChildOutput> {
+    let want = args.dir.join("krb5.conf");
+    match std::env::var_os("KRB5_CONFIG") {
+        Some(v) if Path::new(&v) == want => {}
+        other => bail!(
+            "{CHILD_FLAG} must run with KRB5_CONFIG={} in its environment (got {other:?}): libkrb5 would read another realm's profile",
+            want.display()
+        ),
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let workers = rt.metrics().num_workers();
+    let data = tempfile::Builder::new()
+        .prefix("carapace-bench-krb-")
+        .tempdir()?;
+    let server = Arc::new(
+        KerberosAttestor::new(
+            &KerberosServerConfig {
+                keytab: args.service_keytab.clone(),
+                service_principal: args.service.clone(),
+                allowed_realms: vec![args.realm.clone()],
+                machine_account_domains: Default::default(),
+                replay_cache: None,
+            },
+            data.path(),
+        )
+        .context("building the server's KerberosAttestor")?,
+    );
+    let kdc = KdcWatch {
+        pid: args.kdc_pid,
+        log: args.kdc_log.clone(),
+    };
+    let plan = &args.plan;
+    let mut modes: Vec<ModeResult> = [true, false]
+        .into_iter()
+        .map(|mutual| ModeResult {
+            mutual,
+            agent_path: None,
+            selectors: Vec::new(),
+            answer_bytes: None,
+            sequential: Err("not run".into()),
+            throughput: Ok(Vec::new()),
+            server: Ok(Vec::new()),
+        })
+        .collect();
+    rt.block_on(async {
+        for m in &mut modes {
+            eprintln!(
+                "==> B5: {} sequential attestations, mutual_auth = {}",
+                plan.attestations, m.mutual
+            );
+            let first = async {
+                let c = client(args, m.mutual)?;
+                attest_timed(&server, &c, m.mutual).await
+            }
+            .await;
+            match first {
+                Ok((_, path, selectors, bytes)) => {
+                    m.agent_path = Some(path);
+                    m.selectors = selectors;
+                    m.answer_bytes = Some(bytes);
+                    m.sequential = loop_run(&server, args, &kdc, 1, plan.attestations, m.mutual)
+                        .await
+                        .map_err(|e| err_text(&e));
+                }
+                Err(e) => {
+                    let e = err_text(&e.context("the first attestation"));
+                    m.sequential = Err(e.clone());
+                    m.throughput = Err(e.clone());
+                    m.server = Err(e);
+                }
+            }
+        }
+        eprintln!(
+            "==> B5: throughput ({} attestations per loop, loops {:?}, {} runs, both mutual_auth settings)",
+            plan.per_loop,
+            plan.counts(),
+            plan.runs
+        );
+        for run in 0..plan.runs.max(1) {
+            for m in alternating(&mut modes, run) {
+                for &k in &plan.counts() {
+                    let Ok(runs) = &mut m.throughput else { break };
+                    match loop_run(&server, args, &kdc, k, plan.per_loop, m.mutual).await {
+                        Ok(run) => runs.push(run),
+                        Err(e) => {
+                            m.throughput =
+                                Err(err_text(&e.context(format!("throughput run, {k} loop(s)"))))
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!(
+            "==> B5: server alone ({} captured tokens per run, tasks {:?}, {} runs)",
+            plan.server_tokens,
+            plan.counts(),
+            plan.server_runs
+        );
+        for run in 0..plan.server_runs.max(1) {
+            for m in alternating(&mut modes, run) {
+                for &k in &plan.counts() {
+                    if m.server.is_err() {
+                        break;
+                    }
+                    let run = async {
+                        let c = client(args, m.mutual)?;
+                        let captured = capture(&server, &c, plan.server_tokens.max(1)).await?;
+                        server_run(captured, k, m.mutual).await
+                    }
+                    .await;
+                    match (run, &mut m.server) {
+                        (Ok(run), Ok(runs)) => runs.push(run),
+                        (Err(e), _) => {
+                            m.server =
+                                Err(err_text(&e.context(format!("server alone, {k} task(s)"))))
+                        }
+                        (Ok(_), Err(_)) => {}
+                    }
+                }
+            }
+        }
+    });
+    rt.shutdown_timeout(Duration::from_secs(5));
+    let rcache_bytes = std::fs::metadata(data.path().join("kerberos.rcache"))
+        .ok()
+        .map(|m| m.len());
+    Ok(ChildOutput {
+        modes,
+        rcache_bytes,
+        workers,
+    })
+}
+
+/// `krb5-config --version` (`Kerberos 5 release 1.20.1`), or the krb5-kdc package's
+/// version.
+pub fn krb5_version() -> String {
+    let out = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    out("krb5-config", &["--version"])
+        .map(|v| format!("MIT {v}"))
+        .or_else(|| {
+            out("dpkg-query", &["-W", "-f", "${Version}", "krb5-kdc"])
+                .map(|v| format!("MIT krb5-kdc {v}"))
+        })
+        .unwrap_or_else(|| "MIT krb5 (version unknown)".into())
+}
+
+/// B5: starts the KDC, provisions the principals, runs the child with the realm's
+/// environment and reads its JSON line; the KDC is stopped afterwards (also when the
+/// future is dropped: the child is killed, the KDC stopped by its guard).
+pub async fn run(plan: &KrbPlan) -> Result<B5Run> {
+    let t = Instant::now();
+    let (kdc, principals) = tokio::task::spawn_blocking(|| -> Result<_> {
+        let kdc = Kdc::start(REALM).context(install_hint())?;
+        let principals = kdc
+            .provision_host_and_service()
+            .context("provisioning the host and service principals")?;
+        Ok((kdc, principals))
+    })
+    .await
+    .map_err(|e| anyhow!("starting the KDC: task failed: {e}"))??;
+    let setup = t.elapsed();
+    let args = ChildArgs {
+        dir: kdc.dir().to_path_buf(),
+        realm: kdc.realm().to_owned(),
+        kdc_pid: Some(kdc.pid()),
+        kdc_log: Some(kdc.log()),
+        host: principals.host,
+        host_keytab: principals.host_keytab,
+        service: principals.service,
+        service_keytab: principals.service_keytab,
+        plan: plan.clone(),
+    };
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let mut child = tokio::process::Command::new(&exe)
+        .arg(CHILD_FLAG)
+        .arg(serde_json::to_string(&args)?)
+        .envs(kdc.envs())
+        // Errors are reported in the benchmark report: no backtraces there.
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("running {} {CHILD_FLAG}", exe.display()))?;
+    // The child's progress lines go on to our stderr; the last ones explain a failure.
+    let forward = child.stderr.take().map(|stderr| {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut tail = VecDeque::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{line}");
+                tail.push_back(line);
+                if tail.len() > 20 {
+                    tail.pop_front();
+                }
+            }
+            tail
+        })
+    });
+    let out = child
+        .wait_with_output()
+        .await
+        .with_context(|| format!("waiting for {} {CHILD_FLAG}", exe.display()))?;
+    let tail = match forward {
+        Some(f) => f.await.unwrap_or_default(),
+        None => VecDeque::new(),
+    };
+    drop(kdc);
+    if !out.status.success() {
+        bail!(
+            "{} {CHILD_FLAG} failed ({}): {}",
+            exe.display(),
+            out.status,
+            Vec::from(tail).join("\n")
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| anyhow!("{CHILD_FLAG} printed no JSON line: {stdout}"))?;
+    let output: ChildOutput = serde_json::from_str(line)
+        .with_context(|| format!("{CHILD_FLAG} output is not the expected JSON: {line}"))?;
+    Ok(B5Run { setup, output })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_plans_are_smaller() {
+        let (q, f) = (KrbPlan::new(true), KrbPlan::new(false));
+        assert!(q.attestations < f.attestations && q.per_loop < f.per_loop);
+        assert!(q.server_tokens < f.server_tokens && q.runs <= f.runs);
+        assert_eq!(f.attestations, 500);
+        assert_eq!(f.counts(), vec![1, 2]);
+        let one = KrbPlan { loops: 1, ..f };
+        assert_eq!(one.counts(), vec![1]);
+    }
+
+    #[test]
+    fn schedstat_gives_nanoseconds_on_a_cpu() {
+        assert_eq!(parse_schedstat_ns("85237 145386 2\n"), Some(85_237));
+        assert_eq!(parse_schedstat_ns(""), None);
+        let me = schedstat_cpu(std::process::id()).unwrap();
+        assert!(me > Duration::ZERO);
+    }
+
+    #[test]
+    fn child_args_survive_the_command_line() {
+        let a = ChildArgs {
+            dir: "/tmp/carapace-kdc-x".into(),
+            realm: REALM.into(),
+            kdc_pid: Some(42),
+            kdc_log: Some("/tmp/carapace-kdc-x/kdc.log".into()),
+            host: "host/node1.lab.test@LAB.TEST".into(),
+            host_keytab: "/tmp/carapace-kdc-x/host.keytab".into(),
+            service: "carapace/server.lab.test@LAB.TEST".into(),
+            service_keytab: "/tmp/carapace-kdc-x/service.keytab".into(),
+            plan: KrbPlan::new(true),
+        };
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(serde_json::from_str::<ChildArgs>(&json).unwrap(), a);
+    }
+
+    #[test]
+    fn kdc_log_lines_are_counted_by_kind() {
+        let log = "\
+Nov 23 10:00:00 h krb5kdc[7](info): AS_REQ (2 etypes {aes256-cts-hmac-sha1-96(18), aes128-cts-hmac-sha1-96(17)}) 127.0.0.1: ISSUE: authtime 1, etypes {rep=aes256-cts-hmac-sha1-96(18)}, host/node1.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST
+Nov 23 10:00:00 h krb5kdc[7](info): TGS_REQ (2 etypes {aes256-cts-hmac-sha1-96(18)}) 127.0.0.1: ISSUE: authtime 1, etypes {rep=aes256-cts-hmac-sha1-96(18)}, host/node1.lab.test@LAB.TEST for carapace/server.lab.test@LAB.TEST
+Nov 23 10:00:00 h krb5kdc[7](info): AS_REQ (2 etypes {aes256-cts-hmac-sha1-96(18)}) 127.0.0.1: CLIENT_NOT_FOUND: host/gone.lab.test@LAB.TEST for krbtgt/LAB.TEST@LAB.TEST, Client not found in Kerberos database
+Nov 23 10:00:00 h krb5kdc[7](info): closing down fd 12
+";
+        let c = KdcCounts::parse(log);
+        assert_eq!(
+            c,
+            KdcCounts {
+                as_req: 2,
+                tgs_req: 1,
+                not_issued: 1
+            }
+        );
+        let before = KdcCounts {
+            as_req: 1,
+            tgs_req: 0,
+            not_issued: 1,
+        };
+        assert_eq!(
+            c.since(&before),
+            KdcCounts {
+                as_req: 1,
+                tgs_req: 1,
+                not_issued: 0
+            }
+        );
+    }
+
+    #[test]
+    fn runs_report_rates_cores_and_requests() {
+        let p = Phases {
+            token: Duration::from_millis(4),
+            token_cpu: Duration::from_millis(1),
+            accept: Duration::from_micros(700),
+            accept_cpu: Duration::from_micros(500),
+            begin_cpu: Duration::from_micros(10),
+            total: Duration::from_millis(5),
+            ..Phases::default()
+        };
+        assert_eq!(p.agent(), Duration::from_millis(4));
+        assert_eq!(p.server_cpu(), Duration::from_micros(510));
+        let run = LoopRun {
+            loops: 1,
+            samples: vec![p; 100],
+            wall: Duration::from_millis(500),
+            process_cpu: Duration::from_millis(200),
+            kdc_cpu: Some(Duration::from_millis(100)),
+            idle: Duration::from_millis(500),
+            kdc: Some(KdcCounts {
+                as_req: 100,
+                tgs_req: 100,
+                not_issued: 0,
+            }),
+        };
+        assert_eq!(run.rate(), 200.0);
+        assert_eq!(
+            run.per_attestation(run.process_cpu),
+            Duration::from_millis(2)
+        );
+        let (ours, idle, others) = run.cores(2);
+        assert!((ours - 0.6).abs() < 1e-9 && (idle - 1.0).abs() < 1e-9);
+        assert!((others - 0.4).abs() < 1e-9);
+        assert_eq!(run.kdc_requests_per_attestation(), Some((1.0, 1.0)));
+        let s = ServerRun {
+            threads: 2,
+            tokens: 200,
+            wall: Duration::from_millis(100),
+            process_cpu: Duration::from_millis(160),
+            idle: Duration::ZERO,
+        };
+        assert_eq!(s.rate(), 2_000.0);
+        assert!((s.cpu_us() - 800.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_child_refuses_another_krb5_config() {
+        let a = ChildArgs {
+            dir: "/nonexistent/realm".into(),
+            realm: REALM.into(),
+            kdc_pid: None,
+            kdc_log: None,
+            host: "host/node1.lab.test@LAB.TEST".into(),
+            host_keytab: "/nonexistent/realm/host.keytab".into(),
+            service: "carapace/server.lab.test@LAB.TEST".into(),
+            service_keytab: "/nonexistent/realm/service.keytab".into(),
+            plan: KrbPlan::new(true),
+        };
+        let err = child(&a).unwrap_err().to_string();
+        assert!(
+            err.contains("KRB5_CONFIG=/nonexistent/realm/krb5.conf"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn b5_child_measures_attestations_against_a_real_kdc() {
+        let Some(r) = hsm_sim::kdc::kdc_test(
+            "kerberos::tests::b5_child_measures_attestations_against_a_real_kdc",
+            REALM,
+        ) else {
+            return;
+        };
+        let p = &r.principals;
+        let args = ChildArgs {
+            dir: r.admin.dir().to_path_buf(),
+            realm: REALM.into(),
+            kdc_pid: None,
+            kdc_log: Some(r.admin.dir().join("kdc.log")),
+            host: p.host.clone(),
+            host_keytab: p.host_keytab.clone(),
+            service: p.service.clone(),
+            service_keytab: p.service_keytab.clone(),
+            plan: KrbPlan {
+                attestations: 3,
+                per_loop: 2,
+                loops: 2,
+                runs: 1,
+                server_tokens: 3,
+                server_runs: 1,
+            },
+        };
+        let out = child(&args).unwrap();
+        assert_eq!(out.modes.len(), 2);
+        for m in &out.modes {
+            assert_eq!(m.agent_path.as_deref(), Some("LAB.TEST/node1.lab.test"));
+            assert!(m.errors().is_empty(), "{:?}", m.errors());
+            let seq = m.sequential.as_ref().unwrap();
+            assert_eq!(seq.samples.len(), 3);
+            assert!(seq.samples.iter().all(|p| p.total >= p.token + p.accept));
+            assert_eq!(
+                seq.samples.iter().all(|p| p.reply > Duration::ZERO),
+                m.mutual
+            );
+            // A fresh TGT and service ticket for every attestation.
+            assert_eq!(seq.kdc_requests_per_attestation(), Some((1.0, 1.0)));
+            let tp = m.throughput.as_ref().unwrap();
+            assert_eq!(
+                tp.iter()
+                    .map(|r| (r.loops, r.samples.len()))
+                    .collect::<Vec<_>>(),
+                vec![(1, 2), (2, 4)]
+            );
+            let sv = m.server.as_ref().unwrap();
+            assert_eq!(sv.len(), 2);
+            assert!(sv.iter().all(|s| s.tokens == 3 && s.rate() > 0.0));
+        }
+        assert!(out.rcache_bytes.unwrap_or(0) > 0);
+        // The JSON line the parent reads back.
+        let json = serde_json::to_string(&out).unwrap();
+        assert_eq!(serde_json::from_str::<ChildOutput>(&json).unwrap(), out);
+    }
+}
