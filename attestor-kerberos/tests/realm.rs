@@ -502,3 +502,47 @@ fn server_settings_are_checked_at_start() {
     assert!(err.contains("allowed_realms is empty"), "{err}");
     assert!(err.contains("service_principal"), "{err}");
 }
+
+#[test]
+fn without_a_principal_the_agent_uses_this_hosts_host_principal() {
+    let Some(r) = kdc_test(
+        "without_a_principal_the_agent_uses_this_hosts_host_principal",
+        REALM,
+    ) else {
+        return;
+    };
+    // MIT names the host-based service `host` after this machine's host name (the lab's
+    // krb5.conf neither canonicalises it through DNS nor maps it to another realm).
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_ascii_lowercase();
+    let mine = format!("host/{hostname}@{REALM}");
+    r.admin.add_principal(&mine).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keytab = r
+        .admin
+        .keytab(&[&mine], &dir.path().join("krb5.keytab"))
+        .unwrap();
+    let s = server(&server_cfg(&r), dir.path());
+    let a = agent(&KerberosAgentConfig {
+        principal: None,
+        keytab: Some(keytab),
+        ..agent_cfg(&r)
+    });
+    let fqdn = if hostname.contains('.') {
+        hostname.clone()
+    } else {
+        format!("{hostname}.lab.test")
+    };
+    rt().block_on(async {
+        let result = attest(&s, &a).await.unwrap();
+        assert_eq!(result.agent_path, format!("{REALM}/{fqdn}"));
+        let principal = format!("kerberos:principal:{mine}");
+        assert!(
+            result.selectors.iter().any(|s| s.to_string() == principal),
+            "{:?}",
+            result.selectors
+        );
+    });
+}
