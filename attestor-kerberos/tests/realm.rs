@@ -546,3 +546,37 @@ fn without_a_principal_the_agent_uses_this_hosts_host_principal() {
         );
     });
 }
+
+#[test]
+fn a_tampered_or_unasked_server_reply_is_refused_by_the_agent() {
+    let Some(r) = kdc_test(
+        "a_tampered_or_unasked_server_reply_is_refused_by_the_agent",
+        REALM,
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(&server_cfg(&r), dir.path());
+    let a = agent(&agent_cfg(&r));
+    rt().block_on(async {
+        let ctx = connection();
+        let (answer, session) = token_for(&s, &a, &ctx).await;
+        // With mutual authentication the server answers with its AP-REP.
+        let (reply, _) = challenge(session.respond(&answer).await.unwrap());
+        let wire::Challenge::Reply { token } = wire::decode("c", &reply).unwrap() else {
+            panic!("expected the AP-REP");
+        };
+        let mut ap_rep = wire::unb64("t", &token).unwrap();
+        let at = ap_rep.len() - 4;
+        ap_rep[at] ^= 0x01;
+        let tampered = wire::encode(&wire::Challenge::Reply {
+            token: wire::b64(&ap_rep),
+        })
+        .unwrap();
+        let err = a.answer(&tampered, &ctx).await.unwrap_err().to_string();
+        assert!(err.contains("the server's AP-REP does not verify"), "{err}");
+        // The attempt is over: a reply now was never asked for.
+        let err = a.answer(&reply, &ctx).await.unwrap_err().to_string();
+        assert!(err.contains("did not ask for"), "{err}");
+    });
+}
