@@ -39,6 +39,9 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     /// Key type of workload keys.
     pub workload_key_type: Option<String>,
+    /// How long the workload attestors together may take for one Workload API request.
+    #[serde(default, with = "humantime_serde::option")]
+    pub workload_attestation_timeout: Option<Duration>,
     /// Key manager for the agent's own key (exactly one; default `disk`).
     #[serde(default)]
     pub key_manager: toml::Table,
@@ -120,6 +123,8 @@ pub struct Config {
     pub workload_attestors: Vec<(String, toml::Table)>,
     /// How often the rotator looks at SVIDs.
     pub rotation_interval: Duration,
+    /// Bound on workload attestation per request.
+    pub workload_attestation_timeout: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -205,6 +210,17 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             KeyType::EcP256
         }
     };
+    let workload_attestation_timeout = file
+        .workload_attestation_timeout
+        .unwrap_or(crate::workload_api::DEFAULT_ATTESTATION_TIMEOUT);
+    if workload_attestation_timeout.is_zero()
+        || workload_attestation_timeout > Duration::from_secs(60)
+    {
+        problems.push(format!(
+            "workload_attestation_timeout: {} is outside 1ms..60s",
+            humantime::format_duration(workload_attestation_timeout)
+        ));
+    }
     if let Some(t) = &ov.join_token {
         if t.trim().is_empty() {
             problems.push("join_token: is empty".into());
@@ -248,6 +264,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             node_attestor: node_attestors.remove(0),
             workload_attestors,
             rotation_interval: Duration::from_secs(1),
+            workload_attestation_timeout,
         }),
         _ => Err(problems),
     }

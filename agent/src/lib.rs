@@ -44,7 +44,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let listener = workload_api::bind(&cfg.socket_path)?;
     let cache = SvidCache::new(Arc::new(TrustBundle::new(cfg.trust_domain.clone())));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let api = WorkloadApi::new(cache.clone(), attestors);
+    let api = WorkloadApi::new(cache.clone(), attestors)
+        .with_attestation_timeout(cfg.workload_attestation_timeout);
     let socket_path = cfg.socket_path.clone();
     let api_task = {
         let mut stop = stop_rx.clone();

@@ -4,9 +4,11 @@
 //! - every RPC requires the metadata `workload.spiffe.io: true`, exactly once; otherwise
 //!   `InvalidArgument`;
 //! - the caller is identified by the kernel only ([`peer`]): each RPC runs every workload
-//!   attestor on the connection's caller, unions the selectors, then checks through the
-//!   caller's pidfd that the same process is still alive (`Unauthenticated` if not), so a
-//!   recycled PID cannot be attested as another process;
+//!   attestor on the connection's caller (all of them within
+//!   `workload_attestation_timeout`, else `Unavailable`: never a partial selector set),
+//!   unions the selectors, then checks through the caller's pidfd that the same process
+//!   is still alive and still has that PID; if not, the RPC is `Unauthenticated` and the
+//!   connection is closed, so a recycled PID cannot be attested as another process;
 //! - `FetchX509SVID` streams the full set of matching SVIDs, again on every change;
 //!   `PermissionDenied` ("no identity issued") when nothing matches;
 //! - `FetchX509Bundles` streams the own trust domain's bundle to callers that have an
@@ -55,11 +57,15 @@ const STREAM_BUFFER: usize = 4;
 
 const NO_IDENTITY: &str = "no identity issued";
 
+/// How long all workload attestors together may take for one request, by default.
+pub const DEFAULT_ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The Workload API service.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     cache: SvidCache,
     attestors: Arc<[Arc<dyn WorkloadAttestor>]>,
+    attestation_timeout: Duration,
     /// Turns true when the server shuts down, so that streams end and connections close.
     closing: watch::Receiver<bool>,
 }
@@ -73,8 +79,16 @@ impl WorkloadApi {
         WorkloadApi {
             cache,
             attestors: attestors.into(),
+            attestation_timeout: DEFAULT_ATTESTATION_TIMEOUT,
             closing,
         }
+    }
+
+    /// Bounds the time all attestors together may take for one request (default
+    /// [`DEFAULT_ATTESTATION_TIMEOUT`]); past it the request fails with `Unavailable`.
+    pub fn with_attestation_timeout(mut self, timeout: Duration) -> Self {
+        self.attestation_timeout = timeout;
+        self
     }
 
     /// Checks the security header, identifies the caller and returns its selectors.
@@ -92,32 +106,57 @@ impl WorkloadApi {
             Status::internal("caller credentials unavailable")
         })?;
         let caller = peer.caller();
-        let mut selectors = SelectorSet::new();
-        for attestor in self.attestors.iter() {
-            match attestor.attest(&caller).await {
-                Ok(s) => selectors.extend(s),
-                Err(e) => {
-                    tracing::warn!(
-                        method,
-                        pid = caller.pid,
-                        uid = caller.uid,
-                        gid = caller.gid,
-                        attestor = attestor.name(),
-                        error = %e,
-                        "workload attestation failed"
-                    );
-                    return Err(Status::unavailable("workload attestation failed"));
-                }
+        // Every attestor must answer, within the time bound: a stuck /proc read or a
+        // slow attestor yields Unavailable, never a partial selector set.
+        let attested = tokio::time::timeout(self.attestation_timeout, async {
+            let mut selectors = SelectorSet::new();
+            for attestor in self.attestors.iter() {
+                let s = attestor
+                    .attest(&caller)
+                    .await
+                    .map_err(|e| (attestor.name(), e))?;
+                selectors.extend(s);
             }
-        }
+            Ok::<_, (&str, carapace_core::Error)>(selectors)
+        })
+        .await;
+        let selectors = match attested {
+            Ok(Ok(s)) => s,
+            Ok(Err((attestor, e))) => {
+                tracing::warn!(
+                    method,
+                    pid = caller.pid,
+                    uid = caller.uid,
+                    gid = caller.gid,
+                    attestor,
+                    error = %e,
+                    "workload attestation failed"
+                );
+                return Err(Status::unavailable("workload attestation failed"));
+            }
+            Err(_) => {
+                tracing::warn!(
+                    method,
+                    pid = caller.pid,
+                    uid = caller.uid,
+                    gid = caller.gid,
+                    timeout = ?self.attestation_timeout,
+                    "workload attestation timed out"
+                );
+                return Err(Status::unavailable("workload attestation timed out"));
+            }
+        };
+        // Everything above read /proc/<pid> by number: it describes this caller only if
+        // the pidfd still names a live process with that PID now.
         if !peer.is_alive() {
             tracing::warn!(
                 method,
                 pid = caller.pid,
                 uid = caller.uid,
                 gid = caller.gid,
-                "the caller exited during attestation"
+                "the caller exited during attestation; closing its connection"
             );
+            peer.close_connection();
             return Err(Status::unauthenticated(
                 "could not verify existence of the original caller",
             ));

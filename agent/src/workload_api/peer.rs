@@ -20,11 +20,13 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use carapace_core::plugin::Caller;
 use futures::Stream;
+use futures::task::AtomicWaker;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -50,6 +52,36 @@ pub struct Peer {
     pub gid: u32,
     /// A pidfd for the process, held for the connection's lifetime.
     pub pidfd: Arc<OwnedFd>,
+    /// Closes the caller's connection (see [`Peer::close_connection`]).
+    closer: Arc<Closer>,
+}
+
+/// A connection's kill switch: once set, the connection's reads and writes fail, so the
+/// HTTP/2 server drops it.
+#[derive(Debug, Default)]
+struct Closer {
+    closed: AtomicBool,
+    read_waker: AtomicWaker,
+    write_waker: AtomicWaker,
+}
+
+impl Closer {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.read_waker.wake();
+        self.write_waker.wake();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the Workload API caller could not be verified; connection closed",
+    )
 }
 
 impl Peer {
@@ -89,6 +121,7 @@ impl Peer {
             uid: cred.uid(),
             gid: cred.gid(),
             pidfd: Arc::new(pidfd),
+            closer: Arc::default(),
         };
         Ok((peer, source))
     }
@@ -102,6 +135,7 @@ impl Peer {
             uid,
             gid,
             pidfd: Arc::new(open_pidfd(pid)?),
+            closer: Arc::default(),
         })
     }
 
@@ -114,23 +148,52 @@ impl Peer {
         }
     }
 
-    /// Whether the pidfd's process is still running. A pidfd becomes readable (`POLLIN`)
-    /// when its process exits; any error counts as "not alive" (fail closed).
+    /// Whether the pidfd's process is still running and is still the process with PID
+    /// [`Peer::pid`]: the attestors read `/proc/<pid>` by number, so everything they read
+    /// describes this caller only if this holds afterwards.
+    ///
+    /// Two checks: the pidfd is not readable (`POLLIN` means its process exited), and the
+    /// kernel's own record of the pidfd (`/proc/self/fdinfo/<fd>`, `Pid:`) names the same
+    /// PID (it reads -1 once the process is gone). Any error counts as "not alive" (fail
+    /// closed).
     pub fn is_alive(&self) -> bool {
         let mut fds = [PollFd::new(&*self.pidfd, PollFlags::IN)];
         let zero = Timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        match rustix::event::poll(&mut fds, Some(&zero)) {
+        let running = match rustix::event::poll(&mut fds, Some(&zero)) {
             Ok(0) => true,
             Ok(_) => fds[0].revents().is_empty(),
             Err(e) => {
                 tracing::debug!(pid = self.pid, error = %e, "polling the caller's pidfd failed");
                 false
             }
-        }
+        };
+        running && pidfd_pid(&self.pidfd) == Some(self.pid)
     }
+
+    /// Closes the caller's connection: the next read or write on it fails and the server
+    /// drops it, with every stream on it. Used when the caller could not be verified.
+    pub fn close_connection(&self) {
+        self.closer.close();
+    }
+
+    /// Whether [`Peer::close_connection`] was called.
+    pub fn connection_closed(&self) -> bool {
+        self.closer.is_closed()
+    }
+}
+
+/// The PID a pidfd refers to, from `/proc/self/fdinfo/<fd>` (`Pid:` line; -1 once the
+/// process has exited).
+fn pidfd_pid(fd: &OwnedFd) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn open_pidfd(pid: i32) -> io::Result<OwnedFd> {
@@ -208,6 +271,11 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let closer = self.peer.closer.clone();
+        closer.read_waker.register(cx.waker());
+        if closer.is_closed() {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -218,6 +286,11 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        let closer = self.peer.closer.clone();
+        closer.write_waker.register(cx.waker());
+        if closer.is_closed() {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -234,6 +307,11 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let closer = self.peer.closer.clone();
+        closer.write_waker.register(cx.waker());
+        if closer.is_closed() {
+            return Poll::Ready(Err(closed_error()));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -322,6 +400,51 @@ mod tests {
         assert_eq!(fdinfo_pid(&peer.pidfd), me);
         assert!(peer.is_alive());
         drop(b);
+    }
+
+    #[tokio::test]
+    async fn closing_the_connection_fails_a_pending_read_and_later_writes() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut conn = PeerStream::new(a).unwrap();
+        let peer = conn.peer().clone();
+        // A read waiting for data the peer never sends...
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let r = conn.read(&mut buf).await;
+            (r, conn)
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...is woken and fails when the connection is closed.
+        peer.close_connection();
+        let (r, mut conn) = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the pending read must be woken")
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        let w = conn.write(b"x").await;
+        assert_eq!(w.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        assert!(peer.connection_closed());
+    }
+
+    #[test]
+    fn the_pidfd_names_its_process_until_it_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let peer = Peer::from_pid(pid, 0, 0).unwrap();
+        assert_eq!(pidfd_pid(&peer.pidfd), Some(pid));
+        // A peer that claims another PID for the same pidfd is not that process.
+        let liar = Peer {
+            pid: pid + 1,
+            ..peer.clone()
+        };
+        assert!(!liar.is_alive());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(pidfd_pid(&peer.pidfd), Some(-1));
     }
 
     #[tokio::test]

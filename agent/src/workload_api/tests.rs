@@ -569,6 +569,90 @@ async fn a_caller_that_exited_is_unauthenticated_and_attestor_errors_are_unavail
     assert_eq!(e.code(), Code::Unavailable);
 }
 
+/// An attestor that says it started, then waits to be released (or forever).
+#[derive(Debug, Default)]
+struct GatedAttestor {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+    selectors: Vec<Selector>,
+}
+
+#[async_trait::async_trait]
+impl WorkloadAttestor for GatedAttestor {
+    fn name(&self) -> &str {
+        "gated"
+    }
+    async fn attest(&self, _caller: &Caller) -> Result<Vec<Selector>, carapace_core::Error> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        Ok(self.selectors.clone())
+    }
+}
+
+fn one_svid_cache(sel: &Selector) -> SvidCache {
+    let pki = Pki::new("test CA");
+    let cache = SvidCache::new(pki.bundle());
+    cache.replace(
+        pki.bundle(),
+        vec![pki.svid("e", "web", &[sel.to_string()], "")],
+    );
+    cache
+}
+
+#[tokio::test]
+async fn a_caller_that_exits_mid_attestation_gets_nothing_and_loses_its_connection() {
+    let sel: Selector = "unix:uid:0".parse().unwrap();
+    let gated = Arc::new(GatedAttestor {
+        selectors: vec![sel.clone()],
+        ..GatedAttestor::default()
+    });
+    let api = WorkloadApi::new(
+        one_svid_cache(&sel),
+        vec![gated.clone() as Arc<dyn WorkloadAttestor>],
+    );
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let peer = Peer::from_pid(i32::try_from(child.id()).unwrap(), 0, 0).unwrap();
+    let call = tokio::spawn({
+        let api = api.clone();
+        let peer = peer.clone();
+        async move { api.fetch_x509svid(request_from(peer)).await }
+    });
+    // The attestor has read what it reads; now the caller goes away.
+    gated.entered.notified().await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    gated.release.notify_one();
+    let e = call.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(peer.connection_closed(), "the connection must be closed");
+}
+
+#[tokio::test]
+async fn a_stuck_attestor_yields_unavailable_within_the_bound() {
+    let sel: Selector = "unix:uid:0".parse().unwrap();
+    // Never released: a /proc read that hangs.
+    let stuck = Arc::new(GatedAttestor::default());
+    let api = WorkloadApi::new(
+        one_svid_cache(&sel),
+        vec![stuck as Arc<dyn WorkloadAttestor>],
+    )
+    .with_attestation_timeout(Duration::from_millis(200));
+    let me = Peer::from_pid(i32::try_from(std::process::id()).unwrap(), 0, 0).unwrap();
+    let started = std::time::Instant::now();
+    let e = api
+        .fetch_x509svid(request_from(me.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert_eq!(e.message(), "workload attestation timed out");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The caller is fine; only the attestor was slow: the connection stays.
+    assert!(!me.connection_closed());
+}
+
 #[tokio::test]
 async fn fetch_x509_writes_files_and_never_prints_the_key() {
     let h = Harness::start().await;
@@ -681,4 +765,114 @@ async fn watch_prints_a_line_per_message_and_healthcheck() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("cannot connect"), "{e}");
+}
+
+/// Marks the child process [`a_recycled_pid_never_gets_the_svid_of_its_new_owner`] runs
+/// itself as, inside a new PID namespace.
+const PID_NS_CHILD: &str = "CARAPACE_TEST_PID_NS_CHILD";
+
+/// A caller connects and exits; before its request is attested, its PID is given to a new
+/// process that has an identity. The unix attestor, reading `/proc/<pid>` by number, now
+/// sees the new process; the request must still be refused, because the caller's pidfd
+/// shows the original process is gone, and the connection closed.
+///
+/// PIDs are recycled deterministically by writing `ns_last_pid` inside a PID namespace of
+/// the test's own (`unshare --user --map-root-user --pid --fork --mount-proc`, no real
+/// root needed): the test runs itself again there as PID 1.
+#[test]
+fn a_recycled_pid_never_gets_the_svid_of_its_new_owner() {
+    const NAME: &str = "workload_api::tests::a_recycled_pid_never_gets_the_svid_of_its_new_owner";
+    if std::env::var(PID_NS_CHILD).ok().as_deref() != Some(NAME) {
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--",
+            ])
+            .arg(&exe)
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env(PID_NS_CHILD, NAME)
+            .output()
+            .unwrap_or_else(|e| panic!("unshare (util-linux) is needed for this test: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stdout.contains("test result: ok. 1 passed;"),
+            "the test in a new PID namespace failed ({}); unprivileged user namespaces must \
+             be allowed (sysctl kernel.unprivileged_userns_clone=1) or run as root\n\
+             stdout:\n{stdout}\nstderr:\n{stderr}",
+            out.status
+        );
+        return;
+    }
+    assert_eq!(
+        std::process::id(),
+        1,
+        "runs as PID 1 of its own PID namespace"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+        let sel: Selector = format!("unix:path:{}", sleep.display()).parse().unwrap();
+        let attestor = Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig::default()));
+        let api = WorkloadApi::new(
+            one_svid_cache(&sel),
+            vec![attestor.clone() as Arc<dyn WorkloadAttestor>],
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+
+        // The caller: connects, then waits for a byte on stdin and exits.
+        let mut caller = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n\
+                 print('connected', flush=True)\nsys.stdin.read(1)",
+            ])
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("python3 is needed for this test: {e}"));
+        let (stream, _) = listener.accept().await.unwrap();
+        let peer = Peer::from_stream(&stream).unwrap();
+        let pid = i32::try_from(caller.id()).unwrap();
+        assert_eq!(peer.pid, pid, "SO_PEERCRED names the caller");
+
+        // The caller exits and is reaped: its PID is free.
+        drop(caller.stdin.take());
+        assert!(caller.wait().unwrap().success());
+
+        // The next process created gets the caller's PID.
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut owner = std::process::Command::new(&sleep)
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            i32::try_from(owner.id()).unwrap(),
+            pid,
+            "the PID was recycled for the new process"
+        );
+        // What /proc/<pid> says now is the new owner, which has an identity: without
+        // the pidfd check the caller would be given its SVID.
+        let seen = attestor.attest(&peer.caller()).await.unwrap();
+        assert!(seen.contains(&sel), "{seen:?}");
+
+        let e = api
+            .fetch_x509svid(request_from(peer.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        assert!(peer.connection_closed());
+
+        owner.kill().unwrap();
+        owner.wait().unwrap();
+        drop(stream);
+    });
 }
