@@ -22,12 +22,13 @@ use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
 use crate::join_token::JoinTokenClient;
+use crate::workload_api::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
 use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
 
 const KEY_MANAGERS: &[&str] = &["disk", "memory", "tpm"];
 const NODE_ATTESTORS: &[&str] = &["join_token", "kerberos", "tpm"];
-const WORKLOAD_ATTESTORS: &[&str] = &["unix"];
+const WORKLOAD_ATTESTORS: &[&str] = &["cgroups", "systemd", "unix"];
 
 /// `[key_manager.memory]` and `[node_attestor.join_token]`: no settings.
 #[derive(Debug, Default, Deserialize)]
@@ -53,6 +54,9 @@ fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result
             parse::<NoConfig>(table).map(|_| ())
         }
         ("workload_attestor", "unix") => parse::<UnixAttestorConfig>(table).map(|_| ()),
+        ("workload_attestor", "cgroups" | "systemd") => {
+            parse::<CgroupAttestorConfig>(table).map(|_| ())
+        }
         ("node_attestor", "tpm") => parse::<TpmAgentConfig>(table).map(|_| ()),
         ("node_attestor", "kerberos") => {
             parse::<KerberosAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
@@ -188,6 +192,16 @@ pub fn build_workload_attestors(
                 let cfg: UnixAttestorConfig = parse(table)
                     .map_err(|e| Error::Config(format!("workload_attestor.unix: {e}")))?;
                 Ok(Arc::new(UnixWorkloadAttestor::new(cfg)) as Arc<dyn WorkloadAttestor>)
+            }
+            "cgroups" | "systemd" => {
+                let cfg: CgroupAttestorConfig = parse(table)
+                    .map_err(|e| Error::Config(format!("workload_attestor.{name}: {e}")))?;
+                let a = if name == "cgroups" {
+                    CgroupWorkloadAttestor::cgroups(&cfg)
+                } else {
+                    CgroupWorkloadAttestor::systemd(&cfg)
+                };
+                Ok(Arc::new(a) as Arc<dyn WorkloadAttestor>)
             }
             other => Err(Error::Config(unknown(
                 "workload_attestor",

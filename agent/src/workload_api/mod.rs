@@ -15,6 +15,8 @@
 //!   identity;
 //! - the JWT RPCs answer `Unimplemented` for now.
 
+pub mod cgroup;
+pub mod cgroups;
 pub mod h2_authority;
 pub mod peer;
 pub mod unix;
