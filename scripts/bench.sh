@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PERFORMANCE.md §5's S1 and S2, issues 3 (B3) and 4 (B4), and B5, in one command:
+# PERFORMANCE.md §5's S1 and S2, issues 3 (B3) and 4 (B4), B5 and B6, in one command:
 #   B1  X509-SVID issuance: the crypto ceiling (the server's own functions, in process,
 #       1 thread and every core) beside BatchNewX509SVID throughput over the node API of
 #       the real carapace-server (1 and 2 mTLS connections);
@@ -11,17 +11,23 @@
 #       phase, attestations/s on 1 and 2 swtpms, the server's checks alone, TPM2_Sign;
 #   B5  kerberos node attestation against a lab MIT KDC, both plugin halves in a child
 #       process with the realm's KRB5_CONFIG: latency by phase, attestations/s with 1 and
-#       2 loops, the server's token acceptance alone, mutual_auth on and off.
+#       2 loops, the server's token acceptance alone, mutual_auth on and off;
+#   B6  workload attestation on one agent: the unix (sha256 off and on), cgroups and
+#       systemd attestors and the pidfd check in process on real callers (p50/p99, CPU),
+#       then new Workload API connections/s (1, 2 and 8 client loops) through the real
+#       carapace-agent with unix + cgroups + systemd; as root it puts the callers in a
+#       unit-like cgroup (cgroup v2) so that the systemd attestor finds a unit.
 #   B3 needs softhsm2, B4 swtpm swtpm-tools tpm2-tools, B5 krb5-kdc krb5-admin-server
 #   krb5-user (apt-get install -y ...); without them, that benchmark fails in the report.
 # Builds in release mode, then prints a Markdown report (also target/bench-report.md)
 # with the machine and this command. One benchmark alone:
-#   target/release/carapace-bench --only b1|b2|b3|b4|b5 --bin-dir target/release
+#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6 --bin-dir target/release
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs, 10 B4
-#            and 20 B5 attestations): a smoke run of well under a minute after the
-#            build. The full run (about two minutes after the build) is the default.
+#            and 20 B5 attestations, 500 B6 calls and 0.5 s connection runs): a smoke
+#            run of well under a minute after the build. The full run (about three
+#            minutes after the build) is the default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,7 +37,7 @@ BENCH_ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --quick) BENCH_ARGS+=(--quick) ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/bench.sh: unknown argument $arg (usage: scripts/bench.sh [--quick])" >&2; exit 64 ;;
     esac
 done
