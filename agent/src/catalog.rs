@@ -22,6 +22,7 @@ use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
 use crate::join_token::JoinTokenClient;
+use crate::workload_api::blocking::{BlockingAttestor, BlockingGroup};
 use crate::workload_api::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
 use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
@@ -186,12 +187,13 @@ pub fn build_node_attestor(
 pub fn build_workload_attestors(
     list: &[(String, toml::Table)],
 ) -> Result<Vec<Arc<dyn WorkloadAttestor>>> {
-    list.iter()
+    let members = list
+        .iter()
         .map(|(name, table)| match name.as_str() {
             "unix" => {
                 let cfg: UnixAttestorConfig = parse(table)
                     .map_err(|e| Error::Config(format!("workload_attestor.unix: {e}")))?;
-                Ok(Arc::new(UnixWorkloadAttestor::new(cfg)) as Arc<dyn WorkloadAttestor>)
+                Ok(Arc::new(UnixWorkloadAttestor::new(cfg)) as Arc<dyn BlockingAttestor>)
             }
             "cgroups" | "systemd" => {
                 let cfg: CgroupAttestorConfig = parse(table)
@@ -201,7 +203,7 @@ pub fn build_workload_attestors(
                 } else {
                     CgroupWorkloadAttestor::systemd(&cfg)
                 };
-                Ok(Arc::new(a) as Arc<dyn WorkloadAttestor>)
+                Ok(Arc::new(a) as Arc<dyn BlockingAttestor>)
             }
             other => Err(Error::Config(unknown(
                 "workload_attestor",
@@ -209,7 +211,10 @@ pub fn build_workload_attestors(
                 WORKLOAD_ATTESTORS,
             ))),
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    // The built-in attestors all read /proc and cgroupfs: one blocking hand-off per
+    // request for all of them.
+    Ok(vec![Arc::new(BlockingGroup::new(members))])
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ impl CgroupWorkloadAttestor {
             .map_err(|e| CoreError::WorkloadAttestation(format!("/proc/{pid}/cgroup: {e}")))
     }
 
-    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+    fn attest_now(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
         let facts = self.facts(caller.pid)?;
         match self.kind {
             Kind::Cgroups => Ok(cgroups_selectors(&facts)),
@@ -219,6 +219,15 @@ fn systemd_selectors(f: &CgroupFacts, invocation_id: Option<&str>) -> Vec<Select
     out
 }
 
+impl super::blocking::BlockingAttestor for CgroupWorkloadAttestor {
+    fn name(&self) -> &str {
+        WorkloadAttestor::name(self)
+    }
+    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+        self.attest_now(caller)
+    }
+}
+
 #[async_trait::async_trait]
 impl WorkloadAttestor for CgroupWorkloadAttestor {
     fn name(&self) -> &str {
@@ -231,7 +240,7 @@ impl WorkloadAttestor for CgroupWorkloadAttestor {
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
         let this = self.clone();
         let caller = *caller;
-        tokio::task::spawn_blocking(move || this.attest_blocking(caller))
+        tokio::task::spawn_blocking(move || this.attest_now(caller))
             .await
             .map_err(|e| CoreError::WorkloadAttestation(format!("attestor task failed: {e}")))?
     }

@@ -76,7 +76,7 @@ impl UnixWorkloadAttestor {
         }
     }
 
-    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+    fn attest_now(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
         let pid = caller.pid;
         if pid <= 0 {
             return Err(CoreError::WorkloadAttestation(format!(
@@ -125,6 +125,15 @@ impl UnixWorkloadAttestor {
     }
 }
 
+impl super::blocking::BlockingAttestor for UnixWorkloadAttestor {
+    fn name(&self) -> &str {
+        NAME
+    }
+    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+        self.attest_now(caller)
+    }
+}
+
 #[async_trait::async_trait]
 impl WorkloadAttestor for UnixWorkloadAttestor {
     fn name(&self) -> &str {
@@ -134,7 +143,7 @@ impl WorkloadAttestor for UnixWorkloadAttestor {
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
         let this = self.clone();
         let caller = *caller;
-        tokio::task::spawn_blocking(move || this.attest_blocking(caller))
+        tokio::task::spawn_blocking(move || this.attest_now(caller))
             .await
             .map_err(|e| CoreError::WorkloadAttestation(format!("attestor task failed: {e}")))?
     }
