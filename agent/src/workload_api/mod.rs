@@ -127,6 +127,23 @@ impl WorkloadApi {
             Ok::<_, (&str, carapace_core::Error)>(selectors)
         })
         .await;
+        // Everything above read /proc/<pid> by number: it describes this caller only if
+        // the pidfd still names a live process with that PID now. Checked whatever the
+        // attestors said: a caller that vanished (often the reason an attestor failed)
+        // is refused as such and loses its connection.
+        if !peer.is_alive() {
+            tracing::warn!(
+                method,
+                pid = caller.pid,
+                uid = caller.uid,
+                gid = caller.gid,
+                "the caller exited during attestation; closing its connection"
+            );
+            peer.close_connection();
+            return Err(Status::unauthenticated(
+                "could not verify existence of the original caller",
+            ));
+        }
         let selectors = match attested {
             Ok(Ok(s)) => s,
             Ok(Err((attestor, e))) => {
@@ -153,21 +170,6 @@ impl WorkloadApi {
                 return Err(Status::unavailable("workload attestation timed out"));
             }
         };
-        // Everything above read /proc/<pid> by number: it describes this caller only if
-        // the pidfd still names a live process with that PID now.
-        if !peer.is_alive() {
-            tracing::warn!(
-                method,
-                pid = caller.pid,
-                uid = caller.uid,
-                gid = caller.gid,
-                "the caller exited during attestation; closing its connection"
-            );
-            peer.close_connection();
-            return Err(Status::unauthenticated(
-                "could not verify existence of the original caller",
-            ));
-        }
         tracing::debug!(
             method,
             pid = caller.pid,

@@ -876,3 +876,27 @@ fn a_recycled_pid_never_gets_the_svid_of_its_new_owner() {
         drop(stream);
     });
 }
+
+#[tokio::test]
+async fn a_caller_gone_before_attestation_is_unauthenticated_not_unavailable() {
+    let sel: Selector = "unix:uid:0".parse().unwrap();
+    let unix = Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig::default()));
+    let api = WorkloadApi::new(
+        one_svid_cache(&sel),
+        vec![unix as Arc<dyn WorkloadAttestor>],
+    );
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let peer = Peer::from_pid(i32::try_from(child.id()).unwrap(), 0, 0).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // /proc/<pid> is gone, so the attestor fails; the reason is the caller's absence.
+    let e = api
+        .fetch_x509svid(request_from(peer.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(peer.connection_closed());
+}
