@@ -474,13 +474,23 @@ pub fn parse_schedstat_ns(text: &str) -> Option<u64> {
 /// CPU time of every thread of `pid` from `/proc/<pid>/task/*/schedstat`: nanoseconds,
 /// where `/proc/<pid>/stat` counts 10 ms ticks (too coarse for krb5kdc's share of a
 /// sub-second run). `None` without schedstats (kernel without `CONFIG_SCHED_INFO`).
+///
+/// A thread that ends while the directory is read is skipped (its time is then missing,
+/// as it would be a moment later anyway); `None` if no thread could be read.
 pub fn schedstat_cpu(pid: u32) -> Option<Duration> {
     let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
-        let text = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+    let mut read = 0usize;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
         ns = ns.saturating_add(parse_schedstat_ns(&text)?);
+        read += 1;
     }
-    Some(Duration::from_nanos(ns))
+    (read > 0).then(|| Duration::from_nanos(ns))
 }
 
 /// An agent client with `mutual`.
