@@ -434,6 +434,17 @@ impl Agent {
     /// Starts `<bin_dir>/carapace-agent run` against `server` and waits until it has
     /// attested and serves the Workload API ("carapace-agent is ready" in its log).
     pub async fn start(bin_dir: &Path, dir: &Path, server: &Server) -> Result<Agent> {
+        Self::start_with_config(bin_dir, dir, server, None).await
+    }
+
+    /// [`Agent::start`] with `config` written to `<dir>/agent.toml` and passed as
+    /// `--config` (plugin sections such as `[workload_attestor.*]`).
+    pub async fn start_with_config(
+        bin_dir: &Path,
+        dir: &Path,
+        server: &Server,
+        config: Option<&str>,
+    ) -> Result<Agent> {
         let bin = bin_dir.join("carapace-agent");
         if !bin.exists() {
             bail!(
@@ -448,8 +459,13 @@ impl Agent {
         let socket = dir.join("agent-public").join("api.sock");
         let log = dir.join("agent.log");
         let mut cmd = Command::new(&bin);
-        cmd.arg("run")
-            .args(["--trust-domain", TRUST_DOMAIN])
+        cmd.arg("run");
+        if let Some(config) = config {
+            let path = dir.join("agent.toml");
+            std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(["--trust-domain", TRUST_DOMAIN])
             .args(["--server-address", &server.addr])
             .arg("--data-dir")
             .arg(dir.join("agent-data"))
@@ -528,6 +544,72 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+}
+
+/// Runs this executable again as `<exe> <flag> <args as JSON>` with `envs` added to its
+/// environment, passes its stderr (progress lines) on to ours, and parses the last line
+/// of its stdout that is a JSON object. A failed child's error carries the last 20 lines
+/// of its stderr. B5 and B6 measure in such children: B5 because libkrb5 reads its
+/// configuration from the environment, B6 to have a client process of its own.
+pub async fn run_json_child<A, T>(flag: &str, args: &A, envs: &[(String, String)]) -> Result<T>
+where
+    A: serde::Serialize,
+    T: serde::de::DeserializeOwned,
+{
+    use tokio::io::AsyncBufReadExt as _;
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let mut child = tokio::process::Command::new(&exe)
+        .arg(flag)
+        .arg(serde_json::to_string(args)?)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        // Errors are reported in the benchmark report: no backtraces there.
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("running {} {flag}", exe.display()))?;
+    // The child's progress lines go on to our stderr; the last ones explain a failure.
+    let forward = child.stderr.take().map(|stderr| {
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            let mut tail = std::collections::VecDeque::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("{line}");
+                tail.push_back(line);
+                if tail.len() > 20 {
+                    tail.pop_front();
+                }
+            }
+            tail
+        })
+    });
+    let out = child
+        .wait_with_output()
+        .await
+        .with_context(|| format!("waiting for {} {flag}", exe.display()))?;
+    let tail = match forward {
+        Some(f) => f.await.unwrap_or_default(),
+        None => std::collections::VecDeque::new(),
+    };
+    if !out.status.success() {
+        bail!(
+            "{} {flag} failed ({}): {}",
+            exe.display(),
+            out.status,
+            Vec::from(tail).join("\n")
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| anyhow!("{flag} printed no JSON line: {stdout}"))?;
+    serde_json::from_str(line)
+        .with_context(|| format!("{flag} output is not the expected JSON: {line}"))
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@
 //! `MEMORY:` ccache per attestation): an AS-REQ and a TGS-REQ to the KDC each time, by
 //! the plugin's design (a host removed from the realm fails at its next attestation).
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncBufReadExt as _;
 
 use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorClient};
 use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
@@ -835,60 +833,11 @@ pub async fn run(plan: &KrbPlan) -> Result<B5Run> {
         service_keytab: principals.service_keytab,
         plan: plan.clone(),
     };
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let mut child = tokio::process::Command::new(&exe)
-        .arg(CHILD_FLAG)
-        .arg(serde_json::to_string(&args)?)
-        .envs(kdc.envs())
-        // Errors are reported in the benchmark report: no backtraces there.
-        .env("RUST_BACKTRACE", "0")
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("running {} {CHILD_FLAG}", exe.display()))?;
-    // The child's progress lines go on to our stderr; the last ones explain a failure.
-    let forward = child.stderr.take().map(|stderr| {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            let mut tail = VecDeque::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("{line}");
-                tail.push_back(line);
-                if tail.len() > 20 {
-                    tail.pop_front();
-                }
-            }
-            tail
-        })
-    });
-    let out = child
-        .wait_with_output()
-        .await
-        .with_context(|| format!("waiting for {} {CHILD_FLAG}", exe.display()))?;
-    let tail = match forward {
-        Some(f) => f.await.unwrap_or_default(),
-        None => VecDeque::new(),
-    };
+    // The KDC stays up until the child is done.
+    let output: Result<ChildOutput> =
+        crate::harness::run_json_child(CHILD_FLAG, &args, &kdc.envs()).await;
     drop(kdc);
-    if !out.status.success() {
-        bail!(
-            "{} {CHILD_FLAG} failed ({}): {}",
-            exe.display(),
-            out.status,
-            Vec::from(tail).join("\n")
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .ok_or_else(|| anyhow!("{CHILD_FLAG} printed no JSON line: {stdout}"))?;
-    let output: ChildOutput = serde_json::from_str(line)
-        .with_context(|| format!("{CHILD_FLAG} output is not the expected JSON: {line}"))?;
+    let output = output?;
     Ok(B5Run { setup, output })
 }
 

@@ -27,7 +27,6 @@
 //! `systemd` attestor finds a unit, its slice and its invocation ID (otherwise it only
 //! parses `/proc/<pid>/cgroup` and finds nothing). The cgroups are removed at the end.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,7 +35,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncBufReadExt as _;
 use tonic::metadata::MetadataValue;
 
 use carapace_agent::workload_api::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
@@ -786,101 +784,6 @@ impl B6Result {
     }
 }
 
-/// A running agent started with a config file.
-#[derive(Debug)]
-struct AgentProc {
-    proc: Proc,
-    socket: PathBuf,
-    agent_id: String,
-}
-
-/// Starts `<bin_dir>/carapace-agent run --config <dir>/agent.toml` against `server`, as
-/// [`harness::Agent::start`] does otherwise, and waits until it is ready.
-async fn start_agent(
-    bin_dir: &Path,
-    dir: &Path,
-    server: &Server,
-    config: &str,
-) -> Result<AgentProc> {
-    let bin = bin_dir.join("carapace-agent");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release -p carapace-agent`",
-            bin.display()
-        );
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let token = server.token().await?;
-    let bundle = dir.join("bundle.pem");
-    std::fs::write(&bundle, server.bundle_pem().await?)?;
-    let config_path = dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
-    let socket = dir.join("agent-public").join("api.sock");
-    let log = dir.join("agent.log");
-    let mut cmd = Command::new(&bin);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--trust-domain", harness::TRUST_DOMAIN])
-        .args(["--server-address", &server.addr])
-        .arg("--data-dir")
-        .arg(dir.join("agent-data"))
-        .arg("--socket-path")
-        .arg(&socket)
-        .arg("--trust-bundle")
-        .arg(&bundle)
-        .env("CARAPACE_JOIN_TOKEN", &token.token)
-        .env("CARAPACE_LOG", "warn,carapace=info")
-        .env("CARAPACE_LOG_FORMAT", "json");
-    let mut proc = Proc::spawn("carapace-agent", cmd, &log)?;
-    let mut follower = LogFollower::from_start(&log);
-    let deadline = Instant::now() + SYNC_TIMEOUT;
-    'wait: loop {
-        proc.check_alive()?;
-        for line in follower.poll()? {
-            if harness::message_of(&line) == Some("carapace-agent is ready") {
-                break 'wait;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "carapace-agent was not ready within {SYNC_TIMEOUT:?}:\n{}",
-                proc.log_tail(30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(AgentProc {
-        proc,
-        socket,
-        agent_id: token.agent_id,
-    })
-}
-
-/// Waits until the agent's log says `held=<target>`.
-async fn wait_held(agent: &mut AgentProc, target: u64) -> Result<()> {
-    let mut follower = LogFollower::from_start(agent.proc.log());
-    let deadline = Instant::now() + SYNC_TIMEOUT;
-    loop {
-        if follower
-            .poll()?
-            .iter()
-            .filter_map(harness::held_of)
-            .any(|h| h == target)
-        {
-            return Ok(());
-        }
-        agent.proc.check_alive()?;
-        if Instant::now() > deadline {
-            bail!(
-                "the agent did not log held={target} within {SYNC_TIMEOUT:?}:\n{}",
-                agent.proc.log_tail(20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// A wire entry with several selectors (`type:value` each).
 fn entry_with(spiffe_id: &str, parent: &str, selectors: &[String]) -> Result<types::Entry> {
     let (first, rest) = selectors
@@ -909,16 +812,22 @@ pub async fn connections(
     let admin = server.admin().await?;
     let mut agents = Vec::new();
     for (i, s) in setups.iter().enumerate() {
-        let mut a = start_agent(bin_dir, &dir.join(format!("agent-{i}")), &server, &s.config)
-            .await
-            .with_context(|| format!("starting the agent with {}", s.label))?;
+        let mut a = harness::Agent::start_with_config(
+            bin_dir,
+            &dir.join(format!("agent-{i}")),
+            &server,
+            Some(&s.config),
+        )
+        .await
+        .with_context(|| format!("starting the agent with {}", s.label))?;
+        let mut follower = LogFollower::from_start(a.proc.log());
         let e = entry_with(
             &format!("spiffe://{}/bench/b6-{i}", harness::TRUST_DOMAIN),
             &a.agent_id,
             &s.entry_selectors,
         )?;
         harness::create_entries(&admin, vec![e], 1).await?;
-        wait_held(&mut a, 1).await?;
+        a.wait_held(&mut follower, 1, SYNC_TIMEOUT).await?;
         agents.push(a);
     }
     let targets: Vec<Target> = agents
@@ -939,7 +848,7 @@ pub async fn connections(
         settings,
         plan: plan.clone(),
     };
-    let output = run_child(&args).await?;
+    let output: ChildOutput = harness::run_json_child(CHILD_FLAG, &args, &[]).await?;
     let mut agent_rss = Vec::new();
     for a in &mut agents {
         a.proc.check_alive()?;
@@ -950,61 +859,6 @@ pub async fn connections(
         output,
         agent_rss,
     })
-}
-
-/// Runs this executable as the client child and reads its JSON line.
-async fn run_child(args: &ChildArgs) -> Result<ChildOutput> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let mut child = tokio::process::Command::new(&exe)
-        .arg(CHILD_FLAG)
-        .arg(serde_json::to_string(args)?)
-        .env("RUST_BACKTRACE", "0")
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("running {} {CHILD_FLAG}", exe.display()))?;
-    // The child's progress lines go on to our stderr; the last ones explain a failure.
-    let forward = child.stderr.take().map(|stderr| {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            let mut tail = VecDeque::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("{line}");
-                tail.push_back(line);
-                if tail.len() > 20 {
-                    tail.pop_front();
-                }
-            }
-            tail
-        })
-    });
-    let out = child
-        .wait_with_output()
-        .await
-        .with_context(|| format!("waiting for {} {CHILD_FLAG}", exe.display()))?;
-    let tail = match forward {
-        Some(f) => f.await.unwrap_or_default(),
-        None => VecDeque::new(),
-    };
-    if !out.status.success() {
-        bail!(
-            "{} {CHILD_FLAG} failed ({}): {}",
-            exe.display(),
-            out.status,
-            Vec::from(tail).join("\n")
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .ok_or_else(|| anyhow!("{CHILD_FLAG} printed no JSON line"))?;
-    serde_json::from_str(line)
-        .with_context(|| format!("{CHILD_FLAG} output is not the expected JSON"))
 }
 
 /// One Workload API connection: connect, FetchX509SVID with the security header, first
