@@ -50,6 +50,23 @@ impl BlockingGroup {
     }
 }
 
+impl BlockingAttestor for BlockingGroup {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+        let mut out = Vec::new();
+        for m in self.members.iter() {
+            out.extend(
+                m.attest_blocking(caller)
+                    .map_err(|e| CoreError::WorkloadAttestation(format!("{}: {e}", m.name())))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
 #[async_trait::async_trait]
 impl WorkloadAttestor for BlockingGroup {
     fn name(&self) -> &str {
@@ -57,20 +74,20 @@ impl WorkloadAttestor for BlockingGroup {
     }
 
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
-        let members = self.members.clone();
-        let caller = *caller;
-        tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            for m in members.iter() {
-                out.extend(
-                    m.attest_blocking(caller).map_err(|e| {
-                        CoreError::WorkloadAttestation(format!("{}: {e}", m.name()))
-                    })?,
-                );
-            }
-            Ok(out)
-        })
+        on_blocking_thread(self.clone(), *caller).await
+    }
+}
+
+/// Runs `attestor`'s blocking work on a blocking thread: how each built-in attestor, and
+/// a group of them, serves as a [`WorkloadAttestor`].
+pub(crate) async fn on_blocking_thread<A>(
+    attestor: A,
+    caller: Caller,
+) -> Result<Vec<Selector>, CoreError>
+where
+    A: BlockingAttestor + 'static,
+{
+    tokio::task::spawn_blocking(move || attestor.attest_blocking(caller))
         .await
         .map_err(|e| CoreError::WorkloadAttestation(format!("attestor task failed: {e}")))?
-    }
 }

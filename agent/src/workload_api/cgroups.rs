@@ -238,11 +238,7 @@ impl WorkloadAttestor for CgroupWorkloadAttestor {
     }
 
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
-        let this = self.clone();
-        let caller = *caller;
-        tokio::task::spawn_blocking(move || this.attest_now(caller))
-            .await
-            .map_err(|e| CoreError::WorkloadAttestation(format!("attestor task failed: {e}")))?
+        super::blocking::on_blocking_thread(self.clone(), *caller).await
     }
 }
 

@@ -111,17 +111,13 @@ impl WorkloadApi {
         let caller = peer.caller();
         // Every attestor must answer, within the time bound: a stuck /proc read or a
         // slow attestor yields Unavailable, never a partial selector set.
-        // The attestors run concurrently (each reads /proc on a blocking thread): the
-        // request waits for the slowest, not for the sum.
         let attested = tokio::time::timeout(self.attestation_timeout, async {
-            let all = futures::future::try_join_all(
-                self.attestors
-                    .iter()
-                    .map(|a| async { a.attest(&caller).await.map_err(|e| (a.name(), e)) }),
-            )
-            .await?;
             let mut selectors = SelectorSet::new();
-            for s in all {
+            for attestor in self.attestors.iter() {
+                let s = attestor
+                    .attest(&caller)
+                    .await
+                    .map_err(|e| (attestor.name(), e))?;
                 selectors.extend(s);
             }
             Ok::<_, (&str, carapace_core::Error)>(selectors)
