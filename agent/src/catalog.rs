@@ -187,8 +187,12 @@ pub fn build_node_attestor(
 pub fn build_workload_attestors(
     list: &[(String, toml::Table)],
 ) -> Result<Vec<Arc<dyn WorkloadAttestor>>> {
+    // `cgroups` and `systemd` both read /proc/<pid>/cgroup: with both configured, one
+    // attestor makes both kinds of selectors from one read.
+    let both = list.iter().any(|(n, _)| n == "cgroups") && list.iter().any(|(n, _)| n == "systemd");
     let members = list
         .iter()
+        .filter(|(name, _)| !(both && name == "cgroups"))
         .map(|(name, table)| match name.as_str() {
             "unix" => {
                 let cfg: UnixAttestorConfig = parse(table)
@@ -198,10 +202,10 @@ pub fn build_workload_attestors(
             "cgroups" | "systemd" => {
                 let cfg: CgroupAttestorConfig = parse(table)
                     .map_err(|e| Error::Config(format!("workload_attestor.{name}: {e}")))?;
-                let a = if name == "cgroups" {
-                    CgroupWorkloadAttestor::cgroups(&cfg)
-                } else {
-                    CgroupWorkloadAttestor::systemd(&cfg)
+                let a = match (name.as_str(), both) {
+                    ("cgroups", _) => CgroupWorkloadAttestor::cgroups(&cfg),
+                    (_, true) => CgroupWorkloadAttestor::both(&cfg),
+                    _ => CgroupWorkloadAttestor::systemd(&cfg),
                 };
                 Ok(Arc::new(a) as Arc<dyn BlockingAttestor>)
             }
@@ -223,6 +227,21 @@ mod tests {
 
     fn t(s: &str) -> toml::Table {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn cgroups_and_systemd_together_share_one_attestor() {
+        let list = |names: &[&str]| -> Vec<(String, toml::Table)> {
+            names
+                .iter()
+                .map(|n| ((*n).to_owned(), toml::Table::new()))
+                .collect()
+        };
+        let built = build_workload_attestors(&list(&["unix", "cgroups", "systemd"])).unwrap();
+        assert_eq!(built.len(), 1);
+        assert_eq!(built[0].name(), "unix+cgroups+systemd");
+        let alone = build_workload_attestors(&list(&["cgroups", "unix"])).unwrap();
+        assert_eq!(alone[0].name(), "cgroups+unix");
     }
 
     #[test]

@@ -58,17 +58,14 @@ pub struct CgroupAttestorConfig {
     pub cgroup_root: Option<PathBuf>,
 }
 
-/// Which selectors an instance makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Cgroups,
-    Systemd,
-}
-
-/// The `cgroups` or `systemd` workload attestor.
+/// The `cgroups` or `systemd` workload attestor, or both in one
+/// ([`CgroupWorkloadAttestor::both`]), which reads `/proc/<pid>/cgroup` once for both.
 #[derive(Debug, Clone)]
 pub struct CgroupWorkloadAttestor {
-    kind: Kind,
+    /// Makes `cgroups:` selectors.
+    cgroups: bool,
+    /// Makes `systemd:` selectors.
+    systemd: bool,
     proc_root: PathBuf,
     cgroup_root: PathBuf,
     invocation_xattr: &'static str,
@@ -77,17 +74,24 @@ pub struct CgroupWorkloadAttestor {
 impl CgroupWorkloadAttestor {
     /// The `cgroups` attestor.
     pub fn cgroups(cfg: &CgroupAttestorConfig) -> Self {
-        Self::new(Kind::Cgroups, cfg)
+        Self::new(true, false, cfg)
     }
 
     /// The `systemd` attestor.
     pub fn systemd(cfg: &CgroupAttestorConfig) -> Self {
-        Self::new(Kind::Systemd, cfg)
+        Self::new(false, true, cfg)
     }
 
-    fn new(kind: Kind, cfg: &CgroupAttestorConfig) -> Self {
+    /// Both, sharing one read of `/proc/<pid>/cgroup` per caller; `cfg` is the `systemd`
+    /// attestor's (only it uses `cgroup_root`).
+    pub fn both(cfg: &CgroupAttestorConfig) -> Self {
+        Self::new(true, true, cfg)
+    }
+
+    fn new(cgroups: bool, systemd: bool, cfg: &CgroupAttestorConfig) -> Self {
         CgroupWorkloadAttestor {
-            kind,
+            cgroups,
+            systemd,
             proc_root: PathBuf::from("/proc"),
             cgroup_root: cfg
                 .cgroup_root
@@ -113,16 +117,18 @@ impl CgroupWorkloadAttestor {
 
     fn attest_now(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
         let facts = self.facts(caller.pid)?;
-        match self.kind {
-            Kind::Cgroups => Ok(cgroups_selectors(&facts)),
-            Kind::Systemd => {
-                let invocation = match (&facts.systemd_unit, facts.user_delegated) {
-                    (Some(unit), false) => self.invocation_id(&facts.path, unit),
-                    _ => None,
-                };
-                Ok(systemd_selectors(&facts, invocation.as_deref()))
-            }
+        let mut out = Vec::new();
+        if self.cgroups {
+            out.extend(cgroups_selectors(&facts));
         }
+        if self.systemd {
+            let invocation = match (&facts.systemd_unit, facts.user_delegated) {
+                (Some(unit), false) => self.invocation_id(&facts.path, unit),
+                _ => None,
+            };
+            out.extend(systemd_selectors(&facts, invocation.as_deref()));
+        }
+        Ok(out)
     }
 
     /// The invocation ID of `unit`, read from the xattr of its cgroup: the prefix of
@@ -231,9 +237,10 @@ impl super::blocking::BlockingAttestor for CgroupWorkloadAttestor {
 #[async_trait::async_trait]
 impl WorkloadAttestor for CgroupWorkloadAttestor {
     fn name(&self) -> &str {
-        match self.kind {
-            Kind::Cgroups => CGROUPS,
-            Kind::Systemd => SYSTEMD,
+        match (self.cgroups, self.systemd) {
+            (true, true) => "cgroups+systemd",
+            (true, false) => CGROUPS,
+            _ => SYSTEMD,
         }
     }
 
@@ -381,10 +388,20 @@ mod tests {
         );
         assert_eq!(got[0], format!("cgroups:path:{}", facts.path));
         // The systemd attestor works on any host, with or without systemd units.
-        CgroupWorkloadAttestor::systemd(&cfg)
-            .attest(&me)
-            .await
-            .unwrap();
+        let systemd = strings(
+            &CgroupWorkloadAttestor::systemd(&cfg)
+                .attest(&me)
+                .await
+                .unwrap(),
+        );
+        // Both from one read: exactly the two sets together.
+        let both = strings(
+            &CgroupWorkloadAttestor::both(&cfg)
+                .attest(&me)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(both, [got.clone(), systemd].concat());
         // A PID that does not exist is an error, never an empty selector set.
         let gone = Caller {
             pid: i32::MAX,
