@@ -14,7 +14,7 @@ use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 use crate::gss::{self, Context, Cred, GssError, Name, NameType, Usage};
 use crate::names::Principal;
 use crate::wire::{self, Answer, Challenge, Payload};
-use crate::{NONCE_LEN, PLUGIN_NAME, channel_bindings};
+use crate::{NONCE_LEN, PLUGIN_NAME, channel_bindings, rejected};
 
 /// The keytab used when the configuration names none.
 pub const DEFAULT_KEYTAB: &str = "/etc/krb5.keytab";
@@ -50,13 +50,8 @@ impl KerberosAgentConfig {
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        match Principal::parse_setting(&self.service_principal) {
-            Ok(p) if p.components.len() == 2 => {}
-            Ok(_) => problems.push(format!(
-                "service_principal {:?}: expected service/host@REALM",
-                self.service_principal
-            )),
-            Err(e) => problems.push(format!("service_principal: {e}")),
+        if let Err(e) = crate::names::check_service_principal(&self.service_principal) {
+            problems.push(e);
         }
         if let Some(p) = &self.principal
             && let Err(e) = Principal::parse_setting(p)
@@ -91,10 +86,6 @@ impl fmt::Debug for KerberosAttestorClient {
     }
 }
 
-fn rejected(msg: impl fmt::Display) -> Error {
-    Error::AttestationRejected(format!("{PLUGIN_NAME}: {msg}"))
-}
-
 impl KerberosAttestorClient {
     /// An attestor with `cfg`. The keytab is checked at each attestation, so a host
     /// can be joined to its realm after the agent started.
@@ -112,7 +103,7 @@ impl KerberosAttestorClient {
     /// Makes the context token (blocking: keytab reads and KDC round trips).
     fn make_token(cfg: &KerberosAgentConfig, bindings: &[u8]) -> Result<(Context, Vec<u8>), Error> {
         let keytab = cfg.keytab();
-        crate::server::check_keytab(&keytab, "keytab").map_err(rejected)?;
+        crate::check_keytab(&keytab, "keytab").map_err(rejected)?;
         let who = cfg.principal.as_deref().unwrap_or("the host principal");
         let describe = |e: GssError| {
             let hint = match e.minor {

@@ -64,6 +64,9 @@ pub mod names;
 pub mod server;
 pub mod wire;
 
+use std::fmt;
+use std::path::Path;
+
 use carapace_core::Error;
 use carapace_core::plugin::TLS_EXPORTER_LEN;
 
@@ -91,4 +94,27 @@ pub fn channel_bindings(tls_exporter: &[u8], nonce: &[u8]) -> Result<Vec<u8>, Er
     out.extend_from_slice(tls_exporter);
     out.extend_from_slice(nonce);
     Ok(out)
+}
+
+/// An attestation refusal, prefixed with the plugin name.
+pub(crate) fn rejected(msg: impl fmt::Display) -> Error {
+    Error::AttestationRejected(format!("{PLUGIN_NAME}: {msg}"))
+}
+
+/// Refuses a keytab (long-term keys) that is not a file or that others can read; `key`
+/// names the setting in the message.
+pub(crate) fn check_keytab(path: &Path, key: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{key} {} is not a file", path.display()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{key} {} holds long-term keys but group or others may read it: chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
 }

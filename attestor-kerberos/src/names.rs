@@ -3,7 +3,7 @@
 
 use carapace_core::{Error, Selector, SelectorSet};
 
-use crate::PLUGIN_NAME;
+use crate::{PLUGIN_NAME, rejected};
 
 /// A principal as `gss_display_name` prints it: components and realm.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,10 +12,6 @@ pub struct Principal {
     pub components: Vec<String>,
     /// `LAB.TEST`.
     pub realm: String,
-}
-
-fn rejected(msg: String) -> Error {
-    Error::AttestationRejected(format!("{PLUGIN_NAME}: {msg}"))
 }
 
 impl Principal {
@@ -96,6 +92,17 @@ impl Principal {
 impl std::fmt::Display for Principal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.components.join("/"), self.realm)
+    }
+}
+
+/// A `service_principal` setting: `service/host@REALM`, as both halves need it.
+pub fn check_service_principal(text: &str) -> Result<(), String> {
+    match Principal::parse_setting(text) {
+        Ok(p) if p.components.len() == 2 => Ok(()),
+        Ok(_) => Err(format!(
+            "service_principal {text:?}: expected service/host@REALM"
+        )),
+        Err(e) => Err(format!("service_principal: {e}")),
     }
 }
 

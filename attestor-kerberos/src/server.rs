@@ -17,7 +17,7 @@ use carapace_core::plugin::{
 use crate::gss::{self, Cred, GssError, Name, NameType, Usage};
 use crate::names::{self, Principal};
 use crate::wire::{self, Answer, Challenge, Payload};
-use crate::{NONCE_LEN, PLUGIN_NAME, channel_bindings, pac};
+use crate::{NONCE_LEN, PLUGIN_NAME, channel_bindings, check_keytab, pac, rejected};
 
 /// The MIT name attribute that carries an AD PAC's logon info (KERB_VALIDATION_INFO).
 const PAC_LOGON_INFO: &str = "urn:mspac:logon-info";
@@ -45,13 +45,8 @@ impl KerberosServerConfig {
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        match Principal::parse_setting(&self.service_principal) {
-            Ok(p) if p.components.len() == 2 => {}
-            Ok(_) => problems.push(format!(
-                "service_principal {:?}: expected service/host@REALM",
-                self.service_principal
-            )),
-            Err(e) => problems.push(format!("service_principal: {e}")),
+        if let Err(e) = names::check_service_principal(&self.service_principal) {
+            problems.push(e);
         }
         if self.allowed_realms.is_empty() {
             problems.push(
@@ -90,27 +85,6 @@ fn config_err(reason: String) -> Error {
         plugin: format!("node_attestor.{PLUGIN_NAME}"),
         reason,
     }
-}
-
-fn rejected(msg: impl fmt::Display) -> Error {
-    Error::AttestationRejected(format!("{PLUGIN_NAME}: {msg}"))
-}
-
-/// Refuses a file holding long-term keys that others can read.
-pub(crate) fn check_keytab(path: &Path, key: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{key} {} is not a file", path.display()));
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!(
-            "{key} {} holds long-term keys but group or others may read it: chmod 600 {}",
-            path.display(),
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 #[derive(Debug)]
