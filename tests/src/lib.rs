@@ -408,20 +408,22 @@ pub struct Agent {
 impl Agent {
     /// Attests a new agent named `name` with a fresh token and waits until it is healthy.
     pub fn start(lab: &Lab, server: &Server, name: &str) -> Agent {
+        Agent::start_with(lab, server, name, &[])
+    }
+
+    /// [`Agent::start`] with extra `run` arguments (`--config <file>`).
+    pub fn start_with(lab: &Lab, server: &Server, name: &str, extra: &[&std::ffi::OsStr]) -> Agent {
         let (token, id) = server.token();
         let bundle = lab.path().join(format!("{name}-bundle.pem"));
         std::fs::write(&bundle, server.bundle_pem()).unwrap();
-        let mut a = Agent::spawn(
-            lab,
-            server,
-            name,
-            &[
-                "--join-token".as_ref(),
-                token.as_ref(),
-                "--trust-bundle".as_ref(),
-                bundle.as_os_str(),
-            ],
-        );
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--join-token".as_ref(),
+            token.as_ref(),
+            "--trust-bundle".as_ref(),
+            bundle.as_os_str(),
+        ];
+        args.extend_from_slice(extra);
+        let mut a = Agent::spawn(lab, server, name, &args);
         a.id = id;
         a.wait_healthy();
         a
@@ -574,12 +576,22 @@ pub fn py_fetch(socket: &Path) -> serde_json::Value {
 
 /// [`py_fetch`], returning py-spiffe's error output when it fails (no identity, ...).
 pub fn py_fetch_result(socket: &Path) -> Result<serde_json::Value, String> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/fetch_svid.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(socket)
-        .output()
-        .unwrap();
+    py_fetch_output(
+        Command::new(python())
+            .arg(fetch_svid_script())
+            .arg(socket)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// tests/python/fetch_svid.py.
+pub fn fetch_svid_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/fetch_svid.py")
+}
+
+/// What a run of [`fetch_svid_script`] printed: its JSON, or its error output.
+pub fn py_fetch_output(out: std::process::Output) -> Result<serde_json::Value, String> {
     if out.status.success() {
         Ok(serde_json::from_slice(&out.stdout).unwrap())
     } else {

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use carapace_e2e::{Agent, Lab, Server, python, uid_selector};
+use carapace_e2e::{Agent, Lab, Server, fetch_svid_script, py_fetch_output, python, uid_selector};
 
 /// The cgroup v2 hierarchy's mount point (`/sys/fs/cgroup` on a pure v2 host,
 /// `/sys/fs/cgroup/unified` on a hybrid one), from /proc/self/mountinfo.
@@ -76,26 +76,22 @@ impl Cgroups {
 
     /// Runs py-spiffe's fetch as a process of this cgroup; its JSON output, or its error.
     fn py_fetch(&self, socket: &Path) -> Result<serde_json::Value, String> {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/fetch_svid.py");
         // The shell joins the cgroup, then becomes the workload: the kernel, not the
         // workload, reports the cgroup from then on.
-        let out = Command::new("sh")
-            .args([
-                "-c",
-                "echo $$ > \"$1/cgroup.procs\" && exec \"$2\" \"$3\" \"$4\"",
-                "sh",
-            ])
-            .arg(&self.leaf)
-            .arg(python())
-            .arg(script)
-            .arg(socket)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(serde_json::from_slice(&out.stdout).unwrap())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        py_fetch_output(
+            Command::new("sh")
+                .args([
+                    "-c",
+                    "echo $$ > \"$1/cgroup.procs\" && exec \"$2\" \"$3\" \"$4\"",
+                    "sh",
+                ])
+                .arg(&self.leaf)
+                .arg(python())
+                .arg(fetch_svid_script())
+                .arg(socket)
+                .output()
+                .unwrap(),
+        )
     }
 }
 
@@ -134,25 +130,12 @@ fn agent(lab: &Lab, server: &Server) -> Agent {
          [workload_attestor.cgroups]\n[workload_attestor.systemd]\n",
     )
     .unwrap();
-    let (token, id) = server.token();
-    let bundle = lab.path().join("agent-bundle.pem");
-    std::fs::write(&bundle, server.bundle_pem()).unwrap();
-    let mut a = Agent::spawn(
+    Agent::start_with(
         lab,
         server,
         "agent",
-        &[
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--join-token".as_ref(),
-            token.as_ref(),
-            "--trust-bundle".as_ref(),
-            bundle.as_os_str(),
-        ],
-    );
-    a.id = id;
-    a.wait_healthy();
-    a
+        &["--config".as_ref(), config.as_os_str()],
+    )
 }
 
 fn random_hex(bytes: usize) -> String {
