@@ -93,13 +93,23 @@ async fn attest(
     }
 }
 
+/// A new attestation of `a` by `s` on connection `ctx`: the server's challenge and the
+/// session waiting for the answer.
+async fn begin(
+    s: &KerberosAttestor,
+    a: &KerberosAttestorClient,
+    ctx: &AttestationContext,
+) -> (Vec<u8>, Box<dyn AttestationSession>) {
+    challenge(s.begin(&a.payload(ctx).await.unwrap(), ctx).await.unwrap())
+}
+
 /// The agent's token answer for a session of `s` on connection `ctx`, and the session.
 async fn token_for(
     s: &KerberosAttestor,
     a: &KerberosAttestorClient,
     ctx: &AttestationContext,
 ) -> (Vec<u8>, Box<dyn AttestationSession>) {
-    let (c, session) = challenge(s.begin(&a.payload(ctx).await.unwrap(), ctx).await.unwrap());
+    let (c, session) = begin(s, a, ctx).await;
     (a.answer(&c, ctx).await.unwrap(), session)
 }
 
@@ -245,12 +255,7 @@ fn a_replayed_token_is_refused_by_the_same_server() {
         done(session.respond(&answer).await.unwrap());
         // The recorded answer, presented again on the same connection in a new
         // attestation: the authenticator is in the replay cache.
-        let (c, session) = challenge(
-            s.begin(&a.payload(&ctx).await.unwrap(), &ctx)
-                .await
-                .unwrap(),
-        );
-        drop(c);
+        let (_, session) = begin(&s, &a, &ctx).await;
         let err = rejected(session.respond(&answer).await);
         assert!(
             err.contains("Kerberos authenticator (replay cache) was already used"),
@@ -264,11 +269,7 @@ fn a_replayed_token_is_refused_by_the_same_server() {
         let (answer, session) = token_for(&s, &a, &ctx).await;
         done(session.respond(&answer).await.unwrap());
         let s2 = server(&server_cfg(&r), dir.path());
-        let (_, session) = challenge(
-            s2.begin(&a.payload(&ctx).await.unwrap(), &ctx)
-                .await
-                .unwrap(),
-        );
+        let (_, session) = begin(&s2, &a, &ctx).await;
         let err = rejected(session.respond(&answer).await);
         assert!(err.contains("already used"), "{err}");
     });
@@ -295,12 +296,7 @@ fn a_token_relayed_to_a_second_server_replica_is_refused() {
         let (answer, _session_a) = token_for(&server_a, &a, &ctx_a).await;
         // ...and the token is relayed to replica B on the relayer's own connection.
         let ctx_b = connection();
-        let (_, session_b) = challenge(
-            server_b
-                .begin(&a.payload(&ctx_b).await.unwrap(), &ctx_b)
-                .await
-                .unwrap(),
-        );
+        let (_, session_b) = begin(&server_b, &a, &ctx_b).await;
         let err = rejected(session_b.respond(&answer).await);
         assert!(
             err.contains("channel bindings do not match this TLS connection and nonce"),
@@ -423,11 +419,7 @@ fn corrupted_or_malformed_tokens_are_refused() {
         for at in [2, token.len() / 3, token.len() / 2, token.len() - 3] {
             let mut bad = token.clone();
             bad[at] ^= 0x55;
-            let (_, session) = challenge(
-                s.begin(&a.payload(&ctx).await.unwrap(), &ctx)
-                    .await
-                    .unwrap(),
-            );
+            let (_, session) = begin(&s, &a, &ctx).await;
             let msg = wire::encode(&Answer::Token {
                 token: wire::b64(&bad),
             })
@@ -440,11 +432,7 @@ fn corrupted_or_malformed_tokens_are_refused() {
             (b"not json", "malformed answer"),
             (b"{\"step\":\"token\",\"token\":\"\"}", "refused"),
         ] {
-            let (_, session) = challenge(
-                s.begin(&a.payload(&ctx).await.unwrap(), &ctx)
-                    .await
-                    .unwrap(),
-            );
+            let (_, session) = begin(&s, &a, &ctx).await;
             let err = rejected(session.respond(msg).await);
             assert!(err.contains(why), "{why}: {err}");
         }
