@@ -43,21 +43,25 @@ fn validate_accepts_the_shipped_samples() {
     }
 }
 
-#[test]
-fn validate_lists_every_problem_and_exits_64() {
+/// `validate --config` on a file holding `text`; it must exit 64 (config problems).
+fn validate_bad(text: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "trust_domain = \"UPPER.case\"\nbind_address = \"nowhere\"\nca_key_type = \"dsa\"\n[key_manager.hsm]\n",
-    )
-    .unwrap();
+    std::fs::write(&path, text).unwrap();
     let out = server()
         .args(["validate", "--config"])
         .arg(&path)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+    out
+}
+
+#[test]
+fn validate_lists_every_problem_and_exits_64() {
+    let out = validate_bad(
+        "trust_domain = \"UPPER.case\"\nbind_address = \"nowhere\"\nca_key_type = \"dsa\"\n[key_manager.hsm]\n",
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "trust_domain",
@@ -72,21 +76,11 @@ fn validate_lists_every_problem_and_exits_64() {
 
 #[test]
 fn validate_lists_every_hsm_and_upstream_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let out = validate_bad(
         "[key_manager.pkcs11]\nmodule = \"/nope.so\"\ntoken_label = \"a\"\ntoken_serial = \"b\"\n\
          sessions = 0\n[upstream_authority.pkcs11]\nmodule = \"/x.so\"\ntoken_label = \"r\"\n\
          pin_env = \"P\"\nkey_label = \"bad label!\"\n[upstream_authority.disk]\ncert_file = \"x\"\n",
-    )
-    .unwrap();
-    let out = server()
-        .args(["validate", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "upstream_authority: at most one",
@@ -102,21 +96,11 @@ fn validate_lists_every_hsm_and_upstream_problem() {
 
 #[test]
 fn validate_lists_every_kerberos_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let out = validate_bad(
         "[node_attestor.kerberos]\nkeytab = \"/k\"\nservice_principal = \"carapace\"\n\
          allowed_realms = [\"LAB/TEST\"]\n\
          [node_attestor.kerberos.machine_account_domains]\n\"AD.TEST\" = \"corp\"\n",
-    )
-    .unwrap();
-    let out = server()
-        .args(["validate", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "service_principal: principal \"carapace\" has no realm",
