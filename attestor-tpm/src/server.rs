@@ -113,14 +113,8 @@ impl TpmServerConfig {
 }
 
 /// Where the attestor keeps each TPM's last quote clock between attestations (the
-/// server's datastore).
-#[async_trait::async_trait]
-pub trait NodeStateStore: Send + Sync + fmt::Debug {
-    /// The saved state of node `key`.
-    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
-    /// Saves the state of node `key`.
-    async fn save(&self, key: &str, data: &[u8]) -> Result<(), Error>;
-}
+/// server's datastore); the trait lives in carapace-core, shared with the cloud attestors.
+pub use carapace_core::plugin::NodeStateStore;
 
 /// What is kept of a TPM's last quote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,7 +8,8 @@
 )]
 
 mod common;
-use common::{MemoryStore, begin, done};
+use carapace_core::plugin::{MemoryStateStore as MemoryStore, NodeStateStore as _};
+use common::{begin, done};
 
 use std::sync::Arc;
 
@@ -103,7 +104,7 @@ async fn a_trusted_tpm_attests_with_selectors_and_may_reattest() {
     // The same TPM attests again (renewal): its clock moved forward.
     let again = attest(&server, &c).await.unwrap();
     assert_eq!(again.agent_path, r.agent_path);
-    assert_eq!(store.0.lock().unwrap().len(), 1, "one clock record per EK");
+    assert_eq!(store.len(), 1, "one clock record per EK");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -279,14 +280,15 @@ async fn a_reset_count_going_backwards_is_refused() {
     let r = attest(&server, &c).await.unwrap();
     // The server saw this EK with a later resetCount before (a rolled-back TPM state,
     // or a replayed attestation from a restored VM snapshot).
-    {
-        let mut map = store.0.lock().unwrap();
-        let rec: serde_json::Value = serde_json::from_slice(&map[&r.agent_path]).unwrap();
-        let mut rec = rec.as_object().unwrap().clone();
-        let reset = rec["reset_count"].as_u64().unwrap();
-        rec.insert("reset_count".into(), (reset + 5).into());
-        map.insert(r.agent_path.clone(), serde_json::to_vec(&rec).unwrap());
-    }
+    let saved = store.load(&r.agent_path).await.unwrap().unwrap();
+    let rec: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    let mut rec = rec.as_object().unwrap().clone();
+    let reset = rec["reset_count"].as_u64().unwrap();
+    rec.insert("reset_count".into(), (reset + 5).into());
+    store
+        .save(&r.agent_path, &serde_json::to_vec(&rec).unwrap())
+        .await
+        .unwrap();
     let err = rejected(attest(&server, &c).await);
     assert!(err.contains("resetCount went backwards"), "{err}");
 }

@@ -11,7 +11,8 @@
 )]
 
 mod common;
-use common::{MemoryStore, begin, done};
+use carapace_core::plugin::MemoryStateStore as MemoryStore;
+use common::{begin, done};
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! B4: `tpm` node attestation against swtpm, in this process: the agent half
 //! ([`TpmAttestorClient`]: `payload()`, `answer()`) and the server half ([`TpmAttestor`]:
 //! `begin()`, `session.respond()`) driven directly, as `attestor-tpm/tests/attestor.rs`
-//! does, with an in-memory [`NodeStateStore`] ([`MemoryStore`]).
+//! does, with an in-memory [`NodeStateStore`] ([`MemoryStateStore`]).
 //!
 //! - [`Lab::start`]: swtpms, each manufactured by its own lab vendor (carapace-hsm-sim's
 //!   [`TpmManufacturer`]: its own EK CA and its own EKs; two copies of one manufactured
@@ -20,12 +20,12 @@
 //! swtpm is a software TPM on the same CPU as everything else; a discrete TPM takes
 //! 100–700 ms per signature or quote.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr as _;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,11 +46,12 @@ use tss_esapi::{Context, TctiNameConf};
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
 use carapace_attestor_tpm::credential::make_credential;
 use carapace_attestor_tpm::device::{EkAlgorithm, TpmDevice};
-use carapace_attestor_tpm::server::{DEFAULT_PCRS, NodeStateStore, TpmAttestor, TpmServerConfig};
+use carapace_attestor_tpm::server::{DEFAULT_PCRS, TpmAttestor, TpmServerConfig};
 use carapace_attestor_tpm::verify::{self, EkPolicy};
 use carapace_attestor_tpm::wire::{self, Challenge, Payload, Response};
 use carapace_core::plugin::{
-    AttestationContext, AttestationStep, NodeAttestor as _, NodeAttestorClient as _,
+    AttestationContext, AttestationStep, MemoryStateStore, NodeAttestor as _,
+    NodeAttestorClient as _,
 };
 use hsm_sim::swtpm::{SWTPM_PACKAGES, Swtpm, TPM2_TOOLS_PACKAGE, TpmManufacturer};
 
@@ -103,30 +104,6 @@ impl TpmPlan {
                 signs: 500,
             }
         }
-    }
-}
-
-/// The server's datastore stand-in: each EK's last quote clock, in a map.
-#[derive(Debug, Default)]
-pub struct MemoryStore(Mutex<HashMap<String, Vec<u8>>>);
-
-#[async_trait::async_trait]
-impl NodeStateStore for MemoryStore {
-    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, carapace_core::Error> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key)
-            .cloned())
-    }
-
-    async fn save(&self, key: &str, data: &[u8]) -> Result<(), carapace_core::Error> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key.to_owned(), data.to_vec());
-        Ok(())
     }
 }
 
@@ -195,7 +172,7 @@ impl Lab {
         TpmAttestor::new(
             &self.server_config,
             Path::new("/"),
-            Arc::new(MemoryStore::default()),
+            Arc::new(MemoryStateStore::default()),
         )
         .context("building the server's TpmAttestor")
     }

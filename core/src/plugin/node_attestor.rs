@@ -108,3 +108,64 @@ pub trait NodeAttestorClient: Send + Sync + fmt::Debug {
     /// The answer to one challenge of the attestation `payload` began.
     async fn answer(&self, challenge: &[u8], ctx: &AttestationContext) -> Result<Vec<u8>, Error>;
 }
+
+/// Where a node attestor keeps per-node state between attestations: the server's
+/// datastore (`attestation_state`), one namespace per attestor. The TPM attestor keeps
+/// each TPM's last quote clock; the cloud attestors record each instance that attested
+/// (trust on first use).
+#[async_trait::async_trait]
+pub trait NodeStateStore: Send + Sync + fmt::Debug {
+    /// The saved state of node `key`.
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, Error>;
+    /// Saves the state of node `key`, replacing what was there.
+    async fn save(&self, key: &str, data: &[u8]) -> Result<(), Error>;
+    /// Saves the state of node `key` only if it has none, atomically: of two concurrent
+    /// calls for one key exactly one returns `true`. `false` means a record was already
+    /// there (it is left unchanged).
+    async fn save_new(&self, key: &str, data: &[u8]) -> Result<bool, Error>;
+}
+
+/// A [`NodeStateStore`] in a map, for tests and benchmarks (the server's is its
+/// datastore).
+#[derive(Debug, Default)]
+pub struct MemoryStateStore(std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>);
+
+impl MemoryStateStore {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many nodes have state.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether no node has state.
+    pub fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeStateStore for MemoryStateStore {
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.map().get(key).cloned())
+    }
+
+    async fn save(&self, key: &str, data: &[u8]) -> Result<(), Error> {
+        self.map().insert(key.to_owned(), data.to_vec());
+        Ok(())
+    }
+
+    async fn save_new(&self, key: &str, data: &[u8]) -> Result<bool, Error> {
+        match self.map().entry(key.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(_) => Ok(false),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(data.to_vec());
+                Ok(true)
+            }
+        }
+    }
+}

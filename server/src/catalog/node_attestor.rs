@@ -3,8 +3,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
-use carapace_attestor_tpm::server::{NodeStateStore, TpmAttestor, TpmServerConfig};
-use carapace_core::plugin::NodeAttestor;
+use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
+use carapace_core::plugin::{NodeAttestor, NodeStateStore};
 
 use super::{PluginContext, parse, unknown};
 use crate::datastore::Datastore;
@@ -90,6 +90,17 @@ impl NodeStateStore for DatastoreState {
     async fn save(&self, key: &str, data: &[u8]) -> std::result::Result<(), carapace_core::Error> {
         self.ds
             .save_attestation_state(self.attestor, key, data)
+            .await
+            .map_err(store_err)
+    }
+
+    async fn save_new(
+        &self,
+        key: &str,
+        data: &[u8],
+    ) -> std::result::Result<bool, carapace_core::Error> {
+        self.ds
+            .save_new_attestation_state(self.attestor, key, data)
             .await
             .map_err(store_err)
     }

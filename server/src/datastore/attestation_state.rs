@@ -39,4 +39,26 @@ impl Datastore {
         .await?;
         Ok(())
     }
+
+    /// Saves the state of `attestor` for `node_key` only if there is none; `false` when
+    /// there was (left unchanged). One statement, so of two concurrent calls (even from
+    /// two servers on one database) exactly one inserts.
+    pub async fn save_new_attestation_state(
+        &self,
+        attestor: &str,
+        node_key: &str,
+        data: &[u8],
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO attestation_state (attestor, node_key, data, updated_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (attestor, node_key) DO NOTHING",
+        )
+        .bind(attestor)
+        .bind(node_key)
+        .bind(data)
+        .bind(unix_now())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
 }

@@ -1024,3 +1024,45 @@ async fn attestation_state_is_kept_per_attestor_and_node() {
         Some(&b"other"[..])
     );
 }
+
+#[tokio::test]
+async fn save_new_attestation_state_inserts_once_and_keeps_the_first() {
+    let ds = Datastore::open_in_memory().await.unwrap();
+    assert!(
+        ds.save_new_attestation_state("aws_iid", "i-1", b"first")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !ds.save_new_attestation_state("aws_iid", "i-1", b"second")
+            .await
+            .unwrap()
+    );
+    assert!(
+        ds.save_new_attestation_state("gcp_iit", "i-1", b"other")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        ds.load_attestation_state("aws_iid", "i-1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"first"[..])
+    );
+    // Concurrent first attestations of one instance: exactly one wins.
+    let tries = (0..8).map(|i| {
+        let ds = ds.clone();
+        tokio::spawn(async move {
+            ds.save_new_attestation_state("azure_msi", "p", format!("{i}").as_bytes())
+                .await
+                .unwrap()
+        })
+    });
+    let won = futures::future::join_all(tries)
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap())
+        .count();
+    assert_eq!(won, 1);
+}

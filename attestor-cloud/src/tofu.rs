@@ -1,0 +1,84 @@
+//! Trust on first use: a cloud identity document is not bound to a server nonce, so one
+//! that leaked could be presented again. Each instance therefore attests once; its record
+//! in the server's datastore (`attestation_state`) outlives restarts and is shared by every
+//! server of the trust domain. `allow_reattestation = true` lets an instance attest again
+//! (and records when it last did).
+
+use serde::{Deserialize, Serialize};
+
+use carapace_core::Error;
+use carapace_core::plugin::NodeStateStore;
+
+/// What is kept of an instance's attestation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The agent path the instance attested as.
+    pub agent_path: String,
+    /// When (Unix seconds).
+    pub attested_at: u64,
+}
+
+/// Records that the instance `key` attested now; refuses a second attestation unless
+/// `allow_reattestation`. Call it last, after every check passed: a rejected attempt
+/// must not burn the instance's one attestation.
+pub async fn record_attestation(
+    store: &dyn NodeStateStore,
+    key: &str,
+    agent_path: &str,
+    allow_reattestation: bool,
+) -> Result<(), Error> {
+    let record = Record {
+        agent_path: agent_path.to_owned(),
+        attested_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+    };
+    let data = serde_json::to_vec(&record)
+        .map_err(|e| Error::Unavailable(format!("encoding the attestation record: {e}")))?;
+    if allow_reattestation {
+        store.save(key, &data).await
+    } else if store.save_new(key, &data).await? {
+        Ok(())
+    } else {
+        tracing::warn!(
+            instance = key,
+            "refused a second attestation of an instance (trust on first use; set \
+             allow_reattestation = true to allow it, or delete the agent and its record)"
+        );
+        Err(Error::AttestationReplay(
+            "this instance's identity (trust on first use: it attested before)",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use carapace_core::plugin::MemoryStateStore;
+
+    #[tokio::test]
+    async fn an_instance_attests_once_unless_reattestation_is_allowed() {
+        let store = MemoryStateStore::default();
+        record_attestation(&store, "i-1", "a/b/i-1", false)
+            .await
+            .unwrap();
+        let err = record_attestation(&store, "i-1", "a/b/i-1", false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::AttestationReplay(_)), "{err}");
+        record_attestation(&store, "i-2", "a/b/i-2", false)
+            .await
+            .unwrap();
+        record_attestation(&store, "i-1", "a/b/i-1", true)
+            .await
+            .unwrap();
+        record_attestation(&store, "i-1", "a/b/i-1", true)
+            .await
+            .unwrap();
+        let rec: Record =
+            serde_json::from_slice(&store.load("i-1").await.unwrap().unwrap()).unwrap();
+        assert_eq!(rec.agent_path, "a/b/i-1");
+    }
+}

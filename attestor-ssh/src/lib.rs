@@ -1,0 +1,1 @@
+//! SSH host-certificate node attestation (`sshpop`).
