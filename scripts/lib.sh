@@ -18,9 +18,10 @@ install_system_packages() {
 }
 
 # What the hardware-backed tests and the lab (carapace-lab) run: SoftHSM2 and pkcs11-tool
-# (opensc), swtpm with tpm2-tools, and an MIT Kerberos KDC. All run unprivileged on
+# (opensc), swtpm with tpm2-tools, an MIT Kerberos KDC, and ssh-keygen (openssh-client:
+# the sshpop tests make SSH CAs and host certificates with it). All run unprivileged on
 # loopback; see shared LAB.md. krb5-config asks debconf questions: DEBIAN_FRONTEND above.
-LAB_PACKAGES=(softhsm2 opensc swtpm swtpm-tools tpm2-tools krb5-kdc krb5-admin-server krb5-user)
+LAB_PACKAGES=(softhsm2 opensc swtpm swtpm-tools tpm2-tools krb5-kdc krb5-admin-server krb5-user openssh-client)
 
 # A Rust toolchain: the one on PATH if recent enough, else rustup's stable.
 ensure_rust() {
