@@ -1,1 +1,1115 @@
-//! Not written yet.
+//! RS256 JSON Web Tokens, verified against a configured key set: what `gcp_iit` (Google's
+//! instance identity token) and `azure_msi` (a managed identity's access token) share.
+//!
+//! # What [`verify_rs256`] accepts
+//!
+//! A compact JWS (RFC 7515) of at most [`MAX_TOKEN_BYTES`]: exactly three unpadded
+//! base64url parts. Its header must say `alg` `RS256`, exactly: `none`, the HMAC family
+//! (the classic confusion attack signs with the RSA public key as an HMAC secret), other
+//! RSA hashes, RSA-PSS and ECDSA are all refused by name, so the algorithm is our policy
+//! and never the token's choice. The header must name a `kid` that is in the configured
+//! [`KeySet`]: the signature is checked with that one key (no trying every key), and header
+//! parameters that point elsewhere (`jku`, `jwk`, `x5u`, `x5c`) are never used. A `crit`
+//! header is refused (we implement no extension). The signature is RSASSA-PKCS1-v1_5 with
+//! SHA-256 over `header.payload`, with a 2048- to 8192-bit key (ring's
+//! `RSA_PKCS1_2048_8192_SHA256`). Only then are the claims parsed: `exp` is required and
+//! `nbf`/`iat` are checked when present, each with the configured clock-skew leeway.
+//! Issuer and audience are the callers' checks ([`Claims::has_audience`] accepts the
+//! string and the array form of `aud`).
+//!
+//! # Key files
+//!
+//! A [`KeySet`] is read from a file an operator keeps up to date (nothing is fetched from
+//! the network at attestation time). Two shapes are recognised:
+//! - a JWKS (RFC 7517), `{"keys":[{"kty":"RSA","kid":..,"n":..,"e":..}]}`, as Google serves
+//!   at `https://www.googleapis.com/oauth2/v3/certs` and Microsoft at
+//!   `https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys`; keys that are not
+//!   RSA, are not for signatures (`use`), or are declared for another `alg` are skipped;
+//!   `x5c`/`x5t` are ignored (the key is `n` and `e`);
+//! - Google's certificate map, `{"<kid>":"-----BEGIN CERTIFICATE-----..."}`, as served at
+//!   `https://www.googleapis.com/oauth2/v1/certs`: the RSA key of each certificate (the
+//!   certificate is only a carrier; its validity dates are not used).
+//!
+//! RSA keys under 2048 bits are refused. A [`KeyFile`] re-reads its file whenever its
+//! size, modification time or inode changes, checked at every verification, so a cron job
+//! refreshing the provider's keys (`curl -o keys.json.tmp … && mv keys.json.tmp keys.json`)
+//! needs no restart; a file that cannot be read or parsed keeps the last good set, with a
+//! warning.
+//!
+//! Tokens are bearer secrets: nothing here logs one or puts one in an error.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
+use serde_json::{Map, Value};
+
+use carapace_core::Error;
+
+use crate::rejected;
+
+/// The largest token accepted (Google's and Azure's are 1 to 3 KiB).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// The largest attestation payload accepted.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// The version of the attestation payload `{"version":1,"token":"<jwt>"}`.
+pub const PAYLOAD_VERSION: u64 = 1;
+
+/// The largest key file read.
+pub const MAX_KEY_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The smallest RSA modulus accepted, in bits.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// The largest RSA modulus accepted, in bits (ring's limit for verification).
+pub const MAX_RSA_BITS: usize = 8192;
+
+/// base64url for `n` and `e` in a JWKS: padding tolerated, non-canonical bits refused.
+const JWK_B64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// `s` for an error message: quoted, escaped and cut to 128 characters (claims and
+/// header values come from the token's sender).
+pub(crate) fn shown(s: &str) -> String {
+    const MAX: usize = 128;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut:?}…")
+    }
+}
+
+/// One RSA public key: big-endian modulus and exponent, without leading zeros.
+#[derive(Clone, PartialEq, Eq)]
+struct RsaKey {
+    n: Vec<u8>,
+    e: Vec<u8>,
+}
+
+impl fmt::Debug for RsaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RSA-{}", bit_length(&self.n))
+    }
+}
+
+fn strip_leading_zeros(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
+    &b[start..]
+}
+
+/// Bits of a big-endian number without leading zero bytes.
+fn bit_length(n: &[u8]) -> usize {
+    match n.first() {
+        Some(&top) => (n.len() - 1) * 8 + (8 - top.leading_zeros() as usize),
+        None => 0,
+    }
+}
+
+impl RsaKey {
+    /// Checks the components as ring will at verification: 2048 to 8192 bits, an odd
+    /// exponent from 3 to 2^33-1.
+    fn new(n: &[u8], e: &[u8]) -> Result<Self, String> {
+        let n = strip_leading_zeros(n);
+        let e = strip_leading_zeros(e);
+        let bits = bit_length(n);
+        if bits < MIN_RSA_BITS {
+            return Err(format!(
+                "the RSA modulus is {bits} bits; at least {MIN_RSA_BITS} are required"
+            ));
+        }
+        if bits > MAX_RSA_BITS {
+            return Err(format!(
+                "the RSA modulus is {bits} bits; at most {MAX_RSA_BITS} are supported"
+            ));
+        }
+        if n.last().is_some_and(|b| b & 1 == 0) {
+            return Err("the RSA modulus is even".into());
+        }
+        let e_value = if e.len() <= 5 {
+            e.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
+        } else {
+            u64::MAX
+        };
+        if !(3..(1 << 33)).contains(&e_value) || e_value & 1 == 0 {
+            return Err(
+                "the RSA public exponent must be odd and between 3 and 2^33-1 (usually 65537)"
+                    .into(),
+            );
+        }
+        Ok(RsaKey {
+            n: n.to_vec(),
+            e: e.to_vec(),
+        })
+    }
+
+    fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        ring::signature::RsaPublicKeyComponents {
+            n: &self.n,
+            e: &self.e,
+        }
+        .verify(
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+            message,
+            signature,
+        )
+        .is_ok()
+    }
+}
+
+/// RSA signature keys by key id (`kid`), from a JWKS or Google's certificate map.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KeySet {
+    keys: BTreeMap<String, RsaKey>,
+}
+
+impl fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.keys.iter()).finish()
+    }
+}
+
+impl KeySet {
+    /// Parses a JWKS or a certificate map (told apart by shape). At least one usable
+    /// key is required; a duplicated `kid`, an RSA key under 2048 bits or a certificate
+    /// without an RSA key is an error naming the `kid`.
+    pub fn from_json(json: &[u8]) -> Result<KeySet, String> {
+        let value: Value = serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+        let Value::Object(top) = value else {
+            return Err(
+                "neither a JWKS ({\"keys\":[...]}) nor a certificate map ({\"<kid>\":\"-----BEGIN \
+                 CERTIFICATE-----...\"}): the top level is not an object"
+                    .into(),
+            );
+        };
+        let set = if let Some(keys) = top.get("keys") {
+            Self::from_jwks(keys)?
+        } else if !top.is_empty() && top.values().all(Value::is_string) {
+            Self::from_certificate_map(&top)?
+        } else {
+            return Err(
+                "neither a JWKS (no \"keys\" member) nor a certificate map (not every value is \
+                 a PEM certificate string)"
+                    .into(),
+            );
+        };
+        if set.keys.is_empty() {
+            return Err("no RSA signature key in it".into());
+        }
+        Ok(set)
+    }
+
+    fn from_jwks(keys: &Value) -> Result<KeySet, String> {
+        let Value::Array(keys) = keys else {
+            return Err("JWKS: \"keys\" is not an array".into());
+        };
+        let mut set = KeySet::default();
+        for (i, jwk) in keys.iter().enumerate() {
+            let Value::Object(jwk) = jwk else {
+                return Err(format!("JWKS key {i}: not an object"));
+            };
+            let member = |name: &str| -> Result<Option<&str>, String> {
+                match jwk.get(name) {
+                    None => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s)),
+                    Some(_) => Err(format!("JWKS key {i}: {name:?} is not a string")),
+                }
+            };
+            let kid = member("kid")?;
+            let what = match kid {
+                Some(kid) => format!("JWKS key {i} (kid {})", shown(kid)),
+                None => format!("JWKS key {i}"),
+            };
+            let kty = member("kty")?.ok_or_else(|| format!("{what}: no \"kty\""))?;
+            let usable = kty == "RSA"
+                && member("use")?.is_none_or(|u| u == "sig")
+                && member("alg")?.is_none_or(|a| a == "RS256")
+                && match jwk.get("key_ops") {
+                    None => true,
+                    Some(Value::Array(ops)) => ops.iter().any(|o| o == "verify"),
+                    Some(_) => return Err(format!("{what}: \"key_ops\" is not an array")),
+                };
+            if !usable {
+                tracing::debug!(key = %what, kty, "skipping a JWKS key that is not an RS256 signature key");
+                continue;
+            }
+            let kid = match kid {
+                Some(k) if !k.is_empty() => k,
+                _ => return Err(format!("{what}: no \"kid\" (keys are chosen by kid)")),
+            };
+            let component = |name: &str| -> Result<Vec<u8>, String> {
+                let b64 = member(name)?.ok_or_else(|| format!("{what}: no {name:?}"))?;
+                JWK_B64
+                    .decode(b64)
+                    .map_err(|e| format!("{what}: {name:?} is not base64url: {e}"))
+            };
+            let key = RsaKey::new(&component("n")?, &component("e")?)
+                .map_err(|e| format!("{what}: {e}"))?;
+            set.insert(kid, key, &what)?;
+        }
+        Ok(set)
+    }
+
+    fn from_certificate_map(map: &Map<String, Value>) -> Result<KeySet, String> {
+        let mut set = KeySet::default();
+        for (kid, pem) in map {
+            let what = format!("certificate {}", shown(kid));
+            let pem = pem.as_str().unwrap_or_default();
+            if kid.is_empty() {
+                return Err(format!("{what}: an empty key id"));
+            }
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.trim().as_bytes())
+                .map_err(|e| format!("{what}: not a PEM certificate: {e}"))?;
+            if pem.label != "CERTIFICATE" {
+                return Err(format!(
+                    "{what}: a PEM {:?} block, not a CERTIFICATE",
+                    pem.label
+                ));
+            }
+            let cert = pem
+                .parse_x509()
+                .map_err(|e| format!("{what}: not an X.509 certificate: {e}"))?;
+            let key = match cert.public_key().parsed() {
+                Ok(x509_parser::public_key::PublicKey::RSA(rsa)) => {
+                    RsaKey::new(rsa.modulus, rsa.exponent).map_err(|e| format!("{what}: {e}"))?
+                }
+                Ok(_) => return Err(format!("{what}: its key is not an RSA key")),
+                Err(e) => return Err(format!("{what}: its public key cannot be parsed: {e}")),
+            };
+            set.insert(kid, key, &what)?;
+        }
+        Ok(set)
+    }
+
+    fn insert(&mut self, kid: &str, key: RsaKey, what: &str) -> Result<(), String> {
+        if self.keys.insert(kid.to_owned(), key).is_some() {
+            return Err(format!("{what}: the kid appears twice"));
+        }
+        Ok(())
+    }
+
+    /// Reads and parses `path`; errors name the file.
+    pub fn load(path: &Path) -> Result<KeySet, String> {
+        let bytes = read_capped(path)?;
+        KeySet::from_json(&bytes).map_err(|e| format!("keys file {}: {e}", path.display()))
+    }
+
+    /// The key ids, sorted.
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    /// Whether `kid` is in the set.
+    pub fn contains(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
+
+    /// How many keys there are.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+fn read_capped(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("keys file {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("keys file {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(format!(
+            "keys file {}: larger than {MAX_KEY_FILE_BYTES} bytes",
+            path.display()
+        ));
+    }
+    Ok(bytes)
+}
+
+/// What identifies one version of a file: a rewrite or a replacement changes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    inode: (u64, u64),
+}
+
+fn stamp(path: &Path) -> Result<Stamp, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("keys file {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    let inode = {
+        use std::os::unix::fs::MetadataExt as _;
+        (meta.dev(), meta.ino())
+    };
+    #[cfg(not(unix))]
+    let inode = (0, 0);
+    Ok(Stamp {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode,
+    })
+}
+
+#[derive(Debug)]
+struct Loaded {
+    /// The version last tried (loaded or failed); `None` after a failed `stat`.
+    seen: Option<Stamp>,
+    keys: Arc<KeySet>,
+}
+
+/// A [`KeySet`] kept in step with its file: [`KeyFile::keys`] re-reads the file when it
+/// changed, and keeps the last good set (with a warning) when the new content is not
+/// usable.
+#[derive(Debug)]
+pub struct KeyFile {
+    path: PathBuf,
+    loaded: Mutex<Loaded>,
+}
+
+impl KeyFile {
+    /// Loads `path`, which must hold a usable key set now.
+    pub fn open(path: &Path) -> Result<KeyFile, String> {
+        let seen = stamp(path)?;
+        let keys = KeySet::load(path)?;
+        Ok(KeyFile {
+            path: path.to_owned(),
+            loaded: Mutex::new(Loaded {
+                seen: Some(seen),
+                keys: Arc::new(keys),
+            }),
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current key set, re-read first if the file changed since it was last read.
+    pub fn keys(&self) -> Arc<KeySet> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = stamp(&self.path);
+        match (&now, &loaded.seen) {
+            (Ok(now), Some(seen)) if now == seen => return loaded.keys.clone(),
+            (Err(_), None) => return loaded.keys.clone(),
+            _ => {}
+        }
+        loaded.seen = now.as_ref().ok().cloned();
+        let result = now.and_then(|_| KeySet::load(&self.path));
+        match result {
+            Ok(keys) => {
+                tracing::info!(
+                    file = %self.path.display(),
+                    kids = ?keys.kids().collect::<Vec<_>>(),
+                    "keys file changed: reloaded"
+                );
+                loaded.keys = Arc::new(keys);
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                kids = ?loaded.keys.kids().collect::<Vec<_>>(),
+                "keys file changed but is not usable; still verifying with the keys read before"
+            ),
+        }
+        loaded.keys.clone()
+    }
+}
+
+/// A token's claims: those [`verify_rs256`] returns are verified; inside this crate,
+/// Azure's tenant lookup also reads them from a token not verified yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claims(Map<String, Value>);
+
+impl Claims {
+    /// The claims as a JSON object.
+    pub fn as_map(&self) -> &Map<String, Value> {
+        &self.0
+    }
+
+    /// Claim `name`.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
+    }
+
+    /// String claim `name`: `None` when absent, an error when present but not a string.
+    pub fn string(&self, name: &str) -> Result<Option<&str>, String> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(format!("claim {name:?} is not a string")),
+        }
+    }
+
+    /// String claim `name`, which must be present and non-empty.
+    pub fn required_string(&self, name: &str) -> Result<&str, String> {
+        match self.string(name)? {
+            Some(s) if !s.is_empty() => Ok(s),
+            Some(_) => Err(format!("claim {name:?} is empty")),
+            None => Err(format!("the token has no {name:?} claim")),
+        }
+    }
+
+    /// Whether `aud` is the token's audience: the `aud` string, or a member of the `aud`
+    /// array.
+    pub fn has_audience(&self, aud: &str) -> bool {
+        match self.0.get("aud") {
+            Some(Value::String(s)) => s == aud,
+            Some(Value::Array(items)) => items.iter().any(|v| v.as_str() == Some(aud)),
+            _ => false,
+        }
+    }
+
+    /// The `aud` claim for an error message.
+    pub fn audience_shown(&self) -> String {
+        match self.0.get("aud") {
+            Some(Value::String(s)) => shown(s),
+            Some(v @ Value::Array(_)) => shown(&v.to_string()),
+            Some(_) => "(not a string)".into(),
+            None => "(none)".into(),
+        }
+    }
+
+    /// A NumericDate claim (seconds since the epoch; a fraction is dropped).
+    fn date(&self, name: &str) -> Result<Option<i64>, String> {
+        match self.0.get(name) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                if let Some(i) = n.as_i64() {
+                    Ok(Some(i))
+                } else if n.as_u64().is_some() {
+                    Ok(Some(i64::MAX))
+                } else {
+                    match n.as_f64() {
+                        Some(f) if f.is_finite() => Ok(Some(f.floor() as i64)),
+                        _ => Err(format!("claim {name:?} is not a usable number")),
+                    }
+                }
+            }
+            Some(_) => Err(format!(
+                "claim {name:?} is not a number (seconds since 1970)"
+            )),
+        }
+    }
+}
+
+/// The three parts of a compact JWS, decoded; the signing input is `header.payload`.
+struct Parts<'a> {
+    signing_input: &'a str,
+    header: Vec<u8>,
+    payload: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+fn split(token: &str) -> Result<Parts<'_>, String> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(format!(
+            "the token is {} bytes, more than the {MAX_TOKEN_BYTES} accepted",
+            token.len()
+        ));
+    }
+    let pieces: Vec<&str> = token.split('.').collect();
+    let [header, payload, signature] = pieces[..] else {
+        return Err(format!(
+            "the token has {} dot-separated parts; a signed JWT has 3",
+            pieces.len()
+        ));
+    };
+    let decode = |what: &str, part: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .map_err(|e| format!("the token's {what} is not unpadded base64url: {e}"))
+    };
+    Ok(Parts {
+        signing_input: &token[..header.len() + 1 + payload.len()],
+        header: decode("header", header)?,
+        payload: decode("payload", payload)?,
+        signature: decode("signature", signature)?,
+    })
+}
+
+fn json_object(what: &str, bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    match serde_json::from_slice(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(format!("the token's {what} is not a JSON object")),
+        Err(e) => Err(format!(
+            "the token's {what} is not JSON ({:?} error at column {})",
+            e.classify(),
+            e.column()
+        )),
+    }
+}
+
+/// The claims of `token` WITHOUT verifying anything: only for choosing which keys to
+/// verify it with (Azure's `tid`). Nothing read here may be trusted or acted on.
+pub(crate) fn unverified_claims(token: &str) -> Result<Claims, String> {
+    let parts = split(token)?;
+    json_object("payload", &parts.payload).map(Claims)
+}
+
+/// Verifies `token` as described in the [module documentation](self) and returns its
+/// claims. `now` and `leeway` decide `exp`, `nbf` and `iat`. Errors never contain the
+/// token.
+pub fn verify_rs256(
+    token: &str,
+    keys: &KeySet,
+    now: SystemTime,
+    leeway: Duration,
+) -> Result<Claims, String> {
+    let parts = split(token)?;
+    let header = json_object("header", &parts.header)?;
+    match header.get("alg") {
+        Some(Value::String(alg)) if alg == "RS256" => {}
+        Some(Value::String(alg)) => {
+            return Err(format!(
+                "the token's algorithm is {}; only RS256 is accepted",
+                shown(alg)
+            ));
+        }
+        Some(_) => return Err("the token's \"alg\" is not a string".into()),
+        None => return Err("the token's header has no \"alg\"".into()),
+    }
+    if header.contains_key("crit") {
+        return Err(
+            "the token's header has \"crit\" extensions, which this verifier does not implement"
+                .into(),
+        );
+    }
+    let kid = match header.get("kid") {
+        Some(Value::String(kid)) => kid,
+        Some(_) => return Err("the token's \"kid\" is not a string".into()),
+        None => return Err("the token's header has no \"kid\"".into()),
+    };
+    let key = keys.keys.get(kid).ok_or_else(|| {
+        format!(
+            "the token is signed with key {}, which is not among the configured keys ({})",
+            shown(kid),
+            keys.kids().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    if !key.verify(parts.signing_input.as_bytes(), &parts.signature) {
+        return Err(format!(
+            "the token's signature does not verify with key {}",
+            shown(kid)
+        ));
+    }
+    let claims = Claims(json_object("payload", &parts.payload)?);
+    check_times(&claims, now, leeway)?;
+    Ok(claims)
+}
+
+fn check_times(claims: &Claims, now: SystemTime, leeway: Duration) -> Result<(), String> {
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| "the system clock is before 1970".to_owned())?
+        .as_secs();
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
+    let exp = claims
+        .date("exp")?
+        .ok_or_else(|| "the token has no \"exp\" (expiry) claim".to_owned())?;
+    if now > exp.saturating_add(leeway) {
+        return Err(format!(
+            "the token expired at {exp} (now {now}, clock skew allowed {leeway} s)"
+        ));
+    }
+    if let Some(nbf) = claims.date("nbf")?
+        && now.saturating_add(leeway) < nbf
+    {
+        return Err(format!(
+            "the token is not valid before {nbf} (now {now}, clock skew allowed {leeway} s)"
+        ));
+    }
+    if let Some(iat) = claims.date("iat")?
+        && iat > now.saturating_add(leeway)
+    {
+        return Err(format!(
+            "the token was issued in the future, at {iat} (now {now}, clock skew allowed {leeway} s)"
+        ));
+    }
+    Ok(())
+}
+
+/// The attestation payload `{"version":1,"token":"<jwt>"}` of both JWT plugins.
+pub(crate) fn encode_payload(token: &str) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(&serde_json::json!({ "version": PAYLOAD_VERSION, "token": token }))
+        .map_err(|e| Error::Unavailable(format!("encoding the attestation payload: {e}")))
+}
+
+/// The token in an attestation payload, checked for size, version and shape. Errors
+/// never quote the payload (it carries the token).
+pub(crate) fn decode_payload(plugin: &str, payload: &[u8]) -> Result<String, Error> {
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(rejected(
+            plugin,
+            format!(
+                "the payload is {} bytes, more than the {MAX_PAYLOAD_BYTES} accepted",
+                payload.len()
+            ),
+        ));
+    }
+    let mut map = match serde_json::from_slice(payload) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(rejected(plugin, "the payload is not a JSON object")),
+        Err(e) => {
+            return Err(rejected(
+                plugin,
+                format!(
+                    "the payload is not JSON ({:?} error at line {} column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                ),
+            ));
+        }
+    };
+    match map.remove("version") {
+        Some(Value::Number(n)) if n.as_u64() == Some(PAYLOAD_VERSION) => {}
+        Some(Value::Number(n)) => {
+            return Err(rejected(
+                plugin,
+                format!("the agent speaks payload version {n}, this server {PAYLOAD_VERSION}"),
+            ));
+        }
+        Some(_) => {
+            return Err(rejected(
+                plugin,
+                "the payload's \"version\" is not a number",
+            ));
+        }
+        None => return Err(rejected(plugin, "the payload has no \"version\"")),
+    }
+    let token = match map.remove("token") {
+        Some(Value::String(t)) => t,
+        Some(_) => return Err(rejected(plugin, "the payload's \"token\" is not a string")),
+        None => return Err(rejected(plugin, "the payload has no \"token\"")),
+    };
+    if let Some(unknown) = map.keys().next() {
+        return Err(rejected(
+            plugin,
+            format!("the payload has an unknown member {}", shown(unknown)),
+        ));
+    }
+    Ok(token)
+}
+
+/// The default leeway for `exp`, `nbf` and `iat` (`clock_skew`).
+pub const DEFAULT_CLOCK_SKEW: Duration = Duration::from_secs(30);
+
+/// The largest `clock_skew` accepted: more would let expired tokens through for long.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// The largest agent `timeout` accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub(crate) fn default_clock_skew() -> Duration {
+    DEFAULT_CLOCK_SKEW
+}
+
+pub(crate) fn default_timeout() -> Duration {
+    crate::http::DEFAULT_TIMEOUT
+}
+
+/// What is wrong with an `audience` setting, if anything.
+pub(crate) fn audience_problem(audience: &str) -> Option<String> {
+    if audience.trim().is_empty() {
+        Some(
+            "audience is empty: set it to a value unique to this trust domain, e.g. its \
+             SPIFFE ID \"spiffe://example.org\""
+                .into(),
+        )
+    } else if audience.len() > 1024 || audience.chars().any(char::is_control) {
+        Some("audience must be at most 1024 characters, without control characters".into())
+    } else {
+        None
+    }
+}
+
+/// What is wrong with a `clock_skew` setting, if anything.
+pub(crate) fn clock_skew_problem(skew: Duration) -> Option<String> {
+    (skew > MAX_CLOCK_SKEW).then(|| {
+        format!(
+            "clock_skew {skew:?} is more than the {MAX_CLOCK_SKEW:?} allowed (it extends every \
+             token's lifetime)"
+        )
+    })
+}
+
+/// What is wrong with an agent's `timeout` setting, if anything.
+pub(crate) fn timeout_problem(timeout: Duration) -> Option<String> {
+    (timeout.is_zero() || timeout > MAX_TIMEOUT)
+        .then(|| format!("timeout {timeout:?} must be more than 0 and at most {MAX_TIMEOUT:?}"))
+}
+
+/// Opens the key file `path` (relative to `base_dir`), the `setting` of `plugin`.
+pub(crate) fn open_key_file(
+    plugin: &str,
+    setting: &str,
+    base_dir: &Path,
+    path: &Path,
+) -> Result<KeyFile, Error> {
+    let path = base_dir.join(path);
+    KeyFile::open(&path).map_err(|e| crate::config_err(plugin, format!("{setting}: {e}")))
+}
+
+/// A token the agent got from a metadata service, checked before it is sent: printable
+/// ASCII, three parts, at most [`MAX_TOKEN_BYTES`]. `what` names the source in errors.
+pub(crate) fn check_fetched_token(plugin: &str, what: &str, token: &str) -> Result<(), Error> {
+    if token.is_empty()
+        || token.len() > MAX_TOKEN_BYTES
+        || !token.bytes().all(|b| b.is_ascii_graphic())
+        || token.split('.').count() != 3
+    {
+        return Err(rejected(
+            plugin,
+            format!(
+                "{what} is not a JWT ({} bytes; expected three base64url parts, at most \
+                 {MAX_TOKEN_BYTES} bytes)",
+                token.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    use super::*;
+    use rsa::pkcs8::EncodePrivateKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    use serde_json::json;
+    use std::sync::OnceLock;
+
+    fn b64(b: &[u8]) -> String {
+        URL_SAFE_NO_PAD.encode(b)
+    }
+
+    /// One RSA-2048 key for the module's tests: (PKCS#8 DER, JWKS with kid "k1").
+    fn key() -> &'static (Vec<u8>, KeySet) {
+        static KEY: OnceLock<(Vec<u8>, KeySet)> = OnceLock::new();
+        KEY.get_or_init(|| {
+            let sk = rsa::RsaPrivateKey::new(&mut rand_core(), 2048).unwrap();
+            let jwks = json!({"keys": [{
+                "kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256",
+                "n": b64(&sk.n().to_bytes_be()), "e": b64(&sk.e().to_bytes_be()),
+            }]});
+            let set = KeySet::from_json(jwks.to_string().as_bytes()).unwrap();
+            (sk.to_pkcs8_der().unwrap().as_bytes().to_vec(), set)
+        })
+    }
+
+    fn rand_core() -> rsa::rand_core::OsRng {
+        rsa::rand_core::OsRng
+    }
+
+    fn sign(header: &Value, claims: &Value) -> String {
+        let input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let kp = ring::signature::RsaKeyPair::from_pkcs8(&key().0).unwrap();
+        let mut sig = vec![0; kp.public().modulus_len()];
+        kp.sign(
+            &ring::signature::RSA_PKCS1_SHA256,
+            &ring::rand::SystemRandom::new(),
+            input.as_bytes(),
+            &mut sig,
+        )
+        .unwrap();
+        format!("{input}.{}", b64(&sig))
+    }
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn verify(token: &str) -> Result<Claims, String> {
+        verify_rs256(token, &key().1, now(), Duration::from_secs(30))
+    }
+
+    fn header() -> Value {
+        json!({"alg": "RS256", "kid": "k1", "typ": "JWT"})
+    }
+
+    #[test]
+    fn a_good_token_verifies_and_its_claims_are_returned() {
+        let t = sign(&header(), &json!({"exp": 1_700_000_100, "sub": "x"}));
+        assert_eq!(verify(&t).unwrap().required_string("sub").unwrap(), "x");
+    }
+
+    #[test]
+    fn the_token_must_have_exactly_three_base64url_parts() {
+        let t = sign(&header(), &json!({"exp": 1_700_000_100}));
+        let (a, rest) = t.split_once('.').unwrap();
+        let (b, c) = rest.split_once('.').unwrap();
+        for (bad, want) in [
+            (format!("{a}.{b}"), "2 dot-separated parts"),
+            (format!("{a}.{b}.{c}.{c}"), "4 dot-separated parts"),
+            (
+                format!("{a}.{b}.{c}="),
+                "signature is not unpadded base64url",
+            ),
+            (format!("{a}=.{b}.{c}"), "header is not unpadded base64url"),
+            (format!("{a}.{b}+.{c}"), "payload is not unpadded base64url"),
+            (
+                format!("{a}.{b}.{}/", &c[..c.len() - 1]),
+                "signature is not",
+            ),
+            (String::new(), "1 dot-separated parts"),
+        ] {
+            let err = verify(&bad).unwrap_err();
+            assert!(err.contains(want), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn oversized_tokens_are_refused_before_parsing() {
+        let t = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert!(verify(&t).unwrap_err().contains("more than the 16384"));
+    }
+
+    #[test]
+    fn the_header_must_say_rs256_with_a_known_kid_and_no_crit() {
+        let claims = json!({"exp": 1_700_000_100});
+        for (header, want) in [
+            (json!({"alg": "none", "kid": "k1"}), "\"none\"; only RS256"),
+            (json!({"alg": "RS512", "kid": "k1"}), "\"RS512\""),
+            (json!({"alg": "rs256", "kid": "k1"}), "\"rs256\""),
+            (json!({"kid": "k1"}), "no \"alg\""),
+            (json!({"alg": "RS256"}), "no \"kid\""),
+            (json!({"alg": "RS256", "kid": 1}), "\"kid\" is not a string"),
+            (
+                json!({"alg": "RS256", "kid": "k2"}),
+                "key \"k2\", which is not among",
+            ),
+            (
+                json!({"alg": "RS256", "kid": "k1", "crit": ["b64"]}),
+                "crit",
+            ),
+        ] {
+            let err = verify(&sign(&header, &claims)).unwrap_err();
+            assert!(err.contains(want), "{header}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_changed_payload_fails_the_signature() {
+        let t = sign(&header(), &json!({"exp": 1_700_000_100, "sub": "a"}));
+        let parts: Vec<&str> = t.split('.').collect();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(json!({"exp": 1_700_000_100, "sub": "b"})
+                .to_string()
+                .as_bytes()),
+            parts[2]
+        );
+        assert!(verify(&forged).unwrap_err().contains("does not verify"));
+    }
+
+    #[test]
+    fn times_are_checked_with_leeway() {
+        let ok = |c: Value| verify(&sign(&header(), &c));
+        assert!(ok(json!({"exp": 1_700_000_000 - 30})).is_ok());
+        assert!(
+            ok(json!({"exp": 1_700_000_000 - 31}))
+                .unwrap_err()
+                .contains("expired")
+        );
+        assert!(ok(json!({"exp": 1_700_000_100.5})).is_ok());
+        assert!(ok(json!({"sub": "x"})).unwrap_err().contains("no \"exp\""));
+        assert!(
+            ok(json!({"exp": "soon"}))
+                .unwrap_err()
+                .contains("not a number")
+        );
+        assert!(ok(json!({"exp": 1_700_000_100, "nbf": 1_700_000_030})).is_ok());
+        assert!(
+            ok(json!({"exp": 1_700_000_100, "nbf": 1_700_000_031}))
+                .unwrap_err()
+                .contains("not valid before")
+        );
+        assert!(
+            ok(json!({"exp": 1_700_000_100, "iat": 1_700_000_031}))
+                .unwrap_err()
+                .contains("issued in the future")
+        );
+    }
+
+    #[test]
+    fn audience_may_be_a_string_or_an_array() {
+        let c = |v: Value| Claims(v.as_object().unwrap().clone());
+        assert!(c(json!({"aud": "a"})).has_audience("a"));
+        assert!(!c(json!({"aud": "ab"})).has_audience("a"));
+        assert!(c(json!({"aud": ["x", "a"]})).has_audience("a"));
+        assert!(!c(json!({"aud": ["x", ["a"]]})).has_audience("a"));
+        assert!(!c(json!({"aud": 1})).has_audience("1"));
+        assert!(!c(json!({})).has_audience("a"));
+        assert_eq!(c(json!({"aud": ["x"]})).audience_shown(), "\"[\\\"x\\\"]\"");
+    }
+
+    #[test]
+    fn key_files_are_told_apart_by_shape() {
+        for (json, want) in [
+            ("[]", "top level is not an object"),
+            ("{}", "neither a JWKS"),
+            ("{\"a\": 1}", "neither a JWKS"),
+            ("{\"keys\": {}}", "\"keys\" is not an array"),
+            ("{\"keys\": []}", "no RSA signature key"),
+            (
+                "{\"keys\": [{\"kty\": \"EC\", \"kid\": \"e\"}]}",
+                "no RSA signature key",
+            ),
+            (
+                "{\"keys\": [{\"kty\": \"RSA\", \"n\": \"AQAB\", \"e\": \"AQAB\"}]}",
+                "no \"kid\"",
+            ),
+            (
+                "{\"keys\": [{\"kty\": \"RSA\", \"kid\": \"a\", \"n\": \"*\", \"e\": \"AQAB\"}]}",
+                "\"n\" is not base64url",
+            ),
+            (
+                "{\"k\": \"-----BEGIN CERTIFICATE-----\\nAAAA\\n-----END CERTIFICATE-----\"}",
+                "certificate \"k\"",
+            ),
+            ("not json", "not JSON"),
+        ] {
+            let err = KeySet::from_json(json.as_bytes()).unwrap_err();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn non_signature_keys_are_skipped_and_duplicates_refused() {
+        let (_, set) = key();
+        let k = set.keys.get("k1").unwrap();
+        let jwk = |kid: &str, extra: Value| {
+            let mut m = json!({"kty": "RSA", "kid": kid, "n": b64(&k.n), "e": b64(&k.e)});
+            m.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            m
+        };
+        let s = KeySet::from_json(
+            json!({"keys": [
+                jwk("a", json!({})),
+                jwk("enc", json!({"use": "enc"})),
+                jwk("ps", json!({"alg": "PS256"})),
+                jwk("wrap", json!({"key_ops": ["wrapKey"]})),
+                jwk("v", json!({"key_ops": ["verify"], "x5c": ["ignored"]})),
+            ]})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(s.kids().collect::<Vec<_>>(), ["a", "v"]);
+        let err = KeySet::from_json(
+            json!({"keys": [jwk("a", json!({})), jwk("a", json!({}))]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert!(err.contains("kid \"a\"): the kid appears twice"), "{err}");
+        let mut padded_n = b64(&k.n);
+        while padded_n.len() % 4 != 0 {
+            padded_n.push('=');
+        }
+        assert!(
+            KeySet::from_json(
+                json!({"keys": [{"kty": "RSA", "kid": "p", "n": padded_n, "e": "AQAB"}]})
+                    .to_string()
+                    .as_bytes()
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn weak_or_odd_rsa_keys_are_refused() {
+        let (_, set) = key();
+        let k = set.keys.get("k1").unwrap();
+        assert!(
+            RsaKey::new(&k.n[..128], &k.e)
+                .unwrap_err()
+                .contains("1024 bits; at least 2048")
+        );
+        let mut with_zero = vec![0];
+        with_zero.extend_from_slice(&k.n);
+        assert_eq!(RsaKey::new(&with_zero, &k.e).unwrap(), *k);
+        for e in [&[1u8][..], &[2], &[1, 0, 0], &[1, 0, 0, 0, 0, 1]] {
+            assert!(
+                RsaKey::new(&k.n, e).unwrap_err().contains("exponent"),
+                "{e:?}"
+            );
+        }
+        assert_eq!(bit_length(&[0x01, 0]), 9);
+        assert_eq!(bit_length(&[]), 0);
+    }
+
+    #[test]
+    fn payloads_are_checked_without_quoting_them() {
+        let ok = decode_payload("p", br#"{"version":1,"token":"a.b.c"}"#).unwrap();
+        assert_eq!(ok, "a.b.c");
+        for (payload, want) in [
+            (
+                &br#"{"version":2,"token":"secret"}"#[..],
+                "payload version 2",
+            ),
+            (br#"{"token":"secret"}"#, "no \"version\""),
+            (br#"{"version":1}"#, "no \"token\""),
+            (br#"{"version":1,"token":7}"#, "not a string"),
+            (
+                br#"{"version":1,"token":"secret","x":1}"#,
+                "unknown member \"x\"",
+            ),
+            (br#"{"version":1,"token":"secret"#, "not JSON"),
+            (br#"["secret"]"#, "not a JSON object"),
+        ] {
+            let err = decode_payload("p", payload).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+        let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
+        assert!(
+            decode_payload("p", &big)
+                .unwrap_err()
+                .to_string()
+                .contains("65537 bytes")
+        );
+    }
+
+    #[test]
+    fn fetched_tokens_must_look_like_jwts() {
+        assert!(check_fetched_token("p", "t", "a.b.c").is_ok());
+        for bad in ["", "a.b", "a.b.c\n", "a b.c.d", "<html>"] {
+            assert!(check_fetched_token("p", "t", bad).is_err(), "{bad:?}");
+        }
+        let long = format!("{}.b.c", "a".repeat(MAX_TOKEN_BYTES));
+        let err = check_fetched_token("p", "the token", &long)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("the token is not a JWT (16388 bytes"), "{err}");
+    }
+
+    #[test]
+    fn shown_values_are_quoted_and_cut() {
+        assert_eq!(shown("a\"b"), "\"a\\\"b\"");
+        assert!(shown(&"x".repeat(200)).ends_with("\"…"));
+    }
+}

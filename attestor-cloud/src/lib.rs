@@ -16,7 +16,7 @@
 //!   each instance attests once, recorded in the server's datastore, unless
 //!   `allow_reattestation` is set.
 //! - **Selectors and the agent path come only from verified evidence**, and each path
-//!   segment must be a valid SPIFFE path segment ([`path_segment`]).
+//!   segment must be a valid SPIFFE path segment (`path_segment`).
 
 use carapace_core::{Error, Selector};
 
