@@ -15,7 +15,11 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
+use carapace_attestor_cloud::aws::{AwsAgentConfig, AwsIidAttestorClient};
+use carapace_attestor_cloud::azure::{AzureAgentConfig, AzureMsiAttestorClient};
+use carapace_attestor_cloud::gcp::{GcpAgentConfig, GcpIitAttestorClient};
 use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorClient};
+use carapace_attestor_ssh::agent::{SshAgentConfig, SshAttestorClient};
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
 use carapace_attestor_tpm::keys::{TpmKeyManager, TpmKeyManagerConfig};
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
@@ -28,7 +32,15 @@ use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
 
 const KEY_MANAGERS: &[&str] = &["disk", "memory", "tpm"];
-const NODE_ATTESTORS: &[&str] = &["join_token", "kerberos", "tpm"];
+const NODE_ATTESTORS: &[&str] = &[
+    "aws_iid",
+    "azure_msi",
+    "gcp_iit",
+    "join_token",
+    "kerberos",
+    "sshpop",
+    "tpm",
+];
 const WORKLOAD_ATTESTORS: &[&str] = &["cgroups", "systemd", "unix"];
 
 /// `[key_manager.memory]` and `[node_attestor.join_token]`: no settings.
@@ -61,6 +73,18 @@ fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result
         ("node_attestor", "tpm") => parse::<TpmAgentConfig>(table).map(|_| ()),
         ("node_attestor", "kerberos") => {
             parse::<KerberosAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
+        ("node_attestor", "sshpop") => {
+            parse::<SshAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
+        ("node_attestor", "aws_iid") => {
+            parse::<AwsAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
+        ("node_attestor", "gcp_iit") => {
+            parse::<GcpAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
+        ("node_attestor", "azure_msi") => {
+            parse::<AzureAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
         }
         ("key_manager", n) => Err(unknown(kind, n, KEY_MANAGERS)),
         ("node_attestor", n) => Err(unknown(kind, n, NODE_ATTESTORS)),
@@ -174,6 +198,26 @@ pub fn build_node_attestor(
             let cfg: KerberosAgentConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Some(Arc::new(KerberosAttestorClient::new(&cfg)?)))
+        }
+        "sshpop" => {
+            let cfg: SshAgentConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Some(Arc::new(SshAttestorClient::new(&cfg)?)))
+        }
+        "aws_iid" => {
+            let cfg: AwsAgentConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Some(Arc::new(AwsIidAttestorClient::new(&cfg)?)))
+        }
+        "gcp_iit" => {
+            let cfg: GcpAgentConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Some(Arc::new(GcpIitAttestorClient::new(&cfg)?)))
+        }
+        "azure_msi" => {
+            let cfg: AzureAgentConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Some(Arc::new(AzureMsiAttestorClient::new(&cfg)?)))
         }
         other => Err(Error::Config(unknown(
             "node_attestor",

@@ -574,3 +574,26 @@ async fn agent_proof_is_an_sshsig_that_ssh_keygen_itself_verifies() {
         );
     }
 }
+
+#[tokio::test]
+async fn certificate_with_a_sha1_ca_signature_is_refused() {
+    let lab = Lab::new();
+    let ca = lab.keygen("ca", Kind::Rsa);
+    let host = lab.keygen("host", Kind::Ed25519);
+    // `-t ssh-rsa` makes ssh-keygen sign the certificate with RSA/SHA-1. ssh-key 0.6.7
+    // cannot even decode such a certificate; either way it must not attest.
+    let cert = lab.sign(
+        &ca,
+        &host,
+        "host-cert.pub",
+        &[
+            "-t", "ssh-rsa", "-h", "-I", "keyid", "-n", "host1", "-V", "-5m:+1h",
+        ],
+    );
+    let err = refused_at_begin(&lab.server(&[&ca]), &payload_of(&cert)).await;
+    assert!(
+        err.contains("with SHA-1 (ssh-rsa), which sshpop refuses")
+            || err.contains("the host certificate cannot be decoded"),
+        "{err}"
+    );
+}

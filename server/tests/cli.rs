@@ -112,6 +112,31 @@ fn validate_lists_every_kerberos_problem() {
 }
 
 #[test]
+fn validate_lists_every_ssh_and_cloud_attestor_problem() {
+    let out = validate_bad(
+        "[node_attestor.sshpop]\ncanonical_domain = \"bad domain\"\n\
+         [node_attestor.aws_iid]\naccount_allowlist = [\"12345\"]\n\
+         [node_attestor.gcp_iit]\nkeys_path = \"google.json\"\naudience = \"\"\n\
+         projectid_allowlist = []\n\
+         [node_attestor.azure_msi]\naudience = \"https://management.azure.com/\"\n\
+         [node_attestor.azure_msi.tenants.\"not-a-guid\"]\nkeys_path = \"k.json\"\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "node_attestor.sshpop: no SSH CA is trusted",
+        "canonical_domain: \"bad domain\" is not a DNS domain",
+        "node_attestor.aws_iid: missing field `region_certificates`",
+        "node_attestor.gcp_iit: audience is empty",
+        "projectid_allowlist is empty",
+        "node_attestor.azure_msi: audience \"https://management.azure.com/\" is an Azure API",
+        "\"not-a-guid\" is not a tenant ID",
+    ] {
+        assert!(text.contains(needle), "{needle} missing: {text}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 problem(s)"));
+}
+
+#[test]
 fn upstream_commands_need_an_upstream_section() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plain.toml");

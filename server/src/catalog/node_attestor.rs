@@ -2,7 +2,11 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use carapace_attestor_cloud::aws::{AwsIidAttestor, AwsServerConfig};
+use carapace_attestor_cloud::azure::{AzureMsiAttestor, AzureServerConfig};
+use carapace_attestor_cloud::gcp::{GcpIitAttestor, GcpServerConfig};
 use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
+use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
 use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
 use carapace_core::plugin::{NodeAttestor, NodeStateStore};
 
@@ -11,7 +15,15 @@ use crate::datastore::Datastore;
 use crate::node_attestor::JoinTokenAttestor;
 use crate::{Error, Result};
 
-const KNOWN: &[&str] = &["join_token", "kerberos", "tpm"];
+const KNOWN: &[&str] = &[
+    "aws_iid",
+    "azure_msi",
+    "gcp_iit",
+    "join_token",
+    "kerberos",
+    "sshpop",
+    "tpm",
+];
 
 /// `[node_attestor.join_token]`: no settings.
 #[derive(Debug, Default, Deserialize)]
@@ -26,6 +38,18 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
         }
         "kerberos" => parse::<KerberosServerConfig>(table)
             .and_then(|c| c.validate().map_err(|p| p.join("; "))),
+        "sshpop" => {
+            parse::<SshServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
+        "aws_iid" => {
+            parse::<AwsServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
+        "gcp_iit" => {
+            parse::<GcpServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
+        "azure_msi" => {
+            parse::<AzureServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
+        }
         other => Err(unknown("node_attestor", other, KNOWN)),
     }
 }
@@ -46,12 +70,8 @@ pub fn build_node_attestor(
         "tpm" => {
             let cfg: TpmServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
-            let store = Arc::new(DatastoreState {
-                ds: ds.clone(),
-                attestor: "tpm",
-            });
             Ok(Arc::new(
-                TpmAttestor::new(&cfg, &ctx.data_dir, store)
+                TpmAttestor::new(&cfg, &ctx.data_dir, state(ds, "tpm"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
@@ -63,8 +83,47 @@ pub fn build_node_attestor(
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
+        "sshpop" => {
+            let cfg: SshServerConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Arc::new(
+                SshAttestor::new(&cfg, &ctx.data_dir).map_err(|e| Error::Config(e.to_string()))?,
+            ))
+        }
+        "aws_iid" => {
+            let cfg: AwsServerConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Arc::new(
+                AwsIidAttestor::new(&cfg, &ctx.data_dir, state(ds, "aws_iid"))
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            ))
+        }
+        "gcp_iit" => {
+            let cfg: GcpServerConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Arc::new(
+                GcpIitAttestor::new(&cfg, &ctx.data_dir, state(ds, "gcp_iit"))
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            ))
+        }
+        "azure_msi" => {
+            let cfg: AzureServerConfig =
+                parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
+            Ok(Arc::new(
+                AzureMsiAttestor::new(&cfg, &ctx.data_dir, state(ds, "azure_msi"))
+                    .map_err(|e| Error::Config(e.to_string()))?,
+            ))
+        }
         other => Err(Error::Config(unknown("node_attestor", other, KNOWN))),
     }
+}
+
+/// The datastore namespace of `attestor`'s per-node state.
+fn state(ds: &Datastore, attestor: &'static str) -> Arc<DatastoreState> {
+    Arc::new(DatastoreState {
+        ds: ds.clone(),
+        attestor,
+    })
 }
 
 /// A node attestor's per-node state in the datastore (`attestation_state`).
