@@ -9,6 +9,15 @@ use serde::{Deserialize, Serialize};
 use carapace_core::Error;
 use carapace_core::plugin::NodeStateStore;
 
+/// The plugins that admit each node once, keyed by its agent path (the part of the agent
+/// ID after `/spire/agent/<plugin>/`). Evicting such an agent on the server deletes its
+/// record too, which is how an operator lets the instance attest again.
+pub const FIRST_USE_PLUGINS: &[&str] = &[
+    crate::aws::PLUGIN_NAME,
+    crate::gcp::PLUGIN_NAME,
+    crate::azure::PLUGIN_NAME,
+];
+
 /// What is kept of an instance's attestation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {

@@ -4,7 +4,8 @@
 //! test "region" key), the server verifies it with the region certificate it was given,
 //! and a workload gets its SVID through a node alias on the account. The instance
 //! attests once: a second agent presenting the same document is refused, and still after
-//! the server restarts (the record is in the datastore).
+//! the server restarts (the record is in the datastore), until the operator evicts the
+//! agent.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

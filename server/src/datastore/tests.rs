@@ -1026,6 +1026,42 @@ async fn attestation_state_is_kept_per_attestor_and_node() {
 }
 
 #[tokio::test]
+async fn evicting_a_cloud_agent_forgets_its_first_use_record_and_nothing_else() {
+    let ds = mem().await;
+    let cloud = agent(
+        "/aws_iid/123456789012/us-east-1/i-1",
+        &["aws_iid:account:1"],
+    );
+    let tpm = agent("/tpm/abc", &["tpm:pcr:0:00"]);
+    for (a, attestor, key) in [
+        (&cloud, "aws_iid", "123456789012/us-east-1/i-1"),
+        (&tpm, "tpm", "abc"),
+    ] {
+        ds.upsert_attested_agent(a).await.unwrap();
+        assert!(
+            ds.save_new_attestation_state(attestor, key, b"x")
+                .await
+                .unwrap()
+        );
+    }
+    ds.delete_attested_agent(&cloud.spiffe_id).await.unwrap();
+    ds.delete_attested_agent(&tpm.spiffe_id).await.unwrap();
+    // The instance may attest once more; the TPM's clock record is kept.
+    assert_eq!(
+        ds.load_attestation_state("aws_iid", "123456789012/us-east-1/i-1")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        ds.load_attestation_state("tpm", "abc")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
 async fn save_new_attestation_state_inserts_once_and_keeps_the_first() {
     let ds = Datastore::open_in_memory().await.unwrap();
     assert!(
