@@ -50,9 +50,18 @@
 //! | key | default | meaning |
 //! |---|---|---|
 //! | `audience` | (required) | the `aud` tokens must carry |
-//! | `tenants.<tenant id>.keys_path` | (required) | per allowed tenant (a GUID), its JWKS (`https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys`), relative to the server's data dir; re-read when it changes |
+//! | `tenants.<tenant id>.keys_path` | | per allowed tenant (a GUID), its JWKS (`https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys`) in a file, relative to the server's data dir; re-read when it changes |
+//! | `tenants.<tenant id>.keys_url` | | instead of `keys_path`, an `https://` URL to fetch the tenant's JWKS from, e.g. `https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys`; fetched in the background, never at attestation time |
+//! | `tenants.<tenant id>.keys_refresh` | `1h` | with `keys_url`: how often it is fetched again (`1m` to `24h`); a failed fetch keeps the last good keys and is retried after 30 s, doubling |
+//! | `tenants.<tenant id>.keys_ca_file` | the system's trust store | with `keys_url`: PEM CA certificates trusted for it, relative to the server's data dir |
 //! | `allow_reattestation` | `false` | let a principal attest more than once |
 //! | `clock_skew` | `30s` | leeway on `exp`, `nbf` and `iat` (at most `5m`) |
+//!
+//! Each tenant needs exactly one of `keys_path` and `keys_url`. A `keys_url` is fetched
+//! over authenticated HTTPS only (`http://` is refused): at startup and then every
+//! `keys_refresh`, by a background task per tenant; until a tenant's first fetch
+//! succeeds, its principals' attestations fail as unavailable (the agent retries). See
+//! [`crate::keys`].
 //!
 //! # Agent settings (`[node_attestor.azure_msi]`, [`AzureAgentConfig`])
 //!
@@ -78,7 +87,8 @@ use carapace_core::plugin::{
 use carapace_core::{Error, SelectorSet};
 
 use crate::http::{BaseUrl, query_escape};
-use crate::jwt::{self, KeyFile, shown};
+use crate::jwt::{self, shown};
+use crate::keys::{FetchTiming, KeySettings, Keys};
 use crate::{config_err, path_segment, rejected, selector, tofu};
 
 /// The plugin name on both sides, and the selector type.
@@ -113,13 +123,41 @@ pub fn is_guid(s: &str) -> bool {
         })
 }
 
-/// One allowed tenant.
+/// One allowed tenant: where its signing keys come from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
-    /// The tenant's token signing keys (a JWKS), relative to the base directory given to
-    /// [`AzureMsiAttestor::new`]. Re-read when the file changes.
-    pub keys_path: PathBuf,
+    /// The tenant's token signing keys in a file (a JWKS), relative to the base
+    /// directory given to [`AzureMsiAttestor::new`]. Re-read when the file changes.
+    /// Exactly one of this and `keys_url`.
+    #[serde(default)]
+    pub keys_path: Option<PathBuf>,
+    /// An `https://` URL serving the tenant's JWKS, fetched in the background at startup
+    /// and every `keys_refresh`, never at attestation time. Exactly one of this and
+    /// `keys_path`.
+    #[serde(default)]
+    pub keys_url: Option<String>,
+    /// With `keys_url`: how often it is fetched again (unset:
+    /// [`crate::keys::DEFAULT_REFRESH`], 1 h; from 1 min to 24 h).
+    #[serde(default, with = "humantime_serde")]
+    pub keys_refresh: Option<Duration>,
+    /// With `keys_url`: PEM certificates of the CAs trusted for it instead of the
+    /// system's trust store, relative to the base directory given to
+    /// [`AzureMsiAttestor::new`].
+    #[serde(default)]
+    pub keys_ca_file: Option<PathBuf>,
+}
+
+impl TenantConfig {
+    fn key_settings<'a>(&'a self, prefix: &'a str) -> KeySettings<'a> {
+        KeySettings {
+            prefix,
+            keys_path: self.keys_path.as_deref(),
+            keys_url: self.keys_url.as_deref(),
+            keys_refresh: self.keys_refresh,
+            keys_ca_file: self.keys_ca_file.as_deref(),
+        }
+    }
 }
 
 /// Settings of `[node_attestor.azure_msi]` on the server.
@@ -160,7 +198,7 @@ impl AzureServerConfig {
         if self.tenants.is_empty() {
             problems.push(
                 "tenants is empty: add [node_attestor.azure_msi.tenants.\"<tenant id>\"] with \
-                 the tenant's keys_path for each tenant whose VMs may attest"
+                 the tenant's keys_path or keys_url for each tenant whose VMs may attest"
                     .into(),
             );
         }
@@ -175,9 +213,7 @@ impl AzureServerConfig {
             } else if !seen.insert(tid.to_ascii_lowercase()) {
                 problems.push(format!("tenants: {tid} is listed twice"));
             }
-            if t.keys_path.as_os_str().is_empty() {
-                problems.push(format!("tenants.{tid}.keys_path is empty"));
-            }
+            problems.extend(t.key_settings(&format!("tenants.{tid}.")).problems());
         }
         problems.extend(jwt::clock_skew_problem(self.clock_skew));
         if problems.is_empty() {
@@ -193,35 +229,54 @@ impl AzureServerConfig {
 pub struct AzureMsiAttestor {
     audience: String,
     /// Lowercase tenant ID → its keys.
-    tenants: BTreeMap<String, KeyFile>,
+    tenants: BTreeMap<String, Keys>,
     allow_reattestation: bool,
     clock_skew: Duration,
     store: Arc<dyn NodeStateStore>,
 }
 
 impl AzureMsiAttestor {
-    /// Checks the settings and loads every tenant's key file (relative to `base_dir`).
-    /// `store` records the principals that attested (trust on first use).
+    /// Checks the settings and opens every tenant's key source: loads its key file
+    /// (relative to `base_dir`), or starts fetching its `keys_url` in the background
+    /// (which needs a running tokio runtime; the first fetch has not happened when this
+    /// returns). `store` records the principals that attested (trust on first use).
     pub fn new(
         cfg: &AzureServerConfig,
         base_dir: &Path,
         store: Arc<dyn NodeStateStore>,
     ) -> Result<Self, Error> {
+        Self::new_with_fetch_timing(cfg, base_dir, store, FetchTiming::default())
+    }
+
+    /// For tests only: [`AzureMsiAttestor::new`] with the background fetches' intervals
+    /// replaced by `timing` (refreshes and retries in milliseconds, which the settings
+    /// refuse). The settings are validated as usual.
+    #[doc(hidden)]
+    pub fn new_with_fetch_timing(
+        cfg: &AzureServerConfig,
+        base_dir: &Path,
+        store: Arc<dyn NodeStateStore>,
+        timing: FetchTiming,
+    ) -> Result<Self, Error> {
         cfg.validate()
             .map_err(|p| config_err(PLUGIN_NAME, p.join("; ")))?;
         let mut tenants = BTreeMap::new();
         for (tid, t) in &cfg.tenants {
-            let keys = jwt::open_key_file(
+            let lower = tid.to_ascii_lowercase();
+            let keys = t.key_settings(&format!("tenants.{tid}.")).open(
                 PLUGIN_NAME,
-                &format!("tenants.{tid}.keys_path"),
+                format!("{PLUGIN_NAME}: tenant {lower}"),
                 base_dir,
-                &t.keys_path,
+                timing,
             )?;
-            tenants.insert(tid.to_ascii_lowercase(), keys);
+            tenants.insert(lower, keys);
         }
         tracing::info!(
             audience = %cfg.audience,
-            tenants = ?tenants.keys().collect::<Vec<_>>(),
+            tenants = ?tenants
+                .iter()
+                .map(|(tid, k)| format!("{tid}: {}", k.source()))
+                .collect::<Vec<_>>(),
             allow_reattestation = cfg.allow_reattestation,
             "azure_msi node attestation ready"
         );
@@ -311,7 +366,8 @@ impl NodeAttestor for AzureMsiAttestor {
                 ),
             ));
         };
-        let claims = jwt::verify_rs256(&token, &keys.keys(), SystemTime::now(), self.clock_skew)
+        let keys = keys.current()?;
+        let claims = jwt::verify_rs256(&token, &keys, SystemTime::now(), self.clock_skew)
             .map_err(|e| rejected(PLUGIN_NAME, format!("tenant {tid}: {e}")))?;
         // Verified from here on.
         if claims.required_string("tid").map_err(err)? != tid {

@@ -12,9 +12,10 @@
 //!
 //! # What the server verifies
 //!
-//! 1. The signature, with a key from the configured key file (Google's JWKS or its
-//!    certificate map, refreshed by the operator; see [`crate::jwt`]): `alg` RS256 only,
-//!    the `kid` must be in the file, `exp`/`nbf`/`iat` within `clock_skew`.
+//! 1. The signature, with a key from the configured key set (Google's JWKS or its
+//!    certificate map: a file refreshed by the operator, or fetched from `keys_url` in
+//!    the background; see [`crate::jwt`] and [`crate::keys`]): `alg` RS256 only, the
+//!    `kid` must be in the set, `exp`/`nbf`/`iat` within `clock_skew`.
 //! 2. `iss` is Google's, `https://accounts.google.com` or `accounts.google.com` (SPIRE's
 //!    `gcp_iit` does not check it; Google signs other token kinds with the same keys).
 //! 3. `aud` is the configured `audience`. The token is a bearer credential anyone who sees
@@ -38,11 +39,19 @@
 //!
 //! | key | default | meaning |
 //! |---|---|---|
-//! | `keys_path` | (required) | Google's signing keys: a JWKS (`https://www.googleapis.com/oauth2/v3/certs`) or the certificate map (`…/oauth2/v1/certs`); relative to the server's data dir; re-read when it changes |
+//! | `keys_path` | | Google's signing keys in a file: a JWKS (`https://www.googleapis.com/oauth2/v3/certs`) or the certificate map (`…/oauth2/v1/certs`); relative to the server's data dir; re-read when it changes |
+//! | `keys_url` | | instead of `keys_path`, an `https://` URL to fetch the keys from, e.g. `https://www.googleapis.com/oauth2/v3/certs`; fetched in the background, never at attestation time |
+//! | `keys_refresh` | `1h` | with `keys_url`: how often the keys are fetched again (`1m` to `24h`); a failed fetch keeps the last good keys and is retried after 30 s, doubling |
+//! | `keys_ca_file` | the system's trust store | with `keys_url`: PEM CA certificates trusted for it, relative to the server's data dir |
 //! | `audience` | (required) | the `aud` tokens must carry, unique to this trust domain |
 //! | `projectid_allowlist` | (required) | projects whose instances may attest |
 //! | `allow_reattestation` | `false` | let an instance attest more than once |
 //! | `clock_skew` | `30s` | leeway on `exp`, `nbf` and `iat` (at most `5m`) |
+//!
+//! Exactly one of `keys_path` and `keys_url` is required. A `keys_url` is fetched over
+//! authenticated HTTPS only (`http://` is refused): at startup and then every
+//! `keys_refresh`, by a background task; until its first fetch succeeds, attestations
+//! fail as unavailable (the agent retries). See [`crate::keys`].
 //!
 //! # Agent settings (`[node_attestor.gcp_iit]`, [`GcpAgentConfig`])
 //!
@@ -68,7 +77,8 @@ use carapace_core::plugin::{
 use carapace_core::{Error, SelectorSet};
 
 use crate::http::{BaseUrl, query_escape};
-use crate::jwt::{self, KeyFile, shown};
+use crate::jwt::{self, shown};
+use crate::keys::{FetchTiming, KeySettings, Keys};
 use crate::{config_err, path_segment, rejected, selector, tofu};
 
 /// The plugin name on both sides, and the selector type.
@@ -95,10 +105,26 @@ fn default_service_account() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcpServerConfig {
-    /// Google's token signing keys: a JWKS or Google's `{kid: PEM certificate}` map,
-    /// relative to the base directory given to [`GcpIitAttestor::new`]. Re-read when
-    /// the file changes.
-    pub keys_path: PathBuf,
+    /// Google's token signing keys in a file: a JWKS or Google's `{kid: PEM
+    /// certificate}` map, relative to the base directory given to
+    /// [`GcpIitAttestor::new`]. Re-read when the file changes. Exactly one of this and
+    /// `keys_url`.
+    #[serde(default)]
+    pub keys_path: Option<PathBuf>,
+    /// An `https://` URL serving the keys (same formats), fetched in the background at
+    /// startup and every `keys_refresh`, never at attestation time. Exactly one of this
+    /// and `keys_path`.
+    #[serde(default)]
+    pub keys_url: Option<String>,
+    /// With `keys_url`: how often it is fetched again (unset: [`crate::keys::DEFAULT_REFRESH`],
+    /// 1 h; from 1 min to 24 h).
+    #[serde(default, with = "humantime_serde")]
+    pub keys_refresh: Option<Duration>,
+    /// With `keys_url`: PEM certificates of the CAs trusted for it instead of the
+    /// system's trust store, relative to the base directory given to
+    /// [`GcpIitAttestor::new`].
+    #[serde(default)]
+    pub keys_ca_file: Option<PathBuf>,
     /// The audience (`aud`) tokens must be minted for. Required, no default: it must be
     /// unique to this trust domain (its SPIFFE ID, e.g. `spiffe://example.org`) so that
     /// a token minted for another deployment or relying party is useless here.
@@ -116,10 +142,7 @@ pub struct GcpServerConfig {
 impl GcpServerConfig {
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
-        let mut problems = Vec::new();
-        if self.keys_path.as_os_str().is_empty() {
-            problems.push("keys_path is empty: name the file holding Google's signing keys".into());
-        }
+        let mut problems = self.key_settings().problems();
         problems.extend(jwt::audience_problem(&self.audience));
         if self.projectid_allowlist.is_empty() {
             problems.push(
@@ -144,12 +167,22 @@ impl GcpServerConfig {
             Err(problems)
         }
     }
+
+    fn key_settings(&self) -> KeySettings<'_> {
+        KeySettings {
+            prefix: "",
+            keys_path: self.keys_path.as_deref(),
+            keys_url: self.keys_url.as_deref(),
+            keys_refresh: self.keys_refresh,
+            keys_ca_file: self.keys_ca_file.as_deref(),
+        }
+    }
 }
 
 /// The server half of `gcp_iit` node attestation.
 #[derive(Debug)]
 pub struct GcpIitAttestor {
-    keys: KeyFile,
+    keys: Keys,
     audience: String,
     projects: BTreeSet<String>,
     allow_reattestation: bool,
@@ -158,19 +191,36 @@ pub struct GcpIitAttestor {
 }
 
 impl GcpIitAttestor {
-    /// Checks the settings and loads the key file (`keys_path`, relative to `base_dir`).
-    /// `store` records the instances that attested (trust on first use).
+    /// Checks the settings and opens the key source: loads the key file (`keys_path`,
+    /// relative to `base_dir`), or starts fetching `keys_url` in the background (which
+    /// needs a running tokio runtime; the first fetch has not happened when this
+    /// returns). `store` records the instances that attested (trust on first use).
     pub fn new(
         cfg: &GcpServerConfig,
         base_dir: &Path,
         store: Arc<dyn NodeStateStore>,
     ) -> Result<Self, Error> {
+        Self::new_with_fetch_timing(cfg, base_dir, store, FetchTiming::default())
+    }
+
+    /// For tests only: [`GcpIitAttestor::new`] with the background fetch's intervals
+    /// replaced by `timing` (refreshes and retries in milliseconds, which the settings
+    /// refuse). The settings are validated as usual.
+    #[doc(hidden)]
+    pub fn new_with_fetch_timing(
+        cfg: &GcpServerConfig,
+        base_dir: &Path,
+        store: Arc<dyn NodeStateStore>,
+        timing: FetchTiming,
+    ) -> Result<Self, Error> {
         cfg.validate()
             .map_err(|p| config_err(PLUGIN_NAME, p.join("; ")))?;
-        let keys = jwt::open_key_file(PLUGIN_NAME, "keys_path", base_dir, &cfg.keys_path)?;
+        let keys =
+            cfg.key_settings()
+                .open(PLUGIN_NAME, PLUGIN_NAME.to_owned(), base_dir, timing)?;
         tracing::info!(
-            keys = %keys.path().display(),
-            kids = ?keys.keys().kids().collect::<Vec<_>>(),
+            keys = %keys.source(),
+            kids = ?keys.kids(),
             audience = %cfg.audience,
             projects = ?cfg.projectid_allowlist,
             allow_reattestation = cfg.allow_reattestation,
@@ -235,7 +285,7 @@ impl NodeAttestor for GcpIitAttestor {
         _ctx: &AttestationContext,
     ) -> Result<AttestationStep, Error> {
         let token = jwt::decode_payload(PLUGIN_NAME, payload)?;
-        let keys = self.keys.keys();
+        let keys = self.keys.current()?;
         let claims = jwt::verify_rs256(&token, &keys, SystemTime::now(), self.clock_skew)
             .map_err(|e| rejected(PLUGIN_NAME, e))?;
         let err = |e: String| rejected(PLUGIN_NAME, e);

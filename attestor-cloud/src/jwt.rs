@@ -17,10 +17,13 @@
 //! Issuer and audience are the callers' checks ([`Claims::has_audience`] accepts the
 //! string and the array form of `aud`).
 //!
-//! # Key files
+//! # Key files and key URLs
 //!
-//! A [`KeySet`] is read from a file an operator keeps up to date (nothing is fetched from
-//! the network at attestation time). Two shapes are recognised:
+//! A [`KeySet`] is read from a file an operator keeps up to date (`keys_path`), or
+//! fetched from an `https://` URL (`keys_url`) by a background task over authenticated
+//! HTTPS only, at startup and then every `keys_refresh` ([`crate::keys`]). Either way
+//! nothing is fetched from the network at attestation time, and a fetched body must meet
+//! the same rules as a file. Two shapes are recognised:
 //! - a JWKS (RFC 7517), `{"keys":[{"kty":"RSA","kid":..,"n":..,"e":..}]}`, as Google serves
 //!   at `https://www.googleapis.com/oauth2/v3/certs` and Microsoft at
 //!   `https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys`; keys that are not
@@ -34,7 +37,7 @@
 //! size, modification time or inode changes, checked at every verification, so a cron job
 //! refreshing the provider's keys (`curl -o keys.json.tmp … && mv keys.json.tmp keys.json`)
 //! needs no restart; a file that cannot be read or parsed keeps the last good set, with a
-//! warning.
+//! warning (as does a fetch from a key URL that fails or brings something unusable).
 //!
 //! Tokens are bearer secrets: nothing here logs one or puts one in an error.
 
@@ -753,17 +756,6 @@ pub(crate) fn clock_skew_problem(skew: Duration) -> Option<String> {
 pub(crate) fn timeout_problem(timeout: Duration) -> Option<String> {
     (timeout.is_zero() || timeout > MAX_TIMEOUT)
         .then(|| format!("timeout {timeout:?} must be more than 0 and at most {MAX_TIMEOUT:?}"))
-}
-
-/// Opens the key file `path` (relative to `base_dir`), the `setting` of `plugin`.
-pub(crate) fn open_key_file(
-    plugin: &str,
-    setting: &str,
-    base_dir: &Path,
-    path: &Path,
-) -> Result<KeyFile, Error> {
-    let path = base_dir.join(path);
-    KeyFile::open(&path).map_err(|e| crate::config_err(plugin, format!("{setting}: {e}")))
 }
 
 /// A token the agent got from a metadata service, checked before it is sent: printable

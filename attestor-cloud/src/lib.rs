@@ -9,9 +9,11 @@
 //! | `azure_msi` | managed-identity access token, an RS256 JWT with `kid` | the tenant's key set (JWKS) | `TENANT/PRINCIPAL` |
 //!
 //! What the three share:
-//! - **No network at attestation time unless configured.** Trust anchors are files
-//!   named in the server's configuration; every metadata URL on the agent is a setting
-//!   (defaults are the providers' link-local addresses).
+//! - **No network at attestation time.** Trust anchors are files named in the server's
+//!   configuration (AWS region certificates; JWKS files), or, for the JWT plugins, an
+//!   `https://` `keys_url` the server fetches in the background and refreshes
+//!   ([`keys`]); an attestation never waits on a fetch. Every metadata URL on the agent
+//!   is a setting (defaults are the providers' link-local addresses).
 //! - **Trust on first use** ([`tofu`]): the evidence is not bound to a server nonce, so
 //!   each instance attests once, recorded in the server's datastore, unless
 //!   `allow_reattestation` is set.
@@ -24,7 +26,9 @@ pub mod aws;
 pub mod azure;
 pub mod gcp;
 pub mod http;
+mod https;
 pub mod jwt;
+pub mod keys;
 mod pkcs7;
 pub mod tofu;
 
