@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PERFORMANCE.md §5's S1 and S2, issues 3 (B3) and 4 (B4), B5 and B6, in one command:
+# PERFORMANCE.md §5's S1 and S2, issues 3 (B3) and 4 (B4), B5, B6 and B7, in one command:
 #   B1  X509-SVID issuance: the crypto ceiling (the server's own functions, in process,
 #       1 thread and every core) beside BatchNewX509SVID throughput over the node API of
 #       the real carapace-server (1 and 2 mTLS connections);
@@ -17,11 +17,15 @@
 #       then new Workload API connections/s (1, 2 and 8 client loops) through the real
 #       carapace-agent with unix + cgroups + systemd; as root it puts the callers in a
 #       unit-like cgroup (cgroup v2) so that the systemd attestor finds a unit.
+#   B7  sshpop (ed25519, P-256, RSA-3072 host keys), aws_iid, gcp_iit and azure_msi node
+#       attestation, both plugin halves in process: attestations/s, p50/p99 and CPU of
+#       the server's part and the agent's.
 #   B3 needs softhsm2, B4 swtpm swtpm-tools tpm2-tools, B5 krb5-kdc krb5-admin-server
-#   krb5-user (apt-get install -y ...); without them, that benchmark fails in the report.
+#   krb5-user, B7 openssh-client and openssl (apt-get install -y ...); without them, that
+#   benchmark fails in the report.
 # Builds in release mode, then prints a Markdown report (also target/bench-report.md)
 # with the machine and this command. One benchmark alone:
-#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6 --bin-dir target/release
+#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6|b7 --bin-dir target/release
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs, 10 B4
@@ -37,7 +41,7 @@ BENCH_ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --quick) BENCH_ARGS+=(--quick) ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/bench.sh: unknown argument $arg (usage: scripts/bench.sh [--quick])" >&2; exit 64 ;;
     esac
 done

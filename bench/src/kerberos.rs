@@ -27,7 +27,6 @@
 //! `MEMORY:` ccache per attestation): an AS-REQ and a TGS-REQ to the KDC each time, by
 //! the plugin's design (a host removed from the realm fails at its next attestation).
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,11 +38,11 @@ use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorCli
 use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
 use carapace_attestor_kerberos::wire::{self, Answer};
 use carapace_core::plugin::{
-    AttestationContext, AttestationSession, AttestationStep, NodeAttestor as _,
-    NodeAttestorClient as _, TLS_EXPORTER_LEN,
+    AttestationSession, AttestationStep, NodeAttestor as _, NodeAttestorClient as _,
 };
 use hsm_sim::kdc::{KRB5_PACKAGES, Kdc};
 
+use crate::attest::{connection, first_round, timed};
 use crate::procfs;
 
 /// The first argument that selects the hidden measuring mode of `carapace-bench`.
@@ -384,21 +383,6 @@ pub struct B5Run {
     pub output: ChildOutput,
 }
 
-/// One simulated TLS connection: both halves see the same 32 random bytes as exporter.
-fn connection() -> AttestationContext {
-    AttestationContext {
-        agent_public_key: Vec::new(),
-        tls_exporter: rand::random::<[u8; TLS_EXPORTER_LEN]>().to_vec(),
-    }
-}
-
-/// `fut`'s output, wall time and this process's CPU time.
-async fn timed<T>(fut: impl Future<Output = T>) -> (T, Duration, Duration) {
-    let (t, c) = (Instant::now(), process_cpu_time());
-    let out = fut.await;
-    (out, t.elapsed(), process_cpu_time().saturating_sub(c))
-}
-
 /// One whole attestation, timed; returns the agent path and selectors too.
 pub async fn attest_timed(
     server: &KerberosAttestor,
@@ -407,33 +391,30 @@ pub async fn attest_timed(
 ) -> Result<(Phases, String, Vec<String>, usize)> {
     let ctx = connection();
     let start = Instant::now();
-    let mut p = Phases::default();
-    let (payload, wall, cpu) = timed(client.payload(&ctx)).await;
-    (p.payload, p.payload_cpu) = (wall, cpu);
-    let payload = payload.context("agent payload()")?;
-    let (step, wall, cpu) = timed(server.begin(&payload, &ctx)).await;
-    (p.begin, p.begin_cpu) = (wall, cpu);
-    let AttestationStep::Challenge { challenge, session } = step.context("server begin()")? else {
-        bail!("server begin() finished without a challenge");
+    let r = first_round(server, client, &ctx).await?;
+    let mut p = Phases {
+        payload: r.payload.wall,
+        payload_cpu: r.payload.cpu,
+        begin: r.begin.wall,
+        begin_cpu: r.begin.cpu,
+        token: r.answer.wall,
+        token_cpu: r.answer.cpu,
+        accept: r.respond.wall,
+        accept_cpu: r.respond.cpu,
+        ..Phases::default()
     };
-    let (answer, wall, cpu) = timed(client.answer(&challenge, &ctx)).await;
-    (p.token, p.token_cpu) = (wall, cpu);
-    let answer = answer.context("agent answer() to the nonce")?;
-    let answer_bytes = answer.len();
-    let (step, wall, cpu) = timed(session.respond(&answer)).await;
-    (p.accept, p.accept_cpu) = (wall, cpu);
-    let result = match step.context("server respond() to the token")? {
+    let result = match r.step {
         AttestationStep::Done(r) if !mutual => r,
         AttestationStep::Done(_) => bail!("mutual_auth is on, but the server sent no AP-REP"),
         AttestationStep::Challenge { .. } if !mutual => {
             bail!("mutual_auth is off, but the server sent a second challenge")
         }
         AttestationStep::Challenge { challenge, session } => {
-            let (answer, wall, cpu) = timed(client.answer(&challenge, &ctx)).await;
-            (p.reply, p.reply_cpu) = (wall, cpu);
+            let (answer, took) = timed(client.answer(&challenge, &ctx)).await;
+            (p.reply, p.reply_cpu) = (took.wall, took.cpu);
             let answer = answer.context("agent answer() to the AP-REP")?;
-            let (step, wall, cpu) = timed(session.respond(&answer)).await;
-            (p.confirm, p.confirm_cpu) = (wall, cpu);
+            let (step, took) = timed(session.respond(&answer)).await;
+            (p.confirm, p.confirm_cpu) = (took.wall, took.cpu);
             match step.context("server respond() to the confirmation")? {
                 AttestationStep::Done(r) => r,
                 AttestationStep::Challenge { .. } => bail!("server sent a third challenge"),
@@ -442,7 +423,7 @@ pub async fn attest_timed(
     };
     p.total = start.elapsed();
     let selectors = result.selectors.iter().map(|s| s.to_string()).collect();
-    Ok((p, result.agent_path, selectors, answer_bytes))
+    Ok((p, result.agent_path, selectors, r.answer_bytes))
 }
 
 /// The KDC's CPU time and log.

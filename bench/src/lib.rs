@@ -16,11 +16,14 @@
 //! - [`workload_attest`]: B6, the agent's workload attestors in process on real callers,
 //!   and Workload API connections per second through the real `carapace-agent` (the
 //!   clients in a child process, in a unit-like cgroup when this process may make one);
+//! - [`attest`]: one timed challenge/response round of a node attestor's two halves
+//!   (B5, B7);
 //! - [`harness`]: starting and stopping the real binaries (stopped by pid on drop);
 //! - [`procfs`], [`stats`], [`report`]: process counters, percentiles and the Markdown
 //!   report (pure helpers, unit-tested).
 #![forbid(unsafe_code)]
 
+pub mod attest;
 pub mod crypto;
 pub mod harness;
 pub mod hsm;

@@ -3,8 +3,10 @@
 //! beside the token's raw signing rate) against the real binaries, B4 (`tpm` node
 //! attestation against swtpm, both plugin halves in process) and B5 (`kerberos` node
 //! attestation against the lab's MIT KDC) and B6 (workload attestation latency and Workload
-//! API connections per second on one agent), and prints a Markdown report. Normally run
-//! through `scripts/bench.sh [--quick]`.
+//! API connections per second on one agent), and B7 (the server's cost per node attestation
+//! of `sshpop`, `aws_iid`, `gcp_iit` and `azure_msi`, both plugin halves in process; see
+//! [`attest_cloud_ssh`]), and prints a Markdown report. Normally run through
+//! `scripts/bench.sh [--quick]`.
 //!
 //! `carapace-bench --pkcs11-raw ...` is an internal mode: B3 runs it as a child process
 //! with `SOFTHSM2_CONF` in its environment to measure the token's raw rate
@@ -14,6 +16,8 @@
 //! child in its own cgroup, and `--workload-attest-caller` an idle caller process (see
 //! `carapace_bench::workload_attest`).
 #![forbid(unsafe_code)]
+
+mod attest_cloud_ssh;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,7 +38,9 @@ use carapace_bench::workload::{self, Level, WorkloadConfig, WorkloadResult};
 use carapace_bench::workload_attest::{self, AttestPlan, B6Result, ConnRun, InProcess};
 use hsm_sim::softhsm::SoftHsm;
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6]";
+use attest_cloud_ssh::B7Plan;
+
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7]";
 
 #[derive(Debug)]
 struct Args {
@@ -77,9 +83,12 @@ fn parse_args() -> Result<Args> {
         }
     }
     if let Some(only) = &args.only
-        && !matches!(only.as_str(), "b1" | "b2" | "b3" | "b4" | "b5" | "b6")
+        && !matches!(
+            only.as_str(),
+            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7"
+        )
     {
-        bail!("--only {only:?}: expected b1, b2, b3, b4, b5 or b6\n{USAGE}");
+        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6 or b7\n{USAGE}");
     }
     Ok(args)
 }
@@ -101,6 +110,8 @@ struct Plan {
     krb: KrbPlan,
     /// B6's sizes.
     attest: AttestPlan,
+    /// B7's sizes.
+    b7: B7Plan,
 }
 
 impl Plan {
@@ -127,6 +138,7 @@ impl Plan {
                 tpm: TpmPlan::new(true),
                 krb: KrbPlan::new(true),
                 attest: AttestPlan::new(true),
+                b7: B7Plan::new(true),
             }
         } else {
             Plan {
@@ -150,6 +162,7 @@ impl Plan {
                 tpm: TpmPlan::new(false),
                 krb: KrbPlan::new(false),
                 attest: AttestPlan::new(false),
+                b7: B7Plan::new(false),
             }
         }
     }
@@ -2746,6 +2759,7 @@ fn main() -> Result<()> {
     let run_b4 = args.only.as_deref().is_none_or(|o| o == "b4");
     let run_b5 = args.only.as_deref().is_none_or(|o| o == "b5");
     let run_b6 = args.only.as_deref().is_none_or(|o| o == "b6");
+    let run_b7 = args.only.as_deref().is_none_or(|o| o == "b7");
 
     let mut r = Report::new();
     r.heading(1, "Carapace benchmark report");
@@ -2990,6 +3004,31 @@ fn main() -> Result<()> {
             Err(e) if e.is::<Interrupted>() => return Err(e),
             Err(e) => {
                 failed(&mut r, "B6 (workload attestation)", &e);
+                errors.push(e);
+            }
+        }
+    }
+
+    if run_b7 {
+        r.heading(
+            2,
+            "B7. Node attestation by sshpop, aws_iid, gcp_iit and azure_msi: the server's cost per attestation (in process)",
+        );
+        eprintln!(
+            "==> B7: sshpop, aws_iid, gcp_iit, azure_msi ({} s per item)",
+            plan.b7.seconds
+        );
+        match runtime.block_on(interruptible(attest_cloud_ssh::run(
+            &plan.b7,
+            machine.nproc,
+        ))) {
+            Ok(b7) => {
+                attest_cloud_ssh::section(&mut r, &b7, &plan.b7, machine.nproc);
+                errors.extend(b7.into_errors());
+            }
+            Err(e) if e.is::<Interrupted>() => return Err(e),
+            Err(e) => {
+                failed(&mut r, "B7 (sshpop and cloud node attestation)", &e);
                 errors.push(e);
             }
         }
