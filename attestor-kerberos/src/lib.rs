@@ -104,17 +104,9 @@ pub(crate) fn rejected(msg: impl fmt::Display) -> Error {
 /// Refuses a keytab (long-term keys) that is not a file or that others can read; `key`
 /// names the setting in the message.
 pub(crate) fn check_keytab(path: &Path, key: &str) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::metadata(path).map_err(|e| format!("{key} {}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("{key} {} is not a file", path.display()));
     }
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!(
-            "{key} {} holds long-term keys but group or others may read it: chmod 600 {}",
-            path.display(),
-            path.display()
-        ));
-    }
-    Ok(())
+    carapace_core::files::check_private(key, path, &meta)
 }

@@ -4,7 +4,6 @@
 
 use std::fmt;
 use std::io::Read as _;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -232,14 +231,7 @@ fn read_host_key(path: &Path) -> Result<PrivateKey, String> {
     if !meta.is_file() {
         return Err(format!("host_key_path {shown} is not a file"));
     }
-    let mode = meta.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "host_key_path {shown} holds the host's private key but group or others may read it \
-             (mode {:03o}): chmod 600 {shown}",
-            mode & 0o777
-        ));
-    }
+    carapace_core::files::check_private("host_key_path", path, &meta)?;
     if meta.len() > MAX_KEY_FILE {
         return Err(format!(
             "host_key_path {shown} is {} bytes, too large for an SSH private key",

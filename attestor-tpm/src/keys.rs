@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -136,16 +136,7 @@ fn describe(blob: &KeyBlob) -> Result<Vec<u8>, Error> {
 /// Refuses a key file or directory that group or others may read or write.
 fn check_private(path: &Path, what: &str) -> Result<(), Error> {
     let meta = fs::metadata(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(backend(format!(
-            "{what} {} has mode {mode:o}: it must not be accessible to group or others (chmod {} {})",
-            path.display(),
-            if meta.is_dir() { "700" } else { "600" },
-            path.display()
-        )));
-    }
-    Ok(())
+    carapace_core::files::check_private(what, path, &meta).map_err(backend)
 }
 
 async fn blocking<T: Send + 'static>(

@@ -9,7 +9,7 @@
 #![warn(missing_docs)]
 
 use std::fmt::Write as _;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use hyper_util::rt::TokioIo;
@@ -86,19 +86,8 @@ pub fn ensure_private_dir(dir: &Path, what: &str) -> Result<(), String> {
             .create(dir)
             .map_err(|e| format!("cannot create {what} {}: {e}", dir.display()))?;
     }
-    let mode = std::fs::metadata(dir)
-        .map_err(|e| format!("{what} {}: {e}", dir.display()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{what} {} has mode {:o}: it must not be accessible to group or others (chmod 700 {})",
-            dir.display(),
-            mode & 0o777,
-            dir.display()
-        ));
-    }
-    Ok(())
+    let meta = std::fs::metadata(dir).map_err(|e| format!("{what} {}: {e}", dir.display()))?;
+    carapace_core::files::check_private(what, dir, &meta)
 }
 
 /// Parses TOML text into `T`, reporting every unknown or badly typed top-level key (serde
@@ -202,6 +191,7 @@ pub async fn uds_channel(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[derive(Debug, Default, serde::Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -22,6 +22,7 @@ pub mod bundle;
 pub mod crypto;
 pub mod entry;
 mod error;
+pub mod files;
 pub mod plugin;
 pub mod selector;
 pub mod spiffe_id;

@@ -2,7 +2,6 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use cryptoki::types::AuthPin;
@@ -260,15 +259,8 @@ fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, Error> {
             path.display()
         )));
     }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(Error::KeyBackend(format!(
-            "pkcs11: pin_file {} has mode {mode:03o}: it must not be accessible to group or \
-             others (chmod 600 {})",
-            path.display(),
-            path.display()
-        )));
-    }
+    carapace_core::files::check_private("pkcs11: pin_file", path, &meta)
+        .map_err(Error::KeyBackend)?;
     let mut bytes = Zeroizing::new(Vec::with_capacity(64));
     file.read_to_end(&mut bytes).map_err(unreadable)?;
     match std::str::from_utf8(&bytes) {
@@ -283,6 +275,7 @@ fn read_pin_file(path: &Path) -> Result<Zeroizing<String>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn base() -> Pkcs11Config {
         Pkcs11Config {

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -47,16 +47,7 @@ fn backend(msg: impl std::fmt::Display) -> Error {
 /// Refuses a key file or directory that group or others may read or write.
 fn check_private(path: &Path, what: &str) -> Result<(), Error> {
     let meta = fs::metadata(path).map_err(|e| backend(format!("{}: {e}", path.display())))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(backend(format!(
-            "{what} {} has mode {mode:o}: it must not be accessible to group or others (chmod {} {})",
-            path.display(),
-            if meta.is_dir() { "700" } else { "600" },
-            path.display()
-        )));
-    }
-    Ok(())
+    carapace_core::files::check_private(what, path, &meta).map_err(backend)
 }
 
 /// Loads the PKCS#8 PEM key file `path` as key `id`, refusing a file that group or
@@ -196,6 +187,7 @@ impl KeyManager for DiskKeyManager {
 mod tests {
     use super::*;
     use carapace_core::testing;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[tokio::test]
     async fn disk_key_manager_conforms() {
