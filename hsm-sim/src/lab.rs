@@ -1,7 +1,8 @@
 //! `carapace-lab up|down|status`: the lab for a person.
 //!
 //! `up` starts, in one directory, a SoftHSM2 token, a swtpm with EK certificates from the
-//! lab's EK CA, and an MIT KDC with a host and a service keytab; writes a server config
+//! lab's EK CA, and an MIT KDC with a host and a service keytab; makes an SSH CA and a host
+//! key with a host certificate from it (for `sshpop`); writes a server config
 //! whose CA keys live in the token, an agent config, and an `env` file; and records every
 //! daemon it started in `lab.json` with its pid, start time and executable. The daemons
 //! run in their own process group and outlive the command. `down` stops exactly those
@@ -14,13 +15,15 @@
 //! | `hsm/` | `softhsm2.conf`, `tokens/`, `carapace.pin` (the user PIN, 0600) |
 //! | `tpm/` | the EK CA (`ca/`), the manufactured `template/`, the running instance (`swtpm/`) |
 //! | `krb/` | `krb5.conf`, `kdc.conf`, the database, `host.keytab`, `service.keytab`, `kdc.log` |
+//! | `ssh/` | the SSH CA (`ssh_ca`, `ssh_ca.pub`), the host key `ssh_host_ed25519_key` (+ `.pub`) and its host certificate `ssh_host_ed25519_key-cert.pub` |
 //! | `server.toml`, `agent.toml` | configs for `carapace-server run` and `carapace-agent run` |
 //! | `server/`, `agent/`, `workload/` | their data dirs and the Workload API socket (made by them) |
 //! | `env` | `export` lines for a shell: `SOFTHSM2_CONF`, `KRB5_CONFIG`, `TPM2TOOLS_TCTI`, ... |
 //! | `lab.json` | the running daemons, for `down` and `status` |
 //!
-//! Secrets (the PIN, keytabs, the EK CA's and the KDC's keys) stay in 0700 directories and
-//! are never printed: the output names the files that hold them.
+//! Secrets (the PIN, keytabs, the EK CA's and the KDC's keys, the SSH CA's and host's
+//! private keys) stay in 0700 directories and are never printed: the output names the
+//! files that hold them.
 
 use std::fmt::{self, Write as _};
 use std::fs::File;
@@ -36,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::kdc::{KRB5_PACKAGES, Kdc, LabPrincipals};
 use crate::process::{self, Liveness, ProcInfo, ProcessGroup, Recorded, StopOutcome};
 use crate::softhsm::{SoftHsm, Token};
+use crate::ssh::{HOST_CERT_VALIDITY, LabSshHost, OPENSSH_CLIENT_PACKAGE};
 use crate::swtpm::{
     NV_EK_CERT_ECC_P384, NV_EK_CERT_RSA2048, SWTPM_PACKAGES, Swtpm, TPM2_TOOLS_PACKAGE,
     TpmManufacturer,
@@ -128,6 +132,11 @@ impl Layout {
         self.dir.join("krb")
     }
 
+    /// The SSH CA's and the lab host's directory (see [`crate::ssh`]).
+    pub fn ssh(&self) -> PathBuf {
+        self.dir.join("ssh")
+    }
+
     /// The server config.
     pub fn server_toml(&self) -> PathBuf {
         self.dir.join("server.toml")
@@ -185,6 +194,7 @@ impl Layout {
             "hsm",
             "tpm",
             "krb",
+            "ssh",
             "server",
             "agent",
             "workload",
@@ -353,6 +363,8 @@ pub struct UpReport {
     pub principals: LabPrincipals,
     /// `KRB5_CONFIG`.
     pub krb5_conf: PathBuf,
+    /// The SSH CA and the host key it certified.
+    pub ssh: LabSshHost,
     /// Whether the files of an earlier, stopped lab were removed first.
     pub replaced_previous: bool,
     /// How long `up` took.
@@ -392,6 +404,7 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         ("krb5kdc", KRB5_PACKAGES),
         ("kdb5_util", KRB5_PACKAGES),
         ("kadmin.local", KRB5_PACKAGES),
+        ("ssh-keygen", OPENSSH_CLIENT_PACKAGE),
     ] {
         process::require(program, package)?;
     }
@@ -462,6 +475,9 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
     )?);
     state.write(&layout)?;
     let principals = kdc.provision_host_and_service()?;
+    // The SSH host is the realm's host: node1 in the realm's DNS domain.
+    let domain = kdc.realm().to_ascii_lowercase();
+    let ssh = crate::ssh::provision_lab_host(&layout.ssh(), &domain)?;
 
     let configs = Configs {
         layout: &layout,
@@ -473,6 +489,8 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         tcti: &tpm.tcti(),
         kdc: &kdc,
         principals: &principals,
+        domain: &domain,
+        ssh: &ssh,
     };
     crate::write_file(&layout.server_toml(), &configs.server_toml())?;
     crate::write_file(&layout.agent_toml(), &configs.agent_toml())?;
@@ -489,6 +507,7 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         state,
         token,
         principals,
+        ssh,
         replaced_previous,
         elapsed: t0.elapsed(),
     };
@@ -594,6 +613,8 @@ struct Configs<'a> {
     tcti: &'a str,
     kdc: &'a Kdc,
     principals: &'a LabPrincipals,
+    domain: &'a str,
+    ssh: &'a LabSshHost,
 }
 
 impl Configs<'_> {
@@ -627,7 +648,13 @@ impl Configs<'_> {
              [node_attestor.kerberos]\n\
              keytab = {keytab_toml}\n\
              service_principal = {service_toml}\n\
-             allowed_realms = [{realm_toml}]\n",
+             allowed_realms = [{realm_toml}]\n\
+             \n\
+             # SSH host-certificate node attestation: hosts present a host certificate signed\n\
+             # by the lab's SSH CA, naming a host of the lab's domain.\n\
+             [node_attestor.sshpop]\n\
+             cert_authorities_path = {ssh_ca_toml}\n\
+             canonical_domain = {domain_toml}\n",
             env = self.layout.env_file().display(),
             me = l.server_toml().display(),
             td = toml_str(self.trust_domain),
@@ -643,6 +670,8 @@ impl Configs<'_> {
             keytab_toml = toml_path(&self.principals.service_keytab),
             service_toml = toml_str(&self.principals.service),
             realm_toml = toml_str(self.kdc.realm()),
+            ssh_ca_toml = toml_path(&self.ssh.ca_pub),
+            domain_toml = toml_str(self.domain),
         )
     }
 
@@ -675,7 +704,11 @@ impl Configs<'_> {
              #   [node_attestor.kerberos]\n\
              #   keytab = {keytab_toml}\n\
              #   principal = {host_toml}\n\
-             #   service_principal = {service_toml}\n",
+             #   service_principal = {service_toml}\n\
+             # or, to attest with the lab host's SSH host certificate (signed by the lab's SSH CA;\n\
+             # host_cert_path defaults to <host_key_path>-cert.pub, which is where it is):\n\
+             #   [node_attestor.sshpop]\n\
+             #   host_key_path = {ssh_key_toml}\n",
             me = l.agent_toml().display(),
             td = toml_str(self.trust_domain),
             server = toml_str(self.server_address),
@@ -687,6 +720,7 @@ impl Configs<'_> {
             keytab_toml = toml_path(&self.principals.host_keytab),
             host_toml = toml_str(&self.principals.host),
             service_toml = toml_str(&self.principals.service),
+            ssh_key_toml = toml_path(&self.ssh.host_key),
         )
     }
 
@@ -807,6 +841,21 @@ impl fmt::Display for UpReport {
             p.service,
             p.service_keytab.display()
         )?;
+        let s = &self.ssh;
+        writeln!(
+            f,
+            "  SSH CA {} (the server's sshpop trust anchor; private key in {}, 0600)\n  \
+             \x20 host key {} (0600), sshpop agent ID spiffe://{td}/spire/agent/sshpop/{}\n  \
+             \x20 host certificate {} (key ID {}, principals {}, valid {})",
+            s.ca_pub.display(),
+            s.ca_key.display(),
+            s.host_key.display(),
+            s.agent_path(),
+            s.host_cert.display(),
+            s.key_id,
+            s.principals.join(","),
+            HOST_CERT_VALIDITY,
+        )?;
         writeln!(f, "\nWritten:")?;
         writeln!(
             f,
@@ -816,7 +865,8 @@ impl fmt::Display for UpReport {
         )?;
         writeln!(
             f,
-            "  {}  carapace-agent: join token, Workload API {}",
+            "  {}  carapace-agent: join token (TPM, Kerberos and sshpop in its comments), \
+             Workload API {}",
             l.agent_toml().display(),
             l.workload_socket().display()
         )?;
@@ -871,6 +921,8 @@ impl fmt::Display for UpReport {
             p.host,
             p.service
         )?;
+        writeln!(f, "  # SSH")?;
+        writeln!(f, "  ssh-keygen -L -f {}", q(&self.ssh.host_cert))?;
         writeln!(
             f,
             "  # PKCS#11 (asks for the user PIN, which is in the PIN file)"

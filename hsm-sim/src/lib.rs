@@ -1,7 +1,8 @@
-//! The Carapace lab: SoftHSM2 tokens, swtpm TPMs manufactured with EK certificates, and an
-//! MIT Kerberos realm, each in a temporary directory on free loopback ports. Tests and the
-//! `carapace-lab` binary share it. A missing package is an error naming the exact
-//! `apt-get install` line, never a silent skip.
+//! The Carapace lab: SoftHSM2 tokens, swtpm TPMs manufactured with EK certificates and an
+//! MIT Kerberos realm, each in a temporary directory on free loopback ports, plus an SSH
+//! CA with a certified host key ([`ssh`]). Tests and the `carapace-lab` binary share it.
+//! A missing package is an error naming the exact `apt-get install` line, never a silent
+//! skip.
 //!
 //! Every daemon is a [`process::Child`]: stopped by its own pid when its fixture is
 //! dropped, its log printed to stderr (which the test harness shows with the failure)
@@ -47,6 +48,7 @@ pub mod kdc;
 pub mod lab;
 pub mod process;
 pub mod softhsm;
+pub mod ssh;
 pub mod swtpm;
 
 pub use error::{Error, Result};

@@ -37,12 +37,141 @@ impl Drop for Downer {
 }
 
 fn up(dir: &Path) -> Downer {
+    up_with_report(dir).0
+}
+
+/// `up`, and what it printed.
+fn up_with_report(dir: &Path) -> (Downer, String) {
     let t = Instant::now();
     let out = lab(&["up", "--dir", dir.to_str().unwrap()]);
     eprintln!("carapace-lab up: {:?}", t.elapsed());
     let downer = Downer(dir.to_owned());
     assert!(out.status.success(), "up failed:\n{}", text(&out));
-    downer
+    (downer, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// `ssh-keygen` with `args`, which must succeed; its stdout.
+fn ssh_keygen(args: &[&str]) -> String {
+    let out = Command::new("ssh-keygen").args(args).output().unwrap();
+    assert!(out.status.success(), "ssh-keygen {args:?}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `SHA256:<base64>` of a public key file, as `ssh-keygen -l` prints it.
+fn fingerprint(public: &Path) -> String {
+    let out = ssh_keygen(&["-l", "-E", "sha256", "-f", public.to_str().unwrap()]);
+    out.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+/// The SSH CA and host of the lab in `dir`: the files, their modes, the certificate as
+/// `ssh-keygen -L` reads it, and the server and agent configs that use them. Returns the
+/// CA's fingerprint and the host key's.
+fn check_ssh(dir: &Path, server: &toml::Table, report: &str) -> (String, String) {
+    let ssh = dir.join("ssh");
+    let ca = ssh.join("ssh_ca");
+    let ca_pub = ssh.join("ssh_ca.pub");
+    let key = ssh.join("ssh_host_ed25519_key");
+    let key_pub = ssh.join("ssh_host_ed25519_key.pub");
+    let cert = ssh.join("ssh_host_ed25519_key-cert.pub");
+    assert_eq!(mode(&ssh), 0o700);
+    for private in [&ca, &key] {
+        assert_eq!(mode(private), 0o600, "{}", private.display());
+    }
+    for public in [&ca_pub, &key_pub, &cert] {
+        assert!(public.is_file(), "{} missing", public.display());
+    }
+    assert!(
+        std::fs::read_to_string(&ca_pub)
+            .unwrap()
+            .starts_with("ssh-ed25519 ")
+    );
+    let ca_fp = fingerprint(&ca_pub);
+    let key_fp = fingerprint(&key_pub);
+
+    // A host certificate (not a user one) for the host key, signed by the CA, naming
+    // node1 in the realm's domain, with an expiry and no critical option.
+    let listed = ssh_keygen(&["-L", "-f", cert.to_str().unwrap()]);
+    let fields: Vec<&str> = listed.lines().map(str::trim).collect();
+    for want in [
+        "Type: ssh-ed25519-cert-v01@openssh.com host certificate".to_owned(),
+        format!("Public key: ED25519-CERT {key_fp}"),
+        format!("Signing CA: ED25519 {ca_fp} (using ssh-ed25519)"),
+        "Key ID: \"lab-node1\"".to_owned(),
+        "node1.lab.test".to_owned(),
+        "node1".to_owned(),
+        "Critical Options: (none)".to_owned(),
+    ] {
+        assert!(fields.contains(&want.as_str()), "no {want:?} in:\n{listed}");
+    }
+    let valid = fields.iter().find(|l| l.starts_with("Valid: ")).unwrap();
+    assert!(
+        valid.starts_with("Valid: from ") && valid.contains(" to "),
+        "{valid}"
+    );
+
+    // The server trusts the CA, for hosts of the lab's domain.
+    let sshpop = server["node_attestor"]["sshpop"].as_table().unwrap();
+    assert_eq!(
+        sshpop["cert_authorities_path"].as_str(),
+        Some(ca_pub.to_str().unwrap())
+    );
+    assert_eq!(sshpop["canonical_domain"].as_str(), Some("lab.test"));
+    assert_eq!(sshpop.len(), 2, "{sshpop:?}");
+
+    // The agent's commented sshpop section, put in place of the join token, is a config
+    // that names the host key; the certificate is where the agent looks by default.
+    let agent_text = std::fs::read_to_string(dir.join("agent.toml")).unwrap();
+    let section: Vec<&str> = agent_text
+        .lines()
+        .skip_while(|l| *l != "#   [node_attestor.sshpop]")
+        .map_while(|l| l.strip_prefix("#   "))
+        .collect();
+    assert!(!section.is_empty(), "no sshpop section in:\n{agent_text}");
+    let switched = agent_text.replace(
+        "\n[node_attestor.join_token]\n",
+        &format!("\n{}\n", section.join("\n")),
+    );
+    let agent: toml::Table = toml::from_str(&switched).unwrap();
+    let attestors = agent["node_attestor"].as_table().unwrap();
+    assert_eq!(
+        attestors.keys().collect::<Vec<_>>(),
+        ["sshpop"],
+        "{switched}"
+    );
+    let agent_sshpop = attestors["sshpop"].as_table().unwrap();
+    assert_eq!(
+        agent_sshpop["host_key_path"].as_str(),
+        Some(key.to_str().unwrap())
+    );
+    assert!(
+        !agent_sshpop.contains_key("host_cert_path"),
+        "the default, <host_key_path>-cert.pub, is right"
+    );
+
+    // The report names the CA, the certificate, and the agent ID the host attests as.
+    let agent_path = key_fp
+        .strip_prefix("SHA256:")
+        .unwrap()
+        .replace('+', "-")
+        .replace('/', "_");
+    for want in [
+        format!("SSH CA {}", ca_pub.display()),
+        format!("host certificate {}", cert.display()),
+        format!("spiffe://example.org/spire/agent/sshpop/{agent_path}"),
+    ] {
+        assert!(report.contains(&want), "no {want:?} in:\n{report}");
+    }
+    // The private keys never appear in it.
+    for private in [&ca, &key] {
+        let text = std::fs::read_to_string(private).unwrap();
+        let body = text.lines().nth(1).unwrap();
+        assert!(!report.contains(body));
+    }
+    (ca_fp, key_fp)
 }
 
 fn state(dir: &Path) -> LabState {
@@ -99,7 +228,7 @@ fn documented_keys(sample: &str) -> BTreeSet<String> {
 fn up_status_down_leaves_nothing_running() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("lab");
-    let downer = up(&dir);
+    let (downer, report) = up_with_report(&dir);
 
     let st = state(&dir);
     let names: Vec<&str> = st.processes.iter().map(|p| p.name.as_str()).collect();
@@ -163,6 +292,9 @@ fn up_status_down_leaves_nothing_running() {
     }
     assert!(agent["socket_path"].as_str().unwrap().len() <= 100);
 
+    // The SSH CA and the host it certified, and the sshpop sections that use them.
+    let first_ssh = check_ssh(&dir, &server, &report);
+
     // The env file points the tools at the running TPM and KDC.
     let rand = Command::new("tpm2_getrandom")
         .args(["--hex", "8"])
@@ -204,9 +336,15 @@ fn up_status_down_leaves_nothing_running() {
     assert!(!status_out.status.success());
     assert!(text(&status_out).contains("nothing is running"));
 
-    // A stopped lab's directory can be brought up again, and purged.
+    // A stopped lab's directory can be brought up again (with a new SSH CA and host
+    // key), and purged.
     drop(downer);
-    let downer = up(&dir);
+    let (downer, report) = up_with_report(&dir);
+    let server: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.join("server.toml")).unwrap()).unwrap();
+    let second_ssh = check_ssh(&dir, &server, &report);
+    assert_ne!(first_ssh.0, second_ssh.0);
+    assert_ne!(first_ssh.1, second_ssh.1);
     let purge = lab(&["down", "--dir", dir.to_str().unwrap(), "--purge"]);
     assert!(purge.status.success(), "{}", text(&purge));
     assert!(!dir.exists());
@@ -287,4 +425,37 @@ fn a_missing_package_names_the_apt_line() {
         String::from_utf8_lossy(&out.stderr).trim_end(),
         "carapace-lab: softhsm2-util not found; install it with: apt-get install -y softhsm2"
     );
+}
+
+#[test]
+fn a_missing_ssh_keygen_names_openssh_client() {
+    // Every other tool `up` needs, on a PATH of its own.
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in [
+        "softhsm2-util",
+        "swtpm",
+        "swtpm_setup",
+        "tpm2_getrandom",
+        "krb5kdc",
+        "kdb5_util",
+        "kadmin.local",
+    ] {
+        let path = hsm_sim::process::require(tool, "-").unwrap();
+        std::os::unix::fs::symlink(path, bin.join(tool)).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_carapace-lab"))
+        .args(["up", "--dir"])
+        .arg(tmp.path().join("lab"))
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "carapace-lab: ssh-keygen not found; install it with: apt-get install -y openssh-client"
+    );
+    // Nothing was started.
+    assert!(!tmp.path().join("lab/lab.json").exists());
 }

@@ -1,5 +1,5 @@
-//! `carapace-lab`: a SoftHSM2 token, a swtpm with EK certificates and an MIT KDC for a
-//! person to try Carapace with, plus server and agent configs that use them.
+//! `carapace-lab`: a SoftHSM2 token, a swtpm with EK certificates, an MIT KDC and an SSH
+//! CA for a person to try Carapace with, plus server and agent configs that use them.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,16 +12,17 @@ use hsm_sim::lab::{self, DEFAULT_DIR, DEFAULT_REALM, DEFAULT_TRUST_DOMAIN, UpOpt
 #[command(
     name = "carapace-lab",
     version,
-    about = "A hardware-trust lab on loopback: SoftHSM2 token, swtpm TPM, MIT KDC",
+    about = "A hardware-trust lab on loopback: SoftHSM2 token, swtpm TPM, MIT KDC, SSH CA",
     long_about = "A hardware-trust lab on loopback for trying Carapace: a SoftHSM2 token for the \
-        server's CA keys, a software TPM (swtpm) with EK certificates from a lab EK CA, and an MIT \
-        Kerberos realm with a host and a service keytab, all in one directory with no root, no \
-        /etc changes and only free 127.0.0.1 ports.\n\n\
+        server's CA keys, a software TPM (swtpm) with EK certificates from a lab EK CA, an MIT \
+        Kerberos realm with a host and a service keytab, and an SSH CA with a host key and its host \
+        certificate, all in one directory with no root, no /etc changes and only free 127.0.0.1 \
+        ports.\n\n\
         `up` starts them and writes server.toml, agent.toml and an env file, then prints what \
         runs and how to use it; `down` stops exactly the processes `up` started (checked by pid, \
         start time and executable, so a recycled pid is never signalled); `status` shows them.\n\n\
         Needs: apt-get install -y softhsm2 swtpm swtpm-tools tpm2-tools krb5-kdc \
-        krb5-admin-server krb5-user"
+        krb5-admin-server krb5-user openssh-client"
 )]
 struct Cli {
     #[command(subcommand)]
