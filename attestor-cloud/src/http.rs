@@ -62,6 +62,43 @@ pub fn query_escape(s: &str) -> String {
     out
 }
 
+/// Splits a URL's authority (`host`, `host:port`, `[v6]`, `[v6]:port`) into the host
+/// (an IPv6 address without its brackets) and the port, `default_port` when none is
+/// given; port 0 and an empty host are refused. `shown` names the URL in errors.
+pub(crate) fn host_and_port<'a>(
+    authority: &'a str,
+    default_port: u16,
+    shown: &str,
+) -> Result<(&'a str, u16), String> {
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{shown}: port {p:?} is not a port number"))
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{shown}: unclosed [ in the host"))?;
+        match after {
+            "" => (host, default_port),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (host, port_of(p)?),
+                None => return Err(format!("{shown}: junk after the IPv6 address")),
+            },
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, port_of(p)?),
+            None => (authority, default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{shown}: no host"));
+    }
+    Ok((host, port))
+}
+
 /// A parsed `http://host[:port][/path]` base URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseUrl {
@@ -86,30 +123,7 @@ impl BaseUrl {
                 "{url:?}: no host, or a host with user info or spaces"
             ));
         }
-        let port_of = |p: &str| {
-            p.parse::<u16>()
-                .map_err(|_| format!("{url:?}: port {p:?} is not a number"))
-        };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
-            match after {
-                "" => (host, 80),
-                _ => match after.strip_prefix(':') {
-                    Some(p) => (host, port_of(p)?),
-                    None => return Err(format!("{url:?}: junk after the IPv6 address")),
-                },
-            }
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, port_of(p)?),
-                None => (authority, 80),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("{url:?}: no host"));
-        }
+        let (host, port) = host_and_port(authority, 80, &format!("{url:?}"))?;
         if path.contains(['?', '#']) || path.chars().any(|c| c.is_control() || c == ' ') {
             return Err(format!(
                 "{url:?}: the base URL must be a plain path, no query"
@@ -235,6 +249,7 @@ mod tests {
             "http://",
             "http://u@host/",
             "http://host:port/",
+            "http://host:0/",
             "http://host/a?q",
         ] {
             assert!(BaseUrl::parse(bad).is_err(), "{bad}");

@@ -87,32 +87,7 @@ impl HttpsUrl {
                  in a key URL"
             ));
         }
-        let port_of = |p: &str| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| format!("{shown}: port {p:?} is not a port number"))
-        };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{shown}: unclosed [ in the host"))?;
-            match after {
-                "" => (host, 443),
-                _ => match after.strip_prefix(':') {
-                    Some(p) => (host, port_of(p)?),
-                    None => return Err(format!("{shown}: junk after the IPv6 address")),
-                },
-            }
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h, port_of(p)?),
-                None => (authority, 443),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("{shown}: no host"));
-        }
+        let (host, port) = crate::http::host_and_port(authority, 443, &shown)?;
         let server_name = ServerName::try_from(host.to_owned())
             .map_err(|e| format!("{shown}: the host is not a DNS name or an IP address: {e}"))?;
         if authority.strip_prefix('[').is_some() && !matches!(server_name, ServerName::IpAddress(_))
