@@ -68,14 +68,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
 
 /// Parses `what` from `bytes`, refusing oversized and malformed input by name.
 pub fn decode<T: for<'de> Deserialize<'de>>(what: &str, bytes: &[u8]) -> Result<T, Error> {
-    if bytes.len() > MAX_MESSAGE {
-        return Err(Error::AttestationRejected(format!(
-            "{PLUGIN_NAME}: the {what} is {} bytes, more than {MAX_MESSAGE}",
-            bytes.len()
-        )));
-    }
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::AttestationRejected(format!("{PLUGIN_NAME}: malformed {what}: {e}")))
+    carapace_core::plugin::decode_message(PLUGIN_NAME, what, bytes, MAX_MESSAGE)
 }
 
 /// Base64 of `bytes`.

@@ -169,3 +169,22 @@ impl NodeStateStore for MemoryStateStore {
         }
     }
 }
+
+/// Parses attestation message `what` of plugin `plugin` from JSON `bytes`, refusing more
+/// than `max` bytes and malformed input, each as [`Error::AttestationRejected`] naming
+/// the message. The plugins' `wire` modules share it.
+pub fn decode_message<T: serde::de::DeserializeOwned>(
+    plugin: &str,
+    what: &str,
+    bytes: &[u8],
+    max: usize,
+) -> Result<T, Error> {
+    if bytes.len() > max {
+        return Err(Error::AttestationRejected(format!(
+            "{plugin}: the {what} is {} bytes, more than {max}",
+            bytes.len()
+        )));
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::AttestationRejected(format!("{plugin}: malformed {what}: {e}")))
+}
