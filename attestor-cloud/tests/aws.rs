@@ -26,8 +26,7 @@ use carapace_attestor_cloud::aws::{
 };
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, AttestationStep, MemoryStateStore, NodeAttestor, NodeAttestorClient,
-    NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestor, NodeAttestorClient, NodeStateStore,
 };
 use common::{MetadataServer, context};
 
@@ -229,10 +228,7 @@ fn payload(document: &str, pkcs7: &[u8]) -> Vec<u8> {
 }
 
 async fn attest(server: &AwsIidAttestor, payload: &[u8]) -> Result<AttestationResult, Error> {
-    match server.begin(payload, &context()).await? {
-        AttestationStep::Done(result) => Ok(result),
-        AttestationStep::Challenge { .. } => panic!("aws_iid never challenges"),
-    }
+    common::attest_once(server, payload).await
 }
 
 /// The attestation must be rejected (not a replay, not unavailable) with a message

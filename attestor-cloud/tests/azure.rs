@@ -23,10 +23,9 @@ use carapace_attestor_cloud::azure::{
 };
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, AttestationStep, MemoryStateStore, NodeAttestor, NodeAttestorClient,
-    NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore,
 };
-use common::{MetadataServer, context};
+use common::{MetadataServer, attest_once, context, rejected_with, selectors};
 use jwt_keys::{TestKey, key, now, payload, rs256};
 
 const AUDIENCE: &str = "api://carapace-node-attestation";
@@ -181,31 +180,12 @@ impl Fixture {
     }
 
     async fn attest(&self, payload: &[u8]) -> Result<AttestationResult, Error> {
-        attest(&self.attestor, payload).await
+        attest_once(&self.attestor, payload).await
     }
 
     async fn attest_token(&self, token: &str) -> Result<AttestationResult, Error> {
         self.attest(&payload(token)).await
     }
-}
-
-async fn attest(att: &AzureMsiAttestor, payload: &[u8]) -> Result<AttestationResult, Error> {
-    match att.begin(payload, &context()).await? {
-        AttestationStep::Done(r) => Ok(r),
-        AttestationStep::Challenge { .. } => panic!("azure_msi has no challenge"),
-    }
-}
-
-fn rejected_with(result: Result<AttestationResult, Error>, want: &str) -> String {
-    let err = result.unwrap_err();
-    assert!(matches!(err, Error::AttestationRejected(_)), "{err:?}");
-    let msg = err.to_string();
-    assert!(msg.contains(want), "expected {want:?} in: {msg}");
-    msg
-}
-
-fn selectors(r: &AttestationResult) -> Vec<String> {
-    r.selectors.iter().map(ToString::to_string).collect()
 }
 
 #[tokio::test]
@@ -419,7 +399,7 @@ async fn a_principal_attests_once_unless_reattestation_is_allowed() {
     // Another server sharing the datastore refuses too.
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
     let other = AzureMsiAttestor::new(&config(json!({})), fx.dir.path(), store).unwrap();
-    let err = attest(&other, &payload(&good())).await.unwrap_err();
+    let err = attest_once(&other, &payload(&good())).await.unwrap_err();
     assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
     // The same principal id in another tenant is another agent.
     fx.attest_token(&rs256(key(1), &claims(TENANT_B, AUDIENCE, PRINCIPAL)))
@@ -435,7 +415,7 @@ async fn a_principal_attests_once_unless_reattestation_is_allowed() {
     .unwrap();
     for _ in 0..2 {
         assert!(
-            attest(&lenient, &payload(&good()))
+            attest_once(&lenient, &payload(&good()))
                 .await
                 .unwrap()
                 .can_reattest

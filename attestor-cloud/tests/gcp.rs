@@ -22,10 +22,9 @@ use carapace_attestor_cloud::gcp::{
 };
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, AttestationStep, MemoryStateStore, NodeAttestor, NodeAttestorClient,
-    NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore,
 };
-use common::{MetadataServer, context};
+use common::{MetadataServer, attest_once, context, rejected_with, selectors};
 use jwt_keys::{TestKey, key, now, payload, rs256};
 
 const AUDIENCE: &str = "spiffe://example.org";
@@ -130,31 +129,12 @@ impl Fixture {
     }
 
     async fn attest(&self, payload: &[u8]) -> Result<AttestationResult, Error> {
-        attest(&self.attestor, payload).await
+        attest_once(&self.attestor, payload).await
     }
 
     async fn attest_token(&self, token: &str) -> Result<AttestationResult, Error> {
         self.attest(&payload(token)).await
     }
-}
-
-async fn attest(att: &GcpIitAttestor, payload: &[u8]) -> Result<AttestationResult, Error> {
-    match att.begin(payload, &context()).await? {
-        AttestationStep::Done(r) => Ok(r),
-        AttestationStep::Challenge { .. } => panic!("gcp_iit has no challenge"),
-    }
-}
-
-fn rejected_with(result: Result<AttestationResult, Error>, want: &str) -> String {
-    let err = result.unwrap_err();
-    assert!(matches!(err, Error::AttestationRejected(_)), "{err:?}");
-    let msg = err.to_string();
-    assert!(msg.contains(want), "expected {want:?} in: {msg}");
-    msg
-}
-
-fn selectors(r: &AttestationResult) -> Vec<String> {
-    r.selectors.iter().map(ToString::to_string).collect()
 }
 
 #[tokio::test]
@@ -244,7 +224,7 @@ async fn google_certificate_map_files_are_trust_anchors_too() {
         .payload(&context())
         .await
         .unwrap();
-    let r = attest(&att, &p).await.unwrap();
+    let r = attest_once(&att, &p).await.unwrap();
     assert_eq!(r.agent_path, format!("{PROJECT}/{INSTANCE_ID}"));
 }
 
@@ -366,7 +346,7 @@ async fn an_instance_attests_once_unless_reattestation_is_allowed() {
     // Another server (another attestor instance) sharing the datastore refuses too.
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
     let other = GcpIitAttestor::new(&config(json!({})), fx.dir.path(), store).unwrap();
-    let err = attest(
+    let err = attest_once(
         &other,
         &payload(&rs256(key(0), &claims(AUDIENCE, INSTANCE_ID))),
     )
@@ -387,7 +367,7 @@ async fn an_instance_attests_once_unless_reattestation_is_allowed() {
     )
     .unwrap();
     for _ in 0..2 {
-        let r = attest(
+        let r = attest_once(
             &lenient,
             &payload(&rs256(key(0), &claims(AUDIENCE, INSTANCE_ID))),
         )

@@ -33,10 +33,7 @@ use carapace_attestor_cloud::azure::{AzureMsiAttestor, AzureServerConfig};
 use carapace_attestor_cloud::gcp::{GcpIitAttestor, GcpServerConfig};
 use carapace_attestor_cloud::keys::{DEFAULT_REFRESH, FetchTiming};
 use carapace_core::Error;
-use carapace_core::plugin::{
-    AttestationResult, AttestationStep, MemoryStateStore, NodeAttestor, NodeStateStore,
-};
-use common::context;
+use carapace_core::plugin::{AttestationResult, MemoryStateStore, NodeAttestor, NodeStateStore};
 use jwt_keys::{TestKey, key, now, payload, rs256};
 
 const AUDIENCE: &str = "spiffe://example.org";
@@ -260,13 +257,7 @@ async fn attest<A: NodeAttestor>(
     signer: &TestKey,
     claims: &Value,
 ) -> Result<AttestationResult, Error> {
-    match att
-        .begin(&payload(&rs256(signer, claims)), &context())
-        .await?
-    {
-        AttestationStep::Done(r) => Ok(r),
-        AttestationStep::Challenge { .. } => panic!("no challenge expected"),
-    }
+    common::attest_once(att, &payload(&rs256(signer, claims))).await
 }
 
 /// Waits until a token by `signer` attests.

@@ -122,3 +122,37 @@ pub(crate) fn context() -> carapace_core::plugin::AttestationContext {
         tls_exporter: vec![7; 32],
     }
 }
+
+/// One attestation by a plugin that never challenges (all three cloud plugins): `begin`
+/// must finish it.
+pub(crate) async fn attest_once(
+    att: &dyn carapace_core::plugin::NodeAttestor,
+    payload: &[u8],
+) -> Result<carapace_core::plugin::AttestationResult, carapace_core::Error> {
+    match att.begin(payload, &context()).await? {
+        carapace_core::plugin::AttestationStep::Done(r) => Ok(r),
+        carapace_core::plugin::AttestationStep::Challenge { .. } => {
+            panic!("{} never challenges", att.name())
+        }
+    }
+}
+
+/// The message of a rejection (not a replay, not unavailable) that contains `want`.
+pub(crate) fn rejected_with(
+    result: Result<carapace_core::plugin::AttestationResult, carapace_core::Error>,
+    want: &str,
+) -> String {
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, carapace_core::Error::AttestationRejected(_)),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(want), "expected {want:?} in: {msg}");
+    msg
+}
+
+/// The selectors of a result, as `type:value` strings.
+pub(crate) fn selectors(r: &carapace_core::plugin::AttestationResult) -> Vec<String> {
+    r.selectors.iter().map(ToString::to_string).collect()
+}
