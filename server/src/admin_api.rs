@@ -296,6 +296,12 @@ fn agent_to_wire(a: &AttestedAgent) -> Agent {
         selectors: selectors_to_wire(&a.selectors),
         attested_at: a.attested_at,
         reattestable: a.reattestable,
+        refused_at: a.refused.as_ref().map_or(0, |r| r.at),
+        refused_reason: a
+            .refused
+            .as_ref()
+            .map(|r| r.reason.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -1387,6 +1393,7 @@ mod tests {
                 selectors: ["region:eu".parse::<Selector>().unwrap()]
                     .into_iter()
                     .collect(),
+                refused: None,
             })
             .await
             .unwrap();

@@ -384,6 +384,13 @@ pub struct AgentView {
     pub banned: bool,
     /// Whether it may attest again on its own.
     pub reattestable: bool,
+    /// Unix seconds at which its re-attestation was refused, if it was: it is refused on
+    /// every call until it attests afresh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_at: Option<i64>,
+    /// Why its re-attestation was refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_reason: Option<String>,
     /// Its node selectors, `type:value`.
     pub selectors: Vec<String>,
 }
@@ -398,6 +405,8 @@ impl From<&Agent> for AgentView {
             attested_at: a.attested_at,
             banned: a.banned,
             reattestable: a.reattestable,
+            refused_at: (a.refused_at != 0).then_some(a.refused_at),
+            refused_reason: (a.refused_at != 0).then(|| a.refused_reason.clone()),
             selectors: a
                 .selectors
                 .iter()
@@ -580,6 +589,17 @@ pub fn format_agent_human(a: &AgentView) -> String {
     field(&mut out, "Attested at", rfc3339(a.attested_at));
     field(&mut out, "Banned", a.banned);
     field(&mut out, "Can re-attest", a.reattestable);
+    if let Some(at) = a.refused_at {
+        field(
+            &mut out,
+            "Attestation lost",
+            format!(
+                "{} ({})",
+                rfc3339(at),
+                a.refused_reason.as_deref().unwrap_or_default()
+            ),
+        );
+    }
     for s in &a.selectors {
         field(&mut out, "Selector", s);
     }
@@ -1238,9 +1258,23 @@ mod tests {
             attested_at: 0,
             banned: true,
             reattestable: false,
+            refused_at: None,
+            refused_reason: None,
             selectors: vec!["region:eu".into()],
         };
         let out = format_agents_human(std::slice::from_ref(&a));
+        assert!(!out.contains("Attestation lost"), "{out}");
+        let lost = AgentView {
+            refused_at: Some(60),
+            refused_reason: Some("PCR 7 has value 00".into()),
+            ..a.clone()
+        };
+        assert!(
+            format_agent_human(&lost)
+                .contains("Attestation lost : 1970-01-01T00:01:00Z (PCR 7 has value 00)\n"),
+            "{}",
+            format_agent_human(&lost)
+        );
         assert!(
             out.starts_with("Found 1 attested agent\n\nSPIFFE ID        : spiffe://"),
             "{out}"

@@ -19,8 +19,21 @@ use tokio::sync::{Mutex, watch};
 
 use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 
-use crate::datastore::{AttestedAgent, Datastore};
+use crate::datastore::{AttestedAgent, Datastore, Refusal};
 use crate::{Error, Result};
+
+/// The client SVID an agent calls the node API with, and when it calls.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentCredential<'a> {
+    /// The SVID's SPIFFE ID.
+    pub id: &'a SpiffeId,
+    /// Its serial, lowercase hex without leading zeros.
+    pub serial_hex: &'a str,
+    /// Its notAfter, unix seconds.
+    pub not_after: i64,
+    /// The time of the call, unix seconds.
+    pub now: i64,
+}
 
 #[derive(Debug, Default)]
 struct Index {
@@ -287,34 +300,79 @@ impl EntryCache {
         v
     }
 
-    /// Checks that `id` may call the node API with an SVID of serial `serial_hex`: it is
-    /// attested, not banned, and the serial is its latest (or the renewal it was just
-    /// given, which then becomes the latest).
+    /// Records that `id`'s re-attestation was refused: every node-API call of the agent
+    /// is refused from now on, and its open sync streams end, until it attests afresh.
+    pub async fn mark_refused(&self, id: &SpiffeId, refusal: Refusal) -> Result<()> {
+        let _w = self.write_lock.lock().await;
+        let a = Arc::new(self.ds.set_agent_refused(id, &refusal).await?);
+        write(&self.index).agents.insert(id.clone(), a);
+        self.bump();
+        Ok(())
+    }
+
+    /// Checks that the agent `cred` names may call the node API now: it is attested, not
+    /// banned, its last re-attestation was not refused, the SVID it presents has not
+    /// expired, and that SVID is its latest (or the renewal it was just given, which then
+    /// becomes the latest).
     pub async fn authenticate_agent(
         &self,
-        id: &SpiffeId,
-        serial_hex: &str,
+        cred: &AgentCredential<'_>,
     ) -> Result<Arc<AttestedAgent>> {
+        let agent = self.standing(cred)?;
+        if agent.serial == cred.serial_hex {
+            return Ok(agent);
+        }
+        if agent.new_serial.as_deref() == Some(cred.serial_hex) {
+            let _w = self.write_lock.lock().await;
+            self.ds
+                .promote_agent_serial(cred.id, cred.serial_hex)
+                .await?;
+            self.refresh_agent(cred.id).await?;
+            return self.standing(cred);
+        }
+        Err(Error::PermissionDenied(format!(
+            "agent {} presented an SVID that is not its latest",
+            cred.id
+        )))
+    }
+
+    /// The rules of [`authenticate_agent`](Self::authenticate_agent) without promoting a
+    /// renewal: for open streams, re-checked whenever an agent changes and when the SVID
+    /// expires. The serial may be the current one or the pending renewal.
+    pub fn still_authorized(&self, cred: &AgentCredential<'_>) -> Result<Arc<AttestedAgent>> {
+        let agent = self.standing(cred)?;
+        if agent.serial == cred.serial_hex || agent.new_serial.as_deref() == Some(cred.serial_hex) {
+            Ok(agent)
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "agent {} presented an SVID that is not its latest (renewed or attested again)",
+                cred.id
+            )))
+        }
+    }
+
+    /// Everything but the serial: attested, not banned, not refused, SVID not expired.
+    fn standing(&self, cred: &AgentCredential<'_>) -> Result<Arc<AttestedAgent>> {
+        let id = cred.id;
         let agent = self.get_agent(id).ok_or_else(|| {
             Error::PermissionDenied(format!("agent {id} is not attested (evicted?)"))
         })?;
         if agent.banned {
             return Err(Error::PermissionDenied(format!("agent {id} is banned")));
         }
-        if agent.serial == serial_hex {
-            return Ok(agent);
+        if let Some(r) = &agent.refused {
+            return Err(Error::PermissionDenied(format!(
+                "agent {id} failed re-attestation at unix time {} ({}); it must attest again",
+                r.at, r.reason
+            )));
         }
-        if agent.new_serial.as_deref() == Some(serial_hex) {
-            let _w = self.write_lock.lock().await;
-            self.ds.promote_agent_serial(id, serial_hex).await?;
-            self.refresh_agent(id).await?;
-            return self
-                .get_agent(id)
-                .ok_or_else(|| Error::PermissionDenied(format!("agent {id} is not attested")));
+        if cred.now >= cred.not_after {
+            return Err(Error::PermissionDenied(format!(
+                "agent {id} presented an SVID that expired at unix time {}; it must attest again",
+                cred.not_after
+            )));
         }
-        Err(Error::PermissionDenied(format!(
-            "agent {id} presented an SVID that is not its latest"
-        )))
+        Ok(agent)
     }
 
     /// The entries `agent` is authorized for, sorted by entry id.
@@ -392,6 +450,7 @@ mod tests {
             reattestable: false,
             attested_at: 0,
             selectors: sel(s),
+            refused: None,
         }
     }
 
@@ -557,38 +616,136 @@ mod tests {
         );
     }
 
+    fn cred<'a>(id: &'a SpiffeId, serial: &'a str) -> AgentCredential<'a> {
+        AgentCredential {
+            id,
+            serial_hex: serial,
+            not_after: 2000,
+            now: 1000,
+        }
+    }
+
     #[tokio::test]
     async fn agent_authentication_rules() {
         let c = cache().await;
         let id: SpiffeId = A1.parse().unwrap();
         c.upsert_agent(agent(A1, &[])).await.unwrap();
-        c.authenticate_agent(&id, "01").await.unwrap();
+        c.authenticate_agent(&cred(&id, "01")).await.unwrap();
         let err = c
-            .authenticate_agent(&id, "02")
+            .authenticate_agent(&cred(&id, "02"))
             .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("not its latest"), "{err}");
         // Renewal: the new serial is accepted and promoted; the old one is then refused.
         c.set_agent_new_serial(&id, "02", 123).await.unwrap();
-        c.authenticate_agent(&id, "01").await.unwrap();
-        c.authenticate_agent(&id, "02").await.unwrap();
-        assert!(c.authenticate_agent(&id, "01").await.is_err());
+        c.authenticate_agent(&cred(&id, "01")).await.unwrap();
+        c.still_authorized(&cred(&id, "02")).unwrap();
+        c.authenticate_agent(&cred(&id, "02")).await.unwrap();
+        assert!(c.authenticate_agent(&cred(&id, "01")).await.is_err());
+        assert!(c.still_authorized(&cred(&id, "01")).is_err());
         c.set_agent_banned(&id, true).await.unwrap();
         let err = c
-            .authenticate_agent(&id, "02")
+            .authenticate_agent(&cred(&id, "02"))
             .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("banned"), "{err}");
+        assert!(c.still_authorized(&cred(&id, "02")).is_err());
         c.set_agent_banned(&id, false).await.unwrap();
         c.evict_agent(&id).await.unwrap();
         let err = c
-            .authenticate_agent(&id, "02")
+            .authenticate_agent(&cred(&id, "02"))
             .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("not attested"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_expired_svid_or_a_refused_reattestation_is_refused_until_a_fresh_attestation() {
+        let c = cache().await;
+        let id: SpiffeId = A1.parse().unwrap();
+        c.upsert_agent(agent(A1, &[])).await.unwrap();
+        // The SVID's own notAfter counts, whatever the handshake saw.
+        let expired = AgentCredential {
+            now: 2000,
+            ..cred(&id, "01")
+        };
+        let err = c
+            .authenticate_agent(&expired)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expired at unix time 2000"), "{err}");
+        assert!(c.still_authorized(&expired).is_err());
+
+        // A pending renewal is dropped with the refusal: it cannot be promoted later.
+        c.set_agent_new_serial(&id, "02", 3000).await.unwrap();
+        let before = c.revision();
+        c.mark_refused(
+            &id,
+            Refusal {
+                at: 1500,
+                reason: "PCR 7 has value 00".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(c.revision() > before, "open streams are woken");
+        for serial in ["01", "02"] {
+            let err = c
+                .authenticate_agent(&cred(&id, serial))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("failed re-attestation"), "{err}");
+            assert!(err.contains("PCR 7"), "{err}");
+        }
+        let stored = c
+            .datastore()
+            .get_attested_agent(&id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.new_serial, None);
+        assert_eq!(
+            stored.refused,
+            Some(Refusal {
+                at: 1500,
+                reason: "PCR 7 has value 00".into()
+            })
+        );
+        // A fresh attestation (a new record) clears it.
+        c.upsert_agent(AttestedAgent {
+            serial: "03".into(),
+            ..agent(A1, &[])
+        })
+        .await
+        .unwrap();
+        c.authenticate_agent(&cred(&id, "03")).await.unwrap();
+        assert_eq!(
+            c.datastore()
+                .get_attested_agent(&id)
+                .await
+                .unwrap()
+                .unwrap()
+                .refused,
+            None
+        );
+        // Unknown agents cannot be marked.
+        let other: SpiffeId = A2.parse().unwrap();
+        assert!(
+            c.mark_refused(
+                &other,
+                Refusal {
+                    at: 1,
+                    reason: "x".into()
+                }
+            )
+            .await
+            .is_err()
+        );
     }
 
     #[tokio::test]

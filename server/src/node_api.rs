@@ -33,8 +33,8 @@ use carapace_proto::node::{
 use carapace_proto::types;
 
 use crate::ca::{CaManager, IssuedSvid, SubjectKey, csr_public_key, csr_public_key_der, sign_leaf};
-use crate::datastore::AttestedAgent;
-use crate::entry_cache::EntryCache;
+use crate::datastore::{AttestedAgent, Refusal};
+use crate::entry_cache::{AgentCredential, EntryCache};
 use crate::{Error, Result};
 
 /// The longest a whole attestation (all challenge rounds) may take.
@@ -83,6 +83,20 @@ pub struct PeerSvid {
     pub id: SpiffeId,
     /// Its serial, lowercase hex without leading zeros.
     pub serial_hex: String,
+    /// Its notAfter, unix seconds: every call checks it, whatever the handshake saw.
+    pub not_after: i64,
+}
+
+impl PeerSvid {
+    /// This SVID as a credential for a call at `now`.
+    pub fn credential(&self, now: i64) -> AgentCredential<'_> {
+        AgentCredential {
+            id: &self.id,
+            serial_hex: &self.serial_hex,
+            not_after: self.not_after,
+            now,
+        }
+    }
 }
 
 /// A TLS connection carrying its [`PeerInfo`] to the handlers.
@@ -139,9 +153,11 @@ fn peer_svid(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<PeerSv
     let leaf = conn.get_ref().1.peer_certificates()?.first()?;
     let id = carapace_core::x509svid::check_leaf(leaf).ok()?;
     let serial = carapace_core::x509svid::serial_of(leaf).ok()?;
+    let (_, not_after) = carapace_core::x509svid::validity_of(leaf).ok()?;
     Some(PeerSvid {
         id,
         serial_hex: hex::encode(serial),
+        not_after,
     })
 }
 
@@ -193,6 +209,12 @@ pub fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// A tokio instant at unix time `t` (seconds), or now if that has passed.
+fn until_unix(t: i64) -> tokio::time::Instant {
+    let left = t.saturating_sub(crate::unix_now()).max(0);
+    tokio::time::Instant::now() + Duration::from_secs(left.unsigned_abs())
 }
 
 /// Settings the node API needs.
@@ -247,8 +269,8 @@ impl NodeApi {
             .max_encoding_message_size(MAX_MESSAGE_SIZE)
     }
 
-    /// Checks the caller's client SVID and returns the agent.
-    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Arc<AttestedAgent>> {
+    /// Checks the caller's client SVID, on every call, and returns the agent and the SVID.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<(Arc<AttestedAgent>, PeerSvid)> {
         let peer = req
             .extensions()
             .get::<PeerInfo>()
@@ -264,19 +286,60 @@ impl NodeApi {
                 peer.id
             )));
         }
-        self.cache.authenticate_agent(&peer.id, &peer.serial_hex).await.inspect_err(|e| {
-            let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
-            tracing::warn!(agent = %peer.id, remote = ?remote, error = %e, "refused an agent call");
-        })
+        match self
+            .cache
+            .authenticate_agent(&peer.credential(crate::unix_now()))
+            .await
+        {
+            Ok(agent) => Ok((agent, peer)),
+            Err(e) => {
+                let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
+                tracing::warn!(agent = %peer.id, remote = ?remote, error = %e, "refused an agent call");
+                Err(e)
+            }
+        }
+    }
+
+    /// An attestor refused the evidence of a caller that presented its agent SVID (an
+    /// attested agent renewing by attesting again): its node no longer proves what it
+    /// proved, so the agent loses its standing at once, not when its SVID lapses.
+    async fn refuse_agent(&self, peer: Option<&PeerSvid>, error: &carapace_core::Error) {
+        use carapace_core::Blame;
+        if !matches!(error.blame(), Blame::InvalidInput | Blame::PermissionDenied) {
+            return; // a backend away for now says nothing about the node
+        }
+        let Some(peer) = peer else { return };
+        let now = crate::unix_now();
+        if !peer.id.is_agent()
+            || !peer.id.is_member_of(self.ca.trust_domain())
+            || self.cache.still_authorized(&peer.credential(now)).is_err()
+        {
+            return;
+        }
+        let refusal = Refusal {
+            at: now,
+            reason: error.to_string(),
+        };
+        match self.cache.mark_refused(&peer.id, refusal).await {
+            Ok(()) => tracing::warn!(
+                agent = %peer.id,
+                error = %error,
+                "re-attestation refused: the agent is refused on every call until it attests afresh"
+            ),
+            Err(e) => {
+                tracing::error!(agent = %peer.id, error = %e, "could not record a refused re-attestation")
+            }
+        }
     }
 
     async fn run_attestation(
         &self,
         inbound: &mut Streaming<AttestRequest>,
         tx: &mpsc::Sender<std::result::Result<AttestResponse, Status>>,
-        remote: Option<SocketAddr>,
-        exporter: Option<TlsExporter>,
+        peer: Option<PeerInfo>,
     ) -> Result<AttestResponse> {
+        let remote = peer.as_ref().map(|p| p.remote);
+        let caller = peer.as_ref().and_then(|p| p.svid.as_ref());
         let first = inbound
             .message()
             .await
@@ -301,14 +364,20 @@ impl NodeApi {
         // Check the CSR before the attestor consumes any single-use evidence.
         let agent_public_key = csr_public_key_der(&params.csr)?;
         let key = SubjectKey::from_spki(&agent_public_key)?;
-        let exporter = exporter.ok_or_else(|| {
+        let exporter = peer.as_ref().map(|p| &p.tls_exporter).ok_or_else(|| {
             Error::Unauthenticated("attestation needs a TLS 1.3 connection with an exporter".into())
         })?;
         let ctx = AttestationContext {
             agent_public_key,
             tls_exporter: exporter.0.to_vec(),
         };
-        let mut step = attestor.begin(&params.payload, &ctx).await?;
+        let mut step = match attestor.begin(&params.payload, &ctx).await {
+            Ok(step) => step,
+            Err(e) => {
+                self.refuse_agent(caller, &e).await;
+                return Err(e.into());
+            }
+        };
         let result = loop {
             match step {
                 AttestationStep::Done(r) => break r,
@@ -331,7 +400,13 @@ impl NodeApi {
                             "expected a challenge response".into(),
                         ));
                     };
-                    step = session.respond(&answer).await?;
+                    step = match session.respond(&answer).await {
+                        Ok(step) => step,
+                        Err(e) => {
+                            self.refuse_agent(caller, &e).await;
+                            return Err(e.into());
+                        }
+                    };
                 }
             }
         };
@@ -367,6 +442,7 @@ impl NodeApi {
                 reattestable: result.can_reattest,
                 attested_at: now,
                 selectors: result.selectors,
+                refused: None,
             })
             .await?;
         tracing::info!(agent = %agent_id, attestor = attestor.name(), remote = ?remote, "agent attested");
@@ -404,18 +480,15 @@ impl node::node_server::Node for NodeApi {
         &self,
         req: Request<Streaming<AttestRequest>>,
     ) -> std::result::Result<Response<Self::AttestStream>, Status> {
-        let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote);
-        let exporter = req
-            .extensions()
-            .get::<PeerInfo>()
-            .map(|p| p.tls_exporter.clone());
+        let peer = req.extensions().get::<PeerInfo>().cloned();
+        let remote = peer.as_ref().map(|p| p.remote);
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
             let outcome = tokio::time::timeout(
                 ATTESTATION_TIMEOUT,
-                this.run_attestation(&mut inbound, &tx, remote, exporter),
+                this.run_attestation(&mut inbound, &tx, peer),
             )
             .await;
             let msg = match outcome {
@@ -435,7 +508,16 @@ impl node::node_server::Node for NodeApi {
         &self,
         req: Request<RenewAgentRequest>,
     ) -> std::result::Result<Response<RenewAgentResponse>, Status> {
-        let agent = self.authenticate(&req).await?;
+        let (agent, _) = self.authenticate(&req).await?;
+        if agent.reattestable {
+            // Its node must prove itself again at every renewal: a plain renewal would let
+            // a node whose evidence changed (a PCR, a deleted principal) keep its identity.
+            return Err(Error::PermissionDenied(format!(
+                "agent {} renews by attesting again with {} evidence, not by RenewAgent",
+                agent.spiffe_id, agent.attestor
+            ))
+            .into());
+        }
         let key = csr_public_key(&req.get_ref().csr)?;
         let svid = self
             .ca
@@ -462,12 +544,7 @@ impl node::node_server::Node for NodeApi {
         &self,
         req: Request<SyncAuthorizedRequest>,
     ) -> std::result::Result<Response<Self::SyncAuthorizedStream>, Status> {
-        let agent = self.authenticate(&req).await?;
-        let serial = req
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|p| p.svid.clone())
-            .map(|s| s.serial_hex);
+        let (agent, peer) = self.authenticate(&req).await?;
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
         tokio::spawn(async move {
@@ -475,20 +552,18 @@ impl node::node_server::Node for NodeApi {
             let mut revisions = this.cache.subscribe();
             let mut bundles = this.ca.bundle();
             let mut last: Option<SyncAuthorizedResponse> = None;
+            // The stream ends when the SVID it was opened with lapses, whatever else.
+            let lapse = tokio::time::sleep_until(until_unix(peer.not_after));
+            tokio::pin!(lapse);
             loop {
-                // The agent may have been banned, evicted or renewed since the call began.
-                let still_ok = match (&serial, this.cache.get_agent(&id)) {
-                    (Some(s), Some(a)) => {
-                        !a.banned && (&a.serial == s || a.new_serial.as_ref() == Some(s))
-                    }
-                    _ => false,
-                };
-                if !still_ok {
-                    let _ = tx
-                        .send(Err(Status::permission_denied(format!(
-                            "agent {id} is no longer authorized (banned, evicted or renewed)"
-                        ))))
-                        .await;
+                // The agent may have been banned, evicted, refused or renewed since the
+                // call began, or its SVID may have expired: checked at every change.
+                if let Err(e) = this
+                    .cache
+                    .still_authorized(&peer.credential(crate::unix_now()))
+                {
+                    tracing::info!(agent = %id, error = %e, "ended an agent's sync stream");
+                    let _ = tx.send(Err(Status::from(e))).await;
                     return;
                 }
                 revisions.borrow_and_update();
@@ -507,6 +582,10 @@ impl node::node_server::Node for NodeApi {
                 tokio::select! {
                     r = revisions.changed() => if r.is_err() { return },
                     r = bundles.changed() => if r.is_err() { return },
+                    () = &mut lapse => {
+                        // Re-checked above; should the clock disagree, again in a second.
+                        lapse.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
                     _ = tx.closed() => return,
                 }
             }
@@ -518,7 +597,7 @@ impl node::node_server::Node for NodeApi {
         &self,
         req: Request<BatchNewX509svidRequest>,
     ) -> std::result::Result<Response<BatchNewX509svidResponse>, Status> {
-        let agent = self.authenticate(&req).await?;
+        let (agent, _) = self.authenticate(&req).await?;
         let params = req.into_inner().params;
         let authorized: HashMap<String, Arc<RegistrationEntry>> = self
             .cache

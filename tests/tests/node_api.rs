@@ -263,3 +263,116 @@ async fn after_renewal_only_the_latest_svid_is_accepted_and_eviction_locks_out()
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(err.message().contains("not attested"), "{err:?}");
 }
+
+/// Reads `stream` until it fails; returns the status and when it came.
+async fn stream_end(
+    stream: &mut tonic::Streaming<carapace_proto::node::SyncAuthorizedResponse>,
+) -> (tonic::Status, std::time::Instant) {
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(60), stream.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(s)) => return (s, std::time::Instant::now()),
+            Err(_) => panic!("the stream did not end within 60 s"),
+        }
+    }
+}
+
+/// A batch signing request for `entry_id` with a fresh key.
+fn batch_for(entry_id: &str) -> BatchNewX509svidRequest {
+    BatchNewX509svidRequest {
+        params: vec![NewX509svidParams {
+            entry_id: entry_id.to_owned(),
+            csr: csr_asking_for("spiffe://example.org/ignored"),
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ban_ends_the_open_stream_within_a_second_and_every_later_call_on_the_connection_is_refused()
+ {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let km = MemoryKeyManager::new();
+    let a = attest(&server, &km, "a").await;
+    let entry = server.create_entry(&a.id, "spiffe://example.org/w", &["unix:uid:1"], &[]);
+    // One connection for everything below.
+    let mut client = a.client();
+    let mut stream = client
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    let signed = client.batch_new_x509svid(batch_for(&entry)).await.unwrap();
+    assert!(signed.into_inner().results[0].svid.is_some());
+
+    server.cli_ok(&["agent", "ban", "--spiffe-id", &a.id]);
+    let banned = std::time::Instant::now();
+    let (status, ended) = stream_end(&mut stream).await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("banned"), "{status:?}");
+    assert!(
+        ended.duration_since(banned) < std::time::Duration::from_secs(1),
+        "the stream ended {:?} after the ban",
+        ended.duration_since(banned)
+    );
+    let err = client
+        .batch_new_x509svid(batch_for(&entry))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let err = client
+        .renew_agent(RenewAgentRequest {
+            csr: csr_asking_for("spiffe://example.org/ignored"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_the_agent_svid_expires_its_open_stream_ends_and_nothing_more_is_signed_on_the_connection()
+ {
+    let lab = Lab::new();
+    let config = lab.path().join("server.toml");
+    std::fs::write(&config, "agent_svid_ttl = \"10s\"\n").unwrap();
+    let server = Server::start_with(&lab, &["--config", config.to_str().unwrap()]);
+    let km = MemoryKeyManager::new();
+    let a = attest(&server, &km, "a").await;
+    let (_, not_after) = carapace_core::x509svid::validity_of(&a.chain[0]).unwrap();
+    let entry = server.create_entry(&a.id, "spiffe://example.org/w", &["unix:uid:1"], &[]);
+    // The connection, and its client certificate, were accepted while the SVID was valid.
+    let mut client = a.client();
+    let mut stream = client
+        .sync_authorized(SyncAuthorizedRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    let signed = client.batch_new_x509svid(batch_for(&entry)).await.unwrap();
+    assert!(signed.into_inner().results[0].svid.is_some());
+
+    let (status, _) = stream_end(&mut stream).await;
+    let ended = now() as i64;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("expired"), "{status:?}");
+    assert!(
+        (not_after..=not_after + 1).contains(&ended),
+        "the stream ended at {ended}, the SVID expired at {not_after}"
+    );
+    // Same connection, later calls: refused, nothing signed.
+    let err = client
+        .batch_new_x509svid(batch_for(&entry))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("expired"), "{err:?}");
+    let err = client
+        .renew_agent(RenewAgentRequest {
+            csr: csr_asking_for("spiffe://example.org/ignored"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+}

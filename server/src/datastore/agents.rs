@@ -34,6 +34,18 @@ pub struct AttestedAgent {
     pub attested_at: i64,
     /// The node selectors its attestation produced.
     pub selectors: SelectorSet,
+    /// Set when the agent's last re-attestation was refused: it is refused on every
+    /// node-API call until it attests afresh, which clears this.
+    pub refused: Option<Refusal>,
+}
+
+/// Why and when an attested agent's re-attestation was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Unix seconds of the refusal.
+    pub at: i64,
+    /// The attestor's reason, as the agent was told.
+    pub reason: String,
 }
 
 /// One row of `attested_agents`, as stored.
@@ -47,10 +59,12 @@ struct AgentRow {
     banned: bool,
     reattestable: bool,
     attested_at: i64,
+    refused_at: Option<i64>,
+    refused_reason: Option<String>,
 }
 
-const AGENT_COLUMNS: &str =
-    "spiffe_id, attestor, serial, new_serial, expires_at, banned, reattestable, attested_at";
+const AGENT_COLUMNS: &str = "spiffe_id, attestor, serial, new_serial, expires_at, banned, \
+     reattestable, attested_at, refused_at, refused_reason";
 
 impl Datastore {
     /// Inserts the agent, or replaces every field of the existing one, and replaces its
@@ -66,11 +80,13 @@ impl Datastore {
         }
         sqlx::query(
             "INSERT INTO attested_agents (spiffe_id, attestor, serial, new_serial, expires_at, \
-             banned, reattestable, attested_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             banned, reattestable, attested_at, refused_at, refused_reason) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, \
              serial = excluded.serial, new_serial = excluded.new_serial, \
              expires_at = excluded.expires_at, banned = excluded.banned, \
-             reattestable = excluded.reattestable, attested_at = excluded.attested_at",
+             reattestable = excluded.reattestable, attested_at = excluded.attested_at, \
+             refused_at = excluded.refused_at, refused_reason = excluded.refused_reason",
         )
         .bind(id)
         .bind(agent.attestor.as_str())
@@ -80,6 +96,8 @@ impl Datastore {
         .bind(agent.banned)
         .bind(agent.reattestable)
         .bind(agent.attested_at)
+        .bind(agent.refused.as_ref().map(|r| r.at))
+        .bind(agent.refused.as_ref().map(|r| r.reason.as_str()))
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM node_selectors WHERE spiffe_id = $1")
@@ -184,6 +202,37 @@ impl Datastore {
                 "agent {id}: serial {serial} is not the agent's pending renewal serial"
             ))),
         }
+    }
+
+    /// Records that the agent's re-attestation was refused: from now on every node-API
+    /// call of the agent is refused (and a pending renewal can no longer be promoted)
+    /// until it attests afresh. Returns the agent as now stored; [`Error::NotFound`] if
+    /// missing.
+    pub async fn set_agent_refused(
+        &self,
+        id: &SpiffeId,
+        refusal: &Refusal,
+    ) -> Result<AttestedAgent> {
+        let mut tx = self.begin_write().await?;
+        let done = sqlx::query(
+            "UPDATE attested_agents SET refused_at = $2, refused_reason = $3, new_serial = NULL \
+             WHERE spiffe_id = $1",
+        )
+        .bind(id.as_str())
+        .bind(refusal.at)
+        .bind(refusal.reason.as_str())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(not_found(id));
+        }
+        let agent = load_agents(&mut tx, Some(id))
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| not_found(id))?;
+        tx.commit().await?;
+        Ok(agent)
     }
 
     /// Bans or unbans the agent; returns it as now stored. [`Error::NotFound`] if missing.
@@ -314,5 +363,13 @@ fn agent_from_row(row: AgentRow, selectors: Vec<Selector>) -> Result<AttestedAge
         reattestable: row.reattestable,
         attested_at: row.attested_at,
         selectors: selectors.into_iter().collect(),
+        refused: match (row.refused_at, row.refused_reason) {
+            (Some(at), Some(reason)) => Some(Refusal { at, reason }),
+            (Some(at), None) => Some(Refusal {
+                at,
+                reason: String::new(),
+            }),
+            _ => None,
+        },
     })
 }

@@ -61,7 +61,7 @@ use carapace_core::{EntryId, Selector, SpiffeId};
 
 use crate::{Error, Result};
 
-pub use agents::AttestedAgent;
+pub use agents::{AttestedAgent, Refusal};
 pub use tokens::JoinToken;
 
 /// How long a connection waits for a lock held by another connection.

@@ -96,6 +96,7 @@ fn agent(path: &str, selectors: &[&str]) -> AttestedAgent {
         reattestable: false,
         attested_at: 1_000,
         selectors: sels(selectors),
+        refused: None,
     }
 }
 
