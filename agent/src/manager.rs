@@ -34,6 +34,41 @@ pub const MAX_BATCH: usize = 2000;
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// See [`BACKOFF_MIN`].
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The longest pause between attempts to attest again after the agent lost its identity
+/// (each attempt costs the server an attestation: a lost fleet must not hammer it).
+pub const REATTEST_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Exponential backoff, doubling from a minimum to a cap, each delay jittered by ±20% so
+/// that agents that lost the server together do not come back in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    /// Delays from `min` doubling to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// Back to the minimum (after a success).
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The next delay, jittered; doubles the one after, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        base.mul_f64(rand::rng().random_range(0.8..=1.2))
+    }
+}
 
 /// When to rotate a certificate valid until `not_after` that the agent holds since
 /// `since`: at half of that life, give or take 10% of the half (so a fleet does not rotate
@@ -77,8 +112,15 @@ pub struct Manager {
     entries: BTreeMap<EntryId, RegistrationEntry>,
     slots: BTreeMap<EntryId, Slot>,
     /// The node attestor, kept to renew by attesting again when the server allows it
-    /// (TPM: a fresh quote at every renewal).
+    /// (TPM: a fresh quote at every renewal), and to attest afresh after losing the
+    /// identity.
     attestor: Option<Arc<dyn NodeAttestorClient>>,
+    /// notAfter of the agent's own SVID.
+    agent_not_after: i64,
+    /// Why the agent holds no usable identity, when it does not: its SVID lapsed, or the
+    /// server refused it (renewal evidence refused, banned, evicted). Nothing is signed
+    /// then; workloads keep what they hold until it expires.
+    lost: Option<String>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -146,7 +188,7 @@ impl Manager {
                 )
             }
         };
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             match Self::attest(&cfg, &km, tls.clone(), attestor.as_ref()).await {
                 Ok((st, bundle, key)) => {
@@ -154,15 +196,15 @@ impl Manager {
                 }
                 // A backend the attestor needs is away for now (a KDC, a device): retry.
                 Err(Error::Core(carapace_core::Error::Unavailable(reason))) => {
-                    tracing::warn!(%reason, retry_in = ?backoff, "node attestation could not run; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let retry_in = backoff.next_delay();
+                    tracing::warn!(%reason, ?retry_in, "node attestation could not run; retrying");
+                    tokio::time::sleep(retry_in).await;
                 }
                 Err(e @ (Error::Refused(_) | Error::Config(_) | Error::Core(_))) => return Err(e),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "node attestation failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let retry_in = backoff.next_delay();
+                    tracing::warn!(error = %e, ?retry_in, "node attestation failed; retrying");
+                    tokio::time::sleep(retry_in).await;
                 }
             }
         }
@@ -194,6 +236,8 @@ impl Manager {
             entries: BTreeMap::new(),
             slots: BTreeMap::new(),
             attestor,
+            agent_not_after: na,
+            lost: None,
         })
     }
 
@@ -321,34 +365,52 @@ impl Manager {
     }
 
     /// Runs until `shutdown` changes: keeps the sync stream open (reconnecting with
-    /// backoff), signs and rotates workload SVIDs, renews the agent SVID.
+    /// backoff), signs and rotates workload SVIDs, renews the agent SVID, drops workload
+    /// SVIDs as they expire, and attests afresh when the agent lost its identity.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        let mut reattest_backoff = Backoff::new(BACKOFF_MIN, REATTEST_BACKOFF_MAX);
         let mut ticker = tokio::time::interval(self.cfg.rotation_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            self.drop_expired();
+            self.check_own_svid();
+            if self.lost.is_some() {
+                if self.recover().await {
+                    reattest_backoff.reset();
+                    backoff.reset();
+                    continue;
+                }
+                if self
+                    .pause(reattest_backoff.next_delay(), &mut shutdown)
+                    .await
+                {
+                    return Ok(());
+                }
+                continue;
+            }
             let mut client = self.client()?;
             let mut stream = match client.sync_authorized(SyncAuthorizedRequest {}).await {
                 Ok(s) => s.into_inner(),
                 Err(s) => {
-                    self.log_sync_failure(&s, backoff);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return Ok(()),
+                    let retry_in = backoff.next_delay();
+                    self.sync_failed(&s, retry_in);
+                    if self.pause(retry_in, &mut shutdown).await {
+                        return Ok(());
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                     continue;
                 }
             };
             tracing::info!(server = %self.cfg.server_address, "connected to the server");
+            let mut renewed = false;
             loop {
                 tokio::select! {
                     msg = stream.message() => match msg {
                         Ok(Some(m)) => {
-                            backoff = BACKOFF_MIN;
+                            backoff.reset();
                             self.apply_sync(m)?;
                             self.reconcile(&mut client).await;
                         }
@@ -357,39 +419,170 @@ impl Manager {
                             break;
                         }
                         Err(s) => {
-                            self.log_sync_failure(&s, backoff);
+                            self.sync_failed(&s, Duration::ZERO);
                             break;
                         }
                     },
                     _ = ticker.tick() => {
-                        if now() >= self.agent_rotate_at {
+                        self.drop_expired();
+                        self.check_own_svid();
+                        if self.lost.is_none() && now() >= self.agent_rotate_at {
                             match self.renew_agent(&mut client).await {
-                                Ok(()) => break, // reconnect with the new SVID
+                                Ok(()) => {
+                                    renewed = true;
+                                    break; // reconnect with the new SVID
+                                }
+                                Err(Error::Refused(reason)) => {
+                                    tracing::error!(%reason, "the server refused to renew the agent SVID: the agent has lost its identity and attests afresh");
+                                    self.lost = Some(format!("renewal refused: {reason}"));
+                                }
                                 Err(e) => tracing::warn!(error = %e, "agent SVID renewal failed; retrying"),
                             }
+                        }
+                        if self.lost.is_some() {
+                            break;
                         }
                         self.reconcile(&mut client).await;
                     }
                     _ = shutdown.changed() => return Ok(()),
                 }
+                if self.lost.is_some() {
+                    break;
+                }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => return Ok(()),
+            if renewed || self.lost.is_some() {
+                continue;
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            if self.pause(backoff.next_delay(), &mut shutdown).await {
+                return Ok(());
+            }
         }
     }
 
-    fn log_sync_failure(&self, s: &tonic::Status, backoff: Duration) {
+    /// Waits `d`, dropping workload SVIDs as they expire; `true` if shutdown came first.
+    async fn pause(&mut self, d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            self.drop_expired();
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(left.min(self.cfg.rotation_interval)) => {}
+                _ = shutdown.changed() => return true,
+            }
+        }
+    }
+
+    /// Marks the identity lost once the agent's own SVID has lapsed.
+    fn check_own_svid(&mut self) {
+        if self.lost.is_none() && now() >= self.agent_not_after {
+            tracing::error!(
+                expired_at = self.agent_not_after,
+                "the agent SVID has expired: nothing new is signed for workloads until the agent attests afresh"
+            );
+            self.lost = Some(format!(
+                "the agent SVID expired at unix time {}",
+                self.agent_not_after
+            ));
+        }
+    }
+
+    /// Workloads keep an SVID until it expires, never after: drops expired ones and
+    /// publishes when any went.
+    fn drop_expired(&mut self) {
+        let t = now();
+        let before = self.slots.len();
+        self.slots.retain(|_, s| s.svid.expires_at > t);
+        let expired = before - self.slots.len();
+        if expired > 0 {
+            tracing::warn!(
+                expired,
+                held = self.slots.len(),
+                "workload SVIDs expired before they could be renewed"
+            );
+            self.publish();
+        }
+    }
+
+    /// Tries to get an identity back after losing it: attests afresh, as at first start,
+    /// with new evidence and a new key and without presenting the old SVID. An attestor
+    /// whose evidence cannot be presented again (a spent join token) cannot do that: then
+    /// the sync stream is tried again while the old SVID is valid (an unbanned agent
+    /// recovers), and the operator is told what to do. `true` when the agent has an
+    /// identity again.
+    async fn recover(&mut self) -> bool {
+        let why = self.lost.clone().unwrap_or_default();
+        let attestor = match (&self.attestor, self.state.reattestable) {
+            (Some(a), true) => a.clone(),
+            _ => {
+                if now() < self.agent_not_after {
+                    self.lost = None;
+                } else {
+                    tracing::error!(
+                        reason = why,
+                        "the agent has no valid SVID and its node attestor cannot attest again: \
+                         give it a new join token (restart it with --join-token TOKEN from \
+                         `carapace-server token generate`)"
+                    );
+                }
+                return false;
+            }
+        };
+        tracing::warn!(
+            reason = why,
+            "the agent lost its identity; attesting afresh"
+        );
+        let bundle = self.bundle_tx.borrow().as_ref().clone();
+        let outcome = match Self::bundle_tls(&self.cfg, bundle) {
+            Ok(tls) => Self::attest(&self.cfg, &self.km, tls, attestor.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok((st, bundle, key)) => {
+                let (_, na) = match carapace_core::x509svid::validity_of(&st.svid_chain[0]) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the server returned an unusable agent SVID");
+                        return false;
+                    }
+                };
+                self.state = st;
+                self.agent_key = key;
+                self.agent_not_after = na;
+                self.agent_rotate_at = rotate_at(now(), na);
+                if self.bundle_tx.borrow().as_ref() != &bundle {
+                    self.bundle_tx.send_replace(Arc::new(bundle));
+                }
+                self.lost = None;
+                tracing::info!(
+                    expires_at = na,
+                    "attested afresh: the agent has an identity again"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "attesting afresh failed; workloads keep what they hold until it expires");
+                false
+            }
+        }
+    }
+
+    /// A failed or ended sync call: a refusal means the agent lost its identity.
+    fn sync_failed(&mut self, s: &tonic::Status, retry_in: Duration) {
         if node_client::is_refusal(s) {
             tracing::error!(
                 error = s.message(),
-                retry_in = ?backoff,
-                "the server refused this agent (banned, evicted or not attested); still serving the SVIDs held until they expire"
+                "the server refused this agent (banned, evicted, its SVID expired or its re-attestation refused); still serving the SVIDs held until they expire"
             );
+            self.lost = Some(format!("the server refused the agent: {}", s.message()));
         } else {
-            tracing::warn!(error = s.message(), retry_in = ?backoff, "server unreachable; still serving the SVIDs held");
+            tracing::warn!(
+                error = s.message(),
+                ?retry_in,
+                "server unreachable; still serving the SVIDs held"
+            );
         }
     }
 
@@ -452,8 +645,16 @@ impl Manager {
             .collect();
         let mut signed = 0;
         for chunk in due.chunks(MAX_BATCH) {
+            if self.lost.is_some() {
+                break;
+            }
             match self.sign_batch(client, chunk).await {
                 Ok(n) => signed += n,
+                Err(Error::Refused(reason)) => {
+                    tracing::error!(%reason, "the server refused to sign for this agent: it has lost its identity");
+                    self.lost = Some(format!("signing refused: {reason}"));
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, pending = due.len(), "signing workload SVIDs failed; retrying shortly");
                     break;
@@ -629,6 +830,7 @@ impl Manager {
         self.agent_key = key;
         let (_, na) = carapace_core::x509svid::validity_of(&self.state.svid_chain[0])?;
         self.agent_rotate_at = rotate_at(now(), na);
+        self.agent_not_after = na;
         if let Err(e) = self.km.delete_key(&old_key).await {
             tracing::warn!(key = old_key, error = %e, "could not delete the previous agent key");
         }
@@ -667,6 +869,26 @@ mod tests {
         // A 30 s SVID rotates between 13.5 and 16.5 s.
         let r = rotate_at(0, 30);
         assert!((14..=16).contains(&r), "{r}");
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let bases = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0];
+        for base in bases {
+            let d = b.next_delay().as_secs_f64();
+            assert!((base * 0.8..=base * 1.2).contains(&d), "{d} for {base}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(600));
+        // The jitter spreads a fleet: not every delay is the same.
+        let spread: std::collections::BTreeSet<u128> = (0..50)
+            .map(|_| {
+                let mut b = Backoff::new(Duration::from_secs(10), Duration::from_secs(10));
+                b.next_delay().as_millis()
+            })
+            .collect();
+        assert!(spread.len() > 10, "{spread:?}");
     }
 
     #[test]

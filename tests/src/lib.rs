@@ -60,12 +60,22 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after [`patience`].
-pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + patience();
+    eventually_within(what, Duration::ZERO, f).await
+}
+
+/// [`eventually`] for something that takes `expected` by design (an SVID lapsing, a
+/// backoff running out), with [`patience`] on top.
+pub async fn eventually_within<T, F, Fut>(what: &str, expected: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + expected + patience();
     loop {
         if let Some(v) = f().await {
             return v;
@@ -634,5 +644,99 @@ impl Agent {
                 .then_some(())
         })
         .await;
+    }
+}
+
+/// One X509-SVID a workload holds, as `carapace-agent api fetch x509 --output json`
+/// shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldSvid {
+    /// Its SPIFFE ID.
+    pub spiffe_id: String,
+    /// Its notAfter, unix seconds.
+    pub expires_at: i64,
+    /// The chain, PEM: a new SVID is a new chain.
+    pub chain_pem: String,
+}
+
+impl Agent {
+    /// The X509-SVIDs this process holds from the agent now, or `None` when the agent
+    /// gives it none (PermissionDenied). Any other failure fails the test.
+    pub fn held_svids(&self) -> Option<Vec<HeldSvid>> {
+        let out = self.fetch(&["--output", "json"]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("no identity issued for this process"),
+                "api fetch failed otherwise than PermissionDenied: {err}"
+            );
+            return None;
+        }
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        Some(
+            doc["svids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| HeldSvid {
+                    spiffe_id: s["spiffe_id"].as_str().unwrap().to_owned(),
+                    expires_at: s["expires_at_unix"].as_i64().unwrap(),
+                    chain_pem: s["chain_pem"].as_str().unwrap().to_owned(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The SVID for `spiffe_id` this process holds now, if any.
+    pub fn held_svid(&self, spiffe_id: &str) -> Option<HeldSvid> {
+        self.held_svids()?
+            .into_iter()
+            .find(|s| s.spiffe_id == spiffe_id)
+    }
+
+    /// Call once the node has lost its standing (attestation refused, SVID lapsed,
+    /// banned): the workload (this process) keeps exactly the SVID for `spiffe_id` it
+    /// holds now — nothing new is signed, though the entry's short TTL would have rotated
+    /// it — until that SVID expires, and from then on gets nothing.
+    pub async fn assert_keeps_until_expiry_and_gets_nothing_new(&self, spiffe_id: &str) {
+        let held = self.held_svid(spiffe_id).unwrap_or_else(|| {
+            panic!(
+                "the workload holds no SVID for {spiffe_id} as the node loses its standing:\n{}",
+                self.proc.log()
+            )
+        });
+        loop {
+            let t = now() as i64;
+            let current = self.held_svid(spiffe_id);
+            if t + 1 < held.expires_at {
+                assert_eq!(
+                    current.as_ref(),
+                    Some(&held),
+                    "until it expires at {} (now {t}) the workload keeps exactly the SVID it held: \
+                     nothing new is signed for a node that lost its standing\n{}",
+                    held.expires_at,
+                    self.proc.log()
+                );
+            } else if t >= held.expires_at + 2 {
+                assert_eq!(
+                    current,
+                    None,
+                    "after its SVID expired at {} (now {t}) the workload gets nothing\n{}",
+                    held.expires_at,
+                    self.proc.log()
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert_eq!(
+                self.held_svids(),
+                None,
+                "nothing new arrives later\n{}",
+                self.proc.log()
+            );
+        }
     }
 }

@@ -11,7 +11,12 @@
 
 use std::path::PathBuf;
 
-use carapace_e2e::{Agent, Lab, Server, ServerOptions, eventually, uid_selector};
+use std::time::Duration;
+
+use carapace_agent::manager::REATTEST_BACKOFF_MAX;
+use carapace_e2e::{
+    Agent, Lab, Server, ServerOptions, eventually, eventually_within, uid_selector,
+};
 use hsm_sim::kdc::{Kdc, LabPrincipals};
 
 fn realm() -> (Kdc, LabPrincipals) {
@@ -123,6 +128,16 @@ async fn renewal_attests_again_and_a_host_removed_from_the_realm_loses_its_ident
     let server = start_server(&lab, &kdc, &p, "agent_svid_ttl = \"20s\"\n");
     let mut agent = spawn_agent(&lab, &server, &kdc, &p);
     agent.wait_healthy();
+    let agent_id = "spiffe://example.org/spire/agent/kerberos/LAB.TEST/node1.lab.test";
+    // A workload whose SVID would rotate every ~10 s if the server kept signing.
+    let workload = "spiffe://example.org/krb-workload";
+    server.create_entry(
+        agent_id,
+        workload,
+        &[&uid_selector()],
+        &["--x509-svid-ttl", "20s"],
+    );
+    agent.wait_for_svid(workload).await;
 
     // At about half of 20 s the agent renews by attesting again with a fresh ticket.
     eventually("the agent to renew by attesting again", || async {
@@ -143,14 +158,50 @@ async fn renewal_attests_again_and_a_host_removed_from_the_realm_loses_its_ident
         server.log()
     );
 
-    // The host leaves the realm: its keytab is worthless at the next renewal.
+    // The host leaves the realm: its keytab is worthless at the next renewal (the KDC
+    // refuses it a ticket, so no evidence reaches the server) and the agent SVID lapses.
     kdc.admin().delete_principal(&p.host).unwrap();
-    eventually("the renewal to be refused", || async {
-        agent
-            .proc
-            .log()
-            .contains("not found in Kerberos database")
-            .then_some(())
-    })
+    let lapsed_at = eventually_within(
+        "the agent SVID to lapse unrenewed",
+        Duration::from_secs(20),
+        || async {
+            let a = server.cli_json(&["agent", "show", "--spiffe-id", agent_id]);
+            let expires_at = a["expires_at"].as_i64().unwrap();
+            (carapace_e2e::now() as i64 > expires_at).then_some(expires_at)
+        },
+    )
     .await;
+    assert!(
+        agent.proc.log().contains("not found in Kerberos database"),
+        "the agent names why it cannot renew:\n{}",
+        agent.proc.log()
+    );
+    // From then on nothing new is signed (the server went on signing here before): the
+    // workload keeps its SVID until it expires, then holds nothing.
+    agent
+        .assert_keeps_until_expiry_and_gets_nothing_new(workload)
+        .await;
+    let row = server.cli_json(&["agent", "show", "--spiffe-id", agent_id]);
+    assert_eq!(
+        row["expires_at"].as_i64(),
+        Some(lapsed_at),
+        "nothing renewed"
+    );
+    assert_eq!(agent.proc.try_wait(), None, "the agent keeps running");
+
+    // The host joins the realm again with a new keytab: the agent attests afresh by
+    // itself, without a restart, and the workload gets a new SVID.
+    kdc.admin().add_principal(&p.host).unwrap();
+    std::fs::remove_file(&p.host_keytab).unwrap();
+    kdc.admin().keytab(&[&p.host], &p.host_keytab).unwrap();
+    eventually_within(
+        "the agent to attest afresh",
+        REATTEST_BACKOFF_MAX,
+        || async {
+            let a = server.cli_json(&["agent", "show", "--spiffe-id", agent_id]);
+            (a["expires_at"].as_i64().unwrap() > lapsed_at).then_some(())
+        },
+    )
+    .await;
+    agent.wait_for_svid(workload).await;
 }

@@ -200,6 +200,19 @@ async fn renewal_attests_again_and_a_changed_pcr_loses_the_identity() {
     );
     let mut agent = spawn_agent(&lab, &server, &tpm, "agent");
     agent.wait_healthy();
+    let agent_id = server.cli_json(&["agent", "list"])["agents"][0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A workload whose SVID would rotate every ~10 s if the server kept signing.
+    let workload = "spiffe://example.org/tpm-workload";
+    server.create_entry(
+        &agent_id,
+        workload,
+        &[&uid_selector()],
+        &["--x509-svid-ttl", "20s"],
+    );
+    agent.wait_for_svid(workload).await;
 
     // At about half of 20 s the agent renews by attesting again with a fresh quote.
     eventually("the agent to renew by attesting again", || async {
@@ -217,7 +230,8 @@ async fn renewal_attests_again_and_a_changed_pcr_loses_the_identity() {
         server.log()
     );
 
-    // The node's boot state changes: the next renewal is refused, naming the PCR.
+    // The node's boot state changes: the next renewal is refused, naming the PCR, and
+    // the server records the refusal in the agent's row.
     tpm2(
         &tpm,
         &[
@@ -225,10 +239,24 @@ async fn renewal_attests_again_and_a_changed_pcr_loses_the_identity() {
             "7:sha256=0000000000000000000000000000000000000000000000000000000000000002",
         ],
     );
-    eventually("the renewal to be refused", || async {
-        agent.proc.log().contains("PCR 7 has value").then_some(())
+    let refused = eventually("the refused re-attestation in the agent's row", || async {
+        let a = server.cli_json(&["agent", "show", "--spiffe-id", &agent_id]);
+        a["refused_reason"].as_str().map(str::to_owned)
     })
     .await;
+    assert!(refused.contains("PCR 7 has value"), "{refused}");
+    // From then on nothing new is signed for this node (the server went on signing here
+    // before): the workload keeps its SVID until it expires, then holds nothing, while
+    // the agent keeps attesting afresh and is refused each time.
+    agent
+        .assert_keeps_until_expiry_and_gets_nothing_new(workload)
+        .await;
+    assert_eq!(agent.proc.try_wait(), None, "the agent keeps running");
+    assert!(
+        agent.proc.log().contains("attesting afresh"),
+        "{}",
+        agent.proc.log()
+    );
 }
 
 /// Spawns an agent whose own key is in the TPM (`[key_manager.tpm]`, same TCTI as its

@@ -562,3 +562,23 @@ async fn the_agent_renews_its_own_svid_and_keeps_working() {
         "the agent never used a stale SVID"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_banned_agent_gets_nothing_new_and_its_workloads_keep_what_they_hold_until_it_expires() {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let agent = Agent::start(&lab, &server, "agent");
+    // A workload whose SVID would rotate every ~10 s if the server kept signing.
+    let workload = "spiffe://example.org/banned-node-workload";
+    server.create_entry(
+        &agent.id,
+        workload,
+        &[&uid_selector()],
+        &["--x509-svid-ttl", "20s"],
+    );
+    agent.wait_for_svid(workload).await;
+    server.cli_ok(&["agent", "ban", "--spiffe-id", &agent.id]);
+    agent
+        .assert_keeps_until_expiry_and_gets_nothing_new(workload)
+        .await;
+}
