@@ -60,32 +60,24 @@ fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
 }
 
 fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result<(), String> {
+    use carapace_common::check_plugin_settings as check;
+    fn none<T>(_: &T) -> std::result::Result<(), Vec<String>> {
+        Ok(())
+    }
     match (kind, name) {
-        ("key_manager", "disk") => parse::<DiskConfig>(table).map(|_| ()),
-        ("key_manager", "tpm") => parse::<TpmKeyManagerConfig>(table).map(|_| ()),
+        ("key_manager", "disk") => check::<DiskConfig>(table, none),
+        ("key_manager", "tpm") => check::<TpmKeyManagerConfig>(table, none),
         ("key_manager", "memory") | ("node_attestor", "join_token") => {
-            parse::<NoConfig>(table).map(|_| ())
+            check::<NoConfig>(table, none)
         }
-        ("workload_attestor", "unix") => parse::<UnixAttestorConfig>(table).map(|_| ()),
-        ("workload_attestor", "cgroups" | "systemd") => {
-            parse::<CgroupAttestorConfig>(table).map(|_| ())
-        }
-        ("node_attestor", "tpm") => parse::<TpmAgentConfig>(table).map(|_| ()),
-        ("node_attestor", "kerberos") => {
-            parse::<KerberosAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        ("node_attestor", "sshpop") => {
-            parse::<SshAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        ("node_attestor", "aws_iid") => {
-            parse::<AwsAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        ("node_attestor", "gcp_iit") => {
-            parse::<GcpAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        ("node_attestor", "azure_msi") => {
-            parse::<AzureAgentConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
+        ("workload_attestor", "unix") => check::<UnixAttestorConfig>(table, none),
+        ("workload_attestor", "cgroups" | "systemd") => check::<CgroupAttestorConfig>(table, none),
+        ("node_attestor", "tpm") => check::<TpmAgentConfig>(table, none),
+        ("node_attestor", "kerberos") => check(table, KerberosAgentConfig::validate),
+        ("node_attestor", "sshpop") => check(table, SshAgentConfig::validate),
+        ("node_attestor", "aws_iid") => check(table, AwsAgentConfig::validate),
+        ("node_attestor", "gcp_iit") => check(table, GcpAgentConfig::validate),
+        ("node_attestor", "azure_msi") => check(table, AzureAgentConfig::validate),
         ("key_manager", n) => Err(unknown(kind, n, KEY_MANAGERS)),
         ("node_attestor", n) => Err(unknown(kind, n, NODE_ATTESTORS)),
         (_, n) => Err(unknown(kind, n, WORKLOAD_ATTESTORS)),

@@ -148,6 +148,21 @@ pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
     carapace_common::read_toml(path)
 }
 
+/// Reads the config file (if any) and validates it with the overrides, listing every
+/// problem of every kind in one pass: unknown and badly typed keys, and the checks of
+/// [`validate`] on the keys that did parse.
+pub fn load(path: Option<&Path>, ov: Overrides) -> Result<Config, Vec<String>> {
+    let (file, mut problems) = carapace_common::read_toml_partial::<FileConfig>(path)?;
+    match validate(file, ov) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
+        }
+    }
+}
+
 /// Validates a file config with flag overrides, listing every problem.
 pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> {
     let mut problems = Vec::new();

@@ -132,9 +132,7 @@ async fn main() -> ExitCode {
                 trust_bundle_path: a.trust_bundle,
                 insecure_bootstrap: a.insecure_bootstrap,
             };
-            let cfg = match config::read_file(a.config.as_deref())
-                .and_then(|f| config::validate(f, overrides))
-            {
+            let cfg = match config::load(a.config.as_deref(), overrides) {
                 Ok(c) => c,
                 Err(problems) => {
                     for p in problems {

@@ -113,3 +113,151 @@ fn a_bad_kerberos_section_is_refused_before_anything_is_written() {
     assert!(err.contains("principal: principal"), "{err}");
     assert!(!data.exists());
 }
+
+/// Runs `cmd` and waits at most 20 s for it: a read that hangs fails the test instead
+/// of hanging it.
+fn output_within_20s(mut cmd: Command) -> std::process::Output {
+    use std::io::Read as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let status = status.expect("the command did not finish within 20 s");
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+#[test]
+fn run_refuses_config_files_that_are_devices_fifos_or_huge_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let huge = dir.path().join("huge.toml");
+    std::fs::write(&huge, format!("#{}\n", "x".repeat(2 << 20))).unwrap();
+    let data = dir.path().join("data");
+    for (path, needle) in [
+        (
+            std::path::PathBuf::from("/dev/zero"),
+            "is a character device",
+        ),
+        (fifo.clone(), "is a FIFO"),
+        (dir.path().to_path_buf(), "is a directory"),
+        (
+            huge.clone(),
+            "is 2097154 bytes, more than the 1048576 allowed",
+        ),
+    ] {
+        let mut cmd = agent();
+        cmd.args(["run", "--insecure-bootstrap", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(&data);
+        let out = output_within_20s(cmd);
+        assert_eq!(out.status.code(), Some(64), "{}", path.display());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("config file {}: {needle}", path.display())),
+            "{err}"
+        );
+        assert!(!data.exists());
+    }
+}
+
+#[test]
+fn run_lists_type_nested_and_semantic_problems_in_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"Bad Domain\"\ninsecure_bootstrap = \"yes\"\nlog_format = \"xml\"\n\
+         workload_attestation_timeout = \"9999999999999999999s\"\nsocket_pth = \"/x\"\n\
+         [workload_attestor.unix]\nworkload_sha256 = 1\n\
+         [node_attestor.kerberos]\nservice_principal = \"carapace/server\"\nkeytab = 5\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let out = agent()
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "insecure_bootstrap: invalid type",
+        "socket_pth: unknown field",
+        "trust_domain: ",
+        "log_format: \"xml\"",
+        "workload_attestation_timeout: ",
+        "workload_attestor.unix: workload_sha256: invalid type",
+        "node_attestor.kerberos: keytab: invalid type",
+        "service_principal: principal \"carapace/server\" has no realm",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+    assert!(!data.exists());
+}
+
+#[test]
+fn a_trust_bundle_that_is_a_device_is_refused_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut cmd = agent();
+    cmd.args([
+        "run",
+        "--join-token",
+        "t",
+        "--server-address",
+        "127.0.0.1:1",
+        "--trust-bundle",
+        "/dev/zero",
+        "--socket-path",
+    ])
+    .arg(dir.path().join("api.sock"))
+    .arg("--data-dir")
+    .arg(&data);
+    let out = output_within_20s(cmd);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("trust bundle /dev/zero: is a character device"),
+        "{err}"
+    );
+}

@@ -90,39 +90,170 @@ pub fn ensure_private_dir(dir: &Path, what: &str) -> Result<(), String> {
     carapace_core::files::check_private(what, dir, &meta)
 }
 
-/// Parses TOML text into `T`, reporting every unknown or badly typed top-level key (serde
-/// alone stops at the first).
-pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, Vec<String>> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| vec![e.to_string()])?;
+/// The largest config file either binary reads: 1 MiB (the full samples are a few KiB).
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1 << 20;
+
+/// What a file type is, for messages.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Reads a file an operator gave (a config file, a PEM bundle) as UTF-8 text: only a
+/// regular file (a symlink to one is fine) of at most `max` bytes. A FIFO, a device
+/// (`/dev/zero`), a directory or a larger file is refused with a message saying so,
+/// instead of blocking or reading without end; the read itself is bounded too, so a file
+/// that grows while it is read cannot hang the caller either. Messages start with `what`
+/// and the path.
+pub fn read_operator_file(path: &Path, what: &str, max: u64) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let fail = |reason: String| format!("{what} {}: {reason}", path.display());
+    let check = |meta: &std::fs::Metadata| {
+        if !meta.file_type().is_file() {
+            return Err(fail(format!(
+                "is {}; give a regular file",
+                file_kind(meta.file_type())
+            )));
+        }
+        if meta.len() > max {
+            return Err(fail(format!(
+                "is {} bytes, more than the {max} allowed",
+                meta.len()
+            )));
+        }
+        Ok(())
+    };
+    // Checked before opening (opening a FIFO for reading would wait for a writer) and
+    // again on the open file, which O_NONBLOCK keeps from waiting if the path was
+    // swapped for a FIFO in between.
+    check(&std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    check(
+        &file
+            .metadata()
+            .map_err(|e| fail(format!("cannot read: {e}")))?,
+    )?;
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > max {
+        return Err(fail(format!(
+            "grew past the {max} bytes allowed while being read"
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| fail(format!("is not UTF-8 text: {e}")))
+}
+
+/// A serde message on one line.
+fn one_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().trim().replace('\n', " ")
+}
+
+/// Deserializes `table` into `T` key by key, so that every unknown or badly typed key is
+/// reported with its name (serde alone stops at the first), and returns `T` built from the
+/// keys that were fine, so later checks can still run on them. `None` when even those do
+/// not make a `T` (a required key is missing); a required key that was reported as bad is
+/// not reported again as missing.
+pub fn parse_table<T: DeserializeOwned>(table: &toml::Table) -> (Option<T>, Vec<String>) {
     let mut problems = Vec::new();
-    for (key, value) in &table {
+    let mut good = table.clone();
+    let mut bad = Vec::new();
+    for (key, value) in table {
         let mut one = toml::Table::new();
         one.insert(key.clone(), value.clone());
         if let Err(e) = T::deserialize(toml::Value::Table(one)) {
-            problems.push(e.to_string().trim().replace('\n', " "));
+            let msg = one_line(&e);
+            // A key alone lacks the others: only a problem if the whole table lacks them.
+            if msg.starts_with("missing field") {
+                continue;
+            }
+            problems.push(format!("{key}: {msg}"));
+            good.remove(key);
+            bad.push(key.as_str());
         }
     }
-    if !problems.is_empty() {
-        return Err(problems);
+    match T::deserialize(toml::Value::Table(good)) {
+        Ok(v) => (Some(v), problems),
+        Err(e) => {
+            let msg = one_line(&e);
+            let already = bad
+                .iter()
+                .any(|k| msg.starts_with(&format!("missing field `{k}`")));
+            if !already {
+                problems.push(msg);
+            }
+            (None, problems)
+        }
     }
-    T::deserialize(toml::Value::Table(table)).map_err(|e| vec![e.to_string()])
 }
 
-/// Reads a TOML config file into `T` (every problem prefixed with the path); no path
-/// means `T::default()`.
-pub fn read_toml<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, Vec<String>> {
+/// Parses TOML text into `T` as [`parse_table`] does. `Err` holds the syntax error alone
+/// when the text is not TOML (nothing else can be said then).
+pub fn parse_toml_partial<T: DeserializeOwned>(
+    text: &str,
+) -> Result<(Option<T>, Vec<String>), Vec<String>> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| vec![e.to_string()])?;
+    Ok(parse_table(&table))
+}
+
+/// Parses TOML text into `T`, reporting every unknown or badly typed top-level key (serde
+/// alone stops at the first).
+pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, Vec<String>> {
+    match parse_toml_partial(text)? {
+        (Some(v), problems) if problems.is_empty() => Ok(v),
+        (_, problems) => Err(problems),
+    }
+}
+
+/// Reads a config file ([`read_operator_file`], at most [`MAX_CONFIG_FILE_BYTES`]) into
+/// `T` as [`parse_toml_partial`] does, every problem prefixed with the path: the `T` made
+/// of the keys that parsed (or `T::default()`), and the problems. `Err` when nothing
+/// could be parsed (unreadable, not a regular file, too large, not TOML). No path means
+/// `T::default()`.
+pub fn read_toml_partial<T: DeserializeOwned + Default>(
+    path: Option<&Path>,
+) -> Result<(T, Vec<String>), Vec<String>> {
     let Some(path) = path else {
-        return Ok(T::default());
+        return Ok((T::default(), Vec::new()));
     };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("{}: cannot read: {e}", path.display())])?;
-    parse_toml(&text).map_err(|errs| {
+    let text =
+        read_operator_file(path, "config file", MAX_CONFIG_FILE_BYTES).map_err(|e| vec![e])?;
+    let prefix = |errs: Vec<String>| -> Vec<String> {
         errs.into_iter()
             .map(|e| format!("{}: {e}", path.display()))
             .collect()
-    })
+    };
+    let (value, problems) = parse_toml_partial::<T>(&text).map_err(prefix)?;
+    Ok((value.unwrap_or_default(), prefix(problems)))
+}
+
+/// Reads a config file into `T`, every problem prefixed with the path; no path means
+/// `T::default()`.
+pub fn read_toml<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, Vec<String>> {
+    match read_toml_partial(path)? {
+        (v, problems) if problems.is_empty() => Ok(v),
+        (_, problems) => Err(problems),
+    }
 }
 
 /// The `[<kind>.<name>]` plugin envelopes of a config section, as (name, settings) pairs,
@@ -146,10 +277,33 @@ pub fn plugin_envelopes(
     out
 }
 
-/// Parses one plugin's settings table into its config struct.
+/// Parses one plugin's settings table into its config struct, naming every bad key (one
+/// message, problems joined by `; `).
 pub fn plugin_settings<T: DeserializeOwned>(table: &toml::Table) -> Result<T, String> {
-    T::deserialize(toml::Value::Table(table.clone()))
-        .map_err(|e| e.to_string().trim().replace('\n', " "))
+    match parse_table(table) {
+        (Some(v), problems) if problems.is_empty() => Ok(v),
+        (_, problems) => Err(problems.join("; ")),
+    }
+}
+
+/// Checks one plugin's settings for `validate`: every bad key, and the plugin's own
+/// checks (`check`) run on the keys that parsed, so one run lists both kinds of problem.
+/// One message, problems joined by `; `.
+pub fn check_plugin_settings<T: DeserializeOwned>(
+    table: &toml::Table,
+    check: impl FnOnce(&T) -> Result<(), Vec<String>>,
+) -> Result<(), String> {
+    let (value, mut problems) = parse_table::<T>(table);
+    if let Some(v) = value {
+        if let Err(more) = check(&v) {
+            problems.extend(more);
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 /// An error and every source under it, `a: b: c` (a source whose text the message
@@ -208,6 +362,94 @@ mod tests {
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(parse_toml::<Demo>("name = \"x\"\nport = 1").is_ok());
         assert!(parse_toml::<Demo>("not toml = = 1").is_err());
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Plugin {
+        path: String,
+        #[serde(default)]
+        #[allow(dead_code, reason = "read by serde only")]
+        retries: u8,
+    }
+
+    #[test]
+    fn every_bad_key_is_named_and_the_good_ones_still_parse() {
+        let (v, errs) =
+            parse_toml_partial::<Demo>("name = \"x\"\nport = \"high\"\nextra = 1").unwrap();
+        assert_eq!(v.unwrap().name.as_deref(), Some("x"));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("extra: unknown field `extra`"),
+            "{errs:?}"
+        );
+        assert!(errs[1].starts_with("port: invalid type"), "{errs:?}");
+        // A required key that is mistyped is reported once, not again as missing.
+        let t: toml::Table = "path = 5\nretries = 300\nnope = 1".parse().unwrap();
+        let (v, errs) = parse_table::<Plugin>(&t);
+        assert!(v.is_none());
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs.iter().all(|e| !e.contains("missing")), "{errs:?}");
+        // A required key that is absent is reported.
+        let t: toml::Table = "retries = 1".parse().unwrap();
+        let (v, errs) = parse_table::<Plugin>(&t);
+        assert!(v.is_none());
+        assert_eq!(errs, ["missing field `path`"]);
+        let t: toml::Table = "path = \"p\"\nretries = \"x\"".parse().unwrap();
+        let e = check_plugin_settings::<Plugin>(&t, |p| Err(vec![format!("{} is bad", p.path)]))
+            .unwrap_err();
+        assert!(
+            e.starts_with("retries: invalid type") && e.ends_with("; p is bad"),
+            "{e}"
+        );
+        assert!(
+            plugin_settings::<Plugin>(&t)
+                .unwrap_err()
+                .starts_with("retries:")
+        );
+    }
+
+    #[test]
+    fn only_regular_files_up_to_the_cap_are_read() {
+        let t = tempfile::tempdir().unwrap();
+        let ok = t.path().join("ok.toml");
+        std::fs::write(&ok, "name = \"x\"").unwrap();
+        assert_eq!(
+            read_operator_file(&ok, "config file", 100).unwrap(),
+            "name = \"x\""
+        );
+        let big = t.path().join("big.toml");
+        std::fs::write(&big, "#".repeat(101)).unwrap();
+        let e = read_operator_file(&big, "config file", 100).unwrap_err();
+        assert!(e.contains("is 101 bytes, more than the 100 allowed"), "{e}");
+        let fifo = t.path().join("fifo");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let started = std::time::Instant::now();
+        for (path, kind) in [
+            (Path::new("/dev/zero"), "a character device"),
+            (fifo.as_path(), "a FIFO"),
+            (t.path(), "a directory"),
+        ] {
+            let e = read_operator_file(path, "config file", MAX_CONFIG_FILE_BYTES).unwrap_err();
+            assert!(
+                e.starts_with(&format!("config file {}: is {kind}", path.display())),
+                "{e}"
+            );
+            let e = read_toml::<Demo>(Some(path)).unwrap_err();
+            assert!(e[0].contains(kind), "{e:?}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let bad = t.path().join("bad.toml");
+        std::fs::write(&bad, [0xff, 0xfe]).unwrap();
+        assert!(
+            read_operator_file(&bad, "config file", 100)
+                .unwrap_err()
+                .contains("UTF-8")
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::{Error, truncate_input};
+use crate::limits;
 use crate::selector::SelectorSet;
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 
@@ -137,6 +138,11 @@ impl RegistrationEntry {
             if ttl.is_zero() {
                 return bad("x509_svid_ttl", "must be greater than zero".into());
             }
+            limits::check_duration(ttl, Duration::from_secs(1), limits::MAX_X509_SVID_TTL)
+                .or_else(|reason| bad("x509_svid_ttl", reason))?;
+        }
+        if let Some(t) = self.expires_at {
+            limits::check_unix_time(t).or_else(|reason| bad("expires_at", reason))?;
         }
         for name in &self.dns_names {
             validate_dns_name(name).map_err(|reason| Error::InvalidEntry {
@@ -242,11 +248,33 @@ mod tests {
         e.x509_svid_ttl = Some(Duration::ZERO);
         assert_eq!(field_of(e), "x509_svid_ttl");
         let mut e = entry();
+        e.x509_svid_ttl = Some(Duration::from_secs(i64::MAX as u64));
+        assert_eq!(field_of(e), "x509_svid_ttl");
+        let mut e = entry();
+        e.x509_svid_ttl = Some(limits::MAX_X509_SVID_TTL + Duration::from_secs(1));
+        assert_eq!(field_of(e), "x509_svid_ttl");
+        for t in [99_999_999_999_999, limits::MAX_UNIX_TIME + 1, 0, -1] {
+            let mut e = entry();
+            e.expires_at = Some(t);
+            assert_eq!(field_of(e), "expires_at");
+        }
+        let mut e = entry();
         e.dns_names = vec!["bad name".into()];
         assert_eq!(field_of(e), "dns_names");
         let mut e = entry();
         e.hint = "x".repeat(1025);
         assert_eq!(field_of(e), "hint");
+    }
+
+    #[test]
+    fn extreme_but_valid_times_validate() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut e = entry();
+        e.x509_svid_ttl = Some(limits::MAX_X509_SVID_TTL);
+        e.expires_at = Some(limits::MAX_UNIX_TIME);
+        e.validate(&td).unwrap();
+        e.expires_at = Some(1);
+        e.validate(&td).unwrap();
     }
 
     #[test]

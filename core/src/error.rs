@@ -49,7 +49,7 @@ pub enum Error {
         /// The input, truncated to 128 bytes.
         input: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: String,
     },
     /// A registration entry field is not acceptable.
     #[error("invalid entry: {field}: {reason}")]

@@ -4,6 +4,7 @@
 //! - [`SpiffeId`] and [`TrustDomain`], parsed strictly by every rule of the SPIFFE ID
 //!   standard, with one [`SpiffeIdRule`] per rule broken;
 //! - [`Selector`] (`type:value`) and [`RegistrationEntry`] with its validation;
+//! - [`limits`]: the bounds on every time and duration, and checked time arithmetic;
 //! - [`TrustBundle`]: X.509 authorities and JWT keys, in PEM and in SPIFFE bundle JSON
 //!   (a JWK Set with `spiffe_sequence`);
 //! - [`x509svid`]: validation of an X509-SVID chain per the X509-SVID standard;
@@ -23,6 +24,7 @@ pub mod crypto;
 pub mod entry;
 mod error;
 pub mod files;
+pub mod limits;
 pub mod plugin;
 pub mod selector;
 pub mod spiffe_id;

@@ -21,12 +21,39 @@ pub struct Selector {
 }
 
 impl Selector {
-    /// Builds a selector from its type and value, checking both.
+    /// Builds a selector from its type and value, checking both: the general syntax, and
+    /// for the selector types Carapace's own attestors produce (`unix`, `tpm`,
+    /// `kerberos`), that the value is one those attestors can produce, in the exact form
+    /// they write it. A value that could never match (`unix:uuid:0`, `unix:uid:01`) is
+    /// refused here, at registration, instead of silently never matching.
     pub fn new(kind: &str, value: &str) -> Result<Self, Error> {
-        let input = format!("{kind}:{value}");
-        let err = |reason| Error::InvalidSelector {
-            input: truncate_input(&input),
+        Self::check_syntax(kind, value)?;
+        check_vocabulary(kind, value).map_err(|reason| Error::InvalidSelector {
+            input: truncate_input(&format!("{kind}:{value}")),
             reason,
+        })?;
+        Ok(Selector {
+            kind: kind.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+
+    /// Rebuilds a selector the datastore stored, checking only the general syntax: an
+    /// older version may have accepted a value [`Selector::new`] now refuses (such as
+    /// `unix:uid:01`), and such a row must still load (it never matched anything, and
+    /// an operator must be able to list and delete it). Never use this for input.
+    pub fn stored(kind: &str, value: &str) -> Result<Self, Error> {
+        Self::check_syntax(kind, value)?;
+        Ok(Selector {
+            kind: kind.to_owned(),
+            value: value.to_owned(),
+        })
+    }
+
+    fn check_syntax(kind: &str, value: &str) -> Result<(), Error> {
+        let err = |reason: &str| Error::InvalidSelector {
+            input: truncate_input(&format!("{kind}:{value}")),
+            reason: reason.to_owned(),
         };
         if kind.is_empty() {
             return Err(err("type is empty (expected type:value)"));
@@ -46,13 +73,7 @@ impl Selector {
         if value.chars().any(char::is_control) {
             return Err(err("value contains control characters"));
         }
-        if kind == "unix" {
-            validate_unix(value).map_err(err)?;
-        }
-        Ok(Selector {
-            kind: kind.to_owned(),
-            value: value.to_owned(),
-        })
+        Ok(())
     }
 
     /// The selector type, such as `unix`.
@@ -66,41 +87,147 @@ impl Selector {
     }
 }
 
+/// The rules of the selector types Carapace's attestors produce; other types (from
+/// elsewhere, or free-form) only get the general syntax check.
+fn check_vocabulary(kind: &str, value: &str) -> Result<(), String> {
+    match kind {
+        "unix" => validate_unix(value),
+        "tpm" => validate_tpm(value),
+        "kerberos" => validate_kerberos(value),
+        _ => Ok(()),
+    }
+}
+
+/// Checks that `arg` is a decimal number from 0 to `max` written the one way an attestor
+/// writes it (no sign, spaces or leading zeros), so that an entry's selector compares
+/// equal to the attestor's. `what` names the selector (`unix:uid`) in the message, which
+/// gives the canonical form when there is one.
+fn canonical_number(what: &str, arg: &str, max: u64) -> Result<(), String> {
+    let canonical = arg.bytes().all(|b| b.is_ascii_digit())
+        && !arg.is_empty()
+        && (arg == "0" || !arg.starts_with('0'))
+        && arg.parse::<u64>().is_ok_and(|n| n <= max);
+    if canonical {
+        return Ok(());
+    }
+    let rule = format!(
+        "{what} takes a decimal number from 0 to {max}, written without sign, spaces or \
+         leading zeros (the one form the attestor produces)"
+    );
+    let t = arg.trim();
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let digits = t.trim_start_matches('0');
+    let digits = if digits.is_empty() && !t.is_empty() {
+        "0"
+    } else {
+        digits
+    };
+    match digits.parse::<u64>() {
+        Ok(n) if n <= max && digits.bytes().all(|b| b.is_ascii_digit()) => Err(format!(
+            "{rule}: {arg:?} would never match; write {what}:{n}"
+        )),
+        _ => Err(format!("{rule}: {arg:?} is not one")),
+    }
+}
+
 /// The `unix` workload attestor's selectors are known here so that a typo in an entry
-/// (`unix:uuid:0`) is rejected at registration instead of silently never matching.
-fn validate_unix(value: &str) -> Result<(), &'static str> {
+/// (`unix:uuid:0`) or a number in another form (`unix:uid:01`) is rejected at
+/// registration instead of silently never matching.
+fn validate_unix(value: &str) -> Result<(), String> {
     let Some((name, arg)) = value.split_once(':') else {
         return Err(
-            "unix selectors are unix:<uid|user|gid|group|supplementary_gid|path|sha256>:<value>",
+            "unix selectors are unix:<uid|user|gid|group|supplementary_gid|path|sha256>:<value>"
+                .into(),
         );
     };
     if arg.is_empty() {
-        return Err("unix selector value is empty");
+        return Err("unix selector value is empty".into());
     }
     match name {
-        "uid" | "gid" | "supplementary_gid" => arg
-            .parse::<u32>()
-            .map(|_| ())
-            .map_err(|_| "unix uid, gid and supplementary_gid take a decimal number"),
+        "uid" | "gid" | "supplementary_gid" => {
+            canonical_number(&format!("unix:{name}"), arg, u32::MAX.into())
+        }
         "user" | "group" => Ok(()),
         "path" => {
             if arg.starts_with('/') {
                 Ok(())
             } else {
-                Err("unix:path takes an absolute path")
+                Err("unix:path takes an absolute path".into())
             }
         }
         "sha256" => {
-            if arg.len() == 64 && arg.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            if arg.len() == 64 && is_lower_hex(arg) {
                 Ok(())
             } else {
-                Err("unix:sha256 takes 64 lowercase hex digits")
+                Err("unix:sha256 takes 64 lowercase hex digits".into())
             }
         }
         _ => Err(
-            "unknown unix selector (known: uid, user, gid, group, supplementary_gid, path, sha256)",
+            "unknown unix selector (known: uid, user, gid, group, supplementary_gid, path, sha256)"
+                .into(),
         ),
     }
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// `tpm:pcr:<bank>:<index>:<hex>`, as the `tpm` node attestor writes it: a decimal PCR
+/// index and the value in lowercase hex. The other `tpm` selectors are left free.
+fn validate_tpm(value: &str) -> Result<(), String> {
+    let Some(rest) = value.strip_prefix("pcr:") else {
+        return Ok(());
+    };
+    let shape = "tpm:pcr selectors are tpm:pcr:<bank>:<index>:<lowercase hex value> \
+                 (e.g. tpm:pcr:sha256:7:<64 hex>)";
+    let mut parts = rest.splitn(3, ':');
+    let (Some(bank), Some(index), Some(hex)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(shape.into());
+    };
+    if bank.is_empty() {
+        return Err(shape.into());
+    }
+    canonical_number(&format!("tpm:pcr:{bank}"), index, u8::MAX.into())?;
+    if hex.len() % 2 != 0 || !is_lower_hex(hex) {
+        return Err(format!("{shape}: the value must be lowercase hex digits"));
+    }
+    Ok(())
+}
+
+/// `kerberos:group_sid:<SID>` as the `kerberos` attestor writes it ([MS-DTYP] 2.4.2.1):
+/// `S-1-<authority>-<sub>...`, each number in canonical decimal (an authority of 2^32 or
+/// more as `0x` and 12 uppercase hex digits). The other `kerberos` selectors are left free.
+fn validate_kerberos(value: &str) -> Result<(), String> {
+    let Some(sid) = value.strip_prefix("group_sid:") else {
+        return Ok(());
+    };
+    let shape = "kerberos:group_sid takes a SID, S-1-<authority>-<sub-authority>... \
+                 (e.g. S-1-5-21-1004336348-1177238915-682003330-513)";
+    let Some(rest) = sid.strip_prefix("S-1-") else {
+        return Err(shape.into());
+    };
+    let mut parts = rest.split('-');
+    let authority = parts.next().unwrap_or_default();
+    let hex_authority = authority.strip_prefix("0x").is_some_and(|h| {
+        h.len() == 12
+            && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'A'..=b'F'))
+            && u64::from_str_radix(h, 16).is_ok_and(|n| n >= 1 << 32)
+    });
+    if !hex_authority {
+        canonical_number("kerberos:group_sid authority", authority, u32::MAX.into())
+            .map_err(|e| format!("{shape}: {e}"))?;
+    }
+    let mut count = 0;
+    for sub in parts {
+        count += 1;
+        canonical_number("kerberos:group_sid sub-authority", sub, u32::MAX.into())
+            .map_err(|e| format!("{shape}: {e}"))?;
+    }
+    if count > 15 {
+        return Err(format!("{shape}: a SID has at most 15 sub-authorities"));
+    }
+    Ok(())
 }
 
 impl FromStr for Selector {
@@ -110,7 +237,7 @@ impl FromStr for Selector {
             Some((kind, value)) => Selector::new(kind, value),
             None => Err(Error::InvalidSelector {
                 input: truncate_input(s),
-                reason: "expected type:value",
+                reason: "expected type:value".into(),
             }),
         }
     }
@@ -272,6 +399,70 @@ mod tests {
         ] {
             ok.parse::<Selector>().unwrap();
         }
+    }
+
+    #[test]
+    fn numeric_selectors_accept_only_the_form_attestors_write() {
+        for ok in [
+            "unix:uid:1",
+            "unix:uid:0",
+            "unix:uid:4294967295",
+            "unix:gid:10",
+            "unix:supplementary_gid:27",
+            "tpm:pcr:sha256:7:00ff",
+            "tpm:pcr:sha256:0:00",
+            "tpm:ek_pubhash:anything",
+            "kerberos:group_sid:S-1-5-21-1004336348-1177238915-682003330-513",
+            "kerberos:group_sid:S-1-0x000100000000-1",
+            "kerberos:realm:EXAMPLE.COM",
+        ] {
+            ok.parse::<Selector>()
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, hint) in [
+            ("unix:uid:01", "write unix:uid:1"),
+            ("unix:uid:+1", "write unix:uid:1"),
+            ("unix:uid: 1", "write unix:uid:1"),
+            ("unix:uid:1 ", "write unix:uid:1"),
+            ("unix:uid:00", "write unix:uid:0"),
+            ("unix:gid:007", "write unix:gid:7"),
+            (
+                "unix:supplementary_gid:+27",
+                "write unix:supplementary_gid:27",
+            ),
+            ("unix:uid:-1", "is not one"),
+            ("unix:uid:4294967296", "is not one"),
+            ("unix:uid:1e3", "is not one"),
+            ("tpm:pcr:sha256:07:00", "write tpm:pcr:sha256:7"),
+            ("tpm:pcr:sha256:256:00", "is not one"),
+            ("tpm:pcr:sha256:7:00FF", "lowercase hex"),
+            ("tpm:pcr:7:00", "tpm:pcr:<bank>:<index>"),
+            (
+                "kerberos:group_sid:S-1-5-021-513",
+                "write kerberos:group_sid sub-authority:21",
+            ),
+            ("kerberos:group_sid:S-1-05-21", "authority"),
+            ("kerberos:group_sid:s-1-5-21", "S-1-<authority>"),
+        ] {
+            let e = bad.parse::<Selector>().unwrap_err().to_string();
+            assert!(e.contains(hint), "{bad}: {e}");
+            assert!(
+                e.contains("decimal")
+                    || e.contains("hex")
+                    || e.contains("S-1-")
+                    || e.contains("<bank>"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn stored_rows_of_older_versions_still_load() {
+        let s = Selector::stored("unix", "uid:01").unwrap();
+        assert_eq!(s.to_string(), "unix:uid:01");
+        assert!(Selector::new("unix", "uid:01").is_err());
+        assert!(Selector::stored("unix", "").is_err());
+        assert!(Selector::stored("bad type", "x").is_err());
     }
 
     #[test]

@@ -305,14 +305,19 @@ fn agent_to_wire(a: &AttestedAgent) -> Agent {
     }
 }
 
-/// A TTL in seconds from a request: 0 means `default`, negative is refused.
-fn ttl_or_default(field: &str, secs: i64, default: Duration) -> Result<Duration> {
+/// A TTL in seconds from a request: 0 means `default`, negative or above `max` is refused.
+fn ttl_or_default(field: &str, secs: i64, default: Duration, max: Duration) -> Result<Duration> {
     match secs {
         0 => Ok(default),
         s if s < 0 => Err(Error::InvalidArgument(format!(
             "{field} cannot be negative"
         ))),
-        s => Ok(Duration::from_secs(s.unsigned_abs())),
+        s => {
+            let ttl = Duration::from_secs(s.unsigned_abs());
+            carapace_core::limits::check_duration(ttl, Duration::from_secs(1), max)
+                .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))?;
+            Ok(ttl)
+        }
     }
 }
 
@@ -436,7 +441,12 @@ impl AdminApi {
     }
 
     async fn create_join_token_inner(&self, req: CreateJoinTokenRequest) -> Result<JoinToken> {
-        let ttl = ttl_or_default("ttl", req.ttl, self.settings.default_join_token_ttl)?;
+        let ttl = ttl_or_default(
+            "ttl",
+            req.ttl,
+            self.settings.default_join_token_ttl,
+            carapace_core::limits::MAX_JOIN_TOKEN_TTL,
+        )?;
         let alias_id = optional_id("spiffe_id", &req.spiffe_id)?;
         let now = unix_now();
         let expires_at = deadline("ttl", now, ttl)?;
@@ -522,7 +532,12 @@ impl AdminApi {
                 Error::InvalidArgument(format!("dns_names: {name:?}: {reason}"))
             })?;
         }
-        let ttl = ttl_or_default("ttl", req.ttl, self.settings.default_x509_svid_ttl)?;
+        let ttl = ttl_or_default(
+            "ttl",
+            req.ttl,
+            self.settings.default_x509_svid_ttl,
+            carapace_core::limits::MAX_X509_SVID_TTL,
+        )?;
         let key = csr_public_key(&req.csr)?;
         let now = unix_now();
         // Signing may wait on a hardware key manager: off the async workers then.
@@ -962,6 +977,220 @@ mod tests {
         assert_eq!(s.cache.entry_count(), 1);
         let err = s.err(&["entry", "delete", "--id", &id]).await;
         assert_eq!(err, format!("entry delete: entry {id} not found"));
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn out_of_range_times_and_ttls_are_refused_and_write_nothing() {
+        let s = start().await;
+        let create = |extra: &[&'static str]| {
+            let mut v = vec![
+                "entry",
+                "create",
+                "--parent-id",
+                AGENT,
+                "--spiffe-id",
+                "spiffe://example.org/w",
+                "--selector",
+                "unix:uid:1",
+            ];
+            v.extend_from_slice(extra);
+            v
+        };
+        // The CLI refuses before sending, naming the flag and the range.
+        let err = s
+            .err(&create(&["--x509-svid-ttl", "9223372036854775807s"]))
+            .await;
+        assert!(
+            err.starts_with("entry create: --x509-svid-ttl: ") && err.contains("1s to 365 days"),
+            "{err}"
+        );
+        let err = s.err(&create(&["--x509-svid-ttl", "366days"])).await;
+        assert!(err.contains("--x509-svid-ttl"), "{err}");
+        let clap_err = Cli::try_parse_from(
+            std::iter::once("carapace-server")
+                .chain(create(&["--expires-at", "99999999999999"]))
+                .chain(["--admin-socket", "/x"]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            clap_err.contains("--expires-at") && clap_err.contains("9999-12-31T23:59:59Z"),
+            "{clap_err}"
+        );
+        let err = s
+            .err(&["token", "generate", "--ttl", "9223372036854775807"])
+            .await;
+        assert!(err.starts_with("token generate: --ttl: "), "{err}");
+        let err = s
+            .err(&[
+                "x509",
+                "mint",
+                "--spiffe-id",
+                "spiffe://example.org/m",
+                "--ttl",
+                "400days",
+            ])
+            .await;
+        assert!(err.starts_with("x509 mint: --ttl: "), "{err}");
+
+        // The server refuses them too when asked directly: InvalidArgument, naming the field.
+        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let good = types::Entry {
+            spiffe_id: "spiffe://example.org/w".into(),
+            parent_id: AGENT.into(),
+            selectors: vec![types::Selector {
+                r#type: "unix".into(),
+                value: "uid:1".into(),
+            }],
+            ..Default::default()
+        };
+        for (field, wire) in [
+            (
+                "x509_svid_ttl",
+                types::Entry {
+                    x509_svid_ttl: i64::MAX,
+                    ..good.clone()
+                },
+            ),
+            (
+                "x509_svid_ttl",
+                types::Entry {
+                    x509_svid_ttl: 366 * 86_400,
+                    ..good.clone()
+                },
+            ),
+            (
+                "expires_at",
+                types::Entry {
+                    expires_at: 99_999_999_999_999,
+                    ..good.clone()
+                },
+            ),
+            (
+                "selector",
+                types::Entry {
+                    selectors: vec![types::Selector {
+                        r#type: "unix".into(),
+                        value: "uid:01".into(),
+                    }],
+                    ..good.clone()
+                },
+            ),
+        ] {
+            let status = client
+                .create_entry(CreateEntryRequest {
+                    entry: Some(wire.clone()),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
+            assert!(status.message().contains(field), "{}", status.message());
+        }
+        let status = client
+            .create_join_token(CreateJoinTokenRequest {
+                ttl: i64::MAX,
+                spiffe_id: "spiffe://example.org/alias".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("ttl"), "{}", status.message());
+        let status = client
+            .mint_x509svid(MintX509svidRequest {
+                spiffe_id: "spiffe://example.org/m".into(),
+                csr: vec![1],
+                ttl: i64::MAX,
+                dns_names: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("ttl"), "{}", status.message());
+
+        // Nothing was written: no entry, no alias entry, no join token.
+        assert_eq!(s.ok(&["entry", "count"]).await, "0 registration entries\n");
+        assert_eq!(s.cache.entry_count(), 0);
+        assert_eq!(
+            s.cache
+                .datastore()
+                .prune_expired_join_tokens(i64::MAX)
+                .await
+                .unwrap(),
+            0
+        );
+
+        // An update to an out-of-range value changes nothing either.
+        let created = client
+            .create_entry(CreateEntryRequest {
+                entry: Some(good.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let status = client
+            .update_entry(UpdateEntryRequest {
+                entry: Some(types::Entry {
+                    expires_at: i64::MAX,
+                    ..created.clone()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let shown = s.ok(&["entry", "show", "--output", "json"]).await;
+        let list: EntryList = serde_json::from_str(&shown).unwrap();
+        assert_eq!(list.entries.len(), 1);
+        assert_eq!(list.entries[0].expires_at, None);
+        assert_eq!(list.entries[0].revision, created.revision);
+        // The edges of the ranges are accepted: uid 1 in canonical form, the last second
+        // X.509 can write, and a 365-day TTL.
+        s.ok(&create(&[
+            "--selector",
+            "unix:gid:0",
+            "--expires-at",
+            "9999-12-31T23:59:59Z",
+            "--x509-svid-ttl",
+            "365days",
+        ]))
+        .await;
+        s.stop().await;
+    }
+
+    #[tokio::test]
+    async fn entry_show_prints_rows_an_older_version_stored_with_extreme_values() {
+        let s = start().await;
+        // Written to the datastore directly, past validation, as an older version could.
+        let e = RegistrationEntry {
+            id: EntryId::new("old-row").unwrap(),
+            spiffe_id: "spiffe://example.org/old".parse().unwrap(),
+            parent_id: AGENT.parse().unwrap(),
+            selectors: [Selector::stored("unix", "uid:01").unwrap()]
+                .into_iter()
+                .collect(),
+            x509_svid_ttl: Some(Duration::from_secs(i64::MAX as u64)),
+            dns_names: vec![],
+            hint: String::new(),
+            admin: false,
+            downstream: false,
+            expires_at: Some(99_999_999_999_999),
+            revision: 0,
+            created_at: 1,
+        };
+        s.cache.datastore().create_entry(&e).await.unwrap();
+        let out = s.ok(&["entry", "show"]).await;
+        assert!(out.contains("Entry ID         : old-row"), "{out}");
+        assert!(
+            out.contains("Expires at       : unix 99999999999999 (outside 1970-01-01..9999-12-31)"),
+            "{out}"
+        );
+        assert!(out.contains("Selector         : unix:uid:01"), "{out}");
+        let json = s.ok(&["entry", "show", "--output", "json"]).await;
+        let list: EntryList = serde_json::from_str(&json).unwrap();
+        assert_eq!(list.entries[0].expires_at, Some(99_999_999_999_999));
+        // And it can be deleted.
+        s.ok(&["entry", "delete", "--id", "old-row"]).await;
+        assert_eq!(s.ok(&["entry", "count"]).await, "0 registration entries\n");
         s.stop().await;
     }
 

@@ -110,7 +110,7 @@ pub struct EntryFields {
     /// Selector `type:value` (e.g. unix:uid:1000); repeat for several (all must match).
     #[arg(long = "selector", value_name = "TYPE:VALUE", required = true)]
     pub selectors: Vec<String>,
-    /// X509-SVID lifetime, e.g. 30s, 1h (default: the server's).
+    /// X509-SVID lifetime, e.g. 30s, 1h, at most 365 days (default: the server's).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub x509_svid_ttl: Option<Duration>,
     /// DNS name to add to the SVID; repeat for several (the first becomes the CN).
@@ -125,7 +125,8 @@ pub struct EntryFields {
     /// The SVID may mint downstream CAs.
     #[arg(long)]
     pub downstream: bool,
-    /// When the entry is deleted: unix seconds or RFC 3339 in UTC (2030-01-01T00:00:00Z).
+    /// When the entry is deleted: unix seconds or RFC 3339 in UTC (2030-01-01T00:00:00Z),
+    /// at the latest 9999-12-31T23:59:59Z.
     #[arg(long, value_name = "TIME", value_parser = parse_expires_at)]
     pub expires_at: Option<i64>,
 }
@@ -250,7 +251,8 @@ pub struct TokenGenerateArgs {
     /// the token.
     #[arg(long)]
     pub spiffe_id: Option<String>,
-    /// Seconds the token stays valid (default: the server's, 600).
+    /// Seconds the token stays valid, at most 31536000 (365 days) (default: the server's,
+    /// 600).
     #[arg(long, value_name = "SECONDS")]
     pub ttl: Option<u64>,
     #[command(flatten)]
@@ -270,7 +272,7 @@ pub struct X509MintArgs {
     /// SPIFFE ID of the SVID.
     #[arg(long)]
     pub spiffe_id: String,
-    /// Lifetime, e.g. 30s, 1h (default: the server's).
+    /// Lifetime, e.g. 30s, 1h, at most 365 days (default: the server's).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
     /// DNS name to add to the SVID; repeat for several.
@@ -508,13 +510,14 @@ impl From<&HealthResponse> for HealthView {
 // ---------------------------------------------------------------------------------------
 // Pure formatting.
 
-/// Unix seconds as RFC 3339 (UTC, seconds).
+/// Unix seconds as RFC 3339 (UTC, seconds). Any stored value prints: one outside
+/// 1970..=9999 (which RFC 3339 cannot write; older versions stored such values) prints as
+/// `unix <n>`.
 pub fn rfc3339(unix: i64) -> String {
-    let t = if unix >= 0 {
-        UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(unix.unsigned_abs())
-    };
+    if !(0..=carapace_core::limits::MAX_UNIX_TIME).contains(&unix) {
+        return format!("unix {unix} (outside 1970-01-01..9999-12-31)");
+    }
+    let t = UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs());
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -682,6 +685,7 @@ fn parse_expires_at(s: &str) -> std::result::Result<i64, String> {
     if t <= 0 {
         return Err("must be after 1970".into());
     }
+    carapace_core::limits::check_unix_time(t)?;
     Ok(t)
 }
 
@@ -715,11 +719,16 @@ fn dns_names(cmd: &str, v: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn ttl_secs(cmd: &str, flag: &str, ttl: Option<Duration>) -> Result<i64> {
+/// A TTL flag in whole seconds for the wire (0: the server's default), within `1s..=max`.
+fn ttl_secs(cmd: &str, flag: &str, ttl: Option<Duration>, max: Duration) -> Result<i64> {
     match ttl {
         None => Ok(0),
         Some(d) if d.as_secs() == 0 => Err(bad_flag(cmd, flag, "must be at least one second")),
-        Some(d) => i64::try_from(d.as_secs()).map_err(|_| bad_flag(cmd, flag, "too large")),
+        Some(d) => {
+            carapace_core::limits::check_duration(d, Duration::from_secs(1), max)
+                .map_err(|e| bad_flag(cmd, flag, e))?;
+            i64::try_from(d.as_secs()).map_err(|_| bad_flag(cmd, flag, "too large"))
+        }
     }
 }
 
@@ -742,7 +751,12 @@ impl EntryFields {
             spiffe_id: spiffe.to_string(),
             parent_id: parent_id.to_string(),
             selectors,
-            x509_svid_ttl: ttl_secs(cmd, "--x509-svid-ttl", self.x509_svid_ttl)?,
+            x509_svid_ttl: ttl_secs(
+                cmd,
+                "--x509-svid-ttl",
+                self.x509_svid_ttl,
+                carapace_core::limits::MAX_X509_SVID_TTL,
+            )?,
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone().unwrap_or_default(),
             admin: self.admin,
@@ -1003,11 +1017,12 @@ async fn token_generate(a: TokenGenerateArgs) -> Result<String> {
         Some(s) => spiffe_id(CMD, "--spiffe-id", s)?.to_string(),
         None => String::new(),
     };
-    let ttl = match a.ttl {
-        None => 0,
-        Some(0) => return Err(bad_flag(CMD, "--ttl", "must be at least one second")),
-        Some(t) => i64::try_from(t).map_err(|_| bad_flag(CMD, "--ttl", "too large"))?,
-    };
+    let ttl = ttl_secs(
+        CMD,
+        "--ttl",
+        a.ttl.map(Duration::from_secs),
+        carapace_core::limits::MAX_JOIN_TOKEN_TTL,
+    )?;
     let mut client = connect(&a.common.admin_socket).await?;
     let token = client
         .create_join_token(CreateJoinTokenRequest {
@@ -1025,7 +1040,12 @@ async fn x509_mint(a: X509MintArgs) -> Result<String> {
     const CMD: &str = "x509 mint";
     let id = spiffe_id(CMD, "--spiffe-id", &a.spiffe_id)?;
     dns_names(CMD, &a.dns_names)?;
-    let ttl = ttl_secs(CMD, "--ttl", a.ttl)?;
+    let ttl = ttl_secs(
+        CMD,
+        "--ttl",
+        a.ttl,
+        carapace_core::limits::MAX_X509_SVID_TTL,
+    )?;
     let key = rcgen::KeyPair::generate()
         .map_err(|e| Error::Ca(format!("{CMD}: generating a key: {e}")))?;
     let csr = rcgen::CertificateParams::default()
@@ -1321,6 +1341,68 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json(&m).unwrap()).unwrap();
         assert!(v.get("svid_pem").is_none());
         assert_eq!(v["key_path"], "/d/svid.key");
+    }
+
+    #[test]
+    fn human_output_never_panics_on_any_stored_time() {
+        for t in [
+            i64::MIN,
+            -1,
+            0,
+            1,
+            carapace_core::limits::MAX_UNIX_TIME,
+            carapace_core::limits::MAX_UNIX_TIME + 1,
+            99_999_999_999_999,
+            i64::MAX,
+        ] {
+            let s = rfc3339(t);
+            assert!(!s.is_empty());
+        }
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(carapace_core::limits::MAX_UNIX_TIME),
+            "9999-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            rfc3339(99_999_999_999_999),
+            "unix 99999999999999 (outside 1970-01-01..9999-12-31)"
+        );
+        let e = EntryView {
+            x509_svid_ttl: Some(u64::MAX),
+            expires_at: Some(i64::MAX),
+            ..entry()
+        };
+        let out = format_entry_human(&e);
+        assert!(out.contains("unix 9223372036854775807"), "{out}");
+        let a = AgentView {
+            spiffe_id: "spiffe://example.org/spire/agent/x".into(),
+            attestor: "join_token".into(),
+            serial: "01".into(),
+            expires_at: i64::MIN,
+            banned: false,
+            selectors: vec![],
+            attested_at: i64::MAX,
+            reattestable: false,
+        };
+        assert!(format_agent_human(&a).contains("unix -9223372036854775808"));
+        let t = TokenView {
+            token: "t".into(),
+            agent_id: "spiffe://example.org/spire/agent/x".into(),
+            expires_at: i64::MAX,
+        };
+        assert!(format_token_human(&t).contains("unix 9223372036854775807"));
+    }
+
+    #[test]
+    fn expires_at_is_bounded_by_what_x509_can_write() {
+        assert_eq!(
+            parse_expires_at("253402300799"),
+            Ok(carapace_core::limits::MAX_UNIX_TIME)
+        );
+        for bad in ["253402300800", "99999999999999", "9223372036854775807"] {
+            let e = parse_expires_at(bad).unwrap_err();
+            assert!(e.contains("9999-12-31T23:59:59Z"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -430,6 +430,15 @@ impl CaManager {
     /// Creates a new self-signed CA in a fresh key.
     async fn mint_ca(&self, seq: u64, now: i64) -> Result<CaSlot> {
         let key_id = format!("x509-ca-{seq}");
+        // Checked before any key exists, so a lifetime X.509 cannot express leaves nothing.
+        let not_after = carapace_core::limits::unix_plus(now, self.settings.ca_ttl)
+            .filter(|t| *t <= carapace_core::limits::MAX_UNIX_TIME)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "ca_ttl {} from now ends after 9999-12-31, the last date X.509 can express",
+                    carapace_core::limits::describe(self.settings.ca_ttl)
+                ))
+            })?;
         // A key left over from a crash between key creation and journal write is reused
         // only by id collision; remove it so generate succeeds.
         if self.km.get_key(&key_id).await.is_ok() {
@@ -484,7 +493,6 @@ impl CaManager {
                 issuer,
             });
         }
-        let not_after = now + self.settings.ca_ttl.as_secs() as i64;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CountryName, self.settings.country.clone());
         dn.push(DnType::OrganizationName, self.settings.organization.clone());
@@ -712,7 +720,11 @@ pub fn sign_leaf(
     dns_names: &[String],
     now: i64,
 ) -> Result<IssuedSvid> {
-    let not_after = (now + ttl.as_secs() as i64).min(ca.not_after);
+    // A lifetime past the end of `i64` (an old entry's, say) can only mean "as long as
+    // the CA allows": cap it there instead of wrapping into the past.
+    let not_after = carapace_core::limits::unix_plus(now, ttl)
+        .unwrap_or(i64::MAX)
+        .min(ca.not_after);
     if not_after <= now {
         return Err(Error::Ca("the active CA has expired".into()));
     }
@@ -842,6 +854,45 @@ mod tests {
             .sign_x509_svid(&id, &key, Duration::from_secs(3600), &[], now)
             .unwrap();
         assert_eq!(svid.expires_at, ca.active().unwrap().not_after);
+    }
+
+    #[tokio::test]
+    async fn a_ttl_past_the_end_of_time_is_capped_by_the_ca_instead_of_wrapping() {
+        let now = 1_900_000_000;
+        let (ca, _, _) = setup(600, now).await;
+        let (key, _) = workload_key();
+        let id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        let ca_end = ca.active().unwrap().not_after;
+        for secs in [i64::MAX as u64, u64::MAX, 9_223_372_036_854_775_807 - 1] {
+            let svid = ca
+                .sign_x509_svid(&id, &key, Duration::from_secs(secs), &[], now)
+                .unwrap();
+            assert_eq!(svid.expires_at, ca_end, "ttl {secs}");
+            let (_, not_after) = carapace_core::x509svid::validity_of(&svid.chain[0]).unwrap();
+            assert_eq!(not_after, ca_end);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ca_ttl_x509_cannot_express_is_refused_before_any_key_is_made() {
+        let now = 1_900_000_000;
+        let td = TrustDomain::new("example.org").unwrap();
+        let km = Arc::new(MemoryKeyManager::new());
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let Err(err) = CaManager::load(
+            td,
+            km.clone(),
+            None,
+            ds,
+            settings(9_999_999_999_999_999_999),
+            now,
+        )
+        .await
+        else {
+            panic!("a ca_ttl past 9999 was accepted");
+        };
+        assert!(err.to_string().contains("ca_ttl"), "{err}");
+        assert!(km.list_keys().await.unwrap().is_empty());
     }
 
     #[tokio::test]

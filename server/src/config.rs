@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use carapace_core::{KeyType, TrustDomain};
+use carapace_core::{KeyType, TrustDomain, limits};
 
 /// Default trust domain when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
@@ -25,6 +25,8 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/carapace-server/private/admin.sock"
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default X.509 CA lifetime.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The shortest `default_x509_svid_ttl`, `agent_svid_ttl` and `ca_ttl`.
+pub const MIN_TTL: Duration = Duration::from_secs(10);
 /// Default join token lifetime for `token generate`.
 pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(600);
 
@@ -123,6 +125,22 @@ pub fn read_file(path: Option<&Path>) -> Result<FileConfig, Vec<String>> {
     carapace_common::read_toml(path)
 }
 
+/// Reads the config file (if any) and validates it with the overrides, listing every
+/// problem of every kind in one pass: unknown and badly typed keys, and the checks of
+/// [`validate`] on the keys that did parse. This is what `run` and `validate` use, so
+/// `validate` passing means `run` gets past its configuration.
+pub fn load(path: Option<&Path>, ov: Overrides) -> Result<Config, Vec<String>> {
+    let (file, mut problems) = carapace_common::read_toml_partial::<FileConfig>(path)?;
+    match validate(file, ov) {
+        Ok(config) if problems.is_empty() => Ok(config),
+        Ok(_) => Err(problems),
+        Err(more) => {
+            problems.extend(more);
+            Err(problems)
+        }
+    }
+}
+
 /// Parses config text, reporting every unknown key and every badly typed value.
 pub fn parse_file(text: &str) -> Result<FileConfig, Vec<String>> {
     carapace_common::parse_toml(text)
@@ -172,13 +190,19 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     let default_x509_svid_ttl = file.default_x509_svid_ttl.unwrap_or(DEFAULT_X509_SVID_TTL);
     let agent_svid_ttl = file.agent_svid_ttl.unwrap_or(default_x509_svid_ttl);
     let ca_ttl = file.ca_ttl.unwrap_or(DEFAULT_CA_TTL);
-    for (key, d) in [
-        ("default_x509_svid_ttl", default_x509_svid_ttl),
-        ("agent_svid_ttl", agent_svid_ttl),
-        ("ca_ttl", ca_ttl),
+    let mut in_range = true;
+    for (key, d, max) in [
+        (
+            "default_x509_svid_ttl",
+            default_x509_svid_ttl,
+            limits::MAX_X509_SVID_TTL,
+        ),
+        ("agent_svid_ttl", agent_svid_ttl, limits::MAX_X509_SVID_TTL),
+        ("ca_ttl", ca_ttl, limits::MAX_CA_TTL),
     ] {
-        if d < Duration::from_secs(10) {
-            problems.push(format!("{key}: must be at least 10s"));
+        if let Err(e) = limits::check_duration(d, MIN_TTL, max) {
+            problems.push(format!("{key}: {e}"));
+            in_range = false;
         }
     }
     // SVIDs are guaranteed their full TTL only while the CA has ttl/6 left (activation).
@@ -187,7 +211,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         ("default_x509_svid_ttl", default_x509_svid_ttl),
         ("agent_svid_ttl", agent_svid_ttl),
     ] {
-        if d > max_svid {
+        if in_range && d > max_svid {
             problems.push(format!(
                 "{key}: {} exceeds ca_ttl/6 ({}); SVIDs would be cut short by CA rotation (raise ca_ttl to at least {})",
                 humantime::format_duration(d),
@@ -336,6 +360,58 @@ log_format = "xml"
             assert!(
                 errs.iter().any(|e| e.contains(needle)),
                 "{needle} missing from {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_are_bounded_without_overflow() {
+        for (text, needle) in [
+            (
+                "ca_ttl = \"9999999999999999999s\"",
+                "ca_ttl: 9999999999999999999s is outside the allowed range 10s to 36500 days",
+            ),
+            ("ca_ttl = \"36501days\"", "ca_ttl: 36501 days is outside"),
+            (
+                "default_x509_svid_ttl = \"18446744073709551615s\"",
+                "default_x509_svid_ttl: 18446744073709551615s is outside the allowed range 10s to 365 days",
+            ),
+            ("agent_svid_ttl = \"5s\"", "agent_svid_ttl: 5s is outside"),
+        ] {
+            let errs = validate(parse_file(text).unwrap(), Overrides::default()).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        let c = validate(
+            parse_file("ca_ttl = \"36500days\"\ndefault_x509_svid_ttl = \"365days\"").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.ca_ttl, limits::MAX_CA_TTL);
+    }
+
+    #[test]
+    fn load_lists_type_and_semantic_problems_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "trust_domain = \"Bad\"\nca_ttl = 5\nnope = 1\n[node_attestor.tpm]\npcrs = 1\n",
+        )
+        .unwrap();
+        let errs = load(Some(&path), Overrides::default()).unwrap_err();
+        for needle in [
+            "s.toml: ca_ttl: invalid type",
+            "s.toml: nope: unknown field",
+            "trust_domain: ",
+            "node_attestor.tpm: pcrs: invalid type",
+            "set ek_ca_files",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
             );
         }
     }

@@ -472,7 +472,7 @@ mod tests {
     #[tokio::test]
     async fn direct_alias_and_descendant_entries_are_authorized() {
         let c = cache().await;
-        c.upsert_agent(agent(A1, &["tpm:pcr:x", "region:eu"]))
+        c.upsert_agent(agent(A1, &["tpm:ek_pubhash:x", "region:eu"]))
             .await
             .unwrap();
         c.upsert_agent(agent(A2, &["region:us"])).await.unwrap();
@@ -493,7 +493,7 @@ mod tests {
             "n2",
             "spiffe://example.org/eu-tpm-x-y",
             SERVER,
-            &["region:eu", "tpm:pcr:y"],
+            &["region:eu", "tpm:ek_pubhash:y"],
         ))
         .await
         .unwrap();

@@ -74,7 +74,7 @@ enum UpstreamCommand {
         /// Root key type: ec-p256, ec-p384 or rsa-2048.
         #[arg(long, default_value = "ec-p256")]
         key_type: String,
-        /// Root lifetime, e.g. 10y, 5y, 8760h.
+        /// Root lifetime, e.g. 10y, 5y, 8760h (at most 36500 days).
         #[arg(long, default_value = "10y")]
         ttl: humantime::Duration,
         /// Subject common name (default: "<trust domain> root CA").
@@ -99,9 +99,8 @@ async fn upstream(cmd: UpstreamCommand) -> Result<String, String> {
     let path = match &cmd {
         UpstreamCommand::Init { config, .. } | UpstreamCommand::Show { config } => config.clone(),
     };
-    let cfg = config::read_file(Some(&path))
-        .and_then(|f| config::validate(f, Overrides::default()))
-        .map_err(|problems| problems.join("\n"))?;
+    let cfg =
+        config::load(Some(&path), Overrides::default()).map_err(|problems| problems.join("\n"))?;
     let Some((name, table)) = cfg.upstream_authority.clone() else {
         return Err(format!(
             "{} has no [upstream_authority.disk] or [upstream_authority.pkcs11] section",
@@ -121,9 +120,16 @@ async fn upstream(cmd: UpstreamCommand) -> Result<String, String> {
             organization,
             ..
         } => {
+            let ttl: std::time::Duration = ttl.into();
+            carapace_core::limits::check_duration(
+                ttl,
+                config::MIN_TTL,
+                carapace_core::limits::MAX_CA_TTL,
+            )
+            .map_err(|e| format!("--ttl: {e}"))?;
             let opts = RootOptions {
                 key_type: key_type.parse().map_err(|e| format!("--key-type: {e}"))?,
-                ttl: ttl.into(),
+                ttl,
                 common_name: common_name.unwrap_or_else(|| format!("{} root CA", cfg.trust_domain)),
                 organization,
             };
@@ -169,9 +175,7 @@ async fn main() -> ExitCode {
                 bind_address,
                 admin_socket,
             };
-            let cfg = match config::read_file(config.as_deref())
-                .and_then(|file| config::validate(file, overrides))
-            {
+            let cfg = match config::load(config.as_deref(), overrides) {
                 Ok(c) => c,
                 Err(problems) => {
                     for p in problems {
@@ -190,23 +194,19 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { config } => {
-            match config::read_file(Some(&config))
-                .and_then(|f| config::validate(f, Overrides::default()))
-            {
-                Ok(_) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                Err(problems) => {
-                    for p in &problems {
-                        println!("{p}");
-                    }
-                    eprintln!("{}: {} problem(s)", config.display(), problems.len());
-                    ExitCode::from(EXIT_USAGE)
-                }
+        Command::Validate { config } => match config::load(Some(&config), Overrides::default()) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
             }
-        }
+            Err(problems) => {
+                for p in &problems {
+                    println!("{p}");
+                }
+                eprintln!("{}: {} problem(s)", config.display(), problems.len());
+                ExitCode::from(EXIT_USAGE)
+            }
+        },
         Command::Upstream(cmd) => {
             carapace_common::init_tracing("warn", false);
             match upstream(cmd).await {

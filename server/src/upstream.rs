@@ -131,7 +131,10 @@ impl UpstreamAuthority for LocalRoot {
         &self,
         req: &MintRequest,
     ) -> std::result::Result<MintedCa, carapace_core::Error> {
-        let not_after = (req.not_before + req.ttl.as_secs() as i64).min(self.not_after);
+        // Past the end of `i64` means "as long as the root allows".
+        let not_after = carapace_core::limits::unix_plus(req.not_before, req.ttl)
+            .unwrap_or(i64::MAX)
+            .min(self.not_after);
         if not_after <= req.not_before + crate::ca::BACKDATE {
             return Err(carapace_core::Error::KeyBackend(format!(
                 "upstream_authority.{}: the root certificate expires too soon to certify a CA",
@@ -205,7 +208,14 @@ pub fn make_root_certificate(
         dn,
         BasicConstraints::Unconstrained,
         now - crate::ca::BACKDATE,
-        now + ttl.as_secs() as i64,
+        carapace_core::limits::unix_plus(now, ttl)
+            .filter(|t| *t <= carapace_core::limits::MAX_UNIX_TIME)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "root ttl {} from now ends after 9999-12-31, the last date X.509 can express",
+                    carapace_core::limits::describe(ttl)
+                ))
+            })?,
     )?;
     let key = RcgenKey::new(signer)?;
     Ok(params

@@ -187,3 +187,236 @@ fn run_refuses_a_data_dir_others_can_read() {
     assert!(err.contains("chmod 700"), "{err}");
     assert!(!data.join("datastore.sqlite3").exists());
 }
+
+/// Runs `cmd` and waits at most 20 s for it: a config read that hangs fails the test
+/// instead of hanging it.
+fn output_within_20s(mut cmd: Command) -> std::process::Output {
+    use std::io::Read as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let status = status.expect("the command did not finish within 20 s");
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_end(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_end(&mut stderr)
+        .unwrap();
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+#[test]
+fn validate_lists_type_nested_and_semantic_problems_in_one_run_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+trust_domain = "Bad Domain"
+bind_address = 8081
+data_dir = "{data}"
+admin_socket = "{dir}/admin.sock"
+ca_ttl = "9999999999999999999s"
+default_x509_svid_ttl = "1 fortnight"
+ca_key_type = "ec-p521"
+log_format = "xml"
+log_levle = "debug"
+[key_manager.disk]
+directory = 7
+[node_attestor.join_token]
+extra = true
+[node_attestor.tpm]
+pcrs = "all"
+ek_hash_allowlist = ["ABC"]
+[upstream_authority.nope]
+"#,
+            data = data.display(),
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = server()
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        // Type errors and unknown keys, each named.
+        "bind_address: invalid type: integer `8081`",
+        "default_x509_svid_ttl: ",
+        "log_levle: unknown field `log_levle`",
+        // Semantic problems of the keys that parsed.
+        "trust_domain: ",
+        "ca_ttl: 9999999999999999999s is outside the allowed range 10s to 36500 days",
+        "ca_key_type: ",
+        "log_format: \"xml\"",
+        // Nested plugin problems: types, unknown keys, and the plugin's own checks.
+        "key_manager.disk: directory: invalid type: integer `7`",
+        "node_attestor.join_token: extra: unknown field `extra`",
+        "node_attestor.tpm: pcrs: invalid type",
+        "ek_hash_allowlist: \"ABC\" is not a lowercase hex SHA-256",
+        "unknown upstream_authority plugin \"nope\"",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    let lines = text.lines().count();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("{lines} problem(s)")),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!data.exists(), "validate created the data dir");
+    assert!(!dir.path().join("admin.sock").exists());
+}
+
+#[test]
+fn validate_refuses_devices_fifos_directories_and_huge_files_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let huge = dir.path().join("huge.toml");
+    // Valid TOML (one comment line), but 2 MiB: over the 1 MiB cap.
+    std::fs::write(&huge, format!("#{}\n", "x".repeat(2 << 20))).unwrap();
+    for (path, needle) in [
+        (
+            std::path::PathBuf::from("/dev/zero"),
+            "is a character device",
+        ),
+        (fifo.clone(), "is a FIFO"),
+        (dir.path().to_path_buf(), "is a directory"),
+        (
+            huge.clone(),
+            "is 2097154 bytes, more than the 1048576 allowed",
+        ),
+    ] {
+        let mut cmd = server();
+        cmd.args(["validate", "--config"]).arg(&path);
+        let out = output_within_20s(cmd);
+        assert_eq!(out.status.code(), Some(64), "{}", path.display());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("config file {}: {needle}", path.display())),
+            "{text}"
+        );
+        // `run` refuses them the same way, before anything is written.
+        let data = dir.path().join("data");
+        let mut cmd = server();
+        cmd.args(["run", "--config"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(&data);
+        let out = output_within_20s(cmd);
+        assert_eq!(out.status.code(), Some(64), "{}", path.display());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(needle));
+        assert!(!data.exists());
+    }
+}
+
+#[test]
+fn run_refuses_a_ca_ttl_x509_cannot_express_and_writes_no_datastore_or_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let path = dir.path().join("server.toml");
+    std::fs::write(&path, "ca_ttl = \"9999999999999999999s\"\n").unwrap();
+    let out = server()
+        .args(["run", "--bind-address", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--admin-socket")
+        .arg(dir.path().join("a.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ca_ttl: 9999999999999999999s is outside the allowed range 10s to 36500 days"),
+        "{err}"
+    );
+    assert!(
+        !data.exists(),
+        "no data dir, datastore or key may be written"
+    );
+    // A huge SVID TTL is refused the same way (it used to panic computing ttl * 6).
+    std::fs::write(
+        &path,
+        "default_x509_svid_ttl = \"9223372036854775807s\"\nagent_svid_ttl = \"366days\"\n",
+    )
+    .unwrap();
+    let out = server()
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("default_x509_svid_ttl: 9223372036854775807s is outside the allowed range 10s to 365 days"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agent_svid_ttl: 366 days is outside"),
+        "{text}"
+    );
+}
+
+#[test]
+fn upstream_init_refuses_a_root_ttl_past_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("up.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\n[upstream_authority.disk]\ncert_file = \"root.pem\"\nkey_file = \"root.key\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = server()
+        .args(["upstream", "init", "--ttl", "200years", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ttl: ") && err.contains("36500 days"),
+        "{err}"
+    );
+    assert!(!dir.path().join("data").exists());
+}

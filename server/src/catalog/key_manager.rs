@@ -10,9 +10,9 @@ const KNOWN: &[&str] = &["disk", "memory", "pkcs11"];
 
 pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), String> {
     match name {
-        "disk" => parse::<DiskConfig>(table).map(|_| ()),
-        "memory" => parse::<MemoryConfig>(table).map(|_| ()),
-        "pkcs11" => super::pkcs11::parse_key_manager(table).map(|_| ()),
+        "disk" => carapace_common::check_plugin_settings::<DiskConfig>(table, |_| Ok(())),
+        "memory" => carapace_common::check_plugin_settings::<MemoryConfig>(table, |_| Ok(())),
+        "pkcs11" => super::pkcs11::check_key_manager(table),
         other => Err(unknown("key_manager", other, KNOWN)),
     }
 }

@@ -31,25 +31,15 @@ const KNOWN: &[&str] = &[
 struct JoinTokenConfig {}
 
 pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), String> {
+    use carapace_common::check_plugin_settings as check;
     match name {
-        "join_token" => parse::<JoinTokenConfig>(table).map(|_| ()),
-        "tpm" => {
-            parse::<TpmServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        "kerberos" => parse::<KerberosServerConfig>(table)
-            .and_then(|c| c.validate().map_err(|p| p.join("; "))),
-        "sshpop" => {
-            parse::<SshServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        "aws_iid" => {
-            parse::<AwsServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        "gcp_iit" => {
-            parse::<GcpServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
-        "azure_msi" => {
-            parse::<AzureServerConfig>(table).and_then(|c| c.validate().map_err(|p| p.join("; ")))
-        }
+        "join_token" => check::<JoinTokenConfig>(table, |_| Ok(())),
+        "tpm" => check(table, TpmServerConfig::validate),
+        "kerberos" => check(table, KerberosServerConfig::validate),
+        "sshpop" => check(table, SshServerConfig::validate),
+        "aws_iid" => check(table, AwsServerConfig::validate),
+        "gcp_iit" => check(table, GcpServerConfig::validate),
+        "azure_msi" => check(table, AzureServerConfig::validate),
         other => Err(unknown("node_attestor", other, KNOWN)),
     }
 }

@@ -32,6 +32,12 @@ pub(super) fn parse_key_manager(table: &toml::Table) -> std::result::Result<Pkcs
     Ok(cfg)
 }
 
+/// Checks the key manager's settings for `validate`: every bad key and every token
+/// problem of the keys that parsed.
+pub(super) fn check_key_manager(table: &toml::Table) -> std::result::Result<(), String> {
+    carapace_common::check_plugin_settings(table, Pkcs11Config::validate)
+}
+
 /// Parses and checks the upstream authority's settings.
 pub(super) fn parse_upstream(
     table: &toml::Table,

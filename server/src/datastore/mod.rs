@@ -243,5 +243,5 @@ fn parse_spiffe_id(row: impl std::fmt::Display, s: &str) -> Result<SpiffeId> {
 
 /// Parses a stored selector.
 fn parse_selector(row: impl std::fmt::Display, kind: &str, value: &str) -> Result<Selector> {
-    Selector::new(kind, value).map_err(|e| corrupt(row, e))
+    Selector::stored(kind, value).map_err(|e| corrupt(row, e))
 }

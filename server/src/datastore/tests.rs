@@ -1033,7 +1033,7 @@ async fn evicting_a_cloud_agent_forgets_its_first_use_record_and_nothing_else() 
         "/aws_iid/123456789012/us-east-1/i-1",
         &["aws_iid:account:1"],
     );
-    let tpm = agent("/tpm/abc", &["tpm:pcr:0:00"]);
+    let tpm = agent("/tpm/abc", &["tpm:pcr:sha256:0:00"]);
     for (a, attestor, key) in [
         (&cloud, "aws_iid", "123456789012/us-east-1/i-1"),
         (&tpm, "tpm", "abc"),
