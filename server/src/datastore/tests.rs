@@ -1102,3 +1102,114 @@ async fn save_new_attestation_state_inserts_once_and_keeps_the_first() {
         .count();
     assert_eq!(won, 1);
 }
+
+// ---------------------------------------------------------------- faults: a full disk
+
+/// Rows in every table an entry write touches.
+async fn entry_rows(ds: &Datastore) -> [i64; 4] {
+    [
+        count(ds, "entries").await,
+        count(ds, "entry_selectors").await,
+        count(ds, "entry_dns_names").await,
+        count(ds, "entry_events").await,
+    ]
+}
+
+/// An entry with enough selectors and DNS names that writing it needs new pages.
+fn big_entry(id: &str) -> RegistrationEntry {
+    let selectors: Vec<String> = (0..100).map(|i| format!("unix:uid:{i:0>40}")).collect();
+    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+    let mut e = entry(id, &format!("/big/{id}"), &selectors);
+    e.dns_names = (0..20)
+        .map(|i| format!("n{i}.{}.example.org", "x".repeat(40)))
+        .collect();
+    e
+}
+
+fn assert_disk_full(r: Result<()>) {
+    assert!(
+        matches!(&r, Err(Error::Datastore(m)) if m.contains("database or disk is full")),
+        "expected a disk-full error, got {r:?}"
+    );
+}
+
+/// A datastore in a 2 MiB tmpfs of its own.
+async fn on_small_disk() -> (hsm_sim::tmpfs::Tmpfs, Datastore) {
+    let disk = hsm_sim::tmpfs::Tmpfs::mount(2 << 20).unwrap();
+    let ds = Datastore::open(&disk.path().join("ds.sqlite"))
+        .await
+        .unwrap();
+    (disk, ds)
+}
+
+#[tokio::test]
+async fn after_a_full_disk_writes_recover_without_a_restart() {
+    let (disk, ds) = on_small_disk().await;
+    ds.create_entry(&big_entry("before")).await.unwrap();
+    let rows = entry_rows(&ds).await;
+    assert_eq!(ds.write_health(), Ok(()));
+
+    disk.fill().unwrap();
+    // More failed writes than the pool has connections: each one a connection could be
+    // left poisoned by.
+    for i in 0..(2 * MAX_CONNECTIONS) {
+        assert_disk_full(ds.create_entry(&big_entry(&format!("full-{i}"))).await);
+    }
+    assert_eq!(entry_rows(&ds).await, rows, "nothing half-written");
+    let health = ds.write_health().unwrap_err();
+    assert!(health.contains("database or disk is full"), "{health}");
+
+    disk.free().unwrap();
+    for i in 0..(MAX_CONNECTIONS + 2) {
+        let e = entry(
+            &format!("after-{i}"),
+            &format!("/after/{i}"),
+            &["unix:uid:1"],
+        );
+        ds.create_entry(&e).await.unwrap();
+        assert_eq!(ds.get_entry(&e.id).await.unwrap(), Some(e));
+    }
+    assert_eq!(ds.write_health(), Ok(()));
+    assert_eq!(
+        count(&ds, "entries").await,
+        rows[0] + i64::from(MAX_CONNECTIONS) + 2
+    );
+    ds.close().await;
+}
+
+#[tokio::test]
+async fn a_write_refused_for_space_mid_transaction_leaves_nothing_behind() {
+    // `max_page_count` makes SQLite report SQLITE_FULL from inside a statement (the
+    // selectors' insert), where a full disk reports it at COMMIT.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Datastore::open(&dir.path().join("ds.sqlite"))
+        .await
+        .unwrap();
+    ds.create_entry(&big_entry("before")).await.unwrap();
+    let rows = entry_rows(&ds).await;
+    set_max_page_count(&ds, 1).await;
+    for i in 0..(2 * MAX_CONNECTIONS) {
+        assert_disk_full(ds.create_entry(&big_entry(&format!("full-{i}"))).await);
+        assert_eq!(entry_rows(&ds).await, rows, "write {i}");
+    }
+    set_max_page_count(&ds, 1_000_000).await;
+    ds.create_entry(&big_entry("after")).await.unwrap();
+    assert_eq!(entry_rows(&ds).await[0], rows[0] + 1);
+}
+
+/// Sets `PRAGMA max_page_count` on every connection of the pool (holding all of them at
+/// once, so each is reached): `1` makes the database full at its current size (SQLite
+/// never lowers the limit below the size), a large value frees the space again.
+async fn set_max_page_count(ds: &Datastore, pages: u32) {
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut conn = ds.pool.acquire().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA max_page_count = {pages}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        held.push(conn);
+    }
+}
