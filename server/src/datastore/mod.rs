@@ -16,8 +16,9 @@
 //!   change log that caches and, later, other servers follow.
 //! - **Join tokens are stored only as hashes.** A token is `<id>.<secret>`; the caller
 //!   passes the public id and the SHA-256 of the secret, so neither the token nor the
-//!   secret reaches the database. Consuming a token is a single conditional
-//!   `DELETE ... RETURNING` statement, so of two concurrent consumers exactly one wins.
+//!   secret reaches the database. A token is consumed by a conditional `DELETE` in the
+//!   transaction that records its agent ([`Datastore::attest_agent`]): of two concurrent
+//!   consumers exactly one deletes the row, and a write that fails leaves the token.
 //! - **A failed write never poisons the pool.** SQLite rolls a transaction back by itself
 //!   when a statement or `COMMIT` fails with `SQLITE_FULL` or an I/O error; sqlx's
 //!   `ROLLBACK` then fails and its transaction depth stays at 1, so the connection would
@@ -72,7 +73,7 @@ use carapace_core::{EntryId, Selector, SpiffeId};
 use crate::{Error, Result};
 
 pub use agents::AttestedAgent;
-pub use tokens::JoinToken;
+pub use tokens::{JoinToken, PresentedToken};
 
 /// How long a connection waits for a lock held by another connection.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
