@@ -1,6 +1,7 @@
 //! The Carapace lab: SoftHSM2 tokens, swtpm TPMs manufactured with EK certificates and an
 //! MIT Kerberos realm, each in a temporary directory on free loopback ports, plus an SSH
-//! CA with a certified host key ([`ssh`]). Tests and the `carapace-lab` binary share it.
+//! CA with a certified host key ([`ssh`]) and a small tmpfs to fill up ([`tmpfs`]). Tests
+//! and the `carapace-lab` binary share it.
 //! A missing package is an error naming the exact `apt-get install` line, never a silent
 //! skip.
 //!
@@ -50,6 +51,7 @@ pub mod process;
 pub mod softhsm;
 pub mod ssh;
 pub mod swtpm;
+pub mod tmpfs;
 
 pub use error::{Error, Result};
 

@@ -563,6 +563,11 @@ impl AdminApi {
 
     fn health_inner(&self) -> Result<HealthResponse> {
         let ca = self.ca.active()?;
+        self.cache.datastore().write_health().map_err(|why| {
+            Error::Core(carapace_core::Error::Unavailable(format!(
+                "datastore writes are failing: {why}"
+            )))
+        })?;
         Ok(HealthResponse {
             trust_domain: self.ca.trust_domain().name().to_owned(),
             ca_expires_at: ca.not_after,

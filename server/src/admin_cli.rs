@@ -1383,6 +1383,8 @@ mod tests {
             selectors: vec![],
             attested_at: i64::MAX,
             reattestable: false,
+            refused_at: Some(i64::MIN),
+            refused_reason: Some(String::new()),
         };
         assert!(format_agent_human(&a).contains("unix -9223372036854775808"));
         let t = TokenView {

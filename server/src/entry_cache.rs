@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, watch};
 
 use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 
-use crate::datastore::{AttestedAgent, Datastore, Refusal};
+use crate::datastore::{AttestedAgent, Datastore, PresentedToken, Refusal};
 use crate::{Error, Result};
 
 /// The client SVID an agent calls the node API with, and when it calls.
@@ -233,8 +233,23 @@ impl EntryCache {
 
     /// Stores (creates or replaces) an attested agent with its node selectors.
     pub async fn upsert_agent(&self, agent: AttestedAgent) -> Result<()> {
+        self.attest_agent(agent, None).await
+    }
+
+    /// Records an attestation: stores the agent as [`upsert_agent`](Self::upsert_agent)
+    /// does and consumes the join `token` it presented in the same datastore transaction
+    /// ([`Datastore::attest_agent`]): both or neither.
+    pub async fn attest_agent(
+        &self,
+        agent: AttestedAgent,
+        token: Option<&PresentedToken>,
+    ) -> Result<()> {
         let _w = self.write_lock.lock().await;
-        self.ds.upsert_attested_agent(&agent).await?;
+        self.ds.attest_agent(&agent, token).await?;
+        if let Some(t) = token {
+            // Only now: the delete is committed.
+            tracing::info!(token_id = %t.id, agent = %agent.spiffe_id, "join token consumed");
+        }
         write(&self.index)
             .agents
             .insert(agent.spiffe_id.clone(), Arc::new(agent));

@@ -431,19 +431,31 @@ impl NodeApi {
             )
             .await?;
         let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0])?);
+        // A join token is consumed in the transaction that records the agent, not by its
+        // attestor: a failed write leaves it usable, a racing agent's write is refused.
+        let token = match attestor.name() {
+            crate::node_attestor::JOIN_TOKEN => Some(
+                crate::node_attestor::presented_token(&params.payload)
+                    .ok_or_else(crate::node_attestor::join_token_rejected)?,
+            ),
+            _ => None,
+        };
         self.cache
-            .upsert_agent(AttestedAgent {
-                spiffe_id: agent_id.clone(),
-                attestor: attestor.name().to_owned(),
-                serial,
-                new_serial: None,
-                expires_at: svid.expires_at,
-                banned: false,
-                reattestable: result.can_reattest,
-                attested_at: now,
-                selectors: result.selectors,
-                refused: None,
-            })
+            .attest_agent(
+                AttestedAgent {
+                    spiffe_id: agent_id.clone(),
+                    attestor: attestor.name().to_owned(),
+                    serial,
+                    new_serial: None,
+                    expires_at: svid.expires_at,
+                    banned: false,
+                    reattestable: result.can_reattest,
+                    attested_at: now,
+                    selectors: result.selectors,
+                    refused: None,
+                },
+                token.as_ref(),
+            )
             .await?;
         tracing::info!(agent = %agent_id, attestor = attestor.name(), remote = ?remote, "agent attested");
         let bundle = self.ca.bundle().borrow().clone();

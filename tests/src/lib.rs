@@ -228,8 +228,20 @@ impl Server {
         s
     }
 
+    /// Starts a server whose data directory is `data_dir` (e.g. on a small tmpfs)
+    /// instead of one in the lab, and waits until it is healthy.
+    pub fn start_in(lab: &Lab, data_dir: &Path) -> Server {
+        let mut s = Self::spawn_in(lab, ServerOptions::default(), Some(data_dir));
+        s.wait_healthy();
+        s
+    }
+
     /// Starts a server with `opts` without waiting (for tests of start-up failures).
     pub fn spawn_opts(lab: &Lab, opts: ServerOptions) -> Server {
+        Self::spawn_in(lab, opts, None)
+    }
+
+    fn spawn_in(lab: &Lab, opts: ServerOptions, data_dir: Option<&Path>) -> Server {
         let name = opts.name.clone().unwrap_or_else(|| "server".into());
         let address = format!("127.0.0.1:{}", free_port());
         let admin_socket = if name == "server" {
@@ -237,7 +249,7 @@ impl Server {
         } else {
             lab.path().join(format!("{name}-admin")).join("admin.sock")
         };
-        let data_dir = lab.path().join(&name);
+        let data_dir = data_dir.map_or_else(|| lab.path().join(&name), Path::to_owned);
         let log = lab.path().join(format!("{name}.log"));
         Server {
             proc: Self::spawn(&data_dir, &admin_socket, &address, &opts, &log),

@@ -10,7 +10,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use carapace_core::{Selector, SelectorSet, SpiffeId};
 
-use super::{Datastore, INSERT_CHUNK, parse_selector, parse_spiffe_id};
+use super::{Datastore, INSERT_CHUNK, PresentedToken, parse_selector, parse_spiffe_id, tokens};
 use crate::{Error, Result};
 
 /// An agent that completed node attestation.
@@ -73,8 +73,27 @@ impl Datastore {
     /// If the stored agent is banned, fails with [`Error::PermissionDenied`] and changes
     /// nothing.
     pub async fn upsert_attested_agent(&self, agent: &AttestedAgent) -> Result<()> {
+        self.attest_agent(agent, None).await
+    }
+
+    /// Records an attestation: upserts the agent as
+    /// [`upsert_attested_agent`](Self::upsert_attested_agent) does and, given the join
+    /// `token` it presented, consumes that token in the same transaction. Either both
+    /// happen or neither: a token that cannot be consumed (already used, by a racing
+    /// agent too; expired at the attestation time, `agent.attested_at`) refuses the
+    /// attestation with
+    /// [`carapace_core::Error::AttestationRejected`] and writes nothing, and a write that
+    /// fails leaves the token usable.
+    pub async fn attest_agent(
+        &self,
+        agent: &AttestedAgent,
+        token: Option<&PresentedToken>,
+    ) -> Result<()> {
         let id = agent.spiffe_id.as_str();
         let mut tx = self.begin_write().await?;
+        if let Some(token) = token {
+            tokens::consume(&mut tx, token, agent.attested_at).await?;
+        }
         if banned(&mut tx, &agent.spiffe_id).await? == Some(true) {
             return Err(banned_error(&agent.spiffe_id));
         }

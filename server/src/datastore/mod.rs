@@ -16,8 +16,16 @@
 //!   change log that caches and, later, other servers follow.
 //! - **Join tokens are stored only as hashes.** A token is `<id>.<secret>`; the caller
 //!   passes the public id and the SHA-256 of the secret, so neither the token nor the
-//!   secret reaches the database. Consuming a token is a single conditional
-//!   `DELETE ... RETURNING` statement, so of two concurrent consumers exactly one wins.
+//!   secret reaches the database. A token is consumed by a conditional `DELETE` in the
+//!   transaction that records its agent ([`Datastore::attest_agent`]): of two concurrent
+//!   consumers exactly one deletes the row, and a write that fails leaves the token.
+//! - **A failed write never poisons the pool.** SQLite rolls a transaction back by itself
+//!   when a statement or `COMMIT` fails with `SQLITE_FULL` or an I/O error; sqlx's
+//!   `ROLLBACK` then fails and its transaction depth stays at 1, so the connection would
+//!   refuse every later `BEGIN`. A connection returned to the pool still inside a
+//!   transaction is closed instead (the pool opens a fresh one), so writes recover by
+//!   themselves once the fault is gone. Whether the last write transaction could begin
+//!   and commit is kept for the health check ([`Datastore::write_health`]).
 //! - **What is read is re-validated.** Rows are turned back into core types with the
 //!   core parsers ([`SpiffeId`], [`Selector`], [`EntryId`]); a row that does not parse is
 //!   reported as [`Error::Datastore`] naming the row, never a panic.
@@ -49,20 +57,23 @@ mod tokens;
 #[cfg(test)]
 mod tests;
 
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Connection, Sqlite, Transaction};
 
 use carapace_core::{EntryId, Selector, SpiffeId};
 
 use crate::{Error, Result};
 
 pub use agents::{AttestedAgent, Refusal};
-pub use tokens::JoinToken;
+pub use tokens::{JoinToken, PresentedToken};
 
 /// How long a connection waits for a lock held by another connection.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -81,6 +92,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct Datastore {
     pool: SqlitePool,
+    /// Why the last write transaction failed to begin or commit; `None` once one
+    /// commits.
+    write_failure: Arc<Mutex<Option<String>>>,
 }
 
 /// Which entries to list or count. Every filter that is set must hold (AND); the default
@@ -125,10 +139,11 @@ impl Datastore {
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            .after_release(|conn, _| Box::pin(discard_if_in_transaction(conn)))
             .connect_with(options)
             .await
             .map_err(|e| Error::Datastore(format!("opening {}: {e}", path.display())))?;
-        let ds = Datastore { pool };
+        let ds = Datastore::with_pool(pool);
         ds.migrate().await?;
         Ok(ds)
     }
@@ -138,7 +153,9 @@ impl Datastore {
     /// An in-memory SQLite database lives as long as its connection and is private to
     /// it, so the pool holds exactly one connection that never expires: every caller
     /// (and every clone) sees the same database, and concurrent callers queue for the
-    /// connection. Each call opens a new, empty database.
+    /// connection. Each call opens a new, empty database. Unlike [`open`](Self::open)'s
+    /// pool, this one keeps a connection a failed write left inside a transaction:
+    /// replacing it would replace the database too.
     pub async fn open_in_memory() -> Result<Datastore> {
         let options = SqliteConnectOptions::new()
             .filename(":memory:")
@@ -155,9 +172,27 @@ impl Datastore {
             .connect_with(options)
             .await
             .map_err(|e| Error::Datastore(format!("opening in-memory database: {e}")))?;
-        let ds = Datastore { pool };
+        let ds = Datastore::with_pool(pool);
         ds.migrate().await?;
         Ok(ds)
+    }
+
+    fn with_pool(pool: SqlitePool) -> Datastore {
+        Datastore {
+            pool,
+            write_failure: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Whether writes work, as far as the last write transaction tells: an error naming
+    /// why it could not begin or commit (a full disk, a lock held too long), until a
+    /// later one commits. A minimal signal for the health check: it does not probe, and
+    /// a failure inside a transaction that is rolled back cleanly is not counted.
+    pub fn write_health(&self) -> std::result::Result<(), String> {
+        match &*lock(&self.write_failure) {
+            None => Ok(()),
+            Some(why) => Err(why.clone()),
+        }
     }
 
     /// Closes every connection, waiting for those in use to be returned. Later calls
@@ -176,14 +211,124 @@ impl Datastore {
     /// (waiting up to the busy timeout for it), so that the reads a write makes before
     /// writing cannot be invalidated by another writer; a deferred transaction would
     /// instead fail with `SQLITE_BUSY` when upgrading to a write lock.
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    ///
+    /// On any error before [`WriteTx::commit`] the transaction is rolled back when the
+    /// `WriteTx` is dropped, and the connection is closed rather than reused if that
+    /// rollback fails (see the module's invariants).
+    async fn begin_write(&self) -> Result<WriteTx> {
+        let began = async {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let changes_at_begin = total_changes(&mut tx).await?;
+            Ok::<_, sqlx::Error>((tx, changes_at_begin))
+        };
+        match began.await {
+            Ok((tx, changes_at_begin)) => Ok(WriteTx {
+                tx,
+                changes_at_begin,
+                write_failure: self.write_failure.clone(),
+            }),
+            Err(e) => {
+                record_write_failure(&self.write_failure, "starting a write transaction", &e);
+                Err(e.into())
+            }
+        }
     }
 
     /// Starts a read transaction: the queries in it see one snapshot.
     async fn begin_read(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin().await?)
     }
+}
+
+/// A write transaction (`BEGIN IMMEDIATE`). It derefs to its connection for queries;
+/// [`commit`](Self::commit) records the outcome for [`Datastore::write_health`]; dropping
+/// it uncommitted rolls it back.
+struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    /// The connection's `total_changes()` when the transaction began.
+    changes_at_begin: i64,
+    write_failure: Arc<Mutex<Option<String>>>,
+}
+
+impl WriteTx {
+    /// Commits. Nothing the transaction wrote is visible before this returns `Ok`.
+    ///
+    /// A failure is recorded for [`Datastore::write_health`]; a success clears it only
+    /// if the transaction changed a row, because committing nothing (a prune that found
+    /// nothing) writes nothing and proves nothing about a full disk.
+    async fn commit(self) -> Result<()> {
+        let WriteTx {
+            mut tx,
+            changes_at_begin,
+            write_failure,
+        } = self;
+        let committed = async {
+            let wrote = total_changes(&mut tx).await? != changes_at_begin;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(wrote)
+        };
+        match committed.await {
+            Ok(wrote) => {
+                if wrote {
+                    *lock(&write_failure) = None;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                record_write_failure(&write_failure, "committing a write transaction", &e);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
+}
+
+/// Rows inserted, updated or deleted on this connection since it opened.
+async fn total_changes(conn: &mut SqliteConnection) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT total_changes()")
+        .fetch_one(conn)
+        .await
+}
+
+fn lock(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn record_write_failure(slot: &Mutex<Option<String>>, what: &str, e: &sqlx::Error) {
+    *lock(slot) = Some(format!("{what} failed at unix time {}: {e}", unix_now()));
+}
+
+/// The pool's `after_release` check: `false` (close it) for a connection still inside a
+/// transaction. That happens when SQLite rolled a failed transaction back by itself
+/// (`SQLITE_FULL`, I/O errors), so the `ROLLBACK` sqlx queued when the transaction was
+/// dropped failed and sqlx's transaction depth stayed at 1: reused, the connection would
+/// refuse every later `BEGIN` ("attempted to call begin_with at non-zero transaction
+/// depth"). It also covers a `ROLLBACK` that really failed: closing the connection rolls
+/// the transaction back and frees SQLite's write lock.
+async fn discard_if_in_transaction(conn: &mut SqliteConnection) -> sqlx::Result<bool> {
+    // A dropped transaction only queues its ROLLBACK on the connection's worker; a ping
+    // goes through the same queue, so the depth is read after the rollback ran.
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::warn!(
+            "closing a datastore connection left inside a failed transaction; the pool \
+             opens a fresh one"
+        );
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Creates the parent directory (0700) and the database file (0600) if missing.

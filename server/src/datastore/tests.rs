@@ -561,31 +561,64 @@ async fn join_token_is_single_use() {
     assert_eq!(ds.get_join_token("0000000000000000").await.unwrap(), None);
 
     // A wrong secret hash neither succeeds nor burns the token.
-    assert!(!ds.consume_join_token(&id, &[8; 32], 150).await.unwrap());
-    assert!(ds.consume_join_token(&id, &h, 150).await.unwrap());
+    assert_refused(use_token(&ds, &id, &[8; 32], 150).await);
+    assert_eq!(count(&ds, "join_tokens").await, 1);
+    assert_eq!(count(&ds, "attested_agents").await, 0);
+    use_token(&ds, &id, &h, 150).await.unwrap();
     assert!(
-        !ds.consume_join_token(&id, &h, 150).await.unwrap(),
-        "second use"
+        ds.get_attested_agent(&token_agent(&id, 150).spiffe_id)
+            .await
+            .unwrap()
+            .is_some()
     );
+    assert_refused(use_token(&ds, &id, &h, 150).await);
     assert_eq!(ds.get_join_token(&id).await.unwrap(), None);
-    assert!(
-        !ds.consume_join_token("unknown", &h, 150).await.unwrap(),
-        "unknown token"
-    );
+    assert_refused(use_token(&ds, "0000000000000000", &h, 150).await);
 
-    // Expired (expires_at <= now): refused, and deleted too.
-    ds.create_join_token(&id, &h, 200, 100, None).await.unwrap();
-    assert!(!ds.consume_join_token(&id, &h, 200).await.unwrap());
-    assert_eq!(count(&ds, "join_tokens").await, 0);
+    // Expired (expires_at <= now): refused; pruning deletes it.
+    let (id2, h2) = tok(2);
+    ds.create_join_token(&id2, &h2, 200, 100, None)
+        .await
+        .unwrap();
+    assert_refused(use_token(&ds, &id2, &h2, 200).await);
+    assert_eq!(count(&ds, "join_tokens").await, 1);
+    assert_eq!(count(&ds, "attested_agents").await, 1);
 
     // Pruning.
-    for (n, exp) in [(1, 100), (2, 200), (3, 300)] {
+    for (n, exp) in [(1, 100), (3, 300), (4, 400)] {
         let (id, h) = tok(n);
         ds.create_join_token(&id, &h, exp, 0, None).await.unwrap();
     }
     assert_eq!(ds.prune_expired_join_tokens(200).await.unwrap(), 2);
     let (id3, h3) = tok(3);
-    assert!(ds.consume_join_token(&id3, &h3, 200).await.unwrap());
+    use_token(&ds, &id3, &h3, 200).await.unwrap();
+}
+
+/// The agent a join token with this id admits, attested at `now`.
+fn token_agent(id: &str, now: i64) -> AttestedAgent {
+    let mut a = agent(&format!("/join_token/{id}"), &[]);
+    a.attested_at = now;
+    a
+}
+
+/// Records the attestation of [`token_agent`] with the token, at `now`.
+async fn use_token(ds: &Datastore, id: &str, secret_hash: &[u8; 32], now: i64) -> Result<()> {
+    let token = PresentedToken {
+        id: id.to_owned(),
+        secret_hash: *secret_hash,
+    };
+    ds.attest_agent(&token_agent(id, now), Some(&token)).await
+}
+
+fn assert_refused(r: Result<()>) {
+    assert!(
+        matches!(
+            &r,
+            Err(Error::Core(carapace_core::Error::AttestationRejected(m)))
+                if m == "join token is unknown, expired or already used"
+        ),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
@@ -628,7 +661,7 @@ async fn join_token_with_alias_is_one_transaction() {
     );
     assert_eq!(count(&ds, "join_tokens").await, 1);
     assert_eq!(ds.get_join_token(&t2).await.unwrap(), None);
-    assert!(!ds.consume_join_token(&t2, &h2, 150).await.unwrap());
+    assert_refused(use_token(&ds, &t2, &h2, 150).await);
     assert!(ds.get_entry(&eid("a2")).await.unwrap().is_none());
 
     // A duplicate alias id: same.
@@ -672,7 +705,13 @@ async fn concurrent_consumers_of_one_token_exactly_one_wins() {
                 let id = id.clone();
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    ds.consume_join_token(&id, &h, 10).await.unwrap()
+                    match use_token(&ds, &id, &h, 10).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            assert_refused(Err(e));
+                            false
+                        }
+                    }
                 })
             })
             .collect();
@@ -683,6 +722,7 @@ async fn concurrent_consumers_of_one_token_exactly_one_wins() {
             }
         }
         assert_eq!(wins, 1, "round {round}");
+        assert_eq!(ds.get_join_token(&id).await.unwrap(), None);
     }
 }
 
@@ -1102,4 +1142,151 @@ async fn save_new_attestation_state_inserts_once_and_keeps_the_first() {
         .filter(|r| *r.as_ref().unwrap())
         .count();
     assert_eq!(won, 1);
+}
+
+// ---------------------------------------------------------------- faults: a full disk
+
+/// Rows in every table an entry write touches.
+async fn entry_rows(ds: &Datastore) -> [i64; 4] {
+    [
+        count(ds, "entries").await,
+        count(ds, "entry_selectors").await,
+        count(ds, "entry_dns_names").await,
+        count(ds, "entry_events").await,
+    ]
+}
+
+/// An entry with enough selectors and DNS names that writing it needs new pages.
+fn big_entry(id: &str) -> RegistrationEntry {
+    let selectors: Vec<String> = (0..100).map(|i| format!("unix:uid:{i:0>40}")).collect();
+    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+    let mut e = entry(id, &format!("/big/{id}"), &selectors);
+    e.dns_names = (0..20)
+        .map(|i| format!("n{i}.{}.example.org", "x".repeat(40)))
+        .collect();
+    e
+}
+
+fn assert_disk_full(r: Result<()>) {
+    assert!(
+        matches!(&r, Err(Error::Datastore(m)) if m.contains("database or disk is full")),
+        "expected a disk-full error, got {r:?}"
+    );
+}
+
+/// A datastore in a 2 MiB tmpfs of its own.
+async fn on_small_disk() -> (hsm_sim::tmpfs::Tmpfs, Datastore) {
+    let disk = hsm_sim::tmpfs::Tmpfs::mount(2 << 20).unwrap();
+    let ds = Datastore::open(&disk.path().join("ds.sqlite"))
+        .await
+        .unwrap();
+    (disk, ds)
+}
+
+#[tokio::test]
+async fn after_a_full_disk_writes_recover_without_a_restart() {
+    let (disk, ds) = on_small_disk().await;
+    ds.create_entry(&big_entry("before")).await.unwrap();
+    let rows = entry_rows(&ds).await;
+    assert_eq!(ds.write_health(), Ok(()));
+
+    disk.fill().unwrap();
+    // More failed writes than the pool has connections: each one a connection could be
+    // left poisoned by.
+    for i in 0..(2 * MAX_CONNECTIONS) {
+        assert_disk_full(ds.create_entry(&big_entry(&format!("full-{i}"))).await);
+    }
+    assert_eq!(entry_rows(&ds).await, rows, "nothing half-written");
+    let health = ds.write_health().unwrap_err();
+    assert!(health.contains("database or disk is full"), "{health}");
+
+    disk.free().unwrap();
+    for i in 0..(MAX_CONNECTIONS + 2) {
+        let e = entry(
+            &format!("after-{i}"),
+            &format!("/after/{i}"),
+            &["unix:uid:1"],
+        );
+        ds.create_entry(&e).await.unwrap();
+        assert_eq!(ds.get_entry(&e.id).await.unwrap(), Some(e));
+    }
+    assert_eq!(ds.write_health(), Ok(()));
+    assert_eq!(
+        count(&ds, "entries").await,
+        rows[0] + i64::from(MAX_CONNECTIONS) + 2
+    );
+    ds.close().await;
+}
+
+#[tokio::test]
+async fn a_write_refused_for_space_mid_transaction_leaves_nothing_behind() {
+    // `max_page_count` makes SQLite report SQLITE_FULL from inside a statement (the
+    // selectors' insert), where a full disk reports it at COMMIT.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Datastore::open(&dir.path().join("ds.sqlite"))
+        .await
+        .unwrap();
+    ds.create_entry(&big_entry("before")).await.unwrap();
+    let rows = entry_rows(&ds).await;
+    set_max_page_count(&ds, 1).await;
+    for i in 0..(2 * MAX_CONNECTIONS) {
+        assert_disk_full(ds.create_entry(&big_entry(&format!("full-{i}"))).await);
+        assert_eq!(entry_rows(&ds).await, rows, "write {i}");
+    }
+    set_max_page_count(&ds, 1_000_000).await;
+    ds.create_entry(&big_entry("after")).await.unwrap();
+    assert_eq!(entry_rows(&ds).await[0], rows[0] + 1);
+}
+
+/// Sets `PRAGMA max_page_count` on every connection of the pool (holding all of them at
+/// once, so each is reached): `1` makes the database full at its current size (SQLite
+/// never lowers the limit below the size), a large value frees the space again.
+async fn set_max_page_count(ds: &Datastore, pages: u32) {
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut conn = ds.pool.acquire().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA max_page_count = {pages}"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        held.push(conn);
+    }
+}
+
+#[tokio::test]
+async fn a_join_token_whose_agent_write_failed_is_still_usable() {
+    let (disk, ds) = on_small_disk().await;
+    let (id, h) = tok(9);
+    let now = unix_now();
+    ds.create_join_token(&id, &h, now + 600, now, None)
+        .await
+        .unwrap();
+    let token = PresentedToken {
+        id: id.clone(),
+        secret_hash: h,
+    };
+    let mut agent = token_agent(&id, now);
+    // Enough node selectors that the agent record needs new pages.
+    agent.selectors = (0..200)
+        .map(|i| sel(&format!("host:label:{i:0>60}")))
+        .collect();
+
+    disk.fill().unwrap();
+    for _ in 0..3 {
+        assert_disk_full(ds.attest_agent(&agent, Some(&token)).await);
+        // The delete was not committed: the token is there, the agent is not.
+        assert!(ds.get_join_token(&id).await.unwrap().is_some());
+        assert_eq!(count(&ds, "attested_agents").await, 0);
+        assert_eq!(count(&ds, "node_selectors").await, 0);
+    }
+
+    disk.free().unwrap();
+    ds.attest_agent(&agent, Some(&token)).await.unwrap();
+    let stored = ds.get_attested_agent(&agent.spiffe_id).await.unwrap();
+    assert_eq!(stored, Some(agent.clone()));
+    assert_eq!(ds.get_join_token(&id).await.unwrap(), None);
+    assert_refused(ds.attest_agent(&agent, Some(&token)).await);
+    ds.close().await;
 }

@@ -2,14 +2,19 @@
 //! public (it becomes the agent ID), the secret is stored only as its SHA-256. The
 //! token and the secret never reach the database, and error messages never name them.
 //!
-//! A token is single-use. Consuming it is one `DELETE ... WHERE id = ? AND secret_hash
-//! = ? RETURNING expires_at` statement: the database deletes the row for at most one of
-//! any number of concurrent consumers, so exactly one of them sees it; a wrong secret
-//! hash deletes nothing, so a wrong guess does not burn the token.
+//! A token is single-use. It is consumed by one `DELETE ... WHERE id = ? AND secret_hash
+//! = ? AND expires_at > now` statement in the transaction that records the agent it
+//! admits ([`Datastore::attest_agent`]): the database deletes the row for at most one of
+//! any number of concurrent consumers, and the one whose delete found nothing rolls its
+//! whole transaction back; a wrong secret hash deletes nothing, so a wrong guess does not
+//! burn the token; and a transaction that fails (a full disk) leaves the token in place,
+//! so the agent can try again.
 
 use std::fmt;
 
 use carapace_core::RegistrationEntry;
+
+use sqlx::SqliteConnection;
 
 use super::{Datastore, corrupt, entries::insert_entry, is_unique_violation};
 use crate::{Error, Result};
@@ -36,6 +41,52 @@ impl fmt::Debug for JoinToken {
             .field("created_at", &self.created_at)
             .finish()
     }
+}
+
+/// A join token an agent presented and the `join_token` attestor verified (id known,
+/// secret matching, not expired), to be consumed in the transaction that records the
+/// agent.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresentedToken {
+    /// The public token id.
+    pub id: String,
+    /// SHA-256 of the presented secret.
+    pub secret_hash: [u8; 32],
+}
+
+impl fmt::Debug for PresentedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PresentedToken")
+            .field("id", &self.id)
+            .field("secret_hash", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Consumes `token` inside the caller's write transaction: deletes its row if the id and
+/// secret hash match and it has not expired at `now`. If nothing was deleted (already
+/// used, by a racing agent too; unknown; wrong secret; expired) the attestation is
+/// refused with the `join_token` attestor's one message, and the caller's transaction
+/// must be dropped, so nothing else it wrote is kept.
+pub(super) async fn consume(
+    conn: &mut SqliteConnection,
+    token: &PresentedToken,
+    now: i64,
+) -> Result<()> {
+    // `execute` runs the statement to completion, so an error (a full disk) is reported
+    // here and not lost when a half-read statement is reset.
+    let done = sqlx::query(
+        "DELETE FROM join_tokens WHERE id = $1 AND secret_hash = $2 AND expires_at > $3",
+    )
+    .bind(token.id.as_str())
+    .bind(&token.secret_hash[..])
+    .bind(now)
+    .execute(conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Err(crate::node_attestor::join_token_rejected());
+    }
+    Ok(())
 }
 
 impl Datastore {
@@ -100,26 +151,6 @@ impl Datastore {
             })
         })
         .transpose()
-    }
-
-    /// Consumes a join token: if a token with this id and secret hash is stored, deletes
-    /// it and returns whether it had not expired (`now < expires_at`); an expired token
-    /// is deleted too. A wrong secret hash deletes nothing and returns `false`.
-    /// Race-free: of concurrent consumers of one token, exactly one can get `true`.
-    pub async fn consume_join_token(
-        &self,
-        token_id: &str,
-        secret_hash: &[u8; 32],
-        now: i64,
-    ) -> Result<bool> {
-        let expires_at: Option<i64> = sqlx::query_scalar(
-            "DELETE FROM join_tokens WHERE id = $1 AND secret_hash = $2 RETURNING expires_at",
-        )
-        .bind(token_id)
-        .bind(&secret_hash[..])
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(expires_at.is_some_and(|exp| now < exp))
     }
 
     /// Deletes the join tokens expired at `now` (`expires_at <= now`); returns how many.

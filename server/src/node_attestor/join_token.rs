@@ -3,9 +3,12 @@
 //! A token is `<id>.<secret>`: the id (8 random bytes, hex) names the token and becomes
 //! the agent's ID (`spiffe://<td>/spire/agent/join_token/<id>`); the secret (24 random
 //! bytes, hex) is stored only as its SHA-256. Attestation looks the token up by id,
-//! compares the secret's hash in constant time, and consumes it with a conditional
-//! delete, so of two agents racing with one token exactly one wins, and a wrong guess
-//! does not burn the token. Neither the token nor the secret is ever logged.
+//! compares the secret's hash in constant time and checks its expiry; it does not
+//! consume it. The server consumes the token ([`presented_token`]) with a conditional
+//! delete in the transaction that records the agent (`Datastore::attest_agent`), so of
+//! two agents racing with one token exactly one wins, a wrong guess does not burn the
+//! token, and a failed write (a full disk) leaves it usable for a retry. Neither the
+//! token nor the secret is ever logged.
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -15,7 +18,14 @@ use zeroize::Zeroizing;
 use carapace_core::plugin::{AttestationContext, AttestationResult, AttestationStep, NodeAttestor};
 use carapace_core::{Error, SelectorSet};
 
-use crate::datastore::Datastore;
+use crate::datastore::{Datastore, PresentedToken};
+
+/// The attestor's name, the `<attestor>` segment of its agents' IDs.
+pub const NAME: &str = "join_token";
+
+/// The one message for unknown, wrong, expired and already used tokens: the caller
+/// learns nothing.
+pub(crate) const REJECTED: &str = "join token is unknown, expired or already used";
 
 /// A freshly generated token.
 #[derive(Debug)]
@@ -57,27 +67,44 @@ impl JoinTokenAttestor {
 }
 
 fn rejected() -> Error {
-    // One message for unknown, wrong and expired tokens: the caller learns nothing.
-    Error::AttestationRejected("join token is unknown, expired or already used".into())
+    Error::AttestationRejected(REJECTED.into())
+}
+
+/// [`REJECTED`] as the server's error.
+pub(crate) fn server_rejected() -> crate::Error {
+    crate::Error::Core(rejected())
+}
+
+/// The token a `join_token` attestation payload presents (its id and the hash of its
+/// secret), or `None` if the payload is not a well-formed token. The server consumes it
+/// when it records the agent, after [`JoinTokenAttestor`] accepted the same payload.
+pub fn presented_token(payload: &[u8]) -> Option<PresentedToken> {
+    let token = std::str::from_utf8(payload).ok()?;
+    let (id, secret) = token.split_once('.')?;
+    if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.is_empty() {
+        return None;
+    }
+    Some(PresentedToken {
+        id: id.to_owned(),
+        secret_hash: Sha256::digest(secret.as_bytes()).into(),
+    })
 }
 
 #[async_trait::async_trait]
 impl NodeAttestor for JoinTokenAttestor {
     fn name(&self) -> &str {
-        "join_token"
+        NAME
     }
 
+    /// Verifies the token; the server consumes it with the agent record (see the
+    /// module).
     async fn begin(
         &self,
         payload: &[u8],
         _ctx: &AttestationContext,
     ) -> Result<AttestationStep, Error> {
-        let token = std::str::from_utf8(payload).map_err(|_| rejected())?;
-        let (id, secret) = token.split_once('.').ok_or_else(rejected)?;
-        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || secret.is_empty() {
-            return Err(rejected());
-        }
-        let presented: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let presented = presented_token(payload).ok_or_else(rejected)?;
+        let id = presented.id.as_str();
         let now = crate::unix_now();
         let stored = self
             .ds
@@ -85,7 +112,7 @@ impl NodeAttestor for JoinTokenAttestor {
             .await
             .map_err(|e| Error::KeyBackend(format!("datastore: {e}")))?
             .ok_or_else(rejected)?;
-        if !bool::from(stored.secret_hash.ct_eq(&presented)) {
+        if !bool::from(stored.secret_hash.ct_eq(&presented.secret_hash)) {
             tracing::warn!(token_id = id, "join token presented with a wrong secret");
             return Err(rejected());
         }
@@ -93,15 +120,6 @@ impl NodeAttestor for JoinTokenAttestor {
             tracing::warn!(token_id = id, "expired join token presented");
             return Err(rejected());
         }
-        let consumed = self
-            .ds
-            .consume_join_token(id, &stored.secret_hash, now)
-            .await
-            .map_err(|e| Error::KeyBackend(format!("datastore: {e}")))?;
-        if !consumed {
-            return Err(Error::AttestationReplay("join token"));
-        }
-        tracing::info!(token_id = id, "join token consumed");
         Ok(AttestationStep::Done(AttestationResult {
             agent_path: id.to_owned(),
             selectors: SelectorSet::new(),
@@ -139,31 +157,137 @@ mod tests {
         }
     }
 
+    /// What the server does with a token: the attestor verifies it, then the agent
+    /// record is written with the token consumed in the same transaction.
+    async fn attest(a: &JoinTokenAttestor, ds: &Datastore, token: &str) -> crate::Result<()> {
+        let r = done(a.begin(token.as_bytes(), &ctx()).await?);
+        let presented = presented_token(token.as_bytes()).unwrap();
+        assert_eq!(presented.id, r.agent_path);
+        let agent = crate::datastore::AttestedAgent {
+            spiffe_id: format!(
+                "spiffe://example.org/spire/agent/join_token/{}",
+                r.agent_path
+            )
+            .parse()
+            .unwrap(),
+            attestor: NAME.into(),
+            serial: "01".into(),
+            new_serial: None,
+            expires_at: crate::unix_now() + 3600,
+            banned: false,
+            reattestable: r.can_reattest,
+            attested_at: crate::unix_now(),
+            selectors: r.selectors,
+            refused: None,
+        };
+        ds.attest_agent(&agent, Some(&presented)).await
+    }
+
+    fn is_refusal(e: &crate::Error) -> bool {
+        matches!(e, crate::Error::Core(Error::AttestationRejected(m)) if m == REJECTED)
+    }
+
     #[tokio::test]
     async fn a_token_works_once() {
-        let (a, t, _) = attestor_with_token(60).await;
+        let (a, t, ds) = attestor_with_token(60).await;
         let r = done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
         assert_eq!(r.agent_path, t.id);
         assert!(!r.can_reattest);
-        let again = a.begin(t.token.as_bytes(), &ctx()).await.unwrap_err();
-        assert!(
-            matches!(
-                again,
-                Error::AttestationRejected(_) | Error::AttestationReplay(_)
-            ),
-            "{again}"
-        );
+        attest(&a, &ds, &t.token).await.unwrap();
+        let again = attest(&a, &ds, &t.token).await.unwrap_err();
+        assert!(is_refusal(&again), "{again}");
+    }
+
+    #[tokio::test]
+    async fn a_token_whose_agent_write_failed_can_be_used_again() {
+        let disk = hsm_sim::tmpfs::Tmpfs::mount(1 << 20).unwrap();
+        let ds = Datastore::open(&disk.path().join("ds.sqlite"))
+            .await
+            .unwrap();
+        let t = generate_join_token();
+        let now = crate::unix_now();
+        ds.create_join_token(&t.id, &t.secret_hash, now + 60, now, None)
+            .await
+            .unwrap();
+        let a = JoinTokenAttestor::new(ds.clone());
+        // The attestor accepts the token; then the disk fills up before the agent
+        // record is written.
+        let r = done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
+        disk.fill().unwrap();
+        let agent = crate::datastore::AttestedAgent {
+            spiffe_id: format!(
+                "spiffe://example.org/spire/agent/join_token/{}",
+                r.agent_path
+            )
+            .parse()
+            .unwrap(),
+            attestor: NAME.into(),
+            serial: "01".into(),
+            new_serial: None,
+            expires_at: now + 3600,
+            banned: false,
+            reattestable: false,
+            attested_at: now,
+            selectors: r.selectors,
+            refused: None,
+        };
+        let presented = presented_token(t.token.as_bytes()).unwrap();
+        let err = ds.attest_agent(&agent, Some(&presented)).await.unwrap_err();
+        assert!(matches!(err, crate::Error::Datastore(_)), "{err}");
+        assert!(ds.get_join_token(&t.id).await.unwrap().is_some());
+        assert!(ds.list_attested_agents().await.unwrap().is_empty());
+        // Space is freed: the agent's retry with the same token succeeds.
+        disk.free().unwrap();
+        attest(&a, &ds, &t.token).await.unwrap();
+        assert_eq!(ds.list_attested_agents().await.unwrap().len(), 1);
+        assert!(ds.get_join_token(&t.id).await.unwrap().is_none());
+        ds.close().await;
+    }
+
+    #[tokio::test]
+    async fn verifying_a_token_does_not_consume_it() {
+        let (a, t, ds) = attestor_with_token(60).await;
+        done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
+        done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
+        assert!(ds.get_join_token(&t.id).await.unwrap().is_some());
     }
 
     #[tokio::test]
     async fn a_wrong_secret_is_rejected_and_does_not_burn_the_token() {
-        let (a, t, _) = attestor_with_token(60).await;
+        let (a, t, ds) = attestor_with_token(60).await;
         let wrong = format!("{}.{}", t.id, "00".repeat(24));
         assert!(matches!(
             a.begin(wrong.as_bytes(), &ctx()).await,
             Err(Error::AttestationRejected(_))
         ));
-        done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
+        // Nor does a wrong secret that got past the attestor burn it at the write.
+        let stolen_id = PresentedToken {
+            id: t.id.clone(),
+            secret_hash: [0; 32],
+        };
+        let agent = crate::datastore::AttestedAgent {
+            spiffe_id: format!("spiffe://example.org/spire/agent/join_token/{}", t.id)
+                .parse()
+                .unwrap(),
+            attestor: NAME.into(),
+            serial: "01".into(),
+            new_serial: None,
+            expires_at: 0,
+            banned: false,
+            reattestable: false,
+            attested_at: crate::unix_now(),
+            selectors: SelectorSet::new(),
+            refused: None,
+        };
+        let err = ds.attest_agent(&agent, Some(&stolen_id)).await.unwrap_err();
+        assert!(is_refusal(&err), "{err}");
+        assert!(
+            ds.get_attested_agent(&agent.spiffe_id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        attest(&a, &ds, &t.token).await.unwrap();
     }
 
     #[tokio::test]
@@ -199,13 +323,23 @@ mod tests {
         ds.create_join_token(&t.id, &t.secret_hash, now + 60, now, None)
             .await
             .unwrap();
-        let a = Arc::new(JoinTokenAttestor::new(ds));
+        let a = Arc::new(JoinTokenAttestor::new(ds.clone()));
+        let barrier = Arc::new(tokio::sync::Barrier::new(16));
         let mut tasks = Vec::new();
         for _ in 0..16 {
             let a = a.clone();
+            let ds = ds.clone();
+            let barrier = barrier.clone();
             let token = t.token.to_string();
             tasks.push(tokio::spawn(async move {
-                a.begin(token.as_bytes(), &ctx()).await.is_ok()
+                barrier.wait().await;
+                match attest(&a, &ds, &token).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        assert!(is_refusal(&e), "{e}");
+                        false
+                    }
+                }
             }));
         }
         let mut wins = 0;
@@ -215,5 +349,7 @@ mod tests {
             }
         }
         assert_eq!(wins, 1, "exactly one attestation may succeed");
+        assert_eq!(ds.list_attested_agents().await.unwrap().len(), 1);
+        assert!(ds.get_join_token(&t.id).await.unwrap().is_none());
     }
 }

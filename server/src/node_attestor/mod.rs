@@ -2,4 +2,7 @@
 
 mod join_token;
 
-pub use join_token::{GeneratedToken, JoinTokenAttestor, generate_join_token};
+pub(crate) use join_token::server_rejected as join_token_rejected;
+pub use join_token::{
+    GeneratedToken, JoinTokenAttestor, NAME as JOIN_TOKEN, generate_join_token, presented_token,
+};
