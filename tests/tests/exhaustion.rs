@@ -196,12 +196,27 @@ async fn workload_api_serves_root_while_uid_65534_floods_it_with_silent_connecti
     assert_eq!(line.trim(), "connected");
 
     // Root, another uid, is served while uid 65534 holds its cap.
-    let fetched = agent.fetch(&[]);
-    assert!(
-        fetched.status.success(),
-        "root's fetch during the flood: {}",
-        String::from_utf8_lossy(&fetched.stderr)
-    );
+    let mut fetch = Command::new(carapace_e2e::bin("carapace-agent"))
+        .args(["api", "fetch", "x509", "--socket-path"])
+        .arg(&agent.socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = fetch.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            fetch.kill().unwrap();
+            fetch.wait().unwrap();
+            flood.kill().unwrap();
+            panic!("root's fetch during the flood hung for 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "root's fetch during the flood failed");
     assert!(
         open_fds(agent.proc.pid()) < 100,
         "the agent holds {} descriptors",
@@ -447,4 +462,50 @@ async fn accept_loops_out_of_descriptors_back_off_instead_of_spinning() {
     })
     .await;
     assert!(server.proc.try_wait().is_none(), "the server exited");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attestations_beyond_the_in_flight_cap_are_refused_promptly() {
+    let lab = Lab::new();
+    let config = write_config(
+        &lab,
+        "server.toml",
+        "[node_api]\nmax_attestations_in_flight = 2\n",
+    );
+    let server = Server::start_with(&lab, &["--config", config.to_str().unwrap()]);
+    let tls = tls_without_client_cert(&server);
+    // Two attestations that never send their first message hold both permits.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut client = node_client::channel(&server.address, tls.clone()).unwrap();
+        // A request stream that ends, empty, when `go_away` is dropped.
+        let (go_away, gone) = tokio::sync::oneshot::channel::<()>();
+        let request = futures::StreamExt::filter_map(futures::stream::once(gone), |_| async {
+            None::<AttestRequest>
+        });
+        let resp = client.attest(request).await.unwrap();
+        stalled.push((client, resp, go_away));
+    }
+    let start = Instant::now();
+    let status = unauthenticated_attest(&server, tls.clone(), 16).await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    // Their permits come back when they go away.
+    drop(stalled);
+    let km = MemoryKeyManager::new();
+    eventually("an attestation after the stalled ones left", || async {
+        let (token, _) = server.token();
+        let key = km.generate_key("k", KeyType::EcP256).await.ok()?;
+        let csr = carapace_tls::csr_for_key(key.clone()).ok()?;
+        node_client::attest(
+            &server.address,
+            tls.clone(),
+            &JoinTokenClient::new(Zeroizing::new(token)),
+            csr,
+            key.public_key_der(),
+        )
+        .await
+        .ok()
+    })
+    .await;
 }
