@@ -489,7 +489,11 @@ async fn attestations_beyond_the_in_flight_cap_are_refused_promptly() {
     let start = Instant::now();
     let status = unauthenticated_attest(&server, tls.clone(), 16).await;
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     // Their permits come back when they go away.
     drop(stalled);
     let km = MemoryKeyManager::new();
