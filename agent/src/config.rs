@@ -8,6 +8,8 @@ use zeroize::Zeroizing;
 
 use carapace_core::{KeyType, TrustDomain};
 
+use crate::workload_api::ConnectionLimits;
+
 /// Default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
 /// Default server address.
@@ -42,6 +44,9 @@ pub struct FileConfig {
     /// How long the workload attestors together may take for one Workload API request.
     #[serde(default, with = "humantime_serde::option")]
     pub workload_attestation_timeout: Option<Duration>,
+    /// Bounds on the Workload API's connections.
+    #[serde(default)]
+    pub workload_api: WorkloadApiFile,
     /// Key manager for the agent's own key (exactly one; default `disk`).
     #[serde(default)]
     pub key_manager: toml::Table,
@@ -51,6 +56,73 @@ pub struct FileConfig {
     /// Workload attestors (default `unix`).
     #[serde(default)]
     pub workload_attestor: toml::Table,
+}
+
+/// `[workload_api]`: bounds on the Workload API's connections. Unset keys default from
+/// the process's descriptor limit ([`ConnectionLimits::from_fd_limit`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiFile {
+    /// Live connections in total.
+    pub max_connections: Option<usize>,
+    /// Live connections of one uid.
+    pub max_connections_per_uid: Option<usize>,
+    /// How long a connection without an RPC in progress stays open.
+    #[serde(default, with = "humantime_serde::option")]
+    pub connection_idle_timeout: Option<Duration>,
+}
+
+/// The longest `workload_api.connection_idle_timeout` accepted.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Resolves `[workload_api]` against the defaults for `fd_limit`, listing every problem.
+fn workload_api_limits(
+    file: &WorkloadApiFile,
+    fd_limit: Option<u64>,
+    problems: &mut Vec<String>,
+) -> ConnectionLimits {
+    let defaults = ConnectionLimits::from_fd_limit(fd_limit);
+    let max_connections = file.max_connections.unwrap_or(defaults.max_connections);
+    let max_connections_per_uid = file.max_connections_per_uid.unwrap_or_else(|| {
+        (max_connections / 4)
+            .max(1)
+            .min(defaults.max_connections_per_uid)
+    });
+    let idle_timeout = file
+        .connection_idle_timeout
+        .unwrap_or(defaults.idle_timeout);
+    if max_connections == 0 {
+        problems.push("workload_api.max_connections: must be at least 1".into());
+    }
+    if max_connections_per_uid == 0 || max_connections_per_uid > max_connections {
+        problems.push(format!(
+            "workload_api.max_connections_per_uid: {max_connections_per_uid} is outside 1..=max_connections ({max_connections})"
+        ));
+    } else if max_connections_per_uid == max_connections && max_connections > 1 {
+        problems.push(format!(
+            "workload_api.max_connections_per_uid: {max_connections_per_uid} equals max_connections: one uid could take every connection; set it lower"
+        ));
+    }
+    if idle_timeout < Duration::from_millis(100) || idle_timeout > MAX_IDLE_TIMEOUT {
+        problems.push(format!(
+            "workload_api.connection_idle_timeout: {} is outside 100ms..1h",
+            humantime::format_duration(idle_timeout)
+        ));
+    }
+    if let Some(limit) = fd_limit {
+        // Two descriptors per connection (socket + pidfd), plus the agent's own.
+        if (max_connections as u64).saturating_mul(2) >= limit {
+            problems.push(format!(
+                "workload_api.max_connections: {max_connections} connections need {} file descriptors (socket + pidfd each), more than this process may open ({limit}, RLIMIT_NOFILE); lower it or raise the limit",
+                max_connections * 2
+            ));
+        }
+    }
+    ConnectionLimits {
+        max_connections,
+        max_connections_per_uid,
+        idle_timeout,
+    }
 }
 
 /// Flag overrides.
@@ -125,6 +197,8 @@ pub struct Config {
     pub rotation_interval: Duration,
     /// Bound on workload attestation per request.
     pub workload_attestation_timeout: Duration,
+    /// Bounds on the Workload API's connections.
+    pub workload_api_limits: ConnectionLimits,
 }
 
 impl std::fmt::Debug for Config {
@@ -236,6 +310,11 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             humantime::format_duration(workload_attestation_timeout)
         ));
     }
+    let workload_api_limits = workload_api_limits(
+        &file.workload_api,
+        carapace_common::listener::fd_limit(),
+        &mut problems,
+    );
     if let Some(t) = &ov.join_token {
         if t.trim().is_empty() {
             problems.push("join_token: is empty".into());
@@ -280,6 +359,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             workload_attestors,
             rotation_interval: Duration::from_secs(1),
             workload_attestation_timeout,
+            workload_api_limits,
         }),
         _ => Err(problems),
     }
@@ -352,6 +432,49 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{ov:?}").contains("secret-token-value"));
+    }
+
+    #[test]
+    fn workload_api_limits_default_from_the_descriptor_limit() {
+        let mut problems = Vec::new();
+        let l = workload_api_limits(&WorkloadApiFile::default(), Some(1024), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(l.max_connections, 256);
+        assert_eq!(l.max_connections_per_uid, 64);
+        assert_eq!(l.idle_timeout, Duration::from_secs(30));
+        let file = parse("[workload_api]\nmax_connections = 40\n");
+        let l = workload_api_limits(&file.workload_api, Some(1024), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!((l.max_connections, l.max_connections_per_uid), (40, 10));
+    }
+
+    fn parse(text: &str) -> FileConfig {
+        carapace_common::parse_toml(text).unwrap()
+    }
+
+    #[test]
+    fn bad_workload_api_limits_are_all_listed() {
+        let file = parse(
+            "[workload_api]\nmax_connections = 600\nmax_connections_per_uid = 700\nconnection_idle_timeout = \"2h\"\n",
+        );
+        let mut problems = Vec::new();
+        workload_api_limits(&file.workload_api, Some(1024), &mut problems);
+        for needle in [
+            "workload_api.max_connections_per_uid: 700 is outside 1..=max_connections (600)",
+            "workload_api.connection_idle_timeout: 2h is outside 100ms..1h",
+            "workload_api.max_connections: 600 connections need 1200 file descriptors",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        }
+        let unknown = carapace_common::parse_toml::<FileConfig>("[workload_api]\nmax_conns = 1\n")
+            .unwrap_err();
+        assert!(
+            unknown.iter().any(|e| e.contains("max_conns")),
+            "{unknown:?}"
+        );
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let cache = SvidCache::new(Arc::new(TrustBundle::new(cfg.trust_domain.clone())));
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = WorkloadApi::new(cache.clone(), attestors)
-        .with_attestation_timeout(cfg.workload_attestation_timeout);
+        .with_attestation_timeout(cfg.workload_attestation_timeout)
+        .with_connection_limits(cfg.workload_api_limits);
     let socket_path = cfg.socket_path.clone();
     let api_task = {
         let mut stop = stop_rx.clone();

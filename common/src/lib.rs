@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod listener;
+
 use std::fmt::Write as _;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Request, Response, Status};
 
 use carapace_core::{EntryId, RegistrationEntry, Selector, SelectorSet, SpiffeId};
@@ -215,14 +214,30 @@ fn address_in_use(path: &Path) -> Error {
     }
 }
 
-/// Serves the admin API on `listener` until `shutdown` resolves.
+/// Admin connections open at once.
+const MAX_CONNECTIONS: usize = 64;
+/// How long an admin connection stays open without an RPC in progress.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Serves the admin API on `listener` until `shutdown` resolves: at most
+/// [`MAX_CONNECTIONS`] connections, each closed after [`IDLE_TIMEOUT`] without an RPC;
+/// accept errors (out of descriptors) back off instead of spinning.
 pub async fn serve<F>(listener: UnixListener, api: AdminApi, shutdown: F) -> Result<()>
 where
     F: Future<Output = ()> + Send,
 {
+    use carapace_common::listener::{Limits, TrackRpcsLayer, UnixConnInfo, unix_incoming};
+    let limits = Limits {
+        max_connections: MAX_CONNECTIONS,
+        max_per_peer: MAX_CONNECTIONS,
+    };
     tonic::transport::Server::builder()
+        .layer(TrackRpcsLayer::<UnixConnInfo>::new())
         .add_service(AdminServer::new(api))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            unix_incoming(listener, "admin API", limits, Some(IDLE_TIMEOUT)),
+            shutdown,
+        )
         .await
         .map_err(|e| Error::Io {
             context: "admin API".into(),

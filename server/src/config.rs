@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 use carapace_core::{KeyType, TrustDomain, limits};
 
+use crate::listener::NodeApiLimits;
+
 /// Default trust domain when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
 /// Default data directory.
@@ -61,6 +63,9 @@ pub struct FileConfig {
     pub ca_organization: Option<String>,
     /// CA subject country.
     pub ca_country: Option<String>,
+    /// Bounds on the node API's connections and attestations.
+    #[serde(default)]
+    pub node_api: NodeApiFile,
     /// Key manager plugins: exactly one.
     #[serde(default)]
     pub key_manager: toml::Table,
@@ -70,6 +75,88 @@ pub struct FileConfig {
     /// Upstream authority plugin: at most one.
     #[serde(default)]
     pub upstream_authority: toml::Table,
+}
+
+/// `[node_api]`: bounds on the node API's connections and attestations. Unset keys
+/// default from the process's descriptor limit ([`NodeApiLimits::from_fd_limit`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeApiFile {
+    /// Live connections in total.
+    pub max_connections: Option<usize>,
+    /// Live connections from one IP address.
+    pub max_connections_per_ip: Option<usize>,
+    /// Live connections without an agent SVID.
+    pub max_unauthenticated_connections: Option<usize>,
+    /// How long a connection without an agent SVID stays open without an RPC.
+    #[serde(default, with = "humantime_serde::option")]
+    pub unauthenticated_idle_timeout: Option<Duration>,
+    /// Attestations in progress at once.
+    pub max_attestations_in_flight: Option<usize>,
+}
+
+/// Resolves `[node_api]` against the defaults for `fd_limit`, listing every problem.
+fn node_api_limits(
+    file: &NodeApiFile,
+    fd_limit: Option<u64>,
+    problems: &mut Vec<String>,
+) -> NodeApiLimits {
+    let defaults = NodeApiLimits::from_fd_limit(fd_limit);
+    let max_connections = file.max_connections.unwrap_or(defaults.max_connections);
+    let scaled = |part: usize, default: usize| (max_connections / part).max(1).min(default);
+    let l = NodeApiLimits {
+        max_connections,
+        max_connections_per_ip: file
+            .max_connections_per_ip
+            .unwrap_or_else(|| scaled(2, defaults.max_connections_per_ip)),
+        max_unauthenticated_connections: file
+            .max_unauthenticated_connections
+            .unwrap_or_else(|| scaled(4, defaults.max_unauthenticated_connections)),
+        unauthenticated_idle_timeout: file
+            .unauthenticated_idle_timeout
+            .unwrap_or(defaults.unauthenticated_idle_timeout),
+        max_attestations_in_flight: file
+            .max_attestations_in_flight
+            .unwrap_or(defaults.max_attestations_in_flight),
+    };
+    if max_connections == 0 {
+        problems.push("node_api.max_connections: must be at least 1".into());
+    }
+    for (key, v) in [
+        ("max_connections_per_ip", l.max_connections_per_ip),
+        (
+            "max_unauthenticated_connections",
+            l.max_unauthenticated_connections,
+        ),
+    ] {
+        if v == 0 || v > max_connections {
+            problems.push(format!(
+                "node_api.{key}: {v} is outside 1..=max_connections ({max_connections})"
+            ));
+        }
+    }
+    if l.max_attestations_in_flight == 0 || l.max_attestations_in_flight > 4096 {
+        problems.push(format!(
+            "node_api.max_attestations_in_flight: {} is outside 1..=4096",
+            l.max_attestations_in_flight
+        ));
+    }
+    if l.unauthenticated_idle_timeout < Duration::from_millis(100)
+        || l.unauthenticated_idle_timeout > Duration::from_secs(3600)
+    {
+        problems.push(format!(
+            "node_api.unauthenticated_idle_timeout: {} is outside 100ms..1h",
+            humantime::format_duration(l.unauthenticated_idle_timeout)
+        ));
+    }
+    if let Some(limit) = fd_limit {
+        if max_connections as u64 >= limit {
+            problems.push(format!(
+                "node_api.max_connections: {max_connections} is not below the number of files this process may open ({limit}, RLIMIT_NOFILE): the datastore, the key manager and the admin socket would be starved; lower it or raise the limit"
+            ));
+        }
+    }
+    l
 }
 
 /// Command-line overrides of the essentials.
@@ -118,6 +205,8 @@ pub struct Config {
     pub node_attestors: Vec<(String, toml::Table)>,
     /// Upstream authority, if any: name and raw plugin table.
     pub upstream_authority: Option<(String, toml::Table)>,
+    /// Bounds on the node API's connections and attestations.
+    pub node_api: NodeApiLimits,
 }
 
 /// Reads a config file; a missing `path` means defaults. Every problem is listed.
@@ -229,6 +318,11 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         }
     };
 
+    let node_api = node_api_limits(
+        &file.node_api,
+        carapace_common::listener::fd_limit(),
+        &mut problems,
+    );
     let mut key_managers =
         carapace_common::plugin_envelopes("key_manager", &file.key_manager, "disk", &mut problems);
     if key_managers.len() > 1 {
@@ -284,6 +378,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             key_manager: key_managers.remove(0),
             node_attestors,
             upstream_authority: upstreams.pop(),
+            node_api,
         }),
         _ => Err(problems),
     }
@@ -414,6 +509,59 @@ log_format = "xml"
                 "{needle}: {errs:?}"
             );
         }
+    }
+
+    #[test]
+    fn node_api_limits_default_from_the_descriptor_limit() {
+        let mut problems = Vec::new();
+        let l = node_api_limits(&NodeApiFile::default(), Some(1024), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(l.max_connections, 512);
+        assert_eq!(l.max_connections_per_ip, 256);
+        assert_eq!(l.max_unauthenticated_connections, 128);
+        assert_eq!(l.unauthenticated_idle_timeout, Duration::from_secs(10));
+        assert_eq!(l.max_attestations_in_flight, 64);
+        let file = parse_file("[node_api]\nmax_connections = 40\n").unwrap();
+        let l = node_api_limits(&file.node_api, Some(1024), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            (l.max_connections_per_ip, l.max_unauthenticated_connections),
+            (20, 10)
+        );
+    }
+
+    #[test]
+    fn bad_node_api_limits_are_all_listed() {
+        let file = parse_file(
+            r#"
+[node_api]
+max_connections = 2000
+max_connections_per_ip = 0
+max_unauthenticated_connections = 3000
+unauthenticated_idle_timeout = "10ms"
+max_attestations_in_flight = 0
+"#,
+        )
+        .unwrap();
+        let mut problems = Vec::new();
+        node_api_limits(&file.node_api, Some(1024), &mut problems);
+        for needle in [
+            "node_api.max_connections: 2000 is not below the number of files this process may open (1024",
+            "node_api.max_connections_per_ip: 0 is outside 1..=max_connections (2000)",
+            "node_api.max_unauthenticated_connections: 3000 is outside",
+            "node_api.unauthenticated_idle_timeout: 10ms is outside 100ms..1h",
+            "node_api.max_attestations_in_flight: 0 is outside 1..=4096",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(needle)),
+                "{needle}: {problems:?}"
+            );
+        }
+        let unknown = parse_file("[node_api]\nmax_conns = 1\n").unwrap_err();
+        assert!(
+            unknown.iter().any(|e| e.contains("max_conns")),
+            "{unknown:?}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod datastore;
 pub mod entry_cache;
 mod error;
+pub mod listener;
 pub mod node_api;
 pub mod node_attestor;
 pub mod server_svid;
@@ -115,19 +116,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             default_x509_svid_ttl: config.default_x509_svid_ttl,
             agent_svid_ttl: config.agent_svid_ttl,
         },
+    )
+    .with_max_attestations_in_flight(config.node_api.max_attestations_in_flight);
+    let node_task = crate::listener::serve(
+        listener,
+        Arc::new(tls),
+        node,
+        config.node_api,
+        stop_rx.clone(),
     );
-    let incoming = node_api::incoming(listener, Arc::new(tls), stop_rx.clone());
-    let node_task = {
-        let mut stop = stop_rx.clone();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(node.into_service())
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = stop.changed().await;
-                }),
-        )
-    };
     let admin = admin_api::AdminApi::new(
         cache.clone(),
         ca.clone(),

@@ -9,16 +9,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use carapace_common::listener::{ConnectionHandle, HasConnection};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 
 use carapace_core::plugin::{
@@ -41,8 +37,14 @@ use crate::{Error, Result};
 pub const ATTESTATION_TIMEOUT: Duration = Duration::from_secs(60);
 /// The longest a TLS handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest node API message (a batch of CSRs).
+/// Largest node API message (a batch of CSRs) on a connection with an agent SVID.
 pub const MAX_MESSAGE_SIZE: usize = 32 * 1024 * 1024;
+/// Largest message on a connection without an agent SVID (attestation only): an
+/// attestor's payload (the plugins cap theirs at 64 KiB) plus a CSR and framing.
+pub const MAX_ATTESTATION_MESSAGE_SIZE: usize = 128 * 1024;
+/// Attestations in progress at once, by default; more are refused with
+/// `ResourceExhausted` before their first message is read.
+pub const DEFAULT_MAX_ATTESTATIONS_IN_FLIGHT: usize = 64;
 
 /// Who is on the other end of a node API connection.
 #[derive(Debug, Clone)]
@@ -54,6 +56,14 @@ pub struct PeerInfo {
     /// The connection's TLS exporter for channel binding
     /// ([`AttestationContext::tls_exporter`]). Keying material: never logged.
     pub tls_exporter: TlsExporter,
+    /// The connection's RPC count and idle timer ([`crate::listener`]).
+    pub connection: ConnectionHandle,
+}
+
+impl HasConnection for PeerInfo {
+    fn connection(&self) -> &ConnectionHandle {
+        &self.connection
+    }
 }
 
 /// [`TLS_EXPORTER_LEN`] bytes of a connection's TLS exporter, redacted in `Debug`.
@@ -67,7 +77,7 @@ impl std::fmt::Debug for TlsExporter {
 }
 
 /// The RFC 9266 `tls-exporter` value of a server connection.
-fn tls_exporter(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<TlsExporter> {
+pub(crate) fn tls_exporter<IO>(conn: &tokio_rustls::server::TlsStream<IO>) -> Option<TlsExporter> {
     let mut out = [0u8; TLS_EXPORTER_LEN];
     conn.get_ref()
         .1
@@ -99,57 +109,7 @@ impl PeerSvid {
     }
 }
 
-/// A TLS connection carrying its [`PeerInfo`] to the handlers.
-#[derive(Debug)]
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerInfo,
-}
-
-impl Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-fn peer_svid(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<PeerSvid> {
+pub(crate) fn peer_svid<IO>(conn: &tokio_rustls::server::TlsStream<IO>) -> Option<PeerSvid> {
     let leaf = conn.get_ref().1.peer_certificates()?.first()?;
     let id = carapace_core::x509svid::check_leaf(leaf).ok()?;
     let serial = carapace_core::x509svid::serial_of(leaf).ok()?;
@@ -159,56 +119,6 @@ fn peer_svid(conn: &tokio_rustls::server::TlsStream<TcpStream>) -> Option<PeerSv
         serial_hex: hex::encode(serial),
         not_after,
     })
-}
-
-/// Accepts TCP connections and completes TLS handshakes concurrently (a slow client
-/// cannot hold up others), yielding ready connections.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<std::io::Result<TlsConn>> {
-    let (tx, rx) = mpsc::channel(128);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.changed() => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(conn)) => {
-                        // TLS 1.3 only (the config allows nothing else), so the
-                        // exporter always exists; a connection without one is dropped.
-                        let Some(tls_exporter) = tls_exporter(&conn) else {
-                            tracing::warn!(%remote, "no TLS exporter on a connection; dropped");
-                            return;
-                        };
-                        let info = PeerInfo {
-                            remote,
-                            svid: peer_svid(&conn),
-                            tls_exporter,
-                        };
-                        let _ = tx.send(Ok(TlsConn { inner: conn, info })).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 /// A tokio instant at unix time `t` (seconds), or now if that has passed.
@@ -233,6 +143,8 @@ pub struct NodeApi {
     ca: Arc<CaManager>,
     attestors: Arc<HashMap<String, Arc<dyn NodeAttestor>>>,
     settings: NodeApiSettings,
+    /// Permits for attestations in progress.
+    attestations: Arc<Semaphore>,
 }
 
 fn svid_to_wire(s: &IssuedSvid) -> types::X509Svid {
@@ -259,13 +171,30 @@ impl NodeApi {
             ca,
             attestors: Arc::new(attestors),
             settings,
+            attestations: Arc::new(Semaphore::new(DEFAULT_MAX_ATTESTATIONS_IN_FLIGHT)),
         }
     }
 
-    /// The gRPC service, with the node API's message size limits.
+    /// Bounds the attestations in progress at once (default
+    /// [`DEFAULT_MAX_ATTESTATIONS_IN_FLIGHT`]).
+    pub fn with_max_attestations_in_flight(mut self, max: usize) -> Self {
+        self.attestations = Arc::new(Semaphore::new(max));
+        self
+    }
+
+    /// The gRPC service for connections with an agent SVID, with the node API's message
+    /// size limits.
     pub fn into_service(self) -> node::node_server::NodeServer<Self> {
         node::node_server::NodeServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    }
+
+    /// The gRPC service for connections without an agent SVID: messages up to
+    /// [`MAX_ATTESTATION_MESSAGE_SIZE`] (attestation is all such a caller may do).
+    pub fn into_attestation_service(self) -> node::node_server::NodeServer<Self> {
+        node::node_server::NodeServer::new(self)
+            .max_decoding_message_size(MAX_ATTESTATION_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE)
     }
 
@@ -494,6 +423,11 @@ impl node::node_server::Node for NodeApi {
     ) -> std::result::Result<Response<Self::AttestStream>, Status> {
         let peer = req.extensions().get::<PeerInfo>().cloned();
         let remote = peer.as_ref().map(|p| p.remote);
+        // Taken before the first message is read, held until the attestation ends.
+        let permit = self.attestations.clone().try_acquire_owned().map_err(|_| {
+            tracing::warn!(remote = ?remote, "attestation refused: too many in progress");
+            Status::resource_exhausted("too many attestations in progress; retry later")
+        })?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -511,6 +445,7 @@ impl node::node_server::Node for NodeApi {
                 }
                 Err(_) => Err(Status::deadline_exceeded("attestation took too long")),
             };
+            drop(permit);
             let _ = tx.send(msg).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -202,6 +202,8 @@ pub struct ServerOptions {
     pub extra: Vec<String>,
     /// Extra environment variables (e.g. SOFTHSM2_CONF).
     pub envs: Vec<(String, String)>,
+    /// Start under this RLIMIT_NOFILE (soft and hard), through `prlimit`.
+    pub nofile: Option<u64>,
 }
 
 impl Server {
@@ -268,7 +270,17 @@ impl Server {
         opts: &ServerOptions,
         log: &Path,
     ) -> Proc {
-        let mut cmd = Command::new(bin("carapace-server"));
+        let mut cmd = match opts.nofile {
+            // prlimit execs the server: the pid stays the server's.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(bin("carapace-server"));
+                c
+            }
+            None => Command::new(bin("carapace-server")),
+        };
         cmd.arg("run")
             .arg("--data-dir")
             .arg(data_dir)

@@ -49,6 +49,7 @@ fn options(name: &str, config: &Path, hsm: &SoftHsm) -> ServerOptions {
         name: Some(name.into()),
         extra: vec!["--config".into(), config.display().to_string()],
         envs: hsm.envs(),
+        ..ServerOptions::default()
     }
 }
 

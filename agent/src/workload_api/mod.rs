@@ -63,12 +63,44 @@ const NO_IDENTITY: &str = "no identity issued";
 /// How long all workload attestors together may take for one request, by default.
 pub const DEFAULT_ATTESTATION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a connection without an RPC in progress stays open, by default.
+pub const DEFAULT_CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds on the Workload API's connections (`[workload_api]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Live connections in total.
+    pub max_connections: usize,
+    /// Live connections of one uid.
+    pub max_connections_per_uid: usize,
+    /// How long a connection without an RPC in progress (including one that never sent
+    /// a byte) stays open.
+    pub idle_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// The defaults for a process that may hold `fd_limit` descriptors (`None`:
+    /// unlimited): each connection holds two (its socket and the caller's pidfd), and the
+    /// Workload API may use half of them, so `max_connections` is a quarter of the limit
+    /// (at least 8, at most 16,384) and a uid may hold a quarter of that (at least 2).
+    pub fn from_fd_limit(fd_limit: Option<u64>) -> Self {
+        let fds = usize::try_from(fd_limit.unwrap_or(u64::MAX)).unwrap_or(usize::MAX);
+        let max_connections = (fds / 4).clamp(8, 16_384);
+        ConnectionLimits {
+            max_connections,
+            max_connections_per_uid: (max_connections / 4).max(2),
+            idle_timeout: DEFAULT_CONNECTION_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// The Workload API service.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     cache: SvidCache,
     attestors: Arc<[Arc<dyn WorkloadAttestor>]>,
     attestation_timeout: Duration,
+    limits: ConnectionLimits,
     /// Turns true when the server shuts down, so that streams end and connections close.
     closing: watch::Receiver<bool>,
 }
@@ -83,6 +115,7 @@ impl WorkloadApi {
             cache,
             attestors: attestors.into(),
             attestation_timeout: DEFAULT_ATTESTATION_TIMEOUT,
+            limits: ConnectionLimits::from_fd_limit(carapace_common::listener::fd_limit()),
             closing,
         }
     }
@@ -91,6 +124,13 @@ impl WorkloadApi {
     /// [`DEFAULT_ATTESTATION_TIMEOUT`]); past it the request fails with `Unavailable`.
     pub fn with_attestation_timeout(mut self, timeout: Duration) -> Self {
         self.attestation_timeout = timeout;
+        self
+    }
+
+    /// Bounds the connections of the socket (default
+    /// [`ConnectionLimits::from_fd_limit`] of this process's limit).
+    pub fn with_connection_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -410,14 +450,23 @@ pub async fn serve_listener(
     mut api: WorkloadApi,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
-    tracing::info!(socket = %socket_path.display(), "Workload API listening");
+    let limits = api.limits;
+    tracing::info!(
+        socket = %socket_path.display(),
+        max_connections = limits.max_connections,
+        max_connections_per_uid = limits.max_connections_per_uid,
+        connection_idle_timeout = ?limits.idle_timeout,
+        fd_limit = ?carapace_common::listener::fd_limit(),
+        "Workload API listening"
+    );
 
     let (closing_tx, closing_rx) = watch::channel(false);
     api.closing = closing_rx.clone();
     let mut server_closing = closing_rx;
     let server = tonic::transport::Server::builder()
+        .layer(carapace_common::listener::TrackRpcsLayer::<Peer>::new())
         .add_service(SpiffeWorkloadApiServer::new(api))
-        .serve_with_incoming_shutdown(incoming(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener, limits), async move {
             let _ = server_closing.wait_for(|c| *c).await;
         });
     tokio::pin!(server);

@@ -22,8 +22,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
+use carapace_common::listener::{
+    AcceptBackoff, ConnectionHandle, ConnectionLimiter, HasConnection, Limits, Tracked,
+    accept_with_backoff,
+};
 use carapace_core::plugin::Caller;
 use futures::Stream;
 use futures::task::AtomicWaker;
@@ -54,6 +57,14 @@ pub struct Peer {
     pub pidfd: Arc<OwnedFd>,
     /// Closes the caller's connection (see [`Peer::close_connection`]).
     closer: Arc<Closer>,
+    /// The connection's RPC count and idle timer (see [`carapace_common::listener`]).
+    connection: ConnectionHandle,
+}
+
+impl HasConnection for Peer {
+    fn connection(&self) -> &ConnectionHandle {
+        &self.connection
+    }
 }
 
 /// A connection's kill switch: once set, the connection's reads and writes fail, so the
@@ -122,6 +133,7 @@ impl Peer {
             gid: cred.gid(),
             pidfd: Arc::new(pidfd),
             closer: Arc::default(),
+            connection: ConnectionHandle::new(None),
         };
         Ok((peer, source))
     }
@@ -136,6 +148,7 @@ impl Peer {
             gid,
             pidfd: Arc::new(open_pidfd(pid)?),
             closer: Arc::default(),
+            connection: ConnectionHandle::new(None),
         })
     }
 
@@ -244,7 +257,13 @@ pub struct PeerStream {
 impl PeerStream {
     /// Identifies the peer of `inner`.
     pub fn new(inner: UnixStream) -> io::Result<Self> {
-        let peer = Peer::from_stream(&inner)?;
+        Self::with_connection(inner, ConnectionHandle::new(None))
+    }
+
+    /// Identifies the peer of `inner`, whose RPCs `connection` counts.
+    pub fn with_connection(inner: UnixStream, connection: ConnectionHandle) -> io::Result<Self> {
+        let mut peer = Peer::from_stream(&inner)?;
+        peer.connection = connection;
         Ok(PeerStream {
             inner: super::h2_authority::AuthorityFix::new(inner),
             peer,
@@ -320,31 +339,66 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// The accepted connections of `listener`, each with its caller identified. Connections
-/// whose peer cannot be identified are logged and dropped; accept errors are logged and
-/// retried after a short pause (so that `EMFILE` does not spin). Never ends.
-pub fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<PeerStream>> + Send {
-    futures::stream::unfold(listener, |listener| async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => match PeerStream::new(stream) {
-                    Ok(s) => return Some((Ok(s), listener)),
+/// The accepted connections of `listener`, each with its caller identified, within
+/// `limits` (see [`carapace_common::listener`]): at most `max_connections` in total and
+/// `max_connections_per_uid` per uid (read with `SO_PEERCRED` before a pidfd is taken, so
+/// a refused connection costs nothing more), each closed after `idle_timeout` without an
+/// RPC in progress. Connections whose peer cannot be identified are logged and dropped;
+/// accept errors back off (10 ms doubling to 1 s) instead of spinning. Never ends.
+pub fn incoming(
+    listener: UnixListener,
+    limits: super::ConnectionLimits,
+) -> impl Stream<Item = io::Result<Tracked<PeerStream>>> + Send {
+    let limiter = ConnectionLimiter::<u32>::new(
+        "Workload API",
+        Limits {
+            max_connections: limits.max_connections,
+            max_per_peer: limits.max_connections_per_uid,
+        },
+    );
+    let state = (listener, limiter, AcceptBackoff::new("Workload API"), 0u64);
+    futures::stream::unfold(
+        state,
+        move |(listener, limiter, mut backoff, mut refused)| async move {
+            loop {
+                let (stream, _) = accept_with_backoff(&mut backoff, || listener.accept()).await;
+                let uid = match stream.peer_cred() {
+                    Ok(cred) => cred.uid(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read a Workload API caller's credentials; dropping the connection");
+                        continue;
+                    }
+                };
+                let conn = ConnectionHandle::new(Some(limits.idle_timeout));
+                let admission = match limiter.admit(uid, &conn) {
+                    Ok(a) => a,
+                    Err(refusal) => {
+                        refused += 1;
+                        // The 1st, 2nd, 4th... refusal: visible without flooding the log.
+                        if refused.is_power_of_two() {
+                            tracing::warn!(uid, %refusal, refused, "Workload API connection refused");
+                        }
+                        continue;
+                    }
+                };
+                match PeerStream::with_connection(stream, conn.clone()) {
+                    Ok(s) => {
+                        let tracked = Tracked::new(s, conn, admission);
+                        return Some((Ok(tracked), (listener, limiter, backoff, refused)));
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot identify a Workload API caller; dropping the connection");
                     }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a Workload API connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn fdinfo_pid(fd: &OwnedFd) -> i32 {
         let info =
@@ -453,7 +507,10 @@ mod tests {
         let path = dir.path().join("s.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let client = UnixStream::connect(&path).await.unwrap();
-        let mut inc = Box::pin(incoming(listener));
+        let mut inc = Box::pin(incoming(
+            listener,
+            crate::workload_api::ConnectionLimits::from_fd_limit(Some(1024)),
+        ));
         let conn = futures::StreamExt::next(&mut inc).await.unwrap().unwrap();
         let info = tonic::transport::server::Connected::connect_info(&conn);
         assert_eq!(info.pid, i32::try_from(std::process::id()).unwrap());
