@@ -1,12 +1,22 @@
 //! Process plumbing shared by `carapace-server`, `carapace-agent` and their CLIs, so that
 //! both binaries behave the same way: logging set-up, shutdown signals, private
-//! directories, TOML config files that report every problem at once, and gRPC channels
-//! over Unix sockets.
+//! directories, TOML config files that report every problem at once, gRPC channels
+//! over Unix sockets, who may own a socket's path and who may answer on it
+//! ([`unix_socket`]), one instance per data directory and a bounded exit ([`instance`]).
 //!
 //! Nothing here knows SPIFFE; errors are returned as complete, human-readable messages
 //! that each binary wraps in its own error type.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod instance;
+mod unix_socket;
+
+pub use instance::{DataDirLock, LOCK_FILE, SHUTDOWN_GRACE, lock_data_dir, run_main};
+pub use unix_socket::{
+    OwnSocket, UnexpectedPeer, check_socket_dir, connect_checked, euid, remove_stale_socket,
+    uds_channel_checked,
+};
 
 use std::fmt::Write as _;
 use std::os::unix::fs::DirBuilderExt;
