@@ -195,6 +195,17 @@ pub fn incoming(
     ReceiverStream::new(rx)
 }
 
+/// Completes when `closing` turns true; never without a receiver or once its sender
+/// is gone without having said so.
+async fn shutting_down(closing: Option<&mut watch::Receiver<bool>>) {
+    if let Some(c) = closing {
+        if c.wait_for(|c| *c).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
 /// Settings the node API needs.
 #[derive(Debug, Clone)]
 pub struct NodeApiSettings {
@@ -211,6 +222,8 @@ pub struct NodeApi {
     ca: Arc<CaManager>,
     attestors: Arc<HashMap<String, Arc<dyn NodeAttestor>>>,
     settings: NodeApiSettings,
+    /// Turns true when the server shuts down: sync streams then end (`Unavailable`).
+    closing: Option<watch::Receiver<bool>>,
 }
 
 fn svid_to_wire(s: &IssuedSvid) -> types::X509Svid {
@@ -237,7 +250,15 @@ impl NodeApi {
             ca,
             attestors: Arc::new(attestors),
             settings,
+            closing: None,
         }
+    }
+
+    /// Ends every sync stream (with `Unavailable`) once `closing` turns true, so that a
+    /// shutdown does not wait on streams that never end by themselves.
+    pub fn with_shutdown(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = Some(closing);
+        self
     }
 
     /// The gRPC service, with the node API's message size limits.
@@ -472,6 +493,7 @@ impl node::node_server::Node for NodeApi {
         let this = self.clone();
         tokio::spawn(async move {
             let id = agent.spiffe_id.clone();
+            let mut closing = this.closing.clone();
             let mut revisions = this.cache.subscribe();
             let mut bundles = this.ca.bundle();
             let mut last: Option<SyncAuthorizedResponse> = None;
@@ -508,6 +530,10 @@ impl node::node_server::Node for NodeApi {
                     r = revisions.changed() => if r.is_err() { return },
                     r = bundles.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    () = shutting_down(closing.as_mut()) => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        return;
+                    }
                 }
             }
         });
