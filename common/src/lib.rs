@@ -2,7 +2,8 @@
 //! both binaries behave the same way: logging set-up, shutdown signals, private
 //! directories, TOML config files that report every problem at once, gRPC channels
 //! over Unix sockets, who may own a socket's path and who may answer on it
-//! ([`unix_socket`]), one instance per data directory and a bounded exit ([`instance`]).
+//! ([`check_socket_dir`], [`uds_channel_checked`]), one instance per data directory and a
+//! bounded exit ([`lock_data_dir`], [`SHUTDOWN_GRACE`]).
 //!
 //! Nothing here knows SPIFFE; errors are returned as complete, human-readable messages
 //! that each binary wraps in its own error type.
