@@ -32,8 +32,16 @@ use crate::config::Config;
 use crate::workload_api::WorkloadApi;
 
 /// Runs the agent until `shutdown` resolves.
+///
+/// A second agent on the same data directory refuses to start
+/// ([`carapace_common::lock_data_dir`]), and none takes over a Workload API socket that
+/// still answers. On `shutdown` the Workload API streams and the sync stream end, and the
+/// agent waits at most [`carapace_common::SHUTDOWN_GRACE`] for them before it drops what
+/// is left; it then removes its socket, if that is still the one it bound.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     carapace_common::ensure_private_dir(&cfg.data_dir, "data directory").map_err(Error::Config)?;
+    let _lock =
+        carapace_common::lock_data_dir(&cfg.data_dir, "carapace-agent").map_err(Error::Config)?;
     let km = catalog::build_key_manager(&cfg.key_manager.0, &cfg.key_manager.1, &cfg.data_dir)?;
     let attestors = catalog::build_workload_attestors(&cfg.workload_attestors)?;
     let attestor = catalog::build_node_attestor(
@@ -42,6 +50,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         cfg.join_token.clone(),
     )?;
     let listener = workload_api::bind(&cfg.socket_path)?;
+    let socket =
+        carapace_common::OwnSocket::record(&cfg.socket_path, std::os::fd::AsFd::as_fd(&listener))
+            .map_err(Error::Config)?;
     let cache = SvidCache::new(Arc::new(TrustBundle::new(cfg.trust_domain.clone())));
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = WorkloadApi::new(cache.clone(), attestors)
@@ -62,16 +73,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let manager = tokio::select! {
         m = manager::Manager::start(cfg.clone(), km, cache, attestor) => m,
         _ = &mut shutdown => {
+            tracing::info!("shutting down");
             let _ = stop_tx.send(true);
-            let _ = api_task.await;
-            return Ok(());
+            let r = stop_within_grace(None, api_task).await;
+            socket.remove();
+            return r;
         }
     };
     let manager = match manager {
         Ok(m) => m,
         Err(e) => {
             let _ = stop_tx.send(true);
-            let _ = api_task.await;
+            let _ = stop_within_grace(None, api_task).await;
+            socket.remove();
             return Err(e);
         }
     };
@@ -85,9 +99,42 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = manager_task.await;
-    match api_task.await {
-        Ok(r) => r,
-        Err(e) => Err(Error::Workload(format!("Workload API task failed: {e}"))),
+    let r = stop_within_grace(Some(manager_task), api_task).await;
+    socket.remove();
+    tracing::info!("stopped");
+    r
+}
+
+/// Waits for the manager and the Workload API to stop, at most
+/// [`carapace_common::SHUTDOWN_GRACE`]; then drops them.
+async fn stop_within_grace(
+    manager: Option<tokio::task::JoinHandle<Result<()>>>,
+    api: tokio::task::JoinHandle<Result<()>>,
+) -> Result<()> {
+    let aborts: Vec<_> = manager
+        .iter()
+        .map(|m| m.abort_handle())
+        .chain([api.abort_handle()])
+        .collect();
+    let stopped = tokio::time::timeout(carapace_common::SHUTDOWN_GRACE, async {
+        if let Some(m) = manager {
+            let _ = m.await;
+        }
+        api.await
+    })
+    .await;
+    match stopped {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(Error::Workload(format!("Workload API task failed: {e}"))),
+        Err(_) => {
+            tracing::warn!(
+                grace = ?carapace_common::SHUTDOWN_GRACE,
+                "still busy after the shutdown grace period; stopping anyway"
+            );
+            for a in &aborts {
+                a.abort();
+            }
+            Ok(())
+        }
     }
 }

@@ -118,8 +118,12 @@ fn report<T>(r: carapace_agent::Result<T>, ok: impl FnOnce(T)) -> ExitCode {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Not #[tokio::main]: the runtime must not wait at exit for a stuck blocking call.
+    carapace_common::run_main(async_main())
+}
+
+async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => {

@@ -1,7 +1,9 @@
 //! Process plumbing shared by `carapace-server`, `carapace-agent` and their CLIs, so that
 //! both binaries behave the same way: logging set-up, shutdown signals, private
-//! directories, TOML config files that report every problem at once, and gRPC channels
-//! over Unix sockets.
+//! directories, TOML config files that report every problem at once, gRPC channels
+//! over Unix sockets, who may own a socket's path and who may answer on it
+//! ([`check_socket_dir`], [`uds_channel_checked`]), one instance per data directory and a
+//! bounded exit ([`lock_data_dir`], [`SHUTDOWN_GRACE`]).
 //!
 //! Nothing here knows SPIFFE; errors are returned as complete, human-readable messages
 //! that each binary wraps in its own error type.
@@ -9,6 +11,14 @@
 #![warn(missing_docs)]
 
 pub mod listener;
+mod instance;
+mod unix_socket;
+
+pub use instance::{DataDirLock, LOCK_FILE, SHUTDOWN_GRACE, lock_data_dir, run_main};
+pub use unix_socket::{
+    OwnSocket, UnexpectedPeer, check_socket_dir, connect_checked, euid, remove_stale_socket,
+    uds_channel_checked,
+};
 
 use std::fmt::Write as _;
 use std::os::unix::fs::DirBuilderExt;

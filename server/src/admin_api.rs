@@ -1,15 +1,17 @@
 //! The admin API: the `carapace.admin.v1.Admin` gRPC service, on a Unix socket that only
-//! the server's owner may open (socket mode 0600 in a directory of mode 0700).
+//! the server's owner may open (socket mode 0600 in a directory of mode 0700, on a path
+//! no other user can change).
 //!
 //! The socket's file permissions are the whole access control: whoever can open it is an
-//! administrator. Every write of entries, agents and join tokens goes through the
+//! administrator. The CLI in turn checks who answers (SO_PEERCRED) before it sends
+//! anything, so an impostor's socket gets neither requests nor join tokens. Every write of entries, agents and join tokens goes through the
 //! [`EntryCache`] (which validates against the trust domain and writes the datastore
 //! first), and every signature through the [`CaManager`]. Writes are logged at info with
 //! the entry id or SPIFFE ID; join tokens and keys are never logged (only a token's id).
 
 use std::future::Future;
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +38,6 @@ use crate::{Error, Result, unix_now};
 
 /// Mode of the admin socket: owner only.
 const SOCKET_MODE: u32 = 0o600;
-/// Mode of the directory holding the admin socket.
-const DIR_MODE: u32 = 0o700;
 
 /// Settings of the admin API.
 #[derive(Debug, Clone)]
@@ -48,10 +48,13 @@ pub struct AdminSettings {
     pub default_join_token_ttl: Duration,
 }
 
-/// Binds the admin socket at `path`: makes its directory private (created 0700; an
-/// existing one with a looser mode is tightened only if this process owns it), removes
-/// a stale socket left by a previous run (never a regular file, never a socket someone
-/// still listens on), binds, and makes the socket owner-only (0600).
+/// Binds the admin socket at `path`, after checking every directory on its path
+/// ([`carapace_common::check_socket_dir`]: owned by root or this process's uid, writable
+/// by no one else but for one shared sticky directory like `/tmp`, the socket's own
+/// directory private; missing ones are created 0700, existing ones are never changed),
+/// removes a stale socket left by a previous run (never a file that is not a socket,
+/// never a socket someone still listens on), binds, and makes the socket owner-only
+/// (0600).
 pub fn bind(path: &Path) -> Result<UnixListener> {
     let shown = path.display();
     let dir = match path.parent() {
@@ -62,11 +65,19 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
             )));
         }
     };
-    private_socket_dir(dir, path)?;
-    remove_stale_socket(path)?;
+    let refused = |e: String| {
+        Error::Config(format!(
+            "admin socket {shown}: {e}; refusing to serve the admin API there"
+        ))
+    };
+    carapace_common::check_socket_dir(dir, &[carapace_common::euid()], true).map_err(refused)?;
+    carapace_common::remove_stale_socket(path, "carapace-server")
+        .map_err(|e| Error::Config(format!("admin socket {shown}: {e}")))?;
     let listener = UnixListener::bind(path).map_err(|e| {
         if e.kind() == ErrorKind::AddrInUse {
-            address_in_use(path)
+            Error::Config(format!(
+                "admin socket {shown}: address in use (is another carapace-server running?)"
+            ))
         } else {
             Error::Io {
                 context: format!("admin socket {shown}: cannot bind"),
@@ -74,144 +85,10 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
             }
         }
     })?;
-    let meta = std::fs::symlink_metadata(path).map_err(Error::io(format!(
-        "admin socket {shown}: cannot stat after binding"
-    )))?;
-    let dir_uid = std::fs::metadata(dir)
-        .map_err(Error::io(format!(
-            "admin socket directory {}",
-            dir.display()
-        )))?
-        .uid();
-    if meta.uid() != dir_uid {
-        // The socket is ours by construction; a directory owned by someone else could be
-        // changed under us (only possible when running as root).
-        let _ = std::fs::remove_file(path);
-        return Err(Error::Config(format!(
-            "admin socket directory {} is owned by uid {dir_uid}, not by this process (uid {}): choose another --admin-socket",
-            dir.display(),
-            meta.uid()
-        )));
-    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)).map_err(
         Error::io(format!("admin socket {shown}: cannot set mode 600")),
     )?;
     Ok(listener)
-}
-
-/// Creates `dir` with mode 0700 if missing; tightens an existing one to 0700 if this
-/// process owns it; refuses anything else.
-fn private_socket_dir(dir: &Path, socket: &Path) -> Result<()> {
-    let shown = dir.display();
-    match std::fs::metadata(dir) {
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(dir)
-                .map_err(Error::io(format!(
-                    "admin socket {}: cannot create directory {shown}",
-                    socket.display()
-                )))?;
-        }
-        Err(e) => {
-            return Err(Error::Io {
-                context: format!("admin socket directory {shown}"),
-                source: e,
-            });
-        }
-    }
-    let meta =
-        std::fs::metadata(dir).map_err(Error::io(format!("admin socket directory {shown}")))?;
-    if !meta.is_dir() {
-        return Err(Error::Config(format!(
-            "admin socket {}: {shown} is not a directory",
-            socket.display()
-        )));
-    }
-    if let Some(uid) = effective_uid() {
-        if meta.uid() != uid {
-            return Err(Error::Config(format!(
-                "admin socket directory {shown} is owned by uid {}, not by this process (uid {uid}): choose another --admin-socket",
-                meta.uid()
-            )));
-        }
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(|e| {
-            Error::Config(format!(
-                "admin socket directory {shown} has mode {mode:o} (group or others may enter it) and cannot be made private: {e} (chmod 700 {shown}, or choose another --admin-socket)"
-            ))
-        })?;
-        tracing::warn!(dir = %shown, old_mode = format!("{mode:o}"), "tightened the admin socket directory to mode 700");
-    }
-    Ok(())
-}
-
-/// The effective uid of this process, from `/proc/self/status` (Linux). `None` where
-/// that is unavailable; [`bind`] then still compares the directory's owner with the
-/// owner of the socket it creates.
-fn effective_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
-}
-
-/// Removes a socket file left by a previous run. A regular file (or anything else that
-/// is not a socket) is refused, and so is a socket that still accepts connections.
-fn remove_stale_socket(path: &Path) -> Result<()> {
-    let shown = path.display();
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(Error::Io {
-                context: format!("admin socket {shown}"),
-                source: e,
-            });
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(Error::Config(format!(
-            "admin socket {shown}: a file that is not a socket is in the way; refusing to delete it (remove it or choose another --admin-socket)"
-        )));
-    }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(address_in_use(path)),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused || e.kind() == ErrorKind::NotFound => {
-            std::fs::remove_file(path)
-                .or_else(|e| {
-                    if e.kind() == ErrorKind::NotFound {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .map_err(Error::io(format!(
-                    "admin socket {shown}: cannot remove the stale socket"
-                )))?;
-            tracing::info!(socket = %shown, "removed a stale admin socket");
-            Ok(())
-        }
-        Err(e) => Err(Error::Io {
-            context: format!(
-                "admin socket {shown}: cannot tell whether the existing socket is stale"
-            ),
-            source: e,
-        }),
-    }
-}
-
-fn address_in_use(path: &Path) -> Error {
-    Error::Io {
-        context: format!("admin socket {}", path.display()),
-        source: std::io::Error::new(
-            ErrorKind::AddrInUse,
-            "address in use — is another carapace-server running?",
-        ),
-    }
 }
 
 /// Admin connections open at once.
@@ -1279,7 +1156,7 @@ mod tests {
                 .to_string()
                 .contains("--selector")
         );
-        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
         let wire = types::Entry {
             id: "client-chosen".into(),
             spiffe_id: "spiffe://example.org/w".into(),
@@ -1473,7 +1350,7 @@ mod tests {
             ])
             .await;
         assert!(err.contains("reserved"), "{err}");
-        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
         let status = client
             .create_join_token(CreateJoinTokenRequest {
                 ttl: -1,
@@ -1611,7 +1488,7 @@ mod tests {
             .err(&["x509", "mint", "--spiffe-id", "spiffe://other.org/w"])
             .await;
         assert!(err.contains("not in trust domain example.org"), "{err}");
-        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
         let status = client
             .mint_x509svid(MintX509svidRequest {
                 spiffe_id: "spiffe://example.org/w".into(),
@@ -1711,16 +1588,24 @@ mod tests {
     async fn bind_handles_directories_and_leftovers() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
-        // An existing directory of ours with a loose mode is tightened.
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // An existing directory with a loose mode is refused with the chmod to run, and
+        // left as it was: the server never changes what it did not create.
         let loose = dir.path().join("loose");
         std::fs::create_dir(&loose).unwrap();
         std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = loose.join("admin.sock");
-        let first = bind(&socket).unwrap();
-        assert_eq!(
-            std::fs::metadata(&loose).unwrap().permissions().mode() & 0o777,
-            0o700
+        let err = bind(&loose.join("admin.sock")).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("chmod 700 {}", loose.display())),
+            "{err}"
         );
+        assert_eq!(mode(&loose), 0o755);
+        assert!(!loose.join("admin.sock").exists());
+        // A missing one is created private.
+        let private = dir.path().join("private");
+        let socket = private.join("admin.sock");
+        let first = bind(&socket).unwrap();
+        assert_eq!(mode(&private), 0o700);
         // A live socket is not taken over.
         let err = bind(&socket).unwrap_err().to_string();
         assert!(
@@ -1735,7 +1620,7 @@ mod tests {
         assert!(socket.exists());
         let _second = bind(&socket).unwrap();
         // A regular file is never deleted.
-        let file = loose.join("file.sock");
+        let file = private.join("file.sock");
         std::fs::write(&file, b"keep me").unwrap();
         let err = bind(&file).unwrap_err().to_string();
         assert!(
@@ -1746,5 +1631,45 @@ mod tests {
         // The parent must be a directory.
         let err = bind(&file.join("admin.sock")).unwrap_err().to_string();
         assert!(err.contains("not a directory"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bind_refuses_paths_others_could_change_and_changes_nothing() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // A directory another user pre-created (the /tmp/carapace-server attack): they
+        // could swap what lies below it.
+        let theirs = dir.path().join("carapace-server");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = bind(&theirs.join("private/admin.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{} is owned by uid 65534", theirs.display())),
+            "{err}"
+        );
+        assert!(!theirs.join("private").exists());
+        // A shared directory (mode 1777) as the socket's directory: refused, not made
+        // 0700 (as root with --admin-socket /tmp/admin.sock, that was /tmp).
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = bind(&shared.join("admin.sock")).unwrap_err().to_string();
+        assert!(err.contains("has mode 1777"), "{err}");
+        assert_eq!(mode(&shared), 0o1777);
+        assert!(!shared.join("admin.sock").exists());
+        // A group-writable directory on the way.
+        let group = dir.path().join("group");
+        std::fs::create_dir(&group).unwrap();
+        std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let err = bind(&group.join("private/admin.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has mode 770"), "{err}");
+        assert_eq!(mode(&group), 0o770);
+        assert!(!group.join("private").exists());
     }
 }

@@ -35,7 +35,7 @@ use carapace_proto::admin::{
 use carapace_proto::convert::bundle_from_wire;
 use carapace_proto::types;
 
-use crate::config::DEFAULT_ADMIN_SOCKET;
+use crate::config::default_admin_socket;
 use crate::{Error, Result};
 
 /// How long one admin call may take (minting may wait on a hardware key manager).
@@ -66,9 +66,15 @@ pub enum AdminCommand {
 /// Options every admin command takes.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// The server's admin socket.
-    #[arg(long, env = "CARAPACE_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    /// The server's admin socket (default: /run/carapace/admin.sock as root,
+    /// /tmp/carapace-server/private/admin.sock otherwise).
+    #[arg(long, env = "CARAPACE_ADMIN_SOCKET", default_value_os_t = default_admin_socket())]
     pub admin_socket: PathBuf,
+    /// The uid the server runs as, when not this command's own: the command talks only
+    /// to a socket served by its own uid or this one (checked with SO_PEERCRED before
+    /// anything is sent).
+    #[arg(long, env = "CARAPACE_SERVER_UID", value_name = "UID")]
+    pub server_uid: Option<u32>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
@@ -791,8 +797,11 @@ impl EntryFilterArgs {
 // ---------------------------------------------------------------------------------------
 // The connection.
 
-/// Connects to the admin API on the Unix socket `socket`.
-pub(crate) async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
+/// Connects to the admin socket: only to a process of this uid or `server_uid`.
+pub(crate) async fn connect(
+    socket: &Path,
+    server_uid: Option<u32>,
+) -> Result<AdminClient<Channel>> {
     let unreachable = |detail: String| Error::Io {
         context: format!(
             "cannot reach the server's admin socket {}",
@@ -802,9 +811,31 @@ pub(crate) async fn connect(socket: &Path) -> Result<AdminClient<Channel>> {
             "{detail} (is carapace-server running? is --admin-socket right?)"
         )),
     };
-    let channel = carapace_common::uds_channel(socket, Some(CALL_TIMEOUT))
+    let refused = |detail: String| {
+        Error::PermissionDenied(format!(
+            "refusing the admin socket {}: {detail}",
+            socket.display()
+        ))
+    };
+    let mut expected = vec![carapace_common::euid()];
+    expected.extend(server_uid);
+    // Defence in depth: the path must be one only root or the server could have made
+    // (the peer check below is what decides).
+    if let Err(e) = std::fs::symlink_metadata(socket) {
+        return Err(unreachable(e.to_string()));
+    }
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        carapace_common::check_socket_dir(dir, &expected, false).map_err(refused)?;
+    }
+    let channel = carapace_common::uds_channel_checked(socket, Some(CALL_TIMEOUT), expected)
         .await
-        .map_err(|e| unreachable(error_chain(&e)))?;
+        .map_err(|e| match carapace_common::UnexpectedPeer::find(&e) {
+            Some(p) => refused(format!(
+                "{p} (if the server runs as uid {uid}, pass --server-uid {uid})",
+                uid = p.uid
+            )),
+            None => unreachable(error_chain(&e)),
+        })?;
     Ok(AdminClient::new(channel))
 }
 
@@ -855,7 +886,7 @@ pub async fn execute(cmd: AdminCommand) -> Result<String> {
 async fn entry_create(a: EntryCreateArgs) -> Result<String> {
     const CMD: &str = "entry create";
     let entry = a.fields.to_wire(CMD, String::new())?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let e = client
         .create_entry(CreateEntryRequest { entry: Some(entry) })
         .await
@@ -868,7 +899,7 @@ async fn entry_update(a: EntryUpdateArgs) -> Result<String> {
     const CMD: &str = "entry update";
     let id = entry_id(CMD, &a.id)?;
     let entry = a.fields.to_wire(CMD, id.to_string())?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let e = client
         .update_entry(UpdateEntryRequest { entry: Some(entry) })
         .await
@@ -880,7 +911,7 @@ async fn entry_update(a: EntryUpdateArgs) -> Result<String> {
 async fn entry_delete(a: EntryDeleteArgs) -> Result<String> {
     const CMD: &str = "entry delete";
     let id = entry_id(CMD, &a.id)?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     client
         .delete_entry(DeleteEntryRequest { id: id.to_string() })
         .await
@@ -897,7 +928,7 @@ async fn entry_delete(a: EntryDeleteArgs) -> Result<String> {
 async fn entry_show(a: EntryFilterArgs) -> Result<String> {
     const CMD: &str = "entry show";
     let req = a.to_wire(CMD)?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let resp = client
         .list_entries(req)
         .await
@@ -912,7 +943,7 @@ async fn entry_show(a: EntryFilterArgs) -> Result<String> {
 async fn entry_count(a: EntryFilterArgs) -> Result<String> {
     const CMD: &str = "entry count";
     let req = a.to_wire(CMD)?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let resp = client
         .count_entries(req)
         .await
@@ -925,7 +956,7 @@ async fn entry_count(a: EntryFilterArgs) -> Result<String> {
 
 async fn agent_list(a: AgentListArgs) -> Result<String> {
     const CMD: &str = "agent list";
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let resp = client
         .list_agents(ListAgentsRequest {})
         .await
@@ -940,7 +971,7 @@ async fn agent_list(a: AgentListArgs) -> Result<String> {
 async fn agent_show(a: AgentArgs) -> Result<String> {
     const CMD: &str = "agent show";
     let id = spiffe_id(CMD, "--spiffe-id", &a.spiffe_id)?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let agent = client
         .get_agent(AgentRequest {
             spiffe_id: id.to_string(),
@@ -958,7 +989,7 @@ async fn agent_show(a: AgentArgs) -> Result<String> {
 async fn agent_ban(a: AgentArgs) -> Result<String> {
     const CMD: &str = "agent ban";
     let id = spiffe_id(CMD, "--spiffe-id", &a.spiffe_id)?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let agent = client
         .ban_agent(AgentRequest {
             spiffe_id: id.to_string(),
@@ -974,7 +1005,7 @@ async fn agent_ban(a: AgentArgs) -> Result<String> {
 async fn agent_evict(a: AgentArgs) -> Result<String> {
     const CMD: &str = "agent evict";
     let id = spiffe_id(CMD, "--spiffe-id", &a.spiffe_id)?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     client
         .evict_agent(AgentRequest {
             spiffe_id: id.to_string(),
@@ -992,7 +1023,7 @@ async fn agent_evict(a: AgentArgs) -> Result<String> {
 
 async fn bundle_show(a: BundleShowArgs) -> Result<String> {
     const CMD: &str = "bundle show";
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let wire = client
         .get_bundle(GetBundleRequest {})
         .await
@@ -1023,7 +1054,7 @@ async fn token_generate(a: TokenGenerateArgs) -> Result<String> {
         a.ttl.map(Duration::from_secs),
         carapace_core::limits::MAX_JOIN_TOKEN_TTL,
     )?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let token = client
         .create_join_token(CreateJoinTokenRequest {
             ttl,
@@ -1051,7 +1082,7 @@ async fn x509_mint(a: X509MintArgs) -> Result<String> {
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .map_err(|e| Error::Ca(format!("{CMD}: building the CSR: {e}")))?;
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let resp = client
         .mint_x509svid(MintX509svidRequest {
             spiffe_id: id.to_string(),
@@ -1150,7 +1181,7 @@ fn write_file(path: &Path, mode: u32, data: &[u8]) -> Result<()> {
 
 async fn healthcheck(a: HealthcheckArgs) -> Result<String> {
     const CMD: &str = "healthcheck";
-    let mut client = connect(&a.common.admin_socket).await?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let h = client
         .health(HealthRequest {})
         .await

@@ -21,8 +21,21 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/carapace/server";
 /// Default node API address.
 pub const DEFAULT_BIND_ADDRESS: &str = "127.0.0.1:8081";
-/// Default admin socket.
+/// Default admin socket of a server that does not run as root.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/carapace-server/private/admin.sock";
+/// Default admin socket of a server (and CLI) running as root: in a root-owned runtime
+/// directory that no other user can have pre-created (`/run/carapace`, made 0700).
+pub const DEFAULT_ROOT_ADMIN_SOCKET: &str = "/run/carapace/admin.sock";
+
+/// The default admin socket for this process: [`DEFAULT_ROOT_ADMIN_SOCKET`] as root,
+/// [`DEFAULT_ADMIN_SOCKET`] otherwise.
+pub fn default_admin_socket() -> PathBuf {
+    if carapace_common::euid() == 0 {
+        DEFAULT_ROOT_ADMIN_SOCKET.into()
+    } else {
+        DEFAULT_ADMIN_SOCKET.into()
+    }
+}
 /// Default X509-SVID lifetime.
 pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 /// Default X.509 CA lifetime.
@@ -264,7 +277,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     let admin_socket = ov
         .admin_socket
         .or(file.admin_socket)
-        .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into());
+        .unwrap_or_else(default_admin_socket);
     if admin_socket.as_os_str().len() > 100 {
         problems.push(format!(
             "admin_socket: {} is longer than a Unix socket path may be (100 bytes)",
@@ -397,7 +410,11 @@ mod tests {
         assert_eq!(c.ca_ttl, Duration::from_secs(86_400));
         assert_eq!(c.key_manager.0, "disk");
         assert_eq!(c.node_attestors[0].0, "join_token");
-        assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(c.admin_socket, default_admin_socket());
+        // Tests run as root (CI does): the root default is under /run.
+        if carapace_common::euid() == 0 {
+            assert_eq!(c.admin_socket, PathBuf::from(DEFAULT_ROOT_ADMIN_SOCKET));
+        }
     }
 
     #[test]

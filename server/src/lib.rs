@@ -46,6 +46,9 @@ pub fn unix_now() -> i64 {
 /// How often expired entries and join tokens are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How long closing the datastore may take at shutdown.
+const DATASTORE_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Creates `dir` (and parents) with mode 0700 if missing, and refuses one that others
 /// can read or write.
 pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
@@ -55,8 +58,16 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
 /// Runs the server until `shutdown` resolves. Everything that can fail at start-up
 /// (data dir, datastore, key manager, CA, listening sockets) fails before anything is
 /// served: the server never half-starts.
+///
+/// On `shutdown` it stops accepting, ends the sync streams, waits at most
+/// [`carapace_common::SHUTDOWN_GRACE`] for open calls and streams (then drops them),
+/// closes the datastore and removes its admin socket (only if it is still the one it
+/// bound). A second server on the same data directory refuses to start
+/// ([`carapace_common::lock_data_dir`]).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     private_dir(&config.data_dir, "data directory")?;
+    let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
+        .map_err(Error::Config)?;
     let ds = Datastore::open(&config.data_dir.join("datastore.sqlite3")).await?;
     let ctx = PluginContext {
         trust_domain: config.trust_domain.clone(),
@@ -96,6 +107,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             config.bind_address
         )))?;
     let admin_listener = admin_api::bind(&config.admin_socket)?;
+    let admin_socket = carapace_common::OwnSocket::record(
+        &config.admin_socket,
+        std::os::fd::AsFd::as_fd(&admin_listener),
+    )
+    .map_err(Error::Config)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (server_cert, svid_task) = server_svid::start(
@@ -117,7 +133,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             agent_svid_ttl: config.agent_svid_ttl,
         },
     )
-    .with_max_attestations_in_flight(config.node_api.max_attestations_in_flight);
+    .with_max_attestations_in_flight(config.node_api.max_attestations_in_flight)
+    .with_shutdown(stop_rx.clone());
     let node_task = crate::listener::serve(
         listener,
         Arc::new(tls),
@@ -174,11 +191,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = node_task.await;
-    let _ = admin_task.await;
-    let _ = rotator.await;
-    let _ = pruner.await;
-    let _ = svid_task.await;
-    let _ = std::fs::remove_file(&config.admin_socket);
+    let aborts = [
+        node_task.abort_handle(),
+        admin_task.abort_handle(),
+        rotator.abort_handle(),
+        pruner.abort_handle(),
+        svid_task.abort_handle(),
+    ];
+    let drained = tokio::time::timeout(carapace_common::SHUTDOWN_GRACE, async {
+        let _ = node_task.await;
+        let _ = admin_task.await;
+        let _ = rotator.await;
+        let _ = pruner.await;
+        let _ = svid_task.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace = ?carapace_common::SHUTDOWN_GRACE,
+            "calls or streams still open after the shutdown grace period; closing them"
+        );
+        for a in &aborts {
+            a.abort();
+        }
+    }
+    // Writes are transactions; closing lets SQLite finish cleanly (WAL checkpoint).
+    if tokio::time::timeout(DATASTORE_CLOSE_TIMEOUT, ds.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the datastore did not close in time; its transactions are intact");
+    }
+    admin_socket.remove();
+    tracing::info!("stopped");
     Ok(())
 }

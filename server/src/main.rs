@@ -43,7 +43,8 @@ enum Command {
         /// Node API listen address HOST:PORT (default: 127.0.0.1:8081).
         #[arg(long)]
         bind_address: Option<String>,
-        /// Admin API socket (default: /tmp/carapace-server/private/admin.sock).
+        /// Admin API socket (default: /run/carapace/admin.sock as root,
+        /// /tmp/carapace-server/private/admin.sock otherwise).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
     },
@@ -158,8 +159,12 @@ async fn upstream(cmd: UpstreamCommand) -> Result<String, String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Not #[tokio::main]: the runtime must not wait at exit for a stuck blocking call.
+    carapace_common::run_main(async_main())
+}
+
+async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use carapace_common::listener::{ConnectionHandle, HasConnection};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -127,6 +127,17 @@ fn until_unix(t: i64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(left.unsigned_abs())
 }
 
+/// Completes when `closing` turns true; never without a receiver or once its sender
+/// is gone without having said so.
+async fn shutting_down(closing: Option<&mut watch::Receiver<bool>>) {
+    if let Some(c) = closing {
+        if c.wait_for(|c| *c).await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
 /// Settings the node API needs.
 #[derive(Debug, Clone)]
 pub struct NodeApiSettings {
@@ -145,6 +156,8 @@ pub struct NodeApi {
     settings: NodeApiSettings,
     /// Permits for attestations in progress.
     attestations: Arc<Semaphore>,
+    /// Turns true when the server shuts down: sync streams then end (`Unavailable`).
+    closing: Option<watch::Receiver<bool>>,
 }
 
 fn svid_to_wire(s: &IssuedSvid) -> types::X509Svid {
@@ -172,7 +185,15 @@ impl NodeApi {
             attestors: Arc::new(attestors),
             settings,
             attestations: Arc::new(Semaphore::new(DEFAULT_MAX_ATTESTATIONS_IN_FLIGHT)),
+            closing: None,
         }
+    }
+
+    /// Ends every sync stream (with `Unavailable`) once `closing` turns true, so that a
+    /// shutdown does not wait on streams that never end by themselves.
+    pub fn with_shutdown(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = Some(closing);
+        self
     }
 
     /// Bounds the attestations in progress at once (default
@@ -496,6 +517,7 @@ impl node::node_server::Node for NodeApi {
         let this = self.clone();
         tokio::spawn(async move {
             let id = agent.spiffe_id.clone();
+            let mut closing = this.closing.clone();
             let mut revisions = this.cache.subscribe();
             let mut bundles = this.ca.bundle();
             let mut last: Option<SyncAuthorizedResponse> = None;
@@ -534,6 +556,10 @@ impl node::node_server::Node for NodeApi {
                         lapse.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
                     }
                     _ = tx.closed() => return,
+                    () = shutting_down(closing.as_mut()) => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        return;
+                    }
                 }
             }
         });

@@ -24,7 +24,7 @@ pub mod unix;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +53,7 @@ use crate::{Error, Result};
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
 /// How long [`serve`] waits for open connections after shutdown before returning anyway.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = carapace_common::SHUTDOWN_GRACE;
 
 /// Messages buffered per stream before the sender waits for the client.
 const STREAM_BUFFER: usize = 4;
@@ -430,7 +430,8 @@ fn jwt_unimplemented() -> Status {
 /// Serves `api` on the Unix socket `socket_path` until `shutdown` completes.
 ///
 /// Creates the socket's parent directory (mode 0755) if missing, removes a stale socket
-/// (but refuses to remove anything that is not a socket), binds, and makes the socket
+/// (but refuses to remove anything that is not a socket, or a socket that still accepts
+/// connections: another agent's), binds, and makes the socket
 /// mode 0777: any local process may connect, its identity comes from the kernel. On
 /// shutdown, open streams end with `Unavailable` and the server waits up to 5 seconds for
 /// connections to close.
@@ -504,20 +505,10 @@ pub fn bind(socket_path: &Path) -> Result<tokio::net::UnixListener> {
             )?;
         }
     }
-    match std::fs::symlink_metadata(socket_path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            tracing::debug!(socket = %shown, "removing stale socket");
-            std::fs::remove_file(socket_path)
-                .map_err(Error::io(format!("removing stale socket {shown}")))?;
-        }
-        Ok(_) => {
-            return Err(Error::Config(format!(
-                "workload API socket path {shown} exists and is not a socket; refusing to remove it"
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("inspecting {shown}"))(e)),
-    }
+    // A stale socket (nothing accepts on it) is replaced; a live one, or anything that
+    // is not a socket, is left alone and start-up fails.
+    carapace_common::remove_stale_socket(socket_path, "carapace-agent")
+        .map_err(|e| Error::Config(format!("workload API socket {shown}: {e}")))?;
     let listener = tokio::net::UnixListener::bind(socket_path)
         .map_err(Error::io(format!("binding {shown}")))?;
     std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o777))
