@@ -51,19 +51,27 @@ pub fn config(default_cases: u32) -> Config {
 /// Runs `parse` on an input of `input_len` bytes and asserts that it held at most
 /// [`ALLOCATION_BOUND`] + [`ALLOCATION_PER_INPUT_BYTE`] × `input_len` bytes allocated at
 /// any moment (on this thread). Returns what `parse` returned.
+///
+/// A panic in `parse` is caught inside the measurement and resumed after it, so that the
+/// counter's nesting stays balanced (it has no unwind guard of its own) and proptest can
+/// shrink the failing input.
 pub fn bounded<T>(what: &str, input_len: usize, parse: impl FnOnce() -> T) -> T {
     let mut out = None;
-    let info = allocation_counter::measure(|| out = Some(parse()));
+    let info = allocation_counter::measure(|| {
+        out = Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)));
+    });
+    let value = match out {
+        Some(Ok(v)) => v,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => unreachable!("measure runs its closure exactly once"),
+    };
     let limit = ALLOCATION_BOUND + ALLOCATION_PER_INPUT_BYTE * input_len as u64;
     assert!(
         info.bytes_max <= limit,
         "{what}: parsing {input_len} bytes held {} bytes allocated at once (limit {limit})",
         info.bytes_max
     );
-    match out {
-        Some(v) => v,
-        None => unreachable!("measure runs its closure exactly once"),
-    }
+    value
 }
 
 /// One edit of a byte string; positions are taken modulo the length.
@@ -187,6 +195,23 @@ mod tests {
             .cloned()
             .unwrap_or_default();
         assert!(text.contains("large: parsing 10 bytes held"), "{text}");
+    }
+
+    #[test]
+    fn bounded_passes_panics_on_and_keeps_working_after_many() {
+        for i in 0..200 {
+            let caught = std::panic::catch_unwind(|| {
+                bounded("panicky", 1, || {
+                    if i >= 0 {
+                        panic!("parser bug {i}");
+                    }
+                })
+            });
+            let message = caught.expect_err("the panic is passed on");
+            let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert_eq!(text, format!("parser bug {i}"));
+        }
+        assert_eq!(bounded("after", 1, || vec![1u8; 100].len()), 100);
     }
 
     #[test]
