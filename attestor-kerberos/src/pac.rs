@@ -1281,6 +1281,33 @@ mod tests {
                 }
             }
 
+            /// A 32-bit field of a real PAC, and every other aligned field equal to it
+            /// (a count and the conformant max count that repeats it), set to a count of
+            /// any magnitude: refused (or accepted) without allocating for what the
+            /// buffer cannot hold.
+            #[test]
+            fn large_counts_anywhere_are_checked_before_allocating(
+                sample in 0..4usize,
+                slot in any::<usize>(),
+                bits in 8..32u32,
+                low in any::<u32>(),
+            ) {
+                let mut buf = samples().swap_remove(sample);
+                let slots = (buf.len() - HEADER_LEN) / 4;
+                let at = |i: usize| HEADER_LEN + i * 4;
+                let read = |b: &[u8], i: usize| u32::from_le_bytes(b[at(i)..at(i) + 4].try_into().unwrap());
+                let old = read(&buf, slot % slots);
+                let new = (1u32 << bits) | (low & ((1u32 << bits) - 1)) >> 1;
+                for i in 0..slots {
+                    if read(&buf, i) == old {
+                        put32(&mut buf, at(i), new);
+                    }
+                }
+                if let Ok(sids) = bounded("PAC logon info", buf.len(), || group_sids(&buf)) {
+                    prop_assert_eq!(group_sids(&buf).unwrap(), sids);
+                }
+            }
+
             /// Model-based: a KERB_VALIDATION_INFO encoded from arbitrary groups, extra SIDs
             /// and resource groups gives exactly the SIDs the module's rules name, in order.
             #[test]

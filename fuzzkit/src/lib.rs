@@ -58,7 +58,9 @@ pub fn config(default_cases: u32) -> Config {
 pub fn bounded<T>(what: &str, input_len: usize, parse: impl FnOnce() -> T) -> T {
     let mut out = None;
     let info = allocation_counter::measure(|| {
-        out = Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)));
+        out = Some(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            parse,
+        )));
     });
     let value = match out {
         Some(Ok(v)) => v,
@@ -91,6 +93,10 @@ enum Edit {
     Truncate(usize),
     /// Overwrite four bytes with an interesting 32-bit value (both byte orders occur).
     Word(usize, [u8; 4]),
+    /// Overwrite the aligned four bytes at a position, and every other aligned four
+    /// bytes equal to them, with an interesting value: a count and the copy of it that
+    /// a format repeats (NDR's conformant max count) change together.
+    Inflate(usize, [u8; 4]),
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
@@ -104,6 +110,8 @@ fn edit() -> impl Strategy<Value = Edit> {
         Just(0x7fff_ffff),
         Just(0x8000_0000),
         Just(u32::MAX),
+        // Counts and lengths of every magnitude: a trusted one allocates this much.
+        (8..31u32).prop_map(|bits| 1 << bits),
         any::<u32>(),
     ];
     prop_oneof![
@@ -114,8 +122,11 @@ fn edit() -> impl Strategy<Value = Edit> {
         1 => (any::<usize>(), 1..16usize).prop_map(|(at, n)| Edit::Remove(at, n)),
         1 => (any::<usize>(), 1..32usize).prop_map(|(at, n)| Edit::Duplicate(at, n)),
         1 => any::<usize>().prop_map(Edit::Truncate),
-        2 => (any::<usize>(), interesting, any::<bool>()).prop_map(|(at, v, le)| {
+        2 => (any::<usize>(), interesting.clone(), any::<bool>()).prop_map(|(at, v, le)| {
             Edit::Word(at, if le { v.to_le_bytes() } else { v.to_be_bytes() })
+        }),
+        1 => (any::<usize>(), interesting, any::<bool>()).prop_map(|(at, v, le)| {
+            Edit::Inflate(at, if le { v.to_le_bytes() } else { v.to_be_bytes() })
         }),
     ]
 }
@@ -143,8 +154,23 @@ fn apply(buf: &mut Vec<u8>, edit: &Edit) {
         }
         Edit::Truncate(i) if len > 0 => buf.truncate(i % len),
         Edit::Word(i, w) if len >= 4 => {
-            let start = i % (len - 3);
+            // Half the time 4-aligned: where binary formats keep their counts.
+            let start = if i % 2 == 0 {
+                (i / 2) % (len / 4) * 4
+            } else {
+                i % (len - 3)
+            };
             buf[start..start + 4].copy_from_slice(w);
+        }
+        Edit::Inflate(i, w) if len >= 4 => {
+            let slots = len / 4;
+            let start = i % slots * 4;
+            let old: [u8; 4] = [buf[start], buf[start + 1], buf[start + 2], buf[start + 3]];
+            for slot in 0..slots {
+                if buf[slot * 4..slot * 4 + 4] == old {
+                    buf[slot * 4..slot * 4 + 4].copy_from_slice(w);
+                }
+            }
         }
         _ => {}
     }
@@ -208,7 +234,10 @@ mod tests {
                 })
             });
             let message = caught.expect_err("the panic is passed on");
-            let text = message.downcast_ref::<String>().cloned().unwrap_or_default();
+            let text = message
+                .downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_default();
             assert_eq!(text, format!("parser bug {i}"));
         }
         assert_eq!(bounded("after", 1, || vec![1u8; 100].len()), 100);
