@@ -83,6 +83,9 @@ enum Edit {
     Flip(usize, u8),
     /// Overwrite one byte.
     Set(usize, u8),
+    /// Toggle the case of an ASCII letter at or after a position (case rules: trust
+    /// domains, hex IDs, realms).
+    Case(usize),
     /// Insert bytes.
     Insert(usize, Vec<u8>),
     /// Remove up to `n` bytes.
@@ -117,6 +120,7 @@ fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         3 => (any::<usize>(), 1..=255u8).prop_map(|(at, m)| Edit::Flip(at, m)),
         3 => (any::<usize>(), any::<u8>()).prop_map(|(at, b)| Edit::Set(at, b)),
+        2 => any::<usize>().prop_map(Edit::Case),
         1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..8))
             .prop_map(|(at, b)| Edit::Insert(at, b)),
         1 => (any::<usize>(), 1..16usize).prop_map(|(at, n)| Edit::Remove(at, n)),
@@ -137,6 +141,15 @@ fn apply(buf: &mut Vec<u8>, edit: &Edit) {
     match edit {
         Edit::Flip(i, m) if len > 0 => buf[at(*i)] ^= m,
         Edit::Set(i, b) if len > 0 => buf[at(*i)] = *b,
+        Edit::Case(i) if len > 0 => {
+            let start = at(*i);
+            if let Some(pos) = (start..len)
+                .chain(0..start)
+                .find(|&p| buf[p].is_ascii_alphabetic())
+            {
+                buf[pos] ^= 0x20;
+            }
+        }
         Edit::Insert(i, bytes) => {
             let at = if len == 0 { 0 } else { i % (len + 1) };
             buf.splice(at..at, bytes.iter().copied());
