@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests"
+)]
 //! Property tests of the agent's config file parsing (`carapace_common::parse_toml` into
 //! `config::FileConfig`, then `config::validate`): never a panic on any text, and every
 //! unknown or mistyped key reported by name. (The /proc/<pid>/cgroup parser has its own

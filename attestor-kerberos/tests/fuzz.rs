@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests"
+)]
 //! Property tests of the `kerberos` attestor's parsers of peer bytes that are public:
 //! principal names (from the verified GSS context and from settings) and the JSON
 //! messages. The PAC's NDR parser has its own in `pac.rs` (it is private).

@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests"
+)]
 //! Property tests of what an `sshpop` agent sends the server: the host certificate (SSH
 //! wire encoding, in the JSON payload) and the SSHSIG proof (PEM, in the JSON answer),
 //! through the real `SshAttestor`. The keys and certificate are made here with ssh-key, so

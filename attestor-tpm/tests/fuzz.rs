@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests"
+)]
 //! Property tests of the TPM structures a `tpm` agent sends: TPMT_PUBLIC (EK, AK, agent
 //! key), TPMS_ATTEST (quote, certification), TPMT_SIGNATURE, and the JSON messages. No TPM
 //! is needed: the AK is a software P-256 key, so mutated attestation structures are signed

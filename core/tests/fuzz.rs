@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests"
+)]
 //! Property tests of core's parsers of peer bytes: SPIFFE IDs, trust domains, selectors,
 //! trust bundles (PEM and SPIFFE JSON), X509-SVIDs, and the attestation-message decode.
 //! Each parses arbitrary input and mutations of valid input without panicking and within

@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests"
+)]
 //! Property tests of the wire → core conversions of what peers send (entries, bundles,
 //! selectors), from protobuf bytes: never a panic, the allocation bound, and what is
 //! accepted converts back to the same wire message.

@@ -1,3 +1,9 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "integration tests"
+)]
 //! Property tests of the server's parsers of peer and operator bytes: the agents' CSRs
 //! (`ca::csr_public_key_der`) and the config file (`config::parse_file`, `validate`).
 
