@@ -5,12 +5,17 @@
     reason = "integration tests"
 )]
 //! Property tests of the server's parsers of peer and operator bytes: the agents' CSRs
-//! (`ca::csr_public_key_der`) and the config file (`config::parse_file`, `validate`).
+//! (`ca::csr_public_key_der`), join tokens, and the config file (`config::parse_file`,
+//! `validate`).
 
+use carapace_core::plugin::{AttestationContext, NodeAttestor};
+use carapace_fuzzkit::proptest;
 use carapace_fuzzkit::proptest::prelude::*;
 use carapace_fuzzkit::{bounded, bytes, config, mutated, mutated_text};
 use carapace_server::ca::{csr_public_key, csr_public_key_der};
 use carapace_server::config::{Overrides, parse_file, validate};
+use carapace_server::datastore::Datastore;
+use carapace_server::node_attestor::{JoinTokenAttestor, generate_join_token};
 
 const FULL_SAMPLE: &str = include_str!("../../conf/server.full.toml");
 const SHORT_SAMPLE: &str = include_str!("../../conf/server.toml");
@@ -109,4 +114,48 @@ fn the_seeds_are_accepted() {
     }
     let file = parse_file(FULL_SAMPLE).unwrap();
     validate(file, Overrides::default()).unwrap();
+}
+
+proptest! {
+    #![proptest_config(config(200))]
+
+    /// Join tokens from agents: never a panic; no altered token attests or burns the
+    /// genuine one, which still attests exactly once afterwards.
+    #[test]
+    fn altered_join_tokens_never_attest_or_burn_the_token(
+        edits in proptest::collection::vec(mutated(vec![b"seed".to_vec()]), 1..8),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let ds = Datastore::open_in_memory().await.unwrap();
+            let t = generate_join_token();
+            let now = carapace_server::unix_now();
+            ds.create_join_token(&t.id, &t.secret_hash, now + 600, now, None).await.unwrap();
+            let attestor = JoinTokenAttestor::new(ds);
+            let ctx = AttestationContext { agent_public_key: Vec::new(), tls_exporter: vec![0; 32] };
+            let genuine = t.token.as_bytes().to_vec();
+            for e in &edits {
+                // Each edit list's bytes steer a mutation of the genuine token.
+                let mut altered = genuine.clone();
+                for (i, b) in e.iter().enumerate() {
+                    let at = (usize::from(*b) + i * 31) % altered.len();
+                    match b % 4 {
+                        0 => altered[at] ^= 1 + (b >> 2),
+                        1 => { altered.remove(at); }
+                        2 => altered.insert(at, *b),
+                        _ => altered.truncate(at),
+                    }
+                    if altered.is_empty() { break; }
+                }
+                if altered == genuine {
+                    continue;
+                }
+                let result = attestor.begin(&altered, &ctx).await;
+                prop_assert!(result.is_err(), "an altered token attested: {:?}", String::from_utf8_lossy(&altered));
+            }
+            prop_assert!(attestor.begin(&genuine, &ctx).await.is_ok());
+            prop_assert!(attestor.begin(&genuine, &ctx).await.is_err());
+            Ok(())
+        })?;
+    }
 }
