@@ -163,6 +163,14 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
     parts
 }
 
+/// The base64 body of a PEM document, without its boundary lines and whitespace.
+fn pem_body(pem: &str) -> String {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(str::split_ascii_whitespace)
+        .collect()
+}
+
 /// Checks a DNS domain setting: dot-separated non-empty labels of letters, digits and
 /// `-`.
 fn check_domain(domain: &str) -> Result<(), String> {
@@ -479,6 +487,15 @@ impl AttestationSession for Session {
                 "the proof signature does not verify: it is not an SSH signature ({e})"
             ))
         })?;
+        // As for certificates: ssh-key reads the embedded key under any length prefix,
+        // so insist on the one encoding of what was decoded.
+        let again = sig.to_pem(ssh_key::LineEnding::LF).unwrap_or_default();
+        if pem_body(&again) != pem_body(&a.signature) {
+            return Err(rejected(
+                "the proof signature is not in canonical SSHSIG encoding (it does not re-encode \
+                 to the same bytes)",
+            ));
+        }
         if sig.namespace() != SSHSIG_NAMESPACE {
             return Err(rejected(format!(
                 "the proof signature does not verify: it is for namespace {:?}, not {SSHSIG_NAMESPACE:?}",

@@ -120,6 +120,52 @@ fn the_seeds_are_accepted() {
     assert!(Certificate::from_bytes(&f.cert_blob).is_ok());
 }
 
+/// An SSHSIG blob as PEM, in lines of 70 characters as ssh-keygen writes them.
+fn sshsig_pem(blob: &[u8]) -> String {
+    let b64 = wire::b64(blob);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(70)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN SSH SIGNATURE-----\n{}\n-----END SSH SIGNATURE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Found by `proofs_never_panic_and_only_the_genuine_one_passes`: ssh-key read the
+/// SSHSIG's embedded Ed25519 key under a length prefix of 0x0e60, so a proof the agent
+/// never made was accepted as its own.
+#[test]
+fn a_proof_with_an_altered_key_length_prefix_is_refused() {
+    let f = fixture();
+    let (nonce, session) = begin();
+    let genuine = answer(&nonce);
+    let body: String = genuine
+        .signature
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let mut raw = wire::unb64("sig", &body).unwrap();
+    // "SSHSIG", version, key blob length, "ssh-ed25519" (4 + 11), then the key's length.
+    let at = 6 + 4 + 4 + 4 + 11;
+    assert_eq!(raw[at..at + 4], [0, 0, 0, 32]);
+    raw[at + 2] = 0x0e;
+    raw[at + 3] = 0x60;
+    let pem = sshsig_pem(&raw);
+    let altered = wire::encode(&Answer {
+        signature: pem,
+        ..genuine
+    })
+    .unwrap();
+    let e = f.runtime.block_on(session.respond(&altered)).unwrap_err();
+    assert!(
+        e.to_string().contains("not in canonical SSHSIG encoding"),
+        "{e}"
+    );
+}
+
 proptest! {
     #![proptest_config(config(300))]
 
@@ -152,7 +198,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(config(300))]
+    #![proptest_config(config(1000))]
 
     #[test]
     fn proofs_never_panic_and_only_the_genuine_one_passes(
@@ -184,7 +230,7 @@ proptest! {
                     let at = (usize::from(*b) * 7 + i * 29) % raw.len();
                     raw[at] ^= b.wrapping_add(1);
                 }
-                let pem = format!("-----BEGIN SSH SIGNATURE-----\n{}\n-----END SSH SIGNATURE-----\n", wire::b64(&raw));
+                let pem = sshsig_pem(&raw);
                 wire::encode(&Answer { signature: pem, ..genuine.clone() }).unwrap()
             }
         };
@@ -196,6 +242,12 @@ proptest! {
             let sig = ssh_key::SshSig::from_pem(got.signature.as_bytes()).unwrap();
             let want = ssh_key::SshSig::from_pem(genuine.signature.as_bytes()).unwrap();
             prop_assert_eq!(sig, want);
+            // Byte for byte: the signature blob inside the PEM is the genuine one.
+            let blob = |pem: &str| -> Vec<u8> {
+                let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+                wire::unb64("sig", &body).unwrap()
+            };
+            prop_assert_eq!(blob(&got.signature), blob(&genuine.signature));
         }
     }
 }
