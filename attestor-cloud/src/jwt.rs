@@ -1104,4 +1104,73 @@ mod tests {
         assert_eq!(shown("a\"b"), "\"a\\\"b\"");
         assert!(shown(&"x".repeat(200)).ends_with("\"…"));
     }
+
+    mod properties {
+        use super::*;
+        use carapace_fuzzkit::proptest::prelude::*;
+        use carapace_fuzzkit::{bounded, config, mutated_text};
+
+        fn genuine() -> String {
+            sign(
+                &header(),
+                &json!({"exp": 1_700_000_100, "sub": "x", "aud": ["a", "b"]}),
+            )
+        }
+
+        fn jwks() -> String {
+            let sk = rsa::RsaPrivateKey::from_pkcs8_der(&key().0).unwrap();
+            json!({"keys": [
+                {"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256",
+                 "n": b64(&sk.n().to_bytes_be()), "e": b64(&sk.e().to_bytes_be())},
+                {"kty": "EC", "kid": "e1", "crv": "P-256", "x": "AA", "y": "AA"},
+            ]})
+            .to_string()
+        }
+
+        use rsa::pkcs8::DecodePrivateKey as _;
+
+        proptest! {
+            #![proptest_config(config(1000))]
+
+            /// Never a panic; a token that verifies is exactly the genuine one: its
+            /// compact serialisation re-made from its decoded parts is itself.
+            #[test]
+            fn tokens_never_panic_and_only_the_genuine_one_verifies(
+                token in mutated_text(vec![genuine()]),
+            ) {
+                let result = bounded("verify_rs256", token.len(), || verify(&token));
+                let _ = bounded("unverified_claims", token.len(), || unverified_claims(&token));
+                if result.is_ok() {
+                    let parts = split(&token).unwrap();
+                    let again = format!("{}.{}.{}", b64(&parts.header), b64(&parts.payload), b64(&parts.signature));
+                    prop_assert_eq!(&again, &token);
+                    prop_assert_eq!(&token, &genuine());
+                }
+            }
+
+            /// Key sets (JWKS and certificate maps, from files or keys_url): never a
+            /// panic, the allocation bound, and the same answer twice.
+            #[test]
+            fn key_sets_never_panic(text in mutated_text(vec![
+                jwks(),
+                r#"{"k1":"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}"#.into(),
+            ])) {
+                let parsed = bounded("KeySet", text.len(), || KeySet::from_json(text.as_bytes()));
+                prop_assert_eq!(KeySet::from_json(text.as_bytes()), parsed.clone());
+                if let Ok(set) = parsed {
+                    prop_assert!(!set.is_empty());
+                }
+            }
+
+            /// The attestation payload of the JWT plugins.
+            #[test]
+            fn payloads_never_panic(text in mutated_text(vec![
+                String::from_utf8(encode_payload(&genuine()).unwrap()).unwrap(),
+            ])) {
+                if let Ok(token) = bounded("decode_payload", text.len(), || decode_payload("gcp_iit", text.as_bytes())) {
+                    prop_assert_eq!(decode_payload("gcp_iit", &encode_payload(&token).unwrap()).unwrap(), token);
+                }
+            }
+        }
+    }
 }

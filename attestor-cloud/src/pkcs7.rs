@@ -693,4 +693,81 @@ mod tests {
             assert!(verify_signed_data(&input, &[]).is_err());
         }
     }
+
+    mod properties {
+        use super::*;
+        use carapace_fuzzkit::proptest::prelude::*;
+        use carapace_fuzzkit::{bounded, bytes, config, mutated};
+
+        /// BER shaped like AWS's signatures: indefinite lengths, chunked OCTET STRINGs,
+        /// non-minimal lengths, nested.
+        fn ber_seeds() -> Vec<Vec<u8>> {
+            vec![
+                vec![
+                    0x30, 0x80, 0xa0, 0x80, 0x24, 0x80, 0x04, 0x02, b'a', b'b', 0x04, 0x01, b'c',
+                    0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                ],
+                vec![0x30, 0x81, 0x03, 0x02, 0x01, 0x05],
+                [&[0x04, 0x82, 0x01, 0x00][..], &[7u8; 256][..]].concat(),
+                vec![
+                    0x30, 0x80, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02,
+                    0xa0, 0x80, 0x30, 0x80, 0x02, 0x01, 0x01, 0x31, 0x00, 0x30, 0x80, 0x06, 0x09,
+                    0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01, 0xa0, 0x80, 0x24, 0x80,
+                    0x04, 0x03, b'd', b'o', b'c', 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x31, 0x00,
+                    0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+                ],
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config(3000))]
+
+            /// Never a panic or a large allocation; what is accepted becomes DER that is
+            /// a fixed point (DER in, the same DER out) and no longer than the input.
+            #[test]
+            fn ber_to_der_never_panics_and_is_idempotent(
+                input in prop_oneof![1 => bytes(64), 6 => mutated(ber_seeds())],
+            ) {
+                if let Ok(der) = bounded("ber_to_der", input.len(), || ber_to_der(&input)) {
+                    prop_assert!(der.len() <= input.len(), "{} > {}", der.len(), input.len());
+                    prop_assert_eq!(ber_to_der(&der).unwrap(), der);
+                }
+                let refused = bounded("verify_signed_data", input.len(), || verify_signed_data(&input, &[]));
+                prop_assert!(refused.is_err());
+            }
+
+        }
+
+        proptest! {
+            #![proptest_config(config(300))]
+
+            /// Every nesting depth up to far past the limit: an error, never a stack
+            /// overflow.
+            #[test]
+            fn deep_nesting_is_refused_not_overflowed(depth in 0usize..2000, definite in any::<bool>()) {
+                let mut input = Vec::new();
+                if definite {
+                    // Short-form lengths only reach 127 bytes: the inner ones are long form.
+                    let mut inner = vec![0x05, 0x00];
+                    for _ in 0..depth {
+                        let mut outer = vec![0x30, 0x83];
+                        outer.extend_from_slice(&(inner.len() as u32).to_be_bytes()[1..]);
+                        outer.extend(inner);
+                        inner = outer;
+                    }
+                    input = inner;
+                } else {
+                    for _ in 0..depth {
+                        input.extend_from_slice(&[0x30, 0x80]);
+                    }
+                    input.extend_from_slice(&[0x05, 0x00]);
+                    for _ in 0..depth {
+                        input.extend_from_slice(&[0x00, 0x00]);
+                    }
+                }
+                let result = bounded("ber_to_der", input.len(), || ber_to_der(&input));
+                prop_assert_eq!(result.is_ok(), depth <= MAX_DEPTH, "depth {}", depth);
+            }
+        }
+    }
 }

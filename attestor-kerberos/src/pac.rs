@@ -1206,4 +1206,171 @@ mod tests {
         put32(&mut buf, at + 8, 0x7fff_ffff);
         assert!(err(&buf).contains("EffectiveName actual count 2147483647 does not match"));
     }
+
+    // ---------------------------------------------------------------------------------
+    // Property tests: mutated real PACs, and a model of the SID rules over synthetic ones
+    // ---------------------------------------------------------------------------------
+
+    mod properties {
+        use super::*;
+        use carapace_fuzzkit::proptest;
+        use carapace_fuzzkit::proptest::prelude::*;
+        use carapace_fuzzkit::{bounded, bytes, config, mutated};
+
+        fn samples() -> Vec<Vec<u8>> {
+            vec![
+                ms_pac_logon_info(),
+                unhex(TRUST_LOGON_INFO),
+                gokrb5_test_logon_info(),
+                Synth::default().encode(),
+            ]
+        }
+
+        fn well_formed(sid: &str) -> bool {
+            let Some(rest) = sid.strip_prefix("S-1-") else {
+                return false;
+            };
+            let mut parts = rest.split('-');
+            let authority = parts.next().unwrap_or_default();
+            let authority_ok = authority.bytes().all(|b| b.is_ascii_digit())
+                || authority
+                    .strip_prefix("0x")
+                    .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            let subs: Vec<&str> = parts.collect();
+            authority_ok
+                && !authority.is_empty()
+                && subs.len() <= MAX_SUB_AUTHORITIES as usize
+                && subs
+                    .iter()
+                    .all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        }
+
+        /// A SID as the model sees it: authority and sub-authorities.
+        fn sid_model() -> impl Strategy<Value = (u64, Vec<u32>)> {
+            (
+                prop_oneof![Just(5u64), Just(18), 0..(1u64 << 48)],
+                proptest::collection::vec(any::<u32>(), 0..=14),
+            )
+        }
+
+        fn sid_text(authority: u64, subs: &[u32]) -> String {
+            Sid {
+                identifier_authority: authority,
+                sub_authorities: subs.to_vec(),
+            }
+            .to_string()
+        }
+
+        proptest! {
+            #![proptest_config(config(1500))]
+
+            #[test]
+            fn mutated_pacs_never_panic_and_reparse_the_same(
+                buf in prop_oneof![1 => bytes(300), 8 => mutated(samples())],
+            ) {
+                let first = bounded("PAC logon info", buf.len(), || group_sids(&buf));
+                match first {
+                    Ok(sids) => {
+                        // Accepted ⇒ the same SIDs again, each well formed and only once.
+                        prop_assert_eq!(group_sids(&buf).unwrap(), sids.clone());
+                        prop_assert!(sids.iter().all(|s| well_formed(s)), "{:?}", sids);
+                        let unique: HashSet<&String> = sids.iter().collect();
+                        prop_assert_eq!(unique.len(), sids.len());
+                    }
+                    Err(e) => prop_assert!(e.starts_with(CONTEXT), "{}", e),
+                }
+            }
+
+            /// A 32-bit field of a real PAC, and every other aligned field equal to it
+            /// (a count and the conformant max count that repeats it), set to a count of
+            /// any magnitude: refused (or accepted) without allocating for what the
+            /// buffer cannot hold.
+            #[test]
+            fn large_counts_anywhere_are_checked_before_allocating(
+                sample in 0..4usize,
+                slot in any::<usize>(),
+                bits in 8..32u32,
+                low in any::<u32>(),
+            ) {
+                let mut buf = samples().swap_remove(sample);
+                let slots = (buf.len() - HEADER_LEN) / 4;
+                let at = |i: usize| HEADER_LEN + i * 4;
+                let read = |b: &[u8], i: usize| u32::from_le_bytes(b[at(i)..at(i) + 4].try_into().unwrap());
+                let old = read(&buf, slot % slots);
+                let new = (1u32 << bits) | (low & ((1u32 << bits) - 1)) >> 1;
+                for i in 0..slots {
+                    if read(&buf, i) == old {
+                        put32(&mut buf, at(i), new);
+                    }
+                }
+                if let Ok(sids) = bounded("PAC logon info", buf.len(), || group_sids(&buf)) {
+                    prop_assert_eq!(group_sids(&buf).unwrap(), sids);
+                }
+            }
+
+            /// Model-based: a KERB_VALIDATION_INFO encoded from arbitrary groups, extra SIDs
+            /// and resource groups gives exactly the SIDs the module's rules name, in order.
+            #[test]
+            fn synthetic_pacs_give_exactly_the_modelled_sids(
+                user_id in prop_oneof![Just(0u32), any::<u32>()],
+                primary_group_id in any::<u32>(),
+                domain_subs in proptest::collection::vec(any::<u32>(), 0..=14),
+                groups in proptest::collection::vec(prop_oneof![Just(513u32), any::<u32>()], 0..6),
+                extra in proptest::option::of(proptest::collection::vec(proptest::option::of(sid_model()), 0..5)),
+                resource in proptest::option::of((sid_model(), proptest::collection::vec(any::<u32>(), 0..4))),
+            ) {
+                let synth = Synth {
+                    user_id,
+                    primary_group_id,
+                    group_count: None,
+                    groups: Some(groups.clone()),
+                    domain: Some(nt(&domain_subs)),
+                    extra: extra.clone().map(|list| {
+                        list.into_iter()
+                            .map(|sid| sid.map(|(authority, subs)| sid_bytes(authority, &subs)))
+                            .collect()
+                    }),
+                    resource_domain: resource.as_ref().map(|((a, subs), _)| sid_bytes(*a, subs)),
+                    resource_groups: resource.as_ref().map(|(_, rids)| rids.clone()),
+                };
+                let buf = synth.encode();
+                let got = bounded("PAC logon info", buf.len(), || group_sids(&buf)).unwrap();
+
+                let domain = |rid: u32| {
+                    let mut subs = domain_subs.clone();
+                    subs.push(rid);
+                    sid_text(5, &subs)
+                };
+                let extra_sids: Vec<String> = extra
+                    .iter()
+                    .flatten()
+                    .flatten()
+                    .map(|(a, subs)| sid_text(*a, subs))
+                    .collect();
+                let mut seen = HashSet::new();
+                if user_id != 0 {
+                    seen.insert(domain(user_id));
+                } else if let Some(first) = extra_sids.first() {
+                    seen.insert(first.clone());
+                }
+                let mut want = Vec::new();
+                let mut candidates: Vec<String> = groups.iter().map(|rid| domain(*rid)).collect();
+                candidates.push(domain(primary_group_id));
+                candidates.extend(extra_sids.iter().cloned());
+                if let Some(((a, subs), rids)) = &resource {
+                    for rid in rids {
+                        let mut all = subs.clone();
+                        all.push(*rid);
+                        candidates.push(sid_text(*a, &all));
+                    }
+                }
+                for sid in candidates {
+                    if seen.insert(sid.clone()) {
+                        want.push(sid);
+                    }
+                }
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
 }

@@ -271,14 +271,27 @@ pub(crate) fn declared_validity(blob: &[u8]) -> Option<(u64, u64)> {
 }
 
 /// Decodes a certificate from its wire encoding, recognising "valid forever" ones.
+///
+/// Refuses an encoding that does not re-encode to the same bytes: ssh-key 0.6.7 reads a
+/// fixed-size key field without checking its length prefix, and checks the CA signature
+/// over its own re-encoding, so without this a blob the CA never signed (a key length of
+/// 127 instead of 32) would be accepted as the certificate it re-encodes to.
 pub(crate) fn cert_from_blob(blob: &[u8]) -> Result<Certificate, String> {
     if let Some((_, before)) = declared_validity(blob)
         && before > MAX_REPRESENTABLE_TIME
     {
         return Err(FOREVER.into());
     }
-    Certificate::from_bytes(blob)
-        .map_err(|e| format!("the host certificate cannot be decoded: {e}"))
+    let cert = Certificate::from_bytes(blob)
+        .map_err(|e| format!("the host certificate cannot be decoded: {e}"))?;
+    match cert.to_bytes() {
+        Ok(again) if again == blob => Ok(cert),
+        _ => Err(
+            "the host certificate is not in canonical SSH wire encoding (it does not \
+                  re-encode to the same bytes)"
+                .into(),
+        ),
+    }
 }
 
 /// Decodes a certificate file's text (`<type>-cert-v01@openssh.com <base64> [comment]`)
@@ -388,5 +401,81 @@ mod tests {
         assert_eq!(declared_validity(&blob), Some((0, u64::MAX)));
         assert_eq!(cert_from_blob(&blob).unwrap_err(), FOREVER);
         assert_eq!(declared_validity(&blob[..blob.len() - 1]), None);
+    }
+
+    /// A host certificate signed by an Ed25519 CA, made with ssh-key (no ssh-keygen).
+    fn host_cert_blob() -> Vec<u8> {
+        use ssh_key::PrivateKey;
+        use ssh_key::certificate::{Builder, CertType};
+        use ssh_key::private::Ed25519Keypair;
+        let ca = PrivateKey::from(Ed25519Keypair::from_seed(&[1; 32]));
+        let host = PrivateKey::from(Ed25519Keypair::from_seed(&[2; 32]));
+        let mut b = Builder::new(vec![9; 32], host.public_key(), 1_000, 2_000_000_000).unwrap();
+        b.serial(7).unwrap();
+        b.cert_type(CertType::Host).unwrap();
+        b.key_id("node1").unwrap();
+        b.valid_principal("node1.example.org").unwrap();
+        b.sign(&ca).unwrap().to_bytes().unwrap()
+    }
+
+    /// Found by the property test of the server (tests/fuzz.rs): ssh-key decoded a host
+    /// key whose length prefix said 127 bytes as the 32-byte key and verified the CA
+    /// signature over its re-encoding, so a blob the CA never signed was accepted.
+    #[test]
+    fn a_certificate_with_a_wrong_key_length_prefix_is_refused() {
+        let good = host_cert_blob();
+        assert!(cert_from_blob(&good).is_ok());
+        // type string (4 + 32), nonce (4 + 32), then the key's length prefix.
+        let at = 4 + 32 + 4 + 32;
+        assert_eq!(good[at..at + 4], [0, 0, 0, 32]);
+        let mut bad = good.clone();
+        bad[at + 3] = 127;
+        let e = cert_from_blob(&bad).unwrap_err();
+        assert!(e.contains("not in canonical SSH wire encoding"), "{e}");
+        // Trailing bytes are refused too.
+        let mut trailing = good;
+        trailing.push(0);
+        assert!(cert_from_blob(&trailing).is_err());
+    }
+
+    mod properties {
+        use super::*;
+        use carapace_fuzzkit::proptest::prelude::*;
+        use carapace_fuzzkit::{bounded, config, mutated, mutated_text};
+
+        proptest! {
+            #![proptest_config(config(500))]
+
+            /// The wire reader and the decoder never panic; what is accepted is exactly
+            /// its own encoding, and the reader's window is the decoder's.
+            #[test]
+            fn certificate_blobs_never_panic_and_re_encode_to_themselves(
+                blob in mutated(vec![host_cert_blob()]),
+            ) {
+                let validity = bounded("declared_validity", blob.len(), || declared_validity(&blob));
+                if let Ok(cert) = bounded("cert_from_blob", blob.len(), || cert_from_blob(&blob)) {
+                    prop_assert_eq!(cert.to_bytes().unwrap(), blob.clone());
+                    // Where the reader can walk it (a known key type), it reads the
+                    // window the decoder does.
+                    if validity.is_some() || cert.public_key().algorithm().is_ed25519() {
+                        prop_assert_eq!(validity, Some((cert.valid_after(), cert.valid_before())));
+                    }
+                }
+            }
+
+            /// Certificate files (the agent reads its own): never a panic; what is
+            /// accepted is the certificate the file's base64 encodes, of the type it says.
+            #[test]
+            fn certificate_files_never_panic(text in mutated_text(vec![format!(
+                "ssh-ed25519-cert-v01@openssh.com {} node1\n",
+                STANDARD.encode(host_cert_blob())
+            )])) {
+                if let Ok((cert, blob)) = bounded("cert_from_openssh", text.len(), || cert_from_openssh(&text)) {
+                    prop_assert_eq!(cert.to_bytes().unwrap(), blob);
+                    let kind = cert.algorithm().to_certificate_type();
+                    prop_assert_eq!(text.split_ascii_whitespace().next(), Some(kind.as_str()));
+                }
+            }
+        }
     }
 }

@@ -109,6 +109,17 @@ fn parse_ca_line(line: &str) -> Result<PublicKey, String> {
     };
     let key = PublicKey::from_openssh(key_text)
         .map_err(|e| format!("not an SSH public key line ({e})"))?;
+    // ssh-key 0.6.7 reads a fixed-size key without checking its length prefix: insist
+    // that the key re-encodes to the text given, so one key has one spelling.
+    let given = key_text.split_ascii_whitespace().nth(1);
+    let again = key.to_openssh().unwrap_or_default();
+    if given.is_none() || again.split_ascii_whitespace().nth(1) != given {
+        return Err(
+            "not an SSH public key line (its key data is not in canonical SSH \
+                    wire encoding: copy the CA's .pub file as ssh-keygen wrote it)"
+                .into(),
+        );
+    }
     match key.algorithm() {
         Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256 => Ok(key),
         alg => check_host_key_algorithm("the CA key", &alg).map(|()| key),
@@ -150,6 +161,14 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
     }
     parts.push(&s[start..]);
     parts
+}
+
+/// The base64 body of a PEM document, without its boundary lines and whitespace.
+fn pem_body(pem: &str) -> String {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(str::split_ascii_whitespace)
+        .collect()
 }
 
 /// Checks a DNS domain setting: dot-separated non-empty labels of letters, digits and
@@ -468,6 +487,15 @@ impl AttestationSession for Session {
                 "the proof signature does not verify: it is not an SSH signature ({e})"
             ))
         })?;
+        // As for certificates: ssh-key reads the embedded key under any length prefix,
+        // so insist on the one encoding of what was decoded.
+        let again = sig.to_pem(ssh_key::LineEnding::LF).unwrap_or_default();
+        if pem_body(&again) != pem_body(&a.signature) {
+            return Err(rejected(
+                "the proof signature is not in canonical SSHSIG encoding (it does not re-encode \
+                 to the same bytes)",
+            ));
+        }
         if sig.namespace() != SSHSIG_NAMESPACE {
             return Err(rejected(format!(
                 "the proof signature does not verify: it is for namespace {:?}, not {SSHSIG_NAMESPACE:?}",
@@ -557,12 +585,50 @@ mod tests {
         assert!(e.contains("not an SSH public key"), "{e}");
     }
 
+    /// Found by `properties::ca_lines_never_panic`: a key whose length prefix was
+    /// altered (`AAAA` → `AA/A` in the base64) was read as the same key.
+    #[test]
+    fn a_ca_key_with_an_altered_length_prefix_is_refused() {
+        let altered = KEY.replacen("NTE5AAAAI", "NTE5AA/AI", 1);
+        assert_ne!(altered, KEY);
+        let e = parse_ca_line(&altered).unwrap_err();
+        assert!(e.contains("canonical SSH wire encoding"), "{e}");
+        assert!(parse_ca_line(KEY).is_ok());
+    }
+
     #[test]
     fn domains_are_checked() {
         assert!(check_domain("example.com").is_ok());
         assert!(check_domain("EXAMPLE.com").is_ok());
         for bad in ["", ".example.com", "example.com.", "a..b", "a b", "a/b"] {
             assert!(check_domain(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use carapace_fuzzkit::proptest::prelude::*;
+        use carapace_fuzzkit::{bounded, config, mutated_text};
+
+        proptest! {
+            #![proptest_config(config(1000))]
+
+            /// Trusted-CA lines (from the config or `cert_authorities_path`): never a
+            /// panic; an accepted line is the CA key it names, with the options and
+            /// comment it may carry.
+            #[test]
+            fn ca_lines_never_panic(line in mutated_text(vec![
+                format!("cert-authority {KEY} my ca"),
+                format!("cert-authority,\"quoted, option\" {KEY}"),
+                KEY.to_owned(),
+            ])) {
+                if let Ok(key) = bounded("CA line", line.len(), || parse_ca_line(&line)) {
+                    let text = key.to_openssh().unwrap();
+                    let body = text.split_ascii_whitespace().nth(1).unwrap();
+                    prop_assert!(line.contains(body), "{:?} does not name {}", line, body);
+                }
+                let _ = check_domain(&line);
+            }
         }
     }
 }

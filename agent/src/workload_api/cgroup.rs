@@ -1559,4 +1559,73 @@ mod tests {
         // Error messages quote no input.
         assert!(!err("0::/secret/../x\n").contains("secret"));
     }
+
+    mod properties {
+        use super::*;
+        use carapace_fuzzkit::proptest::prelude::*;
+        use carapace_fuzzkit::{bounded, config, mutated_text};
+
+        /// Real files from the cases above, each with a marker component that must never
+        /// appear in an error message.
+        fn seeds() -> Vec<String> {
+            vec![
+                format!("12:rdma:/\n11:perf_event:/docker/{DOCKER_V1_ID}\n10:freezer:/docker/{DOCKER_V1_ID}\n1:name=systemd:/docker/{DOCKER_V1_ID}\n0::/\n"),
+                format!("0::/system.slice/docker-{DOCKER_DOCS_ID}.scope\n"),
+                format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{NETDATA_CTR}.scope\n", NETDATA_POD.replace('-', "_")),
+                format!("1:name=systemd:/kubepods/besteffort/pod{NETDATA_POD}/{NETDATA_CTR}\n0::/\n"),
+                format!("0::/machine.slice/libpod-{DOCKER_HYBRID_ID}.scope/container\n"),
+                "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-foo.service\n".into(),
+                format!("0::/user.slice/user-1000.slice/user@1000.service/user.slice/docker-{DOCKER_DOCS_ID}.scope\n"),
+                "12:hugetlb:/\n11:freezer:/\n10:blkio:/user.slice\n9:cpu,cpuacct:/user.slice\n2:pids:/\n1:name=systemd:/\n0::/system.slice/nginx.service\n".into(),
+                "0::/system.slice/MARKERXYZ.service/sub\n".into(),
+            ]
+        }
+
+        fn is_hex64(s: &str) -> bool {
+            s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        }
+
+        proptest! {
+            #![proptest_config(config(3000))]
+
+            /// Never a panic or a large allocation; what is accepted keeps the module's
+            /// promises: the path is one of the file's paths, a unit and slice are
+            /// components of it, IDs are canonical, and nothing in a delegated subtree is
+            /// a container or pod. Errors quote no input.
+            #[test]
+            fn cgroup_files_never_panic_and_accepted_facts_come_from_the_path(
+                content in mutated_text(seeds()),
+            ) {
+                match bounded("/proc/<pid>/cgroup", content.len(), || parse_proc_cgroup(&content)) {
+                    Ok(f) => {
+                        let lines: Vec<&str> = content.strip_suffix('\n').unwrap_or(&content).split('\n').collect();
+                        prop_assert!(
+                            lines.iter().any(|l| l.splitn(3, ':').nth(2) == Some(f.path.as_str())),
+                            "path {:?} is not one of the file's paths", f.path
+                        );
+                        let components: Vec<&str> = f.path.split('/').collect();
+                        if let Some(unit) = &f.systemd_unit {
+                            prop_assert!(f.user_delegated || components.contains(&unit.as_str()), "{:?}", f);
+                        }
+                        if let Some(slice) = &f.systemd_slice {
+                            prop_assert!(slice == "-.slice" || slice.ends_with(".slice"), "{:?}", f);
+                        }
+                        if let Some(id) = &f.container_id {
+                            prop_assert!(is_hex64(id) && f.path.contains(id.as_str()), "{:?}", f);
+                        }
+                        if let Some(uid) = &f.pod_uid {
+                            prop_assert_eq!(uid.len(), 36);
+                            prop_assert!(uid.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+                        }
+                        if f.user_delegated {
+                            prop_assert!(f.container_id.is_none() && f.pod_uid.is_none(), "{:?}", f);
+                        }
+                        // Deterministic.
+                        prop_assert_eq!(parse_proc_cgroup(&content).unwrap(), f);
+                    }
+                    Err(e) => prop_assert!(!e.contains("MARKERXYZ"), "{}", e),
+                }
+            }
+        }
+    }
 }

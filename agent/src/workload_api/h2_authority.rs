@@ -42,6 +42,15 @@ const MAX_EMIT_FRAME: usize = 16_384;
 const MAX_FRAME: usize = 1 << 20;
 /// Largest header block (all CONTINUATIONs together) accepted from a client.
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// Largest decoded header list accepted from a client, counted as RFC 7541 §4.1 counts
+/// (name + value + 32 per field). HPACK's indexed fields let one byte stand for a
+/// header of up to the table size, so the encoded limit alone does not bound what
+/// decoding allocates (64 KiB of references to a 4 KiB header would be 256 MiB).
+const MAX_HEADER_LIST: usize = 64 * 1024;
+/// The largest dynamic table size a client may announce: HTTP/2's default
+/// SETTINGS_HEADER_TABLE_SIZE, which the server (h2) does not change. Without it a
+/// client could grow the decoder's table without bound.
+const MAX_TABLE_SIZE: usize = 4096;
 
 /// What the layer does with the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,13 +135,15 @@ fn encode_literal_block(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
 impl<S> AuthorityFix<S> {
     /// Wraps the server side of a connection.
     pub fn new(inner: S) -> Self {
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(MAX_TABLE_SIZE);
         AuthorityFix {
             inner,
             input: Vec::new(),
             output: Vec::new(),
             out_pos: 0,
             preface_left: PREFACE_LEN,
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             pending: None,
             mode: Mode::Inspect,
             eof: false,
@@ -248,10 +259,19 @@ impl<S> AuthorityFix<S> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
-        let mut headers = self
-            .decoder
-            .decode(&p.block)
+        let mut headers = Vec::new();
+        let mut list_size = 0usize;
+        self.decoder
+            .decode_with_cb(&p.block, |name, value| {
+                list_size = list_size.saturating_add(name.len() + value.len() + 32);
+                if list_size <= MAX_HEADER_LIST {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
             .map_err(|e| protocol(&format!("bad header block: {e}")))?;
+        if list_size > MAX_HEADER_LIST {
+            return Err(protocol("header list too large"));
+        }
         let mut rewritten = false;
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" && !plain_authority(value) {
@@ -574,6 +594,26 @@ mod tests {
         assert!(run(input).await.is_err());
     }
 
+    /// Found by `properties::hpack_references_cannot_inflate_a_header_block`: a header
+    /// block of one-byte references to a long header in the dynamic table decoded to
+    /// hundreds of times its size.
+    #[tokio::test]
+    async fn a_header_block_that_decodes_past_the_cap_closes_the_connection() {
+        let ok = properties::hpack_bomb(4096, 1000, 10);
+        assert!(run(ok).await.is_ok());
+        let bomb = properties::hpack_bomb(4096, 4000, 20_000);
+        let e = run(bomb).await.unwrap_err();
+        assert!(e.to_string().contains("header list too large"), "{e}");
+    }
+
+    /// A client may not announce a dynamic table larger than HTTP/2's default.
+    #[tokio::test]
+    async fn a_dynamic_table_larger_than_the_default_is_refused() {
+        assert!(run(properties::hpack_bomb(4096, 100, 1)).await.is_ok());
+        let e = run(properties::hpack_bomb(4097, 100, 1)).await.unwrap_err();
+        assert!(e.to_string().contains("bad header block"), "{e}");
+    }
+
     #[test]
     fn integers_encode_per_rfc_7541() {
         // RFC 7541 C.1.1-C.1.3.
@@ -586,5 +626,103 @@ mod tests {
         v.clear();
         encode_int(&mut v, 0, 8, 42);
         assert_eq!(v, [42]);
+    }
+
+    mod properties {
+        use super::*;
+        use carapace_fuzzkit::proptest::prelude::*;
+        use carapace_fuzzkit::{bounded, config, mutated};
+
+        /// Runs the layer over `input` in one piece, as a workload's bytes arrive.
+        fn feed(input: &[u8]) -> io::Result<Vec<u8>> {
+            let mut fix = AuthorityFix::new(());
+            fix.input.extend_from_slice(input);
+            fix.process()?;
+            Ok(fix.output)
+        }
+
+        fn connection(authority: &str) -> Vec<u8> {
+            let mut enc = loona_hpack::Encoder::new();
+            let headers = request_headers(authority);
+            let mut input = PREFACE.to_vec();
+            input.extend(frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]));
+            for stream in [1u32, 3] {
+                let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+                input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, stream, &block));
+                input.extend(frame(0x0, FLAG_END_STREAM, stream, &[0, 0, 0, 0, 0]));
+            }
+            input
+        }
+
+        /// A header block that raises the dynamic table size, adds one header of
+        /// `value_len` bytes to it, and has a non-host authority (so every block is
+        /// decoded); then `refs` one-byte references to that header in the next block.
+        pub(super) fn hpack_bomb(table_size: usize, value_len: usize, refs: usize) -> Vec<u8> {
+            let mut first = Vec::new();
+            encode_int(&mut first, 0x20, 5, table_size);
+            first.push(0x40); // literal with incremental indexing, new name
+            encode_int(&mut first, 0, 7, 1);
+            first.push(b'x');
+            encode_int(&mut first, 0, 7, value_len);
+            first.extend(std::iter::repeat_n(b'v', value_len));
+            for (n, v) in request_headers("tmp%2Fagent%2Fapi.sock") {
+                first.push(0x00);
+                encode_int(&mut first, 0, 7, n.len());
+                first.extend(n);
+                encode_int(&mut first, 0, 7, v.len());
+                first.extend(v);
+            }
+            let second = vec![0x80 | 62; refs]; // indexed: the newest dynamic entry
+            let mut input = PREFACE.to_vec();
+            for (stream, block) in [(1u32, first), (3, second)] {
+                let mut chunks = block.chunks(MAX_EMIT_FRAME).peekable();
+                let mut kind = TYPE_HEADERS;
+                while let Some(chunk) = chunks.next() {
+                    let flags = if chunks.peek().is_none() {
+                        FLAG_END_HEADERS
+                    } else {
+                        0
+                    };
+                    input.extend(frame(kind, flags, stream, chunk));
+                    kind = TYPE_CONTINUATION;
+                }
+            }
+            input
+        }
+
+        proptest! {
+            #![proptest_config(config(1500))]
+
+            /// Mutated connections: never a panic; what the layer hands h2 holds no
+            /// more than it was given plus the re-encoding, and the allocation bound
+            /// holds.
+            #[test]
+            fn connections_never_panic_and_stay_bounded(input in mutated(vec![
+                connection("tmp%2Fagent%2Fapi.sock"),
+                connection("localhost"),
+            ])) {
+                let _ = bounded("HTTP/2 input", input.len(), || feed(&input));
+            }
+        }
+
+        proptest! {
+            #![proptest_config(config(64))]
+
+            /// HPACK's dynamic table lets a few bytes stand for a large header: the
+            /// decoded size is capped, whatever table size the client announces.
+            #[test]
+            fn hpack_references_cannot_inflate_a_header_block(
+                table_size in prop_oneof![Just(4096usize), Just(1 << 16), Just(1 << 20), Just(1 << 30)],
+                value_len in 100usize..16_000,
+                refs in 1usize..4000,
+            ) {
+                let input = hpack_bomb(table_size, value_len, refs);
+                if let Ok(out) = bounded("HTTP/2 input", input.len(), || feed(&input)) {
+                    // Two header blocks, each at most the decoded cap (plus framing).
+                    let most = input.len() + 2 * (MAX_HEADER_LIST + 4 * FRAME_HEADER_LEN + 64);
+                    prop_assert!(out.len() <= most, "{} bytes in, {} out", input.len(), out.len());
+                }
+            }
+        }
     }
 }
