@@ -1158,7 +1158,7 @@ async fn entry_rows(ds: &Datastore) -> [i64; 4] {
 
 /// An entry with enough selectors and DNS names that writing it needs new pages.
 fn big_entry(id: &str) -> RegistrationEntry {
-    let selectors: Vec<String> = (0..100).map(|i| format!("unix:uid:{i:0>40}")).collect();
+    let selectors: Vec<String> = (0..100).map(|i| format!("host:label:{i:0>40}")).collect();
     let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
     let mut e = entry(id, &format!("/big/{id}"), &selectors);
     e.dns_names = (0..20)
