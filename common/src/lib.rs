@@ -10,8 +10,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod listener;
 mod instance;
+pub mod listener;
 mod unix_socket;
 
 pub use instance::{DataDirLock, LOCK_FILE, SHUTDOWN_GRACE, lock_data_dir, run_main};

@@ -932,7 +932,7 @@ mod tests {
         assert!(err.starts_with("x509 mint: --ttl: "), "{err}");
 
         // The server refuses them too when asked directly: InvalidArgument, naming the field.
-        let mut client = admin_cli::connect(&s.socket).await.unwrap();
+        let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
         let good = types::Entry {
             spiffe_id: "spiffe://example.org/w".into(),
             parent_id: AGENT.into(),
