@@ -14,8 +14,8 @@ use carapace_fuzzkit::proptest::prelude::*;
 use carapace_fuzzkit::{bounded, bytes, config, mutated, mutated_text};
 use carapace_server::ca::{csr_public_key, csr_public_key_der};
 use carapace_server::config::{Overrides, parse_file, validate};
-use carapace_server::datastore::Datastore;
-use carapace_server::node_attestor::{JoinTokenAttestor, generate_join_token};
+use carapace_server::datastore::{AttestedAgent, Datastore};
+use carapace_server::node_attestor::{JoinTokenAttestor, generate_join_token, presented_token};
 
 const FULL_SAMPLE: &str = include_str!("../../conf/server.full.toml");
 const SHORT_SAMPLE: &str = include_str!("../../conf/server.toml");
@@ -119,8 +119,9 @@ fn the_seeds_are_accepted() {
 proptest! {
     #![proptest_config(config(200))]
 
-    /// Join tokens from agents: never a panic; no altered token attests or burns the
-    /// genuine one, which still attests exactly once afterwards.
+    /// Join tokens from agents: never a panic; no altered token passes the attestor or
+    /// is consumed by the agent write (so none burns the genuine one), and the genuine
+    /// one still admits exactly one agent afterwards.
     #[test]
     fn altered_join_tokens_never_attest_or_burn_the_token(
         edits in proptest::collection::vec(mutated(vec![b"seed".to_vec()]), 1..8),
@@ -131,7 +132,23 @@ proptest! {
             let t = generate_join_token();
             let now = carapace_server::unix_now();
             ds.create_join_token(&t.id, &t.secret_hash, now + 600, now, None).await.unwrap();
-            let attestor = JoinTokenAttestor::new(ds);
+            let attestor = JoinTokenAttestor::new(ds.clone());
+            // The record the server writes for the agent a token admits, with the token
+            // consumed in the same transaction.
+            let admitted = |id: &str| AttestedAgent {
+                spiffe_id: format!("spiffe://example.org/spire/agent/join_token/{id}")
+                    .parse()
+                    .unwrap(),
+                attestor: "join_token".into(),
+                serial: "01".into(),
+                new_serial: None,
+                expires_at: now + 3600,
+                banned: false,
+                reattestable: false,
+                attested_at: now,
+                selectors: Default::default(),
+                refused: None,
+            };
             let ctx = AttestationContext { agent_public_key: Vec::new(), tls_exporter: vec![0; 32] };
             let genuine = t.token.as_bytes().to_vec();
             for e in &edits {
@@ -152,8 +169,14 @@ proptest! {
                 }
                 let result = attestor.begin(&altered, &ctx).await;
                 prop_assert!(result.is_err(), "an altered token attested: {:?}", String::from_utf8_lossy(&altered));
+                if let Some(p) = presented_token(&altered) {
+                    prop_assert!(ds.attest_agent(&admitted(&p.id), Some(&p)).await.is_err());
+                }
             }
             prop_assert!(attestor.begin(&genuine, &ctx).await.is_ok());
+            let token = presented_token(&genuine).unwrap();
+            prop_assert!(ds.attest_agent(&admitted(&token.id), Some(&token)).await.is_ok());
+            prop_assert!(ds.attest_agent(&admitted(&token.id), Some(&token)).await.is_err());
             prop_assert!(attestor.begin(&genuine, &ctx).await.is_err());
             Ok(())
         })?;
