@@ -577,6 +577,62 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Result<Output> {
     }
 }
 
+/// Runs `cmd` with its output captured and kills it if it has not exited within
+/// `limit`: a test of something that must not hang (a read of `/dev/zero`) fails instead
+/// of hanging. The output is returned whatever the exit status; [`Error::Other`] if the
+/// command could not run or did not finish in time.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Output> {
+    let shown = command_line(cmd);
+    let fail = |e: io::Error| Error::Other(format!("cannot run {shown}: {e}"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(fail)?;
+    // Both pipes are drained while the command runs, so a chatty one cannot block.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(fail)? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Other(format!(
+                "{shown} did not finish within {limit:?}"
+            )));
+        }
+        sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// stdout then stderr of a finished command, as text.
 pub fn combined(output: &Output) -> String {
     let mut s = String::from_utf8_lossy(&output.stdout).into_owned();

@@ -188,46 +188,10 @@ fn run_refuses_a_data_dir_others_can_read() {
     assert!(!data.join("datastore.sqlite3").exists());
 }
 
-/// Runs `cmd` and waits at most 20 s for it: a config read that hangs fails the test
-/// instead of hanging it.
+/// Runs `cmd`, failing the test instead of hanging if it takes over 20 s.
 fn output_within_20s(mut cmd: Command) -> std::process::Output {
-    use std::io::Read as _;
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > std::time::Duration::from_secs(20) {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let status = status.expect("the command did not finish within 20 s");
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    child
-        .stdout
-        .take()
+    hsm_sim::process::output_within(&mut cmd, std::time::Duration::from_secs(20))
         .unwrap()
-        .read_to_end(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_end(&mut stderr)
-        .unwrap();
-    std::process::Output {
-        status,
-        stdout,
-        stderr,
-    }
 }
 
 #[test]
