@@ -190,8 +190,7 @@ fn run_refuses_a_data_dir_others_can_read() {
 
 /// Runs `cmd`, failing the test instead of hanging if it takes over 20 s.
 fn output_within_20s(mut cmd: Command) -> std::process::Output {
-    hsm_sim::process::output_within(&mut cmd, std::time::Duration::from_secs(20))
-        .unwrap()
+    hsm_sim::process::output_within(&mut cmd, std::time::Duration::from_secs(20)).unwrap()
 }
 
 #[test]

@@ -288,15 +288,20 @@ fn batch_for(entry_id: &str) -> BatchNewX509svidRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_ban_ends_the_open_stream_within_a_second_and_every_later_call_on_the_connection_is_refused()
- {
-    let lab = Lab::new();
-    let server = Server::start(&lab);
-    let km = MemoryKeyManager::new();
-    let a = attest(&server, &km, "a").await;
+/// An attested agent with one entry, one connection (its client certificate accepted
+/// while the SVID was valid), an open sync stream past its first message, and one
+/// SVID already signed on that connection.
+async fn connected_agent(
+    server: &Server,
+    km: &MemoryKeyManager,
+) -> (
+    TestAgent,
+    String,
+    NodeClient<Channel>,
+    tonic::Streaming<carapace_proto::node::SyncAuthorizedResponse>,
+) {
+    let a = attest(server, km, "a").await;
     let entry = server.create_entry(&a.id, "spiffe://example.org/w", &["unix:uid:1"], &[]);
-    // One connection for everything below.
     let mut client = a.client();
     let mut stream = client
         .sync_authorized(SyncAuthorizedRequest {})
@@ -306,6 +311,16 @@ async fn a_ban_ends_the_open_stream_within_a_second_and_every_later_call_on_the_
     stream.message().await.unwrap().unwrap();
     let signed = client.batch_new_x509svid(batch_for(&entry)).await.unwrap();
     assert!(signed.into_inner().results[0].svid.is_some());
+    (a, entry, client, stream)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ban_ends_the_open_stream_within_a_second_and_every_later_call_on_the_connection_is_refused()
+ {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let km = MemoryKeyManager::new();
+    let (a, entry, mut client, mut stream) = connected_agent(&server, &km).await;
 
     server.cli_ok(&["agent", "ban", "--spiffe-id", &a.id]);
     let banned = std::time::Instant::now();
@@ -339,19 +354,8 @@ async fn once_the_agent_svid_expires_its_open_stream_ends_and_nothing_more_is_si
     std::fs::write(&config, "agent_svid_ttl = \"10s\"\n").unwrap();
     let server = Server::start_with(&lab, &["--config", config.to_str().unwrap()]);
     let km = MemoryKeyManager::new();
-    let a = attest(&server, &km, "a").await;
+    let (a, entry, mut client, mut stream) = connected_agent(&server, &km).await;
     let (_, not_after) = carapace_core::x509svid::validity_of(&a.chain[0]).unwrap();
-    let entry = server.create_entry(&a.id, "spiffe://example.org/w", &["unix:uid:1"], &[]);
-    // The connection, and its client certificate, were accepted while the SVID was valid.
-    let mut client = a.client();
-    let mut stream = client
-        .sync_authorized(SyncAuthorizedRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    stream.message().await.unwrap().unwrap();
-    let signed = client.batch_new_x509svid(batch_for(&entry)).await.unwrap();
-    assert!(signed.into_inner().results[0].svid.is_some());
 
     let (status, _) = stream_end(&mut stream).await;
     let ended = now() as i64;

@@ -232,37 +232,39 @@ impl Datastore {
         id: &SpiffeId,
         refusal: &Refusal,
     ) -> Result<AttestedAgent> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE attested_agents SET refused_at = $2, refused_reason = $3, new_serial = NULL \
-             WHERE spiffe_id = $1",
+        self.update_agent(
+            id,
+            sqlx::query(
+                "UPDATE attested_agents SET refused_at = $2, refused_reason = $3, \
+                 new_serial = NULL WHERE spiffe_id = $1",
+            )
+            .bind(id.as_str())
+            .bind(refusal.at)
+            .bind(refusal.reason.clone()),
         )
-        .bind(id.as_str())
-        .bind(refusal.at)
-        .bind(refusal.reason.as_str())
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(not_found(id));
-        }
-        let agent = load_agents(&mut tx, Some(id))
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| not_found(id))?;
-        tx.commit().await?;
-        Ok(agent)
+        .await
     }
 
     /// Bans or unbans the agent; returns it as now stored. [`Error::NotFound`] if missing.
     pub async fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<AttestedAgent> {
+        self.update_agent(
+            id,
+            sqlx::query("UPDATE attested_agents SET banned = $2 WHERE spiffe_id = $1")
+                .bind(id.as_str())
+                .bind(banned),
+        )
+        .await
+    }
+
+    /// Runs `update` of the agent `id` in a write transaction and returns the agent as
+    /// now stored; [`Error::NotFound`] if no row matched.
+    async fn update_agent(
+        &self,
+        id: &SpiffeId,
+        update: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<AttestedAgent> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query("UPDATE attested_agents SET banned = $2 WHERE spiffe_id = $1")
-            .bind(id.as_str())
-            .bind(banned)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
+        if update.execute(&mut *tx).await?.rows_affected() == 0 {
             return Err(not_found(id));
         }
         let agent = load_agents(&mut tx, Some(id))
