@@ -47,6 +47,9 @@ pub struct FileConfig {
     /// Bounds on the Workload API's connections.
     #[serde(default)]
     pub workload_api: WorkloadApiFile,
+    /// How long a stop waits for open streams before closing them.
+    #[serde(default, with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
     /// Key manager for the agent's own key (exactly one; default `disk`).
     #[serde(default)]
     pub key_manager: toml::Table,
@@ -199,6 +202,8 @@ pub struct Config {
     pub workload_attestation_timeout: Duration,
     /// Bounds on the Workload API's connections.
     pub workload_api_limits: ConnectionLimits,
+    /// How long a stop waits for open streams and calls before closing them.
+    pub shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -310,6 +315,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             humantime::format_duration(workload_attestation_timeout)
         ));
     }
+    let shutdown_grace = carapace_common::shutdown_grace(file.shutdown_grace, &mut problems);
     let workload_api_limits = workload_api_limits(
         &file.workload_api,
         carapace_common::listener::fd_limit(),
@@ -360,6 +366,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             rotation_interval: Duration::from_secs(1),
             workload_attestation_timeout,
             workload_api_limits,
+            shutdown_grace,
         }),
         _ => Err(problems),
     }
@@ -474,6 +481,24 @@ mod tests {
         assert!(
             unknown.iter().any(|e| e.contains("max_conns")),
             "{unknown:?}"
+        );
+    }
+
+    #[test]
+    fn shutdown_grace_defaults_to_five_seconds_and_is_bounded() {
+        let insecure = || Overrides {
+            insecure_bootstrap: true,
+            ..Default::default()
+        };
+        let c = validate(FileConfig::default(), insecure()).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+        let c = validate(parse("shutdown_grace = \"30s\"\n"), insecure()).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        let errs = validate(parse("shutdown_grace = \"1h\"\n"), insecure()).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("shutdown_grace: 1h is outside 0s..5m")),
+            "{errs:?}"
         );
     }
 

@@ -36,7 +36,8 @@ use crate::workload_api::WorkloadApi;
 /// A second agent on the same data directory refuses to start
 /// ([`carapace_common::lock_data_dir`]), and none takes over a Workload API socket that
 /// still answers. On `shutdown` the Workload API streams and the sync stream end, and the
-/// agent waits at most [`carapace_common::SHUTDOWN_GRACE`] for them before it drops what
+/// agent waits at most `shutdown_grace` (default [`carapace_common::SHUTDOWN_GRACE`]) for
+/// them before it drops what
 /// is left; it then removes its socket, if that is still the one it bound.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     carapace_common::ensure_private_dir(&cfg.data_dir, "data directory").map_err(Error::Config)?;
@@ -57,7 +58,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let (stop_tx, stop_rx) = watch::channel(false);
     let api = WorkloadApi::new(cache.clone(), attestors)
         .with_attestation_timeout(cfg.workload_attestation_timeout)
-        .with_connection_limits(cfg.workload_api_limits);
+        .with_connection_limits(cfg.workload_api_limits)
+        .with_drain_timeout(cfg.shutdown_grace);
     let socket_path = cfg.socket_path.clone();
     let api_task = {
         let mut stop = stop_rx.clone();
@@ -75,7 +77,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         _ = &mut shutdown => {
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);
-            let r = stop_within_grace(None, api_task).await;
+            let r = stop_within_grace(cfg.shutdown_grace, None, api_task).await;
             socket.remove();
             return r;
         }
@@ -84,7 +86,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         Ok(m) => m,
         Err(e) => {
             let _ = stop_tx.send(true);
-            let _ = stop_within_grace(None, api_task).await;
+            let _ = stop_within_grace(cfg.shutdown_grace, None, api_task).await;
             socket.remove();
             return Err(e);
         }
@@ -99,15 +101,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let r = stop_within_grace(Some(manager_task), api_task).await;
+    let r = stop_within_grace(cfg.shutdown_grace, Some(manager_task), api_task).await;
     socket.remove();
     tracing::info!("stopped");
     r
 }
 
-/// Waits for the manager and the Workload API to stop, at most
-/// [`carapace_common::SHUTDOWN_GRACE`]; then drops them.
+/// Waits for the manager and the Workload API to stop, at most `grace`; then drops them.
 async fn stop_within_grace(
+    grace: std::time::Duration,
     manager: Option<tokio::task::JoinHandle<Result<()>>>,
     api: tokio::task::JoinHandle<Result<()>>,
 ) -> Result<()> {
@@ -116,7 +118,7 @@ async fn stop_within_grace(
         .map(|m| m.abort_handle())
         .chain([api.abort_handle()])
         .collect();
-    let stopped = tokio::time::timeout(carapace_common::SHUTDOWN_GRACE, async {
+    let stopped = tokio::time::timeout(grace, async {
         if let Some(m) = manager {
             let _ = m.await;
         }
@@ -128,7 +130,7 @@ async fn stop_within_grace(
         Ok(Err(e)) => Err(Error::Workload(format!("Workload API task failed: {e}"))),
         Err(_) => {
             tracing::warn!(
-                grace = ?carapace_common::SHUTDOWN_GRACE,
+                ?grace,
                 "still busy after the shutdown grace period; stopping anyway"
             );
             for a in &aborts {

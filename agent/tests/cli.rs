@@ -116,8 +116,7 @@ fn a_bad_kerberos_section_is_refused_before_anything_is_written() {
 
 /// Runs `cmd`, failing the test instead of hanging if it takes over 20 s.
 fn output_within_20s(mut cmd: Command) -> std::process::Output {
-    hsm_sim::process::output_within(&mut cmd, std::time::Duration::from_secs(20))
-        .unwrap()
+    hsm_sim::process::output_within(&mut cmd, std::time::Duration::from_secs(20)).unwrap()
 }
 
 #[test]

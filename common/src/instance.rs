@@ -9,8 +9,24 @@ use std::time::Duration;
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
 /// How long a binary waits, after SIGTERM or Ctrl-C, for its streams and calls to end
-/// before it closes them and exits anyway.
+/// before it closes them and exits anyway, unless its `shutdown_grace` says otherwise.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The longest `shutdown_grace` a config may set: a stop must stay bounded.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(300);
+
+/// The `shutdown_grace` of a config file: [`SHUTDOWN_GRACE`] when unset; a value over
+/// [`MAX_SHUTDOWN_GRACE`] is a problem, named with its key.
+pub fn shutdown_grace(value: Option<Duration>, problems: &mut Vec<String>) -> Duration {
+    let grace = value.unwrap_or(SHUTDOWN_GRACE);
+    if grace > MAX_SHUTDOWN_GRACE {
+        problems.push(format!(
+            "shutdown_grace: {} is outside 0s..{}",
+            humantime::format_duration(grace),
+            humantime::format_duration(MAX_SHUTDOWN_GRACE)
+        ));
+    }
+    grace.min(MAX_SHUTDOWN_GRACE)
+}
 
 /// How long the runtime waits at exit for blocking work (a stuck device call) to return.
 const BLOCKING_GRACE: Duration = Duration::from_secs(1);

@@ -14,7 +14,10 @@ mod instance;
 pub mod listener;
 mod unix_socket;
 
-pub use instance::{DataDirLock, LOCK_FILE, SHUTDOWN_GRACE, lock_data_dir, run_main};
+pub use instance::{
+    DataDirLock, LOCK_FILE, MAX_SHUTDOWN_GRACE, SHUTDOWN_GRACE, lock_data_dir, run_main,
+    shutdown_grace,
+};
 pub use unix_socket::{
     OwnSocket, UnexpectedPeer, check_socket_dir, connect_checked, euid, remove_stale_socket,
     uds_channel_checked,

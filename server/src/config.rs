@@ -67,6 +67,9 @@ pub struct FileConfig {
     /// Agent SVID lifetime.
     #[serde(default, with = "humantime_serde::option")]
     pub agent_svid_ttl: Option<Duration>,
+    /// How long a stop waits for open streams and calls before closing them.
+    #[serde(default, with = "humantime_serde::option")]
+    pub shutdown_grace: Option<Duration>,
     /// X.509 CA lifetime.
     #[serde(default, with = "humantime_serde::option")]
     pub ca_ttl: Option<Duration>,
@@ -204,6 +207,8 @@ pub struct Config {
     pub default_x509_svid_ttl: Duration,
     /// Agent SVID lifetime.
     pub agent_svid_ttl: Duration,
+    /// How long a stop waits for open streams and calls before closing them.
+    pub shutdown_grace: Duration,
     /// CA lifetime.
     pub ca_ttl: Duration,
     /// CA key type.
@@ -291,6 +296,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         carapace_common::check_logging(&log_level, file.log_format.as_deref(), &mut problems);
     let default_x509_svid_ttl = file.default_x509_svid_ttl.unwrap_or(DEFAULT_X509_SVID_TTL);
     let agent_svid_ttl = file.agent_svid_ttl.unwrap_or(default_x509_svid_ttl);
+    let shutdown_grace = carapace_common::shutdown_grace(file.shutdown_grace, &mut problems);
     let ca_ttl = file.ca_ttl.unwrap_or(DEFAULT_CA_TTL);
     let mut in_range = true;
     for (key, d, max) in [
@@ -384,6 +390,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             log_json,
             default_x509_svid_ttl,
             agent_svid_ttl,
+            shutdown_grace,
             ca_ttl,
             ca_key_type,
             ca_organization: file.ca_organization.unwrap_or_else(|| "Carapace".into()),
@@ -578,6 +585,28 @@ max_attestations_in_flight = 0
         assert!(
             unknown.iter().any(|e| e.contains("max_conns")),
             "{unknown:?}"
+        );
+    }
+
+    #[test]
+    fn shutdown_grace_defaults_to_five_seconds_and_is_bounded() {
+        let c = validate(parse_file("").unwrap(), Overrides::default()).unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(5));
+        let c = validate(
+            parse_file("shutdown_grace = \"30s\"").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+        let errs = validate(
+            parse_file("shutdown_grace = \"1h\"").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("shutdown_grace: 1h is outside 0s..5m")),
+            "{errs:?}"
         );
     }
 

@@ -60,7 +60,8 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
 /// served: the server never half-starts.
 ///
 /// On `shutdown` it stops accepting, ends the sync streams, waits at most
-/// [`carapace_common::SHUTDOWN_GRACE`] for open calls and streams (then drops them),
+/// `shutdown_grace` (default [`carapace_common::SHUTDOWN_GRACE`]) for open calls and
+/// streams (then drops them),
 /// closes the datastore and removes its admin socket (only if it is still the one it
 /// bound). A second server on the same data directory refuses to start
 /// ([`carapace_common::lock_data_dir`]).
@@ -198,7 +199,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         pruner.abort_handle(),
         svid_task.abort_handle(),
     ];
-    let drained = tokio::time::timeout(carapace_common::SHUTDOWN_GRACE, async {
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
         let _ = node_task.await;
         let _ = admin_task.await;
         let _ = rotator.await;
@@ -208,7 +209,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .await;
     if drained.is_err() {
         tracing::warn!(
-            grace = ?carapace_common::SHUTDOWN_GRACE,
+            grace = ?config.shutdown_grace,
             "calls or streams still open after the shutdown grace period; closing them"
         );
         for a in &aborts {

@@ -52,9 +52,6 @@ use crate::{Error, Result};
 /// The security header every Workload API request must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// How long [`serve`] waits for open connections after shutdown before returning anyway.
-const DRAIN_TIMEOUT: Duration = carapace_common::SHUTDOWN_GRACE;
-
 /// Messages buffered per stream before the sender waits for the client.
 const STREAM_BUFFER: usize = 4;
 
@@ -101,6 +98,9 @@ pub struct WorkloadApi {
     attestors: Arc<[Arc<dyn WorkloadAttestor>]>,
     attestation_timeout: Duration,
     limits: ConnectionLimits,
+    /// How long [`serve`] waits for open connections after shutdown before returning
+    /// anyway.
+    drain_timeout: Duration,
     /// Turns true when the server shuts down, so that streams end and connections close.
     closing: watch::Receiver<bool>,
 }
@@ -116,8 +116,16 @@ impl WorkloadApi {
             attestors: attestors.into(),
             attestation_timeout: DEFAULT_ATTESTATION_TIMEOUT,
             limits: ConnectionLimits::from_fd_limit(carapace_common::listener::fd_limit()),
+            drain_timeout: carapace_common::SHUTDOWN_GRACE,
             closing,
         }
+    }
+
+    /// Bounds how long a shutdown waits for open connections (default
+    /// [`carapace_common::SHUTDOWN_GRACE`]).
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
     }
 
     /// Bounds the time all attestors together may take for one request (default
@@ -452,6 +460,7 @@ pub async fn serve_listener(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let limits = api.limits;
+    let drain_timeout = api.drain_timeout;
     tracing::info!(
         socket = %socket_path.display(),
         max_connections = limits.max_connections,
@@ -480,7 +489,7 @@ pub async fn serve_listener(
     }
     tracing::info!("Workload API shutting down");
     closing_tx.send_replace(true);
-    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+    match tokio::time::timeout(drain_timeout, server).await {
         Ok(r) => r.map_err(map_err),
         Err(_) => {
             tracing::warn!("Workload API connections still open after the drain timeout; closing");
