@@ -82,15 +82,39 @@ impl Tmpfs {
         Ok(written)
     }
 
-    /// Deletes the file [`fill`](Self::fill) wrote, freeing its space. Nothing to do if
-    /// it was not filled.
+    /// Deletes the file [`fill`](Self::fill) wrote and waits until its space is free
+    /// again. Nothing to do if it was not filled.
+    ///
+    /// The kernel returns a file's pages when its last descriptor closes, not at unlink:
+    /// a child another thread of this process forks holds a copy of every descriptor
+    /// until it execs, so the space can come back a moment after the delete.
     pub fn free(&self) -> Result<()> {
         let path = self.filler();
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(&path, e)),
+        let len = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let before = self.available()?;
+        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.available()? < before + len / 2 {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Other(format!(
+                    "{}: the {len} bytes of {} were not free 10 s after deleting it",
+                    self.path().display(),
+                    path.display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        Ok(())
+    }
+
+    /// Bytes an unprivileged write may still use.
+    fn available(&self) -> Result<u64> {
+        let st = rustix::fs::statvfs(self.path()).map_err(|e| Error::io(self.path(), e.into()))?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     fn filler(&self) -> PathBuf {
