@@ -17,7 +17,12 @@ stop() {
     for name in agent server; do
         if [ -f "$STATE/$name.pid" ]; then
             pid=$(cat "$STATE/$name.pid")
-            if kill "$pid" 2>/dev/null; then echo "stopped carapace-$name (pid $pid)"; fi
+            if kill "$pid" 2>/dev/null; then
+                # Wait for it to exit: it holds its data dir's lock until then, and a new
+                # instance started at once would be refused.
+                for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+                echo "stopped carapace-$name (pid $pid)"
+            fi
             rm -f "$STATE/$name.pid"
         fi
     done
