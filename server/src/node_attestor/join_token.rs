@@ -163,24 +163,27 @@ mod tests {
         let r = done(a.begin(token.as_bytes(), &ctx()).await?);
         let presented = presented_token(token.as_bytes()).unwrap();
         assert_eq!(presented.id, r.agent_path);
-        let agent = crate::datastore::AttestedAgent {
-            spiffe_id: format!(
-                "spiffe://example.org/spire/agent/join_token/{}",
-                r.agent_path
-            )
-            .parse()
-            .unwrap(),
+        assert!(!r.can_reattest);
+        let agent = admitted(&r.agent_path, crate::unix_now(), r.selectors);
+        ds.attest_agent(&agent, Some(&presented)).await
+    }
+
+    /// The record the server writes for the agent the token `id` admits at `now`.
+    fn admitted(id: &str, now: i64, selectors: SelectorSet) -> crate::datastore::AttestedAgent {
+        crate::datastore::AttestedAgent {
+            spiffe_id: format!("spiffe://example.org/spire/agent/join_token/{id}")
+                .parse()
+                .unwrap(),
             attestor: NAME.into(),
             serial: "01".into(),
             new_serial: None,
-            expires_at: crate::unix_now() + 3600,
+            expires_at: now + 3600,
             banned: false,
-            reattestable: r.can_reattest,
-            attested_at: crate::unix_now(),
-            selectors: r.selectors,
+            reattestable: false,
+            attested_at: now,
+            selectors,
             refused: None,
-        };
-        ds.attest_agent(&agent, Some(&presented)).await
+        }
     }
 
     fn is_refusal(e: &crate::Error) -> bool {
@@ -214,23 +217,7 @@ mod tests {
         // record is written.
         let r = done(a.begin(t.token.as_bytes(), &ctx()).await.unwrap());
         disk.fill().unwrap();
-        let agent = crate::datastore::AttestedAgent {
-            spiffe_id: format!(
-                "spiffe://example.org/spire/agent/join_token/{}",
-                r.agent_path
-            )
-            .parse()
-            .unwrap(),
-            attestor: NAME.into(),
-            serial: "01".into(),
-            new_serial: None,
-            expires_at: now + 3600,
-            banned: false,
-            reattestable: false,
-            attested_at: now,
-            selectors: r.selectors,
-            refused: None,
-        };
+        let agent = admitted(&r.agent_path, now, r.selectors);
         let presented = presented_token(t.token.as_bytes()).unwrap();
         let err = ds.attest_agent(&agent, Some(&presented)).await.unwrap_err();
         assert!(matches!(err, crate::Error::Datastore(_)), "{err}");
@@ -265,20 +252,7 @@ mod tests {
             id: t.id.clone(),
             secret_hash: [0; 32],
         };
-        let agent = crate::datastore::AttestedAgent {
-            spiffe_id: format!("spiffe://example.org/spire/agent/join_token/{}", t.id)
-                .parse()
-                .unwrap(),
-            attestor: NAME.into(),
-            serial: "01".into(),
-            new_serial: None,
-            expires_at: 0,
-            banned: false,
-            reattestable: false,
-            attested_at: crate::unix_now(),
-            selectors: SelectorSet::new(),
-            refused: None,
-        };
+        let agent = admitted(&t.id, crate::unix_now(), SelectorSet::new());
         let err = ds.attest_agent(&agent, Some(&stolen_id)).await.unwrap_err();
         assert!(is_refusal(&err), "{err}");
         assert!(
