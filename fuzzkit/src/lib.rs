@@ -4,7 +4,10 @@
 //! - [`config`]: the proptest settings, with the case count from `CARAPACE_FUZZ_CASES`
 //!   (each target's own default otherwise, so CI stays bounded in time) and no failure
 //!   files written into the source tree: a failing input found here becomes a named unit
-//!   test next to its parser;
+//!   test next to its parser. Under `CI=true` the inputs come from a fixed seed
+//!   ([`CI_SEED`]), so a landing is judged on the same inputs every time; everywhere else
+//!   the seed is random and each run explores new inputs (`PROPTEST_RNG_SEED` overrides
+//!   both);
 //! - [`mutated`] / [`mutated_text`]: structure-aware inputs, a real sample with a few byte
 //!   flips, overwrites, insertions, deletions, duplications or a truncation, so the
 //!   generated inputs get past the first length or magic check;
@@ -17,7 +20,7 @@
 //! `CARAPACE_FUZZ_CASES=100000 cargo test -p carapace-core fuzz`.
 
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, RngSeed};
 
 pub use proptest;
 
@@ -39,12 +42,23 @@ pub fn cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
+/// The seed CI generates inputs from (see the crate documentation).
+pub const CI_SEED: u64 = 0x4341_5241_5041_4345;
+
 /// proptest settings for a target whose default case count is `default_cases`.
 pub fn config(default_cases: u32) -> Config {
+    let defaults = Config::default();
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let seed_given = std::env::var_os("PROPTEST_RNG_SEED").is_some();
     Config {
         cases: cases(default_cases),
         failure_persistence: None,
-        ..Config::default()
+        rng_seed: if in_ci && !seed_given {
+            RngSeed::Fixed(CI_SEED)
+        } else {
+            defaults.rng_seed
+        },
+        ..defaults
     }
 }
 
