@@ -360,6 +360,11 @@ impl NodeAttestor for AwsIidAttestor {
         PLUGIN_NAME
     }
 
+    /// This instance's trust-on-first-use record: evicting the agent lets it attest again.
+    fn forget_on_eviction(&self, agent_path: &str) -> Option<String> {
+        Some(tofu::record_key(agent_path))
+    }
+
     async fn begin(
         &self,
         payload: &[u8],
@@ -463,7 +468,7 @@ impl NodeAttestor for AwsIidAttestor {
         // 6. Trust on first use, last: nothing above may burn the instance's attestation.
         tofu::record_attestation(
             &*self.store,
-            &agent_path,
+            &tofu::record_key(&agent_path),
             &agent_path,
             self.allow_reattestation,
         )

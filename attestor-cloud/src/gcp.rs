@@ -279,6 +279,11 @@ impl NodeAttestor for GcpIitAttestor {
         PLUGIN_NAME
     }
 
+    /// This instance's trust-on-first-use record: evicting the agent lets it attest again.
+    fn forget_on_eviction(&self, agent_path: &str) -> Option<String> {
+        Some(tofu::record_key(agent_path))
+    }
+
     async fn begin(
         &self,
         payload: &[u8],
@@ -340,7 +345,7 @@ impl NodeAttestor for GcpIitAttestor {
         }
         tofu::record_attestation(
             self.store.as_ref(),
-            &agent_path,
+            &tofu::record_key(&agent_path),
             &agent_path,
             self.allow_reattestation,
         )

@@ -9,14 +9,14 @@ use serde::{Deserialize, Serialize};
 use carapace_core::Error;
 use carapace_core::plugin::NodeStateStore;
 
-/// The plugins that admit each node once, keyed by its agent path (the part of the agent
-/// ID after `/spire/agent/<plugin>/`). Evicting such an agent on the server deletes its
-/// record too, which is how an operator lets the instance attest again.
-pub const FIRST_USE_PLUGINS: &[&str] = &[
-    crate::aws::PLUGIN_NAME,
-    crate::gcp::PLUGIN_NAME,
-    crate::azure::PLUGIN_NAME,
-];
+/// The key of an instance's record: its agent path (the part of the agent ID after
+/// `/spire/agent/<plugin>/`). Each cloud attestor names it in
+/// [`NodeAttestor::forget_on_eviction`](carapace_core::plugin::NodeAttestor::forget_on_eviction),
+/// so evicting the agent on the server deletes the record too, which is how an operator
+/// lets the instance attest again.
+pub fn record_key(agent_path: &str) -> String {
+    agent_path.to_owned()
+}
 
 /// What is kept of an instance's attestation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,7 +23,7 @@ use carapace_attestor_cloud::azure::{
 };
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestor, NodeAttestorClient, NodeStateStore,
 };
 use common::{MetadataServer, attest_once, context, rejected_with, selectors};
 use jwt_keys::{TestKey, key, now, payload, rs256};
@@ -391,11 +391,20 @@ async fn a_principal_attests_once_unless_reattestation_is_allowed() {
         "audience",
     );
     let token = good();
-    fx.attest_token(&token).await.unwrap();
-    for t in [token, good()] {
+    let first = fx.attest_token(&token).await.unwrap();
+    for t in [token.clone(), good()] {
         let err = fx.attest_token(&t).await.unwrap_err();
         assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
     }
+    // Evicting the agent deletes the record its attestor names: admitted once more.
+    let forget = fx.attestor.forget_on_eviction(&first.agent_path);
+    assert!(
+        fx.store
+            .remove(&forget.expect("a first-use record to forget"))
+    );
+    fx.attest_token(&token).await.unwrap();
+    let err = fx.attest_token(&token).await.unwrap_err();
+    assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
     // Another server sharing the datastore refuses too.
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
     let other = AzureMsiAttestor::new(&config(json!({})), fx.dir.path(), store).unwrap();

@@ -22,7 +22,7 @@ use carapace_attestor_cloud::gcp::{
 };
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestor, NodeAttestorClient, NodeStateStore,
 };
 use common::{MetadataServer, attest_once, context, rejected_with, selectors};
 use jwt_keys::{TestKey, key, now, payload, rs256};
@@ -337,12 +337,21 @@ async fn an_instance_attests_once_unless_reattestation_is_allowed() {
     );
     assert!(fx.store.is_empty());
     let token = rs256(key(0), &claims(AUDIENCE, INSTANCE_ID));
-    fx.attest_token(&token).await.unwrap();
+    let first = fx.attest_token(&token).await.unwrap();
     // The same token again, and a fresh one for the same instance.
-    for t in [token, rs256(key(0), &claims(AUDIENCE, INSTANCE_ID))] {
+    for t in [token.clone(), rs256(key(0), &claims(AUDIENCE, INSTANCE_ID))] {
         let err = fx.attest_token(&t).await.unwrap_err();
         assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
     }
+    // Evicting the agent deletes the record its attestor names: admitted once more.
+    let forget = fx.attestor.forget_on_eviction(&first.agent_path);
+    assert!(
+        fx.store
+            .remove(&forget.expect("a first-use record to forget"))
+    );
+    fx.attest_token(&token).await.unwrap();
+    let err = fx.attest_token(&token).await.unwrap_err();
+    assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
     // Another server (another attestor instance) sharing the datastore refuses too.
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
     let other = GcpIitAttestor::new(&config(json!({})), fx.dir.path(), store).unwrap();

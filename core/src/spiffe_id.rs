@@ -249,6 +249,15 @@ impl SpiffeId {
         self.path().starts_with("/spire/agent/")
     }
 
+    /// The node attestor name and agent path of an agent ID
+    /// `spiffe://<td>/spire/agent/<attestor>/<agent path>`; `None` for other IDs.
+    pub fn agent_parts(&self) -> Option<(&str, &str)> {
+        self.path()
+            .strip_prefix("/spire/agent/")?
+            .split_once('/')
+            .filter(|(attestor, path)| !attestor.is_empty() && !path.is_empty())
+    }
+
     /// Whether this is the server ID, `spiffe://<td>/spire/server`.
     pub fn is_server(&self) -> bool {
         self.path() == "/spire/server"
@@ -641,6 +650,21 @@ mod tests {
             "spiffe://example.org/spire/agent/join_token/abc123"
         );
         assert!(agent.is_agent() && agent.is_reserved());
+        assert_eq!(agent.agent_parts(), Some(("join_token", "abc123")));
+        let deep = td.agent_id("aws_iid", "1234/us-east-1/i-1").unwrap();
+        assert_eq!(deep.agent_parts(), Some(("aws_iid", "1234/us-east-1/i-1")));
+        for other in [
+            "spiffe://example.org/spire/agent/x",
+            "spiffe://example.org/spire/server",
+            "spiffe://example.org/spire/agentx/a/b",
+            "spiffe://example.org/w/spire/agent/a/b",
+        ] {
+            assert_eq!(
+                other.parse::<SpiffeId>().unwrap().agent_parts(),
+                None,
+                "{other}"
+            );
+        }
         assert!(td.agent_id("join_token", "a/../b").is_err());
         let wl: SpiffeId = "spiffe://example.org/spirex".parse().unwrap();
         assert!(!wl.is_reserved());

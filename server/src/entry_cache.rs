@@ -19,7 +19,9 @@ use tokio::sync::{Mutex, watch};
 
 use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 
-use crate::datastore::{AttestedAgent, Datastore, PresentedToken, Refusal};
+use carapace_core::plugin::NodeAttestor;
+
+use crate::datastore::{AttestedAgent, Datastore, PresentedToken, Refusal, StateKey};
 use crate::{Error, Result};
 
 /// The client SVID an agent calls the node API with, and when it calls.
@@ -95,6 +97,9 @@ pub struct EntryCache {
     index: RwLock<Index>,
     write_lock: Mutex<()>,
     revision: watch::Sender<u64>,
+    /// The configured node attestors by name: asked what to forget when one of their
+    /// agents is evicted.
+    attestors: HashMap<String, Arc<dyn NodeAttestor>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -107,8 +112,20 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 impl EntryCache {
-    /// Loads every entry and agent from the datastore.
+    /// Loads every entry and agent from the datastore, with no node attestor to consult
+    /// on eviction (tests and tools; the server uses [`EntryCache::load_with_attestors`]).
     pub async fn load(td: TrustDomain, ds: Datastore) -> Result<Arc<Self>> {
+        Self::load_with_attestors(td, ds, &[]).await
+    }
+
+    /// Loads every entry and agent from the datastore; `attestors` are the configured
+    /// node attestors, asked on eviction which of their records to forget
+    /// ([`NodeAttestor::forget_on_eviction`]).
+    pub async fn load_with_attestors(
+        td: TrustDomain,
+        ds: Datastore,
+        attestors: &[Arc<dyn NodeAttestor>],
+    ) -> Result<Arc<Self>> {
         let server_id = td.server_id();
         let mut index = Index::default();
         for e in ds.list_all_entries().await? {
@@ -131,6 +148,10 @@ impl EntryCache {
             index: RwLock::new(index),
             write_lock: Mutex::new(()),
             revision,
+            attestors: attestors
+                .iter()
+                .map(|a| (a.name().to_owned(), a.clone()))
+                .collect(),
         }))
     }
 
@@ -283,10 +304,28 @@ impl EntryCache {
         Ok(a)
     }
 
-    /// Evicts an agent: it must attest again.
+    /// Evicts an agent: it must attest again. What its node attestor names for eviction
+    /// (a trust-on-first-use record) is deleted in the same transaction, so the node
+    /// may attest again; an agent whose attestor is no longer configured leaves its
+    /// records (the log says so).
     pub async fn evict_agent(&self, id: &SpiffeId) -> Result<()> {
         let _w = self.write_lock.lock().await;
-        self.ds.delete_attested_agent(id).await?;
+        let forget = id.agent_parts().and_then(|(name, path)| {
+            let Some(attestor) = self.attestors.get(name) else {
+                tracing::warn!(
+                    spiffe_id = %id,
+                    attestor = name,
+                    "evicting an agent of a node attestor that is not configured: any \
+                     record it keeps of the node stays"
+                );
+                return None;
+            };
+            attestor.forget_on_eviction(path).map(|node_key| StateKey {
+                attestor: name.to_owned(),
+                node_key,
+            })
+        });
+        self.ds.delete_attested_agent(id, forget.as_ref()).await?;
         write(&self.index).agents.remove(id);
         self.bump();
         Ok(())
@@ -761,6 +800,86 @@ mod tests {
             .await
             .is_err()
         );
+    }
+
+    /// A node attestor that only has a name and, if `first_use`, names each node's record
+    /// (keyed by agent path) for eviction, as the cloud attestors do.
+    #[derive(Debug)]
+    struct Named {
+        name: &'static str,
+        first_use: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl NodeAttestor for Named {
+        fn name(&self) -> &str {
+            self.name
+        }
+
+        async fn begin(
+            &self,
+            _: &[u8],
+            _: &carapace_core::plugin::AttestationContext,
+        ) -> Result<carapace_core::plugin::AttestationStep, carapace_core::Error> {
+            Err(carapace_core::Error::AttestationRejected(
+                "not in this test".into(),
+            ))
+        }
+
+        fn forget_on_eviction(&self, agent_path: &str) -> Option<String> {
+            self.first_use.then(|| agent_path.to_owned())
+        }
+    }
+
+    #[tokio::test]
+    async fn eviction_forgets_what_the_agents_attestor_names_and_nothing_else() {
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let attestors: Vec<Arc<dyn NodeAttestor>> = vec![
+            Arc::new(Named {
+                name: "cloudy",
+                first_use: true,
+            }),
+            Arc::new(Named {
+                name: "tpm",
+                first_use: false,
+            }),
+        ];
+        let c = EntryCache::load_with_attestors(td, ds.clone(), &attestors)
+            .await
+            .unwrap();
+        // Three agents, each with a record of its node: one of a first-use attestor,
+        // one of an attestor that keeps its records, one of an attestor no longer
+        // configured.
+        let agents = [("cloudy", "acct/i-1"), ("tpm", "ek1"), ("gone", "n1")];
+        for (attestor, path) in agents {
+            let id = format!("spiffe://example.org/spire/agent/{attestor}/{path}");
+            c.upsert_agent(agent(&id, &[])).await.unwrap();
+            assert!(
+                ds.save_new_attestation_state(attestor, path, b"x")
+                    .await
+                    .unwrap()
+            );
+        }
+        for (attestor, path) in agents {
+            let id: SpiffeId = format!("spiffe://example.org/spire/agent/{attestor}/{path}")
+                .parse()
+                .unwrap();
+            c.evict_agent(&id).await.unwrap();
+            assert!(c.get_agent(&id).is_none());
+            assert_eq!(ds.get_attested_agent(&id).await.unwrap(), None);
+        }
+        let left = |attestor, path| {
+            let ds = ds.clone();
+            async move { ds.load_attestation_state(attestor, path).await.unwrap() }
+        };
+        assert_eq!(
+            left("cloudy", "acct/i-1").await,
+            None,
+            "the first-use record"
+        );
+        assert!(left("tpm", "ek1").await.is_some(), "the TPM's record stays");
+        assert!(left("gone", "n1").await.is_some(), "unknown attestor: kept");
     }
 
     #[tokio::test]

@@ -99,7 +99,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         unix_now(),
     )
     .await?;
-    let cache = EntryCache::load(config.trust_domain.clone(), ds.clone()).await?;
+    let cache =
+        EntryCache::load_with_attestors(config.trust_domain.clone(), ds.clone(), &attestors)
+            .await?;
 
     let listener = tokio::net::TcpListener::bind(config.bind_address)
         .await

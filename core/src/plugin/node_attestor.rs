@@ -92,6 +92,17 @@ pub trait NodeAttestor: Send + Sync + fmt::Debug {
         payload: &[u8],
         ctx: &AttestationContext,
     ) -> Result<AttestationStep, Error>;
+
+    /// The record to delete from this attestor's [`NodeStateStore`] when the agent
+    /// `agent_path` (the part of its ID after `/spire/agent/<name>/`) is evicted, if
+    /// any. An attestor that admits each node once (trust on first use) names the
+    /// record that would refuse the node: evicting the agent is how an operator lets
+    /// it attest again. The default keeps every record (a TPM's clock record guards
+    /// against replayed quotes whichever agent holds the TPM).
+    fn forget_on_eviction(&self, agent_path: &str) -> Option<String> {
+        let _ = agent_path;
+        None
+    }
 }
 
 /// The agent half of node attestation.
@@ -145,6 +156,12 @@ impl MemoryStateStore {
     /// Whether no node has state.
     pub fn is_empty(&self) -> bool {
         self.map().is_empty()
+    }
+
+    /// Deletes the state of node `key` (what the server's eviction does to the record a
+    /// plugin names); whether there was any.
+    pub fn remove(&self, key: &str) -> bool {
+        self.map().remove(key).is_some()
     }
 }
 

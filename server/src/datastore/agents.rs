@@ -10,7 +10,9 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use carapace_core::{Selector, SelectorSet, SpiffeId};
 
-use super::{Datastore, INSERT_CHUNK, PresentedToken, parse_selector, parse_spiffe_id, tokens};
+use super::{
+    Datastore, INSERT_CHUNK, PresentedToken, StateKey, parse_selector, parse_spiffe_id, tokens,
+};
 use crate::{Error, Result};
 
 /// An agent that completed node attestation.
@@ -277,10 +279,14 @@ impl Datastore {
     }
 
     /// Evicts the agent: deletes it and its node selectors. It may attest again (as a new
-    /// agent) afterwards: for an attestor that admits each node once (the cloud ones),
-    /// its trust-on-first-use record goes in the same transaction. Other attestors' state
-    /// (a TPM's clock record) stays. [`Error::NotFound`] if missing.
-    pub async fn delete_attested_agent(&self, id: &SpiffeId) -> Result<()> {
+    /// agent) afterwards. `forget` is an attestation-state record deleted in the same
+    /// transaction: the one its node attestor names for eviction (a trust-on-first-use
+    /// record); every other record stays. [`Error::NotFound`] if missing.
+    pub async fn delete_attested_agent(
+        &self,
+        id: &SpiffeId,
+        forget: Option<&StateKey>,
+    ) -> Result<()> {
         let mut tx = self.begin_write().await?;
         let done = sqlx::query("DELETE FROM attested_agents WHERE spiffe_id = $1")
             .bind(id.as_str())
@@ -289,25 +295,16 @@ impl Datastore {
         if done.rows_affected() == 0 {
             return Err(not_found(id));
         }
-        if let Some((attestor, node_key)) = first_use_record(id) {
+        if let Some(key) = forget {
             sqlx::query("DELETE FROM attestation_state WHERE attestor = $1 AND node_key = $2")
-                .bind(attestor)
-                .bind(node_key)
+                .bind(&key.attestor)
+                .bind(&key.node_key)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
         Ok(())
     }
-}
-
-/// The trust-on-first-use record of an agent whose attestor admits each node once
-/// (`carapace_attestor_cloud::tofu::FIRST_USE_PLUGINS`): attestor and agent path.
-fn first_use_record(id: &SpiffeId) -> Option<(&str, &str)> {
-    let (attestor, path) = id.path().strip_prefix("/spire/agent/")?.split_once('/')?;
-    carapace_attestor_cloud::tofu::FIRST_USE_PLUGINS
-        .contains(&attestor)
-        .then_some((attestor, path))
 }
 
 fn not_found(id: &SpiffeId) -> Error {

@@ -3,6 +3,15 @@
 use super::{Datastore, unix_now};
 use crate::Result;
 
+/// One record of `attestation_state`: a node attestor's name and the node's key in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateKey {
+    /// The node attestor (its plugin name).
+    pub attestor: String,
+    /// The node's key in the attestor's namespace.
+    pub node_key: String,
+}
+
 impl Datastore {
     /// The state `attestor` saved for `node_key`, if any.
     pub async fn load_attestation_state(

@@ -73,6 +73,7 @@ use carapace_core::{EntryId, Selector, SpiffeId};
 use crate::{Error, Result};
 
 pub use agents::{AttestedAgent, Refusal};
+pub use attestation_state::StateKey;
 pub use tokens::{JoinToken, PresentedToken};
 
 /// How long a connection waits for a lock held by another connection.

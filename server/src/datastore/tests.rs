@@ -820,7 +820,7 @@ async fn evicting_an_agent() {
     let b = agent("/join_token/b", &["join_token:b"]);
     ds.upsert_attested_agent(&a).await.unwrap();
     ds.upsert_attested_agent(&b).await.unwrap();
-    ds.delete_attested_agent(&a.spiffe_id).await.unwrap();
+    ds.delete_attested_agent(&a.spiffe_id, None).await.unwrap();
     assert_eq!(ds.get_attested_agent(&a.spiffe_id).await.unwrap(), None);
     assert_eq!(
         count(&ds, "node_selectors").await,
@@ -828,7 +828,10 @@ async fn evicting_an_agent() {
         "only b's selectors left"
     );
     assert_eq!(ds.list_attested_agents().await.unwrap(), vec![b]);
-    let err = ds.delete_attested_agent(&a.spiffe_id).await.unwrap_err();
+    let err = ds
+        .delete_attested_agent(&a.spiffe_id, None)
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, Error::NotFound(m) if m.contains("join_token/a")),
         "{err:?}"
@@ -1067,7 +1070,7 @@ async fn attestation_state_is_kept_per_attestor_and_node() {
 }
 
 #[tokio::test]
-async fn evicting_a_cloud_agent_forgets_its_first_use_record_and_nothing_else() {
+async fn eviction_deletes_the_named_state_record_and_nothing_else() {
     let ds = mem().await;
     let cloud = agent(
         "/aws_iid/123456789012/us-east-1/i-1",
@@ -1085,8 +1088,16 @@ async fn evicting_a_cloud_agent_forgets_its_first_use_record_and_nothing_else() 
                 .unwrap()
         );
     }
-    ds.delete_attested_agent(&cloud.spiffe_id).await.unwrap();
-    ds.delete_attested_agent(&tpm.spiffe_id).await.unwrap();
+    let forget = StateKey {
+        attestor: "aws_iid".into(),
+        node_key: "123456789012/us-east-1/i-1".into(),
+    };
+    ds.delete_attested_agent(&cloud.spiffe_id, Some(&forget))
+        .await
+        .unwrap();
+    ds.delete_attested_agent(&tpm.spiffe_id, None)
+        .await
+        .unwrap();
     // The instance may attest once more; the TPM's clock record is kept.
     assert_eq!(
         ds.load_attestation_state("aws_iid", "123456789012/us-east-1/i-1")
