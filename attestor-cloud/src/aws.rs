@@ -329,29 +329,13 @@ struct Document {
 
 /// Reads the agent's payload, with a message for each way it can be wrong.
 fn decode_payload(payload: &[u8]) -> Result<Payload, Error> {
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(rejected(
-            PLUGIN_NAME,
-            format!(
-                "the payload has {} bytes; at most {MAX_PAYLOAD_BYTES} are accepted",
-                payload.len()
-            ),
-        ));
-    }
-    let value: serde_json::Value = serde_json::from_slice(payload)
-        .map_err(|e| rejected(PLUGIN_NAME, format!("the payload is not JSON: {e}")))?;
-    let version = value
-        .as_object()
-        .ok_or_else(|| rejected(PLUGIN_NAME, "the payload is not a JSON object"))?
-        .get("version")
-        .ok_or_else(|| rejected(PLUGIN_NAME, "the payload has no version"))?;
-    if version.as_u64() != Some(u64::from(PAYLOAD_VERSION)) {
-        return Err(rejected(
-            PLUGIN_NAME,
-            format!("the agent speaks payload version {version}, this server {PAYLOAD_VERSION}"),
-        ));
-    }
-    serde_json::from_value(value).map_err(|e| rejected(PLUGIN_NAME, format!("the payload: {e}")))
+    carapace_core::plugin::decode_versioned_message(
+        PLUGIN_NAME,
+        "payload",
+        payload,
+        MAX_PAYLOAD_BYTES,
+        u64::from(PAYLOAD_VERSION),
+    )
 }
 
 #[async_trait::async_trait]

@@ -656,46 +656,14 @@ pub(crate) fn encode_payload(token: &str) -> Result<Vec<u8>, Error> {
 /// The token in an attestation payload, checked for size, version and shape. Errors
 /// never quote the payload (it carries the token).
 pub(crate) fn decode_payload(plugin: &str, payload: &[u8]) -> Result<String, Error> {
-    if payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(rejected(
-            plugin,
-            format!(
-                "the payload is {} bytes, more than the {MAX_PAYLOAD_BYTES} accepted",
-                payload.len()
-            ),
-        ));
-    }
-    let mut map = match serde_json::from_slice(payload) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err(rejected(plugin, "the payload is not a JSON object")),
-        Err(e) => {
-            return Err(rejected(
-                plugin,
-                format!(
-                    "the payload is not JSON ({:?} error at line {} column {})",
-                    e.classify(),
-                    e.line(),
-                    e.column()
-                ),
-            ));
-        }
-    };
-    match map.remove("version") {
-        Some(Value::Number(n)) if n.as_u64() == Some(PAYLOAD_VERSION) => {}
-        Some(Value::Number(n)) => {
-            return Err(rejected(
-                plugin,
-                format!("the agent speaks payload version {n}, this server {PAYLOAD_VERSION}"),
-            ));
-        }
-        Some(_) => {
-            return Err(rejected(
-                plugin,
-                "the payload's \"version\" is not a number",
-            ));
-        }
-        None => return Err(rejected(plugin, "the payload has no \"version\"")),
-    }
+    let mut map: serde_json::Map<String, Value> = carapace_core::plugin::decode_versioned_message(
+        plugin,
+        "payload",
+        payload,
+        MAX_PAYLOAD_BYTES,
+        PAYLOAD_VERSION,
+    )?;
+    map.remove("version");
     let token = match map.remove("token") {
         Some(Value::String(t)) => t,
         Some(_) => return Err(rejected(plugin, "the payload's \"token\" is not a string")),
@@ -1063,7 +1031,7 @@ mod tests {
                 &br#"{"version":2,"token":"secret"}"#[..],
                 "payload version 2",
             ),
-            (br#"{"token":"secret"}"#, "no \"version\""),
+            (br#"{"token":"secret"}"#, "no version"),
             (br#"{"version":1}"#, "no \"token\""),
             (br#"{"version":1,"token":7}"#, "not a string"),
             (

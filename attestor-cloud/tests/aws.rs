@@ -749,7 +749,7 @@ async fn malformed_payloads_are_rejected() {
     let aws = Aws::new();
     let server = aws.server();
     let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
-    assert_rejected(&server, &big, &["at most 65536"]).await;
+    assert_rejected(&server, &big, &["more than 65536"]).await;
     assert_rejected(&server, b"not json", &["not JSON"]).await;
     assert_rejected(&server, b"[1]", &["not a JSON object"]).await;
     assert_rejected(

@@ -28,6 +28,10 @@ use carapace_core::Error;
 /// The version every message carries; a server refuses others.
 pub const VERSION: u32 = 1;
 
+/// The largest message either side accepts: an EK certificate chain, public areas, a
+/// quote and a certification are a few KiB.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
 /// Serde adapter: bytes as standard base64.
 pub mod b64 {
     use base64::Engine as _;
@@ -176,14 +180,42 @@ pub struct Response {
     pub agent_key_certify_signature: Option<Vec<u8>>,
 }
 
-/// Parses a message, naming what is wrong.
+/// Parses a message of at most [`MAX_MESSAGE`] bytes, naming what is wrong.
 pub fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, Error> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::AttestationRejected(format!("tpm: malformed {what}: {e}")))
+    carapace_core::plugin::decode_message(crate::server::PLUGIN_NAME, what, bytes, MAX_MESSAGE)
 }
 
 /// Encodes a message.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serialising these plain structs cannot fail.
     serde_json::to_vec(msg).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn messages_are_capped_before_they_are_parsed() {
+        // Valid JSON for a map, one byte over the cap: refused for its size alone.
+        let mut big = b"{\"a\":\"".to_vec();
+        big.resize(MAX_MESSAGE - 1, b'x');
+        big.extend_from_slice(b"\"}");
+        let err = decode::<BTreeMap<String, String>>("payload", &big).unwrap_err();
+        assert!(
+            matches!(&err, Error::AttestationRejected(m) if m == "tpm: the payload is 65537 bytes, more than 65536"),
+            "{err:?}"
+        );
+        // At the cap it parses.
+        big.remove(10);
+        assert_eq!(
+            decode::<BTreeMap<String, String>>("payload", &big)
+                .unwrap()
+                .len(),
+            1
+        );
+        let err = decode::<Payload>("payload", b"{").unwrap_err();
+        assert!(err.to_string().contains("tpm: malformed payload"), "{err}");
+    }
 }

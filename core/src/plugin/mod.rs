@@ -14,7 +14,7 @@ pub use key_manager::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 pub use node_attestor::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, MemoryStateStore,
     NodeAttestor, NodeAttestorClient, NodeStateStore, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
-    decode_message,
+    decode_message, decode_versioned_message,
 };
 pub use upstream_authority::{MintRequest, MintedCa, UpstreamAuthority};
 pub use workload_attestor::{Caller, WorkloadAttestor};

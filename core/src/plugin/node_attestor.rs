@@ -189,19 +189,58 @@ impl NodeStateStore for MemoryStateStore {
 
 /// Parses attestation message `what` of plugin `plugin` from JSON `bytes`, refusing more
 /// than `max` bytes and malformed input, each as [`Error::AttestationRejected`] naming
-/// the message. The plugins' `wire` modules share it.
+/// the message. Every plugin's wire decoding goes through it (or through
+/// [`decode_versioned_message`]), so no attestation message is parsed uncapped.
 pub fn decode_message<T: serde::de::DeserializeOwned>(
     plugin: &str,
     what: &str,
     bytes: &[u8],
     max: usize,
 ) -> Result<T, Error> {
+    check_message_len(plugin, what, bytes, max)?;
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::AttestationRejected(format!("{plugin}: malformed {what}: {e}")))
+}
+
+/// [`decode_message`] for a message that carries its format's version
+/// (`{"version": N, ...}`): the version is checked before any other member is read, so
+/// an agent that speaks another version is told just that. The version stays in what
+/// is decoded. Like serde's, the errors may quote a member's value when its type is
+/// wrong; a caller whose messages carry secrets decodes into a
+/// [`serde_json::Map`] and checks the members itself.
+pub fn decode_versioned_message<T: serde::de::DeserializeOwned>(
+    plugin: &str,
+    what: &str,
+    bytes: &[u8],
+    max: usize,
+    version: u64,
+) -> Result<T, Error> {
+    let rejected = |msg: String| Error::AttestationRejected(format!("{plugin}: {msg}"));
+    check_message_len(plugin, what, bytes, max)?;
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| rejected(format!("the {what} is not JSON: {e}")))?;
+    let Some(object) = value.as_object() else {
+        return Err(rejected(format!("the {what} is not a JSON object")));
+    };
+    match object.get("version") {
+        None => return Err(rejected(format!("the {what} has no version"))),
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(version) => {}
+        Some(serde_json::Value::Number(n)) => {
+            return Err(rejected(format!(
+                "the agent speaks {what} version {n}, this server {version}"
+            )));
+        }
+        Some(_) => return Err(rejected(format!("the {what}'s version is not a number"))),
+    }
+    serde_json::from_value(value).map_err(|e| rejected(format!("malformed {what}: {e}")))
+}
+
+fn check_message_len(plugin: &str, what: &str, bytes: &[u8], max: usize) -> Result<(), Error> {
     if bytes.len() > max {
         return Err(Error::AttestationRejected(format!(
             "{plugin}: the {what} is {} bytes, more than {max}",
             bytes.len()
         )));
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::AttestationRejected(format!("{plugin}: malformed {what}: {e}")))
+    Ok(())
 }
