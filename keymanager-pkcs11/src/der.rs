@@ -1,6 +1,11 @@
 //! The few DER structures the key manager builds or takes apart: SubjectPublicKeyInfo
 //! (EC, RSA), ECDSA-Sig-Value, the SHA-256 DigestInfo and the OCTET STRING around
-//! `CKA_EC_POINT`.
+//! `CKA_EC_POINT`. The encoding is the `der`, `spki` and `pkcs1` crates'; this module
+//! only chooses the structures.
+
+use ::der::asn1::{AnyRef, BitStringRef, ObjectIdentifier, OctetStringRef, UintRef};
+use ::der::{Decode, Encode, Tag};
+use spki::{AlgorithmIdentifier, SubjectPublicKeyInfo};
 
 use carapace_core::KeyType;
 
@@ -8,12 +13,10 @@ use carapace_core::KeyType;
 pub(crate) const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 /// DER OID of secp384r1 (1.3.132.0.34), as `CKA_EC_PARAMS`.
 pub(crate) const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-/// id-ecPublicKey (1.2.840.10045.2.1).
-const EC_PUBLIC_KEY_OID: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-/// rsaEncryption (1.2.840.113549.1.1.1).
-const RSA_ENCRYPTION_OID: &[u8] = &[
-    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
-];
+/// id-ecPublicKey.
+const EC_PUBLIC_KEY_OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// rsaEncryption.
+const RSA_ENCRYPTION_OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
 /// DigestInfo prefix for SHA-256 (RFC 8017 section 9.2 note 1).
 pub(crate) const SHA256_DIGEST_INFO_PREFIX: &[u8] = &[
     0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
@@ -48,104 +51,67 @@ pub(crate) fn ec_field_len(kt: KeyType) -> usize {
     }
 }
 
-fn push_len(out: &mut Vec<u8>, len: usize) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|&&b| b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-}
-
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(content.len() + 6);
-    out.push(tag);
-    push_len(&mut out, content.len());
-    out.extend_from_slice(content);
-    out
-}
-
-fn sequence(parts: &[&[u8]]) -> Vec<u8> {
-    tlv(0x30, &parts.concat())
-}
-
-/// A DER INTEGER from unsigned big-endian bytes.
-pub(crate) fn integer(unsigned_be: &[u8]) -> Vec<u8> {
-    let skip = unsigned_be.iter().take_while(|&&b| b == 0).count();
-    let digits = &unsigned_be[skip..];
-    let mut content = Vec::with_capacity(digits.len() + 1);
-    if digits.first().is_none_or(|&b| b & 0x80 != 0) {
-        content.push(0);
-    }
-    content.extend_from_slice(digits);
-    tlv(0x02, &content)
-}
-
-/// A DER INTEGER around `content` as found in a certificate (two's complement, kept as is).
-pub(crate) fn integer_content(content: &[u8]) -> Vec<u8> {
-    tlv(0x02, content)
-}
-
-fn bit_string(content: &[u8]) -> Vec<u8> {
-    let mut with_unused = Vec::with_capacity(content.len() + 1);
-    with_unused.push(0);
-    with_unused.extend_from_slice(content);
-    tlv(0x03, &with_unused)
-}
-
-/// Reads one TLV at the start of `der`: (tag, content, rest).
-fn read_tlv(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = der.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        (len, &rest[n..])
-    };
-    if rest.len() < len {
+/// An unsigned big-endian integer that must not be zero (a modulus, an exponent, an
+/// ECDSA r or s): `None` for zero, which no valid key or signature has (and which the
+/// `der` crate would encode with no content octets, not as DER).
+fn positive(unsigned_be: &[u8]) -> Option<UintRef<'_>> {
+    if unsigned_be.iter().all(|&b| b == 0) {
         return None;
     }
-    Some((tag, &rest[..len], &rest[len..]))
+    UintRef::new(unsigned_be).ok()
+}
+
+/// A DER INTEGER around `content` as found in a certificate (two's complement, kept as is:
+/// `CKA_SERIAL_NUMBER` must equal the certificate's own encoding).
+pub(crate) fn integer_content(content: &[u8]) -> Option<Vec<u8>> {
+    AnyRef::new(Tag::Integer, content).ok()?.to_der().ok()
 }
 
 /// The uncompressed point in `CKA_EC_POINT`: PKCS#11 says a DER OCTET STRING around
 /// `04 || X || Y`; some modules return the bare point. Checks the length.
 pub(crate) fn ec_point(attr: &[u8], kt: KeyType) -> Option<Vec<u8>> {
     let point_len = 1 + 2 * ec_field_len(kt);
-    if let Some((0x04, inner, [])) = read_tlv(attr)
-        && inner.len() == point_len
-        && inner.first() == Some(&0x04)
+    let is_point = |p: &[u8]| p.len() == point_len && p.first() == Some(&0x04);
+    if let Ok(wrapped) = OctetStringRef::from_der(attr)
+        && is_point(wrapped.as_bytes())
     {
-        return Some(inner.to_vec());
+        return Some(wrapped.as_bytes().to_vec());
     }
-    if attr.len() == point_len && attr.first() == Some(&0x04) {
-        return Some(attr.to_vec());
-    }
-    None
+    is_point(attr).then(|| attr.to_vec())
 }
 
 /// SubjectPublicKeyInfo of an EC key from its uncompressed point.
 pub(crate) fn ec_spki(kt: KeyType, point: &[u8]) -> Option<Vec<u8>> {
-    let params = ec_params(kt)?;
-    let alg = sequence(&[EC_PUBLIC_KEY_OID, params]);
-    Some(sequence(&[&alg, &bit_string(point)]))
+    let curve = ObjectIdentifier::from_der(ec_params(kt)?).ok()?;
+    spki_der(EC_PUBLIC_KEY_OID, Some(AnyRef::from(&curve)), point)
 }
 
 /// SubjectPublicKeyInfo of an RSA key from its modulus and public exponent (unsigned
 /// big-endian, as in `CKA_MODULUS` / `CKA_PUBLIC_EXPONENT`).
-pub(crate) fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
-    let alg = sequence(&[RSA_ENCRYPTION_OID, &[0x05, 0x00]]);
-    let key = sequence(&[&integer(modulus), &integer(exponent)]);
-    sequence(&[&alg, &bit_string(&key)])
+pub(crate) fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Option<Vec<u8>> {
+    let key = pkcs1::RsaPublicKey {
+        modulus: positive(modulus)?,
+        public_exponent: positive(exponent)?,
+    }
+    .to_der()
+    .ok()?;
+    spki_der(RSA_ENCRYPTION_OID, Some(AnyRef::NULL), &key)
+}
+
+fn spki_der(
+    algorithm: ObjectIdentifier,
+    parameters: Option<AnyRef<'_>>,
+    key: &[u8],
+) -> Option<Vec<u8>> {
+    SubjectPublicKeyInfo {
+        algorithm: AlgorithmIdentifier {
+            oid: algorithm,
+            parameters,
+        },
+        subject_public_key: BitStringRef::from_bytes(key).ok()?,
+    }
+    .to_der()
+    .ok()
 }
 
 /// Number of significant bits of an unsigned big-endian integer.
@@ -164,33 +130,50 @@ pub(crate) fn ecdsa_signature(raw: &[u8], kt: KeyType) -> Option<Vec<u8>> {
         return None;
     }
     let (r, s) = raw.split_at(n);
-    Some(sequence(&[&integer(r), &integer(s)]))
+    // ECDSA-Sig-Value is a SEQUENCE of two INTEGERs: a SEQUENCE OF two, as DER goes.
+    [positive(r)?, positive(s)?].to_der().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A DER INTEGER from unsigned big-endian bytes, as the SPKI and signature encoders
+    /// write them.
+    fn integer(unsigned_be: &[u8]) -> Option<Vec<u8>> {
+        positive(unsigned_be)?.to_der().ok()
+    }
+
     fn octet_string(content: &[u8]) -> Vec<u8> {
-        tlv(0x04, content)
+        OctetStringRef::new(content).unwrap().to_der().unwrap()
     }
 
     #[test]
     fn integers() {
-        assert_eq!(integer(&[0, 0, 1]), vec![2, 1, 1]);
-        assert_eq!(integer(&[0x80]), vec![2, 2, 0, 0x80]);
-        assert_eq!(integer(&[]), vec![2, 1, 0]);
-        assert_eq!(integer(&[0, 0]), vec![2, 1, 0]);
+        assert_eq!(integer(&[0, 0, 1]).unwrap(), vec![2, 1, 1]);
+        assert_eq!(integer(&[0x80]).unwrap(), vec![2, 2, 0, 0x80]);
+        // Zero is no modulus, exponent, r or s: refused, never encoded without content.
+        assert_eq!(integer(&[]), None);
+        assert_eq!(integer(&[0, 0]), None);
+        assert_eq!(rsa_spki(&[0; 256], &[1, 0, 1]), None);
+        assert_eq!(ecdsa_signature(&[0; 64], KeyType::EcP256), None);
+        // A certificate's serial is kept byte for byte, even a non-minimal one.
+        assert_eq!(integer_content(&[0, 0x7f]).unwrap(), vec![2, 2, 0, 0x7f]);
         assert_eq!(bit_len(&[0, 0x01, 0]), 9);
         assert_eq!(bit_len(&[0x80, 0]), 16);
     }
 
     #[test]
     fn long_lengths() {
-        let t = tlv(0x04, &[7u8; 300]);
+        let t = octet_string(&[7u8; 300]);
         assert_eq!(&t[..4], &[0x04, 0x82, 0x01, 0x2c]);
-        let (tag, content, rest) = read_tlv(&t).unwrap();
-        assert_eq!((tag, content.len(), rest.len()), (4, 300, 0));
+        assert_eq!(t.len(), 304);
+        // A long-form EC_POINT wrapper is read too, and trailing bytes are refused.
+        let mut point = vec![0x04];
+        point.extend_from_slice(&[0x11; 64]);
+        let mut wrapped = octet_string(&point);
+        wrapped.push(0);
+        assert_eq!(ec_point(&wrapped, KeyType::EcP256), None);
     }
 
     #[test]
@@ -224,7 +207,7 @@ mod tests {
             ]
         );
         let modulus = [0xc5u8; 256];
-        let rsa = rsa_spki(&modulus, &[1, 0, 1]);
+        let rsa = rsa_spki(&modulus, &[1, 0, 1]).unwrap();
         assert_eq!(&rsa[..4], &[0x30, 0x82, 0x01, 0x22]);
         assert_eq!(rsa.len(), 0x126);
     }

@@ -122,9 +122,11 @@ fn read_meta(s: &Session, private: ObjectHandle, label: &str) -> Result<KeyMeta,
                 "RSA key {label:?} has {bits} bits; Carapace supports rsa-2048"
             )));
         }
+        let spki = der::rsa_spki(&modulus, &exponent)
+            .ok_or_else(|| backend(format!("RSA key {label:?}: cannot encode the public key")))?;
         Ok(KeyMeta {
             key_type: KeyType::Rsa2048,
-            spki: der::rsa_spki(&modulus, &exponent),
+            spki,
         })
     } else {
         Err(backend(format!(
@@ -310,7 +312,9 @@ impl Token {
         let tbs = &cert.tbs_certificate;
         let subject = tbs.subject.as_raw().to_vec();
         let issuer = tbs.issuer.as_raw().to_vec();
-        let serial = der::integer_content(tbs.raw_serial());
+        let serial = der::integer_content(tbs.raw_serial()).ok_or_else(|| {
+            Error::KeyBackend("pkcs11: the certificate's serial cannot be encoded".into())
+        })?;
         let label = self.label_of(id);
         let _admin = lock(&self.admin);
         self.run(false, |s, _| {
