@@ -549,8 +549,7 @@ fn parse(input: &[u8], depth: usize) -> Result<(Option<Node>, &[u8]), String> {
 fn encode(node: Node, out: &mut Vec<u8>) -> Result<(), String> {
     match node {
         Node::Primitive { tag, content } => {
-            out.push(tag);
-            push_len(out, content.len());
+            push_header(out, tag, content.len())?;
             out.extend_from_slice(&content);
         }
         Node::Constructed {
@@ -559,8 +558,7 @@ fn encode(node: Node, out: &mut Vec<u8>) -> Result<(), String> {
         } => {
             let mut content = Vec::new();
             join_octets(children, &mut content)?;
-            out.push(OCTET_STRING);
-            push_len(out, content.len());
+            push_header(out, OCTET_STRING, content.len())?;
             out.extend_from_slice(&content);
         }
         Node::Constructed { tag, children } => {
@@ -568,8 +566,7 @@ fn encode(node: Node, out: &mut Vec<u8>) -> Result<(), String> {
             for child in children {
                 encode(child, &mut inner)?;
             }
-            out.push(tag);
-            push_len(out, inner.len());
+            push_header(out, tag, inner.len())?;
             out.extend_from_slice(&inner);
         }
     }
@@ -598,17 +595,14 @@ fn join_octets(children: Vec<Node>, out: &mut Vec<u8>) -> Result<(), String> {
     Ok(())
 }
 
-/// A DER (minimal, definite) length.
-fn push_len(out: &mut Vec<u8>, len: usize) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|&&b| b == 0).count();
-        let digits = &bytes[skip..];
-        out.push(0x80 | digits.len() as u8);
-        out.extend_from_slice(digits);
-    }
+/// A DER identifier and (minimal, definite) length, written by the `der` crate.
+fn push_header(out: &mut Vec<u8>, tag: u8, len: usize) -> Result<(), String> {
+    let tag = der::Tag::try_from(tag).map_err(|e| format!("tag {tag:#04x}: {e}"))?;
+    let len = der::Length::try_from(len).map_err(|e| format!("a length of {len}: {e}"))?;
+    der::Header::new(tag, len)
+        .and_then(|h| h.encode_to_vec(out))
+        .map_err(|e| format!("encoding a header: {e}"))?;
+    Ok(())
 }
 
 #[cfg(test)]
