@@ -92,10 +92,7 @@ fn workspace_dependencies() -> BTreeMap<String, BTreeSet<(String, bool)>> {
     );
     let meta: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata's JSON");
     let packages = meta["packages"].as_array().expect("packages");
-    let members: BTreeSet<&str> = packages
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
+    let members: BTreeSet<&str> = packages.iter().filter_map(|p| p["name"].as_str()).collect();
     packages
         .iter()
         .map(|p| {

@@ -12,7 +12,10 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
     match name {
         "disk" => carapace_common::check_plugin_settings::<DiskConfig>(table, |_| Ok(())),
         "memory" => carapace_common::check_plugin_settings::<MemoryConfig>(table, |_| Ok(())),
+        #[cfg(feature = "pkcs11")]
         "pkcs11" => super::pkcs11::check_key_manager(table),
+        #[cfg(not(feature = "pkcs11"))]
+        "pkcs11" => Err(super::not_built("key_manager", name, "pkcs11")),
         other => Err(unknown("key_manager", other, KNOWN)),
     }
 }
@@ -35,10 +38,13 @@ pub fn build_key_manager(
             parse::<MemoryConfig>(table).map_err(cfg_err)?;
             Ok(Arc::new(MemoryKeyManager::new()))
         }
+        #[cfg(feature = "pkcs11")]
         "pkcs11" => {
             let cfg = super::pkcs11::parse_key_manager(table).map_err(cfg_err)?;
             super::pkcs11::open_key_manager(cfg, ctx)
         }
+        #[cfg(not(feature = "pkcs11"))]
+        "pkcs11" => Err(cfg_err(super::not_built("key_manager", name, "pkcs11"))),
         other => Err(Error::Config(unknown("key_manager", other, KNOWN))),
     }
 }

@@ -5,8 +5,10 @@ use serde::Deserialize;
 use carapace_attestor_cloud::aws::{AwsIidAttestor, AwsServerConfig};
 use carapace_attestor_cloud::azure::{AzureMsiAttestor, AzureServerConfig};
 use carapace_attestor_cloud::gcp::{GcpIitAttestor, GcpServerConfig};
+#[cfg(feature = "kerberos")]
 use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
+#[cfg(feature = "tpm")]
 use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
 use carapace_core::plugin::{NodeAttestor, NodeStateStore};
 
@@ -34,8 +36,14 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
     use carapace_common::check_plugin_settings as check;
     match name {
         "join_token" => check::<JoinTokenConfig>(table, |_| Ok(())),
+        #[cfg(feature = "tpm")]
         "tpm" => check(table, TpmServerConfig::validate),
+        #[cfg(not(feature = "tpm"))]
+        "tpm" => Err(super::not_built("node_attestor", name, "tpm")),
+        #[cfg(feature = "kerberos")]
         "kerberos" => check(table, KerberosServerConfig::validate),
+        #[cfg(not(feature = "kerberos"))]
+        "kerberos" => Err(super::not_built("node_attestor", name, "kerberos")),
         "sshpop" => check(table, SshServerConfig::validate),
         "aws_iid" => check(table, AwsServerConfig::validate),
         "gcp_iit" => check(table, GcpServerConfig::validate),
@@ -57,6 +65,12 @@ pub fn build_node_attestor(
                 .map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(JoinTokenAttestor::new(ds.clone())))
         }
+        #[cfg(not(feature = "tpm"))]
+        "tpm" => Err(Error::Config(format!(
+            "node_attestor.{name}: {}",
+            super::not_built("node_attestor", name, "tpm")
+        ))),
+        #[cfg(feature = "tpm")]
         "tpm" => {
             let cfg: TpmServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
@@ -65,6 +79,12 @@ pub fn build_node_attestor(
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
+        #[cfg(not(feature = "kerberos"))]
+        "kerberos" => Err(Error::Config(format!(
+            "node_attestor.{name}: {}",
+            super::not_built("node_attestor", name, "kerberos")
+        ))),
+        #[cfg(feature = "kerberos")]
         "kerberos" => {
             let cfg: KerberosServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;

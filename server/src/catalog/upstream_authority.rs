@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use carapace_core::plugin::{KeyManager as _, KeySigner, UpstreamAuthority};
+#[cfg(feature = "pkcs11")]
+use carapace_core::plugin::KeyManager as _;
+use carapace_core::plugin::{KeySigner, UpstreamAuthority};
 use carapace_keymanager_soft::SoftKey;
 
 use super::{PluginContext, parse, unknown};
@@ -15,7 +17,10 @@ const KNOWN: &[&str] = &["disk", "pkcs11"];
 pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), String> {
     match name {
         "disk" => parse::<DiskUpstreamConfig>(table).map(|_| ()),
+        #[cfg(feature = "pkcs11")]
         "pkcs11" => super::pkcs11::parse_upstream(table).map(|_| ()),
+        #[cfg(not(feature = "pkcs11"))]
+        "pkcs11" => Err(super::not_built("upstream_authority", name, "pkcs11")),
         other => Err(unknown("upstream_authority", other, KNOWN)),
     }
 }
@@ -58,6 +63,13 @@ pub async fn build_upstream_authority(
             let key = read_key_pem(name, &key_file)?;
             Ok(Arc::new(LocalRoot::new("disk", root, key, now)?))
         }
+        #[cfg(not(feature = "pkcs11"))]
+        "pkcs11" => Err(cfg_err(name)(super::not_built(
+            "upstream_authority",
+            name,
+            "pkcs11",
+        ))),
+        #[cfg(feature = "pkcs11")]
         "pkcs11" => {
             let cfg = super::pkcs11::parse_upstream(table).map_err(cfg_err(name))?;
             let (root, key) = super::pkcs11::open_root(&cfg, ctx).await?;
@@ -131,6 +143,13 @@ pub async fn init_upstream_root(
             )?;
             Ok(der)
         }
+        #[cfg(not(feature = "pkcs11"))]
+        "pkcs11" => Err(cfg_err(name)(super::not_built(
+            "upstream_authority",
+            name,
+            "pkcs11",
+        ))),
+        #[cfg(feature = "pkcs11")]
         "pkcs11" => {
             let cfg = super::pkcs11::parse_upstream(table).map_err(cfg_err(name))?;
             let token = super::pkcs11::open_token(&cfg, Some(ctx)).await?;
