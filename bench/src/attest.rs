@@ -11,7 +11,7 @@ use carapace_core::plugin::{
     AttestationContext, AttestationStep, NodeAttestor, NodeAttestorClient, TLS_EXPORTER_LEN,
 };
 
-use crate::kerberos::process_cpu_time;
+use crate::process::process_cpu_time;
 
 /// One simulated TLS connection: both halves see the same 32 random bytes as exporter.
 pub fn connection() -> AttestationContext {

@@ -1,9 +1,11 @@
-//! The real binaries, started on temporary directories, free loopback ports and their
-//! own sockets, and stopped by pid when their guard drops (also on every error path).
+//! The Carapace binaries under test: the real `carapace-server` and `carapace-agent`,
+//! started on temporary directories, free loopback ports and their own sockets, and
+//! stopped by pid when their guard drops (also on every error path, through
+//! [`Proc`](crate::process::Proc)); their admin API and CLI, and their JSON logs.
 
 use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -15,123 +17,13 @@ use carapace_proto::admin::admin_client::AdminClient;
 use carapace_proto::admin::{CreateEntryRequest, DeleteEntryRequest, HealthRequest};
 use carapace_proto::types;
 
+use crate::process::{Proc, free_port};
+
 /// The trust domain every benchmark uses.
 pub const TRUST_DOMAIN: &str = "example.org";
 
 /// How long to wait for a process to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A child process, stopped (SIGTERM, then SIGKILL after 3 s) by pid when dropped.
-#[derive(Debug)]
-pub struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    stopped: bool,
-}
-
-impl Proc {
-    /// Starts `cmd` with stdout and stderr appended to `log`.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Proc> {
-        let out =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            child,
-            log: log.to_path_buf(),
-            stopped: false,
-        })
-    }
-
-    /// Its pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its log file.
-    pub fn log(&self) -> &Path {
-        &self.log
-    }
-
-    /// Fails (with the end of its log) if the process has exited.
-    pub fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            self.stopped = true;
-            bail!(
-                "{} exited ({status}); end of its log:\n{}",
-                self.name,
-                self.log_tail(30)
-            );
-        }
-        Ok(())
-    }
-
-    /// The last `n` lines of its log.
-    pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// Stops it: SIGTERM to its pid, then SIGKILL if it is still there after 3 s.
-    pub fn stop(&mut self) {
-        if self.stopped {
-            return;
-        }
-        self.stopped = true;
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        if let Some(pid) = i32::try_from(self.child.id())
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (bound then released).
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Raises the soft RLIMIT_NOFILE of this process to its hard limit (children started
-/// afterwards inherit it). Returns (soft before, soft after).
-pub fn raise_nofile_limit() -> Result<(Option<u64>, Option<u64>)> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let before = getrlimit(Resource::Nofile);
-    if before.current != before.maximum {
-        let mut raised = before;
-        raised.current = before.maximum;
-        setrlimit(Resource::Nofile, raised).context("raising RLIMIT_NOFILE to the hard limit")?;
-    }
-    Ok((before.current, getrlimit(Resource::Nofile).current))
-}
 
 /// A wire entry for `spiffe_id`, parented to `parent`, with one selector (`type:value`).
 pub fn entry(spiffe_id: &str, parent: &str, selector: &str) -> Result<types::Entry> {
@@ -544,72 +436,6 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
-}
-
-/// Runs this executable again as `<exe> <flag> <args as JSON>` with `envs` added to its
-/// environment, passes its stderr (progress lines) on to ours, and parses the last line
-/// of its stdout that is a JSON object. A failed child's error carries the last 20 lines
-/// of its stderr. B5 and B6 measure in such children: B5 because libkrb5 reads its
-/// configuration from the environment, B6 to have a client process of its own.
-pub async fn run_json_child<A, T>(flag: &str, args: &A, envs: &[(String, String)]) -> Result<T>
-where
-    A: serde::Serialize,
-    T: serde::de::DeserializeOwned,
-{
-    use tokio::io::AsyncBufReadExt as _;
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let mut child = tokio::process::Command::new(&exe)
-        .arg(flag)
-        .arg(serde_json::to_string(args)?)
-        .envs(envs.iter().map(|(k, v)| (k, v)))
-        // Errors are reported in the benchmark report: no backtraces there.
-        .env("RUST_BACKTRACE", "0")
-        .env("RUST_LIB_BACKTRACE", "0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("running {} {flag}", exe.display()))?;
-    // The child's progress lines go on to our stderr; the last ones explain a failure.
-    let forward = child.stderr.take().map(|stderr| {
-        tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stderr).lines();
-            let mut tail = std::collections::VecDeque::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("{line}");
-                tail.push_back(line);
-                if tail.len() > 20 {
-                    tail.pop_front();
-                }
-            }
-            tail
-        })
-    });
-    let out = child
-        .wait_with_output()
-        .await
-        .with_context(|| format!("waiting for {} {flag}", exe.display()))?;
-    let tail = match forward {
-        Some(f) => f.await.unwrap_or_default(),
-        None => std::collections::VecDeque::new(),
-    };
-    if !out.status.success() {
-        bail!(
-            "{} {flag} failed ({}): {}",
-            exe.display(),
-            out.status,
-            Vec::from(tail).join("\n")
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .ok_or_else(|| anyhow!("{flag} printed no JSON line: {stdout}"))?;
-    serde_json::from_str(line)
-        .with_context(|| format!("{flag} output is not the expected JSON: {line}"))
 }
 
 #[cfg(test)]

@@ -123,6 +123,13 @@ impl Report {
     }
 }
 
+/// The paragraph of a part of a benchmark that failed: `**<what> FAILED:**` and the error
+/// chain in a code block.
+pub fn failed(r: &mut Report, what: &str, e: &anyhow::Error) {
+    r.para(&format!("**{what} FAILED:**"));
+    r.code(&format!("{e:#}"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

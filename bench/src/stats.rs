@@ -166,6 +166,36 @@ pub fn fmt_pct(ratio: f64) -> String {
     }
 }
 
+/// A duration: in the latency format below a second (`850 µs`), else `2.50 s`.
+pub fn fmt_secs(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        fmt_us(d.as_secs_f64() * 1e6)
+    } else {
+        format!("{:.2} s", d.as_secs_f64())
+    }
+}
+
+/// p50 / p99 / max / mean of `samples`, formatted.
+pub fn lat_cells(samples: &[Duration]) -> [String; 4] {
+    match Summary::of_durations_us(samples) {
+        Some(s) => [fmt_us(s.p50), fmt_us(s.p99), fmt_us(s.max), fmt_us(s.mean)],
+        None => Default::default(),
+    }
+}
+
+/// `ours / idle / others` cores, medians of each.
+pub fn fmt_cores(v: &[(f64, f64, f64)]) -> String {
+    let med = |f: fn(&(f64, f64, f64)) -> f64| {
+        Repeated::of(&v.iter().map(f).collect::<Vec<_>>()).map_or(f64::NAN, |r| r.median)
+    };
+    format!(
+        "{:.2} / {:.2} / {:.2}",
+        med(|c| c.0),
+        med(|c| c.1),
+        med(|c| c.2)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,8 +22,7 @@
 //! (`CLOCK_PROCESS_CPUTIME_ID`, [`process_cpu_time`], with one attestation in flight, so
 //! it includes the agent's file reads and signatures on tokio's blocking threads).
 //!
-//! This module belongs to the `carapace-bench` binary (declared in `main.rs`), not to
-//! the library.
+//! [`run`] measures, [`section`] writes the report's B7 section.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -39,24 +38,24 @@ use rsa::pkcs8::EncodePrivateKey as _;
 use rsa::traits::PublicKeyParts as _;
 use serde_json::json;
 
+use crate::attest::{connection, first_round, timed};
+use crate::process::process_cpu_time;
+use crate::report::{Report, Table};
+use crate::stats::{Summary, fmt_bytes, fmt_count, fmt_us};
 use carapace_attestor_cloud::aws::{self, AwsIidAttestor, AwsServerConfig};
 use carapace_attestor_cloud::azure::{AzureMsiAttestor, AzureServerConfig};
 use carapace_attestor_cloud::gcp::{GcpIitAttestor, GcpServerConfig};
 use carapace_attestor_cloud::tofu;
 use carapace_attestor_ssh::agent::{SshAgentConfig, SshAttestorClient};
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
-use carapace_bench::attest::{connection, first_round, timed};
-use carapace_bench::kerberos::process_cpu_time;
-use carapace_bench::report::{Report, Table};
-use carapace_bench::stats::{Summary, fmt_bytes, fmt_count, fmt_us};
 use carapace_core::plugin::{
     AttestationResult, AttestationStep, MemoryStateStore, NodeAttestor, NodeAttestorClient as _,
 };
 
 /// How to get `ssh-keygen`.
-pub(crate) const SSH_KEYGEN_HINT: &str = "install it with: apt-get install -y openssh-client";
+pub const SSH_KEYGEN_HINT: &str = "install it with: apt-get install -y openssh-client";
 /// How to get `openssl`.
-pub(crate) const OPENSSL_HINT: &str = "install it with: apt-get install -y openssl";
+pub const OPENSSL_HINT: &str = "install it with: apt-get install -y openssl";
 
 /// The host certificates' principals (the server requires `example.com` or below).
 const PRINCIPALS: &str = "host1.example.com,host1";
@@ -77,23 +76,23 @@ const JWT_KID: &str = "b7-rs256-0";
 
 /// Sizes of B7.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct B7Plan {
+pub struct B7Plan {
     /// Seconds of timed attestations per item, after the warm-up.
-    pub(crate) seconds: f64,
+    pub seconds: f64,
     /// Untimed attestations before each item.
-    pub(crate) warmup: usize,
+    pub warmup: usize,
     /// At most this many timed attestations per item.
-    pub(crate) max_attestations: usize,
+    pub max_attestations: usize,
     /// `aws_iid` with trust on first use: documents of distinct instances, each
     /// presented once (`warmup` more are signed for the warm-up and the replay check).
-    pub(crate) tofu_documents: usize,
+    pub tofu_documents: usize,
     /// The trust-on-first-use record alone: keys recorded.
-    pub(crate) tofu_records: usize,
+    pub tofu_records: usize,
 }
 
 impl B7Plan {
     /// The full run, or the reduced `--quick` one.
-    pub(crate) fn new(quick: bool) -> B7Plan {
+    pub fn new(quick: bool) -> B7Plan {
         if quick {
             B7Plan {
                 seconds: 0.2,
@@ -116,7 +115,7 @@ impl B7Plan {
 
 /// The `sshpop` host key types measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum HostKey {
+pub enum HostKey {
     Ed25519,
     P256,
     Rsa3072,
@@ -124,10 +123,10 @@ pub(crate) enum HostKey {
 
 impl HostKey {
     /// Every type, in report order.
-    pub(crate) const ALL: [HostKey; 3] = [HostKey::Ed25519, HostKey::P256, HostKey::Rsa3072];
+    pub const ALL: [HostKey; 3] = [HostKey::Ed25519, HostKey::P256, HostKey::Rsa3072];
 
     /// What the report calls it.
-    pub(crate) fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             HostKey::Ed25519 => "ed25519",
             HostKey::P256 => "ECDSA P-256",
@@ -154,7 +153,7 @@ impl HostKey {
 
 /// One measured item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub enum Kind {
     /// `sshpop` with this host key: whole round trips.
     Ssh(HostKey),
     /// `aws_iid`'s `begin()`: with `allow_reattestation` one document again and again,
@@ -168,7 +167,7 @@ pub(crate) enum Kind {
 
 impl Kind {
     /// The plugin's name.
-    pub(crate) fn plugin(self) -> &'static str {
+    pub fn plugin(self) -> &'static str {
         match self {
             Kind::Ssh(_) => carapace_attestor_ssh::PLUGIN_NAME,
             Kind::Aws { .. } => aws::PLUGIN_NAME,
@@ -178,7 +177,7 @@ impl Kind {
     }
 
     /// A short name for running text.
-    pub(crate) fn short(self) -> String {
+    pub fn short(self) -> String {
         match self {
             Kind::Ssh(k) => format!("sshpop {}", k.label()),
             Kind::Aws { reattest: true } => "aws_iid".into(),
@@ -189,7 +188,7 @@ impl Kind {
     }
 
     /// The item's name in the report and in errors.
-    pub(crate) fn label(self) -> String {
+    pub fn label(self) -> String {
         match self {
             Kind::Ssh(k) => format!("sshpop, {} host key", k.label()),
             Kind::Aws { reattest: true } => "aws_iid, allow_reattestation = true".into(),
@@ -205,119 +204,119 @@ impl Kind {
 /// One attestation, call by call: wall time and this process's CPU time. The cloud
 /// items have `begin` only.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub(crate) struct Sample {
+pub struct Sample {
     /// Agent `payload()` (`sshpop`: re-reads and checks the host certificate).
-    pub(crate) payload: Duration,
-    pub(crate) payload_cpu: Duration,
+    pub payload: Duration,
+    pub payload_cpu: Duration,
     /// Server `begin()`.
-    pub(crate) begin: Duration,
-    pub(crate) begin_cpu: Duration,
+    pub begin: Duration,
+    pub begin_cpu: Duration,
     /// Agent `answer()` (`sshpop`: the host key's SSHSIG signature).
-    pub(crate) answer: Duration,
-    pub(crate) answer_cpu: Duration,
+    pub answer: Duration,
+    pub answer_cpu: Duration,
     /// Server `respond()` (`sshpop`: the signature's verification).
-    pub(crate) respond: Duration,
-    pub(crate) respond_cpu: Duration,
+    pub respond: Duration,
+    pub respond_cpu: Duration,
     /// The whole attestation, wall time.
-    pub(crate) total: Duration,
+    pub total: Duration,
 }
 
 impl Sample {
     /// The server's calls, wall time.
-    pub(crate) fn server(&self) -> Duration {
+    pub fn server(&self) -> Duration {
         self.begin + self.respond
     }
 
     /// The server's calls, CPU time.
-    pub(crate) fn server_cpu(&self) -> Duration {
+    pub fn server_cpu(&self) -> Duration {
         self.begin_cpu + self.respond_cpu
     }
 
     /// The agent's calls, wall time.
-    pub(crate) fn agent(&self) -> Duration {
+    pub fn agent(&self) -> Duration {
         self.payload + self.answer
     }
 
     /// The agent's calls, CPU time.
-    pub(crate) fn agent_cpu(&self) -> Duration {
+    pub fn agent_cpu(&self) -> Duration {
         self.payload_cpu + self.answer_cpu
     }
 }
 
 /// One item's timed loop.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct ItemRun {
+pub struct ItemRun {
     /// Every timed attestation.
-    pub(crate) samples: Vec<Sample>,
+    pub samples: Vec<Sample>,
     /// From the first timed attestation's start to the last one's end.
-    pub(crate) wall: Duration,
+    pub wall: Duration,
     /// This process's CPU time over the loop.
-    pub(crate) process_cpu: Duration,
+    pub process_cpu: Duration,
     /// The agent path of the first attestation.
-    pub(crate) agent_path: String,
+    pub agent_path: String,
     /// Its selectors.
-    pub(crate) selectors: Vec<String>,
+    pub selectors: Vec<String>,
     /// The agent's payload (the first message), bytes.
-    pub(crate) payload_bytes: usize,
+    pub payload_bytes: usize,
 }
 
 impl ItemRun {
     /// Attestations per second, one after the other.
-    pub(crate) fn rate(&self) -> f64 {
+    pub fn rate(&self) -> f64 {
         self.samples.len() as f64 / self.wall.as_secs_f64().max(f64::EPSILON)
     }
 
     /// `f` of every sample, summarised in µs.
-    pub(crate) fn summary(&self, f: fn(&Sample) -> Duration) -> Option<Summary> {
+    pub fn summary(&self, f: fn(&Sample) -> Duration) -> Option<Summary> {
         let v: Vec<Duration> = self.samples.iter().map(f).collect();
         Summary::of_durations_us(&v)
     }
 
     /// Mean of `f`, µs (NaN without samples).
-    pub(crate) fn mean_us(&self, f: fn(&Sample) -> Duration) -> f64 {
+    pub fn mean_us(&self, f: fn(&Sample) -> Duration) -> f64 {
         self.summary(f).map_or(f64::NAN, |s| s.mean)
     }
 }
 
 /// An item and what it measured, or why it failed.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Item {
-    pub(crate) kind: Kind,
-    pub(crate) run: Result<ItemRun, String>,
+pub struct Item {
+    pub kind: Kind,
+    pub run: Result<ItemRun, String>,
 }
 
 /// The trust-on-first-use record alone ([`tofu::record_attestation`] on a
 /// [`MemoryStateStore`]): CPU per record.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct TofuRecord {
+pub struct TofuRecord {
     /// Records made in each loop.
-    pub(crate) n: usize,
+    pub n: usize,
     /// First attestations: `save_new` of `n` distinct instances, µs each.
-    pub(crate) first_us: f64,
+    pub first_us: f64,
     /// Repeats allowed: `save` of one instance `n` times, µs each.
-    pub(crate) again_us: f64,
+    pub again_us: f64,
 }
 
 /// What B7 measured.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) struct B7 {
+pub struct B7 {
     /// `/proc/loadavg` when B7 started.
-    pub(crate) loadavg: String,
+    pub loadavg: String,
     /// `ssh -V`'s first word, or why not.
-    pub(crate) openssh: String,
+    pub openssh: String,
     /// `openssl version`.
-    pub(crate) openssl: String,
+    pub openssl: String,
     /// Making every key, certificate, document and token.
-    pub(crate) setup: Duration,
+    pub setup: Duration,
     /// In report order.
-    pub(crate) items: Vec<Item>,
+    pub items: Vec<Item>,
     /// The TOFU record alone.
-    pub(crate) tofu_record: Result<TofuRecord, String>,
+    pub tofu_record: Result<TofuRecord, String>,
 }
 
 impl B7 {
     /// The failed items, as errors.
-    pub(crate) fn into_errors(self) -> Vec<anyhow::Error> {
+    pub fn into_errors(self) -> Vec<anyhow::Error> {
         let record = self
             .tofu_record
             .err()
@@ -877,8 +876,8 @@ async fn tofu_record(n: usize) -> Result<TofuRecord> {
 
 /// B7: makes the keys, certificates, documents and tokens, then measures every item.
 /// A failed set-up or item fails that item only.
-pub(crate) async fn run(plan: &B7Plan, nproc: usize) -> Result<B7> {
-    let loadavg = crate::loadavg_now();
+pub async fn run(plan: &B7Plan, nproc: usize) -> Result<B7> {
+    let loadavg = crate::process::loadavg_now();
     let dir = tempfile::Builder::new()
         .prefix("carapace-b7-")
         .tempdir()
@@ -1005,7 +1004,7 @@ fn per_core(cpu_us: f64) -> f64 {
 }
 
 /// B7's report.
-pub(crate) fn section(r: &mut Report, b7: &B7, plan: &B7Plan, nproc: usize) {
+pub fn section(r: &mut Report, b7: &B7, plan: &B7Plan, nproc: usize) {
     let ok: Vec<(Kind, &ItemRun)> = b7
         .items
         .iter()
@@ -1057,7 +1056,7 @@ pub(crate) fn section(r: &mut Report, b7: &B7, plan: &B7Plan, nproc: usize) {
     }
     for i in &b7.items {
         if let (Kind::Ssh(_), Err(e)) = (i.kind, &i.run) {
-            crate::failed(r, &format!("B7 {}", i.kind.label()), &anyhow!("{e}"));
+            crate::report::failed(r, &format!("B7 {}", i.kind.label()), &anyhow!("{e}"));
         }
     }
 
@@ -1103,7 +1102,7 @@ pub(crate) fn section(r: &mut Report, b7: &B7, plan: &B7Plan, nproc: usize) {
         if let Err(e) = &i.run
             && !matches!(i.kind, Kind::Ssh(_))
         {
-            crate::failed(r, &format!("B7 {}", i.kind.label()), &anyhow!("{e}"));
+            crate::report::failed(r, &format!("B7 {}", i.kind.label()), &anyhow!("{e}"));
         }
     }
     if let Some((_, run)) = ok.iter().find(|(k, _)| *k == Kind::Aws { reattest: false }) {
@@ -1198,7 +1197,7 @@ pub(crate) fn section(r: &mut Report, b7: &B7, plan: &B7Plan, nproc: usize) {
         ));
     }
     if let Err(e) = &b7.tofu_record {
-        crate::failed(r, "B7 TOFU record alone", &anyhow!("{e}"));
+        crate::report::failed(r, "B7 TOFU record alone", &anyhow!("{e}"));
     }
 
     r.heading(3, "Against the anchors");

@@ -19,6 +19,9 @@
 //!
 //! swtpm is a software TPM on the same CPU as everything else; a discrete TPM takes
 //! 100–700 ms per signature or quote.
+//!
+//! [`run`] runs the parts above, each failing on its own, and [`section`] writes the
+//! report's section.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -55,7 +58,9 @@ use carapace_core::plugin::{
 };
 use hsm_sim::swtpm::{SWTPM_PACKAGES, Swtpm, TPM2_TOOLS_PACKAGE, TpmManufacturer};
 
-use crate::procfs;
+use crate::process::{self, loadavg_now};
+use crate::report::{Report, Table, failed};
+use crate::stats::{Repeated, Summary, fmt_count, fmt_pct, fmt_secs, fmt_us, lat_cells};
 
 /// Sizes of B4.
 #[derive(Debug, Clone, PartialEq)]
@@ -235,9 +240,9 @@ impl<F: Future> Future for CpuTimed<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let before = procfs::thread_cpu_time();
+        let before = process::thread_cpu_time();
         let polled = this.fut.as_mut().poll(cx);
-        this.cpu += procfs::thread_cpu_time().saturating_sub(before);
+        this.cpu += process::thread_cpu_time().saturating_sub(before);
         polled.map(|out| (out, this.cpu))
     }
 }
@@ -395,10 +400,14 @@ pub async fn attest_run(
     let pids: Vec<u32> = tpms.iter().map(|t| t.pid()).collect();
     let swtpm_cpu = || -> Result<Duration> {
         pids.iter()
-            .map(|&p| procfs::cpu_time(p).context("swtpm CPU time"))
+            .map(|&p| process::cpu_time(p).context("swtpm CPU time"))
             .sum()
     };
-    let (cpu0, tpm0, idle0) = (procfs::cpu_time(me)?, swtpm_cpu()?, procfs::machine_idle()?);
+    let (cpu0, tpm0, idle0) = (
+        process::cpu_time(me)?,
+        swtpm_cpu()?,
+        process::machine_idle()?,
+    );
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for c in &clients {
@@ -420,9 +429,9 @@ pub async fn attest_run(
         tpms: tpms.len(),
         samples,
         wall,
-        process_cpu: procfs::cpu_time(me)?.saturating_sub(cpu0),
+        process_cpu: process::cpu_time(me)?.saturating_sub(cpu0),
         swtpm_cpu: swtpm_cpu()?.saturating_sub(tpm0),
-        idle: procfs::machine_idle()?.saturating_sub(idle0),
+        idle: process::machine_idle()?.saturating_sub(idle0),
     })
 }
 
@@ -622,20 +631,20 @@ fn measure_rate(
     run_for: Duration,
     op: &(dyn Fn() -> Result<()> + Sync),
 ) -> Result<RateRun> {
-    let idle0 = procfs::machine_idle()?;
+    let idle0 = process::machine_idle()?;
     let start = Instant::now();
     let deadline = start + run_for;
     let (total, cpu) = std::thread::scope(|s| -> Result<(u64, Duration)> {
         let handles: Vec<_> = (0..threads.max(1))
             .map(|_| {
                 s.spawn(|| -> Result<(u64, Duration)> {
-                    let cpu0 = procfs::thread_cpu_time();
+                    let cpu0 = process::thread_cpu_time();
                     let mut n = 0;
                     loop {
                         op()?;
                         n += 1;
                         if Instant::now() >= deadline {
-                            return Ok((n, procfs::thread_cpu_time().saturating_sub(cpu0)));
+                            return Ok((n, process::thread_cpu_time().saturating_sub(cpu0)));
                         }
                     }
                 })
@@ -650,7 +659,7 @@ fn measure_rate(
         Ok((total, cpu))
     })?;
     let wall = start.elapsed().as_secs_f64().max(f64::EPSILON);
-    let idle = procfs::machine_idle()?.saturating_sub(idle0);
+    let idle = process::machine_idle()?.saturating_sub(idle0);
     Ok(RateRun {
         rate: total as f64 / wall,
         cpu_us_per_op: cpu.as_secs_f64() * 1e6 / (total.max(1) as f64),
@@ -733,9 +742,9 @@ pub fn tpm_ops(tcti: &str, reps: usize) -> Result<Vec<OpSamples>> {
     let nonce = [0x3cu8; 32];
     for _ in 0..reps.max(1) {
         let mut times = [(Duration::ZERO, Duration::ZERO); LABELS.len()];
-        let mut t = (Instant::now(), procfs::thread_cpu_time());
+        let mut t = (Instant::now(), process::thread_cpu_time());
         let mut lap = |i: usize, t: &mut (Instant, Duration)| {
-            let cpu = procfs::thread_cpu_time();
+            let cpu = process::thread_cpu_time();
             times[i] = (t.0.elapsed(), cpu.saturating_sub(t.1));
             *t = (Instant::now(), cpu);
         };
@@ -746,7 +755,7 @@ pub fn tpm_ops(tcti: &str, reps: usize) -> Result<Vec<OpSamples>> {
         let ak = dev.create_ak(&ek)?;
         lap(2, &mut t);
         let made = make_credential(&ek.public, &ak.name, &secret)?;
-        t = (Instant::now(), procfs::thread_cpu_time());
+        t = (Instant::now(), process::thread_cpu_time());
         let got =
             dev.activate_credential(&ak, &ek, &made.credential_blob, &made.encrypted_secret)?;
         lap(3, &mut t);
@@ -845,7 +854,7 @@ fn sign_loop(ctx: &mut Context, key: KeyHandle, swtpm_pid: u32, n: usize) -> Res
         sign(ctx)?;
     }
     let mut samples = Vec::with_capacity(n);
-    let (cpu0, tpm0) = (procfs::thread_cpu_time(), procfs::cpu_time(swtpm_pid)?);
+    let (cpu0, tpm0) = (process::thread_cpu_time(), process::cpu_time(swtpm_pid)?);
     let start = Instant::now();
     for _ in 0..n.max(1) {
         let t = Instant::now();
@@ -856,9 +865,606 @@ fn sign_loop(ctx: &mut Context, key: KeyHandle, swtpm_pid: u32, n: usize) -> Res
         create_primary: Duration::ZERO,
         samples,
         wall: start.elapsed(),
-        client_cpu: procfs::thread_cpu_time().saturating_sub(cpu0),
-        swtpm_cpu: procfs::cpu_time(swtpm_pid)?.saturating_sub(tpm0),
+        client_cpu: process::thread_cpu_time().saturating_sub(cpu0),
+        swtpm_cpu: process::cpu_time(swtpm_pid)?.saturating_sub(tpm0),
     })
+}
+
+/// What B4 measured; each part may have failed on its own.
+#[derive(Debug)]
+pub struct B4 {
+    /// `swtpm --version`.
+    swtpm: String,
+    /// `/proc/loadavg` when B4 started.
+    loadavg: String,
+    /// Manufacturing the lab TPMs and starting their swtpms.
+    setup: Duration,
+    /// The EK the agent attested with, once an attestation was captured.
+    ek: Option<String>,
+    /// Sequential attestations on one swtpm.
+    latency: Result<AttestRun>,
+    /// Throughput runs on 1 and `plan.parallel` swtpms.
+    throughput: Result<Vec<AttestRun>>,
+    /// The server's pieces alone on a captured attestation.
+    server: Result<Vec<OpRate>>,
+    /// The agent's TPM commands one by one.
+    ops: Result<Vec<OpSamples>>,
+    /// TPM2_Sign with a P-256 signing primary.
+    sign: Result<SignLatency>,
+}
+
+impl B4 {
+    /// The failed parts, as errors (for the exit status).
+    pub fn into_errors(self) -> Vec<anyhow::Error> {
+        [
+            self.latency.err(),
+            self.throughput.err(),
+            self.server.err(),
+            self.ops.err(),
+            self.sign.err(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+/// The thread counts of B4's server-alone rates: 1 and every core.
+fn b4_counts(nproc: usize) -> Vec<usize> {
+    if nproc > 1 { vec![1, nproc] } else { vec![1] }
+}
+
+/// Runs a blocking B4 step on tokio's blocking pool.
+async fn b4_blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow!("{what}: task failed: {e}"))?
+        .with_context(|| what.to_owned())
+}
+
+/// B4: lab TPMs and swtpms, one captured attestation, sequential attestations, the
+/// throughput runs, the server's pieces alone, the TPM commands one by one, TPM2_Sign.
+pub async fn run(plan: &TpmPlan, nproc: usize) -> Result<B4> {
+    let swtpm = swtpm_version();
+    let loadavg = loadavg_now();
+    let parallel = plan.parallel.max(1);
+    eprintln!("==> B4: manufacturing {parallel} lab TPMs and starting a swtpm for each");
+    let t = Instant::now();
+    let lab = b4_blocking("setting up the lab TPMs", move || Lab::start(parallel)).await?;
+    let setup = t.elapsed();
+    let server = Arc::new(lab.server()?);
+    let tpms: Vec<&hsm_sim::swtpm::Swtpm> = lab.tpms().iter().collect();
+    let first = *tpms
+        .first()
+        .ok_or_else(|| anyhow!("no swtpm was started"))?;
+
+    eprintln!("==> B4: capturing one attestation");
+    let captured = capture(&server, first)
+        .await
+        .context("capturing one attestation of swtpm 1");
+    let ek = captured
+        .as_ref()
+        .ok()
+        .map(|c| c.ek_algorithm.as_str().to_owned());
+
+    eprintln!(
+        "==> B4: {} sequential attestations on one swtpm",
+        plan.attestations
+    );
+    let latency = attest_run(&server, &tpms[..1], plan.attestations).await;
+
+    let mut counts = vec![1];
+    if tpms.len() > 1 {
+        counts.push(tpms.len());
+    }
+    eprintln!(
+        "==> B4: throughput ({} attestations per swtpm, swtpms {counts:?}, {} runs)",
+        plan.per_tpm, plan.runs
+    );
+    let throughput = async {
+        let mut out = Vec::new();
+        for _ in 0..plan.runs.max(1) {
+            for &k in &counts {
+                out.push(
+                    attest_run(&server, &tpms[..k], plan.per_tpm)
+                        .await
+                        .with_context(|| format!("throughput run on {k} swtpm(s)"))?,
+                );
+            }
+        }
+        Ok::<_, anyhow::Error>(out)
+    }
+    .await;
+
+    let threads = b4_counts(nproc);
+    eprintln!(
+        "==> B4: server alone (threads {threads:?}, {} runs of {} s)",
+        plan.rate_runs, plan.rate_seconds
+    );
+    let server_rates = match (captured, lab.ek_policy()) {
+        (Ok(c), Ok(policy)) => {
+            let (runs, seconds) = (plan.rate_runs, plan.rate_seconds);
+            b4_blocking("server-alone rates", move || {
+                server_rates(&c, &policy, &threads, runs, seconds)
+            })
+            .await
+        }
+        (Err(e), _) => Err(e),
+        (_, Err(e)) => Err(e.context("the server's EK policy")),
+    };
+
+    eprintln!(
+        "==> B4: TPM commands one by one ({} reps) and TPM2_Sign ({} signatures)",
+        plan.op_reps, plan.signs
+    );
+    let (tcti, pid) = (first.tcti(), first.pid());
+    let reps = plan.op_reps;
+    let ops = b4_blocking("TPM commands one by one", move || tpm_ops(&tcti, reps)).await;
+    let (tcti, signs) = (first.tcti(), plan.signs);
+    let sign = b4_blocking("TPM2_Sign with a P-256 signing primary", move || {
+        sign_latency(&tcti, pid, signs)
+    })
+    .await;
+    Ok(B4 {
+        swtpm,
+        loadavg,
+        setup,
+        ek,
+        latency,
+        throughput,
+        server: server_rates,
+        ops,
+        sign,
+    })
+}
+
+/// A duration in the report's latency format.
+fn dur(d: Duration) -> String {
+    fmt_us(d.as_secs_f64() * 1e6)
+}
+
+/// One figure of an attestation's phases.
+type PhaseOf = fn(&Phases) -> Duration;
+
+fn b4_latency(r: &mut Report, run: &AttestRun, ek: &str) {
+    let col = |f: fn(&Phases) -> Duration| -> Vec<Duration> { run.samples.iter().map(f).collect() };
+    let mut t = Table::new(["phase", "side", "what", "p50", "p99", "max", "mean"]);
+    let rows: [(&str, &str, &str, PhaseOf); 9] = [
+        (
+            "`payload()`",
+            "agent: TPM (wall)",
+            "open the TPM, EK CreatePrimary + certificate from NV, AK Create + Load",
+            |p| p.payload,
+        ),
+        ("`begin()`", "server (wall)", "", |p| p.begin),
+        (
+            "`begin()`",
+            "server: **CPU**",
+            "EK certificate chain, AK checks, software MakeCredential",
+            |p| p.begin_cpu,
+        ),
+        (
+            "`answer()`",
+            "agent: TPM (wall)",
+            "ActivateCredential, PCR_Read (before and after), Quote, flushes",
+            |p| p.answer,
+        ),
+        ("`respond()`", "server (wall)", "", |p| p.respond),
+        (
+            "`respond()`",
+            "server: **CPU**",
+            "credential check, quote verification, clock check, store, selectors",
+            |p| p.respond_cpu,
+        ),
+        (
+            "agent total",
+            "agent: TPM (wall)",
+            "`payload()` + `answer()`",
+            |p| p.payload + p.answer,
+        ),
+        (
+            "server total",
+            "server: **CPU**",
+            "`begin()` + `respond()`",
+            Phases::server_cpu,
+        ),
+        (
+            "**whole attestation**",
+            "wall",
+            "payload → begin → answer → respond",
+            |p| p.total,
+        ),
+    ];
+    for (phase, side, what, f) in rows {
+        let [p50, p99, max, mean] = lat_cells(&col(f));
+        t.row([
+            phase.to_owned(),
+            side.to_owned(),
+            what.to_owned(),
+            p50,
+            p99,
+            max,
+            mean,
+        ]);
+    }
+    r.table(&t);
+    let n = run.samples.len();
+    let total: Duration = col(|p| p.total).iter().sum();
+    let agent: Duration = col(|p| p.payload + p.answer).iter().sum();
+    let server_wall: Duration = col(|p| p.begin + p.respond).iter().sum();
+    let share = |d: Duration| fmt_pct(d.as_secs_f64() / total.as_secs_f64().max(f64::EPSILON));
+    r.bullet(&format!(
+        "{n} attestations one after the other in {} = **{:.1} attestations/s on one swtpm** ({ek} EK). Of the wall time, the agent's TPM work took {} and the server's calls {}.{}",
+        fmt_secs(run.wall),
+        run.rate(),
+        share(agent),
+        share(server_wall),
+        if n < 100 {
+            format!(" (p99 of {n} samples is the nearest rank: the maximum.)")
+        } else {
+            String::new()
+        }
+    ));
+    let server_cpu = run.server_cpu_per_attestation();
+    r.bullet(&format!(
+        "CPU per attestation (averages over the run, /proc ticks of 10 ms): swtpm {}; this process {} — of which the server's calls {}, the rest the agent half's ESAPI side (marshalling, TCP to swtpm, HMAC and policy sessions in OpenSSL) and the runtime.",
+        dur(run.swtpm_cpu_per_attestation()),
+        dur(run.process_cpu_per_attestation()),
+        dur(server_cpu),
+    ));
+}
+
+fn b4_throughput(r: &mut Report, runs: &[AttestRun], plan: &TpmPlan, nproc: usize) {
+    let mut counts: Vec<usize> = runs.iter().map(|x| x.tpms).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let mut t = Table::new([
+        "swtpms (one agent client each)",
+        "attestations per run",
+        "attestations/s: median (range, runs)",
+        "latency p50",
+        "p99",
+        "server CPU-µs per attestation",
+        "swtpm CPU per attestation",
+        "this process CPU per attestation",
+        "cores: swtpms + this process / idle / others (median)",
+    ]);
+    let mut medians = Vec::new();
+    for &k in &counts {
+        let of_k: Vec<&AttestRun> = runs.iter().filter(|x| x.tpms == k).collect();
+        let med = |v: Vec<f64>| Repeated::of(&v).map_or(f64::NAN, |r| r.median);
+        let rates = Repeated::of(&of_k.iter().map(|x| x.rate()).collect::<Vec<_>>());
+        let lats: Vec<Duration> = of_k
+            .iter()
+            .flat_map(|x| x.samples.iter().map(|p| p.total))
+            .collect();
+        let [p50, p99, _, _] = lat_cells(&lats);
+        let cores: Vec<(f64, f64, f64)> = of_k.iter().map(|x| x.cores(nproc)).collect();
+        if let Some(r) = rates {
+            medians.push((k, r.median));
+        }
+        t.row([
+            k.to_string(),
+            (k * plan.per_tpm).to_string(),
+            rates
+                .map(|r| {
+                    format!(
+                        "{:.1}{}",
+                        r.median,
+                        if r.runs > 1 {
+                            format!(" ({:.1}–{:.1}, {} runs)", r.min, r.max, r.runs)
+                        } else {
+                            String::new()
+                        }
+                    )
+                })
+                .unwrap_or_default(),
+            p50,
+            p99,
+            format!(
+                "{:.0}",
+                med(of_k
+                    .iter()
+                    .map(|x| x.server_cpu_per_attestation().as_secs_f64() * 1e6)
+                    .collect())
+            ),
+            fmt_us(med(of_k
+                .iter()
+                .map(|x| x.swtpm_cpu_per_attestation().as_secs_f64() * 1e6)
+                .collect())),
+            fmt_us(med(of_k
+                .iter()
+                .map(|x| x.process_cpu_per_attestation().as_secs_f64() * 1e6)
+                .collect())),
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                med(cores.iter().map(|c| c.0).collect()),
+                med(cores.iter().map(|c| c.1).collect()),
+                med(cores.iter().map(|c| c.2).collect())
+            ),
+        ]);
+    }
+    r.table(&t);
+    if let (Some(&(_, one)), Some(&(k, many))) = (medians.first(), medians.last())
+        && k > 1
+    {
+        let of = |tpms: usize, f: &dyn Fn(&AttestRun) -> f64| {
+            let v: Vec<f64> = runs.iter().filter(|x| x.tpms == tpms).map(f).collect();
+            Repeated::of(&v).map_or(f64::NAN, |r| r.median)
+        };
+        // CPU per attestation, swtpms + this process, µs.
+        let cpu = |x: &AttestRun| {
+            (x.swtpm_cpu_per_attestation() + x.process_cpu_per_attestation()).as_secs_f64() * 1e6
+        };
+        let (c1, ck) = (of(1, &cpu), of(k, &cpu));
+        let (idle, others) = (of(k, &|x| x.cores(nproc).1), of(k, &|x| x.cores(nproc).2));
+        let ceiling = nproc as f64 * 1e6 / ck;
+        let rise = if ck > 1.15 * c1 {
+            format!(
+                " — each attestation cost {} more CPU with {k} swtpms running (vCPUs sharing a physical core on the host, or caches)",
+                fmt_pct(ck / c1 - 1.0)
+            )
+        } else {
+            String::new()
+        };
+        let why = if idle < 0.25 * nproc as f64 {
+            "The cores were busy: each swtpm is one single-threaded process doing its key operations in software on the same cores as the other swtpm, the agent clients' ESAPI work and the server."
+        } else {
+            "The rest is waiting: each swtpm executes one command at a time, and every agent command is a round trip to it and back through the ESAPI."
+        };
+        let mut text = format!(
+            "{k} swtpms attest {:.2}× as fast as one (ideal {k}×): {many:.1} vs {one:.1} attestations/s. CPU per attestation (swtpms + this process): {} with one swtpm, {} with {k}{rise}. At that cost {nproc} cores allow at most {ceiling:.1} attestations/s; {k} swtpms reached {} of it, with {idle:.2} cores idle on average. {why} With discrete TPMs each agent's TPM works on its own chip and only the server's CPU (column \"server CPU-µs\") is shared.",
+            many / one,
+            fmt_us(c1),
+            fmt_us(ck),
+            fmt_pct(many / ceiling),
+        );
+        if others > 0.3 {
+            text.push_str(&format!(
+                " Other processes held {others:.2} cores on average meanwhile: rerun on a quiet machine for the scaling."
+            ));
+        }
+        r.bullet(&text);
+    }
+}
+
+fn b4_server(r: &mut Report, rates: &[OpRate], latency: Option<&AttestRun>, nproc: usize) {
+    let mut t = Table::new([
+        "operation",
+        "threads",
+        "operations/s: median (range, runs)",
+        "CPU-µs per operation (median; threads' CPU clocks)",
+    ]);
+    for x in rates {
+        t.row([
+            x.op.label().to_owned(),
+            x.threads.to_string(),
+            Repeated::of(&x.rates())
+                .map(|r| r.fmt_count())
+                .unwrap_or_default(),
+            Repeated::of(&x.cpu())
+                .map(|c| format!("{:.0}", c.median))
+                .unwrap_or_default(),
+        ]);
+    }
+    r.table(&t);
+    // CPU-µs per operation on one thread.
+    let one = |op: ServerOp| {
+        rates
+            .iter()
+            .find(|x| x.op == op && x.threads == 1)
+            .and_then(|x| Repeated::of(&x.cpu()))
+            .map(|r| r.median)
+    };
+    let (vq, mc_rsa, mc_p384, vek) = (
+        one(ServerOp::VerifyQuote),
+        one(ServerOp::MakeCredentialRsa),
+        one(ServerOp::MakeCredentialP384),
+        one(ServerOp::VerifyEk),
+    );
+    if let (Some(run), Some(vq), Some(mc), Some(vek)) = (latency, vq, mc_rsa, vek) {
+        let med = |f: PhaseOf| {
+            Summary::of_durations_us(&run.samples.iter().map(f).collect::<Vec<_>>())
+                .map_or(f64::NAN, |s| s.p50)
+        };
+        let (begin, respond, both) = (
+            med(|p| p.begin_cpu),
+            med(|p| p.respond_cpu),
+            med(Phases::server_cpu),
+        );
+        r.bullet(&format!(
+            "**Server CPU per attestation** (`begin()` + `respond()`, median of the sequential run): **{}** — `begin()` {} (EK chain ~{}, MakeCredential RSA-2048 ~{} by the 1-thread CPU above; the rest: JSON and TPMT_PUBLIC parsing, AK checks, Name, randomness), `respond()` {} (quote verification ~{}; the rest: JSON, PCR values, clock record, selectors). At that cost one core serves ~{} attestations/s and {nproc} cores ~{}: far above what the TPMs deliver ({:.1}/s per swtpm here, a few per second or less per discrete TPM), so the server is not the bound of node attestation.",
+            fmt_us(both),
+            fmt_us(begin),
+            fmt_us(vek),
+            fmt_us(mc),
+            fmt_us(respond),
+            fmt_us(vq),
+            fmt_count(1e6 / both),
+            fmt_count(nproc as f64 * 1e6 / both),
+            run.rate(),
+        ));
+    }
+    if let (Some(rsa), Some(p384)) = (mc_rsa, mc_p384) {
+        r.bullet(&format!(
+            "MakeCredential for a P-384 EK costs {} against {} for the RSA-2048 EK ({:.1}×): an ephemeral P-384 key, ECDH and KDFe (SHA-384) instead of one RSA-OAEP encryption with the EK's public key.",
+            fmt_us(p384),
+            fmt_us(rsa),
+            p384 / rsa
+        ));
+    }
+}
+
+fn b4_ops(r: &mut Report, ops: &[OpSamples], latency: Option<&AttestRun>) {
+    let mut t = Table::new([
+        "TPM command(s)",
+        "samples",
+        "p50",
+        "p99",
+        "max",
+        "client CPU (ESAPI, this thread), median",
+    ]);
+    for o in ops {
+        let [p50, p99, max, _] = lat_cells(&o.samples);
+        t.row([
+            o.label.to_owned(),
+            o.samples.len().to_string(),
+            p50,
+            p99,
+            max,
+            Summary::of_durations_us(&o.cpu)
+                .map(|s| fmt_us(s.p50))
+                .unwrap_or_default(),
+        ]);
+    }
+    r.table(&t);
+    let p50 = |o: &OpSamples| Summary::of_durations_us(&o.samples).map_or(0.0, |s| s.p50);
+    // Every command but the P-384 EK, which the agent half does not use.
+    let used: Vec<&OpSamples> = ops
+        .iter()
+        .filter(|o| !o.label.starts_with("P-384"))
+        .collect();
+    let sum: f64 = used.iter().map(|o| p50(o)).sum();
+    if let Some(run) = latency
+        && let Some(agent) = Summary::of_durations_us(
+            &run.samples
+                .iter()
+                .map(|p| p.payload + p.answer)
+                .collect::<Vec<_>>(),
+        )
+    {
+        r.bullet(&format!(
+            "Sum of the p50s above (without the P-384 EK): {}; the agent half's `payload()` + `answer()` p50 in the sequential run: {} (it also reads the PCRs a second time to detect a race with the quote).",
+            fmt_us(sum),
+            fmt_us(agent.p50),
+        ));
+    }
+    let cpu_p50 = |o: &OpSamples| Summary::of_durations_us(&o.cpu).map_or(0.0, |s| s.p50);
+    let cpu_sum: f64 = used.iter().map(|o| cpu_p50(o)).sum();
+    if let Some(top) = used.iter().max_by(|a, b| cpu_p50(a).total_cmp(&cpu_p50(b)))
+        && sum > 0.0
+    {
+        let why = if top.label.starts_with("AK") {
+            ": tss-esapi's `ak::create_ak_2` and `ak::load_ak` each start a policy session and run PolicySecret(endorsement) in a null-auth HMAC session, and LAB.md §3.2 measured ~5 ms of client CPU per such session (OpenSSL 3 name and provider lookups)"
+        } else {
+            ""
+        };
+        r.bullet(&format!(
+            "Client-side CPU (this process's ESAPI work, not the TPM's): {} of the {} above ({}); the most in {} ({} of {} wall){why}. On a discrete TPM this CPU is small beside the TPM's own time, but it is CPU the agent's host spends per attestation.",
+            fmt_us(cpu_sum),
+            fmt_us(sum),
+            fmt_pct(cpu_sum / sum),
+            top.label,
+            fmt_us(cpu_p50(top)),
+            fmt_us(p50(top)),
+        ));
+    }
+}
+
+fn b4_sign(r: &mut Report, s: &SignLatency) {
+    let n = s.samples.len().max(1) as f64;
+    let mut t = Table::new([
+        "signatures",
+        "p50",
+        "p99",
+        "max",
+        "signatures/s (one after the other)",
+        "client CPU-µs per signature (ESAPI, this thread)",
+        "swtpm CPU-µs per signature",
+        "CreatePrimary of the key",
+    ]);
+    let [p50, p99, max, _] = lat_cells(&s.samples);
+    t.row([
+        s.samples.len().to_string(),
+        p50,
+        p99,
+        max,
+        fmt_count(s.rate()),
+        format!("{:.0}", s.client_cpu.as_secs_f64() * 1e6 / n),
+        format!("{:.0}", s.swtpm_cpu.as_secs_f64() * 1e6 / n),
+        dur(s.create_primary),
+    ]);
+    r.table(&t);
+    r.bullet("Real TPMs take 100–700 ms per signature or quote (HARDWARE.md): the figure above is swtpm's software ECDSA on this CPU plus a loopback TCP round trip, two to three orders of magnitude faster than a discrete TPM. The agent's TPM key should therefore sign attestation, CSRs and TLS handshakes to the server only, never anything per workload request.");
+}
+
+/// B4's report.
+pub fn section(r: &mut Report, b4: &B4, plan: &TpmPlan, nproc: usize) {
+    let ek = b4
+        .ek
+        .as_deref()
+        .unwrap_or("unknown (no attestation was captured)");
+    r.para(&format!(
+        "{} (libtpms) on loopback TCP, started by carapace-hsm-sim: {} lab TPM(s), each manufactured by its own lab vendor (`TpmManufacturer`: its own EK CA, RSA-2048 and P-384 EKs with certificates in NV) and served by its own swtpm; setup took {}. Both halves of the `tpm` plugin run in this process, as in `attestor-tpm/tests/attestor.rs`: the agent half `TpmAttestorClient` (`payload()`, `answer()`; its TPM work runs on tokio's blocking threads over the `swtpm:` TCTI) and one server half `TpmAttestor` (`begin()`, `session.respond()`) with `ek_ca_files` = every vendor's root and intermediate, PCRs 0–7, no PCR policy, and an in-memory `NodeStateStore`; no gRPC between them. The agent attests with the EK `TpmDevice::ek()` picks: **{ek}**. Load average when B4 started: {}.",
+        b4.swtpm,
+        plan.parallel.max(1),
+        fmt_secs(b4.setup),
+        b4.loadavg,
+    ));
+    r.para("**swtpm is a software TPM on the same CPU as everything else here.** Its key operations are libtpms software crypto: a signature or quote takes about a millisecond below, where a discrete TPM takes 100–700 ms (HARDWARE.md). On real hardware the agent-side (TPM) figures grow many-fold — a quote alone by two to three orders of magnitude — while the server-side CPU figures stay as measured.");
+    r.para("The RSA-2048 EK is re-derived by CreatePrimary in every attestation, and a TPM derives a primary RSA key's primes from its hierarchy seed: the prime search, hence the EK's time, depends on the seed. Every run manufactures new TPMs (and swtpm 2 has other seeds than swtpm 1), so the agent-side figures move from run to run even on a quiet machine: compare figures within one run.");
+
+    r.heading(
+        3,
+        &format!("Whole attestation, sequential (one swtpm, {ek} EK)"),
+    );
+    r.para(&format!(
+        "{} attestations one after the other with one agent client on swtpm 1, after one untimed warm-up; each phase timed. Agent calls: wall time (TPM commands, the ESAPI work in this process, the hop to a blocking thread). Server calls: wall time and CPU time (`CLOCK_THREAD_CPUTIME_ID` around every poll of the call's future, so exactly the server's work).",
+        plan.attestations
+    ));
+    match &b4.latency {
+        Ok(run) => b4_latency(r, run, ek),
+        Err(e) => failed(r, "sequential attestations", e),
+    }
+
+    r.heading(
+        3,
+        &format!(
+            "Attestations per second: one swtpm and {} in parallel, one server",
+            plan.parallel.max(1)
+        ),
+    );
+    r.para(&format!(
+        "Each run: one untimed warm-up attestation per swtpm, then {} attestations per swtpm, each swtpm with its own agent client attesting one after the other in its own tokio task, all against the same `TpmAttestor` and store. {} run(s) per swtpm count, alternating. Latency: the whole attestation. CPU: /proc/<pid>/stat of this process and of the swtpm processes (10 ms ticks); cores: average cores used by the swtpms and this process / idle (`/proc/stat`) / taken by other processes or hypervisor steal, out of {nproc}.",
+        plan.per_tpm, plan.runs
+    ));
+    match &b4.throughput {
+        Ok(runs) => b4_throughput(r, runs, plan, nproc),
+        Err(e) => failed(r, "attestation throughput", e),
+    }
+
+    r.heading(3, "Server alone, on one captured attestation");
+    r.para(&format!(
+        "One attestation of swtpm 1 captured from its messages (the server accepted it), then each piece of the server's work run in a loop on std threads, {} s per run, {} run(s) per thread count, alternating, after a warm-up. MakeCredential: a 32-byte secret for the captured AK's Name; the P-384 EK's public area comes from `TpmDevice::ek_of(EkAlgorithm::EccP384)` on the same TPM (swtpm's ECC EK; `ek()` picks it when a TPM has no RSA EK certificate). `verify_ek` with the server's policy (roots and intermediates of both lab vendors). CPU: the measuring threads' `CLOCK_THREAD_CPUTIME_ID`.",
+        plan.rate_seconds, plan.rate_runs
+    ));
+    match &b4.server {
+        Ok(rates) => b4_server(r, rates, b4.latency.as_ref().ok(), nproc),
+        Err(e) => failed(r, "server-alone rates", e),
+    }
+
+    r.heading(3, "Agent side: the TPM commands one by one (swtpm 1)");
+    r.para(&format!(
+        "{} repetitions of what the agent half does, through `TpmDevice` (carapace-attestor-tpm) on a fresh ESAPI context each time; MakeCredential runs in software between the AK and the activation, untimed.",
+        plan.op_reps
+    ));
+    match &b4.ops {
+        Ok(ops) => b4_ops(r, ops, b4.latency.as_ref().ok()),
+        Err(e) => failed(r, "TPM commands one by one", e),
+    }
+
+    r.heading(
+        3,
+        "TPM sign latency (stand-in for the agent key in the TPM)",
+    );
+    r.para("The agent key plugin (the agent's own key in the TPM) is not built yet, so its sign latency is not measured; instead, a raw TPM2_Sign as LAB.md §3.2 item 7 does it, with tss-esapi directly on swtpm 1: CreatePrimary of an unrestricted ECDSA P-256 signing key in the owner hierarchy, then `sign` of a SHA-256 digest with `AuthSession::Password` (no HMAC session: LAB.md measured those ~10× slower), one after the other after 5 warm-up signatures; the key is flushed at the end.");
+    match &b4.sign {
+        Ok(s) => b4_sign(r, s),
+        Err(e) => failed(r, "TPM2_Sign latency", e),
+    }
 }
 
 #[cfg(test)]
@@ -878,9 +1484,9 @@ mod tests {
     #[test]
     fn cpu_timed_sums_the_cpu_of_every_poll() {
         fn spin(cpu: Duration) {
-            let start = procfs::thread_cpu_time();
+            let start = process::thread_cpu_time();
             let mut x = 0u64;
-            while procfs::thread_cpu_time().saturating_sub(start) < cpu {
+            while process::thread_cpu_time().saturating_sub(start) < cpu {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
         }
@@ -959,5 +1565,131 @@ mod tests {
         assert!(ops.iter().all(|o| o.samples.len() == 1));
         assert_eq!(sign.samples.len(), 3);
         assert!(sign.rate() > 0.0);
+    }
+
+    fn sample_run(tpms: usize, n: usize, ms: u64) -> AttestRun {
+        let p = Phases {
+            payload: Duration::from_millis(ms * 9 / 10),
+            begin: Duration::from_micros(450),
+            begin_cpu: Duration::from_micros(440),
+            answer: Duration::from_millis(ms / 10),
+            respond: Duration::from_micros(350),
+            respond_cpu: Duration::from_micros(340),
+            total: Duration::from_millis(ms) + Duration::from_micros(800),
+        };
+        let wall = Duration::from_millis(ms * n as u64 / tpms as u64);
+        AttestRun {
+            tpms,
+            samples: vec![p; n],
+            wall,
+            process_cpu: wall / 4,
+            swtpm_cpu: wall / 2,
+            idle: wall / 5,
+        }
+    }
+
+    fn rate(op: ServerOp, threads: usize, rate: f64) -> OpRate {
+        OpRate {
+            op,
+            threads,
+            runs: vec![RateRun {
+                rate,
+                cpu_us_per_op: threads as f64 * 1e6 / rate,
+                idle_cores: 0.0,
+            }],
+        }
+    }
+
+    #[test]
+    fn b4_report_splits_the_attestation_and_names_real_tpm_latency() {
+        let b4 = B4 {
+            swtpm: "TPM emulator version 0.7.1".into(),
+            loadavg: "0.10 0.20 0.30".into(),
+            setup: Duration::from_secs(2),
+            ek: Some("rsa2048".into()),
+            latency: Ok(sample_run(1, 50, 100)),
+            throughput: Ok(vec![sample_run(1, 20, 100), sample_run(2, 40, 140)]),
+            server: Ok(ServerOp::ALL
+                .iter()
+                .flat_map(|&op| [rate(op, 1, 4_000.0), rate(op, 2, 7_000.0)])
+                .collect()),
+            ops: Ok(vec![OpSamples {
+                label: "open",
+                samples: vec![Duration::from_millis(2); 3],
+                cpu: vec![Duration::from_micros(300); 3],
+            }]),
+            sign: Ok(SignLatency {
+                create_primary: Duration::from_millis(2),
+                samples: vec![Duration::from_micros(600); 100],
+                wall: Duration::from_millis(60),
+                client_cpu: Duration::from_millis(7),
+                swtpm_cpu: Duration::from_millis(50),
+            }),
+        };
+        let plan = TpmPlan::new(false);
+        let mut r = Report::new();
+        section(&mut r, &b4, &plan, 2);
+        let text = r.finish();
+        assert!(text.contains("**rsa2048**"), "{text}");
+        assert!(text.contains("| `begin()` | server: **CPU** |"), "{text}");
+        assert!(
+            text.contains("| server total | server: **CPU** | `begin()` + `respond()` | 780 µs |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("**10.0 attestations/s on one swtpm** (rsa2048 EK)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2 swtpms attest 1.43× as fast as one (ideal 2×)"),
+            "{text}"
+        );
+        assert!(text.contains("**Server CPU per attestation**"), "{text}");
+        assert!(text.contains("100–700 ms"), "{text}");
+        assert!(
+            text.contains("| 100 | 600 µs | 600 µs | 600 µs | 1,667 | 70 | 500 | 2.00 ms |"),
+            "{text}"
+        );
+        assert!(!text.contains("FAILED"), "{text}");
+        assert!(b4.into_errors().is_empty());
+
+        let missing = B4 {
+            swtpm: "swtpm (version unknown)".into(),
+            loadavg: "1.00 1.00 1.00".into(),
+            setup: Duration::ZERO,
+            ek: None,
+            latency: Err(anyhow!("no swtpm")),
+            throughput: Err(anyhow!("no swtpm")),
+            server: Err(anyhow!("capturing one attestation of swtpm 1")),
+            ops: Err(anyhow!("no swtpm")),
+            sign: Err(anyhow!("no swtpm")),
+        };
+        let mut r = Report::new();
+        section(&mut r, &missing, &plan, 2);
+        let text = r.finish();
+        assert!(
+            text.contains("**sequential attestations FAILED:**"),
+            "{text}"
+        );
+        assert!(text.contains("**TPM2_Sign latency FAILED:**"), "{text}");
+        assert_eq!(missing.into_errors().len(), 5);
+    }
+
+    #[test]
+    fn b4_without_swtpm_fails_with_the_install_line() {
+        let e = anyhow!("swtpm_setup not found").context(install_hint());
+        let mut r = Report::new();
+        failed(&mut r, "B4 (TPM node attestation against swtpm)", &e);
+        let text = r.finish();
+        assert!(
+            text.contains("**B4 (TPM node attestation against swtpm) FAILED:**"),
+            "{text}"
+        );
+        assert!(
+            text.contains("apt-get install -y swtpm swtpm-tools tpm2-tools"),
+            "{text}"
+        );
+        assert_eq!(b4_counts(1), vec![1]);
+        assert_eq!(b4_counts(4), vec![1, 4]);
     }
 }
