@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PERFORMANCE.md §5's S1 and S2, issues 3 (B3) and 4 (B4), B5, B6 and B7, in one command:
+# The benchmark scenarios B1 to B7 in one command (goals and figures: BENCHMARKS.md):
 #   B1  X509-SVID issuance: the crypto ceiling (the server's own functions, in process,
 #       1 thread and every core) beside BatchNewX509SVID throughput over the node API of
 #       the real carapace-server (1 and 2 mTLS connections);

@@ -1,5 +1,5 @@
-//! The Carapace benchmark harness, run by `scripts/bench.sh` (see PERFORMANCE.md §5,
-//! scenarios S1 and S2, issue 3's B3, issue 4's B4, B5, B6 and B7). The `carapace-bench`
+//! The Carapace benchmark harness, run by `scripts/bench.sh` (scenarios B1 to B7; each
+//! figure, its goal and its latest value are in BENCHMARKS.md's table). The `carapace-bench`
 //! binary (`main.rs`) parses its arguments, picks the [`scenario::Plan`] and runs the
 //! scenarios in turn; everything else lives here.
 //!

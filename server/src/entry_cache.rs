@@ -1,5 +1,5 @@
 //! The server's in-memory view of entries and agents, and the answer to "which entries
-//! may this agent have" (SPIFFE.md §3.5), without touching the datastore.
+//! may this agent have" (the rules below), without touching the datastore.
 //!
 //! Invariant: every write of entries or agents goes through this type. It writes the
 //! datastore first (one transaction) and only then updates the index and bumps the

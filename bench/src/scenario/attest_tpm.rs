@@ -803,7 +803,7 @@ impl SignLatency {
 }
 
 /// Creates an unrestricted P-256 ECDSA signing primary in the owner hierarchy (as
-/// LAB.md §3.2 item 7), then times `n` TPM2_Sign of a SHA-256 digest with a password
+/// the lab's raw-sign measurement), then times `n` TPM2_Sign of a SHA-256 digest with a password
 /// session (no HMAC session), after a warm-up; the key is flushed on every path.
 pub fn sign_latency(tcti: &str, swtpm_pid: u32, n: usize) -> Result<SignLatency> {
     // Flushes whatever an earlier step left loaded (swtpm has three object slots).
@@ -1348,7 +1348,7 @@ fn b4_ops(r: &mut Report, ops: &[OpSamples], latency: Option<&AttestRun>) {
         && sum > 0.0
     {
         let why = if top.label.starts_with("AK") {
-            ": tss-esapi's `ak::create_ak_2` and `ak::load_ak` each start a policy session and run PolicySecret(endorsement) in a null-auth HMAC session, and LAB.md §3.2 measured ~5 ms of client CPU per such session (OpenSSL 3 name and provider lookups)"
+            ": tss-esapi's `ak::create_ak_2` and `ak::load_ak` each start a policy session and run PolicySecret(endorsement) in a null-auth HMAC session, and the lab measured ~5 ms of client CPU per such session (OpenSSL 3 name and provider lookups)"
         } else {
             ""
         };
@@ -1388,7 +1388,7 @@ fn b4_sign(r: &mut Report, s: &SignLatency) {
         dur(s.create_primary),
     ]);
     r.table(&t);
-    r.bullet("Real TPMs take 100–700 ms per signature or quote (HARDWARE.md): the figure above is swtpm's software ECDSA on this CPU plus a loopback TCP round trip, two to three orders of magnitude faster than a discrete TPM. The agent's TPM key should therefore sign attestation, CSRs and TLS handshakes to the server only, never anything per workload request.");
+    r.bullet("Real TPMs take 100–700 ms per signature or quote (vendor data sheets): the figure above is swtpm's software ECDSA on this CPU plus a loopback TCP round trip, two to three orders of magnitude faster than a discrete TPM. The agent's TPM key should therefore sign attestation, CSRs and TLS handshakes to the server only, never anything per workload request.");
 }
 
 /// B4's report.
@@ -1404,7 +1404,7 @@ pub fn section(r: &mut Report, b4: &B4, plan: &TpmPlan, nproc: usize) {
         fmt_secs(b4.setup),
         b4.loadavg,
     ));
-    r.para("**swtpm is a software TPM on the same CPU as everything else here.** Its key operations are libtpms software crypto: a signature or quote takes about a millisecond below, where a discrete TPM takes 100–700 ms (HARDWARE.md). On real hardware the agent-side (TPM) figures grow many-fold — a quote alone by two to three orders of magnitude — while the server-side CPU figures stay as measured.");
+    r.para("**swtpm is a software TPM on the same CPU as everything else here.** Its key operations are libtpms software crypto: a signature or quote takes about a millisecond below, where a discrete TPM takes 100–700 ms (vendor data sheets). On real hardware the agent-side (TPM) figures grow many-fold — a quote alone by two to three orders of magnitude — while the server-side CPU figures stay as measured.");
     r.para("The RSA-2048 EK is re-derived by CreatePrimary in every attestation, and a TPM derives a primary RSA key's primes from its hierarchy seed: the prime search, hence the EK's time, depends on the seed. Every run manufactures new TPMs (and swtpm 2 has other seeds than swtpm 1), so the agent-side figures move from run to run even on a quiet machine: compare figures within one run.");
 
     r.heading(
@@ -1460,7 +1460,7 @@ pub fn section(r: &mut Report, b4: &B4, plan: &TpmPlan, nproc: usize) {
         3,
         "TPM sign latency (stand-in for the agent key in the TPM)",
     );
-    r.para("The agent key plugin (the agent's own key in the TPM) is not built yet, so its sign latency is not measured; instead, a raw TPM2_Sign as LAB.md §3.2 item 7 does it, with tss-esapi directly on swtpm 1: CreatePrimary of an unrestricted ECDSA P-256 signing key in the owner hierarchy, then `sign` of a SHA-256 digest with `AuthSession::Password` (no HMAC session: LAB.md measured those ~10× slower), one after the other after 5 warm-up signatures; the key is flushed at the end.");
+    r.para("The agent key plugin (the agent's own key in the TPM) is not built yet, so its sign latency is not measured; instead, a raw TPM2_Sign as the lab measured it, with tss-esapi directly on swtpm 1: CreatePrimary of an unrestricted ECDSA P-256 signing key in the owner hierarchy, then `sign` of a SHA-256 digest with `AuthSession::Password` (no HMAC session: the lab measured those ~10× slower), one after the other after 5 warm-up signatures; the key is flushed at the end.");
     match &b4.sign {
         Ok(s) => b4_sign(r, s),
         Err(e) => failed(r, "TPM2_Sign latency", e),

@@ -1038,7 +1038,6 @@ mod tests {
         assert_eq!(crypto_backend("libc.so.6 => /lib/libc.so.6"), None);
     }
 
-
     fn node(rate_per_conn: &[(usize, f64)], server_us: f64) -> NodeResult {
         let by_connections = rate_per_conn
             .iter()

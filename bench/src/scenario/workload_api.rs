@@ -473,7 +473,7 @@ pub fn section(r: &mut Report, w: &WorkloadResult) {
         .find(|l| l.concurrency == 1)
         .and_then(|l| Summary::of_durations_us(&l.samples));
     r.bullet(&format!(
-        "Goals (PERFORMANCE.md §0): first response p99 < 1 ms — 1 client: {}, worst level: {}; ≤ 3 KB per cached SVID — {}; new entry to workload < 1 s — {}.",
+        "Goals (BENCHMARKS.md's goals): first response p99 < 1 ms — 1 client: {}, worst level: {}; ≤ 3 KB per cached SVID — {}; new entry to workload < 1 s — {}.",
         single.map(|s| fmt_us(s.p99)).unwrap_or_else(|| "n/a".into()),
         fmt_us(worst_p99),
         fmt_bytes(delta / w.bulk_entries.max(1) as f64),

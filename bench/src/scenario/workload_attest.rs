@@ -1501,7 +1501,7 @@ fn b6_anchors(r: &mut Report, b6: &B6Result, nproc: usize) {
             .unwrap_or_default();
         let met = |x: &B6Setting| if x.p99() < 1_000.0 { "met" } else { "not met" };
         r.bullet(&format!(
-            "**Goal first response p99 < 1 ms (PERFORMANCE.md §0), on new connections with `unix` + `cgroups` + `systemd`:** {}. With more loops than the {nproc} cores the latency includes queueing for a core.",
+            "**Goal first response p99 < 1 ms (BENCHMARKS.md's goals), on new connections with `unix` + `cgroups` + `systemd`:** {}. With more loops than the {nproc} cores the latency includes queueing for a core.",
             levels
                 .iter()
                 .map(|(k, x)| format!(
@@ -1522,7 +1522,7 @@ fn b6_anchors(r: &mut Report, b6: &B6Result, nproc: usize) {
                 5_000.0 / one.p99(),
             ));
             r.bullet(&format!(
-                "Connections per second: S2 asks for \"a steady loop of new connections\"; PERFORMANCE.md sets no target and SPIRE publishes no figure, so nothing is met or missed. For scale: §3.5's tonic unary round trip on one open UDS connection, 1 in flight, 6,200–7,000 rpc/s; here a new connection per request, {} connections/s with one loop{}.",
+                "Connections per second: S2 asks for \"a steady loop of new connections\"; the goals set none and SPIRE publishes no figure, so nothing is met or missed. For scale: §3.5's tonic unary round trip on one open UDS connection, 1 in flight, 6,200–7,000 rpc/s; here a new connection per request, {} connections/s with one loop{}.",
                 fmt_count(one.rate()),
                 levels
                     .iter()
