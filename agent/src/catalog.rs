@@ -26,9 +26,9 @@ use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
 use crate::join_token::JoinTokenClient;
-use crate::workload_api::blocking::{BlockingAttestor, BlockingGroup};
-use crate::workload_api::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
-use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
+use crate::workload_attestor::blocking::{BlockingAttestor, BlockingGroup};
+use crate::workload_attestor::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
+use crate::workload_attestor::unix::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
 
 const KEY_MANAGERS: &[&str] = &["disk", "memory", "tpm"];

@@ -17,6 +17,7 @@ pub mod manager;
 pub mod node_client;
 pub mod state;
 pub mod workload_api;
+pub mod workload_attestor;
 
 use std::future::Future;
 use std::sync::Arc;
