@@ -25,7 +25,7 @@ use carapace_attestor_tpm::keys::{TpmKeyManager, TpmKeyManagerConfig};
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
-use crate::join_token::JoinTokenClient;
+use crate::node_attestor::JoinTokenClient;
 use crate::workload_attestor::blocking::{BlockingAttestor, BlockingGroup};
 use crate::workload_attestor::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
 use crate::workload_attestor::unix::{UnixAttestorConfig, UnixWorkloadAttestor};
