@@ -1,7 +1,7 @@
 //! B6: what workload attestation costs on one agent.
 //!
 //! 1. **In process, no gRPC** ([`in_process`]): the agent's own workload attestors
-//!    (`carapace_agent::workload_api`: `unix` with and without `workload_sha256`,
+//!    (`carapace_agent::workload_attestor`: `unix` with and without `workload_sha256`,
 //!    `cgroups`, `systemd`, all three in a row as the agent runs them) and the pidfd
 //!    check the Workload API does after attestation on every request
 //!    ([`Peer::is_alive`]), called in a loop on real, idle caller processes: a `sleep`
@@ -37,8 +37,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 
-use carapace_agent::workload_api::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
-use carapace_agent::workload_api::{Peer, UnixAttestorConfig, UnixWorkloadAttestor};
+use carapace_agent::workload_api::Peer;
+use carapace_agent::workload_attestor::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
+use carapace_agent::workload_attestor::unix::{UnixAttestorConfig, UnixWorkloadAttestor};
 use carapace_core::plugin::{Caller, WorkloadAttestor};
 use carapace_core::{Selector, SelectorSet};
 use carapace_proto::types;
