@@ -1,6 +1,7 @@
 //! The agent's plugin catalogs: one per kind, name → constructor, chosen by the config
 //! envelopes `[key_manager.<name>]`, `[node_attestor.<name>]` and
-//! `[workload_attestor.<name>]`. This is the only agent code that names concrete plugin
+//! `[workload_attestor.<name>]`, plus the maker of workload keys
+//! ([`build_workload_keys`]). This is the only agent code that names concrete plugin
 //! types. Each plugin owns its config struct (`deny_unknown_fields`); [`check_plugins`]
 //! parses them all without building anything, for config validation.
 //!
@@ -25,10 +26,11 @@ use carapace_attestor_tpm::keys::{TpmKeyManager, TpmKeyManagerConfig};
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
-use crate::join_token::JoinTokenClient;
-use crate::workload_api::blocking::{BlockingAttestor, BlockingGroup};
-use crate::workload_api::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
-use crate::workload_api::{UnixAttestorConfig, UnixWorkloadAttestor};
+use crate::manager::WorkloadKeys;
+use crate::node_attestor::JoinTokenClient;
+use crate::workload_attestor::blocking::{BlockingAttestor, BlockingGroup};
+use crate::workload_attestor::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
+use crate::workload_attestor::unix::{UnixAttestorConfig, UnixWorkloadAttestor};
 use crate::{Error, Result};
 
 const KEY_MANAGERS: &[&str] = &["disk", "memory", "tpm"];
@@ -162,6 +164,12 @@ pub fn build_key_manager(
         }
         other => Err(Error::Config(unknown("key_manager", other, KEY_MANAGERS))),
     }
+}
+
+/// How workload private keys are made: in software, whatever the key manager of the
+/// agent's own key, since each key is handed to its workload with the SVID.
+pub fn build_workload_keys() -> WorkloadKeys {
+    WorkloadKeys::new(carapace_keymanager_soft::generate_pkcs8)
 }
 
 /// Builds the node attestor client; `None` when it has nothing to attest with (no join

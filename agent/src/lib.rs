@@ -12,11 +12,12 @@ pub mod cache;
 pub mod catalog;
 pub mod config;
 mod error;
-pub mod join_token;
 pub mod manager;
+pub mod node_attestor;
 pub mod node_client;
 pub mod state;
 pub mod workload_api;
+pub mod workload_attestor;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let _lock =
         carapace_common::lock_data_dir(&cfg.data_dir, "carapace-agent").map_err(Error::Config)?;
     let km = catalog::build_key_manager(&cfg.key_manager.0, &cfg.key_manager.1, &cfg.data_dir)?;
+    let workload_keys = catalog::build_workload_keys();
     let attestors = catalog::build_workload_attestors(&cfg.workload_attestors)?;
     let attestor = catalog::build_node_attestor(
         &cfg.node_attestor.0,
@@ -73,7 +75,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
 
     tokio::pin!(shutdown);
     let manager = tokio::select! {
-        m = manager::Manager::start(cfg.clone(), km, cache, attestor) => m,
+        m = manager::Manager::start(cfg.clone(), km, workload_keys, cache, attestor) => m,
         _ = &mut shutdown => {
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);

@@ -100,10 +100,45 @@ struct Slot {
     rotate_at: i64,
 }
 
+/// Makes workload private keys: a new key of a given type, as PKCS#8 DER. Each key goes
+/// to its workload with the SVID, so it is made in memory, never in the agent's key
+/// manager. The catalog supplies the implementation
+/// ([`crate::catalog::build_workload_keys`]); the manager names no plugin crate.
+#[derive(Clone, Copy)]
+pub struct WorkloadKeys {
+    generate: fn(KeyType) -> std::result::Result<Zeroizing<Vec<u8>>, carapace_core::Error>,
+}
+
+impl WorkloadKeys {
+    /// Keys made by `generate`.
+    pub fn new(
+        generate: fn(KeyType) -> std::result::Result<Zeroizing<Vec<u8>>, carapace_core::Error>,
+    ) -> Self {
+        WorkloadKeys { generate }
+    }
+
+    /// A new private key of `key_type`, PKCS#8 DER.
+    pub fn generate(&self, key_type: KeyType) -> Result<Zeroizing<Vec<u8>>> {
+        Ok((self.generate)(key_type)?)
+    }
+}
+
+impl std::fmt::Debug for WorkloadKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadKeys").finish_non_exhaustive()
+    }
+}
+
+/// What attestation, or a restore from the data directory, yields: the agent's state,
+/// the trust bundle and the agent key.
+type Identity = (AgentState, TrustBundle, Arc<dyn KeySigner>);
+
 /// The agent's identity and everything it holds for workloads.
 pub struct Manager {
     cfg: Config,
     km: Arc<dyn KeyManager>,
+    /// Makes the private keys of workload SVIDs.
+    workload_keys: WorkloadKeys,
     cache: SvidCache,
     bundle_tx: watch::Sender<Arc<TrustBundle>>,
     state: AgentState,
@@ -140,10 +175,12 @@ fn new_key_id() -> String {
 impl Manager {
     /// Restores the agent's identity from the data directory or attests with the join
     /// token. Retries while the server is unreachable; fails at once when the server
-    /// refuses (bad token, banned) or nothing can be attested with.
+    /// refuses (bad token, banned) or nothing can be attested with. The agent key lives
+    /// in `km`; workload keys are made by `workload_keys`.
     pub async fn start(
         cfg: Config,
         km: Arc<dyn KeyManager>,
+        workload_keys: WorkloadKeys,
         cache: SvidCache,
         attestor: Option<Arc<dyn NodeAttestorClient>>,
     ) -> Result<Self> {
@@ -153,7 +190,14 @@ impl Manager {
             match Self::restore(&cfg, &km, &st, &bundle).await {
                 Ok(key) => {
                     tracing::info!(agent = %Self::id_of(&st)?, "restored the agent identity from the data directory");
-                    return Self::assemble(cfg, km, cache, st, bundle, key, attestor);
+                    return Self::assemble(
+                        cfg,
+                        km,
+                        workload_keys,
+                        cache,
+                        (st, bundle, key),
+                        attestor,
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "the stored agent identity is unusable; attesting again")
@@ -194,8 +238,8 @@ impl Manager {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             match Self::attest(&cfg, &km, tls.clone(), attestor.as_ref()).await {
-                Ok((st, bundle, key)) => {
-                    return Self::assemble(cfg, km, cache, st, bundle, key, Some(attestor));
+                Ok(identity) => {
+                    return Self::assemble(cfg, km, workload_keys, cache, identity, Some(attestor));
                 }
                 // A backend the attestor needs is away for now (a KDC, a device): retry.
                 Err(Error::Core(carapace_core::Error::Unavailable(reason))) => {
@@ -216,10 +260,9 @@ impl Manager {
     fn assemble(
         cfg: Config,
         km: Arc<dyn KeyManager>,
+        workload_keys: WorkloadKeys,
         cache: SvidCache,
-        state: AgentState,
-        bundle: TrustBundle,
-        agent_key: Arc<dyn KeySigner>,
+        (state, bundle, agent_key): Identity,
         attestor: Option<Arc<dyn NodeAttestorClient>>,
     ) -> Result<Self> {
         let (nb, na) = carapace_core::x509svid::validity_of(&state.svid_chain[0])?;
@@ -231,6 +274,7 @@ impl Manager {
         Ok(Manager {
             cfg,
             km,
+            workload_keys,
             cache,
             bundle_tx,
             agent_key,
@@ -294,7 +338,7 @@ impl Manager {
         km: &Arc<dyn KeyManager>,
         tls: Arc<rustls::ClientConfig>,
         attestor: &dyn NodeAttestorClient,
-    ) -> Result<(AgentState, TrustBundle, Arc<dyn KeySigner>)> {
+    ) -> Result<Identity> {
         let key = km.generate_key(&new_key_id(), KeyType::EcP256).await?;
         let outcome = async {
             let csr = carapace_tls::csr_for_key(key.clone())?;
@@ -691,10 +735,11 @@ impl Manager {
         entries: &[RegistrationEntry],
     ) -> Result<usize> {
         let key_type = self.cfg.workload_key_type;
+        let workload_keys = self.workload_keys;
         let ids: Vec<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
         let keys = tokio::task::spawn_blocking(move || {
             ids.into_iter()
-                .map(|id| workload_key_and_csr(key_type).map(|(k, c)| (id, k, c)))
+                .map(|id| workload_key_and_csr(workload_keys, key_type).map(|(k, c)| (id, k, c)))
                 .collect::<Result<Vec<_>>>()
         })
         .await
@@ -842,9 +887,12 @@ impl Manager {
     }
 }
 
-/// A new workload private key (PKCS#8 DER) and a CSR signed by it.
-fn workload_key_and_csr(key_type: KeyType) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
-    let pkcs8 = carapace_keymanager_soft::generate_pkcs8(key_type)?;
+/// A new workload private key (PKCS#8 DER, from `keys`) and a CSR signed by it.
+fn workload_key_and_csr(
+    keys: WorkloadKeys,
+    key_type: KeyType,
+) -> Result<(Zeroizing<Vec<u8>>, Vec<u8>)> {
+    let pkcs8 = keys.generate(key_type)?;
     let alg: &'static rcgen::SignatureAlgorithm = match key_type {
         KeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
         KeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
@@ -897,7 +945,8 @@ mod tests {
     #[test]
     fn workload_keys_and_csrs_for_every_key_type() {
         for kt in [KeyType::EcP256, KeyType::EcP384] {
-            let (key, csr) = workload_key_and_csr(kt).unwrap();
+            let (key, csr) =
+                workload_key_and_csr(crate::catalog::build_workload_keys(), kt).unwrap();
             assert!(!key.is_empty());
             use x509_parser::prelude::FromDer;
             let (_, req) =

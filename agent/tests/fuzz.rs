@@ -7,7 +7,7 @@
 //! Property tests of the agent's config file parsing (`carapace_common::parse_toml` into
 //! `config::FileConfig`, then `config::validate`): never a panic on any text, and every
 //! unknown or mistyped key reported by name. (The /proc/<pid>/cgroup parser has its own
-//! in `workload_api/cgroup.rs`.)
+//! in `workload_attestor/proc_cgroup.rs`.)
 
 use carapace_agent::config::{FileConfig, Overrides, validate};
 use carapace_fuzzkit::proptest::prelude::*;

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use carapace_agent::join_token::JoinTokenClient;
+use carapace_agent::node_attestor::JoinTokenClient;
 use carapace_agent::node_client;
 use carapace_core::plugin::KeyManager;
 use carapace_core::{KeyType, TrustBundle};

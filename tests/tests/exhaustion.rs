@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carapace_agent::join_token::JoinTokenClient;
+use carapace_agent::node_attestor::JoinTokenClient;
 use carapace_agent::node_client;
 use carapace_core::plugin::KeyManager;
 use carapace_core::{KeyType, TrustBundle};

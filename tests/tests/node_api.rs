@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use carapace_agent::join_token::JoinTokenClient;
+use carapace_agent::node_attestor::JoinTokenClient;
 use carapace_agent::node_client;
 use carapace_core::plugin::{KeyManager, KeySigner};
 use carapace_core::{KeyType, TrustBundle};

@@ -4,7 +4,7 @@
 //! - every RPC requires the metadata `workload.spiffe.io: true`, exactly once; otherwise
 //!   `InvalidArgument`;
 //! - the caller is identified by the kernel only ([`peer`]): each RPC runs every workload
-//!   attestor on the connection's caller (all of them within
+//!   attestor ([`crate::workload_attestor`]) on the connection's caller (all of them within
 //!   `workload_attestation_timeout`, else `Unavailable`: never a partial selector set),
 //!   unions the selectors, then checks through the caller's pidfd that the same process
 //!   is still alive and still has that PID; if not, the RPC is `Unauthenticated` and the
@@ -15,12 +15,8 @@
 //!   identity;
 //! - the JWT RPCs answer `Unimplemented` for now.
 
-pub mod blocking;
-pub mod cgroup;
-pub mod cgroups;
 pub mod h2_authority;
 pub mod peer;
-pub mod unix;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -44,7 +40,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 pub use peer::{Peer, PeerStream, incoming};
-pub use unix::{UnixAttestorConfig, UnixWorkloadAttestor};
 
 use crate::cache::{CacheState, CachedSvid, SvidCache, same_bundle, same_svids};
 use crate::{Error, Result};

@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 use super::*;
 use crate::api_cli;
 use crate::cache::{CachedSvid, SvidCache};
+use crate::workload_attestor::unix::{UnixAttestorConfig, UnixWorkloadAttestor};
 
 // ---------------------------------------------------------------- PKI for the tests
 

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use carapace_agent::join_token::JoinTokenClient;
+use carapace_agent::node_attestor::JoinTokenClient;
 use carapace_agent::node_client;
 use carapace_core::plugin::KeyManager as _;
 use carapace_core::{KeyType, SpiffeId, TrustBundle, TrustDomain};

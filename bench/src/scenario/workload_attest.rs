@@ -1,7 +1,7 @@
 //! B6: what workload attestation costs on one agent.
 //!
 //! 1. **In process, no gRPC** ([`in_process`]): the agent's own workload attestors
-//!    (`carapace_agent::workload_api`: `unix` with and without `workload_sha256`,
+//!    (`carapace_agent::workload_attestor`: `unix` with and without `workload_sha256`,
 //!    `cgroups`, `systemd`, all three in a row as the agent runs them) and the pidfd
 //!    check the Workload API does after attestation on every request
 //!    ([`Peer::is_alive`]), called in a loop on real, idle caller processes: a `sleep`
@@ -40,8 +40,9 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataValue;
 
-use carapace_agent::workload_api::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
-use carapace_agent::workload_api::{Peer, UnixAttestorConfig, UnixWorkloadAttestor};
+use carapace_agent::workload_api::Peer;
+use carapace_agent::workload_attestor::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
+use carapace_agent::workload_attestor::unix::{UnixAttestorConfig, UnixWorkloadAttestor};
 use carapace_core::plugin::{Caller, WorkloadAttestor};
 use carapace_core::{Selector, SelectorSet};
 use carapace_proto::types;
@@ -1134,7 +1135,7 @@ fn b6_caller_cell(ip: &InProcess, label: Option<&str>) -> String {
 fn b6_in_process(r: &mut Report, ip: &InProcess, plan: &AttestPlan) {
     use OpKind;
     r.para(&format!(
-        "The agent's own attestors (`carapace_agent::workload_api`) called in a loop in this process ({} tokio workers; the loop runs in a spawned task, as the agent's request handlers do), {} timed calls per row after {} untimed ones ({} for the large executable), on idle caller processes: `{}` (pid {}) and this executable sleeping (`carapace-bench {}`, pid {}). Each attestor reads `/proc/<pid>` on tokio's blocking pool (`spawn_blocking`). Wall time per call; CPU: this process's `CLOCK_PROCESS_CPUTIME_ID` over the loop divided by the calls (it includes the blocking threads and the runtime's wake-ups). The last row is what the agent runs for every Workload API request: the three attestors one after the other within `workload_attestation_timeout`, then the pidfd check.",
+        "The agent's own attestors (`carapace_agent::workload_attestor`) called in a loop in this process ({} tokio workers; the loop runs in a spawned task, as the agent's request handlers do), {} timed calls per row after {} untimed ones ({} for the large executable), on idle caller processes: `{}` (pid {}) and this executable sleeping (`carapace-bench {}`, pid {}). Each attestor reads `/proc/<pid>` on tokio's blocking pool (`spawn_blocking`). Wall time per call; CPU: this process's `CLOCK_PROCESS_CPUTIME_ID` over the loop divided by the calls (it includes the blocking threads and the runtime's wake-ups). The last row is what the agent runs for every Workload API request: the three attestors one after the other within `workload_attestation_timeout`, then the pidfd check.",
         ip.workers,
         fmt_count(plan.iterations as f64),
         plan.warmup,

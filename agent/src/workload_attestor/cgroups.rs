@@ -1,5 +1,5 @@
 //! The `cgroups` and `systemd` workload attestors: selectors from the caller's cgroup
-//! membership (`/proc/<pid>/cgroup`, parsed by [`super::cgroup`]) and, for systemd units,
+//! membership (`/proc/<pid>/cgroup`, parsed by [`super::proc_cgroup`]) and, for systemd units,
 //! the invocation ID systemd stores on the unit's cgroup.
 //!
 //! `cgroups` selectors:
@@ -31,7 +31,7 @@
 //! are read.
 //!
 //! As everywhere in the Workload API, `/proc/<pid>` is read by number and is trusted only
-//! because the caller's pidfd is checked afterwards (see [`super::peer`]).
+//! because the caller's pidfd is checked afterwards (see [`crate::workload_api::peer`]).
 
 use std::path::{Path, PathBuf};
 
@@ -39,7 +39,7 @@ use carapace_core::Error as CoreError;
 use carapace_core::Selector;
 use carapace_core::plugin::{Caller, WorkloadAttestor};
 
-use super::cgroup::{CgroupFacts, parse_proc_cgroup};
+use super::proc_cgroup::{CgroupFacts, parse_proc_cgroup};
 
 /// The `cgroups` plugin name and selector type.
 pub const CGROUPS: &str = "cgroups";

@@ -18,7 +18,7 @@
 //! entry's `unix:path` (fail closed).
 //!
 //! Reading `/proc/<pid>` by PID is only sound together with the pidfd liveness check the
-//! Workload API does after attestation (see [`super::peer`]).
+//! Workload API does after attestation (see [`crate::workload_api::peer`]).
 
 use std::fs::File;
 use std::io::Read;
