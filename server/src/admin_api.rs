@@ -582,7 +582,7 @@ mod tests {
     use carapace_keymanager_soft::MemoryKeyManager;
 
     use super::*;
-    use crate::admin_cli::{self, AdminCommand, EntryList, EntryView, TokenView};
+    use crate::admin::cli::{self as admin_cli, AdminCommand, EntryList, EntryView, TokenView};
     use crate::ca::CaSettings;
     use crate::datastore::Datastore;
 

@@ -6,8 +6,8 @@
 //! admin API on a Unix socket ([`admin_api`]). `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod admin_api;
-pub mod admin_cli;
 pub mod ca;
 pub mod catalog;
 pub mod config;
