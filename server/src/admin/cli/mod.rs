@@ -15,7 +15,7 @@
 //! (`--output`, JSON, the human layout's primitives) and `client` (the connection and
 //! the server's errors). To add a noun: write `<noun>.rs` on that pattern, add its
 //! variant to [`AdminCommand`] and its arm to [`execute`], and re-export its public
-//! types here; its server side is in [`crate::admin_api`].
+//! types here; its server side is a file in [`crate::admin::api`].
 
 mod agent;
 mod bundle;
