@@ -11,7 +11,7 @@
 //! tokens and keys are never logged (only a token's id).
 //!
 //! One module per noun implements that noun's RPCs as `<rpc>_inner` methods of
-//! [`AdminApi`], returning the server's [`Result`](crate::Result); the [`Admin`] trait
+//! [`AdminApi`], returning the server's [`Result`]; the [`Admin`] trait
 //! impl here only delegates to them and maps errors to a status in one place (`reply`).
 //! `socket` binds and serves the socket; `fields` holds the request checks several nouns
 //! share. To add a noun: write `<noun>.rs` on that pattern, and add its RPCs to the

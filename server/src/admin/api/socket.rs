@@ -65,8 +65,8 @@ const MAX_CONNECTIONS: usize = 64;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves the admin API on `listener` until `shutdown` resolves: at most
-/// [`MAX_CONNECTIONS`] connections, each closed after [`IDLE_TIMEOUT`] without an RPC;
-/// accept errors (out of descriptors) back off instead of spinning.
+/// `MAX_CONNECTIONS` (64) connections, each closed after `IDLE_TIMEOUT` (60 s) without an
+/// RPC; accept errors (out of descriptors) back off instead of spinning.
 pub async fn serve<F>(listener: UnixListener, api: AdminApi, shutdown: F) -> Result<()>
 where
     F: Future<Output = ()> + Send,
