@@ -3,11 +3,10 @@
 //! [`run`] wires everything: the datastore (SQLite), the key manager and node attestors
 //! from the catalogs, the CA ([`ca::CaManager`]) with its rotator, the in-memory entry
 //! index ([`entry_cache::EntryCache`]), the node API on TLS 1.3 ([`node_api`]) and the
-//! admin API on a Unix socket ([`admin_api`]). `main.rs` only parses the command line.
+//! admin API on a Unix socket ([`admin::api`]). `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
 
-pub mod admin_api;
-pub mod admin_cli;
+pub mod admin;
 pub mod ca;
 pub mod catalog;
 pub mod config;
@@ -109,7 +108,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "cannot listen on {} for the node API",
             config.bind_address
         )))?;
-    let admin_listener = admin_api::bind(&config.admin_socket)?;
+    let admin_listener = admin::api::bind(&config.admin_socket)?;
     let admin_socket = carapace_common::OwnSocket::record(
         &config.admin_socket,
         std::os::fd::AsFd::as_fd(&admin_listener),
@@ -145,17 +144,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.node_api,
         stop_rx.clone(),
     );
-    let admin = admin_api::AdminApi::new(
+    let admin = admin::api::AdminApi::new(
         cache.clone(),
         ca.clone(),
-        admin_api::AdminSettings {
+        admin::api::AdminSettings {
             default_x509_svid_ttl: config.default_x509_svid_ttl,
             default_join_token_ttl: config::DEFAULT_JOIN_TOKEN_TTL,
         },
     );
     let admin_task = {
         let mut stop = stop_rx.clone();
-        tokio::spawn(admin_api::serve(admin_listener, admin, async move {
+        tokio::spawn(admin::api::serve(admin_listener, admin, async move {
             let _ = stop.changed().await;
         }))
     };

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use carapace_server::admin_cli::{self, AdminCommand};
+use carapace_server::admin::cli::{self as admin_cli, AdminCommand};
 use carapace_server::config::{self, Overrides};
 
 /// Exit code for a bad command line or configuration (EX_USAGE).

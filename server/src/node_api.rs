@@ -160,6 +160,13 @@ pub struct NodeApi {
     closing: Option<watch::Receiver<bool>>,
 }
 
+/// A signing task that did not finish (it panicked, or was cancelled at shutdown): an
+/// internal error, so its detail (a panic message) goes to the log and the caller gets
+/// the generic message.
+fn signing_task_failed(e: tokio::task::JoinError) -> Status {
+    Status::from(Error::Ca(format!("signing task failed: {e}")))
+}
+
 fn svid_to_wire(s: &IssuedSvid) -> types::X509Svid {
     types::X509Svid {
         cert_chain: s.chain.clone(),
@@ -644,13 +651,27 @@ impl node::node_server::Node for NodeApi {
         }
         let mut results = Vec::new();
         for h in handles {
-            results.extend(
-                h.await
-                    .map_err(|e| Status::internal(format!("signing task failed: {e}")))?,
-            );
+            results.extend(h.await.map_err(signing_task_failed)?);
         }
         let signed = results.iter().filter(|r| r.svid.is_some()).count();
         tracing::debug!(agent = %agent.spiffe_id, requested = results.len(), signed, "signed workload SVIDs");
         Ok(Response::new(BatchNewX509svidResponse { results }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_signing_task_reaches_the_caller_as_a_generic_internal_error() {
+        let died = tokio::task::spawn_blocking(|| -> Vec<X509SvidResult> {
+            panic!("detail for the log only: key handle 0x2a")
+        })
+        .await
+        .unwrap_err();
+        let status = signing_task_failed(died);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error; see the server log");
     }
 }

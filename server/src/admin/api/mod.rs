@@ -1,0 +1,178 @@
+//! The admin API: the `carapace.admin.v1.Admin` gRPC service, on a Unix socket that only
+//! the server's owner may open (socket mode 0600 in a directory of mode 0700, on a path
+//! no other user can change).
+//!
+//! The socket's file permissions are the whole access control: whoever can open it is an
+//! administrator. The CLI in turn checks who answers (SO_PEERCRED) before it sends
+//! anything, so an impostor's socket gets neither requests nor join tokens. Every write
+//! of entries, agents and join tokens goes through the [`EntryCache`] (which validates
+//! against the trust domain and writes the datastore first), and every signature through
+//! the [`CaManager`]. Writes are logged at info with the entry id or SPIFFE ID; join
+//! tokens and keys are never logged (only a token's id).
+//!
+//! One module per noun implements that noun's RPCs as `<rpc>_inner` methods of
+//! [`AdminApi`], returning the server's [`Result`]; the [`Admin`] trait
+//! impl here only delegates to them and maps errors to a status in one place (`reply`).
+//! `socket` binds and serves the socket; `fields` holds the request checks several nouns
+//! share. To add a noun: write `<noun>.rs` on that pattern, and add its RPCs to the
+//! trait impl below; its CLI side is a file in [`crate::admin::cli`].
+
+mod agent;
+mod bundle;
+mod entry;
+mod fields;
+mod health;
+mod socket;
+mod token;
+mod x509;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use carapace_proto::admin::admin_server::Admin;
+use carapace_proto::admin::{
+    Agent, AgentRequest, CountEntriesResponse, CreateEntryRequest, CreateJoinTokenRequest,
+    DeleteEntryRequest, DeleteEntryResponse, EvictAgentResponse, GetBundleRequest, HealthRequest,
+    HealthResponse, JoinToken, ListAgentsRequest, ListAgentsResponse, ListEntriesRequest,
+    ListEntriesResponse, MintX509svidRequest, MintX509svidResponse, UpdateEntryRequest,
+};
+use carapace_proto::types;
+
+use crate::Result;
+use crate::ca::CaManager;
+use crate::entry_cache::EntryCache;
+
+pub use socket::{bind, serve};
+
+/// Settings of the admin API.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// X509-SVID lifetime for `MintX509SVID` when the request asks for none.
+    pub default_x509_svid_ttl: Duration,
+    /// Join token lifetime when the request asks for none.
+    pub default_join_token_ttl: Duration,
+}
+
+/// The admin service.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    cache: Arc<EntryCache>,
+    ca: Arc<CaManager>,
+    settings: AdminSettings,
+}
+
+impl AdminApi {
+    /// The service over the server's entry cache and CA.
+    pub fn new(cache: Arc<EntryCache>, ca: Arc<CaManager>, settings: AdminSettings) -> Self {
+        AdminApi {
+            cache,
+            ca,
+            settings,
+        }
+    }
+}
+
+/// A handler's result as the RPC's answer: errors mapped to a status by the server's one
+/// mapping.
+fn reply<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminApi {
+    async fn create_entry(
+        &self,
+        request: Request<CreateEntryRequest>,
+    ) -> std::result::Result<Response<types::Entry>, Status> {
+        reply(self.create_entry_inner(request.into_inner()).await)
+    }
+
+    async fn update_entry(
+        &self,
+        request: Request<UpdateEntryRequest>,
+    ) -> std::result::Result<Response<types::Entry>, Status> {
+        reply(self.update_entry_inner(request.into_inner()).await)
+    }
+
+    async fn delete_entry(
+        &self,
+        request: Request<DeleteEntryRequest>,
+    ) -> std::result::Result<Response<DeleteEntryResponse>, Status> {
+        reply(self.delete_entry_inner(request.into_inner()).await)
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<ListEntriesRequest>,
+    ) -> std::result::Result<Response<ListEntriesResponse>, Status> {
+        reply(self.list_entries_inner(request.into_inner()).await)
+    }
+
+    async fn count_entries(
+        &self,
+        request: Request<ListEntriesRequest>,
+    ) -> std::result::Result<Response<CountEntriesResponse>, Status> {
+        reply(self.count_entries_inner(request.into_inner()).await)
+    }
+
+    async fn list_agents(
+        &self,
+        _request: Request<ListAgentsRequest>,
+    ) -> std::result::Result<Response<ListAgentsResponse>, Status> {
+        Ok(Response::new(self.list_agents_inner()))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<AgentRequest>,
+    ) -> std::result::Result<Response<Agent>, Status> {
+        reply(self.get_agent_inner(request.get_ref()))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<AgentRequest>,
+    ) -> std::result::Result<Response<Agent>, Status> {
+        reply(self.ban_agent_inner(request.into_inner()).await)
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<AgentRequest>,
+    ) -> std::result::Result<Response<EvictAgentResponse>, Status> {
+        reply(self.evict_agent_inner(request.into_inner()).await)
+    }
+
+    async fn get_bundle(
+        &self,
+        _request: Request<GetBundleRequest>,
+    ) -> std::result::Result<Response<types::Bundle>, Status> {
+        Ok(Response::new(self.get_bundle_inner()))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> std::result::Result<Response<JoinToken>, Status> {
+        reply(self.create_join_token_inner(request.into_inner()).await)
+    }
+
+    async fn mint_x509svid(
+        &self,
+        request: Request<MintX509svidRequest>,
+    ) -> std::result::Result<Response<MintX509svidResponse>, Status> {
+        reply(self.mint_x509svid_inner(request.into_inner()).await)
+    }
+
+    async fn health(
+        &self,
+        _request: Request<HealthRequest>,
+    ) -> std::result::Result<Response<HealthResponse>, Status> {
+        reply(self.health_inner())
+    }
+}

@@ -1,0 +1,1105 @@
+//! The admin API served on a real socket in a tempdir, driven through the CLI (as an
+//! operator would) and directly over gRPC (as a client that skips the CLI's checks).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use clap::Parser;
+use tokio::sync::oneshot;
+
+use carapace_core::{
+    EntryId, KeyType, RegistrationEntry, Selector, SpiffeId, TrustBundle, TrustDomain,
+};
+use carapace_keymanager_soft::MemoryKeyManager;
+
+use super::*;
+use crate::admin::cli::{self as admin_cli, AdminCommand, EntryList, EntryView, TokenView};
+use crate::ca::CaSettings;
+use crate::datastore::{AttestedAgent, Datastore};
+use crate::unix_now;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: AdminCommand,
+}
+
+struct Server {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    cache: Arc<EntryCache>,
+    ca: Arc<CaManager>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+const AGENT: &str = "spiffe://example.org/spire/agent/join_token/0011223344556677";
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("private").join("admin.sock");
+    let ds = Datastore::open_in_memory().await.unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let cache = EntryCache::load(td.clone(), ds.clone()).await.unwrap();
+    let settings = CaSettings {
+        ca_ttl: Duration::from_secs(24 * 3600),
+        key_type: KeyType::EcP256,
+        organization: "Carapace".into(),
+        country: "US".into(),
+    };
+    let ca = CaManager::load(
+        td,
+        Arc::new(MemoryKeyManager::new()),
+        None,
+        ds,
+        settings,
+        unix_now(),
+    )
+    .await
+    .unwrap();
+    let listener = bind(&socket).unwrap();
+    let api = AdminApi::new(
+        cache.clone(),
+        ca.clone(),
+        AdminSettings {
+            default_x509_svid_ttl: Duration::from_secs(3600),
+            default_join_token_ttl: Duration::from_secs(600),
+        },
+    );
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, api, async move {
+        let _ = rx.await;
+    }));
+    Server {
+        dir,
+        socket,
+        cache,
+        ca,
+        stop: Some(tx),
+        task,
+    }
+}
+
+impl Server {
+    /// Runs `carapace-server <args> --admin-socket <socket>` through the CLI.
+    async fn run(&self, args: &[&str]) -> Result<String> {
+        let socket = self.socket.to_str().unwrap();
+        let argv = std::iter::once("carapace-server")
+            .chain(args.iter().copied())
+            .chain(["--admin-socket", socket]);
+        let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        admin_cli::execute(cli.cmd).await
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        self.run(args)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    async fn err(&self, args: &[&str]) -> String {
+        match self.run(args).await {
+            Ok(out) => panic!("{args:?} succeeded:\n{out}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn line_value<'a>(out: &'a str, label: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| {
+            l.strip_prefix(label)
+                .and_then(|r| r.trim_start().strip_prefix(':'))
+                .map(str::trim)
+        })
+        .unwrap_or_else(|| panic!("no {label:?} in\n{out}"))
+}
+
+#[tokio::test]
+async fn entry_lifecycle_through_the_cli() {
+    let s = start().await;
+    let out = s
+        .ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--selector",
+            "unix:uid:1000",
+            "--selector",
+            "unix:user:www",
+            "--x509-svid-ttl",
+            "1h",
+            "--dns-name",
+            "web.example.org",
+            "--hint",
+            "web",
+            "--admin",
+            "--expires-at",
+            "2100-01-01T00:00:00Z",
+        ])
+        .await;
+    let id = line_value(&out, "Entry ID").to_owned();
+    uuid::Uuid::parse_str(&id).unwrap_or_else(|e| panic!("entry id {id:?} is not a uuid: {e}"));
+    for line in [
+        "SPIFFE ID        : spiffe://example.org/web\n",
+        &format!("Parent ID        : {AGENT}\n"),
+        "Revision         : 0\n",
+        "X509-SVID TTL    : 1h\n",
+        "Selector         : unix:uid:1000\n",
+        "Selector         : unix:user:www\n",
+        "DNS name         : web.example.org\n",
+        "Hint             : web\n",
+        "Admin            : true\n",
+        "Expires at       : 2100-01-01T00:00:00Z\n",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from\n{out}");
+    }
+    assert!(!out.contains("Downstream"), "{out}");
+
+    // A second entry, in JSON.
+    let out = s
+        .ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "spiffe://example.org/db",
+            "--selector",
+            "unix:uid:1001",
+            "--downstream",
+            "--output",
+            "json",
+        ])
+        .await;
+    let db: EntryView = serde_json::from_str(&out).unwrap();
+    assert_ne!(db.id, id);
+    assert_eq!(db.spiffe_id, "spiffe://example.org/db");
+    assert_eq!(db.parent_id, AGENT);
+    assert_eq!(db.selectors, ["unix:uid:1001"]);
+    assert_eq!(
+        (db.x509_svid_ttl, db.expires_at, db.revision),
+        (None, None, 0)
+    );
+    assert!(db.downstream && !db.admin);
+    assert!(
+        (db.created_at - unix_now()).abs() < 60,
+        "created_at is now: {}",
+        db.created_at
+    );
+
+    // Show, by each filter.
+    let all = s.ok(&["entry", "show"]).await;
+    assert!(all.starts_with("Found 2 entries\n"), "{all}");
+    let by_id = s.ok(&["entry", "show", "--id", &id]).await;
+    assert!(
+        by_id.starts_with("Found 1 entry\n") && by_id.contains(&id),
+        "{by_id}"
+    );
+    let by_spiffe = s
+        .ok(&["entry", "show", "--spiffe-id", "spiffe://example.org/db"])
+        .await;
+    assert!(
+        by_spiffe.starts_with("Found 1 entry\n") && by_spiffe.contains(&db.id),
+        "{by_spiffe}"
+    );
+    let by_parent = s.ok(&["entry", "show", "--parent-id", AGENT]).await;
+    assert!(by_parent.starts_with("Found 2 entries\n"), "{by_parent}");
+    let by_sel = s
+        .ok(&["entry", "show", "--selector", "unix:user:www"])
+        .await;
+    assert!(
+        by_sel.starts_with("Found 1 entry\n") && by_sel.contains(&id),
+        "{by_sel}"
+    );
+    let none = s
+        .ok(&[
+            "entry",
+            "show",
+            "--selector",
+            "unix:user:www",
+            "--parent-id",
+            "spiffe://example.org/x",
+        ])
+        .await;
+    assert_eq!(none, "Found 0 entries\n");
+    let list: EntryList = serde_json::from_str(
+        &s.ok(&["entry", "show", "--id", &db.id, "--output", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(list.entries, std::slice::from_ref(&db));
+
+    // Update: full replace; the revision goes up and the creation time stays.
+    let out = s
+        .ok(&[
+            "entry",
+            "update",
+            "--id",
+            &id,
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "spiffe://example.org/web2",
+            "--selector",
+            "unix:uid:1002",
+            "--output",
+            "json",
+        ])
+        .await;
+    let updated: EntryView = serde_json::from_str(&out).unwrap();
+    assert_eq!(updated.id, id);
+    assert_eq!(updated.spiffe_id, "spiffe://example.org/web2");
+    assert_eq!(updated.selectors, ["unix:uid:1002"]);
+    assert_eq!(updated.revision, 1);
+    assert_eq!(
+        (updated.x509_svid_ttl, updated.expires_at, updated.admin),
+        (None, None, false)
+    );
+    assert!(updated.dns_names.is_empty() && updated.hint.is_empty());
+    assert_eq!(
+        s.ok(&["entry", "show", "--spiffe-id", "spiffe://example.org/web"])
+            .await,
+        "Found 0 entries\n"
+    );
+    let err = s
+        .err(&[
+            "entry",
+            "update",
+            "--id",
+            "no-such-entry",
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "spiffe://example.org/x",
+            "--selector",
+            "unix:uid:1",
+        ])
+        .await;
+    assert_eq!(err, "entry update: entry no-such-entry not found");
+
+    // Count.
+    assert_eq!(s.ok(&["entry", "count"]).await, "2 registration entries\n");
+    assert_eq!(
+        s.ok(&["entry", "count", "--selector", "unix:uid:1002"])
+            .await,
+        "1 registration entry\n"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["entry", "count", "--output", "json"]).await).unwrap();
+    assert_eq!(v["count"], 2);
+
+    // Delete.
+    assert_eq!(
+        s.ok(&["entry", "delete", "--id", &id]).await,
+        format!("Deleted entry {id}\n")
+    );
+    assert_eq!(s.ok(&["entry", "count"]).await, "1 registration entry\n");
+    assert_eq!(s.cache.entry_count(), 1);
+    let err = s.err(&["entry", "delete", "--id", &id]).await;
+    assert_eq!(err, format!("entry delete: entry {id} not found"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn out_of_range_times_and_ttls_are_refused_and_write_nothing() {
+    let s = start().await;
+    let create = |extra: &[&'static str]| {
+        let mut v = vec![
+            "entry",
+            "create",
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "spiffe://example.org/w",
+            "--selector",
+            "unix:uid:1",
+        ];
+        v.extend_from_slice(extra);
+        v
+    };
+    // The CLI refuses before sending, naming the flag and the range.
+    let err = s
+        .err(&create(&["--x509-svid-ttl", "9223372036854775807s"]))
+        .await;
+    assert!(
+        err.starts_with("entry create: --x509-svid-ttl: ") && err.contains("1s to 365 days"),
+        "{err}"
+    );
+    let err = s.err(&create(&["--x509-svid-ttl", "366days"])).await;
+    assert!(err.contains("--x509-svid-ttl"), "{err}");
+    let clap_err = Cli::try_parse_from(
+        std::iter::once("carapace-server")
+            .chain(create(&["--expires-at", "99999999999999"]))
+            .chain(["--admin-socket", "/x"]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        clap_err.contains("--expires-at") && clap_err.contains("9999-12-31T23:59:59Z"),
+        "{clap_err}"
+    );
+    let err = s
+        .err(&["token", "generate", "--ttl", "9223372036854775807"])
+        .await;
+    assert!(err.starts_with("token generate: --ttl: "), "{err}");
+    let err = s
+        .err(&[
+            "x509",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/m",
+            "--ttl",
+            "400days",
+        ])
+        .await;
+    assert!(err.starts_with("x509 mint: --ttl: "), "{err}");
+
+    // The server refuses them too when asked directly: InvalidArgument, naming the field.
+    let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
+    let good = types::Entry {
+        spiffe_id: "spiffe://example.org/w".into(),
+        parent_id: AGENT.into(),
+        selectors: vec![types::Selector {
+            r#type: "unix".into(),
+            value: "uid:1".into(),
+        }],
+        ..Default::default()
+    };
+    for (field, wire) in [
+        (
+            "x509_svid_ttl",
+            types::Entry {
+                x509_svid_ttl: i64::MAX,
+                ..good.clone()
+            },
+        ),
+        (
+            "x509_svid_ttl",
+            types::Entry {
+                x509_svid_ttl: 366 * 86_400,
+                ..good.clone()
+            },
+        ),
+        (
+            "expires_at",
+            types::Entry {
+                expires_at: 99_999_999_999_999,
+                ..good.clone()
+            },
+        ),
+        (
+            "selector",
+            types::Entry {
+                selectors: vec![types::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:01".into(),
+                }],
+                ..good.clone()
+            },
+        ),
+    ] {
+        let status = client
+            .create_entry(CreateEntryRequest {
+                entry: Some(wire.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{field}");
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+    let status = client
+        .create_join_token(CreateJoinTokenRequest {
+            ttl: i64::MAX,
+            spiffe_id: "spiffe://example.org/alias".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("ttl"), "{}", status.message());
+    let status = client
+        .mint_x509svid(MintX509svidRequest {
+            spiffe_id: "spiffe://example.org/m".into(),
+            csr: vec![1],
+            ttl: i64::MAX,
+            dns_names: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("ttl"), "{}", status.message());
+
+    // Nothing was written: no entry, no alias entry, no join token.
+    assert_eq!(s.ok(&["entry", "count"]).await, "0 registration entries\n");
+    assert_eq!(s.cache.entry_count(), 0);
+    assert_eq!(
+        s.cache
+            .datastore()
+            .prune_expired_join_tokens(i64::MAX)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // An update to an out-of-range value changes nothing either.
+    let created = client
+        .create_entry(CreateEntryRequest {
+            entry: Some(good.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = client
+        .update_entry(UpdateEntryRequest {
+            entry: Some(types::Entry {
+                expires_at: i64::MAX,
+                ..created.clone()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let shown = s.ok(&["entry", "show", "--output", "json"]).await;
+    let list: EntryList = serde_json::from_str(&shown).unwrap();
+    assert_eq!(list.entries.len(), 1);
+    assert_eq!(list.entries[0].expires_at, None);
+    assert_eq!(list.entries[0].revision, created.revision);
+    // The edges of the ranges are accepted: uid 1 in canonical form, the last second
+    // X.509 can write, and a 365-day TTL.
+    s.ok(&create(&[
+        "--selector",
+        "unix:gid:0",
+        "--expires-at",
+        "9999-12-31T23:59:59Z",
+        "--x509-svid-ttl",
+        "365days",
+    ]))
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn entry_show_prints_rows_an_older_version_stored_with_extreme_values() {
+    let s = start().await;
+    // Written to the datastore directly, past validation, as an older version could.
+    let e = RegistrationEntry {
+        id: EntryId::new("old-row").unwrap(),
+        spiffe_id: "spiffe://example.org/old".parse().unwrap(),
+        parent_id: AGENT.parse().unwrap(),
+        selectors: [Selector::stored("unix", "uid:01").unwrap()]
+            .into_iter()
+            .collect(),
+        x509_svid_ttl: Some(Duration::from_secs(i64::MAX as u64)),
+        dns_names: vec![],
+        hint: String::new(),
+        admin: false,
+        downstream: false,
+        expires_at: Some(99_999_999_999_999),
+        revision: 0,
+        created_at: 1,
+    };
+    s.cache.datastore().create_entry(&e).await.unwrap();
+    let out = s.ok(&["entry", "show"]).await;
+    assert!(out.contains("Entry ID         : old-row"), "{out}");
+    assert!(
+        out.contains("Expires at       : unix 99999999999999 (outside 1970-01-01..9999-12-31)"),
+        "{out}"
+    );
+    assert!(out.contains("Selector         : unix:uid:01"), "{out}");
+    let json = s.ok(&["entry", "show", "--output", "json"]).await;
+    let list: EntryList = serde_json::from_str(&json).unwrap();
+    assert_eq!(list.entries[0].expires_at, Some(99_999_999_999_999));
+    // And it can be deleted.
+    s.ok(&["entry", "delete", "--id", "old-row"]).await;
+    assert_eq!(s.ok(&["entry", "count"]).await, "0 registration entries\n");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_entries_write_nothing() {
+    let s = start().await;
+    let create = |spiffe: &'static str, parent: &'static str, sel: &'static str| {
+        [
+            "entry",
+            "create",
+            "--parent-id",
+            parent,
+            "--spiffe-id",
+            spiffe,
+            "--selector",
+            sel,
+        ]
+    };
+    let err = s
+        .err(&create("spiffe://example.org/a b", AGENT, "unix:uid:1"))
+        .await;
+    assert!(
+        err.starts_with("entry create: --spiffe-id: invalid SPIFFE ID"),
+        "{err}"
+    );
+    let err = s
+        .err(&create("spiffe://example.org/w", AGENT, "unix:uuid:0"))
+        .await;
+    assert!(
+        err.starts_with("entry create: --selector: invalid selector \"unix:uuid:0\""),
+        "{err}"
+    );
+    let err = s
+        .err(&create("spiffe://example.org/spire/w", AGENT, "unix:uid:1"))
+        .await;
+    assert!(
+        err.starts_with("entry create: invalid entry: spiffe_id:")
+            && err.contains("reserved path /spire"),
+        "{err}"
+    );
+    let err = s
+        .err(&create(
+            "spiffe://example.org/w",
+            "spiffe://other.org/agent",
+            "unix:uid:1",
+        ))
+        .await;
+    assert!(
+        err.contains("parent_id") && err.contains("not in trust domain example.org"),
+        "{err}"
+    );
+
+    // No selectors: clap refuses; the server refuses too when asked directly.
+    let argv = [
+        "carapace-server",
+        "entry",
+        "create",
+        "--parent-id",
+        AGENT,
+        "--spiffe-id",
+        "spiffe://example.org/w",
+    ];
+    assert!(
+        Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string()
+            .contains("--selector")
+    );
+    let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
+    let wire = types::Entry {
+        id: "client-chosen".into(),
+        spiffe_id: "spiffe://example.org/w".into(),
+        parent_id: AGENT.into(),
+        ..Default::default()
+    };
+    let status = client
+        .create_entry(CreateEntryRequest {
+            entry: Some(wire.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("selectors"),
+        "{}",
+        status.message()
+    );
+    let status = client
+        .create_entry(CreateEntryRequest { entry: None })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // Malformed filters are refused, naming the filter.
+    let status = client
+        .list_entries(ListEntriesRequest {
+            spiffe_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("filter spiffe_id"),
+        "{}",
+        status.message()
+    );
+
+    assert_eq!(s.ok(&["entry", "count"]).await, "0 registration entries\n");
+    assert_eq!(s.cache.entry_count(), 0);
+
+    // A client-chosen id is ignored.
+    let wire = types::Entry {
+        selectors: vec![types::Selector {
+            r#type: "unix".into(),
+            value: "uid:1".into(),
+        }],
+        ..wire
+    };
+    let e = client
+        .create_entry(CreateEntryRequest { entry: Some(wire) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(e.id, "client-chosen");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_is_sent_when_client_side_checks_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing.sock");
+    let cli = Cli::try_parse_from([
+        "carapace-server",
+        "entry",
+        "create",
+        "--parent-id",
+        AGENT,
+        "--spiffe-id",
+        "bad",
+        "--selector",
+        "unix:uid:1",
+        "--admin-socket",
+        missing.to_str().unwrap(),
+    ])
+    .unwrap();
+    let err = admin_cli::execute(cli.cmd).await.unwrap_err().to_string();
+    assert!(
+        err.contains("--spiffe-id") && !err.contains("cannot reach"),
+        "{err}"
+    );
+    let cli = Cli::try_parse_from([
+        "carapace-server",
+        "healthcheck",
+        "--admin-socket",
+        missing.to_str().unwrap(),
+    ])
+    .unwrap();
+    let err = admin_cli::execute(cli.cmd).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "cannot reach the server's admin socket {}: ",
+            missing.display()
+        )) && err.ends_with("(is carapace-server running? is --admin-socket right?)"),
+        "{err}"
+    );
+}
+
+/// Captures every log line of this thread.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn join_tokens_and_their_alias_entries() {
+    let logs = Capture::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let s = start().await;
+
+    let out = s.ok(&["token", "generate"]).await;
+    let token = line_value(&out, "Token");
+    let (id, secret) = token.split_once('.').unwrap();
+    let hex = |v: &str, n: usize| v.len() == n && v.bytes().all(|b| b.is_ascii_hexdigit());
+    assert!(hex(id, 16) && hex(secret, 48), "token {token:?}");
+    assert_eq!(
+        line_value(&out, "Agent ID"),
+        format!("spiffe://example.org/spire/agent/join_token/{id}")
+    );
+    let expires = humantime::parse_rfc3339(line_value(&out, "Expires")).unwrap();
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap()
+        .as_secs();
+    assert!((500..=600).contains(&left), "default ttl: {left}");
+    assert_eq!(s.cache.entry_count(), 0, "no alias without --spiffe-id");
+
+    let out = s
+        .ok(&[
+            "token",
+            "generate",
+            "--spiffe-id",
+            "spiffe://example.org/node-group",
+            "--ttl",
+            "120",
+            "--output",
+            "json",
+        ])
+        .await;
+    let t: TokenView = serde_json::from_str(&out).unwrap();
+    assert!(
+        t.agent_id
+            .starts_with("spiffe://example.org/spire/agent/join_token/")
+    );
+    assert!(
+        (t.expires_at - unix_now() - 120).abs() <= 2,
+        "ttl 120: {}",
+        t.expires_at
+    );
+    let alias_id = t.agent_id.rsplit('/').next().unwrap().to_owned();
+    let list: EntryList = serde_json::from_str(
+        &s.ok(&[
+            "entry",
+            "show",
+            "--parent-id",
+            &t.agent_id,
+            "--output",
+            "json",
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(list.entries.len(), 1);
+    assert_eq!(list.entries[0].spiffe_id, "spiffe://example.org/node-group");
+    assert_eq!(
+        list.entries[0].selectors,
+        [format!("join_token:{alias_id}")]
+    );
+
+    // A bad alias ID writes neither the token nor the entry; negative ttls are refused.
+    let err = s
+        .err(&[
+            "token",
+            "generate",
+            "--spiffe-id",
+            "spiffe://example.org/spire/x",
+        ])
+        .await;
+    assert!(err.contains("reserved"), "{err}");
+    let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
+    let status = client
+        .create_join_token(CreateJoinTokenRequest {
+            ttl: -1,
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(s.cache.entry_count(), 1);
+
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("created join token") && logs.contains(id),
+        "the capture works:\n{logs}"
+    );
+    assert!(
+        !logs.contains(secret),
+        "a token secret reached the logs:\n{logs}"
+    );
+    assert!(!logs.contains(&t.token), "a token reached the logs");
+    let (_, secret2) = t.token.split_once('.').unwrap();
+    assert!(!logs.contains(secret2), "a token secret reached the logs");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bundle_show_in_both_formats() {
+    let s = start().await;
+    let td = TrustDomain::new("example.org").unwrap();
+    let expected = s.ca.bundle().borrow().clone();
+    let pem = s.ok(&["bundle", "show"]).await;
+    assert!(
+        pem.starts_with("-----BEGIN CERTIFICATE-----\n")
+            && pem.ends_with("-----END CERTIFICATE-----\n")
+    );
+    let b = TrustBundle::from_pem(td.clone(), &pem).unwrap();
+    assert_eq!(b.x509_authorities, expected.x509_authorities);
+    let json = s.ok(&["bundle", "show", "--format", "spiffe"]).await;
+    let b = TrustBundle::from_spiffe_json(td.clone(), &json).unwrap();
+    assert_eq!(b.x509_authorities, expected.x509_authorities);
+    assert_eq!(b.sequence, expected.sequence);
+    let json = s.ok(&["bundle", "show", "--output", "json"]).await;
+    TrustBundle::from_spiffe_json(td, &json).unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn x509_mint_writes_a_verifiable_svid() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = start().await;
+    let out_dir = s.dir.path().join("out");
+    let out = s
+        .ok(&[
+            "x509",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/batch",
+            "--ttl",
+            "10m",
+            "--dns-name",
+            "batch.example.org",
+            "--write",
+            out_dir.to_str().unwrap(),
+        ])
+        .await;
+    assert!(
+        out.contains(&format!(
+            "Private key written to {}",
+            out_dir.join("svid.key").display()
+        )),
+        "{out}"
+    );
+    let key_mode = std::fs::metadata(out_dir.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let chain = carapace_core::bundle::certs_from_pem(
+        &std::fs::read_to_string(out_dir.join("svid.pem")).unwrap(),
+    )
+    .unwrap();
+    let td = TrustDomain::new("example.org").unwrap();
+    let bundle = TrustBundle::from_pem(
+        td,
+        &std::fs::read_to_string(out_dir.join("bundle.pem")).unwrap(),
+    )
+    .unwrap();
+    let now = unix_now();
+    let v = carapace_core::x509svid::verify_chain(&chain, &bundle, now as u64).unwrap();
+    assert_eq!(v.spiffe_id.as_str(), "spiffe://example.org/batch");
+    assert!(
+        (v.not_after - now - 600).abs() <= 2,
+        "ttl 10m: {}",
+        v.not_after - now
+    );
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(out_dir.join("svid.key")).unwrap())
+        .unwrap();
+    assert_eq!(
+        carapace_core::x509svid::public_key_of(&chain[0]).unwrap(),
+        rcgen::PublicKeyData::subject_public_key_info(&key)
+    );
+
+    // Printed, like spire-server x509 mint.
+    let out = s
+        .ok(&["x509", "mint", "--spiffe-id", "spiffe://example.org/batch"])
+        .await;
+    assert!(
+        out.starts_with("X509-SVID:\n-----BEGIN CERTIFICATE-----"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Private key:\n-----BEGIN PRIVATE KEY-----"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Root CAs:\n-----BEGIN CERTIFICATE-----"),
+        "{out}"
+    );
+
+    let err = s
+        .err(&[
+            "x509",
+            "mint",
+            "--spiffe-id",
+            "spiffe://example.org/spire/agent/x/y",
+        ])
+        .await;
+    assert!(
+        err.starts_with("x509 mint: spiffe_id:") && err.contains("reserved path /spire"),
+        "{err}"
+    );
+    let err = s
+        .err(&["x509", "mint", "--spiffe-id", "spiffe://other.org/w"])
+        .await;
+    assert!(err.contains("not in trust domain example.org"), "{err}");
+    let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
+    let status = client
+        .mint_x509svid(MintX509svidRequest {
+            spiffe_id: "spiffe://example.org/w".into(),
+            csr: b"not a csr".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("csr"), "{}", status.message());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn agents_list_show_ban_evict() {
+    let s = start().await;
+    let id: SpiffeId = AGENT.parse().unwrap();
+    s.cache
+        .upsert_agent(AttestedAgent {
+            spiffe_id: id.clone(),
+            attestor: "join_token".into(),
+            serial: "0a1b2c".into(),
+            new_serial: None,
+            expires_at: 1_893_456_000,
+            banned: false,
+            reattestable: false,
+            attested_at: 1_893_450_000,
+            selectors: ["region:eu".parse::<Selector>().unwrap()]
+                .into_iter()
+                .collect(),
+            refused: None,
+        })
+        .await
+        .unwrap();
+    let list = s.ok(&["agent", "list"]).await;
+    assert!(
+        list.starts_with("Found 1 attested agent\n") && list.contains(AGENT),
+        "{list}"
+    );
+    let show = s.ok(&["agent", "show", "--spiffe-id", AGENT]).await;
+    for line in [
+        "Attestation type : join_token\n",
+        "Serial number    : 0a1b2c\n",
+        "Expires at       : 2030-01-01T00:00:00Z\n",
+        "Banned           : false\n",
+        "Selector         : region:eu\n",
+    ] {
+        assert!(show.contains(line), "{line:?} missing from\n{show}");
+    }
+    assert_eq!(
+        s.ok(&["agent", "ban", "--spiffe-id", AGENT]).await,
+        format!("Agent banned: {AGENT}\n")
+    );
+    assert!(s.cache.get_agent(&id).unwrap().banned);
+    let v: serde_json::Value = serde_json::from_str(
+        &s.ok(&["agent", "show", "--spiffe-id", AGENT, "--output", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(v["banned"], true);
+    assert_eq!(
+        s.ok(&["agent", "evict", "--spiffe-id", AGENT]).await,
+        format!("Agent evicted: {AGENT}\n")
+    );
+    assert!(s.cache.get_agent(&id).is_none());
+    let err = s.err(&["agent", "show", "--spiffe-id", AGENT]).await;
+    assert_eq!(err, format!("agent show: agent {AGENT} not found"));
+    let err = s.err(&["agent", "ban", "--spiffe-id", AGENT]).await;
+    assert!(err.contains("not found"), "{err}");
+    let err = s.err(&["agent", "evict", "--spiffe-id", AGENT]).await;
+    assert!(err.contains("not found"), "{err}");
+    assert_eq!(s.ok(&["agent", "list"]).await, "Found 0 attested agents\n");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn healthcheck_and_socket_permissions() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = start().await;
+    assert_eq!(s.ok(&["healthcheck"]).await, "Server is healthy.\n");
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["healthcheck", "--output", "json"]).await).unwrap();
+    assert_eq!(v["healthy"], true);
+    assert_eq!(v["trust_domain"], "example.org");
+    assert_eq!(v["ca_expires_at"], s.ca.active().unwrap().not_after);
+    assert_eq!(
+        (v["agents"].as_u64(), v["entries"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&s.socket), 0o600);
+    assert_eq!(mode(s.socket.parent().unwrap()), 0o700);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bind_handles_directories_and_leftovers() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // An existing directory with a loose mode is refused with the chmod to run, and
+    // left as it was: the server never changes what it did not create.
+    let loose = dir.path().join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = bind(&loose.join("admin.sock")).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("chmod 700 {}", loose.display())),
+        "{err}"
+    );
+    assert_eq!(mode(&loose), 0o755);
+    assert!(!loose.join("admin.sock").exists());
+    // A missing one is created private.
+    let private = dir.path().join("private");
+    let socket = private.join("admin.sock");
+    let first = bind(&socket).unwrap();
+    assert_eq!(mode(&private), 0o700);
+    // A live socket is not taken over.
+    let err = bind(&socket).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "admin socket {}: address in use",
+            socket.display()
+        )),
+        "{err}"
+    );
+    // A stale one (its listener gone, its file left) is replaced.
+    drop(first);
+    assert!(socket.exists());
+    let _second = bind(&socket).unwrap();
+    // A regular file is never deleted.
+    let file = private.join("file.sock");
+    std::fs::write(&file, b"keep me").unwrap();
+    let err = bind(&file).unwrap_err().to_string();
+    assert!(
+        err.contains("not a socket") && err.contains(&file.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    // The parent must be a directory.
+    let err = bind(&file.join("admin.sock")).unwrap_err().to_string();
+    assert!(err.contains("not a directory"), "{err}");
+}
+
+#[tokio::test]
+async fn bind_refuses_paths_others_could_change_and_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // A directory another user pre-created (the /tmp/carapace-server attack): they
+    // could swap what lies below it.
+    let theirs = dir.path().join("carapace-server");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let err = bind(&theirs.join("private/admin.sock"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{} is owned by uid 65534", theirs.display())),
+        "{err}"
+    );
+    assert!(!theirs.join("private").exists());
+    // A shared directory (mode 1777) as the socket's directory: refused, not made
+    // 0700 (as root with --admin-socket /tmp/admin.sock, that was /tmp).
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let err = bind(&shared.join("admin.sock")).unwrap_err().to_string();
+    assert!(err.contains("has mode 1777"), "{err}");
+    assert_eq!(mode(&shared), 0o1777);
+    assert!(!shared.join("admin.sock").exists());
+    // A group-writable directory on the way.
+    let group = dir.path().join("group");
+    std::fs::create_dir(&group).unwrap();
+    std::fs::set_permissions(&group, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let err = bind(&group.join("private/admin.sock"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has mode 770"), "{err}");
+    assert_eq!(mode(&group), 0o770);
+    assert!(!group.join("private").exists());
+}

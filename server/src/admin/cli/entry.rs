@@ -1,0 +1,381 @@
+//! `entry create|show|update|delete|count`: registration entries.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use carapace_proto::admin::{
+    CreateEntryRequest, DeleteEntryRequest, ListEntriesRequest, UpdateEntryRequest,
+};
+use carapace_proto::types;
+
+use super::client::{connect, status_error};
+use super::flags::{
+    Common, bad_flag, dns_names, entry_id, parse_expires_at, selectors, spiffe_id, ttl_secs,
+};
+use super::view::{field, plural, render, rfc3339};
+use crate::Result;
+
+/// `entry ...`
+#[derive(Debug, Subcommand)]
+pub enum EntryCommand {
+    /// Create a registration entry (its id is assigned by the server).
+    Create(EntryCreateArgs),
+    /// Show the entries matching every filter given (all entries without filters).
+    Show(EntryFilterArgs),
+    /// Replace every field of an entry.
+    Update(EntryUpdateArgs),
+    /// Delete an entry.
+    Delete(EntryDeleteArgs),
+    /// Count the entries matching every filter given.
+    Count(EntryFilterArgs),
+}
+
+/// The fields of an entry, for `entry create` and `entry update`.
+#[derive(Debug, Clone, Args)]
+pub struct EntryFields {
+    /// SPIFFE ID of the parent: an agent, the server (node alias) or another entry.
+    #[arg(long)]
+    pub parent_id: String,
+    /// SPIFFE ID issued to matching workloads.
+    #[arg(long)]
+    pub spiffe_id: String,
+    /// Selector `type:value` (e.g. unix:uid:1000); repeat for several (all must match).
+    #[arg(long = "selector", value_name = "TYPE:VALUE", required = true)]
+    pub selectors: Vec<String>,
+    /// X509-SVID lifetime, e.g. 30s, 1h, at most 365 days (default: the server's).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub x509_svid_ttl: Option<Duration>,
+    /// DNS name to add to the SVID; repeat for several (the first becomes the CN).
+    #[arg(long = "dns-name", value_name = "NAME")]
+    pub dns_names: Vec<String>,
+    /// A label passed to the workload with the SVID.
+    #[arg(long)]
+    pub hint: Option<String>,
+    /// The SVID may call the admin API.
+    #[arg(long)]
+    pub admin: bool,
+    /// The SVID may mint downstream CAs.
+    #[arg(long)]
+    pub downstream: bool,
+    /// When the entry is deleted: unix seconds or RFC 3339 in UTC (2030-01-01T00:00:00Z),
+    /// at the latest 9999-12-31T23:59:59Z.
+    #[arg(long, value_name = "TIME", value_parser = parse_expires_at)]
+    pub expires_at: Option<i64>,
+}
+
+/// `entry create`
+#[derive(Debug, Clone, Args)]
+pub struct EntryCreateArgs {
+    #[command(flatten)]
+    pub fields: EntryFields,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `entry update`
+#[derive(Debug, Clone, Args)]
+pub struct EntryUpdateArgs {
+    /// Id of the entry to replace.
+    #[arg(long)]
+    pub id: String,
+    #[command(flatten)]
+    pub fields: EntryFields,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `entry delete`
+#[derive(Debug, Clone, Args)]
+pub struct EntryDeleteArgs {
+    /// Id of the entry to delete.
+    #[arg(long)]
+    pub id: String,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Entry filters of `entry show` and `entry count`; the filters given are ANDed.
+#[derive(Debug, Clone, Args)]
+pub struct EntryFilterArgs {
+    /// Only the entry with this id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Only entries issuing this SPIFFE ID.
+    #[arg(long)]
+    pub spiffe_id: Option<String>,
+    /// Only entries with this parent.
+    #[arg(long)]
+    pub parent_id: Option<String>,
+    /// Only entries having this selector `type:value`; repeat for several.
+    #[arg(long = "selector", value_name = "TYPE:VALUE")]
+    pub selectors: Vec<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// An entry as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryView {
+    /// Entry id.
+    pub id: String,
+    /// SPIFFE ID issued.
+    pub spiffe_id: String,
+    /// Parent ID.
+    pub parent_id: String,
+    /// Selectors, `type:value`.
+    pub selectors: Vec<String>,
+    /// X509-SVID lifetime in seconds; `None` for the server default.
+    pub x509_svid_ttl: Option<u64>,
+    /// Extra DNS names.
+    pub dns_names: Vec<String>,
+    /// Hint.
+    pub hint: String,
+    /// Admin flag.
+    pub admin: bool,
+    /// Downstream flag.
+    pub downstream: bool,
+    /// Unix seconds at which the entry is deleted; `None` for never.
+    pub expires_at: Option<i64>,
+    /// Revision, bumped by every update.
+    pub revision: u64,
+    /// Unix seconds of creation.
+    pub created_at: i64,
+}
+
+impl From<&types::Entry> for EntryView {
+    fn from(e: &types::Entry) -> Self {
+        EntryView {
+            id: e.id.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            parent_id: e.parent_id.clone(),
+            selectors: e
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect(),
+            x509_svid_ttl: u64::try_from(e.x509_svid_ttl).ok().filter(|t| *t > 0),
+            dns_names: e.dns_names.clone(),
+            hint: e.hint.clone(),
+            admin: e.admin,
+            downstream: e.downstream,
+            expires_at: (e.expires_at > 0).then_some(e.expires_at),
+            revision: e.revision,
+            created_at: e.created_at,
+        }
+    }
+}
+
+/// The entries of `entry show`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryList {
+    /// The entries found.
+    pub entries: Vec<EntryView>,
+}
+
+/// The answer of `entry count`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountView {
+    /// How many entries match.
+    pub count: u64,
+}
+
+/// The answer of `entry delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedView {
+    /// Id of the deleted entry.
+    pub deleted: String,
+}
+
+/// One entry, SPIRE style (no trailing blank line).
+pub fn format_entry_human(e: &EntryView) -> String {
+    let mut out = String::new();
+    field(&mut out, "Entry ID", &e.id);
+    field(&mut out, "SPIFFE ID", &e.spiffe_id);
+    field(&mut out, "Parent ID", &e.parent_id);
+    field(&mut out, "Revision", e.revision);
+    match e.x509_svid_ttl {
+        Some(t) => field(
+            &mut out,
+            "X509-SVID TTL",
+            humantime::format_duration(Duration::from_secs(t)),
+        ),
+        None => field(&mut out, "X509-SVID TTL", "default"),
+    }
+    for s in &e.selectors {
+        field(&mut out, "Selector", s);
+    }
+    for d in &e.dns_names {
+        field(&mut out, "DNS name", d);
+    }
+    if !e.hint.is_empty() {
+        field(&mut out, "Hint", &e.hint);
+    }
+    if e.admin {
+        field(&mut out, "Admin", true);
+    }
+    if e.downstream {
+        field(&mut out, "Downstream", true);
+    }
+    if let Some(t) = e.expires_at {
+        field(&mut out, "Expires at", rfc3339(t));
+    }
+    out
+}
+
+/// `Found N entries` then each entry, separated by blank lines.
+pub fn format_entries_human(entries: &[EntryView]) -> String {
+    let n = entries.len();
+    let mut out = format!("Found {n} {}\n", plural(n, "entry", "entries"));
+    for e in entries {
+        out.push_str(&format_entry_human(e));
+        out.push('\n');
+    }
+    out
+}
+
+/// `N registration entries`.
+pub fn format_count_human(count: u64) -> String {
+    let word = if count == 1 { "entry" } else { "entries" };
+    format!("{count} registration {word}\n")
+}
+
+impl EntryFields {
+    /// The entry to send, every field checked.
+    pub(super) fn to_wire(&self, cmd: &str, id: String) -> Result<types::Entry> {
+        let parent_id = spiffe_id(cmd, "--parent-id", &self.parent_id)?;
+        let spiffe = spiffe_id(cmd, "--spiffe-id", &self.spiffe_id)?;
+        if self.selectors.is_empty() {
+            return Err(bad_flag(
+                cmd,
+                "--selector",
+                "at least one selector is required",
+            ));
+        }
+        let selectors = selectors(cmd, &self.selectors)?;
+        dns_names(cmd, &self.dns_names)?;
+        Ok(types::Entry {
+            id,
+            spiffe_id: spiffe.to_string(),
+            parent_id: parent_id.to_string(),
+            selectors,
+            x509_svid_ttl: ttl_secs(
+                cmd,
+                "--x509-svid-ttl",
+                self.x509_svid_ttl,
+                carapace_core::limits::MAX_X509_SVID_TTL,
+            )?,
+            dns_names: self.dns_names.clone(),
+            hint: self.hint.clone().unwrap_or_default(),
+            admin: self.admin,
+            downstream: self.downstream,
+            expires_at: self.expires_at.unwrap_or(0),
+            revision: 0,
+            created_at: 0,
+        })
+    }
+}
+
+impl EntryFilterArgs {
+    /// The filter to send, every field checked.
+    fn to_wire(&self, cmd: &str) -> Result<ListEntriesRequest> {
+        Ok(ListEntriesRequest {
+            id: match &self.id {
+                Some(id) => entry_id(cmd, id)?.to_string(),
+                None => String::new(),
+            },
+            spiffe_id: match &self.spiffe_id {
+                Some(s) => spiffe_id(cmd, "--spiffe-id", s)?.to_string(),
+                None => String::new(),
+            },
+            parent_id: match &self.parent_id {
+                Some(s) => spiffe_id(cmd, "--parent-id", s)?.to_string(),
+                None => String::new(),
+            },
+            selectors: selectors(cmd, &self.selectors)?,
+        })
+    }
+}
+
+/// Runs an `entry` subcommand; returns what to print.
+pub(super) async fn run(cmd: EntryCommand) -> Result<String> {
+    match cmd {
+        EntryCommand::Create(a) => entry_create(a).await,
+        EntryCommand::Show(a) => entry_show(a).await,
+        EntryCommand::Update(a) => entry_update(a).await,
+        EntryCommand::Delete(a) => entry_delete(a).await,
+        EntryCommand::Count(a) => entry_count(a).await,
+    }
+}
+
+async fn entry_create(a: EntryCreateArgs) -> Result<String> {
+    const CMD: &str = "entry create";
+    let entry = a.fields.to_wire(CMD, String::new())?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let e = client
+        .create_entry(CreateEntryRequest { entry: Some(entry) })
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    render(a.common.output, &EntryView::from(&e), format_entry_human)
+}
+
+async fn entry_update(a: EntryUpdateArgs) -> Result<String> {
+    const CMD: &str = "entry update";
+    let id = entry_id(CMD, &a.id)?;
+    let entry = a.fields.to_wire(CMD, id.to_string())?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let e = client
+        .update_entry(UpdateEntryRequest { entry: Some(entry) })
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    render(a.common.output, &EntryView::from(&e), format_entry_human)
+}
+
+async fn entry_delete(a: EntryDeleteArgs) -> Result<String> {
+    const CMD: &str = "entry delete";
+    let id = entry_id(CMD, &a.id)?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    client
+        .delete_entry(DeleteEntryRequest { id: id.to_string() })
+        .await
+        .map_err(|s| status_error(CMD, &s))?;
+    render(
+        a.common.output,
+        &DeletedView {
+            deleted: id.to_string(),
+        },
+        |d| format!("Deleted entry {}\n", d.deleted),
+    )
+}
+
+async fn entry_show(a: EntryFilterArgs) -> Result<String> {
+    const CMD: &str = "entry show";
+    let req = a.to_wire(CMD)?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let resp = client
+        .list_entries(req)
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    let list = EntryList {
+        entries: resp.entries.iter().map(EntryView::from).collect(),
+    };
+    render(a.common.output, &list, |l| format_entries_human(&l.entries))
+}
+
+async fn entry_count(a: EntryFilterArgs) -> Result<String> {
+    const CMD: &str = "entry count";
+    let req = a.to_wire(CMD)?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let resp = client
+        .count_entries(req)
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    render(a.common.output, &CountView { count: resp.count }, |c| {
+        format_count_human(c.count)
+    })
+}

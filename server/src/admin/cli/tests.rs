@@ -1,0 +1,445 @@
+//! The admin CLI without a server: the command line's shape, the client-side checks
+//! and the output formats.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use carapace_proto::types;
+
+use super::flags::parse_expires_at;
+use super::view::json;
+use super::*;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: AdminCommand,
+}
+
+fn parse(args: &[&str]) -> std::result::Result<AdminCommand, clap::Error> {
+    Cli::try_parse_from(std::iter::once("carapace-server").chain(args.iter().copied()))
+        .map(|c| c.cmd)
+}
+
+fn entry() -> EntryView {
+    EntryView {
+        id: "0b5e".into(),
+        spiffe_id: "spiffe://example.org/web".into(),
+        parent_id: "spiffe://example.org/spire/agent/join_token/aa".into(),
+        selectors: vec!["unix:uid:1000".into(), "unix:user:www".into()],
+        x509_svid_ttl: None,
+        dns_names: vec![],
+        hint: String::new(),
+        admin: false,
+        downstream: false,
+        expires_at: None,
+        revision: 0,
+        created_at: 1,
+    }
+}
+
+#[test]
+fn entry_human_format_is_spire_like() {
+    assert_eq!(
+        format_entry_human(&entry()),
+        "Entry ID         : 0b5e\n\
+         SPIFFE ID        : spiffe://example.org/web\n\
+         Parent ID        : spiffe://example.org/spire/agent/join_token/aa\n\
+         Revision         : 0\n\
+         X509-SVID TTL    : default\n\
+         Selector         : unix:uid:1000\n\
+         Selector         : unix:user:www\n"
+    );
+    let full = EntryView {
+        x509_svid_ttl: Some(5400),
+        dns_names: vec!["web.example.org".into()],
+        hint: "web".into(),
+        admin: true,
+        downstream: true,
+        expires_at: Some(1_893_456_000),
+        revision: 3,
+        ..entry()
+    };
+    let out = format_entry_human(&full);
+    for line in [
+        "Revision         : 3\n",
+        "X509-SVID TTL    : 1h 30m\n",
+        "DNS name         : web.example.org\n",
+        "Hint             : web\n",
+        "Admin            : true\n",
+        "Downstream       : true\n",
+        "Expires at       : 2030-01-01T00:00:00Z\n",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from\n{out}");
+    }
+}
+
+#[test]
+fn entry_lists_and_counts() {
+    assert_eq!(format_entries_human(&[]), "Found 0 entries\n");
+    let one = format_entries_human(&[entry()]);
+    assert!(
+        one.starts_with("Found 1 entry\nEntry ID         : 0b5e\n"),
+        "{one}"
+    );
+    assert!(one.ends_with("unix:user:www\n\n"), "{one}");
+    let two = format_entries_human(&[entry(), entry()]);
+    assert!(two.starts_with("Found 2 entries\n"));
+    assert_eq!(two.matches("Entry ID").count(), 2);
+    assert!(
+        two.contains("unix:user:www\n\nEntry ID"),
+        "entries are separated by a blank line"
+    );
+    assert_eq!(format_count_human(1), "1 registration entry\n");
+    assert_eq!(format_count_human(3), "3 registration entries\n");
+}
+
+#[test]
+fn entry_json_round_trips_with_nulls_for_defaults() {
+    let v: serde_json::Value = serde_json::from_str(&json(&entry()).unwrap()).unwrap();
+    assert_eq!(v["x509_svid_ttl"], serde_json::Value::Null);
+    assert_eq!(v["expires_at"], serde_json::Value::Null);
+    assert_eq!(v["selectors"][0], "unix:uid:1000");
+    let back: EntryView = serde_json::from_value(v).unwrap();
+    assert_eq!(back, entry());
+    // From the wire: 0 means "default" / "never".
+    let wire = types::Entry {
+        x509_svid_ttl: 0,
+        expires_at: 0,
+        ..Default::default()
+    };
+    let view = EntryView::from(&wire);
+    assert_eq!((view.x509_svid_ttl, view.expires_at), (None, None));
+}
+
+#[test]
+fn agent_token_and_mint_formats() {
+    let a = AgentView {
+        spiffe_id: "spiffe://example.org/spire/agent/join_token/aa".into(),
+        attestor: "join_token".into(),
+        serial: "0a1b".into(),
+        expires_at: 0,
+        attested_at: 0,
+        banned: true,
+        reattestable: false,
+        refused_at: None,
+        refused_reason: None,
+        selectors: vec!["region:eu".into()],
+    };
+    let out = format_agents_human(std::slice::from_ref(&a));
+    assert!(!out.contains("Attestation lost"), "{out}");
+    let lost = AgentView {
+        refused_at: Some(60),
+        refused_reason: Some("PCR 7 has value 00".into()),
+        ..a.clone()
+    };
+    assert!(
+        format_agent_human(&lost)
+            .contains("Attestation lost : 1970-01-01T00:01:00Z (PCR 7 has value 00)\n"),
+        "{}",
+        format_agent_human(&lost)
+    );
+    assert!(
+        out.starts_with("Found 1 attested agent\n\nSPIFFE ID        : spiffe://"),
+        "{out}"
+    );
+    for line in [
+        "Attestation type : join_token\n",
+        "Serial number    : 0a1b\n",
+        "Expires at       : 1970-01-01T00:00:00Z\n",
+        "Banned           : true\n",
+        "Selector         : region:eu\n",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from\n{out}");
+    }
+    let t = TokenView {
+        token: "ab.cd".into(),
+        agent_id: "spiffe://x/y".into(),
+        expires_at: 0,
+    };
+    assert_eq!(
+        format_token_human(&t),
+        "Token: ab.cd\nAgent ID: spiffe://x/y\nExpires: 1970-01-01T00:00:00Z\n"
+    );
+    let mut m = MintView {
+        spiffe_id: "spiffe://example.org/w".into(),
+        expires_at: 0,
+        svid_pem: Some("S\n".into()),
+        key_pem: Some("K\n".into()),
+        bundle_pem: Some("B\n".into()),
+        svid_path: None,
+        key_path: None,
+        bundle_path: None,
+    };
+    assert_eq!(
+        format_mint_human(&m),
+        "X509-SVID:\nS\n\nPrivate key:\nK\n\nRoot CAs:\nB\n"
+    );
+    m.svid_pem = None;
+    m.key_path = Some("/d/svid.key".into());
+    assert_eq!(
+        format_mint_human(&m),
+        "Private key written to /d/svid.key\n"
+    );
+    // Paths only in JSON when written: no empty PEM fields.
+    let v: serde_json::Value = serde_json::from_str(&json(&m).unwrap()).unwrap();
+    assert!(v.get("svid_pem").is_none());
+    assert_eq!(v["key_path"], "/d/svid.key");
+}
+
+#[test]
+fn human_output_never_panics_on_any_stored_time() {
+    for t in [
+        i64::MIN,
+        -1,
+        0,
+        1,
+        carapace_core::limits::MAX_UNIX_TIME,
+        carapace_core::limits::MAX_UNIX_TIME + 1,
+        99_999_999_999_999,
+        i64::MAX,
+    ] {
+        let s = rfc3339(t);
+        assert!(!s.is_empty());
+    }
+    assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+    assert_eq!(
+        rfc3339(carapace_core::limits::MAX_UNIX_TIME),
+        "9999-12-31T23:59:59Z"
+    );
+    assert_eq!(
+        rfc3339(99_999_999_999_999),
+        "unix 99999999999999 (outside 1970-01-01..9999-12-31)"
+    );
+    let e = EntryView {
+        x509_svid_ttl: Some(u64::MAX),
+        expires_at: Some(i64::MAX),
+        ..entry()
+    };
+    let out = format_entry_human(&e);
+    assert!(out.contains("unix 9223372036854775807"), "{out}");
+    let a = AgentView {
+        spiffe_id: "spiffe://example.org/spire/agent/x".into(),
+        attestor: "join_token".into(),
+        serial: "01".into(),
+        expires_at: i64::MIN,
+        banned: false,
+        selectors: vec![],
+        attested_at: i64::MAX,
+        reattestable: false,
+        refused_at: Some(i64::MIN),
+        refused_reason: Some(String::new()),
+    };
+    assert!(format_agent_human(&a).contains("unix -9223372036854775808"));
+    let t = TokenView {
+        token: "t".into(),
+        agent_id: "spiffe://example.org/spire/agent/x".into(),
+        expires_at: i64::MAX,
+    };
+    assert!(format_token_human(&t).contains("unix 9223372036854775807"));
+}
+
+#[test]
+fn expires_at_is_bounded_by_what_x509_can_write() {
+    assert_eq!(
+        parse_expires_at("253402300799"),
+        Ok(carapace_core::limits::MAX_UNIX_TIME)
+    );
+    for bad in ["253402300800", "99999999999999", "9223372036854775807"] {
+        let e = parse_expires_at(bad).unwrap_err();
+        assert!(e.contains("9999-12-31T23:59:59Z"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn expires_at_accepts_unix_seconds_and_rfc3339() {
+    assert_eq!(parse_expires_at("1893456000"), Ok(1_893_456_000));
+    assert_eq!(parse_expires_at("2030-01-01T00:00:00Z"), Ok(1_893_456_000));
+    assert!(parse_expires_at("0").is_err());
+    assert!(
+        parse_expires_at("tomorrow")
+            .unwrap_err()
+            .contains("RFC 3339")
+    );
+}
+
+#[test]
+fn command_line_shape() {
+    let cmd = parse(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/a",
+        "--spiffe-id",
+        "spiffe://example.org/b",
+        "--selector",
+        "unix:uid:1",
+        "--selector",
+        "unix:gid:2",
+        "--x509-svid-ttl",
+        "1h",
+        "--dns-name",
+        "b.example",
+        "--admin",
+        "--expires-at",
+        "2030-01-01T00:00:00Z",
+        "--admin-socket",
+        "/s",
+        "--output",
+        "json",
+    ])
+    .unwrap();
+    let AdminCommand::Entry(EntryCommand::Create(a)) = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(a.fields.selectors, ["unix:uid:1", "unix:gid:2"]);
+    assert_eq!(a.fields.x509_svid_ttl, Some(Duration::from_secs(3600)));
+    assert_eq!(a.fields.expires_at, Some(1_893_456_000));
+    assert!(a.fields.admin && !a.fields.downstream);
+    assert_eq!(a.common.admin_socket, PathBuf::from("/s"));
+    assert_eq!(a.common.output, OutputFormat::Json);
+    let wire = a.fields.to_wire("entry create", String::new()).unwrap();
+    assert_eq!(wire.x509_svid_ttl, 3600);
+    assert_eq!(
+        wire.selectors[1],
+        types::Selector {
+            r#type: "unix".into(),
+            value: "gid:2".into()
+        }
+    );
+
+    // --selector is required on create; a bad duration names its flag.
+    let err = parse(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/a",
+        "--spiffe-id",
+        "spiffe://example.org/b",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--selector"), "{err}");
+    let err = parse(&[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/a",
+        "--spiffe-id",
+        "spiffe://example.org/b",
+        "--selector",
+        "unix:uid:1",
+        "--x509-svid-ttl",
+        "soon",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("--x509-svid-ttl"), "{err}");
+
+    for args in [
+        &["entry", "show", "--selector", "unix:uid:1"][..],
+        &[
+            "entry",
+            "update",
+            "--id",
+            "x",
+            "--parent-id",
+            "spiffe://e/a",
+            "--spiffe-id",
+            "spiffe://e/b",
+            "--selector",
+            "a:b",
+        ],
+        &["entry", "delete", "--id", "x"],
+        &["entry", "count"],
+        &["agent", "list"],
+        &["agent", "show", "--spiffe-id", "spiffe://e/a"],
+        &["agent", "ban", "--spiffe-id", "spiffe://e/a"],
+        &["agent", "evict", "--spiffe-id", "spiffe://e/a"],
+        &["bundle", "show", "--format", "spiffe"],
+        &[
+            "token",
+            "generate",
+            "--spiffe-id",
+            "spiffe://e/a",
+            "--ttl",
+            "60",
+        ],
+        &[
+            "x509",
+            "mint",
+            "--spiffe-id",
+            "spiffe://e/a",
+            "--ttl",
+            "5m",
+            "--write",
+            "/tmp/x",
+        ],
+        &["healthcheck", "--output", "json"],
+    ] {
+        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+    assert!(parse(&["token", "generate", "--ttl", "-5"]).is_err());
+}
+
+#[test]
+fn client_side_checks_name_the_flag() {
+    let fields = |parent: &str, spiffe: &str, sel: &[&str]| EntryFields {
+        parent_id: parent.into(),
+        spiffe_id: spiffe.into(),
+        selectors: sel.iter().map(|s| s.to_string()).collect(),
+        x509_svid_ttl: None,
+        dns_names: vec![],
+        hint: None,
+        admin: false,
+        downstream: false,
+        expires_at: None,
+    };
+    let err = |f: EntryFields| {
+        f.to_wire("entry create", String::new())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(fields(
+        "spiffe://example.org/a",
+        "not-an-id",
+        &["unix:uid:1"],
+    ));
+    assert!(
+        e.starts_with("entry create: --spiffe-id: invalid SPIFFE ID"),
+        "{e}"
+    );
+    let e = err(fields(
+        "spiffe://Example.org/a",
+        "spiffe://example.org/b",
+        &["unix:uid:1"],
+    ));
+    assert!(e.contains("--parent-id"), "{e}");
+    let e = err(fields(
+        "spiffe://example.org/a",
+        "spiffe://example.org/b",
+        &["unix:uuid:0"],
+    ));
+    assert!(
+        e.contains("--selector") && e.contains("unknown unix selector"),
+        "{e}"
+    );
+    let e = err(fields(
+        "spiffe://example.org/a",
+        "spiffe://example.org/b",
+        &[],
+    ));
+    assert!(e.contains("--selector") && e.contains("required"), "{e}");
+    let mut f = fields(
+        "spiffe://example.org/a",
+        "spiffe://example.org/b",
+        &["unix:uid:1"],
+    );
+    f.dns_names = vec!["bad name".into()];
+    assert!(err(f.clone()).contains("--dns-name"));
+    f.dns_names.clear();
+    f.x509_svid_ttl = Some(Duration::from_millis(500));
+    assert!(err(f).contains("--x509-svid-ttl"));
+}
