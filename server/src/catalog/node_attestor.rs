@@ -143,9 +143,15 @@ struct DatastoreState {
     attestor: &'static str,
 }
 
+/// A datastore failure under a node attestor: the detail goes to the log, the agent
+/// (whose attestation it fails) gets a generic message.
 fn store_err(e: Error) -> carapace_core::Error {
-    carapace_core::Error::Unavailable(format!("attestation state: {e}"))
+    tracing::error!(error = %e, "reading or writing a node attestor's state failed");
+    carapace_core::Error::Unavailable(STORE_UNAVAILABLE.into())
 }
+
+/// What an agent is told when a node attestor's state cannot be read or written.
+const STORE_UNAVAILABLE: &str = "the attestation state is unavailable; see the server log";
 
 #[async_trait::async_trait]
 impl NodeStateStore for DatastoreState {
@@ -172,5 +178,30 @@ impl NodeStateStore for DatastoreState {
             .save_new_attestation_state(self.attestor, key, data)
             .await
             .map_err(store_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_datastore_failure_reaches_the_attestor_without_its_detail() {
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let store = state(&ds, "tpm");
+        store.save("ek1", b"x").await.unwrap();
+        assert_eq!(store.load("ek1").await.unwrap().as_deref(), Some(&b"x"[..]));
+        ds.close().await;
+        for err in [
+            store.load("ek1").await.unwrap_err(),
+            store.save("ek1", b"y").await.unwrap_err(),
+            store.save_new("ek2", b"y").await.unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, carapace_core::Error::Unavailable(m) if m == STORE_UNAVAILABLE),
+                "{err:?}"
+            );
+        }
     }
 }
