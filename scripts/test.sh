@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: installs everything the test suite needs (system packages,
 # Rust, the Python `spiffe` client in a virtualenv) and runs every check and test:
-# formatting, clippy, the unit/integration/end-to-end tests. Exits non-zero on any failure.
+# formatting, clippy, the unit/integration/end-to-end tests, and the server and agent built
+# without their optional backends. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -22,4 +23,7 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "==> cargo test"
 start=$(date +%s)
 cargo test --workspace --all-features --locked -- --test-threads="${CARAPACE_TEST_THREADS:-4}"
+echo "==> server and agent without the optional backends (--no-default-features: no tpm, kerberos, pkcs11)"
+cargo clippy -p carapace-server -p carapace-agent --no-default-features --all-targets --locked -- -D warnings
+cargo test -p carapace-server -p carapace-agent --no-default-features --locked --lib
 echo "==> all tests passed in $(( $(date +%s) - start ))s"

@@ -19,9 +19,12 @@ use zeroize::Zeroizing;
 use carapace_attestor_cloud::aws::{AwsAgentConfig, AwsIidAttestorClient};
 use carapace_attestor_cloud::azure::{AzureAgentConfig, AzureMsiAttestorClient};
 use carapace_attestor_cloud::gcp::{GcpAgentConfig, GcpIitAttestorClient};
+#[cfg(feature = "kerberos")]
 use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorClient};
 use carapace_attestor_ssh::agent::{SshAgentConfig, SshAttestorClient};
+#[cfg(feature = "tpm")]
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
+#[cfg(feature = "tpm")]
 use carapace_attestor_tpm::keys::{TpmKeyManager, TpmKeyManagerConfig};
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
@@ -61,6 +64,16 @@ fn unknown(kind: &str, name: &str, known: &[&str]) -> String {
     )
 }
 
+/// The refusal for a plugin whose Cargo feature this agent was built without (`tpm` and
+/// `kerberos`, on by default, link tss-esapi and libgssapi).
+#[cfg(not(all(feature = "tpm", feature = "kerberos")))]
+fn not_built(kind: &str, name: &str, feature: &str) -> String {
+    format!(
+        "{kind} \"{name}\" is not in this build of carapace-agent: it was built without \
+         the `{feature}` feature (rebuild with `cargo build --features {feature}`)"
+    )
+}
+
 fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result<(), String> {
     use carapace_common::check_plugin_settings as check;
     fn none<T>(_: &T) -> std::result::Result<(), Vec<String>> {
@@ -68,14 +81,21 @@ fn check_one(kind: &str, name: &str, table: &toml::Table) -> std::result::Result
     }
     match (kind, name) {
         ("key_manager", "disk") => check::<DiskConfig>(table, none),
+        #[cfg(feature = "tpm")]
         ("key_manager", "tpm") => check::<TpmKeyManagerConfig>(table, none),
         ("key_manager", "memory") | ("node_attestor", "join_token") => {
             check::<NoConfig>(table, none)
         }
         ("workload_attestor", "unix") => check::<UnixAttestorConfig>(table, none),
         ("workload_attestor", "cgroups" | "systemd") => check::<CgroupAttestorConfig>(table, none),
+        #[cfg(feature = "tpm")]
         ("node_attestor", "tpm") => check::<TpmAgentConfig>(table, none),
+        #[cfg(not(feature = "tpm"))]
+        ("key_manager" | "node_attestor", "tpm") => Err(not_built(kind, name, "tpm")),
+        #[cfg(feature = "kerberos")]
         ("node_attestor", "kerberos") => check(table, KerberosAgentConfig::validate),
+        #[cfg(not(feature = "kerberos"))]
+        ("node_attestor", "kerberos") => Err(not_built(kind, name, "kerberos")),
         ("node_attestor", "sshpop") => check(table, SshAgentConfig::validate),
         ("node_attestor", "aws_iid") => check(table, AwsAgentConfig::validate),
         ("node_attestor", "gcp_iit") => check(table, GcpAgentConfig::validate),
@@ -119,6 +139,17 @@ pub fn check_plugins(
             }
         }
     }
+    #[cfg(feature = "tpm")]
+    check_same_tpm(key_managers, node_attestors, problems);
+}
+
+/// A `tpm` key manager and a `tpm` node attestor must use the same TPM.
+#[cfg(feature = "tpm")]
+fn check_same_tpm(
+    key_managers: &[(String, toml::Table)],
+    node_attestors: &[(String, toml::Table)],
+    problems: &mut Vec<String>,
+) {
     let km_tcti = key_managers
         .iter()
         .filter(|(n, _)| n == "tpm")
@@ -158,10 +189,13 @@ pub fn build_key_manager(
         }
         // The agent key in the TPM; the TPM context is shared with a `tpm` node attestor
         // of the same TCTI (process-wide, by TCTI).
+        #[cfg(feature = "tpm")]
         "tpm" => {
             let cfg: TpmKeyManagerConfig = parse(table).map_err(cfg_err)?;
             Ok(Arc::new(TpmKeyManager::open(&cfg, data_dir)?))
         }
+        #[cfg(not(feature = "tpm"))]
+        "tpm" => Err(cfg_err(not_built("key_manager", name, "tpm"))),
         other => Err(Error::Config(unknown("key_manager", other, KEY_MANAGERS))),
     }
 }
@@ -189,11 +223,23 @@ pub fn build_node_attestor(
             )
         }
         // Shares the process-wide TPM context of its TCTI with a `tpm` key manager.
+        #[cfg(feature = "tpm")]
         "tpm" => {
             let cfg: TpmAgentConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Some(Arc::new(TpmAttestorClient::new(&cfg))))
         }
+        #[cfg(not(feature = "tpm"))]
+        "tpm" => Err(Error::Config(format!(
+            "node_attestor.{name}: {}",
+            not_built("node_attestor", name, "tpm")
+        ))),
+        #[cfg(not(feature = "kerberos"))]
+        "kerberos" => Err(Error::Config(format!(
+            "node_attestor.{name}: {}",
+            not_built("node_attestor", name, "kerberos")
+        ))),
+        #[cfg(feature = "kerberos")]
         "kerberos" => {
             let cfg: KerberosAgentConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
@@ -311,6 +357,56 @@ mod tests {
         );
     }
 
+    /// Run in both builds: CI also runs it with `--no-default-features`.
+    #[test]
+    fn a_plugin_left_out_of_the_build_is_refused_naming_its_feature() {
+        let empty = toml::Table::new;
+        for (kind, name, feature, built) in [
+            ("key_manager", "tpm", "tpm", cfg!(feature = "tpm")),
+            ("node_attestor", "tpm", "tpm", cfg!(feature = "tpm")),
+            (
+                "node_attestor",
+                "kerberos",
+                "kerberos",
+                cfg!(feature = "kerberos"),
+            ),
+        ] {
+            let mut problems = Vec::new();
+            let one = |k: &str| {
+                if k == kind {
+                    vec![(name.to_owned(), empty())]
+                } else if k == "key_manager" {
+                    vec![("memory".to_owned(), empty())]
+                } else {
+                    vec![("join_token".to_owned(), empty())]
+                }
+            };
+            check_plugins(
+                &one("key_manager"),
+                &one("node_attestor"),
+                &[("unix".to_owned(), empty())],
+                &mut problems,
+            );
+            let refusal = format!("built without the `{feature}` feature");
+            let refused = problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{kind}.{name}: ")) && p.contains(&refusal));
+            assert_eq!(refused, !built, "{kind}.{name}: {problems:?}");
+            if !built {
+                let err = match kind {
+                    "key_manager" => build_key_manager(name, &empty(), Path::new("/nonexistent"))
+                        .map(|_| ())
+                        .unwrap_err(),
+                    _ => build_node_attestor(name, &empty(), None)
+                        .map(|_| ())
+                        .unwrap_err(),
+                };
+                assert!(err.to_string().contains(&refusal), "{err}");
+            }
+        }
+    }
+
+    #[cfg(feature = "tpm")]
     #[test]
     fn the_tpm_key_manager_checks_builds_and_shares_the_attestors_tpm() {
         let mut p = Vec::new();
