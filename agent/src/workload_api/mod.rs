@@ -1,6 +1,6 @@
 //! The SPIFFE Workload API, served on a Unix socket.
 //!
-//! Rules (SPIFFE Workload Endpoint and Workload API standards; SPIFFE.md §1.7, §1.8, §2.1):
+//! Rules (the SPIFFE Workload Endpoint and Workload API standards, github.com/spiffe/spiffe):
 //! - every RPC requires the metadata `workload.spiffe.io: true`, exactly once; otherwise
 //!   `InvalidArgument`;
 //! - the caller is identified by the kernel only ([`peer`]): each RPC runs every workload

@@ -4,7 +4,7 @@
 //! of `connect()`) and takes a pidfd for the peer process. The pidfd pins the identity of
 //! that one process: after the attestors have read `/proc/<pid>`, [`Peer::is_alive`]
 //! checks that the pidfd's process is still running, so the PID cannot have been recycled
-//! for another process in between (SPIFFE.md §3.7; SPIRE's peertracker does the same with
+//! for another process in between (SECURITY.md, "PID reuse"; SPIRE's peertracker does the same with
 //! a `/proc/<pid>` handle and the process start time).
 //!
 //! The pidfd comes from `getsockopt(SO_PEERPIDFD)` (Linux ≥ 6.5), which the kernel
