@@ -570,13 +570,8 @@ async fn an_instance_attests_once_unless_reattestation_is_allowed() {
 
     // Evicting the agent deletes the record its attestor names: the instance is
     // admitted once more, and only once.
-    let key = other
-        .forget_on_eviction("123456789012/us-east-1/i-0123456789abcdef0")
-        .expect("a first-use record to forget");
-    assert!(store.remove(&key));
-    attest(&other, &p).await.unwrap();
-    let err = attest(&other, &p).await.unwrap_err();
-    assert!(matches!(err, Error::AttestationReplay(_)), "{err}");
+    let path = "123456789012/us-east-1/i-0123456789abcdef0";
+    common::readmitted_once_after_eviction(&other, &store, path, &p).await;
 
     // With allow_reattestation, again and again.
     let mut cfg = aws.config();

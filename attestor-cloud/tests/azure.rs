@@ -23,9 +23,11 @@ use carapace_attestor_cloud::azure::{
 };
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, MemoryStateStore, NodeAttestor, NodeAttestorClient, NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore,
 };
-use common::{MetadataServer, attest_once, context, rejected_with, selectors};
+use common::{
+    MetadataServer, attest_once, context, readmitted_once_after_eviction, rejected_with, selectors,
+};
 use jwt_keys::{TestKey, key, now, payload, rs256};
 
 const AUDIENCE: &str = "api://carapace-node-attestation";
@@ -397,14 +399,8 @@ async fn a_principal_attests_once_unless_reattestation_is_allowed() {
         assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
     }
     // Evicting the agent deletes the record its attestor names: admitted once more.
-    let forget = fx.attestor.forget_on_eviction(&first.agent_path);
-    assert!(
-        fx.store
-            .remove(&forget.expect("a first-use record to forget"))
-    );
-    fx.attest_token(&token).await.unwrap();
-    let err = fx.attest_token(&token).await.unwrap_err();
-    assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
+    readmitted_once_after_eviction(&fx.attestor, &fx.store, &first.agent_path, &payload(&token))
+        .await;
     // Another server sharing the datastore refuses too.
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
     let other = AzureMsiAttestor::new(&config(json!({})), fx.dir.path(), store).unwrap();

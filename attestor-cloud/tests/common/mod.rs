@@ -137,6 +137,29 @@ pub(crate) async fn attest_once(
     }
 }
 
+/// Deletes from `store` the record `att` names for evicting `agent_path` (what the
+/// server's eviction does), then checks that `payload` is admitted once more, and once
+/// only.
+pub(crate) async fn readmitted_once_after_eviction(
+    att: &dyn carapace_core::plugin::NodeAttestor,
+    store: &carapace_core::plugin::MemoryStateStore,
+    agent_path: &str,
+    payload: &[u8],
+) {
+    let key = att
+        .forget_on_eviction(agent_path)
+        .expect("a first-use record to forget");
+    assert!(store.remove(&key), "no record under {key:?}");
+    attest_once(att, payload)
+        .await
+        .expect("admitted after eviction");
+    let err = attest_once(att, payload).await.unwrap_err();
+    assert!(
+        matches!(err, carapace_core::Error::AttestationReplay(_)),
+        "{err:?}"
+    );
+}
+
 /// The message of a rejection (not a replay, not unavailable) that contains `want`.
 pub(crate) fn rejected_with(
     result: Result<carapace_core::plugin::AttestationResult, carapace_core::Error>,

@@ -20,9 +20,14 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
         #[cfg(feature = "pkcs11")]
         "pkcs11" => super::pkcs11::parse_upstream(table).map(|_| ()),
         #[cfg(not(feature = "pkcs11"))]
-        "pkcs11" => Err(super::not_built("upstream_authority", name, "pkcs11")),
+        "pkcs11" => Err(pkcs11_not_built(name)),
         other => Err(unknown("upstream_authority", other, KNOWN)),
     }
+}
+
+#[cfg(not(feature = "pkcs11"))]
+fn pkcs11_not_built(name: &str) -> String {
+    super::not_built("upstream_authority", name, "pkcs11")
 }
 
 fn cfg_err(name: &str) -> impl Fn(String) -> Error + '_ {
@@ -64,11 +69,7 @@ pub async fn build_upstream_authority(
             Ok(Arc::new(LocalRoot::new("disk", root, key, now)?))
         }
         #[cfg(not(feature = "pkcs11"))]
-        "pkcs11" => Err(cfg_err(name)(super::not_built(
-            "upstream_authority",
-            name,
-            "pkcs11",
-        ))),
+        "pkcs11" => Err(cfg_err(name)(pkcs11_not_built(name))),
         #[cfg(feature = "pkcs11")]
         "pkcs11" => {
             let cfg = super::pkcs11::parse_upstream(table).map_err(cfg_err(name))?;
@@ -144,11 +145,7 @@ pub async fn init_upstream_root(
             Ok(der)
         }
         #[cfg(not(feature = "pkcs11"))]
-        "pkcs11" => Err(cfg_err(name)(super::not_built(
-            "upstream_authority",
-            name,
-            "pkcs11",
-        ))),
+        "pkcs11" => Err(cfg_err(name)(pkcs11_not_built(name))),
         #[cfg(feature = "pkcs11")]
         "pkcs11" => {
             let cfg = super::pkcs11::parse_upstream(table).map_err(cfg_err(name))?;
