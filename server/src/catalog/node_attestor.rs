@@ -75,7 +75,7 @@ pub fn build_node_attestor(
             let cfg: TpmServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                TpmAttestor::new(&cfg, &ctx.data_dir, state(ds, "tpm"))
+                TpmAttestor::new(&cfg, ctx, state(ds, "tpm"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
