@@ -89,7 +89,7 @@ pub fn build_node_attestor(
             let cfg: KerberosServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                KerberosAttestor::new(&cfg, &ctx.data_dir)
+                KerberosAttestor::new(&cfg, ctx)
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
