@@ -79,7 +79,7 @@
 //! | key | default | meaning |
 //! |---|---|---|
 //! | `cert_authorities` | `[]` | trusted CA public keys, authorized_keys lines: `ssh-ed25519 AAAA... ca`, optionally prefixed by the `cert-authority` option |
-//! | `cert_authorities_path` | | a file of such lines (`#` comments and blank lines skipped); a relative path is resolved against the base directory given to [`server::SshAttestor::new`] |
+//! | `cert_authorities_path` | | a file of such lines (`#` comments and blank lines skipped); a relative path is resolved against the data dir of the context given to [`server::SshAttestor::new`] |
 //! | `canonical_domain` | | when set, at least one principal must be this domain or a subdomain of it |
 //!
 //! At least one CA must be configured, through either setting.
@@ -96,7 +96,6 @@ pub mod server;
 pub mod wire;
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -105,6 +104,7 @@ use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, Certificate, EcdsaCurve, HashAlg};
 
 use carapace_core::Error;
+use carapace_core::clock::Clock;
 use carapace_core::plugin::TLS_EXPORTER_LEN;
 
 /// The plugin name on both sides.
@@ -185,12 +185,10 @@ pub(crate) fn config_err(reason: impl fmt::Display) -> Error {
     }
 }
 
-/// Seconds since the Unix epoch, now.
-pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Seconds since the Unix epoch on `clock`, now, as SSH certificates count them (a
+/// clock never reads before the epoch, so the conversion is exact).
+pub(crate) fn now(clock: &dyn Clock) -> u64 {
+    clock.unix_now().unsigned_abs()
 }
 
 /// `secs` since the epoch as RFC 3339 UTC (`2020-01-02T00:00:00Z`).

@@ -50,6 +50,7 @@ use carapace_attestor_ssh::agent::{SshAgentConfig, SshAttestorClient};
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
 use carapace_core::plugin::{
     AttestationResult, AttestationStep, MemoryStateStore, NodeAttestor, NodeAttestorClient as _,
+    PluginContext,
 };
 
 /// How to get `ssh-keygen`.
@@ -432,7 +433,7 @@ impl SshLab {
             cert_authorities_path: None,
             canonical_domain: Some("example.com".into()),
         };
-        SshAttestor::new(&cfg, &self.dir).context("SshAttestor::new")
+        SshAttestor::new(&cfg, &PluginContext::for_tests(&self.dir)).context("SshAttestor::new")
     }
 
     fn client(&self, k: HostKey) -> Result<SshAttestorClient> {

@@ -97,7 +97,7 @@ pub fn build_node_attestor(
             let cfg: SshServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                SshAttestor::new(&cfg, &ctx.data_dir).map_err(|e| Error::Config(e.to_string()))?,
+                SshAttestor::new(&cfg, ctx).map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
         "aws_iid" => {
