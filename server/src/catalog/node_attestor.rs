@@ -89,8 +89,7 @@ pub fn build_node_attestor(
             let cfg: KerberosServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                KerberosAttestor::new(&cfg, ctx)
-                    .map_err(|e| Error::Config(e.to_string()))?,
+                KerberosAttestor::new(&cfg, ctx).map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
         "sshpop" => {
@@ -104,7 +103,7 @@ pub fn build_node_attestor(
             let cfg: AwsServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                AwsIidAttestor::new(&cfg, &ctx.data_dir, state(ds, "aws_iid"))
+                AwsIidAttestor::new(&cfg, ctx, state(ds, "aws_iid"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
@@ -112,7 +111,7 @@ pub fn build_node_attestor(
             let cfg: GcpServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                GcpIitAttestor::new(&cfg, &ctx.data_dir, state(ds, "gcp_iit"))
+                GcpIitAttestor::new(&cfg, ctx, state(ds, "gcp_iit"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
@@ -120,7 +119,7 @@ pub fn build_node_attestor(
             let cfg: AzureServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                AzureMsiAttestor::new(&cfg, &ctx.data_dir, state(ds, "azure_msi"))
+                AzureMsiAttestor::new(&cfg, ctx, state(ds, "azure_msi"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
