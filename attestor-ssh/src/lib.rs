@@ -191,26 +191,11 @@ pub(crate) fn now(clock: &dyn Clock) -> u64 {
     clock.unix_now().unsigned_abs()
 }
 
-/// `secs` since the epoch as RFC 3339 UTC (`2020-01-02T00:00:00Z`).
+/// `secs` since the epoch as RFC 3339 UTC (`2020-01-02T00:00:00Z`), by core's
+/// [`carapace_core::clock::rfc3339`]: a time past 9999-12-31 prints as `unix <n> (outside
+/// 1970-01-01..9999-12-31)`. SSH certificate times fit an `i64` (ssh-key refuses larger).
 pub(crate) fn rfc3339(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    // Civil date from a day count (H. Hinnant's algorithm, proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    )
+    carapace_core::clock::rfc3339(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 /// Reads an SSH wire encoding field by field (RFC 4251 §5).
