@@ -40,9 +40,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use carapace_core::clock::Clock;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationStep, NodeAttestor, NodeAttestorClient,
-    NodeStateStore,
+    NodeStateStore, PluginContext,
 };
 use carapace_core::{Error, SelectorSet};
 
@@ -175,6 +176,8 @@ pub struct AwsIidAttestor {
     account_allowlist: BTreeSet<String>,
     allow_reattestation: bool,
     store: Arc<dyn NodeStateStore>,
+    /// When instances attest.
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for AwsIidAttestor {
@@ -188,11 +191,12 @@ impl fmt::Debug for AwsIidAttestor {
 }
 
 impl AwsIidAttestor {
-    /// Checks the settings and reads each region's certificate (paths relative to
-    /// `base_dir`). Instances are recorded in `store` (the server's datastore).
+    /// Checks the settings and reads each region's certificate (paths relative to the
+    /// context's data dir). Instances are recorded in `store` (the server's datastore),
+    /// with the context clock's time.
     pub fn new(
         cfg: &AwsServerConfig,
-        base_dir: &Path,
+        ctx: &PluginContext,
         store: Arc<dyn NodeStateStore>,
     ) -> Result<Self, Error> {
         cfg.validate()
@@ -201,7 +205,7 @@ impl AwsIidAttestor {
         let mut cert_regions: Vec<Vec<String>> = Vec::new();
         let mut regions = BTreeMap::new();
         for (region, path) in &cfg.region_certificates {
-            let path = base_dir.join(path);
+            let path = ctx.data_dir.join(path);
             let cert = read_certificate(&path).map_err(|e| {
                 config_err(
                     PLUGIN_NAME,
@@ -245,6 +249,7 @@ impl AwsIidAttestor {
             account_allowlist: cfg.account_allowlist.iter().cloned().collect(),
             allow_reattestation: cfg.allow_reattestation,
             store,
+            clock: ctx.clock.clone(),
         })
     }
 
@@ -455,6 +460,7 @@ impl NodeAttestor for AwsIidAttestor {
             &tofu::record_key(&agent_path),
             &agent_path,
             self.allow_reattestation,
+            self.clock.as_ref(),
         )
         .await?;
         tracing::info!(

@@ -74,15 +74,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use carapace_core::clock::Clock;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationStep, NodeAttestor, NodeAttestorClient,
-    NodeStateStore,
+    NodeStateStore, PluginContext,
 };
 use carapace_core::{Error, SelectorSet};
 
@@ -233,19 +234,21 @@ pub struct AzureMsiAttestor {
     allow_reattestation: bool,
     clock_skew: Duration,
     store: Arc<dyn NodeStateStore>,
+    /// The time tokens are checked at and instances attest.
+    clock: Arc<dyn Clock>,
 }
 
 impl AzureMsiAttestor {
     /// Checks the settings and opens every tenant's key source: loads its key file
-    /// (relative to `base_dir`), or starts fetching its `keys_url` in the background
+    /// (relative to the context's data dir), or starts fetching its `keys_url` in the background
     /// (which needs a running tokio runtime; the first fetch has not happened when this
     /// returns). `store` records the principals that attested (trust on first use).
     pub fn new(
         cfg: &AzureServerConfig,
-        base_dir: &Path,
+        ctx: &PluginContext,
         store: Arc<dyn NodeStateStore>,
     ) -> Result<Self, Error> {
-        Self::new_with_fetch_timing(cfg, base_dir, store, FetchTiming::default())
+        Self::new_with_fetch_timing(cfg, ctx, store, FetchTiming::default())
     }
 
     /// For tests only: [`AzureMsiAttestor::new`] with the background fetches' intervals
@@ -254,7 +257,7 @@ impl AzureMsiAttestor {
     #[doc(hidden)]
     pub fn new_with_fetch_timing(
         cfg: &AzureServerConfig,
-        base_dir: &Path,
+        ctx: &PluginContext,
         store: Arc<dyn NodeStateStore>,
         timing: FetchTiming,
     ) -> Result<Self, Error> {
@@ -266,7 +269,7 @@ impl AzureMsiAttestor {
             let keys = t.key_settings(&format!("tenants.{tid}.")).open(
                 PLUGIN_NAME,
                 format!("{PLUGIN_NAME}: tenant {lower}"),
-                base_dir,
+                &ctx.data_dir,
                 timing,
             )?;
             tenants.insert(lower, keys);
@@ -286,6 +289,7 @@ impl AzureMsiAttestor {
             allow_reattestation: cfg.allow_reattestation,
             clock_skew: cfg.clock_skew,
             store,
+            clock: ctx.clock.clone(),
         })
     }
 }
@@ -372,7 +376,7 @@ impl NodeAttestor for AzureMsiAttestor {
             ));
         };
         let keys = keys.current()?;
-        let claims = jwt::verify_rs256(&token, &keys, SystemTime::now(), self.clock_skew)
+        let claims = jwt::verify_rs256(&token, &keys, self.clock.now(), self.clock_skew)
             .map_err(|e| rejected(PLUGIN_NAME, format!("tenant {tid}: {e}")))?;
         // Verified from here on.
         if claims.required_string("tid").map_err(err)? != tid {
@@ -445,6 +449,7 @@ impl NodeAttestor for AzureMsiAttestor {
             &tofu::record_key(&agent_path),
             &agent_path,
             self.allow_reattestation,
+            self.clock.as_ref(),
         )
         .await?;
         tracing::info!(agent_path = %agent_path, selectors = ?selectors, "azure_msi: principal attested");

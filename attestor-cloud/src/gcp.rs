@@ -63,16 +63,17 @@
 //! | `timeout` | `5s` | deadline of the metadata request |
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
 
+use carapace_core::clock::Clock;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationStep, NodeAttestor, NodeAttestorClient,
-    NodeStateStore,
+    NodeStateStore, PluginContext,
 };
 use carapace_core::{Error, SelectorSet};
 
@@ -188,19 +189,21 @@ pub struct GcpIitAttestor {
     allow_reattestation: bool,
     clock_skew: Duration,
     store: Arc<dyn NodeStateStore>,
+    /// The time tokens are checked at and instances attest.
+    clock: Arc<dyn Clock>,
 }
 
 impl GcpIitAttestor {
     /// Checks the settings and opens the key source: loads the key file (`keys_path`,
-    /// relative to `base_dir`), or starts fetching `keys_url` in the background (which
+    /// relative to the context's data dir), or starts fetching `keys_url` in the background (which
     /// needs a running tokio runtime; the first fetch has not happened when this
     /// returns). `store` records the instances that attested (trust on first use).
     pub fn new(
         cfg: &GcpServerConfig,
-        base_dir: &Path,
+        ctx: &PluginContext,
         store: Arc<dyn NodeStateStore>,
     ) -> Result<Self, Error> {
-        Self::new_with_fetch_timing(cfg, base_dir, store, FetchTiming::default())
+        Self::new_with_fetch_timing(cfg, ctx, store, FetchTiming::default())
     }
 
     /// For tests only: [`GcpIitAttestor::new`] with the background fetch's intervals
@@ -209,7 +212,7 @@ impl GcpIitAttestor {
     #[doc(hidden)]
     pub fn new_with_fetch_timing(
         cfg: &GcpServerConfig,
-        base_dir: &Path,
+        ctx: &PluginContext,
         store: Arc<dyn NodeStateStore>,
         timing: FetchTiming,
     ) -> Result<Self, Error> {
@@ -217,7 +220,7 @@ impl GcpIitAttestor {
             .map_err(|p| config_err(PLUGIN_NAME, p.join("; ")))?;
         let keys =
             cfg.key_settings()
-                .open(PLUGIN_NAME, PLUGIN_NAME.to_owned(), base_dir, timing)?;
+                .open(PLUGIN_NAME, PLUGIN_NAME.to_owned(), &ctx.data_dir, timing)?;
         tracing::info!(
             keys = %keys.source(),
             kids = ?keys.kids(),
@@ -233,6 +236,7 @@ impl GcpIitAttestor {
             allow_reattestation: cfg.allow_reattestation,
             clock_skew: cfg.clock_skew,
             store,
+            clock: ctx.clock.clone(),
         })
     }
 }
@@ -291,7 +295,7 @@ impl NodeAttestor for GcpIitAttestor {
     ) -> Result<AttestationStep, Error> {
         let token = jwt::decode_payload(PLUGIN_NAME, payload)?;
         let keys = self.keys.current()?;
-        let claims = jwt::verify_rs256(&token, &keys, SystemTime::now(), self.clock_skew)
+        let claims = jwt::verify_rs256(&token, &keys, self.clock.now(), self.clock_skew)
             .map_err(|e| rejected(PLUGIN_NAME, e))?;
         let err = |e: String| rejected(PLUGIN_NAME, e);
         let iss = claims.required_string("iss").map_err(err)?;
@@ -348,6 +352,7 @@ impl NodeAttestor for GcpIitAttestor {
             &tofu::record_key(&agent_path),
             &agent_path,
             self.allow_reattestation,
+            self.clock.as_ref(),
         )
         .await?;
         tracing::info!(

@@ -45,7 +45,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::DecodePaddingMode;
@@ -616,11 +616,8 @@ pub fn verify_rs256(
 }
 
 fn check_times(claims: &Claims, now: SystemTime, leeway: Duration) -> Result<(), String> {
-    let now = now
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| "the system clock is before 1970".to_owned())?
-        .as_secs();
-    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    let now = carapace_core::clock::unix_seconds(now)
+        .ok_or_else(|| "the system clock is before 1970".to_owned())?;
     let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
     let exp = claims
         .date("exp")?
@@ -754,6 +751,7 @@ mod tests {
     use rsa::traits::PublicKeyParts as _;
     use serde_json::json;
     use std::sync::OnceLock;
+    use std::time::UNIX_EPOCH;
 
     fn b64(b: &[u8]) -> String {
         URL_SAFE_NO_PAD.encode(b)

@@ -24,9 +24,12 @@ use carapace_attestor_cloud::aws::{
     AwsAgentConfig, AwsIidAttestor, AwsIidAttestorClient, AwsServerConfig, DOCUMENT_PATH,
     MAX_PAYLOAD_BYTES, PLUGIN_NAME, Payload, SIGNATURE_PATH, TOKEN_PATH,
 };
+use carapace_attestor_cloud::tofu;
 use carapace_core::Error;
+use carapace_core::clock::ManualClock;
 use carapace_core::plugin::{
     AttestationResult, MemoryStateStore, NodeAttestor, NodeAttestorClient, NodeStateStore,
+    PluginContext,
 };
 use common::{MetadataServer, context};
 
@@ -183,7 +186,7 @@ impl Aws {
     }
 
     fn server_with(&self, cfg: &AwsServerConfig, store: Arc<MemoryStateStore>) -> AwsIidAttestor {
-        AwsIidAttestor::new(cfg, self.pki.dir.path(), store).unwrap()
+        AwsIidAttestor::new(cfg, &PluginContext::for_tests(self.pki.dir.path()), store).unwrap()
     }
 
     fn server(&self) -> AwsIidAttestor {
@@ -369,6 +372,42 @@ async fn the_agent_asks_for_the_configured_token_ttl_and_refuses_a_non_token() {
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
     assert!(err.to_string().contains("not a token"), "{err}");
     assert_eq!(bad.requests().len(), 1);
+}
+
+/// The trust-on-first-use record holds the time of the attestor's clock (its context's):
+/// a reattestation an hour later on that clock moves it by exactly an hour.
+#[tokio::test]
+async fn the_first_use_record_holds_the_contexts_time() {
+    let aws = Aws::new();
+    let clock = Arc::new(ManualClock::at_unix(1_700_000_000));
+    let store = Arc::new(MemoryStateStore::default());
+    let server = AwsIidAttestor::new(
+        &serde_json::from_value(serde_json::json!({
+            "region_certificates": {"us-east-1": "us-east-1.pem"},
+            "allow_reattestation": true,
+        }))
+        .unwrap(),
+        &PluginContext::for_tests(aws.pki.dir.path()).with_clock(clock.clone()),
+        store.clone(),
+    )
+    .unwrap();
+    let signed = document("111111111111", "us-east-1", "i-0aaaaaaaaaaaaaaaa");
+    let p = payload(
+        &signed,
+        &aws.pki.sign(signed.as_bytes(), &aws.us_east_1, &[]),
+    );
+    let r = attest(&server, &p).await.unwrap();
+    let key = server.forget_on_eviction(&r.agent_path).unwrap();
+    let attested_at = || async {
+        let data = store.load(&key).await.unwrap().unwrap();
+        serde_json::from_slice::<tofu::Record>(&data)
+            .unwrap()
+            .attested_at
+    };
+    assert_eq!(attested_at().await, 1_700_000_000);
+    clock.advance(Duration::from_secs(3_600));
+    attest(&server, &p).await.unwrap();
+    assert_eq!(attested_at().await, 1_700_003_600);
 }
 
 #[tokio::test]
@@ -868,7 +907,7 @@ fn server_config_err(aws: &Aws, cfg: serde_json::Value) -> String {
     let cfg: AwsServerConfig = serde_json::from_value(cfg).unwrap();
     let err = AwsIidAttestor::new(
         &cfg,
-        aws.pki.dir.path(),
+        &PluginContext::for_tests(aws.pki.dir.path()),
         Arc::new(MemoryStateStore::default()),
     )
     .unwrap_err();
@@ -974,11 +1013,16 @@ fn server_config_is_validated() {
     assert!(!cfg.allow_reattestation);
     AwsIidAttestor::new(
         &cfg,
-        Path::new("/nonexistent"),
+        &PluginContext::for_tests(Path::new("/nonexistent")),
         Arc::new(MemoryStateStore::default()),
     )
     .unwrap_err();
-    AwsIidAttestor::new(&cfg, pki.dir.path(), Arc::new(MemoryStateStore::default())).unwrap();
+    AwsIidAttestor::new(
+        &cfg,
+        &PluginContext::for_tests(pki.dir.path()),
+        Arc::new(MemoryStateStore::default()),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -1078,7 +1122,12 @@ fn real_aws_server(dir: &Path, allow_reattestation: bool) -> AwsIidAttestor {
         "allow_reattestation": allow_reattestation,
     }))
     .unwrap();
-    AwsIidAttestor::new(&cfg, dir, Arc::new(MemoryStateStore::default())).unwrap()
+    AwsIidAttestor::new(
+        &cfg,
+        &PluginContext::for_tests(dir),
+        Arc::new(MemoryStateStore::default()),
+    )
+    .unwrap()
 }
 
 #[tokio::test]

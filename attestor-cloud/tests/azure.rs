@@ -23,7 +23,7 @@ use carapace_attestor_cloud::azure::{
 };
 use carapace_core::Error;
 use carapace_core::plugin::{
-    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore, PluginContext,
 };
 use common::{
     MetadataServer, attest_once, context, readmitted_once_after_eviction, rejected_with, selectors,
@@ -173,7 +173,12 @@ impl Fixture {
         write(dir.path(), "tenant-a.json", &jwt_keys::jwks(&[key(0)]));
         write(dir.path(), "tenant-b.json", &jwt_keys::jwks(&[key(1)]));
         let store = Arc::new(MemoryStateStore::default());
-        let attestor = AzureMsiAttestor::new(&config(extra), dir.path(), store.clone()).unwrap();
+        let attestor = AzureMsiAttestor::new(
+            &config(extra),
+            &PluginContext::for_tests(dir.path()),
+            store.clone(),
+        )
+        .unwrap();
         Fixture {
             dir,
             store,
@@ -403,7 +408,12 @@ async fn a_principal_attests_once_unless_reattestation_is_allowed() {
         .await;
     // Another server sharing the datastore refuses too.
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
-    let other = AzureMsiAttestor::new(&config(json!({})), fx.dir.path(), store).unwrap();
+    let other = AzureMsiAttestor::new(
+        &config(json!({})),
+        &PluginContext::for_tests(fx.dir.path()),
+        store,
+    )
+    .unwrap();
     let err = attest_once(&other, &payload(&good())).await.unwrap_err();
     assert!(matches!(err, Error::AttestationReplay(_)), "{err:?}");
     // The same principal id in another tenant is another agent.
@@ -414,7 +424,7 @@ async fn a_principal_attests_once_unless_reattestation_is_allowed() {
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
     let lenient = AzureMsiAttestor::new(
         &config(json!({"allow_reattestation": true})),
-        fx.dir.path(),
+        &PluginContext::for_tests(fx.dir.path()),
         store,
     )
     .unwrap();
@@ -637,7 +647,7 @@ fn bad_server_settings_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let store = || -> Arc<dyn NodeStateStore> { Arc::new(MemoryStateStore::default()) };
     let new = |cfg: &AzureServerConfig| {
-        AzureMsiAttestor::new(cfg, dir.path(), store())
+        AzureMsiAttestor::new(cfg, &PluginContext::for_tests(dir.path()), store())
             .unwrap_err()
             .to_string()
     };
@@ -698,7 +708,12 @@ fn bad_server_settings_are_refused_with_the_reason() {
     write(dir.path(), "tenant-b.json", "{\"keys\": []}");
     assert!(new(&config(json!({}))).contains("no RSA signature key"));
     write(dir.path(), "tenant-b.json", &jwt_keys::jwks(&[key(1)]));
-    AzureMsiAttestor::new(&config(json!({})), dir.path(), store()).unwrap();
+    AzureMsiAttestor::new(
+        &config(json!({})),
+        &PluginContext::for_tests(dir.path()),
+        store(),
+    )
+    .unwrap();
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 
 use base64::Engine as _;
 use carapace_attestor_cloud::aws::{AwsIidAttestor, AwsServerConfig, Payload};
-use carapace_core::plugin::MemoryStateStore;
+use carapace_core::plugin::{MemoryStateStore, PluginContext};
 use carapace_fuzzkit::proptest::prelude::*;
 use carapace_fuzzkit::{bounded, config, mutated, mutated_text};
 
@@ -98,8 +98,12 @@ fn fixture() -> &'static Fixture {
             "allow_reattestation": true,
         }))
         .unwrap();
-        let server =
-            AwsIidAttestor::new(&cfg, dir.path(), Arc::new(MemoryStateStore::default())).unwrap();
+        let server = AwsIidAttestor::new(
+            &cfg,
+            &PluginContext::for_tests(dir.path()),
+            Arc::new(MemoryStateStore::default()),
+        )
+        .unwrap();
         Fixture {
             _dir: dir,
             server,

@@ -14,15 +14,19 @@ mod jwt_keys;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use carapace_attestor_cloud::gcp::{
     GcpAgentConfig, GcpIitAttestor, GcpIitAttestorClient, GcpServerConfig,
 };
+use carapace_attestor_cloud::tofu;
 use carapace_core::Error;
+use carapace_core::clock::{Clock as _, ManualClock};
 use carapace_core::plugin::{
-    AttestationResult, MemoryStateStore, NodeAttestorClient, NodeStateStore,
+    AttestationResult, MemoryStateStore, NodeAttestor, NodeAttestorClient, NodeStateStore,
+    PluginContext,
 };
 use common::{
     MetadataServer, attest_once, context, readmitted_once_after_eviction, rejected_with, selectors,
@@ -122,7 +126,12 @@ impl Fixture {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "google-keys.json", &jwt_keys::jwks(keys));
         let store = Arc::new(MemoryStateStore::default());
-        let attestor = GcpIitAttestor::new(&config(extra), dir.path(), store.clone()).unwrap();
+        let attestor = GcpIitAttestor::new(
+            &config(extra),
+            &PluginContext::for_tests(dir.path()),
+            store.clone(),
+        )
+        .unwrap();
         Fixture {
             dir,
             store,
@@ -221,7 +230,12 @@ async fn google_certificate_map_files_are_trust_anchors_too() {
         &jwt_keys::cert_map(&[key(0), key(1)]),
     );
     let store: Arc<dyn NodeStateStore> = Arc::new(MemoryStateStore::default());
-    let att = GcpIitAttestor::new(&config(json!({})), dir.path(), store).unwrap();
+    let att = GcpIitAttestor::new(
+        &config(json!({})),
+        &PluginContext::for_tests(dir.path()),
+        store,
+    )
+    .unwrap();
     let p = agent(&metadata.url, AUDIENCE)
         .payload(&context())
         .await
@@ -325,6 +339,39 @@ async fn expired_and_not_yet_valid_tokens_are_rejected() {
     rejected_with(strict.attest_token(&rs256(key(0), &c)).await, "expired at");
 }
 
+/// Tokens are checked, and first uses recorded, at the attestor's clock (its context's):
+/// a token accepted now is refused as expired once that clock has moved two hours on,
+/// and the trust-on-first-use record holds the clock's time, not the system's.
+#[tokio::test]
+async fn tokens_are_checked_and_attestations_recorded_at_the_contexts_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "google-keys.json", &jwt_keys::jwks(&[key(0)]));
+    let store = Arc::new(MemoryStateStore::default());
+    let clock = Arc::new(ManualClock::starting_now());
+    clock.set_unix(clock.unix_now() + 600); // ten minutes ahead of the system
+    let attestor = GcpIitAttestor::new(
+        &config(json!({})),
+        &PluginContext::for_tests(dir.path()).with_clock(clock.clone()),
+        store.clone(),
+    )
+    .unwrap();
+    let r = attest_once(&attestor, &payload(&rs256(key(0), &claims(AUDIENCE, "1"))))
+        .await
+        .unwrap();
+    let record = store
+        .load(&attestor.forget_on_eviction(&r.agent_path).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    let record: tofu::Record = serde_json::from_slice(&record).unwrap();
+    assert_eq!(record.attested_at, clock.unix_now().unsigned_abs());
+
+    let token = rs256(key(0), &claims(AUDIENCE, "2"));
+    clock.advance(Duration::from_secs(2 * 3_600));
+    rejected_with(attest_once(&attestor, &payload(&token)).await, "expired at");
+    assert_eq!(store.len(), 1, "a refused token records nothing");
+}
+
 #[tokio::test]
 async fn an_instance_attests_once_unless_reattestation_is_allowed() {
     let fx = Fixture::new(&[key(0)]);
@@ -350,7 +397,12 @@ async fn an_instance_attests_once_unless_reattestation_is_allowed() {
         .await;
     // Another server (another attestor instance) sharing the datastore refuses too.
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
-    let other = GcpIitAttestor::new(&config(json!({})), fx.dir.path(), store).unwrap();
+    let other = GcpIitAttestor::new(
+        &config(json!({})),
+        &PluginContext::for_tests(fx.dir.path()),
+        store,
+    )
+    .unwrap();
     let err = attest_once(
         &other,
         &payload(&rs256(key(0), &claims(AUDIENCE, INSTANCE_ID))),
@@ -367,7 +419,7 @@ async fn an_instance_attests_once_unless_reattestation_is_allowed() {
     let store: Arc<dyn NodeStateStore> = fx.store.clone();
     let lenient = GcpIitAttestor::new(
         &config(json!({"allow_reattestation": true})),
-        fx.dir.path(),
+        &PluginContext::for_tests(fx.dir.path()),
         store,
     )
     .unwrap();
@@ -606,7 +658,7 @@ fn bad_server_settings_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let store = || -> Arc<dyn NodeStateStore> { Arc::new(MemoryStateStore::default()) };
     let new = |cfg: &GcpServerConfig| {
-        GcpIitAttestor::new(cfg, dir.path(), store())
+        GcpIitAttestor::new(cfg, &PluginContext::for_tests(dir.path()), store())
             .unwrap_err()
             .to_string()
     };
@@ -668,12 +720,17 @@ fn bad_server_settings_are_refused_with_the_reason() {
         "{err}"
     );
     write(dir.path(), "google-keys.json", &jwt_keys::jwks(&[key(0)]));
-    GcpIitAttestor::new(&config(json!({})), dir.path(), store()).unwrap();
+    GcpIitAttestor::new(
+        &config(json!({})),
+        &PluginContext::for_tests(dir.path()),
+        store(),
+    )
+    .unwrap();
     // An absolute keys_path ignores the base dir.
     let abs = dir.path().join("google-keys.json");
     GcpIitAttestor::new(
         &config(json!({"keys_path": abs})),
-        Path::new("/nonexistent"),
+        &PluginContext::for_tests(Path::new("/nonexistent")),
         store(),
     )
     .unwrap();

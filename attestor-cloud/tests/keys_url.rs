@@ -33,7 +33,9 @@ use carapace_attestor_cloud::azure::{AzureMsiAttestor, AzureServerConfig};
 use carapace_attestor_cloud::gcp::{GcpIitAttestor, GcpServerConfig};
 use carapace_attestor_cloud::keys::{DEFAULT_REFRESH, FetchTiming};
 use carapace_core::Error;
-use carapace_core::plugin::{AttestationResult, MemoryStateStore, NodeAttestor, NodeStateStore};
+use carapace_core::plugin::{
+    AttestationResult, MemoryStateStore, NodeAttestor, NodeStateStore, PluginContext,
+};
 use jwt_keys::{TestKey, key, now, payload, rs256};
 
 const AUDIENCE: &str = "spiffe://example.org";
@@ -292,7 +294,12 @@ async fn gcp_attests_with_keys_fetched_from_keys_url_trusting_keys_ca_file() {
     // By name, so the certificate is checked against a DNS name and SNI is sent.
     let url = format!("https://localhost:{}/keys", server.port);
     // The production constructor and intervals: one fetch at startup.
-    let att = GcpIitAttestor::new(&gcp_config(&url, json!({})), dir.path(), store()).unwrap();
+    let att = GcpIitAttestor::new(
+        &gcp_config(&url, json!({})),
+        &PluginContext::for_tests(dir.path()),
+        store(),
+    )
+    .unwrap();
 
     let r = until_attests(&att, key(0), &gcp_claims()).await;
     assert_eq!(r.agent_path, format!("{PROJECT}/4821650316384512345"));
@@ -321,7 +328,7 @@ async fn attestations_are_unavailable_until_the_first_fetch_succeeds() {
     let dir = dir_with_ca(&pki);
     let att = GcpIitAttestor::new_with_fetch_timing(
         &gcp_config(&server.url, json!({})),
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
         store(),
         FAST,
     )
@@ -353,7 +360,7 @@ async fn failed_fetches_are_retried_sooner_with_a_doubling_delay_then_every_keys
     };
     let att = GcpIitAttestor::new_with_fetch_timing(
         &gcp_config(&server.url, json!({"keys_refresh": "1m"})),
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
         store(),
         timing,
     )
@@ -377,7 +384,7 @@ async fn a_rotated_key_set_is_picked_up_after_keys_refresh_and_the_old_kid_is_go
     let dir = dir_with_ca(&pki);
     let att = GcpIitAttestor::new_with_fetch_timing(
         &gcp_config(&server.url, json!({"keys_refresh": "1m"})),
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
         store(),
         FAST,
     )
@@ -406,7 +413,7 @@ async fn a_server_certificate_not_from_keys_ca_file_is_never_trusted() {
     let dir = dir_with_ca(&trusted);
     let att = GcpIitAttestor::new_with_fetch_timing(
         &gcp_config(&server.url, json!({})),
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
         store(),
         FAST,
     )
@@ -435,7 +442,12 @@ async fn without_keys_ca_file_the_system_trust_store_decides() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = gcp_config(&server.url, json!({}));
     cfg.keys_ca_file = None;
-    match GcpIitAttestor::new_with_fetch_timing(&cfg, dir.path(), store(), FAST) {
+    match GcpIitAttestor::new_with_fetch_timing(
+        &cfg,
+        &PluginContext::for_tests(dir.path()),
+        store(),
+        FAST,
+    ) {
         // The test CA is in no system store: the server is not trusted.
         Ok(att) => {
             until_unavailable_with(&att, "invalid peer certificate: UnknownIssuer").await;
@@ -456,7 +468,7 @@ async fn a_bad_answer_keeps_the_last_good_key_set() {
     let dir = dir_with_ca(&pki);
     let att = GcpIitAttestor::new_with_fetch_timing(
         &gcp_config(&server.url, json!({})),
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
         store(),
         FAST,
     )
@@ -495,7 +507,7 @@ async fn a_bad_answer_keeps_the_last_good_key_set() {
         // The same answer is a failure for an attestor that never had keys: it says why.
         let fresh = GcpIitAttestor::new_with_fetch_timing(
             &gcp_config(&server.url, json!({})),
-            dir.path(),
+            &PluginContext::for_tests(dir.path()),
             store(),
             FAST,
         )
@@ -514,7 +526,7 @@ async fn dropping_the_attestor_stops_its_background_fetch() {
     let dir = dir_with_ca(&pki);
     let att = GcpIitAttestor::new_with_fetch_timing(
         &gcp_config(&server.url, json!({})),
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
         store(),
         FAST,
     )
@@ -568,7 +580,13 @@ async fn azure_tenants_each_use_their_own_key_source_including_keys_url() {
         TENANT_A: {"keys_url": server.url, "keys_ca_file": "ca.pem", "keys_refresh": "10m"},
         TENANT_B: {"keys_path": "tenant-b.json"},
     }));
-    let att = AzureMsiAttestor::new_with_fetch_timing(&cfg, dir.path(), store(), FAST).unwrap();
+    let att = AzureMsiAttestor::new_with_fetch_timing(
+        &cfg,
+        &PluginContext::for_tests(dir.path()),
+        store(),
+        FAST,
+    )
+    .unwrap();
 
     let r = until_attests(&att, key(0), &azure_claims(TENANT_A)).await;
     assert_eq!(r.agent_path, format!("{TENANT_A}/{PRINCIPAL}"));
@@ -589,7 +607,13 @@ async fn azure_tenants_each_use_their_own_key_source_including_keys_url() {
         TENANT_A: {"keys_url": broken.url, "keys_ca_file": "ca.pem"},
         TENANT_B: {"keys_path": "tenant-b.json"},
     }));
-    let att = AzureMsiAttestor::new_with_fetch_timing(&cfg, dir.path(), store(), FAST).unwrap();
+    let att = AzureMsiAttestor::new_with_fetch_timing(
+        &cfg,
+        &PluginContext::for_tests(dir.path()),
+        store(),
+        FAST,
+    )
+    .unwrap();
     let msg = until("tenant A unavailable with HTTP 404", || async {
         match attest(&att, key(0), &azure_claims(TENANT_A)).await {
             Err(Error::Unavailable(msg)) if msg.contains("HTTP 404") => Some(msg),
@@ -709,7 +733,7 @@ fn key_settings_are_validated_naming_each_problem() {
     let dir = tempfile::tempdir().unwrap();
     let err = GcpIitAttestor::new(
         &gcp_config("http://127.0.0.1:1/keys", json!({})),
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
         store(),
     )
     .unwrap_err();
@@ -725,20 +749,20 @@ fn opening_keys_url_needs_the_ca_file_and_a_tokio_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = gcp_config("https://127.0.0.1:1/keys", json!({}));
     // The CA file is read at startup, relative to the base dir.
-    let err = GcpIitAttestor::new(&cfg, dir.path(), store())
+    let err = GcpIitAttestor::new(&cfg, &PluginContext::for_tests(dir.path()), store())
         .unwrap_err()
         .to_string();
     assert!(err.contains("node_attestor.gcp_iit"), "{err}");
     assert!(err.contains("keys_ca_file: CA file"), "{err}");
     assert!(err.contains("ca.pem"), "{err}");
     write(dir.path(), "ca.pem", "no certificates here");
-    let err = GcpIitAttestor::new(&cfg, dir.path(), store())
+    let err = GcpIitAttestor::new(&cfg, &PluginContext::for_tests(dir.path()), store())
         .unwrap_err()
         .to_string();
     assert!(err.contains("no PEM CERTIFICATE"), "{err}");
     // Outside a tokio runtime there is nowhere to fetch in the background.
     write(dir.path(), "ca.pem", &pki("any").ca_pem);
-    let err = GcpIitAttestor::new(&cfg, dir.path(), store())
+    let err = GcpIitAttestor::new(&cfg, &PluginContext::for_tests(dir.path()), store())
         .unwrap_err()
         .to_string();
     assert!(err.contains("keys_url: the keys are fetched by a background task, which needs a running tokio runtime"), "{err}");
@@ -748,5 +772,5 @@ fn opening_keys_url_needs_the_ca_file_and_a_tokio_runtime() {
         "keys_path": "k.json", "audience": AUDIENCE, "projectid_allowlist": [PROJECT],
     }))
     .unwrap();
-    GcpIitAttestor::new(&cfg, dir.path(), store()).unwrap();
+    GcpIitAttestor::new(&cfg, &PluginContext::for_tests(dir.path()), store()).unwrap();
 }

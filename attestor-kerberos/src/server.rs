@@ -4,14 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
 
 use carapace_core::Error;
+use carapace_core::clock::Clock;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
+    PluginContext,
 };
 
 use crate::gss::{self, Cred, GssError, Name, NameType, Usage};
@@ -94,6 +96,8 @@ struct Inner {
     allowed_realms: Vec<String>,
     machine_account_domains: BTreeMap<String, String>,
     rcache: String,
+    /// The time service tickets are checked at.
+    clock: Arc<dyn Clock>,
 }
 
 impl Inner {
@@ -117,8 +121,10 @@ pub struct KerberosAttestor {
 
 impl KerberosAttestor {
     /// Checks the settings and the keytab (it must hold the service principal) and
-    /// prepares the replay cache under `data_dir`.
-    pub fn new(cfg: &KerberosServerConfig, data_dir: &Path) -> Result<Self, Error> {
+    /// prepares the replay cache under the context's data dir. Service tickets are
+    /// checked at the context's clock.
+    pub fn new(cfg: &KerberosServerConfig, ctx: &PluginContext) -> Result<Self, Error> {
+        let data_dir = &ctx.data_dir;
         cfg.validate().map_err(|p| config_err(p.join("; ")))?;
         check_keytab(&cfg.keytab, "keytab").map_err(config_err)?;
         let rcache = cfg
@@ -138,6 +144,7 @@ impl KerberosAttestor {
             allowed_realms: cfg.allowed_realms.clone(),
             machine_account_domains: cfg.machine_account_domains.clone(),
             rcache: format!("file2:{}", rcache.display()),
+            clock: ctx.clock.clone(),
         };
         // Fails now, not at the first attestation, if the keytab lacks the principal.
         inner.acceptor().map_err(|e| {
@@ -319,14 +326,11 @@ fn accept(
     }
     // MIT forgives the clock skew past the ticket's end; a fresh ticket is asked for
     // at every attestation, so no skew is given here.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if u64::from(accepted.ticket_endtime) <= now {
+    let now = inner.clock.unix_now();
+    if i64::from(accepted.ticket_endtime) <= now {
         return Err(rejected(format!(
             "the service ticket expired {} s ago",
-            now - u64::from(accepted.ticket_endtime)
+            now - i64::from(accepted.ticket_endtime)
         )));
     }
     let source = accepted
@@ -422,7 +426,7 @@ mod tests {
                 machine_account_domains: BTreeMap::new(),
                 replay_cache: None,
             },
-            dir.path(),
+            &PluginContext::for_tests(dir.path()),
         )
         .unwrap();
         let keytab = format!("FILE:{}", r.principals.host_keytab.display());

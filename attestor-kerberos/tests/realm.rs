@@ -13,15 +13,17 @@
 )]
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorClient};
 use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
 use carapace_attestor_kerberos::wire::{self, Answer};
 use carapace_core::Error;
+use carapace_core::clock::ManualClock;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
-    NodeAttestorClient,
+    NodeAttestorClient, PluginContext,
 };
 use hsm_sim::kdc::{ChildRealm, kdc_test};
 
@@ -47,7 +49,7 @@ fn agent_cfg(r: &ChildRealm) -> KerberosAgentConfig {
 }
 
 fn server(cfg: &KerberosServerConfig, data_dir: &Path) -> KerberosAttestor {
-    KerberosAttestor::new(cfg, data_dir).unwrap()
+    KerberosAttestor::new(cfg, &PluginContext::for_tests(data_dir)).unwrap()
 }
 
 fn agent(cfg: &KerberosAgentConfig) -> KerberosAttestorClient {
@@ -359,6 +361,36 @@ fn an_expired_ticket_is_refused() {
     });
 }
 
+/// The ticket's end is checked at the attestor's clock (the context's): a token whose
+/// ticket is good now is refused once that clock has moved past the ticket's end, though
+/// the KDC's and the system's time have not.
+#[test]
+fn a_ticket_past_its_end_at_the_attestors_clock_is_refused() {
+    let Some(r) = kdc_test(
+        "a_ticket_past_its_end_at_the_attestors_clock_is_refused",
+        REALM,
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::starting_now());
+    let s = KerberosAttestor::new(
+        &server_cfg(&r),
+        &PluginContext::for_tests(dir.path()).with_clock(clock.clone()),
+    )
+    .unwrap();
+    let a = agent(&agent_cfg(&r));
+    rt().block_on(async {
+        attest(&s, &a).await.unwrap();
+        let ctx = connection();
+        let (answer, session) = token_for(&s, &a, &ctx).await;
+        // The lab's tickets live at most 10 hours.
+        clock.advance(Duration::from_secs(11 * 3_600));
+        let err = rejected(session.respond(&answer).await);
+        assert!(err.contains("the service ticket expired"), "{err}");
+    });
+}
+
 #[test]
 fn unknown_client_principals_get_no_ticket() {
     let Some(r) = kdc_test("unknown_client_principals_get_no_ticket", REALM) else {
@@ -454,7 +486,7 @@ fn server_settings_are_checked_at_start() {
             keytab: r.principals.host_keytab.clone(),
             ..server_cfg(&r)
         },
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
     )
     .unwrap_err()
     .to_string();
@@ -471,7 +503,7 @@ fn server_settings_are_checked_at_start() {
             keytab: open,
             ..server_cfg(&r)
         },
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
     )
     .unwrap_err()
     .to_string();
@@ -483,7 +515,7 @@ fn server_settings_are_checked_at_start() {
             service_principal: "carapace".into(),
             ..server_cfg(&r)
         },
-        dir.path(),
+        &PluginContext::for_tests(dir.path()),
     )
     .unwrap_err()
     .to_string();

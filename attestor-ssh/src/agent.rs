@@ -15,6 +15,7 @@ use ssh_key::rand_core::OsRng;
 use ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, Mpint, PrivateKey, Signature, SshSig};
 
 use carapace_core::Error;
+use carapace_core::clock::SystemClock;
 use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 
 use crate::wire::{self, Answer, Challenge, Payload};
@@ -292,7 +293,8 @@ fn check_cert(
 /// Warns when the certificate is outside its validity window now: the server will
 /// refuse it.
 fn warn_window(cert: &Certificate, cert_path: &Path) {
-    let now = now();
+    // A warning only: the agent half is given no context, so it reads the system's time.
+    let now = now(&SystemClock);
     if now >= cert.valid_before() {
         tracing::warn!(
             host_cert_path = %cert_path.display(),

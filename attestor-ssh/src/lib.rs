@@ -79,7 +79,7 @@
 //! | key | default | meaning |
 //! |---|---|---|
 //! | `cert_authorities` | `[]` | trusted CA public keys, authorized_keys lines: `ssh-ed25519 AAAA... ca`, optionally prefixed by the `cert-authority` option |
-//! | `cert_authorities_path` | | a file of such lines (`#` comments and blank lines skipped); a relative path is resolved against the base directory given to [`server::SshAttestor::new`] |
+//! | `cert_authorities_path` | | a file of such lines (`#` comments and blank lines skipped); a relative path is resolved against the data dir of the context given to [`server::SshAttestor::new`] |
 //! | `canonical_domain` | | when set, at least one principal must be this domain or a subdomain of it |
 //!
 //! At least one CA must be configured, through either setting.
@@ -96,7 +96,6 @@ pub mod server;
 pub mod wire;
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -105,6 +104,7 @@ use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, Certificate, EcdsaCurve, HashAlg};
 
 use carapace_core::Error;
+use carapace_core::clock::Clock;
 use carapace_core::plugin::TLS_EXPORTER_LEN;
 
 /// The plugin name on both sides.
@@ -185,34 +185,17 @@ pub(crate) fn config_err(reason: impl fmt::Display) -> Error {
     }
 }
 
-/// Seconds since the Unix epoch, now.
-pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Seconds since the Unix epoch on `clock`, now, as SSH certificates count them (a
+/// clock never reads before the epoch, so the conversion is exact).
+pub(crate) fn now(clock: &dyn Clock) -> u64 {
+    clock.unix_now().unsigned_abs()
 }
 
-/// `secs` since the epoch as RFC 3339 UTC (`2020-01-02T00:00:00Z`).
+/// `secs` since the epoch as RFC 3339 UTC (`2020-01-02T00:00:00Z`), by core's
+/// [`carapace_core::clock::rfc3339`]: a time past 9999-12-31 prints as `unix <n> (outside
+/// 1970-01-01..9999-12-31)`. SSH certificate times fit an `i64` (ssh-key refuses larger).
 pub(crate) fn rfc3339(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    // Civil date from a day count (H. Hinnant's algorithm, proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    )
+    carapace_core::clock::rfc3339(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
 /// Reads an SSH wire encoding field by field (RFC 4251 §5).

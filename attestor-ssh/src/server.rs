@@ -3,15 +3,16 @@
 //! certified host key, bound to the TLS connection.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use ssh_key::{Algorithm, Certificate, Fingerprint, HashAlg, PublicKey, SshSig};
 
+use carapace_core::clock::Clock;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
-    TLS_EXPORTER_LEN,
+    PluginContext, TLS_EXPORTER_LEN,
 };
 use carapace_core::{Error, Selector, SelectorSet};
 
@@ -31,7 +32,8 @@ pub struct SshServerConfig {
     #[serde(default)]
     pub cert_authorities: Vec<String>,
     /// A file of further such lines (`#` comments and blank lines are skipped); a
-    /// relative path is resolved against the directory given to [`SshAttestor::new`].
+    /// relative path is resolved against the data dir of the context given to
+    /// [`SshAttestor::new`].
     #[serde(default)]
     pub cert_authorities_path: Option<PathBuf>,
     /// When set, at least one principal of the host certificate must be this DNS
@@ -201,6 +203,8 @@ struct Inner {
     cas: Vec<Fingerprint>,
     /// The canonical domain, in lowercase.
     canonical_domain: Option<String>,
+    /// The time certificates are checked at.
+    clock: Arc<dyn Clock>,
 }
 
 /// What a host certificate that passed every check gives.
@@ -347,9 +351,9 @@ pub struct SshAttestor {
 
 impl SshAttestor {
     /// Checks the settings and loads the trusted CA keys; a relative
-    /// `cert_authorities_path` is resolved against `base_dir` (the configuration's
-    /// directory).
-    pub fn new(cfg: &SshServerConfig, base_dir: &Path) -> Result<Self, Error> {
+    /// `cert_authorities_path` is resolved against the context's data dir. Certificates
+    /// are checked at the context's clock.
+    pub fn new(cfg: &SshServerConfig, ctx: &PluginContext) -> Result<Self, Error> {
         cfg.validate().map_err(|p| config_err(p.join("; ")))?;
         let mut keys = Vec::new();
         for (i, line) in cfg.cert_authorities.iter().enumerate() {
@@ -362,7 +366,7 @@ impl SshAttestor {
             let path = if path.is_absolute() {
                 path.clone()
             } else {
-                base_dir.join(path)
+                ctx.data_dir.join(path)
             };
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 config_err(format!("cert_authorities_path {}: {e}", path.display()))
@@ -408,6 +412,7 @@ impl SshAttestor {
             inner: Arc::new(Inner {
                 cas,
                 canonical_domain,
+                clock: ctx.clock.clone(),
             }),
         })
     }
@@ -435,7 +440,7 @@ impl NodeAttestor for SshAttestor {
         }
         let blob = wire::unb64("certificate", &p.certificate)?;
         let cert = cert_from_blob(&blob).map_err(rejected)?;
-        let verified = self.inner.check(&cert, now())?;
+        let verified = self.inner.check(&cert, now(self.inner.clock.as_ref()))?;
         let server_nonce: [u8; NONCE_LEN] = rand::random();
         let challenge = wire::encode(&Challenge {
             version: wire::VERSION,

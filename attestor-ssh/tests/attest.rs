@@ -12,6 +12,10 @@ mod common;
 
 use carapace_attestor_ssh::wire::{self, Answer, Challenge};
 use carapace_attestor_ssh::{SSHSIG_NAMESPACE, signed_message};
+use std::sync::Arc;
+use std::time::Duration;
+
+use carapace_core::clock::{Clock as _, ManualClock, rfc3339};
 use carapace_core::plugin::{AttestationStep, NodeAttestor, NodeAttestorClient};
 use carapace_core::{SpiffeId, TrustDomain};
 use common::{Kind, Lab, attest, ctx, payload_of, refused_at_begin, url_safe};
@@ -162,6 +166,37 @@ async fn expired_and_not_yet_valid_certificates_are_refused_with_their_times() {
     );
     let err = refused_at_begin(&server, &payload_of(&future)).await;
     assert!(err.contains("is not valid before"), "{err}");
+}
+
+/// The validity window is checked at the server's clock (its context's): the same
+/// certificate (valid from 5 minutes ago for an hour) attests now, is refused as expired
+/// two hours on and as not yet valid an hour back, each message naming the clock's time.
+#[tokio::test]
+async fn the_validity_window_is_checked_at_the_servers_clock() {
+    let lab = Lab::new();
+    let ca = lab.keygen("ca", Kind::Ed25519);
+    let host = lab.keygen("host", Kind::Ed25519);
+    let cert = lab.host_cert(&ca, &host, "host-cert.pub");
+    let clock = Arc::new(ManualClock::starting_now());
+    let server = lab.server_on(&[&ca], None, clock.clone());
+    let agent = lab.agent(&host, &cert).unwrap();
+    attest(&server, &agent, &ctx(1)).await.unwrap();
+
+    clock.advance(Duration::from_secs(2 * 3_600));
+    let err = refused_at_begin(&server, &payload_of(&cert)).await;
+    assert!(err.contains("the host certificate expired at"), "{err}");
+    assert!(
+        err.contains(&format!("(it is now {})", rfc3339(clock.unix_now()))),
+        "{err}"
+    );
+
+    clock.rewind(Duration::from_secs(3 * 3_600));
+    let err = refused_at_begin(&server, &payload_of(&cert)).await;
+    assert!(err.contains("is not valid before"), "{err}");
+    assert!(
+        err.contains(&format!("(it is now {})", rfc3339(clock.unix_now()))),
+        "{err}"
+    );
 }
 
 #[tokio::test]

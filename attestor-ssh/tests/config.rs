@@ -11,12 +11,12 @@ mod common;
 
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
 use carapace_core::Error;
-use carapace_core::plugin::{AttestationStep, NodeAttestor};
+use carapace_core::plugin::{AttestationStep, NodeAttestor, PluginContext};
 use common::{Kind, Lab, ctx, payload_of};
 
 /// `SshAttestor::new`'s refusal, as text; it must be a configuration error.
 fn refused(cfg: &SshServerConfig, base: &std::path::Path) -> String {
-    match SshAttestor::new(cfg, base) {
+    match SshAttestor::new(cfg, &PluginContext::for_tests(base)) {
         Ok(a) => panic!("the server accepted the settings: {a:?}"),
         Err(e) => {
             assert!(
@@ -133,7 +133,7 @@ async fn cas_from_inline_lines_and_a_relative_file_are_all_trusted() {
         "canonical_domain": "example.com",
     }))
     .unwrap();
-    let server = SshAttestor::new(&cfg, lab.dir.path()).unwrap();
+    let server = SshAttestor::new(&cfg, &PluginContext::for_tests(lab.dir.path())).unwrap();
     for ca in [&inline, &filed] {
         let cert = lab.host_cert(ca, &host, "host-cert.pub");
         let step = server.begin(&payload_of(&cert), &ctx(7)).await.unwrap();

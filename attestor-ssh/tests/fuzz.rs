@@ -10,14 +10,12 @@
 //! no ssh-keygen is needed. Properties: no panic, the allocation bound, and nothing but the
 //! genuine certificate and proof is accepted.
 
-use std::path::Path;
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
 use carapace_attestor_ssh::wire::{self, Answer, Challenge, Payload};
 use carapace_attestor_ssh::{SSHSIG_HASH, SSHSIG_NAMESPACE, signed_message};
-use carapace_core::plugin::{AttestationContext, AttestationStep, NodeAttestor};
+use carapace_core::plugin::{AttestationContext, AttestationStep, NodeAttestor, PluginContext};
 use carapace_fuzzkit::proptest::prelude::*;
 use carapace_fuzzkit::{bounded, bytes, config, mutated, mutated_text};
 use ssh_key::certificate::{Builder, CertType};
@@ -36,10 +34,7 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let ca = PrivateKey::from(Ed25519Keypair::from_seed(&[1; 32]));
         let host = PrivateKey::from(Ed25519Keypair::from_seed(&[2; 32]));
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = carapace_core::clock::unix_now().unsigned_abs();
         let mut b = Builder::new(vec![9; 32], host.public_key(), now - 60, now + 86_400).unwrap();
         b.serial(7).unwrap();
         b.cert_type(CertType::Host).unwrap();
@@ -55,7 +50,7 @@ fn fixture() -> &'static Fixture {
             canonical_domain: None,
         };
         Fixture {
-            server: SshAttestor::new(&cfg, Path::new("/")).unwrap(),
+            server: SshAttestor::new(&cfg, &PluginContext::for_tests("/")).unwrap(),
             host,
             cert_blob: cert.to_bytes().unwrap(),
             runtime: tokio::runtime::Builder::new_current_thread()

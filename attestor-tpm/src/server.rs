@@ -13,8 +13,10 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use carapace_core::clock::Clock;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
+    PluginContext,
 };
 use carapace_core::{Error, SelectorSet};
 
@@ -141,6 +143,8 @@ pub struct TpmAttestor {
     pcrs: Vec<u8>,
     require_agent_key_in_tpm: bool,
     store: Arc<dyn NodeStateStore>,
+    /// The time EK certificates are checked at.
+    clock: Arc<dyn Clock>,
 }
 
 impl fmt::Debug for TpmAttestor {
@@ -164,17 +168,17 @@ fn config_err(msg: impl fmt::Display) -> Error {
 
 impl TpmAttestor {
     /// Builds the attestor: validates `cfg`, reads the EK CA files (resolved against
-    /// `base_dir`).
+    /// the context's data dir). EK certificates are checked at the context's clock.
     pub fn new(
         cfg: &TpmServerConfig,
-        base_dir: &std::path::Path,
+        ctx: &PluginContext,
         store: Arc<dyn NodeStateStore>,
     ) -> Result<Self, Error> {
         cfg.validate().map_err(|p| config_err(p.join("; ")))?;
         let mut roots = Vec::new();
         let mut intermediates = Vec::new();
         for file in &cfg.ek_ca_files {
-            let path = base_dir.join(file);
+            let path = ctx.data_dir.join(file);
             let text = std::fs::read_to_string(&path).map_err(|e| {
                 config_err(format!("ek_ca_files: cannot read {}: {e}", path.display()))
             })?;
@@ -205,19 +209,13 @@ impl TpmAttestor {
             pcrs: cfg.pcrs.clone(),
             require_agent_key_in_tpm: cfg.require_agent_key_in_tpm,
             store,
+            clock: ctx.clock.clone(),
         })
     }
 }
 
 fn rejected(msg: impl fmt::Display) -> Error {
     Error::AttestationRejected(format!("tpm: {msg}"))
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[async_trait::async_trait]
@@ -246,7 +244,7 @@ impl NodeAttestor for TpmAttestor {
             &ek_public,
             (!p.ek_cert.is_empty()).then_some(p.ek_cert.as_slice()),
             &p.ek_intermediates,
-            unix_now(),
+            self.clock.unix_now(),
         )?;
         let ak_public = verify::parse_public(&p.ak_public)
             .map_err(|e| rejected(format!("AK public area: {e}")))?;

@@ -18,7 +18,10 @@ use carapace_attestor_tpm::device::TpmDevice;
 use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
 use carapace_attestor_tpm::wire::{self, Challenge, Response};
 use carapace_core::Error;
-use carapace_core::plugin::{AttestationContext, AttestationResult, NodeAttestorClient};
+use carapace_core::clock::ManualClock;
+use carapace_core::plugin::{
+    AttestationContext, AttestationResult, NodeAttestorClient, PluginContext,
+};
 use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
 
 fn ctx() -> AttestationContext {
@@ -42,7 +45,7 @@ fn lab_roots() -> TpmServerConfig {
 }
 
 fn server(cfg: &TpmServerConfig, store: Arc<MemoryStore>) -> TpmAttestor {
-    TpmAttestor::new(cfg, std::path::Path::new("/"), store).unwrap()
+    TpmAttestor::new(cfg, &PluginContext::for_tests("/"), store).unwrap()
 }
 
 fn client(tpm: &Swtpm) -> TpmAttestorClient {
@@ -126,6 +129,24 @@ async fn an_untrusted_ek_is_refused() {
     };
     let err = rejected(attest(&server(&cfg, Arc::default()), &client(&tpm)).await);
     assert!(err.contains("is not on the allowlist"), "{err}");
+}
+
+/// The EK certificate chain is checked at the attestor's clock (the context's), not the
+/// system's: before the lab CA and the EK certificate were issued the EK is not trusted;
+/// moved forward to the present, the same TPM attests.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ek_certificate_is_checked_at_the_contexts_clock() {
+    let tpm = tpm();
+    let clock = Arc::new(ManualClock::at_unix(1_000_000_000)); // 2001-09-09
+    let ctx = PluginContext::for_tests("/").with_clock(clock.clone());
+    let server = TpmAttestor::new(&lab_roots(), &ctx, Arc::new(MemoryStore::default())).unwrap();
+    let c = client(&tpm);
+    let err = rejected(attest(&server, &c).await);
+    assert!(err.contains("EK is not trusted"), "{err}");
+
+    clock.set(std::time::SystemTime::now());
+    let r = attest(&server, &c).await.unwrap();
+    assert_eq!(r.agent_path.len(), 64);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,7 +22,7 @@ use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
 use carapace_attestor_tpm::shared::SharedTpm;
 use carapace_attestor_tpm::wire::{self, Payload, Response};
 use carapace_core::plugin::{
-    AttestationContext, AttestationResult, KeyManager, KeySigner, NodeAttestorClient,
+    AttestationContext, AttestationResult, KeyManager, KeySigner, NodeAttestorClient, PluginContext,
 };
 use carapace_core::{Error, KeyType, SignatureAlgorithm};
 use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
@@ -41,7 +41,7 @@ fn lab_roots() -> TpmServerConfig {
 fn server(cfg: &TpmServerConfig) -> TpmAttestor {
     TpmAttestor::new(
         cfg,
-        std::path::Path::new("/"),
+        &PluginContext::for_tests("/"),
         Arc::new(MemoryStore::default()),
     )
     .unwrap()

@@ -4,6 +4,8 @@
 //! - [`SpiffeId`] and [`TrustDomain`], parsed strictly by every rule of the SPIFFE ID
 //!   standard, with one [`SpiffeIdRule`] per rule broken;
 //! - [`Selector`] (`type:value`) and [`RegistrationEntry`] with its validation;
+//! - [`clock`]: the one [`clock::Clock`] (system or manual, so tests can move time), Unix
+//!   seconds and the one RFC 3339 formatter;
 //! - [`limits`]: the bounds on every time and duration, and checked time arithmetic;
 //! - [`TrustBundle`]: X.509 authorities and JWT keys, in PEM and in SPIFFE bundle JSON
 //!   (a JWK Set with `spiffe_sequence`);
@@ -11,7 +13,8 @@
 //! - the plugin traits in [`plugin`]: [`plugin::NodeAttestor`] (server half of node
 //!   attestation, an explicit challenge/response state machine),
 //!   [`plugin::NodeAttestorClient`] (agent half), [`plugin::KeyManager`] and
-//!   [`plugin::WorkloadAttestor`].
+//!   [`plugin::WorkloadAttestor`], and the [`plugin::PluginContext`] every plugin
+//!   constructor is handed.
 //!
 //! What is not here: no I/O, no async runtime, no gRPC, SQL or FFI. Those live in the
 //! server, the agent and the plugin crates; this crate stays pure so that its rules can
@@ -20,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod bundle;
+pub mod clock;
 pub mod crypto;
 pub mod entry;
 mod error;

@@ -29,18 +29,16 @@ use tokio::sync::watch;
 pub use error::{Error, Result};
 
 use crate::ca::{CaManager, CaSettings};
+use carapace_core::clock::SystemClock;
+
 use crate::catalog::PluginContext;
 use crate::config::Config;
 use crate::datastore::Datastore;
 use crate::entry_cache::EntryCache;
 
-/// The current unix time in seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+/// The current unix time in seconds: core's [`carapace_core::clock::unix_now`], named
+/// here for the modules that predate the clock.
+pub use carapace_core::clock::unix_now;
 
 /// How often expired entries and join tokens are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
@@ -69,14 +67,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
         .map_err(Error::Config)?;
     let ds = Datastore::open(&config.data_dir.join("datastore.sqlite3")).await?;
-    let ctx = PluginContext {
-        trust_domain: config.trust_domain.clone(),
-        data_dir: config.data_dir.clone(),
-    };
+    let ctx = PluginContext::new(
+        config.trust_domain.clone(),
+        config.data_dir.clone(),
+        Arc::new(SystemClock),
+    );
     let km = catalog::build_key_manager(&config.key_manager.0, &config.key_manager.1, &ctx)?;
     let upstream = match &config.upstream_authority {
         Some((name, table)) => {
-            Some(catalog::build_upstream_authority(name, table, &ctx, unix_now()).await?)
+            Some(catalog::build_upstream_authority(name, table, &ctx, ctx.clock.unix_now()).await?)
         }
         None => None,
     };
@@ -95,7 +94,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             organization: config.ca_organization.clone(),
             country: config.ca_country.clone(),
         },
-        unix_now(),
+        ctx.clock.unix_now(),
     )
     .await?;
     let cache =
@@ -161,6 +160,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
     let pruner = {
         let cache = cache.clone();
+        let clock = ctx.clock.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PRUNE_INTERVAL);
@@ -169,7 +169,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     _ = tick.tick() => {}
                     _ = stop.changed() => return,
                 }
-                let now = unix_now();
+                let now = clock.unix_now();
                 match cache.prune_expired_entries(now).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(count = n, "pruned expired entries"),

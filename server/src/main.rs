@@ -108,11 +108,12 @@ async fn upstream(cmd: UpstreamCommand) -> Result<String, String> {
             path.display()
         ));
     };
-    let ctx = PluginContext {
-        trust_domain: cfg.trust_domain.clone(),
-        data_dir: cfg.data_dir.clone(),
-    };
-    let now = carapace_server::unix_now();
+    let ctx = PluginContext::new(
+        cfg.trust_domain.clone(),
+        cfg.data_dir.clone(),
+        std::sync::Arc::new(carapace_core::clock::SystemClock),
+    );
+    let now = ctx.clock.unix_now();
     match cmd {
         UpstreamCommand::Init {
             key_type,

@@ -16,7 +16,6 @@
 #![warn(missing_docs)]
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -127,14 +126,6 @@ pub fn certified_key(chain: &[Vec<u8>], key: Arc<dyn KeySigner>) -> Arc<Certifie
 
 fn now_secs(now: UnixTime) -> u64 {
     now.as_secs()
-}
-
-/// The current unix time in seconds.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn verify_svid(

@@ -13,14 +13,17 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use carapace_attestor_ssh::agent::{SshAgentConfig, SshAttestorClient};
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
 use carapace_attestor_ssh::wire;
 use carapace_core::Error;
+use carapace_core::clock::{Clock, SystemClock};
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationStep, NodeAttestor, NodeAttestorClient,
+    PluginContext,
 };
 
 /// The key types the tests generate.
@@ -154,6 +157,16 @@ impl Lab {
 
     /// A server trusting `cas`, with an optional canonical domain.
     pub fn server_with(&self, cas: &[&Path], canonical_domain: Option<&str>) -> SshAttestor {
+        self.server_on(cas, canonical_domain, Arc::new(SystemClock))
+    }
+
+    /// A server trusting `cas`, with an optional canonical domain, reading `clock`.
+    pub fn server_on(
+        &self,
+        cas: &[&Path],
+        canonical_domain: Option<&str>,
+        clock: Arc<dyn Clock>,
+    ) -> SshAttestor {
         let cfg = SshServerConfig {
             cert_authorities: cas
                 .iter()
@@ -162,7 +175,11 @@ impl Lab {
             cert_authorities_path: None,
             canonical_domain: canonical_domain.map(str::to_owned),
         };
-        SshAttestor::new(&cfg, self.dir.path()).unwrap()
+        SshAttestor::new(
+            &cfg,
+            &PluginContext::for_tests(self.dir.path()).with_clock(clock),
+        )
+        .unwrap()
     }
 
     /// An agent with host key `key` and certificate `cert`.

@@ -29,7 +29,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use base64::Engine as _;
@@ -48,8 +48,10 @@ use carapace_attestor_cloud::gcp::{GcpIitAttestor, GcpServerConfig};
 use carapace_attestor_cloud::tofu;
 use carapace_attestor_ssh::agent::{SshAgentConfig, SshAttestorClient};
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
+use carapace_core::clock::SystemClock;
 use carapace_core::plugin::{
     AttestationResult, AttestationStep, MemoryStateStore, NodeAttestor, NodeAttestorClient as _,
+    PluginContext,
 };
 
 /// How to get `ssh-keygen`.
@@ -432,7 +434,7 @@ impl SshLab {
             cert_authorities_path: None,
             canonical_domain: Some("example.com".into()),
         };
-        SshAttestor::new(&cfg, &self.dir).context("SshAttestor::new")
+        SshAttestor::new(&cfg, &PluginContext::for_tests(&self.dir)).context("SshAttestor::new")
     }
 
     fn client(&self, k: HostKey) -> Result<SshAttestorClient> {
@@ -575,8 +577,12 @@ impl AwsLab {
             account_allowlist: vec![AWS_ACCOUNT.to_owned()],
             allow_reattestation: reattest,
         };
-        AwsIidAttestor::new(&cfg, &self.dir, Arc::new(MemoryStateStore::default()))
-            .context("AwsIidAttestor::new")
+        AwsIidAttestor::new(
+            &cfg,
+            &PluginContext::for_tests(&self.dir),
+            Arc::new(MemoryStateStore::default()),
+        )
+        .context("AwsIidAttestor::new")
     }
 }
 
@@ -586,12 +592,6 @@ struct JwtLab {
     dir: PathBuf,
     gcp: Vec<u8>,
     azure: Vec<u8>,
-}
-
-fn now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl JwtLab {
@@ -630,7 +630,7 @@ impl JwtLab {
                 .to_string()
                 .into_bytes())
         };
-        let now = now_secs();
+        let now = carapace_core::clock::unix_now();
         let gcp = rs256(&json!({
             "iss": "https://accounts.google.com",
             "aud": GCP_AUDIENCE,
@@ -680,8 +680,12 @@ impl JwtLab {
             "projectid_allowlist": [GCP_PROJECT],
             "allow_reattestation": true,
         }))?;
-        GcpIitAttestor::new(&cfg, &self.dir, Arc::new(MemoryStateStore::default()))
-            .context("GcpIitAttestor::new")
+        GcpIitAttestor::new(
+            &cfg,
+            &PluginContext::for_tests(&self.dir),
+            Arc::new(MemoryStateStore::default()),
+        )
+        .context("GcpIitAttestor::new")
     }
 
     fn azure_server(&self) -> Result<AzureMsiAttestor> {
@@ -690,8 +694,12 @@ impl JwtLab {
             "tenants": {AZURE_TENANT: {"keys_path": "keys.json"}},
             "allow_reattestation": true,
         }))?;
-        AzureMsiAttestor::new(&cfg, &self.dir, Arc::new(MemoryStateStore::default()))
-            .context("AzureMsiAttestor::new")
+        AzureMsiAttestor::new(
+            &cfg,
+            &PluginContext::for_tests(&self.dir),
+            Arc::new(MemoryStateStore::default()),
+        )
+        .context("AzureMsiAttestor::new")
     }
 }
 
@@ -855,14 +863,14 @@ async fn tofu_record(n: usize) -> Result<TofuRecord> {
         .collect();
     let c0 = process_cpu_time();
     for k in &keys {
-        tofu::record_attestation(&store, k, k, false)
+        tofu::record_attestation(&store, k, k, false, &SystemClock)
             .await
             .context("record_attestation (save_new)")?;
     }
     let c1 = process_cpu_time();
     let one = &keys[0];
     for _ in 0..n {
-        tofu::record_attestation(&store, one, one, true)
+        tofu::record_attestation(&store, one, one, true, &SystemClock)
             .await
             .context("record_attestation (save)")?;
     }

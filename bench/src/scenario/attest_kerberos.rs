@@ -41,7 +41,7 @@ use carapace_attestor_kerberos::agent::{KerberosAgentConfig, KerberosAttestorCli
 use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig};
 use carapace_attestor_kerberos::wire::{self, Answer};
 use carapace_core::plugin::{
-    AttestationSession, AttestationStep, NodeAttestor as _, NodeAttestorClient as _,
+    AttestationSession, AttestationStep, NodeAttestor as _, NodeAttestorClient as _, PluginContext,
 };
 use hsm_sim::kdc::{KRB5_PACKAGES, Kdc};
 
@@ -627,7 +627,7 @@ pub fn child(args: &ChildArgs) -> Result<ChildOutput> {
                 machine_account_domains: Default::default(),
                 replay_cache: None,
             },
-            data.path(),
+            &PluginContext::for_tests(data.path()),
         )
         .context("building the server's KerberosAttestor")?,
     );

@@ -25,12 +25,11 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::str::FromStr as _;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
@@ -54,7 +53,7 @@ use carapace_attestor_tpm::verify::{self, EkPolicy};
 use carapace_attestor_tpm::wire::{self, Challenge, Payload, Response};
 use carapace_core::plugin::{
     AttestationContext, AttestationStep, MemoryStateStore, NodeAttestor as _,
-    NodeAttestorClient as _,
+    NodeAttestorClient as _, PluginContext,
 };
 use hsm_sim::swtpm::{SWTPM_PACKAGES, Swtpm, TPM2_TOOLS_PACKAGE, TpmManufacturer};
 
@@ -176,7 +175,7 @@ impl Lab {
     pub fn server(&self) -> Result<TpmAttestor> {
         TpmAttestor::new(
             &self.server_config,
-            Path::new("/"),
+            &PluginContext::for_tests("/"),
             Arc::new(MemoryStateStore::default()),
         )
         .context("building the server's TpmAttestor")
@@ -677,10 +676,7 @@ pub fn server_rates(
     runs: usize,
     seconds: f64,
 ) -> Result<Vec<OpRate>> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0);
+    let now = carapace_core::clock::unix_now();
     let run_for = Duration::from_secs_f64(seconds.clamp(0.01, 600.0));
     let mut out = Vec::new();
     for op in ServerOp::ALL {

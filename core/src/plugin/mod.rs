@@ -5,11 +5,13 @@
 //! none has a default method for anything security-relevant: a forgotten implementation
 //! is a compile error, not a runtime surprise.
 
+mod context;
 mod key_manager;
 mod node_attestor;
 mod upstream_authority;
 mod workload_attestor;
 
+pub use context::PluginContext;
 pub use key_manager::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 pub use node_attestor::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, MemoryStateStore,

@@ -11,22 +11,15 @@ mod node_attestor;
 pub(crate) mod pkcs11;
 mod upstream_authority;
 
-use std::path::PathBuf;
-
 pub use key_manager::build_key_manager;
 pub use node_attestor::build_node_attestor;
 #[cfg(feature = "pkcs11")]
 pub use pkcs11::Pkcs11UpstreamConfig;
 pub use upstream_authority::{RootOptions, build_upstream_authority, init_upstream_root};
 
-/// What every plugin constructor may use.
-#[derive(Debug, Clone)]
-pub struct PluginContext {
-    /// The trust domain.
-    pub trust_domain: carapace_core::TrustDomain,
-    /// The server's data directory; relative plugin paths resolve against it.
-    pub data_dir: PathBuf,
-}
+/// What every plugin constructor may use (trust domain, data dir, clock); defined in core
+/// so that plugin crates take it too.
+pub use carapace_core::plugin::PluginContext;
 
 /// Checks every plugin name and configuration, adding one problem per fault.
 pub fn check_plugins(

@@ -75,7 +75,7 @@ pub fn build_node_attestor(
             let cfg: TpmServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                TpmAttestor::new(&cfg, &ctx.data_dir, state(ds, "tpm"))
+                TpmAttestor::new(&cfg, ctx, state(ds, "tpm"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
@@ -89,22 +89,21 @@ pub fn build_node_attestor(
             let cfg: KerberosServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                KerberosAttestor::new(&cfg, &ctx.data_dir)
-                    .map_err(|e| Error::Config(e.to_string()))?,
+                KerberosAttestor::new(&cfg, ctx).map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
         "sshpop" => {
             let cfg: SshServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                SshAttestor::new(&cfg, &ctx.data_dir).map_err(|e| Error::Config(e.to_string()))?,
+                SshAttestor::new(&cfg, ctx).map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
         "aws_iid" => {
             let cfg: AwsServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                AwsIidAttestor::new(&cfg, &ctx.data_dir, state(ds, "aws_iid"))
+                AwsIidAttestor::new(&cfg, ctx, state(ds, "aws_iid"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
@@ -112,7 +111,7 @@ pub fn build_node_attestor(
             let cfg: GcpServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                GcpIitAttestor::new(&cfg, &ctx.data_dir, state(ds, "gcp_iit"))
+                GcpIitAttestor::new(&cfg, ctx, state(ds, "gcp_iit"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }
@@ -120,7 +119,7 @@ pub fn build_node_attestor(
             let cfg: AzureServerConfig =
                 parse(table).map_err(|e| Error::Config(format!("node_attestor.{name}: {e}")))?;
             Ok(Arc::new(
-                AzureMsiAttestor::new(&cfg, &ctx.data_dir, state(ds, "azure_msi"))
+                AzureMsiAttestor::new(&cfg, ctx, state(ds, "azure_msi"))
                     .map_err(|e| Error::Config(e.to_string()))?,
             ))
         }

@@ -60,8 +60,10 @@ mod tests;
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+// Event and journal timestamps: the system's time (no plugin context reaches the datastore).
+use carapace_core::clock::unix_now;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -361,14 +363,6 @@ fn create_db_file(path: &Path) -> Result<()> {
             path.display()
         )))?;
     Ok(())
-}
-
-/// The current time in unix seconds, for event and journal timestamps.
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// The error for a stored row that does not convert back into a core type.
