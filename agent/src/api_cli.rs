@@ -9,9 +9,10 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use carapace_core::bundle::{der_to_pem, pem_block};
+use carapace_core::clock::{rfc3339, unix_now};
 use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use carapace_proto::workload::{X509BundlesRequest, X509svid, X509svidRequest, X509svidResponse};
 use tonic::service::Interceptor;
@@ -113,24 +114,8 @@ fn split_der(mut der: &[u8]) -> Result<Vec<X509Certificate<'_>>> {
     Ok(out)
 }
 
-fn rfc3339(unix: i64) -> String {
-    let t = if unix >= 0 {
-        UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(unix.unsigned_abs())
-    };
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
 fn time_left(expires_at: i64) -> String {
-    let left = expires_at.saturating_sub(now_unix());
+    let left = expires_at.saturating_sub(unix_now());
     let d = humantime::format_duration(Duration::from_secs(left.unsigned_abs()));
     if left >= 0 {
         format!("in {d}")
@@ -330,7 +315,7 @@ pub async fn fetch_x509(
 fn summary_line(resp: &X509svidResponse) -> String {
     let mut line = format!(
         "{} {} SVID{}:",
-        humantime::format_rfc3339_seconds(SystemTime::now()),
+        rfc3339(unix_now()),
         resp.svids.len(),
         if resp.svids.len() == 1 { "" } else { "s" }
     );

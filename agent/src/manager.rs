@@ -88,10 +88,7 @@ pub fn rotate_at(since: i64, not_after: i64) -> i64 {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    carapace_core::clock::unix_now()
 }
 
 struct Slot {

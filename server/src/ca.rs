@@ -649,7 +649,7 @@ impl CaManager {
         loop {
             tokio::select! {
                 _ = interval.tick() => {
-                    if let Err(e) = self.tick(crate::unix_now()).await {
+                    if let Err(e) = self.tick(carapace_core::clock::unix_now()).await {
                         tracing::error!(error = %e, "CA rotation failed; retrying");
                     }
                 }

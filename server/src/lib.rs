@@ -36,10 +36,6 @@ use crate::config::Config;
 use crate::datastore::Datastore;
 use crate::entry_cache::EntryCache;
 
-/// The current unix time in seconds: core's [`carapace_core::clock::unix_now`], named
-/// here for the modules that predate the clock.
-pub use carapace_core::clock::unix_now;
-
 /// How often expired entries and join tokens are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 

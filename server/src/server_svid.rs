@@ -36,7 +36,7 @@ async fn issue(ca: &Arc<CaManager>, key: &Arc<dyn KeySigner>, ttl: Duration) -> 
         SubjectKey::from_spki(key.public_key_der())?,
         ttl,
         Vec::new(),
-        crate::unix_now(),
+        carapace_core::clock::unix_now(),
     )
     .await
 }
@@ -60,12 +60,13 @@ pub async fn start(
         let mut bundle = ca.bundle();
         let mut active_key = ca.active().map(|a| a.key_id.clone()).unwrap_or_default();
         let half_life = |expires_at: i64| {
-            let now = crate::unix_now();
+            let now = carapace_core::clock::unix_now();
             now + (expires_at - now).max(2) / 2
         };
         let mut renew_at = half_life(svid.expires_at);
         loop {
-            let wait = Duration::from_secs((renew_at - crate::unix_now()).max(0) as u64);
+            let wait =
+                Duration::from_secs((renew_at - carapace_core::clock::unix_now()).max(0) as u64);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 changed = bundle.changed() => {
@@ -85,7 +86,7 @@ pub async fn start(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "renewing the server SVID failed; retrying in 10s");
-                    renew_at = crate::unix_now() + 10;
+                    renew_at = carapace_core::clock::unix_now() + 10;
                 }
             }
         }

@@ -130,7 +130,7 @@ proptest! {
         runtime.block_on(async {
             let ds = Datastore::open_in_memory().await.unwrap();
             let t = generate_join_token();
-            let now = carapace_server::unix_now();
+            let now = carapace_core::clock::unix_now();
             ds.create_join_token(&t.id, &t.secret_hash, now + 600, now, None).await.unwrap();
             let attestor = JoinTokenAttestor::new(ds.clone());
             // The record the server writes for the agent a token admits, with the token

@@ -98,7 +98,7 @@ pub async fn bench_ca() -> Result<(Arc<CaManager>, Arc<CaSlot>)> {
         organization: "Carapace".into(),
         country: "US".into(),
     };
-    let ca = CaManager::load(td, km, None, ds, settings, carapace_server::unix_now()).await?;
+    let ca = CaManager::load(td, km, None, ds, settings, carapace_core::clock::unix_now()).await?;
     let slot = ca.active()?;
     Ok((ca, slot))
 }
@@ -116,7 +116,7 @@ pub fn issue_all(
     }
     let threads = threads.clamp(1, csrs.len().max(1));
     let per = csrs.len().div_ceil(threads);
-    let now = carapace_server::unix_now();
+    let now = carapace_core::clock::unix_now();
     let start = Instant::now();
     std::thread::scope(|s| {
         let handles: Vec<_> = csrs

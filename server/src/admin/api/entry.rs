@@ -12,7 +12,9 @@ use carapace_proto::types;
 use super::AdminApi;
 use super::fields::{new_entry_id, optional_id};
 use crate::datastore::EntryFilter;
-use crate::{Error, Result, unix_now};
+use carapace_core::clock::unix_now;
+
+use crate::{Error, Result};
 
 /// The datastore filter a `ListEntries` or `CountEntries` request asks for.
 fn filter_from(req: &ListEntriesRequest) -> Result<EntryFilter> {

@@ -16,7 +16,7 @@ use super::*;
 use crate::admin::cli::{self as admin_cli, AdminCommand, EntryList, EntryView, TokenView};
 use crate::ca::CaSettings;
 use crate::datastore::{AttestedAgent, Datastore};
-use crate::unix_now;
+use carapace_core::clock::unix_now;
 
 #[derive(Debug, Parser)]
 struct Cli {

@@ -7,7 +7,9 @@ use carapace_proto::admin::{CreateJoinTokenRequest, JoinToken};
 use super::AdminApi;
 use super::fields::{deadline, new_entry_id, optional_id, ttl_or_default};
 use crate::node_attestor::generate_join_token;
-use crate::{Result, unix_now};
+use carapace_core::clock::unix_now;
+
+use crate::Result;
 
 impl AdminApi {
     pub(super) async fn create_join_token_inner(

@@ -7,7 +7,9 @@ use carapace_proto::types;
 use super::AdminApi;
 use super::fields::{required_id, ttl_or_default};
 use crate::ca::csr_public_key;
-use crate::{Error, Result, unix_now};
+use carapace_core::clock::unix_now;
+
+use crate::{Error, Result};
 
 impl AdminApi {
     pub(super) async fn mint_x509svid_inner(

@@ -6,7 +6,6 @@
 //! noun's own module; they are pure functions over the views, tested without a server.
 
 use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 use clap::ValueEnum;
 use serde::Serialize;
@@ -22,16 +21,9 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Unix seconds as RFC 3339 (UTC, seconds). Any stored value prints: one outside
-/// 1970..=9999 (which RFC 3339 cannot write; older versions stored such values) prints as
-/// `unix <n>`.
-pub fn rfc3339(unix: i64) -> String {
-    if !(0..=carapace_core::limits::MAX_UNIX_TIME).contains(&unix) {
-        return format!("unix {unix} (outside 1970-01-01..9999-12-31)");
-    }
-    let t = UNIX_EPOCH + Duration::from_secs(unix.unsigned_abs());
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+/// Unix seconds as RFC 3339 (UTC, seconds): core's one formatter, which prints any
+/// stored value (one outside 1970..=9999 as `unix <n>`).
+pub use carapace_core::clock::rfc3339;
 
 /// One `Label            : value` line of the human layout.
 pub(super) fn field(out: &mut String, label: &str, value: impl std::fmt::Display) {
