@@ -26,11 +26,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use carapace_core::clock::SystemClock;
+
 pub use error::{Error, Result};
 
 use crate::ca::{CaManager, CaSettings};
-use carapace_core::clock::SystemClock;
-
 use crate::catalog::PluginContext;
 use crate::config::Config;
 use crate::datastore::Datastore;
