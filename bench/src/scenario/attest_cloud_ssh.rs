@@ -1355,7 +1355,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "per attestation on Postgres), more than the verification measured here."
+                "as measured for the goals), more than the verification measured here."
             ),
             "{text}"
         );
