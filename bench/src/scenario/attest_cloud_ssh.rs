@@ -1354,9 +1354,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains(
-                "as measured for the goals), more than the verification measured here."
-            ),
+            text.contains("as measured for the goals), more than the verification measured here."),
             "{text}"
         );
         assert!(
