@@ -31,6 +31,22 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Parses a duration given on the command line, the way SPIRE's users type them: bare
+/// seconds (`60`, SPIRE's form) or a number with units (`60s`, `10m`, `1h30m`, `7d`). For
+/// every duration flag of both CLIs (clap's `value_parser`).
+pub fn parse_duration_flag(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map(std::time::Duration::from_secs)
+            .map_err(|_| format!("{s} seconds is too large"));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("expected seconds (60) or a duration with units (60s, 10m, 1h, 7d): {e}")
+    })
+}
+
 /// Environment variable overriding the log filter.
 pub const ENV_LOG: &str = "CARAPACE_LOG";
 /// Environment variable overriding the log format (`text` or `json`).
@@ -360,6 +376,37 @@ pub async fn uds_channel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn duration_flags_take_bare_seconds_and_units() {
+        use std::time::Duration;
+        for (input, secs) in [
+            ("60", 60),
+            ("60s", 60),
+            (" 90 ", 90),
+            ("10m", 600),
+            ("1h30m", 5400),
+            ("7d", 604_800),
+            ("0", 0),
+        ] {
+            assert_eq!(
+                parse_duration_flag(input),
+                Ok(Duration::from_secs(secs)),
+                "{input:?}"
+            );
+        }
+        for bad in [
+            "",
+            "-5",
+            "1.5",
+            "ten",
+            "5 parsecs",
+            "99999999999999999999999",
+        ] {
+            let e = parse_duration_flag(bad).unwrap_err();
+            assert!(e.contains("seconds") && !e.is_empty(), "{bad:?}: {e}");
+        }
+    }
     use std::os::unix::fs::PermissionsExt as _;
 
     #[derive(Debug, Default, serde::Deserialize)]

@@ -75,9 +75,9 @@ enum UpstreamCommand {
         /// Root key type: ec-p256, ec-p384 or rsa-2048.
         #[arg(long, default_value = "ec-p256")]
         key_type: String,
-        /// Root lifetime, e.g. 10y, 5y, 8760h (at most 36500 days).
-        #[arg(long, default_value = "10y")]
-        ttl: humantime::Duration,
+        /// Root lifetime: seconds or with units (10y, 5y, 8760h), at most 36500 days.
+        #[arg(long, default_value = "10y", value_parser = carapace_common::parse_duration_flag)]
+        ttl: std::time::Duration,
         /// Subject common name (default: "<trust domain> root CA").
         #[arg(long)]
         common_name: Option<String>,
@@ -122,7 +122,6 @@ async fn upstream(cmd: UpstreamCommand) -> Result<String, String> {
             organization,
             ..
         } => {
-            let ttl: std::time::Duration = ttl.into();
             carapace_core::limits::check_duration(
                 ttl,
                 config::MIN_TTL,

@@ -44,8 +44,9 @@ pub struct EntryFields {
     /// Selector `type:value` (e.g. unix:uid:1000); repeat for several (all must match).
     #[arg(long = "selector", value_name = "TYPE:VALUE", required = true)]
     pub selectors: Vec<String>,
-    /// X509-SVID lifetime, e.g. 30s, 1h, at most 365 days (default: the server's).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// X509-SVID lifetime: seconds (3600) or with units (30s, 1h), at most 365 days
+    /// (default: the server's).
+    #[arg(long, value_name = "DURATION", value_parser = carapace_common::parse_duration_flag)]
     pub x509_svid_ttl: Option<Duration>,
     /// DNS name to add to the SVID; repeat for several (the first becomes the CN).
     #[arg(long = "dns-name", value_name = "NAME")]

@@ -443,3 +443,49 @@ fn client_side_checks_name_the_flag() {
     f.x509_svid_ttl = Some(Duration::from_millis(500));
     assert!(err(f).contains("--x509-svid-ttl"));
 }
+
+#[test]
+fn every_duration_flag_takes_bare_seconds_and_units() {
+    let base = |cmd: &[&'static str], flag: &'static str, value: &'static str| {
+        let mut args = cmd.to_vec();
+        args.extend([flag, value]);
+        parse(&args)
+    };
+    let entry: &[&str] = &[
+        "entry",
+        "create",
+        "--parent-id",
+        "spiffe://example.org/a",
+        "--spiffe-id",
+        "spiffe://example.org/b",
+        "--selector",
+        "unix:uid:1",
+    ];
+    let token: &[&str] = &["token", "generate"];
+    let mint: &[&str] = &["x509", "mint", "--spiffe-id", "spiffe://example.org/m"];
+    let ttl_of = |cmd: AdminCommand| match cmd {
+        AdminCommand::Entry(EntryCommand::Create(a)) => a.fields.x509_svid_ttl,
+        AdminCommand::Token(TokenCommand::Generate(a)) => a.ttl,
+        AdminCommand::X509(X509Command::Mint(a)) => a.ttl,
+        other => panic!("{other:?}"),
+    };
+    for (cmd, flag) in [
+        (entry, "--x509-svid-ttl"),
+        (token, "--ttl"),
+        (mint, "--ttl"),
+    ] {
+        for (value, secs) in [("3600", 3600), ("3600s", 3600), ("1h", 3600), ("90m", 5400)] {
+            let parsed = base(cmd, flag, value).unwrap_or_else(|e| panic!("{flag} {value}: {e}"));
+            assert_eq!(
+                ttl_of(parsed),
+                Some(Duration::from_secs(secs)),
+                "{flag} {value}"
+            );
+        }
+        let err = base(cmd, flag, "an hour").unwrap_err().to_string();
+        assert!(
+            err.contains(flag) && err.contains("expected seconds (60) or a duration with units"),
+            "{err}"
+        );
+    }
+}

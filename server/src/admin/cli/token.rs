@@ -26,10 +26,10 @@ pub struct TokenGenerateArgs {
     /// the token.
     #[arg(long)]
     pub spiffe_id: Option<String>,
-    /// Seconds the token stays valid, at most 31536000 (365 days) (default: the server's,
-    /// 600).
-    #[arg(long, value_name = "SECONDS")]
-    pub ttl: Option<u64>,
+    /// How long the token stays valid: seconds (600) or with units (10m, 1h), at most 365
+    /// days (default: the server's, 600 seconds).
+    #[arg(long, value_name = "DURATION", value_parser = carapace_common::parse_duration_flag)]
+    pub ttl: Option<Duration>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -81,7 +81,7 @@ async fn token_generate(a: TokenGenerateArgs) -> Result<String> {
     let ttl = ttl_secs(
         CMD,
         "--ttl",
-        a.ttl.map(Duration::from_secs),
+        a.ttl,
         carapace_core::limits::MAX_JOIN_TOKEN_TTL,
     )?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;

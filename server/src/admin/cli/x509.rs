@@ -33,8 +33,9 @@ pub struct X509MintArgs {
     /// SPIFFE ID of the SVID.
     #[arg(long)]
     pub spiffe_id: String,
-    /// Lifetime, e.g. 30s, 1h, at most 365 days (default: the server's).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// Lifetime: seconds (3600) or with units (30s, 1h), at most 365 days (default: the
+    /// server's).
+    #[arg(long, value_name = "DURATION", value_parser = carapace_common::parse_duration_flag)]
     pub ttl: Option<Duration>,
     /// DNS name to add to the SVID; repeat for several.
     #[arg(long = "dns-name", value_name = "NAME")]
