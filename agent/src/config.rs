@@ -169,6 +169,32 @@ pub enum Bootstrap {
     Insecure,
 }
 
+impl Config {
+    /// The server's CA certificates from `trust_bundle_path`, read and parsed: a regular
+    /// file of at most [`carapace_common::MAX_CONFIG_FILE_BYTES`] (a FIFO or a device must
+    /// not hang start-up) holding PEM certificates. `None` with `insecure_bootstrap`.
+    pub fn read_trust_bundle(&self) -> Result<Option<carapace_core::TrustBundle>, String> {
+        let Bootstrap::BundleFile(path) = &self.bootstrap else {
+            return Ok(None);
+        };
+        let pem = carapace_common::read_operator_file(
+            path,
+            "trust bundle",
+            carapace_common::MAX_CONFIG_FILE_BYTES,
+        )?;
+        carapace_core::TrustBundle::from_pem(self.trust_domain.clone(), &pem)
+            .map(Some)
+            .map_err(|e| format!("trust bundle {}: {e}", path.display()))
+    }
+
+    /// Problems with the files this configuration names, found by reading them (today the
+    /// trust bundle). `validate` reports them, and `run` refuses to start with any, before
+    /// it binds the Workload API socket or contacts the server.
+    pub fn check_files(&self) -> Vec<String> {
+        self.read_trust_bundle().err().into_iter().collect()
+    }
+}
+
 /// A validated configuration.
 #[derive(Clone)]
 pub struct Config {

@@ -41,6 +41,11 @@ use crate::workload_api::WorkloadApi;
 /// them before it drops what
 /// is left; it then removes its socket, if that is still the one it bound.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    // Every configuration problem before anything is created, bound or contacted.
+    let problems = cfg.check_files();
+    if !problems.is_empty() {
+        return Err(Error::Config(problems.join("; ")));
+    }
     carapace_common::ensure_private_dir(&cfg.data_dir, "data directory").map_err(Error::Config)?;
     let _lock =
         carapace_common::lock_data_dir(&cfg.data_dir, "carapace-agent").map_err(Error::Config)?;

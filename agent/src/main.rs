@@ -37,6 +37,13 @@ enum Command {
         #[command(subcommand)]
         command: ApiCommand,
     },
+    /// Check a configuration without starting anything: every problem of the file, its
+    /// plugins and the files it names (the trust bundle), one per line; exit 64 if any.
+    Validate {
+        /// TOML config file.
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+    },
     /// Check that the agent answers on its Workload API socket.
     Healthcheck {
         /// Workload API socket.
@@ -145,6 +152,13 @@ async fn async_main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            let problems = cfg.check_files();
+            if !problems.is_empty() {
+                for p in problems {
+                    eprintln!("carapace-agent: {p}");
+                }
+                return ExitCode::from(EXIT_USAGE);
+            }
             carapace_common::init_tracing(&cfg.log_level, cfg.log_json);
             let r = carapace_agent::run(cfg, carapace_common::shutdown_signal()).await;
             if let Err(e) = &r {
@@ -177,6 +191,21 @@ async fn async_main() -> ExitCode {
                 api_cli::watch_x509(&socket_path, |line| println!("{line}")).await,
                 |_| {},
             )
+        }
+        Command::Validate { config } => {
+            let problems = match config::load(Some(&config), Overrides::default()) {
+                Ok(cfg) => cfg.check_files(),
+                Err(problems) => problems,
+            };
+            if problems.is_empty() {
+                println!("{}: ok", config.display());
+                return ExitCode::SUCCESS;
+            }
+            for p in &problems {
+                println!("{p}");
+            }
+            eprintln!("{}: {} problem(s)", config.display(), problems.len());
+            ExitCode::from(EXIT_USAGE)
         }
         Command::Healthcheck { socket_path } => {
             carapace_common::init_tracing("warn", false);

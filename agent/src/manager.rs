@@ -210,16 +210,11 @@ impl Manager {
         })?;
         let tls = match (&stored_bundle, &cfg.bootstrap) {
             (Some(b), _) => Self::bundle_tls(&cfg, b.clone())?,
-            (None, Bootstrap::BundleFile(path)) => {
-                // A regular file of bounded size: a FIFO or a device must not hang start-up.
-                let pem = carapace_common::read_operator_file(
-                    path,
-                    "trust bundle",
-                    carapace_common::MAX_CONFIG_FILE_BYTES,
-                )
-                .map_err(Error::Config)?;
-                let b = TrustBundle::from_pem(cfg.trust_domain.clone(), &pem)
-                    .map_err(|e| Error::Config(format!("trust bundle {}: {e}", path.display())))?;
+            (None, Bootstrap::BundleFile(_)) => {
+                let b = cfg
+                    .read_trust_bundle()
+                    .map_err(Error::Config)?
+                    .ok_or_else(|| Error::Config("no trust bundle configured".into()))?;
                 Self::bundle_tls(&cfg, b)?
             }
             (None, Bootstrap::Insecure) => {

@@ -11,7 +11,7 @@ fn agent() -> Command {
 fn help_lists_every_command() {
     let out = agent().arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["run", "api", "healthcheck"] {
+    for cmd in ["run", "validate", "api", "healthcheck"] {
         assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
     }
     let out = agent().args(["run", "--help"]).output().unwrap();
@@ -223,4 +223,95 @@ fn a_trust_bundle_that_is_a_device_is_refused_promptly() {
         err.contains("trust bundle /dev/zero: is a character device"),
         "{err}"
     );
+}
+
+#[test]
+fn validate_reports_every_problem_including_the_files_named_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let sock_dir = dir.path().join("sock");
+    let write_config = |extra: &str, bundle: &str| {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "data_dir = {data:?}\nsocket_path = {sock:?}\ntrust_bundle_path = {bundle:?}\n{extra}",
+                sock = sock_dir.join("api.sock"),
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let missing = dir.path().join("missing.pem");
+    let bad = write_config("nope = 1\n", missing.to_str().unwrap());
+    let out = agent()
+        .args(["validate", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("nope"), "{text}");
+    // A file problem is found too once the file itself parses.
+    let bad_bundle = write_config("", missing.to_str().unwrap());
+    let out = agent()
+        .args(["validate", "--config"])
+        .arg(&bad_bundle)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("trust bundle") && text.contains("missing.pem"),
+        "{text}"
+    );
+    // `run` with the same file refuses before it creates, binds or contacts anything.
+    let out = output_within_20s({
+        let mut c = agent();
+        c.args([
+            "run",
+            "--join-token",
+            "t",
+            "--server-address",
+            "127.0.0.1:1",
+            "--config",
+        ])
+        .arg(&bad_bundle);
+        c
+    });
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing.pem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!data.exists() && !sock_dir.exists());
+    // Not a PEM bundle.
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let out = agent()
+        .args(["validate", "--config"])
+        .arg(write_config("", junk.to_str().unwrap()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("junk.pem"));
+    // A good one.
+    let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
+    let good_pem = dir.path().join("bundle.pem");
+    std::fs::write(&good_pem, ca.cert.pem()).unwrap();
+    let good = write_config("", good_pem.to_str().unwrap());
+    let out = agent()
+        .args(["validate", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
+    assert!(!data.exists() && !sock_dir.exists());
 }
