@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use carapace_core::clock::unix_now;
 use carapace_core::plugin::{
     AttestationContext, AttestationStep, NodeAttestor, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
 };
@@ -123,7 +124,7 @@ pub(crate) fn peer_svid<IO>(conn: &tokio_rustls::server::TlsStream<IO>) -> Optio
 
 /// A tokio instant at unix time `t` (seconds), or now if that has passed.
 fn until_unix(t: i64) -> tokio::time::Instant {
-    let left = t.saturating_sub(carapace_core::clock::unix_now()).max(0);
+    let left = t.saturating_sub(unix_now()).max(0);
     tokio::time::Instant::now() + Duration::from_secs(left.unsigned_abs())
 }
 
@@ -245,7 +246,7 @@ impl NodeApi {
         }
         match self
             .cache
-            .authenticate_agent(&peer.credential(carapace_core::clock::unix_now()))
+            .authenticate_agent(&peer.credential(unix_now()))
             .await
         {
             Ok(agent) => Ok((agent, peer)),
@@ -266,7 +267,7 @@ impl NodeApi {
             return; // a backend away for now says nothing about the node
         }
         let Some(peer) = peer else { return };
-        let now = carapace_core::clock::unix_now();
+        let now = unix_now();
         if !peer.id.is_agent()
             || !peer.id.is_member_of(self.ca.trust_domain())
             || self.cache.still_authorized(&peer.credential(now)).is_err()
@@ -376,7 +377,7 @@ impl NodeApi {
                 "agent {agent_id} is banned"
             )));
         }
-        let now = carapace_core::clock::unix_now();
+        let now = unix_now();
         let svid = self
             .ca
             .issue_x509_svid(
@@ -501,7 +502,7 @@ impl node::node_server::Node for NodeApi {
                 key,
                 self.settings.agent_svid_ttl,
                 Vec::new(),
-                carapace_core::clock::unix_now(),
+                unix_now(),
             )
             .await?;
         let serial =
@@ -534,10 +535,7 @@ impl node::node_server::Node for NodeApi {
             loop {
                 // The agent may have been banned, evicted, refused or renewed since the
                 // call began, or its SVID may have expired: checked at every change.
-                if let Err(e) = this
-                    .cache
-                    .still_authorized(&peer.credential(carapace_core::clock::unix_now()))
-                {
+                if let Err(e) = this.cache.still_authorized(&peer.credential(unix_now())) {
                     tracing::info!(agent = %id, error = %e, "ended an agent's sync stream");
                     let _ = tx.send(Err(Status::from(e))).await;
                     return;
@@ -587,7 +585,7 @@ impl node::node_server::Node for NodeApi {
             .collect();
         let ca = self.ca.active()?;
         let default_ttl = self.settings.default_x509_svid_ttl;
-        let now = carapace_core::clock::unix_now();
+        let now = unix_now();
         let jobs: Vec<(String, Option<Arc<RegistrationEntry>>, Vec<u8>)> = params
             .into_iter()
             .map(|p| {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use carapace_core::clock::unix_now;
 use carapace_core::plugin::{KeyManager, KeySigner};
 use carapace_core::{Error as CoreError, KeyType};
 use carapace_tls::{FixedCert, certified_key};
@@ -36,7 +37,7 @@ async fn issue(ca: &Arc<CaManager>, key: &Arc<dyn KeySigner>, ttl: Duration) -> 
         SubjectKey::from_spki(key.public_key_der())?,
         ttl,
         Vec::new(),
-        carapace_core::clock::unix_now(),
+        unix_now(),
     )
     .await
 }
@@ -60,13 +61,12 @@ pub async fn start(
         let mut bundle = ca.bundle();
         let mut active_key = ca.active().map(|a| a.key_id.clone()).unwrap_or_default();
         let half_life = |expires_at: i64| {
-            let now = carapace_core::clock::unix_now();
+            let now = unix_now();
             now + (expires_at - now).max(2) / 2
         };
         let mut renew_at = half_life(svid.expires_at);
         loop {
-            let wait =
-                Duration::from_secs((renew_at - carapace_core::clock::unix_now()).max(0) as u64);
+            let wait = Duration::from_secs((renew_at - unix_now()).max(0) as u64);
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 changed = bundle.changed() => {
@@ -86,7 +86,7 @@ pub async fn start(
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "renewing the server SVID failed; retrying in 10s");
-                    renew_at = carapace_core::clock::unix_now() + 10;
+                    renew_at = unix_now() + 10;
                 }
             }
         }

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use carapace_core::clock::unix_now;
 use carapace_core::plugin::{AttestationContext, AttestationResult, AttestationStep, NodeAttestor};
 use carapace_core::{Error, SelectorSet};
 
@@ -105,7 +106,7 @@ impl NodeAttestor for JoinTokenAttestor {
     ) -> Result<AttestationStep, Error> {
         let presented = presented_token(payload).ok_or_else(rejected)?;
         let id = presented.id.as_str();
-        let now = carapace_core::clock::unix_now();
+        let now = unix_now();
         let stored = self
             .ds
             .get_join_token(id)
@@ -143,7 +144,7 @@ mod tests {
     async fn attestor_with_token(ttl: i64) -> (Arc<JoinTokenAttestor>, GeneratedToken, Datastore) {
         let ds = Datastore::open_in_memory().await.unwrap();
         let t = generate_join_token();
-        let now = carapace_core::clock::unix_now();
+        let now = unix_now();
         ds.create_join_token(&t.id, &t.secret_hash, now + ttl, now, None)
             .await
             .unwrap();
@@ -164,7 +165,7 @@ mod tests {
         let presented = presented_token(token.as_bytes()).unwrap();
         assert_eq!(presented.id, r.agent_path);
         assert!(!r.can_reattest);
-        let agent = admitted(&r.agent_path, carapace_core::clock::unix_now(), r.selectors);
+        let agent = admitted(&r.agent_path, unix_now(), r.selectors);
         ds.attest_agent(&agent, Some(&presented)).await
     }
 
@@ -208,7 +209,7 @@ mod tests {
             .await
             .unwrap();
         let t = generate_join_token();
-        let now = carapace_core::clock::unix_now();
+        let now = unix_now();
         ds.create_join_token(&t.id, &t.secret_hash, now + 60, now, None)
             .await
             .unwrap();
@@ -252,7 +253,7 @@ mod tests {
             id: t.id.clone(),
             secret_hash: [0; 32],
         };
-        let agent = admitted(&t.id, carapace_core::clock::unix_now(), SelectorSet::new());
+        let agent = admitted(&t.id, unix_now(), SelectorSet::new());
         let err = ds.attest_agent(&agent, Some(&stolen_id)).await.unwrap_err();
         assert!(is_refusal(&err), "{err}");
         assert!(
@@ -293,7 +294,7 @@ mod tests {
             .await
             .unwrap();
         let t = generate_join_token();
-        let now = carapace_core::clock::unix_now();
+        let now = unix_now();
         ds.create_join_token(&t.id, &t.secret_hash, now + 60, now, None)
             .await
             .unwrap();
