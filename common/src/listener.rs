@@ -559,15 +559,78 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
     }
 }
 
-// === impl UnixConn ===
+// === impl WithConnectInfo ===
+
+/// A stream and the connect info its RPC handlers see (tonic's `Connected`), reads and
+/// writes passed straight through: what every listener hands tonic ([`UnixConn`] here,
+/// the node API's TLS connections in the server).
+#[derive(Debug)]
+pub struct WithConnectInfo<IO, I> {
+    inner: IO,
+    info: I,
+}
+
+impl<IO, I> WithConnectInfo<IO, I> {
+    /// `inner`, whose handlers see `info`.
+    pub fn new(inner: IO, info: I) -> Self {
+        WithConnectInfo { inner, info }
+    }
+}
+
+impl<IO, I> tonic::transport::server::Connected for WithConnectInfo<IO, I>
+where
+    I: Clone + Send + Sync + 'static,
+{
+    type ConnectInfo = I;
+
+    fn connect_info(&self) -> I {
+        self.info.clone()
+    }
+}
+
+impl<IO: AsyncRead + Unpin, I: Unpin> AsyncRead for WithConnectInfo<IO, I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin, I: Unpin> AsyncWrite for WithConnectInfo<IO, I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// A Unix socket connection whose connect info carries its peer's uid and its
 /// [`ConnectionHandle`] (for [`TrackRpcsLayer`]).
-#[derive(Debug)]
-pub struct UnixConn {
-    inner: tokio::net::UnixStream,
-    info: UnixConnInfo,
-}
+pub type UnixConn = WithConnectInfo<tokio::net::UnixStream, UnixConnInfo>;
 
 /// The connect info of a [`UnixConn`].
 #[derive(Debug, Clone)]
@@ -581,42 +644,6 @@ pub struct UnixConnInfo {
 impl HasConnection for UnixConnInfo {
     fn connection(&self) -> &ConnectionHandle {
         &self.connection
-    }
-}
-
-impl tonic::transport::server::Connected for UnixConn {
-    type ConnectInfo = UnixConnInfo;
-
-    fn connect_info(&self) -> UnixConnInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for UnixConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for UnixConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -647,13 +674,13 @@ pub fn unix_incoming(
                 let connection = ConnectionHandle::new(idle_timeout);
                 match limiter.admit(uid, &connection) {
                     Ok(admission) => {
-                        let conn = UnixConn {
-                            inner: stream,
-                            info: UnixConnInfo {
+                        let conn = UnixConn::new(
+                            stream,
+                            UnixConnInfo {
                                 uid,
                                 connection: connection.clone(),
                             },
-                        };
+                        );
                         let tracked = Tracked::new(conn, connection, admission);
                         return Some((Ok(tracked), (listener, limiter, backoff, refused)));
                     }

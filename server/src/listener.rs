@@ -19,21 +19,17 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use carapace_common::listener::{
     AcceptBackoff, ConnectionHandle, ConnectionLimiter, Limits, TrackRpcsLayer, Tracked,
-    accept_with_backoff,
+    WithConnectInfo, accept_with_backoff,
 };
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::Connected;
 
 use crate::node_api::{
     HANDSHAKE_TIMEOUT, MAX_ATTESTATION_MESSAGE_SIZE, MAX_MESSAGE_SIZE, NodeApi, PeerInfo,
@@ -89,54 +85,7 @@ impl NodeApiLimits {
 }
 
 /// A TLS connection carrying its [`PeerInfo`] to the handlers.
-#[derive(Debug)]
-pub struct TlsConn {
-    inner: tokio_rustls::server::TlsStream<Tracked<TcpStream>>,
-    info: PeerInfo,
-}
-
-impl Connected for TlsConn {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
+pub type TlsConn = WithConnectInfo<tokio_rustls::server::TlsStream<Tracked<TcpStream>>, PeerInfo>;
 
 /// Ready connections, split by whether they carry an agent SVID.
 #[derive(Debug)]
@@ -226,14 +175,14 @@ pub fn incoming(
                 };
                 if info.svid.as_ref().is_some_and(|s| s.id.is_agent()) {
                     conn.set_idle_timeout(None);
-                    let _ = authed_tx.send(Ok(TlsConn { inner: tls, info })).await;
+                    let _ = authed_tx.send(Ok(TlsConn::new(tls, info))).await;
                     return;
                 }
                 match unauthenticated.admit(remote.ip(), &conn) {
                     Ok(admission) => {
                         let mut tls = tls;
                         tls.get_mut().0.hold(admission);
-                        let _ = unauth_tx.send(Ok(TlsConn { inner: tls, info })).await;
+                        let _ = unauth_tx.send(Ok(TlsConn::new(tls, info))).await;
                     }
                     Err(refusal) => {
                         tracing::debug!(%remote, %refusal, "node API connection without an agent SVID refused");
