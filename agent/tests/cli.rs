@@ -122,29 +122,8 @@ fn output_within_20s(mut cmd: Command) -> std::process::Output {
 #[test]
 fn run_refuses_config_files_that_are_devices_fifos_or_huge_promptly() {
     let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("fifo.toml");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let huge = dir.path().join("huge.toml");
-    std::fs::write(&huge, format!("#{}\n", "x".repeat(2 << 20))).unwrap();
     let data = dir.path().join("data");
-    for (path, needle) in [
-        (
-            std::path::PathBuf::from("/dev/zero"),
-            "is a character device",
-        ),
-        (fifo.clone(), "is a FIFO"),
-        (dir.path().to_path_buf(), "is a directory"),
-        (
-            huge.clone(),
-            "is 2097154 bytes, more than the 1048576 allowed",
-        ),
-    ] {
+    for (path, needle) in hsm_sim::operator_files::not_small_regular_files(dir.path()).unwrap() {
         let mut cmd = agent();
         cmd.args(["run", "--insecure-bootstrap", "--config"])
             .arg(&path)

@@ -264,29 +264,7 @@ ek_hash_allowlist = ["ABC"]
 #[test]
 fn validate_refuses_devices_fifos_directories_and_huge_files_promptly() {
     let dir = tempfile::tempdir().unwrap();
-    let fifo = dir.path().join("fifo.toml");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success()
-    );
-    let huge = dir.path().join("huge.toml");
-    // Valid TOML (one comment line), but 2 MiB: over the 1 MiB cap.
-    std::fs::write(&huge, format!("#{}\n", "x".repeat(2 << 20))).unwrap();
-    for (path, needle) in [
-        (
-            std::path::PathBuf::from("/dev/zero"),
-            "is a character device",
-        ),
-        (fifo.clone(), "is a FIFO"),
-        (dir.path().to_path_buf(), "is a directory"),
-        (
-            huge.clone(),
-            "is 2097154 bytes, more than the 1048576 allowed",
-        ),
-    ] {
+    for (path, needle) in hsm_sim::operator_files::not_small_regular_files(dir.path()).unwrap() {
         let mut cmd = server();
         cmd.args(["validate", "--config"]).arg(&path);
         let out = output_within_20s(cmd);
