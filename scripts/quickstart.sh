@@ -11,6 +11,9 @@ STATE=${CARAPACE_HOME:-$( [ "$(id -u)" -eq 0 ] && echo /var/lib/carapace || echo
 SERVER_SOCKET=${CARAPACE_ADMIN_SOCKET:-/tmp/carapace-server/private/admin.sock}
 AGENT_SOCKET=${CARAPACE_AGENT_SOCKET:-/tmp/carapace-agent/public/api.sock}
 TD=${CARAPACE_TRUST_DOMAIN:-example.org}
+# Health endpoints (/live, /ready, /metrics), loopback only.
+SERVER_HEALTH=${CARAPACE_SERVER_HEALTH:-127.0.0.1:8080}
+AGENT_HEALTH=${CARAPACE_AGENT_HEALTH:-127.0.0.1:8082}
 BIN=$ROOT/target/release
 
 stop() {
@@ -52,7 +55,7 @@ chmod 700 "$STATE"
 
 echo "==> starting carapace-server (trust domain $TD, data in $STATE/server)"
 "$BIN/carapace-server" run --trust-domain "$TD" --data-dir "$STATE/server" --admin-socket "$SERVER_SOCKET" \
-    >"$STATE/server.log" 2>&1 &
+    --health-address "$SERVER_HEALTH" >"$STATE/server.log" 2>&1 &
 echo $! >"$STATE/server.pid"
 wait_for "the server" "$BIN/carapace-server" healthcheck --admin-socket "$SERVER_SOCKET"
 
@@ -65,10 +68,11 @@ echo "==> starting carapace-agent ($agent_id)"
 rm -rf "$STATE/agent"
 # The token goes through the environment, not argv, so it never shows in `ps`.
 CARAPACE_JOIN_TOKEN="$token" "$BIN/carapace-agent" run --trust-domain "$TD" --data-dir "$STATE/agent" \
-    --socket-path "$AGENT_SOCKET" --trust-bundle "$STATE/bundle.pem" >"$STATE/agent.log" 2>&1 &
+    --socket-path "$AGENT_SOCKET" --trust-bundle "$STATE/bundle.pem" --health-address "$AGENT_HEALTH" \
+    >"$STATE/agent.log" 2>&1 &
 echo $! >"$STATE/agent.pid"
 unset token token_json
-wait_for "the agent" "$BIN/carapace-agent" healthcheck --socket-path "$AGENT_SOCKET"
+wait_for "the agent" "$BIN/carapace-agent" healthcheck --health-address "$AGENT_HEALTH"
 
 user=$(id -un)
 echo "==> registering spiffe://$TD/user/$user for unix:uid:$(id -u)"
@@ -84,11 +88,14 @@ openssl verify -CAfile "$STATE/bundle.pem" "$STATE/svid/svid.pem"
 cat <<EOT
 
 Carapace is running:
-  server  pid $(cat "$STATE/server.pid"), node API 127.0.0.1:8081, admin socket $SERVER_SOCKET, log $STATE/server.log
-  agent   pid $(cat "$STATE/agent.pid"), Workload API $AGENT_SOCKET, log $STATE/agent.log
+  server  pid $(cat "$STATE/server.pid"), node API 127.0.0.1:8081, admin socket $SERVER_SOCKET, log $STATE/server.log,
+          health http://$SERVER_HEALTH/ready and /metrics
+  agent   pid $(cat "$STATE/agent.pid"), Workload API $AGENT_SOCKET, log $STATE/agent.log,
+          health http://$AGENT_HEALTH/ready and /metrics
 Try:
   $BIN/carapace-agent api watch --socket-path $AGENT_SOCKET
   SPIFFE_ENDPOINT_SOCKET=unix://$AGENT_SOCKET <any SPIFFE client>
   $BIN/carapace-server entry show --admin-socket $SERVER_SOCKET
+  curl -s http://$SERVER_HEALTH/metrics
 Stop both with: scripts/quickstart.sh stop
 EOT

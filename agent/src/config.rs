@@ -18,6 +18,9 @@ pub const DEFAULT_SERVER_ADDRESS: &str = "127.0.0.1:8081";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/carapace/agent";
 /// Default Workload API socket.
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/carapace-agent/public/api.sock";
+/// Where the health endpoint listens when `[health]` names no address (loopback; the
+/// server's default is 8080, so both fit on one machine).
+pub const DEFAULT_HEALTH_ADDRESS: &str = "127.0.0.1:8082";
 
 /// The file format: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +62,8 @@ pub struct FileConfig {
     /// Workload attestors (default `unix`).
     #[serde(default)]
     pub workload_attestor: toml::Table,
+    /// The health endpoint (`/live`, `/ready`, `/metrics`): on when the section is present.
+    pub health: Option<carapace_common::health::HealthFile>,
 }
 
 /// `[workload_api]`: bounds on the Workload API's connections. Unset keys default from
@@ -145,6 +150,8 @@ pub struct Overrides {
     pub trust_bundle_path: Option<PathBuf>,
     /// `--insecure-bootstrap`.
     pub insecure_bootstrap: bool,
+    /// `--health-address`.
+    pub health_address: Option<String>,
 }
 
 impl std::fmt::Debug for Overrides {
@@ -230,6 +237,8 @@ pub struct Config {
     pub workload_api_limits: ConnectionLimits,
     /// How long a stop waits for open streams and calls before closing them.
     pub shutdown_grace: Duration,
+    /// Where the health endpoint listens; `None`: off.
+    pub health_address: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -347,6 +356,12 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         carapace_common::listener::fd_limit(),
         &mut problems,
     );
+    let health_address = carapace_common::health::resolve_address(
+        file.health.as_ref(),
+        ov.health_address.as_deref(),
+        DEFAULT_HEALTH_ADDRESS,
+        &mut problems,
+    );
     if let Some(t) = &ov.join_token {
         if t.trim().is_empty() {
             problems.push("join_token: is empty".into());
@@ -393,6 +408,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             workload_attestation_timeout,
             workload_api_limits,
             shutdown_grace,
+            health_address,
         }),
         _ => Err(problems),
     }

@@ -12,7 +12,9 @@ pub mod cache;
 pub mod catalog;
 pub mod config;
 mod error;
+pub mod health;
 pub mod manager;
+pub mod metrics;
 pub mod node_attestor;
 pub mod node_client;
 pub mod state;
@@ -50,6 +52,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let _lock =
         carapace_common::lock_data_dir(&cfg.data_dir, "carapace-agent").map_err(Error::Config)?;
     let km = catalog::build_key_manager(&cfg.key_manager.0, &cfg.key_manager.1, &cfg.data_dir)?;
+    let km = metrics::metrics().sign_latency.wrap(km);
     let workload_keys = catalog::build_workload_keys();
     let attestors = catalog::build_workload_attestors(&cfg.workload_attestors)?;
     let attestor = catalog::build_node_attestor(
@@ -57,6 +60,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         &cfg.node_attestor.1,
         cfg.join_token.clone(),
     )?;
+    let health_listener = match cfg.health_address {
+        Some(addr) => Some(
+            carapace_common::health::bind(addr)
+                .await
+                .map_err(Error::Config)?,
+        ),
+        None => None,
+    };
     let listener = workload_api::bind(&cfg.socket_path)?;
     let socket =
         carapace_common::OwnSocket::record(&cfg.socket_path, std::os::fd::AsFd::as_fd(&listener))
@@ -67,6 +78,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         .with_attestation_timeout(cfg.workload_attestation_timeout)
         .with_connection_limits(cfg.workload_api_limits)
         .with_drain_timeout(cfg.shutdown_grace);
+    if let Some(listener) = health_listener {
+        let refresh_cache = cache.clone();
+        let endpoint = carapace_common::health::Endpoint::new(
+            metrics::metrics().registry(),
+            Arc::new(health::AgentReadiness::new(cfg.socket_path.clone())),
+        )
+        .with_before_scrape(Arc::new(move || metrics::metrics().refresh(&refresh_cache)));
+        // Ends with the stop signal; nothing to drain.
+        tokio::spawn(carapace_common::health::serve(
+            listener,
+            endpoint,
+            stop_rx.clone(),
+        ));
+    }
     let socket_path = cfg.socket_path.clone();
     let api_task = {
         let mut stop = stop_rx.clone();

@@ -44,11 +44,16 @@ enum Command {
         #[arg(long, short = 'c')]
         config: PathBuf,
     },
-    /// Check that the agent answers on its Workload API socket.
+    /// Check that the agent is ready: with --health-address, its /ready (a valid SVID of
+    /// its own and a Workload API that answers; every failing reason is printed);
+    /// without, that it answers on its Workload API socket. Exit 1 when not.
     Healthcheck {
         /// Workload API socket.
         #[arg(long, env = "CARAPACE_AGENT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
         socket_path: PathBuf,
+        /// The agent's health endpoint, HOST:PORT (its [health] bind_address).
+        #[arg(long, env = "CARAPACE_AGENT_HEALTH_ADDRESS", value_name = "HOST:PORT")]
+        health_address: Option<std::net::SocketAddr>,
     },
 }
 
@@ -79,6 +84,10 @@ struct RunArgs {
     /// Trust the first server reached without verifying it (labs only).
     #[arg(long)]
     insecure_bootstrap: bool,
+    /// Serve /live, /ready and /metrics on HOST:PORT (default: off; a [health] section
+    /// without bind_address listens on 127.0.0.1:8082).
+    #[arg(long, value_name = "HOST:PORT")]
+    health_address: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,6 +151,7 @@ async fn async_main() -> ExitCode {
                 join_token: a.join_token.map(Zeroizing::new),
                 trust_bundle_path: a.trust_bundle,
                 insecure_bootstrap: a.insecure_bootstrap,
+                health_address: a.health_address,
             };
             let cfg = match config::load(a.config.as_deref(), overrides) {
                 Ok(c) => c,
@@ -207,10 +217,36 @@ async fn async_main() -> ExitCode {
             eprintln!("{}: {} problem(s)", config.display(), problems.len());
             ExitCode::from(EXIT_USAGE)
         }
-        Command::Healthcheck { socket_path } => {
+        Command::Healthcheck {
+            socket_path,
+            health_address: Some(addr),
+        } => {
+            let _ = socket_path;
+            carapace_common::init_tracing("warn", false);
+            match carapace_common::health::get(addr, "/ready").await {
+                Ok((200, _)) => {
+                    println!("Agent is ready.");
+                    ExitCode::SUCCESS
+                }
+                Ok((_, body)) => {
+                    eprint!("carapace-agent: {body}");
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("carapace-agent: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Healthcheck {
+            socket_path,
+            health_address: None,
+        } => {
             carapace_common::init_tracing("warn", false);
             report(api_cli::healthcheck(&socket_path).await, |_| {
-                println!("Agent is healthy.")
+                println!(
+                    "Agent is healthy: its Workload API answers (pass --health-address to check its own SVID too)."
+                )
             })
         }
     }

@@ -263,6 +263,7 @@ impl Manager {
         let bundle = Arc::new(bundle);
         let (bundle_tx, _) = watch::channel(bundle.clone());
         cache.replace(bundle, Vec::new());
+        crate::metrics::metrics().agent_svid(na);
         Ok(Manager {
             cfg,
             km,
@@ -364,6 +365,14 @@ impl Manager {
             Ok((st, bundle))
         }
         .await;
+        crate::metrics::metrics().attestation(
+            attestor.name(),
+            match &outcome {
+                Ok(_) => "ok",
+                Err(Error::Refused(_)) => "refused",
+                Err(_) => "error",
+            },
+        );
         match outcome {
             Ok((st, bundle)) => {
                 Self::delete_other_agent_keys(km, key.id()).await;
@@ -526,6 +535,7 @@ impl Manager {
                 self.agent_not_after
             ));
         }
+        crate::metrics::metrics().set_lost(self.lost.as_deref());
     }
 
     /// Workloads keep an SVID until it expires, never after: drops expired ones and
@@ -591,6 +601,7 @@ impl Manager {
                 self.agent_key = key;
                 self.agent_not_after = na;
                 self.agent_rotate_at = rotate_at(now(), na);
+                crate::metrics::metrics().agent_svid(na);
                 if self.bundle_tx.borrow().as_ref() != &bundle {
                     self.bundle_tx.send_replace(Arc::new(bundle));
                 }
@@ -626,6 +637,7 @@ impl Manager {
     }
 
     fn apply_sync(&mut self, m: SyncAuthorizedResponse) -> Result<()> {
+        crate::metrics::metrics().synced();
         if let Some(b) = m.bundle.as_ref() {
             match bundle_from_wire(b) {
                 Ok(bundle) if bundle.trust_domain() == &self.cfg.trust_domain => {
@@ -687,7 +699,11 @@ impl Manager {
             if self.lost.is_some() {
                 break;
             }
-            match self.sign_batch(client, chunk).await {
+            let outcome = self.sign_batch(client, chunk).await;
+            let ok = *outcome.as_ref().unwrap_or(&0);
+            crate::metrics::metrics().svids("workload", true, ok);
+            crate::metrics::metrics().svids("workload", false, chunk.len() - ok.min(chunk.len()));
+            match outcome {
                 Ok(n) => signed += n,
                 Err(Error::Refused(reason)) => {
                     tracing::error!(%reason, "the server refused to sign for this agent: it has lost its identity");
@@ -704,6 +720,9 @@ impl Manager {
             || signed > 0
             || self.cache.current().bundle.as_ref() != self.bundle_tx.borrow().as_ref()
         {
+            if signed > 0 {
+                crate::metrics::metrics().rotated("workload");
+            }
             if removed > 0 || signed > 0 {
                 tracing::info!(
                     signed,
@@ -853,6 +872,7 @@ impl Manager {
             Ok(chain)
         }
         .await;
+        crate::metrics::metrics().svids("agent", result.is_ok(), 1);
         let chain = match result {
             Ok(c) => c,
             Err(e) => {
@@ -871,6 +891,7 @@ impl Manager {
         let (_, na) = carapace_core::x509svid::validity_of(&self.state.svid_chain[0])?;
         self.agent_rotate_at = rotate_at(now(), na);
         self.agent_not_after = na;
+        crate::metrics::metrics().agent_svid(na);
         if let Err(e) = self.km.delete_key(&old_key).await {
             tracing::warn!(key = old_key, error = %e, "could not delete the previous agent key");
         }

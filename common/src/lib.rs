@@ -10,8 +10,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod health;
 mod instance;
 pub mod listener;
+pub mod metrics;
 mod unix_socket;
 
 pub use instance::{

@@ -315,6 +315,7 @@ pub struct ConnectionLimiter<K> {
     name: &'static str,
     limits: Limits,
     state: Arc<Mutex<LimiterState<K>>>,
+    metrics: Option<crate::metrics::ConnectionMetrics>,
 }
 
 impl<K> fmt::Debug for ConnectionLimiter<K> {
@@ -332,6 +333,7 @@ impl<K> Clone for ConnectionLimiter<K> {
             name: self.name,
             limits: self.limits,
             state: self.state.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -347,7 +349,14 @@ impl<K: Eq + Hash + Clone + Send + Sync + 'static> ConnectionLimiter<K> {
                 total: 0,
                 peers: HashMap::new(),
             })),
+            metrics: None,
         }
+    }
+
+    /// Reports the live connections and the refusals to `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::ConnectionMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The caps.
@@ -366,13 +375,19 @@ impl<K: Eq + Hash + Clone + Send + Sync + 'static> ConnectionLimiter<K> {
     /// dropped (or until the connection is displaced in turn).
     pub fn admit(&self, key: K, conn: &ConnectionHandle) -> Result<Admission, Refusal> {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let refused = |r: Refusal| {
+            if let Some(m) = &self.metrics {
+                m.refused.inc();
+            }
+            Err(r)
+        };
         if st.count(&key) >= self.limits.max_per_peer && !st.evict_idle_of(&key) {
-            return Err(Refusal::PeerLimit(self.limits.max_per_peer));
+            return refused(Refusal::PeerLimit(self.limits.max_per_peer));
         }
         if st.total >= self.limits.max_connections {
             let own = st.count(&key);
             if !st.evict_from_heaviest(own) {
-                return Err(Refusal::TotalLimit(self.limits.max_connections));
+                return refused(Refusal::TotalLimit(self.limits.max_connections));
             }
             tracing::debug!(
                 listener = self.name,
@@ -386,15 +401,20 @@ impl<K: Eq + Hash + Clone + Send + Sync + 'static> ConnectionLimiter<K> {
             .entry(key.clone())
             .or_default()
             .insert(id, conn.clone());
+        let metrics = self.metrics.clone();
+        if let Some(m) = &metrics {
+            m.set_open(st.total);
+        }
         drop(st);
         let state = Arc::downgrade(&self.state);
         Ok(Admission {
             release: Some(Box::new(move || {
                 if let Some(state) = state.upgrade() {
-                    state
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&key, id);
+                    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+                    st.remove(&key, id);
+                    if let Some(m) = &metrics {
+                        m.set_open(st.total);
+                    }
                 }
             })),
         })

@@ -625,6 +625,7 @@ impl CaManager {
         let bytes = serde_json::to_vec(&journal).map_err(|e| Error::Ca(e.to_string()))?;
         self.ds.save_ca_journal(&bytes).await?;
         self.ds.set_bundle(&bundle).await?;
+        let rotated = active.as_ref().map(|a| &a.key_id) != new_active.as_ref().map(|a| &a.key_id);
         *write(&self.state) = State {
             journal,
             active: new_active,
@@ -632,6 +633,9 @@ impl CaManager {
             retired,
         };
         self.bundle_tx.send_replace(Arc::new(bundle));
+        if rotated {
+            crate::metrics::metrics().ca_rotated(now);
+        }
         for key_id in expired_keys {
             if let Err(e) = self.km.delete_key(&key_id).await {
                 tracing::warn!(key_id, error = %e, "could not delete the key of an expired CA");
@@ -669,6 +673,39 @@ impl CaManager {
             .active
             .clone()
             .ok_or_else(|| Error::Ca("no active CA".into()))
+    }
+
+    /// The notAfter of every CA whose certificates are in the bundle, with its slot
+    /// (`active`, `prepared`, `old`), the old ones soonest to expire first.
+    pub fn expiries(&self) -> Vec<(&'static str, i64)> {
+        let s = read(&self.state);
+        let mut out: Vec<(&'static str, i64)> = Vec::new();
+        out.extend(s.active.iter().map(|a| ("active", a.not_after)));
+        out.extend(s.prepared.iter().map(|p| ("prepared", p.not_after)));
+        let mut old: Vec<i64> = s.retired.iter().map(|r| r.not_after).collect();
+        old.sort_unstable();
+        out.extend(old.into_iter().map(|t| ("old", t)));
+        out
+    }
+
+    /// Whether the active CA's key signs now: one signature over a fixed probe message
+    /// through the key manager (an HSM that lost its token fails here). On a blocking
+    /// thread when the key may block. The error names why.
+    pub async fn probe_signing(&self) -> Result<()> {
+        const PROBE: &[u8] = b"carapace readiness probe";
+        let ca = self.active()?;
+        let key = ca.issuer.key().key().clone();
+        let sign = move || {
+            key.sign(key.key_type().x509_algorithm(), PROBE)
+                .map(|_| ())
+                .map_err(Error::from)
+        };
+        if !ca.issuer.key().key().may_block() {
+            return sign();
+        }
+        tokio::task::spawn_blocking(sign)
+            .await
+            .map_err(|e| Error::Ca(format!("signing task failed: {e}")))?
     }
 
     /// The trust domain.

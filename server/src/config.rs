@@ -21,6 +21,8 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/carapace/server";
 /// Default node API address.
 pub const DEFAULT_BIND_ADDRESS: &str = "127.0.0.1:8081";
+/// Where the health endpoint listens when `[health]` names no address (loopback).
+pub const DEFAULT_HEALTH_ADDRESS: &str = "127.0.0.1:8080";
 /// Default admin socket of a server that does not run as root.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/tmp/carapace-server/private/admin.sock";
 /// Default admin socket of a server (and CLI) running as root: in a root-owned runtime
@@ -82,6 +84,8 @@ pub struct FileConfig {
     /// Bounds on the node API's connections and attestations.
     #[serde(default)]
     pub node_api: NodeApiFile,
+    /// The health endpoint (`/live`, `/ready`, `/metrics`): on when the section is present.
+    pub health: Option<carapace_common::health::HealthFile>,
     /// Key manager plugins: exactly one.
     #[serde(default)]
     pub key_manager: toml::Table,
@@ -186,6 +190,8 @@ pub struct Overrides {
     pub bind_address: Option<String>,
     /// `--admin-socket`.
     pub admin_socket: Option<PathBuf>,
+    /// `--health-address`.
+    pub health_address: Option<String>,
 }
 
 /// A validated configuration.
@@ -225,6 +231,8 @@ pub struct Config {
     pub upstream_authority: Option<(String, toml::Table)>,
     /// Bounds on the node API's connections and attestations.
     pub node_api: NodeApiLimits,
+    /// Where the health endpoint listens; `None`: off.
+    pub health_address: Option<SocketAddr>,
 }
 
 /// Reads a config file; a missing `path` means defaults. Every problem is listed.
@@ -337,6 +345,12 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         }
     };
 
+    let health_address = carapace_common::health::resolve_address(
+        file.health.as_ref(),
+        ov.health_address.as_deref(),
+        DEFAULT_HEALTH_ADDRESS,
+        &mut problems,
+    );
     let node_api = node_api_limits(
         &file.node_api,
         carapace_common::listener::fd_limit(),
@@ -399,6 +413,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             node_attestors,
             upstream_authority: upstreams.pop(),
             node_api,
+            health_address,
         }),
         _ => Err(problems),
     }

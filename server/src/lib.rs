@@ -13,7 +13,9 @@ pub mod config;
 pub mod datastore;
 pub mod entry_cache;
 mod error;
+pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod node_api;
 pub mod node_attestor;
 pub mod server_svid;
@@ -69,6 +71,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::new(SystemClock),
     );
     let km = catalog::build_key_manager(&config.key_manager.0, &config.key_manager.1, &ctx)?;
+    let km = metrics::metrics().sign_latency.wrap(km);
     let upstream = match &config.upstream_authority {
         Some((name, table)) => {
             Some(catalog::build_upstream_authority(name, table, &ctx, ctx.clock.unix_now()).await?)
@@ -103,6 +106,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "cannot listen on {} for the node API",
             config.bind_address
         )))?;
+    let health_listener = match config.health_address {
+        Some(addr) => Some(
+            carapace_common::health::bind(addr)
+                .await
+                .map_err(Error::Config)?,
+        ),
+        None => None,
+    };
     let admin_listener = admin::api::bind(&config.admin_socket)?;
     let admin_socket = carapace_common::OwnSocket::record(
         &config.admin_socket,
@@ -153,6 +164,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let _ = stop.changed().await;
         }))
     };
+    let readiness = health::ServerReadiness::new(ca.clone(), cache.clone());
+    let health_task = health_listener.map(|listener| {
+        let (ca, cache) = (ca.clone(), cache.clone());
+        let endpoint = carapace_common::health::Endpoint::new(
+            metrics::metrics().registry(),
+            Arc::new(readiness.clone()),
+        )
+        .with_before_scrape(Arc::new(move || metrics::refresh(&ca, &cache)));
+        tokio::spawn(carapace_common::health::serve(
+            listener,
+            endpoint,
+            stop_rx.clone(),
+        ))
+    });
     let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
     let pruner = {
         let cache = cache.clone();
@@ -195,13 +220,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         rotator.abort_handle(),
         pruner.abort_handle(),
         svid_task.abort_handle(),
-    ];
+    ]
+    .into_iter()
+    .chain(health_task.as_ref().map(|t| t.abort_handle()))
+    .collect::<Vec<_>>();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         let _ = node_task.await;
         let _ = admin_task.await;
         let _ = rotator.await;
         let _ = pruner.await;
         let _ = svid_task.await;
+        if let Some(t) = health_task {
+            let _ = t.await;
+        }
     })
     .await;
     if drained.is_err() {

@@ -113,7 +113,8 @@ pub fn incoming(
             max_connections: limits.max_connections,
             max_per_peer: limits.max_connections_per_ip,
         },
-    );
+    )
+    .with_metrics(crate::metrics::metrics().connections.listener("node_api"));
     let unauthenticated = ConnectionLimiter::<IpAddr>::new(
         "node API (without agent SVID)",
         Limits {
@@ -122,6 +123,11 @@ pub fn incoming(
                 .max_connections_per_ip
                 .min(limits.max_unauthenticated_connections),
         },
+    )
+    .with_metrics(
+        crate::metrics::metrics()
+            .connections
+            .listener("node_api_unauthenticated"),
     );
     tokio::spawn(async move {
         let mut backoff = AcceptBackoff::new("node API");

@@ -47,6 +47,10 @@ enum Command {
         /// /tmp/carapace-server/private/admin.sock otherwise).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
+        /// Serve /live, /ready and /metrics on HOST:PORT (default: off; a [health]
+        /// section without bind_address listens on 127.0.0.1:8080).
+        #[arg(long, value_name = "HOST:PORT")]
+        health_address: Option<String>,
     },
     /// Check a config file and list every problem in it.
     Validate {
@@ -173,12 +177,14 @@ async fn async_main() -> ExitCode {
             data_dir,
             bind_address,
             admin_socket,
+            health_address,
         } => {
             let overrides = Overrides {
                 trust_domain,
                 data_dir,
                 bind_address,
                 admin_socket,
+                health_address,
             };
             let cfg = match config::load(config.as_deref(), overrides) {
                 Ok(c) => c,

@@ -168,6 +168,25 @@ fn signing_task_failed(e: tokio::task::JoinError) -> Status {
     Status::from(Error::Ca(format!("signing task failed: {e}")))
 }
 
+/// The `result` label of a finished attestation: `ok`; `refused` when the node's
+/// evidence, its request or its standing was not accepted (the node's doing); `error`
+/// when the server could not finish (a datastore, key manager or time-out failure).
+fn attestation_result(msg: &std::result::Result<AttestResponse, Status>) -> &'static str {
+    use tonic::Code;
+    match msg {
+        Ok(_) => "ok",
+        Err(s) => match s.code() {
+            Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition => "refused",
+            _ => "error",
+        },
+    }
+}
+
 fn svid_to_wire(s: &IssuedSvid) -> types::X509Svid {
     types::X509Svid {
         cert_chain: s.chain.clone(),
@@ -295,6 +314,7 @@ impl NodeApi {
         inbound: &mut Streaming<AttestRequest>,
         tx: &mpsc::Sender<std::result::Result<AttestResponse, Status>>,
         peer: Option<PeerInfo>,
+        attestor_name: &mut Option<String>,
     ) -> Result<AttestResponse> {
         let remote = peer.as_ref().map(|p| p.remote);
         let caller = peer.as_ref().and_then(|p| p.svid.as_ref());
@@ -319,6 +339,7 @@ impl NodeApi {
                 enabled.join(", ")
             ))
         })?;
+        *attestor_name = Some(attestor.name().to_owned());
         // Check the CSR before the attestor consumes any single-use evidence.
         let agent_public_key = csr_public_key_der(&params.csr)?;
         let key = SubjectKey::from_spki(&agent_public_key)?;
@@ -387,7 +408,9 @@ impl NodeApi {
                 Vec::new(),
                 now,
             )
-            .await?;
+            .await;
+        crate::metrics::metrics().svid("x509_agent", svid.is_ok());
+        let svid = svid?;
         let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0])?);
         // A join token is consumed in the transaction that records the agent, not by its
         // attestor: a failed write leaves it usable, a racing agent's write is refused.
@@ -461,9 +484,10 @@ impl node::node_server::Node for NodeApi {
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
+            let mut attestor = None;
             let outcome = tokio::time::timeout(
                 ATTESTATION_TIMEOUT,
-                this.run_attestation(&mut inbound, &tx, peer),
+                this.run_attestation(&mut inbound, &tx, peer, &mut attestor),
             )
             .await;
             let msg = match outcome {
@@ -474,6 +498,11 @@ impl node::node_server::Node for NodeApi {
                 }
                 Err(_) => Err(Status::deadline_exceeded("attestation took too long")),
             };
+            // Only configured attestors become labels: a peer's made-up name is `none`.
+            crate::metrics::metrics().attestation(
+                attestor.as_deref().unwrap_or("none"),
+                attestation_result(&msg),
+            );
             drop(permit);
             let _ = tx.send(msg).await;
         });
@@ -504,7 +533,9 @@ impl node::node_server::Node for NodeApi {
                 Vec::new(),
                 unix_now(),
             )
-            .await?;
+            .await;
+        crate::metrics::metrics().svid("x509_agent", svid.is_ok());
+        let svid = svid?;
         let serial =
             hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0]).map_err(Error::from)?);
         self.cache
@@ -652,6 +683,9 @@ impl node::node_server::Node for NodeApi {
             results.extend(h.await.map_err(signing_task_failed)?);
         }
         let signed = results.iter().filter(|r| r.svid.is_some()).count();
+        let m = crate::metrics::metrics();
+        m.svids("x509_workload", true, signed as u64);
+        m.svids("x509_workload", false, (results.len() - signed) as u64);
         tracing::debug!(agent = %agent.spiffe_id, requested = results.len(), signed, "signed workload SVIDs");
         Ok(Response::new(BatchNewX509svidResponse { results }))
     }

@@ -32,14 +32,17 @@ async fn tls_key(km: &dyn KeyManager) -> Result<Arc<dyn KeySigner>> {
 
 async fn issue(ca: &Arc<CaManager>, key: &Arc<dyn KeySigner>, ttl: Duration) -> Result<IssuedSvid> {
     let id = ca.trust_domain().server_id();
-    ca.issue_x509_svid(
-        id,
-        SubjectKey::from_spki(key.public_key_der())?,
-        ttl,
-        Vec::new(),
-        unix_now(),
-    )
-    .await
+    let svid = ca
+        .issue_x509_svid(
+            id,
+            SubjectKey::from_spki(key.public_key_der())?,
+            ttl,
+            Vec::new(),
+            unix_now(),
+        )
+        .await;
+    crate::metrics::metrics().svid("x509_server", svid.is_ok());
+    svid
 }
 
 /// Issues the first server SVID and returns the resolver rustls uses, plus the task

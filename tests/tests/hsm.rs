@@ -437,12 +437,21 @@ async fn the_server_rides_out_a_token_outage_without_a_restart() {
     let held = String::from_utf8(agent.fetch(&[]).stdout).unwrap();
     assert!(held.contains("spiffe://example.org/before"), "{held}");
     assert!(!held.contains("spiffe://example.org/during"), "{held}");
-    assert!(server.cli(&["healthcheck"]).status.success());
+    // Up, but not ready: `healthcheck` names the key manager (tests/tests/health.rs
+    // checks /ready the same way).
+    let hc = server.cli(&["healthcheck"]);
+    assert!(!hc.status.success());
+    assert!(
+        String::from_utf8_lossy(&hc.stderr).contains("key manager"),
+        "{}",
+        String::from_utf8_lossy(&hc.stderr)
+    );
 
     // The token comes back: the server reconnects by itself and the pending SVID arrives.
     std::fs::rename(&away, &tokens).unwrap();
     agent.wait_for_svid("spiffe://example.org/during").await;
     assert!(server.log().contains("token back"), "{}", server.log());
+    assert!(server.cli(&["healthcheck"]).status.success());
 }
 
 /// The log without terminal colour codes.

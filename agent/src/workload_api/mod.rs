@@ -292,6 +292,7 @@ async fn feed<T, F>(
     tx: mpsc::Sender<Result<T, Status>>,
     bundle_only: bool,
     build: F,
+    mut first_answer: Option<FirstAnswer>,
 ) where
     T: Send + 'static,
     F: Fn(&[Arc<CachedSvid>], &CacheState) -> T,
@@ -305,6 +306,9 @@ async fn feed<T, F>(
                 selectors = selectors.len(),
                 "no identity issued to the caller"
             );
+            if let Some(f) = first_answer.take() {
+                f.answered(tonic::Code::PermissionDenied);
+            }
             let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
             return;
         }
@@ -316,6 +320,9 @@ async fn feed<T, F>(
             }
         };
         if changed {
+            if let Some(f) = first_answer.take() {
+                f.answered(tonic::Code::Ok);
+            }
             if tx.send(Ok(build(&svids, &state))).await.is_err() {
                 return;
             }
@@ -340,6 +347,34 @@ async fn feed<T, F>(
     }
 }
 
+/// A call's start, recorded in the metrics with the code of its first answer.
+#[derive(Debug, Clone, Copy)]
+struct FirstAnswer {
+    rpc: &'static str,
+    start: std::time::Instant,
+}
+
+impl FirstAnswer {
+    fn new(rpc: &'static str) -> Self {
+        FirstAnswer {
+            rpc,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn answered(self, code: tonic::Code) {
+        crate::metrics::metrics().rpc(self.rpc, code, self.start);
+    }
+
+    /// Records `r`'s code if it is an error, and passes it on.
+    fn failed<T>(self, r: Result<T, Status>) -> Result<T, Status> {
+        if let Err(s) = &r {
+            self.answered(s.code());
+        }
+        r
+    }
+}
+
 /// Completes when the server starts shutting down; never if no shutdown can come.
 async fn shutting_down(closing: &mut watch::Receiver<bool>) {
     if closing.wait_for(|c| *c).await.is_err() {
@@ -353,6 +388,7 @@ impl WorkloadApi {
         selectors: SelectorSet,
         bundle_only: bool,
         build: F,
+        first_answer: FirstAnswer,
     ) -> ReceiverStream<Result<T, Status>>
     where
         T: Send + 'static,
@@ -366,6 +402,7 @@ impl WorkloadApi {
             tx,
             bundle_only,
             build,
+            Some(first_answer),
         ));
         ReceiverStream::new(rx)
     }
@@ -381,11 +418,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.authorize(&request, "FetchX509SVID").await?;
+        let call = FirstAnswer::new("FetchX509SVID");
+        let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
         Ok(Response::new(self.spawn_feed(
             selectors,
             false,
             |svids, state| x509_svid_response(svids, &state.bundle.to_concatenated_der()),
+            call,
         )))
     }
 
@@ -393,11 +432,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.authorize(&request, "FetchX509Bundles").await?;
+        let call = FirstAnswer::new("FetchX509Bundles");
+        let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
         Ok(Response::new(self.spawn_feed(
             selectors,
             true,
             |_, state| x509_bundles_response(state),
+            call,
         )))
     }
 
@@ -405,24 +446,24 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        check_security_header(&request)?;
-        Err(jwt_unimplemented())
+        FirstAnswer::new("FetchJWTSVID")
+            .failed(check_security_header(&request).and_then(|()| Err(jwt_unimplemented())))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_security_header(&request)?;
-        Err(jwt_unimplemented())
+        FirstAnswer::new("FetchJWTBundles")
+            .failed(check_security_header(&request).and_then(|()| Err(jwt_unimplemented())))
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_security_header(&request)?;
-        Err(jwt_unimplemented())
+        FirstAnswer::new("ValidateJWTSVID")
+            .failed(check_security_header(&request).and_then(|()| Err(jwt_unimplemented())))
     }
 }
 

@@ -355,6 +355,11 @@ pub fn incoming(
             max_connections: limits.max_connections,
             max_per_peer: limits.max_connections_per_uid,
         },
+    )
+    .with_metrics(
+        crate::metrics::metrics()
+            .connections
+            .listener("workload_api"),
     );
     let state = (listener, limiter, AcceptBackoff::new("Workload API"), 0u64);
     futures::stream::unfold(

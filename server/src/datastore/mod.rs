@@ -198,6 +198,21 @@ impl Datastore {
         }
     }
 
+    /// Proves that the datastore answers and commits a write now: rewrites the one row of
+    /// `health_probe` in a write transaction. The readiness check's probe; a failure is
+    /// recorded for [`Self::write_health`] like any write's, and a success clears it.
+    pub async fn probe_write(&self, now: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO health_probe (id, probed_at) VALUES (1, $1) \
+             ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
     /// Closes every connection, waiting for those in use to be returned. Later calls
     /// fail.
     pub async fn close(&self) {

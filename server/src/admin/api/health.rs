@@ -1,18 +1,24 @@
-//! `Health`: whether the CA is active and the datastore takes writes, with a summary.
+//! `Health`: the server's readiness (the same checks as the health endpoint's `/ready`,
+//! see [`crate::health`]), with a summary.
 
 use carapace_proto::admin::HealthResponse;
 
 use super::AdminApi;
+use crate::health::ServerReadiness;
 use crate::{Error, Result};
 
 impl AdminApi {
-    pub(super) fn health_inner(&self) -> Result<HealthResponse> {
+    pub(super) async fn health_inner(&self) -> Result<HealthResponse> {
+        let reasons = ServerReadiness::new(self.ca.clone(), self.cache.clone())
+            .check()
+            .await;
+        if !reasons.is_empty() {
+            return Err(Error::Core(carapace_core::Error::Unavailable(format!(
+                "not ready: {}",
+                reasons.join("; ")
+            ))));
+        }
         let ca = self.ca.active()?;
-        self.cache.datastore().write_health().map_err(|why| {
-            Error::Core(carapace_core::Error::Unavailable(format!(
-                "datastore writes are failing: {why}"
-            )))
-        })?;
         Ok(HealthResponse {
             trust_domain: self.ca.trust_domain().name().to_owned(),
             ca_expires_at: ca.not_after,

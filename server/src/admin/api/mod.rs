@@ -173,6 +173,6 @@ impl Admin for AdminApi {
         &self,
         _request: Request<HealthRequest>,
     ) -> std::result::Result<Response<HealthResponse>, Status> {
-        reply(self.health_inner())
+        reply(self.health_inner().await)
     }
 }

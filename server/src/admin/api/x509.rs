@@ -53,7 +53,9 @@ impl AdminApi {
         let issued = self
             .ca
             .issue_x509_svid(id.clone(), key, ttl, req.dns_names.clone(), now)
-            .await?;
+            .await;
+        crate::metrics::metrics().svid("x509_minted", issued.is_ok());
+        let issued = issued?;
         tracing::info!(
             spiffe_id = %id,
             serial = issued.serial_hex,

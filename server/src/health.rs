@@ -1,0 +1,85 @@
+//! When the server is ready: what `/ready` and `carapace-server healthcheck` both report.
+//!
+//! Ready means the server can do its job now, each check exercising the real thing:
+//!
+//! 1. the datastore answers and commits a write (a one-row probe write);
+//! 2. the key manager signs with the active CA's key (one probe signature: an HSM whose
+//!    token is gone fails, and passes again when the token is back, with no restart);
+//! 3. an active X.509 CA exists and has not expired.
+//!
+//! The probes run at most once per [`PROBE_INTERVAL`]: a burst of `/ready` requests
+//! costs one write and one signature.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use crate::ca::CaManager;
+use crate::entry_cache::EntryCache;
+
+/// The shortest time between two probes of the datastore and the key manager.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When the checks last ran, and what they found.
+type LastProbe = Option<(Instant, Vec<String>)>;
+
+/// The server's readiness checks.
+#[derive(Debug, Clone)]
+pub struct ServerReadiness {
+    ca: Arc<CaManager>,
+    cache: Arc<EntryCache>,
+    last: Arc<Mutex<LastProbe>>,
+}
+
+impl ServerReadiness {
+    /// The checks of the server that owns `ca` and `cache`.
+    pub fn new(ca: Arc<CaManager>, cache: Arc<EntryCache>) -> Self {
+        ServerReadiness {
+            ca,
+            cache,
+            last: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Every failing reason, one line each; empty when ready.
+    pub async fn check(&self) -> Vec<String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, reasons)) = last.as_ref() {
+            if at.elapsed() < PROBE_INTERVAL {
+                return reasons.clone();
+            }
+        }
+        let reasons = self.probe().await;
+        *last = Some((Instant::now(), reasons.clone()));
+        reasons
+    }
+
+    async fn probe(&self) -> Vec<String> {
+        let now = carapace_core::clock::unix_now();
+        let mut reasons = Vec::new();
+        if let Err(e) = self.cache.datastore().probe_write(now).await {
+            reasons.push(format!("datastore: a write did not commit: {e}"));
+        }
+        match self.ca.active() {
+            Err(_) => reasons.push("x509 CA: there is no active CA".into()),
+            Ok(ca) if ca.not_after <= now => reasons.push(format!(
+                "x509 CA: the active CA expired at {}",
+                carapace_core::clock::rfc3339(ca.not_after)
+            )),
+            Ok(_) => {
+                if let Err(e) = self.ca.probe_signing().await {
+                    reasons.push(format!("key manager: the active CA's key cannot sign: {e}"));
+                }
+            }
+        }
+        reasons
+    }
+}
+
+#[async_trait::async_trait]
+impl carapace_common::health::Readiness for ServerReadiness {
+    async fn not_ready(&self) -> Vec<String> {
+        self.check().await
+    }
+}

@@ -1,0 +1,182 @@
+//! The server's Prometheus metrics, served on `/metrics` by the health endpoint
+//! ([`carapace_common::health`]). Every name starts with `carapace_server_`.
+//!
+//! The metrics are process-wide, as the tracing subscriber is: the code that counts an
+//! event ([`metrics`]) need not be handed a registry. Gauges computed from state (entry
+//! and agent counts, CA expiry times) are refreshed just before each scrape
+//! ([`refresh`]). No label carries a SPIFFE ID, an entry ID, a key id or an address.
+
+use std::sync::LazyLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use carapace_common::metrics::{AttestationLabels, ConnectionFamilies, SignLatency};
+
+use crate::ca::CaManager;
+use crate::entry_cache::EntryCache;
+
+/// `{kind, result}` of an issued SVID.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SvidLabels {
+    /// `x509_workload` (for an agent's workloads), `x509_agent` (attestation and
+    /// renewal), `x509_server` (the server's own), `x509_minted` (`x509 mint`).
+    pub kind: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// `{slot}` of a CA.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaLabels {
+    /// `active`, `prepared`, or `old` (retired, still in the bundle).
+    pub slot: &'static str,
+    /// The CA's position among the CAs of its slot, soonest to expire first (`0` for
+    /// the active and the prepared CA): bounded by the handful of CAs in the bundle.
+    pub index: u32,
+}
+
+/// Every metric of the server.
+#[derive(Debug)]
+pub struct ServerMetrics {
+    registry: Registry,
+    /// `svids_issued_total{kind, result}`.
+    pub svids_issued: Family<SvidLabels, Counter>,
+    /// `node_attestations_total{attestor, result}`.
+    pub node_attestations: Family<AttestationLabels, Counter>,
+    /// `key_manager_sign_duration_seconds{backend}`.
+    pub sign_latency: SignLatency,
+    /// `connections_open{listener}`, `connections_refused_total{listener}`.
+    pub connections: ConnectionFamilies,
+    entries: Gauge,
+    agents: Gauge,
+    ca_expiry: Family<CaLabels, Gauge>,
+    ca_last_rotation: Gauge,
+}
+
+static METRICS: LazyLock<ServerMetrics> = LazyLock::new(ServerMetrics::new);
+
+/// The server's metrics.
+pub fn metrics() -> &'static ServerMetrics {
+    &METRICS
+}
+
+impl ServerMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("carapace_server");
+        let svids_issued = Family::default();
+        registry.register(
+            "svids_issued",
+            "X509-SVIDs signed, by kind and result",
+            Clone::clone(&svids_issued),
+        );
+        let node_attestations = Family::default();
+        registry.register(
+            "node_attestations",
+            "Node attestations, by attestor and result (ok, refused: the evidence was not accepted, error)",
+            Clone::clone(&node_attestations),
+        );
+        let sign_latency = SignLatency::register(&mut registry);
+        let connections = ConnectionFamilies::register(&mut registry);
+        let entries = Gauge::default();
+        registry.register("entries", "Registration entries", Clone::clone(&entries));
+        let agents = Gauge::default();
+        registry.register("agents", "Attested agents", Clone::clone(&agents));
+        let ca_expiry = Family::default();
+        registry.register(
+            "x509_ca_expiry_timestamp_seconds",
+            "When each X.509 CA in the bundle expires (notAfter, unix seconds), by slot",
+            Clone::clone(&ca_expiry),
+        );
+        let ca_last_rotation = Gauge::default();
+        registry.register(
+            "x509_ca_last_rotation_timestamp_seconds",
+            "When the active X.509 CA took over (unix seconds): its activation seen by this process, else its notBefore",
+            Clone::clone(&ca_last_rotation),
+        );
+        ServerMetrics {
+            registry,
+            svids_issued,
+            node_attestations,
+            sign_latency,
+            connections,
+            entries,
+            agents,
+            ca_expiry,
+            ca_last_rotation,
+        }
+    }
+
+    /// The registry `/metrics` encodes.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts one SVID of `kind`, signed or not.
+    pub fn svid(&self, kind: &'static str, ok: bool) {
+        self.svids_issued
+            .get_or_create(&SvidLabels {
+                kind,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// Counts `n` SVIDs of `kind` with one result.
+    pub fn svids(&self, kind: &'static str, ok: bool, n: u64) {
+        if n > 0 {
+            self.svids_issued
+                .get_or_create(&SvidLabels {
+                    kind,
+                    result: if ok { "ok" } else { "error" },
+                })
+                .inc_by(n);
+        }
+    }
+
+    /// Counts one node attestation with a configured attestor.
+    pub fn attestation(&self, attestor: &str, result: &'static str) {
+        self.node_attestations
+            .get_or_create(&AttestationLabels {
+                attestor: attestor.to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Records that the active CA took over at `now`.
+    pub fn ca_rotated(&self, now: i64) {
+        self.ca_last_rotation.set(now);
+    }
+}
+
+/// Refreshes the gauges computed from state: entry and agent counts, and the expiry of
+/// every CA in the bundle.
+pub fn refresh(ca: &CaManager, cache: &EntryCache) {
+    let m = metrics();
+    m.entries
+        .set(i64::try_from(cache.entry_count()).unwrap_or(i64::MAX));
+    m.agents
+        .set(i64::try_from(cache.list_agents().len()).unwrap_or(i64::MAX));
+    m.ca_expiry.clear();
+    let mut old_index = 0;
+    for (slot, not_after) in ca.expiries() {
+        let index = if slot == "old" {
+            old_index += 1;
+            old_index - 1
+        } else {
+            0
+        };
+        m.ca_expiry
+            .get_or_create(&CaLabels { slot, index })
+            .set(not_after);
+    }
+    if m.ca_last_rotation.get() == 0 {
+        if let Ok(a) = ca.active() {
+            m.ca_last_rotation.set(a.not_before + crate::ca::BACKDATE);
+        }
+    }
+}
