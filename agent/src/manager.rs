@@ -373,6 +373,9 @@ impl Manager {
                 Err(_) => "error",
             },
         );
+        if outcome.is_ok() {
+            crate::metrics::metrics().rotated("agent");
+        }
         match outcome {
             Ok((st, bundle)) => {
                 Self::delete_other_agent_keys(km, key.id()).await;
@@ -892,6 +895,7 @@ impl Manager {
         self.agent_rotate_at = rotate_at(now(), na);
         self.agent_not_after = na;
         crate::metrics::metrics().agent_svid(na);
+        crate::metrics::metrics().rotated("agent");
         if let Err(e) = self.km.delete_key(&old_key).await {
             tracing::warn!(key = old_key, error = %e, "could not delete the previous agent key");
         }

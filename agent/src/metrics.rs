@@ -199,13 +199,13 @@ impl AgentMetrics {
         }
     }
 
-    /// The agent holds a new SVID of its own, valid until `not_after`.
+    /// The agent holds an SVID of its own (new, or restored from its data directory),
+    /// valid until `not_after`.
     pub fn agent_svid(&self, not_after: i64) {
         self.agent_svid_expiry.set(not_after);
-        self.rotated("agent");
     }
 
-    /// The agent received new workload SVIDs.
+    /// The agent received a new SVID of `kind` (`agent`, `workload`) now.
     pub fn rotated(&self, kind: &'static str) {
         self.last_rotation
             .get_or_create(&KindLabels { kind })

@@ -2,7 +2,8 @@
 //!
 //! Ready means the server can do its job now, each check exercising the real thing:
 //!
-//! 1. the datastore answers and commits a write (a one-row probe write);
+//! 1. the datastore answers and commits a write (a one-row probe write), and the last
+//!    real write transaction did not fail (a full disk);
 //! 2. the key manager signs with the active CA's key (one probe signature: an HSM whose
 //!    token is gone fails, and passes again when the token is back, with no restart);
 //! 3. an active X.509 CA exists and has not expired.
@@ -58,8 +59,13 @@ impl ServerReadiness {
     async fn probe(&self) -> Vec<String> {
         let now = carapace_core::clock::unix_now();
         let mut reasons = Vec::new();
-        if let Err(e) = self.cache.datastore().probe_write(now).await {
-            reasons.push(format!("datastore: a write did not commit: {e}"));
+        let ds = self.cache.datastore();
+        if let Err(e) = ds.probe_write(now).await {
+            reasons.push(format!("datastore: a probe write did not commit: {e}"));
+        } else if let Err(why) = ds.write_health() {
+            // The probe rewrites one row in place, which can commit on a disk too full
+            // for anything else: the last real write's failure stands until one commits.
+            reasons.push(format!("datastore writes are failing: {why}"));
         }
         match self.ca.active() {
             Err(_) => reasons.push("x509 CA: there is no active CA".into()),

@@ -199,10 +199,11 @@ impl Datastore {
     }
 
     /// Proves that the datastore answers and commits a write now: rewrites the one row of
-    /// `health_probe` in a write transaction. The readiness check's probe; a failure is
-    /// recorded for [`Self::write_health`] like any write's, and a success clears it.
+    /// `health_probe` in a write transaction of its own. The readiness check's probe. It
+    /// is not a [`WriteTx`]: rewriting one row in place can commit on a disk too full for
+    /// an entry, so its success must not clear what [`Self::write_health`] reports.
     pub async fn probe_write(&self, now: i64) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO health_probe (id, probed_at) VALUES (1, $1) \
              ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
@@ -210,7 +211,8 @@ impl Datastore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Closes every connection, waiting for those in use to be returned. Later calls
