@@ -122,6 +122,7 @@ impl From<&TrustBundle> for types::Bundle {
                 .collect(),
             sequence: b.sequence,
             refresh_hint: b.refresh_hint.unwrap_or(0),
+            tainted_x509_authorities: b.tainted_x509_authorities.clone(),
         }
     }
 }
@@ -144,6 +145,16 @@ pub fn bundle_from_wire(b: &types::Bundle) -> Result<TrustBundle, Error> {
             public_key_der: k.public_key.clone(),
             expires_at: (k.expires_at > 0).then_some(k.expires_at),
         });
+    }
+    for der in &b.tainted_x509_authorities {
+        if !out.x509_authorities.contains(der) {
+            return Err(Error::InvalidBundle(
+                "a tainted authority is not one of the bundle's X.509 authorities".into(),
+            ));
+        }
+        if !out.tainted_x509_authorities.contains(der) {
+            out.tainted_x509_authorities.push(der.clone());
+        }
     }
     out.sequence = b.sequence;
     out.refresh_hint = (b.refresh_hint > 0).then_some(b.refresh_hint);
