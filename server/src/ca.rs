@@ -799,7 +799,12 @@ impl CaManager {
         let _guard = self.rotate_lock.lock().await;
         let (active, prepared, retired, mut journal) = {
             let s = read(&self.state);
-            (s.active.clone(), s.prepared.clone(), s.retired.clone(), s.journal.clone())
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
         };
         if active.is_none() {
             return Err(Error::FailedPrecondition(
@@ -838,7 +843,12 @@ impl CaManager {
         let _guard = self.rotate_lock.lock().await;
         let (active, prepared, mut retired, journal) = {
             let s = read(&self.state);
-            (s.active.clone(), s.prepared.clone(), s.retired.clone(), s.journal.clone())
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
         };
         let Some(p) = prepared else {
             return Err(Error::FailedPrecondition(
@@ -910,7 +920,12 @@ impl CaManager {
         let _guard = self.rotate_lock.lock().await;
         let (active, prepared, mut retired, journal) = {
             let s = read(&self.state);
-            (s.active.clone(), s.prepared.clone(), s.retired.clone(), s.journal.clone())
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
         };
         let i = self.find_old("taint", &id, &retired)?;
         if retired[i].journal.tainted {
@@ -937,7 +952,12 @@ impl CaManager {
         let _guard = self.rotate_lock.lock().await;
         let (active, prepared, mut retired, journal) = {
             let s = read(&self.state);
-            (s.active.clone(), s.prepared.clone(), s.retired.clone(), s.journal.clone())
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
         };
         let i = self.find_old("revoke", &id, &retired)?;
         if !retired[i].journal.tainted {
@@ -1505,12 +1525,14 @@ mod tests {
 
     fn ski_of(der: &[u8]) -> Option<String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-        cert.extensions().iter().find_map(|e| match e.parsed_extension() {
-            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
-                Some(hex::encode(k.0))
-            }
-            _ => None,
-        })
+        cert.extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(hex::encode(k.0))
+                }
+                _ => None,
+            })
     }
 
     fn ids(ca: &CaManager) -> Vec<(String, AuthorityStatus, bool)> {
@@ -1532,7 +1554,10 @@ mod tests {
             ski_of(&first.cert_der),
             "the id is the subject key identifier"
         );
-        assert_eq!(ids(&ca), vec![(first_id.clone(), AuthorityStatus::Active, false)]);
+        assert_eq!(
+            ids(&ca),
+            vec![(first_id.clone(), AuthorityStatus::Active, false)]
+        );
 
         // Nothing prepared: activate is refused and changes nothing.
         let seq0 = ca.bundle().borrow().sequence;
@@ -1556,7 +1581,10 @@ mod tests {
         let b = ca.bundle().borrow().clone();
         assert_eq!(b.x509_authorities.len(), 2);
         assert!(!b.x509_authorities.contains(&p1_key.cert_der));
-        assert!(km.get_key("x509-ca-1").await.is_err(), "replaced key deleted");
+        assert!(
+            km.get_key("x509-ca-1").await.is_err(),
+            "replaced key deleted"
+        );
 
         // Activate with another id is refused; with the prepared one's id it works.
         let seq = ca.bundle().borrow().sequence;
@@ -1606,7 +1634,10 @@ mod tests {
         let b = ca.bundle().borrow().clone();
         assert!(b.sequence > before.1.sequence);
         assert_eq!(b.tainted_x509_authorities, vec![first.cert_der.clone()]);
-        assert!(b.x509_authorities.contains(&first.cert_der), "still trusted");
+        assert!(
+            b.x509_authorities.contains(&first.cert_der),
+            "still trusted"
+        );
         assert!(matches!(
             ca.taint(&first_id).await,
             Err(Error::FailedPrecondition(_))
@@ -1627,9 +1658,16 @@ mod tests {
 
         // The taint survives a restart; the rotator leaves it alone.
         drop(ca);
-        let ca = CaManager::load(td.clone(), km.clone(), None, ds.clone(), settings(86_400), t0 + 5)
-            .await
-            .unwrap();
+        let ca = CaManager::load(
+            td.clone(),
+            km.clone(),
+            None,
+            ds.clone(),
+            settings(86_400),
+            t0 + 5,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             ids(&ca),
             vec![
@@ -1649,23 +1687,36 @@ mod tests {
         let b = ca.bundle().borrow().clone();
         assert!(!b.x509_authorities.contains(&first.cert_der));
         assert!(b.tainted_x509_authorities.is_empty());
-        assert!(km.get_key(&first.key_id).await.is_err(), "revoked key deleted");
+        assert!(
+            km.get_key(&first.key_id).await.is_err(),
+            "revoked key deleted"
+        );
         assert!(
             carapace_core::x509svid::verify_chain(&old_svid.chain, &b, (t0 + 6) as u64).is_err(),
             "an SVID of the revoked CA no longer verifies"
         );
         carapace_core::x509svid::verify_chain(&svid.chain, &b, (t0 + 6) as u64).unwrap();
-        assert!(matches!(ca.revoke(&first_id).await, Err(Error::NotFound(_))));
+        assert!(matches!(
+            ca.revoke(&first_id).await,
+            Err(Error::NotFound(_))
+        ));
         let seq = b.sequence;
         for t in [t0 + 10, t0 + 20, t0 + 30] {
             ca.tick(t).await.unwrap();
         }
-        assert_eq!(ca.bundle().borrow().sequence, seq, "the rotator changes nothing");
+        assert_eq!(
+            ca.bundle().borrow().sequence,
+            seq,
+            "the rotator changes nothing"
+        );
         drop(ca);
         let ca = CaManager::load(td, km, None, ds, settings(86_400), t0 + 40)
             .await
             .unwrap();
-        assert_eq!(ids(&ca), vec![(p2.id.clone(), AuthorityStatus::Active, false)]);
+        assert_eq!(
+            ids(&ca),
+            vec![(p2.id.clone(), AuthorityStatus::Active, false)]
+        );
         assert_eq!(ca.bundle().borrow().x509_authorities.len(), 1);
     }
 
@@ -1692,8 +1743,10 @@ mod tests {
         ca.activate(None, t0 + 2).await.unwrap();
         let before = ca.bundle().borrow().clone();
         let err = ca.taint(&old).await.unwrap_err();
-        assert!(matches!(err, Error::FailedPrecondition(ref m) if m.contains("upstream")), "{err}");
+        assert!(
+            matches!(err, Error::FailedPrecondition(ref m) if m.contains("upstream")),
+            "{err}"
+        );
         assert_eq!(*ca.bundle().borrow().as_ref(), *before);
     }
-
 }

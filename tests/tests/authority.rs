@@ -196,13 +196,7 @@ async fn taint_reissues_every_svid_at_once_and_revoke_distrusts_the_old_ca() {
     // once.
     let tainted_at = now() as f64;
     let started = Instant::now();
-    let out = server.cli_json(&[
-        "localauthority",
-        "x509",
-        "taint",
-        "--authority-id",
-        &old_id,
-    ]);
+    let out = server.cli_json(&["localauthority", "x509", "taint", "--authority-id", &old_id]);
     assert_eq!(out["tainted"], true);
     let update = watcher.next_where("a web SVID under the new CA", REISSUE_WITHIN, |u| {
         svid_in(u, WEB).is_some_and(|c| chained_to(&c, &new_ca))
@@ -244,16 +238,25 @@ async fn taint_reissues_every_svid_at_once_and_revoke_distrusts_the_old_ca() {
     ]);
     let bundle = server.bundle_pem();
     let certs = certs_from_pem(&bundle).unwrap();
-    assert!(!certs.contains(&old_ca), "bundle show still holds the revoked CA");
+    assert!(
+        !certs.contains(&old_ca),
+        "bundle show still holds the revoked CA"
+    );
     assert_eq!(certs, vec![new_ca.clone()]);
     let out = openssl_verify(&lab, &pem_of(&old_svid), &bundle);
     assert!(!out.contains(": OK"), "the old SVID still verifies: {out}");
     let out = openssl_verify(&lab, &pem_of(&old_agent_svid), &bundle);
-    assert!(!out.contains(": OK"), "the old agent SVID still verifies: {out}");
+    assert!(
+        !out.contains(": OK"),
+        "the old agent SVID still verifies: {out}"
+    );
     let out = openssl_verify(&lab, &pem_of(&new_svid), &bundle);
     assert!(out.contains(": OK"), "the new SVID does not verify: {out}");
     let out = openssl_verify(&lab, &pem_of(&new_agent_svid), &bundle);
-    assert!(out.contains(": OK"), "the new agent SVID does not verify: {out}");
+    assert!(
+        out.contains(": OK"),
+        "the new agent SVID does not verify: {out}"
+    );
     let update = watcher.next_where("a bundle without the revoked CA", patience(), |u| {
         !certs_from_pem(u["bundle_pem"].as_str().unwrap())
             .unwrap()
@@ -274,9 +277,11 @@ async fn taint_reissues_every_svid_at_once_and_revoke_distrusts_the_old_ca() {
         &[&uid_selector()],
         &[],
     );
-    watcher.next_where("an SVID for a new entry after the revoke", patience(), |u| {
-        svid_in(u, "spiffe://example.org/after").is_some_and(|c| chained_to(&c, &new_ca))
-    });
+    watcher.next_where(
+        "an SVID for a new entry after the revoke",
+        patience(),
+        |u| svid_in(u, "spiffe://example.org/after").is_some_and(|c| chained_to(&c, &new_ca)),
+    );
 }
 
 /// The leaf's serial, lowercase hex, through openssl (as an operator reads it).
@@ -286,7 +291,9 @@ fn hex_serial(der: &[u8]) -> String {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("openssl not found ({e}): install it with 'apt-get install openssl'"));
+        .unwrap_or_else(|e| {
+            panic!("openssl not found ({e}): install it with 'apt-get install openssl'")
+        });
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), der).unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8(out.stdout)
@@ -312,7 +319,11 @@ fn taint_of_the_active_ca_and_revoke_of_an_untainted_one_are_refused() {
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(why), "{args:?}: {stderr}");
         assert_eq!(server.bundle_pem(), bundle, "{args:?} changed the bundle");
-        assert_eq!(authority_state(&server), state, "{args:?} changed the authorities");
+        assert_eq!(
+            authority_state(&server),
+            state,
+            "{args:?} changed the authorities"
+        );
     };
     refused(
         &["localauthority", "x509", "taint", "--authority-id", &first],
@@ -323,7 +334,13 @@ fn taint_of_the_active_ca_and_revoke_of_an_untainted_one_are_refused() {
         "it is the active X.509 authority",
     );
     refused(
-        &["localauthority", "x509", "taint", "--authority-id", "nothex"],
+        &[
+            "localauthority",
+            "x509",
+            "taint",
+            "--authority-id",
+            "nothex",
+        ],
         "--authority-id",
     );
     refused(
@@ -337,7 +354,13 @@ fn taint_of_the_active_ca_and_revoke_of_an_untainted_one_are_refused() {
         "only a tainted X.509 authority can be revoked",
     );
     refused(
-        &["localauthority", "x509", "revoke", "--authority-id", "0123abcd"],
+        &[
+            "localauthority",
+            "x509",
+            "revoke",
+            "--authority-id",
+            "0123abcd",
+        ],
         "no X.509 authority 0123abcd",
     );
     // The old CA is still in the bundle, untainted, after all of that.

@@ -34,7 +34,12 @@ fn authority_to_wire(a: &AuthorityInfo) -> X509Authority {
 impl AdminApi {
     pub(super) fn get_x509_authority_state_inner(&self) -> GetX509AuthorityStateResponse {
         GetX509AuthorityStateResponse {
-            authorities: self.ca.authorities().iter().map(authority_to_wire).collect(),
+            authorities: self
+                .ca
+                .authorities()
+                .iter()
+                .map(authority_to_wire)
+                .collect(),
         }
     }
 

@@ -200,7 +200,10 @@ impl Admin for AdminApi {
         &self,
         request: Request<ActivateX509AuthorityRequest>,
     ) -> std::result::Result<Response<X509Authority>, Status> {
-        reply(self.activate_x509_authority_inner(request.into_inner()).await)
+        reply(
+            self.activate_x509_authority_inner(request.into_inner())
+                .await,
+        )
     }
 
     async fn taint_x509_authority(

@@ -834,7 +834,10 @@ async fn localauthority_x509_lifecycle_through_the_cli() {
     let s = start().await;
     let td = TrustDomain::new("example.org").unwrap();
     let show = |out: String| -> serde_json::Value { serde_json::from_str(&out).unwrap() };
-    let state = show(s.ok(&["localauthority", "x509", "show", "--output", "json"]).await);
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
     let first = state["active"]["authority_id"].as_str().unwrap().to_owned();
     assert_eq!(state["active"]["status"], "active");
     assert_eq!(state["active"]["tainted"], false);
@@ -843,8 +846,14 @@ async fn localauthority_x509_lifecycle_through_the_cli() {
     assert_eq!(state["old"], serde_json::json!([]));
     let human = s.ok(&["localauthority", "x509", "show"]).await;
     assert!(human.starts_with("Active X.509 authority:\n"), "{human}");
-    assert!(human.contains(&format!("  Authority ID   : {first}\n")), "{human}");
-    assert!(human.contains("No prepared X.509 authority found"), "{human}");
+    assert!(
+        human.contains(&format!("  Authority ID   : {first}\n")),
+        "{human}"
+    );
+    assert!(
+        human.contains("No prepared X.509 authority found"),
+        "{human}"
+    );
 
     // Out-of-order steps are refused with the reason, and change nothing.
     let bundle0 = s.ca.bundle().borrow().clone();
@@ -855,23 +864,44 @@ async fn localauthority_x509_lifecycle_through_the_cli() {
     let err = s.err(&["localauthority", "x509", "activate"]).await;
     assert!(err.contains("no prepared X.509 authority"), "{err}");
     let err = s
-        .err(&["localauthority", "x509", "revoke", "--authority-id", "abcdef"])
+        .err(&[
+            "localauthority",
+            "x509",
+            "revoke",
+            "--authority-id",
+            "abcdef",
+        ])
         .await;
     assert!(err.contains("no X.509 authority abcdef"), "{err}");
     assert_eq!(*s.ca.bundle().borrow().as_ref(), *bundle0);
 
-    let prepared = show(s.ok(&["localauthority", "x509", "prepare", "--output", "json"]).await);
+    let prepared = show(
+        s.ok(&["localauthority", "x509", "prepare", "--output", "json"])
+            .await,
+    );
     let next = prepared["authority_id"].as_str().unwrap().to_owned();
     assert_eq!(prepared["status"], "prepared");
-    let state = show(s.ok(&["localauthority", "x509", "show", "--output", "json"]).await);
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
     assert_eq!(state["prepared"]["authority_id"], next.as_str());
     assert_eq!(s.ca.bundle().borrow().x509_authorities.len(), 2);
     let out = s
-        .ok(&["localauthority", "x509", "activate", "--authority-id", &next])
+        .ok(&[
+            "localauthority",
+            "x509",
+            "activate",
+            "--authority-id",
+            &next,
+        ])
         .await;
     assert!(out.starts_with("Activated X.509 authority:\n"), "{out}");
     assert!(out.contains(&next), "{out}");
-    let state = show(s.ok(&["localauthority", "x509", "show", "--output", "json"]).await);
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
     assert_eq!(state["active"]["authority_id"], next.as_str());
     assert_eq!(state["old"][0]["authority_id"], first.as_str());
     assert_eq!(state["old"][0]["status"], "old");
@@ -886,7 +916,13 @@ async fn localauthority_x509_lifecycle_through_the_cli() {
 
     let tainted = show(
         s.ok(&[
-            "localauthority", "x509", "taint", "--authority-id", &first, "--output", "json",
+            "localauthority",
+            "x509",
+            "taint",
+            "--authority-id",
+            &first,
+            "--output",
+            "json",
         ])
         .await,
     );
@@ -903,10 +939,12 @@ async fn localauthority_x509_lifecycle_through_the_cli() {
     let first_der = wire.tainted_x509_authorities[0].clone();
     assert_eq!(crate::ca::authority_id(&first_der), first);
     let pem = s.ok(&["bundle", "show"]).await;
-    assert!(TrustBundle::from_pem(td.clone(), &pem)
-        .unwrap()
-        .x509_authorities
-        .contains(&first_der));
+    assert!(
+        TrustBundle::from_pem(td.clone(), &pem)
+            .unwrap()
+            .x509_authorities
+            .contains(&first_der)
+    );
 
     let out = s
         .ok(&["localauthority", "x509", "revoke", "--authority-id", &first])
@@ -916,7 +954,10 @@ async fn localauthority_x509_lifecycle_through_the_cli() {
     let b = TrustBundle::from_pem(td, &pem).unwrap();
     assert!(!b.x509_authorities.contains(&first_der));
     assert_eq!(b.x509_authorities.len(), 1);
-    let state = show(s.ok(&["localauthority", "x509", "show", "--output", "json"]).await);
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
     assert_eq!(state["old"], serde_json::json!([]));
 
     // The server refuses what the CLI would not send.

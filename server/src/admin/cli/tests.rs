@@ -498,8 +498,14 @@ fn localauthority_parses_spire_shapes_and_checks_ids_locally() {
         AdminCommand::Localauthority(LocalAuthorityCommand::X509(X509AuthorityCommand::Taint(ref a)))
             if a.authority_id == "0A:bc"
     ));
-    assert!(parse(&["localauthority", "x509", "revoke"]).is_err(), "--authority-id is required");
-    assert!(parse(&["localauthority", "x509", "activate"]).is_ok(), "its id is optional");
+    assert!(
+        parse(&["localauthority", "x509", "revoke"]).is_err(),
+        "--authority-id is required"
+    );
+    assert!(
+        parse(&["localauthority", "x509", "activate"]).is_ok(),
+        "its id is optional"
+    );
     assert!(parse(&["localauthority", "x509", "show", "--output", "json"]).is_ok());
 }
 
@@ -520,7 +526,10 @@ async fn localauthority_bad_ids_are_refused_before_connecting() {
         .unwrap();
         let err = execute(cmd).await.unwrap_err().to_string();
         assert!(err.contains("--authority-id"), "{verb}: {err}");
-        assert!(!err.contains("nothing-here"), "{verb} tried to connect: {err}");
+        assert!(
+            !err.contains("nothing-here"),
+            "{verb} tried to connect: {err}"
+        );
     }
 }
 
@@ -554,8 +563,14 @@ fn localauthority_human_and_json_formats() {
         old: vec![a.clone(), a],
     };
     let out = format_authority_state_human(&state);
-    assert!(out.starts_with("Active X.509 authority:\n  Authority ID   : ff\n"), "{out}");
-    assert!(out.contains("\nPrepared X.509 authority:\n  No prepared X.509 authority found\n"), "{out}");
+    assert!(
+        out.starts_with("Active X.509 authority:\n  Authority ID   : ff\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\nPrepared X.509 authority:\n  No prepared X.509 authority found\n"),
+        "{out}"
+    );
     assert_eq!(out.matches("Authority ID   : 0a1b").count(), 2, "{out}");
     let v: serde_json::Value = serde_json::from_str(&json(&state).unwrap()).unwrap();
     assert_eq!(v["active"]["upstream"], "ab".repeat(32));
