@@ -219,13 +219,25 @@ async fn taint_reissues_every_svid_at_once_and_revoke_distrusts_the_old_ca() {
         "the agent SVID took {:?}",
         started.elapsed()
     );
-    let shown = server.cli_json(&["agent", "show", "--spiffe-id", &agent.id]);
+    // The server takes the new agent SVID as current once the agent first uses it.
     let serial = hex_serial(&new_agent_svid[0]);
-    assert_eq!(
-        shown["serial"].as_str().unwrap().trim_start_matches('0'),
-        serial.trim_start_matches('0'),
-        "the server records the renewed agent SVID"
-    );
+    eventually(
+        "the agent to use its renewed SVID with the server",
+        || async {
+            let shown = server.cli_json(&["agent", "show", "--spiffe-id", &agent.id]);
+            (shown["serial"].as_str().unwrap().trim_start_matches('0')
+                == serial.trim_start_matches('0'))
+            .then_some(())
+        },
+    )
+    .await;
+
+    // The taint is in the journal: a restarted server still has it.
+    let mut server = server;
+    server.restart();
+    let state = authority_state(&server);
+    assert_eq!(state["old"][0]["authority_id"], old_id.as_str());
+    assert_eq!(state["old"][0]["tainted"], true);
 
     // revoke: the old CA leaves `bundle show`, the agent's and the workload's bundles;
     // an SVID chained to it no longer verifies with openssl, the new one does.
