@@ -651,6 +651,7 @@ impl Manager {
                             authorities = bundle.x509_authorities.len(),
                             "trust bundle updated"
                         );
+                        self.rotate_tainted(&bundle);
                         self.bundle_tx.send_replace(Arc::new(bundle));
                     }
                 }
@@ -680,6 +681,39 @@ impl Manager {
         );
         self.entries = entries;
         Ok(())
+    }
+
+    /// Makes every SVID chained to an authority the server tainted (an operator suspects
+    /// its key) due at once: workload SVIDs are re-signed by the reconcile that follows
+    /// this sync message, the agent's own SVID on the next tick through its usual renewal.
+    fn rotate_tainted(&mut self, bundle: &TrustBundle) {
+        if bundle.tainted_x509_authorities.is_empty() {
+            return;
+        }
+        let t = now();
+        let mut tainted = TrustBundle::new(bundle.trust_domain().clone());
+        tainted.x509_authorities = bundle.tainted_x509_authorities.clone();
+        let chained = |chain: &[Vec<u8>]| {
+            carapace_core::x509svid::verify_chain(chain, &tainted, t.max(0) as u64).is_ok()
+        };
+        let mut workloads = 0;
+        for slot in self.slots.values_mut() {
+            if chained(&slot.svid.cert_chain) {
+                slot.rotate_at = i64::MIN;
+                workloads += 1;
+            }
+        }
+        let own = chained(&self.state.svid_chain);
+        if own {
+            self.agent_rotate_at = self.agent_rotate_at.min(t);
+        }
+        if workloads > 0 || own {
+            tracing::warn!(
+                workloads,
+                agent_svid = own,
+                "SVIDs chained to a tainted X.509 authority: re-issuing them now"
+            );
+        }
     }
 
     /// Signs what is missing or due, drops what is no longer authorized, publishes.

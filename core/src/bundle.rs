@@ -33,6 +33,10 @@ pub struct TrustBundle {
     pub sequence: u64,
     /// `spiffe_refresh_hint` in seconds, if set.
     pub refresh_hint: Option<u64>,
+    /// The X.509 authorities (each also in `x509_authorities`) an operator tainted: still
+    /// trusted, but every SVID chained to one is to be re-issued at once. Travels on the
+    /// node API only: the SPIFFE formats (Workload API, `bundle show`) carry none of it.
+    pub tainted_x509_authorities: Vec<Vec<u8>>,
 }
 
 impl TrustBundle {
@@ -44,6 +48,7 @@ impl TrustBundle {
             jwt_authorities: Vec::new(),
             sequence: 0,
             refresh_hint: None,
+            tainted_x509_authorities: Vec::new(),
         }
     }
 

@@ -122,6 +122,7 @@ impl From<&TrustBundle> for types::Bundle {
                 .collect(),
             sequence: b.sequence,
             refresh_hint: b.refresh_hint.unwrap_or(0),
+            tainted_x509_authorities: b.tainted_x509_authorities.clone(),
         }
     }
 }
@@ -144,6 +145,16 @@ pub fn bundle_from_wire(b: &types::Bundle) -> Result<TrustBundle, Error> {
             public_key_der: k.public_key.clone(),
             expires_at: (k.expires_at > 0).then_some(k.expires_at),
         });
+    }
+    for der in &b.tainted_x509_authorities {
+        if !out.x509_authorities.contains(der) {
+            return Err(Error::InvalidBundle(
+                "a tainted authority is not one of the bundle's X.509 authorities".into(),
+            ));
+        }
+        if !out.tainted_x509_authorities.contains(der) {
+            out.tainted_x509_authorities.push(der.clone());
+        }
     }
     out.sequence = b.sequence;
     out.refresh_hint = (b.refresh_hint > 0).then_some(b.refresh_hint);
@@ -211,5 +222,35 @@ mod tests {
                 .to_string()
                 .contains("id")
         );
+    }
+
+    /// Self-signed certificates made once with `openssl req -x509` (P-256, CN a, b, c).
+    const PEMS: [&str; 3] = [
+        "-----BEGIN CERTIFICATE-----\nMIIBbzCCARWgAwIBAgIUL7qbICEd8gz4FtYQdH6GsfDqLFQwCgYIKoZIzj0EAwIw\nDDEKMAgGA1UEAwwBYTAgFw0yNjEyMDcwMDI1NDRaGA8yMTI2MTExMzAwMjU0NFow\nDDEKMAgGA1UEAwwBYTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABNuCgJMIXGEF\n0Bbznas+G/TBs4Q9W/uYcmRBkY1Lnj6GmqYqvM42jeAsdu6szKrsyVl59d4xylBb\nuYpLma/vnL6jUzBRMB0GA1UdDgQWBBQet9sdkTwCd4pUD+36ezDwRBlWfTAfBgNV\nHSMEGDAWgBQet9sdkTwCd4pUD+36ezDwRBlWfTAPBgNVHRMBAf8EBTADAQH/MAoG\nCCqGSM49BAMCA0gAMEUCIA8AnWbqC9hF4N8/B3TzQ36o5TtebaYXgkBugc+L8BmK\nAiEAxg+Tf4CEHgNfRLIweZNDSU5Is980KR+rgPY1LSEZsTQ=\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nMIIBbzCCARWgAwIBAgIUJbNeVLVsVSl6HvZHhxYcC+axB/wwCgYIKoZIzj0EAwIw\nDDEKMAgGA1UEAwwBYjAgFw0yNjEyMDcwMDI1NDRaGA8yMTI2MTExMzAwMjU0NFow\nDDEKMAgGA1UEAwwBYjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABCmF4+ZybArs\nZsjkfXaHSJhsd0InSNjlMe0sbq9c+FjhgYVyFIDKlx9LcvEmudIvY+NQvAuQ0EA3\nNMcZYaqwN4yjUzBRMB0GA1UdDgQWBBQxPCoVcOKxtjMKUtc6Bt9Pernq3DAfBgNV\nHSMEGDAWgBQxPCoVcOKxtjMKUtc6Bt9Pernq3DAPBgNVHRMBAf8EBTADAQH/MAoG\nCCqGSM49BAMCA0gAMEUCIDP6+qJe4G8eXSQZ0te10RKBzlTW2GyD3XhGmTeBQAGv\nAiEA8IDIKt6zAiRulVEonsoT+Xk0OS3X+8eEqfh/fhqV2ro=\n-----END CERTIFICATE-----\n",
+        "-----BEGIN CERTIFICATE-----\nMIIBbjCCARWgAwIBAgIUc89Xi8bmjKjOgYNGGtD8sTv31wAwCgYIKoZIzj0EAwIw\nDDEKMAgGA1UEAwwBYzAgFw0yNjEyMDcwMDI1NDRaGA8yMTI2MTExMzAwMjU0NFow\nDDEKMAgGA1UEAwwBYzBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABNEFHux69Qky\nqPgRaIe0Y/OOauSCSHlyMl9HM5hAW/f9ErDVI0+eMQGadRhsmQ+jvupvjni8AV3R\npx1vrcnheYGjUzBRMB0GA1UdDgQWBBQw6zIIH8DgBrq/Kgn1m6mgxwnCszAfBgNV\nHSMEGDAWgBQw6zIIH8DgBrq/Kgn1m6mgxwnCszAPBgNVHRMBAf8EBTADAQH/MAoG\nCCqGSM49BAMCA0cAMEQCIDOAfQGq5YdjAuMlx4IVlL0/nqoDglM3xtNnLOzgI5hG\nAiBRsozeg+s4GIW4iY95Vd3hZewM3Z3GcGL40ZgBGLdpfQ==\n-----END CERTIFICATE-----\n",
+    ];
+
+    fn ca_der(i: usize) -> Vec<u8> {
+        carapace_core::bundle::certs_from_pem(PEMS[i])
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn tainted_authorities_round_trip_and_must_be_in_the_bundle() {
+        let (a, b) = (ca_der(0), ca_der(1));
+        let mut bundle = TrustBundle::new(TrustDomain::new("example.org").unwrap());
+        bundle.x509_authorities = vec![a.clone(), b.clone()];
+        bundle.tainted_x509_authorities = vec![a.clone()];
+        let wire = types::Bundle::from(&bundle);
+        assert_eq!(wire.tainted_x509_authorities, vec![a.clone()]);
+        assert_eq!(bundle_from_wire(&wire).unwrap(), bundle);
+        // The SPIFFE formats workloads see carry no taint.
+        assert_eq!(bundle.to_pem().matches("BEGIN CERTIFICATE").count(), 2);
+        let mut stray = wire.clone();
+        stray.tainted_x509_authorities = vec![ca_der(2)];
+        let err = bundle_from_wire(&stray).unwrap_err().to_string();
+        assert!(err.contains("tainted"), "{err}");
     }
 }

@@ -127,7 +127,13 @@ impl CaSlot {
             chain_hex: self.chain.iter().skip(1).map(hex::encode).collect(),
             bundle_hex: Some(self.bundle_certs.iter().map(hex::encode).collect()),
             upstream: self.upstream.clone(),
+            tainted: false,
         }
+    }
+
+    /// The operator's handle on this CA: see [`authority_id`].
+    pub fn authority_id(&self) -> String {
+        authority_id(&self.cert_der)
     }
 
     fn prepare_at(&self) -> i64 {
@@ -155,6 +161,10 @@ struct JournalSlot {
     /// Fingerprint of the upstream root; None for a self-signed CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     upstream: Option<String>,
+    /// Tainted by the operator (`localauthority x509 taint`); only ever set on a retired
+    /// CA. Absent in journals written before taint existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    tainted: bool,
 }
 
 fn unhex(h: &str) -> Result<Vec<u8>> {
@@ -173,12 +183,15 @@ impl JournalSlot {
     }
 }
 
-/// A CA that no longer signs; its bundle certificates stay until it expires.
+/// A CA that no longer signs; its bundle certificates stay until it expires or the
+/// operator revokes it.
 #[derive(Debug, Clone)]
 struct Retired {
     journal: JournalSlot,
     not_after: i64,
     bundle_certs: Vec<Vec<u8>>,
+    cert_der: Vec<u8>,
+    id: String,
 }
 
 impl Retired {
@@ -187,8 +200,115 @@ impl Retired {
             journal: slot.journal(),
             not_after: slot.not_after,
             bundle_certs: slot.bundle_certs.clone(),
+            cert_der: slot.cert_der.clone(),
+            id: slot.authority_id(),
         }
     }
+
+    fn restore(js: &JournalSlot) -> Result<Self> {
+        let cert_der = js.cert()?;
+        let (_, not_after) = carapace_core::x509svid::validity_of(&cert_der)?;
+        Ok(Retired {
+            journal: js.clone(),
+            not_after,
+            bundle_certs: js.bundle_certs()?,
+            id: authority_id(&cert_der),
+            cert_der,
+        })
+    }
+}
+
+/// The id an operator names a CA by: its certificate's subject key identifier in
+/// lowercase hex, as SPIRE's `localauthority` shows it; for a certificate without that
+/// extension, the RFC 5280 method-1 style digest of its public key (SHA-256, first 20
+/// bytes). Stable across restarts: it is a function of the certificate alone.
+pub fn authority_id(cert_der: &[u8]) -> String {
+    use sha2::Digest as _;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert_der) else {
+        return hex::encode(&sha2::Sha256::digest(cert_der)[..20]);
+    };
+    for ext in cert.extensions() {
+        if let x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(ski) =
+            ext.parsed_extension()
+        {
+            return hex::encode(ski.0);
+        }
+    }
+    let key = cert.public_key().subject_public_key.data.as_ref();
+    hex::encode(&sha2::Sha256::digest(key)[..20])
+}
+
+/// Where an X.509 authority stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorityStatus {
+    /// Signs every new SVID.
+    Active,
+    /// In the bundle, signing nothing yet.
+    Prepared,
+    /// Retired: signs nothing, in the bundle until it expires or is revoked.
+    Old,
+}
+
+/// One X.509 authority as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityInfo {
+    /// See [`authority_id`].
+    pub id: String,
+    /// Active, prepared or old.
+    pub status: AuthorityStatus,
+    /// NotAfter, unix seconds.
+    pub not_after: i64,
+    /// Tainted by the operator.
+    pub tainted: bool,
+    /// Fingerprint of the upstream root that certified it; None when self-signed.
+    pub upstream: Option<String>,
+    /// The CA certificate, DER.
+    pub cert_der: Vec<u8>,
+}
+
+impl AuthorityInfo {
+    fn of_slot(slot: &CaSlot, status: AuthorityStatus) -> Self {
+        AuthorityInfo {
+            id: slot.authority_id(),
+            status,
+            not_after: slot.not_after,
+            tainted: false,
+            upstream: slot.upstream.clone(),
+            cert_der: slot.cert_der.clone(),
+        }
+    }
+
+    fn of_retired(r: &Retired) -> Self {
+        AuthorityInfo {
+            id: r.id.clone(),
+            status: AuthorityStatus::Old,
+            not_after: r.not_after,
+            tainted: r.journal.tainted,
+            upstream: r.journal.upstream.clone(),
+            cert_der: r.cert_der.clone(),
+        }
+    }
+}
+
+/// An authority id as typed by an operator: lowercase hex, colons allowed (as `openssl`
+/// prints a subject key identifier).
+pub fn normalize_authority_id(id: &str) -> Result<String> {
+    let id: String = id
+        .trim()
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    if id.is_empty() {
+        return Err(Error::InvalidArgument("authority_id is required".into()));
+    }
+    if id.len() > 128 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Error::InvalidArgument(
+            "authority_id: not an authority id (hex, as `localauthority x509 show` prints it)"
+                .into(),
+        ));
+    }
+    Ok(id)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
@@ -343,12 +463,7 @@ impl CaManager {
             }
         }
         for js in &journal.retired {
-            let (_, not_after) = carapace_core::x509svid::validity_of(&js.cert()?)?;
-            state.retired.push(Retired {
-                journal: js.clone(),
-                not_after,
-                bundle_certs: js.bundle_certs()?,
-            });
+            state.retired.push(Retired::restore(js)?);
         }
         let bundle = ca.bundle_of(
             state.journal.bundle_sequence,
@@ -379,6 +494,11 @@ impl CaManager {
         for der in all {
             if !bundle.x509_authorities.contains(der) {
                 bundle.x509_authorities.push(der.clone());
+            }
+        }
+        for r in retired.iter().filter(|r| r.journal.tainted) {
+            if bundle.x509_authorities.contains(&r.cert_der) {
+                bundle.tainted_x509_authorities.push(r.cert_der.clone());
             }
         }
         bundle
@@ -611,39 +731,260 @@ impl CaManager {
         if !changed {
             return Ok(());
         }
-        journal.active = new_active.as_ref().map(|s| s.journal());
-        journal.prepared = new_prepared.as_ref().map(|s| s.journal());
+        self.commit(journal, new_active, new_prepared, retired, expired_keys)
+            .await
+    }
+
+    /// Persists a new state (journal and stored bundle, with the bundle sequence bumped),
+    /// then installs and publishes it and deletes the keys in `delete_keys`. Called with
+    /// `rotate_lock` held. Nothing changes in memory unless the journal was written.
+    async fn commit(
+        &self,
+        mut journal: Journal,
+        active: Option<Arc<CaSlot>>,
+        prepared: Option<Arc<CaSlot>>,
+        retired: Vec<Retired>,
+        delete_keys: Vec<String>,
+    ) -> Result<()> {
+        journal.active = active.as_ref().map(|s| s.journal());
+        journal.prepared = prepared.as_ref().map(|s| s.journal());
         journal.retired = retired.iter().map(|r| r.journal.clone()).collect();
         journal.bundle_sequence += 1;
 
         let bundle = self.bundle_of(
             journal.bundle_sequence,
             &retired,
-            new_active.iter().chain(new_prepared.iter()),
+            active.iter().chain(prepared.iter()),
         );
 
         let bytes = serde_json::to_vec(&journal).map_err(|e| Error::Ca(e.to_string()))?;
         self.ds.save_ca_journal(&bytes).await?;
         self.ds.set_bundle(&bundle).await?;
-        let rotated = active.as_ref().map(|a| &a.key_id) != new_active.as_ref().map(|a| &a.key_id);
+        let rotated = read(&self.state).active.as_ref().map(|a| a.key_id.clone())
+            != active.as_ref().map(|a| a.key_id.clone());
         *write(&self.state) = State {
             journal,
-            active: new_active,
-            prepared: new_prepared,
+            active,
+            prepared,
             retired,
         };
         self.bundle_tx.send_replace(Arc::new(bundle));
         if rotated {
-            crate::metrics::metrics().ca_rotated(now);
+            crate::metrics::metrics().ca_rotated(carapace_core::clock::unix_now());
         }
-        for key_id in expired_keys {
+        for key_id in delete_keys {
             if let Err(e) = self.km.delete_key(&key_id).await {
-                tracing::warn!(key_id, error = %e, "could not delete the key of an expired CA");
+                tracing::warn!(key_id, error = %e, "could not delete the key of a CA that left the bundle");
             } else {
-                tracing::info!(key_id, "deleted the key of an expired CA");
+                tracing::info!(key_id, "deleted the key of a CA that left the bundle");
             }
         }
         Ok(())
+    }
+
+    /// Every X.509 authority: the active one, the prepared one, then the old ones, newest
+    /// first.
+    pub fn authorities(&self) -> Vec<AuthorityInfo> {
+        let s = read(&self.state);
+        let mut out = Vec::new();
+        if let Some(a) = &s.active {
+            out.push(AuthorityInfo::of_slot(a, AuthorityStatus::Active));
+        }
+        if let Some(p) = &s.prepared {
+            out.push(AuthorityInfo::of_slot(p, AuthorityStatus::Prepared));
+        }
+        out.extend(s.retired.iter().rev().map(AuthorityInfo::of_retired));
+        out
+    }
+
+    /// `localauthority x509 prepare`: mints the next CA now and publishes it in the
+    /// bundle; it signs nothing until activated. A CA prepared before is replaced, as
+    /// SPIRE does: having signed nothing, it leaves the bundle and its key is deleted.
+    pub async fn prepare(&self, now: i64) -> Result<AuthorityInfo> {
+        let _guard = self.rotate_lock.lock().await;
+        let (active, prepared, retired, mut journal) = {
+            let s = read(&self.state);
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
+        };
+        if active.is_none() {
+            return Err(Error::FailedPrecondition(
+                "there is no active X.509 authority yet".into(),
+            ));
+        }
+        let seq = journal.next_seq;
+        journal.next_seq += 1;
+        let slot = Arc::new(self.mint_ca(seq, now).await?);
+        let info = AuthorityInfo::of_slot(&slot, AuthorityStatus::Prepared);
+        let replaced: Vec<String> = prepared.iter().map(|p| p.key_id.clone()).collect();
+        if let Err(e) = self
+            .commit(journal, active, Some(slot.clone()), retired, replaced)
+            .await
+        {
+            // Not in the journal: the new key must not linger either.
+            let _ = self.km.delete_key(&slot.key_id).await;
+            return Err(e);
+        }
+        tracing::info!(
+            authority_id = info.id,
+            key_id = slot.key_id,
+            "operator prepared a new X.509 authority; it is in the bundle and signs nothing yet"
+        );
+        Ok(info)
+    }
+
+    /// `localauthority x509 activate`: the prepared CA becomes the active one; the active
+    /// one becomes old (still in the bundle, signing nothing). With `id`, it must name
+    /// the prepared CA.
+    pub async fn activate(&self, id: Option<&str>, now: i64) -> Result<AuthorityInfo> {
+        let id = id
+            .filter(|i| !i.trim().is_empty())
+            .map(normalize_authority_id)
+            .transpose()?;
+        let _guard = self.rotate_lock.lock().await;
+        let (active, prepared, mut retired, journal) = {
+            let s = read(&self.state);
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
+        };
+        let Some(p) = prepared else {
+            return Err(Error::FailedPrecondition(
+                "no prepared X.509 authority: run `localauthority x509 prepare` first".into(),
+            ));
+        };
+        if let Some(id) = &id {
+            if *id != p.authority_id() {
+                return Err(Error::InvalidArgument(format!(
+                    "authority_id {id} is not the prepared X.509 authority ({})",
+                    p.authority_id()
+                )));
+            }
+        }
+        if p.not_after <= now + BACKDATE {
+            return Err(Error::FailedPrecondition(format!(
+                "the prepared X.509 authority {} has expired; prepare another",
+                p.authority_id()
+            )));
+        }
+        if let Some(a) = &active {
+            retired.push(Retired::of(a));
+        }
+        let info = AuthorityInfo::of_slot(&p, AuthorityStatus::Active);
+        self.commit(journal, Some(p.clone()), None, retired, Vec::new())
+            .await?;
+        tracing::info!(
+            authority_id = info.id,
+            key_id = p.key_id,
+            "operator activated the prepared X.509 authority; the previous one is old"
+        );
+        Ok(info)
+    }
+
+    /// Finds the old authority `id` for taint or revoke, refusing the active and the
+    /// prepared one and CAs an upstream root certified (their bundle entry is the root,
+    /// which an operator distrusts by changing upstreams).
+    fn find_old(&self, verb: &str, id: &str, retired: &[Retired]) -> Result<usize> {
+        let s = read(&self.state);
+        if s.active.as_ref().is_some_and(|a| a.authority_id() == id) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot {verb} {id}: it is the active X.509 authority (prepare and activate another first)"
+            )));
+        }
+        if s.prepared.as_ref().is_some_and(|p| p.authority_id() == id) {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot {verb} {id}: it is the prepared X.509 authority, which has signed nothing"
+            )));
+        }
+        let i = retired.iter().position(|r| r.id == id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no X.509 authority {id} (see `localauthority x509 show`)"
+            ))
+        })?;
+        if retired[i].journal.upstream.is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot {verb} {id}: an upstream authority certified it and the bundle holds \
+                 the upstream root, not this CA"
+            )));
+        }
+        Ok(i)
+    }
+
+    /// `localauthority x509 taint`: marks an old authority tainted. The bundle (with a
+    /// new sequence) tells every agent, which re-issues at once every SVID chained to it,
+    /// its own included. The authority stays trusted until revoked.
+    pub async fn taint(&self, id: &str) -> Result<AuthorityInfo> {
+        let id = normalize_authority_id(id)?;
+        let _guard = self.rotate_lock.lock().await;
+        let (active, prepared, mut retired, journal) = {
+            let s = read(&self.state);
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
+        };
+        let i = self.find_old("taint", &id, &retired)?;
+        if retired[i].journal.tainted {
+            return Err(Error::FailedPrecondition(format!(
+                "X.509 authority {id} is already tainted"
+            )));
+        }
+        retired[i].journal.tainted = true;
+        let info = AuthorityInfo::of_retired(&retired[i]);
+        self.commit(journal, active, prepared, retired, Vec::new())
+            .await?;
+        tracing::warn!(
+            authority_id = id,
+            "operator tainted an X.509 authority: agents re-issue every SVID chained to it"
+        );
+        Ok(info)
+    }
+
+    /// `localauthority x509 revoke`: removes a tainted old authority from the bundle and
+    /// deletes its key. SVIDs chained to it stop verifying everywhere the new bundle
+    /// reaches.
+    pub async fn revoke(&self, id: &str) -> Result<AuthorityInfo> {
+        let id = normalize_authority_id(id)?;
+        let _guard = self.rotate_lock.lock().await;
+        let (active, prepared, mut retired, journal) = {
+            let s = read(&self.state);
+            (
+                s.active.clone(),
+                s.prepared.clone(),
+                s.retired.clone(),
+                s.journal.clone(),
+            )
+        };
+        let i = self.find_old("revoke", &id, &retired)?;
+        if !retired[i].journal.tainted {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot revoke {id}: only a tainted X.509 authority can be revoked (taint it first)"
+            )));
+        }
+        let gone = retired.remove(i);
+        let info = AuthorityInfo::of_retired(&gone);
+        self.commit(
+            journal,
+            active,
+            prepared,
+            retired,
+            vec![gone.journal.key_id.clone()],
+        )
+        .await?;
+        tracing::warn!(
+            authority_id = id,
+            "operator revoked an X.509 authority: it left the bundle and its key is deleted"
+        );
+        Ok(info)
     }
 
     /// Runs [`Self::tick`] every [`ROTATE_INTERVAL`] until `shutdown` resolves.
@@ -1218,5 +1559,232 @@ mod tests {
             "old root stays while its CA is valid"
         );
         assert!(auths.contains(&other_root.x509_roots().await.unwrap()[0]));
+    }
+
+    fn ski_of(der: &[u8]) -> Option<String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+        cert.extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(hex::encode(k.0))
+                }
+                _ => None,
+            })
+    }
+
+    fn ids(ca: &CaManager) -> Vec<(String, AuthorityStatus, bool)> {
+        ca.authorities()
+            .into_iter()
+            .map(|a| (a.id, a.status, a.tainted))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn operator_prepares_activates_taints_and_revokes() {
+        let t0 = 1_900_000_000;
+        let td = TrustDomain::new("example.org").unwrap();
+        let (ca, ds, km) = setup(86_400, t0).await;
+        let first = ca.active().unwrap();
+        let first_id = first.authority_id();
+        assert_eq!(
+            Some(first_id.clone()),
+            ski_of(&first.cert_der),
+            "the id is the subject key identifier"
+        );
+        assert_eq!(
+            ids(&ca),
+            vec![(first_id.clone(), AuthorityStatus::Active, false)]
+        );
+
+        // Nothing prepared: activate is refused and changes nothing.
+        let seq0 = ca.bundle().borrow().sequence;
+        assert!(matches!(
+            ca.activate(None, t0).await,
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert_eq!(ca.bundle().borrow().sequence, seq0);
+
+        // Prepare: in the bundle, not signing.
+        let p1 = ca.prepare(t0 + 1).await.unwrap();
+        assert_eq!(p1.status, AuthorityStatus::Prepared);
+        let b = ca.bundle().borrow().clone();
+        assert_eq!(b.x509_authorities.len(), 2);
+        assert!(b.sequence > seq0);
+        assert_eq!(ca.active().unwrap().key_id, first.key_id);
+        let p1_key = ca.authorities()[1].clone();
+        // Preparing again replaces it (SPIRE): the first one signed nothing and goes.
+        let p2 = ca.prepare(t0 + 2).await.unwrap();
+        assert_ne!(p2.id, p1.id);
+        let b = ca.bundle().borrow().clone();
+        assert_eq!(b.x509_authorities.len(), 2);
+        assert!(!b.x509_authorities.contains(&p1_key.cert_der));
+        assert!(
+            km.get_key("x509-ca-1").await.is_err(),
+            "replaced key deleted"
+        );
+
+        // Activate with another id is refused; with the prepared one's id it works.
+        let seq = ca.bundle().borrow().sequence;
+        assert!(matches!(
+            ca.activate(Some(&first_id), t0 + 3).await,
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(ca.bundle().borrow().sequence, seq);
+        let act = ca.activate(Some(&p2.id), t0 + 3).await.unwrap();
+        assert_eq!(act.status, AuthorityStatus::Active);
+        assert_eq!(ca.active().unwrap().authority_id(), p2.id);
+        assert_eq!(
+            ids(&ca),
+            vec![
+                (p2.id.clone(), AuthorityStatus::Active, false),
+                (first_id.clone(), AuthorityStatus::Old, false)
+            ]
+        );
+
+        // Wrong states and ids are refused and change nothing.
+        let before = (ids(&ca), ca.bundle().borrow().clone());
+        let refused = [
+            ca.taint(&p2.id).await.unwrap_err(),
+            ca.revoke(&p2.id).await.unwrap_err(),
+            ca.revoke(&first_id).await.unwrap_err(),
+            ca.taint("00ff").await.unwrap_err(),
+            ca.taint("not-hex").await.unwrap_err(),
+            ca.taint("").await.unwrap_err(),
+        ];
+        assert!(matches!(refused[0], Error::FailedPrecondition(ref m) if m.contains("active")));
+        assert!(matches!(refused[1], Error::FailedPrecondition(_)));
+        assert!(matches!(refused[2], Error::FailedPrecondition(ref m) if m.contains("tainted")));
+        assert!(matches!(refused[3], Error::NotFound(_)));
+        assert!(matches!(refused[4], Error::InvalidArgument(_)));
+        assert!(matches!(refused[5], Error::InvalidArgument(_)));
+        assert_eq!((ids(&ca), ca.bundle().borrow().clone()), before);
+
+        // Taint (typed as openssl prints it): the bundle says so, under a new sequence.
+        let colons = first_id
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap().to_ascii_uppercase())
+            .collect::<Vec<_>>()
+            .join(":");
+        let t = ca.taint(&colons).await.unwrap();
+        assert!(t.tainted);
+        let b = ca.bundle().borrow().clone();
+        assert!(b.sequence > before.1.sequence);
+        assert_eq!(b.tainted_x509_authorities, vec![first.cert_der.clone()]);
+        assert!(
+            b.x509_authorities.contains(&first.cert_der),
+            "still trusted"
+        );
+        assert!(matches!(
+            ca.taint(&first_id).await,
+            Err(Error::FailedPrecondition(_))
+        ));
+        // New SVIDs are never signed by the tainted key.
+        let (key, _) = workload_key();
+        let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let svid = ca
+            .sign_x509_svid(&id, &key, Duration::from_secs(60), &[], t0 + 4)
+            .unwrap();
+        let mut only_tainted = TrustBundle::new(td.clone());
+        only_tainted.x509_authorities = b.tainted_x509_authorities.clone();
+        assert!(
+            carapace_core::x509svid::verify_chain(&svid.chain, &only_tainted, (t0 + 4) as u64)
+                .is_err()
+        );
+        let old_svid = sign_leaf(&first, &id, &key, Duration::from_secs(600), &[], t0 + 4).unwrap();
+
+        // The taint survives a restart; the rotator leaves it alone.
+        drop(ca);
+        let ca = CaManager::load(
+            td.clone(),
+            km.clone(),
+            None,
+            ds.clone(),
+            settings(86_400),
+            t0 + 5,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            ids(&ca),
+            vec![
+                (p2.id.clone(), AuthorityStatus::Active, false),
+                (first_id.clone(), AuthorityStatus::Old, true)
+            ]
+        );
+        assert_eq!(
+            ca.bundle().borrow().tainted_x509_authorities,
+            vec![first.cert_der.clone()]
+        );
+
+        // Revoke: out of the bundle, key deleted, and it stays gone through restarts and
+        // rotator ticks.
+        let r = ca.revoke(&first_id).await.unwrap();
+        assert_eq!(r.id, first_id);
+        let b = ca.bundle().borrow().clone();
+        assert!(!b.x509_authorities.contains(&first.cert_der));
+        assert!(b.tainted_x509_authorities.is_empty());
+        assert!(
+            km.get_key(&first.key_id).await.is_err(),
+            "revoked key deleted"
+        );
+        assert!(
+            carapace_core::x509svid::verify_chain(&old_svid.chain, &b, (t0 + 6) as u64).is_err(),
+            "an SVID of the revoked CA no longer verifies"
+        );
+        carapace_core::x509svid::verify_chain(&svid.chain, &b, (t0 + 6) as u64).unwrap();
+        assert!(matches!(
+            ca.revoke(&first_id).await,
+            Err(Error::NotFound(_))
+        ));
+        let seq = b.sequence;
+        for t in [t0 + 10, t0 + 20, t0 + 30] {
+            ca.tick(t).await.unwrap();
+        }
+        assert_eq!(
+            ca.bundle().borrow().sequence,
+            seq,
+            "the rotator changes nothing"
+        );
+        drop(ca);
+        let ca = CaManager::load(td, km, None, ds, settings(86_400), t0 + 40)
+            .await
+            .unwrap();
+        assert_eq!(
+            ids(&ca),
+            vec![(p2.id.clone(), AuthorityStatus::Active, false)]
+        );
+        assert_eq!(ca.bundle().borrow().x509_authorities.len(), 1);
+    }
+
+    #[test]
+    fn journals_written_before_taint_existed_still_load() {
+        let old = r#"{"next_seq":2,"active":{"key_id":"x509-ca-1","cert_der_hex":"00"},
+            "prepared":null,"retired":[{"key_id":"x509-ca-0","cert_der_hex":"00"}],
+            "bundle_sequence":3}"#;
+        let j: Journal = serde_json::from_str(old).unwrap();
+        assert!(!j.retired[0].tainted);
+        let again = serde_json::to_string(&j).unwrap();
+        assert!(!again.contains("tainted"), "{again}");
+    }
+
+    #[tokio::test]
+    async fn an_upstream_certified_ca_cannot_be_tainted_locally() {
+        let t0 = 1_900_000_000;
+        let root = local_root("root", t0).await;
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let km = Arc::new(MemoryKeyManager::new());
+        let ca = load_with(Some(root), km, ds, t0).await;
+        ca.prepare(t0 + 1).await.unwrap();
+        let old = ca.active().unwrap().authority_id();
+        ca.activate(None, t0 + 2).await.unwrap();
+        let before = ca.bundle().borrow().clone();
+        let err = ca.taint(&old).await.unwrap_err();
+        assert!(
+            matches!(err, Error::FailedPrecondition(ref m) if m.contains("upstream")),
+            "{err}"
+        );
+        assert_eq!(*ca.bundle().borrow().as_ref(), *before);
     }
 }

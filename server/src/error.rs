@@ -25,6 +25,10 @@ pub enum Error {
     /// The thing to create exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request is well formed but the state does not allow it (a CA lifecycle step
+    /// out of order, say); nothing was changed.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The caller is not allowed to do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -82,6 +86,7 @@ impl From<Error> for tonic::Status {
             Error::Config(_) | Error::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
             Error::NotFound(_) => Status::not_found(e.to_string()),
             Error::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             Error::PermissionDenied(_) => Status::permission_denied(e.to_string()),
             Error::Unauthenticated(_) => Status::unauthenticated(e.to_string()),
             Error::Datastore(_) | Error::Ca(_) | Error::Io { .. } => internal(&e),

@@ -18,6 +18,7 @@
 //! trait impl below; its CLI side is a file in [`crate::admin::cli`].
 
 mod agent;
+mod authority;
 mod bundle;
 mod entry;
 mod fields;
@@ -35,6 +36,11 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use carapace_proto::admin::admin_server::Admin;
+use carapace_proto::admin::{
+    ActivateX509AuthorityRequest, GetX509AuthorityStateRequest, GetX509AuthorityStateResponse,
+    PrepareX509AuthorityRequest, RevokeX509AuthorityRequest, TaintX509AuthorityRequest,
+    X509Authority,
+};
 use carapace_proto::admin::{
     Agent, AgentRequest, CountEntriesResponse, CreateEntryRequest, CreateJoinTokenRequest,
     DeleteEntryRequest, DeleteEntryResponse, EvictAgentResponse, GetBundleRequest, HealthRequest,
@@ -174,5 +180,43 @@ impl Admin for AdminApi {
         _request: Request<HealthRequest>,
     ) -> std::result::Result<Response<HealthResponse>, Status> {
         reply(self.health_inner().await)
+    }
+
+    async fn get_x509_authority_state(
+        &self,
+        _request: Request<GetX509AuthorityStateRequest>,
+    ) -> std::result::Result<Response<GetX509AuthorityStateResponse>, Status> {
+        Ok(Response::new(self.get_x509_authority_state_inner()))
+    }
+
+    async fn prepare_x509_authority(
+        &self,
+        _request: Request<PrepareX509AuthorityRequest>,
+    ) -> std::result::Result<Response<X509Authority>, Status> {
+        reply(self.prepare_x509_authority_inner().await)
+    }
+
+    async fn activate_x509_authority(
+        &self,
+        request: Request<ActivateX509AuthorityRequest>,
+    ) -> std::result::Result<Response<X509Authority>, Status> {
+        reply(
+            self.activate_x509_authority_inner(request.into_inner())
+                .await,
+        )
+    }
+
+    async fn taint_x509_authority(
+        &self,
+        request: Request<TaintX509AuthorityRequest>,
+    ) -> std::result::Result<Response<X509Authority>, Status> {
+        reply(self.taint_x509_authority_inner(request.into_inner()).await)
+    }
+
+    async fn revoke_x509_authority(
+        &self,
+        request: Request<RevokeX509AuthorityRequest>,
+    ) -> std::result::Result<Response<X509Authority>, Status> {
+        reply(self.revoke_x509_authority_inner(request.into_inner()).await)
     }
 }

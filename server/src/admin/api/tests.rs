@@ -830,6 +830,157 @@ async fn bundle_show_in_both_formats() {
 }
 
 #[tokio::test]
+async fn localauthority_x509_lifecycle_through_the_cli() {
+    let s = start().await;
+    let td = TrustDomain::new("example.org").unwrap();
+    let show = |out: String| -> serde_json::Value { serde_json::from_str(&out).unwrap() };
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
+    let first = state["active"]["authority_id"].as_str().unwrap().to_owned();
+    assert_eq!(state["active"]["status"], "active");
+    assert_eq!(state["active"]["tainted"], false);
+    assert!(state["active"].get("upstream").is_none(), "self-signed");
+    assert!(state["prepared"].is_null());
+    assert_eq!(state["old"], serde_json::json!([]));
+    let human = s.ok(&["localauthority", "x509", "show"]).await;
+    assert!(human.starts_with("Active X.509 authority:\n"), "{human}");
+    assert!(
+        human.contains(&format!("  Authority ID   : {first}\n")),
+        "{human}"
+    );
+    assert!(
+        human.contains("No prepared X.509 authority found"),
+        "{human}"
+    );
+
+    // Out-of-order steps are refused with the reason, and change nothing.
+    let bundle0 = s.ca.bundle().borrow().clone();
+    let err = s
+        .err(&["localauthority", "x509", "taint", "--authority-id", &first])
+        .await;
+    assert!(err.contains("active X.509 authority"), "{err}");
+    let err = s.err(&["localauthority", "x509", "activate"]).await;
+    assert!(err.contains("no prepared X.509 authority"), "{err}");
+    let err = s
+        .err(&[
+            "localauthority",
+            "x509",
+            "revoke",
+            "--authority-id",
+            "abcdef",
+        ])
+        .await;
+    assert!(err.contains("no X.509 authority abcdef"), "{err}");
+    assert_eq!(*s.ca.bundle().borrow().as_ref(), *bundle0);
+
+    let prepared = show(
+        s.ok(&["localauthority", "x509", "prepare", "--output", "json"])
+            .await,
+    );
+    let next = prepared["authority_id"].as_str().unwrap().to_owned();
+    assert_eq!(prepared["status"], "prepared");
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
+    assert_eq!(state["prepared"]["authority_id"], next.as_str());
+    assert_eq!(s.ca.bundle().borrow().x509_authorities.len(), 2);
+    let out = s
+        .ok(&[
+            "localauthority",
+            "x509",
+            "activate",
+            "--authority-id",
+            &next,
+        ])
+        .await;
+    assert!(out.starts_with("Activated X.509 authority:\n"), "{out}");
+    assert!(out.contains(&next), "{out}");
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
+    assert_eq!(state["active"]["authority_id"], next.as_str());
+    assert_eq!(state["old"][0]["authority_id"], first.as_str());
+    assert_eq!(state["old"][0]["status"], "old");
+
+    // Revoking an untainted authority is refused; the bundle stays as it is.
+    let before = s.ca.bundle().borrow().clone();
+    let err = s
+        .err(&["localauthority", "x509", "revoke", "--authority-id", &first])
+        .await;
+    assert!(err.contains("only a tainted"), "{err}");
+    assert_eq!(*s.ca.bundle().borrow().as_ref(), *before);
+
+    let tainted = show(
+        s.ok(&[
+            "localauthority",
+            "x509",
+            "taint",
+            "--authority-id",
+            &first,
+            "--output",
+            "json",
+        ])
+        .await,
+    );
+    assert_eq!(tainted["tainted"], true);
+    // The bundle the admin API (and the node API) sends names it tainted.
+    let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
+    let wire = client
+        .get_bundle(GetBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wire.tainted_x509_authorities.len(), 1);
+    assert!(wire.sequence > before.sequence);
+    let first_der = wire.tainted_x509_authorities[0].clone();
+    assert_eq!(crate::ca::authority_id(&first_der), first);
+    let pem = s.ok(&["bundle", "show"]).await;
+    assert!(
+        TrustBundle::from_pem(td.clone(), &pem)
+            .unwrap()
+            .x509_authorities
+            .contains(&first_der)
+    );
+
+    let out = s
+        .ok(&["localauthority", "x509", "revoke", "--authority-id", &first])
+        .await;
+    assert!(out.starts_with("Revoked X.509 authority:\n"), "{out}");
+    let pem = s.ok(&["bundle", "show"]).await;
+    let b = TrustBundle::from_pem(td, &pem).unwrap();
+    assert!(!b.x509_authorities.contains(&first_der));
+    assert_eq!(b.x509_authorities.len(), 1);
+    let state = show(
+        s.ok(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
+    assert_eq!(state["old"], serde_json::json!([]));
+
+    // The server refuses what the CLI would not send.
+    for bad in ["", "zz"] {
+        let status = client
+            .taint_x509_authority(carapace_proto::admin::TaintX509AuthorityRequest {
+                authority_id: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+    let status = client
+        .revoke_x509_authority(carapace_proto::admin::RevokeX509AuthorityRequest {
+            authority_id: next.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn x509_mint_writes_a_verifiable_svid() {
     use std::os::unix::fs::PermissionsExt as _;
     let s = start().await;

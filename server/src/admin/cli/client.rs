@@ -62,9 +62,8 @@ pub(crate) async fn connect(
 pub(super) fn status_error(cmd: &str, s: &Status) -> Error {
     let msg = format!("{cmd}: {}", s.message());
     match s.code() {
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            Error::InvalidArgument(msg)
-        }
+        Code::InvalidArgument | Code::OutOfRange => Error::InvalidArgument(msg),
+        Code::FailedPrecondition => Error::FailedPrecondition(msg),
         Code::NotFound => Error::NotFound(msg),
         Code::AlreadyExists => Error::AlreadyExists(msg),
         Code::PermissionDenied => Error::PermissionDenied(msg),

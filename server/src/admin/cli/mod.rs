@@ -1,5 +1,5 @@
 //! The admin subcommands of `carapace-server` (`entry`, `agent`, `bundle`, `token`,
-//! `x509`, `healthcheck`): each validates its input locally, calls the admin API on the
+//! `x509`, `localauthority`, `healthcheck`): each validates its input locally, calls the admin API on the
 //! server's Unix socket, and returns what to print, human-readable (SPIRE-like) or JSON
 //! (`--output json`).
 //!
@@ -18,6 +18,7 @@
 //! types here; its server side is a file in [`crate::admin::api`].
 
 mod agent;
+mod authority;
 mod bundle;
 mod client;
 mod entry;
@@ -37,6 +38,11 @@ use crate::Result;
 pub use agent::{
     AgentArgs, AgentCommand, AgentList, AgentListArgs, AgentView, EvictedView, format_agent_human,
     format_agents_human,
+};
+pub use authority::{
+    AuthorityActivateArgs, AuthorityArgs, AuthorityIdArgs, AuthorityStateView, AuthorityView,
+    LocalAuthorityCommand, X509AuthorityCommand, format_authority_human,
+    format_authority_state_human,
 };
 pub use bundle::{BundleCommand, BundleFormat, BundleShowArgs};
 // The admin API's tests talk to their server over the CLI's checked connection.
@@ -71,6 +77,9 @@ pub enum AdminCommand {
     /// Mint X509-SVIDs outside of any agent.
     #[command(subcommand)]
     X509(X509Command),
+    /// Show, prepare, activate, taint and revoke the server's own CAs.
+    #[command(subcommand)]
+    Localauthority(LocalAuthorityCommand),
     /// Check that the server answers on its admin socket.
     Healthcheck(HealthcheckArgs),
 }
@@ -83,6 +92,7 @@ pub async fn execute(cmd: AdminCommand) -> Result<String> {
         AdminCommand::Bundle(c) => bundle::run(c).await,
         AdminCommand::Token(c) => token::run(c).await,
         AdminCommand::X509(c) => x509::run(c).await,
+        AdminCommand::Localauthority(c) => authority::run(c).await,
         AdminCommand::Healthcheck(a) => health::run(a).await,
     }
 }

@@ -489,3 +489,92 @@ fn every_duration_flag_takes_bare_seconds_and_units() {
         );
     }
 }
+
+#[test]
+fn localauthority_parses_spire_shapes_and_checks_ids_locally() {
+    let cmd = parse(&["localauthority", "x509", "taint", "--authority-id", "0A:bc"]).unwrap();
+    assert!(matches!(
+        cmd,
+        AdminCommand::Localauthority(LocalAuthorityCommand::X509(X509AuthorityCommand::Taint(ref a)))
+            if a.authority_id == "0A:bc"
+    ));
+    assert!(
+        parse(&["localauthority", "x509", "revoke"]).is_err(),
+        "--authority-id is required"
+    );
+    assert!(
+        parse(&["localauthority", "x509", "activate"]).is_ok(),
+        "its id is optional"
+    );
+    assert!(parse(&["localauthority", "x509", "show", "--output", "json"]).is_ok());
+}
+
+#[tokio::test]
+async fn localauthority_bad_ids_are_refused_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing-here.sock");
+    for (verb, id) in [("taint", "not-hex"), ("revoke", ""), ("activate", "x")] {
+        let cmd = parse(&[
+            "localauthority",
+            "x509",
+            verb,
+            "--authority-id",
+            id,
+            "--admin-socket",
+            socket.to_str().unwrap(),
+        ])
+        .unwrap();
+        let err = execute(cmd).await.unwrap_err().to_string();
+        assert!(err.contains("--authority-id"), "{verb}: {err}");
+        assert!(
+            !err.contains("nothing-here"),
+            "{verb} tried to connect: {err}"
+        );
+    }
+}
+
+#[test]
+fn localauthority_human_and_json_formats() {
+    let a = AuthorityView {
+        authority_id: "0a1b".into(),
+        status: "old".into(),
+        expires_at: 1_893_456_000,
+        tainted: true,
+        upstream: None,
+    };
+    assert_eq!(
+        format_authority_human("Tainted X.509 authority", &a),
+        "Tainted X.509 authority:\n  \
+         Authority ID   : 0a1b\n  \
+         Status         : old\n  \
+         Expires at     : 2030-01-01T00:00:00Z\n  \
+         Tainted        : true\n  \
+         Upstream root  : none (self-signed)\n"
+    );
+    let state = AuthorityStateView {
+        active: Some(AuthorityView {
+            authority_id: "ff".into(),
+            status: "active".into(),
+            tainted: false,
+            upstream: Some("ab".repeat(32)),
+            ..a.clone()
+        }),
+        prepared: None,
+        old: vec![a.clone(), a],
+    };
+    let out = format_authority_state_human(&state);
+    assert!(
+        out.starts_with("Active X.509 authority:\n  Authority ID   : ff\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\nPrepared X.509 authority:\n  No prepared X.509 authority found\n"),
+        "{out}"
+    );
+    assert_eq!(out.matches("Authority ID   : 0a1b").count(), 2, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&json(&state).unwrap()).unwrap();
+    assert_eq!(v["active"]["upstream"], "ab".repeat(32));
+    assert!(v["prepared"].is_null());
+    assert_eq!(v["old"][1]["tainted"], true);
+    assert!(v["old"][0].get("upstream").is_none());
+}

@@ -1,0 +1,265 @@
+//! `localauthority x509 show|prepare|activate|taint|revoke`: the server's X.509
+//! authorities (CAs), driven by the operator as SPIRE's `localauthority x509` is. The
+//! usual forced rotation after a suspected key compromise: `prepare`, `activate`,
+//! `taint --authority-id <old>` (agents re-issue everything chained to it at once), then
+//! `revoke --authority-id <old>` (it leaves the bundle).
+
+use clap::{Args, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use carapace_proto::admin::{
+    ActivateX509AuthorityRequest, GetX509AuthorityStateRequest, PrepareX509AuthorityRequest,
+    RevokeX509AuthorityRequest, TaintX509AuthorityRequest, X509Authority, X509AuthorityStatus,
+};
+
+use super::client::{connect, status_error};
+use super::flags::{Common, bad_flag};
+use super::view::{render, rfc3339};
+use crate::Result;
+use crate::ca::normalize_authority_id;
+
+/// `localauthority ...`
+#[derive(Debug, Subcommand)]
+pub enum LocalAuthorityCommand {
+    /// The X.509 authorities (CAs) that sign X509-SVIDs.
+    #[command(subcommand)]
+    X509(X509AuthorityCommand),
+}
+
+/// `localauthority x509 ...`
+#[derive(Debug, Subcommand)]
+pub enum X509AuthorityCommand {
+    /// Show the active, prepared and old X.509 authorities.
+    Show(AuthorityArgs),
+    /// Create the next X.509 authority now: in the bundle, signing nothing yet (replaces
+    /// one prepared before).
+    Prepare(AuthorityArgs),
+    /// Make the prepared X.509 authority the active one; the active one becomes old.
+    Activate(AuthorityActivateArgs),
+    /// Taint an old X.509 authority: every agent re-issues at once every SVID chained to
+    /// it, its own included.
+    Taint(AuthorityIdArgs),
+    /// Revoke a tainted old X.509 authority: it leaves the bundle and its key is deleted.
+    Revoke(AuthorityIdArgs),
+}
+
+/// `localauthority x509 show|prepare`
+#[derive(Debug, Clone, Args)]
+pub struct AuthorityArgs {
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `localauthority x509 activate`
+#[derive(Debug, Clone, Args)]
+pub struct AuthorityActivateArgs {
+    /// The prepared authority's id; when given, activate refuses any other.
+    #[arg(long)]
+    pub authority_id: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// `localauthority x509 taint|revoke`
+#[derive(Debug, Clone, Args)]
+pub struct AuthorityIdArgs {
+    /// The authority's id, as `localauthority x509 show` prints it.
+    #[arg(long)]
+    pub authority_id: String,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// One X.509 authority as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityView {
+    /// Its id: the CA certificate's subject key identifier, hex.
+    pub authority_id: String,
+    /// `active`, `prepared` or `old`.
+    pub status: String,
+    /// Unix seconds of its notAfter.
+    pub expires_at: i64,
+    /// Whether the operator tainted it.
+    pub tainted: bool,
+    /// SHA-256 fingerprint of the upstream root that certified it; absent when
+    /// self-signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+}
+
+impl From<&X509Authority> for AuthorityView {
+    fn from(a: &X509Authority) -> Self {
+        let status = match X509AuthorityStatus::try_from(a.status) {
+            Ok(X509AuthorityStatus::Active) => "active",
+            Ok(X509AuthorityStatus::Prepared) => "prepared",
+            Ok(X509AuthorityStatus::Old) => "old",
+            _ => "unknown",
+        };
+        AuthorityView {
+            authority_id: a.authority_id.clone(),
+            status: status.to_owned(),
+            expires_at: a.expires_at,
+            tainted: a.tainted,
+            upstream: (!a.upstream.is_empty()).then(|| a.upstream.clone()),
+        }
+    }
+}
+
+/// What `localauthority x509 show` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityStateView {
+    /// The authority that signs.
+    pub active: Option<AuthorityView>,
+    /// The authority prepared to sign next.
+    pub prepared: Option<AuthorityView>,
+    /// Old authorities, still in the bundle, newest first.
+    pub old: Vec<AuthorityView>,
+}
+
+fn authority_lines(out: &mut String, a: &AuthorityView) {
+    let line = |out: &mut String, label: &str, value: &dyn std::fmt::Display| {
+        out.push_str(&format!("  {label:<15}: {value}\n"));
+    };
+    line(out, "Authority ID", &a.authority_id);
+    line(out, "Status", &a.status);
+    line(out, "Expires at", &rfc3339(a.expires_at));
+    line(out, "Tainted", &a.tainted);
+    match &a.upstream {
+        Some(fp) => line(out, "Upstream root", fp),
+        None => line(out, "Upstream root", &"none (self-signed)"),
+    }
+}
+
+/// `<title>:` then the authority's fields, indented.
+pub fn format_authority_human(title: &str, a: &AuthorityView) -> String {
+    let mut out = format!("{title}:\n");
+    authority_lines(&mut out, a);
+    out
+}
+
+/// The three sections of `localauthority x509 show`, SPIRE's layout.
+pub fn format_authority_state_human(s: &AuthorityStateView) -> String {
+    let mut out = String::from("Active X.509 authority:\n");
+    match &s.active {
+        Some(a) => authority_lines(&mut out, a),
+        None => out.push_str("  No active X.509 authority found\n"),
+    }
+    out.push_str("\nPrepared X.509 authority:\n");
+    match &s.prepared {
+        Some(a) => authority_lines(&mut out, a),
+        None => out.push_str("  No prepared X.509 authority found\n"),
+    }
+    out.push_str("\nOld X.509 authorities:\n");
+    if s.old.is_empty() {
+        out.push_str("  No old X.509 authority found\n");
+    }
+    for (i, a) in s.old.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        authority_lines(&mut out, a);
+    }
+    out
+}
+
+/// Runs a `localauthority` subcommand; returns what to print.
+pub(super) async fn run(cmd: LocalAuthorityCommand) -> Result<String> {
+    match cmd {
+        LocalAuthorityCommand::X509(c) => match c {
+            X509AuthorityCommand::Show(a) => show(a).await,
+            X509AuthorityCommand::Prepare(a) => prepare(a).await,
+            X509AuthorityCommand::Activate(a) => activate(a).await,
+            X509AuthorityCommand::Taint(a) => taint(a).await,
+            X509AuthorityCommand::Revoke(a) => revoke(a).await,
+        },
+    }
+}
+
+/// `--authority-id`, checked before anything is sent.
+fn authority_id(cmd: &str, id: &str) -> Result<String> {
+    normalize_authority_id(id).map_err(|e| bad_flag(cmd, "--authority-id", e))
+}
+
+async fn show(a: AuthorityArgs) -> Result<String> {
+    const CMD: &str = "localauthority x509 show";
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let resp = client
+        .get_x509_authority_state(GetX509AuthorityStateRequest {})
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    let mut state = AuthorityStateView {
+        active: None,
+        prepared: None,
+        old: Vec::new(),
+    };
+    for v in resp.authorities.iter().map(AuthorityView::from) {
+        match v.status.as_str() {
+            "active" => state.active = Some(v),
+            "prepared" => state.prepared = Some(v),
+            _ => state.old.push(v),
+        }
+    }
+    render(a.common.output, &state, format_authority_state_human)
+}
+
+async fn prepare(a: AuthorityArgs) -> Result<String> {
+    const CMD: &str = "localauthority x509 prepare";
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let got = client
+        .prepare_x509_authority(PrepareX509AuthorityRequest {})
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    render(a.common.output, &AuthorityView::from(&got), |v| {
+        format_authority_human("Prepared X.509 authority", v)
+    })
+}
+
+async fn activate(a: AuthorityActivateArgs) -> Result<String> {
+    const CMD: &str = "localauthority x509 activate";
+    let id = a
+        .authority_id
+        .as_deref()
+        .map(|i| authority_id(CMD, i))
+        .transpose()?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let got = client
+        .activate_x509_authority(ActivateX509AuthorityRequest {
+            authority_id: id.unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    render(a.common.output, &AuthorityView::from(&got), |v| {
+        format_authority_human("Activated X.509 authority", v)
+    })
+}
+
+async fn taint(a: AuthorityIdArgs) -> Result<String> {
+    const CMD: &str = "localauthority x509 taint";
+    let id = authority_id(CMD, &a.authority_id)?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let got = client
+        .taint_x509_authority(TaintX509AuthorityRequest { authority_id: id })
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    render(a.common.output, &AuthorityView::from(&got), |v| {
+        format_authority_human("Tainted X.509 authority", v)
+    })
+}
+
+async fn revoke(a: AuthorityIdArgs) -> Result<String> {
+    const CMD: &str = "localauthority x509 revoke";
+    let id = authority_id(CMD, &a.authority_id)?;
+    let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
+    let got = client
+        .revoke_x509_authority(RevokeX509AuthorityRequest { authority_id: id })
+        .await
+        .map_err(|s| status_error(CMD, &s))?
+        .into_inner();
+    render(a.common.output, &AuthorityView::from(&got), |v| {
+        format_authority_human("Revoked X.509 authority", v)
+    })
+}
