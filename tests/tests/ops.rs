@@ -1,0 +1,631 @@
+//! Running Carapace like a service, without carapace-lab: the systemd units in
+//! `dist/systemd` pass `systemd-analyze verify` and keep their hardening (its offline
+//! security review), `scripts/install.sh` installs into a staging root without ever
+//! replacing an operator's config and refuses to start anything where it cannot, and the
+//! three operator recipes in `dist/recipes` (the very scripts OPERATIONS.md points to)
+//! give a working SoftHSM2 token, a swtpm with an EK certificate from a local CA and an
+//! MIT realm: a real server and agent are started on what each writes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, bin_dir, free_port, uid_selector};
+
+/// The repository's root.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a tool that must exist; a missing one fails with its install command.
+fn tool(name: &str, package: &str) -> Command {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(
+        found,
+        "{name} not found: apt-get install -y {package} (scripts/test.sh installs it)"
+    );
+    Command::new(name)
+}
+
+/// Runs a recipe script from `dist/recipes` with `args`; it must succeed.
+fn recipe(name: &str, args: &[&str], envs: &[(&str, &str)]) -> String {
+    let out = Command::new(repo().join("dist/recipes").join(name))
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{name} {args:?}: {}", text(&out));
+    text(&out)
+}
+
+/// Stops, by the pid in `file`, a daemon a recipe started in the background.
+struct PidFile(PathBuf);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+fn install(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    Command::new(repo().join("scripts/install.sh"))
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `install.sh --no-start` into a fresh staging root with the test's binaries.
+fn staged_install() -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let bins = bin_dir().display().to_string();
+    let out = install(
+        &[
+            "--root",
+            &root.path().display().to_string(),
+            "--bin-dir",
+            &bins,
+            "--no-start",
+            "--tpm",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "install.sh: {}", text(&out));
+    root
+}
+
+/// The staged units, with `ExecStart=` pointing into the staging root (systemd-analyze
+/// verify checks that the command exists), in a directory of their own.
+fn units_for_verify(root: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for unit in ["carapace-server.service", "carapace-agent.service"] {
+        let staged = root.join("usr/local/lib/systemd/system").join(unit);
+        let body = std::fs::read_to_string(&staged).unwrap();
+        assert!(
+            body.contains("ExecStart=/usr/local/bin/carapace-"),
+            "{unit}: {body}"
+        );
+        let body = body.replace(
+            "ExecStart=/usr/local/bin/",
+            &format!("ExecStart={}/usr/local/bin/", root.display()),
+        );
+        std::fs::write(dir.path().join(unit), body).unwrap();
+    }
+    dir
+}
+
+fn systemd_analyze(dir: &Path, args: &[&str]) -> Output {
+    tool("systemd-analyze", "systemd")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_units_pass_systemd_analyze_verify_and_keep_their_hardening() {
+    let root = staged_install();
+    let units = units_for_verify(root.path());
+    let verify = |dir: &Path| {
+        systemd_analyze(
+            dir,
+            &[
+                "verify",
+                "./carapace-server.service",
+                "./carapace-agent.service",
+            ],
+        )
+    };
+    let out = verify(units.path());
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify: {}",
+        text(&out)
+    );
+    assert_eq!(text(&out).trim(), "", "verify warned");
+
+    // The offline security review (what `systemd-analyze security` scores a running
+    // unit by): an unhardened unit scores 9.6; these stay low.
+    for (unit, most) in [
+        ("carapace-server.service", 1.5),
+        ("carapace-agent.service", 2.5),
+    ] {
+        let out = systemd_analyze(units.path(), &["security", "--offline=yes", unit]);
+        let report = text(&out);
+        let level: f64 = report
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in {report}"));
+        assert!(
+            level <= most,
+            "{unit}: exposure {level} > {most}:\n{report}"
+        );
+    }
+    // The agent's capabilities are exactly the two it needs for /proc; the server has none.
+    let agent = std::fs::read_to_string(units.path().join("carapace-agent.service")).unwrap();
+    assert!(agent.contains("\nCapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\n"));
+    let server = std::fs::read_to_string(units.path().join("carapace-server.service")).unwrap();
+    assert!(server.contains("\nCapabilityBoundingSet=\n") && server.contains("\nUser=carapace\n"));
+
+    // verify really checks the command: without the agent's binary it fails, naming it.
+    std::fs::remove_file(root.path().join("usr/local/bin/carapace-agent")).unwrap();
+    let out = verify(units.path());
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("carapace-agent"), "{}", text(&out));
+}
+
+#[test]
+fn the_shipped_configs_validate_and_name_the_units_directories() {
+    let server = repo().join("dist/etc/server.toml");
+    let out = Command::new(bin("carapace-server"))
+        .args(["validate", "--config"])
+        .arg(&server)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // The agent's names /etc/carapace/bundle.pem, which validate reads: point it at one.
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    let key = dir.path().join("key.pem");
+    let out = tool("openssl", "openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args([
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=ca",
+            "-days",
+            "1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let agent = std::fs::read_to_string(repo().join("dist/etc/agent.toml")).unwrap();
+    assert!(agent.contains("trust_bundle_path = \"/etc/carapace/bundle.pem\""));
+    let agent_copy = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_copy,
+        agent.replace("/etc/carapace/bundle.pem", &bundle.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(bin("carapace-agent"))
+        .args(["validate", "--config"])
+        .arg(&agent_copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The sockets and data dirs are where the units make them.
+    let unit =
+        |name: &str| std::fs::read_to_string(repo().join("dist/systemd").join(name)).unwrap();
+    let server_cfg = std::fs::read_to_string(&server).unwrap();
+    let server_unit = unit("carapace-server.service");
+    assert!(server_cfg.contains("admin_socket = \"/run/carapace/admin.sock\""));
+    assert!(server_unit.contains("\nRuntimeDirectory=carapace\n"));
+    assert!(server_cfg.contains("data_dir = \"/var/lib/carapace/server\""));
+    assert!(server_unit.contains("\nStateDirectory=carapace/server\n"));
+    assert!(server_unit.contains("run --config /etc/carapace/server.toml\n"));
+    let agent_unit = unit("carapace-agent.service");
+    assert!(agent.contains("socket_path = \"/run/carapace-agent/api.sock\""));
+    assert!(agent_unit.contains("\nRuntimeDirectory=carapace-agent\n"));
+    assert!(agent.contains("data_dir = \"/var/lib/carapace/agent\""));
+    assert!(agent_unit.contains("\nStateDirectory=carapace/agent\n"));
+    assert!(agent_unit.contains("run --config /etc/carapace/agent.toml\n"));
+}
+
+#[test]
+fn install_sh_stages_files_and_never_replaces_an_operators_config() {
+    let root = staged_install();
+    let r = |p: &str| root.path().join(p.trim_start_matches('/'));
+    for (path, want_mode, same_as) in [
+        (
+            "/usr/local/bin/carapace-server",
+            0o755,
+            bin_dir().join("carapace-server"),
+        ),
+        (
+            "/usr/local/bin/carapace-agent",
+            0o755,
+            bin_dir().join("carapace-agent"),
+        ),
+        (
+            "/usr/local/lib/systemd/system/carapace-server.service",
+            0o644,
+            repo().join("dist/systemd/carapace-server.service"),
+        ),
+        (
+            "/usr/local/lib/systemd/system/carapace-agent.service",
+            0o644,
+            repo().join("dist/systemd/carapace-agent.service"),
+        ),
+        (
+            "/usr/local/lib/systemd/system/carapace-agent.service.d/tpm.conf",
+            0o644,
+            repo().join("dist/systemd/carapace-agent.service.d/tpm.conf"),
+        ),
+        (
+            "/usr/local/lib/sysusers.d/carapace.conf",
+            0o644,
+            repo().join("dist/sysusers.d/carapace.conf"),
+        ),
+        (
+            "/etc/carapace/server.toml",
+            0o644,
+            repo().join("dist/etc/server.toml"),
+        ),
+        (
+            "/etc/carapace/agent.toml",
+            0o644,
+            repo().join("dist/etc/agent.toml"),
+        ),
+        (
+            "/usr/local/share/carapace/server.toml",
+            0o644,
+            repo().join("dist/etc/server.toml"),
+        ),
+    ] {
+        let got = r(path);
+        assert_eq!(mode(&got), want_mode, "{path}");
+        assert!(
+            std::fs::read(&got).unwrap() == std::fs::read(&same_as).unwrap(),
+            "{path} differs from {}",
+            same_as.display()
+        );
+    }
+    // The server's user, made from the sysusers.d file inside the staging root.
+    let passwd = std::fs::read_to_string(r("/etc/passwd")).unwrap();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("carapace:")
+            && l.ends_with(":/var/lib/carapace/server:/usr/sbin/nologin")),
+        "{passwd}"
+    );
+
+    // The operator edits the config; a second run (an upgrade) keeps it and says so.
+    let mine = "trust_domain = \"mine.example\"\n";
+    std::fs::write(r("/etc/carapace/server.toml"), mine).unwrap();
+    let bins = bin_dir().display().to_string();
+    let root_arg = root.path().display().to_string();
+    let out = install(
+        &["--root", &root_arg, "--bin-dir", &bins, "--no-start"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(r("/etc/carapace/server.toml")).unwrap(),
+        mine
+    );
+    assert!(
+        text(&out).contains("kept /etc/carapace/server.toml: it is yours"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("kept /etc/carapace/agent.toml (unchanged)"));
+
+    // Starting needs systemd as PID 1 and the real root: refused before anything is
+    // written (a fresh root stays empty).
+    let empty = tempfile::tempdir().unwrap();
+    let empty_arg = empty.path().display().to_string();
+    let out = install(
+        &["--root", &empty_arg, "--bin-dir", &bins],
+        &[("CARAPACE_SYSTEMD_RUN_DIR", "/nonexistent/systemd")],
+    );
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(
+        text(&out).contains("systemd is not running as PID 1") && text(&out).contains("--no-start"),
+        "{}",
+        text(&out)
+    );
+    let present = empty.path().display().to_string();
+    let out = install(
+        &["--root", &empty_arg, "--bin-dir", &bins],
+        &[("CARAPACE_SYSTEMD_RUN_DIR", present.as_str())],
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(text(&out).contains("add --no-start"), "{}", text(&out));
+    // Missing binaries are named, also before anything is written.
+    let out = install(
+        &[
+            "--root",
+            &empty_arg,
+            "--bin-dir",
+            "/nonexistent",
+            "--no-start",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    assert!(
+        text(&out).contains("/nonexistent/carapace-server"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+}
+
+fn server_with(
+    lab: &Lab,
+    name: &str,
+    sections: &[&Path],
+    envs: Vec<(String, String)>,
+) -> ServerOptions {
+    let mut config = String::from("trust_domain = \"example.org\"\n");
+    for s in sections {
+        config.push_str(&std::fs::read_to_string(s).unwrap());
+    }
+    let path = lab.path().join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    ServerOptions {
+        name: Some(name.into()),
+        extra: vec!["--config".into(), path.display().to_string()],
+        envs,
+        ..ServerOptions::default()
+    }
+}
+
+#[test]
+fn the_softhsm2_recipe_gives_a_token_the_server_keeps_its_ca_in() {
+    let lab = Lab::new();
+    let dir = lab.path().join("hsm");
+    recipe("softhsm2-token.sh", &[&dir.display().to_string()], &[]);
+    let conf = dir.join("softhsm2.conf").display().to_string();
+    let envs = vec![("SOFTHSM2_CONF".to_owned(), conf.clone())];
+    // The drop-in puts the same SOFTHSM2_CONF in the unit's environment.
+    let dropin =
+        std::fs::read_to_string(dir.join("carapace-server.service.d/softhsm2.conf")).unwrap();
+    assert!(
+        dropin.contains(&format!("Environment=SOFTHSM2_CONF={conf}\n")),
+        "{dropin}"
+    );
+    // The PIN file ends in a newline (as `echo` writes it), which the server ignores.
+    let pin = std::fs::read_to_string(dir.join("user.pin")).unwrap();
+    assert!(pin.ends_with('\n') && !pin.ends_with("\n\n"));
+    assert_eq!(mode(&dir.join("user.pin")), 0o600);
+
+    let server = Server::start_opts(
+        &lab,
+        server_with(
+            &lab,
+            "server",
+            &[&dir.join("server-pkcs11.toml")],
+            envs.clone(),
+        ),
+    );
+    let bundle = server.bundle_pem();
+    assert!(bundle.contains("BEGIN CERTIFICATE"), "{bundle}");
+    // The CA key is in the token, not on disk.
+    assert!(!server.data_dir.join("keys").exists());
+    let out = tool("pkcs11-tool", "opensc")
+        .arg("--module")
+        .arg(
+            std::fs::read_to_string(dir.join("server-pkcs11.toml"))
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("module = \""))
+                .unwrap()
+                .trim_end_matches('"'),
+        )
+        .args([
+            "--token-label",
+            "carapace",
+            "--login",
+            "--pin",
+            pin.trim_end(),
+        ])
+        .args(["--list-objects", "--type", "privkey"])
+        .envs(envs.clone())
+        .output()
+        .unwrap();
+    let listed = text(&out);
+    assert!(out.status.success(), "{listed}");
+    assert!(listed.contains("label:      carapace-x509-ca-"), "{listed}");
+    assert!(listed.contains("never extractable"), "{listed}");
+
+    // One trailing newline only: a PIN file with two is a wrong PIN.
+    let two = lab.path().join("two-newlines.pin");
+    std::fs::write(&two, format!("{pin}\n")).unwrap();
+    std::fs::set_permissions(&two, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let section = std::fs::read_to_string(dir.join("server-pkcs11.toml"))
+        .unwrap()
+        .replace(
+            &dir.join("user.pin").display().to_string(),
+            &two.display().to_string(),
+        );
+    let section_path = lab.path().join("two-newlines.toml");
+    std::fs::write(&section_path, section).unwrap();
+    let mut refused =
+        Server::spawn_opts(&lab, server_with(&lab, "refused", &[&section_path], envs));
+    let (status, log) = refused.wait_exit();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("CKR_PIN_INCORRECT"), "{log}");
+}
+
+/// Two free consecutive ports (swtpm's command port and its control port).
+fn port_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 65535 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_swtpm_recipe_gives_a_tpm_an_agent_attests_with() {
+    let lab = Lab::new();
+    let dir = lab.path().join("tpm");
+    let port = port_pair().to_string();
+    let _swtpm = PidFile(dir.join("swtpm.pid"));
+    recipe(
+        "swtpm-ek-cert.sh",
+        &[&dir.display().to_string(), &port],
+        &[],
+    );
+    let server = Server::start_opts(
+        &lab,
+        server_with(&lab, "server", &[&dir.join("server-tpm.toml")], vec![]),
+    );
+    let agent_config = lab.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "trust_domain = \"example.org\"\n{}",
+            std::fs::read_to_string(dir.join("agent-tpm.toml")).unwrap()
+        ),
+    )
+    .unwrap();
+    assert!(
+        std::fs::read_to_string(&agent_config)
+            .unwrap()
+            .contains(&format!("tcti = \"swtpm:host=127.0.0.1,port={port}\"")),
+    );
+    let bundle = lab.path().join("agent-bundle.pem");
+    std::fs::write(&bundle, server.bundle_pem()).unwrap();
+    let mut agent = Agent::spawn(
+        &lab,
+        &server,
+        "agent",
+        &[
+            "--config".as_ref(),
+            agent_config.as_os_str(),
+            "--trust-bundle".as_ref(),
+            bundle.as_os_str(),
+        ],
+    );
+    agent.wait_healthy();
+    let agents = server.cli_json(&["agent", "list"]);
+    let agent_id = agents["agents"][0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        agent_id.starts_with("spiffe://example.org/spire/agent/tpm/"),
+        "{agents}"
+    );
+    server.create_entry(
+        &agent_id,
+        "spiffe://example.org/recipe-tpm",
+        &[&uid_selector()],
+        &[],
+    );
+    agent.wait_for_svid("spiffe://example.org/recipe-tpm").await;
+}
+
+/// The host name the agent's default principal is made of (`host/<this>`), and the host
+/// the server derives from it (a name without a dot is put in the realm's domain).
+fn default_host(realm: &str) -> (String, String) {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_ascii_lowercase();
+    let host = if name.contains('.') {
+        name.clone()
+    } else {
+        format!("{name}.{}", realm.to_ascii_lowercase())
+    };
+    (name, host)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_mit_kdc_recipe_gives_keytabs_an_agent_attests_with_under_its_default_principal() {
+    let lab = Lab::new();
+    let dir = lab.path().join("krb");
+    let realm = "OPS.TEST";
+    let port = free_port().to_string();
+    let _kdc = PidFile(dir.join("krb5kdc.pid"));
+    // No HOST_FQDN: the recipe names the host as the agent will, from `hostname`.
+    recipe(
+        "mit-kdc-realm.sh",
+        &[&dir.display().to_string(), realm, &port],
+        &[],
+    );
+    let (name, host) = default_host(realm);
+    let envs = vec![(
+        "KRB5_CONFIG".to_owned(),
+        dir.join("krb5.conf").display().to_string(),
+    )];
+    let server = Server::start_opts(
+        &lab,
+        server_with(
+            &lab,
+            "server",
+            &[&dir.join("server-kerberos.toml")],
+            envs.clone(),
+        ),
+    );
+    let agent_section = std::fs::read_to_string(dir.join("agent-kerberos.toml")).unwrap();
+    // The agent is not told its principal.
+    assert!(
+        !agent_section.lines().any(|l| l.starts_with("principal")),
+        "{agent_section}"
+    );
+    let agent_config = lab.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!("trust_domain = \"example.org\"\n{agent_section}"),
+    )
+    .unwrap();
+    let bundle = lab.path().join("agent-bundle.pem");
+    std::fs::write(&bundle, server.bundle_pem()).unwrap();
+    let mut agent = Agent::spawn_with_envs(
+        &lab,
+        &server,
+        "agent",
+        &[
+            "--config".as_ref(),
+            agent_config.as_os_str(),
+            "--trust-bundle".as_ref(),
+            bundle.as_os_str(),
+        ],
+        &envs,
+    );
+    agent.wait_healthy();
+    let agent_id = format!("spiffe://example.org/spire/agent/kerberos/{realm}/{host}");
+    let shown = server.cli_ok(&["agent", "show", "--spiffe-id", &agent_id]);
+    assert!(
+        shown.contains(&format!("kerberos:principal:host/{name}@{realm}")),
+        "{shown}"
+    );
+    server.create_entry(
+        &agent_id,
+        "spiffe://example.org/recipe-krb",
+        &[&uid_selector()],
+        &[],
+    );
+    agent.wait_for_svid("spiffe://example.org/recipe-krb").await;
+}
