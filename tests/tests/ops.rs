@@ -13,6 +13,7 @@
 )]
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -628,4 +629,273 @@ async fn the_mit_kdc_recipe_gives_keytabs_an_agent_attests_with_under_its_defaul
         &[],
     );
     agent.wait_for_svid("spiffe://example.org/recipe-krb").await;
+}
+
+/// `setpriv` arguments that give a process the capability bounding set a unit names in
+/// `CapabilityBoundingSet=` (empty: none), and no new privileges.
+fn unit_capabilities(unit: &str) -> Vec<String> {
+    let body = std::fs::read_to_string(repo().join("dist/systemd").join(unit)).unwrap();
+    let caps = body
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .unwrap_or_else(|| panic!("{unit} has no CapabilityBoundingSet="));
+    let mut set = String::from("-all");
+    for cap in caps.split_whitespace() {
+        set.push_str(&format!(
+            ",+{}",
+            cap.trim_start_matches("CAP_").to_ascii_lowercase()
+        ));
+    }
+    [
+        "--no-new-privs",
+        "--bounding-set",
+        &set,
+        "--inh-caps",
+        "-all",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// An agent run as root under `setpriv` with the given capability arguments, attested
+/// with a join token, hashing callers' executables.
+fn spawn_bounded_agent(lab: &Lab, server: &Server, name: &str, setpriv: &[String]) -> Agent {
+    let (token, id) = server.token();
+    let bundle = lab.path().join(format!("{name}-bundle.pem"));
+    std::fs::write(&bundle, server.bundle_pem()).unwrap();
+    let config = lab.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        "trust_domain = \"example.org\"\n[node_attestor.join_token]\n\
+         [workload_attestor.unix]\nworkload_sha256 = true\n",
+    )
+    .unwrap();
+    let sockets = lab.path().join("sockets");
+    std::fs::create_dir_all(&sockets).unwrap();
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = sockets.join(format!("{name}.sock"));
+    let data_dir = lab.path().join(name);
+    let mut cmd = tool("setpriv", "util-linux");
+    cmd.args(setpriv)
+        .arg("--")
+        .arg(bin("carapace-agent"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--server-address")
+        .arg(&server.address)
+        .arg("--trust-bundle")
+        .arg(&bundle)
+        .env("CARAPACE_JOIN_TOKEN", token);
+    let proc = carapace_e2e::Proc::spawn(
+        "carapace-agent",
+        cmd,
+        lab.path().join(format!("{name}.log")),
+    );
+    let mut agent = Agent {
+        proc,
+        socket,
+        id,
+        data_dir,
+    };
+    // Not `wait_healthy`: its healthcheck would have the agent hash the (large, debug)
+    // CLI binary, slower unoptimised than the attestation timeout.
+    let deadline = std::time::Instant::now() + carapace_e2e::patience();
+    while !agent.proc.log().contains("carapace-agent is ready") {
+        if let Some(status) = agent.proc.try_wait() {
+            panic!("carapace-agent exited with {status}:\n{}", agent.proc.log());
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", agent.proc.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_units_two_capabilities_identify_another_users_private_executable() {
+    assert_eq!(
+        carapace_e2e::my_uid(),
+        0,
+        "this test runs a workload as uid 65534 and must run as root (CI does)"
+    );
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    // A workload of uid 65534 whose executable only that uid may read (0700): a private
+    // copy of the Python interpreter running py-spiffe's fetch (tests/python).
+    let site = Command::new(carapace_e2e::python())
+        .args(["-c", "import site; print(site.getsitepackages()[0])"])
+        .output()
+        .unwrap();
+    assert!(site.status.success(), "{}", text(&site));
+    let site = String::from_utf8(site.stdout).unwrap().trim().to_owned();
+    let interpreter = std::fs::canonicalize(carapace_e2e::python()).unwrap();
+    let private = lab.path().join("nobody");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = private.join("python");
+    std::fs::copy(&interpreter, &exe).unwrap();
+    std::os::unix::fs::chown(&exe, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = tool("sha256sum", "coreutils").arg(&exe).output().unwrap();
+    let sha = text(&out).split_whitespace().next().unwrap().to_owned();
+    let nobody_fetch = |agent: &Agent| {
+        carapace_e2e::py_fetch_output(
+            Command::new(&exe)
+                // -S: only the virtualenv's packages (PYTHONPATH), not the system's.
+                .arg("-S")
+                .arg(carapace_e2e::fetch_svid_script())
+                .arg(&agent.socket)
+                .env("PYTHONPATH", &site)
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .unwrap(),
+        )
+    };
+    let selectors = [
+        "unix:uid:65534".to_owned(),
+        format!("unix:path:{}", exe.display()),
+        format!("unix:sha256:{sha}"),
+    ];
+    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+
+    // With exactly the unit's capabilities the agent reads that process's /proc entry
+    // and its executable: the workload gets its SVID.
+    let bounded = spawn_bounded_agent(
+        &lab,
+        &server,
+        "bounded",
+        &unit_capabilities("carapace-agent.service"),
+    );
+    server.create_entry(&bounded.id, "spiffe://example.org/nobody", &selectors, &[]);
+    let got = carapace_e2e::eventually("the SVID of uid 65534's private executable", || {
+        let r = nobody_fetch(&bounded);
+        async move { r.ok() }
+    })
+    .await;
+    assert_eq!(got["default"], "spiffe://example.org/nobody", "{got}");
+
+    // With none (the server's set), root cannot read another user's /proc/<pid>/exe:
+    // the caller cannot be identified and gets nothing. Only processes of its own uid
+    // holding no more capabilities than it does are identified: one such is served (so
+    // both entries have reached the agent).
+    let bare = spawn_bounded_agent(
+        &lab,
+        &server,
+        "bare",
+        &unit_capabilities("carapace-server.service"),
+    );
+    server.create_entry(
+        &bare.id,
+        "spiffe://example.org/nobody-bare",
+        &selectors,
+        &[],
+    );
+    server.create_entry(
+        &bare.id,
+        "spiffe://example.org/root-bare",
+        &["unix:uid:0"],
+        &[],
+    );
+    carapace_e2e::eventually("root's SVID from the agent without capabilities", || {
+        let out = tool("setpriv", "util-linux")
+            .args(["--bounding-set", "-all", "--inh-caps", "-all", "--"])
+            .arg(carapace_e2e::python())
+            .arg(carapace_e2e::fetch_svid_script())
+            .arg(&bare.socket)
+            .output()
+            .unwrap();
+        let r = carapace_e2e::py_fetch_output(out);
+        async move {
+            r.ok()
+                .filter(|v| v["default"] == "spiffe://example.org/root-bare")
+        }
+    })
+    .await;
+    let refused = nobody_fetch(&bare);
+    assert!(refused.is_err(), "{refused:?}");
+}
+
+#[test]
+fn the_softhsm2_recipe_serves_a_server_running_as_its_own_user_without_capabilities() {
+    assert_eq!(
+        carapace_e2e::my_uid(),
+        0,
+        "this test runs the server as uid 65534 and must run as root (CI does)"
+    );
+    let lab = Lab::new();
+    // The server's own directory, as the unit's StateDirectory= would make it.
+    let home = lab.path().join("svc");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let dir = home.join("hsm");
+    // The token belongs to the server's user (TOKEN_OWNER), as OPERATIONS.md says.
+    recipe(
+        "softhsm2-token.sh",
+        &[&dir.display().to_string()],
+        &[("TOKEN_OWNER", "nobody")],
+    );
+    let admin = home.join("admin").join("admin.sock");
+    let config = lab.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = {:?}\nadmin_socket = {:?}\n\
+             bind_address = \"127.0.0.1:{}\"\n{}",
+            home.join("data").display().to_string(),
+            admin.display().to_string(),
+            free_port(),
+            std::fs::read_to_string(dir.join("server-pkcs11.toml")).unwrap()
+        ),
+    )
+    .unwrap();
+    let mut cmd = tool("setpriv", "util-linux");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .args(unit_capabilities("carapace-server.service"))
+        .arg("--")
+        .arg(bin("carapace-server"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"));
+    let mut server =
+        carapace_e2e::Proc::spawn("carapace-server", cmd, lab.path().join("server.log"));
+    // The admin CLI, as root, trusts the socket of uid 65534 only when told.
+    let cli = |args: &[&str]| {
+        Command::new(bin("carapace-server"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .args(["--server-uid", "65534"])
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + carapace_e2e::patience();
+    while !cli(&["healthcheck"]).status.success() {
+        if let Some(status) = server.try_wait() {
+            panic!("carapace-server exited with {status}:\n{}", server.log());
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let bundle = cli(&["bundle", "show"]);
+    assert!(
+        text(&bundle).contains("BEGIN CERTIFICATE"),
+        "{}",
+        text(&bundle)
+    );
+    assert!(!home.join("data").join("keys").exists());
+    // Without --server-uid the root CLI sends nothing to a socket of another uid.
+    let out = Command::new(bin("carapace-server"))
+        .args(["healthcheck", "--admin-socket"])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("owned by uid 65534"), "{}", text(&out));
 }
