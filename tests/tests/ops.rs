@@ -517,18 +517,17 @@ async fn the_swtpm_recipe_gives_a_tpm_an_agent_attests_with() {
     );
     let bundle = lab.path().join("agent-bundle.pem");
     std::fs::write(&bundle, server.bundle_pem()).unwrap();
-    let mut agent = Agent::spawn(
+    // As the unit runs it: its capabilities, no new privileges; every system call traced.
+    let trace = lab.path().join("agent.strace");
+    let mut agent = spawn_agent_under(
         &lab,
         &server,
         "agent",
-        &[
-            "--config".as_ref(),
-            agent_config.as_os_str(),
-            "--trust-bundle".as_ref(),
-            bundle.as_os_str(),
-        ],
+        &unit_capabilities("carapace-agent.service"),
+        &agent_config,
+        &[],
+        Some(&trace),
     );
-    agent.wait_healthy();
     let agents = server.cli_json(&["agent", "list"]);
     let agent_id = agents["agents"][0]["spiffe_id"]
         .as_str()
@@ -545,6 +544,8 @@ async fn the_swtpm_recipe_gives_a_tpm_an_agent_attests_with() {
         &[],
     );
     agent.wait_for_svid("spiffe://example.org/recipe-tpm").await;
+    stop_traced(&mut agent.proc);
+    assert_unit_allows("carapace-agent.service", &trace);
 }
 
 /// The host name the agent's default principal is made of (`host/<this>`), and the host
@@ -603,19 +604,17 @@ async fn the_mit_kdc_recipe_gives_keytabs_an_agent_attests_with_under_its_defaul
     .unwrap();
     let bundle = lab.path().join("agent-bundle.pem");
     std::fs::write(&bundle, server.bundle_pem()).unwrap();
-    let mut agent = Agent::spawn_with_envs(
+    // As the unit runs it: its capabilities, no new privileges; every system call traced.
+    let trace = lab.path().join("agent.strace");
+    let mut agent = spawn_agent_under(
         &lab,
         &server,
         "agent",
-        &[
-            "--config".as_ref(),
-            agent_config.as_os_str(),
-            "--trust-bundle".as_ref(),
-            bundle.as_os_str(),
-        ],
+        &unit_capabilities("carapace-agent.service"),
+        &agent_config,
         &envs,
+        Some(&trace),
     );
-    agent.wait_healthy();
     let agent_id = format!("spiffe://example.org/spire/agent/kerberos/{realm}/{host}");
     let shown = server.cli_ok(&["agent", "show", "--spiffe-id", &agent_id]);
     assert!(
@@ -629,6 +628,8 @@ async fn the_mit_kdc_recipe_gives_keytabs_an_agent_attests_with_under_its_defaul
         &[],
     );
     agent.wait_for_svid("spiffe://example.org/recipe-krb").await;
+    stop_traced(&mut agent.proc);
+    assert_unit_allows("carapace-agent.service", &trace);
 }
 
 /// `setpriv` arguments that give a process the capability bounding set a unit names in
@@ -661,8 +662,6 @@ fn unit_capabilities(unit: &str) -> Vec<String> {
 /// with a join token, hashing callers' executables.
 fn spawn_bounded_agent(lab: &Lab, server: &Server, name: &str, setpriv: &[String]) -> Agent {
     let (token, id) = server.token();
-    let bundle = lab.path().join(format!("{name}-bundle.pem"));
-    std::fs::write(&bundle, server.bundle_pem()).unwrap();
     let config = lab.path().join(format!("{name}.toml"));
     std::fs::write(
         &config,
@@ -670,18 +669,49 @@ fn spawn_bounded_agent(lab: &Lab, server: &Server, name: &str, setpriv: &[String
          [workload_attestor.unix]\nworkload_sha256 = true\n",
     )
     .unwrap();
+    let mut agent = spawn_agent_under(
+        lab,
+        server,
+        name,
+        setpriv,
+        &config,
+        &[("CARAPACE_JOIN_TOKEN".to_owned(), token)],
+        None,
+    );
+    agent.id = id;
+    agent
+}
+
+/// An agent on `config` (plus the server's address and bundle, and its own data dir and
+/// socket in the lab), run as root under `setpriv` with `setpriv`'s arguments, and under
+/// `strace -f` logging to `trace` if given. Returns once it says it is ready.
+fn spawn_agent_under(
+    lab: &Lab,
+    server: &Server,
+    name: &str,
+    setpriv: &[String],
+    config: &Path,
+    envs: &[(String, String)],
+    trace: Option<&Path>,
+) -> Agent {
+    let bundle = lab.path().join(format!("{name}-bundle.pem"));
+    std::fs::write(&bundle, server.bundle_pem()).unwrap();
     let sockets = lab.path().join("sockets");
     std::fs::create_dir_all(&sockets).unwrap();
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = sockets.join(format!("{name}.sock"));
     let data_dir = lab.path().join(name);
-    let mut cmd = tool("setpriv", "util-linux");
-    cmd.args(setpriv)
-        .arg("--")
-        .arg(bin("carapace-agent"))
-        .arg("run")
+    let mut cmd = match trace {
+        Some(trace) => traced(setpriv, &bin("carapace-agent"), trace),
+        None => {
+            let mut c = tool("setpriv", "util-linux");
+            c.args(setpriv).arg("--").arg(bin("carapace-agent"));
+            c
+        }
+    };
+    cmd.arg("run")
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .arg("--data-dir")
         .arg(&data_dir)
         .arg("--socket-path")
@@ -690,20 +720,22 @@ fn spawn_bounded_agent(lab: &Lab, server: &Server, name: &str, setpriv: &[String
         .arg(&server.address)
         .arg("--trust-bundle")
         .arg(&bundle)
-        .env("CARAPACE_JOIN_TOKEN", token);
+        .envs(envs.iter().map(|(k, v)| (k, v)));
     let proc = carapace_e2e::Proc::spawn(
         "carapace-agent",
         cmd,
         lab.path().join(format!("{name}.log")),
     );
-    let mut agent = Agent {
+    let agent = Agent {
         proc,
         socket,
-        id,
+        id: String::new(),
         data_dir,
     };
-    // Not `wait_healthy`: its healthcheck would have the agent hash the (large, debug)
-    // CLI binary, slower unoptimised than the attestation timeout.
+    // Not `wait_healthy`: its healthcheck would have an agent that hashes callers'
+    // executables hash the (large, debug) CLI, slower unoptimised than the attestation
+    // timeout.
+    let mut agent = agent;
     let deadline = std::time::Instant::now() + carapace_e2e::patience();
     while !agent.proc.log().contains("carapace-agent is ready") {
         if let Some(status) = agent.proc.try_wait() {
@@ -713,6 +745,22 @@ fn spawn_bounded_agent(lab: &Lab, server: &Server, name: &str, setpriv: &[String
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     agent
+}
+
+/// Fails unless every system call in `trace` is one `unit`'s `SystemCallFilter=` allows.
+fn assert_unit_allows(unit: &str, trace: &Path) {
+    let allowed = unit_syscalls(unit);
+    let made = traced_syscalls(trace);
+    assert!(
+        made.len() > 20,
+        "{unit}: only {made:?} in {}",
+        trace.display()
+    );
+    let refused: Vec<&String> = made.difference(&allowed).collect();
+    assert!(
+        refused.is_empty(),
+        "{unit}: the binary made system calls its SystemCallFilter= refuses: {refused:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -854,12 +902,15 @@ fn the_softhsm2_recipe_serves_a_server_running_as_its_own_user_without_capabilit
         ),
     )
     .unwrap();
-    let mut cmd = tool("setpriv", "util-linux");
-    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
-        .args(unit_capabilities("carapace-server.service"))
-        .arg("--")
-        .arg(bin("carapace-server"))
-        .arg("run")
+    // As the unit runs it: its own user, no capabilities, no new privileges; every
+    // system call traced, the PKCS#11 module's included.
+    let mut as_server: Vec<String> = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        .map(str::to_owned)
+        .to_vec();
+    as_server.extend(unit_capabilities("carapace-server.service"));
+    let trace = home.join("server.strace");
+    let mut cmd = traced(&as_server, &bin("carapace-server"), &trace);
+    cmd.arg("run")
         .arg("--config")
         .arg(&config)
         .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"));
@@ -898,4 +949,230 @@ fn the_softhsm2_recipe_serves_a_server_running_as_its_own_user_without_capabilit
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("owned by uid 65534"), "{}", text(&out));
+    stop_traced(&mut server);
+    assert_unit_allows("carapace-server.service", &trace);
+}
+
+/// Every system call of the groups and names in `items` (`@system-service`, `ptrace`),
+/// as `systemd-analyze syscall-filter` lists them, groups expanded.
+fn syscall_set(items: &[&str]) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut pending: Vec<String> = items.iter().map(|s| (*s).to_owned()).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(item) = pending.pop() {
+        if !item.starts_with('@') {
+            out.insert(item);
+            continue;
+        }
+        if !seen.insert(item.clone()) {
+            continue;
+        }
+        let listed = systemd_analyze(Path::new("/"), &["syscall-filter", "--no-pager", &item]);
+        assert!(listed.status.success(), "{}", text(&listed));
+        for line in String::from_utf8(listed.stdout).unwrap().lines().skip(1) {
+            let line = line.trim();
+            if !line.is_empty() && !line.starts_with('#') {
+                pending.push(line.to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// What a unit's `SystemCallFilter=` lines allow: the first is the allow list, each
+/// `~` line takes its names away.
+fn unit_syscalls(unit: &str) -> std::collections::BTreeSet<String> {
+    let body = std::fs::read_to_string(repo().join("dist/systemd").join(unit)).unwrap();
+    let mut allowed = std::collections::BTreeSet::new();
+    for line in body.lines() {
+        let Some(value) = line.strip_prefix("SystemCallFilter=") else {
+            continue;
+        };
+        match value.strip_prefix('~') {
+            Some(denied) => {
+                let denied: Vec<&str> = denied.split_whitespace().collect();
+                for name in syscall_set(&denied) {
+                    allowed.remove(&name);
+                }
+            }
+            None => {
+                let items: Vec<&str> = value.split_whitespace().collect();
+                allowed.extend(syscall_set(&items));
+            }
+        }
+    }
+    assert!(!allowed.is_empty(), "{unit} has no SystemCallFilter=");
+    allowed
+}
+
+/// The system calls in an `strace -f -o FILE` log.
+fn traced_syscalls(log: &Path) -> std::collections::BTreeSet<String> {
+    let text = std::fs::read_to_string(log).unwrap();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.split_once(' ').map_or(l, |(_, r)| r).trim_start();
+            if rest.starts_with('<') || rest.starts_with("---") || rest.starts_with("+++") {
+                return None;
+            }
+            let name = rest.split('(').next()?;
+            (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+                .then(|| name.to_owned())
+        })
+        .collect()
+}
+
+/// `cmd` under `strace -f` (logging to `trace`), itself under `setpriv` with `setpriv`
+/// arguments: the user and capabilities of the unit. setpriv execs strace, so the
+/// process started is strace, and `cmd` its child.
+fn traced(setpriv: &[String], cmd: &Path, trace: &Path) -> Command {
+    let strace = tool("strace", "strace").get_program().to_owned();
+    let mut c = tool("setpriv", "util-linux");
+    c.args(setpriv)
+        .arg("--")
+        .arg(strace)
+        .args(["-f", "-qq", "-o"])
+        .arg(trace)
+        .arg("--")
+        .arg(cmd);
+    c
+}
+
+/// Sends SIGTERM to the program `strace` runs (its child), and waits for both to exit.
+fn stop_traced(proc: &mut carapace_e2e::Proc) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children", pid = proc.pid()))
+            .unwrap();
+    for child in children.split_whitespace() {
+        let _ = Command::new("kill").args(["-TERM", child]).status();
+    }
+    let status = proc.wait_exit(carapace_e2e::patience());
+    assert!(status.is_some(), "did not exit on SIGTERM:\n{}", proc.log());
+}
+
+#[test]
+fn the_binaries_make_only_system_calls_their_units_allow() {
+    let lab = Lab::new();
+    let port = free_port();
+    // The server runs as its own user (uid 65534 here, `carapace` in the unit) in a
+    // directory of its own, as the unit's StateDirectory= and RuntimeDirectory= give it.
+    // (As root, SQLite would fchown its files, which the filter refuses.)
+    let home = lab.path().join("svc");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let admin = home.join("admin").join("admin.sock");
+    // The shipped configs, with the lab's paths and port.
+    let server_config = lab.path().join("server.toml");
+    std::fs::write(
+        &server_config,
+        std::fs::read_to_string(repo().join("dist/etc/server.toml"))
+            .unwrap()
+            .replace(
+                "/var/lib/carapace/server",
+                &home.join("server").display().to_string(),
+            )
+            .replace("/run/carapace/admin.sock", &admin.display().to_string())
+            .replace("127.0.0.1:8081", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let server_trace = home.join("server.strace");
+    let mut as_server: Vec<String> = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
+        .map(str::to_owned)
+        .to_vec();
+    as_server.extend(unit_capabilities("carapace-server.service"));
+    let mut cmd = traced(&as_server, &bin("carapace-server"), &server_trace);
+    cmd.args(["run", "--config"]).arg(&server_config);
+    let mut server =
+        carapace_e2e::Proc::spawn("carapace-server", cmd, lab.path().join("server.log"));
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("carapace-server"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .args(["--server-uid", "65534"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let deadline = std::time::Instant::now() + carapace_e2e::patience() * 3;
+    while !cli(&["healthcheck"]).0 {
+        assert!(server.try_wait().is_none(), "{}", server.log());
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let bundle = lab.path().join("bundle.pem");
+    std::fs::write(&bundle, cli(&["bundle", "show"]).1).unwrap();
+    let (ok, token) = cli(&["token", "generate", "--output", "json"]);
+    assert!(ok, "{token}");
+    let token: serde_json::Value = serde_json::from_str(&token).unwrap();
+    let agent_id = token["agent_id"].as_str().unwrap().to_owned();
+
+    let socket = lab.path().join("sockets").join("api.sock");
+    let agent_config = lab.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        std::fs::read_to_string(repo().join("dist/etc/agent.toml"))
+            .unwrap()
+            .replace(
+                "/var/lib/carapace/agent",
+                &lab.path().join("agent").display().to_string(),
+            )
+            .replace(
+                "/run/carapace-agent/api.sock",
+                &socket.display().to_string(),
+            )
+            .replace("/etc/carapace/bundle.pem", &bundle.display().to_string())
+            .replace("127.0.0.1:8081", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let agent_trace = lab.path().join("agent.strace");
+    let mut cmd = traced(
+        &unit_capabilities("carapace-agent.service"),
+        &bin("carapace-agent"),
+        &agent_trace,
+    );
+    cmd.args(["run", "--config"])
+        .arg(&agent_config)
+        .env("CARAPACE_JOIN_TOKEN", token["token"].as_str().unwrap());
+    let mut agent = carapace_e2e::Proc::spawn("carapace-agent", cmd, lab.path().join("agent.log"));
+    let (ok, out) = cli(&[
+        "entry",
+        "create",
+        "--parent-id",
+        &agent_id,
+        "--spiffe-id",
+        "spiffe://example.org/traced",
+        "--selector",
+        &uid_selector(),
+    ]);
+    assert!(ok, "{out}");
+    // A workload gets its SVID: attestation, sync, signing and the Workload API ran.
+    let deadline = std::time::Instant::now() + carapace_e2e::patience() * 3;
+    loop {
+        let out = Command::new(bin("carapace-agent"))
+            .args(["api", "fetch", "x509", "--socket-path"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/traced") {
+            break;
+        }
+        assert!(agent.try_wait().is_none(), "{}", agent.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}\n{}",
+            text(&out),
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // And both shut down the way systemd stops them.
+    stop_traced(&mut agent);
+    stop_traced(&mut server);
+
+    assert_unit_allows("carapace-server.service", &server_trace);
+    assert_unit_allows("carapace-agent.service", &agent_trace);
 }
