@@ -158,8 +158,9 @@ if [ "$AGENT" -eq 1 ]; then
         # the server just started (its bundle, and a join token through a 0600 file).
         /usr/local/bin/carapace-server bundle show --admin-socket /run/carapace/admin.sock >/etc/carapace/bundle.pem.new
         mv /etc/carapace/bundle.pem.new /etc/carapace/bundle.pem
-        token=$(/usr/local/bin/carapace-server token generate --admin-socket /run/carapace/admin.sock --output json |
-            python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+        token=$(/usr/local/bin/carapace-server token generate --admin-socket /run/carapace/admin.sock |
+            sed -n 's/^Token: //p')
+        [ -n "$token" ] || die "carapace-server token generate printed no token" 1
         (umask 077 && printf 'CARAPACE_JOIN_TOKEN=%s\n' "$token" >/etc/carapace/agent.env)
         unset token
         made_env=1
