@@ -121,6 +121,14 @@ fn units_for_verify(root: &Path) -> tempfile::TempDir {
         );
         std::fs::write(dir.path().join(unit), body).unwrap();
     }
+    // The TPM drop-in beside its unit: verify reads it too.
+    let dropins = dir.path().join("carapace-agent.service.d");
+    std::fs::create_dir(&dropins).unwrap();
+    std::fs::copy(
+        root.join("usr/local/lib/systemd/system/carapace-agent.service.d/tpm.conf"),
+        dropins.join("tpm.conf"),
+    )
+    .unwrap();
     dir
 }
 
