@@ -769,6 +769,39 @@ fn assert_unit_allows(unit: &str, trace: &Path) {
         refused.is_empty(),
         "{unit}: the binary made system calls its SystemCallFilter= refuses: {refused:?}"
     );
+    // And every socket it opened is of a family RestrictAddressFamilies= allows.
+    let body = std::fs::read_to_string(repo().join("dist/systemd").join(unit)).unwrap();
+    let families: Vec<&str> = body
+        .lines()
+        .find_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+        .unwrap_or_else(|| panic!("{unit} has no RestrictAddressFamilies="))
+        .split_whitespace()
+        .collect();
+    let log = std::fs::read_to_string(trace).unwrap();
+    let opened: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once(" socket(")
+                .or_else(|| l.split_once(" socketpair("))
+                .and_then(|(_, args)| args.split([',', ')']).next())
+        })
+        .collect();
+    assert!(
+        !opened.is_empty(),
+        "{unit}: no socket() in {}",
+        trace.display()
+    );
+    let outside: Vec<&&str> = opened.iter().filter(|f| !families.contains(f)).collect();
+    assert!(
+        outside.is_empty(),
+        "{unit}: sockets of families RestrictAddressFamilies= refuses: {outside:?} (allowed \
+         {families:?}):\n{}",
+        log.lines()
+            .filter(|l| outside.iter().any(|f| l.contains(**f)))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
