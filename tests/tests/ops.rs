@@ -505,10 +505,16 @@ async fn the_swtpm_recipe_gives_a_tpm_an_agent_attests_with() {
         &[&dir.display().to_string(), &port],
         &[],
     );
-    let server = Server::start_opts(
-        &lab,
-        server_with(&lab, "server", &[&dir.join("server-tpm.toml")], vec![]),
-    );
+    // The server as its unit runs it, with the EK CA file installed for its user.
+    let home = server_home(&lab);
+    let ek_ca = give_server(&home, &dir.join("ek-ca.pem"), "ek-ca.pem");
+    let section = std::fs::read_to_string(dir.join("server-tpm.toml"))
+        .unwrap()
+        .replace(
+            &dir.join("ek-ca.pem").display().to_string(),
+            &ek_ca.display().to_string(),
+        );
+    let mut server = UnitServer::start(&lab, &home, &section, &[]);
     let agent_config = lab.path().join("agent.toml");
     std::fs::write(
         &agent_config,
@@ -523,20 +529,19 @@ async fn the_swtpm_recipe_gives_a_tpm_an_agent_attests_with() {
             .unwrap()
             .contains(&format!("tcti = \"swtpm:host=127.0.0.1,port={port}\"")),
     );
-    let bundle = lab.path().join("agent-bundle.pem");
-    std::fs::write(&bundle, server.bundle_pem()).unwrap();
     // As the unit runs it: its capabilities, no new privileges; every system call traced.
     let trace = lab.path().join("agent.strace");
     let mut agent = spawn_agent_under(
         &lab,
-        &server,
+        (&server.address, &server.bundle_pem()),
         "agent",
         &unit_capabilities("carapace-agent.service"),
         &agent_config,
         &[],
         Some(&trace),
     );
-    let agents = server.cli_json(&["agent", "list"]);
+    let agents: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["agent", "list", "--output", "json"])).unwrap();
     let agent_id = agents["agents"][0]["spiffe_id"]
         .as_str()
         .unwrap()
@@ -548,12 +553,12 @@ async fn the_swtpm_recipe_gives_a_tpm_an_agent_attests_with() {
     server.create_entry(
         &agent_id,
         "spiffe://example.org/recipe-tpm",
-        &[&uid_selector()],
-        &[],
+        &uid_selector(),
     );
     agent.wait_for_svid("spiffe://example.org/recipe-tpm").await;
     stop_traced(&mut agent.proc);
     assert_unit_allows("carapace-agent.service", &trace);
+    server.stop_and_check();
 }
 
 /// The host name the agent's default principal is made of (`host/<this>`), and the host
@@ -589,14 +594,22 @@ async fn the_mit_kdc_recipe_gives_keytabs_an_agent_attests_with_under_its_defaul
         "KRB5_CONFIG".to_owned(),
         dir.join("krb5.conf").display().to_string(),
     )];
-    let server = Server::start_opts(
+    // The server as its unit runs it, with its keytab and krb5.conf installed for its
+    // user (OPERATIONS.md: the server's keytab belongs to it, 0600).
+    let home = server_home(&lab);
+    let keytab = give_server(&home, &dir.join("carapace.keytab"), "carapace.keytab");
+    let krb5_conf = give_server(&home, &dir.join("krb5.conf"), "krb5.conf");
+    let section = std::fs::read_to_string(dir.join("server-kerberos.toml"))
+        .unwrap()
+        .replace(
+            &dir.join("carapace.keytab").display().to_string(),
+            &keytab.display().to_string(),
+        );
+    let mut server = UnitServer::start(
         &lab,
-        server_with(
-            &lab,
-            "server",
-            &[&dir.join("server-kerberos.toml")],
-            envs.clone(),
-        ),
+        &home,
+        &section,
+        &[("KRB5_CONFIG".to_owned(), krb5_conf.display().to_string())],
     );
     let agent_section = std::fs::read_to_string(dir.join("agent-kerberos.toml")).unwrap();
     // The agent is not told its principal.
@@ -610,13 +623,11 @@ async fn the_mit_kdc_recipe_gives_keytabs_an_agent_attests_with_under_its_defaul
         format!("trust_domain = \"example.org\"\n{agent_section}"),
     )
     .unwrap();
-    let bundle = lab.path().join("agent-bundle.pem");
-    std::fs::write(&bundle, server.bundle_pem()).unwrap();
     // As the unit runs it: its capabilities, no new privileges; every system call traced.
     let trace = lab.path().join("agent.strace");
     let mut agent = spawn_agent_under(
         &lab,
-        &server,
+        (&server.address, &server.bundle_pem()),
         "agent",
         &unit_capabilities("carapace-agent.service"),
         &agent_config,
@@ -632,12 +643,12 @@ async fn the_mit_kdc_recipe_gives_keytabs_an_agent_attests_with_under_its_defaul
     server.create_entry(
         &agent_id,
         "spiffe://example.org/recipe-krb",
-        &[&uid_selector()],
-        &[],
+        &uid_selector(),
     );
     agent.wait_for_svid("spiffe://example.org/recipe-krb").await;
     stop_traced(&mut agent.proc);
     assert_unit_allows("carapace-agent.service", &trace);
+    server.stop_and_check();
 }
 
 /// `setpriv` arguments that give a process the capability bounding set a unit names in
@@ -679,7 +690,7 @@ fn spawn_bounded_agent(lab: &Lab, server: &Server, name: &str, setpriv: &[String
     .unwrap();
     let mut agent = spawn_agent_under(
         lab,
-        server,
+        (&server.address, &server.bundle_pem()),
         name,
         setpriv,
         &config,
@@ -695,7 +706,7 @@ fn spawn_bounded_agent(lab: &Lab, server: &Server, name: &str, setpriv: &[String
 /// `strace -f` logging to `trace` if given. Returns once it says it is ready.
 fn spawn_agent_under(
     lab: &Lab,
-    server: &Server,
+    (server_address, bundle_pem): (&str, &str),
     name: &str,
     setpriv: &[String],
     config: &Path,
@@ -703,7 +714,7 @@ fn spawn_agent_under(
     trace: Option<&Path>,
 ) -> Agent {
     let bundle = lab.path().join(format!("{name}-bundle.pem"));
-    std::fs::write(&bundle, server.bundle_pem()).unwrap();
+    std::fs::write(&bundle, bundle_pem).unwrap();
     let sockets = lab.path().join("sockets");
     std::fs::create_dir_all(&sockets).unwrap();
     std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -725,7 +736,7 @@ fn spawn_agent_under(
         .arg("--socket-path")
         .arg(&socket)
         .arg("--server-address")
-        .arg(&server.address)
+        .arg(server_address)
         .arg("--trust-bundle")
         .arg(&bundle)
         .envs(envs.iter().map(|(k, v)| (k, v)));
@@ -917,11 +928,7 @@ fn the_softhsm2_recipe_serves_a_server_running_as_its_own_user_without_capabilit
         "this test runs the server as uid 65534 and must run as root (CI does)"
     );
     let lab = Lab::new();
-    // The server's own directory, as the unit's StateDirectory= would make it.
-    let home = lab.path().join("svc");
-    std::fs::create_dir(&home).unwrap();
-    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
-    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let home = server_home(&lab);
     let dir = home.join("hsm");
     // The token belongs to the server's user (TOKEN_OWNER), as OPERATIONS.md says.
     recipe(
@@ -929,59 +936,26 @@ fn the_softhsm2_recipe_serves_a_server_running_as_its_own_user_without_capabilit
         &[&dir.display().to_string()],
         &[("TOKEN_OWNER", "nobody")],
     );
-    let admin = home.join("admin").join("admin.sock");
-    let config = lab.path().join("server.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "trust_domain = \"example.org\"\ndata_dir = {:?}\nadmin_socket = {:?}\n\
-             bind_address = \"127.0.0.1:{}\"\n{}",
-            home.join("data").display().to_string(),
-            admin.display().to_string(),
-            free_port(),
-            std::fs::read_to_string(dir.join("server-pkcs11.toml")).unwrap()
-        ),
-    )
-    .unwrap();
     // As the unit runs it: its own user, no capabilities, no new privileges; every
     // system call traced, the PKCS#11 module's included.
-    let mut as_server: Vec<String> = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
-        .map(str::to_owned)
-        .to_vec();
-    as_server.extend(unit_capabilities("carapace-server.service"));
-    let trace = home.join("server.strace");
-    let mut cmd = traced(&as_server, &bin("carapace-server"), &trace);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env("SOFTHSM2_CONF", dir.join("softhsm2.conf"));
-    let mut server =
-        carapace_e2e::Proc::spawn("carapace-server", cmd, lab.path().join("server.log"));
-    // The admin CLI, as root, trusts the socket of uid 65534 only when told.
-    let cli = |args: &[&str]| {
-        Command::new(bin("carapace-server"))
-            .args(args)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .args(["--server-uid", "65534"])
-            .output()
-            .unwrap()
-    };
-    let deadline = std::time::Instant::now() + carapace_e2e::patience();
-    while !cli(&["healthcheck"]).status.success() {
-        if let Some(status) = server.try_wait() {
-            panic!("carapace-server exited with {status}:\n{}", server.log());
-        }
-        assert!(std::time::Instant::now() < deadline, "{}", server.log());
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let mut server = UnitServer::start(
+        &lab,
+        &home,
+        &std::fs::read_to_string(dir.join("server-pkcs11.toml")).unwrap(),
+        &[(
+            "SOFTHSM2_CONF".to_owned(),
+            dir.join("softhsm2.conf").display().to_string(),
+        )],
+    );
+    let cli = |args: &[&str]| server.cli(args);
+    let admin = server.admin.clone();
     let bundle = cli(&["bundle", "show"]);
     assert!(
         text(&bundle).contains("BEGIN CERTIFICATE"),
         "{}",
         text(&bundle)
     );
-    assert!(!home.join("data").join("keys").exists());
+    assert!(!server.home.join("data").join("keys").exists());
     // Without --server-uid the root CLI sends nothing to a socket of another uid.
     let out = Command::new(bin("carapace-server"))
         .args(["healthcheck", "--admin-socket"])
@@ -990,8 +964,130 @@ fn the_softhsm2_recipe_serves_a_server_running_as_its_own_user_without_capabilit
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("owned by uid 65534"), "{}", text(&out));
-    stop_traced(&mut server);
-    assert_unit_allows("carapace-server.service", &trace);
+    server.stop_and_check();
+}
+
+/// The server's own directory (the unit's `StateDirectory=`): `<lab>/svc`, owned by uid
+/// 65534 (the unit's `carapace`), 0700.
+fn server_home(lab: &Lab) -> PathBuf {
+    let home = lab.path().join("svc");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    home
+}
+
+/// Copies `from` into the server's home as `name`, owned by the server's user, 0600 (as
+/// an operator installs the server's keytab or EK CA file).
+fn give_server(home: &Path, from: &Path, name: &str) -> PathBuf {
+    let to = home.join(name);
+    std::fs::copy(from, &to).unwrap();
+    std::os::unix::fs::chown(&to, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+    to
+}
+
+/// A server run as its unit runs it: uid 65534, no capabilities, no new privileges, its
+/// data dir and admin socket in its home; under `strace -f`.
+struct UnitServer {
+    proc: carapace_e2e::Proc,
+    admin: PathBuf,
+    address: String,
+    home: PathBuf,
+    trace: PathBuf,
+}
+
+impl UnitServer {
+    /// Starts it on `sections` (TOML after the trust domain) and waits until healthy.
+    fn start(lab: &Lab, home: &Path, sections: &str, envs: &[(String, String)]) -> UnitServer {
+        let admin = home.join("admin").join("admin.sock");
+        let address = format!("127.0.0.1:{}", free_port());
+        let config = lab.path().join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "trust_domain = \"example.org\"\ndata_dir = {:?}\nadmin_socket = {:?}\n\
+                 bind_address = {address:?}\n{sections}",
+                home.join("data").display().to_string(),
+                admin.display().to_string(),
+            ),
+        )
+        .unwrap();
+        let mut as_server: Vec<String> = ["--reuid", "65534", "--regid", "65534", "--clear-groups"]
+            .map(str::to_owned)
+            .to_vec();
+        as_server.extend(unit_capabilities("carapace-server.service"));
+        let trace = home.join("server.strace");
+        let mut cmd = traced(&as_server, &bin("carapace-server"), &trace);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .envs(envs.iter().map(|(k, v)| (k, v)));
+        let proc = carapace_e2e::Proc::spawn("carapace-server", cmd, lab.path().join("server.log"));
+        let mut server = UnitServer {
+            proc,
+            admin,
+            address,
+            home: home.to_owned(),
+            trace,
+        };
+        let deadline = std::time::Instant::now() + carapace_e2e::patience();
+        while !server.cli(&["healthcheck"]).status.success() {
+            if let Some(status) = server.proc.try_wait() {
+                panic!(
+                    "carapace-server exited with {status}:\n{}",
+                    server.proc.log()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                server.proc.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// An admin command, as root, trusting the socket of uid 65534 (`--server-uid`).
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("carapace-server"))
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.admin)
+            .args(["--server-uid", "65534"])
+            .output()
+            .unwrap()
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn bundle_pem(&self) -> String {
+        self.cli_ok(&["bundle", "show"])
+    }
+
+    fn create_entry(&self, parent: &str, spiffe_id: &str, selector: &str) {
+        self.cli_ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            parent,
+            "--spiffe-id",
+            spiffe_id,
+            "--selector",
+            selector,
+        ]);
+    }
+
+    /// Stops it with SIGTERM and checks its system calls and sockets against the unit.
+    fn stop_and_check(&mut self) {
+        stop_traced(&mut self.proc);
+        assert_unit_allows("carapace-server.service", &self.trace);
+    }
 }
 
 /// Every system call of the groups and names in `items` (`@system-service`, `ptrace`),
