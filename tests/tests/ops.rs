@@ -4,7 +4,11 @@
 //! replacing an operator's config and refuses to start anything where it cannot, and the
 //! three operator recipes in `dist/recipes` (the very scripts OPERATIONS.md points to)
 //! give a working SoftHSM2 token, a swtpm with an EK certificate from a local CA and an
-//! MIT realm: a real server and agent are started on what each writes.
+//! MIT realm: a real server and agent are started on what each writes. The binaries run
+//! as their units run them (`setpriv`: the server as its own user without capabilities,
+//! the agent as root with the unit's two) and under `strace -f`, and every system call
+//! and socket family they use must pass the unit's `SystemCallFilter=` and
+//! `RestrictAddressFamilies=`; nothing is started under systemd itself.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
