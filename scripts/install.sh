@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
         --server-only) AGENT=0; shift ;;
         --agent-only) SERVER=0; shift ;;
         --tpm) TPM=1; shift ;;
-        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
 done
