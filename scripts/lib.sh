@@ -19,9 +19,12 @@ install_system_packages() {
 
 # What the hardware-backed tests and the lab (carapace-lab) run: SoftHSM2 and pkcs11-tool
 # (opensc), swtpm with tpm2-tools, an MIT Kerberos KDC, and ssh-keygen (openssh-client:
-# the sshpop tests make SSH CAs and host certificates with it). All run unprivileged on
+# the sshpop tests make SSH CAs and host certificates with it), systemd's systemd-analyze
+# and systemd-sysusers, and strace (tests/tests/ops.rs checks the units and
+# scripts/install.sh with them, and traces the binaries' system calls against the units'
+# filters; nothing is started under systemd). All run unprivileged on
 # loopback (README.md, "The lab"). krb5-config asks debconf questions: DEBIAN_FRONTEND above.
-LAB_PACKAGES=(softhsm2 opensc swtpm swtpm-tools tpm2-tools krb5-kdc krb5-admin-server krb5-user openssh-client)
+LAB_PACKAGES=(softhsm2 opensc swtpm swtpm-tools tpm2-tools krb5-kdc krb5-admin-server krb5-user openssh-client systemd strace)
 
 # A Rust toolchain: the one on PATH if recent enough, else rustup's stable.
 ensure_rust() {
