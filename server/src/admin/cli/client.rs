@@ -44,7 +44,17 @@ pub(crate) async fn connect(
         return Err(unreachable(e.to_string()));
     }
     if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        carapace_common::check_socket_dir(dir, &expected, false).map_err(refused)?;
+        carapace_common::check_socket_dir(dir, &expected, false).map_err(|e| {
+            // Under the shipped unit the server runs as its own user and owns the
+            // socket's directory: say how to trust it.
+            if server_uid.is_none() && e.contains("is owned by uid") {
+                refused(format!(
+                    "{e}; if the server runs as that user, pass --server-uid UID (or set CARAPACE_SERVER_UID)"
+                ))
+            } else {
+                refused(e)
+            }
+        })?;
     }
     let channel = carapace_common::uds_channel_checked(socket, Some(CALL_TIMEOUT), expected)
         .await

@@ -578,3 +578,28 @@ fn localauthority_human_and_json_formats() {
     assert_eq!(v["old"][1]["tainted"], true);
     assert!(v["old"][0].get("upstream").is_none());
 }
+
+/// Under the shipped unit the server runs as its own user and owns the socket's directory:
+/// as root, the CLI refuses it and says how to trust that user.
+#[tokio::test]
+async fn a_socket_directory_of_another_uid_is_refused_with_the_server_uid_hint() {
+    use std::os::unix::fs::PermissionsExt;
+    if carapace_common::euid() != 0 {
+        // Owning a directory by another uid needs root; scripts/test.sh runs as root.
+        panic!("this test needs root (it chowns a directory to uid 65534): run it as root");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+    let socket = run.join("admin.sock");
+    std::fs::write(&socket, b"").unwrap();
+    let err = super::client::connect(&socket, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is owned by uid 65534"), "{err}");
+    assert!(err.contains("--server-uid"), "{err}");
+}
