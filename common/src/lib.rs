@@ -137,9 +137,83 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
         "a block device"
     } else if t.is_socket() {
         "a socket"
+    } else if t.is_file() {
+        "a regular file"
     } else {
         "not a regular file"
     }
+}
+
+/// Checks a file a plugin setting names the way the plugin will use it, without opening
+/// it (so `validate` reads no secret, opens no device and never blocks on a FIFO): it
+/// exists, it is what the plugin needs (a regular file, a directory, a character device),
+/// a secret's or a private directory's mode gives group and others nothing
+/// ([`carapace_core::files::check_private`], the rule the plugins apply), and this user
+/// (the effective uid, as the plugin will run) may read it, or read and write a device or
+/// directory. A [`FileUse::PrivateDir`] may be missing: the plugin creates it. Messages
+/// start with the setting and the path.
+///
+/// [`FileUse::PrivateDir`]: carapace_core::files::FileUse::PrivateDir
+pub fn check_named_file(f: &carapace_core::files::NamedFile) -> Result<(), String> {
+    use carapace_core::files::FileUse;
+    use rustix::fs::{Access, AtFlags};
+    use std::os::unix::fs::FileTypeExt as _;
+    let (setting, path) = (f.setting.as_str(), f.path.as_path());
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match f.usage {
+                FileUse::PrivateDir => Ok(()),
+                _ => Err(format!("{setting} {shown} does not exist")),
+            };
+        }
+        Err(e) => return Err(format!("{setting} {shown} cannot be examined: {e}")),
+    };
+    let kind = meta.file_type();
+    let (fits, wanted, access, how) = match f.usage {
+        FileUse::Read | FileUse::Secret => {
+            (kind.is_file(), "a regular file", Access::READ_OK, "read")
+        }
+        FileUse::PrivateDir => (
+            kind.is_dir(),
+            "a directory",
+            Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK,
+            "read and written",
+        ),
+        FileUse::Device => (
+            kind.is_char_device(),
+            "a character device",
+            Access::READ_OK | Access::WRITE_OK,
+            "read and written",
+        ),
+    };
+    if !fits {
+        return Err(format!(
+            "{setting} {shown} is {}; give {wanted}",
+            file_kind(kind)
+        ));
+    }
+    if matches!(f.usage, FileUse::Secret | FileUse::PrivateDir) {
+        carapace_core::files::check_private(setting, path, &meta)?;
+    }
+    rustix::fs::accessat(rustix::fs::CWD, path, access, AtFlags::EACCESS).map_err(|e| {
+        format!(
+            "{setting} {shown} cannot be {how} by this user (uid {}): {}",
+            euid(),
+            std::io::Error::from(e)
+        )
+    })
+}
+
+/// [`check_named_file`] for each of `files`, every problem prefixed with `plugin`
+/// (`node_attestor.tpm: ek_ca_files /etc/ek/ca.pem does not exist`).
+pub fn check_named_files(plugin: &str, files: &[carapace_core::files::NamedFile]) -> Vec<String> {
+    files
+        .iter()
+        .filter_map(|f| check_named_file(f).err())
+        .map(|e| format!("{plugin}: {e}"))
+        .collect()
 }
 
 /// Reads a file an operator gave (a config file, a PEM bundle) as UTF-8 text: only a

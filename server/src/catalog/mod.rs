@@ -3,7 +3,8 @@
 //!
 //! Each plugin owns its configuration struct (`deny_unknown_fields`); [`check_plugins`]
 //! parses every configured plugin's table without starting anything, for `validate`,
-//! and the `build_*` functions construct them for `run`.
+//! [`check_files`] checks the files their settings name (each plugin lists them beside
+//! its settings, `files()`), and the `build_*` functions construct them for `run`.
 
 mod key_manager;
 mod node_attestor;
@@ -46,6 +47,39 @@ pub fn check_upstream(upstreams: &[(String, toml::Table)], problems: &mut Vec<St
             problems.push(format!("upstream_authority.{name}: {e}"));
         }
     }
+}
+
+/// Checks every file the configured plugins' settings name (PIN files, PKCS#11 modules,
+/// keytabs, EK CA files, root keys and certificates, key directories, ...), each as its
+/// plugin will use it, resolved against `data_dir` where the plugin resolves it there:
+/// one problem per file, naming the plugin, the setting and the path
+/// ([`carapace_common::check_named_file`]). Reads no secret, loads no module, opens no
+/// token and contacts nothing. For `validate`, on settings [`check_plugins`] accepted.
+pub fn check_files(
+    key_manager: &(String, toml::Table),
+    node_attestors: &[(String, toml::Table)],
+    upstream: Option<&(String, toml::Table)>,
+    data_dir: &std::path::Path,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let (name, table) = key_manager;
+    problems.extend(carapace_common::check_named_files(
+        &format!("key_manager.{name}"),
+        &key_manager::files(name, table, data_dir),
+    ));
+    for (name, table) in node_attestors {
+        problems.extend(carapace_common::check_named_files(
+            &format!("node_attestor.{name}"),
+            &node_attestor::files(name, table, data_dir),
+        ));
+    }
+    if let Some((name, table)) = upstream {
+        problems.extend(carapace_common::check_named_files(
+            &format!("upstream_authority.{name}"),
+            &upstream_authority::files(name, table, data_dir),
+        ));
+    }
+    problems
 }
 
 /// The refusal for a plugin whose Cargo feature this binary was built without (the
