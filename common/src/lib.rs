@@ -589,6 +589,118 @@ mod tests {
     }
 
     #[test]
+    fn named_files_are_checked_as_their_plugin_uses_them_without_being_opened() {
+        use carapace_core::files::{FileUse, NamedFile};
+        use std::path::PathBuf;
+        let t = tempfile::tempdir().unwrap();
+        let check = |usage, path: &Path| check_named_file(&NamedFile::new("setting", path, usage));
+        let file = t.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let missing = t.path().join("missing");
+        let fifo = t.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let started = std::time::Instant::now();
+        let shown = |p: &Path| p.display().to_string();
+        for (usage, path, expected) in [
+            (FileUse::Read, file.clone(), None),
+            (
+                FileUse::Read,
+                missing.clone(),
+                Some(format!("setting {} does not exist", shown(&missing))),
+            ),
+            (
+                FileUse::Read,
+                t.path().to_path_buf(),
+                Some(format!(
+                    "setting {} is a directory; give a regular file",
+                    shown(t.path())
+                )),
+            ),
+            (
+                FileUse::Read,
+                fifo.clone(),
+                Some(format!(
+                    "setting {} is a FIFO; give a regular file",
+                    shown(&fifo)
+                )),
+            ),
+            (
+                FileUse::Secret,
+                file.clone(),
+                Some(format!(
+                    "setting {} has mode 644: it must not be accessible to group or others \
+                     (chmod 600 {})",
+                    shown(&file),
+                    shown(&file)
+                )),
+            ),
+            (FileUse::PrivateDir, missing.clone(), None),
+            (
+                FileUse::PrivateDir,
+                file.clone(),
+                Some(format!(
+                    "setting {} is a regular file; give a directory",
+                    shown(&file)
+                )),
+            ),
+            (FileUse::Device, PathBuf::from("/dev/null"), None),
+            (
+                FileUse::Device,
+                file.clone(),
+                Some(format!(
+                    "setting {} is a regular file; give a character device",
+                    shown(&file)
+                )),
+            ),
+            (
+                FileUse::Secret,
+                PathBuf::from("/dev/zero"),
+                Some("setting /dev/zero is a character device; give a regular file".into()),
+            ),
+        ] {
+            assert_eq!(
+                check(usage, &path).err(),
+                expected,
+                "{usage:?} {}",
+                path.display()
+            );
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(check(FileUse::Secret, &file), Ok(()));
+        let dir = t.path().join("keys");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = check(FileUse::PrivateDir, &dir).unwrap_err();
+        assert!(e.contains("has mode 755") && e.contains("chmod 700"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(check(FileUse::PrivateDir, &dir), Ok(()));
+        let problems = check_named_files(
+            "node_attestor.tpm",
+            &[
+                NamedFile::new("ek_ca_files", &file, FileUse::Read),
+                NamedFile::new("ek_ca_files", &missing, FileUse::Read),
+                NamedFile::new("ek_ca_files", t.path(), FileUse::Read),
+            ],
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!(
+                "node_attestor.tpm: ek_ca_files {} does not exist",
+                shown(&missing)
+            )),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn private_dirs_are_created_0700_and_loose_ones_refused() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("a/b");
