@@ -493,6 +493,63 @@ mod tests {
         assert!(p.iter().any(|e| e.starts_with("key_manager.tpm:")), "{p:?}");
     }
 
+    /// The files read at start are checked before `run` starts anything; those read only
+    /// at first use (a `device:` TPM, the keytab) only by `validate`.
+    #[cfg(all(feature = "tpm", feature = "kerberos"))]
+    #[test]
+    fn files_read_at_first_use_are_left_to_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = dir.path().join("tpmrm0");
+        let keytab = dir.path().join("krb5.keytab");
+        let tpm = (
+            "tpm".to_owned(),
+            t(&format!("tcti = \"device:{}\"", device.display())),
+        );
+        let kerberos = (
+            "kerberos".to_owned(),
+            t(&format!(
+                "service_principal = \"carapace/s.lab.test@LAB.TEST\"\nkeytab = {keytab:?}"
+            )),
+        );
+        let disk = ("disk".to_owned(), toml::Table::new());
+        for (key_manager, node_attestor, later) in [
+            (
+                &disk,
+                &tpm,
+                format!(
+                    "node_attestor.tpm: tcti {} does not exist",
+                    device.display()
+                ),
+            ),
+            (
+                &disk,
+                &kerberos,
+                format!(
+                    "node_attestor.kerberos: keytab {} does not exist",
+                    keytab.display()
+                ),
+            ),
+            (
+                &tpm,
+                &kerberos,
+                format!("key_manager.tpm: tcti {} does not exist", device.display()),
+            ),
+        ] {
+            assert_eq!(
+                check_files(key_manager, node_attestor, dir.path(), true),
+                Vec::<String>::new()
+            );
+            let all = check_files(key_manager, node_attestor, dir.path(), false);
+            assert_eq!(all.first(), Some(&later), "{all:?}");
+        }
+        // A TCTI that is not a device names no file.
+        let swtpm = (
+            "tpm".to_owned(),
+            t("tcti = \"swtpm:host=127.0.0.1,port=2321\""),
+        );
+        assert!(check_files(&disk, &swtpm, dir.path(), false).is_empty());
+    }
+
     #[test]
     fn every_problem_is_named() {
         let mut p = Vec::new();
