@@ -3,7 +3,9 @@
 //! `[workload_attestor.<name>]`, plus the maker of workload keys
 //! ([`build_workload_keys`]). This is the only agent code that names concrete plugin
 //! types. Each plugin owns its config struct (`deny_unknown_fields`); [`check_plugins`]
-//! parses them all without building anything, for config validation.
+//! parses them all without building anything, for config validation, and
+//! [`check_files`] checks the files their settings name (each plugin lists them beside
+//! its settings, `files()`).
 //!
 //! `[key_manager.tpm]` and `[node_attestor.tpm]` with the same `tcti` share one TPM
 //! context (`SharedTpm::for_tcti`): the TPM has no resource manager to arbitrate two,
@@ -26,6 +28,7 @@ use carapace_attestor_ssh::agent::{SshAgentConfig, SshAttestorClient};
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
 #[cfg(feature = "tpm")]
 use carapace_attestor_tpm::keys::{TpmKeyManager, TpmKeyManagerConfig};
+use carapace_core::files::NamedFile;
 use carapace_core::plugin::{KeyManager, NodeAttestorClient, WorkloadAttestor};
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
@@ -141,6 +144,54 @@ pub fn check_plugins(
     }
     #[cfg(feature = "tpm")]
     check_same_tpm(key_managers, node_attestors, problems);
+}
+
+/// The files a plugin's settings name (none when they do not parse: that is
+/// [`check_plugins`]'s to report).
+fn files(kind: &str, name: &str, table: &toml::Table, data_dir: &Path) -> Vec<NamedFile> {
+    let files = match (kind, name) {
+        ("key_manager", "disk") => parse::<DiskConfig>(table).map(|c| c.files(data_dir)),
+        #[cfg(feature = "tpm")]
+        ("key_manager", "tpm") => parse::<TpmKeyManagerConfig>(table).map(|c| c.files(data_dir)),
+        #[cfg(feature = "tpm")]
+        ("node_attestor", "tpm") => parse::<TpmAgentConfig>(table).map(|c| c.files()),
+        #[cfg(feature = "kerberos")]
+        ("node_attestor", "kerberos") => parse::<KerberosAgentConfig>(table).map(|c| c.files()),
+        ("node_attestor", "sshpop") => parse::<SshAgentConfig>(table).map(|c| c.files()),
+        _ => Ok(Vec::new()),
+    };
+    files.unwrap_or_default()
+}
+
+/// Checks the files the key manager's and the node attestor's settings name (host keys
+/// and certificates, keytabs, key directories, a TPM device), each as its plugin will use
+/// it, relative paths under `data_dir` where the plugin puts them there: one problem per
+/// file, naming the plugin, the setting and the path
+/// ([`carapace_common::check_named_file`]). Reads no secret, opens no device and contacts
+/// nothing. `at_start_only` leaves out the files a plugin reads only when first used
+/// (the keytab, read at each attestation; the TPM device). On settings
+/// [`check_plugins`] accepted.
+pub fn check_files(
+    key_manager: &(String, toml::Table),
+    node_attestor: &(String, toml::Table),
+    data_dir: &Path,
+    at_start_only: bool,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (kind, (name, table)) in [
+        ("key_manager", key_manager),
+        ("node_attestor", node_attestor),
+    ] {
+        let named: Vec<NamedFile> = files(kind, name, table, data_dir)
+            .into_iter()
+            .filter(|f| f.at_start || !at_start_only)
+            .collect();
+        problems.extend(carapace_common::check_named_files(
+            &format!("{kind}.{name}"),
+            &named,
+        ));
+    }
+    problems
 }
 
 /// A `tpm` key manager and a `tpm` node attestor must use the same TPM.
@@ -440,6 +491,63 @@ mod tests {
         let mut p = Vec::new();
         check_plugins(&[("tpm".to_owned(), t("dir = \"x\""))], &na, &wa, &mut p);
         assert!(p.iter().any(|e| e.starts_with("key_manager.tpm:")), "{p:?}");
+    }
+
+    /// The files read at start are checked before `run` starts anything; those read only
+    /// at first use (a `device:` TPM, the keytab) only by `validate`.
+    #[cfg(all(feature = "tpm", feature = "kerberos"))]
+    #[test]
+    fn files_read_at_first_use_are_left_to_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = dir.path().join("tpmrm0");
+        let keytab = dir.path().join("krb5.keytab");
+        let tpm = (
+            "tpm".to_owned(),
+            t(&format!("tcti = \"device:{}\"", device.display())),
+        );
+        let kerberos = (
+            "kerberos".to_owned(),
+            t(&format!(
+                "service_principal = \"carapace/s.lab.test@LAB.TEST\"\nkeytab = {keytab:?}"
+            )),
+        );
+        let disk = ("disk".to_owned(), toml::Table::new());
+        for (key_manager, node_attestor, later) in [
+            (
+                &disk,
+                &tpm,
+                format!(
+                    "node_attestor.tpm: tcti {} does not exist",
+                    device.display()
+                ),
+            ),
+            (
+                &disk,
+                &kerberos,
+                format!(
+                    "node_attestor.kerberos: keytab {} does not exist",
+                    keytab.display()
+                ),
+            ),
+            (
+                &tpm,
+                &kerberos,
+                format!("key_manager.tpm: tcti {} does not exist", device.display()),
+            ),
+        ] {
+            assert_eq!(
+                check_files(key_manager, node_attestor, dir.path(), true),
+                Vec::<String>::new()
+            );
+            let all = check_files(key_manager, node_attestor, dir.path(), false);
+            assert_eq!(all.first(), Some(&later), "{all:?}");
+        }
+        // A TCTI that is not a device names no file.
+        let swtpm = (
+            "tpm".to_owned(),
+            t("tcti = \"swtpm:host=127.0.0.1,port=2321\""),
+        );
+        assert!(check_files(&disk, &swtpm, dir.path(), false).is_empty());
     }
 
     #[test]

@@ -194,11 +194,29 @@ impl Config {
             .map_err(|e| format!("trust bundle {}: {e}", path.display()))
     }
 
-    /// Problems with the files this configuration names, found by reading them (today the
-    /// trust bundle). `validate` reports them, and `run` refuses to start with any, before
-    /// it binds the Workload API socket or contacts the server.
+    /// Problems with the files this configuration names that are read at start: the
+    /// trust bundle (read) and the plugins' files ([`crate::catalog::check_files`]).
+    /// `validate` reports them, and `run` refuses to start with any, before it binds the
+    /// Workload API socket or contacts the server.
     pub fn check_files(&self) -> Vec<String> {
-        self.read_trust_bundle().err().into_iter().collect()
+        self.check_named_files(true)
+    }
+
+    /// [`Self::check_files`] and the files plugins read only when first used (the
+    /// keytab, read at each attestation; a TPM device): what `validate` reports.
+    pub fn check_all_files(&self) -> Vec<String> {
+        self.check_named_files(false)
+    }
+
+    fn check_named_files(&self, at_start_only: bool) -> Vec<String> {
+        let mut problems: Vec<String> = self.read_trust_bundle().err().into_iter().collect();
+        problems.extend(crate::catalog::check_files(
+            &self.key_manager,
+            &self.node_attestor,
+            &self.data_dir,
+            at_start_only,
+        ));
+        problems
     }
 }
 

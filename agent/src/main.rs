@@ -38,7 +38,8 @@ enum Command {
         command: ApiCommand,
     },
     /// Check a configuration without starting anything: every problem of the file, its
-    /// plugins and the files it names (the trust bundle), one per line; exit 64 if any.
+    /// plugins and the files they name (the trust bundle, host keys, keytabs, ...), one
+    /// per line; exit 64 if any.
     Validate {
         /// TOML config file.
         #[arg(long, short = 'c')]
@@ -204,7 +205,7 @@ async fn async_main() -> ExitCode {
         }
         Command::Validate { config } => {
             let problems = match config::load(Some(&config), Overrides::default()) {
-                Ok(cfg) => cfg.check_files(),
+                Ok(cfg) => cfg.check_all_files(),
                 Err(problems) => problems,
             };
             if problems.is_empty() {

@@ -294,3 +294,158 @@ fn validate_reports_every_problem_including_the_files_named_and_starts_nothing()
     assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
     assert!(!data.exists() && !sock_dir.exists());
 }
+
+/// Sets `path`'s mode.
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn validate_and_run_check_the_files_the_plugins_name_each_with_its_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let d = |p: &std::path::Path| p.display().to_string();
+    let (data, sock_dir) = (p("data"), p("sock"));
+    let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
+    let bundle = p("bundle.pem");
+    std::fs::write(&bundle, ca.cert.pem()).unwrap();
+    let ssh = hsm_sim::ssh::provision_lab_host(&p("ssh"), "lab.test").unwrap();
+    let keys = p("keys");
+    let write_config = |name: &str, plugins: &str| {
+        let path = p(name);
+        std::fs::write(
+            &path,
+            format!(
+                "data_dir = {data:?}\nsocket_path = {:?}\ntrust_bundle_path = {bundle:?}\n{plugins}",
+                sock_dir.join("api.sock")
+            ),
+        )
+        .unwrap();
+        path
+    };
+    // A host key left 0644, a directory where the certificate goes, a key directory
+    // others can read.
+    chmod(&ssh.host_key, 0o644);
+    let cert_dir = p("certs");
+    std::fs::create_dir(&cert_dir).unwrap();
+    std::fs::create_dir(&keys).unwrap();
+    chmod(&keys, 0o755);
+    let sshpop = write_config(
+        "sshpop.toml",
+        &format!(
+            "[key_manager.disk]\ndirectory = {keys:?}\n[node_attestor.sshpop]\nhost_key_path = {:?}\nhost_cert_path = {cert_dir:?}\n",
+            ssh.host_key
+        ),
+    );
+    let expected = [
+        format!(
+            "key_manager.disk: directory {} has mode 755: it must not be accessible to group or others (chmod 700 {})",
+            d(&keys),
+            d(&keys)
+        ),
+        format!(
+            "node_attestor.sshpop: host_key_path {} has mode 644: it must not be accessible to group or others (chmod 600 {})",
+            d(&ssh.host_key),
+            d(&ssh.host_key)
+        ),
+        format!(
+            "node_attestor.sshpop: host_cert_path {} is a directory; give a regular file",
+            d(&cert_dir)
+        ),
+    ];
+    let out = agent()
+        .args(["validate", "--config"])
+        .arg(&sshpop)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().collect::<Vec<_>>(), expected, "{text}");
+    // `run` refuses the same files (all read at start) before it creates, binds or
+    // contacts anything.
+    let out = output_within_20s({
+        let mut c = agent();
+        c.args(["run", "--server-address", "127.0.0.1:1", "--config"])
+            .arg(&sshpop);
+        c
+    });
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for line in &expected {
+        assert!(err.contains(line.as_str()), "{line:?} missing from:\n{err}");
+    }
+    assert!(!data.exists() && !sock_dir.exists());
+
+    // The TPM device and the keytab are opened only at their first use, but validate
+    // reports them too.
+    let tpm_device = p("tpmrm0");
+    let keytab = p("krb5.keytab");
+    let tpm_kerberos = |tcti: &str| {
+        write_config(
+            "kerberos.toml",
+            &format!(
+                "[key_manager.tpm]\ntcti = \"{tcti}\"\ndirectory = \"keys-tpm\"\n\
+                 [node_attestor.kerberos]\nservice_principal = \"carapace/server.lab.test@LAB.TEST\"\nkeytab = {keytab:?}\n",
+            ),
+        )
+    };
+    let kerberos = tpm_kerberos(&format!("device:{}", d(&tpm_device)));
+    let out = agent()
+        .args(["validate", "--config"])
+        .arg(&kerberos)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            format!("key_manager.tpm: tcti {} does not exist", d(&tpm_device)),
+            format!(
+                "node_attestor.kerberos: keytab {} does not exist",
+                d(&keytab)
+            ),
+        ],
+        "{text}"
+    );
+    std::fs::write(&keytab, b"\x05\x02").unwrap();
+    chmod(&keytab, 0o640);
+    let out = agent()
+        .args(["validate", "--config"])
+        .arg(&kerberos)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "node_attestor.kerberos: keytab {} has mode 640",
+            d(&keytab)
+        )),
+        "{text}"
+    );
+
+    // Fixed, both validate.
+    chmod(&ssh.host_key, 0o600);
+    std::fs::remove_dir(&cert_dir).unwrap();
+    std::fs::copy(&ssh.host_cert, &cert_dir).unwrap();
+    chmod(&keys, 0o700);
+    chmod(&keytab, 0o600);
+    for config in [
+        sshpop,
+        tpm_kerberos("device:/dev/null"),
+        tpm_kerberos("swtpm:host=127.0.0.1,port=2321"),
+    ] {
+        let out = agent()
+            .args(["validate", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{}: ok\n", d(&config))
+        );
+        assert_eq!(out.status.code(), Some(0));
+    }
+    assert!(!data.exists() && !sock_dir.exists());
+}

@@ -41,6 +41,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use carapace_core::clock::Clock;
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationStep, NodeAttestor, NodeAttestorClient,
     NodeStateStore, PluginContext,
@@ -129,6 +130,22 @@ pub struct AwsServerConfig {
 }
 
 impl AwsServerConfig {
+    /// The files these settings name, for `validate`: each region's certificate,
+    /// resolved against `data_dir` as [`AwsIidAttestor::new`] does.
+    pub fn files(&self, data_dir: &Path) -> Vec<NamedFile> {
+        self.region_certificates
+            .iter()
+            .filter(|(_, path)| !path.as_os_str().is_empty())
+            .map(|(region, path)| {
+                NamedFile::new(
+                    format!("region_certificates.{region}"),
+                    data_dir.join(path),
+                    FileUse::Read,
+                )
+            })
+            .collect()
+    }
+
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();

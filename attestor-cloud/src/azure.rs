@@ -81,6 +81,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use carapace_core::clock::Clock;
+use carapace_core::files::NamedFile;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationStep, NodeAttestor, NodeAttestorClient,
     NodeStateStore, PluginContext,
@@ -182,6 +183,16 @@ pub struct AzureServerConfig {
 }
 
 impl AzureServerConfig {
+    /// The files these settings name, for `validate`: each tenant's `keys_path`, or with
+    /// `keys_url` its `keys_ca_file`, resolved against `data_dir` as
+    /// [`AzureMsiAttestor::new`] does.
+    pub fn files(&self, data_dir: &std::path::Path) -> Vec<NamedFile> {
+        self.tenants
+            .iter()
+            .flat_map(|(tid, t)| t.key_settings(&format!("tenants.{tid}.")).files(data_dir))
+            .collect()
+    }
+
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();

@@ -71,6 +71,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use carapace_core::clock::Clock;
+use carapace_core::files::NamedFile;
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationStep, NodeAttestor, NodeAttestorClient,
     NodeStateStore, PluginContext,
@@ -141,6 +142,12 @@ pub struct GcpServerConfig {
 }
 
 impl GcpServerConfig {
+    /// The files these settings name, for `validate`: `keys_path`, or with `keys_url`
+    /// its `keys_ca_file`, resolved against `data_dir` as [`GcpIitAttestor::new`] does.
+    pub fn files(&self, data_dir: &std::path::Path) -> Vec<NamedFile> {
+        self.key_settings().files(data_dir)
+    }
+
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = self.key_settings().problems();

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use carapace_core::Error;
+use carapace_core::files::{FileUse, NamedFile};
 
 use crate::config_err;
 use crate::https::{self, HttpsClient, HttpsUrl};
@@ -134,6 +135,29 @@ impl KeySettings<'_> {
             }
         }
         problems
+    }
+
+    /// The files these settings name, for `validate`, resolved against `base_dir` as
+    /// [`Self::open`] does: `keys_path`, or with `keys_url` its `keys_ca_file`.
+    pub(crate) fn files(&self, base_dir: &Path) -> Vec<NamedFile> {
+        let p = self.prefix;
+        let non_empty = |f: &&Path| !f.as_os_str().is_empty();
+        match (self.keys_path, self.keys_url) {
+            (Some(path), _) => Some(path)
+                .filter(non_empty)
+                .map(|f| NamedFile::new(format!("{p}keys_path"), base_dir.join(f), FileUse::Read))
+                .into_iter()
+                .collect(),
+            (None, Some(_)) => self
+                .keys_ca_file
+                .filter(non_empty)
+                .map(|f| {
+                    NamedFile::new(format!("{p}keys_ca_file"), base_dir.join(f), FileUse::Read)
+                })
+                .into_iter()
+                .collect(),
+            (None, None) => Vec::new(),
+        }
     }
 
     /// Opens the key source of valid settings: loads the file, or reads the roots and

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use carapace_core::Error;
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 
 use crate::gss::{self, Context, Cred, GssError, Name, NameType, Usage};
@@ -45,6 +46,12 @@ impl KerberosAgentConfig {
         self.keytab
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_KEYTAB))
+    }
+
+    /// The files these settings name, for `validate`: the keytab (a secret, checked as
+    /// [`KerberosAttestorClient`] checks it at each attestation).
+    pub fn files(&self) -> Vec<NamedFile> {
+        vec![NamedFile::new("keytab", self.keytab(), FileUse::Secret).at_use()]
     }
 
     /// Every problem with the settings that can be found without reading files.

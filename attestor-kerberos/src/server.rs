@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use carapace_core::Error;
 use carapace_core::clock::Clock;
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
     PluginContext,
@@ -44,6 +45,12 @@ pub struct KerberosServerConfig {
 }
 
 impl KerberosServerConfig {
+    /// The files these settings name, for `validate`: the keytab (a secret, checked as
+    /// [`KerberosAttestor::new`] checks it). The replay cache is created when missing.
+    pub fn files(&self) -> Vec<NamedFile> {
+        vec![NamedFile::new("keytab", &self.keytab, FileUse::Secret)]
+    }
+
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();

@@ -16,6 +16,7 @@ use ssh_key::{Algorithm, Certificate, HashAlg, LineEnding, Mpint, PrivateKey, Si
 
 use carapace_core::Error;
 use carapace_core::clock::SystemClock;
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 
 use crate::wire::{self, Answer, Challenge, Payload};
@@ -66,6 +67,15 @@ impl SshAgentConfig {
             path.push("-cert.pub");
             PathBuf::from(path)
         })
+    }
+
+    /// The files these settings name, for `validate`: the host key (a secret, checked as
+    /// [`SshAttestorClient::new`] checks it) and the host certificate.
+    pub fn files(&self) -> Vec<NamedFile> {
+        vec![
+            NamedFile::new("host_key_path", &self.host_key_path, FileUse::Secret),
+            NamedFile::new("host_cert_path", self.host_cert_path(), FileUse::Read),
+        ]
     }
 
     /// Every problem with the settings that can be found without reading files.

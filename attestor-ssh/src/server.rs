@@ -10,6 +10,7 @@ use serde::Deserialize;
 use ssh_key::{Algorithm, Certificate, Fingerprint, HashAlg, PublicKey, SshSig};
 
 use carapace_core::clock::Clock;
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
     PluginContext, TLS_EXPORTER_LEN,
@@ -43,6 +44,16 @@ pub struct SshServerConfig {
 }
 
 impl SshServerConfig {
+    /// The files these settings name, for `validate`: `cert_authorities_path`, resolved
+    /// against `data_dir` as [`SshAttestor::new`] does.
+    pub fn files(&self, data_dir: &std::path::Path) -> Vec<NamedFile> {
+        self.cert_authorities_path
+            .iter()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(|p| NamedFile::new("cert_authorities_path", data_dir.join(p), FileUse::Read))
+            .collect()
+    }
+
     /// Every problem with the settings that can be found without reading files.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use serde::Deserialize;
 
 use carapace_core::Error;
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 
 use crate::device::{Ak, Ek, KeyBlob, Saved, TpmDevice};
@@ -32,6 +33,19 @@ impl TpmAgentConfig {
     pub fn tcti(&self) -> &str {
         self.tcti.as_deref().unwrap_or(DEFAULT_TCTI)
     }
+
+    /// The files these settings name, for `validate`: a `device:` TCTI's device, opened
+    /// at the first attestation.
+    pub fn files(&self) -> Vec<NamedFile> {
+        tcti_device(self.tcti()).into_iter().collect()
+    }
+}
+
+/// The device of a `device:<path>` TCTI (opened for reading and writing at its first
+/// use), as a file `validate` checks; `None` for other TCTIs (`swtpm:`, `mssim:`).
+pub fn tcti_device(tcti: &str) -> Option<NamedFile> {
+    let path = tcti.trim().strip_prefix("device:")?.trim();
+    (!path.is_empty()).then(|| NamedFile::new("tcti", path, FileUse::Device).at_use())
 }
 
 /// An attestation in progress: the EK and AK swapped out of the TPM (so they hold no

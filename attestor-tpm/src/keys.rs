@@ -34,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 use carapace_core::{Error, KeyType, SignatureAlgorithm};
 
@@ -79,6 +80,37 @@ impl TpmKeyManagerConfig {
             None => data_dir.join(DEFAULT_DIRECTORY),
         }
     }
+
+    /// The files these settings name, for `validate`: the key directory (created when
+    /// missing, refused when group or others have access), the key files
+    /// [`TpmKeyManager::open`] would load from it (refused when group or others have
+    /// access) and a `device:` TCTI's device (opened at the first key).
+    pub fn files(&self, data_dir: &Path) -> Vec<NamedFile> {
+        let dir = self.directory_in(data_dir);
+        let mut files = vec![NamedFile::new("directory", &dir, FileUse::PrivateDir)];
+        if let Ok(entries) = fs::read_dir(&dir) {
+            let mut keys: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| key_id_of(p).is_some())
+                .collect();
+            keys.sort();
+            files.extend(
+                keys.into_iter()
+                    .map(|p| NamedFile::new("directory", p, FileUse::Secret)),
+            );
+        }
+        files.extend(crate::agent::tcti_device(self.tcti()));
+        files
+    }
+}
+
+/// The key id of a key file's path (`<id>.tpmkey` with a valid id), or `None` for any
+/// other file, which [`TpmKeyManager::open`] skips.
+fn key_id_of(path: &Path) -> Option<&str> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(&format!(".{KEY_FILE_EXTENSION}")))
+        .filter(|id| validate_key_id(id).is_ok())
 }
 
 /// A key file's contents.
@@ -184,16 +216,9 @@ impl TpmKeyManager {
         for entry in entries {
             let entry = entry.map_err(|e| backend(format!("{}: {e}", dir.display())))?;
             let path = entry.path();
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(&format!(".{KEY_FILE_EXTENSION}")))
-            else {
+            let Some(id) = key_id_of(&path) else {
                 continue;
             };
-            if validate_key_id(id).is_err() {
-                continue;
-            }
             check_private(&path, "key file")?;
             let blob = read_key_file(&path)?;
             let key = TpmKey::new(id, blob, tpm.clone())?;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use carapace_core::clock::Clock;
+use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{
     AttestationContext, AttestationResult, AttestationSession, AttestationStep, NodeAttestor,
     PluginContext,
@@ -61,6 +62,15 @@ pub struct TpmServerConfig {
 }
 
 impl TpmServerConfig {
+    /// The files these settings name, for `validate`: each of `ek_ca_files`, resolved
+    /// against `data_dir` as [`TpmAttestor::new`] does.
+    pub fn files(&self, data_dir: &std::path::Path) -> Vec<NamedFile> {
+        self.ek_ca_files
+            .iter()
+            .map(|f| NamedFile::new("ek_ca_files", data_dir.join(f), FileUse::Read))
+            .collect()
+    }
+
     /// Every problem of these settings (without reading files).
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();

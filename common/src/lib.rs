@@ -139,9 +139,83 @@ fn file_kind(t: std::fs::FileType) -> &'static str {
         "a block device"
     } else if t.is_socket() {
         "a socket"
+    } else if t.is_file() {
+        "a regular file"
     } else {
         "not a regular file"
     }
+}
+
+/// Checks a file a plugin setting names the way the plugin will use it, without opening
+/// it (so `validate` reads no secret, opens no device and never blocks on a FIFO): it
+/// exists, it is what the plugin needs (a regular file, a directory, a character device),
+/// a secret's or a private directory's mode gives group and others nothing
+/// ([`carapace_core::files::check_private`], the rule the plugins apply), and this user
+/// (the effective uid, as the plugin will run) may read it, or read and write a device or
+/// directory. A [`FileUse::PrivateDir`] may be missing: the plugin creates it. Messages
+/// start with the setting and the path.
+///
+/// [`FileUse::PrivateDir`]: carapace_core::files::FileUse::PrivateDir
+pub fn check_named_file(f: &carapace_core::files::NamedFile) -> Result<(), String> {
+    use carapace_core::files::FileUse;
+    use rustix::fs::{Access, AtFlags};
+    use std::os::unix::fs::FileTypeExt as _;
+    let (setting, path) = (f.setting.as_str(), f.path.as_path());
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match f.usage {
+                FileUse::PrivateDir => Ok(()),
+                _ => Err(format!("{setting} {shown} does not exist")),
+            };
+        }
+        Err(e) => return Err(format!("{setting} {shown} cannot be examined: {e}")),
+    };
+    let kind = meta.file_type();
+    let (fits, wanted, access, how) = match f.usage {
+        FileUse::Read | FileUse::Secret => {
+            (kind.is_file(), "a regular file", Access::READ_OK, "read")
+        }
+        FileUse::PrivateDir => (
+            kind.is_dir(),
+            "a directory",
+            Access::READ_OK | Access::WRITE_OK | Access::EXEC_OK,
+            "read and written",
+        ),
+        FileUse::Device => (
+            kind.is_char_device(),
+            "a character device",
+            Access::READ_OK | Access::WRITE_OK,
+            "read and written",
+        ),
+    };
+    if !fits {
+        return Err(format!(
+            "{setting} {shown} is {}; give {wanted}",
+            file_kind(kind)
+        ));
+    }
+    if matches!(f.usage, FileUse::Secret | FileUse::PrivateDir) {
+        carapace_core::files::check_private(setting, path, &meta)?;
+    }
+    rustix::fs::accessat(rustix::fs::CWD, path, access, AtFlags::EACCESS).map_err(|e| {
+        format!(
+            "{setting} {shown} cannot be {how} by this user (uid {}): {}",
+            euid(),
+            std::io::Error::from(e)
+        )
+    })
+}
+
+/// [`check_named_file`] for each of `files`, every problem prefixed with `plugin`
+/// (`node_attestor.tpm: ek_ca_files /etc/ek/ca.pem does not exist`).
+pub fn check_named_files(plugin: &str, files: &[carapace_core::files::NamedFile]) -> Vec<String> {
+    files
+        .iter()
+        .filter_map(|f| check_named_file(f).err())
+        .map(|e| format!("{plugin}: {e}"))
+        .collect()
 }
 
 /// Reads a file an operator gave (a config file, a PEM bundle) as UTF-8 text: only a
@@ -513,6 +587,118 @@ mod tests {
             read_operator_file(&bad, "config file", 100)
                 .unwrap_err()
                 .contains("UTF-8")
+        );
+    }
+
+    #[test]
+    fn named_files_are_checked_as_their_plugin_uses_them_without_being_opened() {
+        use carapace_core::files::{FileUse, NamedFile};
+        use std::path::PathBuf;
+        let t = tempfile::tempdir().unwrap();
+        let check = |usage, path: &Path| check_named_file(&NamedFile::new("setting", path, usage));
+        let file = t.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let missing = t.path().join("missing");
+        let fifo = t.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let started = std::time::Instant::now();
+        let shown = |p: &Path| p.display().to_string();
+        for (usage, path, expected) in [
+            (FileUse::Read, file.clone(), None),
+            (
+                FileUse::Read,
+                missing.clone(),
+                Some(format!("setting {} does not exist", shown(&missing))),
+            ),
+            (
+                FileUse::Read,
+                t.path().to_path_buf(),
+                Some(format!(
+                    "setting {} is a directory; give a regular file",
+                    shown(t.path())
+                )),
+            ),
+            (
+                FileUse::Read,
+                fifo.clone(),
+                Some(format!(
+                    "setting {} is a FIFO; give a regular file",
+                    shown(&fifo)
+                )),
+            ),
+            (
+                FileUse::Secret,
+                file.clone(),
+                Some(format!(
+                    "setting {} has mode 644: it must not be accessible to group or others \
+                     (chmod 600 {})",
+                    shown(&file),
+                    shown(&file)
+                )),
+            ),
+            (FileUse::PrivateDir, missing.clone(), None),
+            (
+                FileUse::PrivateDir,
+                file.clone(),
+                Some(format!(
+                    "setting {} is a regular file; give a directory",
+                    shown(&file)
+                )),
+            ),
+            (FileUse::Device, PathBuf::from("/dev/null"), None),
+            (
+                FileUse::Device,
+                file.clone(),
+                Some(format!(
+                    "setting {} is a regular file; give a character device",
+                    shown(&file)
+                )),
+            ),
+            (
+                FileUse::Secret,
+                PathBuf::from("/dev/zero"),
+                Some("setting /dev/zero is a character device; give a regular file".into()),
+            ),
+        ] {
+            assert_eq!(
+                check(usage, &path).err(),
+                expected,
+                "{usage:?} {}",
+                path.display()
+            );
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(check(FileUse::Secret, &file), Ok(()));
+        let dir = t.path().join("keys");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = check(FileUse::PrivateDir, &dir).unwrap_err();
+        assert!(e.contains("has mode 755") && e.contains("chmod 700"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(check(FileUse::PrivateDir, &dir), Ok(()));
+        let problems = check_named_files(
+            "node_attestor.tpm",
+            &[
+                NamedFile::new("ek_ca_files", &file, FileUse::Read),
+                NamedFile::new("ek_ca_files", &missing, FileUse::Read),
+                NamedFile::new("ek_ca_files", t.path(), FileUse::Read),
+            ],
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!(
+                "node_attestor.tpm: ek_ca_files {} does not exist",
+                shown(&missing)
+            )),
+            "{problems:?}"
         );
     }
 

@@ -2,10 +2,66 @@
 //! hold them: group and others get no access at all. The callers read the metadata (this
 //! crate does no I/O); the rule and its message, which names the `chmod` to run, live
 //! here once.
+//!
+//! [`NamedFile`] is how a plugin's settings say which files they name and how the plugin
+//! uses each, so that `validate` (carapace-common's `check_named_file`) checks them the
+//! way the plugin will, without the plugin being built.
 
 use std::fs::Metadata;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// How a plugin uses a file one of its settings names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileUse {
+    /// A regular file it reads (certificates, a CA list, a PKCS#11 module).
+    Read,
+    /// A regular file holding a secret (a key, a PIN, a keytab): read, and refused when
+    /// group or others have any access ([`check_private`]).
+    Secret,
+    /// A directory it creates (mode 0700) when missing, refuses when group or others
+    /// have any access, and writes files into.
+    PrivateDir,
+    /// A character device it opens for reading and writing (a TPM).
+    Device,
+}
+
+/// A file a plugin setting names: the setting, the path as the plugin resolves it, and
+/// how the plugin uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    /// The setting as written in the plugin's table (`pin_file`, `ek_ca_files`,
+    /// `tenants.<id>.keys_path`).
+    pub setting: String,
+    /// The path the plugin will open (a relative setting resolved as the plugin does).
+    pub path: PathBuf,
+    /// What the plugin does with it.
+    pub usage: FileUse,
+    /// `true` when the plugin reads it as the process starts; `false` when only at its
+    /// first use (the agent's keytab is read at each attestation, so a host may join its
+    /// realm after the agent started).
+    pub at_start: bool,
+}
+
+impl NamedFile {
+    /// A file read at start.
+    pub fn new(setting: impl Into<String>, path: impl Into<PathBuf>, usage: FileUse) -> Self {
+        NamedFile {
+            setting: setting.into(),
+            path: path.into(),
+            usage,
+            at_start: true,
+        }
+    }
+
+    /// The same file, read only at its first use.
+    pub fn at_use(self) -> Self {
+        NamedFile {
+            at_start: false,
+            ..self
+        }
+    }
+}
 
 /// Refuses `path` (its metadata `meta`) when group or others have any permission on it;
 /// `what` names it in the message (`"key file"`, `"host_key_path"`).

@@ -8,6 +8,7 @@ use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
 use carapace_core::Error;
+use carapace_core::files::{FileUse, NamedFile};
 
 /// Default prefix of the `CKA_LABEL` of every object the key manager creates.
 pub const DEFAULT_KEY_LABEL_PREFIX: &str = "carapace-";
@@ -173,6 +174,21 @@ impl Pkcs11Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// The files these settings name, for `validate`: the module (loaded when the key
+    /// manager opens) and the PIN file (a secret: [`read_pin`] refuses one group or others
+    /// can access). Paths as written; the caller resolves them as it does before
+    /// [`crate::Pkcs11KeyManager::open`].
+    pub fn files(&self) -> Vec<NamedFile> {
+        let mut files = Vec::new();
+        if !self.module.as_os_str().is_empty() {
+            files.push(NamedFile::new("module", &self.module, FileUse::Read));
+        }
+        if let Some(pin) = self.pin_file.as_ref().filter(|p| !p.as_os_str().is_empty()) {
+            files.push(NamedFile::new("pin_file", pin, FileUse::Secret));
+        }
+        files
     }
 
     pub(crate) fn selector(&self) -> Result<TokenSelector, Error> {

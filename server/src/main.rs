@@ -52,7 +52,9 @@ enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         health_address: Option<String>,
     },
-    /// Check a config file and list every problem in it.
+    /// Check a config file without starting anything: every problem of the file, its
+    /// plugins and the files they name (PIN files, keytabs, EK CA files, ...), one per
+    /// line; exit 64 if any.
     Validate {
         /// TOML config file.
         #[arg(long, short = 'c')]
@@ -205,19 +207,26 @@ async fn async_main() -> ExitCode {
                 }
             }
         }
-        Command::Validate { config } => match config::load(Some(&config), Overrides::default()) {
-            Ok(_) => {
+        Command::Validate { config } => {
+            let problems = match config::load(Some(&config), Overrides::default()) {
+                Ok(cfg) => carapace_server::catalog::check_files(
+                    &cfg.key_manager,
+                    &cfg.node_attestors,
+                    cfg.upstream_authority.as_ref(),
+                    &cfg.data_dir,
+                ),
+                Err(problems) => problems,
+            };
+            if problems.is_empty() {
                 println!("{}: ok", config.display());
-                ExitCode::SUCCESS
+                return ExitCode::SUCCESS;
             }
-            Err(problems) => {
-                for p in &problems {
-                    println!("{p}");
-                }
-                eprintln!("{}: {} problem(s)", config.display(), problems.len());
-                ExitCode::from(EXIT_USAGE)
+            for p in &problems {
+                println!("{p}");
             }
-        },
+            eprintln!("{}: {} problem(s)", config.display(), problems.len());
+            ExitCode::from(EXIT_USAGE)
+        }
         Command::Upstream(cmd) => {
             carapace_common::init_tracing("warn", false);
             match upstream(cmd).await {

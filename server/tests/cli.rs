@@ -361,3 +361,186 @@ fn upstream_init_refuses_a_root_ttl_past_the_limit() {
     );
     assert!(!dir.path().join("data").exists());
 }
+
+/// Sets `path`'s mode.
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn validate_checks_every_file_the_plugins_name_and_reports_each_with_its_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let data = p("data");
+    let module = p("libvendorpkcs11.so");
+    let pin = p("hsm.pin");
+    let ek_ca = p("ek-ca");
+    let keytab = p("carapace.keytab");
+    let ssh_cas = p("ssh-cas");
+    let root_cert = p("root.pem");
+    let root_key = p("root.key");
+    // What an operator gets wrong: a module path with a typo, a PIN file left 0644, a
+    // directory where a PEM file goes, a keytab not copied yet, a FIFO (which must not
+    // hang validate), a root certificate not made yet and a root key left 0644.
+    std::fs::write(&pin, "1234\n").unwrap();
+    chmod(&pin, 0o644);
+    std::fs::create_dir(&ek_ca).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&ssh_cas)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::write(&root_key, "not read by validate").unwrap();
+    chmod(&root_key, 0o644);
+    let config = p("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"data_dir = {data:?}
+[key_manager.pkcs11]
+module = {module:?}
+token_label = "carapace-ca"
+pin_file = {pin:?}
+[node_attestor.tpm]
+ek_ca_files = [{ek_ca:?}]
+[node_attestor.kerberos]
+keytab = {keytab:?}
+service_principal = "carapace/server.lab.test@LAB.TEST"
+allowed_realms = ["LAB.TEST"]
+[node_attestor.sshpop]
+cert_authorities_path = {ssh_cas:?}
+[upstream_authority.disk]
+cert_file = {root_cert:?}
+key_file = {root_key:?}
+"#
+        ),
+    )
+    .unwrap();
+    let mut cmd = server();
+    cmd.args(["validate", "--config"]).arg(&config);
+    let out = output_within_20s(cmd);
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let d = |p: &std::path::Path| p.display().to_string();
+    for line in [
+        format!("key_manager.pkcs11: module {} does not exist", d(&module)),
+        format!(
+            "key_manager.pkcs11: pin_file {} has mode 644: it must not be accessible to group or others (chmod 600 {})",
+            d(&pin),
+            d(&pin)
+        ),
+        format!(
+            "node_attestor.tpm: ek_ca_files {} is a directory; give a regular file",
+            d(&ek_ca)
+        ),
+        format!(
+            "node_attestor.kerberos: keytab {} does not exist",
+            d(&keytab)
+        ),
+        format!(
+            "node_attestor.sshpop: cert_authorities_path {} is a FIFO; give a regular file",
+            d(&ssh_cas)
+        ),
+        format!(
+            "upstream_authority.disk: cert_file {} does not exist",
+            d(&root_cert)
+        ),
+        format!(
+            "upstream_authority.disk: key_file {} has mode 644: it must not be accessible to group or others (chmod 600 {})",
+            d(&root_key),
+            d(&root_key)
+        ),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing from:\n{text}"
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("7 problem(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("1234"), "the PIN was read: {text}");
+    assert!(!data.exists(), "validate created the data dir");
+
+    // The same configuration once the files are right.
+    std::fs::write(&module, b"\x7fELF").unwrap();
+    chmod(&pin, 0o600);
+    std::fs::remove_dir(&ek_ca).unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["ek-ca".into()]).unwrap();
+    std::fs::write(&ek_ca, ca.cert.pem()).unwrap();
+    std::fs::write(&keytab, b"\x05\x02").unwrap();
+    chmod(&keytab, 0o600);
+    std::fs::remove_file(&ssh_cas).unwrap();
+    std::fs::write(&ssh_cas, "# no CA yet\n").unwrap();
+    std::fs::write(&root_cert, ca.cert.pem()).unwrap();
+    chmod(&root_key, 0o600);
+    let out = server()
+        .args(["validate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}: ok\n", d(&config))
+    );
+    assert!(!data.exists(), "validate created the data dir");
+}
+
+#[test]
+fn validate_refuses_a_pin_file_the_server_user_cannot_read() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    chmod(dir.path(), 0o755);
+    let module = dir.path().join("module.so");
+    std::fs::write(&module, b"\x7fELF").unwrap();
+    let pin = dir.path().join("hsm.pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    chmod(&pin, 0o600);
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[key_manager.pkcs11]\nmodule = {module:?}\ntoken_label = \"ca\"\npin_file = {pin:?}\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    chmod(&config, 0o644);
+    let mut cmd = server();
+    cmd.args(["validate", "--config"]).arg(&config);
+    // The PIN file belongs to whoever runs the test, mode 0600; the server runs as
+    // another user (as root, `nobody`), or, not being root, the owner's read bit is off.
+    let uid = if carapace_common::euid() == 0 {
+        cmd.uid(65534).gid(65534);
+        65534
+    } else {
+        chmod(&pin, 0o200);
+        carapace_common::euid()
+    };
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text,
+        format!(
+            "key_manager.pkcs11: pin_file {} cannot be read by this user (uid {uid}): Permission denied (os error 13)\n",
+            pin.display()
+        )
+    );
+}

@@ -1,5 +1,7 @@
+use std::path::Path;
 use std::sync::Arc;
 
+use carapace_core::files::NamedFile;
 use carapace_core::plugin::KeyManager;
 use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryConfig, MemoryKeyManager};
 
@@ -17,6 +19,21 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
         #[cfg(not(feature = "pkcs11"))]
         "pkcs11" => Err(super::not_built("key_manager", name, "pkcs11")),
         other => Err(unknown("key_manager", other, KNOWN)),
+    }
+}
+
+/// The files the key manager's settings name (none when they do not parse: that is
+/// [`check`]'s to report).
+pub(super) fn files(name: &str, table: &toml::Table, data_dir: &Path) -> Vec<NamedFile> {
+    match name {
+        "disk" => parse::<DiskConfig>(table)
+            .map(|c| c.files(data_dir))
+            .unwrap_or_default(),
+        #[cfg(feature = "pkcs11")]
+        "pkcs11" => super::pkcs11::parse_key_manager(table)
+            .map(|c| super::pkcs11::files(c, data_dir))
+            .unwrap_or_default(),
+        _ => Vec::new(),
     }
 }
 

@@ -1,3 +1,4 @@
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -10,6 +11,7 @@ use carapace_attestor_kerberos::server::{KerberosAttestor, KerberosServerConfig}
 use carapace_attestor_ssh::server::{SshAttestor, SshServerConfig};
 #[cfg(feature = "tpm")]
 use carapace_attestor_tpm::server::{TpmAttestor, TpmServerConfig};
+use carapace_core::files::NamedFile;
 use carapace_core::plugin::{NodeAttestor, NodeStateStore};
 
 use super::{PluginContext, parse, unknown};
@@ -50,6 +52,23 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
         "azure_msi" => check(table, AzureServerConfig::validate),
         other => Err(unknown("node_attestor", other, KNOWN)),
     }
+}
+
+/// The files a node attestor's settings name (none when they do not parse: that is
+/// [`check`]'s to report).
+pub(super) fn files(name: &str, table: &toml::Table, data_dir: &Path) -> Vec<NamedFile> {
+    let files = match name {
+        #[cfg(feature = "tpm")]
+        "tpm" => parse::<TpmServerConfig>(table).map(|c| c.files(data_dir)),
+        #[cfg(feature = "kerberos")]
+        "kerberos" => parse::<KerberosServerConfig>(table).map(|c| c.files()),
+        "sshpop" => parse::<SshServerConfig>(table).map(|c| c.files(data_dir)),
+        "aws_iid" => parse::<AwsServerConfig>(table).map(|c| c.files(data_dir)),
+        "gcp_iit" => parse::<GcpServerConfig>(table).map(|c| c.files(data_dir)),
+        "azure_msi" => parse::<AzureServerConfig>(table).map(|c| c.files(data_dir)),
+        _ => Ok(Vec::new()),
+    };
+    files.unwrap_or_default()
 }
 
 /// Builds a configured node attestor.

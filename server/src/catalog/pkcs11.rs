@@ -1,8 +1,10 @@
 //! The `pkcs11` plugins' shared parts: the key manager's and the upstream authority's
 //! settings and token access (carapace-keymanager-pkcs11 does the PKCS#11 work).
 
+use std::path::Path;
 use std::sync::Arc;
 
+use carapace_core::files::NamedFile;
 use carapace_core::plugin::{KeyManager, KeySigner};
 use carapace_keymanager_pkcs11::{Pkcs11Config, Pkcs11KeyManager};
 
@@ -65,11 +67,19 @@ pub(super) fn parse_upstream(
     Ok(Pkcs11UpstreamConfig { token, key_label })
 }
 
-fn resolve(mut cfg: Pkcs11Config, ctx: Option<&PluginContext>) -> Pkcs11Config {
-    if let (Some(ctx), Some(p)) = (ctx, cfg.pin_file.take()) {
-        cfg.pin_file = Some(ctx.data_dir.join(p));
+/// The settings as the token is opened with them: a relative `pin_file` is under the
+/// data dir.
+fn resolve(mut cfg: Pkcs11Config, data_dir: Option<&Path>) -> Pkcs11Config {
+    if let (Some(data_dir), Some(p)) = (data_dir, cfg.pin_file.take()) {
+        cfg.pin_file = Some(data_dir.join(p));
     }
     cfg
+}
+
+/// The files the token settings name (`module`, `pin_file`), resolved as [`open_token`]
+/// and [`open_key_manager`] resolve them.
+pub(super) fn files(cfg: Pkcs11Config, data_dir: &Path) -> Vec<NamedFile> {
+    resolve(cfg, Some(data_dir)).files()
 }
 
 /// Opens the key manager's token (blocking: module load, login).
@@ -77,7 +87,7 @@ pub(super) fn open_key_manager(
     cfg: Pkcs11Config,
     ctx: &PluginContext,
 ) -> Result<Arc<dyn KeyManager>> {
-    let cfg = resolve(cfg, Some(ctx));
+    let cfg = resolve(cfg, Some(&ctx.data_dir));
     Ok(Arc::new(Pkcs11KeyManager::open(&cfg).map_err(|e| {
         Error::Config(format!("key_manager.pkcs11: {e}"))
     })?))
@@ -88,7 +98,7 @@ pub(crate) async fn open_token(
     cfg: &Pkcs11UpstreamConfig,
     ctx: Option<&PluginContext>,
 ) -> Result<Arc<Pkcs11KeyManager>> {
-    let token = resolve(cfg.token.clone(), ctx);
+    let token = resolve(cfg.token.clone(), ctx.map(|c| c.data_dir.as_path()));
     tokio::task::spawn_blocking(move || Pkcs11KeyManager::open(&token))
         .await
         .map_err(|e| Error::Config(format!("upstream_authority.pkcs11: {e}")))?

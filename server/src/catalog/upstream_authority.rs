@@ -1,8 +1,10 @@
 //! Upstream authorities: `disk` (root key and certificate in PEM files) and `pkcs11` (root
 //! key and certificate in an HSM token).
 
+use std::path::Path;
 use std::sync::Arc;
 
+use carapace_core::files::{FileUse, NamedFile};
 #[cfg(feature = "pkcs11")]
 use carapace_core::plugin::KeyManager as _;
 use carapace_core::plugin::{KeySigner, UpstreamAuthority};
@@ -22,6 +24,29 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
         #[cfg(not(feature = "pkcs11"))]
         "pkcs11" => Err(pkcs11_not_built(name)),
         other => Err(unknown("upstream_authority", other, KNOWN)),
+    }
+}
+
+/// The files the upstream authority's settings name (none when they do not parse: that
+/// is [`check`]'s to report): `disk`'s root certificate and key (a secret), resolved
+/// against `data_dir` as [`build_upstream_authority`] does; `pkcs11`'s module and PIN
+/// file.
+pub(super) fn files(name: &str, table: &toml::Table, data_dir: &Path) -> Vec<NamedFile> {
+    match name {
+        "disk" => parse::<DiskUpstreamConfig>(table)
+            .map(|cfg| {
+                let (cert_file, key_file) = cfg.paths_in(data_dir);
+                vec![
+                    NamedFile::new("cert_file", cert_file, FileUse::Read),
+                    NamedFile::new("key_file", key_file, FileUse::Secret),
+                ]
+            })
+            .unwrap_or_default(),
+        #[cfg(feature = "pkcs11")]
+        "pkcs11" => super::pkcs11::parse_upstream(table)
+            .map(|cfg| super::pkcs11::files(cfg.token, data_dir))
+            .unwrap_or_default(),
+        _ => Vec::new(),
     }
 }
 
