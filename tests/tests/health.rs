@@ -377,3 +377,47 @@ async fn an_agent_that_has_not_attested_is_live_but_not_ready() {
     );
     assert!(agent.proc.try_wait().is_none(), "the agent keeps trying");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_banned_agent_turns_unready_and_says_why() {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start_with(
+        &lab,
+        &server,
+        "banned",
+        &["--health-address".as_ref(), addr.as_ref()],
+    );
+    let ready = |addr: String| async move { scrape(&format!("http://{addr}/ready")) };
+    eventually("the agent to be ready", || {
+        let r = ready(addr.clone());
+        async move { (r.await["status"] == 200).then_some(()) }
+    })
+    .await;
+    assert!(healthcheck_agent(&addr).status.success());
+
+    server.cli_ok(&["agent", "ban", "--spiffe-id", &agent.id]);
+    let unready = eventually("the banned agent to turn unready", || {
+        let r = ready(addr.clone());
+        async move {
+            let r = r.await;
+            (r["status"] == 503).then_some(r)
+        }
+    })
+    .await;
+    let body = unready["body"].as_str().unwrap();
+    assert!(
+        body.contains("agent identity lost: the server refused the agent"),
+        "{body}"
+    );
+    // Still live: the process answers, it just cannot do its job.
+    assert_eq!(scrape(&format!("http://{addr}/live"))["status"], 200);
+    let hc = healthcheck_agent(&addr);
+    assert_eq!(hc.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&hc.stderr).contains("agent identity lost"),
+        "{}",
+        String::from_utf8_lossy(&hc.stderr)
+    );
+}
