@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use carapace_core::files::{FileUse, NamedFile};
+use carapace_core::files::{NamedFile, key_directory_files, key_id_of_file};
 use carapace_core::plugin::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 use carapace_core::{Error, KeyType, SignatureAlgorithm};
 
@@ -86,19 +86,7 @@ impl TpmKeyManagerConfig {
     /// [`TpmKeyManager::open`] would load from it (refused when group or others have
     /// access) and a `device:` TCTI's device (opened at the first key).
     pub fn files(&self, data_dir: &Path) -> Vec<NamedFile> {
-        let dir = self.directory_in(data_dir);
-        let mut files = vec![NamedFile::new("directory", &dir, FileUse::PrivateDir)];
-        if let Ok(entries) = fs::read_dir(&dir) {
-            let mut keys: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| key_id_of(p).is_some())
-                .collect();
-            keys.sort();
-            files.extend(
-                keys.into_iter()
-                    .map(|p| NamedFile::new("directory", p, FileUse::Secret)),
-            );
-        }
+        let mut files = key_directory_files(&self.directory_in(data_dir), KEY_FILE_EXTENSION);
         files.extend(crate::agent::tcti_device(self.tcti()));
         files
     }
@@ -107,10 +95,7 @@ impl TpmKeyManagerConfig {
 /// The key id of a key file's path (`<id>.tpmkey` with a valid id), or `None` for any
 /// other file, which [`TpmKeyManager::open`] skips.
 fn key_id_of(path: &Path) -> Option<&str> {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(&format!(".{KEY_FILE_EXTENSION}")))
-        .filter(|id| validate_key_id(id).is_ok())
+    key_id_of_file(path, KEY_FILE_EXTENSION)
 }
 
 /// A key file's contents.

@@ -63,6 +63,36 @@ impl NamedFile {
     }
 }
 
+/// The key id of a key manager's key file `<id>.<extension>` when `<id>` is a valid key
+/// id, or `None` for any other file, which the key manager skips when it loads its
+/// directory.
+pub fn key_id_of_file<'a>(path: &'a Path, extension: &str) -> Option<&'a str> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(extension)?
+        .strip_suffix('.')
+        .filter(|id| crate::plugin::validate_key_id(id).is_ok())
+}
+
+/// A key manager's key directory as `validate` checks it (setting `directory`): the
+/// directory (private) and each key file in it the key manager would load (secret),
+/// sorted. A directory that cannot be listed yields only itself, whose check says why.
+pub fn key_directory_files(dir: &Path, extension: &str) -> Vec<NamedFile> {
+    let mut files = vec![NamedFile::new("directory", dir, FileUse::PrivateDir)];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut keys: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| key_id_of_file(p, extension).is_some())
+            .collect();
+        keys.sort();
+        files.extend(
+            keys.into_iter()
+                .map(|p| NamedFile::new("directory", p, FileUse::Secret)),
+        );
+    }
+    files
+}
+
 /// Refuses `path` (its metadata `meta`) when group or others have any permission on it;
 /// `what` names it in the message (`"key file"`, `"host_key_path"`).
 pub fn check_private(what: &str, path: &Path, meta: &Metadata) -> Result<(), String> {

@@ -9,7 +9,7 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use rustls_pki_types::pem::PemObject;
 use zeroize::Zeroizing;
 
-use carapace_core::files::{FileUse, NamedFile};
+use carapace_core::files::{NamedFile, key_directory_files, key_id_of_file};
 use carapace_core::plugin::{KeyInfo, KeyManager, KeySigner, validate_key_id};
 use carapace_core::{Error, KeyType};
 
@@ -37,30 +37,14 @@ impl DiskConfig {
     /// missing, refused when group or others have access) and the key files
     /// [`DiskKeyManager::open`] would load from it (secrets).
     pub fn files(&self, data_dir: &Path) -> Vec<NamedFile> {
-        let dir = self.directory_in(data_dir);
-        let mut files = vec![NamedFile::new("directory", &dir, FileUse::PrivateDir)];
-        if let Ok(entries) = fs::read_dir(&dir) {
-            let mut keys: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| key_id_of(p).is_some())
-                .collect();
-            keys.sort();
-            files.extend(
-                keys.into_iter()
-                    .map(|p| NamedFile::new("directory", p, FileUse::Secret)),
-            );
-        }
-        files
+        key_directory_files(&self.directory_in(data_dir), "key")
     }
 }
 
 /// The key id of a key file's path (`<id>.key` with a valid id), or `None` for any
 /// other file, which [`DiskKeyManager::open`] skips.
 fn key_id_of(path: &Path) -> Option<&str> {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_suffix(".key"))
-        .filter(|id| validate_key_id(id).is_ok())
+    key_id_of_file(path, "key")
 }
 
 /// Keys as PKCS#8 PEM files (`<id>.key`, mode 0600) in a directory (mode 0700).

@@ -332,6 +332,15 @@ struct State {
     retired: Vec<Retired>,
 }
 
+/// The active and prepared slots, the retired CAs and the journal, as an operator's step
+/// starts from them.
+type Snapshot = (
+    Option<Arc<CaSlot>>,
+    Option<Arc<CaSlot>>,
+    Vec<Retired>,
+    Journal,
+);
+
 /// CA settings.
 #[derive(Debug, Clone)]
 pub struct CaSettings {
@@ -782,6 +791,18 @@ impl CaManager {
         Ok(())
     }
 
+    /// A copy of the slots and the journal, for an operator's step to change and
+    /// [`Self::commit`] (taken with `rotate_lock` held).
+    fn snapshot(&self) -> Snapshot {
+        let s = read(&self.state);
+        (
+            s.active.clone(),
+            s.prepared.clone(),
+            s.retired.clone(),
+            s.journal.clone(),
+        )
+    }
+
     /// Every X.509 authority: the active one, the prepared one, then the old ones, newest
     /// first.
     pub fn authorities(&self) -> Vec<AuthorityInfo> {
@@ -802,15 +823,7 @@ impl CaManager {
     /// SPIRE does: having signed nothing, it leaves the bundle and its key is deleted.
     pub async fn prepare(&self, now: i64) -> Result<AuthorityInfo> {
         let _guard = self.rotate_lock.lock().await;
-        let (active, prepared, retired, mut journal) = {
-            let s = read(&self.state);
-            (
-                s.active.clone(),
-                s.prepared.clone(),
-                s.retired.clone(),
-                s.journal.clone(),
-            )
-        };
+        let (active, prepared, retired, mut journal) = self.snapshot();
         if active.is_none() {
             return Err(Error::FailedPrecondition(
                 "there is no active X.509 authority yet".into(),
@@ -846,15 +859,7 @@ impl CaManager {
             .map(normalize_authority_id)
             .transpose()?;
         let _guard = self.rotate_lock.lock().await;
-        let (active, prepared, mut retired, journal) = {
-            let s = read(&self.state);
-            (
-                s.active.clone(),
-                s.prepared.clone(),
-                s.retired.clone(),
-                s.journal.clone(),
-            )
-        };
+        let (active, prepared, mut retired, journal) = self.snapshot();
         let Some(p) = prepared else {
             return Err(Error::FailedPrecondition(
                 "no prepared X.509 authority: run `localauthority x509 prepare` first".into(),
@@ -923,15 +928,7 @@ impl CaManager {
     pub async fn taint(&self, id: &str) -> Result<AuthorityInfo> {
         let id = normalize_authority_id(id)?;
         let _guard = self.rotate_lock.lock().await;
-        let (active, prepared, mut retired, journal) = {
-            let s = read(&self.state);
-            (
-                s.active.clone(),
-                s.prepared.clone(),
-                s.retired.clone(),
-                s.journal.clone(),
-            )
-        };
+        let (active, prepared, mut retired, journal) = self.snapshot();
         let i = self.find_old("taint", &id, &retired)?;
         if retired[i].journal.tainted {
             return Err(Error::FailedPrecondition(format!(
@@ -955,15 +952,7 @@ impl CaManager {
     pub async fn revoke(&self, id: &str) -> Result<AuthorityInfo> {
         let id = normalize_authority_id(id)?;
         let _guard = self.rotate_lock.lock().await;
-        let (active, prepared, mut retired, journal) = {
-            let s = read(&self.state);
-            (
-                s.active.clone(),
-                s.prepared.clone(),
-                s.retired.clone(),
-                s.journal.clone(),
-            )
-        };
+        let (active, prepared, mut retired, journal) = self.snapshot();
         let i = self.find_old("revoke", &id, &retired)?;
         if !retired[i].journal.tainted {
             return Err(Error::FailedPrecondition(format!(
