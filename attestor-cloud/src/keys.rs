@@ -40,7 +40,7 @@ use carapace_core::files::{FileUse, NamedFile};
 
 use crate::config_err;
 use crate::https::{self, HttpsClient, HttpsUrl};
-use crate::jwt::{KeyFile, KeySet};
+use crate::jwt::{KeyFile, KeySet, KeySetFiles as _};
 
 /// The default `keys_refresh`.
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(3600);

@@ -9,6 +9,8 @@
 //! - [`limits`]: the bounds on every time and duration, and checked time arithmetic;
 //! - [`TrustBundle`]: X.509 authorities and JWT keys, in PEM and in SPIFFE bundle JSON
 //!   (a JWK Set with `spiffe_sequence`);
+//! - [`jose`]: JSON Web Tokens, signed through a key manager and verified under an
+//!   algorithm allowlist (JWT-SVIDs, the cloud attestors' tokens);
 //! - [`x509svid`]: validation of an X509-SVID chain per the X509-SVID standard;
 //! - the plugin traits in [`plugin`]: [`plugin::NodeAttestor`] (server half of node
 //!   attestation, an explicit challenge/response state machine),
@@ -28,6 +30,7 @@ pub mod crypto;
 pub mod entry;
 mod error;
 pub mod files;
+pub mod jose;
 pub mod limits;
 pub mod plugin;
 pub mod selector;
