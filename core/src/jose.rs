@@ -508,7 +508,8 @@ impl KeySet {
     /// keys that can verify one of `algorithms`: a key whose `kty` is not RSA or EC, or
     /// that cannot serve any of `algorithms` (an EC key when only RS256 is wanted, a P-521
     /// key), that is declared for another `use` than `sig` or `jwt-svid`, for an `alg`
-    /// outside `algorithms`, or with `key_ops` without `verify`, is skipped. A kept key
+    /// outside `algorithms` or one its type cannot serve, or with `key_ops` without
+    /// `verify`, is skipped. A kept key
     /// must have a non-empty `kid` unique in the set and valid components; errors name
     /// the key by index and kid. `x5c`/`x5t` are ignored (the key is its components). The
     /// result may be empty.
@@ -542,11 +543,10 @@ impl KeySet {
                 }
                 _ => false,
             };
+            let declared = member("alg")?.map(Algorithm::from_name);
             let usable = wanted_kty
                 && member("use")?.is_none_or(|u| u == "sig" || u == "jwt-svid")
-                && member("alg")?.is_none_or(|a| {
-                    Algorithm::from_name(a).is_some_and(|a| algorithms.contains(&a))
-                })
+                && declared.is_none_or(|a| a.is_some_and(|a| algorithms.contains(&a)))
                 && match jwk.get("key_ops") {
                     None => true,
                     Some(Value::Array(ops)) => ops.iter().any(|o| o == "verify"),
@@ -560,6 +560,12 @@ impl KeySet {
                 _ => return Err(format!("{what}: no \"kid\" (keys are chosen by kid)").into()),
             };
             let key = PublicKey::from_jwk(jwk).map_err(|e| format!("{what}: {e}"))?;
+            if let Some(Some(alg)) = declared
+                && !key.supports(alg)
+            {
+                // Declared for an algorithm its own type cannot serve: not usable.
+                continue;
+            }
             set.insert(kid, key).map_err(|e| format!("{what}: {e}"))?;
         }
         Ok(set)
@@ -1069,3 +1075,7 @@ pub fn sign(
         URL_SAFE_NO_PAD.encode(signature)
     ))
 }
+
+#[cfg(test)]
+#[path = "jose_tests.rs"]
+mod tests;

@@ -5,7 +5,8 @@
     reason = "integration tests"
 )]
 //! Property tests of core's parsers of peer bytes: SPIFFE IDs, trust domains, selectors,
-//! trust bundles (PEM and SPIFFE JSON), X509-SVIDs, and the attestation-message decode.
+//! trust bundles (PEM and SPIFFE JSON), X509-SVIDs, the attestation-message decode, and
+//! JWTs and JWKS (`jose`).
 //! Each parses arbitrary input and mutations of valid input without panicking and within
 //! the allocation bound; what is accepted re-encodes to itself where the format is
 //! canonical. `CARAPACE_FUZZ_CASES` raises the case count (see carapace-fuzzkit).
@@ -271,6 +272,122 @@ proptest! {
         }) {
             // Only an ID the bundle's trust domain owns is ever verified.
             prop_assert!(v.spiffe_id.is_member_of(&td()));
+        }
+    }
+}
+
+/// An ES256 token signed by a fixed P-256 key, the key set that verifies it, and a JWKS
+/// with keys of every type.
+struct Jose {
+    token: String,
+    keys: carapace_core::jose::KeySet,
+    jwks: String,
+    der_signature: Vec<u8>,
+}
+
+fn jose() -> &'static Jose {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use carapace_core::jose::{KeySet, PublicKey, ecdsa_der_to_fixed};
+    static J: OnceLock<Jose> = OnceLock::new();
+    J.get_or_init(|| {
+        let kp = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let key = |kp: &KeyPair| {
+            PublicKey::from_spki_der(&rcgen::PublicKeyData::subject_public_key_info(kp)).unwrap()
+        };
+        let mut keys = KeySet::new();
+        keys.insert("k1", key(&kp)).unwrap();
+        let input = format!(
+            "{}.{}",
+            B64.encode(br#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#),
+            B64.encode(format!(
+                r#"{{"sub":"spiffe://example.org/w","aud":["a","b"],"exp":{}}}"#,
+                NOW + 300
+            ))
+        );
+        let der = rcgen::SigningKey::sign(&kp, input.as_bytes()).unwrap();
+        let token = format!(
+            "{input}.{}",
+            B64.encode(ecdsa_der_to_fixed(&der, 32).unwrap())
+        );
+        let mut all = keys.clone();
+        all.insert("k2", key(&p384)).unwrap();
+        let jwks = all.to_jwks("jwt-svid").to_string();
+        Jose {
+            token,
+            keys,
+            jwks,
+            der_signature: der,
+        }
+    })
+}
+
+fn jose_policy() -> carapace_core::jose::Policy<'static> {
+    use carapace_core::jose::{Algorithm, Policy};
+    let mut p = Policy::new(
+        &Algorithm::ALL,
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(NOW),
+        std::time::Duration::from_secs(30),
+    );
+    p.audience = Some("a");
+    p
+}
+
+#[test]
+fn the_jose_seeds_are_valid() {
+    use carapace_core::jose::{Algorithm, KeySet, verify};
+    let j = jose();
+    verify(&j.token, &j.keys, &jose_policy()).unwrap();
+    assert_eq!(
+        KeySet::from_jwks_json(j.jwks.as_bytes(), &Algorithm::ALL)
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+proptest! {
+    #![proptest_config(config(1000))]
+
+    /// Tokens: never a panic, the allocation bound, and only the genuine token verifies.
+    #[test]
+    fn jwt_verify_never_panics_and_only_the_genuine_token_verifies(input in prop_oneof![
+        1 => "\\PC{0,200}",
+        8 => mutated_text(vec![jose().token.clone()]),
+    ]) {
+        use carapace_core::jose::{MAX_TOKEN_BYTES, unverified_claims, verify};
+        let j = jose();
+        let result = bounded("jose::verify", input.len(), || verify(&input, &j.keys, &jose_policy()));
+        bounded("jose::unverified_claims", input.len(), || unverified_claims(&input, MAX_TOKEN_BYTES)).ok();
+        if result.is_ok() {
+            prop_assert_eq!(&input, &j.token);
+        }
+    }
+
+    /// JWKS: never a panic, the allocation bound, and an accepted set re-serialises to a
+    /// JWKS that parses back to the same set.
+    #[test]
+    fn jwks_never_panic_and_round_trip(input in prop_oneof![
+        1 => "\\PC{0,200}",
+        8 => mutated_text(vec![jose().jwks.clone()]),
+    ]) {
+        use carapace_core::jose::{Algorithm, KeySet};
+        let parsed = bounded("jose::KeySet", input.len(), || KeySet::from_jwks_json(input.as_bytes(), &Algorithm::ALL));
+        if let Ok(set) = parsed {
+            let again = KeySet::from_jwks_json(set.to_jwks("sig").to_string().as_bytes(), &Algorithm::ALL).unwrap();
+            prop_assert_eq!(again, set);
+        }
+    }
+
+    /// DER ECDSA signatures from a key manager: never a panic; what converts is r||s.
+    #[test]
+    fn ecdsa_der_conversion_never_panics(input in prop_oneof![
+        1 => bytes(120),
+        8 => mutated(vec![jose().der_signature.clone()]),
+    ]) {
+        if let Ok(fixed) = bounded("ecdsa_der_to_fixed", input.len(), || carapace_core::jose::ecdsa_der_to_fixed(&input, 32)) {
+            prop_assert_eq!(fixed.len(), 64);
         }
     }
 }
