@@ -1,10 +1,13 @@
 //! RS256 JSON Web Tokens, verified against a configured key set: what `gcp_iit` (Google's
 //! instance identity token) and `azure_msi` (a managed identity's access token) share.
+//! Parsing, keys and verification are [`carapace_core::jose`]'s (the one JOSE path of
+//! Carapace); this module holds what is cloud-specific: the RS256-only policy, key files
+//! and Google's certificate map, the plugin payload and the settings checks.
 //!
 //! # What [`verify_rs256`] accepts
 //!
 //! A compact JWS (RFC 7515) of at most [`MAX_TOKEN_BYTES`]: exactly three unpadded
-//! base64url parts. Its header must say `alg` `RS256`, exactly: `none`, the HMAC family
+//! base64url parts, header and claims JSON objects without a repeated member. Its header must say `alg` `RS256`, exactly: `none`, the HMAC family
 //! (the classic confusion attack signs with the RSA public key as an HMAC secret), other
 //! RSA hashes, RSA-PSS and ECDSA are all refused by name, so the algorithm is our policy
 //! and never the token's choice. The header must name a `kid` that is in the configured
