@@ -302,9 +302,9 @@ impl PublicKey {
         })
     }
 
-    /// An EC key from its coordinates, each exactly the curve's length (RFC 7518 6.2.1.2).
-    /// Whether the point is on the curve is checked by ring at every verification (a
-    /// point that is not never verifies anything).
+    /// An EC key from its coordinates, each exactly the curve's length (RFC 7518 6.2.1.2),
+    /// naming a point on the curve (checked by ring's public-key validation, through an
+    /// ECDH agreement with a throwaway key: ring has no other public entry point for it).
     pub fn ec(curve: Curve, x: &[u8], y: &[u8]) -> Result<Self> {
         let len = curve.coordinate_len();
         if x.len() != len || y.len() != len {
@@ -323,6 +323,19 @@ impl PublicKey {
         point.push(4);
         point.extend_from_slice(x);
         point.extend_from_slice(y);
+        let ecdh = match curve {
+            Curve::P256 => &ring::agreement::ECDH_P256,
+            Curve::P384 => &ring::agreement::ECDH_P384,
+        };
+        let throwaway =
+            ring::agreement::EphemeralPrivateKey::generate(ecdh, &ring::rand::SystemRandom::new())
+                .map_err(|_| JoseError::from("no randomness to check the EC point with"))?;
+        ring::agreement::agree_ephemeral(
+            throwaway,
+            &ring::agreement::UnparsedPublicKey::new(ecdh, &point),
+            |_| (),
+        )
+        .map_err(|_| format!("the {} point is not on the curve", curve.name()))?;
         Ok(PublicKey::Ec { curve, point })
     }
 

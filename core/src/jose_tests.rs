@@ -543,11 +543,14 @@ fn keys_round_trip_through_jwk_and_jwks() {
 #[test]
 fn thumbprints_follow_rfc_7638() {
     // RFC 7638 3.1 hashes exactly the required members, sorted, without whitespace.
-    let key = PublicKey::ec(Curve::P256, &[1; 32], &[2; 32]).unwrap();
+    let key = key_of(p256());
+    let PublicKey::Ec { point, .. } = &key else {
+        unreachable!()
+    };
     let json = format!(
         "{{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"{}\",\"y\":\"{}\"}}",
-        b64(&[1; 32]),
-        b64(&[2; 32])
+        b64(&point[1..33]),
+        b64(&point[33..])
     );
     let want = b64(ring::digest::digest(&ring::digest::SHA256, json.as_bytes()).as_ref());
     assert_eq!(key.thumbprint(), want);
@@ -624,6 +627,24 @@ fn jwks_refuse_duplicates_and_skip_what_they_cannot_use() {
     }
     let zero = PublicKey::ec(Curve::P256, &[0; 32], &[0; 32]).unwrap_err();
     assert!(zero.message().contains("point is zero"));
+    let off = PublicKey::ec(Curve::P256, &[1; 32], &[2; 32]).unwrap_err();
+    assert!(
+        off.message().contains("P-256 point is not on the curve"),
+        "{off}"
+    );
+    let off = PublicKey::ec(Curve::P384, &[1; 48], &[2; 48]).unwrap_err();
+    assert!(
+        off.message().contains("P-384 point is not on the curve"),
+        "{off}"
+    );
+    // A real point with one coordinate changed is no longer on the curve.
+    let PublicKey::Ec { point, .. } = key_of(p256()) else {
+        unreachable!()
+    };
+    let mut y = point[33..].to_vec();
+    y[31] ^= 1;
+    assert!(PublicKey::ec(Curve::P256, &point[1..33], &y).is_err());
+    assert!(PublicKey::ec(Curve::P256, &point[1..33], &point[33..]).is_ok());
     assert!(KeySet::from_jwks_json(b"[]", ALL).is_err());
     assert!(
         KeySet::from_jwks_json(b"{", ALL)
