@@ -7,10 +7,10 @@
 //! # What [`verify_rs256`] accepts
 //!
 //! A compact JWS (RFC 7515) of at most [`MAX_TOKEN_BYTES`]: exactly three unpadded
-//! base64url parts, header and claims JSON objects without a repeated member. Its header must say `alg` `RS256`, exactly: `none`, the HMAC family
-//! (the classic confusion attack signs with the RSA public key as an HMAC secret), other
-//! RSA hashes, RSA-PSS and ECDSA are all refused by name, so the algorithm is our policy
-//! and never the token's choice. The header must name a `kid` that is in the configured
+//! base64url parts, header and claims JSON objects without a repeated member. Its header
+//! must say `alg` `RS256`, exactly: `none`, the HMAC family (the classic confusion attack
+//! signs with the RSA public key as an HMAC secret), other RSA hashes, RSA-PSS and ECDSA
+//! are all refused by name, so the algorithm is our policy and never the token's choice. The header must name a `kid` that is in the configured
 //! [`KeySet`]: the signature is checked with that one key (no trying every key), and header
 //! parameters that point elsewhere (`jku`, `jwk`, `x5u`, `x5c`) are never used. A `crit`
 //! header is refused (we implement no extension). The signature is RSASSA-PKCS1-v1_5 with
