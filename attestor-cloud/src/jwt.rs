@@ -402,9 +402,7 @@ mod tests {
     }
 
     /// The token's parts, as the verifier splits them.
-    fn split(
-        token: &str,
-    ) -> Result<carapace_core::jose::Parts<'_>, carapace_core::jose::JoseError> {
+    fn split(token: &str) -> Result<carapace_core::jose::Parts<'_>, carapace_core::Error> {
         carapace_core::jose::split(token, MAX_TOKEN_BYTES)
     }
 

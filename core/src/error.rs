@@ -98,6 +98,10 @@ pub enum Error {
     /// later may succeed.
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
+    /// A JWT or JWK refused by [`crate::jose`]; the message names what is wrong, never
+    /// the token.
+    #[error("{0}")]
+    InvalidToken(String),
     /// A plugin's configuration is not acceptable.
     #[error("plugin {plugin}: {reason}")]
     PluginConfig {
@@ -119,6 +123,7 @@ impl Error {
             | Error::InvalidBundle(_)
             | Error::InvalidSvid(_)
             | Error::UnsupportedAlgorithm { .. }
+            | Error::InvalidToken(_)
             | Error::PluginConfig { .. } => Blame::InvalidInput,
             Error::AttestationRejected(_) | Error::AttestationReplay(_) => Blame::PermissionDenied,
             Error::WorkloadAttestation(_) | Error::Unavailable(_) => Blame::Unavailable,

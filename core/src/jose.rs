@@ -19,7 +19,7 @@
 //! `aud` (a string or an array) must contain the policy's audience and `iss` must equal its
 //! issuer when those are set.
 //!
-//! Errors are [`JoseError`]s naming what is wrong; tokens are bearer secrets, so nothing
+//! Errors are [`Error::InvalidToken`]s naming what is wrong; tokens are bearer secrets, so nothing
 //! here puts a token in an error, and values from the token are quoted and cut
 //! ([`shown`]).
 //!
@@ -59,31 +59,13 @@ const JWK_B64: GeneralPurpose = GeneralPurpose::new(
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
-/// A refused token or key: the message names what is wrong (never the token).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct JoseError(String);
-
-impl JoseError {
-    /// The message.
-    pub fn message(&self) -> &str {
-        &self.0
-    }
+/// A refused token or key ([`Error::InvalidToken`]): the message names what is wrong
+/// (never the token).
+fn refused(reason: impl Into<String>) -> Error {
+    Error::InvalidToken(reason.into())
 }
 
-impl From<String> for JoseError {
-    fn from(s: String) -> Self {
-        JoseError(s)
-    }
-}
-
-impl From<&str> for JoseError {
-    fn from(s: &str) -> Self {
-        JoseError(s.to_owned())
-    }
-}
-
-type Result<T, E = JoseError> = std::result::Result<T, E>;
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `s` for an error message: quoted, escaped and cut to 128 characters (claims and
 /// header values come from the token's sender).
@@ -271,19 +253,17 @@ impl PublicKey {
         let e = strip_leading_zeros(e);
         let bits = bit_length(n);
         if bits < MIN_RSA_BITS {
-            return Err(format!(
+            return Err(refused(format!(
                 "the RSA modulus is {bits} bits; at least {MIN_RSA_BITS} are required"
-            )
-            .into());
+            )));
         }
         if bits > MAX_RSA_BITS {
-            return Err(format!(
+            return Err(refused(format!(
                 "the RSA modulus is {bits} bits; at most {MAX_RSA_BITS} are supported"
-            )
-            .into());
+            )));
         }
         if n.last().is_some_and(|b| b & 1 == 0) {
-            return Err("the RSA modulus is even".into());
+            return Err(refused("the RSA modulus is even"));
         }
         let e_value = if e.len() <= 5 {
             e.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b))
@@ -291,10 +271,9 @@ impl PublicKey {
             u64::MAX
         };
         if !(3..(1 << 33)).contains(&e_value) || e_value & 1 == 0 {
-            return Err(
-                "the RSA public exponent must be odd and between 3 and 2^33-1 (usually 65537)"
-                    .into(),
-            );
+            return Err(refused(
+                "the RSA public exponent must be odd and between 3 and 2^33-1 (usually 65537)",
+            ));
         }
         Ok(PublicKey::Rsa {
             n: n.to_vec(),
@@ -308,16 +287,15 @@ impl PublicKey {
     pub fn ec(curve: Curve, x: &[u8], y: &[u8]) -> Result<Self> {
         let len = curve.coordinate_len();
         if x.len() != len || y.len() != len {
-            return Err(format!(
+            return Err(refused(format!(
                 "the {} point's coordinates are {} and {} bytes; both must be {len}",
                 curve.name(),
                 x.len(),
                 y.len()
-            )
-            .into());
+            )));
         }
         if x.iter().chain(y).all(|&b| b == 0) {
-            return Err(format!("the {} point is zero", curve.name()).into());
+            return Err(refused(format!("the {} point is zero", curve.name())));
         }
         let mut point = Vec::with_capacity(1 + 2 * len);
         point.push(4);
@@ -329,13 +307,13 @@ impl PublicKey {
         };
         let throwaway =
             ring::agreement::EphemeralPrivateKey::generate(ecdh, &ring::rand::SystemRandom::new())
-                .map_err(|_| JoseError::from("no randomness to check the EC point with"))?;
+                .map_err(|_| refused("no randomness to check the EC point with"))?;
         ring::agreement::agree_ephemeral(
             throwaway,
             &ring::agreement::UnparsedPublicKey::new(ecdh, &point),
             |_| (),
         )
-        .map_err(|_| format!("the {} point is not on the curve", curve.name()))?;
+        .map_err(|_| refused(format!("the {} point is not on the curve", curve.name())))?;
         Ok(PublicKey::Ec { curve, point })
     }
 
@@ -345,27 +323,31 @@ impl PublicKey {
         let member = |name: &str| -> Result<&str> {
             match jwk.get(name) {
                 Some(Value::String(s)) => Ok(s),
-                Some(_) => Err(format!("{name:?} is not a string").into()),
-                None => Err(format!("no {name:?}").into()),
+                Some(_) => Err(refused(format!("{name:?} is not a string"))),
+                None => Err(refused(format!("no {name:?}"))),
             }
         };
         let component = |name: &str| -> Result<Vec<u8>> {
             JWK_B64
                 .decode(member(name)?)
-                .map_err(|e| format!("{name:?} is not base64url: {e}").into())
+                .map_err(|e| refused(format!("{name:?} is not base64url: {e}")))
         };
         match member("kty")? {
             "RSA" => PublicKey::rsa(&component("n")?, &component("e")?),
             "EC" => {
                 let crv = member("crv")?;
                 let curve = Curve::from_name(crv).ok_or_else(|| {
-                    format!("the curve {} is not supported (P-256, P-384)", shown(crv))
+                    refused(format!(
+                        "the curve {} is not supported (P-256, P-384)",
+                        shown(crv)
+                    ))
                 })?;
                 PublicKey::ec(curve, &component("x")?, &component("y")?)
             }
-            other => {
-                Err(format!("the key type {} is not supported (RSA, EC)", shown(other)).into())
-            }
+            other => Err(refused(format!(
+                "the key type {} is not supported (RSA, EC)",
+                shown(other)
+            ))),
         }
     }
 
@@ -374,9 +356,9 @@ impl PublicKey {
         use x509_parser::prelude::FromDer;
         use x509_parser::public_key::PublicKey as Parsed;
         let (rest, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
-            .map_err(|e| format!("not a SubjectPublicKeyInfo: {e}"))?;
+            .map_err(|e| refused(format!("not a SubjectPublicKeyInfo: {e}")))?;
         if !rest.is_empty() {
-            return Err("bytes after the SubjectPublicKeyInfo".into());
+            return Err(refused("bytes after the SubjectPublicKeyInfo"));
         }
         match spki.parsed() {
             Ok(Parsed::RSA(rsa)) => PublicKey::rsa(rsa.modulus, rsa.exponent),
@@ -389,17 +371,20 @@ impl PublicKey {
                 let curve = match oid {
                     Some(o) if o == x509_parser::oid_registry::OID_EC_P256 => Curve::P256,
                     Some(o) if o == x509_parser::oid_registry::OID_NIST_EC_P384 => Curve::P384,
-                    _ => return Err("the EC key's curve is not P-256 or P-384".into()),
+                    _ => return Err(refused("the EC key's curve is not P-256 or P-384")),
                 };
                 let data = point.data();
                 let len = curve.coordinate_len();
                 if data.len() != 1 + 2 * len || data.first() != Some(&4) {
-                    return Err(format!("the {} point is not uncompressed", curve.name()).into());
+                    return Err(refused(format!(
+                        "the {} point is not uncompressed",
+                        curve.name()
+                    )));
                 }
                 PublicKey::ec(curve, &data[1..=len], &data[1 + len..])
             }
-            Ok(_) => Err("the public key is neither RSA nor EC".into()),
-            Err(e) => Err(format!("the public key cannot be parsed: {e}").into()),
+            Ok(_) => Err(refused("the public key is neither RSA nor EC")),
+            Err(e) => Err(refused(format!("the public key cannot be parsed: {e}"))),
         }
     }
 
@@ -508,10 +493,10 @@ impl KeySet {
     /// Adds `key` under `kid`; an empty or repeated kid is refused.
     pub fn insert(&mut self, kid: &str, key: PublicKey) -> Result<()> {
         if kid.is_empty() {
-            return Err("an empty kid".into());
+            return Err(refused("an empty kid"));
         }
         if self.keys.contains_key(kid) {
-            return Err("the kid appears twice".into());
+            return Err(refused("the kid appears twice"));
         }
         self.keys.insert(kid.to_owned(), key);
         Ok(())
@@ -528,18 +513,18 @@ impl KeySet {
     /// result may be empty.
     pub fn from_jwks(keys: &Value, algorithms: &[Algorithm]) -> Result<KeySet> {
         let Value::Array(keys) = keys else {
-            return Err("JWKS: \"keys\" is not an array".into());
+            return Err(refused("JWKS: \"keys\" is not an array"));
         };
         let mut set = KeySet::default();
         for (i, jwk) in keys.iter().enumerate() {
             let Value::Object(jwk) = jwk else {
-                return Err(format!("JWKS key {i}: not an object").into());
+                return Err(refused(format!("JWKS key {i}: not an object")));
             };
             let member = |name: &str| -> Result<Option<&str>> {
                 match jwk.get(name) {
                     None => Ok(None),
                     Some(Value::String(s)) => Ok(Some(s)),
-                    Some(_) => Err(format!("JWKS key {i}: {name:?} is not a string").into()),
+                    Some(_) => Err(refused(format!("JWKS key {i}: {name:?} is not a string"))),
                 }
             };
             let kid = member("kid")?;
@@ -547,7 +532,7 @@ impl KeySet {
                 Some(kid) => format!("JWKS key {i} (kid {})", shown(kid)),
                 None => format!("JWKS key {i}"),
             };
-            let kty = member("kty")?.ok_or_else(|| format!("{what}: no \"kty\""))?;
+            let kty = member("kty")?.ok_or_else(|| refused(format!("{what}: no \"kty\"")))?;
             let wanted_kty = match kty {
                 "RSA" => algorithms.iter().any(|a| a.rsa_params().is_some()),
                 "EC" => {
@@ -563,33 +548,41 @@ impl KeySet {
                 && match jwk.get("key_ops") {
                     None => true,
                     Some(Value::Array(ops)) => ops.iter().any(|o| o == "verify"),
-                    Some(_) => return Err(format!("{what}: \"key_ops\" is not an array").into()),
+                    Some(_) => return Err(refused(format!("{what}: \"key_ops\" is not an array"))),
                 };
             if !usable {
                 continue;
             }
             let kid = match kid {
                 Some(k) if !k.is_empty() => k,
-                _ => return Err(format!("{what}: no \"kid\" (keys are chosen by kid)").into()),
+                _ => {
+                    return Err(refused(format!(
+                        "{what}: no \"kid\" (keys are chosen by kid)"
+                    )));
+                }
             };
-            let key = PublicKey::from_jwk(jwk).map_err(|e| format!("{what}: {e}"))?;
+            let key = PublicKey::from_jwk(jwk).map_err(|e| refused(format!("{what}: {e}")))?;
             if let Some(Some(alg)) = declared
                 && !key.supports(alg)
             {
                 // Declared for an algorithm its own type cannot serve: not usable.
                 continue;
             }
-            set.insert(kid, key).map_err(|e| format!("{what}: {e}"))?;
+            set.insert(kid, key)
+                .map_err(|e| refused(format!("{what}: {e}")))?;
         }
         Ok(set)
     }
 
     /// Parses a JWKS document `{"keys":[...]}` as [`KeySet::from_jwks`] does.
     pub fn from_jwks_json(json: &[u8], algorithms: &[Algorithm]) -> Result<KeySet> {
-        let value: Value = serde_json::from_slice(json).map_err(|e| format!("not JSON: {e}"))?;
+        let value: Value =
+            serde_json::from_slice(json).map_err(|e| refused(format!("not JSON: {e}")))?;
         match value.get("keys") {
             Some(keys) if value.is_object() => KeySet::from_jwks(keys, algorithms),
-            _ => Err("not a JWKS: no \"keys\" member in a top-level object".into()),
+            _ => Err(refused(
+                "not a JWKS: no \"keys\" member in a top-level object",
+            )),
         }
     }
 
@@ -737,24 +730,22 @@ pub struct Parts<'a> {
 /// Splits a compact JWS of at most `max_bytes` into its three unpadded base64url parts.
 pub fn split(token: &str, max_bytes: usize) -> Result<Parts<'_>> {
     if token.len() > max_bytes {
-        return Err(format!(
+        return Err(refused(format!(
             "the token is {} bytes, more than the {max_bytes} accepted",
             token.len()
-        )
-        .into());
+        )));
     }
     let pieces: Vec<&str> = token.split('.').collect();
     let [header, payload, signature] = pieces[..] else {
-        return Err(format!(
+        return Err(refused(format!(
             "the token has {} dot-separated parts; a signed JWT has 3",
             pieces.len()
-        )
-        .into());
+        )));
     };
     let decode = |what: &str, part: &str| {
         URL_SAFE_NO_PAD
             .decode(part)
-            .map_err(|e| JoseError(format!("the token's {what} is not unpadded base64url: {e}")))
+            .map_err(|e| refused(format!("the token's {what} is not unpadded base64url: {e}")))
     };
     Ok(Parts {
         signing_input: &token[..header.len() + 1 + payload.len()],
@@ -800,14 +791,13 @@ impl<'de> serde::Deserialize<'de> for UniqueObject {
 fn json_object(what: &str, bytes: &[u8]) -> Result<Map<String, Value>> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(_)) => {}
-        Ok(_) => return Err(format!("the token's {what} is not a JSON object").into()),
+        Ok(_) => return Err(refused(format!("the token's {what} is not a JSON object"))),
         Err(e) => {
-            return Err(format!(
+            return Err(refused(format!(
                 "the token's {what} is not JSON ({:?} error at column {})",
                 e.classify(),
                 e.column()
-            )
-            .into());
+            )));
         }
     }
     serde_json::from_slice::<UniqueObject>(bytes)
@@ -815,7 +805,7 @@ fn json_object(what: &str, bytes: &[u8]) -> Result<Map<String, Value>> {
         .map_err(|e| {
             let msg = e.to_string();
             let cut = msg.split(" at line").next().unwrap_or(&msg);
-            format!("the token's {what}: {cut}").into()
+            refused(format!("the token's {what}: {cut}"))
         })
 }
 
@@ -886,74 +876,68 @@ pub fn verify(token: &str, keys: &KeySet, policy: &Policy<'_>) -> Result<Claims>
                 } else {
                     "are"
                 };
-                return Err(format!(
+                return Err(refused(format!(
                     "the token's algorithm is {}; only {} {verb} accepted",
                     shown(name),
                     names(policy.algorithms)
-                )
-                .into());
+                )));
             }
         },
-        Some(_) => return Err("the token's \"alg\" is not a string".into()),
-        None => return Err("the token's header has no \"alg\"".into()),
+        Some(_) => return Err(refused("the token's \"alg\" is not a string")),
+        None => return Err(refused("the token's header has no \"alg\"")),
     };
     if header.contains_key("crit") {
-        return Err(
-            "the token's header has \"crit\" extensions, which this verifier does not implement"
-                .into(),
-        );
+        return Err(refused(
+            "the token's header has \"crit\" extensions, which this verifier does not implement",
+        ));
     }
     let kid = match header.get("kid") {
         Some(Value::String(kid)) => kid,
-        Some(_) => return Err("the token's \"kid\" is not a string".into()),
-        None => return Err("the token's header has no \"kid\"".into()),
+        Some(_) => return Err(refused("the token's \"kid\" is not a string")),
+        None => return Err(refused("the token's header has no \"kid\"")),
     };
     let key = keys.get(kid).ok_or_else(|| {
-        format!(
+        refused(format!(
             "the token is signed with key {}, which is not among the configured keys ({})",
             shown(kid),
             keys.kids().collect::<Vec<_>>().join(", ")
-        )
+        ))
     })?;
     if !key.supports(alg) {
-        return Err(format!(
+        return Err(refused(format!(
             "the token's algorithm {alg} does not match key {}, {}",
             shown(kid),
             key.kind()
-        )
-        .into());
+        )));
     }
     if !key.verify(alg, parts.signing_input.as_bytes(), &parts.signature) {
-        return Err(format!(
+        return Err(refused(format!(
             "the token's signature does not verify with key {}",
             shown(kid)
-        )
-        .into());
+        )));
     }
     let claims = Claims(json_object("payload", &parts.payload)?);
     check_times(&claims, policy.now, policy.leeway)?;
     if let Some(audience) = policy.audience
         && !claims.has_audience(audience)
     {
-        return Err(format!(
+        return Err(refused(format!(
             "the token's audience {} does not include {}",
             claims.audience_shown(),
             shown(audience)
-        )
-        .into());
+        )));
     }
     if let Some(issuer) = policy.issuer {
-        match claims.string("iss")? {
+        match claims.string("iss").map_err(refused)? {
             Some(iss) if iss == issuer => {}
             Some(iss) => {
-                return Err(format!(
+                return Err(refused(format!(
                     "the token's issuer is {}, not {}",
                     shown(iss),
                     shown(issuer)
-                )
-                .into());
+                )));
             }
-            None => return Err("the token has no \"iss\" (issuer) claim".into()),
+            None => return Err(refused("the token has no \"iss\" (issuer) claim")),
         }
     }
     Ok(claims)
@@ -961,32 +945,31 @@ pub fn verify(token: &str, keys: &KeySet, policy: &Policy<'_>) -> Result<Claims>
 
 /// Checks `exp` (required), `nbf` and `iat` against `now` with `leeway`.
 pub fn check_times(claims: &Claims, now: SystemTime, leeway: Duration) -> Result<()> {
-    let now = crate::clock::unix_seconds(now).ok_or("the system clock is before 1970")?;
+    let now = crate::clock::unix_seconds(now)
+        .ok_or_else(|| refused("the system clock is before 1970"))?;
     let leeway = i64::try_from(leeway.as_secs()).unwrap_or(i64::MAX);
     let exp = claims
-        .date("exp")?
-        .ok_or("the token has no \"exp\" (expiry) claim")?;
+        .date("exp")
+        .map_err(refused)?
+        .ok_or_else(|| refused("the token has no \"exp\" (expiry) claim"))?;
     if now > exp.saturating_add(leeway) {
-        return Err(format!(
+        return Err(refused(format!(
             "the token expired at {exp} (now {now}, clock skew allowed {leeway} s)"
-        )
-        .into());
+        )));
     }
-    if let Some(nbf) = claims.date("nbf")?
+    if let Some(nbf) = claims.date("nbf").map_err(refused)?
         && now.saturating_add(leeway) < nbf
     {
-        return Err(format!(
+        return Err(refused(format!(
             "the token is not valid before {nbf} (now {now}, clock skew allowed {leeway} s)"
-        )
-        .into());
+        )));
     }
-    if let Some(iat) = claims.date("iat")?
+    if let Some(iat) = claims.date("iat").map_err(refused)?
         && iat > now.saturating_add(leeway)
     {
-        return Err(format!(
+        return Err(refused(format!(
             "the token was issued in the future, at {iat} (now {now}, clock skew allowed {leeway} s)"
-        )
-        .into());
+        )));
     }
     Ok(())
 }
@@ -994,7 +977,7 @@ pub fn check_times(claims: &Claims, now: SystemTime, leeway: Duration) -> Result
 /// Converts an ASN.1 DER `Ecdsa-Sig-Value` (what [`KeySigner`] returns for EC keys) to
 /// the JOSE form: `r || s`, each left-padded to `width` bytes.
 pub fn ecdsa_der_to_fixed(der: &[u8], width: usize) -> Result<Vec<u8>> {
-    let bad = || JoseError::from("the ECDSA signature is not a DER Ecdsa-Sig-Value");
+    let bad = || refused("the ECDSA signature is not a DER Ecdsa-Sig-Value");
     /// One DER TLV: (tag, contents, rest). Only definite lengths up to 2 bytes.
     fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         let (&tag, b) = b.split_first()?;
