@@ -365,7 +365,7 @@ impl Manager {
             Ok((st, bundle))
         }
         .await;
-        crate::metrics::metrics().attestation(
+        crate::metrics::metrics().node_attestations.record(
             attestor.name(),
             match &outcome {
                 Ok(_) => "ok",
@@ -737,9 +737,10 @@ impl Manager {
                 break;
             }
             let outcome = self.sign_batch(client, chunk).await;
-            let ok = *outcome.as_ref().unwrap_or(&0);
-            crate::metrics::metrics().svids("workload", true, ok);
-            crate::metrics::metrics().svids("workload", false, chunk.len() - ok.min(chunk.len()));
+            let ok = outcome.as_ref().map_or(0, |n| *n);
+            let received = &crate::metrics::metrics().svids_received;
+            received.record("workload", true, ok as u64);
+            received.record("workload", false, chunk.len().saturating_sub(ok) as u64);
             match outcome {
                 Ok(n) => signed += n,
                 Err(Error::Refused(reason)) => {
@@ -909,7 +910,9 @@ impl Manager {
             Ok(chain)
         }
         .await;
-        crate::metrics::metrics().svids("agent", result.is_ok(), 1);
+        crate::metrics::metrics()
+            .svids_received
+            .record("agent", result.is_ok(), 1);
         let chain = match result {
             Ok(c) => c,
             Err(e) => {

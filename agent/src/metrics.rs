@@ -18,7 +18,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use carapace_common::metrics::{
-    AttestationLabels, ConnectionFamilies, SignLatency, latency_histogram,
+    AttestationCounter, ConnectionFamilies, SignLatency, SvidCounter, latency_histogram,
+    register_gauge,
 };
 
 use crate::cache::SvidCache;
@@ -39,15 +40,6 @@ pub struct RpcNameLabels {
     pub rpc: &'static str,
 }
 
-/// `{kind, result}` of an SVID the agent asked the server for.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SvidLabels {
-    /// `agent` (its own, by renewal) or `workload`.
-    pub kind: &'static str,
-    /// `ok` or `error`.
-    pub result: &'static str,
-}
-
 /// `{kind}` of a rotation.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -63,8 +55,11 @@ pub struct AgentMetrics {
     requests: Family<RpcLabels, Counter>,
     /// `workload_api_request_duration_seconds{rpc}`: until the first answer.
     latency: Family<RpcNameLabels, Histogram, fn() -> Histogram>,
-    node_attestations: Family<AttestationLabels, Counter>,
-    svids: Family<SvidLabels, Counter>,
+    /// `node_attestations_total{attestor, result}`: this agent's.
+    pub node_attestations: AttestationCounter,
+    /// `svids_received_total{kind, result}`; kinds: `agent` (its own, by renewal),
+    /// `workload`.
+    pub svids_received: SvidCounter,
     /// `key_manager_sign_duration_seconds{backend}`.
     pub sign_latency: SignLatency,
     /// `connections_open{listener}`, `connections_refused_total{listener}`.
@@ -102,37 +97,30 @@ impl AgentMetrics {
             "Time from a Workload API call to its first answer (caller attestation included), by RPC",
             Clone::clone(&latency),
         );
-        let node_attestations = Family::default();
-        registry.register(
-            "node_attestations",
+        let node_attestations = AttestationCounter::register(
+            &mut registry,
             "Node attestations of this agent, by attestor and result (ok, refused, error)",
-            Clone::clone(&node_attestations),
         );
-        let svids = Family::default();
-        registry.register(
+        let svids_received = SvidCounter::register(
+            &mut registry,
             "svids_received",
             "X509-SVIDs the agent asked the server for, by kind and result",
-            Clone::clone(&svids),
         );
         let sign_latency = SignLatency::register(&mut registry);
         let connections = ConnectionFamilies::register(&mut registry);
-        let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let g = Gauge::default();
-            registry.register(name, help, Clone::clone(&g));
-            g
-        };
-        let agent_svid_expiry = gauge(
+        let agent_svid_expiry = register_gauge(
             &mut registry,
             "agent_svid_expiry_timestamp_seconds",
             "When the agent's own X509-SVID expires (notAfter, unix seconds)",
         );
-        let workload_svid_expiry = gauge(
+        let workload_svid_expiry = register_gauge(
             &mut registry,
             "workload_svid_soonest_expiry_timestamp_seconds",
             "When the soonest-expiring workload X509-SVID the agent holds expires (unix seconds; 0: none held)",
         );
-        let workload_svids = gauge(&mut registry, "workload_svids", "Workload X509-SVIDs held");
-        let last_sync = gauge(
+        let workload_svids =
+            register_gauge(&mut registry, "workload_svids", "Workload X509-SVIDs held");
+        let last_sync = register_gauge(
             &mut registry,
             "last_sync_timestamp_seconds",
             "When the agent last received its entries and bundle from the server (unix seconds)",
@@ -148,7 +136,7 @@ impl AgentMetrics {
             requests,
             latency,
             node_attestations,
-            svids,
+            svids_received,
             sign_latency,
             connections,
             agent_svid_expiry,
@@ -175,28 +163,6 @@ impl AgentMetrics {
         self.latency
             .get_or_create(&RpcNameLabels { rpc })
             .observe(start.elapsed().as_secs_f64());
-    }
-
-    /// Counts a node attestation of this agent.
-    pub fn attestation(&self, attestor: &str, result: &'static str) {
-        self.node_attestations
-            .get_or_create(&AttestationLabels {
-                attestor: attestor.to_owned(),
-                result,
-            })
-            .inc();
-    }
-
-    /// Counts `n` SVIDs of `kind` received (`ok`) or refused/failed.
-    pub fn svids(&self, kind: &'static str, ok: bool, n: usize) {
-        if n > 0 {
-            self.svids
-                .get_or_create(&SvidLabels {
-                    kind,
-                    result: if ok { "ok" } else { "error" },
-                })
-                .inc_by(n as u64);
-        }
     }
 
     /// The agent holds an SVID of its own (new, or restored from its data directory),

@@ -41,6 +41,72 @@ pub struct AttestationLabels {
     pub result: &'static str,
 }
 
+/// `{kind, result}` of an SVID.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SvidLabels {
+    /// What the SVID is for (each binary documents its kinds).
+    pub kind: &'static str,
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// A counter of SVIDs by kind and result (`<name>_total{kind, result}`).
+#[derive(Debug, Clone, Default)]
+pub struct SvidCounter(Family<SvidLabels, Counter>);
+
+impl SvidCounter {
+    /// Registers the counter as `name` in `registry`.
+    pub fn register(registry: &mut Registry, name: &str, help: &str) -> Self {
+        let c = SvidCounter::default();
+        registry.register(name, help, c.0.clone());
+        c
+    }
+
+    /// Counts `n` SVIDs of `kind`, signed (`ok`) or not.
+    pub fn record(&self, kind: &'static str, ok: bool, n: u64) {
+        if n > 0 {
+            self.0
+                .get_or_create(&SvidLabels {
+                    kind,
+                    result: if ok { "ok" } else { "error" },
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+/// A counter of node attestations by attestor and result
+/// (`node_attestations_total{attestor, result}`).
+#[derive(Debug, Clone, Default)]
+pub struct AttestationCounter(Family<AttestationLabels, Counter>);
+
+impl AttestationCounter {
+    /// Registers the counter in `registry`.
+    pub fn register(registry: &mut Registry, help: &str) -> Self {
+        let c = AttestationCounter::default();
+        registry.register("node_attestations", help, c.0.clone());
+        c
+    }
+
+    /// Counts one attestation with `attestor` (a configured plugin's name, never one a
+    /// peer sent) that ended with `result`.
+    pub fn record(&self, attestor: &str, result: &'static str) {
+        self.0
+            .get_or_create(&AttestationLabels {
+                attestor: attestor.to_owned(),
+                result,
+            })
+            .inc();
+    }
+}
+
+/// Registers a gauge as `name` in `registry` and returns it.
+pub fn register_gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::default();
+    registry.register(name, help, g.clone());
+    g
+}
+
 /// Latency buckets from 100 µs to about 13 s (a software signature to a slow HSM or a
 /// TPM), doubling.
 pub fn latency_buckets() -> impl Iterator<Item = f64> {

@@ -9,25 +9,16 @@
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use carapace_common::metrics::{AttestationLabels, ConnectionFamilies, SignLatency};
+use carapace_common::metrics::{
+    AttestationCounter, ConnectionFamilies, SignLatency, SvidCounter, register_gauge,
+};
 
 use crate::ca::CaManager;
 use crate::entry_cache::EntryCache;
-
-/// `{kind, result}` of an issued SVID.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SvidLabels {
-    /// `x509_workload` (for an agent's workloads), `x509_agent` (attestation and
-    /// renewal), `x509_server` (the server's own), `x509_minted` (`x509 mint`).
-    pub kind: &'static str,
-    /// `ok` or `error`.
-    pub result: &'static str,
-}
 
 /// `{slot}` of a CA.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,10 +34,12 @@ pub struct CaLabels {
 #[derive(Debug)]
 pub struct ServerMetrics {
     registry: Registry,
-    /// `svids_issued_total{kind, result}`.
-    pub svids_issued: Family<SvidLabels, Counter>,
+    /// `svids_issued_total{kind, result}`; kinds: `x509_workload` (for an agent's
+    /// workloads), `x509_agent` (attestation and renewal), `x509_server` (the server's
+    /// own), `x509_minted` (`x509 mint`).
+    pub svids_issued: SvidCounter,
     /// `node_attestations_total{attestor, result}`.
-    pub node_attestations: Family<AttestationLabels, Counter>,
+    pub node_attestations: AttestationCounter,
     /// `key_manager_sign_duration_seconds{backend}`.
     pub sign_latency: SignLatency,
     /// `connections_open{listener}`, `connections_refused_total{listener}`.
@@ -67,35 +60,29 @@ pub fn metrics() -> &'static ServerMetrics {
 impl ServerMetrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("carapace_server");
-        let svids_issued = Family::default();
-        registry.register(
+        let svids_issued = SvidCounter::register(
+            &mut registry,
             "svids_issued",
             "X509-SVIDs signed, by kind and result",
-            Clone::clone(&svids_issued),
         );
-        let node_attestations = Family::default();
-        registry.register(
-            "node_attestations",
+        let node_attestations = AttestationCounter::register(
+            &mut registry,
             "Node attestations, by attestor and result (ok, refused: the evidence was not accepted, error)",
-            Clone::clone(&node_attestations),
         );
         let sign_latency = SignLatency::register(&mut registry);
         let connections = ConnectionFamilies::register(&mut registry);
-        let entries = Gauge::default();
-        registry.register("entries", "Registration entries", Clone::clone(&entries));
-        let agents = Gauge::default();
-        registry.register("agents", "Attested agents", Clone::clone(&agents));
+        let entries = register_gauge(&mut registry, "entries", "Registration entries");
+        let agents = register_gauge(&mut registry, "agents", "Attested agents");
         let ca_expiry = Family::default();
         registry.register(
             "x509_ca_expiry_timestamp_seconds",
             "When each X.509 CA in the bundle expires (notAfter, unix seconds), by slot",
             Clone::clone(&ca_expiry),
         );
-        let ca_last_rotation = Gauge::default();
-        registry.register(
+        let ca_last_rotation = register_gauge(
+            &mut registry,
             "x509_ca_last_rotation_timestamp_seconds",
             "When the active X.509 CA took over (unix seconds): its activation seen by this process, else its notBefore",
-            Clone::clone(&ca_last_rotation),
         );
         ServerMetrics {
             registry,
@@ -113,38 +100,6 @@ impl ServerMetrics {
     /// The registry `/metrics` encodes.
     pub fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    /// Counts one SVID of `kind`, signed or not.
-    pub fn svid(&self, kind: &'static str, ok: bool) {
-        self.svids_issued
-            .get_or_create(&SvidLabels {
-                kind,
-                result: if ok { "ok" } else { "error" },
-            })
-            .inc();
-    }
-
-    /// Counts `n` SVIDs of `kind` with one result.
-    pub fn svids(&self, kind: &'static str, ok: bool, n: u64) {
-        if n > 0 {
-            self.svids_issued
-                .get_or_create(&SvidLabels {
-                    kind,
-                    result: if ok { "ok" } else { "error" },
-                })
-                .inc_by(n);
-        }
-    }
-
-    /// Counts one node attestation with a configured attestor.
-    pub fn attestation(&self, attestor: &str, result: &'static str) {
-        self.node_attestations
-            .get_or_create(&AttestationLabels {
-                attestor: attestor.to_owned(),
-                result,
-            })
-            .inc();
     }
 
     /// Records that the active CA took over at `now`.

@@ -409,7 +409,9 @@ impl NodeApi {
                 now,
             )
             .await;
-        crate::metrics::metrics().svid("x509_agent", svid.is_ok());
+        crate::metrics::metrics()
+            .svids_issued
+            .record("x509_agent", svid.is_ok(), 1);
         let svid = svid?;
         let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0])?);
         // A join token is consumed in the transaction that records the agent, not by its
@@ -499,7 +501,7 @@ impl node::node_server::Node for NodeApi {
                 Err(_) => Err(Status::deadline_exceeded("attestation took too long")),
             };
             // Only configured attestors become labels: a peer's made-up name is `none`.
-            crate::metrics::metrics().attestation(
+            crate::metrics::metrics().node_attestations.record(
                 attestor.as_deref().unwrap_or("none"),
                 attestation_result(&msg),
             );
@@ -534,7 +536,9 @@ impl node::node_server::Node for NodeApi {
                 unix_now(),
             )
             .await;
-        crate::metrics::metrics().svid("x509_agent", svid.is_ok());
+        crate::metrics::metrics()
+            .svids_issued
+            .record("x509_agent", svid.is_ok(), 1);
         let svid = svid?;
         let serial =
             hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0]).map_err(Error::from)?);
@@ -683,9 +687,9 @@ impl node::node_server::Node for NodeApi {
             results.extend(h.await.map_err(signing_task_failed)?);
         }
         let signed = results.iter().filter(|r| r.svid.is_some()).count();
-        let m = crate::metrics::metrics();
-        m.svids("x509_workload", true, signed as u64);
-        m.svids("x509_workload", false, (results.len() - signed) as u64);
+        let issued = &crate::metrics::metrics().svids_issued;
+        issued.record("x509_workload", true, signed as u64);
+        issued.record("x509_workload", false, (results.len() - signed) as u64);
         tracing::debug!(agent = %agent.spiffe_id, requested = results.len(), signed, "signed workload SVIDs");
         Ok(Response::new(BatchNewX509svidResponse { results }))
     }

@@ -41,7 +41,9 @@ async fn issue(ca: &Arc<CaManager>, key: &Arc<dyn KeySigner>, ttl: Duration) -> 
             unix_now(),
         )
         .await;
-    crate::metrics::metrics().svid("x509_server", svid.is_ok());
+    crate::metrics::metrics()
+        .svids_issued
+        .record("x509_server", svid.is_ok(), 1);
     svid
 }
 

@@ -54,7 +54,9 @@ impl AdminApi {
             .ca
             .issue_x509_svid(id.clone(), key, ttl, req.dns_names.clone(), now)
             .await;
-        crate::metrics::metrics().svid("x509_minted", issued.is_ok());
+        crate::metrics::metrics()
+            .svids_issued
+            .record("x509_minted", issued.is_ok(), 1);
         let issued = issued?;
         tracing::info!(
             spiffe_id = %id,
