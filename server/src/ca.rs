@@ -1005,19 +1005,6 @@ impl CaManager {
             .ok_or_else(|| Error::Ca("no active CA".into()))
     }
 
-    /// The notAfter of every CA whose certificates are in the bundle, with its slot
-    /// (`active`, `prepared`, `old`), the old ones soonest to expire first.
-    pub fn expiries(&self) -> Vec<(&'static str, i64)> {
-        let s = read(&self.state);
-        let mut out: Vec<(&'static str, i64)> = Vec::new();
-        out.extend(s.active.iter().map(|a| ("active", a.not_after)));
-        out.extend(s.prepared.iter().map(|p| ("prepared", p.not_after)));
-        let mut old: Vec<i64> = s.retired.iter().map(|r| r.not_after).collect();
-        old.sort_unstable();
-        out.extend(old.into_iter().map(|t| ("old", t)));
-        out
-    }
-
     /// Whether the active CA's key signs now: one signature over a fixed probe message
     /// through the key manager (an HSM that lost its token fails here). On a blocking
     /// thread when the key may block. The error names why.

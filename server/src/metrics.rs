@@ -17,7 +17,7 @@ use carapace_common::metrics::{
     AttestationCounter, ConnectionFamilies, SignLatency, SvidCounter, register_gauge,
 };
 
-use crate::ca::CaManager;
+use crate::ca::{AuthorityStatus, CaManager};
 use crate::entry_cache::EntryCache;
 
 /// `{slot}` of a CA.
@@ -117,17 +117,22 @@ pub fn refresh(ca: &CaManager, cache: &EntryCache) {
     m.agents
         .set(i64::try_from(cache.list_agents().len()).unwrap_or(i64::MAX));
     m.ca_expiry.clear();
-    let mut old_index = 0;
-    for (slot, not_after) in ca.expiries() {
-        let index = if slot == "old" {
-            old_index += 1;
-            old_index - 1
-        } else {
-            0
+    let mut authorities = ca.authorities();
+    // The old CAs are numbered soonest to expire first.
+    authorities.sort_by_key(|a| a.not_after);
+    let mut old = 0;
+    for a in &authorities {
+        let (slot, index) = match a.status {
+            AuthorityStatus::Active => ("active", 0),
+            AuthorityStatus::Prepared => ("prepared", 0),
+            AuthorityStatus::Old => {
+                old += 1;
+                ("old", old - 1)
+            }
         };
         m.ca_expiry
             .get_or_create(&CaLabels { slot, index })
-            .set(not_after);
+            .set(a.not_after);
     }
     if m.ca_last_rotation.get() == 0 {
         if let Ok(a) = ca.active() {
