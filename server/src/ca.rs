@@ -1012,17 +1012,12 @@ impl CaManager {
         const PROBE: &[u8] = b"carapace readiness probe";
         let ca = self.active()?;
         let key = ca.issuer.key().key().clone();
-        let sign = move || {
+        with_ca_key(&ca, move || {
             key.sign(key.key_type().x509_algorithm(), PROBE)
                 .map(|_| ())
                 .map_err(Error::from)
-        };
-        if !ca.issuer.key().key().may_block() {
-            return sign();
-        }
-        tokio::task::spawn_blocking(sign)
-            .await
-            .map_err(|e| Error::Ca(format!("signing task failed: {e}")))?
+        })
+        .await
     }
 
     /// The trust domain.
@@ -1056,13 +1051,26 @@ impl CaManager {
         now: i64,
     ) -> Result<IssuedSvid> {
         let ca = self.active()?;
-        if !ca.issuer.key().key().may_block() {
-            return sign_leaf(&ca, &id, &key, ttl, &dns_names, now);
-        }
-        tokio::task::spawn_blocking(move || sign_leaf(&ca, &id, &key, ttl, &dns_names, now))
-            .await
-            .map_err(|e| Error::Ca(format!("signing task failed: {e}")))?
+        let signer = ca.clone();
+        with_ca_key(&ca, move || {
+            sign_leaf(&signer, &id, &key, ttl, &dns_names, now)
+        })
+        .await
     }
+}
+
+/// Runs `f`, which signs with `ca`'s key, on the calling task, or on a blocking thread
+/// when the key may block (an HSM), so a slow token never stalls the async workers.
+async fn with_ca_key<T: Send + 'static>(
+    ca: &CaSlot,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    if !ca.issuer.key().key().may_block() {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Ca(format!("signing task failed: {e}")))?
 }
 
 /// Builds and signs a leaf X509-SVID under `ca`.
