@@ -86,7 +86,12 @@ impl TpmKeyManagerConfig {
     /// [`TpmKeyManager::open`] would load from it (refused when group or others have
     /// access) and a `device:` TCTI's device (opened at the first key).
     pub fn files(&self, data_dir: &Path) -> Vec<NamedFile> {
-        let mut files = key_directory_files(&self.directory_in(data_dir), KEY_FILE_EXTENSION);
+        let dir = self.directory_in(data_dir);
+        let listing = fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()));
+        let mut files = key_directory_files(&dir, listing, KEY_FILE_EXTENSION);
         files.extend(crate::agent::tcti_device(self.tcti()));
         files
     }

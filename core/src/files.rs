@@ -75,22 +75,24 @@ pub fn key_id_of_file<'a>(path: &'a Path, extension: &str) -> Option<&'a str> {
 }
 
 /// A key manager's key directory as `validate` checks it (setting `directory`): the
-/// directory (private) and each key file in it the key manager would load (secret),
-/// sorted. A directory that cannot be listed yields only itself, whose check says why.
-pub fn key_directory_files(dir: &Path, extension: &str) -> Vec<NamedFile> {
-    let mut files = vec![NamedFile::new("directory", dir, FileUse::PrivateDir)];
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        let mut keys: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| key_id_of_file(p, extension).is_some())
-            .collect();
-        keys.sort();
-        files.extend(
+/// directory (private) and, sorted, each file of `listing` (the directory's entries, which
+/// the caller reads: core does no I/O) that the key manager would load (secret).
+pub fn key_directory_files(
+    dir: &Path,
+    listing: impl IntoIterator<Item = PathBuf>,
+    extension: &str,
+) -> Vec<NamedFile> {
+    let mut keys: Vec<PathBuf> = listing
+        .into_iter()
+        .filter(|p| key_id_of_file(p, extension).is_some())
+        .collect();
+    keys.sort();
+    std::iter::once(NamedFile::new("directory", dir, FileUse::PrivateDir))
+        .chain(
             keys.into_iter()
                 .map(|p| NamedFile::new("directory", p, FileUse::Secret)),
-        );
-    }
-    files
+        )
+        .collect()
 }
 
 /// Refuses `path` (its metadata `meta`) when group or others have any permission on it;

@@ -37,7 +37,12 @@ impl DiskConfig {
     /// missing, refused when group or others have access) and the key files
     /// [`DiskKeyManager::open`] would load from it (secrets).
     pub fn files(&self, data_dir: &Path) -> Vec<NamedFile> {
-        key_directory_files(&self.directory_in(data_dir), "key")
+        let dir = self.directory_in(data_dir);
+        let listing = fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()));
+        key_directory_files(&dir, listing, "key")
     }
 }
 
