@@ -37,6 +37,10 @@ pub struct TrustBundle {
     /// trusted, but every SVID chained to one is to be re-issued at once. Travels on the
     /// node API only: the SPIFFE formats (Workload API, `bundle show`) carry none of it.
     pub tainted_x509_authorities: Vec<Vec<u8>>,
+    /// The `kid`s of JWT keys (each also in `jwt_authorities`) an operator tainted: still
+    /// trusted, but every cached JWT-SVID one of them signed is to be dropped at once.
+    /// Node API only, like `tainted_x509_authorities`.
+    pub tainted_jwt_kids: Vec<String>,
 }
 
 impl TrustBundle {
@@ -49,6 +53,7 @@ impl TrustBundle {
             sequence: 0,
             refresh_hint: None,
             tainted_x509_authorities: Vec::new(),
+            tainted_jwt_kids: Vec::new(),
         }
     }
 

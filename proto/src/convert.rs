@@ -123,6 +123,7 @@ impl From<&TrustBundle> for types::Bundle {
             sequence: b.sequence,
             refresh_hint: b.refresh_hint.unwrap_or(0),
             tainted_x509_authorities: b.tainted_x509_authorities.clone(),
+            tainted_jwt_kids: b.tainted_jwt_kids.clone(),
         }
     }
 }
@@ -154,6 +155,16 @@ pub fn bundle_from_wire(b: &types::Bundle) -> Result<TrustBundle, Error> {
         }
         if !out.tainted_x509_authorities.contains(der) {
             out.tainted_x509_authorities.push(der.clone());
+        }
+    }
+    for kid in &b.tainted_jwt_kids {
+        if !out.jwt_authorities.iter().any(|k| k.kid == *kid) {
+            return Err(Error::InvalidBundle(
+                "a tainted kid is not one of the bundle's JWT keys".into(),
+            ));
+        }
+        if !out.tainted_jwt_kids.contains(kid) {
+            out.tainted_jwt_kids.push(kid.clone());
         }
     }
     out.sequence = b.sequence;

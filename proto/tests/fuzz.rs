@@ -102,6 +102,7 @@ fn good_bundle() -> types::Bundle {
         }],
         sequence: 9,
         refresh_hint: 300,
+        tainted_jwt_kids: vec!["k1".into()],
         tainted_x509_authorities: vec![],
     }
 }

@@ -693,6 +693,14 @@ impl node::node_server::Node for NodeApi {
         tracing::debug!(agent = %agent.spiffe_id, requested = results.len(), signed, "signed workload SVIDs");
         Ok(Response::new(BatchNewX509svidResponse { results }))
     }
+
+    async fn new_jwtsvid(
+        &self,
+        req: Request<node::NewJwtsvidRequest>,
+    ) -> std::result::Result<Response<node::NewJwtsvidResponse>, Status> {
+        let _ = self.authenticate(&req).await?;
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
 }
 
 #[cfg(test)]

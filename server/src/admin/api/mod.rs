@@ -47,7 +47,7 @@ use carapace_proto::admin::{
     HealthResponse, JoinToken, ListAgentsRequest, ListAgentsResponse, ListEntriesRequest,
     ListEntriesResponse, MintX509svidRequest, MintX509svidResponse, UpdateEntryRequest,
 };
-use carapace_proto::types;
+use carapace_proto::{admin, types};
 
 use crate::Result;
 use crate::ca::CaManager;
@@ -218,5 +218,47 @@ impl Admin for AdminApi {
         request: Request<RevokeX509AuthorityRequest>,
     ) -> std::result::Result<Response<X509Authority>, Status> {
         reply(self.revoke_x509_authority_inner(request.into_inner()).await)
+    }
+
+    async fn mint_jwtsvid(
+        &self,
+        _request: Request<admin::MintJwtsvidRequest>,
+    ) -> std::result::Result<Response<admin::MintJwtsvidResponse>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+
+    async fn get_jwt_authority_state(
+        &self,
+        _request: Request<admin::GetJwtAuthorityStateRequest>,
+    ) -> std::result::Result<Response<admin::GetJwtAuthorityStateResponse>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+
+    async fn prepare_jwt_authority(
+        &self,
+        _request: Request<admin::PrepareJwtAuthorityRequest>,
+    ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+
+    async fn activate_jwt_authority(
+        &self,
+        _request: Request<admin::ActivateJwtAuthorityRequest>,
+    ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+
+    async fn taint_jwt_authority(
+        &self,
+        _request: Request<admin::TaintJwtAuthorityRequest>,
+    ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+    }
+
+    async fn revoke_jwt_authority(
+        &self,
+        _request: Request<admin::RevokeJwtAuthorityRequest>,
+    ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
+        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
     }
 }
