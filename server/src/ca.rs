@@ -33,10 +33,13 @@ use carapace_core::{KeyType, SpiffeId, TrustBundle, TrustDomain};
 use carapace_tls::RcgenKey;
 
 use crate::datastore::Datastore;
+use crate::jwt_keys::{self, JwtAuthorityInfo, JwtJournal, JwtKeys, JwtSlot, Minter};
 use crate::{Error, Result};
 
 /// NotBefore is backdated by this much to tolerate clock skew between machines.
 pub const BACKDATE: i64 = 10;
+/// The bundle's `spiffe_refresh_hint`, seconds.
+pub const REFRESH_HINT: u64 = 300;
 /// How often the rotator looks at the CA slots.
 pub const ROTATE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -321,6 +324,9 @@ struct Journal {
     retired: Vec<JournalSlot>,
     /// Bundle sequence number.
     bundle_sequence: u64,
+    /// The JWT signing keys; absent in journals written before JWT-SVIDs existed.
+    #[serde(default, skip_serializing_if = "JwtJournal::is_empty")]
+    jwt: JwtJournal,
 }
 
 #[derive(Debug, Default)]
@@ -330,6 +336,8 @@ struct State {
     prepared: Option<Arc<CaSlot>>,
     /// Retired CAs still in the bundle.
     retired: Vec<Retired>,
+    /// The JWT signing keys.
+    jwt: JwtKeys,
 }
 
 /// The active and prepared slots, the retired CAs and the journal, as an operator's step
@@ -352,6 +360,8 @@ pub struct CaSettings {
     pub organization: String,
     /// Subject country of CA certificates.
     pub country: String,
+    /// Key type of JWT signing keys (their lifetime is `ca_ttl`).
+    pub jwt_key_type: KeyType,
 }
 
 /// An issued certificate chain with its expiry.
@@ -474,10 +484,12 @@ impl CaManager {
         for js in &journal.retired {
             state.retired.push(Retired::restore(js)?);
         }
+        state.jwt = JwtKeys::restore(&journal.jwt, &ca.jwt_minter()).await?;
         let bundle = ca.bundle_of(
             state.journal.bundle_sequence,
             &state.retired,
             state.active.iter().chain(state.prepared.iter()),
+            &state.jwt,
         );
         *write(&ca.state) = state;
         ca.bundle_tx.send_replace(Arc::new(bundle));
@@ -486,16 +498,17 @@ impl CaManager {
     }
 
     /// The bundle: what retired CAs still valid, then the active and the prepared one,
-    /// contribute (each certificate once, in that order).
+    /// contribute (each certificate once, in that order), and the JWT keys.
     fn bundle_of<'a>(
         &self,
         sequence: u64,
         retired: &[Retired],
         slots: impl Iterator<Item = &'a Arc<CaSlot>>,
+        jwt: &JwtKeys,
     ) -> TrustBundle {
         let mut bundle = TrustBundle::new(self.td.clone());
         bundle.sequence = sequence;
-        bundle.refresh_hint = Some(300);
+        bundle.refresh_hint = Some(REFRESH_HINT);
         let all = retired
             .iter()
             .flat_map(|r| r.bundle_certs.iter())
@@ -510,7 +523,16 @@ impl CaManager {
                 bundle.tainted_x509_authorities.push(r.cert_der.clone());
             }
         }
+        (bundle.jwt_authorities, bundle.tainted_jwt_kids) = jwt.bundle_keys();
         bundle
+    }
+
+    fn jwt_minter(&self) -> Minter<'_> {
+        Minter {
+            km: &self.km,
+            key_type: self.settings.jwt_key_type,
+            ttl: self.settings.ca_ttl,
+        }
     }
 
     /// The fingerprint new CAs are minted under (None: self-signed).
@@ -737,33 +759,83 @@ impl CaManager {
             changed = true;
         }
 
+        let jwt = read(&self.state).jwt.clone();
+        let refresh = REFRESH_HINT as i64;
+        let jwt = match jwt
+            .step(&self.jwt_minter(), &mut journal.next_seq, now, refresh)
+            .await?
+        {
+            Some((next, delete)) => {
+                expired_keys.extend(delete);
+                changed = true;
+                next
+            }
+            None => jwt,
+        };
+
         if !changed {
             return Ok(());
         }
-        self.commit(journal, new_active, new_prepared, retired, expired_keys)
+        self.persist(
+            journal,
+            new_active,
+            new_prepared,
+            retired,
+            jwt,
+            expired_keys,
+        )
+        .await
+    }
+
+    /// [`Self::persist`] of new X.509 slots with the JWT keys as they are.
+    async fn commit(
+        &self,
+        journal: Journal,
+        active: Option<Arc<CaSlot>>,
+        prepared: Option<Arc<CaSlot>>,
+        retired: Vec<Retired>,
+        delete_keys: Vec<String>,
+    ) -> Result<()> {
+        let jwt = read(&self.state).jwt.clone();
+        self.persist(journal, active, prepared, retired, jwt, delete_keys)
+            .await
+    }
+
+    /// [`Self::persist`] of new JWT keys with the X.509 slots as they are.
+    async fn commit_jwt(
+        &self,
+        journal: Journal,
+        jwt: JwtKeys,
+        delete_keys: Vec<String>,
+    ) -> Result<()> {
+        let (active, prepared, retired, _) = self.snapshot();
+        self.persist(journal, active, prepared, retired, jwt, delete_keys)
             .await
     }
 
     /// Persists a new state (journal and stored bundle, with the bundle sequence bumped),
     /// then installs and publishes it and deletes the keys in `delete_keys`. Called with
     /// `rotate_lock` held. Nothing changes in memory unless the journal was written.
-    async fn commit(
+    async fn persist(
         &self,
         mut journal: Journal,
         active: Option<Arc<CaSlot>>,
         prepared: Option<Arc<CaSlot>>,
         retired: Vec<Retired>,
+        jwt: JwtKeys,
         delete_keys: Vec<String>,
     ) -> Result<()> {
         journal.active = active.as_ref().map(|s| s.journal());
         journal.prepared = prepared.as_ref().map(|s| s.journal());
         journal.retired = retired.iter().map(|r| r.journal.clone()).collect();
+        journal.jwt = jwt.journal();
         journal.bundle_sequence += 1;
 
         let bundle = self.bundle_of(
             journal.bundle_sequence,
             &retired,
             active.iter().chain(prepared.iter()),
+            &jwt,
         );
 
         let bytes = serde_json::to_vec(&journal).map_err(|e| Error::Ca(e.to_string()))?;
@@ -776,6 +848,7 @@ impl CaManager {
             active,
             prepared,
             retired,
+            jwt,
         };
         self.bundle_tx.send_replace(Arc::new(bundle));
         if rotated {
@@ -976,6 +1049,147 @@ impl CaManager {
         Ok(info)
     }
 
+    /// Every JWT authority: the active one, the prepared one, then the old ones, newest
+    /// first.
+    pub fn jwt_authorities(&self) -> Vec<JwtAuthorityInfo> {
+        read(&self.state).jwt.authorities()
+    }
+
+    /// `localauthority jwt prepare`: mints the next JWT key now and publishes it in the
+    /// bundle; it signs nothing until activated. A key prepared before is replaced (it
+    /// has signed nothing) and deleted.
+    pub async fn prepare_jwt(&self, now: i64) -> Result<JwtAuthorityInfo> {
+        let _guard = self.rotate_lock.lock().await;
+        let (mut journal, mut jwt) = {
+            let s = read(&self.state);
+            (s.journal.clone(), s.jwt.clone())
+        };
+        if jwt.active.is_none() {
+            return Err(Error::FailedPrecondition(
+                "there is no active JWT authority yet".into(),
+            ));
+        }
+        let seq = journal.next_seq;
+        journal.next_seq += 1;
+        let slot = self.jwt_minter().mint(seq, now).await?;
+        let replaced: Vec<String> = jwt.prepared.iter().map(|p| p.key_id().to_owned()).collect();
+        jwt.prepared = Some(slot.clone());
+        let info = jwt.authorities().into_iter().find(|a| a.id == slot.kid());
+        if let Err(e) = self.commit_jwt(journal, jwt, replaced).await {
+            let _ = self.km.delete_key(slot.key_id()).await;
+            return Err(e);
+        }
+        tracing::info!(
+            kid = slot.kid(),
+            key_id = slot.key_id(),
+            "operator prepared a new JWT authority; it is in the bundle and signs nothing yet"
+        );
+        info.ok_or_else(|| Error::Ca("the prepared JWT key is not listed".into()))
+    }
+
+    /// `localauthority jwt activate`: the prepared key becomes the active one; the active
+    /// one becomes old (in the bundle until its last token expires).
+    pub async fn activate_jwt(&self, id: Option<&str>, now: i64) -> Result<JwtAuthorityInfo> {
+        let id = id
+            .filter(|i| !i.trim().is_empty())
+            .map(jwt_keys::normalize_kid)
+            .transpose()?;
+        let _guard = self.rotate_lock.lock().await;
+        let (journal, jwt) = {
+            let s = read(&self.state);
+            (s.journal.clone(), s.jwt.clone())
+        };
+        let next = jwt.activate(id.as_deref(), now)?;
+        let info = next
+            .authorities()
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Ca("no active JWT key after activation".into()))?;
+        self.commit_jwt(journal, next, Vec::new()).await?;
+        tracing::info!(
+            kid = info.id,
+            "operator activated the prepared JWT authority; the previous one is old"
+        );
+        Ok(info)
+    }
+
+    /// `localauthority jwt taint`: marks an old JWT key tainted. The bundle tells every
+    /// agent, which drops at once every cached JWT-SVID the key signed. The key stays
+    /// trusted until revoked.
+    pub async fn taint_jwt(&self, id: &str) -> Result<JwtAuthorityInfo> {
+        let id = jwt_keys::normalize_kid(id)?;
+        let _guard = self.rotate_lock.lock().await;
+        let (journal, mut jwt) = {
+            let s = read(&self.state);
+            (s.journal.clone(), s.jwt.clone())
+        };
+        let i = jwt.find_old("taint", &id)?;
+        if jwt.retired[i].is_tainted() {
+            return Err(Error::FailedPrecondition(format!(
+                "JWT authority {id} is already tainted"
+            )));
+        }
+        jwt.retired[i].taint();
+        let info = jwt.authorities().into_iter().find(|a| a.id == id);
+        self.commit_jwt(journal, jwt, Vec::new()).await?;
+        tracing::warn!(
+            kid = id,
+            "operator tainted a JWT authority: agents drop every cached JWT-SVID it signed"
+        );
+        info.ok_or_else(|| Error::Ca("the tainted JWT key is not listed".into()))
+    }
+
+    /// `localauthority jwt revoke`: removes a tainted old JWT key from the bundle and
+    /// deletes it. Tokens it signed stop validating everywhere the new bundle reaches.
+    pub async fn revoke_jwt(&self, id: &str) -> Result<JwtAuthorityInfo> {
+        let id = jwt_keys::normalize_kid(id)?;
+        let _guard = self.rotate_lock.lock().await;
+        let (journal, mut jwt) = {
+            let s = read(&self.state);
+            (s.journal.clone(), s.jwt.clone())
+        };
+        let i = jwt.find_old("revoke", &id)?;
+        if !jwt.retired[i].is_tainted() {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot revoke {id}: only a tainted JWT authority can be revoked (taint it first)"
+            )));
+        }
+        let info = jwt.authorities().into_iter().find(|a| a.id == id);
+        let gone = jwt.retired.remove(i);
+        self.commit_jwt(journal, jwt, vec![gone.key_id().to_owned()])
+            .await?;
+        tracing::warn!(
+            kid = id,
+            "operator revoked a JWT authority: it left the bundle and its key is deleted"
+        );
+        info.ok_or_else(|| Error::Ca("the revoked JWT key was not listed".into()))
+    }
+
+    /// The active JWT signing key.
+    pub fn jwt_active(&self) -> Result<Arc<JwtSlot>> {
+        read(&self.state)
+            .jwt
+            .active
+            .clone()
+            .ok_or_else(|| Error::Ca("no active JWT key".into()))
+    }
+
+    /// Signs a JWT-SVID with the active JWT key: on a blocking thread when the key may
+    /// block (an HSM).
+    pub async fn issue_jwt_svid(
+        &self,
+        req: jwt_keys::JwtRequest,
+        now: i64,
+    ) -> Result<jwt_keys::IssuedJwt> {
+        let slot = self.jwt_active()?;
+        if !slot.may_block() {
+            return jwt_keys::sign(&slot, &req, now);
+        }
+        tokio::task::spawn_blocking(move || jwt_keys::sign(&slot, &req, now))
+            .await
+            .map_err(|e| Error::Ca(format!("signing task failed: {e}")))?
+    }
+
     /// Runs [`Self::tick`] every [`ROTATE_INTERVAL`] until `shutdown` resolves.
     pub async fn run_rotator(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut interval = tokio::time::interval(ROTATE_INTERVAL);
@@ -1155,6 +1369,7 @@ mod tests {
             key_type: KeyType::EcP256,
             organization: "Carapace".into(),
             country: "US".into(),
+            jwt_key_type: KeyType::EcP256,
         }
     }
 

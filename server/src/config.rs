@@ -81,6 +81,14 @@ pub struct FileConfig {
     pub ca_organization: Option<String>,
     /// CA subject country.
     pub ca_country: Option<String>,
+    /// JWT signing key type: `ec-p256` (ES256, the default), `ec-p384` (ES384) or
+    /// `rsa-2048` (RS256).
+    pub jwt_key_type: Option<String>,
+    /// The `iss` claim of every JWT-SVID; none when unset.
+    pub jwt_issuer: Option<String>,
+    /// JWT-SVID lifetime of entries without their own.
+    #[serde(default, with = "humantime_serde::option")]
+    pub default_jwt_svid_ttl: Option<Duration>,
     /// Bounds on the node API's connections and attestations.
     #[serde(default)]
     pub node_api: NodeApiFile,
@@ -223,6 +231,12 @@ pub struct Config {
     pub ca_organization: String,
     /// CA subject country.
     pub ca_country: String,
+    /// JWT signing key type.
+    pub jwt_key_type: KeyType,
+    /// The `iss` claim of JWT-SVIDs.
+    pub jwt_issuer: Option<String>,
+    /// JWT-SVID lifetime default.
+    pub default_jwt_svid_ttl: Duration,
     /// Key manager: name and raw plugin table.
     pub key_manager: (String, toml::Table),
     /// Node attestors: names and raw plugin tables.
@@ -336,14 +350,37 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             ));
         }
     }
-    let ca_key_type = match file.ca_key_type.as_deref().map(str::parse::<KeyType>) {
+    let key_type = |key: &str, v: Option<&str>, problems: &mut Vec<String>| match v
+        .map(str::parse::<KeyType>)
+    {
         None => KeyType::EcP256,
         Some(Ok(k)) => k,
         Some(Err(e)) => {
-            problems.push(format!("ca_key_type: {e}"));
+            problems.push(format!("{key}: {e}"));
             KeyType::EcP256
         }
     };
+    let ca_key_type = key_type("ca_key_type", file.ca_key_type.as_deref(), &mut problems);
+    let jwt_key_type = key_type("jwt_key_type", file.jwt_key_type.as_deref(), &mut problems);
+    let default_jwt_svid_ttl = file
+        .default_jwt_svid_ttl
+        .unwrap_or(crate::jwt_keys::DEFAULT_JWT_SVID_TTL);
+    if let Err(e) = limits::check_duration(default_jwt_svid_ttl, MIN_TTL, max_svid) {
+        problems.push(format!(
+            "default_jwt_svid_ttl: {e} (at most ca_ttl/6, so a token is never cut short by key rotation)"
+        ));
+    }
+    if let Some(iss) = &file.jwt_issuer {
+        if iss.is_empty()
+            || iss.len() > 512
+            || iss.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            problems.push(format!(
+                "jwt_issuer: {:?} is not an issuer (1 to 512 bytes, no spaces or control characters; for OIDC discovery an https URL)",
+                iss.chars().take(64).collect::<String>()
+            ));
+        }
+    }
 
     let health_address = carapace_common::health::resolve_address(
         file.health.as_ref(),
@@ -409,6 +446,9 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             ca_key_type,
             ca_organization: file.ca_organization.unwrap_or_else(|| "Carapace".into()),
             ca_country: file.ca_country.unwrap_or_else(|| "US".into()),
+            jwt_key_type,
+            jwt_issuer: file.jwt_issuer,
+            default_jwt_svid_ttl,
             key_manager: key_managers.remove(0),
             node_attestors,
             upstream_authority: upstreams.pop(),

@@ -14,6 +14,7 @@ pub mod datastore;
 pub mod entry_cache;
 mod error;
 pub mod health;
+pub mod jwt_keys;
 pub mod listener;
 pub mod metrics;
 pub mod node_api;
@@ -92,6 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             key_type: config.ca_key_type,
             organization: config.ca_organization.clone(),
             country: config.ca_country.clone(),
+            jwt_key_type: config.jwt_key_type,
         },
         ctx.clock.unix_now(),
     )
@@ -132,6 +134,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let tls = carapace_tls::server_config(server_cert, ca.bundle())
         .map_err(|e| Error::Config(format!("TLS configuration: {e}")))?;
 
+    let jwt_settings = jwt_keys::JwtSettings {
+        default_ttl: config.default_jwt_svid_ttl,
+        issuer: config.jwt_issuer.clone(),
+    };
     let node = node_api::NodeApi::new(
         cache.clone(),
         ca.clone(),
@@ -139,6 +145,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         node_api::NodeApiSettings {
             default_x509_svid_ttl: config.default_x509_svid_ttl,
             agent_svid_ttl: config.agent_svid_ttl,
+            jwt: jwt_settings.clone(),
         },
     )
     .with_max_attestations_in_flight(config.node_api.max_attestations_in_flight)
@@ -156,6 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         admin::api::AdminSettings {
             default_x509_svid_ttl: config.default_x509_svid_ttl,
             default_join_token_ttl: config::DEFAULT_JOIN_TOKEN_TTL,
+            jwt: jwt_settings,
         },
     );
     let admin_task = {

@@ -146,6 +146,8 @@ pub struct NodeApiSettings {
     pub default_x509_svid_ttl: Duration,
     /// Lifetime of agent SVIDs.
     pub agent_svid_ttl: Duration,
+    /// How JWT-SVIDs are made.
+    pub jwt: crate::jwt_keys::JwtSettings,
 }
 
 /// The node API service.
@@ -464,6 +466,16 @@ impl NodeApi {
     }
 }
 
+/// A signed JWT-SVID as the node and admin APIs return it.
+pub fn jwt_to_wire(j: &crate::jwt_keys::IssuedJwt) -> types::JwtSvid {
+    types::JwtSvid {
+        token: j.token.clone(),
+        spiffe_id: j.spiffe_id.to_string(),
+        expires_at: j.expires_at,
+        issued_at: j.issued_at,
+    }
+}
+
 type RespStream<T> = ReceiverStream<std::result::Result<T, Status>>;
 
 #[tonic::async_trait]
@@ -698,8 +710,41 @@ impl node::node_server::Node for NodeApi {
         &self,
         req: Request<node::NewJwtsvidRequest>,
     ) -> std::result::Result<Response<node::NewJwtsvidResponse>, Status> {
-        let _ = self.authenticate(&req).await?;
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        let (agent, _) = self.authenticate(&req).await?;
+        let r = req.into_inner();
+        let entry = self
+            .cache
+            .authorized_entries(&agent.spiffe_id)
+            .into_iter()
+            .find(|e| e.id.as_str() == r.entry_id)
+            .ok_or_else(|| {
+                Error::PermissionDenied(format!(
+                    "entry {:?} is not authorized for this agent",
+                    r.entry_id.chars().take(64).collect::<String>()
+                ))
+            })?;
+        crate::jwt_keys::check_audiences(&r.audience)?;
+        let issued = self
+            .ca
+            .issue_jwt_svid(
+                crate::jwt_keys::JwtRequest {
+                    spiffe_id: entry.spiffe_id.clone(),
+                    audiences: r.audience,
+                    ttl: self.settings.jwt.default_ttl, // MERGE: entry.jwt_svid_ttl
+                    issuer: self.settings.jwt.issuer.clone(),
+                    include_jti: false, // MERGE: entry.jwt_svid_include_jti
+                },
+                unix_now(),
+            )
+            .await;
+        crate::metrics::metrics()
+            .svids_issued
+            .record("jwt_workload", issued.is_ok(), 1);
+        let issued = issued?;
+        tracing::debug!(agent = %agent.spiffe_id, spiffe_id = %issued.spiffe_id, expires_at = issued.expires_at, "signed a JWT-SVID");
+        Ok(Response::new(node::NewJwtsvidResponse {
+            svid: Some(jwt_to_wire(&issued)),
+        }))
     }
 }
 

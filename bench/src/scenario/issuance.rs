@@ -97,6 +97,7 @@ pub async fn bench_ca() -> Result<(Arc<CaManager>, Arc<CaSlot>)> {
         key_type: KeyType::EcP256,
         organization: "Carapace".into(),
         country: "US".into(),
+        jwt_key_type: KeyType::EcP256,
     };
     let ca = CaManager::load(td, km, None, ds, settings, carapace_core::clock::unix_now()).await?;
     let slot = ca.active()?;

@@ -23,6 +23,7 @@ mod bundle;
 mod entry;
 mod fields;
 mod health;
+mod jwt;
 mod socket;
 mod token;
 mod x509;
@@ -62,6 +63,8 @@ pub struct AdminSettings {
     pub default_x509_svid_ttl: Duration,
     /// Join token lifetime when the request asks for none.
     pub default_join_token_ttl: Duration,
+    /// How JWT-SVIDs are made (`jwt mint`).
+    pub jwt: crate::jwt_keys::JwtSettings,
 }
 
 /// The admin service.
@@ -222,43 +225,46 @@ impl Admin for AdminApi {
 
     async fn mint_jwtsvid(
         &self,
-        _request: Request<admin::MintJwtsvidRequest>,
+        request: Request<admin::MintJwtsvidRequest>,
     ) -> std::result::Result<Response<admin::MintJwtsvidResponse>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        reply(self.mint_jwtsvid_inner(request.into_inner()).await)
     }
 
     async fn get_jwt_authority_state(
         &self,
         _request: Request<admin::GetJwtAuthorityStateRequest>,
     ) -> std::result::Result<Response<admin::GetJwtAuthorityStateResponse>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        Ok(Response::new(self.get_jwt_authority_state_inner()))
     }
 
     async fn prepare_jwt_authority(
         &self,
         _request: Request<admin::PrepareJwtAuthorityRequest>,
     ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        reply(self.prepare_jwt_authority_inner().await)
     }
 
     async fn activate_jwt_authority(
         &self,
-        _request: Request<admin::ActivateJwtAuthorityRequest>,
+        request: Request<admin::ActivateJwtAuthorityRequest>,
     ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        reply(
+            self.activate_jwt_authority_inner(request.into_inner())
+                .await,
+        )
     }
 
     async fn taint_jwt_authority(
         &self,
-        _request: Request<admin::TaintJwtAuthorityRequest>,
+        request: Request<admin::TaintJwtAuthorityRequest>,
     ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        reply(self.taint_jwt_authority_inner(request.into_inner()).await)
     }
 
     async fn revoke_jwt_authority(
         &self,
-        _request: Request<admin::RevokeJwtAuthorityRequest>,
+        request: Request<admin::RevokeJwtAuthorityRequest>,
     ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
-        Err(Status::unimplemented("JWT-SVIDs are not supported yet"))
+        reply(self.revoke_jwt_authority_inner(request.into_inner()).await)
     }
 }

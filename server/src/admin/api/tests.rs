@@ -46,6 +46,7 @@ async fn start() -> Server {
         key_type: KeyType::EcP256,
         organization: "Carapace".into(),
         country: "US".into(),
+        jwt_key_type: KeyType::EcP256,
     };
     let ca = CaManager::load(
         td,
@@ -64,6 +65,7 @@ async fn start() -> Server {
         AdminSettings {
             default_x509_svid_ttl: Duration::from_secs(3600),
             default_join_token_ttl: Duration::from_secs(600),
+            jwt: Default::default(),
         },
     );
     let (tx, rx) = oneshot::channel::<()>();

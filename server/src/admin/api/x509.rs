@@ -12,11 +12,10 @@ use carapace_core::clock::unix_now;
 use crate::{Error, Result};
 
 impl AdminApi {
-    pub(super) async fn mint_x509svid_inner(
-        &self,
-        req: MintX509svidRequest,
-    ) -> Result<MintX509svidResponse> {
-        let id = required_id("spiffe_id", &req.spiffe_id)?;
+    /// `spiffe_id` of a mint request: a SPIFFE ID of this trust domain with a path,
+    /// outside the reserved `/spire` path.
+    pub(super) fn mintable_id(&self, spiffe_id: &str) -> Result<carapace_core::SpiffeId> {
+        let id = required_id("spiffe_id", spiffe_id)?;
         let td = self.ca.trust_domain();
         if !id.is_member_of(td) {
             return Err(Error::InvalidArgument(format!(
@@ -33,6 +32,14 @@ impl AdminApi {
                 "spiffe_id: {id} is under the reserved path /spire (agents and the server)"
             )));
         }
+        Ok(id)
+    }
+
+    pub(super) async fn mint_x509svid_inner(
+        &self,
+        req: MintX509svidRequest,
+    ) -> Result<MintX509svidResponse> {
+        let id = self.mintable_id(&req.spiffe_id)?;
         if req.csr.is_empty() {
             return Err(Error::InvalidArgument("csr is required".into()));
         }
