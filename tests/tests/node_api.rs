@@ -17,7 +17,8 @@ use carapace_e2e::{Lab, Server, now, td};
 use carapace_keymanager_soft::MemoryKeyManager;
 use carapace_proto::node::node_client::NodeClient;
 use carapace_proto::node::{
-    BatchNewX509svidRequest, NewX509svidParams, RenewAgentRequest, SyncAuthorizedRequest,
+    BatchNewX509svidRequest, NewJwtsvidRequest, NewX509svidParams, RenewAgentRequest,
+    SyncAuthorizedRequest,
 };
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -163,6 +164,95 @@ async fn an_agent_gets_only_its_own_entries_and_only_their_ids() {
         resp.results[0].error_code,
         tonic::Code::InvalidArgument as i32
     );
+}
+
+/// The server's JWT keys as a relying party reads them: `bundle show --format spiffe`.
+fn jwt_keys_of(server: &Server) -> carapace_core::jose::KeySet {
+    let json = server.cli_ok(&["bundle", "show", "--format", "spiffe"]);
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let jwt: Vec<&serde_json::Value> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .collect();
+    assert_eq!(jwt.len(), 1, "one JWT key on a fresh server: {json}");
+    carapace_core::jose::KeySet::from_jwks(
+        &serde_json::json!(jwt),
+        &carapace_core::jose::Algorithm::ALL,
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_gets_jwt_svids_only_for_its_own_entries_and_they_verify_with_the_bundle() {
+    let lab = Lab::new();
+    let server = Server::start(&lab);
+    let km = MemoryKeyManager::new();
+    let a = attest(&server, &km, "a").await;
+    let b = attest(&server, &km, "b").await;
+    server.create_entry(&a.id, "spiffe://example.org/a-web", &["unix:uid:1"], &[]);
+    server.create_entry(&b.id, "spiffe://example.org/b-db", &["unix:uid:2"], &[]);
+    let a_entry = entry_id_of(&server, "spiffe://example.org/a-web");
+    let b_entry = entry_id_of(&server, "spiffe://example.org/b-db");
+    let ask = |entry: &str, aud: &[&str]| NewJwtsvidRequest {
+        entry_id: entry.to_owned(),
+        audience: aud.iter().map(|a| a.to_string()).collect(),
+    };
+
+    let svid = a
+        .client()
+        .new_jwtsvid(ask(&a_entry, &["billing", "audit"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .svid
+        .unwrap();
+    assert_eq!(svid.spiffe_id, "spiffe://example.org/a-web");
+    // The default lifetime: five minutes.
+    assert_eq!(svid.expires_at - svid.issued_at, 300);
+    let keys = jwt_keys_of(&server);
+    let mut policy = carapace_core::jose::Policy::new(
+        &carapace_core::jose::Algorithm::ALL,
+        std::time::SystemTime::now(),
+        std::time::Duration::from_secs(5),
+    );
+    policy.audience = Some("audit");
+    let claims = carapace_core::jose::verify(&svid.token, &keys, &policy).unwrap();
+    assert_eq!(claims.as_map()["sub"], "spiffe://example.org/a-web");
+    assert_eq!(
+        claims.as_map()["aud"],
+        serde_json::json!(["billing", "audit"])
+    );
+    assert_eq!(claims.as_map()["exp"], svid.expires_at);
+
+    // Another agent's entry and an unknown one: refused, nothing signed.
+    for entry in [b_entry.as_str(), "no-such-entry"] {
+        let err = a
+            .client()
+            .new_jwtsvid(ask(entry, &["x"]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message().contains("not authorized for this agent"),
+            "{err:?}"
+        );
+    }
+    // No audience, or an empty one: refused, naming it.
+    let err = a
+        .client()
+        .new_jwtsvid(ask(&a_entry, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("audience is required"), "{err:?}");
+    let err = a
+        .client()
+        .new_jwtsvid(ask(&a_entry, &["x", ""]))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("audience[1] is empty"), "{err:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
