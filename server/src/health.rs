@@ -6,7 +6,8 @@
 //!    real write transaction did not fail (a full disk);
 //! 2. the key manager signs with the active CA's key (one probe signature: an HSM whose
 //!    token is gone fails, and passes again when the token is back, with no restart);
-//! 3. an active X.509 CA exists and has not expired.
+//! 3. an active X.509 CA exists and has not expired;
+//! 4. an active JWT signing key exists and has not expired.
 //!
 //! The probes run at most once per [`PROBE_INTERVAL`]: a burst of `/ready` requests
 //! costs one write and one signature.
@@ -78,6 +79,14 @@ impl ServerReadiness {
                     reasons.push(format!("key manager: the active CA's key cannot sign: {e}"));
                 }
             }
+        }
+        match self.ca.jwt_active() {
+            Err(_) => reasons.push("jwt: there is no active JWT signing key".into()),
+            Ok(key) if key.not_after() <= now => reasons.push(format!(
+                "jwt: the active JWT signing key expired at {}",
+                carapace_core::clock::rfc3339(key.not_after())
+            )),
+            Ok(_) => {}
         }
         reasons
     }

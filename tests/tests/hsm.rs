@@ -111,11 +111,15 @@ async fn ca_key_in_softhsm_issues_svids_that_real_clients_accept() {
     let verify = openssl_verify(&lab, chain_pem, bundle_pem);
     assert!(verify.contains(": OK"), "{verify}");
 
-    // The CA's and the TLS key's private objects are in the token, and the token refuses
-    // to hand out their values.
+    // The CA's, the JWT signing key's and the TLS key's private objects are in the token,
+    // and the token refuses to hand out their values.
     let (ok, objects) = pkcs11_tool(&hsm, &token, &["--list-objects", "--type", "privkey"]);
     assert!(ok, "{objects}");
-    for label in ["carapace-x509-ca-0", "carapace-server-tls"] {
+    for label in [
+        "carapace-x509-ca-0",
+        "carapace-jwt-key-1",
+        "carapace-server-tls",
+    ] {
         assert!(
             objects.contains(label),
             "{label} missing from the token:\n{objects}"
