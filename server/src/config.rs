@@ -672,6 +672,41 @@ max_attestations_in_flight = 0
     }
 
     #[test]
+    fn jwt_settings_default_parse_and_each_bad_one_is_named() {
+        let c = validate(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(c.jwt_key_type, KeyType::EcP256);
+        assert_eq!(c.default_jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(c.jwt_issuer, None);
+        let c = validate(
+            parse_file(
+                "jwt_key_type = \"rsa-2048\"\ndefault_jwt_svid_ttl = \"2m\"\njwt_issuer = \"https://oidc.example.org\"",
+            )
+            .unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.jwt_key_type, KeyType::Rsa2048);
+        assert_eq!(c.default_jwt_svid_ttl, Duration::from_secs(120));
+        assert_eq!(c.jwt_issuer.as_deref(), Some("https://oidc.example.org"));
+        let errs = validate(
+            parse_file(
+                "jwt_key_type = \"ed25519\"\ndefault_jwt_svid_ttl = \"5h\"\njwt_issuer = \"a b\"",
+            )
+            .unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        for want in [
+            "jwt_key_type: ",
+            "default_jwt_svid_ttl: ",
+            "jwt_issuer: \"a b\" is not an issuer",
+        ] {
+            assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+        }
+        assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
     fn shipped_samples_validate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
         for name in ["server.toml", "server.full.toml"] {
