@@ -30,6 +30,8 @@ fn entry() -> EntryView {
         parent_id: "spiffe://example.org/spire/agent/join_token/aa".into(),
         selectors: vec!["unix:uid:1000".into(), "unix:user:www".into()],
         x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        jwt_svid_include_jti: false,
         dns_names: vec![],
         hint: String::new(),
         admin: false,
@@ -49,11 +51,14 @@ fn entry_human_format_is_spire_like() {
          Parent ID        : spiffe://example.org/spire/agent/join_token/aa\n\
          Revision         : 0\n\
          X509-SVID TTL    : default\n\
+         JWT-SVID TTL     : default\n\
          Selector         : unix:uid:1000\n\
          Selector         : unix:user:www\n"
     );
     let full = EntryView {
         x509_svid_ttl: Some(5400),
+        jwt_svid_ttl: Some(300),
+        jwt_svid_include_jti: true,
         dns_names: vec!["web.example.org".into()],
         hint: "web".into(),
         admin: true,
@@ -66,6 +71,8 @@ fn entry_human_format_is_spire_like() {
     for line in [
         "Revision         : 3\n",
         "X509-SVID TTL    : 1h 30m\n",
+        "JWT-SVID TTL     : 5m\n",
+        "JWT-SVID jti     : true\n",
         "DNS name         : web.example.org\n",
         "Hint             : web\n",
         "Admin            : true\n",
@@ -100,6 +107,8 @@ fn entry_lists_and_counts() {
 fn entry_json_round_trips_with_nulls_for_defaults() {
     let v: serde_json::Value = serde_json::from_str(&json(&entry()).unwrap()).unwrap();
     assert_eq!(v["x509_svid_ttl"], serde_json::Value::Null);
+    assert_eq!(v["jwt_svid_ttl"], serde_json::Value::Null);
+    assert_eq!(v["jwt_svid_include_jti"], false);
     assert_eq!(v["expires_at"], serde_json::Value::Null);
     assert_eq!(v["selectors"][0], "unix:uid:1000");
     let back: EntryView = serde_json::from_value(v).unwrap();
@@ -112,6 +121,31 @@ fn entry_json_round_trips_with_nulls_for_defaults() {
     };
     let view = EntryView::from(&wire);
     assert_eq!((view.x509_svid_ttl, view.expires_at), (None, None));
+    assert_eq!(
+        (view.jwt_svid_ttl, view.jwt_svid_include_jti),
+        (None, false)
+    );
+    let wire = types::Entry {
+        jwt_svid_ttl: 600,
+        jwt_svid_include_jti: true,
+        ..Default::default()
+    };
+    let view = EntryView::from(&wire);
+    assert_eq!(
+        (view.jwt_svid_ttl, view.jwt_svid_include_jti),
+        (Some(600), true)
+    );
+    let v: serde_json::Value = serde_json::from_str(&json(&view).unwrap()).unwrap();
+    assert_eq!(
+        (&v["jwt_svid_ttl"], &v["jwt_svid_include_jti"]),
+        (&600.into(), &true.into())
+    );
+    // JSON an older CLI printed (without the JWT fields) still reads, as the defaults.
+    let mut old = serde_json::to_value(entry()).unwrap();
+    let obj = old.as_object_mut().unwrap();
+    obj.remove("jwt_svid_ttl");
+    obj.remove("jwt_svid_include_jti");
+    assert_eq!(serde_json::from_value::<EntryView>(old).unwrap(), entry());
 }
 
 #[test]
@@ -280,6 +314,9 @@ fn command_line_shape() {
         "unix:gid:2",
         "--x509-svid-ttl",
         "1h",
+        "--jwt-svid-ttl",
+        "10m",
+        "--jwt-svid-include-jti",
         "--dns-name",
         "b.example",
         "--admin",
@@ -302,6 +339,8 @@ fn command_line_shape() {
     assert_eq!(a.common.output, OutputFormat::Json);
     let wire = a.fields.to_wire("entry create", String::new()).unwrap();
     assert_eq!(wire.x509_svid_ttl, 3600);
+    assert_eq!((wire.jwt_svid_ttl, wire.jwt_svid_include_jti), (600, true));
+    assert_eq!(a.fields.jwt_svid_ttl, Some(Duration::from_secs(600)));
     assert_eq!(
         wire.selectors[1],
         types::Selector {
@@ -391,6 +430,8 @@ fn client_side_checks_name_the_flag() {
         spiffe_id: spiffe.into(),
         selectors: sel.iter().map(|s| s.to_string()).collect(),
         x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        jwt_svid_include_jti: false,
         dns_names: vec![],
         hint: None,
         admin: false,
@@ -441,7 +482,26 @@ fn client_side_checks_name_the_flag() {
     assert!(err(f.clone()).contains("--dns-name"));
     f.dns_names.clear();
     f.x509_svid_ttl = Some(Duration::from_millis(500));
-    assert!(err(f).contains("--x509-svid-ttl"));
+    assert!(err(f.clone()).contains("--x509-svid-ttl"));
+    f.x509_svid_ttl = None;
+    f.jwt_svid_ttl = Some(Duration::from_millis(500));
+    assert_eq!(
+        err(f.clone()),
+        "entry create: --jwt-svid-ttl: must be at least one second"
+    );
+    f.jwt_svid_ttl = Some(Duration::from_secs(86_401));
+    assert_eq!(
+        err(f.clone()),
+        "entry create: --jwt-svid-ttl: 86401s is outside the allowed range 1s to 1 day"
+    );
+    f.jwt_svid_ttl = Some(Duration::from_secs(86_400));
+    assert_eq!(
+        f.to_wire("entry create", String::new())
+            .unwrap()
+            .jwt_svid_ttl,
+        86_400,
+        "the edge of the range is accepted"
+    );
 }
 
 #[test]
