@@ -53,20 +53,25 @@ pub enum X509AuthorityCommand {
 /// `localauthority jwt ...`
 #[derive(Debug, Subcommand)]
 pub enum JwtAuthorityCommand {
-    /// Show the active, prepared and old JWT authorities (signing keys), by kid.
+    /// Show the active, prepared and old JWT keys, by kid.
     Show(AuthorityArgs),
-    /// Create the next JWT key now: published in the bundle at once, signing nothing
-    /// yet (replaces one prepared before). Activate it only once every agent and
-    /// federated peer has fetched the bundle that carries it.
+    /// Create the next JWT key now: in the bundle, signing nothing yet.
+    ///
+    /// It replaces one prepared before. Activate it only once every agent and federated
+    /// peer has fetched the bundle that carries it, or they refuse its tokens.
     Prepare(AuthorityArgs),
-    /// Make the prepared JWT key the active one (it signs every new JWT-SVID); the
-    /// active one becomes old and stays in the bundle until its last token expires.
+    /// Make the prepared JWT key the active one; the active one becomes old.
+    ///
+    /// The new key signs every JWT-SVID from now on; the old one stays in the bundle
+    /// until the last token it signed has expired.
     Activate(JwtAuthorityActivateArgs),
-    /// Taint an old JWT key: every agent drops at once every cached JWT-SVID it signed
-    /// and fetches new ones from the active key.
+    /// Taint an old JWT key: agents drop at once every cached JWT-SVID it signed.
+    ///
+    /// They fetch new tokens, signed by the active key, at the next request.
     Taint(JwtAuthorityIdArgs),
-    /// Revoke a tainted old JWT key: it leaves the bundle (tokens it signed no longer
-    /// validate) and the key is deleted.
+    /// Revoke a tainted old JWT key: it leaves the bundle and the key is deleted.
+    ///
+    /// Tokens it signed no longer validate anywhere the bundle is refreshed.
     Revoke(JwtAuthorityIdArgs),
 }
 
