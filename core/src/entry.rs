@@ -74,6 +74,11 @@ pub struct RegistrationEntry {
     pub selectors: SelectorSet,
     /// X509-SVID lifetime; `None` for the server default.
     pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime; `None` for the server default.
+    pub jwt_svid_ttl: Option<Duration>,
+    /// JWT-SVIDs of this entry carry a unique `jti` claim (for audiences that detect
+    /// replays).
+    pub jwt_svid_include_jti: bool,
     /// Extra DNS SANs; the first becomes the subject CN.
     pub dns_names: Vec<String>,
     /// A label passed to the workload with the SVID.
@@ -141,6 +146,13 @@ impl RegistrationEntry {
             limits::check_duration(ttl, Duration::from_secs(1), limits::MAX_X509_SVID_TTL)
                 .or_else(|reason| bad("x509_svid_ttl", reason))?;
         }
+        if let Some(ttl) = self.jwt_svid_ttl {
+            if ttl.is_zero() {
+                return bad("jwt_svid_ttl", "must be greater than zero".into());
+            }
+            limits::check_duration(ttl, Duration::from_secs(1), limits::MAX_JWT_SVID_TTL)
+                .or_else(|reason| bad("jwt_svid_ttl", reason))?;
+        }
         if let Some(t) = self.expires_at {
             limits::check_unix_time(t).or_else(|reason| bad("expires_at", reason))?;
         }
@@ -199,6 +211,8 @@ mod tests {
                 .into_iter()
                 .collect(),
             x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            jwt_svid_include_jti: false,
             dns_names: vec!["web.example.org".into()],
             hint: "web".into(),
             admin: false,
@@ -253,6 +267,18 @@ mod tests {
         let mut e = entry();
         e.x509_svid_ttl = Some(limits::MAX_X509_SVID_TTL + Duration::from_secs(1));
         assert_eq!(field_of(e), "x509_svid_ttl");
+        let mut e = entry();
+        e.jwt_svid_ttl = Some(Duration::ZERO);
+        assert_eq!(field_of(e), "jwt_svid_ttl");
+        let mut e = entry();
+        e.jwt_svid_ttl = Some(Duration::from_millis(500));
+        assert_eq!(field_of(e), "jwt_svid_ttl");
+        let mut e = entry();
+        e.jwt_svid_ttl = Some(Duration::from_secs(i64::MAX as u64));
+        assert_eq!(field_of(e), "jwt_svid_ttl");
+        let mut e = entry();
+        e.jwt_svid_ttl = Some(limits::MAX_JWT_SVID_TTL + Duration::from_secs(1));
+        assert_eq!(field_of(e), "jwt_svid_ttl");
         for t in [99_999_999_999_999, limits::MAX_UNIX_TIME + 1, 0, -1] {
             let mut e = entry();
             e.expires_at = Some(t);
@@ -271,8 +297,11 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let mut e = entry();
         e.x509_svid_ttl = Some(limits::MAX_X509_SVID_TTL);
+        e.jwt_svid_ttl = Some(limits::MAX_JWT_SVID_TTL);
+        e.jwt_svid_include_jti = true;
         e.expires_at = Some(limits::MAX_UNIX_TIME);
         e.validate(&td).unwrap();
+        e.jwt_svid_ttl = Some(Duration::from_secs(1));
         e.expires_at = Some(1);
         e.validate(&td).unwrap();
     }

@@ -18,6 +18,11 @@ pub const MAX_UNIX_TIME: i64 = 253_402_300_799;
 /// 365 days. An SVID never outlives its CA anyway (its notAfter is capped at the CA's).
 pub const MAX_X509_SVID_TTL: Duration = Duration::from_secs(365 * DAY);
 
+/// The longest JWT-SVID lifetime an entry or `jwt mint` may ask for: 1 day. A JWT-SVID is
+/// a bearer token nobody can revoke, so it should live minutes; a token never outlives
+/// the key that signed it anyway (its `exp` is capped at the key's retirement).
+pub const MAX_JWT_SVID_TTL: Duration = Duration::from_secs(DAY);
+
 /// The longest X.509 CA lifetime (`ca_ttl`, `upstream init --ttl`): 36500 days (about 100
 /// years), so a CA minted now still ends well before [`MAX_UNIX_TIME`].
 pub const MAX_CA_TTL: Duration = Duration::from_secs(36_500 * DAY);
@@ -28,7 +33,9 @@ pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(365 * DAY);
 /// A duration for messages: whole days as `N days`, otherwise seconds (`90s`).
 pub fn describe(d: Duration) -> String {
     let s = d.as_secs();
-    if s >= DAY && s % DAY == 0 {
+    if s == DAY {
+        "1 day".to_owned()
+    } else if s >= DAY && s % DAY == 0 {
         format!("{} days", s / DAY)
     } else if d.subsec_nanos() == 0 {
         format!("{s}s")
@@ -89,6 +96,8 @@ mod tests {
         let e = check_duration(Duration::from_secs(u64::MAX), min, MAX_X509_SVID_TTL).unwrap_err();
         assert!(e.contains("1s to 365 days"), "{e}");
         assert!(check_duration(Duration::ZERO, min, MAX_X509_SVID_TTL).is_err());
+        let e = check_duration(Duration::from_secs(86_401), min, MAX_JWT_SVID_TTL).unwrap_err();
+        assert_eq!(e, "86401s is outside the allowed range 1s to 1 day");
         check_unix_time(1).unwrap();
         check_unix_time(MAX_UNIX_TIME).unwrap();
         for bad in [

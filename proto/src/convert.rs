@@ -52,6 +52,8 @@ impl From<&RegistrationEntry> for types::Entry {
             expires_at: e.expires_at.unwrap_or(0),
             revision: e.revision,
             created_at: e.created_at,
+            jwt_svid_ttl: e.jwt_svid_ttl.map(|d| d.as_secs() as i64).unwrap_or(0),
+            jwt_svid_include_jti: e.jwt_svid_include_jti,
         }
     }
 }
@@ -84,6 +86,12 @@ pub fn entry_from_wire(
             reason: "cannot be negative".into(),
         });
     }
+    if e.jwt_svid_ttl < 0 {
+        return Err(Error::InvalidEntry {
+            field: "jwt_svid_ttl",
+            reason: "cannot be negative".into(),
+        });
+    }
     if e.expires_at < 0 {
         return Err(Error::InvalidEntry {
             field: "expires_at",
@@ -96,6 +104,8 @@ pub fn entry_from_wire(
         parent_id: field("parent_id", &e.parent_id)?,
         selectors: selectors_from_wire(&e.selectors)?,
         x509_svid_ttl: (e.x509_svid_ttl > 0).then(|| Duration::from_secs(e.x509_svid_ttl as u64)),
+        jwt_svid_ttl: (e.jwt_svid_ttl > 0).then(|| Duration::from_secs(e.jwt_svid_ttl as u64)),
+        jwt_svid_include_jti: e.jwt_svid_include_jti,
         dns_names: e.dns_names.clone(),
         hint: e.hint.clone(),
         admin: e.admin,
@@ -186,6 +196,8 @@ mod tests {
                 .into_iter()
                 .collect(),
             x509_svid_ttl: Some(Duration::from_secs(30)),
+            jwt_svid_ttl: Some(Duration::from_secs(300)),
+            jwt_svid_include_jti: true,
             dns_names: vec!["a.example".into()],
             hint: "h".into(),
             admin: true,
@@ -195,6 +207,16 @@ mod tests {
             created_at: 7,
         };
         let wire = types::Entry::from(&e);
+        assert_eq!((wire.jwt_svid_ttl, wire.jwt_svid_include_jti), (300, true));
+        assert_eq!(entry_from_wire(&wire, None).unwrap(), e);
+        // The defaults: no JWT TTL travels as 0, and 0 comes back as the default.
+        let e = RegistrationEntry {
+            jwt_svid_ttl: None,
+            jwt_svid_include_jti: false,
+            ..e
+        };
+        let wire = types::Entry::from(&e);
+        assert_eq!((wire.jwt_svid_ttl, wire.jwt_svid_include_jti), (0, false));
         assert_eq!(entry_from_wire(&wire, None).unwrap(), e);
     }
 
@@ -225,6 +247,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("x509_svid_ttl")
+        );
+        wire.x509_svid_ttl = 0;
+        wire.jwt_svid_ttl = -1;
+        assert!(
+            entry_from_wire(&wire, None)
+                .unwrap_err()
+                .to_string()
+                .contains("jwt_svid_ttl")
         );
         let empty_id = types::Entry::default();
         assert!(

@@ -31,6 +31,7 @@ fn entry_strategy() -> impl Strategy<Value = types::Entry> {
         any::<i64>(),
         proptest::collection::vec("[a-z.]{0,10}", 0..3),
         any::<(bool, bool, i64, u64, i64)>(),
+        any::<(i64, bool)>(),
     )
         .prop_map(
             |(
@@ -41,6 +42,7 @@ fn entry_strategy() -> impl Strategy<Value = types::Entry> {
                 ttl,
                 dns_names,
                 (admin, downstream, expires_at, revision, created_at),
+                (jwt_svid_ttl, jwt_svid_include_jti),
             )| {
                 types::Entry {
                     id,
@@ -55,6 +57,8 @@ fn entry_strategy() -> impl Strategy<Value = types::Entry> {
                     expires_at,
                     revision,
                     created_at,
+                    jwt_svid_ttl,
+                    jwt_svid_include_jti,
                 }
             },
         )
@@ -88,6 +92,8 @@ fn good_entry() -> types::Entry {
         expires_at: 0,
         revision: 3,
         created_at: 1_700_000_000,
+        jwt_svid_ttl: 300,
+        jwt_svid_include_jti: true,
     }
 }
 

@@ -483,6 +483,8 @@ mod tests {
             parent_id: parent.parse().unwrap(),
             selectors: sel(s),
             x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            jwt_svid_include_jti: false,
             dns_names: vec![],
             hint: String::new(),
             admin: false,

@@ -22,7 +22,8 @@ use crate::{Error, Result};
 
 /// The columns of an entry row, in [`EntryRow`] order, for a query on `entries e`.
 const ENTRY_COLUMNS: &str = "e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, \
-     e.admin, e.downstream, e.expires_at, e.revision, e.created_at";
+     e.admin, e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
+     e.jwt_svid_include_jti";
 
 /// One row of `entries`, as stored.
 #[derive(sqlx::FromRow)]
@@ -37,6 +38,8 @@ struct EntryRow {
     expires_at: Option<i64>,
     revision: i64,
     created_at: i64,
+    jwt_svid_ttl: Option<i64>,
+    jwt_svid_include_jti: bool,
 }
 
 /// The kind of an `entry_events` row.
@@ -92,17 +95,20 @@ impl Datastore {
         check_similar(&mut tx, entry).await?;
         sqlx::query(
             "UPDATE entries SET spiffe_id = $2, parent_id = $3, x509_svid_ttl = $4, hint = $5, \
-             admin = $6, downstream = $7, expires_at = $8, revision = revision + 1 \
+             admin = $6, downstream = $7, expires_at = $8, jwt_svid_ttl = $9, \
+             jwt_svid_include_jti = $10, revision = revision + 1 \
              WHERE id = $1",
         )
         .bind(id)
         .bind(entry.spiffe_id.as_str())
         .bind(entry.parent_id.as_str())
-        .bind(ttl_to_db(entry.x509_svid_ttl)?)
+        .bind(ttl_to_db("x509_svid_ttl", entry.x509_svid_ttl)?)
         .bind(entry.hint.as_str())
         .bind(entry.admin)
         .bind(entry.downstream)
         .bind(entry.expires_at)
+        .bind(ttl_to_db("jwt_svid_ttl", entry.jwt_svid_ttl)?)
+        .bind(entry.jwt_svid_include_jti)
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM entry_selectors WHERE entry_id = $1")
@@ -217,13 +223,13 @@ pub(super) async fn insert_entry(
     check_similar(conn, entry).await?;
     sqlx::query(
         "INSERT INTO entries (id, spiffe_id, parent_id, x509_svid_ttl, hint, admin, \
-         downstream, expires_at, revision, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         downstream, expires_at, revision, created_at, jwt_svid_ttl, jwt_svid_include_jti) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(id)
     .bind(entry.spiffe_id.as_str())
     .bind(entry.parent_id.as_str())
-    .bind(ttl_to_db(entry.x509_svid_ttl)?)
+    .bind(ttl_to_db("x509_svid_ttl", entry.x509_svid_ttl)?)
     .bind(entry.hint.as_str())
     .bind(entry.admin)
     .bind(entry.downstream)
@@ -235,6 +241,8 @@ pub(super) async fn insert_entry(
         ))
     })?)
     .bind(entry.created_at)
+    .bind(ttl_to_db("jwt_svid_ttl", entry.jwt_svid_ttl)?)
+    .bind(entry.jwt_svid_include_jti)
     .execute(&mut *conn)
     .await
     .map_err(|e| {
@@ -459,19 +467,23 @@ fn entry_from_row(
 ) -> Result<RegistrationEntry> {
     let at = format!("entries id={:?}", row.id);
     let id = EntryId::new(&row.id).map_err(|e| corrupt(&at, e))?;
-    let x509_svid_ttl = match row.x509_svid_ttl {
-        None => None,
-        Some(secs) => {
-            Some(Duration::from_secs(u64::try_from(secs).map_err(|_| {
-                corrupt(&at, format!("x509_svid_ttl {secs} < 0"))
-            })?))
-        }
+    let ttl_from_db = |column: &str, v: Option<i64>| -> Result<Option<Duration>> {
+        v.map(|secs| {
+            u64::try_from(secs)
+                .map(Duration::from_secs)
+                .map_err(|_| corrupt(&at, format!("{column} {secs} < 0")))
+        })
+        .transpose()
     };
+    let x509_svid_ttl = ttl_from_db("x509_svid_ttl", row.x509_svid_ttl)?;
+    let jwt_svid_ttl = ttl_from_db("jwt_svid_ttl", row.jwt_svid_ttl)?;
     Ok(RegistrationEntry {
         spiffe_id: parse_spiffe_id(&at, &row.spiffe_id)?,
         parent_id: parse_spiffe_id(&at, &row.parent_id)?,
         selectors: selectors.into_iter().collect(),
         x509_svid_ttl,
+        jwt_svid_ttl,
+        jwt_svid_include_jti: row.jwt_svid_include_jti,
         dns_names,
         hint: row.hint,
         admin: row.admin,
@@ -484,12 +496,11 @@ fn entry_from_row(
     })
 }
 
-/// A TTL in whole seconds (sub-second parts are dropped).
-fn ttl_to_db(ttl: Option<Duration>) -> Result<Option<i64>> {
+/// The TTL of `column` in whole seconds (sub-second parts are dropped).
+fn ttl_to_db(column: &str, ttl: Option<Duration>) -> Result<Option<i64>> {
     ttl.map(|d| {
-        i64::try_from(d.as_secs()).map_err(|_| {
-            Error::InvalidArgument(format!("x509_svid_ttl {} s is too large", d.as_secs()))
-        })
+        i64::try_from(d.as_secs())
+            .map_err(|_| Error::InvalidArgument(format!("{column} {} s is too large", d.as_secs())))
     })
     .transpose()
 }

@@ -35,6 +35,8 @@ fn entry(id: &str, path: &str, selectors: &[&str]) -> RegistrationEntry {
         parent_id: sid(AGENT),
         selectors: sels(selectors),
         x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        jwt_svid_include_jti: false,
         dns_names: Vec::new(),
         hint: String::new(),
         admin: false,
@@ -52,6 +54,8 @@ fn full_entry() -> RegistrationEntry {
         parent_id: sid(AGENT),
         selectors: sels(&["unix:uid:1000", "unix:gid:1000", "k8s:ns:default"]),
         x509_svid_ttl: Some(Duration::from_secs(3600)),
+        jwt_svid_ttl: Some(Duration::from_secs(300)),
+        jwt_svid_include_jti: true,
         // Not in sorted order: the order must be kept.
         dns_names: vec![
             "web.example.org".into(),
@@ -120,6 +124,8 @@ async fn entry_crud_round_trip() {
     u.selectors = sels(&["unix:uid:2000"]);
     u.dns_names = vec!["b.example.org".into()];
     u.x509_svid_ttl = None;
+    u.jwt_svid_ttl = None;
+    u.jwt_svid_include_jti = false;
     u.hint = String::new();
     u.admin = false;
     u.downstream = false;
@@ -524,6 +530,111 @@ async fn corrupt_rows_are_datastore_errors() {
         matches!(&err, Error::Datastore(m) if m.contains("entry_selectors")),
         "{err:?}"
     );
+}
+
+#[tokio::test]
+async fn jwt_settings_round_trip_through_create_update_and_list() {
+    let ds = mem().await;
+    let mut e = entry("j1", "/jwt", &["t:a"]);
+    ds.create_entry(&e).await.unwrap();
+    let got = ds.get_entry(&e.id).await.unwrap().unwrap();
+    assert_eq!((got.jwt_svid_ttl, got.jwt_svid_include_jti), (None, false));
+
+    // Set by an update, then read back by id and by a listing.
+    e.jwt_svid_ttl = Some(Duration::from_secs(86_400));
+    e.jwt_svid_include_jti = true;
+    let stored = ds.update_entry(&e).await.unwrap();
+    assert_eq!(
+        (stored.jwt_svid_ttl, stored.jwt_svid_include_jti),
+        (Some(Duration::from_secs(86_400)), true)
+    );
+    let listed = ds.list_all_entries().await.unwrap();
+    assert_eq!(
+        (listed[0].jwt_svid_ttl, listed[0].jwt_svid_include_jti),
+        (Some(Duration::from_secs(86_400)), true)
+    );
+    let row: (Option<i64>, bool, Option<i64>) = sqlx::query_as(
+        "SELECT jwt_svid_ttl, jwt_svid_include_jti, x509_svid_ttl FROM entries WHERE id = 'j1'",
+    )
+    .fetch_one(&ds.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        row,
+        (Some(86_400), true, None),
+        "stored in their own columns"
+    );
+
+    // A negative stored TTL is a corrupt row, named.
+    sqlx::query("UPDATE entries SET jwt_svid_ttl = -5")
+        .execute(&ds.pool)
+        .await
+        .unwrap();
+    let err = ds.get_entry(&e.id).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Datastore(m) if m.contains("jwt_svid_ttl -5")),
+        "{err:?}"
+    );
+}
+
+/// A database written before schema version 5 (no JWT columns) is migrated when opened,
+/// and its entries read back with the default JWT TTL and no `jti`.
+#[tokio::test]
+async fn entries_from_before_the_jwt_migration_read_back_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("carapace.sqlite");
+    {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        MIGRATOR.run_to(4, &pool).await.unwrap();
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('entries')")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert!(!columns.iter().any(|c| c.starts_with("jwt")), "{columns:?}");
+        // The row version 4 wrote, with the columns it knew.
+        sqlx::query(
+            "INSERT INTO entries (id, spiffe_id, parent_id, x509_svid_ttl, hint, admin, \
+             downstream, expires_at, revision, created_at) \
+             VALUES ('old-1', 'spiffe://example.org/old', $1, 600, 'h', 0, 0, NULL, 2, 1000)",
+        )
+        .bind(AGENT)
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO entry_selectors (entry_id, type, value) VALUES ('old-1', 't', 'a')",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let ds = Datastore::open(&path).await.unwrap();
+    let got = ds.get_entry(&eid("old-1")).await.unwrap().unwrap();
+    assert_eq!((got.jwt_svid_ttl, got.jwt_svid_include_jti), (None, false));
+    assert_eq!(got.x509_svid_ttl, Some(Duration::from_secs(600)));
+    assert_eq!((got.revision, got.hint.as_str()), (2, "h"));
+    // And it takes JWT settings like any entry.
+    let mut u = got.clone();
+    u.jwt_svid_ttl = Some(Duration::from_secs(60));
+    u.jwt_svid_include_jti = true;
+    let stored = ds.update_entry(&u).await.unwrap();
+    assert_eq!(
+        (
+            stored.jwt_svid_ttl,
+            stored.jwt_svid_include_jti,
+            stored.revision
+        ),
+        (Some(Duration::from_secs(60)), true, 3)
+    );
+    ds.close().await;
 }
 
 // ---------------------------------------------------------------- join tokens

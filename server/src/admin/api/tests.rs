@@ -139,6 +139,9 @@ async fn entry_lifecycle_through_the_cli() {
             "unix:user:www",
             "--x509-svid-ttl",
             "1h",
+            "--jwt-svid-ttl",
+            "2m",
+            "--jwt-svid-include-jti",
             "--dns-name",
             "web.example.org",
             "--hint",
@@ -149,12 +152,19 @@ async fn entry_lifecycle_through_the_cli() {
         ])
         .await;
     let id = line_value(&out, "Entry ID").to_owned();
+    let stored = s.cache.get_entry(&EntryId::new(&id).unwrap()).unwrap();
+    assert_eq!(
+        (stored.jwt_svid_ttl, stored.jwt_svid_include_jti),
+        (Some(Duration::from_secs(120)), true)
+    );
     uuid::Uuid::parse_str(&id).unwrap_or_else(|e| panic!("entry id {id:?} is not a uuid: {e}"));
     for line in [
         "SPIFFE ID        : spiffe://example.org/web\n",
         &format!("Parent ID        : {AGENT}\n"),
         "Revision         : 0\n",
         "X509-SVID TTL    : 1h\n",
+        "JWT-SVID TTL     : 2m\n",
+        "JWT-SVID jti     : true\n",
         "Selector         : unix:uid:1000\n",
         "Selector         : unix:user:www\n",
         "DNS name         : web.example.org\n",
@@ -265,6 +275,11 @@ async fn entry_lifecycle_through_the_cli() {
     assert_eq!(
         (updated.x509_svid_ttl, updated.expires_at, updated.admin),
         (None, None, false)
+    );
+    assert_eq!(
+        (updated.jwt_svid_ttl, updated.jwt_svid_include_jti),
+        (None, false),
+        "an update without the JWT flags resets them to the defaults"
     );
     assert!(updated.dns_names.is_empty() && updated.hint.is_empty());
     assert_eq!(
@@ -392,6 +407,28 @@ async fn out_of_range_times_and_ttls_are_refused_and_write_nothing() {
             },
         ),
         (
+            "jwt_svid_ttl",
+            types::Entry {
+                jwt_svid_ttl: i64::MAX,
+                ..good.clone()
+            },
+        ),
+        (
+            "jwt_svid_ttl",
+            types::Entry {
+                jwt_svid_ttl: 86_401,
+                jwt_svid_include_jti: true,
+                ..good.clone()
+            },
+        ),
+        (
+            "jwt_svid_ttl",
+            types::Entry {
+                jwt_svid_ttl: -1,
+                ..good.clone()
+            },
+        ),
+        (
             "expires_at",
             types::Entry {
                 expires_at: 99_999_999_999_999,
@@ -469,10 +506,34 @@ async fn out_of_range_times_and_ttls_are_refused_and_write_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = client
+        .update_entry(UpdateEntryRequest {
+            entry: Some(types::Entry {
+                jwt_svid_ttl: 86_401,
+                jwt_svid_include_jti: true,
+                ..created.clone()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("jwt_svid_ttl"),
+        "{}",
+        status.message()
+    );
     let shown = s.ok(&["entry", "show", "--output", "json"]).await;
     let list: EntryList = serde_json::from_str(&shown).unwrap();
     assert_eq!(list.entries.len(), 1);
     assert_eq!(list.entries[0].expires_at, None);
+    assert_eq!(
+        (
+            list.entries[0].jwt_svid_ttl,
+            list.entries[0].jwt_svid_include_jti
+        ),
+        (None, false),
+        "the refused update left the JWT settings alone"
+    );
     assert_eq!(list.entries[0].revision, created.revision);
     // The edges of the ranges are accepted: uid 1 in canonical form, the last second
     // X.509 can write, and a 365-day TTL.
@@ -483,6 +544,9 @@ async fn out_of_range_times_and_ttls_are_refused_and_write_nothing() {
         "9999-12-31T23:59:59Z",
         "--x509-svid-ttl",
         "365days",
+        "--jwt-svid-ttl",
+        "1day",
+        "--jwt-svid-include-jti",
     ]))
     .await;
     s.stop().await;
@@ -500,6 +564,8 @@ async fn entry_show_prints_rows_an_older_version_stored_with_extreme_values() {
             .into_iter()
             .collect(),
         x509_svid_ttl: Some(Duration::from_secs(i64::MAX as u64)),
+        jwt_svid_ttl: None,
+        jwt_svid_include_jti: false,
         dns_names: vec![],
         hint: String::new(),
         admin: false,

@@ -39,6 +39,8 @@ impl AdminApi {
                     .into_iter()
                     .collect::<SelectorSet>(),
                 x509_svid_ttl: None,
+                jwt_svid_ttl: None,
+                jwt_svid_include_jti: false,
                 dns_names: Vec::new(),
                 hint: String::new(),
                 admin: false,

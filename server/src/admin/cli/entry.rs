@@ -48,6 +48,14 @@ pub struct EntryFields {
     /// (default: the server's).
     #[arg(long, value_name = "DURATION", value_parser = carapace_common::parse_duration_flag)]
     pub x509_svid_ttl: Option<Duration>,
+    /// JWT-SVID lifetime: seconds (300) or with units (5m, 1h), at most 1 day (default:
+    /// the server's default_jwt_svid_ttl, 5m unless configured).
+    #[arg(long, value_name = "DURATION", value_parser = carapace_common::parse_duration_flag)]
+    pub jwt_svid_ttl: Option<Duration>,
+    /// Put a unique `jti` (JWT ID) claim in every JWT-SVID of this entry, for audiences
+    /// that refuse a token they have seen before.
+    #[arg(long)]
+    pub jwt_svid_include_jti: bool,
     /// DNS name to add to the SVID; repeat for several (the first becomes the CN).
     #[arg(long = "dns-name", value_name = "NAME")]
     pub dns_names: Vec<String>,
@@ -129,6 +137,12 @@ pub struct EntryView {
     pub selectors: Vec<String>,
     /// X509-SVID lifetime in seconds; `None` for the server default.
     pub x509_svid_ttl: Option<u64>,
+    /// JWT-SVID lifetime in seconds; `None` for the server default.
+    #[serde(default)]
+    pub jwt_svid_ttl: Option<u64>,
+    /// Whether its JWT-SVIDs carry a `jti` claim.
+    #[serde(default)]
+    pub jwt_svid_include_jti: bool,
     /// Extra DNS names.
     pub dns_names: Vec<String>,
     /// Hint.
@@ -157,6 +171,8 @@ impl From<&types::Entry> for EntryView {
                 .map(|s| format!("{}:{}", s.r#type, s.value))
                 .collect(),
             x509_svid_ttl: u64::try_from(e.x509_svid_ttl).ok().filter(|t| *t > 0),
+            jwt_svid_ttl: u64::try_from(e.jwt_svid_ttl).ok().filter(|t| *t > 0),
+            jwt_svid_include_jti: e.jwt_svid_include_jti,
             dns_names: e.dns_names.clone(),
             hint: e.hint.clone(),
             admin: e.admin,
@@ -196,13 +212,21 @@ pub fn format_entry_human(e: &EntryView) -> String {
     field(&mut out, "SPIFFE ID", &e.spiffe_id);
     field(&mut out, "Parent ID", &e.parent_id);
     field(&mut out, "Revision", e.revision);
-    match e.x509_svid_ttl {
-        Some(t) => field(
-            &mut out,
-            "X509-SVID TTL",
-            humantime::format_duration(Duration::from_secs(t)),
-        ),
-        None => field(&mut out, "X509-SVID TTL", "default"),
+    for (label, ttl) in [
+        ("X509-SVID TTL", e.x509_svid_ttl),
+        ("JWT-SVID TTL", e.jwt_svid_ttl),
+    ] {
+        match ttl {
+            Some(t) => field(
+                &mut out,
+                label,
+                humantime::format_duration(Duration::from_secs(t)),
+            ),
+            None => field(&mut out, label, "default"),
+        }
+    }
+    if e.jwt_svid_include_jti {
+        field(&mut out, "JWT-SVID jti", true);
     }
     for s in &e.selectors {
         field(&mut out, "Selector", s);
@@ -267,6 +291,13 @@ impl EntryFields {
                 self.x509_svid_ttl,
                 carapace_core::limits::MAX_X509_SVID_TTL,
             )?,
+            jwt_svid_ttl: ttl_secs(
+                cmd,
+                "--jwt-svid-ttl",
+                self.jwt_svid_ttl,
+                carapace_core::limits::MAX_JWT_SVID_TTL,
+            )?,
+            jwt_svid_include_jti: self.jwt_svid_include_jti,
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone().unwrap_or_default(),
             admin: self.admin,

@@ -1,5 +1,5 @@
 //! The admin subcommands of `carapace-server` (`entry`, `agent`, `bundle`, `token`,
-//! `x509`, `localauthority`, `healthcheck`): each validates its input locally, calls the admin API on the
+//! `x509`, `jwt`, `localauthority`, `healthcheck`): each validates its input locally, calls the admin API on the
 //! server's Unix socket, and returns what to print, human-readable (SPIRE-like) or JSON
 //! (`--output json`).
 //!
@@ -24,6 +24,7 @@ mod client;
 mod entry;
 mod flags;
 mod health;
+mod jwt;
 mod token;
 mod view;
 mod x509;
@@ -41,8 +42,9 @@ pub use agent::{
 };
 pub use authority::{
     AuthorityActivateArgs, AuthorityArgs, AuthorityIdArgs, AuthorityStateView, AuthorityView,
-    LocalAuthorityCommand, X509AuthorityCommand, format_authority_human,
-    format_authority_state_human,
+    JwtAuthorityActivateArgs, JwtAuthorityCommand, JwtAuthorityIdArgs, JwtAuthorityStateView,
+    JwtAuthorityView, LocalAuthorityCommand, X509AuthorityCommand, format_authority_human,
+    format_authority_state_human, format_jwt_authority_human, format_jwt_authority_state_human,
 };
 pub use bundle::{BundleCommand, BundleFormat, BundleShowArgs};
 // The admin API's tests talk to their server over the CLI's checked connection.
@@ -55,6 +57,7 @@ pub use entry::{
 };
 pub use flags::Common;
 pub use health::{HealthView, HealthcheckArgs};
+pub use jwt::{JwtCommand, JwtMintArgs, JwtMintView, format_jwt_mint_human};
 pub use token::{TokenCommand, TokenGenerateArgs, TokenView, format_token_human};
 pub use view::{OutputFormat, rfc3339};
 pub use x509::{MintView, X509Command, X509MintArgs, format_mint_human};
@@ -77,7 +80,10 @@ pub enum AdminCommand {
     /// Mint X509-SVIDs outside of any agent.
     #[command(subcommand)]
     X509(X509Command),
-    /// Show, prepare, activate, taint and revoke the server's own CAs.
+    /// Mint JWT-SVIDs outside of any agent.
+    #[command(subcommand)]
+    Jwt(JwtCommand),
+    /// Show, prepare, activate, taint and revoke the server's own CAs and JWT keys.
     #[command(subcommand)]
     Localauthority(LocalAuthorityCommand),
     /// Check that the server answers on its admin socket.
@@ -92,6 +98,7 @@ pub async fn execute(cmd: AdminCommand) -> Result<String> {
         AdminCommand::Bundle(c) => bundle::run(c).await,
         AdminCommand::Token(c) => token::run(c).await,
         AdminCommand::X509(c) => x509::run(c).await,
+        AdminCommand::Jwt(c) => jwt::run(c).await,
         AdminCommand::Localauthority(c) => authority::run(c).await,
         AdminCommand::Healthcheck(a) => health::run(a).await,
     }

@@ -30,6 +30,8 @@ fn entry() -> EntryView {
         parent_id: "spiffe://example.org/spire/agent/join_token/aa".into(),
         selectors: vec!["unix:uid:1000".into(), "unix:user:www".into()],
         x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        jwt_svid_include_jti: false,
         dns_names: vec![],
         hint: String::new(),
         admin: false,
@@ -49,11 +51,14 @@ fn entry_human_format_is_spire_like() {
          Parent ID        : spiffe://example.org/spire/agent/join_token/aa\n\
          Revision         : 0\n\
          X509-SVID TTL    : default\n\
+         JWT-SVID TTL     : default\n\
          Selector         : unix:uid:1000\n\
          Selector         : unix:user:www\n"
     );
     let full = EntryView {
         x509_svid_ttl: Some(5400),
+        jwt_svid_ttl: Some(300),
+        jwt_svid_include_jti: true,
         dns_names: vec!["web.example.org".into()],
         hint: "web".into(),
         admin: true,
@@ -66,6 +71,8 @@ fn entry_human_format_is_spire_like() {
     for line in [
         "Revision         : 3\n",
         "X509-SVID TTL    : 1h 30m\n",
+        "JWT-SVID TTL     : 5m\n",
+        "JWT-SVID jti     : true\n",
         "DNS name         : web.example.org\n",
         "Hint             : web\n",
         "Admin            : true\n",
@@ -100,6 +107,8 @@ fn entry_lists_and_counts() {
 fn entry_json_round_trips_with_nulls_for_defaults() {
     let v: serde_json::Value = serde_json::from_str(&json(&entry()).unwrap()).unwrap();
     assert_eq!(v["x509_svid_ttl"], serde_json::Value::Null);
+    assert_eq!(v["jwt_svid_ttl"], serde_json::Value::Null);
+    assert_eq!(v["jwt_svid_include_jti"], false);
     assert_eq!(v["expires_at"], serde_json::Value::Null);
     assert_eq!(v["selectors"][0], "unix:uid:1000");
     let back: EntryView = serde_json::from_value(v).unwrap();
@@ -112,6 +121,31 @@ fn entry_json_round_trips_with_nulls_for_defaults() {
     };
     let view = EntryView::from(&wire);
     assert_eq!((view.x509_svid_ttl, view.expires_at), (None, None));
+    assert_eq!(
+        (view.jwt_svid_ttl, view.jwt_svid_include_jti),
+        (None, false)
+    );
+    let wire = types::Entry {
+        jwt_svid_ttl: 600,
+        jwt_svid_include_jti: true,
+        ..Default::default()
+    };
+    let view = EntryView::from(&wire);
+    assert_eq!(
+        (view.jwt_svid_ttl, view.jwt_svid_include_jti),
+        (Some(600), true)
+    );
+    let v: serde_json::Value = serde_json::from_str(&json(&view).unwrap()).unwrap();
+    assert_eq!(
+        (&v["jwt_svid_ttl"], &v["jwt_svid_include_jti"]),
+        (&600.into(), &true.into())
+    );
+    // JSON an older CLI printed (without the JWT fields) still reads, as the defaults.
+    let mut old = serde_json::to_value(entry()).unwrap();
+    let obj = old.as_object_mut().unwrap();
+    obj.remove("jwt_svid_ttl");
+    obj.remove("jwt_svid_include_jti");
+    assert_eq!(serde_json::from_value::<EntryView>(old).unwrap(), entry());
 }
 
 #[test]
@@ -280,6 +314,9 @@ fn command_line_shape() {
         "unix:gid:2",
         "--x509-svid-ttl",
         "1h",
+        "--jwt-svid-ttl",
+        "10m",
+        "--jwt-svid-include-jti",
         "--dns-name",
         "b.example",
         "--admin",
@@ -302,6 +339,8 @@ fn command_line_shape() {
     assert_eq!(a.common.output, OutputFormat::Json);
     let wire = a.fields.to_wire("entry create", String::new()).unwrap();
     assert_eq!(wire.x509_svid_ttl, 3600);
+    assert_eq!((wire.jwt_svid_ttl, wire.jwt_svid_include_jti), (600, true));
+    assert_eq!(a.fields.jwt_svid_ttl, Some(Duration::from_secs(600)));
     assert_eq!(
         wire.selectors[1],
         types::Selector {
@@ -391,6 +430,8 @@ fn client_side_checks_name_the_flag() {
         spiffe_id: spiffe.into(),
         selectors: sel.iter().map(|s| s.to_string()).collect(),
         x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        jwt_svid_include_jti: false,
         dns_names: vec![],
         hint: None,
         admin: false,
@@ -441,7 +482,26 @@ fn client_side_checks_name_the_flag() {
     assert!(err(f.clone()).contains("--dns-name"));
     f.dns_names.clear();
     f.x509_svid_ttl = Some(Duration::from_millis(500));
-    assert!(err(f).contains("--x509-svid-ttl"));
+    assert!(err(f.clone()).contains("--x509-svid-ttl"));
+    f.x509_svid_ttl = None;
+    f.jwt_svid_ttl = Some(Duration::from_millis(500));
+    assert_eq!(
+        err(f.clone()),
+        "entry create: --jwt-svid-ttl: must be at least one second"
+    );
+    f.jwt_svid_ttl = Some(Duration::from_secs(86_401));
+    assert_eq!(
+        err(f.clone()),
+        "entry create: --jwt-svid-ttl: 86401s is outside the allowed range 1s to 1 day"
+    );
+    f.jwt_svid_ttl = Some(Duration::from_secs(86_400));
+    assert_eq!(
+        f.to_wire("entry create", String::new())
+            .unwrap()
+            .jwt_svid_ttl,
+        86_400,
+        "the edge of the range is accepted"
+    );
 }
 
 #[test]
@@ -602,4 +662,373 @@ async fn a_socket_directory_of_another_uid_is_refused_with_the_server_uid_hint()
         .to_string();
     assert!(err.contains("is owned by uid 65534"), "{err}");
     assert!(err.contains("--server-uid"), "{err}");
+}
+
+#[test]
+fn jwt_mint_parses_and_requires_an_audience() {
+    let cmd = parse(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/m",
+        "--audience",
+        "https://vault.example.org",
+        "--audience",
+        "b",
+        "--ttl",
+        "10m",
+        "--output",
+        "json",
+    ])
+    .unwrap();
+    let AdminCommand::Jwt(JwtCommand::Mint(a)) = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(a.audiences, ["https://vault.example.org", "b"]);
+    assert_eq!(a.ttl, Some(Duration::from_secs(600)));
+    assert_eq!(a.common.output, OutputFormat::Json);
+    // --audience is required: a clap error (exit code 2), naming it.
+    let err = parse(&["jwt", "mint", "--spiffe-id", "spiffe://example.org/m"]).unwrap_err();
+    assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("--audience <AUDIENCE>"), "{err}");
+    let err = parse(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/m",
+        "--audience",
+        "a",
+        "--ttl",
+        "an hour",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--ttl") && err.contains("expected seconds (60) or a duration with units"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn jwt_mint_bad_input_is_refused_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing-here.sock");
+    let socket = socket.to_str().unwrap();
+    let long = "a".repeat(1025);
+    for (extra, needle) in [
+        (
+            vec!["--spiffe-id", "not-an-id", "--audience", "a"],
+            "jwt mint: --spiffe-id: invalid SPIFFE ID \"not-an-id\": scheme must be spiffe:// \
+             (spiffe://trust-domain/path)",
+        ),
+        (
+            vec!["--spiffe-id", "spiffe://example.org/m", "--audience", ""],
+            "jwt mint: --audience: cannot be empty",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/m",
+                "--audience",
+                "a",
+                "--audience",
+                "a",
+            ],
+            "jwt mint: --audience: \"a\" is given twice",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/m",
+                "--audience",
+                "a\nb",
+            ],
+            "jwt mint: --audience: \"a\\nb\" contains control characters",
+        ),
+        (
+            vec!["--spiffe-id", "spiffe://example.org/m", "--audience", &long],
+            "jwt mint: --audience: longer than 1024 bytes",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/m",
+                "--audience",
+                "a",
+                "--ttl",
+                "86401",
+            ],
+            "jwt mint: --ttl: 86401s is outside the allowed range 1s to 1 day",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/m",
+                "--audience",
+                "a",
+                "--ttl",
+                "0",
+            ],
+            "jwt mint: --ttl: must be at least one second",
+        ),
+    ] {
+        let mut args = vec!["jwt", "mint"];
+        args.extend(extra.iter().copied());
+        args.extend(["--admin-socket", socket]);
+        let cmd = parse(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        let err = execute(cmd).await.unwrap_err().to_string();
+        assert_eq!(err, needle, "{args:?}");
+    }
+}
+
+#[test]
+fn jwt_mint_prints_the_token_alone_or_json() {
+    let token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+    let svid = carapace_proto::types::JwtSvid {
+        token: token.into(),
+        spiffe_id: "spiffe://example.org/m".into(),
+        expires_at: 1_893_456_300,
+        issued_at: 1_893_456_000,
+    };
+    let view = super::jwt::view_of_minted("jwt mint", "spiffe://example.org/m", Some(svid.clone()))
+        .unwrap();
+    assert_eq!(format_jwt_mint_human(&view), format!("{token}\n"));
+    let v: serde_json::Value = serde_json::from_str(&json(&view).unwrap()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "token": token,
+            "spiffe_id": "spiffe://example.org/m",
+            "expires_at": 1_893_456_300,
+            "issued_at": 1_893_456_000,
+        })
+    );
+    // What the server answers is checked before anything is printed.
+    let err = |requested: &str, svid: Option<carapace_proto::types::JwtSvid>| {
+        super::jwt::view_of_minted("jwt mint", requested, svid)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err("spiffe://example.org/m", None).contains("incomplete answer"));
+    assert!(
+        err("spiffe://example.org/other", Some(svid.clone())).contains(
+            "minted a token for \"spiffe://example.org/m\", not spiffe://example.org/other"
+        )
+    );
+    for bad in ["", "a.b", "a..c", "a.b.c.d", "a.b.c\n", "a.b+.c"] {
+        let e = err(
+            "spiffe://example.org/m",
+            Some(carapace_proto::types::JwtSvid {
+                token: bad.into(),
+                ..svid.clone()
+            }),
+        );
+        assert!(e.contains("not a JWT"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn localauthority_jwt_parses_like_x509_and_checks_kids_locally() {
+    let kid = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs";
+    let cmd = parse(&["localauthority", "jwt", "taint", "--authority-id", kid]).unwrap();
+    assert!(matches!(
+        cmd,
+        AdminCommand::Localauthority(LocalAuthorityCommand::Jwt(JwtAuthorityCommand::Taint(ref a)))
+            if a.authority_id == kid
+    ));
+    assert!(
+        parse(&["localauthority", "jwt", "revoke"]).is_err(),
+        "--authority-id is required"
+    );
+    assert!(
+        parse(&["localauthority", "jwt", "taint"]).is_err(),
+        "--authority-id is required"
+    );
+    assert!(
+        parse(&["localauthority", "jwt", "activate"]).is_ok(),
+        "its id is optional"
+    );
+    for verb in ["show", "prepare"] {
+        parse(&["localauthority", "jwt", verb, "--output", "json"]).unwrap();
+    }
+    assert_eq!(
+        super::authority::jwt_authority_id("c", &format!(" {kid} ")).unwrap(),
+        kid
+    );
+}
+
+#[tokio::test]
+async fn localauthority_jwt_bad_kids_are_refused_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing-here.sock");
+    let long = "a".repeat(129);
+    for (verb, id) in [
+        ("taint", "not a kid"),
+        ("revoke", ""),
+        ("activate", "a/b"),
+        ("taint", long.as_str()),
+        ("revoke", "kid="),
+    ] {
+        let cmd = parse(&[
+            "localauthority",
+            "jwt",
+            verb,
+            "--authority-id",
+            id,
+            "--admin-socket",
+            socket.to_str().unwrap(),
+        ])
+        .unwrap();
+        let err = execute(cmd).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("localauthority jwt {verb}: --authority-id: ")),
+            "{verb}: {err}"
+        );
+        assert!(
+            !err.contains("nothing-here"),
+            "{verb} tried to connect: {err}"
+        );
+    }
+}
+
+#[test]
+fn localauthority_jwt_human_and_json_formats() {
+    use carapace_proto::admin::{JwtAuthority, X509AuthorityStatus};
+    // A P-256 SubjectPublicKeyInfo prefix is enough to see the encoding.
+    let spki = vec![0x30, 0x59, 0x30, 0x13, 0x06, 0x07];
+    let wire = |id: &str, status: X509AuthorityStatus, tainted: bool| JwtAuthority {
+        authority_id: id.into(),
+        status: status as i32,
+        expires_at: 1_893_456_000,
+        tainted,
+        public_key: spki.clone(),
+    };
+    let old = JwtAuthorityView::from(&wire("kid-old", X509AuthorityStatus::Old, true));
+    assert_eq!(
+        old.public_key_pem,
+        "-----BEGIN PUBLIC KEY-----\nMFkwEwYH\n-----END PUBLIC KEY-----\n"
+    );
+    assert_eq!(
+        format_jwt_authority_human("Tainted JWT authority", &old),
+        "Tainted JWT authority:\n  \
+         Authority ID   : kid-old\n  \
+         Status         : old\n  \
+         Expires at     : 2030-01-01T00:00:00Z\n  \
+         Tainted        : true\n"
+    );
+    let state = super::authority::jwt_state_of(&[
+        wire("kid-a", X509AuthorityStatus::Active, false),
+        wire("kid-old", X509AuthorityStatus::Old, true),
+        wire("kid-older", X509AuthorityStatus::Old, false),
+    ]);
+    assert_eq!(state.active.as_ref().unwrap().authority_id, "kid-a");
+    assert!(state.prepared.is_none());
+    assert_eq!(state.old.len(), 2);
+    let out = format_jwt_authority_state_human(&state);
+    assert!(
+        out.starts_with(
+            "Active JWT authority:\n  Authority ID   : kid-a\n  Status         : active\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("\nPrepared JWT authority:\n  No prepared JWT authority found\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\nOld JWT authorities:\n  Authority ID   : kid-old\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Tainted        : true\n\n  Authority ID   : kid-older\n"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("PUBLIC KEY"),
+        "the key is in the JSON only: {out}"
+    );
+    let empty = format_jwt_authority_state_human(&super::authority::jwt_state_of(&[]));
+    assert!(empty.contains("No active JWT authority found"), "{empty}");
+    assert!(empty.contains("No old JWT authority found"), "{empty}");
+    let v: serde_json::Value = serde_json::from_str(&json(&state).unwrap()).unwrap();
+    assert_eq!(v["active"]["authority_id"], "kid-a");
+    assert_eq!(v["active"]["status"], "active");
+    assert_eq!(v["active"]["expires_at"], 1_893_456_000);
+    assert_eq!(v["active"]["tainted"], false);
+    assert_eq!(
+        v["active"]["public_key_pem"],
+        "-----BEGIN PUBLIC KEY-----\nMFkwEwYH\n-----END PUBLIC KEY-----\n"
+    );
+    assert!(v["prepared"].is_null());
+    assert_eq!(v["old"][0]["tainted"], true);
+    let back: JwtAuthorityStateView = serde_json::from_value(v).unwrap();
+    assert_eq!(back, state);
+}
+
+#[test]
+fn jwt_svid_ttl_takes_bare_seconds_and_units() {
+    let entry = |value: &str| {
+        parse(&[
+            "entry",
+            "update",
+            "--id",
+            "e1",
+            "--parent-id",
+            "spiffe://example.org/a",
+            "--spiffe-id",
+            "spiffe://example.org/b",
+            "--selector",
+            "unix:uid:1",
+            "--jwt-svid-ttl",
+            value,
+        ])
+    };
+    for (value, secs) in [("300", 300), ("300s", 300), ("5m", 300), ("1h", 3600)] {
+        let AdminCommand::Entry(EntryCommand::Update(a)) = entry(value).unwrap() else {
+            panic!()
+        };
+        assert_eq!(a.fields.jwt_svid_ttl, Some(Duration::from_secs(secs)));
+        assert!(!a.fields.jwt_svid_include_jti, "off unless asked for");
+    }
+    let err = entry("an hour").unwrap_err().to_string();
+    assert!(err.contains("--jwt-svid-ttl"), "{err}");
+}
+
+#[test]
+fn help_texts_name_the_jwt_commands_and_flags() {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let help = |cmd: &mut clap::Command, path: &[&str]| {
+        let mut c = cmd.clone();
+        for p in path {
+            c = c
+                .find_subcommand(p)
+                .unwrap_or_else(|| panic!("{path:?}"))
+                .clone();
+        }
+        c.render_long_help().to_string()
+    };
+    let top = help(&mut cmd, &[]);
+    assert!(
+        top.contains("jwt") && top.contains("Mint JWT-SVIDs"),
+        "{top}"
+    );
+    let mint = help(&mut cmd, &["jwt", "mint"]);
+    for needle in [
+        "--audience <AUDIENCE>",
+        "--ttl <DURATION>",
+        "at most 1 day",
+        "aud",
+    ] {
+        assert!(mint.contains(needle), "{needle:?} missing from\n{mint}");
+    }
+    let la = help(&mut cmd, &["localauthority", "jwt"]);
+    for verb in ["show", "prepare", "activate", "taint", "revoke"] {
+        assert!(la.contains(verb), "{verb} missing from\n{la}");
+    }
+    let create = help(&mut cmd, &["entry", "create"]);
+    for needle in ["--jwt-svid-ttl <DURATION>", "--jwt-svid-include-jti", "jti"] {
+        assert!(create.contains(needle), "{needle:?} missing from\n{create}");
+    }
 }
