@@ -365,9 +365,13 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     let default_jwt_svid_ttl = file
         .default_jwt_svid_ttl
         .unwrap_or(crate::jwt_keys::DEFAULT_JWT_SVID_TTL);
-    if let Err(e) = limits::check_duration(default_jwt_svid_ttl, MIN_TTL, max_svid) {
+    if let Err(e) = limits::check_duration(
+        default_jwt_svid_ttl,
+        MIN_TTL,
+        max_svid.min(limits::MAX_JWT_SVID_TTL),
+    ) {
         problems.push(format!(
-            "default_jwt_svid_ttl: {e} (at most ca_ttl/6, so a token is never cut short by key rotation)"
+            "default_jwt_svid_ttl: {e} (at most 1 day, and ca_ttl/6 so that key rotation never cuts a token short)"
         ));
     }
     if let Some(iss) = &file.jwt_issuer {

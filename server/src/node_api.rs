@@ -730,9 +730,9 @@ impl node::node_server::Node for NodeApi {
                 crate::jwt_keys::JwtRequest {
                     spiffe_id: entry.spiffe_id.clone(),
                     audiences: r.audience,
-                    ttl: self.settings.jwt.default_ttl, // MERGE: entry.jwt_svid_ttl
+                    ttl: entry.jwt_svid_ttl.unwrap_or(self.settings.jwt.default_ttl),
                     issuer: self.settings.jwt.issuer.clone(),
-                    include_jti: false, // MERGE: entry.jwt_svid_include_jti
+                    include_jti: entry.jwt_svid_include_jti,
                 },
                 unix_now(),
             )

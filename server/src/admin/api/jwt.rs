@@ -42,7 +42,7 @@ impl AdminApi {
             "ttl",
             req.ttl,
             self.settings.jwt.default_ttl,
-            carapace_core::limits::MAX_X509_SVID_TTL,
+            carapace_core::limits::MAX_JWT_SVID_TTL,
         )?;
         let issued = self
             .ca
