@@ -886,10 +886,7 @@ pub fn section(r: &mut Report, b8: &B8, plan: &JwtPlan, nproc: usize) {
             ] {
                 let s = Summary::of_durations_us(&l.latencies);
                 let per = |d: Duration| {
-                    format!(
-                        "{:.0}",
-                        d.as_secs_f64() * 1e6 / l.latencies.len().max(1) as f64
-                    )
+                    fmt_cpu_us(d.as_secs_f64() * 1e6 / l.latencies.len().max(1) as f64)
                 };
                 t.row([
                     label.to_owned(),
