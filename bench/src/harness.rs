@@ -16,6 +16,7 @@ use carapace_core::{Selector, TrustDomain};
 use carapace_proto::admin::admin_client::AdminClient;
 use carapace_proto::admin::{CreateEntryRequest, DeleteEntryRequest, HealthRequest};
 use carapace_proto::types;
+use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
 use crate::process::{Proc, free_port};
 
@@ -24,6 +25,20 @@ pub const TRUST_DOMAIN: &str = "example.org";
 
 /// How long to wait for a process to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `i`-th benchmark workload SPIFFE ID, `spiffe://example.org/bench/wl-i`.
+pub fn workload_id(i: usize) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/bench/wl-{i}")
+}
+
+/// A new connection (its own tonic channel over a new Unix stream) to the Workload API
+/// at `socket`.
+pub async fn workload_client(socket: &Path) -> Result<SpiffeWorkloadApiClient<Channel>> {
+    let channel = carapace_common::uds_channel(socket, None)
+        .await
+        .context("connecting to the Workload API")?;
+    Ok(SpiffeWorkloadApiClient::new(channel))
+}
 
 /// A wire entry for `spiffe_id`, parented to `parent`, with one selector (`type:value`).
 pub fn entry(spiffe_id: &str, parent: &str, selector: &str) -> Result<types::Entry> {

@@ -5,14 +5,15 @@
 //! attestation against the lab's MIT KDC) and B6 (workload attestation latency and Workload
 //! API connections per second on one agent), and B7 (the server's cost per node attestation
 //! of `sshpop`, `aws_iid`, `gcp_iit` and `azure_msi`, both plugin halves in process), and
-//! prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
+//! B8 (JWT-SVID mint: the signing ceiling, `NewJWTSVID` over the node API with a software
+//! key and in SoftHSM2, the agent's `FetchJWTSVID`), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
 //!
 //! This file only parses the arguments, picks the [`Plan`] and calls each scenario of
 //! `carapace_bench::scenario` in turn (each writes its own section of the report).
 //!
-//! `carapace-bench --pkcs11-raw ...` is an internal mode: B3 runs it as a child process
-//! with `SOFTHSM2_CONF` in its environment to measure the token's raw rate
-//! (see `carapace_bench::scenario::issuance_hsm`). `carapace-bench --kerberos-child <JSON>`
+//! `carapace-bench --pkcs11-raw ...` is an internal mode: B3 and B8 run it as a child
+//! process with `SOFTHSM2_CONF` in its environment to measure the token's raw rate
+//! (see `carapace_bench::pkcs11`). `carapace-bench --kerberos-child <JSON>`
 //! likewise: B5 runs it with the lab realm's `KRB5_CONFIG` (see
 //! `carapace_bench::scenario::attest_kerberos`). `carapace-bench --workload-attest-child
 //! <JSON>` is B6's Workload API client, run as a child in its own cgroup, and
@@ -26,16 +27,18 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, anyhow, bail};
 
 use carapace_bench::harness::ServerOptions;
+use carapace_bench::node_load::NodeResult;
+use carapace_bench::pkcs11;
 use carapace_bench::process::{self, Machine};
 use carapace_bench::report::{Report, failed};
-use carapace_bench::scenario::issuance::{self, Ceiling, NodeResult};
+use carapace_bench::scenario::issuance::{self, Ceiling};
 use carapace_bench::scenario::{
-    Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, issuance_hsm, workload_api,
+    Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, issuance_hsm, jwt_mint, workload_api,
     workload_attest,
 };
 use carapace_bench::stats::{Repeated, Summary};
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7]";
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8]";
 
 #[derive(Debug)]
 struct Args {
@@ -80,10 +83,10 @@ fn parse_args() -> Result<Args> {
     if let Some(only) = &args.only
         && !matches!(
             only.as_str(),
-            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7"
+            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8"
         )
     {
-        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6 or b7\n{USAGE}");
+        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7 or b8\n{USAGE}");
     }
     Ok(args)
 }
@@ -134,8 +137,8 @@ fn revision() -> String {
 fn child_mode() -> Option<Result<()>> {
     let flag = std::env::args().nth(1)?;
     Some(match flag.as_str() {
-        issuance_hsm::RAW_MODE_FLAG => issuance_hsm::RawArgs::parse(std::env::args().skip(2))
-            .and_then(|args| print_json(&issuance_hsm::raw_child(&args)?)),
+        pkcs11::RAW_MODE_FLAG => pkcs11::RawArgs::parse(std::env::args().skip(2))
+            .and_then(|args| print_json(&pkcs11::raw_child(&args)?)),
         attest_kerberos::CHILD_FLAG => {
             json_arg(&flag).and_then(|args| print_json(&attest_kerberos::child(&args)?))
         }
@@ -432,6 +435,23 @@ fn main() -> Result<()> {
         record(&mut r, &mut errors, what, b7, |r, b7| {
             attest_cloud_ssh::section(r, &b7, &plan.b7, nproc);
             b7.into_errors()
+        })?;
+    }
+
+    if runs("b8") {
+        r.heading(
+            2,
+            "B8. JWT-SVID mint: signing ceiling, NewJWTSVID over the node API (software key and SoftHSM2), agent FetchJWTSVID (S7, issue 16)",
+        );
+        let b8 = runtime.block_on(interruptible(jwt_mint::run(
+            &args.bin_dir,
+            &dir.path().join("b8"),
+            &plan.jwt,
+            nproc,
+        )));
+        record(&mut r, &mut errors, "B8 (JWT-SVID mint)", b8, |r, b8| {
+            jwt_mint::section(r, &b8, &plan.jwt, nproc);
+            b8.into_errors()
         })?;
     }
 

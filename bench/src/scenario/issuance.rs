@@ -7,9 +7,9 @@
 //!   in-memory datastore and the in-memory key manager ([`bench_ca`], [`measure`]), on 1
 //!   thread and on every core; the report's [`ceiling_section`].
 //! - The node API: the real `carapace-server` binary; this process attests as an agent
-//!   with a join token (the agent library's own node client), then sends
-//!   `BatchNewX509SVID` over mTLS ([`run`]); the report's [`node_section`]. B3 runs the
-//!   same [`run`] against a server whose CA key is in SoftHSM2.
+//!   ([`NodeBench`]), then sends `BatchNewX509SVID` over mTLS ([`run`]); the report's
+//!   [`node_section`]. B3 runs the same [`run`] against a server whose CA key is in
+//!   SoftHSM2.
 //!
 //! The P-256 CSRs both halves send are made up front, like the agent's ([`generate_csrs`]).
 
@@ -18,24 +18,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tokio::sync::watch;
 use tonic::transport::Channel;
-use zeroize::Zeroizing;
 
-use carapace_agent::node_attestor::JoinTokenClient;
-use carapace_agent::node_client;
-use carapace_core::plugin::KeyManager as _;
-use carapace_core::{KeyType, SpiffeId, TrustBundle, TrustDomain};
-use carapace_keymanager_soft::MemoryKeyManager;
-use carapace_proto::convert::bundle_from_wire;
+use carapace_core::{KeyType, SpiffeId};
 use carapace_proto::node::node_client::NodeClient;
 use carapace_proto::node::{BatchNewX509svidRequest, NewX509svidParams};
-use carapace_server::ca::{CaManager, CaSettings, CaSlot, csr_public_key, sign_leaf};
-use carapace_server::datastore::Datastore;
+use carapace_server::ca::{CaManager, CaSlot, csr_public_key, sign_leaf};
 
 use super::Plan;
-use crate::harness::{self, Server, ServerOptions};
-use crate::process;
+use crate::harness::{ServerOptions, workload_id};
+use crate::inproc;
+use crate::node_load::{Calls, NodeBench, NodeResult, NodeRun};
 use crate::report::{Report, Table};
 use crate::stats::{Repeated, Summary, fmt_bytes, fmt_count, fmt_pct, fmt_secs, fmt_us};
 
@@ -81,25 +74,9 @@ pub fn generate_csrs(n: usize, threads: usize) -> Result<Vec<Vec<u8>>> {
     })
 }
 
-/// The `i`-th benchmark workload SPIFFE ID, `spiffe://example.org/bench/wl-i`.
-pub fn workload_id(i: usize) -> String {
-    format!("spiffe://{}/bench/wl-{i}", crate::harness::TRUST_DOMAIN)
-}
-
-/// A CA like the server's: a [`CaManager`] over `Datastore::open_in_memory()` and a
-/// [`MemoryKeyManager`] with a P-256 CA key; returns it with its active slot.
+/// A CA like the server's ([`inproc::bench_ca`]) with its active X.509 slot.
 pub async fn bench_ca() -> Result<(Arc<CaManager>, Arc<CaSlot>)> {
-    let ds = Datastore::open_in_memory().await?;
-    let km = Arc::new(MemoryKeyManager::new());
-    let td = TrustDomain::new(crate::harness::TRUST_DOMAIN)?;
-    let settings = CaSettings {
-        ca_ttl: Duration::from_secs(86_400),
-        key_type: KeyType::EcP256,
-        organization: "Carapace".into(),
-        country: "US".into(),
-        jwt_key_type: KeyType::EcP256,
-    };
-    let ca = CaManager::load(td, km, None, ds, settings, carapace_core::clock::unix_now()).await?;
+    let ca = inproc::bench_ca(KeyType::EcP256).await?;
     let slot = ca.active()?;
     Ok((ca, slot))
 }
@@ -115,37 +92,16 @@ pub fn issue_all(
     if ids.is_empty() {
         return Err(anyhow!("no SPIFFE IDs"));
     }
-    let threads = threads.clamp(1, csrs.len().max(1));
-    let per = csrs.len().div_ceil(threads);
     let now = carapace_core::clock::unix_now();
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = csrs
-            .chunks(per.max(1))
-            .enumerate()
-            .map(|(t, chunk)| {
-                s.spawn(move || -> Result<usize> {
-                    let mut issued = 0;
-                    for (j, csr) in chunk.iter().enumerate() {
-                        let id = &ids[(t * per + j) % ids.len()];
-                        let key = csr_public_key(csr)?;
-                        let svid = sign_leaf(slot, id, &key, SVID_TTL, &[], now)?;
-                        issued += usize::from(!svid.chain.is_empty());
-                    }
-                    Ok(issued)
-                })
-            })
-            .collect();
-        let mut total = 0;
-        for h in handles {
-            total += h.join().map_err(|_| anyhow!("signing thread panicked"))??;
+    inproc::on_threads(csrs.len(), threads, |share| {
+        let mut issued = 0;
+        for k in share {
+            let key = csr_public_key(&csrs[k])?;
+            let svid = sign_leaf(slot, &ids[k % ids.len()], &key, SVID_TTL, &[], now)?;
+            issued += usize::from(!svid.chain.is_empty());
         }
-        if total != csrs.len() {
-            return Err(anyhow!("issued {total} of {} SVIDs", csrs.len()));
-        }
-        Ok(())
-    })?;
-    Ok(start.elapsed())
+        Ok(issued)
+    })
 }
 
 /// The ceiling at one thread count: SVIDs/s of each run.
@@ -209,110 +165,6 @@ pub struct NodeConfig {
     pub connections: Vec<usize>,
 }
 
-/// One run: `svids_per_run` SVIDs over `connections` connections.
-#[derive(Debug, Clone)]
-pub struct NodeRun {
-    /// SVIDs the server returned.
-    pub signed: usize,
-    /// Per-CSR errors the server returned, and the first message.
-    pub errors: usize,
-    /// The first per-CSR error message, if any.
-    pub first_error: Option<String>,
-    /// Wall time of the run.
-    pub wall: Duration,
-    /// Latency of each batch call.
-    pub batch_latencies: Vec<Duration>,
-    /// Server CPU time (user + system) during the run.
-    pub server_cpu: Duration,
-    /// CPU time of this process (the load generator: TLS client, protobuf) during the run.
-    pub client_cpu: Duration,
-    /// Idle time of all the machine's CPUs together during the run (`/proc/stat`).
-    pub machine_idle: Duration,
-    /// Server VmRSS after the run.
-    pub server_rss: u64,
-}
-
-impl NodeRun {
-    /// SVIDs per second.
-    pub fn rate(&self) -> f64 {
-        self.signed as f64 / self.wall.as_secs_f64()
-    }
-
-    /// Server CPU-µs per SVID.
-    pub fn cpu_us_per_svid(&self) -> f64 {
-        self.server_cpu.as_secs_f64() * 1e6 / self.signed.max(1) as f64
-    }
-
-    /// Average number of idle cores on the machine during the run.
-    pub fn idle_cores(&self) -> f64 {
-        self.machine_idle.as_secs_f64() / self.wall.as_secs_f64().max(f64::EPSILON)
-    }
-
-    /// Load generator (this process) CPU-µs per SVID.
-    pub fn client_cpu_us_per_svid(&self) -> f64 {
-        self.client_cpu.as_secs_f64() * 1e6 / self.signed.max(1) as f64
-    }
-}
-
-/// What the node API benchmark measured.
-#[derive(Debug, Clone)]
-pub struct NodeResult {
-    /// The runs, by connection count.
-    pub by_connections: Vec<(usize, Vec<NodeRun>)>,
-    /// Entries created, and how long creating them through the admin API took.
-    pub entries: usize,
-    /// Time to create the entries.
-    pub entry_create: Duration,
-    /// Server VmRSS after start-up, attestation and entry creation, before signing.
-    pub server_rss_idle: u64,
-    /// Server VmHWM (peak RSS) at the end.
-    pub server_rss_peak: u64,
-}
-
-/// Attests as an agent; returns its SPIFFE ID and `n` mTLS node clients (one
-/// connection each).
-async fn attested_clients(server: &Server, n: usize) -> Result<(String, Vec<NodeClient<Channel>>)> {
-    let token = server.token().await?;
-    let pem = server.bundle_pem().await?;
-    let bundle =
-        TrustBundle::from_pem(server.td.clone(), &pem).map_err(|e| anyhow!("bundle show: {e}"))?;
-    let agent_id = token.agent_id.clone();
-    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
-    let km = MemoryKeyManager::new();
-    let key = km.generate_key("bench-agent", KeyType::EcP256).await?;
-    let csr = carapace_tls::csr_for_key(key.clone())?;
-    let tls = carapace_tls::client_config(bundle_rx.clone(), server.td.server_id(), None)?;
-    let result = node_client::attest(
-        &server.addr,
-        Arc::new(tls),
-        &JoinTokenClient::new(Zeroizing::new(token.token)),
-        csr,
-        key.public_key_der(),
-    )
-    .await
-    .context("node attestation")?;
-    let chain = result.svid.map(|s| s.cert_chain).unwrap_or_default();
-    if chain.is_empty() {
-        bail!("attestation returned no SVID");
-    }
-    if let Some(b) = result.bundle.as_ref() {
-        bundle_tx.send_replace(Arc::new(bundle_from_wire(b)?));
-    }
-    let ck = carapace_tls::certified_key(&chain, key);
-    let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
-        let tls = carapace_tls::client_config(
-            bundle_rx.clone(),
-            server.td.server_id(),
-            Some(ck.clone()),
-        )?;
-        clients.push(node_client::channel(&server.addr, Arc::new(tls))?);
-    }
-    // The verifiers keep reading the last bundle after the sender is gone.
-    drop(bundle_tx);
-    Ok((agent_id, clients))
-}
-
 /// The batches of one run: `total` CSRs (cycling over `csrs`) for entries cycling over
 /// `entry_ids`, `batch` per request.
 fn batches(
@@ -337,13 +189,12 @@ fn batches(
     out
 }
 
-/// Sends `reqs` one after the other on `client`; returns (latencies, signed, errors, first error).
+/// Sends `reqs` one after the other on `client`.
 async fn send_all(
     mut client: NodeClient<Channel>,
     reqs: Vec<BatchNewX509svidRequest>,
-) -> Result<(Vec<Duration>, usize, usize, Option<String>)> {
-    let mut lat = Vec::with_capacity(reqs.len());
-    let (mut signed, mut errors, mut first) = (0, 0, None);
+) -> Result<Calls> {
+    let mut calls = Calls::default();
     for req in reqs {
         let want = req.params.len();
         let t = Instant::now();
@@ -352,7 +203,7 @@ async fn send_all(
             .await
             .map_err(|s| anyhow!("BatchNewX509SVID: {:?}: {}", s.code(), s.message()))?
             .into_inner();
-        lat.push(t.elapsed());
+        calls.latencies.push(t.elapsed());
         if resp.results.len() != want {
             bail!(
                 "BatchNewX509SVID returned {} results for {want} CSRs",
@@ -361,65 +212,33 @@ async fn send_all(
         }
         for r in resp.results {
             if r.error_code == 0 && r.svid.as_ref().is_some_and(|s| !s.cert_chain.is_empty()) {
-                signed += 1;
+                calls.ok += 1;
             } else {
-                errors += 1;
-                first.get_or_insert(format!("code {}: {}", r.error_code, r.error_message));
+                calls.failed(|| format!("code {}: {}", r.error_code, r.error_message));
             }
         }
     }
-    Ok((lat, signed, errors, first))
+    Ok(calls)
 }
 
+/// One run: `svids_per_run` SVIDs in batches spread round-robin over `conns` connections.
 async fn one_run(
-    server: &Server,
-    clients: &[NodeClient<Channel>],
+    bench: &NodeBench,
     conns: usize,
     csrs: &[Vec<u8>],
-    entry_ids: &[String],
     cfg: &NodeConfig,
 ) -> Result<NodeRun> {
-    let all = batches(csrs, entry_ids, cfg.svids_per_run, cfg.batch);
+    let all = batches(csrs, &bench.entry_ids, cfg.svids_per_run, cfg.batch);
     let mut lanes: Vec<Vec<BatchNewX509svidRequest>> = vec![Vec::new(); conns];
     for (i, b) in all.into_iter().enumerate() {
         lanes[i % conns].push(b);
     }
-    let pid = server.proc.pid();
-    let cpu0 = process::cpu_time(pid)?;
-    let me = std::process::id();
-    let client0 = process::cpu_time(me)?;
-    let idle0 = process::machine_idle()?;
-    let start = Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for (lane, client) in lanes.into_iter().zip(clients.iter().cloned()) {
-        set.spawn(send_all(client, lane));
-    }
-    let mut run = NodeRun {
-        signed: 0,
-        errors: 0,
-        first_error: None,
-        wall: Duration::ZERO,
-        batch_latencies: Vec::new(),
-        server_cpu: Duration::ZERO,
-        client_cpu: Duration::ZERO,
-        machine_idle: Duration::ZERO,
-        server_rss: 0,
-    };
-    while let Some(r) = set.join_next().await {
-        let (lat, signed, errors, first) = r??;
-        run.batch_latencies.extend(lat);
-        run.signed += signed;
-        run.errors += errors;
-        if run.first_error.is_none() {
-            run.first_error = first;
-        }
-    }
-    run.wall = start.elapsed();
-    run.server_cpu = process::cpu_time(pid)?.saturating_sub(cpu0);
-    run.client_cpu = process::cpu_time(me)?.saturating_sub(client0);
-    run.machine_idle = process::machine_idle()?.saturating_sub(idle0);
-    run.server_rss = process::rss_bytes(pid)?;
-    Ok(run)
+    let lanes = lanes
+        .into_iter()
+        .zip(bench.clients.iter().cloned())
+        .map(|(lane, client)| send_all(client, lane))
+        .collect();
+    bench.run(lanes).await
 }
 
 /// Runs the node API benchmark against a fresh server under `dir`, started with `opts`
@@ -431,56 +250,30 @@ pub async fn run(
     cfg: &NodeConfig,
     opts: &ServerOptions,
 ) -> Result<NodeResult> {
-    let mut server = Server::start(bin_dir, dir, opts).await?;
     let max_conns = cfg.connections.iter().copied().max().unwrap_or(1).max(1);
-    let (agent_id, clients) = attested_clients(&server, max_conns).await?;
-    let admin = server.admin().await?;
-    let wanted = (0..cfg.entries.max(1))
-        .map(|i| harness::entry(&workload_id(i), &agent_id, &format!("unix:uid:{i}")))
-        .collect::<Result<Vec<_>>>()?;
-    let t = Instant::now();
-    let stored = harness::create_entries(&admin, wanted, 16).await?;
-    let entry_create = t.elapsed();
-    let entry_ids: Vec<String> = stored.into_iter().map(|e| e.id).collect();
+    let mut bench = NodeBench::start(bin_dir, dir, opts, max_conns).await?;
+    bench.grow_entries(cfg.entries.max(1)).await?;
 
     // Warm-up: one small batch per connection (TLS handshakes, first allocations).
-    for c in &clients {
-        let warm = batches(csrs, &entry_ids, cfg.batch.min(50), cfg.batch);
+    for c in &bench.clients {
+        let warm = batches(csrs, &bench.entry_ids, cfg.batch.min(50), cfg.batch);
         send_all(c.clone(), warm).await.context("warm-up batch")?;
     }
-    server.proc.check_alive()?;
-    let server_rss_idle = process::rss_bytes(server.proc.pid())?;
+    let server_rss_idle = bench.server_rss()?;
 
     let mut by_connections = Vec::new();
     for &conns in &cfg.connections {
+        let conns = conns.clamp(1, max_conns);
         let mut runs = Vec::new();
         for _ in 0..cfg.runs.max(1) {
-            runs.push(
-                one_run(
-                    &server,
-                    &clients[..conns.max(1)],
-                    conns.max(1),
-                    csrs,
-                    &entry_ids,
-                    cfg,
-                )
-                .await?,
-            );
+            runs.push(one_run(&bench, conns, csrs, cfg).await?);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         by_connections.push((conns, runs));
     }
-    let server_rss_peak = process::status_bytes(server.proc.pid(), "VmHWM")?;
-    server.proc.check_alive()?;
-    drop(clients);
-    server.proc.stop();
-    Ok(NodeResult {
-        by_connections,
-        entries: entry_ids.len(),
-        entry_create,
-        server_rss_idle,
-        server_rss_peak,
-    })
+    let result = bench.result(by_connections, server_rss_idle)?;
+    bench.stop();
+    Ok(result)
 }
 
 pub fn ceiling_section(r: &mut Report, ceilings: &[Ceiling]) {
@@ -529,7 +322,7 @@ pub fn node_section(
         let cpu: Vec<f64> = runs.iter().map(|x| x.cpu_us_per_svid()).collect();
         let lats: Vec<Duration> = runs
             .iter()
-            .flat_map(|x| x.batch_latencies.iter().copied())
+            .flat_map(|x| x.latencies.iter().copied())
             .collect();
         let lat = Summary::of_durations_us(&lats);
         let rep = Repeated::of(&rates);

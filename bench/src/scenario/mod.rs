@@ -12,19 +12,22 @@
 //! | B5 | [`attest_kerberos`] | `kerberos` node attestation against the lab's MIT KDC, both halves in a child process |
 //! | B6 | [`workload_attest`] | the agent's workload attestors on real callers, and Workload API connections per second |
 //! | B7 | [`attest_cloud_ssh`] | the server's cost per `sshpop`, `aws_iid`, `gcp_iit` and `azure_msi` attestation |
+//! | B8 (S7) | [`jwt_mint`] | JWT-SVID mint: the signing ceiling in process, `NewJWTSVID` over the node API with a software key and with the key in SoftHSM2 beside its raw rate, and the agent's `FetchJWTSVID` cached and uncached |
 //!
 //! Each module has the shape of B7's: `run` measures and returns the figures (each part a
 //! `Result` of its own where parts can fail apart), and `section` writes them into the
 //! [`Report`](crate::report::Report). B1 has two parts, each with its own section: the
 //! crypto ceiling ([`issuance::measure`], [`issuance::ceiling_section`]) and the node API
 //! ([`issuance::run`], [`issuance::node_section`]). What scenarios share comes from the
-//! crate's other modules, never from one another, except that B3 drives B1's node API run
-//! with the CA key in the token.
+//! crate's other modules (the node API load of B1, B3 and B8 from `node_load`, the
+//! in-process CA from `inproc`, SoftHSM2 from `pkcs11`), never from one another, except
+//! that B3 drives B1's node API run with the CA key in the token.
 
 use crate::scenario::attest_cloud_ssh::B7Plan;
 use crate::scenario::attest_kerberos::KrbPlan;
 use crate::scenario::attest_tpm::TpmPlan;
 use crate::scenario::issuance::NodeConfig;
+use crate::scenario::jwt_mint::JwtPlan;
 use crate::scenario::workload_api::WorkloadConfig;
 use crate::scenario::workload_attest::AttestPlan;
 
@@ -33,6 +36,7 @@ pub mod attest_kerberos;
 pub mod attest_tpm;
 pub mod issuance;
 pub mod issuance_hsm;
+pub mod jwt_mint;
 pub mod workload_api;
 pub mod workload_attest;
 
@@ -60,6 +64,8 @@ pub struct Plan {
     pub attest: AttestPlan,
     /// B7's sizes.
     pub b7: B7Plan,
+    /// B8's sizes.
+    pub jwt: JwtPlan,
 }
 
 impl Plan {
@@ -88,6 +94,7 @@ impl Plan {
                 krb: KrbPlan::new(true),
                 attest: AttestPlan::new(true),
                 b7: B7Plan::new(true),
+                jwt: JwtPlan::new(true),
             }
         } else {
             Plan {
@@ -112,6 +119,7 @@ impl Plan {
                 krb: KrbPlan::new(false),
                 attest: AttestPlan::new(false),
                 b7: B7Plan::new(false),
+                jwt: JwtPlan::new(false),
             }
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use tokio::sync::Barrier;
 use tonic::Streaming;
 use tonic::metadata::MetadataValue;
@@ -102,14 +102,6 @@ type Open = (
     Streaming<X509svidResponse>,
 );
 
-/// A new connection (its own tonic channel over a new Unix stream) to the Workload API.
-async fn connect(socket: PathBuf) -> Result<SpiffeWorkloadApiClient<Channel>> {
-    let channel = carapace_common::uds_channel(&socket, None)
-        .await
-        .context("connecting to the Workload API")?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
-}
-
 /// Opens FetchX509SVID (with the security header) on `client`.
 async fn open_stream(
     client: &mut SpiffeWorkloadApiClient<Channel>,
@@ -128,7 +120,7 @@ async fn open_stream(
 /// started, when the message arrived, and what to keep open.
 async fn first_message(socket: PathBuf) -> Result<(Instant, Instant, Open)> {
     let t0 = Instant::now();
-    let mut client = connect(socket).await?;
+    let mut client = harness::workload_client(&socket).await?;
     let mut stream = open_stream(&mut client).await?;
     let msg = stream
         .message()
