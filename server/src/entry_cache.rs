@@ -41,6 +41,8 @@ pub struct AgentCredential<'a> {
 struct Index {
     entries: BTreeMap<EntryId, Arc<RegistrationEntry>>,
     by_parent: HashMap<SpiffeId, Vec<EntryId>>,
+    /// Entries by their SPIFFE ID: the way up from an entry to its parents' entries.
+    by_spiffe_id: HashMap<SpiffeId, Vec<EntryId>>,
     /// Node-alias entries, indexed by each of their selectors.
     aliases_by_selector: HashMap<Selector, Vec<EntryId>>,
     agents: HashMap<SpiffeId, Arc<AttestedAgent>>,
@@ -52,6 +54,10 @@ impl Index {
         self.remove(&id, server_id);
         self.by_parent
             .entry(e.parent_id.clone())
+            .or_default()
+            .push(id.clone());
+        self.by_spiffe_id
+            .entry(e.spiffe_id.clone())
             .or_default()
             .push(id.clone());
         if &e.parent_id == server_id {
@@ -73,6 +79,12 @@ impl Index {
             v.retain(|x| x != id);
             if v.is_empty() {
                 self.by_parent.remove(&old.parent_id);
+            }
+        }
+        if let Some(v) = self.by_spiffe_id.get_mut(&old.spiffe_id) {
+            v.retain(|x| x != id);
+            if v.is_empty() {
+                self.by_spiffe_id.remove(&old.spiffe_id);
             }
         }
         if &old.parent_id == server_id {
@@ -429,6 +441,42 @@ impl EntryCache {
         Ok(agent)
     }
 
+    /// The entry `id` if `agent` is authorized for it (it is among
+    /// [`Self::authorized_entries`]), found by walking up from the entry to the agent or
+    /// a node alias of it instead of listing everything the agent may have: a signing
+    /// call costs the depth of the entry's ancestry, not the agent's entry count.
+    pub fn authorized_entry(&self, agent: &SpiffeId, id: &str) -> Option<Arc<RegistrationEntry>> {
+        let idx = read(&self.index);
+        let entry = idx.entries.get(&EntryId::new(id).ok()?)?.clone();
+        let node_selectors = idx.agents.get(agent).map(|a| &a.selectors);
+        let is_root = |sid: &SpiffeId| {
+            sid == agent
+                || node_selectors.is_some_and(|node| {
+                    idx.by_spiffe_id.get(sid).into_iter().flatten().any(|aid| {
+                        idx.entries.get(aid).is_some_and(|alias| {
+                            alias.parent_id == self.server_id && alias.selectors.is_subset_of(node)
+                        })
+                    })
+                })
+        };
+        let mut visited: HashSet<&SpiffeId> = HashSet::new();
+        let mut queue: VecDeque<&SpiffeId> = VecDeque::from([&entry.parent_id]);
+        while let Some(parent) = queue.pop_front() {
+            if !visited.insert(parent) {
+                continue;
+            }
+            if is_root(parent) {
+                return Some(entry.clone());
+            }
+            for pid in idx.by_spiffe_id.get(parent).into_iter().flatten() {
+                if let Some(p) = idx.entries.get(pid) {
+                    queue.push_back(&p.parent_id);
+                }
+            }
+        }
+        None
+    }
+
     /// The entries `agent` is authorized for, sorted by entry id.
     pub fn authorized_entries(&self, agent: &SpiffeId) -> Vec<Arc<RegistrationEntry>> {
         let idx = read(&self.index);
@@ -587,6 +635,19 @@ mod tests {
             ["e1", "e2", "e4"]
         );
         assert_eq!(ids(&c.authorized_entries(&A2.parse().unwrap())), ["e5"]);
+        // The walk up from one entry agrees with the full list, entry by entry.
+        for agent in [A1, A2, "spiffe://example.org/spire/agent/x/unknown"] {
+            let agent: SpiffeId = agent.parse().unwrap();
+            let listed = c.authorized_entries(&agent);
+            let all = ids(&listed);
+            for e in ["e1", "e2", "e3", "e4", "e5", "n1", "n2", "nope", "bad id!"] {
+                assert_eq!(
+                    c.authorized_entry(&agent, e).is_some(),
+                    all.contains(&e),
+                    "{agent} {e}"
+                );
+            }
+        }
         // An agent that is not attested gets only what is parented to its ID directly.
         assert!(
             c.authorized_entries(&"spiffe://example.org/spire/agent/x/y".parse().unwrap())

@@ -714,9 +714,7 @@ impl node::node_server::Node for NodeApi {
         let r = req.into_inner();
         let entry = self
             .cache
-            .authorized_entries(&agent.spiffe_id)
-            .into_iter()
-            .find(|e| e.id.as_str() == r.entry_id)
+            .authorized_entry(&agent.spiffe_id, &r.entry_id)
             .ok_or_else(|| {
                 Error::PermissionDenied(format!(
                     "entry {:?} is not authorized for this agent",

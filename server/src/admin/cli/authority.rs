@@ -180,7 +180,8 @@ pub struct JwtAuthorityView {
     pub authority_id: String,
     /// `active`, `prepared` or `old`.
     pub status: String,
-    /// Unix seconds after which it signs nothing.
+    /// Unix seconds: when an active or prepared key stops signing; when an old key
+    /// leaves the bundle (the last `exp` it signed).
     pub expires_at: i64,
     /// Whether the operator tainted it.
     pub tainted: bool,
