@@ -97,7 +97,7 @@ impl CachedJwt {
     /// Whether its signing key is in `bundle` and not tainted.
     fn key_trusted(&self, bundle: &TrustBundle) -> bool {
         bundle.jwt_authorities.iter().any(|k| k.kid == self.kid)
-            && !bundle.tainted_jwt_kids.iter().any(|k| *k == self.kid)
+            && !bundle.tainted_jwt_kids.contains(&self.kid)
     }
 
     /// Whether it may still be handed out at `now` under `bundle`.
