@@ -161,7 +161,8 @@ enum ValidateWhat {
         /// The audience the token must be for.
         #[arg(long)]
         audience: String,
-        /// The token (JWS compact serialization).
+        /// The token (JWS compact serialization); `-` reads it from standard input, which
+        /// keeps it out of the process list.
         #[arg(long)]
         token: String,
         /// `human` (default) or `json`.
@@ -295,6 +296,16 @@ async fn async_main() -> ExitCode {
                 },
         } => {
             carapace_common::init_tracing("warn", false);
+            let token = if token == "-" {
+                let mut t = String::new();
+                if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut t) {
+                    eprintln!("carapace-agent: reading the token from standard input: {e}");
+                    return ExitCode::FAILURE;
+                }
+                t.trim().to_owned()
+            } else {
+                token
+            };
             report(
                 api_cli::validate_jwt(&socket_path, &audience, &token, output == "json").await,
                 |s| print!("{s}"),

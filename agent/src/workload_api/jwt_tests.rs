@@ -449,6 +449,14 @@ async fn tokens_are_cached_per_audience_set_until_half_their_life() {
         "the {{a,bcd}} token is not for ab"
     );
     assert_eq!(h.cache.current().svids.len(), 1);
+    // Hits and misses are counted (the metrics are process-wide: other tests add to them).
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, crate::metrics::metrics().registry())
+        .unwrap();
+    for source in ["cache", "server"] {
+        let line = format!("carapace_agent_workload_jwt_svids_total{{source=\"{source}\"}} ");
+        assert!(text.contains(&line), "{line} in {text}");
+    }
 
     // A token past its half-life is renewed.
     *server.node.dating.lock().unwrap() = Dating::PastHalfLife;
