@@ -140,11 +140,16 @@ impl JwtService {
             Err(s) if s.code() == tonic::Code::InvalidArgument => {
                 Err(Status::invalid_argument(s.message().to_owned()))
             }
-            Err(s) => unreachable(format!(
-                "the server could not be reached: {} ({:?})",
-                s.message(),
-                s.code()
-            )),
+            Err(s) => {
+                let what = match s.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                        "the server could not be reached"
+                    }
+                    tonic::Code::Unauthenticated => "the server refused the agent",
+                    _ => "the server did not sign it",
+                };
+                unreachable(format!("{what}: {} ({:?})", s.message(), s.code()))
+            }
         }
     }
 }

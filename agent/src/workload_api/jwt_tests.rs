@@ -113,6 +113,9 @@ struct TestNode {
     calls: AtomicUsize,
     /// What each call asked for (entry, audiences).
     asked: Mutex<Vec<(String, Vec<String>)>>,
+    /// When set, every call fails with this code (a server without JWT support answers
+    /// Unimplemented).
+    fail: Mutex<Option<Code>>,
 }
 
 /// The `Node` service over a shared [`TestNode`].
@@ -158,6 +161,9 @@ impl Node for NodeService {
             .lock()
             .unwrap()
             .push((r.entry_id.clone(), r.audience.clone()));
+        if let Some(code) = *this.fail.lock().unwrap() {
+            return Err(Status::new(code, "JWT-SVIDs are not supported yet"));
+        }
         if r.audience.is_empty() || r.audience.iter().any(|a| a.len() > 100) {
             return Err(Status::invalid_argument("audience too long"));
         }
@@ -202,6 +208,7 @@ impl Server {
             dating: Mutex::new(Dating::Fresh),
             calls: AtomicUsize::new(0),
             asked: Mutex::new(Vec::new()),
+            fail: Mutex::new(None),
         });
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("node.sock");
@@ -553,6 +560,22 @@ async fn an_unreachable_server_gets_a_valid_cached_token_served_else_unavailable
     let held = fetch(&mut client, &["svc"], "").await.unwrap().svids[0]
         .svid
         .clone();
+
+    // The server answers but does not sign (one without JWT support): the valid token
+    // is served; without one, Unavailable saying what the server answered.
+    *server.node.fail.lock().unwrap() = Some(Code::Unimplemented);
+    let got = fetch(&mut client, &["svc"], "").await.unwrap().svids[0]
+        .svid
+        .clone();
+    assert_eq!(got, held);
+    let e = fetch(&mut client, &["new"], "").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message().ends_with(
+            "the server did not sign it: JWT-SVIDs are not supported yet (Unimplemented)"
+        ),
+        "{e:?}"
+    );
 
     // The server cannot be reached: the valid token is served.
     let dir = tempfile::tempdir().unwrap();
