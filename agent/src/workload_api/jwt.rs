@@ -63,11 +63,6 @@ impl JwtService {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// How many tokens are cached.
-    pub(crate) fn cached(&self) -> usize {
-        self.cache().len()
-    }
-
     /// The token of `svid`'s identity for `audiences` (non-empty, sorted, no repeats):
     /// cached before its half-life, else from the server; if the server cannot be reached,
     /// a cached token that is still valid. `Ok(None)`: the server refused to sign for

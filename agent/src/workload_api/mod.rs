@@ -143,11 +143,6 @@ impl WorkloadApi {
         self
     }
 
-    /// How many JWT-SVIDs are cached.
-    pub fn cached_jwt_svids(&self) -> usize {
-        self.jwt.cached()
-    }
-
     /// Bounds how long a shutdown waits for open connections (default
     /// [`carapace_common::SHUTDOWN_GRACE`]).
     pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
