@@ -216,7 +216,9 @@ pub(crate) fn check_issued(
     wire: &JwtSvid,
     now: SystemTime,
 ) -> Result<CachedJwt, String> {
-    if wire.spiffe_id != key.spiffe_id().to_string() {
+    // The token's own `sub` is what counts (checked below); the response's copy, when
+    // set, must agree with it.
+    if !wire.spiffe_id.is_empty() && wire.spiffe_id != key.spiffe_id().to_string() {
         return Err(format!(
             "it is for {}, not {}",
             jose::shown(&wire.spiffe_id),
