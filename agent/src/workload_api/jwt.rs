@@ -2,6 +2,7 @@
 //! ([`crate::jwt_cache`]), the JWT bundles as JWKS documents, and token validation, all
 //! through [`carapace_core::jose`], the one JOSE implementation.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +29,27 @@ pub const KEY_USE: &str = "jwt-svid";
 pub(crate) struct JwtService {
     server: ServerLink,
     cache: Mutex<JwtCache>,
+    /// One gate per key being renewed: concurrent callers wanting the same token wait
+    /// for the first one's answer instead of each asking the server.
+    inflight: Mutex<HashMap<JwtCacheKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A caller's hold on a key's gate; the last one out removes the gate (also when the
+/// call is cancelled).
+struct Inflight<'a> {
+    map: &'a Mutex<HashMap<JwtCacheKey, Arc<tokio::sync::Mutex<()>>>>,
+    key: JwtCacheKey,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        // The map's reference and this one: nobody else waits.
+        if Arc::strong_count(&self.gate) == 2 {
+            map.remove(&self.key);
+        }
+    }
 }
 
 /// Where a served token came from, for the metrics.
@@ -56,7 +78,17 @@ impl JwtService {
         JwtService {
             server,
             cache: Mutex::new(JwtCache::new(capacity)),
+            inflight: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How many keys are being renewed now.
+    #[cfg(test)]
+    pub(crate) fn renewing(&self) -> usize {
+        self.inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, JwtCache> {
@@ -74,8 +106,28 @@ impl JwtService {
         bundle: &Arc<TrustBundle>,
     ) -> Result<Option<Arc<str>>, Status> {
         let key = JwtCacheKey::new(svid.entry_id.clone(), svid.spiffe_id.clone(), audiences);
-        let now = carapace_core::clock::unix_now();
-        let stale = match self.cache().lookup(&key, bundle, now) {
+        if let Lookup::Fresh(j) =
+            self.cache()
+                .lookup(&key, bundle, carapace_core::clock::unix_now())
+        {
+            record(Source::Cache);
+            return Ok(Some(j.token));
+        }
+        // One renewal per key at a time; whoever waited finds the fresh token.
+        let hold = {
+            let mut map = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
+            let gate = map.entry(key.clone()).or_default().clone();
+            Inflight {
+                map: &self.inflight,
+                key: key.clone(),
+                gate,
+            }
+        };
+        let _turn = hold.gate.lock().await;
+        let stale = match self
+            .cache()
+            .lookup(&key, bundle, carapace_core::clock::unix_now())
+        {
             Lookup::Fresh(j) => {
                 record(Source::Cache);
                 return Ok(Some(j.token));

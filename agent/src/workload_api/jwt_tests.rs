@@ -3,7 +3,7 @@
 //! with real keys through `carapace_core::jose::sign`) for JWT-SVIDs; and every refusal
 //! of `ValidateJWTSVID`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
@@ -116,6 +116,8 @@ struct TestNode {
     /// When set, every call fails with this code (a server without JWT support answers
     /// Unimplemented).
     fail: Mutex<Option<Code>>,
+    /// How long each call takes.
+    delay: Mutex<Duration>,
 }
 
 /// The `Node` service over a shared [`TestNode`].
@@ -156,6 +158,8 @@ impl Node for NodeService {
     ) -> Result<Response<NewJwtsvidResponse>, Status> {
         let this = &self.0;
         this.calls.fetch_add(1, Ordering::SeqCst);
+        let delay = *this.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         let r = request.into_inner();
         this.asked
             .lock()
@@ -209,6 +213,7 @@ impl Server {
             calls: AtomicUsize::new(0),
             asked: Mutex::new(Vec::new()),
             fail: Mutex::new(None),
+            delay: Mutex::new(Duration::ZERO),
         });
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("node.sock");
@@ -610,6 +615,94 @@ async fn an_unreachable_server_gets_a_valid_cached_token_served_else_unavailable
     );
     let e = fetch(&mut client, &["svc"], "").await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn concurrent_callers_of_one_identity_and_audience_set_cost_one_signature() {
+    let k1 = Arc::new(Key::new("k1", KeyType::EcP256));
+    let server = Server::start(k1.clone(), &[("e", "web")]).await;
+    let h = Harness::start_with_server(
+        Pki::new("test CA"),
+        ServerLink::fixed(server.client().await),
+        100,
+    )
+    .await;
+    h.cache.replace(
+        jwt_bundle(&h.pki, &[&k1], &[]),
+        vec![h.pki.svid("e", "web", &[uid_sel(my_uid())], "")],
+    );
+    *server.node.delay.lock().unwrap() = Duration::from_millis(300);
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let mut client = h.client().await;
+        calls.push(tokio::spawn(async move {
+            fetch(&mut client, &["burst"], "").await.unwrap().svids[0]
+                .svid
+                .clone()
+        }));
+    }
+    let mut tokens = BTreeSet::new();
+    for c in calls {
+        tokens.insert(c.await.unwrap());
+    }
+    assert_eq!(server.calls(), 1, "one signature for ten callers");
+    assert_eq!(tokens.len(), 1, "all got the same token");
+    // Another audience set is not held up by this one's gate, nor shares its token.
+    let mut client = h.client().await;
+    let other = fetch(&mut client, &["other"], "").await.unwrap().svids[0]
+        .svid
+        .clone();
+    assert!(!tokens.contains(&other));
+    assert_eq!(server.calls(), 2);
+}
+
+#[tokio::test]
+async fn renewal_gates_are_released_on_success_failure_and_cancellation() {
+    use crate::workload_api::jwt::JwtService;
+    let k1 = Arc::new(Key::new("k1", KeyType::EcP256));
+    let server = Server::start(k1.clone(), &[("e", "web")]).await;
+    let pki = Pki::new("test CA");
+    let bundle = jwt_bundle(&pki, &[&k1], &[]);
+    let svid = pki.svid("e", "web", &[uid_sel(my_uid())], "");
+    let auds = vec!["svc".to_owned()];
+
+    let service = Arc::new(JwtService::new(
+        ServerLink::fixed(server.client().await),
+        10,
+    ));
+    assert!(
+        service
+            .token_for(&svid, &auds, &bundle)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(service.renewing(), 0);
+
+    let offline = JwtService::new(ServerLink::none(), 10);
+    assert!(offline.token_for(&svid, &auds, &bundle).await.is_err());
+    assert_eq!(offline.renewing(), 0);
+
+    // A caller that goes away while the server is slow leaves no gate behind.
+    *server.node.delay.lock().unwrap() = Duration::from_secs(5);
+    let task = {
+        let (service, svid, bundle) = (service.clone(), svid.clone(), bundle.clone());
+        tokio::spawn(async move {
+            let _ = service
+                .token_for(&svid, &["other".to_owned()], &bundle)
+                .await;
+        })
+    };
+    for _ in 0..100 {
+        if service.renewing() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(service.renewing(), 1);
+    task.abort();
+    let _ = task.await;
+    assert_eq!(service.renewing(), 0);
 }
 
 #[tokio::test]
