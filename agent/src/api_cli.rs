@@ -14,7 +14,10 @@ use std::time::Duration;
 use carapace_core::bundle::{der_to_pem, pem_block};
 use carapace_core::clock::{rfc3339, unix_now};
 use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use carapace_proto::workload::{X509BundlesRequest, X509svid, X509svidRequest, X509svidResponse};
+use carapace_proto::workload::{
+    JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svid,
+    X509svidRequest, X509svidResponse,
+};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -417,4 +420,196 @@ pub async fn healthcheck(socket_path: &Path) -> Result<()> {
                 HEALTHCHECK_TIMEOUT.as_secs()
             ))
         })?
+}
+
+fn json_text(v: &serde_json::Value) -> Result<String> {
+    serde_json::to_string_pretty(v).map_err(|e| Error::Workload(format!("JSON output: {e}")))
+}
+
+/// Fetches this process's JWT-SVIDs for `audiences` (`FetchJWTSVID`), narrowed to
+/// `spiffe_id` when given, and describes them: per SVID its SPIFFE ID, hint, expiry
+/// (read from the token, not verified here) and the token; as JSON, `svids`: `spiffe_id`,
+/// `hint`, `token`, `audience`, `expires_at`, `expires_at_unix`.
+pub async fn fetch_jwt(
+    socket_path: &Path,
+    audiences: &[String],
+    spiffe_id: Option<&str>,
+    json: bool,
+) -> Result<String> {
+    let mut client = connect(socket_path).await?;
+    let resp = client
+        .fetch_jwtsvid(JwtsvidRequest {
+            audience: audiences.to_vec(),
+            spiffe_id: spiffe_id.unwrap_or_default().to_owned(),
+        })
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    if resp.svids.is_empty() {
+        return Err(Error::Workload(
+            "the Workload API sent a response without JWT-SVIDs".into(),
+        ));
+    }
+    let mut out = String::new();
+    let mut svids = Vec::new();
+    let total = resp.svids.len();
+    for (i, svid) in resp.svids.iter().enumerate() {
+        let claims = carapace_core::jose::unverified_claims(
+            &svid.svid,
+            carapace_core::jose::MAX_TOKEN_BYTES,
+        )
+        .map_err(|e| {
+            Error::Workload(format!(
+                "the JWT-SVID for {} does not parse: {e}",
+                svid.spiffe_id
+            ))
+        })?;
+        let expires_at = claims.date("exp").ok().flatten().unwrap_or(0);
+        let audience: Vec<String> = claims
+            .audiences()
+            .unwrap_or_default()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if json {
+            svids.push(serde_json::json!({
+                "spiffe_id": svid.spiffe_id,
+                "hint": svid.hint,
+                "token": svid.svid,
+                "audience": audience,
+                "expires_at": rfc3339(expires_at),
+                "expires_at_unix": expires_at,
+            }));
+            continue;
+        }
+        let default = if i == 0 { " (default)" } else { "" };
+        let hint = if svid.hint.is_empty() {
+            "(none)"
+        } else {
+            svid.hint.as_str()
+        };
+        let _ = writeln!(out, "JWT-SVID {} of {total}{default}", i + 1);
+        let _ = writeln!(out, "  SPIFFE ID:  {}", svid.spiffe_id);
+        let _ = writeln!(out, "  Hint:       {hint}");
+        let _ = writeln!(out, "  Audience:   {}", audience.join(", "));
+        let _ = writeln!(
+            out,
+            "  Expires:    {} ({})",
+            rfc3339(expires_at),
+            time_left(expires_at)
+        );
+        let _ = writeln!(out, "  Token:      {}", svid.svid);
+    }
+    if json {
+        return json_text(&serde_json::json!({ "svids": svids }));
+    }
+    Ok(out)
+}
+
+/// Fetches the JWT bundles (the first message of `FetchJWTBundles`): per trust domain ID,
+/// its JWKS document. As JSON, one object mapping each trust domain ID to its JWKS.
+pub async fn fetch_jwt_bundle(socket_path: &Path, json: bool) -> Result<String> {
+    let mut client = connect(socket_path).await?;
+    let mut stream = client
+        .fetch_jwt_bundles(JwtBundlesRequest {})
+        .await
+        .map_err(|s| status_error(&s))?
+        .into_inner();
+    let resp = match stream.message().await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(Error::Workload(
+                "the Workload API closed the stream without a response".into(),
+            ));
+        }
+        Err(s) => return Err(status_error(&s)),
+    };
+    let mut bundles: Vec<(String, serde_json::Value)> = Vec::new();
+    for (td, jwks) in resp.bundles {
+        let v: serde_json::Value = serde_json::from_slice(&jwks)
+            .map_err(|e| Error::Workload(format!("the JWT bundle of {td} is not JSON: {e}")))?;
+        bundles.push((td, v));
+    }
+    bundles.sort_by(|a, b| a.0.cmp(&b.0));
+    if json {
+        let doc: serde_json::Map<String, serde_json::Value> = bundles.into_iter().collect();
+        return json_text(&serde_json::Value::Object(doc));
+    }
+    let mut out = String::new();
+    for (td, jwks) in &bundles {
+        let n = jwks["keys"].as_array().map_or(0, Vec::len);
+        let _ = writeln!(
+            out,
+            "Trust domain {td}: {n} JWT key{}",
+            if n == 1 { "" } else { "s" }
+        );
+        let _ = writeln!(out, "{}", json_text(jwks)?);
+    }
+    Ok(out)
+}
+
+/// Asks the agent to validate `token` for `audience` (`ValidateJWTSVID`). On success,
+/// the SPIFFE ID and the claims; as JSON `{"spiffe_id", "claims"}`. A refused token is an
+/// error carrying the agent's reason.
+pub async fn validate_jwt(
+    socket_path: &Path,
+    audience: &str,
+    token: &str,
+    json: bool,
+) -> Result<String> {
+    let mut client = connect(socket_path).await?;
+    let resp = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: audience.to_owned(),
+            svid: token.to_owned(),
+        })
+        .await
+        .map_err(|s| {
+            if s.code() == Code::InvalidArgument {
+                Error::Workload(format!("the JWT-SVID is not valid: {}", s.message()))
+            } else {
+                status_error(&s)
+            }
+        })?
+        .into_inner();
+    let claims = resp.claims.map(struct_json).unwrap_or_default();
+    if json {
+        return json_text(&serde_json::json!({
+            "spiffe_id": resp.spiffe_id,
+            "claims": claims,
+        }));
+    }
+    Ok(format!(
+        "The JWT-SVID is valid.\n  SPIFFE ID:  {}\n  Claims:     {}\n",
+        resp.spiffe_id,
+        serde_json::Value::Object(claims)
+    ))
+}
+
+/// A `google.protobuf.Struct` as JSON.
+fn struct_json(s: prost_types::Struct) -> serde_json::Map<String, serde_json::Value> {
+    s.fields
+        .into_iter()
+        .map(|(k, v)| (k, value_json(v)))
+        .collect()
+}
+
+fn value_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::NumberValue(n)) => {
+            // Claims such as exp and iat are whole numbers: print them as such.
+            if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                Value::from(n as i64)
+            } else {
+                serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(value_json).collect()),
+        Some(Kind::StructValue(s)) => Value::Object(struct_json(s)),
+    }
 }

@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod config;
 mod error;
 pub mod health;
+pub mod jwt_cache;
 pub mod manager;
 pub mod metrics;
 pub mod node_attestor;
@@ -74,7 +75,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             .map_err(Error::Config)?;
     let cache = SvidCache::new(Arc::new(TrustBundle::new(cfg.trust_domain.clone())));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (server_link_tx, server_link) = node_client::ServerLink::new();
     let api = WorkloadApi::new(cache.clone(), attestors)
+        .with_server(server_link, jwt_cache::DEFAULT_CAPACITY)
         .with_attestation_timeout(cfg.workload_attestation_timeout)
         .with_connection_limits(cfg.workload_api_limits)
         .with_drain_timeout(cfg.shutdown_grace);
@@ -115,7 +118,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         }
     };
     let manager = match manager {
-        Ok(m) => m,
+        Ok(m) => m.with_server_link(server_link_tx),
         Err(e) => {
             let _ = stop_tx.send(true);
             let _ = stop_within_grace(cfg.shutdown_grace, None, api_task).await;

@@ -98,6 +98,11 @@ enum ApiCommand {
         #[command(subcommand)]
         what: FetchWhat,
     },
+    /// Validate something through the Workload API.
+    Validate {
+        #[command(subcommand)]
+        what: ValidateWhat,
+    },
     /// Print a line for every X509-SVID update the Workload API streams.
     Watch {
         /// Workload API socket.
@@ -116,6 +121,50 @@ enum FetchWhat {
         /// Write svid.pem, svid.key (0600) and bundle.pem into this directory.
         #[arg(long)]
         write: Option<PathBuf>,
+        /// `human` (default) or `json`.
+        #[arg(long, default_value = "human", value_parser = ["human", "json"])]
+        output: String,
+    },
+    /// Fetch this process's JWT-SVIDs for an audience (prints the tokens).
+    Jwt {
+        /// Workload API socket.
+        #[arg(long, env = "CARAPACE_AGENT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: PathBuf,
+        /// An audience of the token (repeat for several).
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only the JWT-SVID of this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// `human` (default) or `json`.
+        #[arg(long, default_value = "human", value_parser = ["human", "json"])]
+        output: String,
+    },
+    /// Fetch the JWT bundles (JWKS per trust domain).
+    JwtBundle {
+        /// Workload API socket.
+        #[arg(long, env = "CARAPACE_AGENT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: PathBuf,
+        /// `human` (default) or `json`.
+        #[arg(long, default_value = "human", value_parser = ["human", "json"])]
+        output: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ValidateWhat {
+    /// Validate a JWT-SVID for an audience; exit 1 with the agent's reason if refused.
+    Jwt {
+        /// Workload API socket.
+        #[arg(long, env = "CARAPACE_AGENT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: PathBuf,
+        /// The audience the token must be for.
+        #[arg(long)]
+        audience: String,
+        /// The token (JWS compact serialization); `-` reads it from standard input, which
+        /// keeps it out of the process list.
+        #[arg(long)]
+        token: String,
         /// `human` (default) or `json`.
         #[arg(long, default_value = "human", value_parser = ["human", "json"])]
         output: String,
@@ -191,6 +240,74 @@ async fn async_main() -> ExitCode {
             carapace_common::init_tracing("warn", false);
             report(
                 api_cli::fetch_x509(&socket_path, write.as_deref(), output == "json").await,
+                |s| print!("{s}"),
+            )
+        }
+        Command::Api {
+            command:
+                ApiCommand::Fetch {
+                    what:
+                        FetchWhat::Jwt {
+                            socket_path,
+                            audience,
+                            spiffe_id,
+                            output,
+                        },
+                },
+        } => {
+            carapace_common::init_tracing("warn", false);
+            report(
+                api_cli::fetch_jwt(
+                    &socket_path,
+                    &audience,
+                    spiffe_id.as_deref(),
+                    output == "json",
+                )
+                .await,
+                |s| print!("{s}"),
+            )
+        }
+        Command::Api {
+            command:
+                ApiCommand::Fetch {
+                    what:
+                        FetchWhat::JwtBundle {
+                            socket_path,
+                            output,
+                        },
+                },
+        } => {
+            carapace_common::init_tracing("warn", false);
+            report(
+                api_cli::fetch_jwt_bundle(&socket_path, output == "json").await,
+                |s| print!("{s}"),
+            )
+        }
+        Command::Api {
+            command:
+                ApiCommand::Validate {
+                    what:
+                        ValidateWhat::Jwt {
+                            socket_path,
+                            audience,
+                            token,
+                            output,
+                        },
+                },
+        } => {
+            carapace_common::init_tracing("warn", false);
+            let token = if token == "-" {
+                let mut t = String::new();
+                if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut t) {
+                    eprintln!("carapace-agent: reading the token from standard input: {e}");
+                    return ExitCode::FAILURE;
+                }
+                t.trim().to_owned()
+            } else {
+                token
+            };
+            report(
+                api_cli::validate_jwt(&socket_path, &audience, &token, output == "json").await,
                 |s| print!("{s}"),
             )
         }

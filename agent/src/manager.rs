@@ -153,6 +153,8 @@ pub struct Manager {
     /// server refused it (renewal evidence refused, banned, evicted). Nothing is signed
     /// then; workloads keep what they hold until it expires.
     lost: Option<String>,
+    /// Where the current node API client is published for the Workload API (JWT-SVIDs).
+    server_link: Option<node_client::ServerLinkPublisher>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -278,6 +280,7 @@ impl Manager {
             attestor,
             agent_not_after: na,
             lost: None,
+            server_link: None,
         })
     }
 
@@ -288,6 +291,19 @@ impl Manager {
     /// The agent's SPIFFE ID.
     pub fn agent_id(&self) -> Result<SpiffeId> {
         Self::id_of(&self.state)
+    }
+
+    /// Publishes the node API client the manager uses into `link` from now on (`None`
+    /// while the agent holds no usable identity), for the Workload API's JWT-SVIDs.
+    pub fn with_server_link(mut self, link: node_client::ServerLinkPublisher) -> Self {
+        self.server_link = Some(link);
+        self
+    }
+
+    fn publish_client(&self, client: Option<&NodeClient<Channel>>) {
+        if let Some(link) = &self.server_link {
+            link.publish(client.cloned());
+        }
     }
 
     /// A receiver of the agent's current trust bundle.
@@ -430,6 +446,7 @@ impl Manager {
             self.drop_expired();
             self.check_own_svid();
             if self.lost.is_some() {
+                self.publish_client(None);
                 if self.recover().await {
                     reattest_backoff.reset();
                     backoff.reset();
@@ -444,6 +461,7 @@ impl Manager {
                 continue;
             }
             let mut client = self.client()?;
+            self.publish_client(Some(&client));
             let mut stream = match client.sync_authorized(SyncAuthorizedRequest {}).await {
                 Ok(s) => s.into_inner(),
                 Err(s) => {

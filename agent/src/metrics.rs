@@ -47,6 +47,14 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// `{source}` of a JWT-SVID served.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwtSourceLabels {
+    /// `cache` (before its half-life), `server` (signed for this call) or
+    /// `cache_fallback` (past its half-life: the server could not be reached).
+    pub source: &'static str,
+}
+
 /// Every metric of the agent, and what its readiness reads.
 #[derive(Debug)]
 pub struct AgentMetrics {
@@ -69,6 +77,8 @@ pub struct AgentMetrics {
     workload_svids: Gauge,
     last_sync: Gauge,
     last_rotation: Family<KindLabels, Gauge>,
+    /// `workload_jwt_svids_total{source}`.
+    jwt_svids: Family<JwtSourceLabels, Counter>,
     /// Why the agent holds no usable identity, when it does not.
     lost: Mutex<Option<String>>,
 }
@@ -131,8 +141,15 @@ impl AgentMetrics {
             "When the agent last received a new X509-SVID, by kind (agent, workload; unix seconds)",
             Clone::clone(&last_rotation),
         );
+        let jwt_svids = Family::default();
+        registry.register(
+            "workload_jwt_svids",
+            "JWT-SVIDs served by FetchJWTSVID, by source (cache: before its half-life; server: signed for the call; cache_fallback: past its half-life, the server unreachable)",
+            Clone::clone(&jwt_svids),
+        );
         AgentMetrics {
             registry,
+            jwt_svids,
             requests,
             latency,
             node_attestations,
@@ -176,6 +193,13 @@ impl AgentMetrics {
         self.last_rotation
             .get_or_create(&KindLabels { kind })
             .set(carapace_core::clock::unix_now());
+    }
+
+    /// A JWT-SVID was served from `source` (`cache`, `server`, `cache_fallback`).
+    pub fn jwt_svid(&self, source: &'static str) {
+        self.jwt_svids
+            .get_or_create(&JwtSourceLabels { source })
+            .inc();
     }
 
     /// The agent received its entries and bundle.

@@ -10,13 +10,16 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use carapace_core::EntryId;
 use carapace_core::plugin::{
     AttestationContext, NodeAttestorClient, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
 };
 use carapace_proto::node::{
-    AttestParams, AttestRequest, AttestResult, attest_request, attest_response,
+    AttestParams, AttestRequest, AttestResult, NewJwtsvidRequest, attest_request, attest_response,
     node_client::NodeClient,
 };
+use carapace_proto::types::JwtSvid;
+use tokio::sync::watch;
 
 use crate::{Error, Result};
 
@@ -181,4 +184,81 @@ pub async fn attest(
 /// Maps a status from a node API call to the agent's error.
 pub fn call_error(what: &str, s: tonic::Status) -> Error {
     status_error(what, s)
+}
+
+/// How long a JWT-SVID signing call to the server may take.
+pub const JWT_SVID_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the server (`Node.NewJWTSVID`) for a JWT-SVID for `entry_id`, one of the entries
+/// authorized for this agent, with `audiences` as its `aud`. The server's status is
+/// returned as is: the caller tells a refusal from an unreachable server.
+pub async fn new_jwt_svid(
+    client: &mut NodeClient<Channel>,
+    entry_id: &EntryId,
+    audiences: &[String],
+) -> std::result::Result<JwtSvid, tonic::Status> {
+    let mut request = tonic::Request::new(NewJwtsvidRequest {
+        entry_id: entry_id.to_string(),
+        audience: audiences.to_vec(),
+    });
+    request.set_timeout(JWT_SVID_TIMEOUT);
+    let response = tokio::time::timeout(JWT_SVID_TIMEOUT, client.new_jwtsvid(request))
+        .await
+        .map_err(|_| {
+            tonic::Status::deadline_exceeded(format!(
+                "the server did not answer within {}s",
+                JWT_SVID_TIMEOUT.as_secs()
+            ))
+        })??;
+    response
+        .into_inner()
+        .svid
+        .ok_or_else(|| tonic::Status::internal("the server answered without a JWT-SVID"))
+}
+
+/// The agent's current node API client, as the manager last connected it, shared with
+/// the Workload API (which asks the server for JWT-SVIDs through it). `None` while the
+/// agent holds no usable identity.
+#[derive(Debug, Clone)]
+pub struct ServerLink {
+    rx: watch::Receiver<Option<NodeClient<Channel>>>,
+}
+
+/// The manager's end of a [`ServerLink`].
+#[derive(Debug)]
+pub struct ServerLinkPublisher {
+    tx: watch::Sender<Option<NodeClient<Channel>>>,
+}
+
+impl ServerLink {
+    /// A new link (holding no client yet) and the end that publishes into it.
+    pub fn new() -> (ServerLinkPublisher, ServerLink) {
+        let (tx, rx) = watch::channel(None);
+        (ServerLinkPublisher { tx }, ServerLink { rx })
+    }
+
+    /// A link that always holds `client` (tests, tools).
+    pub fn fixed(client: NodeClient<Channel>) -> ServerLink {
+        let (tx, rx) = watch::channel(Some(client));
+        drop(tx);
+        ServerLink { rx }
+    }
+
+    /// A link that never holds a client.
+    pub fn none() -> ServerLink {
+        let (_publisher, link) = ServerLink::new();
+        link
+    }
+
+    /// The current client, if the agent has one.
+    pub fn client(&self) -> Option<NodeClient<Channel>> {
+        self.rx.borrow().clone()
+    }
+}
+
+impl ServerLinkPublisher {
+    /// Publishes the client the agent now uses (`None`: it has no usable identity).
+    pub fn publish(&self, client: Option<NodeClient<Channel>>) {
+        self.tx.send_replace(client);
+    }
 }

@@ -12,10 +12,22 @@
 //! - `FetchX509SVID` streams the full set of matching SVIDs, again on every change;
 //!   `PermissionDenied` ("no identity issued") when nothing matches;
 //! - `FetchX509Bundles` streams the own trust domain's bundle to callers that have an
-//!   identity;
-//! - the JWT RPCs answer `Unimplemented` for now.
+//!   identity, again when its X.509 authorities change;
+//! - `FetchJWTSVID` requires an audience (`InvalidArgument` without one, or with an
+//!   empty one, or with a `spiffe_id` that is not a SPIFFE ID) and answers one JWT-SVID
+//!   per identity of the caller (the same identities, order and hints as
+//!   `FetchX509SVID`, narrowed to `spiffe_id` when given), `PermissionDenied` ("no
+//!   identity issued") when none matches. Tokens come from the server
+//!   (`Node.NewJWTSVID`) and are cached per identity and audience set until half their
+//!   life ([`crate::jwt_cache`]); when the server cannot be reached a cached token that
+//!   is still valid is served, else `Unavailable`;
+//! - `FetchJWTBundles` streams the own trust domain's JWT keys as a JWKS document to
+//!   callers that have an identity, again when the keys change;
+//! - `ValidateJWTSVID` requires both fields and answers `InvalidArgument`, naming the
+//!   reason, for any token [`jwt::validate`] refuses.
 
 pub mod h2_authority;
+pub mod jwt;
 pub mod peer;
 
 use std::collections::{HashMap, HashSet};
@@ -31,9 +43,9 @@ use carapace_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use carapace_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -41,7 +53,8 @@ use tonic::{Request, Response, Status};
 
 pub use peer::{Peer, PeerStream, incoming};
 
-use crate::cache::{CacheState, CachedSvid, SvidCache, same_bundle, same_svids};
+use crate::cache::{CacheState, CachedSvid, SvidCache, same_svids};
+use crate::node_client::ServerLink;
 use crate::{Error, Result};
 
 /// The security header every Workload API request must carry.
@@ -98,6 +111,8 @@ pub struct WorkloadApi {
     drain_timeout: Duration,
     /// Turns true when the server shuts down, so that streams end and connections close.
     closing: watch::Receiver<bool>,
+    /// The way to the server and the JWT-SVID cache.
+    jwt: Arc<jwt::JwtService>,
 }
 
 impl WorkloadApi {
@@ -113,7 +128,19 @@ impl WorkloadApi {
             limits: ConnectionLimits::from_fd_limit(carapace_common::listener::fd_limit()),
             drain_timeout: carapace_common::SHUTDOWN_GRACE,
             closing,
+            jwt: Arc::new(jwt::JwtService::new(
+                ServerLink::none(),
+                crate::jwt_cache::DEFAULT_CAPACITY,
+            )),
         }
+    }
+
+    /// Asks the server for JWT-SVIDs through `server` (the manager keeps it current),
+    /// caching at most `capacity` tokens (default [`crate::jwt_cache::DEFAULT_CAPACITY`]).
+    /// Without it, `FetchJWTSVID` can only answer `Unavailable`.
+    pub fn with_server(mut self, server: ServerLink, capacity: usize) -> Self {
+        self.jwt = Arc::new(jwt::JwtService::new(server, capacity));
+        self
     }
 
     /// Bounds how long a shutdown waits for open connections (default
@@ -232,11 +259,11 @@ fn check_security_header<T>(request: &Request<T>) -> Result<(), Status> {
     }
 }
 
-/// The `X509SVIDResponse` for `svids` (non-empty). SVIDs whose non-empty hint repeats an
-/// earlier one are left out, as the standard requires unique hints (SPIRE does the same).
-fn x509_svid_response(svids: &[Arc<CachedSvid>], bundle: &[u8]) -> X509svidResponse {
+/// `svids` without those whose non-empty hint repeats an earlier one, as the standard
+/// requires unique hints (SPIRE does the same).
+fn with_unique_hints(svids: &[Arc<CachedSvid>]) -> Vec<&Arc<CachedSvid>> {
     let mut hints = HashSet::new();
-    let svids = svids
+    svids
         .iter()
         .filter(|s| {
             let unique = s.hint.is_empty() || hints.insert(s.hint.as_str());
@@ -249,6 +276,13 @@ fn x509_svid_response(svids: &[Arc<CachedSvid>], bundle: &[u8]) -> X509svidRespo
             }
             unique
         })
+        .collect()
+}
+
+/// The `X509SVIDResponse` for `svids` (non-empty), hints made unique.
+fn x509_svid_response(svids: &[Arc<CachedSvid>], bundle: &[u8]) -> X509svidResponse {
+    let svids = with_unique_hints(svids)
+        .into_iter()
         .map(|s| X509svid {
             spiffe_id: s.spiffe_id.to_string(),
             x509_svid: s.cert_chain.concat(),
@@ -276,10 +310,38 @@ fn x509_bundles_response(state: &CacheState) -> X509BundlesResponse {
     }
 }
 
+/// What a stream follows: a cache change that does not touch it sends nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    /// The caller's SVIDs and the bundle's X.509 authorities (`FetchX509SVID`).
+    Svids,
+    /// The bundle's X.509 authorities (`FetchX509Bundles`).
+    X509Authorities,
+    /// The bundle's JWT keys (`FetchJWTBundles`).
+    JwtKeys,
+}
+
 /// What a stream last sent, to tell whether a cache change concerns it.
 struct Sent {
     svids: Vec<Arc<CachedSvid>>,
     bundle: Arc<carapace_core::TrustBundle>,
+}
+
+impl Follow {
+    fn changed(self, prev: &Sent, svids: &[Arc<CachedSvid>], state: &CacheState) -> bool {
+        let (a, b) = (&prev.bundle, &state.bundle);
+        if Arc::ptr_eq(a, b) && (self != Follow::Svids || same_svids(&prev.svids, svids)) {
+            return false;
+        }
+        a.trust_domain() != b.trust_domain()
+            || match self {
+                Follow::Svids => {
+                    a.x509_authorities != b.x509_authorities || !same_svids(&prev.svids, svids)
+                }
+                Follow::X509Authorities => a.x509_authorities != b.x509_authorities,
+                Follow::JwtKeys => a.jwt_authorities != b.jwt_authorities,
+            }
+    }
 }
 
 /// Feeds one X.509 stream from the cache: the first message now, then one per relevant
@@ -290,7 +352,7 @@ async fn feed<T, F>(
     mut closing: watch::Receiver<bool>,
     selectors: SelectorSet,
     tx: mpsc::Sender<Result<T, Status>>,
-    bundle_only: bool,
+    follow: Follow,
     build: F,
     mut first_answer: Option<FirstAnswer>,
 ) where
@@ -314,10 +376,7 @@ async fn feed<T, F>(
         }
         let changed = match &last {
             None => true,
-            Some(prev) => {
-                !same_bundle(&prev.bundle, &state.bundle)
-                    || (!bundle_only && !same_svids(&prev.svids, &svids))
-            }
+            Some(prev) => follow.changed(prev, &svids, &state),
         };
         if changed {
             if let Some(f) = first_answer.take() {
@@ -366,6 +425,12 @@ impl FirstAnswer {
         crate::metrics::metrics().rpc(self.rpc, code, self.start);
     }
 
+    /// Records the code of a unary call's answer, and passes it on.
+    fn unary<T>(self, r: Result<T, Status>) -> Result<Response<T>, Status> {
+        self.answered(r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok));
+        r.map(Response::new)
+    }
+
     /// Records `r`'s code if it is an error, and passes it on.
     fn failed<T>(self, r: Result<T, Status>) -> Result<T, Status> {
         if let Err(s) = &r {
@@ -386,7 +451,7 @@ impl WorkloadApi {
     fn spawn_feed<T, F>(
         &self,
         selectors: SelectorSet,
-        bundle_only: bool,
+        follow: Follow,
         build: F,
         first_answer: FirstAnswer,
     ) -> ReceiverStream<Result<T, Status>>
@@ -400,7 +465,7 @@ impl WorkloadApi {
             self.closing.clone(),
             selectors,
             tx,
-            bundle_only,
+            follow,
             build,
             Some(first_answer),
         ));
@@ -422,7 +487,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
         Ok(Response::new(self.spawn_feed(
             selectors,
-            false,
+            Follow::Svids,
             |svids, state| x509_svid_response(svids, &state.bundle.to_concatenated_der()),
             call,
         )))
@@ -436,7 +501,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
         Ok(Response::new(self.spawn_feed(
             selectors,
-            true,
+            Follow::X509Authorities,
             |_, state| x509_bundles_response(state),
             call,
         )))
@@ -446,29 +511,118 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        FirstAnswer::new("FetchJWTSVID")
-            .failed(check_security_header(&request).and_then(|()| Err(jwt_unimplemented())))
+        let call = FirstAnswer::new("FetchJWTSVID");
+        call.unary(self.fetch_jwt_svids(request, call.rpc).await)
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        FirstAnswer::new("FetchJWTBundles")
-            .failed(check_security_header(&request).and_then(|()| Err(jwt_unimplemented())))
+        let call = FirstAnswer::new("FetchJWTBundles");
+        let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
+        Ok(Response::new(self.spawn_feed(
+            selectors,
+            Follow::JwtKeys,
+            |_, state| jwt::jwt_bundles_response(&state.bundle),
+            call,
+        )))
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        FirstAnswer::new("ValidateJWTSVID")
-            .failed(check_security_header(&request).and_then(|()| Err(jwt_unimplemented())))
+        let call = FirstAnswer::new("ValidateJWTSVID");
+        call.unary(self.validate_jwt_svid(request, call.rpc).await)
     }
 }
 
-fn jwt_unimplemented() -> Status {
-    Status::unimplemented("JWT-SVIDs are not supported yet")
+impl WorkloadApi {
+    async fn fetch_jwt_svids(
+        &self,
+        request: Request<JwtsvidRequest>,
+        method: &str,
+    ) -> Result<JwtsvidResponse, Status> {
+        check_security_header(&request)?;
+        let audiences = jwt::requested_audiences(&request.get_ref().audience)?;
+        let wanted = match request.get_ref().spiffe_id.as_str() {
+            "" => None,
+            id => Some(id.parse::<carapace_core::SpiffeId>().map_err(|e| {
+                Status::invalid_argument(format!("spiffe_id is not a SPIFFE ID: {e}"))
+            })?),
+        };
+        let selectors = self.authorize(&request, method).await?;
+        let state = self.cache.current();
+        let matching = state.matching(&selectors);
+        let identities: Vec<&Arc<CachedSvid>> = with_unique_hints(&matching)
+            .into_iter()
+            .filter(|s| wanted.as_ref().is_none_or(|w| *w == s.spiffe_id))
+            .collect();
+        if identities.is_empty() {
+            tracing::debug!(
+                selectors = selectors.len(),
+                filtered = wanted.is_some(),
+                "no identity issued to the caller"
+            );
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        let tokens = futures::future::join_all(
+            identities
+                .iter()
+                .map(|s| self.jwt.token_for(s, &audiences, &state.bundle)),
+        )
+        .await;
+        let mut svids = Vec::with_capacity(identities.len());
+        for (s, token) in identities.iter().zip(tokens) {
+            if let Some(token) = token? {
+                svids.push(Jwtsvid {
+                    spiffe_id: s.spiffe_id.to_string(),
+                    svid: token.to_string(),
+                    hint: s.hint.clone(),
+                });
+            }
+        }
+        if svids.is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        Ok(JwtsvidResponse { svids })
+    }
+
+    async fn validate_jwt_svid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+        method: &str,
+    ) -> Result<ValidateJwtsvidResponse, Status> {
+        check_security_header(&request)?;
+        let req = request.get_ref();
+        if req.audience.is_empty() {
+            return Err(Status::invalid_argument("audience is required"));
+        }
+        if req.svid.is_empty() {
+            return Err(Status::invalid_argument("svid is required"));
+        }
+        // The caller is attested like any other (its identity is not required: a
+        // verifier may have none).
+        let _selectors = self.authorize(&request, method).await?;
+        let bundle = self.cache.current().bundle.clone();
+        let req = request.into_inner();
+        match jwt::validate(
+            &bundle,
+            &req.audience,
+            &req.svid,
+            std::time::SystemTime::now(),
+        ) {
+            Ok((id, claims)) => Ok(ValidateJwtsvidResponse {
+                spiffe_id: id.to_string(),
+                claims: Some(jwt::claims_struct(claims)),
+            }),
+            Err(reason) => {
+                tracing::info!(audience = %carapace_core::jose::shown(&req.audience), %reason, "JWT-SVID refused");
+                Err(Status::invalid_argument(reason))
+            }
+        }
+    }
 }
 
 /// Serves `api` on the Unix socket `socket_path` until `shutdown` completes.

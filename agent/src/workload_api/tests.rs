@@ -134,9 +134,30 @@ impl Harness {
         cache: SvidCache,
         attestors: Vec<Arc<dyn WorkloadAttestor>>,
     ) -> Harness {
+        Self::start_full(pki, cache, attestors, None).await
+    }
+
+    /// A Workload API asking the server at `server` for JWT-SVIDs, caching at most
+    /// `capacity`.
+    async fn start_with_server(pki: Pki, server: ServerLink, capacity: usize) -> Harness {
+        let cache = SvidCache::new(pki.bundle());
+        let attestor: Arc<dyn WorkloadAttestor> =
+            Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig::default()));
+        Self::start_full(pki, cache, vec![attestor], Some((server, capacity))).await
+    }
+
+    async fn start_full(
+        pki: Pki,
+        cache: SvidCache,
+        attestors: Vec<Arc<dyn WorkloadAttestor>>,
+        server: Option<(ServerLink, usize)>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("public/api.sock");
-        let api = WorkloadApi::new(cache.clone(), attestors);
+        let mut api = WorkloadApi::new(cache.clone(), attestors);
+        if let Some((server, capacity)) = server {
+            api = api.with_server(server, capacity);
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let path = socket.clone();
         let task = tokio::spawn(async move {
@@ -412,34 +433,6 @@ async fn x509_bundles_are_keyed_by_trust_domain_id_and_follow_changes() {
         second.bundles["spiffe://example.org"],
         [h.pki.ca_der.clone(), extra.ca_der].concat()
     );
-}
-
-#[tokio::test]
-async fn jwt_rpcs_are_unimplemented() {
-    let h = Harness::start().await;
-    let mut client = h.client().await;
-    let e = client
-        .fetch_jwtsvid(JwtsvidRequest {
-            audience: vec!["a".into()],
-            spiffe_id: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
-    assert_eq!(e.message(), "JWT-SVIDs are not supported yet");
-    let e = client
-        .fetch_jwt_bundles(JwtBundlesRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
-    let e = client
-        .validate_jwtsvid(ValidateJwtsvidRequest {
-            audience: "a".into(),
-            svid: "x".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
 }
 
 #[tokio::test]
@@ -901,3 +894,6 @@ async fn a_caller_gone_before_attestation_is_unauthenticated_not_unavailable() {
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(peer.connection_closed());
 }
+
+#[path = "jwt_tests.rs"]
+mod jwt_rpcs;
