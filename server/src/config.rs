@@ -805,6 +805,10 @@ max_attestations_in_flight = 0
             ("https://oidc.example.org/", "ends with a slash"),
             ("https://", "has no host"),
             ("https://user@oidc.example.org", "has user information"),
+            ("https://oidc.example.org:99999", "has a bad port"),
+            ("https://oidc.example.org:", "has a bad port"),
+            ("https://oidc_example.org", "has a bad host"),
+            ("https://[::g]:8443", "has a bad host"),
         ] {
             let text = format!(
                 "[oidc_discovery]\nissuer = {issuer:?}\ncert_file = \"/c\"\nkey_file = \"/k\"\n"
@@ -815,6 +819,13 @@ max_attestations_in_flight = 0
                     .any(|e| e.starts_with("oidc_discovery.issuer: ") && e.contains(needle)),
                 "{issuer}: {needle}: {errs:?}"
             );
+        }
+        for good in [
+            "https://oidc.example.org:8443",
+            "https://[::1]:8443/td",
+            "https://10.0.0.1/a/b",
+        ] {
+            assert_eq!(crate::oidc::check_issuer(good), Ok(()), "{good}");
         }
         let file = OidcDiscoveryFile {
             issuer: Some("https://a.example".into()),

@@ -80,12 +80,30 @@ pub fn check_issuer(issuer: &str) -> std::result::Result<(), String> {
     if authority.contains('@') {
         return Err("has user information: an issuer has none".into());
     }
-    let host = authority
-        .rsplit_once(':')
-        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(authority, |(host, _)| host);
+    // HOST, HOST:PORT, [IPv6] or [IPv6]:PORT.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !authority.ends_with(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
     if host.is_empty() {
         return Err("has no host".into());
+    }
+    if let Some(port) = port {
+        if port.is_empty()
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || port.parse::<u16>().is_err()
+        {
+            return Err(format!("has a bad port {port:?}"));
+        }
+    }
+    let name_ok = if let Some(ip) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        ip.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        host.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if !name_ok {
+        return Err(format!("has a bad host {host:?}"));
     }
     if path.ends_with('/') {
         return Err("ends with a slash: leave it out (tokens' iss must match it exactly)".into());
