@@ -63,6 +63,11 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
 /// bound). A second server on the same data directory refuses to start
 /// ([`carapace_common::lock_data_dir`]).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    // Operator files that can be checked without state are checked before any is written.
+    let oidc_loaded = match &config.oidc_discovery {
+        Some(oidc) => Some(oidc::Loaded::load(oidc)?),
+        None => None,
+    };
     private_dir(&config.data_dir, "data directory")?;
     let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
         .map_err(Error::Config)?;
@@ -116,8 +121,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => None,
     };
-    let oidc_endpoint = match &config.oidc_discovery {
-        Some(oidc) => Some(oidc::Endpoint::bind(oidc, ca.bundle()).await?),
+    let oidc_endpoint = match oidc_loaded {
+        Some(loaded) => Some(loaded.bind(ca.bundle()).await?),
         None => None,
     };
     let admin_listener = admin::api::bind(&config.admin_socket)?;

@@ -342,6 +342,49 @@ fn tls_config(cert: Arc<carapace_tls::FixedCert>) -> Result<rustls::ServerConfig
     Ok(tls)
 }
 
+/// The endpoint's certificate and key, read and checked, not yet listening: what
+/// [`crate::run`] does first, before it writes anything.
+#[derive(Debug)]
+pub struct Loaded {
+    cfg: OidcDiscovery,
+    cert: Arc<carapace_tls::FixedCert>,
+    stamp: Stamp,
+}
+
+impl Loaded {
+    /// Reads and checks the certificate and key ([`load_certified_key`]).
+    pub fn load(cfg: &OidcDiscovery) -> Result<Self> {
+        // Taken before reading: a change while reading is seen as a change.
+        let stamp = stamp(cfg);
+        let certified = load_certified_key(cfg).map_err(Error::Config)?;
+        Ok(Loaded {
+            cfg: cfg.clone(),
+            cert: Arc::new(carapace_tls::FixedCert(RwLock::new(certified))),
+            stamp,
+        })
+    }
+
+    /// Binds the listener for the bundles `bundle` carries.
+    pub async fn bind(self, bundle: watch::Receiver<Arc<TrustBundle>>) -> Result<Endpoint> {
+        let tls = Arc::new(tls_config(self.cert.clone())?);
+        let listener = TcpListener::bind(self.cfg.bind_address).await.map_err(|e| {
+            Error::Config(format!(
+                "cannot listen on {} for the OIDC discovery endpoint (oidc_discovery.bind_address): {e}",
+                self.cfg.bind_address
+            ))
+        })?;
+        Ok(Endpoint {
+            listener,
+            discovery: Discovery::new(&self.cfg.issuer, bundle),
+            cfg: self.cfg,
+            cert: self.cert,
+            tls,
+            reload_interval: RELOAD_INTERVAL,
+            loaded: self.stamp,
+        })
+    }
+}
+
 /// The endpoint, bound and loaded, ready to serve.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -361,26 +404,7 @@ impl Endpoint {
         cfg: &OidcDiscovery,
         bundle: watch::Receiver<Arc<TrustBundle>>,
     ) -> Result<Self> {
-        // Taken before reading: a change while reading is seen as a change.
-        let loaded = stamp(cfg);
-        let certified = load_certified_key(cfg).map_err(Error::Config)?;
-        let cert = Arc::new(carapace_tls::FixedCert(RwLock::new(certified)));
-        let tls = Arc::new(tls_config(cert.clone())?);
-        let listener = TcpListener::bind(cfg.bind_address).await.map_err(|e| {
-            Error::Config(format!(
-                "cannot listen on {} for the OIDC discovery endpoint (oidc_discovery.bind_address): {e}",
-                cfg.bind_address
-            ))
-        })?;
-        Ok(Endpoint {
-            listener,
-            cfg: cfg.clone(),
-            cert,
-            tls,
-            discovery: Discovery::new(&cfg.issuer, bundle),
-            reload_interval: RELOAD_INTERVAL,
-            loaded,
-        })
+        Loaded::load(cfg)?.bind(bundle).await
     }
 
     /// Looks at the files every `interval` instead of [`RELOAD_INTERVAL`] (tests).

@@ -700,3 +700,156 @@ async fn pyjwt_verifies_tokens_through_discovery_and_refuses_bad_ones() {
     assert_eq!(code, 1);
     assert!(err.contains("no key for the token"), "{err}");
 }
+
+/// Polls `f` every 100 ms for up to 30 s.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    for _ in 0..300 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_serves_the_endpoint_from_its_own_bundle_and_stops_it_with_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let (cert_file, key_file, _) = write_pki(dir.path(), &pki);
+    let port = free_port();
+    let issuer = format!("https://localhost:{port}");
+    let conf = dir.path().join("server.toml");
+    let data_dir = dir.path().join("data");
+    let admin = dir.path().join("admin");
+    std::fs::write(
+        &conf,
+        format!(
+            "trust_domain = \"example.org\"\ndata_dir = {data_dir:?}\nbind_address = \"127.0.0.1:{}\"\n\
+             admin_socket = {:?}\n[key_manager.memory]\n[node_attestor.join_token]\n\
+             [oidc_discovery]\nbind_address = \"127.0.0.1:{port}\"\nissuer = {issuer:?}\n\
+             cert_file = {cert_file:?}\nkey_file = {key_file:?}\n",
+            free_port(),
+            admin.join("admin.sock"),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_carapace-server"))
+        .args(["run", "--config"])
+        .arg(&conf)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = client_trusting(&pki.ca_der);
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            request(
+                addr,
+                Some(&client),
+                "GET",
+                "localhost",
+                path,
+                Duration::from_secs(5),
+            )
+            .await
+        }
+    };
+    let conf_doc = eventually("the OIDC endpoint to answer", || async {
+        get("/.well-known/openid-configuration").await.ok()
+    })
+    .await;
+    let doc = body_json(&conf_doc);
+    assert_eq!(doc["issuer"], issuer);
+    assert_eq!(doc["jwks_uri"], format!("{issuer}/keys"));
+    let jwks = body_json(&get("/keys").await.unwrap());
+    assert!(jwks["keys"].is_array(), "{jwks}");
+    // Whatever JWT keys the server's bundle holds, the endpoint publishes the same.
+    let shown = Command::new(env!("CARGO_BIN_EXE_carapace-server"))
+        .args(["bundle", "show", "--format", "spiffe", "--admin-socket"])
+        .arg(admin.join("admin.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let bundle: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let jwt_kids = |keys: &Value, use_: &str| -> Vec<String> {
+        keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["use"] == use_)
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(jwt_kids(&jwks, "sig"), jwt_kids(&bundle, "jwt-svid"));
+    assert_eq!(
+        jwt_kids(&jwks, "sig").len(),
+        jwks["keys"].as_array().unwrap().len()
+    );
+
+    // SIGTERM stops the endpoint with the server.
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = eventually("the server to exit", || {
+        let s = server.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the OIDC port still accepts connections after the server exited"
+    );
+}
+
+#[test]
+fn the_server_refuses_to_start_with_a_key_that_is_not_the_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki();
+    let (cert_file, key_file, _) = write_pki(dir.path(), &pki);
+    write_private(&key_file, &self::pki().key_pem);
+    let conf = dir.path().join("server.toml");
+    let data_dir = dir.path().join("data");
+    std::fs::write(
+        &conf,
+        format!(
+            "data_dir = {data_dir:?}\nbind_address = \"127.0.0.1:{}\"\nadmin_socket = {:?}\n\
+             [key_manager.memory]\n[oidc_discovery]\nbind_address = \"127.0.0.1:{}\"\n\
+             issuer = \"https://localhost\"\ncert_file = {cert_file:?}\nkey_file = {key_file:?}\n",
+            free_port(),
+            dir.path().join("admin/admin.sock"),
+            free_port(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_carapace-server"))
+        .args(["run", "--config"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("oidc_discovery.key_file")
+            && err.contains("is not the key of the first certificate"),
+        "{err}"
+    );
+    assert!(
+        !data_dir.exists() && !dir.path().join("admin").exists(),
+        "a server that refused to start created its data directory or admin socket"
+    );
+}
