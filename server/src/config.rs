@@ -401,7 +401,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     let oidc_discovery = file
         .oidc_discovery
         .as_ref()
-        .and_then(|o| oidc_discovery(o, None, &mut problems));
+        .and_then(|o| oidc_discovery(o, None, &data_dir, &mut problems));
 
     match (trust_domain, bind_address) {
         (Some(trust_domain), Some(bind_address)) if problems.is_empty() => Ok(Config {
@@ -440,9 +440,9 @@ pub struct OidcDiscoveryFile {
     pub bind_address: Option<String>,
     /// The issuer URL (default: the server's `jwt_issuer`).
     pub issuer: Option<String>,
-    /// The TLS certificate chain, PEM.
+    /// The TLS certificate chain, PEM (relative: in `data_dir`).
     pub cert_file: Option<PathBuf>,
-    /// The TLS key, PKCS#8 PEM, private to the server's user.
+    /// The TLS key, PKCS#8 PEM, private to the server's user (relative: in `data_dir`).
     pub key_file: Option<PathBuf>,
 }
 
@@ -477,6 +477,7 @@ impl OidcDiscovery {
 fn oidc_discovery(
     file: &OidcDiscoveryFile,
     jwt_issuer: Option<&str>,
+    data_dir: &Path,
     problems: &mut Vec<String>,
 ) -> Option<OidcDiscovery> {
     let before = problems.len();
@@ -514,8 +515,9 @@ fn oidc_discovery(
             None
         }
     };
+    // A relative path is in data_dir, as the upstream authority's files are.
     let mut path = |key: &str, value: &Option<PathBuf>| match value {
-        Some(p) if !p.as_os_str().is_empty() => Some(p.clone()),
+        Some(p) if !p.as_os_str().is_empty() => Some(data_dir.join(p)),
         _ => {
             problems.push(format!(
                 "oidc_discovery.{key}: missing: name the {}",
@@ -834,7 +836,15 @@ max_attestations_in_flight = 0
             ..Default::default()
         };
         let mut problems = Vec::new();
-        assert!(oidc_discovery(&file, Some("https://b.example"), &mut problems).is_none());
+        assert!(
+            oidc_discovery(
+                &file,
+                Some("https://b.example"),
+                Path::new("/d"),
+                &mut problems
+            )
+            .is_none()
+        );
         assert!(
             problems[0].contains("differs from jwt_issuer"),
             "{problems:?}"
@@ -843,8 +853,27 @@ max_attestations_in_flight = 0
             issuer: None,
             ..file
         };
-        let o = oidc_discovery(&inherits, Some("https://b.example"), &mut problems).unwrap();
+        let o = oidc_discovery(
+            &inherits,
+            Some("https://b.example"),
+            Path::new("/d"),
+            &mut problems,
+        )
+        .unwrap();
         assert_eq!(o.issuer, "https://b.example");
+        let relative = OidcDiscoveryFile {
+            cert_file: Some("oidc/oidc.crt".into()),
+            ..inherits
+        };
+        let o = oidc_discovery(
+            &relative,
+            Some("https://b.example"),
+            Path::new("/d"),
+            &mut problems,
+        )
+        .unwrap();
+        assert_eq!(o.cert_file, PathBuf::from("/d/oidc/oidc.crt"));
+        assert_eq!(o.key_file, PathBuf::from("/k"));
     }
 
     #[test]
