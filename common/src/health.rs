@@ -8,34 +8,24 @@
 //! - `GET /metrics`: the process's metrics in the OpenMetrics text format, encoded by
 //!   `prometheus-client` (which Prometheus and `prometheus_client.parser` read).
 //!
-//! Anything else is 404 (405 for a method other than GET or HEAD). The listener is
-//! bounded like the others: at most [`MAX_CONNECTIONS`] connections at once (the next
-//! ones are closed at once), a request's headers must arrive within
-//! [`HEADER_TIMEOUT`], and a connection lives at most [`CONNECTION_TIMEOUT`]. It serves
-//! no secrets: readiness reasons and metrics carry no SPIFFE IDs, keys or tokens.
+//! Anything else is 404 (405 for a method other than GET or HEAD). It is served by
+//! [`crate::http`], bounded like every listener there: at most [`MAX_CONNECTIONS`]
+//! connections at once (the next ones are closed at once), a request's headers must
+//! arrive within [`HEADER_TIMEOUT`], and a connection lives at most
+//! [`CONNECTION_TIMEOUT`]. It serves no secrets: readiness reasons and metrics carry no
+//! SPIFFE IDs, keys or tokens.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
-use crate::listener::{AcceptBackoff, accept_with_backoff};
-
-/// Most connections served at once.
-pub const MAX_CONNECTIONS: usize = 32;
-/// How long a client may take to send a request's headers.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one connection may stay open.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+use crate::http::Reply;
+pub use crate::http::{CONNECTION_TIMEOUT, HEADER_TIMEOUT, MAX_CONNECTIONS};
 /// How long the readiness checks may take together before `/ready` answers 503.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The content type of `/metrics` (OpenMetrics text, which Prometheus negotiates).
@@ -141,55 +131,32 @@ impl Endpoint {
         }
         out
     }
+}
 
-    async fn answer(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let head = req.method() == Method::HEAD;
-        if req.method() != Method::GET && !head {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
-        }
-        let (status, body, content_type) = match req.uri().path() {
-            "/live" => (StatusCode::OK, "live\n".to_owned(), None),
+#[async_trait::async_trait]
+impl crate::http::Routes for Endpoint {
+    async fn get(&self, path: &str) -> Reply {
+        match path {
+            "/live" => Reply::text(200, "live\n"),
             "/ready" => {
                 let reasons = self.not_ready().await;
                 if reasons.is_empty() {
-                    (StatusCode::OK, "ready\n".to_owned(), None)
+                    Reply::text(200, "ready\n")
                 } else {
                     let mut body = String::from("not ready:\n");
                     for r in reasons {
                         body.push_str(&r);
                         body.push('\n');
                     }
-                    (StatusCode::SERVICE_UNAVAILABLE, body, None)
+                    Reply::text(503, body)
                 }
             }
-            "/metrics" => (
-                StatusCode::OK,
-                self.metrics_text(),
-                Some(METRICS_CONTENT_TYPE),
-            ),
-            _ => (
-                StatusCode::NOT_FOUND,
-                "not found: /live, /ready and /metrics are served\n".to_owned(),
-                None,
-            ),
-        };
-        let mut resp = text(status, if head { String::new() } else { body });
-        if let Some(ct) = content_type {
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+            "/metrics" => {
+                Reply::text(200, self.metrics_text()).with_content_type(METRICS_CONTENT_TYPE)
+            }
+            _ => Reply::text(404, "not found: /live, /ready and /metrics are served\n"),
         }
-        resp
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 /// Binds the endpoint's TCP listener; the error names the address and what to do.
@@ -200,81 +167,33 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
 }
 
 /// Serves `endpoint` on `listener` until `stop` turns true.
-pub async fn serve(listener: TcpListener, endpoint: Endpoint, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut backoff = AcceptBackoff::new("health endpoint");
+pub async fn serve(listener: TcpListener, endpoint: Endpoint, stop: watch::Receiver<bool>) {
     if let Ok(addr) = listener.local_addr() {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the health endpoint listens beyond loopback: anyone who reaches it sees the metrics");
         }
         tracing::info!(%addr, "health endpoint: /live, /ready, /metrics");
     }
-    loop {
-        let (stream, _) = tokio::select! {
-            s = accept_with_backoff(&mut backoff, || listener.accept()) => s,
-            _ = stop.changed() => return,
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
-        };
-        let endpoint = endpoint.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let endpoint = endpoint.clone();
-                async move { Ok::<_, Infallible>(endpoint.answer(req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                r = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {
-                    if let Ok(Err(e)) = r {
-                        tracing::debug!(error = %e, "health endpoint connection failed");
-                    }
-                }
-                _ = stop.changed() => {}
-            }
-        });
-    }
+    crate::http::serve(listener, "health endpoint", None, Arc::new(endpoint), stop).await;
 }
 
 /// GETs `path` from a health endpoint at `addr` (what the `healthcheck` commands do):
 /// the status code and the body, within [`READY_TIMEOUT`] plus a second.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    use http_body_util::BodyExt;
-    let fetch = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to the health endpoint at {addr}: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("health endpoint at {addr}: {e}"))?;
-        tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(header::HOST, addr.to_string())
-            .body(http_body_util::Empty::<Bytes>::new())
-            .map_err(|e| format!("health endpoint request: {e}"))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| format!("health endpoint at {addr}: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("health endpoint at {addr}: {e}"))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(READY_TIMEOUT + Duration::from_secs(1), fetch)
-        .await
-        .map_err(|_| format!("the health endpoint at {addr} did not answer in time"))?
+    let resp = crate::http::request(
+        addr,
+        None,
+        "GET",
+        &addr.to_string(),
+        path,
+        READY_TIMEOUT + Duration::from_secs(1),
+    )
+    .await
+    .map_err(|e| format!("health endpoint: {e}"))?;
+    Ok((
+        resp.status,
+        String::from_utf8_lossy(&resp.body).into_owned(),
+    ))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod health;
+pub mod http;
 mod instance;
 pub mod listener;
 pub mod metrics;

@@ -2,12 +2,12 @@
 //! the SPIFFE bundle format (a JWK Set with `spiffe_sequence` and `spiffe_refresh_hint`).
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value, json};
 use x509_parser::prelude::FromDer;
-use x509_parser::public_key::PublicKey;
 
 use crate::error::Error;
+use crate::jose::{Curve, PublicKey};
 use crate::spiffe_id::TrustDomain;
 
 /// A JWT signing key published in a bundle.
@@ -93,15 +93,14 @@ impl TrustBundle {
         for der in &self.x509_authorities {
             let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
                 .map_err(|e| Error::InvalidBundle(format!("authority does not parse: {e}")))?;
-            let mut jwk = spki_to_jwk(cert.public_key().raw)?;
-            jwk.insert("use".into(), json!("x509-svid"));
+            // An X.509 authority is named by its certificate, not by a kid.
+            let mut jwk = spki_to_jwk(cert.public_key().raw, "", "x509-svid")?;
+            jwk.remove("kid");
             jwk.insert("x5c".into(), json!([STANDARD.encode(der)]));
             keys.push(Value::Object(jwk));
         }
         for key in &self.jwt_authorities {
-            let mut jwk = spki_to_jwk(&key.public_key_der)?;
-            jwk.insert("use".into(), json!("jwt-svid"));
-            jwk.insert("kid".into(), json!(key.kid));
+            let jwk = spki_to_jwk(&key.public_key_der, &key.kid, "jwt-svid")?;
             keys.push(Value::Object(jwk));
         }
         let mut doc = Map::new();
@@ -213,8 +212,6 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, Error> {
     Ok(out)
 }
 
-const OID_P256: &str = "1.2.840.10045.3.1.7";
-const OID_P384: &str = "1.3.132.0.34";
 /// DER prefix of a P-256 SubjectPublicKeyInfo up to the uncompressed point.
 const P256_SPKI_PREFIX: &[u8] = &[
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
@@ -225,96 +222,57 @@ const P384_SPKI_PREFIX: &[u8] = &[
     0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b,
     0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
 ];
+/// DER AlgorithmIdentifier of rsaEncryption with NULL parameters.
+const RSA_ALGORITHM: &[u8] = &[
+    0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+];
 
-fn spki_to_jwk(spki_der: &[u8]) -> Result<Map<String, Value>, Error> {
-    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
-        .map_err(|e| Error::InvalidBundle(format!("bad public key: {e}")))?;
-    let mut jwk = Map::new();
-    match spki.parsed() {
-        Ok(PublicKey::EC(point)) => {
-            let curve_oid = spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.as_oid().ok())
-                .map(|o| o.to_id_string())
-                .unwrap_or_default();
-            let (crv, size) = match curve_oid.as_str() {
-                OID_P256 => ("P-256", 32),
-                OID_P384 => ("P-384", 48),
-                other => {
-                    return Err(Error::InvalidBundle(format!("unsupported curve {other}")));
-                }
+/// The message of a key `jose` refused.
+fn key_problem(e: Error) -> String {
+    match e {
+        Error::InvalidToken(m) => m,
+        other => other.to_string(),
+    }
+}
+
+/// A public key (SubjectPublicKeyInfo in DER) as a JWK with `kid` and `use`, written by
+/// [`PublicKey::to_jwk`], the one JWK writer.
+fn spki_to_jwk(spki_der: &[u8], kid: &str, key_use: &str) -> Result<Map<String, Value>, Error> {
+    let key = PublicKey::from_spki_der(spki_der)
+        .map_err(|e| Error::InvalidBundle(format!("bad public key: {}", key_problem(e))))?;
+    Ok(key.to_jwk(kid, key_use))
+}
+
+/// A JWK's public key (read by [`PublicKey::from_jwk`], the one JWK reader) as a
+/// SubjectPublicKeyInfo in DER, the form a [`JwtKey`] keeps.
+fn jwk_to_spki(obj: &Map<String, Value>) -> Result<Vec<u8>, String> {
+    PublicKey::from_jwk(obj)
+        .map(|key| spki_der(&key))
+        .map_err(key_problem)
+}
+
+/// The SubjectPublicKeyInfo (DER) of `key`: the uncompressed point under the curve's
+/// prefix, or an RSAPublicKey under rsaEncryption.
+fn spki_der(key: &PublicKey) -> Vec<u8> {
+    match key {
+        PublicKey::Ec { curve, point } => {
+            let prefix = match curve {
+                Curve::P256 => P256_SPKI_PREFIX,
+                Curve::P384 => P384_SPKI_PREFIX,
             };
-            let data = point.data();
-            if data.len() != 1 + 2 * size || data[0] != 4 {
-                return Err(Error::InvalidBundle("EC point is not uncompressed".into()));
-            }
-            jwk.insert("kty".into(), json!("EC"));
-            jwk.insert("crv".into(), json!(crv));
-            jwk.insert("x".into(), json!(URL_SAFE_NO_PAD.encode(&data[1..=size])));
-            jwk.insert("y".into(), json!(URL_SAFE_NO_PAD.encode(&data[1 + size..])));
+            [prefix, point.as_slice()].concat()
         }
-        Ok(PublicKey::RSA(rsa)) => {
-            jwk.insert("kty".into(), json!("RSA"));
-            jwk.insert(
-                "n".into(),
-                json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.modulus))),
-            );
-            jwk.insert(
-                "e".into(),
-                json!(URL_SAFE_NO_PAD.encode(strip_zeros(rsa.exponent))),
-            );
-        }
-        _ => {
-            return Err(Error::InvalidBundle(
-                "unsupported public key algorithm".into(),
-            ));
+        PublicKey::Rsa { n, e } => {
+            let rsa_key = der_seq(&[der_uint(n), der_uint(e)].concat());
+            let bits = der_tlv(0x03, &[&[0u8][..], &rsa_key].concat());
+            der_seq(&[RSA_ALGORITHM, &bits].concat())
         }
     }
-    Ok(jwk)
 }
 
 fn strip_zeros(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
     &b[start..]
-}
-
-fn jwk_to_spki(obj: &Map<String, Value>) -> Result<Vec<u8>, String> {
-    let field = |name: &str| -> Result<Vec<u8>, String> {
-        let s = obj
-            .get(name)
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("\"{name}\" is missing"))?;
-        URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|e| format!("\"{name}\" is not base64url: {e}"))
-    };
-    match obj.get("kty").and_then(Value::as_str) {
-        Some("EC") => {
-            let (prefix, size) = match obj.get("crv").and_then(Value::as_str) {
-                Some("P-256") => (P256_SPKI_PREFIX, 32),
-                Some("P-384") => (P384_SPKI_PREFIX, 48),
-                other => return Err(format!("unsupported crv {other:?}")),
-            };
-            let (x, y) = (field("x")?, field("y")?);
-            if x.len() != size || y.len() != size {
-                return Err("EC coordinates have the wrong length".into());
-            }
-            Ok([prefix, &[4], &x, &y].concat())
-        }
-        Some("RSA") => {
-            let (n, e) = (field("n")?, field("e")?);
-            let rsa_key = der_seq(&[der_uint(&n), der_uint(&e)].concat());
-            let alg = [
-                0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05,
-                0x00,
-            ];
-            let bits = der_tlv(0x03, &[&[0u8][..], &rsa_key].concat());
-            Ok(der_seq(&[&alg[..], &bits].concat()))
-        }
-        other => Err(format!("unsupported kty {other:?}")),
-    }
 }
 
 fn der_len(len: usize) -> Vec<u8> {
@@ -424,6 +382,8 @@ mod tests {
         assert_eq!(back, bundle);
     }
 
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
     #[test]
     fn rsa_jwk_round_trip() {
         // A 2048-bit modulus with the top bit set, and e = 65537.
@@ -438,7 +398,38 @@ mod tests {
             crate::crypto::key_type_of_spki(&spki).unwrap(),
             crate::KeyType::Rsa2048
         );
-        assert_eq!(spki_to_jwk(&spki).unwrap(), jwk);
+        jwk.insert("kid".into(), json!("k"));
+        jwk.insert("use".into(), json!("jwt-svid"));
+        assert_eq!(spki_to_jwk(&spki, "k", "jwt-svid").unwrap(), jwk);
+    }
+
+    #[test]
+    fn jwt_keys_are_checked_as_jose_checks_them() {
+        // x = 1, y = 1 is not on P-256; a 1024-bit RSA modulus is too small.
+        let mut one = vec![0u8; 32];
+        one[31] = 1;
+        let off_curve = format!(
+            r#"{{"keys":[{{"kty":"EC","use":"jwt-svid","kid":"k","crv":"P-256","x":"{0}","y":"{0}"}}]}}"#,
+            URL_SAFE_NO_PAD.encode(&one)
+        );
+        let err = TrustBundle::from_spiffe_json(td(), &off_curve).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("keys[0]: the P-256 point is not on the curve"),
+            "{err}"
+        );
+        let mut n = vec![0xc5u8; 128];
+        n[127] = 1;
+        let weak = format!(
+            r#"{{"keys":[{{"kty":"RSA","use":"jwt-svid","kid":"k","n":"{}","e":"AQAB"}}]}}"#,
+            URL_SAFE_NO_PAD.encode(&n)
+        );
+        let err = TrustBundle::from_spiffe_json(td(), &weak).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("keys[0]: the RSA modulus is 1024 bits"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct FileConfig {
     /// Upstream authority plugin: at most one.
     #[serde(default)]
     pub upstream_authority: toml::Table,
+    /// The OIDC discovery endpoint: on when the section is present.
+    pub oidc_discovery: Option<OidcDiscoveryFile>,
 }
 
 /// `[node_api]`: bounds on the node API's connections and attestations. Unset keys
@@ -247,6 +249,8 @@ pub struct Config {
     pub node_api: NodeApiLimits,
     /// Where the health endpoint listens; `None`: off.
     pub health_address: Option<SocketAddr>,
+    /// The OIDC discovery endpoint; `None`: off.
+    pub oidc_discovery: Option<OidcDiscovery>,
 }
 
 /// Reads a config file; a missing `path` means defaults. Every problem is listed.
@@ -434,6 +438,10 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     }
     crate::catalog::check_plugins(&key_managers, &node_attestors, &mut problems);
     crate::catalog::check_upstream(&upstreams, &mut problems);
+    let oidc_discovery = file
+        .oidc_discovery
+        .as_ref()
+        .and_then(|o| oidc_discovery(o, file.jwt_issuer.as_deref(), &data_dir, &mut problems));
 
     match (trust_domain, bind_address) {
         (Some(trust_domain), Some(bind_address)) if problems.is_empty() => Ok(Config {
@@ -458,8 +466,127 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             upstream_authority: upstreams.pop(),
             node_api,
             health_address,
+            oidc_discovery,
         }),
         _ => Err(problems),
+    }
+}
+
+/// Where the OIDC discovery endpoint listens when `[oidc_discovery]` names no address.
+pub const DEFAULT_OIDC_ADDRESS: &str = "127.0.0.1:8443";
+
+/// `[oidc_discovery]`: the OIDC discovery endpoint ([`crate::oidc`]).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcDiscoveryFile {
+    /// HOST:PORT to listen on (default [`DEFAULT_OIDC_ADDRESS`]).
+    pub bind_address: Option<String>,
+    /// The issuer URL (default: the server's `jwt_issuer`).
+    pub issuer: Option<String>,
+    /// The TLS certificate chain, PEM (relative: in `data_dir`).
+    pub cert_file: Option<PathBuf>,
+    /// The TLS key, PKCS#8 PEM, private to the server's user (relative: in `data_dir`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// The validated `[oidc_discovery]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcDiscovery {
+    /// Where it listens.
+    pub bind_address: SocketAddr,
+    /// The issuer: an `https` URL without query, fragment or trailing slash.
+    pub issuer: String,
+    /// The TLS certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The TLS key (PKCS#8 PEM).
+    pub key_file: PathBuf,
+}
+
+impl OidcDiscovery {
+    /// The files it names, for `validate`: the certificate chain (read) and the key (a
+    /// secret). [`crate::oidc::check_files`] checks them and their content.
+    pub fn files(&self) -> Vec<carapace_core::files::NamedFile> {
+        use carapace_core::files::{FileUse, NamedFile};
+        vec![
+            NamedFile::new("cert_file", &self.cert_file, FileUse::Read),
+            NamedFile::new("key_file", &self.key_file, FileUse::Secret),
+        ]
+    }
+}
+
+/// Validates `[oidc_discovery]`; `jwt_issuer` is the server's, the issuer's default (and
+/// when both are set they must be equal: OIDC clients compare a token's `iss` with the
+/// discovery document's `issuer`). Every problem names its key.
+fn oidc_discovery(
+    file: &OidcDiscoveryFile,
+    jwt_issuer: Option<&str>,
+    data_dir: &Path,
+    problems: &mut Vec<String>,
+) -> Option<OidcDiscovery> {
+    let before = problems.len();
+    let bind_text = file.bind_address.as_deref().unwrap_or(DEFAULT_OIDC_ADDRESS);
+    let bind_address = bind_text
+        .parse::<SocketAddr>()
+        .map_err(|e| {
+            problems.push(format!(
+                "oidc_discovery.bind_address: {bind_text:?} is not HOST:PORT ({e})"
+            ))
+        })
+        .ok();
+    let issuer = match (file.issuer.as_deref(), jwt_issuer) {
+        (Some(i), Some(j)) if i != j => {
+            problems.push(format!(
+                "oidc_discovery.issuer: {i:?} differs from jwt_issuer {j:?}; OIDC clients \
+                 refuse tokens whose iss is not the discovery document's issuer (leave \
+                 oidc_discovery.issuer out to use jwt_issuer)"
+            ));
+            None
+        }
+        (Some(i), _) | (None, Some(i)) => match crate::oidc::check_issuer(i) {
+            Ok(()) => Some(i.to_owned()),
+            Err(e) => {
+                problems.push(format!("oidc_discovery.issuer: {i:?} {e}"));
+                None
+            }
+        },
+        (None, None) => {
+            problems.push(
+                "oidc_discovery.issuer: missing: set the https URL the JWT-SVIDs' iss names \
+                 (for example \"https://oidc.example.org\")"
+                    .into(),
+            );
+            None
+        }
+    };
+    // A relative path is in data_dir, as the upstream authority's files are.
+    let mut path = |key: &str, value: &Option<PathBuf>| match value {
+        Some(p) if !p.as_os_str().is_empty() => Some(data_dir.join(p)),
+        _ => {
+            problems.push(format!(
+                "oidc_discovery.{key}: missing: name the {}",
+                if key == "cert_file" {
+                    "PEM certificate chain the endpoint presents"
+                } else {
+                    "PKCS#8 PEM key of that certificate (mode 0600)"
+                }
+            ));
+            None
+        }
+    };
+    let cert_file = path("cert_file", &file.cert_file);
+    let key_file = path("key_file", &file.key_file);
+    match (bind_address, issuer, cert_file, key_file) {
+        (Some(bind_address), Some(issuer), Some(cert_file), Some(key_file))
+            if problems.len() == before =>
+        {
+            Some(OidcDiscovery {
+                bind_address,
+                issuer,
+                cert_file,
+                key_file,
+            })
+        }
+        _ => None,
     }
 }
 
@@ -708,6 +835,123 @@ max_attestations_in_flight = 0
             assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
         }
         assert_eq!(errs.len(), 3, "{errs:?}");
+    }
+
+    #[test]
+    fn oidc_discovery_is_validated_naming_each_key() {
+        let c = validate(
+            parse_file(
+                "[oidc_discovery]\nissuer = \"https://oidc.example.org/td\"\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n",
+            )
+            .unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.oidc_discovery,
+            Some(OidcDiscovery {
+                bind_address: DEFAULT_OIDC_ADDRESS.parse().unwrap(),
+                issuer: "https://oidc.example.org/td".into(),
+                cert_file: "/c.pem".into(),
+                key_file: "/k.pem".into(),
+            })
+        );
+        assert_eq!(
+            validate(parse_file("").unwrap(), Overrides::default())
+                .unwrap()
+                .oidc_discovery,
+            None
+        );
+        let errs = validate(
+            parse_file("[oidc_discovery]\nbind_address = \"here\"\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        for needle in [
+            "oidc_discovery.bind_address: \"here\" is not HOST:PORT",
+            "oidc_discovery.issuer: missing",
+            "oidc_discovery.cert_file: missing",
+            "oidc_discovery.key_file: missing",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        for (issuer, needle) in [
+            ("http://oidc.example.org", "is not an https URL"),
+            ("https://oidc.example.org?x=1", "has a query"),
+            ("https://oidc.example.org#f", "has a fragment"),
+            ("https://oidc.example.org/", "ends with a slash"),
+            ("https://", "has no host"),
+            ("https://user@oidc.example.org", "has user information"),
+            ("https://oidc.example.org:99999", "has a bad port"),
+            ("https://oidc.example.org:", "has a bad port"),
+            ("https://oidc_example.org", "has a bad host"),
+            ("https://[::g]:8443", "has a bad host"),
+        ] {
+            let text = format!(
+                "[oidc_discovery]\nissuer = {issuer:?}\ncert_file = \"/c\"\nkey_file = \"/k\"\n"
+            );
+            let errs = validate(parse_file(&text).unwrap(), Overrides::default()).unwrap_err();
+            assert!(
+                errs.iter()
+                    .any(|e| e.starts_with("oidc_discovery.issuer: ") && e.contains(needle)),
+                "{issuer}: {needle}: {errs:?}"
+            );
+        }
+        for good in [
+            "https://oidc.example.org:8443",
+            "https://[::1]:8443/td",
+            "https://10.0.0.1/a/b",
+        ] {
+            assert_eq!(crate::oidc::check_issuer(good), Ok(()), "{good}");
+        }
+        let file = OidcDiscoveryFile {
+            issuer: Some("https://a.example".into()),
+            cert_file: Some("/c".into()),
+            key_file: Some("/k".into()),
+            ..Default::default()
+        };
+        let mut problems = Vec::new();
+        assert!(
+            oidc_discovery(
+                &file,
+                Some("https://b.example"),
+                Path::new("/d"),
+                &mut problems
+            )
+            .is_none()
+        );
+        assert!(
+            problems[0].contains("differs from jwt_issuer"),
+            "{problems:?}"
+        );
+        let inherits = OidcDiscoveryFile {
+            issuer: None,
+            ..file
+        };
+        let o = oidc_discovery(
+            &inherits,
+            Some("https://b.example"),
+            Path::new("/d"),
+            &mut problems,
+        )
+        .unwrap();
+        assert_eq!(o.issuer, "https://b.example");
+        let relative = OidcDiscoveryFile {
+            cert_file: Some("oidc/oidc.crt".into()),
+            ..inherits
+        };
+        let o = oidc_discovery(
+            &relative,
+            Some("https://b.example"),
+            Path::new("/d"),
+            &mut problems,
+        )
+        .unwrap();
+        assert_eq!(o.cert_file, PathBuf::from("/d/oidc/oidc.crt"));
+        assert_eq!(o.key_file, PathBuf::from("/k"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! [`run`] wires everything: the datastore (SQLite), the key manager and node attestors
 //! from the catalogs, the CA ([`ca::CaManager`]) with its rotator, the in-memory entry
 //! index ([`entry_cache::EntryCache`]), the node API on TLS 1.3 ([`node_api`]) and the
-//! admin API on a Unix socket ([`admin::api`]). `main.rs` only parses the command line.
+//! admin API on a Unix socket ([`admin::api`]), and the optional health and OIDC
+//! discovery ([`oidc`]) endpoints. `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod listener;
 pub mod metrics;
 pub mod node_api;
 pub mod node_attestor;
+pub mod oidc;
 pub mod server_svid;
 pub mod upstream;
 
@@ -62,6 +64,11 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
 /// bound). A second server on the same data directory refuses to start
 /// ([`carapace_common::lock_data_dir`]).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+    // Operator files that can be checked without state are checked before any is written.
+    let oidc_loaded = match &config.oidc_discovery {
+        Some(oidc) => Some(oidc::Loaded::load(oidc)?),
+        None => None,
+    };
     private_dir(&config.data_dir, "data directory")?;
     let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
         .map_err(Error::Config)?;
@@ -114,6 +121,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 .await
                 .map_err(Error::Config)?,
         ),
+        None => None,
+    };
+    let oidc_endpoint = match oidc_loaded {
+        Some(loaded) => Some(loaded.bind(ca.bundle()).await?),
         None => None,
     };
     let admin_listener = admin::api::bind(&config.admin_socket)?;
@@ -186,6 +197,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             stop_rx.clone(),
         ))
     });
+    let oidc_task = oidc_endpoint.map(|e| tokio::spawn(e.serve(stop_rx.clone())));
     let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
     let pruner = {
         let cache = cache.clone();
@@ -231,6 +243,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ]
     .into_iter()
     .chain(health_task.as_ref().map(|t| t.abort_handle()))
+    .chain(oidc_task.as_ref().map(|t| t.abort_handle()))
     .collect::<Vec<_>>();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         let _ = node_task.await;
@@ -239,6 +252,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = pruner.await;
         let _ = svid_task.await;
         if let Some(t) = health_task {
+            let _ = t.await;
+        }
+        if let Some(t) = oidc_task {
             let _ = t.await;
         }
     })

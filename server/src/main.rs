@@ -209,12 +209,18 @@ async fn async_main() -> ExitCode {
         }
         Command::Validate { config } => {
             let problems = match config::load(Some(&config), Overrides::default()) {
-                Ok(cfg) => carapace_server::catalog::check_files(
-                    &cfg.key_manager,
-                    &cfg.node_attestors,
-                    cfg.upstream_authority.as_ref(),
-                    &cfg.data_dir,
-                ),
+                Ok(cfg) => {
+                    let mut problems = carapace_server::catalog::check_files(
+                        &cfg.key_manager,
+                        &cfg.node_attestors,
+                        cfg.upstream_authority.as_ref(),
+                        &cfg.data_dir,
+                    );
+                    if let Some(oidc) = &cfg.oidc_discovery {
+                        problems.extend(carapace_server::oidc::check_files(oidc));
+                    }
+                    problems
+                }
                 Err(problems) => problems,
             };
             if problems.is_empty() {
