@@ -25,13 +25,12 @@ fn kid_of(token: &str) -> String {
     header["kid"].as_str().unwrap().to_owned()
 }
 
-/// `jwt mint` with `--output json`.
+/// `jwt mint`, its JSON output.
 fn mint(server: &Server, id: &str, audiences: &[&str]) -> serde_json::Value {
     let mut args = vec!["jwt", "mint", "--spiffe-id", id];
     for a in audiences {
         args.extend(["--audience", a]);
     }
-    args.extend(["--output", "json"]);
     server.cli_json(&args)
 }
 
@@ -82,7 +81,7 @@ fn minted_tokens_verify_with_pyjwt_and_ten_restarts_keep_one_published_key() {
     );
     let kids = published_kids(&server, &jwks);
     assert_eq!(kids, vec![kid_of(token)]);
-    let show = server.cli_json(&["localauthority", "jwt", "show", "--output", "json"]);
+    let show = server.cli_json(&["localauthority", "jwt", "show"]);
     assert_eq!(show["active"]["authority_id"], kids[0].as_str());
 
     let claims = pyjwt(&jwks, "audit", token).unwrap();
@@ -133,7 +132,7 @@ fn localauthority_jwt_rotates_taints_and_revokes_and_pyjwt_follows_the_bundle() 
     let old_kid = kid_of(&old_token);
 
     // Prepared: in the bundle, signing nothing.
-    let prepared = server.cli_json(&["localauthority", "jwt", "prepare", "--output", "json"]);
+    let prepared = server.cli_json(&["localauthority", "jwt", "prepare"]);
     let new_kid = prepared["authority_id"].as_str().unwrap().to_owned();
     assert_eq!(
         published_kids(&server, &jwks),
@@ -182,7 +181,7 @@ fn localauthority_jwt_rotates_taints_and_revokes_and_pyjwt_follows_the_bundle() 
         assert!(!out.status.success(), "{full:?} succeeded");
     }
     server.cli_ok(&["localauthority", "jwt", "taint", "--authority-id", &old_kid]);
-    let show = server.cli_json(&["localauthority", "jwt", "show", "--output", "json"]);
+    let show = server.cli_json(&["localauthority", "jwt", "show"]);
     assert_eq!(show["old"][0]["authority_id"], old_kid.as_str());
     assert_eq!(show["old"][0]["tainted"], true);
     server.cli_ok(&[
