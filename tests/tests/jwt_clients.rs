@@ -1,0 +1,242 @@
+//! JWT-SVIDs from the real agent, taken and checked by clients the project did not write:
+//! py-spiffe (`WorkloadApiClient`, `JwtSource`), the Rust `spiffe` crate (its client and
+//! `JwtSource`), PyJWT with the agent's JWKS and with `bundle show --format spiffe`, and a
+//! generic OpenID Connect relying party (PyJWT's `PyJWKClient`) that finds the keys through
+//! the server's OIDC discovery endpoint over HTTPS.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use carapace_e2e::{Agent, Lab, Server, free_port, now, python, uid_selector};
+use serde_json::Value;
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
+}
+
+/// tests/python/jwt_client.py against `socket` (`-` for none): its JSON, or its refusal.
+fn jwt_client(socket: &str, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(python())
+        .arg(script("jwt_client.py"))
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn claims_of(token: &str) -> Value {
+    let parts = carapace_core::jose::split(token, 1 << 16).unwrap();
+    serde_json::from_slice(&parts.payload).unwrap()
+}
+
+fn header_of(token: &str) -> Value {
+    let parts = carapace_core::jose::split(token, 1 << 16).unwrap();
+    serde_json::from_slice(&parts.header).unwrap()
+}
+
+const WEB: &str = "spiffe://example.org/web";
+
+async fn server_and_agent(lab: &Lab, server_extra: &[&str]) -> (Server, Agent) {
+    let server = Server::start_with(lab, server_extra);
+    let agent = Agent::start(lab, &server, "agent");
+    server.create_entry(
+        &agent.id,
+        WEB,
+        &[&uid_selector()],
+        &["--jwt-svid-ttl", "120", "--jwt-svid-include-jti"],
+    );
+    agent.wait_for_svid(WEB).await;
+    (server, agent)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn py_spiffe_the_rust_crate_and_pyjwt_accept_the_agents_jwt_svids() {
+    let lab = Lab::new();
+    let (server, agent) = server_and_agent(&lab, &[]).await;
+    let socket = agent.socket.to_str().unwrap();
+
+    // py-spiffe: one token for the caller's identity, with the entry's lifetime and jti.
+    let fetched = jwt_client(socket, &["fetch", "api", "billing"]).unwrap();
+    let svid = &fetched["default"];
+    assert_eq!(svid["spiffe_id"], WEB);
+    assert_eq!(svid["audience"], serde_json::json!(["api", "billing"]));
+    let token = svid["token"].as_str().unwrap().to_owned();
+    let claims = claims_of(&token);
+    assert_eq!(claims["sub"], WEB);
+    assert!(claims["aud"].is_array(), "{claims}");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        120,
+        "the entry's --jwt-svid-ttl"
+    );
+    assert_eq!(claims["jti"].as_str().unwrap().len(), 32, "{claims}");
+    let issued = claims["iat"].as_u64().unwrap();
+    assert!(issued.abs_diff(now()) < 30, "iat {issued}");
+    let header = header_of(&token);
+    assert_eq!(
+        (&header["alg"], &header["typ"]),
+        (&"ES256".into(), &"JWT".into())
+    );
+
+    // Cached: the same audiences in another order get the same token.
+    let again = jwt_client(socket, &["fetch", "billing", "api"]).unwrap();
+    assert_eq!(again["default"]["token"], token.as_str());
+    // Another audience set is another token.
+    let other = jwt_client(socket, &["fetch", "api"]).unwrap();
+    assert_ne!(other["default"]["token"], token.as_str());
+
+    // py-spiffe validates through the agent, and with a JwtSource and its bundle.
+    let v = jwt_client(socket, &["validate", "billing", &token]).unwrap();
+    assert_eq!(v["spiffe_id"], WEB);
+    let refused = jwt_client(socket, &["validate", "payroll", &token]).unwrap_err();
+    assert!(refused.contains("audience"), "{refused}");
+    let s = jwt_client(socket, &["source", "api"]).unwrap();
+    assert_eq!(s["spiffe_id"], WEB);
+    assert_eq!(s["bundle_kids"], serde_json::json!([header["kid"]]));
+
+    // PyJWT with the agent's JWKS (FetchJWTBundles) and with `bundle show`.
+    let jwks = lab.path().join("agent-jwks.json");
+    std::fs::write(&jwks, jwt_client(socket, &["jwks"]).unwrap().to_string()).unwrap();
+    let bundle = lab.path().join("bundle.json");
+    std::fs::write(
+        &bundle,
+        server.cli_ok(&["bundle", "show", "--format", "spiffe"]),
+    )
+    .unwrap();
+    for file in [&jwks, &bundle] {
+        let file = file.to_str().unwrap();
+        let c = jwt_client("-", &["pyjwt", file, "api", &token]).unwrap();
+        assert_eq!(c["claims"]["sub"], WEB);
+        let refused = jwt_client("-", &["pyjwt", file, "payroll", &token]).unwrap_err();
+        assert!(refused.contains("Audience"), "{refused}");
+    }
+
+    // The Rust spiffe crate: its client and its JwtSource.
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    let svid = client
+        .fetch_jwt_svid(["api", "billing"], None)
+        .await
+        .unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), WEB);
+    assert_eq!(svid.token(), token, "the agent's cache serves every client");
+    let checked = client.validate_jwt_token("billing", &token).await.unwrap();
+    assert_eq!(checked.spiffe_id().to_string(), WEB);
+    assert!(client.validate_jwt_token("payroll", &token).await.is_err());
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let b = bundles.get(&td).unwrap();
+    assert!(
+        b.find_jwt_authority(header["kid"].as_str().unwrap())
+            .is_some(),
+        "the kid of the token is in the crate's bundle"
+    );
+    let source = spiffe::JwtSource::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let from_source = source.fetch_jwt_svid(["api"]).await.unwrap();
+    assert_eq!(from_source.spiffe_id().to_string(), WEB);
+    assert!(source.try_bundle_for_trust_domain(&td).is_some());
+    source.shutdown().await;
+}
+
+/// A test CA and a `localhost` certificate for the OIDC endpoint, written to `dir`:
+/// (cert_file, key_file 0600, ca_file).
+fn oidc_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "jwt_clients OIDC test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let (cert, key, ca_file) = (
+        dir.join("oidc.crt"),
+        dir.join("oidc.key"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert, format!("{}{}", leaf.pem(), ca_cert.pem())).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    (cert, key, ca_file)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generic_oidc_client_verifies_a_workloads_jwt_svid_through_discovery_over_https() {
+    let lab = Lab::new();
+    let (cert, key, ca) = oidc_pki(lab.path());
+    let port = free_port();
+    let issuer = format!("https://localhost:{port}");
+    let config = lab.path().join("oidc-server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "jwt_issuer = {issuer:?}\n[oidc_discovery]\nbind_address = \"127.0.0.1:{port}\"\n\
+             cert_file = {cert:?}\nkey_file = {key:?}\n"
+        ),
+    )
+    .unwrap();
+    let (_server, agent) = server_and_agent(&lab, &["--config", config.to_str().unwrap()]).await;
+    let socket = agent.socket.to_str().unwrap();
+    let token = jwt_client(socket, &["fetch", "vault"]).unwrap()["default"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(claims_of(&token)["iss"], issuer.as_str());
+
+    let verify = |audience: &str| {
+        let out = Command::new(python())
+            .arg(script("oidc_verify.py"))
+            .args([
+                "--discovery-url",
+                &format!("{issuer}/.well-known/openid-configuration"),
+            ])
+            .arg("--ca-file")
+            .arg(&ca)
+            .args([
+                "--token",
+                &token,
+                "--audience",
+                audience,
+                "--require-issuer",
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = verify("vault");
+    assert_eq!(code, Some(0), "{stderr}");
+    let claims: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(claims["sub"], WEB);
+    assert_eq!(claims["iss"], issuer.as_str());
+    let (code, _, stderr) = verify("payroll");
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("udience"), "{stderr}");
+}
