@@ -157,6 +157,33 @@ async fn ca_key_in_softhsm_issues_svids_that_real_clients_accept() {
     // (yet) supported" — so the read attempt itself is made through PKCS#11 in
     // keymanager-pkcs11's non-export test, which asserts the token refuses it.)
 
+    // A JWT-SVID signed by the JWT key in the token verifies with PyJWT against the
+    // published bundle.
+    let jwt = server.cli_json(&[
+        "jwt",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/hsm",
+        "--audience",
+        "vault",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bundle_json = lab.path().join("bundle.json");
+    let bundle_doc = server.cli_ok(&["bundle", "show", "--format", "spiffe"]);
+    std::fs::write(&bundle_json, &bundle_doc).unwrap();
+    let out = Command::new(carapace_e2e::python())
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/jwt_client.py"))
+        .args(["-", "pyjwt"])
+        .arg(&bundle_json)
+        .args(["vault", &jwt])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(claims["claims"]["sub"], "spiffe://example.org/hsm");
+
     // A restart finds the CA again in the token: the bundle is unchanged.
     let bundle_before = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
     server.restart();
@@ -164,6 +191,12 @@ async fn ca_key_in_softhsm_issues_svids_that_real_clients_accept() {
     assert_eq!(
         bundle_before.x509_authorities,
         bundle_after.x509_authorities
+    );
+    // And the JWT key: the same published key set.
+    assert_eq!(
+        server.cli_ok(&["bundle", "show", "--format", "spiffe"]),
+        bundle_doc,
+        "the JWT and X.509 keys survive a restart"
     );
     let v = py_fetch(&agent.socket);
     let verify = openssl_verify(

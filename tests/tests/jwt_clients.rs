@@ -240,3 +240,54 @@ async fn a_generic_oidc_client_verifies_a_workloads_jwt_svid_through_discovery_o
     assert_eq!(code, Some(1));
     assert!(stderr.contains("udience"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tainted_jwt_key_makes_the_agent_drop_its_cached_tokens_and_a_revoked_one_stops_validating()
+ {
+    let lab = Lab::new();
+    let (server, agent) = server_and_agent(&lab, &[]).await;
+    let socket = agent.socket.to_str().unwrap();
+    let fetch = || {
+        jwt_client(socket, &["fetch", "api"]).unwrap()["default"]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let old = fetch();
+    assert_eq!(fetch(), old, "cached");
+    let old_kid = header_of(&old)["kid"].as_str().unwrap().to_owned();
+
+    // A new key, active: the cached token (old key, not tainted) is still served.
+    let new_kid = server.cli_json(&["localauthority", "jwt", "prepare"])["authority_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server.cli_ok(&["localauthority", "jwt", "activate"]);
+    assert_eq!(fetch(), old, "activation alone keeps the cache");
+
+    // Tainted: once the agent has the bundle, it hands out a token of the new key.
+    server.cli_ok(&["localauthority", "jwt", "taint", "--authority-id", &old_kid]);
+    let fresh = carapace_e2e::eventually("a token of the new key", || async {
+        let t = fetch();
+        (header_of(&t)["kid"] == new_kid.as_str()).then_some(t)
+    })
+    .await;
+    assert_ne!(fresh, old);
+    // Still trusted until revoked: the agent validates the old token...
+    jwt_client(socket, &["validate", "api", &old]).unwrap();
+    // ...and no longer once the key is revoked and the agent has the new bundle.
+    server.cli_ok(&[
+        "localauthority",
+        "jwt",
+        "revoke",
+        "--authority-id",
+        &old_kid,
+    ]);
+    carapace_e2e::eventually("the agent to refuse the revoked key's token", || async {
+        jwt_client(socket, &["validate", "api", &old])
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    jwt_client(socket, &["validate", "api", &fresh]).unwrap();
+}
