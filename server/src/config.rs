@@ -487,7 +487,23 @@ pub struct OidcDiscoveryFile {
     pub cert_file: Option<PathBuf>,
     /// The TLS key, PKCS#8 PEM, private to the server's user (relative: in `data_dir`).
     pub key_file: Option<PathBuf>,
+    /// Instead of `key_file`: the id of the TLS key in the server's key manager (in the
+    /// HSM with pkcs11), made with `carapace-server oidc csr`; it starts with `oidc-`.
+    pub key_id: Option<String>,
 }
+
+/// Where the OIDC endpoint's TLS key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OidcKey {
+    /// A PKCS#8 PEM file, private to the server's user.
+    File(PathBuf),
+    /// A key in the server's key manager, by id.
+    KeyManager(String),
+}
+
+/// The prefix of every OIDC TLS key id: it keeps them apart from the CA, JWT and server
+/// keys the server creates in the same key manager.
+pub const OIDC_KEY_PREFIX: &str = "oidc-";
 
 /// The validated `[oidc_discovery]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -498,8 +514,8 @@ pub struct OidcDiscovery {
     pub issuer: String,
     /// The TLS certificate chain (PEM).
     pub cert_file: PathBuf,
-    /// The TLS key (PKCS#8 PEM).
-    pub key_file: PathBuf,
+    /// The TLS key.
+    pub key: OidcKey,
 }
 
 impl OidcDiscovery {
@@ -507,10 +523,19 @@ impl OidcDiscovery {
     /// secret). [`crate::oidc::check_files`] checks them and their content.
     pub fn files(&self) -> Vec<carapace_core::files::NamedFile> {
         use carapace_core::files::{FileUse, NamedFile};
-        vec![
-            NamedFile::new("cert_file", &self.cert_file, FileUse::Read),
-            NamedFile::new("key_file", &self.key_file, FileUse::Secret),
-        ]
+        let mut files = vec![NamedFile::new("cert_file", &self.cert_file, FileUse::Read)];
+        if let Some(key_file) = self.key_file() {
+            files.push(NamedFile::new("key_file", key_file, FileUse::Secret));
+        }
+        files
+    }
+
+    /// The key file, when the key is one.
+    pub fn key_file(&self) -> Option<&Path> {
+        match &self.key {
+            OidcKey::File(p) => Some(p),
+            OidcKey::KeyManager(_) => None,
+        }
     }
 }
 
@@ -574,20 +599,47 @@ fn oidc_discovery(
         }
     };
     let cert_file = path("cert_file", &file.cert_file);
-    let key_file = path("key_file", &file.key_file);
-    match (bind_address, issuer, cert_file, key_file) {
-        (Some(bind_address), Some(issuer), Some(cert_file), Some(key_file))
+    let key = match (&file.key_file, &file.key_id) {
+        (Some(_), Some(_)) => {
+            problems.push(
+                "oidc_discovery: key_file and key_id are both set; name the key one way".into(),
+            );
+            None
+        }
+        (None, Some(id)) => match check_oidc_key_id(id) {
+            Ok(()) => Some(OidcKey::KeyManager(id.clone())),
+            Err(e) => {
+                problems.push(format!("oidc_discovery.key_id: {e}"));
+                None
+            }
+        },
+        (key_file, None) => path("key_file", key_file).map(OidcKey::File),
+    };
+    match (bind_address, issuer, cert_file, key) {
+        (Some(bind_address), Some(issuer), Some(cert_file), Some(key))
             if problems.len() == before =>
         {
             Some(OidcDiscovery {
                 bind_address,
                 issuer,
                 cert_file,
-                key_file,
+                key,
             })
         }
         _ => None,
     }
+}
+
+/// An OIDC TLS key id: a key manager id that starts with [`OIDC_KEY_PREFIX`].
+pub fn check_oidc_key_id(id: &str) -> std::result::Result<(), String> {
+    carapace_core::plugin::validate_key_id(id).map_err(|e| e.to_string())?;
+    if !id.starts_with(OIDC_KEY_PREFIX) || id.len() == OIDC_KEY_PREFIX.len() {
+        return Err(format!(
+            "{id:?} does not start with {OIDC_KEY_PREFIX:?} (for example \"oidc-tls\"): the \
+             server's own keys live in the same key manager"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -853,7 +905,7 @@ max_attestations_in_flight = 0
                 bind_address: DEFAULT_OIDC_ADDRESS.parse().unwrap(),
                 issuer: "https://oidc.example.org/td".into(),
                 cert_file: "/c.pem".into(),
-                key_file: "/k.pem".into(),
+                key: OidcKey::File("/k.pem".into()),
             })
         );
         assert_eq!(
@@ -951,7 +1003,39 @@ max_attestations_in_flight = 0
         )
         .unwrap();
         assert_eq!(o.cert_file, PathBuf::from("/d/oidc/oidc.crt"));
-        assert_eq!(o.key_file, PathBuf::from("/k"));
+        assert_eq!(o.key, OidcKey::File(PathBuf::from("/k")));
+    }
+
+    #[test]
+    fn the_oidc_key_is_a_file_or_a_key_manager_key_named_oidc_something() {
+        let base = "[oidc_discovery]\nissuer = \"https://o.example\"\ncert_file = \"/c\"\n";
+        let ok = validate(
+            parse_file(&format!("{base}key_id = \"oidc-tls\"\n")).unwrap(),
+            Overrides::default(),
+        )
+        .unwrap()
+        .oidc_discovery
+        .unwrap();
+        assert_eq!(ok.key, OidcKey::KeyManager("oidc-tls".into()));
+        assert_eq!(ok.key_file(), None);
+        assert_eq!(ok.files().len(), 1, "no key file to check");
+        for (extra, want) in [
+            (
+                "key_id = \"oidc-tls\"\nkey_file = \"/k\"\n",
+                "key_file and key_id are both set",
+            ),
+            ("key_id = \"x509-ca-0\"\n", "does not start with \"oidc-\""),
+            ("key_id = \"oidc-\"\n", "does not start with"),
+            ("key_id = \"oidc-a/b\"\n", "oidc_discovery.key_id: "),
+            ("", "oidc_discovery.key_file: missing"),
+        ] {
+            let errs = validate(
+                parse_file(&format!("{base}{extra}")).unwrap(),
+                Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(errs.iter().any(|e| e.contains(want)), "{want}: {errs:?}");
+        }
     }
 
     #[test]

@@ -65,9 +65,10 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
 /// ([`carapace_common::lock_data_dir`]).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     // Operator files that can be checked without state are checked before any is written.
-    let oidc_loaded = match &config.oidc_discovery {
-        Some(oidc) => Some(oidc::Loaded::load(oidc)?),
-        None => None,
+    // (A key in the key manager is checked once the key manager is open, below.)
+    let mut oidc_loaded = match &config.oidc_discovery {
+        Some(oidc) if oidc.key_file().is_some() => Some(oidc::Loaded::load(oidc, None)?),
+        _ => None,
     };
     private_dir(&config.data_dir, "data directory")?;
     let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
@@ -80,6 +81,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let km = catalog::build_key_manager(&config.key_manager.0, &config.key_manager.1, &ctx)?;
     let km = metrics::metrics().sign_latency.wrap(km);
+    if let Some(oidc) = config
+        .oidc_discovery
+        .as_ref()
+        .filter(|o| o.key_file().is_none())
+    {
+        let key = oidc::key_of(oidc, &km).await?;
+        oidc_loaded = Some(oidc::Loaded::load(oidc, key)?);
+    }
     let upstream = match &config.upstream_authority {
         Some((name, table)) => {
             Some(catalog::build_upstream_authority(name, table, &ctx, ctx.clock.unix_now()).await?)

@@ -64,6 +64,9 @@ enum Command {
     /// ([upstream_authority.disk] or [upstream_authority.pkcs11]).
     #[command(subcommand)]
     Upstream(UpstreamCommand),
+    /// The OIDC discovery endpoint's TLS key in the key manager ([oidc_discovery] key_id).
+    #[command(subcommand)]
+    Oidc(OidcCommand),
     #[command(flatten)]
     Admin(AdminCommand),
 }
@@ -98,6 +101,101 @@ enum UpstreamCommand {
         #[arg(long, short = 'c', env = "CARAPACE_SERVER_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum OidcCommand {
+    /// Create the endpoint's TLS key in the server's key manager (generated inside the
+    /// token with pkcs11; an existing key is reused) and print a PKCS#10 CSR (PEM) for it.
+    /// Get the CSR certified by a CA the relying parties trust, write the chain to
+    /// [oidc_discovery] cert_file, set key_id, and (re)start the server.
+    Csr {
+        /// The server's TOML config file (its key manager and issuer are used).
+        #[arg(long, short = 'c', env = "CARAPACE_SERVER_CONFIG")]
+        config: PathBuf,
+        /// The key's id (default: [oidc_discovery] key_id, else oidc-tls); must start with
+        /// "oidc-".
+        #[arg(long)]
+        key_id: Option<String>,
+        /// A DNS name for the certificate; repeat for more (default: the host of the
+        /// issuer, [oidc_discovery] issuer or jwt_issuer).
+        #[arg(long = "dns-name", value_name = "NAME")]
+        dns_names: Vec<String>,
+        /// Type of a new key: ec-p256, ec-p384 or rsa-2048.
+        #[arg(long, default_value = "ec-p256")]
+        key_type: String,
+    },
+}
+
+/// The host of an `https://host[:port]/path` issuer.
+fn issuer_host(issuer: &str) -> Option<String> {
+    let rest = issuer.strip_prefix("https://")?;
+    let authority = rest.split('/').next()?;
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// Runs `oidc csr`: returns the CSR to print.
+async fn oidc(cmd: OidcCommand) -> Result<String, String> {
+    use carapace_server::catalog::{self, PluginContext};
+    let OidcCommand::Csr {
+        config: path,
+        key_id,
+        mut dns_names,
+        key_type,
+    } = cmd;
+    let key_type = key_type.parse().map_err(|e| format!("--key-type: {e}"))?;
+    let cfg =
+        config::load(Some(&path), Overrides::default()).map_err(|problems| problems.join("\n"))?;
+    let configured = cfg.oidc_discovery.as_ref();
+    let key_id = key_id
+        .or_else(|| match configured.map(|o| &o.key) {
+            Some(config::OidcKey::KeyManager(id)) => Some(id.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "oidc-tls".to_owned());
+    if dns_names.is_empty() {
+        let issuer = configured
+            .map(|o| o.issuer.clone())
+            .or(cfg.jwt_issuer.clone())
+            .ok_or_else(|| {
+                format!(
+                    "--dns-name is needed: {} sets no [oidc_discovery] issuer or jwt_issuer",
+                    path.display()
+                )
+            })?;
+        dns_names
+            .push(issuer_host(&issuer).ok_or_else(|| {
+                format!("--dns-name is needed: no host in the issuer {issuer:?}")
+            })?);
+    }
+    if cfg.key_manager.0 == "memory" {
+        return Err(
+            "the memory key manager forgets the key when this command exits: configure disk or pkcs11"
+                .into(),
+        );
+    }
+    let ctx = PluginContext::new(
+        cfg.trust_domain.clone(),
+        cfg.data_dir.clone(),
+        std::sync::Arc::new(carapace_core::clock::SystemClock),
+    );
+    let km = catalog::build_key_manager(&cfg.key_manager.0, &cfg.key_manager.1, &ctx)
+        .map_err(|e| e.to_string())?;
+    let (pem, created) = carapace_server::oidc::csr(&km, &key_id, key_type, &dns_names)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "{} key {key_id} in the {} key manager; a CSR for {} follows. Set [oidc_discovery] \
+         key_id = {key_id:?} and cert_file to the certified chain.",
+        if created { "created" } else { "reused" },
+        km.name(),
+        dns_names.join(", ")
+    );
+    Ok(pem)
 }
 
 /// Runs an `upstream` subcommand; returns what to print.
@@ -236,6 +334,19 @@ async fn async_main() -> ExitCode {
         Command::Upstream(cmd) => {
             carapace_common::init_tracing("warn", false);
             match upstream(cmd).await {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("carapace-server: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Oidc(cmd) => {
+            carapace_common::init_tracing("warn", false);
+            match oidc(cmd).await {
                 Ok(out) => {
                     print!("{out}");
                     ExitCode::SUCCESS

@@ -23,7 +23,10 @@
 //! the server's user with no group or other access) and must belong together; a changed
 //! pair is picked up by [`Endpoint::serve`] within [`RELOAD_INTERVAL`] (an ACME client
 //! renewing the certificate needs no restart), a broken one is logged and the previous
-//! pair kept.
+//! pair kept. With `key_id` instead of `key_file` the key is in the server's key manager
+//! (in the HSM with pkcs11: TLS handshakes are signed there); `carapace-server oidc csr`
+//! creates it and prints a CSR for the issuer's host ([`csr`]), and only the certificate
+//! file is watched.
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -37,9 +40,10 @@ use tokio::sync::watch;
 use carapace_common::http::{Reply, Routes};
 use carapace_core::TrustBundle;
 use carapace_core::jose::{Algorithm, Curve, PublicKey};
+use carapace_core::plugin::{KeyManager, KeySigner};
 use rustls::sign::CertifiedKey;
 
-use crate::config::OidcDiscovery;
+use crate::config::{OidcDiscovery, OidcKey};
 use crate::{Error, Result};
 
 /// The longest `Cache-Control: max-age` of the documents, in seconds.
@@ -264,17 +268,16 @@ fn stamp(cfg: &OidcDiscovery) -> Stamp {
             )
         })
     };
-    [of(&cfg.cert_file), of(&cfg.key_file)]
+    [of(&cfg.cert_file), cfg.key_file().and_then(of)]
 }
 
-/// Reads `cert_file` and `key_file` into a certified key, checking that the key file is
-/// a regular file owned by this user with no group or other access and that the key is
-/// the certificate's. Messages name the setting and the path.
-pub fn load_certified_key(cfg: &OidcDiscovery) -> std::result::Result<Arc<CertifiedKey>, String> {
+/// Reads `cert_file`'s PEM chain, DER each, leaf first.
+fn read_chain(
+    cfg: &OidcDiscovery,
+) -> std::result::Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let cert_what = "oidc_discovery.cert_file";
-    let key_what = "oidc_discovery.key_file";
     let cert_path = cfg.cert_file.display();
     let pem = carapace_common::read_operator_file(&cfg.cert_file, cert_what, MAX_PEM_BYTES)?;
     let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
@@ -285,10 +288,46 @@ pub fn load_certified_key(cfg: &OidcDiscovery) -> std::result::Result<Arc<Certif
             "{cert_what} {cert_path}: holds no CERTIFICATE block"
         ));
     }
-    let key_path = cfg.key_file.display();
-    let meta = std::fs::metadata(&cfg.key_file)
+    Ok(chain)
+}
+
+/// Reads `cert_file` and the key into a certified key: `key_file` (checked to be a
+/// regular file owned by this user with no group or other access), or `key`, the key
+/// manager's key `key_id` names. The key must be the certificate's. Messages name the
+/// setting and the path.
+pub fn load_certified_key(
+    cfg: &OidcDiscovery,
+    key: Option<&Arc<dyn KeySigner>>,
+) -> std::result::Result<Arc<CertifiedKey>, String> {
+    use rustls_pki_types::PrivateKeyDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let cert_what = "oidc_discovery.cert_file";
+    let cert_path = cfg.cert_file.display();
+    let chain = read_chain(cfg)?;
+    let key_file = match &cfg.key {
+        OidcKey::File(p) => p,
+        OidcKey::KeyManager(id) => {
+            let key = key.ok_or_else(|| {
+                format!("oidc_discovery.key_id {id}: the key manager's key was not loaded")
+            })?;
+            let leaf = carapace_core::x509svid::public_key_of(&chain[0])
+                .map_err(|e| format!("{cert_what} {cert_path}: {e}"))?;
+            if leaf != key.public_key_der() {
+                return Err(format!(
+                    "{cert_what} {cert_path}: its first certificate is not for the key \
+                     {id} in the key manager (get a certificate for the CSR `carapace-server \
+                     oidc csr` prints)"
+                ));
+            }
+            let chain: Vec<Vec<u8>> = chain.iter().map(|c| c.to_vec()).collect();
+            return Ok(carapace_tls::certified_key(&chain, key.clone()));
+        }
+    };
+    let key_what = "oidc_discovery.key_file";
+    let key_path = key_file.display();
+    let meta = std::fs::metadata(key_file)
         .map_err(|e| format!("{key_what} {key_path}: cannot read: {e}"))?;
-    carapace_core::files::check_private(key_what, &cfg.key_file, &meta)?;
+    carapace_core::files::check_private(key_what, key_file, &meta)?;
     let me = carapace_common::euid();
     if meta.uid() != me {
         return Err(format!(
@@ -298,7 +337,7 @@ pub fn load_certified_key(cfg: &OidcDiscovery) -> std::result::Result<Arc<Certif
         ));
     }
     let pem = zeroize::Zeroizing::new(carapace_common::read_operator_file(
-        &cfg.key_file,
+        key_file,
         key_what,
         MAX_PEM_BYTES,
     )?);
@@ -316,6 +355,65 @@ pub fn load_certified_key(cfg: &OidcDiscovery) -> std::result::Result<Arc<Certif
     Ok(Arc::new(certified))
 }
 
+/// The key manager's TLS key when `key_id` names one (None for a key file).
+pub async fn key_of(
+    cfg: &OidcDiscovery,
+    km: &Arc<dyn KeyManager>,
+) -> Result<Option<Arc<dyn KeySigner>>> {
+    let OidcKey::KeyManager(id) = &cfg.key else {
+        return Ok(None);
+    };
+    km.get_key(id).await.map(Some).map_err(|e| {
+        Error::Config(format!(
+            "oidc_discovery.key_id {id}: not in the {} key manager ({e}): create it and a CSR \
+             for the certificate with `carapace-server oidc csr --config <this file>`",
+            km.name()
+        ))
+    })
+}
+
+/// `carapace-server oidc csr`: the key `key_id` in `km` (generated there as `key_type`
+/// when it does not exist yet; an existing one is reused) and a PKCS#10 CSR, PEM, for
+/// `dns_names` signed by it. Returns the CSR and whether the key is new.
+pub async fn csr(
+    km: &Arc<dyn KeyManager>,
+    key_id: &str,
+    key_type: carapace_core::KeyType,
+    dns_names: &[String],
+) -> Result<(String, bool)> {
+    crate::config::check_oidc_key_id(key_id)
+        .map_err(|e| Error::InvalidArgument(format!("--key-id: {e}")))?;
+    if dns_names.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--dns-name: at least one is needed".into(),
+        ));
+    }
+    for name in dns_names {
+        carapace_core::entry::validate_dns_name(name)
+            .map_err(|e| Error::InvalidArgument(format!("--dns-name {name:?}: {e}")))?;
+    }
+    let (key, created) = match km.get_key(key_id).await {
+        Ok(key) => (key, false),
+        Err(carapace_core::Error::KeyNotFound(_)) => {
+            (km.generate_key(key_id, key_type).await?, true)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut params = rcgen::CertificateParams::new(dns_names.to_vec())
+        .map_err(|e| Error::InvalidArgument(format!("--dns-name: {e}")))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, dns_names[0].clone());
+    let signing = carapace_tls::RcgenKey::new(key)?;
+    let csr = params
+        .serialize_request(&signing)
+        .map_err(|e| Error::Ca(format!("signing the CSR failed: {e}")))?;
+    let pem = csr
+        .pem()
+        .map_err(|e| Error::Ca(format!("encoding the CSR: {e}")))?;
+    Ok((pem, created))
+}
+
 /// For `validate`: the files' checks ([`carapace_common::check_named_file`]) and, when
 /// they pass, what the server checks at start: the chain parses, the key is private to
 /// this user and matches the certificate. Reads the key, as the server will.
@@ -324,8 +422,14 @@ pub fn check_files(cfg: &OidcDiscovery) -> Vec<String> {
     if !problems.is_empty() {
         return problems;
     }
-    match load_certified_key(cfg) {
-        Ok(_) => Vec::new(),
+    // A key manager key is not opened here (validate opens no key manager): the chain
+    // alone is checked, and its match with the key at start.
+    let checked = match cfg.key {
+        OidcKey::File(_) => load_certified_key(cfg, None).map(|_| ()),
+        OidcKey::KeyManager(_) => read_chain(cfg).map(|_| ()),
+    };
+    match checked {
+        Ok(()) => Vec::new(),
         Err(e) => vec![e],
     }
 }
@@ -347,18 +451,21 @@ fn tls_config(cert: Arc<carapace_tls::FixedCert>) -> Result<rustls::ServerConfig
 #[derive(Debug)]
 pub struct Loaded {
     cfg: OidcDiscovery,
+    key: Option<Arc<dyn KeySigner>>,
     cert: Arc<carapace_tls::FixedCert>,
     stamp: Stamp,
 }
 
 impl Loaded {
-    /// Reads and checks the certificate and key ([`load_certified_key`]).
-    pub fn load(cfg: &OidcDiscovery) -> Result<Self> {
+    /// Reads and checks the certificate and key ([`load_certified_key`]); `key` is the
+    /// key manager's key when `key_id` names one ([`key_of`]).
+    pub fn load(cfg: &OidcDiscovery, key: Option<Arc<dyn KeySigner>>) -> Result<Self> {
         // Taken before reading: a change while reading is seen as a change.
         let stamp = stamp(cfg);
-        let certified = load_certified_key(cfg).map_err(Error::Config)?;
+        let certified = load_certified_key(cfg, key.as_ref()).map_err(Error::Config)?;
         Ok(Loaded {
             cfg: cfg.clone(),
+            key,
             cert: Arc::new(carapace_tls::FixedCert(RwLock::new(certified))),
             stamp,
         })
@@ -377,6 +484,7 @@ impl Loaded {
             listener,
             discovery: Discovery::new(&self.cfg.issuer, bundle),
             cfg: self.cfg,
+            key: self.key,
             cert: self.cert,
             tls,
             reload_interval: RELOAD_INTERVAL,
@@ -390,6 +498,7 @@ impl Loaded {
 pub struct Endpoint {
     listener: TcpListener,
     cfg: OidcDiscovery,
+    key: Option<Arc<dyn KeySigner>>,
     cert: Arc<carapace_tls::FixedCert>,
     tls: Arc<rustls::ServerConfig>,
     discovery: Discovery,
@@ -404,7 +513,7 @@ impl Endpoint {
         cfg: &OidcDiscovery,
         bundle: watch::Receiver<Arc<TrustBundle>>,
     ) -> Result<Self> {
-        Loaded::load(cfg)?.bind(bundle).await
+        Loaded::load(cfg, None)?.bind(bundle).await
     }
 
     /// Looks at the files every `interval` instead of [`RELOAD_INTERVAL`] (tests).
@@ -433,6 +542,7 @@ impl Endpoint {
         }
         let reload = tokio::spawn(reload(
             self.cfg,
+            self.key,
             self.loaded,
             self.cert,
             self.reload_interval,
@@ -454,6 +564,7 @@ impl Endpoint {
 /// (and says why) when the new one does not load.
 async fn reload(
     cfg: OidcDiscovery,
+    key: Option<Arc<dyn KeySigner>>,
     mut last: Stamp,
     cert: Arc<carapace_tls::FixedCert>,
     interval: Duration,
@@ -470,8 +581,8 @@ async fn reload(
         if now == last {
             continue;
         }
-        let cfg2 = cfg.clone();
-        match tokio::task::spawn_blocking(move || load_certified_key(&cfg2)).await {
+        let (cfg2, key2) = (cfg.clone(), key.clone());
+        match tokio::task::spawn_blocking(move || load_certified_key(&cfg2, key2.as_ref())).await {
             Ok(Ok(certified)) => {
                 *cert.0.write().unwrap_or_else(|p| p.into_inner()) = certified;
                 last = now;

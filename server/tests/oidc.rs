@@ -22,7 +22,7 @@ use carapace_core::jose::PublicKey;
 use carapace_core::plugin::{KeyManager as _, KeySigner};
 use carapace_core::{JwtKey, KeyType, TrustBundle, TrustDomain};
 use carapace_keymanager_soft::MemoryKeyManager;
-use carapace_server::config::OidcDiscovery;
+use carapace_server::config::{OidcDiscovery, OidcKey};
 use carapace_server::oidc::{self, Endpoint};
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -142,7 +142,7 @@ async fn start(bundle: TrustBundle, path: &str) -> Running {
         bind_address: format!("127.0.0.1:{port}").parse().unwrap(),
         issuer: issuer.clone(),
         cert_file,
-        key_file,
+        key: OidcKey::File(key_file),
     };
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
     let endpoint = Endpoint::bind(&cfg, bundle_rx)
@@ -370,7 +370,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     std::fs::create_dir(&tmp).unwrap();
     let (cert, key, _) = write_pki(&tmp, &renewed);
     // Key first, then the certificate, each renamed into place as ACME clients do.
-    std::fs::rename(&key, &r.cfg.key_file).unwrap();
+    std::fs::rename(&key, r.cfg.key_file().unwrap()).unwrap();
     std::fs::rename(&cert, &r.cfg.cert_file).unwrap();
     let mut served = false;
     for _ in 0..50 {
@@ -393,7 +393,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     // A broken renewal (a key of another certificate) keeps the current pair.
     let other = pki();
     write_private(&tmp.join("k"), &other.key_pem);
-    std::fs::rename(tmp.join("k"), &r.cfg.key_file).unwrap();
+    std::fs::rename(tmp.join("k"), r.cfg.key_file().unwrap()).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let still = request(
         r.addr,
@@ -414,7 +414,7 @@ fn cfg_in(dir: &Path, pki: &Pki) -> OidcDiscovery {
         bind_address: "127.0.0.1:0".parse().unwrap(),
         issuer: "https://oidc.example.org".into(),
         cert_file,
-        key_file,
+        key: OidcKey::File(key_file),
     }
 }
 
@@ -426,7 +426,7 @@ async fn bad_certificate_and_key_files_are_refused_naming_the_setting() {
     assert_eq!(oidc::check_files(&cfg), Vec::<String>::new());
 
     // The key of another certificate: refused by validate and at start.
-    write_private(&cfg.key_file, &pki().key_pem);
+    write_private(cfg.key_file().unwrap(), &pki().key_pem);
     let problems = oidc::check_files(&cfg);
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(
@@ -442,10 +442,14 @@ async fn bad_certificate_and_key_files_are_refused_naming_the_setting() {
             .contains("is not the key of the first certificate"),
         "{err}"
     );
-    write_private(&cfg.key_file, &good.key_pem);
+    write_private(cfg.key_file().unwrap(), &good.key_pem);
 
     // A key others can read.
-    std::fs::set_permissions(&cfg.key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        cfg.key_file().unwrap(),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let problems = oidc::check_files(&cfg);
     assert!(
         problems
@@ -454,7 +458,11 @@ async fn bad_certificate_and_key_files_are_refused_naming_the_setting() {
         "{problems:?}"
     );
     assert!(Endpoint::bind(&cfg, rx.clone()).await.is_err());
-    std::fs::set_permissions(&cfg.key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        cfg.key_file().unwrap(),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
 
     // A key owned by someone else (the tests run as root, as CI does).
     assert_eq!(
@@ -462,7 +470,7 @@ async fn bad_certificate_and_key_files_are_refused_naming_the_setting() {
         0,
         "this test changes a file's owner: run it as root"
     );
-    std::os::unix::fs::chown(&cfg.key_file, Some(65534), None).unwrap();
+    std::os::unix::fs::chown(cfg.key_file().unwrap(), Some(65534), None).unwrap();
     let problems = oidc::check_files(&cfg);
     assert!(
         problems
@@ -471,7 +479,7 @@ async fn bad_certificate_and_key_files_are_refused_naming_the_setting() {
                 && p.contains("is owned by uid 65534, not by the server's user (uid 0)")),
         "{problems:?}"
     );
-    std::os::unix::fs::chown(&cfg.key_file, Some(0), None).unwrap();
+    std::os::unix::fs::chown(cfg.key_file().unwrap(), Some(0), None).unwrap();
 
     // Not a key, not a certificate, missing files.
     std::fs::write(dir.path().join("junk"), "hello").unwrap();
@@ -489,7 +497,7 @@ async fn bad_certificate_and_key_files_are_refused_naming_the_setting() {
     );
     write_private(&dir.path().join("junk.key"), "not a key");
     let junk_key = OidcDiscovery {
-        key_file: dir.path().join("junk.key"),
+        key: OidcKey::File(dir.path().join("junk.key")),
         ..cfg.clone()
     };
     let problems = oidc::check_files(&junk_key);
@@ -502,7 +510,7 @@ async fn bad_certificate_and_key_files_are_refused_naming_the_setting() {
     );
     let missing = OidcDiscovery {
         cert_file: dir.path().join("nope.crt"),
-        key_file: dir.path().join("nope.key"),
+        key: OidcKey::File(dir.path().join("nope.key")),
         ..cfg.clone()
     };
     let problems = oidc::check_files(&missing);
@@ -533,7 +541,7 @@ fn validate_reports_the_oidc_files() {
                 "data_dir = {:?}\n[oidc_discovery]\nissuer = {issuer:?}\ncert_file = {:?}\nkey_file = {:?}\n",
                 dir.path().join("data"),
                 cfg.cert_file,
-                cfg.key_file
+                cfg.key_file().unwrap()
             ),
         )
         .unwrap()
@@ -553,7 +561,7 @@ fn validate_reports_the_oidc_files() {
         String::from_utf8_lossy(&out.stdout)
     );
 
-    write_private(&cfg.key_file, &pki().key_pem);
+    write_private(cfg.key_file().unwrap(), &pki().key_pem);
     write_conf("http://oidc.example.org/?q");
     let out = validate();
     assert_eq!(out.status.code(), Some(64));

@@ -291,3 +291,104 @@ async fn a_tainted_jwt_key_makes_the_agent_drop_its_cached_tokens_and_a_revoked_
     .await;
     jwt_client(socket, &["validate", "api", &fresh]).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_oidc_endpoint_can_keep_its_tls_key_in_the_key_manager() {
+    let lab = Lab::new();
+    let port = free_port();
+    let issuer = format!("https://localhost:{port}");
+    let cert_file = lab.path().join("oidc.crt");
+    let config = lab.path().join("oidc-km.toml");
+    let data_dir = lab.path().join("server");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data_dir:?}\njwt_issuer = {issuer:?}\n[oidc_discovery]\n\
+             bind_address = \"127.0.0.1:{port}\"\nkey_id = \"oidc-tls\"\ncert_file = {cert_file:?}\n"
+        ),
+    )
+    .unwrap();
+    let csr = |want: &str| {
+        let out = Command::new(carapace_e2e::bin("carapace-server"))
+            .args(["oidc", "csr", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains(want), "{stderr}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The key is made once in the key manager, then reused; the CSR names the issuer's host.
+    let first = csr("created key oidc-tls in the disk key manager");
+    let second = csr("reused key oidc-tls");
+    let params = rcgen::CertificateSigningRequestParams::from_pem(&first).unwrap();
+    let again = rcgen::CertificateSigningRequestParams::from_pem(&second).unwrap();
+    assert_eq!(
+        rcgen::PublicKeyData::der_bytes(&params.public_key),
+        rcgen::PublicKeyData::der_bytes(&again.public_key),
+        "the same key"
+    );
+    assert_eq!(
+        params.params.subject_alt_names,
+        vec![rcgen::SanType::DnsName("localhost".try_into().unwrap())]
+    );
+
+    // A test CA certifies it; the endpoint serves with the key manager's key.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "jwt_clients OIDC key-manager CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let leaf = params.signed_by(&rcgen::Issuer::new(ca, ca_key)).unwrap();
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca_cert.pem())).unwrap();
+    let ca_file = lab.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+
+    let (mut server, agent) = server_and_agent(&lab, &["--config", config.to_str().unwrap()]).await;
+    let token = jwt_client(agent.socket.to_str().unwrap(), &["fetch", "vault"]).unwrap()["default"]
+        ["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = Command::new(python())
+        .arg(script("oidc_verify.py"))
+        .args([
+            "--discovery-url",
+            &format!("{issuer}/.well-known/openid-configuration"),
+        ])
+        .arg("--ca-file")
+        .arg(&ca_file)
+        .args(["--token", &token, "--audience", "vault", "--require-issuer"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let claims: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(claims["sub"], WEB);
+
+    // A certificate for another key is refused at start, naming the setting.
+    server.kill();
+    let other = rcgen::KeyPair::generate().unwrap();
+    let wrong = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&other)
+        .unwrap();
+    let cert_file2 = lab.path().join("wrong.crt");
+    std::fs::write(&cert_file2, wrong.pem()).unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(cert_file.to_str().unwrap(), cert_file2.to_str().unwrap());
+    let config2 = lab.path().join("oidc-km-wrong.toml");
+    std::fs::write(&config2, text).unwrap();
+    let mut bad = Server::spawn_opts(
+        &lab,
+        carapace_e2e::ServerOptions {
+            extra: vec!["--config".into(), config2.to_str().unwrap().into()],
+            ..Default::default()
+        },
+    );
+    let (status, log) = bad.wait_exit();
+    assert!(!status.success());
+    assert!(log.contains("is not for the key oidc-tls"), "{log}");
+}
