@@ -263,6 +263,20 @@ async fn upstream(cmd: UpstreamCommand) -> Result<String, String> {
     }
 }
 
+/// A command's output on stdout and success, or its error on stderr and failure.
+fn printed(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("carapace-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Not #[tokio::main]: the runtime must not wait at exit for a stuck blocking call.
     carapace_common::run_main(async_main())
@@ -333,42 +347,15 @@ async fn async_main() -> ExitCode {
         }
         Command::Upstream(cmd) => {
             carapace_common::init_tracing("warn", false);
-            match upstream(cmd).await {
-                Ok(out) => {
-                    print!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("carapace-server: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            printed(upstream(cmd).await)
         }
         Command::Oidc(cmd) => {
             carapace_common::init_tracing("warn", false);
-            match oidc(cmd).await {
-                Ok(out) => {
-                    print!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("carapace-server: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            printed(oidc(cmd).await)
         }
         Command::Admin(cmd) => {
             carapace_common::init_tracing("warn", false);
-            match admin_cli::execute(cmd).await {
-                Ok(out) => {
-                    print!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("carapace-server: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            printed(admin_cli::execute(cmd).await.map_err(|e| e.to_string()))
         }
     }
 }

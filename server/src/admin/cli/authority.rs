@@ -21,6 +21,7 @@ use super::flags::{Common, bad_flag};
 use super::view::{render, rfc3339};
 use crate::Result;
 use crate::ca::normalize_authority_id;
+use crate::jwt_keys::normalize_kid;
 
 /// `localauthority ...`
 #[derive(Debug, Subcommand)]
@@ -151,15 +152,125 @@ impl From<&X509Authority> for AuthorityView {
     }
 }
 
-/// What `localauthority x509 show` prints.
+/// What `localauthority x509|jwt show` prints: SPIRE's three sections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuthorityStateView {
+pub struct StateView<V> {
     /// The authority that signs.
-    pub active: Option<AuthorityView>,
+    pub active: Option<V>,
     /// The authority prepared to sign next.
-    pub prepared: Option<AuthorityView>,
+    pub prepared: Option<V>,
     /// Old authorities, still in the bundle, newest first.
-    pub old: Vec<AuthorityView>,
+    pub old: Vec<V>,
+}
+
+/// What `localauthority x509 show` prints.
+pub type AuthorityStateView = StateView<AuthorityView>;
+/// What `localauthority jwt show` prints.
+pub type JwtAuthorityStateView = StateView<JwtAuthorityView>;
+
+/// An authority as printed, X.509 or JWT.
+pub trait Listed: Serialize {
+    /// What it is called in headings: `X.509 authority`, `JWT authority`.
+    const NOUN: &'static str;
+    /// `active`, `prepared` or `old`.
+    fn status(&self) -> &str;
+    /// Its fields, one indented line each.
+    fn lines(&self, out: &mut String);
+}
+
+fn line(out: &mut String, label: &str, value: &dyn std::fmt::Display) {
+    out.push_str(&format!("  {label:<15}: {value}\n"));
+}
+
+impl Listed for AuthorityView {
+    const NOUN: &'static str = "X.509 authority";
+    fn status(&self) -> &str {
+        &self.status
+    }
+    fn lines(&self, out: &mut String) {
+        line(out, "Authority ID", &self.authority_id);
+        line(out, "Status", &self.status);
+        line(out, "Expires at", &rfc3339(self.expires_at));
+        line(out, "Tainted", &self.tainted);
+        match &self.upstream {
+            Some(fp) => line(out, "Upstream root", fp),
+            None => line(out, "Upstream root", &"none (self-signed)"),
+        }
+    }
+}
+
+impl Listed for JwtAuthorityView {
+    const NOUN: &'static str = "JWT authority";
+    fn status(&self) -> &str {
+        &self.status
+    }
+    fn lines(&self, out: &mut String) {
+        line(out, "Authority ID", &self.authority_id);
+        line(out, "Status", &self.status);
+        line(out, "Expires at", &rfc3339(self.expires_at));
+        line(out, "Tainted", &self.tainted);
+    }
+}
+
+/// The three sections of a server's list.
+pub fn state_of<V: Listed>(views: impl IntoIterator<Item = V>) -> StateView<V> {
+    let mut state = StateView {
+        active: None,
+        prepared: None,
+        old: Vec::new(),
+    };
+    for v in views {
+        match v.status() {
+            "active" => state.active = Some(v),
+            "prepared" => state.prepared = Some(v),
+            _ => state.old.push(v),
+        }
+    }
+    state
+}
+
+/// `<title>:` then the authority's fields, indented.
+pub fn format_one_human<V: Listed>(title: &str, a: &V) -> String {
+    let mut out = format!("{title}:\n");
+    a.lines(&mut out);
+    out
+}
+
+/// The three sections of `localauthority x509|jwt show`, SPIRE's layout.
+pub fn format_state_human<V: Listed>(s: &StateView<V>) -> String {
+    let noun = V::NOUN;
+    let mut out = format!("Active {noun}:\n");
+    match &s.active {
+        Some(a) => a.lines(&mut out),
+        None => out.push_str(&format!("  No active {noun} found\n")),
+    }
+    out.push_str(&format!("\nPrepared {noun}:\n"));
+    match &s.prepared {
+        Some(a) => a.lines(&mut out),
+        None => out.push_str(&format!("  No prepared {noun} found\n")),
+    }
+    // "X.509 authorities", "JWT authorities".
+    let plural = noun
+        .strip_suffix('y')
+        .map_or_else(|| noun.to_owned(), |n| format!("{n}ies"));
+    out.push_str(&format!("\nOld {plural}:\n"));
+    if s.old.is_empty() {
+        out.push_str(&format!("  No old {noun} found\n"));
+    }
+    for (i, a) in s.old.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        a.lines(&mut out);
+    }
+    out
+}
+
+/// `<verb> <noun>:` and the authority a step returned, or its JSON.
+fn render_step<V: Listed>(output: super::view::OutputFormat, verb: &str, v: &V) -> Result<String> {
+    render(output, v, |v| {
+        format_one_human(&format!("{verb} {}", V::NOUN), v)
+    })
 }
 
 /// The name of a status on the wire (JWT authorities reuse the X.509 statuses).
@@ -206,122 +317,6 @@ impl From<&JwtAuthority> for JwtAuthorityView {
     }
 }
 
-/// What `localauthority jwt show` prints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JwtAuthorityStateView {
-    /// The key that signs.
-    pub active: Option<JwtAuthorityView>,
-    /// The key prepared to sign next.
-    pub prepared: Option<JwtAuthorityView>,
-    /// Old keys, still in the bundle, newest first.
-    pub old: Vec<JwtAuthorityView>,
-}
-
-fn jwt_authority_lines(out: &mut String, a: &JwtAuthorityView) {
-    let line = |out: &mut String, label: &str, value: &dyn std::fmt::Display| {
-        out.push_str(&format!("  {label:<15}: {value}\n"));
-    };
-    line(out, "Authority ID", &a.authority_id);
-    line(out, "Status", &a.status);
-    line(out, "Expires at", &rfc3339(a.expires_at));
-    line(out, "Tainted", &a.tainted);
-}
-
-/// `<title>:` then the JWT authority's fields, indented.
-pub fn format_jwt_authority_human(title: &str, a: &JwtAuthorityView) -> String {
-    let mut out = format!("{title}:\n");
-    jwt_authority_lines(&mut out, a);
-    out
-}
-
-/// The three sections of `localauthority jwt show`, as `localauthority x509 show`.
-pub fn format_jwt_authority_state_human(s: &JwtAuthorityStateView) -> String {
-    let mut out = String::from("Active JWT authority:\n");
-    match &s.active {
-        Some(a) => jwt_authority_lines(&mut out, a),
-        None => out.push_str("  No active JWT authority found\n"),
-    }
-    out.push_str("\nPrepared JWT authority:\n");
-    match &s.prepared {
-        Some(a) => jwt_authority_lines(&mut out, a),
-        None => out.push_str("  No prepared JWT authority found\n"),
-    }
-    out.push_str("\nOld JWT authorities:\n");
-    if s.old.is_empty() {
-        out.push_str("  No old JWT authority found\n");
-    }
-    for (i, a) in s.old.iter().enumerate() {
-        if i > 0 {
-            out.push('\n');
-        }
-        jwt_authority_lines(&mut out, a);
-    }
-    out
-}
-
-/// The state of `localauthority jwt show`, from the server's list.
-pub(super) fn jwt_state_of(authorities: &[JwtAuthority]) -> JwtAuthorityStateView {
-    let mut state = JwtAuthorityStateView {
-        active: None,
-        prepared: None,
-        old: Vec::new(),
-    };
-    for v in authorities.iter().map(JwtAuthorityView::from) {
-        match v.status.as_str() {
-            "active" => state.active = Some(v),
-            "prepared" => state.prepared = Some(v),
-            _ => state.old.push(v),
-        }
-    }
-    state
-}
-
-fn authority_lines(out: &mut String, a: &AuthorityView) {
-    let line = |out: &mut String, label: &str, value: &dyn std::fmt::Display| {
-        out.push_str(&format!("  {label:<15}: {value}\n"));
-    };
-    line(out, "Authority ID", &a.authority_id);
-    line(out, "Status", &a.status);
-    line(out, "Expires at", &rfc3339(a.expires_at));
-    line(out, "Tainted", &a.tainted);
-    match &a.upstream {
-        Some(fp) => line(out, "Upstream root", fp),
-        None => line(out, "Upstream root", &"none (self-signed)"),
-    }
-}
-
-/// `<title>:` then the authority's fields, indented.
-pub fn format_authority_human(title: &str, a: &AuthorityView) -> String {
-    let mut out = format!("{title}:\n");
-    authority_lines(&mut out, a);
-    out
-}
-
-/// The three sections of `localauthority x509 show`, SPIRE's layout.
-pub fn format_authority_state_human(s: &AuthorityStateView) -> String {
-    let mut out = String::from("Active X.509 authority:\n");
-    match &s.active {
-        Some(a) => authority_lines(&mut out, a),
-        None => out.push_str("  No active X.509 authority found\n"),
-    }
-    out.push_str("\nPrepared X.509 authority:\n");
-    match &s.prepared {
-        Some(a) => authority_lines(&mut out, a),
-        None => out.push_str("  No prepared X.509 authority found\n"),
-    }
-    out.push_str("\nOld X.509 authorities:\n");
-    if s.old.is_empty() {
-        out.push_str("  No old X.509 authority found\n");
-    }
-    for (i, a) in s.old.iter().enumerate() {
-        if i > 0 {
-            out.push('\n');
-        }
-        authority_lines(&mut out, a);
-    }
-    out
-}
-
 /// Runs a `localauthority` subcommand; returns what to print.
 pub(super) async fn run(cmd: LocalAuthorityCommand) -> Result<String> {
     match cmd {
@@ -347,64 +342,39 @@ fn authority_id(cmd: &str, id: &str) -> Result<String> {
     normalize_authority_id(id).map_err(|e| bad_flag(cmd, "--authority-id", e))
 }
 
-/// The longest kid accepted, in bytes (an RFC 7638 SHA-256 thumbprint is 43).
-const MAX_KID_LEN: usize = 128;
-
 /// A JWT `--authority-id` (a kid: base64url characters), checked before anything is
-/// sent.
+/// sent, by the server's own rule ([`normalize_kid`]).
 pub(super) fn jwt_authority_id(cmd: &str, id: &str) -> Result<String> {
-    let id = id.trim();
-    if id.is_empty() {
-        return Err(bad_flag(cmd, "--authority-id", "is required"));
-    }
-    if id.len() > MAX_KID_LEN
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(bad_flag(
-            cmd,
-            "--authority-id",
-            "not a JWT authority id (the kid, as `localauthority jwt show` prints it)",
-        ));
-    }
-    Ok(id.to_owned())
+    normalize_kid(id).map_err(|e| bad_flag(cmd, "--authority-id", e))
+}
+
+/// The answer of a call, or the CLI error naming `cmd`.
+fn answer<T>(cmd: &str, r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<T> {
+    r.map(tonic::Response::into_inner)
+        .map_err(|s| status_error(cmd, &s))
 }
 
 async fn show(a: AuthorityArgs) -> Result<String> {
-    const CMD: &str = "localauthority x509 show";
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let resp = client
-        .get_x509_authority_state(GetX509AuthorityStateRequest {})
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    let mut state = AuthorityStateView {
-        active: None,
-        prepared: None,
-        old: Vec::new(),
-    };
-    for v in resp.authorities.iter().map(AuthorityView::from) {
-        match v.status.as_str() {
-            "active" => state.active = Some(v),
-            "prepared" => state.prepared = Some(v),
-            _ => state.old.push(v),
-        }
-    }
-    render(a.common.output, &state, format_authority_state_human)
+    let resp = answer(
+        "localauthority x509 show",
+        client
+            .get_x509_authority_state(GetX509AuthorityStateRequest {})
+            .await,
+    )?;
+    let state = state_of(resp.authorities.iter().map(AuthorityView::from));
+    render(a.common.output, &state, format_state_human)
 }
 
 async fn prepare(a: AuthorityArgs) -> Result<String> {
-    const CMD: &str = "localauthority x509 prepare";
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .prepare_x509_authority(PrepareX509AuthorityRequest {})
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &AuthorityView::from(&got), |v| {
-        format_authority_human("Prepared X.509 authority", v)
-    })
+    let got = answer(
+        "localauthority x509 prepare",
+        client
+            .prepare_x509_authority(PrepareX509AuthorityRequest {})
+            .await,
+    )?;
+    render_step(a.common.output, "Prepared", &AuthorityView::from(&got))
 }
 
 async fn activate(a: AuthorityActivateArgs) -> Result<String> {
@@ -415,72 +385,64 @@ async fn activate(a: AuthorityActivateArgs) -> Result<String> {
         .map(|i| authority_id(CMD, i))
         .transpose()?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .activate_x509_authority(ActivateX509AuthorityRequest {
-            authority_id: id.unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &AuthorityView::from(&got), |v| {
-        format_authority_human("Activated X.509 authority", v)
-    })
+    let got = answer(
+        CMD,
+        client
+            .activate_x509_authority(ActivateX509AuthorityRequest {
+                authority_id: id.unwrap_or_default(),
+            })
+            .await,
+    )?;
+    render_step(a.common.output, "Activated", &AuthorityView::from(&got))
 }
 
 async fn taint(a: AuthorityIdArgs) -> Result<String> {
     const CMD: &str = "localauthority x509 taint";
     let id = authority_id(CMD, &a.authority_id)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .taint_x509_authority(TaintX509AuthorityRequest { authority_id: id })
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &AuthorityView::from(&got), |v| {
-        format_authority_human("Tainted X.509 authority", v)
-    })
+    let got = answer(
+        CMD,
+        client
+            .taint_x509_authority(TaintX509AuthorityRequest { authority_id: id })
+            .await,
+    )?;
+    render_step(a.common.output, "Tainted", &AuthorityView::from(&got))
 }
 
 async fn revoke(a: AuthorityIdArgs) -> Result<String> {
     const CMD: &str = "localauthority x509 revoke";
     let id = authority_id(CMD, &a.authority_id)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .revoke_x509_authority(RevokeX509AuthorityRequest { authority_id: id })
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &AuthorityView::from(&got), |v| {
-        format_authority_human("Revoked X.509 authority", v)
-    })
+    let got = answer(
+        CMD,
+        client
+            .revoke_x509_authority(RevokeX509AuthorityRequest { authority_id: id })
+            .await,
+    )?;
+    render_step(a.common.output, "Revoked", &AuthorityView::from(&got))
 }
 
 async fn jwt_show(a: AuthorityArgs) -> Result<String> {
-    const CMD: &str = "localauthority jwt show";
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let resp = client
-        .get_jwt_authority_state(GetJwtAuthorityStateRequest {})
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(
-        a.common.output,
-        &jwt_state_of(&resp.authorities),
-        format_jwt_authority_state_human,
-    )
+    let resp = answer(
+        "localauthority jwt show",
+        client
+            .get_jwt_authority_state(GetJwtAuthorityStateRequest {})
+            .await,
+    )?;
+    let state = state_of(resp.authorities.iter().map(JwtAuthorityView::from));
+    render(a.common.output, &state, format_state_human)
 }
 
 async fn jwt_prepare(a: AuthorityArgs) -> Result<String> {
-    const CMD: &str = "localauthority jwt prepare";
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .prepare_jwt_authority(PrepareJwtAuthorityRequest {})
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &JwtAuthorityView::from(&got), |v| {
-        format_jwt_authority_human("Prepared JWT authority", v)
-    })
+    let got = answer(
+        "localauthority jwt prepare",
+        client
+            .prepare_jwt_authority(PrepareJwtAuthorityRequest {})
+            .await,
+    )?;
+    render_step(a.common.output, "Prepared", &JwtAuthorityView::from(&got))
 }
 
 async fn jwt_activate(a: JwtAuthorityActivateArgs) -> Result<String> {
@@ -491,42 +453,39 @@ async fn jwt_activate(a: JwtAuthorityActivateArgs) -> Result<String> {
         .map(|i| jwt_authority_id(CMD, i))
         .transpose()?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .activate_jwt_authority(ActivateJwtAuthorityRequest {
-            authority_id: id.unwrap_or_default(),
-        })
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &JwtAuthorityView::from(&got), |v| {
-        format_jwt_authority_human("Activated JWT authority", v)
-    })
+    let got = answer(
+        CMD,
+        client
+            .activate_jwt_authority(ActivateJwtAuthorityRequest {
+                authority_id: id.unwrap_or_default(),
+            })
+            .await,
+    )?;
+    render_step(a.common.output, "Activated", &JwtAuthorityView::from(&got))
 }
 
 async fn jwt_taint(a: JwtAuthorityIdArgs) -> Result<String> {
     const CMD: &str = "localauthority jwt taint";
     let id = jwt_authority_id(CMD, &a.authority_id)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .taint_jwt_authority(TaintJwtAuthorityRequest { authority_id: id })
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &JwtAuthorityView::from(&got), |v| {
-        format_jwt_authority_human("Tainted JWT authority", v)
-    })
+    let got = answer(
+        CMD,
+        client
+            .taint_jwt_authority(TaintJwtAuthorityRequest { authority_id: id })
+            .await,
+    )?;
+    render_step(a.common.output, "Tainted", &JwtAuthorityView::from(&got))
 }
 
 async fn jwt_revoke(a: JwtAuthorityIdArgs) -> Result<String> {
     const CMD: &str = "localauthority jwt revoke";
     let id = jwt_authority_id(CMD, &a.authority_id)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
-    let got = client
-        .revoke_jwt_authority(RevokeJwtAuthorityRequest { authority_id: id })
-        .await
-        .map_err(|s| status_error(CMD, &s))?
-        .into_inner();
-    render(a.common.output, &JwtAuthorityView::from(&got), |v| {
-        format_jwt_authority_human("Revoked JWT authority", v)
-    })
+    let got = answer(
+        CMD,
+        client
+            .revoke_jwt_authority(RevokeJwtAuthorityRequest { authority_id: id })
+            .await,
+    )?;
+    render_step(a.common.output, "Revoked", &JwtAuthorityView::from(&got))
 }

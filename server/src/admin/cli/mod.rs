@@ -43,8 +43,8 @@ pub use agent::{
 pub use authority::{
     AuthorityActivateArgs, AuthorityArgs, AuthorityIdArgs, AuthorityStateView, AuthorityView,
     JwtAuthorityActivateArgs, JwtAuthorityCommand, JwtAuthorityIdArgs, JwtAuthorityStateView,
-    JwtAuthorityView, LocalAuthorityCommand, X509AuthorityCommand, format_authority_human,
-    format_authority_state_human, format_jwt_authority_human, format_jwt_authority_state_human,
+    JwtAuthorityView, Listed, LocalAuthorityCommand, StateView, X509AuthorityCommand,
+    format_one_human, format_state_human, state_of,
 };
 pub use bundle::{BundleCommand, BundleFormat, BundleShowArgs};
 // The admin API's tests talk to their server over the CLI's checked connection.

@@ -603,7 +603,7 @@ fn localauthority_human_and_json_formats() {
         upstream: None,
     };
     assert_eq!(
-        format_authority_human("Tainted X.509 authority", &a),
+        format_one_human("Tainted X.509 authority", &a),
         "Tainted X.509 authority:\n  \
          Authority ID   : 0a1b\n  \
          Status         : old\n  \
@@ -622,7 +622,7 @@ fn localauthority_human_and_json_formats() {
         prepared: None,
         old: vec![a.clone(), a],
     };
-    let out = format_authority_state_human(&state);
+    let out = format_state_human(&state);
     assert!(
         out.starts_with("Active X.509 authority:\n  Authority ID   : ff\n"),
         "{out}"
@@ -910,22 +910,26 @@ fn localauthority_jwt_human_and_json_formats() {
         "-----BEGIN PUBLIC KEY-----\nMFkwEwYH\n-----END PUBLIC KEY-----\n"
     );
     assert_eq!(
-        format_jwt_authority_human("Tainted JWT authority", &old),
+        format_one_human("Tainted JWT authority", &old),
         "Tainted JWT authority:\n  \
          Authority ID   : kid-old\n  \
          Status         : old\n  \
          Expires at     : 2030-01-01T00:00:00Z\n  \
          Tainted        : true\n"
     );
-    let state = super::authority::jwt_state_of(&[
-        wire("kid-a", X509AuthorityStatus::Active, false),
-        wire("kid-old", X509AuthorityStatus::Old, true),
-        wire("kid-older", X509AuthorityStatus::Old, false),
-    ]);
+    let state = state_of(
+        [
+            wire("kid-a", X509AuthorityStatus::Active, false),
+            wire("kid-old", X509AuthorityStatus::Old, true),
+            wire("kid-older", X509AuthorityStatus::Old, false),
+        ]
+        .iter()
+        .map(JwtAuthorityView::from),
+    );
     assert_eq!(state.active.as_ref().unwrap().authority_id, "kid-a");
     assert!(state.prepared.is_none());
     assert_eq!(state.old.len(), 2);
-    let out = format_jwt_authority_state_human(&state);
+    let out = format_state_human(&state);
     assert!(
         out.starts_with(
             "Active JWT authority:\n  Authority ID   : kid-a\n  Status         : active\n"
@@ -948,7 +952,7 @@ fn localauthority_jwt_human_and_json_formats() {
         !out.contains("PUBLIC KEY"),
         "the key is in the JSON only: {out}"
     );
-    let empty = format_jwt_authority_state_human(&super::authority::jwt_state_of(&[]));
+    let empty = format_state_human(&state_of(Vec::<JwtAuthorityView>::new()));
     assert!(empty.contains("No active JWT authority found"), "{empty}");
     assert!(empty.contains("No old JWT authority found"), "{empty}");
     let v: serde_json::Value = serde_json::from_str(&json(&state).unwrap()).unwrap();
