@@ -81,15 +81,21 @@ fn entry_id_of(server: &Server, spiffe_id: &str) -> String {
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_gets_only_its_own_entries_and_only_their_ids() {
-    let lab = Lab::new();
-    let server = Server::start(&lab);
+/// A server with two attested agents, A with the entry `a-web` and B with `b-db`.
+async fn two_agents(lab: &Lab) -> (Server, TestAgent, TestAgent) {
+    let server = Server::start(lab);
     let km = MemoryKeyManager::new();
     let a = attest(&server, &km, "a").await;
     let b = attest(&server, &km, "b").await;
     server.create_entry(&a.id, "spiffe://example.org/a-web", &["unix:uid:1"], &[]);
     server.create_entry(&b.id, "spiffe://example.org/b-db", &["unix:uid:2"], &[]);
+    (server, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_gets_only_its_own_entries_and_only_their_ids() {
+    let lab = Lab::new();
+    let (server, a, _b) = two_agents(&lab).await;
     let a_entry = entry_id_of(&server, "spiffe://example.org/a-web");
     let b_entry = entry_id_of(&server, "spiffe://example.org/b-db");
 
@@ -187,12 +193,7 @@ fn jwt_keys_of(server: &Server) -> carapace_core::jose::KeySet {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_gets_jwt_svids_only_for_its_own_entries_and_they_verify_with_the_bundle() {
     let lab = Lab::new();
-    let server = Server::start(&lab);
-    let km = MemoryKeyManager::new();
-    let a = attest(&server, &km, "a").await;
-    let b = attest(&server, &km, "b").await;
-    server.create_entry(&a.id, "spiffe://example.org/a-web", &["unix:uid:1"], &[]);
-    server.create_entry(&b.id, "spiffe://example.org/b-db", &["unix:uid:2"], &[]);
+    let (server, a, _b) = two_agents(&lab).await;
     let a_entry = entry_id_of(&server, "spiffe://example.org/a-web");
     let b_entry = entry_id_of(&server, "spiffe://example.org/b-db");
     let ask = |entry: &str, aud: &[&str]| NewJwtsvidRequest {
