@@ -63,9 +63,11 @@ impl ServerReadiness {
         let ds = self.cache.datastore();
         if let Err(e) = ds.probe_write(now).await {
             reasons.push(format!("datastore: a probe write did not commit: {e}"));
-        } else if let Err(why) = ds.write_health() {
-            // The probe rewrites one row in place, which can commit on a disk too full
-            // for anything else: the last real write's failure stands until one commits.
+        }
+        // The probe rewrites one row in place, which can commit on a disk too full for
+        // anything else (or fail where the last real write did not): the last real
+        // write's failure stands, beside the probe's, until a real write commits.
+        if let Err(why) = ds.write_health() {
             reasons.push(format!("datastore writes are failing: {why}"));
         }
         match self.ca.active() {

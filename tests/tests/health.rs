@@ -398,11 +398,16 @@ async fn a_banned_agent_turns_unready_and_says_why() {
     assert!(healthcheck_agent(&addr).status.success());
 
     server.cli_ok(&["agent", "ban", "--spiffe-id", &agent.id]);
-    let unready = eventually("the banned agent to turn unready", || {
+    // Waits for the reason, not just any 503: on a loaded machine an earlier probe may
+    // also find the Workload API slow to answer.
+    let unready = eventually("the banned agent to turn unready, naming why", || {
         let r = ready(addr.clone());
         async move {
             let r = r.await;
-            (r["status"] == 503).then_some(r)
+            let says_why = r["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("agent identity lost"));
+            (r["status"] == 503 && says_why).then_some(r)
         }
     })
     .await;
