@@ -36,7 +36,8 @@ pub struct ServerMetrics {
     registry: Registry,
     /// `svids_issued_total{kind, result}`; kinds: `x509_workload` (for an agent's
     /// workloads), `x509_agent` (attestation and renewal), `x509_server` (the server's
-    /// own), `x509_minted` (`x509 mint`).
+    /// own), `x509_minted` (`x509 mint`), `jwt_workload` (`NewJWTSVID`), `jwt_minted`
+    /// (`jwt mint`).
     pub svids_issued: SvidCounter,
     /// `node_attestations_total{attestor, result}`.
     pub node_attestations: AttestationCounter,
