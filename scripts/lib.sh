@@ -24,7 +24,7 @@ install_system_packages() {
 # scripts/install.sh with them, and traces the binaries' system calls against the units'
 # filters; nothing is started under systemd). All run unprivileged on
 # loopback (README.md, "The lab"). krb5-config asks debconf questions: DEBIAN_FRONTEND above.
-LAB_PACKAGES=(softhsm2 opensc swtpm swtpm-tools tpm2-tools krb5-kdc krb5-admin-server krb5-user openssh-client systemd strace)
+LAB_PACKAGES=(softhsm2 opensc swtpm swtpm-tools tpm2-tools krb5-kdc krb5-admin-server krb5-user openssh-client systemd strace postgresql)
 
 # A Rust toolchain: the one on PATH if recent enough, else rustup's stable.
 ensure_rust() {

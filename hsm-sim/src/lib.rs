@@ -1,7 +1,8 @@
 //! The Carapace lab: SoftHSM2 tokens, swtpm TPMs manufactured with EK certificates and an
 //! MIT Kerberos realm, each in a temporary directory on free loopback ports, plus an SSH
-//! CA with a certified host key ([`ssh`]), a small tmpfs to fill up ([`tmpfs`]), and
-//! files no config reader may hang on ([`operator_files`]). Tests and the `carapace-lab`
+//! CA with a certified host key ([`ssh`]), a small tmpfs to fill up ([`tmpfs`]), a
+//! throwaway PostgreSQL cluster ([`postgres`]), and files no config reader may hang on
+//! ([`operator_files`]). Tests and the `carapace-lab`
 //! binary share it.
 //! A missing package is an error naming the exact `apt-get install` line, never a silent
 //! skip.
@@ -49,6 +50,7 @@ mod error;
 pub mod kdc;
 pub mod lab;
 pub mod operator_files;
+pub mod postgres;
 pub mod process;
 pub mod softhsm;
 pub mod ssh;
