@@ -8,6 +8,7 @@ use zeroize::Zeroizing;
 
 use carapace_core::{KeyType, TrustDomain};
 
+use crate::node_client::ServerAddresses;
 use crate::workload_api::ConnectionLimits;
 
 /// Default trust domain.
@@ -28,8 +29,9 @@ pub const DEFAULT_HEALTH_ADDRESS: &str = "127.0.0.1:8082";
 pub struct FileConfig {
     /// Trust domain.
     pub trust_domain: Option<String>,
-    /// Server node API address, HOST:PORT.
-    pub server_address: Option<String>,
+    /// Server node API address, HOST:PORT, or a list of them (servers of one trust
+    /// domain: the agent fails over between them).
+    pub server_address: Option<ServerAddressFile>,
     /// Data directory (agent key, SVID, bundle).
     pub data_dir: Option<PathBuf>,
     /// Workload API socket path.
@@ -133,13 +135,49 @@ fn workload_api_limits(
     }
 }
 
+/// `server_address` in the file: one `HOST:PORT` or a list of them.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ServerAddressFile {
+    /// One server.
+    One(String),
+    /// Several servers of the trust domain.
+    Many(Vec<String>),
+}
+
+/// The most servers an agent is given.
+pub const MAX_SERVER_ADDRESSES: usize = 32;
+
+/// Checks a server list: 1 to [`MAX_SERVER_ADDRESSES`] distinct `HOST:PORT` values.
+fn server_addresses(list: Vec<String>, problems: &mut Vec<String>) -> Vec<String> {
+    if list.is_empty() {
+        problems.push("server_address: the list is empty; name at least one HOST:PORT".into());
+    }
+    if list.len() > MAX_SERVER_ADDRESSES {
+        problems.push(format!(
+            "server_address: {} addresses, at most {MAX_SERVER_ADDRESSES}",
+            list.len()
+        ));
+    }
+    for (i, a) in list.iter().enumerate() {
+        match a.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => problems.push(format!("server_address: {a:?} is not HOST:PORT")),
+        }
+        if list[..i].contains(a) {
+            problems.push(format!("server_address: {a:?} is listed twice"));
+        }
+    }
+    list
+}
+
 /// Flag overrides.
 #[derive(Default)]
 pub struct Overrides {
     /// `--trust-domain`.
     pub trust_domain: Option<String>,
-    /// `--server-address`.
-    pub server_address: Option<String>,
+    /// `--server-address`, repeated for several servers (replaces the file's list).
+    pub server_address: Vec<String>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
     /// `--socket-path`.
@@ -225,8 +263,8 @@ impl Config {
 pub struct Config {
     /// Trust domain.
     pub trust_domain: TrustDomain,
-    /// Server address, HOST:PORT.
-    pub server_address: String,
+    /// The servers, HOST:PORT each.
+    pub server_address: ServerAddresses,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Workload API socket.
@@ -305,16 +343,16 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     let trust_domain = TrustDomain::new(&td)
         .map_err(|e| problems.push(format!("trust_domain: {e}")))
         .ok();
-    let server_address = ov
-        .server_address
-        .or(file.server_address)
-        .unwrap_or_else(|| DEFAULT_SERVER_ADDRESS.into());
-    match server_address.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-        _ => problems.push(format!(
-            "server_address: {server_address:?} is not HOST:PORT"
-        )),
-    }
+    let list = if !ov.server_address.is_empty() {
+        ov.server_address
+    } else {
+        match file.server_address {
+            Some(ServerAddressFile::One(a)) => vec![a],
+            Some(ServerAddressFile::Many(list)) => list,
+            None => vec![DEFAULT_SERVER_ADDRESS.into()],
+        }
+    };
+    let server_address = ServerAddresses::new(server_addresses(list, &mut problems));
     let socket_path = ov
         .socket_path
         .or(file.socket_path)
@@ -447,9 +485,51 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.trust_domain.name(), "example.org");
-        assert_eq!(c.server_address, "127.0.0.1:8081");
+        assert_eq!(c.server_address.list(), ["127.0.0.1:8081"]);
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET_PATH));
         assert!(matches!(c.bootstrap, Bootstrap::Insecure));
+    }
+
+    #[test]
+    fn server_address_is_one_address_or_a_list_and_the_flags_replace_the_file() {
+        let insecure = || Overrides {
+            insecure_bootstrap: true,
+            ..Default::default()
+        };
+        let one = validate(parse("server_address = \"a:1\""), insecure()).unwrap();
+        assert_eq!(one.server_address.list(), ["a:1"]);
+        let many = validate(parse("server_address = [\"a:1\", \"b:2\"]"), insecure()).unwrap();
+        assert_eq!(many.server_address.list(), ["a:1", "b:2"]);
+        assert_eq!(many.server_address.current(), "a:1");
+        assert_eq!(many.server_address.to_string(), "a:1, b:2");
+        let flags = validate(
+            parse("server_address = [\"a:1\", \"b:2\"]"),
+            Overrides {
+                server_address: vec!["c:3".into(), "d:4".into()],
+                ..insecure()
+            },
+        )
+        .unwrap();
+        assert_eq!(flags.server_address.list(), ["c:3", "d:4"]);
+        for (text, want) in [
+            ("server_address = []", "the list is empty"),
+            (
+                "server_address = [\"a:1\", \"a:1\"]",
+                "\"a:1\" is listed twice",
+            ),
+            (
+                "server_address = [\"a:1\", \"b\"]",
+                "\"b\" is not HOST:PORT",
+            ),
+        ] {
+            let errs = validate(parse(text), insecure()).unwrap_err();
+            assert!(errs.iter().any(|e| e.contains(want)), "{text}: {errs:?}");
+        }
+        let errs = carapace_common::parse_toml::<FileConfig>("server_address = 5").unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("server_address")),
+            "{errs:?}"
+        );
     }
 
     #[test]
@@ -477,7 +557,7 @@ mod tests {
             },
             Overrides {
                 trust_domain: Some("Bad".into()),
-                server_address: Some("nohostport".into()),
+                server_address: vec!["nohostport".into()],
                 join_token: Some(Zeroizing::new("secret-token-value".into())),
                 ..Default::default()
             },

@@ -66,9 +66,11 @@ struct RunArgs {
     /// Trust domain (default: example.org).
     #[arg(long)]
     trust_domain: Option<String>,
-    /// Server node API address HOST:PORT (default: 127.0.0.1:8081).
-    #[arg(long)]
-    server_address: Option<String>,
+    /// Server node API address HOST:PORT (default: 127.0.0.1:8081). Repeat it for
+    /// several servers of the trust domain: the agent uses one and fails over to the
+    /// others (replaces the config file's list).
+    #[arg(long, value_name = "HOST:PORT")]
+    server_address: Vec<String>,
     /// Data directory (default: /var/lib/carapace/agent).
     #[arg(long)]
     data_dir: Option<PathBuf>,

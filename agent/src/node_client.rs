@@ -1,7 +1,15 @@
 //! The agent's side of the node API: connections over TLS 1.3 to the server, node
 //! attestation, renewal, the sync stream and batch signing.
+//!
+//! The agent may know several servers of its trust domain ([`ServerAddresses`]): each
+//! new connection tries the one that answered last, then the others in turn, so when a
+//! server dies the next connection (the sync stream reconnecting, a renewal) goes to
+//! another with the agent's identity intact. A host name resolving to several addresses
+//! is tried address by address as well.
 
+use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
@@ -26,16 +34,135 @@ use crate::{Error, Result};
 /// Largest node API message.
 pub const MAX_MESSAGE_SIZE: usize = 32 * 1024 * 1024;
 
-fn endpoint(server_address: &str) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(format!("http://{server_address}"))
-        .map_err(|e| Error::Config(format!("server_address {server_address:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(10))
+/// How long one server gets to accept a connection and finish the TLS handshake before
+/// the next one is tried.
+pub const CONNECT_TIMEOUT_PER_SERVER: Duration = Duration::from_secs(5);
+
+/// The servers an agent may talk to, `HOST:PORT` each, and which one answered last.
+/// Cheap to clone: clones share the choice.
+#[derive(Clone)]
+pub struct ServerAddresses {
+    list: Arc<[String]>,
+    current: Arc<AtomicUsize>,
+}
+
+impl ServerAddresses {
+    /// The servers, in the order to try them first. Empty lists are the caller's bug:
+    /// the config refuses them.
+    pub fn new(list: Vec<String>) -> Self {
+        ServerAddresses {
+            list: list.into(),
+            current: Arc::default(),
+        }
+    }
+
+    /// Every address, in configured order.
+    pub fn list(&self) -> &[String] {
+        &self.list
+    }
+
+    /// The address that answered last (the first one before any did).
+    pub fn current(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        self.list
+            .get(i)
+            .or(self.list.first())
+            .map_or("", String::as_str)
+    }
+
+    /// Opens TCP and TLS to the current server, else to the next that answers (the name
+    /// is not checked: the verifier checks the server's SPIFFE ID); remembers which.
+    async fn connect(
+        &self,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let n = self.list.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let addr = &self.list[idx];
+            match tokio::time::timeout(CONNECT_TIMEOUT_PER_SERVER, connect_tls(connector, addr))
+                .await
+            {
+                Ok(Ok(tls)) => {
+                    if idx != start {
+                        self.current.store(idx, Ordering::Relaxed);
+                        tracing::warn!(
+                            server = %addr,
+                            unreachable = %failures.join("; "),
+                            "switched to another server"
+                        );
+                    }
+                    return Ok(tls);
+                }
+                Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                Err(_) => failures.push(format!(
+                    "{addr}: no TLS connection within {}s",
+                    CONNECT_TIMEOUT_PER_SERVER.as_secs()
+                )),
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "no server answered ({})",
+            failures.join("; ")
+        )))
+    }
+}
+
+impl fmt::Display for ServerAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.list.join(", "))
+    }
+}
+
+impl fmt::Debug for ServerAddresses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerAddresses")
+            .field("list", &self.list)
+            .field("current", &self.current())
+            .finish()
+    }
+}
+
+impl PartialEq for ServerAddresses {
+    fn eq(&self, other: &Self) -> bool {
+        self.list == other.list
+    }
+}
+
+impl From<&str> for ServerAddresses {
+    fn from(addr: &str) -> Self {
+        ServerAddresses::new(vec![addr.to_owned()])
+    }
+}
+
+impl From<&String> for ServerAddresses {
+    fn from(addr: &String) -> Self {
+        ServerAddresses::from(addr.as_str())
+    }
+}
+
+impl From<&ServerAddresses> for ServerAddresses {
+    fn from(s: &ServerAddresses) -> Self {
+        s.clone()
+    }
+}
+
+fn endpoint(servers: &ServerAddresses) -> Result<Endpoint> {
+    // The URI only names the channel: the connector picks the server.
+    let first = servers.current();
+    let n = u32::try_from(servers.list().len())
+        .unwrap_or(u32::MAX)
+        .max(1);
+    Ok(Endpoint::from_shared(format!("http://{first}"))
+        .map_err(|e| Error::Config(format!("server_address {first:?}: {e}")))?
+        .connect_timeout((CONNECT_TIMEOUT_PER_SERVER * n).max(Duration::from_secs(10)))
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true))
 }
 
-/// Opens TCP and TLS to the server (the name is not checked: the verifier checks the
-/// server's SPIFFE ID).
+/// Opens TCP and TLS to `addr` (a host name: each address it resolves to in turn).
 async fn connect_tls(
     connector: &tokio_rustls::TlsConnector,
     addr: &str,
@@ -53,19 +180,19 @@ fn client(channel: Channel) -> NodeClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE_SIZE)
 }
 
-/// A lazily connecting channel to the server over TLS with `tls`.
+/// A lazily connecting channel to one of `servers` over TLS with `tls`: each
+/// (re)connection goes to the server that answered last, else the next that answers.
 pub fn channel(
-    server_address: &str,
+    servers: impl Into<ServerAddresses>,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<NodeClient<Channel>> {
+    let servers = servers.into();
     let connector = tokio_rustls::TlsConnector::from(tls);
-    let addr = server_address.to_owned();
-    let channel =
-        endpoint(server_address)?.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-            let connector = connector.clone();
-            let addr = addr.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(connect_tls(&connector, &addr).await?)) }
-        }));
+    let channel = endpoint(&servers)?.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+        let connector = connector.clone();
+        let servers = servers.clone();
+        async move { Ok::<_, std::io::Error>(TokioIo::new(servers.connect(&connector).await?)) }
+    }));
     Ok(client(channel))
 }
 
@@ -74,17 +201,18 @@ pub fn channel(
 /// whole attestation must run on it. Should the connection drop, the channel does not
 /// reconnect (the evidence would not verify on another connection anyway).
 async fn attestation_channel(
-    server_address: &str,
+    servers: &ServerAddresses,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<(NodeClient<Channel>, Vec<u8>)> {
     let connector = tokio_rustls::TlsConnector::from(tls);
-    let addr = server_address.to_owned();
     let slot: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
     let exporter = slot.clone();
-    let channel = endpoint(server_address)?
+    let shown = servers.to_string();
+    let servers = servers.clone();
+    let channel = endpoint(&servers)?
         .connect_with_connector(tower::service_fn(move |_uri| {
             let connector = connector.clone();
-            let addr = addr.clone();
+            let servers = servers.clone();
             let slot = slot.clone();
             async move {
                 let mut guard = slot.lock().await;
@@ -93,7 +221,7 @@ async fn attestation_channel(
                         "the attestation connection was lost; attestation starts over",
                     ));
                 }
-                let tls = connect_tls(&connector, &addr).await?;
+                let tls = servers.connect(&connector).await?;
                 let mut out = [0u8; TLS_EXPORTER_LEN];
                 tls.get_ref()
                     .1
@@ -104,7 +232,7 @@ async fn attestation_channel(
             }
         }))
         .await
-        .map_err(|e| Error::Server(format!("connecting to the server at {server_address}: {e}")))?;
+        .map_err(|e| Error::Server(format!("connecting to the server at {shown}: {e}")))?;
     let exporter =
         exporter.lock().await.clone().ok_or_else(|| {
             Error::Server("the attestation connection has no TLS exporter".into())
@@ -131,13 +259,13 @@ fn status_error(what: &str, s: tonic::Status) -> Error {
 /// Runs node attestation with `attestor` on a new connection to the server made with
 /// `tls`, sending `csr` for the agent's key.
 pub async fn attest(
-    server_address: &str,
+    servers: impl Into<ServerAddresses>,
     tls: Arc<rustls::ClientConfig>,
     attestor: &dyn NodeAttestorClient,
     csr: Vec<u8>,
     agent_public_key: &[u8],
 ) -> Result<AttestResult> {
-    let (mut client, tls_exporter) = attestation_channel(server_address, tls).await?;
+    let (mut client, tls_exporter) = attestation_channel(&servers.into(), tls).await?;
     let ctx = AttestationContext {
         agent_public_key: agent_public_key.to_vec(),
         tls_exporter,
