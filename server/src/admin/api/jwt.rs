@@ -13,7 +13,7 @@ use super::AdminApi;
 use super::fields::ttl_or_default;
 use crate::Result;
 use crate::ca::AuthorityStatus;
-use crate::jwt_keys::{JwtAuthorityInfo, JwtRequest, check_audiences};
+use crate::jwt_keys::{JwtAuthorityInfo, JwtRequest};
 
 /// A JWT authority as the admin API sends it.
 fn jwt_authority_to_wire(a: &JwtAuthorityInfo) -> JwtAuthority {
@@ -37,7 +37,6 @@ impl AdminApi {
         req: MintJwtsvidRequest,
     ) -> Result<MintJwtsvidResponse> {
         let id = self.mintable_id(&req.spiffe_id)?;
-        check_audiences(&req.audience)?;
         let ttl = ttl_or_default(
             "ttl",
             req.ttl,

@@ -11,13 +11,8 @@ use carapace_proto::admin::MintJwtsvidRequest;
 use super::client::{connect, status_error};
 use super::flags::{Common, bad_flag, spiffe_id, ttl_secs};
 use super::view::render;
+use crate::jwt_keys::{MAX_AUDIENCE_LEN, MAX_AUDIENCES};
 use crate::{Error, Result};
-
-/// The longest audience accepted, in bytes.
-const MAX_AUDIENCE_LEN: usize = 1024;
-
-/// The most audiences one token may name.
-const MAX_AUDIENCES: usize = 32;
 
 /// `jwt ...`
 #[derive(Debug, Subcommand)]
@@ -67,7 +62,8 @@ pub fn format_jwt_mint_human(m: &JwtMintView) -> String {
     format!("{}\n", m.token)
 }
 
-/// `--audience` flags, checked: each non-empty, printable, bounded, and not repeated.
+/// `--audience` flags, checked before connecting by the server's bounds
+/// ([`crate::jwt_keys::check_audiences`]), with messages naming the flag, and not repeated.
 pub(super) fn audiences(cmd: &str, v: &[String]) -> Result<Vec<String>> {
     if v.is_empty() {
         return Err(bad_flag(
