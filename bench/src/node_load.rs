@@ -26,7 +26,7 @@ use carapace_proto::node::node_client::NodeClient;
 
 use crate::harness::{self, Server, ServerOptions, workload_id};
 use crate::process;
-use crate::stats::Repeated;
+use crate::stats::{Repeated, Summary};
 
 /// What the calls of one lane (or of a whole run) gave.
 #[derive(Debug, Clone, Default)]
@@ -140,6 +140,50 @@ pub fn median_over_runs(n: &NodeResult, f: impl Fn(&NodeRun) -> f64) -> Option<f
         .flat_map(|(_, runs)| runs.iter().map(&f))
         .collect();
     Repeated::of(&v).map(|r| r.median)
+}
+
+/// What the report tables show of one connection count's repeated runs (B1, B3, B8).
+#[derive(Debug, Clone)]
+pub struct RunsSummary {
+    /// Items/s.
+    pub rate: Option<Repeated>,
+    /// Server CPU-µs per item.
+    pub server_cpu_us: Option<Repeated>,
+    /// Load generator CPU-µs per item.
+    pub client_cpu_us: Option<Repeated>,
+    /// Per-call latency, µs, over every call of every run.
+    pub latency: Option<Summary>,
+    /// Where the cores went in each run ([`node_cores`]).
+    pub cores: Vec<(f64, f64, f64)>,
+    /// Server VmRSS after the last run.
+    pub server_rss: Option<u64>,
+    /// The errors column: the count, with the first error when there were any.
+    pub errors: String,
+}
+
+impl RunsSummary {
+    /// The summary of `runs` on a machine of `nproc` cores.
+    pub fn of(runs: &[NodeRun], nproc: usize) -> RunsSummary {
+        let per_run =
+            |f: fn(&NodeRun) -> f64| Repeated::of(&runs.iter().map(f).collect::<Vec<_>>());
+        let latencies: Vec<Duration> = runs
+            .iter()
+            .flat_map(|x| x.latencies.iter().copied())
+            .collect();
+        let errors: usize = runs.iter().map(|x| x.errors).sum();
+        RunsSummary {
+            rate: per_run(NodeRun::rate),
+            server_cpu_us: per_run(NodeRun::cpu_us_per_svid),
+            client_cpu_us: per_run(NodeRun::client_cpu_us_per_svid),
+            latency: Summary::of_durations_us(&latencies),
+            cores: runs.iter().map(|x| node_cores(x, nproc)).collect(),
+            server_rss: runs.last().map(|x| x.server_rss),
+            errors: match runs.iter().find_map(|x| x.first_error.clone()) {
+                Some(e) if errors > 0 => format!("{errors} (first: {e})"),
+                _ => errors.to_string(),
+            },
+        }
+    }
 }
 
 /// Where the machine's cores went during one node API run: (ours = server + load

@@ -28,9 +28,9 @@ use carapace_server::ca::{CaManager, CaSlot, csr_public_key, sign_leaf};
 use super::Plan;
 use crate::harness::{ServerOptions, workload_id};
 use crate::inproc;
-use crate::node_load::{Calls, NodeBench, NodeResult, NodeRun};
+use crate::node_load::{Calls, NodeBench, NodeResult, NodeRun, RunsSummary};
 use crate::report::{Report, Table};
-use crate::stats::{Repeated, Summary, fmt_bytes, fmt_count, fmt_pct, fmt_secs, fmt_us};
+use crate::stats::{Repeated, fmt_bytes, fmt_count, fmt_pct, fmt_secs, fmt_us};
 
 /// How the crypto ceiling is measured, as the report says it.
 pub const CEILING_METHOD: &str = "Per SVID: `carapace_server::ca::csr_public_key` (parse the PKCS#10 CSR, verify its P-256 signature) then `carapace_server::ca::sign_leaf` (build the leaf, sign it with the P-256 CA key of a `CaManager` over `Datastore::open_in_memory()` and `MemoryKeyManager`). CSRs pre-generated with rcgen like the agent's; std threads, each taking an equal share.";
@@ -318,36 +318,24 @@ pub fn node_section(
     ]);
     let mut best: Option<f64> = None;
     for (conns, runs) in &n.by_connections {
-        let rates: Vec<f64> = runs.iter().map(|x| x.rate()).collect();
-        let cpu: Vec<f64> = runs.iter().map(|x| x.cpu_us_per_svid()).collect();
-        let lats: Vec<Duration> = runs
-            .iter()
-            .flat_map(|x| x.latencies.iter().copied())
-            .collect();
-        let lat = Summary::of_durations_us(&lats);
-        let rep = Repeated::of(&rates);
-        if let Some(rep) = rep {
+        let sum = RunsSummary::of(runs, nproc);
+        if let Some(rep) = sum.rate {
             best = Some(best.map_or(rep.median, |b: f64| b.max(rep.median)));
         }
-        let errors: usize = runs.iter().map(|x| x.errors).sum();
-        let first_error = runs.iter().find_map(|x| x.first_error.clone());
         t.row([
             conns.to_string(),
             fmt_count(plan.node.svids_per_run as f64),
-            rep.map(|r| r.fmt_count()).unwrap_or_default(),
-            lat.map(|l| fmt_us(l.p50)).unwrap_or_default(),
-            lat.map(|l| fmt_us(l.p99)).unwrap_or_default(),
-            lat.map(|l| fmt_us(l.max)).unwrap_or_default(),
-            Repeated::of(&cpu)
+            sum.rate.map(|r| r.fmt_count()).unwrap_or_default(),
+            sum.latency.map(|l| fmt_us(l.p50)).unwrap_or_default(),
+            sum.latency.map(|l| fmt_us(l.p99)).unwrap_or_default(),
+            sum.latency.map(|l| fmt_us(l.max)).unwrap_or_default(),
+            sum.server_cpu_us
                 .map(|c| format!("{:.0}", c.median))
                 .unwrap_or_default(),
-            runs.last()
-                .map(|x| fmt_bytes(x.server_rss as f64))
+            sum.server_rss
+                .map(|b| fmt_bytes(b as f64))
                 .unwrap_or_default(),
-            match first_error {
-                Some(e) if errors > 0 => format!("{errors} (first: {e})"),
-                _ => errors.to_string(),
-            },
+            sum.errors,
         ]);
     }
     r.table(&t);

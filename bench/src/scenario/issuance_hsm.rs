@@ -12,7 +12,6 @@
 //! token's raw rate.
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 
@@ -21,13 +20,15 @@ use hsm_sim::softhsm::SoftHsm;
 use super::Plan;
 use super::issuance;
 use crate::harness::ServerOptions;
-use crate::node_load::{NodeResult, NodeRun, best_connections, median_over_runs, node_cores};
+use crate::node_load::{
+    NodeResult, NodeRun, RunsSummary, best_connections, median_over_runs, node_cores,
+};
 use crate::pkcs11::{
     NEEDS_SOFTHSM, RawRate, raw_rates, server_options, session_counts, softhsm_description,
 };
 use crate::process::loadavg_now;
 use crate::report::{Report, Table, failed};
-use crate::stats::{Repeated, Summary, fmt_bytes, fmt_cores, fmt_count, fmt_pct, fmt_us};
+use crate::stats::{Repeated, fmt_bytes, fmt_cores, fmt_count, fmt_pct, fmt_us};
 
 /// What B3 measured; each part may have failed on its own.
 #[derive(Debug)]
@@ -144,39 +145,24 @@ pub async fn run(
 
 fn b3_node_rows(t: &mut Table, label: &str, n: &NodeResult, nproc: usize) {
     for (conns, runs) in &n.by_connections {
-        let rates: Vec<f64> = runs.iter().map(|x| x.rate()).collect();
-        let cpu: Vec<f64> = runs.iter().map(|x| x.cpu_us_per_svid()).collect();
-        let client: Vec<f64> = runs.iter().map(|x| x.client_cpu_us_per_svid()).collect();
-        let cores: Vec<(f64, f64, f64)> = runs.iter().map(|x| node_cores(x, nproc)).collect();
-        let lats: Vec<Duration> = runs
-            .iter()
-            .flat_map(|x| x.latencies.iter().copied())
-            .collect();
-        let lat = Summary::of_durations_us(&lats);
-        let errors: usize = runs.iter().map(|x| x.errors).sum();
-        let first_error = runs.iter().find_map(|x| x.first_error.clone());
+        let sum = RunsSummary::of(runs, nproc);
         t.row([
             label.to_owned(),
             conns.to_string(),
-            Repeated::of(&rates)
-                .map(|r| r.fmt_count())
-                .unwrap_or_default(),
-            lat.map(|l| fmt_us(l.p50)).unwrap_or_default(),
-            lat.map(|l| fmt_us(l.p99)).unwrap_or_default(),
-            Repeated::of(&cpu)
+            sum.rate.map(|r| r.fmt_count()).unwrap_or_default(),
+            sum.latency.map(|l| fmt_us(l.p50)).unwrap_or_default(),
+            sum.latency.map(|l| fmt_us(l.p99)).unwrap_or_default(),
+            sum.server_cpu_us
                 .map(|c| format!("{:.0}", c.median))
                 .unwrap_or_default(),
-            Repeated::of(&client)
+            sum.client_cpu_us
                 .map(|c| format!("{:.0}", c.median))
                 .unwrap_or_default(),
-            fmt_cores(&cores),
-            runs.last()
-                .map(|x| fmt_bytes(x.server_rss as f64))
+            fmt_cores(&sum.cores),
+            sum.server_rss
+                .map(|b| fmt_bytes(b as f64))
                 .unwrap_or_default(),
-            match first_error {
-                Some(e) if errors > 0 => format!("{errors} (first: {e})"),
-                _ => errors.to_string(),
-            },
+            sum.errors,
         ]);
     }
 }
@@ -524,6 +510,8 @@ fn b3_goal(r: &mut Report, b3: &B3, nproc: usize, b1_ceiling: Option<(f64, f64)>
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::pkcs11::RawRun;
 

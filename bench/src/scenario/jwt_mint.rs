@@ -41,7 +41,7 @@ use hsm_sim::softhsm::SoftHsm;
 
 use crate::harness::{self, Agent, LogFollower, Server, ServerOptions, workload_id};
 use crate::inproc;
-use crate::node_load::{Calls, NodeBench, NodeResult, NodeRun, best_connections, node_cores};
+use crate::node_load::{Calls, NodeBench, NodeResult, NodeRun, RunsSummary, best_connections};
 use crate::pkcs11::{
     self, NEEDS_SOFTHSM, RawRate, server_options, session_counts, softhsm_description,
 };
@@ -667,44 +667,22 @@ fn node_table(r: &mut Report, node: &JwtNode, plan: &JwtPlan, nproc: usize) {
     ]);
     for n in &node.by_entries {
         for (conns, runs) in &n.by_connections {
-            let rates: Vec<f64> = runs.iter().map(NodeRun::rate).collect();
-            let cpu = Repeated::of(
-                &runs
-                    .iter()
-                    .map(NodeRun::cpu_us_per_svid)
-                    .collect::<Vec<_>>(),
-            );
-            let client = Repeated::of(
-                &runs
-                    .iter()
-                    .map(NodeRun::client_cpu_us_per_svid)
-                    .collect::<Vec<_>>(),
-            );
-            let cores: Vec<_> = runs.iter().map(|x| node_cores(x, nproc)).collect();
-            let lats: Vec<Duration> = runs
-                .iter()
-                .flat_map(|x| x.latencies.iter().copied())
-                .collect();
-            let lat = Summary::of_durations_us(&lats);
-            let errors: usize = runs.iter().map(|x| x.errors).sum();
-            let first = runs.iter().find_map(|x| x.first_error.clone());
+            let sum = RunsSummary::of(runs, nproc);
+            let cpu = sum.server_cpu_us;
             t.row([
                 fmt_count(n.entries as f64),
                 format!("{conns} × {}", plan.in_flight),
-                Repeated::of(&rates)
-                    .map(|r| r.fmt_count())
-                    .unwrap_or_default(),
-                lat.map(|l| fmt_us(l.p50)).unwrap_or_default(),
-                lat.map(|l| fmt_us(l.p99)).unwrap_or_default(),
-                lat.map(|l| fmt_us(l.max)).unwrap_or_default(),
+                sum.rate.map(|r| r.fmt_count()).unwrap_or_default(),
+                sum.latency.map(|l| fmt_us(l.p50)).unwrap_or_default(),
+                sum.latency.map(|l| fmt_us(l.p99)).unwrap_or_default(),
+                sum.latency.map(|l| fmt_us(l.max)).unwrap_or_default(),
                 cpu.map(|c| fmt_cpu_us(c.median)).unwrap_or_default(),
                 cpu.map(|c| fmt_count(1e6 / c.median)).unwrap_or_default(),
-                client.map(|c| fmt_cpu_us(c.median)).unwrap_or_default(),
-                fmt_cores(&cores),
-                match first {
-                    Some(e) if errors > 0 => format!("{errors} (first: {e})"),
-                    _ => errors.to_string(),
-                },
+                sum.client_cpu_us
+                    .map(|c| fmt_cpu_us(c.median))
+                    .unwrap_or_default(),
+                fmt_cores(&sum.cores),
+                sum.errors,
             ]);
         }
     }
