@@ -14,6 +14,8 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -232,8 +234,37 @@ impl Postgres {
             .map(|_| ())
     }
 
+    /// Creates a new, empty database with a name no other call in this process (nor,
+    /// with the pid in it, another process on this cluster) gets, and returns the name.
+    pub fn fresh_database(&self) -> Result<String> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        self.create_database(&name)?;
+        Ok(name)
+    }
+
     /// Stops the cluster now and returns how `postgres` ended.
     pub fn stop(self) -> Result<std::process::ExitStatus> {
         self.child.stop()
     }
+}
+
+/// A cluster shared by the callers that hold it at the same time: the first caller starts
+/// it, later callers get the same one while any holder keeps its `Arc`, and the last one
+/// to drop it stops it (and removes its directory). Tests that run concurrently thus share
+/// one cluster (each in its own [`Postgres::fresh_database`]) and nothing outlives the
+/// test binary, even when a test panics.
+pub fn shared() -> Result<Arc<Postgres>> {
+    static SHARED: Mutex<Weak<Postgres>> = Mutex::new(Weak::new());
+    let mut slot = SHARED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(pg) = slot.upgrade() {
+        return Ok(pg);
+    }
+    let pg = Arc::new(Postgres::start()?);
+    *slot = Arc::downgrade(&pg);
+    Ok(pg)
 }

@@ -6,12 +6,12 @@
 
 use std::collections::HashMap;
 
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::QueryBuilder;
 
 use carapace_core::{Selector, SelectorSet, SpiffeId};
 
 use super::{
-    Datastore, INSERT_CHUNK, PresentedToken, StateKey, parse_selector, parse_spiffe_id, tokens,
+    Datastore, INSERT_CHUNK, PresentedToken, StateKey, Tx, parse_selector, parse_spiffe_id, tokens,
 };
 use crate::{Error, Result};
 
@@ -99,7 +99,7 @@ impl Datastore {
         if banned(&mut tx, &agent.spiffe_id).await? == Some(true) {
             return Err(banned_error(&agent.spiffe_id));
         }
-        sqlx::query(
+        on_tx!(&mut tx, c => sqlx::query(
             "INSERT INTO attested_agents (spiffe_id, attestor, serial, new_serial, expires_at, \
              banned, reattestable, attested_at, refused_at, refused_reason) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
@@ -119,20 +119,24 @@ impl Datastore {
         .bind(agent.attested_at)
         .bind(agent.refused.as_ref().map(|r| r.at))
         .bind(agent.refused.as_ref().map(|r| r.reason.as_str()))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM node_selectors WHERE spiffe_id = $1")
+        .execute(&mut *c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        on_tx!(&mut tx, c => sqlx::query("DELETE FROM node_selectors WHERE spiffe_id = $1")
             .bind(id)
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
         let selectors: Vec<&Selector> = agent.selectors.iter().collect();
         for chunk in selectors.chunks(INSERT_CHUNK) {
-            let mut qb =
-                QueryBuilder::<Sqlite>::new("INSERT INTO node_selectors (spiffe_id, type, value) ");
-            qb.push_values(chunk, |mut row, s| {
-                row.push_bind(id).push_bind(s.kind()).push_bind(s.value());
-            });
-            qb.build().execute(&mut *tx).await?;
+            on_tx!(&mut tx, c => {
+                let mut qb =
+                    QueryBuilder::new("INSERT INTO node_selectors (spiffe_id, type, value) ");
+                qb.push_values(chunk, |mut row, s| {
+                    row.push_bind(id).push_bind(s.kind()).push_bind(s.value());
+                });
+                qb.build().execute(c).await.map(|r| r.rows_affected())
+            })?;
         }
         tx.commit().await?;
         Ok(())
@@ -172,14 +176,15 @@ impl Datastore {
             Some(true) => return Err(banned_error(id)),
             Some(false) => {}
         }
-        sqlx::query(
+        on_tx!(&mut tx, c => sqlx::query(
             "UPDATE attested_agents SET new_serial = $2, expires_at = $3 WHERE spiffe_id = $1",
         )
         .bind(id.as_str())
         .bind(new_serial)
         .bind(expires_at)
-        .execute(&mut *tx)
-        .await?;
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
         tx.commit().await?;
         Ok(())
     }
@@ -193,12 +198,12 @@ impl Datastore {
     /// current one, e.g. because another renewal replaced the pending serial.
     pub async fn promote_agent_serial(&self, id: &SpiffeId, serial: &str) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        let row: Option<(String, Option<String>, bool)> = sqlx::query_as(
+        let row: Option<(String, Option<String>, bool)> = on_tx!(&mut tx, c => sqlx::query_as(
             "SELECT serial, new_serial, banned FROM attested_agents WHERE spiffe_id = $1",
         )
         .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
+        .fetch_optional(c)
+        .await)?;
         let Some((current, pending, is_banned)) = row else {
             return Err(not_found(id));
         };
@@ -207,14 +212,15 @@ impl Datastore {
         }
         match pending.as_deref() {
             Some(p) if p == serial => {
-                sqlx::query(
+                on_tx!(&mut tx, c => sqlx::query(
                     "UPDATE attested_agents SET serial = $2, new_serial = NULL \
                      WHERE spiffe_id = $1",
                 )
                 .bind(id.as_str())
                 .bind(serial)
-                .execute(&mut *tx)
-                .await?;
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected()))?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -234,39 +240,41 @@ impl Datastore {
         id: &SpiffeId,
         refusal: &Refusal,
     ) -> Result<AttestedAgent> {
-        self.update_agent(
-            id,
-            sqlx::query(
-                "UPDATE attested_agents SET refused_at = $2, refused_reason = $3, \
-                 new_serial = NULL WHERE spiffe_id = $1",
-            )
-            .bind(id.as_str())
-            .bind(refusal.at)
-            .bind(refusal.reason.clone()),
-        )
-        .await
+        self.update_agent(id, AgentUpdate::Refused(refusal)).await
     }
 
     /// Bans or unbans the agent; returns it as now stored. [`Error::NotFound`] if missing.
     pub async fn set_agent_banned(&self, id: &SpiffeId, banned: bool) -> Result<AttestedAgent> {
-        self.update_agent(
-            id,
-            sqlx::query("UPDATE attested_agents SET banned = $2 WHERE spiffe_id = $1")
-                .bind(id.as_str())
-                .bind(banned),
-        )
-        .await
+        self.update_agent(id, AgentUpdate::Banned(banned)).await
     }
 
     /// Runs `update` of the agent `id` in a write transaction and returns the agent as
     /// now stored; [`Error::NotFound`] if no row matched.
-    async fn update_agent(
-        &self,
-        id: &SpiffeId,
-        update: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
-    ) -> Result<AttestedAgent> {
+    async fn update_agent(&self, id: &SpiffeId, update: AgentUpdate<'_>) -> Result<AttestedAgent> {
         let mut tx = self.begin_write().await?;
-        if update.execute(&mut *tx).await?.rows_affected() == 0 {
+        let done = on_tx!(&mut tx, c => match update {
+            AgentUpdate::Refused(refusal) => {
+                sqlx::query(
+                    "UPDATE attested_agents SET refused_at = $2, refused_reason = $3, \
+                     new_serial = NULL WHERE spiffe_id = $1",
+                )
+                .bind(id.as_str())
+                .bind(refusal.at)
+                .bind(refusal.reason.as_str())
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected())
+            }
+            AgentUpdate::Banned(banned) => {
+                sqlx::query("UPDATE attested_agents SET banned = $2 WHERE spiffe_id = $1")
+                    .bind(id.as_str())
+                    .bind(banned)
+                    .execute(c)
+                    .await
+                    .map(|r| r.rows_affected())
+            }
+        })?;
+        if done == 0 {
             return Err(not_found(id));
         }
         let agent = load_agents(&mut tx, Some(id))
@@ -288,23 +296,37 @@ impl Datastore {
         forget: Option<&StateKey>,
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query("DELETE FROM attested_agents WHERE spiffe_id = $1")
-            .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
+        let deleted = on_tx!(&mut tx, c => {
+            sqlx::query("DELETE FROM attested_agents WHERE spiffe_id = $1")
+                .bind(id.as_str())
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
+        if deleted == 0 {
             return Err(not_found(id));
         }
         if let Some(key) = forget {
-            sqlx::query("DELETE FROM attestation_state WHERE attestor = $1 AND node_key = $2")
-                .bind(&key.attestor)
-                .bind(&key.node_key)
-                .execute(&mut *tx)
-                .await?;
+            on_tx!(&mut tx, c => {
+                sqlx::query("DELETE FROM attestation_state WHERE attestor = $1 AND node_key = $2")
+                    .bind(&key.attestor)
+                    .bind(&key.node_key)
+                    .execute(c)
+                    .await
+                    .map(|r| r.rows_affected())
+            })?;
         }
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A one-column change of an agent row ([`Datastore::update_agent`]).
+enum AgentUpdate<'a> {
+    /// Records a refused re-attestation and drops a pending renewal.
+    Refused(&'a Refusal),
+    /// Bans (`true`) or unbans.
+    Banned(bool),
 }
 
 fn not_found(id: &SpiffeId) -> Error {
@@ -316,41 +338,40 @@ fn banned_error(id: &SpiffeId) -> Error {
 }
 
 /// Whether the agent is banned; `None` if it does not exist.
-async fn banned(conn: &mut SqliteConnection, id: &SpiffeId) -> Result<Option<bool>> {
-    Ok(
+async fn banned(conn: &mut Tx, id: &SpiffeId) -> Result<Option<bool>> {
+    Ok(on_tx!(conn, c => {
         sqlx::query_scalar("SELECT banned FROM attested_agents WHERE spiffe_id = $1")
             .bind(id.as_str())
-            .fetch_optional(&mut *conn)
-            .await?,
-    )
+            .fetch_optional(c)
+            .await
+    })?)
 }
 
 /// Loads one agent (`only`) or all, sorted by SPIFFE ID, with their node selectors:
 /// one query for the agents, one for the selectors.
-async fn load_agents(
-    conn: &mut SqliteConnection,
-    only: Option<&SpiffeId>,
-) -> Result<Vec<AttestedAgent>> {
-    let mut qb =
-        QueryBuilder::<Sqlite>::new(format!("SELECT {AGENT_COLUMNS} FROM attested_agents"));
-    if let Some(id) = only {
-        qb.push(" WHERE spiffe_id = ")
-            .push_bind(id.as_str().to_owned());
-    }
-    qb.push(" ORDER BY spiffe_id");
-    let rows: Vec<AgentRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
+async fn load_agents(conn: &mut Tx, only: Option<&SpiffeId>) -> Result<Vec<AttestedAgent>> {
+    let rows: Vec<AgentRow> = on_tx!(conn, c => {
+        let mut qb = QueryBuilder::new(format!("SELECT {AGENT_COLUMNS} FROM attested_agents"));
+        if let Some(id) = only {
+            qb.push(" WHERE spiffe_id = ")
+                .push_bind(id.as_str().to_owned());
+        }
+        qb.push(" ORDER BY spiffe_id");
+        qb.build_query_as().fetch_all(c).await
+    })?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
 
-    let mut qb = QueryBuilder::<Sqlite>::new("SELECT spiffe_id, type, value FROM node_selectors");
-    if let Some(id) = only {
-        qb.push(" WHERE spiffe_id = ")
-            .push_bind(id.as_str().to_owned());
-    }
-    qb.push(" ORDER BY spiffe_id, type, value");
-    let selector_rows: Vec<(String, String, String)> =
-        qb.build_query_as().fetch_all(&mut *conn).await?;
+    let selector_rows: Vec<(String, String, String)> = on_tx!(conn, c => {
+        let mut qb = QueryBuilder::new("SELECT spiffe_id, type, value FROM node_selectors");
+        if let Some(id) = only {
+            qb.push(" WHERE spiffe_id = ")
+                .push_bind(id.as_str().to_owned());
+        }
+        qb.push(" ORDER BY spiffe_id, type, value");
+        qb.build_query_as().fetch_all(c).await
+    })?;
     let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
     for (agent, kind, value) in selector_rows {
         let s = parse_selector(

@@ -19,13 +19,13 @@ impl Datastore {
         attestor: &str,
         node_key: &str,
     ) -> Result<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar(
+        Ok(on_pool!(&self.pool, p => sqlx::query_scalar(
             "SELECT data FROM attestation_state WHERE attestor = $1 AND node_key = $2",
         )
         .bind(attestor)
         .bind(node_key)
-        .fetch_optional(&self.pool)
-        .await?)
+        .fetch_optional(p)
+        .await)?)
     }
 
     /// Saves the state of `attestor` for `node_key`, replacing the previous one.
@@ -35,7 +35,7 @@ impl Datastore {
         node_key: &str,
         data: &[u8],
     ) -> Result<()> {
-        sqlx::query(
+        on_pool!(&self.pool, p => sqlx::query(
             "INSERT INTO attestation_state (attestor, node_key, data, updated_at) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (attestor, node_key) DO UPDATE SET \
              data = excluded.data, updated_at = excluded.updated_at",
@@ -44,8 +44,9 @@ impl Datastore {
         .bind(node_key)
         .bind(data)
         .bind(unix_now())
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
         Ok(())
     }
 
@@ -58,7 +59,7 @@ impl Datastore {
         node_key: &str,
         data: &[u8],
     ) -> Result<bool> {
-        let done = sqlx::query(
+        let done = on_pool!(&self.pool, p => sqlx::query(
             "INSERT INTO attestation_state (attestor, node_key, data, updated_at) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (attestor, node_key) DO NOTHING",
         )
@@ -66,8 +67,9 @@ impl Datastore {
         .bind(node_key)
         .bind(data)
         .bind(unix_now())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
     }
 }

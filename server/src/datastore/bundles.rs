@@ -12,11 +12,12 @@ use crate::{Error, Result};
 impl Datastore {
     /// The bundle of trust domain `td`, if stored.
     pub async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<TrustBundle>> {
-        let row: Option<(String, String)> =
+        let row: Option<(String, String)> = on_pool!(&self.pool, p => {
             sqlx::query_as("SELECT data, jwt_key_expiries FROM bundles WHERE trust_domain = $1")
                 .bind(td.name())
-                .fetch_optional(&self.pool)
-                .await?;
+                .fetch_optional(p)
+                .await
+        })?;
         let Some((data, expiries)) = row else {
             return Ok(None);
         };
@@ -51,39 +52,41 @@ impl Datastore {
             .collect();
         let expiries = serde_json::to_string(&expiries)
             .map_err(|e| Error::Datastore(format!("encoding JWT key expiries: {e}")))?;
-        sqlx::query(
+        on_pool!(&self.pool, p => sqlx::query(
             "INSERT INTO bundles (trust_domain, data, jwt_key_expiries) VALUES ($1, $2, $3) \
              ON CONFLICT (trust_domain) DO UPDATE SET data = excluded.data, \
              jwt_key_expiries = excluded.jwt_key_expiries",
         )
         .bind(bundle.trust_domain().name())
-        .bind(data)
-        .bind(expiries)
-        .execute(&self.pool)
-        .await?;
+        .bind(data.as_str())
+        .bind(expiries.as_str())
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
         Ok(())
     }
 
     /// The CA journal, if one was saved.
     pub async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>> {
-        Ok(
+        Ok(on_pool!(&self.pool, p => {
             sqlx::query_scalar("SELECT data FROM ca_journal WHERE id = 1")
-                .fetch_optional(&self.pool)
-                .await?,
-        )
+                .fetch_optional(p)
+                .await
+        })?)
     }
 
     /// Saves the CA journal, replacing the previous one.
     pub async fn save_ca_journal(&self, data: &[u8]) -> Result<()> {
-        sqlx::query(
+        on_pool!(&self.pool, p => sqlx::query(
             "INSERT INTO ca_journal (id, data, updated_at) VALUES (1, $1, $2) \
              ON CONFLICT (id) DO UPDATE SET data = excluded.data, \
              updated_at = excluded.updated_at",
         )
         .bind(data)
         .bind(unix_now())
-        .execute(&self.pool)
-        .await?;
+        .execute(p)
+        .await
+        .map(|r| r.rows_affected()))?;
         Ok(())
     }
 }

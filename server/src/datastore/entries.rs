@@ -1,7 +1,7 @@
 //! Registration entries: CRUD, filtered listing with bulk loading of selectors and DNS
 //! names, the similar-entry rule, expiry pruning and the entry change log.
 //!
-//! Every write runs in one `BEGIN IMMEDIATE` transaction that covers the entry row, its
+//! Every write runs in one write transaction ([`Datastore::begin_write`]) that covers the entry row, its
 //! selectors, its DNS names and its event row. Reads load the matching entry rows, then
 //! the selectors and the DNS names of all of them with one query each (the same filter
 //! as a subquery), and group them in memory: three queries whatever the number of
@@ -10,12 +10,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{Database, QueryBuilder};
 
 use carapace_core::{EntryId, RegistrationEntry, Selector};
 
 use super::{
-    Datastore, EntryFilter, INSERT_CHUNK, corrupt, is_unique_violation, parse_selector,
+    Datastore, EntryFilter, INSERT_CHUNK, Tx, corrupt, is_unique_violation, parse_selector,
     parse_spiffe_id, unix_now,
 };
 use crate::{Error, Result};
@@ -85,15 +85,13 @@ impl Datastore {
     pub async fn update_entry(&self, entry: &RegistrationEntry) -> Result<RegistrationEntry> {
         let id = entry.id.as_str();
         let mut tx = self.begin_write().await?;
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM entries WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
+        if !entry_exists(&mut tx, id).await? {
             return Err(not_found(&entry.id));
         }
         check_similar(&mut tx, entry).await?;
-        sqlx::query(
+        let x509_svid_ttl = ttl_to_db("x509_svid_ttl", entry.x509_svid_ttl)?;
+        let jwt_svid_ttl = ttl_to_db("jwt_svid_ttl", entry.jwt_svid_ttl)?;
+        on_tx!(&mut tx, c => sqlx::query(
             "UPDATE entries SET spiffe_id = $2, parent_id = $3, x509_svid_ttl = $4, hint = $5, \
              admin = $6, downstream = $7, expires_at = $8, jwt_svid_ttl = $9, \
              jwt_svid_include_jti = $10, revision = revision + 1 \
@@ -102,23 +100,28 @@ impl Datastore {
         .bind(id)
         .bind(entry.spiffe_id.as_str())
         .bind(entry.parent_id.as_str())
-        .bind(ttl_to_db("x509_svid_ttl", entry.x509_svid_ttl)?)
+        .bind(x509_svid_ttl)
         .bind(entry.hint.as_str())
         .bind(entry.admin)
         .bind(entry.downstream)
         .bind(entry.expires_at)
-        .bind(ttl_to_db("jwt_svid_ttl", entry.jwt_svid_ttl)?)
+        .bind(jwt_svid_ttl)
         .bind(entry.jwt_svid_include_jti)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM entry_selectors WHERE entry_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM entry_dns_names WHERE entry_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        .execute(&mut *c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        on_tx!(&mut tx, c => {
+            sqlx::query("DELETE FROM entry_selectors WHERE entry_id = $1")
+                .bind(id)
+                .execute(&mut *c)
+                .await
+                .map(|r| r.rows_affected())?;
+            sqlx::query("DELETE FROM entry_dns_names WHERE entry_id = $1")
+                .bind(id)
+                .execute(&mut *c)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
         insert_children(&mut tx, entry).await?;
         insert_events(&mut tx, &[id], EventKind::Update, unix_now()).await?;
         let stored = load_one(&mut tx, &entry.id).await?.ok_or_else(|| {
@@ -133,10 +136,11 @@ impl Datastore {
     pub async fn delete_entry(&self, id: &EntryId) -> Result<RegistrationEntry> {
         let mut tx = self.begin_write().await?;
         let entry = load_one(&mut tx, id).await?.ok_or_else(|| not_found(id))?;
-        sqlx::query("DELETE FROM entries WHERE id = $1")
+        on_tx!(&mut tx, c => sqlx::query("DELETE FROM entries WHERE id = $1")
             .bind(id.as_str())
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
         insert_events(&mut tx, &[id.as_str()], EventKind::Delete, unix_now()).await?;
         tx.commit().await?;
         Ok(entry)
@@ -160,9 +164,11 @@ impl Datastore {
 
     /// How many entries match `filter`.
     pub async fn count_entries(&self, filter: &EntryFilter) -> Result<u64> {
-        let mut qb = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM entries e");
-        push_filter(&mut qb, filter);
-        let n: i64 = qb.build_query_scalar().fetch_one(&self.pool).await?;
+        let n: i64 = on_pool!(&self.pool, p => {
+            let mut qb = QueryBuilder::new("SELECT COUNT(*) FROM entries e");
+            push_filter(&mut qb, filter);
+            qb.build_query_scalar().fetch_one(p).await
+        })?;
         u64::try_from(n).map_err(|_| Error::Datastore(format!("negative entry count {n}")))
     }
 
@@ -174,9 +180,11 @@ impl Datastore {
 
     /// The id of the newest entry event, 0 if there is none.
     pub async fn latest_entry_event_id(&self) -> Result<i64> {
-        let id: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entry_events")
-            .fetch_one(&self.pool)
-            .await?;
+        let id: i64 = on_pool!(&self.pool, p => {
+            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entry_events")
+                .fetch_one(p)
+                .await
+        })?;
         Ok(id)
     }
 
@@ -184,11 +192,12 @@ impl Datastore {
     /// event for each, in one transaction. Returns the ids deleted, sorted.
     pub async fn prune_expired_entries(&self, now: i64) -> Result<Vec<EntryId>> {
         let mut tx = self.begin_write().await?;
-        let mut raw: Vec<String> =
+        let mut raw: Vec<String> = on_tx!(&mut tx, c => {
             sqlx::query_scalar("DELETE FROM entries WHERE expires_at <= $1 RETURNING id")
                 .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
+                .fetch_all(c)
+                .await
+        })?;
         raw.sort();
         let ids = raw
             .iter()
@@ -207,21 +216,21 @@ fn not_found(id: &EntryId) -> Error {
 
 /// Inserts a new entry with its children and its `create` event, inside the caller's
 /// transaction. Shared by [`Datastore::create_entry`] and join-token creation.
-pub(super) async fn insert_entry(
-    conn: &mut SqliteConnection,
-    entry: &RegistrationEntry,
-    now: i64,
-) -> Result<()> {
+pub(super) async fn insert_entry(conn: &mut Tx, entry: &RegistrationEntry, now: i64) -> Result<()> {
     let id = entry.id.as_str();
-    let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM entries WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    if exists.is_some() {
+    if entry_exists(conn, id).await? {
         return Err(already_exists(&entry.id));
     }
     check_similar(conn, entry).await?;
-    sqlx::query(
+    let x509_svid_ttl = ttl_to_db("x509_svid_ttl", entry.x509_svid_ttl)?;
+    let jwt_svid_ttl = ttl_to_db("jwt_svid_ttl", entry.jwt_svid_ttl)?;
+    let revision = i64::try_from(entry.revision).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "entry {id}: revision {} is too large",
+            entry.revision
+        ))
+    })?;
+    on_tx!(conn, c => sqlx::query(
         "INSERT INTO entries (id, spiffe_id, parent_id, x509_svid_ttl, hint, admin, \
          downstream, expires_at, revision, created_at, jwt_svid_ttl, jwt_svid_include_jti) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
@@ -229,22 +238,18 @@ pub(super) async fn insert_entry(
     .bind(id)
     .bind(entry.spiffe_id.as_str())
     .bind(entry.parent_id.as_str())
-    .bind(ttl_to_db("x509_svid_ttl", entry.x509_svid_ttl)?)
+    .bind(x509_svid_ttl)
     .bind(entry.hint.as_str())
     .bind(entry.admin)
     .bind(entry.downstream)
     .bind(entry.expires_at)
-    .bind(i64::try_from(entry.revision).map_err(|_| {
-        Error::InvalidArgument(format!(
-            "entry {id}: revision {} is too large",
-            entry.revision
-        ))
-    })?)
+    .bind(revision)
     .bind(entry.created_at)
-    .bind(ttl_to_db("jwt_svid_ttl", entry.jwt_svid_ttl)?)
+    .bind(jwt_svid_ttl)
     .bind(entry.jwt_svid_include_jti)
-    .execute(&mut *conn)
+    .execute(c)
     .await
+    .map(|r| r.rows_affected()))
     .map_err(|e| {
         if is_unique_violation(&e) {
             already_exists(&entry.id)
@@ -257,6 +262,17 @@ pub(super) async fn insert_entry(
     Ok(())
 }
 
+/// Whether an entry with this id is stored.
+async fn entry_exists(conn: &mut Tx, id: &str) -> Result<bool> {
+    let found: Option<String> = on_tx!(conn, c => {
+        sqlx::query_scalar("SELECT id FROM entries WHERE id = $1")
+            .bind(id)
+            .fetch_optional(c)
+            .await
+    })?;
+    Ok(found.is_some())
+}
+
 fn already_exists(id: &EntryId) -> Error {
     Error::AlreadyExists(format!("entry {id} already exists"))
 }
@@ -264,8 +280,8 @@ fn already_exists(id: &EntryId) -> Error {
 /// The similar-entry rule (as SPIRE's): no two entries may have the same SPIFFE ID,
 /// parent ID and selector set. Fails with [`Error::AlreadyExists`] naming the first
 /// other entry (by id) that is similar to `entry`; `entry`'s own row is not compared.
-async fn check_similar(conn: &mut SqliteConnection, entry: &RegistrationEntry) -> Result<()> {
-    let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+async fn check_similar(conn: &mut Tx, entry: &RegistrationEntry) -> Result<()> {
+    let rows: Vec<(String, Option<String>, Option<String>)> = on_tx!(conn, c => sqlx::query_as(
         "SELECT e.id, s.type, s.value FROM entries e \
          LEFT JOIN entry_selectors s ON s.entry_id = e.id \
          WHERE e.spiffe_id = $1 AND e.parent_id = $2 AND e.id <> $3 \
@@ -274,8 +290,8 @@ async fn check_similar(conn: &mut SqliteConnection, entry: &RegistrationEntry) -
     .bind(entry.spiffe_id.as_str())
     .bind(entry.parent_id.as_str())
     .bind(entry.id.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
+    .fetch_all(c)
+    .await)?;
 
     // Group the candidates' selectors by entry id, in id order.
     let mut candidates: Vec<(String, BTreeSet<(String, String)>)> = Vec::new();
@@ -311,16 +327,17 @@ async fn check_similar(conn: &mut SqliteConnection, entry: &RegistrationEntry) -
 
 /// Inserts the selectors and DNS names of `entry` (whose row exists, whose children do
 /// not).
-async fn insert_children(conn: &mut SqliteConnection, entry: &RegistrationEntry) -> Result<()> {
+async fn insert_children(conn: &mut Tx, entry: &RegistrationEntry) -> Result<()> {
     let id = entry.id.as_str();
     let selectors: Vec<&Selector> = entry.selectors.iter().collect();
     for chunk in selectors.chunks(INSERT_CHUNK) {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new("INSERT INTO entry_selectors (entry_id, type, value) ");
-        qb.push_values(chunk, |mut row, s| {
-            row.push_bind(id).push_bind(s.kind()).push_bind(s.value());
-        });
-        qb.build().execute(&mut *conn).await?;
+        on_tx!(conn, c => {
+            let mut qb = QueryBuilder::new("INSERT INTO entry_selectors (entry_id, type, value) ");
+            qb.push_values(chunk, |mut row, s| {
+                row.push_bind(id).push_bind(s.kind()).push_bind(s.value());
+            });
+            qb.build().execute(c).await.map(|r| r.rows_affected())
+        })?;
     }
     let names: Vec<(i64, &str)> = entry
         .dns_names
@@ -329,35 +346,37 @@ async fn insert_children(conn: &mut SqliteConnection, entry: &RegistrationEntry)
         .map(|(i, n)| (i64::try_from(i).unwrap_or(i64::MAX), n.as_str()))
         .collect();
     for chunk in names.chunks(INSERT_CHUNK) {
-        let mut qb =
-            QueryBuilder::<Sqlite>::new("INSERT INTO entry_dns_names (entry_id, position, name) ");
-        qb.push_values(chunk, |mut row, (pos, name)| {
-            row.push_bind(id).push_bind(*pos).push_bind(*name);
-        });
-        qb.build().execute(&mut *conn).await?;
+        on_tx!(conn, c => {
+            let mut qb =
+                QueryBuilder::new("INSERT INTO entry_dns_names (entry_id, position, name) ");
+            qb.push_values(chunk, |mut row, (pos, name)| {
+                row.push_bind(id).push_bind(*pos).push_bind(*name);
+            });
+            qb.build().execute(c).await.map(|r| r.rows_affected())
+        })?;
     }
     Ok(())
 }
 
 /// Logs one event of `kind` for each of `ids`.
-async fn insert_events(
-    conn: &mut SqliteConnection,
-    ids: &[&str],
-    kind: EventKind,
-    at: i64,
-) -> Result<()> {
+async fn insert_events(conn: &mut Tx, ids: &[&str], kind: EventKind, at: i64) -> Result<()> {
     for chunk in ids.chunks(INSERT_CHUNK) {
-        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO entry_events (entry_id, kind, at) ");
-        qb.push_values(chunk, |mut row, id| {
-            row.push_bind(*id).push_bind(kind.as_str()).push_bind(at);
-        });
-        qb.build().execute(&mut *conn).await?;
+        on_tx!(conn, c => {
+            let mut qb = QueryBuilder::new("INSERT INTO entry_events (entry_id, kind, at) ");
+            qb.push_values(chunk, |mut row, id| {
+                row.push_bind(*id).push_bind(kind.as_str()).push_bind(at);
+            });
+            qb.build().execute(c).await.map(|r| r.rows_affected())
+        })?;
     }
     Ok(())
 }
 
 /// Appends the `WHERE` clause of `filter` to a query on `entries e`.
-fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &EntryFilter) {
+fn push_filter<DB: Database>(qb: &mut QueryBuilder<DB>, filter: &EntryFilter)
+where
+    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
     let mut sep = " WHERE ";
     if let Some(id) = &filter.id {
         qb.push(sep)
@@ -391,7 +410,7 @@ fn push_filter(qb: &mut QueryBuilder<Sqlite>, filter: &EntryFilter) {
 }
 
 /// Loads one entry with its children.
-async fn load_one(conn: &mut SqliteConnection, id: &EntryId) -> Result<Option<RegistrationEntry>> {
+async fn load_one(conn: &mut Tx, id: &EntryId) -> Result<Option<RegistrationEntry>> {
     let filter = EntryFilter {
         id: Some(id.clone()),
         ..EntryFilter::default()
@@ -401,24 +420,23 @@ async fn load_one(conn: &mut SqliteConnection, id: &EntryId) -> Result<Option<Re
 
 /// Loads the entries matching `filter`, sorted by id, with their children: one query for
 /// the entries, one for all their selectors, one for all their DNS names.
-async fn load_entries(
-    conn: &mut SqliteConnection,
-    filter: &EntryFilter,
-) -> Result<Vec<RegistrationEntry>> {
-    let mut qb = QueryBuilder::<Sqlite>::new(format!("SELECT {ENTRY_COLUMNS} FROM entries e"));
-    push_filter(&mut qb, filter);
-    qb.push(" ORDER BY e.id");
-    let rows: Vec<EntryRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
+async fn load_entries(conn: &mut Tx, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>> {
+    let rows: Vec<EntryRow> = on_tx!(conn, c => {
+        let mut qb = QueryBuilder::new(format!("SELECT {ENTRY_COLUMNS} FROM entries e"));
+        push_filter(&mut qb, filter);
+        qb.push(" ORDER BY e.id");
+        qb.build_query_as().fetch_all(c).await
+    })?;
     if rows.is_empty() {
         return Ok(Vec::new());
     }
 
-    let mut qb =
-        QueryBuilder::<Sqlite>::new("SELECT s.entry_id, s.type, s.value FROM entry_selectors s");
-    push_subquery(&mut qb, "s.entry_id", filter);
-    qb.push(" ORDER BY s.entry_id, s.type, s.value");
-    let selector_rows: Vec<(String, String, String)> =
-        qb.build_query_as().fetch_all(&mut *conn).await?;
+    let selector_rows: Vec<(String, String, String)> = on_tx!(conn, c => {
+        let mut qb = QueryBuilder::new("SELECT s.entry_id, s.type, s.value FROM entry_selectors s");
+        push_subquery(&mut qb, "s.entry_id", filter);
+        qb.push(" ORDER BY s.entry_id, s.type, s.value");
+        qb.build_query_as().fetch_all(c).await
+    })?;
     let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
     for (entry_id, kind, value) in selector_rows {
         let s = parse_selector(
@@ -429,10 +447,12 @@ async fn load_entries(
         selectors.entry(entry_id).or_default().push(s);
     }
 
-    let mut qb = QueryBuilder::<Sqlite>::new("SELECT d.entry_id, d.name FROM entry_dns_names d");
-    push_subquery(&mut qb, "d.entry_id", filter);
-    qb.push(" ORDER BY d.entry_id, d.position");
-    let dns_rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&mut *conn).await?;
+    let dns_rows: Vec<(String, String)> = on_tx!(conn, c => {
+        let mut qb = QueryBuilder::new("SELECT d.entry_id, d.name FROM entry_dns_names d");
+        push_subquery(&mut qb, "d.entry_id", filter);
+        qb.push(" ORDER BY d.entry_id, d.position");
+        qb.build_query_as().fetch_all(c).await
+    })?;
     let mut dns_names: HashMap<String, Vec<String>> = HashMap::new();
     for (entry_id, name) in dns_rows {
         dns_names.entry(entry_id).or_default().push(name);
@@ -449,7 +469,10 @@ async fn load_entries(
 
 /// Restricts a query on a child table to the entries matching `filter` (nothing to add
 /// when the filter is empty).
-fn push_subquery(qb: &mut QueryBuilder<Sqlite>, column: &str, filter: &EntryFilter) {
+fn push_subquery<DB: Database>(qb: &mut QueryBuilder<DB>, column: &str, filter: &EntryFilter)
+where
+    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
     if !filter.is_empty() {
         qb.push(" WHERE ")
             .push(column)

@@ -1,5 +1,6 @@
 //! The server's persistent storage: registration entries, attested agents, trust
-//! bundles, join tokens and the CA journal, in SQLite through sqlx.
+//! bundles, join tokens and the CA journal, in SQLite (embedded, the default) or
+//! PostgreSQL (several servers sharing a trust domain), through sqlx.
 //!
 //! # Invariants
 //!
@@ -7,13 +8,18 @@
 //!   `entry_selectors`, `entry_dns_names` and `entry_events` in one transaction;
 //!   upserting an agent writes the agent and its node selectors in one; creating a join
 //!   token with an alias entry writes both in one. A write that fails leaves nothing
-//!   behind. Write transactions start with `BEGIN IMMEDIATE`, so the checks they make
-//!   (duplicate id, similar entry, banned agent) and the writes that follow see the same
-//!   state: no other writer can slip in between.
+//!   behind. Write transactions are serialised: on SQLite they start with `BEGIN
+//!   IMMEDIATE`; on PostgreSQL they take one transaction-scoped advisory lock
+//!   ([`WRITE_LOCK`]) before anything else, which every server sharing the database
+//!   takes too. So the checks a write makes (duplicate id, similar entry, banned agent)
+//!   and the writes that follow see the same state: no other writer, on this server or
+//!   another, can slip in between. Reads never wait for that lock.
 //! - **Every entry write is logged.** Each create, update and delete of an entry (pruning
 //!   included) inserts exactly one row into `entry_events` in the same transaction. Event
-//!   ids only grow; [`Datastore::latest_entry_event_id`] is the newest one. This is the
-//!   change log that caches and, later, other servers follow.
+//!   ids only grow, and since writers are serialised and an id is drawn inside the
+//!   lock, they also become visible in id order (an id left unused by a rolled-back
+//!   write stays a gap forever). [`Datastore::latest_entry_event_id`] is the newest one.
+//!   This is the change log that caches and other servers follow.
 //! - **Join tokens are stored only as hashes.** A token is `<id>.<secret>`; the caller
 //!   passes the public id and the SHA-256 of the secret, so neither the token nor the
 //!   secret reaches the database. A token is consumed by a conditional `DELETE` in the
@@ -33,25 +39,61 @@
 //!   selectors runs its few bulk queries inside one read transaction (one snapshot), and
 //!   never one query per entry.
 //!
-//! # Portability
+//! # Two engines, one code
 //!
-//! Static SQL uses `$N` placeholders (native to PostgreSQL, accepted by sqlx's SQLite
-//! driver) and dynamic SQL is built with [`sqlx::QueryBuilder`], which emits the right
-//! placeholders per database. Upserts use `INSERT ... ON CONFLICT ... DO UPDATE` and
-//! deletions `RETURNING`, both supported by SQLite and PostgreSQL. The SQLite-only parts
-//! are the connection setup in this file, `BEGIN IMMEDIATE` in `Datastore::begin_write`
-//! and the DDL in `server/migrations/`.
+//! The pool and every transaction are an [`Engine`]: SQLite's or PostgreSQL's. A query
+//! is written once, inside [`on_pool!`] or [`on_tx!`], which compile it for each engine
+//! (no runtime translation, no `Any` driver) and run the one in use. Static SQL uses
+//! `$N` placeholders (native to PostgreSQL, accepted by SQLite) and dynamic SQL is built
+//! with [`sqlx::QueryBuilder`], which emits each engine's placeholders. Upserts use
+//! `INSERT ... ON CONFLICT ... DO UPDATE` and deletions `RETURNING`, both engines' SQL.
+//! Integers are `BIGINT` on both (an `INTEGER` is 32 bits on PostgreSQL). What differs
+//! lives in this file (connecting, beginning a write, telling whether it wrote) and in
+//! the two DDL sets, `server/migrations/sqlite/` and `server/migrations/postgres/`,
+//! which carry the same versions. PostgreSQL migrations run under sqlx's session
+//! advisory lock, so servers started together on an empty database apply each once.
 //!
 //! # Files
 //!
-//! The database file is created with mode 0600 (and its directory, if missing, 0700)
+//! A SQLite database file is created with mode 0600 (and its directory, if missing, 0700)
 //! before SQLite opens it: it holds node data. SQLite gives the `-wal` and `-shm` files
 //! the same mode as the database file.
+
+/// Runs `$body` with `$c` bound to the pool of the engine in use (`&SqlitePool` or
+/// `&PgPool`). The body is compiled once per engine; both arms must yield one type.
+macro_rules! on_pool {
+    ($pool:expr, $c:ident => $body:expr) => {
+        match $pool {
+            $crate::datastore::Engine::Sqlite($c) => $body,
+            $crate::datastore::Engine::Postgres($c) => $body,
+        }
+    };
+}
+
+/// Runs `$body` with `$c` bound to the connection of a transaction ([`Tx`], or a
+/// [`WriteTx`] through its deref), as `&mut SqliteConnection` or `&mut PgConnection`.
+/// The body is compiled once per engine; both arms must yield one type.
+macro_rules! on_tx {
+    ($tx:expr, $c:ident => $body:expr) => {{
+        let tx: &mut $crate::datastore::Tx = $tx;
+        match tx {
+            $crate::datastore::Engine::Sqlite(t) => {
+                let $c: &mut sqlx::SqliteConnection = &mut *t;
+                $body
+            }
+            $crate::datastore::Engine::Postgres(t) => {
+                let $c: &mut sqlx::PgConnection = &mut *t;
+                $body
+            }
+        }
+    }};
+}
 
 mod agents;
 mod attestation_state;
 mod bundles;
 mod entries;
+mod settings;
 mod tokens;
 
 #[cfg(test)]
@@ -64,11 +106,12 @@ use std::time::Duration;
 
 // Event and journal timestamps: the system's time (no plugin context reaches the datastore).
 use carapace_core::clock::unix_now;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Sqlite, Transaction};
+use sqlx::{Connection, Postgres, Sqlite, Transaction};
 
 use carapace_core::{EntryId, Selector, SpiffeId};
 
@@ -76,25 +119,60 @@ use crate::{Error, Result};
 
 pub use agents::{AttestedAgent, Refusal};
 pub use attestation_state::StateKey;
+pub use settings::{DEFAULT_MAX_CONNECTIONS, Password, PostgresSettings, Settings, SslMode};
 pub use tokens::{JoinToken, PresentedToken};
 
-/// How long a connection waits for a lock held by another connection.
+/// How long a connection waits for a lock held by another connection (SQLite), or for
+/// a connection from the pool (both).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Connections of a file-backed pool. SQLite has one writer at a time anyway; readers
-/// run concurrently in WAL mode.
-const MAX_CONNECTIONS: u32 = 8;
 
 /// Rows per multi-row `INSERT`, kept well below SQLite's bind-parameter limit.
 const INSERT_CHUNK: usize = 500;
 
-/// The embedded migrations of `server/migrations/`.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The key of the PostgreSQL advisory lock every write transaction takes first
+/// (`pg_advisory_xact_lock`): "carapace" in ASCII. Only Carapace servers take it.
+pub const WRITE_LOCK: i64 = 0x6361_7261_7061_6365;
+
+/// How long a PostgreSQL session may sit idle inside a transaction before the database
+/// ends it, releasing its locks: a server that hangs (or a network that drops) while
+/// holding [`WRITE_LOCK`] cannot stall the other servers' writes for longer.
+const PG_IDLE_IN_TRANSACTION_TIMEOUT: &str = "30s";
+
+/// The embedded migrations of each engine. Both sets carry the same versions.
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// One value per database engine: the datastore's pool, and each of its transactions.
+#[derive(Clone, Debug)]
+pub enum Engine<S, P> {
+    /// SQLite (embedded).
+    Sqlite(S),
+    /// PostgreSQL.
+    Postgres(P),
+}
+
+/// The pool of the engine in use.
+type Pool = Engine<SqlitePool, PgPool>;
+
+/// A transaction on the engine in use: its queries see one snapshot (SQLite) or run at
+/// PostgreSQL's default `READ COMMITTED`, each statement seeing what was committed when
+/// it started. Dropping it uncommitted rolls it back.
+type Tx = Engine<Transaction<'static, Sqlite>, Transaction<'static, Postgres>>;
+
+impl Tx {
+    /// Commits.
+    async fn commit(self) -> sqlx::Result<()> {
+        match self {
+            Engine::Sqlite(t) => t.commit().await,
+            Engine::Postgres(t) => t.commit().await,
+        }
+    }
+}
 
 /// The server datastore: a connection pool. Cheap to clone; clones share the pool.
 #[derive(Clone, Debug)]
 pub struct Datastore {
-    pool: SqlitePool,
+    pool: Pool,
     /// Why the last write transaction failed to begin or commit; `None` once one
     /// commits.
     write_failure: Arc<Mutex<Option<String>>>,
@@ -125,6 +203,17 @@ impl EntryFilter {
 }
 
 impl Datastore {
+    /// Connects to the datastore `settings` describe and brings its schema up to date.
+    pub async fn connect(settings: &Settings) -> Result<Datastore> {
+        match settings {
+            Settings::Sqlite {
+                path,
+                max_connections,
+            } => Datastore::open_with(path, *max_connections).await,
+            Settings::Postgres(pg) => Datastore::open_postgres(pg).await,
+        }
+    }
+
     /// Opens (creating if missing) the SQLite database at `path` and brings its schema up
     /// to date.
     ///
@@ -132,6 +221,10 @@ impl Datastore {
     /// created with mode 0600 before SQLite opens it. The connections use WAL journaling,
     /// `synchronous=NORMAL`, foreign keys and a 5 s busy timeout.
     pub async fn open(path: &Path) -> Result<Datastore> {
+        Datastore::open_with(path, DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    async fn open_with(path: &Path, max_connections: u32) -> Result<Datastore> {
         create_db_file(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -141,12 +234,48 @@ impl Datastore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
+            .max_connections(max_connections)
             .after_release(|conn, _| Box::pin(discard_if_in_transaction(conn)))
             .connect_with(options)
             .await
             .map_err(|e| Error::Datastore(format!("opening {}: {e}", path.display())))?;
-        let ds = Datastore::with_pool(pool);
+        let ds = Datastore::with_pool(Engine::Sqlite(pool));
+        ds.migrate().await?;
+        Ok(ds)
+    }
+
+    /// Connects to the PostgreSQL database `pg` describes and brings its schema up to
+    /// date, under sqlx's migration lock: servers started together apply each migration
+    /// once, the others wait and find it applied.
+    ///
+    /// The password is read here (from its file or variable), never logged. Every
+    /// session ends a transaction left idle for 30 s, releasing its locks.
+    pub async fn open_postgres(pg: &PostgresSettings) -> Result<Datastore> {
+        let target = pg.display_target();
+        let mut options: PgConnectOptions = pg
+            .url
+            .parse()
+            .map_err(|e| Error::Datastore(format!("datastore url {target}: {e}")))?;
+        if let Some(password) = pg.password.read()? {
+            options = options.password(&password);
+        }
+        if let Some(mode) = pg.ssl_mode {
+            options = options.ssl_mode(mode.into());
+        }
+        if let Some(ca) = &pg.ca_file {
+            options = options.ssl_root_cert(ca);
+        }
+        options = options.application_name("carapace-server").options([(
+            "idle_in_transaction_session_timeout",
+            PG_IDLE_IN_TRANSACTION_TIMEOUT,
+        )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(pg.max_connections)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(|e| Error::Datastore(format!("connecting to {target}: {e}")))?;
+        let ds = Datastore::with_pool(Engine::Postgres(pool));
         ds.migrate().await?;
         Ok(ds)
     }
@@ -175,15 +304,23 @@ impl Datastore {
             .connect_with(options)
             .await
             .map_err(|e| Error::Datastore(format!("opening in-memory database: {e}")))?;
-        let ds = Datastore::with_pool(pool);
+        let ds = Datastore::with_pool(Engine::Sqlite(pool));
         ds.migrate().await?;
         Ok(ds)
     }
 
-    fn with_pool(pool: SqlitePool) -> Datastore {
+    fn with_pool(pool: Pool) -> Datastore {
         Datastore {
             pool,
             write_failure: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The engine in use: `"sqlite"` or `"postgres"`.
+    pub fn engine(&self) -> &'static str {
+        match self.pool {
+            Engine::Sqlite(_) => "sqlite",
+            Engine::Postgres(_) => "postgres",
         }
     }
 
@@ -203,14 +340,15 @@ impl Datastore {
     /// is not a [`WriteTx`]: rewriting one row in place can commit on a disk too full for
     /// an entry, so its success must not clear what [`Self::write_health`] reports.
     pub async fn probe_write(&self, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        let mut tx = self.begin_serialised().await?;
+        on_tx!(&mut tx, c => sqlx::query(
             "INSERT INTO health_probe (id, probed_at) VALUES (1, $1) \
              ON CONFLICT (id) DO UPDATE SET probed_at = excluded.probed_at",
         )
         .bind(now)
-        .execute(&mut *tx)
-        .await?;
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
         tx.commit().await?;
         Ok(())
     }
@@ -218,26 +356,45 @@ impl Datastore {
     /// Closes every connection, waiting for those in use to be returned. Later calls
     /// fail.
     pub async fn close(&self) {
-        self.pool.close().await;
+        on_pool!(&self.pool, p => p.close().await)
     }
 
     /// Applies the migrations not yet applied. Idempotent.
     async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        match &self.pool {
+            Engine::Sqlite(p) => SQLITE_MIGRATOR.run(p).await?,
+            Engine::Postgres(p) => POSTGRES_MIGRATOR.run(p).await?,
+        }
         Ok(())
     }
 
-    /// Starts a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock at once
-    /// (waiting up to the busy timeout for it), so that the reads a write makes before
-    /// writing cannot be invalidated by another writer; a deferred transaction would
-    /// instead fail with `SQLITE_BUSY` when upgrading to a write lock.
+    /// Begins a transaction that holds the write lock: SQLite's (`BEGIN IMMEDIATE`,
+    /// waiting up to the busy timeout for it), or [`WRITE_LOCK`] on PostgreSQL (waiting
+    /// as long as the holder's transaction lasts). The reads a write makes before
+    /// writing therefore cannot be invalidated by another writer; on SQLite a deferred
+    /// transaction would instead fail with `SQLITE_BUSY` when upgrading to a write lock.
+    async fn begin_serialised(&self) -> sqlx::Result<Tx> {
+        Ok(match &self.pool {
+            Engine::Sqlite(p) => Engine::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Engine::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Engine::Postgres(tx)
+            }
+        })
+    }
+
+    /// Starts a write transaction ([`Self::begin_serialised`]).
     ///
     /// On any error before [`WriteTx::commit`] the transaction is rolled back when the
-    /// `WriteTx` is dropped, and the connection is closed rather than reused if that
-    /// rollback fails (see the module's invariants).
+    /// `WriteTx` is dropped, and (SQLite) the connection is closed rather than reused if
+    /// that rollback fails (see the module's invariants).
     async fn begin_write(&self) -> Result<WriteTx> {
         let began = async {
-            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+            let mut tx = self.begin_serialised().await?;
             let changes_at_begin = total_changes(&mut tx).await?;
             Ok::<_, sqlx::Error>((tx, changes_at_begin))
         };
@@ -254,18 +411,22 @@ impl Datastore {
         }
     }
 
-    /// Starts a read transaction: the queries in it see one snapshot.
-    async fn begin_read(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin().await?)
+    /// Starts a read transaction: the queries in it see one snapshot (SQLite), or each
+    /// sees what was committed when it started (PostgreSQL's `READ COMMITTED`).
+    async fn begin_read(&self) -> Result<Tx> {
+        Ok(match &self.pool {
+            Engine::Sqlite(p) => Engine::Sqlite(p.begin().await?),
+            Engine::Postgres(p) => Engine::Postgres(p.begin().await?),
+        })
     }
 }
 
-/// A write transaction (`BEGIN IMMEDIATE`). It derefs to its connection for queries;
-/// [`commit`](Self::commit) records the outcome for [`Datastore::write_health`]; dropping
-/// it uncommitted rolls it back.
+/// A write transaction ([`Datastore::begin_serialised`]). It derefs to its [`Tx`] for
+/// queries; [`commit`](Self::commit) records the outcome for
+/// [`Datastore::write_health`]; dropping it uncommitted rolls it back.
 struct WriteTx {
-    tx: Transaction<'static, Sqlite>,
-    /// The connection's `total_changes()` when the transaction began.
+    tx: Tx,
+    /// SQLite: the connection's `total_changes()` when the transaction began.
     changes_at_begin: i64,
     write_failure: Arc<Mutex<Option<String>>>,
 }
@@ -283,7 +444,15 @@ impl WriteTx {
             write_failure,
         } = self;
         let committed = async {
-            let wrote = total_changes(&mut tx).await? != changes_at_begin;
+            let wrote = match &mut tx {
+                Engine::Sqlite(_) => total_changes(&mut tx).await? != changes_at_begin,
+                // A transaction gets an id at its first write.
+                Engine::Postgres(t) => {
+                    sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+                        .fetch_one(&mut **t)
+                        .await?
+                }
+            };
             tx.commit().await?;
             Ok::<_, sqlx::Error>(wrote)
         };
@@ -303,23 +472,29 @@ impl WriteTx {
 }
 
 impl Deref for WriteTx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
+    type Target = Tx;
+    fn deref(&self) -> &Tx {
         &self.tx
     }
 }
 
 impl DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+    fn deref_mut(&mut self) -> &mut Tx {
         &mut self.tx
     }
 }
 
-/// Rows inserted, updated or deleted on this connection since it opened.
-async fn total_changes(conn: &mut SqliteConnection) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT total_changes()")
-        .fetch_one(conn)
-        .await
+/// SQLite: rows inserted, updated or deleted on this connection since it opened.
+/// PostgreSQL: 0 (a write is told by [`WriteTx::commit`] otherwise).
+async fn total_changes(tx: &mut Tx) -> sqlx::Result<i64> {
+    match tx {
+        Engine::Sqlite(t) => {
+            sqlx::query_scalar("SELECT total_changes()")
+                .fetch_one(&mut **t)
+                .await
+        }
+        Engine::Postgres(_) => Ok(0),
+    }
 }
 
 fn lock(m: &Mutex<Option<String>>) -> std::sync::MutexGuard<'_, Option<String>> {
@@ -330,13 +505,13 @@ fn record_write_failure(slot: &Mutex<Option<String>>, what: &str, e: &sqlx::Erro
     *lock(slot) = Some(format!("{what} failed at unix time {}: {e}", unix_now()));
 }
 
-/// The pool's `after_release` check: `false` (close it) for a connection still inside a
-/// transaction. That happens when SQLite rolled a failed transaction back by itself
-/// (`SQLITE_FULL`, I/O errors), so the `ROLLBACK` sqlx queued when the transaction was
-/// dropped failed and sqlx's transaction depth stayed at 1: reused, the connection would
-/// refuse every later `BEGIN` ("attempted to call begin_with at non-zero transaction
-/// depth"). It also covers a `ROLLBACK` that really failed: closing the connection rolls
-/// the transaction back and frees SQLite's write lock.
+/// The SQLite pool's `after_release` check: `false` (close it) for a connection still
+/// inside a transaction. That happens when SQLite rolled a failed transaction back by
+/// itself (`SQLITE_FULL`, I/O errors), so the `ROLLBACK` sqlx queued when the transaction
+/// was dropped failed and sqlx's transaction depth stayed at 1: reused, the connection
+/// would refuse every later `BEGIN` ("attempted to call begin_with at non-zero
+/// transaction depth"). It also covers a `ROLLBACK` that really failed: closing the
+/// connection rolls the transaction back and frees SQLite's write lock.
 async fn discard_if_in_transaction(conn: &mut SqliteConnection) -> sqlx::Result<bool> {
     // A dropped transaction only queues its ROLLBACK on the connection's worker; a ping
     // goes through the same queue, so the depth is read after the rollback ran.

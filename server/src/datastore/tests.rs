@@ -1,4 +1,8 @@
-//! Tests of the datastore against in-memory and file-backed SQLite.
+//! Tests of the datastore. The conformance cases (every query, every transaction, the
+//! single-use and first-use guarantees) run on both engines: against a SQLite file in a
+//! temporary directory, and against a real PostgreSQL (Debian's `postgresql`, started by
+//! the test itself through `hsm_sim::postgres`, one fresh database per test). The
+//! SQLite-only cases (file modes, the in-memory pool, a full disk) follow them.
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -75,18 +79,126 @@ async fn mem() -> Datastore {
     Datastore::open_in_memory().await.unwrap()
 }
 
-async fn count(ds: &Datastore, table: &str) -> i64 {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
-        .fetch_one(&ds.pool)
+/// What keeps a test's datastore alive: its directory, or its PostgreSQL cluster.
+enum Keep {
+    #[allow(dead_code, reason = "held for its Drop")]
+    Dir(tempfile::TempDir),
+    #[allow(dead_code, reason = "held for its Drop")]
+    Postgres(Arc<hsm_sim::postgres::Postgres>),
+}
+
+/// A SQLite datastore in a file of a fresh directory, with the server's pool.
+async fn sqlite_fixture() -> (Datastore, Keep) {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Datastore::open(&dir.path().join("ds.sqlite"))
         .await
-        .unwrap()
+        .unwrap();
+    (ds, Keep::Dir(dir))
+}
+
+/// The settings of a fresh, empty database on the shared PostgreSQL cluster. A missing
+/// PostgreSQL fails the test with the command that installs it.
+fn postgres_settings() -> (PostgresSettings, Arc<hsm_sim::postgres::Postgres>) {
+    let pg = hsm_sim::postgres::shared().unwrap_or_else(|e| {
+        panic!(
+            "these tests run on PostgreSQL too: {e} (install it with `apt-get install -y \
+             {}`, or run scripts/test.sh)",
+            hsm_sim::postgres::POSTGRES_PACKAGES
+        )
+    });
+    let db = pg.fresh_database().unwrap();
+    let settings = PostgresSettings {
+        url: pg.url(&db),
+        max_connections: DEFAULT_MAX_CONNECTIONS,
+        ssl_mode: Some(SslMode::Disable),
+        ca_file: None,
+        password: Password::File(pg.password_file()),
+    };
+    (settings, pg)
+}
+
+/// A PostgreSQL datastore on a fresh database of the shared cluster.
+async fn postgres_fixture() -> (Datastore, Keep) {
+    let (settings, pg) = postgres_settings();
+    let ds = Datastore::open_postgres(&settings).await.unwrap();
+    (ds, Keep::Postgres(pg))
+}
+
+/// Runs each named `async fn NAME(ds: Datastore)` as two tests, `NAME::sqlite` and
+/// `NAME::postgres`, each on a fresh datastore of that engine.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let (ds, _keep) = super::sqlite_fixture().await;
+                super::$name(ds).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let (ds, _keep) = super::postgres_fixture().await;
+                super::$name(ds).await;
+            }
+        }
+    )*};
+}
+
+on_both_engines!(
+    entry_crud_round_trip,
+    unknown_entries,
+    duplicate_id_and_similar_entries_are_rejected,
+    list_filters_and_count,
+    every_entry_write_logs_one_event,
+    prune_expired_entries,
+    list_all_entries_bulk,
+    corrupt_rows_are_datastore_errors,
+    jwt_settings_round_trip_through_create_update_and_list,
+    join_token_is_single_use,
+    the_secret_is_not_stored,
+    join_token_with_alias_is_one_transaction,
+    concurrent_consumers_of_one_token_exactly_one_wins,
+    agents_upsert_get_list,
+    banned_agents,
+    evicting_an_agent,
+    agent_serial_renewal_and_promotion,
+    bundle_round_trip,
+    ca_journal_save_load,
+    attestation_state_is_kept_per_attestor_and_node,
+    eviction_deletes_the_named_state_record_and_nothing_else,
+    save_new_attestation_state_inserts_once_and_keeps_the_first,
+);
+
+/// The pool of a SQLite datastore (for the SQLite-only cases).
+fn sqlite(ds: &Datastore) -> &SqlitePool {
+    match &ds.pool {
+        Engine::Sqlite(p) => p,
+        Engine::Postgres(_) => panic!("a SQLite-only case got a PostgreSQL datastore"),
+    }
+}
+
+/// Runs a statement on the datastore's pool (behind its back: to corrupt a row).
+async fn exec(ds: &Datastore, sql: &'static str) {
+    on_pool!(&ds.pool, p => sqlx::query(sql).execute(p).await.map(|_| ())).unwrap();
+}
+
+async fn count(ds: &Datastore, table: &str) -> i64 {
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    on_pool!(&ds.pool, p => {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+            .fetch_one(p)
+            .await
+    })
+    .unwrap()
 }
 
 async fn events(ds: &Datastore) -> Vec<(i64, String, String)> {
-    sqlx::query_as("SELECT id, entry_id, kind FROM entry_events ORDER BY id")
-        .fetch_all(&ds.pool)
-        .await
-        .unwrap()
+    on_pool!(&ds.pool, p => {
+        sqlx::query_as("SELECT id, entry_id, kind FROM entry_events ORDER BY id")
+            .fetch_all(p)
+            .await
+    })
+    .unwrap()
 }
 
 fn agent(path: &str, selectors: &[&str]) -> AttestedAgent {
@@ -106,9 +218,7 @@ fn agent(path: &str, selectors: &[&str]) -> AttestedAgent {
 
 // ---------------------------------------------------------------- entries
 
-#[tokio::test]
-async fn entry_crud_round_trip() {
-    let ds = mem().await;
+async fn entry_crud_round_trip(ds: Datastore) {
     let e = full_entry();
     ds.create_entry(&e).await.unwrap();
 
@@ -160,9 +270,7 @@ async fn entry_crud_round_trip() {
     assert_eq!(count(&ds, "entry_dns_names").await, 0);
 }
 
-#[tokio::test]
-async fn unknown_entries() {
-    let ds = mem().await;
+async fn unknown_entries(ds: Datastore) {
     assert_eq!(ds.get_entry(&eid("nope")).await.unwrap(), None);
     let e = entry("nope", "/x", &["t:a"]);
     let err = ds.update_entry(&e).await.unwrap_err();
@@ -183,9 +291,7 @@ async fn unknown_entries() {
     );
 }
 
-#[tokio::test]
-async fn duplicate_id_and_similar_entries_are_rejected() {
-    let ds = mem().await;
+async fn duplicate_id_and_similar_entries_are_rejected(ds: Datastore) {
     ds.create_entry(&entry("e1", "/web", &["t:a", "t:b"]))
         .await
         .unwrap();
@@ -242,9 +348,7 @@ async fn duplicate_id_and_similar_entries_are_rejected() {
     assert_eq!(stored.hint, "changed");
 }
 
-#[tokio::test]
-async fn list_filters_and_count() {
-    let ds = mem().await;
+async fn list_filters_and_count(ds: Datastore) {
     // Created out of id order.
     ds.create_entry(&entry("c", "/web", &["t:a", "t:b"]))
         .await
@@ -372,9 +476,7 @@ async fn list_filters_and_count() {
     assert_eq!(got[0].selectors, sels(&["t:a", "t:b"]));
 }
 
-#[tokio::test]
-async fn every_entry_write_logs_one_event() {
-    let ds = mem().await;
+async fn every_entry_write_logs_one_event(ds: Datastore) {
     assert_eq!(ds.latest_entry_event_id().await.unwrap(), 0);
     let e = entry("e1", "/web", &["t:a"]);
     ds.create_entry(&e).await.unwrap();
@@ -419,9 +521,7 @@ async fn every_entry_write_logs_one_event() {
     );
 }
 
-#[tokio::test]
-async fn prune_expired_entries() {
-    let ds = mem().await;
+async fn prune_expired_entries(ds: Datastore) {
     for (id, exp) in [
         ("a", Some(100)),
         ("b", Some(200)),
@@ -461,9 +561,7 @@ async fn prune_expired_entries() {
     );
 }
 
-#[tokio::test]
-async fn list_all_entries_bulk() {
-    let ds = mem().await;
+async fn list_all_entries_bulk(ds: Datastore) {
     let mut tx = ds.begin_write().await.unwrap();
     for i in 0..2_000 {
         let mut e = entry(
@@ -500,16 +598,11 @@ async fn list_all_entries_bulk() {
     );
 }
 
-#[tokio::test]
-async fn corrupt_rows_are_datastore_errors() {
-    let ds = mem().await;
+async fn corrupt_rows_are_datastore_errors(ds: Datastore) {
     ds.create_entry(&entry("e1", "/web", &["t:a"]))
         .await
         .unwrap();
-    sqlx::query("UPDATE entries SET spiffe_id = 'not a spiffe id'")
-        .execute(&ds.pool)
-        .await
-        .unwrap();
+    exec(&ds, "UPDATE entries SET spiffe_id = 'not a spiffe id'").await;
     let err = ds.get_entry(&eid("e1")).await.unwrap_err();
     assert!(
         matches!(&err, Error::Datastore(m) if m.contains("e1")),
@@ -517,14 +610,13 @@ async fn corrupt_rows_are_datastore_errors() {
     );
     assert!(ds.list_all_entries().await.is_err());
 
-    let ds = mem().await;
-    ds.create_entry(&entry("e1", "/web", &["t:a"]))
-        .await
-        .unwrap();
-    sqlx::query("UPDATE entry_selectors SET type = 'bad type'")
-        .execute(&ds.pool)
-        .await
-        .unwrap();
+    exec(
+        &ds,
+        "UPDATE entries SET spiffe_id = 'spiffe://example.org/web'",
+    )
+    .await;
+    ds.get_entry(&eid("e1")).await.unwrap().unwrap();
+    exec(&ds, "UPDATE entry_selectors SET type = 'bad type'").await;
     let err = ds.list_all_entries().await.unwrap_err();
     assert!(
         matches!(&err, Error::Datastore(m) if m.contains("entry_selectors")),
@@ -532,9 +624,7 @@ async fn corrupt_rows_are_datastore_errors() {
     );
 }
 
-#[tokio::test]
-async fn jwt_settings_round_trip_through_create_update_and_list() {
-    let ds = mem().await;
+async fn jwt_settings_round_trip_through_create_update_and_list(ds: Datastore) {
     let mut e = entry("j1", "/jwt", &["t:a"]);
     ds.create_entry(&e).await.unwrap();
     let got = ds.get_entry(&e.id).await.unwrap().unwrap();
@@ -553,11 +643,11 @@ async fn jwt_settings_round_trip_through_create_update_and_list() {
         (listed[0].jwt_svid_ttl, listed[0].jwt_svid_include_jti),
         (Some(Duration::from_secs(86_400)), true)
     );
-    let row: (Option<i64>, bool, Option<i64>) = sqlx::query_as(
+    let row: (Option<i64>, bool, Option<i64>) = on_pool!(&ds.pool, p => sqlx::query_as(
         "SELECT jwt_svid_ttl, jwt_svid_include_jti, x509_svid_ttl FROM entries WHERE id = 'j1'",
     )
-    .fetch_one(&ds.pool)
-    .await
+    .fetch_one(p)
+    .await)
     .unwrap();
     assert_eq!(
         row,
@@ -566,10 +656,7 @@ async fn jwt_settings_round_trip_through_create_update_and_list() {
     );
 
     // A negative stored TTL is a corrupt row, named.
-    sqlx::query("UPDATE entries SET jwt_svid_ttl = -5")
-        .execute(&ds.pool)
-        .await
-        .unwrap();
+    exec(&ds, "UPDATE entries SET jwt_svid_ttl = -5").await;
     let err = ds.get_entry(&e.id).await.unwrap_err();
     assert!(
         matches!(&err, Error::Datastore(m) if m.contains("jwt_svid_ttl -5")),
@@ -591,7 +678,7 @@ async fn entries_from_before_the_jwt_migration_read_back_with_defaults() {
         )
         .await
         .unwrap();
-        MIGRATOR.run_to(4, &pool).await.unwrap();
+        SQLITE_MIGRATOR.run_to(4, &pool).await.unwrap();
         let columns: Vec<String> =
             sqlx::query_scalar("SELECT name FROM pragma_table_info('entries')")
                 .fetch_all(&pool)
@@ -644,9 +731,7 @@ fn tok(n: u8) -> (String, [u8; 32]) {
     (format!("{n:016x}"), [n; 32])
 }
 
-#[tokio::test]
-async fn join_token_is_single_use() {
-    let ds = mem().await;
+async fn join_token_is_single_use(ds: Datastore) {
     let (id, h) = tok(7);
     ds.create_join_token(&id, &h, 200, 100, None).await.unwrap();
     let err = ds
@@ -732,22 +817,29 @@ fn assert_refused(r: Result<()>) {
     );
 }
 
-#[tokio::test]
-async fn the_secret_is_not_stored() {
-    let ds = mem().await;
+async fn the_secret_is_not_stored(ds: Datastore) {
     let (id, h) = tok(1);
     ds.create_join_token(&id, &h, 200, 100, None).await.unwrap();
-    let columns: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM pragma_table_info('join_tokens') ORDER BY cid")
-            .fetch_all(&ds.pool)
+    let columns: Vec<String> = match &ds.pool {
+        Engine::Sqlite(p) => {
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('join_tokens') ORDER BY cid")
+                .fetch_all(p)
+                .await
+        }
+        Engine::Postgres(p) => {
+            sqlx::query_scalar(
+                "SELECT column_name::TEXT FROM information_schema.columns \
+                 WHERE table_name = 'join_tokens' ORDER BY ordinal_position",
+            )
+            .fetch_all(p)
             .await
-            .unwrap();
+        }
+    }
+    .unwrap();
     assert_eq!(columns, ["id", "secret_hash", "expires_at", "created_at"]);
 }
 
-#[tokio::test]
-async fn join_token_with_alias_is_one_transaction() {
-    let ds = mem().await;
+async fn join_token_with_alias_is_one_transaction(ds: Datastore) {
     let alias = |id: &str| {
         let mut e = entry(id, "/node", &["join_token:abc"]);
         e.parent_id = sid("spiffe://example.org/spire/server");
@@ -799,12 +891,7 @@ async fn join_token_with_alias_is_one_transaction() {
     assert_eq!(events(&ds).await.len(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_consumers_of_one_token_exactly_one_wins() {
-    let dir = tempfile::tempdir().unwrap();
-    let ds = Datastore::open(&dir.path().join("ds.sqlite"))
-        .await
-        .unwrap();
+async fn concurrent_consumers_of_one_token_exactly_one_wins(ds: Datastore) {
     for round in 0..5u8 {
         let (id, h) = tok(round);
         ds.create_join_token(&id, &h, 1_000, 0, None).await.unwrap();
@@ -839,9 +926,7 @@ async fn concurrent_consumers_of_one_token_exactly_one_wins() {
 
 // ---------------------------------------------------------------- agents
 
-#[tokio::test]
-async fn agents_upsert_get_list() {
-    let ds = mem().await;
+async fn agents_upsert_get_list(ds: Datastore) {
     let b = agent("/join_token/b", &["join_token:b", "host:b"]);
     let mut a = agent("/join_token/a", &["join_token:a"]);
     a.new_serial = Some("ff".into());
@@ -881,9 +966,7 @@ async fn agents_upsert_get_list() {
     assert_eq!(count(&ds, "node_selectors").await, 3);
 }
 
-#[tokio::test]
-async fn banned_agents() {
-    let ds = mem().await;
+async fn banned_agents(ds: Datastore) {
     let a = agent("/join_token/a", &["join_token:a"]);
     ds.upsert_attested_agent(&a).await.unwrap();
     let banned = ds.set_agent_banned(&a.spiffe_id, true).await.unwrap();
@@ -924,9 +1007,7 @@ async fn banned_agents() {
     ));
 }
 
-#[tokio::test]
-async fn evicting_an_agent() {
-    let ds = mem().await;
+async fn evicting_an_agent(ds: Datastore) {
     let a = agent("/join_token/a", &["join_token:a", "host:a"]);
     let b = agent("/join_token/b", &["join_token:b"]);
     ds.upsert_attested_agent(&a).await.unwrap();
@@ -949,9 +1030,7 @@ async fn evicting_an_agent() {
     );
 }
 
-#[tokio::test]
-async fn agent_serial_renewal_and_promotion() {
-    let ds = mem().await;
+async fn agent_serial_renewal_and_promotion(ds: Datastore) {
     let a = agent("/join_token/a", &["join_token:a"]);
     ds.upsert_attested_agent(&a).await.unwrap();
 
@@ -1011,9 +1090,7 @@ fn ca_cert() -> (Vec<u8>, Vec<u8>) {
     )
 }
 
-#[tokio::test]
-async fn bundle_round_trip() {
-    let ds = mem().await;
+async fn bundle_round_trip(ds: Datastore) {
     let td = TrustDomain::new("example.org").unwrap();
     assert_eq!(ds.get_bundle(&td).await.unwrap(), None);
 
@@ -1050,9 +1127,7 @@ async fn bundle_round_trip() {
     assert_eq!(ds.get_bundle(&other).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn ca_journal_save_load() {
-    let ds = mem().await;
+async fn ca_journal_save_load(ds: Datastore) {
     assert_eq!(ds.load_ca_journal().await.unwrap(), None);
     ds.save_ca_journal(b"\x00first\xff").await.unwrap();
     assert_eq!(
@@ -1084,17 +1159,17 @@ async fn db_file_is_private_and_reopening_keeps_data() {
     ds.save_ca_journal(b"j").await.unwrap();
     assert_eq!(mode(&sub.join("carapace.sqlite-wal")), 0o600, "wal file");
     let journal_mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(&ds.pool)
+        .fetch_one(sqlite(&ds))
         .await
         .unwrap();
     assert_eq!(journal_mode, "wal");
     let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-        .fetch_one(&ds.pool)
+        .fetch_one(sqlite(&ds))
         .await
         .unwrap();
     assert_eq!(fk, 1);
     let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
-        .fetch_one(&ds.pool)
+        .fetch_one(sqlite(&ds))
         .await
         .unwrap();
     assert_eq!(sync, 1, "NORMAL");
@@ -1107,12 +1182,12 @@ async fn db_file_is_private_and_reopening_keeps_data() {
         assert_eq!(ds.load_ca_journal().await.unwrap().unwrap(), b"j");
         assert_eq!(ds.latest_entry_event_id().await.unwrap(), 1);
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
-            .fetch_one(&ds.pool)
+            .fetch_one(sqlite(&ds))
             .await
             .unwrap();
         assert_eq!(
             applied,
-            MIGRATOR.iter().count() as i64,
+            SQLITE_MIGRATOR.iter().count() as i64,
             "each migration applied once"
         );
         ds.close().await;
@@ -1151,9 +1226,7 @@ async fn in_memory_clones_share_one_database() {
     );
 }
 
-#[tokio::test]
-async fn attestation_state_is_kept_per_attestor_and_node() {
-    let ds = Datastore::open_in_memory().await.unwrap();
+async fn attestation_state_is_kept_per_attestor_and_node(ds: Datastore) {
     assert_eq!(ds.load_attestation_state("tpm", "ek1").await.unwrap(), None);
     ds.save_attestation_state("tpm", "ek1", b"one")
         .await
@@ -1180,9 +1253,7 @@ async fn attestation_state_is_kept_per_attestor_and_node() {
     );
 }
 
-#[tokio::test]
-async fn eviction_deletes_the_named_state_record_and_nothing_else() {
-    let ds = mem().await;
+async fn eviction_deletes_the_named_state_record_and_nothing_else(ds: Datastore) {
     let cloud = agent(
         "/aws_iid/123456789012/us-east-1/i-1",
         &["aws_iid:account:1"],
@@ -1224,9 +1295,7 @@ async fn eviction_deletes_the_named_state_record_and_nothing_else() {
     );
 }
 
-#[tokio::test]
-async fn save_new_attestation_state_inserts_once_and_keeps_the_first() {
-    let ds = Datastore::open_in_memory().await.unwrap();
+async fn save_new_attestation_state_inserts_once_and_keeps_the_first(ds: Datastore) {
     assert!(
         ds.save_new_attestation_state("aws_iid", "i-1", b"first")
             .await
@@ -1315,7 +1384,7 @@ async fn after_a_full_disk_writes_recover_without_a_restart() {
     disk.fill().unwrap();
     // More failed writes than the pool has connections: each one a connection could be
     // left poisoned by.
-    for i in 0..(2 * MAX_CONNECTIONS) {
+    for i in 0..(2 * DEFAULT_MAX_CONNECTIONS) {
         assert_disk_full(ds.create_entry(&big_entry(&format!("full-{i}"))).await);
     }
     assert_eq!(entry_rows(&ds).await, rows, "nothing half-written");
@@ -1323,7 +1392,7 @@ async fn after_a_full_disk_writes_recover_without_a_restart() {
     assert!(health.contains("database or disk is full"), "{health}");
 
     disk.free().unwrap();
-    for i in 0..(MAX_CONNECTIONS + 2) {
+    for i in 0..(DEFAULT_MAX_CONNECTIONS + 2) {
         let e = entry(
             &format!("after-{i}"),
             &format!("/after/{i}"),
@@ -1335,7 +1404,7 @@ async fn after_a_full_disk_writes_recover_without_a_restart() {
     assert_eq!(ds.write_health(), Ok(()));
     assert_eq!(
         count(&ds, "entries").await,
-        rows[0] + i64::from(MAX_CONNECTIONS) + 2
+        rows[0] + i64::from(DEFAULT_MAX_CONNECTIONS) + 2
     );
     ds.close().await;
 }
@@ -1351,7 +1420,7 @@ async fn a_write_refused_for_space_mid_transaction_leaves_nothing_behind() {
     ds.create_entry(&big_entry("before")).await.unwrap();
     let rows = entry_rows(&ds).await;
     set_max_page_count(&ds, 1).await;
-    for i in 0..(2 * MAX_CONNECTIONS) {
+    for i in 0..(2 * DEFAULT_MAX_CONNECTIONS) {
         assert_disk_full(ds.create_entry(&big_entry(&format!("full-{i}"))).await);
         assert_eq!(entry_rows(&ds).await, rows, "write {i}");
     }
@@ -1365,8 +1434,8 @@ async fn a_write_refused_for_space_mid_transaction_leaves_nothing_behind() {
 /// never lowers the limit below the size), a large value frees the space again.
 async fn set_max_page_count(ds: &Datastore, pages: u32) {
     let mut held = Vec::new();
-    for _ in 0..MAX_CONNECTIONS {
-        let mut conn = ds.pool.acquire().await.unwrap();
+    for _ in 0..DEFAULT_MAX_CONNECTIONS {
+        let mut conn = sqlite(ds).acquire().await.unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "PRAGMA max_page_count = {pages}"
         )))

@@ -14,9 +14,7 @@ use std::fmt;
 
 use carapace_core::RegistrationEntry;
 
-use sqlx::SqliteConnection;
-
-use super::{Datastore, corrupt, entries::insert_entry, is_unique_violation};
+use super::{Datastore, Tx, corrupt, entries::insert_entry, is_unique_violation};
 use crate::{Error, Result};
 
 /// A stored join token.
@@ -68,22 +66,19 @@ impl fmt::Debug for PresentedToken {
 /// used, by a racing agent too; unknown; wrong secret; expired) the attestation is
 /// refused with the `join_token` attestor's one message, and the caller's transaction
 /// must be dropped, so nothing else it wrote is kept.
-pub(super) async fn consume(
-    conn: &mut SqliteConnection,
-    token: &PresentedToken,
-    now: i64,
-) -> Result<()> {
+pub(super) async fn consume(conn: &mut Tx, token: &PresentedToken, now: i64) -> Result<()> {
     // `execute` runs the statement to completion, so an error (a full disk) is reported
     // here and not lost when a half-read statement is reset.
-    let done = sqlx::query(
+    let done = on_tx!(conn, c => sqlx::query(
         "DELETE FROM join_tokens WHERE id = $1 AND secret_hash = $2 AND expires_at > $3",
     )
     .bind(token.id.as_str())
     .bind(&token.secret_hash[..])
     .bind(now)
-    .execute(conn)
-    .await?;
-    if done.rows_affected() == 0 {
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    if done == 0 {
         return Err(crate::node_attestor::join_token_rejected());
     }
     Ok(())
@@ -104,7 +99,7 @@ impl Datastore {
         alias: Option<&RegistrationEntry>,
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
+        on_tx!(&mut tx, c => sqlx::query(
             "INSERT INTO join_tokens (id, secret_hash, expires_at, created_at) \
              VALUES ($1, $2, $3, $4)",
         )
@@ -112,8 +107,9 @@ impl Datastore {
         .bind(&secret_hash[..])
         .bind(expires_at)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(c)
         .await
+        .map(|r| r.rows_affected()))
         .map_err(|e| {
             if is_unique_violation(&e) {
                 Error::AlreadyExists(format!("join token {token_id} already exists"))
@@ -130,12 +126,12 @@ impl Datastore {
 
     /// The token with this id, if stored, expired or not (compare `expires_at`).
     pub async fn get_join_token(&self, token_id: &str) -> Result<Option<JoinToken>> {
-        let row: Option<(String, Vec<u8>, i64, i64)> = sqlx::query_as(
+        let row: Option<(String, Vec<u8>, i64, i64)> = on_pool!(&self.pool, p => sqlx::query_as(
             "SELECT id, secret_hash, expires_at, created_at FROM join_tokens WHERE id = $1",
         )
         .bind(token_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(p)
+        .await)?;
         row.map(|(id, hash, expires_at, created_at)| {
             let secret_hash = <[u8; 32]>::try_from(hash.as_slice()).map_err(|_| {
                 corrupt(
@@ -155,10 +151,13 @@ impl Datastore {
 
     /// Deletes the join tokens expired at `now` (`expires_at <= now`); returns how many.
     pub async fn prune_expired_join_tokens(&self, now: i64) -> Result<u64> {
-        let done = sqlx::query("DELETE FROM join_tokens WHERE expires_at <= $1")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
+        let done = on_pool!(&self.pool, p => {
+            sqlx::query("DELETE FROM join_tokens WHERE expires_at <= $1")
+                .bind(now)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected())
+        })?;
+        Ok(done)
     }
 }
