@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use carapace_core::{KeyType, TrustDomain, limits};
 
+use crate::datastore;
 use crate::listener::NodeApiLimits;
 
 /// Default trust domain when none is configured.
@@ -105,6 +106,176 @@ pub struct FileConfig {
     pub upstream_authority: toml::Table,
     /// The OIDC discovery endpoint: on when the section is present.
     pub oidc_discovery: Option<OidcDiscoveryFile>,
+    /// Where entries, agents and bundles are kept (default: SQLite in `data_dir`).
+    #[serde(default)]
+    pub datastore: DatastoreFile,
+}
+
+/// `[datastore]`: SQLite (the default, in `data_dir`) or PostgreSQL.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatastoreFile {
+    /// `sqlite://PATH` (relative: in `data_dir`) or `postgres://USER@HOST:PORT/DB`.
+    pub url: Option<String>,
+    /// Connections in the pool.
+    pub max_connections: Option<u32>,
+    /// PostgreSQL: TLS to the database, as libpq's `sslmode`.
+    pub sslmode: Option<String>,
+    /// PostgreSQL: the CA certificates (PEM) the database's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// PostgreSQL: a file holding the password, private to the server's user.
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: an environment variable holding the password.
+    pub password_env: Option<String>,
+}
+
+/// The datastore file under `data_dir` when `[datastore]` names none.
+pub const DEFAULT_DATASTORE_FILE: &str = "datastore.sqlite3";
+
+/// The largest `[datastore] max_connections`.
+pub const MAX_DATASTORE_CONNECTIONS: u32 = 1000;
+
+/// Validates `[datastore]`; every problem names its key.
+fn datastore(
+    file: &DatastoreFile,
+    data_dir: &Path,
+    problems: &mut Vec<String>,
+) -> Option<datastore::Settings> {
+    let before = problems.len();
+    let max_connections = file
+        .max_connections
+        .unwrap_or(datastore::DEFAULT_MAX_CONNECTIONS);
+    if !(1..=MAX_DATASTORE_CONNECTIONS).contains(&max_connections) {
+        problems.push(format!(
+            "datastore.max_connections: {max_connections} is outside \
+             1..={MAX_DATASTORE_CONNECTIONS}"
+        ));
+    }
+    let in_data_dir = |p: &Path| data_dir.join(p);
+    let url = file.url.as_deref().unwrap_or("");
+    let settings = if url.is_empty() || url.starts_with("sqlite:") {
+        for (key, set) in [
+            ("sslmode", file.sslmode.is_some()),
+            ("ca_file", file.ca_file.is_some()),
+            ("password_file", file.password_file.is_some()),
+            ("password_env", file.password_env.is_some()),
+        ] {
+            if set {
+                problems.push(format!(
+                    "datastore.{key}: only for a PostgreSQL url (postgres://...)"
+                ));
+            }
+        }
+        let path = match url.strip_prefix("sqlite://").or(url.strip_prefix("sqlite:")) {
+            None => data_dir.join(DEFAULT_DATASTORE_FILE),
+            Some("") => {
+                problems.push(format!(
+                    "datastore.url: {url:?} names no file (sqlite://PATH; a relative PATH \
+                     is in data_dir)"
+                ));
+                PathBuf::new()
+            }
+            Some(p) if p.contains('?') => {
+                problems.push(format!(
+                    "datastore.url: {url:?}: SQLite options are not taken from the url \
+                     (the server sets WAL, foreign keys and a busy timeout itself)"
+                ));
+                PathBuf::new()
+            }
+            Some(p) => in_data_dir(Path::new(p)),
+        };
+        datastore::Settings::Sqlite {
+            path,
+            max_connections,
+        }
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if let Some(why) = url_password(url) {
+            problems.push(format!(
+                "datastore.url: {why}: a password is never taken from the url (config \
+                 files and process listings are read by others); set password_file or \
+                 password_env"
+            ));
+        } else if let Err(e) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+            problems.push(format!("datastore.url: {url:?} is not a PostgreSQL url: {e}"));
+        }
+        let ssl_mode = match file.sslmode.as_deref() {
+            None => file
+                .ca_file
+                .is_some()
+                .then_some(datastore::SslMode::VerifyFull),
+            Some(m) => match datastore::SslMode::parse(m) {
+                Some(mode) => {
+                    if file.ca_file.is_some() && !mode.verifies() {
+                        problems.push(format!(
+                            "datastore.ca_file: sslmode {m:?} does not check the database's \
+                             certificate; use verify-full (or verify-ca) with a ca_file"
+                        ));
+                    }
+                    Some(mode)
+                }
+                None => {
+                    problems.push(format!(
+                        "datastore.sslmode: {m:?} is not one of {}",
+                        datastore::SslMode::NAMES.join(", ")
+                    ));
+                    None
+                }
+            },
+        };
+        let password = match (&file.password_file, &file.password_env) {
+            (Some(_), Some(_)) => {
+                problems.push(
+                    "datastore: set password_file or password_env, not both".to_owned(),
+                );
+                datastore::Password::None
+            }
+            (Some(f), None) => datastore::Password::File(in_data_dir(f)),
+            (None, Some(v)) if v.is_empty() || v.contains('=') || v.contains('\0') => {
+                problems.push(format!(
+                    "datastore.password_env: {v:?} is not an environment variable name"
+                ));
+                datastore::Password::None
+            }
+            (None, Some(v)) => datastore::Password::Env(v.clone()),
+            (None, None) => datastore::Password::None,
+        };
+        datastore::Settings::Postgres(datastore::PostgresSettings {
+            url: url.to_owned(),
+            max_connections,
+            ssl_mode,
+            ca_file: file.ca_file.as_deref().map(in_data_dir),
+            password,
+        })
+    } else {
+        // Only the scheme is repeated: the rest may hold a secret.
+        let scheme = url.split(':').next().unwrap_or("");
+        problems.push(format!(
+            "datastore.url: the scheme {scheme:?} is neither sqlite nor postgres \
+             (sqlite://PATH or postgres://USER@HOST:PORT/DB)"
+        ));
+        return None;
+    };
+    (problems.len() == before).then_some(settings)
+}
+
+/// Why a PostgreSQL url carries a password, if it does: in its user info
+/// (`user:password@`) or as a `password` query parameter. The password is not repeated.
+fn url_password(url: &str) -> Option<&'static str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && userinfo.contains(':')
+    {
+        return Some("it has a password in its user info (user:password@)");
+    }
+    if query
+        .split('&')
+        .any(|kv| kv.split('=').next() == Some("password"))
+    {
+        return Some("it has a password query parameter");
+    }
+    None
 }
 
 /// `[node_api]`: bounds on the node API's connections and attestations. Unset keys
@@ -251,6 +422,26 @@ pub struct Config {
     pub health_address: Option<SocketAddr>,
     /// The OIDC discovery endpoint; `None`: off.
     pub oidc_discovery: Option<OidcDiscovery>,
+    /// The datastore.
+    pub datastore: datastore::Settings,
+}
+
+impl Config {
+    /// The files `[datastore]` names, for `validate`: the CA file (read) and the
+    /// password file (a secret).
+    pub fn datastore_files(&self) -> Vec<carapace_core::files::NamedFile> {
+        use carapace_core::files::{FileUse, NamedFile};
+        let mut files = Vec::new();
+        if let datastore::Settings::Postgres(pg) = &self.datastore {
+            if let Some(ca) = &pg.ca_file {
+                files.push(NamedFile::new("ca_file", ca, FileUse::Read));
+            }
+            if let datastore::Password::File(f) = &pg.password {
+                files.push(NamedFile::new("password_file", f, FileUse::Secret));
+            }
+        }
+        files
+    }
 }
 
 /// Reads a config file; a missing `path` means defaults. Every problem is listed.
@@ -438,13 +629,14 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     }
     crate::catalog::check_plugins(&key_managers, &node_attestors, &mut problems);
     crate::catalog::check_upstream(&upstreams, &mut problems);
+    let datastore = datastore(&file.datastore, &data_dir, &mut problems);
     let oidc_discovery = file
         .oidc_discovery
         .as_ref()
         .and_then(|o| oidc_discovery(o, file.jwt_issuer.as_deref(), &data_dir, &mut problems));
 
-    match (trust_domain, bind_address) {
-        (Some(trust_domain), Some(bind_address)) if problems.is_empty() => Ok(Config {
+    match (trust_domain, bind_address, datastore) {
+        (Some(trust_domain), Some(bind_address), Some(datastore)) if problems.is_empty() => Ok(Config {
             trust_domain,
             data_dir,
             bind_address,
@@ -467,6 +659,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             node_api,
             health_address,
             oidc_discovery,
+            datastore,
         }),
         _ => Err(problems),
     }
@@ -852,6 +1045,130 @@ max_attestations_in_flight = 0
                 .any(|e| e.contains("shutdown_grace: 1h is outside 0s..5m")),
             "{errs:?}"
         );
+    }
+
+    fn datastore_of(text: &str) -> Result<datastore::Settings, Vec<String>> {
+        let text = format!("data_dir = \"/d\"\n[datastore]\n{text}");
+        validate(parse_file(&text)?, Overrides::default()).map(|c| c.datastore)
+    }
+
+    #[test]
+    fn the_datastore_defaults_to_sqlite_in_the_data_dir_and_takes_postgres_urls() {
+        use datastore::{Password, PostgresSettings, Settings, SslMode};
+        let sqlite = |path: &str, n| Settings::Sqlite {
+            path: path.into(),
+            max_connections: n,
+        };
+        assert_eq!(datastore_of("").unwrap(), sqlite("/d/datastore.sqlite3", 8));
+        assert_eq!(
+            datastore_of("url = \"sqlite://ds.db\"\nmax_connections = 3").unwrap(),
+            sqlite("/d/ds.db", 3)
+        );
+        assert_eq!(
+            datastore_of("url = \"sqlite:///var/ds.db\"").unwrap(),
+            sqlite("/var/ds.db", 8)
+        );
+        assert_eq!(
+            datastore_of(
+                "url = \"postgres://carapace@db.example.org:5432/carapace\"\n\
+                 ca_file = \"/etc/db-ca.pem\"\npassword_file = \"db-password\"\n\
+                 max_connections = 20"
+            )
+            .unwrap(),
+            Settings::Postgres(PostgresSettings {
+                url: "postgres://carapace@db.example.org:5432/carapace".into(),
+                max_connections: 20,
+                // A CA file alone means: verify the certificate and the host name.
+                ssl_mode: Some(SslMode::VerifyFull),
+                ca_file: Some("/etc/db-ca.pem".into()),
+                password: Password::File("/d/db-password".into()),
+            })
+        );
+        let Settings::Postgres(pg) = datastore_of(
+            "url = \"postgresql://c@h/db\"\nsslmode = \"require\"\npassword_env = \"PGPW\"",
+        )
+        .unwrap() else {
+            panic!("postgres")
+        };
+        assert_eq!(
+            (pg.ssl_mode, pg.password.clone()),
+            (Some(SslMode::Require), Password::Env("PGPW".into()))
+        );
+        // What a log line shows: the engine and the target, no query.
+        let shown = Settings::Postgres(PostgresSettings {
+            url: "postgres://c@h/db?application_name=x".into(),
+            ..pg
+        })
+        .to_string();
+        assert_eq!(shown, "postgres postgres://c@h/db");
+    }
+
+    #[test]
+    fn each_bad_datastore_key_is_named_and_a_url_password_is_never_repeated() {
+        for (text, want) in [
+            ("url = \"mysql://u:hunter2@h/db\"", "datastore.url: the scheme \"mysql\""),
+            ("url = \"sqlite://\"", "datastore.url: \"sqlite://\" names no file"),
+            ("url = \"sqlite://x.db?mode=ro\"", "SQLite options are not taken"),
+            (
+                "url = \"postgres://u:hunter2@h/db\"",
+                "datastore.url: it has a password in its user info",
+            ),
+            (
+                "url = \"postgres://u@h/db?password=hunter2\"",
+                "datastore.url: it has a password query parameter",
+            ),
+            ("password_file = \"pw\"", "datastore.password_file: only for a PostgreSQL"),
+            ("sslmode = \"require\"", "datastore.sslmode: only for a PostgreSQL"),
+            ("max_connections = 0", "datastore.max_connections: 0 is outside 1..=1000"),
+            (
+                "url = \"postgres://u@h/db\"\nsslmode = \"verify\"",
+                "datastore.sslmode: \"verify\" is not one of disable, prefer",
+            ),
+            (
+                "url = \"postgres://u@h/db\"\nsslmode = \"require\"\nca_file = \"ca.pem\"",
+                "datastore.ca_file: sslmode \"require\" does not check",
+            ),
+            (
+                "url = \"postgres://u@h/db\"\npassword_file = \"f\"\npassword_env = \"V\"",
+                "datastore: set password_file or password_env, not both",
+            ),
+            (
+                "url = \"postgres://u@h/db\"\npassword_env = \"A=B\"",
+                "datastore.password_env: \"A=B\" is not an environment variable name",
+            ),
+            ("pasword_file = \"f\"", "unknown field `pasword_file`"),
+        ] {
+            let errs = datastore_of(text).unwrap_err();
+            assert!(errs.iter().any(|e| e.contains(want)), "{text}: {errs:?}");
+            assert!(!errs.join("\n").contains("hunter2"), "{text}: {errs:?}");
+        }
+    }
+
+    #[test]
+    fn the_datastore_password_comes_from_a_private_file_or_a_set_variable() {
+        use datastore::Password;
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\nignored\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = Password::File(file.clone());
+        assert_eq!(p.read().unwrap().as_deref(), Some("s3cret"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = p.read().unwrap_err().to_string();
+        assert!(e.contains("has mode 644") && e.contains("chmod 600"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = Password::File(dir.path().join("missing"))
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("datastore password_file") && e.contains("missing"), "{e}");
+        let e = Password::Env("CARAPACE_TEST_SURELY_UNSET_VAR".into())
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CARAPACE_TEST_SURELY_UNSET_VAR is not set"), "{e}");
+        assert_eq!(Password::None.read().unwrap(), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The Carapace server: the identity authority of a SPIFFE trust domain.
 //!
-//! [`run`] wires everything: the datastore (SQLite), the key manager and node attestors
+//! [`run`] wires everything: the datastore (SQLite or PostgreSQL), the key manager and node attestors
 //! from the catalogs, the CA ([`ca::CaManager`]) with its rotator, the in-memory entry
 //! index ([`entry_cache::EntryCache`]), the node API on TLS 1.3 ([`node_api`]) and the
 //! admin API on a Unix socket ([`admin::api`]), and the optional health and OIDC
@@ -73,7 +73,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     private_dir(&config.data_dir, "data directory")?;
     let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
         .map_err(Error::Config)?;
-    let ds = Datastore::open(&config.data_dir.join("datastore.sqlite3")).await?;
+    let ds = Datastore::connect(&config.datastore).await?;
     let ctx = PluginContext::new(
         config.trust_domain.clone(),
         config.data_dir.clone(),
@@ -237,6 +237,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         node_api = %config.bind_address,
         admin_socket = %config.admin_socket.display(),
         data_dir = %config.data_dir.display(),
+        datastore = %config.datastore,
         key_manager = km.name(),
         "carapace-server is ready"
     );
@@ -277,7 +278,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             a.abort();
         }
     }
-    // Writes are transactions; closing lets SQLite finish cleanly (WAL checkpoint).
+    // Writes are transactions; closing lets SQLite finish cleanly (WAL checkpoint) and
+    // ends PostgreSQL sessions (releasing any lock they hold) at once.
     if tokio::time::timeout(DATASTORE_CLOSE_TIMEOUT, ds.close())
         .await
         .is_err()

@@ -331,6 +331,10 @@ async fn async_main() -> ExitCode {
                     if let Some(oidc) = &cfg.oidc_discovery {
                         problems.extend(carapace_server::oidc::check_files(oidc));
                     }
+                    problems.extend(carapace_common::check_named_files(
+                        "datastore",
+                        &cfg.datastore_files(),
+                    ));
                     problems
                 }
                 Err(problems) => problems,

@@ -27,6 +27,17 @@ pub enum Settings {
     Postgres(PostgresSettings),
 }
 
+impl std::fmt::Display for Settings {
+    /// The engine and where: `sqlite /path` or `postgres postgres://user@host/db`,
+    /// never a password (a PostgreSQL url holds none; its query is left out).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Settings::Sqlite { path, .. } => write!(f, "sqlite {}", path.display()),
+            Settings::Postgres(pg) => write!(f, "postgres {}", pg.display_target()),
+        }
+    }
+}
+
 /// A PostgreSQL datastore.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostgresSettings {

@@ -1139,6 +1139,183 @@ async fn ca_journal_save_load(ds: Datastore) {
     assert_eq!(count(&ds, "ca_journal").await, 1);
 }
 
+// ---------------------------------------------------------------- several servers (PostgreSQL)
+
+/// `n` datastores on one fresh PostgreSQL database, each with its own pool: what `n`
+/// servers sharing a trust domain hold.
+async fn servers(n: usize) -> (Vec<Datastore>, Arc<hsm_sim::postgres::Postgres>) {
+    let (settings, pg) = postgres_settings();
+    let mut all = Vec::new();
+    for _ in 0..n {
+        all.push(Datastore::open_postgres(&settings).await.unwrap());
+    }
+    (all, pg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_servers_starting_together_on_an_empty_database_migrate_it_once() {
+    for round in 0..3 {
+        let (settings, _pg) = postgres_settings();
+        let opens: Vec<_> = (0..3)
+            .map(|_| {
+                let settings = settings.clone();
+                tokio::spawn(async move { Datastore::open_postgres(&settings).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for o in opens {
+            stores.push(o.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}")));
+        }
+        let versions: Vec<i64> = on_pool!(&stores[0].pool, p => {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(p)
+                .await
+        })
+        .unwrap();
+        let expected: Vec<i64> = POSTGRES_MIGRATOR.iter().map(|m| m.version).collect();
+        assert_eq!(versions, expected, "round {round}: each migration applied once");
+        // Every server works on the schema.
+        for (i, ds) in stores.iter().enumerate() {
+            ds.create_entry(&entry(&format!("e{i}"), &format!("/s{i}"), &["t:a"]))
+                .await
+                .unwrap();
+        }
+        assert_eq!(stores[2].list_all_entries().await.unwrap().len(), 3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_join_token_raced_on_two_servers_admits_exactly_one_agent() {
+    let (stores, _pg) = servers(2).await;
+    for round in 0..5u8 {
+        let (id, h) = tok(round);
+        stores[0]
+            .create_join_token(&id, &h, 1_000, 0, None)
+            .await
+            .unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(10));
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let ds = stores[i % 2].clone();
+                let barrier = barrier.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    use_token(&ds, &id, &h, 10).await.is_ok()
+                })
+            })
+            .collect();
+        let mut wins = 0;
+        for t in tasks {
+            wins += usize::from(t.await.unwrap());
+        }
+        assert_eq!(wins, 1, "round {round}");
+        assert_eq!(stores[1].get_join_token(&id).await.unwrap(), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_use_record_raced_on_two_servers_is_written_once() {
+    let (stores, _pg) = servers(2).await;
+    for round in 0..5 {
+        let node = format!("i-{round}");
+        let barrier = Arc::new(tokio::sync::Barrier::new(10));
+        let tasks: Vec<_> = (0..10u8)
+            .map(|i| {
+                let ds = stores[usize::from(i) % 2].clone();
+                let barrier = barrier.clone();
+                let node = node.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    let won = ds
+                        .save_new_attestation_state("aws_iid", &node, &[i])
+                        .await
+                        .unwrap();
+                    (won, i)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for t in tasks {
+            let (won, i) = t.await.unwrap();
+            if won {
+                winners.push(i);
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        assert_eq!(
+            stores[0]
+                .load_attestation_state("aws_iid", &node)
+                .await
+                .unwrap(),
+            Some(vec![winners[0]]),
+            "the winner's record is the one kept"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn similar_entries_raced_on_two_servers_store_exactly_one() {
+    let (stores, _pg) = servers(2).await;
+    for round in 0..5 {
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let tasks: Vec<_> = (0..2)
+            .map(|i| {
+                let ds = stores[i].clone();
+                let barrier = barrier.clone();
+                // Same SPIFFE ID, parent and selectors; different ids.
+                let e = entry(&format!("r{round}-{i}"), &format!("/race{round}"), &["t:a"]);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    ds.create_entry(&e).await
+                })
+            })
+            .collect();
+        let mut created = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => created += 1,
+                Err(e) => assert!(matches!(e, Error::AlreadyExists(_)), "{e:?}"),
+            }
+        }
+        assert_eq!(created, 1, "round {round}");
+    }
+    assert_eq!(stores[0].list_all_entries().await.unwrap().len(), 5);
+}
+
+/// SPIRE's "skipped events": a reader that follows the change log by id loses a change
+/// when a transaction that drew a lower id commits after one that drew a higher id. Here
+/// a write on server A holds its transaction open (its event drawn); a write on server B
+/// waits for it instead of committing a later id first, and a reader on a third pool
+/// never sees B's event before A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_on_two_servers_commit_in_event_id_order() {
+    let (stores, _pg) = servers(3).await;
+    let (a, b, reader) = (&stores[0], &stores[1], &stores[2]);
+
+    let mut held = a.begin_write().await.unwrap();
+    entries::insert_entry(&mut held, &entry("first", "/first", &["t:a"]), 1)
+        .await
+        .unwrap();
+
+    let b2 = b.clone();
+    let second = tokio::spawn(async move {
+        b2.create_entry(&entry("second", "/second", &["t:b"]))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "B's write waits for A's transaction");
+    assert_eq!(reader.latest_entry_event_id().await.unwrap(), 0);
+    assert!(events(reader).await.is_empty(), "nothing is visible yet");
+
+    held.commit().await.unwrap();
+    second.await.unwrap().unwrap();
+    let seen = events(reader).await;
+    let ids: Vec<&str> = seen.iter().map(|(_, e, _)| e.as_str()).collect();
+    assert_eq!(ids, ["first", "second"], "{seen:?}");
+    assert!(seen[0].0 < seen[1].0, "ids in commit order: {seen:?}");
+}
+
 // ---------------------------------------------------------------- files
 
 #[tokio::test]
