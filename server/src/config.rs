@@ -166,7 +166,10 @@ fn datastore(
                 ));
             }
         }
-        let path = match url.strip_prefix("sqlite://").or(url.strip_prefix("sqlite:")) {
+        let path = match url
+            .strip_prefix("sqlite://")
+            .or(url.strip_prefix("sqlite:"))
+        {
             None => data_dir.join(DEFAULT_DATASTORE_FILE),
             Some("") => {
                 problems.push(format!(
@@ -196,7 +199,9 @@ fn datastore(
                  password_env"
             ));
         } else if let Err(e) = url.parse::<sqlx::postgres::PgConnectOptions>() {
-            problems.push(format!("datastore.url: {url:?} is not a PostgreSQL url: {e}"));
+            problems.push(format!(
+                "datastore.url: {url:?} is not a PostgreSQL url: {e}"
+            ));
         }
         let ssl_mode = match file.sslmode.as_deref() {
             None => file
@@ -224,9 +229,7 @@ fn datastore(
         };
         let password = match (&file.password_file, &file.password_env) {
             (Some(_), Some(_)) => {
-                problems.push(
-                    "datastore: set password_file or password_env, not both".to_owned(),
-                );
+                problems.push("datastore: set password_file or password_env, not both".to_owned());
                 datastore::Password::None
             }
             (Some(f), None) => datastore::Password::File(in_data_dir(f)),
@@ -636,31 +639,33 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         .and_then(|o| oidc_discovery(o, file.jwt_issuer.as_deref(), &data_dir, &mut problems));
 
     match (trust_domain, bind_address, datastore) {
-        (Some(trust_domain), Some(bind_address), Some(datastore)) if problems.is_empty() => Ok(Config {
-            trust_domain,
-            data_dir,
-            bind_address,
-            admin_socket,
-            log_level,
-            log_json,
-            default_x509_svid_ttl,
-            agent_svid_ttl,
-            shutdown_grace,
-            ca_ttl,
-            ca_key_type,
-            ca_organization: file.ca_organization.unwrap_or_else(|| "Carapace".into()),
-            ca_country: file.ca_country.unwrap_or_else(|| "US".into()),
-            jwt_key_type,
-            jwt_issuer: file.jwt_issuer,
-            default_jwt_svid_ttl,
-            key_manager: key_managers.remove(0),
-            node_attestors,
-            upstream_authority: upstreams.pop(),
-            node_api,
-            health_address,
-            oidc_discovery,
-            datastore,
-        }),
+        (Some(trust_domain), Some(bind_address), Some(datastore)) if problems.is_empty() => {
+            Ok(Config {
+                trust_domain,
+                data_dir,
+                bind_address,
+                admin_socket,
+                log_level,
+                log_json,
+                default_x509_svid_ttl,
+                agent_svid_ttl,
+                shutdown_grace,
+                ca_ttl,
+                ca_key_type,
+                ca_organization: file.ca_organization.unwrap_or_else(|| "Carapace".into()),
+                ca_country: file.ca_country.unwrap_or_else(|| "US".into()),
+                jwt_key_type,
+                jwt_issuer: file.jwt_issuer,
+                default_jwt_svid_ttl,
+                key_manager: key_managers.remove(0),
+                node_attestors,
+                upstream_authority: upstreams.pop(),
+                node_api,
+                health_address,
+                oidc_discovery,
+                datastore,
+            })
+        }
         _ => Err(problems),
     }
 }
@@ -1106,9 +1111,18 @@ max_attestations_in_flight = 0
     #[test]
     fn each_bad_datastore_key_is_named_and_a_url_password_is_never_repeated() {
         for (text, want) in [
-            ("url = \"mysql://u:hunter2@h/db\"", "datastore.url: the scheme \"mysql\""),
-            ("url = \"sqlite://\"", "datastore.url: \"sqlite://\" names no file"),
-            ("url = \"sqlite://x.db?mode=ro\"", "SQLite options are not taken"),
+            (
+                "url = \"mysql://u:hunter2@h/db\"",
+                "datastore.url: the scheme \"mysql\"",
+            ),
+            (
+                "url = \"sqlite://\"",
+                "datastore.url: \"sqlite://\" names no file",
+            ),
+            (
+                "url = \"sqlite://x.db?mode=ro\"",
+                "SQLite options are not taken",
+            ),
             (
                 "url = \"postgres://u:hunter2@h/db\"",
                 "datastore.url: it has a password in its user info",
@@ -1117,9 +1131,18 @@ max_attestations_in_flight = 0
                 "url = \"postgres://u@h/db?password=hunter2\"",
                 "datastore.url: it has a password query parameter",
             ),
-            ("password_file = \"pw\"", "datastore.password_file: only for a PostgreSQL"),
-            ("sslmode = \"require\"", "datastore.sslmode: only for a PostgreSQL"),
-            ("max_connections = 0", "datastore.max_connections: 0 is outside 1..=1000"),
+            (
+                "password_file = \"pw\"",
+                "datastore.password_file: only for a PostgreSQL",
+            ),
+            (
+                "sslmode = \"require\"",
+                "datastore.sslmode: only for a PostgreSQL",
+            ),
+            (
+                "max_connections = 0",
+                "datastore.max_connections: 0 is outside 1..=1000",
+            ),
             (
                 "url = \"postgres://u@h/db\"\nsslmode = \"verify\"",
                 "datastore.sslmode: \"verify\" is not one of disable, prefer",
@@ -1162,12 +1185,18 @@ max_attestations_in_flight = 0
             .read()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("datastore password_file") && e.contains("missing"), "{e}");
+        assert!(
+            e.contains("datastore password_file") && e.contains("missing"),
+            "{e}"
+        );
         let e = Password::Env("CARAPACE_TEST_SURELY_UNSET_VAR".into())
             .read()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("CARAPACE_TEST_SURELY_UNSET_VAR is not set"), "{e}");
+        assert!(
+            e.contains("CARAPACE_TEST_SURELY_UNSET_VAR is not set"),
+            "{e}"
+        );
         assert_eq!(Password::None.read().unwrap(), None);
     }
 

@@ -1164,7 +1164,11 @@ async fn three_servers_starting_together_on_an_empty_database_migrate_it_once() 
             .collect();
         let mut stores = Vec::new();
         for o in opens {
-            stores.push(o.await.unwrap().unwrap_or_else(|e| panic!("round {round}: {e}")));
+            stores.push(
+                o.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("round {round}: {e}")),
+            );
         }
         let versions: Vec<i64> = on_pool!(&stores[0].pool, p => {
             sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
@@ -1173,7 +1177,10 @@ async fn three_servers_starting_together_on_an_empty_database_migrate_it_once() 
         })
         .unwrap();
         let expected: Vec<i64> = POSTGRES_MIGRATOR.iter().map(|m| m.version).collect();
-        assert_eq!(versions, expected, "round {round}: each migration applied once");
+        assert_eq!(
+            versions, expected,
+            "round {round}: each migration applied once"
+        );
         // Every server works on the schema.
         for (i, ds) in stores.iter().enumerate() {
             ds.create_entry(&entry(&format!("e{i}"), &format!("/s{i}"), &["t:a"]))
@@ -1299,10 +1306,8 @@ async fn writes_on_two_servers_commit_in_event_id_order() {
         .unwrap();
 
     let b2 = b.clone();
-    let second = tokio::spawn(async move {
-        b2.create_entry(&entry("second", "/second", &["t:b"]))
-            .await
-    });
+    let second =
+        tokio::spawn(async move { b2.create_entry(&entry("second", "/second", &["t:b"])).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!second.is_finished(), "B's write waits for A's transaction");
     assert_eq!(reader.latest_entry_event_id().await.unwrap(), 0);
