@@ -24,6 +24,7 @@ pub async fn bench_ca(jwt_key_type: KeyType) -> Result<Arc<CaManager>> {
         organization: "Carapace".into(),
         country: "US".into(),
         jwt_key_type,
+        server_id: "bench".into(),
     };
     Ok(CaManager::load(td, km, None, ds, settings, carapace_core::clock::unix_now()).await?)
 }

@@ -362,6 +362,9 @@ pub struct CaSettings {
     pub country: String,
     /// Key type of JWT signing keys (their lifetime is `ca_ttl`).
     pub jwt_key_type: KeyType,
+    /// This server's id among the servers sharing the datastore: its CA journal and its
+    /// part of the bundle are stored under it.
+    pub server_id: String,
 }
 
 /// An issued certificate chain with its expiry.
@@ -460,7 +463,7 @@ impl CaManager {
             bundle_tx,
             rotate_lock: tokio::sync::Mutex::new(()),
         });
-        let journal: Journal = match ca.ds.load_ca_journal().await? {
+        let journal: Journal = match ca.ds.load_ca_journal(&ca.settings.server_id).await? {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| Error::Ca(format!("CA journal is corrupt: {e}")))?,
             None => Journal::default(),
@@ -492,9 +495,42 @@ impl CaManager {
             &state.jwt,
         );
         *write(&ca.state) = state;
-        ca.bundle_tx.send_replace(Arc::new(bundle));
+        // This server's part, published again (another server may have dropped it while
+        // this one was down), and the union of every server's is what it serves.
+        let union = ca
+            .ds
+            .publish_bundle(
+                &ca.settings.server_id,
+                &bundle,
+                carapace_core::clock::unix_now(),
+            )
+            .await?;
+        ca.bundle_tx.send_replace(Arc::new(union));
         ca.tick(now).await?;
         Ok(ca)
+    }
+
+    /// Serves the trust domain's bundle as the datastore has it now, if it is newer than
+    /// the one served: other servers sharing the datastore publish their parts there.
+    /// Returns whether it changed.
+    pub async fn refresh_bundle(&self) -> Result<bool> {
+        let Some(stored) = self.ds.get_bundle(&self.td).await? else {
+            return Ok(false);
+        };
+        // Under the rotate lock, a publish of this server's own cannot interleave; the
+        // sequence check keeps an older read from replacing a newer bundle.
+        let _r = self.rotate_lock.lock().await;
+        let newer = stored.sequence > self.bundle_tx.borrow().sequence;
+        if newer {
+            tracing::info!(
+                sequence = stored.sequence,
+                x509_authorities = stored.x509_authorities.len(),
+                jwt_authorities = stored.jwt_authorities.len(),
+                "serving the trust bundle as the servers sharing the datastore published it"
+            );
+            self.bundle_tx.send_replace(Arc::new(stored));
+        }
+        Ok(newer)
     }
 
     /// The bundle: what retired CAs still valid, then the active and the prepared one,
@@ -839,8 +875,17 @@ impl CaManager {
         );
 
         let bytes = serde_json::to_vec(&journal).map_err(|e| Error::Ca(e.to_string()))?;
-        self.ds.save_ca_journal(&bytes).await?;
-        self.ds.set_bundle(&bundle).await?;
+        self.ds
+            .save_ca_journal(&self.settings.server_id, &bytes)
+            .await?;
+        let bundle = self
+            .ds
+            .publish_bundle(
+                &self.settings.server_id,
+                &bundle,
+                carapace_core::clock::unix_now(),
+            )
+            .await?;
         let rotated = read(&self.state).active.as_ref().map(|a| a.key_id.clone())
             != active.as_ref().map(|a| a.key_id.clone());
         *write(&self.state) = State {
@@ -1370,6 +1415,7 @@ mod tests {
             organization: "Carapace".into(),
             country: "US".into(),
             jwt_key_type: KeyType::EcP256,
+            server_id: "server-1".into(),
         }
     }
 
@@ -1716,7 +1762,13 @@ mod tests {
         assert_ne!(ca.active().unwrap().cert_der, first, "rotated");
         let bundle = ca.bundle().borrow().clone();
         assert_eq!(bundle.x509_authorities, root.x509_roots().await.unwrap());
-        assert_eq!(bundle.sequence, seq + 2, "each change bumps the sequence");
+        // The sequence counts content changes: the prepared JWT key is one; activating
+        // an intermediate under the same root changes nothing in the bundle.
+        assert_eq!(
+            bundle.sequence,
+            seq + 1,
+            "each content change bumps the sequence"
+        );
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ fn settings(ttl: u64, jwt_key_type: KeyType) -> CaSettings {
         organization: "Carapace".into(),
         country: "US".into(),
         jwt_key_type,
+        server_id: "server-1".into(),
     }
 }
 
@@ -392,10 +393,10 @@ async fn a_journal_from_before_jwt_keys_loads_and_gains_one() {
     let x509 = ca.active().unwrap().key_id.clone();
     drop(ca);
     // Strip the JWT keys from the journal, as a release before them wrote it.
-    let bytes = ds.load_ca_journal().await.unwrap().unwrap();
+    let bytes = ds.load_ca_journal("server-1").await.unwrap().unwrap();
     let mut j: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     j.as_object_mut().unwrap().remove("jwt").unwrap();
-    ds.save_ca_journal(&serde_json::to_vec(&j).unwrap())
+    ds.save_ca_journal("server-1", &serde_json::to_vec(&j).unwrap())
         .await
         .unwrap();
     let ca = load(&ds, &km, 86_400, KeyType::EcP256, T0 + 60).await;

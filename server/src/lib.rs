@@ -53,6 +53,49 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
     carapace_common::ensure_private_dir(dir, what).map_err(Error::Config)
 }
 
+/// The file in the data directory that holds the server's id.
+pub const SERVER_ID_FILE: &str = "server-id";
+
+/// This server's id among the servers sharing a datastore: 32 lowercase hex digits in
+/// `<data_dir>/server-id`, made (random, mode 0600) at the first start. Its CA journal and
+/// its part of the trust bundle are stored under it, so a server keeps its own CA however
+/// many share the database. Called with the data directory locked.
+pub fn server_id(data_dir: &Path) -> Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+
+    let path = data_dir.join(SERVER_ID_FILE);
+    let valid =
+        |s: &str| s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    match std::fs::read_to_string(&path) {
+        Ok(text) if valid(text.trim_end()) => return Ok(text.trim_end().to_owned()),
+        Ok(_) => {
+            return Err(Error::Config(format!(
+                "{} does not hold a server id (32 lowercase hex digits): restore it from a \
+                 backup; deleting it makes this server a new one, whose old CA journal \
+                 stays unused in the datastore",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()))(e)),
+    }
+    let mut bytes = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(Error::io(format!("creating {}", path.display())))?;
+    file.write_all(format!("{id}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(Error::io(format!("writing {}", path.display())))?;
+    tracing::info!(server_id = %id, "this server's id is new");
+    Ok(id)
+}
+
 /// Runs the server until `shutdown` resolves. Everything that can fail at start-up
 /// (data dir, datastore, key manager, CA, listening sockets) fails before anything is
 /// served: the server never half-starts.
@@ -73,6 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     private_dir(&config.data_dir, "data directory")?;
     let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
         .map_err(Error::Config)?;
+    let server_id = server_id(&config.data_dir)?;
     let ds = Datastore::connect(&config.datastore).await?;
     let ctx = PluginContext::new(
         config.trust_domain.clone(),
@@ -110,6 +154,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             organization: config.ca_organization.clone(),
             country: config.ca_country.clone(),
             jwt_key_type: config.jwt_key_type,
+            server_id: server_id.clone(),
         },
         ctx.clock.unix_now(),
     )

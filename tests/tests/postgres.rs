@@ -70,7 +70,7 @@ async fn a_server_on_postgres_keeps_its_rows_there_and_restarts_from_them() {
         )),
         "1"
     );
-    assert_eq!(sql("SELECT COUNT(*) FROM ca_journal"), "1");
+    assert_eq!(sql("SELECT COUNT(*) FROM server_ca_journals"), "1");
     assert!(!server.data_dir.join("datastore.sqlite3").exists());
     assert!(
         server

@@ -1,87 +1,331 @@
-//! Trust bundles (SPIFFE bundle JSON) and the CA journal (opaque bytes).
+//! Trust bundles (SPIFFE bundle JSON) and each server's CA journal (opaque bytes).
 //!
-//! The SPIFFE bundle format has no member for a JWT key's expiry, so the expiries are
-//! kept beside it in `bundles.jwt_key_expiries`: a JSON array aligned with the bundle's
-//! JWT keys in order. A bundle therefore reads back exactly as it was written.
+//! Several servers may share the database. Each publishes its own part of the bundle
+//! (`server_bundles`: its CAs and JWT keys) with [`Datastore::publish_bundle`], which in
+//! the same write transaction recomputes the trust domain's bundle (`bundles`): the union
+//! of every part, without what has expired, with a sequence one above the last. A part
+//! whose every key has expired (a server that is gone) is deleted then. Every server
+//! serves the union, so an SVID from any server verifies against the bundle any agent
+//! holds.
+//!
+//! The SPIFFE bundle format has no member for a JWT key's expiry nor for a taint, so they
+//! are kept beside it: `jwt_key_expiries`, a JSON array aligned with the bundle's JWT keys
+//! in order, and `taints`, the indexes of the tainted X.509 authorities and the tainted
+//! JWT kids. A bundle therefore reads back exactly as it was written.
+
+use serde::{Deserialize, Serialize};
 
 use carapace_core::{TrustBundle, TrustDomain};
 
-use super::{Datastore, corrupt, unix_now};
+use super::{Datastore, Tx, corrupt, unix_now};
 use crate::{Error, Result};
 
-impl Datastore {
-    /// The bundle of trust domain `td`, if stored.
-    pub async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<TrustBundle>> {
-        let row: Option<(String, String)> = on_pool!(&self.pool, p => {
-            sqlx::query_as("SELECT data, jwt_key_expiries FROM bundles WHERE trust_domain = $1")
-                .bind(td.name())
-                .fetch_optional(p)
-                .await
-        })?;
-        let Some((data, expiries)) = row else {
-            return Ok(None);
-        };
-        let at = format!("bundles trust_domain={:?}", td.name());
-        let mut bundle =
-            TrustBundle::from_spiffe_json(td.clone(), &data).map_err(|e| corrupt(&at, e))?;
-        let expiries: Vec<Option<i64>> = serde_json::from_str(&expiries)
-            .map_err(|e| corrupt(&at, format!("jwt_key_expiries: {e}")))?;
-        if expiries.len() != bundle.jwt_authorities.len() {
-            return Err(corrupt(
-                &at,
-                format!(
-                    "{} JWT key expiries for {} JWT keys",
-                    expiries.len(),
-                    bundle.jwt_authorities.len()
-                ),
-            ));
-        }
-        for (key, expires_at) in bundle.jwt_authorities.iter_mut().zip(expiries) {
-            key.expires_at = expires_at;
-        }
-        Ok(Some(bundle))
-    }
+/// What an operator tainted in a bundle, as stored in `taints`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Taints {
+    /// Indexes into the bundle's X.509 authorities.
+    #[serde(default)]
+    x509: Vec<usize>,
+    /// JWT key ids.
+    #[serde(default)]
+    jwt_kids: Vec<String>,
+}
 
-    /// Stores the bundle of its trust domain, replacing any stored one.
-    pub async fn set_bundle(&self, bundle: &TrustBundle) -> Result<()> {
-        let data = bundle.to_spiffe_json()?;
-        let expiries: Vec<Option<i64>> = bundle
+/// A bundle as its three columns.
+struct Stored {
+    data: String,
+    jwt_key_expiries: String,
+    taints: String,
+}
+
+fn encode(bundle: &TrustBundle) -> Result<Stored> {
+    let data = bundle.to_spiffe_json()?;
+    let expiries: Vec<Option<i64>> = bundle
+        .jwt_authorities
+        .iter()
+        .map(|k| k.expires_at)
+        .collect();
+    let taints = Taints {
+        x509: bundle
+            .x509_authorities
+            .iter()
+            .enumerate()
+            .filter(|(_, der)| bundle.tainted_x509_authorities.contains(der))
+            .map(|(i, _)| i)
+            .collect(),
+        jwt_kids: bundle.tainted_jwt_kids.clone(),
+    };
+    let json = |what: &str, r: serde_json::Result<String>| {
+        r.map_err(|e| Error::Datastore(format!("encoding {what}: {e}")))
+    };
+    Ok(Stored {
+        data,
+        jwt_key_expiries: json("JWT key expiries", serde_json::to_string(&expiries))?,
+        taints: json("taints", serde_json::to_string(&taints))?,
+    })
+}
+
+fn decode(td: &TrustDomain, at: &str, row: Stored) -> Result<TrustBundle> {
+    let mut bundle =
+        TrustBundle::from_spiffe_json(td.clone(), &row.data).map_err(|e| corrupt(at, e))?;
+    let expiries: Vec<Option<i64>> = serde_json::from_str(&row.jwt_key_expiries)
+        .map_err(|e| corrupt(at, format!("jwt_key_expiries: {e}")))?;
+    if expiries.len() != bundle.jwt_authorities.len() {
+        return Err(corrupt(
+            at,
+            format!(
+                "{} JWT key expiries for {} JWT keys",
+                expiries.len(),
+                bundle.jwt_authorities.len()
+            ),
+        ));
+    }
+    for (key, expires_at) in bundle.jwt_authorities.iter_mut().zip(expiries) {
+        key.expires_at = expires_at;
+    }
+    let taints: Taints =
+        serde_json::from_str(&row.taints).map_err(|e| corrupt(at, format!("taints: {e}")))?;
+    for i in taints.x509 {
+        let der = bundle
+            .x509_authorities
+            .get(i)
+            .ok_or_else(|| corrupt(at, format!("taints: no X.509 authority {i}")))?;
+        bundle.tainted_x509_authorities.push(der.clone());
+    }
+    bundle.tainted_jwt_kids = taints
+        .jwt_kids
+        .into_iter()
+        .filter(|kid| bundle.jwt_authorities.iter().any(|k| &k.kid == kid))
+        .collect();
+    Ok(bundle)
+}
+
+/// Whether a CA certificate is still valid at `now` (one that does not parse is kept:
+/// it is the part's owner that put it there).
+fn unexpired_cert(der: &[u8], now: i64) -> bool {
+    carapace_core::x509svid::validity_of(der).map_or(true, |(_, not_after)| not_after > now)
+}
+
+/// The union of `parts` (each `(own, part)`) at `now`: every X.509 authority and JWT
+/// key once, in the parts' order, with their taints; `sequence` and the first part's
+/// refresh hint. What has expired is left out of the other servers' parts; the calling
+/// server's own part (`own`) is taken whole, since its CA lifecycle already drops what it
+/// no longer trusts.
+pub(super) fn merge(
+    td: &TrustDomain,
+    parts: &[(bool, TrustBundle)],
+    now: i64,
+    sequence: u64,
+) -> TrustBundle {
+    let mut out = TrustBundle::new(td.clone());
+    out.sequence = sequence;
+    out.refresh_hint = parts.iter().find_map(|(_, p)| p.refresh_hint);
+    for (own, part) in parts {
+        for der in &part.x509_authorities {
+            if (*own || unexpired_cert(der, now)) && !out.x509_authorities.contains(der) {
+                out.x509_authorities.push(der.clone());
+            }
+        }
+        for key in &part.jwt_authorities {
+            let live = *own || key.expires_at.is_none_or(|t| t > now);
+            if live && !out.jwt_authorities.iter().any(|k| k.kid == key.kid) {
+                out.jwt_authorities.push(key.clone());
+            }
+        }
+    }
+    for (_, part) in parts {
+        for der in &part.tainted_x509_authorities {
+            if out.x509_authorities.contains(der) && !out.tainted_x509_authorities.contains(der) {
+                out.tainted_x509_authorities.push(der.clone());
+            }
+        }
+        for kid in &part.tainted_jwt_kids {
+            if out.jwt_authorities.iter().any(|k| &k.kid == kid)
+                && !out.tainted_jwt_kids.contains(kid)
+            {
+                out.tainted_jwt_kids.push(kid.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Whether nothing in `part` is still valid at `now`.
+fn all_expired(part: &TrustBundle, now: i64) -> bool {
+    part.x509_authorities
+        .iter()
+        .all(|der| !unexpired_cert(der, now))
+        && part
             .jwt_authorities
             .iter()
-            .map(|k| k.expires_at)
-            .collect();
-        let expiries = serde_json::to_string(&expiries)
-            .map_err(|e| Error::Datastore(format!("encoding JWT key expiries: {e}")))?;
-        on_pool!(&self.pool, p => sqlx::query(
-            "INSERT INTO bundles (trust_domain, data, jwt_key_expiries) VALUES ($1, $2, $3) \
-             ON CONFLICT (trust_domain) DO UPDATE SET data = excluded.data, \
-             jwt_key_expiries = excluded.jwt_key_expiries",
+            .all(|k| k.expires_at.is_some_and(|t| t <= now))
+}
+
+async fn read_bundle(conn: &mut Tx, td: &TrustDomain) -> Result<Option<TrustBundle>> {
+    let row: Option<(String, String, String)> = on_tx!(conn, c => {
+        sqlx::query_as(
+            "SELECT data, jwt_key_expiries, taints FROM bundles WHERE trust_domain = $1",
         )
-        .bind(bundle.trust_domain().name())
-        .bind(data.as_str())
-        .bind(expiries.as_str())
-        .execute(p)
+        .bind(td.name())
+        .fetch_optional(c)
+        .await
+    })?;
+    row.map(|(data, jwt_key_expiries, taints)| {
+        decode(
+            td,
+            &format!("bundles trust_domain={:?}", td.name()),
+            Stored {
+                data,
+                jwt_key_expiries,
+                taints,
+            },
+        )
+    })
+    .transpose()
+}
+
+async fn own_journal(conn: &mut Tx, server_id: &str) -> Result<Option<Vec<u8>>> {
+    Ok(on_tx!(conn, c => {
+        sqlx::query_scalar("SELECT data FROM server_ca_journals WHERE server_id = $1")
+            .bind(server_id)
+            .fetch_optional(c)
+            .await
+    })?)
+}
+
+impl Datastore {
+    /// The trust domain's bundle: the union of every server's part.
+    pub async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<TrustBundle>> {
+        let mut tx = self.begin_read().await?;
+        let bundle = read_bundle(&mut tx, td).await?;
+        tx.commit().await?;
+        Ok(bundle)
+    }
+
+    /// Stores `own` as server `server_id`'s part of the bundle and, in the same
+    /// transaction, the trust domain's bundle as the union of every part at `now` (see
+    /// the module), with a sequence one above the last when it differs from the last.
+    /// Returns that union.
+    pub async fn publish_bundle(
+        &self,
+        server_id: &str,
+        own: &TrustBundle,
+        now: i64,
+    ) -> Result<TrustBundle> {
+        let td = own.trust_domain().clone();
+        let part = encode(own)?;
+        let mut tx = self.begin_write().await?;
+        on_tx!(&mut tx, c => sqlx::query(
+            "INSERT INTO server_bundles (server_id, data, jwt_key_expiries, taints, updated_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (server_id) DO UPDATE SET \
+             data = excluded.data, jwt_key_expiries = excluded.jwt_key_expiries, \
+             taints = excluded.taints, updated_at = excluded.updated_at",
+        )
+        .bind(server_id)
+        .bind(part.data.as_str())
+        .bind(part.jwt_key_expiries.as_str())
+        .bind(part.taints.as_str())
+        .bind(now)
+        .execute(c)
         .await
         .map(|r| r.rows_affected()))?;
-        Ok(())
+        let rows: Vec<(String, String, String, String)> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "SELECT server_id, data, jwt_key_expiries, taints FROM server_bundles \
+                 ORDER BY server_id",
+            )
+            .fetch_all(c)
+            .await
+        })?;
+        let mut parts = Vec::new();
+        for (id, data, jwt_key_expiries, taints) in rows {
+            let at = format!("server_bundles server_id={id:?}");
+            let part = decode(
+                &td,
+                &at,
+                Stored {
+                    data,
+                    jwt_key_expiries,
+                    taints,
+                },
+            )?;
+            if id != server_id && all_expired(&part, now) {
+                on_tx!(&mut tx, c => sqlx::query("DELETE FROM server_bundles WHERE server_id = $1")
+                    .bind(id.as_str())
+                    .execute(c)
+                    .await
+                    .map(|r| r.rows_affected()))?;
+                tracing::info!(server_id = %id, "dropped the bundle part of a server whose every key expired");
+                continue;
+            }
+            parts.push((id == server_id, part));
+        }
+        let last = read_bundle(&mut tx, &td).await?;
+        let last_sequence = last.as_ref().map_or(0, |b| b.sequence);
+        if let Some(last) = last
+            && merge(&td, &parts, now, last_sequence) == last
+        {
+            // Nothing changed: the sequence stays (a restart is no bundle change).
+            tx.commit().await?;
+            return Ok(last);
+        }
+        let union = merge(&td, &parts, now, last_sequence.saturating_add(1));
+        let stored = encode(&union)?;
+        on_tx!(&mut tx, c => sqlx::query(
+            "INSERT INTO bundles (trust_domain, data, jwt_key_expiries, taints) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (trust_domain) DO UPDATE SET \
+             data = excluded.data, jwt_key_expiries = excluded.jwt_key_expiries, \
+             taints = excluded.taints",
+        )
+        .bind(td.name())
+        .bind(stored.data.as_str())
+        .bind(stored.jwt_key_expiries.as_str())
+        .bind(stored.taints.as_str())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        tx.commit().await?;
+        Ok(union)
     }
 
-    /// The CA journal, if one was saved.
-    pub async fn load_ca_journal(&self) -> Result<Option<Vec<u8>>> {
-        Ok(on_pool!(&self.pool, p => {
-            sqlx::query_scalar("SELECT data FROM ca_journal WHERE id = 1")
-                .fetch_optional(p)
-                .await
-        })?)
+    /// Server `server_id`'s CA journal, if it has one. A server without one claims the
+    /// journal the database kept from before several servers could share it (schema
+    /// version 6), if any: at most one server gets it.
+    pub async fn load_ca_journal(&self, server_id: &str) -> Result<Option<Vec<u8>>> {
+        let mut tx = self.begin_read().await?;
+        let found = own_journal(&mut tx, server_id).await?;
+        tx.commit().await?;
+        if found.is_some() || server_id.is_empty() {
+            return Ok(found);
+        }
+        let mut tx = self.begin_write().await?;
+        let claimed = on_tx!(&mut tx, c => sqlx::query(
+            "UPDATE server_ca_journals SET server_id = $1 WHERE server_id = '' \
+             AND NOT EXISTS (SELECT 1 FROM server_ca_journals WHERE server_id = $1)",
+        )
+        .bind(server_id)
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        let found = own_journal(&mut tx, server_id).await?;
+        tx.commit().await?;
+        if claimed > 0 {
+            tracing::info!(
+                server_id,
+                "claimed the CA journal kept from a single-server datastore"
+            );
+        }
+        Ok(found)
     }
 
-    /// Saves the CA journal, replacing the previous one.
-    pub async fn save_ca_journal(&self, data: &[u8]) -> Result<()> {
+    /// Replaces server `server_id`'s CA journal.
+    pub async fn save_ca_journal(&self, server_id: &str, data: &[u8]) -> Result<()> {
         on_pool!(&self.pool, p => sqlx::query(
-            "INSERT INTO ca_journal (id, data, updated_at) VALUES (1, $1, $2) \
-             ON CONFLICT (id) DO UPDATE SET data = excluded.data, \
+            "INSERT INTO server_ca_journals (server_id, data, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (server_id) DO UPDATE SET data = excluded.data, \
              updated_at = excluded.updated_at",
         )
+        .bind(server_id)
         .bind(data)
         .bind(unix_now())
         .execute(p)

@@ -163,7 +163,9 @@ on_both_engines!(
     evicting_an_agent,
     agent_serial_renewal_and_promotion,
     bundle_round_trip,
+    the_bundle_is_the_union_of_every_servers_part_without_what_expired,
     ca_journal_save_load,
+    the_journal_of_a_single_server_database_is_claimed_by_one_server,
     attestation_state_is_kept_per_attestor_and_node,
     eviction_deletes_the_named_state_record_and_nothing_else,
     save_new_attestation_state_inserts_once_and_keeps_the_first,
@@ -1090,6 +1092,14 @@ fn ca_cert() -> (Vec<u8>, Vec<u8>) {
     )
 }
 
+fn jwt_key(kid: &str, der: Vec<u8>, expires_at: Option<i64>) -> JwtKey {
+    JwtKey {
+        kid: kid.into(),
+        public_key_der: der,
+        expires_at,
+    }
+}
+
 async fn bundle_round_trip(ds: Datastore) {
     let td = TrustDomain::new("example.org").unwrap();
     assert_eq!(ds.get_bundle(&td).await.unwrap(), None);
@@ -1099,44 +1109,120 @@ async fn bundle_round_trip(ds: Datastore) {
     let mut b = TrustBundle::new(td.clone());
     b.x509_authorities = vec![ca1.clone()];
     b.jwt_authorities = vec![
-        JwtKey {
-            kid: "k1".into(),
-            public_key_der: jwt1,
-            expires_at: Some(1_800_000_000),
-        },
-        JwtKey {
-            kid: "k2".into(),
-            public_key_der: jwt2,
-            expires_at: None,
-        },
+        jwt_key("k1", jwt1, Some(1_800_000_000)),
+        jwt_key("k2", jwt2, None),
     ];
     b.sequence = 3;
     b.refresh_hint = Some(300);
-    ds.set_bundle(&b).await.unwrap();
-    assert_eq!(ds.get_bundle(&td).await.unwrap().unwrap(), b);
+    b.tainted_jwt_kids = vec!["k2".into()];
+    // The union of one part is that part, under the trust domain's own sequence.
+    let union = ds.publish_bundle("s1", &b, 1_000).await.unwrap();
+    let mut expected = b.clone();
+    expected.sequence = 1;
+    assert_eq!(union, expected);
+    assert_eq!(ds.get_bundle(&td).await.unwrap().unwrap(), union);
 
-    // Upsert replaces.
-    b.x509_authorities.push(ca2);
+    // Publishing again replaces the part; taints read back.
+    b.x509_authorities.push(ca2.clone());
+    b.tainted_x509_authorities = vec![ca2.clone()];
     b.jwt_authorities.truncate(1);
-    b.sequence = 4;
-    ds.set_bundle(&b).await.unwrap();
-    assert_eq!(ds.get_bundle(&td).await.unwrap().unwrap(), b);
+    b.tainted_jwt_kids.clear();
+    let union = ds.publish_bundle("s1", &b, 1_000).await.unwrap();
+    let mut expected = b.clone();
+    expected.sequence = 2;
+    assert_eq!(union, expected);
+    assert_eq!(ds.get_bundle(&td).await.unwrap().unwrap(), union);
     assert_eq!(count(&ds, "bundles").await, 1);
+    assert_eq!(count(&ds, "server_bundles").await, 1);
 
     let other = TrustDomain::new("other.org").unwrap();
     assert_eq!(ds.get_bundle(&other).await.unwrap(), None);
 }
 
-async fn ca_journal_save_load(ds: Datastore) {
-    assert_eq!(ds.load_ca_journal().await.unwrap(), None);
-    ds.save_ca_journal(b"\x00first\xff").await.unwrap();
+async fn the_bundle_is_the_union_of_every_servers_part_without_what_expired(ds: Datastore) {
+    let td = TrustDomain::new("example.org").unwrap();
+    let (ca1, k1) = ca_cert();
+    let (ca2, k2) = ca_cert();
+    let (_, k3) = ca_cert();
+    let now = unix_now();
+    let mut one = TrustBundle::new(td.clone());
+    one.x509_authorities = vec![ca1.clone()];
+    one.jwt_authorities = vec![jwt_key("a", k1, Some(now + 600))];
+    let mut two = TrustBundle::new(td.clone());
+    two.x509_authorities = vec![ca2.clone(), ca1.clone()];
+    two.jwt_authorities = vec![
+        jwt_key("b", k2.clone(), Some(now + 600)),
+        jwt_key("old", k3, Some(now - 1)),
+    ];
+    two.tainted_x509_authorities = vec![ca2.clone()];
+    ds.publish_bundle("s1", &one, now).await.unwrap();
+    let union = ds.publish_bundle("s2", &two, now).await.unwrap();
+    // Each authority once, s1's first; s2's expired JWT key left out (s2 publishes
+    // here: its own part is taken whole only for itself... as the calling server).
+    assert_eq!(union.x509_authorities, vec![ca1.clone(), ca2.clone()]);
+    let kids: Vec<&str> = union
+        .jwt_authorities
+        .iter()
+        .map(|k| k.kid.as_str())
+        .collect();
     assert_eq!(
-        ds.load_ca_journal().await.unwrap().unwrap(),
+        kids,
+        ["a", "b", "old"],
+        "the calling server's own part is whole"
+    );
+    assert_eq!(union.tainted_x509_authorities, vec![ca2.clone()]);
+    assert_eq!(union.sequence, 2);
+    // Published by s1, s2's expired key is left out.
+    let union = ds.publish_bundle("s1", &one, now).await.unwrap();
+    let kids: Vec<&str> = union
+        .jwt_authorities
+        .iter()
+        .map(|k| k.kid.as_str())
+        .collect();
+    assert_eq!(kids, ["a", "b"]);
+    assert_eq!(union.sequence, 3);
+
+    // A server whose every key expired is dropped at the next publish of another.
+    let mut gone = TrustBundle::new(td.clone());
+    gone.jwt_authorities = vec![jwt_key("g", k2, Some(now - 5))];
+    ds.publish_bundle("s3", &gone, now).await.unwrap();
+    assert_eq!(count(&ds, "server_bundles").await, 3);
+    let union = ds.publish_bundle("s1", &one, now).await.unwrap();
+    assert_eq!(count(&ds, "server_bundles").await, 2);
+    assert!(union.jwt_authorities.iter().all(|k| k.kid != "g"));
+}
+
+async fn ca_journal_save_load(ds: Datastore) {
+    assert_eq!(ds.load_ca_journal("s1").await.unwrap(), None);
+    ds.save_ca_journal("s1", b"\x00first\xff").await.unwrap();
+    assert_eq!(
+        ds.load_ca_journal("s1").await.unwrap().unwrap(),
         b"\x00first\xff"
     );
-    ds.save_ca_journal(b"second").await.unwrap();
-    assert_eq!(ds.load_ca_journal().await.unwrap().unwrap(), b"second");
-    assert_eq!(count(&ds, "ca_journal").await, 1);
+    ds.save_ca_journal("s1", b"second").await.unwrap();
+    assert_eq!(ds.load_ca_journal("s1").await.unwrap().unwrap(), b"second");
+    // Each server its own journal.
+    assert_eq!(ds.load_ca_journal("s2").await.unwrap(), None);
+    ds.save_ca_journal("s2", b"two").await.unwrap();
+    assert_eq!(ds.load_ca_journal("s1").await.unwrap().unwrap(), b"second");
+    assert_eq!(count(&ds, "server_ca_journals").await, 2);
+}
+
+async fn the_journal_of_a_single_server_database_is_claimed_by_one_server(ds: Datastore) {
+    // What the version-6 migration leaves of a version-5 database's journal.
+    exec(
+        &ds,
+        "INSERT INTO server_ca_journals (server_id, data, updated_at) VALUES ('', 'j', 1)",
+    )
+    .await;
+    let (a, b) = tokio::join!(ds.load_ca_journal("s1"), ds.load_ca_journal("s2"));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(
+        matches!((&a, &b), (Some(j), None) | (None, Some(j)) if j == b"j"),
+        "{a:?} {b:?}"
+    );
+    assert_eq!(count(&ds, "server_ca_journals").await, 1);
+    assert_eq!(ds.load_ca_journal("").await.unwrap(), None);
 }
 
 // ---------------------------------------------------------------- several servers (PostgreSQL)
@@ -1338,7 +1424,7 @@ async fn db_file_is_private_and_reopening_keeps_data() {
     ds.upsert_attested_agent(&agent("/join_token/a", &["join_token:a"]))
         .await
         .unwrap();
-    ds.save_ca_journal(b"j").await.unwrap();
+    ds.save_ca_journal("s1", b"j").await.unwrap();
     assert_eq!(mode(&sub.join("carapace.sqlite-wal")), 0o600, "wal file");
     let journal_mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(sqlite(&ds))
@@ -1361,7 +1447,7 @@ async fn db_file_is_private_and_reopening_keeps_data() {
         let ds = Datastore::open(&path).await.unwrap();
         assert_eq!(ds.get_entry(&e.id).await.unwrap().unwrap(), e);
         assert_eq!(ds.list_attested_agents().await.unwrap().len(), 1);
-        assert_eq!(ds.load_ca_journal().await.unwrap().unwrap(), b"j");
+        assert_eq!(ds.load_ca_journal("s1").await.unwrap().unwrap(), b"j");
         assert_eq!(ds.latest_entry_event_id().await.unwrap(), 1);
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
             .fetch_one(sqlite(&ds))

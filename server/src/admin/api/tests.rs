@@ -47,6 +47,7 @@ async fn start() -> Server {
         organization: "Carapace".into(),
         country: "US".into(),
         jwt_key_type: KeyType::EcP256,
+        server_id: "server-1".into(),
     };
     let ca = CaManager::load(
         td,
