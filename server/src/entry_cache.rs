@@ -21,7 +21,7 @@ use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain}
 
 use carapace_core::plugin::NodeAttestor;
 
-use crate::datastore::{AttestedAgent, Datastore, PresentedToken, Refusal, StateKey};
+use crate::datastore::{AttestedAgent, Cursor, Datastore, PresentedToken, Refusal, StateKey};
 use crate::{Error, Result};
 
 /// The client SVID an agent calls the node API with, and when it calls.
@@ -112,7 +112,13 @@ pub struct EntryCache {
     /// The configured node attestors by name: asked what to forget when one of their
     /// agents is evicted.
     attestors: HashMap<String, Arc<dyn NodeAttestor>>,
+    /// How far [`EntryCache::follow`] has applied the datastore's change logs. Changed
+    /// only with `write_lock` held.
+    cursor: std::sync::Mutex<Cursor>,
 }
+
+/// Events of each change log [`EntryCache::follow`] reads at a time.
+const FOLLOW_BATCH: i64 = 10_000;
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     // Updates are single map operations under the write lock; a poisoned lock is consistent.
@@ -139,6 +145,9 @@ impl EntryCache {
         attestors: &[Arc<dyn NodeAttestor>],
     ) -> Result<Arc<Self>> {
         let server_id = td.server_id();
+        // The cursor first: a write committed while the rows load is applied again by
+        // the first `follow`, never missed.
+        let cursor = ds.change_cursor().await?;
         let mut index = Index::default();
         for e in ds.list_all_entries().await? {
             index.insert(e, &server_id);
@@ -146,7 +155,7 @@ impl EntryCache {
         for a in ds.list_attested_agents().await? {
             index.agents.insert(a.spiffe_id.clone(), Arc::new(a));
         }
-        let rev = ds.latest_entry_event_id().await?.max(0) as u64;
+        let rev = cursor.entry_event.max(0) as u64;
         let (revision, _) = watch::channel(rev);
         tracing::info!(
             entries = index.entries.len(),
@@ -164,7 +173,67 @@ impl EntryCache {
                 .iter()
                 .map(|a| (a.name().to_owned(), a.clone()))
                 .collect(),
+            cursor: std::sync::Mutex::new(cursor),
         }))
+    }
+
+    /// Applies what was committed to the datastore since the last call, by this server
+    /// or any other sharing the datastore: each entry and agent named in the change logs
+    /// is read again and replaces (or, gone, leaves) the index. Bumps the revision when
+    /// the index changed, so agents' streams get the new state. Returns how many entries
+    /// and agents changed in the index.
+    ///
+    /// Holds the write lock, so a write of this server never interleaves: what the index
+    /// holds never goes back to an older row.
+    pub async fn follow(&self) -> Result<usize> {
+        let _w = self.write_lock.lock().await;
+        let mut changed = 0;
+        loop {
+            let cursor = *self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            let changes = self.ds.changes_since(cursor, FOLLOW_BATCH).await?;
+            if changes.is_empty() {
+                break;
+            }
+            let entries = self.ds.entries_by_id(&changes.entries).await?;
+            let agents = self.ds.agents_by_id(&changes.agents).await?;
+            {
+                let mut idx = write(&self.index);
+                let found: HashSet<&EntryId> = entries.iter().map(|e| &e.id).collect();
+                for id in changes.entries.iter().filter(|id| !found.contains(id)) {
+                    if idx.entries.contains_key(id) {
+                        idx.remove(id, &self.server_id);
+                        changed += 1;
+                    }
+                }
+                for e in entries {
+                    if idx.entries.get(&e.id).is_none_or(|old| **old != e) {
+                        idx.insert(e, &self.server_id);
+                        changed += 1;
+                    }
+                }
+                let found: HashSet<&SpiffeId> = agents.iter().map(|a| &a.spiffe_id).collect();
+                for id in changes.agents.iter().filter(|id| !found.contains(id)) {
+                    if idx.agents.remove(id).is_some() {
+                        changed += 1;
+                    }
+                }
+                for a in agents {
+                    if idx.agents.get(&a.spiffe_id).is_none_or(|old| **old != a) {
+                        idx.agents.insert(a.spiffe_id.clone(), Arc::new(a));
+                        changed += 1;
+                    }
+                }
+            }
+            *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = changes.cursor;
+            if !changes.more {
+                break;
+            }
+        }
+        if changed > 0 {
+            tracing::debug!(changed, "applied datastore changes to the entry cache");
+            self.bump();
+        }
+        Ok(changed)
     }
 
     /// The datastore behind the cache.
@@ -970,5 +1039,142 @@ mod tests {
         let c2 = EntryCache::load(td, ds).await.unwrap();
         assert_eq!(ids(&c2.authorized_entries(&A1.parse().unwrap())), ["e1"]);
         assert!(c2.revision() >= 2);
+    }
+
+    // ------------------------------------------------------------ several servers
+
+    /// The caches of two servers sharing one fresh PostgreSQL database.
+    async fn two_servers() -> (
+        Arc<EntryCache>,
+        Arc<EntryCache>,
+        Arc<hsm_sim::postgres::Postgres>,
+    ) {
+        let (mut stores, pg) = crate::datastore::testing::postgres_servers(2).await;
+        let td = TrustDomain::new("example.org").unwrap();
+        let b = EntryCache::load(td.clone(), stores.pop().unwrap())
+            .await
+            .unwrap();
+        let a = EntryCache::load(td, stores.pop().unwrap()).await.unwrap();
+        (a, b, pg)
+    }
+
+    fn sid(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_on_one_server_reaches_the_other_servers_index() {
+        let (a, b, _pg) = two_servers().await;
+        a.upsert_agent(agent(A1, &["region:eu"])).await.unwrap();
+        a.create_entry(entry("w1", "spiffe://example.org/w1", A1, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        assert!(b.get_agent(&sid(A1)).is_none(), "not before following");
+        let rev = b.revision();
+        assert_eq!(b.follow().await.unwrap(), 2);
+        assert!(b.revision() > rev, "the agents' streams are woken");
+        assert_eq!(ids(&b.authorized_entries(&sid(A1))), ["w1"]);
+
+        // A ban on A: B refuses the agent.
+        a.set_agent_banned(&sid(A1), true).await.unwrap();
+        b.follow().await.unwrap();
+        assert!(b.get_agent(&sid(A1)).unwrap().banned);
+        a.set_agent_banned(&sid(A1), false).await.unwrap();
+
+        // An entry deleted on B leaves A's index.
+        b.delete_entry(&EntryId::new("w1").unwrap()).await.unwrap();
+        a.follow().await.unwrap();
+        assert!(a.authorized_entries(&sid(A1)).is_empty());
+
+        // An eviction on A: B forgets the agent.
+        a.evict_agent(&sid(A1)).await.unwrap();
+        b.follow().await.unwrap();
+        assert!(b.get_agent(&sid(A1)).is_none());
+
+        // Nothing new: nothing changes, no wake-up.
+        let rev = b.revision();
+        assert_eq!(b.follow().await.unwrap(), 0);
+        assert_eq!(b.revision(), rev);
+        // A server's own writes, read back, change nothing either.
+        let rev = a.revision();
+        assert_eq!(a.follow().await.unwrap(), 0);
+        assert_eq!(a.revision(), rev);
+    }
+
+    /// Entries written on two servers at once, while both follow: every agent ends with
+    /// exactly its entries on both servers (no change lost to commit order).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn entries_written_on_two_servers_at_once_reach_both_indexes_exactly() {
+        let (a, b, _pg) = two_servers().await;
+        let agents: Vec<String> = (0..4)
+            .map(|i| format!("spiffe://example.org/spire/agent/join_token/n{i}"))
+            .collect();
+        for (i, id) in agents.iter().enumerate() {
+            let on = if i % 2 == 0 { &a } else { &b };
+            on.upsert_agent(agent(id, &[])).await.unwrap();
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let followers: Vec<_> = [a.clone(), b.clone()]
+            .into_iter()
+            .map(|c| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        c.follow().await.unwrap();
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let on = if w == 0 { a.clone() } else { b.clone() };
+                let agents = agents.clone();
+                tokio::spawn(async move {
+                    for i in 0..60 {
+                        let parent = &agents[(i + w) % 4];
+                        let id = format!("w{w}-{i}");
+                        on.create_entry(entry(
+                            &id,
+                            &format!("spiffe://example.org/{id}"),
+                            parent,
+                            &["unix:uid:1"],
+                        ))
+                        .await
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for f in followers {
+            f.await.unwrap();
+        }
+        a.follow().await.unwrap();
+        b.follow().await.unwrap();
+        for (n, parent) in agents.iter().enumerate() {
+            let mut expected: Vec<String> = (0..2)
+                .flat_map(|w| {
+                    (0..60)
+                        .filter(move |i| (i + w) % 4 == n)
+                        .map(move |i| format!("w{w}-{i}"))
+                })
+                .collect();
+            expected.sort();
+            for (name, c) in [("A", &a), ("B", &b)] {
+                let mut got: Vec<String> = c
+                    .authorized_entries(&sid(parent))
+                    .iter()
+                    .map(|e| e.id.as_str().to_owned())
+                    .collect();
+                got.sort();
+                assert_eq!(got, expected, "server {name}, agent {parent}");
+            }
+        }
+        assert_eq!(a.entry_count(), 120);
+        assert_eq!(b.entry_count(), 120);
     }
 }

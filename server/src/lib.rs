@@ -14,6 +14,7 @@ pub mod config;
 pub mod datastore;
 pub mod entry_cache;
 mod error;
+pub mod follow;
 pub mod health;
 pub mod jwt_keys;
 pub mod listener;
@@ -253,6 +254,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     });
     let oidc_task = oidc_endpoint.map(|e| tokio::spawn(e.serve(stop_rx.clone())));
     let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
+    let follower = tokio::spawn(follow::run(cache.clone(), ca.clone(), stop_rx.clone()));
     let pruner = {
         let cache = cache.clone();
         let clock = ctx.clock.clone();
@@ -293,6 +295,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         node_task.abort_handle(),
         admin_task.abort_handle(),
         rotator.abort_handle(),
+        follower.abort_handle(),
         pruner.abort_handle(),
         svid_task.abort_handle(),
     ]
@@ -304,6 +307,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = node_task.await;
         let _ = admin_task.await;
         let _ = rotator.await;
+        let _ = follower.await;
         let _ = pruner.await;
         let _ = svid_task.await;
         if let Some(t) = health_task {

@@ -11,7 +11,8 @@ use sqlx::QueryBuilder;
 use carapace_core::{Selector, SelectorSet, SpiffeId};
 
 use super::{
-    Datastore, INSERT_CHUNK, PresentedToken, StateKey, Tx, parse_selector, parse_spiffe_id, tokens,
+    Datastore, INSERT_CHUNK, PresentedToken, StateKey, Tx, parse_selector, parse_spiffe_id,
+    push_in, tokens, unix_now,
 };
 use crate::{Error, Result};
 
@@ -138,6 +139,7 @@ impl Datastore {
                 qb.build().execute(c).await.map(|r| r.rows_affected())
             })?;
         }
+        log_agent(&mut tx, &agent.spiffe_id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -185,6 +187,7 @@ impl Datastore {
         .execute(c)
         .await
         .map(|r| r.rows_affected()))?;
+        log_agent(&mut tx, id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -221,6 +224,7 @@ impl Datastore {
                 .execute(c)
                 .await
                 .map(|r| r.rows_affected()))?;
+                log_agent(&mut tx, id).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -282,6 +286,7 @@ impl Datastore {
             .into_iter()
             .next()
             .ok_or_else(|| not_found(id))?;
+        log_agent(&mut tx, id).await?;
         tx.commit().await?;
         Ok(agent)
     }
@@ -316,9 +321,59 @@ impl Datastore {
                     .map(|r| r.rows_affected())
             })?;
         }
+        log_agent(&mut tx, id).await?;
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Logs a write of the agent `id` in `agent_events`, inside the write's transaction.
+async fn log_agent(conn: &mut Tx, id: &SpiffeId) -> Result<()> {
+    on_tx!(conn, c => {
+        sqlx::query("INSERT INTO agent_events (spiffe_id, at) VALUES ($1, $2)")
+            .bind(id.as_str())
+            .bind(unix_now())
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected())
+    })?;
+    Ok(())
+}
+
+/// The agents with these SPIFFE IDs that exist, with their node selectors, in one
+/// snapshot (chunks of [`super::IN_CHUNK`]).
+pub(super) async fn load_agents_by_id(
+    conn: &mut Tx,
+    ids: &[SpiffeId],
+) -> Result<Vec<AttestedAgent>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(super::IN_CHUNK) {
+        let rows: Vec<AgentRow> = on_tx!(conn, c => {
+            let mut qb = QueryBuilder::new(format!("SELECT {AGENT_COLUMNS} FROM attested_agents"));
+            push_in(&mut qb, "spiffe_id", chunk.iter().map(|i| i.as_str().to_owned()));
+            qb.build_query_as().fetch_all(c).await
+        })?;
+        let selector_rows: Vec<(String, String, String)> = on_tx!(conn, c => {
+            let mut qb = QueryBuilder::new("SELECT spiffe_id, type, value FROM node_selectors");
+            push_in(&mut qb, "spiffe_id", chunk.iter().map(|i| i.as_str().to_owned()));
+            qb.push(" ORDER BY spiffe_id, type, value");
+            qb.build_query_as().fetch_all(c).await
+        })?;
+        let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
+        for (agent, kind, value) in selector_rows {
+            let s = parse_selector(
+                format_args!("node_selectors spiffe_id={agent:?}"),
+                &kind,
+                &value,
+            )?;
+            selectors.entry(agent).or_default().push(s);
+        }
+        for row in rows {
+            let s = selectors.remove(&row.spiffe_id).unwrap_or_default();
+            out.push(agent_from_row(row, s)?);
+        }
+    }
+    Ok(out)
 }
 
 /// A one-column change of an agent row ([`Datastore::update_agent`]).

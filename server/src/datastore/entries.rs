@@ -16,7 +16,7 @@ use carapace_core::{EntryId, RegistrationEntry, Selector};
 
 use super::{
     Datastore, EntryFilter, INSERT_CHUNK, Tx, corrupt, is_unique_violation, parse_selector,
-    parse_spiffe_id, unix_now,
+    parse_spiffe_id, push_in, unix_now,
 };
 use crate::{Error, Result};
 
@@ -437,6 +437,53 @@ async fn load_entries(conn: &mut Tx, filter: &EntryFilter) -> Result<Vec<Registr
         qb.push(" ORDER BY s.entry_id, s.type, s.value");
         qb.build_query_as().fetch_all(c).await
     })?;
+    let dns_rows: Vec<(String, String)> = on_tx!(conn, c => {
+        let mut qb = QueryBuilder::new("SELECT d.entry_id, d.name FROM entry_dns_names d");
+        push_subquery(&mut qb, "d.entry_id", filter);
+        qb.push(" ORDER BY d.entry_id, d.position");
+        qb.build_query_as().fetch_all(c).await
+    })?;
+    assemble(rows, selector_rows, dns_rows)
+}
+
+/// The entries with these ids that exist, with their children, in chunks of
+/// [`super::IN_CHUNK`] ids: three queries per chunk.
+pub(super) async fn load_entries_by_id(
+    conn: &mut Tx,
+    ids: &[EntryId],
+) -> Result<Vec<RegistrationEntry>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(super::IN_CHUNK) {
+        let keys = || chunk.iter().map(|i| i.as_str().to_owned());
+        let rows: Vec<EntryRow> = on_tx!(conn, c => {
+            let mut qb = QueryBuilder::new(format!("SELECT {ENTRY_COLUMNS} FROM entries e"));
+            push_in(&mut qb, "e.id", keys());
+            qb.build_query_as().fetch_all(c).await
+        })?;
+        let selector_rows: Vec<(String, String, String)> = on_tx!(conn, c => {
+            let mut qb = QueryBuilder::new("SELECT s.entry_id, s.type, s.value FROM entry_selectors s");
+            push_in(&mut qb, "s.entry_id", keys());
+            qb.push(" ORDER BY s.entry_id, s.type, s.value");
+            qb.build_query_as().fetch_all(c).await
+        })?;
+        let dns_rows: Vec<(String, String)> = on_tx!(conn, c => {
+            let mut qb = QueryBuilder::new("SELECT d.entry_id, d.name FROM entry_dns_names d");
+            push_in(&mut qb, "d.entry_id", keys());
+            qb.push(" ORDER BY d.entry_id, d.position");
+            qb.build_query_as().fetch_all(c).await
+        })?;
+        out.extend(assemble(rows, selector_rows, dns_rows)?);
+    }
+    Ok(out)
+}
+
+/// Entry rows with their selector and DNS-name rows (each sorted by entry id, then
+/// their order), as entries.
+fn assemble(
+    rows: Vec<EntryRow>,
+    selector_rows: Vec<(String, String, String)>,
+    dns_rows: Vec<(String, String)>,
+) -> Result<Vec<RegistrationEntry>> {
     let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
     for (entry_id, kind, value) in selector_rows {
         let s = parse_selector(
@@ -446,18 +493,10 @@ async fn load_entries(conn: &mut Tx, filter: &EntryFilter) -> Result<Vec<Registr
         )?;
         selectors.entry(entry_id).or_default().push(s);
     }
-
-    let dns_rows: Vec<(String, String)> = on_tx!(conn, c => {
-        let mut qb = QueryBuilder::new("SELECT d.entry_id, d.name FROM entry_dns_names d");
-        push_subquery(&mut qb, "d.entry_id", filter);
-        qb.push(" ORDER BY d.entry_id, d.position");
-        qb.build_query_as().fetch_all(c).await
-    })?;
     let mut dns_names: HashMap<String, Vec<String>> = HashMap::new();
     for (entry_id, name) in dns_rows {
         dns_names.entry(entry_id).or_default().push(name);
     }
-
     rows.into_iter()
         .map(|row| {
             let s = selectors.remove(&row.id).unwrap_or_default();

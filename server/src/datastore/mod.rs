@@ -92,10 +92,13 @@ macro_rules! on_tx {
 mod agents;
 mod attestation_state;
 mod bundles;
+mod changes;
 mod entries;
 mod settings;
 mod tokens;
 
+#[cfg(test)]
+pub(crate) mod testing;
 #[cfg(test)]
 mod tests;
 
@@ -119,6 +122,7 @@ use crate::{Error, Result};
 
 pub use agents::{AttestedAgent, Refusal};
 pub use attestation_state::StateKey;
+pub use changes::{ChangeListener, Changes, Cursor};
 pub use settings::{DEFAULT_MAX_CONNECTIONS, Password, PostgresSettings, Settings, SslMode};
 pub use tokens::{JoinToken, PresentedToken};
 
@@ -128,6 +132,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Rows per multi-row `INSERT`, kept well below SQLite's bind-parameter limit.
 const INSERT_CHUNK: usize = 500;
+
+/// Values per `IN (...)` list, kept well below both engines' bind-parameter limits.
+const IN_CHUNK: usize = 1000;
+
+/// The name of the PostgreSQL notification every committed write sends
+/// ([`Datastore::change_listener`]).
+const CHANGES_CHANNEL: &str = "carapace_changes";
 
 /// The key of the PostgreSQL advisory lock every write transaction takes first
 /// (`pg_advisory_xact_lock`): "carapace" in ASCII. Only Carapace servers take it.
@@ -446,11 +457,20 @@ impl WriteTx {
         let committed = async {
             let wrote = match &mut tx {
                 Engine::Sqlite(_) => total_changes(&mut tx).await? != changes_at_begin,
-                // A transaction gets an id at its first write.
+                // A transaction gets an id at its first write. A write wakes the
+                // servers following the change logs, when it commits.
                 Engine::Postgres(t) => {
-                    sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
-                        .fetch_one(&mut **t)
-                        .await?
+                    let wrote: bool =
+                        sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+                            .fetch_one(&mut **t)
+                            .await?;
+                    if wrote {
+                        sqlx::query("SELECT pg_notify($1, '')")
+                            .bind(CHANGES_CHANNEL)
+                            .execute(&mut **t)
+                            .await?;
+                    }
+                    wrote
                 }
             };
             tx.commit().await?;
@@ -560,6 +580,22 @@ fn create_db_file(path: &Path) -> Result<()> {
 /// The error for a stored row that does not convert back into a core type.
 fn corrupt(row: impl std::fmt::Display, problem: impl std::fmt::Display) -> Error {
     Error::Datastore(format!("corrupt row {row}: {problem}"))
+}
+
+/// Appends ` WHERE column IN (...)` with one bound value per item (at least one).
+fn push_in<DB: sqlx::Database>(
+    qb: &mut sqlx::QueryBuilder<DB>,
+    column: &str,
+    items: impl IntoIterator<Item = String>,
+) where
+    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    qb.push(" WHERE ").push(column).push(" IN (");
+    let mut sep = qb.separated(", ");
+    for item in items {
+        sep.push_bind(item);
+    }
+    qb.push(")");
 }
 
 /// Whether `e` is a uniqueness (primary key or unique index) violation.

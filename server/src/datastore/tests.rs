@@ -12,6 +12,7 @@ use carapace_core::{
     EntryId, JwtKey, RegistrationEntry, Selector, SelectorSet, SpiffeId, TrustBundle, TrustDomain,
 };
 
+use super::testing::{postgres_servers, postgres_settings};
 use super::*;
 
 fn sel(s: &str) -> Selector {
@@ -96,27 +97,6 @@ async fn sqlite_fixture() -> (Datastore, Keep) {
     (ds, Keep::Dir(dir))
 }
 
-/// The settings of a fresh, empty database on the shared PostgreSQL cluster. A missing
-/// PostgreSQL fails the test with the command that installs it.
-fn postgres_settings() -> (PostgresSettings, Arc<hsm_sim::postgres::Postgres>) {
-    let pg = hsm_sim::postgres::shared().unwrap_or_else(|e| {
-        panic!(
-            "these tests run on PostgreSQL too: {e} (install it with `apt-get install -y \
-             {}`, or run scripts/test.sh)",
-            hsm_sim::postgres::POSTGRES_PACKAGES
-        )
-    });
-    let db = pg.fresh_database().unwrap();
-    let settings = PostgresSettings {
-        url: pg.url(&db),
-        max_connections: DEFAULT_MAX_CONNECTIONS,
-        ssl_mode: Some(SslMode::Disable),
-        ca_file: None,
-        password: Password::File(pg.password_file()),
-    };
-    (settings, pg)
-}
-
 /// A PostgreSQL datastore on a fresh database of the shared cluster.
 async fn postgres_fixture() -> (Datastore, Keep) {
     let (settings, pg) = postgres_settings();
@@ -166,6 +146,7 @@ on_both_engines!(
     the_bundle_is_the_union_of_every_servers_part_without_what_expired,
     ca_journal_save_load,
     the_journal_of_a_single_server_database_is_claimed_by_one_server,
+    every_write_names_its_entry_or_agent_in_the_change_logs,
     attestation_state_is_kept_per_attestor_and_node,
     eviction_deletes_the_named_state_record_and_nothing_else,
     save_new_attestation_state_inserts_once_and_keeps_the_first,
@@ -1225,18 +1206,60 @@ async fn the_journal_of_a_single_server_database_is_claimed_by_one_server(ds: Da
     assert_eq!(ds.load_ca_journal("").await.unwrap(), None);
 }
 
-// ---------------------------------------------------------------- several servers (PostgreSQL)
+// ---------------------------------------------------------------- change logs
 
-/// `n` datastores on one fresh PostgreSQL database, each with its own pool: what `n`
-/// servers sharing a trust domain hold.
-async fn servers(n: usize) -> (Vec<Datastore>, Arc<hsm_sim::postgres::Postgres>) {
-    let (settings, pg) = postgres_settings();
-    let mut all = Vec::new();
-    for _ in 0..n {
-        all.push(Datastore::open_postgres(&settings).await.unwrap());
-    }
-    (all, pg)
+async fn every_write_names_its_entry_or_agent_in_the_change_logs(ds: Datastore) {
+    let start = ds.change_cursor().await.unwrap();
+    assert_eq!(start, Cursor::default());
+    assert!(ds.changes_since(start, 100).await.unwrap().is_empty());
+
+    ds.create_entry(&entry("e1", "/a", &["t:a"])).await.unwrap();
+    ds.create_entry(&entry("e2", "/b", &["t:b"])).await.unwrap();
+    let mut e1 = entry("e1", "/a", &["t:a", "t:z"]);
+    e1.hint = "changed".into();
+    ds.update_entry(&e1).await.unwrap();
+    let a = agent("/join_token/a", &["join_token:a"]);
+    ds.upsert_attested_agent(&a).await.unwrap();
+    ds.set_agent_new_serial(&a.spiffe_id, "ff", 9_000)
+        .await
+        .unwrap();
+    ds.set_agent_banned(&a.spiffe_id, true).await.unwrap();
+
+    let c = ds.changes_since(start, 100).await.unwrap();
+    assert_eq!(
+        c.entries,
+        vec![eid("e1"), eid("e2")],
+        "each once, first-event order"
+    );
+    assert_eq!(c.agents, vec![a.spiffe_id.clone()]);
+    assert_eq!(c.cursor, ds.change_cursor().await.unwrap());
+    assert!(!c.more);
+    // The rows as they are now: e1 updated; the agent banned.
+    let rows = ds.entries_by_id(&c.entries).await.unwrap();
+    assert_eq!(rows[0].hint, "changed");
+    assert_eq!(rows[0].selectors, sels(&["t:a", "t:z"]));
+    assert!(ds.agents_by_id(&c.agents).await.unwrap()[0].banned);
+
+    // A limit splits the log; the cursor moves past what was returned only.
+    let first = ds.changes_since(start, 1).await.unwrap();
+    assert_eq!(first.entries, vec![eid("e1")]);
+    assert!(first.more);
+    let rest = ds.changes_since(first.cursor, 100).await.unwrap();
+    assert_eq!(rest.entries, vec![eid("e2"), eid("e1")]);
+
+    // Deletions and evictions are logged; the rows are gone.
+    let after = c.cursor;
+    ds.delete_entry(&eid("e2")).await.unwrap();
+    ds.delete_attested_agent(&a.spiffe_id, None).await.unwrap();
+    ds.prune_expired_entries(0).await.unwrap();
+    let c = ds.changes_since(after, 100).await.unwrap();
+    assert_eq!(c.entries, vec![eid("e2")]);
+    assert_eq!(c.agents, vec![a.spiffe_id.clone()]);
+    assert!(ds.entries_by_id(&c.entries).await.unwrap().is_empty());
+    assert!(ds.agents_by_id(&c.agents).await.unwrap().is_empty());
 }
+
+// ---------------------------------------------------------------- several servers (PostgreSQL)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_servers_starting_together_on_an_empty_database_migrate_it_once() {
@@ -1279,7 +1302,7 @@ async fn three_servers_starting_together_on_an_empty_database_migrate_it_once() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_join_token_raced_on_two_servers_admits_exactly_one_agent() {
-    let (stores, _pg) = servers(2).await;
+    let (stores, _pg) = postgres_servers(2).await;
     for round in 0..5u8 {
         let (id, h) = tok(round);
         stores[0]
@@ -1309,7 +1332,7 @@ async fn a_join_token_raced_on_two_servers_admits_exactly_one_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_first_use_record_raced_on_two_servers_is_written_once() {
-    let (stores, _pg) = servers(2).await;
+    let (stores, _pg) = postgres_servers(2).await;
     for round in 0..5 {
         let node = format!("i-{round}");
         let barrier = Arc::new(tokio::sync::Barrier::new(10));
@@ -1349,7 +1372,7 @@ async fn a_first_use_record_raced_on_two_servers_is_written_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn similar_entries_raced_on_two_servers_store_exactly_one() {
-    let (stores, _pg) = servers(2).await;
+    let (stores, _pg) = postgres_servers(2).await;
     for round in 0..5 {
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
         let tasks: Vec<_> = (0..2)
@@ -1383,7 +1406,7 @@ async fn similar_entries_raced_on_two_servers_store_exactly_one() {
 /// never sees B's event before A's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_on_two_servers_commit_in_event_id_order() {
-    let (stores, _pg) = servers(3).await;
+    let (stores, _pg) = postgres_servers(3).await;
     let (a, b, reader) = (&stores[0], &stores[1], &stores[2]);
 
     let mut held = a.begin_write().await.unwrap();

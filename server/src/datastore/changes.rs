@@ -1,0 +1,174 @@
+//! Following what every server sharing the datastore commits: the change logs
+//! (`entry_events`, `agent_events`), read by id from a [`Cursor`], and, on PostgreSQL, a
+//! notification after each committed write to wake the readers at once.
+//!
+//! Nothing is skipped: writes are serialised (see the module's invariants), and an event
+//! id is drawn inside the write lock, so a log's ids become visible in increasing order;
+//! a reader that has seen id N will never later see an id below N appear. An id left
+//! unused by a rolled-back write is a gap that stays empty.
+
+use carapace_core::{EntryId, RegistrationEntry, SpiffeId};
+use sqlx::postgres::PgListener;
+
+use super::{CHANGES_CHANNEL, Datastore, Engine, Tx, agents, corrupt, entries, parse_spiffe_id};
+use crate::{Error, Result};
+
+/// How far a reader has followed the change logs: the last event id of each it applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The last `entry_events` id.
+    pub entry_event: i64,
+    /// The last `agent_events` id.
+    pub agent_event: i64,
+}
+
+/// What changed after a cursor: the entries and agents written (each once, in the order
+/// of their first event), and the cursor past them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Entries created, updated or deleted.
+    pub entries: Vec<EntryId>,
+    /// Agents attested, renewed, banned, refused or evicted.
+    pub agents: Vec<SpiffeId>,
+    /// The cursor after these changes.
+    pub cursor: Cursor,
+    /// Whether either log had more than the limit after the cursor (read again).
+    pub more: bool,
+}
+
+impl Changes {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.agents.is_empty()
+    }
+}
+
+/// Wakes a reader when any server commits a write to a PostgreSQL datastore.
+#[derive(Debug)]
+pub struct ChangeListener {
+    listener: PgListener,
+}
+
+impl ChangeListener {
+    /// Waits for the next committed write (of any server). Notifications sent while the
+    /// connection was down are lost (it reconnects by itself): readers also poll.
+    pub async fn recv(&mut self) -> Result<()> {
+        self.listener
+            .recv()
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Datastore(format!("waiting for datastore changes: {e}")))
+    }
+
+    /// Drops the notifications already received: one read of the logs covers them all.
+    pub fn drain(&mut self) {
+        while self.listener.next_buffered().is_some() {}
+    }
+}
+
+async fn latest(conn: &mut Tx, table: &'static str) -> Result<i64> {
+    let sql = match table {
+        "entry_events" => "SELECT COALESCE(MAX(id), 0) FROM entry_events",
+        _ => "SELECT COALESCE(MAX(id), 0) FROM agent_events",
+    };
+    Ok(on_tx!(conn, c => sqlx::query_scalar(sql).fetch_one(c).await)?)
+}
+
+impl Datastore {
+    /// The cursor at the end of both logs now. Read it before loading what it covers: a
+    /// write committed in between is then applied twice, never missed.
+    pub async fn change_cursor(&self) -> Result<Cursor> {
+        let mut tx = self.begin_read().await?;
+        let cursor = Cursor {
+            entry_event: latest(&mut tx, "entry_events").await?,
+            agent_event: latest(&mut tx, "agent_events").await?,
+        };
+        tx.commit().await?;
+        Ok(cursor)
+    }
+
+    /// The entries and agents written after `after`, at most `limit` events of each log.
+    pub async fn changes_since(&self, after: Cursor, limit: i64) -> Result<Changes> {
+        let mut tx = self.begin_read().await?;
+        let entry_rows: Vec<(i64, String)> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "SELECT id, entry_id FROM entry_events WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(after.entry_event)
+            .bind(limit)
+            .fetch_all(c)
+            .await
+        })?;
+        let agent_rows: Vec<(i64, String)> = on_tx!(&mut tx, c => {
+            sqlx::query_as(
+                "SELECT id, spiffe_id FROM agent_events WHERE id > $1 ORDER BY id LIMIT $2",
+            )
+            .bind(after.agent_event)
+            .bind(limit)
+            .fetch_all(c)
+            .await
+        })?;
+        tx.commit().await?;
+        let full = |n: usize| i64::try_from(n).is_ok_and(|n| n >= limit);
+        let mut out = Changes {
+            cursor: after,
+            more: full(entry_rows.len()) || full(agent_rows.len()),
+            ..Changes::default()
+        };
+        for (id, entry) in entry_rows {
+            let entry = EntryId::new(&entry)
+                .map_err(|e| corrupt(format_args!("entry_events id={id}"), e))?;
+            if !out.entries.contains(&entry) {
+                out.entries.push(entry);
+            }
+            out.cursor.entry_event = id;
+        }
+        for (id, agent) in agent_rows {
+            let agent = parse_spiffe_id(format_args!("agent_events id={id}"), &agent)?;
+            if !out.agents.contains(&agent) {
+                out.agents.push(agent);
+            }
+            out.cursor.agent_event = id;
+        }
+        Ok(out)
+    }
+
+    /// The entries with these ids that exist now (a missing one was deleted).
+    pub async fn entries_by_id(&self, ids: &[EntryId]) -> Result<Vec<RegistrationEntry>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_read().await?;
+        let found = entries::load_entries_by_id(&mut tx, ids).await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    /// The agents with these SPIFFE IDs that exist now (a missing one was evicted).
+    pub async fn agents_by_id(&self, ids: &[SpiffeId]) -> Result<Vec<agents::AttestedAgent>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin_read().await?;
+        let found = agents::load_agents_by_id(&mut tx, ids).await?;
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    /// A listener woken by every write any server commits, on PostgreSQL; `None` on
+    /// SQLite, whose database no other server shares.
+    pub async fn change_listener(&self) -> Result<Option<ChangeListener>> {
+        match &self.pool {
+            Engine::Sqlite(_) => Ok(None),
+            Engine::Postgres(pool) => {
+                let mut listener = PgListener::connect_with(pool).await.map_err(|e| {
+                    Error::Datastore(format!("listening for datastore changes: {e}"))
+                })?;
+                listener.listen(CHANGES_CHANNEL).await.map_err(|e| {
+                    Error::Datastore(format!("listening for datastore changes: {e}"))
+                })?;
+                Ok(Some(ChangeListener { listener }))
+            }
+        }
+    }
+}
