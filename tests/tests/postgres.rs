@@ -12,8 +12,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, uid_selector};
+use carapace_e2e::{
+    Agent, Lab, Server, ServerOptions, bin, eventually, eventually_within, now, openssl_verify,
+    uid_selector,
+};
 use hsm_sim::postgres::Postgres;
 
 /// A lab PostgreSQL; a missing one fails with the command that installs it.
@@ -178,4 +182,121 @@ async fn a_wrong_password_stops_the_server_and_a_url_password_is_refused_unrepea
         .unwrap(),
         "0"
     );
+}
+
+/// How many CA certificates `bundle show` prints.
+fn ca_count(bundle_pem: &str) -> usize {
+    bundle_pem.matches("BEGIN CERTIFICATE").count()
+}
+
+/// Three servers started together on an empty PostgreSQL database serve one trust
+/// domain: each its own CA, every CA in every server's bundle, an entry made on one
+/// server reaching a workload whose agent is on another; `kill -9` of a server moves its
+/// agent to another within 10 s, the workload keeps a valid SVID and gets the next
+/// rotation.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_servers_share_a_trust_domain_and_survive_kill_9_of_one() {
+    let pg = postgres();
+    pg.create_database("carapace").unwrap();
+    let lab = Lab::new();
+    let cfg = config(&lab, "shared", &pg_datastore(&pg, "carapace"));
+    // Started together on the empty database: the migrations run once, no server fails.
+    let mut servers: Vec<Server> = (1..=3)
+        .map(|i| {
+            Server::spawn_opts(
+                &lab,
+                ServerOptions {
+                    name: Some(format!("s{i}")),
+                    extra: vec!["--config".into(), cfg.display().to_string()],
+                    ..ServerOptions::default()
+                },
+            )
+        })
+        .collect();
+    for s in &mut servers {
+        s.wait_healthy();
+    }
+    assert_eq!(
+        pg.psql("carapace", "SELECT COUNT(*) FROM server_ca_journals")
+            .unwrap(),
+        "3",
+        "one CA journal per server"
+    );
+    // Every server serves every server's CA.
+    for s in &servers {
+        eventually("every CA in every server's bundle", || async {
+            (ca_count(&s.bundle_pem()) == 3).then_some(())
+        })
+        .await;
+    }
+
+    // An agent on s1 (then s2, s3) and one on s2 (then s3, s1).
+    let addr: Vec<String> = servers.iter().map(|s| s.address.clone()).collect();
+    let a1 = Agent::start_with(
+        &lab,
+        &servers[0],
+        "a1",
+        &[
+            "--server-address".as_ref(),
+            addr[1].as_ref(),
+            "--server-address".as_ref(),
+            addr[2].as_ref(),
+        ],
+    );
+    let a2 = Agent::start_with(
+        &lab,
+        &servers[1],
+        "a2",
+        &[
+            "--server-address".as_ref(),
+            addr[2].as_ref(),
+            "--server-address".as_ref(),
+            addr[0].as_ref(),
+        ],
+    );
+    // Entries made on s3 and s1 reach agents served by s1 and s2.
+    servers[2].create_entry(
+        &a1.id,
+        "spiffe://example.org/one",
+        &[&uid_selector()],
+        &["--x509-svid-ttl", "20s"],
+    );
+    servers[0].create_entry(&a2.id, "spiffe://example.org/two", &[&uid_selector()], &[]);
+    a1.wait_for_svid("spiffe://example.org/one").await;
+    a2.wait_for_svid("spiffe://example.org/two").await;
+    // An SVID signed by s1's CA verifies against s3's bundle.
+    let held = a1.held_svid("spiffe://example.org/one").unwrap();
+    let verified = openssl_verify(&lab, &held.chain_pem, &servers[2].bundle_pem());
+    assert!(verified.contains(": OK"), "{verified}");
+
+    // kill -9 s1: a1 is served by another server within 10 s.
+    servers[0].kill();
+    let killed = Instant::now();
+    servers[1].create_entry(
+        &a1.id,
+        "spiffe://example.org/after",
+        &[&uid_selector()],
+        &[],
+    );
+    a1.wait_for_svid("spiffe://example.org/after").await;
+    let moved = killed.elapsed();
+    assert!(moved < Duration::from_secs(10), "a1 moved after {moved:?}");
+    // The workload still holds a valid SVID, and the next rotation of the 20 s one
+    // arrives (a new chain, signed by s2 or s3).
+    let before = a1.held_svid("spiffe://example.org/one").unwrap();
+    assert!(before.expires_at > now() as i64, "still valid");
+    let rotated = eventually_within(
+        "the next rotation of the 20 s SVID",
+        Duration::from_secs(20),
+        || async {
+            a1.held_svid("spiffe://example.org/one")
+                .filter(|s| s.chain_pem != before.chain_pem)
+        },
+    )
+    .await;
+    let verified = openssl_verify(&lab, &rotated.chain_pem, &servers[2].bundle_pem());
+    assert!(verified.contains(": OK"), "{verified}");
+    // Both agents are still the agents they were: never attested again.
+    let agents = servers[2].cli_json(&["agent", "list"])["agents"].clone();
+    assert_eq!(agents.as_array().unwrap().len(), 2, "{agents}");
 }
