@@ -64,13 +64,13 @@ impl RemoteAdmin {
         })?;
         let id = &svid.id;
         if id.is_reserved() {
-            let who = if id.is_agent() {
-                "an agent"
+            let what = if id.is_agent() {
+                "an agent's SVID"
             } else {
-                "a server"
+                "under the reserved /spire path"
             };
             return Err(format!(
-                "{id} is {who}'s SVID; agent and server SVIDs never administer"
+                "{id} is {what}; agent and server SVIDs never administer"
             ));
         }
         if now >= svid.not_after {
@@ -110,11 +110,11 @@ impl Service<http::Request<Body>> for RemoteAdmin {
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let peer = req.extensions().get::<PeerInfo>();
-        let remote = peer.map(|p| p.remote);
+        let remote = peer.map(|p| p.remote.to_string()).unwrap_or_default();
         let method = req.uri().path().to_owned();
         match self.authorize(peer, unix_now()) {
             Ok(caller) => {
-                tracing::info!(%caller, remote = ?remote, %method, "remote admin call");
+                tracing::info!(%caller, %remote, %method, "remote admin call");
                 // The service that answered `poll_ready` takes the call (tower's contract);
                 // the clone is ready for the next one.
                 let clone = self.inner.clone();
@@ -123,9 +123,9 @@ impl Service<http::Request<Body>> for RemoteAdmin {
             }
             Err(reason) => {
                 if peer.is_some_and(|p| p.svid.is_some()) {
-                    tracing::info!(remote = ?remote, %method, %reason, "remote admin call refused");
+                    tracing::info!(%remote, %method, %reason, "remote admin call refused");
                 } else {
-                    tracing::debug!(remote = ?remote, %method, %reason, "remote admin call refused");
+                    tracing::debug!(%remote, %method, %reason, "remote admin call refused");
                 }
                 Box::pin(std::future::ready(Ok(
                     Status::permission_denied(reason).into_http()
