@@ -32,6 +32,8 @@ mod token;
 mod x509;
 
 #[cfg(test)]
+mod remote_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

@@ -56,7 +56,7 @@ impl RemoteAdmin {
     }
 
     /// Who is calling, if they may administer at `now` (unix seconds); else why not.
-    fn authorize(&self, peer: Option<&PeerInfo>, now: i64) -> Result<SpiffeId, String> {
+    pub(super) fn authorize(&self, peer: Option<&PeerInfo>, now: i64) -> Result<SpiffeId, String> {
         let svid = peer.and_then(|p| p.svid.as_ref()).ok_or_else(|| {
             "the admin API on this port requires an X509-SVID of an admin entry as client \
              certificate; none was presented"

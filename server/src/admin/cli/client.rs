@@ -79,8 +79,14 @@ pub(crate) fn remote_tls(remote: &RemoteFlags, now: i64) -> Result<rustls::Clien
             ),
         ));
     }
-    let key = carapace_keymanager_soft::load_key_file(&remote.svid_key, "admin-svid")
-        .map_err(|e| Error::InvalidArgument(format!("--svid-key: {e}")))?;
+    let key =
+        carapace_keymanager_soft::load_key_file(&remote.svid_key, "admin-svid").map_err(|e| {
+            let why = match e {
+                carapace_core::Error::KeyBackend(m) => m,
+                other => other.to_string(),
+            };
+            Error::InvalidArgument(format!("--svid-key: {why}"))
+        })?;
     let spki = leaf_spki(leaf).map_err(|e| bad("--svid", &remote.svid, &e))?;
     if carapace_core::plugin::KeySigner::public_key_der(&key) != spki.as_slice() {
         return Err(Error::InvalidArgument(format!(
@@ -94,13 +100,6 @@ pub(crate) fn remote_tls(remote: &RemoteFlags, now: i64) -> Result<rustls::Clien
     let td = id.trust_domain();
     let bundle = carapace_core::TrustBundle::from_pem(td.clone(), &bundle_pem)
         .map_err(|e| bad("--bundle", &remote.bundle, &e))?;
-    if bundle.x509_authorities.is_empty() {
-        return Err(bad(
-            "--bundle",
-            &remote.bundle,
-            &"holds no CA certificate (expected the trust bundle, PEM)",
-        ));
-    }
     let (_keep, bundle) = tokio::sync::watch::channel(Arc::new(bundle));
     let client = carapace_tls::certified_key(&chain, Arc::new(key));
     carapace_tls::client_config(bundle, td.server_id(), Some(client))

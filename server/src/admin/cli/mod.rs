@@ -51,6 +51,9 @@ pub use bundle::{BundleCommand, BundleFormat, BundleShowArgs};
 // The admin API's tests talk to their server over the CLI's checked connection.
 #[cfg(test)]
 pub(crate) use client::connect;
+// The admin API's tests check the remote flags' file checks next to the server's.
+#[cfg(test)]
+pub(crate) use client::{RemoteFlags, remote_tls};
 pub use entry::{
     CountView, DeletedView, EntryCommand, EntryCreateArgs, EntryDeleteArgs, EntryFields,
     EntryFilterArgs, EntryList, EntryUpdateArgs, EntryView, format_count_human,
