@@ -256,6 +256,32 @@ async fn an_admin_svid_administers_remotely_and_other_callers_are_refused() {
         "{err:?}"
     );
 
+    // A server that is not of this bundle (another server's CA, same trust domain) is
+    // refused by the CLI itself: the admin's request never reaches it.
+    let impostor = Server::start_opts(
+        &lab,
+        carapace_e2e::ServerOptions {
+            name: Some("impostor".into()),
+            ..Default::default()
+        },
+    );
+    let out = remote(&impostor, &admin, &create_evil);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot reach the server at {} over TLS",
+            impostor.address
+        )) && err.contains("invalid peer certificate"),
+        "{err}"
+    );
+    assert_eq!(impostor.cli_json(&["entry", "count"])["count"], 0);
+    assert!(
+        !without_colors(&impostor.log()).contains("remote admin call"),
+        "{}",
+        impostor.log()
+    );
+
     // Nothing the refused callers tried happened.
     assert_eq!(server.cli_json(&["entry", "count"])["count"], 3);
     let evil = server.cli_json(&["entry", "show", "--spiffe-id", "spiffe://example.org/evil"]);

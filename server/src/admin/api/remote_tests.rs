@@ -14,7 +14,7 @@ use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId, TrustDomain};
 use carapace_keymanager_soft::{MemoryKeyManager, SoftKey, generate_pkcs8};
 
 use super::{AdminApi, AdminSettings, RemoteAdmin};
-use crate::admin::cli::{RemoteFlags, remote_tls};
+use crate::admin::cli::{RemoteFlags, check_address, remote_tls};
 use crate::ca::{CaManager, CaSettings, SubjectKey};
 use crate::datastore::Datastore;
 use crate::entry_cache::EntryCache;
@@ -278,4 +278,28 @@ async fn the_cli_checks_the_admin_svid_files_before_connecting() {
     assert!(e.starts_with("--bundle "), "{e}");
     let e = err(flags("svid.pem", "svid.key", "bundle.pem"), now + 7200);
     assert!(e.contains(&format!("the SVID of {OPS} expired at")), "{e}");
+}
+
+#[test]
+fn the_server_address_must_be_host_and_port() {
+    for ok in ["server.example.org:8081", "127.0.0.1:8081", "[::1]:8081"] {
+        check_address(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for (bad, why) in [
+        ("server.example.org", "no port"),
+        (":8081", "no host"),
+        ("host:0", "the port must be a number from 1 to 65535"),
+        ("host:http", "the port must be a number from 1 to 65535"),
+        ("host:65536", "the port must be a number from 1 to 65535"),
+        ("::1:8081", "not a host name or address"),
+        ("https://host:8081", "not a host name or address"),
+    ] {
+        let e = check_address(bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "--server-address {bad:?}: {why}; expected HOST:PORT"
+            )),
+            "{bad}: {e}"
+        );
+    }
 }

@@ -114,8 +114,29 @@ fn leaf_spki(der: &[u8]) -> std::result::Result<Vec<u8>, String> {
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
+/// Checks that `--server-address` is `HOST:PORT` (a name or an address, `[v6]:port`).
+pub(crate) fn check_address(address: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Error::InvalidArgument(format!(
+            "--server-address {address:?}: {why}; expected HOST:PORT (the server's node API address, e.g. server.example.org:8081)"
+        ))
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    if host.is_empty() || host == "[]" {
+        return Err(bad("no host"));
+    }
+    if host.contains(['/', '@', ' ']) || (host.contains(':') && !host.starts_with('[')) {
+        return Err(bad("not a host name or address"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(bad("the port must be a number from 1 to 65535")),
+    }
+}
+
 /// Connects to `remote.address` over mutual TLS with the admin SVID.
 async fn connect_remote(remote: &RemoteFlags) -> Result<AdminClient<Channel>> {
+    check_address(&remote.address)?;
     let tls = remote_tls(remote, carapace_core::clock::unix_now())?;
     let channel = carapace_common::tls_channel(
         &remote.address,

@@ -53,7 +53,7 @@ pub use bundle::{BundleCommand, BundleFormat, BundleShowArgs};
 pub(crate) use client::connect;
 // The admin API's tests check the remote flags' file checks next to the server's.
 #[cfg(test)]
-pub(crate) use client::{RemoteFlags, remote_tls};
+pub(crate) use client::{RemoteFlags, check_address, remote_tls};
 pub use entry::{
     CountView, DeletedView, EntryCommand, EntryCreateArgs, EntryDeleteArgs, EntryFields,
     EntryFilterArgs, EntryList, EntryUpdateArgs, EntryView, format_count_human,
