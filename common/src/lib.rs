@@ -450,6 +450,35 @@ pub async fn uds_channel(
         .await
 }
 
+/// A gRPC channel to `address` (`HOST:PORT`) over TLS with `tls`, connected before it is
+/// returned (within `connect_timeout`); each call then has `timeout`. The server name
+/// sent is `carapace-server`: Carapace's verifiers check the peer's SPIFFE ID, not a DNS
+/// name.
+pub async fn tls_channel(
+    address: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    connect_timeout: std::time::Duration,
+    timeout: std::time::Duration,
+) -> Result<Channel, tonic::transport::Error> {
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let target = address.to_owned();
+    Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(connect_timeout)
+        .timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let connector = connector.clone();
+            let target = target.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(target.as_str()).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls_pki_types::ServerName::try_from("carapace-server")
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+                Ok::<_, std::io::Error>(TokioIo::new(connector.connect(name, tcp).await?))
+            }
+        }))
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -328,6 +328,17 @@ impl EntryCache {
         read(&self.index).entries.get(id).cloned()
     }
 
+    /// Whether an entry issuing `id`, marked `admin` and not expired at `now` (unix
+    /// seconds), exists: who may call the admin API over TLS, asked on every call.
+    pub fn has_admin_entry(&self, id: &SpiffeId, now: i64) -> bool {
+        let idx = read(&self.index);
+        idx.by_spiffe_id.get(id).into_iter().flatten().any(|eid| {
+            idx.entries
+                .get(eid)
+                .is_some_and(|e| e.admin && e.expires_at.is_none_or(|t| t > now))
+        })
+    }
+
     /// Number of entries.
     pub fn entry_count(&self) -> usize {
         read(&self.index).entries.len()

@@ -3,8 +3,8 @@
 //! [`run`] wires everything: the datastore (SQLite or PostgreSQL), the key manager and node attestors
 //! from the catalogs, the CA ([`ca::CaManager`]) with its rotator, the in-memory entry
 //! index ([`entry_cache::EntryCache`]), the node API on TLS 1.3 ([`node_api`]) and the
-//! admin API on a Unix socket ([`admin::api`]), and the optional health and OIDC
-//! discovery ([`oidc`]) endpoints. `main.rs` only parses the command line.
+//! admin API on a Unix socket and, for admin SVIDs, on the node API's port
+//! ([`admin::api`]), and the optional health and OIDC discovery ([`oidc`]) endpoints. `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -216,13 +216,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     )
     .with_max_attestations_in_flight(config.node_api.max_attestations_in_flight)
     .with_shutdown(stop_rx.clone());
-    let node_task = crate::listener::serve(
-        listener,
-        Arc::new(tls),
-        node,
-        config.node_api,
-        stop_rx.clone(),
-    );
     let admin = admin::api::AdminApi::new(
         cache.clone(),
         ca.clone(),
@@ -231,6 +224,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             default_join_token_ttl: config::DEFAULT_JOIN_TOKEN_TTL,
             jwt: jwt_settings,
         },
+    );
+    let node_task = crate::listener::serve(
+        listener,
+        Arc::new(tls),
+        node,
+        admin::api::RemoteAdmin::new(admin.clone()),
+        config.node_api,
+        stop_rx.clone(),
     );
     let admin_task = {
         let mut stop = stop_rx.clone();

@@ -16,6 +16,12 @@
 //!
 //! At a cap, the oldest idle connection of the heaviest peer makes room, so a caller
 //! that comes to attest is served while idle connections hold the caps.
+//!
+//! Both servers also serve the admin API ([`RemoteAdmin`]), which authorizes each call
+//! itself: an administrator's SVID is not an agent's, so its connections are served
+//! with the attestation limits above (remote administration is a few calls, and a
+//! workload SVID earns no more room than an anonymous caller); an agent's call is
+//! refused with `PermissionDenied` like any other non-admin's.
 
 use std::io;
 use std::net::IpAddr;
@@ -31,6 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::admin::api::RemoteAdmin;
 use crate::node_api::{
     HANDSHAKE_TIMEOUT, MAX_ATTESTATION_MESSAGE_SIZE, MAX_MESSAGE_SIZE, NodeApi, PeerInfo,
     peer_svid, tls_exporter,
@@ -203,13 +210,14 @@ pub fn incoming(
     }
 }
 
-/// Serves `api` on `listener` within `limits` until `stop` turns true: connections with
-/// an agent SVID and the others on two gRPC servers with different limits (see the
-/// module documentation).
+/// Serves `api` and `admin` on `listener` within `limits` until `stop` turns true:
+/// connections with an agent SVID and the others on two gRPC servers with different
+/// limits (see the module documentation).
 pub fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     api: NodeApi,
+    admin: RemoteAdmin,
     limits: NodeApiLimits,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -230,6 +238,7 @@ pub fn serve(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .layer(TrackRpcsLayer::<PeerInfo>::new())
         .add_service(api.clone().into_service())
+        .add_service(admin.clone())
         .serve_with_incoming_shutdown(incoming.authenticated, stopped(stop.clone()));
     let unauthenticated = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -239,6 +248,7 @@ pub fn serve(
         .http2_max_header_list_size(ATTESTATION_MAX_HEADER_LIST)
         .layer(TrackRpcsLayer::<PeerInfo>::new())
         .add_service(api.into_attestation_service())
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming.unauthenticated, stopped(stop));
     tokio::spawn(async move {
         let (a, u) = tokio::join!(authenticated, unauthenticated);

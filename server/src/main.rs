@@ -20,7 +20,8 @@ const EXIT_USAGE: u8 = 64;
     long_about = "The Carapace server: the SPIFFE identity authority of a trust domain.\n\n\
         `carapace-server run` starts it (no config file needed: SQLite and a disk CA key in \
         the data dir, trust domain example.org). The other commands talk to a running server \
-        over its admin socket."
+        over its admin socket, or, with --server-address, over its node API port as the \
+        X509-SVID of an entry created with --admin."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -96,6 +96,9 @@ pub struct PeerSvid {
     pub serial_hex: String,
     /// Its notAfter, unix seconds: every call checks it, whatever the handshake saw.
     pub not_after: i64,
+    /// The certificates the peer presented, leaf first (DER): the admin API checks them
+    /// against the current bundle on every call ([`crate::admin::api::RemoteAdmin`]).
+    pub chain: Arc<[Vec<u8>]>,
 }
 
 impl PeerSvid {
@@ -111,7 +114,8 @@ impl PeerSvid {
 }
 
 pub(crate) fn peer_svid<IO>(conn: &tokio_rustls::server::TlsStream<IO>) -> Option<PeerSvid> {
-    let leaf = conn.get_ref().1.peer_certificates()?.first()?;
+    let certs = conn.get_ref().1.peer_certificates()?;
+    let leaf = certs.first()?;
     let id = carapace_core::x509svid::check_leaf(leaf).ok()?;
     let serial = carapace_core::x509svid::serial_of(leaf).ok()?;
     let (_, not_after) = carapace_core::x509svid::validity_of(leaf).ok()?;
@@ -119,6 +123,7 @@ pub(crate) fn peer_svid<IO>(conn: &tokio_rustls::server::TlsStream<IO>) -> Optio
         id,
         serial_hex: hex::encode(serial),
         not_after,
+        chain: certs.iter().map(|c| c.to_vec()).collect(),
     })
 }
 

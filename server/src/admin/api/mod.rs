@@ -1,9 +1,11 @@
 //! The admin API: the `carapace.admin.v1.Admin` gRPC service, on a Unix socket that only
 //! the server's owner may open (socket mode 0600 in a directory of mode 0700, on a path
-//! no other user can change).
+//! no other user can change), and on the node API's TLS port to callers presenting the
+//! X509-SVID of an entry marked `admin` ([`RemoteAdmin`], `remote`: every call is
+//! authorized on its own; anyone else gets `PermissionDenied`).
 //!
-//! The socket's file permissions are the whole access control: whoever can open it is an
-//! administrator. The CLI in turn checks who answers (SO_PEERCRED) before it sends
+//! On the socket, its file permissions are the whole access control: whoever can open it
+//! is an administrator. The CLI in turn checks who answers (SO_PEERCRED) before it sends
 //! anything, so an impostor's socket gets neither requests nor join tokens. Every write
 //! of entries, agents and join tokens goes through the [`EntryCache`] (which validates
 //! against the trust domain and writes the datastore first), and every signature through
@@ -24,10 +26,13 @@ mod entry;
 mod fields;
 mod health;
 mod jwt;
+mod remote;
 mod socket;
 mod token;
 mod x509;
 
+#[cfg(test)]
+mod remote_tests;
 #[cfg(test)]
 mod tests;
 
@@ -54,6 +59,7 @@ use crate::Result;
 use crate::ca::CaManager;
 use crate::entry_cache::EntryCache;
 
+pub use remote::RemoteAdmin;
 pub use socket::{bind, serve};
 
 /// Settings of the admin API.

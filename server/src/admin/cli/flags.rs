@@ -18,7 +18,8 @@ use super::view::OutputFormat;
 use crate::config::default_admin_socket;
 use crate::{Error, Result};
 
-/// Options every admin command takes.
+/// Options every admin command takes: where the server is (its admin socket, or its
+/// node API address with an admin SVID) and the output format.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// The server's admin socket (default: /run/carapace/admin.sock as root,
@@ -30,6 +31,47 @@ pub struct Common {
     /// anything is sent).
     #[arg(long, env = "CARAPACE_SERVER_UID", value_name = "UID")]
     pub server_uid: Option<u32>,
+    /// Call the server at HOST:PORT (its node API address) over mutual TLS instead of
+    /// the admin socket, as the admin workload whose X509-SVID --svid, --svid-key and
+    /// --bundle name. The server accepts the SVID of a registration entry created with
+    /// --admin (checked on every call) and must itself present spiffe://<trust
+    /// domain>/spire/server under the bundle. An admin workload gets its files with
+    /// `carapace-agent api fetch x509 --write DIR` (svid.pem, svid.key, bundle.pem), or
+    /// an administrator mints them with `carapace-server x509 mint --write DIR`.
+    #[arg(
+        long,
+        env = "CARAPACE_ADMIN_SERVER_ADDRESS",
+        value_name = "HOST:PORT",
+        requires_all = ["svid", "svid_key", "bundle"]
+    )]
+    pub server_address: Option<String>,
+    /// With --server-address: the admin X509-SVID, PEM, leaf first (then any
+    /// intermediates).
+    #[arg(
+        long,
+        env = "CARAPACE_ADMIN_SVID",
+        value_name = "FILE",
+        requires = "server_address"
+    )]
+    pub svid: Option<PathBuf>,
+    /// With --server-address: the SVID's private key, PKCS#8 PEM, in a file no group or
+    /// other user may read or write (chmod 600).
+    #[arg(
+        long,
+        env = "CARAPACE_ADMIN_SVID_KEY",
+        value_name = "FILE",
+        requires = "server_address"
+    )]
+    pub svid_key: Option<PathBuf>,
+    /// With --server-address: the trust bundle, PEM CA certificates of the trust domain,
+    /// which the server's SVID must chain to.
+    #[arg(
+        long,
+        env = "CARAPACE_ADMIN_BUNDLE",
+        value_name = "FILE",
+        requires = "server_address"
+    )]
+    pub bundle: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Human)]
     pub output: OutputFormat,
@@ -50,6 +92,19 @@ pub(super) fn parse_expires_at(s: &str) -> std::result::Result<i64, String> {
     }
     carapace_core::limits::check_unix_time(t)?;
     Ok(t)
+}
+
+impl Common {
+    /// The remote server and admin SVID files, when `--server-address` is given (clap
+    /// makes the four flags go together).
+    pub(super) fn remote(&self) -> Option<super::client::RemoteFlags> {
+        Some(super::client::RemoteFlags {
+            address: self.server_address.clone()?,
+            svid: self.svid.clone()?,
+            svid_key: self.svid_key.clone()?,
+            bundle: self.bundle.clone()?,
+        })
+    }
 }
 
 /// The error for a bad flag: `<cmd>: <flag>: <why>`.

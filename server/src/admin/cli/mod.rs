@@ -1,7 +1,8 @@
 //! The admin subcommands of `carapace-server` (`entry`, `agent`, `bundle`, `token`,
 //! `x509`, `jwt`, `localauthority`, `healthcheck`): each validates its input locally, calls the admin API on the
-//! server's Unix socket, and returns what to print, human-readable (SPIRE-like) or JSON
-//! (`--output json`).
+//! server's Unix socket (or, with `--server-address`, on the server's node API port over
+//! mutual TLS as an admin SVID), and returns what to print, human-readable (SPIRE-like)
+//! or JSON (`--output json`).
 //!
 //! Every argument that can be checked without the server (SPIFFE IDs, selectors, DNS
 //! names, entry ids) is checked before connecting: a bad input gets an error naming the
@@ -50,6 +51,9 @@ pub use bundle::{BundleCommand, BundleFormat, BundleShowArgs};
 // The admin API's tests talk to their server over the CLI's checked connection.
 #[cfg(test)]
 pub(crate) use client::connect;
+// The admin API's tests check the remote flags' file checks next to the server's.
+#[cfg(test)]
+pub(crate) use client::{RemoteFlags, check_address, remote_tls};
 pub use entry::{
     CountView, DeletedView, EntryCommand, EntryCreateArgs, EntryDeleteArgs, EntryFields,
     EntryFilterArgs, EntryList, EntryUpdateArgs, EntryView, format_count_human,
@@ -90,8 +94,50 @@ pub enum AdminCommand {
     Healthcheck(HealthcheckArgs),
 }
 
-/// Runs an admin command; returns what to print on stdout (ending with a newline).
+impl AdminCommand {
+    /// The flags every admin command takes.
+    fn common(&self) -> &Common {
+        use authority::{JwtAuthorityCommand as J, X509AuthorityCommand as X};
+        match self {
+            AdminCommand::Entry(c) => match c {
+                EntryCommand::Create(a) => &a.common,
+                EntryCommand::Show(a) | EntryCommand::Count(a) => &a.common,
+                EntryCommand::Update(a) => &a.common,
+                EntryCommand::Delete(a) => &a.common,
+            },
+            AdminCommand::Agent(c) => match c {
+                AgentCommand::List(a) => &a.common,
+                AgentCommand::Show(a) | AgentCommand::Ban(a) | AgentCommand::Evict(a) => &a.common,
+            },
+            AdminCommand::Bundle(BundleCommand::Show(a)) => &a.common,
+            AdminCommand::Token(TokenCommand::Generate(a)) => &a.common,
+            AdminCommand::X509(X509Command::Mint(a)) => &a.common,
+            AdminCommand::Jwt(JwtCommand::Mint(a)) => &a.common,
+            AdminCommand::Localauthority(c) => match c {
+                LocalAuthorityCommand::X509(x) => match x {
+                    X::Show(a) | X::Prepare(a) => &a.common,
+                    X::Activate(a) => &a.common,
+                    X::Taint(a) | X::Revoke(a) => &a.common,
+                },
+                LocalAuthorityCommand::Jwt(j) => match j {
+                    J::Show(a) | J::Prepare(a) => &a.common,
+                    J::Activate(a) => &a.common,
+                    J::Taint(a) | J::Revoke(a) => &a.common,
+                },
+            },
+            AdminCommand::Healthcheck(a) => &a.common,
+        }
+    }
+}
+
+/// Runs an admin command, on the admin socket or, with `--server-address`, on that
+/// server over mutual TLS; returns what to print on stdout (ending with a newline).
 pub async fn execute(cmd: AdminCommand) -> Result<String> {
+    let remote = cmd.common().remote();
+    client::with_remote(remote, dispatch(cmd)).await
+}
+
+async fn dispatch(cmd: AdminCommand) -> Result<String> {
     match cmd {
         AdminCommand::Entry(c) => entry::run(c).await,
         AdminCommand::Agent(c) => agent::run(c).await,
