@@ -36,6 +36,7 @@ async fn new_ca(td: &str) -> (Arc<CaManager>, Datastore) {
             organization: "Carapace".into(),
             country: "US".into(),
             jwt_key_type: KeyType::EcP256,
+            server_id: "server-1".into(),
         },
         unix_now(),
     )
