@@ -106,6 +106,17 @@ impl Postgres {
     /// Creates a cluster in a new temporary directory and starts it on a free loopback
     /// port. Returns once it accepts TCP connections.
     pub fn start() -> Result<Postgres> {
+        Self::start_with(None)
+    }
+
+    /// [`Postgres::start`] with TLS on: a certificate for `server_names` (DNS names or
+    /// IP addresses, in its subjectAltName) issued by a fresh CA whose certificate is
+    /// [`Postgres::ca_file`]. Clients may still connect without TLS; `sslmode` decides.
+    pub fn start_tls(server_names: &[&str]) -> Result<Postgres> {
+        Self::start_with(Some(server_names))
+    }
+
+    fn start_with(tls: Option<&[&str]>) -> Result<Postgres> {
         let initdb = program("initdb")?;
         let postgres = program("postgres")?;
         let psql = program("psql")?;
@@ -120,6 +131,7 @@ impl Postgres {
         std::fs::set_permissions(&pwfile, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(&pwfile, e))?;
         std::fs::create_dir(&sockets).map_err(|e| Error::io(&sockets, e))?;
+        let tls_files = tls.map(|names| make_tls_files(&dir, names)).transpose()?;
         give_to_owner(&dir)?;
 
         let mut cmd = as_owner(&initdb)?;
@@ -142,6 +154,13 @@ impl Postgres {
                 .args(["-c", "listen_addresses=127.0.0.1"])
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
                 .args(["-c", "full_page_writes=off"]);
+            if let Some((cert, key)) = &tls_files {
+                cmd.args(["-c", "ssl=on"])
+                    .arg("-c")
+                    .arg(format!("ssl_cert_file={}", cert.display()))
+                    .arg("-c")
+                    .arg(format!("ssl_key_file={}", key.display()));
+            }
             let mut child = Child::spawn(
                 "postgres",
                 &mut cmd,
@@ -185,6 +204,11 @@ impl Postgres {
     /// The loopback port it listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The CA certificate (PEM) of a cluster started with [`Postgres::start_tls`].
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("tls-ca.pem")
     }
 
     /// The superuser's password.
@@ -267,4 +291,73 @@ pub fn shared() -> Result<Arc<Postgres>> {
     let pg = Arc::new(Postgres::start()?);
     *slot = Arc::downgrade(&pg);
     Ok(pg)
+}
+
+/// Makes, in `dir`, a CA (`tls-ca.pem`) and a server certificate for `names` it issued
+/// (`tls-server.pem`, key `tls-server.key` mode 0600): P-256, one day, with openssl.
+/// Returns the certificate and key paths.
+fn make_tls_files(dir: &Path, names: &[&str]) -> Result<(PathBuf, PathBuf)> {
+    let openssl = require("openssl", "openssl")?;
+    let f = |n: &str| dir.join(n);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    process::run(
+        Command::new(&openssl)
+            .args(["req", "-x509"])
+            .args(ec)
+            .arg("-keyout")
+            .arg(f("tls-ca.key"))
+            .arg("-out")
+            .arg(f("tls-ca.pem"))
+            .args(["-days", "1", "-subj", "/CN=carapace lab database CA"]),
+        None,
+    )?;
+    process::run(
+        Command::new(&openssl)
+            .arg("req")
+            .args(ec)
+            .arg("-keyout")
+            .arg(f("tls-server.key"))
+            .arg("-out")
+            .arg(f("tls-server.csr"))
+            .args(["-subj", "/CN=carapace lab database"]),
+        None,
+    )?;
+    let san: Vec<String> = names
+        .iter()
+        .map(|n| {
+            if n.parse::<std::net::IpAddr>().is_ok() {
+                format!("IP:{n}")
+            } else {
+                format!("DNS:{n}")
+            }
+        })
+        .collect();
+    let ext = f("tls-server.ext");
+    std::fs::write(&ext, format!("subjectAltName={}\n", san.join(",")))
+        .map_err(|e| Error::io(&ext, e))?;
+    process::run(
+        Command::new(&openssl)
+            .args(["x509", "-req", "-days", "1", "-CAcreateserial"])
+            .arg("-in")
+            .arg(f("tls-server.csr"))
+            .arg("-CA")
+            .arg(f("tls-ca.pem"))
+            .arg("-CAkey")
+            .arg(f("tls-ca.key"))
+            .arg("-extfile")
+            .arg(&ext)
+            .arg("-out")
+            .arg(f("tls-server.pem")),
+        None,
+    )?;
+    let key = f("tls-server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(&key, e))?;
+    Ok((f("tls-server.pem"), key))
 }

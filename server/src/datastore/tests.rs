@@ -1430,6 +1430,64 @@ async fn writes_on_two_servers_commit_in_event_id_order() {
     assert!(seen[0].0 < seen[1].0, "ids in commit order: {seen:?}");
 }
 
+/// TLS to PostgreSQL: with `ca_file` the database's certificate must chain to it, and
+/// (`verify-full`, the default with a CA file) name the host; the session is encrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_is_checked_against_the_ca_file_and_the_host_name() {
+    let pg = hsm_sim::postgres::Postgres::start_tls(&["db.example.org"]).unwrap_or_else(|e| {
+        panic!(
+            "{e} (install it with `apt-get install -y {} openssl`, or run scripts/test.sh)",
+            hsm_sim::postgres::POSTGRES_PACKAGES
+        )
+    });
+    let db = pg.fresh_database().unwrap();
+    let settings = |ssl_mode, ca_file: Option<std::path::PathBuf>| PostgresSettings {
+        url: pg.url(&db),
+        max_connections: 2,
+        ssl_mode,
+        ca_file,
+        password: Password::File(pg.password_file()),
+    };
+    let open = |s: PostgresSettings| async move { Datastore::open_postgres(&s).await };
+
+    // The right CA, the name not checked: connected, over TLS.
+    let ds = open(settings(Some(SslMode::VerifyCa), Some(pg.ca_file())))
+        .await
+        .unwrap();
+    let encrypted: bool = on_pool!(&ds.pool, p => {
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(p)
+            .await
+    })
+    .unwrap();
+    assert!(encrypted, "the session is TLS");
+    ds.close().await;
+
+    // verify-full: the certificate names db.example.org, not 127.0.0.1.
+    let err = open(settings(Some(SslMode::VerifyFull), Some(pg.ca_file())))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("connecting to postgres://"), "{err}");
+    assert!(err.contains(r#"not valid for name "127.0.0.1""#), "{err}");
+
+    // Another CA: refused, whatever the name check.
+    let other = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other_ca = p.self_signed(&other).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let other_file = dir.path().join("other-ca.pem");
+    std::fs::write(&other_file, other_ca.pem()).unwrap();
+    let err = open(settings(Some(SslMode::VerifyCa), Some(other_file)))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("connecting to postgres://"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    assert!(!err.contains(pg.password()), "{err}");
+}
+
 // ---------------------------------------------------------------- files
 
 #[tokio::test]
