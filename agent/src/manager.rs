@@ -153,6 +153,10 @@ pub struct Manager {
     /// server refused it (renewal evidence refused, banned, evicted). Nothing is signed
     /// then; workloads keep what they hold until it expires.
     lost: Option<String>,
+    /// A refusal the agent retries past with its old SVID (its attestor cannot attest
+    /// again): reported, like `lost`, until a sync succeeds, so readiness does not flap
+    /// to ready between two refusals.
+    retried_refusal: Option<String>,
     /// Where the current node API client is published for the Workload API (JWT-SVIDs).
     server_link: Option<node_client::ServerLinkPublisher>,
 }
@@ -280,6 +284,7 @@ impl Manager {
             attestor,
             agent_not_after: na,
             lost: None,
+            retried_refusal: None,
             server_link: None,
         })
     }
@@ -556,7 +561,13 @@ impl Manager {
                 self.agent_not_after
             ));
         }
-        crate::metrics::metrics().set_lost(self.lost.as_deref());
+        self.publish_lost();
+    }
+
+    /// Publishes why the agent has no usable identity (for readiness), if it has none.
+    fn publish_lost(&self) {
+        let why = self.lost.as_deref().or(self.retried_refusal.as_deref());
+        crate::metrics::metrics().set_lost(why);
     }
 
     /// Workloads keep an SVID until it expires, never after: drops expired ones and
@@ -588,7 +599,7 @@ impl Manager {
             (Some(a), true) => a.clone(),
             _ => {
                 if now() < self.agent_not_after {
-                    self.lost = None;
+                    self.retried_refusal = self.lost.take();
                 } else {
                     tracing::error!(
                         reason = why,
@@ -648,6 +659,7 @@ impl Manager {
                 "the server refused this agent (banned, evicted, its SVID expired or its re-attestation refused); still serving the SVIDs held until they expire"
             );
             self.lost = Some(format!("the server refused the agent: {}", s.message()));
+            self.publish_lost();
         } else {
             tracing::warn!(
                 error = s.message(),
@@ -659,6 +671,10 @@ impl Manager {
 
     fn apply_sync(&mut self, m: SyncAuthorizedResponse) -> Result<()> {
         crate::metrics::metrics().synced();
+        if self.retried_refusal.take().is_some() {
+            tracing::info!("the server serves this agent again");
+            self.publish_lost();
+        }
         if let Some(b) = m.bundle.as_ref() {
             match bundle_from_wire(b) {
                 Ok(bundle) if bundle.trust_domain() == &self.cfg.trust_domain => {

@@ -425,4 +425,11 @@ async fn a_banned_agent_turns_unready_and_says_why() {
         "{}",
         String::from_utf8_lossy(&hc.stderr)
     );
+    // It stays unready while it retries the server with its old SVID (its join token
+    // cannot attest again): never ready between two refusals.
+    for _ in 0..30 {
+        let r = ready(addr.clone()).await;
+        assert_eq!(r["status"], 503, "{r}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
