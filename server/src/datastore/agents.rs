@@ -359,19 +359,7 @@ pub(super) async fn load_agents_by_id(
             qb.push(" ORDER BY spiffe_id, type, value");
             qb.build_query_as().fetch_all(c).await
         })?;
-        let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
-        for (agent, kind, value) in selector_rows {
-            let s = parse_selector(
-                format_args!("node_selectors spiffe_id={agent:?}"),
-                &kind,
-                &value,
-            )?;
-            selectors.entry(agent).or_default().push(s);
-        }
-        for row in rows {
-            let s = selectors.remove(&row.spiffe_id).unwrap_or_default();
-            out.push(agent_from_row(row, s)?);
-        }
+        out.extend(assemble(rows, selector_rows)?);
     }
     Ok(out)
 }
@@ -427,6 +415,14 @@ async fn load_agents(conn: &mut Tx, only: Option<&SpiffeId>) -> Result<Vec<Attes
         qb.push(" ORDER BY spiffe_id, type, value");
         qb.build_query_as().fetch_all(c).await
     })?;
+    assemble(rows, selector_rows)
+}
+
+/// Agent rows with their node-selector rows, as agents.
+fn assemble(
+    rows: Vec<AgentRow>,
+    selector_rows: Vec<(String, String, String)>,
+) -> Result<Vec<AttestedAgent>> {
     let mut selectors: HashMap<String, Vec<Selector>> = HashMap::new();
     for (agent, kind, value) in selector_rows {
         let s = parse_selector(
@@ -436,7 +432,6 @@ async fn load_agents(conn: &mut Tx, only: Option<&SpiffeId>) -> Result<Vec<Attes
         )?;
         selectors.entry(agent).or_default().push(s);
     }
-
     rows.into_iter()
         .map(|row| {
             let s = selectors.remove(&row.spiffe_id).unwrap_or_default();
