@@ -117,6 +117,21 @@ pub struct EntryCache {
     cursor: std::sync::Mutex<Cursor>,
 }
 
+/// Every entry and agent, and the change-log cursor they reflect. The cursor is read
+/// first: a write committed while the rows load is applied again by the next
+/// [`EntryCache::follow`], never missed.
+async fn load_index(ds: &Datastore, server_id: &SpiffeId) -> Result<(Cursor, Index)> {
+    let cursor = ds.change_cursor().await?;
+    let mut index = Index::default();
+    for e in ds.list_all_entries().await? {
+        index.insert(e, server_id);
+    }
+    for a in ds.list_attested_agents().await? {
+        index.agents.insert(a.spiffe_id.clone(), Arc::new(a));
+    }
+    Ok((cursor, index))
+}
+
 /// Events of each change log [`EntryCache::follow`] reads at a time.
 const FOLLOW_BATCH: i64 = 10_000;
 
@@ -145,16 +160,7 @@ impl EntryCache {
         attestors: &[Arc<dyn NodeAttestor>],
     ) -> Result<Arc<Self>> {
         let server_id = td.server_id();
-        // The cursor first: a write committed while the rows load is applied again by
-        // the first `follow`, never missed.
-        let cursor = ds.change_cursor().await?;
-        let mut index = Index::default();
-        for e in ds.list_all_entries().await? {
-            index.insert(e, &server_id);
-        }
-        for a in ds.list_attested_agents().await? {
-            index.agents.insert(a.spiffe_id.clone(), Arc::new(a));
-        }
+        let (cursor, index) = load_index(&ds, &server_id).await?;
         let rev = cursor.entry_event.max(0) as u64;
         let (revision, _) = watch::channel(rev);
         tracing::info!(
@@ -191,6 +197,21 @@ impl EntryCache {
         loop {
             let cursor = *self.cursor.lock().unwrap_or_else(|p| p.into_inner());
             let changes = self.ds.changes_since(cursor, FOLLOW_BATCH).await?;
+            if changes.reset {
+                // Events after the cursor were pruned (this server fell a whole
+                // retention period behind): reload everything.
+                let (cursor, index) = load_index(&self.ds, &self.server_id).await?;
+                tracing::warn!(
+                    entries = index.entries.len(),
+                    agents = index.agents.len(),
+                    "changes this server had not applied were pruned from the change logs; \
+                     reloaded the entry cache"
+                );
+                *write(&self.index) = index;
+                *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = cursor;
+                changed += 1;
+                break;
+            }
             if changes.is_empty() {
                 break;
             }
@@ -1110,6 +1131,29 @@ mod tests {
         let rev = a.revision();
         assert_eq!(a.follow().await.unwrap(), 0);
         assert_eq!(a.revision(), rev);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_behind_the_pruned_change_logs_reloads_its_index() {
+        let (a, b, _pg) = two_servers().await;
+        a.upsert_agent(agent(A1, &[])).await.unwrap();
+        a.create_entry(entry("w1", "spiffe://example.org/w1", A1, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        // Pruned before B followed: B cannot follow, it reloads.
+        let now = carapace_core::clock::unix_now();
+        a.datastore().prune_change_logs(now + 10).await.unwrap();
+        let rev = b.revision();
+        assert!(b.follow().await.unwrap() > 0);
+        assert!(b.revision() > rev);
+        assert_eq!(ids(&b.authorized_entries(&sid(A1))), ["w1"]);
+        assert!(b.get_agent(&sid(A1)).is_some());
+        // And follows on from there.
+        a.create_entry(entry("w2", "spiffe://example.org/w2", A1, &["unix:uid:1"]))
+            .await
+            .unwrap();
+        assert_eq!(b.follow().await.unwrap(), 1);
+        assert_eq!(ids(&b.authorized_entries(&sid(A1))), ["w1", "w2"]);
     }
 
     /// Entries written on two servers at once, while both follow: every agent ends with

@@ -54,6 +54,10 @@ pub fn private_dir(dir: &Path, what: &str) -> Result<()> {
     carapace_common::ensure_private_dir(dir, what).map_err(Error::Config)
 }
 
+/// How long change-log events are kept: a server that falls further behind (cut off from
+/// the database longer than this while running) reloads its whole index.
+pub const CHANGE_LOG_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
 /// The file in the data directory that holds the server's id.
 pub const SERVER_ID_FILE: &str = "server-id";
 
@@ -275,6 +279,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }
                 if let Err(e) = cache.datastore().prune_expired_join_tokens(now).await {
                     tracing::warn!(error = %e, "pruning expired join tokens failed");
+                }
+                match cache
+                    .datastore()
+                    .prune_change_logs(now - CHANGE_LOG_RETENTION.as_secs() as i64)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(count = n, "pruned old change-log events"),
+                    Err(e) => tracing::warn!(error = %e, "pruning the change logs failed"),
                 }
             }
         })

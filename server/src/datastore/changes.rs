@@ -6,6 +6,10 @@
 //! id is drawn inside the write lock, so a log's ids become visible in increasing order;
 //! a reader that has seen id N will never later see an id below N appear. An id left
 //! unused by a rolled-back write is a gap that stays empty.
+//!
+//! The logs are pruned ([`Datastore::prune_change_logs`]); `change_log_horizon` keeps the
+//! highest id pruned from each. A reader whose cursor is below it has missed events:
+//! [`Changes::reset`] tells it to reload everything.
 
 use carapace_core::{EntryId, RegistrationEntry, SpiffeId};
 use sqlx::postgres::PgListener;
@@ -34,6 +38,9 @@ pub struct Changes {
     pub cursor: Cursor,
     /// Whether either log had more than the limit after the cursor (read again).
     pub more: bool,
+    /// Whether events after the cursor were pruned: the reader must reload everything
+    /// (from a fresh [`Datastore::change_cursor`]); the rest of this is empty.
+    pub reset: bool,
 }
 
 impl Changes {
@@ -66,12 +73,41 @@ impl ChangeListener {
     }
 }
 
-async fn latest(conn: &mut Tx, table: &'static str) -> Result<i64> {
-    let sql = match table {
-        "entry_events" => "SELECT COALESCE(MAX(id), 0) FROM entry_events",
-        _ => "SELECT COALESCE(MAX(id), 0) FROM agent_events",
+/// The two change logs.
+#[derive(Clone, Copy)]
+enum Log {
+    Entries,
+    Agents,
+}
+
+impl Log {
+    fn name(self) -> &'static str {
+        match self {
+            Log::Entries => "entry_events",
+            Log::Agents => "agent_events",
+        }
+    }
+}
+
+/// The newest id of `log` (0 when empty), or the highest pruned if that is higher.
+async fn latest(conn: &mut Tx, log: Log) -> Result<i64> {
+    let sql = match log {
+        Log::Entries => "SELECT COALESCE(MAX(id), 0) FROM entry_events",
+        Log::Agents => "SELECT COALESCE(MAX(id), 0) FROM agent_events",
     };
-    Ok(on_tx!(conn, c => sqlx::query_scalar(sql).fetch_one(c).await)?)
+    let newest: i64 = on_tx!(conn, c => sqlx::query_scalar(sql).fetch_one(c).await)?;
+    Ok(newest.max(horizon(conn, log).await?))
+}
+
+/// The highest id pruned from `log` (0 if none).
+async fn horizon(conn: &mut Tx, log: Log) -> Result<i64> {
+    let pruned: Option<i64> = on_tx!(conn, c => {
+        sqlx::query_scalar("SELECT pruned_through FROM change_log_horizon WHERE log = $1")
+            .bind(log.name())
+            .fetch_optional(c)
+            .await
+    })?;
+    Ok(pruned.unwrap_or(0))
 }
 
 impl Datastore {
@@ -80,8 +116,8 @@ impl Datastore {
     pub async fn change_cursor(&self) -> Result<Cursor> {
         let mut tx = self.begin_read().await?;
         let cursor = Cursor {
-            entry_event: latest(&mut tx, "entry_events").await?,
-            agent_event: latest(&mut tx, "agent_events").await?,
+            entry_event: latest(&mut tx, Log::Entries).await?,
+            agent_event: latest(&mut tx, Log::Agents).await?,
         };
         tx.commit().await?;
         Ok(cursor)
@@ -90,6 +126,16 @@ impl Datastore {
     /// The entries and agents written after `after`, at most `limit` events of each log.
     pub async fn changes_since(&self, after: Cursor, limit: i64) -> Result<Changes> {
         let mut tx = self.begin_read().await?;
+        if after.entry_event < horizon(&mut tx, Log::Entries).await?
+            || after.agent_event < horizon(&mut tx, Log::Agents).await?
+        {
+            tx.commit().await?;
+            return Ok(Changes {
+                cursor: after,
+                reset: true,
+                ..Changes::default()
+            });
+        }
         let entry_rows: Vec<(i64, String)> = on_tx!(&mut tx, c => {
             sqlx::query_as(
                 "SELECT id, entry_id FROM entry_events WHERE id > $1 ORDER BY id LIMIT $2",
@@ -131,6 +177,47 @@ impl Datastore {
             out.cursor.agent_event = id;
         }
         Ok(out)
+    }
+
+    /// Deletes the events of both logs written before `before` (unix seconds) and records
+    /// the highest id deleted from each (see the module). Returns how many were deleted.
+    pub async fn prune_change_logs(&self, before: i64) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let mut deleted = 0;
+        for log in [Log::Entries, Log::Agents] {
+            let (max_sql, delete_sql) = match log {
+                Log::Entries => (
+                    "SELECT MAX(id) FROM entry_events WHERE at < $1",
+                    "DELETE FROM entry_events WHERE id <= $1",
+                ),
+                Log::Agents => (
+                    "SELECT MAX(id) FROM agent_events WHERE at < $1",
+                    "DELETE FROM agent_events WHERE id <= $1",
+                ),
+            };
+            let through: Option<i64> = on_tx!(&mut tx, c => {
+                sqlx::query_scalar(max_sql).bind(before).fetch_one(c).await
+            })?;
+            let Some(through) = through else { continue };
+            deleted += on_tx!(&mut tx, c => {
+                sqlx::query(delete_sql)
+                    .bind(through)
+                    .execute(c)
+                    .await
+                    .map(|r| r.rows_affected())
+            })?;
+            on_tx!(&mut tx, c => sqlx::query(
+                "INSERT INTO change_log_horizon (log, pruned_through) VALUES ($1, $2) \
+                 ON CONFLICT (log) DO UPDATE SET pruned_through = excluded.pruned_through",
+            )
+            .bind(log.name())
+            .bind(through)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
+        }
+        tx.commit().await?;
+        Ok(deleted)
     }
 
     /// The entries with these ids that exist now (a missing one was deleted).

@@ -147,6 +147,7 @@ on_both_engines!(
     ca_journal_save_load,
     the_journal_of_a_single_server_database_is_claimed_by_one_server,
     every_write_names_its_entry_or_agent_in_the_change_logs,
+    pruned_change_logs_keep_a_horizon_and_a_reader_behind_it_is_told_to_reset,
     attestation_state_is_kept_per_attestor_and_node,
     eviction_deletes_the_named_state_record_and_nothing_else,
     save_new_attestation_state_inserts_once_and_keeps_the_first,
@@ -1257,6 +1258,44 @@ async fn every_write_names_its_entry_or_agent_in_the_change_logs(ds: Datastore) 
     assert_eq!(c.agents, vec![a.spiffe_id.clone()]);
     assert!(ds.entries_by_id(&c.entries).await.unwrap().is_empty());
     assert!(ds.agents_by_id(&c.agents).await.unwrap().is_empty());
+}
+
+async fn pruned_change_logs_keep_a_horizon_and_a_reader_behind_it_is_told_to_reset(ds: Datastore) {
+    ds.create_entry(&entry("e1", "/a", &["t:a"])).await.unwrap();
+    ds.upsert_attested_agent(&agent("/join_token/a", &[]))
+        .await
+        .unwrap();
+    let before = ds.change_cursor().await.unwrap();
+    assert_eq!(
+        ds.prune_change_logs(0).await.unwrap(),
+        0,
+        "nothing that old"
+    );
+    // Everything written before the future: both logs emptied, the horizon kept.
+    assert_eq!(ds.prune_change_logs(unix_now() + 10).await.unwrap(), 2);
+    assert_eq!(
+        (
+            count(&ds, "entry_events").await,
+            count(&ds, "agent_events").await
+        ),
+        (0, 0)
+    );
+    assert_eq!(
+        ds.change_cursor().await.unwrap(),
+        before,
+        "the cursor never goes back"
+    );
+    // A reader behind the horizon must reload; one at it follows on.
+    let behind = ds.changes_since(Cursor::default(), 100).await.unwrap();
+    assert!(behind.reset && behind.is_empty(), "{behind:?}");
+    assert!(!ds.changes_since(before, 100).await.unwrap().reset);
+    ds.create_entry(&entry("e2", "/b", &["t:b"])).await.unwrap();
+    let next = ds.changes_since(before, 100).await.unwrap();
+    assert_eq!((next.reset, next.entries), (false, vec![eid("e2")]));
+    assert!(
+        next.cursor.entry_event > before.entry_event,
+        "ids are never reused"
+    );
 }
 
 // ---------------------------------------------------------------- several servers (PostgreSQL)
