@@ -50,6 +50,7 @@
 
 mod agents;
 mod attestation_state;
+mod batch;
 mod bundles;
 mod entries;
 mod tokens;
