@@ -446,12 +446,16 @@ fn strings_field(path: &str, v: Option<&Value>) -> Result<Vec<String>> {
     }
 }
 
+/// SPIFFE ID, parent ID and the sorted selectors (type, value): what makes two entries
+/// similar.
+type SimilarKey<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+
 /// The first entry (by position) that repeats an earlier one: the same `id`, or the same
 /// SPIFFE ID, parent ID and selector set. The server refuses these too, but only within
 /// one batch; checked here over the whole file, before anything is sent.
 pub(super) fn first_duplicate(entries: &[types::Entry]) -> Result<()> {
     let mut ids: HashMap<&str, usize> = HashMap::new();
-    let mut similar: HashMap<(&str, &str, Vec<(&str, &str)>), usize> = HashMap::new();
+    let mut similar: HashMap<SimilarKey<'_>, usize> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
         if !e.id.is_empty() {
             if let Some(first) = ids.insert(e.id.as_str(), i) {
