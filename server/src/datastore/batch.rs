@@ -1,22 +1,29 @@
 //! Creating a batch of entries: one write transaction for the whole batch, all or
-//! nothing.
+//! nothing, in a few multi-row statements.
 //!
-//! Every entry is checked before anything is committed: the caller's check (the core
+//! Every entry is checked before anything is written: the caller's check (the core
 //! validation against the trust domain), duplicates within the batch (the same id, or
 //! the same SPIFFE ID, parent ID and selector set as an earlier entry of the batch), and
-//! the stored checks of a single create (an entry with the same id or a similar entry
-//! already stored). When any entry is refused the transaction is rolled back and every
-//! refused entry is named with why; otherwise every entry (row, selectors, DNS names and
-//! one `create` event each) is committed at once.
+//! the stored checks of a single create (an entry with the same id, or a similar entry,
+//! already stored). The stored checks are bulk queries inside the write transaction:
+//! the stored ids among the batch's, and the stored entries (with their selectors) that
+//! have one of the batch's SPIFFE IDs, compared in memory. When any entry is refused
+//! nothing is written and every refused entry is named with why; otherwise the rows
+//! (entries, selectors, DNS names, one `create` event each, in batch order) go in with
+//! multi-row `INSERT`s of at most [`INSERT_CHUNK`] bound values, and commit at once.
 //!
-//! The stored checks and the writes reuse [`entries::insert_entry`] per entry, inside the
-//! one transaction: that is the only datastore internal used here.
+//! What this file depends on in the rest of the datastore: [`Datastore::begin_write`],
+//! [`entries::EventKind`], [`INSERT_CHUNK`], [`is_unique_violation`] and the schema of
+//! the four entry tables (the same columns `entries::insert_entry` writes).
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 
 use carapace_core::RegistrationEntry;
 
-use super::{Datastore, entries, unix_now};
+use super::{Datastore, INSERT_CHUNK, entries, is_unique_violation, unix_now};
 use crate::{Error, Result};
 
 /// The refused entries of a batch: (position in the batch, why), in batch order.
@@ -75,6 +82,236 @@ fn refused_before_storage(
     refused
 }
 
+/// Bound values per statement: [`INSERT_CHUNK`] rows of three columns, the budget the
+/// rest of the datastore uses (well below SQLite's and PostgreSQL's limits).
+const BIND_BUDGET: usize = INSERT_CHUNK * 3;
+
+/// The entries of `todo` (positions in `batch`) refused because an entry with their id,
+/// or a similar entry, is stored.
+async fn refused_by_storage(
+    conn: &mut SqliteConnection,
+    batch: &[RegistrationEntry],
+    todo: &[usize],
+) -> Result<Refusals> {
+    let mut refused = Refusals::new();
+
+    // Ids already stored.
+    let mut stored_ids: BTreeSet<String> = BTreeSet::new();
+    for chunk in todo.chunks(BIND_BUDGET) {
+        let mut qb = QueryBuilder::<Sqlite>::new("SELECT id FROM entries WHERE id IN (");
+        let mut list = qb.separated(", ");
+        for &i in chunk {
+            if let Some(e) = batch.get(i) {
+                list.push_bind(e.id.as_str());
+            }
+        }
+        qb.push(")");
+        let found: Vec<String> = qb.build_query_scalar().fetch_all(&mut *conn).await?;
+        stored_ids.extend(found);
+    }
+
+    // Stored entries with one of the batch's SPIFFE IDs, with their selectors, grouped
+    // by entry id (served by the (spiffe_id, parent_id) index).
+    let spiffe_ids: BTreeSet<&str> = todo
+        .iter()
+        .filter_map(|&i| batch.get(i))
+        .map(|e| e.spiffe_id.as_str())
+        .collect();
+    let spiffe_ids: Vec<&str> = spiffe_ids.into_iter().collect();
+    let mut candidates: HashMap<(String, String), Vec<(String, BTreeSet<(String, String)>)>> =
+        HashMap::new();
+    for chunk in spiffe_ids.chunks(BIND_BUDGET) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "SELECT e.id, e.spiffe_id, e.parent_id, s.type, s.value FROM entries e \
+             LEFT JOIN entry_selectors s ON s.entry_id = e.id WHERE e.spiffe_id IN (",
+        );
+        let mut list = qb.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        qb.push(") ORDER BY e.id");
+        let rows: Vec<(String, String, String, Option<String>, Option<String>)> =
+            qb.build_query_as().fetch_all(&mut *conn).await?;
+        for (id, spiffe_id, parent_id, kind, value) in rows {
+            let group = candidates.entry((spiffe_id, parent_id)).or_default();
+            if group.last().is_none_or(|(last, _)| *last != id) {
+                group.push((id, BTreeSet::new()));
+            }
+            if let (Some((_, set)), Some(kind), Some(value)) = (group.last_mut(), kind, value) {
+                set.insert((kind, value));
+            }
+        }
+    }
+
+    for &i in todo {
+        let Some(e) = batch.get(i) else { continue };
+        if stored_ids.contains(e.id.as_str()) {
+            refused.push((
+                i,
+                Error::AlreadyExists(format!("entry {} already exists", e.id)),
+            ));
+            continue;
+        }
+        let key = (e.spiffe_id.to_string(), e.parent_id.to_string());
+        let wanted: BTreeSet<(&str, &str)> =
+            e.selectors.iter().map(|s| (s.kind(), s.value())).collect();
+        let similar = candidates.get(&key).and_then(|group| {
+            group.iter().find(|(_, set)| {
+                set.len() == wanted.len()
+                    && set
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .eq(wanted.iter().copied())
+            })
+        });
+        if let Some((other, _)) = similar {
+            refused.push((
+                i,
+                Error::AlreadyExists(format!(
+                    "similar entry {other} already exists (same SPIFFE ID {}, parent ID {} \
+                     and selectors)",
+                    e.spiffe_id, e.parent_id
+                )),
+            ));
+        }
+    }
+    Ok(refused)
+}
+
+/// A TTL in whole seconds for its column.
+fn ttl_secs(column: &str, id: &str, ttl: Option<Duration>) -> Result<Option<i64>> {
+    ttl.map(|d| {
+        i64::try_from(d.as_secs()).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "entry {id}: {column} {} s is too large",
+                d.as_secs()
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// The row of `entries` for `e`: the values `entries::insert_entry` binds.
+type EntryValues<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<i64>,
+    &'a str,
+    bool,
+    bool,
+    Option<i64>,
+    i64,
+    i64,
+    Option<i64>,
+    bool,
+);
+
+fn entry_values(e: &RegistrationEntry) -> Result<EntryValues<'_>> {
+    let id = e.id.as_str();
+    Ok((
+        id,
+        e.spiffe_id.as_str(),
+        e.parent_id.as_str(),
+        ttl_secs("x509_svid_ttl", id, e.x509_svid_ttl)?,
+        e.hint.as_str(),
+        e.admin,
+        e.downstream,
+        e.expires_at,
+        i64::try_from(e.revision).map_err(|_| {
+            Error::InvalidArgument(format!("entry {id}: revision {} is too large", e.revision))
+        })?,
+        e.created_at,
+        ttl_secs("jwt_svid_ttl", id, e.jwt_svid_ttl)?,
+        e.jwt_svid_include_jti,
+    ))
+}
+
+/// Writes every entry of `batch` (checked) with multi-row statements.
+async fn insert_all(
+    conn: &mut SqliteConnection,
+    batch: &[RegistrationEntry],
+    now: i64,
+) -> Result<()> {
+    let rows = batch.iter().map(entry_values).collect::<Result<Vec<_>>>()?;
+    for chunk in rows.chunks(BIND_BUDGET / 12) {
+        let mut qb = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO entries (id, spiffe_id, parent_id, x509_svid_ttl, hint, admin, \
+             downstream, expires_at, revision, created_at, jwt_svid_ttl, jwt_svid_include_jti) ",
+        );
+        qb.push_values(chunk, |mut row, v| {
+            row.push_bind(v.0)
+                .push_bind(v.1)
+                .push_bind(v.2)
+                .push_bind(v.3)
+                .push_bind(v.4)
+                .push_bind(v.5)
+                .push_bind(v.6)
+                .push_bind(v.7)
+                .push_bind(v.8)
+                .push_bind(v.9)
+                .push_bind(v.10)
+                .push_bind(v.11);
+        });
+        qb.build().execute(&mut *conn).await.map_err(|e| {
+            if is_unique_violation(&e) {
+                Error::AlreadyExists(format!("an entry of the batch was stored meanwhile: {e}"))
+            } else {
+                e.into()
+            }
+        })?;
+    }
+
+    let selectors: Vec<(&str, &str, &str)> = batch
+        .iter()
+        .flat_map(|e| {
+            e.selectors
+                .iter()
+                .map(move |s| (e.id.as_str(), s.kind(), s.value()))
+        })
+        .collect();
+    for chunk in selectors.chunks(BIND_BUDGET / 3) {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("INSERT INTO entry_selectors (entry_id, type, value) ");
+        qb.push_values(chunk, |mut row, (id, kind, value)| {
+            row.push_bind(*id).push_bind(*kind).push_bind(*value);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+
+    let names: Vec<(&str, i64, &str)> = batch
+        .iter()
+        .flat_map(|e| {
+            e.dns_names.iter().enumerate().map(move |(pos, name)| {
+                (
+                    e.id.as_str(),
+                    i64::try_from(pos).unwrap_or(i64::MAX),
+                    name.as_str(),
+                )
+            })
+        })
+        .collect();
+    for chunk in names.chunks(BIND_BUDGET / 3) {
+        let mut qb =
+            QueryBuilder::<Sqlite>::new("INSERT INTO entry_dns_names (entry_id, position, name) ");
+        qb.push_values(chunk, |mut row, (id, pos, name)| {
+            row.push_bind(*id).push_bind(*pos).push_bind(*name);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+
+    // One `create` event per entry, in batch order (ids grow in VALUES order).
+    let kind = entries::EventKind::Create.as_str();
+    for chunk in batch.chunks(BIND_BUDGET / 3) {
+        let mut qb = QueryBuilder::<Sqlite>::new("INSERT INTO entry_events (entry_id, kind, at) ");
+        qb.push_values(chunk, |mut row, e| {
+            row.push_bind(e.id.as_str()).push_bind(kind).push_bind(now);
+        });
+        qb.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 impl Datastore {
     /// Stores every entry of `batch` (as given: ids, revisions and `created_at`
     /// included), with its selectors, DNS names and one `create` event each, in one write
@@ -84,7 +321,8 @@ impl Datastore {
     /// An entry is refused when `check` refuses it, when it has the id of an earlier
     /// entry of the batch or the same SPIFFE ID, parent ID and selectors, when an entry
     /// with its id is stored, or when a similar entry is stored ([`Error::AlreadyExists`]
-    /// as for [`Datastore::create_entry`]). Any other failure (the database's) is an
+    /// as for [`Datastore::create_entry`]), or when a TTL or its revision does not fit
+    /// a column ([`Error::InvalidArgument`]). Any other failure (the database's) is an
     /// `Err`, and nothing is written either.
     pub async fn create_entries(
         &self,
@@ -92,28 +330,24 @@ impl Datastore {
         check: impl Fn(&RegistrationEntry) -> Result<()>,
     ) -> Result<std::result::Result<(), Refusals>> {
         let mut refused = refused_before_storage(batch, check);
-        let skip: BTreeSet<usize> = refused.iter().map(|(i, _)| *i).collect();
-        let now = unix_now();
-        let mut tx = self.begin_write().await?;
         for (i, e) in batch.iter().enumerate() {
-            if skip.contains(&i) {
-                continue;
-            }
-            // The remaining entries are still inserted after a refusal, to find every
-            // refusal: the transaction is rolled back anyway.
-            match entries::insert_entry(&mut tx, e, now).await {
-                Ok(()) => {}
-                Err(err @ (Error::AlreadyExists(_) | Error::InvalidArgument(_))) => {
+            if let Err(err) = entry_values(e) {
+                if !refused.iter().any(|(j, _)| *j == i) {
                     refused.push((i, err));
                 }
-                Err(err) => return Err(err),
             }
         }
+        let skip: BTreeSet<usize> = refused.iter().map(|(i, _)| *i).collect();
+        let todo: Vec<usize> = (0..batch.len()).filter(|i| !skip.contains(i)).collect();
+        let now = unix_now();
+        let mut tx = self.begin_write().await?;
+        refused.extend(refused_by_storage(&mut tx, batch, &todo).await?);
         if !refused.is_empty() {
-            // Dropping `tx` rolls back what was inserted.
+            // Nothing was written; dropping `tx` ends the transaction.
             refused.sort_by_key(|(i, _)| *i);
             return Ok(Err(refused));
         }
+        insert_all(&mut tx, batch, now).await?;
         tx.commit().await?;
         Ok(Ok(()))
     }
@@ -279,6 +513,42 @@ mod tests {
         b[1] = entry("x", "/w/0", &["unix:uid:1000"]);
         ds.create_entries(&b, valid).await.unwrap().unwrap();
         assert_eq!(counts(&ds).await[0], 2);
+    }
+
+    #[tokio::test]
+    async fn only_the_same_selector_set_under_the_same_parent_is_similar() {
+        let ds = Datastore::open_in_memory().await.unwrap();
+        ds.create_entry(&entry("old", "/s", &["unix:uid:1", "unix:gid:1"]))
+            .await
+            .unwrap();
+        let mut other_parent = entry("p", "/s", &["unix:uid:1", "unix:gid:1"]);
+        other_parent.parent_id = "spiffe://example.org/spire/agent/join_token/other"
+            .parse()
+            .unwrap();
+        let b = vec![
+            entry("sub", "/s", &["unix:uid:1"]),
+            entry("super", "/s", &["unix:uid:1", "unix:gid:1", "unix:user:x"]),
+            other_parent,
+        ];
+        ds.create_entries(&b, valid).await.unwrap().unwrap();
+        assert_eq!(counts(&ds).await[0], 4);
+    }
+
+    #[tokio::test]
+    async fn a_value_that_does_not_fit_its_column_refuses_the_batch() {
+        let ds = Datastore::open_in_memory().await.unwrap();
+        let mut b = batch(3);
+        b[1].x509_svid_ttl = Some(Duration::from_secs(u64::MAX));
+        b[2].revision = u64::MAX;
+        let refused = ds
+            .create_entries(&b, |_| Ok(()))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(indexes(&refused), [1, 2]);
+        assert!(matches!(&refused[0].1, Error::InvalidArgument(m) if m.contains("x509_svid_ttl")));
+        assert!(matches!(&refused[1].1, Error::InvalidArgument(m) if m.contains("revision")));
+        assert_eq!(counts(&ds).await, [0, 0, 0, 0]);
     }
 
     #[tokio::test]
