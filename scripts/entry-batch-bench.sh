@@ -38,10 +38,15 @@ for _ in $(seq 1 100); do
     sleep 0.1
 done
 
+cpu() { awk '{print $14 + $15}' "/proc/$server_pid/stat"; }   # utime + stime, ticks
+tick=$(getconf CLK_TCK)
+cpu0=$(cpu)
 start=$(date +%s.%N)
-"$bin" entry create --data "$work/entries.json" --admin-socket "$sock"
+/usr/bin/time -f "cli: %e s wall, %U s user, %S s sys, %M kB max RSS" \
+    "$bin" entry create --data "$work/entries.json" --admin-socket "$sock"
 end=$(date +%s.%N)
+cpu1=$(cpu)
 count=$("$bin" entry count --admin-socket "$sock")
 rss=$(awk '/VmRSS/ {print $2 " kB"}' "/proc/$server_pid/status")
-echo "entries: $n; time: $(echo "$end - $start" | bc) s; $count; server RSS after: $rss"
+echo "entries: $n; time: $(echo "$end - $start" | bc) s; server CPU: $(echo "scale=2; ($cpu1 - $cpu0) / $tick" | bc) s; $count; server RSS after: $rss"
 echo "datastore: $(du -sh "$work/data" | cut -f1)"
