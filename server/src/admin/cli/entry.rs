@@ -26,7 +26,7 @@ use super::client::{connect, status_error};
 use super::flags::{
     Common, bad_flag, dns_names, entry_id, parse_expires_at, selectors, spiffe_id, ttl_secs,
 };
-use super::view::{field, plural, render, rfc3339};
+use super::view::{OutputFormat, field, plural, render, rfc3339};
 use crate::entry_cache::MAX_BATCH_ENTRIES;
 use crate::{Error, Result};
 
@@ -477,8 +477,7 @@ pub(super) struct CreatedView {
 }
 
 /// `Created N entries in B batches`.
-pub(super) fn format_created_human(created: &CreatedView, batches: usize) -> String {
-    let n = created.entries.len();
+pub(super) fn format_created_human(n: usize, batches: usize) -> String {
     format!(
         "Created {n} {} in {batches} {}\n",
         plural(n, "entry", "entries"),
@@ -556,8 +555,9 @@ async fn entry_create_data(path: &std::path::Path, common: &Common) -> Result<St
         .collect();
     let mut client = connect(&common.admin_socket, common.server_uid).await?;
     let mut created = CreatedView {
-        entries: Vec::with_capacity(entries.len()),
+        entries: Vec::new(),
     };
+    let mut count = 0;
     for (b, range) in batches.iter().enumerate() {
         let sent = entries.get(range.clone()).unwrap_or_default().to_vec();
         let resp = client
@@ -582,13 +582,17 @@ async fn entry_create_data(path: &std::path::Path, common: &Common) -> Result<St
         if !resp.created {
             return Err(refused_batch_error(&batches, b, &sent, &resp.results));
         }
-        created.entries.extend(
-            resp.results
-                .iter()
-                .filter_map(|r| r.entry.as_ref())
-                .map(EntryView::from),
-        );
+        count += resp.results.len();
+        // Kept only to be printed: the human summary needs the count alone.
+        if common.output == OutputFormat::Json {
+            created.entries.extend(
+                resp.results
+                    .iter()
+                    .filter_map(|r| r.entry.as_ref())
+                    .map(EntryView::from),
+            );
+        }
     }
     let n = batches.len();
-    render(common.output, &created, |c| format_created_human(c, n))
+    render(common.output, &created, |_| format_created_human(count, n))
 }

@@ -1284,8 +1284,12 @@ fn entry_create_data_reports_written_refused_and_unsent_batches() {
         entries: vec![entry(), entry()],
     };
     assert_eq!(
-        entry::format_created_human(&created, 1),
+        entry::format_created_human(2, 1),
         "Created 2 entries in 1 batch\n"
+    );
+    assert_eq!(
+        entry::format_created_human(1, 3),
+        "Created 1 entry in 3 batches\n"
     );
     let json: serde_json::Value = serde_json::from_str(&json(&created).unwrap()).unwrap();
     assert_eq!(json["entries"][1]["spiffe_id"], "spiffe://example.org/web");
