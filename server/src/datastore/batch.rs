@@ -86,6 +86,13 @@ fn refused_before_storage(
 /// rest of the datastore uses (well below SQLite's and PostgreSQL's limits).
 const BIND_BUDGET: usize = INSERT_CHUNK * 3;
 
+/// A stored entry's id and selector set (type, value).
+type StoredSelectors = (String, BTreeSet<(String, String)>);
+
+/// A row of the similar-entry query: id, SPIFFE ID, parent ID, and one selector's type
+/// and value (none for an entry without selectors).
+type CandidateRow = (String, String, String, Option<String>, Option<String>);
+
 /// The entries of `todo` (positions in `batch`) refused because an entry with their id,
 /// or a similar entry, is stored.
 async fn refused_by_storage(
@@ -118,8 +125,7 @@ async fn refused_by_storage(
         .map(|e| e.spiffe_id.as_str())
         .collect();
     let spiffe_ids: Vec<&str> = spiffe_ids.into_iter().collect();
-    let mut candidates: HashMap<(String, String), Vec<(String, BTreeSet<(String, String)>)>> =
-        HashMap::new();
+    let mut candidates: HashMap<(String, String), Vec<StoredSelectors>> = HashMap::new();
     for chunk in spiffe_ids.chunks(BIND_BUDGET) {
         let mut qb = QueryBuilder::<Sqlite>::new(
             "SELECT e.id, e.spiffe_id, e.parent_id, s.type, s.value FROM entries e \
@@ -130,8 +136,7 @@ async fn refused_by_storage(
             list.push_bind(*id);
         }
         qb.push(") ORDER BY e.id");
-        let rows: Vec<(String, String, String, Option<String>, Option<String>)> =
-            qb.build_query_as().fetch_all(&mut *conn).await?;
+        let rows: Vec<CandidateRow> = qb.build_query_as().fetch_all(&mut *conn).await?;
         for (id, spiffe_id, parent_id, kind, value) in rows {
             let group = candidates.entry((spiffe_id, parent_id)).or_default();
             if group.last().is_none_or(|(last, _)| *last != id) {
