@@ -1183,11 +1183,14 @@ fn entry_create_data_errors_name_the_entry_and_field() {
     let one = |extra: &str| format!(r#"{{"entries": [{{{ok}}}, {{{ok}{extra}}}]}}"#);
     let cases: Vec<(String, &str)> = vec![
         ("{\"entries\": [".into(), "not valid JSON"),
-        ("[]".into(), "the document: expected an object"),
+        ("[]".into(), "expected the document to be an object {\"entries\": [...]}"),
         ("{}".into(), "entries: missing"),
-        (r#"{"entries": {}}"#.into(), "entries: expected an array"),
+        (r#"{"entries": {}}"#.into(), "expected \"entries\" to be an array"),
         (r#"{"entries": [], "extra": 1}"#.into(), "extra: unknown top-level field"),
         (r#"{"entries": [3]}"#.into(), "entries[0]: expected an object"),
+        (r#"{"entries": null}"#.into(), "entries: missing"),
+        (r#"{"entries": [], "Entries": []}"#.into(), "Entries: given twice"),
+        (r#"{"entries": []} []"#.into(), "not valid JSON: trailing characters"),
         (one(r#", "selector": []"#), "entries[1].selector: unknown field"),
         (
             r#"{"entries": [{"parent_id": "spiffe://example.org/a", "selectors": [{"type": "unix", "value": "uid:1"}]}]}"#.into(),

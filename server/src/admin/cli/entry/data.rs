@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use carapace_core::entry::validate_dns_name;
@@ -82,49 +83,128 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// The entries of a `--data` document, each checked, in file order, in wire form.
+///
+/// The document is read as a stream: one entry's JSON tree at a time is built, checked
+/// and turned into its wire form, so memory holds the text and the wire entries, not a
+/// tree of the whole file.
 pub(super) fn parse_entries(text: &str) -> Result<Vec<types::Entry>> {
-    // serde_json's message names the line and column.
-    let doc: Value = serde_json::from_str(text)
-        .map_err(|e| Error::InvalidArgument(format!("not valid JSON: {e}")))?;
-    let Value::Object(top) = doc else {
-        return Err(bad(
-            "the document",
-            format!(
-                "expected an object {{\"entries\": [...]}}, found {}",
-                kind(&doc)
-            ),
-        ));
-    };
-    let mut entries = None;
-    for (k, v) in top {
-        if k.eq_ignore_ascii_case("entries") {
-            entries = Some(v);
-        } else {
-            return Err(bad(
-                &k,
-                "unknown top-level field (the document is {\"entries\": [...]})",
-            ));
-        }
+    let mut failure: Option<Error> = None;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = DocumentSeed {
+        failure: &mut failure,
     }
-    let list = match entries {
-        Some(Value::Array(list)) => list,
-        Some(Value::Null) | None => {
-            return Err(bad(
-                "entries",
-                "missing: the document is {\"entries\": [...]}",
-            ));
+    .deserialize(&mut de)
+    .and_then(|entries| de.end().map(|()| entries));
+    match (parsed, failure) {
+        // A refusal of ours, raised through serde to stop reading.
+        (_, Some(e)) => Err(e),
+        (Ok(entries), None) => Ok(entries),
+        // serde_json's message names the line and column.
+        (Err(e), None) => Err(Error::InvalidArgument(format!("not valid JSON: {e}"))),
+    }
+}
+
+/// Reads `{"entries": [...]}`; a refusal is kept in `failure` (and reading stops).
+struct DocumentSeed<'f> {
+    failure: &'f mut Option<Error>,
+}
+
+impl<'de> DeserializeSeed<'de> for DocumentSeed<'_> {
+    type Value = Vec<types::Entry>;
+
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DocumentSeed<'_> {
+    type Value = Vec<types::Entry>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the document to be an object {\"entries\": [...]}")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut entries: Option<Vec<types::Entry>> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            let refusal = if !key.eq_ignore_ascii_case("entries") {
+                bad(
+                    &key,
+                    "unknown top-level field (the document is {\"entries\": [...]})",
+                )
+            } else if entries.is_some() {
+                bad(&key, "given twice")
+            } else {
+                entries = map.next_value_seed(EntriesSeed {
+                    failure: &mut *self.failure,
+                })?;
+                continue;
+            };
+            return Err(refuse(self.failure, refusal));
         }
-        Some(other) => {
-            return Err(bad(
-                "entries",
-                format!("expected an array, found {}", kind(&other)),
-            ));
+        entries.ok_or_else(|| {
+            refuse(
+                self.failure,
+                bad("entries", "missing: the document is {\"entries\": [...]}"),
+            )
+        })
+    }
+}
+
+/// Keeps `e` as the reason reading stopped, and returns the error that stops serde.
+fn refuse<E: serde::de::Error>(failure: &mut Option<Error>, e: Error) -> E {
+    let stop = E::custom(&e);
+    *failure = Some(e);
+    stop
+}
+
+/// Reads the `entries` array (`null`: none), one entry at a time.
+struct EntriesSeed<'f> {
+    failure: &'f mut Option<Error>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Option<Vec<types::Entry>>;
+
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
+    type Value = Option<Vec<types::Entry>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"entries\" to be an array of entry objects")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(v) = seq.next_element::<Value>()? {
+            let at = format!("entries[{}]", out.len());
+            match parse_entry(&at, &v) {
+                Ok(e) => out.push(e),
+                Err(e) => return Err(refuse(self.failure, e)),
+            }
         }
-    };
-    list.iter()
-        .enumerate()
-        .map(|(i, v)| parse_entry(&format!("entries[{i}]"), v))
-        .collect()
+        Ok(Some(out))
+    }
 }
 
 /// One entry of the document.
