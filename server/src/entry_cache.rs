@@ -24,6 +24,9 @@ use carapace_core::plugin::NodeAttestor;
 use crate::datastore::{AttestedAgent, Cursor, Datastore, PresentedToken, Refusal, StateKey};
 use crate::{Error, Result};
 
+/// The most entries [`EntryCache::create_entries`] writes in one batch (one transaction).
+pub const MAX_BATCH_ENTRIES: usize = 1_000;
+
 /// The client SVID an agent calls the node API with, and when it calls.
 #[derive(Debug, Clone, Copy)]
 pub struct AgentCredential<'a> {
@@ -285,6 +288,42 @@ impl EntryCache {
         write(&self.index).insert(e, &self.server_id);
         self.bump();
         Ok(stored)
+    }
+
+    /// Validates and stores a batch of at most [`MAX_BATCH_ENTRIES`] new entries in one
+    /// datastore transaction, all or none (see [`Datastore::create_entries`]); then
+    /// indexes them and bumps the revision once. Returns the stored entries in batch
+    /// order, or `Ok(Err(..))` naming every refused entry by its position (and writing
+    /// nothing). More entries than the limit: [`Error::InvalidArgument`].
+    pub async fn create_entries(
+        &self,
+        batch: Vec<RegistrationEntry>,
+    ) -> Result<std::result::Result<Vec<Arc<RegistrationEntry>>, Vec<(usize, Error)>>> {
+        if batch.len() > MAX_BATCH_ENTRIES {
+            return Err(Error::InvalidArgument(format!(
+                "{} entries in one batch; at most {MAX_BATCH_ENTRIES} are allowed",
+                batch.len()
+            )));
+        }
+        let _w = self.write_lock.lock().await;
+        let td = &self.td;
+        if let Err(refused) = self
+            .ds
+            .create_entries(&batch, |e| Ok(e.validate(td)?))
+            .await?
+        {
+            return Ok(Err(refused));
+        }
+        let stored: Vec<Arc<RegistrationEntry>> = batch.iter().cloned().map(Arc::new).collect();
+        let mut index = write(&self.index);
+        for e in batch {
+            index.insert(e, &self.server_id);
+        }
+        drop(index);
+        if !stored.is_empty() {
+            self.bump();
+        }
+        Ok(Ok(stored))
     }
 
     /// Validates and replaces an entry (same id); returns the stored entry.

@@ -91,6 +91,7 @@ macro_rules! on_tx {
 
 mod agents;
 mod attestation_state;
+mod batch;
 mod bundles;
 mod changes;
 mod entries;

@@ -37,3 +37,48 @@ pub(crate) async fn postgres_servers(
     }
     (all, pg)
 }
+
+/// What keeps a test's datastore alive: its directory, or its PostgreSQL cluster.
+pub(crate) enum Keep {
+    #[allow(dead_code, reason = "held for its Drop")]
+    Dir(tempfile::TempDir),
+    #[allow(dead_code, reason = "held for its Drop")]
+    Postgres(Arc<hsm_sim::postgres::Postgres>),
+}
+
+/// A SQLite datastore in a file of a fresh directory, with the server's pool.
+pub(crate) async fn sqlite_fixture() -> (Datastore, Keep) {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = Datastore::open(&dir.path().join("ds.sqlite"))
+        .await
+        .unwrap();
+    (ds, Keep::Dir(dir))
+}
+
+/// A PostgreSQL datastore on a fresh database of the shared cluster.
+pub(crate) async fn postgres_fixture() -> (Datastore, Keep) {
+    let (settings, pg) = postgres_settings();
+    let ds = Datastore::open_postgres(&settings).await.unwrap();
+    (ds, Keep::Postgres(pg))
+}
+
+/// Runs each named `async fn NAME(ds: Datastore)` as two tests, `NAME::sqlite` and
+/// `NAME::postgres`, each on a fresh datastore of that engine.
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let (ds, _keep) = $crate::datastore::testing::sqlite_fixture().await;
+                super::$name(ds).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let (ds, _keep) = $crate::datastore::testing::postgres_fixture().await;
+                super::$name(ds).await;
+            }
+        }
+    )*};
+}
+pub(crate) use on_both_engines;

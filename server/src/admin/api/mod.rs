@@ -107,6 +107,13 @@ impl Admin for AdminApi {
         reply(self.create_entry_inner(request.into_inner()).await)
     }
 
+    async fn batch_create_entry(
+        &self,
+        request: Request<admin::BatchCreateEntryRequest>,
+    ) -> std::result::Result<Response<admin::BatchCreateEntryResponse>, Status> {
+        reply(self.batch_create_entry_inner(request.into_inner()).await)
+    }
+
     async fn update_entry(
         &self,
         request: Request<UpdateEntryRequest>,

@@ -1323,3 +1323,248 @@ async fn bind_refuses_paths_others_could_change_and_changes_nothing() {
     assert_eq!(mode(&group), 0o770);
     assert!(!group.join("private").exists());
 }
+
+/// `n` wire entries under AGENT, `/batch/<first + i>`, each with its own selector.
+fn wire_batch(first: usize, n: usize) -> Vec<types::Entry> {
+    (first..first + n)
+        .map(|i| types::Entry {
+            spiffe_id: format!("spiffe://example.org/batch/{i}"),
+            parent_id: AGENT.into(),
+            selectors: vec![types::Selector {
+                r#type: "unix".into(),
+                value: format!("uid:{i}"),
+            }],
+            dns_names: vec![format!("w{i}.example.org")],
+            ..types::Entry::default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn batch_create_entry_writes_all_or_nothing_and_names_every_refusal() {
+    let s = start().await;
+    let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
+
+    // Over the limit: refused as a whole, naming the count and the limit.
+    let err = client
+        .batch_create_entry(admin::BatchCreateEntryRequest {
+            entries: wire_batch(0, 1_001),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("1001 entries") && err.message().contains("at most 1000"),
+        "{}",
+        err.message()
+    );
+
+    // A stored entry, then a batch with a foreign SPIFFE ID (2), an entry similar to
+    // the stored one (4), and a duplicate within the batch (6 repeats 5).
+    let stored = s
+        .ok(&[
+            "entry",
+            "create",
+            "--parent-id",
+            AGENT,
+            "--spiffe-id",
+            "spiffe://example.org/batch/stored",
+            "--selector",
+            "unix:uid:4242",
+        ])
+        .await;
+    let stored_id = line_value(&stored, "Entry ID").to_owned();
+    let rev = s.cache.revision();
+    let mut bad = wire_batch(0, 8);
+    bad[2].spiffe_id = "spiffe://other.org/w".into();
+    bad[4].spiffe_id = "spiffe://example.org/batch/stored".into();
+    bad[4].selectors[0].value = "uid:4242".into();
+    bad[6] = bad[5].clone();
+    let resp = client
+        .batch_create_entry(admin::BatchCreateEntryRequest { entries: bad })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!resp.created);
+    assert_eq!(resp.results.len(), 8);
+    assert!(resp.results.iter().all(|r| r.entry.is_none()));
+    let refused: Vec<(u32, i32)> = resp
+        .results
+        .iter()
+        .filter(|r| r.code != 0)
+        .map(|r| (r.index, r.code))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (2, tonic::Code::InvalidArgument as i32),
+            (4, tonic::Code::AlreadyExists as i32),
+            (6, tonic::Code::AlreadyExists as i32),
+        ]
+    );
+    assert!(
+        resp.results[2]
+            .message
+            .contains("not in trust domain example.org")
+    );
+    assert!(
+        resp.results[4].message.contains(&stored_id),
+        "{}",
+        resp.results[4].message
+    );
+    assert!(resp.results[6].message.contains("entry 5 of this batch"));
+    let filter = crate::datastore::EntryFilter::default();
+    assert_eq!(
+        s.cache.datastore().count_entries(&filter).await.unwrap(),
+        1,
+        "nothing written"
+    );
+    assert_eq!(s.cache.entry_count(), 1);
+    assert_eq!(
+        s.cache.revision(),
+        rev,
+        "no revision bump for a refused batch"
+    );
+
+    // A malformed SPIFFE ID (which the CLI would have caught) is named as well.
+    let mut malformed = wire_batch(0, 3);
+    malformed[1].spiffe_id = "spiffe://example.org/a b".into();
+    let resp = client
+        .batch_create_entry(admin::BatchCreateEntryRequest { entries: malformed })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!resp.created);
+    assert_eq!(resp.results[1].code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        resp.results[1].message.contains("spiffe_id")
+            || resp.results[1].message.contains("SPIFFE ID"),
+        "{}",
+        resp.results[1].message
+    );
+    assert_eq!(s.cache.datastore().count_entries(&filter).await.unwrap(), 1);
+
+    // A full batch of 1,000: written, indexed, one revision bump; a client id is kept.
+    let mut good = wire_batch(0, 1_000);
+    good[7].id = "my-own-id".into();
+    let resp = client
+        .batch_create_entry(admin::BatchCreateEntryRequest { entries: good })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.created);
+    assert_eq!(resp.results.len(), 1_000);
+    assert!(
+        resp.results
+            .iter()
+            .all(|r| r.code == 0 && r.entry.is_some())
+    );
+    let e7 = resp.results[7].entry.as_ref().unwrap();
+    assert_eq!(
+        (e7.id.as_str(), e7.spiffe_id.as_str()),
+        ("my-own-id", "spiffe://example.org/batch/7")
+    );
+    assert_eq!(
+        s.cache.datastore().count_entries(&filter).await.unwrap(),
+        1_001
+    );
+    assert_eq!(s.cache.entry_count(), 1_001);
+    assert_eq!(
+        s.cache.revision(),
+        rev + 1,
+        "the revision is bumped once per batch"
+    );
+    let id7 = EntryId::new("my-own-id").unwrap();
+    assert_eq!(
+        s.cache.get_entry(&id7).unwrap().dns_names,
+        ["w7.example.org"]
+    );
+    let agent: SpiffeId = AGENT.parse().unwrap();
+    assert_eq!(s.cache.authorized_entries(&agent).len(), 1_001);
+
+    // The same batch again: every entry is refused (the id and similar entries exist).
+    let resp = client
+        .batch_create_entry(admin::BatchCreateEntryRequest {
+            entries: wire_batch(0, 10),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!resp.created);
+    assert!(
+        resp.results
+            .iter()
+            .all(|r| r.code == tonic::Code::AlreadyExists as i32)
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn entry_create_data_writes_the_batches_before_a_refused_one() {
+    let s = start().await;
+    // 2,500 entries: batch 2 has one outside the trust domain.
+    let mut entries: Vec<serde_json::Value> = (0..2_500)
+        .map(|i| {
+            serde_json::json!({
+                "spiffe_id": format!("spiffe://example.org/file/{i}"),
+                "parent_id": AGENT,
+                "selectors": [{"type": "unix", "value": format!("uid:{i}")}],
+                "x509_svid_ttl": 600,
+            })
+        })
+        .collect();
+    entries[1_234]["spiffe_id"] = "spiffe://other.org/w".into();
+    let path = s.dir.path().join("entries.json");
+    std::fs::write(&path, serde_json::json!({ "entries": entries }).to_string()).unwrap();
+    let err = s
+        .err(&["entry", "create", "--data", path.to_str().unwrap()])
+        .await;
+    assert!(
+        err.starts_with(
+            "entry create: batch 1 written (1000 entries, entries[0..=999]); batch 2 of 3 \
+             (entries[1000..=1999]) refused, nothing of it written:\n  entries[1234] \
+             (spiffe://other.org/w): "
+        ) && err.ends_with("1 later batch (entries[2000..=2499]) not sent"),
+        "{err}"
+    );
+    let filter = crate::datastore::EntryFilter::default();
+    assert_eq!(
+        s.cache.datastore().count_entries(&filter).await.unwrap(),
+        1_000
+    );
+
+    // Fixed, the rest (entries 1000..) goes through; JSON output lists what was created.
+    let rest: Vec<serde_json::Value> = entries[1_000..]
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, mut e)| {
+            if i == 234 {
+                e["spiffe_id"] = "spiffe://example.org/file/fixed".into();
+            }
+            e
+        })
+        .collect();
+    std::fs::write(&path, serde_json::json!({ "entries": rest }).to_string()).unwrap();
+    let out = s
+        .ok(&[
+            "entry",
+            "create",
+            "--data",
+            path.to_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let created = v["entries"].as_array().unwrap();
+    assert_eq!(created.len(), 1_500);
+    assert_eq!(created[234]["spiffe_id"], "spiffe://example.org/file/fixed");
+    assert_eq!(created[0]["x509_svid_ttl"], 600);
+    assert_eq!(
+        s.cache.datastore().count_entries(&filter).await.unwrap(),
+        2_500
+    );
+    assert_eq!(s.cache.entry_count(), 2_500);
+    s.stop().await;
+}

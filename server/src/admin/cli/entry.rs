@@ -1,12 +1,24 @@
 //! `entry create|show|update|delete|count`: registration entries.
+//!
+//! `entry create --data FILE` reads many entries from JSON in SPIRE's `-data` format
+//! (see [`data`]), checks all of them, then sends them in batches of at most
+//! [`MAX_BATCH_ENTRIES`], one `BatchCreateEntry` call (one server transaction) each, in
+//! file order, stopping at the first batch the server refuses. The batches before it
+//! stay written; the error says which were written, which was refused and why, and
+//! which were not sent.
 
+mod data;
+
+use std::io::Read as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
 use carapace_proto::admin::{
-    CreateEntryRequest, DeleteEntryRequest, ListEntriesRequest, UpdateEntryRequest,
+    BatchCreateEntryRequest, CreateEntryRequest, DeleteEntryRequest, ListEntriesRequest,
+    UpdateEntryRequest,
 };
 use carapace_proto::types;
 
@@ -14,13 +26,15 @@ use super::client::{connect, status_error};
 use super::flags::{
     Common, bad_flag, dns_names, entry_id, parse_expires_at, selectors, spiffe_id, ttl_secs,
 };
-use super::view::{field, plural, render, rfc3339};
-use crate::Result;
+use super::view::{OutputFormat, field, plural, render, rfc3339};
+use crate::entry_cache::MAX_BATCH_ENTRIES;
+use crate::{Error, Result};
 
 /// `entry ...`
 #[derive(Debug, Subcommand)]
 pub enum EntryCommand {
-    /// Create a registration entry (its id is assigned by the server).
+    /// Create a registration entry (its id is assigned by the server), or with --data
+    /// the entries of a JSON file.
     Create(EntryCreateArgs),
     /// Show the entries matching every filter given (all entries without filters).
     Show(EntryFilterArgs),
@@ -74,11 +88,22 @@ pub struct EntryFields {
     pub expires_at: Option<i64>,
 }
 
-/// `entry create`
+/// `entry create`: one entry from flags, or many from `--data`.
 #[derive(Debug, Clone, Args)]
 pub struct EntryCreateArgs {
+    /// Create the entries of this JSON file (`-` for standard input), in the format of
+    /// SPIRE's `entry create -data`: {"entries": [{"spiffe_id": .., "parent_id": ..,
+    /// "selectors": [{"type": .., "value": ..}], ...}]}. Sent in batches of at most
+    /// 1,000 entries, each written whole or not at all; a refused batch stops the
+    /// command, and the batches before it stay written.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "parent_id", "spiffe_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl",
+        "jwt_svid_include_jti", "dns_names", "hint", "admin", "downstream", "expires_at",
+    ])]
+    pub data: Option<PathBuf>,
+    /// The entry's fields (without --data).
     #[command(flatten)]
-    pub fields: EntryFields,
+    pub fields: Option<EntryFields>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -343,7 +368,16 @@ pub(super) async fn run(cmd: EntryCommand) -> Result<String> {
 
 async fn entry_create(a: EntryCreateArgs) -> Result<String> {
     const CMD: &str = "entry create";
-    let entry = a.fields.to_wire(CMD, String::new())?;
+    let fields = match (&a.data, &a.fields) {
+        (Some(path), _) => return entry_create_data(path, &a.common).await,
+        (None, Some(fields)) => fields,
+        (None, None) => {
+            return Err(Error::InvalidArgument(format!(
+                "{CMD}: give --parent-id, --spiffe-id and --selector, or --data FILE"
+            )));
+        }
+    };
+    let entry = fields.to_wire(CMD, String::new())?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let e = client
         .create_entry(CreateEntryRequest { entry: Some(entry) })
@@ -410,4 +444,155 @@ async fn entry_count(a: EntryFilterArgs) -> Result<String> {
     render(a.common.output, &CountView { count: resp.count }, |c| {
         format_count_human(c.count)
     })
+}
+
+/// The entries of a `--data` file (`-`: standard input), every one checked, no two
+/// alike. Errors name the file and the entry (`entries[12].selectors[0]`).
+pub(super) fn read_data(path: &std::path::Path) -> Result<Vec<types::Entry>> {
+    const CMD: &str = "entry create";
+    let shown = path.display();
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(Error::io(format!(
+                "{CMD}: reading --data from standard input"
+            )))?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(Error::io(format!("{CMD}: reading --data {shown}")))?
+    };
+    let prefix = |e: Error| Error::InvalidArgument(format!("{CMD}: --data {shown}: {e}"));
+    let entries = data::parse_entries(&text).map_err(prefix)?;
+    data::first_duplicate(&entries).map_err(prefix)?;
+    Ok(entries)
+}
+
+/// What `entry create --data` created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct CreatedView {
+    /// The entries created, in file order.
+    pub entries: Vec<EntryView>,
+}
+
+/// `Created N entries in B batches`.
+pub(super) fn format_created_human(n: usize, batches: usize) -> String {
+    format!(
+        "Created {n} {} in {batches} {}\n",
+        plural(n, "entry", "entries"),
+        plural(batches, "batch", "batches")
+    )
+}
+
+/// The error of a `--data` run stopped by batch `b` (0-based) of `batches`, whose
+/// first entry is `entries[offset]`: what was written, what was refused and why (one
+/// line per refused entry: its position in the file, SPIFFE ID and the server's
+/// reason), and what was not sent.
+pub(super) fn refused_batch_error(
+    batches: &[std::ops::Range<usize>],
+    b: usize,
+    sent: &[types::Entry],
+    results: &[carapace_proto::admin::BatchCreateEntryResult],
+) -> Error {
+    use std::fmt::Write as _;
+    let range =
+        |r: &std::ops::Range<usize>| format!("entries[{}..={}]", r.start, r.end.saturating_sub(1));
+    let Some(this) = batches.get(b) else {
+        return Error::InvalidArgument("entry create: no such batch".into());
+    };
+    let mut out = String::from("entry create: ");
+    if b == 0 {
+        out.push_str("nothing written");
+    } else {
+        let written = this.start;
+        let which = if b == 1 {
+            "batch 1".to_owned()
+        } else {
+            format!("batches 1-{b}")
+        };
+        let _ = write!(
+            out,
+            "{which} written ({written} {}, {}); ",
+            plural(written, "entry", "entries"),
+            range(&(0..written))
+        );
+    }
+    let _ = write!(
+        out,
+        "{}batch {} of {} ({}) refused, nothing of it written:",
+        if b == 0 { "; " } else { "" },
+        b + 1,
+        batches.len(),
+        range(this)
+    );
+    for r in results.iter().filter(|r| r.code != 0) {
+        let i = r.index as usize;
+        let id = sent.get(i).map_or("", |e| e.spiffe_id.as_str());
+        let _ = write!(out, "\n  entries[{}] ({id}): {}", this.start + i, r.message);
+    }
+    if b + 1 < batches.len() {
+        let rest = batches.len() - b - 1;
+        let from = batches.get(b + 1).map_or(0, |r| r.start);
+        let total = batches.last().map_or(0, |r| r.end);
+        let _ = write!(
+            out,
+            "\n{rest} later {} ({}) not sent",
+            plural(rest, "batch", "batches"),
+            range(&(from..total))
+        );
+    }
+    Error::InvalidArgument(out)
+}
+
+/// `entry create --data`: read and check the file, then one call per batch.
+async fn entry_create_data(path: &std::path::Path, common: &Common) -> Result<String> {
+    const CMD: &str = "entry create";
+    let entries = read_data(path)?;
+    let batches: Vec<std::ops::Range<usize>> = (0..entries.len())
+        .step_by(MAX_BATCH_ENTRIES)
+        .map(|start| start..(start + MAX_BATCH_ENTRIES).min(entries.len()))
+        .collect();
+    let mut client = connect(&common.admin_socket, common.server_uid).await?;
+    let mut created = CreatedView {
+        entries: Vec::new(),
+    };
+    let mut count = 0;
+    for (b, range) in batches.iter().enumerate() {
+        let sent = entries.get(range.clone()).unwrap_or_default().to_vec();
+        let resp = client
+            .batch_create_entry(BatchCreateEntryRequest {
+                entries: sent.clone(),
+            })
+            .await
+            .map_err(|s| {
+                let e = status_error(CMD, &s);
+                Error::InvalidArgument(format!(
+                    "{e}; batch {} of {} not written{}",
+                    b + 1,
+                    batches.len(),
+                    if b == 0 {
+                        String::new()
+                    } else {
+                        format!(", the {} before it written ({} entries)", b, range.start)
+                    }
+                ))
+            })?
+            .into_inner();
+        if !resp.created {
+            return Err(refused_batch_error(&batches, b, &sent, &resp.results));
+        }
+        count += resp.results.len();
+        // Kept only to be printed: the human summary needs the count alone.
+        if common.output == OutputFormat::Json {
+            created.entries.extend(
+                resp.results
+                    .iter()
+                    .filter_map(|r| r.entry.as_ref())
+                    .map(EntryView::from),
+            );
+        }
+    }
+    let n = batches.len();
+    render(common.output, &created, |_| format_created_human(count, n))
 }

@@ -299,6 +299,12 @@ fn expires_at_accepts_unix_seconds_and_rfc3339() {
     );
 }
 
+/// `entry create`'s single-entry form, unwrapped.
+struct CreateParsed {
+    fields: EntryFields,
+    common: Common,
+}
+
 #[test]
 fn command_line_shape() {
     let cmd = parse(&[
@@ -331,6 +337,16 @@ fn command_line_shape() {
     let AdminCommand::Entry(EntryCommand::Create(a)) = cmd else {
         panic!("{cmd:?}")
     };
+    assert_eq!(a.data, None);
+    let EntryCreateArgs {
+        fields: Some(fields),
+        common,
+        ..
+    } = a
+    else {
+        panic!("no entry fields")
+    };
+    let a = CreateParsed { fields, common };
     assert_eq!(a.fields.selectors, ["unix:uid:1", "unix:gid:2"]);
     assert_eq!(a.fields.x509_svid_ttl, Some(Duration::from_secs(3600)));
     assert_eq!(a.fields.expires_at, Some(1_893_456_000));
@@ -524,7 +540,7 @@ fn every_duration_flag_takes_bare_seconds_and_units() {
     let token: &[&str] = &["token", "generate"];
     let mint: &[&str] = &["x509", "mint", "--spiffe-id", "spiffe://example.org/m"];
     let ttl_of = |cmd: AdminCommand| match cmd {
-        AdminCommand::Entry(EntryCommand::Create(a)) => a.fields.x509_svid_ttl,
+        AdminCommand::Entry(EntryCommand::Create(a)) => a.fields.and_then(|f| f.x509_svid_ttl),
         AdminCommand::Token(TokenCommand::Generate(a)) => a.ttl,
         AdminCommand::X509(X509Command::Mint(a)) => a.ttl,
         other => panic!("{other:?}"),
@@ -1035,4 +1051,249 @@ fn help_texts_name_the_jwt_commands_and_flags() {
     for needle in ["--jwt-svid-ttl <DURATION>", "--jwt-svid-include-jti", "jti"] {
         assert!(create.contains(needle), "{needle:?} missing from\n{create}");
     }
+}
+
+/// `entry create --data FILE` reads `json` from a temporary file.
+fn read_data_json(json: &str) -> crate::Result<Vec<types::Entry>> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("entries.json");
+    std::fs::write(&path, json).unwrap();
+    entry::read_data(&path)
+}
+
+fn data_err(json: &str) -> String {
+    read_data_json(json).unwrap_err().to_string()
+}
+
+#[test]
+fn entry_create_data_conflicts_with_the_single_entry_flags() {
+    let cmd = parse(&["entry", "create", "--data", "-"]).unwrap();
+    let AdminCommand::Entry(EntryCommand::Create(a)) = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(a.data, Some(PathBuf::from("-")));
+    assert!(a.fields.is_none());
+    for extra in [
+        &["--spiffe-id", "spiffe://example.org/b"][..],
+        &["--parent-id", "spiffe://example.org/a"],
+        &["--selector", "unix:uid:1"],
+        &["--x509-svid-ttl", "1h"],
+        &["--jwt-svid-ttl", "1m"],
+        &["--jwt-svid-include-jti"],
+        &["--dns-name", "a.example"],
+        &["--hint", "h"],
+        &["--admin"],
+        &["--downstream"],
+        &["--expires-at", "2030-01-01T00:00:00Z"],
+    ] {
+        let mut args = vec!["entry", "create", "--data", "f.json"];
+        args.extend_from_slice(extra);
+        let e = parse(&args).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            clap::error::ErrorKind::ArgumentConflict,
+            "{extra:?}: {e}"
+        );
+    }
+    // Without --data the single-entry flags stay required.
+    let e = parse(&["entry", "create", "--spiffe-id", "spiffe://example.org/b"]).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        clap::error::ErrorKind::MissingRequiredArgument,
+        "{e}"
+    );
+}
+
+#[test]
+fn entry_create_data_reads_spires_format() {
+    // SPIRE's `entry create -data` input, as its own test fixtures write it, plus the
+    // object form of the IDs (`entry show -output json`) and the other fields.
+    let entries = read_data_json(
+        r#"{
+          "entries": [
+            {
+              "selectors": [{"type": "unix", "value": "uid:1111"}],
+              "spiffe_id": "spiffe://example.org/Blog",
+              "parent_id": "spiffe://example.org/spire/agent/join_token/TokenBlog",
+              "x509_svid_ttl": 200,
+              "jwt_svid_ttl": 30,
+              "admin": true
+            },
+            {
+              "selectors": [{"type": "unix", "value": "uid:1111"}, {"type": "k8s", "value": "ns:db"}],
+              "spiffe_id": {"trust_domain": "example.org", "path": "/Database"},
+              "parent_id": {"trust_domain": "example.org", "path": "/spire/agent/join_token/TokenDatabase"},
+              "ttl": 200,
+              "federates_with": [],
+              "downstream": true,
+              "entryExpiry": 1893456000,
+              "dns_names": ["db.example.org", "*.db.example.org"],
+              "revision_number": "0",
+              "store_svid": false,
+              "hint": "db",
+              "entry_id": "db-1",
+              "created_at": null
+            },
+            {
+              "SPIFFE_ID": "spiffe://example.org/x",
+              "Parent_Id": "spiffe://example.org/spire/agent/join_token/T",
+              "Selectors": [{"Type": "unix", "Value": "uid:1"}],
+              "expires_at": "1893456000",
+              "jwt_svid_include_jti": true
+            }
+          ]
+        }"#,
+    )
+    .unwrap();
+    assert_eq!(entries.len(), 3);
+    let blog = &entries[0];
+    assert_eq!(blog.spiffe_id, "spiffe://example.org/Blog");
+    assert_eq!(
+        blog.parent_id,
+        "spiffe://example.org/spire/agent/join_token/TokenBlog"
+    );
+    assert_eq!((blog.x509_svid_ttl, blog.jwt_svid_ttl), (200, 30));
+    assert!(blog.admin && !blog.downstream);
+    assert_eq!(blog.id, "");
+    let db = &entries[1];
+    assert_eq!(db.spiffe_id, "spiffe://example.org/Database");
+    assert_eq!(db.x509_svid_ttl, 200, "ttl is x509_svid_ttl's old name");
+    assert_eq!(db.selectors.len(), 2);
+    assert_eq!(
+        (
+            db.selectors[1].r#type.as_str(),
+            db.selectors[1].value.as_str()
+        ),
+        ("k8s", "ns:db")
+    );
+    assert_eq!(db.expires_at, 1_893_456_000);
+    assert_eq!(db.dns_names, ["db.example.org", "*.db.example.org"]);
+    assert_eq!((db.hint.as_str(), db.id.as_str()), ("db", "db-1"));
+    assert!(db.downstream);
+    let x = &entries[2];
+    assert_eq!(x.spiffe_id, "spiffe://example.org/x");
+    assert_eq!(x.expires_at, 1_893_456_000);
+    assert!(x.jwt_svid_include_jti);
+    assert_eq!(read_data_json(r#"{"entries": []}"#).unwrap().len(), 0);
+}
+
+#[test]
+fn entry_create_data_errors_name_the_entry_and_field() {
+    let ok = r#""spiffe_id": "spiffe://example.org/w", "parent_id": "spiffe://example.org/a", "selectors": [{"type": "unix", "value": "uid:1"}]"#;
+    let one = |extra: &str| format!(r#"{{"entries": [{{{ok}}}, {{{ok}{extra}}}]}}"#);
+    let cases: Vec<(String, &str)> = vec![
+        ("{\"entries\": [".into(), "not valid JSON"),
+        ("[]".into(), "expected the document to be an object {\"entries\": [...]}"),
+        ("{}".into(), "entries: missing"),
+        (r#"{"entries": {}}"#.into(), "expected \"entries\" to be an array"),
+        (r#"{"entries": [], "extra": 1}"#.into(), "extra: unknown top-level field"),
+        (r#"{"entries": [3]}"#.into(), "entries[0]: expected an object"),
+        (r#"{"entries": null}"#.into(), "entries: missing"),
+        (r#"{"entries": [], "Entries": []}"#.into(), "Entries: given twice"),
+        (r#"{"entries": []} []"#.into(), "not valid JSON: trailing characters"),
+        (one(r#", "selector": []"#), "entries[1].selector: unknown field"),
+        (
+            r#"{"entries": [{"parent_id": "spiffe://example.org/a", "selectors": [{"type": "unix", "value": "uid:1"}]}]}"#.into(),
+            "entries[0].spiffe_id: required",
+        ),
+        (
+            r#"{"entries": [{"spiffe_id": "http://x/y", "parent_id": "spiffe://example.org/a", "selectors": [{"type": "unix", "value": "uid:1"}]}]}"#.into(),
+            "entries[0].spiffe_id:",
+        ),
+        (
+            r#"{"entries": [{"spiffe_id": 5, "parent_id": "spiffe://example.org/a", "selectors": [{"type": "unix", "value": "uid:1"}]}]}"#.into(),
+            "entries[0].spiffe_id: expected a string",
+        ),
+        (
+            r#"{"entries": [{"spiffe_id": "spiffe://example.org/w", "parent_id": "spiffe://example.org/a", "selectors": []}]}"#.into(),
+            "entries[0].selectors: at least one selector is required",
+        ),
+        (
+            r#"{"entries": [{"spiffe_id": "spiffe://example.org/w", "parent_id": "spiffe://example.org/a", "selectors": [{"type": "unix"}]}]}"#.into(),
+            "entries[0].selectors[0].value: required",
+        ),
+        (
+            r#"{"entries": [{"spiffe_id": "spiffe://example.org/w", "parent_id": "spiffe://example.org/a", "selectors": [{"type": "unix", "value": "uid:01"}]}]}"#.into(),
+            "entries[0].selectors[0]:",
+        ),
+        (one(r#", "x509_svid_ttl": -1"#), "entries[1].x509_svid_ttl: cannot be negative"),
+        (one(r#", "x509_svid_ttl": 1.5"#), "entries[1].x509_svid_ttl: 1.5 is not a whole number"),
+        (one(r#", "jwt_svid_ttl": 999999999"#), "entries[1].jwt_svid_ttl:"),
+        (one(r#", "x509_svid_ttl": 10, "ttl": 20"#), "entries[1].ttl: 20 differs"),
+        (one(r#", "entryExpiry": -5"#), "entries[1].entryExpiry:"),
+        (one(r#", "dns_names": ["ok.example", "bad..name"]"#), "entries[1].dns_names[1]:"),
+        (one(r#", "admin": "yes""#), "entries[1].admin: expected true or false"),
+        (one(r#", "federates_with": ["spiffe://other.org"]"#), "entries[1].federates_with: federation is not supported"),
+        (one(r#", "store_svid": true"#), "entries[1].store_svid: stored SVIDs are not supported"),
+        (one(r#", "entry_id": "has space""#), "entries[1].entry_id:"),
+        (one(r#", "admin": true, "ADMIN": false"#), "given twice"),
+        // Duplicates across the whole file, whatever the batch.
+        (one(""), "entries[1]: same SPIFFE ID spiffe://example.org/w"),
+    ];
+    for (json, want) in cases {
+        let e = data_err(&json);
+        assert!(
+            e.starts_with("entry create: --data ") && e.contains(want),
+            "{json}\n  gave: {e}\n  want: {want}"
+        );
+    }
+    let dup_ids = r#"{"entries": [
+        {"entry_id": "a", "spiffe_id": "spiffe://example.org/1", "parent_id": "spiffe://example.org/p", "selectors": [{"type": "unix", "value": "uid:1"}]},
+        {"entry_id": "a", "spiffe_id": "spiffe://example.org/2", "parent_id": "spiffe://example.org/p", "selectors": [{"type": "unix", "value": "uid:1"}]}]}"#;
+    assert!(data_err(dup_ids).contains("entries[1].entry_id: \"a\" is also the id of entries[0]"));
+    let missing = entry::read_data(std::path::Path::new("/nonexistent/entries.json")).unwrap_err();
+    assert!(
+        missing.to_string().contains("/nonexistent/entries.json"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn entry_create_data_reports_written_refused_and_unsent_batches() {
+    use carapace_proto::admin::BatchCreateEntryResult;
+    let batches = [0..1000, 1000..2000, 2000..2500];
+    let sent: Vec<types::Entry> = (0..1000)
+        .map(|i| types::Entry {
+            spiffe_id: format!("spiffe://example.org/w/{}", 1000 + i),
+            ..types::Entry::default()
+        })
+        .collect();
+    let mut results: Vec<BatchCreateEntryResult> = (0..1000)
+        .map(|i| BatchCreateEntryResult {
+            index: i,
+            ..BatchCreateEntryResult::default()
+        })
+        .collect();
+    results[7].code = tonic::Code::InvalidArgument as i32;
+    results[7].message = "not in trust domain".into();
+    results[9].code = tonic::Code::AlreadyExists as i32;
+    results[9].message = "similar entry e1 already exists".into();
+    let e = entry::refused_batch_error(&batches, 1, &sent, &results).to_string();
+    assert_eq!(
+        e,
+        "entry create: batch 1 written (1000 entries, entries[0..=999]); batch 2 of 3 \
+         (entries[1000..=1999]) refused, nothing of it written:\n  \
+         entries[1007] (spiffe://example.org/w/1007): not in trust domain\n  \
+         entries[1009] (spiffe://example.org/w/1009): similar entry e1 already exists\n\
+         1 later batch (entries[2000..=2499]) not sent"
+    );
+    let first = entry::refused_batch_error(&batches[..1], 0, &sent, &results).to_string();
+    assert!(
+        first.starts_with("entry create: nothing written; batch 1 of 1 (entries[0..=999]) refused"),
+        "{first}"
+    );
+    assert!(!first.contains("not sent"), "{first}");
+    let created = entry::CreatedView {
+        entries: vec![entry(), entry()],
+    };
+    assert_eq!(
+        entry::format_created_human(2, 1),
+        "Created 2 entries in 1 batch\n"
+    );
+    assert_eq!(
+        entry::format_created_human(1, 3),
+        "Created 1 entry in 3 batches\n"
+    );
+    let json: serde_json::Value = serde_json::from_str(&json(&created).unwrap()).unwrap();
+    assert_eq!(json["entries"][1]["spiffe_id"], "spiffe://example.org/web");
 }
