@@ -606,6 +606,42 @@ async fn jwt_settings_round_trip_through_create_update_and_list(ds: Datastore) {
 
 /// A database written before schema version 5 (no JWT columns) is migrated when opened,
 /// and its entries read back with the default JWT TTL and no `jti`.
+/// A single server's database of schema version 5 keeps its CA journal and bundle when
+/// opened by a version that shares databases between servers: the journal is claimed by
+/// the first server id that asks.
+#[tokio::test]
+async fn a_single_server_database_keeps_its_ca_journal_across_the_several_servers_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("carapace.sqlite");
+    {
+        let pool = sqlx::SqlitePool::connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true),
+        )
+        .await
+        .unwrap();
+        SQLITE_MIGRATOR.run_to(5, &pool).await.unwrap();
+        sqlx::query(
+            "INSERT INTO ca_journal (id, data, updated_at) VALUES (1, x'6a6f75726e616c', 7)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let ds = Datastore::open(&path).await.unwrap();
+    assert_eq!(
+        ds.load_ca_journal("0123456789abcdef0123456789abcdef")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(&b"journal"[..])
+    );
+    assert_eq!(ds.load_ca_journal("another").await.unwrap(), None);
+    assert_eq!(count(&ds, "server_ca_journals").await, 1);
+}
+
 #[tokio::test]
 async fn entries_from_before_the_jwt_migration_read_back_with_defaults() {
     let dir = tempfile::tempdir().unwrap();
