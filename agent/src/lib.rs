@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod node_attestor;
 pub mod node_client;
 pub mod state;
+pub mod sync;
 pub mod workload_api;
 pub mod workload_attestor;
 

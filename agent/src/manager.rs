@@ -14,16 +14,17 @@ use zeroize::Zeroizing;
 
 use carapace_core::plugin::{KeyManager, KeySigner, NodeAttestorClient};
 use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId, TrustBundle};
-use carapace_proto::convert::{bundle_from_wire, entry_from_wire};
+use carapace_proto::convert::bundle_from_wire;
 use carapace_proto::node::{
-    BatchNewX509svidRequest, NewX509svidParams, RenewAgentRequest, SyncAuthorizedRequest,
-    SyncAuthorizedResponse, node_client::NodeClient,
+    BatchNewX509svidRequest, NewX509svidParams, RenewAgentRequest, SyncAuthorizedResponse,
+    node_client::NodeClient,
 };
 
 use crate::cache::{CachedSvid, SvidCache};
 use crate::config::{Bootstrap, Config};
 use crate::node_client::{self, call_error};
 use crate::state::{self, AgentState};
+use crate::sync::HeldEntries;
 use crate::{Error, Result};
 
 /// How far the server backdates notBefore (see `carapace_server::ca::BACKDATE`).
@@ -141,7 +142,8 @@ pub struct Manager {
     state: AgentState,
     agent_key: Arc<dyn KeySigner>,
     agent_rotate_at: i64,
-    entries: BTreeMap<EntryId, RegistrationEntry>,
+    /// The authorized entries, kept from the server's sync messages.
+    held: HeldEntries,
     slots: BTreeMap<EntryId, Slot>,
     /// The node attestor, kept to renew by attesting again when the server allows it
     /// (TPM: a fresh quote at every renewal), and to attest afresh after losing the
@@ -165,7 +167,7 @@ impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager")
             .field("agent", &self.agent_id().ok())
-            .field("entries", &self.entries.len())
+            .field("entries", &self.held.entries().len())
             .field("svids", &self.slots.len())
             .finish_non_exhaustive()
     }
@@ -279,7 +281,7 @@ impl Manager {
             agent_key,
             agent_rotate_at: rotate_at(since, na),
             state,
-            entries: BTreeMap::new(),
+            held: HeldEntries::default(),
             slots: BTreeMap::new(),
             attestor,
             agent_not_after: na,
@@ -467,7 +469,10 @@ impl Manager {
             }
             let mut client = self.client()?;
             self.publish_client(Some(&client));
-            let mut stream = match client.sync_authorized(SyncAuthorizedRequest {}).await {
+            // Resumes from the entries held when they are known, else asks for them all.
+            let request = self.held.resume_request();
+            let resumed = request.resume;
+            let mut stream = match client.sync_authorized(request).await {
                 Ok(s) => s.into_inner(),
                 Err(s) => {
                     let retry_in = backoff.next_delay();
@@ -478,14 +483,20 @@ impl Manager {
                     continue;
                 }
             };
-            tracing::info!(server = %self.cfg.server_address, "connected to the server");
+            tracing::info!(server = %self.cfg.server_address, resumed, "connected to the server");
             let mut renewed = false;
+            let mut first = true;
             loop {
                 tokio::select! {
                     msg = stream.message() => match msg {
                         Ok(Some(m)) => {
                             backoff.reset();
-                            self.apply_sync(m)?;
+                            let consistent = self.apply_sync(&m, first, resumed)?;
+                            first = false;
+                            if !consistent {
+                                // Dropped: the next stream asks for the full state.
+                                break;
+                            }
                             self.reconcile(&mut client).await;
                         }
                         Ok(None) => {
@@ -669,7 +680,14 @@ impl Manager {
         }
     }
 
-    fn apply_sync(&mut self, m: SyncAuthorizedResponse) -> Result<()> {
+    /// Applies one sync message; `false` when it does not fit the entries held (the
+    /// stream must be dropped and the full state asked for).
+    fn apply_sync(
+        &mut self,
+        m: &SyncAuthorizedResponse,
+        first: bool,
+        resumed: bool,
+    ) -> Result<bool> {
         crate::metrics::metrics().synced();
         if self.retried_refusal.take().is_some() {
             tracing::info!("the server serves this agent again");
@@ -697,24 +715,27 @@ impl Manager {
                 }
             }
         }
-        let mut entries = BTreeMap::new();
-        for e in &m.entries {
-            match entry_from_wire(e, None) {
-                Ok(entry) => {
-                    entries.insert(entry.id.clone(), entry);
-                }
-                Err(err) => {
-                    tracing::warn!(entry = e.id, error = %err, "ignoring a malformed entry from the server")
-                }
+        match self.held.apply(m, first, resumed) {
+            Ok(applied) => {
+                tracing::debug!(
+                    revision = m.revision,
+                    full = m.full,
+                    upserted = applied.upserted,
+                    removed = applied.removed,
+                    entries = self.held.entries().len(),
+                    "synced authorized entries"
+                );
+                Ok(true)
+            }
+            Err(why) => {
+                tracing::warn!(
+                    revision = m.revision,
+                    error = why,
+                    "an inconsistent sync message from the server; asking for the full state"
+                );
+                Ok(false)
             }
         }
-        tracing::debug!(
-            revision = m.revision,
-            entries = entries.len(),
-            "synced authorized entries"
-        );
-        self.entries = entries;
-        Ok(())
     }
 
     /// Makes every SVID chained to an authority the server tainted (an operator suspects
@@ -754,10 +775,12 @@ impl Manager {
     async fn reconcile(&mut self, client: &mut NodeClient<Channel>) {
         let t = now();
         let before = self.slots.len();
-        self.slots.retain(|id, _| self.entries.contains_key(id));
+        self.slots
+            .retain(|id, _| self.held.entries().contains_key(id));
         let removed = before - self.slots.len();
         let due: Vec<RegistrationEntry> = self
-            .entries
+            .held
+            .entries()
             .values()
             .filter(|e| match self.slots.get(&e.id) {
                 None => true,
@@ -848,7 +871,7 @@ impl Manager {
         for r in resp.results {
             let Some(entry) = EntryId::new(&r.entry_id)
                 .ok()
-                .and_then(|id| self.entries.get(&id).cloned())
+                .and_then(|id| self.held.entries().get(&id).cloned())
             else {
                 continue;
             };

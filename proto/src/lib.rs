@@ -51,6 +51,7 @@ pub mod carapace {
 }
 
 pub mod convert;
+pub mod sync;
 
 pub use carapace::admin::v1 as admin;
 pub use carapace::node::v1 as node;

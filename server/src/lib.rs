@@ -23,6 +23,7 @@ pub mod node_api;
 pub mod node_attestor;
 pub mod oidc;
 pub mod server_svid;
+pub mod sync_diff;
 pub mod upstream;
 
 use std::future::Future;

@@ -21,7 +21,7 @@ use carapace_core::clock::unix_now;
 use carapace_core::plugin::{
     AttestationContext, AttestationStep, NodeAttestor, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
 };
-use carapace_core::{RegistrationEntry, SpiffeId, TrustBundle};
+use carapace_core::{RegistrationEntry, SpiffeId};
 use carapace_proto::node::{
     self, AttestRequest, AttestResponse, BatchNewX509svidRequest, BatchNewX509svidResponse,
     RenewAgentRequest, RenewAgentResponse, SyncAuthorizedRequest, SyncAuthorizedResponse,
@@ -32,6 +32,7 @@ use carapace_proto::types;
 use crate::ca::{CaManager, IssuedSvid, SubjectKey, csr_public_key, csr_public_key_der, sign_leaf};
 use crate::datastore::{AttestedAgent, Refusal};
 use crate::entry_cache::{AgentCredential, EntryCache};
+use crate::sync_diff::{Diff, Sent};
 use crate::{Error, Result};
 
 /// The longest a whole attestation (all challenge rounds) may take.
@@ -458,15 +459,24 @@ impl NodeApi {
         })
     }
 
-    fn sync_message(&self, agent: &SpiffeId, bundle: &TrustBundle) -> SyncAuthorizedResponse {
-        let entries = self.cache.authorized_entries(agent);
+    /// The next message of a sync stream: the entries `diff` holds, with `full` set when
+    /// they replace the agent's whole set.
+    fn sync_message(
+        &self,
+        full: bool,
+        diff: &Diff,
+        bundle: Option<types::Bundle>,
+    ) -> SyncAuthorizedResponse {
         SyncAuthorizedResponse {
             revision: self.cache.revision(),
-            entries: entries
+            entries: diff
+                .upserts
                 .iter()
                 .map(|e| types::Entry::from(e.as_ref()))
                 .collect(),
-            bundle: Some(types::Bundle::from(bundle)),
+            bundle,
+            full,
+            removed: diff.removed.clone(),
         }
     }
 }
@@ -573,6 +583,7 @@ impl node::node_server::Node for NodeApi {
         req: Request<SyncAuthorizedRequest>,
     ) -> std::result::Result<Response<Self::SyncAuthorizedStream>, Status> {
         let (agent, peer) = self.authenticate(&req).await?;
+        let request = req.into_inner();
         let (tx, rx) = mpsc::channel(2);
         let this = self.clone();
         tokio::spawn(async move {
@@ -580,7 +591,9 @@ impl node::node_server::Node for NodeApi {
             let mut closing = this.closing.clone();
             let mut revisions = this.cache.subscribe();
             let mut bundles = this.ca.bundle();
-            let mut last: Option<SyncAuthorizedResponse> = None;
+            // What this stream has sent: `None` until the first message.
+            let mut sent: Option<Sent> = None;
+            let mut last_bundle: Option<types::Bundle> = None;
             // The stream ends when the SVID it was opened with lapses, whatever else.
             let lapse = tokio::time::sleep_until(until_unix(peer.not_after));
             tokio::pin!(lapse);
@@ -593,14 +606,42 @@ impl node::node_server::Node for NodeApi {
                     return;
                 }
                 revisions.borrow_and_update();
-                let bundle = bundles.borrow_and_update().clone();
-                // Send only when this agent's view changed, not on every revision.
-                let msg = this.sync_message(&id, &bundle);
-                let same = last
-                    .as_ref()
-                    .is_some_and(|l| l.entries == msg.entries && l.bundle == msg.bundle);
-                if !same {
-                    last = Some(msg.clone());
+                let bundle = types::Bundle::from(bundles.borrow_and_update().as_ref());
+                let current = this.cache.authorized_entries(&id);
+                // The first message: the full state, or a diff against what the agent
+                // proves it holds. Later ones: what changed since the previous one, and
+                // nothing at all when this agent's view did not change.
+                let (full, diff) = match sent.as_mut() {
+                    Some(s) => (false, s.advance(&current)),
+                    None if request.resume => {
+                        let (s, d) = Sent::resume(&request.held, &current);
+                        sent = Some(s);
+                        (false, d)
+                    }
+                    None => {
+                        sent = Some(Sent::full(&current));
+                        (
+                            true,
+                            Diff {
+                                upserts: current,
+                                removed: Vec::new(),
+                            },
+                        )
+                    }
+                };
+                let first = last_bundle.is_none();
+                let new_bundle = (last_bundle.as_ref() != Some(&bundle)).then(|| bundle.clone());
+                if first || new_bundle.is_some() || !diff.is_empty() {
+                    last_bundle = Some(bundle);
+                    let msg = this.sync_message(full, &diff, new_bundle);
+                    tracing::debug!(
+                        agent = %id,
+                        full,
+                        entries = msg.entries.len(),
+                        removed = msg.removed.len(),
+                        revision = msg.revision,
+                        "sync message"
+                    );
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }

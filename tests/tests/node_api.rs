@@ -102,7 +102,7 @@ async fn an_agent_gets_only_its_own_entries_and_only_their_ids() {
     // Sync: A sees only its entry.
     let mut stream = a
         .client()
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -265,7 +265,7 @@ async fn calls_without_a_client_svid_are_unauthenticated() {
     let tls = carapace_tls::client_config(rx, td().server_id(), None).unwrap();
     let mut client = node_client::channel(&server.address, Arc::new(tls)).unwrap();
     let err = client
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
@@ -286,7 +286,7 @@ async fn a_client_svid_from_another_ca_is_rejected_in_the_handshake() {
     foreign.address = server.address.clone();
     let err = foreign
         .client()
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap_err();
     // TLS 1.3 clients learn of a rejected certificate only when the connection drops.
@@ -329,17 +329,17 @@ async fn after_renewal_only_the_latest_svid_is_accepted_and_eviction_locks_out()
     a.key = new_key;
     // Until the new SVID is used, the old one still works (a lost renewal reply must not lock the agent out).
     old.client()
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap();
     // Using the new SVID makes it the only one accepted.
     a.client()
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap();
     let err = old
         .client()
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -348,7 +348,7 @@ async fn after_renewal_only_the_latest_svid_is_accepted_and_eviction_locks_out()
     server.cli_ok(&["agent", "evict", "--spiffe-id", &a.id]);
     let err = a
         .client()
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -395,7 +395,7 @@ async fn connected_agent(
     let entry = server.create_entry(&a.id, "spiffe://example.org/w", &["unix:uid:1"], &[]);
     let mut client = a.client();
     let mut stream = client
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap()
         .into_inner();

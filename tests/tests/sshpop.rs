@@ -327,7 +327,7 @@ async fn a_reattesting_agent_cannot_renew_without_evidence_and_a_refused_reattes
     };
     let mut client = node_client::channel(&server.address, agent.tls()).unwrap();
     client
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap();
 
@@ -355,7 +355,7 @@ async fn a_reattesting_agent_cannot_renew_without_evidence_and_a_refused_reattes
         .unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
     let err = client
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -375,7 +375,7 @@ async fn a_reattesting_agent_cannot_renew_without_evidence_and_a_refused_reattes
     };
     node_client::channel(&server.address, again.tls())
         .unwrap()
-        .sync_authorized(SyncAuthorizedRequest {})
+        .sync_authorized(SyncAuthorizedRequest::default())
         .await
         .unwrap();
     let row = server.cli_json(&["agent", "show", "--spiffe-id", &keys.agent_id()]);
