@@ -307,7 +307,8 @@ fn first_in(
 }
 
 /// Fills each sample's [`Stages`] from the three logs: each stage is the first matching
-/// line after the previous stage and before the workload got the SVID.
+/// line after the previous stage and before the workload got the SVID (B's apply, after
+/// the sample began: A's own line may come after it).
 pub fn attribute(
     samples: &mut [Sample],
     a_log: &[serde_json::Value],
@@ -336,9 +337,10 @@ pub fn attribute(
             a_committed: first_in(&committed, origin, until, origin),
             ..Stages::default()
         };
-        let mut from = st.a_committed.map_or(origin, at);
-        st.b_applied = first_in(&b_applied, from, until, origin);
-        from = st.b_applied.map_or(from, at);
+        // A logs its line after its commit and its own index update, so B (woken by
+        // the commit's NOTIFY) may log first: B's line is looked for from the start.
+        st.b_applied = first_in(&b_applied, origin, until, origin);
+        let mut from = st.b_applied.or(st.a_committed).map_or(origin, at);
         st.agent_synced = first_in(&synced, from, until, origin);
         from = st.agent_synced.map_or(from, at);
         st.b_signed = first_in(&b_signed, from, until, origin);
@@ -372,7 +374,7 @@ fn spans(s: &Sample) -> [Option<f64>; 6] {
 /// What each span of [`spans`] is.
 const SPAN_NAMES: [&str; 6] = [
     "CLI call starts → A committed the entry (process start, admin socket, A's transaction)",
-    "A committed → B applied it to its entry index (NOTIFY, B reads the change log)",
+    "A committed → B applied it to its entry index (NOTIFY, B reads the change log; negative when A logged after B applied)",
     "B applied → agent received its new entry list (B's sync stream push)",
     "agent received → B signed the SVID (agent key + CSR, `BatchNewX509SVID`)",
     "B signed → agent published it to the Workload API",
@@ -545,6 +547,38 @@ mod tests {
                 Some(8_000.0)
             ]
         );
+    }
+
+    #[test]
+    fn b_may_apply_before_a_logs_its_commit() {
+        let origin = humantime::parse_rfc3339("2026-12-07T06:00:00Z").unwrap();
+        let mut samples = vec![Sample {
+            spiffe_id: "spiffe://example.org/bench/ha-0".into(),
+            started: origin,
+            total: Duration::from_millis(20),
+            cli: Duration::from_millis(6),
+            stages: Stages::default(),
+        }];
+        let a = vec![line(
+            "2026-12-07T06:00:00.006000Z",
+            "created registration entry",
+            r#","spiffe_id":"spiffe://example.org/bench/ha-0""#,
+        )];
+        let b = vec![line(
+            "2026-12-07T06:00:00.005500Z",
+            "applied datastore changes to the entry cache",
+            "",
+        )];
+        let agent = vec![line(
+            "2026-12-07T06:00:00.007000Z",
+            "synced authorized entries",
+            "",
+        )];
+        attribute(&mut samples, &a, &b, &agent);
+        let st = samples[0].stages;
+        assert_eq!(st.b_applied, Some(5_500.0));
+        assert_eq!(st.agent_synced, Some(7_000.0));
+        assert_eq!(spans(&samples[0])[1], Some(-500.0));
     }
 
     #[test]
