@@ -7,9 +7,11 @@ use std::io::{Read as _, Seek as _, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
+use tonic::Streaming;
+use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use carapace_core::{Selector, TrustDomain};
@@ -17,6 +19,7 @@ use carapace_proto::admin::admin_client::AdminClient;
 use carapace_proto::admin::{CreateEntryRequest, DeleteEntryRequest, HealthRequest};
 use carapace_proto::types;
 use carapace_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use carapace_proto::workload::{X509svidRequest, X509svidResponse};
 
 use crate::process::{Proc, free_port};
 
@@ -38,6 +41,30 @@ pub async fn workload_client(socket: &Path) -> Result<SpiffeWorkloadApiClient<Ch
         .await
         .context("connecting to the Workload API")?;
     Ok(SpiffeWorkloadApiClient::new(channel))
+}
+
+/// An open `FetchX509SVID` stream and the client it was opened on (kept with it, so
+/// that its connection lives as long as the stream is read).
+pub type X509Stream = (
+    SpiffeWorkloadApiClient<Channel>,
+    Streaming<X509svidResponse>,
+);
+
+/// Opens `FetchX509SVID` (with the security header) on a new connection to `socket`,
+/// accepting messages of any size (every SVID of the caller is in each).
+pub async fn x509_stream(socket: &Path) -> Result<X509Stream> {
+    let mut client = workload_client(socket)
+        .await?
+        .max_decoding_message_size(usize::MAX);
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", MetadataValue::from_static("true"));
+    let stream = client
+        .fetch_x509svid(req)
+        .await
+        .map_err(|s| anyhow!("FetchX509SVID: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok((client, stream))
 }
 
 /// A wire entry for `spiffe_id`, parented to `parent`, with one selector (`type:value`).
@@ -276,6 +303,16 @@ pub fn message_of(line: &serde_json::Value) -> Option<&str> {
     line.get("fields")?.get("message")?.as_str()
 }
 
+/// When a JSON log line was written (its RFC 3339 `timestamp`, wall clock).
+pub fn timestamp_of(line: &serde_json::Value) -> Option<SystemTime> {
+    humantime::parse_rfc3339(line.get("timestamp")?.as_str()?).ok()
+}
+
+/// Every complete JSON line of a log file, from its beginning.
+pub fn read_log(path: &Path) -> Result<Vec<serde_json::Value>> {
+    LogFollower::from_start(path).poll()
+}
+
 /// Follows a JSON-lines log file as it grows.
 #[derive(Debug)]
 pub struct LogFollower {
@@ -352,6 +389,18 @@ impl Agent {
         server: &Server,
         config: Option<&str>,
     ) -> Result<Agent> {
+        Self::start_with_env(bin_dir, dir, server, config, &[]).await
+    }
+
+    /// [`Agent::start_with_config`] with `envs` added to the agent's environment after
+    /// the harness's own (so `CARAPACE_LOG` there overrides the default filter).
+    pub async fn start_with_env(
+        bin_dir: &Path,
+        dir: &Path,
+        server: &Server,
+        config: Option<&str>,
+        envs: &[(String, String)],
+    ) -> Result<Agent> {
         let bin = bin_dir.join("carapace-agent");
         if !bin.exists() {
             bail!(
@@ -383,7 +432,8 @@ impl Agent {
             // In the environment rather than argv, so it is not in the process list.
             .env("CARAPACE_JOIN_TOKEN", &token.token)
             .env("CARAPACE_LOG", "warn,carapace=info")
-            .env("CARAPACE_LOG_FORMAT", "json");
+            .env("CARAPACE_LOG_FORMAT", "json")
+            .envs(envs.iter().map(|(k, v)| (k, v)));
         let proc = Proc::spawn("carapace-agent", cmd, &log)?;
         let mut agent = Agent {
             proc,
@@ -465,6 +515,16 @@ mod tests {
         .unwrap();
         assert_eq!(held_of(&line), Some(1001));
         assert_eq!(message_of(&line), Some("workload SVIDs updated"));
+        assert_eq!(
+            timestamp_of(&line),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600))
+        );
+        let micro: serde_json::Value =
+            serde_json::from_str(r#"{"timestamp":"2026-01-01T00:00:01.000250Z"}"#).unwrap();
+        assert_eq!(
+            timestamp_of(&micro),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_micros(1_767_225_601_000_250))
+        );
         let other: serde_json::Value =
             serde_json::from_str(r#"{"fields":{"message":"connected to the server","held":3}}"#)
                 .unwrap();

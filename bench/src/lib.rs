@@ -1,4 +1,4 @@
-//! The Carapace benchmark harness, run by `scripts/bench.sh` (scenarios B1 to B8; each
+//! The Carapace benchmark harness, run by `scripts/bench.sh` (scenarios B1 to B10; each
 //! figure, its goal and its latest value are in BENCHMARKS.md's table). The `carapace-bench`
 //! binary (`main.rs`) parses its arguments, picks the [`scenario::Plan`] and runs the
 //! scenarios in turn; everything else lives here.
@@ -8,7 +8,7 @@
 //! scenario and import none (no module here imports a scenario module except `scenario`'s
 //! own children, and the helpers import only one another):
 //!
-//! - [`scenario`]: B1–B8 (see its table), and the [`scenario::Plan`] of sizes;
+//! - [`scenario`]: B1–B10 (see its table), and the [`scenario::Plan`] of sizes;
 //! - [`process`]: child processes stopped by pid on drop, this executable run again as a
 //!   measuring child, `/proc` counters and CPU clocks, the machine's description;
 //! - [`harness`]: the real `carapace-server` and `carapace-agent`, started and driven

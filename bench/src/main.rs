@@ -6,7 +6,9 @@
 //! API connections per second on one agent), and B7 (the server's cost per node attestation
 //! of `sshpop`, `aws_iid`, `gcp_iit` and `azure_msi`, both plugin halves in process), and
 //! B8 (JWT-SVID mint: the signing ceiling, `NewJWTSVID` over the node API with a software
-//! key and in SoftHSM2, the agent's `FetchJWTSVID`), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
+//! key and in SoftHSM2, the agent's `FetchJWTSVID`), B9 (propagation across two servers
+//! on one PostgreSQL) and B10 (a rotation storm of 10,000 SVIDs on one agent), and prints
+//! a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
 //!
 //! This file only parses the arguments, picks the [`Plan`] and calls each scenario of
 //! `carapace_bench::scenario` in turn (each writes its own section of the report).
@@ -33,12 +35,12 @@ use carapace_bench::process::{self, Machine};
 use carapace_bench::report::{Report, failed};
 use carapace_bench::scenario::issuance::{self, Ceiling};
 use carapace_bench::scenario::{
-    Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, issuance_hsm, jwt_mint, workload_api,
-    workload_attest,
+    Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, ha_propagation, issuance_hsm, jwt_mint,
+    rotation_storm, workload_api, workload_attest,
 };
 use carapace_bench::stats::{Repeated, Summary};
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8]";
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10]";
 
 #[derive(Debug)]
 struct Args {
@@ -83,10 +85,10 @@ fn parse_args() -> Result<Args> {
     if let Some(only) = &args.only
         && !matches!(
             only.as_str(),
-            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8"
+            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8" | "b9" | "b10"
         )
     {
-        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7 or b8\n{USAGE}");
+        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9 or b10\n{USAGE}");
     }
     Ok(args)
 }
@@ -453,6 +455,55 @@ fn main() -> Result<()> {
             jwt_mint::section(r, &b8, &plan.jwt, nproc);
             b8.into_errors()
         })?;
+    }
+
+    if runs("b9") {
+        r.heading(
+            2,
+            "B9. Propagation across servers: an entry created on server A reaches a workload of an agent on server B (two servers, one PostgreSQL; issue 17)",
+        );
+        eprintln!(
+            "==> B9: propagation across two servers on PostgreSQL ({} samples)",
+            plan.b9.samples
+        );
+        let b9 = runtime.block_on(interruptible(ha_propagation::run(
+            &args.bin_dir,
+            &dir.path().join("b9"),
+            &plan.b9,
+        )));
+        record(
+            &mut r,
+            &mut errors,
+            "B9 (propagation across servers)",
+            b9,
+            |r, b9| {
+                ha_propagation::section(r, &b9, &plan.b9);
+                Vec::new()
+            },
+        )?;
+    }
+
+    if runs("b10") {
+        r.heading(
+            2,
+            "B10. Rotation storm: one agent renews all its SVIDs after a taint of the old CA (S5, issue 17)",
+        );
+        eprintln!("==> B10: rotation storm ({} SVIDs)", plan.b10.svids);
+        let b10 = runtime.block_on(interruptible(rotation_storm::run(
+            &args.bin_dir,
+            &dir.path().join("b10"),
+            &plan.b10,
+        )));
+        record(
+            &mut r,
+            &mut errors,
+            "B10 (rotation storm)",
+            b10,
+            |r, b10| {
+                rotation_storm::section(r, &b10);
+                Vec::new()
+            },
+        )?;
     }
 
     let text = r.finish();

@@ -13,6 +13,8 @@
 //! | B6 | [`workload_attest`] | the agent's workload attestors on real callers, and Workload API connections per second |
 //! | B7 | [`attest_cloud_ssh`] | the server's cost per `sshpop`, `aws_iid`, `gcp_iit` and `azure_msi` attestation |
 //! | B8 (S7) | [`jwt_mint`] | JWT-SVID mint: the signing ceiling in process, `NewJWTSVID` over the node API with a software key and with the key in SoftHSM2 beside its raw rate, and the agent's `FetchJWTSVID` cached and uncached |
+//! | B9 | [`ha_propagation`] | propagation across servers: two real servers on one real PostgreSQL, an entry created on one reaching a workload of an agent on the other (p50/p99/max, and where the time goes from the logs) |
+//! | B10 (S5) | [`rotation_storm`] | a rotation storm: one agent holding 10,000 SVIDs renews them all after `localauthority x509 taint` of the old CA (time until the workload holds them all, CPU) |
 //!
 //! Each module has the shape of B7's: `run` measures and returns the figures (each part a
 //! `Result` of its own where parts can fail apart), and `section` writes them into the
@@ -26,17 +28,21 @@
 use crate::scenario::attest_cloud_ssh::B7Plan;
 use crate::scenario::attest_kerberos::KrbPlan;
 use crate::scenario::attest_tpm::TpmPlan;
+use crate::scenario::ha_propagation::B9Plan;
 use crate::scenario::issuance::NodeConfig;
 use crate::scenario::jwt_mint::JwtPlan;
+use crate::scenario::rotation_storm::B10Plan;
 use crate::scenario::workload_api::WorkloadConfig;
 use crate::scenario::workload_attest::AttestPlan;
 
 pub mod attest_cloud_ssh;
 pub mod attest_kerberos;
 pub mod attest_tpm;
+pub mod ha_propagation;
 pub mod issuance;
 pub mod issuance_hsm;
 pub mod jwt_mint;
+pub mod rotation_storm;
 pub mod workload_api;
 pub mod workload_attest;
 
@@ -66,6 +72,10 @@ pub struct Plan {
     pub b7: B7Plan,
     /// B8's sizes.
     pub jwt: JwtPlan,
+    /// B9's sizes.
+    pub b9: B9Plan,
+    /// B10's sizes.
+    pub b10: B10Plan,
 }
 
 impl Plan {
@@ -95,6 +105,8 @@ impl Plan {
                 attest: AttestPlan::new(true),
                 b7: B7Plan::new(true),
                 jwt: JwtPlan::new(true),
+                b9: B9Plan::new(true),
+                b10: B10Plan::new(true),
             }
         } else {
             Plan {
@@ -120,6 +132,8 @@ impl Plan {
                 attest: AttestPlan::new(false),
                 b7: B7Plan::new(false),
                 jwt: JwtPlan::new(false),
+                b9: B9Plan::new(false),
+                b10: B10Plan::new(false),
             }
         }
     }
