@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark scenarios B1 to B8 in one command (goals and figures: BENCHMARKS.md):
+# The benchmark scenarios B1 to B10 in one command (goals and figures: BENCHMARKS.md):
 #   B1  X509-SVID issuance: the crypto ceiling (the server's own functions, in process,
 #       1 thread and every core) beside BatchNewX509SVID throughput over the node API of
 #       the real carapace-server (1 and 2 mTLS connections);
@@ -28,12 +28,18 @@
 #       goals: >= 20k tokens/s per core (software ES256), >= 70 % of the raw rate
 #       (SoftHSM2); then the agent's FetchJWTSVID on new connections, cached (goal p99
 #       < 1 ms) and uncached ("not measured" while the agent answers Unimplemented).
+#   B9  propagation across servers: two carapace-servers on one PostgreSQL, an agent on
+#       the second; entry created on the first -> the workload holds its SVID (p50/p99,
+#       goal p99 < 100 ms).
+#   B10 rotation storm (S5): one agent holding 10,000 SVIDs, the old CA tainted -> the
+#       workload holds 10,000 re-issued SVIDs (goal < 10 s).
 #   B3 and B8 need softhsm2, B4 swtpm swtpm-tools tpm2-tools, B5 krb5-kdc
-#   krb5-admin-server krb5-user, B7 openssh-client and openssl (apt-get install -y ...);
+#   krb5-admin-server krb5-user, B7 openssh-client and openssl, B9 postgresql
+#   (apt-get install -y ...);
 #   without them, that benchmark (for B8: its SoftHSM2 part) fails in the report.
 # Builds in release mode, then prints a Markdown report (also target/bench-report.md)
 # with the machine and this command. One benchmark alone:
-#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6|b7|b8 --bin-dir target/release
+#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10 --bin-dir target/release
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs, 10 B4
