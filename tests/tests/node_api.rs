@@ -9,9 +9,8 @@
 
 use std::sync::Arc;
 
-use carapace_agent::node_attestor::JoinTokenClient;
 use carapace_agent::node_client;
-use carapace_core::plugin::{KeyManager, KeySigner};
+use carapace_core::plugin::KeyManager;
 use carapace_core::{KeyType, TrustBundle};
 use carapace_e2e::{Lab, Server, now, td};
 use carapace_keymanager_soft::MemoryKeyManager;
@@ -22,49 +21,11 @@ use carapace_proto::node::{
 };
 use tokio::sync::watch;
 use tonic::transport::Channel;
-use zeroize::Zeroizing;
 
-struct TestAgent {
-    id: String,
-    chain: Vec<Vec<u8>>,
-    key: Arc<dyn KeySigner>,
-    bundle: watch::Receiver<Arc<TrustBundle>>,
-    address: String,
-}
-
-impl TestAgent {
-    fn client(&self) -> NodeClient<Channel> {
-        let ck = carapace_tls::certified_key(&self.chain, self.key.clone());
-        let tls =
-            carapace_tls::client_config(self.bundle.clone(), td().server_id(), Some(ck)).unwrap();
-        node_client::channel(&self.address, Arc::new(tls)).unwrap()
-    }
-}
-
-async fn attest(server: &Server, km: &MemoryKeyManager, name: &str) -> TestAgent {
-    let (token, id) = server.token();
-    let bundle = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
-    let (_tx, rx) = watch::channel(Arc::new(bundle));
-    let tls = carapace_tls::client_config(rx.clone(), td().server_id(), None).unwrap();
-    let key = km.generate_key(name, KeyType::EcP256).await.unwrap();
-    let csr = carapace_tls::csr_for_key(key.clone()).unwrap();
-    let result = node_client::attest(
-        &server.address,
-        Arc::new(tls),
-        &JoinTokenClient::new(Zeroizing::new(token)),
-        csr,
-        key.public_key_der(),
-    )
-    .await
-    .unwrap();
-    TestAgent {
-        id,
-        chain: result.svid.unwrap().cert_chain,
-        key,
-        bundle: rx,
-        address: server.address.clone(),
-    }
-}
+#[path = "support/node_agent.rs"]
+#[allow(dead_code, reason = "each test file uses part of it")]
+mod node_agent;
+use node_agent::{TestAgent, attest};
 
 /// A CSR that asks for `san` (which the server must ignore).
 fn csr_asking_for(san: &str) -> Vec<u8> {

@@ -10,15 +10,10 @@
     reason = "tests"
 )]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use carapace_agent::node_attestor::JoinTokenClient;
-use carapace_agent::node_client;
 use carapace_agent::sync::HeldEntries;
-use carapace_core::plugin::{KeyManager, KeySigner};
-use carapace_core::{KeyType, TrustBundle};
-use carapace_e2e::{Agent, Lab, Server, eventually, td, uds_channel, uid_selector};
+use carapace_e2e::{Agent, Lab, Server, eventually, uds_channel, uid_selector};
 use carapace_keymanager_soft::MemoryKeyManager;
 use carapace_proto::admin::admin_client::AdminClient;
 use carapace_proto::admin::{CreateEntryRequest, DeleteEntryRequest, UpdateEntryRequest};
@@ -26,55 +21,25 @@ use carapace_proto::node::{SyncAuthorizedRequest, SyncAuthorizedResponse};
 use carapace_proto::types;
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::watch;
 use tonic::transport::Channel;
-use zeroize::Zeroizing;
 
 const N: usize = 10_000;
 const GROUP: &str = "spiffe://example.org/group";
 const NOBODY: &str = "unix:uid:4000000";
 
-/// An agent speaking the node API directly, to see the sync messages themselves.
-struct TestAgent {
-    id: String,
-    chain: Vec<Vec<u8>>,
-    key: Arc<dyn KeySigner>,
-    bundle: watch::Receiver<Arc<TrustBundle>>,
-    address: String,
+#[path = "support/node_agent.rs"]
+#[allow(dead_code, reason = "each test file uses part of it")]
+mod node_agent;
+use node_agent::TestAgent;
+
+/// Opens sync streams as the agent, to see the sync messages themselves.
+trait OpenSync {
+    async fn open(&self, req: SyncAuthorizedRequest) -> tonic::Streaming<SyncAuthorizedResponse>;
 }
 
-impl TestAgent {
-    async fn attest(server: &Server, km: &MemoryKeyManager) -> TestAgent {
-        let (token, id) = server.token();
-        let bundle = TrustBundle::from_pem(td(), &server.bundle_pem()).unwrap();
-        let (_tx, rx) = watch::channel(Arc::new(bundle));
-        let tls = carapace_tls::client_config(rx.clone(), td().server_id(), None).unwrap();
-        let key = km.generate_key("t", KeyType::EcP256).await.unwrap();
-        let csr = carapace_tls::csr_for_key(key.clone()).unwrap();
-        let result = node_client::attest(
-            &server.address,
-            Arc::new(tls),
-            &JoinTokenClient::new(Zeroizing::new(token)),
-            csr,
-            key.public_key_der(),
-        )
-        .await
-        .unwrap();
-        TestAgent {
-            id,
-            chain: result.svid.unwrap().cert_chain,
-            key,
-            bundle: rx,
-            address: server.address.clone(),
-        }
-    }
-
+impl OpenSync for TestAgent {
     async fn open(&self, req: SyncAuthorizedRequest) -> tonic::Streaming<SyncAuthorizedResponse> {
-        let ck = carapace_tls::certified_key(&self.chain, self.key.clone());
-        let tls =
-            carapace_tls::client_config(self.bundle.clone(), td().server_id(), Some(ck)).unwrap();
-        node_client::channel(&self.address, Arc::new(tls))
-            .unwrap()
+        self.client()
             .sync_authorized(req)
             .await
             .unwrap()
@@ -169,7 +134,7 @@ async fn one_changed_entry_out_of_ten_thousand_reaches_the_agent_as_a_one_entry_
     let mut server = Server::start(&lab);
     let agent = Agent::start(&lab, &server, "a");
     let km = MemoryKeyManager::new();
-    let test = TestAgent::attest(&server, &km).await;
+    let test = node_agent::attest(&server, &km, "t").await;
     let mut adm = admin(&server).await;
 
     // 10,000 entries under one parent ID; the real agent and the test agent each get them
