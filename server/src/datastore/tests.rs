@@ -606,6 +606,20 @@ async fn jwt_settings_round_trip_through_create_update_and_list(ds: Datastore) {
 
 /// A database written before schema version 5 (no JWT columns) is migrated when opened,
 /// and its entries read back with the default JWT TTL and no `jti`.
+/// A SQLite database at `path` (created) migrated up to schema `version` only: what an
+/// older release left.
+async fn sqlite_at_version(path: &std::path::Path, version: i64) -> SqlitePool {
+    let pool = SqlitePool::connect_with(
+        SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true),
+    )
+    .await
+    .unwrap();
+    SQLITE_MIGRATOR.run_to(version, &pool).await.unwrap();
+    pool
+}
+
 /// A single server's database of schema version 5 keeps its CA journal and bundle when
 /// opened by a version that shares databases between servers: the journal is claimed by
 /// the first server id that asks.
@@ -614,14 +628,7 @@ async fn a_single_server_database_keeps_its_ca_journal_across_the_several_server
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("carapace.sqlite");
     {
-        let pool = sqlx::SqlitePool::connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .create_if_missing(true),
-        )
-        .await
-        .unwrap();
-        SQLITE_MIGRATOR.run_to(5, &pool).await.unwrap();
+        let pool = sqlite_at_version(&path, 5).await;
         sqlx::query(
             "INSERT INTO ca_journal (id, data, updated_at) VALUES (1, x'6a6f75726e616c', 7)",
         )
@@ -647,14 +654,7 @@ async fn entries_from_before_the_jwt_migration_read_back_with_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("carapace.sqlite");
     {
-        let pool = sqlx::SqlitePool::connect_with(
-            sqlx::sqlite::SqliteConnectOptions::new()
-                .filename(&path)
-                .create_if_missing(true),
-        )
-        .await
-        .unwrap();
-        SQLITE_MIGRATOR.run_to(4, &pool).await.unwrap();
+        let pool = sqlite_at_version(&path, 4).await;
         let columns: Vec<String> =
             sqlx::query_scalar("SELECT name FROM pragma_table_info('entries')")
                 .fetch_all(&pool)
