@@ -1,10 +1,11 @@
 //! Keeps this server's entry index and trust bundle current with what the other servers
 //! sharing its PostgreSQL datastore commit (and with its own writes, harmlessly).
 //!
-//! Woken by the notification every committed write sends (`LISTEN`), and in any case
-//! once a [`POLL_INTERVAL`]: a lost notification (the listening connection dropped)
-//! delays a change by at most that much, never loses it, because the change logs are
-//! read from a cursor ([`EntryCache::follow`]). On SQLite, whose database no other server
+//! Woken by the notification every committed write sends (`LISTEN`), which names what
+//! changed: the change logs (read from this server's cursor, [`EntryCache::follow`]) or
+//! the bundle (read again, [`CaManager::refresh_bundle`]). In any case both are read once
+//! a [`POLL_INTERVAL`]: a lost notification (the listening connection dropped) delays a
+//! change by at most that much, never loses it. On SQLite, whose database no other server
 //! shares, there is nothing to follow and the task ends at once.
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::ca::CaManager;
-use crate::datastore::ChangeListener;
+use crate::datastore::{ChangeListener, Woken};
 use crate::entry_cache::EntryCache;
 
 /// The longest a change committed by another server waits to be applied here.
@@ -34,32 +35,43 @@ pub async fn run(cache: Arc<EntryCache>, ca: Arc<CaManager>, mut shutdown: watch
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        tokio::select! {
+        // What to re-read: a notification names it, a poll re-reads both.
+        let woken = tokio::select! {
             woke = async {
                 match listener.as_mut() {
                     Some(l) => l.recv().await,
                     None => std::future::pending().await,
                 }
             } => {
-                if let Err(e) = woke {
-                    tracing::warn!(error = %e, "lost the datastore notifications; polling until they are back");
-                    listener = None;
+                match woke {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the datastore notifications; polling until they are back");
+                        listener = None;
+                        continue;
+                    }
                 }
             }
             _ = poll.tick() => {
                 if listener.is_none() {
                     listener = ds.change_listener().await.ok().flatten();
                 }
+                Woken { logs: true, bundle: true }
             }
             _ = shutdown.changed() => return,
-        }
-        if let Some(l) = listener.as_mut() {
-            l.drain();
-        }
-        let followed = cache.follow().await;
-        let refreshed = ca.refresh_bundle().await;
+        };
+        let followed = if woken.logs {
+            cache.follow().await.map(drop)
+        } else {
+            Ok(())
+        };
+        let refreshed = if woken.bundle {
+            ca.refresh_bundle().await.map(drop)
+        } else {
+            Ok(())
+        };
         match (followed, refreshed) {
-            (Ok(_), Ok(_)) => {
+            (Ok(()), Ok(())) => {
                 if failing {
                     tracing::info!("following the datastore again");
                     failing = false;

@@ -497,7 +497,7 @@ mod tests {
             refused[2].1
         );
         assert_eq!(counts(&ds).await, before, "nothing written");
-        assert_eq!(ds.latest_entry_event_id().await.unwrap(), 1);
+        assert_eq!(ds.change_cursor().await.unwrap().entry_event, 1);
 
         // The same batch without the bad entries goes through.
         let good: Vec<_> = b

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use carapace_core::{TrustBundle, TrustDomain};
 
-use super::{Datastore, Tx, corrupt, unix_now};
+use super::{Changed, Datastore, Tx, corrupt, unix_now};
 use crate::{Error, Result};
 
 /// What an operator tainted in a bundle, as stored in `taints`.
@@ -271,6 +271,7 @@ impl Datastore {
         }
         let union = merge(&td, &parts, now, last_sequence.saturating_add(1));
         let stored = encode(&union)?;
+        tx.changes(Changed::Bundle);
         on_tx!(&mut tx, c => sqlx::query(
             "INSERT INTO bundles (trust_domain, data, jwt_key_expiries, taints) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (trust_domain) DO UPDATE SET \

@@ -14,7 +14,9 @@
 use carapace_core::{EntryId, RegistrationEntry, SpiffeId};
 use sqlx::postgres::PgListener;
 
-use super::{CHANGES_CHANNEL, Datastore, Engine, Tx, agents, corrupt, entries, parse_spiffe_id};
+use super::{
+    CHANGES_CHANNEL, Changed, Datastore, Engine, Tx, agents, corrupt, entries, parse_spiffe_id,
+};
 use crate::{Error, Result};
 
 /// How far a reader has followed the change logs: the last event id of each it applied.
@@ -56,20 +58,45 @@ pub struct ChangeListener {
     listener: PgListener,
 }
 
+/// What the notifications received say changed, merged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Woken {
+    /// The change logs (entries, agents): read them from the cursor.
+    pub logs: bool,
+    /// The trust domain's bundle: read it again.
+    pub bundle: bool,
+}
+
+impl Woken {
+    fn add(&mut self, payload: &str) {
+        match Changed::from_payload(payload) {
+            Some(Changed::Logs) => self.logs = true,
+            Some(Changed::Bundle) => self.bundle = true,
+            // Unknown (another version's): re-read everything.
+            None => {
+                self.logs = true;
+                self.bundle = true;
+            }
+        }
+    }
+}
+
 impl ChangeListener {
-    /// Waits for the next committed write (of any server). Notifications sent while the
-    /// connection was down are lost (it reconnects by itself): readers also poll.
-    pub async fn recv(&mut self) -> Result<()> {
-        self.listener
+    /// Waits for the next committed write (of any server), and returns what it changed
+    /// merged with what the notifications already buffered say. Notifications sent while
+    /// the connection was down are lost (it reconnects by itself): readers also poll.
+    pub async fn recv(&mut self) -> Result<Woken> {
+        let first = self
+            .listener
             .recv()
             .await
-            .map(|_| ())
-            .map_err(|e| Error::Datastore(format!("waiting for datastore changes: {e}")))
-    }
-
-    /// Drops the notifications already received: one read of the logs covers them all.
-    pub fn drain(&mut self) {
-        while self.listener.next_buffered().is_some() {}
+            .map_err(|e| Error::Datastore(format!("waiting for datastore changes: {e}")))?;
+        let mut woken = Woken::default();
+        woken.add(first.payload());
+        while let Some(n) = self.listener.next_buffered() {
+            woken.add(n.payload());
+        }
+        Ok(woken)
     }
 }
 

@@ -178,16 +178,6 @@ impl Datastore {
         self.list_entries(&EntryFilter::default()).await
     }
 
-    /// The id of the newest entry event, 0 if there is none.
-    pub async fn latest_entry_event_id(&self) -> Result<i64> {
-        let id: i64 = on_pool!(&self.pool, p => {
-            sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM entry_events")
-                .fetch_one(p)
-                .await
-        })?;
-        Ok(id)
-    }
-
     /// Deletes every entry whose `expires_at` is at or before `now`, logging a `delete`
     /// event for each, in one transaction. Returns the ids deleted, sorted.
     pub async fn prune_expired_entries(&self, now: i64) -> Result<Vec<EntryId>> {

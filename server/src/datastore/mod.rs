@@ -18,8 +18,8 @@
 //!   included) inserts exactly one row into `entry_events` in the same transaction. Event
 //!   ids only grow, and since writers are serialised and an id is drawn inside the
 //!   lock, they also become visible in id order (an id left unused by a rolled-back
-//!   write stays a gap forever). [`Datastore::latest_entry_event_id`] is the newest one.
-//!   This is the change log that caches and other servers follow.
+//!   write stays a gap forever). [`Datastore::change_cursor`] gives the newest one. This
+//!   is the change log that caches and other servers follow.
 //! - **Join tokens are stored only as hashes.** A token is `<id>.<secret>`; the caller
 //!   passes the public id and the SHA-256 of the secret, so neither the token nor the
 //!   secret reaches the database. A token is consumed by a conditional `DELETE` in the
@@ -123,7 +123,7 @@ use crate::{Error, Result};
 
 pub use agents::{AttestedAgent, Refusal};
 pub use attestation_state::StateKey;
-pub use changes::{ChangeListener, Changes, Cursor};
+pub use changes::{ChangeListener, Changes, Cursor, Woken};
 pub use settings::{DEFAULT_MAX_CONNECTIONS, Password, PostgresSettings, Settings, SslMode};
 pub use tokens::{JoinToken, PresentedToken};
 
@@ -138,8 +138,37 @@ const INSERT_CHUNK: usize = 500;
 const IN_CHUNK: usize = 1000;
 
 /// The name of the PostgreSQL notification every committed write sends
-/// ([`Datastore::change_listener`]).
+/// ([`Datastore::change_listener`]); its payload is a [`Changed`].
 const CHANGES_CHANNEL: &str = "carapace_changes";
+
+/// What a committed write changed, as far as the servers following the datastore care:
+/// the payload of its notification on PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Changed {
+    /// Rows the change logs cover (entries, agents), or nothing a follower reads.
+    Logs,
+    /// The trust domain's bundle.
+    Bundle,
+}
+
+impl Changed {
+    fn payload(self) -> &'static str {
+        match self {
+            Changed::Logs => "logs",
+            Changed::Bundle => "bundle",
+        }
+    }
+
+    /// The change a notification's payload names; `None` for a payload this version
+    /// does not know (a reader then re-reads everything it follows).
+    fn from_payload(payload: &str) -> Option<Self> {
+        match payload {
+            "logs" => Some(Changed::Logs),
+            "bundle" => Some(Changed::Bundle),
+            _ => None,
+        }
+    }
+}
 
 /// The key of the PostgreSQL advisory lock every write transaction takes first
 /// (`pg_advisory_xact_lock`): "carapace" in ASCII. Only Carapace servers take it.
@@ -407,13 +436,14 @@ impl Datastore {
     async fn begin_write(&self) -> Result<WriteTx> {
         let began = async {
             let mut tx = self.begin_serialised().await?;
-            let changes_at_begin = total_changes(&mut tx).await?;
-            Ok::<_, sqlx::Error>((tx, changes_at_begin))
+            let mark = write_mark(&mut tx).await?;
+            Ok::<_, sqlx::Error>((tx, mark))
         };
         match began.await {
-            Ok((tx, changes_at_begin)) => Ok(WriteTx {
+            Ok((tx, mark)) => Ok(WriteTx {
                 tx,
-                changes_at_begin,
+                mark,
+                changed: Changed::Logs,
                 write_failure: self.write_failure.clone(),
             }),
             Err(e) => {
@@ -438,42 +468,42 @@ impl Datastore {
 /// [`Datastore::write_health`]; dropping it uncommitted rolls it back.
 struct WriteTx {
     tx: Tx,
-    /// SQLite: the connection's `total_changes()` when the transaction began.
-    changes_at_begin: i64,
+    /// Where the transaction began, to tell at commit whether it wrote ([`wrote`]).
+    mark: WriteMark,
+    /// What the notification sent at commit names, if the transaction wrote.
+    changed: Changed,
     write_failure: Arc<Mutex<Option<String>>>,
 }
 
 impl WriteTx {
+    /// Marks the transaction as changing `what`: its commit notification says so.
+    fn changes(&mut self, what: Changed) {
+        self.changed = what;
+    }
+
     /// Commits. Nothing the transaction wrote is visible before this returns `Ok`.
     ///
     /// A failure is recorded for [`Datastore::write_health`]; a success clears it only
     /// if the transaction changed a row, because committing nothing (a prune that found
-    /// nothing) writes nothing and proves nothing about a full disk.
+    /// nothing) writes nothing and proves nothing about a full disk. On PostgreSQL a
+    /// transaction that wrote also wakes the servers following the datastore, when it
+    /// commits.
     async fn commit(self) -> Result<()> {
         let WriteTx {
             mut tx,
-            changes_at_begin,
+            mark,
+            changed,
             write_failure,
         } = self;
         let committed = async {
-            let wrote = match &mut tx {
-                Engine::Sqlite(_) => total_changes(&mut tx).await? != changes_at_begin,
-                // A transaction gets an id at its first write. A write wakes the
-                // servers following the change logs, when it commits.
-                Engine::Postgres(t) => {
-                    let wrote: bool =
-                        sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
-                            .fetch_one(&mut **t)
-                            .await?;
-                    if wrote {
-                        sqlx::query("SELECT pg_notify($1, '')")
-                            .bind(CHANGES_CHANNEL)
-                            .execute(&mut **t)
-                            .await?;
-                    }
-                    wrote
-                }
-            };
+            let wrote = wrote(&mut tx, mark).await?;
+            if let (true, Engine::Postgres(t)) = (wrote, &mut tx) {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANGES_CHANNEL)
+                    .bind(changed.payload())
+                    .execute(&mut **t)
+                    .await?;
+            }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(wrote)
         };
@@ -505,16 +535,42 @@ impl DerefMut for WriteTx {
     }
 }
 
-/// SQLite: rows inserted, updated or deleted on this connection since it opened.
-/// PostgreSQL: 0 (a write is told by [`WriteTx::commit`] otherwise).
-async fn total_changes(tx: &mut Tx) -> sqlx::Result<i64> {
-    match tx {
-        Engine::Sqlite(t) => {
-            sqlx::query_scalar("SELECT total_changes()")
+/// What [`wrote`] compares against: on SQLite, the connection's `total_changes()` (rows
+/// inserted, updated or deleted since it opened) when the transaction began; PostgreSQL
+/// needs nothing (a transaction is given an id at its first write).
+#[derive(Clone, Copy)]
+enum WriteMark {
+    Sqlite { total_changes: i64 },
+    Postgres,
+}
+
+async fn write_mark(tx: &mut Tx) -> sqlx::Result<WriteMark> {
+    Ok(match tx {
+        Engine::Sqlite(t) => WriteMark::Sqlite {
+            total_changes: sqlx::query_scalar("SELECT total_changes()")
+                .fetch_one(&mut **t)
+                .await?,
+        },
+        Engine::Postgres(_) => WriteMark::Postgres,
+    })
+}
+
+/// Whether the transaction begun at `mark` has inserted, updated or deleted a row.
+async fn wrote(tx: &mut Tx, mark: WriteMark) -> sqlx::Result<bool> {
+    match (tx, mark) {
+        (Engine::Sqlite(t), WriteMark::Sqlite { total_changes }) => {
+            let now: i64 = sqlx::query_scalar("SELECT total_changes()")
+                .fetch_one(&mut **t)
+                .await?;
+            Ok(now != total_changes)
+        }
+        (Engine::Postgres(t), _) => {
+            sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
                 .fetch_one(&mut **t)
                 .await
         }
-        Engine::Postgres(_) => Ok(0),
+        // A mark is only ever taken on its own transaction; if not, assume a write.
+        (Engine::Sqlite(_), WriteMark::Postgres) => Ok(true),
     }
 }
 

@@ -225,7 +225,7 @@ async fn unknown_entries(ds: Datastore) {
     );
     assert_eq!(count(&ds, "entries").await, 0);
     assert_eq!(
-        ds.latest_entry_event_id().await.unwrap(),
+        ds.change_cursor().await.unwrap().entry_event,
         0,
         "failures log nothing"
     );
@@ -417,14 +417,14 @@ async fn list_filters_and_count(ds: Datastore) {
 }
 
 async fn every_entry_write_logs_one_event(ds: Datastore) {
-    assert_eq!(ds.latest_entry_event_id().await.unwrap(), 0);
+    assert_eq!(ds.change_cursor().await.unwrap().entry_event, 0);
     let e = entry("e1", "/web", &["t:a"]);
     ds.create_entry(&e).await.unwrap();
-    let after_create = ds.latest_entry_event_id().await.unwrap();
+    let after_create = ds.change_cursor().await.unwrap().entry_event;
     ds.update_entry(&e).await.unwrap();
-    let after_update = ds.latest_entry_event_id().await.unwrap();
+    let after_update = ds.change_cursor().await.unwrap().entry_event;
     ds.delete_entry(&e.id).await.unwrap();
-    let after_delete = ds.latest_entry_event_id().await.unwrap();
+    let after_delete = ds.change_cursor().await.unwrap().entry_event;
     assert!(0 < after_create && after_create < after_update && after_update < after_delete);
 
     // Failed writes log nothing.
@@ -456,7 +456,7 @@ async fn every_entry_write_logs_one_event(ds: Datastore) {
             .collect::<Vec<_>>()
     );
     assert_eq!(
-        ds.latest_entry_event_id().await.unwrap(),
+        ds.change_cursor().await.unwrap().entry_event,
         events(&ds).await[3].0
     );
 }
@@ -472,7 +472,7 @@ async fn prune_expired_entries(ds: Datastore) {
         e.expires_at = exp;
         ds.create_entry(&e).await.unwrap();
     }
-    let before = ds.latest_entry_event_id().await.unwrap();
+    let before = ds.change_cursor().await.unwrap().entry_event;
     let pruned = ds.prune_expired_entries(100).await.unwrap();
     assert_eq!(
         pruned,
@@ -1332,6 +1332,94 @@ async fn three_servers_starting_together_on_an_empty_database_migrate_it_once() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_servers_writes_wake_a_listener_naming_what_changed() {
+    use super::Woken;
+    let (stores, _pg) = postgres_servers(2).await;
+    let mut listener = stores[1].change_listener().await.unwrap().unwrap();
+    async fn recv_within(l: &mut super::ChangeListener) -> Woken {
+        tokio::time::timeout(std::time::Duration::from_secs(10), l.recv())
+            .await
+            .expect("no notification within 10 s")
+            .unwrap()
+    }
+
+    // An entry: the change logs, not the bundle.
+    stores[0]
+        .create_entry(&entry("e1", "/w", &["t:a"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&mut listener).await,
+        Woken {
+            logs: true,
+            bundle: false
+        }
+    );
+
+    // A bundle that changes: the bundle, not the logs.
+    let td = TrustDomain::new("example.org").unwrap();
+    let (ca1, _) = ca_cert();
+    let mut b = TrustBundle::new(td.clone());
+    b.x509_authorities = vec![ca1];
+    stores[0]
+        .publish_bundle("s1", &b, unix_now())
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&mut listener).await,
+        Woken {
+            logs: false,
+            bundle: true
+        }
+    );
+
+    // Several writes before the listener reads: one wake-up names them all.
+    stores[0]
+        .create_entry(&entry("e2", "/w2", &["t:a"]))
+        .await
+        .unwrap();
+    let (ca2, _) = ca_cert();
+    b.x509_authorities.push(ca2);
+    stores[0]
+        .publish_bundle("s1", &b, unix_now())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut woken = recv_within(&mut listener).await;
+    // The second notification may arrive just after the first was taken.
+    if woken
+        != (Woken {
+            logs: true,
+            bundle: true,
+        })
+    {
+        let more = recv_within(&mut listener).await;
+        woken.logs |= more.logs;
+        woken.bundle |= more.bundle;
+    }
+    assert_eq!(
+        woken,
+        Woken {
+            logs: true,
+            bundle: true
+        }
+    );
+
+    // A read-only "write" (a prune that finds nothing) wakes nobody.
+    stores[0].prune_expired_entries(0).await.unwrap();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), listener.recv())
+            .await
+            .is_err(),
+        "a transaction that wrote nothing sent a notification"
+    );
+
+    // SQLite, shared by no other server, has nothing to listen to.
+    let (sqlite, _dir) = super::testing::sqlite_fixture().await;
+    assert!(sqlite.change_listener().await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_join_token_raced_on_two_servers_admits_exactly_one_agent() {
     let (stores, _pg) = postgres_servers(2).await;
     for round in 0..5u8 {
@@ -1450,7 +1538,7 @@ async fn writes_on_two_servers_commit_in_event_id_order() {
         tokio::spawn(async move { b2.create_entry(&entry("second", "/second", &["t:b"])).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!second.is_finished(), "B's write waits for A's transaction");
-    assert_eq!(reader.latest_entry_event_id().await.unwrap(), 0);
+    assert_eq!(reader.change_cursor().await.unwrap().entry_event, 0);
     assert!(events(reader).await.is_empty(), "nothing is visible yet");
 
     held.commit().await.unwrap();
@@ -1560,7 +1648,7 @@ async fn db_file_is_private_and_reopening_keeps_data() {
         assert_eq!(ds.get_entry(&e.id).await.unwrap().unwrap(), e);
         assert_eq!(ds.list_attested_agents().await.unwrap().len(), 1);
         assert_eq!(ds.load_ca_journal("s1").await.unwrap().unwrap(), b"j");
-        assert_eq!(ds.latest_entry_event_id().await.unwrap(), 1);
+        assert_eq!(ds.change_cursor().await.unwrap().entry_event, 1);
         let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
             .fetch_one(sqlite(&ds))
             .await
