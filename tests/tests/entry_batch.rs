@@ -54,10 +54,12 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `entry create --data -` with `input` on standard input.
-fn create_from_stdin(server: &Server, input: &[u8]) -> Output {
+/// `entry create --data - <args>` with `input` on standard input.
+fn create_from_stdin(server: &Server, args: &[&str], input: &[u8]) -> Output {
     let mut child = Command::new(bin("carapace-server"))
-        .args(["entry", "create", "--data", "-", "--admin-socket"])
+        .args(["entry", "create", "--data", "-"])
+        .args(args)
+        .arg("--admin-socket")
         .arg(&server.admin_socket)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -140,22 +142,7 @@ async fn thousands_of_entries_from_a_spire_data_file_reach_the_datastore_and_a_w
         })
         .collect();
     let input = serde_json::json!({ "entries": more }).to_string();
-    let mut child = Command::new(bin("carapace-server"))
-        .args(["entry", "create", "--data", "-", "--output", "json"])
-        .arg("--admin-socket")
-        .arg(&server.admin_socket)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = create_from_stdin(&server, &["--output", "json"], input.as_bytes());
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let created = v["entries"].as_array().unwrap();
@@ -213,7 +200,7 @@ async fn a_malformed_file_writes_nothing_and_a_refused_batch_keeps_the_ones_befo
     entries[1_999] = good(1_999);
     entries[5]["selector"] = "unix:uid:5".into();
     let input = serde_json::json!({ "entries": entries }).to_string();
-    let out = create_from_stdin(&server, input.as_bytes());
+    let out = create_from_stdin(&server, &[], input.as_bytes());
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("--data -: entries[5].selector: unknown field"),

@@ -482,16 +482,21 @@ mod tests {
         .unwrap()
     }
 
-    #[test]
-    fn stages_are_read_in_order_from_the_three_logs() {
-        let origin = humantime::parse_rfc3339("2026-12-07T06:00:00Z").unwrap();
-        let mut samples = vec![Sample {
+    /// The sample `spiffe://example.org/bench/ha-0`, started 2026-12-07T06:00:00Z (the
+    /// logs' times below are from then), the CLI call 6 ms, `total_ms` in all.
+    fn sample(total_ms: u64) -> Sample {
+        Sample {
             spiffe_id: "spiffe://example.org/bench/ha-0".into(),
-            started: origin,
-            total: Duration::from_millis(30),
+            started: humantime::parse_rfc3339("2026-12-07T06:00:00Z").unwrap(),
+            total: Duration::from_millis(total_ms),
             cli: Duration::from_millis(6),
             stages: Stages::default(),
-        }];
+        }
+    }
+
+    #[test]
+    fn stages_are_read_in_order_from_the_three_logs() {
+        let mut samples = vec![sample(30)];
         let a = vec![
             // Another entry's line is not this sample's.
             line(
@@ -551,14 +556,7 @@ mod tests {
 
     #[test]
     fn b_may_apply_before_a_logs_its_commit() {
-        let origin = humantime::parse_rfc3339("2026-12-07T06:00:00Z").unwrap();
-        let mut samples = vec![Sample {
-            spiffe_id: "spiffe://example.org/bench/ha-0".into(),
-            started: origin,
-            total: Duration::from_millis(20),
-            cli: Duration::from_millis(6),
-            stages: Stages::default(),
-        }];
+        let mut samples = vec![sample(20)];
         let a = vec![line(
             "2026-12-07T06:00:00.006000Z",
             "created registration entry",
@@ -583,14 +581,7 @@ mod tests {
 
     #[test]
     fn a_missing_line_leaves_its_spans_unknown() {
-        let origin = humantime::parse_rfc3339("2026-12-07T06:00:00Z").unwrap();
-        let mut samples = vec![Sample {
-            spiffe_id: "spiffe://example.org/bench/ha-0".into(),
-            started: origin,
-            total: Duration::from_millis(10),
-            cli: Duration::from_millis(6),
-            stages: Stages::default(),
-        }];
+        let mut samples = vec![sample(10)];
         attribute(&mut samples, &[], &[], &[]);
         let s = spans(&samples[0]);
         assert!(s.iter().all(Option::is_none), "{s:?}");

@@ -34,6 +34,8 @@ mod x509;
 #[cfg(test)]
 mod remote_tests;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

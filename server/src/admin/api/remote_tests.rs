@@ -10,55 +10,20 @@ use std::time::Duration;
 use carapace_common::listener::ConnectionHandle;
 use carapace_core::clock::unix_now;
 use carapace_core::plugin::{KeySigner, TLS_EXPORTER_LEN};
-use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId, TrustDomain};
-use carapace_keymanager_soft::{MemoryKeyManager, SoftKey, generate_pkcs8};
+use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId};
+use carapace_keymanager_soft::{SoftKey, generate_pkcs8};
 
-use super::{AdminApi, AdminSettings, RemoteAdmin};
+use super::RemoteAdmin;
+use super::test_support::{AGENT, new_admin_api, new_ca};
 use crate::admin::cli::{RemoteFlags, check_address, remote_tls};
-use crate::ca::{CaManager, CaSettings, SubjectKey};
-use crate::datastore::Datastore;
+use crate::ca::{CaManager, SubjectKey};
 use crate::entry_cache::EntryCache;
 use crate::node_api::{PeerInfo, PeerSvid, TlsExporter};
 
-const AGENT: &str = "spiffe://example.org/spire/agent/join_token/0011223344556677";
 const OPS: &str = "spiffe://example.org/ops";
 
-async fn new_ca(td: &str) -> (Arc<CaManager>, Datastore) {
-    let ds = Datastore::open_in_memory().await.unwrap();
-    let ca = CaManager::load(
-        TrustDomain::new(td).unwrap(),
-        Arc::new(MemoryKeyManager::new()),
-        None,
-        ds.clone(),
-        CaSettings {
-            ca_ttl: Duration::from_secs(24 * 3600),
-            key_type: KeyType::EcP256,
-            organization: "Carapace".into(),
-            country: "US".into(),
-            jwt_key_type: KeyType::EcP256,
-            server_id: "server-1".into(),
-        },
-        unix_now(),
-    )
-    .await
-    .unwrap();
-    (ca, ds)
-}
-
 async fn remote_admin() -> (RemoteAdmin, Arc<EntryCache>, Arc<CaManager>) {
-    let (ca, ds) = new_ca("example.org").await;
-    let cache = EntryCache::load(TrustDomain::new("example.org").unwrap(), ds)
-        .await
-        .unwrap();
-    let api = AdminApi::new(
-        cache.clone(),
-        ca.clone(),
-        AdminSettings {
-            default_x509_svid_ttl: Duration::from_secs(3600),
-            default_join_token_ttl: Duration::from_secs(600),
-            jwt: Default::default(),
-        },
-    );
+    let (api, cache, ca) = new_admin_api().await;
     (RemoteAdmin::new(api), cache, ca)
 }
 

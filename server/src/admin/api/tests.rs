@@ -7,15 +7,12 @@ use std::sync::Mutex;
 use clap::Parser;
 use tokio::sync::oneshot;
 
-use carapace_core::{
-    EntryId, KeyType, RegistrationEntry, Selector, SpiffeId, TrustBundle, TrustDomain,
-};
-use carapace_keymanager_soft::MemoryKeyManager;
+use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustBundle, TrustDomain};
 
+use super::test_support::{AGENT, new_admin_api};
 use super::*;
 use crate::admin::cli::{self as admin_cli, AdminCommand, EntryList, EntryView, TokenView};
-use crate::ca::CaSettings;
-use crate::datastore::{AttestedAgent, Datastore};
+use crate::datastore::AttestedAgent;
 use carapace_core::clock::unix_now;
 
 #[derive(Debug, Parser)]
@@ -33,42 +30,11 @@ struct Server {
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
-const AGENT: &str = "spiffe://example.org/spire/agent/join_token/0011223344556677";
-
 async fn start() -> Server {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("private").join("admin.sock");
-    let ds = Datastore::open_in_memory().await.unwrap();
-    let td = TrustDomain::new("example.org").unwrap();
-    let cache = EntryCache::load(td.clone(), ds.clone()).await.unwrap();
-    let settings = CaSettings {
-        ca_ttl: Duration::from_secs(24 * 3600),
-        key_type: KeyType::EcP256,
-        organization: "Carapace".into(),
-        country: "US".into(),
-        jwt_key_type: KeyType::EcP256,
-        server_id: "server-1".into(),
-    };
-    let ca = CaManager::load(
-        td,
-        Arc::new(MemoryKeyManager::new()),
-        None,
-        ds,
-        settings,
-        unix_now(),
-    )
-    .await
-    .unwrap();
+    let (api, cache, ca) = new_admin_api().await;
     let listener = bind(&socket).unwrap();
-    let api = AdminApi::new(
-        cache.clone(),
-        ca.clone(),
-        AdminSettings {
-            default_x509_svid_ttl: Duration::from_secs(3600),
-            default_join_token_ttl: Duration::from_secs(600),
-            jwt: Default::default(),
-        },
-    );
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, api, async move {
         let _ = rx.await;
