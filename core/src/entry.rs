@@ -2,6 +2,7 @@
 //! parent, for which selectors.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, truncate_input};
@@ -12,9 +13,9 @@ use crate::spiffe_id::{SpiffeId, TrustDomain};
 /// The longest hint accepted, in bytes (as SPIRE).
 pub const MAX_HINT_LEN: usize = 1024;
 
-/// An entry's opaque identifier.
+/// An entry's opaque identifier (shared by its clones, which indexes hold).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct EntryId(String);
+pub struct EntryId(Arc<str>);
 
 impl EntryId {
     /// Parses an entry id: 1 to 255 bytes of letters, digits, `-` and `_`.
@@ -33,7 +34,7 @@ impl EntryId {
                 ),
             });
         }
-        Ok(EntryId(s.to_owned()))
+        Ok(EntryId(s.into()))
     }
 
     /// The id as a string.

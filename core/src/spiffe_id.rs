@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use crate::error::{Error, truncate_input};
 
@@ -178,8 +179,10 @@ impl<'de> serde::Deserialize<'de> for TrustDomain {
 /// A SPIFFE ID, `spiffe://<trust domain><path>`, in canonical form.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SpiffeId {
-    /// The whole ID.
-    id: String,
+    /// The whole ID, shared by its clones: an entry index holds each ID several times
+    /// (in the entry, and as a key of the maps that lead to it), and many entries name
+    /// one parent.
+    id: Arc<str>,
     /// Byte offset where the path starts (the end of the trust domain).
     path_start: usize,
 }
@@ -207,7 +210,7 @@ impl SpiffeId {
     fn from_parts(td: &TrustDomain, path: &str) -> Self {
         let path_start = SCHEME_PREFIX.len() + td.name().len();
         SpiffeId {
-            id: format!("{SCHEME_PREFIX}{}{path}", td.name()),
+            id: format!("{SCHEME_PREFIX}{}{path}", td.name()).into(),
             path_start,
         }
     }
@@ -308,7 +311,7 @@ impl FromStr for SpiffeId {
         validate_trust_domain(authority).map_err(err)?;
         validate_path(path).map_err(err)?;
         Ok(SpiffeId {
-            id: input.to_owned(),
+            id: input.into(),
             path_start: SCHEME_PREFIX.len() + authority.len(),
         })
     }

@@ -10,12 +10,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use sqlx::{Database, QueryBuilder};
+use sqlx::{Connection as _, Database, QueryBuilder};
 
-use carapace_core::{EntryId, RegistrationEntry, Selector};
+use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
 
 use super::{
-    Datastore, EntryFilter, INSERT_CHUNK, Tx, corrupt, is_unique_violation, parse_selector,
+    Datastore, Engine, EntryFilter, INSERT_CHUNK, Tx, corrupt, is_unique_violation, parse_selector,
     parse_spiffe_id, push_in, unix_now,
 };
 use crate::{Error, Result};
@@ -172,10 +172,95 @@ impl Datastore {
         u64::try_from(n).map_err(|_| Error::Datastore(format!("negative entry count {n}")))
     }
 
-    /// Every entry, sorted by id: three bulk queries in one snapshot, for loading the
-    /// in-memory entry cache.
+    /// Every entry, sorted by id: three bulk queries in one snapshot.
     pub async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
         self.list_entries(&EntryFilter::default()).await
+    }
+
+    /// Hands every entry to `each` as it is read, in no particular order, for loading the
+    /// in-memory entry cache; returns how many entries there were. A row that does not
+    /// parse ends the load with [`Error::Datastore`] naming it.
+    ///
+    /// The entries come in chunks of [`BULK_CHUNK`], each one row holding a JSON array of
+    /// the entries with their selectors and DNS names: per entry, no row to copy and hand
+    /// over between threads, no wake-up. The next chunk is read while `each` indexes the
+    /// last, all in one read transaction (one snapshot).
+    pub async fn for_each_entry(&self, mut each: impl FnMut(RegistrationEntry)) -> Result<usize> {
+        let mut parents = ParentIds::default();
+        let mut n = 0;
+        let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::channel::<String>(2);
+        let consume = async {
+            while let Some(json) = chunk_rx.recv().await {
+                let rows: Vec<BulkEntry> = serde_json::from_str(&json).map_err(|e| {
+                    Error::Datastore(format!("corrupt rows of entries (bulk load): {e}"))
+                })?;
+                for row in rows {
+                    each(entry_from_bulk(row, &mut parents)?);
+                    n += 1;
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        // Reads the chunks on `$conn`, after the key `$start` (rowid on SQLite, id on
+        // PostgreSQL), and hands them to `consume`.
+        macro_rules! produce {
+            ($conn:expr, $sql:expr, $start:expr) => {
+                async {
+                    let chunk_tx = chunk_tx;
+                    let mut after = $start;
+                    loop {
+                        let (last, json) = sqlx::query_as::<_, (Option<_>, String)>($sql)
+                            .bind(&after)
+                            .bind(BULK_CHUNK)
+                            .fetch_one(&mut *$conn)
+                            .await?;
+                        let Some(last) = last else { break };
+                        after = last;
+                        if chunk_tx.send(json).await.is_err() {
+                            break; // `consume` failed: its error is the one to report
+                        }
+                    }
+                    Ok::<_, Error>(())
+                }
+            };
+        }
+        match &self.pool {
+            Engine::Sqlite(pool) if self.file_backed => {
+                // A connection of its own, reading the database file through a memory
+                // map: the index lookups of the load read pages without a system call
+                // each. Closed afterwards, so no pooled connection ever maps the file (an
+                // I/O error on a mapped page is a signal, not an error code).
+                let options = (*pool.connect_options())
+                    .clone()
+                    .pragma("mmap_size", BULK_LOAD_MMAP_BYTES.to_string());
+                let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+                let mut tx = conn.begin().await?;
+                let c: &mut sqlx::SqliteConnection = &mut tx;
+                let (read, indexed) =
+                    tokio::join!(produce!(c, SQLITE_BULK_CHUNK, i64::MIN), consume);
+                indexed?;
+                read?;
+                tx.commit().await?;
+                conn.close().await?;
+            }
+            _ => {
+                let mut tx = self.begin_read().await?;
+                let (read, indexed) = match &mut tx {
+                    Engine::Sqlite(t) => {
+                        let c: &mut sqlx::SqliteConnection = t;
+                        tokio::join!(produce!(c, SQLITE_BULK_CHUNK, i64::MIN), consume)
+                    }
+                    Engine::Postgres(t) => {
+                        let c: &mut sqlx::PgConnection = t;
+                        tokio::join!(produce!(c, POSTGRES_BULK_CHUNK, String::new()), consume)
+                    }
+                };
+                indexed?;
+                read?;
+                tx.commit().await?;
+            }
+        }
+        Ok(n)
     }
 
     /// Deletes every entry whose `expires_at` is at or before `now`, logging a `delete`
@@ -511,27 +596,167 @@ where
     }
 }
 
+/// Entries per chunk of the bulk load ([`Datastore::for_each_entry`]).
+const BULK_CHUNK: i64 = 2_000;
+
+/// One chunk of the bulk load on SQLite: the last rowid of the chunk (NULL once past the
+/// end) and a JSON array of [`BulkEntry`]s, the [`BULK_CHUNK`] (`$2`) entries after rowid
+/// `$1` in storage order. `json()` keeps the aggregates JSON (not strings) inside the
+/// outer array; booleans are stored as integers.
+const SQLITE_BULK_CHUNK: &str = "SELECT max(c.rid), json_group_array(json_array(\
+     c.id, c.spiffe_id, c.parent_id, c.x509_svid_ttl, c.hint, \
+     CASE WHEN c.admin THEN json('true') ELSE json('false') END, \
+     CASE WHEN c.downstream THEN json('true') ELSE json('false') END, \
+     c.expires_at, c.revision, c.created_at, c.jwt_svid_ttl, \
+     CASE WHEN c.jwt_svid_include_jti THEN json('true') ELSE json('false') END, \
+     json(c.sels), json(c.dns))) \
+     FROM (SELECT e.rowid AS rid, e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, \
+           e.admin, e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
+           e.jwt_svid_include_jti, \
+           (SELECT json_group_array(json_array(s.type, s.value)) FROM entry_selectors s \
+            WHERE s.entry_id = e.id) AS sels, \
+           (SELECT json_group_array(d.name ORDER BY d.position) FROM entry_dns_names d \
+            WHERE d.entry_id = e.id) AS dns \
+           FROM entries e WHERE e.rowid > $1 ORDER BY e.rowid LIMIT $2) c";
+
+/// [`SQLITE_BULK_CHUNK`] for PostgreSQL, keyed by the entry id.
+const POSTGRES_BULK_CHUNK: &str = "SELECT max(c.id), COALESCE(json_agg(json_build_array(\
+     c.id, c.spiffe_id, c.parent_id, c.x509_svid_ttl, c.hint, c.admin, c.downstream, \
+     c.expires_at, c.revision, c.created_at, c.jwt_svid_ttl, c.jwt_svid_include_jti, \
+     c.sels, c.dns)), '[]')::text \
+     FROM (SELECT e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, e.admin, \
+           e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
+           e.jwt_svid_include_jti, \
+           (SELECT COALESCE(json_agg(json_build_array(s.type, s.value)), '[]'::json) \
+            FROM entry_selectors s WHERE s.entry_id = e.id) AS sels, \
+           (SELECT COALESCE(json_agg(d.name ORDER BY d.position), '[]'::json) \
+            FROM entry_dns_names d WHERE d.entry_id = e.id) AS dns \
+           FROM entries e WHERE e.id > $1 ORDER BY e.id LIMIT $2) c";
+
+/// How much of the database file the bulk load's connection maps (SQLite; the part
+/// beyond is read as usual).
+const BULK_LOAD_MMAP_BYTES: u64 = 1 << 31;
+
+/// One entry of a bulk-load chunk: the columns of [`ENTRY_COLUMNS`], then the selectors
+/// as `[type, value]` pairs and the DNS names in their order.
+#[derive(serde::Deserialize)]
+struct BulkEntry(
+    String,
+    String,
+    String,
+    Option<i64>,
+    String,
+    bool,
+    bool,
+    Option<i64>,
+    i64,
+    i64,
+    Option<i64>,
+    bool,
+    Vec<(String, String)>,
+    Vec<String>,
+);
+
+/// Parent IDs already parsed during a bulk load: entries share a few parents (an agent
+/// has many), so each distinct one is parsed once.
+#[derive(Default)]
+struct ParentIds(HashMap<String, SpiffeId>);
+
+impl ParentIds {
+    fn parse(&mut self, at: EntryAt<'_>, raw: &str) -> Result<SpiffeId> {
+        if let Some(id) = self.0.get(raw) {
+            return Ok(id.clone());
+        }
+        let id = parse_spiffe_id(at, raw)?;
+        self.0.insert(raw.to_owned(), id.clone());
+        Ok(id)
+    }
+}
+
+/// A bulk-load entry as an entry, every field re-parsed as [`entry_from_row`] does.
+fn entry_from_bulk(row: BulkEntry, parents: &mut ParentIds) -> Result<RegistrationEntry> {
+    let BulkEntry(
+        id,
+        spiffe_id,
+        parent_id,
+        x509_svid_ttl,
+        hint,
+        admin,
+        downstream,
+        expires_at,
+        revision,
+        created_at,
+        jwt_svid_ttl,
+        jwt_svid_include_jti,
+        pairs,
+        dns_names,
+    ) = row;
+    let selectors = pairs
+        .iter()
+        .map(|(kind, value)| {
+            parse_selector(format_args!("entry_selectors entry_id={id:?}"), kind, value)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let parent = parents.parse(EntryAt(&id), &parent_id)?;
+    let row = EntryRow {
+        id,
+        spiffe_id,
+        parent_id,
+        x509_svid_ttl,
+        hint,
+        admin,
+        downstream,
+        expires_at,
+        revision,
+        created_at,
+        jwt_svid_ttl,
+        jwt_svid_include_jti,
+    };
+    entry_from_parsed_row(row, parent, selectors, dns_names)
+}
+
+/// Names an `entries` row in an error, formatted only when an error is.
+#[derive(Clone, Copy)]
+struct EntryAt<'a>(&'a str);
+
+impl std::fmt::Display for EntryAt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "entries id={:?}", self.0)
+    }
+}
+
 /// Converts a stored row back into an entry, re-parsing every field.
 fn entry_from_row(
     row: EntryRow,
     selectors: Vec<Selector>,
     dns_names: Vec<String>,
 ) -> Result<RegistrationEntry> {
-    let at = format!("entries id={:?}", row.id);
-    let id = EntryId::new(&row.id).map_err(|e| corrupt(&at, e))?;
+    let parent = parse_spiffe_id(EntryAt(&row.id), &row.parent_id)?;
+    entry_from_parsed_row(row, parent, selectors, dns_names)
+}
+
+/// [`entry_from_row`] with the parent ID already parsed.
+fn entry_from_parsed_row(
+    row: EntryRow,
+    parent_id: SpiffeId,
+    selectors: Vec<Selector>,
+    dns_names: Vec<String>,
+) -> Result<RegistrationEntry> {
+    let at = EntryAt(&row.id);
+    let id = EntryId::new(&row.id).map_err(|e| corrupt(at, e))?;
     let ttl_from_db = |column: &str, v: Option<i64>| -> Result<Option<Duration>> {
         v.map(|secs| {
             u64::try_from(secs)
                 .map(Duration::from_secs)
-                .map_err(|_| corrupt(&at, format!("{column} {secs} < 0")))
+                .map_err(|_| corrupt(at, format!("{column} {secs} < 0")))
         })
         .transpose()
     };
     let x509_svid_ttl = ttl_from_db("x509_svid_ttl", row.x509_svid_ttl)?;
     let jwt_svid_ttl = ttl_from_db("jwt_svid_ttl", row.jwt_svid_ttl)?;
     Ok(RegistrationEntry {
-        spiffe_id: parse_spiffe_id(&at, &row.spiffe_id)?,
-        parent_id: parse_spiffe_id(&at, &row.parent_id)?,
+        spiffe_id: parse_spiffe_id(at, &row.spiffe_id)?,
+        parent_id,
         selectors: selectors.into_iter().collect(),
         x509_svid_ttl,
         jwt_svid_ttl,
@@ -542,7 +767,7 @@ fn entry_from_row(
         downstream: row.downstream,
         expires_at: row.expires_at,
         revision: u64::try_from(row.revision)
-            .map_err(|_| corrupt(&at, format!("revision {} < 0", row.revision)))?,
+            .map_err(|_| corrupt(at, format!("revision {} < 0", row.revision)))?,
         created_at: row.created_at,
         id,
     })

@@ -134,6 +134,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Rows per multi-row `INSERT`, kept well below SQLite's bind-parameter limit.
 const INSERT_CHUNK: usize = 500;
 
+/// Rows a SQLite connection's worker thread reads ahead of the task consuming them
+/// (sqlx's default is 50): a bulk load then hands rows over in runs, not one wake-up each.
+const SQLITE_ROW_BUFFER: usize = 1024;
+
 /// Values per `IN (...)` list, kept well below both engines' bind-parameter limits.
 const IN_CHUNK: usize = 1000;
 
@@ -214,6 +218,9 @@ impl Tx {
 #[derive(Clone, Debug)]
 pub struct Datastore {
     pool: Pool,
+    /// Whether the pool is SQLite on a file (not in memory, where each connection
+    /// would open a database of its own).
+    file_backed: bool,
     /// Why the last write transaction failed to begin or commit; `None` once one
     /// commits.
     write_failure: Arc<Mutex<Option<String>>>,
@@ -273,14 +280,16 @@ impl Datastore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
+            .busy_timeout(BUSY_TIMEOUT)
+            .row_buffer_size(SQLITE_ROW_BUFFER);
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .after_release(|conn, _| Box::pin(discard_if_in_transaction(conn)))
             .connect_with(options)
             .await
             .map_err(|e| Error::Datastore(format!("opening {}: {e}", path.display())))?;
-        let ds = Datastore::with_pool(Engine::Sqlite(pool));
+        let mut ds = Datastore::with_pool(Engine::Sqlite(pool));
+        ds.file_backed = true;
         ds.migrate().await?;
         Ok(ds)
     }
@@ -353,6 +362,7 @@ impl Datastore {
     fn with_pool(pool: Pool) -> Datastore {
         Datastore {
             pool,
+            file_backed: false,
             write_failure: Arc::new(Mutex::new(None)),
         }
     }

@@ -88,6 +88,7 @@ on_both_engines!(
     every_entry_write_logs_one_event,
     prune_expired_entries,
     list_all_entries_bulk,
+    the_bulk_load_reads_every_entry_as_listing_does,
     corrupt_rows_are_datastore_errors,
     jwt_settings_round_trip_through_create_update_and_list,
     join_token_is_single_use,
@@ -538,6 +539,50 @@ async fn list_all_entries_bulk(ds: Datastore) {
     );
 }
 
+/// Every entry [`Datastore::for_each_entry`] hands over, sorted by id.
+async fn bulk_loaded(ds: &Datastore) -> Vec<RegistrationEntry> {
+    let mut all = Vec::new();
+    let n = ds.for_each_entry(|e| all.push(e)).await.unwrap();
+    assert_eq!(n, all.len());
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    all
+}
+
+async fn the_bulk_load_reads_every_entry_as_listing_does(ds: Datastore) {
+    assert!(bulk_loaded(&ds).await.is_empty());
+    ds.create_entry(&full_entry()).await.unwrap();
+    // Values JSON must escape, and a second selector type; no DNS names.
+    ds.create_entry(&entry(
+        "quoted",
+        "/q",
+        &[r#"k8s:label:a"b\c"#, "k8s:ns:é", "unix:uid:7"],
+    ))
+    .await
+    .unwrap();
+    // More than one chunk (`BULK_CHUNK`).
+    let mut tx = ds.begin_write().await.unwrap();
+    for i in 0..2_500 {
+        let mut e = entry(
+            &format!("e{i:05}"),
+            &format!("/w/{i}"),
+            &["t:a", &format!("n:{i}")],
+        );
+        e.dns_names = vec![format!("w{i}.example.org"), "b.example.org".into()];
+        entries::insert_entry(&mut tx, &e, 0).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let listed = ds.list_all_entries().await.unwrap();
+    assert_eq!(listed.len(), 2_502);
+    assert_eq!(bulk_loaded(&ds).await, listed);
+}
+
+/// In memory, the bulk load reads through the pool's one connection (a connection of
+/// its own would open another, empty, database).
+#[tokio::test]
+async fn the_bulk_load_of_an_in_memory_database_reads_its_entries() {
+    the_bulk_load_reads_every_entry_as_listing_does(mem().await).await;
+}
+
 async fn corrupt_rows_are_datastore_errors(ds: Datastore) {
     ds.create_entry(&entry("e1", "/web", &["t:a"]))
         .await
@@ -549,6 +594,11 @@ async fn corrupt_rows_are_datastore_errors(ds: Datastore) {
         "{err:?}"
     );
     assert!(ds.list_all_entries().await.is_err());
+    let err = ds.for_each_entry(|_| {}).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Datastore(m) if m.contains("entries id=\"e1\"")),
+        "{err:?}"
+    );
 
     exec(
         &ds,
@@ -556,10 +606,26 @@ async fn corrupt_rows_are_datastore_errors(ds: Datastore) {
     )
     .await;
     ds.get_entry(&eid("e1")).await.unwrap().unwrap();
+    exec(&ds, "UPDATE entries SET parent_id = 'spiffe://'").await;
+    let err = ds.for_each_entry(|_| {}).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Datastore(m) if m.contains("entries id=\"e1\"")),
+        "{err:?}"
+    );
+    exec(
+        &ds,
+        "UPDATE entries SET parent_id = 'spiffe://example.org/spire/agent/x'",
+    )
+    .await;
     exec(&ds, "UPDATE entry_selectors SET type = 'bad type'").await;
     let err = ds.list_all_entries().await.unwrap_err();
     assert!(
         matches!(&err, Error::Datastore(m) if m.contains("entry_selectors")),
+        "{err:?}"
+    );
+    let err = ds.for_each_entry(|_| {}).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Datastore(m) if m.contains("entry_selectors entry_id=\"e1\"")),
         "{err:?}"
     );
 }
