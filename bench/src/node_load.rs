@@ -5,6 +5,8 @@
 //! and measures them ([`NodeBench::run`]): wall time, each call's latency, the server's CPU
 //! from `/proc/<pid>/stat`, this process's CPU (the load generator) and the machine's idle
 //! time. What a run's calls are (BatchNewX509SVID, NewJWTSVID) is the scenario's.
+//! B11 attests its sampled agents with [`AttestedAgent`] alone (one identity, node clients
+//! opened again after each server restart).
 
 use std::future::Future;
 use std::path::Path;

@@ -619,7 +619,7 @@ fn lat(v: &[Duration]) -> String {
             fmt_us(s.p50),
             fmt_us(s.p99),
             fmt_us(s.max),
-            s.n
+            fmt_count(s.n as f64)
         ),
         None => "—".into(),
     }
