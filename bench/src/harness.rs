@@ -90,6 +90,10 @@ pub struct Server {
     /// The trust domain.
     pub td: TrustDomain,
     bin: PathBuf,
+    /// The directory it was started under (data dir, admin socket, logs).
+    dir: PathBuf,
+    /// How it was started, for [`Server::restart`].
+    opts: ServerOptions,
 }
 
 /// A join token from `carapace-server token generate --output json`.
@@ -126,47 +130,114 @@ impl Server {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let admin_socket = dir.join("server-admin").join("admin.sock");
-        let mut cmd = Command::new(&bin);
-        cmd.arg("run")
-            .args(["--trust-domain", TRUST_DOMAIN])
-            .arg("--data-dir")
-            .arg(dir.join("server-data"))
-            .args(["--bind-address", &addr])
-            .arg("--admin-socket")
-            .arg(&admin_socket)
-            .env("CARAPACE_LOG", "warn,carapace=info")
-            .env("CARAPACE_LOG_FORMAT", "json")
-            .envs(opts.envs.iter().map(|(k, v)| (k, v)));
-        if let Some(config) = &opts.config {
-            cmd.arg("--config").arg(config);
-        }
-        let proc = Proc::spawn("carapace-server", cmd, &dir.join("server.log"))?;
+        let proc = Self::spawn(&bin, dir, opts, &addr, &admin_socket, "server.log")?;
         let mut server = Server {
             proc,
             addr,
             admin_socket,
             td: TrustDomain::new(TRUST_DOMAIN)?,
             bin,
+            dir: dir.to_path_buf(),
+            opts: opts.clone(),
         };
-        let deadline = Instant::now() + START_TIMEOUT;
+        server
+            .wait_ready(START_TIMEOUT, Duration::from_millis(50))
+            .await?;
+        Ok(server)
+    }
+
+    /// Starts the process: `run` on `dir`'s data dir, `addr`, `admin_socket`, logging
+    /// JSON to `<dir>/<log>`.
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        opts: &ServerOptions,
+        addr: &str,
+        admin_socket: &Path,
+        log: &str,
+    ) -> Result<Proc> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .args(["--trust-domain", TRUST_DOMAIN])
+            .arg("--data-dir")
+            .arg(dir.join("server-data"))
+            .args(["--bind-address", addr])
+            .arg("--admin-socket")
+            .arg(admin_socket)
+            .env("CARAPACE_LOG", "warn,carapace=info")
+            .env("CARAPACE_LOG_FORMAT", "json")
+            .envs(opts.envs.iter().map(|(k, v)| (k, v)));
+        if let Some(config) = &opts.config {
+            cmd.arg("--config").arg(config);
+        }
+        Proc::spawn("carapace-server", cmd, &dir.join(log))
+    }
+
+    /// Waits until the admin API answers `Health` (polled every `poll`). The server
+    /// loads its entry index and binds the node API before it serves the admin socket.
+    async fn wait_ready(&mut self, timeout: Duration, poll: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
-            server.proc.check_alive()?;
-            if let Ok(mut admin) = server.admin().await {
+            self.proc.check_alive()?;
+            if let Ok(mut admin) = self.admin().await {
                 if admin.health(HealthRequest {}).await.is_ok() {
-                    break;
+                    return Ok(());
                 }
             }
             if Instant::now() > deadline {
                 bail!(
-                    "carapace-server did not answer on {} within {START_TIMEOUT:?}:\n{}",
-                    server.admin_socket.display(),
-                    server.proc.log_tail(30)
+                    "carapace-server did not answer on {} within {timeout:?}:\n{}",
+                    self.admin_socket.display(),
+                    self.proc.log_tail(30)
                 );
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(poll).await;
         }
-        // The node API listener is bound before the admin socket is served.
-        Ok(server)
+    }
+
+    /// Stops the server with SIGTERM and waits up to `timeout` for it to exit (then
+    /// SIGKILL, and an error); returns how long it took to exit.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<Duration> {
+        self.proc.check_alive()?;
+        let pid = i32::try_from(self.proc.pid())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| anyhow!("carapace-server has no valid pid"))?;
+        let t = Instant::now();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .context("sending SIGTERM to carapace-server")?;
+        // `check_alive` fails once the process has exited (and reaps it).
+        while self.proc.check_alive().is_ok() {
+            if t.elapsed() > timeout {
+                self.proc.stop();
+                bail!("carapace-server did not exit within {timeout:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(t.elapsed())
+    }
+
+    /// Starts the server again after [`Server::terminate`]: the same binary, data dir,
+    /// options, node API address and admin socket, logging to `<dir>/<log>`; waits up to
+    /// `timeout` until its admin API answers (polled every 10 ms).
+    pub async fn restart(&mut self, log: &str, timeout: Duration) -> Result<()> {
+        if self.proc.check_alive().is_ok() {
+            bail!("carapace-server is still running; terminate it first");
+        }
+        self.proc = Self::spawn(
+            &self.bin,
+            &self.dir,
+            &self.opts,
+            &self.addr,
+            &self.admin_socket,
+            log,
+        )?;
+        self.wait_ready(timeout, Duration::from_millis(10)).await
+    }
+
+    /// The binary.
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// Runs `carapace-server <args> --admin-socket <socket>` and returns its stdout.

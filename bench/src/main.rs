@@ -7,8 +7,9 @@
 //! of `sshpop`, `aws_iid`, `gcp_iit` and `azure_msi`, both plugin halves in process), and
 //! B8 (JWT-SVID mint: the signing ceiling, `NewJWTSVID` over the node API with a software
 //! key and in SoftHSM2, the agent's `FetchJWTSVID`), B9 (propagation across two servers
-//! on one PostgreSQL) and B10 (a rotation storm of 10,000 SVIDs on one agent), and prints
-//! a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
+//! on one PostgreSQL), B10 (a rotation storm of 10,000 SVIDs on one agent) and B11 (S4: a
+//! trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL), and
+//! prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
 //!
 //! This file only parses the arguments, picks the [`Plan`] and calls each scenario of
 //! `carapace_bench::scenario` in turn (each writes its own section of the report).
@@ -36,11 +37,26 @@ use carapace_bench::report::{Report, failed};
 use carapace_bench::scenario::issuance::{self, Ceiling};
 use carapace_bench::scenario::{
     Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, ha_propagation, issuance_hsm, jwt_mint,
-    rotation_storm, workload_api, workload_attest,
+    rotation_storm, scale, workload_api, workload_attest,
 };
 use carapace_bench::stats::{Repeated, Summary};
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10]";
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11] [--engine sqlite|postgres|both]
+
+scenarios:
+  b1   X509-SVID issuance: crypto ceiling and BatchNewX509SVID over the node API (S1)
+  b2   Workload API: FetchX509SVID first response, agent memory, propagation (S2)
+  b3   X509-SVID issuance with the CA key in SoftHSM2
+  b4   tpm node attestation against swtpm
+  b5   kerberos node attestation against the lab MIT KDC
+  b6   workload attestation and Workload API connections per second
+  b7   sshpop, aws_iid, gcp_iit and azure_msi node attestation (server's cost)
+  b8   JWT-SVID mint: signing ceiling, NewJWTSVID, agent FetchJWTSVID (S7)
+  b9   propagation across two servers on one PostgreSQL
+  b10  rotation storm: 10,000 SVIDs on one agent (S5)
+  b11  S4: a trust domain of 1,000,000 entries over 10,000 agents (SQLite and
+       PostgreSQL; --engine picks one): creation, RSS per entry, restart to
+       serving, per-agent SyncAuthorized";
 
 #[derive(Debug)]
 struct Args {
@@ -50,6 +66,8 @@ struct Args {
     command: String,
     only: Option<String>,
     keep: bool,
+    /// B11's engines (`--engine`); `None`: the plan's (both).
+    engines: Option<Vec<scale::Engine>>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -61,6 +79,7 @@ fn parse_args() -> Result<Args> {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         only: None,
         keep: false,
+        engines: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -75,6 +94,9 @@ fn parse_args() -> Result<Args> {
             "--command" => args.command = value("--command")?,
             "--only" => args.only = Some(value("--only")?),
             "--keep" => args.keep = true,
+            "--engine" => {
+                args.engines = Some(scale::Engine::parse_list(&value("--engine")?)?);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -85,10 +107,10 @@ fn parse_args() -> Result<Args> {
     if let Some(only) = &args.only
         && !matches!(
             only.as_str(),
-            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8" | "b9" | "b10"
+            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8" | "b9" | "b10" | "b11"
         )
     {
-        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9 or b10\n{USAGE}");
+        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10 or b11\n{USAGE}");
     }
     Ok(args)
 }
@@ -237,7 +259,10 @@ fn main() -> Result<()> {
         return done;
     }
     let args = parse_args()?;
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(engines) = &args.engines {
+        plan.b11.engines = engines.clone();
+    }
     let machine = Machine::detect();
     let nproc = machine.nproc;
     let nofile = process::raise_nofile_limit()?;
@@ -504,6 +529,22 @@ fn main() -> Result<()> {
                 Vec::new()
             },
         )?;
+    }
+
+    if runs("b11") {
+        r.heading(
+            2,
+            "B11. S4: a trust domain of 1,000,000 entries over 10,000 agents — creation, server RSS per entry, restart to serving, per-agent sync (issue 17)",
+        );
+        let b11 = runtime.block_on(interruptible(scale::run(
+            &args.bin_dir,
+            &dir.path().join("b11"),
+            &plan.b11,
+        )));
+        record(&mut r, &mut errors, "B11 (S4 scale)", b11, |r, b11| {
+            scale::section(r, &b11, &plan.b11);
+            b11.into_errors()
+        })?;
     }
 
     let text = r.finish();

@@ -5,6 +5,8 @@
 //! and measures them ([`NodeBench::run`]): wall time, each call's latency, the server's CPU
 //! from `/proc/<pid>/stat`, this process's CPU (the load generator) and the machine's idle
 //! time. What a run's calls are (BatchNewX509SVID, NewJWTSVID) is the scenario's.
+//! B11 attests its sampled agents with [`AttestedAgent`] alone (one identity, node clients
+//! opened again after each server restart).
 
 use std::future::Future;
 use std::path::Path;
@@ -317,45 +319,83 @@ impl NodeBench {
 /// Attests as an agent; returns its SPIFFE ID and `n` mTLS node clients (one
 /// connection each).
 async fn attested_clients(server: &Server, n: usize) -> Result<(String, Vec<NodeClient<Channel>>)> {
-    let token = server.token().await?;
-    let pem = server.bundle_pem().await?;
-    let bundle =
-        TrustBundle::from_pem(server.td.clone(), &pem).map_err(|e| anyhow!("bundle show: {e}"))?;
-    let agent_id = token.agent_id.clone();
-    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
-    let km = MemoryKeyManager::new();
-    let key = km.generate_key("bench-agent", KeyType::EcP256).await?;
-    let csr = carapace_tls::csr_for_key(key.clone())?;
-    let tls = carapace_tls::client_config(bundle_rx.clone(), server.td.server_id(), None)?;
-    let result = node_client::attest(
-        &server.addr,
-        Arc::new(tls),
-        &JoinTokenClient::new(Zeroizing::new(token.token)),
-        csr,
-        key.public_key_der(),
-    )
-    .await
-    .context("node attestation")?;
-    let chain = result.svid.map(|s| s.cert_chain).unwrap_or_default();
-    if chain.is_empty() {
-        bail!("attestation returned no SVID");
+    let agent = AttestedAgent::attest(server).await?;
+    let clients = (0..n)
+        .map(|_| agent.client(&server.addr))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((agent.agent_id, clients))
+}
+
+/// An agent identity this process holds: attested with a join token from the server's
+/// CLI, its SVID and key, and the bundle it trusts; node clients are opened with it
+/// ([`AttestedAgent::client`]), also to the same server after a restart.
+pub(crate) struct AttestedAgent {
+    /// Its SPIFFE ID.
+    pub(crate) agent_id: String,
+    chain: Vec<Vec<u8>>,
+    key: Arc<dyn carapace_core::plugin::KeySigner>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    server_id: carapace_core::SpiffeId,
+}
+
+impl std::fmt::Debug for AttestedAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttestedAgent")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
     }
-    if let Some(b) = result.bundle.as_ref() {
-        bundle_tx.send_replace(Arc::new(bundle_from_wire(b)?));
+}
+
+impl AttestedAgent {
+    /// Attests to `server` with a new join token (the agent library's own node client).
+    pub(crate) async fn attest(server: &Server) -> Result<AttestedAgent> {
+        let token = server.token().await?;
+        let pem = server.bundle_pem().await?;
+        let bundle = TrustBundle::from_pem(server.td.clone(), &pem)
+            .map_err(|e| anyhow!("bundle show: {e}"))?;
+        let agent_id = token.agent_id.clone();
+        let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
+        let km = MemoryKeyManager::new();
+        let key = km.generate_key("bench-agent", KeyType::EcP256).await?;
+        let csr = carapace_tls::csr_for_key(key.clone())?;
+        let tls = carapace_tls::client_config(bundle_rx.clone(), server.td.server_id(), None)?;
+        let result = node_client::attest(
+            &server.addr,
+            Arc::new(tls),
+            &JoinTokenClient::new(Zeroizing::new(token.token)),
+            csr,
+            key.public_key_der(),
+        )
+        .await
+        .context("node attestation")?;
+        let chain = result.svid.map(|s| s.cert_chain).unwrap_or_default();
+        if chain.is_empty() {
+            bail!("attestation returned no SVID");
+        }
+        if let Some(b) = result.bundle.as_ref() {
+            bundle_tx.send_replace(Arc::new(bundle_from_wire(b)?));
+        }
+        // The verifiers keep reading the last bundle after the sender is gone.
+        drop(bundle_tx);
+        Ok(AttestedAgent {
+            agent_id,
+            chain,
+            key,
+            bundle: bundle_rx,
+            server_id: server.td.server_id(),
+        })
     }
-    let ck = carapace_tls::certified_key(&chain, key);
-    let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
+
+    /// A new mTLS node client to `addr` with this agent's SVID (one connection, opened
+    /// lazily on the first call).
+    pub(crate) fn client(&self, addr: &str) -> Result<NodeClient<Channel>> {
         let tls = carapace_tls::client_config(
-            bundle_rx.clone(),
-            server.td.server_id(),
-            Some(ck.clone()),
+            self.bundle.clone(),
+            self.server_id.clone(),
+            Some(carapace_tls::certified_key(&self.chain, self.key.clone())),
         )?;
-        clients.push(node_client::channel(&server.addr, Arc::new(tls))?);
+        Ok(node_client::channel(addr, Arc::new(tls))?)
     }
-    // The verifiers keep reading the last bundle after the sender is gone.
-    drop(bundle_tx);
-    Ok((agent_id, clients))
 }
 
 #[cfg(test)]

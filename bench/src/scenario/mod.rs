@@ -15,6 +15,7 @@
 //! | B8 (S7) | [`jwt_mint`] | JWT-SVID mint: the signing ceiling in process, `NewJWTSVID` over the node API with a software key and with the key in SoftHSM2 beside its raw rate, and the agent's `FetchJWTSVID` cached and uncached |
 //! | B9 | [`ha_propagation`] | propagation across servers: two real servers on one real PostgreSQL, an entry created on one reaching a workload of an agent on the other (p50/p99/max, and where the time goes from the logs) |
 //! | B10 (S5) | [`rotation_storm`] | a rotation storm: one agent holding 10,000 SVIDs renews them all after `localauthority x509 taint` of the old CA (time until the workload holds them all, CPU) |
+//! | B11 (S4) | [`scale`] | a trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL: creation through `entry create --data`, server RSS per entry, restart to serving, per-agent `SyncAuthorized` latency |
 //!
 //! Each module has the shape of B7's: `run` measures and returns the figures (each part a
 //! `Result` of its own where parts can fail apart), and `section` writes them into the
@@ -32,6 +33,7 @@ use crate::scenario::ha_propagation::B9Plan;
 use crate::scenario::issuance::NodeConfig;
 use crate::scenario::jwt_mint::JwtPlan;
 use crate::scenario::rotation_storm::B10Plan;
+use crate::scenario::scale::B11Plan;
 use crate::scenario::workload_api::WorkloadConfig;
 use crate::scenario::workload_attest::AttestPlan;
 
@@ -43,6 +45,7 @@ pub mod issuance;
 pub mod issuance_hsm;
 pub mod jwt_mint;
 pub mod rotation_storm;
+pub mod scale;
 pub mod workload_api;
 pub mod workload_attest;
 
@@ -76,6 +79,8 @@ pub struct Plan {
     pub b9: B9Plan,
     /// B10's sizes.
     pub b10: B10Plan,
+    /// B11's sizes.
+    pub b11: B11Plan,
 }
 
 impl Plan {
@@ -107,6 +112,7 @@ impl Plan {
                 jwt: JwtPlan::new(true),
                 b9: B9Plan::new(true),
                 b10: B10Plan::new(true),
+                b11: B11Plan::new(true),
             }
         } else {
             Plan {
@@ -134,6 +140,7 @@ impl Plan {
                 jwt: JwtPlan::new(false),
                 b9: B9Plan::new(false),
                 b10: B10Plan::new(false),
+                b11: B11Plan::new(false),
             }
         }
     }
