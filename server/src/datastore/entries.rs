@@ -179,51 +179,23 @@ impl Datastore {
 
     /// Hands every entry to `each` as it is read, in no particular order, for loading the
     /// in-memory entry cache; returns how many entries there were. A row that does not
-    /// parse ends the load with [`Error::Datastore`] naming it.
+    /// parse ends the load with [`Error::Datastore`] naming it. One read transaction (one
+    /// snapshot); each entry comes as JSON ([`BulkEntry`]) with its selectors and DNS
+    /// names.
     ///
-    /// The entries come in chunks of [`BULK_CHUNK`], each one row holding a JSON array of
-    /// the entries with their selectors and DNS names: per entry, no row to copy and hand
-    /// over between threads, no wake-up. The next chunk is read while `each` indexes the
-    /// last, all in one read transaction (one snapshot).
+    /// On SQLite the entries come in chunks of [`BULK_CHUNK`], each one row holding a
+    /// JSON array: per entry, no row to copy and hand over from sqlx's worker thread, no
+    /// wake-up. The next chunk is read while `each` indexes the last. On PostgreSQL one
+    /// query joins the three tables (hash joins, whatever the statistics) and streams
+    /// one row per entry, decoded as it arrives while the database reads on.
     pub async fn for_each_entry(&self, mut each: impl FnMut(RegistrationEntry)) -> Result<usize> {
         let mut parents = ParentIds::default();
         let mut n = 0;
-        let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::channel::<String>(2);
-        let consume = async {
-            while let Some(json) = chunk_rx.recv().await {
-                let rows: Vec<BulkEntry> = serde_json::from_str(&json).map_err(|e| {
-                    Error::Datastore(format!("corrupt rows of entries (bulk load): {e}"))
-                })?;
-                for row in rows {
-                    each(entry_from_bulk(row, &mut parents)?);
-                    n += 1;
-                }
-            }
-            Ok::<_, Error>(())
+        let mut take = |row: BulkEntry| -> Result<()> {
+            each(entry_from_bulk(row, &mut parents)?);
+            n += 1;
+            Ok(())
         };
-        // Reads the chunks on `$conn`, after the key `$start` (rowid on SQLite, id on
-        // PostgreSQL), and hands them to `consume`.
-        macro_rules! produce {
-            ($conn:expr, $sql:expr, $start:expr) => {
-                async {
-                    let chunk_tx = chunk_tx;
-                    let mut after = $start;
-                    loop {
-                        let (last, json) = sqlx::query_as::<_, (Option<_>, String)>($sql)
-                            .bind(&after)
-                            .bind(BULK_CHUNK)
-                            .fetch_one(&mut *$conn)
-                            .await?;
-                        let Some(last) = last else { break };
-                        after = last;
-                        if chunk_tx.send(json).await.is_err() {
-                            break; // `consume` failed: its error is the one to report
-                        }
-                    }
-                    Ok::<_, Error>(())
-                }
-            };
-        }
         match &self.pool {
             Engine::Sqlite(pool) if self.file_backed => {
                 // A connection of its own, reading the database file through a memory
@@ -235,28 +207,25 @@ impl Datastore {
                     .pragma("mmap_size", BULK_LOAD_MMAP_BYTES.to_string());
                 let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
                 let mut tx = conn.begin().await?;
-                let c: &mut sqlx::SqliteConnection = &mut tx;
-                let (read, indexed) =
-                    tokio::join!(produce!(c, SQLITE_BULK_CHUNK, i64::MIN), consume);
-                indexed?;
-                read?;
+                sqlite_chunks(&mut tx, &mut take).await?;
                 tx.commit().await?;
                 conn.close().await?;
             }
             _ => {
                 let mut tx = self.begin_read().await?;
-                let (read, indexed) = match &mut tx {
-                    Engine::Sqlite(t) => {
-                        let c: &mut sqlx::SqliteConnection = t;
-                        tokio::join!(produce!(c, SQLITE_BULK_CHUNK, i64::MIN), consume)
-                    }
+                match &mut tx {
+                    Engine::Sqlite(t) => sqlite_chunks(t, &mut take).await?,
                     Engine::Postgres(t) => {
-                        let c: &mut sqlx::PgConnection = t;
-                        tokio::join!(produce!(c, POSTGRES_BULK_CHUNK, String::new()), consume)
+                        use futures::TryStreamExt as _;
+                        let mut rows =
+                            sqlx::query_scalar::<_, String>(POSTGRES_BULK_LOAD).fetch(&mut **t);
+                        while let Some(json) = rows.try_next().await? {
+                            take(serde_json::from_str(&json).map_err(|e| {
+                                Error::Datastore(format!("corrupt row of entries (bulk load): {e}"))
+                            })?)?;
+                        }
                     }
-                };
-                indexed?;
-                read?;
+                }
                 tx.commit().await?;
             }
         }
@@ -619,19 +588,57 @@ const SQLITE_BULK_CHUNK: &str = "SELECT max(c.rid), json_group_array(json_array(
             WHERE d.entry_id = e.id) AS dns \
            FROM entries e WHERE e.rowid > $1 ORDER BY e.rowid LIMIT $2) c";
 
-/// [`SQLITE_BULK_CHUNK`] for PostgreSQL, keyed by the entry id.
-const POSTGRES_BULK_CHUNK: &str = "SELECT max(c.id), COALESCE(json_agg(json_build_array(\
-     c.id, c.spiffe_id, c.parent_id, c.x509_svid_ttl, c.hint, c.admin, c.downstream, \
-     c.expires_at, c.revision, c.created_at, c.jwt_svid_ttl, c.jwt_svid_include_jti, \
-     c.sels, c.dns)), '[]')::text \
-     FROM (SELECT e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, e.admin, \
-           e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
-           e.jwt_svid_include_jti, \
-           (SELECT COALESCE(json_agg(json_build_array(s.type, s.value)), '[]'::json) \
-            FROM entry_selectors s WHERE s.entry_id = e.id) AS sels, \
-           (SELECT COALESCE(json_agg(d.name ORDER BY d.position), '[]'::json) \
-            FROM entry_dns_names d WHERE d.entry_id = e.id) AS dns \
-           FROM entries e WHERE e.id > $1 ORDER BY e.id LIMIT $2) c";
+/// The bulk load on PostgreSQL: one row per entry, a JSON [`BulkEntry`]. The selectors
+/// and DNS names are aggregated per entry and joined, not looked up entry by entry.
+const POSTGRES_BULK_LOAD: &str = "SELECT json_build_array(e.id, e.spiffe_id, e.parent_id, \
+     e.x509_svid_ttl, e.hint, e.admin, e.downstream, e.expires_at, e.revision, \
+     e.created_at, e.jwt_svid_ttl, e.jwt_svid_include_jti, \
+     COALESCE(s.sels, '[]'::json), COALESCE(d.dns, '[]'::json))::text \
+     FROM entries e \
+     LEFT JOIN (SELECT entry_id, json_agg(json_build_array(type, value)) AS sels \
+                FROM entry_selectors GROUP BY entry_id) s ON s.entry_id = e.id \
+     LEFT JOIN (SELECT entry_id, json_agg(name ORDER BY position) AS dns \
+                FROM entry_dns_names GROUP BY entry_id) d ON d.entry_id = e.id";
+
+/// Reads the SQLite bulk-load chunks on `conn` ([`SQLITE_BULK_CHUNK`]) and hands each
+/// entry to `take`, reading the next chunk while the last is taken.
+async fn sqlite_chunks(
+    conn: &mut sqlx::SqliteConnection,
+    take: &mut impl FnMut(BulkEntry) -> Result<()>,
+) -> Result<()> {
+    let (chunk_tx, mut chunk_rx) = tokio::sync::mpsc::channel::<String>(2);
+    let read = async move {
+        let mut after = i64::MIN;
+        loop {
+            let (last, json): (Option<i64>, String) = sqlx::query_as(SQLITE_BULK_CHUNK)
+                .bind(after)
+                .bind(BULK_CHUNK)
+                .fetch_one(&mut *conn)
+                .await?;
+            let Some(last) = last else { break };
+            after = last;
+            if chunk_tx.send(json).await.is_err() {
+                break; // taking failed: its error is the one to report
+            }
+        }
+        Ok::<_, Error>(())
+    };
+    // Moves the receiver in: when taking fails, it is dropped and reading stops.
+    let taken = async move {
+        while let Some(json) = chunk_rx.recv().await {
+            let rows: Vec<BulkEntry> = serde_json::from_str(&json).map_err(|e| {
+                Error::Datastore(format!("corrupt rows of entries (bulk load): {e}"))
+            })?;
+            for row in rows {
+                take(row)?;
+            }
+        }
+        Ok::<_, Error>(())
+    };
+    let (read, taken) = tokio::join!(read, taken);
+    taken?;
+    read
+}
 
 /// How much of the database file the bulk load's connection maps (SQLite; the part
 /// beyond is read as usual).

@@ -89,6 +89,7 @@ on_both_engines!(
     prune_expired_entries,
     list_all_entries_bulk,
     the_bulk_load_reads_every_entry_as_listing_does,
+    a_corrupt_row_early_in_a_large_bulk_load_ends_it_with_an_error,
     corrupt_rows_are_datastore_errors,
     jwt_settings_round_trip_through_create_update_and_list,
     join_token_is_single_use,
@@ -574,6 +575,34 @@ async fn the_bulk_load_reads_every_entry_as_listing_does(ds: Datastore) {
     let listed = ds.list_all_entries().await.unwrap();
     assert_eq!(listed.len(), 2_502);
     assert_eq!(bulk_loaded(&ds).await, listed);
+}
+
+async fn a_corrupt_row_early_in_a_large_bulk_load_ends_it_with_an_error(ds: Datastore) {
+    let mut tx = ds.begin_write().await.unwrap();
+    for i in 0..6_500 {
+        let e = entry(&format!("e{i:05}"), &format!("/w/{i}"), &["t:a"]);
+        entries::insert_entry(&mut tx, &e, 0).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    exec(
+        &ds,
+        "UPDATE entries SET spiffe_id = 'bad' WHERE id = 'e00001'",
+    )
+    .await;
+    // The chunks still unread must not hold the load up once one failed.
+    let mut seen = 0;
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        ds.for_each_entry(|_| seen += 1),
+    )
+    .await
+    .expect("the bulk load hung after a corrupt row")
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::Datastore(m) if m.contains("entries id=\"e00001\"")),
+        "{err:?}"
+    );
+    assert!(seen < 6_500);
 }
 
 /// In memory, the bulk load reads through the pool's one connection (a connection of
