@@ -349,9 +349,15 @@ impl std::fmt::Debug for AttestedAgent {
 impl AttestedAgent {
     /// Attests to `server` with a new join token (the agent library's own node client).
     pub(crate) async fn attest(server: &Server) -> Result<AttestedAgent> {
-        let token = server.token().await?;
         let pem = server.bundle_pem().await?;
-        let bundle = TrustBundle::from_pem(server.td.clone(), &pem)
+        Self::attest_with(server, &pem).await
+    }
+
+    /// [`Self::attest`], trusting the bundle `pem` (from `bundle show`) to reach the
+    /// server: attesting many agents, the bundle is read once.
+    pub(crate) async fn attest_with(server: &Server, pem: &str) -> Result<AttestedAgent> {
+        let token = server.token().await?;
+        let bundle = TrustBundle::from_pem(server.td.clone(), pem)
             .map_err(|e| anyhow!("bundle show: {e}"))?;
         let agent_id = token.agent_id.clone();
         let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));

@@ -3,19 +3,20 @@
 //! benchmark starts ([`hsm_sim::postgres::Postgres`], as B9 does).
 //!
 //! Per engine ([`run`]): the real release `carapace-server` is started (its VmRSS then is
-//! the baseline); this process attests `sample` agents to it with join tokens from its
-//! CLI ([`AttestedAgent`]); a file in SPIRE's `-data` format is written as a stream
-//! ([`write_data_file`]: entry `i` is `spiffe://example.org/w/<i>`, parented to agent
-//! `i % agents`, with the selector `unix:uid:<1000 + i / agents>`; the first `sample`
-//! parent IDs are the attested agents', the others synthetic join-token agent IDs that
-//! never attest, [`parent_ids`]); the real CLI creates them (`carapace-server entry
+//! the baseline); this process attests `attested` agents to it (all `agents` by default)
+//! with join tokens from its CLI, eight at a time ([`AttestedAgent`]); a file in SPIRE's
+//! `-data` format is written as a stream ([`write_data_file`]: entry `i` is
+//! `spiffe://example.org/w/<i>`, parented to agent `i % agents`, with the selector
+//! `unix:uid:<1000 + i / agents>`; the first parent IDs are the attested agents', any
+//! others synthetic join-token agent IDs that never attest, [`parent_ids`]); the real CLI creates them (`carapace-server entry
 //! create --data FILE`, batches of 1,000, each one transaction), timed, and the admin
 //! API's `CountEntries` must then say `entries`. The server's VmRSS gives the memory
 //! per entry. Then the server is restarted `restarts` times on the same data (SIGTERM,
 //! time to exit; spawn → admin `Health` answers, which the server does only once its
 //! entry index is loaded and its node API bound; spawn → the first `SyncAuthorized`
-//! message of a sampled agent, with its entries: "restart to serving"). On the last
-//! restart's server, each sampled agent's full `SyncAuthorized` (no resume) is timed to
+//! message of the first agent, with its entries: "restart to serving"). On the last
+//! restart's server, the full `SyncAuthorized` (no resume) of each of `sample` agents,
+//! spread evenly over the attested ones ([`sample_indices`]), is timed to
 //! its first message, which must hold exactly the agent's entries ([`expected_entries`]):
 //! `rounds` rounds one agent after the other, then `rounds` rounds of every sampled agent
 //! at once. The report's section is [`section`].
@@ -93,7 +94,9 @@ pub struct B11Plan {
     pub entries: usize,
     /// Parent IDs (agents) they are spread over, evenly.
     pub agents: usize,
-    /// Agents this process attests (the first parent IDs): their syncs are measured.
+    /// Agents this process attests (the first parent IDs; all of them by default).
+    pub attested: usize,
+    /// Attested agents whose syncs are timed, spread evenly over them.
     pub sample: usize,
     /// Server restarts on the full datastore.
     pub restarts: usize,
@@ -110,6 +113,7 @@ impl B11Plan {
             B11Plan {
                 entries: 20_000,
                 agents: 200,
+                attested: 200,
                 sample: 10,
                 restarts: 1,
                 rounds: 3,
@@ -119,6 +123,7 @@ impl B11Plan {
             B11Plan {
                 entries: 1_000_000,
                 agents: 10_000,
+                attested: 10_000,
                 sample: 100,
                 restarts: 3,
                 rounds: 10,
@@ -127,16 +132,17 @@ impl B11Plan {
         }
     }
 
-    /// Whether the sizes make sense: at least one agent, every sampled agent among
-    /// them, and at least one entry per agent.
+    /// Whether the sizes make sense: at least one agent, every sampled agent attested,
+    /// every attested agent a parent, and at least one entry per agent.
     pub fn check(&self) -> Result<()> {
         if self.agents == 0 || self.sample == 0 || self.rounds == 0 {
             bail!("B11: agents, sample and rounds must be at least 1 ({self:?})");
         }
-        if self.sample > self.agents {
+        if self.sample > self.attested || self.attested > self.agents {
             bail!(
-                "B11: {} sampled agents but only {} agents",
+                "B11: {} sampled agents, {} attested, {} agents: expected sampled <= attested <= agents",
                 self.sample,
+                self.attested,
                 self.agents
             );
         }
@@ -247,7 +253,7 @@ pub struct EngineRun {
     pub loadavg: (String, String),
     /// Server VmRSS right after start, before any entry or agent.
     pub rss_baseline: u64,
-    /// Attesting the sampled agents (join tokens from the CLI, one at a time).
+    /// Attesting every agent (join tokens from the CLI, eight at a time).
     pub attest: Duration,
     /// Size of the data file.
     pub data_bytes: u64,
@@ -303,10 +309,11 @@ pub async fn run(bin_dir: &Path, dir: &Path, plan: &B11Plan) -> Result<B11> {
     for &engine in &plan.engines {
         let sub = dir.join(engine.label().to_lowercase());
         eprintln!(
-            "==> B11 on {}: {} entries over {} agents ({} attested)",
+            "==> B11 on {}: {} entries over {} agents ({} attested, {} timed)",
             engine.label(),
             plan.entries,
             plan.agents,
+            plan.attested,
             plan.sample
         );
         let r = run_engine(bin_dir, &sub, plan, engine).await;
@@ -334,6 +341,31 @@ async fn start_postgres() -> Result<Postgres> {
         Ok(pg)
     })
     .await?
+}
+
+/// Attestations in flight at once while attesting every agent.
+const ATTEST_IN_FLIGHT: usize = 8;
+
+/// Attests `n` agents to `server`, [`ATTEST_IN_FLIGHT`] at a time, in order.
+async fn attest_all(server: &Server, pem: &str, n: usize) -> Result<Vec<AttestedAgent>> {
+    let mut all = Vec::with_capacity(n);
+    while all.len() < n {
+        let k = ATTEST_IN_FLIGHT.min(n - all.len());
+        let batch =
+            futures::future::try_join_all((0..k).map(|_| AttestedAgent::attest_with(server, pem)))
+                .await?;
+        all.extend(batch);
+        if all.len() % 1_000 == 0 {
+            eprintln!("==> B11: {} of {n} agents attested", all.len());
+        }
+    }
+    Ok(all)
+}
+
+/// `sample` indices out of `0..n`, spread evenly, the first 0 (fewer when `sample > n`).
+pub fn sample_indices(n: usize, sample: usize) -> Vec<usize> {
+    let k = sample.min(n);
+    (0..k).map(|j| j * n / k).collect()
 }
 
 /// The server's entry count (admin `CountEntries`, no filter).
@@ -432,15 +464,15 @@ async fn run_engine(
     let mut server = Server::start(bin_dir, &dir.join("server"), &opts).await?;
     let rss_baseline = process::rss_bytes(server.proc.pid())?;
 
-    // The sampled agents.
+    // The agents: every one attests (so the restarts load them too); the syncs of
+    // `sample` of them, spread evenly, are timed.
+    let pem = server.bundle_pem().await?;
     let t = Instant::now();
-    let mut agents = Vec::with_capacity(plan.sample);
-    for _ in 0..plan.sample {
-        agents.push(AttestedAgent::attest(&server).await?);
-    }
+    let all = attest_all(&server, &pem, plan.attested).await?;
     let attest = t.elapsed();
     let td = harness::TRUST_DOMAIN;
-    let attested: Vec<String> = agents.iter().map(|a| a.agent_id.clone()).collect();
+    let attested: Vec<String> = all.iter().map(|a| a.agent_id.clone()).collect();
+    let sampled = sample_indices(plan.attested, plan.sample);
     let parents = parent_ids(td, &attested, plan.agents);
 
     // The data file, written as a stream.
@@ -478,9 +510,9 @@ async fn run_engine(
 
     // Restarts on the full datastore.
     let mut restarts = Vec::with_capacity(plan.restarts);
-    let probe = agents
+    let probe = all
         .first()
-        .ok_or_else(|| anyhow!("B11 needs at least one sampled agent"))?;
+        .ok_or_else(|| anyhow!("B11 needs at least one attested agent"))?;
     let probe_expected = expected_entries(plan.entries, plan.agents, 0);
     for k in 0..plan.restarts {
         eprintln!(
@@ -512,12 +544,15 @@ async fn run_engine(
     }
 
     // Per-agent syncs: one connection per agent, warmed by one unmeasured sync.
+    let agents: Vec<&AttestedAgent> = sampled.iter().map(|&j| &all[j]).collect();
     let clients = agents
         .iter()
         .map(|a| a.client(&server.addr))
         .collect::<Result<Vec<_>>>()?;
-    let expected: Vec<usize> = (0..agents.len())
-        .map(|j| expected_entries(plan.entries, plan.agents, j))
+    // Attested agent j is parent j.
+    let expected: Vec<usize> = sampled
+        .iter()
+        .map(|&j| expected_entries(plan.entries, plan.agents, j))
         .collect();
     for ((a, c), n) in agents.iter().zip(&clients).zip(&expected) {
         first_sync(c.clone(), &a.agent_id, *n).await?;
@@ -629,8 +664,9 @@ fn lat(v: &[Duration]) -> String {
 pub fn section(r: &mut Report, res: &B11, plan: &B11Plan) {
     let td = harness::TRUST_DOMAIN;
     r.para(&format!(
-        "One release `carapace-server` per engine (SQLite: the embedded datastore in its data dir; PostgreSQL: a lab cluster the benchmark starts, `initdb` in a temporary directory, `fsync=off`, loopback TCP, through `[datastore] url`). This process attests {sample} agents with join tokens from the server's CLI (one mTLS connection each). A data file in SPIRE's `-data` format holds {entries} entries spread evenly over {agents} parent IDs (the {sample} attested agents' SPIFFE IDs first, then `spiffe://{td}/spire/agent/join_token/bench-<j>`): entry i is `spiffe://{td}/w/<i>`, parent i mod {agents}, selector `unix:uid:<1000 + i / {agents}>`; `carapace-server entry create --data FILE` creates them (batches of 1,000, one transaction each), then `CountEntries` must say {entries}. Memory per entry: (server VmRSS − its VmRSS right after start) / entries (the server process alone: PostgreSQL's memory is not in it). Then {restarts} restart(s) on the same data: SIGTERM → exit; spawn → the admin API answers `Health` (the server loads its entry index and binds the node API before it serves the admin socket); spawn → the first `SyncAuthorized` message of a sampled agent on a new connection, with its entries (**restart to serving**). Last, on the restarted server, each sampled agent's full `SyncAuthorized` (no resume) is timed to its first message, which must hold exactly the agent's {per} entries, all parented to it: {rounds} round(s) one agent after another, then {rounds} round(s) of all {sample} at once (after one unmeasured sync per connection).",
+        "One release `carapace-server` per engine (SQLite: the embedded datastore in its data dir; PostgreSQL: a lab cluster the benchmark starts, `initdb` in a temporary directory, `fsync=off`, loopback TCP, through `[datastore] url`). This process attests {attested} agents with join tokens from the server's CLI, eight at a time. A data file in SPIRE's `-data` format holds {entries} entries spread evenly over {agents} parent IDs (the attested agents' SPIFFE IDs, then, if fewer attested, `spiffe://{td}/spire/agent/join_token/bench-<j>`): entry i is `spiffe://{td}/w/<i>`, parent i mod {agents}, selector `unix:uid:<1000 + i / {agents}>`; `carapace-server entry create --data FILE` creates them (batches of 1,000, one transaction each), then `CountEntries` must say {entries}. Memory per entry: (server VmRSS − its VmRSS right after start) / entries (the server process alone: PostgreSQL's memory is not in it). Then {restarts} restart(s) on the same data: SIGTERM → exit; spawn → the admin API answers `Health` (the server loads its entry index and binds the node API before it serves the admin socket); spawn → the first `SyncAuthorized` message of the first agent on a new connection, with its entries (**restart to serving**). Last, on the restarted server, the full `SyncAuthorized` (no resume) of {sample} agents spread evenly over the attested ones, one mTLS connection each, is timed to its first message, which must hold exactly the agent's {per} entries, all parented to it: {rounds} round(s) one agent after another, then {rounds} round(s) of all {sample} at once (after one unmeasured sync per connection).",
         sample = fmt_count(plan.sample as f64),
+        attested = fmt_count(plan.attested as f64),
         entries = fmt_count(plan.entries as f64),
         agents = fmt_count(plan.agents as f64),
         restarts = plan.restarts,
@@ -720,7 +756,7 @@ pub fn section(r: &mut Report, res: &B11, plan: &B11Plan) {
             "",
         );
         row(
-            "attesting the sampled agents; writing the data file",
+            "attesting the agents (8 at a time); writing the data file",
             &|x| {
                 format!(
                     "{}; {} ({})",
@@ -769,6 +805,14 @@ mod tests {
             .map(|k| format!("spiffe://example.org/spire/agent/join_token/real-{k}"))
             .collect();
         parent_ids("example.org", &ids, n)
+    }
+
+    #[test]
+    fn sampled_agents_are_spread_evenly_from_the_first() {
+        assert_eq!(sample_indices(10_000, 4), [0, 2_500, 5_000, 7_500]);
+        assert_eq!(sample_indices(3, 3), [0, 1, 2]);
+        assert_eq!(sample_indices(2, 5), [0, 1]);
+        assert!(sample_indices(7, 0).is_empty());
     }
 
     #[test]
@@ -858,7 +902,10 @@ mod tests {
         B11Plan::new(true).check().unwrap();
         B11Plan::new(false).check().unwrap();
         let mut p = B11Plan::new(true);
-        p.sample = p.agents + 1;
+        p.sample = p.attested + 1;
+        assert!(p.check().is_err());
+        let mut p = B11Plan::new(true);
+        p.attested = p.agents + 1;
         assert!(p.check().is_err());
         let mut p = B11Plan::new(true);
         p.entries = p.agents - 1;
