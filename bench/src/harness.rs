@@ -574,6 +574,23 @@ impl Agent {
     }
 }
 
+/// Starts the lab PostgreSQL (`hsm_sim::postgres`) with a database `carapace`, off the
+/// runtime's threads (it waits for the cluster), or says how to install it (B9, B11).
+pub async fn start_postgres() -> Result<hsm_sim::postgres::Postgres> {
+    use hsm_sim::postgres::{POSTGRES_PACKAGES, Postgres};
+    tokio::task::spawn_blocking(|| {
+        let pg = Postgres::start().map_err(|e| {
+            anyhow!(
+                "starting the lab PostgreSQL: {e} (install it with `apt-get install -y {POSTGRES_PACKAGES}`)"
+            )
+        })?;
+        pg.create_database("carapace")
+            .map_err(|e| anyhow!("creating the database: {e}"))?;
+        Ok(pg)
+    })
+    .await?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

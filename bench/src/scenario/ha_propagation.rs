@@ -23,7 +23,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use tonic::Streaming;
 
 use carapace_proto::workload::X509svidResponse;
-use hsm_sim::postgres::{POSTGRES_PACKAGES, Postgres};
 
 use crate::harness::{self, Agent, Server, ServerOptions, message_of, timestamp_of};
 use crate::process;
@@ -130,27 +129,12 @@ fn ca_count(pem: &str) -> usize {
     pem.matches("BEGIN CERTIFICATE").count()
 }
 
-/// Starts the lab PostgreSQL (blocking work, off the runtime's threads).
-async fn start_postgres() -> Result<Postgres> {
-    tokio::task::spawn_blocking(|| {
-        let pg = Postgres::start().map_err(|e| {
-            anyhow!(
-                "starting the lab PostgreSQL: {e} (install it with `apt-get install -y {POSTGRES_PACKAGES}`)"
-            )
-        })?;
-        pg.create_database("carapace")
-            .map_err(|e| anyhow!("creating the database: {e}"))?;
-        Ok(pg)
-    })
-    .await?
-}
-
 /// Runs B9 under `dir`.
 pub async fn run(bin_dir: &Path, dir: &Path, plan: &B9Plan) -> Result<B9Result> {
     let loadavg = process::loadavg_now();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Declared first, so dropped last: the servers stop before their database does.
-    let pg = start_postgres().await?;
+    let pg = harness::start_postgres().await?;
     let postgres = pg
         .psql("carapace", "SELECT version()")
         .map_err(|e| anyhow!("SELECT version(): {e}"))?;

@@ -32,7 +32,6 @@ use tonic::transport::Channel;
 use carapace_proto::admin::ListEntriesRequest;
 use carapace_proto::node::SyncAuthorizedRequest;
 use carapace_proto::node::node_client::NodeClient;
-use hsm_sim::postgres::{POSTGRES_PACKAGES, Postgres};
 
 use crate::harness::{self, Server, ServerOptions};
 use crate::node_load::AttestedAgent;
@@ -327,22 +326,6 @@ pub async fn run(bin_dir: &Path, dir: &Path, plan: &B11Plan) -> Result<B11> {
     Ok(B11 { runs })
 }
 
-/// Starts the lab PostgreSQL with a database `carapace` (blocking work, off the
-/// runtime's threads).
-async fn start_postgres() -> Result<Postgres> {
-    tokio::task::spawn_blocking(|| {
-        let pg = Postgres::start().map_err(|e| {
-            anyhow!(
-                "starting the lab PostgreSQL: {e} (install it with `apt-get install -y {POSTGRES_PACKAGES}`)"
-            )
-        })?;
-        pg.create_database("carapace")
-            .map_err(|e| anyhow!("creating the database: {e}"))?;
-        Ok(pg)
-    })
-    .await?
-}
-
 /// Attestations in flight at once while attesting every agent.
 const ATTEST_IN_FLIGHT: usize = 8;
 
@@ -439,7 +422,7 @@ async fn run_engine(
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // Declared first, so dropped last: the server stops before its database does.
     let pg = match engine {
-        Engine::Postgres => Some(start_postgres().await?),
+        Engine::Postgres => Some(harness::start_postgres().await?),
         Engine::Sqlite => None,
     };
     let mut opts = ServerOptions::default();

@@ -25,8 +25,9 @@ const ENTRY_COLUMNS: &str = "e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.
      e.admin, e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
      e.jwt_svid_include_jti";
 
-/// One row of `entries`, as stored.
-#[derive(sqlx::FromRow)]
+/// One row of `entries`, as stored (and, in the bulk load, as a JSON array of its
+/// columns in this order).
+#[derive(sqlx::FromRow, serde::Deserialize)]
 struct EntryRow {
     id: String,
     spiffe_id: String,
@@ -572,12 +573,12 @@ const BULK_CHUNK: i64 = 2_000;
 /// end) and a JSON array of [`BulkEntry`]s, the [`BULK_CHUNK`] (`$2`) entries after rowid
 /// `$1` in storage order. `json()` keeps the aggregates JSON (not strings) inside the
 /// outer array; booleans are stored as integers.
-const SQLITE_BULK_CHUNK: &str = "SELECT max(c.rid), json_group_array(json_array(\
+const SQLITE_BULK_CHUNK: &str = "SELECT max(c.rid), json_group_array(json_array(json_array(\
      c.id, c.spiffe_id, c.parent_id, c.x509_svid_ttl, c.hint, \
      CASE WHEN c.admin THEN json('true') ELSE json('false') END, \
      CASE WHEN c.downstream THEN json('true') ELSE json('false') END, \
      c.expires_at, c.revision, c.created_at, c.jwt_svid_ttl, \
-     CASE WHEN c.jwt_svid_include_jti THEN json('true') ELSE json('false') END, \
+     CASE WHEN c.jwt_svid_include_jti THEN json('true') ELSE json('false') END), \
      json(c.sels), json(c.dns))) \
      FROM (SELECT e.rowid AS rid, e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, \
            e.admin, e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
@@ -590,9 +591,9 @@ const SQLITE_BULK_CHUNK: &str = "SELECT max(c.rid), json_group_array(json_array(
 
 /// The bulk load on PostgreSQL: one row per entry, a JSON [`BulkEntry`]. The selectors
 /// and DNS names are aggregated per entry and joined, not looked up entry by entry.
-const POSTGRES_BULK_LOAD: &str = "SELECT json_build_array(e.id, e.spiffe_id, e.parent_id, \
-     e.x509_svid_ttl, e.hint, e.admin, e.downstream, e.expires_at, e.revision, \
-     e.created_at, e.jwt_svid_ttl, e.jwt_svid_include_jti, \
+const POSTGRES_BULK_LOAD: &str = "SELECT json_build_array(json_build_array(e.id, \
+     e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, e.admin, e.downstream, \
+     e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, e.jwt_svid_include_jti), \
      COALESCE(s.sels, '[]'::json), COALESCE(d.dns, '[]'::json))::text \
      FROM entries e \
      LEFT JOIN (SELECT entry_id, json_agg(json_build_array(type, value)) AS sels \
@@ -644,25 +645,11 @@ async fn sqlite_chunks(
 /// beyond is read as usual).
 const BULK_LOAD_MMAP_BYTES: u64 = 1 << 31;
 
-/// One entry of a bulk-load chunk: the columns of [`ENTRY_COLUMNS`], then the selectors
-/// as `[type, value]` pairs and the DNS names in their order.
+/// One entry of the bulk load: its `entries` row (a JSON array of the columns of
+/// [`ENTRY_COLUMNS`], in order), its selectors as `[type, value]` pairs, and its DNS
+/// names in their order.
 #[derive(serde::Deserialize)]
-struct BulkEntry(
-    String,
-    String,
-    String,
-    Option<i64>,
-    String,
-    bool,
-    bool,
-    Option<i64>,
-    i64,
-    i64,
-    Option<i64>,
-    bool,
-    Vec<(String, String)>,
-    Vec<String>,
-);
+struct BulkEntry(EntryRow, Vec<(String, String)>, Vec<String>);
 
 /// Parent IDs already parsed during a bulk load: entries share a few parents (an agent
 /// has many), so each distinct one is parsed once.
@@ -681,44 +668,21 @@ impl ParentIds {
 }
 
 /// A bulk-load entry as an entry, every field re-parsed as [`entry_from_row`] does.
-fn entry_from_bulk(row: BulkEntry, parents: &mut ParentIds) -> Result<RegistrationEntry> {
-    let BulkEntry(
-        id,
-        spiffe_id,
-        parent_id,
-        x509_svid_ttl,
-        hint,
-        admin,
-        downstream,
-        expires_at,
-        revision,
-        created_at,
-        jwt_svid_ttl,
-        jwt_svid_include_jti,
-        pairs,
-        dns_names,
-    ) = row;
+fn entry_from_bulk(
+    BulkEntry(row, pairs, dns_names): BulkEntry,
+    parents: &mut ParentIds,
+) -> Result<RegistrationEntry> {
     let selectors = pairs
         .iter()
         .map(|(kind, value)| {
-            parse_selector(format_args!("entry_selectors entry_id={id:?}"), kind, value)
+            parse_selector(
+                format_args!("entry_selectors entry_id={:?}", row.id),
+                kind,
+                value,
+            )
         })
         .collect::<Result<Vec<_>>>()?;
-    let parent = parents.parse(EntryAt(&id), &parent_id)?;
-    let row = EntryRow {
-        id,
-        spiffe_id,
-        parent_id,
-        x509_svid_ttl,
-        hint,
-        admin,
-        downstream,
-        expires_at,
-        revision,
-        created_at,
-        jwt_svid_ttl,
-        jwt_svid_include_jti,
-    };
+    let parent = parents.parse(EntryAt(&row.id), &row.parent_id)?;
     entry_from_parsed_row(row, parent, selectors, dns_names)
 }
 

@@ -503,9 +503,11 @@ async fn prune_expired_entries(ds: Datastore) {
     );
 }
 
-async fn list_all_entries_bulk(ds: Datastore) {
+/// Writes `n` entries in one transaction: `e<i>` (five digits) for `/w/<i>`, selectors
+/// `t:a` and `n:<i>`, DNS names `w<i>.example.org` then `x.example.org`.
+async fn insert_numbered(ds: &Datastore, n: usize) {
     let mut tx = ds.begin_write().await.unwrap();
-    for i in 0..2_000 {
+    for i in 0..n {
         let mut e = entry(
             &format!("e{i:05}"),
             &format!("/w/{i}"),
@@ -515,6 +517,10 @@ async fn list_all_entries_bulk(ds: Datastore) {
         entries::insert_entry(&mut tx, &e, 0).await.unwrap();
     }
     tx.commit().await.unwrap();
+}
+
+async fn list_all_entries_bulk(ds: Datastore) {
+    insert_numbered(&ds, 2_000).await;
 
     let all = ds.list_all_entries().await.unwrap();
     assert_eq!(all.len(), 2_000);
@@ -561,17 +567,7 @@ async fn the_bulk_load_reads_every_entry_as_listing_does(ds: Datastore) {
     .await
     .unwrap();
     // More than one chunk (`BULK_CHUNK`).
-    let mut tx = ds.begin_write().await.unwrap();
-    for i in 0..2_500 {
-        let mut e = entry(
-            &format!("e{i:05}"),
-            &format!("/w/{i}"),
-            &["t:a", &format!("n:{i}")],
-        );
-        e.dns_names = vec![format!("w{i}.example.org"), "b.example.org".into()];
-        entries::insert_entry(&mut tx, &e, 0).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    insert_numbered(&ds, 2_500).await;
     let listed = ds.list_all_entries().await.unwrap();
     assert_eq!(listed.len(), 2_502);
     assert_eq!(bulk_loaded(&ds).await, listed);
