@@ -25,9 +25,15 @@
 //!   Envoy's error and the same secrets are not sent again; a cache change (rotation, a
 //!   bundle change) sends a new response to every stream whose secrets it changes.
 //! - `FetchSecrets`: one response, with no version and no nonce.
-//! - `DeltaSecrets` (incremental xDS) answers `Unimplemented`, naming the alternative.
+//! - `DeltaSecrets` (incremental xDS): the names subscribed so far (the first request
+//!   subscribing to none, or `*`, subscribes to everything, as SotW's empty list does),
+//!   each resource versioned by a digest of its content; a response carries only the
+//!   resources whose version the client does not hold (including those it declared in
+//!   `initial_resource_versions`), and `removed_resources` for those of a wildcard
+//!   subscription that are gone. ACKs and NACKs (logged) are not answered; the name
+//!   rules and errors are those of `StreamSecrets`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use carapace_core::bundle::{der_to_pem, pem_block};
@@ -171,6 +177,21 @@ pub(crate) fn build_secrets(
     federated: &[Arc<TrustBundle>],
     spiffe_validator: bool,
 ) -> Result<Vec<Any>, Status> {
+    secrets_for(cfg, names, svids, own, federated, spiffe_validator)?
+        .iter()
+        .map(pack)
+        .collect()
+}
+
+/// The secrets of [`build_secrets`], unpacked.
+fn secrets_for(
+    cfg: &SdsConfig,
+    names: &[String],
+    svids: &[Arc<CachedSvid>],
+    own: &TrustBundle,
+    federated: &[Arc<TrustBundle>],
+    spiffe_validator: bool,
+) -> Result<Vec<Secret>, Status> {
     let everything = names.is_empty();
     let mut left: HashSet<&str> = names.iter().map(String::as_str).collect();
     // Whether `name` is asked for, by name or as part of everything; each name is
@@ -242,7 +263,7 @@ pub(crate) fn build_secrets(
             "workload is not authorized for the requested identities {left:?}"
         )));
     }
-    secrets.iter().map(pack).collect()
+    Ok(secrets)
 }
 
 /// Whether to serve the SPIFFE validator to the Envoy described by `node` (`None`: it
@@ -478,12 +499,26 @@ impl SecretDiscoveryService for WorkloadApi {
 
     async fn delta_secrets(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        FirstAnswer::new("DeltaSecrets").answered(tonic::Code::Unimplemented);
-        Err(Status::unimplemented(
-            "incremental SDS (DeltaSecrets) is not served: use the state-of-the-world protocol (api_type: GRPC)",
-        ))
+        let call = FirstAnswer::new("DeltaSecrets");
+        let selectors = call.failed(self.attest(&request, call.rpc).await)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = DeltaStream {
+            cfg: self.sds.clone(),
+            selectors,
+            tx,
+            spiffe_validator: None,
+            wildcard: false,
+            subscribed: BTreeSet::new(),
+            known: HashMap::new(),
+            version: 0,
+            first_answer: Some(call),
+        };
+        let api = self.clone();
+        let requests = request.into_inner();
+        tokio::spawn(async move { api.delta_secrets_feed(stream, requests).await });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn stream_secrets(
@@ -519,7 +554,219 @@ impl SecretDiscoveryService for WorkloadApi {
     }
 }
 
+/// The wildcard resource name of incremental xDS.
+const WILDCARD: &str = "*";
+
+/// A resource's version in incremental xDS: a digest of its encoding, so that equal
+/// content has equal versions across streams and agent restarts.
+fn resource_version(any: &Any) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(any.type_url.as_bytes())
+        .chain_update(&any.value)
+        .finalize();
+    hex::encode(&digest[..16])
+}
+
+/// One `DeltaSecrets` stream.
+struct DeltaStream {
+    cfg: Arc<SdsConfig>,
+    selectors: SelectorSet,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    /// Set by the first request, from its node.
+    spiffe_validator: Option<bool>,
+    /// Everything the caller may have is subscribed.
+    wildcard: bool,
+    /// The names subscribed explicitly.
+    subscribed: BTreeSet<String>,
+    /// What the client holds: name → version (sent, or declared by the client).
+    known: HashMap<String, String>,
+    /// Responses sent so far: the `system_version_info` of the last one.
+    version: u64,
+    first_answer: Option<FirstAnswer>,
+}
+
+impl DeltaStream {
+    async fn fail(&mut self, status: Status) -> Stop {
+        if let Some(f) = self.first_answer.take() {
+            f.answered(status.code());
+        }
+        let _ = self.tx.send(Err(status)).await;
+        Stop
+    }
+
+    /// The subscribed secrets from `state`, by name.
+    fn current(&self, state: &CacheState, spiffe: bool) -> Result<BTreeMap<String, Any>, Status> {
+        let mut out = BTreeMap::new();
+        let mut lists = Vec::new();
+        if self.wildcard {
+            lists.push(Vec::new());
+        }
+        if !self.subscribed.is_empty() {
+            lists.push(self.subscribed.iter().cloned().collect::<Vec<_>>());
+        }
+        let svids = state.matching(&self.selectors);
+        if svids.is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        for names in lists {
+            for secret in secrets_for(
+                &self.cfg,
+                &names,
+                &svids,
+                &state.bundle,
+                federated_bundles(state),
+                spiffe,
+            )? {
+                let any = pack(&secret)?;
+                out.insert(secret.name, any);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends what the client does not hold yet, and the removal of what a wildcard
+    /// subscription no longer has; nothing if there is neither.
+    async fn answer(&mut self, state: &CacheState) -> Result<(), Stop> {
+        let Some(spiffe) = self.spiffe_validator else {
+            return Ok(());
+        };
+        let current = match self.current(state, spiffe) {
+            Ok(c) => c,
+            Err(status) => return Err(self.fail(status).await),
+        };
+        let mut resources = Vec::new();
+        for (name, any) in current.iter() {
+            let version = resource_version(any);
+            if self.known.get(name) != Some(&version) {
+                resources.push(
+                    carapace_proto::sds::envoy::service::discovery::v3::Resource {
+                        name: name.clone(),
+                        version: version.clone(),
+                        resource: Some(any.clone()),
+                        ..Default::default()
+                    },
+                );
+                self.known.insert(name.clone(), version);
+            }
+        }
+        let removed: Vec<String> = self
+            .known
+            .keys()
+            .filter(|name| !current.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            self.known.remove(name);
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        self.version += 1;
+        let response = DeltaDiscoveryResponse {
+            system_version_info: self.version.to_string(),
+            resources,
+            type_url: SECRET_TYPE_URL.into(),
+            removed_resources: removed,
+            nonce: new_nonce(),
+            ..Default::default()
+        };
+        if let Some(f) = self.first_answer.take() {
+            f.answered(tonic::Code::Ok);
+        }
+        if self.tx.send(Ok(response)).await.is_err() {
+            return Err(Stop);
+        }
+        Ok(())
+    }
+
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        state: &CacheState,
+    ) -> Result<(), Stop> {
+        if self.spiffe_validator.is_none() {
+            match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
+                Ok(v) => self.spiffe_validator = Some(v),
+                Err(status) => return Err(self.fail(status).await),
+            }
+            // The first request: what the client already holds, and the legacy wildcard
+            // (a first request naming nothing).
+            self.known = req.initial_resource_versions.clone();
+            self.wildcard = req.resource_names_subscribe.is_empty();
+        }
+        if let Some(e) = &req.error_detail {
+            tracing::warn!(
+                nonce = %req.response_nonce,
+                code = e.code,
+                error = %e.message,
+                "Envoy rejected the secrets (NACK, incremental); they are not sent again"
+            );
+        }
+        for name in req.resource_names_subscribe {
+            if name == WILDCARD {
+                self.wildcard = true;
+            } else {
+                self.subscribed.insert(name);
+            }
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                self.wildcard = false;
+            } else {
+                self.subscribed.remove(&name);
+                // Unsubscribed: the client forgets it, so a later subscription resends.
+                self.known.remove(&name);
+            }
+        }
+        if !self.wildcard {
+            // What is no longer subscribed needs no removal notice.
+            let subscribed = &self.subscribed;
+            self.known.retain(|name, _| subscribed.contains(name));
+        }
+        self.answer(state).await
+    }
+}
+
 impl WorkloadApi {
+    async fn delta_secrets_feed(
+        &self,
+        mut stream: DeltaStream,
+        mut requests: Streaming<DeltaDiscoveryRequest>,
+    ) {
+        let mut updates = self.cache.subscribe();
+        let mut closing = self.closing.clone();
+        loop {
+            let step = tokio::select! {
+                () = stream.tx.closed() => Err(Stop),
+                () = shutting_down(&mut closing) => {
+                    Err(stream.fail(Status::unavailable("the agent is shutting down")).await)
+                }
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        let state = updates.borrow_and_update().clone();
+                        stream.on_request(req, &state).await
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "SDS delta stream ended by the client");
+                        Err(Stop)
+                    }
+                    None => Err(Stop),
+                },
+                r = updates.changed() => match r {
+                    Ok(()) => {
+                        let state = updates.borrow_and_update().clone();
+                        stream.answer(&state).await
+                    }
+                    Err(_) => Err(stream.fail(Status::unavailable("the SVID cache is gone")).await),
+                },
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+
     async fn fetch_secrets_once(
         &self,
         request: Request<DiscoveryRequest>,

@@ -11,7 +11,7 @@ use carapace_proto::sds::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
 };
 use carapace_proto::sds::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use carapace_proto::sds::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use carapace_proto::sds::envoy::r#type::v3::SemanticVersion;
@@ -429,15 +429,15 @@ async fn names_the_caller_cannot_have_are_refused() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains(r#"["nope"]"#), "{e:?}");
 
-    // DeltaSecrets is refused clearly.
-    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(1);
-    tx.send(DeltaDiscoveryRequest::default()).await.unwrap();
-    let e = client
-        .delta_secrets(ReceiverStream::new(rx))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().contains("api_type: GRPC"), "{e:?}");
+    // And on an incremental stream.
+    let mut d = DeltaEnvoy::open(
+        &mut client,
+        delta(&["default", "nope"], &[], envoy_node(None)),
+    )
+    .await;
+    let e = next_message(&mut d.responses).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(r#"["nope"]"#), "{e:?}");
 }
 
 #[tokio::test]
@@ -681,6 +681,181 @@ async fn streams_end_with_unavailable_on_shutdown() {
     assert_eq!(e.code(), Code::Unavailable);
     drop(s);
     stopping.await.unwrap().unwrap();
+}
+
+fn delta(subscribe: &[&str], unsubscribe: &[&str], node: Option<Node>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node,
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: subscribe.iter().map(|n| (*n).to_owned()).collect(),
+        resource_names_unsubscribe: unsubscribe.iter().map(|n| (*n).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+/// An open `DeltaSecrets` stream.
+struct DeltaEnvoy {
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl DeltaEnvoy {
+    async fn open(client: &mut SdsClient, first: DeltaDiscoveryRequest) -> DeltaEnvoy {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(first).await.unwrap();
+        let responses = client
+            .delta_secrets(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        DeltaEnvoy {
+            requests: tx,
+            responses,
+        }
+    }
+
+    async fn send(&self, req: DeltaDiscoveryRequest) {
+        self.requests.send(req).await.unwrap();
+    }
+
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        next_message(&mut self.responses).await.unwrap().unwrap()
+    }
+
+    fn ack(resp: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            response_nonce: resp.nonce.clone(),
+            ..delta(&[], &[], None)
+        }
+    }
+}
+
+/// The resources of a delta response: (name, version, secret).
+fn delta_secrets(resp: &DeltaDiscoveryResponse) -> Vec<(String, String, Secret)> {
+    assert_eq!(resp.type_url, SECRET_TYPE_URL);
+    resp.resources
+        .iter()
+        .map(|r| {
+            let any = r.resource.as_ref().unwrap();
+            assert_eq!(any.type_url, SECRET_TYPE_URL);
+            (
+                r.name.clone(),
+                r.version.clone(),
+                any.to_msg::<Secret>().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn delta_secrets_sends_only_what_changed() {
+    let h = start_sds(SdsConfig::default()).await;
+    let me = uid_sel(my_uid());
+    let web = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
+    let db = h.pki.svid("e-db", "db", std::slice::from_ref(&me), "");
+    h.cache.replace(h.pki.bundle(), vec![web.clone()]);
+    let mut client = sds_client(&h).await;
+
+    let mut d = DeltaEnvoy::open(
+        &mut client,
+        delta(&["default"], &[], envoy_node(Some((1, 40)))),
+    )
+    .await;
+    let r1 = d.next().await;
+    assert_eq!(r1.system_version_info, "1");
+    assert!(!r1.nonce.is_empty());
+    assert!(r1.removed_resources.is_empty());
+    let got = delta_secrets(&r1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "default");
+    assert_tls_matches(&got[0].2, &web);
+    let default_v1 = got[0].1.clone();
+
+    // The ACK is not answered; subscribing to more sends only the new resource.
+    d.send(DeltaEnvoy::ack(&r1)).await;
+    assert_quiet(&mut d.responses).await;
+    d.send(delta(&["ROOTCA"], &[], None)).await;
+    let r2 = d.next().await;
+    let got = delta_secrets(&r2);
+    assert_eq!(
+        got.iter().map(|g| g.0.as_str()).collect::<Vec<_>>(),
+        ["ROOTCA"]
+    );
+    assert_eq!(
+        spiffe_domains(validation(&got[0].2)).unwrap(),
+        [("example.org".to_owned(), vec![h.pki.ca_der.clone()])]
+    );
+    let rootca_v = got[0].1.clone();
+
+    // Rotation: only the certificate, with a new version.
+    let rotated = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
+    h.cache.replace(h.pki.bundle(), vec![rotated.clone()]);
+    let r3 = d.next().await;
+    let got = delta_secrets(&r3);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "default");
+    assert_ne!(got[0].1, default_v1);
+    assert_tls_matches(&got[0].2, &rotated);
+    let default_v2 = got[0].1.clone();
+
+    // A NACK is logged, not answered.
+    d.send(DeltaDiscoveryRequest {
+        response_nonce: r3.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "bad key".into(),
+            details: Vec::new(),
+        }),
+        ..delta(&[], &[], None)
+    })
+    .await;
+    assert_quiet(&mut d.responses).await;
+
+    // A new stream declaring what it holds gets only what differs.
+    let mut d2 = DeltaEnvoy::open(
+        &mut client,
+        DeltaDiscoveryRequest {
+            initial_resource_versions: [
+                ("default".to_owned(), default_v2.clone()),
+                ("ROOTCA".to_owned(), "stale".to_owned()),
+            ]
+            .into(),
+            ..delta(&["default", "ROOTCA"], &[], envoy_node(None))
+        },
+    )
+    .await;
+    let got = delta_secrets(&d2.next().await);
+    assert_eq!(
+        got.iter()
+            .map(|g| (g.0.as_str(), g.1.as_str()))
+            .collect::<Vec<_>>(),
+        [("ROOTCA", rootca_v.as_str())]
+    );
+    drop(d2);
+
+    // A wildcard stream gets everything, and the removal of an identity that goes.
+    let mut w = DeltaEnvoy::open(&mut client, delta(&[], &[], envoy_node(None))).await;
+    h.cache
+        .replace(h.pki.bundle(), vec![rotated.clone(), db.clone()]);
+    let mut first = delta_secrets(&w.next().await);
+    // The cache change may arrive before or after the first answer.
+    if first.len() < 3 {
+        first.extend(delta_secrets(&w.next().await));
+    }
+    let mut got: Vec<&str> = first.iter().map(|g| g.0.as_str()).collect();
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        [
+            "spiffe://example.org",
+            "spiffe://example.org/db",
+            "spiffe://example.org/web"
+        ]
+    );
+    h.cache.replace(h.pki.bundle(), vec![rotated.clone()]);
+    let gone = w.next().await;
+    assert!(gone.resources.is_empty());
+    assert_eq!(gone.removed_resources, ["spiffe://example.org/db"]);
 }
 
 #[test]
