@@ -1,6 +1,7 @@
 //! Envoy's Secret Discovery Service (SDS v3, `envoy.service.secret.v3`), served on the
 //! Workload API socket so that an Envoy configured for SPIRE's agent works unchanged.
 //!
+//! - Strings from Envoy (node, nonces, NACK messages) are logged quoted (`Debug`), never raw.
 //! - The caller is attested as for every Workload API RPC ([`WorkloadApi::attest`]), but
 //!   the `workload.spiffe.io` security header is not required: Envoy does not send it. A
 //!   caller with no identity is refused with `PermissionDenied` ("no identity issued"),
@@ -417,7 +418,7 @@ impl SecretStream {
     async fn on_request(&mut self, req: DiscoveryRequest, state: &CacheState) -> Result<(), Stop> {
         if self.spiffe_validator.is_none() {
             if let Some(n) = &req.node {
-                tracing::debug!(node = %n.id, cluster = %n.cluster, agent = %n.user_agent_name, "SDS stream opened");
+                tracing::debug!(node = ?n.id, cluster = ?n.cluster, agent = ?n.user_agent_name, "SDS stream opened");
             }
             match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
                 Ok(v) => self.spiffe_validator = Some(v),
@@ -427,7 +428,7 @@ impl SecretStream {
         if let Some(nonce) = &self.nonce {
             if req.response_nonce != *nonce {
                 tracing::debug!(
-                    nonce = %req.response_nonce,
+                    nonce = ?req.response_nonce,
                     "stale SDS request (not for the last response): ignored"
                 );
                 return Ok(());
@@ -435,10 +436,10 @@ impl SecretStream {
         }
         if let Some(e) = &req.error_detail {
             tracing::warn!(
-                version = %req.version_info,
+                version = ?req.version_info,
                 names = ?req.resource_names,
                 code = e.code,
-                error = %e.message,
+                error = ?e.message,
                 "Envoy rejected the secrets (NACK); they are not sent again"
             );
         }
@@ -697,9 +698,9 @@ impl DeltaStream {
         }
         if let Some(e) = &req.error_detail {
             tracing::warn!(
-                nonce = %req.response_nonce,
+                nonce = ?req.response_nonce,
                 code = e.code,
-                error = %e.message,
+                error = ?e.message,
                 "Envoy rejected the secrets (NACK, incremental); they are not sent again"
             );
         }
