@@ -10,6 +10,7 @@ use carapace_core::{KeyType, TrustDomain};
 
 use crate::node_client::ServerAddresses;
 use crate::workload_api::ConnectionLimits;
+use crate::workload_api::sds::SdsConfig;
 
 /// Default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "example.org";
@@ -52,6 +53,9 @@ pub struct FileConfig {
     /// Bounds on the Workload API's connections.
     #[serde(default)]
     pub workload_api: WorkloadApiFile,
+    /// Envoy's Secret Discovery Service: resource names and the certificate validator.
+    #[serde(default)]
+    pub sds: SdsFile,
     /// How long a stop waits for open streams before closing them.
     #[serde(default, with = "humantime_serde::option")]
     pub shutdown_grace: Option<Duration>,
@@ -80,6 +84,68 @@ pub struct WorkloadApiFile {
     /// How long a connection without an RPC in progress stays open.
     #[serde(default, with = "humantime_serde::option")]
     pub connection_idle_timeout: Option<Duration>,
+}
+
+/// `[sds]`: how SDS names its resources (SPIRE's names by default) and whether Envoy
+/// gets the SPIFFE certificate validator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsFile {
+    /// The name of the workload's first identity (default `default`).
+    pub default_svid_name: Option<String>,
+    /// The name of the own trust domain's bundle (default `ROOTCA`).
+    pub default_bundle_name: Option<String>,
+    /// The name of the own and federated bundles together (default `ALL`).
+    pub default_all_bundles_name: Option<String>,
+    /// Serve `trusted_ca` instead of the SPIFFE certificate validator (default false).
+    pub disable_spiffe_cert_validation: Option<bool>,
+}
+
+/// Resolves `[sds]`, listing every problem: a name must be non-empty, without spaces,
+/// not a SPIFFE ID (those name identities and trust domains), and the three must differ.
+fn sds_config(file: &SdsFile, problems: &mut Vec<String>) -> SdsConfig {
+    let defaults = SdsConfig::default();
+    let config = SdsConfig {
+        default_svid_name: file
+            .default_svid_name
+            .clone()
+            .unwrap_or(defaults.default_svid_name),
+        default_bundle_name: file
+            .default_bundle_name
+            .clone()
+            .unwrap_or(defaults.default_bundle_name),
+        default_all_bundles_name: file
+            .default_all_bundles_name
+            .clone()
+            .unwrap_or(defaults.default_all_bundles_name),
+        disable_spiffe_cert_validation: file
+            .disable_spiffe_cert_validation
+            .unwrap_or(defaults.disable_spiffe_cert_validation),
+    };
+    let names = [
+        ("default_svid_name", &config.default_svid_name),
+        ("default_bundle_name", &config.default_bundle_name),
+        ("default_all_bundles_name", &config.default_all_bundles_name),
+    ];
+    for (i, (key, name)) in names.iter().enumerate() {
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            problems.push(format!(
+                "sds.{key}: {name:?} must be non-empty, without spaces or control characters"
+            ));
+        } else if name.to_ascii_lowercase().starts_with("spiffe://") {
+            problems.push(format!(
+                "sds.{key}: {name:?} is a SPIFFE ID, which names an identity or a trust domain; choose another name"
+            ));
+        }
+        for (other, other_name) in &names[..i] {
+            if other_name == name {
+                problems.push(format!(
+                    "sds.{key}: {name:?} is also sds.{other}; the names must differ"
+                ));
+            }
+        }
+    }
+    config
 }
 
 /// The longest `workload_api.connection_idle_timeout` accepted.
@@ -291,6 +357,8 @@ pub struct Config {
     pub workload_attestation_timeout: Duration,
     /// Bounds on the Workload API's connections.
     pub workload_api_limits: ConnectionLimits,
+    /// SDS resource names and certificate validator.
+    pub sds: SdsConfig,
     /// How long a stop waits for open streams and calls before closing them.
     pub shutdown_grace: Duration,
     /// Where the health endpoint listens; `None`: off.
@@ -412,6 +480,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         carapace_common::listener::fd_limit(),
         &mut problems,
     );
+    let sds = sds_config(&file.sds, &mut problems);
     let health_address = carapace_common::health::resolve_address(
         file.health.as_ref(),
         ov.health_address.as_deref(),
@@ -463,6 +532,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             rotation_interval: Duration::from_secs(1),
             workload_attestation_timeout,
             workload_api_limits,
+            sds,
             shutdown_grace,
             health_address,
         }),
@@ -579,6 +649,55 @@ mod tests {
             ..Default::default()
         };
         assert!(!format!("{ov:?}").contains("secret-token-value"));
+    }
+
+    #[test]
+    fn sds_names_default_to_spires_and_bad_ones_are_all_listed() {
+        let mut problems = Vec::new();
+        assert_eq!(
+            sds_config(&SdsFile::default(), &mut problems),
+            SdsConfig::default()
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let file = parse(
+            "[sds]\ndefault_svid_name = \"svid\"\ndefault_bundle_name = \"roots\"\ndefault_all_bundles_name = \"every\"\ndisable_spiffe_cert_validation = true\n",
+        );
+        let c = sds_config(&file.sds, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            c,
+            SdsConfig {
+                default_svid_name: "svid".into(),
+                default_bundle_name: "roots".into(),
+                default_all_bundles_name: "every".into(),
+                disable_spiffe_cert_validation: true,
+            }
+        );
+
+        let file = parse(
+            "[sds]\ndefault_svid_name = \"\"\ndefault_bundle_name = \"spiffe://example.org\"\ndefault_all_bundles_name = \"ROOTCA\"\n",
+        );
+        sds_config(&file.sds, &mut problems);
+        assert_eq!(
+            problems,
+            [
+                "sds.default_svid_name: \"\" must be non-empty, without spaces or control characters",
+                "sds.default_bundle_name: \"spiffe://example.org\" is a SPIFFE ID, which names an identity or a trust domain; choose another name",
+            ]
+        );
+        problems.clear();
+        let file = parse("[sds]\ndefault_all_bundles_name = \"ROOTCA\"\n");
+        sds_config(&file.sds, &mut problems);
+        assert_eq!(
+            problems,
+            [
+                "sds.default_all_bundles_name: \"ROOTCA\" is also sds.default_bundle_name; the names must differ"
+            ]
+        );
+        let unknown = carapace_common::parse_toml::<FileConfig>("[sds]\ndefault_name = \"x\"\n")
+            .unwrap_err()
+            .join("\n");
+        assert!(unknown.contains("default_name"), "{unknown}");
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         .with_server(server_link, jwt_cache::DEFAULT_CAPACITY)
         .with_attestation_timeout(cfg.workload_attestation_timeout)
         .with_connection_limits(cfg.workload_api_limits)
+        .with_sds(cfg.sds.clone())
         .with_drain_timeout(cfg.shutdown_grace);
     if let Some(listener) = health_listener {
         let refresh_cache = cache.clone();

@@ -6,7 +6,9 @@
 //!   `spiffe` crate, py-spiffe, Envoy) speaks to the agent unchanged;
 //! - [`carapace::node::v1`]: agent ↔ server (attestation, sync, SVID signing);
 //! - [`carapace::admin::v1`]: CLI ↔ server, over the admin Unix socket;
-//! - [`carapace::types::v1`]: messages both share.
+//! - [`carapace::types::v1`]: messages both share;
+//! - [`sds`]: Envoy's Secret Discovery Service v3 (`envoy.service.secret.v3`) and the
+//!   messages it carries, from the vendored Envoy API protos in `proto/proto/envoy-api/`.
 //!
 //! Generated types stop at the API layer: the server and agent convert them to the core
 //! types at the edge.
@@ -48,6 +50,16 @@ pub mod carapace {
             include!(concat!(env!("OUT_DIR"), "/carapace.admin.v1.rs"));
         }
     }
+}
+
+/// Envoy's Secret Discovery Service (v3) with every package its messages need, nested as
+/// their proto packages (`sds::envoy::service::secret::v3`, `sds::envoy::extensions::
+/// transport_sockets::tls::v3`, ...): the generated code refers to its sibling packages
+/// with `super::`, so they sit together. Messages implement `prost::Name` with
+/// `type.googleapis.com/` type URLs, so they pack into `prost_types::Any` with
+/// `Any::from_msg`.
+pub mod sds {
+    include!(concat!(env!("OUT_DIR"), "/envoy_sds.rs"));
 }
 
 pub mod convert;

@@ -25,10 +25,14 @@
 //!   callers that have an identity, again when the keys change;
 //! - `ValidateJWTSVID` requires both fields and answers `InvalidArgument`, naming the
 //!   reason, for any token [`jwt::validate`] refuses.
+//!
+//! The same socket serves Envoy's Secret Discovery Service ([`sds`]), with the same
+//! caller attestation but without the security header, which Envoy does not send.
 
 pub mod h2_authority;
 pub mod jwt;
 pub mod peer;
+pub mod sds;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -39,6 +43,7 @@ use std::time::Duration;
 
 use carapace_core::SelectorSet;
 use carapace_core::plugin::WorkloadAttestor;
+use carapace_proto::sds::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use carapace_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -113,6 +118,8 @@ pub struct WorkloadApi {
     closing: watch::Receiver<bool>,
     /// The way to the server and the JWT-SVID cache.
     jwt: Arc<jwt::JwtService>,
+    /// How SDS names its resources.
+    sds: Arc<sds::SdsConfig>,
 }
 
 impl WorkloadApi {
@@ -132,6 +139,7 @@ impl WorkloadApi {
                 ServerLink::none(),
                 crate::jwt_cache::DEFAULT_CAPACITY,
             )),
+            sds: Arc::new(sds::SdsConfig::default()),
         }
     }
 
@@ -140,6 +148,13 @@ impl WorkloadApi {
     /// Without it, `FetchJWTSVID` can only answer `Unavailable`.
     pub fn with_server(mut self, server: ServerLink, capacity: usize) -> Self {
         self.jwt = Arc::new(jwt::JwtService::new(server, capacity));
+        self
+    }
+
+    /// Names SDS resources and chooses Envoy's certificate validator as `config` says
+    /// (default [`sds::SdsConfig::default`], SPIRE's names).
+    pub fn with_sds(mut self, config: sds::SdsConfig) -> Self {
+        self.sds = Arc::new(config);
         self
     }
 
@@ -171,6 +186,12 @@ impl WorkloadApi {
         method: &str,
     ) -> Result<SelectorSet, Status> {
         check_security_header(request)?;
+        self.attest(request, method).await
+    }
+
+    /// Identifies the caller of `request` through the kernel and every workload attestor
+    /// and returns its selectors (no security header check: SDS has none).
+    async fn attest<T>(&self, request: &Request<T>, method: &str) -> Result<SelectorSet, Status> {
         let peer = request.extensions().get::<Peer>().ok_or_else(|| {
             tracing::error!(
                 method,
@@ -665,6 +686,7 @@ pub async fn serve_listener(
     let mut server_closing = closing_rx;
     let server = tonic::transport::Server::builder()
         .layer(carapace_common::listener::TrackRpcsLayer::<Peer>::new())
+        .add_service(SecretDiscoveryServiceServer::new(api.clone()))
         .add_service(SpiffeWorkloadApiServer::new(api))
         .serve_with_incoming_shutdown(incoming(listener, limits), async move {
             let _ = server_closing.wait_for(|c| *c).await;

@@ -897,3 +897,6 @@ async fn a_caller_gone_before_attestation_is_unauthenticated_not_unavailable() {
 
 #[path = "jwt_tests.rs"]
 mod jwt_rpcs;
+
+#[path = "sds_tests.rs"]
+mod sds_rpcs;

@@ -1,0 +1,787 @@
+//! Envoy's Secret Discovery Service (SDS v3, `envoy.service.secret.v3`), served on the
+//! Workload API socket so that an Envoy configured for SPIRE's agent works unchanged.
+//!
+//! - Strings from Envoy (node, nonces, NACK messages) are logged quoted (`Debug`), never raw.
+//! - The caller is attested as for every Workload API RPC ([`WorkloadApi::attest`]), but
+//!   the `workload.spiffe.io` security header is not required: Envoy does not send it. A
+//!   caller with no identity is refused with `PermissionDenied` ("no identity issued"),
+//!   as `FetchX509Bundles` is: bundles too are for workloads that have an identity.
+//! - Resource names ([`SdsConfig`] holds the configurable ones): an identity's SPIFFE ID
+//!   (a `tls_certificate`); `default` (the caller's first identity, in entry-id order);
+//!   the own trust domain's SPIFFE ID (`spiffe://example.org`) or `ROOTCA` (its bundle as
+//!   a `validation_context`); `ALL` (the own and federated bundles in one SPIFFE
+//!   validator configuration); a federated trust domain's SPIFFE ID. An empty list asks
+//!   for everything (every identity by SPIFFE ID and every bundle by trust domain ID).
+//!   Each requested name gets its own `Secret`, so `ROOTCA` and `ALL` may be asked for
+//!   together (SPIRE refuses that). A name the caller cannot have fails the request with
+//!   `InvalidArgument`, naming what was left over.
+//! - Certificates: the chain and the PKCS#8 key inline, as PEM. Validation contexts: the
+//!   SPIFFE certificate validator (`envoy.tls.cert_validator.spiffe`, one trust domain per
+//!   bundle) unless it is disabled by the config or by the node metadata key
+//!   `disable_spiffe_cert_validation` (a bool or a string such as `"true"`), or the Envoy
+//!   reports a build version older than 1.18 (which lacks it); otherwise `trusted_ca`.
+//! - `StreamSecrets`: `version_info` counts the responses of the stream, every response
+//!   has a new random nonce. A request naming an older nonce is stale and ignored; an ACK
+//!   (or a NACK) is answered only if it changes the resource names; a NACK is logged with
+//!   Envoy's error and the same secrets are not sent again; a cache change (rotation, a
+//!   bundle change) sends a new response to every stream whose secrets it changes.
+//! - `FetchSecrets`: one response, with no version and no nonce.
+//! - `DeltaSecrets` (incremental xDS): the names subscribed so far (the first request
+//!   subscribing to none, or `*`, subscribes to everything, as SotW's empty list does),
+//!   each resource versioned by a digest of its content; a response carries only the
+//!   resources whose version the client does not hold (including those it declared in
+//!   `initial_resource_versions`), and `removed_resources` for those of a wildcard
+//!   subscription that are gone. ACKs and NACKs (logged) are not answered; the name
+//!   rules and errors are those of `StreamSecrets`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use carapace_core::bundle::{der_to_pem, pem_block};
+use carapace_core::{SelectorSet, TrustBundle};
+use carapace_proto::sds::envoy::config::core::v3::{
+    DataSource, Node, TypedExtensionConfig, data_source, node,
+};
+use carapace_proto::sds::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, SpiffeCertValidatorConfig, TlsCertificate, secret,
+    spiffe_cert_validator_config,
+};
+use carapace_proto::sds::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use carapace_proto::sds::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
+use futures::StreamExt as _;
+use prost_types::Any;
+use rand::Rng as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use zeroize::Zeroizing;
+
+use super::{FirstAnswer, NO_IDENTITY, STREAM_BUFFER, WorkloadApi, shutting_down};
+use crate::cache::{CacheState, CachedSvid};
+
+/// The type URL of the resources SDS serves.
+pub const SECRET_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// The name of Envoy's SPIFFE certificate validator extension.
+pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
+
+/// The node metadata key with which one Envoy turns the SPIFFE validator off (or on).
+pub const DISABLE_SPIFFE_CERT_VALIDATION_KEY: &str = "disable_spiffe_cert_validation";
+
+/// The oldest Envoy with the SPIFFE certificate validator: 1.18.
+const SPIFFE_VALIDATOR_SINCE: (u32, u32) = (1, 18);
+
+/// How SDS names its resources (`[sds]` in the agent config); the defaults are SPIRE's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdsConfig {
+    /// The name of the caller's first identity.
+    pub default_svid_name: String,
+    /// The name of the own trust domain's bundle.
+    pub default_bundle_name: String,
+    /// The name of the own and federated bundles together.
+    pub default_all_bundles_name: String,
+    /// Serve `trusted_ca` instead of the SPIFFE validator to every Envoy (one Envoy can
+    /// choose for itself with the node metadata key
+    /// [`DISABLE_SPIFFE_CERT_VALIDATION_KEY`]).
+    pub disable_spiffe_cert_validation: bool,
+}
+
+impl Default for SdsConfig {
+    fn default() -> Self {
+        SdsConfig {
+            default_svid_name: "default".into(),
+            default_bundle_name: "ROOTCA".into(),
+            default_all_bundles_name: "ALL".into(),
+            disable_spiffe_cert_validation: false,
+        }
+    }
+}
+
+/// A data source holding `bytes` inline.
+fn inline(bytes: Vec<u8>) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineBytes(bytes)),
+        ..Default::default()
+    })
+}
+
+fn pack<M: prost::Name>(msg: &M) -> Result<Any, Status> {
+    Any::from_msg(msg).map_err(|e| {
+        tracing::error!(error = %e, "encoding an SDS resource");
+        Status::internal("encoding an SDS resource failed")
+    })
+}
+
+/// A `tls_certificate` secret named `name` for `svid`.
+fn tls_certificate(name: &str, svid: &CachedSvid) -> Secret {
+    let chain: String = svid.cert_chain.iter().map(|der| der_to_pem(der)).collect();
+    let key = Zeroizing::new(pem_block("PRIVATE KEY", &svid.private_key_pkcs8));
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain.into_bytes()),
+            private_key: inline(key.as_bytes().to_vec()),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A `validation_context` secret named `name` trusting `bundles`: one trust domain each
+/// for the SPIFFE validator, or all their roots together as `trusted_ca`.
+fn validation_context(
+    name: &str,
+    bundles: &[&TrustBundle],
+    spiffe_validator: bool,
+) -> Result<Secret, Status> {
+    let context = if spiffe_validator {
+        let config = SpiffeCertValidatorConfig {
+            trust_domains: bundles
+                .iter()
+                .map(|b| spiffe_cert_validator_config::TrustDomain {
+                    name: b.trust_domain().name().to_owned(),
+                    trust_bundle: inline(b.to_pem().into_bytes()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        CertificateValidationContext {
+            custom_validator_config: Some(TypedExtensionConfig {
+                name: SPIFFE_VALIDATOR.into(),
+                typed_config: Some(pack(&config)?),
+            }),
+            ..Default::default()
+        }
+    } else {
+        let roots: String = bundles.iter().map(|b| b.to_pem()).collect();
+        CertificateValidationContext {
+            trusted_ca: inline(roots.into_bytes()),
+            ..Default::default()
+        }
+    };
+    Ok(Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(context)),
+    })
+}
+
+/// The secrets answering `names` (empty: everything) for a caller holding `svids`
+/// (non-empty, entry-id order), packed as Envoy expects them.
+pub(crate) fn build_secrets(
+    cfg: &SdsConfig,
+    names: &[String],
+    svids: &[Arc<CachedSvid>],
+    own: &TrustBundle,
+    federated: &[Arc<TrustBundle>],
+    spiffe_validator: bool,
+) -> Result<Vec<Any>, Status> {
+    secrets_for(cfg, names, svids, own, federated, spiffe_validator)?
+        .iter()
+        .map(pack)
+        .collect()
+}
+
+/// The secrets of [`build_secrets`], unpacked.
+fn secrets_for(
+    cfg: &SdsConfig,
+    names: &[String],
+    svids: &[Arc<CachedSvid>],
+    own: &TrustBundle,
+    federated: &[Arc<TrustBundle>],
+    spiffe_validator: bool,
+) -> Result<Vec<Secret>, Status> {
+    let everything = names.is_empty();
+    let mut left: HashSet<&str> = names.iter().map(String::as_str).collect();
+    // Whether `name` is asked for, by name or as part of everything; each name is
+    // answered once.
+    let mut asked = |name: &str, in_everything: bool| {
+        if everything {
+            in_everything
+        } else {
+            left.remove(name)
+        }
+    };
+    let mut secrets = Vec::new();
+
+    let own_id = own.trust_domain().id_string();
+    if asked(&own_id, true) {
+        secrets.push(validation_context(&own_id, &[own], spiffe_validator)?);
+    }
+    if asked(&cfg.default_bundle_name, false) {
+        secrets.push(validation_context(
+            &cfg.default_bundle_name,
+            &[own],
+            spiffe_validator,
+        )?);
+    }
+    let mut federated: Vec<&TrustBundle> = federated
+        .iter()
+        .map(Arc::as_ref)
+        .filter(|b| b.trust_domain() != own.trust_domain())
+        .collect();
+    federated.sort_by(|a, b| a.trust_domain().name().cmp(b.trust_domain().name()));
+    if asked(&cfg.default_all_bundles_name, false) {
+        if !spiffe_validator {
+            return Err(Status::invalid_argument(format!(
+                "{:?} (every trust bundle together) needs the SPIFFE certificate validator, which is disabled for this Envoy (disable_spiffe_cert_validation, or an Envoy older than 1.18)",
+                cfg.default_all_bundles_name
+            )));
+        }
+        let mut all = vec![own];
+        all.extend(federated.iter().copied());
+        all.sort_by(|a, b| a.trust_domain().name().cmp(b.trust_domain().name()));
+        secrets.push(validation_context(
+            &cfg.default_all_bundles_name,
+            &all,
+            true,
+        )?);
+    }
+    for b in &federated {
+        let id = b.trust_domain().id_string();
+        if asked(&id, true) {
+            secrets.push(validation_context(&id, &[*b], spiffe_validator)?);
+        }
+    }
+    let mut ids = HashSet::new();
+    for svid in svids {
+        // Two entries with one SPIFFE ID: the first (entry-id order) names it.
+        if ids.insert(svid.spiffe_id.as_str()) && asked(svid.spiffe_id.as_str(), true) {
+            secrets.push(tls_certificate(svid.spiffe_id.as_str(), svid));
+        }
+    }
+    if let Some(first) = svids.first() {
+        if asked(&cfg.default_svid_name, false) {
+            secrets.push(tls_certificate(&cfg.default_svid_name, first));
+        }
+    }
+    if !left.is_empty() {
+        let mut left: Vec<&str> = left.into_iter().collect();
+        left.sort_unstable();
+        return Err(Status::invalid_argument(format!(
+            "workload is not authorized for the requested identities {left:?}"
+        )));
+    }
+    Ok(secrets)
+}
+
+/// Whether to serve the SPIFFE validator to the Envoy described by `node` (`None`: it
+/// did not say who it is).
+pub(crate) fn use_spiffe_validator(cfg: &SdsConfig, node: Option<&Node>) -> Result<bool, Status> {
+    let mut disabled = cfg.disable_spiffe_cert_validation;
+    let flag = node
+        .and_then(|n| n.metadata.as_ref())
+        .and_then(|m| m.fields.get(DISABLE_SPIFFE_CERT_VALIDATION_KEY))
+        .and_then(|v| v.kind.as_ref());
+    if let Some(kind) = flag {
+        use prost_types::value::Kind;
+        disabled = match kind {
+            Kind::BoolValue(b) => *b,
+            Kind::StringValue(s) => parse_bool(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "node metadata {DISABLE_SPIFFE_CERT_VALIDATION_KEY}: {s:?} is not a boolean"
+                ))
+            })?,
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "node metadata {DISABLE_SPIFFE_CERT_VALIDATION_KEY}: must be a boolean or a string holding one"
+                )));
+            }
+        };
+    }
+    if disabled {
+        return Ok(false);
+    }
+    let version = match node.and_then(|n| n.user_agent_version_type.as_ref()) {
+        Some(node::UserAgentVersionType::UserAgentBuildVersion(b)) => b.version.as_ref(),
+        _ => None,
+    };
+    Ok(version.is_none_or(|v| (v.major_number, v.minor_number) >= SPIFFE_VALIDATOR_SINCE))
+}
+
+/// A boolean as Go's `strconv.ParseBool` (what SPIRE accepts) reads it.
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn new_nonce() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+/// The bundles of other trust domains the agent holds: none yet (the agent does not
+/// receive federated bundles), so `ALL` is the own bundle and no federated name resolves.
+fn federated_bundles(_state: &CacheState) -> &[Arc<TrustBundle>] {
+    &[]
+}
+
+/// The resources of one response for a caller with `selectors`: `PermissionDenied`
+/// without an identity.
+fn resources_for(
+    cfg: &SdsConfig,
+    state: &CacheState,
+    selectors: &SelectorSet,
+    names: &[String],
+    spiffe_validator: bool,
+) -> Result<Vec<Any>, Status> {
+    let svids = state.matching(selectors);
+    if svids.is_empty() {
+        tracing::debug!(
+            selectors = selectors.len(),
+            "no identity issued to the SDS caller"
+        );
+        return Err(Status::permission_denied(NO_IDENTITY));
+    }
+    build_secrets(
+        cfg,
+        names,
+        &svids,
+        &state.bundle,
+        federated_bundles(state),
+        spiffe_validator,
+    )
+}
+
+/// The stream ends (its error, if any, was sent).
+struct Stop;
+
+/// One `StreamSecrets` stream.
+struct SecretStream {
+    cfg: Arc<SdsConfig>,
+    selectors: SelectorSet,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    /// Set by the first request, from its node (later requests may omit the node).
+    spiffe_validator: Option<bool>,
+    /// The resource names of the latest request; `None` before the first.
+    names: Option<Vec<String>>,
+    /// Responses sent so far: the `version_info` of the last one.
+    version: u64,
+    /// The nonce of the last response.
+    nonce: Option<String>,
+    /// The resources of the last response (ACKed, NACKed or pending).
+    sent: Option<Vec<Any>>,
+    first_answer: Option<FirstAnswer>,
+}
+
+impl SecretStream {
+    async fn fail(&mut self, status: Status) -> Stop {
+        if let Some(f) = self.first_answer.take() {
+            f.answered(status.code());
+        }
+        let _ = self.tx.send(Err(status)).await;
+        Stop
+    }
+
+    /// Sends the secrets for the current names from `state`, unless they are what was
+    /// last sent and `force` is false.
+    async fn answer(&mut self, state: &CacheState, force: bool) -> Result<(), Stop> {
+        let (Some(names), Some(spiffe)) = (&self.names, self.spiffe_validator) else {
+            return Ok(());
+        };
+        let resources = match resources_for(&self.cfg, state, &self.selectors, names, spiffe) {
+            Ok(r) => r,
+            Err(status) => return Err(self.fail(status).await),
+        };
+        if !force && self.sent.as_ref() == Some(&resources) {
+            return Ok(());
+        }
+        self.version += 1;
+        let nonce = new_nonce();
+        let response = DiscoveryResponse {
+            version_info: self.version.to_string(),
+            resources: resources.clone(),
+            type_url: SECRET_TYPE_URL.into(),
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        if let Some(f) = self.first_answer.take() {
+            f.answered(tonic::Code::Ok);
+        }
+        if self.tx.send(Ok(response)).await.is_err() {
+            return Err(Stop);
+        }
+        tracing::debug!(
+            version = self.version,
+            resources = resources.len(),
+            "SDS response sent"
+        );
+        self.nonce = Some(nonce);
+        self.sent = Some(resources);
+        Ok(())
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest, state: &CacheState) -> Result<(), Stop> {
+        if self.spiffe_validator.is_none() {
+            if let Some(n) = &req.node {
+                tracing::debug!(node = ?n.id, cluster = ?n.cluster, agent = ?n.user_agent_name, "SDS stream opened");
+            }
+            match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
+                Ok(v) => self.spiffe_validator = Some(v),
+                Err(status) => return Err(self.fail(status).await),
+            }
+        }
+        if let Some(nonce) = &self.nonce {
+            if req.response_nonce != *nonce {
+                tracing::debug!(
+                    nonce = ?req.response_nonce,
+                    "stale SDS request (not for the last response): ignored"
+                );
+                return Ok(());
+            }
+        }
+        if let Some(e) = &req.error_detail {
+            tracing::warn!(
+                version = ?req.version_info,
+                names = ?req.resource_names,
+                code = e.code,
+                error = ?e.message,
+                "Envoy rejected the secrets (NACK); they are not sent again"
+            );
+        }
+        let changed = self.names.as_ref() != Some(&req.resource_names);
+        self.names = Some(req.resource_names);
+        if self.sent.is_some() && !changed {
+            // An ACK or a NACK of the current subscription: nothing to send.
+            return Ok(());
+        }
+        self.answer(state, true).await
+    }
+}
+
+impl WorkloadApi {
+    async fn stream_secrets_feed(
+        &self,
+        mut stream: SecretStream,
+        mut requests: Streaming<DiscoveryRequest>,
+    ) {
+        let mut updates = self.cache.subscribe();
+        let mut closing = self.closing.clone();
+        loop {
+            let step = tokio::select! {
+                () = stream.tx.closed() => Err(Stop),
+                () = shutting_down(&mut closing) => {
+                    Err(stream.fail(Status::unavailable("the agent is shutting down")).await)
+                }
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        let state = updates.borrow_and_update().clone();
+                        stream.on_request(req, &state).await
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "SDS stream ended by the client");
+                        Err(Stop)
+                    }
+                    None => Err(Stop),
+                },
+                r = updates.changed() => match r {
+                    Ok(()) => {
+                        let state = updates.borrow_and_update().clone();
+                        stream.answer(&state, false).await
+                    }
+                    Err(_) => Err(stream.fail(Status::unavailable("the SVID cache is gone")).await),
+                },
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for WorkloadApi {
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let call = FirstAnswer::new("DeltaSecrets");
+        let selectors = call.failed(self.attest(&request, call.rpc).await)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = DeltaStream {
+            cfg: self.sds.clone(),
+            selectors,
+            tx,
+            spiffe_validator: None,
+            wildcard: false,
+            subscribed: BTreeSet::new(),
+            known: HashMap::new(),
+            version: 0,
+            first_answer: Some(call),
+        };
+        let api = self.clone();
+        let requests = request.into_inner();
+        tokio::spawn(async move { api.delta_secrets_feed(stream, requests).await });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let call = FirstAnswer::new("StreamSecrets");
+        let selectors = call.failed(self.attest(&request, call.rpc).await)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = SecretStream {
+            cfg: self.sds.clone(),
+            selectors,
+            tx,
+            spiffe_validator: None,
+            names: None,
+            version: 0,
+            nonce: None,
+            sent: None,
+            first_answer: Some(call),
+        };
+        let api = self.clone();
+        let requests = request.into_inner();
+        tokio::spawn(async move { api.stream_secrets_feed(stream, requests).await });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let call = FirstAnswer::new("FetchSecrets");
+        call.unary(self.fetch_secrets_once(request, call.rpc).await)
+    }
+}
+
+/// The wildcard resource name of incremental xDS.
+const WILDCARD: &str = "*";
+
+/// A resource's version in incremental xDS: a digest of its encoding, so that equal
+/// content has equal versions across streams and agent restarts.
+fn resource_version(any: &Any) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(any.type_url.as_bytes())
+        .chain_update(&any.value)
+        .finalize();
+    hex::encode(&digest[..16])
+}
+
+/// One `DeltaSecrets` stream.
+struct DeltaStream {
+    cfg: Arc<SdsConfig>,
+    selectors: SelectorSet,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    /// Set by the first request, from its node.
+    spiffe_validator: Option<bool>,
+    /// Everything the caller may have is subscribed.
+    wildcard: bool,
+    /// The names subscribed explicitly.
+    subscribed: BTreeSet<String>,
+    /// What the client holds: name → version (sent, or declared by the client).
+    known: HashMap<String, String>,
+    /// Responses sent so far: the `system_version_info` of the last one.
+    version: u64,
+    first_answer: Option<FirstAnswer>,
+}
+
+impl DeltaStream {
+    async fn fail(&mut self, status: Status) -> Stop {
+        if let Some(f) = self.first_answer.take() {
+            f.answered(status.code());
+        }
+        let _ = self.tx.send(Err(status)).await;
+        Stop
+    }
+
+    /// The subscribed secrets from `state`, by name.
+    fn current(&self, state: &CacheState, spiffe: bool) -> Result<BTreeMap<String, Any>, Status> {
+        let mut out = BTreeMap::new();
+        let mut lists = Vec::new();
+        if self.wildcard {
+            lists.push(Vec::new());
+        }
+        if !self.subscribed.is_empty() {
+            lists.push(self.subscribed.iter().cloned().collect::<Vec<_>>());
+        }
+        let svids = state.matching(&self.selectors);
+        if svids.is_empty() {
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
+        for names in lists {
+            for secret in secrets_for(
+                &self.cfg,
+                &names,
+                &svids,
+                &state.bundle,
+                federated_bundles(state),
+                spiffe,
+            )? {
+                let any = pack(&secret)?;
+                out.insert(secret.name, any);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends what the client does not hold yet, and the removal of what a wildcard
+    /// subscription no longer has; nothing if there is neither.
+    async fn answer(&mut self, state: &CacheState) -> Result<(), Stop> {
+        let Some(spiffe) = self.spiffe_validator else {
+            return Ok(());
+        };
+        let current = match self.current(state, spiffe) {
+            Ok(c) => c,
+            Err(status) => return Err(self.fail(status).await),
+        };
+        let mut resources = Vec::new();
+        for (name, any) in current.iter() {
+            let version = resource_version(any);
+            if self.known.get(name) != Some(&version) {
+                resources.push(
+                    carapace_proto::sds::envoy::service::discovery::v3::Resource {
+                        name: name.clone(),
+                        version: version.clone(),
+                        resource: Some(any.clone()),
+                        ..Default::default()
+                    },
+                );
+                self.known.insert(name.clone(), version);
+            }
+        }
+        let removed: Vec<String> = self
+            .known
+            .keys()
+            .filter(|name| !current.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            self.known.remove(name);
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        self.version += 1;
+        let response = DeltaDiscoveryResponse {
+            system_version_info: self.version.to_string(),
+            resources,
+            type_url: SECRET_TYPE_URL.into(),
+            removed_resources: removed,
+            nonce: new_nonce(),
+            ..Default::default()
+        };
+        if let Some(f) = self.first_answer.take() {
+            f.answered(tonic::Code::Ok);
+        }
+        if self.tx.send(Ok(response)).await.is_err() {
+            return Err(Stop);
+        }
+        Ok(())
+    }
+
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        state: &CacheState,
+    ) -> Result<(), Stop> {
+        if self.spiffe_validator.is_none() {
+            match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
+                Ok(v) => self.spiffe_validator = Some(v),
+                Err(status) => return Err(self.fail(status).await),
+            }
+            // The first request: what the client already holds, and the legacy wildcard
+            // (a first request naming nothing).
+            self.known = req.initial_resource_versions.clone();
+            self.wildcard = req.resource_names_subscribe.is_empty();
+        }
+        if let Some(e) = &req.error_detail {
+            tracing::warn!(
+                nonce = ?req.response_nonce,
+                code = e.code,
+                error = ?e.message,
+                "Envoy rejected the secrets (NACK, incremental); they are not sent again"
+            );
+        }
+        for name in req.resource_names_subscribe {
+            if name == WILDCARD {
+                self.wildcard = true;
+            } else {
+                self.subscribed.insert(name);
+            }
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                self.wildcard = false;
+            } else {
+                self.subscribed.remove(&name);
+                // Unsubscribed: the client forgets it, so a later subscription resends.
+                self.known.remove(&name);
+            }
+        }
+        if !self.wildcard {
+            // What is no longer subscribed needs no removal notice.
+            let subscribed = &self.subscribed;
+            self.known.retain(|name, _| subscribed.contains(name));
+        }
+        self.answer(state).await
+    }
+}
+
+impl WorkloadApi {
+    async fn delta_secrets_feed(
+        &self,
+        mut stream: DeltaStream,
+        mut requests: Streaming<DeltaDiscoveryRequest>,
+    ) {
+        let mut updates = self.cache.subscribe();
+        let mut closing = self.closing.clone();
+        loop {
+            let step = tokio::select! {
+                () = stream.tx.closed() => Err(Stop),
+                () = shutting_down(&mut closing) => {
+                    Err(stream.fail(Status::unavailable("the agent is shutting down")).await)
+                }
+                req = requests.next() => match req {
+                    Some(Ok(req)) => {
+                        let state = updates.borrow_and_update().clone();
+                        stream.on_request(req, &state).await
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "SDS delta stream ended by the client");
+                        Err(Stop)
+                    }
+                    None => Err(Stop),
+                },
+                r = updates.changed() => match r {
+                    Ok(()) => {
+                        let state = updates.borrow_and_update().clone();
+                        stream.answer(&state).await
+                    }
+                    Err(_) => Err(stream.fail(Status::unavailable("the SVID cache is gone")).await),
+                },
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn fetch_secrets_once(
+        &self,
+        request: Request<DiscoveryRequest>,
+        method: &str,
+    ) -> Result<DiscoveryResponse, Status> {
+        let selectors = self.attest(&request, method).await?;
+        let req = request.get_ref();
+        let spiffe = use_spiffe_validator(&self.sds, req.node.as_ref())?;
+        let state = self.cache.current();
+        let resources = resources_for(&self.sds, &state, &selectors, &req.resource_names, spiffe)?;
+        Ok(DiscoveryResponse {
+            resources,
+            type_url: SECRET_TYPE_URL.into(),
+            ..Default::default()
+        })
+    }
+}
