@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
-use futures::StreamExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 
@@ -165,28 +164,40 @@ fn request(names: &[&str]) -> DiscoveryRequest {
     }
 }
 
-/// Opens `StreamSecrets` on `client` with `req` (the request stream stays open, as
-/// Envoy's does) and waits for the first response.
+/// Opens `StreamSecrets` on `client` with `req` (its request stream open, as Envoy's
+/// is) and waits for the first response: the response and the time from `t0` to its
+/// arrival. Then, off the clock, closes the request stream and reads the response stream
+/// to its end (the agent ends it when the requests end), so no stream stays open.
 async fn first_response(
     client: &mut SecretDiscoveryServiceClient<Channel>,
     req: DiscoveryRequest,
-) -> Result<DiscoveryResponse> {
-    let requests = futures::stream::once(async move { req }).chain(futures::stream::pending());
+    t0: Instant,
+) -> Result<(DiscoveryResponse, Duration)> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<DiscoveryRequest>(1);
+    tx.send(req)
+        .await
+        .map_err(|_| anyhow!("the request stream is closed"))?;
+    let requests =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     let call = async {
         let mut stream = client
             .stream_secrets(requests)
             .await
             .map_err(|s| anyhow!("StreamSecrets: {:?}: {}", s.code(), s.message()))?
             .into_inner();
-        stream
+        let first = stream
             .message()
             .await
             .map_err(|s| anyhow!("StreamSecrets stream: {:?}: {}", s.code(), s.message()))?
-            .ok_or_else(|| anyhow!("StreamSecrets ended without a response"))
+            .ok_or_else(|| anyhow!("StreamSecrets ended without a response"))?;
+        let took = t0.elapsed();
+        drop(tx);
+        while let Ok(Some(_)) = stream.message().await {}
+        Ok((first, took))
     };
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
-        .map_err(|_| anyhow!("no StreamSecrets response within {CALL_TIMEOUT:?}"))?
+        .map_err(|_| anyhow!("no StreamSecrets response (or no end) within {CALL_TIMEOUT:?}"))?
 }
 
 /// Fails unless `resp` holds exactly two secrets: a TLS certificate named `spiffe_id` and
@@ -241,22 +252,19 @@ pub async fn run(bin_dir: &Path, dir: &Path, plan: &B12Plan) -> Result<B12Result
         "==> B12: SDS first response, {} streams on new connections, {} on one",
         plan.streams, plan.streams
     );
-    for _ in 0..WARMUP {
-        let channel = carapace_common::uds_channel(&agent.socket, None).await?;
-        let resp =
-            first_response(&mut SecretDiscoveryServiceClient::new(channel), req.clone()).await?;
-        check_response(&resp, STREAM_ID)?;
-    }
     let mut new_connection = Vec::with_capacity(plan.streams);
-    for _ in 0..plan.streams {
+    for i in 0..WARMUP + plan.streams {
         let r = req.clone();
         let t = Instant::now();
         let channel = carapace_common::uds_channel(&agent.socket, None)
             .await
             .context("connecting to the Workload API socket")?;
-        let resp = first_response(&mut SecretDiscoveryServiceClient::new(channel), r).await?;
-        new_connection.push(t.elapsed());
+        let (resp, took) =
+            first_response(&mut SecretDiscoveryServiceClient::new(channel), r, t).await?;
         check_response(&resp, STREAM_ID)?;
+        if i >= WARMUP {
+            new_connection.push(took);
+        }
     }
     let channel = carapace_common::uds_channel(&agent.socket, None)
         .await
@@ -265,10 +273,9 @@ pub async fn run(bin_dir: &Path, dir: &Path, plan: &B12Plan) -> Result<B12Result
     let mut reused_connection = Vec::with_capacity(plan.streams);
     for _ in 0..plan.streams {
         let r = req.clone();
-        let t = Instant::now();
-        let resp = first_response(&mut client, r).await?;
-        reused_connection.push(t.elapsed());
+        let (resp, took) = first_response(&mut client, r, Instant::now()).await?;
         check_response(&resp, STREAM_ID)?;
+        reused_connection.push(took);
     }
     drop(client);
     agent.proc.check_alive()?;
@@ -616,7 +623,7 @@ async fn envoy_rotations(
 /// Writes B12's section.
 pub fn section(r: &mut Report, res: &B12Result, plan: &B12Plan) {
     r.para(&format!(
-        "The release `carapace-server` (defaults) and one release `carapace-agent` attested to it with a join token; an entry `{STREAM_ID}` with `unix:uid:{uid}` (this process's uid) parented to the agent, and the agent holding its SVID (its log's `held=1`) before anything is measured. First response: after {WARMUP} untimed streams, {n} times a new Unix-socket connection to the Workload API socket and a `StreamSecrets` stream whose first `DiscoveryRequest` names `{STREAM_ID}` and `ROOTCA` with a node whose `user_agent_build_version` is {maj}.{min} (as Envoy {maj}.{min} sends it; the request stream stays open), timed from before connecting until the first `DiscoveryResponse`, which must hold exactly those two secrets (a TLS certificate and a validation context); then {n} new streams on one reused connection, timed from opening the stream. Load average when B12 began: {load}.",
+        "The release `carapace-server` (defaults) and one release `carapace-agent` attested to it with a join token; an entry `{STREAM_ID}` with `unix:uid:{uid}` (this process's uid) parented to the agent, and the agent holding its SVID (its log's `held=1`) before anything is measured. First response: after {WARMUP} untimed streams, {n} times a new Unix-socket connection to the Workload API socket and a `StreamSecrets` stream whose first `DiscoveryRequest` names `{STREAM_ID}` and `ROOTCA` with a node whose `user_agent_build_version` is {maj}.{min} (as Envoy {maj}.{min} sends it; the request stream stays open), timed from before connecting until the first `DiscoveryResponse`, which must hold exactly those two secrets (a TLS certificate and a validation context); off the clock the request stream is then closed and the response stream read to its end (the agent ends it), so no stream stays open. Then {n} new streams on one reused connection, timed from opening the stream. Load average when B12 began: {load}.",
         uid = res.uid,
         n = fmt_count(plan.streams as f64),
         maj = ENVOY_VERSION.0,
