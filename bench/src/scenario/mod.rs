@@ -16,6 +16,7 @@
 //! | B9 | [`ha_propagation`] | propagation across servers: two real servers on one real PostgreSQL, an entry created on one reaching a workload of an agent on the other (p50/p99/max, and where the time goes from the logs) |
 //! | B10 (S5) | [`rotation_storm`] | a rotation storm: one agent holding 10,000 SVIDs renews them all after `localauthority x509 taint` of the old CA (time until the workload holds them all, CPU) |
 //! | B11 (S4) | [`scale`] | a trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL: creation through `entry create --data`, server RSS per entry, restart to serving, per-agent `SyncAuthorized` latency |
+//! | B12 | [`sds`] | Envoy's SDS on the agent: `StreamSecrets` first response on new streams (new and reused connections), and the real Envoy serving a rotated certificate, timed from the agent's cache update (its log) to `/certs` |
 //!
 //! Each module has the shape of B7's: `run` measures and returns the figures (each part a
 //! `Result` of its own where parts can fail apart), and `section` writes them into the
@@ -34,6 +35,7 @@ use crate::scenario::issuance::NodeConfig;
 use crate::scenario::jwt_mint::JwtPlan;
 use crate::scenario::rotation_storm::B10Plan;
 use crate::scenario::scale::B11Plan;
+use crate::scenario::sds::B12Plan;
 use crate::scenario::workload_api::WorkloadConfig;
 use crate::scenario::workload_attest::AttestPlan;
 
@@ -46,6 +48,7 @@ pub mod issuance_hsm;
 pub mod jwt_mint;
 pub mod rotation_storm;
 pub mod scale;
+pub mod sds;
 pub mod workload_api;
 pub mod workload_attest;
 
@@ -81,6 +84,8 @@ pub struct Plan {
     pub b10: B10Plan,
     /// B11's sizes.
     pub b11: B11Plan,
+    /// B12's sizes.
+    pub b12: B12Plan,
 }
 
 impl Plan {
@@ -113,6 +118,7 @@ impl Plan {
                 b9: B9Plan::new(true),
                 b10: B10Plan::new(true),
                 b11: B11Plan::new(true),
+                b12: B12Plan::new(true),
             }
         } else {
             Plan {
@@ -141,6 +147,7 @@ impl Plan {
                 b9: B9Plan::new(false),
                 b10: B10Plan::new(false),
                 b11: B11Plan::new(false),
+                b12: B12Plan::new(false),
             }
         }
     }
