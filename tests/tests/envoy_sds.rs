@@ -185,6 +185,40 @@ fn spawn_backend(lab: &Lab, port: u16) -> Proc {
     Proc::spawn("backend", cmd, lab.path().join("backend.log"))
 }
 
+/// The backend and the README's server-side Envoy in front of it (as [`SERVER_UID`]).
+struct ServerSide {
+    envoy: Proc,
+    /// Its admin port.
+    admin: u16,
+    /// Its mTLS listener.
+    port: u16,
+    backend: Proc,
+}
+
+fn server_side(lab: &Lab, agent: &Agent) -> ServerSide {
+    let backend_port = free_port();
+    let backend = spawn_backend(lab, backend_port);
+    let (admin, port) = (free_port(), free_port());
+    let yaml = replaced(
+        readme_yaml("envoy-server.yaml"),
+        &[
+            ("port_value: 9902", format!("port_value: {admin}")),
+            ("port_value: 10001", format!("port_value: {port}")),
+            ("port_value: 8080", format!("port_value: {backend_port}")),
+            (
+                "/tmp/carapace-agent/public/api.sock",
+                agent.socket.display().to_string(),
+            ),
+        ],
+    );
+    ServerSide {
+        envoy: spawn_envoy(lab, "server-envoy", &yaml, SERVER_UID),
+        admin,
+        port,
+        backend,
+    }
+}
+
 fn must_be_root() {
     assert_eq!(
         my_uid(),
@@ -233,22 +267,12 @@ async fn two_envoys_talk_mtls_with_sds_certificates_that_rotate_without_a_restar
         "30s",
     );
 
-    let backend_port = free_port();
-    let _backend = spawn_backend(&lab, backend_port);
-    let (server_admin, server_port) = (free_port(), free_port());
-    let server_yaml = replaced(
-        readme_yaml("envoy-server.yaml"),
-        &[
-            ("port_value: 9902", format!("port_value: {server_admin}")),
-            ("port_value: 10001", format!("port_value: {server_port}")),
-            ("port_value: 8080", format!("port_value: {backend_port}")),
-            (
-                "/tmp/carapace-agent/public/api.sock",
-                agent.socket.display().to_string(),
-            ),
-        ],
-    );
-    let server_envoy = spawn_envoy(&lab, "server-envoy", &server_yaml, SERVER_UID);
+    let ServerSide {
+        envoy: server_envoy,
+        admin: server_admin,
+        port: server_port,
+        backend: _backend,
+    } = server_side(&lab, &agent);
     let client = ClientPorts {
         admin: free_port(),
         listen: free_port(),
@@ -326,22 +350,12 @@ async fn an_envoy_with_another_id_is_refused_and_one_without_an_entry_gets_no_ce
         "1h",
     );
 
-    let backend_port = free_port();
-    let _backend = spawn_backend(&lab, backend_port);
-    let (server_admin, server_port) = (free_port(), free_port());
-    let server_yaml = replaced(
-        readme_yaml("envoy-server.yaml"),
-        &[
-            ("port_value: 9902", format!("port_value: {server_admin}")),
-            ("port_value: 10001", format!("port_value: {server_port}")),
-            ("port_value: 8080", format!("port_value: {backend_port}")),
-            (
-                "/tmp/carapace-agent/public/api.sock",
-                agent.socket.display().to_string(),
-            ),
-        ],
-    );
-    let _server_envoy = spawn_envoy(&lab, "server-envoy", &server_yaml, SERVER_UID);
+    let ServerSide {
+        envoy: _server_envoy,
+        admin: server_admin,
+        port: server_port,
+        backend: _backend,
+    } = server_side(&lab, &agent);
     eventually("the server Envoy serves its SVID", || async {
         served_serial(server_admin, "spiffe://example.org/server")
     })

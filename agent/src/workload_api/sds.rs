@@ -350,6 +350,39 @@ fn resources_for(
 /// The stream ends (its error, if any, was sent).
 struct Stop;
 
+/// What [`WorkloadApi::feed`] needs of a stream of either kind (`StreamSecrets`,
+/// `DeltaSecrets`).
+trait SdsStream: Send {
+    type Request: Send + 'static;
+    type Response: Send;
+    /// The stream's kind, for the log.
+    const KIND: &'static str;
+    fn sender(&self) -> &mpsc::Sender<Result<Self::Response, Status>>;
+    fn first_answer(&mut self) -> &mut Option<FirstAnswer>;
+    /// Handles one request from Envoy, given the cache as it is now.
+    fn on_request<'a>(
+        &'a mut self,
+        req: Self::Request,
+        state: &'a CacheState,
+    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a;
+    /// Handles a change of the cache (a rotation, a bundle, an entry).
+    fn on_update<'a>(
+        &'a mut self,
+        state: &'a CacheState,
+    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a;
+
+    /// Ends the stream with `status` (its first answer, if nothing was sent yet).
+    fn fail(&mut self, status: Status) -> impl Future<Output = Stop> + Send + '_ {
+        async move {
+            if let Some(f) = self.first_answer().take() {
+                f.answered(status.code());
+            }
+            let _ = self.sender().send(Err(status)).await;
+            Stop
+        }
+    }
+}
+
 /// One `StreamSecrets` stream.
 struct SecretStream {
     cfg: Arc<SdsConfig>,
@@ -369,14 +402,6 @@ struct SecretStream {
 }
 
 impl SecretStream {
-    async fn fail(&mut self, status: Status) -> Stop {
-        if let Some(f) = self.first_answer.take() {
-            f.answered(status.code());
-        }
-        let _ = self.tx.send(Err(status)).await;
-        Stop
-    }
-
     /// Sends the secrets for the current names from `state`, unless they are what was
     /// last sent and `force` is false.
     async fn answer(&mut self, state: &CacheState, force: bool) -> Result<(), Stop> {
@@ -453,17 +478,43 @@ impl SecretStream {
     }
 }
 
+impl SdsStream for SecretStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const KIND: &'static str = "SDS stream";
+    fn sender(&self) -> &mpsc::Sender<Result<DiscoveryResponse, Status>> {
+        &self.tx
+    }
+    fn first_answer(&mut self) -> &mut Option<FirstAnswer> {
+        &mut self.first_answer
+    }
+    fn on_request<'a>(
+        &'a mut self,
+        req: DiscoveryRequest,
+        state: &'a CacheState,
+    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+        SecretStream::on_request(self, req, state)
+    }
+    fn on_update<'a>(
+        &'a mut self,
+        state: &'a CacheState,
+    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+        self.answer(state, false)
+    }
+}
+
 impl WorkloadApi {
-    async fn stream_secrets_feed(
-        &self,
-        mut stream: SecretStream,
-        mut requests: Streaming<DiscoveryRequest>,
-    ) {
+    /// Drives one SDS stream until it ends: Envoy's requests, the cache's changes, the
+    /// agent's shutdown (Unavailable), the cache going away (Unavailable).
+    async fn feed<S: SdsStream>(&self, mut stream: S, mut requests: Streaming<S::Request>)
+    where
+        Streaming<S::Request>: futures::Stream<Item = Result<S::Request, Status>> + Unpin,
+    {
         let mut updates = self.cache.subscribe();
         let mut closing = self.closing.clone();
         loop {
             let step = tokio::select! {
-                () = stream.tx.closed() => Err(Stop),
+                () = stream.sender().closed() => Err(Stop),
                 () = shutting_down(&mut closing) => {
                     Err(stream.fail(Status::unavailable("the agent is shutting down")).await)
                 }
@@ -473,7 +524,7 @@ impl WorkloadApi {
                         stream.on_request(req, &state).await
                     }
                     Some(Err(e)) => {
-                        tracing::debug!(error = %e, "SDS stream ended by the client");
+                        tracing::debug!(error = %e, "{} ended by the client", S::KIND);
                         Err(Stop)
                     }
                     None => Err(Stop),
@@ -481,7 +532,7 @@ impl WorkloadApi {
                 r = updates.changed() => match r {
                     Ok(()) => {
                         let state = updates.borrow_and_update().clone();
-                        stream.answer(&state, false).await
+                        stream.on_update(&state).await
                     }
                     Err(_) => Err(stream.fail(Status::unavailable("the SVID cache is gone")).await),
                 },
@@ -518,7 +569,7 @@ impl SecretDiscoveryService for WorkloadApi {
         };
         let api = self.clone();
         let requests = request.into_inner();
-        tokio::spawn(async move { api.delta_secrets_feed(stream, requests).await });
+        tokio::spawn(async move { api.feed(stream, requests).await });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -542,7 +593,7 @@ impl SecretDiscoveryService for WorkloadApi {
         };
         let api = self.clone();
         let requests = request.into_inner();
-        tokio::spawn(async move { api.stream_secrets_feed(stream, requests).await });
+        tokio::spawn(async move { api.feed(stream, requests).await });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -588,14 +639,6 @@ struct DeltaStream {
 }
 
 impl DeltaStream {
-    async fn fail(&mut self, status: Status) -> Stop {
-        if let Some(f) = self.first_answer.take() {
-            f.answered(status.code());
-        }
-        let _ = self.tx.send(Err(status)).await;
-        Stop
-    }
-
     /// The subscribed secrets from `state`, by name.
     fn current(&self, state: &CacheState, spiffe: bool) -> Result<BTreeMap<String, Any>, Status> {
         let mut out = BTreeMap::new();
@@ -729,45 +772,32 @@ impl DeltaStream {
     }
 }
 
-impl WorkloadApi {
-    async fn delta_secrets_feed(
-        &self,
-        mut stream: DeltaStream,
-        mut requests: Streaming<DeltaDiscoveryRequest>,
-    ) {
-        let mut updates = self.cache.subscribe();
-        let mut closing = self.closing.clone();
-        loop {
-            let step = tokio::select! {
-                () = stream.tx.closed() => Err(Stop),
-                () = shutting_down(&mut closing) => {
-                    Err(stream.fail(Status::unavailable("the agent is shutting down")).await)
-                }
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        let state = updates.borrow_and_update().clone();
-                        stream.on_request(req, &state).await
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "SDS delta stream ended by the client");
-                        Err(Stop)
-                    }
-                    None => Err(Stop),
-                },
-                r = updates.changed() => match r {
-                    Ok(()) => {
-                        let state = updates.borrow_and_update().clone();
-                        stream.answer(&state).await
-                    }
-                    Err(_) => Err(stream.fail(Status::unavailable("the SVID cache is gone")).await),
-                },
-            };
-            if step.is_err() {
-                return;
-            }
-        }
+impl SdsStream for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const KIND: &'static str = "SDS delta stream";
+    fn sender(&self) -> &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>> {
+        &self.tx
     }
+    fn first_answer(&mut self) -> &mut Option<FirstAnswer> {
+        &mut self.first_answer
+    }
+    fn on_request<'a>(
+        &'a mut self,
+        req: DeltaDiscoveryRequest,
+        state: &'a CacheState,
+    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+        DeltaStream::on_request(self, req, state)
+    }
+    fn on_update<'a>(
+        &'a mut self,
+        state: &'a CacheState,
+    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+        self.answer(state)
+    }
+}
 
+impl WorkloadApi {
     async fn fetch_secrets_once(
         &self,
         request: Request<DiscoveryRequest>,
