@@ -25,38 +25,14 @@ type SdsClient = SecretDiscoveryServiceClient<tonic::transport::Channel>;
 
 /// A Workload API with SDS configured by `config`.
 async fn start_sds(config: SdsConfig) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("public/api.sock");
     let pki = Pki::new("test CA");
     let cache = SvidCache::new(pki.bundle());
     let attestor: Arc<dyn WorkloadAttestor> =
         Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig::default()));
     let api = WorkloadApi::new(cache.clone(), vec![attestor]).with_sds(config);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let path = socket.clone();
-    let task = tokio::spawn(async move {
-        serve(&path, api, async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
-    for _ in 0..200 {
-        if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Harness {
-        _dir: dir,
-        socket,
-        cache,
-        pki,
-        stop: Some(stop),
-        task: Some(task),
-    }
+    Harness::serve(pki, cache, api).await
 }
 
-/// An SDS client as Envoy is one: no security header.
 async fn sds_client(h: &Harness) -> SdsClient {
     SecretDiscoveryServiceClient::new(api_cli::channel(&h.socket).await.unwrap())
 }

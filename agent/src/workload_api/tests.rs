@@ -152,12 +152,17 @@ impl Harness {
         attestors: Vec<Arc<dyn WorkloadAttestor>>,
         server: Option<(ServerLink, usize)>,
     ) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("public/api.sock");
         let mut api = WorkloadApi::new(cache.clone(), attestors);
         if let Some((server, capacity)) = server {
             api = api.with_server(server, capacity);
         }
+        Self::serve(pki, cache, api).await
+    }
+
+    /// Serves `api` (whose cache is `cache`) on a socket in a fresh directory.
+    async fn serve(pki: Pki, cache: SvidCache, api: WorkloadApi) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("public/api.sock");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let path = socket.clone();
         let task = tokio::spawn(async move {
