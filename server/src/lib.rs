@@ -14,6 +14,7 @@ pub mod config;
 pub mod datastore;
 pub mod entry_cache;
 mod error;
+pub mod federation;
 pub mod follow;
 pub mod health;
 pub mod jwt_keys;

@@ -95,6 +95,7 @@ mod batch;
 mod bundles;
 mod changes;
 mod entries;
+mod federation;
 mod settings;
 mod tokens;
 

@@ -1,0 +1,131 @@
+//! SPIFFE federation: the local trust domain's bundle served to peers (the bundle
+//! endpoint), and the bundles of other trust domains fetched from theirs.
+//!
+//! A *relationship* is one-way (SPIFFE Federation §6): "we trust trust domain X, whose
+//! bundle endpoint is at URL, authenticated with profile P". Relationships and the
+//! bundles they bring live in the datastore, so every server sharing it sees the same;
+//! relationships named in the config file are written there at start.
+//!
+//! The types here are shared by the datastore (`datastore::federation`), the admin API
+//! and the refresh loop.
+
+use carapace_core::{SpiffeId, TrustBundle, TrustDomain};
+
+/// How a peer's bundle endpoint is authenticated (SPIFFE Federation §5.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Profile {
+    /// `https_web`: the endpoint's certificate is checked by Web PKI (RFC 6125, the
+    /// URL's host) against `roots_pem` when set, else the system's trust store.
+    HttpsWeb {
+        /// CA certificates (PEM) trusted for this endpoint only; `None`: the system's.
+        roots_pem: Option<String>,
+    },
+    /// `https_spiffe`: the endpoint presents an X509-SVID with this SPIFFE ID, checked
+    /// against the peer trust domain's bundle (the bootstrap bundle for the first fetch,
+    /// then always the latest fetched one, §5.2.2.4).
+    HttpsSpiffe {
+        /// The SPIFFE ID the endpoint must present (a Carapace or SPIRE server:
+        /// `spiffe://<td>/spire/server`).
+        endpoint_id: SpiffeId,
+    },
+}
+
+impl Profile {
+    /// The profile's name as the specification writes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Profile::HttpsWeb { .. } => "https_web",
+            Profile::HttpsSpiffe { .. } => "https_spiffe",
+        }
+    }
+}
+
+/// Where a relationship was defined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The config file (`[[federation.federates_with]]`): written at every start; the
+    /// admin API refuses to change or delete it.
+    Config,
+    /// The admin API (`carapace-server federation create`).
+    Api,
+}
+
+impl Source {
+    /// As stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Api => "api",
+        }
+    }
+}
+
+/// A federation relationship: the local trust domain trusts `trust_domain`'s bundle, as
+/// fetched from `url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relationship {
+    /// The foreign trust domain (never the local one).
+    pub trust_domain: TrustDomain,
+    /// The bundle endpoint URL: `https://`, no user info, no fragment.
+    pub url: String,
+    /// How the endpoint is authenticated.
+    pub profile: Profile,
+    /// Where it was defined.
+    pub source: Source,
+}
+
+/// What the refresh loop last saw of a relationship (shown by `federation show` and in
+/// metrics). Times are unix seconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// The last fetch that succeeded (the bundle was stored, or was unchanged).
+    pub last_success_at: Option<i64>,
+    /// The last fetch that failed, and why (kept after a later success, for the record).
+    pub last_error: Option<String>,
+    /// When `last_error` happened.
+    pub last_error_at: Option<i64>,
+    /// When the next fetch is due.
+    pub next_refresh_at: Option<i64>,
+}
+
+/// How a foreign bundle came to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Fetched from the relationship's bundle endpoint.
+    Fetched,
+    /// Set by an operator (`bundle set`, or the bootstrap bundle of `federation create`).
+    Static,
+}
+
+impl Origin {
+    /// As stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Fetched => "fetched",
+            Origin::Static => "static",
+        }
+    }
+}
+
+/// A foreign trust domain's bundle as the datastore keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignBundle {
+    /// The bundle (its trust domain is the foreign one).
+    pub bundle: TrustBundle,
+    /// How it came.
+    pub origin: Origin,
+    /// When it was stored (unix seconds).
+    pub updated_at: i64,
+}
+
+/// What storing a fetched bundle did ([`crate::datastore::Datastore::store_fetched_bundle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// It replaced the stored one (or there was none).
+    Replaced,
+    /// The stored one has the same content: nothing was written.
+    Unchanged,
+    /// It was refused, and why (a lower sequence, or the same sequence with other content):
+    /// the stored one stays.
+    Refused(String),
+}
