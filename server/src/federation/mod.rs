@@ -129,3 +129,15 @@ pub enum Stored {
     /// the stored one stays.
     Refused(String),
 }
+
+/// The refresh loop as the admin API sees it (`federation refresh`, and relationship
+/// changes that must be picked up at once rather than at the next poll).
+#[async_trait::async_trait]
+pub trait Refresher: Send + Sync {
+    /// Fetches `td`'s bundle now, stores it by the usual rules, and returns the
+    /// relationship's status afterwards (`NotFound` if there is no such relationship).
+    async fn refresh_now(&self, td: &TrustDomain) -> crate::Result<Status>;
+
+    /// Relationships were created, changed or deleted: re-read them now.
+    fn relationships_changed(&self);
+}
