@@ -13,6 +13,9 @@ use crate::spiffe_id::{SpiffeId, TrustDomain};
 /// The longest hint accepted, in bytes (as SPIRE).
 pub const MAX_HINT_LEN: usize = 1024;
 
+/// The most trust domains one entry may federate with.
+pub const MAX_FEDERATES_WITH: usize = 1000;
+
 /// An entry's opaque identifier (shared by its clones, which indexes hold).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EntryId(Arc<str>);
@@ -94,6 +97,10 @@ pub struct RegistrationEntry {
     pub revision: u64,
     /// Unix seconds of creation.
     pub created_at: i64,
+    /// Foreign trust domains whose bundles the entry's workloads receive (SPIFFE
+    /// Federation): each a relationship or a static bundle on the server. No duplicates,
+    /// never the entry's own trust domain.
+    pub federates_with: Vec<TrustDomain>,
 }
 
 impl RegistrationEntry {
@@ -169,6 +176,23 @@ impl RegistrationEntry {
         if self.hint.chars().any(char::is_control) {
             return bad("hint", "contains control characters".into());
         }
+        if self.federates_with.len() > MAX_FEDERATES_WITH {
+            return bad(
+                "federates_with",
+                format!("more than {MAX_FEDERATES_WITH} trust domains"),
+            );
+        }
+        for (i, fed) in self.federates_with.iter().enumerate() {
+            if fed == td {
+                return bad(
+                    "federates_with",
+                    format!("{fed} is the entry's own trust domain; its bundle is always sent"),
+                );
+            }
+            if self.federates_with[..i].contains(fed) {
+                return bad("federates_with", format!("{fed} is named twice"));
+            }
+        }
         Ok(())
     }
 }
@@ -203,6 +227,7 @@ mod tests {
 
     fn entry() -> RegistrationEntry {
         RegistrationEntry {
+            federates_with: Vec::new(),
             id: EntryId::new("e1").unwrap(),
             spiffe_id: "spiffe://example.org/web".parse().unwrap(),
             parent_id: "spiffe://example.org/spire/agent/join_token/abc"
@@ -291,6 +316,21 @@ mod tests {
         let mut e = entry();
         e.hint = "x".repeat(1025);
         assert_eq!(field_of(e), "hint");
+        let td = |n: &str| TrustDomain::new(n).unwrap();
+        let mut e = entry();
+        e.federates_with = vec![td("example.org")];
+        assert_eq!(field_of(e), "federates_with");
+        let mut e = entry();
+        e.federates_with = vec![td("a.org"), td("b.org"), td("a.org")];
+        assert_eq!(field_of(e), "federates_with");
+        let mut e = entry();
+        e.federates_with = (0..=MAX_FEDERATES_WITH)
+            .map(|i| td(&format!("t{i}.org")))
+            .collect();
+        assert_eq!(field_of(e), "federates_with");
+        let mut e = entry();
+        e.federates_with = vec![td("b.org"), td("a.org")];
+        e.validate(&td("example.org")).unwrap();
     }
 
     #[test]

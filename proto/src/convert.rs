@@ -54,6 +54,11 @@ impl From<&RegistrationEntry> for types::Entry {
             created_at: e.created_at,
             jwt_svid_ttl: e.jwt_svid_ttl.map(|d| d.as_secs() as i64).unwrap_or(0),
             jwt_svid_include_jti: e.jwt_svid_include_jti,
+            federates_with: e
+                .federates_with
+                .iter()
+                .map(|td| td.name().to_owned())
+                .collect(),
         }
     }
 }
@@ -113,6 +118,16 @@ pub fn entry_from_wire(
         expires_at: (e.expires_at > 0).then_some(e.expires_at),
         revision: e.revision,
         created_at: e.created_at,
+        federates_with: e
+            .federates_with
+            .iter()
+            .map(|td| {
+                TrustDomain::new(td).map_err(|err| Error::InvalidEntry {
+                    field: "federates_with",
+                    reason: err.to_string(),
+                })
+            })
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -189,6 +204,10 @@ mod tests {
     #[test]
     fn entry_round_trip() {
         let e = RegistrationEntry {
+            federates_with: vec![
+                TrustDomain::new("b.org").unwrap(),
+                TrustDomain::new("a.org").unwrap(),
+            ],
             id: EntryId::new("e1").unwrap(),
             spiffe_id: "spiffe://example.org/w".parse().unwrap(),
             parent_id: "spiffe://example.org/spire/agent/x/y".parse().unwrap(),
@@ -208,6 +227,17 @@ mod tests {
         };
         let wire = types::Entry::from(&e);
         assert_eq!((wire.jwt_svid_ttl, wire.jwt_svid_include_jti), (300, true));
+        assert_eq!(wire.federates_with, ["b.org", "a.org"]);
+        // A trust domain that is not one is refused, naming the field.
+        let mut bad = wire.clone();
+        bad.federates_with.push("spiffe://x.org/path".into());
+        assert!(matches!(
+            entry_from_wire(&bad, None),
+            Err(Error::InvalidEntry {
+                field: "federates_with",
+                ..
+            })
+        ));
         assert_eq!(entry_from_wire(&wire, None).unwrap(), e);
         // The defaults: no JWT TTL travels as 0, and 0 comes back as the default.
         let e = RegistrationEntry {

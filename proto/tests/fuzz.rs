@@ -45,6 +45,7 @@ fn entry_strategy() -> impl Strategy<Value = types::Entry> {
                 (jwt_svid_ttl, jwt_svid_include_jti),
             )| {
                 types::Entry {
+                    federates_with: Vec::new(),
                     id,
                     spiffe_id,
                     parent_id,
@@ -77,6 +78,7 @@ fn with_selector_set(mut entry: types::Entry) -> types::Entry {
 
 fn good_entry() -> types::Entry {
     types::Entry {
+        federates_with: Vec::new(),
         id: "e1".into(),
         spiffe_id: "spiffe://example.org/web".into(),
         parent_id: "spiffe://example.org/spire/agent/join_token/t1".into(),

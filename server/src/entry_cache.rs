@@ -710,6 +710,7 @@ mod tests {
 
     fn entry(id: &str, spiffe: &str, parent: &str, s: &[&str]) -> RegistrationEntry {
         RegistrationEntry {
+            federates_with: Vec::new(),
             id: EntryId::new(id).unwrap(),
             spiffe_id: spiffe.parse().unwrap(),
             parent_id: parent.parse().unwrap(),

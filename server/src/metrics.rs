@@ -9,6 +9,7 @@
 use std::sync::LazyLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -30,6 +31,23 @@ pub struct CaLabels {
     pub index: u32,
 }
 
+/// `{trust_domain}` of a federation relationship (a trust domain's name, bounded by the
+/// relationships an operator made).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FederationLabels {
+    /// The foreign trust domain's name.
+    pub trust_domain: String,
+}
+
+/// `{trust_domain, result}` of a bundle refresh.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    /// The foreign trust domain's name.
+    pub trust_domain: String,
+    /// `ok` (stored, or unchanged) or `error` (the last good bundle stayed).
+    pub result: &'static str,
+}
+
 /// Every metric of the server.
 #[derive(Debug)]
 pub struct ServerMetrics {
@@ -49,6 +67,10 @@ pub struct ServerMetrics {
     agents: Gauge,
     ca_expiry: Family<CaLabels, Gauge>,
     ca_last_rotation: Gauge,
+    federation_last_success: Family<FederationLabels, Gauge>,
+    federation_last_error: Family<FederationLabels, Gauge>,
+    federation_sequence: Family<FederationLabels, Gauge>,
+    federation_refreshes: Family<RefreshLabels, Counter>,
 }
 
 static METRICS: LazyLock<ServerMetrics> = LazyLock::new(ServerMetrics::new);
@@ -85,8 +107,36 @@ impl ServerMetrics {
             "x509_ca_last_rotation_timestamp_seconds",
             "When the active X.509 CA took over (unix seconds): its activation seen by this process, else its notBefore",
         );
+        let federation_last_success = Family::default();
+        registry.register(
+            "federation_last_success_timestamp_seconds",
+            "When each federation relationship's bundle was last fetched and accepted (unix seconds; 0: never)",
+            Clone::clone(&federation_last_success),
+        );
+        let federation_last_error = Family::default();
+        registry.register(
+            "federation_last_error_timestamp_seconds",
+            "When fetching each federation relationship's bundle last failed (unix seconds; 0: never)",
+            Clone::clone(&federation_last_error),
+        );
+        let federation_sequence = Family::default();
+        registry.register(
+            "federation_bundle_sequence",
+            "The spiffe_sequence of each foreign trust domain's stored bundle (absent: none stored)",
+            Clone::clone(&federation_sequence),
+        );
+        let federation_refreshes = Family::default();
+        registry.register(
+            "federation_refreshes",
+            "Bundle fetches by this server, by trust domain and result (ok, error: the last good bundle stayed)",
+            Clone::clone(&federation_refreshes),
+        );
         ServerMetrics {
             registry,
+            federation_last_success,
+            federation_last_error,
+            federation_sequence,
+            federation_refreshes,
             svids_issued,
             node_attestations,
             sign_latency,
@@ -101,6 +151,49 @@ impl ServerMetrics {
     /// The registry `/metrics` encodes.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Counts one bundle refresh of `td` by this server.
+    pub fn federation_refreshed(&self, td: &carapace_core::TrustDomain, result: &'static str) {
+        self.federation_refreshes
+            .get_or_create(&RefreshLabels {
+                trust_domain: td.name().to_owned(),
+                result,
+            })
+            .inc();
+    }
+
+    /// Sets the federation gauges to `relationships` (trust domain, status, stored
+    /// bundle's sequence), forgetting the trust domains no longer listed.
+    pub fn federation_status<'a>(
+        &self,
+        relationships: impl Iterator<
+            Item = (
+                &'a carapace_core::TrustDomain,
+                &'a crate::federation::Status,
+                Option<u64>,
+            ),
+        >,
+    ) {
+        self.federation_last_success.clear();
+        self.federation_last_error.clear();
+        self.federation_sequence.clear();
+        for (td, status, sequence) in relationships {
+            let labels = FederationLabels {
+                trust_domain: td.name().to_owned(),
+            };
+            self.federation_last_success
+                .get_or_create(&labels)
+                .set(status.last_success_at.unwrap_or(0));
+            self.federation_last_error
+                .get_or_create(&labels)
+                .set(status.last_error_at.unwrap_or(0));
+            if let Some(seq) = sequence {
+                self.federation_sequence
+                    .get_or_create(&labels)
+                    .set(i64::try_from(seq).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     /// Records that the active CA took over at `now`.

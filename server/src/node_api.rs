@@ -477,6 +477,9 @@ impl NodeApi {
             bundle,
             full,
             removed: diff.removed.clone(),
+            federated_bundles: Vec::new(),
+            removed_federated_bundles: Vec::new(),
+            federated_full: false,
         }
     }
 }

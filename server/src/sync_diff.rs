@@ -125,6 +125,7 @@ mod tests {
 
     fn entry(id: &str, hint: &str) -> Arc<RegistrationEntry> {
         Arc::new(RegistrationEntry {
+            federates_with: Vec::new(),
             id: EntryId::new(id).unwrap(),
             spiffe_id: format!("spiffe://example.org/{id}").parse().unwrap(),
             parent_id: "spiffe://example.org/agent".parse().unwrap(),

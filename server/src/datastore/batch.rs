@@ -388,6 +388,7 @@ mod tests {
 
     fn entry(id: &str, path: &str, selectors: &[&str]) -> RegistrationEntry {
         RegistrationEntry {
+            federates_with: Vec::new(),
             id: EntryId::new(id).unwrap(),
             spiffe_id: format!("spiffe://example.org{path}").parse().unwrap(),
             parent_id: AGENT.parse().unwrap(),

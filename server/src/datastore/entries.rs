@@ -726,6 +726,7 @@ fn entry_from_parsed_row(
     let x509_svid_ttl = ttl_from_db("x509_svid_ttl", row.x509_svid_ttl)?;
     let jwt_svid_ttl = ttl_from_db("jwt_svid_ttl", row.jwt_svid_ttl)?;
     Ok(RegistrationEntry {
+        federates_with: Vec::new(),
         spiffe_id: parse_spiffe_id(at, &row.spiffe_id)?,
         parent_id,
         selectors: selectors.into_iter().collect(),

@@ -35,6 +35,7 @@ const AGENT: &str = "spiffe://example.org/spire/agent/join_token/abc";
 
 fn entry(id: &str, path: &str, selectors: &[&str]) -> RegistrationEntry {
     RegistrationEntry {
+        federates_with: Vec::new(),
         id: eid(id),
         spiffe_id: sid(&format!("spiffe://example.org{path}")),
         parent_id: sid(AGENT),
@@ -54,6 +55,7 @@ fn entry(id: &str, path: &str, selectors: &[&str]) -> RegistrationEntry {
 
 fn full_entry() -> RegistrationEntry {
     RegistrationEntry {
+        federates_with: Vec::new(),
         id: eid("full-1"),
         spiffe_id: sid("spiffe://example.org/web"),
         parent_id: sid(AGENT),

@@ -67,6 +67,7 @@ fn peer(chain: Option<&[Vec<u8>]>) -> PeerInfo {
 /// of one test differ.
 fn entry(id: &str, spiffe_id: &str, admin: bool, expires_at: Option<i64>) -> RegistrationEntry {
     RegistrationEntry {
+        federates_with: Vec::new(),
         id: EntryId::new(id).unwrap(),
         spiffe_id: spiffe_id.parse().unwrap(),
         parent_id: AGENT.parse().unwrap(),

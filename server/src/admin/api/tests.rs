@@ -524,6 +524,7 @@ async fn entry_show_prints_rows_an_older_version_stored_with_extreme_values() {
     let s = start().await;
     // Written to the datastore directly, past validation, as an older version could.
     let e = RegistrationEntry {
+        federates_with: Vec::new(),
         id: EntryId::new("old-row").unwrap(),
         spiffe_id: "spiffe://example.org/old".parse().unwrap(),
         parent_id: AGENT.parse().unwrap(),

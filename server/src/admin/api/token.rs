@@ -32,6 +32,7 @@ impl AdminApi {
             .agent_id("join_token", &generated.id)?;
         let alias = match alias_id {
             Some(spiffe_id) => Some(RegistrationEntry {
+                federates_with: Vec::new(),
                 id: new_entry_id()?,
                 spiffe_id,
                 parent_id: agent_id.clone(),

@@ -306,6 +306,7 @@ impl EntryFields {
         let selectors = selectors(cmd, &self.selectors)?;
         dns_names(cmd, &self.dns_names)?;
         Ok(types::Entry {
+            federates_with: Vec::new(),
             id,
             spiffe_id: spiffe.to_string(),
             parent_id: parent_id.to_string(),

@@ -299,6 +299,7 @@ fn parse_entry(at: &str, v: &Value) -> Result<types::Entry> {
     int_field(&path("created_at"), get("created_at"))?;
 
     Ok(types::Entry {
+        federates_with: Vec::new(),
         id,
         spiffe_id: spiffe_id.to_string(),
         parent_id: parent_id.to_string(),
