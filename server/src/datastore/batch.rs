@@ -214,6 +214,7 @@ type EntryValues<'a> = (
     i64,
     Option<i64>,
     bool,
+    String,
 );
 
 fn entry_values(e: &RegistrationEntry) -> Result<EntryValues<'_>> {
@@ -233,18 +234,19 @@ fn entry_values(e: &RegistrationEntry) -> Result<EntryValues<'_>> {
         e.created_at,
         ttl_secs("jwt_svid_ttl", id, e.jwt_svid_ttl)?,
         e.jwt_svid_include_jti,
+        super::entries::federates_with_to_db(e),
     ))
 }
 
 /// Writes every entry of `batch` (checked) with multi-row statements.
 async fn insert_all(conn: &mut Tx, batch: &[RegistrationEntry], now: i64) -> Result<()> {
     let rows = batch.iter().map(entry_values).collect::<Result<Vec<_>>>()?;
-    for chunk in rows.chunks(BIND_BUDGET / 12) {
+    for chunk in rows.chunks(BIND_BUDGET / 13) {
         on_tx!(conn, c => {
             let mut qb = QueryBuilder::new(
                 "INSERT INTO entries (id, spiffe_id, parent_id, x509_svid_ttl, hint, admin, \
                  downstream, expires_at, revision, created_at, jwt_svid_ttl, \
-                 jwt_svid_include_jti) ",
+                 jwt_svid_include_jti, federates_with) ",
             );
             qb.push_values(chunk, |mut row, v| {
                 row.push_bind(v.0)
@@ -258,7 +260,8 @@ async fn insert_all(conn: &mut Tx, batch: &[RegistrationEntry], now: i64) -> Res
                     .push_bind(v.8)
                     .push_bind(v.9)
                     .push_bind(v.10)
-                    .push_bind(v.11);
+                    .push_bind(v.11)
+                    .push_bind(v.12.clone());
             });
             qb.build().execute(c).await.map(|r| r.rows_affected())
         })
@@ -388,7 +391,7 @@ mod tests {
 
     fn entry(id: &str, path: &str, selectors: &[&str]) -> RegistrationEntry {
         RegistrationEntry {
-            federates_with: Vec::new(),
+            federates_with: vec![TrustDomain::new("partner.org").unwrap()],
             id: EntryId::new(id).unwrap(),
             spiffe_id: format!("spiffe://example.org{path}").parse().unwrap(),
             parent_id: AGENT.parse().unwrap(),

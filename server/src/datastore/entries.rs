@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sqlx::{Connection as _, Database, QueryBuilder};
 
-use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId};
+use carapace_core::{EntryId, RegistrationEntry, Selector, SpiffeId, TrustDomain};
 
 use super::{
     Datastore, Engine, EntryFilter, INSERT_CHUNK, Tx, corrupt, is_unique_violation, parse_selector,
@@ -23,7 +23,7 @@ use crate::{Error, Result};
 /// The columns of an entry row, in [`EntryRow`] order, for a query on `entries e`.
 const ENTRY_COLUMNS: &str = "e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, \
      e.admin, e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
-     e.jwt_svid_include_jti";
+     e.jwt_svid_include_jti, e.federates_with";
 
 /// One row of `entries`, as stored (and, in the bulk load, as a JSON array of its
 /// columns in this order).
@@ -41,6 +41,8 @@ struct EntryRow {
     created_at: i64,
     jwt_svid_ttl: Option<i64>,
     jwt_svid_include_jti: bool,
+    /// Trust domain names separated by single spaces, in the entry's order.
+    federates_with: String,
 }
 
 /// The kind of an `entry_events` row.
@@ -95,7 +97,7 @@ impl Datastore {
         on_tx!(&mut tx, c => sqlx::query(
             "UPDATE entries SET spiffe_id = $2, parent_id = $3, x509_svid_ttl = $4, hint = $5, \
              admin = $6, downstream = $7, expires_at = $8, jwt_svid_ttl = $9, \
-             jwt_svid_include_jti = $10, revision = revision + 1 \
+             jwt_svid_include_jti = $10, federates_with = $11, revision = revision + 1 \
              WHERE id = $1",
         )
         .bind(id)
@@ -108,6 +110,7 @@ impl Datastore {
         .bind(entry.expires_at)
         .bind(jwt_svid_ttl)
         .bind(entry.jwt_svid_include_jti)
+        .bind(federates_with_to_db(entry))
         .execute(&mut *c)
         .await
         .map(|r| r.rows_affected()))?;
@@ -277,8 +280,9 @@ pub(super) async fn insert_entry(conn: &mut Tx, entry: &RegistrationEntry, now: 
     })?;
     on_tx!(conn, c => sqlx::query(
         "INSERT INTO entries (id, spiffe_id, parent_id, x509_svid_ttl, hint, admin, \
-         downstream, expires_at, revision, created_at, jwt_svid_ttl, jwt_svid_include_jti) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+         downstream, expires_at, revision, created_at, jwt_svid_ttl, jwt_svid_include_jti, \
+         federates_with) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(id)
     .bind(entry.spiffe_id.as_str())
@@ -292,6 +296,7 @@ pub(super) async fn insert_entry(conn: &mut Tx, entry: &RegistrationEntry, now: 
     .bind(entry.created_at)
     .bind(jwt_svid_ttl)
     .bind(entry.jwt_svid_include_jti)
+    .bind(federates_with_to_db(entry))
     .execute(c)
     .await
     .map(|r| r.rows_affected()))
@@ -578,11 +583,12 @@ const SQLITE_BULK_CHUNK: &str = "SELECT max(c.rid), json_group_array(json_array(
      CASE WHEN c.admin THEN json('true') ELSE json('false') END, \
      CASE WHEN c.downstream THEN json('true') ELSE json('false') END, \
      c.expires_at, c.revision, c.created_at, c.jwt_svid_ttl, \
-     CASE WHEN c.jwt_svid_include_jti THEN json('true') ELSE json('false') END), \
+     CASE WHEN c.jwt_svid_include_jti THEN json('true') ELSE json('false') END, \
+     c.federates_with), \
      json(c.sels), json(c.dns))) \
      FROM (SELECT e.rowid AS rid, e.id, e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, \
            e.admin, e.downstream, e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, \
-           e.jwt_svid_include_jti, \
+           e.jwt_svid_include_jti, e.federates_with, \
            (SELECT json_group_array(json_array(s.type, s.value)) FROM entry_selectors s \
             WHERE s.entry_id = e.id) AS sels, \
            (SELECT json_group_array(d.name ORDER BY d.position) FROM entry_dns_names d \
@@ -593,7 +599,8 @@ const SQLITE_BULK_CHUNK: &str = "SELECT max(c.rid), json_group_array(json_array(
 /// and DNS names are aggregated per entry and joined, not looked up entry by entry.
 const POSTGRES_BULK_LOAD: &str = "SELECT json_build_array(json_build_array(e.id, \
      e.spiffe_id, e.parent_id, e.x509_svid_ttl, e.hint, e.admin, e.downstream, \
-     e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, e.jwt_svid_include_jti), \
+     e.expires_at, e.revision, e.created_at, e.jwt_svid_ttl, e.jwt_svid_include_jti, \
+     e.federates_with), \
      COALESCE(s.sels, '[]'::json), COALESCE(d.dns, '[]'::json))::text \
      FROM entries e \
      LEFT JOIN (SELECT entry_id, json_agg(json_build_array(type, value)) AS sels \
@@ -696,6 +703,13 @@ impl std::fmt::Display for EntryAt<'_> {
     }
 }
 
+/// `federates_with` as stored: trust domain names separated by single spaces (a name
+/// has none).
+pub(super) fn federates_with_to_db(entry: &RegistrationEntry) -> String {
+    let names: Vec<&str> = entry.federates_with.iter().map(|td| td.name()).collect();
+    names.join(" ")
+}
+
 /// Converts a stored row back into an entry, re-parsing every field.
 fn entry_from_row(
     row: EntryRow,
@@ -725,8 +739,13 @@ fn entry_from_parsed_row(
     };
     let x509_svid_ttl = ttl_from_db("x509_svid_ttl", row.x509_svid_ttl)?;
     let jwt_svid_ttl = ttl_from_db("jwt_svid_ttl", row.jwt_svid_ttl)?;
+    let federates_with = row
+        .federates_with
+        .split_ascii_whitespace()
+        .map(|name| TrustDomain::new(name).map_err(|e| corrupt(at, format!("federates_with: {e}"))))
+        .collect::<Result<Vec<_>>>()?;
     Ok(RegistrationEntry {
-        federates_with: Vec::new(),
+        federates_with,
         spiffe_id: parse_spiffe_id(at, &row.spiffe_id)?,
         parent_id,
         selectors: selectors.into_iter().collect(),

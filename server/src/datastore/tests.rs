@@ -55,7 +55,11 @@ fn entry(id: &str, path: &str, selectors: &[&str]) -> RegistrationEntry {
 
 fn full_entry() -> RegistrationEntry {
     RegistrationEntry {
-        federates_with: Vec::new(),
+        // Not in sorted order: the order must be kept.
+        federates_with: vec![
+            TrustDomain::new("partner.org").unwrap(),
+            TrustDomain::new("a-b.example").unwrap(),
+        ],
         id: eid("full-1"),
         spiffe_id: sid("spiffe://example.org/web"),
         parent_id: sid(AGENT),
@@ -177,6 +181,7 @@ async fn entry_crud_round_trip(ds: Datastore) {
     u.spiffe_id = sid("spiffe://example.org/web2");
     u.selectors = sels(&["unix:uid:2000"]);
     u.dns_names = vec!["b.example.org".into()];
+    u.federates_with = vec![TrustDomain::new("c.org").unwrap()];
     u.x509_svid_ttl = None;
     u.jwt_svid_ttl = None;
     u.jwt_svid_include_jti = false;
