@@ -189,13 +189,25 @@ fn client_trusting(
 }
 
 /// A client that authenticates the endpoint as `https_spiffe` asks: an X509-SVID for
-/// `expected` under `bundle`.
+/// `expected` under `bundle`, over TLS 1.3.
 fn spiffe_client(bundle: TrustBundle, expected: &str) -> ClientTls {
+    spiffe_client_with(bundle, expected, &[&rustls::version::TLS13])
+}
+
+/// [`spiffe_client`] offering `versions` (TLS 1.2 handshake signatures are checked by
+/// rustls's own function: `SpiffeServerVerifier` is the node API's, TLS 1.3 only).
+fn spiffe_client_with(
+    bundle: TrustBundle,
+    expected: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> ClientTls {
     let (_, rx) = watch::channel(Arc::new(bundle));
-    let verifier =
-        carapace_tls::SpiffeServerVerifier::new(rx, expected.parse::<SpiffeId>().unwrap());
+    let verifier = Arc::new(Tls12Too(carapace_tls::SpiffeServerVerifier::new(
+        rx,
+        expected.parse::<SpiffeId>().unwrap(),
+    )));
     let mut config = rustls::ClientConfig::builder_with_provider(carapace_tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -204,6 +216,51 @@ fn spiffe_client(bundle: TrustBundle, expected: &str) -> ClientTls {
     ClientTls {
         config: Arc::new(config),
         server_name: ServerName::try_from("localhost").unwrap(),
+    }
+}
+
+/// `SpiffeServerVerifier` that also checks TLS 1.2 handshake signatures.
+#[derive(Debug)]
+struct Tls12Too(Arc<carapace_tls::SpiffeServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for Tls12Too {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &carapace_tls::provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 
@@ -515,6 +572,13 @@ async fn the_server_serves_its_bundle_over_https_spiffe_and_follows_its_authorit
     assert_eq!(first.jwt_authorities, shown.jwt_authorities);
     assert_eq!(first.sequence, shown.sequence);
     assert_only_standard_members(&doc);
+    // A peer on TLS 1.2 (SPIFFE Federation §5: Mozilla's intermediate compatibility).
+    let tls12_peer = spiffe_client_with(
+        shown.clone(),
+        "spiffe://example.org/spire/server",
+        &[&rustls::version::TLS12],
+    );
+    served(&get(addr, &tls12_peer, "GET", "/").await.unwrap());
 
     // A peer expecting another SPIFFE ID, or holding another trust domain's bundle,
     // refuses the endpoint.
