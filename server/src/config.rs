@@ -109,6 +109,9 @@ pub struct FileConfig {
     /// Where entries, agents and bundles are kept (default: SQLite in `data_dir`).
     #[serde(default)]
     pub datastore: DatastoreFile,
+    /// SPIFFE federation: the bundle endpoint and the trust domains federated with.
+    #[serde(default)]
+    pub federation: FederationFile,
 }
 
 /// `[datastore]`: SQLite (the default, in `data_dir`) or PostgreSQL.
@@ -427,6 +430,9 @@ pub struct Config {
     pub oidc_discovery: Option<OidcDiscovery>,
     /// The datastore.
     pub datastore: datastore::Settings,
+    /// SPIFFE federation (`[federation]`): the bundle endpoint and the relationships
+    /// the config file defines.
+    pub federation: Federation,
 }
 
 impl Config {
@@ -637,6 +643,33 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         .oidc_discovery
         .as_ref()
         .and_then(|o| oidc_discovery(o, file.jwt_issuer.as_deref(), &data_dir, &mut problems));
+    let federation = federation(
+        &file.federation,
+        trust_domain.as_ref(),
+        &data_dir,
+        &mut problems,
+    );
+    if let Some(endpoint) = &federation.bundle_endpoint {
+        let others = [
+            ("bind_address", bind_address),
+            ("health.bind_address", health_address),
+            (
+                "oidc_discovery.bind_address",
+                oidc_discovery.as_ref().map(|o| o.bind_address),
+            ),
+        ];
+        for (key, other) in others {
+            if let Some(other) = other
+                && addresses_clash(endpoint.bind_address, other)
+            {
+                problems.push(format!(
+                    "federation.bundle_endpoint.bind_address: {} and {key} ({other}) share \
+                     a port; give the bundle endpoint a port of its own",
+                    endpoint.bind_address
+                ));
+            }
+        }
+    }
 
     match (trust_domain, bind_address, datastore) {
         (Some(trust_domain), Some(bind_address), Some(datastore)) if problems.is_empty() => {
@@ -664,6 +697,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
                 health_address,
                 oidc_discovery,
                 datastore,
+                federation,
             })
         }
         _ => Err(problems),
@@ -838,6 +872,590 @@ pub fn check_oidc_key_id(id: &str) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Where the bundle endpoint listens when `[federation.bundle_endpoint]` names no
+/// address: all addresses, port 8443, as SPIRE's.
+pub const DEFAULT_BUNDLE_ENDPOINT_ADDRESS: &str = "0.0.0.0:8443";
+/// The `spiffe_refresh_hint` served when none is configured.
+pub const DEFAULT_BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(300);
+/// The shortest `refresh_hint`.
+pub const MIN_BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(1);
+/// The longest `refresh_hint`: the CA publishes a new JWT key three refresh periods of
+/// its own bundle ([`crate::ca::REFRESH_HINT`], 5 minutes) before it signs with it, and
+/// a peer told to poll less often than that could see a token before its key (SPIFFE
+/// Federation §4.1: keys are published 3 to 5 refresh hints before use).
+pub const MAX_BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(crate::ca::REFRESH_HINT);
+/// The default shortest interval between two polls of a peer's bundle endpoint.
+pub const DEFAULT_REFRESH_FLOOR: Duration = Duration::from_secs(10);
+/// The default longest interval between two polls of a peer's bundle endpoint.
+pub const DEFAULT_REFRESH_CEILING: Duration = Duration::from_secs(3600);
+/// The bounds of `refresh_floor` and `refresh_ceiling`.
+pub const REFRESH_BOUNDS: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(24 * 3600));
+/// The largest bootstrap bundle or CA file read.
+const MAX_FEDERATION_FILE_BYTES: u64 = 1024 * 1024;
+
+/// `[federation]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationFile {
+    /// The shortest interval between two polls of a peer (default 10s).
+    #[serde(default, with = "humantime_serde::option")]
+    pub refresh_floor: Option<Duration>,
+    /// The longest interval between two polls of a peer (default 1h).
+    #[serde(default, with = "humantime_serde::option")]
+    pub refresh_ceiling: Option<Duration>,
+    /// The bundle endpoint: on when the section is present.
+    pub bundle_endpoint: Option<BundleEndpointFile>,
+    /// The trust domains whose bundles this one trusts.
+    #[serde(default)]
+    pub federates_with: Vec<FederatesWithFile>,
+}
+
+/// `[federation.bundle_endpoint]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleEndpointFile {
+    /// HOST:PORT to listen on (default [`DEFAULT_BUNDLE_ENDPOINT_ADDRESS`]).
+    pub bind_address: Option<String>,
+    /// The `spiffe_refresh_hint` served (default 5m).
+    #[serde(default, with = "humantime_serde::option")]
+    pub refresh_hint: Option<Duration>,
+    /// `https_spiffe` (default: the server's own X509-SVID) or `https_web` (a
+    /// certificate from `cert_file` and `key_file`).
+    pub profile: Option<String>,
+    /// `https_web`: the certificate chain, PEM (relative: in `data_dir`).
+    pub cert_file: Option<PathBuf>,
+    /// `https_web`: its key, PEM, private to the server's user (relative: in `data_dir`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// One `[[federation.federates_with]]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatesWithFile {
+    /// The foreign trust domain.
+    pub trust_domain: Option<String>,
+    /// Its bundle endpoint, `https://`.
+    pub bundle_endpoint_url: Option<String>,
+    /// `https_spiffe` or `https_web`.
+    pub bundle_endpoint_profile: Option<String>,
+    /// `https_spiffe`: the SPIFFE ID the endpoint presents (default
+    /// `spiffe://<trust_domain>/spire/server`).
+    pub endpoint_spiffe_id: Option<String>,
+    /// `https_web`: CA certificates (PEM) trusted for this endpoint instead of the
+    /// system's (relative: in `data_dir`).
+    pub ca_file: Option<PathBuf>,
+    /// The trust domain's bundle to start from (relative: in `data_dir`): the bootstrap
+    /// bundle of a self-serving `https_spiffe` endpoint.
+    pub bundle_file: Option<PathBuf>,
+    /// `bundle_file`'s format: `spiffe` (default, a SPIFFE bundle: `bundle show
+    /// --format spiffe` of the peer) or `pem` (X.509 authorities only).
+    pub bundle_format: Option<String>,
+}
+
+/// The validated `[federation]`. The default (no section): no endpoint, no
+/// relationships, the default poll bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Federation {
+    /// The bundle endpoint serving this trust domain's bundle; `None`: off.
+    pub bundle_endpoint: Option<BundleEndpoint>,
+    /// The relationships of `[[federation.federates_with]]` (source
+    /// [`crate::federation::Source::Config`]), each with its bootstrap bundle file, in
+    /// the file's order; no trust domain twice, never the local one.
+    pub relationships: Vec<(crate::federation::Relationship, Option<BootstrapBundle>)>,
+    /// The shortest interval between two polls of a peer's endpoint, whatever its
+    /// refresh hint says.
+    pub refresh_floor: Duration,
+    /// The longest interval between two polls of a peer's endpoint (also the interval
+    /// for a peer that sends no refresh hint, if shorter than the spec's default).
+    pub refresh_ceiling: Duration,
+}
+
+impl Default for Federation {
+    fn default() -> Self {
+        Federation {
+            bundle_endpoint: None,
+            relationships: Vec::new(),
+            refresh_floor: DEFAULT_REFRESH_FLOOR,
+            refresh_ceiling: DEFAULT_REFRESH_CEILING,
+        }
+    }
+}
+
+/// The validated `[federation.bundle_endpoint]` ([`crate::federation::endpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleEndpoint {
+    /// Where it listens.
+    pub bind_address: SocketAddr,
+    /// The `spiffe_refresh_hint` it serves: how often peers should poll.
+    pub refresh_hint: Duration,
+    /// How peers authenticate it.
+    pub profile: BundleEndpointProfile,
+}
+
+/// How the bundle endpoint is authenticated by its peers (SPIFFE Federation §5.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BundleEndpointProfile {
+    /// `https_spiffe`: it presents the server's own X509-SVID,
+    /// `spiffe://<trust_domain>/spire/server`, renewed with it.
+    HttpsSpiffe,
+    /// `https_web`: it presents a Web PKI certificate from files, reloaded when they
+    /// change.
+    HttpsWeb {
+        /// The certificate chain, PEM, leaf first.
+        cert_file: PathBuf,
+        /// Its key, PEM, private to the server's user.
+        key_file: PathBuf,
+    },
+}
+
+impl BundleEndpointProfile {
+    /// The profile's name as the specification writes it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BundleEndpointProfile::HttpsSpiffe => "https_spiffe",
+            BundleEndpointProfile::HttpsWeb { .. } => "https_web",
+        }
+    }
+}
+
+/// The format of a bundle file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleFormat {
+    /// A SPIFFE bundle (JWK Set): X.509 authorities and JWT keys.
+    Spiffe,
+    /// PEM certificates: X.509 authorities only.
+    Pem,
+}
+
+impl BundleFormat {
+    /// Parses `spiffe` or `pem`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "spiffe" => Some(BundleFormat::Spiffe),
+            "pem" => Some(BundleFormat::Pem),
+            _ => None,
+        }
+    }
+
+    /// As written in the config and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            BundleFormat::Spiffe => "spiffe",
+            BundleFormat::Pem => "pem",
+        }
+    }
+}
+
+/// A relationship's bootstrap bundle (`bundle_file`, `bundle_format`): checked to be a
+/// readable bundle of its trust domain when the config is loaded; stored when the
+/// relationship has no bundle yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapBundle {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: BundleFormat,
+}
+
+impl BootstrapBundle {
+    /// Reads and parses the bundle for `td`. The error names the file.
+    pub fn read(
+        &self,
+        td: &TrustDomain,
+    ) -> std::result::Result<carapace_core::TrustBundle, String> {
+        let what = "bundle_file";
+        let text =
+            carapace_common::read_operator_file(&self.path, what, MAX_FEDERATION_FILE_BYTES)?;
+        let parsed = match self.format {
+            BundleFormat::Spiffe => carapace_core::TrustBundle::from_spiffe_json(td.clone(), &text),
+            BundleFormat::Pem => carapace_core::TrustBundle::from_pem(td.clone(), &text),
+        };
+        parsed.map_err(|e| {
+            format!(
+                "{what} {}: not a {} bundle: {e}",
+                self.path.display(),
+                self.format.name()
+            )
+        })
+    }
+}
+
+/// Whether two listeners cannot both bind: the same port on the same address, or on
+/// any address when one is a wildcard (`0.0.0.0`, `[::]`).
+fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Checks a bundle endpoint URL as SPIFFE Federation §5.2.1.1 asks: `https`, a host, no
+/// user information; and no fragment (never sent). The error completes "`<url>` ...".
+pub fn check_bundle_endpoint_url(url: &str) -> std::result::Result<(), String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err("is not an https URL (https://HOST[:PORT][/PATH])".into());
+    };
+    if let Some(c) = url.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "holds {c:?}: write the URL in ASCII without spaces (punycode and percent-encoding)"
+        ));
+    }
+    if url.contains('#') {
+        return Err("has a fragment: a bundle endpoint URL has none".into());
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.contains('@') {
+        return Err("has user information: a bundle endpoint URL has none".into());
+    }
+    // HOST, HOST:PORT, [IPv6] or [IPv6]:PORT.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !authority.ends_with(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    if let Some(port) = port
+        && (port.is_empty()
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || port.parse::<u16>().map_or(true, |p| p == 0))
+    {
+        return Err(format!("has a bad port {port:?}"));
+    }
+    let name_ok = if let Some(ip) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        ip.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.starts_with('[')
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if !name_ok {
+        return Err(format!("has a bad host {host:?}"));
+    }
+    Ok(())
+}
+
+/// A duration key of `[federation]` within `bounds`; the problem names the key.
+fn bounded(
+    key: &str,
+    value: Option<Duration>,
+    default: Duration,
+    (min, max): (Duration, Duration),
+    problems: &mut Vec<String>,
+) -> Duration {
+    let d = value.unwrap_or(default);
+    if let Err(e) = limits::check_duration(d, min, max) {
+        problems.push(format!("{key}: {e}"));
+    }
+    d
+}
+
+/// Validates `[federation]`; every problem names its key (`federation.federates_with[2]
+/// .trust_domain`). Reads the files it names: the `https_web` certificate and key
+/// (checked as the OIDC endpoint's), each `ca_file` (its certificates are the
+/// relationship's roots) and each `bundle_file` (parsed, so that a bad bootstrap bundle
+/// is found by `validate`). `local` is the local trust domain, if valid.
+fn federation(
+    file: &FederationFile,
+    local: Option<&TrustDomain>,
+    data_dir: &Path,
+    problems: &mut Vec<String>,
+) -> Federation {
+    use crate::federation::{Profile, Relationship, Source};
+    use carapace_core::files::{FileUse, NamedFile};
+    let refresh_floor = bounded(
+        "federation.refresh_floor",
+        file.refresh_floor,
+        DEFAULT_REFRESH_FLOOR,
+        REFRESH_BOUNDS,
+        problems,
+    );
+    let refresh_ceiling = bounded(
+        "federation.refresh_ceiling",
+        file.refresh_ceiling,
+        DEFAULT_REFRESH_CEILING,
+        REFRESH_BOUNDS,
+        problems,
+    );
+    if refresh_floor > refresh_ceiling {
+        problems.push(format!(
+            "federation.refresh_floor: {} is above refresh_ceiling ({})",
+            humantime::format_duration(refresh_floor),
+            humantime::format_duration(refresh_ceiling)
+        ));
+    }
+    // A relative path is in data_dir, as the other sections' files are.
+    let in_data_dir = |p: &Path| data_dir.join(p);
+    let profile_choices = "\"https_spiffe\" or \"https_web\"";
+
+    let bundle_endpoint = file.bundle_endpoint.as_ref().and_then(|e| {
+        let before = problems.len();
+        let key = |k: &str| format!("federation.bundle_endpoint.{k}");
+        let bind_text = e
+            .bind_address
+            .as_deref()
+            .unwrap_or(DEFAULT_BUNDLE_ENDPOINT_ADDRESS);
+        let bind_address = bind_text
+            .parse::<SocketAddr>()
+            .map_err(|err| {
+                problems.push(format!(
+                    "{}: {bind_text:?} is not HOST:PORT ({err})",
+                    key("bind_address")
+                ))
+            })
+            .ok();
+        let refresh_hint = bounded(
+            &key("refresh_hint"),
+            e.refresh_hint,
+            DEFAULT_BUNDLE_REFRESH_HINT,
+            (MIN_BUNDLE_REFRESH_HINT, MAX_BUNDLE_REFRESH_HINT),
+            problems,
+        );
+        let profile = match e.profile.as_deref().unwrap_or("https_spiffe") {
+            "https_spiffe" => {
+                for (k, set) in [
+                    ("cert_file", e.cert_file.is_some()),
+                    ("key_file", e.key_file.is_some()),
+                ] {
+                    if set {
+                        problems.push(format!(
+                            "{}: only for profile \"https_web\" (https_spiffe presents the \
+                             server's own X509-SVID)",
+                            key(k)
+                        ));
+                    }
+                }
+                Some(BundleEndpointProfile::HttpsSpiffe)
+            }
+            "https_web" => {
+                let mut path = |k: &str, v: &Option<PathBuf>, what: &str| match v {
+                    Some(p) if !p.as_os_str().is_empty() => Some(in_data_dir(p)),
+                    _ => {
+                        problems.push(format!(
+                            "{}: missing: profile \"https_web\" needs the {what}",
+                            key(k)
+                        ));
+                        None
+                    }
+                };
+                let cert_file = path(
+                    "cert_file",
+                    &e.cert_file,
+                    "PEM certificate chain the endpoint presents",
+                );
+                let key_file = path(
+                    "key_file",
+                    &e.key_file,
+                    "PEM key of that certificate (mode 0600)",
+                );
+                match (cert_file, key_file) {
+                    (Some(cert_file), Some(key_file)) => {
+                        let files = crate::oidc::TlsFiles {
+                            section: "federation.bundle_endpoint",
+                            cert_file: cert_file.clone(),
+                            key: OidcKey::File(key_file.clone()),
+                        };
+                        problems.extend(crate::oidc::check_tls_files(&files));
+                        Some(BundleEndpointProfile::HttpsWeb {
+                            cert_file,
+                            key_file,
+                        })
+                    }
+                    _ => None,
+                }
+            }
+            other => {
+                problems.push(format!(
+                    "{}: {other:?} is not {profile_choices}",
+                    key("profile")
+                ));
+                None
+            }
+        };
+        match (bind_address, profile) {
+            (Some(bind_address), Some(profile)) if problems.len() == before => {
+                Some(BundleEndpoint {
+                    bind_address,
+                    refresh_hint,
+                    profile,
+                })
+            }
+            _ => None,
+        }
+    });
+
+    let mut relationships: Vec<(Relationship, Option<BootstrapBundle>)> = Vec::new();
+    for (i, f) in file.federates_with.iter().enumerate() {
+        let before = problems.len();
+        let key = |k: &str| format!("federation.federates_with[{i}].{k}");
+        let trust_domain = match f.trust_domain.as_deref() {
+            None => {
+                problems.push(format!(
+                    "{}: missing: name the foreign trust domain",
+                    key("trust_domain")
+                ));
+                None
+            }
+            Some(t) => match TrustDomain::new(t) {
+                Err(e) => {
+                    problems.push(format!("{}: {e}", key("trust_domain")));
+                    None
+                }
+                Ok(td) if Some(&td) == local => {
+                    problems.push(format!(
+                        "{}: {td} is this server's own trust domain; a trust domain does \
+                         not federate with itself",
+                        key("trust_domain")
+                    ));
+                    None
+                }
+                Ok(td) if relationships.iter().any(|(r, _)| r.trust_domain == td) => {
+                    problems.push(format!(
+                        "{}: {td} is federated with twice; keep one \
+                         [[federation.federates_with]] per trust domain",
+                        key("trust_domain")
+                    ));
+                    None
+                }
+                Ok(td) => Some(td),
+            },
+        };
+        let url = match f.bundle_endpoint_url.as_deref() {
+            None => {
+                problems.push(format!(
+                    "{}: missing: the https URL of the trust domain's bundle endpoint",
+                    key("bundle_endpoint_url")
+                ));
+                None
+            }
+            Some(u) => match check_bundle_endpoint_url(u) {
+                Ok(()) => Some(u.to_owned()),
+                Err(e) => {
+                    problems.push(format!("{}: {u:?} {e}", key("bundle_endpoint_url")));
+                    None
+                }
+            },
+        };
+        let ca_roots = |problems: &mut Vec<String>| -> Option<String> {
+            let path = in_data_dir(f.ca_file.as_deref()?);
+            let what = key("ca_file");
+            let checked =
+                carapace_common::check_named_file(&NamedFile::new(&what, &path, FileUse::Read))
+                    .and_then(|()| {
+                        carapace_common::read_operator_file(&path, &what, MAX_FEDERATION_FILE_BYTES)
+                    })
+                    .and_then(|pem| match carapace_core::bundle::certs_from_pem(&pem) {
+                        Ok(certs) if !certs.is_empty() => Ok(pem),
+                        Ok(_) => Err(format!(
+                            "{what} {}: holds no CERTIFICATE block",
+                            path.display()
+                        )),
+                        Err(e) => Err(format!("{what} {}: {e}", path.display())),
+                    });
+            checked.map_err(|e| problems.push(e)).ok()
+        };
+        let profile = match f.bundle_endpoint_profile.as_deref() {
+            None => {
+                problems.push(format!(
+                    "{}: missing: {profile_choices}",
+                    key("bundle_endpoint_profile")
+                ));
+                None
+            }
+            Some("https_spiffe") => {
+                if f.ca_file.is_some() {
+                    problems.push(format!(
+                        "{}: only for bundle_endpoint_profile \"https_web\" (an https_spiffe \
+                         endpoint is checked against the trust domain's bundle)",
+                        key("ca_file")
+                    ));
+                }
+                match (&f.endpoint_spiffe_id, &trust_domain) {
+                    (Some(id), _) => match id.parse::<carapace_core::SpiffeId>() {
+                        Ok(endpoint_id) => Some(Profile::HttpsSpiffe { endpoint_id }),
+                        Err(e) => {
+                            problems.push(format!("{}: {e}", key("endpoint_spiffe_id")));
+                            None
+                        }
+                    },
+                    (None, Some(td)) => Some(Profile::HttpsSpiffe {
+                        endpoint_id: td.server_id(),
+                    }),
+                    (None, None) => None,
+                }
+            }
+            Some("https_web") => {
+                if f.endpoint_spiffe_id.is_some() {
+                    problems.push(format!(
+                        "{}: only for bundle_endpoint_profile \"https_spiffe\" (an https_web \
+                         endpoint is checked by Web PKI against the URL's host)",
+                        key("endpoint_spiffe_id")
+                    ));
+                }
+                let had = problems.len();
+                let roots_pem = ca_roots(problems);
+                (problems.len() == had).then_some(Profile::HttpsWeb { roots_pem })
+            }
+            Some(other) => {
+                problems.push(format!(
+                    "{}: {other:?} is not {profile_choices}",
+                    key("bundle_endpoint_profile")
+                ));
+                None
+            }
+        };
+        let format = match f.bundle_format.as_deref() {
+            None => Some(BundleFormat::Spiffe),
+            Some(s) => BundleFormat::parse(s).or_else(|| {
+                problems.push(format!(
+                    "{}: {s:?} is not \"spiffe\" or \"pem\"",
+                    key("bundle_format")
+                ));
+                None
+            }),
+        };
+        if f.bundle_format.is_some() && f.bundle_file.is_none() {
+            problems.push(format!("{}: set without bundle_file", key("bundle_format")));
+        }
+        let bootstrap = match (&f.bundle_file, format) {
+            (Some(p), Some(format)) => {
+                let b = BootstrapBundle {
+                    path: in_data_dir(p),
+                    format,
+                };
+                if let Some(td) = &trust_domain
+                    && let Err(e) = b.read(td)
+                {
+                    problems.push(format!("federation.federates_with[{i}].{e}"));
+                }
+                Some(b)
+            }
+            _ => None,
+        };
+        if let (Some(trust_domain), Some(url), Some(profile)) = (trust_domain, url, profile)
+            && problems.len() == before
+        {
+            relationships.push((
+                Relationship {
+                    trust_domain,
+                    url,
+                    profile,
+                    source: Source::Config,
+                },
+                bootstrap,
+            ));
+        }
+    }
+    Federation {
+        bundle_endpoint,
+        relationships,
+        refresh_floor,
+        refresh_ceiling,
+    }
 }
 
 #[cfg(test)]
@@ -1382,6 +2000,473 @@ max_attestations_in_flight = 0
             .unwrap_err();
             assert!(errs.iter().any(|e| e.contains(want)), "{want}: {errs:?}");
         }
+    }
+
+    fn federation_of(text: &str) -> Result<Federation, Vec<String>> {
+        let text = format!("trust_domain = \"example.org\"\ndata_dir = \"/d\"\n{text}");
+        validate(parse_file(&text)?, Overrides::default()).map(|c| c.federation)
+    }
+
+    /// A self-signed CA certificate, PEM, and a `localhost` certificate and key it signed.
+    fn test_pki() -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
+    }
+
+    #[test]
+    fn federation_defaults_to_nothing_and_the_endpoint_to_https_spiffe_on_8443() {
+        assert_eq!(federation_of("").unwrap(), Federation::default());
+        assert_eq!(
+            (
+                Federation::default().refresh_floor,
+                Federation::default().refresh_ceiling
+            ),
+            (Duration::from_secs(10), Duration::from_secs(3600))
+        );
+        let f = federation_of("[federation.bundle_endpoint]\n").unwrap();
+        assert_eq!(
+            f.bundle_endpoint,
+            Some(BundleEndpoint {
+                bind_address: "0.0.0.0:8443".parse().unwrap(),
+                refresh_hint: Duration::from_secs(300),
+                profile: BundleEndpointProfile::HttpsSpiffe,
+            })
+        );
+        assert!(f.relationships.is_empty());
+        let f = federation_of(
+            "[federation]\nrefresh_floor = \"2s\"\nrefresh_ceiling = \"10m\"\n\
+             [federation.bundle_endpoint]\nbind_address = \"127.0.0.1:9443\"\n\
+             refresh_hint = \"30s\"\nprofile = \"https_spiffe\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (f.refresh_floor, f.refresh_ceiling),
+            (Duration::from_secs(2), Duration::from_secs(600))
+        );
+        let e = f.bundle_endpoint.unwrap();
+        assert_eq!(e.bind_address.to_string(), "127.0.0.1:9443");
+        assert_eq!(e.refresh_hint, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_https_web_endpoint_reads_its_files_in_the_data_dir_and_names_each_problem() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (_, cert, key) = test_pki();
+        std::fs::write(dir.path().join("b.crt"), cert).unwrap();
+        std::fs::write(dir.path().join("b.key"), key).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("b.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let conf = |extra: &str| {
+            format!(
+                "data_dir = {:?}\n[federation.bundle_endpoint]\nprofile = \"https_web\"\n{extra}",
+                dir.path()
+            )
+        };
+        let c = validate(
+            parse_file(&conf("cert_file = \"b.crt\"\nkey_file = \"b.key\"\n")).unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.federation.bundle_endpoint.unwrap().profile,
+            BundleEndpointProfile::HttpsWeb {
+                cert_file: dir.path().join("b.crt"),
+                key_file: dir.path().join("b.key"),
+            }
+        );
+        let errs = validate(parse_file(&conf("")).unwrap(), Overrides::default()).unwrap_err();
+        for needle in [
+            "federation.bundle_endpoint.cert_file: missing",
+            "federation.bundle_endpoint.key_file: missing",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        // The key readable by others, a key that is not the certificate's, no file.
+        std::fs::set_permissions(
+            dir.path().join("b.key"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        for (files, needle) in [
+            ("cert_file = \"b.crt\"\nkey_file = \"b.key\"\n", "key_file"),
+            (
+                "cert_file = \"nope.crt\"\nkey_file = \"b.key\"\n",
+                "nope.crt does not exist",
+            ),
+        ] {
+            let errs =
+                validate(parse_file(&conf(files)).unwrap(), Overrides::default()).unwrap_err();
+            assert!(
+                errs.iter()
+                    .any(|e| e.starts_with("federation.bundle_endpoint") && e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        std::fs::set_permissions(
+            dir.path().join("b.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("other.key"), test_pki().2).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("other.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let errs = validate(
+            parse_file(&conf("cert_file = \"b.crt\"\nkey_file = \"other.key\"\n")).unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.starts_with("federation.bundle_endpoint.key_file ")
+                && e.contains("is not the key of the first certificate of federation.bundle_endpoint.cert_file")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn each_bad_federation_key_is_named() {
+        let errs = federation_of(
+            "[federation]\nrefresh_floor = \"2h\"\nrefresh_ceiling = \"2days\"\n\
+             [federation.bundle_endpoint]\nbind_address = \"anywhere\"\n\
+             refresh_hint = \"1h\"\nprofile = \"https_spiffe\"\ncert_file = \"c\"\nkey_file = \"k\"\n",
+        )
+        .unwrap_err();
+        for needle in [
+            "federation.refresh_ceiling: 2 days is outside the allowed range 1s to 1 day",
+            "federation.bundle_endpoint.bind_address: \"anywhere\" is not HOST:PORT",
+            "federation.bundle_endpoint.refresh_hint: 3600s is outside the allowed range 1s to 300s",
+            "federation.bundle_endpoint.cert_file: only for profile \"https_web\"",
+            "federation.bundle_endpoint.key_file: only for profile \"https_web\"",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        let errs = federation_of(
+            "[federation]\nrefresh_floor = \"2m\"\nrefresh_ceiling = \"1m\"\n\
+             [federation.bundle_endpoint]\nprofile = \"acme\"\n",
+        )
+        .unwrap_err();
+        for needle in [
+            "federation.refresh_floor: 2m is above refresh_ceiling (1m)",
+            "federation.bundle_endpoint.profile: \"acme\" is not \"https_spiffe\" or \"https_web\"",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        for (text, needle) in [
+            ("[federation]\nrefresh_flor = \"1s\"\n", "refresh_flor"),
+            ("[federation.bundle_endpoint]\nport = 1\n", "port"),
+            (
+                "[[federation.federates_with]]\ntrust_domian = \"a\"\n",
+                "trust_domian",
+            ),
+        ] {
+            let errs = parse_file(text).unwrap_err();
+            assert!(
+                errs.iter()
+                    .any(|e| e.contains(needle) && e.contains("unknown field")),
+                "{needle}: {errs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bundle_endpoint_needs_a_port_of_its_own() {
+        for (text, needle) in [
+            (
+                "bind_address = \"127.0.0.1:8443\"\n[federation.bundle_endpoint]\n",
+                "and bind_address (127.0.0.1:8443) share a port",
+            ),
+            (
+                "[health]\nbind_address = \"127.0.0.1:9000\"\n\
+                 [federation.bundle_endpoint]\nbind_address = \"0.0.0.0:9000\"\n",
+                "and health.bind_address (127.0.0.1:9000) share a port",
+            ),
+            (
+                "[oidc_discovery]\nissuer = \"https://o.example\"\ncert_file = \"/c\"\n\
+                 key_file = \"/k\"\n[federation.bundle_endpoint]\n",
+                "and oidc_discovery.bind_address (127.0.0.1:8443) share a port",
+            ),
+        ] {
+            let errs = federation_of(text).unwrap_err();
+            assert!(
+                errs.iter().any(
+                    |e| e.starts_with("federation.bundle_endpoint.bind_address: ")
+                        && e.contains(needle)
+                ),
+                "{needle}: {errs:?}"
+            );
+        }
+        // Another address on the same port is fine.
+        federation_of(
+            "bind_address = \"127.0.0.1:8443\"\n[federation.bundle_endpoint]\n\
+             bind_address = \"127.0.0.2:8443\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn relationships_are_parsed_with_their_defaults_roots_and_bootstrap_bundles() {
+        use crate::federation::{Profile, Relationship, Source};
+        let dir = tempfile::tempdir().unwrap();
+        let (ca_pem, _, _) = test_pki();
+        std::fs::write(dir.path().join("ca.pem"), &ca_pem).unwrap();
+        let mut b = carapace_core::TrustBundle::new(TrustDomain::new("a.test").unwrap());
+        b.x509_authorities = carapace_core::bundle::certs_from_pem(&ca_pem).unwrap();
+        b.sequence = 3;
+        std::fs::write(dir.path().join("a.json"), b.to_spiffe_json().unwrap()).unwrap();
+        std::fs::write(dir.path().join("a.pem"), &ca_pem).unwrap();
+        let text = format!(
+            "trust_domain = \"example.org\"\ndata_dir = {:?}\n\
+             [[federation.federates_with]]\ntrust_domain = \"a.test\"\n\
+             bundle_endpoint_url = \"https://a.test:8443\"\n\
+             bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"a.json\"\n\
+             [[federation.federates_with]]\ntrust_domain = \"spiffe://b.test\"\n\
+             bundle_endpoint_url = \"https://bundles.b.test/b?x=1\"\n\
+             bundle_endpoint_profile = \"https_spiffe\"\n\
+             endpoint_spiffe_id = \"spiffe://hub.test/bundle-server\"\n\
+             bundle_file = \"a.pem\"\nbundle_format = \"pem\"\n\
+             [[federation.federates_with]]\ntrust_domain = \"c.test\"\n\
+             bundle_endpoint_url = \"https://[::1]:9443/\"\n\
+             bundle_endpoint_profile = \"https_web\"\nca_file = \"ca.pem\"\n\
+             [[federation.federates_with]]\ntrust_domain = \"d.test\"\n\
+             bundle_endpoint_url = \"https://d.test\"\n\
+             bundle_endpoint_profile = \"https_web\"\n",
+            dir.path()
+        );
+        let f = validate(parse_file(&text).unwrap(), Overrides::default())
+            .unwrap()
+            .federation;
+        let td = |s: &str| TrustDomain::new(s).unwrap();
+        assert_eq!(
+            f.relationships,
+            vec![
+                (
+                    Relationship {
+                        trust_domain: td("a.test"),
+                        url: "https://a.test:8443".into(),
+                        profile: Profile::HttpsSpiffe {
+                            endpoint_id: "spiffe://a.test/spire/server".parse().unwrap()
+                        },
+                        source: Source::Config,
+                    },
+                    Some(BootstrapBundle {
+                        path: dir.path().join("a.json"),
+                        format: BundleFormat::Spiffe
+                    })
+                ),
+                (
+                    Relationship {
+                        trust_domain: td("b.test"),
+                        url: "https://bundles.b.test/b?x=1".into(),
+                        profile: Profile::HttpsSpiffe {
+                            endpoint_id: "spiffe://hub.test/bundle-server".parse().unwrap()
+                        },
+                        source: Source::Config,
+                    },
+                    Some(BootstrapBundle {
+                        path: dir.path().join("a.pem"),
+                        format: BundleFormat::Pem
+                    })
+                ),
+                (
+                    Relationship {
+                        trust_domain: td("c.test"),
+                        url: "https://[::1]:9443/".into(),
+                        profile: Profile::HttpsWeb {
+                            roots_pem: Some(ca_pem.clone())
+                        },
+                        source: Source::Config,
+                    },
+                    None
+                ),
+                (
+                    Relationship {
+                        trust_domain: td("d.test"),
+                        url: "https://d.test".into(),
+                        profile: Profile::HttpsWeb { roots_pem: None },
+                        source: Source::Config,
+                    },
+                    None
+                ),
+            ]
+        );
+        // The bootstrap bundle reads back as the bundle written.
+        let read = f.relationships[0]
+            .1
+            .as_ref()
+            .unwrap()
+            .read(&td("a.test"))
+            .unwrap();
+        assert_eq!(read.x509_authorities, b.x509_authorities);
+        assert_eq!(read.sequence, 3);
+    }
+
+    #[test]
+    fn each_bad_relationship_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("junk"), "not a bundle").unwrap();
+        let rel = |body: &str| {
+            format!(
+                "trust_domain = \"example.org\"\ndata_dir = {:?}\n\
+                 [[federation.federates_with]]\n{body}",
+                dir.path()
+            )
+        };
+        let ok = "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://a.test\"\n";
+        for (body, needle) in [
+            (
+                "bundle_endpoint_url = \"https://a.test\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "federation.federates_with[0].trust_domain: missing",
+            ),
+            (
+                "trust_domain = \"A.test\"\nbundle_endpoint_url = \"https://a.test\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "federation.federates_with[0].trust_domain: ",
+            ),
+            (
+                "trust_domain = \"example.org\"\nbundle_endpoint_url = \"https://a.test\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "federation.federates_with[0].trust_domain: example.org is this server's own trust domain",
+            ),
+            (
+                "trust_domain = \"a.test\"\nbundle_endpoint_profile = \"https_web\"\n",
+                "federation.federates_with[0].bundle_endpoint_url: missing",
+            ),
+            (
+                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"http://a.test\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "federation.federates_with[0].bundle_endpoint_url: \"http://a.test\" is not an https URL",
+            ),
+            (
+                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://u:p@a.test\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "bundle_endpoint_url: \"https://u:p@a.test\" has user information",
+            ),
+            (
+                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://a.test/#x\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "bundle_endpoint_url: \"https://a.test/#x\" has a fragment",
+            ),
+            (
+                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://a.test:0\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "has a bad port",
+            ),
+            (
+                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://a_b.test\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "has a bad host",
+            ),
+            (
+                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https:///x\"\n\
+                 bundle_endpoint_profile = \"https_web\"\n",
+                "has no host",
+            ),
+            (
+                ok,
+                "federation.federates_with[0].bundle_endpoint_profile: missing",
+            ),
+            (
+                &format!("{ok}bundle_endpoint_profile = \"https\"\n"),
+                "federation.federates_with[0].bundle_endpoint_profile: \"https\" is not",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_web\"\n\
+                     endpoint_spiffe_id = \"spiffe://a.test/spire/server\"\n"
+                ),
+                "federation.federates_with[0].endpoint_spiffe_id: only for bundle_endpoint_profile \"https_spiffe\"",
+            ),
+            (
+                &format!("{ok}bundle_endpoint_profile = \"https_spiffe\"\nca_file = \"ca.pem\"\n"),
+                "federation.federates_with[0].ca_file: only for bundle_endpoint_profile \"https_web\"",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_spiffe\"\n\
+                     endpoint_spiffe_id = \"spiffe://a.test/x/../y\"\n"
+                ),
+                "federation.federates_with[0].endpoint_spiffe_id: ",
+            ),
+            (
+                &format!("{ok}bundle_endpoint_profile = \"https_web\"\nca_file = \"nope.pem\"\n"),
+                "federation.federates_with[0].ca_file ",
+            ),
+            (
+                &format!("{ok}bundle_endpoint_profile = \"https_web\"\nca_file = \"junk\"\n"),
+                "holds no CERTIFICATE block",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"nope.json\"\n"
+                ),
+                "federation.federates_with[0].bundle_file ",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"junk\"\n"
+                ),
+                "not a spiffe bundle",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"junk\"\n\
+                     bundle_format = \"jwks\"\n"
+                ),
+                "federation.federates_with[0].bundle_format: \"jwks\" is not \"spiffe\" or \"pem\"",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_format = \"pem\"\n"
+                ),
+                "federation.federates_with[0].bundle_format: set without bundle_file",
+            ),
+        ] {
+            let errs = validate(parse_file(&rel(body)).unwrap(), Overrides::default()).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.contains(needle)),
+                "{needle}: {errs:?}"
+            );
+        }
+        // The same trust domain twice: the second is named.
+        let twice = format!(
+            "{}{ok}bundle_endpoint_profile = \"https_web\"\n",
+            rel(&format!(
+                "{ok}bundle_endpoint_profile = \"https_web\"\n\
+                [[federation.federates_with]]\n"
+            ))
+        );
+        let errs = validate(parse_file(&twice).unwrap(), Overrides::default()).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(
+                "federation.federates_with[1].trust_domain: a.test is federated with twice"
+            ),
+            "{errs:?}"
+        );
     }
 
     #[test]

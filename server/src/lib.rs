@@ -4,7 +4,8 @@
 //! from the catalogs, the CA ([`ca::CaManager`]) with its rotator, the in-memory entry
 //! index ([`entry_cache::EntryCache`]), the node API on TLS 1.3 ([`node_api`]) and the
 //! admin API on a Unix socket and, for admin SVIDs, on the node API's port
-//! ([`admin::api`]), and the optional health and OIDC discovery ([`oidc`]) endpoints. `main.rs` only parses the command line.
+//! ([`admin::api`]), and the optional health, OIDC discovery ([`oidc`]) and federation
+//! bundle ([`federation::endpoint`]) endpoints. `main.rs` only parses the command line.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -120,6 +121,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(oidc) if oidc.key_file().is_some() => Some(oidc::Loaded::load(oidc, None)?),
         _ => None,
     };
+    let bundle_endpoint_loaded = match &config.federation.bundle_endpoint {
+        Some(cfg) => Some(federation::endpoint::Loaded::load(cfg)?),
+        None => None,
+    };
     private_dir(&config.data_dir, "data directory")?;
     let _lock = carapace_common::lock_data_dir(&config.data_dir, "carapace-server")
         .map_err(Error::Config)?;
@@ -188,6 +193,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Some(loaded) => Some(loaded.bind(ca.bundle()).await?),
         None => None,
     };
+    let bundle_endpoint = match bundle_endpoint_loaded {
+        Some(loaded) => Some(loaded.bind(ca.bundle()).await?),
+        None => None,
+    };
     let admin_listener = admin::api::bind(&config.admin_socket)?;
     let admin_socket = carapace_common::OwnSocket::record(
         &config.admin_socket,
@@ -203,7 +212,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_rx.clone(),
     )
     .await?;
-    let tls = carapace_tls::server_config(server_cert, ca.bundle())
+    let tls = carapace_tls::server_config(server_cert.clone(), ca.bundle())
         .map_err(|e| Error::Config(format!("TLS configuration: {e}")))?;
 
     let jwt_settings = jwt_keys::JwtSettings {
@@ -260,6 +269,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ))
     });
     let oidc_task = oidc_endpoint.map(|e| tokio::spawn(e.serve(stop_rx.clone())));
+    // https_spiffe presents the node API's resolver: renewed with the server SVID.
+    let bundle_endpoint_task =
+        bundle_endpoint.map(|e| tokio::spawn(e.serve(Some(server_cert.clone()), stop_rx.clone())));
     let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
     let follower = tokio::spawn(follow::run(cache.clone(), ca.clone(), stop_rx.clone()));
     let pruner = {
@@ -318,6 +330,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .into_iter()
     .chain(health_task.as_ref().map(|t| t.abort_handle()))
     .chain(oidc_task.as_ref().map(|t| t.abort_handle()))
+    .chain(bundle_endpoint_task.as_ref().map(|t| t.abort_handle()))
     .collect::<Vec<_>>();
     let drained = tokio::time::timeout(config.shutdown_grace, async {
         let _ = node_task.await;
@@ -330,6 +343,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let _ = t.await;
         }
         if let Some(t) = oidc_task {
+            let _ = t.await;
+        }
+        if let Some(t) = bundle_endpoint_task {
             let _ = t.await;
         }
     })

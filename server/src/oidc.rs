@@ -29,7 +29,7 @@
 //! file is watched.
 
 use std::os::unix::fs::MetadataExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -249,12 +249,57 @@ impl Routes for Discovery {
     }
 }
 
+/// A TLS certificate chain and its key as an endpoint's settings name them, shared by
+/// the OIDC discovery endpoint and the federation bundle endpoint
+/// ([`crate::federation::endpoint`]): the chain from a PEM file, the key from a PEM file
+/// or the key manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The settings' section, which messages name the keys under (`oidc_discovery`,
+    /// `federation.bundle_endpoint`).
+    pub section: &'static str,
+    /// The certificate chain, PEM, leaf first.
+    pub cert_file: PathBuf,
+    /// The key of its first certificate.
+    pub key: OidcKey,
+}
+
+impl TlsFiles {
+    /// The key file, when the key is one.
+    pub fn key_file(&self) -> Option<&Path> {
+        match &self.key {
+            OidcKey::File(p) => Some(p),
+            OidcKey::KeyManager(_) => None,
+        }
+    }
+
+    /// The files, for [`carapace_common::check_named_files`]: the chain (read) and the
+    /// key (a secret).
+    pub fn named_files(&self) -> Vec<carapace_core::files::NamedFile> {
+        use carapace_core::files::{FileUse, NamedFile};
+        let mut files = vec![NamedFile::new("cert_file", &self.cert_file, FileUse::Read)];
+        if let Some(key_file) = self.key_file() {
+            files.push(NamedFile::new("key_file", key_file, FileUse::Secret));
+        }
+        files
+    }
+}
+
+/// The OIDC endpoint's files.
+fn tls_files(cfg: &OidcDiscovery) -> TlsFiles {
+    TlsFiles {
+        section: "oidc_discovery",
+        cert_file: cfg.cert_file.clone(),
+        key: cfg.key.clone(),
+    }
+}
+
 /// What identifies the certificate and key files' contents, to notice a renewal: each
 /// file's inode, size and change times (a file renamed into place is a new inode even when
 /// its times fall in the same clock tick as the old one's).
 type Stamp = [Option<(u64, u64, u64, i64, i64, i64, i64)>; 2];
 
-fn stamp(cfg: &OidcDiscovery) -> Stamp {
+fn stamp(files: &TlsFiles) -> Stamp {
     let of = |p: &Path| {
         std::fs::metadata(p).ok().map(|m| {
             (
@@ -268,18 +313,18 @@ fn stamp(cfg: &OidcDiscovery) -> Stamp {
             )
         })
     };
-    [of(&cfg.cert_file), cfg.key_file().and_then(of)]
+    [of(&files.cert_file), files.key_file().and_then(of)]
 }
 
 /// Reads `cert_file`'s PEM chain, DER each, leaf first.
 fn read_chain(
-    cfg: &OidcDiscovery,
+    files: &TlsFiles,
 ) -> std::result::Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
-    let cert_what = "oidc_discovery.cert_file";
-    let cert_path = cfg.cert_file.display();
-    let pem = carapace_common::read_operator_file(&cfg.cert_file, cert_what, MAX_PEM_BYTES)?;
+    let cert_what = format!("{}.cert_file", files.section);
+    let cert_path = files.cert_file.display();
+    let pem = carapace_common::read_operator_file(&files.cert_file, &cert_what, MAX_PEM_BYTES)?;
     let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| format!("{cert_what} {cert_path}: not a PEM certificate chain: {e}"))?;
@@ -291,24 +336,35 @@ fn read_chain(
     Ok(chain)
 }
 
-/// Reads `cert_file` and the key into a certified key: `key_file` (checked to be a
-/// regular file owned by this user with no group or other access), or `key`, the key
-/// manager's key `key_id` names. The key must be the certificate's. Messages name the
-/// setting and the path.
+/// Reads the OIDC endpoint's certificate and key ([`load_tls_files`]).
 pub fn load_certified_key(
     cfg: &OidcDiscovery,
     key: Option<&Arc<dyn KeySigner>>,
 ) -> std::result::Result<Arc<CertifiedKey>, String> {
+    load_tls_files(&tls_files(cfg), key)
+}
+
+/// Reads `cert_file` and the key into a certified key: `key_file` (checked to be a
+/// regular file owned by this user with no group or other access), or `key`, the key
+/// manager's key `key_id` names. The key must be the certificate's. Messages name the
+/// setting (`<section>.cert_file`) and the path.
+pub fn load_tls_files(
+    files: &TlsFiles,
+    key: Option<&Arc<dyn KeySigner>>,
+) -> std::result::Result<Arc<CertifiedKey>, String> {
     use rustls_pki_types::PrivateKeyDer;
     use rustls_pki_types::pem::PemObject as _;
-    let cert_what = "oidc_discovery.cert_file";
-    let cert_path = cfg.cert_file.display();
-    let chain = read_chain(cfg)?;
-    let key_file = match &cfg.key {
+    let cert_what = format!("{}.cert_file", files.section);
+    let cert_path = files.cert_file.display();
+    let chain = read_chain(files)?;
+    let key_file = match &files.key {
         OidcKey::File(p) => p,
         OidcKey::KeyManager(id) => {
             let key = key.ok_or_else(|| {
-                format!("oidc_discovery.key_id {id}: the key manager's key was not loaded")
+                format!(
+                    "{}.key_id {id}: the key manager's key was not loaded",
+                    files.section
+                )
             })?;
             let leaf = carapace_core::x509svid::public_key_of(&chain[0])
                 .map_err(|e| format!("{cert_what} {cert_path}: {e}"))?;
@@ -323,11 +379,11 @@ pub fn load_certified_key(
             return Ok(carapace_tls::certified_key(&chain, key.clone()));
         }
     };
-    let key_what = "oidc_discovery.key_file";
+    let key_what = format!("{}.key_file", files.section);
     let key_path = key_file.display();
     let meta = std::fs::metadata(key_file)
         .map_err(|e| format!("{key_what} {key_path}: cannot read: {e}"))?;
-    carapace_core::files::check_private(key_what, key_file, &meta)?;
+    carapace_core::files::check_private(&key_what, key_file, &meta)?;
     let me = carapace_common::euid();
     if meta.uid() != me {
         return Err(format!(
@@ -338,7 +394,7 @@ pub fn load_certified_key(
     }
     let pem = zeroize::Zeroizing::new(carapace_common::read_operator_file(
         key_file,
-        key_what,
+        &key_what,
         MAX_PEM_BYTES,
     )?);
     let key = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| {
@@ -414,19 +470,24 @@ pub async fn csr(
     Ok((pem, created))
 }
 
+/// For `validate`: the OIDC endpoint's files ([`check_tls_files`]).
+pub fn check_files(cfg: &OidcDiscovery) -> Vec<String> {
+    check_tls_files(&tls_files(cfg))
+}
+
 /// For `validate`: the files' checks ([`carapace_common::check_named_file`]) and, when
 /// they pass, what the server checks at start: the chain parses, the key is private to
 /// this user and matches the certificate. Reads the key, as the server will.
-pub fn check_files(cfg: &OidcDiscovery) -> Vec<String> {
-    let problems = carapace_common::check_named_files("oidc_discovery", &cfg.files());
+pub fn check_tls_files(files: &TlsFiles) -> Vec<String> {
+    let problems = carapace_common::check_named_files(files.section, &files.named_files());
     if !problems.is_empty() {
         return problems;
     }
     // A key manager key is not opened here (validate opens no key manager): the chain
     // alone is checked, and its match with the key at start.
-    let checked = match cfg.key {
-        OidcKey::File(_) => load_certified_key(cfg, None).map(|_| ()),
-        OidcKey::KeyManager(_) => read_chain(cfg).map(|_| ()),
+    let checked = match files.key {
+        OidcKey::File(_) => load_tls_files(files, None).map(|_| ()),
+        OidcKey::KeyManager(_) => read_chain(files).map(|_| ()),
     };
     match checked {
         Ok(()) => Vec::new(),
@@ -434,16 +495,102 @@ pub fn check_files(cfg: &OidcDiscovery) -> Vec<String> {
     }
 }
 
-/// The TLS configuration presenting `cert` (swappable): TLS 1.2 and 1.3 with rustls's
-/// safe defaults (public relying parties are not all on 1.3), ALPN `http/1.1`.
-fn tls_config(cert: Arc<carapace_tls::FixedCert>) -> Result<rustls::ServerConfig> {
+/// The TLS configuration of a public HTTPS endpoint presenting `cert` (swappable): TLS
+/// 1.2 and 1.3 with rustls's safe defaults (public relying parties and SPIFFE federation
+/// peers are not all on 1.3; both versions with forward-secret AEAD suites only, as
+/// Mozilla's "intermediate" profile), no client authentication, ALPN `http/1.1`.
+/// `section` names the endpoint's settings in the (unlikely) error.
+pub fn https_config(
+    section: &str,
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(carapace_tls::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("oidc_discovery: TLS configuration: {e}")))?
+        .map_err(|e| Error::Config(format!("{section}: TLS configuration: {e}")))?
         .with_no_client_auth()
         .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tls)
+}
+
+/// A certificate and key read from files and swapped when the files change, as a
+/// rustls certificate resolver ([`ReloadingCert::resolver`]): what the OIDC endpoint
+/// and the bundle endpoint's `https_web` profile present.
+#[derive(Debug)]
+pub struct ReloadingCert {
+    files: TlsFiles,
+    key: Option<Arc<dyn KeySigner>>,
+    cert: Arc<carapace_tls::FixedCert>,
+    loaded: Stamp,
+    endpoint: &'static str,
+}
+
+impl ReloadingCert {
+    /// Reads and checks the certificate and key ([`load_tls_files`]); `key` is the key
+    /// manager's key when `files` names one ([`key_of`]). `endpoint` names the endpoint
+    /// in logs.
+    pub fn load(
+        files: TlsFiles,
+        key: Option<Arc<dyn KeySigner>>,
+        endpoint: &'static str,
+    ) -> Result<Self> {
+        // Taken before reading: a change while reading is seen as a change.
+        let loaded = stamp(&files);
+        let certified = load_tls_files(&files, key.as_ref()).map_err(Error::Config)?;
+        Ok(ReloadingCert {
+            files,
+            key,
+            cert: Arc::new(carapace_tls::FixedCert(RwLock::new(certified))),
+            loaded,
+            endpoint,
+        })
+    }
+
+    /// The resolver presenting the current pair.
+    pub fn resolver(&self) -> Arc<carapace_tls::FixedCert> {
+        self.cert.clone()
+    }
+
+    /// Until `stop` turns true, looks at the files every `interval` and swaps in the
+    /// certificate and key when they changed; keeps the previous pair (and says why)
+    /// when the new one does not load.
+    pub async fn reload(self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let ReloadingCert {
+            files,
+            key,
+            cert,
+            loaded: mut last,
+            endpoint,
+        } = self;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let now = stamp(&files);
+            if now == last {
+                continue;
+            }
+            let (files2, key2) = (files.clone(), key.clone());
+            match tokio::task::spawn_blocking(move || load_tls_files(&files2, key2.as_ref())).await
+            {
+                Ok(Ok(certified)) => {
+                    *cert.0.write().unwrap_or_else(|p| p.into_inner()) = certified;
+                    last = now;
+                    tracing::info!(cert_file = %files.cert_file.display(), "{endpoint}: loaded the renewed certificate");
+                }
+                Ok(Err(e)) => {
+                    // Tried again at the next change (or the next tick, if the files are
+                    // still being written).
+                    tracing::warn!(error = %e, "{endpoint}: keeping the previous certificate");
+                    last = now;
+                }
+                Err(e) => tracing::warn!(error = %e, "{endpoint}: reloading failed"),
+            }
+        }
+    }
 }
 
 /// The endpoint's certificate and key, read and checked, not yet listening: what
@@ -451,29 +598,22 @@ fn tls_config(cert: Arc<carapace_tls::FixedCert>) -> Result<rustls::ServerConfig
 #[derive(Debug)]
 pub struct Loaded {
     cfg: OidcDiscovery,
-    key: Option<Arc<dyn KeySigner>>,
-    cert: Arc<carapace_tls::FixedCert>,
-    stamp: Stamp,
+    cert: ReloadingCert,
 }
 
 impl Loaded {
     /// Reads and checks the certificate and key ([`load_certified_key`]); `key` is the
     /// key manager's key when `key_id` names one ([`key_of`]).
     pub fn load(cfg: &OidcDiscovery, key: Option<Arc<dyn KeySigner>>) -> Result<Self> {
-        // Taken before reading: a change while reading is seen as a change.
-        let stamp = stamp(cfg);
-        let certified = load_certified_key(cfg, key.as_ref()).map_err(Error::Config)?;
         Ok(Loaded {
             cfg: cfg.clone(),
-            key,
-            cert: Arc::new(carapace_tls::FixedCert(RwLock::new(certified))),
-            stamp,
+            cert: ReloadingCert::load(tls_files(cfg), key, "OIDC discovery endpoint")?,
         })
     }
 
     /// Binds the listener for the bundles `bundle` carries.
     pub async fn bind(self, bundle: watch::Receiver<Arc<TrustBundle>>) -> Result<Endpoint> {
-        let tls = Arc::new(tls_config(self.cert.clone())?);
+        let tls = Arc::new(https_config("oidc_discovery", self.cert.resolver())?);
         let listener = TcpListener::bind(self.cfg.bind_address).await.map_err(|e| {
             Error::Config(format!(
                 "cannot listen on {} for the OIDC discovery endpoint (oidc_discovery.bind_address): {e}",
@@ -483,12 +623,9 @@ impl Loaded {
         Ok(Endpoint {
             listener,
             discovery: Discovery::new(&self.cfg.issuer, bundle),
-            cfg: self.cfg,
-            key: self.key,
             cert: self.cert,
             tls,
             reload_interval: RELOAD_INTERVAL,
-            loaded: self.stamp,
         })
     }
 }
@@ -497,13 +634,10 @@ impl Loaded {
 #[derive(Debug)]
 pub struct Endpoint {
     listener: TcpListener,
-    cfg: OidcDiscovery,
-    key: Option<Arc<dyn KeySigner>>,
-    cert: Arc<carapace_tls::FixedCert>,
+    cert: ReloadingCert,
     tls: Arc<rustls::ServerConfig>,
     discovery: Discovery,
     reload_interval: Duration,
-    loaded: Stamp,
 }
 
 impl Endpoint {
@@ -540,14 +674,7 @@ impl Endpoint {
                 self.discovery.keys_path()
             );
         }
-        let reload = tokio::spawn(reload(
-            self.cfg,
-            self.key,
-            self.loaded,
-            self.cert,
-            self.reload_interval,
-            stop.clone(),
-        ));
+        let reload = tokio::spawn(self.cert.reload(self.reload_interval, stop.clone()));
         carapace_common::http::serve(
             self.listener,
             "OIDC discovery endpoint",
@@ -557,44 +684,5 @@ impl Endpoint {
         )
         .await;
         reload.abort();
-    }
-}
-
-/// Swaps in the certificate and key when their files change; keeps the previous pair
-/// (and says why) when the new one does not load.
-async fn reload(
-    cfg: OidcDiscovery,
-    key: Option<Arc<dyn KeySigner>>,
-    mut last: Stamp,
-    cert: Arc<carapace_tls::FixedCert>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let now = stamp(&cfg);
-        if now == last {
-            continue;
-        }
-        let (cfg2, key2) = (cfg.clone(), key.clone());
-        match tokio::task::spawn_blocking(move || load_certified_key(&cfg2, key2.as_ref())).await {
-            Ok(Ok(certified)) => {
-                *cert.0.write().unwrap_or_else(|p| p.into_inner()) = certified;
-                last = now;
-                tracing::info!(cert_file = %cfg.cert_file.display(), "OIDC discovery endpoint: loaded the renewed certificate");
-            }
-            Ok(Err(e)) => {
-                // Tried again at the next change (or the next tick, if the files are
-                // still being written).
-                tracing::warn!(error = %e, "OIDC discovery endpoint: keeping the previous certificate");
-                last = now;
-            }
-            Err(e) => tracing::warn!(error = %e, "OIDC discovery endpoint: reloading failed"),
-        }
     }
 }
