@@ -32,6 +32,7 @@ use carapace_proto::types;
 use crate::ca::{CaManager, IssuedSvid, SubjectKey, csr_public_key, csr_public_key_der, sign_leaf};
 use crate::datastore::{AttestedAgent, Refusal};
 use crate::entry_cache::{AgentCredential, EntryCache};
+use crate::federation::bundles::{BundleMap, ForeignDiff, SentForeign};
 use crate::sync_diff::{Diff, Sent};
 use crate::{Error, Result};
 
@@ -167,6 +168,8 @@ pub struct NodeApi {
     attestations: Arc<Semaphore>,
     /// Turns true when the server shuts down: sync streams then end (`Unavailable`).
     closing: Option<watch::Receiver<bool>>,
+    /// The foreign trust domains' bundles; `None`: no federation (none are sent).
+    foreign: Option<watch::Receiver<Arc<BundleMap>>>,
 }
 
 /// A signing task that did not finish (it panicked, or was cancelled at shutdown): an
@@ -221,7 +224,14 @@ impl NodeApi {
             settings,
             attestations: Arc::new(Semaphore::new(DEFAULT_MAX_ATTESTATIONS_IN_FLIGHT)),
             closing: None,
+            foreign: None,
         }
+    }
+
+    /// Sends each agent the foreign bundles its entries federate with, from `foreign`.
+    pub fn with_foreign_bundles(mut self, foreign: watch::Receiver<Arc<BundleMap>>) -> Self {
+        self.foreign = Some(foreign);
+        self
     }
 
     /// Ends every sync stream (with `Unavailable`) once `closing` turns true, so that a
@@ -466,6 +476,7 @@ impl NodeApi {
         full: bool,
         diff: &Diff,
         bundle: Option<types::Bundle>,
+        foreign: &ForeignDiff,
     ) -> SyncAuthorizedResponse {
         SyncAuthorizedResponse {
             revision: self.cache.revision(),
@@ -477,9 +488,17 @@ impl NodeApi {
             bundle,
             full,
             removed: diff.removed.clone(),
-            federated_bundles: Vec::new(),
-            removed_federated_bundles: Vec::new(),
-            federated_full: false,
+            federated_bundles: foreign
+                .bundles
+                .iter()
+                .map(|b| types::Bundle::from(b.as_ref()))
+                .collect(),
+            removed_federated_bundles: foreign
+                .removed
+                .iter()
+                .map(|td| td.name().to_owned())
+                .collect(),
+            federated_full: foreign.full,
         }
     }
 }
@@ -597,6 +616,8 @@ impl node::node_server::Node for NodeApi {
             // What this stream has sent: `None` until the first message.
             let mut sent: Option<Sent> = None;
             let mut last_bundle: Option<types::Bundle> = None;
+            let mut foreign = this.foreign.clone();
+            let mut sent_foreign = SentForeign::default();
             // The stream ends when the SVID it was opened with lapses, whatever else.
             let lapse = tokio::time::sleep_until(until_unix(peer.not_after));
             tokio::pin!(lapse);
@@ -611,6 +632,14 @@ impl node::node_server::Node for NodeApi {
                 revisions.borrow_and_update();
                 let bundle = types::Bundle::from(bundles.borrow_and_update().as_ref());
                 let current = this.cache.authorized_entries(&id);
+                let all_foreign = foreign
+                    .as_mut()
+                    .map(|f| f.borrow_and_update().clone())
+                    .unwrap_or_default();
+                let foreign_diff = sent_foreign.advance(
+                    current.iter().flat_map(|e| e.federates_with.iter()),
+                    &all_foreign,
+                );
                 // The first message: the full state, or a diff against what the agent
                 // proves it holds. Later ones: what changed since the previous one, and
                 // nothing at all when this agent's view did not change.
@@ -634,14 +663,15 @@ impl node::node_server::Node for NodeApi {
                 };
                 let first = last_bundle.is_none();
                 let new_bundle = (last_bundle.as_ref() != Some(&bundle)).then(|| bundle.clone());
-                if first || new_bundle.is_some() || !diff.is_empty() {
+                if first || new_bundle.is_some() || !diff.is_empty() || !foreign_diff.is_empty() {
                     last_bundle = Some(bundle);
-                    let msg = this.sync_message(full, &diff, new_bundle);
+                    let msg = this.sync_message(full, &diff, new_bundle, &foreign_diff);
                     tracing::debug!(
                         agent = %id,
                         full,
                         entries = msg.entries.len(),
                         removed = msg.removed.len(),
+                        federated_bundles = msg.federated_bundles.len(),
                         revision = msg.revision,
                         "sync message"
                     );
@@ -652,6 +682,12 @@ impl node::node_server::Node for NodeApi {
                 tokio::select! {
                     r = revisions.changed() => if r.is_err() { return },
                     r = bundles.changed() => if r.is_err() { return },
+                    r = async {
+                        match foreign.as_mut() {
+                            Some(f) => f.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => if r.is_err() { return },
                     () = &mut lapse => {
                         // Re-checked above; should the clock disagree, again in a second.
                         lapse.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));

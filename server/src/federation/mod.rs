@@ -11,6 +11,8 @@
 
 pub mod endpoint;
 
+pub mod bundles;
+
 use carapace_core::{SpiffeId, TrustBundle, TrustDomain};
 
 /// How a peer's bundle endpoint is authenticated (SPIFFE Federation §5.2).
@@ -125,7 +127,8 @@ pub struct ForeignBundle {
 pub enum Stored {
     /// It replaced the stored one (or there was none).
     Replaced,
-    /// The stored one has the same content: nothing was written.
+    /// The stored one has the same keys: the bundle stays (a higher sequence or a new
+    /// refresh hint is recorded).
     Unchanged,
     /// It was refused, and why (a lower sequence, or the same sequence with other content):
     /// the stored one stays.
