@@ -9,6 +9,8 @@
 //! The types here are shared by the datastore (`datastore::federation`), the admin API
 //! and the refresh loop.
 
+pub mod fetch;
+
 use carapace_core::{SpiffeId, TrustBundle, TrustDomain};
 
 /// How a peer's bundle endpoint is authenticated (SPIFFE Federation §5.2).
