@@ -1,10 +1,13 @@
-//! TLS 1.3 for Carapace's node API, on rustls with the ring provider.
+//! TLS for Carapace, on rustls with the ring provider: TLS 1.3 only for the node API;
+//! TLS 1.2 as well for fetching a federated trust domain's bundle.
 //!
 //! - [`KeyManagerSigningKey`] makes a [`KeySigner`] usable as a rustls signing key, so the
 //!   server's and the agent's TLS handshakes sign inside their key manager (HSM, TPM):
 //!   the private key is never in rustls's hands.
 //! - [`SpiffeServerVerifier`] (used by agents) accepts a server only if its certificate is
 //!   a valid X509-SVID under the current trust bundle with exactly the expected SPIFFE ID.
+//!   [`federation_client_config`] uses it, with TLS 1.2 allowed as well, for a peer trust
+//!   domain's `https_spiffe` bundle endpoint.
 //! - [`SpiffeClientVerifier`] (used by the server) accepts a client certificate only if it
 //!   is a valid X509-SVID of the trust domain under the current bundle. It does not
 //!   demand one: node attestation runs before the agent has an SVID, and every RPC that
@@ -152,15 +155,32 @@ pub struct SpiffeServerVerifier {
     bundle: BundleWatch,
     expected: SpiffeId,
     algs: WebPkiSupportedAlgorithms,
+    /// Whether TLS 1.2 handshake signatures are verified (else refused).
+    tls12: bool,
 }
 
 impl SpiffeServerVerifier {
-    /// Accepts only servers presenting an SVID for `expected` under `bundle`.
+    /// Accepts only servers presenting an SVID for `expected` under `bundle`, over TLS 1.3
+    /// only (the node API).
     pub fn new(bundle: BundleWatch, expected: SpiffeId) -> Arc<Self> {
         Arc::new(SpiffeServerVerifier {
             bundle,
             expected,
             algs: supported_algs(),
+            tls12: false,
+        })
+    }
+
+    /// As [`SpiffeServerVerifier::new`], but TLS 1.2 handshakes are verified too: for a
+    /// peer trust domain's bundle endpoint (`https_spiffe`; SPIFFE Federation §5 asks
+    /// for Mozilla's *intermediate* profile, TLS 1.2 and 1.3), which may be another
+    /// implementation's.
+    pub fn accepting_tls12(bundle: BundleWatch, expected: SpiffeId) -> Arc<Self> {
+        Arc::new(SpiffeServerVerifier {
+            bundle,
+            expected,
+            algs: supported_algs(),
+            tls12: true,
         })
     }
 }
@@ -190,10 +210,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if self.tls12 {
+            return rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs);
+        }
         Err(rustls::Error::PeerIncompatible(
             rustls::PeerIncompatible::Tls13RequiredForQuic,
         ))
@@ -308,6 +331,28 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+/// A client configuration for fetching a peer trust domain's bundle from its
+/// `https_spiffe` bundle endpoint (SPIFFE Federation §5.2.2): the endpoint must present
+/// an X509-SVID for `endpoint_id` under `bundle` (the bundle of `endpoint_id`'s trust
+/// domain); TLS 1.3 or 1.2, no client certificate, ALPN `http/1.1`. The host name the
+/// client connects to goes out as SNI but is not checked against the certificate: the
+/// SPIFFE ID is.
+pub fn federation_client_config(
+    bundle: BundleWatch,
+    endpoint_id: SpiffeId,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(SpiffeServerVerifier::accepting_tls12(
+            bundle,
+            endpoint_id,
+        ))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
@@ -487,4 +532,122 @@ pub fn csr_for_key(key: Arc<dyn KeySigner>) -> Result<Vec<u8>, carapace_core::Er
         .serialize_request(&signer)
         .map_err(|e| carapace_core::Error::KeyBackend(format!("CSR signing failed: {e}")))?;
     Ok(csr.der().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    use super::*;
+    use carapace_core::TrustDomain;
+    use rustls_pki_types::PrivateKeyDer;
+
+    /// A CA of `td` (URI SAN `spiffe://td`) and a server SVID it signed for `id`.
+    fn svid(
+        td: &str,
+        id: &str,
+    ) -> (
+        TrustBundle,
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+    ) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::default();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        ca.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://{td}").try_into().unwrap(),
+        )];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::default();
+        leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        leaf.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        let leaf = leaf.signed_by(&key, &issuer).unwrap();
+        let mut bundle = TrustBundle::new(TrustDomain::new(td).unwrap());
+        bundle.x509_authorities.push(ca_cert.der().to_vec());
+        (
+            bundle,
+            vec![leaf.der().clone()],
+            PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+    }
+
+    /// Serves one TLS handshake with `versions` on a loopback port.
+    async fn tls_peer(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> std::net::SocketAddr {
+        let cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn handshake(
+        cfg: rustls::ClientConfig,
+        addr: std::net::SocketAddr,
+    ) -> Result<(), String> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn federation_accepts_tls12_and_the_node_api_does_not() {
+        let id: SpiffeId = "spiffe://td.test/spire/server".parse().unwrap();
+        let (bundle, chain, key) = svid("td.test", id.as_str());
+        let (_tx, rx) = watch::channel(Arc::new(bundle));
+        let tls12 = tls_peer(&[&rustls::version::TLS12], chain.clone(), key.clone_key()).await;
+        let tls13 = tls_peer(&[&rustls::version::TLS13], chain, key).await;
+        for addr in [tls12, tls13] {
+            handshake(
+                federation_client_config(rx.clone(), id.clone()).unwrap(),
+                addr,
+            )
+            .await
+            .unwrap();
+        }
+        handshake(client_config(rx.clone(), id.clone(), None).unwrap(), tls13)
+            .await
+            .unwrap();
+        let err = handshake(client_config(rx.clone(), id, None).unwrap(), tls12)
+            .await
+            .unwrap_err();
+        assert!(err.contains("ProtocolVersion"), "{err}");
+        // The SPIFFE ID is still checked with TLS 1.2.
+        let other: SpiffeId = "spiffe://td.test/other".parse().unwrap();
+        let err = handshake(federation_client_config(rx, other).unwrap(), tls12)
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("but spiffe://td.test/other was expected"),
+            "{err}"
+        );
+    }
 }

@@ -9,9 +9,10 @@
 //! The types here are shared by the datastore (`datastore::federation`), the admin API
 //! and the refresh loop.
 
-pub mod endpoint;
-
 pub mod bundles;
+pub mod endpoint;
+pub mod fetch;
+pub mod refresh;
 
 use carapace_core::{SpiffeId, TrustBundle, TrustDomain};
 
