@@ -20,12 +20,47 @@ use tokio::sync::watch;
 use crate::ca::CaManager;
 use crate::datastore::{ChangeListener, Woken};
 use crate::entry_cache::EntryCache;
+use crate::federation::Refresher;
+use crate::federation::bundles::ForeignBundles;
 
 /// The longest a change committed by another server waits to be applied here.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What follows federation changes: the foreign bundles the agents get, and the refresh
+/// loop (whose relationships another server may have changed).
+#[derive(Clone)]
+pub struct Federation {
+    /// The foreign bundles, re-read on a change.
+    pub bundles: Arc<ForeignBundles>,
+    /// The refresh loop, woken by a notified change (not by the poll: the loop re-reads
+    /// the relationships whenever one is due anyway).
+    pub refresher: Arc<dyn Refresher>,
+}
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation").finish_non_exhaustive()
+    }
+}
+
+impl Federation {
+    async fn follow(&self, from_poll: bool) {
+        if from_poll {
+            self.bundles.reload_or_log().await;
+        } else {
+            // Also re-reads the bundles.
+            self.refresher.relationships_changed();
+        }
+    }
+}
+
 /// Follows the datastore until `shutdown` changes.
-pub async fn run(cache: Arc<EntryCache>, ca: Arc<CaManager>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    cache: Arc<EntryCache>,
+    ca: Arc<CaManager>,
+    federation: Option<Federation>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let ds = cache.datastore().clone();
     let mut listener: Option<ChangeListener> = match ds.change_listener().await {
         Ok(None) => return,
@@ -39,8 +74,8 @@ pub async fn run(cache: Arc<EntryCache>, ca: Arc<CaManager>, mut shutdown: watch
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        // What to re-read: a notification names it, a poll re-reads both.
-        let woken = tokio::select! {
+        // What to re-read: a notification names it, a poll re-reads everything.
+        let (woken, from_poll) = tokio::select! {
             woke = async {
                 match listener.as_mut() {
                     Some(l) => l.recv().await,
@@ -48,7 +83,7 @@ pub async fn run(cache: Arc<EntryCache>, ca: Arc<CaManager>, mut shutdown: watch
                 }
             } => {
                 match woke {
-                    Ok(w) => w,
+                    Ok(w) => (w, false),
                     Err(e) => {
                         tracing::warn!(error = %e, "lost the datastore notifications; polling until they are back");
                         listener = None;
@@ -60,10 +95,15 @@ pub async fn run(cache: Arc<EntryCache>, ca: Arc<CaManager>, mut shutdown: watch
                 if listener.is_none() {
                     listener = ds.change_listener().await.ok().flatten();
                 }
-                Woken { logs: true, bundle: true, federation: true }
+                (Woken { logs: true, bundle: true, federation: true }, true)
             }
             _ = shutdown.changed() => return,
         };
+        if let Some(f) = &federation {
+            if woken.federation {
+                f.follow(from_poll).await;
+            }
+        }
         let followed = if woken.logs {
             cache.follow().await.map(drop)
         } else {

@@ -174,6 +174,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let cache =
         EntryCache::load_with_attestors(config.trust_domain.clone(), ds.clone(), &attestors)
             .await?;
+    federation::apply_config(&ds, &config.federation, ctx.clock.unix_now()).await?;
+    let foreign_bundles = federation::bundles::ForeignBundles::load(ds.clone()).await?;
 
     let listener = tokio::net::TcpListener::bind(config.bind_address)
         .await
@@ -230,7 +232,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         },
     )
     .with_max_attestations_in_flight(config.node_api.max_attestations_in_flight)
+    .with_foreign_bundles(foreign_bundles.subscribe())
     .with_shutdown(stop_rx.clone());
+    let refresher = federation::refresh::RefreshLoop::new(
+        ds.clone(),
+        ca.bundle(),
+        federation::refresh::Bounds {
+            floor: config.federation.refresh_floor,
+            ceiling: config.federation.refresh_ceiling,
+        },
+        foreign_bundles.clone(),
+    );
+    let refresh_task = tokio::spawn(refresher.clone().run(stop_rx.clone()));
     let admin = admin::api::AdminApi::new(
         cache.clone(),
         ca.clone(),
@@ -273,7 +286,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let bundle_endpoint_task =
         bundle_endpoint.map(|e| tokio::spawn(e.serve(Some(server_cert.clone()), stop_rx.clone())));
     let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
-    let follower = tokio::spawn(follow::run(cache.clone(), ca.clone(), stop_rx.clone()));
+    let follower = tokio::spawn(follow::run(
+        cache.clone(),
+        ca.clone(),
+        Some(follow::Federation {
+            bundles: foreign_bundles.clone(),
+            refresher: refresher.clone(),
+        }),
+        stop_rx.clone(),
+    ));
     let pruner = {
         let cache = cache.clone();
         let clock = ctx.clock.clone();
@@ -324,6 +345,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         admin_task.abort_handle(),
         rotator.abort_handle(),
         follower.abort_handle(),
+        refresh_task.abort_handle(),
         pruner.abort_handle(),
         svid_task.abort_handle(),
     ]
@@ -337,6 +359,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = admin_task.await;
         let _ = rotator.await;
         let _ = follower.await;
+        let _ = refresh_task.await;
         let _ = pruner.await;
         let _ = svid_task.await;
         if let Some(t) = health_task {

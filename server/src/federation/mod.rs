@@ -147,3 +147,35 @@ pub trait Refresher: Send + Sync {
     /// Relationships were created, changed or deleted: re-read them now.
     fn relationships_changed(&self);
 }
+
+/// Writes the config file's relationships into the datastore (replacing the config
+/// relationships an earlier start wrote), and stores each bootstrap bundle whose trust
+/// domain has no bundle yet: a bundle fetched since, or set by an operator, is newer than
+/// the file and stays.
+pub async fn apply_config(
+    ds: &crate::datastore::Datastore,
+    cfg: &crate::config::Federation,
+    now: i64,
+) -> crate::Result<()> {
+    let relationships: Vec<Relationship> =
+        cfg.relationships.iter().map(|(r, _)| r.clone()).collect();
+    ds.replace_config_federations(&relationships).await?;
+    for (rel, bootstrap) in &cfg.relationships {
+        let Some(bootstrap) = bootstrap else { continue };
+        if ds.foreign_bundle(&rel.trust_domain).await?.is_some() {
+            continue;
+        }
+        let bundle = bootstrap
+            .read(&rel.trust_domain)
+            .map_err(crate::Error::Config)?;
+        ds.set_static_bundle(&bundle, now).await?;
+        tracing::info!(trust_domain = %rel.trust_domain, file = %bootstrap.path.display(), "stored the bootstrap bundle of a federation relationship");
+    }
+    if !relationships.is_empty() {
+        tracing::info!(
+            count = relationships.len(),
+            "federation relationships of the config file written to the datastore"
+        );
+    }
+    Ok(())
+}

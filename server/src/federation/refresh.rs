@@ -31,6 +31,7 @@ use tokio::sync::{Notify, watch};
 use carapace_core::clock::unix_now;
 use carapace_core::{TrustBundle, TrustDomain};
 
+use super::bundles::ForeignBundles;
 use super::fetch::fetch_bundle;
 use super::{Profile, Refresher, Relationship, Status, Stored};
 use crate::datastore::Datastore;
@@ -68,6 +69,7 @@ pub struct RefreshLoop {
     ds: Datastore,
     local: watch::Receiver<Arc<TrustBundle>>,
     bounds: Bounds,
+    foreign: Arc<ForeignBundles>,
     wake: Notify,
 }
 
@@ -82,12 +84,18 @@ impl std::fmt::Debug for RefreshLoop {
 impl RefreshLoop {
     /// A loop over `ds`'s relationships. `local` is the local trust domain's bundle (it
     /// authenticates an `https_spiffe` endpoint whose SPIFFE ID is in the local trust
-    /// domain).
-    pub fn new(ds: Datastore, local: watch::Receiver<Arc<TrustBundle>>, bounds: Bounds) -> Arc<Self> {
+    /// domain). A bundle it stores is published to the agents through `foreign`.
+    pub fn new(
+        ds: Datastore,
+        local: watch::Receiver<Arc<TrustBundle>>,
+        bounds: Bounds,
+        foreign: Arc<ForeignBundles>,
+    ) -> Arc<Self> {
         Arc::new(RefreshLoop {
             ds,
             local,
             bounds,
+            foreign,
             wake: Notify::new(),
         })
     }
@@ -181,6 +189,7 @@ impl RefreshLoop {
                 match self.ds.store_fetched_bundle(&bundle, now).await? {
                     Stored::Replaced => {
                         tracing::info!(trust_domain = %td, sequence = bundle.sequence, "federation: stored the peer's new bundle");
+                        self.foreign.reload_or_log().await;
                         Ok(())
                     }
                     Stored::Unchanged => Ok(()),
@@ -250,6 +259,8 @@ impl Refresher for RefreshLoop {
 
     fn relationships_changed(&self) {
         self.wake.notify_one();
+        let foreign = self.foreign.clone();
+        tokio::spawn(async move { foreign.reload_or_log().await });
     }
 }
 
