@@ -111,6 +111,10 @@ async fn entry_lifecycle_through_the_cli() {
             "--jwt-svid-include-jti",
             "--dns-name",
             "web.example.org",
+            "--federates-with",
+            "spiffe://partner.org",
+            "--federates-with",
+            "b.example",
             "--hint",
             "web",
             "--admin",
@@ -124,6 +128,8 @@ async fn entry_lifecycle_through_the_cli() {
         (stored.jwt_svid_ttl, stored.jwt_svid_include_jti),
         (Some(Duration::from_secs(120)), true)
     );
+    let names: Vec<&str> = stored.federates_with.iter().map(|t| t.name()).collect();
+    assert_eq!(names, ["partner.org", "b.example"]);
     uuid::Uuid::parse_str(&id).unwrap_or_else(|e| panic!("entry id {id:?} is not a uuid: {e}"));
     for line in [
         "SPIFFE ID        : spiffe://example.org/web\n",
@@ -135,6 +141,8 @@ async fn entry_lifecycle_through_the_cli() {
         "Selector         : unix:uid:1000\n",
         "Selector         : unix:user:www\n",
         "DNS name         : web.example.org\n",
+        "FederatesWith    : partner.org\n",
+        "FederatesWith    : b.example\n",
         "Hint             : web\n",
         "Admin            : true\n",
         "Expires at       : 2100-01-01T00:00:00Z\n",
@@ -607,6 +615,21 @@ async fn bad_entries_write_nothing() {
         err.contains("parent_id") && err.contains("not in trust domain example.org"),
         "{err}"
     );
+    // Federating with the own trust domain, or twice with one.
+    for (feds, want) in [
+        (&["example.org"][..], "is the entry's own trust domain"),
+        (&["spiffe://b.org", "b.org"][..], "b.org is named twice"),
+    ] {
+        let mut argv = create("spiffe://example.org/w", AGENT, "unix:uid:1").to_vec();
+        for f in feds {
+            argv.extend(["--federates-with", f]);
+        }
+        let err = s.err(&argv).await;
+        assert!(
+            err.contains("federates_with") && err.contains(want),
+            "{err}"
+        );
+    }
 
     // No selectors: clap refuses; the server refuses too when asked directly.
     let argv = [

@@ -16,6 +16,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use carapace_core::TrustDomain;
 use carapace_proto::admin::{
     BatchCreateEntryRequest, CreateEntryRequest, DeleteEntryRequest, ListEntriesRequest,
     UpdateEntryRequest,
@@ -73,6 +74,12 @@ pub struct EntryFields {
     /// DNS name to add to the SVID; repeat for several (the first becomes the CN).
     #[arg(long = "dns-name", value_name = "NAME")]
     pub dns_names: Vec<String>,
+    /// A foreign trust domain (spiffe://td or td) whose bundle the entry's workloads
+    /// receive with their SVIDs, to authenticate its workloads; repeat for several
+    /// (SPIRE's -federatesWith). Its bundle comes from a `federation` relationship or a
+    /// `bundle set`; one that has none yet is accepted, and sent once it exists.
+    #[arg(long = "federates-with", value_name = "TRUST_DOMAIN")]
+    pub federates_with: Vec<String>,
     /// A label passed to the workload with the SVID.
     #[arg(long)]
     pub hint: Option<String>,
@@ -98,7 +105,8 @@ pub struct EntryCreateArgs {
     /// command, and the batches before it stay written.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "parent_id", "spiffe_id", "selectors", "x509_svid_ttl", "jwt_svid_ttl",
-        "jwt_svid_include_jti", "dns_names", "hint", "admin", "downstream", "expires_at",
+        "jwt_svid_include_jti", "dns_names", "federates_with", "hint", "admin", "downstream",
+        "expires_at",
     ])]
     pub data: Option<PathBuf>,
     /// The entry's fields (without --data).
@@ -170,6 +178,9 @@ pub struct EntryView {
     pub jwt_svid_include_jti: bool,
     /// Extra DNS names.
     pub dns_names: Vec<String>,
+    /// Foreign trust domains whose bundles its workloads receive (names).
+    #[serde(default)]
+    pub federates_with: Vec<String>,
     /// Hint.
     pub hint: String,
     /// Admin flag.
@@ -199,6 +210,7 @@ impl From<&types::Entry> for EntryView {
             jwt_svid_ttl: u64::try_from(e.jwt_svid_ttl).ok().filter(|t| *t > 0),
             jwt_svid_include_jti: e.jwt_svid_include_jti,
             dns_names: e.dns_names.clone(),
+            federates_with: e.federates_with.clone(),
             hint: e.hint.clone(),
             admin: e.admin,
             downstream: e.downstream,
@@ -259,6 +271,9 @@ pub fn format_entry_human(e: &EntryView) -> String {
     for d in &e.dns_names {
         field(&mut out, "DNS name", d);
     }
+    for td in &e.federates_with {
+        field(&mut out, "FederatesWith", td);
+    }
     if !e.hint.is_empty() {
         field(&mut out, "Hint", &e.hint);
     }
@@ -305,8 +320,17 @@ impl EntryFields {
         }
         let selectors = selectors(cmd, &self.selectors)?;
         dns_names(cmd, &self.dns_names)?;
+        let federates_with = self
+            .federates_with
+            .iter()
+            .map(|td| {
+                TrustDomain::new(td)
+                    .map(|td| td.name().to_owned())
+                    .map_err(|e| bad_flag(cmd, "--federates-with", e))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(types::Entry {
-            federates_with: Vec::new(),
+            federates_with,
             id,
             spiffe_id: spiffe.to_string(),
             parent_id: parent_id.to_string(),

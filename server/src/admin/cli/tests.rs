@@ -33,6 +33,7 @@ fn entry() -> EntryView {
         jwt_svid_ttl: None,
         jwt_svid_include_jti: false,
         dns_names: vec![],
+        federates_with: vec![],
         hint: String::new(),
         admin: false,
         downstream: false,
@@ -449,6 +450,7 @@ fn client_side_checks_name_the_flag() {
         jwt_svid_ttl: None,
         jwt_svid_include_jti: false,
         dns_names: vec![],
+        federates_with: vec![],
         hint: None,
         admin: false,
         downstream: false,
@@ -497,6 +499,16 @@ fn client_side_checks_name_the_flag() {
     f.dns_names = vec!["bad name".into()];
     assert!(err(f.clone()).contains("--dns-name"));
     f.dns_names.clear();
+    f.federates_with = vec!["spiffe://partner.org/not-a-trust-domain".into()];
+    assert!(err(f.clone()).contains("--federates-with"));
+    f.federates_with = vec!["spiffe://partner.org".into(), "b.example".into()];
+    assert_eq!(
+        f.to_wire("entry create", String::new())
+            .unwrap()
+            .federates_with,
+        ["partner.org", "b.example"]
+    );
+    f.federates_with.clear();
     f.x509_svid_ttl = Some(Duration::from_millis(500));
     assert!(err(f.clone()).contains("--x509-svid-ttl"));
     f.x509_svid_ttl = None;
@@ -1124,7 +1136,7 @@ fn entry_create_data_reads_spires_format() {
               "spiffe_id": {"trust_domain": "example.org", "path": "/Database"},
               "parent_id": {"trust_domain": "example.org", "path": "/spire/agent/join_token/TokenDatabase"},
               "ttl": 200,
-              "federates_with": [],
+              "federates_with": ["spiffe://partner.org", "other.example"],
               "downstream": true,
               "entryExpiry": 1893456000,
               "dns_names": ["db.example.org", "*.db.example.org"],
@@ -1158,6 +1170,8 @@ fn entry_create_data_reads_spires_format() {
     let db = &entries[1];
     assert_eq!(db.spiffe_id, "spiffe://example.org/Database");
     assert_eq!(db.x509_svid_ttl, 200, "ttl is x509_svid_ttl's old name");
+    assert_eq!(db.federates_with, ["partner.org", "other.example"]);
+    assert!(blog.federates_with.is_empty());
     assert_eq!(db.selectors.len(), 2);
     assert_eq!(
         (
@@ -1223,7 +1237,8 @@ fn entry_create_data_errors_name_the_entry_and_field() {
         (one(r#", "entryExpiry": -5"#), "entries[1].entryExpiry:"),
         (one(r#", "dns_names": ["ok.example", "bad..name"]"#), "entries[1].dns_names[1]:"),
         (one(r#", "admin": "yes""#), "entries[1].admin: expected true or false"),
-        (one(r#", "federates_with": ["spiffe://other.org"]"#), "entries[1].federates_with: federation is not supported"),
+        (one(r#", "federates_with": ["spiffe://other.org/path"]"#), "entries[1].federates_with[0]:"),
+        (one(r#", "federates_with": "other.org""#), "entries[1].federates_with:"),
         (one(r#", "store_svid": true"#), "entries[1].store_svid: stored SVIDs are not supported"),
         (one(r#", "entry_id": "has space""#), "entries[1].entry_id:"),
         (one(r#", "admin": true, "ADMIN": false"#), "given twice"),

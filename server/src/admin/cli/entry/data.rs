@@ -19,8 +19,8 @@
 //! As SPIRE reads it (Go's `encoding/json`), field names match case-insensitively and
 //! `null` counts as absent. The differences, each refused with a message rather than
 //! silently ignored: an unknown field (SPIRE ignores it, so a typo such as `selector`
-//! would create an entry without what was meant); `federates_with` that is not empty and
-//! `store_svid: true` (Carapace has neither). Accepted beyond SPIRE: the object form of
+//! would create an entry without what was meant) and `store_svid: true` (Carapace has
+//! none). `federates_with` takes trust domain names or `spiffe://` IDs, as SPIRE's. Accepted beyond SPIRE: the object form of
 //! the SPIFFE IDs (what `spire-server entry show -output json` prints), integers written
 //! as strings (the same output's `"expires_at": "0"`), and `revision_number`,
 //! `created_at` and `type`, which are ignored (the server sets the first two).
@@ -36,7 +36,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use carapace_core::entry::validate_dns_name;
-use carapace_core::{EntryId, Selector, SpiffeId};
+use carapace_core::{EntryId, Selector, SpiffeId, TrustDomain};
 use carapace_proto::types;
 
 use crate::{Error, Result};
@@ -280,13 +280,15 @@ fn parse_entry(at: &str, v: &Value) -> Result<types::Entry> {
         validate_dns_name(n)
             .map_err(|why| bad(&format!("{at}.dns_names[{j}]"), format!("{n:?}: {why}")))?;
     }
-    let federates_with = strings_field(&path("federates_with"), get("federates_with"))?;
-    if !federates_with.is_empty() {
-        return Err(bad(
-            &path("federates_with"),
-            "federation is not supported: leave it empty",
-        ));
-    }
+    let federates_with = strings_field(&path("federates_with"), get("federates_with"))?
+        .iter()
+        .enumerate()
+        .map(|(j, td)| {
+            TrustDomain::new(td)
+                .map(|td| td.name().to_owned())
+                .map_err(|e| bad(&format!("{at}.federates_with[{j}]"), e))
+        })
+        .collect::<Result<Vec<_>>>()?;
     if bool_field(&path("store_svid"), get("store_svid"))? {
         return Err(bad(
             &path("store_svid"),
@@ -299,7 +301,7 @@ fn parse_entry(at: &str, v: &Value) -> Result<types::Entry> {
     int_field(&path("created_at"), get("created_at"))?;
 
     Ok(types::Entry {
-        federates_with: Vec::new(),
+        federates_with,
         id,
         spiffe_id: spiffe_id.to_string(),
         parent_id: parent_id.to_string(),
