@@ -69,7 +69,7 @@ enum Command {
     #[command(subcommand)]
     Oidc(OidcCommand),
     #[command(flatten)]
-    Admin(AdminCommand),
+    Admin(Box<AdminCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,7 +360,7 @@ async fn async_main() -> ExitCode {
         }
         Command::Admin(cmd) => {
             carapace_common::init_tracing("warn", false);
-            printed(admin_cli::execute(cmd).await.map_err(|e| e.to_string()))
+            printed(admin_cli::execute(*cmd).await.map_err(|e| e.to_string()))
         }
     }
 }

@@ -16,7 +16,6 @@
 )]
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -33,53 +32,10 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::sync::watch;
 
-/// A test CA and a `localhost` certificate it signed.
-struct Pki {
-    ca_der: Vec<u8>,
-    chain_pem: String,
-    key_pem: String,
-}
-
-fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Each CA its own name, so a client that trusts another finds no issuer at all.
-    static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    ca.distinguished_name.push(
-        rcgen::DnType::CommonName,
-        format!("bundle endpoint test CA {n}"),
-    );
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    Pki {
-        ca_der: ca_cert.der().to_vec(),
-        chain_pem: format!("{}{}", leaf.pem(), ca_cert.pem()),
-        key_pem: leaf_key.serialize_pem(),
-    }
-}
-
-fn write_private(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-/// Writes `pki`'s certificate and key as `name.crt` and `name.key` in `dir`.
-fn write_pki(dir: &Path, name: &str, pki: &Pki) -> (PathBuf, PathBuf) {
-    let (cert, key) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&cert, &pki.chain_pem).unwrap();
-    write_private(&key, &pki.key_pem);
-    (cert, key)
-}
+#[path = "support/federation_peer.rs"]
+#[allow(dead_code, reason = "each test file uses part of it")]
+mod peer;
+use peer::{eventually, pki, start_web, write_pki, write_private};
 
 /// Replaces `path` by renaming a new file onto it, as a certificate renewal does.
 fn replace(path: &Path, text: &str) {
@@ -123,49 +79,6 @@ async fn bundle(sequence: u64) -> TrustBundle {
     b.sequence = sequence;
     b.refresh_hint = Some(300);
     b
-}
-
-/// An `https_web` endpoint running in process.
-struct Running {
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-    cert_file: PathBuf,
-    key_file: PathBuf,
-    bundle: watch::Sender<Arc<TrustBundle>>,
-    _stop: watch::Sender<bool>,
-    ca_der: Vec<u8>,
-}
-
-async fn start_web(bundle: TrustBundle, refresh_hint: Duration) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = pki();
-    let (cert_file, key_file) = write_pki(dir.path(), "bundle", &pki);
-    let cfg = BundleEndpoint {
-        bind_address: "127.0.0.1:0".parse().unwrap(),
-        refresh_hint,
-        profile: BundleEndpointProfile::HttpsWeb {
-            cert_file: cert_file.clone(),
-            key_file: key_file.clone(),
-        },
-    };
-    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
-    let endpoint = Endpoint::bind(&cfg, bundle_rx)
-        .await
-        .unwrap()
-        .with_reload_interval(Duration::from_millis(100));
-    assert_eq!(endpoint.profile(), "https_web");
-    let addr = endpoint.local_addr().unwrap();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(endpoint.serve(None, stop_rx));
-    Running {
-        addr,
-        dir,
-        cert_file,
-        key_file,
-        bundle: bundle_tx,
-        _stop: stop_tx,
-        ca_der: pki.ca_der,
-    }
 }
 
 /// A client trusting `ca_der` for `localhost`, offering `versions`.
@@ -442,21 +355,6 @@ async fn a_bad_https_web_pair_is_refused_at_start_naming_the_setting() {
             ),
         "{err}"
     );
-}
-
-/// Polls `f` every 100 ms for up to 30 s.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    for _ in 0..300 {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 /// A `carapace-server run` with a bundle endpoint; killed on drop.
