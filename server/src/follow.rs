@@ -7,6 +7,10 @@
 //! a [`POLL_INTERVAL`]: a lost notification (the listening connection dropped) delays a
 //! change by at most that much, never loses it. On SQLite, whose database no other server
 //! shares, there is nothing to follow and the task ends at once.
+//!
+//! A notification also says when federation relationships or foreign bundles changed
+//! ([`Woken::federation`]); nothing here holds them yet, so that is not acted on (the
+//! federation refresh loop and the agents' sync are to be woken by it, issue 19).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +60,7 @@ pub async fn run(cache: Arc<EntryCache>, ca: Arc<CaManager>, mut shutdown: watch
                 if listener.is_none() {
                     listener = ds.change_listener().await.ok().flatten();
                 }
-                Woken { logs: true, bundle: true }
+                Woken { logs: true, bundle: true, federation: true }
             }
             _ = shutdown.changed() => return,
         };

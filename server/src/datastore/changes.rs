@@ -65,6 +65,11 @@ pub struct Woken {
     pub logs: bool,
     /// The trust domain's bundle: read it again.
     pub bundle: bool,
+    /// Federation relationships or foreign bundles were created, changed or deleted
+    /// ([`Datastore::list_federations`], [`Datastore::list_foreign_bundles`]): whoever
+    /// holds them (the refresh loop, the agents' sync) reads them again. Status writes
+    /// do not set it.
+    pub federation: bool,
 }
 
 impl Woken {
@@ -72,10 +77,12 @@ impl Woken {
         match Changed::from_payload(payload) {
             Some(Changed::Logs) => self.logs = true,
             Some(Changed::Bundle) => self.bundle = true,
+            Some(Changed::Federation) => self.federation = true,
             // Unknown (another version's): re-read everything.
             None => {
                 self.logs = true;
                 self.bundle = true;
+                self.federation = true;
             }
         }
     }

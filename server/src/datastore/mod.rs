@@ -154,6 +154,9 @@ enum Changed {
     Logs,
     /// The trust domain's bundle.
     Bundle,
+    /// Federation relationships or foreign trust domains' bundles
+    /// (`datastore::federation`).
+    Federation,
 }
 
 impl Changed {
@@ -161,6 +164,7 @@ impl Changed {
         match self {
             Changed::Logs => "logs",
             Changed::Bundle => "bundle",
+            Changed::Federation => "federation",
         }
     }
 
@@ -170,6 +174,7 @@ impl Changed {
         match payload {
             "logs" => Some(Changed::Logs),
             "bundle" => Some(Changed::Bundle),
+            "federation" => Some(Changed::Federation),
             _ => None,
         }
     }
