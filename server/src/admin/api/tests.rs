@@ -1768,6 +1768,7 @@ async fn federation_lifecycle_through_the_cli() {
         ])
         .await;
     assert_eq!(line_value(&out, "Endpoint URL"), "https://[::1]:9443");
+    assert_eq!(refresher.changes(), 3);
     assert_eq!(
         line_value(&out, "Web PKI roots"),
         "1 CA certificate",
@@ -1785,7 +1786,7 @@ async fn federation_lifecycle_through_the_cli() {
         out,
         "Deleted the federation relationship with other.org and its bundle\n"
     );
-    assert_eq!(refresher.changes(), 3);
+    assert_eq!(refresher.changes(), 4);
     assert_eq!(s.relationships().await, 0);
     assert!(
         s.foreign("other.org").await.is_none(),
