@@ -1670,7 +1670,7 @@ async fn federation_lifecycle_through_the_cli() {
         ("Endpoint URL", "https://other.example:8443/bundle"),
         ("Endpoint profile", "https_spiffe"),
         // The API's default: what a Carapace or SPIRE server presents.
-        ("Endpoint SPIFFE ID", "spiffe://other.org/spire/server"),
+        ("Endpoint ID", "spiffe://other.org/spire/server"),
         ("Source", "api"),
         ("Last success", "never"),
         ("Last error", "none"),
@@ -1743,7 +1743,7 @@ async fn federation_lifecycle_through_the_cli() {
         "https://other.example:8443/bundle"
     );
     assert_eq!(line_value(&out, "Web PKI roots"), "1 CA certificate");
-    assert!(!out.contains("Endpoint SPIFFE ID"), "{out}");
+    assert!(!out.contains("Endpoint ID"), "{out}");
     let (rel, _) = s
         .cache
         .datastore()

@@ -219,7 +219,7 @@ pub fn format_federation_human(f: &FederationView) -> String {
     field(&mut out, "Endpoint URL", &f.bundle_endpoint_url);
     field(&mut out, "Endpoint profile", &f.profile);
     if let Some(id) = &f.endpoint_spiffe_id {
-        field(&mut out, "Endpoint SPIFFE ID", id);
+        field(&mut out, "Endpoint ID", id);
     }
     if f.profile == "https_web" {
         match f.web_roots {
