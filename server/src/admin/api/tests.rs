@@ -2179,6 +2179,29 @@ async fn bundle_show_spiffe_from_one_server_sets_on_another() {
     let b = start_td("other.org", None).await;
     let a_bundle = a.ca.bundle().borrow().as_ref().clone();
     let json = a.ok(&["bundle", "show", "--format", "spiffe"]).await;
+    // What SPIRE's `bundle set -format spiffe` demands of each key (its bundleutil
+    // decoder): a `use` of x509-svid with exactly one x5c certificate, or of jwt-svid
+    // with a kid; and an EC key's curve and coordinates for go-jose to build it.
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    assert_eq!(
+        keys.len(),
+        a_bundle.x509_authorities.len() + a_bundle.jwt_authorities.len()
+    );
+    for k in keys {
+        match k["use"].as_str() {
+            Some("x509-svid") => assert_eq!(k["x5c"].as_array().unwrap().len(), 1, "{k}"),
+            Some("jwt-svid") => assert!(!k["kid"].as_str().unwrap().is_empty(), "{k}"),
+            other => panic!("use {other:?} in {k}"),
+        }
+        assert_eq!(
+            (k["kty"].as_str(), k["crv"].as_str()),
+            (Some("EC"), Some("P-256")),
+            "{k}"
+        );
+        assert!(k["x"].is_string() && k["y"].is_string(), "{k}");
+    }
+    assert_eq!(doc["spiffe_sequence"], a_bundle.sequence);
     let path = b.file("example.json", &json);
     let out = b
         .ok(&[
