@@ -1443,7 +1443,8 @@ async fn another_servers_writes_wake_a_listener_naming_what_changed() {
         recv_within(&mut listener).await,
         Woken {
             logs: true,
-            bundle: false
+            bundle: false,
+            federation: false,
         }
     );
 
@@ -1460,7 +1461,8 @@ async fn another_servers_writes_wake_a_listener_naming_what_changed() {
         recv_within(&mut listener).await,
         Woken {
             logs: false,
-            bundle: true
+            bundle: true,
+            federation: false,
         }
     );
 
@@ -1482,6 +1484,7 @@ async fn another_servers_writes_wake_a_listener_naming_what_changed() {
         != (Woken {
             logs: true,
             bundle: true,
+            federation: false,
         })
     {
         let more = recv_within(&mut listener).await;
@@ -1492,7 +1495,8 @@ async fn another_servers_writes_wake_a_listener_naming_what_changed() {
         woken,
         Woken {
             logs: true,
-            bundle: true
+            bundle: true,
+            federation: false,
         }
     );
 
@@ -2039,4 +2043,710 @@ async fn a_join_token_whose_agent_write_failed_is_still_usable() {
     assert_eq!(ds.get_join_token(&id).await.unwrap(), None);
     assert_refused(ds.attest_agent(&agent, Some(&token)).await);
     ds.close().await;
+}
+
+// ---------------------------------------------------------------- federation
+
+mod federation {
+    use super::*;
+    use crate::federation::{ForeignBundle, Origin, Profile, Relationship, Source, Status, Stored};
+
+    on_both_engines!(
+        federation_relationships_round_trip_in_both_profiles,
+        config_federations_replace_only_config_ones_and_refuse_an_api_trust_domain,
+        deleting_a_federation_deletes_its_status_and_its_bundle,
+        federation_status_round_trip,
+        a_static_bundle_always_replaces_the_stored_one,
+        fetched_bundles_follow_the_sequence_rule,
+        corrupt_federation_rows_are_datastore_errors,
+    );
+
+    fn td(name: &str) -> TrustDomain {
+        TrustDomain::new(name).unwrap()
+    }
+
+    fn web(name: &str, roots_pem: Option<&str>, source: Source) -> Relationship {
+        Relationship {
+            trust_domain: td(name),
+            url: format!("https://bundle.{name}:8443/"),
+            profile: Profile::HttpsWeb {
+                roots_pem: roots_pem.map(str::to_owned),
+            },
+            source,
+        }
+    }
+
+    fn spiffe(name: &str, source: Source) -> Relationship {
+        Relationship {
+            trust_domain: td(name),
+            url: format!("https://{name}:8443"),
+            profile: Profile::HttpsSpiffe {
+                endpoint_id: sid(&format!("spiffe://{name}/spire/server")),
+            },
+            source,
+        }
+    }
+
+    /// A bundle of `name` with `x509` CA certificates and one JWT key per kid.
+    fn foreign(
+        name: &str,
+        sequence: u64,
+        x509: Vec<Vec<u8>>,
+        kids: &[(&str, Vec<u8>)],
+    ) -> TrustBundle {
+        let mut b = TrustBundle::new(td(name));
+        b.x509_authorities = x509;
+        b.jwt_authorities = kids
+            .iter()
+            .map(|(kid, der)| jwt_key(kid, der.clone(), None))
+            .collect();
+        b.sequence = sequence;
+        b
+    }
+
+    async fn rels(ds: &Datastore) -> Vec<Relationship> {
+        ds.list_federations()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect()
+    }
+
+    async fn federation_relationships_round_trip_in_both_profiles(ds: Datastore) {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        // Names that PostgreSQL's language collations and a byte order sort differently.
+        let all = [
+            web("ab.org", Some(pem), Source::Api),
+            spiffe("a.org", Source::Api),
+            web("a-z.org", None, Source::Config),
+        ];
+        for r in &all {
+            ds.create_federation(r).await.unwrap();
+        }
+        for r in &all {
+            assert_eq!(
+                ds.get_federation(&r.trust_domain).await.unwrap(),
+                Some((r.clone(), Status::default())),
+            );
+        }
+        let names: Vec<String> = rels(&ds)
+            .await
+            .iter()
+            .map(|r| r.trust_domain.name().to_owned())
+            .collect();
+        assert_eq!(
+            names,
+            ["a-z.org", "a.org", "ab.org"],
+            "by trust domain name"
+        );
+        assert_eq!(ds.get_federation(&td("none.org")).await.unwrap(), None);
+
+        // Twice: refused naming the trust domain, the first kept.
+        let mut again = spiffe("ab.org", Source::Api);
+        again.url = "https://elsewhere".into();
+        let err = ds.create_federation(&again).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::AlreadyExists(m) if m.contains("ab.org")),
+            "{err:?}"
+        );
+        assert_eq!(rels(&ds).await[2], all[0]);
+
+        // Update: another URL and the other profile, both ways.
+        let mut changed = spiffe("ab.org", Source::Api);
+        changed.url = "https://ab.org:9443/bundle".into();
+        ds.update_federation(&changed).await.unwrap();
+        let mut changed2 = web("a.org", Some(pem), Source::Api);
+        changed2.url = "https://web.a.org/".into();
+        ds.update_federation(&changed2).await.unwrap();
+        assert_eq!(rels(&ds).await, [all[2].clone(), changed2, changed]);
+
+        // Of a missing one: NotFound, nothing created.
+        let err = ds
+            .update_federation(&web("none.org", None, Source::Api))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::NotFound(m) if m.contains("none.org")),
+            "{err:?}"
+        );
+        // The API cannot take over a config relationship.
+        let err = ds
+            .update_federation(&web("a-z.org", Some(pem), Source::Api))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::FailedPrecondition(m) if m.contains("a-z.org") && m.contains("config file")),
+            "{err:?}"
+        );
+        assert_eq!(rels(&ds).await[0], all[2]);
+        assert_eq!(count(&ds, "federation_relationships").await, 3);
+
+        assert!(ds.delete_federation(&td("a.org")).await.unwrap());
+        assert!(!ds.delete_federation(&td("a.org")).await.unwrap());
+        assert_eq!(ds.get_federation(&td("a.org")).await.unwrap(), None);
+        assert_eq!(count(&ds, "federation_relationships").await, 2);
+    }
+
+    async fn config_federations_replace_only_config_ones_and_refuse_an_api_trust_domain(
+        ds: Datastore,
+    ) {
+        let api = spiffe("api.org", Source::Api);
+        ds.create_federation(&api).await.unwrap();
+        let c1 = web("c1.org", None, Source::Config);
+        let c2 = spiffe("c2.org", Source::Config);
+        ds.replace_config_federations(&[c1.clone(), c2.clone()])
+            .await
+            .unwrap();
+        assert_eq!(rels(&ds).await, [api.clone(), c1.clone(), c2.clone()]);
+        let seen = Status {
+            last_success_at: Some(10),
+            next_refresh_at: Some(20),
+            ..Status::default()
+        };
+        ds.set_federation_status(&c1.trust_domain, &seen)
+            .await
+            .unwrap();
+        let (ca, _) = ca_cert();
+        ds.set_static_bundle(&foreign("c2.org", 1, vec![ca], &[]), 5)
+            .await
+            .unwrap();
+
+        // c1 changed, c2 gone, c3 new; the API's stays.
+        let mut c1b = c1.clone();
+        c1b.url = "https://c1.org/other".into();
+        let c3 = web("c3.org", Some("roots"), Source::Config);
+        ds.replace_config_federations(&[c3.clone(), c1b.clone()])
+            .await
+            .unwrap();
+        assert_eq!(rels(&ds).await, [api.clone(), c1b.clone(), c3.clone()]);
+        assert_eq!(
+            ds.get_federation(&c1.trust_domain)
+                .await
+                .unwrap()
+                .unwrap()
+                .1,
+            seen,
+            "a replaced relationship keeps its status"
+        );
+        assert!(
+            ds.foreign_bundle(&c2.trust_domain).await.unwrap().is_some(),
+            "a config relationship's bundle stays when it is dropped"
+        );
+
+        // Naming the API's trust domain: refused, naming it, and nothing changes.
+        let before = ds.list_federations().await.unwrap();
+        let c4 = web("c4.org", None, Source::Config);
+        let err = ds
+            .replace_config_federations(&[
+                c4.clone(),
+                web("api.org", None, Source::Config),
+                c1.clone(),
+            ])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::FailedPrecondition(m) if m.contains("api.org") && m.contains("admin API")),
+            "{err:?}"
+        );
+        assert_eq!(ds.list_federations().await.unwrap(), before);
+
+        // Malformed sets: refused, nothing changes.
+        let err = ds
+            .replace_config_federations(&[c4.clone(), web("c5.org", None, Source::Api)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("c5.org")),
+            "{err:?}"
+        );
+        let err = ds
+            .replace_config_federations(&[c4.clone(), spiffe("c4.org", Source::Config)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("c4.org")),
+            "{err:?}"
+        );
+        assert_eq!(ds.list_federations().await.unwrap(), before);
+
+        // None left in the config file: only the API's stays.
+        ds.replace_config_federations(&[]).await.unwrap();
+        assert_eq!(rels(&ds).await, [api]);
+    }
+
+    async fn deleting_a_federation_deletes_its_status_and_its_bundle(ds: Datastore) {
+        let gone = spiffe("gone.org", Source::Api);
+        let kept = web("kept.org", None, Source::Api);
+        let (ca1, k1) = ca_cert();
+        for r in [&gone, &kept] {
+            ds.create_federation(r).await.unwrap();
+            ds.set_federation_status(
+                &r.trust_domain,
+                &Status {
+                    last_error: Some("down".into()),
+                    last_error_at: Some(7),
+                    ..Status::default()
+                },
+            )
+            .await
+            .unwrap();
+            let b = foreign(
+                r.trust_domain.name(),
+                3,
+                vec![ca1.clone()],
+                &[("k", k1.clone())],
+            );
+            assert_eq!(
+                ds.store_fetched_bundle(&b, 100).await.unwrap(),
+                Stored::Replaced
+            );
+        }
+        assert!(ds.delete_federation(&gone.trust_domain).await.unwrap());
+        assert_eq!(ds.get_federation(&gone.trust_domain).await.unwrap(), None);
+        assert_eq!(ds.foreign_bundle(&gone.trust_domain).await.unwrap(), None);
+        assert_eq!(count(&ds, "federated_bundles").await, 1);
+        // Created again, it starts with no status.
+        ds.create_federation(&gone).await.unwrap();
+        assert_eq!(
+            ds.get_federation(&gone.trust_domain).await.unwrap(),
+            Some((gone.clone(), Status::default()))
+        );
+        // The other is untouched.
+        let (_, status) = ds
+            .get_federation(&kept.trust_domain)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.last_error.as_deref(), Some("down"));
+        assert!(
+            ds.foreign_bundle(&kept.trust_domain)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    async fn federation_status_round_trip(ds: Datastore) {
+        let r = web("peer.org", None, Source::Api);
+        ds.create_federation(&r).await.unwrap();
+        let full = Status {
+            last_success_at: Some(1_700_000_000),
+            last_error: Some("connecting to https://bundle.peer.org:8443/: refused".into()),
+            last_error_at: Some(1_700_000_100),
+            next_refresh_at: Some(1_700_000_400),
+        };
+        ds.set_federation_status(&r.trust_domain, &full)
+            .await
+            .unwrap();
+        assert_eq!(
+            ds.get_federation(&r.trust_domain).await.unwrap(),
+            Some((r.clone(), full.clone()))
+        );
+        let partial = Status {
+            last_success_at: Some(1_700_000_500),
+            next_refresh_at: Some(1_700_000_800),
+            ..Status::default()
+        };
+        ds.set_federation_status(&r.trust_domain, &partial)
+            .await
+            .unwrap();
+        assert_eq!(ds.list_federations().await.unwrap(), [(r.clone(), partial)]);
+        // Of a relationship that is gone: nothing, and nothing created.
+        ds.set_federation_status(&td("gone.org"), &full)
+            .await
+            .unwrap();
+        assert_eq!(count(&ds, "federation_relationships").await, 1);
+    }
+
+    async fn a_static_bundle_always_replaces_the_stored_one(ds: Datastore) {
+        let (ca1, k1) = ca_cert();
+        let (ca2, k2) = ca_cert();
+        let mut b = foreign(
+            "peer.org",
+            10,
+            vec![ca1.clone(), ca2.clone()],
+            &[("a", k1.clone()), ("b", k2.clone())],
+        );
+        b.refresh_hint = Some(300);
+        ds.set_static_bundle(&b, 1_000).await.unwrap();
+        assert_eq!(
+            ds.foreign_bundle(&td("peer.org")).await.unwrap(),
+            Some(ForeignBundle {
+                bundle: b.clone(),
+                origin: Origin::Static,
+                updated_at: 1_000,
+            })
+        );
+        // A lower sequence, other keys: it replaces all the same.
+        let low = foreign("peer.org", 2, vec![ca2.clone()], &[]);
+        ds.set_static_bundle(&low, 1_001).await.unwrap();
+        let stored = ds.foreign_bundle(&td("peer.org")).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.bundle, stored.origin),
+            (low.clone(), Origin::Static)
+        );
+
+        // Over a fetched bundle too.
+        ds.create_federation(&web("peer.org", None, Source::Api))
+            .await
+            .unwrap();
+        let fetched = foreign("peer.org", 50, vec![ca1.clone()], &[("a", k1.clone())]);
+        assert_eq!(
+            ds.store_fetched_bundle(&fetched, 1_002).await.unwrap(),
+            Stored::Replaced
+        );
+        let stored = ds.foreign_bundle(&td("peer.org")).await.unwrap().unwrap();
+        assert_eq!(stored.origin, Origin::Fetched);
+        let mut mine = foreign("peer.org", 0, vec![ca2.clone()], &[("b", k2.clone())]);
+        // What the SPIFFE format cannot carry is not kept.
+        mine.jwt_authorities[0].expires_at = Some(2_000_000_000);
+        mine.tainted_x509_authorities = vec![ca2.clone()];
+        ds.set_static_bundle(&mine, 1_003).await.unwrap();
+        let stored = ds.foreign_bundle(&td("peer.org")).await.unwrap().unwrap();
+        assert_eq!(
+            stored,
+            ForeignBundle {
+                bundle: foreign("peer.org", 0, vec![ca2.clone()], &[("b", k2.clone())]),
+                origin: Origin::Static,
+                updated_at: 1_003,
+            }
+        );
+
+        // Bundles without a relationship are listed too, by trust domain name; deleting.
+        let other = foreign("a-peer.org", 1, vec![ca1.clone()], &[]);
+        ds.set_static_bundle(&other, 1_004).await.unwrap();
+        let names: Vec<String> = ds
+            .list_foreign_bundles()
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| f.bundle.trust_domain().name().to_owned())
+            .collect();
+        assert_eq!(names, ["a-peer.org", "peer.org"]);
+        assert!(ds.delete_foreign_bundle(&td("a-peer.org")).await.unwrap());
+        assert!(!ds.delete_foreign_bundle(&td("a-peer.org")).await.unwrap());
+        assert_eq!(ds.foreign_bundle(&td("a-peer.org")).await.unwrap(), None);
+        assert_eq!(ds.list_foreign_bundles().await.unwrap().len(), 1);
+        assert!(
+            ds.get_federation(&td("peer.org")).await.unwrap().is_some(),
+            "deleting a bundle leaves the relationship"
+        );
+    }
+
+    async fn fetched_bundles_follow_the_sequence_rule(ds: Datastore) {
+        let peer = td("peer.org");
+        let (ca1, k1) = ca_cert();
+        let (ca2, k2) = ca_cert();
+        let (ca3, _) = ca_cert();
+        let one = |seq| foreign("peer.org", seq, vec![ca1.clone()], &[("a", k1.clone())]);
+        let two = |seq| {
+            foreign(
+                "peer.org",
+                seq,
+                vec![ca1.clone(), ca2.clone()],
+                &[("a", k1.clone()), ("b", k2.clone())],
+            )
+        };
+        let three = |seq| foreign("peer.org", seq, vec![ca3.clone()], &[]);
+        let stored = || async { ds.foreign_bundle(&peer).await.unwrap().unwrap() };
+
+        // No relationship: refused, nothing stored.
+        let out = ds.store_fetched_bundle(&one(5), 100).await.unwrap();
+        assert!(
+            matches!(&out, Stored::Refused(m) if m.contains("no federation relationship") && m.contains("peer.org")),
+            "{out:?}"
+        );
+        assert_eq!(ds.foreign_bundle(&peer).await.unwrap(), None);
+        ds.create_federation(&spiffe("peer.org", Source::Api))
+            .await
+            .unwrap();
+
+        // None stored: stored.
+        assert_eq!(
+            ds.store_fetched_bundle(&one(5), 100).await.unwrap(),
+            Stored::Replaced
+        );
+        let s = stored().await;
+        assert_eq!(
+            (s.bundle, s.origin, s.updated_at),
+            (one(5), Origin::Fetched, 100)
+        );
+
+        // Higher: replaced.
+        assert_eq!(
+            ds.store_fetched_bundle(&two(6), 101).await.unwrap(),
+            Stored::Replaced
+        );
+        assert_eq!(stored().await.bundle, two(6));
+
+        // Lower, other keys: refused, saying both sequences; kept.
+        let out = ds.store_fetched_bundle(&one(4), 102).await.unwrap();
+        assert!(
+            matches!(&out, Stored::Refused(m) if m.contains("sequence 4 is lower than the stored bundle's 6")),
+            "{out:?}"
+        );
+        assert_eq!(
+            (stored().await.bundle, stored().await.updated_at),
+            (two(6), 101)
+        );
+
+        // Equal, same keys in another order: unchanged, nothing written.
+        let mut reordered = two(6);
+        reordered.x509_authorities.reverse();
+        reordered.jwt_authorities.reverse();
+        assert_eq!(
+            ds.store_fetched_bundle(&reordered, 103).await.unwrap(),
+            Stored::Unchanged
+        );
+        assert_eq!(
+            (stored().await.bundle, stored().await.updated_at),
+            (two(6), 101)
+        );
+
+        // Equal, other keys: refused; kept.
+        let out = ds.store_fetched_bundle(&three(6), 104).await.unwrap();
+        assert!(
+            matches!(&out, Stored::Refused(m) if m.contains("sequence 6") && m.contains("other keys")),
+            "{out:?}"
+        );
+        assert_eq!(stored().await.bundle, two(6));
+
+        // Same keys, a new refresh hint: unchanged, the hint written.
+        let mut hinted = two(6);
+        hinted.refresh_hint = Some(60);
+        assert_eq!(
+            ds.store_fetched_bundle(&hinted, 105).await.unwrap(),
+            Stored::Unchanged
+        );
+        assert_eq!(stored().await.bundle, hinted);
+        // Same keys, a higher sequence: unchanged, the sequence written.
+        let mut later = hinted.clone();
+        later.sequence = 9;
+        assert_eq!(
+            ds.store_fetched_bundle(&later, 106).await.unwrap(),
+            Stored::Unchanged
+        );
+        assert_eq!(stored().await.bundle, later);
+        // Same keys, a lower sequence: unchanged, the sequence kept.
+        let mut earlier = hinted.clone();
+        earlier.sequence = 3;
+        assert_eq!(
+            ds.store_fetched_bundle(&earlier, 107).await.unwrap(),
+            Stored::Unchanged
+        );
+        assert_eq!(
+            (stored().await.bundle, stored().await.updated_at),
+            (later.clone(), 106)
+        );
+
+        // No sequence (0): the newest wins, whatever was stored.
+        assert_eq!(
+            ds.store_fetched_bundle(&three(0), 108).await.unwrap(),
+            Stored::Replaced
+        );
+        assert_eq!(stored().await.bundle, three(0));
+        assert_eq!(
+            ds.store_fetched_bundle(&one(0), 109).await.unwrap(),
+            Stored::Replaced
+        );
+        assert_eq!(stored().await.bundle, one(0));
+
+        // A static bundle yields by the same rule.
+        ds.set_static_bundle(&two(20), 110).await.unwrap();
+        let out = ds.store_fetched_bundle(&three(19), 111).await.unwrap();
+        assert!(matches!(out, Stored::Refused(_)), "{out:?}");
+        let out = ds.store_fetched_bundle(&three(20), 111).await.unwrap();
+        assert!(matches!(out, Stored::Refused(_)), "{out:?}");
+        let s = stored().await;
+        assert_eq!((s.bundle, s.origin), (two(20), Origin::Static));
+        assert_eq!(
+            ds.store_fetched_bundle(&two(20), 112).await.unwrap(),
+            Stored::Unchanged
+        );
+        assert_eq!(stored().await.origin, Origin::Static);
+        assert_eq!(
+            ds.store_fetched_bundle(&three(21), 113).await.unwrap(),
+            Stored::Replaced
+        );
+        let s = stored().await;
+        assert_eq!((s.bundle, s.origin), (three(21), Origin::Fetched));
+        ds.set_static_bundle(&two(30), 114).await.unwrap();
+        assert_eq!(
+            ds.store_fetched_bundle(&one(0), 115).await.unwrap(),
+            Stored::Replaced
+        );
+        let s = stored().await;
+        assert_eq!((s.bundle, s.origin), (one(0), Origin::Fetched));
+
+        // A sequence past the largest BIGINT is kept whole in the bundle.
+        assert_eq!(
+            ds.store_fetched_bundle(&three(u64::MAX), 116)
+                .await
+                .unwrap(),
+            Stored::Replaced
+        );
+        assert_eq!(stored().await.bundle, three(u64::MAX));
+        assert_eq!(count(&ds, "federated_bundles").await, 1);
+    }
+
+    async fn corrupt_federation_rows_are_datastore_errors(ds: Datastore) {
+        ds.create_federation(&spiffe("peer.org", Source::Api))
+            .await
+            .unwrap();
+        exec(
+            &ds,
+            "UPDATE federation_relationships SET endpoint_spiffe_id = 'not an id'",
+        )
+        .await;
+        for err in [
+            ds.get_federation(&td("peer.org")).await.unwrap_err(),
+            ds.list_federations().await.unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, Error::Datastore(m) if m.contains("federation_relationships trust_domain=\"peer.org\"")),
+                "{err:?}"
+            );
+        }
+        exec(
+            &ds,
+            "UPDATE federation_relationships SET endpoint_spiffe_id = 'spiffe://peer.org/x', \
+             trust_domain = 'Not A Trust Domain'",
+        )
+        .await;
+        let err = ds.list_federations().await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Datastore(m) if m.contains("trust_domain=\"Not A Trust Domain\"")),
+            "{err:?}"
+        );
+
+        let (ca, _) = ca_cert();
+        ds.set_static_bundle(&foreign("peer.org", 1, vec![ca], &[]), 1)
+            .await
+            .unwrap();
+        exec(&ds, "UPDATE federated_bundles SET data = '{\"keys\": 3}'").await;
+        for err in [
+            ds.foreign_bundle(&td("peer.org")).await.unwrap_err(),
+            ds.list_foreign_bundles().await.unwrap_err(),
+        ] {
+            assert!(
+                matches!(&err, Error::Datastore(m) if m.contains("federated_bundles trust_domain=\"peer.org\"")),
+                "{err:?}"
+            );
+        }
+    }
+
+    /// The `federation` notification: sent by each write that changes a relationship or a
+    /// foreign bundle, not by status writes nor by a refused bundle.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn federation_writes_wake_another_servers_listener() {
+        let (stores, _pg) = postgres_servers(2).await;
+        let ds = &stores[0];
+        let mut listener = stores[1].change_listener().await.unwrap().unwrap();
+        let federation = Woken {
+            logs: false,
+            bundle: false,
+            federation: true,
+        };
+        async fn next(l: &mut ChangeListener) -> Woken {
+            tokio::time::timeout(Duration::from_secs(10), l.recv())
+                .await
+                .expect("no notification within 10 s")
+                .unwrap()
+        }
+        async fn none(l: &mut ChangeListener, what: &str) {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(500), l.recv())
+                    .await
+                    .is_err(),
+                "{what} sent a notification"
+            );
+        }
+        let r = web("peer.org", None, Source::Api);
+        ds.create_federation(&r).await.unwrap();
+        assert_eq!(next(&mut listener).await, federation);
+        ds.set_federation_status(&r.trust_domain, &Status::default())
+            .await
+            .unwrap();
+        none(&mut listener, "a status write").await;
+        let mut changed = r.clone();
+        changed.url = "https://peer.org/b".into();
+        ds.update_federation(&changed).await.unwrap();
+        assert_eq!(next(&mut listener).await, federation);
+        ds.update_federation(&changed).await.unwrap();
+        none(&mut listener, "an update that changes nothing").await;
+        ds.replace_config_federations(&[web("c.org", None, Source::Config)])
+            .await
+            .unwrap();
+        assert_eq!(next(&mut listener).await, federation);
+
+        let (ca, _) = ca_cert();
+        let b = foreign("peer.org", 2, vec![ca.clone()], &[]);
+        assert_eq!(
+            ds.store_fetched_bundle(&b, 1).await.unwrap(),
+            Stored::Replaced
+        );
+        assert_eq!(next(&mut listener).await, federation);
+        assert_eq!(
+            ds.store_fetched_bundle(&b, 2).await.unwrap(),
+            Stored::Unchanged
+        );
+        none(&mut listener, "an unchanged bundle").await;
+        let (ca2, _) = ca_cert();
+        let lower = foreign("peer.org", 1, vec![ca2], &[]);
+        assert!(matches!(
+            ds.store_fetched_bundle(&lower, 3).await.unwrap(),
+            Stored::Refused(_)
+        ));
+        none(&mut listener, "a refused bundle").await;
+        ds.set_static_bundle(&lower, 4).await.unwrap();
+        assert_eq!(next(&mut listener).await, federation);
+        ds.delete_foreign_bundle(&td("peer.org")).await.unwrap();
+        assert_eq!(next(&mut listener).await, federation);
+        ds.delete_federation(&td("peer.org")).await.unwrap();
+        assert_eq!(next(&mut listener).await, federation);
+    }
+
+    /// Two servers storing fetched bundles at once: the sequence never goes back,
+    /// whichever commits first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fetched_bundles_raced_on_two_servers_keep_the_highest_sequence() {
+        let (stores, _pg) = postgres_servers(2).await;
+        stores[0]
+            .create_federation(&spiffe("peer.org", Source::Api))
+            .await
+            .unwrap();
+        let mut cas = Vec::new();
+        for _ in 0..4 {
+            cas.push(ca_cert().0);
+        }
+        for round in 0..10u64 {
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let base = 10 + round * 2;
+            let tasks: Vec<_> = (0..2u64)
+                .map(|i| {
+                    let ds = stores[usize::try_from(i).unwrap()].clone();
+                    let barrier = barrier.clone();
+                    // Server 0 the lower sequence on even rounds, the higher on odd ones.
+                    let seq = base + ((i + round) % 2);
+                    let ca = cas[usize::try_from((round * 2 + i) % 4).unwrap()].clone();
+                    let b = foreign("peer.org", seq, vec![ca], &[]);
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        ds.store_fetched_bundle(&b, 1).await
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let out = t.await.unwrap().unwrap();
+                assert!(!matches!(out, Stored::Unchanged), "round {round}: {out:?}");
+            }
+            let kept = stores[1]
+                .foreign_bundle(&td("peer.org"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(kept.bundle.sequence, base + 1, "round {round}");
+        }
+    }
 }
