@@ -1799,6 +1799,24 @@ async fn federation_lifecycle_through_the_cli() {
         err,
         "federation show: no federation relationship with other.org"
     );
+    // An https_spiffe relationship without the peer's bundle: how to give it one.
+    let out = s
+        .ok(&[
+            "federation",
+            "create",
+            "--trust-domain",
+            "other.org",
+            "--bundle-endpoint-url",
+            "https://other.example/",
+            "--profile",
+            "https_spiffe",
+        ])
+        .await;
+    assert_eq!(line_value(&out, "Bundle"), "none stored yet");
+    assert!(
+        out.contains("\nNo bundle of other.org is stored yet: the first fetch cannot authenticate spiffe://other.org/spire/server"),
+        "{out}"
+    );
     s.stop().await;
 }
 

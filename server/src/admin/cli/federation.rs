@@ -465,7 +465,37 @@ async fn create(a: FederationCreateArgs) -> Result<String> {
         .await
         .map_err(|s| status_error(CMD, &s))?
         .into_inner();
-    show_one(a.common.output, &got)
+    let mut out = show_one(a.common.output, &got)?;
+    if a.common.output == super::view::OutputFormat::Human {
+        out.push_str(&https_spiffe_hint(&FederationView::from(&got)));
+    }
+    Ok(out)
+}
+
+/// For an https_spiffe relationship without a bundle of the endpoint's trust domain:
+/// how to give the first fetch one (else it cannot authenticate the endpoint).
+pub fn https_spiffe_hint(v: &FederationView) -> String {
+    let Some(id) = v.endpoint_spiffe_id.as_deref() else {
+        return String::new();
+    };
+    let endpoint_td = id
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_default();
+    if endpoint_td != v.trust_domain {
+        // Another trust domain serves it: its bundle comes from its own relationship.
+        return String::new();
+    }
+    if v.bundle.is_some() {
+        return String::new();
+    }
+    format!(
+        "\nNo bundle of {td} is stored yet: the first fetch cannot authenticate {id} without \
+         one. Give it with `federation update --trust-domain {td} --bundle-path FILE \
+         --bundle-format spiffe` (the output of `bundle show --format spiffe` on {td}'s \
+         server) or `bundle set --trust-domain {td}`.\n",
+        td = v.trust_domain
+    )
 }
 
 async fn update(a: FederationUpdateArgs) -> Result<String> {

@@ -67,7 +67,7 @@ pub use entry::{
 pub use federation::{
     FederationCommand, FederationCreateArgs, FederationDeletedView, FederationFields,
     FederationList, FederationListArgs, FederationTdArgs, FederationUpdateArgs, FederationView,
-    ProfileArg, format_federation_human, format_federations_human,
+    ProfileArg, format_federation_human, format_federations_human, https_spiffe_hint,
 };
 pub use flags::Common;
 pub use health::{HealthView, HealthcheckArgs};

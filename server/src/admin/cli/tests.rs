@@ -1752,3 +1752,32 @@ fn help_texts_name_the_federation_commands_and_spires_equivalents() {
         assert!(bundle.contains(verb), "{verb} missing from\n{bundle}");
     }
 }
+
+#[test]
+fn an_https_spiffe_relationship_without_a_bundle_says_how_to_give_one() {
+    let none = FederationView {
+        bundle: None,
+        ..federation_view()
+    };
+    let hint = https_spiffe_hint(&none);
+    assert!(
+        hint.contains("No bundle of partner.org is stored yet")
+            && hint.contains("--bundle-path")
+            && hint.contains("bundle set --trust-domain partner.org"),
+        "{hint}"
+    );
+    // With a bundle, for https_web, or for an endpoint another trust domain serves:
+    // nothing to say.
+    assert_eq!(https_spiffe_hint(&federation_view()), "");
+    let web = FederationView {
+        profile: "https_web".into(),
+        endpoint_spiffe_id: None,
+        ..none.clone()
+    };
+    assert_eq!(https_spiffe_hint(&web), "");
+    let served_by_other = FederationView {
+        endpoint_spiffe_id: Some("spiffe://hub.org/spire/server".into()),
+        ..none
+    };
+    assert_eq!(https_spiffe_hint(&served_by_other), "");
+}
