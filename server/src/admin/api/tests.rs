@@ -2275,6 +2275,12 @@ async fn bundle_show_spiffe_from_one_server_sets_on_another() {
     // The local bundle is still what `bundle show` prints by default.
     let own = b.ok(&["bundle", "show"]).await;
     assert_eq!(own, b.ca.bundle().borrow().to_pem());
+    assert_eq!(
+        b.ok(&["bundle", "show", "--trust-domain", "spiffe://other.org"])
+            .await,
+        own,
+        "naming the local trust domain shows the local bundle"
+    );
     // Listed, with the local one only when asked for.
     let listed = b.ok(&["bundle", "list"]).await;
     assert!(
@@ -2443,4 +2449,29 @@ async fn bad_bundles_and_local_trust_domain_are_refused_and_store_nothing() {
     );
     assert!(s.foreign("other.org").await.is_some());
     s.stop().await;
+}
+
+#[test]
+fn a_refresh_succeeded_only_if_it_recorded_a_success_and_no_later_error() {
+    use super::federation::refresh_succeeded;
+    use crate::federation::Status;
+    let started = 1_000;
+    let st = |ok: Option<i64>, err: Option<i64>| Status {
+        last_success_at: ok,
+        last_error: err.map(|_| "refused".to_owned()),
+        last_error_at: err,
+        next_refresh_at: None,
+    };
+    assert!(refresh_succeeded(&st(Some(1_000), None), started));
+    assert!(
+        refresh_succeeded(&st(Some(1_001), Some(900)), started),
+        "an older error is history"
+    );
+    assert!(!refresh_succeeded(&st(Some(1_000), Some(1_001)), started));
+    assert!(
+        !refresh_succeeded(&st(Some(999), None), started),
+        "a success from before the call is not this fetch's"
+    );
+    assert!(!refresh_succeeded(&st(None, None), started));
+    assert!(!refresh_succeeded(&st(None, Some(1_000)), started));
 }
