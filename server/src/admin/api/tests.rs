@@ -2391,6 +2391,27 @@ async fn bad_bundles_and_local_trust_domain_are_refused_and_store_nothing() {
         ])
         .await;
     assert!(err.contains("not a PEM bundle"), "{err}");
+    // A bundle whose CAs name another trust domain (set under the wrong name).
+    let err = s
+        .err(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "third.org",
+            "--format",
+            "spiffe",
+            "--path",
+            &spiffe,
+        ])
+        .await;
+    assert!(
+        err.starts_with(
+            "bundle set: bundle: the bundle is not third.org's: X.509 authority 0 is a CA of \
+             trust domain other.org"
+        ),
+        "{err}"
+    );
+    assert!(s.foreign("third.org").await.is_none());
     // The local trust domain is never a foreign one.
     let err = s
         .err(&[
