@@ -23,6 +23,7 @@ mod agent;
 mod authority;
 mod bundle;
 mod entry;
+mod federation;
 mod fields;
 mod health;
 mod jwt;
@@ -61,6 +62,7 @@ use crate::Result;
 use crate::ca::CaManager;
 use crate::entry_cache::EntryCache;
 
+pub(crate) use federation::check_endpoint_url;
 pub use remote::RemoteAdmin;
 pub use socket::{bind, serve};
 
@@ -76,21 +78,45 @@ pub struct AdminSettings {
 }
 
 /// The admin service.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminApi {
     cache: Arc<EntryCache>,
     ca: Arc<CaManager>,
     settings: AdminSettings,
+    /// The federation refresh loop, when this server runs one: `federation refresh`
+    /// goes to it, and relationship changes are announced to it.
+    refresher: Option<Arc<dyn crate::federation::Refresher>>,
+}
+
+impl std::fmt::Debug for AdminApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminApi")
+            .field("cache", &self.cache)
+            .field("ca", &self.ca)
+            .field("settings", &self.settings)
+            .field("refresher", &self.refresher.is_some())
+            .finish()
+    }
 }
 
 impl AdminApi {
-    /// The service over the server's entry cache and CA.
+    /// The service over the server's entry cache and CA (without a federation refresh
+    /// loop: see [`AdminApi::with_refresher`]).
     pub fn new(cache: Arc<EntryCache>, ca: Arc<CaManager>, settings: AdminSettings) -> Self {
         AdminApi {
             cache,
             ca,
             settings,
+            refresher: None,
         }
+    }
+
+    /// The service driving `refresher` for `federation refresh` and telling it of every
+    /// relationship change. Set it before cloning the service for its listeners.
+    #[must_use]
+    pub fn with_refresher(mut self, refresher: Arc<dyn crate::federation::Refresher>) -> Self {
+        self.refresher = Some(refresher);
+        self
     }
 }
 
@@ -174,9 +200,9 @@ impl Admin for AdminApi {
 
     async fn get_bundle(
         &self,
-        _request: Request<GetBundleRequest>,
+        request: Request<GetBundleRequest>,
     ) -> std::result::Result<Response<types::Bundle>, Status> {
-        Ok(Response::new(self.get_bundle_inner()))
+        reply(self.get_bundle_inner(request.into_inner()).await)
     }
 
     async fn create_join_token(
@@ -281,5 +307,68 @@ impl Admin for AdminApi {
         request: Request<admin::RevokeJwtAuthorityRequest>,
     ) -> std::result::Result<Response<admin::JwtAuthority>, Status> {
         reply(self.revoke_jwt_authority_inner(request.into_inner()).await)
+    }
+
+    async fn create_federation(
+        &self,
+        request: Request<admin::CreateFederationRequest>,
+    ) -> std::result::Result<Response<admin::Federation>, Status> {
+        reply(self.create_federation_inner(request.into_inner()).await)
+    }
+
+    async fn update_federation(
+        &self,
+        request: Request<admin::UpdateFederationRequest>,
+    ) -> std::result::Result<Response<admin::Federation>, Status> {
+        reply(self.update_federation_inner(request.into_inner()).await)
+    }
+
+    async fn delete_federation(
+        &self,
+        request: Request<admin::DeleteFederationRequest>,
+    ) -> std::result::Result<Response<admin::DeleteFederationResponse>, Status> {
+        reply(self.delete_federation_inner(request.into_inner()).await)
+    }
+
+    async fn get_federation(
+        &self,
+        request: Request<admin::GetFederationRequest>,
+    ) -> std::result::Result<Response<admin::Federation>, Status> {
+        reply(self.get_federation_inner(request.into_inner()).await)
+    }
+
+    async fn list_federations(
+        &self,
+        _request: Request<admin::ListFederationsRequest>,
+    ) -> std::result::Result<Response<admin::ListFederationsResponse>, Status> {
+        reply(self.list_federations_inner().await)
+    }
+
+    async fn refresh_federation(
+        &self,
+        request: Request<admin::RefreshFederationRequest>,
+    ) -> std::result::Result<Response<admin::RefreshFederationResponse>, Status> {
+        reply(self.refresh_federation_inner(request.into_inner()).await)
+    }
+
+    async fn set_bundle(
+        &self,
+        request: Request<admin::SetBundleRequest>,
+    ) -> std::result::Result<Response<admin::StoredBundle>, Status> {
+        reply(self.set_bundle_inner(request.into_inner()).await)
+    }
+
+    async fn list_bundles(
+        &self,
+        request: Request<admin::ListBundlesRequest>,
+    ) -> std::result::Result<Response<admin::ListBundlesResponse>, Status> {
+        reply(self.list_bundles_inner(request.into_inner()).await)
+    }
+
+    async fn delete_bundle(
+        &self,
+        request: Request<admin::DeleteBundleRequest>,
+    ) -> std::result::Result<Response<admin::DeleteBundleResponse>, Status> {
+        reply(self.delete_bundle_inner(request.into_inner()).await)
     }
 }

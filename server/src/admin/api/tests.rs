@@ -31,9 +31,14 @@ struct Server {
 }
 
 async fn start() -> Server {
+    let (api, cache, ca) = new_admin_api().await;
+    serve_api(api, cache, ca)
+}
+
+/// Serves `api` on a new socket in a tempdir.
+fn serve_api(api: AdminApi, cache: Arc<EntryCache>, ca: Arc<CaManager>) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("private").join("admin.sock");
-    let (api, cache, ca) = new_admin_api().await;
     let listener = bind(&socket).unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, api, async move {
@@ -989,7 +994,7 @@ async fn localauthority_x509_lifecycle_through_the_cli() {
     // The bundle the admin API (and the node API) sends names it tainted.
     let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
     let wire = client
-        .get_bundle(GetBundleRequest {})
+        .get_bundle(GetBundleRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -1557,4 +1562,961 @@ async fn entry_create_data_writes_the_batches_before_a_refused_one() {
     );
     assert_eq!(s.cache.entry_count(), 2_500);
     s.stop().await;
+}
+
+// Federation relationships and foreign bundles.
+
+/// A refresh loop stand-in (the loop itself is tested with real peers where it is
+/// built): counts the relationship changes it is told of, and answers `refresh_now`
+/// with a success, or with `fail`'s error.
+#[derive(Default)]
+struct FakeRefresher {
+    changed: std::sync::atomic::AtomicUsize,
+    fail: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl crate::federation::Refresher for FakeRefresher {
+    async fn refresh_now(&self, _td: &TrustDomain) -> Result<crate::federation::Status> {
+        let now = unix_now();
+        Ok(match &self.fail {
+            Some(e) => crate::federation::Status {
+                last_error: Some(e.clone()),
+                last_error_at: Some(now),
+                next_refresh_at: Some(now + 300),
+                ..Default::default()
+            },
+            None => crate::federation::Status {
+                last_success_at: Some(now),
+                next_refresh_at: Some(now + 300),
+                ..Default::default()
+            },
+        })
+    }
+
+    fn relationships_changed(&self) {
+        self.changed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl FakeRefresher {
+    fn changes(&self) -> usize {
+        self.changed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A server for `td`, with `refresher` as its refresh loop when given.
+async fn start_td(td: &str, refresher: Option<Arc<FakeRefresher>>) -> Server {
+    let (ca, ds) = super::test_support::new_ca(td).await;
+    let cache = EntryCache::load(TrustDomain::new(td).unwrap(), ds)
+        .await
+        .unwrap();
+    let mut api = AdminApi::new(
+        cache.clone(),
+        ca.clone(),
+        AdminSettings {
+            default_x509_svid_ttl: Duration::from_secs(3600),
+            default_join_token_ttl: Duration::from_secs(600),
+            jwt: Default::default(),
+        },
+    );
+    if let Some(r) = refresher {
+        api = api.with_refresher(r);
+    }
+    serve_api(api, cache, ca)
+}
+
+impl Server {
+    /// Writes `content` to a file in the server's tempdir; returns its path.
+    fn file(&self, name: &str, content: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+
+    async fn foreign(&self, td: &str) -> Option<crate::federation::ForeignBundle> {
+        self.cache
+            .datastore()
+            .foreign_bundle(&TrustDomain::new(td).unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn relationships(&self) -> usize {
+        self.cache
+            .datastore()
+            .list_federations()
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+/// `other.org`'s bundle as its server prints it in the SPIFFE format.
+async fn other_bundle() -> (String, TrustBundle) {
+    let other = start_td("other.org", None).await;
+    let json = other.ok(&["bundle", "show", "--format", "spiffe"]).await;
+    let bundle = other.ca.bundle().borrow().as_ref().clone();
+    other.stop().await;
+    (json, bundle)
+}
+
+#[tokio::test]
+async fn federation_lifecycle_through_the_cli() {
+    let refresher = Arc::new(FakeRefresher::default());
+    let s = start_td("example.org", Some(refresher.clone())).await;
+    let (json, other) = other_bundle().await;
+    let bootstrap = s.file("other.json", &json);
+    assert_eq!(
+        s.ok(&["federation", "list"]).await,
+        "Found 0 federation relationships\n"
+    );
+    let out = s
+        .ok(&[
+            "federation",
+            "create",
+            "--trust-domain",
+            "other.org",
+            "--bundle-endpoint-url",
+            "https://other.example:8443/bundle",
+            "--profile",
+            "https_spiffe",
+            "--bundle-path",
+            &bootstrap,
+            "--bundle-format",
+            "spiffe",
+        ])
+        .await;
+    assert_eq!(refresher.changes(), 1, "the refresh loop is told at once");
+    for (label, value) in [
+        ("Trust domain", "other.org"),
+        ("Endpoint URL", "https://other.example:8443/bundle"),
+        ("Endpoint profile", "https_spiffe"),
+        // The API's default: what a Carapace or SPIRE server presents.
+        ("Endpoint ID", "spiffe://other.org/spire/server"),
+        ("Source", "api"),
+        ("Last success", "never"),
+        ("Last error", "none"),
+        ("Bundle origin", "static"),
+    ] {
+        assert_eq!(line_value(&out, label), value, "{label} in\n{out}");
+    }
+    // The bootstrap bundle is stored as the peer's bundle, authorities intact.
+    let stored = s
+        .foreign("other.org")
+        .await
+        .expect("bootstrap bundle stored");
+    assert_eq!(stored.origin, crate::federation::Origin::Static);
+    assert_eq!(stored.bundle.x509_authorities, other.x509_authorities);
+    assert_eq!(
+        line_value(&out, "Bundle sequence"),
+        other.sequence.to_string()
+    );
+
+    // A second create is refused, naming the trust domain.
+    let err = s
+        .err(&[
+            "federation",
+            "create",
+            "--trust-domain",
+            "spiffe://other.org",
+            "--bundle-endpoint-url",
+            "https://elsewhere.example/",
+            "--profile",
+            "https_web",
+        ])
+        .await;
+    assert!(
+        err.starts_with("federation create: ") && err.contains("other.org"),
+        "{err}"
+    );
+    assert_eq!(s.relationships().await, 1);
+
+    let listed = s.ok(&["federation", "list"]).await;
+    assert!(
+        listed.starts_with("Found 1 federation relationship\n\nTrust domain     : other.org\n"),
+        "{listed}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&s.ok(&["federation", "list", "--output", "json"]).await).unwrap();
+    assert_eq!(
+        v["federations"][0]["endpoint_spiffe_id"],
+        "spiffe://other.org/spire/server"
+    );
+    assert_eq!(v["federations"][0]["bundle"]["origin"], "static");
+
+    // Update: switch to https_web with a CA file of its own; the URL stays.
+    let ca_file = s.file("web-ca.pem", &other.to_pem());
+    let out = s
+        .ok(&[
+            "federation",
+            "update",
+            "--trust-domain",
+            "other.org",
+            "--profile",
+            "https_web",
+            "--ca-file",
+            &ca_file,
+        ])
+        .await;
+    assert_eq!(refresher.changes(), 2);
+    assert_eq!(line_value(&out, "Endpoint profile"), "https_web");
+    assert_eq!(
+        line_value(&out, "Endpoint URL"),
+        "https://other.example:8443/bundle"
+    );
+    assert_eq!(line_value(&out, "Web PKI roots"), "1 CA certificate");
+    assert!(!out.contains("Endpoint ID"), "{out}");
+    let (rel, _) = s
+        .cache
+        .datastore()
+        .get_federation(&TrustDomain::new("other.org").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        rel.profile,
+        crate::federation::Profile::HttpsWeb {
+            roots_pem: Some(other.to_pem())
+        }
+    );
+    let out = s
+        .ok(&[
+            "federation",
+            "update",
+            "--trust-domain",
+            "other.org",
+            "--bundle-endpoint-url",
+            "https://[::1]:9443",
+        ])
+        .await;
+    assert_eq!(line_value(&out, "Endpoint URL"), "https://[::1]:9443");
+    assert_eq!(refresher.changes(), 3);
+    assert_eq!(
+        line_value(&out, "Web PKI roots"),
+        "1 CA certificate",
+        "kept"
+    );
+    let shown = s
+        .ok(&["federation", "show", "--trust-domain", "other.org"])
+        .await;
+    assert_eq!(shown, out);
+
+    let out = s
+        .ok(&["federation", "delete", "--trust-domain", "other.org"])
+        .await;
+    assert_eq!(
+        out,
+        "Deleted the federation relationship with other.org and its bundle\n"
+    );
+    assert_eq!(refresher.changes(), 4);
+    assert_eq!(s.relationships().await, 0);
+    assert!(
+        s.foreign("other.org").await.is_none(),
+        "its bundle went too"
+    );
+    let err = s
+        .err(&["federation", "show", "--trust-domain", "other.org"])
+        .await;
+    assert_eq!(
+        err,
+        "federation show: no federation relationship with other.org"
+    );
+    // An https_spiffe relationship without the peer's bundle: how to give it one.
+    let out = s
+        .ok(&[
+            "federation",
+            "create",
+            "--trust-domain",
+            "other.org",
+            "--bundle-endpoint-url",
+            "https://other.example/",
+            "--profile",
+            "https_spiffe",
+        ])
+        .await;
+    assert_eq!(line_value(&out, "Bundle"), "none stored yet");
+    assert!(
+        out.contains("\nNo bundle of other.org is stored yet: the first fetch cannot authenticate spiffe://other.org/spire/server"),
+        "{out}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn federation_refusals_write_nothing() {
+    let refresher = Arc::new(FakeRefresher::default());
+    let s = start_td("example.org", Some(refresher.clone())).await;
+    let mut client = admin_cli::connect(&s.socket, None).await.unwrap();
+    let rel = |td: &str, url: &str, profile: admin::FederationProfile, id: &str| {
+        admin::FederationRelationship {
+            trust_domain: td.into(),
+            bundle_endpoint_url: url.into(),
+            profile: profile as i32,
+            endpoint_spiffe_id: id.into(),
+            ..Default::default()
+        }
+    };
+    use admin::FederationProfile::{HttpsSpiffe, HttpsWeb};
+    let cases = [
+        (
+            rel("example.org", "https://a.example/", HttpsSpiffe, ""),
+            "relationship.trust_domain: example.org is this server's own trust domain",
+        ),
+        (
+            rel("spiffe://example.org", "https://a.example/", HttpsWeb, ""),
+            "own trust domain",
+        ),
+        (
+            rel("other.org", "http://a.example/", HttpsWeb, ""),
+            "must start with https://",
+        ),
+        (
+            rel("other.org", "https://user:pw@a.example/", HttpsWeb, ""),
+            "user info",
+        ),
+        (
+            rel("other.org", "https://a.example/#frag", HttpsWeb, ""),
+            "#fragment",
+        ),
+        (
+            rel("other.org", "https://a.example:0/", HttpsWeb, ""),
+            "not a port number",
+        ),
+        (
+            rel(
+                "other.org",
+                "https://a.example/",
+                HttpsWeb,
+                "spiffe://other.org/spire/server",
+            ),
+            "relationship.endpoint_spiffe_id: only the https_spiffe profile",
+        ),
+        (
+            rel("other.org", "https://a.example/", HttpsSpiffe, "not-an-id"),
+            "relationship.endpoint_spiffe_id:",
+        ),
+        (
+            rel(
+                "other.org",
+                "https://a.example/",
+                admin::FederationProfile::Unspecified,
+                "",
+            ),
+            "relationship.profile is required",
+        ),
+        (
+            admin::FederationRelationship {
+                web_roots_pem: "garbage".into(),
+                ..rel("other.org", "https://a.example/", HttpsWeb, "")
+            },
+            "relationship.web_roots_pem",
+        ),
+        (
+            admin::FederationRelationship {
+                web_roots_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+                    .into(),
+                ..rel("other.org", "https://a.example/", HttpsSpiffe, "")
+            },
+            "only the https_web profile takes web PKI roots",
+        ),
+    ];
+    for (r, want) in cases {
+        let status = client
+            .create_federation(admin::CreateFederationRequest {
+                relationship: Some(r.clone()),
+                bootstrap_bundle: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{r:?}");
+        assert!(
+            status.message().contains(want),
+            "{r:?}: {}",
+            status.message()
+        );
+    }
+    // A garbage bootstrap bundle: refused, and the relationship is not created either.
+    for (format, content, want) in [
+        (
+            admin::BundleFormat::Spiffe,
+            "{\"keys\": [",
+            "bootstrap_bundle: not a SPIFFE bundle",
+        ),
+        (
+            admin::BundleFormat::Pem,
+            "hello",
+            "bootstrap_bundle: not a PEM bundle",
+        ),
+        (
+            admin::BundleFormat::Spiffe,
+            "{\"keys\": []}",
+            "holds no X.509 authority and no JWT key",
+        ),
+        (admin::BundleFormat::Unspecified, "x", "format is required"),
+    ] {
+        let status = client
+            .create_federation(admin::CreateFederationRequest {
+                relationship: Some(rel("other.org", "https://a.example/", HttpsSpiffe, "")),
+                bootstrap_bundle: Some(admin::BundleDocument {
+                    format: format as i32,
+                    content: content.into(),
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains(want), "{}", status.message());
+    }
+    // Through the CLI: the same refusals, named after the flags, before anything is sent.
+    fn create<'a>(td: &'a str, url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![
+            "federation",
+            "create",
+            "--trust-domain",
+            td,
+            "--bundle-endpoint-url",
+            url,
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+    let err = s
+        .err(&create(
+            "example.org",
+            "https://a.example/",
+            &["--profile", "https_web"],
+        ))
+        .await;
+    assert!(
+        err.starts_with(
+            "federation create: relationship.trust_domain: example.org is this server's own"
+        ),
+        "{err}"
+    );
+    let err = s
+        .err(&create(
+            "other.org",
+            "http://a.example/",
+            &["--profile", "https_web"],
+        ))
+        .await;
+    assert!(err.starts_with("federation create: --bundle-endpoint-url: \"http://a.example/\": a bundle endpoint URL must start with https://"), "{err}");
+    let err = s
+        .err(&create(
+            "other.org",
+            "https://a.example/",
+            &[
+                "--profile",
+                "https_web",
+                "--endpoint-spiffe-id",
+                "spiffe://other.org/x",
+            ],
+        ))
+        .await;
+    assert!(
+        err.starts_with("federation create: --endpoint-spiffe-id: only the https_spiffe profile"),
+        "{err}"
+    );
+    let garbage = s.file("garbage.json", "this is not a bundle");
+    let err = s
+        .err(&create(
+            "other.org",
+            "https://a.example/",
+            &[
+                "--profile",
+                "https_spiffe",
+                "--bundle-path",
+                &garbage,
+                "--bundle-format",
+                "spiffe",
+            ],
+        ))
+        .await;
+    assert!(
+        err.starts_with("federation create: bootstrap_bundle: not a SPIFFE bundle"),
+        "{err}"
+    );
+    assert_eq!(s.relationships().await, 0);
+    assert!(s.foreign("other.org").await.is_none());
+    assert_eq!(refresher.changes(), 0, "nothing changed, nothing announced");
+
+    // Unknown trust domains: NotFound everywhere.
+    for args in [
+        &["federation", "show", "--trust-domain", "nowhere.org"][..],
+        &["federation", "delete", "--trust-domain", "nowhere.org"],
+        &["federation", "refresh", "--trust-domain", "nowhere.org"],
+        &[
+            "federation",
+            "update",
+            "--trust-domain",
+            "nowhere.org",
+            "--profile",
+            "https_web",
+        ],
+        &["bundle", "show", "--trust-domain", "nowhere.org"],
+        &["bundle", "delete", "--trust-domain", "nowhere.org"],
+    ] {
+        match s.run(args).await {
+            Err(crate::Error::NotFound(m)) => assert!(m.contains("nowhere.org"), "{args:?}: {m}"),
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+    let status = client
+        .update_federation(admin::UpdateFederationRequest {
+            relationship: Some(rel("nowhere.org", "https://a.example/", HttpsWeb, "")),
+            bootstrap_bundle: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{}", status.message());
+    assert_eq!(s.relationships().await, 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn config_file_relationships_are_read_only_here() {
+    let refresher = Arc::new(FakeRefresher::default());
+    let s = start_td("example.org", Some(refresher.clone())).await;
+    let td = TrustDomain::new("cfg.org").unwrap();
+    let rel = crate::federation::Relationship {
+        trust_domain: td.clone(),
+        url: "https://cfg.example/".into(),
+        profile: crate::federation::Profile::HttpsSpiffe {
+            endpoint_id: td.server_id(),
+        },
+        source: crate::federation::Source::Config,
+    };
+    s.cache
+        .datastore()
+        .replace_config_federations(std::slice::from_ref(&rel))
+        .await
+        .unwrap();
+    let out = s
+        .ok(&["federation", "show", "--trust-domain", "cfg.org"])
+        .await;
+    assert_eq!(line_value(&out, "Source"), "config");
+    let err = s
+        .err(&[
+            "federation",
+            "update",
+            "--trust-domain",
+            "cfg.org",
+            "--bundle-endpoint-url",
+            "https://elsewhere.example/",
+        ])
+        .await;
+    assert!(
+        err.starts_with("federation update: the federation relationship with cfg.org is defined in the config file ([[federation.federates_with]])"),
+        "{err}"
+    );
+    let err = s
+        .err(&["federation", "delete", "--trust-domain", "cfg.org"])
+        .await;
+    assert!(
+        err.contains("[[federation.federates_with]]") && err.contains("remove it there"),
+        "{err}"
+    );
+    let err = s
+        .err(&["bundle", "delete", "--trust-domain", "cfg.org"])
+        .await;
+    assert!(err.contains("[[federation.federates_with]]"), "{err}");
+    let (stored, _) = s
+        .cache
+        .datastore()
+        .get_federation(&td)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored, rel, "unchanged");
+    assert_eq!(refresher.changes(), 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn federation_refresh_reports_the_fetch() {
+    // No refresh loop: a clear refusal.
+    let s = start_td("example.org", None).await;
+    s.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "other.org",
+        "--bundle-endpoint-url",
+        "https://other.example/",
+        "--profile",
+        "https_web",
+    ])
+    .await;
+    match s
+        .run(&["federation", "refresh", "--trust-domain", "other.org"])
+        .await
+    {
+        Err(crate::Error::FailedPrecondition(m)) => {
+            assert!(
+                m.starts_with("federation refresh: this server runs no federation refresh loop"),
+                "{m}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    s.stop().await;
+
+    let ok = Arc::new(FakeRefresher::default());
+    let s = start_td("example.org", Some(ok)).await;
+    s.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "other.org",
+        "--bundle-endpoint-url",
+        "https://other.example/",
+        "--profile",
+        "https_web",
+    ])
+    .await;
+    let out = s
+        .ok(&["federation", "refresh", "--trust-domain", "other.org"])
+        .await;
+    assert_ne!(line_value(&out, "Last success"), "never", "{out}");
+    assert_ne!(line_value(&out, "Next refresh"), "not scheduled", "{out}");
+    s.stop().await;
+
+    let failing = Arc::new(FakeRefresher {
+        fail: Some("connection refused".into()),
+        ..Default::default()
+    });
+    let s = start_td("example.org", Some(failing)).await;
+    s.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "other.org",
+        "--bundle-endpoint-url",
+        "https://other.example/",
+        "--profile",
+        "https_web",
+    ])
+    .await;
+    match s
+        .run(&["federation", "refresh", "--trust-domain", "other.org"])
+        .await
+    {
+        Err(crate::Error::FailedPrecondition(m)) => {
+            assert!(
+                m.starts_with("federation refresh: fetching the bundle of other.org failed: connection refused\n"),
+                "{m}"
+            );
+            assert!(m.contains("Last error       : "), "the status follows: {m}");
+        }
+        other => panic!("a failed fetch must fail the command: {other:?}"),
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bundle_show_spiffe_from_one_server_sets_on_another() {
+    let a = start().await;
+    let b = start_td("other.org", None).await;
+    let a_bundle = a.ca.bundle().borrow().as_ref().clone();
+    let json = a.ok(&["bundle", "show", "--format", "spiffe"]).await;
+    // What SPIRE's `bundle set -format spiffe` demands of each key (its bundleutil
+    // decoder): a `use` of x509-svid with exactly one x5c certificate, or of jwt-svid
+    // with a kid; and an EC key's curve and coordinates for go-jose to build it.
+    let doc: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let keys = doc["keys"].as_array().unwrap();
+    assert_eq!(
+        keys.len(),
+        a_bundle.x509_authorities.len() + a_bundle.jwt_authorities.len()
+    );
+    for k in keys {
+        match k["use"].as_str() {
+            Some("x509-svid") => assert_eq!(k["x5c"].as_array().unwrap().len(), 1, "{k}"),
+            Some("jwt-svid") => assert!(!k["kid"].as_str().unwrap().is_empty(), "{k}"),
+            other => panic!("use {other:?} in {k}"),
+        }
+        assert_eq!(
+            (k["kty"].as_str(), k["crv"].as_str()),
+            (Some("EC"), Some("P-256")),
+            "{k}"
+        );
+        assert!(k["x"].is_string() && k["y"].is_string(), "{k}");
+    }
+    assert_eq!(doc["spiffe_sequence"], a_bundle.sequence);
+    let path = b.file("example.json", &json);
+    let out = b
+        .ok(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "spiffe://example.org",
+            "--format",
+            "spiffe",
+            "--path",
+            &path,
+        ])
+        .await;
+    assert!(
+        out.starts_with("Bundle set\nTrust domain     : example.org\n"),
+        "{out}"
+    );
+    assert_eq!(line_value(&out, "Origin"), "static");
+    assert_eq!(
+        line_value(&out, "X.509 authorities"),
+        a_bundle.x509_authorities.len().to_string()
+    );
+    // B now holds A's authorities and JWT keys, and prints them back the same way.
+    let stored = b.foreign("example.org").await.unwrap();
+    assert_eq!(stored.bundle.x509_authorities, a_bundle.x509_authorities);
+    assert_eq!(
+        stored
+            .bundle
+            .jwt_authorities
+            .iter()
+            .map(|k| (&k.kid, &k.public_key_der))
+            .collect::<Vec<_>>(),
+        a_bundle
+            .jwt_authorities
+            .iter()
+            .map(|k| (&k.kid, &k.public_key_der))
+            .collect::<Vec<_>>()
+    );
+    let back = b
+        .ok(&[
+            "bundle",
+            "show",
+            "--trust-domain",
+            "example.org",
+            "--format",
+            "spiffe",
+        ])
+        .await;
+    let td = TrustDomain::new("example.org").unwrap();
+    let parsed = TrustBundle::from_spiffe_json(td.clone(), &back).unwrap();
+    assert_eq!(parsed.x509_authorities, a_bundle.x509_authorities);
+    assert_eq!(parsed.sequence, a_bundle.sequence);
+    // The local bundle is still what `bundle show` prints by default.
+    let own = b.ok(&["bundle", "show"]).await;
+    assert_eq!(own, b.ca.bundle().borrow().to_pem());
+    assert_eq!(
+        b.ok(&["bundle", "show", "--trust-domain", "spiffe://other.org"])
+            .await,
+        own,
+        "naming the local trust domain shows the local bundle"
+    );
+    // Listed, with the local one only when asked for.
+    let listed = b.ok(&["bundle", "list"]).await;
+    assert!(
+        listed.starts_with("Found 1 bundle\n\nTrust domain     : example.org\n"),
+        "{listed}"
+    );
+    let v: serde_json::Value = serde_json::from_str(
+        &b.ok(&["bundle", "list", "--include-local", "--output", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(v["bundles"][0]["trust_domain"], "other.org");
+    assert_eq!(v["bundles"][0]["origin"], "local");
+    assert_eq!(v["bundles"][1]["trust_domain"], "example.org");
+    // PEM works too, and replaces it.
+    let pem = b.file("example.pem", &a.ok(&["bundle", "show"]).await);
+    b.ok(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "example.org",
+        "--path",
+        &pem,
+    ])
+    .await;
+    let stored = b.foreign("example.org").await.unwrap();
+    assert_eq!(stored.bundle.x509_authorities, a_bundle.x509_authorities);
+    assert!(
+        stored.bundle.jwt_authorities.is_empty(),
+        "PEM has no JWT keys"
+    );
+
+    // With no relationship, the bundle can be deleted.
+    let out = b
+        .ok(&["bundle", "delete", "--trust-domain", "example.org"])
+        .await;
+    assert_eq!(out, "Deleted the bundle of example.org\n");
+    assert!(b.foreign("example.org").await.is_none());
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn bad_bundles_and_local_trust_domain_are_refused_and_store_nothing() {
+    let s = start().await;
+    let (json, _) = other_bundle().await;
+    let garbage = s.file(
+        "garbage",
+        "{\"keys\": [{\"kty\": \"EC\", \"use\": \"x509-svid\", \"x5c\": [\"!!\"]}]}",
+    );
+    let err = s
+        .err(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "other.org",
+            "--format",
+            "spiffe",
+            "--path",
+            &garbage,
+        ])
+        .await;
+    assert!(
+        err.starts_with("bundle set: bundle: not a SPIFFE bundle (JWK Set): ")
+            && err.contains("x5c is not base64"),
+        "{err}"
+    );
+    let err = s
+        .err(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "other.org",
+            "--format",
+            "pem",
+            "--path",
+            &garbage,
+        ])
+        .await;
+    assert!(
+        err.starts_with("bundle set: bundle: not a PEM bundle: "),
+        "{err}"
+    );
+    let empty = s.file("empty", "\n");
+    let err = s
+        .err(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "other.org",
+            "--path",
+            &empty,
+        ])
+        .await;
+    assert!(err.contains("--path") && err.contains("is empty"), "{err}");
+    // A SPIFFE bundle from the wrong format flag.
+    let spiffe = s.file("other.json", &json);
+    let err = s
+        .err(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "other.org",
+            "--format",
+            "pem",
+            "--path",
+            &spiffe,
+        ])
+        .await;
+    assert!(err.contains("not a PEM bundle"), "{err}");
+    // A bundle whose CAs name another trust domain (set under the wrong name).
+    let err = s
+        .err(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "third.org",
+            "--format",
+            "spiffe",
+            "--path",
+            &spiffe,
+        ])
+        .await;
+    assert!(
+        err.starts_with(
+            "bundle set: bundle: the bundle is not third.org's: X.509 authority 0 is a CA of \
+             trust domain other.org"
+        ),
+        "{err}"
+    );
+    assert!(s.foreign("third.org").await.is_none());
+    // The local trust domain is never a foreign one.
+    let err = s
+        .err(&[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "example.org",
+            "--format",
+            "spiffe",
+            "--path",
+            &spiffe,
+        ])
+        .await;
+    assert!(
+        err.starts_with("bundle set: trust_domain: example.org is this server's own trust domain"),
+        "{err}"
+    );
+    let err = s
+        .err(&["bundle", "delete", "--trust-domain", "example.org"])
+        .await;
+    assert!(err.contains("own trust domain"), "{err}");
+    assert_eq!(s.ok(&["bundle", "list"]).await, "Found 0 bundles\n");
+    assert!(s.foreign("other.org").await.is_none());
+    assert!(s.foreign("example.org").await.is_none());
+
+    // While a relationship names the trust domain, its bundle stays.
+    s.ok(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "other.org",
+        "--format",
+        "spiffe",
+        "--path",
+        &spiffe,
+    ])
+    .await;
+    s.ok(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "other.org",
+        "--bundle-endpoint-url",
+        "https://other.example/",
+        "--profile",
+        "https_spiffe",
+    ])
+    .await;
+    let err = s
+        .err(&["bundle", "delete", "--trust-domain", "other.org"])
+        .await;
+    assert!(
+        err.starts_with("bundle delete: a federation relationship with other.org exists")
+            && err.contains("delete the federation relationship first"),
+        "{err}"
+    );
+    assert!(s.foreign("other.org").await.is_some());
+    s.stop().await;
+}
+
+#[test]
+fn a_refresh_succeeded_only_if_it_recorded_a_success_and_no_later_error() {
+    use super::federation::refresh_succeeded;
+    use crate::federation::Status;
+    let started = 1_000;
+    let st = |ok: Option<i64>, err: Option<i64>| Status {
+        last_success_at: ok,
+        last_error: err.map(|_| "refused".to_owned()),
+        last_error_at: err,
+        next_refresh_at: None,
+    };
+    assert!(refresh_succeeded(&st(Some(1_000), None), started));
+    assert!(
+        refresh_succeeded(&st(Some(1_001), Some(900)), started),
+        "an older error is history"
+    );
+    assert!(!refresh_succeeded(&st(Some(1_000), Some(1_001)), started));
+    assert!(
+        !refresh_succeeded(&st(Some(999), None), started),
+        "a success from before the call is not this fetch's"
+    );
+    assert!(!refresh_succeeded(&st(None, None), started));
+    assert!(!refresh_succeeded(&st(None, Some(1_000)), started));
 }

@@ -1,5 +1,5 @@
-//! The admin subcommands of `carapace-server` (`entry`, `agent`, `bundle`, `token`,
-//! `x509`, `jwt`, `localauthority`, `healthcheck`): each validates its input locally, calls the admin API on the
+//! The admin subcommands of `carapace-server` (`entry`, `agent`, `bundle`, `federation`,
+//! `token`, `x509`, `jwt`, `localauthority`, `healthcheck`): each validates its input locally, calls the admin API on the
 //! server's Unix socket (or, with `--server-address`, on the server's node API port over
 //! mutual TLS as an admin SVID), and returns what to print, human-readable (SPIRE-like)
 //! or JSON (`--output json`).
@@ -23,6 +23,7 @@ mod authority;
 mod bundle;
 mod client;
 mod entry;
+mod federation;
 mod flags;
 mod health;
 mod jwt;
@@ -47,7 +48,11 @@ pub use authority::{
     JwtAuthorityView, Listed, LocalAuthorityCommand, StateView, X509AuthorityCommand,
     format_one_human, format_state_human, state_of,
 };
-pub use bundle::{BundleCommand, BundleFormat, BundleShowArgs};
+pub use bundle::{
+    BundleCommand, BundleDeleteArgs, BundleDeletedView, BundleFormat, BundleList, BundleListArgs,
+    BundleSetArgs, BundleShowArgs, DeleteModeArg, StoredBundleView, format_stored_bundle_human,
+    format_stored_bundles_human,
+};
 // The admin API's tests talk to their server over the CLI's checked connection.
 #[cfg(test)]
 pub(crate) use client::connect;
@@ -58,6 +63,11 @@ pub use entry::{
     CountView, DeletedView, EntryCommand, EntryCreateArgs, EntryDeleteArgs, EntryFields,
     EntryFilterArgs, EntryList, EntryUpdateArgs, EntryView, format_count_human,
     format_entries_human, format_entry_human,
+};
+pub use federation::{
+    FederationCommand, FederationCreateArgs, FederationDeletedView, FederationFields,
+    FederationList, FederationListArgs, FederationTdArgs, FederationUpdateArgs, FederationView,
+    ProfileArg, format_federation_human, format_federations_human, https_spiffe_hint,
 };
 pub use flags::Common;
 pub use health::{HealthView, HealthcheckArgs};
@@ -75,9 +85,12 @@ pub enum AdminCommand {
     /// List, show, ban and evict attested agents.
     #[command(subcommand)]
     Agent(AgentCommand),
-    /// Show the trust domain's bundle.
+    /// Show the trust domain's bundle; set, list and delete foreign trust domains'.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Trust other trust domains: their bundle endpoints, fetched in the background.
+    #[command(subcommand)]
+    Federation(FederationCommand),
     /// Generate join tokens for agents.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -109,7 +122,20 @@ impl AdminCommand {
                 AgentCommand::List(a) => &a.common,
                 AgentCommand::Show(a) | AgentCommand::Ban(a) | AgentCommand::Evict(a) => &a.common,
             },
-            AdminCommand::Bundle(BundleCommand::Show(a)) => &a.common,
+            AdminCommand::Bundle(c) => match c {
+                BundleCommand::Show(a) => &a.common,
+                BundleCommand::Set(a) => &a.common,
+                BundleCommand::List(a) => &a.common,
+                BundleCommand::Delete(a) => &a.common,
+            },
+            AdminCommand::Federation(c) => match c {
+                FederationCommand::Create(a) => &a.common,
+                FederationCommand::Update(a) => &a.common,
+                FederationCommand::Delete(a)
+                | FederationCommand::Show(a)
+                | FederationCommand::Refresh(a) => &a.common,
+                FederationCommand::List(a) => &a.common,
+            },
             AdminCommand::Token(TokenCommand::Generate(a)) => &a.common,
             AdminCommand::X509(X509Command::Mint(a)) => &a.common,
             AdminCommand::Jwt(JwtCommand::Mint(a)) => &a.common,
@@ -142,6 +168,7 @@ async fn dispatch(cmd: AdminCommand) -> Result<String> {
         AdminCommand::Entry(c) => entry::run(c).await,
         AdminCommand::Agent(c) => agent::run(c).await,
         AdminCommand::Bundle(c) => bundle::run(c).await,
+        AdminCommand::Federation(c) => federation::run(c).await,
         AdminCommand::Token(c) => token::run(c).await,
         AdminCommand::X509(c) => x509::run(c).await,
         AdminCommand::Jwt(c) => jwt::run(c).await,

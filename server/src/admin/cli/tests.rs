@@ -1312,3 +1312,487 @@ fn entry_create_data_reports_written_refused_and_unsent_batches() {
     let json: serde_json::Value = serde_json::from_str(&json(&created).unwrap()).unwrap();
     assert_eq!(json["entries"][1]["spiffe_id"], "spiffe://example.org/web");
 }
+
+#[test]
+fn federation_and_bundle_command_lines() {
+    let cmd = parse(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "partner.org",
+        "--bundle-endpoint-url",
+        "https://partner.example:8443",
+        "--profile",
+        "https_spiffe",
+        "--endpoint-spiffe-id",
+        "spiffe://partner.org/spire/server",
+        "--bundle-path",
+        "-",
+        "--bundle-format",
+        "spiffe",
+    ])
+    .unwrap();
+    let AdminCommand::Federation(FederationCommand::Create(a)) = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(a.trust_domain, "partner.org");
+    assert_eq!(a.fields.profile, Some(ProfileArg::HttpsSpiffe));
+    assert_eq!(a.fields.bundle_path, Some(PathBuf::from("-")));
+    assert_eq!(a.fields.bundle_format, BundleFormat::Spiffe);
+    // SPIRE's flag name for the profile is accepted too.
+    let cmd = parse(&[
+        "federation",
+        "update",
+        "--trust-domain",
+        "partner.org",
+        "--bundle-endpoint-profile",
+        "https_web",
+        "--ca-file",
+        "/ca.pem",
+    ])
+    .unwrap();
+    let AdminCommand::Federation(FederationCommand::Update(a)) = cmd else {
+        panic!("{cmd:?}")
+    };
+    assert_eq!(a.fields.profile, Some(ProfileArg::HttpsWeb));
+    assert_eq!(a.fields.bundle_format, BundleFormat::Pem, "SPIRE's default");
+    // --bundle-format means nothing without --bundle-path; profiles are spelled as the
+    // specification spells them.
+    let e = parse(&[
+        "federation",
+        "update",
+        "--trust-domain",
+        "p.org",
+        "--bundle-format",
+        "spiffe",
+    ])
+    .unwrap_err();
+    assert!(e.to_string().contains("--bundle-path"), "{e}");
+    let e = parse(&[
+        "federation",
+        "create",
+        "--trust-domain",
+        "p.org",
+        "--profile",
+        "https-web",
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("https_spiffe") && e.contains("https_web"), "{e}");
+    for args in [
+        &["federation", "list", "--output", "json"][..],
+        &["federation", "show", "--trust-domain", "p.org"],
+        &["federation", "delete", "--trust-domain", "spiffe://p.org"],
+        &["federation", "refresh", "--trust-domain", "p.org"],
+        &[
+            "bundle",
+            "show",
+            "--trust-domain",
+            "p.org",
+            "--format",
+            "spiffe",
+        ],
+        &["bundle", "set", "--trust-domain", "p.org"],
+        &[
+            "bundle",
+            "set",
+            "--trust-domain",
+            "p.org",
+            "--format",
+            "spiffe",
+            "--path",
+            "b.json",
+        ],
+        &["bundle", "list", "--include-local"],
+        &[
+            "bundle",
+            "delete",
+            "--trust-domain",
+            "p.org",
+            "--mode",
+            "restrict",
+        ],
+    ] {
+        parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+    let AdminCommand::Bundle(BundleCommand::Set(a)) =
+        parse(&["bundle", "set", "--trust-domain", "p.org"]).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((a.format, a.path), (BundleFormat::Pem, None), "stdin, PEM");
+    assert!(
+        parse(&[
+            "bundle",
+            "delete",
+            "--trust-domain",
+            "p.org",
+            "--mode",
+            "dissociate"
+        ])
+        .is_err()
+    );
+    assert!(
+        parse(&["federation", "show"]).is_err(),
+        "--trust-domain is required"
+    );
+}
+
+#[tokio::test]
+async fn federation_and_bundle_inputs_are_checked_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nothing-here.sock");
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, "  \n").unwrap();
+    let create = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "federation",
+            "create",
+            "--trust-domain",
+            "partner.org",
+            "--bundle-endpoint-url",
+            "https://partner.example/",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let g = garbage.to_str().unwrap();
+    let e = empty.to_str().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            create(&[]),
+            "federation create: --profile: required: https_spiffe or https_web",
+        ),
+        (
+            create(&[
+                "--profile",
+                "https_web",
+                "--endpoint-spiffe-id",
+                "spiffe://partner.org/x",
+            ]),
+            "federation create: --endpoint-spiffe-id: only the https_spiffe profile",
+        ),
+        (
+            create(&["--profile", "https_spiffe", "--ca-file", g]),
+            "federation create: --ca-file: only the https_web profile",
+        ),
+        (
+            create(&[
+                "--profile",
+                "https_spiffe",
+                "--endpoint-spiffe-id",
+                "partner.org",
+            ]),
+            "federation create: --endpoint-spiffe-id: ",
+        ),
+        (
+            create(&["--profile", "https_web", "--ca-file", g]),
+            "federation create: --ca-file: ",
+        ),
+        (
+            create(&["--profile", "https_web", "--ca-file", "/nonexistent/ca.pem"]),
+            "federation create: --ca-file /nonexistent/ca.pem: cannot read",
+        ),
+        (
+            create(&["--profile", "https_spiffe", "--bundle-path", e]),
+            "federation create: --bundle-path: ",
+        ),
+        (
+            vec![
+                "federation".into(),
+                "create".into(),
+                "--trust-domain".into(),
+                "partner.org".into(),
+                "--bundle-endpoint-url".into(),
+                "http://partner.example/".into(),
+                "--profile".into(),
+                "https_web".into(),
+            ],
+            "federation create: --bundle-endpoint-url: \"http://partner.example/\": a bundle endpoint URL must start with https://",
+        ),
+        (
+            vec![
+                "federation".into(),
+                "show".into(),
+                "--trust-domain".into(),
+                "Partner.org".into(),
+            ],
+            "federation show: --trust-domain: ",
+        ),
+        (
+            vec![
+                "bundle".into(),
+                "set".into(),
+                "--trust-domain".into(),
+                "p.org".into(),
+                "--path".into(),
+                e.into(),
+            ],
+            "bundle set: --path: ",
+        ),
+        (
+            vec![
+                "bundle".into(),
+                "delete".into(),
+                "--trust-domain".into(),
+                "spiffe://p.org/path".into(),
+            ],
+            "bundle delete: --trust-domain: ",
+        ),
+    ];
+    for (mut args, want) in cases {
+        args.extend(["--admin-socket".into(), socket.to_str().unwrap().into()]);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cmd = parse(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let err = execute(cmd).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(want),
+            "{argv:?}\n  gave: {err}\n  want: {want}"
+        );
+        assert!(
+            !err.contains("nothing-here"),
+            "{argv:?} tried to connect: {err}"
+        );
+    }
+}
+
+#[test]
+fn bundle_endpoint_urls_are_checked_strictly() {
+    use crate::admin::api::check_endpoint_url;
+    for ok in [
+        "https://partner.example",
+        "https://partner.example:8443/bundle?x=1",
+        "https://127.0.0.1:9443",
+        "https://[::1]:9443/b",
+    ] {
+        check_endpoint_url(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for (bad, want) in [
+        ("", "is required"),
+        ("http://partner.example/", "must start with https://"),
+        ("HTTPS://partner.example/", "must start with https://"),
+        ("partner.example", "must start with https://"),
+        ("https://", "no host"),
+        ("https:///b", "no host"),
+        ("https://u:p@partner.example/", "user info"),
+        ("https://partner.example/#f", "#fragment"),
+        ("https://partner.example:0/", "not a port number"),
+        ("https://partner.example:99999/", "not a port number"),
+        ("https://partner.example/a b", "spaces"),
+        ("https://[::1/", "unclosed ["),
+        ("https://[nope]/", "not an IPv6 address"),
+        ("https://-bad-/", "not a DNS name"),
+    ] {
+        let e = check_endpoint_url(bad).unwrap_err();
+        assert!(e.contains(want), "{bad:?}: {e}");
+    }
+    let long = format!("https://h/{}", "a".repeat(3000));
+    assert!(check_endpoint_url(&long).unwrap_err().contains("2048"));
+}
+
+fn federation_view() -> FederationView {
+    FederationView {
+        trust_domain: "partner.org".into(),
+        bundle_endpoint_url: "https://partner.example:8443".into(),
+        profile: "https_spiffe".into(),
+        endpoint_spiffe_id: Some("spiffe://partner.org/spire/server".into()),
+        web_roots: None,
+        source: "api".into(),
+        last_success_at: Some(1_893_456_000),
+        last_error: Some("connection refused".into()),
+        last_error_at: Some(1_893_455_700),
+        next_refresh_at: Some(1_893_456_300),
+        bundle: Some(StoredBundleView {
+            trust_domain: "partner.org".into(),
+            origin: "fetched".into(),
+            sequence: 7,
+            updated_at: 1_893_456_000,
+            x509_authorities: 2,
+            jwt_authorities: 1,
+        }),
+    }
+}
+
+#[test]
+fn federation_human_and_json_formats() {
+    assert_eq!(
+        format_federation_human(&federation_view()),
+        "Trust domain     : partner.org\n\
+         Endpoint URL     : https://partner.example:8443\n\
+         Endpoint profile : https_spiffe\n\
+         Endpoint ID      : spiffe://partner.org/spire/server\n\
+         Source           : api\n\
+         Last success     : 2030-01-01T00:00:00Z\n\
+         Last error       : 2029-12-31T23:55:00Z (connection refused)\n\
+         Next refresh     : 2030-01-01T00:05:00Z\n\
+         Bundle sequence  : 7\n\
+         Bundle origin    : fetched\n\
+         Bundle updated   : 2030-01-01T00:00:00Z\n\
+         Bundle keys      : 2 X.509, 1 JWT\n"
+    );
+    let fresh = FederationView {
+        profile: "https_web".into(),
+        endpoint_spiffe_id: None,
+        web_roots: None,
+        source: "config".into(),
+        last_success_at: None,
+        last_error: None,
+        last_error_at: None,
+        next_refresh_at: None,
+        bundle: None,
+        ..federation_view()
+    };
+    let out = format_federation_human(&fresh);
+    for line in [
+        "Web PKI roots    : the system's trust store\n",
+        "Source           : config\n",
+        "Last success     : never\n",
+        "Last error       : none\n",
+        "Next refresh     : not scheduled\n",
+        "Bundle           : none stored yet\n",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from\n{out}");
+    }
+    assert!(!out.contains("Endpoint ID"), "{out}");
+    let with_roots = FederationView {
+        web_roots: Some(2),
+        ..fresh.clone()
+    };
+    assert!(
+        format_federation_human(&with_roots).contains("Web PKI roots    : 2 CA certificates\n")
+    );
+    assert_eq!(
+        format_federations_human(&[]),
+        "Found 0 federation relationships\n"
+    );
+    let two = format_federations_human(&[federation_view(), fresh.clone()]);
+    assert!(
+        two.starts_with("Found 2 federation relationships\n\nTrust domain"),
+        "{two}"
+    );
+    assert!(two.contains("1 JWT\n\nTrust domain"), "{two}");
+    let list = FederationList {
+        federations: vec![federation_view(), fresh],
+    };
+    let v: serde_json::Value = serde_json::from_str(&json(&list).unwrap()).unwrap();
+    assert_eq!(v["federations"][0]["bundle"]["sequence"], 7);
+    assert_eq!(
+        v["federations"][1]["last_success_at"],
+        serde_json::Value::Null
+    );
+    let back: FederationList = serde_json::from_value(v).unwrap();
+    assert_eq!(back, list);
+}
+
+#[test]
+fn stored_bundle_formats() {
+    let local = StoredBundleView {
+        trust_domain: "example.org".into(),
+        origin: "local".into(),
+        sequence: 3,
+        updated_at: 0,
+        x509_authorities: 1,
+        jwt_authorities: 1,
+    };
+    assert_eq!(
+        format_stored_bundle_human(&local),
+        "Trust domain     : example.org\n\
+         Origin           : local\n\
+         Sequence         : 3\n\
+         X.509 authorities: 1\n\
+         JWT authorities  : 1\n"
+    );
+    let foreign = StoredBundleView {
+        trust_domain: "partner.org".into(),
+        origin: "static".into(),
+        updated_at: 1_893_456_000,
+        ..local.clone()
+    };
+    assert!(
+        format_stored_bundle_human(&foreign).contains("Updated at       : 2030-01-01T00:00:00Z\n")
+    );
+    assert_eq!(format_stored_bundles_human(&[]), "Found 0 bundles\n");
+    assert!(
+        format_stored_bundles_human(&[local, foreign])
+            .starts_with("Found 2 bundles\n\nTrust domain     : example.org\n")
+    );
+}
+
+#[test]
+fn help_texts_name_the_federation_commands_and_spires_equivalents() {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let help = |path: &[&str]| {
+        let mut c = cmd.clone();
+        for p in path {
+            c = c
+                .find_subcommand(p)
+                .unwrap_or_else(|| panic!("{path:?}"))
+                .clone();
+        }
+        c.render_long_help().to_string()
+    };
+    let fed = help(&["federation"]);
+    for verb in ["create", "update", "delete", "list", "show", "refresh"] {
+        assert!(fed.contains(verb), "{verb} missing from\n{fed}");
+    }
+    let create = help(&["federation", "create"]);
+    for needle in [
+        "--trust-domain <TRUST_DOMAIN>",
+        "--bundle-endpoint-url <URL>",
+        "--profile <PROFILE>",
+        "https_spiffe",
+        "https_web",
+        "--endpoint-spiffe-id <SPIFFE_ID>",
+        "spiffe://<trust domain>/spire/server",
+        "--ca-file <FILE>",
+        "--bundle-path <FILE>",
+        "--bundle-format <BUNDLE_FORMAT>",
+        "spire-server federation create",
+        "-trustDomainBundlePath",
+    ] {
+        assert!(create.contains(needle), "{needle:?} missing from\n{create}");
+    }
+    let set = help(&["bundle", "set"]);
+    for needle in ["--path <FILE>", "standard input", "spire-server bundle set"] {
+        assert!(set.contains(needle), "{needle:?} missing from\n{set}");
+    }
+    let bundle = help(&["bundle"]);
+    for verb in ["show", "set", "list", "delete"] {
+        assert!(bundle.contains(verb), "{verb} missing from\n{bundle}");
+    }
+}
+
+#[test]
+fn an_https_spiffe_relationship_without_a_bundle_says_how_to_give_one() {
+    let none = FederationView {
+        bundle: None,
+        ..federation_view()
+    };
+    let hint = https_spiffe_hint(&none);
+    assert!(
+        hint.contains("No bundle of partner.org is stored yet")
+            && hint.contains("--bundle-path")
+            && hint.contains("bundle set --trust-domain partner.org"),
+        "{hint}"
+    );
+    // With a bundle, for https_web, or for an endpoint another trust domain serves:
+    // nothing to say.
+    assert_eq!(https_spiffe_hint(&federation_view()), "");
+    let web = FederationView {
+        profile: "https_web".into(),
+        endpoint_spiffe_id: None,
+        ..none.clone()
+    };
+    assert_eq!(https_spiffe_hint(&web), "");
+    let served_by_other = FederationView {
+        endpoint_spiffe_id: Some("spiffe://hub.org/spire/server".into()),
+        ..none
+    };
+    assert_eq!(https_spiffe_hint(&served_by_other), "");
+}
