@@ -252,7 +252,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             default_join_token_ttl: config::DEFAULT_JOIN_TOKEN_TTL,
             jwt: jwt_settings,
         },
-    );
+    )
+    .with_refresher(refresher.clone());
     let node_task = crate::listener::serve(
         listener,
         Arc::new(tls),

@@ -144,7 +144,8 @@ pub trait Refresher: Send + Sync {
     /// relationship's status afterwards (`NotFound` if there is no such relationship).
     async fn refresh_now(&self, td: &TrustDomain) -> crate::Result<Status>;
 
-    /// Relationships were created, changed or deleted: re-read them now.
+    /// Relationships or foreign bundles were created, changed or deleted: re-read them
+    /// now (the relationships' schedule, and the bundles the agents get).
     fn relationships_changed(&self);
 }
 

@@ -331,7 +331,8 @@ impl AdminApi {
         self.ca.trust_domain()
     }
 
-    /// Tells the refresh loop, if any, that relationships changed.
+    /// Tells the refresh loop, if any, that relationships or foreign bundles changed (it
+    /// re-reads both: the agents get the bundles at once).
     fn relationships_changed(&self) {
         if let Some(r) = &self.refresher {
             r.relationships_changed();
@@ -519,6 +520,8 @@ impl AdminApi {
             sequence = bundle.sequence,
             "set a static foreign bundle"
         );
+        // The agents entitled to it get it at once.
+        self.relationships_changed();
         let stored = ds.foreign_bundle(&td).await?.ok_or_else(|| {
             Error::Datastore(format!("the bundle of {td} was stored but cannot be read"))
         })?;
@@ -576,6 +579,7 @@ impl AdminApi {
             return Err(Error::NotFound(format!("no bundle of {td} is stored")));
         }
         tracing::info!(trust_domain = %td, "deleted a foreign bundle");
+        self.relationships_changed();
         Ok(DeleteBundleResponse {})
     }
 
