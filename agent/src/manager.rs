@@ -20,11 +20,11 @@ use carapace_proto::node::{
     node_client::NodeClient,
 };
 
-use crate::cache::{CachedSvid, SvidCache};
+use crate::cache::{CachedSvid, SvidCache, same_federated};
 use crate::config::{Bootstrap, Config};
 use crate::node_client::{self, call_error};
 use crate::state::{self, AgentState};
-use crate::sync::HeldEntries;
+use crate::sync::{HeldEntries, HeldFederated};
 use crate::{Error, Result};
 
 /// How far the server backdates notBefore (see `carapace_server::ca::BACKDATE`).
@@ -144,6 +144,8 @@ pub struct Manager {
     agent_rotate_at: i64,
     /// The authorized entries, kept from the server's sync messages.
     held: HeldEntries,
+    /// The foreign bundles the entries federate with, kept from the sync messages.
+    federated: HeldFederated,
     slots: BTreeMap<EntryId, Slot>,
     /// The node attestor, kept to renew by attesting again when the server allows it
     /// (TPM: a fresh quote at every renewal), and to attest afresh after losing the
@@ -273,6 +275,7 @@ impl Manager {
         cache.replace(bundle, Vec::new());
         crate::metrics::metrics().agent_svid(na);
         Ok(Manager {
+            federated: HeldFederated::new(cfg.trust_domain.clone()),
             cfg,
             km,
             workload_keys,
@@ -715,6 +718,23 @@ impl Manager {
                 }
             }
         }
+        // The federated bundles first: a message whose diff does not fit is dropped
+        // whole (its entries too: the held entries stay known, the next stream resumes).
+        match self.federated.apply(m, first) {
+            Ok(true) => tracing::info!(
+                trust_domains = self.federated.bundles().len(),
+                "federated bundles updated"
+            ),
+            Ok(false) => {}
+            Err(why) => {
+                tracing::warn!(
+                    revision = m.revision,
+                    error = why,
+                    "an inconsistent sync message from the server; reconnecting for the full set"
+                );
+                return Ok(false);
+            }
+        }
         match self.held.apply(m, first, resumed) {
             Ok(applied) => {
                 tracing::debug!(
@@ -814,6 +834,7 @@ impl Manager {
         if removed > 0
             || signed > 0
             || self.cache.current().bundle.as_ref() != self.bundle_tx.borrow().as_ref()
+            || !same_federated(&self.cache.current().federated, self.federated.bundles())
         {
             if signed > 0 {
                 crate::metrics::metrics().rotated("workload");
@@ -832,7 +853,11 @@ impl Manager {
 
     fn publish(&self) {
         let svids = self.slots.values().map(|s| s.svid.clone()).collect();
-        self.cache.replace(self.bundle_tx.borrow().clone(), svids);
+        self.cache.replace_all(
+            self.bundle_tx.borrow().clone(),
+            self.federated.bundles().clone(),
+            svids,
+        );
     }
 
     async fn sign_batch(
@@ -897,6 +922,7 @@ impl Manager {
                                 spiffe_id: entry.spiffe_id.clone(),
                                 selectors: entry.selectors.clone(),
                                 hint: entry.hint.clone(),
+                                federates_with: entry.federates_with.clone(),
                                 cert_chain: svid.cert_chain,
                                 private_key_pkcs8: key,
                                 expires_at: na,

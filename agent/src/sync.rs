@@ -7,13 +7,19 @@
 //! what it holds ([`HeldEntries::resume_request`]) and get a diff instead of the whole
 //! list. Anything inconsistent (a diff before any full state, the removal of an entry it
 //! does not hold) is an error: the caller drops the stream and asks for the full state.
+//!
+//! The federated bundles (the foreign trust domains' bundles the agent's entries are
+//! entitled to) are kept the same way in [`HeldFederated`], but per stream: the first
+//! message of every stream carries the whole set, later ones a diff.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use carapace_core::{EntryId, RegistrationEntry};
-use carapace_proto::convert::entry_from_wire;
+use carapace_core::{EntryId, RegistrationEntry, TrustBundle, TrustDomain};
+use carapace_proto::convert::{bundle_from_wire, entry_from_wire};
 use carapace_proto::node::{HeldEntry, SyncAuthorizedRequest, SyncAuthorizedResponse};
 use carapace_proto::sync::entry_digest;
+use carapace_proto::types;
 
 /// The entries held and what is known of them.
 #[derive(Debug, Default)]
@@ -133,6 +139,141 @@ impl HeldEntries {
         }
         self.known = true;
         Ok(applied)
+    }
+}
+
+/// The federated bundles held: every foreign bundle the server sends this agent (the
+/// trust domains its authorized entries federate with, for all its workloads together).
+///
+/// A message with `federated_full` replaces the set; one without it adds or replaces the
+/// bundles it carries and drops those named in `removed_federated_bundles`. A diff is
+/// applied only on a stream whose full set the agent holds: the first message of every
+/// stream must carry the full set, and a diff before it ("when in doubt, full state")
+/// is refused, changing nothing (the caller drops the stream; the next one opens with
+/// the full set). A diff with nothing in it changes nothing and is never refused. Until
+/// a new full set arrives the bundles held keep being served.
+///
+/// A bundle that does not parse, or that is for the agent's own trust domain, is ignored
+/// with a warning: a bundle already held for that trust domain stays (also through a full
+/// set that names the trust domain), so a bad copy never replaces a good one.
+#[derive(Debug)]
+pub struct HeldFederated {
+    own: TrustDomain,
+    bundles: Arc<crate::cache::FederatedBundles>,
+    /// Whether the current stream sent its full set (diffs apply only then).
+    known: bool,
+}
+
+impl HeldFederated {
+    /// Nothing held, for an agent of trust domain `own`.
+    pub fn new(own: TrustDomain) -> Self {
+        HeldFederated {
+            own,
+            bundles: Arc::default(),
+            known: false,
+        }
+    }
+
+    /// The bundles held, by trust domain (shared: cloning the `Arc` copies nothing).
+    pub fn bundles(&self) -> &Arc<crate::cache::FederatedBundles> {
+        &self.bundles
+    }
+
+    /// Parses one wire bundle: `None` (logged) if it does not parse or is the own trust
+    /// domain's; `Some((td, None))` when its trust domain is readable but not the rest.
+    fn parse(&self, b: &types::Bundle) -> Option<(TrustDomain, Option<TrustBundle>)> {
+        let Ok(td) = TrustDomain::new(&b.trust_domain) else {
+            tracing::warn!(
+                trust_domain = %carapace_core::jose::shown(&b.trust_domain),
+                "ignoring a federated bundle from the server: its trust domain is not valid"
+            );
+            return None;
+        };
+        if td == self.own {
+            tracing::warn!(
+                trust_domain = %td,
+                "ignoring a federated bundle from the server for the agent's own trust domain"
+            );
+            return None;
+        }
+        match bundle_from_wire(b) {
+            Ok(bundle) => Some((td, Some(bundle))),
+            Err(e) => {
+                tracing::warn!(
+                    trust_domain = %td,
+                    error = %e,
+                    "ignoring a malformed federated bundle from the server; keeping the one held, if any"
+                );
+                Some((td, None))
+            }
+        }
+    }
+
+    /// Applies one message's federated fields; `first` is whether it opens its stream.
+    /// `Ok(true)` when the bundles held changed. On error nothing was changed.
+    pub fn apply(&mut self, m: &SyncAuthorizedResponse, first: bool) -> Result<bool, String> {
+        if first {
+            self.known = false;
+        }
+        if m.federated_full {
+            if !m.removed_federated_bundles.is_empty() {
+                return Err("a full set of federated bundles that also removes some".into());
+            }
+            let mut next = crate::cache::FederatedBundles::new();
+            for b in &m.federated_bundles {
+                let Some((td, bundle)) = self.parse(b) else {
+                    continue;
+                };
+                let held = self.bundles.get(&td);
+                let kept = match (bundle, held) {
+                    (Some(new), Some(old)) if **old == new => old.clone(),
+                    (Some(new), _) => Arc::new(new),
+                    (None, Some(old)) => old.clone(),
+                    (None, None) => continue,
+                };
+                next.insert(td, kept);
+            }
+            self.known = true;
+            return Ok(self.replace(next));
+        }
+        if m.federated_bundles.is_empty() && m.removed_federated_bundles.is_empty() {
+            return Ok(false);
+        }
+        if !self.known {
+            return Err("a diff of federated bundles before the full set of the stream".into());
+        }
+        let mut next = (*self.bundles).clone();
+        for name in &m.removed_federated_bundles {
+            match TrustDomain::new(name) {
+                Ok(td) => {
+                    next.remove(&td);
+                }
+                Err(e) => tracing::warn!(
+                    trust_domain = %carapace_core::jose::shown(name),
+                    error = %e,
+                    "ignoring the removal of a federated bundle: not a trust domain"
+                ),
+            }
+        }
+        for b in &m.federated_bundles {
+            if let Some((td, Some(bundle))) = self.parse(b) {
+                if next.get(&td).is_none_or(|old| **old != bundle) {
+                    next.insert(td, Arc::new(bundle));
+                }
+            }
+        }
+        Ok(self.replace(next))
+    }
+
+    /// Holds `next` if it differs from what is held (by trust domain and content);
+    /// whether it did.
+    fn replace(&mut self, next: crate::cache::FederatedBundles) -> bool {
+        let next = Arc::new(next);
+        if crate::cache::same_federated(&self.bundles, &next) {
+            return false;
+        }
+        self.bundles = next;
+        true
     }
 }
 

@@ -280,7 +280,7 @@ async fn fetch(
 /// Claims of a token the agent served, verified with `keys`.
 fn verified(token: &str, keys: &TrustBundle, aud: &str) -> serde_json::Map<String, Value> {
     let (_, claims) =
-        crate::workload_api::jwt::validate(keys, aud, token, SystemTime::now()).unwrap();
+        crate::workload_api::jwt::validate(keys, &[], aud, token, SystemTime::now()).unwrap();
     claims
 }
 
@@ -457,7 +457,7 @@ async fn tokens_are_cached_per_audience_set_until_half_their_life() {
     assert_ne!(t3, t1);
     assert_eq!(verified(&t3, &bundle, "a")["aud"], json!(["a", "bcd"]));
     assert!(
-        crate::workload_api::jwt::validate(&bundle, "ab", &t3, SystemTime::now()).is_err(),
+        crate::workload_api::jwt::validate(&bundle, &[], "ab", &t3, SystemTime::now()).is_err(),
         "the {{a,bcd}} token is not for ab"
     );
     assert_eq!(h.cache.current().svids.len(), 1);
@@ -827,7 +827,7 @@ async fn jwt_bundles_are_jwks_keyed_by_trust_domain_and_follow_key_changes() {
 // ---------------------------------------------------------------- ValidateJWTSVID
 
 fn refusal(bundle: &TrustBundle, aud: &str, token: &str) -> String {
-    crate::workload_api::jwt::validate(bundle, aud, token, SystemTime::now()).unwrap_err()
+    crate::workload_api::jwt::validate(bundle, &[], aud, token, SystemTime::now()).unwrap_err()
 }
 
 #[test]
@@ -841,7 +841,8 @@ fn validation_accepts_the_asymmetric_algorithms_and_returns_aud_as_an_array() {
         // `aud` as a string: returned as an array.
         let token = key.sign(good_claims("spiffe://example.org/web", json!("svc")));
         let (id, claims) =
-            crate::workload_api::jwt::validate(&bundle, "svc", &token, SystemTime::now()).unwrap();
+            crate::workload_api::jwt::validate(&bundle, &[], "svc", &token, SystemTime::now())
+                .unwrap();
         assert_eq!(id, "spiffe://example.org/web".parse::<SpiffeId>().unwrap());
         assert_eq!(claims["aud"], json!(["svc"]), "{}", key.kid);
         assert_eq!(claims["sub"], "spiffe://example.org/web");
@@ -870,7 +871,7 @@ fn validation_accepts_the_asymmetric_algorithms_and_returns_aud_as_an_array() {
         public_key_der: pss.public_key_der().to_vec(),
         expires_at: None,
     });
-    crate::workload_api::jwt::validate(&b, "svc", &token, SystemTime::now()).unwrap();
+    crate::workload_api::jwt::validate(&b, &[], "svc", &token, SystemTime::now()).unwrap();
 }
 
 #[test]
@@ -961,7 +962,7 @@ fn validation_refuses_expired_and_not_yet_valid_tokens() {
     assert!(e.contains("issued in the future"), "{e}");
     // Within the leeway: accepted.
     let skewed = k.sign(json!({"sub": sub, "aud": ["svc"], "iat": now() + 10, "exp": now() - 10}));
-    crate::workload_api::jwt::validate(&bundle, "svc", &skewed, SystemTime::now()).unwrap();
+    crate::workload_api::jwt::validate(&bundle, &[], "svc", &skewed, SystemTime::now()).unwrap();
 }
 
 #[test]
@@ -1005,7 +1006,7 @@ fn validation_refuses_another_audience_and_a_foreign_or_malformed_subject() {
     let token = k.sign(good_claims("spiffe://other.org/web", json!(["svc"])));
     let e = refusal(&bundle, "svc", &token);
     assert!(
-        e.contains("trust domain other.org, whose keys this agent does not hold"),
+        e.contains("trust domain other.org, whose keys this caller may not use"),
         "{e}"
     );
 }

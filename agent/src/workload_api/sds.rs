@@ -314,10 +314,12 @@ fn new_nonce() -> String {
     format!("{:032x}", rand::rng().random::<u128>())
 }
 
-/// The bundles of other trust domains the agent holds: none yet (the agent does not
-/// receive federated bundles), so `ALL` is the own bundle and no federated name resolves.
-fn federated_bundles(_state: &CacheState) -> &[Arc<TrustBundle>] {
-    &[]
+/// The bundles of other trust domains a caller holding `svids` may have: those its
+/// entries federate with, among those the agent holds ([`CacheState::entitled`]). They
+/// are in `ALL` and each is served under its trust domain ID; any other foreign trust
+/// domain's name is refused like any name the caller cannot have.
+fn federated_bundles(state: &CacheState, svids: &[Arc<CachedSvid>]) -> Vec<Arc<TrustBundle>> {
+    state.entitled(svids)
 }
 
 /// The resources of one response for a caller with `selectors`: `PermissionDenied`
@@ -342,7 +344,7 @@ fn resources_for(
         names,
         &svids,
         &state.bundle,
-        federated_bundles(state),
+        &federated_bundles(state, &svids),
         spiffe_validator,
     )
 }
@@ -653,15 +655,10 @@ impl DeltaStream {
         if svids.is_empty() {
             return Err(Status::permission_denied(NO_IDENTITY));
         }
+        let federated = federated_bundles(state, &svids);
         for names in lists {
-            for secret in secrets_for(
-                &self.cfg,
-                &names,
-                &svids,
-                &state.bundle,
-                federated_bundles(state),
-                spiffe,
-            )? {
+            for secret in secrets_for(&self.cfg, &names, &svids, &state.bundle, &federated, spiffe)?
+            {
                 let any = pack(&secret)?;
                 out.insert(secret.name, any);
             }

@@ -82,6 +82,7 @@ impl Pki {
                 .map(|s| s.parse::<Selector>().unwrap())
                 .collect(),
             hint: hint.to_owned(),
+            federates_with: Vec::new(),
             cert_chain,
             private_key_pkcs8: Zeroizing::new(key),
             expires_at,
