@@ -369,4 +369,97 @@ mod tests {
             assert_eq!(fast, slow, "workload {w:?}");
         }
     }
+
+    fn foreign(td: &str, leaf: u8) -> Arc<TrustBundle> {
+        let mut b = TrustBundle::new(TrustDomain::new(td).unwrap());
+        b.x509_authorities = vec![vec![leaf]];
+        Arc::new(b)
+    }
+
+    fn federating(id: &str, sel: &str, tds: &[&str]) -> Arc<CachedSvid> {
+        let mut s = (*svid(id, &[sel], 1)).clone();
+        s.federates_with = tds.iter().map(|t| TrustDomain::new(t).unwrap()).collect();
+        Arc::new(s)
+    }
+
+    fn federated(bundles: &[Arc<TrustBundle>]) -> Arc<FederatedBundles> {
+        Arc::new(
+            bundles
+                .iter()
+                .map(|b| (b.trust_domain().clone(), b.clone()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_caller_is_entitled_only_to_held_bundles_its_entries_federate_with() {
+        let cache = SvidCache::new(bundle(1));
+        let (a, b, c) = (
+            foreign("a.org", 1),
+            foreign("b.org", 2),
+            foreign("c.org", 3),
+        );
+        cache.replace_all(
+            bundle(1),
+            federated(&[a.clone(), b.clone(), c.clone()]),
+            vec![
+                federating("x", "unix:uid:0", &["b.org", "a.org", "missing.org"]),
+                federating("y", "unix:uid:0", &["a.org"]),
+                federating("z", "unix:uid:1", &["c.org"]),
+            ],
+        );
+        let st = cache.current();
+        let tds = |v: Vec<Arc<TrustBundle>>| -> Vec<String> {
+            v.iter()
+                .map(|b| b.trust_domain().name().to_owned())
+                .collect()
+        };
+        // uid 0: a.org (twice) and b.org, not c.org (uid 1's) nor missing.org (not held).
+        let mine = st.matching(&set(&["unix:uid:0"]));
+        assert_eq!(tds(st.entitled(&mine)), ["a.org", "b.org"]);
+        assert!(
+            Arc::ptr_eq(&st.entitled(&mine)[0], &a),
+            "shared, not copied"
+        );
+        assert_eq!(
+            tds(st.entitled(&st.matching(&set(&["unix:uid:1"])))),
+            ["c.org"]
+        );
+        assert!(st.entitled(&[]).is_empty());
+        assert!(st.entitled(&[svid("plain", &["unix:uid:0"], 1)]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_federated_bundle_change_notifies() {
+        let cache = SvidCache::new(bundle(1));
+        let svids = vec![federating("x", "unix:uid:0", &["a.org"])];
+        let mut rx = cache.subscribe();
+        cache.replace_all(bundle(1), federated(&[foreign("a.org", 1)]), svids.clone());
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // The same content in new Arcs: nothing.
+        cache.replace_all(bundle(1), federated(&[foreign("a.org", 1)]), svids.clone());
+        assert!(!rx.has_changed().unwrap());
+        // A changed, an added and a removed bundle each notify.
+        cache.replace_all(bundle(1), federated(&[foreign("a.org", 2)]), svids.clone());
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        cache.replace_all(
+            bundle(1),
+            federated(&[foreign("a.org", 2), foreign("b.org", 1)]),
+            svids.clone(),
+        );
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        cache.replace_all(bundle(1), federated(&[foreign("b.org", 1)]), svids.clone());
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().federated.len(), 1);
+        // An entry's federates_with alone changing notifies too.
+        cache.replace_all(
+            bundle(1),
+            federated(&[foreign("b.org", 1)]),
+            vec![federating("x", "unix:uid:0", &["b.org"])],
+        );
+        assert!(rx.has_changed().unwrap());
+    }
 }

@@ -798,6 +798,21 @@ impl Manager {
         self.slots
             .retain(|id, _| self.held.entries().contains_key(id));
         let removed = before - self.slots.len();
+        // Entitlements follow the entry at once, not at the re-signing its new revision
+        // brings (which may wait for the server): a workload whose entry stops federating
+        // with a trust domain stops getting its bundle now.
+        let mut refederated = 0;
+        for (id, slot) in self.slots.iter_mut() {
+            let Some(entry) = self.held.entries().get(id) else {
+                continue;
+            };
+            if entry.federates_with != slot.svid.federates_with {
+                let mut svid = (*slot.svid).clone();
+                svid.federates_with = entry.federates_with.clone();
+                slot.svid = Arc::new(svid);
+                refederated += 1;
+            }
+        }
         let due: Vec<RegistrationEntry> = self
             .held
             .entries()
@@ -833,6 +848,7 @@ impl Manager {
         }
         if removed > 0
             || signed > 0
+            || refederated > 0
             || self.cache.current().bundle.as_ref() != self.bundle_tx.borrow().as_ref()
             || !same_federated(&self.cache.current().federated, self.federated.bundles())
         {

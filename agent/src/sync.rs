@@ -417,4 +417,241 @@ mod tests {
         h.apply(&diff(vec![], &["bad"]), false, false).unwrap();
         assert_eq!(h.resume_request().held.len(), 1);
     }
+
+    // ------------------------------------------------------------ federated bundles
+
+    /// A CA certificate (DER) that `bundle_from_wire` accepts.
+    fn ca(cn: &str) -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.self_signed(&kp).unwrap().der().to_vec()
+    }
+
+    fn fed(td: &str, authorities: &[&[u8]]) -> types::Bundle {
+        types::Bundle {
+            trust_domain: td.into(),
+            x509_authorities: authorities.iter().map(|a| a.to_vec()).collect(),
+            sequence: 1,
+            ..Default::default()
+        }
+    }
+
+    fn fed_full(bundles: Vec<types::Bundle>) -> SyncAuthorizedResponse {
+        SyncAuthorizedResponse {
+            federated_bundles: bundles,
+            federated_full: true,
+            ..Default::default()
+        }
+    }
+
+    fn fed_diff(bundles: Vec<types::Bundle>, removed: &[&str]) -> SyncAuthorizedResponse {
+        SyncAuthorizedResponse {
+            federated_bundles: bundles,
+            removed_federated_bundles: removed.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// What is held: trust domain → its X.509 authorities.
+    fn held(h: &HeldFederated) -> Vec<(String, Vec<Vec<u8>>)> {
+        h.bundles()
+            .iter()
+            .map(|(td, b)| (td.name().to_owned(), b.x509_authorities.clone()))
+            .collect()
+    }
+
+    fn own() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn a_full_set_of_federated_bundles_replaces_what_is_held() {
+        let (a, b, c) = (ca("a"), ca("b"), ca("c"));
+        let mut h = HeldFederated::new(own());
+        assert!(
+            h.apply(
+                &fed_full(vec![fed("a.org", &[&a]), fed("b.org", &[&b])]),
+                true
+            )
+            .unwrap()
+        );
+        assert_eq!(
+            held(&h),
+            [
+                ("a.org".to_owned(), vec![a.clone()]),
+                ("b.org".to_owned(), vec![b.clone()])
+            ]
+        );
+        let kept = h.bundles()[&TrustDomain::new("b.org").unwrap()].clone();
+        // The next stream's full set: a.org gone, b.org unchanged, c.org new.
+        assert!(
+            h.apply(
+                &fed_full(vec![fed("b.org", &[&b]), fed("c.org", &[&c])]),
+                true
+            )
+            .unwrap()
+        );
+        assert_eq!(
+            held(&h),
+            [
+                ("b.org".to_owned(), vec![b.clone()]),
+                ("c.org".to_owned(), vec![c.clone()])
+            ]
+        );
+        assert!(
+            Arc::ptr_eq(&kept, &h.bundles()[&TrustDomain::new("b.org").unwrap()]),
+            "an unchanged bundle is the same Arc: streams following it are not woken"
+        );
+        // The same set again (a reconnect): no change.
+        let before = h.bundles().clone();
+        assert!(
+            !h.apply(
+                &fed_full(vec![fed("c.org", &[&c]), fed("b.org", &[&b])]),
+                true
+            )
+            .unwrap()
+        );
+        assert!(Arc::ptr_eq(&before, h.bundles()));
+        // An empty full set drops everything.
+        assert!(h.apply(&fed_full(vec![]), false).unwrap());
+        assert!(held(&h).is_empty());
+    }
+
+    #[test]
+    fn federated_diffs_add_change_and_remove() {
+        let (a, a2, b, c) = (ca("a"), ca("a2"), ca("b"), ca("c"));
+        let mut h = HeldFederated::new(own());
+        h.apply(
+            &fed_full(vec![fed("a.org", &[&a]), fed("b.org", &[&b])]),
+            true,
+        )
+        .unwrap();
+        // a.org changes, c.org comes, b.org goes (named as a name or a trust domain ID).
+        assert!(
+            h.apply(
+                &fed_diff(
+                    vec![fed("a.org", &[&a, &a2]), fed("c.org", &[&c])],
+                    &["b.org"]
+                ),
+                false
+            )
+            .unwrap()
+        );
+        assert_eq!(
+            held(&h),
+            [
+                ("a.org".to_owned(), vec![a.clone(), a2.clone()]),
+                ("c.org".to_owned(), vec![c.clone()])
+            ]
+        );
+        assert!(
+            h.apply(&fed_diff(vec![], &["spiffe://c.org"]), false)
+                .unwrap()
+        );
+        assert_eq!(
+            held(&h),
+            [("a.org".to_owned(), vec![a.clone(), a2.clone()])]
+        );
+        // Removing what is not held, or sending what is held: no change.
+        assert!(
+            !h.apply(
+                &fed_diff(vec![fed("a.org", &[&a, &a2])], &["zzz.org"]),
+                false
+            )
+            .unwrap()
+        );
+        // A message about entries only (no federated fields) changes nothing.
+        assert!(!h.apply(&SyncAuthorizedResponse::default(), false).unwrap());
+        assert_eq!(held(&h).len(), 1);
+    }
+
+    #[test]
+    fn a_federated_diff_before_the_streams_full_set_changes_nothing() {
+        let (a, b) = (ca("a"), ca("b"));
+        // Before any full set at all.
+        let mut h = HeldFederated::new(own());
+        let err = h
+            .apply(&fed_diff(vec![fed("a.org", &[&a])], &[]), true)
+            .unwrap_err();
+        assert!(err.contains("before the full set"), "{err}");
+        let err = h
+            .apply(&fed_diff(vec![fed("a.org", &[&a])], &[]), false)
+            .unwrap_err();
+        assert!(err.contains("before the full set"), "{err}");
+        assert!(held(&h).is_empty());
+
+        // A full set on one stream; the next stream opens with a diff: refused, and so is
+        // every diff of that stream, until its full set.
+        h.apply(&fed_full(vec![fed("a.org", &[&a])]), true).unwrap();
+        assert!(
+            h.apply(&fed_diff(vec![], &["a.org"]), true).is_err(),
+            "the first message of a stream must carry the full set"
+        );
+        assert!(
+            h.apply(&fed_diff(vec![fed("b.org", &[&b])], &[]), false)
+                .is_err()
+        );
+        assert_eq!(
+            held(&h),
+            [("a.org".to_owned(), vec![a.clone()])],
+            "nothing applied; what is held is still served"
+        );
+        h.apply(&fed_full(vec![fed("a.org", &[&a])]), false)
+            .unwrap();
+        assert!(
+            h.apply(&fed_diff(vec![fed("b.org", &[&b])], &[]), false)
+                .unwrap()
+        );
+        assert_eq!(held(&h).len(), 2);
+
+        // A full set that also removes: refused.
+        let mut m = fed_full(vec![]);
+        m.removed_federated_bundles = vec!["a.org".into()];
+        assert!(h.apply(&m, true).is_err());
+        assert_eq!(held(&h).len(), 2);
+    }
+
+    #[test]
+    fn own_trust_domain_and_malformed_federated_bundles_are_ignored() {
+        let (a, b, mine) = (ca("a"), ca("b"), ca("mine"));
+        let mut h = HeldFederated::new(own());
+        h.apply(
+            &fed_full(vec![
+                fed("example.org", &[&mine]),
+                fed("spiffe://example.org", &[&mine]),
+                fed("a.org", &[&a]),
+                fed("Not A Trust Domain", &[&b]),
+                fed("bad.org", &[b"not a certificate"]),
+            ]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            held(&h),
+            [("a.org".to_owned(), vec![a.clone()])],
+            "only the valid foreign bundle"
+        );
+        // A malformed new copy of a held bundle: ignored, the good one stays (in a diff
+        // and in a full set that names the trust domain).
+        assert!(
+            !h.apply(&fed_diff(vec![fed("a.org", &[b"garbage"])], &[]), false)
+                .unwrap()
+        );
+        assert!(
+            !h.apply(&fed_full(vec![fed("a.org", &[b"garbage"])]), true)
+                .unwrap()
+        );
+        assert_eq!(held(&h), [("a.org".to_owned(), vec![a.clone()])]);
+        // The own trust domain in a diff, or its removal: nothing.
+        assert!(
+            !h.apply(
+                &fed_diff(vec![fed("example.org", &[&mine])], &["example.org"]),
+                false
+            )
+            .unwrap()
+        );
+        assert!(!h.bundles().contains_key(&own()));
+    }
 }
