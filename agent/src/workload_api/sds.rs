@@ -10,7 +10,9 @@
 //!   (a `tls_certificate`); `default` (the caller's first identity, in entry-id order);
 //!   the own trust domain's SPIFFE ID (`spiffe://example.org`) or `ROOTCA` (its bundle as
 //!   a `validation_context`); `ALL` (the own and federated bundles in one SPIFFE
-//!   validator configuration); a federated trust domain's SPIFFE ID. An empty list asks
+//!   validator configuration); a federated trust domain's SPIFFE ID. The federated
+//!   bundles are those the caller is entitled to ([`CacheState::entitled`]: its entries
+//!   federate with them), never another the agent holds. An empty list asks
 //!   for everything (every identity by SPIFFE ID and every bundle by trust domain ID).
 //!   Each requested name gets its own `Secret`, so `ROOTCA` and `ALL` may be asked for
 //!   together (SPIRE refuses that). A name the caller cannot have fails the request with
