@@ -217,7 +217,27 @@ fn write_svids(dir: &Path, resp: &X509svidResponse) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-fn describe_human(decoded: &[Decoded<'_>], written: &[PathBuf]) -> String {
+/// The federated bundles of a `FetchX509SVID` message, sorted by trust domain ID: each
+/// with its certificates.
+fn federated_of(resp: &X509svidResponse) -> Result<Vec<(&str, Vec<X509Certificate<'_>>)>> {
+    let mut out = resp
+        .federated_bundles
+        .iter()
+        .map(|(td, der)| {
+            split_der(der)
+                .map(|certs| (td.as_str(), certs))
+                .map_err(|e| Error::Workload(format!("the federated bundle of {td}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    out.sort_by(|a, b| a.0.cmp(b.0));
+    Ok(out)
+}
+
+fn describe_human(
+    decoded: &[Decoded<'_>],
+    federated: &[(&str, Vec<X509Certificate<'_>>)],
+    written: &[PathBuf],
+) -> String {
     let mut out = String::new();
     let total = decoded.len();
     for (i, d) in decoded.iter().enumerate() {
@@ -255,6 +275,14 @@ fn describe_human(decoded: &[Decoded<'_>], written: &[PathBuf]) -> String {
             if n == 1 { "y" } else { "ies" }
         );
     }
+    for (td, certs) in federated {
+        let n = certs.len();
+        let _ = writeln!(
+            out,
+            "Federated:    {td}: {n} X.509 authorit{}",
+            if n == 1 { "y" } else { "ies" }
+        );
+    }
     if !written.is_empty() {
         let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
         let _ = writeln!(out, "Wrote {}", names.join(", "));
@@ -262,7 +290,11 @@ fn describe_human(decoded: &[Decoded<'_>], written: &[PathBuf]) -> String {
     out
 }
 
-fn describe_json(decoded: &[Decoded<'_>], written: &[PathBuf]) -> Result<String> {
+fn describe_json(
+    decoded: &[Decoded<'_>],
+    federated: &[(&str, Vec<X509Certificate<'_>>)],
+    written: &[PathBuf],
+) -> Result<String> {
     let mut svids = Vec::new();
     for d in decoded {
         svids.push(serde_json::json!({
@@ -274,7 +306,14 @@ fn describe_json(decoded: &[Decoded<'_>], written: &[PathBuf]) -> Result<String>
             "bundle_pem": bundle_pem(d.svid)?,
         }));
     }
-    let mut doc = serde_json::json!({ "svids": svids });
+    let federated: serde_json::Map<String, serde_json::Value> = federated
+        .iter()
+        .map(|(td, certs)| {
+            let pem: String = certs.iter().map(|c| der_to_pem(c.as_raw())).collect();
+            ((*td).to_owned(), serde_json::Value::String(pem))
+        })
+        .collect();
+    let mut doc = serde_json::json!({ "svids": svids, "federated_bundles": federated });
     if !written.is_empty() {
         doc["written"] = written
             .iter()
@@ -286,7 +325,9 @@ fn describe_json(decoded: &[Decoded<'_>], written: &[PathBuf]) -> Result<String>
 
 /// Fetches this process's X509-SVIDs (the first message of `FetchX509SVID`) and
 /// describes them, as text or as JSON (`svids`: `spiffe_id`, `hint`, `expires_at`,
-/// `expires_at_unix`, `chain_pem`, `bundle_pem`). With `write_dir`, also writes
+/// `expires_at_unix`, `chain_pem`, `bundle_pem`; `federated_bundles`: trust domain ID →
+/// PEM, the bundles of the trust domains the caller's entries federate with). With
+/// `write_dir`, also writes
 /// `svid.pem`, `svid.key` (0600) and `bundle.pem` there (`svid.N.*` for further SVIDs).
 /// The private key is never part of the returned text.
 pub async fn fetch_x509(
@@ -298,14 +339,15 @@ pub async fn fetch_x509(
     let mut resp = first_x509(&mut client).await?;
     let result = (|| {
         let decoded = resp.svids.iter().map(decode).collect::<Result<Vec<_>>>()?;
+        let federated = federated_of(&resp)?;
         let written = match write_dir {
             Some(dir) => write_svids(dir, &resp)?,
             None => Vec::new(),
         };
         if json {
-            describe_json(&decoded, &written)
+            describe_json(&decoded, &federated, &written)
         } else {
-            Ok(describe_human(&decoded, &written))
+            Ok(describe_human(&decoded, &federated, &written))
         }
     })();
     for svid in &mut resp.svids {

@@ -1,16 +1,17 @@
 //! The agent's SVID cache: the X509-SVIDs of every workload entry this agent serves, plus
-//! its own trust domain's bundle, published as one immutable snapshot.
+//! its own trust domain's bundle and the federated (foreign) bundles its entries are
+//! entitled to, published as one immutable snapshot.
 //!
 //! The manager (which talks to the server) builds a new snapshot and calls
 //! [`SvidCache::replace`]; Workload API streams hold a [`tokio::sync::watch::Receiver`] and
 //! recompute what they send on every change. Snapshots and SVIDs are shared through
 //! `Arc`s: no DER or key bytes are copied per workload or per subscriber.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
-use carapace_core::{EntryId, Selector, SelectorSet, SpiffeId, TrustBundle};
+use carapace_core::{EntryId, Selector, SelectorSet, SpiffeId, TrustBundle, TrustDomain};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
@@ -25,6 +26,9 @@ pub struct CachedSvid {
     pub selectors: SelectorSet,
     /// The entry's hint (may be empty).
     pub hint: String,
+    /// The foreign trust domains the entry federates with: a workload holding this SVID
+    /// gets their bundles (those the agent holds).
+    pub federates_with: Vec<TrustDomain>,
     /// The certificate chain in DER, leaf first.
     pub cert_chain: Vec<Vec<u8>>,
     /// The private key, PKCS#8 DER; wiped on drop and never printed.
@@ -45,6 +49,7 @@ impl CachedSvid {
             && self.spiffe_id == other.spiffe_id
             && self.selectors == other.selectors
             && self.hint == other.hint
+            && self.federates_with == other.federates_with
             && self.expires_at == other.expires_at
             && self.cert_chain == other.cert_chain
             && *self.private_key_pkcs8 == *other.private_key_pkcs8
@@ -58,6 +63,7 @@ impl fmt::Debug for CachedSvid {
             .field("spiffe_id", &self.spiffe_id)
             .field("selectors", &self.selectors)
             .field("hint", &self.hint)
+            .field("federates_with", &self.federates_with)
             .field("chain_len", &self.cert_chain.len())
             .field("private_key_pkcs8", &"<redacted>")
             .field("expires_at", &self.expires_at)
@@ -78,11 +84,28 @@ pub(crate) fn same_bundle(a: &Arc<TrustBundle>, b: &Arc<TrustBundle>) -> bool {
     Arc::ptr_eq(a, b) || **a == **b
 }
 
+/// The bundles of foreign trust domains the agent holds, by trust domain (never the own
+/// one).
+pub type FederatedBundles = BTreeMap<TrustDomain, Arc<TrustBundle>>;
+
+/// Whether two sets of federated bundles are the same (same `Arc`, or the same trust
+/// domains with the same bundles).
+pub(crate) fn same_federated(a: &Arc<FederatedBundles>, b: &Arc<FederatedBundles>) -> bool {
+    Arc::ptr_eq(a, b)
+        || (a.len() == b.len()
+            && a.iter()
+                .zip(b.iter())
+                .all(|((ta, ba), (tb, bb))| ta == tb && same_bundle(ba, bb)))
+}
+
 /// One immutable snapshot of the cache.
 #[derive(Debug, Clone)]
 pub struct CacheState {
     /// The agent's own trust domain's bundle.
     pub bundle: Arc<TrustBundle>,
+    /// Every foreign bundle the agent holds (for all its workloads together): a caller
+    /// sees only those it is entitled to ([`CacheState::entitled`]).
+    pub federated: Arc<FederatedBundles>,
     /// Every SVID, sorted by entry id.
     pub svids: Vec<Arc<CachedSvid>>,
     /// Positions in `svids`, keyed by each SVID's smallest selector: an entry can only
@@ -94,7 +117,11 @@ pub struct CacheState {
 
 impl CacheState {
     /// A snapshot of `svids` (sorted by entry id) with its selector index.
-    fn new(bundle: Arc<TrustBundle>, svids: Vec<Arc<CachedSvid>>) -> Self {
+    fn new(
+        bundle: Arc<TrustBundle>,
+        federated: Arc<FederatedBundles>,
+        svids: Vec<Arc<CachedSvid>>,
+    ) -> Self {
         let mut by_first_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
         let mut unconditional = Vec::new();
         for (i, s) in svids.iter().enumerate() {
@@ -105,6 +132,7 @@ impl CacheState {
         }
         CacheState {
             bundle,
+            federated,
             svids,
             by_first_selector,
             unconditional,
@@ -130,6 +158,22 @@ impl CacheState {
             .cloned()
             .collect()
     }
+
+    /// The foreign bundles a caller holding `svids` (its matching SVIDs) is entitled to:
+    /// those of the trust domains any of their entries federates with, among the bundles
+    /// the agent holds; sorted by trust domain, each once. Nothing else: a bundle the
+    /// agent holds for another workload is not among them.
+    pub fn entitled(&self, svids: &[Arc<CachedSvid>]) -> Vec<Arc<TrustBundle>> {
+        if self.federated.is_empty() {
+            return Vec::new();
+        }
+        let wanted: BTreeSet<&TrustDomain> =
+            svids.iter().flat_map(|s| s.federates_with.iter()).collect();
+        wanted
+            .into_iter()
+            .filter_map(|td| self.federated.get(td).cloned())
+            .collect()
+    }
 }
 
 /// The cache: a watch channel of [`CacheState`] snapshots. Cloning shares the same cache.
@@ -141,7 +185,11 @@ pub struct SvidCache {
 impl SvidCache {
     /// An empty cache holding `bundle`.
     pub fn new(bundle: Arc<TrustBundle>) -> Self {
-        let (tx, _rx) = watch::channel(Arc::new(CacheState::new(bundle, Vec::new())));
+        let (tx, _rx) = watch::channel(Arc::new(CacheState::new(
+            bundle,
+            Arc::default(),
+            Vec::new(),
+        )));
         SvidCache { tx: Arc::new(tx) }
     }
 
@@ -155,15 +203,29 @@ impl SvidCache {
         self.tx.borrow().clone()
     }
 
+    /// Replaces the whole state, with no federated bundles (see
+    /// [`SvidCache::replace_all`]).
+    pub fn replace(&self, bundle: Arc<TrustBundle>, svids: Vec<Arc<CachedSvid>>) {
+        self.replace_all(bundle, Arc::default(), svids);
+    }
+
     /// Replaces the whole state. `svids` are sorted by entry id here. Subscribers are
-    /// notified only if the bundle or an SVID actually changed.
-    pub fn replace(&self, bundle: Arc<TrustBundle>, mut svids: Vec<Arc<CachedSvid>>) {
+    /// notified only if the bundle, a federated bundle or an SVID actually changed.
+    pub fn replace_all(
+        &self,
+        bundle: Arc<TrustBundle>,
+        federated: Arc<FederatedBundles>,
+        mut svids: Vec<Arc<CachedSvid>>,
+    ) {
         svids.sort_by(|a, b| a.entry_id.cmp(&b.entry_id));
         self.tx.send_if_modified(|state| {
-            if same_bundle(&state.bundle, &bundle) && same_svids(&state.svids, &svids) {
+            if same_bundle(&state.bundle, &bundle)
+                && same_federated(&state.federated, &federated)
+                && same_svids(&state.svids, &svids)
+            {
                 return false;
             }
-            *state = Arc::new(CacheState::new(bundle, svids));
+            *state = Arc::new(CacheState::new(bundle, federated, svids));
             true
         });
     }
@@ -190,6 +252,7 @@ mod tests {
                 .map(|s| s.parse::<Selector>().unwrap())
                 .collect(),
             hint: String::new(),
+            federates_with: Vec::new(),
             cert_chain: vec![vec![leaf]],
             private_key_pkcs8: Zeroizing::new(vec![0xAA, 0xBB, 0xCC]),
             expires_at: 0,
@@ -305,5 +368,98 @@ mod tests {
                 .collect();
             assert_eq!(fast, slow, "workload {w:?}");
         }
+    }
+
+    fn foreign(td: &str, leaf: u8) -> Arc<TrustBundle> {
+        let mut b = TrustBundle::new(TrustDomain::new(td).unwrap());
+        b.x509_authorities = vec![vec![leaf]];
+        Arc::new(b)
+    }
+
+    fn federating(id: &str, sel: &str, tds: &[&str]) -> Arc<CachedSvid> {
+        let mut s = (*svid(id, &[sel], 1)).clone();
+        s.federates_with = tds.iter().map(|t| TrustDomain::new(t).unwrap()).collect();
+        Arc::new(s)
+    }
+
+    fn federated(bundles: &[Arc<TrustBundle>]) -> Arc<FederatedBundles> {
+        Arc::new(
+            bundles
+                .iter()
+                .map(|b| (b.trust_domain().clone(), b.clone()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_caller_is_entitled_only_to_held_bundles_its_entries_federate_with() {
+        let cache = SvidCache::new(bundle(1));
+        let (a, b, c) = (
+            foreign("a.org", 1),
+            foreign("b.org", 2),
+            foreign("c.org", 3),
+        );
+        cache.replace_all(
+            bundle(1),
+            federated(&[a.clone(), b.clone(), c.clone()]),
+            vec![
+                federating("x", "unix:uid:0", &["b.org", "a.org", "missing.org"]),
+                federating("y", "unix:uid:0", &["a.org"]),
+                federating("z", "unix:uid:1", &["c.org"]),
+            ],
+        );
+        let st = cache.current();
+        let tds = |v: Vec<Arc<TrustBundle>>| -> Vec<String> {
+            v.iter()
+                .map(|b| b.trust_domain().name().to_owned())
+                .collect()
+        };
+        // uid 0: a.org (twice) and b.org, not c.org (uid 1's) nor missing.org (not held).
+        let mine = st.matching(&set(&["unix:uid:0"]));
+        assert_eq!(tds(st.entitled(&mine)), ["a.org", "b.org"]);
+        assert!(
+            Arc::ptr_eq(&st.entitled(&mine)[0], &a),
+            "shared, not copied"
+        );
+        assert_eq!(
+            tds(st.entitled(&st.matching(&set(&["unix:uid:1"])))),
+            ["c.org"]
+        );
+        assert!(st.entitled(&[]).is_empty());
+        assert!(st.entitled(&[svid("plain", &["unix:uid:0"], 1)]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_federated_bundle_change_notifies() {
+        let cache = SvidCache::new(bundle(1));
+        let svids = vec![federating("x", "unix:uid:0", &["a.org"])];
+        let mut rx = cache.subscribe();
+        cache.replace_all(bundle(1), federated(&[foreign("a.org", 1)]), svids.clone());
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // The same content in new Arcs: nothing.
+        cache.replace_all(bundle(1), federated(&[foreign("a.org", 1)]), svids.clone());
+        assert!(!rx.has_changed().unwrap());
+        // A changed, an added and a removed bundle each notify.
+        cache.replace_all(bundle(1), federated(&[foreign("a.org", 2)]), svids.clone());
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        cache.replace_all(
+            bundle(1),
+            federated(&[foreign("a.org", 2), foreign("b.org", 1)]),
+            svids.clone(),
+        );
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        cache.replace_all(bundle(1), federated(&[foreign("b.org", 1)]), svids.clone());
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().federated.len(), 1);
+        // An entry's federates_with alone changing notifies too.
+        cache.replace_all(
+            bundle(1),
+            federated(&[foreign("b.org", 1)]),
+            vec![federating("x", "unix:uid:0", &["b.org"])],
+        );
+        assert!(rx.has_changed().unwrap());
     }
 }

@@ -20,11 +20,11 @@ use carapace_proto::node::{
     node_client::NodeClient,
 };
 
-use crate::cache::{CachedSvid, SvidCache};
+use crate::cache::{CachedSvid, SvidCache, same_federated};
 use crate::config::{Bootstrap, Config};
 use crate::node_client::{self, call_error};
 use crate::state::{self, AgentState};
-use crate::sync::HeldEntries;
+use crate::sync::{HeldEntries, HeldFederated};
 use crate::{Error, Result};
 
 /// How far the server backdates notBefore (see `carapace_server::ca::BACKDATE`).
@@ -144,6 +144,8 @@ pub struct Manager {
     agent_rotate_at: i64,
     /// The authorized entries, kept from the server's sync messages.
     held: HeldEntries,
+    /// The foreign bundles the entries federate with, kept from the sync messages.
+    federated: HeldFederated,
     slots: BTreeMap<EntryId, Slot>,
     /// The node attestor, kept to renew by attesting again when the server allows it
     /// (TPM: a fresh quote at every renewal), and to attest afresh after losing the
@@ -273,6 +275,7 @@ impl Manager {
         cache.replace(bundle, Vec::new());
         crate::metrics::metrics().agent_svid(na);
         Ok(Manager {
+            federated: HeldFederated::new(cfg.trust_domain.clone()),
             cfg,
             km,
             workload_keys,
@@ -715,6 +718,23 @@ impl Manager {
                 }
             }
         }
+        // The federated bundles first: a message whose diff does not fit is dropped
+        // whole (its entries too: the held entries stay known, the next stream resumes).
+        match self.federated.apply(m, first) {
+            Ok(true) => tracing::info!(
+                trust_domains = self.federated.bundles().len(),
+                "federated bundles updated"
+            ),
+            Ok(false) => {}
+            Err(why) => {
+                tracing::warn!(
+                    revision = m.revision,
+                    error = why,
+                    "an inconsistent sync message from the server; reconnecting for the full set"
+                );
+                return Ok(false);
+            }
+        }
         match self.held.apply(m, first, resumed) {
             Ok(applied) => {
                 tracing::debug!(
@@ -778,6 +798,21 @@ impl Manager {
         self.slots
             .retain(|id, _| self.held.entries().contains_key(id));
         let removed = before - self.slots.len();
+        // Entitlements follow the entry at once, not at the re-signing its new revision
+        // brings (which may wait for the server): a workload whose entry stops federating
+        // with a trust domain stops getting its bundle now.
+        let mut refederated = 0;
+        for (id, slot) in self.slots.iter_mut() {
+            let Some(entry) = self.held.entries().get(id) else {
+                continue;
+            };
+            if entry.federates_with != slot.svid.federates_with {
+                let mut svid = (*slot.svid).clone();
+                svid.federates_with = entry.federates_with.clone();
+                slot.svid = Arc::new(svid);
+                refederated += 1;
+            }
+        }
         let due: Vec<RegistrationEntry> = self
             .held
             .entries()
@@ -813,7 +848,9 @@ impl Manager {
         }
         if removed > 0
             || signed > 0
+            || refederated > 0
             || self.cache.current().bundle.as_ref() != self.bundle_tx.borrow().as_ref()
+            || !same_federated(&self.cache.current().federated, self.federated.bundles())
         {
             if signed > 0 {
                 crate::metrics::metrics().rotated("workload");
@@ -832,7 +869,11 @@ impl Manager {
 
     fn publish(&self) {
         let svids = self.slots.values().map(|s| s.svid.clone()).collect();
-        self.cache.replace(self.bundle_tx.borrow().clone(), svids);
+        self.cache.replace_all(
+            self.bundle_tx.borrow().clone(),
+            self.federated.bundles().clone(),
+            svids,
+        );
     }
 
     async fn sign_batch(
@@ -897,6 +938,7 @@ impl Manager {
                                 spiffe_id: entry.spiffe_id.clone(),
                                 selectors: entry.selectors.clone(),
                                 hint: entry.hint.clone(),
+                                federates_with: entry.federates_with.clone(),
                                 cert_chain: svid.cert_chain,
                                 private_key_pkcs8: key,
                                 expires_at: na,
@@ -1065,5 +1107,180 @@ mod tests {
                     .unwrap();
             req.verify_signature().unwrap();
         }
+    }
+
+    // ------------------------------------------------------------ federated bundles
+
+    use carapace_core::TrustDomain;
+    use carapace_proto::types;
+
+    fn ca(cn: &str) -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.self_signed(&kp).unwrap().der().to_vec()
+    }
+
+    fn wire_bundle(td: &str, ca: &[u8]) -> types::Bundle {
+        types::Bundle {
+            trust_domain: td.into(),
+            x509_authorities: vec![ca.to_vec()],
+            ..Default::default()
+        }
+    }
+
+    fn wire_entry(revision: u64, federates_with: &[&str]) -> types::Entry {
+        types::Entry {
+            id: "e1".into(),
+            spiffe_id: "spiffe://example.org/w1".into(),
+            parent_id: "spiffe://example.org/spire/agent/join_token/x".into(),
+            selectors: vec![types::Selector {
+                r#type: "unix".into(),
+                value: "uid:1".into(),
+            }],
+            revision,
+            federates_with: federates_with.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// A manager holding an identity (no server: signing fails, as when the server is
+    /// unreachable), publishing into the returned cache.
+    async fn manager(dir: &std::path::Path) -> (Manager, SvidCache) {
+        let cfg = crate::config::validate(
+            crate::config::FileConfig::default(),
+            crate::config::Overrides {
+                insecure_bootstrap: true,
+                data_dir: Some(dir.to_path_buf()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let km: Arc<dyn KeyManager> = Arc::new(carapace_keymanager_soft::MemoryKeyManager::new());
+        let key = km
+            .generate_key("agent-test", KeyType::EcP256)
+            .await
+            .unwrap();
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.not_after = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        let svid = p.self_signed(&kp).unwrap().der().to_vec();
+        let state = AgentState {
+            key_id: "agent-test".into(),
+            svid_chain: vec![svid],
+            reattestable: false,
+        };
+        let bundle = TrustBundle::new(cfg.trust_domain.clone());
+        let cache = SvidCache::new(Arc::new(bundle.clone()));
+        let m = Manager::assemble(
+            cfg,
+            km,
+            crate::catalog::build_workload_keys(),
+            cache.clone(),
+            (state, bundle, key),
+            None,
+        )
+        .unwrap();
+        (m, cache)
+    }
+
+    fn federated_tds(cache: &SvidCache) -> Vec<String> {
+        cache
+            .current()
+            .federated
+            .keys()
+            .map(|td| td.name().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn sync_messages_publish_federated_bundles_and_entitlements_to_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, cache) = manager(dir.path()).await;
+        // Nobody listens: signing fails at once, the rest of the reconcile runs.
+        let mut client = NodeClient::new(
+            tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+        );
+        let (a, a2, b, c) = (ca("a"), ca("a2"), ca("b"), ca("c"));
+
+        // A stream's first message: entries and the full set.
+        let first = SyncAuthorizedResponse {
+            full: true,
+            entries: vec![wire_entry(1, &["a.org"])],
+            federated_full: true,
+            federated_bundles: vec![wire_bundle("a.org", &a), wire_bundle("b.org", &b)],
+            ..Default::default()
+        };
+        assert!(m.apply_sync(&first, true, false).unwrap());
+        m.reconcile(&mut client).await;
+        assert_eq!(federated_tds(&cache), ["a.org", "b.org"]);
+
+        // A diff: a.org changes, b.org goes.
+        let diff = SyncAuthorizedResponse {
+            federated_bundles: vec![wire_bundle("a.org", &a2)],
+            removed_federated_bundles: vec!["b.org".into()],
+            ..Default::default()
+        };
+        assert!(m.apply_sync(&diff, false, false).unwrap());
+        m.reconcile(&mut client).await;
+        assert_eq!(federated_tds(&cache), ["a.org"]);
+        let td = TrustDomain::new("a.org").unwrap();
+        assert_eq!(
+            cache.current().federated[&td].x509_authorities,
+            vec![a2.clone()]
+        );
+
+        // A new stream opening with a diff: refused, nothing published.
+        let bad = SyncAuthorizedResponse {
+            full: true,
+            entries: vec![wire_entry(1, &["a.org"])],
+            federated_bundles: vec![wire_bundle("c.org", &c)],
+            ..Default::default()
+        };
+        assert!(!m.apply_sync(&bad, true, false).unwrap());
+        m.reconcile(&mut client).await;
+        assert_eq!(federated_tds(&cache), ["a.org"]);
+
+        // The workload's SVID (as if signed) federates with a.org: it is entitled.
+        let entry = m.held.entries()[&EntryId::new("e1").unwrap()].clone();
+        m.slots.insert(
+            entry.id.clone(),
+            Slot {
+                svid: Arc::new(CachedSvid {
+                    entry_id: entry.id.clone(),
+                    spiffe_id: entry.spiffe_id.clone(),
+                    selectors: entry.selectors.clone(),
+                    hint: String::new(),
+                    federates_with: entry.federates_with.clone(),
+                    cert_chain: vec![vec![1]],
+                    private_key_pkcs8: Zeroizing::new(vec![2]),
+                    expires_at: now() + 3600,
+                }),
+                revision: entry.revision,
+                rotate_at: now() + 1800,
+            },
+        );
+        m.publish();
+        let st = cache.current();
+        assert_eq!(st.entitled(&st.svids).len(), 1);
+
+        // The entry stops federating (a new revision the server cannot sign for now):
+        // the workload loses the bundle at once, though its SVID was not re-signed.
+        let next = SyncAuthorizedResponse {
+            full: true,
+            entries: vec![wire_entry(2, &[])],
+            federated_full: true,
+            federated_bundles: vec![wire_bundle("a.org", &a2)],
+            ..Default::default()
+        };
+        assert!(m.apply_sync(&next, true, false).unwrap());
+        m.reconcile(&mut client).await;
+        let st = cache.current();
+        assert_eq!(st.svids.len(), 1);
+        assert_eq!(st.svids[0].cert_chain, [vec![1]], "not re-signed");
+        assert!(st.svids[0].federates_with.is_empty());
+        assert!(st.entitled(&st.svids).is_empty());
+        assert_eq!(federated_tds(&cache), ["a.org"], "still held by the agent");
     }
 }

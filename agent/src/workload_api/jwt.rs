@@ -251,12 +251,19 @@ pub fn jwks(bundle: &TrustBundle) -> Vec<u8> {
     serde_json::json!({ "keys": keys }).to_string().into_bytes()
 }
 
-/// `FetchJWTBundles`' message: the own trust domain's JWKS, keyed by trust domain ID
-/// (`spiffe://<td>`, as `FetchX509Bundles` keys its bundles).
-pub(crate) fn jwt_bundles_response(bundle: &TrustBundle) -> JwtBundlesResponse {
-    let mut bundles = std::collections::HashMap::new();
-    bundles.insert(bundle.trust_domain().id_string(), jwks(bundle));
-    JwtBundlesResponse { bundles }
+/// `FetchJWTBundles`' message: the JWKS of the own trust domain and of each of the
+/// caller's entitled `federated` ones, keyed by trust domain ID (`spiffe://<td>`, as
+/// `FetchX509Bundles` keys its bundles).
+pub(crate) fn jwt_bundles_response(
+    bundle: &TrustBundle,
+    federated: &[Arc<TrustBundle>],
+) -> JwtBundlesResponse {
+    JwtBundlesResponse {
+        bundles: super::keyed_by_trust_domain(
+            std::iter::once(bundle).chain(federated.iter().map(Arc::as_ref)),
+            jwks,
+        ),
+    }
 }
 
 /// Checks a token the server returned for `key`: signed by a key of `bundle` under the
@@ -278,7 +285,7 @@ pub(crate) fn check_issued(
         ));
     }
     let first = key.audiences().first().ok_or("no audience was asked for")?;
-    let (id, claims) = validate(bundle, first, &wire.token, now)?;
+    let (id, claims) = validate(bundle, &[], first, &wire.token, now)?;
     if id != *key.spiffe_id() {
         return Err(format!("its subject is {id}, not {}", key.spiffe_id()));
     }
@@ -325,15 +332,18 @@ pub(crate) fn check_issued(
     })
 }
 
-/// Validates a JWT-SVID for `audience` against the keys of `bundle` at `now`: the
-/// algorithm in the asymmetric allowlist and matching the key chosen by the header's
-/// `kid` (which must be in the bundle), a good signature, `exp` not past and
-/// `nbf`/`iat` not future (with [`LEEWAY`]), `aud` containing `audience`, and `sub` a
-/// SPIFFE ID of the bundle's trust domain (a token of any other trust domain is refused:
-/// the agent holds no key of it). Returns the SPIFFE ID and the claims, `aud` always as
-/// an array. The error names the reason, never the token.
+/// Validates a JWT-SVID for `audience` at `now` against the keys of the bundle of its
+/// subject's trust domain: `own` (the agent's trust domain) or one of `federated` (the
+/// foreign bundles the caller is entitled to). The algorithm in the asymmetric allowlist
+/// and matching the key chosen by the header's `kid` (which must be in that bundle), a
+/// good signature, `exp` not past and `nbf`/`iat` not future (with [`LEEWAY`]), `aud`
+/// containing `audience`, and `sub` a SPIFFE ID of that trust domain (a token of any
+/// other trust domain is refused, naming it: the caller may not use its keys, whether
+/// or not the agent holds them for another workload). Returns the SPIFFE ID and the
+/// claims, `aud` always as an array. The error names the reason, never the token.
 pub fn validate(
-    bundle: &TrustBundle,
+    own: &TrustBundle,
+    federated: &[Arc<TrustBundle>],
     audience: &str,
     token: &str,
     now: SystemTime,
@@ -347,14 +357,18 @@ pub fn validate(
     let id: SpiffeId = sub
         .parse()
         .map_err(|e| format!("invalid JWT-SVID: the subject is not a SPIFFE ID: {e}"))?;
-    if !id.is_member_of(bundle.trust_domain()) {
-        return Err(format!(
-            "invalid JWT-SVID: the subject {id} is in trust domain {}, whose keys this agent \
-             does not hold (it holds those of {})",
-            id.trust_domain(),
-            bundle.trust_domain()
-        ));
-    }
+    let bundle = std::iter::once(own)
+        .chain(federated.iter().map(Arc::as_ref))
+        .find(|b| id.is_member_of(b.trust_domain()))
+        .ok_or_else(|| {
+            format!(
+                "invalid JWT-SVID: the subject {id} is in trust domain {}, whose keys this \
+                 caller may not use (it is not {} and the caller's entries do not federate \
+                 with it)",
+                id.trust_domain(),
+                own.trust_domain()
+            )
+        })?;
     let keys = key_set(bundle);
     let policy = Policy {
         audience: Some(audience),

@@ -280,7 +280,7 @@ async fn fetch(
 /// Claims of a token the agent served, verified with `keys`.
 fn verified(token: &str, keys: &TrustBundle, aud: &str) -> serde_json::Map<String, Value> {
     let (_, claims) =
-        crate::workload_api::jwt::validate(keys, aud, token, SystemTime::now()).unwrap();
+        crate::workload_api::jwt::validate(keys, &[], aud, token, SystemTime::now()).unwrap();
     claims
 }
 
@@ -457,7 +457,7 @@ async fn tokens_are_cached_per_audience_set_until_half_their_life() {
     assert_ne!(t3, t1);
     assert_eq!(verified(&t3, &bundle, "a")["aud"], json!(["a", "bcd"]));
     assert!(
-        crate::workload_api::jwt::validate(&bundle, "ab", &t3, SystemTime::now()).is_err(),
+        crate::workload_api::jwt::validate(&bundle, &[], "ab", &t3, SystemTime::now()).is_err(),
         "the {{a,bcd}} token is not for ab"
     );
     assert_eq!(h.cache.current().svids.len(), 1);
@@ -827,7 +827,7 @@ async fn jwt_bundles_are_jwks_keyed_by_trust_domain_and_follow_key_changes() {
 // ---------------------------------------------------------------- ValidateJWTSVID
 
 fn refusal(bundle: &TrustBundle, aud: &str, token: &str) -> String {
-    crate::workload_api::jwt::validate(bundle, aud, token, SystemTime::now()).unwrap_err()
+    crate::workload_api::jwt::validate(bundle, &[], aud, token, SystemTime::now()).unwrap_err()
 }
 
 #[test]
@@ -841,7 +841,8 @@ fn validation_accepts_the_asymmetric_algorithms_and_returns_aud_as_an_array() {
         // `aud` as a string: returned as an array.
         let token = key.sign(good_claims("spiffe://example.org/web", json!("svc")));
         let (id, claims) =
-            crate::workload_api::jwt::validate(&bundle, "svc", &token, SystemTime::now()).unwrap();
+            crate::workload_api::jwt::validate(&bundle, &[], "svc", &token, SystemTime::now())
+                .unwrap();
         assert_eq!(id, "spiffe://example.org/web".parse::<SpiffeId>().unwrap());
         assert_eq!(claims["aud"], json!(["svc"]), "{}", key.kid);
         assert_eq!(claims["sub"], "spiffe://example.org/web");
@@ -870,7 +871,7 @@ fn validation_accepts_the_asymmetric_algorithms_and_returns_aud_as_an_array() {
         public_key_der: pss.public_key_der().to_vec(),
         expires_at: None,
     });
-    crate::workload_api::jwt::validate(&b, "svc", &token, SystemTime::now()).unwrap();
+    crate::workload_api::jwt::validate(&b, &[], "svc", &token, SystemTime::now()).unwrap();
 }
 
 #[test]
@@ -961,7 +962,7 @@ fn validation_refuses_expired_and_not_yet_valid_tokens() {
     assert!(e.contains("issued in the future"), "{e}");
     // Within the leeway: accepted.
     let skewed = k.sign(json!({"sub": sub, "aud": ["svc"], "iat": now() + 10, "exp": now() - 10}));
-    crate::workload_api::jwt::validate(&bundle, "svc", &skewed, SystemTime::now()).unwrap();
+    crate::workload_api::jwt::validate(&bundle, &[], "svc", &skewed, SystemTime::now()).unwrap();
 }
 
 #[test]
@@ -1005,7 +1006,7 @@ fn validation_refuses_another_audience_and_a_foreign_or_malformed_subject() {
     let token = k.sign(good_claims("spiffe://other.org/web", json!(["svc"])));
     let e = refusal(&bundle, "svc", &token);
     assert!(
-        e.contains("trust domain other.org, whose keys this agent does not hold"),
+        e.contains("trust domain other.org, whose keys this caller may not use"),
         "{e}"
     );
 }
@@ -1109,4 +1110,159 @@ async fn validate_jwt_svid_over_the_socket_and_the_cli() {
         "{e}"
     );
     assert!(!e.contains(&token), "the token is not echoed: {e}");
+}
+
+// ---------------------------------------------------------------- federation
+
+/// The bundle of the foreign trust domain `td` with the JWT keys `keys`.
+fn foreign_jwt_bundle(td: &str, keys: &[&Key]) -> Arc<TrustBundle> {
+    let mut b = TrustBundle::new(carapace_core::TrustDomain::new(td).unwrap());
+    b.x509_authorities = vec![Pki::new(&format!("{td} CA")).ca_der];
+    b.jwt_authorities = keys.iter().map(|k| k.jwt_key()).collect();
+    Arc::new(b)
+}
+
+#[tokio::test]
+async fn federated_jwt_bundles_and_validation_for_entitled_callers_only() {
+    let own_key = Key::new("own", KeyType::EcP256);
+    // A foreign trust domain's signing key, made with the soft key manager; the token is
+    // signed by it as that trust domain's server would.
+    let a_key = Key::new("a-1", KeyType::EcP256);
+    let b_key = Key::new("b-1", KeyType::EcP384);
+    let h = Harness::start().await;
+    let own = jwt_bundle(&h.pki, &[&own_key], &[]);
+    let a = foreign_jwt_bundle("a.org", &[&a_key]);
+    let b = foreign_jwt_bundle("b.org", &[&b_key]);
+    let me = uid_sel(my_uid());
+    let web = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
+    // Another workload's entry federates with b.org: the agent holds b.org for it.
+    let other = federating(
+        &h.pki
+            .svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
+        &["b.org"],
+    );
+    h.cache.replace_all(
+        own.clone(),
+        federated(&[&a, &b]),
+        vec![federating(&web, &["a.org"]), other.clone()],
+    );
+    let mut client = h.client().await;
+
+    // FetchJWTBundles: the own JWKS and a.org's, not b.org's.
+    let mut stream = client
+        .fetch_jwt_bundles(JwtBundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut stream).await.unwrap().unwrap();
+    let mut tds: Vec<&str> = first.bundles.keys().map(String::as_str).collect();
+    tds.sort_unstable();
+    assert_eq!(tds, ["spiffe://a.org", "spiffe://example.org"]);
+    assert_eq!(
+        first.bundles["spiffe://a.org"],
+        jwt::jwks(&a),
+        "the same encoding"
+    );
+    let doc: Value = serde_json::from_slice(&first.bundles["spiffe://a.org"]).unwrap();
+    assert_eq!(doc["keys"][0]["kid"], "a-1");
+    assert_eq!(doc["keys"][0]["use"], "jwt-svid");
+    // A new key in a.org reaches the open stream; a new key in b.org does not.
+    let a_next = Key::new("a-2", KeyType::Rsa2048);
+    let b2 = foreign_jwt_bundle("b.org", &[&b_key, &a_next]);
+    h.cache.replace_all(
+        own.clone(),
+        federated(&[&a, &b2]),
+        vec![federating(&web, &["a.org"]), other.clone()],
+    );
+    assert_quiet(&mut stream).await;
+    let mut a2 = (*a).clone();
+    a2.jwt_authorities.push(a_next.jwt_key());
+    let a2 = Arc::new(a2);
+    h.cache.replace_all(
+        own.clone(),
+        federated(&[&a2, &b2]),
+        vec![federating(&web, &["a.org"]), other.clone()],
+    );
+    let second = next_message(&mut stream).await.unwrap().unwrap();
+    let doc: Value = serde_json::from_slice(&second.bundles["spiffe://a.org"]).unwrap();
+    assert_eq!(doc["keys"].as_array().unwrap().len(), 2);
+    assert!(!second.bundles.contains_key("spiffe://b.org"));
+
+    // ValidateJWTSVID: a.org's token verifies with a.org's key.
+    let token = a_key.sign(good_claims("spiffe://a.org/client", json!(["svc"])));
+    let ok = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "svc".into(),
+            svid: token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, "spiffe://a.org/client");
+    // A token claiming a.org but signed by b.org's key: refused (kid not in a.org).
+    let forged = b_key.sign(good_claims("spiffe://a.org/client", json!(["svc"])));
+    let e = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "svc".into(),
+            svid: forged,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("not among the configured keys"),
+        "{e:?}"
+    );
+    // b.org's own token: the agent holds b.org's key, but for another workload.
+    let b_token = b_key.sign(good_claims("spiffe://b.org/client", json!(["svc"])));
+    let e = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "svc".into(),
+            svid: b_token,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("trust domain b.org, whose keys this caller may not use"),
+        "{e:?}"
+    );
+
+    // The caller's entry no longer federates with a.org (the agent still holds it):
+    // the same token is refused, naming the trust domain, and the JWKS is gone.
+    h.cache.replace_all(
+        own.clone(),
+        federated(&[&a2, &b2]),
+        vec![web.clone(), other.clone()],
+    );
+    let third = next_message(&mut stream).await.unwrap().unwrap();
+    assert_eq!(
+        third.bundles.keys().collect::<Vec<_>>(),
+        ["spiffe://example.org"]
+    );
+    let e = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "svc".into(),
+            svid: token.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("trust domain a.org, whose keys this caller may not use"),
+        "{e:?}"
+    );
+    // Nor for a caller with no identity at all.
+    h.cache
+        .replace_all(own, federated(&[&a2, &b2]), vec![other]);
+    let e = client
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: "svc".into(),
+            svid: token,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("trust domain a.org"), "{e:?}");
 }

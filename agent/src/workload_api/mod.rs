@@ -9,10 +9,15 @@
 //!   unions the selectors, then checks through the caller's pidfd that the same process
 //!   is still alive and still has that PID; if not, the RPC is `Unauthenticated` and the
 //!   connection is closed, so a recycled PID cannot be attested as another process;
-//! - `FetchX509SVID` streams the full set of matching SVIDs, again on every change;
-//!   `PermissionDenied` ("no identity issued") when nothing matches;
-//! - `FetchX509Bundles` streams the own trust domain's bundle to callers that have an
-//!   identity, again when its X.509 authorities change;
+//! - a caller is *entitled* to the federated bundles of the trust domains its entries
+//!   (those whose selectors match it) federate with, among those the agent holds
+//!   ([`CacheState::entitled`]); it never sees another, even one the agent holds for
+//!   another workload;
+//! - `FetchX509SVID` streams the full set of matching SVIDs, with the entitled bundles in
+//!   `federated_bundles` (keyed by trust domain ID, `spiffe://<td>`), again on every
+//!   change; `PermissionDenied` ("no identity issued") when nothing matches;
+//! - `FetchX509Bundles` streams the own trust domain's bundle and the entitled ones to
+//!   callers that have an identity, again when their X.509 authorities change;
 //! - `FetchJWTSVID` requires an audience (`InvalidArgument` without one, or with an
 //!   empty one, or with a `spiffe_id` that is not a SPIFFE ID) and answers one JWT-SVID
 //!   per identity of the caller (the same identities, order and hints as
@@ -21,10 +26,13 @@
 //!   (`Node.NewJWTSVID`) and are cached per identity and audience set until half their
 //!   life ([`crate::jwt_cache`]); when the server cannot be reached a cached token that
 //!   is still valid is served, else `Unavailable`;
-//! - `FetchJWTBundles` streams the own trust domain's JWT keys as a JWKS document to
-//!   callers that have an identity, again when the keys change;
+//! - `FetchJWTBundles` streams the JWT keys of the own trust domain and of the entitled
+//!   ones, a JWKS document each, to callers that have an identity, again when the keys
+//!   change;
 //! - `ValidateJWTSVID` requires both fields and answers `InvalidArgument`, naming the
-//!   reason, for any token [`jwt::validate`] refuses.
+//!   reason, for any token [`jwt::validate`] refuses: a token of a foreign trust domain
+//!   is verified with its keys if the caller is entitled to its bundle, refused (naming
+//!   the trust domain) if not.
 //!
 //! The same socket serves Envoy's Secret Discovery Service ([`sds`]), with the same
 //! caller attestation but without the security header, which Envoy does not send.
@@ -41,8 +49,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use carapace_core::SelectorSet;
 use carapace_core::plugin::WorkloadAttestor;
+use carapace_core::{SelectorSet, TrustBundle};
 use carapace_proto::sds::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use carapace_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -300,8 +308,25 @@ fn with_unique_hints(svids: &[Arc<CachedSvid>]) -> Vec<&Arc<CachedSvid>> {
         .collect()
 }
 
-/// The `X509SVIDResponse` for `svids` (non-empty), hints made unique.
-fn x509_svid_response(svids: &[Arc<CachedSvid>], bundle: &[u8]) -> X509svidResponse {
+/// Bundles keyed by trust domain ID (`spiffe://<td>`, the key go-spiffe and py-spiffe
+/// read), each as `encode` makes it.
+fn keyed_by_trust_domain<'a>(
+    bundles: impl IntoIterator<Item = &'a TrustBundle>,
+    encode: impl Fn(&TrustBundle) -> Vec<u8>,
+) -> HashMap<String, Vec<u8>> {
+    bundles
+        .into_iter()
+        .map(|b| (b.trust_domain().id_string(), encode(b)))
+        .collect()
+}
+
+/// The `X509SVIDResponse` for `svids` (non-empty), hints made unique, with the caller's
+/// entitled `federated` bundles.
+fn x509_svid_response(
+    svids: &[Arc<CachedSvid>],
+    bundle: &[u8],
+    federated: &[Arc<TrustBundle>],
+) -> X509svidResponse {
     let svids = with_unique_hints(svids)
         .into_iter()
         .map(|s| X509svid {
@@ -315,59 +340,82 @@ fn x509_svid_response(svids: &[Arc<CachedSvid>], bundle: &[u8]) -> X509svidRespo
     X509svidResponse {
         svids,
         crl: Vec::new(),
-        federated_bundles: HashMap::new(),
+        federated_bundles: keyed_by_trust_domain(
+            federated.iter().map(Arc::as_ref),
+            TrustBundle::to_concatenated_der,
+        ),
     }
 }
 
-fn x509_bundles_response(state: &CacheState) -> X509BundlesResponse {
-    let mut bundles = HashMap::new();
-    bundles.insert(
-        state.bundle.trust_domain().id_string(),
-        state.bundle.to_concatenated_der(),
-    );
+/// The own bundle and the caller's entitled `federated` ones.
+fn x509_bundles_response(
+    state: &CacheState,
+    federated: &[Arc<TrustBundle>],
+) -> X509BundlesResponse {
     X509BundlesResponse {
         crl: Vec::new(),
-        bundles,
+        bundles: keyed_by_trust_domain(
+            std::iter::once(state.bundle.as_ref()).chain(federated.iter().map(Arc::as_ref)),
+            TrustBundle::to_concatenated_der,
+        ),
     }
 }
 
 /// What a stream follows: a cache change that does not touch it sends nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Follow {
-    /// The caller's SVIDs and the bundle's X.509 authorities (`FetchX509SVID`).
+    /// The caller's SVIDs and the X.509 authorities of the own and entitled bundles
+    /// (`FetchX509SVID`).
     Svids,
-    /// The bundle's X.509 authorities (`FetchX509Bundles`).
+    /// The X.509 authorities of the own and entitled bundles (`FetchX509Bundles`).
     X509Authorities,
-    /// The bundle's JWT keys (`FetchJWTBundles`).
+    /// The JWT keys of the own and entitled bundles (`FetchJWTBundles`).
     JwtKeys,
 }
 
 /// What a stream last sent, to tell whether a cache change concerns it.
 struct Sent {
     svids: Vec<Arc<CachedSvid>>,
-    bundle: Arc<carapace_core::TrustBundle>,
+    bundle: Arc<TrustBundle>,
+    /// The entitled federated bundles, sorted by trust domain.
+    federated: Vec<Arc<TrustBundle>>,
 }
 
 impl Follow {
-    fn changed(self, prev: &Sent, svids: &[Arc<CachedSvid>], state: &CacheState) -> bool {
-        let (a, b) = (&prev.bundle, &state.bundle);
-        if Arc::ptr_eq(a, b) && (self != Follow::Svids || same_svids(&prev.svids, svids)) {
-            return false;
-        }
-        a.trust_domain() != b.trust_domain()
-            || match self {
-                Follow::Svids => {
-                    a.x509_authorities != b.x509_authorities || !same_svids(&prev.svids, svids)
-                }
-                Follow::X509Authorities => a.x509_authorities != b.x509_authorities,
-                Follow::JwtKeys => a.jwt_authorities != b.jwt_authorities,
-            }
+    /// Whether `a` and `b` differ in what this stream sends of a bundle.
+    fn bundle_changed(self, a: &Arc<TrustBundle>, b: &Arc<TrustBundle>) -> bool {
+        !Arc::ptr_eq(a, b)
+            && (a.trust_domain() != b.trust_domain()
+                || match self {
+                    Follow::Svids | Follow::X509Authorities => {
+                        a.x509_authorities != b.x509_authorities
+                    }
+                    Follow::JwtKeys => a.jwt_authorities != b.jwt_authorities,
+                })
+    }
+
+    fn changed(
+        self,
+        prev: &Sent,
+        svids: &[Arc<CachedSvid>],
+        federated: &[Arc<TrustBundle>],
+        state: &CacheState,
+    ) -> bool {
+        (self == Follow::Svids && !same_svids(&prev.svids, svids))
+            || self.bundle_changed(&prev.bundle, &state.bundle)
+            || prev.federated.len() != federated.len()
+            || prev
+                .federated
+                .iter()
+                .zip(federated)
+                .any(|(a, b)| self.bundle_changed(a, b))
     }
 }
 
 /// Feeds one X.509 stream from the cache: the first message now, then one per relevant
 /// change, until the client goes away, the identity is gone or the server shuts down.
-/// `build` makes a message from the matching SVIDs and the snapshot.
+/// `build` makes a message from the matching SVIDs, their entitled federated bundles and
+/// the snapshot.
 async fn feed<T, F>(
     mut updates: watch::Receiver<Arc<CacheState>>,
     mut closing: watch::Receiver<bool>,
@@ -378,7 +426,7 @@ async fn feed<T, F>(
     mut first_answer: Option<FirstAnswer>,
 ) where
     T: Send + 'static,
-    F: Fn(&[Arc<CachedSvid>], &CacheState) -> T,
+    F: Fn(&[Arc<CachedSvid>], &[Arc<TrustBundle>], &CacheState) -> T,
 {
     let mut last: Option<Sent> = None;
     loop {
@@ -395,20 +443,26 @@ async fn feed<T, F>(
             let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
             return;
         }
+        let federated = state.entitled(&svids);
         let changed = match &last {
             None => true,
-            Some(prev) => follow.changed(prev, &svids, &state),
+            Some(prev) => follow.changed(prev, &svids, &federated, &state),
         };
         if changed {
             if let Some(f) = first_answer.take() {
                 f.answered(tonic::Code::Ok);
             }
-            if tx.send(Ok(build(&svids, &state))).await.is_err() {
+            if tx
+                .send(Ok(build(&svids, &federated, &state)))
+                .await
+                .is_err()
+            {
                 return;
             }
             last = Some(Sent {
                 svids,
                 bundle: state.bundle.clone(),
+                federated,
             });
         }
         tokio::select! {
@@ -478,7 +532,7 @@ impl WorkloadApi {
     ) -> ReceiverStream<Result<T, Status>>
     where
         T: Send + 'static,
-        F: Fn(&[Arc<CachedSvid>], &CacheState) -> T + Send + 'static,
+        F: Fn(&[Arc<CachedSvid>], &[Arc<TrustBundle>], &CacheState) -> T + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(feed(
@@ -509,7 +563,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(self.spawn_feed(
             selectors,
             Follow::Svids,
-            |svids, state| x509_svid_response(svids, &state.bundle.to_concatenated_der()),
+            |svids, federated, state| {
+                x509_svid_response(svids, &state.bundle.to_concatenated_der(), federated)
+            },
             call,
         )))
     }
@@ -523,7 +579,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(self.spawn_feed(
             selectors,
             Follow::X509Authorities,
-            |_, state| x509_bundles_response(state),
+            |_, federated, state| x509_bundles_response(state, federated),
             call,
         )))
     }
@@ -545,7 +601,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(self.spawn_feed(
             selectors,
             Follow::JwtKeys,
-            |_, state| jwt::jwt_bundles_response(&state.bundle),
+            |_, federated, state| jwt::jwt_bundles_response(&state.bundle, federated),
             call,
         )))
     }
@@ -624,12 +680,14 @@ impl WorkloadApi {
             return Err(Status::invalid_argument("svid is required"));
         }
         // The caller is attested like any other (its identity is not required: a
-        // verifier may have none).
-        let _selectors = self.authorize(&request, method).await?;
-        let bundle = self.cache.current().bundle.clone();
+        // verifier may have none, and then trusts its own trust domain only).
+        let selectors = self.authorize(&request, method).await?;
+        let state = self.cache.current();
+        let federated = state.entitled(&state.matching(&selectors));
         let req = request.into_inner();
         match jwt::validate(
-            &bundle,
+            &state.bundle,
+            &federated,
             &req.audience,
             &req.svid,
             std::time::SystemTime::now(),

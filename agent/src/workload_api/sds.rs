@@ -10,7 +10,9 @@
 //!   (a `tls_certificate`); `default` (the caller's first identity, in entry-id order);
 //!   the own trust domain's SPIFFE ID (`spiffe://example.org`) or `ROOTCA` (its bundle as
 //!   a `validation_context`); `ALL` (the own and federated bundles in one SPIFFE
-//!   validator configuration); a federated trust domain's SPIFFE ID. An empty list asks
+//!   validator configuration); a federated trust domain's SPIFFE ID. The federated
+//!   bundles are those the caller is entitled to ([`CacheState::entitled`]: its entries
+//!   federate with them), never another the agent holds. An empty list asks
 //!   for everything (every identity by SPIFFE ID and every bundle by trust domain ID).
 //!   Each requested name gets its own `Secret`, so `ROOTCA` and `ALL` may be asked for
 //!   together (SPIRE refuses that). A name the caller cannot have fails the request with
@@ -314,10 +316,12 @@ fn new_nonce() -> String {
     format!("{:032x}", rand::rng().random::<u128>())
 }
 
-/// The bundles of other trust domains the agent holds: none yet (the agent does not
-/// receive federated bundles), so `ALL` is the own bundle and no federated name resolves.
-fn federated_bundles(_state: &CacheState) -> &[Arc<TrustBundle>] {
-    &[]
+/// The bundles of other trust domains a caller holding `svids` may have: those its
+/// entries federate with, among those the agent holds ([`CacheState::entitled`]). They
+/// are in `ALL` and each is served under its trust domain ID; any other foreign trust
+/// domain's name is refused like any name the caller cannot have.
+fn federated_bundles(state: &CacheState, svids: &[Arc<CachedSvid>]) -> Vec<Arc<TrustBundle>> {
+    state.entitled(svids)
 }
 
 /// The resources of one response for a caller with `selectors`: `PermissionDenied`
@@ -342,7 +346,7 @@ fn resources_for(
         names,
         &svids,
         &state.bundle,
-        federated_bundles(state),
+        &federated_bundles(state, &svids),
         spiffe_validator,
     )
 }
@@ -653,15 +657,10 @@ impl DeltaStream {
         if svids.is_empty() {
             return Err(Status::permission_denied(NO_IDENTITY));
         }
+        let federated = federated_bundles(state, &svids);
         for names in lists {
-            for secret in secrets_for(
-                &self.cfg,
-                &names,
-                &svids,
-                &state.bundle,
-                federated_bundles(state),
-                spiffe,
-            )? {
+            for secret in secrets_for(&self.cfg, &names, &svids, &state.bundle, &federated, spiffe)?
+            {
                 let any = pack(&secret)?;
                 out.insert(secret.name, any);
             }

@@ -834,6 +834,101 @@ async fn delta_secrets_sends_only_what_changed() {
     assert_eq!(gone.removed_resources, ["spiffe://example.org/db"]);
 }
 
+#[tokio::test]
+async fn federated_bundles_are_served_under_all_and_their_name_to_entitled_callers_only() {
+    let h = start_sds(SdsConfig::default()).await;
+    let (a_ca, a_next, b_ca) = (Pki::new("a CA"), Pki::new("a next CA"), Pki::new("b CA"));
+    let a = foreign_bundle("a.org", &[&a_ca]);
+    let b = foreign_bundle("b.org", &[&b_ca]);
+    let me = uid_sel(my_uid());
+    let web = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
+    // Another workload's entry federates with b.org: the agent holds it for that one.
+    let other = federating(
+        &h.pki
+            .svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
+        &["b.org"],
+    );
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a, &b]),
+        vec![federating(&web, &["a.org"]), other.clone()],
+    );
+    let mut client = sds_client(&h).await;
+
+    let got = secrets(
+        &fetch(
+            &mut client,
+            request(&["ALL", "spiffe://a.org"], envoy_node(None)),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(names(&got), ["ALL", "spiffe://a.org"]);
+    assert_eq!(
+        spiffe_domains(validation(&got[0])).unwrap(),
+        [
+            ("a.org".to_owned(), vec![a_ca.ca_der.clone()]),
+            ("example.org".to_owned(), vec![h.pki.ca_der.clone()]),
+        ]
+    );
+    assert_eq!(
+        spiffe_domains(validation(&got[1])).unwrap(),
+        [("a.org".to_owned(), vec![a_ca.ca_der.clone()])]
+    );
+    // Everything: the own bundle, a.org's, the identity; never b.org's.
+    let all = secrets(&fetch(&mut client, request(&[], None)).await.unwrap());
+    assert_eq!(
+        names(&all),
+        [
+            "spiffe://example.org",
+            "spiffe://a.org",
+            "spiffe://example.org/web"
+        ]
+    );
+    let e = fetch(&mut client, request(&["spiffe://b.org"], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(r#"["spiffe://b.org"]"#), "{e:?}");
+
+    // An open stream on ALL follows a.org's rotation.
+    let mut s = EnvoyStream::open(&mut client, request(&["ALL"], envoy_node(None))).await;
+    let first = s.next().await;
+    s.send(EnvoyStream::ack(&first, &["ALL"])).await;
+    let a2 = foreign_bundle("a.org", &[&a_ca, &a_next]);
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a2, &b]),
+        vec![federating(&web, &["a.org"]), other.clone()],
+    );
+    let second = s.next().await;
+    assert_eq!(
+        spiffe_domains(validation(&secrets(&second)[0])).unwrap()[0],
+        (
+            "a.org".to_owned(),
+            vec![a_ca.ca_der.clone(), a_next.ca_der.clone()]
+        )
+    );
+
+    // The caller's entry stops federating: ALL is the own bundle only (on the open
+    // stream too), and a.org's name is refused.
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a2, &b]),
+        vec![web.clone(), other.clone()],
+    );
+    let third = s.next().await;
+    assert_eq!(
+        spiffe_domains(validation(&secrets(&third)[0])).unwrap(),
+        [("example.org".to_owned(), vec![h.pki.ca_der.clone()])]
+    );
+    let e = fetch(&mut client, request(&["spiffe://a.org"], None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains(r#"["spiffe://a.org"]"#), "{e:?}");
+}
+
 #[test]
 fn all_and_federated_trust_domains_by_name() {
     let own = Pki::new("own CA");

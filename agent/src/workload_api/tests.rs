@@ -1,6 +1,7 @@
 //! Workload API tests over a real Unix socket, with the real generated tonic client and
 //! the real `unix` attestor identifying this test process through the kernel.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -82,6 +83,7 @@ impl Pki {
                 .map(|s| s.parse::<Selector>().unwrap())
                 .collect(),
             hint: hint.to_owned(),
+            federates_with: Vec::new(),
             cert_chain,
             private_key_pkcs8: Zeroizing::new(key),
             expires_at,
@@ -224,6 +226,32 @@ async fn assert_quiet<T: std::fmt::Debug>(stream: &mut tonic::Streaming<T>) {
 
 fn ids(resp: &X509svidResponse) -> Vec<&str> {
     resp.svids.iter().map(|s| s.spiffe_id.as_str()).collect()
+}
+
+// ---------------------------------------------------------------- federation helpers
+
+/// The bundle of the foreign trust domain `td` with `ca`'s certificate as its authority.
+fn foreign_bundle(td: &str, cas: &[&Pki]) -> Arc<TrustBundle> {
+    let mut b = TrustBundle::new(TrustDomain::new(td).unwrap());
+    b.x509_authorities = cas.iter().map(|c| c.ca_der.clone()).collect();
+    Arc::new(b)
+}
+
+/// `svid` whose entry federates with `tds`.
+fn federating(svid: &Arc<CachedSvid>, tds: &[&str]) -> Arc<CachedSvid> {
+    let mut s = (**svid).clone();
+    s.federates_with = tds.iter().map(|t| TrustDomain::new(t).unwrap()).collect();
+    Arc::new(s)
+}
+
+/// The agent-wide map of federated bundles.
+fn federated(bundles: &[&Arc<TrustBundle>]) -> Arc<crate::cache::FederatedBundles> {
+    Arc::new(
+        bundles
+            .iter()
+            .map(|b| (b.trust_domain().clone(), (*b).clone()))
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------- tests
@@ -438,6 +466,137 @@ async fn x509_bundles_are_keyed_by_trust_domain_id_and_follow_changes() {
         second.bundles["spiffe://example.org"],
         [h.pki.ca_der.clone(), extra.ca_der].concat()
     );
+}
+
+#[tokio::test]
+async fn federated_bundles_reach_entitled_callers_only_and_follow_changes() {
+    let h = Harness::start().await;
+    let (a_ca, a_next, b_ca) = (Pki::new("a CA"), Pki::new("a next CA"), Pki::new("b CA"));
+    let a = foreign_bundle("a.org", &[&a_ca]);
+    let b = foreign_bundle("b.org", &[&b_ca]);
+    let me = uid_sel(my_uid());
+    // This caller's entry federates with a.org (and with c.org, whose bundle the agent
+    // does not hold); another workload's entry federates with b.org, which the agent
+    // holds for it.
+    let web = federating(
+        &h.pki.svid("e-web", "web", std::slice::from_ref(&me), ""),
+        &["a.org", "c.org"],
+    );
+    let other = federating(
+        &h.pki
+            .svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
+        &["b.org"],
+    );
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a, &b]),
+        vec![web.clone(), other.clone()],
+    );
+    let mut client = h.client().await;
+    let mut svids = open_x509(&mut client).await;
+    let first = next_message(&mut svids).await.unwrap().unwrap();
+    assert_eq!(ids(&first), ["spiffe://example.org/web"]);
+    assert_eq!(
+        first.federated_bundles,
+        HashMap::from([("spiffe://a.org".to_owned(), a_ca.ca_der.clone())]),
+        "a.org only: not b.org (another workload's), not c.org (not held)"
+    );
+    assert_eq!(
+        first.svids[0].bundle, h.pki.ca_der,
+        "the own bundle per SVID"
+    );
+    let mut bundles = client
+        .fetch_x509_bundles(X509BundlesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_message(&mut bundles).await.unwrap().unwrap();
+    assert_eq!(
+        first.bundles,
+        HashMap::from([
+            ("spiffe://example.org".to_owned(), h.pki.ca_der.clone()),
+            ("spiffe://a.org".to_owned(), a_ca.ca_der.clone()),
+        ])
+    );
+
+    // `api fetch` shows them.
+    let text = api_cli::fetch_x509(&h.socket, None, false).await.unwrap();
+    assert!(
+        text.contains("Federated:    spiffe://a.org: 1 X.509 authority"),
+        "{text}"
+    );
+    assert!(!text.contains("b.org"), "{text}");
+    let v: serde_json::Value =
+        serde_json::from_str(&api_cli::fetch_x509(&h.socket, None, true).await.unwrap()).unwrap();
+    let fed = v["federated_bundles"].as_object().unwrap();
+    assert_eq!(fed.len(), 1);
+    assert_eq!(
+        carapace_core::bundle::certs_from_pem(fed["spiffe://a.org"].as_str().unwrap()).unwrap(),
+        vec![a_ca.ca_der.clone()]
+    );
+
+    // b.org changes: not this caller's, nothing is sent.
+    let b2 = foreign_bundle("b.org", &[&b_ca, &a_next]);
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a, &b2]),
+        vec![web.clone(), other.clone()],
+    );
+    assert_quiet(&mut svids).await;
+    assert_quiet(&mut bundles).await;
+
+    // a.org gains an authority (a CA rotation over there): both open streams get it.
+    let a2 = foreign_bundle("a.org", &[&a_ca, &a_next]);
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a2, &b2]),
+        vec![web.clone(), other.clone()],
+    );
+    let rotated = [a_ca.ca_der.clone(), a_next.ca_der.clone()].concat();
+    let second = next_message(&mut svids).await.unwrap().unwrap();
+    assert_eq!(second.federated_bundles["spiffe://a.org"], rotated);
+    let second = next_message(&mut bundles).await.unwrap().unwrap();
+    assert_eq!(second.bundles["spiffe://a.org"], rotated);
+
+    // The agent no longer holds a.org: both streams drop it.
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&b2]),
+        vec![web.clone(), other.clone()],
+    );
+    let third = next_message(&mut svids).await.unwrap().unwrap();
+    assert!(third.federated_bundles.is_empty(), "{third:?}");
+    let third = next_message(&mut bundles).await.unwrap().unwrap();
+    assert_eq!(
+        third.bundles.keys().collect::<Vec<_>>(),
+        ["spiffe://example.org"]
+    );
+
+    // The caller's entry stops federating (the agent holds both bundles): nothing
+    // foreign, on the open streams and on new ones.
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a2, &b2]),
+        vec![web.clone(), other.clone()],
+    );
+    next_message(&mut svids).await.unwrap().unwrap();
+    next_message(&mut bundles).await.unwrap().unwrap();
+    let plain = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
+    h.cache.replace_all(
+        h.pki.bundle(),
+        federated(&[&a2, &b2]),
+        vec![plain, other.clone()],
+    );
+    let fourth = next_message(&mut svids).await.unwrap().unwrap();
+    assert!(fourth.federated_bundles.is_empty(), "{fourth:?}");
+    let fourth = next_message(&mut bundles).await.unwrap().unwrap();
+    assert_eq!(
+        fourth.bundles.keys().collect::<Vec<_>>(),
+        ["spiffe://example.org"]
+    );
+    let mut fresh = open_x509(&mut client).await;
+    let got = next_message(&mut fresh).await.unwrap().unwrap();
+    assert!(got.federated_bundles.is_empty(), "{got:?}");
 }
 
 #[tokio::test]
