@@ -55,6 +55,7 @@ pub mod process;
 pub mod softhsm;
 pub mod ssh;
 pub mod swtpm;
+pub mod tls;
 pub mod tmpfs;
 
 pub use error::{Error, Result};

@@ -215,7 +215,9 @@ async fn a_refresh_asked_for_is_immediate_and_a_deleted_relationship_is_forgotte
     .await;
 
     peer.bundle.send_replace(Arc::new(peer_bundle(2)));
-    let status = local.refresher.refresh_now(&partner()).await.unwrap();
+    let refreshed = local.refresher.refresh_now(&partner()).await.unwrap();
+    assert_eq!(refreshed.error, None);
+    let status = refreshed.status;
     assert_eq!(local.stored_sequence().await, Some(2), "stored by the call");
     assert!(
         status.last_success_at.unwrap() >= unix_now() - 5,

@@ -622,7 +622,8 @@ pub fn python() -> PathBuf {
     assert!(
         p.exists(),
         "the Python spiffe client is not installed: run scripts/test.sh, or \
-         `python3 -m venv target/py && target/py/bin/pip install spiffe==0.3.2`"
+         `python3 -m venv target/py && target/py/bin/pip install spiffe==0.3.2 \
+         spiffe-tls==0.4.0 cryptography==50.0.2 PyJWT==2.15.1`"
     );
     p
 }

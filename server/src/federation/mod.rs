@@ -136,13 +136,22 @@ pub enum Stored {
     Refused(String),
 }
 
+/// What one fetch of a relationship's bundle did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refreshed {
+    /// The relationship's status afterwards.
+    pub status: Status,
+    /// Why this fetch failed (the last good bundle stayed); `None`: it succeeded.
+    pub error: Option<String>,
+}
+
 /// The refresh loop as the admin API sees it (`federation refresh`, and relationship
 /// changes that must be picked up at once rather than at the next poll).
 #[async_trait::async_trait]
 pub trait Refresher: Send + Sync {
-    /// Fetches `td`'s bundle now, stores it by the usual rules, and returns the
-    /// relationship's status afterwards (`NotFound` if there is no such relationship).
-    async fn refresh_now(&self, td: &TrustDomain) -> crate::Result<Status>;
+    /// Fetches `td`'s bundle now, stores it by the usual rules, and returns what
+    /// happened (`NotFound` if there is no such relationship).
+    async fn refresh_now(&self, td: &TrustDomain) -> crate::Result<Refreshed>;
 
     /// Relationships or foreign bundles were created, changed or deleted: re-read them
     /// now (the relationships' schedule, and the bundles the agents get).

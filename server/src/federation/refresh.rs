@@ -33,7 +33,7 @@ use carapace_core::{TrustBundle, TrustDomain};
 
 use super::bundles::ForeignBundles;
 use super::fetch::fetch_bundle;
-use super::{Profile, Refresher, Relationship, Status, Stored};
+use super::{Profile, Refreshed, Refresher, Relationship, Status, Stored};
 use crate::datastore::Datastore;
 use crate::{Error, Result};
 
@@ -167,7 +167,7 @@ impl RefreshLoop {
 
     /// Fetches `rel`'s bundle once, stores it if the rules allow, and records the
     /// status. Errors are the datastore's: a failed fetch is a status, not an error.
-    async fn refresh(&self, rel: &Relationship) -> Result<Status> {
+    async fn refresh(&self, rel: &Relationship) -> Result<Refreshed> {
         let td = &rel.trust_domain;
         let stored = self.ds.foreign_bundle(td).await?;
         let mut status = self
@@ -198,14 +198,14 @@ impl RefreshLoop {
             }
             Err(e) => Err(e.to_string()),
         };
-        let result = match outcome {
+        let result = match &outcome {
             Ok(()) => {
                 status.last_success_at = Some(now);
                 "ok"
             }
             Err(why) => {
                 tracing::warn!(trust_domain = %td, url = %rel.url, error = %why, "federation: the bundle was not refreshed; the last good one stays");
-                status.last_error = Some(why);
+                status.last_error = Some(why.clone());
                 status.last_error_at = Some(now);
                 "error"
             }
@@ -213,7 +213,10 @@ impl RefreshLoop {
         crate::metrics::metrics().federation_refreshed(td, result);
         status.next_refresh_at = Some(now + jittered(self.bounds.interval(hint)));
         self.ds.set_federation_status(td, &status).await?;
-        Ok(status)
+        Ok(Refreshed {
+            status,
+            error: outcome.err(),
+        })
     }
 
     /// Sets the federation gauges from the datastore's rows.
@@ -244,17 +247,17 @@ fn jittered(interval: Duration) -> i64 {
 
 #[async_trait::async_trait]
 impl Refresher for RefreshLoop {
-    async fn refresh_now(&self, td: &TrustDomain) -> Result<Status> {
+    async fn refresh_now(&self, td: &TrustDomain) -> Result<Refreshed> {
         let Some((rel, _)) = self.ds.get_federation(td).await? else {
             return Err(Error::NotFound(format!(
                 "no federation relationship with {}",
                 td.name()
             )));
         };
-        let status = self.refresh(&rel).await?;
+        let refreshed = self.refresh(&rel).await?;
         // The schedule changed: let the loop recompute its wait.
         self.wake.notify_one();
-        Ok(status)
+        Ok(refreshed)
     }
 
     fn relationships_changed(&self) {

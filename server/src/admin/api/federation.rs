@@ -495,12 +495,11 @@ impl AdminApi {
                     .into(),
             )
         })?;
-        let started = unix_now();
-        let status = refresher.refresh_now(&td).await?;
-        let succeeded = refresh_succeeded(&status, started);
+        let refreshed = refresher.refresh_now(&td).await?;
+        let succeeded = refreshed.error.is_none();
         tracing::info!(trust_domain = %td, succeeded, "federation refresh requested");
         Ok(RefreshFederationResponse {
-            federation: Some(self.federation_of(&rel, &status).await?),
+            federation: Some(self.federation_of(&rel, &refreshed.status).await?),
             succeeded,
         })
     }
@@ -603,14 +602,5 @@ impl AdminApi {
                 ))
             })?;
         Ok(Some(types::Bundle::from(&b.bundle)))
-    }
-}
-
-/// Whether a refresh that started at `started` (unix seconds) succeeded, by the status
-/// it left: a success recorded since, and no later error.
-pub(crate) fn refresh_succeeded(status: &Status, started: i64) -> bool {
-    match status.last_success_at {
-        Some(ok) if ok >= started => status.last_error_at.is_none_or(|err| err <= ok),
-        _ => false,
     }
 }

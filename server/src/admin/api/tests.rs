@@ -1577,9 +1577,9 @@ struct FakeRefresher {
 
 #[async_trait::async_trait]
 impl crate::federation::Refresher for FakeRefresher {
-    async fn refresh_now(&self, _td: &TrustDomain) -> Result<crate::federation::Status> {
+    async fn refresh_now(&self, _td: &TrustDomain) -> Result<crate::federation::Refreshed> {
         let now = unix_now();
-        Ok(match &self.fail {
+        let status = match &self.fail {
             Some(e) => crate::federation::Status {
                 last_error: Some(e.clone()),
                 last_error_at: Some(now),
@@ -1591,6 +1591,10 @@ impl crate::federation::Refresher for FakeRefresher {
                 next_refresh_at: Some(now + 300),
                 ..Default::default()
             },
+        };
+        Ok(crate::federation::Refreshed {
+            error: self.fail.clone(),
+            status,
         })
     }
 
@@ -2494,29 +2498,4 @@ async fn bad_bundles_and_local_trust_domain_are_refused_and_store_nothing() {
     );
     assert!(s.foreign("other.org").await.is_some());
     s.stop().await;
-}
-
-#[test]
-fn a_refresh_succeeded_only_if_it_recorded_a_success_and_no_later_error() {
-    use super::federation::refresh_succeeded;
-    use crate::federation::Status;
-    let started = 1_000;
-    let st = |ok: Option<i64>, err: Option<i64>| Status {
-        last_success_at: ok,
-        last_error: err.map(|_| "refused".to_owned()),
-        last_error_at: err,
-        next_refresh_at: None,
-    };
-    assert!(refresh_succeeded(&st(Some(1_000), None), started));
-    assert!(
-        refresh_succeeded(&st(Some(1_001), Some(900)), started),
-        "an older error is history"
-    );
-    assert!(!refresh_succeeded(&st(Some(1_000), Some(1_001)), started));
-    assert!(
-        !refresh_succeeded(&st(Some(999), None), started),
-        "a success from before the call is not this fetch's"
-    );
-    assert!(!refresh_succeeded(&st(None, None), started));
-    assert!(!refresh_succeeded(&st(None, Some(1_000)), started));
 }
