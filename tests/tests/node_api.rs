@@ -432,3 +432,111 @@ async fn once_the_agent_svid_expires_its_open_stream_ends_and_nothing_more_is_si
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
 }
+
+/// A foreign bundle for `td`: one CA certificate of a trust domain of that name (the
+/// `bundle set --format pem` input).
+fn foreign_ca_pem(td: &str) -> String {
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("spiffe://{td}").try_into().unwrap(),
+    )];
+    p.self_signed(&kp).unwrap().pem()
+}
+
+fn set_bundle(server: &Server, lab: &Lab, td: &str) -> Vec<u8> {
+    let pem = foreign_ca_pem(td);
+    let path = lab.path().join(format!("{td}.pem"));
+    std::fs::write(&path, &pem).unwrap();
+    server.cli_ok(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        td,
+        "--path",
+        path.to_str().unwrap(),
+    ]);
+    carapace_core::bundle::certs_from_pem(&pem)
+        .unwrap()
+        .remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_is_sent_only_the_foreign_bundles_its_entries_federate_with() {
+    let lab = Lab::new();
+    let (server, a, b) = two_agents(&lab).await;
+    let x_ca = set_bundle(&server, &lab, "x.test");
+    set_bundle(&server, &lab, "y.test");
+    let a_entry = entry_id_of(&server, "spiffe://example.org/a-web");
+    server.cli_ok(&[
+        "entry",
+        "update",
+        "--id",
+        &a_entry,
+        "--parent-id",
+        &a.id,
+        "--spiffe-id",
+        "spiffe://example.org/a-web",
+        "--selector",
+        "unix:uid:1",
+        "--federates-with",
+        "x.test",
+    ]);
+    let names = |m: &carapace_proto::node::SyncAuthorizedResponse| -> Vec<String> {
+        m.federated_bundles
+            .iter()
+            .map(|b| b.trust_domain.clone())
+            .collect()
+    };
+
+    // The first message holds the whole set: x.test for A, nothing for B.
+    let mut a_stream = a
+        .client()
+        .sync_authorized(SyncAuthorizedRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = a_stream.message().await.unwrap().unwrap();
+    assert!(first.federated_full);
+    assert_eq!(names(&first), ["x.test"]);
+    assert_eq!(first.federated_bundles[0].x509_authorities, [x_ca]);
+    let mut b_stream = b
+        .client()
+        .sync_authorized(SyncAuthorizedRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = b_stream.message().await.unwrap().unwrap();
+    assert!(first.federated_full);
+    assert!(first.federated_bundles.is_empty(), "{:?}", names(&first));
+
+    // y.test changes: nobody federates with it, nobody hears of it.
+    set_bundle(&server, &lab, "y.test");
+    // x.test changes: A gets it (a diff), B nothing.
+    let new_x = set_bundle(&server, &lab, "x.test");
+    let next = a_stream.message().await.unwrap().unwrap();
+    assert!(!next.federated_full);
+    assert_eq!(names(&next), ["x.test"]);
+    assert_eq!(next.federated_bundles[0].x509_authorities, [new_x]);
+    assert!(next.entries.is_empty() && next.bundle.is_none(), "{next:?}");
+    let silent = tokio::time::timeout(std::time::Duration::from_secs(2), b_stream.message()).await;
+    assert!(silent.is_err(), "B was sent something: {silent:?}");
+
+    // A's entry stops federating: the bundle is withdrawn.
+    server.cli_ok(&[
+        "entry",
+        "update",
+        "--id",
+        &a_entry,
+        "--parent-id",
+        &a.id,
+        "--spiffe-id",
+        "spiffe://example.org/a-web",
+        "--selector",
+        "unix:uid:1",
+    ]);
+    let next = a_stream.message().await.unwrap().unwrap();
+    assert_eq!(next.removed_federated_bundles, ["x.test"]);
+    assert!(next.federated_bundles.is_empty());
+}
