@@ -177,6 +177,22 @@ fn dial_mtls(
     }
 }
 
+/// `jwt_client.py <socket> <args>` (py-spiffe) as the workload of `agent`: its JSON, or
+/// its refusal.
+fn py_jwt(agent: &Agent, args: &[&str]) -> Result<Value, String> {
+    let out = Command::new(python())
+        .arg(script("jwt_client.py"))
+        .arg(&agent.socket)
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// The web PKI of b.test's `https_web` endpoint, made with openssl: (CA file, certificate
 /// chain, key) for `localhost`.
 fn web_pki(lab: &Lab) -> (PathBuf, PathBuf, PathBuf) {
@@ -314,6 +330,23 @@ async fn two_trust_domains_federate_both_ways_and_a_third_is_refused() {
         dial_mtls(&b_agent, &address, "spiffe://a.test/server", "again").unwrap(),
         "spiffe://a.test/server got: again"
     );
+
+    // JWT-SVIDs cross too (py-spiffe): a token of b.test's workload is validated by
+    // a.test's agent with b.test's federated JWT key; c.test's agent refuses it.
+    let token = py_jwt(&b_agent, &["fetch", "a-server"]).unwrap()["default"]["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let valid = py_jwt(&a_agent, &["validate", "a-server", &token]).unwrap();
+    assert_eq!(valid["spiffe_id"], "spiffe://b.test/client");
+    let kids = py_jwt(&a_agent, &["bundles"]).unwrap();
+    assert!(
+        kids["b.test"].as_array().is_some_and(|k| !k.is_empty()),
+        "{kids}"
+    );
+    assert!(kids.get("c.test").is_none(), "{kids}");
+    let refused = py_jwt(&c_agent, &["validate", "a-server", &token]).unwrap_err();
+    assert!(refused.contains("b.test"), "{refused}");
 
     // A CA rotation in a.test: the prepared CA reaches b.test's workload within about the
     // refresh hint (poll at the hint, then the agent's sync stream and Workload API).
