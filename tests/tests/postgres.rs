@@ -300,3 +300,83 @@ async fn three_servers_share_a_trust_domain_and_survive_kill_9_of_one() {
     let agents = servers[2].cli_json(&["agent", "list"])["agents"].clone();
     assert_eq!(agents.as_array().unwrap().len(), 2, "{agents}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_bundle_set_on_one_server_reaches_the_agents_of_another() {
+    let pg = postgres();
+    pg.create_database("carapace").unwrap();
+    let lab = Lab::new();
+    let cfg = config(&lab, "shared", &pg_datastore(&pg, "carapace"));
+    let servers: Vec<Server> = (1..=2)
+        .map(|i| {
+            Server::start_opts(
+                &lab,
+                ServerOptions {
+                    name: Some(format!("s{i}")),
+                    extra: vec!["--config".into(), cfg.display().to_string()],
+                    ..ServerOptions::default()
+                },
+            )
+        })
+        .collect();
+    // The peer: a server of another trust domain, on its own SQLite.
+    let peer = Server::start_opts(
+        &lab,
+        ServerOptions {
+            name: Some("peer".into()),
+            extra: vec!["--trust-domain".into(), "partner.test".into()],
+            ..ServerOptions::default()
+        },
+    );
+    let peer_pem = lab.path().join("partner.pem");
+    std::fs::write(&peer_pem, peer.bundle_pem()).unwrap();
+
+    // An agent served by s2, whose workload federates with partner.test.
+    let agent = Agent::start(&lab, &servers[1], "a");
+    servers[1].create_entry(
+        &agent.id,
+        "spiffe://example.org/web",
+        &[&uid_selector()],
+        &["--federates-with", "partner.test"],
+    );
+    agent.wait_for_svid("spiffe://example.org/web").await;
+
+    // The bundle is set through s1: s2 serves it, and its agent hands it to the workload.
+    servers[0].cli_ok(&[
+        "bundle",
+        "set",
+        "--trust-domain",
+        "partner.test",
+        "--path",
+        peer_pem.to_str().unwrap(),
+    ]);
+    let set = Instant::now();
+    assert_eq!(
+        servers[1].cli_ok(&["bundle", "show", "--trust-domain", "partner.test"]),
+        peer.bundle_pem()
+    );
+    eventually(
+        "the foreign bundle at the workload of s2's agent",
+        || async {
+            let out = agent.fetch(&["--output", "json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["federated_bundles"]["spiffe://partner.test"].as_str()? == peer.bundle_pem())
+                .then_some(())
+        },
+    )
+    .await;
+    let took = set.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // Deleted through s2: withdrawn from the workload.
+    servers[1].cli_ok(&["bundle", "delete", "--trust-domain", "partner.test"]);
+    eventually("the foreign bundle withdrawn", || async {
+        let out = agent.fetch(&["--output", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["federated_bundles"]
+            .get("spiffe://partner.test")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
