@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod fetch;
 pub mod refresh;
 
+use carapace_common::http::HttpsUrl;
 use carapace_core::{SpiffeId, TrustBundle, TrustDomain};
 
 /// How a peer's bundle endpoint is authenticated (SPIFFE Federation §5.2).
@@ -77,6 +78,28 @@ pub struct Relationship {
     pub profile: Profile,
     /// Where it was defined.
     pub source: Source,
+}
+
+/// The longest bundle endpoint URL accepted.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// Checks a bundle endpoint URL (SPIFFE Federation §5.2.1.1) wherever one comes in (the
+/// config file, the admin API and CLI) by the parser the fetcher uses
+/// ([`HttpsUrl::parse`]: `https://` only, printable ASCII, no user info, no fragment, a
+/// DNS name or IP address and a port from 1 to 65535), so that every URL accepted can be
+/// fetched; also required and at most [`MAX_URL_BYTES`]. Errors quote the URL and name
+/// what is wrong.
+pub fn check_endpoint_url(url: &str) -> Result<HttpsUrl, String> {
+    if url.is_empty() {
+        return Err("is required".into());
+    }
+    if url.len() > MAX_URL_BYTES {
+        return Err(format!(
+            "{}: longer than {MAX_URL_BYTES} bytes",
+            carapace_core::jose::shown(url)
+        ));
+    }
+    HttpsUrl::parse(url)
 }
 
 /// What the refresh loop last saw of a relationship (shown by `federation show` and in
