@@ -216,13 +216,8 @@ pub(crate) fn parse_document(
     for (i, der) in bundle.x509_authorities.iter().enumerate() {
         carapace_core::x509svid::validity_of(der)
             .map_err(|e| bad(format!("X.509 authority {i} does not parse: {e}")))?;
-        if let Some(other) = ca_trust_domain(der).filter(|other| other != td) {
-            return Err(bad(format!(
-                "the bundle is not {td}'s: X.509 authority {i} is a CA of trust domain \
-                 {other} (its URI SAN names it)"
-            )));
-        }
     }
+    crate::federation::check_authorities(td, &bundle).map_err(bad)?;
     if bundle.x509_authorities.is_empty() && bundle.jwt_authorities.is_empty() {
         return Err(bad(format!(
             "the bundle holds no X.509 authority and no JWT key this server can use; to \
@@ -230,19 +225,6 @@ pub(crate) fn parse_document(
         )));
     }
     Ok(bundle)
-}
-
-/// The trust domain a CA certificate names in a SPIFFE ID URI SAN, if it names one (a
-/// SPIRE or Carapace CA does, X509-SVID §3; an enterprise root usually does not). The
-/// same rule as the fetcher's check of fetched bundles.
-fn ca_trust_domain(der: &[u8]) -> Option<TrustDomain> {
-    use x509_parser::prelude::{FromDer, GeneralName};
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => u.parse::<SpiffeId>().ok().map(|id| id.trust_domain()),
-        _ => None,
-    })
 }
 
 /// The refusal of a write to a relationship the config file defines.
