@@ -1061,7 +1061,9 @@ pub struct BootstrapBundle {
 }
 
 impl BootstrapBundle {
-    /// Reads and parses the bundle for `td`. The error names the file.
+    /// Reads and parses the bundle for `td`, refusing one whose X.509 authorities name
+    /// another trust domain ([`crate::federation::check_authorities`]). The error names
+    /// the file.
     pub fn read(
         &self,
         td: &TrustDomain,
@@ -1073,13 +1075,16 @@ impl BootstrapBundle {
             BundleFormat::Spiffe => carapace_core::TrustBundle::from_spiffe_json(td.clone(), &text),
             BundleFormat::Pem => carapace_core::TrustBundle::from_pem(td.clone(), &text),
         };
-        parsed.map_err(|e| {
+        let bundle = parsed.map_err(|e| {
             format!(
                 "{what} {}: not a {} bundle: {e}",
                 self.path.display(),
                 self.format.name()
             )
-        })
+        })?;
+        crate::federation::check_authorities(td, &bundle)
+            .map_err(|e| format!("{what} {}: {e}", self.path.display()))?;
+        Ok(bundle)
     }
 }
 
@@ -2280,6 +2285,16 @@ max_attestations_in_flight = 0
     fn each_bad_relationship_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("junk"), "not a bundle").unwrap();
+        // A CA of other.test (URI SAN), given as a.test's bootstrap bundle.
+        let mut other_ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        other_ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        other_ca.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://other.test".try_into().unwrap(),
+        )];
+        let other_ca = other_ca
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        std::fs::write(dir.path().join("other.pem"), other_ca.pem()).unwrap();
         let rel = |body: &str| {
             format!(
                 "trust_domain = \"example.org\"\ndata_dir = {:?}\n\
@@ -2382,6 +2397,14 @@ max_attestations_in_flight = 0
                     "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"junk\"\n"
                 ),
                 "not a spiffe bundle",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"other.pem\"\n\
+                     bundle_format = \"pem\"\n"
+                ),
+                "other.pem: the bundle is not a.test's: X.509 authority 0 is a CA of trust \
+                 domain other.test (URI SAN spiffe://other.test)",
             ),
             (
                 &format!(
