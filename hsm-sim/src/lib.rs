@@ -1,9 +1,9 @@
 //! The Carapace lab: SoftHSM2 tokens, swtpm TPMs manufactured with EK certificates and an
 //! MIT Kerberos realm, each in a temporary directory on free loopback ports, plus an SSH
 //! CA with a certified host key ([`ssh`]), a small tmpfs to fill up ([`tmpfs`]), a
-//! throwaway PostgreSQL cluster ([`postgres`]), and files no config reader may hang on
-//! ([`operator_files`]). Tests and the `carapace-lab`
-//! binary share it.
+//! throwaway PostgreSQL cluster ([`postgres`]), files no config reader may hang on
+//! ([`operator_files`]), and a look at a running Envoy from outside ([`envoy`]: its
+//! admin `/certs`). Tests, the benchmarks and the `carapace-lab` binary share it.
 //! A missing package is an error naming the exact `apt-get install` line, never a silent
 //! skip.
 //!
@@ -46,6 +46,7 @@
 //! command, writes a server and an agent config that use them, and prints how to use
 //! them; `carapace-lab down` stops exactly the processes `up` recorded ([`lab`]).
 
+pub mod envoy;
 mod error;
 pub mod kdc;
 pub mod lab;

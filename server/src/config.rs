@@ -1061,7 +1061,9 @@ pub struct BootstrapBundle {
 }
 
 impl BootstrapBundle {
-    /// Reads and parses the bundle for `td`. The error names the file.
+    /// Reads and parses the bundle for `td`, refusing one whose X.509 authorities name
+    /// another trust domain ([`crate::federation::check_authorities`]). The error names
+    /// the file.
     pub fn read(
         &self,
         td: &TrustDomain,
@@ -1073,13 +1075,16 @@ impl BootstrapBundle {
             BundleFormat::Spiffe => carapace_core::TrustBundle::from_spiffe_json(td.clone(), &text),
             BundleFormat::Pem => carapace_core::TrustBundle::from_pem(td.clone(), &text),
         };
-        parsed.map_err(|e| {
+        let bundle = parsed.map_err(|e| {
             format!(
                 "{what} {}: not a {} bundle: {e}",
                 self.path.display(),
                 self.format.name()
             )
-        })
+        })?;
+        crate::federation::check_authorities(td, &bundle)
+            .map_err(|e| format!("{what} {}: {e}", self.path.display()))?;
+        Ok(bundle)
     }
 }
 
@@ -1089,54 +1094,6 @@ fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() == b.port()
         && a.port() != 0
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
-/// Checks a bundle endpoint URL as SPIFFE Federation §5.2.1.1 asks: `https`, a host, no
-/// user information; and no fragment (never sent). The error completes "`<url>` ...".
-pub fn check_bundle_endpoint_url(url: &str) -> std::result::Result<(), String> {
-    let Some(rest) = url.strip_prefix("https://") else {
-        return Err("is not an https URL (https://HOST[:PORT][/PATH])".into());
-    };
-    if let Some(c) = url.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!(
-            "holds {c:?}: write the URL in ASCII without spaces (punycode and percent-encoding)"
-        ));
-    }
-    if url.contains('#') {
-        return Err("has a fragment: a bundle endpoint URL has none".into());
-    }
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    if authority.contains('@') {
-        return Err("has user information: a bundle endpoint URL has none".into());
-    }
-    // HOST, HOST:PORT, [IPv6] or [IPv6]:PORT.
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !authority.ends_with(']') => (host, Some(port)),
-        _ => (authority, None),
-    };
-    if host.is_empty() {
-        return Err("has no host".into());
-    }
-    if let Some(port) = port
-        && (port.is_empty()
-            || !port.bytes().all(|b| b.is_ascii_digit())
-            || port.parse::<u16>().map_or(true, |p| p == 0))
-    {
-        return Err(format!("has a bad port {port:?}"));
-    }
-    let name_ok = if let Some(ip) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        ip.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.starts_with('[')
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-    };
-    if !name_ok {
-        return Err(format!("has a bad host {host:?}"));
-    }
-    Ok(())
 }
 
 /// A duration key of `[federation]` within `bounds`; the problem names the key.
@@ -1332,10 +1289,10 @@ fn federation(
                 ));
                 None
             }
-            Some(u) => match check_bundle_endpoint_url(u) {
-                Ok(()) => Some(u.to_owned()),
+            Some(u) => match crate::federation::check_endpoint_url(u) {
+                Ok(_) => Some(u.to_owned()),
                 Err(e) => {
-                    problems.push(format!("{}: {u:?} {e}", key("bundle_endpoint_url")));
+                    problems.push(format!("{}: {e}", key("bundle_endpoint_url")));
                     None
                 }
             },
@@ -2328,6 +2285,16 @@ max_attestations_in_flight = 0
     fn each_bad_relationship_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("junk"), "not a bundle").unwrap();
+        // A CA of other.test (URI SAN), given as a.test's bootstrap bundle.
+        let mut other_ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        other_ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        other_ca.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://other.test".try_into().unwrap(),
+        )];
+        let other_ca = other_ca
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        std::fs::write(dir.path().join("other.pem"), other_ca.pem()).unwrap();
         let rel = |body: &str| {
             format!(
                 "trust_domain = \"example.org\"\ndata_dir = {:?}\n\
@@ -2358,32 +2325,32 @@ max_attestations_in_flight = 0
             (
                 "trust_domain = \"a.test\"\nbundle_endpoint_url = \"http://a.test\"\n\
                  bundle_endpoint_profile = \"https_web\"\n",
-                "federation.federates_with[0].bundle_endpoint_url: \"http://a.test\" is not an https URL",
+                "federation.federates_with[0].bundle_endpoint_url: \"http://a.test\": plain http:// is refused",
             ),
             (
                 "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://u:p@a.test\"\n\
                  bundle_endpoint_profile = \"https_web\"\n",
-                "bundle_endpoint_url: \"https://u:p@a.test\" has user information",
+                "bundle_endpoint_url: \"https://u:p@a.test\": user info (user@host) is not supported",
             ),
             (
                 "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://a.test/#x\"\n\
                  bundle_endpoint_profile = \"https_web\"\n",
-                "bundle_endpoint_url: \"https://a.test/#x\" has a fragment",
+                "bundle_endpoint_url: \"https://a.test/#x\": a URL with a #fragment",
             ),
             (
                 "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://a.test:0\"\n\
                  bundle_endpoint_profile = \"https_web\"\n",
-                "has a bad port",
+                "bundle_endpoint_url: \"https://a.test:0\": port \"0\" is not a port number",
             ),
             (
-                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://a_b.test\"\n\
+                "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https://-a.test\"\n\
                  bundle_endpoint_profile = \"https_web\"\n",
-                "has a bad host",
+                "bundle_endpoint_url: \"https://-a.test\": the host is not a DNS name",
             ),
             (
                 "trust_domain = \"a.test\"\nbundle_endpoint_url = \"https:///x\"\n\
                  bundle_endpoint_profile = \"https_web\"\n",
-                "has no host",
+                "bundle_endpoint_url: \"https:///x\": no host",
             ),
             (
                 ok,
@@ -2430,6 +2397,14 @@ max_attestations_in_flight = 0
                     "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"junk\"\n"
                 ),
                 "not a spiffe bundle",
+            ),
+            (
+                &format!(
+                    "{ok}bundle_endpoint_profile = \"https_spiffe\"\nbundle_file = \"other.pem\"\n\
+                     bundle_format = \"pem\"\n"
+                ),
+                "other.pem: the bundle is not a.test's: X.509 authority 0 is a CA of trust \
+                 domain other.test (URI SAN spiffe://other.test)",
             ),
             (
                 &format!(

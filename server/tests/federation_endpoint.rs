@@ -101,79 +101,43 @@ fn client_trusting(
     }
 }
 
-/// A client that authenticates the endpoint as `https_spiffe` asks: an X509-SVID for
-/// `expected` under `bundle`, over TLS 1.3.
+/// A client that authenticates the endpoint as a peer's fetcher does
+/// (`federation_client_config`, as `https_spiffe` asks: an X509-SVID for `expected` under
+/// `bundle`, TLS 1.3 or 1.2).
 fn spiffe_client(bundle: TrustBundle, expected: &str) -> ClientTls {
-    spiffe_client_with(bundle, expected, &[&rustls::version::TLS13])
+    let (_, rx) = watch::channel(Arc::new(bundle));
+    let config =
+        carapace_tls::federation_client_config(rx, expected.parse::<SpiffeId>().unwrap()).unwrap();
+    spiffe_tls(config)
 }
 
-/// [`spiffe_client`] offering `versions` (TLS 1.2 handshake signatures are checked by
-/// rustls's own function: `SpiffeServerVerifier` is the node API's, TLS 1.3 only).
+/// [`spiffe_client`] offering `versions` only.
 fn spiffe_client_with(
     bundle: TrustBundle,
     expected: &str,
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> ClientTls {
     let (_, rx) = watch::channel(Arc::new(bundle));
-    let verifier = Arc::new(Tls12Too(carapace_tls::SpiffeServerVerifier::new(
+    let verifier = carapace_tls::SpiffeServerVerifier::accepting_tls12(
         rx,
         expected.parse::<SpiffeId>().unwrap(),
-    )));
-    let mut config = rustls::ClientConfig::builder_with_provider(carapace_tls::provider())
+    );
+    let config = rustls::ClientConfig::builder_with_provider(carapace_tls::provider())
         .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
+    spiffe_tls(config)
+}
+
+/// `config` for `localhost`, every connection a full handshake (a resumed session checks
+/// no certificate).
+fn spiffe_tls(mut config: rustls::ClientConfig) -> ClientTls {
     config.resumption = rustls::client::Resumption::disabled();
     ClientTls {
         config: Arc::new(config),
         server_name: ServerName::try_from("localhost").unwrap(),
-    }
-}
-
-/// `SpiffeServerVerifier` that also checks TLS 1.2 handshake signatures.
-#[derive(Debug)]
-struct Tls12Too(Arc<carapace_tls::SpiffeServerVerifier>);
-
-impl rustls::client::danger::ServerCertVerifier for Tls12Too {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        self.0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &carapace_tls::provider().signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 

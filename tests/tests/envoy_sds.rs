@@ -12,8 +12,6 @@
 //! Each Envoy is a workload of its own: it runs as its own uid, and the agent identifies
 //! it through the kernel (`unix:uid`). The test must run as root (CI does).
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
 use std::process::Command;
@@ -110,66 +108,18 @@ fn spawn_envoy(lab: &Lab, name: &str, yaml: &str, uid: u32) -> Proc {
     Proc::spawn(name, cmd, lab.path().join(format!("{name}.log")))
 }
 
+/// How long connecting to an Envoy, and each read of its answer, may take.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A plain HTTP/1.1 GET: the status and the body, or `None` if nothing answered.
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Some((
-        status,
-        if chunked {
-            dechunk(body)?
-        } else {
-            body.to_owned()
-        },
-    ))
-}
-
-/// The body of a chunked HTTP/1.1 response (Envoy's admin answers so).
-fn dechunk(mut rest: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n")?;
-        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if n == 0 {
-            return Some(out);
-        }
-        out.push_str(after.get(..n)?);
-        rest = after.get(n..)?.strip_prefix("\r\n")?;
-    }
+    hsm_sim::envoy::get(port, path, HTTP_TIMEOUT)
 }
 
 /// The serial of the certificate for `spiffe_id` that the Envoy with admin port `admin`
 /// serves (`/certs`), if it has one.
 fn served_serial(admin: u16, spiffe_id: &str) -> Option<String> {
-    let (status, body) = get(admin, "/certs")?;
-    if status != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    v["certificates"]
-        .as_array()?
-        .iter()
-        .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
-        .find(|leaf| {
-            leaf["subject_alt_names"]
-                .as_array()
-                .is_some_and(|sans| sans.iter().any(|s| s["uri"] == spiffe_id))
-        })
-        .and_then(|leaf| leaf["serial_number"].as_str().map(str::to_lowercase))
+    hsm_sim::envoy::served_serial(admin, spiffe_id, HTTP_TIMEOUT)
 }
 
 /// A backend answering [`BACKEND_BODY`] on `port` (Python's http.server on a directory).

@@ -1133,14 +1133,8 @@ async fn federated_jwt_bundles_and_validation_for_entitled_callers_only() {
     let own = jwt_bundle(&h.pki, &[&own_key], &[]);
     let a = foreign_jwt_bundle("a.org", &[&a_key]);
     let b = foreign_jwt_bundle("b.org", &[&b_key]);
-    let me = uid_sel(my_uid());
-    let web = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
-    // Another workload's entry federates with b.org: the agent holds b.org for it.
-    let other = federating(
-        &h.pki
-            .svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
-        &["b.org"],
-    );
+    // Another workload's entry federates with b.org: the agent holds it for that one.
+    let (web, other) = caller_and_other_federating_with_b(&h.pki);
     h.cache.replace_all(
         own.clone(),
         federated(&[&a, &b]),

@@ -840,14 +840,8 @@ async fn federated_bundles_are_served_under_all_and_their_name_to_entitled_calle
     let (a_ca, a_next, b_ca) = (Pki::new("a CA"), Pki::new("a next CA"), Pki::new("b CA"));
     let a = foreign_bundle("a.org", &[&a_ca]);
     let b = foreign_bundle("b.org", &[&b_ca]);
-    let me = uid_sel(my_uid());
-    let web = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
     // Another workload's entry federates with b.org: the agent holds it for that one.
-    let other = federating(
-        &h.pki
-            .svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
-        &["b.org"],
-    );
+    let (web, other) = caller_and_other_federating_with_b(&h.pki);
     h.cache.replace_all(
         h.pki.bundle(),
         federated(&[&a, &b]),

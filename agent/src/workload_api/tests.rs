@@ -244,6 +244,19 @@ fn federating(svid: &Arc<CachedSvid>, tds: &[&str]) -> Arc<CachedSvid> {
     Arc::new(s)
 }
 
+/// The two workloads of the federation tests (X.509, JWT and SDS APIs): this caller's
+/// SVID (entry `e-web`, `spiffe://example.org/web`), federating with nothing yet, and
+/// another workload's (another uid), whose entry federates with b.org: the agent holds
+/// b.org for that one, never for this caller.
+fn caller_and_other_federating_with_b(pki: &Pki) -> (Arc<CachedSvid>, Arc<CachedSvid>) {
+    let web = pki.svid("e-web", "web", &[uid_sel(my_uid())], "");
+    let other = federating(
+        &pki.svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
+        &["b.org"],
+    );
+    (web, other)
+}
+
 /// The agent-wide map of federated bundles.
 fn federated(bundles: &[&Arc<TrustBundle>]) -> Arc<crate::cache::FederatedBundles> {
     Arc::new(
@@ -474,19 +487,11 @@ async fn federated_bundles_reach_entitled_callers_only_and_follow_changes() {
     let (a_ca, a_next, b_ca) = (Pki::new("a CA"), Pki::new("a next CA"), Pki::new("b CA"));
     let a = foreign_bundle("a.org", &[&a_ca]);
     let b = foreign_bundle("b.org", &[&b_ca]);
-    let me = uid_sel(my_uid());
     // This caller's entry federates with a.org (and with c.org, whose bundle the agent
     // does not hold); another workload's entry federates with b.org, which the agent
     // holds for it.
-    let web = federating(
-        &h.pki.svid("e-web", "web", std::slice::from_ref(&me), ""),
-        &["a.org", "c.org"],
-    );
-    let other = federating(
-        &h.pki
-            .svid("e-other", "other", &[uid_sel(my_uid().wrapping_add(1))], ""),
-        &["b.org"],
-    );
+    let (plain, other) = caller_and_other_federating_with_b(&h.pki);
+    let web = federating(&plain, &["a.org", "c.org"]);
     h.cache.replace_all(
         h.pki.bundle(),
         federated(&[&a, &b]),
@@ -581,7 +586,6 @@ async fn federated_bundles_reach_entitled_callers_only_and_follow_changes() {
     );
     next_message(&mut svids).await.unwrap().unwrap();
     next_message(&mut bundles).await.unwrap().unwrap();
-    let plain = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
     h.cache.replace_all(
         h.pki.bundle(),
         federated(&[&a2, &b2]),

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 
 use carapace_proto::admin::CreateEntryRequest;
@@ -360,78 +359,13 @@ fn replaced(mut yaml: String, pairs: &[(&str, String)]) -> Result<String> {
     Ok(yaml)
 }
 
-/// The status and body of a raw HTTP/1.1 response (a chunked body decoded).
-pub fn parse_http_response(raw: &[u8]) -> Option<(u16, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    Some((
-        status,
-        if chunked {
-            dechunk(body)?
-        } else {
-            body.to_owned()
-        },
-    ))
-}
-
-/// A chunked HTTP/1.1 body, decoded (Envoy's admin answers so).
-fn dechunk(mut rest: &str) -> Option<String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n")?;
-        let n = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
-        if n == 0 {
-            return Some(out);
-        }
-        out.push_str(after.get(..n)?);
-        rest = after.get(n..)?.strip_prefix("\r\n")?;
-    }
-}
-
-/// The serial (lower-case hex) of the certificate for `spiffe_id` in the JSON of Envoy's
-/// admin `/certs`, if it serves one.
-pub fn served_serial(certs_json: &str, spiffe_id: &str) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(certs_json).ok()?;
-    v.get("certificates")?
-        .as_array()?
-        .iter()
-        .filter_map(|c| c.get("cert_chain").and_then(|x| x.as_array()))
-        .flatten()
-        .find(|leaf| {
-            leaf.get("subject_alt_names")
-                .and_then(|x| x.as_array())
-                .is_some_and(|sans| {
-                    sans.iter()
-                        .any(|s| s.get("uri").and_then(|u| u.as_str()) == Some(spiffe_id))
-                })
-        })
-        .and_then(|leaf| leaf.get("serial_number")?.as_str().map(str::to_lowercase))
-}
-
 /// `GET /certs` on Envoy's admin port: the serial it serves for `spiffe_id`, if any.
-async fn poll_serial(admin: u16, spiffe_id: &str) -> Option<String> {
-    let get = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .ok()?;
-        s.write_all(b"GET /certs HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.ok()?;
-        Some(raw)
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(5), get)
-        .await
-        .ok()??;
-    match parse_http_response(&raw)? {
-        (200, body) => served_serial(&body, spiffe_id),
-        _ => None,
-    }
+async fn poll_serial(admin: u16, spiffe_id: &'static str) -> Option<String> {
+    tokio::task::spawn_blocking(move || {
+        hsm_sim::envoy::served_serial(admin, spiffe_id, Duration::from_secs(5))
+    })
+    .await
+    .ok()?
 }
 
 /// Removes ANSI colour sequences (`ESC [ ... m`).
@@ -734,44 +668,6 @@ mod tests {
         assert!(!yaml.contains("```"));
         assert!(readme_yaml(README, "no-such-block").is_err());
         assert!(replaced(yaml, &[("not there", String::new())]).is_err());
-    }
-
-    #[test]
-    fn chunked_and_plain_http_responses_are_decoded() {
-        let raw = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n3;x=y\r\n 1}\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_http_response(raw),
-            Some((200, "{\"a\": 1}".to_owned()))
-        );
-        let plain = b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope";
-        assert_eq!(parse_http_response(plain), Some((404, "nope".to_owned())));
-        // A truncated chunk is no body at all.
-        let cut = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nff\r\nabc";
-        assert_eq!(parse_http_response(cut), None);
-        assert_eq!(parse_http_response(b"garbage"), None);
-    }
-
-    #[test]
-    fn the_serial_of_the_named_leaf_is_read_from_certs() {
-        let certs = r#"{"certificates":[
-          {"ca_cert":[{"path":"<inline>","serial_number":"aa","subject_alt_names":[{"uri":"spiffe://example.org"}]}],
-           "cert_chain":[{"path":"<inline>","serial_number":"0A1B2C","subject_alt_names":[{"uri":"spiffe://example.org/bench/sds-envoy"}],"days_until_expiration":"0"}]},
-          {"ca_cert":[],"cert_chain":[{"serial_number":"ff","subject_alt_names":[{"dns":"x"}]}]}
-        ]}"#;
-        assert_eq!(
-            served_serial(certs, "spiffe://example.org/bench/sds-envoy"),
-            Some("0a1b2c".to_owned())
-        );
-        assert_eq!(served_serial(certs, "spiffe://example.org/other"), None);
-        // Before the secret arrives Envoy lists no certificates.
-        assert_eq!(
-            served_serial(
-                r#"{"certificates":[]}"#,
-                "spiffe://example.org/bench/sds-envoy"
-            ),
-            None
-        );
-        assert_eq!(served_serial("not json", "x"), None);
     }
 
     #[test]

@@ -158,7 +158,8 @@ impl Datastore {
         Ok(entry)
     }
 
-    /// The entries matching `filter`, sorted by id, with their selectors and DNS names.
+    /// The entries matching `filter`, sorted by id, with their selectors and DNS names
+    /// (every entry with `EntryFilter::default()`: three bulk queries in one snapshot).
     pub async fn list_entries(&self, filter: &EntryFilter) -> Result<Vec<RegistrationEntry>> {
         let mut tx = self.begin_read().await?;
         let entries = load_entries(&mut tx, filter).await?;
@@ -174,11 +175,6 @@ impl Datastore {
             qb.build_query_scalar().fetch_one(p).await
         })?;
         u64::try_from(n).map_err(|_| Error::Datastore(format!("negative entry count {n}")))
-    }
-
-    /// Every entry, sorted by id: three bulk queries in one snapshot.
-    pub async fn list_all_entries(&self) -> Result<Vec<RegistrationEntry>> {
-        self.list_entries(&EntryFilter::default()).await
     }
 
     /// Hands every entry to `each` as it is read, in no particular order, for loading the

@@ -93,7 +93,7 @@ on_both_engines!(
     list_filters_and_count,
     every_entry_write_logs_one_event,
     prune_expired_entries,
-    list_all_entries_bulk,
+    list_entries_unfiltered_in_bulk,
     the_bulk_load_reads_every_entry_as_listing_does,
     a_corrupt_row_early_in_a_large_bulk_load_ends_it_with_an_error,
     corrupt_rows_are_datastore_errors,
@@ -489,7 +489,7 @@ async fn prune_expired_entries(ds: Datastore) {
         "expires_at <= now, sorted"
     );
     let left: Vec<String> = ds
-        .list_all_entries()
+        .list_entries(&EntryFilter::default())
         .await
         .unwrap()
         .into_iter()
@@ -526,10 +526,10 @@ async fn insert_numbered(ds: &Datastore, n: usize) {
     tx.commit().await.unwrap();
 }
 
-async fn list_all_entries_bulk(ds: Datastore) {
+async fn list_entries_unfiltered_in_bulk(ds: Datastore) {
     insert_numbered(&ds, 2_000).await;
 
-    let all = ds.list_all_entries().await.unwrap();
+    let all = ds.list_entries(&EntryFilter::default()).await.unwrap();
     assert_eq!(all.len(), 2_000);
     for (i, e) in all.iter().enumerate() {
         assert_eq!(e.id.as_str(), format!("e{i:05}"), "sorted by id");
@@ -575,7 +575,7 @@ async fn the_bulk_load_reads_every_entry_as_listing_does(ds: Datastore) {
     .unwrap();
     // More than one chunk (`BULK_CHUNK`).
     insert_numbered(&ds, 2_500).await;
-    let listed = ds.list_all_entries().await.unwrap();
+    let listed = ds.list_entries(&EntryFilter::default()).await.unwrap();
     assert_eq!(listed.len(), 2_502);
     assert_eq!(bulk_loaded(&ds).await, listed);
 }
@@ -625,7 +625,7 @@ async fn corrupt_rows_are_datastore_errors(ds: Datastore) {
         matches!(&err, Error::Datastore(m) if m.contains("e1")),
         "{err:?}"
     );
-    assert!(ds.list_all_entries().await.is_err());
+    assert!(ds.list_entries(&EntryFilter::default()).await.is_err());
     let err = ds.for_each_entry(|_| {}).await.unwrap_err();
     assert!(
         matches!(&err, Error::Datastore(m) if m.contains("entries id=\"e1\"")),
@@ -650,7 +650,7 @@ async fn corrupt_rows_are_datastore_errors(ds: Datastore) {
     )
     .await;
     exec(&ds, "UPDATE entry_selectors SET type = 'bad type'").await;
-    let err = ds.list_all_entries().await.unwrap_err();
+    let err = ds.list_entries(&EntryFilter::default()).await.unwrap_err();
     assert!(
         matches!(&err, Error::Datastore(m) if m.contains("entry_selectors")),
         "{err:?}"
@@ -676,7 +676,7 @@ async fn jwt_settings_round_trip_through_create_update_and_list(ds: Datastore) {
         (stored.jwt_svid_ttl, stored.jwt_svid_include_jti),
         (Some(Duration::from_secs(86_400)), true)
     );
-    let listed = ds.list_all_entries().await.unwrap();
+    let listed = ds.list_entries(&EntryFilter::default()).await.unwrap();
     assert_eq!(
         (listed[0].jwt_svid_ttl, listed[0].jwt_svid_include_jti),
         (Some(Duration::from_secs(86_400)), true)
@@ -1425,7 +1425,14 @@ async fn three_servers_starting_together_on_an_empty_database_migrate_it_once() 
                 .await
                 .unwrap();
         }
-        assert_eq!(stores[2].list_all_entries().await.unwrap().len(), 3);
+        assert_eq!(
+            stores[2]
+                .list_entries(&EntryFilter::default())
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
     }
 }
 
@@ -1617,7 +1624,14 @@ async fn similar_entries_raced_on_two_servers_store_exactly_one() {
         }
         assert_eq!(created, 1, "round {round}");
     }
-    assert_eq!(stores[0].list_all_entries().await.unwrap().len(), 5);
+    assert_eq!(
+        stores[0]
+            .list_entries(&EntryFilter::default())
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
 }
 
 /// SPIRE's "skipped events": a reader that follows the change log by id loses a change

@@ -36,8 +36,6 @@ use carapace_common::http::{
 };
 use carapace_core::jose::shown;
 use carapace_core::{SpiffeId, TrustBundle, TrustDomain};
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::FromDer as _;
 
 use super::{Profile, Relationship};
 
@@ -111,7 +109,12 @@ pub async fn fetch_bundle_with(
         .await
         .map_err(|e| FetchError::at(&url, e))?;
     let bundle = read_answer(td, &url, &resp)?;
-    check_authorities(td, &bundle).map_err(|e| FetchError::at(&url, e))?;
+    super::check_authorities(td, &bundle).map_err(|e| {
+        FetchError::at(
+            &url,
+            format!("{e}; the endpoint serves another trust domain's bundle"),
+        )
+    })?;
     if let Profile::HttpsSpiffe { endpoint_id } = &rel.profile {
         if endpoint_id.is_member_of(td) {
             check_self_serving(endpoint_id, &bundle, &resp).map_err(|e| FetchError::at(&url, e))?;
@@ -217,37 +220,6 @@ fn read_answer(
         .map_err(|e| FetchError::at(url, format!("the body is not UTF-8: {e}")))?;
     TrustBundle::from_spiffe_json(td.clone(), body)
         .map_err(|e| FetchError::at(url, format!("the body is not a SPIFFE bundle: {e}")))
-}
-
-/// Every X.509 authority that names a trust domain (a SPIFFE ID URI SAN) names `td`.
-fn check_authorities(td: &TrustDomain, bundle: &TrustBundle) -> Result<(), String> {
-    for (i, der) in bundle.x509_authorities.iter().enumerate() {
-        // `from_spiffe_json` parsed each already.
-        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
-            .map_err(|e| format!("X.509 authority {i} does not parse: {e}"))?;
-        let san = cert
-            .subject_alternative_name()
-            .map_err(|e| format!("X.509 authority {i} has a bad subjectAltName: {e}"))?;
-        let uris = san.iter().flat_map(|san| {
-            san.value.general_names.iter().filter_map(|n| match n {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
-            })
-        });
-        for uri in uris {
-            let Ok(id) = uri.parse::<SpiffeId>() else {
-                continue;
-            };
-            if !id.is_member_of(td) {
-                return Err(format!(
-                    "the bundle is not {td}'s: X.509 authority {i} is a CA of trust domain \
-                     {} (URI SAN {id}); the endpoint serves another trust domain's bundle",
-                    id.trust_domain()
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// A self-serving endpoint's new bundle validates the SVID it presented.

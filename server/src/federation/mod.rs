@@ -14,7 +14,10 @@ pub mod endpoint;
 pub mod fetch;
 pub mod refresh;
 
+use carapace_common::http::HttpsUrl;
 use carapace_core::{SpiffeId, TrustBundle, TrustDomain};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer as _;
 
 /// How a peer's bundle endpoint is authenticated (SPIFFE Federation §5.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +80,63 @@ pub struct Relationship {
     pub profile: Profile,
     /// Where it was defined.
     pub source: Source,
+}
+
+/// The longest bundle endpoint URL accepted.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// Checks a bundle endpoint URL (SPIFFE Federation §5.2.1.1) wherever one comes in (the
+/// config file, the admin API and CLI) by the parser the fetcher uses
+/// ([`HttpsUrl::parse`]: `https://` only, printable ASCII, no user info, no fragment, a
+/// DNS name or IP address and a port from 1 to 65535), so that every URL accepted can be
+/// fetched; also required and at most [`MAX_URL_BYTES`]. Errors quote the URL and name
+/// what is wrong.
+pub fn check_endpoint_url(url: &str) -> Result<HttpsUrl, String> {
+    if url.is_empty() {
+        return Err("is required".into());
+    }
+    if url.len() > MAX_URL_BYTES {
+        return Err(format!(
+            "{}: longer than {MAX_URL_BYTES} bytes",
+            carapace_core::jose::shown(url)
+        ));
+    }
+    HttpsUrl::parse(url)
+}
+
+/// Checks that `bundle` is `td`'s as far as its X.509 authorities tell (a bundle
+/// document names no trust domain): every authority that carries a SPIFFE ID (a URI SAN
+/// `spiffe://td`, as Carapace's and SPIRE's CAs do, X509-SVID §3) must carry `td`'s; one
+/// that carries none (an enterprise root) passes. For every bundle of a foreign trust
+/// domain before it is stored: fetched, or set by an operator (`bundle set`, a bootstrap
+/// bundle). The error names the authority and the trust domain it names.
+pub(crate) fn check_authorities(td: &TrustDomain, bundle: &TrustBundle) -> Result<(), String> {
+    for (i, der) in bundle.x509_authorities.iter().enumerate() {
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+            .map_err(|e| format!("X.509 authority {i} does not parse: {e}"))?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| format!("X.509 authority {i} has a bad subjectAltName: {e}"))?;
+        let uris = san.iter().flat_map(|san| {
+            san.value.general_names.iter().filter_map(|n| match n {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+        });
+        for uri in uris {
+            let Ok(id) = uri.parse::<SpiffeId>() else {
+                continue;
+            };
+            if !id.is_member_of(td) {
+                return Err(format!(
+                    "the bundle is not {td}'s: X.509 authority {i} is a CA of trust domain \
+                     {} (URI SAN {id})",
+                    id.trust_domain()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What the refresh loop last saw of a relationship (shown by `federation show` and in

@@ -31,9 +31,6 @@ use carapace_core::clock::unix_now;
 /// authorities fits many times over).
 pub(crate) const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 
-/// The longest bundle endpoint URL accepted.
-const MAX_URL_BYTES: usize = 2048;
-
 /// Where config-file relationships are defined, for the messages that refuse them.
 const CONFIG_SECTION: &str = "[[federation.federates_with]]";
 
@@ -60,76 +57,6 @@ fn any_td(field: &str, value: &str) -> Result<TrustDomain> {
         return Err(Error::InvalidArgument(format!("{field} is required")));
     }
     TrustDomain::new(value).map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
-}
-
-/// Checks a bundle endpoint URL (SPIFFE Federation §5.2.1.1): `https://host[:port][/path]`,
-/// no user info, no fragment, printable ASCII.
-pub(crate) fn check_endpoint_url(url: &str) -> std::result::Result<(), String> {
-    if url.is_empty() {
-        return Err("is required".into());
-    }
-    if url.len() > MAX_URL_BYTES {
-        return Err(format!("longer than {MAX_URL_BYTES} bytes"));
-    }
-    let Some(rest) = url.strip_prefix("https://") else {
-        let shown: String = url.chars().take(64).collect();
-        return Err(format!(
-            "{shown:?}: a bundle endpoint URL must start with https:// (SPIFFE Federation \
-             5.2.1.1; plain http:// is refused)"
-        ));
-    };
-    if !url.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!(
-            "{url:?}: spaces, control or non-ASCII characters (percent-encode them)"
-        ));
-    }
-    if url.contains('#') {
-        return Err(format!("{url}: a bundle endpoint URL has no #fragment"));
-    }
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    if authority.contains('@') {
-        return Err(format!(
-            "{url}: user info (user@host) is not allowed in a bundle endpoint URL (SPIFFE \
-             Federation 5.2.1.1)"
-        ));
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (addr, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url}: unclosed [ in the host"))?;
-        if addr.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("{url}: [{addr}] is not an IPv6 address"));
-        }
-        match after {
-            "" => (addr, None),
-            p => (
-                addr,
-                Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| format!("{url}: junk after the IPv6 address"))?,
-                ),
-            ),
-        }
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("{url}: no host"));
-    }
-    if let Some(p) = port {
-        match p.parse::<u16>() {
-            Ok(n) if n > 0 => {}
-            _ => return Err(format!("{url}: {p:?} is not a port number (1 to 65535)")),
-        }
-    }
-    if !authority.starts_with('[') {
-        rustls_pki_types::ServerName::try_from(host)
-            .map_err(|e| format!("{url}: the host is not a DNS name or an IP address: {e}"))?;
-    }
-    Ok(())
 }
 
 /// Web PKI roots: PEM certificates, at least one.
@@ -163,7 +90,7 @@ fn relationship_from_wire(
 ) -> Result<Relationship> {
     let w = wire.ok_or_else(|| Error::InvalidArgument("relationship is required".into()))?;
     let td = foreign_td(local, "relationship.trust_domain", &w.trust_domain)?;
-    check_endpoint_url(&w.bundle_endpoint_url)
+    crate::federation::check_endpoint_url(&w.bundle_endpoint_url)
         .map_err(|e| Error::InvalidArgument(format!("relationship.bundle_endpoint_url: {e}")))?;
     let profile = match FederationProfile::try_from(w.profile) {
         Ok(FederationProfile::HttpsWeb) => {
@@ -289,13 +216,8 @@ pub(crate) fn parse_document(
     for (i, der) in bundle.x509_authorities.iter().enumerate() {
         carapace_core::x509svid::validity_of(der)
             .map_err(|e| bad(format!("X.509 authority {i} does not parse: {e}")))?;
-        if let Some(other) = ca_trust_domain(der).filter(|other| other != td) {
-            return Err(bad(format!(
-                "the bundle is not {td}'s: X.509 authority {i} is a CA of trust domain \
-                 {other} (its URI SAN names it)"
-            )));
-        }
     }
+    crate::federation::check_authorities(td, &bundle).map_err(bad)?;
     if bundle.x509_authorities.is_empty() && bundle.jwt_authorities.is_empty() {
         return Err(bad(format!(
             "the bundle holds no X.509 authority and no JWT key this server can use; to \
@@ -303,19 +225,6 @@ pub(crate) fn parse_document(
         )));
     }
     Ok(bundle)
-}
-
-/// The trust domain a CA certificate names in a SPIFFE ID URI SAN, if it names one (a
-/// SPIRE or Carapace CA does, X509-SVID §3; an enterprise root usually does not). The
-/// same rule as the fetcher's check of fetched bundles.
-fn ca_trust_domain(der: &[u8]) -> Option<TrustDomain> {
-    use x509_parser::prelude::{FromDer, GeneralName};
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(u) => u.parse::<SpiffeId>().ok().map(|id| id.trust_domain()),
-        _ => None,
-    })
 }
 
 /// The refusal of a write to a relationship the config file defines.

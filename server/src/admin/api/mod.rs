@@ -62,7 +62,6 @@ use crate::Result;
 use crate::ca::CaManager;
 use crate::entry_cache::EntryCache;
 
-pub(crate) use federation::check_endpoint_url;
 pub use remote::RemoteAdmin;
 pub use socket::{bind, serve};
 

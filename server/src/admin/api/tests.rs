@@ -1874,7 +1874,7 @@ async fn federation_refusals_write_nothing() {
         ),
         (
             rel("other.org", "http://a.example/", HttpsWeb, ""),
-            "must start with https://",
+            "relationship.bundle_endpoint_url: \"http://a.example/\": plain http:// is refused",
         ),
         (
             rel("other.org", "https://user:pw@a.example/", HttpsWeb, ""),
@@ -2006,7 +2006,7 @@ async fn federation_refusals_write_nothing() {
             &["--profile", "https_web"],
         ))
         .await;
-    assert!(err.starts_with("federation create: --bundle-endpoint-url: \"http://a.example/\": a bundle endpoint URL must start with https://"), "{err}");
+    assert!(err.starts_with("federation create: --bundle-endpoint-url: \"http://a.example/\": plain http:// is refused"), "{err}");
     let err = s
         .err(&create(
             "other.org",

@@ -372,7 +372,7 @@ fn apply_fields(
         ..base
     };
     if let Some(url) = &f.bundle_endpoint_url {
-        crate::admin::api::check_endpoint_url(url)
+        crate::federation::check_endpoint_url(url)
             .map_err(|e| bad_flag(cmd, "--bundle-endpoint-url", e))?;
         rel.bundle_endpoint_url = url.clone();
     }
