@@ -22,10 +22,12 @@
 //!    domain. Server B (`[federation] refresh_floor = "5s"`) gets `n` `https_web`
 //!    relationships through the admin API's `CreateFederation` (the test CA as the
 //!    relationship's roots), and is timed until it holds every bundle; then B's CPU (its
-//!    `/proc/<pid>/stat` utime + stime) is measured over a window of steady refresh. Last,
-//!    with an agent already running and its workload's stream open, one entry with
-//!    `--federates-with` every trust domain is created through the CLI and timed until
-//!    the workload holds all `n` federated bundles.
+//!    threads' schedstat, else `/proc/<pid>/stat` utime + stime) is measured over a
+//!    window of steady refresh, with the interval between two fetches of each trust
+//!    domain as this process saw them. Last, with an agent already running and its
+//!    workload's stream open, one entry with `--federates-with` every trust domain is
+//!    created through the CLI and timed until the workload holds all `n` federated
+//!    bundles.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -123,6 +125,10 @@ pub struct ManyResult {
     pub create: Duration,
     /// From the first create call to B holding every trust domain's bundle.
     pub all_fetched: Duration,
+    /// B's CPU time over that.
+    pub initial_cpu: Duration,
+    /// The intervals between two fetches of one trust domain in the window.
+    pub intervals: Vec<Duration>,
     /// The steady window.
     pub window: Duration,
     /// B's CPU time over the window.
@@ -245,6 +251,15 @@ async fn open_stream(agent: &Agent) -> Result<(harness::X509Stream, X509svidResp
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+/// CPU time a process has used so far: from its threads' schedstat (nanoseconds) where
+/// the kernel has it, else `/proc/<pid>/stat` (10 ms ticks).
+fn cpu_of(pid: u32) -> Result<Duration> {
+    match process::schedstat_cpu(pid) {
+        Some(d) => Ok(d),
+        None => process::cpu_time(pid),
     }
 }
 
@@ -382,6 +397,28 @@ struct Peers {
     bundles: HashMap<String, String>,
     /// GETs answered with a bundle.
     served: AtomicU64,
+    /// When each path was fetched.
+    fetched: std::sync::Mutex<HashMap<String, Vec<Instant>>>,
+}
+
+impl Peers {
+    /// The intervals between consecutive fetches of the same trust domain, both within
+    /// `from..until`.
+    fn intervals(&self, from: Instant, until: Instant) -> Vec<Duration> {
+        let Ok(fetched) = self.fetched.lock() else {
+            return Vec::new();
+        };
+        fetched
+            .values()
+            .flat_map(|times| {
+                times
+                    .windows(2)
+                    .filter(|w| w[0] >= from && w[1] <= until)
+                    .map(|w| w[1] - w[0])
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -390,6 +427,9 @@ impl Routes for Peers {
         match self.bundles.get(path) {
             Some(json) => {
                 self.served.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut f) = self.fetched.lock() {
+                    f.entry(path.to_owned()).or_default().push(Instant::now());
+                }
                 Reply::json(json.clone()).with_header("cache-control", "no-store")
             }
             None => Reply::text(404, "no such trust domain\n"),
@@ -467,6 +507,7 @@ async fn serve_peers(
     let peers = Arc::new(Peers {
         bundles,
         served: AtomicU64::new(0),
+        fetched: std::sync::Mutex::new(HashMap::new()),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -552,6 +593,8 @@ pub async fn run_many(bin_dir: &Path, dir: &Path, plan: &B13Plan) -> Result<Many
 
     // The relationships, 8 calls in flight on one connection.
     let admin = b.admin().await?;
+    let pid = b.proc.pid();
+    let initial_cpu0 = cpu_of(pid)?;
     let t0 = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for lane in 0..8 {
@@ -584,7 +627,7 @@ pub async fn run_many(bin_dir: &Path, dir: &Path, plan: &B13Plan) -> Result<Many
     }
     let create = t0.elapsed();
     let mut admin_list = admin.clone();
-    let all_fetched = loop {
+    let (all_fetched, initial_cpu) = loop {
         let list = admin_list
             .list_federations(ListFederationsRequest {})
             .await
@@ -593,10 +636,12 @@ pub async fn run_many(bin_dir: &Path, dir: &Path, plan: &B13Plan) -> Result<Many
             .federations;
         let have = list
             .iter()
-            .filter(|f| f.bundle.is_some() && f.status.as_ref().is_some_and(|s| s.last_success_at > 0))
+            .filter(|f| {
+                f.bundle.is_some() && f.status.as_ref().is_some_and(|s| s.last_success_at > 0)
+            })
             .count();
         if have == n {
-            break t0.elapsed();
+            break (t0.elapsed(), cpu_of(pid)?.saturating_sub(initial_cpu0));
         }
         b.proc.check_alive()?;
         if t0.elapsed() > STEP_TIMEOUT * 5 {
@@ -607,13 +652,13 @@ pub async fn run_many(bin_dir: &Path, dir: &Path, plan: &B13Plan) -> Result<Many
 
     // Steady refresh: one hint's worth of settling, then the window.
     tokio::time::sleep(Duration::from_secs(HINT_SECS)).await;
-    let pid = b.proc.pid();
-    let cpu0 = process::cpu_time(pid)?;
+    let cpu0 = cpu_of(pid)?;
     let served0 = peers.served.load(Ordering::Relaxed);
     let w0 = Instant::now();
     tokio::time::sleep(plan.steady).await;
-    let cpu = process::cpu_time(pid)?.saturating_sub(cpu0);
+    let cpu = cpu_of(pid)?.saturating_sub(cpu0);
     let window = w0.elapsed();
+    let intervals = peers.intervals(w0, Instant::now());
     let fetches = peers.served.load(Ordering::Relaxed) - served0;
     let rss = process::rss_bytes(pid)?;
     b.proc.check_alive()?;
@@ -655,8 +700,8 @@ pub async fn run_many(bin_dir: &Path, dir: &Path, plan: &B13Plan) -> Result<Many
         args.push(peer_td(i));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent_cpu0 = process::cpu_time(agent.proc.pid())?;
-    let server_cpu0 = process::cpu_time(pid)?;
+    let agent_cpu0 = cpu_of(agent.proc.pid())?;
+    let server_cpu0 = cpu_of(pid)?;
     let t0 = Instant::now();
     b.cli(&args).await?;
     let entry_cli = t0.elapsed();
@@ -668,14 +713,16 @@ pub async fn run_many(bin_dir: &Path, dir: &Path, plan: &B13Plan) -> Result<Many
     )
     .await?;
     let entry_total = at - t0;
-    let agent_cpu = process::cpu_time(agent.proc.pid())?.saturating_sub(agent_cpu0);
-    let server_cpu = process::cpu_time(pid)?.saturating_sub(server_cpu0);
+    let agent_cpu = cpu_of(agent.proc.pid())?.saturating_sub(agent_cpu0);
+    let server_cpu = cpu_of(pid)?.saturating_sub(server_cpu0);
     let agent_rss = process::rss_bytes(agent.proc.pid())?;
     agent.proc.check_alive()?;
     Ok(ManyResult {
         n,
         create,
         all_fetched,
+        initial_cpu,
+        intervals,
         window,
         cpu,
         fetches,
@@ -788,8 +835,12 @@ fn many_section(r: &mut Report, m: &ManyResult) {
         fmt_secs(m.all_fetched),
     ]);
     t.row([
+        "B's CPU over that (creates, first fetches, stores)".to_owned(),
+        fmt_secs(m.initial_cpu),
+    ]);
+    t.row([
         format!(
-            "**B's CPU in steady refresh** (utime + stime over {})",
+            "**B's CPU in steady refresh** (over {}; threads' schedstat)",
             fmt_secs(m.window)
         ),
         format!(
@@ -807,6 +858,21 @@ fn many_section(r: &mut Report, m: &ManyResult) {
             ideal = m.n as f64 / HINT_SECS as f64
         ),
     ]);
+    if let Some(s) = Summary::of_durations_us(&m.intervals) {
+        t.row([
+            format!(
+                "interval between two fetches of one trust domain (hint {HINT_SECS} s, floor {HINT_SECS} s): min / p50 / p99 / max ({} intervals)",
+                s.n
+            ),
+            format!(
+                "{} / {} / {} / {}",
+                fmt_us(s.min),
+                fmt_us(s.p50),
+                fmt_us(s.p99),
+                fmt_us(s.max)
+            ),
+        ]);
+    }
     t.row([
         "B's CPU per fetch (TLS handshake, parse, compare, status write)".to_owned(),
         if m.fetches > 0 {
@@ -815,7 +881,10 @@ fn many_section(r: &mut Report, m: &ManyResult) {
             "n/a".to_owned()
         },
     ]);
-    t.row(["B's RSS after the window".to_owned(), fmt_bytes(m.rss as f64)]);
+    t.row([
+        "B's RSS after the window".to_owned(),
+        fmt_bytes(m.rss as f64),
+    ]);
     t.row([
         format!(
             "**entry with `--federates-with` × {} created (CLI) → the running agent's workload holds all {} federated bundles**",
