@@ -119,6 +119,18 @@ impl Server {
     /// Starts `<bin_dir>/carapace-server run` under `dir` (with `opts`' config file and
     /// environment) and waits until its admin API answers.
     pub async fn start(bin_dir: &Path, dir: &Path, opts: &ServerOptions) -> Result<Server> {
+        Self::start_in(bin_dir, dir, opts, TRUST_DOMAIN).await
+    }
+
+    /// [`Server::start`] for the trust domain `td` instead of [`TRUST_DOMAIN`] (B13's
+    /// federated trust domains); agents started on it join `td`.
+    pub async fn start_in(
+        bin_dir: &Path,
+        dir: &Path,
+        opts: &ServerOptions,
+        td: &str,
+    ) -> Result<Server> {
+        let td = TrustDomain::new(td)?;
         let bin = bin_dir.join("carapace-server");
         if !bin.exists() {
             bail!(
@@ -130,12 +142,12 @@ impl Server {
         let port = free_port()?;
         let addr = format!("127.0.0.1:{port}");
         let admin_socket = dir.join("server-admin").join("admin.sock");
-        let proc = Self::spawn(&bin, dir, opts, &addr, &admin_socket, "server.log")?;
+        let proc = Self::spawn(&bin, dir, opts, &td, &addr, &admin_socket, "server.log")?;
         let mut server = Server {
             proc,
             addr,
             admin_socket,
-            td: TrustDomain::new(TRUST_DOMAIN)?,
+            td,
             bin,
             dir: dir.to_path_buf(),
             opts: opts.clone(),
@@ -146,19 +158,21 @@ impl Server {
         Ok(server)
     }
 
-    /// Starts the process: `run` on `dir`'s data dir, `addr`, `admin_socket`, logging
-    /// JSON to `<dir>/<log>`.
+    /// Starts the process: `run` for `td` on `dir`'s data dir, `addr`, `admin_socket`,
+    /// logging JSON to `<dir>/<log>`.
     fn spawn(
         bin: &Path,
         dir: &Path,
         opts: &ServerOptions,
+        td: &TrustDomain,
         addr: &str,
         admin_socket: &Path,
         log: &str,
     ) -> Result<Proc> {
         let mut cmd = Command::new(bin);
         cmd.arg("run")
-            .args(["--trust-domain", TRUST_DOMAIN])
+            .arg("--trust-domain")
+            .arg(td.to_string())
             .arg("--data-dir")
             .arg(dir.join("server-data"))
             .args(["--bind-address", addr])
@@ -228,6 +242,7 @@ impl Server {
             &self.bin,
             &self.dir,
             &self.opts,
+            &self.td,
             &self.addr,
             &self.admin_socket,
             log,
@@ -492,7 +507,8 @@ impl Agent {
             std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
             cmd.arg("--config").arg(path);
         }
-        cmd.args(["--trust-domain", TRUST_DOMAIN])
+        cmd.arg("--trust-domain")
+            .arg(server.td.to_string())
             .args(["--server-address", &server.addr])
             .arg("--data-dir")
             .arg(dir.join("agent-data"))

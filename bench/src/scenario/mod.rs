@@ -17,6 +17,7 @@
 //! | B10 (S5) | [`rotation_storm`] | a rotation storm: one agent holding 10,000 SVIDs renews them all after `localauthority x509 taint` of the old CA (time until the workload holds them all, CPU) |
 //! | B11 (S4) | [`scale`] | a trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL: creation through `entry create --data`, server RSS per entry, restart to serving, per-agent `SyncAuthorized` latency |
 //! | B12 | [`sds`] | Envoy's SDS on the agent: `StreamSecrets` first response on new streams (new and reused connections), and the real Envoy serving a rotated certificate, timed from the agent's cache update (its log) to `/certs` |
+//! | B13 | [`federation`] | federation: a bundle change on one trust domain's server reaching a federated workload of another (two servers, an agent), and 500 relationships on one server (refresh CPU, an agent entitled to all of them) |
 //!
 //! Each module has the shape of B7's: `run` measures and returns the figures (each part a
 //! `Result` of its own where parts can fail apart), and `section` writes them into the
@@ -30,6 +31,7 @@
 use crate::scenario::attest_cloud_ssh::B7Plan;
 use crate::scenario::attest_kerberos::KrbPlan;
 use crate::scenario::attest_tpm::TpmPlan;
+use crate::scenario::federation::B13Plan;
 use crate::scenario::ha_propagation::B9Plan;
 use crate::scenario::issuance::NodeConfig;
 use crate::scenario::jwt_mint::JwtPlan;
@@ -42,6 +44,7 @@ use crate::scenario::workload_attest::AttestPlan;
 pub mod attest_cloud_ssh;
 pub mod attest_kerberos;
 pub mod attest_tpm;
+pub mod federation;
 pub mod ha_propagation;
 pub mod issuance;
 pub mod issuance_hsm;
@@ -86,6 +89,8 @@ pub struct Plan {
     pub b11: B11Plan,
     /// B12's sizes.
     pub b12: B12Plan,
+    /// B13's sizes.
+    pub b13: B13Plan,
 }
 
 impl Plan {
@@ -119,6 +124,7 @@ impl Plan {
                 b10: B10Plan::new(true),
                 b11: B11Plan::new(true),
                 b12: B12Plan::new(true),
+                b13: B13Plan::new(true),
             }
         } else {
             Plan {
@@ -148,6 +154,7 @@ impl Plan {
                 b10: B10Plan::new(false),
                 b11: B11Plan::new(false),
                 b12: B12Plan::new(false),
+                b13: B13Plan::new(false),
             }
         }
     }
