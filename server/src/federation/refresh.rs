@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
 use rand::Rng as _;
@@ -130,13 +130,26 @@ impl RefreshLoop {
             .filter(|(_, s)| s.next_refresh_at.is_none_or(|t| t <= now))
             .map(|(r, _)| r)
             .collect();
+        let stored = std::sync::atomic::AtomicBool::new(false);
         futures::stream::iter(due)
-            .for_each_concurrent(CONCURRENCY, |rel| async move {
-                if let Err(e) = self.refresh(&rel).await {
-                    tracing::warn!(trust_domain = %rel.trust_domain, error = %e, "federation: recording a refresh failed");
+            .for_each_concurrent(CONCURRENCY, |rel| {
+                let stored = &stored;
+                async move {
+                    match self.refresh(&rel).await {
+                        Ok((_, true)) => stored.store(true, std::sync::atomic::Ordering::Relaxed),
+                        Ok((_, false)) => {}
+                        Err(e) => {
+                            tracing::warn!(trust_domain = %rel.trust_domain, error = %e, "federation: recording a refresh failed");
+                        }
+                    }
                 }
             })
             .await;
+        // Once per round, not per bundle stored: hundreds fetched together (a restart,
+        // many relationships made at once) would otherwise re-read them all each time.
+        if stored.into_inner() {
+            self.foreign.reload_or_log().await;
+        }
         let all = self.ds.list_federations().await?;
         self.publish_metrics(&all).await;
         let now = unix_now();
@@ -166,8 +179,10 @@ impl RefreshLoop {
     }
 
     /// Fetches `rel`'s bundle once, stores it if the rules allow, and records the
-    /// status. Errors are the datastore's: a failed fetch is a status, not an error.
-    async fn refresh(&self, rel: &Relationship) -> Result<Refreshed> {
+    /// status; also says whether a bundle was stored (the caller then publishes the
+    /// foreign bundles to the agents). Errors are the datastore's: a failed fetch is a
+    /// status, not an error.
+    async fn refresh(&self, rel: &Relationship) -> Result<(Refreshed, bool)> {
         let td = &rel.trust_domain;
         let stored = self.ds.foreign_bundle(td).await?;
         let mut status = self
@@ -180,6 +195,7 @@ impl RefreshLoop {
         let fetched = fetch_bundle(rel, auth.as_ref()).await;
         let now = unix_now();
         let mut hint = stored.as_ref().and_then(|b| b.bundle.refresh_hint);
+        let mut stored = false;
         let outcome = match fetched {
             Ok(bundle) => {
                 hint = bundle.refresh_hint.or(hint);
@@ -189,7 +205,7 @@ impl RefreshLoop {
                 match self.ds.store_fetched_bundle(&bundle, now).await? {
                     Stored::Replaced => {
                         tracing::info!(trust_domain = %td, sequence = bundle.sequence, "federation: stored the peer's new bundle");
-                        self.foreign.reload_or_log().await;
+                        stored = true;
                         Ok(())
                     }
                     Stored::Unchanged => Ok(()),
@@ -211,12 +227,18 @@ impl RefreshLoop {
             }
         };
         crate::metrics::metrics().federation_refreshed(td, result);
-        status.next_refresh_at = Some(now + jittered(self.bounds.interval(hint)));
+        status.next_refresh_at = Some(next_refresh_at(
+            jittered(self.bounds.interval(hint), self.bounds.floor),
+            SystemTime::now(),
+        ));
         self.ds.set_federation_status(td, &status).await?;
-        Ok(Refreshed {
-            status,
-            error: outcome.err(),
-        })
+        Ok((
+            Refreshed {
+                status,
+                error: outcome.err(),
+            },
+            stored,
+        ))
     }
 
     /// Sets the federation gauges from the datastore's rows.
@@ -238,11 +260,23 @@ impl RefreshLoop {
     }
 }
 
-/// `interval` less up to a tenth, at random, in whole seconds (at least one).
-fn jittered(interval: Duration) -> i64 {
-    let secs = interval.as_secs().max(1);
-    let less = rand::rng().random_range(0..=secs / 10);
-    i64::try_from(secs - less).unwrap_or(i64::MAX)
+/// `interval` less up to a tenth, at random, but never below `floor`.
+fn jittered(interval: Duration, floor: Duration) -> Duration {
+    let tenth = u64::try_from(interval.as_millis() / 10).unwrap_or(u64::MAX);
+    let less = Duration::from_millis(rand::rng().random_range(0..=tenth));
+    interval.saturating_sub(less).max(floor)
+}
+
+/// The unix second at which a fetch `interval` after `now` is due: rounded up, so that
+/// the loop, which counts in whole seconds, never fetches sooner than `interval` (a fetch
+/// late in a second would otherwise be due up to a second early, below the floor).
+fn next_refresh_at(interval: Duration, now: SystemTime) -> i64 {
+    let due = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_add(interval);
+    let secs = due.as_secs() + u64::from(due.subsec_nanos() > 0);
+    i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
 #[async_trait::async_trait]
@@ -254,7 +288,10 @@ impl Refresher for RefreshLoop {
                 td.name()
             )));
         };
-        let refreshed = self.refresh(&rel).await?;
+        let (refreshed, stored) = self.refresh(&rel).await?;
+        if stored {
+            self.foreign.reload_or_log().await;
+        }
         // The schedule changed: let the loop recompute its wait.
         self.wake.notify_one();
         Ok(refreshed)
@@ -284,11 +321,28 @@ mod tests {
     }
 
     #[test]
-    fn jitter_only_shortens_by_at_most_a_tenth() {
+    fn jitter_only_shortens_by_at_most_a_tenth_and_never_below_the_floor() {
+        let s = Duration::from_secs;
         for _ in 0..1000 {
-            let j = jittered(Duration::from_secs(300));
-            assert!((270..=300).contains(&j), "{j}");
+            let j = jittered(s(300), s(10));
+            assert!(j >= s(270) && j <= s(300), "{j:?}");
+            assert_eq!(jittered(s(10), s(10)), s(10), "the floor holds");
         }
-        assert_eq!(jittered(Duration::from_millis(10)), 1);
+    }
+
+    #[test]
+    fn the_next_fetch_is_never_sooner_than_the_interval() {
+        let at = |secs: u64, millis: u64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+        };
+        let five = Duration::from_secs(5);
+        // Late in a second: due at the next whole second after now + 5 s.
+        assert_eq!(next_refresh_at(five, at(100, 900)), 106);
+        // On the second: exactly 5 s.
+        assert_eq!(next_refresh_at(five, at(100, 0)), 105);
+        assert_eq!(
+            next_refresh_at(Duration::from_millis(4_500), at(100, 600)),
+            106
+        );
     }
 }
