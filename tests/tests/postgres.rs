@@ -37,6 +37,15 @@ fn config(lab: &Lab, name: &str, datastore: &str) -> PathBuf {
     path
 }
 
+/// Server `s<i>` of a trust domain whose servers share the datastore of config `cfg`.
+fn shared(i: usize, cfg: &std::path::Path) -> ServerOptions {
+    ServerOptions {
+        name: Some(format!("s{i}")),
+        extra: vec!["--config".into(), cfg.display().to_string()],
+        ..ServerOptions::default()
+    }
+}
+
 fn pg_datastore(pg: &Postgres, db: &str) -> String {
     format!(
         "url = \"{}\"\nsslmode = \"disable\"\npassword_file = \"{}\"",
@@ -202,16 +211,7 @@ async fn three_servers_share_a_trust_domain_and_survive_kill_9_of_one() {
     let cfg = config(&lab, "shared", &pg_datastore(&pg, "carapace"));
     // Started together on the empty database: the migrations run once, no server fails.
     let mut servers: Vec<Server> = (1..=3)
-        .map(|i| {
-            Server::spawn_opts(
-                &lab,
-                ServerOptions {
-                    name: Some(format!("s{i}")),
-                    extra: vec!["--config".into(), cfg.display().to_string()],
-                    ..ServerOptions::default()
-                },
-            )
-        })
+        .map(|i| Server::spawn_opts(&lab, shared(i, &cfg)))
         .collect();
     for s in &mut servers {
         s.wait_healthy();
@@ -308,16 +308,7 @@ async fn a_foreign_bundle_set_on_one_server_reaches_the_agents_of_another() {
     let lab = Lab::new();
     let cfg = config(&lab, "shared", &pg_datastore(&pg, "carapace"));
     let servers: Vec<Server> = (1..=2)
-        .map(|i| {
-            Server::start_opts(
-                &lab,
-                ServerOptions {
-                    name: Some(format!("s{i}")),
-                    extra: vec!["--config".into(), cfg.display().to_string()],
-                    ..ServerOptions::default()
-                },
-            )
-        })
+        .map(|i| Server::start_opts(&lab, shared(i, &cfg)))
         .collect();
     // The peer: a server of another trust domain, on its own SQLite.
     let peer = Server::start_opts(

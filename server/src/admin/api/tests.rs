@@ -1566,6 +1566,19 @@ async fn entry_create_data_writes_the_batches_before_a_refused_one() {
 
 // Federation relationships and foreign bundles.
 
+/// `federation create` of other.org over https_web (the system's roots), the
+/// relationship most federation tests start from.
+const CREATE_OTHER_WEB: &[&str] = &[
+    "federation",
+    "create",
+    "--trust-domain",
+    "other.org",
+    "--bundle-endpoint-url",
+    "https://other.example/",
+    "--profile",
+    "https_web",
+];
+
 /// A refresh loop stand-in (the loop itself is tested with real peers where it is
 /// built): counts the relationship changes it is told of, and answers `refresh_now`
 /// with a success, or with `fail`'s error.
@@ -2142,17 +2155,7 @@ async fn config_file_relationships_are_read_only_here() {
 async fn federation_refresh_reports_the_fetch() {
     // No refresh loop: a clear refusal.
     let s = start_td("example.org", None).await;
-    s.ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        "other.org",
-        "--bundle-endpoint-url",
-        "https://other.example/",
-        "--profile",
-        "https_web",
-    ])
-    .await;
+    s.ok(CREATE_OTHER_WEB).await;
     match s
         .run(&["federation", "refresh", "--trust-domain", "other.org"])
         .await
@@ -2169,17 +2172,7 @@ async fn federation_refresh_reports_the_fetch() {
 
     let ok = Arc::new(FakeRefresher::default());
     let s = start_td("example.org", Some(ok)).await;
-    s.ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        "other.org",
-        "--bundle-endpoint-url",
-        "https://other.example/",
-        "--profile",
-        "https_web",
-    ])
-    .await;
+    s.ok(CREATE_OTHER_WEB).await;
     let out = s
         .ok(&["federation", "refresh", "--trust-domain", "other.org"])
         .await;
@@ -2192,17 +2185,7 @@ async fn federation_refresh_reports_the_fetch() {
         ..Default::default()
     });
     let s = start_td("example.org", Some(failing)).await;
-    s.ok(&[
-        "federation",
-        "create",
-        "--trust-domain",
-        "other.org",
-        "--bundle-endpoint-url",
-        "https://other.example/",
-        "--profile",
-        "https_web",
-    ])
-    .await;
+    s.ok(CREATE_OTHER_WEB).await;
     match s
         .run(&["federation", "refresh", "--trust-domain", "other.org"])
         .await
