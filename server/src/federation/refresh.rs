@@ -152,15 +152,21 @@ impl RefreshLoop {
         }
         let all = self.ds.list_federations().await?;
         self.publish_metrics(&all).await;
-        let now = unix_now();
-        let next = all
-            .iter()
-            .map(|(_, s)| s.next_refresh_at.unwrap_or(now))
-            .min();
+        let next = all.iter().filter_map(|(_, s)| s.next_refresh_at).min();
         Ok(match next {
-            Some(t) => Duration::from_secs(u64::try_from(t - now).unwrap_or(0)),
-            // Nothing to refresh: wait for a relationship to be made.
-            None => self.bounds.ceiling,
+            // To the millisecond: waiting whole seconds from a truncated now would add up
+            // to a second to every interval.
+            Some(t) => {
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                Duration::from_secs(u64::try_from(t).unwrap_or(0)).saturating_sub(now)
+            }
+            // No relationship: wait for one to be made (it wakes the loop), or the ceiling.
+            None if all.is_empty() => self.bounds.ceiling,
+            // Relationships without a schedule: their status could not be written; try
+            // again soon, without spinning.
+            None => RETRY_AFTER_DATASTORE_ERROR,
         })
     }
 
