@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use carapace_core::TrustDomain;
 use carapace_proto::admin::{
     self as wire, BundleOrigin, DeleteBundleMode, DeleteBundleRequest, GetBundleRequest,
     ListBundlesRequest, SetBundleRequest,
@@ -19,7 +18,7 @@ use carapace_proto::admin::{
 use carapace_proto::convert::bundle_from_wire;
 
 use super::client::{connect, status_error};
-use super::flags::{Common, bad_flag};
+use super::flags::{Common, trust_domain};
 use super::view::{OutputFormat, field, plural, render, rfc3339};
 use crate::{Error, Result};
 
@@ -219,17 +218,12 @@ pub(super) async fn run(cmd: BundleCommand) -> Result<String> {
     }
 }
 
-/// `--trust-domain`, checked.
-fn trust_domain(cmd: &str, s: &str) -> Result<TrustDomain> {
-    TrustDomain::new(s).map_err(|e| bad_flag(cmd, "--trust-domain", e))
-}
-
 async fn bundle_show(a: BundleShowArgs) -> Result<String> {
     const CMD: &str = "bundle show";
     let td = a
         .trust_domain
         .as_deref()
-        .map(|t| trust_domain(CMD, t))
+        .map(|t| trust_domain(CMD, "--trust-domain", t))
         .transpose()?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let wire = client
@@ -254,7 +248,7 @@ async fn bundle_show(a: BundleShowArgs) -> Result<String> {
 
 async fn bundle_set(a: BundleSetArgs) -> Result<String> {
     const CMD: &str = "bundle set";
-    let td = trust_domain(CMD, &a.trust_domain)?;
+    let td = trust_domain(CMD, "--trust-domain", &a.trust_domain)?;
     let path = a.path.clone().unwrap_or_else(|| PathBuf::from("-"));
     let doc = super::federation::document(CMD, "--path", &path, a.format)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
@@ -292,7 +286,7 @@ async fn bundle_list(a: BundleListArgs) -> Result<String> {
 
 async fn bundle_delete(a: BundleDeleteArgs) -> Result<String> {
     const CMD: &str = "bundle delete";
-    let td = trust_domain(CMD, &a.trust_domain)?;
+    let td = trust_domain(CMD, "--trust-domain", &a.trust_domain)?;
     let mode = match a.mode {
         DeleteModeArg::Restrict => DeleteBundleMode::Restrict,
     };

@@ -16,7 +16,6 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
-use carapace_core::TrustDomain;
 use carapace_proto::admin::{
     BatchCreateEntryRequest, CreateEntryRequest, DeleteEntryRequest, ListEntriesRequest,
     UpdateEntryRequest,
@@ -25,7 +24,8 @@ use carapace_proto::types;
 
 use super::client::{connect, status_error};
 use super::flags::{
-    Common, bad_flag, dns_names, entry_id, parse_expires_at, selectors, spiffe_id, ttl_secs,
+    Common, bad_flag, dns_names, entry_id, parse_expires_at, selectors, spiffe_id, trust_domain,
+    ttl_secs,
 };
 use super::view::{OutputFormat, field, plural, render, rfc3339};
 use crate::entry_cache::MAX_BATCH_ENTRIES;
@@ -323,11 +323,7 @@ impl EntryFields {
         let federates_with = self
             .federates_with
             .iter()
-            .map(|td| {
-                TrustDomain::new(td)
-                    .map(|td| td.name().to_owned())
-                    .map_err(|e| bad_flag(cmd, "--federates-with", e))
-            })
+            .map(|td| trust_domain(cmd, "--federates-with", td).map(|td| td.name().to_owned()))
             .collect::<Result<Vec<_>>>()?;
         Ok(types::Entry {
             federates_with,

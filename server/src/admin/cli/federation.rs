@@ -21,7 +21,7 @@ use carapace_proto::admin::{
 
 use super::bundle::{BundleFormat, StoredBundleView};
 use super::client::{connect, status_error};
-use super::flags::{Common, bad_flag, spiffe_id};
+use super::flags::{Common, bad_flag, spiffe_id, trust_domain};
 use super::view::{field, plural, render, rfc3339};
 use crate::{Error, Result};
 
@@ -303,11 +303,6 @@ pub(super) async fn run(cmd: FederationCommand) -> Result<String> {
     }
 }
 
-/// `--trust-domain`, checked.
-fn trust_domain(cmd: &str, s: &str) -> Result<TrustDomain> {
-    TrustDomain::new(s).map_err(|e| bad_flag(cmd, "--trust-domain", e))
-}
-
 /// Reads an operator's file (`-`: standard input, when `stdin_ok`), at most
 /// [`MAX_FILE_BYTES`].
 pub(super) fn read_input(cmd: &str, flag: &str, path: &Path) -> Result<String> {
@@ -453,7 +448,7 @@ fn show_one(output: super::view::OutputFormat, f: &wire::Federation) -> Result<S
 
 async fn create(a: FederationCreateArgs) -> Result<String> {
     const CMD: &str = "federation create";
-    let td = trust_domain(CMD, &a.trust_domain)?;
+    let td = trust_domain(CMD, "--trust-domain", &a.trust_domain)?;
     let rel = apply_fields(CMD, &td, &a.fields, FederationRelationship::default())?;
     let bootstrap_bundle = bootstrap(CMD, &a.fields)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
@@ -500,7 +495,7 @@ pub fn https_spiffe_hint(v: &FederationView) -> String {
 
 async fn update(a: FederationUpdateArgs) -> Result<String> {
     const CMD: &str = "federation update";
-    let td = trust_domain(CMD, &a.trust_domain)?;
+    let td = trust_domain(CMD, "--trust-domain", &a.trust_domain)?;
     let bootstrap_bundle = bootstrap(CMD, &a.fields)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let current = client
@@ -526,7 +521,7 @@ async fn update(a: FederationUpdateArgs) -> Result<String> {
 
 async fn delete(a: FederationTdArgs) -> Result<String> {
     const CMD: &str = "federation delete";
-    let td = trust_domain(CMD, &a.trust_domain)?;
+    let td = trust_domain(CMD, "--trust-domain", &a.trust_domain)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     client
         .delete_federation(DeleteFederationRequest {
@@ -563,7 +558,7 @@ async fn list(a: FederationListArgs) -> Result<String> {
 
 async fn show(a: FederationTdArgs) -> Result<String> {
     const CMD: &str = "federation show";
-    let td = trust_domain(CMD, &a.trust_domain)?;
+    let td = trust_domain(CMD, "--trust-domain", &a.trust_domain)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let got = client
         .get_federation(GetFederationRequest {
@@ -577,7 +572,7 @@ async fn show(a: FederationTdArgs) -> Result<String> {
 
 async fn refresh(a: FederationTdArgs) -> Result<String> {
     const CMD: &str = "federation refresh";
-    let td = trust_domain(CMD, &a.trust_domain)?;
+    let td = trust_domain(CMD, "--trust-domain", &a.trust_domain)?;
     let mut client = connect(&a.common.admin_socket, a.common.server_uid).await?;
     let resp = client
         .refresh_federation(RefreshFederationRequest {

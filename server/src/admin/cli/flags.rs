@@ -11,7 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::Args;
 
 use carapace_core::entry::validate_dns_name;
-use carapace_core::{EntryId, Selector, SpiffeId};
+use carapace_core::{EntryId, Selector, SpiffeId, TrustDomain};
 use carapace_proto::types;
 
 use super::view::OutputFormat;
@@ -115,6 +115,11 @@ pub(super) fn bad_flag(cmd: &str, flag: &str, e: impl std::fmt::Display) -> Erro
 /// A SPIFFE ID flag, parsed.
 pub(super) fn spiffe_id(cmd: &str, flag: &str, s: &str) -> Result<SpiffeId> {
     SpiffeId::from_str(s).map_err(|e| bad_flag(cmd, flag, e))
+}
+
+/// A trust domain flag (`partner.org` or `spiffe://partner.org`), checked.
+pub(super) fn trust_domain(cmd: &str, flag: &str, s: &str) -> Result<TrustDomain> {
+    TrustDomain::new(s).map_err(|e| bad_flag(cmd, flag, e))
 }
 
 /// `--selector` flags, parsed, in wire form.
