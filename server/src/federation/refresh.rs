@@ -122,20 +122,19 @@ impl RefreshLoop {
     /// long until the next one is.
     async fn round(&self) -> Result<Duration> {
         let now = unix_now();
-        let due: Vec<Relationship> = self
+        let due: Vec<(Relationship, Status)> = self
             .ds
             .list_federations()
             .await?
             .into_iter()
             .filter(|(_, s)| s.next_refresh_at.is_none_or(|t| t <= now))
-            .map(|(r, _)| r)
             .collect();
         let stored = std::sync::atomic::AtomicBool::new(false);
         futures::stream::iter(due)
-            .for_each_concurrent(CONCURRENCY, |rel| {
+            .for_each_concurrent(CONCURRENCY, |(rel, status)| {
                 let stored = &stored;
                 async move {
-                    match self.refresh(&rel).await {
+                    match self.refresh(&rel, status).await {
                         Ok((_, true)) => stored.store(true, std::sync::atomic::Ordering::Relaxed),
                         Ok((_, false)) => {}
                         Err(e) => {
@@ -173,11 +172,19 @@ impl RefreshLoop {
     /// The bundle that authenticates `rel`'s endpoint: for `https_spiffe`, the bundle of
     /// the endpoint SPIFFE ID's trust domain (the relationship's own when the endpoint
     /// serves its own trust domain's bundle).
-    async fn authenticating_bundle(&self, rel: &Relationship) -> Result<Option<TrustBundle>> {
+    /// `own` is the relationship's stored bundle, already read.
+    async fn authenticating_bundle(
+        &self,
+        rel: &Relationship,
+        own: Option<&TrustBundle>,
+    ) -> Result<Option<TrustBundle>> {
         let Profile::HttpsSpiffe { endpoint_id } = &rel.profile else {
             return Ok(None);
         };
         let td = endpoint_id.trust_domain();
+        if td == rel.trust_domain {
+            return Ok(own.cloned());
+        }
         if td == *self.local.borrow().trust_domain() {
             return Ok(Some(self.local.borrow().as_ref().clone()));
         }
@@ -185,19 +192,15 @@ impl RefreshLoop {
     }
 
     /// Fetches `rel`'s bundle once, stores it if the rules allow, and records the
-    /// status; also says whether a bundle was stored (the caller then publishes the
-    /// foreign bundles to the agents). Errors are the datastore's: a failed fetch is a
-    /// status, not an error.
-    async fn refresh(&self, rel: &Relationship) -> Result<(Refreshed, bool)> {
+    /// status (`status` is the relationship's, as read with it); also says whether a
+    /// bundle was stored (the caller then publishes the foreign bundles to the agents).
+    /// Errors are the datastore's: a failed fetch is a status, not an error.
+    async fn refresh(&self, rel: &Relationship, mut status: Status) -> Result<(Refreshed, bool)> {
         let td = &rel.trust_domain;
         let stored = self.ds.foreign_bundle(td).await?;
-        let mut status = self
-            .ds
-            .get_federation(td)
-            .await?
-            .map(|(_, s)| s)
-            .unwrap_or_default();
-        let auth = self.authenticating_bundle(rel).await?;
+        let auth = self
+            .authenticating_bundle(rel, stored.as_ref().map(|b| &b.bundle))
+            .await?;
         let fetched = fetch_bundle(rel, auth.as_ref()).await;
         let now = unix_now();
         let mut hint = stored.as_ref().and_then(|b| b.bundle.refresh_hint);
@@ -288,13 +291,13 @@ fn next_refresh_at(interval: Duration, now: SystemTime) -> i64 {
 #[async_trait::async_trait]
 impl Refresher for RefreshLoop {
     async fn refresh_now(&self, td: &TrustDomain) -> Result<Refreshed> {
-        let Some((rel, _)) = self.ds.get_federation(td).await? else {
+        let Some((rel, status)) = self.ds.get_federation(td).await? else {
             return Err(Error::NotFound(format!(
                 "no federation relationship with {}",
                 td.name()
             )));
         };
-        let (refreshed, stored) = self.refresh(&rel).await?;
+        let (refreshed, stored) = self.refresh(&rel, status).await?;
         if stored {
             self.foreign.reload_or_log().await;
         }
