@@ -28,42 +28,10 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-/// A test CA and a `localhost` certificate it signed, written as the endpoint reads them.
-struct Pki {
-    ca_pem: String,
-    ca_der: Vec<u8>,
-    chain_pem: String,
-    key_pem: String,
-}
-
-fn pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    // Each CA its own name, so a client that trusts another finds no issuer at all.
-    static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, format!("OIDC test CA {n}"));
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    Pki {
-        ca_pem: ca_cert.pem(),
-        ca_der: ca_cert.der().to_vec(),
-        chain_pem: format!("{}{}", leaf.pem(), ca_cert.pem()),
-        key_pem: leaf_key.serialize_pem(),
-    }
-}
-
-fn write_private(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
+#[path = "support/federation_peer.rs"]
+#[allow(dead_code, reason = "each test file uses part of it")]
+mod peer;
+use peer::{Pki, eventually, pki, write_private};
 
 /// The files of `pki` in `dir`: (cert_file, key_file, ca_file).
 fn write_pki(dir: &Path, pki: &Pki) -> (PathBuf, PathBuf, PathBuf) {
@@ -707,21 +675,6 @@ async fn pyjwt_verifies_tokens_through_discovery_and_refuses_bad_ones() {
     let (code, _, err) = verify(&r, &token, "aws").await;
     assert_eq!(code, 1);
     assert!(err.contains("no key for the token"), "{err}");
-}
-
-/// Polls `f` every 100 ms for up to 30 s.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    for _ in 0..300 {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

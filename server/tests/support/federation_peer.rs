@@ -1,6 +1,6 @@
 //! An in-process `https_web` bundle endpoint (the server's own `federation::endpoint`)
 //! serving a bundle the test controls, with a test CA (rcgen) certifying `localhost`;
-//! shared by the endpoint and refresh-loop tests.
+//! shared by the bundle endpoint, refresh-loop and OIDC endpoint tests.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 /// A test CA and a `localhost` certificate it signed.
 pub(crate) struct Pki {
+    pub(crate) ca_pem: String,
     pub(crate) ca_der: Vec<u8>,
     pub(crate) chain_pem: String,
     pub(crate) key_pem: String,
@@ -29,7 +30,7 @@ pub(crate) fn pki() -> Pki {
     let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     ca.distinguished_name.push(
         rcgen::DnType::CommonName,
-        format!("bundle endpoint test CA {n}"),
+        format!("HTTPS endpoint test CA {n}"),
     );
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca, ca_key);
@@ -39,6 +40,7 @@ pub(crate) fn pki() -> Pki {
         .signed_by(&leaf_key, &issuer)
         .unwrap();
     Pki {
+        ca_pem: ca_cert.pem(),
         ca_der: ca_cert.der().to_vec(),
         chain_pem: format!("{}{}", leaf.pem(), ca_cert.pem()),
         key_pem: leaf_key.serialize_pem(),
