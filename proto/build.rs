@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "carapace/types/v1/types.proto",
         "carapace/node/v1/node.proto",
         "carapace/admin/v1/admin.proto",
+        "carapace/upstream/v1/upstream.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed=proto/{f}");

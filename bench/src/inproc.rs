@@ -25,6 +25,7 @@ pub async fn bench_ca(jwt_key_type: KeyType) -> Result<Arc<CaManager>> {
         country: "US".into(),
         jwt_key_type,
         server_id: "bench".into(),
+        path_len: 0,
     };
     Ok(CaManager::load(td, km, None, ds, settings, carapace_core::clock::unix_now()).await?)
 }

@@ -6,6 +6,7 @@
 //!   `spiffe` crate, py-spiffe, Envoy) speaks to the agent unchanged;
 //! - [`carapace::node::v1`]: agent ↔ server (attestation, sync, SVID signing);
 //! - [`carapace::admin::v1`]: CLI ↔ server, over the admin Unix socket;
+//! - [`carapace::upstream::v1`]: downstream server ↔ upstream server (nested servers);
 //! - [`carapace::types::v1`]: messages both share;
 //! - [`sds`]: Envoy's Secret Discovery Service v3 (`envoy.service.secret.v3`) and the
 //!   messages it carries, from the vendored Envoy API protos in `proto/proto/envoy-api/`.
@@ -48,6 +49,13 @@ pub mod carapace {
         /// Version 1.
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/carapace.admin.v1.rs"));
+        }
+    }
+    /// The upstream API (downstream server ↔ upstream server, nested servers).
+    pub mod upstream {
+        /// Version 1.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/carapace.upstream.v1.rs"));
         }
     }
 }

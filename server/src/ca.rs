@@ -36,6 +36,8 @@ use crate::datastore::Datastore;
 use crate::jwt_keys::{self, JwtAuthorityInfo, JwtJournal, JwtKeys, JwtSlot, Minter};
 use crate::{Error, Result};
 
+mod downstream;
+
 /// NotBefore is backdated by this much to tolerate clock skew between machines.
 pub const BACKDATE: i64 = 10;
 /// The bundle's `spiffe_refresh_hint`, seconds.
@@ -365,6 +367,10 @@ pub struct CaSettings {
     /// This server's id among the servers sharing the datastore: its CA journal and its
     /// part of the bundle are stored under it.
     pub server_id: String,
+    /// How many tiers of downstream CAs this server's CA may certify below itself
+    /// (`[downstream] max_depth`; 0 when it serves no downstream servers): the
+    /// pathLenConstraint it asks its upstream authority for.
+    pub path_len: u8,
 }
 
 /// An issued certificate chain with its expiry.
@@ -429,6 +435,23 @@ pub(crate) fn ca_params(
     params.not_after = offset(not_after)?;
     params.serial_number = Some(random_serial());
     Ok(params)
+}
+
+/// A PKCS#10 CSR (DER) for a new CA key of `td`, signed by it where it lives, with the
+/// trust domain's URI SAN and no subject: what an upstream server checks and certifies.
+fn ca_csr(td: &TrustDomain, key: Arc<dyn carapace_core::plugin::KeySigner>) -> Result<Vec<u8>> {
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(
+        td.id_string()
+            .try_into()
+            .map_err(|e| Error::Ca(format!("trust domain URI: {e}")))?,
+    )];
+    let signer = RcgenKey::new(key)?;
+    // One signature per CA lifetime, as for the self-signed CA: inline even on an HSM.
+    let csr = params
+        .serialize_request(&signer)
+        .map_err(|e| Error::Ca(format!("signing the CA's CSR failed: {e}")))?;
+    Ok(csr.der().to_vec())
 }
 
 pub(crate) fn random_serial() -> SerialNumber {
@@ -637,10 +660,13 @@ impl CaManager {
             .await?;
         let not_before = now - BACKDATE;
         if let Some(upstream) = &self.upstream {
+            let csr_der = ca_csr(&self.td, key.clone())?;
             let minted = upstream
                 .mint_x509_ca(&MintRequest {
                     trust_domain: self.td.clone(),
                     public_key_der: key.public_key_der().to_vec(),
+                    csr_der,
+                    path_len: self.settings.path_len,
                     ttl: self.settings.ca_ttl,
                     common_name: format!("{} X.509 CA {seq}", self.td),
                     organization: self.settings.organization.clone(),
@@ -1416,6 +1442,7 @@ mod tests {
             country: "US".into(),
             jwt_key_type: KeyType::EcP256,
             server_id: "server-1".into(),
+            path_len: 0,
         }
     }
 

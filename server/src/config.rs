@@ -112,6 +112,36 @@ pub struct FileConfig {
     /// SPIFFE federation: the bundle endpoint and the trust domains federated with.
     #[serde(default)]
     pub federation: FederationFile,
+    /// Nested servers: this server signs intermediate CAs for downstream servers; on
+    /// when the section is present.
+    pub downstream: Option<DownstreamFile>,
+}
+
+/// `[downstream]`: this server certifies the CAs of downstream servers (nested servers)
+/// whose registration entry is marked `downstream`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamFile {
+    /// How many tiers of servers may sit below this one (default 1: downstream servers
+    /// sign SVIDs only).
+    pub max_depth: Option<u8>,
+    /// The longest lifetime of a downstream CA (default `ca_ttl`/6, which this server's
+    /// own CA rotation never cuts short).
+    #[serde(default, with = "humantime_serde::option")]
+    pub ca_ttl_max: Option<Duration>,
+}
+
+/// The deepest `[downstream] max_depth`: X.509 validators stop at six intermediates.
+pub const MAX_DOWNSTREAM_DEPTH: u8 = 4;
+
+/// `[downstream]`, checked.
+#[derive(Debug, Clone)]
+pub struct Downstream {
+    /// Tiers of servers below this one (≥ 1): this server's CA is minted with this
+    /// pathLenConstraint, and a downstream CA gets at most one less.
+    pub max_depth: u8,
+    /// The longest lifetime of a downstream CA.
+    pub ca_ttl_max: Duration,
 }
 
 /// `[datastore]`: SQLite (the default, in `data_dir`) or PostgreSQL.
@@ -433,6 +463,8 @@ pub struct Config {
     /// SPIFFE federation (`[federation]`): the bundle endpoint and the relationships
     /// the config file defines.
     pub federation: Federation,
+    /// Nested servers (`[downstream]`); `None`: this server signs no downstream CA.
+    pub downstream: Option<Downstream>,
 }
 
 impl Config {
@@ -671,6 +703,11 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         }
     }
 
+    let downstream = file
+        .downstream
+        .as_ref()
+        .map(|d| downstream(d, ca_ttl, &mut problems));
+
     match (trust_domain, bind_address, datastore) {
         (Some(trust_domain), Some(bind_address), Some(datastore)) if problems.is_empty() => {
             Ok(Config {
@@ -698,9 +735,32 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
                 oidc_discovery,
                 datastore,
                 federation,
+                downstream,
             })
         }
         _ => Err(problems),
+    }
+}
+
+/// Checks `[downstream]`: `max_depth` in 1..=[`MAX_DOWNSTREAM_DEPTH`], `ca_ttl_max`
+/// between the shortest TTL and `ca_ttl`.
+fn downstream(file: &DownstreamFile, ca_ttl: Duration, problems: &mut Vec<String>) -> Downstream {
+    let max_depth = file.max_depth.unwrap_or(1);
+    if !(1..=MAX_DOWNSTREAM_DEPTH).contains(&max_depth) {
+        problems.push(format!(
+            "downstream.max_depth: {max_depth} is out of range (1..={MAX_DOWNSTREAM_DEPTH}); \
+             remove [downstream] for a server that signs no downstream CA"
+        ));
+    }
+    let ca_ttl_max = file.ca_ttl_max.unwrap_or(ca_ttl / 6);
+    if let Err(e) = limits::check_duration(ca_ttl_max, MIN_TTL, ca_ttl) {
+        problems.push(format!(
+            "downstream.ca_ttl_max: {e} (the upper bound is ca_ttl)"
+        ));
+    }
+    Downstream {
+        max_depth,
+        ca_ttl_max,
     }
 }
 

@@ -19,6 +19,7 @@ fn settings(ttl: u64, jwt_key_type: KeyType) -> CaSettings {
         country: "US".into(),
         jwt_key_type,
         server_id: "server-1".into(),
+        path_len: 0,
     }
 }
 

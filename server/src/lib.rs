@@ -27,6 +27,7 @@ pub mod oidc;
 pub mod server_svid;
 pub mod sync_diff;
 pub mod upstream;
+pub mod upstream_api;
 
 use std::future::Future;
 use std::path::Path;
@@ -167,6 +168,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             country: config.ca_country.clone(),
             jwt_key_type: config.jwt_key_type,
             server_id: server_id.clone(),
+            path_len: config.downstream.as_ref().map_or(0, |d| d.max_depth),
         },
         ctx.clock.unix_now(),
     )

@@ -13,6 +13,13 @@ pub struct MintRequest {
     /// The CA's public key, an X.509 SubjectPublicKeyInfo in DER. The private key stays in
     /// the server's KeyManager.
     pub public_key_der: Vec<u8>,
+    /// A PKCS#10 CSR (DER) for the same key, signed by it, with the URI SAN
+    /// `spiffe://<trust domain>`: proof of possession for an authority that is another
+    /// process (the `carapace` upstream sends it to the server above).
+    pub csr_der: Vec<u8>,
+    /// The CA's pathLenConstraint: how many tiers of CAs it may certify below itself
+    /// (0: it signs SVIDs only). A server that serves downstream servers asks for more.
+    pub path_len: u8,
     /// Wanted lifetime; the upstream caps it at its own certificate's notAfter.
     pub ttl: Duration,
     /// Subject common name for the CA certificate.
@@ -43,15 +50,18 @@ pub struct MintedCa {
 ///
 /// Contract:
 /// 1. `mint_x509_ca` certifies exactly `request.public_key_der` as a CA for
-///    `request.trust_domain`, valid no longer than the root;
+///    `request.trust_domain` with at most `request.path_len` CA tiers below it, valid no
+///    longer than the root;
 /// 2. the root's private key never leaves the authority's backend;
 /// 3. `x509_roots` returns what `mint_x509_ca` would put in `roots`, without signing.
 #[async_trait::async_trait]
 pub trait UpstreamAuthority: Send + Sync + fmt::Debug {
-    /// The plugin name, as in the configuration (`disk`, `pkcs11`).
+    /// The plugin name, as in the configuration (`disk`, `pkcs11`, `carapace`).
     fn name(&self) -> &str;
-    /// A fingerprint of the root(s): changes exactly when the roots change, so a server
-    /// can tell that its CAs were minted under another root.
+    /// A fingerprint of the authority: changes exactly when CAs minted before must no
+    /// longer be used (another root, another upstream trust domain), so a server can
+    /// retire them at once. An authority whose roots rotate on their own schedule (the
+    /// `carapace` upstream) must keep it stable across that rotation.
     fn fingerprint(&self) -> String;
     /// Mints a CA certificate for the server's new CA key.
     async fn mint_x509_ca(&self, request: &MintRequest) -> Result<MintedCa, Error>;

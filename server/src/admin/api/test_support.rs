@@ -33,6 +33,7 @@ pub(super) async fn new_ca(td: &str) -> (Arc<CaManager>, Datastore) {
             country: "US".into(),
             jwt_key_type: KeyType::EcP256,
             server_id: "server-1".into(),
+            path_len: 0,
         },
         unix_now(),
     )

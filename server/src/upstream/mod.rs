@@ -1,5 +1,7 @@
-//! Upstream authorities whose root key is a [`KeySigner`] held by the operator: `disk`
-//! (PKCS#8 PEM files) and `pkcs11` (a key and certificate object in an HSM token).
+//! Upstream authorities. Here, those whose root key is a [`KeySigner`] held by the
+//! operator: `disk` (PKCS#8 PEM files) and `pkcs11` (a key and certificate object in an
+//! HSM token). [`carapace`]: another Carapace server of the trust domain above this one
+//! (nested servers).
 //!
 //! Each server of the trust domain generates its own intermediate CA key in its
 //! KeyManager and has the root certify it ([`LocalRoot::mint_x509_ca`]); the bundle
@@ -21,6 +23,8 @@ use carapace_tls::RcgenKey;
 
 use crate::ca::ca_params;
 use crate::{Error, Result};
+
+pub mod carapace;
 
 /// Settings of the `disk` upstream authority: the root CA's certificate and PKCS#8 key as
 /// PEM files. Relative paths resolve against the data directory.
@@ -145,11 +149,12 @@ impl UpstreamAuthority for LocalRoot {
         dn.push(DnType::CountryName, req.country.clone());
         dn.push(DnType::OrganizationName, req.organization.clone());
         dn.push(DnType::CommonName, req.common_name.clone());
-        // Path length 0: the intermediate signs SVIDs only, never another CA.
+        // Path length 0 unless the server serves downstream servers: the intermediate
+        // signs SVIDs only, never another CA.
         let mut params = ca_params(
             &req.trust_domain,
             dn,
-            BasicConstraints::Constrained(0),
+            BasicConstraints::Constrained(req.path_len),
             req.not_before,
             not_after,
         )

@@ -1,0 +1,1 @@
+//! Signing the CAs of downstream servers (nested servers) with the active CA.
