@@ -37,6 +37,9 @@ use crate::jwt_keys::{self, JwtAuthorityInfo, JwtJournal, JwtKeys, JwtSlot, Mint
 use crate::{Error, Result};
 
 mod downstream;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+mod upstream_tests;
 
 /// NotBefore is backdated by this much to tolerate clock skew between machines.
 pub const BACKDATE: i64 = 10;
@@ -44,6 +47,45 @@ pub const BACKDATE: i64 = 10;
 pub const REFRESH_HINT: u64 = 300;
 /// How often the rotator looks at the CA slots.
 pub const ROTATE_INTERVAL: Duration = Duration::from_secs(10);
+/// After a failed mint through the upstream authority, the next optional one (a
+/// prepare) waits this long, doubling up to [`MINT_RETRY_MAX`] seconds.
+const MINT_RETRY_MIN: i64 = 10;
+/// The longest wait between two optional mints through a failing upstream authority.
+const MINT_RETRY_MAX: i64 = 300;
+
+/// How the upstream authority has answered this server's mints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamStatus {
+    /// The upstream authority's name (`disk`, `pkcs11`, `carapace`).
+    pub name: String,
+    /// When a mint last succeeded, unix seconds.
+    pub last_success: Option<i64>,
+    /// Since when mints have failed, while the last one failed.
+    pub failing_since: Option<i64>,
+    /// Why the last mint failed, while it did.
+    pub last_error: Option<String>,
+    /// Before this time (unix seconds) no optional mint is tried.
+    next_attempt: i64,
+    /// The current wait between optional mints, seconds.
+    delay: i64,
+}
+
+impl UpstreamStatus {
+    fn succeeded(&mut self, now: i64) {
+        self.last_success = Some(now);
+        self.failing_since = None;
+        self.last_error = None;
+        self.next_attempt = 0;
+        self.delay = 0;
+    }
+
+    fn failed(&mut self, now: i64, error: String) {
+        self.failing_since.get_or_insert(now);
+        self.last_error = Some(error);
+        self.delay = (self.delay * 2).clamp(MINT_RETRY_MIN, MINT_RETRY_MAX);
+        self.next_attempt = now + self.delay;
+    }
+}
 
 /// A public key taken from a CSR or a key manager, ready to be certified.
 pub struct SubjectKey(rcgen::SubjectPublicKeyInfo);
@@ -396,6 +438,8 @@ pub struct CaManager {
     bundle_tx: watch::Sender<Arc<TrustBundle>>,
     /// Serialises rotations (tick) so two never interleave.
     rotate_lock: tokio::sync::Mutex<()>,
+    /// How the upstream authority answered (default while there is none).
+    upstream_status: std::sync::Mutex<UpstreamStatus>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -405,6 +449,11 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(l: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data replaced field by field; a poisoned lock holds a usable value.
+    l.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub(crate) fn offset(unix: i64) -> Result<time::OffsetDateTime> {
@@ -454,6 +503,24 @@ fn ca_csr(td: &TrustDomain, key: Arc<dyn carapace_core::plugin::KeySigner>) -> R
     Ok(csr.der().to_vec())
 }
 
+/// Checks that the CA certificate `der` may certify `wanted` tiers of CAs below itself
+/// (no pathLenConstraint, or one at least that large).
+fn check_path_len(der: &[u8], wanted: u8) -> Result<()> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Ca(format!("minted CA certificate unreadable: {e}")))?;
+    let granted = cert
+        .basic_constraints()
+        .map_err(|e| Error::Ca(format!("minted CA certificate: basicConstraints: {e}")))?
+        .and_then(|bc| bc.value.path_len_constraint);
+    match granted {
+        Some(g) if g < u32::from(wanted) => Err(Error::Ca(format!(
+            "the minted CA allows {g} tier(s) of CAs below it (pathLenConstraint) but \
+             [downstream] max_depth asks for {wanted}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub(crate) fn random_serial() -> SerialNumber {
     use rand::RngCore;
     let mut bytes = [0u8; 16];
@@ -476,6 +543,13 @@ impl CaManager {
         now: i64,
     ) -> Result<Arc<Self>> {
         let (bundle_tx, _) = watch::channel(Arc::new(TrustBundle::new(td.clone())));
+        let upstream_status = std::sync::Mutex::new(UpstreamStatus {
+            name: upstream
+                .as_ref()
+                .map(|u| u.name().to_owned())
+                .unwrap_or_default(),
+            ..UpstreamStatus::default()
+        });
         let ca = Arc::new(CaManager {
             td,
             km,
@@ -485,6 +559,7 @@ impl CaManager {
             state: RwLock::new(State::default()),
             bundle_tx,
             rotate_lock: tokio::sync::Mutex::new(()),
+            upstream_status,
         });
         let journal: Journal = match ca.ds.load_ca_journal(&ca.settings.server_id).await? {
             Some(bytes) => serde_json::from_slice(&bytes)
@@ -529,8 +604,61 @@ impl CaManager {
             )
             .await?;
         ca.bundle_tx.send_replace(Arc::new(union));
-        ca.tick(now).await?;
+        if let Err(e) = ca.tick(now).await {
+            // A due prepare that the upstream authority refused (it is away, say) must
+            // not stop a server whose active CA still signs: it keeps issuing, and the
+            // rotator tries again.
+            let Some(active) = ca.usable_active(now) else {
+                return Err(e);
+            };
+            tracing::error!(
+                error = %e,
+                active_ca_expires_at = active.not_after,
+                "could not prepare the next X.509 CA; the active one signs until it expires, \
+                 and the rotator retries"
+            );
+        }
         Ok(ca)
+    }
+
+    /// The active CA, if it can sign at `now` under the current upstream authority.
+    fn usable_active(&self, now: i64) -> Option<Arc<CaSlot>> {
+        let upstream = self.current_upstream();
+        read(&self.state)
+            .active
+            .clone()
+            .filter(|a| a.not_after > now + BACKDATE && a.upstream == upstream)
+    }
+
+    /// How the upstream authority has answered this server's mints; `None` without one.
+    pub fn upstream_status(&self) -> Option<UpstreamStatus> {
+        self.upstream.as_ref()?;
+        Some(lock(&self.upstream_status).clone())
+    }
+
+    /// Whether an optional mint (a prepare) may be tried at `now`: not while the
+    /// upstream authority's last failure is recent (the wait doubles up to five minutes).
+    fn may_try_mint(&self, now: i64) -> bool {
+        self.upstream.is_none() || now >= lock(&self.upstream_status).next_attempt
+    }
+
+    /// Records a failure of the upstream authority (or of what it minted).
+    fn mint_failed(&self, now: i64, error: &Error) {
+        if self.upstream.is_some() {
+            lock(&self.upstream_status).failed(now, error.to_string());
+        }
+    }
+
+    /// [`Self::mint_ca`], recording how the upstream authority answered.
+    async fn mint_recorded(&self, seq: u64, now: i64) -> Result<CaSlot> {
+        let minted = self.mint_ca(seq, now).await;
+        if self.upstream.is_some() {
+            match &minted {
+                Ok(_) => lock(&self.upstream_status).succeeded(now),
+                Err(e) => self.mint_failed(now, e),
+            }
+        }
+        minted
     }
 
     /// Serves the trust domain's bundle as the datastore has it now, if it is newer than
@@ -660,51 +788,14 @@ impl CaManager {
             .await?;
         let not_before = now - BACKDATE;
         if let Some(upstream) = &self.upstream {
-            let csr_der = ca_csr(&self.td, key.clone())?;
-            let minted = upstream
-                .mint_x509_ca(&MintRequest {
-                    trust_domain: self.td.clone(),
-                    public_key_der: key.public_key_der().to_vec(),
-                    csr_der,
-                    path_len: self.settings.path_len,
-                    ttl: self.settings.ca_ttl,
-                    common_name: format!("{} X.509 CA {seq}", self.td),
-                    organization: self.settings.organization.clone(),
-                    country: self.settings.country.clone(),
-                    not_before,
-                })
-                .await
-                .map_err(|e| Error::Ca(format!("upstream {}: {e}", upstream.name())))?;
-            let cert_der =
-                minted.chain.first().cloned().ok_or_else(|| {
-                    Error::Ca(format!("upstream {} minted nothing", upstream.name()))
-                })?;
-            if carapace_core::x509svid::public_key_of(&cert_der)? != key.public_key_der() {
-                return Err(Error::Ca(format!(
-                    "upstream {} certified another key than the CA's",
-                    upstream.name()
-                )));
+            let minted = self
+                .mint_upstream(upstream.as_ref(), key, seq, not_before, now)
+                .await;
+            if minted.is_err() {
+                // Not in the journal: the new key must not linger.
+                let _ = self.km.delete_key(&key_id).await;
             }
-            carapace_core::x509svid::check_signing_cert(&cert_der)?;
-            let (not_before, not_after) = carapace_core::x509svid::validity_of(&cert_der)?;
-            let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), RcgenKey::new(key)?)
-                .map_err(|e| Error::Ca(format!("minted CA certificate unusable: {e}")))?;
-            tracing::info!(
-                key_id,
-                not_after,
-                upstream = upstream.name(),
-                "minted a new X.509 CA under the upstream root"
-            );
-            return Ok(CaSlot {
-                key_id,
-                cert_der,
-                chain: minted.chain,
-                bundle_certs: minted.roots,
-                upstream: Some(upstream.fingerprint()),
-                not_before,
-                not_after,
-                issuer,
-            });
+            return minted;
         }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CountryName, self.settings.country.clone());
@@ -738,6 +829,92 @@ impl CaManager {
         })
     }
 
+    /// Has `upstream` certify the new CA key `key` (id `x509-ca-<seq>`), and checks what
+    /// it minted before using it: the certificate is a CA for exactly this key, grants
+    /// the pathLen this server asked for, and an SVID it signs verifies against the
+    /// upstream's roots.
+    async fn mint_upstream(
+        &self,
+        upstream: &dyn UpstreamAuthority,
+        key: Arc<dyn carapace_core::plugin::KeySigner>,
+        seq: u64,
+        not_before: i64,
+        now: i64,
+    ) -> Result<CaSlot> {
+        let key_id = format!("x509-ca-{seq}");
+        let name = upstream.name();
+        let csr_der = ca_csr(&self.td, key.clone())?;
+        let minted = upstream
+            .mint_x509_ca(&MintRequest {
+                trust_domain: self.td.clone(),
+                public_key_der: key.public_key_der().to_vec(),
+                csr_der,
+                path_len: self.settings.path_len,
+                ttl: self.settings.ca_ttl,
+                common_name: format!("{} X.509 CA {seq}", self.td),
+                organization: self.settings.organization.clone(),
+                country: self.settings.country.clone(),
+                not_before,
+            })
+            .await
+            .map_err(|e| Error::Ca(format!("upstream {name}: {e}")))?;
+        let cert_der = minted
+            .chain
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Ca(format!("upstream {name} minted nothing")))?;
+        if carapace_core::x509svid::public_key_of(&cert_der)? != key.public_key_der() {
+            return Err(Error::Ca(format!(
+                "upstream {name} certified another key than the CA's"
+            )));
+        }
+        carapace_core::x509svid::check_signing_cert(&cert_der)?;
+        check_path_len(&cert_der, self.settings.path_len)
+            .map_err(|e| Error::Ca(format!("upstream {name}: {e}")))?;
+        let (not_before, not_after) = carapace_core::x509svid::validity_of(&cert_der)?;
+        let issuer =
+            Issuer::from_ca_cert_der(&cert_der.as_slice().into(), RcgenKey::new(key.clone())?)
+                .map_err(|e| Error::Ca(format!("minted CA certificate unusable: {e}")))?;
+        let slot = CaSlot {
+            key_id: key_id.clone(),
+            cert_der,
+            chain: minted.chain,
+            bundle_certs: minted.roots,
+            upstream: Some(upstream.fingerprint()),
+            not_before,
+            not_after,
+            issuer,
+        };
+        // One throwaway SVID (over the CA's own public key; it is never handed out) must
+        // verify against the roots the upstream named: this catches a chain that does not
+        // reach them, a wrong trust domain, a pathLen that forbids the tier below.
+        let probe = SpiffeId::new(&self.td, "/spire/ca-check")?;
+        let svid = sign_leaf(
+            &slot,
+            &probe,
+            &SubjectKey::from_spki(key.public_key_der())?,
+            Duration::from_secs(60),
+            &[],
+            now,
+        )?;
+        let mut roots = TrustBundle::new(self.td.clone());
+        roots.x509_authorities = slot.bundle_certs.clone();
+        carapace_core::x509svid::verify_chain(&svid.chain, &roots, now.max(not_before) as u64)
+            .map_err(|e| {
+                Error::Ca(format!(
+                    "upstream {name} minted a CA whose SVIDs do not verify against the roots \
+                     it named: {e}"
+                ))
+            })?;
+        tracing::info!(
+            key_id,
+            not_after,
+            upstream = name,
+            "minted a new X.509 CA under the upstream root"
+        );
+        Ok(slot)
+    }
+
     /// One rotator step at time `now`: create, prepare, activate and prune CAs as their
     /// lifetimes require, then persist and publish.
     pub async fn tick(&self, now: i64) -> Result<()> {
@@ -750,6 +927,10 @@ impl CaManager {
         let mut new_active = active.clone();
         let mut new_prepared = prepared.clone();
         let mut retire: Vec<Arc<CaSlot>> = Vec::new();
+        let mut expired_keys = Vec::new();
+        // A failed prepare does not stop the rest of the step (pruning, the JWT keys,
+        // which need no upstream): it is returned once the step is done.
+        let mut mint_error = None;
 
         let upstream = self.current_upstream();
         if let Some(p) = new_prepared.clone() {
@@ -781,24 +962,54 @@ impl CaManager {
                 None => {
                     let seq = journal.next_seq;
                     journal.next_seq += 1;
-                    Arc::new(self.mint_ca(seq, now).await?)
+                    Arc::new(self.mint_recorded(seq, now).await?)
                 }
             };
             new_active = Some(slot);
             changed = true;
         } else if let Some(a) = &active {
-            if new_prepared.is_none() && now >= a.prepare_at() {
+            if new_prepared.is_none() && now >= a.prepare_at() && self.may_try_mint(now) {
                 let seq = journal.next_seq;
                 journal.next_seq += 1;
-                new_prepared = Some(Arc::new(self.mint_ca(seq, now).await?));
-                tracing::info!("prepared the next X.509 CA; it is in the bundle from now on");
-                changed = true;
+                match self.mint_recorded(seq, now).await {
+                    Ok(slot) => {
+                        new_prepared = Some(Arc::new(slot));
+                        tracing::info!(
+                            "prepared the next X.509 CA; it is in the bundle from now on"
+                        );
+                        changed = true;
+                    }
+                    Err(e) => {
+                        mint_error = Some(Error::Ca(format!(
+                            "could not prepare the next X.509 CA (the active one signs until \
+                             {}): {e}",
+                            a.not_after
+                        )));
+                    }
+                }
             }
             if now >= a.activate_at() {
                 if let Some(p) = new_prepared.take() {
-                    retire.push(a.clone());
-                    tracing::info!(key_id = p.key_id, "activated the prepared X.509 CA");
-                    new_active = Some(p);
+                    if p.not_after > a.not_after {
+                        retire.push(a.clone());
+                        tracing::info!(key_id = p.key_id, "activated the prepared X.509 CA");
+                        new_active = Some(p);
+                    } else {
+                        // An upstream that caps what it mints at its own expiry can hand
+                        // out a CA that ends before the active one: activating it would
+                        // only shorten every SVID. It has signed nothing: it leaves the
+                        // bundle, and another is prepared once the upstream lets it.
+                        let e = Error::Ca(format!(
+                            "the prepared X.509 CA {} ends at {}, no later than the active one \
+                             ({}): not activated; another will be prepared",
+                            p.authority_id(),
+                            p.not_after,
+                            a.not_after
+                        ));
+                        tracing::warn!(error = %e, "did not activate the prepared X.509 CA");
+                        self.mint_failed(now, &e);
+                        expired_keys.push(p.key_id.clone());
+                    }
                     changed = true;
                 }
             }
@@ -809,7 +1020,6 @@ impl CaManager {
             retired.push(Retired::of(&r));
         }
         let before = retired.len();
-        let mut expired_keys = Vec::new();
         retired.retain(|r| {
             let keep = r.not_after > now;
             if !keep {
@@ -835,18 +1045,18 @@ impl CaManager {
             None => jwt,
         };
 
-        if !changed {
-            return Ok(());
+        if changed {
+            self.persist(
+                journal,
+                new_active,
+                new_prepared,
+                retired,
+                jwt,
+                expired_keys,
+            )
+            .await?;
         }
-        self.persist(
-            journal,
-            new_active,
-            new_prepared,
-            retired,
-            jwt,
-            expired_keys,
-        )
-        .await
+        mint_error.map_or(Ok(()), Err)
     }
 
     /// [`Self::persist`] of new X.509 slots with the JWT keys as they are.
@@ -975,7 +1185,7 @@ impl CaManager {
         }
         let seq = journal.next_seq;
         journal.next_seq += 1;
-        let slot = Arc::new(self.mint_ca(seq, now).await?);
+        let slot = Arc::new(self.mint_recorded(seq, now).await?);
         let info = AuthorityInfo::of_slot(&slot, AuthorityStatus::Prepared);
         let replaced: Vec<String> = prepared.iter().map(|p| p.key_id.clone()).collect();
         if let Err(e) = self
