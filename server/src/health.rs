@@ -7,7 +7,10 @@
 //! 2. the key manager signs with the active CA's key (one probe signature: an HSM whose
 //!    token is gone fails, and passes again when the token is back, with no restart);
 //! 3. an active X.509 CA exists and has not expired;
-//! 4. an active JWT signing key exists and has not expired.
+//! 4. an active JWT signing key exists and has not expired;
+//! 5. with an upstream authority: not both failing to mint and in the active CA's last
+//!    sixth of life (the server still signs, but stops when the CA expires; before that,
+//!    SVIDs are cut short at its end).
 //!
 //! The probes run at most once per [`PROBE_INTERVAL`]: a burst of `/ready` requests
 //! costs one write and one signature.
@@ -76,9 +79,12 @@ impl ServerReadiness {
                 "x509 CA: the active CA expired at {}",
                 carapace_core::clock::rfc3339(ca.not_after)
             )),
-            Ok(_) => {
+            Ok(ca) => {
                 if let Err(e) = self.ca.probe_signing().await {
                     reasons.push(format!("key manager: the active CA's key cannot sign: {e}"));
+                }
+                if let Some(reason) = upstream_reason(&ca, self.ca.upstream_status(), now) {
+                    reasons.push(reason);
                 }
             }
         }
@@ -92,6 +98,29 @@ impl ServerReadiness {
         }
         reasons
     }
+}
+
+/// The reason readiness fails for the upstream authority: its mints fail and the active
+/// CA `ca` is in the last sixth of its life (when a CA is activated, so no prepared CA
+/// will take over).
+pub(crate) fn upstream_reason(
+    ca: &crate::ca::CaSlot,
+    status: Option<crate::ca::UpstreamStatus>,
+    now: i64,
+) -> Option<String> {
+    let status = status?;
+    let since = status.failing_since?;
+    let life = ca.not_after - ca.not_before;
+    if ca.not_after - now > life / 6 {
+        return None;
+    }
+    Some(format!(
+        "x509 CA: the active CA expires at {} and the upstream authority {} has failed since {}: {}",
+        carapace_core::clock::rfc3339(ca.not_after),
+        status.name,
+        carapace_core::clock::rfc3339(since),
+        status.last_error.as_deref().unwrap_or("unknown error")
+    ))
 }
 
 #[async_trait::async_trait]

@@ -48,6 +48,13 @@ pub struct RefreshLabels {
     pub result: &'static str,
 }
 
+/// `{authority}` of the upstream authority (its plugin name).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `disk`, `pkcs11` or `carapace`.
+    pub authority: String,
+}
+
 /// Every metric of the server.
 #[derive(Debug)]
 pub struct ServerMetrics {
@@ -71,6 +78,9 @@ pub struct ServerMetrics {
     federation_last_error: Family<FederationLabels, Gauge>,
     federation_sequence: Family<FederationLabels, Gauge>,
     federation_refreshes: Family<RefreshLabels, Counter>,
+    upstream_up: Family<UpstreamLabels, Gauge>,
+    upstream_last_success: Family<UpstreamLabels, Gauge>,
+    upstream_failing_since: Family<UpstreamLabels, Gauge>,
 }
 
 static METRICS: LazyLock<ServerMetrics> = LazyLock::new(ServerMetrics::new);
@@ -106,6 +116,24 @@ impl ServerMetrics {
             &mut registry,
             "x509_ca_last_rotation_timestamp_seconds",
             "When the active X.509 CA took over (unix seconds): its activation seen by this process, else its notBefore",
+        );
+        let upstream_up = Family::default();
+        registry.register(
+            "upstream_up",
+            "1 while the upstream authority's last mint succeeded (or none was tried), 0 while its mints fail; absent without one",
+            Clone::clone(&upstream_up),
+        );
+        let upstream_last_success = Family::default();
+        registry.register(
+            "upstream_last_success_timestamp_seconds",
+            "When the upstream authority last minted a CA for this server (unix seconds; 0: not since the server started)",
+            Clone::clone(&upstream_last_success),
+        );
+        let upstream_failing_since = Family::default();
+        registry.register(
+            "upstream_failing_since_timestamp_seconds",
+            "Since when the upstream authority's mints have failed (unix seconds; 0: the last one succeeded)",
+            Clone::clone(&upstream_failing_since),
         );
         let federation_last_success = Family::default();
         registry.register(
@@ -145,6 +173,9 @@ impl ServerMetrics {
             agents,
             ca_expiry,
             ca_last_rotation,
+            upstream_up,
+            upstream_last_success,
+            upstream_failing_since,
         }
     }
 
@@ -227,6 +258,18 @@ pub fn refresh(ca: &CaManager, cache: &EntryCache) {
         m.ca_expiry
             .get_or_create(&CaLabels { slot, index })
             .set(a.not_after);
+    }
+    if let Some(u) = ca.upstream_status() {
+        let labels = UpstreamLabels { authority: u.name };
+        m.upstream_up
+            .get_or_create(&labels)
+            .set(i64::from(u.failing_since.is_none()));
+        m.upstream_last_success
+            .get_or_create(&labels)
+            .set(u.last_success.unwrap_or(0));
+        m.upstream_failing_since
+            .get_or_create(&labels)
+            .set(u.failing_since.unwrap_or(0));
     }
     if m.ca_last_rotation.get() == 0 {
         if let Ok(a) = ca.active() {

@@ -146,6 +146,19 @@ async fn a_restart_while_the_upstream_is_away_keeps_the_active_ca_signing() {
             .iter()
             .all(|a| a.status != AuthorityStatus::Prepared)
     );
+    // Ready while the CA has more than a sixth of its life left; then not, saying why.
+    let a = ca.active().unwrap();
+    assert_eq!(
+        crate::health::upstream_reason(&a, ca.upstream_status(), later),
+        None
+    );
+    let late = a.not_after - (a.not_after - a.not_before) / 6;
+    let reason = crate::health::upstream_reason(&a, ca.upstream_status(), late).unwrap();
+    assert!(
+        reason.contains("upstream authority switched has failed since")
+            && reason.contains("upstream unreachable"),
+        "{reason}"
+    );
 
     // With no usable CA at all, the same outage does stop the start.
     drop(ca);

@@ -1,7 +1,7 @@
 //! `Health`: the server's readiness (the same checks as the health endpoint's `/ready`,
 //! see [`crate::health`]), with a summary.
 
-use carapace_proto::admin::HealthResponse;
+use carapace_proto::admin::{HealthResponse, UpstreamHealth};
 
 use super::AdminApi;
 use crate::health::ServerReadiness;
@@ -24,6 +24,12 @@ impl AdminApi {
             ca_expires_at: ca.not_after,
             agents: self.cache.list_agents().len() as u64,
             entries: self.cache.entry_count() as u64,
+            upstream: self.ca.upstream_status().map(|u| UpstreamHealth {
+                name: u.name,
+                last_success_at: u.last_success.unwrap_or(0),
+                failing_since: u.failing_since.unwrap_or(0),
+                last_error: u.last_error.unwrap_or_default(),
+            }),
         })
     }
 }

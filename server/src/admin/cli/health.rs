@@ -30,6 +30,47 @@ pub struct HealthView {
     pub agents: u64,
     /// Registration entries.
     pub entries: u64,
+    /// The upstream authority's answers; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamView>,
+}
+
+/// How the upstream authority has answered the server's mints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamView {
+    /// Plugin name.
+    pub name: String,
+    /// Unix seconds of the last successful mint; absent: none since the server started.
+    pub last_success_at: Option<i64>,
+    /// Unix seconds since when mints have failed; absent: the last one succeeded.
+    pub failing_since: Option<i64>,
+    /// Why the last mint failed, while failing.
+    pub last_error: Option<String>,
+}
+
+impl UpstreamView {
+    fn line(&self) -> String {
+        let when = |t: i64| carapace_core::clock::rfc3339(t);
+        match (self.failing_since, &self.last_error) {
+            (Some(since), error) => format!(
+                "Upstream authority {}: failing since {}: {}\n",
+                self.name,
+                when(since),
+                error.as_deref().unwrap_or("unknown error")
+            ),
+            (None, _) => match self.last_success_at {
+                Some(t) => format!(
+                    "Upstream authority {}: ok, last CA minted at {}\n",
+                    self.name,
+                    when(t)
+                ),
+                None => format!(
+                    "Upstream authority {}: ok, no CA minted since the server started\n",
+                    self.name
+                ),
+            },
+        }
+    }
 }
 
 impl From<&HealthResponse> for HealthView {
@@ -40,6 +81,12 @@ impl From<&HealthResponse> for HealthView {
             ca_expires_at: h.ca_expires_at,
             agents: h.agents,
             entries: h.entries,
+            upstream: h.upstream.as_ref().map(|u| UpstreamView {
+                name: u.name.clone(),
+                last_success_at: (u.last_success_at != 0).then_some(u.last_success_at),
+                failing_since: (u.failing_since != 0).then_some(u.failing_since),
+                last_error: (!u.last_error.is_empty()).then(|| u.last_error.clone()),
+            }),
         }
     }
 }
@@ -53,7 +100,11 @@ pub(super) async fn run(a: HealthcheckArgs) -> Result<String> {
         .await
         .map_err(|s| status_error(CMD, &s))?
         .into_inner();
-    render(a.common.output, &HealthView::from(&h), |_| {
-        "Server is healthy.\n".to_owned()
+    render(a.common.output, &HealthView::from(&h), |v| {
+        let mut out = "Server is healthy.\n".to_owned();
+        if let Some(u) = &v.upstream {
+            out.push_str(&u.line());
+        }
+        out
     })
 }
