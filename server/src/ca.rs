@@ -53,16 +53,17 @@ const MINT_RETRY_MIN: i64 = 10;
 /// The longest wait between two optional mints through a failing upstream authority.
 const MINT_RETRY_MAX: i64 = 300;
 
-/// How the upstream authority has answered this server's mints.
+/// How the upstream authority has answered this server: its mints and, for one that
+/// keeps a bundle, its acceptance of this server's JWT keys.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamStatus {
     /// The upstream authority's name (`disk`, `pkcs11`, `carapace`).
     pub name: String,
-    /// When a mint last succeeded, unix seconds.
+    /// When a mint or a JWT key publication last succeeded, unix seconds.
     pub last_success: Option<i64>,
-    /// Since when mints have failed, while the last one failed.
+    /// Since when its answers have been failures, while the last one was.
     pub failing_since: Option<i64>,
-    /// Why the last mint failed, while it did.
+    /// Why the last call failed, while it did.
     pub last_error: Option<String>,
     /// Before this time (unix seconds) no optional mint is tried.
     next_attempt: i64,
@@ -371,6 +372,81 @@ struct Journal {
     /// The JWT signing keys; absent in journals written before JWT-SVIDs existed.
     #[serde(default, skip_serializing_if = "JwtJournal::is_empty")]
     jwt: JwtJournal,
+    /// The trust domain's bundle as the upstream authority last served it (nested
+    /// servers): kept so that a restart while it is away serves it still.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream_bundle: Option<JournalBundle>,
+}
+
+/// A bundle in the journal: what the SPIFFE formats drop (JWT key expiries, taints)
+/// included.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct JournalBundle {
+    sequence: u64,
+    /// DER hex each.
+    x509_authorities: Vec<String>,
+    jwt_authorities: Vec<JournalJwtKey>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tainted_x509_authorities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tainted_jwt_kids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct JournalJwtKey {
+    kid: String,
+    /// SubjectPublicKeyInfo, DER hex.
+    public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<i64>,
+}
+
+impl JournalBundle {
+    fn of(b: &TrustBundle) -> Self {
+        JournalBundle {
+            sequence: b.sequence,
+            x509_authorities: b.x509_authorities.iter().map(hex::encode).collect(),
+            jwt_authorities: b
+                .jwt_authorities
+                .iter()
+                .map(|k| JournalJwtKey {
+                    kid: k.kid.clone(),
+                    public_key: hex::encode(&k.public_key_der),
+                    expires_at: k.expires_at,
+                })
+                .collect(),
+            tainted_x509_authorities: b.tainted_x509_authorities.iter().map(hex::encode).collect(),
+            tainted_jwt_kids: b.tainted_jwt_kids.clone(),
+        }
+    }
+
+    fn bundle(&self, td: &TrustDomain) -> Result<TrustBundle> {
+        let mut b = TrustBundle::new(td.clone());
+        b.sequence = self.sequence;
+        b.x509_authorities = self
+            .x509_authorities
+            .iter()
+            .map(|h| unhex(h))
+            .collect::<Result<_>>()?;
+        b.jwt_authorities = self
+            .jwt_authorities
+            .iter()
+            .map(|k| {
+                Ok(carapace_core::JwtKey {
+                    kid: k.kid.clone(),
+                    public_key_der: unhex(&k.public_key)?,
+                    expires_at: k.expires_at,
+                })
+            })
+            .collect::<Result<_>>()?;
+        b.tainted_x509_authorities = self
+            .tainted_x509_authorities
+            .iter()
+            .map(|h| unhex(h))
+            .collect::<Result<_>>()?;
+        b.tainted_jwt_kids = self.tainted_jwt_kids.clone();
+        Ok(b)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -587,11 +663,11 @@ impl CaManager {
         }
         state.jwt = JwtKeys::restore(&journal.jwt, &ca.jwt_minter()).await?;
         let bundle = ca.bundle_of(
-            state.journal.bundle_sequence,
+            &state.journal,
             &state.retired,
             state.active.iter().chain(state.prepared.iter()),
             &state.jwt,
-        );
+        )?;
         *write(&ca.state) = state;
         // This server's part, published again (another server may have dropped it while
         // this one was down), and the union of every server's is what it serves.
@@ -685,16 +761,18 @@ impl CaManager {
     }
 
     /// The bundle: what retired CAs still valid, then the active and the prepared one,
-    /// contribute (each certificate once, in that order), and the JWT keys.
+    /// contribute (each certificate once, in that order), and the JWT keys; then what the
+    /// upstream authority's bundle (`journal.upstream_bundle`) adds: its X.509 roots, the
+    /// JWT keys of every tier, its taints. The sequence is `journal.bundle_sequence`.
     fn bundle_of<'a>(
         &self,
-        sequence: u64,
+        journal: &Journal,
         retired: &[Retired],
         slots: impl Iterator<Item = &'a Arc<CaSlot>>,
         jwt: &JwtKeys,
-    ) -> TrustBundle {
+    ) -> Result<TrustBundle> {
         let mut bundle = TrustBundle::new(self.td.clone());
-        bundle.sequence = sequence;
+        bundle.sequence = journal.bundle_sequence;
         bundle.refresh_hint = Some(REFRESH_HINT);
         let all = retired
             .iter()
@@ -711,7 +789,32 @@ impl CaManager {
             }
         }
         (bundle.jwt_authorities, bundle.tainted_jwt_kids) = jwt.bundle_keys();
-        bundle
+        if let Some(up) = &journal.upstream_bundle {
+            let up = up.bundle(&self.td)?;
+            for der in up.x509_authorities {
+                if !bundle.x509_authorities.contains(&der) {
+                    bundle.x509_authorities.push(der);
+                }
+            }
+            for der in up.tainted_x509_authorities {
+                if bundle.x509_authorities.contains(&der)
+                    && !bundle.tainted_x509_authorities.contains(&der)
+                {
+                    bundle.tainted_x509_authorities.push(der);
+                }
+            }
+            for key in up.jwt_authorities {
+                if !bundle.jwt_authorities.iter().any(|k| k.kid == key.kid) {
+                    bundle.jwt_authorities.push(key);
+                }
+            }
+            for kid in up.tainted_jwt_kids {
+                if !bundle.tainted_jwt_kids.contains(&kid) {
+                    bundle.tainted_jwt_kids.push(kid);
+                }
+            }
+        }
+        Ok(bundle)
     }
 
     fn jwt_minter(&self) -> Minter<'_> {
@@ -1033,8 +1136,14 @@ impl CaManager {
 
         let jwt = read(&self.state).jwt.clone();
         let refresh = REFRESH_HINT as i64;
-        let jwt = match jwt
-            .step(&self.jwt_minter(), &mut journal.next_seq, now, refresh)
+        let mut jwt = match jwt
+            .step(
+                &self.jwt_minter(),
+                &mut journal.next_seq,
+                now,
+                refresh,
+                self.upstream.is_some(),
+            )
             .await?
         {
             Some((next, delete)) => {
@@ -1044,6 +1153,11 @@ impl CaManager {
             }
             None => jwt,
         };
+        if let Err(e) = self.publish_jwt_keys(&mut journal, &mut jwt, now).await {
+            mint_error.get_or_insert(e);
+        }
+        changed |= journal.upstream_bundle != read(&self.state).journal.upstream_bundle
+            || jwt.journal() != read(&self.state).jwt.journal();
 
         if changed {
             self.persist(
@@ -1057,6 +1171,153 @@ impl CaManager {
             .await?;
         }
         mint_error.map_or(Ok(()), Err)
+    }
+
+    /// Offers the upstream authority every JWT key of this server it has not accepted yet
+    /// (backing off like mints while it fails), marks the accepted ones and takes the
+    /// bundle it answers with into `journal`.
+    async fn publish_jwt_keys(
+        &self,
+        journal: &mut Journal,
+        jwt: &mut JwtKeys,
+        now: i64,
+    ) -> Result<()> {
+        let Some(upstream) = &self.upstream else {
+            return Ok(());
+        };
+        let keys = jwt.unpublished_upstream();
+        if keys.is_empty() || !self.may_try_mint(now) {
+            return Ok(());
+        }
+        for key in keys {
+            match upstream.publish_jwt_key(&key).await {
+                Ok(Some(bundle)) => {
+                    self.check_upstream_bundle(&bundle)?;
+                    jwt.mark_published_upstream(&key.kid, now);
+                    journal.upstream_bundle = Some(JournalBundle::of(&bundle));
+                    lock(&self.upstream_status).succeeded(now);
+                    tracing::info!(
+                        kid = key.kid,
+                        upstream = upstream.name(),
+                        "the upstream authority published this server's JWT key to every tier"
+                    );
+                }
+                Ok(None) => {
+                    // The authority keeps no bundle: this server's is the only one.
+                    let at = jwt.published_at(&key.kid).unwrap_or(now);
+                    jwt.mark_published_upstream(&key.kid, at);
+                }
+                Err(e) => {
+                    let e = Error::Ca(format!(
+                        "upstream {}: could not publish JWT key {}: {e}",
+                        upstream.name(),
+                        key.kid
+                    ));
+                    self.mint_failed(now, &e);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a bundle the upstream authority served for another trust domain.
+    fn check_upstream_bundle(&self, bundle: &TrustBundle) -> Result<()> {
+        if bundle.trust_domain() != &self.td {
+            return Err(Error::Ca(format!(
+                "the upstream authority served a bundle for trust domain {}, this server is in {}",
+                bundle.trust_domain(),
+                self.td
+            )));
+        }
+        Ok(())
+    }
+
+    /// Serves `bundle`, the upstream authority's newest, merged into this server's (and
+    /// stored in the journal). An older sequence than the one held is ignored.
+    pub async fn apply_upstream_bundle(&self, bundle: &TrustBundle) -> Result<bool> {
+        self.check_upstream_bundle(bundle)?;
+        let _guard = self.rotate_lock.lock().await;
+        let (active, prepared, retired, mut journal) = self.snapshot();
+        let next = JournalBundle::of(bundle);
+        match &journal.upstream_bundle {
+            Some(held) if *held == next => return Ok(false),
+            Some(held) if held.sequence > next.sequence => {
+                tracing::warn!(
+                    held = held.sequence,
+                    served = next.sequence,
+                    "the upstream authority served an older bundle than the one held; kept the held one"
+                );
+                return Ok(false);
+            }
+            _ => {}
+        }
+        journal.upstream_bundle = Some(next);
+        self.commit(journal, active, prepared, retired, Vec::new())
+            .await?;
+        tracing::info!(
+            sequence = bundle.sequence,
+            x509_authorities = bundle.x509_authorities.len(),
+            jwt_authorities = bundle.jwt_authorities.len(),
+            "serving the upstream authority's new bundle to this tier"
+        );
+        Ok(true)
+    }
+
+    /// The sequence of the upstream authority's bundle held (0: none).
+    fn upstream_sequence(&self) -> u64 {
+        read(&self.state)
+            .journal
+            .upstream_bundle
+            .as_ref()
+            .map_or(0, |b| b.sequence)
+    }
+
+    /// Follows the upstream authority's bundle until `shutdown` resolves (or at once
+    /// when it keeps none): every new one is merged into this server's bundle, so a
+    /// rotation at the top reaches this tier's agents. Failures are retried, waiting 1 s
+    /// doubling up to 30 s.
+    pub async fn follow_upstream(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let Some(upstream) = self.upstream.clone() else {
+            return;
+        };
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let known = self.upstream_sequence();
+            let next = tokio::select! {
+                next = upstream.next_bundle(known) => next,
+                _ = shutdown.changed() => return,
+            };
+            match next {
+                Ok(None) => return,
+                Ok(Some(bundle)) => {
+                    delay = Duration::from_secs(1);
+                    lock(&self.upstream_status).succeeded(carapace_core::clock::unix_now());
+                    if let Err(e) = self.apply_upstream_bundle(&bundle).await {
+                        tracing::error!(error = %e, "could not apply the upstream authority's bundle");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        upstream = upstream.name(),
+                        retry_in_s = delay.as_secs(),
+                        "could not follow the upstream authority's bundle; retrying"
+                    );
+                    // An upstream that cannot be reached shows as failing at once, not
+                    // only at the next mint.
+                    self.mint_failed(
+                        carapace_core::clock::unix_now(),
+                        &Error::Ca(format!("following its bundle: {e}")),
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
     }
 
     /// [`Self::persist`] of new X.509 slots with the JWT keys as they are.
@@ -1104,11 +1365,11 @@ impl CaManager {
         journal.bundle_sequence += 1;
 
         let bundle = self.bundle_of(
-            journal.bundle_sequence,
+            &journal,
             &retired,
             active.iter().chain(prepared.iter()),
             &jwt,
-        );
+        )?;
 
         let bytes = serde_json::to_vec(&journal).map_err(|e| Error::Ca(e.to_string()))?;
         self.ds

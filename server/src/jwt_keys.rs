@@ -161,6 +161,22 @@ impl JwtSlot {
         let life = j.not_after - j.not_before;
         j.not_after - (life / 6).min(7 * 86_400)
     }
+    /// The same key with `journal` (a changed publication time, say).
+    fn with_journal(&self, journal: JwtJournalKey) -> Arc<JwtSlot> {
+        Arc::new(JwtSlot {
+            journal,
+            signer: self.signer.clone(),
+            max_exp: AtomicI64::new(self.max_exp.load(Ordering::Relaxed)),
+        })
+    }
+    /// The key as a bundle publishes it.
+    fn bundle_key(&self) -> Result<JwtKey> {
+        Ok(JwtKey {
+            kid: self.journal.kid.clone(),
+            public_key_der: self.journal.public_key_der()?,
+            expires_at: Some(self.journal.leaves_at()),
+        })
+    }
     /// The journal entry of this key as an old key from `now`: it stays in the bundle
     /// until the latest `exp` it signed.
     fn retired(&self, now: i64) -> JwtJournalKey {
@@ -186,6 +202,11 @@ pub(crate) struct JwtJournalKey {
     not_after: i64,
     /// When the key entered the bundle.
     published_at: i64,
+    /// Under an upstream authority: when it accepted the key into the bundle of every
+    /// tier (the key's own `published_at` when the authority keeps no bundle); `None`:
+    /// not yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    published_upstream_at: Option<i64>,
     /// For an old key: when it leaves the bundle (no token it signed is valid after).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     keep_until: Option<i64>,
@@ -299,6 +320,7 @@ impl Minter<'_> {
                 not_before: now - BACKDATE,
                 not_after,
                 published_at: now,
+                published_upstream_at: None,
                 keep_until: None,
                 tainted: false,
             },
@@ -361,6 +383,40 @@ impl JwtKeys {
         }
     }
 
+    /// The active and prepared keys the upstream authority has not accepted yet.
+    pub(crate) fn unpublished_upstream(&self) -> Vec<JwtKey> {
+        self.active
+            .iter()
+            .chain(self.prepared.iter())
+            .filter(|s| s.journal.published_upstream_at.is_none())
+            .filter_map(|s| s.bundle_key().ok())
+            .collect()
+    }
+
+    /// Records that the upstream authority accepted key `kid` at `at`. Returns whether a
+    /// key changed.
+    pub(crate) fn mark_published_upstream(&mut self, kid: &str, at: i64) -> bool {
+        let mut changed = false;
+        for slot in [&mut self.active, &mut self.prepared].into_iter().flatten() {
+            if slot.journal.kid == kid && slot.journal.published_upstream_at.is_none() {
+                let mut j = slot.journal.clone();
+                j.published_upstream_at = Some(at);
+                *slot = slot.with_journal(j);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// When the key `kid` entered this server's own bundle.
+    pub(crate) fn published_at(&self, kid: &str) -> Option<i64> {
+        self.active
+            .iter()
+            .chain(self.prepared.iter())
+            .find(|s| s.journal.kid == kid)
+            .map(|s| s.journal.published_at)
+    }
+
     /// The keys the bundle publishes (old, active, prepared) and the tainted kids.
     pub(crate) fn bundle_keys(&self) -> (Vec<JwtKey>, Vec<String>) {
         let mut keys = Vec::new();
@@ -409,13 +465,17 @@ impl JwtKeys {
 
     /// One rotator step at `now`: a first key, the next one prepared, activated, old ones
     /// pruned. Returns the new keys and the key ids to delete, or None when nothing
-    /// changed. `refresh` is the bundle refresh period in seconds.
+    /// changed. `refresh` is the bundle refresh period in seconds. With `upstream`, the
+    /// prepared key must also have been accepted by the upstream authority three refresh
+    /// periods ago before it is activated (so that every tier validates what it signs);
+    /// a key the active one's lapse forces in is activated regardless.
     pub(crate) async fn step(
         &self,
         minter: &Minter<'_>,
         next_seq: &mut u64,
         now: i64,
         refresh: i64,
+        upstream: bool,
     ) -> Result<Option<(JwtKeys, Vec<String>)>> {
         let mut next = self.clone();
         let mut changed = false;
@@ -434,10 +494,11 @@ impl JwtKeys {
                     );
                     changed = true;
                 }
-                let published_long_enough = next
-                    .prepared
-                    .as_ref()
-                    .is_some_and(|p| now >= p.journal.published_at + PUBLISH_PERIODS * refresh);
+                let long_enough = |t: i64| now >= t + PUBLISH_PERIODS * refresh;
+                let published_long_enough = next.prepared.as_ref().is_some_and(|p| {
+                    long_enough(p.journal.published_at)
+                        && (!upstream || p.journal.published_upstream_at.is_some_and(long_enough))
+                });
                 let old_still_trusted = next.retired.iter().any(|r| r.leaves_at() > now);
                 if now >= a.activate_at() && published_long_enough && !old_still_trusted {
                     if let Some(p) = next.prepared.take() {

@@ -289,6 +289,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let bundle_endpoint_task =
         bundle_endpoint.map(|e| tokio::spawn(e.serve(Some(server_cert.clone()), stop_rx.clone())));
     let rotator = tokio::spawn(ca.clone().run_rotator(stop_rx.clone()));
+    // Nested servers: the upstream server's bundle, merged into this tier's.
+    let upstream_follower = tokio::spawn(ca.clone().follow_upstream(stop_rx.clone()));
     let follower = tokio::spawn(follow::run(
         cache.clone(),
         ca.clone(),
@@ -347,6 +349,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         node_task.abort_handle(),
         admin_task.abort_handle(),
         rotator.abort_handle(),
+        upstream_follower.abort_handle(),
         follower.abort_handle(),
         refresh_task.abort_handle(),
         pruner.abort_handle(),
@@ -361,6 +364,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         let _ = node_task.await;
         let _ = admin_task.await;
         let _ = rotator.await;
+        let _ = upstream_follower.await;
         let _ = follower.await;
         let _ = refresh_task.await;
         let _ = pruner.await;

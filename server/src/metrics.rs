@@ -120,19 +120,19 @@ impl ServerMetrics {
         let upstream_up = Family::default();
         registry.register(
             "upstream_up",
-            "1 while the upstream authority's last mint succeeded (or none was tried), 0 while its mints fail; absent without one",
+            "1 while the upstream authority's last answer (mint, JWT key publication) succeeded or none was asked, 0 while they fail; absent without one",
             Clone::clone(&upstream_up),
         );
         let upstream_last_success = Family::default();
         registry.register(
             "upstream_last_success_timestamp_seconds",
-            "When the upstream authority last minted a CA for this server (unix seconds; 0: not since the server started)",
+            "When the upstream authority last answered this server (a CA minted, a JWT key published; unix seconds; 0: not since the server started)",
             Clone::clone(&upstream_last_success),
         );
         let upstream_failing_since = Family::default();
         registry.register(
             "upstream_failing_since_timestamp_seconds",
-            "Since when the upstream authority's mints have failed (unix seconds; 0: the last one succeeded)",
+            "Since when the upstream authority's answers have been failures (unix seconds; 0: the last one succeeded)",
             Clone::clone(&upstream_failing_since),
         );
         let federation_last_success = Family::default();

@@ -1,8 +1,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::TrustDomain;
 use crate::error::Error;
+use crate::{JwtKey, TrustBundle, TrustDomain};
 
 /// What a server asks its upstream authority to certify: its own new X.509 CA key.
 #[derive(Debug, Clone)]
@@ -67,4 +67,12 @@ pub trait UpstreamAuthority: Send + Sync + fmt::Debug {
     async fn mint_x509_ca(&self, request: &MintRequest) -> Result<MintedCa, Error>;
     /// The root certificates, DER each.
     async fn x509_roots(&self) -> Result<Vec<Vec<u8>>, Error>;
+    /// Adds this server's JWT signing key to the bundle the authority serves every tier
+    /// of the trust domain, and returns that bundle; `None` when the authority keeps no
+    /// bundle (a root in files or an HSM): the key is in this server's bundle only.
+    async fn publish_jwt_key(&self, key: &JwtKey) -> Result<Option<TrustBundle>, Error>;
+    /// Waits until the authority's bundle has a sequence other than `known_sequence`
+    /// (0: none held) and returns it; `None` at once when the authority keeps no bundle
+    /// (nothing to follow). The caller retries errors.
+    async fn next_bundle(&self, known_sequence: u64) -> Result<Option<TrustBundle>, Error>;
 }

@@ -52,6 +52,9 @@ struct Switched {
     down: AtomicBool,
     /// Names another root's certificate as the roots of what it mints.
     lie_about_roots: Option<Vec<u8>>,
+    /// The bundle it serves every tier, as a server above keeps one; `None`: none, as a
+    /// root in files keeps none.
+    keeps: Option<std::sync::Mutex<TrustBundle>>,
 }
 
 #[async_trait::async_trait]
@@ -79,6 +82,32 @@ impl UpstreamAuthority for Switched {
     }
     async fn x509_roots(&self) -> std::result::Result<Vec<Vec<u8>>, carapace_core::Error> {
         self.root.x509_roots().await
+    }
+    async fn publish_jwt_key(
+        &self,
+        key: &carapace_core::JwtKey,
+    ) -> std::result::Result<Option<TrustBundle>, carapace_core::Error> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(carapace_core::Error::KeyUnavailable(
+                "upstream unreachable".into(),
+            ));
+        }
+        let Some(keeps) = &self.keeps else {
+            return self.root.publish_jwt_key(key).await;
+        };
+        let mut b = keeps.lock().unwrap();
+        b.jwt_authorities.push(key.clone());
+        b.sequence += 1;
+        Ok(Some(b.clone()))
+    }
+    async fn next_bundle(
+        &self,
+        known: u64,
+    ) -> std::result::Result<Option<TrustBundle>, carapace_core::Error> {
+        match &self.keeps {
+            None => self.root.next_bundle(known).await,
+            Some(b) => Ok(Some(b.lock().unwrap().clone())),
+        }
     }
 }
 
@@ -115,6 +144,7 @@ async fn a_restart_while_the_upstream_is_away_keeps_the_active_ca_signing() {
         root: root(30 * 86_400, T0).await,
         down: AtomicBool::new(false),
         lie_about_roots: None,
+        keeps: None,
     });
     let ds = Datastore::open_in_memory().await.unwrap();
     let km = Arc::new(MemoryKeyManager::new());
@@ -184,6 +214,7 @@ async fn a_failed_prepare_still_rotates_the_jwt_keys_and_backs_off() {
         root: root(30 * 86_400, T0).await,
         down: AtomicBool::new(false),
         lie_about_roots: None,
+        keeps: None,
     });
     let ds = Datastore::open_in_memory().await.unwrap();
     let km = Arc::new(MemoryKeyManager::new());
@@ -299,6 +330,7 @@ async fn a_ca_that_does_not_chain_to_the_roots_named_is_refused_and_its_key_dele
         root: root(30 * 86_400, T0).await,
         down: AtomicBool::new(false),
         lie_about_roots: Some(other),
+        keeps: None,
     });
     let ds = Datastore::open_in_memory().await.unwrap();
     let km = Arc::new(MemoryKeyManager::new());
@@ -314,4 +346,131 @@ async fn a_ca_that_does_not_chain_to_the_roots_named_is_refused_and_its_key_dele
         km.get_key("x509-ca-0").await.is_err() && km.get_key("x509-ca-1").await.is_err(),
         "the key of the refused CA is deleted"
     );
+}
+
+/// A server above that keeps a bundle: its root, and the JWT key of another tier.
+async fn keeping_upstream() -> Arc<Switched> {
+    let root = root(30 * 86_400, T0).await;
+    let mut b = TrustBundle::new(td());
+    b.sequence = 7;
+    b.x509_authorities = vec![root.root_der().to_vec()];
+    b.jwt_authorities = vec![carapace_core::JwtKey {
+        kid: "other-tier".into(),
+        public_key_der: carapace_core::x509svid::public_key_of(root.root_der()).unwrap(),
+        expires_at: Some(T0 + 3_600),
+    }];
+    Arc::new(Switched {
+        root,
+        down: AtomicBool::new(false),
+        lie_about_roots: None,
+        keeps: Some(std::sync::Mutex::new(b)),
+    })
+}
+
+#[tokio::test]
+async fn jwt_keys_go_upstream_and_the_upstream_bundle_comes_down_and_survives_a_restart() {
+    let up = keeping_upstream().await;
+    let ds = Datastore::open_in_memory().await.unwrap();
+    let km = Arc::new(MemoryKeyManager::new());
+    let ca = load(up.clone(), km.clone(), ds.clone(), 0, T0)
+        .await
+        .unwrap();
+    let own_kid = ca.jwt_active().unwrap().kid().to_owned();
+
+    // The first key went up at start, and the answer came down into this tier's bundle.
+    let kept = up.keeps.as_ref().unwrap().lock().unwrap().clone();
+    assert!(kept.jwt_authorities.iter().any(|k| k.kid == own_kid));
+    let served = ca.bundle().borrow().clone();
+    let kids: Vec<&str> = served
+        .jwt_authorities
+        .iter()
+        .map(|k| k.kid.as_str())
+        .collect();
+    assert!(
+        kids.contains(&"other-tier") && kids.contains(&own_kid.as_str()),
+        "{kids:?}"
+    );
+    assert_eq!(
+        kids.iter().filter(|k| **k == own_kid).count(),
+        1,
+        "the own key once"
+    );
+
+    // A rotation at the top: a new root in the upstream bundle reaches this tier.
+    let new_root = root(30 * 86_400, T0).await.root_der().to_vec();
+    let mut next = kept.clone();
+    next.sequence += 1;
+    next.x509_authorities.push(new_root.clone());
+    assert!(ca.apply_upstream_bundle(&next).await.unwrap());
+    assert!(ca.bundle().borrow().x509_authorities.contains(&new_root));
+    // The same again, or an older one, changes nothing.
+    assert!(!ca.apply_upstream_bundle(&next).await.unwrap());
+    assert!(!ca.apply_upstream_bundle(&kept).await.unwrap());
+    assert!(ca.bundle().borrow().x509_authorities.contains(&new_root));
+    // Another trust domain's is refused.
+    let foreign = TrustBundle::new(TrustDomain::new("other.test").unwrap());
+    let err = ca
+        .apply_upstream_bundle(&foreign)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("trust domain other.test"), "{err}");
+
+    // A restart while the upstream is away serves the last one it sent.
+    drop(ca);
+    up.down.store(true, Ordering::SeqCst);
+    let ca = load(up.clone(), km, ds, 0, T0 + 60).await.unwrap();
+    let served = ca.bundle().borrow().clone();
+    assert!(served.x509_authorities.contains(&new_root));
+    assert!(served.jwt_authorities.iter().any(|k| k.kid == "other-tier"));
+}
+
+#[tokio::test]
+async fn a_jwt_key_the_upstream_has_not_accepted_is_not_activated_until_the_active_one_lapses() {
+    let up = keeping_upstream().await;
+    let ds = Datastore::open_in_memory().await.unwrap();
+    let km = Arc::new(MemoryKeyManager::new());
+    let ca = load(up.clone(), km, ds, 0, T0).await.unwrap();
+    let first = ca.jwt_active().unwrap().kid().to_owned();
+
+    up.down.store(true, Ordering::SeqCst);
+    let half = T0 + CA_TTL as i64 / 2 + 1;
+    let _ = ca.tick(half).await;
+    let prepared = ca
+        .jwt_authorities()
+        .into_iter()
+        .find(|a| a.status == AuthorityStatus::Prepared)
+        .expect("the next JWT key is prepared locally though the upstream is away");
+    // Activation time, long after local publication: still not activated.
+    let late = T0 + CA_TTL as i64 * 5 / 6 + 1;
+    let _ = ca.tick(late).await;
+    assert_eq!(ca.jwt_active().unwrap().kid(), first);
+    assert!(
+        !up.keeps
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .jwt_authorities
+            .iter()
+            .any(|k| k.kid == prepared.id)
+    );
+
+    // The upstream is back: the key goes up, and is activated three refresh periods on.
+    up.down.store(false, Ordering::SeqCst);
+    let back = late + MINT_RETRY_MAX;
+    ca.tick(back).await.unwrap();
+    assert!(
+        up.keeps
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .jwt_authorities
+            .iter()
+            .any(|k| k.kid == prepared.id)
+    );
+    assert_eq!(ca.jwt_active().unwrap().kid(), first);
+    ca.tick(back + 3 * REFRESH_HINT as i64).await.unwrap();
+    assert_eq!(ca.jwt_active().unwrap().kid(), prepared.id);
 }

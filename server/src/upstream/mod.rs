@@ -193,6 +193,22 @@ impl UpstreamAuthority for LocalRoot {
     async fn x509_roots(&self) -> std::result::Result<Vec<Vec<u8>>, carapace_core::Error> {
         Ok(vec![self.root_der.clone()])
     }
+
+    /// A root in files or an HSM keeps no bundle: JWT keys stay in the server's own.
+    async fn publish_jwt_key(
+        &self,
+        _key: &carapace_core::JwtKey,
+    ) -> std::result::Result<Option<carapace_core::TrustBundle>, carapace_core::Error> {
+        Ok(None)
+    }
+
+    /// A root in files or an HSM keeps no bundle to follow.
+    async fn next_bundle(
+        &self,
+        _known_sequence: u64,
+    ) -> std::result::Result<Option<carapace_core::TrustBundle>, carapace_core::Error> {
+        Ok(None)
+    }
 }
 
 /// Creates a self-signed root CA certificate for `td` over `signer`'s key, valid for

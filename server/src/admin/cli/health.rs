@@ -60,12 +60,12 @@ impl UpstreamView {
             ),
             (None, _) => match self.last_success_at {
                 Some(t) => format!(
-                    "Upstream authority {}: ok, last CA minted at {}\n",
+                    "Upstream authority {}: ok, last answered at {}\n",
                     self.name,
                     when(t)
                 ),
                 None => format!(
-                    "Upstream authority {}: ok, no CA minted since the server started\n",
+                    "Upstream authority {}: ok, not asked anything since the server started\n",
                     self.name
                 ),
             },
