@@ -238,6 +238,40 @@ async fn downstream_entries_get_cas_within_the_grant_and_everyone_else_is_refuse
         .await
         .unwrap()
         .into_inner();
+    // Outside the grant: another trust domain, a path, a deeper CA. (Right after the
+    // mint, so that site-a's three calls are "at once" for the rate limit.)
+    let (_, other_td) = csr("spiffe://other.test");
+    assert_refused(
+        &mut a,
+        request(&other_td, 0),
+        Code::PermissionDenied,
+        "csr: SAN spiffe://other.test is in trust domain other.test, not example.org",
+    )
+    .await;
+    let (_, with_path) = csr("spiffe://example.org/downstream/site-a");
+    assert_refused(
+        &mut a,
+        request(&with_path, 0),
+        Code::PermissionDenied,
+        "a CA certificate names the trust domain only, not a path",
+    )
+    .await;
+    // site-a has had three calls at once: the fourth waits its turn.
+    assert_refused(
+        &mut a,
+        request(&ca_csr, 0),
+        Code::ResourceExhausted,
+        &format!("{SITE_A} called MintDownstreamCA more than 3 times at once"),
+    )
+    .await;
+    assert_refused(
+        &mut b,
+        request(&ca_csr, 1),
+        Code::PermissionDenied,
+        "path_len 1 is beyond the grant: [downstream] max_depth = 1",
+    )
+    .await;
+
     assert_eq!(
         minted.ca_chain.len(),
         1,
@@ -287,39 +321,6 @@ async fn downstream_entries_get_cas_within_the_grant_and_everyone_else_is_refuse
         metrics.contains("carapace_server_downstream_cas_signed_total 1\n"),
         "{metrics}"
     );
-
-    // Outside the grant: another trust domain, a path, a deeper CA.
-    let (_, other_td) = csr("spiffe://other.test");
-    assert_refused(
-        &mut a,
-        request(&other_td, 0),
-        Code::PermissionDenied,
-        "csr: SAN spiffe://other.test is in trust domain other.test, not example.org",
-    )
-    .await;
-    let (_, with_path) = csr("spiffe://example.org/downstream/site-a");
-    assert_refused(
-        &mut a,
-        request(&with_path, 0),
-        Code::PermissionDenied,
-        "a CA certificate names the trust domain only, not a path",
-    )
-    .await;
-    // site-a has had three calls at once: the fourth waits its turn.
-    assert_refused(
-        &mut a,
-        request(&ca_csr, 0),
-        Code::ResourceExhausted,
-        &format!("{SITE_A} called MintDownstreamCA more than 3 times at once"),
-    )
-    .await;
-    assert_refused(
-        &mut b,
-        request(&ca_csr, 1),
-        Code::PermissionDenied,
-        "path_len 1 is beyond the grant: [downstream] max_depth = 1",
-    )
-    .await;
 
     // Callers that are not downstream servers.
     let mut w = client(&server, &web).await;
