@@ -36,7 +36,7 @@ use crate::datastore::Datastore;
 use crate::jwt_keys::{self, JwtAuthorityInfo, JwtJournal, JwtKeys, JwtSlot, Minter};
 use crate::{Error, Result};
 
-mod downstream;
+pub mod downstream;
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 mod upstream_tests;
