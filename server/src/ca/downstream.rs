@@ -242,6 +242,23 @@ impl CaManager {
             )
             .await?;
         self.refresh_bundle().await?;
+        // A middle tier passes the key on, so that it reaches the top and, from there,
+        // every tier; a failure fails the call, and the downstream server retries.
+        if let Some(upstream) = &self.upstream {
+            match upstream.publish_jwt_key(key).await {
+                Ok(Some(bundle)) => {
+                    self.apply_upstream_bundle(&bundle).await?;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Error::Core(carapace_core::Error::Unavailable(format!(
+                        "the key is in this tier's bundle but could not be passed on to \
+                         this server's upstream authority {}: {e}",
+                        upstream.name()
+                    ))));
+                }
+            }
+        }
         tracing::info!(
             caller = %caller,
             kid = %key.kid,

@@ -474,3 +474,50 @@ async fn a_jwt_key_the_upstream_has_not_accepted_is_not_activated_until_the_acti
     ca.tick(back + 3 * REFRESH_HINT as i64).await.unwrap();
     assert_eq!(ca.jwt_active().unwrap().kid(), prepared.id);
 }
+
+#[tokio::test]
+async fn a_middle_tier_passes_a_downstream_jwt_key_on_to_its_upstream() {
+    let up = keeping_upstream().await;
+    let ds = Datastore::open_in_memory().await.unwrap();
+    let km = Arc::new(MemoryKeyManager::new());
+    let ca = load(up.clone(), km, ds, 1, T0).await.unwrap();
+    let grant = crate::config::Downstream {
+        max_depth: 1,
+        ca_ttl_max: Duration::from_secs(CA_TTL / 6),
+    };
+    let kp = rcgen::KeyPair::generate().unwrap();
+    let der = rcgen::PublicKeyData::subject_public_key_info(&kp);
+    let key = carapace_core::JwtKey {
+        kid: carapace_core::jose::PublicKey::from_spki_der(&der)
+            .unwrap()
+            .thumbprint(),
+        public_key_der: der,
+        expires_at: Some(T0 + 3_600),
+    };
+    let site: SpiffeId = "spiffe://example.org/site-b".parse().unwrap();
+    let served = ca
+        .publish_downstream_jwt_key(Some(&grant), &site, &key, T0)
+        .await
+        .unwrap();
+    assert!(served.jwt_authorities.iter().any(|k| k.kid == key.kid));
+    assert!(
+        up.keeps
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .jwt_authorities
+            .iter()
+            .any(|k| k.kid == key.kid),
+        "the key reached the tier above"
+    );
+
+    // With the tier above away, the call fails (the downstream server retries).
+    up.down.store(true, Ordering::SeqCst);
+    let err = ca
+        .publish_downstream_jwt_key(Some(&grant), &site, &key, T0)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("could not be passed on"), "{err}");
+}
