@@ -36,7 +36,7 @@ use crate::datastore::Datastore;
 use crate::jwt_keys::{self, JwtAuthorityInfo, JwtJournal, JwtKeys, JwtSlot, Minter};
 use crate::{Error, Result};
 
-mod downstream;
+pub mod downstream;
 
 /// NotBefore is backdated by this much to tolerate clock skew between machines.
 pub const BACKDATE: i64 = 10;

@@ -443,6 +443,18 @@ impl EntryCache {
         })
     }
 
+    /// Whether `id` is the SPIFFE ID of an entry marked `downstream` that has not
+    /// expired at `now`: the upstream API ([`crate::upstream_api`]) signs CAs and takes
+    /// JWT keys only from such callers.
+    pub fn has_downstream_entry(&self, id: &SpiffeId, now: i64) -> bool {
+        let idx = read(&self.index);
+        idx.by_spiffe_id.get(id).into_iter().flatten().any(|eid| {
+            idx.entries
+                .get(eid)
+                .is_some_and(|e| e.downstream && e.expires_at.is_none_or(|t| t > now))
+        })
+    }
+
     /// Number of entries.
     pub fn entry_count(&self) -> usize {
         read(&self.index).entries.len()

@@ -261,6 +261,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Arc::new(tls),
         node,
         admin::api::RemoteAdmin::new(admin.clone()),
+        upstream_api::UpstreamApi::new(ca.clone(), cache.clone(), config.downstream.clone())
+            .with_shutdown(stop_rx.clone()),
         config.node_api,
         stop_rx.clone(),
     );

@@ -22,6 +22,12 @@
 //! with the attestation limits above (remote administration is a few calls, and a
 //! workload SVID earns no more room than an anonymous caller); an agent's call is
 //! refused with `PermissionDenied` like any other non-admin's.
+//!
+//! Both also serve the upstream API ([`UpstreamApi`], nested servers), which authorizes
+//! each call too: a downstream server calls with a workload SVID, so it is served with the
+//! attestation limits as well (a CA signature now and then, a JWT key, and one bundle
+//! watch, which counts as an RPC in progress and so keeps its connection from being
+//! closed as idle).
 
 use std::io;
 use std::net::IpAddr;
@@ -42,6 +48,7 @@ use crate::node_api::{
     HANDSHAKE_TIMEOUT, MAX_ATTESTATION_MESSAGE_SIZE, MAX_MESSAGE_SIZE, NodeApi, PeerInfo,
     peer_svid, tls_exporter,
 };
+use crate::upstream_api::UpstreamApi;
 
 /// How long a connection without an agent SVID stays open without an RPC in progress,
 /// by default.
@@ -210,14 +217,15 @@ pub fn incoming(
     }
 }
 
-/// Serves `api` and `admin` on `listener` within `limits` until `stop` turns true:
-/// connections with an agent SVID and the others on two gRPC servers with different
-/// limits (see the module documentation).
+/// Serves `api`, `admin` and `upstream` on `listener` within `limits` until `stop`
+/// turns true: connections with an agent SVID and the others on two gRPC servers with
+/// different limits (see the module documentation).
 pub fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     api: NodeApi,
     admin: RemoteAdmin,
+    upstream: UpstreamApi,
     limits: NodeApiLimits,
     stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
@@ -239,6 +247,7 @@ pub fn serve(
         .layer(TrackRpcsLayer::<PeerInfo>::new())
         .add_service(api.clone().into_service())
         .add_service(admin.clone())
+        .add_service(upstream.clone().into_service())
         .serve_with_incoming_shutdown(incoming.authenticated, stopped(stop.clone()));
     let unauthenticated = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -249,6 +258,7 @@ pub fn serve(
         .layer(TrackRpcsLayer::<PeerInfo>::new())
         .add_service(api.into_attestation_service())
         .add_service(admin)
+        .add_service(upstream.into_service())
         .serve_with_incoming_shutdown(incoming.unauthenticated, stopped(stop));
     tokio::spawn(async move {
         let (a, u) = tokio::join!(authenticated, unauthenticated);

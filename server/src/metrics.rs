@@ -71,6 +71,7 @@ pub struct ServerMetrics {
     federation_last_error: Family<FederationLabels, Gauge>,
     federation_sequence: Family<FederationLabels, Gauge>,
     federation_refreshes: Family<RefreshLabels, Counter>,
+    downstream_cas_signed: Counter,
 }
 
 static METRICS: LazyLock<ServerMetrics> = LazyLock::new(ServerMetrics::new);
@@ -131,8 +132,15 @@ impl ServerMetrics {
             "Bundle fetches by this server, by trust domain and result (ok, error: the last good bundle stayed)",
             Clone::clone(&federation_refreshes),
         );
+        let downstream_cas_signed = Counter::default();
+        registry.register(
+            "downstream_cas_signed",
+            "Intermediate CAs signed for downstream servers (nested servers)",
+            downstream_cas_signed.clone(),
+        );
         ServerMetrics {
             registry,
+            downstream_cas_signed,
             federation_last_success,
             federation_last_error,
             federation_sequence,
@@ -194,6 +202,11 @@ impl ServerMetrics {
                     .set(i64::try_from(seq).unwrap_or(i64::MAX));
             }
         }
+    }
+
+    /// Counts one CA signed for a downstream server.
+    pub fn downstream_ca_signed(&self) {
+        self.downstream_cas_signed.inc();
     }
 
     /// Records that the active CA took over at `now`.
