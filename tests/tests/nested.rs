@@ -18,9 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_core::bundle::{certs_from_pem, der_to_pem};
-use carapace_e2e::{
-    Agent, Lab, Server, ServerOptions, bin, openssl_verify, uid_selector,
-};
+use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, openssl_verify, uid_selector};
 
 const TD: &str = "example.org";
 const DOWNSTREAM_ID: &str = "spiffe://example.org/downstream/site-a";
@@ -137,6 +135,55 @@ async fn a_downstream_server_is_certified_by_the_root_and_its_workloads_verify_t
     // root through the downstream CA), or it would have no SVID to give: checked above.
 }
 
+/// The downstream server's SVID from the root's agent lives 10 s and rotates at half-life;
+/// a CA prepared after the first SVID expired is still minted: the follower took the new
+/// SVIDs and each TLS handshake to the root presents the current one (the root refuses
+/// an expired client certificate).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_downstream_server_mints_with_its_current_svid_after_rotation() {
+    let lab = Lab::new();
+    let root = root(&lab, "root", TD);
+    let upper = Agent::start(&lab, &root, "upper-agent");
+    let selectors = server_selectors();
+    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+    root.create_entry(
+        &upper.id,
+        DOWNSTREAM_ID,
+        &selectors,
+        &["--downstream", "--x509-svid-ttl", "10s"],
+    );
+    let down = Server::start_opts(
+        &lab,
+        downstream(&lab, "downstream", &root.address, &upper.socket),
+    );
+    let first = down.cli_json(&["localauthority", "x509", "show"]);
+    let first_id = first["active"]["authority_id"].as_str().unwrap().to_owned();
+    // Past the first SVID's notAfter (10 s, plus the backdating of a few seconds).
+    tokio::time::sleep(std::time::Duration::from_secs(16)).await;
+    let prepared = down.cli_json(&["localauthority", "x509", "prepare"]);
+    let state = down.cli_json(&["localauthority", "x509", "show"]);
+    assert_eq!(
+        state["prepared"]["authority_id"], prepared["authority_id"],
+        "{state}"
+    );
+    assert_ne!(
+        state["prepared"]["authority_id"],
+        first_id.as_str(),
+        "{state}"
+    );
+    assert_eq!(
+        state["prepared"]["upstream"], first["active"]["upstream"],
+        "{state}"
+    );
+    let log = down.log();
+    assert!(
+        log.matches("this server's X509-SVID from the agent")
+            .count()
+            >= 3,
+        "the SVID rotated at least twice: {log}"
+    );
+}
+
 #[test]
 fn a_downstream_server_without_its_workload_api_socket_refuses_to_start() {
     let lab = Lab::new();
@@ -157,7 +204,9 @@ fn a_downstream_server_without_its_workload_api_socket_refuses_to_start() {
     let config = write_config(
         &lab,
         "unset",
-        &format!("trust_domain = \"{TD}\"\n[upstream_authority.carapace]\nserver_address = \"127.0.0.1:1\"\n"),
+        &format!(
+            "trust_domain = \"{TD}\"\n[upstream_authority.carapace]\nserver_address = \"127.0.0.1:1\"\n"
+        ),
     );
     let mut unset = Server::spawn_opts(&lab, with_config("unset", &config));
     let (status, log) = unset.wait_exit();
