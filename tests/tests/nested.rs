@@ -184,6 +184,32 @@ async fn a_downstream_server_mints_with_its_current_svid_after_rotation() {
     );
 }
 
+/// The root signs a CA only for a caller whose entry is marked `--downstream`: a server
+/// whose entry lacks the flag gets its SVID from the agent but no CA, and does not
+/// start; the message says what the entry needs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_whose_entry_is_not_downstream_gets_no_ca_and_does_not_start() {
+    let lab = Lab::new();
+    let root = root(&lab, "root", TD);
+    let upper = Agent::start(&lab, &root, "upper-agent");
+    let selectors = server_selectors();
+    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+    root.create_entry(&upper.id, DOWNSTREAM_ID, &selectors, &[]);
+    let mut down = Server::spawn_opts(
+        &lab,
+        downstream(&lab, "downstream", &root.address, &upper.socket),
+    );
+    let (status, log) = down.wait_exit();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("PermissionDenied")
+            && log.contains(DOWNSTREAM_ID)
+            && log.contains("--downstream"),
+        "{log}"
+    );
+    assert!(!down.admin_socket.exists(), "the server half-started");
+}
+
 #[test]
 fn a_downstream_server_without_its_workload_api_socket_refuses_to_start() {
     let lab = Lab::new();

@@ -519,10 +519,16 @@ fn status_error(address: &str, caller: &SpiffeId, s: &tonic::Status) -> carapace
         s.message()
     );
     match s.code() {
-        Code::PermissionDenied | Code::Unauthenticated => refused(format!(
-            "{what} (this server calls as {caller}: that ID needs a registration entry \
-             marked --downstream on the upstream servers)"
-        )),
+        // The upstream's message names the caller and the fix; an older or another one
+        // may not.
+        Code::PermissionDenied | Code::Unauthenticated
+            if !s.message().contains(&caller.to_string()) =>
+        {
+            refused(format!(
+                "{what} (this server calls as {caller}: that ID needs a registration entry \
+                 marked --downstream on the upstream servers)"
+            ))
+        }
         Code::InvalidArgument
         | Code::FailedPrecondition
         | Code::Unimplemented
