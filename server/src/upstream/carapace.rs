@@ -315,8 +315,18 @@ impl CarapaceUpstream {
         }
     }
 
-    /// A gRPC channel to the upstream server over mutual TLS with this server's current
-    /// SVID, connected by `deadline`.
+    /// A gRPC channel to the upstream server over mutual TLS, connected by `deadline`:
+    /// each handshake presents this server's SVID as the watch holds it then, and
+    /// accepts only `server_spiffe_id` under the bundle the agent delivered. Waits for an
+    /// SVID first. For `Upstream` calls beyond the mint (the bundle stream).
+    pub async fn connect(
+        &self,
+        deadline: Instant,
+    ) -> std::result::Result<tonic::transport::Channel, carapace_core::Error> {
+        self.svid_by(deadline).await?;
+        self.channel(deadline).await
+    }
+
     async fn channel(
         &self,
         deadline: Instant,
@@ -346,49 +356,50 @@ impl CarapaceUpstream {
                 ))
             })
     }
+}
 
-    /// Checks the upstream's answer to a mint for `req`.
-    fn check_minted(
-        &self,
-        req: &MintRequest,
-        chain: Vec<Vec<u8>>,
-        bundle: Option<&carapace_proto::types::Bundle>,
-    ) -> std::result::Result<MintedCa, carapace_core::Error> {
-        let wrong = |msg: String| {
-            refused(format!(
-                "the upstream server at {} answered a mint with {msg}",
-                self.server_address
-            ))
-        };
-        let first = chain
-            .first()
-            .ok_or_else(|| wrong("an empty chain".into()))?;
-        if x509svid::public_key_of(first).map_err(|e| wrong(e.to_string()))? != req.public_key_der {
-            return Err(wrong("a certificate for another key than this CA's".into()));
-        }
-        for c in &chain {
-            x509svid::check_signing_cert(c)
-                .map_err(|e| wrong(format!("a chain that is not all CAs: {e}")))?;
-        }
-        let bundle = bundle.ok_or_else(|| wrong("no bundle".into()))?;
-        let bundle = carapace_proto::convert::bundle_from_wire(bundle)
-            .map_err(|e| wrong(format!("a bad bundle: {e}")))?;
-        if bundle.trust_domain() != &self.td {
-            return Err(wrong(format!(
-                "the bundle of trust domain {}, not {}",
-                bundle.trust_domain(),
-                self.td
-            )));
-        }
-        if bundle.x509_authorities.is_empty() {
-            return Err(wrong("a bundle without X.509 authorities".into()));
-        }
-        check_signatures(&chain, &bundle.x509_authorities).map_err(wrong)?;
-        Ok(MintedCa {
-            chain,
-            roots: bundle.x509_authorities,
-        })
+/// Checks an upstream's answer to a mint for `req`: the first certificate is for the
+/// CA's key, every one is a CA, each is signed by the next and the last by a root of the
+/// bundle, which is of trust domain `td`.
+fn check_minted(
+    td: &TrustDomain,
+    address: &str,
+    req: &MintRequest,
+    chain: Vec<Vec<u8>>,
+    bundle: Option<&carapace_proto::types::Bundle>,
+) -> std::result::Result<MintedCa, carapace_core::Error> {
+    let wrong = |msg: String| {
+        refused(format!(
+            "the upstream server at {address} answered a mint with {msg}"
+        ))
+    };
+    let first = chain
+        .first()
+        .ok_or_else(|| wrong("an empty chain".into()))?;
+    if x509svid::public_key_of(first).map_err(|e| wrong(e.to_string()))? != req.public_key_der {
+        return Err(wrong("a certificate for another key than this CA's".into()));
     }
+    for c in &chain {
+        x509svid::check_signing_cert(c)
+            .map_err(|e| wrong(format!("a chain that is not all CAs: {e}")))?;
+    }
+    let bundle = bundle.ok_or_else(|| wrong("no bundle".into()))?;
+    let bundle = carapace_proto::convert::bundle_from_wire(bundle)
+        .map_err(|e| wrong(format!("a bad bundle: {e}")))?;
+    if bundle.trust_domain() != td {
+        return Err(wrong(format!(
+            "the bundle of trust domain {}, not {td}",
+            bundle.trust_domain()
+        )));
+    }
+    if bundle.x509_authorities.is_empty() {
+        return Err(wrong("a bundle without X.509 authorities".into()));
+    }
+    check_signatures(&chain, &bundle.x509_authorities).map_err(wrong)?;
+    Ok(MintedCa {
+        chain,
+        roots: bundle.x509_authorities,
+    })
 }
 
 /// Each certificate of `chain` is signed by the next, and the last by one of `roots`.
@@ -489,7 +500,13 @@ impl UpstreamAuthority for CarapaceUpstream {
             })?
             .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))?
             .into_inner();
-        let minted = self.check_minted(req, answer.ca_chain, answer.bundle.as_ref())?;
+        let minted = check_minted(
+            &self.td,
+            &self.server_address,
+            req,
+            answer.ca_chain,
+            answer.bundle.as_ref(),
+        )?;
         if let Some(first) = minted.chain.first() {
             let (_, not_after) = x509svid::validity_of(first)?;
             tracing::info!(
@@ -836,5 +853,127 @@ mod tests {
         };
         let err = up.mint_x509_ca(&other).await.unwrap_err().to_string();
         assert!(err.contains("other.org"), "{err}");
+    }
+
+    /// A root CA of `td` (self-signed) as (DER, issuer).
+    fn root_ca(td: &TrustDomain, cn: &str) -> (Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let now = carapace_core::clock::unix_now();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, cn);
+        let params = crate::ca::ca_params(
+            td,
+            dn,
+            rcgen::BasicConstraints::Unconstrained,
+            now - 60,
+            now + 86_400,
+        )
+        .unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        (der, rcgen::Issuer::new(params, key))
+    }
+
+    /// A certificate for `key` signed by `issuer`: a CA (pathLen 0) or, with `ca` false,
+    /// a leaf.
+    fn certify(
+        key: &rcgen::KeyPair,
+        issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+        ca: bool,
+    ) -> Vec<u8> {
+        let now = carapace_core::clock::unix_now();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, "downstream");
+        let mut params = crate::ca::ca_params(
+            &td(),
+            dn,
+            rcgen::BasicConstraints::Constrained(0),
+            now - 60,
+            now + 3600,
+        )
+        .unwrap();
+        if !ca {
+            params.is_ca = rcgen::IsCa::ExplicitNoCa;
+            params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        }
+        params.signed_by(key, issuer).unwrap().der().to_vec()
+    }
+
+    fn wire_bundle(td: &str, roots: Vec<Vec<u8>>) -> carapace_proto::types::Bundle {
+        carapace_proto::types::Bundle {
+            trust_domain: td.into(),
+            x509_authorities: roots,
+            ..Default::default()
+        }
+    }
+
+    /// What an upstream answers is checked before the CA manager sees it; real
+    /// certificates, one fault each.
+    #[test]
+    fn a_minted_answer_is_checked_before_use() {
+        let (root_a, issuer_a) = root_ca(&td(), "root a");
+        let (root_b, _) = root_ca(&td(), "root b");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let req = MintRequest {
+            trust_domain: td(),
+            public_key_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+            csr_der: Vec::new(),
+            path_len: 0,
+            ttl: Duration::from_secs(3600),
+            common_name: "x".into(),
+            organization: "o".into(),
+            country: "c".into(),
+            not_before: 0,
+        };
+        let ca = certify(&key, &issuer_a, true);
+        let good = wire_bundle("example.org", vec![root_a.clone()]);
+        let check = |chain: Vec<Vec<u8>>, bundle: Option<&carapace_proto::types::Bundle>| {
+            check_minted(&td(), "root:8081", &req, chain, bundle)
+        };
+        let minted = check(vec![ca.clone()], Some(&good)).unwrap();
+        assert_eq!(minted.chain, vec![ca.clone()]);
+        assert_eq!(minted.roots, vec![root_a.clone()]);
+
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let cases: Vec<(Vec<Vec<u8>>, Option<carapace_proto::types::Bundle>, &str)> = vec![
+            (Vec::new(), Some(good.clone()), "an empty chain"),
+            (
+                vec![certify(&other_key, &issuer_a, true)],
+                Some(good.clone()),
+                "another key",
+            ),
+            (
+                vec![certify(&key, &issuer_a, false)],
+                Some(good.clone()),
+                "not all CAs",
+            ),
+            (vec![ca.clone()], None, "no bundle"),
+            (
+                vec![ca.clone()],
+                Some(wire_bundle("other.org", vec![root_a.clone()])),
+                "trust domain other.org",
+            ),
+            (
+                vec![ca.clone()],
+                Some(wire_bundle("example.org", Vec::new())),
+                "without X.509 authorities",
+            ),
+            (
+                vec![ca.clone()],
+                Some(wire_bundle("example.org", vec![root_b.clone()])),
+                "does not lead to the bundle's roots",
+            ),
+            (
+                vec![ca.clone(), root_b.clone()],
+                Some(wire_bundle("example.org", vec![root_b.clone()])),
+                "is not signed by the next one",
+            ),
+        ];
+        for (chain, bundle, needle) in cases {
+            let err = check(chain, bundle.as_ref()).unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.contains("root:8081"),
+                "{needle}: {err}"
+            );
+        }
     }
 }
