@@ -934,7 +934,12 @@ mod tests {
         assert_eq!(minted.roots, vec![root_a.clone()]);
 
         let other_key = rcgen::KeyPair::generate().unwrap();
-        let cases: Vec<(Vec<Vec<u8>>, Option<carapace_proto::types::Bundle>, &str)> = vec![
+        type Case = (
+            Vec<Vec<u8>>,
+            Option<carapace_proto::types::Bundle>,
+            &'static str,
+        );
+        let cases: Vec<Case> = vec![
             (Vec::new(), Some(good.clone()), "an empty chain"),
             (
                 vec![certify(&other_key, &issuer_a, true)],
