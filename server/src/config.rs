@@ -743,7 +743,8 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
 }
 
 /// Checks `[downstream]`: `max_depth` in 1..=[`MAX_DOWNSTREAM_DEPTH`], `ca_ttl_max`
-/// between the shortest TTL and `ca_ttl`.
+/// between the shortest downstream CA lifetime
+/// ([`crate::ca::downstream::MIN_DOWNSTREAM_CA_TTL`]) and `ca_ttl`.
 fn downstream(file: &DownstreamFile, ca_ttl: Duration, problems: &mut Vec<String>) -> Downstream {
     let max_depth = file.max_depth.unwrap_or(1);
     if !(1..=MAX_DOWNSTREAM_DEPTH).contains(&max_depth) {
@@ -753,9 +754,12 @@ fn downstream(file: &DownstreamFile, ca_ttl: Duration, problems: &mut Vec<String
         ));
     }
     let ca_ttl_max = file.ca_ttl_max.unwrap_or(ca_ttl / 6);
-    if let Err(e) = limits::check_duration(ca_ttl_max, MIN_TTL, ca_ttl) {
+    // A downstream CA shorter than this would be refused anyway: say so at start.
+    let min = crate::ca::downstream::MIN_DOWNSTREAM_CA_TTL;
+    if let Err(e) = limits::check_duration(ca_ttl_max, min, ca_ttl) {
         problems.push(format!(
-            "downstream.ca_ttl_max: {e} (the upper bound is ca_ttl)"
+            "downstream.ca_ttl_max: {e} (the upper bound is ca_ttl; the lower, ten CA \
+             rotation intervals)"
         ));
     }
     Downstream {
@@ -2502,6 +2506,56 @@ max_attestations_in_flight = 0
             ),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn downstream_is_off_without_its_section_and_bounded_with_it() {
+        let c = validate(FileConfig::default(), Overrides::default()).unwrap();
+        assert!(c.downstream.is_none());
+
+        // The section alone: one tier below, CAs up to ca_ttl/6.
+        let c = validate(
+            parse_file("ca_ttl = \"24h\"\n[downstream]\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        let d = c.downstream.unwrap();
+        assert_eq!(d.max_depth, 1);
+        assert_eq!(d.ca_ttl_max, Duration::from_secs(4 * 3600));
+
+        let c = validate(
+            parse_file("[downstream]\nmax_depth = 3\nca_ttl_max = \"2h\"\n").unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        let d = c.downstream.unwrap();
+        assert_eq!((d.max_depth, d.ca_ttl_max), (3, Duration::from_secs(7200)));
+
+        // Out of range: each named, all listed.
+        for (text, needle) in [
+            (
+                "[downstream]\nmax_depth = 0\n",
+                "downstream.max_depth: 0 is out of range (1..=4)",
+            ),
+            (
+                "[downstream]\nmax_depth = 5\n",
+                "downstream.max_depth: 5 is out of range (1..=4)",
+            ),
+            (
+                "ca_ttl = \"24h\"\n[downstream]\nca_ttl_max = \"25h\"\n",
+                "downstream.ca_ttl_max:",
+            ),
+            (
+                "[downstream]\nca_ttl_max = \"99s\"\n",
+                "downstream.ca_ttl_max:",
+            ),
+        ] {
+            let errs = validate(parse_file(text).unwrap(), Overrides::default()).unwrap_err();
+            assert_eq!(errs.len(), 1, "{text}: {errs:?}");
+            assert!(errs[0].starts_with(needle), "{text}: {errs:?}");
+        }
+        let errs = parse_file("[downstream]\nmax_dept = 1\n").unwrap_err();
+        assert!(errs.iter().any(|e| e.contains("max_dept")), "{errs:?}");
     }
 
     #[test]

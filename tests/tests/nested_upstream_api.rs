@@ -11,6 +11,8 @@
 //!   trust domain or with a path, a pathLen beyond the grant, a caller past its rate
 //!   limit, an SVID whose entry is not `--downstream`, the agent's own SVID, an entry that
 //!   lost the flag (`entry update`) or was deleted, and a server without `[downstream]`.
+//! - `PublishJWTAuthority`: a downstream's JWT key (kid = its thumbprint) is served in
+//!   the bundle (`bundle show`); a wrong kid and a caller without the flag are refused.
 //! - `WatchBundle`: the bundle at once, a `localauthority x509 prepare` within seconds,
 //!   and the stream ends with `PermissionDenied` once the caller's entry loses the flag.
 #![allow(
@@ -28,8 +30,11 @@ use std::time::Duration;
 use carapace_core::TrustBundle;
 use carapace_core::bundle::{certs_from_pem, der_to_pem};
 use carapace_e2e::{Agent, Lab, Server, free_port, now, openssl_verify, td, uid_selector};
+use carapace_proto::carapace::types::v1::JwtKey;
 use carapace_proto::carapace::upstream::v1::upstream_client::UpstreamClient;
-use carapace_proto::carapace::upstream::v1::{MintDownstreamCaRequest, WatchBundleRequest};
+use carapace_proto::carapace::upstream::v1::{
+    MintDownstreamCaRequest, PublishJwtAuthorityRequest, WatchBundleRequest,
+};
 use rcgen::{CertificateParams, DnType, Issuer, KeyPair, SanType};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -376,6 +381,52 @@ async fn downstream_entries_get_cas_within_the_grant_and_everyone_else_is_refuse
         &format!("{SITE_B} has no registration entry marked downstream"),
     )
     .await;
+    // site-a publishes its JWT key: it joins the bundle the server serves. A kid that is
+    // not the key's thumbprint is refused.
+    let jwt = KeyPair::generate().unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&jwt);
+    let kid = carapace_core::jose::PublicKey::from_spki_der(&spki)
+        .unwrap()
+        .thumbprint();
+    let publish = |kid: &str| PublishJwtAuthorityRequest {
+        key: Some(JwtKey {
+            kid: kid.to_owned(),
+            public_key: spki.clone(),
+            expires_at: now() as i64 + 1800,
+        }),
+    };
+    let err = a.publish_jwt_authority(publish("mine")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("key.kid \"mine\" is not the RFC 7638 thumbprint of the key"),
+        "{err:?}"
+    );
+    let published = a
+        .publish_jwt_authority(publish(&kid))
+        .await
+        .unwrap()
+        .into_inner()
+        .bundle
+        .unwrap();
+    assert!(
+        published.jwt_authorities.iter().any(|k| k.kid == kid),
+        "{published:?}"
+    );
+    let shown = server.cli_ok(&["bundle", "show", "--format", "spiffe"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert!(
+        shown["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["kid"] == kid.as_str() && k["use"] == "jwt-svid"),
+        "{shown}"
+    );
+    // The web workload cannot publish.
+    let err = w.publish_jwt_authority(publish(&kid)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
     // site-a's entry deleted: refused (authorization comes before the rate limit).
     server.cli_ok(&["entry", "delete", "--id", &entry_a]);
     assert_refused(

@@ -37,7 +37,7 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
 use carapace_core::limits::describe;
-use carapace_core::{SpiffeId, TrustBundle};
+use carapace_core::{JwtKey, SpiffeId, TrustBundle};
 
 use super::{BACKDATE, CaManager, ROTATE_INTERVAL, SubjectKey, ca_params, with_ca_key};
 use crate::config::Downstream;
@@ -200,6 +200,102 @@ impl CaManager {
             path_len,
         })
     }
+}
+
+/// How many JWT keys of one downstream server the bundle keeps (previous, current,
+/// next: spire#4699 is what happens without a bound).
+pub const MAX_DOWNSTREAM_JWT_KEYS: usize = 3;
+
+impl CaManager {
+    /// Adds downstream server `caller`'s JWT signing key to the trust domain's bundle at
+    /// `now`, within `grant` (`[downstream]`; `None`: refused), and serves the new bundle
+    /// at once; returns it. The key's `kid` must be its RFC 7638 thumbprint (so a `kid`
+    /// names one key across every part of the bundle), of a supported type, and
+    /// `expires_at` must be in the future and at most `ca_ttl_max` plus the longest
+    /// JWT-SVID lifetime from now. The caller's part (`server_bundles` row
+    /// `downstream:<id>`) keeps its [`MAX_DOWNSTREAM_JWT_KEYS`] keys that expire last;
+    /// it leaves the bundle when they have all expired.
+    pub async fn publish_downstream_jwt_key(
+        &self,
+        grant: Option<&Downstream>,
+        caller: &SpiffeId,
+        key: &JwtKey,
+        now: i64,
+    ) -> Result<Arc<TrustBundle>> {
+        let grant = grant.ok_or_else(|| {
+            Error::FailedPrecondition(
+                "this server takes no downstream JWT key: its configuration has no \
+                 [downstream] section (add `[downstream]` to serve downstream servers)"
+                    .into(),
+            )
+        })?;
+        check_downstream_jwt_key(key, grant, now)?;
+        let union = self
+            .ds
+            .publish_downstream_jwt_key(
+                &self.settings.server_id,
+                &self.td,
+                caller,
+                key,
+                MAX_DOWNSTREAM_JWT_KEYS,
+                now,
+            )
+            .await?;
+        self.refresh_bundle().await?;
+        tracing::info!(
+            caller = %caller,
+            kid = %key.kid,
+            expires_at = %key.expires_at.map(carapace_core::clock::rfc3339).unwrap_or_default(),
+            sequence = union.sequence,
+            "published a downstream server's JWT key"
+        );
+        Ok(self.bundle_tx.borrow().clone())
+    }
+}
+
+/// The checks of a downstream server's JWT key; the error names the field.
+fn check_downstream_jwt_key(key: &JwtKey, grant: &Downstream, now: i64) -> Result<()> {
+    if key.kid.is_empty() {
+        return Err(Error::InvalidArgument("key.kid: empty".into()));
+    }
+    let public = carapace_core::jose::PublicKey::from_spki_der(&key.public_key_der)
+        .map_err(|e| Error::InvalidArgument(format!("key.public_key: {e}")))?;
+    let thumbprint = public.thumbprint();
+    if key.kid != thumbprint {
+        return Err(Error::InvalidArgument(format!(
+            "key.kid {:?} is not the RFC 7638 thumbprint of the key ({thumbprint})",
+            key.kid
+        )));
+    }
+    let expires_at = key.expires_at.ok_or_else(|| {
+        Error::InvalidArgument(
+            "key.expires_at: required (when the key stops signing plus the longest \
+             JWT-SVID lifetime)"
+                .into(),
+        )
+    })?;
+    if expires_at <= now {
+        return Err(Error::InvalidArgument(format!(
+            "key.expires_at {} is not in the future",
+            carapace_core::clock::rfc3339(expires_at)
+        )));
+    }
+    let bound = grant
+        .ca_ttl_max
+        .saturating_add(carapace_core::limits::MAX_JWT_SVID_TTL);
+    let latest = carapace_core::limits::unix_plus(now, bound).unwrap_or(i64::MAX);
+    if expires_at > latest {
+        return Err(Error::InvalidArgument(format!(
+            "key.expires_at {} is beyond {} from now ([downstream] ca_ttl_max {} plus the \
+             longest JWT-SVID lifetime, {}): a downstream server's JWT keys must not \
+             outlive what this server grants its CAs",
+            carapace_core::clock::rfc3339(expires_at),
+            describe(bound),
+            describe(grant.ca_ttl_max),
+            describe(carapace_core::limits::MAX_JWT_SVID_TTL)
+        )));
+    }
+    Ok(())
 }
 
 /// The lifetime of a downstream CA: `preferred` (zero: the bound) capped at
@@ -774,5 +870,111 @@ mod tests {
 
         // And the good one is signed.
         sign(&ca, Some(&g), &good, 0, 0, NOW).await.unwrap();
+    }
+
+    /// A JWT key of a downstream server as it publishes it: kid = thumbprint.
+    fn downstream_jwt_key(expires_at: i64) -> JwtKey {
+        let kp = KeyPair::generate().unwrap();
+        let der = rcgen::PublicKeyData::subject_public_key_info(&kp);
+        JwtKey {
+            kid: carapace_core::jose::PublicKey::from_spki_der(&der)
+                .unwrap()
+                .thumbprint(),
+            public_key_der: der,
+            expires_at: Some(expires_at),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_downstream_jwt_key_joins_the_served_bundle_checked_and_bounded() {
+        let now = carapace_core::clock::unix_now();
+        let ca = server(86_400, now).await;
+        let g = grant(1, 4 * HOUR);
+        let site = caller();
+        let before = ca.bundle().borrow().clone();
+        let own_kids: Vec<String> = before
+            .jwt_authorities
+            .iter()
+            .map(|k| k.kid.clone())
+            .collect();
+
+        // Refusals, each naming the field; nothing reaches the bundle.
+        let refused = |key: JwtKey| {
+            let ca = ca.clone();
+            let site = site.clone();
+            let g = g.clone();
+            async move {
+                ca.publish_downstream_jwt_key(Some(&g), &site, &key, now)
+                    .await
+                    .unwrap_err()
+                    .to_string()
+            }
+        };
+        let mut wrong_kid = downstream_jwt_key(now + 600);
+        wrong_kid.kid = "my-key".into();
+        let err = refused(wrong_kid).await;
+        assert!(
+            err.contains("key.kid \"my-key\" is not the RFC 7638 thumbprint of the key"),
+            "{err}"
+        );
+        let mut no_expiry = downstream_jwt_key(now + 600);
+        no_expiry.expires_at = None;
+        assert!(
+            refused(no_expiry)
+                .await
+                .contains("key.expires_at: required")
+        );
+        let err = refused(downstream_jwt_key(now)).await;
+        assert!(err.contains("is not in the future"), "{err}");
+        let err = refused(downstream_jwt_key(now + 4 * HOUR as i64 + 86_400 + 1)).await;
+        assert!(err.contains("is beyond 100800s from now"), "{err}");
+        let mut not_a_key = downstream_jwt_key(now + 600);
+        not_a_key.public_key_der = b"nope".to_vec();
+        assert!(refused(not_a_key).await.contains("key.public_key"));
+        let err = ca
+            .publish_downstream_jwt_key(None, &site, &downstream_jwt_key(now + 600), now)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        assert!(err.to_string().contains("no [downstream] section"), "{err}");
+        assert_eq!(*ca.bundle().borrow().clone(), *before);
+
+        // A good key: served at once, the sequence moves, the own keys stay.
+        let key = downstream_jwt_key(now + 600);
+        let served = ca
+            .publish_downstream_jwt_key(Some(&g), &site, &key, now)
+            .await
+            .unwrap();
+        assert!(served.sequence > before.sequence);
+        assert_eq!(*served, *ca.bundle().borrow().clone());
+        assert!(served.jwt_authorities.contains(&key));
+        for kid in &own_kids {
+            assert!(served.jwt_authorities.iter().any(|k| &k.kid == kid));
+        }
+        assert_eq!(served.x509_authorities, before.x509_authorities);
+
+        // Three more: the first one published leaves (it expires first).
+        let more: Vec<JwtKey> = (2..=4).map(|i| downstream_jwt_key(now + 600 * i)).collect();
+        for k in &more {
+            ca.publish_downstream_jwt_key(Some(&g), &site, k, now)
+                .await
+                .unwrap();
+        }
+        let served = ca.bundle().borrow().clone();
+        assert!(!served.jwt_authorities.contains(&key));
+        for k in &more {
+            assert!(served.jwt_authorities.contains(k));
+        }
+        assert_eq!(
+            served.jwt_authorities.len(),
+            own_kids.len() + MAX_DOWNSTREAM_JWT_KEYS
+        );
+
+        // The CA's own rotation keeps the downstream keys in the bundle.
+        ca.prepare(now).await.unwrap();
+        let served = ca.bundle().borrow().clone();
+        for k in &more {
+            assert!(served.jwt_authorities.contains(k));
+        }
     }
 }

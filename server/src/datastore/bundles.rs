@@ -15,9 +15,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use carapace_core::{TrustBundle, TrustDomain};
+use carapace_core::{JwtKey, SpiffeId, TrustBundle, TrustDomain};
 
-use super::{Changed, Datastore, Tx, corrupt, unix_now};
+use super::{Changed, Datastore, Tx, WriteTx, corrupt, unix_now};
 use crate::{Error, Result};
 
 /// What an operator tainted in a bundle, as stored in `taints`.
@@ -193,6 +193,98 @@ async fn own_journal(conn: &mut Tx, server_id: &str) -> Result<Option<Vec<u8>>> 
     })?)
 }
 
+/// The `server_bundles` id of downstream server `id`'s part (its JWT keys, published
+/// through the upstream API).
+pub(crate) fn downstream_part_id(id: &SpiffeId) -> String {
+    format!("downstream:{id}")
+}
+
+/// Stores `part` as `part_id`'s part of the bundle and the trust domain's bundle as the
+/// union of every part at `now`, within `tx`. The parts named in `own` are taken whole,
+/// the others without what has expired; another part whose every key expired is
+/// deleted. The sequence moves one up only when the union differs from the last.
+async fn write_part_and_union(
+    tx: &mut WriteTx,
+    part_id: &str,
+    part: &TrustBundle,
+    own: &[&str],
+    now: i64,
+) -> Result<TrustBundle> {
+    let td = part.trust_domain().clone();
+    let stored = encode(part)?;
+    on_tx!(&mut *tx, c => sqlx::query(
+        "INSERT INTO server_bundles (server_id, data, jwt_key_expiries, taints, updated_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (server_id) DO UPDATE SET \
+         data = excluded.data, jwt_key_expiries = excluded.jwt_key_expiries, \
+         taints = excluded.taints, updated_at = excluded.updated_at",
+    )
+    .bind(part_id)
+    .bind(stored.data.as_str())
+    .bind(stored.jwt_key_expiries.as_str())
+    .bind(stored.taints.as_str())
+    .bind(now)
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    let rows: Vec<(String, String, String, String)> = on_tx!(&mut *tx, c => {
+        sqlx::query_as(
+            "SELECT server_id, data, jwt_key_expiries, taints FROM server_bundles \
+             ORDER BY server_id",
+        )
+        .fetch_all(c)
+        .await
+    })?;
+    let mut parts = Vec::new();
+    for (id, data, jwt_key_expiries, taints) in rows {
+        let at = format!("server_bundles server_id={id:?}");
+        let p = decode(
+            &td,
+            &at,
+            Stored {
+                data,
+                jwt_key_expiries,
+                taints,
+            },
+        )?;
+        let is_own = own.contains(&id.as_str());
+        if id != part_id && all_expired(&p, now) {
+            on_tx!(&mut *tx, c => sqlx::query("DELETE FROM server_bundles WHERE server_id = $1")
+                .bind(id.as_str())
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected()))?;
+            tracing::info!(server_id = %id, "dropped the bundle part of a server whose every key expired");
+            continue;
+        }
+        parts.push((is_own, p));
+    }
+    let last = read_bundle(tx, &td).await?;
+    let last_sequence = last.as_ref().map_or(0, |b| b.sequence);
+    if let Some(last) = last
+        && merge(&td, &parts, now, last_sequence) == last
+    {
+        // Nothing changed: the sequence stays (a restart is no bundle change).
+        return Ok(last);
+    }
+    let union = merge(&td, &parts, now, last_sequence.saturating_add(1));
+    let stored = encode(&union)?;
+    tx.changes(Changed::Bundle);
+    on_tx!(&mut *tx, c => sqlx::query(
+        "INSERT INTO bundles (trust_domain, data, jwt_key_expiries, taints) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (trust_domain) DO UPDATE SET \
+         data = excluded.data, jwt_key_expiries = excluded.jwt_key_expiries, \
+         taints = excluded.taints",
+    )
+    .bind(td.name())
+    .bind(stored.data.as_str())
+    .bind(stored.jwt_key_expiries.as_str())
+    .bind(stored.taints.as_str())
+    .execute(c)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(union)
+}
+
 impl Datastore {
     /// The trust domain's bundle: the union of every server's part.
     pub async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<TrustBundle>> {
@@ -212,79 +304,74 @@ impl Datastore {
         own: &TrustBundle,
         now: i64,
     ) -> Result<TrustBundle> {
-        let td = own.trust_domain().clone();
-        let part = encode(own)?;
         let mut tx = self.begin_write().await?;
-        on_tx!(&mut tx, c => sqlx::query(
-            "INSERT INTO server_bundles (server_id, data, jwt_key_expiries, taints, updated_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (server_id) DO UPDATE SET \
-             data = excluded.data, jwt_key_expiries = excluded.jwt_key_expiries, \
-             taints = excluded.taints, updated_at = excluded.updated_at",
-        )
-        .bind(server_id)
-        .bind(part.data.as_str())
-        .bind(part.jwt_key_expiries.as_str())
-        .bind(part.taints.as_str())
-        .bind(now)
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
-        let rows: Vec<(String, String, String, String)> = on_tx!(&mut tx, c => {
+        let union = write_part_and_union(&mut tx, server_id, own, &[server_id], now).await?;
+        tx.commit().await?;
+        Ok(union)
+    }
+
+    /// Adds `key` to the part of the bundle of downstream server `downstream` (nested
+    /// servers; stored under [`downstream_part_id`]) on behalf of server `server_id`, and
+    /// recomputes the trust domain's bundle as [`Self::publish_bundle`] does, in one
+    /// transaction. The part keeps a key once per `kid` (the one published last wins),
+    /// only keys unexpired at `now`, and at most `max_keys` of them, those that expire
+    /// last. Returns the union.
+    pub async fn publish_downstream_jwt_key(
+        &self,
+        server_id: &str,
+        td: &TrustDomain,
+        downstream: &SpiffeId,
+        key: &JwtKey,
+        max_keys: usize,
+        now: i64,
+    ) -> Result<TrustBundle> {
+        let part_id = downstream_part_id(downstream);
+        let mut tx = self.begin_write().await?;
+        let row: Option<(String, String, String)> = on_tx!(&mut tx, c => {
             sqlx::query_as(
-                "SELECT server_id, data, jwt_key_expiries, taints FROM server_bundles \
-                 ORDER BY server_id",
+                "SELECT data, jwt_key_expiries, taints FROM server_bundles WHERE server_id = $1",
             )
-            .fetch_all(c)
+            .bind(part_id.as_str())
+            .fetch_optional(c)
             .await
         })?;
-        let mut parts = Vec::new();
-        for (id, data, jwt_key_expiries, taints) in rows {
-            let at = format!("server_bundles server_id={id:?}");
-            let part = decode(
-                &td,
-                &at,
+        let mut part = match row {
+            Some((data, jwt_key_expiries, taints)) => decode(
+                td,
+                &format!("server_bundles server_id={part_id:?}"),
                 Stored {
                     data,
                     jwt_key_expiries,
                     taints,
                 },
-            )?;
-            if id != server_id && all_expired(&part, now) {
-                on_tx!(&mut tx, c => sqlx::query("DELETE FROM server_bundles WHERE server_id = $1")
-                    .bind(id.as_str())
-                    .execute(c)
-                    .await
-                    .map(|r| r.rows_affected()))?;
-                tracing::info!(server_id = %id, "dropped the bundle part of a server whose every key expired");
-                continue;
-            }
-            parts.push((id == server_id, part));
+            )?,
+            None => TrustBundle::new(td.clone()),
+        };
+        part.jwt_authorities
+            .retain(|k| k.kid != key.kid && k.expires_at.is_none_or(|t| t > now));
+        // Newest first: the key just published, then the others by expiry, latest first.
+        part.jwt_authorities
+            .sort_by_key(|k| std::cmp::Reverse(k.expires_at.unwrap_or(i64::MAX)));
+        part.jwt_authorities.insert(0, key.clone());
+        let dropped: Vec<String> = part
+            .jwt_authorities
+            .drain(max_keys.max(1).min(part.jwt_authorities.len())..)
+            .map(|k| k.kid)
+            .collect();
+        if !dropped.is_empty() {
+            tracing::info!(downstream = %downstream, ?dropped, "dropped older JWT keys of a downstream server");
         }
-        let last = read_bundle(&mut tx, &td).await?;
-        let last_sequence = last.as_ref().map_or(0, |b| b.sequence);
-        if let Some(last) = last
-            && merge(&td, &parts, now, last_sequence) == last
-        {
-            // Nothing changed: the sequence stays (a restart is no bundle change).
-            tx.commit().await?;
-            return Ok(last);
-        }
-        let union = merge(&td, &parts, now, last_sequence.saturating_add(1));
-        let stored = encode(&union)?;
-        tx.changes(Changed::Bundle);
-        on_tx!(&mut tx, c => sqlx::query(
-            "INSERT INTO bundles (trust_domain, data, jwt_key_expiries, taints) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (trust_domain) DO UPDATE SET \
-             data = excluded.data, jwt_key_expiries = excluded.jwt_key_expiries, \
-             taints = excluded.taints",
+        part.tainted_jwt_kids.clear();
+        part.tainted_x509_authorities.clear();
+        part.x509_authorities.clear();
+        let union = write_part_and_union(
+            &mut tx,
+            &part_id,
+            &part,
+            &[part_id.as_str(), server_id],
+            now,
         )
-        .bind(td.name())
-        .bind(stored.data.as_str())
-        .bind(stored.jwt_key_expiries.as_str())
-        .bind(stored.taints.as_str())
-        .execute(c)
-        .await
-        .map(|r| r.rows_affected()))?;
+        .await?;
         tx.commit().await?;
         Ok(union)
     }

@@ -108,6 +108,7 @@ on_both_engines!(
     agent_serial_renewal_and_promotion,
     bundle_round_trip,
     the_bundle_is_the_union_of_every_servers_part_without_what_expired,
+    downstream_jwt_keys_are_a_bounded_part_per_downstream_server,
     ca_journal_save_load,
     the_journal_of_a_single_server_database_is_claimed_by_one_server,
     every_write_names_its_entry_or_agent_in_the_change_logs,
@@ -1262,6 +1263,94 @@ async fn the_bundle_is_the_union_of_every_servers_part_without_what_expired(ds: 
     let union = ds.publish_bundle("s1", &one, now).await.unwrap();
     assert_eq!(count(&ds, "server_bundles").await, 2);
     assert!(union.jwt_authorities.iter().all(|k| k.kid != "g"));
+}
+
+async fn downstream_jwt_keys_are_a_bounded_part_per_downstream_server(ds: Datastore) {
+    let td = TrustDomain::new("example.org").unwrap();
+    let site_a = sid("spiffe://example.org/downstream/site-a");
+    let site_b = sid("spiffe://example.org/downstream/site-b");
+    let now = unix_now();
+    let (ca1, own_key) = ca_cert();
+    let mut own = TrustBundle::new(td.clone());
+    own.x509_authorities = vec![ca1.clone()];
+    own.jwt_authorities = vec![jwt_key("own", own_key, Some(now + 3600))];
+    let first = ds.publish_bundle("s1", &own, now).await.unwrap();
+    // The kids of a bundle, sorted (parts merge in server_id order).
+    let kids = |b: &TrustBundle| -> Vec<String> {
+        let mut kids: Vec<String> = b.jwt_authorities.iter().map(|k| k.kid.clone()).collect();
+        kids.sort();
+        kids
+    };
+    let keys: Vec<JwtKey> = (1..=4)
+        .map(|i| jwt_key(&format!("a{i}"), ca_cert().1, Some(now + 600 * i)))
+        .collect();
+
+    // A downstream's key joins the bundle in a part of its own; the sequence moves.
+    let union = ds
+        .publish_downstream_jwt_key("s1", &td, &site_a, &keys[0], 3, now)
+        .await
+        .unwrap();
+    assert_eq!(kids(&union), ["a1", "own"]);
+    assert_eq!(union.x509_authorities, vec![ca1.clone()]);
+    assert_eq!(union.sequence, first.sequence + 1);
+    assert_eq!(ds.get_bundle(&td).await.unwrap().unwrap(), union);
+    assert_eq!(count(&ds, "server_bundles").await, 2);
+    // The same key again: nothing changes.
+    let again = ds
+        .publish_downstream_jwt_key("s1", &td, &site_a, &keys[0], 3, now)
+        .await
+        .unwrap();
+    assert_eq!(again, union);
+    // The server's own publish keeps the downstream's part.
+    let union = ds.publish_bundle("s1", &own, now).await.unwrap();
+    assert_eq!(kids(&union), ["a1", "own"]);
+
+    // At most three keys per downstream: those that expire last.
+    for k in &keys[1..] {
+        ds.publish_downstream_jwt_key("s1", &td, &site_a, k, 3, now)
+            .await
+            .unwrap();
+    }
+    let union = ds.get_bundle(&td).await.unwrap().unwrap();
+    assert_eq!(kids(&union), ["a2", "a3", "a4", "own"]);
+    // A key published again with a new expiry replaces its entry.
+    let mut renewed = keys[1].clone();
+    renewed.expires_at = Some(now + 9_000);
+    let union = ds
+        .publish_downstream_jwt_key("s1", &td, &site_a, &renewed, 3, now)
+        .await
+        .unwrap();
+    let a2 = union
+        .jwt_authorities
+        .iter()
+        .find(|k| k.kid == "a2")
+        .unwrap();
+    assert_eq!(a2.expires_at, Some(now + 9_000));
+    assert_eq!(union.jwt_authorities.len(), 4);
+
+    // Another downstream has its own part; once its keys expire, it leaves the bundle.
+    let b1 = jwt_key("b1", ca_cert().1, Some(now + 60));
+    let union = ds
+        .publish_downstream_jwt_key("s1", &td, &site_b, &b1, 3, now)
+        .await
+        .unwrap();
+    assert!(kids(&union).contains(&"b1".to_owned()));
+    assert_eq!(count(&ds, "server_bundles").await, 3);
+    let later = now + 61;
+    let union = ds.publish_bundle("s1", &own, later).await.unwrap();
+    assert!(
+        !kids(&union).contains(&"b1".to_owned()),
+        "{:?}",
+        kids(&union)
+    );
+    assert_eq!(count(&ds, "server_bundles").await, 2);
+    // site-a's expired keys leave its part when it publishes next.
+    let fresh = jwt_key("a5", ca_cert().1, Some(later + 10_000));
+    let union = ds
+        .publish_downstream_jwt_key("s1", &td, &site_a, &fresh, 3, now + 1_900)
+        .await
+        .unwrap();
+    assert_eq!(kids(&union), ["a2", "a4", "a5", "own"]);
 }
 
 async fn ca_journal_save_load(ds: Datastore) {

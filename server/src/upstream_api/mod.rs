@@ -7,7 +7,9 @@
 //!   ([`CaManager::sign_downstream_ca`]: the grant is the trust domain, a depth and a
 //!   lifetime; `[downstream]` in the configuration);
 //! - `WatchBundle` streams the bundle ([`watch`]);
-//! - `PublishJWTAuthority` adds a downstream server's JWT key to the bundle.
+//! - `PublishJWTAuthority` adds a downstream server's JWT key to the bundle
+//!   ([`CaManager::publish_downstream_jwt_key`]: a part of the bundle per downstream,
+//!   at most three keys each).
 //!
 //! `MintDownstreamCA` and `PublishJWTAuthority` are rate limited per caller
 //! ([`auth::RateLimiter`]).
@@ -146,10 +148,27 @@ impl Upstream for UpstreamApi {
         &self,
         req: Request<PublishJwtAuthorityRequest>,
     ) -> Result<Response<PublishJwtAuthorityResponse>, Status> {
-        let _caller = self.admit(&req, PUBLISH, true)?;
-        Err(Status::unimplemented(
-            "PublishJWTAuthority is not implemented yet",
-        ))
+        let caller = self.admit(&req, PUBLISH, true)?;
+        let wire = req
+            .into_inner()
+            .key
+            .ok_or_else(|| Status::invalid_argument("key: missing"))?;
+        let key = carapace_core::JwtKey {
+            kid: wire.kid,
+            public_key_der: wire.public_key,
+            expires_at: (wire.expires_at != 0).then_some(wire.expires_at),
+        };
+        let bundle = self
+            .ca
+            .publish_downstream_jwt_key(self.grant.as_ref(), &caller, &key, unix_now())
+            .await
+            .map_err(|e| {
+                tracing::info!(%caller, error = %e, "downstream JWT key refused");
+                Status::from(e)
+            })?;
+        Ok(Response::new(PublishJwtAuthorityResponse {
+            bundle: Some(types::Bundle::from(bundle.as_ref())),
+        }))
     }
 
     async fn watch_bundle(
