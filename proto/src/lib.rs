@@ -11,6 +11,9 @@
 //! - [`sds`]: Envoy's Secret Discovery Service v3 (`envoy.service.secret.v3`) and the
 //!   messages it carries, from the vendored Envoy API protos in `proto/proto/envoy-api/`.
 //!
+//! [`workload_client`]: a small Workload API client (security header, `FetchX509SVID`
+//! converted to core types), for a Carapace process that is a workload of an agent.
+//!
 //! Generated types stop at the API layer: the server and agent convert them to the core
 //! types at the edge.
 #![forbid(unsafe_code)]
@@ -72,6 +75,7 @@ pub mod sds {
 
 pub mod convert;
 pub mod sync;
+pub mod workload_client;
 
 pub use carapace::admin::v1 as admin;
 pub use carapace::node::v1 as node;

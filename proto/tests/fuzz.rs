@@ -6,13 +6,17 @@
 )]
 //! Property tests of the wire → core conversions of what peers send (entries, bundles,
 //! selectors), from protobuf bytes: never a panic, the allocation bound, and what is
-//! accepted converts back to the same wire message.
+//! accepted converts back to the same wire message. And the Workload API client's
+//! checks of a `FetchX509SVID` response (`workload_client`): never a panic, the
+//! allocation bound.
 
 use carapace_fuzzkit::proptest;
 use carapace_fuzzkit::proptest::prelude::*;
 use carapace_fuzzkit::{bounded, bytes, config, mutated};
 use carapace_proto::convert::{bundle_from_wire, entry_from_wire, selectors_from_wire};
 use carapace_proto::types;
+use carapace_proto::workload::{X509svid, X509svidResponse};
+use carapace_proto::workload_client::{split_certificates, x509_context_from_wire};
 use prost::Message as _;
 
 fn entry_strategy() -> impl Strategy<Value = types::Entry> {
@@ -115,6 +119,36 @@ fn good_bundle() -> types::Bundle {
     }
 }
 
+/// A real `FetchX509SVID` response: an SVID for `spiffe://example.org/w` signed by a CA
+/// of `example.org`, its key, and that CA as the bundle.
+fn good_x509_response() -> Vec<u8> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_cert = ca.clone().self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.subject_alt_names = vec![SanType::URI("spiffe://example.org/w".try_into().unwrap())];
+    let leaf_cert = leaf.signed_by(&key, &issuer).unwrap();
+    X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: "spiffe://example.org/w".into(),
+            x509_svid: [leaf_cert.der().to_vec(), ca_cert.der().to_vec()].concat(),
+            x509_svid_key: key.serialize_der(),
+            bundle: ca_cert.der().to_vec(),
+            hint: String::new(),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 proptest! {
     #![proptest_config(config(2000))]
 
@@ -144,6 +178,21 @@ proptest! {
         if let Ok(bundle) = bounded("Bundle::decode", buf.len(), || types::Bundle::decode(buf.as_slice())) {
             if let Ok(core) = bounded("bundle_from_wire", buf.len(), || bundle_from_wire(&bundle)) {
                 prop_assert_eq!(types::Bundle::from(&core), bundle);
+            }
+        }
+    }
+
+    /// `FetchX509SVID` responses decoded from mutated protobuf bytes, and concatenated
+    /// DER from arbitrary bytes.
+    #[test]
+    fn x509_responses_never_panic(buf in prop_oneof![
+        1 => bytes(400),
+        6 => mutated(vec![good_x509_response()]),
+    ]) {
+        let _ = bounded("split_certificates", buf.len(), || split_certificates(&buf, "bundle"));
+        if let Ok(m) = bounded("X509svidResponse::decode", buf.len(), || X509svidResponse::decode(buf.as_slice())) {
+            if let Ok(ctx) = bounded("x509_context_from_wire", buf.len(), || x509_context_from_wire(m)) {
+                prop_assert!(!ctx.svids.is_empty() && !ctx.bundle.x509_authorities.is_empty());
             }
         }
     }

@@ -1,5 +1,6 @@
-//! Upstream authorities: `disk` (root key and certificate in PEM files) and `pkcs11` (root
-//! key and certificate in an HSM token).
+//! Upstream authorities: `disk` (root key and certificate in PEM files), `pkcs11` (root
+//! key and certificate in an HSM token) and `carapace` (a Carapace server of the trust
+//! domain above this one, nested servers).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,14 +12,16 @@ use carapace_core::plugin::{KeySigner, UpstreamAuthority};
 use carapace_keymanager_soft::SoftKey;
 
 use super::{PluginContext, parse, unknown};
+use crate::upstream::carapace::{CarapaceUpstream, CarapaceUpstreamConfig};
 use crate::upstream::{DiskUpstreamConfig, LocalRoot};
 use crate::{Error, Result};
 
-const KNOWN: &[&str] = &["disk", "pkcs11"];
+const KNOWN: &[&str] = &["disk", "pkcs11", "carapace"];
 
 pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), String> {
     match name {
         "disk" => parse::<DiskUpstreamConfig>(table).map(|_| ()),
+        "carapace" => carapace_common::check_plugin_settings(table, CarapaceUpstreamConfig::check),
         #[cfg(feature = "pkcs11")]
         "pkcs11" => super::pkcs11::parse_upstream(table).map(|_| ()),
         #[cfg(not(feature = "pkcs11"))]
@@ -30,7 +33,8 @@ pub(super) fn check(name: &str, table: &toml::Table) -> std::result::Result<(), 
 /// The files the upstream authority's settings name (none when they do not parse: that
 /// is [`check`]'s to report): `disk`'s root certificate and key (a secret), resolved
 /// against `data_dir` as [`build_upstream_authority`] does; `pkcs11`'s module and PIN
-/// file.
+/// file. `carapace` names none: its Workload API socket is no file the server reads
+/// (its existence is checked when the plugin is built).
 pub(super) fn files(name: &str, table: &toml::Table, data_dir: &Path) -> Vec<NamedFile> {
     match name {
         "disk" => parse::<DiskUpstreamConfig>(table)
@@ -78,7 +82,9 @@ pub(crate) fn read_key_pem(name: &str, path: &std::path::Path) -> Result<Arc<dyn
 }
 
 /// Builds the configured upstream authority, checking that its root certificate and key
-/// belong together and have not expired at `now`.
+/// belong together and have not expired at `now` (`carapace`: that its settings fit this
+/// trust domain and the Workload API socket exists; it starts following that socket,
+/// and contacts the upstream server only when the CA manager mints).
 pub async fn build_upstream_authority(
     name: &str,
     table: &toml::Table,
@@ -92,6 +98,15 @@ pub async fn build_upstream_authority(
             let root = read_cert_pem(name, &cert_file)?;
             let key = read_key_pem(name, &key_file)?;
             Ok(Arc::new(LocalRoot::new("disk", root, key, now)?))
+        }
+        "carapace" => {
+            let cfg: CarapaceUpstreamConfig = parse(table).map_err(cfg_err(name))?;
+            Ok(Arc::new(CarapaceUpstream::start(
+                &cfg,
+                &ctx.trust_domain,
+                &ctx.data_dir,
+                ctx.clock.clone(),
+            )?))
         }
         #[cfg(not(feature = "pkcs11"))]
         "pkcs11" => Err(cfg_err(name)(pkcs11_not_built(name))),
@@ -207,6 +222,11 @@ pub async fn init_upstream_root(
                 .map_err(|e| cfg_err(name)(format!("storing the root certificate: {e}")))?;
             Ok(der)
         }
+        "carapace" => Err(cfg_err(name)(
+            "has no root to create here: the upstream servers hold the trust domain's root \
+             (run `upstream init` where it lives)"
+                .into(),
+        )),
         other => Err(Error::Config(unknown("upstream_authority", other, KNOWN))),
     }
 }
