@@ -36,8 +36,11 @@ use carapace_core::clock::Clock;
 use carapace_core::plugin::{KeySigner, MintRequest, MintedCa, UpstreamAuthority};
 use carapace_core::{SpiffeId, TrustBundle, TrustDomain, x509svid};
 use carapace_keymanager_soft::SoftKey;
-use carapace_proto::carapace::upstream::v1::MintDownstreamCaRequest;
+use carapace_proto::carapace::types::v1 as types;
 use carapace_proto::carapace::upstream::v1::upstream_client::UpstreamClient;
+use carapace_proto::carapace::upstream::v1::{
+    MintDownstreamCaRequest, PublishJwtAuthorityRequest, WatchBundleRequest,
+};
 use carapace_proto::workload_client::{X509Context, fetch_x509_svid};
 
 use crate::{Error, Result};
@@ -205,7 +208,16 @@ pub struct CarapaceUpstream {
     svid: watch::Receiver<SvidState>,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     follower: tokio::task::AbortHandle,
+    /// The upstream server's `WatchBundle` stream, kept open between [`next_bundle`]
+    /// calls.
+    ///
+    /// [`next_bundle`]: UpstreamAuthority::next_bundle
+    watching: tokio::sync::Mutex<Option<tonic::Streaming<types::Bundle>>>,
 }
+
+/// How long the bundle stream may stay silent: the upstream server re-sends its bundle
+/// every 60 s, so three missed beats mean the connection is gone.
+const WATCH_SILENCE: Duration = Duration::from_secs(180);
 
 impl std::fmt::Debug for CarapaceUpstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -265,7 +277,37 @@ impl CarapaceUpstream {
             svid,
             bundle,
             follower,
+            watching: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The upstream server's bundle from its answer, refused unless it is of this
+    /// server's trust domain.
+    fn bundle_of_answer(
+        &self,
+        bundle: Option<&types::Bundle>,
+    ) -> std::result::Result<TrustBundle, carapace_core::Error> {
+        let bundle = bundle.ok_or_else(|| {
+            refused(format!(
+                "the upstream server at {} answered without a bundle",
+                self.server_address
+            ))
+        })?;
+        let bundle = carapace_proto::convert::bundle_from_wire(bundle).map_err(|e| {
+            refused(format!(
+                "the upstream server at {} sent a bad bundle: {e}",
+                self.server_address
+            ))
+        })?;
+        if bundle.trust_domain() != &self.td {
+            return Err(refused(format!(
+                "the upstream server at {} sent a bundle of trust domain {}, this server is in {}",
+                self.server_address,
+                bundle.trust_domain(),
+                self.td
+            )));
+        }
+        Ok(bundle)
     }
 
     /// The trust domain's bundle as the agent last delivered it (empty until the first
@@ -524,6 +566,105 @@ impl UpstreamAuthority for CarapaceUpstream {
     async fn x509_roots(&self) -> std::result::Result<Vec<Vec<u8>>, carapace_core::Error> {
         self.svid_by(Instant::now() + self.mint_timeout).await?;
         Ok(self.bundle.borrow().x509_authorities.clone())
+    }
+
+    async fn publish_jwt_key(
+        &self,
+        key: &carapace_core::JwtKey,
+    ) -> std::result::Result<Option<TrustBundle>, carapace_core::Error> {
+        let deadline = Instant::now() + self.mint_timeout;
+        let svid = self.svid_by(deadline).await?;
+        let mut client = UpstreamClient::new(self.channel(deadline).await?);
+        let call = client.publish_jwt_authority(PublishJwtAuthorityRequest {
+            key: Some(types::JwtKey {
+                kid: key.kid.clone(),
+                public_key: key.public_key_der.clone(),
+                expires_at: key.expires_at.unwrap_or(0),
+            }),
+        });
+        let answer = tokio::time::timeout_at(deadline, call)
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "the upstream server at {} did not answer within {}",
+                    self.server_address,
+                    carapace_core::limits::describe(self.mint_timeout)
+                ))
+            })?
+            .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))?
+            .into_inner();
+        self.bundle_of_answer(answer.bundle.as_ref()).map(Some)
+    }
+
+    async fn next_bundle(
+        &self,
+        known_sequence: u64,
+    ) -> std::result::Result<Option<TrustBundle>, carapace_core::Error> {
+        let mut watching = self.watching.lock().await;
+        if watching.is_none() {
+            let deadline = Instant::now() + self.mint_timeout;
+            let svid = self.svid_by(deadline).await?;
+            let mut client = UpstreamClient::new(self.channel(deadline).await?);
+            let call = client.watch_bundle(WatchBundleRequest { known_sequence });
+            let stream = tokio::time::timeout_at(deadline, call)
+                .await
+                .map_err(|_| {
+                    unavailable(format!(
+                        "the upstream server at {} did not answer within {}",
+                        self.server_address,
+                        carapace_core::limits::describe(self.mint_timeout)
+                    ))
+                })?
+                .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))?
+                .into_inner();
+            *watching = Some(stream);
+        }
+        loop {
+            let Some(stream) = watching.as_mut() else {
+                return Err(unavailable("the bundle stream is closed"));
+            };
+            let next = tokio::time::timeout(WATCH_SILENCE, stream.message()).await;
+            let bundle = match next {
+                Ok(Ok(Some(bundle))) => bundle,
+                Ok(Ok(None)) => {
+                    *watching = None;
+                    return Err(unavailable(format!(
+                        "the upstream server at {} ended the bundle stream",
+                        self.server_address
+                    )));
+                }
+                Ok(Err(s)) => {
+                    *watching = None;
+                    let caller = self
+                        .svid
+                        .borrow()
+                        .current
+                        .as_ref()
+                        .map(|c| c.spiffe_id.clone())
+                        .unwrap_or_else(|| self.server_id.clone());
+                    return Err(status_error(&self.server_address, &caller, &s));
+                }
+                Err(_) => {
+                    *watching = None;
+                    return Err(unavailable(format!(
+                        "the upstream server at {} sent nothing on the bundle stream for {}",
+                        self.server_address,
+                        carapace_core::limits::describe(WATCH_SILENCE)
+                    )));
+                }
+            };
+            if bundle.sequence == known_sequence {
+                // The liveness beat: the bundle held already.
+                continue;
+            }
+            match self.bundle_of_answer(Some(&bundle)) {
+                Ok(b) => return Ok(Some(b)),
+                Err(e) => {
+                    *watching = None;
+                    return Err(e);
+                }
+            }
+        }
     }
 }
 
