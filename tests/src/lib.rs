@@ -790,3 +790,36 @@ impl Agent {
         }
     }
 }
+
+/// What tests/python/scrape.py (Python's `prometheus_client` parsers) saw at `url`: the
+/// `/metrics` samples, or `/ready` and `/live` as plain HTTP.
+pub fn scrape(url: &str) -> serde_json::Value {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/scrape.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scraping {url} failed (is prometheus-client installed? `target/py/bin/pip install prometheus-client==0.26.0`, which scripts/test.sh does):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The value of the sample `name` whose labels include `labels`, if there is one.
+pub fn sample(scraped: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scraped["samples"].as_array().unwrap().iter().find_map(|s| {
+        (s["name"] == name
+            && labels
+                .iter()
+                .all(|(k, v)| s["labels"][*k].as_str() == Some(*v)))
+        .then(|| s["value"].as_f64().unwrap())
+    })
+}
+
+/// Like [`sample`], 0 when absent (a counter not yet touched).
+pub fn count(scraped: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(scraped, name, labels).unwrap_or(0.0)
+}

@@ -15,43 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_e2e::{
-    Agent, Lab, Server, ServerOptions, bin, eventually, free_port, now, py_fetch, python,
-    uid_selector,
+    Agent, Lab, Server, ServerOptions, bin, count, eventually, free_port, now, py_fetch, sample,
+    scrape, uid_selector,
 };
 use hsm_sim::softhsm::SoftHsm;
 use serde_json::Value;
-
-/// What tests/python/scrape.py saw at `url`.
-fn scrape(url: &str) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/scrape.py");
-    let out = Command::new(python())
-        .arg(script)
-        .arg(url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scraping {url} failed (is prometheus-client installed? `target/py/bin/pip install prometheus-client==0.26.0`, which scripts/test.sh does):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// The value of the sample `name` whose labels include `labels`, if there is one.
-fn sample(scraped: &Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scraped["samples"].as_array().unwrap().iter().find_map(|s| {
-        (s["name"] == name
-            && labels
-                .iter()
-                .all(|(k, v)| s["labels"][*k].as_str() == Some(*v)))
-        .then(|| s["value"].as_f64().unwrap())
-    })
-}
-
-/// Like [`sample`], 0 when absent (a counter not yet touched).
-fn count(scraped: &Value, name: &str, labels: &[(&str, &str)]) -> f64 {
-    sample(scraped, name, labels).unwrap_or(0.0)
-}
 
 fn write_config(lab: &Lab, name: &str, text: &str) -> PathBuf {
     let path = lab.path().join(format!("{name}.toml"));

@@ -14,62 +14,19 @@
     reason = "tests"
 )]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_core::bundle::{certs_from_pem, der_to_pem};
-use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, openssl_verify, uid_selector};
+use carapace_e2e::{Agent, Lab, Server, openssl_verify, uid_selector};
 
-const TD: &str = "example.org";
+#[path = "support/nested.rs"]
+mod support;
+use support::{
+    TD, downstream, downstream_entry, root, server_selectors, with_config, write_config,
+};
+
 const DOWNSTREAM_ID: &str = "spiffe://example.org/downstream/site-a";
 const WEB: &str = "spiffe://example.org/site-a/web";
-
-fn write_config(lab: &Lab, name: &str, text: &str) -> PathBuf {
-    let path = lab.path().join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn with_config(name: &str, config: &Path) -> ServerOptions {
-    ServerOptions {
-        name: Some(name.into()),
-        extra: vec!["--config".into(), config.display().to_string()],
-        ..ServerOptions::default()
-    }
-}
-
-/// The selectors of the downstream server process: its executable and its uid.
-fn server_selectors() -> Vec<String> {
-    let exe = std::fs::canonicalize(bin("carapace-server")).unwrap();
-    vec![format!("unix:path:{}", exe.display()), uid_selector()]
-}
-
-/// A root server of `td` that serves downstream servers (its CA lives 6 h, so a
-/// downstream CA gets at most 1 h).
-fn root(lab: &Lab, name: &str, td: &str) -> Server {
-    let config = write_config(
-        lab,
-        name,
-        &format!("trust_domain = \"{td}\"\nca_ttl = \"6h\"\n[downstream]\n"),
-    );
-    Server::start_opts(lab, with_config(name, &config))
-}
-
-/// The options of a downstream server of `example.org` under the server at `address`,
-/// through the agent socket `socket`. `ca_ttl` 1 h (what the root grants), SVIDs 5 min.
-fn downstream(lab: &Lab, name: &str, address: &str, socket: &Path) -> ServerOptions {
-    let config = write_config(
-        lab,
-        name,
-        &format!(
-            "trust_domain = \"{TD}\"\nca_ttl = \"1h\"\ndefault_x509_svid_ttl = \"5m\"\n\
-             [upstream_authority.carapace]\nserver_address = \"{address}\"\n\
-             workload_api_socket = \"{}\"\nmint_timeout = \"15s\"\n",
-            socket.display()
-        ),
-    );
-    with_config(name, &config)
-}
 
 fn sha256_hex(text: &str) -> String {
     let mut child = Command::new("sha256sum")
@@ -93,9 +50,7 @@ async fn a_downstream_server_is_certified_by_the_root_and_its_workloads_verify_t
     let lab = Lab::new();
     let root = root(&lab, "root", TD);
     let upper = Agent::start(&lab, &root, "upper-agent");
-    let selectors = server_selectors();
-    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
-    root.create_entry(&upper.id, DOWNSTREAM_ID, &selectors, &["--downstream"]);
+    downstream_entry(&root, &upper.id, DOWNSTREAM_ID, &[]);
 
     // The downstream server mints its CA as it starts: through the agent's Workload API
     // (its SVID) and the root's upstream API.
@@ -144,14 +99,7 @@ async fn a_downstream_server_mints_with_its_current_svid_after_rotation() {
     let lab = Lab::new();
     let root = root(&lab, "root", TD);
     let upper = Agent::start(&lab, &root, "upper-agent");
-    let selectors = server_selectors();
-    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
-    root.create_entry(
-        &upper.id,
-        DOWNSTREAM_ID,
-        &selectors,
-        &["--downstream", "--x509-svid-ttl", "10s"],
-    );
+    downstream_entry(&root, &upper.id, DOWNSTREAM_ID, &["--x509-svid-ttl", "10s"]);
     let down = Server::start_opts(
         &lab,
         downstream(&lab, "downstream", &root.address, &upper.socket),
@@ -253,13 +201,11 @@ async fn a_downstream_server_whose_agent_serves_another_trust_domain_refuses_to_
         "other-agent",
         &["--trust-domain".as_ref(), "other.test".as_ref()],
     );
-    let selectors = server_selectors();
-    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
-    other.create_entry(
+    downstream_entry(
+        &other,
         &agent.id,
         "spiffe://other.test/downstream/site-a",
-        &selectors,
-        &["--downstream"],
+        &[],
     );
     let mut down = Server::spawn_opts(
         &lab,

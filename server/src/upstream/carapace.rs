@@ -601,11 +601,15 @@ impl UpstreamAuthority for CarapaceUpstream {
         known_sequence: u64,
     ) -> std::result::Result<Option<TrustBundle>, carapace_core::Error> {
         let mut watching = self.watching.lock().await;
+        // A fresh stream asks for the bundle at once (sequence 0: "none held"), and its
+        // first message is returned whatever its sequence: the caller learns that the
+        // upstream server is back even when its bundle did not change meanwhile.
+        let mut fresh = false;
         if watching.is_none() {
             let deadline = Instant::now() + self.mint_timeout;
             let svid = self.svid_by(deadline).await?;
             let mut client = UpstreamClient::new(self.channel(deadline).await?);
-            let call = client.watch_bundle(WatchBundleRequest { known_sequence });
+            let call = client.watch_bundle(WatchBundleRequest { known_sequence: 0 });
             let stream = tokio::time::timeout_at(deadline, call)
                 .await
                 .map_err(|_| {
@@ -618,6 +622,7 @@ impl UpstreamAuthority for CarapaceUpstream {
                 .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))?
                 .into_inner();
             *watching = Some(stream);
+            fresh = true;
         }
         loop {
             let Some(stream) = watching.as_mut() else {
@@ -653,7 +658,7 @@ impl UpstreamAuthority for CarapaceUpstream {
                     )));
                 }
             };
-            if bundle.sequence == known_sequence {
+            if bundle.sequence == known_sequence && !fresh {
                 // The liveness beat: the bundle held already.
                 continue;
             }
