@@ -134,8 +134,9 @@ pub struct AuthorityView {
     pub expires_at: i64,
     /// Whether the operator tainted it.
     pub tainted: bool,
-    /// SHA-256 fingerprint of the upstream root that certified it; absent when
-    /// self-signed.
+    /// The fingerprint of the upstream authority that certified it (the root
+    /// certificate's SHA-256; for `carapace`, that of its upstream server's ID); absent
+    /// when self-signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
 }
@@ -193,8 +194,8 @@ impl Listed for AuthorityView {
         line(out, "Expires at", &rfc3339(self.expires_at));
         line(out, "Tainted", &self.tainted);
         match &self.upstream {
-            Some(fp) => line(out, "Upstream root", fp),
-            None => line(out, "Upstream root", &"none (self-signed)"),
+            Some(fp) => line(out, "Upstream", fp),
+            None => line(out, "Upstream", &"none (self-signed)"),
         }
     }
 }

@@ -637,7 +637,7 @@ fn localauthority_human_and_json_formats() {
          Status         : old\n  \
          Expires at     : 2030-01-01T00:00:00Z\n  \
          Tainted        : true\n  \
-         Upstream root  : none (self-signed)\n"
+         Upstream       : none (self-signed)\n"
     );
     let state = AuthorityStateView {
         active: Some(AuthorityView {
