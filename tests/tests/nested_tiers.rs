@@ -39,6 +39,7 @@ const SITE_A: &str = "spiffe://example.org/downstream/site-a";
 const SITE_B: &str = "spiffe://example.org/downstream/site-b";
 const WEB_A: &str = "spiffe://example.org/site-a/web";
 const WEB_B: &str = "spiffe://example.org/site-b/web";
+const WEB_A_NEXT: &str = "spiffe://example.org/site-a/web-next";
 /// How long a root rotation may take to reach every tier: WatchBundle pushes the root's
 /// bundle to the downstream servers at once, their agents sync every few seconds.
 const ROTATION_BOUND: Duration = Duration::from_secs(30);
@@ -490,5 +491,51 @@ async fn three_tiers_under_a_root_in_an_hsm_share_trust_both_ways() {
     for site in [&site_a, &site_b] {
         assert_eq!(cas(&site.bundle_pem()), after);
     }
+
+    // The rotation is usable down the tiers: the root activates its new CA; site-a
+    // prepares and activates a CA of its own (minted by the root, now under the new root
+    // CA); an SVID site-a signs from then on chains to the new root CA alone, and verifies
+    // against the bundle site-b's workload holds.
+    let prepared_id = prepared["authority_id"].as_str().unwrap();
+    root.cli_ok(&[
+        "localauthority",
+        "x509",
+        "activate",
+        "--authority-id",
+        prepared_id,
+    ]);
+    let site_prepared = site_a.cli_json(&["localauthority", "x509", "prepare"]);
+    site_a.cli_ok(&[
+        "localauthority",
+        "x509",
+        "activate",
+        "--authority-id",
+        site_prepared["authority_id"].as_str().unwrap(),
+    ]);
+    site_a.create_entry(&agent_a.id, WEB_A_NEXT, &[&uid_selector()], &[]);
+    agent_a.wait_for_svid(WEB_A_NEXT).await;
+    let next = agent_a.held_svid(WEB_A_NEXT).unwrap();
+    let chain = certs_from_pem(&next.chain_pem).unwrap();
+    assert_eq!(chain.len(), 2, "leaf + site-a's new CA: {}", next.chain_pem);
+    assert!(
+        !downstream_cas.contains(&chain[1]),
+        "signed by site-a's new CA"
+    );
+    let verified = openssl_verify(&lab, &next.chain_pem, &der_to_pem(&new_ca));
+    assert!(verified.contains(": OK"), "to the new root CA: {verified}");
+    let old_root = openssl_verify(&lab, &next.chain_pem, &root_pem);
+    assert!(
+        !old_root.contains(": OK"),
+        "not to the old root CA: {old_root}"
+    );
+    let site_b_bundle: String = held_bundle(&agent_b)
+        .iter()
+        .map(|c| der_to_pem(c))
+        .collect();
+    let verified = openssl_verify(&lab, &next.chain_pem, &site_b_bundle);
+    assert!(
+        verified.contains(": OK"),
+        "with site-b's workload's bundle: {verified}"
+    );
     eprintln!("done in {:?}", started.elapsed());
 }
