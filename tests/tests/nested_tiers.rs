@@ -22,19 +22,22 @@
 )]
 
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use carapace_core::bundle::{certs_from_pem, der_to_pem};
 use carapace_e2e::{
-    Agent, Lab, Server, ServerOptions, bin, eventually, free_port, openssl_verify, py_fetch,
-    python, uid_selector,
+    Agent, Lab, Server, ServerOptions, eventually, free_port, openssl_verify, py_fetch, python,
+    uid_selector,
 };
 use hsm_sim::softhsm::{SoftHsm, Token};
 use serde_json::Value;
 
-const TD: &str = "example.org";
+#[path = "support/nested.rs"]
+mod support;
+use support::{TD, downstream, downstream_entry, with_config, write_config};
+
 const SITE_A: &str = "spiffe://example.org/downstream/site-a";
 const SITE_B: &str = "spiffe://example.org/downstream/site-b";
 const WEB_A: &str = "spiffe://example.org/site-a/web";
@@ -50,26 +53,6 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn write_config(lab: &Lab, name: &str, text: &str) -> PathBuf {
-    let path = lab.path().join(format!("{name}.toml"));
-    std::fs::write(&path, format!("trust_domain = \"{TD}\"\n{text}")).unwrap();
-    path
-}
-
-fn with_config(name: &str, config: &Path) -> ServerOptions {
-    ServerOptions {
-        name: Some(name.into()),
-        extra: vec!["--config".into(), config.display().to_string()],
-        ..ServerOptions::default()
-    }
-}
-
-/// The selectors of a downstream server process: its executable and its uid.
-fn server_selectors() -> Vec<String> {
-    let exe = std::fs::canonicalize(bin("carapace-server")).unwrap();
-    vec![format!("unix:path:{}", exe.display()), uid_selector()]
-}
-
 /// The root: its CA (and JWT and TLS keys) in a SoftHSM2 token, serving downstream
 /// servers. Its CA lives 6 h, so a downstream CA gets at most 1 h.
 fn root(lab: &Lab, hsm: &SoftHsm, token: &Token) -> Server {
@@ -77,7 +60,7 @@ fn root(lab: &Lab, hsm: &SoftHsm, token: &Token) -> Server {
         lab,
         "root",
         &format!(
-            "ca_ttl = \"6h\"\n[downstream]\n[key_manager.pkcs11]\n\
+            "trust_domain = \"{TD}\"\nca_ttl = \"6h\"\n[downstream]\n[key_manager.pkcs11]\n\
              module = {:?}\ntoken_label = {:?}\npin_file = {:?}\n",
             hsm.module().display().to_string(),
             token.label,
@@ -91,22 +74,6 @@ fn root(lab: &Lab, hsm: &SoftHsm, token: &Token) -> Server {
             ..with_config("root", &config)
         },
     )
-}
-
-/// A downstream server `name` under the server at `address`, through the agent socket
-/// `socket`: its CA 1 h (what the root grants), SVIDs 5 min. Spawned, not yet healthy.
-fn spawn_downstream(lab: &Lab, name: &str, address: &str, socket: &Path) -> Server {
-    let config = write_config(
-        lab,
-        name,
-        &format!(
-            "ca_ttl = \"1h\"\ndefault_x509_svid_ttl = \"5m\"\n\
-             [upstream_authority.carapace]\nserver_address = \"{address}\"\n\
-             workload_api_socket = \"{}\"\nmint_timeout = \"15s\"\n",
-            socket.display()
-        ),
-    );
-    Server::spawn_opts(lab, with_config(name, &config))
 }
 
 /// Runs `pkcs11-tool` (logged in) against the token; returns its stdout.
@@ -333,14 +300,18 @@ async fn three_tiers_under_a_root_in_an_hsm_share_trust_both_ways() {
     // downstream server process under it.
     let upper_a = Agent::start(&lab, &root, "upper-a");
     let upper_b = Agent::start(&lab, &root, "upper-b");
-    let selectors = server_selectors();
-    let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
-    root.create_entry(&upper_a.id, SITE_A, &selectors, &["--downstream"]);
-    root.create_entry(&upper_b.id, SITE_B, &selectors, &["--downstream"]);
+    downstream_entry(&root, &upper_a.id, SITE_A, &[]);
+    downstream_entry(&root, &upper_b.id, SITE_B, &[]);
 
     // Both downstream servers start together; each mints its CA from the root at once.
-    let mut site_a = spawn_downstream(&lab, "site-a", &root.address, &upper_a.socket);
-    let mut site_b = spawn_downstream(&lab, "site-b", &root.address, &upper_b.socket);
+    let mut site_a = Server::spawn_opts(
+        &lab,
+        downstream(&lab, "site-a", &root.address, &upper_a.socket),
+    );
+    let mut site_b = Server::spawn_opts(
+        &lab,
+        downstream(&lab, "site-b", &root.address, &upper_b.socket),
+    );
     site_a.wait_healthy();
     site_b.wait_healthy();
 
