@@ -34,16 +34,13 @@ use carapace_e2e::{
 };
 use serde_json::Value;
 
+#[path = "support/py_peers.rs"]
+mod py_peers;
+use py_peers::{KillOnDrop, dial_mtls, py_jwt, script, serve_mtls};
+
 /// The refresh hint both bundle endpoints serve, and the servers' polling floor.
 const HINT_SECS: u64 = 2;
 
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(name)
-}
-
-/// Starts server `name` for trust domain `td` with `config` (TOML) as its config file.
 fn server(lab: &Lab, name: &str, td: &str, config: &str) -> Server {
     let path = lab.path().join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
@@ -120,79 +117,6 @@ fn federation(server: &Server, td: &str) -> Value {
     server.cli_json(&["federation", "show", "--trust-domain", td])
 }
 
-/// A `spiffetls_peer.py serve` on `address` for the workload of `agent`, accepting
-/// `client_id`; returns once it listens.
-fn serve_mtls(lab: &Lab, agent: &Agent, address: &str, client_id: &str) -> std::process::Child {
-    let mut child = Command::new(python())
-        .arg(script("spiffetls_peer.py"))
-        .arg("serve")
-        .arg(&agent.socket)
-        .arg(address)
-        .arg(client_id)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(lab.path().join("mtls-server.err")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(
-        line.trim(),
-        "listening",
-        "the spiffe-tls server did not start: {}",
-        std::fs::read_to_string(lab.path().join("mtls-server.err")).unwrap_or_default()
-    );
-    child
-}
-
-/// One `spiffetls_peer.py dial` from the workload of `agent`: Ok(the server's answer), or
-/// Err(why the TLS connection was refused).
-fn dial_mtls(
-    agent: &Agent,
-    address: &str,
-    server_id: &str,
-    message: &str,
-) -> Result<String, String> {
-    let out = Command::new(python())
-        .arg(script("spiffetls_peer.py"))
-        .arg("dial")
-        .arg(&agent.socket)
-        .arg(address)
-        .arg(server_id)
-        .arg(message)
-        .output()
-        .unwrap();
-    match out.status.code() {
-        Some(0) => {
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            Ok(v["answer"].as_str().unwrap().to_owned())
-        }
-        Some(3) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-        _ => panic!(
-            "spiffetls_peer.py dial failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
-
-/// `jwt_client.py <socket> <args>` (py-spiffe) as the workload of `agent`: its JSON, or
-/// its refusal.
-fn py_jwt(agent: &Agent, args: &[&str]) -> Result<Value, String> {
-    let out = Command::new(python())
-        .arg(script("jwt_client.py"))
-        .arg(&agent.socket)
-        .args(args)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(serde_json::from_slice(&out.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 /// The web PKI of b.test's `https_web` endpoint, made with openssl: (CA file, certificate
 /// chain, key) for `localhost`.
 fn web_pki(lab: &Lab) -> (PathBuf, PathBuf, PathBuf) {
@@ -205,15 +129,6 @@ fn web_pki(lab: &Lab) -> (PathBuf, PathBuf, PathBuf) {
 fn hsm_sim_tls(dir: &Path) -> (PathBuf, PathBuf) {
     hsm_sim::tls::make_ca_and_server_cert(dir, &["localhost"])
         .unwrap_or_else(|e| panic!("{e} (install openssl: apt-get install -y openssl)"))
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -312,12 +227,7 @@ async fn two_trust_domains_federate_both_ways_and_a_third_is_refused() {
 
     // Mutual TLS through spiffe-tls: a.test serves, b.test dials, each pins the other.
     let address = format!("127.0.0.1:{mtls_port}");
-    let _mtls_server = KillOnDrop(serve_mtls(
-        &lab,
-        &a_agent,
-        &address,
-        "spiffe://b.test/client",
-    ));
+    let _mtls_server = serve_mtls(&lab, &a_agent, &address, "spiffe://b.test/client");
     assert_eq!(
         dial_mtls(&b_agent, &address, "spiffe://a.test/server", "hello").unwrap(),
         "spiffe://a.test/server got: hello"

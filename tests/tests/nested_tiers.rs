@@ -21,21 +21,22 @@
     reason = "tests"
 )]
 
-use std::io::{BufRead as _, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use carapace_core::bundle::{certs_from_pem, der_to_pem};
 use carapace_e2e::{
-    Agent, Lab, Server, ServerOptions, eventually, free_port, openssl_verify, py_fetch, python,
+    Agent, Lab, Server, ServerOptions, eventually, free_port, openssl_verify, py_fetch,
     uid_selector,
 };
 use hsm_sim::softhsm::{SoftHsm, Token};
 use serde_json::Value;
 
+#[path = "support/py_peers.rs"]
+mod py_peers;
 #[path = "support/nested.rs"]
 mod support;
+use py_peers::{dial_mtls, py_jwt, serve_mtls};
 use support::{TD, downstream, downstream_entry, with_config, write_config};
 
 const SITE_A: &str = "spiffe://example.org/downstream/site-a";
@@ -46,12 +47,6 @@ const WEB_A_NEXT: &str = "spiffe://example.org/site-a/web-next";
 /// How long a root rotation may take to reach every tier: WatchBundle pushes the root's
 /// bundle to the downstream servers at once, their agents sync every few seconds.
 const ROTATION_BOUND: Duration = Duration::from_secs(30);
-
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("python")
-        .join(name)
-}
 
 /// The root: its CA (and JWT and TLS keys) in a SoftHSM2 token, serving downstream
 /// servers. Its CA lives 6 h, so a downstream CA gets at most 1 h.
@@ -183,91 +178,6 @@ fn held_bundle(agent: &Agent) -> Vec<Vec<u8>> {
     );
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     cas(doc["svids"][0]["bundle_pem"].as_str().unwrap())
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A `spiffetls_peer.py serve` on `address` for the workload of `agent`, accepting
-/// `client_id` only; returns once it listens.
-fn serve_mtls(lab: &Lab, agent: &Agent, address: &str, client_id: &str) -> KillOnDrop {
-    let err = lab
-        .path()
-        .join(format!("mtls-{}.err", address.replace(':', "-")));
-    let mut child = Command::new(python())
-        .arg(script("spiffetls_peer.py"))
-        .arg("serve")
-        .arg(&agent.socket)
-        .arg(address)
-        .arg(client_id)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(
-        line.trim(),
-        "listening",
-        "the spiffe-tls server did not start: {}",
-        std::fs::read_to_string(&err).unwrap_or_default()
-    );
-    KillOnDrop(child)
-}
-
-/// One `spiffetls_peer.py dial` from the workload of `agent`, authorizing `server_id`:
-/// Ok(the server's answer), or Err(why the TLS connection was refused).
-fn dial_mtls(
-    agent: &Agent,
-    address: &str,
-    server_id: &str,
-    message: &str,
-) -> Result<String, String> {
-    let out = Command::new(python())
-        .arg(script("spiffetls_peer.py"))
-        .arg("dial")
-        .arg(&agent.socket)
-        .arg(address)
-        .arg(server_id)
-        .arg(message)
-        .output()
-        .unwrap();
-    match out.status.code() {
-        Some(0) => {
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            Ok(v["answer"].as_str().unwrap().to_owned())
-        }
-        Some(3) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
-        _ => panic!(
-            "spiffetls_peer.py dial failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
-
-/// `jwt_client.py <socket> <args>` (py-spiffe) as a workload of `agent`: its JSON, or its
-/// refusal.
-fn py_jwt(agent: &Agent, args: &[&str]) -> Result<Value, String> {
-    let out = Command::new(python())
-        .arg(script("jwt_client.py"))
-        .arg(&agent.socket)
-        .args(args)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(serde_json::from_slice(&out.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 /// A JWT-SVID for `audience` this process gets from `agent`.
