@@ -63,6 +63,45 @@ pub struct PeerInfo {
     pub connection: ConnectionHandle,
 }
 
+impl PeerInfo {
+    /// The SPIFFE ID of the workload SVID `peer` presented, if it may still act at `now`
+    /// (unix seconds) under `bundle`: presented (else `none_presented`), not an agent's
+    /// or a server's (`/spire/...`: `reserved` says what such SVIDs never do), not
+    /// expired, still chaining to the current bundle. Else why not. What the caller may
+    /// do is the caller's to check (an entry marked `admin`, `downstream`).
+    pub fn workload_svid(
+        peer: Option<&PeerInfo>,
+        bundle: &carapace_core::TrustBundle,
+        now: i64,
+        none_presented: &str,
+        reserved: &str,
+    ) -> std::result::Result<SpiffeId, String> {
+        let svid = peer
+            .and_then(|p| p.svid.as_ref())
+            .ok_or_else(|| none_presented.to_owned())?;
+        let id = &svid.id;
+        if id.is_reserved() {
+            let what = if id.is_agent() {
+                "an agent's SVID"
+            } else {
+                "under the reserved /spire path"
+            };
+            return Err(format!("{id} is {what}; {reserved}"));
+        }
+        if now >= svid.not_after {
+            return Err(format!(
+                "the client SVID {id} expired at {}",
+                carapace_core::clock::rfc3339(svid.not_after)
+            ));
+        }
+        let now_u = u64::try_from(now).unwrap_or(0);
+        carapace_core::x509svid::verify_chain(&svid.chain, bundle, now_u).map_err(|e| {
+            format!("the client SVID {id} is no longer valid under the trust bundle: {e}")
+        })?;
+        Ok(id.clone())
+    }
+}
+
 impl HasConnection for PeerInfo {
     fn connection(&self) -> &ConnectionHandle {
         &self.connection

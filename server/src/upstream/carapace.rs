@@ -281,6 +281,27 @@ impl CarapaceUpstream {
         })
     }
 
+    /// The answer to `call`, made as `svid`, by `deadline`: a timeout or a gRPC error
+    /// becomes a core error naming the upstream server.
+    async fn answer<T>(
+        &self,
+        deadline: Instant,
+        svid: &CurrentSvid,
+        call: impl std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    ) -> std::result::Result<T, carapace_core::Error> {
+        tokio::time::timeout_at(deadline, call)
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "the upstream server at {} did not answer within {}",
+                    self.server_address,
+                    carapace_core::limits::describe(self.mint_timeout)
+                ))
+            })?
+            .map(tonic::Response::into_inner)
+            .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))
+    }
+
     /// The upstream server's bundle from its answer, refused unless it is of this
     /// server's trust domain.
     fn bundle_of_answer(
@@ -531,17 +552,7 @@ impl UpstreamAuthority for CarapaceUpstream {
             preferred_ttl_seconds: req.ttl.as_secs(),
             path_len: u32::from(req.path_len),
         });
-        let answer = tokio::time::timeout_at(deadline, call)
-            .await
-            .map_err(|_| {
-                unavailable(format!(
-                    "the upstream server at {} did not answer within {}",
-                    self.server_address,
-                    carapace_core::limits::describe(self.mint_timeout)
-                ))
-            })?
-            .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))?
-            .into_inner();
+        let answer = self.answer(deadline, &svid, call).await?;
         let minted = check_minted(
             &self.td,
             &self.server_address,
@@ -582,17 +593,7 @@ impl UpstreamAuthority for CarapaceUpstream {
                 expires_at: key.expires_at.unwrap_or(0),
             }),
         });
-        let answer = tokio::time::timeout_at(deadline, call)
-            .await
-            .map_err(|_| {
-                unavailable(format!(
-                    "the upstream server at {} did not answer within {}",
-                    self.server_address,
-                    carapace_core::limits::describe(self.mint_timeout)
-                ))
-            })?
-            .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))?
-            .into_inner();
+        let answer = self.answer(deadline, &svid, call).await?;
         self.bundle_of_answer(answer.bundle.as_ref()).map(Some)
     }
 
@@ -610,17 +611,7 @@ impl UpstreamAuthority for CarapaceUpstream {
             let svid = self.svid_by(deadline).await?;
             let mut client = UpstreamClient::new(self.channel(deadline).await?);
             let call = client.watch_bundle(WatchBundleRequest { known_sequence: 0 });
-            let stream = tokio::time::timeout_at(deadline, call)
-                .await
-                .map_err(|_| {
-                    unavailable(format!(
-                        "the upstream server at {} did not answer within {}",
-                        self.server_address,
-                        carapace_core::limits::describe(self.mint_timeout)
-                    ))
-                })?
-                .map_err(|s| status_error(&self.server_address, &svid.spiffe_id, &s))?
-                .into_inner();
+            let stream = self.answer(deadline, &svid, call).await?;
             *watching = Some(stream);
             fresh = true;
         }

@@ -45,34 +45,17 @@ impl Authorizer {
     /// The caller's SPIFFE ID if it may call the upstream API at `now` (unix seconds);
     /// else why not.
     pub fn authorize(&self, peer: Option<&PeerInfo>, now: i64) -> Result<SpiffeId, String> {
-        let svid = peer.and_then(|p| p.svid.as_ref()).ok_or_else(|| {
-            "the upstream API requires the X509-SVID of a registration entry marked \
-             downstream as client certificate; none was presented"
-                .to_owned()
-        })?;
-        let id = &svid.id;
-        if id.is_reserved() {
-            let what = if id.is_agent() {
-                "an agent's SVID"
-            } else {
-                "under the reserved /spire path"
-            };
-            return Err(format!(
-                "{id} is {what}; agent and server SVIDs are not downstream servers' \
-                 (a downstream server calls with the workload SVID its agent gives it)"
-            ));
-        }
-        if now >= svid.not_after {
-            return Err(format!(
-                "the client SVID {id} expired at {}",
-                carapace_core::clock::rfc3339(svid.not_after)
-            ));
-        }
         let bundle = self.bundle.borrow().clone();
-        let now_u = u64::try_from(now).unwrap_or(0);
-        carapace_core::x509svid::verify_chain(&svid.chain, &bundle, now_u).map_err(|e| {
-            format!("the client SVID {id} is no longer valid under the trust bundle: {e}")
-        })?;
+        let id = PeerInfo::workload_svid(
+            peer,
+            &bundle,
+            now,
+            "the upstream API requires the X509-SVID of a registration entry marked \
+             downstream as client certificate; none was presented",
+            "agent and server SVIDs are not downstream servers' (a downstream server calls \
+             with the workload SVID its agent gives it)",
+        )?;
+        let id = &id;
         if !self.cache.has_downstream_entry(id, now) {
             return Err(format!(
                 "{id} has no registration entry marked downstream; create one with \

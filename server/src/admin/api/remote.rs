@@ -57,33 +57,16 @@ impl RemoteAdmin {
 
     /// Who is calling, if they may administer at `now` (unix seconds); else why not.
     pub(super) fn authorize(&self, peer: Option<&PeerInfo>, now: i64) -> Result<SpiffeId, String> {
-        let svid = peer.and_then(|p| p.svid.as_ref()).ok_or_else(|| {
-            "the admin API on this port requires an X509-SVID of an admin entry as client \
-             certificate; none was presented"
-                .to_owned()
-        })?;
-        let id = &svid.id;
-        if id.is_reserved() {
-            let what = if id.is_agent() {
-                "an agent's SVID"
-            } else {
-                "under the reserved /spire path"
-            };
-            return Err(format!(
-                "{id} is {what}; agent and server SVIDs never administer"
-            ));
-        }
-        if now >= svid.not_after {
-            return Err(format!(
-                "the client SVID {id} expired at {}",
-                carapace_core::clock::rfc3339(svid.not_after)
-            ));
-        }
         let bundle = self.bundle.borrow().clone();
-        let now_u = u64::try_from(now).unwrap_or(0);
-        carapace_core::x509svid::verify_chain(&svid.chain, &bundle, now_u).map_err(|e| {
-            format!("the client SVID {id} is no longer valid under the trust bundle: {e}")
-        })?;
+        let id = PeerInfo::workload_svid(
+            peer,
+            &bundle,
+            now,
+            "the admin API on this port requires an X509-SVID of an admin entry as client \
+             certificate; none was presented",
+            "agent and server SVIDs never administer",
+        )?;
+        let id = &id;
         if !self.cache.has_admin_entry(id, now) {
             return Err(format!(
                 "{id} is not the SPIFFE ID of any registration entry marked admin"
