@@ -823,3 +823,44 @@ pub fn sample(scraped: &serde_json::Value, name: &str, labels: &[(&str, &str)]) 
 pub fn count(scraped: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> f64 {
     sample(scraped, name, labels).unwrap_or(0.0)
 }
+
+/// An X509-SVID, its key and the bundle, as files.
+#[derive(Debug, Clone)]
+pub struct SvidFiles {
+    /// The SVID's chain, PEM.
+    pub svid: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// The trust bundle, PEM.
+    pub bundle: PathBuf,
+}
+
+impl Agent {
+    /// The SVID for `spiffe_id` among those `carapace-agent api fetch x509 --write dir`
+    /// wrote for this process (the agent's JSON says which file holds which).
+    pub fn fetch_files(&self, dir: &Path, spiffe_id: &str) -> SvidFiles {
+        let out = self.fetch(&["--write", dir.to_str().unwrap(), "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let i = doc["svids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|s| s["spiffe_id"] == spiffe_id)
+            .unwrap_or_else(|| panic!("no SVID for {spiffe_id}: {doc}"));
+        let (svid, key) = if i == 0 {
+            ("svid.pem".to_owned(), "svid.key".to_owned())
+        } else {
+            (format!("svid.{i}.pem"), format!("svid.{i}.key"))
+        };
+        SvidFiles {
+            svid: dir.join(svid),
+            key: dir.join(key),
+            bundle: dir.join("bundle.pem"),
+        }
+    }
+}

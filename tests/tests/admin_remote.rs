@@ -12,13 +12,12 @@
     reason = "tests"
 )]
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use carapace_core::TrustBundle;
-use carapace_e2e::{Agent, Lab, Server, bin, td, uid_selector};
+use carapace_e2e::{Agent, Lab, Server, SvidFiles, bin, td, uid_selector};
 use carapace_proto::admin::admin_client::AdminClient;
 use carapace_proto::admin::{ListAgentsRequest, ListEntriesRequest};
 use tonic::Code;
@@ -29,42 +28,6 @@ const WEB_ID: &str = "spiffe://example.org/web";
 /// Where the remote commands are told the admin socket is: nowhere, so a command that
 /// succeeds went over TLS.
 const NO_SOCKET: &str = "/nonexistent/carapace-admin-remote/admin.sock";
-
-/// An X509-SVID, its key and the bundle, as files.
-#[derive(Debug, Clone)]
-struct SvidFiles {
-    svid: PathBuf,
-    key: PathBuf,
-    bundle: PathBuf,
-}
-
-/// The SVID for `spiffe_id` among those `carapace-agent api fetch x509 --write dir`
-/// wrote for this process (the agent's JSON says which file holds which).
-fn fetched(agent: &Agent, dir: &Path, spiffe_id: &str) -> SvidFiles {
-    let out = agent.fetch(&["--write", dir.to_str().unwrap(), "--output", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let i = doc["svids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|s| s["spiffe_id"] == spiffe_id)
-        .unwrap_or_else(|| panic!("no SVID for {spiffe_id}: {doc}"));
-    let (svid, key) = if i == 0 {
-        ("svid.pem".to_owned(), "svid.key".to_owned())
-    } else {
-        (format!("svid.{i}.pem"), format!("svid.{i}.key"))
-    };
-    SvidFiles {
-        svid: dir.join(svid),
-        key: dir.join(key),
-        bundle: dir.join("bundle.pem"),
-    }
-}
 
 /// `carapace-server <args> --server-address ... --svid ... --svid-key ... --bundle ...`.
 fn remote(server: &Server, files: &SvidFiles, args: &[&str]) -> Output {
@@ -136,8 +99,8 @@ async fn setup(lab: &Lab) -> (Server, Agent, String, SvidFiles, SvidFiles) {
     agent.wait_for_svid(ADMIN_ID).await;
     agent.wait_for_svid(WEB_ID).await;
     let dir = lab.path().join("workload");
-    let admin = fetched(&agent, &dir, ADMIN_ID);
-    let web = fetched(&agent, &dir, WEB_ID);
+    let admin = agent.fetch_files(&dir, ADMIN_ID);
+    let web = agent.fetch_files(&dir, WEB_ID);
     (server, agent, admin_entry, admin, web)
 }
 

@@ -22,14 +22,16 @@
     reason = "tests"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use carapace_core::TrustBundle;
 use carapace_core::bundle::{certs_from_pem, der_to_pem};
-use carapace_e2e::{Agent, Lab, Server, free_port, now, openssl_verify, td, uid_selector};
+use carapace_e2e::{
+    Agent, Lab, Server, SvidFiles, free_port, now, openssl_verify, td, uid_selector,
+};
 use carapace_proto::carapace::types::v1::JwtKey;
 use carapace_proto::carapace::upstream::v1::upstream_client::UpstreamClient;
 use carapace_proto::carapace::upstream::v1::{
@@ -45,42 +47,6 @@ const WEB_ID: &str = "spiffe://example.org/web";
 const TD_URI: &str = "spiffe://example.org";
 /// `[downstream] ca_ttl_max` of the test's server.
 const CA_TTL_MAX: u64 = 3600;
-
-/// An X509-SVID, its key and the bundle, as files.
-#[derive(Debug, Clone)]
-struct SvidFiles {
-    svid: PathBuf,
-    key: PathBuf,
-    bundle: PathBuf,
-}
-
-/// The SVID for `spiffe_id` among those `carapace-agent api fetch x509 --write dir`
-/// wrote for this process (the agent's JSON says which file holds which).
-fn fetched(agent: &Agent, dir: &Path, spiffe_id: &str) -> SvidFiles {
-    let out = agent.fetch(&["--write", dir.to_str().unwrap(), "--output", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let i = doc["svids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .position(|s| s["spiffe_id"] == spiffe_id)
-        .unwrap_or_else(|| panic!("no SVID for {spiffe_id}: {doc}"));
-    let (svid, key) = if i == 0 {
-        ("svid.pem".to_owned(), "svid.key".to_owned())
-    } else {
-        (format!("svid.{i}.pem"), format!("svid.{i}.key"))
-    };
-    SvidFiles {
-        svid: dir.join(svid),
-        key: dir.join(key),
-        bundle: dir.join("bundle.pem"),
-    }
-}
 
 /// The agent's own SVID and key (what a thief of the node's identity holds).
 fn agent_files(lab: &Lab, agent: &Agent, bundle: &Path) -> SvidFiles {
@@ -210,9 +176,9 @@ async fn downstream_entries_get_cas_within_the_grant_and_everyone_else_is_refuse
         agent.wait_for_svid(id).await;
     }
     let dir = lab.path().join("workload");
-    let site_a = fetched(&agent, &dir, SITE_A);
-    let site_b = fetched(&agent, &dir, SITE_B);
-    let web = fetched(&agent, &dir, WEB_ID);
+    let site_a = agent.fetch_files(&dir, SITE_A);
+    let site_b = agent.fetch_files(&dir, SITE_B);
+    let web = agent.fetch_files(&dir, WEB_ID);
     let mut a = client(&server, &site_a).await;
     let mut b = client(&server, &site_b).await;
 
