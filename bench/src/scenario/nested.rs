@@ -58,15 +58,16 @@ pub const CHILD_FLAG: &str = "--nested-sign-child";
 const DOWNSTREAM_ID: &str = "spiffe://example.org/downstream/bench";
 
 /// The root's CA lifetime; `[downstream] ca_ttl_max` is its default, a sixth of it.
-const ROOT_CA_TTL: &str = "24h";
-/// The downstream's CA lifetime: what the root grants.
-const DOWNSTREAM_CA_TTL: &str = "4h";
+const ROOT_CA_TTL: &str = "36h";
+/// The downstream's CA lifetime: what the root grants, and six times the SVID lifetime
+/// (the default 1 h on both servers, which a server requires to be at most `ca_ttl`/6).
+const DOWNSTREAM_CA_TTL: &str = "6h";
 
 /// Part 1's grant, as `[downstream]` with `max_depth = 1` and the default `ca_ttl_max`.
 fn grant() -> Downstream {
     Downstream {
         max_depth: 1,
-        ca_ttl_max: Duration::from_secs(4 * 3600),
+        ca_ttl_max: Duration::from_secs(6 * 3600),
     }
 }
 
@@ -196,7 +197,7 @@ pub async fn sign_latencies(km: Arc<dyn KeyManager>, calls: usize) -> Result<Vec
     let ds = Datastore::open_in_memory().await?;
     let td = TrustDomain::new(TRUST_DOMAIN)?;
     let settings = CaSettings {
-        ca_ttl: Duration::from_secs(86_400),
+        ca_ttl: Duration::from_secs(36 * 3600),
         key_type: KeyType::EcP256,
         organization: "Carapace".into(),
         country: "US".into(),
