@@ -26,6 +26,8 @@ pub mod node_attestor;
 pub mod oidc;
 pub mod server_svid;
 pub mod sync_diff;
+#[cfg(test)]
+mod test_support;
 pub mod upstream;
 pub mod upstream_api;
 

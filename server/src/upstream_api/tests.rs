@@ -5,49 +5,24 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use carapace_common::listener::ConnectionHandle;
 use carapace_core::clock::unix_now;
-use carapace_core::plugin::{KeySigner, TLS_EXPORTER_LEN};
+use carapace_core::plugin::KeySigner;
 use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId, TrustDomain};
-use carapace_keymanager_soft::{MemoryKeyManager, SoftKey, generate_pkcs8};
+use carapace_keymanager_soft::{SoftKey, generate_pkcs8};
 use tokio::sync::mpsc;
 use tonic::Code;
 
 use super::auth::{Authorizer, RateLimiter};
 use super::watch::Watcher;
-use crate::ca::{CaManager, CaSettings, SubjectKey};
-use crate::datastore::Datastore;
+use crate::ca::{CaManager, SubjectKey};
 use crate::entry_cache::EntryCache;
-use crate::node_api::{PeerInfo, PeerSvid, TlsExporter};
+use crate::test_support::{new_ca, peer};
 
 const AGENT: &str = "spiffe://example.org/spire/agent/join_token/0011223344556677";
 const SITE: &str = "spiffe://example.org/downstream/site-a";
 
-async fn new_ca() -> (Arc<CaManager>, Datastore) {
-    let ds = Datastore::open_in_memory().await.unwrap();
-    let ca = CaManager::load(
-        TrustDomain::new("example.org").unwrap(),
-        Arc::new(MemoryKeyManager::new()),
-        None,
-        ds.clone(),
-        CaSettings {
-            ca_ttl: Duration::from_secs(24 * 3600),
-            key_type: KeyType::EcP256,
-            organization: "Carapace".into(),
-            country: "US".into(),
-            jwt_key_type: KeyType::EcP256,
-            server_id: "server-1".into(),
-            path_len: 0,
-        },
-        unix_now(),
-    )
-    .await
-    .unwrap();
-    (ca, ds)
-}
-
 async fn setup() -> (Authorizer, Arc<EntryCache>, Arc<CaManager>) {
-    let (ca, ds) = new_ca().await;
+    let (ca, ds) = new_ca("example.org").await;
     let cache = EntryCache::load(TrustDomain::new("example.org").unwrap(), ds)
         .await
         .unwrap();
@@ -68,25 +43,6 @@ async fn svid(ca: &Arc<CaManager>, id: &str, ttl: u64) -> Vec<Vec<u8>> {
     .await
     .unwrap()
     .chain
-}
-
-/// The connection info of a caller presenting `chain` (as the listener records it).
-fn peer(chain: Option<&[Vec<u8>]>) -> PeerInfo {
-    let svid = chain.map(|chain| {
-        let leaf = &chain[0];
-        PeerSvid {
-            id: carapace_core::x509svid::check_leaf(leaf).unwrap(),
-            serial_hex: hex::encode(carapace_core::x509svid::serial_of(leaf).unwrap()),
-            not_after: carapace_core::x509svid::validity_of(leaf).unwrap().1,
-            chain: chain.to_vec().into(),
-        }
-    });
-    PeerInfo {
-        remote: "127.0.0.1:4000".parse().unwrap(),
-        svid,
-        tls_exporter: TlsExporter([0; TLS_EXPORTER_LEN]),
-        connection: ConnectionHandle::new(None),
-    }
 }
 
 fn entry(
@@ -186,7 +142,7 @@ async fn every_call_needs_an_unexpired_svid_under_the_bundle_of_an_unexpired_dow
     assert!(err.contains("is under the reserved /spire path"), "{err}");
 
     // An SVID of another CA of the same trust domain (not in this bundle).
-    let (other, _) = new_ca().await;
+    let (other, _) = new_ca("example.org").await;
     let foreign = svid(&other, SITE, 3600).await;
     let err = auth
         .authorize(Some(&peer(Some(&foreign))), now)

@@ -7,9 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use carapace_common::listener::ConnectionHandle;
 use carapace_core::clock::unix_now;
-use carapace_core::plugin::{KeySigner, TLS_EXPORTER_LEN};
+use carapace_core::plugin::KeySigner;
 use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId};
 use carapace_keymanager_soft::{SoftKey, generate_pkcs8};
 
@@ -18,7 +17,7 @@ use super::test_support::{AGENT, new_admin_api, new_ca};
 use crate::admin::cli::{RemoteFlags, check_address, remote_tls};
 use crate::ca::{CaManager, SubjectKey};
 use crate::entry_cache::EntryCache;
-use crate::node_api::{PeerInfo, PeerSvid, TlsExporter};
+use crate::test_support::peer;
 
 const OPS: &str = "spiffe://example.org/ops";
 
@@ -42,25 +41,6 @@ async fn svid(ca: &Arc<CaManager>, id: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
         .await
         .unwrap();
     (issued.chain, pkcs8.to_vec())
-}
-
-/// The connection info of a caller presenting `chain` (as the listener records it).
-fn peer(chain: Option<&[Vec<u8>]>) -> PeerInfo {
-    let svid = chain.map(|chain| {
-        let leaf = &chain[0];
-        PeerSvid {
-            id: carapace_core::x509svid::check_leaf(leaf).unwrap(),
-            serial_hex: hex::encode(carapace_core::x509svid::serial_of(leaf).unwrap()),
-            not_after: carapace_core::x509svid::validity_of(leaf).unwrap().1,
-            chain: chain.to_vec().into(),
-        }
-    });
-    PeerInfo {
-        remote: "127.0.0.1:4000".parse().unwrap(),
-        svid,
-        tls_exporter: TlsExporter([0; TLS_EXPORTER_LEN]),
-        connection: ConnectionHandle::new(None),
-    }
 }
 
 /// An entry for `spiffe_id` under the agent; `id` also makes its selector, so entries

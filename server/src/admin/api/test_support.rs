@@ -5,42 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use carapace_core::clock::unix_now;
-use carapace_core::{KeyType, TrustDomain};
-use carapace_keymanager_soft::MemoryKeyManager;
+use carapace_core::TrustDomain;
 
 use super::{AdminApi, AdminSettings};
-use crate::ca::{CaManager, CaSettings};
-use crate::datastore::Datastore;
+use crate::ca::CaManager;
 use crate::entry_cache::EntryCache;
+pub(super) use crate::test_support::new_ca;
 
 /// The agent the tests' entries are under.
 pub(super) const AGENT: &str = "spiffe://example.org/spire/agent/join_token/0011223344556677";
-
-/// A CA for `td` (EC P-256, a day) over a new in-memory datastore, with its keys in a
-/// new in-memory key manager: two calls give two CAs with different keys.
-pub(super) async fn new_ca(td: &str) -> (Arc<CaManager>, Datastore) {
-    let ds = Datastore::open_in_memory().await.unwrap();
-    let ca = CaManager::load(
-        TrustDomain::new(td).unwrap(),
-        Arc::new(MemoryKeyManager::new()),
-        None,
-        ds.clone(),
-        CaSettings {
-            ca_ttl: Duration::from_secs(24 * 3600),
-            key_type: KeyType::EcP256,
-            organization: "Carapace".into(),
-            country: "US".into(),
-            jwt_key_type: KeyType::EcP256,
-            server_id: "server-1".into(),
-            path_len: 0,
-        },
-        unix_now(),
-    )
-    .await
-    .unwrap();
-    (ca, ds)
-}
 
 /// An [`AdminApi`] for `example.org` (SVIDs an hour, join tokens ten minutes by
 /// default) over a new CA and an entry cache on the CA's datastore.
