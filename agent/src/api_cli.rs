@@ -18,35 +18,17 @@ use carapace_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, X509BundlesRequest, X509svid,
     X509svidRequest, X509svidResponse,
 };
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::Zeroizing;
 
-use crate::workload_api::SECURITY_HEADER;
 use crate::{Error, Result};
 
 /// How long [`healthcheck`] waits for the agent in total.
 const HEALTHCHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Adds `workload.spiffe.io: true` to every request.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SecurityHeader;
-
-impl Interceptor for SecurityHeader {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        request.metadata_mut().insert(
-            SECURITY_HEADER,
-            tonic::metadata::MetadataValue::from_static("true"),
-        );
-        Ok(request)
-    }
-}
-
-/// A Workload API client that sends the security header on every request.
-pub type WorkloadClient = SpiffeWorkloadApiClient<InterceptedService<Channel, SecurityHeader>>;
+pub use carapace_proto::workload_client::{SecurityHeader, WorkloadClient};
 
 /// A gRPC channel over the Unix socket `socket_path` (no security header).
 pub(crate) async fn channel(socket_path: &Path) -> Result<Channel> {

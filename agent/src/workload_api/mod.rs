@@ -71,7 +71,7 @@ use crate::node_client::ServerLink;
 use crate::{Error, Result};
 
 /// The security header every Workload API request must carry.
-pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+pub use carapace_proto::workload_client::SECURITY_HEADER;
 
 /// Messages buffered per stream before the sender waits for the client.
 const STREAM_BUFFER: usize = 4;
