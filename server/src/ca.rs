@@ -17,6 +17,14 @@
 //! under which upstream root (fingerprint) it was minted, so switching to or from an
 //! upstream, or to a new root, retires the old CAs cleanly: their bundle certificates
 //! stay until they expire.
+//!
+//! An upstream that fails (another server, in nested servers, may be away) never stops
+//! the rest: the active CA signs until it expires, a failed prepare is recorded in
+//! [`UpstreamStatus`] and retried with a backoff while pruning and the JWT keys go on, a
+//! restart keeps a usable active CA, and a prepared CA that ends no later than the active
+//! one is never activated. An upstream that keeps a bundle (`carapace`) gets this
+//! server's JWT keys and sends its bundle down ([`CaManager::follow_upstream`]), which is
+//! merged into this server's.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
