@@ -590,12 +590,8 @@ fn ca_csr(td: &TrustDomain, key: Arc<dyn carapace_core::plugin::KeySigner>) -> R
 /// Checks that the CA certificate `der` may certify `wanted` tiers of CAs below itself
 /// (no pathLenConstraint, or one at least that large).
 fn check_path_len(der: &[u8], wanted: u8) -> Result<()> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| Error::Ca(format!("minted CA certificate unreadable: {e}")))?;
-    let granted = cert
-        .basic_constraints()
-        .map_err(|e| Error::Ca(format!("minted CA certificate: basicConstraints: {e}")))?
-        .and_then(|bc| bc.value.path_len_constraint);
+    let granted =
+        path_len_constraint(der).map_err(|e| Error::Ca(format!("minted CA certificate: {e}")))?;
     match granted {
         Some(g) if g < u32::from(wanted) => Err(Error::Ca(format!(
             "the minted CA allows {g} tier(s) of CAs below it (pathLenConstraint) but \
@@ -603,6 +599,16 @@ fn check_path_len(der: &[u8], wanted: u8) -> Result<()> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// The pathLenConstraint of a CA certificate (DER); `None`: unconstrained.
+fn path_len_constraint(cert_der: &[u8]) -> Result<Option<u32>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| Error::Ca(format!("the certificate does not parse: {e}")))?;
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| Error::Ca(format!("basicConstraints: {e}")))?;
+    Ok(bc.and_then(|b| b.value.path_len_constraint))
 }
 
 pub(crate) fn random_serial() -> SerialNumber {
@@ -1837,6 +1843,19 @@ async fn with_ca_key<T: Send + 'static>(
         .map_err(|e| Error::Ca(format!("signing task failed: {e}")))?
 }
 
+/// Why signing `what` with `ca`'s key failed. A key manager that refused or failed (an
+/// HSM outage, say; its log says why) is KeyUnavailable: the caller sees Unavailable and
+/// retries, and nothing was issued.
+fn signing_failed(ca: &CaSlot, what: &str, e: rcgen::Error) -> Error {
+    match e {
+        rcgen::Error::RemoteKeyError => Error::Core(carapace_core::Error::KeyUnavailable(format!(
+            "the CA key {} could not sign; see the key manager's log",
+            ca.key_id
+        ))),
+        e => Error::Ca(format!("signing {what} failed: {e}")),
+    }
+}
+
 /// Builds and signs a leaf X509-SVID under `ca`.
 pub fn sign_leaf(
     ca: &CaSlot,
@@ -1889,15 +1908,9 @@ pub fn sign_leaf(
     let serial = random_serial();
     let serial_hex = hex::encode(serial.as_ref());
     params.serial_number = Some(serial);
-    let cert = params.signed_by(&key.0, &ca.issuer).map_err(|e| match e {
-        // The key manager refused or failed (an HSM outage, say); its log says why. The
-        // caller sees Unavailable and retries; nothing was issued.
-        rcgen::Error::RemoteKeyError => Error::Core(carapace_core::Error::KeyUnavailable(format!(
-            "the CA key {} could not sign; see the key manager's log",
-            ca.key_id
-        ))),
-        e => Error::Ca(format!("signing the SVID failed: {e}")),
-    })?;
+    let cert = params
+        .signed_by(&key.0, &ca.issuer)
+        .map_err(|e| signing_failed(ca, "the SVID", e))?;
     let mut chain = Vec::with_capacity(1 + ca.chain.len());
     chain.push(cert.der().to_vec());
     chain.extend(ca.chain.iter().cloned());

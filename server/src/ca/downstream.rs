@@ -39,7 +39,10 @@ use x509_parser::prelude::FromDer;
 use carapace_core::limits::describe;
 use carapace_core::{JwtKey, SpiffeId, TrustBundle};
 
-use super::{BACKDATE, CaManager, ROTATE_INTERVAL, SubjectKey, ca_params, with_ca_key};
+use super::{
+    BACKDATE, CaManager, ROTATE_INTERVAL, SubjectKey, ca_params, path_len_constraint,
+    signing_failed, with_ca_key,
+};
 use crate::config::Downstream;
 use crate::{Error, Result};
 
@@ -111,7 +114,9 @@ impl CaManager {
                 grant.max_depth - 1
             )));
         }
-        if let Some(k) = path_len_constraint(&active.cert_der)? {
+        let own = path_len_constraint(&active.cert_der)
+            .map_err(|e| Error::Ca(format!("the active CA: {e}")))?;
+        if let Some(k) = own {
             if req.path_len >= k {
                 let what = if k == 0 {
                     "cannot certify another CA".to_owned()
@@ -165,15 +170,7 @@ impl CaManager {
             params
                 .signed_by(&key.0, &signer.issuer)
                 .map(|c| c.der().to_vec())
-                .map_err(|e| match e {
-                    rcgen::Error::RemoteKeyError => {
-                        Error::Core(carapace_core::Error::KeyUnavailable(format!(
-                            "the CA key {} could not sign; see the key manager's log",
-                            signer.key_id
-                        )))
-                    }
-                    e => Error::Ca(format!("signing the downstream CA failed: {e}")),
-                })
+                .map_err(|e| signing_failed(&signer, "the downstream CA", e))
         })
         .await?;
         carapace_core::x509svid::check_signing_cert(&cert_der)?;
@@ -443,15 +440,6 @@ fn parse_cert(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_
     x509_parser::certificate::X509Certificate::from_der(der)
         .map(|(_, c)| c)
         .map_err(|e| Error::Ca(format!("the active CA certificate does not parse: {e}")))
-}
-
-/// The pathLenConstraint of a CA certificate; `None`: unconstrained.
-fn path_len_constraint(cert_der: &[u8]) -> Result<Option<u32>> {
-    let cert = parse_cert(cert_der)?;
-    let bc = cert
-        .basic_constraints()
-        .map_err(|e| Error::Ca(format!("the active CA's basicConstraints: {e}")))?;
-    Ok(bc.and_then(|b| b.value.path_len_constraint))
 }
 
 /// The tier of a CA certificate among downstream CAs: `k` for `OU=DOWNSTREAM-k`, 0 for
