@@ -72,6 +72,7 @@
 pub mod agent;
 pub mod credential;
 pub mod device;
+pub mod eventlog;
 pub mod keys;
 pub mod server;
 pub mod shared;

@@ -21,6 +21,8 @@ use carapace_core::plugin::{
 };
 use carapace_core::{Error, SelectorSet};
 
+use crate::eventlog::policy::{MeasuredBootConfig, MeasuredBootPolicy};
+use crate::eventlog::{self, ALG_SHA256};
 use crate::verify::{self, EkIdentity, EkPolicy, PcrPolicy, QuoteInfo};
 use crate::wire::{self, Challenge, Payload, PcrSelection, Response};
 
@@ -59,6 +61,9 @@ pub struct TpmServerConfig {
     /// agents attest, without the `tpm:agent_key:tpm` selector.
     #[serde(default)]
     pub require_agent_key_in_tpm: bool,
+    /// The measured-boot policy over the boot event log
+    /// ([`crate::eventlog::policy`]); when set, agents must send their log.
+    pub measured_boot: Option<MeasuredBootConfig>,
 }
 
 impl TpmServerConfig {
@@ -116,6 +121,21 @@ impl TpmServerConfig {
                 }
             }
         }
+        if let Some(mb) = &self.measured_boot {
+            match MeasuredBootPolicy::from_config(mb) {
+                Err(e) => problems.push(e.to_string()),
+                Ok(policy) => {
+                    for p in policy.pcrs() {
+                        if !self.pcrs.contains(&p) {
+                            problems.push(format!(
+                                "measured_boot polices PCR {p}, which is not in pcrs: add it, \
+                                 so the quote covers the events the policy reads"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -152,6 +172,8 @@ pub struct TpmAttestor {
     pcr_policy: PcrPolicy,
     pcrs: Vec<u8>,
     require_agent_key_in_tpm: bool,
+    /// The measured-boot policy, when configured: agents must then send their log.
+    measured_boot: Option<Arc<MeasuredBootPolicy>>,
     store: Arc<dyn NodeStateStore>,
     /// The time EK certificates are checked at.
     clock: Arc<dyn Clock>,
@@ -165,6 +187,7 @@ impl fmt::Debug for TpmAttestor {
             .field("ek_allowlist", &self.ek_policy.allowlist.len())
             .field("pcrs", &self.pcrs)
             .field("require_agent_key_in_tpm", &self.require_agent_key_in_tpm)
+            .field("measured_boot", &self.measured_boot.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -218,6 +241,12 @@ impl TpmAttestor {
             pcr_policy: PcrPolicy::from_config(&cfg.pcr_policy)?,
             pcrs: cfg.pcrs.clone(),
             require_agent_key_in_tpm: cfg.require_agent_key_in_tpm,
+            measured_boot: cfg
+                .measured_boot
+                .as_ref()
+                .map(MeasuredBootPolicy::from_config)
+                .transpose()?
+                .map(Arc::new),
             store,
             clock: ctx.clock.clone(),
         })
@@ -240,12 +269,19 @@ impl NodeAttestor for TpmAttestor {
         ctx: &AttestationContext,
     ) -> Result<AttestationStep, Error> {
         let p: Payload = wire::decode("payload", payload)?;
-        if p.version != wire::VERSION {
+        if p.version != wire::VERSION && p.version != wire::VERSION_1 {
             return Err(rejected(format!(
-                "payload version {} (this server speaks {})",
+                "payload version {} (this server speaks {} and {})",
                 p.version,
+                wire::VERSION_1,
                 wire::VERSION
             )));
+        }
+        if self.measured_boot.is_some() && p.version == wire::VERSION_1 {
+            return Err(rejected(
+                "the measured_boot policy needs the node's boot event log, and this agent \
+                 speaks version 1, which cannot send one: upgrade the agent",
+            ));
         }
         let ek_public = verify::parse_public(&p.ek_public)
             .map_err(|e| rejected(format!("EK public area: {e}")))?;
@@ -268,7 +304,7 @@ impl NodeAttestor for TpmAttestor {
         rand::rng().fill_bytes(&mut nonce);
         let made = crate::credential::make_credential(&p.ek_public, &ak_name, &secret)?;
         let challenge = Challenge {
-            version: wire::VERSION,
+            version: p.version,
             credential_blob: made.credential_blob,
             encrypted_secret: made.encrypted_secret,
             nonce: nonce.clone(),
@@ -276,6 +312,7 @@ impl NodeAttestor for TpmAttestor {
                 hash: "sha256".into(),
                 pcrs: self.pcrs.clone(),
             },
+            event_log: p.version >= wire::VERSION,
         };
         tracing::debug!(
             ek = ek.pubhash,
@@ -284,13 +321,15 @@ impl NodeAttestor for TpmAttestor {
         Ok(AttestationStep::Challenge {
             challenge: wire::encode(&challenge),
             session: Box::new(TpmSession {
+                version: p.version,
                 ek,
                 ak_public,
                 agent_key,
                 secret,
-                nonce,
+                qualifying_data: wire::qualifying_data(p.version, &nonce, &ctx.tls_exporter),
                 pcrs: self.pcrs.clone(),
                 pcr_policy: self.pcr_policy.clone(),
+                measured_boot: self.measured_boot.clone(),
                 store: self.store.clone(),
             }),
         })
@@ -332,14 +371,19 @@ impl TpmAttestor {
 /// One attestation between the challenge and the agent's answer. Consumed by
 /// `respond`, so its nonce and credential are single use.
 struct TpmSession {
+    /// The wire version the agent speaks.
+    version: u32,
     ek: EkIdentity,
     ak_public: tss_esapi::structures::Public,
     /// The agent key to see certified, when the payload named one.
     agent_key: Option<tss_esapi::structures::Public>,
     secret: Vec<u8>,
-    nonce: Vec<u8>,
+    /// What the quote and certification must carry ([`wire::qualifying_data`]): the
+    /// nonce, bound to this connection from version 2.
+    qualifying_data: Vec<u8>,
     pcrs: Vec<u8>,
     pcr_policy: PcrPolicy,
+    measured_boot: Option<Arc<MeasuredBootPolicy>>,
     store: Arc<dyn NodeStateStore>,
 }
 
@@ -360,8 +404,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 impl AttestationSession for TpmSession {
     async fn respond(self: Box<Self>, response: &[u8]) -> Result<AttestationStep, Error> {
         let r: Response = wire::decode("response", response)?;
-        if r.version != wire::VERSION {
-            return Err(rejected(format!("response version {}", r.version)));
+        if r.version != self.version {
+            return Err(rejected(format!(
+                "response version {}, in an attestation of version {}",
+                r.version, self.version
+            )));
         }
         if !same(&r.activated_secret, &self.secret) {
             return Err(rejected(
@@ -373,7 +420,7 @@ impl AttestationSession for TpmSession {
             &self.ak_public,
             &r.quote,
             &r.quote_signature,
-            &self.nonce,
+            &self.qualifying_data,
             &self.pcrs,
             &values,
         )?;
@@ -383,7 +430,13 @@ impl AttestationSession for TpmSession {
             &r.agent_key_certify_signature,
         ) {
             (Some(key), Some(attest), Some(signature)) => {
-                verify::verify_certify(&self.ak_public, key, attest, signature, &self.nonce)?;
+                verify::verify_certify(
+                    &self.ak_public,
+                    key,
+                    attest,
+                    signature,
+                    &self.qualifying_data,
+                )?;
             }
             (Some(_), _, _) => {
                 return Err(rejected(
@@ -413,12 +466,34 @@ impl AttestationSession for TpmSession {
             verify::check_clock(Some(&prev_info), &quote)?;
         }
         verify::check_pcr_policy(&self.pcr_policy, &values)?;
+        let boot_selectors = match &r.event_log {
+            Some(bytes) => {
+                if self.version == wire::VERSION_1 {
+                    return Err(rejected("a version 1 response carries an event log"));
+                }
+                let log = eventlog::parse(bytes).map_err(rejected)?;
+                log.check_replay(ALG_SHA256, &values)?;
+                if let Some(policy) = &self.measured_boot {
+                    policy.check(&log)?;
+                }
+                eventlog::policy::selectors(&log)?
+            }
+            None if self.measured_boot.is_some() => {
+                return Err(rejected(
+                    "the measured_boot policy needs the node's boot event log and the agent \
+                     sent none (set event_log in the agent's [node_attestor.tpm] if the log \
+                     is not at the kernel's path)",
+                ));
+            }
+            None => Vec::new(),
+        };
         let record = serde_json::to_vec(&ClockRecord::of(&quote))
             .map_err(|e| Error::Unavailable(format!("tpm: {e}")))?;
         self.store.save(&self.ek.pubhash, &record).await?;
 
         let mut selectors = SelectorSet::new();
         selectors.extend(verify::selectors(&self.ek, &values)?);
+        selectors.extend(boot_selectors);
         if self.agent_key.is_some() {
             selectors.insert(carapace_core::Selector::new(
                 verify::SELECTOR_TYPE,
@@ -429,6 +504,7 @@ impl AttestationSession for TpmSession {
             ek = self.ek.pubhash,
             reset_count = quote.reset_count,
             agent_key_in_tpm = self.agent_key.is_some(),
+            event_log = r.event_log.is_some(),
             "tpm: node attested"
         );
         Ok(AttestationStep::Done(AttestationResult {

@@ -17,7 +17,22 @@
 //! same nonce (`agent_key_certify`, `agent_key_certify_signature`): proof that the
 //! CSR's key lives in the same TPM as the AK and EK. These optional fields are left out
 //! of the JSON when absent, so an agent without a TPM key sends exactly the version 1
-//! messages of earlier releases; [`VERSION`] stays 1.
+//! messages of earlier releases.
+//!
+//! # Version 2
+//!
+//! An agent speaking version 2 says so in its [`Payload`], and the server answers in
+//! kind; a version 1 agent gets a version 1 challenge, without the new fields (it would
+//! refuse them). Version 2 changes two things:
+//!
+//! - **Channel binding.** The quote's and the certification's qualifying data is
+//!   [`qualifying_data`]: SHA-256 over a label, the server's nonce and the TLS exporter
+//!   of the attestation's connection, instead of the bare nonce. Evidence an agent
+//!   produced on one connection proves nothing on another, which is what lets a
+//!   composite attestation say every proof was made on the same TLS session.
+//! - **The boot event log.** A version 2 challenge sets `event_log`, and the
+//!   [`Response`] may carry the node's TCG boot event log (`event_log`), which the server
+//!   replays against the quote ([`crate::eventlog`]).
 
 use std::collections::BTreeMap;
 
@@ -25,12 +40,34 @@ use serde::{Deserialize, Serialize};
 
 use carapace_core::Error;
 
-/// The version every message carries; a server refuses others.
-pub const VERSION: u32 = 1;
+/// The version this release speaks (see the module doc).
+pub const VERSION: u32 = 2;
+/// The version of earlier releases, still accepted from agents.
+pub const VERSION_1: u32 = 1;
 
 /// The largest message either side accepts: an EK certificate chain, public areas, a
-/// quote and a certification are a few KiB.
-pub const MAX_MESSAGE: usize = 64 * 1024;
+/// quote and a certification are a few KiB; a response may also carry an event log of
+/// up to [`crate::eventlog::MAX_LOG_BYTES`], in base64.
+pub const MAX_MESSAGE: usize = 64 * 1024 + crate::eventlog::MAX_LOG_BYTES / 3 * 4 + 4;
+
+/// The label of [`qualifying_data`].
+const QUALIFYING_LABEL: &[u8] = b"carapace tpm attestation v2\0";
+
+/// The qualifying data (extraData) of a version 2 quote and certification: SHA-256 of
+/// a label, the server's nonce and the TLS exporter of the attestation's connection.
+/// Version 1 used the bare nonce.
+pub fn qualifying_data(version: u32, nonce: &[u8], tls_exporter: &[u8]) -> Vec<u8> {
+    use sha2::{Digest as _, Sha256};
+    if version == VERSION_1 {
+        return nonce.to_vec();
+    }
+    let mut h = Sha256::new();
+    h.update(QUALIFYING_LABEL);
+    h.update((nonce.len() as u32).to_be_bytes());
+    h.update(nonce);
+    h.update(tls_exporter);
+    h.finalize().to_vec()
+}
 
 /// Serde adapter: bytes as standard base64.
 pub mod b64 {
@@ -151,6 +188,9 @@ pub struct Challenge {
     pub nonce: Vec<u8>,
     /// What to quote.
     pub pcr_selection: PcrSelection,
+    /// Version 2: send the boot event log with the answer, when the node has one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub event_log: bool,
 }
 
 /// Agent → server: the activated credential and the quote.
@@ -178,6 +218,10 @@ pub struct Response {
     /// The AK's signature over `agent_key_certify`, a marshalled TPMT_SIGNATURE.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
     pub agent_key_certify_signature: Option<Vec<u8>>,
+    /// Version 2: the node's TCG boot event log (crypto-agile format), when the challenge
+    /// asked for it and the node has one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64_opt")]
+    pub event_log: Option<Vec<u8>>,
 }
 
 /// Parses a message of at most [`MAX_MESSAGE`] bytes, naming what is wrong.
@@ -204,7 +248,7 @@ mod tests {
         big.extend_from_slice(b"\"}");
         let err = decode::<BTreeMap<String, String>>("payload", &big).unwrap_err();
         assert!(
-            matches!(&err, Error::AttestationRejected(m) if m == "tpm: the payload is 65537 bytes, more than 65536"),
+            matches!(&err, Error::AttestationRejected(m) if *m == format!("tpm: the payload is {} bytes, more than {MAX_MESSAGE}", MAX_MESSAGE + 1)),
             "{err:?}"
         );
         // At the cap it parses.
@@ -217,5 +261,33 @@ mod tests {
         );
         let err = decode::<Payload>("payload", b"{").unwrap_err();
         assert!(err.to_string().contains("tpm: malformed payload"), "{err}");
+    }
+
+    #[test]
+    fn version_2_binds_the_qualifying_data_to_the_connection() {
+        let nonce = [1u8; 32];
+        assert_eq!(qualifying_data(VERSION_1, &nonce, &[2; 32]), nonce.to_vec());
+        let a = qualifying_data(VERSION, &nonce, &[2; 32]);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, nonce.to_vec());
+        assert_ne!(a, qualifying_data(VERSION, &nonce, &[3; 32]));
+        assert_ne!(a, qualifying_data(VERSION, &[4; 32], &[2; 32]));
+    }
+
+    #[test]
+    fn a_version_1_challenge_carries_no_version_2_field() {
+        let c = Challenge {
+            version: VERSION_1,
+            credential_blob: vec![1],
+            encrypted_secret: vec![2],
+            nonce: vec![3],
+            pcr_selection: PcrSelection {
+                hash: "sha256".into(),
+                pcrs: vec![7],
+            },
+            event_log: false,
+        };
+        let json = String::from_utf8(encode(&c)).unwrap();
+        assert!(!json.contains("event_log"), "{json}");
     }
 }

@@ -51,6 +51,7 @@ fn server(cfg: &TpmServerConfig, store: Arc<MemoryStore>) -> TpmAttestor {
 fn client(tpm: &Swtpm) -> TpmAttestorClient {
     TpmAttestorClient::new(&TpmAgentConfig {
         tcti: Some(tpm.tcti()),
+        ..Default::default()
     })
 }
 

@@ -286,6 +286,7 @@ fn message_seeds() -> Vec<String> {
             hash: "sha256".into(),
             pcrs: PCRS.to_vec(),
         },
+        event_log: false,
     };
     let response = Response {
         version: 1,
@@ -295,6 +296,7 @@ fn message_seeds() -> Vec<String> {
         pcr_values: PCRS.iter().map(|i| (*i, hex::encode([*i; 32]))).collect(),
         agent_key_certify: Some(certification()),
         agent_key_certify_signature: Some(sign(&certification())),
+        event_log: None,
     };
     [
         wire::encode(&payload),

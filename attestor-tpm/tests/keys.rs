@@ -216,6 +216,7 @@ async fn configured_key_manager_and_attestor_share_one_tpm() {
     assert_eq!(km.directory(), dir.path().join("keys-tpm"));
     let client = TpmAttestorClient::new(&TpmAgentConfig {
         tcti: Some(tpm.tcti()),
+        ..Default::default()
     });
     assert!(km.shared_tpm().same_as(client.shared_tpm()));
     let key = km.generate_key("agent-1", KeyType::EcP256).await.unwrap();

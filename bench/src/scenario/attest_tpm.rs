@@ -377,6 +377,7 @@ impl AttestRun {
 fn client(tpm: &Swtpm) -> TpmAttestorClient {
     TpmAttestorClient::new(&TpmAgentConfig {
         tcti: Some(tpm.tcti()),
+        ..Default::default()
     })
 }
 

@@ -1,0 +1,442 @@
+//! The measured-boot policy over events (`[node_attestor.tpm.measured_boot]`), and the
+//! selectors a log gives.
+//!
+//! A golden PCR value names one exact boot: every firmware or kernel update changes it.
+//! This policy is written over the *events* behind the values instead, each allowed value
+//! a set, so an operator approves the next kernel before rolling it out:
+//!
+//! | key | polices | rule |
+//! |---|---|---|
+//! | `secure_boot = true` | PCR 7 | the `SecureBoot` variable was measured as 1 |
+//! | `boot_applications` | PCR 4 | every `EV_EFI_BOOT_SERVICES_APPLICATION` digest is in the set |
+//! | `pk`, `kek`, `db`, `dbx` | PCR 7 | that variable's `EV_EFI_VARIABLE_DRIVER_CONFIG` digest is in the set |
+//!
+//! Digests are the sha256 bank's, as `tpm2_eventlog` prints them. A PCR is *policed* when
+//! a key covering it is set; the policy then fails closed on it:
+//!
+//! - every event in a policed PCR must be of a type the rule knows (PCR 4:
+//!   `EV_EFI_BOOT_SERVICES_APPLICATION`, `EV_EFI_ACTION`, `EV_SEPARATOR`; PCR 7:
+//!   `EV_EFI_VARIABLE_DRIVER_CONFIG`, `EV_EFI_VARIABLE_AUTHORITY`, `EV_SEPARATOR`);
+//!   anything else is refused, naming it (`EV_EFI_ACTION "UEFI Debug Mode"` in PCR 7
+//!   among them: firmware in debug mode);
+//! - an event whose digest is the hash of its data by definition (separators, actions,
+//!   variables) must have that digest, so the data the rule reads is the data that was
+//!   measured;
+//! - a separator must carry 0 (a firmware error is measured as 1);
+//! - in PCR 7, each Secure Boot variable is measured once, before the separator; a
+//!   variable measured again, or after the separator, is refused. Root on a running node
+//!   can extend PCR 7 and append a record to the log (the replay still holds), but
+//!   cannot remove what the firmware measured first: taking the first and refusing
+//!   repeats is what makes `SecureBoot = 1` mean Secure Boot was on;
+//! - PCR 4 must measure at least one boot application, and every one must be approved.
+//!   Root can append an approved digest after the real kernel; it cannot hide an
+//!   unapproved one.
+//!
+//! Without a `measured_boot` section only the replay is checked (when the agent sends a
+//! log). With one, the agent must send a log, and PCRs 4 and 7 must be quoted when
+//! policed (`validate` says so).
+//!
+//! Selectors (type `tpm`), from any log that replayed:
+//! - `secure_boot:on` / `secure_boot:off`: from the `SecureBoot` variable event of PCR 7
+//!   when there is exactly one and its digest is its data's (none otherwise);
+//! - `boot_app:sha256:<hex>`: one per `EV_EFI_BOOT_SERVICES_APPLICATION` in PCR 4.
+//!
+//! Limit: a boot application selector says the digest was measured in PCR 4, not that it
+//! was the last one: root on the node can append the digest of another *approved*
+//! application. Entries that must tell two approved kernels apart need a policy that
+//! approves only one (SECURITY.md).
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use carapace_core::{Error, Selector};
+
+use super::event_type::{
+    EV_EFI_ACTION, EV_EFI_BOOT_SERVICES_APPLICATION, EV_EFI_VARIABLE_AUTHORITY,
+    EV_EFI_VARIABLE_DRIVER_CONFIG, EV_NO_ACTION, EV_SEPARATOR,
+};
+use super::{
+    ALG_SHA256, EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE, Event, EventLog,
+    parse_variable,
+};
+use crate::verify::{SELECTOR_TYPE, parse_hex_digest};
+
+/// The PCR boot applications are measured into.
+pub const PCR_BOOT_APPLICATIONS: u8 = 4;
+/// The PCR the Secure Boot policy is measured into.
+pub const PCR_SECURE_BOOT: u8 = 7;
+
+/// Settings of `[node_attestor.tpm.measured_boot]` on the server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasuredBootConfig {
+    /// Refuse nodes that did not boot with Secure Boot on.
+    #[serde(default)]
+    pub secure_boot: bool,
+    /// Allowed sha256 digests of boot applications (shim, boot loader, kernel).
+    pub boot_applications: Option<Vec<String>>,
+    /// Allowed sha256 event digests of the `PK` variable.
+    pub pk: Option<Vec<String>>,
+    /// Allowed sha256 event digests of the `KEK` variable.
+    pub kek: Option<Vec<String>>,
+    /// Allowed sha256 event digests of the `db` variable.
+    pub db: Option<Vec<String>>,
+    /// Allowed sha256 event digests of the `dbx` variable.
+    pub dbx: Option<Vec<String>>,
+}
+
+/// One set of allowed digests, parsed.
+type Allowed = BTreeSet<[u8; 32]>;
+
+/// A Secure Boot variable the policy knows: its name, its vendor GUID.
+struct Variable {
+    name: &'static str,
+    guid: [u8; 16],
+}
+
+/// The variables that may be measured in PCR 7 before the separator (PFP §3.3.4.8 and
+/// the UEFI spec's authenticated variables). Any other name there is refused.
+const PCR7_VARIABLES: [Variable; 9] = [
+    Variable {
+        name: "SecureBoot",
+        guid: EFI_GLOBAL_VARIABLE,
+    },
+    Variable {
+        name: "PK",
+        guid: EFI_GLOBAL_VARIABLE,
+    },
+    Variable {
+        name: "KEK",
+        guid: EFI_GLOBAL_VARIABLE,
+    },
+    Variable {
+        name: "db",
+        guid: EFI_IMAGE_SECURITY_DATABASE,
+    },
+    Variable {
+        name: "dbx",
+        guid: EFI_IMAGE_SECURITY_DATABASE,
+    },
+    Variable {
+        name: "dbt",
+        guid: EFI_IMAGE_SECURITY_DATABASE,
+    },
+    Variable {
+        name: "dbr",
+        guid: EFI_IMAGE_SECURITY_DATABASE,
+    },
+    Variable {
+        name: "DeployedMode",
+        guid: EFI_GLOBAL_VARIABLE,
+    },
+    Variable {
+        name: "AuditMode",
+        guid: EFI_GLOBAL_VARIABLE,
+    },
+];
+
+/// The parsed policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeasuredBootPolicy {
+    secure_boot: bool,
+    boot_applications: Option<Allowed>,
+    /// `(variable name, allowed digests)` for PK, KEK, db, dbx as configured.
+    variables: Vec<(&'static str, Allowed)>,
+}
+
+fn config_err(reason: String) -> Error {
+    Error::PluginConfig {
+        plugin: "node_attestor.tpm".into(),
+        reason: format!("measured_boot: {reason}"),
+    }
+}
+
+fn allowed(key: &str, values: &[String]) -> Result<Allowed, Error> {
+    if values.is_empty() {
+        return Err(config_err(format!(
+            "{key} is empty: nothing could boot (remove the key to leave it unpoliced)"
+        )));
+    }
+    values
+        .iter()
+        .map(|v| {
+            parse_hex_digest(v)
+                .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                .ok_or_else(|| {
+                    config_err(format!("{key}: {v:?} is not a sha256 digest (64 hex digits)"))
+                })
+        })
+        .collect()
+}
+
+impl MeasuredBootPolicy {
+    /// Parses the settings; errors name the key and the value at fault.
+    pub fn from_config(cfg: &MeasuredBootConfig) -> Result<Self, Error> {
+        let boot_applications = cfg
+            .boot_applications
+            .as_deref()
+            .map(|v| allowed("boot_applications", v))
+            .transpose()?;
+        let mut variables = Vec::new();
+        for (name, values) in [
+            ("PK", &cfg.pk),
+            ("KEK", &cfg.kek),
+            ("db", &cfg.db),
+            ("dbx", &cfg.dbx),
+        ] {
+            if let Some(values) = values {
+                variables.push((name, allowed(&name.to_ascii_lowercase(), values)?));
+            }
+        }
+        Ok(MeasuredBootPolicy {
+            secure_boot: cfg.secure_boot,
+            boot_applications,
+            variables,
+        })
+    }
+
+    /// The PCRs this policy polices, ascending: they must be quoted.
+    pub fn pcrs(&self) -> Vec<u8> {
+        let mut pcrs = Vec::new();
+        if self.boot_applications.is_some() {
+            pcrs.push(PCR_BOOT_APPLICATIONS);
+        }
+        if self.secure_boot || !self.variables.is_empty() {
+            pcrs.push(PCR_SECURE_BOOT);
+        }
+        pcrs
+    }
+
+    /// Checks a log that replayed against the quote. The refusal names the event
+    /// (number, type, PCR, digest) and the rule.
+    pub fn check(&self, log: &EventLog) -> Result<(), Error> {
+        if let Some(apps) = &self.boot_applications {
+            check_pcr4(log, apps)?;
+        }
+        if self.secure_boot || !self.variables.is_empty() {
+            let pcr7 = read_pcr7(log)?;
+            if self.secure_boot {
+                match pcr7.secure_boot {
+                    Some(true) => {}
+                    Some(false) => {
+                        return Err(rejected(
+                            "Secure Boot was off at boot (the SecureBoot variable measured in \
+                             PCR 7 is 0) and the policy requires it on",
+                        ));
+                    }
+                    None => {
+                        return Err(rejected(
+                            "the log measures no SecureBoot variable in PCR 7 and the policy \
+                             requires Secure Boot on",
+                        ));
+                    }
+                }
+            }
+            for (name, allowed) in &self.variables {
+                let Some(event) = pcr7.variables.iter().find(|(n, _)| n == name) else {
+                    return Err(rejected(format!(
+                        "the log measures no {name} variable in PCR 7 and the policy names \
+                         its allowed digests"
+                    )));
+                };
+                let digest = sha256_of(event.1)?;
+                if !allowed.contains(&digest) {
+                    return Err(rejected(format!(
+                        "{}: the {name} variable is not one of the allowed values",
+                        event.1.describe(ALG_SHA256)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rejected(msg: impl std::fmt::Display) -> Error {
+    Error::AttestationRejected(format!("tpm: measured boot: {msg}"))
+}
+
+/// The sha256 digest of an event, which a log that replayed on the sha256 bank has.
+fn sha256_of(event: &Event) -> Result<[u8; 32], Error> {
+    event
+        .digest(ALG_SHA256)
+        .and_then(|d| <[u8; 32]>::try_from(d).ok())
+        .ok_or_else(|| rejected(format!("{} has no sha256 digest", event.describe(ALG_SHA256))))
+}
+
+/// Refuses an event whose sha256 digest is not the hash of its data.
+fn check_data_digest(event: &Event) -> Result<(), Error> {
+    let digest = sha256_of(event)?;
+    if digest.as_slice() != Sha256::digest(&event.data).as_slice() {
+        return Err(rejected(format!(
+            "{}: the digest is not the sha256 of the event's data",
+            event.describe(ALG_SHA256)
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a separator that is not a good one (data 0, digest its hash).
+fn check_separator(event: &Event) -> Result<(), Error> {
+    check_data_digest(event)?;
+    if event.data != [0, 0, 0, 0] {
+        return Err(rejected(format!(
+            "{}: a separator measuring a firmware error (data {})",
+            event.describe(ALG_SHA256),
+            hex::encode(&event.data)
+        )));
+    }
+    Ok(())
+}
+
+fn unknown_in(event: &Event, pcr: u8) -> Error {
+    rejected(format!(
+        "{}: an event of this type is not allowed in PCR {pcr}, which the policy polices",
+        event.describe(ALG_SHA256)
+    ))
+}
+
+/// The events of one PCR, EV_NO_ACTION records (never extended) left out.
+fn events_of(log: &EventLog, pcr: u8) -> impl Iterator<Item = &Event> {
+    log.events
+        .iter()
+        .filter(move |e| e.pcr == u32::from(pcr) && e.event_type != EV_NO_ACTION)
+}
+
+fn check_pcr4(log: &EventLog, apps: &Allowed) -> Result<(), Error> {
+    let mut booted = 0usize;
+    for event in events_of(log, PCR_BOOT_APPLICATIONS) {
+        match event.event_type {
+            EV_EFI_BOOT_SERVICES_APPLICATION => {
+                if !apps.contains(&sha256_of(event)?) {
+                    return Err(rejected(format!(
+                        "{}: a boot application not in boot_applications",
+                        event.describe(ALG_SHA256)
+                    )));
+                }
+                booted += 1;
+            }
+            EV_EFI_ACTION => check_data_digest(event)?,
+            EV_SEPARATOR => check_separator(event)?,
+            _ => return Err(unknown_in(event, PCR_BOOT_APPLICATIONS)),
+        }
+    }
+    if booted == 0 {
+        return Err(rejected(
+            "the log measures no boot application in PCR 4 and the policy names the allowed ones",
+        ));
+    }
+    Ok(())
+}
+
+/// What PCR 7 says, read under the strict rules.
+struct Pcr7<'a> {
+    /// The `SecureBoot` variable's value, when measured.
+    secure_boot: Option<bool>,
+    /// The Secure Boot variables measured before the separator, by name.
+    variables: Vec<(&'static str, &'a Event)>,
+}
+
+fn read_pcr7(log: &EventLog) -> Result<Pcr7<'_>, Error> {
+    let mut pcr7 = Pcr7 {
+        secure_boot: None,
+        variables: Vec::new(),
+    };
+    let mut separated = false;
+    for event in events_of(log, PCR_SECURE_BOOT) {
+        match event.event_type {
+            EV_EFI_VARIABLE_DRIVER_CONFIG => {
+                check_data_digest(event)?;
+                if separated {
+                    return Err(rejected(format!(
+                        "{}: a Secure Boot variable measured after the separator",
+                        event.describe(ALG_SHA256)
+                    )));
+                }
+                let var = parse_variable(&event.data).map_err(|e| {
+                    rejected(format!("{}: {e}", event.describe(ALG_SHA256)))
+                })?;
+                let Some(known) = PCR7_VARIABLES
+                    .iter()
+                    .find(|v| v.name == var.name && v.guid == var.guid)
+                else {
+                    return Err(rejected(format!(
+                        "{}: variable {:?} is not a Secure Boot variable",
+                        event.describe(ALG_SHA256),
+                        var.name
+                    )));
+                };
+                if pcr7.variables.iter().any(|(n, _)| *n == known.name) {
+                    return Err(rejected(format!(
+                        "{}: the {} variable is measured twice",
+                        event.describe(ALG_SHA256),
+                        known.name
+                    )));
+                }
+                if known.name == "SecureBoot" {
+                    pcr7.secure_boot = match var.data.as_slice() {
+                        [1] => Some(true),
+                        [] | [0] => Some(false),
+                        other => {
+                            return Err(rejected(format!(
+                                "{}: SecureBoot holds {}, not 0 or 1",
+                                event.describe(ALG_SHA256),
+                                hex::encode(other)
+                            )));
+                        }
+                    };
+                }
+                pcr7.variables.push((known.name, event));
+            }
+            EV_EFI_VARIABLE_AUTHORITY => check_data_digest(event)?,
+            EV_SEPARATOR => {
+                check_separator(event)?;
+                separated = true;
+            }
+            _ => return Err(unknown_in(event, PCR_SECURE_BOOT)),
+        }
+    }
+    Ok(pcr7)
+}
+
+/// The selectors of a log that replayed (see the module doc).
+pub fn selectors(log: &EventLog) -> Result<Vec<Selector>, Error> {
+    let mut values = BTreeSet::new();
+    let secure_boot: Vec<&Event> = events_of(log, PCR_SECURE_BOOT)
+        .filter(|e| e.event_type == EV_EFI_VARIABLE_DRIVER_CONFIG)
+        .filter(|e| {
+            parse_variable(&e.data)
+                .is_ok_and(|v| v.name == "SecureBoot" && v.guid == EFI_GLOBAL_VARIABLE)
+        })
+        .collect();
+    // Exactly one, and its digest its data's: a second one (appended by root after
+    // boot) or a digest that does not match leaves the state unknown.
+    if let [event] = secure_boot.as_slice()
+        && check_data_digest(event).is_ok()
+    {
+        if let Ok(var) = parse_variable(&event.data) {
+            match var.data.as_slice() {
+                [1] => {
+                    values.insert("secure_boot:on".to_owned());
+                }
+                [] | [0] => {
+                    values.insert("secure_boot:off".to_owned());
+                }
+                _ => {}
+            }
+        }
+    }
+    for event in events_of(log, PCR_BOOT_APPLICATIONS)
+        .filter(|e| e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
+    {
+        if let Some(d) = event.digest(ALG_SHA256) {
+            values.insert(format!("boot_app:sha256:{}", hex::encode(d)));
+        }
+    }
+    values
+        .iter()
+        .map(|v| Selector::new(SELECTOR_TYPE, v))
+        .collect()
+}
