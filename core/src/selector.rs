@@ -174,8 +174,28 @@ fn is_lower_hex(s: &str) -> bool {
 }
 
 /// `tpm:pcr:<bank>:<index>:<hex>`, as the `tpm` node attestor writes it: a decimal PCR
-/// index and the value in lowercase hex. The other `tpm` selectors are left free.
+/// index and the value in lowercase hex; `tpm:boot_app:<bank>:<hex>` with the digest in
+/// lowercase hex; `tpm:secure_boot:on|off`. The other `tpm` selectors are left free.
 fn validate_tpm(value: &str) -> Result<(), String> {
+    if let Some(rest) = value.strip_prefix("boot_app:") {
+        let shape = "tpm:boot_app selectors are tpm:boot_app:<bank>:<lowercase hex digest> \
+                     (e.g. tpm:boot_app:sha256:<64 hex>)";
+        let Some((bank, hex)) = rest.split_once(':') else {
+            return Err(shape.into());
+        };
+        if bank.is_empty() || hex.len() % 2 != 0 || !is_lower_hex(hex) {
+            return Err(shape.into());
+        }
+        return Ok(());
+    }
+    if let Some(state) = value.strip_prefix("secure_boot:") {
+        if state != "on" && state != "off" {
+            return Err(format!(
+                "tpm:secure_boot selectors are tpm:secure_boot:on or tpm:secure_boot:off, not {state:?}"
+            ));
+        }
+        return Ok(());
+    }
     let Some(rest) = value.strip_prefix("pcr:") else {
         return Ok(());
     };
@@ -412,6 +432,9 @@ mod tests {
             "tpm:pcr:sha256:7:00ff",
             "tpm:pcr:sha256:0:00",
             "tpm:ek_pubhash:anything",
+            "tpm:boot_app:sha256:00ff",
+            "tpm:secure_boot:on",
+            "tpm:secure_boot:off",
             "kerberos:group_sid:S-1-5-21-1004336348-1177238915-682003330-513",
             "kerberos:group_sid:S-1-0x000100000000-1",
             "kerberos:realm:EXAMPLE.COM",
@@ -437,6 +460,9 @@ mod tests {
             ("tpm:pcr:sha256:256:00", "is not one"),
             ("tpm:pcr:sha256:7:00FF", "lowercase hex"),
             ("tpm:pcr:7:00", "tpm:pcr:<bank>:<index>"),
+            ("tpm:boot_app:sha256:00FF", "lowercase hex digest"),
+            ("tpm:boot_app:00ff", "tpm:boot_app:<bank>"),
+            ("tpm:secure_boot:true", "tpm:secure_boot:on or tpm:secure_boot:off"),
             (
                 "kerberos:group_sid:S-1-5-021-513",
                 "write kerberos:group_sid sub-authority:21",
@@ -450,7 +476,8 @@ mod tests {
                 e.contains("decimal")
                     || e.contains("hex")
                     || e.contains("S-1-")
-                    || e.contains("<bank>"),
+                    || e.contains("<bank>")
+                    || e.contains("secure_boot:off"),
                 "{bad}: {e}"
             );
         }

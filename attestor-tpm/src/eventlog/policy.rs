@@ -440,3 +440,276 @@ pub fn selectors(log: &EventLog) -> Result<Vec<Selector>, Error> {
         .map(|v| Selector::new(SELECTOR_TYPE, v))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use crate::eventlog::{Bank, EventDigest};
+
+    /// A UEFI_VARIABLE_DATA, written here independently of the parser.
+    fn variable_data(guid: [u8; 16], name: &str, data: &[u8]) -> Vec<u8> {
+        let name: Vec<u16> = name.encode_utf16().collect();
+        let mut out = guid.to_vec();
+        out.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        for c in name {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        out.extend_from_slice(data);
+        out
+    }
+
+    struct Log(EventLog);
+
+    impl Log {
+        fn new() -> Log {
+            Log(EventLog {
+                banks: vec![Bank {
+                    alg: ALG_SHA256,
+                    digest_size: 32,
+                }],
+                startup_locality: 0,
+                events: Vec::new(),
+            })
+        }
+
+        fn push(&mut self, pcr: u32, event_type: u32, digest: Vec<u8>, data: Vec<u8>) {
+            let number = self.0.events.len() + 1;
+            self.0.events.push(Event {
+                number,
+                offset: number * 100,
+                pcr,
+                event_type,
+                digests: vec![EventDigest {
+                    alg: ALG_SHA256,
+                    digest,
+                }],
+                data,
+            });
+        }
+
+        /// An event whose digest is its data's.
+        fn hashed(&mut self, pcr: u32, event_type: u32, data: Vec<u8>) -> &mut Log {
+            self.push(pcr, event_type, Sha256::digest(&data).to_vec(), data);
+            self
+        }
+
+        fn var(&mut self, guid: [u8; 16], name: &str, data: &[u8]) -> &mut Log {
+            self.hashed(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable_data(guid, name, data))
+        }
+
+        fn separator(&mut self, pcr: u32) -> &mut Log {
+            self.hashed(pcr, EV_SEPARATOR, vec![0; 4])
+        }
+
+        fn app(&mut self, image: &[u8]) -> &mut Log {
+            self.push(
+                4,
+                EV_EFI_BOOT_SERVICES_APPLICATION,
+                Sha256::digest(image).to_vec(),
+                vec![0; 40],
+            );
+            self
+        }
+
+        /// A plausible boot: Secure Boot `sb`, PK/KEK/db/dbx, separators, shim, kernel.
+        fn boot(sb: u8, kernel: &[u8]) -> Log {
+            let mut log = Log::new();
+            log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[sb])
+                .var(EFI_GLOBAL_VARIABLE, "PK", b"pk")
+                .var(EFI_GLOBAL_VARIABLE, "KEK", b"kek")
+                .var(EFI_IMAGE_SECURITY_DATABASE, "db", b"db")
+                .var(EFI_IMAGE_SECURITY_DATABASE, "dbx", b"dbx")
+                .separator(7)
+                .hashed(4, EV_EFI_ACTION, b"Calling EFI Application from Boot Option".to_vec())
+                .separator(4)
+                .hashed(7, EV_EFI_VARIABLE_AUTHORITY, b"db cert".to_vec())
+                .app(b"shim")
+                .app(kernel);
+            log
+        }
+    }
+
+    fn hex256(data: &[u8]) -> String {
+        hex::encode(Sha256::digest(data))
+    }
+
+    fn var_digest(guid: [u8; 16], name: &str, data: &[u8]) -> String {
+        hex256(&variable_data(guid, name, data))
+    }
+
+    fn policy(cfg: MeasuredBootConfig) -> MeasuredBootPolicy {
+        MeasuredBootPolicy::from_config(&cfg).unwrap()
+    }
+
+    fn apps(images: &[&[u8]]) -> MeasuredBootConfig {
+        MeasuredBootConfig {
+            boot_applications: Some(images.iter().map(|i| hex256(i)).collect()),
+            ..Default::default()
+        }
+    }
+
+    fn refusal(p: &MeasuredBootPolicy, log: &Log) -> String {
+        p.check(&log.0).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_approved_boot_passes_and_a_pre_approved_kernel_too() {
+        let p = policy(MeasuredBootConfig {
+            secure_boot: true,
+            pk: Some(vec![var_digest(EFI_GLOBAL_VARIABLE, "PK", b"pk")]),
+            db: Some(vec![
+                "00".repeat(32),
+                var_digest(EFI_IMAGE_SECURITY_DATABASE, "db", b"db"),
+            ]),
+            ..apps(&[b"shim", b"kernel-1", b"kernel-2"])
+        });
+        assert_eq!(p.pcrs(), vec![4, 7]);
+        p.check(&Log::boot(1, b"kernel-1").0).unwrap();
+        p.check(&Log::boot(1, b"kernel-2").0).unwrap();
+    }
+
+    #[test]
+    fn a_kernel_not_in_the_set_is_refused_naming_the_event() {
+        let p = policy(apps(&[b"shim", b"kernel-1"]));
+        let msg = refusal(&p, &Log::boot(1, b"kernel-3"));
+        assert_eq!(
+            msg,
+            format!(
+                "attestation rejected: tpm: measured boot: event 11 \
+                 (EV_EFI_BOOT_SERVICES_APPLICATION, PCR 4, digest {}): a boot application \
+                 not in boot_applications",
+                hex256(b"kernel-3")
+            )
+            .replace("attestation rejected: ", &attestation_prefix()),
+            "{msg}"
+        );
+        // Appending an approved digest after the unapproved kernel changes nothing.
+        let mut log = Log::boot(1, b"kernel-3");
+        log.app(b"kernel-1");
+        assert!(refusal(&p, &log).contains(&hex256(b"kernel-3")));
+    }
+
+    /// How the core error type prints a rejection (whatever its prefix is).
+    fn attestation_prefix() -> String {
+        let e = Error::AttestationRejected(String::new()).to_string();
+        e
+    }
+
+    #[test]
+    fn secure_boot_off_or_unmeasured_is_refused_when_required() {
+        let p = policy(MeasuredBootConfig {
+            secure_boot: true,
+            ..Default::default()
+        });
+        assert_eq!(p.pcrs(), vec![7]);
+        assert!(refusal(&p, &Log::boot(0, b"k")).contains("Secure Boot was off"));
+        let mut log = Log::new();
+        log.separator(7);
+        assert!(refusal(&p, &log).contains("no SecureBoot variable"));
+        // Root appends SecureBoot = 1 after the real 0: refused as measured twice /
+        // after the separator, never read as on.
+        let mut log = Log::boot(0, b"k");
+        log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]);
+        assert!(refusal(&p, &log).contains("after the separator"));
+        // Without a policy nothing is refused, but the selector is not on either.
+        let sel = selectors(&log.0).unwrap();
+        assert!(!sel.iter().any(|s| s.value().starts_with("secure_boot")), "{sel:?}");
+    }
+
+    #[test]
+    fn variables_are_policed_by_their_event_digest() {
+        let p = policy(MeasuredBootConfig {
+            dbx: Some(vec![var_digest(EFI_IMAGE_SECURITY_DATABASE, "dbx", b"new dbx")]),
+            ..Default::default()
+        });
+        let msg = refusal(&p, &Log::boot(1, b"k"));
+        assert!(
+            msg.contains("the dbx variable is not one of the allowed values")
+                && msg.contains("EV_EFI_VARIABLE_DRIVER_CONFIG, PCR 7"),
+            "{msg}"
+        );
+        let mut log = Log::new();
+        log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]).separator(7);
+        assert!(refusal(&p, &log).contains("measures no dbx variable"));
+    }
+
+    #[test]
+    fn policed_pcrs_fail_closed() {
+        let p = policy(MeasuredBootConfig {
+            secure_boot: true,
+            ..apps(&[b"shim", b"k"])
+        });
+        // An event type the rule does not know, in PCR 4 and in PCR 7.
+        let mut log = Log::boot(1, b"k");
+        log.hashed(4, crate::eventlog::event_type::EV_IPL, b"grub.cfg".to_vec());
+        assert!(refusal(&p, &log).contains("(EV_IPL, PCR 4"), "{}", refusal(&p, &log));
+        let mut log = Log::boot(1, b"k");
+        log.hashed(7, EV_EFI_ACTION, b"UEFI Debug Mode".to_vec());
+        assert!(refusal(&p, &log).contains("not allowed in PCR 7"));
+        // A separator measuring an error.
+        let mut log = Log::boot(1, b"k");
+        log.hashed(4, EV_SEPARATOR, vec![1, 0, 0, 0]);
+        assert!(refusal(&p, &log).contains("firmware error"));
+        // A variable whose digest is not its data's.
+        let mut log = Log::new();
+        log.push(
+            7,
+            EV_EFI_VARIABLE_DRIVER_CONFIG,
+            vec![0; 32],
+            variable_data(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]),
+        );
+        assert!(refusal(&p, &log).contains("not the sha256 of the event's data"));
+        // An unknown variable name before the separator.
+        let mut log = Log::new();
+        log.var(EFI_GLOBAL_VARIABLE, "Shim", &[1]);
+        assert!(refusal(&p, &log).contains("not a Secure Boot variable"));
+        // Nothing booted.
+        let mut log = Log::new();
+        log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]).separator(4);
+        assert!(refusal(&p, &log).contains("no boot application"));
+        // Unpoliced PCRs may hold anything.
+        let mut log = Log::boot(1, b"k");
+        log.hashed(1, crate::eventlog::event_type::EV_IPL, b"x".to_vec());
+        p.check(&log.0).unwrap();
+    }
+
+    #[test]
+    fn selectors_name_secure_boot_and_every_boot_application() {
+        let sel: Vec<String> = selectors(&Log::boot(1, b"kernel").0)
+            .unwrap()
+            .iter()
+            .map(|s| format!("{}:{}", s.kind(), s.value()))
+            .collect();
+        assert_eq!(
+            sel,
+            vec![
+                format!("tpm:boot_app:sha256:{}", hex256(b"kernel")),
+                format!("tpm:boot_app:sha256:{}", hex256(b"shim")),
+                "tpm:secure_boot:on".to_owned(),
+            ]
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+        );
+        let off = selectors(&Log::boot(0, b"kernel").0).unwrap();
+        assert!(off.iter().any(|s| s.value() == "secure_boot:off"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_naming_the_key() {
+        let err = MeasuredBootPolicy::from_config(&MeasuredBootConfig {
+            kek: Some(vec!["abc".into()]),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("measured_boot: kek: \"abc\" is not a sha256 digest"), "{err}");
+        let err = MeasuredBootPolicy::from_config(&apps(&[])).unwrap_err().to_string();
+        assert!(err.contains("boot_applications is empty"), "{err}");
+        assert!(policy(MeasuredBootConfig::default()).pcrs().is_empty());
+    }
+}
