@@ -2,7 +2,10 @@
 //! CA): the agent attests with `tpm`, the server trusts the EK through the lab root,
 //! activates a credential and checks a fresh quote; a workload gets its SVID through a
 //! node-alias entry that selects on PCR 7; a node whose PCR 7 no longer matches the
-//! server's policy is refused.
+//! server's policy is refused. Measured boot: the agent sends a boot event log (built by
+//! hsm-sim in the TCG format, the swtpm's PCRs extended to match), the server replays it
+//! and polices its events; a pre-approved kernel keeps the node's identity across a
+//! reboot, an unapproved one loses it.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -14,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use carapace_e2e::{Agent, Lab, Server, ServerOptions, bin, eventually, uid_selector};
+use hsm_sim::eventlog::{LogBuilder, image_digest};
 use hsm_sim::swtpm::{Swtpm, TpmManufacturer};
 
 /// A fresh swtpm from the shared manufactured template.
@@ -74,11 +78,16 @@ fn start_server(lab: &Lab, config: &Path) -> Server {
 
 /// Spawns a `tpm` agent against `server` (not waiting).
 fn spawn_agent(lab: &Lab, server: &Server, tpm: &Swtpm, name: &str) -> Agent {
+    spawn_agent_with(lab, server, tpm, name, "")
+}
+
+/// Spawns a `tpm` agent with more `[node_attestor.tpm]` settings (not waiting).
+fn spawn_agent_with(lab: &Lab, server: &Server, tpm: &Swtpm, name: &str, extra: &str) -> Agent {
     let config = lab.path().join(format!("{name}.toml"));
     std::fs::write(
         &config,
         format!(
-            "trust_domain = \"example.org\"\n[node_attestor.tpm]\ntcti = {:?}\n",
+            "trust_domain = \"example.org\"\n[node_attestor.tpm]\ntcti = {:?}\n{extra}",
             tpm.tcti()
         ),
     )
@@ -485,4 +494,186 @@ impl WithPrefix for PathBuf {
         std::fs::write(&self, format!("{prefix}{text}")).unwrap();
         self
     }
+}
+
+/// Boots `log` on `tpm` (a reboot first when `reboot`: PCRs back to zero) and writes it
+/// where the agent reads it.
+fn boot(tpm: &Swtpm, log: &LogBuilder, path: &Path, reboot: bool) {
+    if reboot {
+        tpm.power_cycle().unwrap_or_else(|e| panic!("{e}"));
+    }
+    log.extend(tpm).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(path, log.to_bytes()).unwrap();
+}
+
+/// The agent's selectors as `agent show` lists them.
+fn agent_selectors(server: &Server, agent_id: &str) -> String {
+    server.cli_ok(&["agent", "show", "--spiffe-id", agent_id])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn measured_boot_a_pre_approved_kernel_keeps_the_identity_and_an_unapproved_one_loses_it() {
+    let lab = Lab::new();
+    let tpm = tpm();
+    let log_path = lab.path().join("binary_bios_measurements");
+    let (kernel_1, kernel_2, kernel_3): (&[u8], &[u8], &[u8]) =
+        (b"vmlinuz-6.1.0-40", b"vmlinuz-6.1.0-41", b"vmlinuz-evil");
+    let first = LogBuilder::typical_uefi(true, kernel_1);
+    boot(&tpm, &first, &log_path, false);
+    // Shim, the boot loader and both kernels are approved; the third kernel is not.
+    let approved: Vec<String> = first
+        .boot_application_digests()
+        .into_iter()
+        .chain([image_digest(kernel_2)])
+        .map(hex::encode)
+        .collect();
+    let server = start_server(
+        &lab,
+        &server_config(
+            &lab,
+            &format!(
+                "[node_attestor.tpm.measured_boot]\nsecure_boot = true\n\
+                 boot_applications = {approved:?}\n"
+            ),
+        )
+        .with_prefix("agent_svid_ttl = \"20s\"\n"),
+    );
+    let mut agent = spawn_agent_with(
+        &lab,
+        &server,
+        &tpm,
+        "agent",
+        &format!("event_log = {:?}\n", log_path.display().to_string()),
+    );
+    agent.wait_healthy();
+    let agent_id = server.cli_json(&["agent", "list"])["agents"][0]["spiffe_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let k1 = format!("tpm:boot_app:sha256:{}", hex::encode(image_digest(kernel_1)));
+    let k2 = format!("tpm:boot_app:sha256:{}", hex::encode(image_digest(kernel_2)));
+    let shown = agent_selectors(&server, &agent_id);
+    assert!(shown.contains("tpm:secure_boot:on"), "{shown}");
+    assert!(shown.contains(&k1), "{shown}");
+
+    // Nodes that booted with Secure Boot on are "secure-boot"; workloads of this uid on
+    // them get an SVID that rotates about every 10 s while the server signs for the node.
+    server.create_entry(
+        "spiffe://example.org/spire/server",
+        "spiffe://example.org/node/secure-boot",
+        &["tpm:secure_boot:on"],
+        &[],
+    );
+    let workload = "spiffe://example.org/measured-workload";
+    server.create_entry(
+        "spiffe://example.org/node/secure-boot",
+        workload,
+        &[&uid_selector()],
+        &["--x509-svid-ttl", "20s"],
+    );
+    agent.wait_for_svid(workload).await;
+
+    // Right after a renewal (about every 10 s), the node reboots into the pre-approved
+    // kernel: the next renewal attests with the new log and the node keeps its identity.
+    let attested = |server: &Server| server.log().matches("tpm: node attested").count();
+    let before = attested(&server);
+    eventually("a renewal by attestation", || async {
+        (attested(&server) > before).then_some(())
+    })
+    .await;
+    boot(
+        &tpm,
+        &LogBuilder::typical_uefi(true, kernel_2),
+        &log_path,
+        true,
+    );
+    eventually("the node attested with the new kernel", || async {
+        agent_selectors(&server, &agent_id).contains(&k2).then_some(())
+    })
+    .await;
+    let shown = agent_selectors(&server, &agent_id);
+    assert!(!shown.contains(&k1), "the old kernel's selector is gone: {shown}");
+    let after_reboot = agent.held_svid(workload).expect("the workload holds its SVID");
+    eventually("a new SVID signed after the reboot", || async {
+        agent
+            .held_svid(workload)
+            .filter(|s| s.chain_pem != after_reboot.chain_pem)
+    })
+    .await;
+    assert_eq!(
+        server.cli_json(&["agent", "show", "--spiffe-id", &agent_id])["refused_reason"],
+        serde_json::Value::Null,
+        "nothing was refused"
+    );
+
+    // A reboot into a kernel nobody approved: the next renewal is refused, naming the
+    // event, and the workload's identity lapses.
+    let before = attested(&server);
+    eventually("a renewal by attestation", || async {
+        (attested(&server) > before).then_some(())
+    })
+    .await;
+    boot(
+        &tpm,
+        &LogBuilder::typical_uefi(true, kernel_3),
+        &log_path,
+        true,
+    );
+    let refused = eventually("the refused re-attestation in the agent's row", || async {
+        let a = server.cli_json(&["agent", "show", "--spiffe-id", &agent_id]);
+        a["refused_reason"].as_str().map(str::to_owned)
+    })
+    .await;
+    assert!(
+        refused.contains("a boot application not in boot_applications")
+            && refused.contains(&hex::encode(image_digest(kernel_3)))
+            && refused.contains("EV_EFI_BOOT_SERVICES_APPLICATION"),
+        "{refused}"
+    );
+    agent
+        .assert_keeps_until_expiry_and_gets_nothing_new(workload)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn measured_boot_refuses_a_log_that_does_not_replay_and_secure_boot_off() {
+    let lab = Lab::new();
+    let server = start_server(
+        &lab,
+        &server_config(&lab, "[node_attestor.tpm.measured_boot]\nsecure_boot = true\n"),
+    );
+    // A log whose events were never extended into this TPM: the replay names PCR 0.
+    let tpm_a = tpm();
+    let path_a = lab.path().join("a.log");
+    std::fs::write(&path_a, LogBuilder::typical_uefi(true, b"k").to_bytes()).unwrap();
+    // A node that booted with Secure Boot off.
+    let tpm_b = tpm();
+    let path_b = lab.path().join("b.log");
+    boot(&tpm_b, &LogBuilder::typical_uefi(false, b"k"), &path_b, false);
+    for (tpm, path, name, expected) in [
+        (&tpm_a, &path_a, "agent-a", "the event log does not replay: PCR 0"),
+        (&tpm_b, &path_b, "agent-b", "Secure Boot was off"),
+    ] {
+        let mut agent = spawn_agent_with(
+            &lab,
+            &server,
+            tpm,
+            name,
+            &format!("event_log = {:?}\n", path.display().to_string()),
+        );
+        let status = agent
+            .proc
+            .wait_exit(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("{name} should have been refused:\n{}", agent.proc.log()));
+        assert!(!status.success());
+        let log = agent.proc.log();
+        assert!(log.contains(expected), "{name}: {log}");
+    }
+    assert_eq!(
+        server.cli_json(&["agent", "list"])["agents"]
+            .as_array()
+            .map(Vec::len),
+        Some(0),
+        "no agent was recorded"
+    );
 }

@@ -17,11 +17,6 @@ pub(super) const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
 const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
 /// The highest PCR index a selection may name (a PC client TPM has 24 PCRs).
 const MAX_PCR: u8 = 23;
-/// DigestInfo prefix of a SHA-256 PKCS#1 v1.5 signature (RFC 8017 §9.2 note 1).
-const SHA256_DIGEST_INFO: [u8; 19] = [
-    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
-    0x00, 0x04, 0x20,
-];
 
 /// The TPM clock state a verified quote carries (TPMS_CLOCK_INFO and the firmware
 /// version), kept per TPM for [`check_clock`].
@@ -220,15 +215,18 @@ pub(super) fn verify_signature(
             }
             let point =
                 uncompressed_point(EccCurve::NistP256, unique.x().value(), unique.y().value())?;
-            let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)
-                .map_err(|_| reject("AK public key is not a point on NIST P-256"))?;
-            let r = scalar32(what, s.signature_r().value())?;
-            let s = scalar32(what, s.signature_s().value())?;
-            let signature = p256::ecdsa::Signature::from_scalars(r, s)
-                .map_err(|_| reject(format!("{what} signature is not a valid ECDSA signature")))?;
-            use p256::ecdsa::signature::Verifier as _;
-            key.verify(attest, &signature)
-                .map_err(|_| reject(format!("{what} signature does not verify with the AK")))
+            // ring (about 5x faster than the p256 crate here: this is most of the
+            // server's CPU per attestation) checks the point is on the curve and r, s
+            // are in range.
+            let mut rs = [0u8; 64];
+            rs[..32].copy_from_slice(&scalar32(what, s.signature_r().value())?);
+            rs[32..].copy_from_slice(&scalar32(what, s.signature_s().value())?);
+            ring::signature::UnparsedPublicKey::new(
+                &ring::signature::ECDSA_P256_SHA256_FIXED,
+                &point,
+            )
+            .verify(attest, &rs)
+            .map_err(|_| reject(format!("{what} signature does not verify with the AK")))
         }
         (
             Public::Rsa {
@@ -237,13 +235,20 @@ pub(super) fn verify_signature(
             Signature::RsaSsa(s),
         ) => {
             expect_sha256(what, s.hashing_algorithm())?;
+            // Checked as the EK and AK checks expect (size, exponent), then verified
+            // with ring.
             let key = rsa_public_key(parameters.exponent().value(), unique.value())?;
-            let scheme = rsa::Pkcs1v15Sign {
-                hash_len: Some(32),
-                prefix: SHA256_DIGEST_INFO.to_vec().into_boxed_slice(),
-            };
-            key.verify(scheme, &Sha256::digest(attest), s.signature().value())
-                .map_err(|_| reject(format!("{what} signature does not verify with the AK")))
+            let e = rsa::traits::PublicKeyParts::e(&key).to_bytes_be();
+            ring::signature::RsaPublicKeyComponents {
+                n: unique.value(),
+                e: e.as_slice(),
+            }
+            .verify(
+                &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                attest,
+                s.signature().value(),
+            )
+            .map_err(|_| reject(format!("{what} signature does not verify with the AK")))
         }
         (Public::Ecc { .. }, other) => Err(reject(format!(
             "{what} signature scheme is {:?}, expected ECDSA for an ECC AK",
@@ -269,14 +274,14 @@ fn expect_sha256(what: &str, alg: HashingAlgorithm) -> Result<()> {
 }
 
 /// A P-256 scalar from a TPM ECC parameter (big-endian, possibly shorter than 32 bytes).
-fn scalar32(what: &str, bytes: &[u8]) -> Result<p256::FieldBytes> {
+fn scalar32(what: &str, bytes: &[u8]) -> Result<[u8; 32]> {
     if bytes.len() > 32 {
         return Err(reject(format!(
             "{what} signature component is {} bytes, longer than P-256's 32",
             bytes.len()
         )));
     }
-    let mut out = p256::FieldBytes::default();
+    let mut out = [0u8; 32];
     out[32 - bytes.len()..].copy_from_slice(bytes);
     Ok(out)
 }
