@@ -23,7 +23,7 @@ use carapace_core::{Error, SelectorSet};
 
 use crate::eventlog::policy::{MeasuredBootConfig, MeasuredBootPolicy};
 use crate::eventlog::{self, ALG_SHA256};
-use crate::verify::{self, EkIdentity, EkPolicy, PcrPolicy, QuoteInfo};
+use crate::verify::{self, EkCache, EkIdentity, EkPolicy, PcrPolicy, QuoteInfo};
 use crate::wire::{self, Challenge, Payload, PcrSelection, Response};
 
 /// The plugin name on both sides.
@@ -169,6 +169,8 @@ impl ClockRecord {
 /// The server half of `tpm` node attestation.
 pub struct TpmAttestor {
     ek_policy: EkPolicy,
+    /// EK chains that verified under `ek_policy` ([`EkCache`]).
+    ek_cache: EkCache,
     pcr_policy: PcrPolicy,
     pcrs: Vec<u8>,
     require_agent_key_in_tpm: bool,
@@ -238,6 +240,7 @@ impl TpmAttestor {
         }
         Ok(TpmAttestor {
             ek_policy: EkPolicy::new(roots, intermediates, cfg.ek_hash_allowlist.clone())?,
+            ek_cache: EkCache::default(),
             pcr_policy: PcrPolicy::from_config(&cfg.pcr_policy)?,
             pcrs: cfg.pcrs.clone(),
             require_agent_key_in_tpm: cfg.require_agent_key_in_tpm,
@@ -285,8 +288,9 @@ impl NodeAttestor for TpmAttestor {
         }
         let ek_public = verify::parse_public(&p.ek_public)
             .map_err(|e| rejected(format!("EK public area: {e}")))?;
-        let ek = verify::verify_ek(
+        let ek = self.ek_cache.verify(
             &self.ek_policy,
+            &p.ek_public,
             &ek_public,
             (!p.ek_cert.is_empty()).then_some(p.ek_cert.as_slice()),
             &p.ek_intermediates,

@@ -745,6 +745,47 @@ fn ek_cert_chains_to_the_lab_root_through_a_configured_intermediate() {
 }
 
 #[test]
+fn the_ek_cache_answers_a_verified_chain_again_and_only_that_one() {
+    use tss_esapi::traits::Marshall as _;
+    let lab = Lab::new();
+    let ek = lab.ek_rsa();
+    let ek_bytes = ek.marshall().unwrap();
+    let cert = lab.nv_cert(NV_EK_CERT_RSA2048);
+    let (root, inter) = lab_ca();
+    let policy = EkPolicy::new(vec![root.clone()], vec![], vec![]).unwrap();
+    let cache = verify::EkCache::default();
+    let chain = std::slice::from_ref(&inter);
+    // A failure is not remembered.
+    let m = rejection(cache.verify(&policy, &ek_bytes, &ek, Some(&cert), &[], now()));
+    assert!(m.contains("no configured root or intermediate is its issuer"), "{m}");
+    assert!(cache.is_empty());
+    let first = cache
+        .verify(&policy, &ek_bytes, &ek, Some(&cert), chain, now())
+        .unwrap();
+    assert_eq!(first, verify::verify_ek(&policy, &ek, Some(&cert), chain, now()).unwrap());
+    assert_eq!(cache.len(), 1);
+    // Again: the same answer, from the cache.
+    let again = cache
+        .verify(&policy, &ek_bytes, &ek, Some(&cert), chain, now())
+        .unwrap();
+    assert_eq!(again, first);
+    assert_eq!(cache.len(), 1);
+    // The same certificate without the intermediate is another question: refused.
+    let m = rejection(cache.verify(&policy, &ek_bytes, &ek, Some(&cert), &[], now()));
+    assert!(m.contains("no configured root or intermediate is its issuer"), "{m}");
+    // The certificate presented with another EK: refused, cached chain or not.
+    let other = lab.ek_p384();
+    let other_bytes = other.marshall().unwrap();
+    rejection(cache.verify(&policy, &other_bytes, &other, Some(&cert), chain, now()));
+    // Past the end of the chain's validity (swtpm's certificates end in 9999) the entry
+    // is not used: the chain is checked again, and refused.
+    let far = 253_402_300_800; // 10000-01-01
+    let m = rejection(cache.verify(&policy, &ek_bytes, &ek, Some(&cert), chain, far));
+    assert!(m.contains("is not valid at") || m.contains("out of range"), "{m}");
+    assert!(cache.is_empty(), "the lapsed entry is dropped");
+}
+
+#[test]
 fn another_manufacturers_root_with_the_same_name_does_not_verify() {
     let lab = Lab::new();
     let ek = lab.ek_rsa();

@@ -185,8 +185,29 @@ pub fn verify_ek(
 
     let time = ASN1Time::from_timestamp(now)
         .map_err(|e| reject(format!("verification time {now} is out of range: {e}")))?;
-    match build_chain(&cert, policy, agent_intermediates, time) {
-        Ok(()) => {
+    verify_chain(policy, pubhash, allowlisted, &cert, agent_intermediates, time)
+        .map(|(identity, _)| identity)
+}
+
+/// The chain part of [`verify_ek`], once the certificate parsed and certifies the EK:
+/// the identity, and until when (Unix seconds) the chain stays valid (`None` when the
+/// trust came from the allowlist).
+fn verify_chain(
+    policy: &EkPolicy,
+    pubhash: String,
+    allowlisted: bool,
+    cert: &X509Certificate<'_>,
+    agent_intermediates: &[Vec<u8>],
+    time: ASN1Time,
+) -> Result<(EkIdentity, Option<i64>)> {
+    let allowlist_identity = || EkIdentity {
+        pubhash: pubhash.clone(),
+        trust: EkTrust::Allowlist,
+        cert_issuer_cn: None,
+        cert_serial_hex: None,
+    };
+    match build_chain(cert, policy, agent_intermediates, time) {
+        Ok(valid_until) => {
             let cert_issuer_cn = cert
                 .issuer()
                 .iter_common_name()
@@ -198,15 +219,113 @@ pub fn verify_ek(
                         && !cn.chars().any(char::is_control)
                 })
                 .map(str::to_owned);
-            Ok(EkIdentity {
-                pubhash,
-                trust: EkTrust::Certificate,
-                cert_issuer_cn,
-                cert_serial_hex: Some(serial_hex(cert.raw_serial())),
-            })
+            Ok((
+                EkIdentity {
+                    pubhash,
+                    trust: EkTrust::Certificate,
+                    cert_issuer_cn,
+                    cert_serial_hex: Some(serial_hex(cert.raw_serial())),
+                },
+                Some(valid_until),
+            ))
         }
-        Err(_) if allowlisted => Ok(allowlist_identity()),
-        Err(why) => Err(not_trusted(&why)),
+        Err(_) if allowlisted => Ok((allowlist_identity(), None)),
+        Err(why) => Err(reject(format!(
+            "EK is not trusted: its certificate does not chain to a configured manufacturer \
+             root and its hash {pubhash} is not on the allowlist ({why})"
+        ))),
+    }
+}
+
+/// The most chains an [`EkCache`] remembers; when full it starts again empty.
+pub const EK_CACHE_MAX: usize = 16_384;
+
+/// EK certificate chains that verified, so a TPM attesting again (at every renewal of
+/// its agent) costs a hash and a lookup instead of parsing the roots and checking each
+/// signature of the chain again.
+///
+/// An entry is keyed by the SHA-256 of exactly what was verified (the EK public area,
+/// the certificate and the agent's intermediates, each length-prefixed), holds the
+/// identity [`verify_ek`] returned, and is used only while every certificate of the
+/// chain it found is still valid. Only trust through a certificate is cached; failures
+/// never are. One cache belongs to one [`EkPolicy`]: a server reloading its policy
+/// builds a new attestor, and a new cache with it.
+#[derive(Debug, Default)]
+pub struct EkCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (EkIdentity, i64)>>,
+}
+
+impl EkCache {
+    /// [`verify_ek`], with the EK public area as the bytes the agent sent
+    /// (`ek_public_bytes`, which parsed as `ek_public`).
+    pub fn verify(
+        &self,
+        policy: &EkPolicy,
+        ek_public_bytes: &[u8],
+        ek_public: &Public,
+        ek_cert: Option<&[u8]>,
+        agent_intermediates: &[Vec<u8>],
+        now: i64,
+    ) -> Result<EkIdentity> {
+        use sha2::{Digest as _, Sha256};
+        let Some(der) = ek_cert.filter(|c| !c.is_empty()) else {
+            return verify_ek(policy, ek_public, ek_cert, agent_intermediates, now);
+        };
+        let mut h = Sha256::new();
+        for part in [ek_public_bytes, der]
+            .into_iter()
+            .chain(agent_intermediates.iter().map(Vec::as_slice))
+        {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        let key: [u8; 32] = h.finalize().into();
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((identity, valid_until)) = entries.get(&key) {
+            if now <= *valid_until {
+                return Ok(identity.clone());
+            }
+            entries.remove(&key);
+        }
+        drop(entries);
+
+        let pubhash = ek_pubhash(ek_public)?;
+        let allowlisted = policy
+            .allowlist
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(&pubhash));
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            return verify_ek(policy, ek_public, ek_cert, agent_intermediates, now);
+        };
+        check_same_key(&cert, ek_public)?;
+        let time = ASN1Time::from_timestamp(now)
+            .map_err(|e| reject(format!("verification time {now} is out of range: {e}")))?;
+        let (identity, valid_until) =
+            verify_chain(policy, pubhash, allowlisted, &cert, agent_intermediates, time)?;
+        if let Some(valid_until) = valid_until {
+            let mut entries = self
+                .entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if entries.len() >= EK_CACHE_MAX {
+                entries.clear();
+            }
+            entries.insert(key, (identity.clone(), valid_until));
+        }
+        Ok(identity)
+    }
+
+    /// How many chains are remembered.
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -365,12 +484,14 @@ fn serial_hex(raw: &[u8]) -> String {
 
 /// Searches a chain from the EK certificate to a configured root. On failure, says why
 /// (the problems met on the way, or that no issuer was found).
+/// Finds a chain from `leaf` to a root; on success, until when (Unix seconds) every
+/// certificate of it but the root (a trust anchor, whose dates are not checked) is valid.
 fn build_chain(
     leaf: &X509Certificate<'_>,
     policy: &EkPolicy,
     agent_intermediates: &[Vec<u8>],
     now: ASN1Time,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<i64, String> {
     check_validity("the EK certificate", leaf, now)?;
     check_critical("the EK certificate", leaf)?;
     if let Ok(Some(eku)) = leaf.extended_key_usage() {
@@ -409,7 +530,13 @@ fn build_chain(
         checks: 0,
     };
     if search.issued_to_root(leaf) {
-        return Ok(());
+        let valid_until = search
+            .path
+            .iter()
+            .filter_map(|&i| intermediates.get(i))
+            .map(|c| c.validity().not_after.timestamp())
+            .fold(leaf.validity().not_after.timestamp(), i64::min);
+        return Ok(valid_until);
     }
     if search.problems.is_empty() {
         Err(format!(

@@ -34,7 +34,8 @@ use carapace_core::{Error, Selector};
 
 pub use certify::{check_agent_key, verify_certify};
 pub use ek::{
-    EkIdentity, EkPolicy, EkTrust, certificates_from_pem_or_der, is_self_signed, verify_ek,
+    EK_CACHE_MAX, EkCache, EkIdentity, EkPolicy, EkTrust, certificates_from_pem_or_der,
+    is_self_signed, verify_ek,
 };
 pub use pcr::{PcrPolicy, check_pcr_policy, parse_hex_digest, parse_pcr_values};
 pub use public::{
