@@ -6,7 +6,8 @@
 //! manager and attestor), [`keys`] (the agent key in the TPM), [`agent`] and [`server`]
 //! (the two attestor halves), [`credential`] (the server's software MakeCredential),
 //! [`verify`] (the server's checks of EK, AK, quote, PCR policy and agent key
-//! certification).
+//! certification), [`eventlog`] (the TCG boot event log: parser, replay, and the
+//! measured-boot policy over its events).
 //!
 //! # Agent settings
 //!
@@ -17,6 +18,7 @@
 //!
 //! [node_attestor.tpm]
 //! tcti = "device:/dev/tpmrm0"      # default; use the same string as the key manager
+//! event_log = "/sys/kernel/security/tpm0/binary_bios_measurements"  # default for device:
 //! ```
 //!
 //! `[key_manager.tpm]` ([`keys::TpmKeyManagerConfig`]) generates the agent's key (the
@@ -43,6 +45,7 @@
 //! | `pcrs` | 0-7 | the sha256 PCRs to quote; each becomes a selector |
 //! | `pcr_policy` | | PCR index → allowed values |
 //! | `require_agent_key_in_tpm` | false | refuse agents whose key is not certified to be in the TPM |
+//! | `measured_boot` | | the policy over the boot event log ([`eventlog::policy`]); agents must send their log |
 //!
 //! # What the agent key certification proves
 //!
