@@ -661,11 +661,15 @@ mod tests {
             vec![0; 32],
             variable_data(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]),
         );
-        assert!(refusal(&p, &log).contains("not the sha256 of the event's data"));
+        let p7 = policy(MeasuredBootConfig {
+            secure_boot: true,
+            ..Default::default()
+        });
+        assert!(refusal(&p7, &log).contains("not the sha256 of the event's data"));
         // An unknown variable name before the separator.
         let mut log = Log::new();
         log.var(EFI_GLOBAL_VARIABLE, "Shim", &[1]);
-        assert!(refusal(&p, &log).contains("not a Secure Boot variable"));
+        assert!(refusal(&p7, &log).contains("not a Secure Boot variable"));
         // Nothing booted.
         let mut log = Log::new();
         log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]).separator(4);
