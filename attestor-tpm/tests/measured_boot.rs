@@ -256,3 +256,42 @@ async fn a_version_1_agent_gets_a_version_1_challenge_and_no_measured_boot() {
     );
     assert!(msg.contains("speaks version 1"), "{msg}");
 }
+
+#[test]
+fn validate_names_policed_pcrs_that_are_not_quoted_and_bad_digests() {
+    let cfg = TpmServerConfig {
+        ek_hash_allowlist: vec!["00".repeat(32)],
+        pcrs: vec![0, 7],
+        measured_boot: Some(MeasuredBootConfig {
+            secure_boot: true,
+            boot_applications: Some(vec!["11".repeat(32)]),
+            ..Default::default()
+        }),
+        ..TpmServerConfig::default()
+    };
+    let problems = cfg.validate().unwrap_err();
+    assert_eq!(
+        problems,
+        vec![
+            "measured_boot polices PCR 4, which is not in pcrs: add it, so the quote covers \
+             the events the policy reads"
+                .to_owned()
+        ]
+    );
+    let bad = TpmServerConfig {
+        measured_boot: Some(MeasuredBootConfig {
+            db: Some(vec!["not hex".into()]),
+            ..Default::default()
+        }),
+        ..cfg
+    };
+    let problems = bad.validate().unwrap_err().join("; ");
+    assert!(problems.contains("measured_boot: db: \"not hex\" is not a sha256 digest"), "{problems}");
+    // And from TOML, as the server reads it: an unknown key is refused.
+    let err = toml::from_str::<TpmServerConfig>(
+        "ek_hash_allowlist = []\n[measured_boot]\nsecureboot = true\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown field `secureboot`"), "{err}");
+}
