@@ -47,6 +47,7 @@
 //! them; `carapace-lab down` stops exactly the processes `up` recorded ([`lab`]).
 
 pub mod envoy;
+pub mod eventlog;
 mod error;
 pub mod kdc;
 pub mod lab;
