@@ -2,8 +2,9 @@
 //! MIT Kerberos realm, each in a temporary directory on free loopback ports, plus an SSH
 //! CA with a certified host key ([`ssh`]), a small tmpfs to fill up ([`tmpfs`]), a
 //! throwaway PostgreSQL cluster ([`postgres`]), files no config reader may hang on
-//! ([`operator_files`]), and a look at a running Envoy from outside ([`envoy`]: its
-//! admin `/certs`). Tests, the benchmarks and the `carapace-lab` binary share it.
+//! ([`operator_files`]), a look at a running Envoy from outside ([`envoy`]: its
+//! admin `/certs`), and TCG boot event logs with the PCR values they imply
+//! ([`eventlog`]). Tests, the benchmarks and the `carapace-lab` binary share it.
 //! A missing package is an error naming the exact `apt-get install` line, never a silent
 //! skip.
 //!
@@ -48,6 +49,7 @@
 
 pub mod envoy;
 mod error;
+pub mod eventlog;
 pub mod kdc;
 pub mod lab;
 pub mod operator_files;

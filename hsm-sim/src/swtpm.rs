@@ -10,6 +10,7 @@
 //! swtpm has no resource manager and only three transient object slots: flush after use
 //! ([`Swtpm::flush_transient`]) or give each test its own instance.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock, PoisonError};
@@ -339,6 +340,60 @@ impl Swtpm {
     /// 16 random bytes from the TPM, as hex: proof that it answers.
     pub fn getrandom(&self) -> Result<String> {
         getrandom(&self.tpm2_tools, &self.tcti())
+    }
+
+    /// Reboots the simulated machine: TPM_Init on the control port (`swtpm_ioctl -i`),
+    /// then TPM2_Startup(CLEAR) (`tpm2_startup -c`). The PCRs go back to their reset
+    /// values; the persistent state (EKs, NV, hierarchies' seeds) stays, so another boot
+    /// log can be extended into the same TPM. Transient objects and sessions are gone.
+    pub fn power_cycle(&self) -> Result<()> {
+        let ioctl = require("swtpm_ioctl", SWTPM_PACKAGES)?;
+        let startup = require("tpm2_startup", TPM2_TOOLS_PACKAGE)?;
+        let mut cmd = Command::new(ioctl);
+        cmd.arg("--tcp")
+            .arg(format!("127.0.0.1:{}", self.ctrl_port))
+            .arg("-i");
+        process::run(&mut cmd, None)?;
+        let mut cmd = Command::new(startup);
+        cmd.arg("-c").env("TPM2TOOLS_TCTI", self.tcti());
+        process::run(&mut cmd, None).map(drop)
+    }
+
+    /// The sha256 bank's values of `pcrs` (`tpm2_pcrread`): PCR index → 32 bytes.
+    pub fn pcrs_sha256(&self, pcrs: &[u8]) -> Result<BTreeMap<u8, Vec<u8>>> {
+        let pcrread = require("tpm2_pcrread", TPM2_TOOLS_PACKAGE)?;
+        let list: Vec<String> = pcrs.iter().map(u8::to_string).collect();
+        let mut cmd = Command::new(pcrread);
+        cmd.arg(format!("sha256:{}", list.join(",")))
+            .env("TPM2TOOLS_TCTI", self.tcti());
+        let out = process::run(&mut cmd, None)?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut values = BTreeMap::new();
+        // "  sha256:" then "    4 : 0x8E9C…" per PCR.
+        for line in text.lines() {
+            let Some((index, value)) = line.split_once(" : 0x") else {
+                continue;
+            };
+            let bad = || Error::Other(format!("tpm2_pcrread printed {line:?}"));
+            let index: u8 = index.trim().parse().map_err(|_| bad())?;
+            let value = value.trim();
+            if value.len() != 64 || !value.is_ascii() {
+                return Err(bad());
+            }
+            let bytes = (0..32)
+                .map(|i| u8::from_str_radix(&value[2 * i..2 * i + 2], 16))
+                .collect::<std::result::Result<Vec<u8>, _>>()
+                .map_err(|_| bad())?;
+            values.insert(index, bytes);
+        }
+        if values.len() != pcrs.len() {
+            return Err(Error::Other(format!(
+                "tpm2_pcrread gave {} values for {} PCRs: {text}",
+                values.len(),
+                pcrs.len()
+            )));
+        }
+        Ok(values)
     }
 
     /// Leaves swtpm running after this process exits (`carapace-lab up`); its directory

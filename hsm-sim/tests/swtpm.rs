@@ -122,3 +122,51 @@ fn swtpm_state_is_private_to_each_instance() {
     assert!(!tpm.state_dir().starts_with(m.dir()));
     assert!(tpm.child().log().starts_with(tpm.dir()));
 }
+
+/// The RSA EK's public area, created from the endorsement seed (`tpm2_createek`), then
+/// flushed: the same bytes mean the same seed, so the same TPM.
+fn ek_public(tpm: &Swtpm, dir: &Path) -> Vec<u8> {
+    let public = dir.join("ek.pub");
+    let out = Command::new("tpm2_createek")
+        .envs(tpm.envs())
+        .args(["-G", "rsa", "-c"])
+        .arg(dir.join("ek.ctx"))
+        .arg("-u")
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tpm.flush_transient().unwrap();
+    std::fs::read(public).unwrap()
+}
+
+#[test]
+fn power_cycle_resets_the_pcrs_and_keeps_the_ek() {
+    let tpm = Swtpm::start(TpmManufacturer::shared().unwrap()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let ek = ek_public(&tpm, work.path());
+    let extend = Command::new("tpm2_pcrextend")
+        .envs(tpm.envs())
+        .arg(format!("4:sha256={}", "ab".repeat(32)))
+        .status()
+        .unwrap();
+    assert!(extend.success());
+    let before = tpm.pcrs_sha256(&[4, 7]).unwrap();
+    assert_ne!(before[&4], vec![0; 32]);
+    assert_eq!(before[&7], vec![0; 32]);
+
+    tpm.power_cycle().unwrap();
+
+    let after = tpm.pcrs_sha256(&[4, 7]).unwrap();
+    assert_eq!(after[&4], vec![0; 32], "PCR 4 back to its reset value");
+    assert_eq!(after[&7], vec![0; 32]);
+    assert_eq!(tpm.getrandom().unwrap().len(), 32, "the TPM answers");
+    assert_eq!(ek_public(&tpm, work.path()), ek, "same endorsement seed");
+    // A second cycle works too (Startup after Init, not a leftover state).
+    tpm.power_cycle().unwrap();
+    assert_eq!(tpm.pcrs_sha256(&[4]).unwrap()[&4], vec![0; 32]);
+}

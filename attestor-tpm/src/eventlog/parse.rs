@@ -40,7 +40,9 @@
 //!   that names a locality over 4, that comes twice, or that comes after an extension of
 //!   PCR 0 (it sets PCR 0's *initial* value). Other EV_NO_ACTION records (SP800-155
 //!   reference manifests, vendor data) are kept in `events` as they are.
-//! - Truncation anywhere, and bytes after the last record.
+//! - Truncation anywhere, and bytes after the last record (fewer than the 12 bytes a
+//!   record starts with: "trailing bytes"; more: refused for whatever is wrong with
+//!   the record they would be).
 //!
 //! # The end of the log
 //!
@@ -70,6 +72,8 @@ const SPEC_ID_SIGNATURE: &[u8; 16] = b"Spec ID Event03\0";
 const STARTUP_LOCALITY_SIGNATURE: &[u8; 16] = b"StartupLocality\0";
 /// The most banks a log may declare (and digests a record may carry).
 const MAX_BANKS: u32 = 8;
+/// pcrIndex, eventType and the digest count: what any record starts with.
+const RECORD_FIXED: usize = 12;
 /// The highest PCR index a record may extend.
 const MAX_PCR: u32 = 23;
 
@@ -154,6 +158,15 @@ pub fn parse(bytes: &[u8]) -> Result<EventLog, LogError> {
         if bytes[offset..].iter().all(|&b| b == 0) {
             // Zero padding after the last record (module doc).
             break;
+        }
+        if r.remaining() < RECORD_FIXED {
+            return Err(r.err(
+                offset,
+                format!(
+                    "{} trailing bytes after the last record, fewer than a record's {RECORD_FIXED} fixed bytes",
+                    r.remaining()
+                ),
+            ));
         }
         let number = events.len() + 1;
         if number >= MAX_EVENTS {
@@ -569,7 +582,10 @@ pub(super) mod tests {
                     assert_eq!(log.events.len(), usize::from(end == first_end));
                 }
                 Err(e) => {
-                    assert!(e.reason.starts_with("truncated"), "cut {cut}: {e}");
+                    assert!(
+                        e.reason.starts_with("truncated") || e.reason.contains("trailing bytes"),
+                        "cut {cut}: {e}"
+                    );
                     assert!(e.offset <= cut, "cut {cut}: {e}");
                 }
             }
@@ -663,6 +679,7 @@ pub(super) mod tests {
         b.extend_from_slice(&[0, 0, 1]);
         let e = parse(&b).unwrap_err();
         assert_eq!(e.offset, at);
+        assert!(e.reason.contains("3 trailing bytes"), "{e}");
     }
 
     #[test]
