@@ -41,6 +41,7 @@ fn server(measured_boot: Option<MeasuredBootConfig>) -> TpmAttestor {
     let m = TpmManufacturer::shared().unwrap();
     let cfg = TpmServerConfig {
         ek_ca_files: vec![m.ek_ca_root(), m.ek_ca_intermediate()],
+        pcrs: carapace_attestor_tpm::server::DEFAULT_PCRS.to_vec(),
         measured_boot,
         ..TpmServerConfig::default()
     };
@@ -101,6 +102,13 @@ impl Node {
         node
     }
 
+    /// Reboots the node into `log`: PCRs reset, `log` measured and written.
+    fn reboot(&self, log: &LogBuilder) {
+        self.tpm.power_cycle().unwrap();
+        log.extend(&self.tpm).unwrap();
+        self.write(&log.to_bytes());
+    }
+
     fn log_path(&self) -> std::path::PathBuf {
         self.dir.path().join("binary_bios_measurements")
     }
@@ -154,19 +162,22 @@ async fn the_policy_accepts_a_pre_approved_kernel_and_refuses_others() {
     let first = LogBuilder::typical_uefi(true, b"kernel-1");
     let policy = approved(&[b"kernel-2"], &first);
     let server = server(Some(policy));
-    attest(&server, &Node::boot(&first).client()).await.unwrap();
-    let second = LogBuilder::typical_uefi(true, b"kernel-2");
-    attest(&server, &Node::boot(&second).client()).await.unwrap();
-    let third = LogBuilder::typical_uefi(true, b"kernel-3");
-    let msg = rejected(attest(&server, &Node::boot(&third).client()).await);
+    // One node (one EK: the server keeps its TPM clock) rebooting into each kernel.
+    let node = Node::boot(&first);
+    let c = node.client();
+    attest(&server, &c).await.unwrap();
+    node.reboot(&LogBuilder::typical_uefi(true, b"kernel-2"));
+    attest(&server, &c).await.unwrap();
+    node.reboot(&LogBuilder::typical_uefi(true, b"kernel-3"));
+    let msg = rejected(attest(&server, &c).await);
     assert!(
         msg.contains("EV_EFI_BOOT_SERVICES_APPLICATION, PCR 4")
             && msg.contains(&hex::encode(image_digest(b"kernel-3")))
             && msg.contains("a boot application not in boot_applications"),
         "{msg}"
     );
-    let off = LogBuilder::typical_uefi(false, b"kernel-1");
-    let msg = rejected(attest(&server, &Node::boot(&off).client()).await);
+    node.reboot(&LogBuilder::typical_uefi(false, b"kernel-1"));
+    let msg = rejected(attest(&server, &c).await);
     assert!(msg.contains("Secure Boot was off"), "{msg}");
 }
 

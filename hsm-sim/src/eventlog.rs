@@ -256,6 +256,18 @@ impl LogBuilder {
         self.measured(4, EV_EFI_BOOT_SERVICES_APPLICATION, image, data)
     }
 
+    /// The sha256 digests of the boot applications (PCR 4,
+    /// EV_EFI_BOOT_SERVICES_APPLICATION), in log order: what a measured-boot policy's
+    /// `boot_applications` lists. Requires the sha256 bank.
+    pub fn boot_application_digests(&self) -> Vec<[u8; 32]> {
+        self.records
+            .iter()
+            .filter(|r| r.pcr == 4 && r.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
+            .filter_map(|r| r.digests.iter().find(|(alg, _)| *alg == ALG_SHA256))
+            .filter_map(|(_, d)| <[u8; 32]>::try_from(d.as_slice()).ok())
+            .collect()
+    }
+
     /// An EV_SEPARATOR (four zero bytes, as UEFI firmware writes it) in each PCR.
     pub fn separators(mut self, pcrs: std::ops::RangeInclusive<u32>) -> LogBuilder {
         for pcr in pcrs {

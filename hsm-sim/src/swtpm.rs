@@ -342,13 +342,20 @@ impl Swtpm {
         getrandom(&self.tpm2_tools, &self.tcti())
     }
 
-    /// Reboots the simulated machine: TPM_Init on the control port (`swtpm_ioctl -i`),
-    /// then TPM2_Startup(CLEAR) (`tpm2_startup -c`). The PCRs go back to their reset
-    /// values; the persistent state (EKs, NV, hierarchies' seeds) stays, so another boot
-    /// log can be extended into the same TPM. Transient objects and sessions are gone.
+    /// Reboots the simulated machine as an OS does: an orderly TPM2_Shutdown(CLEAR)
+    /// (`tpm2_shutdown -c`; without it the TPM's clock is reported not safe after the
+    /// reset, and a verifier refuses the quote), TPM_Init on the control port
+    /// (`swtpm_ioctl -i`), then TPM2_Startup(CLEAR) (`tpm2_startup -c`). The PCRs go back
+    /// to their reset values; the persistent state (EKs, NV, hierarchies' seeds) stays,
+    /// so another boot log can be extended into the same TPM. Transient objects and
+    /// sessions are gone.
     pub fn power_cycle(&self) -> Result<()> {
         let ioctl = require("swtpm_ioctl", SWTPM_PACKAGES)?;
         let startup = require("tpm2_startup", TPM2_TOOLS_PACKAGE)?;
+        let shutdown = require("tpm2_shutdown", TPM2_TOOLS_PACKAGE)?;
+        let mut cmd = Command::new(shutdown);
+        cmd.arg("-c").env("TPM2TOOLS_TCTI", self.tcti());
+        process::run(&mut cmd, None)?;
         let mut cmd = Command::new(ioctl);
         cmd.arg("--tcp")
             .arg(format!("127.0.0.1:{}", self.ctrl_port))
