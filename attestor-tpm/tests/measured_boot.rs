@@ -239,7 +239,10 @@ async fn version_2_evidence_is_bound_to_its_connection() {
         .unwrap();
     let answer = c.answer(&challenge, &ctx(2)).await.unwrap();
     let msg = rejected(session.respond(&answer).await);
-    assert!(msg.to_lowercase().contains("nonce") || msg.contains("qualifying"), "{msg}");
+    assert!(
+        msg.to_lowercase().contains("nonce") || msg.contains("qualifying"),
+        "{msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -297,7 +300,10 @@ fn validate_names_policed_pcrs_that_are_not_quoted_and_bad_digests() {
         ..cfg
     };
     let problems = bad.validate().unwrap_err().join("; ");
-    assert!(problems.contains("measured_boot: db: \"not hex\" is not a sha256 digest"), "{problems}");
+    assert!(
+        problems.contains("measured_boot: db: \"not hex\" is not a sha256 digest"),
+        "{problems}"
+    );
     // And from TOML, as the server reads it: an unknown key is refused.
     let err = toml::from_str::<TpmServerConfig>(
         "ek_hash_allowlist = []\n[measured_boot]\nsecureboot = true\n",

@@ -757,12 +757,18 @@ fn the_ek_cache_answers_a_verified_chain_again_and_only_that_one() {
     let chain = std::slice::from_ref(&inter);
     // A failure is not remembered.
     let m = rejection(cache.verify(&policy, &ek_bytes, &ek, Some(&cert), &[], now()));
-    assert!(m.contains("no configured root or intermediate is its issuer"), "{m}");
+    assert!(
+        m.contains("no configured root or intermediate is its issuer"),
+        "{m}"
+    );
     assert!(cache.is_empty());
     let first = cache
         .verify(&policy, &ek_bytes, &ek, Some(&cert), chain, now())
         .unwrap();
-    assert_eq!(first, verify::verify_ek(&policy, &ek, Some(&cert), chain, now()).unwrap());
+    assert_eq!(
+        first,
+        verify::verify_ek(&policy, &ek, Some(&cert), chain, now()).unwrap()
+    );
     assert_eq!(cache.len(), 1);
     // Again: the same answer, from the cache.
     let again = cache
@@ -772,7 +778,10 @@ fn the_ek_cache_answers_a_verified_chain_again_and_only_that_one() {
     assert_eq!(cache.len(), 1);
     // The same certificate without the intermediate is another question: refused.
     let m = rejection(cache.verify(&policy, &ek_bytes, &ek, Some(&cert), &[], now()));
-    assert!(m.contains("no configured root or intermediate is its issuer"), "{m}");
+    assert!(
+        m.contains("no configured root or intermediate is its issuer"),
+        "{m}"
+    );
     // The certificate presented with another EK: refused, cached chain or not.
     let other = lab.ek_p384();
     let other_bytes = other.marshall().unwrap();
@@ -781,7 +790,10 @@ fn the_ek_cache_answers_a_verified_chain_again_and_only_that_one() {
     // is not used: the chain is checked again, and refused.
     let far = 253_402_300_800; // 10000-01-01
     let m = rejection(cache.verify(&policy, &ek_bytes, &ek, Some(&cert), chain, far));
-    assert!(m.contains("is not valid at") || m.contains("out of range"), "{m}");
+    assert!(
+        m.contains("is not valid at") || m.contains("out of range"),
+        "{m}"
+    );
     assert!(cache.is_empty(), "the lapsed entry is dropped");
 }
 

@@ -462,7 +462,10 @@ mod tests {
             ("tpm:pcr:7:00", "tpm:pcr:<bank>:<index>"),
             ("tpm:boot_app:sha256:00FF", "lowercase hex digest"),
             ("tpm:boot_app:00ff", "tpm:boot_app:<bank>"),
-            ("tpm:secure_boot:true", "tpm:secure_boot:on or tpm:secure_boot:off"),
+            (
+                "tpm:secure_boot:true",
+                "tpm:secure_boot:on or tpm:secure_boot:off",
+            ),
             (
                 "kerberos:group_sid:S-1-5-021-513",
                 "write kerberos:group_sid sub-authority:21",

@@ -550,8 +550,14 @@ async fn measured_boot_a_pre_approved_kernel_keeps_the_identity_and_an_unapprove
         .as_str()
         .unwrap()
         .to_owned();
-    let k1 = format!("tpm:boot_app:sha256:{}", hex::encode(image_digest(kernel_1)));
-    let k2 = format!("tpm:boot_app:sha256:{}", hex::encode(image_digest(kernel_2)));
+    let k1 = format!(
+        "tpm:boot_app:sha256:{}",
+        hex::encode(image_digest(kernel_1))
+    );
+    let k2 = format!(
+        "tpm:boot_app:sha256:{}",
+        hex::encode(image_digest(kernel_2))
+    );
     let shown = agent_selectors(&server, &agent_id);
     assert!(shown.contains("tpm:secure_boot:on"), "{shown}");
     assert!(shown.contains(&k1), "{shown}");
@@ -588,12 +594,19 @@ async fn measured_boot_a_pre_approved_kernel_keeps_the_identity_and_an_unapprove
         true,
     );
     eventually("the node attested with the new kernel", || async {
-        agent_selectors(&server, &agent_id).contains(&k2).then_some(())
+        agent_selectors(&server, &agent_id)
+            .contains(&k2)
+            .then_some(())
     })
     .await;
     let shown = agent_selectors(&server, &agent_id);
-    assert!(!shown.contains(&k1), "the old kernel's selector is gone: {shown}");
-    let after_reboot = agent.held_svid(workload).expect("the workload holds its SVID");
+    assert!(
+        !shown.contains(&k1),
+        "the old kernel's selector is gone: {shown}"
+    );
+    let after_reboot = agent
+        .held_svid(workload)
+        .expect("the workload holds its SVID");
     eventually("a new SVID signed after the reboot", || async {
         agent
             .held_svid(workload)
@@ -640,7 +653,10 @@ async fn measured_boot_refuses_a_log_that_does_not_replay_and_secure_boot_off() 
     let lab = Lab::new();
     let server = start_server(
         &lab,
-        &server_config(&lab, "[node_attestor.tpm.measured_boot]\nsecure_boot = true\n"),
+        &server_config(
+            &lab,
+            "[node_attestor.tpm.measured_boot]\nsecure_boot = true\n",
+        ),
     );
     // A log whose events were never extended into this TPM: the replay names PCR 0.
     let tpm_a = tpm();
@@ -649,9 +665,19 @@ async fn measured_boot_refuses_a_log_that_does_not_replay_and_secure_boot_off() 
     // A node that booted with Secure Boot off.
     let tpm_b = tpm();
     let path_b = lab.path().join("b.log");
-    boot(&tpm_b, &LogBuilder::typical_uefi(false, b"k"), &path_b, false);
+    boot(
+        &tpm_b,
+        &LogBuilder::typical_uefi(false, b"k"),
+        &path_b,
+        false,
+    );
     for (tpm, path, name, expected) in [
-        (&tpm_a, &path_a, "agent-a", "the event log does not replay: PCR 0"),
+        (
+            &tpm_a,
+            &path_a,
+            "agent-a",
+            "the event log does not replay: PCR 0",
+        ),
         (&tpm_b, &path_b, "agent-b", "Secure Boot was off"),
     ] {
         let mut agent = spawn_agent_with(

@@ -58,8 +58,7 @@ use super::event_type::{
     EV_EFI_VARIABLE_DRIVER_CONFIG, EV_NO_ACTION, EV_SEPARATOR,
 };
 use super::{
-    ALG_SHA256, EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE, Event, EventLog,
-    parse_variable,
+    ALG_SHA256, EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE, Event, EventLog, parse_variable,
 };
 use crate::verify::{SELECTOR_TYPE, parse_hex_digest};
 
@@ -165,7 +164,9 @@ fn allowed(key: &str, values: &[String]) -> Result<Allowed, Error> {
             parse_hex_digest(v)
                 .and_then(|d| <[u8; 32]>::try_from(d).ok())
                 .ok_or_else(|| {
-                    config_err(format!("{key}: {v:?} is not a sha256 digest (64 hex digits)"))
+                    config_err(format!(
+                        "{key}: {v:?} is not a sha256 digest (64 hex digits)"
+                    ))
                 })
         })
         .collect()
@@ -263,7 +264,12 @@ fn sha256_of(event: &Event) -> Result<[u8; 32], Error> {
     event
         .digest(ALG_SHA256)
         .and_then(|d| <[u8; 32]>::try_from(d).ok())
-        .ok_or_else(|| rejected(format!("{} has no sha256 digest", event.describe(ALG_SHA256))))
+        .ok_or_else(|| {
+            rejected(format!(
+                "{} has no sha256 digest",
+                event.describe(ALG_SHA256)
+            ))
+        })
 }
 
 /// Refuses an event whose sha256 digest is not the hash of its data.
@@ -355,9 +361,8 @@ fn read_pcr7(log: &EventLog) -> Result<Pcr7<'_>, Error> {
                         event.describe(ALG_SHA256)
                     )));
                 }
-                let var = parse_variable(&event.data).map_err(|e| {
-                    rejected(format!("{}: {e}", event.describe(ALG_SHA256)))
-                })?;
+                let var = parse_variable(&event.data)
+                    .map_err(|e| rejected(format!("{}: {e}", event.describe(ALG_SHA256))))?;
                 let Some(known) = PCR7_VARIABLES
                     .iter()
                     .find(|v| v.name == var.name && v.guid == var.guid)
@@ -497,7 +502,11 @@ mod tests {
         }
 
         fn var(&mut self, guid: [u8; 16], name: &str, data: &[u8]) -> &mut Log {
-            self.hashed(7, EV_EFI_VARIABLE_DRIVER_CONFIG, variable_data(guid, name, data))
+            self.hashed(
+                7,
+                EV_EFI_VARIABLE_DRIVER_CONFIG,
+                variable_data(guid, name, data),
+            )
         }
 
         fn separator(&mut self, pcr: u32) -> &mut Log {
@@ -523,7 +532,11 @@ mod tests {
                 .var(EFI_IMAGE_SECURITY_DATABASE, "db", b"db")
                 .var(EFI_IMAGE_SECURITY_DATABASE, "dbx", b"dbx")
                 .separator(7)
-                .hashed(4, EV_EFI_ACTION, b"Calling EFI Application from Boot Option".to_vec())
+                .hashed(
+                    4,
+                    EV_EFI_ACTION,
+                    b"Calling EFI Application from Boot Option".to_vec(),
+                )
                 .separator(4)
                 .hashed(7, EV_EFI_VARIABLE_AUTHORITY, b"db cert".to_vec())
                 .app(b"shim")
@@ -616,13 +629,20 @@ mod tests {
         assert!(refusal(&p, &log).contains("after the separator"));
         // Without a policy nothing is refused, but the selector is not on either.
         let sel = selectors(&log.0).unwrap();
-        assert!(!sel.iter().any(|s| s.value().starts_with("secure_boot")), "{sel:?}");
+        assert!(
+            !sel.iter().any(|s| s.value().starts_with("secure_boot")),
+            "{sel:?}"
+        );
     }
 
     #[test]
     fn variables_are_policed_by_their_event_digest() {
         let p = policy(MeasuredBootConfig {
-            dbx: Some(vec![var_digest(EFI_IMAGE_SECURITY_DATABASE, "dbx", b"new dbx")]),
+            dbx: Some(vec![var_digest(
+                EFI_IMAGE_SECURITY_DATABASE,
+                "dbx",
+                b"new dbx",
+            )]),
             ..Default::default()
         });
         let msg = refusal(&p, &Log::boot(1, b"k"));
@@ -632,7 +652,8 @@ mod tests {
             "{msg}"
         );
         let mut log = Log::new();
-        log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]).separator(7);
+        log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1])
+            .separator(7);
         assert!(refusal(&p, &log).contains("measures no dbx variable"));
     }
 
@@ -645,7 +666,11 @@ mod tests {
         // An event type the rule does not know, in PCR 4 and in PCR 7.
         let mut log = Log::boot(1, b"k");
         log.hashed(4, crate::eventlog::event_type::EV_IPL, b"grub.cfg".to_vec());
-        assert!(refusal(&p, &log).contains("(EV_IPL, PCR 4"), "{}", refusal(&p, &log));
+        assert!(
+            refusal(&p, &log).contains("(EV_IPL, PCR 4"),
+            "{}",
+            refusal(&p, &log)
+        );
         let mut log = Log::boot(1, b"k");
         log.hashed(7, EV_EFI_ACTION, b"UEFI Debug Mode".to_vec());
         assert!(refusal(&p, &log).contains("not allowed in PCR 7"));
@@ -672,7 +697,8 @@ mod tests {
         assert!(refusal(&p7, &log).contains("not a Secure Boot variable"));
         // Nothing booted.
         let mut log = Log::new();
-        log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]).separator(4);
+        log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1])
+            .separator(4);
         assert!(refusal(&p, &log).contains("no boot application"));
         // Unpoliced PCRs may hold anything.
         let mut log = Log::boot(1, b"k");
@@ -711,8 +737,13 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("measured_boot: kek: \"abc\" is not a sha256 digest"), "{err}");
-        let err = MeasuredBootPolicy::from_config(&apps(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("measured_boot: kek: \"abc\" is not a sha256 digest"),
+            "{err}"
+        );
+        let err = MeasuredBootPolicy::from_config(&apps(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("boot_applications is empty"), "{err}");
         assert!(policy(MeasuredBootConfig::default()).pcrs().is_empty());
     }

@@ -185,8 +185,15 @@ pub fn verify_ek(
 
     let time = ASN1Time::from_timestamp(now)
         .map_err(|e| reject(format!("verification time {now} is out of range: {e}")))?;
-    verify_chain(policy, pubhash, allowlisted, &cert, agent_intermediates, time)
-        .map(|(identity, _)| identity)
+    verify_chain(
+        policy,
+        pubhash,
+        allowlisted,
+        &cert,
+        agent_intermediates,
+        time,
+    )
+    .map(|(identity, _)| identity)
 }
 
 /// The chain part of [`verify_ek`], once the certificate parsed and certifies the EK:
@@ -280,10 +287,7 @@ impl EkCache {
             h.update(part);
         }
         let key: [u8; 32] = h.finalize().into();
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((identity, valid_until)) = entries.get(&key) {
             if now <= *valid_until {
                 return Ok(identity.clone());
@@ -303,13 +307,16 @@ impl EkCache {
         check_same_key(&cert, ek_public)?;
         let time = ASN1Time::from_timestamp(now)
             .map_err(|e| reject(format!("verification time {now} is out of range: {e}")))?;
-        let (identity, valid_until) =
-            verify_chain(policy, pubhash, allowlisted, &cert, agent_intermediates, time)?;
+        let (identity, valid_until) = verify_chain(
+            policy,
+            pubhash,
+            allowlisted,
+            &cert,
+            agent_intermediates,
+            time,
+        )?;
         if let Some(valid_until) = valid_until {
-            let mut entries = self
-                .entries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if entries.len() >= EK_CACHE_MAX {
                 entries.clear();
             }
