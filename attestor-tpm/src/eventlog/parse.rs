@@ -742,6 +742,28 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn no_action_records_may_name_any_pcr_but_startup_locality_only_pcr_0() {
+        let mut b = header(&[(ALG_SHA256, 32)]);
+        b.extend(record(
+            0xffff_ffff,
+            EV_NO_ACTION,
+            &[(ALG_SHA256, &[0; 32])],
+            b"vendor",
+        ));
+        let log = parse(&b).unwrap();
+        assert_eq!(log.events[0].pcr, 0xffff_ffff);
+
+        let mut b = header(&[(ALG_SHA256, 32)]);
+        let at = b.len();
+        let mut sl = STARTUP_LOCALITY_SIGNATURE.to_vec();
+        sl.push(3);
+        b.extend(record(1, EV_NO_ACTION, &[(ALG_SHA256, &[0; 32])], &sl));
+        let e = parse(&b).unwrap_err();
+        assert_eq!(e.offset, at);
+        assert!(e.reason.contains("StartupLocality record in PCR 1"), "{e}");
+    }
+
+    #[test]
     fn parses_uefi_variable_data_strictly() {
         let mut v = EFI_GLOBAL_VARIABLE_FOR_TEST.to_vec();
         v.extend_from_slice(&10u64.to_le_bytes());
