@@ -5,14 +5,18 @@
 //!
 //! - [`Lab::start`]: swtpms, each manufactured by its own lab vendor (carapace-hsm-sim's
 //!   [`TpmManufacturer`]: its own EK CA and its own EKs; two copies of one manufactured
-//!   state would share their EK, and the server keeps one quote clock per EK), and a
-//!   server configuration trusting every vendor's root;
+//!   state would share their EK, and the server keeps one quote clock per EK), each
+//!   "booted" with a typical UEFI event log ([`LogBuilder::typical_uefi`], ~100 records,
+//!   extended into its PCRs and written where its agent reads it), and a server
+//!   configuration trusting every vendor's root with a measured-boot policy approving that
+//!   boot;
 //! - [`attest_timed`] / [`attest_run`]: whole attestations, each phase timed (wall time
 //!   of the agent's TPM work; wall and thread CPU time of the server's calls, see
 //!   [`CpuTimed`]), sequentially on one swtpm or concurrently on several, one server;
 //! - [`capture`] and [`server_rates`]: the server's pieces alone on one captured
 //!   attestation: quote verification, software MakeCredential for the RSA-2048 and the
-//!   P-384 EK, the EK certificate chain;
+//!   P-384 EK, the EK certificate chain (checked, and from the cache), the event log
+//!   (parse, replay, policy, selectors);
 //! - [`tpm_ops`]: the agent's TPM commands one by one through [`TpmDevice`];
 //! - [`sign_latency`]: a raw TPM2_Sign with a P-256 signing primary (stand-in for the
 //!   agent key in the TPM, which is not built yet).
@@ -48,6 +52,8 @@ use tss_esapi::{Context, TctiNameConf};
 use carapace_attestor_tpm::agent::{TpmAgentConfig, TpmAttestorClient};
 use carapace_attestor_tpm::credential::make_credential;
 use carapace_attestor_tpm::device::{EkAlgorithm, TpmDevice};
+use carapace_attestor_tpm::eventlog::policy::{MeasuredBootConfig, MeasuredBootPolicy};
+use carapace_attestor_tpm::eventlog::{self, ALG_SHA256};
 use carapace_attestor_tpm::server::{DEFAULT_PCRS, TpmAttestor, TpmServerConfig};
 use carapace_attestor_tpm::verify::{self, EkPolicy};
 use carapace_attestor_tpm::wire::{self, Challenge, Payload, Response};
@@ -55,6 +61,7 @@ use carapace_core::plugin::{
     AttestationContext, AttestationStep, MemoryStateStore, NodeAttestor as _,
     NodeAttestorClient as _, PluginContext,
 };
+use hsm_sim::eventlog::LogBuilder;
 use hsm_sim::swtpm::{SWTPM_PACKAGES, Swtpm, TPM2_TOOLS_PACKAGE, TpmManufacturer};
 
 use crate::process::{self, loadavg_now};
@@ -137,6 +144,7 @@ impl Lab {
         let mut manufacturers = Vec::new();
         let mut tpms = Vec::new();
         let mut ek_ca_files = Vec::new();
+        let boot = LogBuilder::typical_uefi(true, BENCH_KERNEL);
         for i in 0..n.max(1) {
             let m = TpmManufacturer::new()
                 .with_context(|| format!("manufacturing lab TPM {}", i + 1))
@@ -144,6 +152,10 @@ impl Lab {
             let tpm = Swtpm::start(&m)
                 .with_context(|| format!("starting swtpm {}", i + 1))
                 .context(needs.clone())?;
+            boot.extend(&tpm)
+                .with_context(|| format!("booting swtpm {} (its PCRs)", i + 1))?;
+            std::fs::write(event_log_path(&tpm), boot.to_bytes())
+                .with_context(|| format!("writing swtpm {}'s event log", i + 1))?;
             ek_ca_files.push(m.ek_ca_root());
             ek_ca_files.push(m.ek_ca_intermediate());
             manufacturers.push(m);
@@ -155,6 +167,7 @@ impl Lab {
             server_config: TpmServerConfig {
                 ek_ca_files,
                 pcrs: DEFAULT_PCRS.to_vec(),
+                measured_boot: Some(measured_boot(&boot)),
                 ..TpmServerConfig::default()
             },
         })
@@ -166,7 +179,8 @@ impl Lab {
     }
 
     /// The server's `[node_attestor.tpm]` settings: every vendor's root and
-    /// intermediate in `ek_ca_files`, PCRs 0–7, no PCR policy.
+    /// intermediate in `ek_ca_files`, PCRs 0–7, no PCR policy, a measured-boot policy
+    /// requiring Secure Boot and the typical boot's applications.
     pub fn server_config(&self) -> &TpmServerConfig {
         &self.server_config
     }
@@ -179,6 +193,23 @@ impl Lab {
             Arc::new(MemoryStateStore::default()),
         )
         .context("building the server's TpmAttestor")
+    }
+
+    /// What [`server_rates`] needs: the server's EK policy, an empty EK cache, the
+    /// measured-boot policy.
+    pub fn server_work(&self) -> Result<ServerWork> {
+        let measured_boot = self
+            .server_config
+            .measured_boot
+            .as_ref()
+            .map(MeasuredBootPolicy::from_config)
+            .transpose()?
+            .unwrap_or_default();
+        Ok(ServerWork {
+            ek_policy: self.ek_policy()?,
+            ek_cache: verify::EkCache::default(),
+            measured_boot,
+        })
     }
 
     /// The EK policy the server builds from [`Lab::server_config`] (self-signed
@@ -285,6 +316,28 @@ pub fn agent_context() -> Result<AttestationContext> {
     })
 }
 
+/// The kernel every bench swtpm "booted".
+const BENCH_KERNEL: &[u8] = b"vmlinuz-6.1.0-bench";
+
+/// Where a bench swtpm's event log is written, and its agent reads it.
+fn event_log_path(tpm: &Swtpm) -> std::path::PathBuf {
+    tpm.dir().join("binary_bios_measurements")
+}
+
+/// The measured-boot policy approving `boot`: Secure Boot on, its boot applications.
+fn measured_boot(boot: &LogBuilder) -> MeasuredBootConfig {
+    MeasuredBootConfig {
+        secure_boot: true,
+        boot_applications: Some(
+            boot.boot_application_digests()
+                .iter()
+                .map(hex::encode)
+                .collect(),
+        ),
+        ..MeasuredBootConfig::default()
+    }
+}
+
 /// One attestation of `client`'s TPM by `server`, timed.
 pub async fn attest_timed(
     server: &TpmAttestor,
@@ -377,7 +430,7 @@ impl AttestRun {
 fn client(tpm: &Swtpm) -> TpmAttestorClient {
     TpmAttestorClient::new(&TpmAgentConfig {
         tcti: Some(tpm.tcti()),
-        ..Default::default()
+        event_log: Some(event_log_path(tpm)),
     })
 }
 
@@ -458,8 +511,11 @@ pub struct Captured {
     pub attest: Vec<u8>,
     /// Its signature (TPMT_SIGNATURE).
     pub signature: Vec<u8>,
-    /// The server's nonce.
+    /// The quote's qualifying data: the server's nonce bound to the connection
+    /// (`wire::qualifying_data`).
     pub nonce: Vec<u8>,
+    /// The boot event log the agent sent.
+    pub event_log: Vec<u8>,
     /// The quoted PCRs.
     pub pcrs: Vec<u8>,
     /// Their values.
@@ -519,7 +575,10 @@ pub async fn capture(server: &TpmAttestor, tpm: &Swtpm) -> Result<Captured> {
         ak_public,
         attest: answer.quote,
         signature: answer.quote_signature,
-        nonce: challenge.nonce,
+        nonce: wire::qualifying_data(challenge.version, &challenge.nonce, &ctx.tls_exporter),
+        event_log: answer
+            .event_log
+            .context("the agent sent no event log")?,
         pcrs: challenge.pcr_selection.pcrs,
         pcr_values: verify::parse_pcr_values(&answer.pcr_values)?,
     })
@@ -537,15 +596,22 @@ pub enum ServerOp {
     MakeCredentialP384,
     /// `verify::verify_ek`: the EK certificate matches the key and chains to a root.
     VerifyEk,
+    /// `verify::EkCache::verify` with the chain already verified: a TPM attesting again.
+    VerifyEkCached,
+    /// The event log: parse, replay against the quoted PCRs, the measured-boot policy,
+    /// the selectors.
+    EventLog,
 }
 
 impl ServerOp {
     /// Every operation, in report order.
-    pub const ALL: [ServerOp; 4] = [
+    pub const ALL: [ServerOp; 6] = [
         ServerOp::VerifyQuote,
         ServerOp::MakeCredentialRsa,
         ServerOp::MakeCredentialP384,
         ServerOp::VerifyEk,
+        ServerOp::VerifyEkCached,
+        ServerOp::EventLog,
     ];
 
     /// How the report names it.
@@ -555,10 +621,14 @@ impl ServerOp {
             ServerOp::MakeCredentialRsa => "`credential::make_credential`, RSA-2048 EK",
             ServerOp::MakeCredentialP384 => "`credential::make_credential`, P-384 EK",
             ServerOp::VerifyEk => "`verify::verify_ek`, RSA-2048 EK certificate chain",
+            ServerOp::VerifyEkCached => "`verify::EkCache::verify`, the same chain again",
+            ServerOp::EventLog => {
+                "event log: `eventlog::parse`, `check_replay`, policy, selectors (~100 records)"
+            }
         }
     }
 
-    fn run(self, c: &Captured, policy: &EkPolicy, now: i64) -> Result<()> {
+    fn run(&self, c: &Captured, w: &ServerWork, now: i64) -> Result<()> {
         const SECRET: [u8; 32] = [0x5a; 32];
         match self {
             ServerOp::VerifyQuote => {
@@ -579,16 +649,44 @@ impl ServerOp {
             }
             ServerOp::VerifyEk => {
                 verify::verify_ek(
-                    policy,
+                    &w.ek_policy,
                     &c.ek_parsed,
                     Some(&c.ek_cert),
                     &c.ek_intermediates,
                     now,
                 )?;
             }
+            ServerOp::VerifyEkCached => {
+                w.ek_cache.verify(
+                    &w.ek_policy,
+                    &c.ek_public,
+                    &c.ek_parsed,
+                    Some(&c.ek_cert),
+                    &c.ek_intermediates,
+                    now,
+                )?;
+            }
+            ServerOp::EventLog => {
+                let log = eventlog::parse(&c.event_log)?;
+                log.check_replay(ALG_SHA256, &c.pcr_values)?;
+                w.measured_boot.check(&log)?;
+                eventlog::policy::selectors(&log)?;
+            }
         }
         Ok(())
     }
+}
+
+/// What the server's pieces need besides the evidence: its EK policy, an EK cache, the
+/// measured-boot policy.
+#[derive(Debug)]
+pub struct ServerWork {
+    /// The EK policy.
+    pub ek_policy: EkPolicy,
+    /// The EK cache [`ServerOp::VerifyEkCached`] reads.
+    pub ek_cache: verify::EkCache,
+    /// The measured-boot policy.
+    pub measured_boot: MeasuredBootPolicy,
 }
 
 /// One rate run.
@@ -672,7 +770,7 @@ fn measure_rate(
 /// `4 × counts.len() × runs × seconds`.
 pub fn server_rates(
     c: &Captured,
-    policy: &EkPolicy,
+    work: &ServerWork,
     counts: &[usize],
     runs: usize,
     seconds: f64,
@@ -681,7 +779,7 @@ pub fn server_rates(
     let run_for = Duration::from_secs_f64(seconds.clamp(0.01, 600.0));
     let mut out = Vec::new();
     for op in ServerOp::ALL {
-        let f = || op.run(c, policy, now);
+        let f = || op.run(c, work, now);
         f().with_context(|| format!("{} on the captured attestation", op.label()))?;
         measure_rate(1, run_for.min(Duration::from_millis(100)), &f)?;
         let mut rates: Vec<OpRate> = counts
@@ -981,11 +1079,11 @@ pub async fn run(plan: &TpmPlan, nproc: usize) -> Result<B4> {
         "==> B4: server alone (threads {threads:?}, {} runs of {} s)",
         plan.rate_runs, plan.rate_seconds
     );
-    let server_rates = match (captured, lab.ek_policy()) {
-        (Ok(c), Ok(policy)) => {
+    let server_rates = match (captured, lab.server_work()) {
+        (Ok(c), Ok(work)) => {
             let (runs, seconds) = (plan.rate_runs, plan.rate_seconds);
             b4_blocking("server-alone rates", move || {
-                server_rates(&c, &policy, &threads, runs, seconds)
+                server_rates(&c, &work, &threads, runs, seconds)
             })
             .await
         }
@@ -1536,13 +1634,13 @@ mod tests {
         assert_eq!((run.tpms, run.samples.len()), (2, 4));
         assert!(run.samples.iter().all(|p| p.total >= p.payload + p.answer));
         assert!(run.samples.iter().all(|p| p.server_cpu() > Duration::ZERO));
-        let policy = lab.ek_policy().unwrap();
+        let work = lab.server_work().unwrap();
         let rates =
-            tokio::task::spawn_blocking(move || server_rates(&c, &policy, &[1, 2], 1, 0.02))
+            tokio::task::spawn_blocking(move || server_rates(&c, &work, &[1, 2], 1, 0.02))
                 .await
                 .unwrap()
                 .unwrap();
-        assert_eq!(rates.len(), 8);
+        assert_eq!(rates.len(), 12);
         assert!(
             rates
                 .iter()
