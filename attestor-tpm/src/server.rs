@@ -407,7 +407,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 #[async_trait::async_trait]
 impl AttestationSession for TpmSession {
     async fn respond(self: Box<Self>, response: &[u8]) -> Result<AttestationStep, Error> {
-        let r: Response = wire::decode("response", response)?;
+        let r: Response = wire::decode_response(response)?;
         if r.version != self.version {
             return Err(rejected(format!(
                 "response version {}, in an attestation of version {}",

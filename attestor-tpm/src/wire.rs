@@ -45,10 +45,13 @@ pub const VERSION: u32 = 2;
 /// The version of earlier releases, still accepted from agents.
 pub const VERSION_1: u32 = 1;
 
-/// The largest message either side accepts: an EK certificate chain, public areas, a
-/// quote and a certification are a few KiB; a response may also carry an event log of
-/// up to [`crate::eventlog::MAX_LOG_BYTES`], in base64.
-pub const MAX_MESSAGE: usize = 64 * 1024 + crate::eventlog::MAX_LOG_BYTES / 3 * 4 + 4;
+/// The largest payload or challenge either side accepts: an EK certificate chain,
+/// public areas, a quote and a certification are a few KiB.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// The largest [`Response`] a server accepts: [`MAX_MESSAGE`] and an event log of up to
+/// [`crate::eventlog::MAX_LOG_BYTES`] in base64.
+pub const MAX_RESPONSE: usize = MAX_MESSAGE + crate::eventlog::MAX_LOG_BYTES.div_ceil(3) * 4;
 
 /// The label of [`qualifying_data`].
 const QUALIFYING_LABEL: &[u8] = b"carapace tpm attestation v2\0";
@@ -229,6 +232,16 @@ pub fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Resul
     carapace_core::plugin::decode_message(crate::server::PLUGIN_NAME, what, bytes, MAX_MESSAGE)
 }
 
+/// Parses a [`Response`] of at most [`MAX_RESPONSE`] bytes (it may carry an event log).
+pub fn decode_response(bytes: &[u8]) -> Result<Response, Error> {
+    carapace_core::plugin::decode_message(
+        crate::server::PLUGIN_NAME,
+        "response",
+        bytes,
+        MAX_RESPONSE,
+    )
+}
+
 /// Encodes a message.
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serialising these plain structs cannot fail.
@@ -248,7 +261,7 @@ mod tests {
         big.extend_from_slice(b"\"}");
         let err = decode::<BTreeMap<String, String>>("payload", &big).unwrap_err();
         assert!(
-            matches!(&err, Error::AttestationRejected(m) if *m == format!("tpm: the payload is {} bytes, more than {MAX_MESSAGE}", MAX_MESSAGE + 1)),
+            matches!(&err, Error::AttestationRejected(m) if m == "tpm: the payload is 65537 bytes, more than 65536"),
             "{err:?}"
         );
         // At the cap it parses.
@@ -259,6 +272,13 @@ mod tests {
                 .len(),
             1
         );
+        // A response may carry a 1 MiB event log in base64, and no more.
+        let mut log = b"{\"a\":\"".to_vec();
+        log.resize(MAX_RESPONSE - 1, b'x');
+        log.extend_from_slice(b"\"}");
+        let err = decode_response(&log).unwrap_err().to_string();
+        assert!(err.contains("more than"), "{err}");
+        assert!(MAX_RESPONSE >= MAX_MESSAGE + crate::eventlog::MAX_LOG_BYTES * 4 / 3);
         let err = decode::<Payload>("payload", b"{").unwrap_err();
         assert!(err.to_string().contains("tpm: malformed payload"), "{err}");
     }
