@@ -278,7 +278,7 @@ mod tests {
         log.extend_from_slice(b"\"}");
         let err = decode_response(&log).unwrap_err().to_string();
         assert!(err.contains("more than"), "{err}");
-        assert!(MAX_RESPONSE >= MAX_MESSAGE + crate::eventlog::MAX_LOG_BYTES * 4 / 3);
+        const { assert!(MAX_RESPONSE >= MAX_MESSAGE + crate::eventlog::MAX_LOG_BYTES * 4 / 3) };
         let err = decode::<Payload>("payload", b"{").unwrap_err();
         assert!(err.to_string().contains("tpm: malformed payload"), "{err}");
     }

@@ -607,8 +607,7 @@ mod tests {
 
     /// How the core error type prints a rejection (whatever its prefix is).
     fn attestation_prefix() -> String {
-        let e = Error::AttestationRejected(String::new()).to_string();
-        e
+        Error::AttestationRejected(String::new()).to_string()
     }
 
     #[test]

@@ -576,9 +576,7 @@ pub async fn capture(server: &TpmAttestor, tpm: &Swtpm) -> Result<Captured> {
         attest: answer.quote,
         signature: answer.quote_signature,
         nonce: wire::qualifying_data(challenge.version, &challenge.nonce, &ctx.tls_exporter),
-        event_log: answer
-            .event_log
-            .context("the agent sent no event log")?,
+        event_log: answer.event_log.context("the agent sent no event log")?,
         pcrs: challenge.pcr_selection.pcrs,
         pcr_values: verify::parse_pcr_values(&answer.pcr_values)?,
     })
@@ -1635,11 +1633,10 @@ mod tests {
         assert!(run.samples.iter().all(|p| p.total >= p.payload + p.answer));
         assert!(run.samples.iter().all(|p| p.server_cpu() > Duration::ZERO));
         let work = lab.server_work().unwrap();
-        let rates =
-            tokio::task::spawn_blocking(move || server_rates(&c, &work, &[1, 2], 1, 0.02))
-                .await
-                .unwrap()
-                .unwrap();
+        let rates = tokio::task::spawn_blocking(move || server_rates(&c, &work, &[1, 2], 1, 0.02))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(rates.len(), 12);
         assert!(
             rates
