@@ -6,14 +6,15 @@ as_root() {
 }
 
 # System packages for building and running Carapace and its tests (libtss2-dev: the TPM
-# attestor links tpm2-tss through tss-esapi; libkrb5-dev: the Kerberos attestor links MIT
-# krb5's libgssapi_krb5 and libkrb5).
+# attestor links tpm2-tss through tss-esapi; libssl-dev: it also encrypts credentials to
+# RSA EKs with OpenSSL's libcrypto, which tpm2-tss links too; libkrb5-dev: the Kerberos
+# attestor links MIT krb5's libgssapi_krb5 and libkrb5).
 install_system_packages() {
     echo "==> installing system packages (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -q
     as_root apt-get install -y -q --no-install-recommends \
-        ca-certificates curl gcc libc6-dev pkg-config make openssl procps libtss2-dev libkrb5-dev \
+        ca-certificates curl gcc libc6-dev pkg-config make openssl procps libtss2-dev libssl-dev libkrb5-dev \
         python3 python3-venv python3-pip "$@"
 }
 
