@@ -58,7 +58,8 @@ use super::event_type::{
     EV_EFI_VARIABLE_DRIVER_CONFIG, EV_NO_ACTION, EV_SEPARATOR,
 };
 use super::{
-    ALG_SHA256, EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE, Event, EventLog, parse_variable,
+    ALG_SHA256, EFI_GLOBAL_VARIABLE, EFI_IMAGE_SECURITY_DATABASE, Event, EventLog,
+    parse_variable,
 };
 use crate::verify::{SELECTOR_TYPE, parse_hex_digest};
 
@@ -164,9 +165,7 @@ fn allowed(key: &str, values: &[String]) -> Result<Allowed, Error> {
             parse_hex_digest(v)
                 .and_then(|d| <[u8; 32]>::try_from(d).ok())
                 .ok_or_else(|| {
-                    config_err(format!(
-                        "{key}: {v:?} is not a sha256 digest (64 hex digits)"
-                    ))
+                    config_err(format!("{key}: {v:?} is not a sha256 digest (64 hex digits)"))
                 })
         })
         .collect()
@@ -264,12 +263,7 @@ fn sha256_of(event: &Event) -> Result<[u8; 32], Error> {
     event
         .digest(ALG_SHA256)
         .and_then(|d| <[u8; 32]>::try_from(d).ok())
-        .ok_or_else(|| {
-            rejected(format!(
-                "{} has no sha256 digest",
-                event.describe(ALG_SHA256)
-            ))
-        })
+        .ok_or_else(|| rejected(format!("{} has no sha256 digest", event.describe(ALG_SHA256))))
 }
 
 /// Refuses an event whose sha256 digest is not the hash of its data.
@@ -361,8 +355,9 @@ fn read_pcr7(log: &EventLog) -> Result<Pcr7<'_>, Error> {
                         event.describe(ALG_SHA256)
                     )));
                 }
-                let var = parse_variable(&event.data)
-                    .map_err(|e| rejected(format!("{}: {e}", event.describe(ALG_SHA256))))?;
+                let var = parse_variable(&event.data).map_err(|e| {
+                    rejected(format!("{}: {e}", event.describe(ALG_SHA256)))
+                })?;
                 let Some(known) = PCR7_VARIABLES
                     .iter()
                     .find(|v| v.name == var.name && v.guid == var.guid)
