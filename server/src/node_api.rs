@@ -432,6 +432,10 @@ impl NodeApi {
                 "attestation must open with AttestParams".into(),
             ));
         };
+        if self.attestors.contains_key(&params.attestor) {
+            // A configured name (also a later member refused alone) is a bounded label.
+            *attestor_name = Some(params.attestor.clone());
+        }
         let members = self.members_for(&params.attestor)?;
         let names: Vec<&str> = members.iter().map(|m| m.name()).collect();
         // A composite is recorded (and labelled) as its members joined with `+`: the
