@@ -34,6 +34,7 @@ use carapace_keymanager_soft::{DiskConfig, DiskKeyManager, MemoryKeyManager};
 
 use crate::manager::WorkloadKeys;
 use crate::node_attestor::JoinTokenClient;
+use crate::node_client::NodeAttestors;
 use crate::workload_attestor::blocking::{BlockingAttestor, BlockingGroup};
 use crate::workload_attestor::cgroups::{CgroupAttestorConfig, CgroupWorkloadAttestor};
 use crate::workload_attestor::unix::{UnixAttestorConfig, UnixWorkloadAttestor};
@@ -120,7 +121,8 @@ pub fn check_plugins(
 ) {
     for (kind, list, exactly_one) in [
         ("key_manager", key_managers, true),
-        ("node_attestor", node_attestors, true),
+        // Several for a composite (ordered and checked by the config).
+        ("node_attestor", node_attestors, false),
         ("workload_attestor", workload_attestors, false),
     ] {
         if exactly_one && list.len() != 1 {
@@ -173,15 +175,14 @@ fn files(kind: &str, name: &str, table: &toml::Table, data_dir: &Path) -> Vec<Na
 /// [`check_plugins`] accepted.
 pub fn check_files(
     key_manager: &(String, toml::Table),
-    node_attestor: &(String, toml::Table),
+    node_attestors: &[(String, toml::Table)],
     data_dir: &Path,
     at_start_only: bool,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    for (kind, (name, table)) in [
-        ("key_manager", key_manager),
-        ("node_attestor", node_attestor),
-    ] {
+    let plugins = std::iter::once(("key_manager", key_manager))
+        .chain(node_attestors.iter().map(|n| ("node_attestor", n)));
+    for (kind, (name, table)) in plugins {
         let named: Vec<NamedFile> = files(kind, name, table, data_dir)
             .into_iter()
             .filter(|f| f.at_start || !at_start_only)
@@ -322,6 +323,22 @@ pub fn build_node_attestor(
             NODE_ATTESTORS,
         ))),
     }
+}
+
+/// Builds the configured node attestor clients, in order ([`NodeAttestors`]); `None` when
+/// the agent has nothing to attest with (a `join_token` attestor without a token).
+pub fn build_node_attestors(
+    list: &[(String, toml::Table)],
+    join_token: Option<Zeroizing<String>>,
+) -> Result<Option<NodeAttestors>> {
+    let mut members = Vec::with_capacity(list.len());
+    for (name, table) in list {
+        match build_node_attestor(name, table, join_token.clone())? {
+            Some(a) => members.push(a),
+            None => return Ok(None),
+        }
+    }
+    Ok(NodeAttestors::new(members))
 }
 
 /// Builds every configured workload attestor.
@@ -536,10 +553,20 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                check_files(key_manager, node_attestor, dir.path(), true),
+                check_files(
+                    key_manager,
+                    std::slice::from_ref(node_attestor),
+                    dir.path(),
+                    true
+                ),
                 Vec::<String>::new()
             );
-            let all = check_files(key_manager, node_attestor, dir.path(), false);
+            let all = check_files(
+                key_manager,
+                std::slice::from_ref(node_attestor),
+                dir.path(),
+                false,
+            );
             assert_eq!(all.first(), Some(&later), "{all:?}");
         }
         // A TCTI that is not a device names no file.
@@ -547,7 +574,7 @@ mod tests {
             "tpm".to_owned(),
             t("tcti = \"swtpm:host=127.0.0.1,port=2321\""),
         );
-        assert!(check_files(&disk, &swtpm, dir.path(), false).is_empty());
+        assert!(check_files(&disk, std::slice::from_ref(&swtpm), dir.path(), false).is_empty());
     }
 
     #[test]
@@ -569,7 +596,7 @@ mod tests {
             "key_manager: exactly one",
             "key_manager.hsm: unknown key_manager plugin \"hsm\" (known: disk, memory, tpm)",
             "key_manager.disk",
-            "node_attestor: exactly one",
+            "node_attestor: at least one is required",
             "workload_attestor.unix",
             "workload_attestor.k8s: unknown",
         ] {

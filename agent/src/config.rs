@@ -62,9 +62,13 @@ pub struct FileConfig {
     /// Key manager for the agent's own key (exactly one; default `disk`).
     #[serde(default)]
     pub key_manager: toml::Table,
-    /// Node attestor (exactly one; default `join_token`).
+    /// Node attestors (default `join_token`): one, or several for a server that requires
+    /// them together (composite node attestation), then ordered by `node_attestors`.
     #[serde(default)]
     pub node_attestor: toml::Table,
+    /// The order the agent runs its node attestors in, when more than one is configured:
+    /// it opens with the first, and runs the others as the server asks for them.
+    pub node_attestors: Option<Vec<String>>,
     /// Workload attestors (default `unix`).
     #[serde(default)]
     pub workload_attestor: toml::Table,
@@ -316,7 +320,7 @@ impl Config {
         let mut problems: Vec<String> = self.read_trust_bundle().err().into_iter().collect();
         problems.extend(crate::catalog::check_files(
             &self.key_manager,
-            &self.node_attestor,
+            &self.node_attestors,
             &self.data_dir,
             at_start_only,
         ));
@@ -347,8 +351,9 @@ pub struct Config {
     pub workload_key_type: KeyType,
     /// Key manager: name and plugin table.
     pub key_manager: (String, toml::Table),
-    /// Node attestor: name and plugin table.
-    pub node_attestor: (String, toml::Table),
+    /// Node attestors, in the order they run (`node_attestors`): names and plugin
+    /// tables. The agent opens with the first; the others run when the server asks.
+    pub node_attestors: Vec<(String, toml::Table)>,
     /// Workload attestors: names and plugin tables.
     pub workload_attestors: Vec<(String, toml::Table)>,
     /// How often the rotator looks at SVIDs.
@@ -399,6 +404,64 @@ pub fn load(path: Option<&Path>, ov: Overrides) -> Result<Config, Vec<String>> {
             Err(problems)
         }
     }
+}
+
+/// Puts the `[node_attestor.X]` tables in the order `node_attestors` gives, listing every
+/// problem: with more than one table the list is required (TOML tables have no order);
+/// every name in it needs a table and every table a place in it; a join token, consumed
+/// by its first use, is never one of several.
+fn order_node_attestors(
+    tables: Vec<(String, toml::Table)>,
+    order: Option<&[String]>,
+    problems: &mut Vec<String>,
+) -> Vec<(String, toml::Table)> {
+    let names = |t: &[(String, toml::Table)]| {
+        t.iter()
+            .map(|(n, _)| format!("[node_attestor.{n}]"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(order) = order else {
+        if tables.len() > 1 {
+            problems.push(format!(
+                "node_attestors: {} are configured: set node_attestors = [\"first\", ...] to \
+                 give the order the agent runs them in (TOML tables have no order)",
+                names(&tables)
+            ));
+        }
+        return tables;
+    };
+    let mut out = Vec::new();
+    for (i, name) in order.iter().enumerate() {
+        if order[..i].contains(name) {
+            problems.push(format!("node_attestors: {name} is named twice"));
+            continue;
+        }
+        match tables.iter().find(|(n, _)| n == name) {
+            Some(t) => out.push(t.clone()),
+            None => problems.push(format!(
+                "node_attestors: {name} has no [node_attestor.{name}] table"
+            )),
+        }
+    }
+    for (name, _) in &tables {
+        if !order.contains(name) {
+            problems.push(format!(
+                "node_attestor.{name}: configured but not in node_attestors (add it, or remove the table)"
+            ));
+        }
+    }
+    if order.is_empty() {
+        problems.push("node_attestors: is empty (name at least one node attestor)".into());
+    }
+    if tables.len() > 1 && tables.iter().any(|(n, _)| n == "join_token") {
+        problems.push(
+            "node_attestor.join_token: a join token is spent by its first attestation, so it \
+             cannot be combined with other node attestors"
+                .into(),
+        );
+    }
+    out
 }
 
 /// Validates a file config with flag overrides, listing every problem.
@@ -494,10 +557,14 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
     }
     let mut key_managers =
         carapace_common::plugin_envelopes("key_manager", &file.key_manager, "disk", &mut problems);
-    let mut node_attestors = carapace_common::plugin_envelopes(
-        "node_attestor",
-        &file.node_attestor,
-        "join_token",
+    let node_attestors = order_node_attestors(
+        carapace_common::plugin_envelopes(
+            "node_attestor",
+            &file.node_attestor,
+            "join_token",
+            &mut problems,
+        ),
+        file.node_attestors.as_deref(),
         &mut problems,
     );
     let workload_attestors = carapace_common::plugin_envelopes(
@@ -527,7 +594,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
             log_json,
             workload_key_type,
             key_manager: key_managers.remove(0),
-            node_attestor: node_attestors.remove(0),
+            node_attestors,
             workload_attestors,
             rotation_interval: Duration::from_secs(1),
             workload_attestation_timeout,
@@ -716,6 +783,72 @@ mod tests {
 
     fn parse(text: &str) -> FileConfig {
         carapace_common::parse_toml(text).unwrap()
+    }
+
+    #[test]
+    fn several_node_attestors_run_in_the_order_node_attestors_gives() {
+        let ov = || Overrides {
+            insecure_bootstrap: true,
+            ..Default::default()
+        };
+        // One table: no list needed, nothing changes.
+        let c = validate(parse("[node_attestor.sshpop]\n"), ov()).unwrap();
+        let names = |c: &Config| {
+            c.node_attestors
+                .iter()
+                .map(|(n, _)| n.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&c), ["sshpop"]);
+        let c = validate(FileConfig::default(), ov()).unwrap();
+        assert_eq!(names(&c), ["join_token"]);
+        // Two, ordered by the list (whatever the order of the tables).
+        let c = validate(
+            parse("node_attestors = [\"tpm\", \"sshpop\"]\n[node_attestor.sshpop]\n[node_attestor.tpm]\n"),
+            ov(),
+        )
+        .unwrap();
+        assert_eq!(names(&c), ["tpm", "sshpop"]);
+
+        for (text, wanted) in [
+            (
+                "[node_attestor.sshpop]\n[node_attestor.tpm]\n",
+                "node_attestors: [node_attestor.sshpop], [node_attestor.tpm] are configured: \
+                 set node_attestors = [\"first\", ...] to give the order the agent runs them in \
+                 (TOML tables have no order)",
+            ),
+            (
+                "node_attestors = [\"tpm\", \"kerberos\"]\n[node_attestor.tpm]\n",
+                "node_attestors: kerberos has no [node_attestor.kerberos] table",
+            ),
+            (
+                "node_attestors = [\"tpm\"]\n[node_attestor.tpm]\n[node_attestor.sshpop]\n",
+                "node_attestor.sshpop: configured but not in node_attestors (add it, or remove the table)",
+            ),
+            (
+                "node_attestors = [\"tpm\", \"tpm\"]\n[node_attestor.tpm]\n",
+                "node_attestors: tpm is named twice",
+            ),
+            (
+                "node_attestors = []\n[node_attestor.tpm]\n",
+                "node_attestors: is empty (name at least one node attestor)",
+            ),
+            (
+                "node_attestors = [\"tpm\", \"join_token\"]\n[node_attestor.tpm]\n[node_attestor.join_token]\n",
+                "node_attestor.join_token: a join token is spent by its first attestation, so it \
+                 cannot be combined with other node attestors",
+            ),
+        ] {
+            let errs = validate(parse(text), ov()).unwrap_err();
+            assert!(errs.iter().any(|e| e == wanted), "{text}: {errs:?}");
+            // The empty list also leaves the table out (and so none is left); every other
+            // case has one problem.
+            assert_eq!(
+                errs.len(),
+                1 + 2 * usize::from(text.contains("[]")),
+                "{text}: {errs:?}"
+            );
+        }
     }
 
     #[test]

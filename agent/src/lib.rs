@@ -57,11 +57,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     let km = metrics::metrics().sign_latency.wrap(km);
     let workload_keys = catalog::build_workload_keys();
     let attestors = catalog::build_workload_attestors(&cfg.workload_attestors)?;
-    let attestor = catalog::build_node_attestor(
-        &cfg.node_attestor.0,
-        &cfg.node_attestor.1,
-        cfg.join_token.clone(),
-    )?;
+    let attestor = catalog::build_node_attestors(&cfg.node_attestors, cfg.join_token.clone())?;
     let health_listener = match cfg.health_address {
         Some(addr) => Some(
             carapace_common::health::bind(addr)

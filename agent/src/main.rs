@@ -21,7 +21,11 @@ const EXIT_USAGE: u8 = 64;
     long_about = "The Carapace agent: attests this node to a carapace-server and serves the SPIFFE \
         Workload API on a Unix socket.\n\nFirst start: `carapace-agent run --join-token TOKEN \
         --trust-bundle bundle.pem` (token from `carapace-server token generate`, bundle from \
-        `carapace-server bundle show`). Later starts reuse the identity kept in the data dir."
+        `carapace-server bundle show`). Later starts reuse the identity kept in the data dir.\n\n\
+        A server that requires several node attestors together (composite attestation): \
+        configure each as [node_attestor.NAME] and their order with node_attestors = \
+        [\"tpm\", \"kerberos\"] in the config file; the agent opens with the first and runs \
+        the others when the server asks."
 )]
 struct Cli {
     #[command(subcommand)]

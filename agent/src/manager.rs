@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use carapace_core::plugin::{KeyManager, KeySigner, NodeAttestorClient};
+use carapace_core::plugin::{KeyManager, KeySigner};
 use carapace_core::{EntryId, KeyType, RegistrationEntry, SpiffeId, TrustBundle};
 use carapace_proto::convert::bundle_from_wire;
 use carapace_proto::node::{
@@ -22,7 +22,7 @@ use carapace_proto::node::{
 
 use crate::cache::{CachedSvid, SvidCache, same_federated};
 use crate::config::{Bootstrap, Config};
-use crate::node_client::{self, call_error};
+use crate::node_client::{self, NodeAttestors, call_error};
 use crate::state::{self, AgentState};
 use crate::sync::{HeldEntries, HeldFederated};
 use crate::{Error, Result};
@@ -147,10 +147,11 @@ pub struct Manager {
     /// The foreign bundles the entries federate with, kept from the sync messages.
     federated: HeldFederated,
     slots: BTreeMap<EntryId, Slot>,
-    /// The node attestor, kept to renew by attesting again when the server allows it
-    /// (TPM: a fresh quote at every renewal), and to attest afresh after losing the
+    /// The node attestors (one, or the members of a composite in order), kept to renew
+    /// by attesting again when the server allows it (TPM: a fresh quote at every
+    /// renewal; a composite: every member again), and to attest afresh after losing the
     /// identity.
-    attestor: Option<Arc<dyn NodeAttestorClient>>,
+    attestor: Option<NodeAttestors>,
     /// notAfter of the agent's own SVID.
     agent_not_after: i64,
     /// Why the agent holds no usable identity, when it does not: its SVID lapsed, or the
@@ -189,7 +190,7 @@ impl Manager {
         km: Arc<dyn KeyManager>,
         workload_keys: WorkloadKeys,
         cache: SvidCache,
-        attestor: Option<Arc<dyn NodeAttestorClient>>,
+        attestor: Option<NodeAttestors>,
     ) -> Result<Self> {
         let stored_bundle = state::load_bundle(&cfg.data_dir, &cfg.trust_domain)?;
         if let (Some(st), Some(bundle)) = (AgentState::load(&cfg.data_dir)?, stored_bundle.clone())
@@ -239,7 +240,7 @@ impl Manager {
         };
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
-            match Self::attest(&cfg, &km, tls.clone(), attestor.as_ref()).await {
+            match Self::attest(&cfg, &km, tls.clone(), &attestor).await {
                 Ok(identity) => {
                     return Self::assemble(cfg, km, workload_keys, cache, identity, Some(attestor));
                 }
@@ -265,7 +266,7 @@ impl Manager {
         workload_keys: WorkloadKeys,
         cache: SvidCache,
         (state, bundle, agent_key): Identity,
-        attestor: Option<Arc<dyn NodeAttestorClient>>,
+        attestor: Option<NodeAttestors>,
     ) -> Result<Self> {
         let (nb, na) = carapace_core::x509svid::validity_of(&state.svid_chain[0])?;
         // Received now (attestation) or earlier (restored): undo the server's backdate.
@@ -356,12 +357,12 @@ impl Manager {
         cfg: &Config,
         km: &Arc<dyn KeyManager>,
         tls: Arc<rustls::ClientConfig>,
-        attestor: &dyn NodeAttestorClient,
+        attestor: &NodeAttestors,
     ) -> Result<Identity> {
         let key = km.generate_key(&new_key_id(), KeyType::EcP256).await?;
         let outcome = async {
             let csr = carapace_tls::csr_for_key(key.clone())?;
-            let result = node_client::attest(
+            let result = node_client::attest_with(
                 &cfg.server_address,
                 tls,
                 attestor,
@@ -392,7 +393,7 @@ impl Manager {
         }
         .await;
         crate::metrics::metrics().node_attestations.record(
-            attestor.name(),
+            &attestor.joined_names(),
             match &outcome {
                 Ok(_) => "ok",
                 Err(Error::Refused(_)) => "refused",
@@ -631,7 +632,7 @@ impl Manager {
         );
         let bundle = self.bundle_tx.borrow().as_ref().clone();
         let outcome = match Self::bundle_tls(&self.cfg, bundle) {
-            Ok(tls) => Self::attest(&self.cfg, &self.km, tls, attestor.as_ref()).await,
+            Ok(tls) => Self::attest(&self.cfg, &self.km, tls, &attestor).await,
             Err(e) => Err(e),
         };
         match outcome {
@@ -979,10 +980,10 @@ impl Manager {
                 // again: a node whose evidence changed (PCRs) loses its identity here.
                 // It runs on a connection of its own: the evidence is bound to it.
                 (Some(attestor), true) => {
-                    let result = node_client::attest(
+                    let result = node_client::attest_with(
                         &self.cfg.server_address,
                         self.client_tls()?,
-                        attestor.as_ref(),
+                        attestor,
                         csr,
                         key.public_key_der(),
                     )

@@ -256,8 +256,48 @@ fn status_error(what: &str, s: tonic::Status) -> Error {
     }
 }
 
+/// The node attestors an agent is configured with, in the order it runs them: it opens
+/// with the first; a server that requires several together (composite node
+/// attestation) names each further one in `next_attestor`, and the agent runs the one it
+/// configures by that name on the same stream.
+#[derive(Debug, Clone)]
+pub struct NodeAttestors(Vec<Arc<dyn NodeAttestorClient>>);
+
+impl NodeAttestors {
+    /// The attestors in order; `None` when there are none.
+    pub fn new(members: Vec<Arc<dyn NodeAttestorClient>>) -> Option<Self> {
+        (!members.is_empty()).then_some(NodeAttestors(members))
+    }
+
+    /// The attestor the agent opens with.
+    pub fn first(&self) -> &Arc<dyn NodeAttestorClient> {
+        &self.0[0]
+    }
+
+    /// The configured attestor named `name`, if any.
+    pub fn get(&self, name: &str) -> Option<&dyn NodeAttestorClient> {
+        self.0.iter().find(|a| a.name() == name).map(|a| a.as_ref())
+    }
+
+    /// Their names, in order, joined with `+` (the metrics label and what logs say).
+    pub fn joined_names(&self) -> String {
+        self.0
+            .iter()
+            .map(|a| a.name())
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+}
+
+impl From<Arc<dyn NodeAttestorClient>> for NodeAttestors {
+    fn from(a: Arc<dyn NodeAttestorClient>) -> Self {
+        NodeAttestors(vec![a])
+    }
+}
+
 /// Runs node attestation with `attestor` on a new connection to the server made with
-/// `tls`, sending `csr` for the agent's key.
+/// `tls`, sending `csr` for the agent's key. A server that asks for another attestor
+/// (composite attestation) is refused: use [`attest_with`] for those.
 pub async fn attest(
     servers: impl Into<ServerAddresses>,
     tls: Arc<rustls::ClientConfig>,
@@ -265,16 +305,52 @@ pub async fn attest(
     csr: Vec<u8>,
     agent_public_key: &[u8],
 ) -> Result<AttestResult> {
-    let (mut client, tls_exporter) = attestation_channel(&servers.into(), tls).await?;
+    run_attestation(servers.into(), tls, attestor, &[], csr, agent_public_key).await
+}
+
+/// Runs node attestation with `attestors` on a new connection to the server made with
+/// `tls`, sending `csr` for the agent's key: opens with the first, and runs each further
+/// attestor the server names (`next_attestor`) on the same stream, so every proof binds
+/// to the same TLS session. Refuses, and aborts the stream, when the server names one
+/// `attestors` does not hold.
+pub async fn attest_with(
+    servers: impl Into<ServerAddresses>,
+    tls: Arc<rustls::ClientConfig>,
+    attestors: &NodeAttestors,
+    csr: Vec<u8>,
+    agent_public_key: &[u8],
+) -> Result<AttestResult> {
+    let all: Vec<&dyn NodeAttestorClient> = attestors.0.iter().map(|a| a.as_ref()).collect();
+    run_attestation(
+        servers.into(),
+        tls,
+        attestors.first().as_ref(),
+        &all,
+        csr,
+        agent_public_key,
+    )
+    .await
+}
+
+async fn run_attestation(
+    servers: ServerAddresses,
+    tls: Arc<rustls::ClientConfig>,
+    first: &dyn NodeAttestorClient,
+    configured: &[&dyn NodeAttestorClient],
+    csr: Vec<u8>,
+    agent_public_key: &[u8],
+) -> Result<AttestResult> {
+    let (mut client, tls_exporter) = attestation_channel(&servers, tls).await?;
+    // One context for every attestor of this attestation: same key, same connection.
     let ctx = AttestationContext {
         agent_public_key: agent_public_key.to_vec(),
         tls_exporter,
     };
     let (tx, rx) = mpsc::channel(4);
-    let payload = attestor.payload(&ctx).await?;
+    let payload = first.payload(&ctx).await?;
     tx.send(AttestRequest {
         step: Some(attest_request::Step::Params(AttestParams {
-            attestor: attestor.name().to_owned(),
+            attestor: first.name().to_owned(),
             payload,
             csr,
         })),
@@ -286,6 +362,8 @@ pub async fn attest(
         .await
         .map_err(|s| status_error("attestation", s))?
         .into_inner();
+    // The attestor whose challenges the server sends now.
+    let mut current = first;
     loop {
         let msg = responses
             .message()
@@ -294,18 +372,32 @@ pub async fn attest(
             .ok_or_else(|| {
                 Error::Server("attestation: the server closed the stream without a result".into())
             })?;
-        match msg.step {
+        let step = match msg.step {
             Some(attest_response::Step::Result(r)) => return Ok(r),
             Some(attest_response::Step::Challenge(c)) => {
-                let answer = attestor.answer(&c, &ctx).await?;
-                tx.send(AttestRequest {
-                    step: Some(attest_request::Step::ChallengeResponse(answer)),
-                })
-                .await
-                .map_err(|_| Error::Server("attestation stream closed".into()))?;
+                attest_request::Step::ChallengeResponse(current.answer(&c, &ctx).await?)
+            }
+            Some(attest_response::Step::NextAttestor(name)) => {
+                let Some(next) = configured.iter().copied().find(|a| a.name() == name) else {
+                    // Returning drops the stream: the server sees the attestation end.
+                    return Err(Error::Refused(format!(
+                        "the server requires node attestor {}, which this agent does not \
+                         configure",
+                        name.chars().take(64).collect::<String>()
+                    )));
+                };
+                tracing::debug!(
+                    attestor = next.name(),
+                    "the server asks for another node attestor"
+                );
+                current = next;
+                attest_request::Step::NextPayload(next.payload(&ctx).await?)
             }
             None => return Err(Error::Server("attestation: empty response".into())),
-        }
+        };
+        tx.send(AttestRequest { step: Some(step) })
+            .await
+            .map_err(|_| Error::Server("attestation stream closed".into()))?;
     }
 }
 

@@ -101,6 +101,9 @@ pub struct FileConfig {
     /// Node attestor plugins: at least one.
     #[serde(default)]
     pub node_attestor: toml::Table,
+    /// Policy over the node attestors: which must be passed together.
+    #[serde(default)]
+    pub node_attestation: NodeAttestationFile,
     /// Upstream authority plugin: at most one.
     #[serde(default)]
     pub upstream_authority: toml::Table,
@@ -314,6 +317,98 @@ fn url_password(url: &str) -> Option<&'static str> {
     None
 }
 
+/// `[node_attestation]`: policy over the configured node attestors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAttestationFile {
+    /// Lists of node attestors a node must pass together, in order, in one attestation
+    /// (composite node attestation).
+    #[serde(default)]
+    pub require_together: Vec<Vec<String>>,
+}
+
+/// Composite node attestation: lists of node attestors a node must pass together, in
+/// order, on one attestation stream. Each list has two or more distinct configured
+/// attestors whose results are re-attestable, and an attestor is in at most one list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeAttestation {
+    /// The lists, as configured.
+    pub require_together: Vec<Vec<String>>,
+}
+
+impl NodeAttestation {
+    /// The list `attestor` belongs to, if any.
+    pub fn list_of(&self, attestor: &str) -> Option<&[String]> {
+        self.require_together
+            .iter()
+            .find(|l| l.iter().any(|m| m == attestor))
+            .map(Vec::as_slice)
+    }
+}
+
+/// Whether node attestor `name` with settings `table` admits a node more than once, so
+/// that it may be part of a composite: a join token is consumed, and a cloud attestor
+/// records each instance on first use unless `allow_reattestation` is set.
+fn reattestable_attestor(name: &str, table: &toml::Table) -> bool {
+    match name {
+        "join_token" => false,
+        "aws_iid" | "gcp_iit" | "azure_msi" => table
+            .get("allow_reattestation")
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false),
+        _ => true,
+    }
+}
+
+/// Checks `[node_attestation] require_together` against the configured attestors,
+/// listing every problem (each names its list).
+fn node_attestation(
+    file: &NodeAttestationFile,
+    node_attestors: &[(String, toml::Table)],
+    problems: &mut Vec<String>,
+) -> NodeAttestation {
+    const KEY: &str = "node_attestation.require_together";
+    let mut seen: Vec<&str> = Vec::new();
+    for list in &file.require_together {
+        let shown = format!("[{}]", list.join(", "));
+        let mut distinct: Vec<&str> = Vec::new();
+        for member in list {
+            if distinct.contains(&member.as_str()) {
+                problems.push(format!("{KEY}: {shown} names {member} twice"));
+                continue;
+            }
+            distinct.push(member);
+            if seen.contains(&member.as_str()) {
+                problems.push(format!(
+                    "{KEY}: {shown}: {member} is already in another list (an attestor may be in at most one)"
+                ));
+            }
+            match node_attestors.iter().find(|(n, _)| n == member) {
+                None => problems.push(format!(
+                    "{KEY}: {shown}: {member} is not configured (add [node_attestor.{member}])"
+                )),
+                Some((name, table)) if !reattestable_attestor(name, table) => {
+                    problems.push(format!(
+                        "{KEY}: {shown}: {member} admits a node only once (trust on first \
+                         use), which would make the combination single-use; only attestors \
+                         whose evidence can be presented again may be required together"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if distinct.len() < 2 {
+            problems.push(format!(
+                "{KEY}: {shown} needs at least two distinct node attestors"
+            ));
+        }
+        seen.extend(distinct);
+    }
+    NodeAttestation {
+        require_together: file.require_together.clone(),
+    }
+}
+
 /// `[node_api]`: bounds on the node API's connections and attestations. Unset keys
 /// default from the process's descriptor limit ([`NodeApiLimits::from_fd_limit`]).
 #[derive(Debug, Default, Deserialize)]
@@ -450,6 +545,8 @@ pub struct Config {
     pub key_manager: (String, toml::Table),
     /// Node attestors: names and raw plugin tables.
     pub node_attestors: Vec<(String, toml::Table)>,
+    /// Which node attestors must be passed together (`[node_attestation]`).
+    pub node_attestation: NodeAttestation,
     /// Upstream authority, if any: name and raw plugin table.
     pub upstream_authority: Option<(String, toml::Table)>,
     /// Bounds on the node API's connections and attestations.
@@ -652,6 +749,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
         "join_token",
         &mut problems,
     );
+    let node_attestation = node_attestation(&file.node_attestation, &node_attestors, &mut problems);
     let mut upstreams: Vec<(String, toml::Table)> = if file.upstream_authority.is_empty() {
         Vec::new()
     } else {
@@ -729,6 +827,7 @@ pub fn validate(file: FileConfig, ov: Overrides) -> Result<Config, Vec<String>> 
                 default_jwt_svid_ttl,
                 key_manager: key_managers.remove(0),
                 node_attestors,
+                node_attestation,
                 upstream_authority: upstreams.pop(),
                 node_api,
                 health_address,
@@ -2556,6 +2655,98 @@ max_attestations_in_flight = 0
         }
         let errs = parse_file("[downstream]\nmax_dept = 1\n").unwrap_err();
         assert!(errs.iter().any(|e| e.contains("max_dept")), "{errs:?}");
+    }
+
+    fn require_together(text: &str, configured: &[&str]) -> (NodeAttestation, Vec<String>) {
+        let file = parse_file(text).unwrap();
+        let attestors: Vec<(String, toml::Table)> = configured
+            .iter()
+            .map(|c| {
+                let (name, table) = c.split_once(' ').unwrap_or((c, ""));
+                (name.to_owned(), toml::from_str(table).unwrap())
+            })
+            .collect();
+        let mut problems = Vec::new();
+        let n = node_attestation(&file.node_attestation, &attestors, &mut problems);
+        (n, problems)
+    }
+
+    #[test]
+    fn attestors_required_together_are_configured_distinct_reattestable_and_in_one_list() {
+        let (n, problems) = require_together(
+            "[node_attestation]\nrequire_together = [[\"tpm\", \"kerberos\"]]\n",
+            &["tpm", "kerberos", "join_token"],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            n.list_of("kerberos"),
+            Some(&["tpm".to_owned(), "kerberos".to_owned()][..])
+        );
+        assert_eq!(n.list_of("join_token"), None);
+        // None by default.
+        let (n, problems) = require_together("", &["join_token"]);
+        assert!(problems.is_empty() && n.require_together.is_empty());
+        // A cloud attestor that admits a node again may be a member.
+        let (_, problems) = require_together(
+            "[node_attestation]\nrequire_together = [[\"tpm\", \"aws_iid\"]]\n",
+            &["tpm", "aws_iid allow_reattestation = true"],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+
+        for (text, configured, wanted) in [
+            (
+                r#"require_together = [["tpm", "kerberos"]]"#,
+                &["tpm"][..],
+                "node_attestation.require_together: [tpm, kerberos]: kerberos is not configured (add [node_attestor.kerberos])",
+            ),
+            (
+                r#"require_together = [["tpm"]]"#,
+                &["tpm"][..],
+                "node_attestation.require_together: [tpm] needs at least two distinct node attestors",
+            ),
+            (
+                r#"require_together = [["tpm", "tpm"]]"#,
+                &["tpm"][..],
+                "node_attestation.require_together: [tpm, tpm] names tpm twice",
+            ),
+            (
+                r#"require_together = [["tpm", "kerberos"], ["sshpop", "kerberos"]]"#,
+                &["tpm", "kerberos", "sshpop"][..],
+                "node_attestation.require_together: [sshpop, kerberos]: kerberos is already in another list (an attestor may be in at most one)",
+            ),
+            (
+                r#"require_together = [["tpm", "join_token"]]"#,
+                &["tpm", "join_token"][..],
+                "node_attestation.require_together: [tpm, join_token]: join_token admits a node only once (trust on first use)",
+            ),
+            (
+                r#"require_together = [["gcp_iit", "tpm"]]"#,
+                &["tpm", "gcp_iit"][..],
+                "node_attestation.require_together: [gcp_iit, tpm]: gcp_iit admits a node only once (trust on first use)",
+            ),
+        ] {
+            let (_, problems) =
+                require_together(&format!("[node_attestation]\n{text}\n"), configured);
+            assert!(problems[0].starts_with(wanted), "{text}: {problems:?}");
+            // `[tpm, tpm]` is also too short; every other case has one problem.
+            assert_eq!(
+                problems.len(),
+                1 + usize::from(text.contains("\"tpm\", \"tpm\""))
+            );
+        }
+        // Through `validate`: a list naming an attestor that is not configured.
+        let errs = validate(
+            parse_file("[node_attestation]\nrequire_together = [[\"join_token\", \"x\"]]\n")
+                .unwrap(),
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.contains("x is not configured")),
+            "{errs:?}"
+        );
+        let errs = parse_file("[node_attestation]\nrequire = []\n").unwrap_err();
+        assert!(errs.iter().any(|e| e.contains("require")), "{errs:?}");
     }
 
     #[test]

@@ -518,6 +518,10 @@ impl EntryCache {
     /// records (the log says so).
     pub async fn evict_agent(&self, id: &SpiffeId) -> Result<()> {
         let _w = self.write_lock.lock().await;
+        // The ID names the attestor that admitted the agent; for a composite (`tpm+kerberos`)
+        // that is its first member. Only that member's record is forgotten, which is enough:
+        // a composite holds no trust-on-first-use member (the config refuses them), so no
+        // other member keeps a record that would refuse the node when it attests again.
         let forget = id.agent_parts().and_then(|(name, path)| {
             let Some(attestor) = self.attestors.get(name) else {
                 tracing::warn!(

@@ -15,11 +15,13 @@ use std::time::Duration;
 use carapace_common::listener::{ConnectionHandle, HasConnection};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use carapace_core::clock::unix_now;
 use carapace_core::plugin::{
-    AttestationContext, AttestationStep, NodeAttestor, TLS_EXPORTER_LABEL, TLS_EXPORTER_LEN,
+    AttestationContext, AttestationResult, AttestationStep, NodeAttestor, TLS_EXPORTER_LABEL,
+    TLS_EXPORTER_LEN,
 };
 use carapace_core::{RegistrationEntry, SpiffeId};
 use carapace_proto::node::{
@@ -202,6 +204,9 @@ pub struct NodeApi {
     cache: Arc<EntryCache>,
     ca: Arc<CaManager>,
     attestors: Arc<HashMap<String, Arc<dyn NodeAttestor>>>,
+    /// `[node_attestation] require_together`: lists of attestors run together, in
+    /// order, each opened by its first member.
+    required_together: Arc<Vec<Vec<String>>>,
     settings: NodeApiSettings,
     /// Permits for attestations in progress.
     attestations: Arc<Semaphore>,
@@ -260,11 +265,21 @@ impl NodeApi {
             cache,
             ca,
             attestors: Arc::new(attestors),
+            required_together: Arc::default(),
             settings,
             attestations: Arc::new(Semaphore::new(DEFAULT_MAX_ATTESTATIONS_IN_FLIGHT)),
             closing: None,
             foreign: None,
         }
+    }
+
+    /// Requires the node attestors of each list together (composite node attestation,
+    /// `[node_attestation] require_together`, validated by the config): an agent opens
+    /// with a list's first member and is asked for the others on the same stream; a
+    /// later member alone is refused.
+    pub fn with_required_together(mut self, lists: Vec<Vec<String>>) -> Self {
+        self.required_together = Arc::new(lists);
+        self
     }
 
     /// Sends each agent the foreign bundles its entries federate with, from `foreign`.
@@ -366,90 +381,159 @@ impl NodeApi {
         }
     }
 
-    async fn run_attestation(
+    /// The node attestors an attestation opening with `name` runs, in order: `name`
+    /// alone, or the whole list of `[node_attestation] require_together` it heads. An
+    /// attestor that is a later member of a list is refused alone.
+    fn members_for(&self, name: &str) -> Result<Vec<Arc<dyn NodeAttestor>>> {
+        let lookup = |n: &str| {
+            self.attestors.get(n).cloned().ok_or_else(|| {
+                let mut enabled: Vec<&str> = self.attestors.keys().map(String::as_str).collect();
+                enabled.sort();
+                Error::InvalidArgument(format!(
+                    "node attestor {n:?} is not enabled on this server (enabled: {})",
+                    enabled.join(", ")
+                ))
+            })
+        };
+        let first = lookup(name)?;
+        let Some(list) = self
+            .required_together
+            .iter()
+            .find(|l| l.iter().any(|m| m == name))
+        else {
+            return Ok(vec![first]);
+        };
+        if list.first().map(String::as_str) != Some(name) {
+            return Err(Error::PermissionDenied(format!(
+                "node attestor {name} is required together with {} \
+                 (node_attestation.require_together): attest with {} first",
+                list.join(", "),
+                list.first().map_or("", String::as_str)
+            )));
+        }
+        // Config validation made sure every member is configured.
+        list.iter().map(|m| lookup(m)).collect()
+    }
+
+    async fn run_attestation<S>(
         &self,
-        inbound: &mut Streaming<AttestRequest>,
+        inbound: &mut S,
         tx: &mpsc::Sender<std::result::Result<AttestResponse, Status>>,
         peer: Option<PeerInfo>,
         attestor_name: &mut Option<String>,
-    ) -> Result<AttestResponse> {
+    ) -> Result<AttestResponse>
+    where
+        S: Stream<Item = std::result::Result<AttestRequest, Status>> + Unpin + Send,
+    {
         let remote = peer.as_ref().map(|p| p.remote);
         let caller = peer.as_ref().and_then(|p| p.svid.as_ref());
-        let first = inbound
-            .message()
-            .await
-            .map_err(|s| Error::InvalidArgument(format!("attestation stream: {}", s.message())))?;
-        let Some(AttestRequest {
-            step: Some(attest_request::Step::Params(params)),
-        }) = first
-        else {
+        let Some(attest_request::Step::Params(params)) = next_step(inbound).await? else {
             return Err(Error::InvalidArgument(
                 "attestation must open with AttestParams".into(),
             ));
         };
-        let attestor = self.attestors.get(&params.attestor).ok_or_else(|| {
-            let mut enabled: Vec<&str> = self.attestors.keys().map(String::as_str).collect();
-            enabled.sort();
-            Error::InvalidArgument(format!(
-                "node attestor {:?} is not enabled on this server (enabled: {})",
-                params.attestor,
-                enabled.join(", ")
-            ))
-        })?;
-        *attestor_name = Some(attestor.name().to_owned());
+        if self.attestors.contains_key(&params.attestor) {
+            // A configured name (also a later member refused alone) is a bounded label.
+            *attestor_name = Some(params.attestor.clone());
+        }
+        let members = self.members_for(&params.attestor)?;
+        let names: Vec<&str> = members.iter().map(|m| m.name()).collect();
+        // A composite is recorded (and labelled) as its members joined with `+`: the
+        // lists are configured, so the label set stays bounded.
+        let joined = names.join("+");
+        *attestor_name = Some(joined.clone());
         // Check the CSR before the attestor consumes any single-use evidence.
         let agent_public_key = csr_public_key_der(&params.csr)?;
         let key = SubjectKey::from_spki(&agent_public_key)?;
         let exporter = peer.as_ref().map(|p| &p.tls_exporter).ok_or_else(|| {
             Error::Unauthenticated("attestation needs a TLS 1.3 connection with an exporter".into())
         })?;
+        // One context for every member: each binds its proof to this TLS session and
+        // this agent key, as it does alone.
         let ctx = AttestationContext {
             agent_public_key,
             tls_exporter: exporter.0.to_vec(),
         };
-        let mut step = match attestor.begin(&params.payload, &ctx).await {
-            Ok(step) => step,
-            Err(e) => {
-                self.refuse_agent(caller, &e).await;
-                return Err(e.into());
-            }
-        };
-        let result = loop {
-            match step {
-                AttestationStep::Done(r) => break r,
-                AttestationStep::Challenge { challenge, session } => {
-                    tx.send(Ok(AttestResponse {
-                        step: Some(attest_response::Step::Challenge(challenge)),
-                    }))
-                    .await
-                    .map_err(|_| {
-                        Error::InvalidArgument("agent went away during attestation".into())
-                    })?;
-                    let answer = inbound.message().await.map_err(|s| {
-                        Error::InvalidArgument(format!("attestation stream: {}", s.message()))
-                    })?;
-                    let Some(AttestRequest {
-                        step: Some(attest_request::Step::ChallengeResponse(answer)),
-                    }) = answer
-                    else {
-                        return Err(Error::InvalidArgument(
-                            "expected a challenge response".into(),
+        let composite = members.len() > 1;
+        let mut results = Vec::with_capacity(members.len());
+        for (i, member) in members.iter().enumerate() {
+            // In a composite, every failure names the member: "kerberos (2 of tpm, kerberos)".
+            let which = format!("{} ({} of {})", member.name(), i + 1, names.join(", "));
+            let named = |e: carapace_core::Error| {
+                if composite {
+                    member_error(&which, e)
+                } else {
+                    e
+                }
+            };
+            let payload = if i == 0 {
+                params.payload.clone()
+            } else {
+                send(
+                    tx,
+                    attest_response::Step::NextAttestor(member.name().to_owned()),
+                )
+                .await?;
+                match next_step(inbound).await {
+                    Ok(Some(attest_request::Step::NextPayload(p))) => p,
+                    Ok(other) => {
+                        // The agent answered, without this member's evidence: refused,
+                        // and recorded against a renewing agent like a failed member.
+                        let e = carapace_core::Error::AttestationRejected(format!(
+                            "{which}: the agent {} instead of this attestor's payload",
+                            if other.is_none() {
+                                "ended the attestation"
+                            } else {
+                                "sent another message"
+                            }
                         ));
-                    };
-                    step = match session.respond(&answer).await {
-                        Ok(step) => step,
-                        Err(e) => {
-                            self.refuse_agent(caller, &e).await;
-                            return Err(e.into());
-                        }
-                    };
+                        self.refuse_agent(caller, &e).await;
+                        return Err(e.into());
+                    }
+                    Err(e) => {
+                        return Err(Error::InvalidArgument(format!("{which}: {e}")));
+                    }
+                }
+            };
+            let result = match self
+                .run_member(member.as_ref(), &payload, &ctx, inbound, tx)
+                .await
+            {
+                Ok(r) => r,
+                Err(MemberError::Attestor(e)) => {
+                    let e = named(e);
+                    self.refuse_agent(caller, &e).await;
+                    return Err(e.into());
+                }
+                Err(MemberError::Stream(e)) => return Err(e),
+            };
+            if composite {
+                if let Some(s) = result.selectors.iter().find(|s| s.kind() != member.name()) {
+                    let e = carapace_core::Error::AttestationRejected(format!(
+                        "{which}: the attestor produced selector {}:{}, not of its own type",
+                        s.kind(),
+                        s.value()
+                    ));
+                    self.refuse_agent(caller, &e).await;
+                    return Err(e.into());
                 }
             }
+            results.push(result);
+        }
+        // The agent ID comes from the first member; the selectors are every member's.
+        let first = &members[0];
+        let mut results = results.into_iter();
+        let Some(mut result) = results.next() else {
+            return Err(Error::Ca("an attestation ran no node attestor".into()));
         };
+        for r in results {
+            result.selectors.extend(r.selectors.iter().cloned());
+            result.can_reattest &= r.can_reattest;
+        }
         let agent_id = self
             .ca
             .trust_domain()
-            .agent_id(attestor.name(), &result.agent_path)?;
+            .agent_id(first.name(), &result.agent_path)?;
         if self.cache.get_agent(&agent_id).is_some_and(|a| a.banned) {
             return Err(Error::PermissionDenied(format!(
                 "agent {agent_id} is banned"
@@ -473,8 +557,9 @@ impl NodeApi {
         let serial = hex::encode(carapace_core::x509svid::serial_of(&svid.chain[0])?);
         // A join token is consumed in the transaction that records the agent, not by its
         // attestor: a failed write leaves it usable, a racing agent's write is refused.
-        let token = match attestor.name() {
-            crate::node_attestor::JOIN_TOKEN => Some(
+        // (A composite never holds one: the config refuses it.)
+        let token = match first.name() {
+            crate::node_attestor::JOIN_TOKEN if !composite => Some(
                 crate::node_attestor::presented_token(&params.payload)
                     .ok_or_else(crate::node_attestor::join_token_rejected)?,
             ),
@@ -484,7 +569,7 @@ impl NodeApi {
             .attest_agent(
                 AttestedAgent {
                     spiffe_id: agent_id.clone(),
-                    attestor: attestor.name().to_owned(),
+                    attestor: joined.clone(),
                     serial,
                     new_serial: None,
                     expires_at: svid.expires_at,
@@ -497,7 +582,7 @@ impl NodeApi {
                 token.as_ref(),
             )
             .await?;
-        tracing::info!(agent = %agent_id, attestor = attestor.name(), remote = ?remote, "agent attested");
+        tracing::info!(agent = %agent_id, attestor = %joined, remote = ?remote, "agent attested");
         let bundle = self.ca.bundle().borrow().clone();
         Ok(AttestResponse {
             step: Some(attest_response::Step::Result(node::AttestResult {
@@ -506,6 +591,46 @@ impl NodeApi {
                 reattestable: result.can_reattest,
             })),
         })
+    }
+
+    /// Runs one node attestor from its first payload to its result, relaying its
+    /// challenges on the stream.
+    async fn run_member<S>(
+        &self,
+        attestor: &dyn NodeAttestor,
+        payload: &[u8],
+        ctx: &AttestationContext,
+        inbound: &mut S,
+        tx: &mpsc::Sender<std::result::Result<AttestResponse, Status>>,
+    ) -> std::result::Result<AttestationResult, MemberError>
+    where
+        S: Stream<Item = std::result::Result<AttestRequest, Status>> + Unpin + Send,
+    {
+        let mut step = attestor
+            .begin(payload, ctx)
+            .await
+            .map_err(MemberError::Attestor)?;
+        loop {
+            match step {
+                AttestationStep::Done(r) => return Ok(r),
+                AttestationStep::Challenge { challenge, session } => {
+                    send(tx, attest_response::Step::Challenge(challenge))
+                        .await
+                        .map_err(MemberError::Stream)?;
+                    let Some(attest_request::Step::ChallengeResponse(answer)) =
+                        next_step(inbound).await.map_err(MemberError::Stream)?
+                    else {
+                        return Err(MemberError::Stream(Error::InvalidArgument(
+                            "expected a challenge response".into(),
+                        )));
+                    };
+                    step = session
+                        .respond(&answer)
+                        .await
+                        .map_err(MemberError::Attestor)?;
+                }
+            }
+        }
     }
 
     /// The next message of a sync stream: the entries `diff` holds, with `full` set when
@@ -549,6 +674,57 @@ pub fn jwt_to_wire(j: &crate::jwt_keys::IssuedJwt) -> types::JwtSvid {
         spiffe_id: j.spiffe_id.to_string(),
         expires_at: j.expires_at,
         issued_at: j.issued_at,
+    }
+}
+
+/// How one node attestor of an attestation failed: the attestor refused (or could not
+/// check) the evidence, or the stream broke.
+enum MemberError {
+    Attestor(carapace_core::Error),
+    Stream(Error),
+}
+
+/// The next message of an attestation stream; `None` when the agent ended it.
+async fn next_step<S>(inbound: &mut S) -> Result<Option<attest_request::Step>>
+where
+    S: Stream<Item = std::result::Result<AttestRequest, Status>> + Unpin + Send,
+{
+    match inbound.next().await {
+        None => Ok(None),
+        Some(Ok(m)) => Ok(m.step),
+        Some(Err(s)) => Err(Error::InvalidArgument(format!(
+            "attestation stream: {}",
+            s.message()
+        ))),
+    }
+}
+
+/// Sends one step of an attestation to the agent.
+async fn send(
+    tx: &mpsc::Sender<std::result::Result<AttestResponse, Status>>,
+    step: attest_response::Step,
+) -> Result<()> {
+    tx.send(Ok(AttestResponse { step: Some(step) }))
+        .await
+        .map_err(|_| Error::InvalidArgument("agent went away during attestation".into()))
+}
+
+/// A composite member's failure, naming the member (`which`: "kerberos (2 of tpm,
+/// kerberos)") and keeping its class: a refusal stays a refusal, a backend away stays
+/// `Unavailable`, an internal failure stays as it was (its detail goes to the log).
+fn member_error(which: &str, e: carapace_core::Error) -> carapace_core::Error {
+    use carapace_core::{Blame, Error as E};
+    match e {
+        E::AttestationRejected(m) => E::AttestationRejected(format!("{which}: {m}")),
+        E::Unavailable(m) => E::Unavailable(format!("{which}: {m}")),
+        e => match e.blame() {
+            Blame::InvalidInput
+            | Blame::PermissionDenied
+            | Blame::NotFound
+            | Blame::AlreadyExists => E::AttestationRejected(format!("{which}: {e}")),
+            Blame::Unavailable => E::Unavailable(format!("{which}: {e}")),
+            Blame::Internal => e,
+        },
     }
 }
 
@@ -872,6 +1048,376 @@ impl node::node_server::Node for NodeApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use carapace_core::plugin::AttestationSession;
+    use carapace_core::{Selector, SelectorSet};
+
+    /// A node attestor for the state machine: it expects `<name>-proof`, optionally
+    /// challenges with `<name>-nonce` and expects `<name>-answer`, and records the
+    /// context each attestation ran with.
+    #[derive(Debug)]
+    struct Fake {
+        name: &'static str,
+        challenge: bool,
+        can_reattest: bool,
+        /// The selector type it produces (its own name unless a test says otherwise).
+        selector_type: &'static str,
+        /// Refuses every proof (the node's evidence no longer holds).
+        refuse: std::sync::atomic::AtomicBool,
+        contexts: std::sync::Mutex<Vec<AttestationContext>>,
+    }
+
+    impl Fake {
+        fn new(name: &'static str, challenge: bool) -> Arc<Self> {
+            Arc::new(Fake {
+                name,
+                challenge,
+                can_reattest: true,
+                selector_type: name,
+                refuse: false.into(),
+                contexts: Default::default(),
+            })
+        }
+
+        fn done(&self) -> AttestationStep {
+            let mut selectors = SelectorSet::new();
+            selectors
+                .insert(Selector::new(self.selector_type, &format!("id:{}", self.name)).unwrap());
+            AttestationStep::Done(AttestationResult {
+                agent_path: format!("{}-node", self.name),
+                selectors,
+                can_reattest: self.can_reattest,
+            })
+        }
+    }
+
+    #[derive(Debug)]
+    struct FakeSession(&'static str, AttestationStep);
+
+    #[async_trait::async_trait]
+    impl AttestationSession for FakeSession {
+        async fn respond(
+            self: Box<Self>,
+            response: &[u8],
+        ) -> std::result::Result<AttestationStep, carapace_core::Error> {
+            if response != format!("{}-answer", self.0).as_bytes() {
+                return Err(carapace_core::Error::AttestationRejected(format!(
+                    "{}: wrong answer",
+                    self.0
+                )));
+            }
+            Ok(self.1)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl NodeAttestor for Fake {
+        fn name(&self) -> &str {
+            self.name
+        }
+
+        async fn begin(
+            &self,
+            payload: &[u8],
+            ctx: &AttestationContext,
+        ) -> std::result::Result<AttestationStep, carapace_core::Error> {
+            self.contexts.lock().unwrap().push(ctx.clone());
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed)
+                || payload != format!("{}-proof", self.name).as_bytes()
+            {
+                return Err(carapace_core::Error::AttestationRejected(format!(
+                    "{}: the principal is unknown",
+                    self.name
+                )));
+            }
+            if self.challenge {
+                return Ok(AttestationStep::Challenge {
+                    challenge: format!("{}-nonce", self.name).into_bytes(),
+                    session: Box::new(FakeSession(self.name, self.done())),
+                });
+            }
+            Ok(self.done())
+        }
+    }
+
+    async fn node_api(attestors: &[Arc<Fake>], lists: &[&[&str]]) -> NodeApi {
+        let (ca, ds) = crate::test_support::new_ca("example.org").await;
+        let cache = EntryCache::load(ca.trust_domain().clone(), ds)
+            .await
+            .unwrap();
+        NodeApi::new(
+            cache,
+            ca,
+            attestors
+                .iter()
+                .map(|a| a.clone() as Arc<dyn NodeAttestor>)
+                .collect(),
+            NodeApiSettings {
+                default_x509_svid_ttl: Duration::from_secs(600),
+                agent_svid_ttl: Duration::from_secs(600),
+                jwt: Default::default(),
+            },
+        )
+        .with_required_together(
+            lists
+                .iter()
+                .map(|l| l.iter().map(|m| (*m).to_owned()).collect())
+                .collect(),
+        )
+    }
+
+    /// What the agent's side of a test attestation does with each server step.
+    #[derive(Debug, Clone, Copy)]
+    struct Agent {
+        /// The attestors it configures (it answers for these, as their real clients).
+        has: &'static [&'static str],
+        /// Answers challenges wrongly.
+        wrong_answers: bool,
+    }
+
+    fn request(step: attest_request::Step) -> std::result::Result<AttestRequest, Status> {
+        Ok(AttestRequest { step: Some(step) })
+    }
+
+    /// Runs one attestation opening with `opening`, as `caller` (an agent SVID chain
+    /// when renewing). Returns the outcome and the server's steps, in order.
+    async fn attest(
+        api: &NodeApi,
+        agent: Agent,
+        opening: &str,
+        caller: Option<&[Vec<u8>]>,
+    ) -> (Result<AttestResponse>, Vec<String>) {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::new(vec![])
+            .unwrap()
+            .serialize_request(&kp)
+            .unwrap()
+            .der()
+            .to_vec();
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let (out_tx, mut out_rx) = mpsc::channel(8);
+        in_tx
+            .send(request(attest_request::Step::Params(node::AttestParams {
+                attestor: opening.to_owned(),
+                payload: format!("{opening}-proof").into_bytes(),
+                csr,
+            })))
+            .await
+            .unwrap();
+        let this = api.clone();
+        let peer = crate::test_support::peer(caller);
+        let mut run = tokio::spawn(async move {
+            let mut inbound = ReceiverStream::new(in_rx);
+            let mut name = None;
+            this.run_attestation(&mut inbound, &out_tx, Some(peer), &mut name)
+                .await
+        });
+        let mut seen = Vec::new();
+        let mut in_tx = Some(in_tx);
+        loop {
+            tokio::select! {
+                outcome = &mut run => return (outcome.unwrap(), seen),
+                Some(msg) = out_rx.recv() => {
+                    let step = msg.unwrap().step.unwrap();
+                    let reply = match step {
+                        attest_response::Step::Challenge(c) => {
+                            let c = String::from_utf8(c).unwrap();
+                            seen.push(format!("challenge {c}"));
+                            let who = c.trim_end_matches("-nonce");
+                            let answer = if agent.wrong_answers { "nope".to_owned() } else { format!("{who}-answer") };
+                            Some(attest_request::Step::ChallengeResponse(answer.into_bytes()))
+                        }
+                        attest_response::Step::NextAttestor(n) => {
+                            seen.push(format!("next {n}"));
+                            // An agent without it ends the stream, as the real one does.
+                            agent.has.contains(&n.as_str()).then(|| {
+                                attest_request::Step::NextPayload(format!("{n}-proof").into_bytes())
+                            })
+                        }
+                        attest_response::Step::Result(_) => unreachable!("returned, not sent"),
+                    };
+                    match reply {
+                        Some(r) => in_tx.as_ref().unwrap().send(request(r)).await.unwrap(),
+                        None => in_tx = None,
+                    }
+                }
+            }
+        }
+    }
+
+    const BOTH: Agent = Agent {
+        has: &["tpm", "kerberos"],
+        wrong_answers: false,
+    };
+
+    #[tokio::test]
+    async fn a_composite_runs_every_member_on_one_stream_with_one_context() {
+        let tpm = Fake::new("tpm", true);
+        let krb = Fake::new("kerberos", true);
+        let api = node_api(&[tpm.clone(), krb.clone()], &[&["tpm", "kerberos"]]).await;
+        let (outcome, seen) = attest(&api, BOTH, "tpm", None).await;
+        let result = match outcome.unwrap().step.unwrap() {
+            attest_response::Step::Result(r) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            seen,
+            [
+                "challenge tpm-nonce",
+                "next kerberos",
+                "challenge kerberos-nonce"
+            ]
+        );
+        assert!(result.reattestable);
+        // Both members saw the same TLS exporter and agent key.
+        let (a, b) = (tpm.contexts.lock().unwrap(), krb.contexts.lock().unwrap());
+        assert_eq!(a.len(), 1);
+        assert_eq!(*a, *b);
+        // The agent ID comes from the first member; the selectors are both members'.
+        let id = api.ca.trust_domain().agent_id("tpm", "tpm-node").unwrap();
+        let agent = api.cache.get_agent(&id).unwrap();
+        assert_eq!(agent.attestor, "tpm+kerberos");
+        let mut selectors: Vec<String> = agent
+            .selectors
+            .iter()
+            .map(|s| format!("{}:{}", s.kind(), s.value()))
+            .collect();
+        selectors.sort();
+        assert_eq!(selectors, ["kerberos:id:kerberos", "tpm:id:tpm"]);
+    }
+
+    #[tokio::test]
+    async fn a_later_member_alone_is_refused_and_an_attestor_outside_lists_runs_alone() {
+        let tpm = Fake::new("tpm", false);
+        let krb = Fake::new("kerberos", false);
+        let ssh = Fake::new("sshpop", true);
+        let api = node_api(&[tpm.clone(), krb.clone(), ssh], &[&["tpm", "kerberos"]]).await;
+        let (outcome, seen) = attest(&api, BOTH, "kerberos", None).await;
+        let status = Status::from(outcome.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "node attestor kerberos is required together with tpm, kerberos \
+             (node_attestation.require_together): attest with tpm first"
+        );
+        assert!(seen.is_empty());
+        assert!(
+            krb.contexts.lock().unwrap().is_empty(),
+            "kerberos never ran"
+        );
+
+        let (outcome, seen) = attest(&api, BOTH, "sshpop", None).await;
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert_eq!(seen, ["challenge sshpop-nonce"]);
+        let id = api
+            .ca
+            .trust_domain()
+            .agent_id("sshpop", "sshpop-node")
+            .unwrap();
+        assert_eq!(api.cache.get_agent(&id).unwrap().attestor, "sshpop");
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_failing_member_refuses_the_node_naming_it() {
+        let tpm = Fake::new("tpm", true);
+        let krb = Fake::new("kerberos", true);
+        let api = node_api(&[tpm.clone(), krb.clone()], &[&["tpm", "kerberos"]]).await;
+        let id = api.ca.trust_domain().agent_id("tpm", "tpm-node").unwrap();
+
+        // The agent does not configure kerberos: it ends the stream when asked for it.
+        let only_tpm = Agent {
+            has: &["tpm"],
+            wrong_answers: false,
+        };
+        let (outcome, seen) = attest(&api, only_tpm, "tpm", None).await;
+        let status = Status::from(outcome.unwrap_err());
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "attestation rejected: kerberos (2 of tpm, kerberos): the agent ended the \
+             attestation instead of this attestor's payload"
+        );
+        assert_eq!(seen, ["challenge tpm-nonce", "next kerberos"]);
+        assert!(api.cache.get_agent(&id).is_none(), "nothing recorded");
+
+        // The second member refuses the evidence.
+        krb.refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (outcome, _) = attest(&api, BOTH, "tpm", None).await;
+        assert_eq!(
+            Status::from(outcome.unwrap_err()).message(),
+            "attestation rejected: kerberos (2 of tpm, kerberos): kerberos: the principal is unknown"
+        );
+        // The first member answers wrongly.
+        krb.refuse
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let wrong = Agent {
+            has: &["tpm", "kerberos"],
+            wrong_answers: true,
+        };
+        let (outcome, seen) = attest(&api, wrong, "tpm", None).await;
+        assert_eq!(
+            Status::from(outcome.unwrap_err()).message(),
+            "attestation rejected: tpm (1 of tpm, kerberos): tpm: wrong answer"
+        );
+        assert_eq!(seen, ["challenge tpm-nonce"]);
+        assert!(api.cache.get_agent(&id).is_none());
+    }
+
+    #[tokio::test]
+    async fn reattestation_runs_every_member_again_and_a_failing_one_is_recorded() {
+        let tpm = Fake::new("tpm", false);
+        let krb = Fake::new("kerberos", false);
+        let api = node_api(&[tpm.clone(), krb.clone()], &[&["tpm", "kerberos"]]).await;
+        let (outcome, _) = attest(&api, BOTH, "tpm", None).await;
+        let Some(attest_response::Step::Result(r)) = outcome.unwrap().step else {
+            panic!("no result")
+        };
+        let chain = r.svid.unwrap().cert_chain;
+        // Renewing, with the SVID: both members again.
+        let (outcome, seen) = attest(&api, BOTH, "tpm", Some(&chain)).await;
+        let Some(attest_response::Step::Result(r)) = outcome.unwrap().step else {
+            panic!("no result")
+        };
+        assert_eq!(seen, ["next kerberos"]);
+        assert_eq!(krb.contexts.lock().unwrap().len(), 2);
+        // The host principal is gone: the renewal is refused and recorded.
+        let chain = r.svid.unwrap().cert_chain;
+        krb.refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (outcome, _) = attest(&api, BOTH, "tpm", Some(&chain)).await;
+        assert!(outcome.is_err());
+        let id = api.ca.trust_domain().agent_id("tpm", "tpm-node").unwrap();
+        let refused = api.cache.get_agent(&id).unwrap().refused.clone().unwrap();
+        assert_eq!(
+            refused.reason,
+            "attestation rejected: kerberos (2 of tpm, kerberos): kerberos: the principal is unknown"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_member_whose_selectors_are_not_its_own_or_not_reattestable_counts() {
+        let tpm = Fake::new("tpm", false);
+        let krb = Arc::new(Fake {
+            selector_type: "tpm",
+            ..Arc::into_inner(Fake::new("kerberos", false)).unwrap()
+        });
+        let api = node_api(&[tpm.clone(), krb], &[&["tpm", "kerberos"]]).await;
+        let (outcome, _) = attest(&api, BOTH, "tpm", None).await;
+        assert_eq!(
+            Status::from(outcome.unwrap_err()).message(),
+            "attestation rejected: kerberos (2 of tpm, kerberos): the attestor produced \
+             selector tpm:id:kerberos, not of its own type"
+        );
+        // One member that cannot attest again makes the whole agent renew by RenewAgent.
+        let krb = Arc::new(Fake {
+            can_reattest: false,
+            ..Arc::into_inner(Fake::new("kerberos", false)).unwrap()
+        });
+        let api2 = node_api(&[tpm, krb], &[&["tpm", "kerberos"]]).await;
+        let (outcome, _) = attest(&api2, BOTH, "tpm", None).await;
+        let Some(attest_response::Step::Result(r)) = outcome.unwrap().step else {
+            panic!("no result")
+        };
+        assert!(!r.reattestable);
+    }
 
     #[tokio::test]
     async fn a_failed_signing_task_reaches_the_caller_as_a_generic_internal_error() {
