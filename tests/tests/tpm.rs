@@ -506,6 +506,18 @@ fn boot(tpm: &Swtpm, log: &LogBuilder, path: &Path, reboot: bool) {
     std::fs::write(path, log.to_bytes()).unwrap();
 }
 
+/// Waits for the next attestation (a renewal), then reboots the node with Secure Boot
+/// into `kernel`: the reboot lands well before the renewal after it.
+async fn reboot_after_a_renewal(server: &Server, tpm: &Swtpm, kernel: &[u8], log_path: &Path) {
+    let attested = || server.log().matches("tpm: node attested").count();
+    let before = attested();
+    eventually("a renewal by attestation", || async {
+        (attested() > before).then_some(())
+    })
+    .await;
+    boot(tpm, &LogBuilder::typical_uefi(true, kernel), log_path, true);
+}
+
 /// The agent's selectors as `agent show` lists them.
 fn agent_selectors(server: &Server, agent_id: &str) -> String {
     server.cli_ok(&["agent", "show", "--spiffe-id", agent_id])
@@ -581,18 +593,7 @@ async fn measured_boot_a_pre_approved_kernel_keeps_the_identity_and_an_unapprove
 
     // Right after a renewal (about every 10 s), the node reboots into the pre-approved
     // kernel: the next renewal attests with the new log and the node keeps its identity.
-    let attested = |server: &Server| server.log().matches("tpm: node attested").count();
-    let before = attested(&server);
-    eventually("a renewal by attestation", || async {
-        (attested(&server) > before).then_some(())
-    })
-    .await;
-    boot(
-        &tpm,
-        &LogBuilder::typical_uefi(true, kernel_2),
-        &log_path,
-        true,
-    );
+    reboot_after_a_renewal(&server, &tpm, kernel_2, &log_path).await;
     eventually("the node attested with the new kernel", || async {
         agent_selectors(&server, &agent_id)
             .contains(&k2)
@@ -621,17 +622,7 @@ async fn measured_boot_a_pre_approved_kernel_keeps_the_identity_and_an_unapprove
 
     // A reboot into a kernel nobody approved: the next renewal is refused, naming the
     // event, and the workload's identity lapses.
-    let before = attested(&server);
-    eventually("a renewal by attestation", || async {
-        (attested(&server) > before).then_some(())
-    })
-    .await;
-    boot(
-        &tpm,
-        &LogBuilder::typical_uefi(true, kernel_3),
-        &log_path,
-        true,
-    );
+    reboot_after_a_renewal(&server, &tpm, kernel_3, &log_path).await;
     let refused = eventually("the refused re-attestation in the agent's row", || async {
         let a = server.cli_json(&["agent", "show", "--spiffe-id", &agent_id]);
         a["refused_reason"].as_str().map(str::to_owned)

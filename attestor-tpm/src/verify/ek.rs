@@ -142,6 +142,19 @@ pub fn verify_ek(
     agent_intermediates: &[Vec<u8>],
     now: i64,
 ) -> Result<EkIdentity> {
+    verify_ek_until(policy, ek_public, ek_cert, agent_intermediates, now)
+        .map(|(identity, _)| identity)
+}
+
+/// [`verify_ek`], and until when (Unix seconds) the certificate chain it found stays
+/// valid: `None` when the trust came from the allowlist.
+fn verify_ek_until(
+    policy: &EkPolicy,
+    ek_public: &Public,
+    ek_cert: Option<&[u8]>,
+    agent_intermediates: &[Vec<u8>],
+    now: i64,
+) -> Result<(EkIdentity, Option<i64>)> {
     let pubhash = ek_pubhash(ek_public)?;
     let allowlisted = policy
         .allowlist
@@ -161,7 +174,7 @@ pub fn verify_ek(
     };
     let Some(der) = ek_cert.filter(|c| !c.is_empty()) else {
         return if allowlisted {
-            Ok(allowlist_identity())
+            Ok((allowlist_identity(), None))
         } else {
             Err(reject(format!(
                 "EK is not trusted: it has no certificate and its hash {pubhash} is not on the allowlist"
@@ -172,7 +185,7 @@ pub fn verify_ek(
         Ok((_, cert)) => cert,
         Err(e) if allowlisted => {
             tracing::debug!(error = %e, "EK certificate unparsable; EK trusted by the allowlist");
-            return Ok(allowlist_identity());
+            return Ok((allowlist_identity(), None));
         }
         Err(e) => {
             return Err(not_trusted(&format!(
@@ -193,7 +206,6 @@ pub fn verify_ek(
         agent_intermediates,
         time,
     )
-    .map(|(identity, _)| identity)
 }
 
 /// The chain part of [`verify_ek`], once the certificate parsed and certifies the EK:
@@ -296,25 +308,8 @@ impl EkCache {
         }
         drop(entries);
 
-        let pubhash = ek_pubhash(ek_public)?;
-        let allowlisted = policy
-            .allowlist
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case(&pubhash));
-        let Ok((_, cert)) = X509Certificate::from_der(der) else {
-            return verify_ek(policy, ek_public, ek_cert, agent_intermediates, now);
-        };
-        check_same_key(&cert, ek_public)?;
-        let time = ASN1Time::from_timestamp(now)
-            .map_err(|e| reject(format!("verification time {now} is out of range: {e}")))?;
-        let (identity, valid_until) = verify_chain(
-            policy,
-            pubhash,
-            allowlisted,
-            &cert,
-            agent_intermediates,
-            time,
-        )?;
+        let (identity, valid_until) =
+            verify_ek_until(policy, ek_public, ek_cert, agent_intermediates, now)?;
         if let Some(valid_until) = valid_until {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if entries.len() >= EK_CACHE_MAX {
