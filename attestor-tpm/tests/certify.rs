@@ -12,7 +12,7 @@
 
 mod common;
 use carapace_core::plugin::MemoryStateStore as MemoryStore;
-use common::{begin, done};
+use common::{begin, done, rejected, selectors};
 
 use std::sync::Arc;
 
@@ -106,20 +106,6 @@ async fn attest(
     let (challenge, session) = begin(server, &payload, server_ctx).await?;
     let answer = client.answer(&challenge, &ctx(&[])).await?;
     session.respond(&answer).await.map(done)
-}
-
-fn rejected(r: Result<impl std::fmt::Debug, Error>) -> String {
-    match r {
-        Err(e @ Error::AttestationRejected(_)) => e.to_string(),
-        other => panic!("expected a rejection, got {other:?}"),
-    }
-}
-
-fn selectors(r: &AttestationResult) -> Vec<String> {
-    r.selectors
-        .iter()
-        .map(|s| format!("{}:{}", s.kind(), s.value()))
-        .collect()
 }
 
 fn loaded(shared: &SharedTpm) -> Vec<u32> {

@@ -10,7 +10,7 @@
 )]
 
 mod common;
-use common::{begin, done};
+use common::{begin, done, rejected, selectors};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -68,20 +68,6 @@ async fn attest(
     let (challenge, session) = begin(server, &client.payload(&ctx(0)).await?, &ctx(0)).await?;
     let answer = client.answer(&challenge, &ctx(0)).await?;
     session.respond(&answer).await.map(done)
-}
-
-fn rejected(r: Result<impl std::fmt::Debug, Error>) -> String {
-    match r {
-        Err(e @ Error::AttestationRejected(_)) => e.to_string(),
-        other => panic!("expected a rejection, got {other:?}"),
-    }
-}
-
-fn selectors(r: &AttestationResult) -> Vec<String> {
-    r.selectors
-        .iter()
-        .map(|s| format!("{}:{}", s.kind(), s.value()))
-        .collect()
 }
 
 /// A booted node: a swtpm whose PCRs hold `log`, and the log in a file.

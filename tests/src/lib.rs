@@ -737,6 +737,18 @@ impl Agent {
         )
     }
 
+    /// Waits until the agent has renewed its own SVID (by `RenewAgent`, or by attesting
+    /// again for attestors that re-attest), as its log says.
+    pub async fn wait_for_renewal(&self) {
+        eventually("the agent to renew its SVID", || async {
+            self.proc
+                .log()
+                .contains("renewed the agent SVID")
+                .then_some(())
+        })
+        .await;
+    }
+
     /// The SVID for `spiffe_id` this process holds now, if any.
     pub fn held_svid(&self, spiffe_id: &str) -> Option<HeldSvid> {
         self.held_svids()?

@@ -292,14 +292,7 @@ async fn reattestation_runs_both_and_a_host_removed_from_the_realm_loses_its_ide
     agent.wait_for_svid(workload).await;
 
     // At about half of 20 s the agent renews by attesting again, with both.
-    eventually("the agent to renew by attesting again", || async {
-        agent
-            .proc
-            .log()
-            .contains("renewed the agent SVID")
-            .then_some(())
-    })
-    .await;
+    agent.wait_for_renewal().await;
     let log = server.log();
     assert!(
         log.matches("tpm: node attested").count() >= 2,

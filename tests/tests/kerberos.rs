@@ -14,9 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use carapace_agent::manager::REATTEST_BACKOFF_MAX;
-use carapace_e2e::{
-    Agent, Lab, Server, ServerOptions, eventually, eventually_within, uid_selector,
-};
+use carapace_e2e::{Agent, Lab, Server, ServerOptions, eventually_within, uid_selector};
 use hsm_sim::kdc::{Kdc, LabPrincipals};
 
 fn realm() -> (Kdc, LabPrincipals) {
@@ -140,14 +138,7 @@ async fn renewal_attests_again_and_a_host_removed_from_the_realm_loses_its_ident
     agent.wait_for_svid(workload).await;
 
     // At about half of 20 s the agent renews by attesting again with a fresh ticket.
-    eventually("the agent to renew by attesting again", || async {
-        agent
-            .proc
-            .log()
-            .contains("renewed the agent SVID")
-            .then_some(())
-    })
-    .await;
+    agent.wait_for_renewal().await;
     let attested = server
         .log()
         .matches("kerberos: context token accepted")

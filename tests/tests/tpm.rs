@@ -224,14 +224,7 @@ async fn renewal_attests_again_and_a_changed_pcr_loses_the_identity() {
     agent.wait_for_svid(workload).await;
 
     // At about half of 20 s the agent renews by attesting again with a fresh quote.
-    eventually("the agent to renew by attesting again", || async {
-        agent
-            .proc
-            .log()
-            .contains("renewed the agent SVID")
-            .then_some(())
-    })
-    .await;
+    agent.wait_for_renewal().await;
     let attested = server.log().matches("tpm: node attested").count();
     assert!(
         attested >= 2,
@@ -439,14 +432,7 @@ async fn renewal_certifies_a_new_tpm_key_and_drops_the_old_one() {
     agent.wait_healthy();
     let first = files_under(&agent.data_dir.join("keys-tpm"));
     assert_eq!(first.len(), 1, "{first:?}");
-    eventually("the agent to renew by attesting again", || async {
-        agent
-            .proc
-            .log()
-            .contains("renewed the agent SVID")
-            .then_some(())
-    })
-    .await;
+    agent.wait_for_renewal().await;
     let log = server.log();
     assert!(
         log.matches("tpm: node attested").count() >= 2,

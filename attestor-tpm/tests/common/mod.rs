@@ -25,3 +25,21 @@ pub(crate) fn done(step: AttestationStep) -> AttestationResult {
         AttestationStep::Challenge { .. } => panic!("one challenge only"),
     }
 }
+
+/// The message of a rejection; anything else fails the test.
+#[allow(dead_code, reason = "not every test file uses every helper")]
+pub(crate) fn rejected(r: Result<impl std::fmt::Debug, Error>) -> String {
+    match r {
+        Err(e @ Error::AttestationRejected(_)) => e.to_string(),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+/// The selectors of a result as `type:value` strings.
+#[allow(dead_code, reason = "not every test file uses every helper")]
+pub(crate) fn selectors(r: &AttestationResult) -> Vec<String> {
+    r.selectors
+        .iter()
+        .map(|s| format!("{}:{}", s.kind(), s.value()))
+        .collect()
+}
