@@ -1359,9 +1359,7 @@ fn b4_server(r: &mut Report, rates: &[OpRate], latency: Option<&AttestRun>, npro
         one(ServerOp::VerifyEkCached),
         one(ServerOp::EventLog),
     );
-    if let (Some(run), Some(vq), Some(mc), Some(vek), Some(log)) =
-        (latency, vq, mc_rsa, vek, log)
-    {
+    if let (Some(run), Some(vq), Some(mc), Some(vek), Some(log)) = (latency, vq, mc_rsa, vek, log) {
         let med = |f: PhaseOf| {
             Summary::of_durations_us(&run.samples.iter().map(f).collect::<Vec<_>>())
                 .map_or(f64::NAN, |s| s.p50)
