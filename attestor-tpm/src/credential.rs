@@ -29,6 +29,9 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::AesKeyBits;
 use tss_esapi::structures::{Public, SymmetricDefinitionObject};
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
 use carapace_core::Error;
 
 type Result<T> = std::result::Result<T, Error>;
@@ -53,7 +56,7 @@ pub struct MadeCredential {
 }
 
 /// A TPM name algorithm this module implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum NameAlg {
     Sha256,
     Sha384,
@@ -316,29 +319,65 @@ where
 
 /// RSA EK: a random seed of `|H|` bytes, RSA-OAEP(H, "IDENTITY\0") to the EK.
 fn rsa_seed(alg: NameAlg, exponent: u32, modulus: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+    let e = if exponent == 0 { 65537 } else { exponent };
+    // The same bounds the rsa crate applied before (and the EK checks expect): a
+    // modulus of 1024 to 4096 bits, an odd exponent above 1.
+    let significant = &modulus[modulus.iter().take_while(|b| **b == 0).count()..];
+    let bits = significant.len() * 8
+        - significant
+            .first()
+            .map_or(0, |b| b.leading_zeros() as usize);
+    if !(1024..=4096).contains(&bits) || e < 3 || e % 2 == 0 {
+        return Err(Error::AttestationRejected(format!(
+            "tpm: EK RSA public key: a {bits}-bit modulus with exponent {e} is not acceptable"
+        )));
+    }
+    let mut seed = vec![0u8; alg.size()];
+    rand::rng().fill_bytes(&mut seed);
+    let ctx = oaep_context(alg, e, modulus)?;
+    let mut encrypted = Vec::with_capacity(modulus.len());
+    lock(&ctx)
+        .encrypt_to_vec(&seed, &mut encrypted)
+        .map_err(|err| openssl_err("encryption", err))?;
+    Ok((seed, encrypted))
+}
+
+fn openssl_err(what: &str, err: openssl::error::ErrorStack) -> Error {
+    Error::AttestationRejected(format!("tpm: RSA-OAEP to the EK: {what}: {err}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while the lock was held leaves the map or the context as the last
+    // complete call left it (each OpenSSL call completes or fails as a whole).
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An OpenSSL RSA-OAEP encryption context, ready for one EK.
+type OaepContext = Arc<Mutex<openssl::pkey_ctx::PkeyCtx<openssl::pkey::Public>>>;
+
+/// The most EKs whose OAEP contexts are kept; when full the cache starts again empty.
+const OAEP_CONTEXTS_MAX: usize = 16_384;
+
+/// The RSA-OAEP context for an EK (name algorithm, exponent, modulus), made on first use
+/// and kept: OpenSSL's libcrypto (which tpm2-tss links anyway) encrypts four times faster
+/// than the rsa crate's big-number code, but OpenSSL 3 spends as long again setting up a
+/// context (key import, algorithm fetches), and a TPM attests again at every renewal of
+/// its agent. A context holds only the EK's public key.
+fn oaep_context(alg: NameAlg, e: u32, modulus: &[u8]) -> Result<OaepContext> {
     use openssl::bn::BigNum;
     use openssl::md::Md;
     use openssl::pkey::PKey;
     use openssl::pkey_ctx::PkeyCtx;
     use openssl::rsa::{Padding, Rsa};
 
-    let e = if exponent == 0 { 65537 } else { exponent };
-    // The same bounds the rsa crate applied before (and the EK checks expect): a
-    // modulus of 1024 to 4096 bits, an odd exponent above 1.
-    let bits = modulus.len() * 8 - modulus.first().map_or(8, |b| b.leading_zeros() as usize);
-    if !(1024..=4096).contains(&bits) || e < 3 || e % 2 == 0 {
-        return Err(Error::AttestationRejected(format!(
-            "tpm: EK RSA public key: a {bits}-bit modulus with exponent {e} is not acceptable"
-        )));
+    type Contexts = Mutex<HashMap<(NameAlg, u32, Vec<u8>), OaepContext>>;
+    static CONTEXTS: OnceLock<Contexts> = OnceLock::new();
+    let contexts = CONTEXTS.get_or_init(Contexts::default);
+    let key = (alg, e, modulus.to_vec());
+    if let Some(ctx) = lock(contexts).get(&key) {
+        return Ok(ctx.clone());
     }
-    let openssl_err = |what: &str, err: openssl::error::ErrorStack| {
-        Error::AttestationRejected(format!("tpm: RSA-OAEP to the EK: {what}: {err}"))
-    };
-    let mut seed = vec![0u8; alg.size()];
-    rand::rng().fill_bytes(&mut seed);
-    // OpenSSL's libcrypto (which tpm2-tss links anyway): four times faster than the rsa
-    // crate's public operation, which was most of the server's CPU per attestation.
-    let key = BigNum::from_slice(modulus)
+    let pkey = BigNum::from_slice(modulus)
         .and_then(|n| Rsa::from_public_components(n, BigNum::from_u32(e)?))
         .and_then(PKey::from_rsa)
         .map_err(|err| openssl_err("the EK public key", err))?;
@@ -347,17 +386,20 @@ fn rsa_seed(alg: NameAlg, exponent: u32, modulus: &[u8]) -> Result<(Vec<u8>, Vec
         NameAlg::Sha384 => Md::sha384(),
         NameAlg::Sha512 => Md::sha512(),
     };
-    let mut encrypted = Vec::with_capacity(modulus.len());
-    let mut ctx = PkeyCtx::new(&key).map_err(|err| openssl_err("context", err))?;
+    let mut ctx = PkeyCtx::new(&pkey).map_err(|err| openssl_err("context", err))?;
     ctx.encrypt_init()
         .and_then(|()| ctx.set_rsa_padding(Padding::PKCS1_OAEP))
         .and_then(|()| ctx.set_rsa_oaep_md(md))
         .and_then(|()| ctx.set_rsa_mgf1_md(md))
-        // The OAEP label is "IDENTITY" with its terminating zero.
         .and_then(|()| ctx.set_rsa_oaep_label(LABEL_IDENTITY_OAEP))
-        .and_then(|()| ctx.encrypt_to_vec(&seed, &mut encrypted))
-        .map_err(|err| openssl_err("encryption", err))?;
-    Ok((seed, encrypted))
+        .map_err(|err| openssl_err("context", err))?;
+    let ctx = Arc::new(Mutex::new(ctx));
+    let mut map = lock(contexts);
+    if map.len() >= OAEP_CONTEXTS_MAX {
+        map.clear();
+    }
+    map.insert(key, ctx.clone());
+    Ok(ctx)
 }
 
 /// The RSA-OAEP label of a credential's seed: "IDENTITY" and its terminating zero.
@@ -455,6 +497,17 @@ mod tests {
             )
             .unwrap();
         assert_eq!(decrypted, seed);
+        // The second encryption to the same EK (its context kept): a fresh seed, still
+        // decrypting.
+        let (again, encrypted_again) = rsa_seed(NameAlg::Sha256, 65537, &modulus).unwrap();
+        assert_ne!(again, seed);
+        let decrypted = key
+            .decrypt(
+                rsa::Oaep::new_with_label::<Sha256, _>("IDENTITY\0"),
+                &encrypted_again,
+            )
+            .unwrap();
+        assert_eq!(decrypted, again);
         // Small or oversized moduli and even exponents are refused before any use.
         for (modulus, e) in [
             (vec![0xc5; 64], 65537),
