@@ -480,7 +480,7 @@ impl AttestationSession for TpmSession {
                 if let Some(policy) = &self.measured_boot {
                     policy.check(&log)?;
                 }
-                eventlog::policy::selectors(&log)?
+                eventlog::policy::selectors(&log, &self.pcrs)?
             }
             None if self.measured_boot.is_some() => {
                 return Err(rejected(

@@ -38,10 +38,14 @@ fn tpm() -> Swtpm {
 }
 
 fn server(measured_boot: Option<MeasuredBootConfig>) -> TpmAttestor {
+    server_quoting(&carapace_attestor_tpm::server::DEFAULT_PCRS, measured_boot)
+}
+
+fn server_quoting(pcrs: &[u8], measured_boot: Option<MeasuredBootConfig>) -> TpmAttestor {
     let m = TpmManufacturer::shared().unwrap();
     let cfg = TpmServerConfig {
         ek_ca_files: vec![m.ek_ca_root(), m.ek_ca_intermediate()],
-        pcrs: carapace_attestor_tpm::server::DEFAULT_PCRS.to_vec(),
+        pcrs: pcrs.to_vec(),
         measured_boot,
         ..TpmServerConfig::default()
     };
@@ -141,6 +145,14 @@ async fn a_log_that_replays_gives_its_selectors_without_a_policy() {
         )),
         "{sel:?}"
     );
+    // A server that does not quote PCR 4 takes no boot application from the log: nothing
+    // vouches for those events.
+    let r = attest(&server_quoting(&[0, 7], None), &node.client())
+        .await
+        .unwrap();
+    let sel = selectors(&r);
+    assert!(sel.contains(&"tpm:secure_boot:on".to_owned()), "{sel:?}");
+    assert!(!sel.iter().any(|s| s.contains("boot_app")), "{sel:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,7 +36,8 @@
 //! log). With one, the agent must send a log, and PCRs 4 and 7 must be quoted when
 //! policed (`validate` says so).
 //!
-//! Selectors (type `tpm`), from any log that replayed:
+//! Selectors (type `tpm`), from any log that replayed, and only from PCRs the quote
+//! covered (the replay vouches for no other):
 //! - `secure_boot:on` / `secure_boot:off`: from the `SecureBoot` variable event of PCR 7
 //!   when there is exactly one and its digest is its data's (none otherwise);
 //! - `boot_app:sha256:<hex>`: one per `EV_EFI_BOOT_SERVICES_APPLICATION` in PCR 4.
@@ -406,10 +407,12 @@ fn read_pcr7(log: &EventLog) -> Result<Pcr7<'_>, Error> {
     Ok(pcr7)
 }
 
-/// The selectors of a log that replayed (see the module doc).
-pub fn selectors(log: &EventLog) -> Result<Vec<Selector>, Error> {
+/// The selectors of a log that replayed (see the module doc), from the PCRs in `quoted`
+/// only: the replay vouches for no other PCR's events.
+pub fn selectors(log: &EventLog, quoted: &[u8]) -> Result<Vec<Selector>, Error> {
     let mut values = BTreeSet::new();
     let secure_boot: Vec<&Event> = events_of(log, PCR_SECURE_BOOT)
+        .filter(|_| quoted.contains(&PCR_SECURE_BOOT))
         .filter(|e| e.event_type == EV_EFI_VARIABLE_DRIVER_CONFIG)
         .filter(|e| {
             parse_variable(&e.data)
@@ -434,6 +437,7 @@ pub fn selectors(log: &EventLog) -> Result<Vec<Selector>, Error> {
         }
     }
     for event in events_of(log, PCR_BOOT_APPLICATIONS)
+        .filter(|_| quoted.contains(&PCR_BOOT_APPLICATIONS))
         .filter(|e| e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
     {
         if let Some(d) = event.digest(ALG_SHA256) {
@@ -545,6 +549,9 @@ mod tests {
         }
     }
 
+    /// Every PCR quoted.
+    const ALL: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+
     fn hex256(data: &[u8]) -> String {
         hex::encode(Sha256::digest(data))
     }
@@ -627,7 +634,7 @@ mod tests {
         log.var(EFI_GLOBAL_VARIABLE, "SecureBoot", &[1]);
         assert!(refusal(&p, &log).contains("after the separator"));
         // Without a policy nothing is refused, but the selector is not on either.
-        let sel = selectors(&log.0).unwrap();
+        let sel = selectors(&log.0, &ALL).unwrap();
         assert!(
             !sel.iter().any(|s| s.value().starts_with("secure_boot")),
             "{sel:?}"
@@ -707,7 +714,7 @@ mod tests {
 
     #[test]
     fn selectors_name_secure_boot_and_every_boot_application() {
-        let sel: Vec<String> = selectors(&Log::boot(1, b"kernel").0)
+        let sel: Vec<String> = selectors(&Log::boot(1, b"kernel").0, &ALL)
             .unwrap()
             .iter()
             .map(|s| format!("{}:{}", s.kind(), s.value()))
@@ -724,8 +731,20 @@ mod tests {
             .into_iter()
             .collect::<Vec<_>>()
         );
-        let off = selectors(&Log::boot(0, b"kernel").0).unwrap();
+        let off = selectors(&Log::boot(0, b"kernel").0, &ALL).unwrap();
         assert!(off.iter().any(|s| s.value() == "secure_boot:off"));
+        // PCRs the quote did not cover give nothing: their events are not vouched for.
+        let pcr7_only: Vec<String> = selectors(&Log::boot(1, b"kernel").0, &[7])
+            .unwrap()
+            .iter()
+            .map(|s| s.value().to_owned())
+            .collect();
+        assert_eq!(pcr7_only, vec!["secure_boot:on".to_owned()]);
+        assert!(
+            selectors(&Log::boot(1, b"kernel").0, &[0, 1, 2])
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -668,7 +668,7 @@ impl ServerOp {
                 let log = eventlog::parse(&c.event_log)?;
                 log.check_replay(ALG_SHA256, &c.pcr_values)?;
                 w.measured_boot.check(&log)?;
-                eventlog::policy::selectors(&log)?;
+                eventlog::policy::selectors(&log, &c.pcrs)?;
             }
         }
         Ok(())
