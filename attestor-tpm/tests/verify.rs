@@ -786,6 +786,14 @@ fn the_ek_cache_answers_a_verified_chain_again_and_only_that_one() {
     let other = lab.ek_p384();
     let other_bytes = other.marshall().unwrap();
     rejection(cache.verify(&policy, &other_bytes, &other, Some(&cert), chain, now()));
+    // Before the time it was verified at (a clock set back) the entry is not used: the
+    // chain is checked again, and refused (1970: before the certificates).
+    let m = rejection(cache.verify(&policy, &ek_bytes, &ek, Some(&cert), chain, 0));
+    assert!(m.contains("is not valid at"), "{m}");
+    assert!(cache.is_empty(), "the entry is dropped");
+    cache
+        .verify(&policy, &ek_bytes, &ek, Some(&cert), chain, now())
+        .unwrap();
     // Past the end of the chain's validity (swtpm's certificates end in 9999) the entry
     // is not used: the chain is checked again, and refused.
     let far = 253_402_300_800; // 10000-01-01

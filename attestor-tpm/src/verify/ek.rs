@@ -266,12 +266,15 @@ pub const EK_CACHE_MAX: usize = 16_384;
 /// An entry is keyed by the SHA-256 of exactly what was verified (the EK public area,
 /// the certificate and the agent's intermediates, each length-prefixed), holds the
 /// identity [`verify_ek`] returned, and is used only while every certificate of the
-/// chain it found is still valid. Only trust through a certificate is cached; failures
+/// chain it found is still valid, and not before the time it was verified at (a clock
+/// set back does not reach certificates not yet valid then). Only trust through a
+/// certificate is cached; failures
 /// never are. One cache belongs to one [`EkPolicy`]: a server reloading its policy
 /// builds a new attestor, and a new cache with it.
 #[derive(Debug, Default)]
 pub struct EkCache {
-    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (EkIdentity, i64)>>,
+    /// Key → (identity, verified at, valid until), Unix seconds.
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (EkIdentity, i64, i64)>>,
 }
 
 impl EkCache {
@@ -300,8 +303,8 @@ impl EkCache {
         }
         let key: [u8; 32] = h.finalize().into();
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((identity, valid_until)) = entries.get(&key) {
-            if now <= *valid_until {
+        if let Some((identity, verified_at, valid_until)) = entries.get(&key) {
+            if (*verified_at..=*valid_until).contains(&now) {
                 return Ok(identity.clone());
             }
             entries.remove(&key);
@@ -315,7 +318,7 @@ impl EkCache {
             if entries.len() >= EK_CACHE_MAX {
                 entries.clear();
             }
-            entries.insert(key, (identity.clone(), valid_until));
+            entries.insert(key, (identity.clone(), now, valid_until));
         }
         Ok(identity)
     }
