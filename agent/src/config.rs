@@ -804,37 +804,37 @@ mod tests {
         assert_eq!(names(&c), ["join_token"]);
         // Two, ordered by the list (whatever the order of the tables).
         let c = validate(
-            parse("node_attestors = [\"tpm\", \"sshpop\"]\n[node_attestor.sshpop]\n[node_attestor.tpm]\n"),
+            parse("node_attestors = [\"aws_iid\", \"sshpop\"]\n[node_attestor.sshpop]\n[node_attestor.aws_iid]\n"),
             ov(),
         )
         .unwrap();
-        assert_eq!(names(&c), ["tpm", "sshpop"]);
+        assert_eq!(names(&c), ["aws_iid", "sshpop"]);
 
         for (text, wanted) in [
             (
-                "[node_attestor.sshpop]\n[node_attestor.tpm]\n",
-                "node_attestors: [node_attestor.sshpop], [node_attestor.tpm] are configured: \
+                "[node_attestor.sshpop]\n[node_attestor.aws_iid]\n",
+                "node_attestors: [node_attestor.aws_iid], [node_attestor.sshpop] are configured: \
                  set node_attestors = [\"first\", ...] to give the order the agent runs them in \
                  (TOML tables have no order)",
             ),
             (
-                "node_attestors = [\"tpm\", \"kerberos\"]\n[node_attestor.tpm]\n",
-                "node_attestors: kerberos has no [node_attestor.kerberos] table",
+                "node_attestors = [\"aws_iid\", \"gcp_iit\"]\n[node_attestor.aws_iid]\n",
+                "node_attestors: gcp_iit has no [node_attestor.gcp_iit] table",
             ),
             (
-                "node_attestors = [\"tpm\"]\n[node_attestor.tpm]\n[node_attestor.sshpop]\n",
+                "node_attestors = [\"aws_iid\"]\n[node_attestor.aws_iid]\n[node_attestor.sshpop]\n",
                 "node_attestor.sshpop: configured but not in node_attestors (add it, or remove the table)",
             ),
             (
-                "node_attestors = [\"tpm\", \"tpm\"]\n[node_attestor.tpm]\n",
-                "node_attestors: tpm is named twice",
+                "node_attestors = [\"aws_iid\", \"aws_iid\"]\n[node_attestor.aws_iid]\n",
+                "node_attestors: aws_iid is named twice",
             ),
             (
-                "node_attestors = []\n[node_attestor.tpm]\n",
+                "node_attestors = []\n[node_attestor.aws_iid]\n",
                 "node_attestors: is empty (name at least one node attestor)",
             ),
             (
-                "node_attestors = [\"tpm\", \"join_token\"]\n[node_attestor.tpm]\n[node_attestor.join_token]\n",
+                "node_attestors = [\"aws_iid\", \"join_token\"]\n[node_attestor.aws_iid]\n[node_attestor.join_token]\n",
                 "node_attestor.join_token: a join token is spent by its first attestation, so it \
                  cannot be combined with other node attestors",
             ),
