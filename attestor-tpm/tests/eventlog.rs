@@ -106,11 +106,7 @@ fn builder_logs_parse_field_by_field_and_replay_like_the_builder() {
             assert_eq!(bank.digest_size, want, "{name}");
         }
         let skip = usize::from(has_locality(&b));
-        assert_eq!(
-            log.startup_locality,
-            if skip == 1 { 3 } else { 0 },
-            "{name}"
-        );
+        assert_eq!(log.startup_locality, (skip == 1).then_some(3), "{name}");
         assert_eq!(log.events.len(), b.records().len() + skip, "{name}");
         let mut last_offset = 0;
         for (i, e) in log.events.iter().enumerate() {

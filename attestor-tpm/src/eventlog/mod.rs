@@ -174,9 +174,9 @@ pub struct EventLog {
     /// The banks the Spec ID event declares; every `TCG_PCR_EVENT2` carries a digest
     /// for each, in this order.
     pub banks: Vec<Bank>,
-    /// The locality of TPM2_Startup from a `StartupLocality` EV_NO_ACTION record (0
-    /// when there is none): PCR 0 starts at `00…00<locality>`.
-    pub startup_locality: u8,
+    /// The locality of TPM2_Startup from a `StartupLocality` EV_NO_ACTION record, when
+    /// the log has one: PCR 0 then starts at `00…00<locality>`.
+    pub startup_locality: Option<u8>,
     /// The `TCG_PCR_EVENT2` records in log order (the header is not among them).
     pub events: Vec<Event>,
 }

@@ -197,7 +197,7 @@ pub fn parse(bytes: &[u8]) -> Result<EventLog, LogError> {
     }
     Ok(EventLog {
         banks,
-        startup_locality: startup_locality.unwrap_or(0),
+        startup_locality,
         events,
     })
 }
@@ -550,7 +550,7 @@ pub(super) mod tests {
                 digest_size: 32
             }]
         );
-        assert_eq!(log.startup_locality, 0);
+        assert_eq!(log.startup_locality, None);
         assert_eq!(log.events.len(), 2);
         let e = &log.events[1];
         assert_eq!((e.number, e.pcr, e.event_type), (2, 7, EV_SEPARATOR));
@@ -719,7 +719,7 @@ pub(super) mod tests {
         ));
         b.extend(sha256_record(0, EV_POST_CODE, b"fw"));
         let log = parse(&b).unwrap();
-        assert_eq!(log.startup_locality, 3);
+        assert_eq!(log.startup_locality, Some(3));
         assert_eq!(log.events.len(), 3);
         assert_eq!(log.events[1].data, b"SP800-155 Event3\0rest");
 

@@ -479,7 +479,7 @@ mod tests {
                     alg: ALG_SHA256,
                     digest_size: 32,
                 }],
-                startup_locality: 0,
+                startup_locality: None,
                 events: Vec::new(),
             })
         }

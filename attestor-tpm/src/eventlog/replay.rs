@@ -75,10 +75,10 @@ impl EventLog {
         }
         let size = bank.digest_size as usize;
         let mut pcrs: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-        if self.has_startup_locality() {
+        if let Some(locality) = self.startup_locality {
             let mut initial = vec![0; size];
             if let Some(last) = initial.last_mut() {
-                *last = self.startup_locality;
+                *last = locality;
             }
             pcrs.insert(0, initial);
         }
@@ -131,14 +131,6 @@ impl EventLog {
             }
         }
         Ok(())
-    }
-
-    /// Whether the log holds a `StartupLocality` record (PCR 0's initial value is then
-    /// part of the replay even when the locality is 0).
-    fn has_startup_locality(&self) -> bool {
-        self.events.iter().any(|e| {
-            e.event_type == EV_NO_ACTION && e.pcr == 0 && e.data.starts_with(b"StartupLocality\0")
-        })
     }
 }
 
