@@ -382,17 +382,14 @@ fn read_pcr7(log: &EventLog) -> Result<Pcr7<'_>, Error> {
                     )));
                 }
                 if known.name == "SecureBoot" {
-                    pcr7.secure_boot = match var.data.as_slice() {
-                        [1] => Some(true),
-                        [] | [0] => Some(false),
-                        other => {
-                            return Err(rejected(format!(
-                                "{}: SecureBoot holds {}, not 0 or 1",
-                                event.describe(ALG_SHA256),
-                                hex::encode(other)
-                            )));
-                        }
-                    };
+                    let state = secure_boot_state(&var.data).ok_or_else(|| {
+                        rejected(format!(
+                            "{}: SecureBoot holds {}, not 0 or 1",
+                            event.describe(ALG_SHA256),
+                            hex::encode(&var.data)
+                        ))
+                    })?;
+                    pcr7.secure_boot = Some(state);
                 }
                 pcr7.variables.push((known.name, event));
             }
@@ -407,41 +404,44 @@ fn read_pcr7(log: &EventLog) -> Result<Pcr7<'_>, Error> {
     Ok(pcr7)
 }
 
+/// The Secure Boot state the `SecureBoot` variable's contents say: 1 on; 0 or empty
+/// off; anything else `None`.
+fn secure_boot_state(data: &[u8]) -> Option<bool> {
+    match data {
+        [1] => Some(true),
+        [] | [0] => Some(false),
+        _ => None,
+    }
+}
+
 /// The selectors of a log that replayed (see the module doc), from the PCRs in `quoted`
 /// only: the replay vouches for no other PCR's events.
 pub fn selectors(log: &EventLog, quoted: &[u8]) -> Result<Vec<Selector>, Error> {
     let mut values = BTreeSet::new();
-    let secure_boot: Vec<&Event> = events_of(log, PCR_SECURE_BOOT)
-        .filter(|_| quoted.contains(&PCR_SECURE_BOOT))
-        .filter(|e| e.event_type == EV_EFI_VARIABLE_DRIVER_CONFIG)
-        .filter(|e| {
-            parse_variable(&e.data)
-                .is_ok_and(|v| v.name == "SecureBoot" && v.guid == EFI_GLOBAL_VARIABLE)
-        })
-        .collect();
-    // Exactly one, and its digest its data's: a second one (appended by root after
-    // boot) or a digest that does not match leaves the state unknown.
-    if let [event] = secure_boot.as_slice()
-        && check_data_digest(event).is_ok()
-    {
-        if let Ok(var) = parse_variable(&event.data) {
-            match var.data.as_slice() {
-                [1] => {
-                    values.insert("secure_boot:on".to_owned());
-                }
-                [] | [0] => {
-                    values.insert("secure_boot:off".to_owned());
-                }
-                _ => {}
+    if quoted.contains(&PCR_SECURE_BOOT) {
+        let secure_boot: Vec<(&Event, Vec<u8>)> = events_of(log, PCR_SECURE_BOOT)
+            .filter(|e| e.event_type == EV_EFI_VARIABLE_DRIVER_CONFIG)
+            .filter_map(|e| parse_variable(&e.data).ok().map(|v| (e, v)))
+            .filter(|(_, v)| v.name == "SecureBoot" && v.guid == EFI_GLOBAL_VARIABLE)
+            .map(|(e, v)| (e, v.data))
+            .collect();
+        // Exactly one, and its digest its data's: a second one (appended by root after
+        // boot) or a digest that does not match leaves the state unknown.
+        if let [(event, data)] = secure_boot.as_slice()
+            && check_data_digest(event).is_ok()
+        {
+            if let Some(on) = secure_boot_state(data) {
+                values.insert(format!("secure_boot:{}", if on { "on" } else { "off" }));
             }
         }
     }
-    for event in events_of(log, PCR_BOOT_APPLICATIONS)
-        .filter(|_| quoted.contains(&PCR_BOOT_APPLICATIONS))
-        .filter(|e| e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
-    {
-        if let Some(d) = event.digest(ALG_SHA256) {
-            values.insert(format!("boot_app:sha256:{}", hex::encode(d)));
+    if quoted.contains(&PCR_BOOT_APPLICATIONS) {
+        for event in events_of(log, PCR_BOOT_APPLICATIONS)
+            .filter(|e| e.event_type == EV_EFI_BOOT_SERVICES_APPLICATION)
+        {
+            if let Some(d) = event.digest(ALG_SHA256) {
+                values.insert(format!("boot_app:sha256:{}", hex::encode(d)));
+            }
         }
     }
     values
