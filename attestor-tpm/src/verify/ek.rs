@@ -198,34 +198,7 @@ fn verify_ek_until(
 
     let time = ASN1Time::from_timestamp(now)
         .map_err(|e| reject(format!("verification time {now} is out of range: {e}")))?;
-    verify_chain(
-        policy,
-        pubhash,
-        allowlisted,
-        &cert,
-        agent_intermediates,
-        time,
-    )
-}
-
-/// The chain part of [`verify_ek`], once the certificate parsed and certifies the EK:
-/// the identity, and until when (Unix seconds) the chain stays valid (`None` when the
-/// trust came from the allowlist).
-fn verify_chain(
-    policy: &EkPolicy,
-    pubhash: String,
-    allowlisted: bool,
-    cert: &X509Certificate<'_>,
-    agent_intermediates: &[Vec<u8>],
-    time: ASN1Time,
-) -> Result<(EkIdentity, Option<i64>)> {
-    let allowlist_identity = || EkIdentity {
-        pubhash: pubhash.clone(),
-        trust: EkTrust::Allowlist,
-        cert_issuer_cn: None,
-        cert_serial_hex: None,
-    };
-    match build_chain(cert, policy, agent_intermediates, time) {
+    match build_chain(&cert, policy, agent_intermediates, time) {
         Ok(valid_until) => {
             let cert_issuer_cn = cert
                 .issuer()
@@ -249,10 +222,7 @@ fn verify_chain(
             ))
         }
         Err(_) if allowlisted => Ok((allowlist_identity(), None)),
-        Err(why) => Err(reject(format!(
-            "EK is not trusted: its certificate does not chain to a configured manufacturer \
-             root and its hash {pubhash} is not on the allowlist ({why})"
-        ))),
+        Err(why) => Err(not_trusted(&why)),
     }
 }
 
