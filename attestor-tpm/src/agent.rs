@@ -13,6 +13,7 @@ use carapace_core::files::{FileUse, NamedFile};
 use carapace_core::plugin::{AttestationContext, NodeAttestorClient};
 
 use crate::device::{Ak, Ek, KeyBlob, Saved, TpmDevice};
+use crate::lock;
 use crate::server::PLUGIN_NAME;
 use crate::shared::SharedTpm;
 use crate::wire::{self, Challenge, Payload, Response};
@@ -173,10 +174,6 @@ impl TpmAttestorClient {
     pub fn shared_tpm(&self) -> &SharedTpm {
         &self.tpm
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn blocking<T: Send + 'static>(

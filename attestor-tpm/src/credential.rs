@@ -18,6 +18,7 @@
 //! 3. HMACkey = KDFa(H, seed, "INTEGRITY", ∅, ∅, `|H|` bits); outerHMAC = HMAC(H,
 //!    HMACkey, encIdentity || AK name); blob = TPM2B(outerHMAC) || encIdentity.
 
+use crate::lock;
 use crate::verify::parse_public_as as parse_public;
 use aes::cipher::{AsyncStreamCipher, KeyIvInit};
 use hmac::{Hmac, Mac};
@@ -30,7 +31,7 @@ use tss_esapi::interface_types::key_bits::AesKeyBits;
 use tss_esapi::structures::{Public, SymmetricDefinitionObject};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use carapace_core::Error;
 
@@ -344,12 +345,6 @@ fn rsa_seed(alg: NameAlg, exponent: u32, modulus: &[u8]) -> Result<(Vec<u8>, Vec
 
 fn openssl_err(what: &str, err: openssl::error::ErrorStack) -> Error {
     Error::AttestationRejected(format!("tpm: RSA-OAEP to the EK: {what}: {err}"))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic elsewhere while the lock was held leaves the map or the context as the last
-    // complete call left it (each OpenSSL call completes or fails as a whole).
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// An OpenSSL RSA-OAEP encryption context, ready for one EK.

@@ -29,7 +29,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -40,6 +40,7 @@ use carapace_core::{Error, KeyType, SignatureAlgorithm};
 
 use crate::agent::DEFAULT_TCTI;
 use crate::device::{EcdsaSignature, KeyBlob};
+use crate::lock;
 use crate::shared::SharedTpm;
 use crate::verify;
 use crate::wire::b64;
@@ -117,11 +118,6 @@ struct KeyFile {
 
 fn backend(msg: impl std::fmt::Display) -> Error {
     Error::KeyBackend(format!("tpm key manager: {msg}"))
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update is a single insert or remove: a poisoned map is still consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads and checks a `.tpmkey` file: its format, and that the public area is an

@@ -81,3 +81,12 @@ pub mod server;
 pub mod shared;
 pub mod verify;
 pub mod wire;
+
+/// Locks `m`, taking the value of a poisoned lock as it is. Every mutex in this crate
+/// guards a value that each critical section leaves whole (single inserts and removes
+/// on maps, a TPM device whose state is checked at each use and reopened when broken,
+/// an OpenSSL context whose calls complete or fail as a whole), so a panic in another
+/// thread leaves nothing half-updated behind it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -21,11 +21,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use carapace_core::Error;
 
 use crate::device::{KeyBlob, TpmDevice};
+use crate::lock;
 
 /// The TPM behind one TCTI, opened lazily and shared; cheap to clone.
 #[derive(Clone)]
@@ -46,12 +47,6 @@ impl fmt::Debug for SharedTpm {
             .field("tcti", &self.inner.tcti)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A poisoned lock only means a panic in another thread: the TPM device state is
-    // checked at each use (broken devices are reopened), the key map is always whole.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The process-wide instances by TCTI; entries die with their last user.

@@ -272,7 +272,7 @@ impl EkCache {
             h.update(part);
         }
         let key: [u8; 32] = h.finalize().into();
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = crate::lock(&self.entries);
         if let Some((identity, verified_at, valid_until)) = entries.get(&key) {
             if (*verified_at..=*valid_until).contains(&now) {
                 return Ok(identity.clone());
@@ -284,7 +284,7 @@ impl EkCache {
         let (identity, valid_until) =
             verify_ek_until(policy, ek_public, ek_cert, agent_intermediates, now)?;
         if let Some(valid_until) = valid_until {
-            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let mut entries = crate::lock(&self.entries);
             if entries.len() >= EK_CACHE_MAX {
                 entries.clear();
             }
@@ -295,7 +295,7 @@ impl EkCache {
 
     /// How many chains are remembered.
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+        crate::lock(&self.entries).len()
     }
 
     /// Whether none is.
