@@ -274,11 +274,6 @@ impl NodeAttestors {
         &self.0[0]
     }
 
-    /// The configured attestor named `name`, if any.
-    pub fn get(&self, name: &str) -> Option<&dyn NodeAttestorClient> {
-        self.0.iter().find(|a| a.name() == name).map(|a| a.as_ref())
-    }
-
     /// Their names, in order, joined with `+` (the metrics label and what logs say).
     pub fn joined_names(&self) -> String {
         self.0
@@ -286,12 +281,6 @@ impl NodeAttestors {
             .map(|a| a.name())
             .collect::<Vec<_>>()
             .join("+")
-    }
-}
-
-impl From<Arc<dyn NodeAttestorClient>> for NodeAttestors {
-    fn from(a: Arc<dyn NodeAttestorClient>) -> Self {
-        NodeAttestors(vec![a])
     }
 }
 
