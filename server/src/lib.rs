@@ -235,7 +235,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             jwt: jwt_settings.clone(),
         },
     )
-    .with_required_together(config.node_attestation.require_together.clone())
+    .with_required_together(config.node_attestation.clone())
     .with_max_attestations_in_flight(config.node_api.max_attestations_in_flight)
     .with_foreign_bundles(foreign_bundles.subscribe())
     .with_shutdown(stop_rx.clone());

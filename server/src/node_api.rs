@@ -206,7 +206,7 @@ pub struct NodeApi {
     attestors: Arc<HashMap<String, Arc<dyn NodeAttestor>>>,
     /// `[node_attestation] require_together`: lists of attestors run together, in
     /// order, each opened by its first member.
-    required_together: Arc<Vec<Vec<String>>>,
+    required_together: Arc<crate::config::NodeAttestation>,
     settings: NodeApiSettings,
     /// Permits for attestations in progress.
     attestations: Arc<Semaphore>,
@@ -277,7 +277,7 @@ impl NodeApi {
     /// `[node_attestation] require_together`, validated by the config): an agent opens
     /// with a list's first member and is asked for the others on the same stream; a
     /// later member alone is refused.
-    pub fn with_required_together(mut self, lists: Vec<Vec<String>>) -> Self {
+    pub fn with_required_together(mut self, lists: crate::config::NodeAttestation) -> Self {
         self.required_together = Arc::new(lists);
         self
     }
@@ -396,11 +396,7 @@ impl NodeApi {
             })
         };
         let first = lookup(name)?;
-        let Some(list) = self
-            .required_together
-            .iter()
-            .find(|l| l.iter().any(|m| m == name))
-        else {
+        let Some(list) = self.required_together.list_of(name) else {
             return Ok(vec![first]);
         };
         if list.first().map(String::as_str) != Some(name) {
@@ -1157,12 +1153,12 @@ mod tests {
                 jwt: Default::default(),
             },
         )
-        .with_required_together(
-            lists
+        .with_required_together(crate::config::NodeAttestation {
+            require_together: lists
                 .iter()
                 .map(|l| l.iter().map(|m| (*m).to_owned()).collect())
                 .collect(),
-        )
+        })
     }
 
     /// What the agent's side of a test attestation does with each server step.
