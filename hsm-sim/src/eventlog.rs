@@ -109,10 +109,6 @@ fn tool_name(alg: u16) -> &'static str {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn utf16le(s: &str) -> Vec<u8> {
     s.encode_utf16().flat_map(u16::to_le_bytes).collect()
 }
@@ -382,7 +378,7 @@ impl LogBuilder {
                     .digests
                     .iter()
                     .filter(|(a, _)| shared.contains(a))
-                    .map(|(a, d)| format!("{}={}", tool_name(*a), hex(d)))
+                    .map(|(a, d)| format!("{}={}", tool_name(*a), hex::encode(d)))
                     .collect();
                 format!("{}:{}", r.pcr, digests.join(","))
             })
