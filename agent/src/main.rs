@@ -8,6 +8,14 @@ use clap::{Parser, Subcommand};
 use zeroize::Zeroizing;
 
 use carapace_agent::api_cli;
+
+/// mimalloc rather than glibc's malloc: the agent's Workload API allocates and frees per
+/// connection on several threads, and glibc's per-thread arenas kept what a burst of
+/// connections had used (RSS 67 → 121 MB after 2,000 connections, and it stayed there);
+/// mimalloc returns freed pages to the system and packs the SVID cache more tightly
+/// (BENCHMARKS.md B15).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use carapace_agent::config::{self, DEFAULT_SOCKET_PATH, Overrides};
 
 /// Exit code for a bad command line or configuration (EX_USAGE).

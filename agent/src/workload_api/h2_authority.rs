@@ -19,6 +19,15 @@
 //!
 //! Nothing here identifies the caller; the authority is not used for anything. Outbound
 //! bytes are untouched.
+//!
+//! HPACK decoding is not cheap (the decoder builds its Huffman table for every string:
+//! about a quarter of the agent's CPU per connection in BENCHMARKS.md B15's profile), and
+//! a client library opens every connection with the same first header block. The first
+//! header block of a connection is decoded with an empty dynamic table, so what it
+//! decodes to depends on its bytes alone: the last [`KNOWN_PLAIN`] first blocks found
+//! to carry a plain authority are remembered (byte for byte, each at most
+//! [`KNOWN_PLAIN_BYTES`]), and a connection opening with one of them goes straight to
+//! pass-through without decoding.
 
 use std::io;
 use std::pin::Pin;
@@ -51,6 +60,40 @@ const MAX_HEADER_LIST: usize = 64 * 1024;
 /// SETTINGS_HEADER_TABLE_SIZE, which the server (h2) does not change. Without it a
 /// client could grow the decoder's table without bound.
 const MAX_TABLE_SIZE: usize = 4096;
+
+/// How many first header blocks with a plain authority are remembered.
+const KNOWN_PLAIN: usize = 16;
+/// The largest first header block remembered.
+const KNOWN_PLAIN_BYTES: usize = 1024;
+
+/// First header blocks (each a connection's first, so decoded from an empty dynamic
+/// table) known to carry a plain authority, oldest first.
+static PLAIN_FIRST_BLOCKS: std::sync::Mutex<std::collections::VecDeque<Box<[u8]>>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+
+fn known_plain(block: &[u8]) -> bool {
+    PLAIN_FIRST_BLOCKS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .any(|b| **b == *block)
+}
+
+fn remember_plain(block: &[u8]) {
+    if block.len() > KNOWN_PLAIN_BYTES {
+        return;
+    }
+    let mut known = PLAIN_FIRST_BLOCKS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if known.iter().any(|b| **b == *block) {
+        return;
+    }
+    if known.len() >= KNOWN_PLAIN {
+        known.pop_front();
+    }
+    known.push_back(block.into());
+}
 
 /// What the layer does with the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,6 +302,11 @@ impl<S> AuthorityFix<S> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
+        if self.mode == Mode::Inspect && known_plain(&p.block) {
+            self.output.extend_from_slice(&p.raw);
+            self.mode = Mode::Passthrough;
+            return Ok(());
+        }
         let mut headers = Vec::new();
         let mut list_size = 0usize;
         self.decoder
@@ -281,6 +329,7 @@ impl<S> AuthorityFix<S> {
         }
         if self.mode == Mode::Inspect {
             if !rewritten {
+                remember_plain(&p.block);
                 self.output.extend_from_slice(&p.raw);
                 self.mode = Mode::Passthrough;
                 return Ok(());
@@ -510,6 +559,56 @@ mod tests {
         ));
         input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 3, b));
         input
+    }
+
+    #[tokio::test]
+    async fn a_first_block_with_a_plain_authority_is_remembered_and_the_next_connection_skips_decoding()
+     {
+        // A host name no other test uses, so that this block is this test's own.
+        let mut enc = loona_hpack::Encoder::new();
+        let headers = request_headers("remembered.example");
+        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        assert!(!known_plain(&block));
+        assert_eq!(run(input.clone()).await.unwrap(), input);
+        assert!(known_plain(&block), "remembered after the first connection");
+        // The next connection with the same bytes passes through (without a decode).
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        client.write_all(&input).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut fix = AuthorityFix::new(server);
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, input);
+        assert_eq!(fix.mode, Mode::Passthrough);
+        // A non-plain authority is never remembered, so it is rewritten every time.
+        let bad = enc_first("tmp%2Fx.sock");
+        for _ in 0..2 {
+            let out = run(bad.clone()).await.unwrap();
+            assert_ne!(out, bad);
+        }
+    }
+
+    fn enc_first(authority: &str) -> Vec<u8> {
+        let mut enc = loona_hpack::Encoder::new();
+        let headers = request_headers(authority);
+        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        input
+    }
+
+    #[test]
+    fn remembered_blocks_are_bounded_in_number_and_size() {
+        for i in 0..(KNOWN_PLAIN + 8) {
+            remember_plain(format!("bounded-{i}").as_bytes());
+        }
+        assert!(PLAIN_FIRST_BLOCKS.lock().unwrap().len() <= KNOWN_PLAIN);
+        assert!(known_plain(format!("bounded-{}", KNOWN_PLAIN + 7).as_bytes()));
+        let big = vec![b'x'; KNOWN_PLAIN_BYTES + 1];
+        remember_plain(&big);
+        assert!(!known_plain(&big));
     }
 
     #[tokio::test]

@@ -46,6 +46,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,8 +61,8 @@ use carapace_proto::workload::{
     ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
     X509svid, X509svidRequest, X509svidResponse,
 };
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use futures::Stream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 pub use peer::{Peer, PeerStream, incoming};
@@ -412,70 +413,89 @@ impl Follow {
     }
 }
 
-/// Feeds one X.509 stream from the cache: the first message now, then one per relevant
-/// change, until the client goes away, the identity is gone or the server shuts down.
-/// `build` makes a message from the matching SVIDs, their entitled federated bundles and
-/// the snapshot.
-async fn feed<T, F>(
-    mut updates: watch::Receiver<Arc<CacheState>>,
-    mut closing: watch::Receiver<bool>,
+/// A server stream of the Workload API: polled by the connection's own task, so that the
+/// first message goes out without a hand-off to another task.
+pub(crate) type FeedStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// One stream fed from the cache: the first message at once, then one per relevant
+/// change, until the client goes away (the stream is dropped), the identity is gone or the
+/// server shuts down. `build` makes a message from the matching SVIDs, their entitled
+/// federated bundles and the snapshot.
+struct Feed<F> {
+    updates: watch::Receiver<Arc<CacheState>>,
+    closing: watch::Receiver<bool>,
     selectors: SelectorSet,
-    tx: mpsc::Sender<Result<T, Status>>,
     follow: Follow,
     build: F,
-    mut first_answer: Option<FirstAnswer>,
-) where
-    T: Send + 'static,
+    first_answer: Option<FirstAnswer>,
+    /// What the stream last sent; `None` before the first message.
+    last: Option<Sent>,
+    /// The stream sent its last item (an error) and ends.
+    done: bool,
+}
+
+impl<F, T> Feed<F>
+where
     F: Fn(&[Arc<CachedSvid>], &[Arc<TrustBundle>], &CacheState) -> T,
 {
-    let mut last: Option<Sent> = None;
-    loop {
-        let state = updates.borrow_and_update().clone();
-        let svids = state.matching(&selectors);
+    /// The message for the current snapshot if it concerns the stream (always for the
+    /// first); `PermissionDenied`, ending the stream, if the caller has no identity left.
+    fn from_current(&mut self) -> Option<Result<T, Status>> {
+        let state = self.updates.borrow_and_update().clone();
+        let svids = state.matching(&self.selectors);
         if svids.is_empty() {
             tracing::debug!(
-                selectors = selectors.len(),
+                selectors = self.selectors.len(),
                 "no identity issued to the caller"
             );
-            if let Some(f) = first_answer.take() {
+            if let Some(f) = self.first_answer.take() {
                 f.answered(tonic::Code::PermissionDenied);
             }
-            let _ = tx.send(Err(Status::permission_denied(NO_IDENTITY))).await;
-            return;
+            self.done = true;
+            return Some(Err(Status::permission_denied(NO_IDENTITY)));
         }
         let federated = state.entitled(&svids);
-        let changed = match &last {
-            None => true,
-            Some(prev) => follow.changed(prev, &svids, &federated, &state),
-        };
-        if changed {
-            if let Some(f) = first_answer.take() {
-                f.answered(tonic::Code::Ok);
+        if let Some(prev) = &self.last {
+            if !self.follow.changed(prev, &svids, &federated, &state) {
+                return None;
             }
-            if tx
-                .send(Ok(build(&svids, &federated, &state)))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            last = Some(Sent {
-                svids,
-                bundle: state.bundle.clone(),
-                federated,
-            });
         }
-        tokio::select! {
-            () = tx.closed() => return,
-            () = shutting_down(&mut closing) => {
-                let _ = tx.send(Err(Status::unavailable("the agent is shutting down"))).await;
-                return;
-            }
-            r = updates.changed() => {
-                if r.is_err() {
-                    let _ = tx.send(Err(Status::unavailable("the SVID cache is gone"))).await;
-                    return;
+        if let Some(f) = self.first_answer.take() {
+            f.answered(tonic::Code::Ok);
+        }
+        let message = (self.build)(&svids, &federated, &state);
+        self.last = Some(Sent {
+            svids,
+            bundle: state.bundle.clone(),
+            federated,
+        });
+        Some(Ok(message))
+    }
+
+    /// The next item: the first message, or the next that concerns the stream once the
+    /// cache changes; an error ends the stream.
+    async fn next(&mut self) -> Option<Result<T, Status>> {
+        if self.done {
+            return None;
+        }
+        if self.last.is_none() {
+            return self.from_current();
+        }
+        loop {
+            tokio::select! {
+                () = shutting_down(&mut self.closing) => {
+                    self.done = true;
+                    return Some(Err(Status::unavailable("the agent is shutting down")));
                 }
+                r = self.updates.changed() => {
+                    if r.is_err() {
+                        self.done = true;
+                        return Some(Err(Status::unavailable("the SVID cache is gone")));
+                    }
+                }
+            }
+            if let Some(item) = self.from_current() {
+                return Some(item);
             }
         }
     }
@@ -523,36 +543,40 @@ async fn shutting_down(closing: &mut watch::Receiver<bool>) {
 }
 
 impl WorkloadApi {
-    fn spawn_feed<T, F>(
+    /// The stream of `follow` for a caller with `selectors`.
+    fn cache_stream<T, F>(
         &self,
         selectors: SelectorSet,
         follow: Follow,
         build: F,
         first_answer: FirstAnswer,
-    ) -> ReceiverStream<Result<T, Status>>
+    ) -> FeedStream<T>
     where
         T: Send + 'static,
         F: Fn(&[Arc<CachedSvid>], &[Arc<TrustBundle>], &CacheState) -> T + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(feed(
-            self.cache.subscribe(),
-            self.closing.clone(),
+        let feed = Feed {
+            updates: self.cache.subscribe(),
+            closing: self.closing.clone(),
             selectors,
-            tx,
             follow,
             build,
-            Some(first_answer),
-        ));
-        ReceiverStream::new(rx)
+            first_answer: Some(first_answer),
+            last: None,
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(feed, |mut feed| async move {
+            let item = feed.next().await?;
+            Some((item, feed))
+        }))
     }
 }
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = ReceiverStream<Result<X509svidResponse, Status>>;
-    type FetchX509BundlesStream = ReceiverStream<Result<X509BundlesResponse, Status>>;
-    type FetchJWTBundlesStream = ReceiverStream<Result<JwtBundlesResponse, Status>>;
+    type FetchX509SVIDStream = FeedStream<X509svidResponse>;
+    type FetchX509BundlesStream = FeedStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = FeedStream<JwtBundlesResponse>;
 
     async fn fetch_x509svid(
         &self,
@@ -560,7 +584,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let call = FirstAnswer::new("FetchX509SVID");
         let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
-        Ok(Response::new(self.spawn_feed(
+        Ok(Response::new(self.cache_stream(
             selectors,
             Follow::Svids,
             |svids, federated, state| {
@@ -576,7 +600,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let call = FirstAnswer::new("FetchX509Bundles");
         let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
-        Ok(Response::new(self.spawn_feed(
+        Ok(Response::new(self.cache_stream(
             selectors,
             Follow::X509Authorities,
             |_, federated, state| x509_bundles_response(state, federated),
@@ -598,7 +622,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let call = FirstAnswer::new("FetchJWTBundles");
         let selectors = call.failed(self.authorize(&request, call.rpc).await)?;
-        Ok(Response::new(self.spawn_feed(
+        Ok(Response::new(self.cache_stream(
             selectors,
             Follow::JwtKeys,
             |_, federated, state| jwt::jwt_bundles_response(&state.bundle, federated),

@@ -12,7 +12,11 @@
 //! | `unix:sha256:<hex>` | SHA-256 of the running executable (opt-in) |
 //!
 //! Names come from plain `/etc/passwd` and `/etc/group` parsing (no NSS: no LDAP or
-//! systemd-homed users). The executable is hashed through `/proc/<pid>/exe`, which opens
+//! systemd-homed users). Each file is parsed once per version: a request costs one
+//! `stat` of each, and a file whose inode, size, mtime or ctime changed is parsed again
+//! ([`NameDb`]). A file changed less than [`SETTLE`] ago is parsed on every request until
+//! it settles, so an edit within the file system's timestamp granularity (a few ms) of
+//! the previous one cannot leave a stale name behind. The executable is hashed through `/proc/<pid>/exe`, which opens
 //! the inode the process actually runs even if the path was replaced or deleted since.
 //! A deleted executable's path reads as `<path> (deleted)`, which will not match an
 //! entry's `unix:path` (fail closed).
@@ -20,9 +24,13 @@
 //! Reading `/proc/<pid>` by PID is only sound together with the pidfd liveness check the
 //! Workload API does after attestation (see [`crate::workload_api::peer`]).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use carapace_core::Error as CoreError;
 use carapace_core::Selector;
@@ -46,33 +54,32 @@ pub struct UnixAttestorConfig {
     pub workload_sha256: bool,
 }
 
+/// How long after its last change a user or group database is trusted to stay as parsed
+/// while its inode, size and timestamps stay the same (see [`NameDb`]).
+pub const SETTLE: Duration = Duration::from_secs(2);
+
 /// The `unix` workload attestor.
 #[derive(Debug, Clone)]
 pub struct UnixWorkloadAttestor {
     config: UnixAttestorConfig,
-    passwd: PathBuf,
-    group: PathBuf,
+    passwd: Arc<NameDb>,
+    group: Arc<NameDb>,
     proc_root: PathBuf,
 }
 
 impl UnixWorkloadAttestor {
     /// An attestor reading `/etc/passwd`, `/etc/group` and `/proc`.
     pub fn new(config: UnixAttestorConfig) -> Self {
-        UnixWorkloadAttestor {
-            config,
-            passwd: PathBuf::from("/etc/passwd"),
-            group: PathBuf::from("/etc/group"),
-            proc_root: PathBuf::from("/proc"),
-        }
+        Self::with_databases(config, Path::new("/etc/passwd"), Path::new("/etc/group"))
     }
 
     /// As [`UnixWorkloadAttestor::new`] with other user and group databases (tests).
-    #[cfg(test)]
     fn with_databases(config: UnixAttestorConfig, passwd: &Path, group: &Path) -> Self {
         UnixWorkloadAttestor {
-            passwd: passwd.to_path_buf(),
-            group: group.to_path_buf(),
-            ..Self::new(config)
+            config,
+            passwd: Arc::new(NameDb::new(passwd)),
+            group: Arc::new(NameDb::new(group)),
+            proc_root: PathBuf::from("/proc"),
         }
     }
 
@@ -96,11 +103,11 @@ impl UnixWorkloadAttestor {
 
         let mut out = Vec::new();
         out.push(selector("uid", &caller.uid.to_string())?);
-        if let Some(name) = lookup_name(&self.passwd, caller.uid) {
+        if let Some(name) = self.passwd.name_of(caller.uid) {
             push_optional(&mut out, "user", &name);
         }
         out.push(selector("gid", &caller.gid.to_string())?);
-        if let Some(name) = lookup_name(&self.group, caller.gid) {
+        if let Some(name) = self.group.name_of(caller.gid) {
             push_optional(&mut out, "group", &name);
         }
         for gid in groups {
@@ -167,19 +174,109 @@ fn supplementary_groups(status: &str) -> Option<Vec<u32>> {
         .collect()
 }
 
-/// The name of the first entry with id `id` in a passwd- or group-format file
-/// (`name:password:id:...`). Unreadable files and NIS `+`/`-` lines yield nothing.
-fn lookup_name(db: &Path, id: u32) -> Option<String> {
-    let text = std::fs::read_to_string(db).ok()?;
-    text.lines()
+/// A passwd- or group-format file (`name:password:id:...`), parsed into names by id once
+/// per version of the file.
+///
+/// A version is the file's device, inode, size, mtime and ctime: editors and `useradd`
+/// replace the file (new inode) or rewrite it (new size or timestamps). A rewrite of the
+/// same size within one tick of the file system's clock keeps the timestamps, so a
+/// parse is kept only once the file has been unchanged for [`SETTLE`]; until then every
+/// lookup parses the file again.
+#[derive(Debug)]
+pub(crate) struct NameDb {
+    path: PathBuf,
+    settle: Duration,
+    parsed: Mutex<Option<Parsed>>,
+}
+
+#[derive(Debug)]
+struct Parsed {
+    version: FileVersion,
+    names: HashMap<u32, Arc<str>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileVersion {
+    fn of(m: &std::fs::Metadata) -> Self {
+        FileVersion {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file last changed at least `settle` before `now`.
+    fn settled(&self, now: SystemTime, settle: Duration) -> bool {
+        let (secs, nanos) = self.mtime.max(self.ctime);
+        let last = u64::try_from(secs)
+            .ok()
+            .zip(u32::try_from(nanos).ok())
+            .map(|(s, n)| SystemTime::UNIX_EPOCH + Duration::new(s, n));
+        last.is_some_and(|last| now.duration_since(last).is_ok_and(|age| age >= settle))
+    }
+}
+
+impl NameDb {
+    pub(crate) fn new(path: &Path) -> Self {
+        NameDb {
+            path: path.to_path_buf(),
+            settle: SETTLE,
+            parsed: Mutex::new(None),
+        }
+    }
+
+    /// The name of the first entry with id `id`; `None` if there is none or the file
+    /// cannot be read.
+    pub(crate) fn name_of(&self, id: u32) -> Option<Arc<str>> {
+        let version = match std::fs::metadata(&self.path) {
+            Ok(m) => FileVersion::of(&m),
+            Err(_) => {
+                *self.parsed.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                return None;
+            }
+        };
+        let mut parsed = self.parsed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = parsed.as_ref().filter(|p| p.version == version) {
+            return p.names.get(&id).cloned();
+        }
+        let names = parse_names(&std::fs::read_to_string(&self.path).ok()?);
+        let name = names.get(&id).cloned();
+        // Kept only if the file did not change while it was read, and has settled.
+        let unchanged = std::fs::metadata(&self.path).is_ok_and(|m| FileVersion::of(&m) == version);
+        *parsed = (unchanged && version.settled(SystemTime::now(), self.settle))
+            .then_some(Parsed { version, names });
+        name
+    }
+}
+
+/// Names by id of a passwd- or group-format text, the first entry of an id winning.
+/// Comments, empty lines, NIS `+`/`-` lines and malformed lines are skipped.
+fn parse_names(text: &str) -> HashMap<u32, Arc<str>> {
+    let mut names = HashMap::new();
+    for l in text
+        .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(['+', '-']))
-        .find_map(|l| {
-            let mut fields = l.split(':');
-            let name = fields.next()?;
-            let _password = fields.next()?;
-            let this_id = fields.next()?.parse::<u32>().ok()?;
-            (this_id == id && !name.is_empty()).then(|| name.to_owned())
-        })
+    {
+        let mut fields = l.split(':');
+        let (Some(name), Some(_password), Some(id)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if let (Ok(id), false) = (id.parse::<u32>(), name.is_empty()) {
+            names.entry(id).or_insert_with(|| Arc::from(name));
+        }
+    }
+    names
 }
 
 /// Hex SHA-256 of `reader`, read in 64 KiB blocks; `None` if longer than `limit` bytes.
@@ -244,8 +341,8 @@ mod tests {
             .collect();
         assert_eq!(values(&sels, "supplementary_gid"), want);
         // Names: whatever /etc/passwd says for our uid (root here).
-        if let Some(name) = lookup_name(Path::new("/etc/passwd"), caller.uid) {
-            assert_eq!(values(&sels, "user"), [name]);
+        if let Some(name) = NameDb::new(Path::new("/etc/passwd")).name_of(caller.uid) {
+            assert_eq!(values(&sels, "user"), [name.to_string()]);
         }
     }
 
@@ -303,6 +400,61 @@ mod tests {
         assert!(values(&sels, "user").is_empty());
         assert!(values(&sels, "group").is_empty());
         assert_eq!(values(&sels, "uid"), [caller.uid.to_string()]);
+    }
+
+    fn db(path: &Path, settle: Duration) -> NameDb {
+        NameDb {
+            settle,
+            ..NameDb::new(path)
+        }
+    }
+
+    fn is_kept(db: &NameDb) -> bool {
+        db.parsed.lock().unwrap().is_some()
+    }
+
+    #[test]
+    fn a_settled_database_is_parsed_once_and_again_when_replaced_or_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("passwd");
+        std::fs::write(&path, "alice:x:1000:1000::/:/bin/sh\nbob:x:1000:7::/:/bin/sh\n").unwrap();
+        let db = db(&path, Duration::ZERO);
+        assert_eq!(db.name_of(1000).as_deref(), Some("alice"), "the first entry wins");
+        assert!(is_kept(&db));
+        assert_eq!(db.name_of(1001), None);
+        // Replaced by rename (as useradd and vipw do): a new inode.
+        let new = dir.path().join("passwd.new");
+        std::fs::write(&new, "carol:x:1000:1000::/:/bin/sh\n").unwrap();
+        std::fs::rename(&new, &path).unwrap();
+        assert_eq!(db.name_of(1000).as_deref(), Some("carol"));
+        // Rewritten in place with another size.
+        std::fs::write(&path, "dave:x:1000:1000::/:/bin/sh\n").unwrap();
+        assert_eq!(db.name_of(1000).as_deref(), Some("dave"));
+        // Gone: no name, nothing kept.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(db.name_of(1000), None);
+        assert!(!is_kept(&db));
+    }
+
+    #[test]
+    fn a_database_changed_moments_ago_is_read_on_every_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("group");
+        let db = db(&path, Duration::from_secs(3600));
+        // Same size, rewritten in place within the same clock tick: the version (inode,
+        // size, timestamps) may not change, so nothing may be kept.
+        for name in ["aaaa", "bbbb", "cccc"] {
+            std::fs::write(&path, format!("{name}:x:42:\n")).unwrap();
+            assert_eq!(db.name_of(42).as_deref(), Some(name));
+            assert!(!is_kept(&db));
+        }
+    }
+
+    #[test]
+    fn parsing_skips_comments_nis_and_malformed_lines() {
+        let names = parse_names("# c\n\n+nis:x:1:\n-x:x:2:\n:x:3:\nbad:x:notanumber:\nshort\nok:x:4:\n");
+        assert_eq!(names.len(), 1);
+        assert_eq!(names.get(&4).map(|n| &**n), Some("ok"));
     }
 
     #[tokio::test]
