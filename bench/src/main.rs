@@ -12,7 +12,9 @@
 //! (Envoy's SDS on the agent: `StreamSecrets` first response, and a rotation reaching the
 //! real Envoy) and B13 (federation: a bundle change reaching a federated workload, 500
 //! relationships on one server) and B14 (nested servers: intermediate CA signing, a
-//! downstream's prepare through the root, its issuance rate beside the root's), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
+//! downstream's prepare through the root, its issuance rate beside the root's) and B15 (the
+//! agent's Workload API beside a bare tonic floor server: first responses, connections per
+//! second, JWT and SDS, memory), and prints a Markdown report. Normally run through `scripts/bench.sh [--quick]`.
 //!
 //! This file only parses the arguments, picks the [`Plan`] and calls each scenario of
 //! `carapace_bench::scenario` in turn (each writes its own section of the report).
@@ -26,7 +28,9 @@
 //! `--workload-attest-caller` an idle caller process (see
 //! `carapace_bench::scenario::workload_attest`). `carapace-bench --nested-sign-child
 //! <JSON>` is B14's signing with the CA key in SoftHSM2 (see
-//! `carapace_bench::scenario::nested`).
+//! `carapace_bench::scenario::nested`). `carapace-bench --agent-floor-child <JSON>` is B15's
+//! client child, and `--floor-server <socket> <response-file>` its floor server (see
+//! `carapace_bench::scenario::agent_floor`).
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -41,12 +45,12 @@ use carapace_bench::process::{self, Machine};
 use carapace_bench::report::{Report, failed};
 use carapace_bench::scenario::issuance::{self, Ceiling};
 use carapace_bench::scenario::{
-    Plan, attest_cloud_ssh, attest_kerberos, attest_tpm, federation, ha_propagation, issuance_hsm,
-    jwt_mint, nested, rotation_storm, scale, sds, workload_api, workload_attest,
+    Plan, agent_floor, attest_cloud_ssh, attest_kerberos, attest_tpm, federation, ha_propagation,
+    issuance_hsm, jwt_mint, nested, rotation_storm, scale, sds, workload_api, workload_attest,
 };
 use carapace_bench::stats::{Repeated, Summary};
 
-const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14] [--engine sqlite|postgres|both]
+const USAGE: &str = "usage: carapace-bench [--quick] [--bin-dir DIR] [--out FILE] [--command TEXT] [--only b1|b2|b3|b4|b5|b6|b7|b8|b9|b10|b11|b12|b13|b14|b15] [--engine sqlite|postgres|both]
 
 scenarios:
   b1   X509-SVID issuance: crypto ceiling and BatchNewX509SVID over the node API (S1)
@@ -71,7 +75,12 @@ scenarios:
   b14  nested servers: intermediate CA signing latency at the upstream (in
        process, software key and SoftHSM2), `localauthority x509 prepare` on a
        downstream server through the root, the downstream's BatchNewX509SVID rate
-       beside the root's in the same run";
+       beside the root's in the same run
+  b15  the agent's floor (issue 22): a bare tonic server answering a cached
+       FetchX509SVID message beside the agent (unix + cgroups + systemd):
+       first response with 1 and nproc clients, new connections/s, cached
+       FetchJWTSVID and SDS first responses, idle RSS, RSS per cached SVID,
+       RSS after a burst of 2,000 open streams";
 
 #[derive(Debug)]
 struct Args {
@@ -135,10 +144,11 @@ fn parse_args() -> Result<Args> {
                 | "b12"
                 | "b13"
                 | "b14"
+                | "b15"
         )
     {
         bail!(
-            "--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13 or b14\n{USAGE}"
+            "--only {only:?}: expected b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14 or b15\n{USAGE}"
         );
     }
     Ok(args)
@@ -199,6 +209,18 @@ fn child_mode() -> Option<Result<()>> {
             json_arg(&flag).and_then(|args| print_json(&workload_attest::child(&args)?))
         }
         nested::CHILD_FLAG => json_arg(&flag).and_then(|args| print_json(&nested::child(&args)?)),
+        agent_floor::CHILD_FLAG => {
+            json_arg(&flag).and_then(|args| print_json(&agent_floor::child(&args)?))
+        }
+        agent_floor::FLOOR_FLAG => {
+            let mut rest = std::env::args().skip(2);
+            match (rest.next(), rest.next()) {
+                (Some(socket), Some(response)) => {
+                    agent_floor::floor_server(Path::new(&socket), Path::new(&response))
+                }
+                _ => Err(anyhow!("{flag} needs <socket> <response-file>")),
+            }
+        }
         workload_attest::CALLER_FLAG => {
             // An idle workload for B6's attestors; stopped by pid when B6 ends.
             std::thread::sleep(workload_attest::CALLER_SLEEP);
@@ -633,6 +655,22 @@ fn main() -> Result<()> {
                 b14.into_errors()
             },
         )?;
+    }
+
+    if runs("b15") {
+        r.heading(
+            2,
+            "B15. The agent's floor: Workload API beside a bare tonic server answering a cached message (issue 22)",
+        );
+        let b15 = runtime.block_on(interruptible(agent_floor::run(
+            &args.bin_dir,
+            &dir.path().join("b15"),
+            &plan.b15,
+        )));
+        record(&mut r, &mut errors, "B15 (agent floor)", b15, |r, b15| {
+            agent_floor::section(r, &b15, &plan.b15);
+            b15.into_errors()
+        })?;
     }
 
     let text = r.finish();

@@ -428,7 +428,10 @@ pub struct FetchLevel {
 
 /// One `FetchJWTSVID` on a new connection to `socket`; the token of the answer's first
 /// SVID.
-async fn fetch_jwt(socket: &Path, audience: &str) -> std::result::Result<String, tonic::Status> {
+pub async fn fetch_jwt(
+    socket: &Path,
+    audience: &str,
+) -> std::result::Result<String, tonic::Status> {
     let mut client = harness::workload_client(socket)
         .await
         .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;

@@ -19,6 +19,7 @@
 //! | B12 | [`sds`] | Envoy's SDS on the agent: `StreamSecrets` first response on new streams (new and reused connections), and the real Envoy serving a rotated certificate, timed from the agent's cache update (its log) to `/certs` |
 //! | B13 | [`federation`] | federation: a bundle change on one trust domain's server reaching a federated workload of another (two servers, an agent), and 500 relationships on one server (refresh CPU, an agent entitled to all of them) |
 //! | B14 | [`nested`] | nested servers: `sign_downstream_ca` latency in process (software key and SoftHSM2), `localauthority x509 prepare` on a downstream server through the root, and the downstream's `BatchNewX509SVID` rate beside the root's in the same run |
+//! | B15 | [`agent_floor`] | the agent's Workload API beside the floor (a bare tonic server answering a cached `FetchX509SVID` message): first response with 1 and `nproc` clients, new connections per second, cached `FetchJWTSVID` and SDS first responses, idle RSS, RSS per cached SVID and after a burst of 2,000 open streams (issue 22) |
 //!
 //! Each module has the shape of B7's: `run` measures and returns the figures (each part a
 //! `Result` of its own where parts can fail apart), and `section` writes them into the
@@ -30,6 +31,7 @@
 //! that B3 drives B1's node API run with the CA key in the token, and B14 drives B1's
 //! runs on a root and a downstream server.
 
+use crate::scenario::agent_floor::B15Plan;
 use crate::scenario::attest_cloud_ssh::B7Plan;
 use crate::scenario::attest_kerberos::KrbPlan;
 use crate::scenario::attest_tpm::TpmPlan;
@@ -44,6 +46,7 @@ use crate::scenario::sds::B12Plan;
 use crate::scenario::workload_api::WorkloadConfig;
 use crate::scenario::workload_attest::AttestPlan;
 
+pub mod agent_floor;
 pub mod attest_cloud_ssh;
 pub mod attest_kerberos;
 pub mod attest_tpm;
@@ -97,6 +100,8 @@ pub struct Plan {
     pub b13: B13Plan,
     /// B14's sizes.
     pub b14: B14Plan,
+    /// B15's sizes.
+    pub b15: B15Plan,
 }
 
 impl Plan {
@@ -132,6 +137,7 @@ impl Plan {
                 b12: B12Plan::new(true),
                 b13: B13Plan::new(true),
                 b14: B14Plan::new(true),
+                b15: B15Plan::new(true),
             }
         } else {
             Plan {
@@ -163,6 +169,7 @@ impl Plan {
                 b12: B12Plan::new(false),
                 b13: B13Plan::new(false),
                 b14: B14Plan::new(false),
+                b15: B15Plan::new(false),
             }
         }
     }

@@ -139,7 +139,7 @@ impl B12Result {
 }
 
 /// The request Envoy 1.40 sends first for `names`.
-fn request(names: &[&str]) -> DiscoveryRequest {
+pub fn request(names: &[&str]) -> DiscoveryRequest {
     DiscoveryRequest {
         node: Some(Node {
             id: "bench-envoy".into(),
@@ -167,7 +167,7 @@ fn request(names: &[&str]) -> DiscoveryRequest {
 /// is) and waits for the first response: the response and the time from `t0` to its
 /// arrival. Then, off the clock, closes the request stream and reads the response stream
 /// to its end (the agent ends it when the requests end), so no stream stays open.
-async fn first_response(
+pub async fn first_response(
     client: &mut SecretDiscoveryServiceClient<Channel>,
     req: DiscoveryRequest,
     t0: Instant,
@@ -201,7 +201,7 @@ async fn first_response(
 
 /// Fails unless `resp` holds exactly two secrets: a TLS certificate named `spiffe_id` and
 /// a validation context named `ROOTCA`.
-fn check_response(resp: &DiscoveryResponse, spiffe_id: &str) -> Result<()> {
+pub fn check_response(resp: &DiscoveryResponse, spiffe_id: &str) -> Result<()> {
     if resp.resources.len() != 2 {
         bail!(
             "the response holds {} secrets, not 2 ({spiffe_id} and ROOTCA)",

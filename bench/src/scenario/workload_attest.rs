@@ -251,9 +251,10 @@ pub struct UnitInfo {
 
 /// A cgroup v2 directory tree made by B6, removed (deepest first) when dropped.
 #[derive(Debug)]
-struct UnitCgroup {
+pub struct UnitCgroup {
     created: Vec<PathBuf>,
-    info: UnitInfo,
+    /// What it is.
+    pub info: UnitInfo,
 }
 
 /// The cgroup v2 mount point, from the text of `/proc/self/mountinfo`.
@@ -283,7 +284,7 @@ fn random_hex(n: usize) -> String {
 impl UnitCgroup {
     /// Creates `/carapace-bench-<tag>.slice/b6-<tag>.service` below the cgroup v2 root
     /// with a random `trusted.invocation_id`.
-    fn create() -> Result<UnitCgroup> {
+    pub fn create() -> Result<UnitCgroup> {
         let info = std::fs::read_to_string("/proc/self/mountinfo")
             .context("reading /proc/self/mountinfo")?;
         let root = parse_cgroup2_mount(&info).ok_or_else(|| anyhow!("no cgroup2 mount"))?;
@@ -334,7 +335,7 @@ impl Drop for UnitCgroup {
 }
 
 /// Moves process `pid` into the cgroup whose `cgroup.procs` is `procs`.
-fn join_cgroup(procs: &Path, pid: u32) -> Result<()> {
+pub fn join_cgroup(procs: &Path, pid: u32) -> Result<()> {
     std::fs::write(procs, pid.to_string())
         .with_context(|| format!("moving pid {pid} into {}", procs.display()))
 }
@@ -790,7 +791,7 @@ impl B6Result {
 }
 
 /// A wire entry with several selectors (`type:value` each).
-fn entry_with(spiffe_id: &str, parent: &str, selectors: &[String]) -> Result<types::Entry> {
+pub fn entry_with(spiffe_id: &str, parent: &str, selectors: &[String]) -> Result<types::Entry> {
     let (first, rest) = selectors
         .split_first()
         .ok_or_else(|| anyhow!("an entry needs a selector"))?;
@@ -868,7 +869,7 @@ pub async fn connections(
 
 /// One Workload API connection: connect, FetchX509SVID with the security header, first
 /// message, close. Returns (connect start → first message, connect start → channel ready).
-async fn one_connection(socket: &Path) -> Result<(Duration, Duration)> {
+pub async fn one_connection(socket: &Path) -> Result<(Duration, Duration)> {
     let t0 = Instant::now();
     let channel = carapace_common::uds_channel(socket, None)
         .await
@@ -898,7 +899,7 @@ async fn one_connection(socket: &Path) -> Result<(Duration, Duration)> {
 }
 
 /// `one_connection` within [`CONN_TIMEOUT`].
-async fn timed_connection(socket: &Path) -> Result<(Duration, Duration)> {
+pub async fn timed_connection(socket: &Path) -> Result<(Duration, Duration)> {
     tokio::time::timeout(CONN_TIMEOUT, one_connection(socket))
         .await
         .map_err(|_| anyhow!("no first message within {CONN_TIMEOUT:?}"))?
@@ -908,7 +909,12 @@ async fn timed_connection(socket: &Path) -> Result<(Duration, Duration)> {
 type LoopOut = (Vec<Duration>, Vec<Duration>, usize, Option<String>);
 
 /// `loops` client loops against `target` for `seconds`.
-async fn conn_run(target: &Target, index: usize, loops: usize, seconds: f64) -> Result<ConnRun> {
+pub async fn conn_run(
+    target: &Target,
+    index: usize,
+    loops: usize,
+    seconds: f64,
+) -> Result<ConnRun> {
     let agent_cpu0 = process::cpu_time(target.agent_pid)?;
     let client_cpu0 = process_cpu_time();
     let idle0 = process::machine_idle()?;
