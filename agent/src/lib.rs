@@ -15,6 +15,14 @@ mod error;
 pub mod health;
 pub mod jwt_cache;
 pub mod manager;
+
+/// The agent runtime's bound on blocking threads: requests whose attestation finds every
+/// one busy wait for one, within `workload_attestation_timeout`. A caller that can make
+/// `/proc` reads hang (a process stuck in the kernel) holds one thread per request until
+/// the read returns; the bound keeps such a caller from growing the agent without limit,
+/// and its own connections are bounded by `max_connections_per_uid`.
+pub const MAX_BLOCKING_THREADS: usize = 64;
+pub mod memory;
 pub mod metrics;
 pub mod node_attestor;
 pub mod node_client;
@@ -93,6 +101,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
             stop_rx.clone(),
         ));
     }
+    tokio::spawn(memory::trim_periodically(stop_rx.clone()));
     let socket_path = cfg.socket_path.clone();
     let api_task = {
         let mut stop = stop_rx.clone();

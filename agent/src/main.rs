@@ -9,13 +9,6 @@ use zeroize::Zeroizing;
 
 use carapace_agent::api_cli;
 
-/// mimalloc rather than glibc's malloc: the agent's Workload API allocates and frees per
-/// connection on several threads, and glibc's per-thread arenas kept what a burst of
-/// connections had used (RSS 67 → 121 MB after 2,000 connections, and it stayed there);
-/// mimalloc returns freed pages to the system and packs the SVID cache more tightly
-/// (BENCHMARKS.md B15).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use carapace_agent::config::{self, DEFAULT_SOCKET_PATH, Overrides};
 
 /// Exit code for a bad command line or configuration (EX_USAGE).
@@ -200,7 +193,14 @@ fn report<T>(r: carapace_agent::Result<T>, ok: impl FnOnce(T)) -> ExitCode {
 
 fn main() -> ExitCode {
     // Not #[tokio::main]: the runtime must not wait at exit for a stuck blocking call.
-    carapace_common::run_main(async_main())
+    carapace_common::run_main_with(async_main(), |rt| {
+        // The blocking pool runs the workload attestors' /proc reads, one request at a
+        // time each, and the key manager's calls. Tokio's default (512 threads, each kept
+        // 10 s) let a burst of 2,000 Workload API connections start hundreds of threads,
+        // whose stacks and allocator arenas the agent kept afterwards (BENCHMARKS.md B15).
+        rt.max_blocking_threads(carapace_agent::MAX_BLOCKING_THREADS)
+            .thread_keep_alive(std::time::Duration::from_secs(2));
+    })
 }
 
 async fn async_main() -> ExitCode {

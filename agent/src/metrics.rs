@@ -255,7 +255,6 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

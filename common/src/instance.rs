@@ -95,10 +95,19 @@ pub fn lock_data_dir(data_dir: &Path, program: &str) -> Result<DataDirLock, Stri
 /// without waiting more than a second for blocking work still running, so that a stuck
 /// device or file-system call cannot keep the process from exiting.
 pub fn run_main(main: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    run_main_with(main, |_| {})
+}
+
+/// As [`run_main`], with `configure` adjusting the runtime first (the agent bounds its
+/// blocking pool).
+pub fn run_main_with(
+    main: impl std::future::Future<Output = ExitCode>,
+    configure: impl FnOnce(&mut tokio::runtime::Builder),
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    configure(&mut builder);
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");

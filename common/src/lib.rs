@@ -19,7 +19,7 @@ mod unix_socket;
 
 pub use instance::{
     DataDirLock, LOCK_FILE, MAX_SHUTDOWN_GRACE, SHUTDOWN_GRACE, lock_data_dir, run_main,
-    shutdown_grace,
+    run_main_with, shutdown_grace,
 };
 pub use unix_socket::{
     OwnSocket, UnexpectedPeer, check_socket_dir, connect_checked, euid, remove_stale_socket,

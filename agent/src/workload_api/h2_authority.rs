@@ -605,7 +605,9 @@ mod tests {
             remember_plain(format!("bounded-{i}").as_bytes());
         }
         assert!(PLAIN_FIRST_BLOCKS.lock().unwrap().len() <= KNOWN_PLAIN);
-        assert!(known_plain(format!("bounded-{}", KNOWN_PLAIN + 7).as_bytes()));
+        assert!(known_plain(
+            format!("bounded-{}", KNOWN_PLAIN + 7).as_bytes()
+        ));
         let big = vec![b'x'; KNOWN_PLAIN_BYTES + 1];
         remember_plain(&big);
         assert!(!known_plain(&big));

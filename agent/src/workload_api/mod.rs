@@ -440,7 +440,7 @@ where
 {
     /// The message for the current snapshot if it concerns the stream (always for the
     /// first); `PermissionDenied`, ending the stream, if the caller has no identity left.
-    fn from_current(&mut self) -> Option<Result<T, Status>> {
+    fn message_for_current(&mut self) -> Option<Result<T, Status>> {
         let state = self.updates.borrow_and_update().clone();
         let svids = state.matching(&self.selectors);
         if svids.is_empty() {
@@ -479,7 +479,7 @@ where
             return None;
         }
         if self.last.is_none() {
-            return self.from_current();
+            return self.message_for_current();
         }
         loop {
             tokio::select! {
@@ -494,7 +494,7 @@ where
                     }
                 }
             }
-            if let Some(item) = self.from_current() {
+            if let Some(item) = self.message_for_current() {
                 return Some(item);
             }
         }

@@ -13,8 +13,8 @@
 //! the peer exits and its PID is recycled between `connect()` and `pidfd_open`, the pidfd
 //! refers to the new process. The fallback is logged once per connection at debug level.
 //!
-//! This is the one module of the crate that uses `unsafe` (the `SO_PEERPIDFD` getsockopt,
-//! which rustix does not wrap).
+//! This module and [`crate::memory`] are the crate's only `unsafe` code (here the
+//! `SO_PEERPIDFD` getsockopt, which rustix does not wrap).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

@@ -16,6 +16,7 @@ use carapace_proto::sds::envoy::service::discovery::v3::{
 use carapace_proto::sds::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use carapace_proto::sds::envoy::r#type::v3::SemanticVersion;
 use carapace_proto::sds::google::rpc::Status as RpcStatus;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::*;

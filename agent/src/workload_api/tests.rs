@@ -715,7 +715,8 @@ async fn a_caller_that_exited_is_unauthenticated_and_attestor_errors_are_unavail
     let e = api
         .fetch_x509svid(request_from(peer.clone()))
         .await
-        .unwrap_err();
+        .err()
+        .unwrap();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert_eq!(
         e.message(),
@@ -727,7 +728,7 @@ async fn a_caller_that_exited_is_unauthenticated_and_attestor_errors_are_unavail
     )));
     let api = WorkloadApi::new(cache, vec![failing]);
     let me = Peer::from_pid(i32::try_from(std::process::id()).unwrap(), 0, 0).unwrap();
-    let e = api.fetch_x509svid(request_from(me)).await.unwrap_err();
+    let e = api.fetch_x509svid(request_from(me)).await.err().unwrap();
     assert_eq!(e.code(), Code::Unavailable);
 }
 
@@ -787,7 +788,7 @@ async fn a_caller_that_exits_mid_attestation_gets_nothing_and_loses_its_connecti
     child.kill().unwrap();
     child.wait().unwrap();
     gated.release.notify_one();
-    let e = call.await.unwrap().unwrap_err();
+    let e = call.await.unwrap().err().unwrap();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(peer.connection_closed(), "the connection must be closed");
 }
@@ -807,7 +808,8 @@ async fn a_stuck_attestor_yields_unavailable_within_the_bound() {
     let e = api
         .fetch_x509svid(request_from(me.clone()))
         .await
-        .unwrap_err();
+        .err()
+        .unwrap();
     assert_eq!(e.code(), Code::Unavailable);
     assert_eq!(e.message(), "workload attestation timed out");
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -1029,7 +1031,8 @@ fn a_recycled_pid_never_gets_the_svid_of_its_new_owner() {
         let e = api
             .fetch_x509svid(request_from(peer.clone()))
             .await
-            .unwrap_err();
+            .err()
+            .unwrap();
         assert_eq!(e.code(), Code::Unauthenticated);
         assert!(peer.connection_closed());
 
@@ -1058,7 +1061,8 @@ async fn a_caller_gone_before_attestation_is_unauthenticated_not_unavailable() {
     let e = api
         .fetch_x509svid(request_from(peer.clone()))
         .await
-        .unwrap_err();
+        .err()
+        .unwrap();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(peer.connection_closed());
 }

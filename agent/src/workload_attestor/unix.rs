@@ -417,9 +417,17 @@ mod tests {
     fn a_settled_database_is_parsed_once_and_again_when_replaced_or_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("passwd");
-        std::fs::write(&path, "alice:x:1000:1000::/:/bin/sh\nbob:x:1000:7::/:/bin/sh\n").unwrap();
+        std::fs::write(
+            &path,
+            "alice:x:1000:1000::/:/bin/sh\nbob:x:1000:7::/:/bin/sh\n",
+        )
+        .unwrap();
         let db = db(&path, Duration::ZERO);
-        assert_eq!(db.name_of(1000).as_deref(), Some("alice"), "the first entry wins");
+        assert_eq!(
+            db.name_of(1000).as_deref(),
+            Some("alice"),
+            "the first entry wins"
+        );
         assert!(is_kept(&db));
         assert_eq!(db.name_of(1001), None);
         // Replaced by rename (as useradd and vipw do): a new inode.
@@ -452,7 +460,8 @@ mod tests {
 
     #[test]
     fn parsing_skips_comments_nis_and_malformed_lines() {
-        let names = parse_names("# c\n\n+nis:x:1:\n-x:x:2:\n:x:3:\nbad:x:notanumber:\nshort\nok:x:4:\n");
+        let names =
+            parse_names("# c\n\n+nis:x:1:\n-x:x:2:\n:x:3:\nbad:x:notanumber:\nshort\nok:x:4:\n");
         assert_eq!(names.len(), 1);
         assert_eq!(names.get(&4).map(|n| &**n), Some("ok"));
     }
