@@ -565,11 +565,7 @@ mod tests {
     async fn a_first_block_with_a_plain_authority_is_remembered_and_the_next_connection_skips_decoding()
      {
         // A host name no other test uses, so that this block is this test's own.
-        let mut enc = loona_hpack::Encoder::new();
-        let headers = request_headers("remembered.example");
-        let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
-        let mut input = PREFACE.to_vec();
-        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let (block, input) = first_block("remembered.example");
         assert!(!known_plain(&block));
         assert_eq!(run(input.clone()).await.unwrap(), input);
         assert!(known_plain(&block), "remembered after the first connection");
@@ -583,20 +579,22 @@ mod tests {
         assert_eq!(out, input);
         assert_eq!(fix.mode, Mode::Passthrough);
         // A non-plain authority is never remembered, so it is rewritten every time.
-        let bad = enc_first("tmp%2Fx.sock");
+        let (_, bad) = first_block("tmp%2Fx.sock");
         for _ in 0..2 {
             let out = run(bad.clone()).await.unwrap();
             assert_ne!(out, bad);
         }
     }
 
-    fn enc_first(authority: &str) -> Vec<u8> {
+    /// A connection's first request header block for `authority`, and the connection's
+    /// bytes up to it (preface, one HEADERS frame).
+    fn first_block(authority: &str) -> (Vec<u8>, Vec<u8>) {
         let mut enc = loona_hpack::Encoder::new();
         let headers = request_headers(authority);
         let block = enc.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         let mut input = PREFACE.to_vec();
         input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
-        input
+        (block, input)
     }
 
     #[test]

@@ -16,10 +16,12 @@
 //! `stat` of each, and a file whose inode, size, mtime or ctime changed is parsed again
 //! ([`NameDb`]). A file changed less than [`SETTLE`] ago is parsed on every request until
 //! it settles, so an edit within the file system's timestamp granularity (a few ms) of
-//! the previous one cannot leave a stale name behind. The executable is hashed through `/proc/<pid>/exe`, which opens
-//! the inode the process actually runs even if the path was replaced or deleted since.
-//! A deleted executable's path reads as `<path> (deleted)`, which will not match an
-//! entry's `unix:path` (fail closed).
+//! the previous one cannot leave a stale name behind.
+//!
+//! The executable is hashed through `/proc/<pid>/exe`, which opens the inode the process
+//! actually runs even if the path was replaced or deleted since. A deleted executable's
+//! path reads as `<path> (deleted)`, which will not match an entry's `unix:path` (fail
+//! closed).
 //!
 //! Reading `/proc/<pid>` by PID is only sound together with the pidfd liveness check the
 //! Workload API does after attestation (see [`crate::workload_api::peer`]).
