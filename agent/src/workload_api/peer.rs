@@ -13,8 +13,12 @@
 //! the peer exits and its PID is recycled between `connect()` and `pidfd_open`, the pidfd
 //! refers to the new process. The fallback is logged once per connection at debug level.
 //!
+//! The supplementary groups come from `getsockopt(SO_PEERGROUPS)` at accept, as of
+//! `connect()` like the uid and gid (Linux ≥ 4.13), so attestation does not read
+//! `/proc/<pid>/status` for them.
+//!
 //! This module and [`crate::memory`] are the crate's only `unsafe` code (here the
-//! `SO_PEERPIDFD` getsockopt, which rustix does not wrap).
+//! `SO_PEERPIDFD` and `SO_PEERGROUPS` getsockopts, which rustix does not wrap).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -53,6 +57,9 @@ pub struct Peer {
     pub uid: u32,
     /// Effective group id at connect time.
     pub gid: u32,
+    /// Supplementary group ids at connect time (`SO_PEERGROUPS`); `None` for a peer
+    /// made by [`Peer::from_pid`] (the attestors then read `/proc/<pid>/status`).
+    pub groups: Option<Arc<[u32]>>,
     /// A pidfd for the process, held for the connection's lifetime.
     pub pidfd: Arc<OwnedFd>,
     /// Closes the caller's connection (see [`Peer::close_connection`]).
@@ -127,10 +134,12 @@ impl Peer {
             }
             Err(e) => return Err(e),
         };
+        let groups = so_peergroups(stream.as_fd())?;
         let peer = Peer {
             pid,
             uid: cred.uid(),
             gid: cred.gid(),
+            groups: Some(groups.into()),
             pidfd: Arc::new(pidfd),
             closer: Arc::default(),
             connection: ConnectionHandle::new(None),
@@ -146,6 +155,7 @@ impl Peer {
             pid,
             uid,
             gid,
+            groups: None,
             pidfd: Arc::new(open_pidfd(pid)?),
             closer: Arc::default(),
             connection: ConnectionHandle::new(None),
@@ -158,6 +168,7 @@ impl Peer {
             pid: self.pid,
             uid: self.uid,
             gid: self.gid,
+            groups: self.groups.clone(),
         }
     }
 
@@ -244,6 +255,55 @@ pub(crate) fn so_peerpidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: on success the kernel installed `fd` in this process's descriptor table
     // for us alone; nothing else owns or will close it, so `OwnedFd` may take ownership.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The most supplementary groups a process can have (`NGROUPS_MAX` on Linux).
+const MAX_GROUPS: usize = 65_536;
+
+/// `getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS)`: the supplementary group ids of the
+/// process that connected the peer end of `sock`, as of `connect()`. The kernel answers
+/// `ERANGE` with the size it needs when the buffer is short; the call is then repeated
+/// once with that size.
+#[allow(
+    unsafe_code,
+    reason = "rustix does not wrap SO_PEERGROUPS; one reviewed call"
+)]
+pub(crate) fn so_peergroups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 32];
+    for _ in 0..2 {
+        let mut len = libc::socklen_t::try_from(groups.len() * GID)
+            .map_err(|_| io::Error::other("SO_PEERGROUPS buffer too large"))?;
+        // SAFETY: `sock` is a valid open descriptor for the duration of the borrow;
+        // `groups` is a live, aligned buffer of `len` bytes, which bounds what the kernel
+        // writes; `len` is a live local the kernel updates with the bytes written (or
+        // needed, with ERANGE).
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast::<libc::c_void>(),
+                &mut len,
+            )
+        };
+        let len = len as usize;
+        if rc == 0 {
+            if len % GID != 0 || len > groups.len() * GID {
+                return Err(io::Error::other("SO_PEERGROUPS returned a malformed list"));
+            }
+            groups.truncate(len / GID);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || len / GID > MAX_GROUPS {
+            return Err(err);
+        }
+        groups = vec![0; len / GID + 1];
+    }
+    Err(io::Error::other(
+        "the peer's supplementary groups changed size while they were read",
+    ))
 }
 
 /// An accepted Workload API connection with its caller's kernel identity; tonic puts the
@@ -459,6 +519,58 @@ mod tests {
         assert_eq!(fdinfo_pid(&peer.pidfd), me);
         assert!(peer.is_alive());
         drop(b);
+    }
+
+    /// The groups at accept are the connecting process's, as `/proc/<pid>/status` lists
+    /// them; a child that sets other groups before it connects is seen with those.
+    #[tokio::test]
+    async fn so_peergroups_are_the_connecting_process_groups() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let want: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = Peer::from_stream(&a).unwrap();
+        assert_eq!(peer.groups.as_deref(), Some(&want[..]));
+        assert_eq!(peer.caller().groups, peer.groups);
+
+        // More groups than the first buffer holds (32), set by a child before it
+        // connects (root only: setgroups needs CAP_SETGID).
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test sets a child's groups (setgroups needs CAP_SETGID): run it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let many: Vec<u32> = (70_000..70_100).collect();
+        let list = many
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut child = std::process::Command::new("setpriv")
+            .args(["--groups", &list, "--"])
+            .args(["python3", "-c"])
+            .arg(format!(
+                "import socket,time; s=socket.socket(socket.AF_UNIX); s.connect({:?}); time.sleep(30)",
+                path.to_str().unwrap()
+            ))
+            .spawn()
+            .unwrap();
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let peer = Peer::from_stream(&conn).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(peer.pid, i32::try_from(child.id()).unwrap());
+        assert_eq!(peer.groups.as_deref(), Some(&many[..]));
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ pub trait BlockingAttestor: Send + Sync + fmt::Debug {
     /// The plugin name and selector type.
     fn name(&self) -> &str;
     /// The selectors of `caller`; blocking.
-    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError>;
+    fn attest_blocking(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError>;
 }
 
 /// Several [`BlockingAttestor`]s as one [`WorkloadAttestor`]: every one must succeed, in
@@ -55,7 +55,7 @@ impl BlockingAttestor for BlockingGroup {
         &self.name
     }
 
-    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+    fn attest_blocking(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
         let mut out = Vec::new();
         for m in self.members.iter() {
             out.extend(
@@ -74,7 +74,7 @@ impl WorkloadAttestor for BlockingGroup {
     }
 
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
-        on_blocking_thread(self.clone(), *caller).await
+        on_blocking_thread(self.clone(), caller.clone()).await
     }
 }
 
@@ -87,7 +87,7 @@ pub(crate) async fn on_blocking_thread<A>(
 where
     A: BlockingAttestor + 'static,
 {
-    tokio::task::spawn_blocking(move || attestor.attest_blocking(caller))
+    tokio::task::spawn_blocking(move || attestor.attest_blocking(&caller))
         .await
         .map_err(|e| CoreError::WorkloadAttestation(format!("attestor task failed: {e}")))?
 }

@@ -115,7 +115,7 @@ impl CgroupWorkloadAttestor {
             .map_err(|e| CoreError::WorkloadAttestation(format!("/proc/{pid}/cgroup: {e}")))
     }
 
-    fn attest_now(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+    fn attest_now(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
         let facts = self.facts(caller.pid)?;
         let mut out = Vec::new();
         if self.cgroups {
@@ -229,7 +229,7 @@ impl super::blocking::BlockingAttestor for CgroupWorkloadAttestor {
     fn name(&self) -> &str {
         WorkloadAttestor::name(self)
     }
-    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+    fn attest_blocking(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
         self.attest_now(caller)
     }
 }
@@ -245,7 +245,7 @@ impl WorkloadAttestor for CgroupWorkloadAttestor {
     }
 
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
-        super::blocking::on_blocking_thread(self.clone(), *caller).await
+        super::blocking::on_blocking_thread(self.clone(), caller.clone()).await
     }
 }
 
@@ -372,11 +372,7 @@ mod tests {
 
     #[tokio::test]
     async fn this_process_is_attested_from_its_own_cgroup_file() {
-        let me = Caller {
-            pid: i32::try_from(std::process::id()).unwrap(),
-            uid: 0,
-            gid: 0,
-        };
+        let me = Caller::new(i32::try_from(std::process::id()).unwrap(), 0, 0);
         let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let facts = parse_proc_cgroup(&text).unwrap();
         let cfg = CgroupAttestorConfig::default();
@@ -405,7 +401,7 @@ mod tests {
         // A PID that does not exist is an error, never an empty selector set.
         let gone = Caller {
             pid: i32::MAX,
-            ..me
+            ..me.clone()
         };
         assert!(
             CgroupWorkloadAttestor::cgroups(&cfg)

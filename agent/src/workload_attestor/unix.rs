@@ -7,7 +7,7 @@
 //! | `unix:user:<name>` | `/etc/passwd` entry of that uid, if any |
 //! | `unix:gid:<n>` | the caller's effective gid (`SO_PEERCRED`) |
 //! | `unix:group:<name>` | `/etc/group` entry of that gid, if any |
-//! | `unix:supplementary_gid:<n>` | each gid of the `Groups:` line of `/proc/<pid>/status` |
+//! | `unix:supplementary_gid:<n>` | each supplementary gid at connect time (`SO_PEERGROUPS`); for a caller known only by PID, the `Groups:` line of `/proc/<pid>/status` |
 //! | `unix:path:<path>` | the target of `/proc/<pid>/exe` |
 //! | `unix:sha256:<hex>` | SHA-256 of the running executable (opt-in) |
 //!
@@ -85,7 +85,7 @@ impl UnixWorkloadAttestor {
         }
     }
 
-    fn attest_now(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+    fn attest_now(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
         let pid = caller.pid;
         if pid <= 0 {
             return Err(CoreError::WorkloadAttestation(format!(
@@ -97,11 +97,20 @@ impl UnixWorkloadAttestor {
             CoreError::WorkloadAttestation(format!("cannot read /proc/{pid}/{what}: {e}"))
         };
         let exe_path = std::fs::read_link(proc_dir.join("exe")).map_err(|e| cannot("exe", e))?;
-        let status =
-            std::fs::read_to_string(proc_dir.join("status")).map_err(|e| cannot("status", e))?;
-        let groups = supplementary_groups(&status).ok_or_else(|| {
-            CoreError::WorkloadAttestation(format!("/proc/{pid}/status has no Groups: line"))
-        })?;
+        let read_groups;
+        let groups: &[u32] = match &caller.groups {
+            Some(groups) => groups,
+            None => {
+                let status = std::fs::read_to_string(proc_dir.join("status"))
+                    .map_err(|e| cannot("status", e))?;
+                read_groups = supplementary_groups(&status).ok_or_else(|| {
+                    CoreError::WorkloadAttestation(format!(
+                        "/proc/{pid}/status has no Groups: line"
+                    ))
+                })?;
+                &read_groups
+            }
+        };
 
         let mut out = Vec::new();
         out.push(selector("uid", &caller.uid.to_string())?);
@@ -138,7 +147,7 @@ impl super::blocking::BlockingAttestor for UnixWorkloadAttestor {
     fn name(&self) -> &str {
         NAME
     }
-    fn attest_blocking(&self, caller: Caller) -> Result<Vec<Selector>, CoreError> {
+    fn attest_blocking(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
         self.attest_now(caller)
     }
 }
@@ -150,7 +159,7 @@ impl WorkloadAttestor for UnixWorkloadAttestor {
     }
 
     async fn attest(&self, caller: &Caller) -> Result<Vec<Selector>, CoreError> {
-        super::blocking::on_blocking_thread(self.clone(), *caller).await
+        super::blocking::on_blocking_thread(self.clone(), caller.clone()).await
     }
 }
 
@@ -308,11 +317,11 @@ mod tests {
     use super::*;
 
     fn me() -> Caller {
-        Caller {
-            pid: i32::try_from(std::process::id()).unwrap(),
-            uid: rustix::process::geteuid().as_raw(),
-            gid: rustix::process::getegid().as_raw(),
-        }
+        Caller::new(
+            i32::try_from(std::process::id()).unwrap(),
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw(),
+        )
     }
 
     fn values(sels: &[Selector], name: &str) -> Vec<String> {
@@ -346,6 +355,19 @@ mod tests {
         if let Some(name) = NameDb::new(Path::new("/etc/passwd")).name_of(caller.uid) {
             assert_eq!(values(&sels, "user"), [name.to_string()]);
         }
+    }
+
+    /// Groups the kernel gave with the connection are the ones used; `/proc` is read
+    /// for them only when they were not given.
+    #[tokio::test]
+    async fn supplementary_groups_given_at_connect_are_used() {
+        let att = UnixWorkloadAttestor::new(UnixAttestorConfig::default());
+        let caller = me().with_groups(vec![70_001, 70_002]);
+        let sels = att.attest(&caller).await.unwrap();
+        assert_eq!(values(&sels, "supplementary_gid"), ["70001", "70002"]);
+        let none = me().with_groups(Vec::new());
+        let sels = att.attest(&none).await.unwrap();
+        assert!(values(&sels, "supplementary_gid").is_empty());
     }
 
     /// Hashes the executable of a child process (`sleep`): the test binary itself is
@@ -474,21 +496,10 @@ mod tests {
         let pid = i32::try_from(child.id()).unwrap();
         child.wait().unwrap();
         let att = UnixWorkloadAttestor::new(UnixAttestorConfig::default());
-        let caller = Caller {
-            pid,
-            uid: 0,
-            gid: 0,
-        };
+        let caller = Caller::new(pid, 0, 0);
         let err = att.attest(&caller).await.unwrap_err();
         assert!(matches!(err, CoreError::WorkloadAttestation(_)), "{err}");
-        let err = att
-            .attest(&Caller {
-                pid: 0,
-                uid: 0,
-                gid: 0,
-            })
-            .await
-            .unwrap_err();
+        let err = att.attest(&Caller::new(0, 0, 0)).await.unwrap_err();
         assert!(matches!(err, CoreError::WorkloadAttestation(_)), "{err}");
     }
 

@@ -464,11 +464,9 @@ pub async fn in_process(
         None => (None, None),
     };
 
-    let caller = |c: &CallerInfo| Caller {
-        pid: c.pid,
-        uid,
-        gid,
-    };
+    // Groups not given: the unix attestor reads them from /proc/<pid>/status, as for
+    // a caller known only by PID (the agent takes them from SO_PEERGROUPS at accept).
+    let caller = |c: &CallerInfo| Caller::new(c.pid, uid, gid);
     let (cs, cb) = (caller(&small), caller(&big));
     let peer = Peer::from_pid(small.pid, uid, gid).context("pidfd_open of the caller")?;
     let cfg = CgroupAttestorConfig::default();
@@ -1686,11 +1684,7 @@ mod tests {
         assert!(info.exe_bytes > 0);
         let uid = rustix::process::geteuid().as_raw();
         let gid = rustix::process::getegid().as_raw();
-        let caller = Caller {
-            pid: info.pid,
-            uid,
-            gid,
-        };
+        let caller = Caller::new(info.pid, uid, gid);
         let unix: Arc<dyn WorkloadAttestor> =
             Arc::new(UnixWorkloadAttestor::new(UnixAttestorConfig::default()));
         let sel = selectors_of(std::slice::from_ref(&unix), &caller)
