@@ -117,7 +117,8 @@ pub struct B15Plan {
     pub rate_seconds: f64,
     /// Concurrent loops in each of the `nproc` rate client processes.
     pub rate_loops: usize,
-    /// Seconds of `FetchJWTSVID`, then of SDS, first responses.
+    /// Seconds of `FetchJWTSVID`, then of SDS, first responses in each run, after its
+    /// X.509 settings (so the three kinds are sampled under the same load).
     pub call_seconds: f64,
     /// Seconds the agent idles before its idle RSS, and settles before other readings.
     pub settle: f64,
@@ -154,7 +155,7 @@ impl B15Plan {
                 rate_runs: 1,
                 rate_seconds: 3.0,
                 rate_loops: 4,
-                call_seconds: 2.0,
+                call_seconds: 1.0,
                 settle: 2.0,
                 bulk: vec![1_000, 10_000],
                 burst: 2_000,
@@ -339,7 +340,7 @@ pub struct LatencyArgs {
     pub seconds: f64,
     /// Untimed connections per target first.
     pub warmup: usize,
-    /// Seconds of JWT, then of SDS, calls (on target 1).
+    /// Seconds of JWT, then of SDS, calls (on target 1) in each run.
     pub call_seconds: f64,
     /// The workload's SPIFFE ID (the SDS resource).
     pub spiffe_id: String,
@@ -365,6 +366,17 @@ pub struct Calls {
     pub errors: usize,
     /// The first failure.
     pub first_error: Option<String>,
+}
+
+impl Calls {
+    /// Adds `more`'s samples and errors to these (the first error stays first).
+    fn append(&mut self, more: Calls) {
+        self.samples.extend(more.samples);
+        self.errors += more.errors;
+        if self.first_error.is_none() {
+            self.first_error = more.first_error;
+        }
+    }
 }
 
 /// What the priming child saw.
@@ -542,6 +554,8 @@ async fn latency(a: &LatencyArgs) -> Result<(Vec<ConnRun>, Calls, Calls)> {
                 .with_context(|| format!("warm-up connection to target {i}"))?;
         }
     }
+    let agent = targets.get(1).ok_or_else(|| anyhow!("no agent target"))?;
+    let (mut jwt, mut sds) = (Calls::default(), Calls::default());
     let mut out = Vec::new();
     let n = settings.len().max(1);
     for r in 0..runs.max(1) {
@@ -557,15 +571,16 @@ async fn latency(a: &LatencyArgs) -> Result<(Vec<ConnRun>, Calls, Calls)> {
             out.push(workload_attest::conn_run(target, t, loops, seconds).await?);
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        eprintln!(
+            "==> B15: run {}/{}: FetchJWTSVID (cached) and SDS first responses, {} s each",
+            r + 1,
+            runs.max(1),
+            a.call_seconds
+        );
+        let socket = agent.socket.as_path();
+        jwt.append(calls_for(a.call_seconds, || jwt_call(socket, &a.audience)).await);
+        sds.append(calls_for(a.call_seconds, || sds_call(socket, &a.spiffe_id)).await);
     }
-    let agent = targets.get(1).ok_or_else(|| anyhow!("no agent target"))?;
-    eprintln!(
-        "==> B15: FetchJWTSVID (cached) and SDS first responses, {} s each",
-        a.call_seconds
-    );
-    let socket = agent.socket.as_path();
-    let jwt = calls_for(a.call_seconds, || jwt_call(socket, &a.audience)).await;
-    let sds = calls_for(a.call_seconds, || sds_call(socket, &a.spiffe_id)).await;
     Ok((out, jwt, sds))
 }
 
@@ -1664,7 +1679,7 @@ pub fn section(r: &mut Report, res: &B15Result, plan: &B15Plan) {
     let f = &res.facts;
     let nproc = f.nproc;
     r.para(&format!(
-        "One release `carapace-server` and one release `carapace-agent` (join token) with B6's measured workload attestors (`unix` + `cgroups` + `systemd`), `[workload_api] max_connections = {}`, `max_connections_per_uid = {}`, an entry `{WORKLOAD_ID}` with selectors {}, its SVID cached. **The floor**: this executable in a hidden mode (`carapace-bench {FLOOR_FLAG} <socket> <response>`), a bare tonic server on its own Unix socket on a default multi-thread tokio runtime (as the agent's) that answers `FetchX509SVID` with one pre-built `X509SVIDResponse` — the bytes the agent answered once{} — on a stream left open until the client goes: no attestation, no peer credentials, every other RPC `Unimplemented`. The clients are child processes (`carapace-bench {CHILD_FLAG}`) in the unit cgroup{}, with the same client code for floor and agent: a new Unix-socket connection (a new tonic channel), HTTP/2, `FetchX509SVID` with `workload.spiffe.io: true`, timed from connect start to the first message, then close. First responses: {} interleaved run(s) of {} s per setting (floor and agent, 1 and {nproc} loops; the order rotates from run to run) after {} untimed connections per target; figures over all connections of all runs. Connections/s: {nproc} client processes (one per core) × {} loops each, started together, {} s per run, floor then agent ({} run(s) each); server CPU from `/proc/<pid>/stat` from spawning the processes until they all exited, client CPU: the processes' `CLOCK_PROCESS_CPUTIME_ID` over their runs. JWT and SDS: {} s each of one client, a new connection per call, on the same agent after the X.509 runs (FetchJWTSVID with audience `{AUDIENCE}`, the token cached by one fetch before; `StreamSecrets` naming the SVID and `ROOTCA` as B12 does). Memory: VmRSS from `/proc/<pid>/status`; RSS per cached SVID on a second agent of the same configuration given bulk entries of uid {BULK_UID} (`entry create --data`), growing {}, read {} s after its log says `held=N`, (VmRSS − VmRSS before any) / N; the bulk entries stay (that agent is stopped at the end). B15 took {:.0} s.",
+        "One release `carapace-server` and one release `carapace-agent` (join token) with B6's measured workload attestors (`unix` + `cgroups` + `systemd`), `[workload_api] max_connections = {}`, `max_connections_per_uid = {}`, an entry `{WORKLOAD_ID}` with selectors {}, its SVID cached. **The floor**: this executable in a hidden mode (`carapace-bench {FLOOR_FLAG} <socket> <response>`), a bare tonic server on its own Unix socket on a default multi-thread tokio runtime (as the agent's) that answers `FetchX509SVID` with one pre-built `X509SVIDResponse` — the bytes the agent answered once{} — on a stream left open until the client goes: no attestation, no peer credentials, every other RPC `Unimplemented`. The clients are child processes (`carapace-bench {CHILD_FLAG}`) in the unit cgroup{}, with the same client code for floor and agent: a new Unix-socket connection (a new tonic channel), HTTP/2, `FetchX509SVID` with `workload.spiffe.io: true`, timed from connect start to the first message, then close. First responses: {} interleaved run(s) of {} s per setting (floor and agent, 1 and {nproc} loops; the order rotates from run to run) after {} untimed connections per target; figures over all connections of all runs. Connections/s: {nproc} client processes (one per core) × {} loops each, started together, {} s per run, floor then agent ({} run(s) each); server CPU from `/proc/<pid>/stat` from spawning the processes until they all exited, client CPU: the processes' `CLOCK_PROCESS_CPUTIME_ID` over their runs. JWT and SDS: {} s each of one client in every run, right after that run's X.509 settings (so all three are sampled under the same load), a new connection per call, on the same agent (FetchJWTSVID with audience `{AUDIENCE}`, the token cached by one fetch before; `StreamSecrets` naming the SVID and `ROOTCA` as B12 does). Memory: VmRSS from `/proc/<pid>/status`; RSS per cached SVID on a second agent of the same configuration given bulk entries of uid {BULK_UID} (`entry create --data`), growing {}, read {} s after its log says `held=N`, (VmRSS − VmRSS before any) / N; the bulk entries stay (that agent is stopped at the end). B15 took {:.0} s.",
         f.limits.0,
         f.limits.1,
         res.selectors
