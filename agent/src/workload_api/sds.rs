@@ -27,6 +27,10 @@
 //!   (or a NACK) is answered only if it changes the resource names; a NACK is logged with
 //!   Envoy's error and the same secrets are not sent again; a cache change (rotation, a
 //!   bundle change) sends a new response to every stream whose secrets it changes.
+//! - Streams (`StreamSecrets`, `DeltaSecrets`) are driven by their response stream, polled
+//!   by the connection's task, with no task or channel of their own: a stream ends when
+//!   Envoy closes its side of the call (with no error), when the agent shuts down
+//!   (`Unavailable`), or after sending an error.
 //! - `FetchSecrets`: one response, with no version and no nonce.
 //! - `DeltaSecrets` (incremental xDS): the names subscribed so far (the first request
 //!   subscribing to none, or `*`, subscribes to everything, as SotW's empty list does),
@@ -55,12 +59,11 @@ use carapace_proto::sds::envoy::service::secret::v3::secret_discovery_service_se
 use futures::StreamExt as _;
 use prost_types::Any;
 use rand::Rng as _;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use zeroize::Zeroizing;
 
-use super::{FirstAnswer, NO_IDENTITY, STREAM_BUFFER, WorkloadApi, shutting_down};
+use super::{FeedStream, FirstAnswer, NO_IDENTITY, WorkloadApi, shutting_down};
 use crate::cache::{CacheState, CachedSvid};
 
 /// The type URL of the resources SDS serves.
@@ -351,39 +354,118 @@ fn resources_for(
     )
 }
 
-/// The stream ends (its error, if any, was sent).
-struct Stop;
-
-/// What [`WorkloadApi::feed`] needs of a stream of either kind (`StreamSecrets`,
-/// `DeltaSecrets`).
-trait SdsStream: Send {
+/// One SDS stream of either kind (`StreamSecrets`, `DeltaSecrets`), as [`SdsFeed`]
+/// drives it: each of Envoy's requests and each cache change may produce a response, or
+/// an error that ends the stream.
+trait SdsStream: Send + 'static {
     type Request: Send + 'static;
-    type Response: Send;
+    type Response: Send + 'static;
     /// The stream's kind, for the log.
     const KIND: &'static str;
-    fn sender(&self) -> &mpsc::Sender<Result<Self::Response, Status>>;
-    fn first_answer(&mut self) -> &mut Option<FirstAnswer>;
     /// Handles one request from Envoy, given the cache as it is now.
-    fn on_request<'a>(
-        &'a mut self,
+    fn on_request(
+        &mut self,
         req: Self::Request,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a;
+        state: &CacheState,
+    ) -> Result<Option<Self::Response>, Status>;
     /// Handles a change of the cache (a rotation, a bundle, an entry).
-    fn on_update<'a>(
-        &'a mut self,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a;
+    fn on_update(&mut self, state: &CacheState) -> Result<Option<Self::Response>, Status>;
+}
 
-    /// Ends the stream with `status` (its first answer, if nothing was sent yet).
-    fn fail(&mut self, status: Status) -> impl Future<Output = Stop> + Send + '_ {
-        async move {
-            if let Some(f) = self.first_answer().take() {
-                f.answered(status.code());
+/// Drives one SDS stream from its response stream, polled by the connection's own task
+/// (no task and no channel of its own): Envoy's requests, the cache's changes, the
+/// agent's shutdown (`Unavailable`), the cache going away (`Unavailable`). It ends
+/// without an error when Envoy closes its side of the call or the call breaks, and after
+/// yielding an error.
+struct SdsFeed<S: SdsStream> {
+    stream: S,
+    requests: Streaming<S::Request>,
+    updates: watch::Receiver<Arc<CacheState>>,
+    closing: watch::Receiver<bool>,
+    /// Recorded with the code of the first response or error.
+    first_answer: Option<FirstAnswer>,
+    /// The stream has ended (its error, if any, was yielded).
+    done: bool,
+}
+
+impl<S: SdsStream> SdsFeed<S>
+where
+    Streaming<S::Request>: futures::Stream<Item = Result<S::Request, Status>> + Unpin,
+{
+    /// The next response, or the error that ends the stream; `None` once it has ended.
+    async fn next(&mut self) -> Option<Result<S::Response, Status>> {
+        while !self.done {
+            let step = tokio::select! {
+                () = shutting_down(&mut self.closing) => {
+                    Err(Status::unavailable("the agent is shutting down"))
+                }
+                req = self.requests.next() => match req {
+                    Some(Ok(req)) => {
+                        let state = self.updates.borrow_and_update().clone();
+                        self.stream.on_request(req, &state)
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "{} ended by the client", S::KIND);
+                        self.done = true;
+                        return None;
+                    }
+                    None => {
+                        self.done = true;
+                        return None;
+                    }
+                },
+                r = self.updates.changed() => match r {
+                    Ok(()) => {
+                        let state = self.updates.borrow_and_update().clone();
+                        self.stream.on_update(&state)
+                    }
+                    Err(_) => Err(Status::unavailable("the SVID cache is gone")),
+                },
+            };
+            match step {
+                Ok(None) => {}
+                Ok(Some(response)) => {
+                    if let Some(f) = self.first_answer.take() {
+                        f.answered(tonic::Code::Ok);
+                    }
+                    return Some(Ok(response));
+                }
+                Err(status) => {
+                    if let Some(f) = self.first_answer.take() {
+                        f.answered(status.code());
+                    }
+                    self.done = true;
+                    return Some(Err(status));
+                }
             }
-            let _ = self.sender().send(Err(status)).await;
-            Stop
         }
+        None
+    }
+}
+
+impl WorkloadApi {
+    /// The response stream of `stream`, fed by `requests` and the cache.
+    fn sds_stream<S: SdsStream>(
+        &self,
+        stream: S,
+        requests: Streaming<S::Request>,
+        first_answer: FirstAnswer,
+    ) -> FeedStream<S::Response>
+    where
+        Streaming<S::Request>: futures::Stream<Item = Result<S::Request, Status>> + Unpin + Send,
+    {
+        let feed = SdsFeed {
+            stream,
+            requests,
+            updates: self.cache.subscribe(),
+            closing: self.closing.clone(),
+            first_answer: Some(first_answer),
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(feed, |mut feed| async move {
+            let item = feed.next().await?;
+            Some((item, feed))
+        }))
     }
 }
 
@@ -391,7 +473,6 @@ trait SdsStream: Send {
 struct SecretStream {
     cfg: Arc<SdsConfig>,
     selectors: SelectorSet,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// Set by the first request, from its node (later requests may omit the node).
     spiffe_validator: Option<bool>,
     /// The resource names of the latest request; `None` before the first.
@@ -402,22 +483,22 @@ struct SecretStream {
     nonce: Option<String>,
     /// The resources of the last response (ACKed, NACKed or pending).
     sent: Option<Vec<Any>>,
-    first_answer: Option<FirstAnswer>,
 }
 
 impl SecretStream {
-    /// Sends the secrets for the current names from `state`, unless they are what was
-    /// last sent and `force` is false.
-    async fn answer(&mut self, state: &CacheState, force: bool) -> Result<(), Stop> {
+    /// The response with the secrets for the current names from `state`, unless they are
+    /// what was last sent and `force` is false.
+    fn answer(
+        &mut self,
+        state: &CacheState,
+        force: bool,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
         let (Some(names), Some(spiffe)) = (&self.names, self.spiffe_validator) else {
-            return Ok(());
+            return Ok(None);
         };
-        let resources = match resources_for(&self.cfg, state, &self.selectors, names, spiffe) {
-            Ok(r) => r,
-            Err(status) => return Err(self.fail(status).await),
-        };
+        let resources = resources_for(&self.cfg, state, &self.selectors, names, spiffe)?;
         if !force && self.sent.as_ref() == Some(&resources) {
-            return Ok(());
+            return Ok(None);
         }
         self.version += 1;
         let nonce = new_nonce();
@@ -428,12 +509,6 @@ impl SecretStream {
             nonce: nonce.clone(),
             ..Default::default()
         };
-        if let Some(f) = self.first_answer.take() {
-            f.answered(tonic::Code::Ok);
-        }
-        if self.tx.send(Ok(response)).await.is_err() {
-            return Err(Stop);
-        }
         tracing::debug!(
             version = self.version,
             resources = resources.len(),
@@ -441,18 +516,25 @@ impl SecretStream {
         );
         self.nonce = Some(nonce);
         self.sent = Some(resources);
-        Ok(())
+        Ok(Some(response))
     }
+}
 
-    async fn on_request(&mut self, req: DiscoveryRequest, state: &CacheState) -> Result<(), Stop> {
+impl SdsStream for SecretStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const KIND: &'static str = "SDS stream";
+
+    fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        state: &CacheState,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
         if self.spiffe_validator.is_none() {
             if let Some(n) = &req.node {
                 tracing::debug!(node = ?n.id, cluster = ?n.cluster, agent = ?n.user_agent_name, "SDS stream opened");
             }
-            match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
-                Ok(v) => self.spiffe_validator = Some(v),
-                Err(status) => return Err(self.fail(status).await),
-            }
+            self.spiffe_validator = Some(use_spiffe_validator(&self.cfg, req.node.as_ref())?);
         }
         if let Some(nonce) = &self.nonce {
             if req.response_nonce != *nonce {
@@ -460,7 +542,7 @@ impl SecretStream {
                     nonce = ?req.response_nonce,
                     "stale SDS request (not for the last response): ignored"
                 );
-                return Ok(());
+                return Ok(None);
             }
         }
         if let Some(e) = &req.error_detail {
@@ -476,82 +558,20 @@ impl SecretStream {
         self.names = Some(req.resource_names);
         if self.sent.is_some() && !changed {
             // An ACK or a NACK of the current subscription: nothing to send.
-            return Ok(());
+            return Ok(None);
         }
-        self.answer(state, true).await
+        self.answer(state, true)
     }
-}
 
-impl SdsStream for SecretStream {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
-    const KIND: &'static str = "SDS stream";
-    fn sender(&self) -> &mpsc::Sender<Result<DiscoveryResponse, Status>> {
-        &self.tx
-    }
-    fn first_answer(&mut self) -> &mut Option<FirstAnswer> {
-        &mut self.first_answer
-    }
-    fn on_request<'a>(
-        &'a mut self,
-        req: DiscoveryRequest,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
-        SecretStream::on_request(self, req, state)
-    }
-    fn on_update<'a>(
-        &'a mut self,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+    fn on_update(&mut self, state: &CacheState) -> Result<Option<DiscoveryResponse>, Status> {
         self.answer(state, false)
-    }
-}
-
-impl WorkloadApi {
-    /// Drives one SDS stream until it ends: Envoy's requests, the cache's changes, the
-    /// agent's shutdown (Unavailable), the cache going away (Unavailable).
-    async fn feed<S: SdsStream>(&self, mut stream: S, mut requests: Streaming<S::Request>)
-    where
-        Streaming<S::Request>: futures::Stream<Item = Result<S::Request, Status>> + Unpin,
-    {
-        let mut updates = self.cache.subscribe();
-        let mut closing = self.closing.clone();
-        loop {
-            let step = tokio::select! {
-                () = stream.sender().closed() => Err(Stop),
-                () = shutting_down(&mut closing) => {
-                    Err(stream.fail(Status::unavailable("the agent is shutting down")).await)
-                }
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        let state = updates.borrow_and_update().clone();
-                        stream.on_request(req, &state).await
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "{} ended by the client", S::KIND);
-                        Err(Stop)
-                    }
-                    None => Err(Stop),
-                },
-                r = updates.changed() => match r {
-                    Ok(()) => {
-                        let state = updates.borrow_and_update().clone();
-                        stream.on_update(&state).await
-                    }
-                    Err(_) => Err(stream.fail(Status::unavailable("the SVID cache is gone")).await),
-                },
-            };
-            if step.is_err() {
-                return;
-            }
-        }
     }
 }
 
 #[tonic::async_trait]
 impl SecretDiscoveryService for WorkloadApi {
-    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaSecretsStream = FeedStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = FeedStream<DiscoveryResponse>;
 
     async fn delta_secrets(
         &self,
@@ -559,22 +579,20 @@ impl SecretDiscoveryService for WorkloadApi {
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let call = FirstAnswer::new("DeltaSecrets");
         let selectors = call.failed(self.attest(&request, call.rpc).await)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = DeltaStream {
             cfg: self.sds.clone(),
             selectors,
-            tx,
             spiffe_validator: None,
             wildcard: false,
             subscribed: BTreeSet::new(),
             known: HashMap::new(),
             version: 0,
-            first_answer: Some(call),
         };
-        let api = self.clone();
-        let requests = request.into_inner();
-        tokio::spawn(async move { api.feed(stream, requests).await });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(self.sds_stream(
+            stream,
+            request.into_inner(),
+            call,
+        )))
     }
 
     async fn stream_secrets(
@@ -583,22 +601,20 @@ impl SecretDiscoveryService for WorkloadApi {
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let call = FirstAnswer::new("StreamSecrets");
         let selectors = call.failed(self.attest(&request, call.rpc).await)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = SecretStream {
             cfg: self.sds.clone(),
             selectors,
-            tx,
             spiffe_validator: None,
             names: None,
             version: 0,
             nonce: None,
             sent: None,
-            first_answer: Some(call),
         };
-        let api = self.clone();
-        let requests = request.into_inner();
-        tokio::spawn(async move { api.feed(stream, requests).await });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(self.sds_stream(
+            stream,
+            request.into_inner(),
+            call,
+        )))
     }
 
     async fn fetch_secrets(
@@ -628,7 +644,6 @@ fn resource_version(any: &Any) -> String {
 struct DeltaStream {
     cfg: Arc<SdsConfig>,
     selectors: SelectorSet,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     /// Set by the first request, from its node.
     spiffe_validator: Option<bool>,
     /// Everything the caller may have is subscribed.
@@ -639,7 +654,6 @@ struct DeltaStream {
     known: HashMap<String, String>,
     /// Responses sent so far: the `system_version_info` of the last one.
     version: u64,
-    first_answer: Option<FirstAnswer>,
 }
 
 impl DeltaStream {
@@ -668,16 +682,13 @@ impl DeltaStream {
         Ok(out)
     }
 
-    /// Sends what the client does not hold yet, and the removal of what a wildcard
-    /// subscription no longer has; nothing if there is neither.
-    async fn answer(&mut self, state: &CacheState) -> Result<(), Stop> {
+    /// The response with what the client does not hold yet, and the removal of what a
+    /// wildcard subscription no longer has; none if there is neither.
+    fn answer(&mut self, state: &CacheState) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         let Some(spiffe) = self.spiffe_validator else {
-            return Ok(());
+            return Ok(None);
         };
-        let current = match self.current(state, spiffe) {
-            Ok(c) => c,
-            Err(status) => return Err(self.fail(status).await),
-        };
+        let current = self.current(state, spiffe)?;
         let mut resources = Vec::new();
         for (name, any) in current.iter() {
             let version = resource_version(any);
@@ -703,39 +714,35 @@ impl DeltaStream {
             self.known.remove(name);
         }
         if resources.is_empty() && removed.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         self.version += 1;
-        let response = DeltaDiscoveryResponse {
+        Ok(Some(DeltaDiscoveryResponse {
             system_version_info: self.version.to_string(),
             resources,
             type_url: SECRET_TYPE_URL.into(),
             removed_resources: removed,
             nonce: new_nonce(),
             ..Default::default()
-        };
-        if let Some(f) = self.first_answer.take() {
-            f.answered(tonic::Code::Ok);
-        }
-        if self.tx.send(Ok(response)).await.is_err() {
-            return Err(Stop);
-        }
-        Ok(())
+        }))
     }
+}
 
-    async fn on_request(
+impl SdsStream for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const KIND: &'static str = "SDS delta stream";
+
+    fn on_request(
         &mut self,
-        req: DeltaDiscoveryRequest,
+        mut req: DeltaDiscoveryRequest,
         state: &CacheState,
-    ) -> Result<(), Stop> {
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         if self.spiffe_validator.is_none() {
-            match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
-                Ok(v) => self.spiffe_validator = Some(v),
-                Err(status) => return Err(self.fail(status).await),
-            }
+            self.spiffe_validator = Some(use_spiffe_validator(&self.cfg, req.node.as_ref())?);
             // The first request: what the client already holds, and the legacy wildcard
             // (a first request naming nothing).
-            self.known = req.initial_resource_versions.clone();
+            self.known = std::mem::take(&mut req.initial_resource_versions);
             self.wildcard = req.resource_names_subscribe.is_empty();
         }
         if let Some(e) = &req.error_detail {
@@ -767,31 +774,10 @@ impl DeltaStream {
             let subscribed = &self.subscribed;
             self.known.retain(|name, _| subscribed.contains(name));
         }
-        self.answer(state).await
+        self.answer(state)
     }
-}
 
-impl SdsStream for DeltaStream {
-    type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
-    const KIND: &'static str = "SDS delta stream";
-    fn sender(&self) -> &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>> {
-        &self.tx
-    }
-    fn first_answer(&mut self) -> &mut Option<FirstAnswer> {
-        &mut self.first_answer
-    }
-    fn on_request<'a>(
-        &'a mut self,
-        req: DeltaDiscoveryRequest,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
-        DeltaStream::on_request(self, req, state)
-    }
-    fn on_update<'a>(
-        &'a mut self,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+    fn on_update(&mut self, state: &CacheState) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         self.answer(state)
     }
 }
