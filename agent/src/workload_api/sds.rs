@@ -43,7 +43,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use carapace_core::bundle::{der_to_pem, pem_block};
 use carapace_core::{SelectorSet, TrustBundle};
 use carapace_proto::sds::envoy::config::core::v3::{
     DataSource, Node, TypedExtensionConfig, data_source, node,
@@ -61,7 +60,7 @@ use prost_types::Any;
 use rand::Rng as _;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
-use zeroize::Zeroizing;
+use zeroize::Zeroize as _;
 
 use super::{FeedStream, FirstAnswer, NO_IDENTITY, WorkloadApi, shutting_down};
 use crate::cache::{CacheState, CachedSvid};
@@ -113,41 +112,102 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
     })
 }
 
-fn pack<M: prost::Name>(msg: &M) -> Result<Any, Status> {
-    Any::from_msg(msg).map_err(|e| {
-        tracing::error!(error = %e, "encoding an SDS resource");
-        Status::internal("encoding an SDS resource failed")
-    })
+/// The type URL of the SPIFFE certificate validator's configuration.
+pub(crate) const SPIFFE_VALIDATOR_CONFIG_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
+
+/// `msg` as an `Any` of `type_url`, its encoding sized up front (`Any::from_msg` would
+/// format the type URL and grow the buffer as it encodes).
+fn pack(msg: &impl prost::Message, type_url: &str) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: msg.encode_to_vec(),
+    }
+}
+
+/// DER bytes per PEM line (64 base64 characters).
+const PEM_LINE: usize = 48;
+
+/// The standard base64 alphabet (RFC 4648, section 4).
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// The length of the PEM block [`push_pem`] makes of `der_len` bytes labelled `label`.
+pub(crate) fn pem_len(label: &str, der_len: usize) -> usize {
+    let armour = "-----BEGIN -----\n-----END -----\n".len() + 2 * label.len();
+    armour + der_len.div_ceil(3) * 4 + der_len.div_ceil(PEM_LINE)
+}
+
+/// Appends `der` to `out` as a PEM block labelled `label`: standard base64 with padding,
+/// lines of 64 characters, the text `carapace_core::bundle::pem_block` makes, written in
+/// place (no string per block, per line or per header).
+pub(crate) fn push_pem(out: &mut Vec<u8>, label: &str, der: &[u8]) {
+    out.reserve(pem_len(label, der.len()));
+    out.extend_from_slice(b"-----BEGIN ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
+    for line in der.chunks(PEM_LINE) {
+        for group in line.chunks(3) {
+            let byte = |i: usize| u32::from(group.get(i).copied().unwrap_or(0));
+            let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+            let digit = |shift: u32| BASE64[((n >> shift) & 63) as usize];
+            out.push(digit(18));
+            out.push(digit(12));
+            out.push(if group.len() > 1 { digit(6) } else { b'=' });
+            out.push(if group.len() > 2 { digit(0) } else { b'=' });
+        }
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"-----END ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
+}
+
+/// The PEM blocks of `ders`, each labelled `label`, in one buffer of the right size.
+fn pem<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ders.clone().map(|d| pem_len(label, d.len())).sum());
+    for der in ders {
+        push_pem(&mut out, label, der);
+    }
+    out
 }
 
 /// A `tls_certificate` secret named `name` for `svid`.
 fn tls_certificate(name: &str, svid: &CachedSvid) -> Secret {
-    let chain: String = svid.cert_chain.iter().map(|der| der_to_pem(der)).collect();
-    let key = Zeroizing::new(pem_block("PRIVATE KEY", &svid.private_key_pkcs8));
+    let chain = pem("CERTIFICATE", svid.cert_chain.iter().map(Vec::as_slice));
+    let key = pem(
+        "PRIVATE KEY",
+        std::iter::once(svid.private_key_pkcs8.as_slice()),
+    );
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(chain.into_bytes()),
-            private_key: inline(key.as_bytes().to_vec()),
+            certificate_chain: inline(chain),
+            private_key: inline(key),
             ..Default::default()
         })),
     }
 }
 
+/// The X.509 authorities of `bundles` as PEM.
+fn roots_pem(bundles: &[&TrustBundle]) -> Vec<u8> {
+    pem(
+        "CERTIFICATE",
+        bundles
+            .iter()
+            .flat_map(|b| b.x509_authorities.iter().map(Vec::as_slice)),
+    )
+}
+
 /// A `validation_context` secret named `name` trusting `bundles`: one trust domain each
 /// for the SPIFFE validator, or all their roots together as `trusted_ca`.
-fn validation_context(
-    name: &str,
-    bundles: &[&TrustBundle],
-    spiffe_validator: bool,
-) -> Result<Secret, Status> {
+fn validation_context(name: &str, bundles: &[&TrustBundle], spiffe_validator: bool) -> Secret {
     let context = if spiffe_validator {
         let config = SpiffeCertValidatorConfig {
             trust_domains: bundles
                 .iter()
                 .map(|b| spiffe_cert_validator_config::TrustDomain {
                     name: b.trust_domain().name().to_owned(),
-                    trust_bundle: inline(b.to_pem().into_bytes()),
+                    trust_bundle: inline(roots_pem(&[b])),
                     ..Default::default()
                 })
                 .collect(),
@@ -156,21 +216,20 @@ fn validation_context(
         CertificateValidationContext {
             custom_validator_config: Some(TypedExtensionConfig {
                 name: SPIFFE_VALIDATOR.into(),
-                typed_config: Some(pack(&config)?),
+                typed_config: Some(pack(&config, SPIFFE_VALIDATOR_CONFIG_TYPE_URL)),
             }),
             ..Default::default()
         }
     } else {
-        let roots: String = bundles.iter().map(|b| b.to_pem()).collect();
         CertificateValidationContext {
-            trusted_ca: inline(roots.into_bytes()),
+            trusted_ca: inline(roots_pem(bundles)),
             ..Default::default()
         }
     };
-    Ok(Secret {
+    Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::ValidationContext(context)),
-    })
+    }
 }
 
 /// The secrets answering `names` (empty: everything) for a caller holding `svids`
@@ -183,10 +242,25 @@ pub(crate) fn build_secrets(
     federated: &[Arc<TrustBundle>],
     spiffe_validator: bool,
 ) -> Result<Vec<Any>, Status> {
-    secrets_for(cfg, names, svids, own, federated, spiffe_validator)?
-        .iter()
-        .map(pack)
-        .collect()
+    Ok(
+        secrets_for(cfg, names, svids, own, federated, spiffe_validator)?
+            .into_iter()
+            .map(|secret| pack_secret(secret).1)
+            .collect(),
+    )
+}
+
+/// `secret` packed, and its name; the private key of the unpacked copy is wiped.
+fn pack_secret(mut secret: Secret) -> (String, Any) {
+    let any = pack(&secret, SECRET_TYPE_URL);
+    if let Some(secret::Type::TlsCertificate(t)) = &mut secret.r#type {
+        if let Some(data_source::Specifier::InlineBytes(key)) =
+            t.private_key.as_mut().and_then(|k| k.specifier.as_mut())
+        {
+            key.zeroize();
+        }
+    }
+    (secret.name, any)
 }
 
 /// The secrets of [`build_secrets`], unpacked.
@@ -213,14 +287,14 @@ fn secrets_for(
 
     let own_id = own.trust_domain().id_string();
     if asked(&own_id, true) {
-        secrets.push(validation_context(&own_id, &[own], spiffe_validator)?);
+        secrets.push(validation_context(&own_id, &[own], spiffe_validator));
     }
     if asked(&cfg.default_bundle_name, false) {
         secrets.push(validation_context(
             &cfg.default_bundle_name,
             &[own],
             spiffe_validator,
-        )?);
+        ));
     }
     let mut federated: Vec<&TrustBundle> = federated
         .iter()
@@ -242,12 +316,12 @@ fn secrets_for(
             &cfg.default_all_bundles_name,
             &all,
             true,
-        )?);
+        ));
     }
     for b in &federated {
         let id = b.trust_domain().id_string();
         if asked(&id, true) {
-            secrets.push(validation_context(&id, &[*b], spiffe_validator)?);
+            secrets.push(validation_context(&id, &[*b], spiffe_validator));
         }
     }
     let mut ids = HashSet::new();
@@ -675,8 +749,8 @@ impl DeltaStream {
         for names in lists {
             for secret in secrets_for(&self.cfg, &names, &svids, &state.bundle, &federated, spiffe)?
             {
-                let any = pack(&secret)?;
-                out.insert(secret.name, any);
+                let (name, any) = pack_secret(secret);
+                out.insert(name, any);
             }
         }
         Ok(out)
