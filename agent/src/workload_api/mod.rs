@@ -74,9 +74,6 @@ use crate::{Error, Result};
 /// The security header every Workload API request must carry.
 pub use carapace_proto::workload_client::SECURITY_HEADER;
 
-/// Messages buffered per stream before the sender waits for the client.
-const STREAM_BUFFER: usize = 4;
-
 const NO_IDENTITY: &str = "no identity issued";
 
 /// How long all workload attestors together may take for one request, by default.

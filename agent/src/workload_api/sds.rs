@@ -27,6 +27,10 @@
 //!   (or a NACK) is answered only if it changes the resource names; a NACK is logged with
 //!   Envoy's error and the same secrets are not sent again; a cache change (rotation, a
 //!   bundle change) sends a new response to every stream whose secrets it changes.
+//! - Streams (`StreamSecrets`, `DeltaSecrets`) are driven by their response stream, polled
+//!   by the connection's task, with no task or channel of their own: a stream ends when
+//!   Envoy closes its side of the call (with no error), when the agent shuts down
+//!   (`Unavailable`), or after sending an error.
 //! - `FetchSecrets`: one response, with no version and no nonce.
 //! - `DeltaSecrets` (incremental xDS): the names subscribed so far (the first request
 //!   subscribing to none, or `*`, subscribes to everything, as SotW's empty list does),
@@ -39,7 +43,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use carapace_core::bundle::{der_to_pem, pem_block};
 use carapace_core::{SelectorSet, TrustBundle};
 use carapace_proto::sds::envoy::config::core::v3::{
     DataSource, Node, TypedExtensionConfig, data_source, node,
@@ -55,12 +58,11 @@ use carapace_proto::sds::envoy::service::secret::v3::secret_discovery_service_se
 use futures::StreamExt as _;
 use prost_types::Any;
 use rand::Rng as _;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
-use zeroize::Zeroizing;
+use zeroize::Zeroize as _;
 
-use super::{FirstAnswer, NO_IDENTITY, STREAM_BUFFER, WorkloadApi, shutting_down};
+use super::{FeedStream, FirstAnswer, NO_IDENTITY, WorkloadApi, shutting_down};
 use crate::cache::{CacheState, CachedSvid};
 
 /// The type URL of the resources SDS serves.
@@ -110,41 +112,102 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
     })
 }
 
-fn pack<M: prost::Name>(msg: &M) -> Result<Any, Status> {
-    Any::from_msg(msg).map_err(|e| {
-        tracing::error!(error = %e, "encoding an SDS resource");
-        Status::internal("encoding an SDS resource failed")
-    })
+/// The type URL of the SPIFFE certificate validator's configuration.
+pub(crate) const SPIFFE_VALIDATOR_CONFIG_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
+
+/// `msg` as an `Any` of `type_url`, its encoding sized up front (`Any::from_msg` would
+/// format the type URL and grow the buffer as it encodes).
+fn pack(msg: &impl prost::Message, type_url: &str) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: msg.encode_to_vec(),
+    }
+}
+
+/// DER bytes per PEM line (64 base64 characters).
+const PEM_LINE: usize = 48;
+
+/// The standard base64 alphabet (RFC 4648, section 4).
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// The length of the PEM block [`push_pem`] makes of `der_len` bytes labelled `label`.
+pub(crate) fn pem_len(label: &str, der_len: usize) -> usize {
+    let armour = "-----BEGIN -----\n-----END -----\n".len() + 2 * label.len();
+    armour + der_len.div_ceil(3) * 4 + der_len.div_ceil(PEM_LINE)
+}
+
+/// Appends `der` to `out` as a PEM block labelled `label`: standard base64 with padding,
+/// lines of 64 characters, the text `carapace_core::bundle::pem_block` makes, written in
+/// place (no string per block, per line or per header).
+pub(crate) fn push_pem(out: &mut Vec<u8>, label: &str, der: &[u8]) {
+    out.reserve(pem_len(label, der.len()));
+    out.extend_from_slice(b"-----BEGIN ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
+    for line in der.chunks(PEM_LINE) {
+        for group in line.chunks(3) {
+            let byte = |i: usize| u32::from(group.get(i).copied().unwrap_or(0));
+            let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
+            let digit = |shift: u32| BASE64[((n >> shift) & 63) as usize];
+            out.push(digit(18));
+            out.push(digit(12));
+            out.push(if group.len() > 1 { digit(6) } else { b'=' });
+            out.push(if group.len() > 2 { digit(0) } else { b'=' });
+        }
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"-----END ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
+}
+
+/// The PEM blocks of `ders`, each labelled `label`, in one buffer of the right size.
+fn pem<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ders.clone().map(|d| pem_len(label, d.len())).sum());
+    for der in ders {
+        push_pem(&mut out, label, der);
+    }
+    out
 }
 
 /// A `tls_certificate` secret named `name` for `svid`.
 fn tls_certificate(name: &str, svid: &CachedSvid) -> Secret {
-    let chain: String = svid.cert_chain.iter().map(|der| der_to_pem(der)).collect();
-    let key = Zeroizing::new(pem_block("PRIVATE KEY", &svid.private_key_pkcs8));
+    let chain = pem("CERTIFICATE", svid.cert_chain.iter().map(Vec::as_slice));
+    let key = pem(
+        "PRIVATE KEY",
+        std::iter::once(svid.private_key_pkcs8.as_slice()),
+    );
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(chain.into_bytes()),
-            private_key: inline(key.as_bytes().to_vec()),
+            certificate_chain: inline(chain),
+            private_key: inline(key),
             ..Default::default()
         })),
     }
 }
 
+/// The X.509 authorities of `bundles` as PEM.
+fn roots_pem(bundles: &[&TrustBundle]) -> Vec<u8> {
+    pem(
+        "CERTIFICATE",
+        bundles
+            .iter()
+            .flat_map(|b| b.x509_authorities.iter().map(Vec::as_slice)),
+    )
+}
+
 /// A `validation_context` secret named `name` trusting `bundles`: one trust domain each
 /// for the SPIFFE validator, or all their roots together as `trusted_ca`.
-fn validation_context(
-    name: &str,
-    bundles: &[&TrustBundle],
-    spiffe_validator: bool,
-) -> Result<Secret, Status> {
+fn validation_context(name: &str, bundles: &[&TrustBundle], spiffe_validator: bool) -> Secret {
     let context = if spiffe_validator {
         let config = SpiffeCertValidatorConfig {
             trust_domains: bundles
                 .iter()
                 .map(|b| spiffe_cert_validator_config::TrustDomain {
                     name: b.trust_domain().name().to_owned(),
-                    trust_bundle: inline(b.to_pem().into_bytes()),
+                    trust_bundle: inline(roots_pem(&[b])),
                     ..Default::default()
                 })
                 .collect(),
@@ -153,21 +216,20 @@ fn validation_context(
         CertificateValidationContext {
             custom_validator_config: Some(TypedExtensionConfig {
                 name: SPIFFE_VALIDATOR.into(),
-                typed_config: Some(pack(&config)?),
+                typed_config: Some(pack(&config, SPIFFE_VALIDATOR_CONFIG_TYPE_URL)),
             }),
             ..Default::default()
         }
     } else {
-        let roots: String = bundles.iter().map(|b| b.to_pem()).collect();
         CertificateValidationContext {
-            trusted_ca: inline(roots.into_bytes()),
+            trusted_ca: inline(roots_pem(bundles)),
             ..Default::default()
         }
     };
-    Ok(Secret {
+    Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::ValidationContext(context)),
-    })
+    }
 }
 
 /// The secrets answering `names` (empty: everything) for a caller holding `svids`
@@ -180,10 +242,25 @@ pub(crate) fn build_secrets(
     federated: &[Arc<TrustBundle>],
     spiffe_validator: bool,
 ) -> Result<Vec<Any>, Status> {
-    secrets_for(cfg, names, svids, own, federated, spiffe_validator)?
-        .iter()
-        .map(pack)
-        .collect()
+    Ok(
+        secrets_for(cfg, names, svids, own, federated, spiffe_validator)?
+            .into_iter()
+            .map(|secret| pack_secret(secret).1)
+            .collect(),
+    )
+}
+
+/// `secret` packed, and its name; the private key of the unpacked copy is wiped.
+fn pack_secret(mut secret: Secret) -> (String, Any) {
+    let any = pack(&secret, SECRET_TYPE_URL);
+    if let Some(secret::Type::TlsCertificate(t)) = &mut secret.r#type {
+        if let Some(data_source::Specifier::InlineBytes(key)) =
+            t.private_key.as_mut().and_then(|k| k.specifier.as_mut())
+        {
+            key.zeroize();
+        }
+    }
+    (secret.name, any)
 }
 
 /// The secrets of [`build_secrets`], unpacked.
@@ -210,14 +287,14 @@ fn secrets_for(
 
     let own_id = own.trust_domain().id_string();
     if asked(&own_id, true) {
-        secrets.push(validation_context(&own_id, &[own], spiffe_validator)?);
+        secrets.push(validation_context(&own_id, &[own], spiffe_validator));
     }
     if asked(&cfg.default_bundle_name, false) {
         secrets.push(validation_context(
             &cfg.default_bundle_name,
             &[own],
             spiffe_validator,
-        )?);
+        ));
     }
     let mut federated: Vec<&TrustBundle> = federated
         .iter()
@@ -239,12 +316,12 @@ fn secrets_for(
             &cfg.default_all_bundles_name,
             &all,
             true,
-        )?);
+        ));
     }
     for b in &federated {
         let id = b.trust_domain().id_string();
         if asked(&id, true) {
-            secrets.push(validation_context(&id, &[*b], spiffe_validator)?);
+            secrets.push(validation_context(&id, &[*b], spiffe_validator));
         }
     }
     let mut ids = HashSet::new();
@@ -351,39 +428,118 @@ fn resources_for(
     )
 }
 
-/// The stream ends (its error, if any, was sent).
-struct Stop;
-
-/// What [`WorkloadApi::feed`] needs of a stream of either kind (`StreamSecrets`,
-/// `DeltaSecrets`).
-trait SdsStream: Send {
+/// One SDS stream of either kind (`StreamSecrets`, `DeltaSecrets`), as [`SdsFeed`]
+/// drives it: each of Envoy's requests and each cache change may produce a response, or
+/// an error that ends the stream.
+trait SdsStream: Send + 'static {
     type Request: Send + 'static;
-    type Response: Send;
+    type Response: Send + 'static;
     /// The stream's kind, for the log.
     const KIND: &'static str;
-    fn sender(&self) -> &mpsc::Sender<Result<Self::Response, Status>>;
-    fn first_answer(&mut self) -> &mut Option<FirstAnswer>;
     /// Handles one request from Envoy, given the cache as it is now.
-    fn on_request<'a>(
-        &'a mut self,
+    fn on_request(
+        &mut self,
         req: Self::Request,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a;
+        state: &CacheState,
+    ) -> Result<Option<Self::Response>, Status>;
     /// Handles a change of the cache (a rotation, a bundle, an entry).
-    fn on_update<'a>(
-        &'a mut self,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a;
+    fn on_update(&mut self, state: &CacheState) -> Result<Option<Self::Response>, Status>;
+}
 
-    /// Ends the stream with `status` (its first answer, if nothing was sent yet).
-    fn fail(&mut self, status: Status) -> impl Future<Output = Stop> + Send + '_ {
-        async move {
-            if let Some(f) = self.first_answer().take() {
-                f.answered(status.code());
+/// Drives one SDS stream from its response stream, polled by the connection's own task
+/// (no task and no channel of its own): Envoy's requests, the cache's changes, the
+/// agent's shutdown (`Unavailable`), the cache going away (`Unavailable`). It ends
+/// without an error when Envoy closes its side of the call or the call breaks, and after
+/// yielding an error.
+struct SdsFeed<S: SdsStream> {
+    stream: S,
+    requests: Streaming<S::Request>,
+    updates: watch::Receiver<Arc<CacheState>>,
+    closing: watch::Receiver<bool>,
+    /// Recorded with the code of the first response or error.
+    first_answer: Option<FirstAnswer>,
+    /// The stream has ended (its error, if any, was yielded).
+    done: bool,
+}
+
+impl<S: SdsStream> SdsFeed<S>
+where
+    Streaming<S::Request>: futures::Stream<Item = Result<S::Request, Status>> + Unpin,
+{
+    /// The next response, or the error that ends the stream; `None` once it has ended.
+    async fn next(&mut self) -> Option<Result<S::Response, Status>> {
+        while !self.done {
+            let step = tokio::select! {
+                () = shutting_down(&mut self.closing) => {
+                    Err(Status::unavailable("the agent is shutting down"))
+                }
+                req = self.requests.next() => match req {
+                    Some(Ok(req)) => {
+                        let state = self.updates.borrow_and_update().clone();
+                        self.stream.on_request(req, &state)
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "{} ended by the client", S::KIND);
+                        self.done = true;
+                        return None;
+                    }
+                    None => {
+                        self.done = true;
+                        return None;
+                    }
+                },
+                r = self.updates.changed() => match r {
+                    Ok(()) => {
+                        let state = self.updates.borrow_and_update().clone();
+                        self.stream.on_update(&state)
+                    }
+                    Err(_) => Err(Status::unavailable("the SVID cache is gone")),
+                },
+            };
+            match step {
+                Ok(None) => {}
+                Ok(Some(response)) => {
+                    if let Some(f) = self.first_answer.take() {
+                        f.answered(tonic::Code::Ok);
+                    }
+                    return Some(Ok(response));
+                }
+                Err(status) => {
+                    if let Some(f) = self.first_answer.take() {
+                        f.answered(status.code());
+                    }
+                    self.done = true;
+                    return Some(Err(status));
+                }
             }
-            let _ = self.sender().send(Err(status)).await;
-            Stop
         }
+        None
+    }
+}
+
+impl WorkloadApi {
+    /// The response stream of `stream`, fed by `requests` and the cache.
+    fn sds_stream<S: SdsStream>(
+        &self,
+        stream: S,
+        requests: Streaming<S::Request>,
+        first_answer: FirstAnswer,
+    ) -> FeedStream<S::Response>
+    where
+        Streaming<S::Request>: futures::Stream<Item = Result<S::Request, Status>> + Unpin + Send,
+    {
+        let feed = SdsFeed {
+            stream,
+            requests,
+            updates: self.cache.subscribe(),
+            closing: self.closing.clone(),
+            first_answer: Some(first_answer),
+            done: false,
+        };
+        Box::pin(futures::stream::unfold(feed, |mut feed| async move {
+            let item = feed.next().await?;
+            Some((item, feed))
+        }))
     }
 }
 
@@ -391,7 +547,6 @@ trait SdsStream: Send {
 struct SecretStream {
     cfg: Arc<SdsConfig>,
     selectors: SelectorSet,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// Set by the first request, from its node (later requests may omit the node).
     spiffe_validator: Option<bool>,
     /// The resource names of the latest request; `None` before the first.
@@ -402,22 +557,22 @@ struct SecretStream {
     nonce: Option<String>,
     /// The resources of the last response (ACKed, NACKed or pending).
     sent: Option<Vec<Any>>,
-    first_answer: Option<FirstAnswer>,
 }
 
 impl SecretStream {
-    /// Sends the secrets for the current names from `state`, unless they are what was
-    /// last sent and `force` is false.
-    async fn answer(&mut self, state: &CacheState, force: bool) -> Result<(), Stop> {
+    /// The response with the secrets for the current names from `state`, unless they are
+    /// what was last sent and `force` is false.
+    fn answer(
+        &mut self,
+        state: &CacheState,
+        force: bool,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
         let (Some(names), Some(spiffe)) = (&self.names, self.spiffe_validator) else {
-            return Ok(());
+            return Ok(None);
         };
-        let resources = match resources_for(&self.cfg, state, &self.selectors, names, spiffe) {
-            Ok(r) => r,
-            Err(status) => return Err(self.fail(status).await),
-        };
+        let resources = resources_for(&self.cfg, state, &self.selectors, names, spiffe)?;
         if !force && self.sent.as_ref() == Some(&resources) {
-            return Ok(());
+            return Ok(None);
         }
         self.version += 1;
         let nonce = new_nonce();
@@ -428,12 +583,6 @@ impl SecretStream {
             nonce: nonce.clone(),
             ..Default::default()
         };
-        if let Some(f) = self.first_answer.take() {
-            f.answered(tonic::Code::Ok);
-        }
-        if self.tx.send(Ok(response)).await.is_err() {
-            return Err(Stop);
-        }
         tracing::debug!(
             version = self.version,
             resources = resources.len(),
@@ -441,18 +590,25 @@ impl SecretStream {
         );
         self.nonce = Some(nonce);
         self.sent = Some(resources);
-        Ok(())
+        Ok(Some(response))
     }
+}
 
-    async fn on_request(&mut self, req: DiscoveryRequest, state: &CacheState) -> Result<(), Stop> {
+impl SdsStream for SecretStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const KIND: &'static str = "SDS stream";
+
+    fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        state: &CacheState,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
         if self.spiffe_validator.is_none() {
             if let Some(n) = &req.node {
                 tracing::debug!(node = ?n.id, cluster = ?n.cluster, agent = ?n.user_agent_name, "SDS stream opened");
             }
-            match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
-                Ok(v) => self.spiffe_validator = Some(v),
-                Err(status) => return Err(self.fail(status).await),
-            }
+            self.spiffe_validator = Some(use_spiffe_validator(&self.cfg, req.node.as_ref())?);
         }
         if let Some(nonce) = &self.nonce {
             if req.response_nonce != *nonce {
@@ -460,7 +616,7 @@ impl SecretStream {
                     nonce = ?req.response_nonce,
                     "stale SDS request (not for the last response): ignored"
                 );
-                return Ok(());
+                return Ok(None);
             }
         }
         if let Some(e) = &req.error_detail {
@@ -476,82 +632,20 @@ impl SecretStream {
         self.names = Some(req.resource_names);
         if self.sent.is_some() && !changed {
             // An ACK or a NACK of the current subscription: nothing to send.
-            return Ok(());
+            return Ok(None);
         }
-        self.answer(state, true).await
+        self.answer(state, true)
     }
-}
 
-impl SdsStream for SecretStream {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
-    const KIND: &'static str = "SDS stream";
-    fn sender(&self) -> &mpsc::Sender<Result<DiscoveryResponse, Status>> {
-        &self.tx
-    }
-    fn first_answer(&mut self) -> &mut Option<FirstAnswer> {
-        &mut self.first_answer
-    }
-    fn on_request<'a>(
-        &'a mut self,
-        req: DiscoveryRequest,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
-        SecretStream::on_request(self, req, state)
-    }
-    fn on_update<'a>(
-        &'a mut self,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+    fn on_update(&mut self, state: &CacheState) -> Result<Option<DiscoveryResponse>, Status> {
         self.answer(state, false)
-    }
-}
-
-impl WorkloadApi {
-    /// Drives one SDS stream until it ends: Envoy's requests, the cache's changes, the
-    /// agent's shutdown (Unavailable), the cache going away (Unavailable).
-    async fn feed<S: SdsStream>(&self, mut stream: S, mut requests: Streaming<S::Request>)
-    where
-        Streaming<S::Request>: futures::Stream<Item = Result<S::Request, Status>> + Unpin,
-    {
-        let mut updates = self.cache.subscribe();
-        let mut closing = self.closing.clone();
-        loop {
-            let step = tokio::select! {
-                () = stream.sender().closed() => Err(Stop),
-                () = shutting_down(&mut closing) => {
-                    Err(stream.fail(Status::unavailable("the agent is shutting down")).await)
-                }
-                req = requests.next() => match req {
-                    Some(Ok(req)) => {
-                        let state = updates.borrow_and_update().clone();
-                        stream.on_request(req, &state).await
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "{} ended by the client", S::KIND);
-                        Err(Stop)
-                    }
-                    None => Err(Stop),
-                },
-                r = updates.changed() => match r {
-                    Ok(()) => {
-                        let state = updates.borrow_and_update().clone();
-                        stream.on_update(&state).await
-                    }
-                    Err(_) => Err(stream.fail(Status::unavailable("the SVID cache is gone")).await),
-                },
-            };
-            if step.is_err() {
-                return;
-            }
-        }
     }
 }
 
 #[tonic::async_trait]
 impl SecretDiscoveryService for WorkloadApi {
-    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaSecretsStream = FeedStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = FeedStream<DiscoveryResponse>;
 
     async fn delta_secrets(
         &self,
@@ -559,22 +653,20 @@ impl SecretDiscoveryService for WorkloadApi {
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let call = FirstAnswer::new("DeltaSecrets");
         let selectors = call.failed(self.attest(&request, call.rpc).await)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = DeltaStream {
             cfg: self.sds.clone(),
             selectors,
-            tx,
             spiffe_validator: None,
             wildcard: false,
             subscribed: BTreeSet::new(),
             known: HashMap::new(),
             version: 0,
-            first_answer: Some(call),
         };
-        let api = self.clone();
-        let requests = request.into_inner();
-        tokio::spawn(async move { api.feed(stream, requests).await });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(self.sds_stream(
+            stream,
+            request.into_inner(),
+            call,
+        )))
     }
 
     async fn stream_secrets(
@@ -583,22 +675,20 @@ impl SecretDiscoveryService for WorkloadApi {
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let call = FirstAnswer::new("StreamSecrets");
         let selectors = call.failed(self.attest(&request, call.rpc).await)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = SecretStream {
             cfg: self.sds.clone(),
             selectors,
-            tx,
             spiffe_validator: None,
             names: None,
             version: 0,
             nonce: None,
             sent: None,
-            first_answer: Some(call),
         };
-        let api = self.clone();
-        let requests = request.into_inner();
-        tokio::spawn(async move { api.feed(stream, requests).await });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(self.sds_stream(
+            stream,
+            request.into_inner(),
+            call,
+        )))
     }
 
     async fn fetch_secrets(
@@ -628,7 +718,6 @@ fn resource_version(any: &Any) -> String {
 struct DeltaStream {
     cfg: Arc<SdsConfig>,
     selectors: SelectorSet,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     /// Set by the first request, from its node.
     spiffe_validator: Option<bool>,
     /// Everything the caller may have is subscribed.
@@ -639,7 +728,6 @@ struct DeltaStream {
     known: HashMap<String, String>,
     /// Responses sent so far: the `system_version_info` of the last one.
     version: u64,
-    first_answer: Option<FirstAnswer>,
 }
 
 impl DeltaStream {
@@ -661,23 +749,20 @@ impl DeltaStream {
         for names in lists {
             for secret in secrets_for(&self.cfg, &names, &svids, &state.bundle, &federated, spiffe)?
             {
-                let any = pack(&secret)?;
-                out.insert(secret.name, any);
+                let (name, any) = pack_secret(secret);
+                out.insert(name, any);
             }
         }
         Ok(out)
     }
 
-    /// Sends what the client does not hold yet, and the removal of what a wildcard
-    /// subscription no longer has; nothing if there is neither.
-    async fn answer(&mut self, state: &CacheState) -> Result<(), Stop> {
+    /// The response with what the client does not hold yet, and the removal of what a
+    /// wildcard subscription no longer has; none if there is neither.
+    fn answer(&mut self, state: &CacheState) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         let Some(spiffe) = self.spiffe_validator else {
-            return Ok(());
+            return Ok(None);
         };
-        let current = match self.current(state, spiffe) {
-            Ok(c) => c,
-            Err(status) => return Err(self.fail(status).await),
-        };
+        let current = self.current(state, spiffe)?;
         let mut resources = Vec::new();
         for (name, any) in current.iter() {
             let version = resource_version(any);
@@ -703,39 +788,35 @@ impl DeltaStream {
             self.known.remove(name);
         }
         if resources.is_empty() && removed.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         self.version += 1;
-        let response = DeltaDiscoveryResponse {
+        Ok(Some(DeltaDiscoveryResponse {
             system_version_info: self.version.to_string(),
             resources,
             type_url: SECRET_TYPE_URL.into(),
             removed_resources: removed,
             nonce: new_nonce(),
             ..Default::default()
-        };
-        if let Some(f) = self.first_answer.take() {
-            f.answered(tonic::Code::Ok);
-        }
-        if self.tx.send(Ok(response)).await.is_err() {
-            return Err(Stop);
-        }
-        Ok(())
+        }))
     }
+}
 
-    async fn on_request(
+impl SdsStream for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const KIND: &'static str = "SDS delta stream";
+
+    fn on_request(
         &mut self,
-        req: DeltaDiscoveryRequest,
+        mut req: DeltaDiscoveryRequest,
         state: &CacheState,
-    ) -> Result<(), Stop> {
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         if self.spiffe_validator.is_none() {
-            match use_spiffe_validator(&self.cfg, req.node.as_ref()) {
-                Ok(v) => self.spiffe_validator = Some(v),
-                Err(status) => return Err(self.fail(status).await),
-            }
+            self.spiffe_validator = Some(use_spiffe_validator(&self.cfg, req.node.as_ref())?);
             // The first request: what the client already holds, and the legacy wildcard
             // (a first request naming nothing).
-            self.known = req.initial_resource_versions.clone();
+            self.known = std::mem::take(&mut req.initial_resource_versions);
             self.wildcard = req.resource_names_subscribe.is_empty();
         }
         if let Some(e) = &req.error_detail {
@@ -767,31 +848,10 @@ impl DeltaStream {
             let subscribed = &self.subscribed;
             self.known.retain(|name, _| subscribed.contains(name));
         }
-        self.answer(state).await
+        self.answer(state)
     }
-}
 
-impl SdsStream for DeltaStream {
-    type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
-    const KIND: &'static str = "SDS delta stream";
-    fn sender(&self) -> &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>> {
-        &self.tx
-    }
-    fn first_answer(&mut self) -> &mut Option<FirstAnswer> {
-        &mut self.first_answer
-    }
-    fn on_request<'a>(
-        &'a mut self,
-        req: DeltaDiscoveryRequest,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
-        DeltaStream::on_request(self, req, state)
-    }
-    fn on_update<'a>(
-        &'a mut self,
-        state: &'a CacheState,
-    ) -> impl Future<Output = Result<(), Stop>> + Send + 'a {
+    fn on_update(&mut self, state: &CacheState) -> Result<Option<DeltaDiscoveryResponse>, Status> {
         self.answer(state)
     }
 }

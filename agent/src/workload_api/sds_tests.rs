@@ -20,7 +20,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::*;
-use crate::workload_api::sds::{SECRET_TYPE_URL, SPIFFE_VALIDATOR, SdsConfig, build_secrets};
+use crate::workload_api::sds::{
+    SECRET_TYPE_URL, SPIFFE_VALIDATOR, SPIFFE_VALIDATOR_CONFIG_TYPE_URL, SdsConfig, build_secrets,
+    pem_len, push_pem,
+};
 
 type SdsClient = SecretDiscoveryServiceClient<tonic::transport::Channel>;
 
@@ -653,10 +656,14 @@ async fn streams_end_with_unavailable_on_shutdown() {
     let mut client = sds_client(&h).await;
     let mut s = EnvoyStream::open(&mut client, request(&[], envoy_node(None))).await;
     s.next().await;
+    let mut d = DeltaEnvoy::open(&mut client, delta(&[], &[], envoy_node(None))).await;
+    d.next().await;
     let stopping = tokio::spawn(async move { h.stop().await });
     let e = next_message(&mut s.responses).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
-    drop(s);
+    let e = next_message(&mut d.responses).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    drop((s, d));
     stopping.await.unwrap().unwrap();
 }
 
@@ -836,6 +843,83 @@ async fn delta_secrets_sends_only_what_changed() {
 }
 
 #[tokio::test]
+async fn streams_end_when_envoy_closes_its_side() {
+    let h = start_sds(SdsConfig::default()).await;
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![h.pki.svid("e", "web", &[uid_sel(my_uid())], "")],
+    );
+    let mut client = sds_client(&h).await;
+
+    let mut s = EnvoyStream::open(&mut client, request(&["default"], envoy_node(None))).await;
+    s.next().await;
+    drop(s.requests);
+    assert!(next_message(&mut s.responses).await.unwrap().is_none());
+
+    let mut d = DeltaEnvoy::open(&mut client, delta(&["default"], &[], envoy_node(None))).await;
+    d.next().await;
+    drop(d.requests);
+    assert!(next_message(&mut d.responses).await.unwrap().is_none());
+
+    // The connection serves on.
+    let mut s = EnvoyStream::open(&mut client, request(&["ROOTCA"], envoy_node(None))).await;
+    assert_eq!(names(&secrets(&s.next().await)), ["ROOTCA"]);
+}
+
+#[tokio::test]
+async fn a_stream_waits_for_its_first_request_through_cache_changes() {
+    let h = start_sds(SdsConfig::default()).await;
+    let me = uid_sel(my_uid());
+    h.cache.replace(
+        h.pki.bundle(),
+        vec![h.pki.svid("e-web", "web", std::slice::from_ref(&me), "")],
+    );
+    let mut client = sds_client(&h).await;
+
+    // Opened with no request yet: a rotation before the first request sends nothing.
+    let (tx, rx) = mpsc::channel(8);
+    let mut responses = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let rotated = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
+    h.cache.replace(h.pki.bundle(), vec![rotated.clone()]);
+    assert_quiet(&mut responses).await;
+
+    // The first request is answered from the cache as it is now.
+    tx.send(request(&["default"], envoy_node(None)))
+        .await
+        .unwrap();
+    let v1 = next_message(&mut responses).await.unwrap().unwrap();
+    assert_eq!(v1.version_info, "1");
+    assert_tls_matches(&secrets(&v1)[0], &rotated);
+
+    // Likewise for a delta stream.
+    let (dtx, drx) = mpsc::channel(8);
+    let mut delta_responses = client
+        .delta_secrets(ReceiverStream::new(drx))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = h.pki.svid("e-web", "web", std::slice::from_ref(&me), "");
+    h.cache.replace(h.pki.bundle(), vec![again.clone()]);
+    assert_quiet(&mut delta_responses).await;
+    dtx.send(delta(&["default"], &[], envoy_node(None)))
+        .await
+        .unwrap();
+    let r1 = next_message(&mut delta_responses).await.unwrap().unwrap();
+    let got = delta_secrets(&r1);
+    assert_eq!(got.len(), 1);
+    assert_tls_matches(&got[0].2, &again);
+
+    // The open SotW stream follows the same rotation.
+    let v2 = next_message(&mut responses).await.unwrap().unwrap();
+    assert_eq!(v2.version_info, "2");
+    assert_tls_matches(&secrets(&v2)[0], &again);
+}
+
+#[tokio::test]
 async fn federated_bundles_are_served_under_all_and_their_name_to_entitled_callers_only() {
     let h = start_sds(SdsConfig::default()).await;
     let (a_ca, a_next, b_ca) = (Pki::new("a CA"), Pki::new("a next CA"), Pki::new("b CA"));
@@ -988,5 +1072,29 @@ fn all_and_federated_trust_domains_by_name() {
             "spiffe://other.org",
             "spiffe://example.org/web"
         ]
+    );
+}
+
+#[test]
+fn pem_is_written_as_core_writes_it_and_sized_exactly() {
+    let der: Vec<u8> = (0..1500u32).map(|i| (i * 7 + i / 3) as u8).collect();
+    for n in (0..=200).chain([479, 480, 481, 1000, 1500]) {
+        for label in ["CERTIFICATE", "PRIVATE KEY"] {
+            let mut out = b"before\n".to_vec();
+            push_pem(&mut out, label, &der[..n]);
+            let expected = carapace_core::bundle::pem_block(label, &der[..n]);
+            assert_eq!(&out[7..], expected.as_bytes(), "{label}, {n} bytes");
+            assert_eq!(out.len() - 7, pem_len(label, n), "{label}, {n} bytes");
+        }
+    }
+}
+
+#[test]
+fn packed_type_urls_are_the_messages_own() {
+    use prost::Name as _;
+    assert_eq!(SECRET_TYPE_URL, Secret::type_url());
+    assert_eq!(
+        SPIFFE_VALIDATOR_CONFIG_TYPE_URL,
+        SpiffeCertValidatorConfig::type_url()
     );
 }
