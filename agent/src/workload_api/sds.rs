@@ -43,6 +43,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use carapace_core::{SelectorSet, TrustBundle};
 use carapace_proto::sds::envoy::config::core::v3::{
     DataSource, Node, TypedExtensionConfig, data_source, node,
@@ -128,9 +130,6 @@ fn pack(msg: &impl prost::Message, type_url: &str) -> Any {
 /// DER bytes per PEM line (64 base64 characters).
 const PEM_LINE: usize = 48;
 
-/// The standard base64 alphabet (RFC 4648, section 4).
-const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// The length of the PEM block [`push_pem`] makes of `der_len` bytes labelled `label`.
 pub(crate) fn pem_len(label: &str, der_len: usize) -> usize {
     let armour = "-----BEGIN -----\n-----END -----\n".len() + 2 * label.len();
@@ -138,22 +137,21 @@ pub(crate) fn pem_len(label: &str, der_len: usize) -> usize {
 }
 
 /// Appends `der` to `out` as a PEM block labelled `label`: standard base64 with padding,
-/// lines of 64 characters, the text `carapace_core::bundle::pem_block` makes, written in
-/// place (no string per block, per line or per header).
+/// lines of 64 characters, the text `carapace_core::bundle::pem_block` makes, each line
+/// encoded by the `base64` crate straight into its place (no string per block, per line
+/// or per header).
 pub(crate) fn push_pem(out: &mut Vec<u8>, label: &str, der: &[u8]) {
     out.reserve(pem_len(label, der.len()));
     out.extend_from_slice(b"-----BEGIN ");
     out.extend_from_slice(label.as_bytes());
     out.extend_from_slice(b"-----\n");
     for line in der.chunks(PEM_LINE) {
-        for group in line.chunks(3) {
-            let byte = |i: usize| u32::from(group.get(i).copied().unwrap_or(0));
-            let n = (byte(0) << 16) | (byte(1) << 8) | byte(2);
-            let digit = |shift: u32| BASE64[((n >> shift) & 63) as usize];
-            out.push(digit(18));
-            out.push(digit(12));
-            out.push(if group.len() > 1 { digit(6) } else { b'=' });
-            out.push(if group.len() > 2 { digit(0) } else { b'=' });
+        let at = out.len();
+        out.resize(at + line.len().div_ceil(3) * 4, 0);
+        // The slice was sized for exactly this line's encoding, so this cannot fail;
+        // if it ever did, the block would be cut short and Envoy would refuse it.
+        if let Err(e) = STANDARD.encode_slice(line, &mut out[at..]) {
+            tracing::error!(error = %e, "base64 of a PEM line did not fit its buffer");
         }
         out.push(b'\n');
     }
