@@ -214,11 +214,15 @@ fn child_mode() -> Option<Result<()>> {
         }
         agent_floor::FLOOR_FLAG => {
             let mut rest = std::env::args().skip(2);
-            match (rest.next(), rest.next()) {
-                (Some(socket), Some(response)) => {
-                    agent_floor::floor_server(Path::new(&socket), Path::new(&response))
-                }
-                _ => Err(anyhow!("{flag} needs <socket> <response-file>")),
+            match (rest.next(), rest.next(), rest.next()) {
+                (Some(socket), Some(response), Some(sds)) => agent_floor::floor_server(
+                    Path::new(&socket),
+                    Path::new(&response),
+                    Path::new(&sds),
+                ),
+                _ => Err(anyhow!(
+                    "{flag} needs <socket> <x509-response-file> <sds-response-file>"
+                )),
             }
         }
         workload_attest::CALLER_FLAG => {
