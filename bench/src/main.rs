@@ -214,14 +214,13 @@ fn child_mode() -> Option<Result<()>> {
         }
         agent_floor::FLOOR_FLAG => {
             let mut rest = std::env::args().skip(2);
-            match (rest.next(), rest.next(), rest.next()) {
-                (Some(socket), Some(response), Some(sds)) => agent_floor::floor_server(
+            match (rest.next(), rest.next(), rest.next(), rest.next()) {
+                (Some(socket), Some(x509), Some(sds), Some(jwt)) => agent_floor::floor_server(
                     Path::new(&socket),
-                    Path::new(&response),
-                    Path::new(&sds),
+                    [Path::new(&x509), Path::new(&sds), Path::new(&jwt)],
                 ),
                 _ => Err(anyhow!(
-                    "{flag} needs <socket> <x509-response-file> <sds-response-file>"
+                    "{flag} needs <socket> <x509-response> <sds-response> <jwt-response> (encoded protobuf files)"
                 )),
             }
         }

@@ -35,7 +35,7 @@ use carapace_core::KeyType;
 use carapace_core::jose::{self, Algorithm, KeySet, Policy};
 use carapace_proto::node::NewJwtsvidRequest;
 use carapace_proto::node::node_client::NodeClient;
-use carapace_proto::workload::JwtsvidRequest;
+use carapace_proto::workload::{JwtsvidRequest, JwtsvidResponse};
 use carapace_server::jwt_keys::{self, JwtRequest, JwtSlot};
 use hsm_sim::softhsm::SoftHsm;
 
@@ -432,6 +432,21 @@ pub async fn fetch_jwt(
     socket: &Path,
     audience: &str,
 ) -> std::result::Result<String, tonic::Status> {
+    fetch_jwt_response(socket, audience)
+        .await?
+        .svids
+        .into_iter()
+        .next()
+        .map(|s| s.svid)
+        .filter(|t| t.split('.').count() == 3)
+        .ok_or_else(|| tonic::Status::internal("an answer without a JWT-SVID of three parts"))
+}
+
+/// One `FetchJWTSVID` on a new connection to `socket`: the whole answer.
+pub async fn fetch_jwt_response(
+    socket: &Path,
+    audience: &str,
+) -> std::result::Result<JwtsvidResponse, tonic::Status> {
     let mut client = harness::workload_client(socket)
         .await
         .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
@@ -441,13 +456,7 @@ pub async fn fetch_jwt(
     });
     req.metadata_mut()
         .insert("workload.spiffe.io", MetadataValue::from_static("true"));
-    let resp = client.fetch_jwtsvid(req).await?.into_inner();
-    resp.svids
-        .into_iter()
-        .next()
-        .map(|s| s.svid)
-        .filter(|t| t.split('.').count() == 3)
-        .ok_or_else(|| tonic::Status::internal("an answer without a JWT-SVID of three parts"))
+    Ok(client.fetch_jwtsvid(req).await?.into_inner())
 }
 
 /// `calls` fetches, each on a new connection, with the audience `audience(i)`.
