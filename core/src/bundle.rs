@@ -64,10 +64,8 @@ impl TrustBundle {
 
     /// The X.509 authorities as concatenated PEM `CERTIFICATE` blocks.
     pub fn to_pem(&self) -> String {
-        self.x509_authorities
-            .iter()
-            .map(|der| der_to_pem(der))
-            .collect()
+        let ders = || self.x509_authorities.iter().map(Vec::as_slice);
+        pem_blocks("CERTIFICATE", ders(), ders().map(<[u8]>::len).sum())
     }
 
     /// The X.509 authorities as concatenated DER, the Workload API's bundle form.
@@ -187,15 +185,53 @@ pub fn der_to_pem(der: &[u8]) -> String {
 
 /// Encodes DER bytes as a PEM block with the given label, lines of 64 characters.
 pub fn pem_block(label: &str, der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
+    pem_blocks(label, std::iter::once(der), der.len())
+}
+
+/// The PEM blocks of `ders`, labelled `label`, as one string (`total` is the sum of their
+/// lengths, used only to size the buffer).
+fn pem_blocks<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]>, total: usize) -> String {
+    let mut out = Vec::with_capacity(pem_len(label, total) + 64);
+    for der in ders {
+        push_pem_block(&mut out, label, der);
     }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    // The label is a `&str` and base64 is ASCII: the bytes are UTF-8.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// DER bytes per PEM line (64 base64 characters).
+const PEM_LINE: usize = 48;
+
+/// The length of the PEM block [`push_pem_block`] makes of `der_len` bytes labelled
+/// `label`, so that a caller can size its buffer once.
+pub fn pem_len(label: &str, der_len: usize) -> usize {
+    let armour = "-----BEGIN -----\n-----END -----\n".len() + 2 * label.len();
+    armour + der_len.div_ceil(3) * 4 + der_len.div_ceil(PEM_LINE)
+}
+
+/// Appends `der` to `out` as a PEM block labelled `label` (RFC 7468: standard base64 with
+/// padding, lines of 64 characters), each line encoded straight into its place: no string
+/// per block, per line or per header. The SDS secrets and every PEM file Carapace writes
+/// come from here.
+pub fn push_pem_block(out: &mut Vec<u8>, label: &str, der: &[u8]) {
+    out.reserve(pem_len(label, der.len()));
+    out.extend_from_slice(b"-----BEGIN ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
+    for line in der.chunks(PEM_LINE) {
+        let at = out.len();
+        out.resize(at + line.len().div_ceil(3) * 4, 0);
+        // The slice was sized for exactly this line's encoding, so this cannot fail; if
+        // it ever did, the allocating encoder writes the same line.
+        if STANDARD.encode_slice(line, &mut out[at..]).is_err() {
+            out.truncate(at);
+            out.extend_from_slice(STANDARD.encode(line).as_bytes());
+        }
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"-----END ");
+    out.extend_from_slice(label.as_bytes());
+    out.extend_from_slice(b"-----\n");
 }
 
 /// Reads every `CERTIFICATE` block of a PEM document as DER.
@@ -315,6 +351,40 @@ fn der_uint(magnitude: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PEM as RFC 7468 writes it, the plain way: the reference `push_pem_block` and
+    /// `pem_len` are held to.
+    fn reference_pem(label: &str, der: &[u8]) -> String {
+        let b64 = STANDARD.encode(der);
+        let mut out = format!("-----BEGIN {label}-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).unwrap());
+            out.push('\n');
+        }
+        out + &format!("-----END {label}-----\n")
+    }
+
+    #[test]
+    fn pem_blocks_are_rfc_7468_text_and_sized_exactly() {
+        let der: Vec<u8> = (0..1500u32).map(|i| (i * 7 + i / 3) as u8).collect();
+        for n in (0..=200).chain([479, 480, 481, 1000, 1500]) {
+            for label in ["CERTIFICATE", "PRIVATE KEY"] {
+                let expected = reference_pem(label, &der[..n]);
+                let mut out = b"before\n".to_vec();
+                push_pem_block(&mut out, label, &der[..n]);
+                assert_eq!(&out[7..], expected.as_bytes(), "{label}, {n} bytes");
+                assert_eq!(out.len() - 7, pem_len(label, n), "{label}, {n} bytes");
+                assert_eq!(pem_block(label, &der[..n]), expected, "{label}, {n} bytes");
+            }
+        }
+        let mut bundle = TrustBundle::new(TrustDomain::new("example.org").unwrap());
+        bundle.x509_authorities = vec![der[..700].to_vec(), der[3..1000].to_vec()];
+        assert_eq!(
+            bundle.to_pem(),
+            reference_pem("CERTIFICATE", &der[..700])
+                + &reference_pem("CERTIFICATE", &der[3..1000])
+        );
+    }
 
     fn ca_cert(alg: &'static rcgen::SignatureAlgorithm) -> (Vec<u8>, Vec<u8>) {
         let kp = rcgen::KeyPair::generate_for(alg).unwrap();

@@ -43,8 +43,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
+use carapace_core::bundle::{pem_len, push_pem_block};
 use carapace_core::{SelectorSet, TrustBundle};
 use carapace_proto::sds::envoy::config::core::v3::{
     DataSource, Node, TypedExtensionConfig, data_source, node,
@@ -127,44 +126,11 @@ fn pack(msg: &impl prost::Message, type_url: &str) -> Any {
     }
 }
 
-/// DER bytes per PEM line (64 base64 characters).
-const PEM_LINE: usize = 48;
-
-/// The length of the PEM block [`push_pem`] makes of `der_len` bytes labelled `label`.
-pub(crate) fn pem_len(label: &str, der_len: usize) -> usize {
-    let armour = "-----BEGIN -----\n-----END -----\n".len() + 2 * label.len();
-    armour + der_len.div_ceil(3) * 4 + der_len.div_ceil(PEM_LINE)
-}
-
-/// Appends `der` to `out` as a PEM block labelled `label`: standard base64 with padding,
-/// lines of 64 characters, the text `carapace_core::bundle::pem_block` makes, each line
-/// encoded by the `base64` crate straight into its place (no string per block, per line
-/// or per header).
-pub(crate) fn push_pem(out: &mut Vec<u8>, label: &str, der: &[u8]) {
-    out.reserve(pem_len(label, der.len()));
-    out.extend_from_slice(b"-----BEGIN ");
-    out.extend_from_slice(label.as_bytes());
-    out.extend_from_slice(b"-----\n");
-    for line in der.chunks(PEM_LINE) {
-        let at = out.len();
-        out.resize(at + line.len().div_ceil(3) * 4, 0);
-        // The slice was sized for exactly this line's encoding, so this cannot fail;
-        // if it ever did, the block would be cut short and Envoy would refuse it.
-        if let Err(e) = STANDARD.encode_slice(line, &mut out[at..]) {
-            tracing::error!(error = %e, "base64 of a PEM line did not fit its buffer");
-        }
-        out.push(b'\n');
-    }
-    out.extend_from_slice(b"-----END ");
-    out.extend_from_slice(label.as_bytes());
-    out.extend_from_slice(b"-----\n");
-}
-
 /// The PEM blocks of `ders`, each labelled `label`, in one buffer of the right size.
 fn pem<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
     let mut out = Vec::with_capacity(ders.clone().map(|d| pem_len(label, d.len())).sum());
     for der in ders {
-        push_pem(&mut out, label, der);
+        push_pem_block(&mut out, label, der);
     }
     out
 }

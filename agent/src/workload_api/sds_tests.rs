@@ -22,7 +22,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::*;
 use crate::workload_api::sds::{
     SECRET_TYPE_URL, SPIFFE_VALIDATOR, SPIFFE_VALIDATOR_CONFIG_TYPE_URL, SdsConfig, build_secrets,
-    pem_len, push_pem,
 };
 
 type SdsClient = SecretDiscoveryServiceClient<tonic::transport::Channel>;
@@ -1073,20 +1072,6 @@ fn all_and_federated_trust_domains_by_name() {
             "spiffe://example.org/web"
         ]
     );
-}
-
-#[test]
-fn pem_is_written_as_core_writes_it_and_sized_exactly() {
-    let der: Vec<u8> = (0..1500u32).map(|i| (i * 7 + i / 3) as u8).collect();
-    for n in (0..=200).chain([479, 480, 481, 1000, 1500]) {
-        for label in ["CERTIFICATE", "PRIVATE KEY"] {
-            let mut out = b"before\n".to_vec();
-            push_pem(&mut out, label, &der[..n]);
-            let expected = carapace_core::bundle::pem_block(label, &der[..n]);
-            assert_eq!(&out[7..], expected.as_bytes(), "{label}, {n} bytes");
-            assert_eq!(out.len() - 7, pem_len(label, n), "{label}, {n} bytes");
-        }
-    }
 }
 
 #[test]
