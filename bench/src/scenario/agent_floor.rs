@@ -522,6 +522,9 @@ pub struct Burst {
     /// The agent's open descriptors: before, with every stream open, then at each of
     /// `after` (whether it closed the connections).
     pub fds: Vec<usize>,
+    /// The agent's private memory (`RssAnon`) at the same points: what of its VmRSS is
+    /// heap and stacks rather than pages of its executable and libraries.
+    pub anon: Vec<u64>,
 }
 
 /// How many descriptors process `pid` has open.
@@ -717,6 +720,7 @@ async fn burst(socket: &Path, agent_pid: u32, count: usize, after: &[f64]) -> Re
     process::raise_nofile_limit()?;
     let baseline = process::rss_bytes(agent_pid)?;
     let fds = vec![open_fds(agent_pid)?];
+    let anon = vec![process::status_bytes(agent_pid, "RssAnon")?];
     let t0 = Instant::now();
     let deadline = t0 + BURST_TIMEOUT;
     let mut set = tokio::task::JoinSet::new();
@@ -755,6 +759,7 @@ async fn burst(socket: &Path, agent_pid: u32, count: usize, after: &[f64]) -> Re
         hwm: 0,
         after: Vec::new(),
         fds,
+        anon,
     };
     while let Some(r) = set.join_next().await {
         let (r, (retries, why)) = r?;
@@ -775,6 +780,7 @@ async fn burst(socket: &Path, agent_pid: u32, count: usize, after: &[f64]) -> Re
     out.open_rss = process::rss_bytes(agent_pid)?;
     out.hwm = process::status_bytes(agent_pid, "VmHWM")?;
     out.fds.push(open_fds(agent_pid)?);
+    out.anon.push(process::status_bytes(agent_pid, "RssAnon")?);
     drop(open);
     let closed = Instant::now();
     for &s in after {
@@ -782,6 +788,7 @@ async fn burst(socket: &Path, agent_pid: u32, count: usize, after: &[f64]) -> Re
         tokio::time::sleep_until(at.into()).await;
         out.after.push((s, process::rss_bytes(agent_pid)?));
         out.fds.push(open_fds(agent_pid)?);
+        out.anon.push(process::status_bytes(agent_pid, "RssAnon")?);
     }
     Ok(out)
 }
@@ -966,6 +973,8 @@ pub struct B15Result {
     pub floor: Result<FloorInfo>,
     /// The agent's VmRSS idle with its SVID, before any connection.
     pub idle_rss: u64,
+    /// Of which private (`RssAnon`).
+    pub idle_anon: u64,
     /// First responses (floor and agent), JWT, SDS.
     pub latency: Result<Latency>,
     /// Connections per second.
@@ -1192,6 +1201,7 @@ pub async fn run(bin_dir: &Path, dir: &Path, plan: &B15Plan) -> Result<B15Result
     agent.wait_held(&mut follower, 1, SYNC_TIMEOUT).await?;
     tokio::time::sleep(Duration::from_secs_f64(plan.settle)).await;
     let idle_rss = process::rss_bytes(agent.proc.pid())?;
+    let idle_anon = process::status_bytes(agent.proc.pid(), "RssAnon")?;
 
     let floor = start_floor(dir, &agent, procs.clone()).await;
     let (latency, rate) = match &floor {
@@ -1284,6 +1294,7 @@ pub async fn run(bin_dir: &Path, dir: &Path, plan: &B15Plan) -> Result<B15Result
         selectors: setup.entry_selectors,
         floor,
         idle_rss,
+        idle_anon,
         latency,
         rate,
         burst,
@@ -1736,9 +1747,10 @@ fn rate_details(r: &mut Report, rates: &[RateRun], nproc: usize) {
 
 fn memory_details(r: &mut Report, res: &B15Result, plan: &B15Plan) {
     r.bullet(&format!(
-        "Idle: VmRSS of the measured agent {} s after it logged `held=1`, before any Workload API connection: {}.",
+        "Idle: VmRSS of the measured agent {} s after it logged `held=1`, before any Workload API connection: {}, of which private (`RssAnon`: heap, stacks) {}, the rest pages of the executable and its libraries.",
         plan.settle,
-        fmt_bytes(res.idle_rss as f64)
+        fmt_bytes(res.idle_rss as f64),
+        fmt_bytes(res.idle_anon as f64)
     ));
     match &res.bulk {
         Ok(b) => {
@@ -1817,6 +1829,19 @@ fn memory_details(r: &mut Report, res: &B15Result, plan: &B15Plan) {
                             .chain(b.after.iter().map(|(s, _)| format!("{s} s after closing"))),
                     )
                     .map(|(n, when)| format!("{when} {}", fmt_count(*n as f64)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ));
+            r.bullet(&format!(
+                "Of that VmRSS, the agent's private memory (`RssAnon`: heap and stacks; the rest is pages of the executable and its libraries): {}.",
+                b.anon
+                    .iter()
+                    .zip(
+                        ["before".to_owned(), "with the streams open".to_owned()]
+                            .into_iter()
+                            .chain(b.after.iter().map(|(s, _)| format!("{s} s after closing"))),
+                    )
+                    .map(|(n, when)| format!("{when} {}", fmt_bytes(*n as f64)))
                     .collect::<Vec<_>>()
                     .join(", "),
             ));
@@ -2037,6 +2062,7 @@ mod tests {
                 pid: 42,
             }),
             idle_rss: 9 << 20,
+            idle_anon: 2 << 20,
             latency,
             rate: Ok(vec![
                 RateRun {
@@ -2063,6 +2089,7 @@ mod tests {
                 hwm: 31 << 20,
                 after: vec![(2.0, 12 << 20), (10.0, 10_800_000)],
                 fds: vec![20, 4_020, 20, 20],
+                anon: vec![2 << 20, 60 << 20, 4 << 20, 3 << 20],
             }),
             bulk: Ok(Bulk {
                 base: 8 << 20,
