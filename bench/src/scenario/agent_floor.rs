@@ -1794,6 +1794,11 @@ fn memory_details(r: &mut Report, res: &B15Result, plan: &B15Plan) {
     match &res.burst {
         Ok(b) => {
             let growth = (b.open_rss as f64 / b.baseline.max(1) as f64 - 1.0) * 100.0;
+            // The points at which the burst reads the agent: `fds` and `anon` follow them.
+            let when: Vec<String> = ["before".to_owned(), "with the streams open".to_owned()]
+                .into_iter()
+                .chain(b.after.iter().map(|(s, _)| format!("{s} s after closing")))
+                .collect();
             r.bullet(&format!(
                 "Burst: {} of {} `FetchX509SVID` streams opened at once on new connections and held (first message received) in {} ({} attempts retried{}, {} failed{}); agent VmRSS {} before, {} with them open ({growth:+.1} %; VmHWM since start {}), then {} after they closed. The agent's open descriptors: {}.",
                 fmt_count(b.opened as f64),
@@ -1821,33 +1826,24 @@ fn memory_details(r: &mut Report, res: &B15Result, plan: &B15Plan) {
                     ))
                     .collect::<Vec<_>>()
                     .join(", "),
-                b.fds
-                    .iter()
-                    .zip(
-                        ["before".to_owned(), "with the streams open".to_owned()]
-                            .into_iter()
-                            .chain(b.after.iter().map(|(s, _)| format!("{s} s after closing"))),
-                    )
-                    .map(|(n, when)| format!("{when} {}", fmt_count(*n as f64)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                at_each(&when, &b.fds, |n| fmt_count(*n as f64)),
             ));
             r.bullet(&format!(
                 "Of that VmRSS, the agent's private memory (`RssAnon`: heap and stacks; the rest is pages of the executable and its libraries): {}.",
-                b.anon
-                    .iter()
-                    .zip(
-                        ["before".to_owned(), "with the streams open".to_owned()]
-                            .into_iter()
-                            .chain(b.after.iter().map(|(s, _)| format!("{s} s after closing"))),
-                    )
-                    .map(|(n, when)| format!("{when} {}", fmt_bytes(*n as f64)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                at_each(&when, &b.anon, |n| fmt_bytes(*n as f64)),
             ));
         }
         Err(e) => failed(r, "B15 burst", e),
     }
+}
+
+/// "`when` value, …" for each reading in `values`, labelled by the point it was taken at.
+fn at_each<T>(when: &[String], values: &[T], fmt: impl Fn(&T) -> String) -> String {
+    when.iter()
+        .zip(values)
+        .map(|(w, v)| format!("{w} {}", fmt(v)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// B15's report section.
@@ -2181,6 +2177,14 @@ mod tests {
         assert!(text.contains("nproc 2"), "{text}");
         assert!(
             text.contains("before 20, with the streams open 4,020, 2 s after closing 20, 10 s after closing 20"),
+            "{text}"
+        );
+        assert!(
+            text.contains("private memory (`RssAnon`: heap and stacks; the rest is pages of the executable and its libraries): before 2.0 MiB, with the streams open 60.0 MiB, 2 s after closing 4.0 MiB, 10 s after closing 3.0 MiB."),
+            "{text}"
+        );
+        assert!(
+            text.contains("of which private (`RssAnon`: heap, stacks) 2.0 MiB"),
             "{text}"
         );
         // (35,000,000 − 2,500,000) / 9,000 ≈ 3,611 B per SVID added.
