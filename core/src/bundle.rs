@@ -189,7 +189,7 @@ pub fn pem_block(label: &str, der: &[u8]) -> String {
 }
 
 /// The PEM blocks of `ders`, labelled `label`, as one string (`total` is the sum of their
-/// lengths, used only to size the buffer).
+/// lengths: a first guess at the buffer's size, which grows if more blocks need it).
 fn pem_blocks<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]>, total: usize) -> String {
     let mut out = Vec::with_capacity(pem_len(label, total) + 64);
     for der in ders {
@@ -211,8 +211,8 @@ pub fn pem_len(label: &str, der_len: usize) -> usize {
 
 /// Appends `der` to `out` as a PEM block labelled `label` (RFC 7468: standard base64 with
 /// padding, lines of 64 characters), each line encoded straight into its place: no string
-/// per block, per line or per header. The SDS secrets and every PEM file Carapace writes
-/// come from here.
+/// per block, per line or per header. [`pem_block`], [`der_to_pem`],
+/// [`TrustBundle::to_pem`] and the agent's SDS secrets are written by it.
 pub fn push_pem_block(out: &mut Vec<u8>, label: &str, der: &[u8]) {
     out.reserve(pem_len(label, der.len()));
     out.extend_from_slice(b"-----BEGIN ");
