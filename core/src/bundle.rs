@@ -64,8 +64,10 @@ impl TrustBundle {
 
     /// The X.509 authorities as concatenated PEM `CERTIFICATE` blocks.
     pub fn to_pem(&self) -> String {
-        let ders = || self.x509_authorities.iter().map(Vec::as_slice);
-        pem_blocks("CERTIFICATE", ders(), ders().map(<[u8]>::len).sum())
+        pem_string(
+            "CERTIFICATE",
+            self.x509_authorities.iter().map(Vec::as_slice),
+        )
     }
 
     /// The X.509 authorities as concatenated DER, the Workload API's bundle form.
@@ -185,18 +187,23 @@ pub fn der_to_pem(der: &[u8]) -> String {
 
 /// Encodes DER bytes as a PEM block with the given label, lines of 64 characters.
 pub fn pem_block(label: &str, der: &[u8]) -> String {
-    pem_blocks(label, std::iter::once(der), der.len())
+    pem_string(label, std::iter::once(der))
 }
 
-/// The PEM blocks of `ders`, labelled `label`, as one string (`total` is the sum of their
-/// lengths: a first guess at the buffer's size, which grows if more blocks need it).
-fn pem_blocks<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]>, total: usize) -> String {
-    let mut out = Vec::with_capacity(pem_len(label, total) + 64);
+/// The PEM blocks of `ders`, each labelled `label`, in one buffer of exactly their size.
+pub fn pem_blocks<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ders.clone().map(|d| pem_len(label, d.len())).sum());
     for der in ders {
         push_pem_block(&mut out, label, der);
     }
+    out
+}
+
+/// [`pem_blocks`] as a string.
+fn pem_string<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]> + Clone) -> String {
     // The label is a `&str` and base64 is ASCII: the bytes are UTF-8.
-    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    String::from_utf8(pem_blocks(label, ders))
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// DER bytes per PEM line (64 base64 characters).
@@ -204,16 +211,16 @@ const PEM_LINE: usize = 48;
 
 /// The length of the PEM block [`push_pem_block`] makes of `der_len` bytes labelled
 /// `label`, so that a caller can size its buffer once.
-pub fn pem_len(label: &str, der_len: usize) -> usize {
+fn pem_len(label: &str, der_len: usize) -> usize {
     let armour = "-----BEGIN -----\n-----END -----\n".len() + 2 * label.len();
     armour + der_len.div_ceil(3) * 4 + der_len.div_ceil(PEM_LINE)
 }
 
 /// Appends `der` to `out` as a PEM block labelled `label` (RFC 7468: standard base64 with
 /// padding, lines of 64 characters), each line encoded straight into its place: no string
-/// per block, per line or per header. [`pem_block`], [`der_to_pem`],
-/// [`TrustBundle::to_pem`] and the agent's SDS secrets are written by it.
-pub fn push_pem_block(out: &mut Vec<u8>, label: &str, der: &[u8]) {
+/// per block, per line or per header. [`pem_block`], [`der_to_pem`], [`pem_blocks`] and
+/// [`TrustBundle::to_pem`] (and through them the agent's SDS secrets) are written by it.
+fn push_pem_block(out: &mut Vec<u8>, label: &str, der: &[u8]) {
     out.reserve(pem_len(label, der.len()));
     out.extend_from_slice(b"-----BEGIN ");
     out.extend_from_slice(label.as_bytes());

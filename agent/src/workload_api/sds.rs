@@ -43,7 +43,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use carapace_core::bundle::{pem_len, push_pem_block};
+use carapace_core::bundle::pem_blocks;
 use carapace_core::{SelectorSet, TrustBundle};
 use carapace_proto::sds::envoy::config::core::v3::{
     DataSource, Node, TypedExtensionConfig, data_source, node,
@@ -126,19 +126,10 @@ fn pack(msg: &impl prost::Message, type_url: &str) -> Any {
     }
 }
 
-/// The PEM blocks of `ders`, each labelled `label`, in one buffer of the right size.
-fn pem<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ders.clone().map(|d| pem_len(label, d.len())).sum());
-    for der in ders {
-        push_pem_block(&mut out, label, der);
-    }
-    out
-}
-
 /// A `tls_certificate` secret named `name` for `svid`.
 fn tls_certificate(name: &str, svid: &CachedSvid) -> Secret {
-    let chain = pem("CERTIFICATE", svid.cert_chain.iter().map(Vec::as_slice));
-    let key = pem(
+    let chain = pem_blocks("CERTIFICATE", svid.cert_chain.iter().map(Vec::as_slice));
+    let key = pem_blocks(
         "PRIVATE KEY",
         std::iter::once(svid.private_key_pkcs8.as_slice()),
     );
@@ -154,7 +145,7 @@ fn tls_certificate(name: &str, svid: &CachedSvid) -> Secret {
 
 /// The X.509 authorities of `bundles` as PEM.
 fn roots_pem(bundles: &[&TrustBundle]) -> Vec<u8> {
-    pem(
+    pem_blocks(
         "CERTIFICATE",
         bundles
             .iter()
